@@ -1,0 +1,53 @@
+# Every target is a thin call into the pointmesh CLI or a tool. `make up` and `make test`
+# set everything up themselves on a fresh machine (venv, packages, redis-server).
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(wildcard protos/pointmesh/v1/*.proto)
+
+.PHONY: up test lint protos protos-check bench demo clean setup system-deps
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PY) >/dev/null || PY=python3; $${PY:-$(PY)} -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server from Debian's packages"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
+
+setup: $(STAMP) system-deps
+
+up: setup
+	$(BIN)/pointmesh up
+
+demo: setup
+	$(BIN)/pointmesh demo
+
+protos: $(STAMP)
+	$(BIN)/python -m pointmesh.protogen --out .
+
+protos-check: $(STAMP)
+	$(BIN)/python -m pointmesh.protogen --check
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: setup
+	@set -e; t=$$(date +%s); \
+	$(MAKE) --no-print-directory protos-check; echo "stage protos-check: $$(( $$(date +%s) - t ))s"; \
+	t=$$(date +%s); $(MAKE) --no-print-directory lint; echo "stage lint: $$(( $$(date +%s) - t ))s"; \
+	t=$$(date +%s); rc=0; $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
+	echo "stage pytest: $$(( $$(date +%s) - t ))s"; exit $$rc
+
+bench: setup
+	$(BIN)/python benchmarks/ledger_bench.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info .pointmesh

@@ -1,0 +1,1 @@
+"""Shared plumbing for every pointmesh service: config, RPC bootstrap, events, telemetry, CLI."""

@@ -1,0 +1,103 @@
+"""Typed settings read once from POINTMESH_* environment variables.
+
+Defaults run everything on one laptop; docs/configuration.md lists every variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PREFIX = "POINTMESH_"
+
+
+class ConfigError(ValueError):
+    """A POINTMESH_* variable could not be parsed; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where embedded state lives (SQLite shards, the private Redis's data, models).
+    data_dir: Path = Path(".pointmesh")
+    redis_url: str = "redis://127.0.0.1:6390/0"
+    # Port of the private redis-server that `pointmesh up` starts.
+    redis_port: int = 6390
+    ledger_addr: str = "127.0.0.1:50051"
+    ledger_metrics_port: int = 9464
+    ledger_store: str = "sqlite"
+    ledger_shards: int = 4
+    # NORMAL in WAL mode survives a process crash; see docs/decisions/0003-sqlite-durability.md.
+    sqlite_synchronous: str = "NORMAL"
+    # Units an account may hold; the first one is the default.
+    units: tuple[str, ...] = ("points", "tier_credits")
+    # Program policy for lots earned without an explicit expiry; 0 means never.
+    expiry_days: int = 365
+    hold_timeout_seconds: int = 900
+    hold_max_timeout_seconds: int = 7 * 24 * 3600
+    # How far a reversal may take a balance below zero; beyond it the rest becomes debt.
+    negative_limit_points: int = 0
+    # Idempotency keys are kept at least this long (the longest retry/replay window).
+    idempotency_retention_days: int = 35
+    # Secret for payment-card tokens; set it in production.
+    card_hmac_secret: str = "pointmesh-dev-card-secret"
+    maintenance_interval_seconds: float = 5.0
+    outbox_poll_seconds: float = 0.05
+    event_stream: str = "pointmesh.ledger.events"
+    event_stream_maxlen: int = 1_000_000
+    cache_ttl_seconds: int = 300
+    redis_timeout_seconds: float = 0.5
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+    fault_point: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError("expected a boolean")
+            return raw.lower() in {"1", "true", "yes", "on"}
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+        if isinstance(default, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{PREFIX}{name.upper()}={raw!r}: {exc}") from exc
+    return raw
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Builds Settings from the environment; keyword overrides win (tests use them)."""
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name == "extra":
+            continue
+        key = PREFIX + f.name.upper()
+        if key in source:
+            default = Settings.__dataclass_fields__[f.name].default
+            values[f.name] = _parse(f.name, source[key], default)
+    values.update(overrides)
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if s.ledger_shards < 1:
+        raise ConfigError(f"{PREFIX}LEDGER_SHARDS must be >= 1, got {s.ledger_shards}")
+    if not s.units:
+        raise ConfigError(f"{PREFIX}UNITS must name at least one unit")
+    if s.negative_limit_points < 0:
+        raise ConfigError(f"{PREFIX}NEGATIVE_LIMIT_POINTS must be >= 0")
+    if s.sqlite_synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
+        raise ConfigError(f"{PREFIX}SQLITE_SYNCHRONOUS must be NORMAL, FULL or EXTRA")

@@ -1,0 +1,1 @@
+"""Generated protobuf code for pointmesh.v1; regenerate with `make protos`."""
