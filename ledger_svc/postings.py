@@ -1,0 +1,651 @@
+"""Ledger rules applied inside one shard's unit of work.
+
+`ShardBook` is created per unit of work with the store transaction and the time the unit
+runs at. Every public method validates against current state, writes a balanced posting
+(entries, balances, lots, holds, outbox event) and returns a domain result; raising leaves
+nothing behind because the store rolls the unit back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from ledger_svc import codec
+from ledger_svc.domain import (
+    Balance,
+    EarnResult,
+    FailedPrecondition,
+    Hold,
+    HoldResult,
+    HoldStatus,
+    InsufficientPoints,
+    InvalidArgument,
+    Lot,
+    Money,
+    NotFound,
+    ReverseResult,
+    Transaction,
+    TxKind,
+    debt_account,
+    funding_account,
+    member_account,
+    new_id,
+    pending_account,
+    system_account,
+)
+from ledger_svc.store.base import AccountRow, ShardTx, TxRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    units: tuple[str, ...]
+    expiry_days: int
+    hold_timeout: timedelta
+    hold_max_timeout: timedelta
+    negative_limit_points: int
+
+
+# A portion of points with the expiry it carries, so transfers and merges keep expiry dates.
+Portion = tuple[int, datetime | None]
+
+
+class ShardBook:
+    def __init__(self, tx: ShardTx, now: datetime, policy: Policy) -> None:
+        self.tx = tx
+        self.now = now
+        self.policy = policy
+        # Balances this unit changed, for cache invalidation once it commits.
+        self.touched: list[Balance] = []
+
+    # Reads -------------------------------------------------------------------------------
+
+    def balance(self, member_id: str, unit: str) -> Balance:
+        main = self.tx.get_account(member_account(member_id, unit))
+        pending = self.tx.get_account(pending_account(member_id, unit))
+        debt = self.tx.get_account(debt_account(member_id, unit))
+        return Balance(
+            member_id=member_id,
+            unit=unit,
+            balance_points=main.balance,
+            reserved_points=main.reserved,
+            pending_points=pending.balance,
+            lifetime_earned_points=main.lifetime_earned,
+            debt_points=-debt.balance,
+            version=main.version,
+        )
+
+    def transaction(self, record: TxRecord) -> Transaction:
+        return to_transaction(record)
+
+    def require_transaction(self, tx_id: str, field: str = "transaction_id") -> TxRecord:
+        record = self.tx.get_transaction(tx_id)
+        if record is None:
+            raise NotFound(f"transaction {tx_id} does not exist", field=field)
+        return record
+
+    def require_hold(self, hold_id: str) -> Hold:
+        hold = self.tx.get_hold(hold_id)
+        if hold is None:
+            raise NotFound(f"hold {hold_id} does not exist", field="hold_id")
+        return hold
+
+    # Building blocks ---------------------------------------------------------------------
+
+    def _post(self, record: TxRecord, legs: Sequence[tuple[str, int]]) -> None:
+        """Writes a balanced transaction: journal legs and the balances they change."""
+        legs = [(account, points) for account, points in legs if points != 0]
+        if sum(points for _, points in legs) != 0:
+            raise AssertionError(f"unbalanced posting {record.tx_id}: {legs}")
+        for account, points in legs:
+            row = self.tx.get_account(account)
+            row.balance += points
+            self.tx.put_account(row)
+        self.tx.add_entries(record, legs)
+
+    def _finish(self, record: TxRecord, event_type: str, data: dict[str, Any], *, new: bool = True) -> Transaction:
+        """Bumps the member's balance version, stores the transaction and queues its event."""
+        balance = self._bump(record.member_id, record.unit)
+        record.balance_after_json = codec.dumps(balance)
+        if new:
+            self.tx.add_transaction(record)
+        else:
+            self.tx.update_transaction(record)
+        self.emit(event_type, balance, data)
+        return self.transaction(record)
+
+    def _bump(self, member_id: str, unit: str, *, reserved_delta: int = 0, earned_delta: int = 0) -> Balance:
+        row = self.tx.get_account(member_account(member_id, unit))
+        row.reserved += reserved_delta
+        row.lifetime_earned += earned_delta
+        row.version += 1
+        self.tx.put_account(row)
+        return self.balance(member_id, unit)
+
+    def emit(self, event_type: str, balance: Balance, data: dict[str, Any]) -> None:
+        event_id = f"ev_{uuid.uuid4().hex}"
+        payload = {
+            "event_id": event_id,
+            "type": event_type,
+            "occurred_at": self.now.isoformat(),
+            "member_id": balance.member_id,
+            "unit": balance.unit,
+            "balance": codec.to_plain(balance),
+            "data": data,
+        }
+        self.tx.add_outbox(event_id, balance.member_id, codec.dumps(payload), self.now)
+        self.touched.append(balance)
+
+    def _record(self, kind: TxKind, member_id: str, unit: str, points: int, **extra: Any) -> TxRecord:
+        business_time = extra.pop("business_time", None) or self.now
+        tx_id = extra.pop("tx_id", None) or new_id("tx", member_id)
+        return TxRecord(tx_id, kind, member_id, unit, points, self.now, business_time, **extra)
+
+    def default_expiry(self, business_time: datetime) -> datetime | None:
+        return None if self.policy.expiry_days <= 0 else business_time + timedelta(days=self.policy.expiry_days)
+
+    def _credit_legs(
+        self, member_id: str, unit: str, portions: Sequence[Portion], earn_tx: str
+    ) -> tuple[list[tuple[str, int]], str]:
+        """Legs and lots that credit the member, paying any recorded debt first."""
+        total = sum(p for p, _ in portions)
+        owed = -self.tx.get_account(debt_account(member_id, unit)).balance
+        pay = min(total, owed)
+        legs = [(debt_account(member_id, unit), pay), (member_account(member_id, unit), total - pay)]
+        first_lot = ""
+        to_skip = pay
+        for points, expires_at in portions:
+            skip = min(points, to_skip)
+            to_skip -= skip
+            if points - skip <= 0:
+                continue
+            lot = Lot(
+                lot_id=f"lot_{uuid.uuid4().hex[:24]}",
+                member_id=member_id,
+                unit=unit,
+                earn_transaction_id=earn_tx,
+                original_points=points,
+                remaining_points=points - skip,
+                expires_at=expires_at,
+                created_at=self.now,
+            )
+            self.tx.add_lot(lot)
+            first_lot = first_lot or lot.lot_id
+        return legs, first_lot
+
+    def _consume_lots(self, member_id: str, unit: str, points: int, prefer_lot: str = "") -> list[Portion]:
+        """Takes points from lots, earliest expiry first; returns what it took, with expiries."""
+        taken: list[Portion] = []
+        lots = self.tx.spendable_lots(member_id, unit)
+        if prefer_lot:
+            lots.sort(key=lambda lot: lot.lot_id != prefer_lot)
+        for lot in lots:
+            if points <= 0:
+                break
+            take = min(points, lot.remaining_points)
+            lot.remaining_points -= take
+            points -= take
+            self.tx.update_lot(lot)
+            taken.append((take, lot.expires_at))
+        return taken
+
+    def _normalise_lots(self, member_id: str, unit: str) -> None:
+        """Keeps lots equal to the positive balance: credits first fill a negative balance."""
+        balance = self.tx.get_account(member_account(member_id, unit)).balance
+        excess = sum(lot.remaining_points for lot in self.tx.spendable_lots(member_id, unit)) - max(balance, 0)
+        if excess > 0:
+            self._consume_lots(member_id, unit, excess)
+
+    def _require_available(self, member_id: str, unit: str, points: int) -> Balance:
+        balance = self.balance(member_id, unit)
+        if balance.available_points < points:
+            raise InsufficientPoints(member_id, unit, balance.available_points, points)
+        return balance
+
+    # Operations --------------------------------------------------------------------------
+
+    def earn(
+        self,
+        member_id: str,
+        unit: str,
+        points: int,
+        *,
+        funding_source: str,
+        business_time: datetime | None,
+        expires_at: datetime | None,
+        release_at: datetime | None,
+        pending_review: bool,
+        purchase: Money | None,
+        reference: str,
+    ) -> EarnResult:
+        biz = business_time or self.now
+        expiry = expires_at or self.default_expiry(biz)
+        pending = pending_review or (release_at is not None and release_at > self.now)
+        record = self._record(
+            TxKind.EARN, member_id, unit, points, business_time=biz, reference=reference,
+            funding=funding_source, purchase_minor=purchase.amount_minor if purchase else 0,
+            purchase_currency=purchase.currency if purchase else "", pending=pending,
+        )  # fmt: skip
+        funding = (funding_account(funding_source, unit), -points)
+        if pending:
+            lot = Lot(
+                lot_id=f"lot_{uuid.uuid4().hex[:24]}", member_id=member_id, unit=unit,
+                earn_transaction_id=record.tx_id, original_points=points, remaining_points=points,
+                expires_at=expiry, created_at=self.now, pending=True, release_at=release_at,
+                pending_review=pending_review,
+            )  # fmt: skip
+            self.tx.add_lot(lot)
+            record.lot_id = lot.lot_id
+            self._post(record, [funding, (pending_account(member_id, unit), points)])
+        else:
+            legs, record.lot_id = self._credit_legs(member_id, unit, [(points, expiry)], record.tx_id)
+            self._post(record, [funding, *legs])
+            self._normalise_lots(member_id, unit)
+            self._bump(member_id, unit, earned_delta=points)
+        transaction = self._finish(
+            record, "points_earned",
+            {"transaction_id": record.tx_id, "points": points, "lot_id": record.lot_id, "pending": pending,
+             "funding_source": funding_source, "reference": reference, "business_time": biz.isoformat()},
+        )  # fmt: skip
+        return EarnResult(transaction, record.lot_id, pending)
+
+    def release_pending_lot(self, lot: Lot) -> Transaction:
+        """Makes a pending credit spendable: pending -> member (paying debt first)."""
+        if not lot.pending or lot.remaining_points <= 0:
+            raise FailedPrecondition(
+                f"transaction {lot.earn_transaction_id} has no pending points", field="transaction_id"
+            )
+        points = lot.remaining_points
+        lot.pending = False
+        owed = -self.tx.get_account(debt_account(lot.member_id, lot.unit)).balance
+        pay = min(points, owed)
+        lot.remaining_points = points - pay
+        lot.pending_review = False
+        self.tx.update_lot(lot)
+        record = self._record(
+            TxKind.PENDING_RELEASE, lot.member_id, lot.unit, points, original_tx=lot.earn_transaction_id
+        )
+        self._post(
+            record,
+            [
+                (pending_account(lot.member_id, lot.unit), -points),
+                (debt_account(lot.member_id, lot.unit), pay),
+                (member_account(lot.member_id, lot.unit), points - pay),
+            ],
+        )
+        self._normalise_lots(lot.member_id, lot.unit)
+        self._bump(lot.member_id, lot.unit, earned_delta=points)
+        return self._finish(record, "pending_released", {"transaction_id": lot.earn_transaction_id, "points": points})
+
+    def release_pending(self, tx_id: str) -> Transaction:
+        original = self.require_transaction(tx_id)
+        lot = self.tx.lot_of_transaction(tx_id)
+        if original.kind != TxKind.EARN or lot is None:
+            raise FailedPrecondition(f"transaction {tx_id} is not an earn", field="transaction_id")
+        return self.release_pending_lot(lot)
+
+    def redeem(
+        self, member_id: str, unit: str, points: int, *, business_time: datetime | None, reference: str
+    ) -> Transaction:
+        self._require_available(member_id, unit, points)
+        record = self._record(TxKind.REDEEM, member_id, unit, -points, business_time=business_time, reference=reference)
+        self._post(record, [(member_account(member_id, unit), -points), (system_account("redeemed", unit), points)])
+        self._consume_lots(member_id, unit, points)
+        return self._finish(
+            record,
+            "points_redeemed",
+            {"transaction_id": record.tx_id, "points": points, "reference": reference},
+        )
+
+    def adjust(self, member_id: str, unit: str, points: int, *, reason: str, operator_id: str) -> Transaction:
+        if points < 0:
+            self._require_available(member_id, unit, -points)
+        record = self._record(TxKind.ADJUSTMENT, member_id, unit, points, reference=reason, funding="adjustments")
+        counter = (system_account("adjustments", unit), -points)
+        if points > 0:
+            legs, record.lot_id = self._credit_legs(
+                member_id, unit, [(points, self.default_expiry(self.now))], record.tx_id
+            )
+            self._post(record, [counter, *legs])
+            self._normalise_lots(member_id, unit)
+        else:
+            self._post(record, [counter, (member_account(member_id, unit), points)])
+            self._consume_lots(member_id, unit, -points)
+        return self._finish(
+            record, "points_adjusted",
+            {"transaction_id": record.tx_id, "points": points, "reason": reason, "operator_id": operator_id},
+        )  # fmt: skip
+
+    def place_hold(
+        self, member_id: str, unit: str, points: int, *, timeout: timedelta, reference: str, saga_id: str = ""
+    ) -> HoldResult:
+        self._require_available(member_id, unit, points)
+        hold = Hold(
+            hold_id=new_id("h", member_id), member_id=member_id, unit=unit, points=points,
+            status=HoldStatus.PLACED, captured_points=0, created_at=self.now, expires_at=self.now + timeout,
+            reference=reference, saga_id=saga_id,
+        )  # fmt: skip
+        self.tx.add_hold(hold)
+        balance = self._bump(member_id, unit, reserved_delta=points)
+        self.emit(
+            "hold_placed",
+            balance,
+            {"hold_id": hold.hold_id, "points": points, "expires_at": hold.expires_at.isoformat()},
+        )
+        return HoldResult(hold, balance)
+
+    def _open_hold(self, hold_id: str) -> Hold:
+        hold = self.require_hold(hold_id)
+        if hold.status != HoldStatus.PLACED:
+            raise FailedPrecondition(f"hold {hold_id} is {hold.status.value}, not PLACED", field="hold_id")
+        if hold.expires_at <= self.now and not hold.saga_id:
+            raise FailedPrecondition(f"hold {hold_id} expired at {hold.expires_at.isoformat()}", field="hold_id")
+        return hold
+
+    def capture_hold(
+        self, hold_id: str, points: int, *, kind: TxKind = TxKind.HOLD_CAPTURE, tx_id: str = ""
+    ) -> HoldResult:
+        hold = self._open_hold(hold_id)
+        captured = points or hold.points
+        if captured > hold.points:
+            raise InvalidArgument(f"cannot capture {captured} points of a {hold.points}-point hold", field="points")
+        counter = system_account("transit" if kind == TxKind.TRANSFER_OUT else "redeemed", hold.unit)
+        self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
+        record = self._record(kind, hold.member_id, hold.unit, -captured, reference=hold.reference, tx_id=tx_id or None)
+        self._post(record, [(member_account(hold.member_id, hold.unit), -captured), (counter, captured)])
+        self._consume_lots(hold.member_id, hold.unit, captured)
+        self.tx.set_hold_status(hold_id, HoldStatus.CAPTURED, captured)
+        done = replace(hold, status=HoldStatus.CAPTURED, captured_points=captured)
+        transaction = self._finish(
+            record, "hold_captured", {"hold_id": hold_id, "transaction_id": record.tx_id, "points": captured}
+        )
+        return HoldResult(done, transaction.balance_after, transaction)
+
+    def void_hold(self, hold_id: str, *, expired: bool = False) -> HoldResult:
+        hold = self.require_hold(hold_id)
+        if hold.status != HoldStatus.PLACED:
+            raise FailedPrecondition(f"hold {hold_id} is {hold.status.value}, not PLACED", field="hold_id")
+        status = HoldStatus.EXPIRED if expired else HoldStatus.VOIDED
+        self.tx.set_hold_status(hold_id, status, 0)
+        balance = self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
+        self.emit("hold_voided", balance, {"hold_id": hold_id, "points": hold.points, "expired": expired})
+        return HoldResult(replace(hold, status=status), balance)
+
+    def reverse(self, tx_id: str, *, points: int | None, refund: Money | None, reason: str) -> ReverseResult:
+        original = self.require_transaction(tx_id)
+        if original.kind != TxKind.EARN:
+            raise FailedPrecondition(
+                f"transaction {tx_id} is {original.kind.value}; only earns are reversed",
+                field="transaction_id",
+            )
+        reversible = original.points - original.reversed_points
+        if reversible <= 0:
+            raise FailedPrecondition(f"transaction {tx_id} is already fully reversed", field="transaction_id")
+        amount = self._reversal_amount(original, reversible, points, refund)
+        unit, member_id = original.unit, original.member_id
+        record = self._record(
+            TxKind.REVERSAL,
+            member_id,
+            unit,
+            -amount,
+            reference=reason,
+            original_tx=tx_id,
+            funding=original.funding,
+        )
+        lot = self.tx.lot_of_transaction(tx_id)
+        debt = 0
+        refund_back = (funding_account(original.funding, unit), amount)
+        if lot is not None and lot.pending:
+            lot.remaining_points -= amount
+            self.tx.update_lot(lot)
+            self._post(record, [refund_back, (pending_account(member_id, unit), -amount)])
+        else:
+            row = self.tx.get_account(member_account(member_id, unit))
+            floor = row.reserved if row.reserved > 0 else -self.policy.negative_limit_points
+            take = max(0, min(amount, row.balance - floor))
+            debt = amount - take
+            self._post(
+                record,
+                [
+                    refund_back,
+                    (member_account(member_id, unit), -take),
+                    (debt_account(member_id, unit), -debt),
+                ],
+            )
+            self._consume_lots(member_id, unit, take, prefer_lot=lot.lot_id if lot else "")
+            self._normalise_lots(member_id, unit)
+        original.reversed_points += amount
+        if refund is not None:
+            original.refunded_minor += refund.amount_minor
+        self.tx.update_transaction(original)
+        transaction = self._finish(
+            record, "points_reversed",
+            {"transaction_id": record.tx_id, "original_transaction_id": tx_id, "points": amount, "debt_points": debt},
+        )  # fmt: skip
+        return ReverseResult(transaction, amount, debt)
+
+    @staticmethod
+    def _reversal_amount(original: TxRecord, reversible: int, points: int | None, refund: Money | None) -> int:
+        if points is not None:
+            if points > reversible:
+                raise FailedPrecondition(
+                    f"only {reversible} points of transaction {original.tx_id} can still be reversed",
+                    field="points",
+                )
+            return points
+        if refund is None:
+            return reversible
+        if original.purchase_minor <= 0:
+            raise FailedPrecondition(
+                f"transaction {original.tx_id} recorded no purchase amount; reverse by points instead",
+                field="refund_amount",
+            )
+        if refund.currency != original.purchase_currency:
+            raise InvalidArgument(
+                f"refund currency {refund.currency} differs from the purchase currency {original.purchase_currency}",
+                field="refund_amount.currency",
+            )
+        refunded = original.refunded_minor + refund.amount_minor
+        if refunded > original.purchase_minor:
+            raise InvalidArgument(
+                f"refunds total {refunded} minor units, more than the purchase of {original.purchase_minor}",
+                field="refund_amount.amount_minor",
+            )
+        # Proportional on the cumulative refund, floored, so several partial refunds add up exactly.
+        due = original.points * refunded // original.purchase_minor
+        return max(0, min(reversible, due - original.reversed_points))
+
+    # Transfers and merges move points through the transit account, one side per shard.
+
+    def peek_portions(self, member_id: str, unit: str, points: int) -> list[Portion]:
+        """The lots a debit of `points` would consume, without consuming them."""
+        out: list[Portion] = []
+        for lot in self.tx.spendable_lots(member_id, unit):
+            if points <= 0:
+                break
+            take = min(points, lot.remaining_points)
+            out.append((take, lot.expires_at))
+            points -= take
+        if points > 0:
+            out.append((points, None))
+        return out
+
+    def credit_transfer(self, member_id: str, unit: str, portions: Sequence[Portion], *, tx_id: str, kind: TxKind,
+                        counterparty: str, transfer_id: str) -> Transaction:  # fmt: skip
+        """Destination side of a transfer or merge; a second call with the same tx_id is a no-op."""
+        existing = self.tx.get_transaction(tx_id)
+        if existing is not None:
+            return self.transaction(existing)
+        total = sum(p for p, _ in portions)
+        record = self._record(kind, member_id, unit, total, tx_id=tx_id, reference=transfer_id)
+        legs, record.lot_id = self._credit_legs(member_id, unit, portions, tx_id)
+        self._post(record, [(system_account("transit", unit), -total), *legs])
+        self._normalise_lots(member_id, unit)
+        return self._finish(
+            record, "points_transferred",
+            {"transfer_id": transfer_id, "transaction_id": tx_id, "counterparty_member_id": counterparty, "points": total},
+        )  # fmt: skip
+
+    def debit_transfer(self, member_id: str, unit: str, points: int, *, tx_id: str, counterparty: str,
+                       transfer_id: str) -> tuple[Transaction, list[Portion]]:  # fmt: skip
+        """Source side of a same-shard transfer: debit now, to the transit account."""
+        self._require_available(member_id, unit, points)
+        record = self._record(TxKind.TRANSFER_OUT, member_id, unit, -points, tx_id=tx_id, reference=transfer_id)
+        self._post(record, [(member_account(member_id, unit), -points), (system_account("transit", unit), points)])
+        taken = self._consume_lots(member_id, unit, points)
+        transaction = self._finish(
+            record, "points_transferred",
+            {"transfer_id": transfer_id, "transaction_id": tx_id, "counterparty_member_id": counterparty, "points": -points},
+        )  # fmt: skip
+        return transaction, taken
+
+    def move_out_all(self, member_id: str, unit: str, target: str, merge_id: str) -> dict[str, Any] | None:
+        """Source side of a merge: empties posted, pending and debt into transit, keeping lot details."""
+        bal = self.balance(member_id, unit)
+        if not (bal.balance_points or bal.pending_points or bal.debt_points):
+            return None
+        spendable = self.tx.spendable_lots(member_id, unit)
+        pending = self.tx.pending_lots(member_id, unit)
+        moved = {
+            "balance": bal.balance_points,
+            "pending": bal.pending_points,
+            "debt": bal.debt_points,
+            "lots": [[lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None] for lot in spendable],
+            "pending_lots": [
+                [lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None,
+                 lot.release_at.isoformat() if lot.release_at else None, lot.pending_review]
+                for lot in pending
+            ],
+        }  # fmt: skip
+        for lot in [*spendable, *pending]:
+            lot.remaining_points = 0
+            self.tx.update_lot(lot)
+        net = bal.balance_points + bal.pending_points - bal.debt_points
+        record = self._record(
+            TxKind.MERGE_OUT,
+            member_id,
+            unit,
+            -bal.balance_points,
+            tx_id=f"{merge_id}-out{unit_tag(unit)}",
+            reference=merge_id,
+        )
+        self._post(
+            record,
+            [
+                (member_account(member_id, unit), -bal.balance_points),
+                (pending_account(member_id, unit), -bal.pending_points),
+                (debt_account(member_id, unit), bal.debt_points),
+                (system_account("transit", unit), net),
+            ],
+        )
+        self._finish(
+            record,
+            "members_merged",
+            {"source_member_id": member_id, "target_member_id": target, "points": -bal.balance_points},
+        )
+        return moved
+
+    def move_in_all(self, member_id: str, unit: str, moved: dict[str, Any], source: str, merge_id: str) -> None:
+        tx_id = f"{merge_id}-in{unit_tag(unit)}"
+        if self.tx.get_transaction(tx_id) is not None:
+            return
+        balance, pending, debt = int(moved["balance"]), int(moved["pending"]), int(moved["debt"])
+        record = self._record(TxKind.MERGE_IN, member_id, unit, balance, tx_id=tx_id, reference=merge_id)
+        for points, expires in moved["lots"]:
+            self.tx.add_lot(Lot(
+                lot_id=f"lot_{uuid.uuid4().hex[:24]}", member_id=member_id, unit=unit, earn_transaction_id=tx_id,
+                original_points=points, remaining_points=points,
+                expires_at=datetime.fromisoformat(expires) if expires else None, created_at=self.now,
+            ))  # fmt: skip
+        for points, expires, release, review in moved["pending_lots"]:
+            self.tx.add_lot(Lot(
+                lot_id=f"lot_{uuid.uuid4().hex[:24]}", member_id=member_id, unit=unit, earn_transaction_id=tx_id,
+                original_points=points, remaining_points=points,
+                expires_at=datetime.fromisoformat(expires) if expires else None, created_at=self.now,
+                pending=True, release_at=datetime.fromisoformat(release) if release else None, pending_review=review,
+            ))  # fmt: skip
+        net = balance + pending - debt
+        self._post(
+            record,
+            [
+                (system_account("transit", unit), -net),
+                (member_account(member_id, unit), balance),
+                (pending_account(member_id, unit), pending),
+                (debt_account(member_id, unit), -debt),
+            ],
+        )
+        self._normalise_lots(member_id, unit)
+        self._finish(
+            record,
+            "members_merged",
+            {"source_member_id": source, "target_member_id": member_id, "points": balance},
+        )
+
+    # Time-driven jobs --------------------------------------------------------------------
+
+    def expire_due(self, limit: int = 500) -> tuple[int, int]:
+        """Expires lots past their date, never touching points reserved by open holds."""
+        lots = self.tx.lots_expired_by(self.now, limit)
+        by_account: dict[tuple[str, str], list[Lot]] = {}
+        for lot in lots:
+            by_account.setdefault((lot.member_id, lot.unit), []).append(lot)
+        expired_points = 0
+        for (member_id, unit), due in by_account.items():
+            row = self.tx.get_account(member_account(member_id, unit))
+            amount = max(0, min(sum(lot.remaining_points for lot in due), row.balance - row.reserved))
+            if amount == 0:
+                continue
+            left = amount
+            for lot in due:
+                take = min(left, lot.remaining_points)
+                lot.remaining_points -= take
+                left -= take
+                self.tx.update_lot(lot)
+            record = self._record(TxKind.EXPIRY, member_id, unit, -amount)
+            self._post(
+                record,
+                [(member_account(member_id, unit), -amount), (system_account("expired", unit), amount)],
+            )
+            self._finish(record, "points_expired", {"transaction_id": record.tx_id, "points": amount})
+            expired_points += amount
+        return expired_points, len(lots)
+
+    def release_due(self, limit: int = 500) -> int:
+        lots = self.tx.pending_due_by(self.now, limit)
+        for lot in lots:
+            self.release_pending_lot(lot)
+        return len(lots)
+
+    def void_due_holds(self, limit: int = 500) -> int:
+        holds = self.tx.holds_due_by(self.now, limit)
+        for hold in holds:
+            self.void_hold(hold.hold_id, expired=True)
+        return len(holds)
+
+    def placed_hold_count(self, member_id: str) -> int:
+        return len(self.tx.placed_holds_of(member_id))
+
+    def touch_unit(self, member_id: str, unit: str) -> AccountRow:
+        return self.tx.get_account(member_account(member_id, unit))
+
+
+def to_transaction(record: TxRecord) -> Transaction:
+    return Transaction(
+        transaction_id=record.tx_id,
+        kind=record.kind,
+        member_id=record.member_id,
+        unit=record.unit,
+        points=record.points,
+        recorded_at=record.recorded_at,
+        business_time=record.business_time,
+        reference=record.reference,
+        balance_after=codec.loads(Balance, record.balance_after_json),
+    )
+
+
+def unit_tag(unit: str) -> str:
+    """Merge transaction ids need one suffix per unit; ids allow only lowercase letters there."""
+    return "".join(ch for ch in unit.lower() if ch.isalpha())

@@ -1,0 +1,736 @@
+"""Ledger use cases: validate, check the member, claim the idempotency key, run the posting
+in the member's shard, then invalidate the cache and wake the outbox relay.
+
+Transfers and merges that span two shards run as sagas whose every step is idempotent, so a
+crash between steps leaves a state `recover_sagas` completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from ledger_svc import codec
+from ledger_svc import commands as c
+from ledger_svc import validation as v
+from ledger_svc.domain import (
+    Balance,
+    EarnResult,
+    ExternalId,
+    FailedPrecondition,
+    Hold,
+    HoldResult,
+    IdemKey,
+    IdempotencyConflict,
+    InvalidArgument,
+    LedgerError,
+    MaintenanceReport,
+    Member,
+    MemberNotActive,
+    MemberStatus,
+    MergeResult,
+    NotFound,
+    Page,
+    ReverseResult,
+    SagaState,
+    Transaction,
+    TransferResult,
+    TxKind,
+    bucket_of,
+    bucket_of_id,
+    member_account,
+    new_id,
+    new_member_id,
+)
+from ledger_svc.postings import Policy, Portion, ShardBook, to_transaction
+from ledger_svc.store.base import DirectoryTx, IdemRecord, LedgerStore, SagaRecord, ShardTx
+from pointmesh.clock import Clock
+
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+EXTERNAL_KINDS_MAX = 16
+
+
+class BalanceCache(Protocol):
+    async def get(self, member_id: str, unit: str) -> Balance | None: ...
+    async def fill(self, balance: Balance) -> None: ...
+    def invalidate(self, member_id: str, unit: str, version: int) -> None: ...
+    def usable_for(self, member_id: str, unit: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _SagaIds:
+    saga_id: str
+    out_tx: str
+    in_tx: str
+
+
+class LedgerService:
+    def __init__(
+        self,
+        store: LedgerStore,
+        clock: Clock,
+        policy: Policy,
+        *,
+        card_secret: str,
+        cache: BalanceCache | None = None,
+        fault_point: str = "",
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.policy = policy
+        self.cache = cache
+        self._card_secret = card_secret.encode()
+        self._fault_point = fault_point
+        self._status_cache: dict[str, MemberStatus] = {}
+        self.outbox_wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    # Routing and plumbing ----------------------------------------------------------------
+
+    def shard_of(self, member_id: str) -> int:
+        return bucket_of(member_id) % self.store.shard_count
+
+    def shard_of_id(self, object_id: str) -> int:
+        return bucket_of_id(object_id) % self.store.shard_count
+
+    def _fault(self, point: str) -> None:
+        """Crash-test hook: dies exactly here, like a power cut, when configured to."""
+        if self._fault_point == point:
+            log.warning("fault injection: killing the process at %s", point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    async def _claim(self, key: IdemKey, operation: str, fp: str) -> None:
+        now = self.clock.now()
+        existing = await self.store.write_directory(lambda d: d.claim(key.namespace, key.key, operation, fp, now))
+        if existing is not None and existing.fingerprint != fp:
+            raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
+
+    async def _mutate(self, command: Any, shard: int, result_type: type[R], body: Callable[[ShardBook], R]) -> R:
+        """Claims the key, then runs body in the shard with the idempotency record beside it."""
+        fp = c.fingerprint(command)
+        await self._claim(command.key, type(command).__name__, fp)
+        result, _replayed = await self.store.write(shard, self._idempotent_unit(command, fp, result_type, body))
+        return result
+
+    def _idempotent_unit(
+        self, cmd: Any, fp: str, rtype: type[R], body: Callable[[ShardBook], R]
+    ) -> Callable[[ShardTx], tuple[R, bool]]:
+        """The shard half of idempotency: replay the stored result, or run and store it."""
+        key: IdemKey = cmd.key
+        operation = type(cmd).__name__
+
+        def unit(tx: ShardTx) -> tuple[R, bool]:
+            record = tx.get_idempotency(key.namespace, key.key)
+            if record is not None:
+                return codec.loads(rtype, record.result_json), True
+            book = ShardBook(tx, self.clock.now(), self.policy)
+            result = body(book)
+            tx.put_idempotency(key.namespace, key.key, IdemRecord(operation, fp, codec.dumps(result), book.now))
+            self._committed_later(book.touched)
+            return result, False
+
+        return unit
+
+    async def _book(self, shard: int, body: Callable[[ShardBook], R]) -> R:
+        """Runs a non-idempotent-key unit (jobs, saga steps) and invalidates what it touched."""
+
+        def unit(tx: ShardTx) -> R:
+            book = ShardBook(tx, self.clock.now(), self.policy)
+            result = body(book)
+            self._committed_later(book.touched)
+            return result
+
+        return await self.store.write(shard, unit)
+
+    def _committed_later(self, touched: list[Balance]) -> None:
+        """Called in the store thread; cache invalidation and the relay wake-up run on the loop.
+
+        A unit rolled back after this ran only causes a harmless extra invalidation.
+        """
+        if not touched:
+            return
+        self._loop.call_soon_threadsafe(self._after_write, list(touched))
+
+    def _after_write(self, touched: list[Balance]) -> None:
+        self.outbox_wakeup.set()
+        if self.cache is not None:
+            for balance in touched:
+                self.cache.invalidate(balance.member_id, balance.unit, balance.version)
+
+    async def member(self, member_id: str, field: str = "member_id") -> Member:
+        v.member_id(member_id, field)
+        found = await self.store.read_directory(lambda d: d.get_member(member_id))
+        if found is None:
+            raise NotFound(f"member {member_id} does not exist", field=field)
+        return found
+
+    async def _status(self, member_id: str, field: str) -> MemberStatus:
+        status = self._status_cache.get(member_id)
+        if status is None:
+            status = (await self.member(member_id, field)).status
+            if len(self._status_cache) > 200_000:
+                self._status_cache.clear()
+            self._status_cache[member_id] = status
+        return status
+
+    async def _require_active(self, member_id: str, field: str = "member_id") -> None:
+        v.member_id(member_id, field)
+        status = await self._status(member_id, field)
+        if status != MemberStatus.ACTIVE:
+            raise MemberNotActive(f"member {member_id} is {status.value}", field=field)
+
+    async def _require_exists(self, member_id: str, field: str = "member_id") -> None:
+        v.member_id(member_id, field)
+        await self._status(member_id, field)
+
+    # Members -----------------------------------------------------------------------------
+
+    def _protect(self, ext: ExternalId) -> ExternalId:
+        """Payment card numbers are never stored: only a keyed hash that still finds the member."""
+        if ext.kind == "payment_card":
+            digest = hmac.new(self._card_secret, ext.value.replace(" ", "").encode(), hashlib.sha256).hexdigest()
+            return ExternalId("payment_card", f"hmac:{digest}")
+        return ext
+
+    def _check_external(self, ext: ExternalId, field: str) -> ExternalId:
+        v.name(ext.kind, f"{field}.kind")
+        v.required_text(ext.value, f"{field}.value", max_len=128)
+        return self._protect(ext)
+
+    async def create_member(self, cmd: c.CreateMember) -> Member:
+        key = v.idem_key(cmd.key)
+        if len(cmd.external_ids) > EXTERNAL_KINDS_MAX:
+            raise InvalidArgument(f"at most {EXTERNAL_KINDS_MAX} external ids", field="external_ids")
+        ids = tuple(self._check_external(e, f"external_ids[{i}]") for i, e in enumerate(cmd.external_ids))
+        if len({(e.kind, e.value) for e in ids}) != len(ids):
+            raise InvalidArgument("the same external id is listed twice", field="external_ids")
+        for k, val in cmd.profile.items():
+            v.name(k, f"profile[{k}]")
+            v.optional_text(val, f"profile[{k}]", max_len=500)
+        cmd = c.CreateMember(key, ids, dict(cmd.profile))
+        fp = c.fingerprint(cmd)
+        now = self.clock.now()
+
+        def unit(d: DirectoryTx) -> Member:
+            existing = d.claim(key.namespace, key.key, "CreateMember", fp, now)
+            if existing is not None:
+                if existing.fingerprint != fp:
+                    raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
+                previous = d.get_member(existing.result_json) if existing.result_json else None
+                if previous is not None:
+                    return previous
+            for i, ext in enumerate(ids):
+                owner = d.external_id_owner(ext)
+                if owner is not None:
+                    raise FailedPrecondition(
+                        f"external id {ext.kind}:{ext.value if ext.kind != 'payment_card' else '***'} already "
+                        f"belongs to member {owner}",
+                        field=f"external_ids[{i}]",
+                    )
+            member = Member(new_member_id(), MemberStatus.ACTIVE, ids, (), dict(cmd.profile), "", now)
+            d.add_member(member)
+            d.complete_claim(key.namespace, key.key, member.member_id)
+            return member
+
+        return await self.store.write_directory(unit)
+
+    async def get_member(self, member_id: str) -> Member:
+        return await self.member(member_id)
+
+    async def lookup_member(self, ext: ExternalId) -> Member:
+        ext = self._check_external(ext, "external_id")
+        member_id = await self.store.read_directory(lambda d: d.find_member_id(ext))
+        if member_id is None:
+            raise NotFound("no member has this external id", field="external_id")
+        return await self.member(member_id)
+
+    async def set_blocked(self, cmd: c.SetMemberBlocked) -> Member:
+        key = v.idem_key(cmd.key)
+        current = await self.member(cmd.member_id)
+        if current.status in (MemberStatus.MERGED, MemberStatus.ERASED):
+            raise FailedPrecondition(f"member {cmd.member_id} is {current.status.value}", field="member_id")
+        await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
+        status = MemberStatus.BLOCKED if cmd.blocked else MemberStatus.ACTIVE
+        await self.store.write_directory(lambda d: d.set_status(cmd.member_id, status))
+        self._status_cache[cmd.member_id] = status
+        return await self.member(cmd.member_id)
+
+    async def erase_member(self, cmd: c.EraseMember) -> Member:
+        key = v.idem_key(cmd.key)
+        await self.member(cmd.member_id)
+        await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
+        await self.store.write_directory(lambda d: d.erase(cmd.member_id))
+        self._status_cache[cmd.member_id] = MemberStatus.ERASED
+        return await self.member(cmd.member_id)
+
+    async def merge_members(self, cmd: c.MergeMembers) -> MergeResult:
+        key = v.idem_key(cmd.key)
+        source = await self.member(cmd.source_member_id, "source_member_id")
+        target = await self.member(cmd.target_member_id, "target_member_id")
+        if source.member_id == target.member_id:
+            raise InvalidArgument("a member cannot be merged into itself", field="target_member_id")
+        await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
+        if target.status != MemberStatus.ACTIVE:
+            raise MemberNotActive(f"member {target.member_id} is {target.status.value}", field="target_member_id")
+        if source.status == MemberStatus.MERGED and source.merged_into != target.member_id:
+            raise FailedPrecondition(
+                f"member {source.member_id} was merged into {source.merged_into}", field="source_member_id"
+            )
+        if source.status == MemberStatus.ERASED:
+            raise MemberNotActive(f"member {source.member_id} is ERASED", field="source_member_id")
+        src_shard = self.shard_of(source.member_id)
+        holds = await self.store.read(src_shard, lambda tx: len(tx.placed_holds_of(source.member_id)))
+        if holds:
+            raise FailedPrecondition(
+                f"member {source.member_id} has {holds} open holds; capture or void them first",
+                field="source_member_id",
+            )
+        # Block postings to the source first, so nothing lands on it while its points move.
+        await self.store.write_directory(
+            lambda d: d.set_status(source.member_id, MemberStatus.MERGED, target.member_id)
+        )
+        self._status_cache[source.member_id] = MemberStatus.MERGED
+        moved = await self._complete_merge(source.member_id, target.member_id)
+        return MergeResult(await self.member(target.member_id), moved)
+
+    def _merge_id(self, source: str) -> str:
+        digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+        return f"mg_{bucket_of(source):04x}{digest}"
+
+    async def _drive_merge(self, source: str, target: str) -> dict[str, int]:
+        merge_id = self._merge_id(source)
+
+        def move_out(book: ShardBook) -> SagaRecord:
+            saga = book.tx.get_saga(merge_id)
+            if saga is not None:
+                return saga
+            moved = {u: m for u in self.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
+            saga = SagaRecord(
+                merge_id,
+                "merge",
+                SagaState.HELD,
+                source,
+                target,
+                "",
+                0,
+                "",
+                json.dumps(moved),
+                book.now,
+                book.now,
+            )
+            book.tx.add_saga(saga)
+            return saga
+
+        saga = await self._book(self.shard_of(source), move_out)
+        self._fault("merge_after_move_out")
+        moved: dict[str, dict[str, Any]] = json.loads(saga.payload_json)
+        if saga.state != SagaState.DONE:
+
+            def move_in(book: ShardBook) -> None:
+                for u, m in moved.items():
+                    book.move_in_all(target, u, m, source, merge_id)
+
+            await self._book(self.shard_of(target), move_in)
+            await self._book(self.shard_of(source), lambda b: b.tx.set_saga_state(merge_id, SagaState.DONE, b.now))
+        return {u: int(m["balance"]) for u, m in moved.items()}
+
+    # Postings ----------------------------------------------------------------------------
+
+    def _check_earn(self, cmd: c.Earn) -> c.Earn:
+        v.idem_key(cmd.key)
+        v.positive_points(cmd.points)
+        v.optional_text(cmd.reference, "reference")
+        if cmd.purchase is not None:
+            v.money(cmd.purchase, "purchase_amount")
+        if cmd.expires_at is not None and cmd.expires_at <= (cmd.business_time or self.clock.now()):
+            raise InvalidArgument("must be later than the business time", field="expires_at")
+        return c.Earn(
+            key=v.idem_key(cmd.key), member_id=v.member_id(cmd.member_id), unit=v.unit(cmd.unit, self.policy.units),
+            points=cmd.points, funding_source=v.name(cmd.funding_source or "program", "funding_source"),
+            business_time=cmd.business_time, expires_at=cmd.expires_at, release_at=cmd.release_at,
+            pending_review=cmd.pending_review, purchase=cmd.purchase, reference=cmd.reference,
+        )  # fmt: skip
+
+    async def earn(self, cmd: c.Earn) -> EarnResult:
+        cmd = self._check_earn(cmd)
+        await self._require_active(cmd.member_id)
+        return await self._mutate(cmd, self.shard_of(cmd.member_id), EarnResult, lambda b: self._earn_body(b, cmd))
+
+    @staticmethod
+    def _earn_body(book: ShardBook, cmd: c.Earn) -> EarnResult:
+        return book.earn(
+            cmd.member_id, cmd.unit, cmd.points, funding_source=cmd.funding_source,
+            business_time=cmd.business_time, expires_at=cmd.expires_at, release_at=cmd.release_at,
+            pending_review=cmd.pending_review, purchase=cmd.purchase, reference=cmd.reference,
+        )  # fmt: skip
+
+    def _check_redeem(self, cmd: c.Redeem) -> c.Redeem:
+        v.positive_points(cmd.points)
+        v.optional_text(cmd.reference, "reference")
+        return c.Redeem(v.idem_key(cmd.key), v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units),
+                        cmd.points, cmd.business_time, cmd.reference)  # fmt: skip
+
+    async def redeem(self, cmd: c.Redeem) -> Transaction:
+        cmd = self._check_redeem(cmd)
+        await self._require_active(cmd.member_id)
+        return await self._mutate(
+            cmd, self.shard_of(cmd.member_id), Transaction,
+            lambda b: b.redeem(cmd.member_id, cmd.unit, cmd.points, business_time=cmd.business_time, reference=cmd.reference),
+        )  # fmt: skip
+
+    def _check_adjust(self, cmd: c.Adjust) -> c.Adjust:
+        if cmd.points == 0:
+            raise InvalidArgument("must not be zero", field="points")
+        v.positive_points(abs(cmd.points))
+        v.required_text(cmd.reason, "reason")
+        v.optional_text(cmd.operator_id, "operator_id")
+        return c.Adjust(v.idem_key(cmd.key), v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units),
+                        cmd.points, cmd.reason, cmd.operator_id)  # fmt: skip
+
+    async def adjust(self, cmd: c.Adjust) -> Transaction:
+        cmd = self._check_adjust(cmd)
+        await self._require_exists(cmd.member_id)
+        return await self._mutate(
+            cmd, self.shard_of(cmd.member_id), Transaction,
+            lambda b: b.adjust(cmd.member_id, cmd.unit, cmd.points, reason=cmd.reason, operator_id=cmd.operator_id),
+        )  # fmt: skip
+
+    async def place_hold(self, cmd: c.PlaceHold) -> HoldResult:
+        key = v.idem_key(cmd.key)
+        v.positive_points(cmd.points)
+        timeout = v.hold_timeout(cmd.timeout, self.policy.hold_timeout, self.policy.hold_max_timeout)
+        cmd = c.PlaceHold(key, v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units), cmd.points,
+                          cmd.timeout, v.optional_text(cmd.reference, "reference"))  # fmt: skip
+        await self._require_active(cmd.member_id)
+        return await self._mutate(
+            cmd, self.shard_of(cmd.member_id), HoldResult,
+            lambda b: b.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=timeout, reference=cmd.reference),
+        )  # fmt: skip
+
+    async def capture_hold(self, cmd: c.CaptureHold) -> HoldResult:
+        v.idem_key(cmd.key)
+        v.object_id(cmd.hold_id, "h", "hold_id")
+        if cmd.points < 0:
+            raise InvalidArgument(f"must be zero (all) or positive, got {cmd.points}", field="points")
+        return await self._mutate(
+            cmd, self.shard_of_id(cmd.hold_id), HoldResult, lambda b: b.capture_hold(cmd.hold_id, cmd.points)
+        )
+
+    async def void_hold(self, cmd: c.VoidHold) -> HoldResult:
+        v.idem_key(cmd.key)
+        v.object_id(cmd.hold_id, "h", "hold_id")
+        return await self._mutate(cmd, self.shard_of_id(cmd.hold_id), HoldResult, lambda b: b.void_hold(cmd.hold_id))
+
+    async def get_hold(self, hold_id: str) -> Hold:
+        v.object_id(hold_id, "h", "hold_id")
+        return await self.store.read(
+            self.shard_of_id(hold_id),
+            lambda tx: ShardBook(tx, self.clock.now(), self.policy).require_hold(hold_id),
+        )
+
+    def _check_reverse(self, cmd: c.Reverse) -> c.Reverse:
+        v.idem_key(cmd.key)
+        v.object_id(cmd.transaction_id, "tx", "transaction_id")
+        v.optional_text(cmd.reason, "reason")
+        chosen = sum([cmd.points is not None, cmd.refund is not None, cmd.full])
+        if chosen != 1:
+            raise InvalidArgument("set exactly one of points, refund_amount or full", field="amount")
+        if cmd.points is not None:
+            v.positive_points(cmd.points)
+        if cmd.refund is not None:
+            v.money(cmd.refund, "refund_amount")
+        return cmd
+
+    async def reverse(self, cmd: c.Reverse) -> ReverseResult:
+        cmd = self._check_reverse(cmd)
+        return await self._mutate(
+            cmd, self.shard_of_id(cmd.transaction_id), ReverseResult,
+            lambda b: b.reverse(cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason),
+        )  # fmt: skip
+
+    async def release_pending(self, cmd: c.ReleasePending) -> Transaction:
+        v.idem_key(cmd.key)
+        v.object_id(cmd.transaction_id, "tx", "transaction_id")
+        return await self._mutate(
+            cmd,
+            self.shard_of_id(cmd.transaction_id),
+            Transaction,
+            lambda b: b.release_pending(cmd.transaction_id),
+        )
+
+    # Transfers ---------------------------------------------------------------------------
+
+    async def transfer(self, cmd: c.Transfer) -> TransferResult:
+        key = v.idem_key(cmd.key)
+        v.positive_points(cmd.points)
+        cmd = c.Transfer(key, v.member_id(cmd.source_member_id, "source_member_id"),
+                         v.member_id(cmd.destination_member_id, "destination_member_id"),
+                         v.unit(cmd.unit, self.policy.units), cmd.points, v.optional_text(cmd.reason, "reason"))  # fmt: skip
+        if cmd.source_member_id == cmd.destination_member_id:
+            raise InvalidArgument("source and destination are the same member", field="destination_member_id")
+        await self._require_active(cmd.source_member_id, "source_member_id")
+        await self._require_active(cmd.destination_member_id, "destination_member_id")
+        src_shard = self.shard_of(cmd.source_member_id)
+        if src_shard == self.shard_of(cmd.destination_member_id):
+            return await self._mutate(cmd, src_shard, TransferResult, lambda b: self._same_shard_transfer(b, cmd))
+        # Cross-shard: step 1 reserves on the source and records the saga, idempotently.
+        saga_id = await self._mutate(cmd, src_shard, str, lambda b: self._start_transfer(b, cmd))
+        self._fault("transfer_after_hold")
+        return await self._drive_transfer(saga_id)
+
+    def _transfer_ids(self, saga_id: str, source: str, destination: str) -> _SagaIds:
+        tail = saga_id.split("_", 1)[1][4:]
+        return _SagaIds(saga_id, f"tx_{bucket_of(source):04x}{tail}-out", f"tx_{bucket_of(destination):04x}{tail}-in")
+
+    def _same_shard_transfer(self, book: ShardBook, cmd: c.Transfer) -> TransferResult:
+        ids = self._transfer_ids(new_id("tr", cmd.source_member_id), cmd.source_member_id, cmd.destination_member_id)
+        debit, portions = book.debit_transfer(
+            cmd.source_member_id, cmd.unit, cmd.points, tx_id=ids.out_tx,
+            counterparty=cmd.destination_member_id, transfer_id=ids.saga_id,
+        )  # fmt: skip
+        credit = book.credit_transfer(
+            cmd.destination_member_id, cmd.unit, portions, tx_id=ids.in_tx, kind=TxKind.TRANSFER_IN,
+            counterparty=cmd.source_member_id, transfer_id=ids.saga_id,
+        )  # fmt: skip
+        return TransferResult(ids.saga_id, debit, credit)
+
+    def _start_transfer(self, book: ShardBook, cmd: c.Transfer) -> str:
+        saga_id = new_id("tr", cmd.source_member_id)
+        portions = book.peek_portions(cmd.source_member_id, cmd.unit, cmd.points)
+        result = book.place_hold(
+            cmd.source_member_id, cmd.unit, cmd.points, timeout=self.policy.hold_max_timeout,
+            reference=saga_id, saga_id=saga_id,
+        )  # fmt: skip
+        payload = {"portions": [[p, e.isoformat() if e else None] for p, e in portions], "reason": cmd.reason}
+        book.tx.add_saga(SagaRecord(
+            saga_id, "transfer", SagaState.HELD, cmd.source_member_id, cmd.destination_member_id, cmd.unit,
+            cmd.points, result.hold.hold_id, json.dumps(payload), book.now, book.now,
+        ))  # fmt: skip
+        return saga_id
+
+    async def _drive_transfer(self, saga_id: str) -> TransferResult:
+        """Steps 2 and 3 of a cross-shard transfer; each is idempotent, so recovery reruns them."""
+        src_shard = self.shard_of_id(saga_id)
+        saga = await self.store.read(src_shard, lambda tx: tx.get_saga(saga_id))
+        if saga is None:
+            raise NotFound(f"transfer {saga_id} does not exist", field="transfer_id")
+        ids = self._transfer_ids(saga_id, saga.source_member, saga.dest_member)
+        portions: list[Portion] = [
+            (int(p), datetime.fromisoformat(e) if e else None) for p, e in json.loads(saga.payload_json)["portions"]
+        ]
+        if saga.state == SagaState.HELD:
+            await self._book(
+                self.shard_of(saga.dest_member),
+                lambda b: b.credit_transfer(
+                    saga.dest_member, saga.unit, portions, tx_id=ids.in_tx, kind=TxKind.TRANSFER_IN,
+                    counterparty=saga.source_member, transfer_id=saga_id,
+                ),
+            )  # fmt: skip
+            self._fault("transfer_after_credit")
+
+            def finish(book: ShardBook) -> None:
+                current = book.tx.get_saga(saga_id)
+                if current is None or current.state != SagaState.HELD:
+                    return
+                book.capture_hold(saga.hold_id, saga.points, kind=TxKind.TRANSFER_OUT, tx_id=ids.out_tx)
+                book.tx.set_saga_state(saga_id, SagaState.DONE, book.now)
+
+            await self._book(src_shard, finish)
+        debit_rec = await self.store.read(src_shard, lambda tx: tx.get_transaction(ids.out_tx))
+        credit_rec = await self.store.read(self.shard_of(saga.dest_member), lambda tx: tx.get_transaction(ids.in_tx))
+        if debit_rec is None or credit_rec is None:
+            raise FailedPrecondition(f"transfer {saga_id} did not complete", field="transfer_id")
+        return TransferResult(saga_id, to_transaction(debit_rec), to_transaction(credit_rec))
+
+    async def recover_sagas(self) -> int:
+        """Completes transfers and merges a crash left half-way; safe to run any time."""
+        completed = 0
+        for shard in range(self.store.shard_count):
+            for saga in await self.store.read(shard, lambda tx: tx.open_sagas()):
+                try:
+                    if saga.kind == "transfer":
+                        await self._drive_transfer(saga.saga_id)
+                    else:
+                        await self._complete_merge(saga.source_member, saga.dest_member)
+                    completed += 1
+                except LedgerError:
+                    log.exception("saga %s could not be completed yet", saga.saga_id)
+        completed += await self._recover_unstarted_merges()
+        return completed
+
+    async def _recover_unstarted_merges(self) -> int:
+        """A merge that died after marking the source MERGED but before moving points."""
+        merged = await self.store.read_directory(_merged_members)
+        done = 0
+        for source, target in merged:
+            if await self._saga(source, self._merge_id(source)) is None:
+                await self._complete_merge(source, target)
+                done += 1
+        return done
+
+    async def _saga(self, member_id: str, saga_id: str) -> SagaRecord | None:
+        return await self.store.read(self.shard_of(member_id), lambda tx: tx.get_saga(saga_id))
+
+    async def _complete_merge(self, source: str, target: str) -> dict[str, int]:
+        moved = await self._drive_merge(source, target)
+        await self.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, target))
+        return moved
+
+    # Reads -------------------------------------------------------------------------------
+
+    async def get_balance(self, member_id: str, unit: str) -> Balance:
+        v.member_id(member_id)
+        unit = v.unit(unit, self.policy.units)
+        await self._require_exists(member_id)
+        if self.cache is not None and self.cache.usable_for(member_id, unit):
+            cached = await self.cache.get(member_id, unit)
+            if cached is not None:
+                return cached
+        balance = await self.store.read(
+            self.shard_of(member_id),
+            lambda tx: ShardBook(tx, self.clock.now(), self.policy).balance(member_id, unit),
+        )
+        if self.cache is not None and self.cache.usable_for(member_id, unit):
+            await self.cache.fill(balance)
+        return balance
+
+    async def list_entries(self, member_id: str, unit: str, page_size: int, page_token: str) -> Page:
+        v.member_id(member_id)
+        unit = v.unit(unit, self.policy.units)
+        size = v.page_size(page_size)
+        before = _decode_token(page_token)
+        await self._require_exists(member_id)
+        account = member_account(member_id, unit)
+        rows = await self.store.read(self.shard_of(member_id), lambda tx: tx.list_entries(account, before, size + 1))
+        token = f"e{rows[size - 1].entry_id}" if len(rows) > size else ""
+        return Page(rows[:size], token)
+
+    # Time-driven jobs --------------------------------------------------------------------
+
+    async def run_maintenance(self) -> MaintenanceReport:
+        expired = lots = released = voided = 0
+        for shard in range(self.store.shard_count):
+            e, n = await self._book(shard, lambda b: b.expire_due())
+            released += await self._book(shard, lambda b: b.release_due())
+            voided += await self._book(shard, lambda b: b.void_due_holds())
+            expired, lots = expired + e, lots + n
+        sagas = await self.recover_sagas()
+        return MaintenanceReport(expired, lots, released, voided, sagas)
+
+    async def purge_expired_keys(self, retention: timedelta) -> int:
+        cutoff = self.clock.now() - retention
+        purged = await self.store.write_directory(lambda d: d.purge_claims_before(cutoff))
+        for shard in range(self.store.shard_count):
+            purged += await self.store.write(shard, lambda tx: tx.purge_before(cutoff, cutoff))
+        return purged
+
+    # Batch ingest ------------------------------------------------------------------------
+
+    async def ingest(self, items: Sequence[c.PostingCommand | LedgerError]) -> list[Any]:
+        """Posts a batch; per item either (result, replayed) or the LedgerError it failed with."""
+        results: list[Any] = [None] * len(items)
+        prepared: list[tuple[int, Any, int, str, type[Any], Callable[[ShardBook], Any]]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, LedgerError):
+                results[i] = item
+                continue
+            try:
+                prepared.append((i, *await self._prepare(item)))
+            except LedgerError as exc:
+                results[i] = exc
+        claims = [(i, cmd.key, type(cmd).__name__, fp) for i, cmd, _, fp, _, _ in prepared]
+        now = self.clock.now()
+        conflicts = await self.store.write_directory(lambda d: _claim_many(d, claims, now))
+        units: list[tuple[int, Awaitable[Any]]] = [
+            (i, self.store.write(shard, self._idempotent_unit(cmd, fp, rtype, body)))
+            for i, cmd, shard, fp, rtype, body in prepared
+            if i not in conflicts
+        ]
+        for i, error in conflicts.items():
+            results[i] = error
+        outcomes = await asyncio.gather(*(u for _, u in units), return_exceptions=True)
+        for (i, _), outcome in zip(units, outcomes, strict=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, LedgerError):
+                raise outcome
+            results[i] = outcome
+        return results
+
+    async def _prepare(self, cmd: c.PostingCommand) -> tuple[Any, int, str, type[Any], Callable[[ShardBook], Any]]:
+        if isinstance(cmd, c.Earn):
+            earn = self._check_earn(cmd)
+            await self._require_active(earn.member_id)
+            return (
+                earn,
+                self.shard_of(earn.member_id),
+                c.fingerprint(earn),
+                EarnResult,
+                lambda b: self._earn_body(b, earn),
+            )
+        if isinstance(cmd, c.Redeem):
+            red = self._check_redeem(cmd)
+            await self._require_active(red.member_id)
+            return (
+                red,
+                self.shard_of(red.member_id),
+                c.fingerprint(red),
+                Transaction,
+                lambda b: b.redeem(
+                    red.member_id,
+                    red.unit,
+                    red.points,
+                    business_time=red.business_time,
+                    reference=red.reference,
+                ),
+            )
+        if isinstance(cmd, c.Adjust):
+            adj = self._check_adjust(cmd)
+            await self._require_exists(adj.member_id)
+            return (
+                adj,
+                self.shard_of(adj.member_id),
+                c.fingerprint(adj),
+                Transaction,
+                lambda b: b.adjust(adj.member_id, adj.unit, adj.points, reason=adj.reason, operator_id=adj.operator_id),
+            )
+        rev = self._check_reverse(cmd)
+        return (
+            rev,
+            self.shard_of_id(rev.transaction_id),
+            c.fingerprint(rev),
+            ReverseResult,
+            lambda b: b.reverse(rev.transaction_id, points=rev.points, refund=rev.refund, reason=rev.reason),
+        )
+
+
+def _claim_many(d: DirectoryTx, claims: list[tuple[int, IdemKey, str, str]], now: datetime) -> dict[int, LedgerError]:
+    conflicts: dict[int, LedgerError] = {}
+    seen: dict[tuple[str, str], str] = {}
+    for i, key, operation, fp in claims:
+        first = seen.setdefault((key.namespace, key.key), fp)
+        existing = d.claim(key.namespace, key.key, operation, fp, now)
+        if (existing is not None and existing.fingerprint != fp) or first != fp:
+            conflicts[i] = IdempotencyConflict(key.namespace, key.key, existing.operation if existing else operation,
+                                               existing.created_at if existing else now)  # fmt: skip
+    return conflicts
+
+
+def _merged_members(d: DirectoryTx) -> list[tuple[str, str]]:
+    return d.merged_members()
+
+
+def _decode_token(token: str) -> int:
+    if not token:
+        return 2**62
+    if not token.startswith("e") or not token[1:].isdigit():
+        raise InvalidArgument("is not a token this API returned", field="page.page_token")
+    return int(token[1:])

@@ -1,0 +1,540 @@
+"""Embedded SQLite store: N shard files (members routed by id hash) plus a directory file.
+
+WAL mode, one writer thread per file committing in groups, one reader thread per file.
+Times are stored as integer microseconds since the epoch so they sort and compare exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from ledger_svc.domain import (
+    Entry,
+    ExternalId,
+    Hold,
+    HoldStatus,
+    Lot,
+    Member,
+    MemberStatus,
+    SagaState,
+    TxKind,
+)
+from ledger_svc.store.base import AccountRow, IdemRecord, OutboxRow, SagaRecord, TxRecord
+from ledger_svc.store.sqlite_worker import DbWorker, connect
+
+T = TypeVar("T")
+
+SHARD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS accounts (
+  account TEXT PRIMARY KEY, balance INTEGER NOT NULL, reserved INTEGER NOT NULL,
+  lifetime_earned INTEGER NOT NULL, version INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS transactions (
+  tx_id TEXT PRIMARY KEY, kind TEXT NOT NULL, member_id TEXT NOT NULL, unit TEXT NOT NULL,
+  points INTEGER NOT NULL, recorded_at INTEGER NOT NULL, business_time INTEGER NOT NULL,
+  reference TEXT NOT NULL, funding TEXT NOT NULL, purchase_minor INTEGER NOT NULL,
+  purchase_currency TEXT NOT NULL, reversed_points INTEGER NOT NULL, refunded_minor INTEGER NOT NULL,
+  lot_id TEXT NOT NULL, pending INTEGER NOT NULL, original_tx TEXT NOT NULL,
+  balance_after TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries (
+  entry_id INTEGER PRIMARY KEY, tx_id TEXT NOT NULL, account TEXT NOT NULL, points INTEGER NOT NULL,
+  kind TEXT NOT NULL, recorded_at INTEGER NOT NULL, business_time INTEGER NOT NULL,
+  reference TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_by_account ON entries (account, entry_id);
+CREATE TABLE IF NOT EXISTS lots (
+  lot_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, unit TEXT NOT NULL, earn_tx TEXT NOT NULL,
+  original INTEGER NOT NULL, remaining INTEGER NOT NULL, expires_at INTEGER, created_at INTEGER NOT NULL,
+  pending INTEGER NOT NULL, release_at INTEGER, pending_review INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS lots_by_account ON lots (member_id, unit, pending, remaining);
+CREATE INDEX IF NOT EXISTS lots_by_earn ON lots (earn_tx);
+CREATE INDEX IF NOT EXISTS lots_open_expiry ON lots (expires_at) WHERE remaining > 0 AND pending = 0;
+CREATE INDEX IF NOT EXISTS lots_open_release ON lots (release_at) WHERE pending = 1 AND remaining > 0;
+CREATE TABLE IF NOT EXISTS holds (
+  hold_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, unit TEXT NOT NULL, points INTEGER NOT NULL,
+  status TEXT NOT NULL, captured INTEGER NOT NULL, created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL, reference TEXT NOT NULL, saga_id TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS holds_placed ON holds (expires_at) WHERE status = 'PLACED';
+CREATE INDEX IF NOT EXISTS holds_by_member ON holds (member_id) WHERE status = 'PLACED';
+CREATE TABLE IF NOT EXISTS idempotency (
+  namespace TEXT NOT NULL, key TEXT NOT NULL, operation TEXT NOT NULL, fingerprint TEXT NOT NULL,
+  result TEXT NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (namespace, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+  seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, member_id TEXT NOT NULL, payload TEXT NOT NULL,
+  created_at INTEGER NOT NULL, relayed_at INTEGER);
+CREATE INDEX IF NOT EXISTS outbox_unrelayed ON outbox (seq) WHERE relayed_at IS NULL;
+CREATE TABLE IF NOT EXISTS sagas (
+  saga_id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, source_member TEXT NOT NULL,
+  dest_member TEXT NOT NULL, unit TEXT NOT NULL, points INTEGER NOT NULL, hold_id TEXT NOT NULL,
+  payload TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sagas_open ON sagas (created_at) WHERE state IN ('HELD', 'CREDITED');
+"""
+
+DIRECTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS members (
+  member_id TEXT PRIMARY KEY, status TEXT NOT NULL, profile TEXT NOT NULL, merged_into TEXT NOT NULL,
+  created_at INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS external_ids (
+  kind TEXT NOT NULL, value TEXT NOT NULL, member_id TEXT NOT NULL, alias INTEGER NOT NULL,
+  PRIMARY KEY (kind, value)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS external_ids_by_member ON external_ids (member_id);
+CREATE TABLE IF NOT EXISTS claims (
+  namespace TEXT NOT NULL, key TEXT NOT NULL, operation TEXT NOT NULL, fingerprint TEXT NOT NULL,
+  result TEXT NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (namespace, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS claims_by_age ON claims (created_at);
+"""
+
+
+def to_us(when: datetime) -> int:
+    delta = when - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(value: int) -> datetime:
+    return datetime.fromtimestamp(value // 1_000_000, UTC).replace(microsecond=value % 1_000_000)
+
+
+def _opt_us(when: datetime | None) -> int | None:
+    return None if when is None else to_us(when)
+
+
+def _opt_dt(value: int | None) -> datetime | None:
+    return None if value is None else from_us(value)
+
+
+_LOT_COLS = (
+    "lot_id, member_id, unit, earn_tx, original, remaining, expires_at, created_at, pending, release_at, pending_review"
+)
+_HOLD_COLS = "hold_id, member_id, unit, points, status, captured, created_at, expires_at, reference, saga_id"
+_TX_COLS = (
+    "tx_id, kind, member_id, unit, points, recorded_at, business_time, reference, funding, purchase_minor,"
+    " purchase_currency, reversed_points, refunded_minor, lot_id, pending, original_tx, balance_after"
+)
+_SAGA_COLS = "saga_id, kind, state, source_member, dest_member, unit, points, hold_id, payload, created_at, updated_at"
+
+
+def _lot(row: sqlite3.Row | tuple[object, ...]) -> Lot:
+    r = tuple(row)
+    return Lot(
+        lot_id=str(r[0]),
+        member_id=str(r[1]),
+        unit=str(r[2]),
+        earn_transaction_id=str(r[3]),
+        original_points=int(r[4]),  # type: ignore[call-overload]
+        remaining_points=int(r[5]),  # type: ignore[call-overload]
+        expires_at=_opt_dt(r[6]),  # type: ignore[arg-type]
+        created_at=from_us(int(r[7])),  # type: ignore[call-overload]
+        pending=bool(r[8]),
+        release_at=_opt_dt(r[9]),  # type: ignore[arg-type]
+        pending_review=bool(r[10]),
+    )
+
+
+def _hold(r: tuple[object, ...]) -> Hold:
+    return Hold(
+        hold_id=str(r[0]),
+        member_id=str(r[1]),
+        unit=str(r[2]),
+        points=int(r[3]),  # type: ignore[call-overload]
+        status=HoldStatus(str(r[4])),
+        captured_points=int(r[5]),  # type: ignore[call-overload]
+        created_at=from_us(int(r[6])),  # type: ignore[call-overload]
+        expires_at=from_us(int(r[7])),  # type: ignore[call-overload]
+        reference=str(r[8]),
+        saga_id=str(r[9]),
+    )
+
+
+def _saga(r: tuple[object, ...]) -> SagaRecord:
+    return SagaRecord(
+        saga_id=str(r[0]),
+        kind=str(r[1]),
+        state=SagaState(str(r[2])),
+        source_member=str(r[3]),
+        dest_member=str(r[4]),
+        unit=str(r[5]),
+        points=int(r[6]),  # type: ignore[call-overload]
+        hold_id=str(r[7]),
+        payload_json=str(r[8]),
+        created_at=from_us(int(r[9])),  # type: ignore[call-overload]
+        updated_at=from_us(int(r[10])),  # type: ignore[call-overload]
+    )
+
+
+class SqliteShardTx:
+    """ShardTx over one connection; the worker thread owns the transaction around it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.c = conn
+
+    def get_idempotency(self, namespace: str, key: str) -> IdemRecord | None:
+        row = self.c.execute(
+            "SELECT operation, fingerprint, result, created_at FROM idempotency WHERE namespace=? AND key=?",
+            (namespace, key),
+        ).fetchone()
+        return None if row is None else IdemRecord(row[0], row[1], row[2], from_us(row[3]))
+
+    def put_idempotency(self, namespace: str, key: str, record: IdemRecord) -> None:
+        self.c.execute(
+            "INSERT INTO idempotency VALUES (?,?,?,?,?,?)",
+            (
+                namespace,
+                key,
+                record.operation,
+                record.fingerprint,
+                record.result_json,
+                to_us(record.created_at),
+            ),
+        )
+
+    def get_account(self, account: str) -> AccountRow:
+        row = self.c.execute(
+            "SELECT balance, reserved, lifetime_earned, version FROM accounts WHERE account=?", (account,)
+        ).fetchone()
+        return AccountRow(account) if row is None else AccountRow(account, row[0], row[1], row[2], row[3])
+
+    def put_account(self, row: AccountRow) -> None:
+        self.c.execute(
+            "INSERT INTO accounts VALUES (?,?,?,?,?) ON CONFLICT(account) DO UPDATE SET balance=excluded.balance,"
+            " reserved=excluded.reserved, lifetime_earned=excluded.lifetime_earned, version=excluded.version",
+            (row.account, row.balance, row.reserved, row.lifetime_earned, row.version),
+        )
+
+    def list_accounts(self) -> list[AccountRow]:
+        rows = self.c.execute("SELECT account, balance, reserved, lifetime_earned, version FROM accounts").fetchall()
+        return [AccountRow(*r) for r in rows]
+
+    def add_transaction(self, tx: TxRecord) -> None:
+        self.c.execute(f"INSERT INTO transactions ({_TX_COLS}) VALUES ({','.join('?' * 17)})", self._tx_values(tx))
+
+    def update_transaction(self, tx: TxRecord) -> None:
+        self.c.execute(f"REPLACE INTO transactions ({_TX_COLS}) VALUES ({','.join('?' * 17)})", self._tx_values(tx))
+
+    @staticmethod
+    def _tx_values(tx: TxRecord) -> tuple[object, ...]:
+        return (
+            tx.tx_id, tx.kind.value, tx.member_id, tx.unit, tx.points, to_us(tx.recorded_at),
+            to_us(tx.business_time), tx.reference, tx.funding, tx.purchase_minor, tx.purchase_currency,
+            tx.reversed_points, tx.refunded_minor, tx.lot_id, int(tx.pending), tx.original_tx,
+            tx.balance_after_json,
+        )  # fmt: skip
+
+    def get_transaction(self, tx_id: str) -> TxRecord | None:
+        r = self.c.execute(f"SELECT {_TX_COLS} FROM transactions WHERE tx_id=?", (tx_id,)).fetchone()
+        if r is None:
+            return None
+        return TxRecord(
+            r[0], TxKind(r[1]), r[2], r[3], r[4], from_us(r[5]), from_us(r[6]), r[7], r[8], r[9], r[10],
+            r[11], r[12], r[13], bool(r[14]), r[15], r[16],
+        )  # fmt: skip
+
+    def add_entries(self, tx: TxRecord, legs: Sequence[tuple[str, int]]) -> None:
+        rec, biz = to_us(tx.recorded_at), to_us(tx.business_time)
+        self.c.executemany(
+            "INSERT INTO entries (tx_id, account, points, kind, recorded_at, business_time, reference)"
+            " VALUES (?,?,?,?,?,?,?)",
+            [(tx.tx_id, account, points, tx.kind.value, rec, biz, tx.reference) for account, points in legs],
+        )
+
+    def list_entries(self, account: str, before_entry_id: int, limit: int) -> list[Entry]:
+        rows = self.c.execute(
+            "SELECT entry_id, tx_id, points, kind, recorded_at, business_time, reference FROM entries"
+            " WHERE account=? AND entry_id<? ORDER BY entry_id DESC LIMIT ?",
+            (account, before_entry_id, limit),
+        ).fetchall()
+        return [Entry(r[0], r[1], account, r[2], TxKind(r[3]), from_us(r[4]), from_us(r[5]), r[6]) for r in rows]
+
+    def sum_entries_by_account(self) -> dict[str, int]:
+        return dict(self.c.execute("SELECT account, SUM(points) FROM entries GROUP BY account").fetchall())
+
+    def unbalanced_transactions(self) -> list[tuple[str, int]]:
+        return self.c.execute(
+            "SELECT tx_id, SUM(points) FROM entries GROUP BY tx_id HAVING SUM(points) != 0"
+        ).fetchall()
+
+    def add_lot(self, lot: Lot) -> None:
+        self.c.execute(f"INSERT INTO lots ({_LOT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", self._lot_values(lot))
+
+    def update_lot(self, lot: Lot) -> None:
+        self.c.execute(f"REPLACE INTO lots ({_LOT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", self._lot_values(lot))
+
+    @staticmethod
+    def _lot_values(lot: Lot) -> tuple[object, ...]:
+        return (
+            lot.lot_id, lot.member_id, lot.unit, lot.earn_transaction_id, lot.original_points,
+            lot.remaining_points, _opt_us(lot.expires_at), to_us(lot.created_at), int(lot.pending),
+            _opt_us(lot.release_at), int(lot.pending_review),
+        )  # fmt: skip
+
+    def spendable_lots(self, member_id: str, unit: str) -> list[Lot]:
+        rows = self.c.execute(
+            f"SELECT {_LOT_COLS} FROM lots WHERE member_id=? AND unit=? AND pending=0 AND remaining>0"
+            " ORDER BY expires_at IS NULL, expires_at, created_at, lot_id",
+            (member_id, unit),
+        ).fetchall()
+        return [_lot(r) for r in rows]
+
+    def pending_lots(self, member_id: str, unit: str) -> list[Lot]:
+        rows = self.c.execute(
+            f"SELECT {_LOT_COLS} FROM lots WHERE member_id=? AND unit=? AND pending=1 AND remaining>0"
+            " ORDER BY created_at, lot_id",
+            (member_id, unit),
+        ).fetchall()
+        return [_lot(r) for r in rows]
+
+    def lot_of_transaction(self, tx_id: str) -> Lot | None:
+        row = self.c.execute(f"SELECT {_LOT_COLS} FROM lots WHERE earn_tx=? LIMIT 1", (tx_id,)).fetchone()
+        return None if row is None else _lot(row)
+
+    def lots_expired_by(self, when: datetime, limit: int) -> list[Lot]:
+        rows = self.c.execute(
+            f"SELECT {_LOT_COLS} FROM lots WHERE remaining>0 AND pending=0 AND expires_at<=?"
+            " ORDER BY expires_at, created_at, lot_id LIMIT ?",
+            (to_us(when), limit),
+        ).fetchall()
+        return [_lot(r) for r in rows]
+
+    def pending_due_by(self, when: datetime, limit: int) -> list[Lot]:
+        rows = self.c.execute(
+            f"SELECT {_LOT_COLS} FROM lots WHERE pending=1 AND remaining>0 AND pending_review=0"
+            " AND release_at<=? ORDER BY release_at LIMIT ?",
+            (to_us(when), limit),
+        ).fetchall()
+        return [_lot(r) for r in rows]
+
+    def lot_totals(self) -> dict[tuple[str, str, bool], int]:
+        rows = self.c.execute(
+            "SELECT member_id, unit, pending, SUM(remaining) FROM lots GROUP BY member_id, unit, pending"
+        ).fetchall()
+        return {(r[0], r[1], bool(r[2])): r[3] for r in rows}
+
+    def add_hold(self, hold: Hold) -> None:
+        self.c.execute(
+            f"INSERT INTO holds ({_HOLD_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                hold.hold_id, hold.member_id, hold.unit, hold.points, hold.status.value, hold.captured_points,
+                to_us(hold.created_at), to_us(hold.expires_at), hold.reference, hold.saga_id,
+            ),
+        )  # fmt: skip
+
+    def get_hold(self, hold_id: str) -> Hold | None:
+        row = self.c.execute(f"SELECT {_HOLD_COLS} FROM holds WHERE hold_id=?", (hold_id,)).fetchone()
+        return None if row is None else _hold(row)
+
+    def set_hold_status(self, hold_id: str, status: HoldStatus, captured_points: int) -> None:
+        self.c.execute(
+            "UPDATE holds SET status=?, captured=? WHERE hold_id=?", (status.value, captured_points, hold_id)
+        )
+
+    def holds_due_by(self, when: datetime, limit: int) -> list[Hold]:
+        rows = self.c.execute(
+            f"SELECT {_HOLD_COLS} FROM holds WHERE status='PLACED' AND saga_id='' AND expires_at<=?"
+            " ORDER BY expires_at LIMIT ?",
+            (to_us(when), limit),
+        ).fetchall()
+        return [_hold(r) for r in rows]
+
+    def placed_hold_totals(self) -> dict[str, int]:
+        rows = self.c.execute(
+            "SELECT member_id || ':' || unit, SUM(points) FROM holds WHERE status='PLACED' GROUP BY member_id, unit"
+        ).fetchall()
+        return dict(rows)
+
+    def placed_holds_of(self, member_id: str) -> list[Hold]:
+        rows = self.c.execute(
+            f"SELECT {_HOLD_COLS} FROM holds WHERE status='PLACED' AND member_id=?", (member_id,)
+        ).fetchall()
+        return [_hold(r) for r in rows]
+
+    def add_outbox(self, event_id: str, member_id: str, payload_json: str, at: datetime) -> None:
+        self.c.execute(
+            "INSERT INTO outbox (event_id, member_id, payload, created_at) VALUES (?,?,?,?)",
+            (event_id, member_id, payload_json, to_us(at)),
+        )
+
+    def unrelayed_outbox(self, limit: int) -> list[OutboxRow]:
+        rows = self.c.execute(
+            "SELECT seq, event_id, member_id, payload FROM outbox WHERE relayed_at IS NULL ORDER BY seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [OutboxRow(*r) for r in rows]
+
+    def mark_relayed(self, seqs: Iterable[int], at: datetime) -> None:
+        self.c.executemany("UPDATE outbox SET relayed_at=? WHERE seq=?", [(to_us(at), s) for s in seqs])
+
+    def outbox_backlog(self) -> int:
+        return int(self.c.execute("SELECT COUNT(*) FROM outbox WHERE relayed_at IS NULL").fetchone()[0])
+
+    def add_saga(self, saga: SagaRecord) -> None:
+        self.c.execute(
+            f"INSERT INTO sagas ({_SAGA_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                saga.saga_id, saga.kind, saga.state.value, saga.source_member, saga.dest_member, saga.unit,
+                saga.points, saga.hold_id, saga.payload_json, to_us(saga.created_at), to_us(saga.updated_at),
+            ),
+        )  # fmt: skip
+
+    def get_saga(self, saga_id: str) -> SagaRecord | None:
+        row = self.c.execute(f"SELECT {_SAGA_COLS} FROM sagas WHERE saga_id=?", (saga_id,)).fetchone()
+        return None if row is None else _saga(row)
+
+    def set_saga_state(self, saga_id: str, state: SagaState, at: datetime) -> None:
+        self.c.execute("UPDATE sagas SET state=?, updated_at=? WHERE saga_id=?", (state.value, to_us(at), saga_id))
+
+    def open_sagas(self) -> list[SagaRecord]:
+        rows = self.c.execute(
+            f"SELECT {_SAGA_COLS} FROM sagas WHERE state IN ('HELD', 'CREDITED') ORDER BY created_at"
+        ).fetchall()
+        return [_saga(r) for r in rows]
+
+    def purge_before(self, idempotency_before: datetime, outbox_before: datetime) -> int:
+        n = self.c.execute("DELETE FROM idempotency WHERE created_at<?", (to_us(idempotency_before),)).rowcount
+        n += self.c.execute(
+            "DELETE FROM outbox WHERE relayed_at IS NOT NULL AND relayed_at<?", (to_us(outbox_before),)
+        ).rowcount
+        return int(n)
+
+
+class SqliteDirectoryTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.c = conn
+
+    def claim(self, namespace: str, key: str, operation: str, fingerprint: str, at: datetime) -> IdemRecord | None:
+        row = self.c.execute(
+            "SELECT operation, fingerprint, result, created_at FROM claims WHERE namespace=? AND key=?",
+            (namespace, key),
+        ).fetchone()
+        if row is not None:
+            return IdemRecord(row[0], row[1], row[2], from_us(row[3]))
+        self.c.execute("INSERT INTO claims VALUES (?,?,?,?,'',?)", (namespace, key, operation, fingerprint, to_us(at)))
+        return None
+
+    def complete_claim(self, namespace: str, key: str, result_json: str) -> None:
+        self.c.execute("UPDATE claims SET result=? WHERE namespace=? AND key=?", (result_json, namespace, key))
+
+    def merged_members(self) -> list[tuple[str, str]]:
+        return self.c.execute("SELECT member_id, merged_into FROM members WHERE status='MERGED'").fetchall()
+
+    def add_member(self, member: Member) -> None:
+        self.c.execute(
+            "INSERT INTO members VALUES (?,?,?,?,?)",
+            (member.member_id, member.status.value, json.dumps(member.profile, sort_keys=True), member.merged_into,
+             to_us(member.created_at)),
+        )  # fmt: skip
+        self.c.executemany(
+            "INSERT INTO external_ids VALUES (?,?,?,0)",
+            [(e.kind, e.value, member.member_id) for e in member.external_ids],
+        )
+
+    def get_member(self, member_id: str) -> Member | None:
+        row = self.c.execute(
+            "SELECT status, profile, merged_into, created_at FROM members WHERE member_id=?", (member_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        ids = self.c.execute(
+            "SELECT kind, value, alias FROM external_ids WHERE member_id=? ORDER BY kind, value", (member_id,)
+        ).fetchall()
+        return Member(
+            member_id=member_id,
+            status=MemberStatus(row[0]),
+            external_ids=tuple(ExternalId(k, v) for k, v, a in ids if not a),
+            aliases=tuple(ExternalId(k, v) for k, v, a in ids if a),
+            profile=json.loads(row[1]),
+            merged_into=row[2],
+            created_at=from_us(row[3]),
+        )
+
+    def find_member_id(self, ext: ExternalId) -> str | None:
+        return self.external_id_owner(ext)
+
+    def external_id_owner(self, ext: ExternalId) -> str | None:
+        row = self.c.execute(
+            "SELECT member_id FROM external_ids WHERE kind=? AND value=?", (ext.kind, ext.value)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_status(self, member_id: str, status: MemberStatus, merged_into: str = "") -> None:
+        self.c.execute(
+            "UPDATE members SET status=?, merged_into=? WHERE member_id=?",
+            (status.value, merged_into, member_id),
+        )
+
+    def move_external_ids_as_aliases(self, source: str, target: str) -> None:
+        self.c.execute("UPDATE external_ids SET member_id=?, alias=1 WHERE member_id=?", (target, source))
+
+    def erase(self, member_id: str) -> None:
+        self.c.execute(
+            "UPDATE members SET profile='{}', status=? WHERE member_id=?",
+            (MemberStatus.ERASED.value, member_id),
+        )
+        self.c.execute("DELETE FROM external_ids WHERE member_id=?", (member_id,))
+
+    def purge_claims_before(self, when: datetime) -> int:
+        return int(self.c.execute("DELETE FROM claims WHERE created_at<?", (to_us(when),)).rowcount)
+
+
+class SqliteLedgerStore:
+    """Opens (creating if needed) `shards` shard files and a directory under `data_dir`."""
+
+    def __init__(self, data_dir: Path, shards: int, synchronous: str = "NORMAL") -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._shards = shards
+        self._check_layout()
+        self._writers: list[DbWorker] = []
+        self._readers: list[DbWorker] = []
+        for i in range(shards):
+            path = self.data_dir / f"ledger-shard-{i:03d}.sqlite"
+            self._init_schema(path, SHARD_SCHEMA, synchronous)
+            self._writers.append(DbWorker(f"shard{i}-w", connect(path, synchronous), SqliteShardTx, group=True))
+            self._readers.append(DbWorker(f"shard{i}-r", connect(path, synchronous), SqliteShardTx, group=False))
+        dpath = self.data_dir / "ledger-directory.sqlite"
+        self._init_schema(dpath, DIRECTORY_SCHEMA, synchronous)
+        self._dir_writer = DbWorker("dir-w", connect(dpath, synchronous), SqliteDirectoryTx, group=True)
+        self._dir_reader = DbWorker("dir-r", connect(dpath, synchronous), SqliteDirectoryTx, group=False)
+
+    def _check_layout(self) -> None:
+        """Refuses to open with a different shard count: ids carry their routing."""
+        marker = self.data_dir / "ledger-layout.json"
+        if marker.exists():
+            found = json.loads(marker.read_text())["shards"]
+            if found != self._shards:
+                raise RuntimeError(
+                    f"{self.data_dir} holds a ledger with {found} shards; POINTMESH_LEDGER_SHARDS={self._shards}"
+                )
+        else:
+            marker.write_text(json.dumps({"shards": self._shards}))
+
+    @staticmethod
+    def _init_schema(path: Path, schema: str, synchronous: str) -> None:
+        conn = connect(path, synchronous)
+        try:
+            conn.executescript(schema)
+        finally:
+            conn.close()
+
+    @property
+    def shard_count(self) -> int:
+        return self._shards
+
+    async def write(self, shard: int, work: Callable[[SqliteShardTx], T]) -> T:
+        return await self._writers[shard].submit(work)
+
+    async def read(self, shard: int, work: Callable[[SqliteShardTx], T]) -> T:
+        return await self._readers[shard].submit(work)
+
+    async def write_directory(self, work: Callable[[SqliteDirectoryTx], T]) -> T:
+        return await self._dir_writer.submit(work)
+
+    async def read_directory(self, work: Callable[[SqliteDirectoryTx], T]) -> T:
+        return await self._dir_reader.submit(work)
+
+    async def close(self) -> None:
+        for worker in [*self._writers, *self._readers, self._dir_writer, self._dir_reader]:
+            worker.close()

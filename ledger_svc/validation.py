@@ -1,0 +1,97 @@
+"""Input checks shared by every entry point; each failure names the request field at fault."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from ledger_svc.domain import MAX_POINTS, IdemKey, InvalidArgument, Money, is_valid_id, is_valid_name
+
+_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50
+
+
+def idem_key(key: IdemKey | None, field: str = "idempotency_key") -> IdemKey:
+    if key is None or not key.key:
+        raise InvalidArgument("an idempotency key is required for every mutation", field=f"{field}.key")
+    if not _KEY_RE.match(key.key):
+        raise InvalidArgument("must be 1..128 printable ASCII characters without spaces", field=f"{field}.key")
+    namespace = key.namespace or "default"
+    if not is_valid_name(namespace):
+        raise InvalidArgument(f"namespace {namespace!r} is not a valid name", field=f"{field}.namespace")
+    return IdemKey(namespace, key.key)
+
+
+def member_id(value: str, field: str = "member_id") -> str:
+    if not value:
+        raise InvalidArgument("is required", field=field)
+    if not is_valid_id(value, "m"):
+        raise InvalidArgument(f"{value!r} is not a member id (expected m_ followed by 28 hex digits)", field=field)
+    return value
+
+
+def object_id(value: str, prefix: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument("is required", field=field)
+    if not is_valid_id(value, prefix):
+        raise InvalidArgument(f"{value!r} is not a valid id (expected {prefix}_...)", field=field)
+    return value
+
+
+def positive_points(value: int, field: str = "points") -> int:
+    if value <= 0:
+        raise InvalidArgument(f"must be greater than zero, got {value}", field=field)
+    if value > MAX_POINTS:
+        raise InvalidArgument(f"must be at most {MAX_POINTS}, got {value}", field=field)
+    return value
+
+
+def unit(value: str, units: tuple[str, ...], field: str = "unit") -> str:
+    chosen = value or units[0]
+    if chosen not in units:
+        raise InvalidArgument(f"unknown unit {chosen!r}; configured units are {', '.join(units)}", field=field)
+    return chosen
+
+
+def money(value: Money, field: str, *, allow_zero: bool = False) -> Money:
+    if not _CURRENCY_RE.match(value.currency):
+        raise InvalidArgument(f"{value.currency!r} is not an ISO 4217 code", field=f"{field}.currency")
+    if value.amount_minor < 0 or (value.amount_minor == 0 and not allow_zero):
+        raise InvalidArgument(f"must be positive, got {value.amount_minor}", field=f"{field}.amount_minor")
+    return value
+
+
+def name(value: str, field: str) -> str:
+    if not is_valid_name(value):
+        raise InvalidArgument(f"{value!r} must be 1..64 of letters, digits and _.:-", field=field)
+    return value
+
+
+def required_text(value: str, field: str, max_len: int = 500) -> str:
+    if not value.strip():
+        raise InvalidArgument("is required", field=field)
+    if len(value) > max_len:
+        raise InvalidArgument(f"must be at most {max_len} characters", field=field)
+    return value
+
+
+def optional_text(value: str, field: str, max_len: int = 200) -> str:
+    if len(value) > max_len:
+        raise InvalidArgument(f"must be at most {max_len} characters", field=field)
+    return value
+
+
+def page_size(value: int, field: str = "page.page_size") -> int:
+    if value < 0 or value > MAX_PAGE_SIZE:
+        raise InvalidArgument(f"must be between 1 and {MAX_PAGE_SIZE}, got {value}", field=field)
+    return value or DEFAULT_PAGE_SIZE
+
+
+def hold_timeout(value: timedelta | None, default: timedelta, maximum: timedelta) -> timedelta:
+    if value is None:
+        return default
+    if value <= timedelta(0) or value > maximum:
+        raise InvalidArgument(f"must be between 1 second and {maximum}", field="timeout")
+    return value
