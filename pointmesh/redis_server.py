@@ -119,9 +119,7 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while True:
             if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with code {self._process.returncode}:\n{self._log_tail()}"
-                )
+                raise RuntimeError(f"redis-server exited with code {self._process.returncode}:\n{self._log_tail()}")
             if self._answers_ping():
                 break
             if time.monotonic() > deadline:

@@ -243,21 +243,13 @@ def _wrap_handler(handler: Any, details: Any) -> Any:
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary_response(handler.unary_unary, observe), **codecs
-        )
+        return grpc.unary_unary_rpc_method_handler(_wrap_unary_response(handler.unary_unary, observe), **codecs)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream_response(handler.unary_stream, observe), **codecs
-        )
+        return grpc.unary_stream_rpc_method_handler(_wrap_stream_response(handler.unary_stream, observe), **codecs)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary_response(handler.stream_unary, observe), **codecs
-        )
+        return grpc.stream_unary_rpc_method_handler(_wrap_unary_response(handler.stream_unary, observe), **codecs)
     if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(handler.stream_stream, observe), **codecs
-        )
+        return grpc.stream_stream_rpc_method_handler(_wrap_stream_response(handler.stream_stream, observe), **codecs)
     return handler
 
 
@@ -321,9 +313,7 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for service in [*self.service_names, health.OVERALL_HEALTH]:
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         port: int = server.add_insecure_port(self.address)
         if not port:
             raise RuntimeError(f"{self.name}: could not bind {self.address}")
@@ -338,13 +328,12 @@ class GrpcServer:
         Safe to call more than once or concurrently; every caller waits for the same shutdown. Calls
         that never end by themselves (health Watch, subscriptions) hold the drain until grace expires.
         """
-        self._begin_stop(self.grace_seconds if grace is None else grace)
-        assert self._stop_task is not None
-        await asyncio.shield(self._stop_task)
+        await asyncio.shield(self._begin_stop(self.grace_seconds if grace is None else grace))
 
-    def _begin_stop(self, grace: float) -> None:
+    def _begin_stop(self, grace: float) -> asyncio.Task[None]:
         if self._stop_task is None:
             self._stop_task = asyncio.get_running_loop().create_task(self._shutdown(grace))
+        return self._stop_task
 
     async def _shutdown(self, grace: float) -> None:
         log.info("%s stopping, grace %.1fs", self.name, grace, extra={"grace_seconds": grace})
@@ -361,6 +350,7 @@ class GrpcServer:
         log.info("%s stopped", self.name)
 
     async def wait_stopped(self) -> None:
+        """Returns once stop() has finished, for callers that started the server themselves."""
         await self._stopped.wait()
 
     async def serve_until_signal(self) -> None:
@@ -490,9 +480,7 @@ class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
     def __init__(self, hooks: _ClientHooks) -> None:
         self._hooks = hooks
 
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await self._hooks.invoke(continuation, client_call_details, request_iterator, unary=True)
 
 
@@ -500,9 +488,7 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[mis
     def __init__(self, hooks: _ClientHooks) -> None:
         self._hooks = hooks
 
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await self._hooks.invoke(continuation, client_call_details, request_iterator, unary=False)
 
 

@@ -252,6 +252,19 @@ class SqliteShardTx:
     def sum_entries_by_account(self) -> dict[str, int]:
         return dict(self.c.execute("SELECT account, SUM(points) FROM entries GROUP BY account").fetchall())
 
+    def sum_entries_before(self, when: datetime) -> dict[str, int]:
+        rows = self.c.execute(
+            "SELECT account, SUM(points) FROM entries WHERE recorded_at<? GROUP BY account", (to_us(when),)
+        ).fetchall()
+        return dict(rows)
+
+    def movements_between(self, start: datetime, end: datetime) -> list[tuple[str, str, int]]:
+        return self.c.execute(
+            "SELECT account, kind, SUM(points) FROM entries WHERE recorded_at>=? AND recorded_at<?"
+            " GROUP BY account, kind",
+            (to_us(start), to_us(end)),
+        ).fetchall()
+
     def unbalanced_transactions(self) -> list[tuple[str, int]]:
         return self.c.execute(
             "SELECT tx_id, SUM(points) FROM entries GROUP BY tx_id HAVING SUM(points) != 0"

@@ -52,9 +52,7 @@ def test_text_format_is_one_human_line(restore_root_logger: None, capsys: pytest
     logging.getLogger("rules_svc").info("loaded %s", "spring-2026", extra={"rules": 12})
     logging.getLogger("rules_svc").debug("hidden below INFO")
     (line,) = capsys.readouterr().err.splitlines()
-    assert (
-        "INFO" in line and "rules/rules_svc:" in line and "loaded spring-2026" in line and "rules=12" in line
-    )
+    assert "INFO" in line and "rules/rules_svc:" in line and "loaded spring-2026" in line and "rules=12" in line
 
 
 def test_unknown_format_or_level_is_refused() -> None:

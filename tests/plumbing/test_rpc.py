@@ -80,9 +80,7 @@ def echo_handler(state: EchoState) -> grpc.GenericRpcHandler:
     async def total(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         return str(sum([int(r) async for r in requests])).encode()
 
-    async def upper(
-        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    async def upper(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         async for request in requests:
             yield request.upper()
 

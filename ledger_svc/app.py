@@ -1,0 +1,144 @@
+"""Wires ledger_svc from Settings: store, cache, use cases, outbox relay, jobs, gRPC server.
+
+The one place dependencies are built, so tests start the very same thing on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ledger_svc import codec
+from ledger_svc.cache import RedisBalanceCache
+from ledger_svc.outbox import OutboxRelay
+from ledger_svc.postings import Policy
+from ledger_svc.server import LedgerServicer
+from ledger_svc.service import LedgerService
+from ledger_svc.store.base import LedgerStore
+from ledger_svc.store.sqlite import SqliteLedgerStore
+from pointmesh.clock import Clock, SystemClock
+from pointmesh.config import Settings
+from pointmesh.events import RedisStreamBus
+from pointmesh.rpc import GrpcServer
+from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+PURGE_EVERY = timedelta(hours=6)
+
+
+def policy_from(settings: Settings) -> Policy:
+    return Policy(
+        units=settings.units,
+        expiry_days=settings.expiry_days,
+        hold_timeout=timedelta(seconds=settings.hold_timeout_seconds),
+        hold_max_timeout=timedelta(seconds=settings.hold_max_timeout_seconds),
+        negative_limit_points=settings.negative_limit_points,
+    )
+
+
+def open_store(settings: Settings) -> LedgerStore:
+    if settings.ledger_store != "sqlite":
+        raise ValueError(f"POINTMESH_LEDGER_STORE={settings.ledger_store!r} is not available; use 'sqlite'")
+    return SqliteLedgerStore(settings.data_dir / "ledger", settings.ledger_shards, settings.sqlite_synchronous)
+
+
+@dataclass
+class LedgerApp:
+    settings: Settings
+    store: LedgerStore
+    service: LedgerService
+    server: GrpcServer
+    relay: OutboxRelay
+    redis: Redis
+    cache: RedisBalanceCache
+    clock: Clock
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def start(self) -> int:
+        await self.service.recover_sagas()
+        port = await self.server.start()
+        self.tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+        self.tasks.append(asyncio.create_task(self._jobs(), name="ledger-jobs"))
+        return port
+
+    async def _jobs(self) -> None:
+        """Expiry, pending release, hold timeouts and saga recovery, then key retention now and then."""
+        last_purge = self.clock.now()
+        retention = timedelta(days=self.settings.idempotency_retention_days)
+        while True:
+            await asyncio.sleep(self.settings.maintenance_interval_seconds)
+            try:
+                report = await self.service.run_maintenance()
+                if report.holds_voided or report.lots_expired or report.pending_released or report.sagas_completed:
+                    log.info("maintenance pass", extra={"report": codec.to_plain(report)})
+                if self.clock.now() - last_purge >= PURGE_EVERY:
+                    await self.service.purge_expired_keys(retention)
+                    last_purge = self.clock.now()
+            except Exception:
+                log.exception("maintenance pass failed; retrying next interval")
+
+    async def _cleanup(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # A last relay pass so events committed during the drain are not left waiting.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.relay.relay_once(), timeout=2)
+        await self.cache.close()
+        await self.store.close()
+        await self.redis.aclose()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+
+
+async def build(settings: Settings, *, clock: Clock | None = None, address: str | None = None) -> LedgerApp:
+    clock = clock or SystemClock()
+    store = open_store(settings)
+    # No client-side retries: the cache fails fast to the store and the relay has its own backoff.
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        retry=Retry(NoBackoff(), 0),
+    )
+    cache = RedisBalanceCache(redis, ttl_seconds=settings.cache_ttl_seconds)
+    service = LedgerService(
+        store,
+        clock,
+        policy_from(settings),
+        card_secret=settings.card_hmac_secret,
+        cache=cache,
+        fault_point=settings.fault_point,
+    )
+    bus = RedisStreamBus(redis, maxlen=settings.event_stream_maxlen)
+    relay = OutboxRelay(
+        store, bus, clock, service.outbox_wakeup, cache=cache, poll_seconds=settings.outbox_poll_seconds
+    )
+    server = GrpcServer("ledger", address or settings.ledger_addr, grace_seconds=settings.grace_seconds)
+    servicer = LedgerServicer(service, bus)
+    server.add_service(lambda s: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, s), SERVICE_NAME)
+    app = LedgerApp(settings, store, service, server, relay, redis, cache, clock)
+    server.on_stop(app._cleanup)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """Runs ledger_svc until SIGTERM/SIGINT, then drains and stops."""
+    app = await build(settings)
+    await app.start()
+    await app.server.serve_until_signal()

@@ -1,0 +1,239 @@
+"""Protobuf <-> domain translation for the ledger: the only module that knows both."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from ledger_svc import commands as c
+from ledger_svc import domain as d
+from pointmesh.v1 import common_pb2, ledger_pb2
+
+_MEMBER_STATUS = {
+    d.MemberStatus.ACTIVE: ledger_pb2.MEMBER_STATUS_ACTIVE,
+    d.MemberStatus.BLOCKED: ledger_pb2.MEMBER_STATUS_BLOCKED,
+    d.MemberStatus.MERGED: ledger_pb2.MEMBER_STATUS_MERGED,
+    d.MemberStatus.ERASED: ledger_pb2.MEMBER_STATUS_ERASED,
+}
+_HOLD_STATUS = {
+    d.HoldStatus.PLACED: ledger_pb2.HOLD_STATUS_PLACED,
+    d.HoldStatus.CAPTURED: ledger_pb2.HOLD_STATUS_CAPTURED,
+    d.HoldStatus.VOIDED: ledger_pb2.HOLD_STATUS_VOIDED,
+    d.HoldStatus.EXPIRED: ledger_pb2.HOLD_STATUS_EXPIRED,
+}
+
+
+def ts(when: datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    out = Timestamp()
+    out.FromDatetime(when.astimezone(UTC))
+    return out
+
+
+def dt(message: Any, field: str) -> datetime | None:
+    """A Timestamp field as an aware datetime, or None when the field is unset."""
+    if not message.HasField(field):
+        return None
+    value: Timestamp = getattr(message, field)
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def key(message: Any) -> d.IdemKey:
+    """A missing key comes through empty, so validation reports it by field name."""
+    k = message.idempotency_key
+    return d.IdemKey(k.namespace or "default", k.key)
+
+
+def money(message: common_pb2.Money) -> d.Money:
+    return d.Money(message.amount_minor, message.currency)
+
+
+def external_id(message: common_pb2.ExternalId) -> d.ExternalId:
+    return d.ExternalId(message.kind, message.value)
+
+
+# Domain -> protobuf ------------------------------------------------------------------------
+
+
+def member_pb(m: d.Member) -> ledger_pb2.Member:
+    return ledger_pb2.Member(
+        member_id=m.member_id,
+        status=_MEMBER_STATUS[m.status],
+        external_ids=[common_pb2.ExternalId(kind=e.kind, value=e.value) for e in m.external_ids],
+        aliases=[common_pb2.ExternalId(kind=e.kind, value=e.value) for e in m.aliases],
+        profile=m.profile,
+        merged_into_member_id=m.merged_into,
+        created_at=ts(m.created_at),
+    )
+
+
+def balance_pb(b: d.Balance) -> ledger_pb2.Balance:
+    return ledger_pb2.Balance(
+        member_id=b.member_id,
+        unit=b.unit,
+        balance_points=b.balance_points,
+        reserved_points=b.reserved_points,
+        available_points=b.available_points,
+        pending_points=b.pending_points,
+        lifetime_earned_points=b.lifetime_earned_points,
+        debt_points=b.debt_points,
+        version=b.version,
+    )
+
+
+def transaction_pb(t: d.Transaction) -> ledger_pb2.Transaction:
+    return ledger_pb2.Transaction(
+        transaction_id=t.transaction_id,
+        kind=ledger_pb2.TransactionKind.Value(f"TRANSACTION_KIND_{t.kind.value}"),
+        member_id=t.member_id,
+        unit=t.unit,
+        points=t.points,
+        recorded_at=ts(t.recorded_at),
+        business_time=ts(t.business_time),
+        reference=t.reference,
+        balance_after=balance_pb(t.balance_after),
+    )
+
+
+def hold_pb(h: d.Hold) -> ledger_pb2.Hold:
+    return ledger_pb2.Hold(
+        hold_id=h.hold_id,
+        member_id=h.member_id,
+        unit=h.unit,
+        points=h.points,
+        status=_HOLD_STATUS[h.status],
+        captured_points=h.captured_points,
+        created_at=ts(h.created_at),
+        expires_at=ts(h.expires_at),
+        reference=h.reference,
+    )
+
+
+def entry_pb(e: d.Entry) -> ledger_pb2.Entry:
+    return ledger_pb2.Entry(
+        entry_id=e.entry_id,
+        transaction_id=e.transaction_id,
+        account=e.account,
+        points=e.points,
+        kind=ledger_pb2.TransactionKind.Value(f"TRANSACTION_KIND_{e.kind.value}"),
+        recorded_at=ts(e.recorded_at),
+        business_time=ts(e.business_time),
+        reference=e.reference,
+    )
+
+
+def _iso(value: str | None) -> Timestamp | None:
+    return ts(datetime.fromisoformat(value)) if value else None
+
+
+def event_pb(payload_json: str) -> ledger_pb2.LedgerEvent:
+    """Turns an outbox row (JSON written by the posting) into the published protobuf event."""
+    raw = json.loads(payload_json)
+    data = raw["data"]
+    balance = d.Balance(**raw["balance"])
+    event = ledger_pb2.LedgerEvent(
+        event_id=raw["event_id"],
+        occurred_at=_iso(raw["occurred_at"]),
+        member_id=raw["member_id"],
+        unit=raw["unit"],
+        balance_after=balance_pb(balance),
+    )
+    kind = raw["type"]
+    if kind == "points_earned":
+        event.points_earned.CopyFrom(ledger_pb2.PointsEarned(
+            transaction_id=data["transaction_id"], points=data["points"], lot_id=data["lot_id"],
+            pending=data["pending"], funding_source=data["funding_source"], reference=data["reference"],
+            business_time=_iso(data["business_time"]),
+        ))  # fmt: skip
+    elif kind == "points_redeemed":
+        event.points_redeemed.CopyFrom(ledger_pb2.PointsRedeemed(**data))
+    elif kind == "hold_placed":
+        event.hold_placed.CopyFrom(
+            ledger_pb2.HoldPlaced(hold_id=data["hold_id"], points=data["points"], expires_at=_iso(data["expires_at"]))
+        )
+    elif kind == "hold_captured":
+        event.hold_captured.CopyFrom(ledger_pb2.HoldCaptured(**data))
+    elif kind == "hold_voided":
+        event.hold_voided.CopyFrom(ledger_pb2.HoldVoided(**data))
+    elif kind == "points_reversed":
+        event.points_reversed.CopyFrom(ledger_pb2.PointsReversed(**data))
+    elif kind == "points_transferred":
+        event.points_transferred.CopyFrom(ledger_pb2.PointsTransferred(**data))
+    elif kind == "points_expired":
+        event.points_expired.CopyFrom(ledger_pb2.PointsExpired(**data))
+    elif kind == "members_merged":
+        event.members_merged.CopyFrom(ledger_pb2.MembersMerged(**data))
+    elif kind == "points_adjusted":
+        event.points_adjusted.CopyFrom(
+            ledger_pb2.PointsAdjusted(
+                transaction_id=data["transaction_id"], points=data["points"], reason=data["reason"]
+            )
+        )
+    elif kind == "pending_released":
+        event.pending_released.CopyFrom(ledger_pb2.PendingReleased(**data))
+    else:
+        raise ValueError(f"unknown outbox event type {kind!r}")
+    return event
+
+
+# Protobuf -> commands ----------------------------------------------------------------------
+
+
+def earn_cmd(r: ledger_pb2.EarnRequest) -> c.Earn:
+    return c.Earn(
+        key=key(r),
+        member_id=r.member_id,
+        unit=r.unit,
+        points=r.points,
+        funding_source=r.funding_source,
+        business_time=dt(r, "business_time"),
+        expires_at=dt(r, "expires_at"),
+        release_at=dt(r, "release_at"),
+        pending_review=r.pending_review,
+        purchase=money(r.purchase_amount) if r.HasField("purchase_amount") else None,
+        reference=r.reference,
+    )
+
+
+def redeem_cmd(r: ledger_pb2.RedeemRequest) -> c.Redeem:
+    return c.Redeem(key(r), r.member_id, r.unit, r.points, dt(r, "business_time"), r.reference)
+
+
+def adjust_cmd(r: ledger_pb2.AdjustRequest) -> c.Adjust:
+    return c.Adjust(key(r), r.member_id, r.unit, r.points, r.reason, r.operator_id)
+
+
+def reverse_cmd(r: ledger_pb2.ReverseRequest) -> c.Reverse:
+    which = r.WhichOneof("amount")
+    return c.Reverse(
+        key=key(r),
+        transaction_id=r.transaction_id,
+        points=r.points if which == "points" else None,
+        refund=money(r.refund_amount) if which == "refund_amount" else None,
+        full=which == "full" and r.full,
+        reason=r.reason,
+    )
+
+
+def hold_cmd(r: ledger_pb2.PlaceHoldRequest) -> c.PlaceHold:
+    timeout = (
+        timedelta(seconds=r.timeout.seconds, microseconds=r.timeout.nanos // 1000) if r.HasField("timeout") else None
+    )
+    return c.PlaceHold(key(r), r.member_id, r.unit, r.points, timeout, r.reference)
+
+
+def ingest_cmd(r: ledger_pb2.IngestBatchRequest) -> c.PostingCommand | None:
+    which = r.WhichOneof("operation")
+    if which == "earn":
+        return earn_cmd(r.earn)
+    if which == "redeem":
+        return redeem_cmd(r.redeem)
+    if which == "adjust":
+        return adjust_cmd(r.adjust)
+    if which == "reverse":
+        return reverse_cmd(r.reverse)
+    return None

@@ -1,0 +1,98 @@
+"""Relays each shard's outbox to the event bus, in order, at least once.
+
+A row is marked relayed only after the bus accepted it, so Redis being down loses nothing:
+the rows wait and go out when it returns. Before publishing, the relay tombstones the
+cached balance of every event, which is what makes the cache safe after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from datetime import datetime
+
+from redis.exceptions import RedisError
+
+from ledger_svc.cache import RedisBalanceCache
+from ledger_svc.convert import event_pb
+from ledger_svc.store.base import LedgerStore, OutboxRow, ShardTx
+from pointmesh.clock import Clock
+from pointmesh.events import LEDGER_EVENTS, OutgoingEvent, RedisStreamBus
+
+log = logging.getLogger(__name__)
+BATCH = 500
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        store: LedgerStore,
+        bus: RedisStreamBus,
+        clock: Clock,
+        wakeup: asyncio.Event,
+        *,
+        cache: RedisBalanceCache | None = None,
+        poll_seconds: float = 0.05,
+        stream: str = LEDGER_EVENTS,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.clock = clock
+        self.wakeup = wakeup
+        self.cache = cache
+        self.poll_seconds = poll_seconds
+        self.stream = stream
+        self.relayed_total = 0
+
+    async def relay_once(self) -> int:
+        """One pass over every shard; returns how many events went out."""
+        sent = 0
+        for shard in range(self.store.shard_count):
+            while True:
+                rows: list[OutboxRow] = await self.store.read(shard, lambda tx: tx.unrelayed_outbox(BATCH))
+                if not rows:
+                    break
+                await self._publish(rows)
+                await self.store.write(shard, functools.partial(_mark, [r.seq for r in rows], self.clock.now()))
+                sent += len(rows)
+                if len(rows) < BATCH:
+                    break
+        self.relayed_total += sent
+        return sent
+
+    async def _publish(self, rows: list[OutboxRow]) -> None:
+        events = [event_pb(r.payload_json) for r in rows]
+        if self.cache is not None:
+            versions: dict[tuple[str, str], int] = {}
+            for e in events:
+                key = (e.member_id, e.unit)
+                versions[key] = max(versions.get(key, 0), e.balance_after.version)
+            await self.cache.tombstone(versions)
+        await self.bus.publish(
+            self.stream,
+            [
+                OutgoingEvent(e.member_id, e.event_id, e.WhichOneof("payload") or "", e.SerializeToString())
+                for e in events
+            ],
+        )
+
+    async def run(self) -> None:
+        delay = self.poll_seconds
+        while True:
+            try:
+                await self.relay_once()
+                if self.cache is not None:
+                    self.cache.enable()
+                delay = self.poll_seconds
+            except (TimeoutError, RedisError, OSError) as exc:
+                log.warning("event bus unreachable; outbox rows wait (%s)", exc)
+                delay = min(max(delay * 2, 0.1), 2.0)
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), timeout=delay)
+
+
+def _mark(seqs: list[int], at: datetime, tx: ShardTx) -> None:
+    tx.mark_relayed(seqs, at)

@@ -1,0 +1,118 @@
+"""Proves the ledger is internally consistent, from the journal up.
+
+Checks, per shard: every transaction's entries sum to zero; every stored balance equals the
+sum of its account's entries; spendable lots add up to the positive posted balance and
+pending lots to the pending balance; reserved points equal the open holds; no saga is left
+open. Across shards: all accounts together sum to zero, and transit is empty.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ledger_svc.domain import member_account, pending_account
+from ledger_svc.store.base import LedgerStore, ShardTx
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    shard: int
+    kind: str
+    subject: str
+    expected: int
+    actual: int
+
+    def describe(self) -> str:
+        where = "all shards" if self.shard < 0 else f"shard {self.shard}"
+        return f"{where}: {self.kind} {self.subject}: expected {self.expected}, found {self.actual}"
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    shards: int = 0
+    accounts: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    totals_by_account_class: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+@dataclass(slots=True)
+class _ShardFindings:
+    differences: list[Difference]
+    balances: dict[str, int]
+
+
+def _check_shard(shard: int, tx: ShardTx) -> _ShardFindings:
+    diffs: list[Difference] = []
+    for tx_id, total in tx.unbalanced_transactions():
+        diffs.append(Difference(shard, "transaction does not sum to zero", tx_id, 0, int(total)))
+    sums = tx.sum_entries_by_account()
+    accounts = {row.account: row for row in tx.list_accounts()}
+    for account in sorted(set(sums) | set(accounts)):
+        stored = accounts[account].balance if account in accounts else 0
+        journal = int(sums.get(account, 0))
+        if stored != journal:
+            diffs.append(Difference(shard, "stored balance differs from its entries", account, journal, stored))
+    lots = tx.lot_totals()
+    holds = tx.placed_hold_totals()
+    members = {(a.split(":")[1], a.split(":")[2]) for a in accounts if a.startswith(("member:", "pending:"))}
+    members |= {(m, u) for (m, u, _p) in lots}
+    for member_id, unit in sorted(members):
+        main = accounts.get(member_account(member_id, unit))
+        posted = main.balance if main else 0
+        spendable = int(lots.get((member_id, unit, False), 0))
+        if spendable != max(posted, 0):
+            diffs.append(
+                Difference(shard, "lots differ from posted balance", f"{member_id}:{unit}", max(posted, 0), spendable)
+            )
+        pending_row = accounts.get(pending_account(member_id, unit))
+        pending = pending_row.balance if pending_row else 0
+        pending_lots = int(lots.get((member_id, unit, True), 0))
+        if pending_lots != pending:
+            diffs.append(
+                Difference(
+                    shard, "pending lots differ from pending balance", f"{member_id}:{unit}", pending, pending_lots
+                )
+            )
+        reserved = main.reserved if main else 0
+        held = int(holds.get(f"{member_id}:{unit}", 0))
+        if reserved != held:
+            diffs.append(Difference(shard, "reserved differs from open holds", f"{member_id}:{unit}", held, reserved))
+    for saga in tx.open_sagas():
+        diffs.append(
+            Difference(shard, f"{saga.kind} saga left open in state {saga.state.value}", saga.saga_id, 0, saga.points)
+        )
+    balances = {a: r.balance for a, r in accounts.items()}
+    return _ShardFindings(diffs, balances)
+
+
+def account_class(account: str) -> str:
+    """Groups accounts for totals: members' points together, system and funding ones by name."""
+    parts = account.split(":")
+    if parts[0] in ("member", "pending", "debt"):
+        return f"{parts[0]}:{parts[-1]}"
+    return account
+
+
+async def reconcile(store: LedgerStore) -> ReconcileReport:
+    report = ReconcileReport(shards=store.shard_count)
+    totals: dict[str, int] = defaultdict(int)
+    for shard in range(store.shard_count):
+        found = await store.read(shard, functools.partial(_check_shard, shard))
+        report.differences.extend(found.differences)
+        report.accounts += len(found.balances)
+        for account, balance in found.balances.items():
+            totals[account_class(account)] += balance
+    grand_total = sum(totals.values())
+    if grand_total != 0:
+        report.differences.append(Difference(-1, "all accounts together do not sum to zero", "ledger", 0, grand_total))
+    for name, total in totals.items():
+        if name.startswith("system:transit:") and total != 0 and not any("saga" in d.kind for d in report.differences):
+            report.differences.append(Difference(-1, "transit account not empty", name, 0, total))
+    report.totals_by_account_class = dict(sorted(totals.items()))
+    return report

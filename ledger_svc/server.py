@@ -1,0 +1,309 @@
+"""gRPC servicer for LedgerService: protobuf in, use case, protobuf out. No policy here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from ledger_svc import commands as c
+from ledger_svc import convert as cv
+from ledger_svc import domain as d
+from ledger_svc.service import LedgerService
+from pointmesh.errors import rich_status
+from pointmesh.events import LEDGER_EVENTS, RedisStreamBus
+from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+
+log = logging.getLogger(__name__)
+DOMAIN = "ledger.pointmesh.dev"
+INGEST_CHUNK = 500
+
+# The one table from domain errors to gRPC codes; most specific class first.
+ERROR_CODES: tuple[tuple[type[d.LedgerError], grpc.StatusCode], ...] = (
+    (d.IdempotencyConflict, grpc.StatusCode.ALREADY_EXISTS),
+    (d.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (d.NotFound, grpc.StatusCode.NOT_FOUND),
+    (d.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def grpc_code(error: d.LedgerError) -> grpc.StatusCode:
+    for cls, code in ERROR_CODES:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_status(error: d.LedgerError) -> grpc.Status:
+    details: list[Message] = []
+    if isinstance(error, d.InsufficientPoints):
+        details.append(common_pb2.InsufficientPoints(
+            member_id=error.member_id, unit=error.unit, available_points=error.available, requested_points=error.requested,
+        ))  # fmt: skip
+    if isinstance(error, d.IdempotencyConflict):
+        details.append(common_pb2.IdempotencyConflict(
+            namespace=error.namespace, key=error.key, original_operation=error.original_operation,
+            first_seen_at=cv.ts(error.first_seen_at),
+        ))  # fmt: skip
+    return rich_status(
+        grpc_code(error), error.message, reason=error.code, domain=DOMAIN, field=error.field,
+        metadata=error.metadata, details=details,
+    )  # fmt: skip
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def translated(
+    method: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[..., Awaitable[Resp]]:
+    """Turns a LedgerError raised by a use case into a rich status on the call."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await method(self, request, context)
+        except d.LedgerError as error:
+            status = error_status(error)
+            await context.abort_with_status(status)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(self, service: LedgerService, bus: RedisStreamBus | None) -> None:
+        self.service = service
+        self.bus = bus
+
+    @translated
+    async def CreateMember(
+        self, request: ledger_pb2.CreateMemberRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.CreateMemberResponse:
+        cmd = c.CreateMember(
+            cv.key(request), tuple(cv.external_id(e) for e in request.external_ids), dict(request.profile)
+        )
+        return ledger_pb2.CreateMemberResponse(member=cv.member_pb(await self.service.create_member(cmd)))
+
+    @translated
+    async def GetMember(
+        self, request: ledger_pb2.GetMemberRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.GetMemberResponse:
+        return ledger_pb2.GetMemberResponse(member=cv.member_pb(await self.service.get_member(request.member_id)))
+
+    @translated
+    async def LookupMember(
+        self, request: ledger_pb2.LookupMemberRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.LookupMemberResponse:
+        member = await self.service.lookup_member(cv.external_id(request.external_id))
+        return ledger_pb2.LookupMemberResponse(member=cv.member_pb(member))
+
+    @translated
+    async def BlockMember(
+        self, request: ledger_pb2.BlockMemberRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.BlockMemberResponse:
+        member = await self.service.set_blocked(
+            c.SetMemberBlocked(cv.key(request), request.member_id, True, request.reason)
+        )
+        return ledger_pb2.BlockMemberResponse(member=cv.member_pb(member))
+
+    @translated
+    async def UnblockMember(
+        self, request: ledger_pb2.UnblockMemberRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.UnblockMemberResponse:
+        member = await self.service.set_blocked(
+            c.SetMemberBlocked(cv.key(request), request.member_id, False, request.reason)
+        )
+        return ledger_pb2.UnblockMemberResponse(member=cv.member_pb(member))
+
+    @translated
+    async def MergeMembers(
+        self, request: ledger_pb2.MergeMembersRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.MergeMembersResponse:
+        cmd = c.MergeMembers(cv.key(request), request.source_member_id, request.target_member_id)
+        result = await self.service.merge_members(cmd)
+        return ledger_pb2.MergeMembersResponse(target=cv.member_pb(result.target), moved_points=result.moved_points)
+
+    @translated
+    async def EraseMember(
+        self, request: ledger_pb2.EraseMemberRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.EraseMemberResponse:
+        member = await self.service.erase_member(c.EraseMember(cv.key(request), request.member_id))
+        return ledger_pb2.EraseMemberResponse(member=cv.member_pb(member))
+
+    @translated
+    async def Earn(self, request: ledger_pb2.EarnRequest, context: grpc.aio.ServicerContext) -> ledger_pb2.EarnResponse:
+        result = await self.service.earn(cv.earn_cmd(request))
+        return ledger_pb2.EarnResponse(
+            transaction=cv.transaction_pb(result.transaction), lot_id=result.lot_id, pending=result.pending
+        )
+
+    @translated
+    async def Redeem(
+        self, request: ledger_pb2.RedeemRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.RedeemResponse:
+        return ledger_pb2.RedeemResponse(
+            transaction=cv.transaction_pb(await self.service.redeem(cv.redeem_cmd(request)))
+        )
+
+    @translated
+    async def PlaceHold(
+        self, request: ledger_pb2.PlaceHoldRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.PlaceHoldResponse:
+        result = await self.service.place_hold(cv.hold_cmd(request))
+        return ledger_pb2.PlaceHoldResponse(
+            hold=cv.hold_pb(result.hold), balance_after=cv.balance_pb(result.balance_after)
+        )
+
+    @translated
+    async def CaptureHold(
+        self, request: ledger_pb2.CaptureHoldRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.CaptureHoldResponse:
+        result = await self.service.capture_hold(c.CaptureHold(cv.key(request), request.hold_id, request.points))
+        assert result.transaction is not None
+        return ledger_pb2.CaptureHoldResponse(
+            hold=cv.hold_pb(result.hold), transaction=cv.transaction_pb(result.transaction)
+        )
+
+    @translated
+    async def VoidHold(
+        self, request: ledger_pb2.VoidHoldRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.VoidHoldResponse:
+        result = await self.service.void_hold(c.VoidHold(cv.key(request), request.hold_id))
+        return ledger_pb2.VoidHoldResponse(
+            hold=cv.hold_pb(result.hold), balance_after=cv.balance_pb(result.balance_after)
+        )
+
+    @translated
+    async def GetHold(
+        self, request: ledger_pb2.GetHoldRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.GetHoldResponse:
+        return ledger_pb2.GetHoldResponse(hold=cv.hold_pb(await self.service.get_hold(request.hold_id)))
+
+    @translated
+    async def Reverse(
+        self, request: ledger_pb2.ReverseRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ReverseResponse:
+        result = await self.service.reverse(cv.reverse_cmd(request))
+        return ledger_pb2.ReverseResponse(
+            transaction=cv.transaction_pb(result.transaction),
+            reversed_points=result.reversed_points,
+            debt_points=result.debt_points,
+        )
+
+    @translated
+    async def Transfer(
+        self, request: ledger_pb2.TransferRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.TransferResponse:
+        cmd = c.Transfer(
+            cv.key(request),
+            request.source_member_id,
+            request.destination_member_id,
+            request.unit,
+            request.points,
+            request.reason,
+        )
+        result = await self.service.transfer(cmd)
+        return ledger_pb2.TransferResponse(
+            transfer_id=result.transfer_id,
+            debit=cv.transaction_pb(result.debit),
+            credit=cv.transaction_pb(result.credit),
+        )
+
+    @translated
+    async def Adjust(
+        self, request: ledger_pb2.AdjustRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.AdjustResponse:
+        return ledger_pb2.AdjustResponse(
+            transaction=cv.transaction_pb(await self.service.adjust(cv.adjust_cmd(request)))
+        )
+
+    @translated
+    async def ReleasePending(
+        self, request: ledger_pb2.ReleasePendingRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ReleasePendingResponse:
+        tx = await self.service.release_pending(c.ReleasePending(cv.key(request), request.transaction_id))
+        return ledger_pb2.ReleasePendingResponse(transaction=cv.transaction_pb(tx))
+
+    @translated
+    async def RunExpiry(
+        self, request: ledger_pb2.RunExpiryRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.RunExpiryResponse:
+        r = await self.service.run_maintenance()
+        return ledger_pb2.RunExpiryResponse(
+            expired_points=r.expired_points, lots_expired=r.lots_expired, pending_released=r.pending_released,
+            holds_voided=r.holds_voided, sagas_completed=r.sagas_completed,
+        )  # fmt: skip
+
+    @translated
+    async def GetBalance(
+        self, request: ledger_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.GetBalanceResponse:
+        balance = await self.service.get_balance(request.member_id, request.unit)
+        return ledger_pb2.GetBalanceResponse(balance=cv.balance_pb(balance))
+
+    @translated
+    async def ListEntries(
+        self, request: ledger_pb2.ListEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ListEntriesResponse:
+        page = await self.service.list_entries(
+            request.member_id, request.unit, request.page.page_size, request.page.page_token
+        )
+        return ledger_pb2.ListEntriesResponse(
+            entries=[cv.entry_pb(e) for e in page.entries], next_page_token=page.next_page_token
+        )
+
+    async def WatchEvents(
+        self, request: ledger_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ledger_pb2.WatchEventsResponse]:
+        if request.member_id and not d.is_valid_id(request.member_id, "m"):
+            await context.abort_with_status(error_status(d.InvalidArgument("is not a member id", field="member_id")))
+        if self.bus is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the event bus is not configured")
+            return
+        async for message in self.bus.tail(LEDGER_EVENTS, request.after_position or "$"):
+            if request.member_id and message.key != request.member_id:
+                continue
+            event = ledger_pb2.LedgerEvent.FromString(message.payload)
+            yield ledger_pb2.WatchEventsResponse(event=event, position=message.position)
+
+    async def IngestBatch(
+        self, request_iterator: AsyncIterator[ledger_pb2.IngestBatchRequest], context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.IngestBatchResponse:
+        summary = ledger_pb2.IngestBatchResponse()
+        chunk: list[c.PostingCommand | d.LedgerError] = []
+        async for item in request_iterator:
+            cmd = cv.ingest_cmd(item)
+            chunk.append(
+                cmd
+                if cmd is not None
+                else d.InvalidArgument("set one of earn, redeem, adjust, reverse", field="operation")
+            )
+            if len(chunk) >= INGEST_CHUNK:
+                await self._ingest_chunk(chunk, summary)
+                chunk = []
+        if chunk:
+            await self._ingest_chunk(chunk, summary)
+        return summary
+
+    async def _ingest_chunk(
+        self, chunk: list[c.PostingCommand | d.LedgerError], summary: ledger_pb2.IngestBatchResponse
+    ) -> None:
+        offset = summary.received
+        results = await self.service.ingest(chunk)
+        summary.received += len(chunk)
+        for i, outcome in enumerate(results):
+            if isinstance(outcome, d.LedgerError):
+                summary.failed += 1
+                summary.failures.append(ledger_pb2.IngestFailure(
+                    index=offset + i, code=grpc_code(outcome).name, message=outcome.message, field=outcome.field,
+                ))  # fmt: skip
+            elif outcome[1]:
+                summary.replayed += 1
+            else:
+                summary.posted += 1

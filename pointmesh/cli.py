@@ -1,0 +1,160 @@
+"""The `pointmesh` command: the front door for running, checking and exporting the platform."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from typing import TextIO
+
+from pointmesh.config import ConfigError, Settings, load_settings
+from pointmesh.logs import configure_logging
+from pointmesh.redis_server import RedisServer, ensure_redis_binary
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from exc
+
+
+def _date(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO date or datetime") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def cmd_ledger_serve(_: argparse.Namespace) -> int:
+    from ledger_svc.app import serve
+    from pointmesh.telemetry import setup_telemetry
+
+    settings = _settings()
+    configure_logging("ledger", settings.log_level, settings.log_format)
+    setup_telemetry("ledger", settings.ledger_metrics_port)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_ledger_reconcile(_: argparse.Namespace) -> int:
+    from ledger_svc.app import open_store
+    from ledger_svc.reconcile import reconcile
+
+    async def run() -> int:
+        store = open_store(_settings())
+        try:
+            report = await reconcile(store)
+        finally:
+            await store.close()
+        print(f"shards: {report.shards}  accounts: {report.accounts}")
+        for name, total in report.totals_by_account_class.items():
+            print(f"  {name:40s} {total:>16d}")
+        for diff in report.differences:
+            print("DIFFERENCE", diff.describe())
+        print("reconcile: OK, zero differences" if report.ok else f"reconcile: {len(report.differences)} differences")
+        return 0 if report.ok else 1
+
+    return asyncio.run(run())
+
+
+def cmd_ledger_export(args: argparse.Namespace) -> int:
+    from ledger_svc.app import open_store
+    from ledger_svc.export import export_csv
+
+    async def run(out: TextIO) -> int:
+        store = open_store(_settings())
+        try:
+            return await export_csv(store, args.start, args.end, out)
+        finally:
+            await store.close()
+
+    if args.out == "-":
+        asyncio.run(run(sys.stdout))
+        return 0
+    with open(args.out, "w", newline="") as out:
+        rows = asyncio.run(run(out))
+    print(f"wrote {rows} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+SERVICES: dict[str, list[str]] = {
+    "ledger": ["ledger", "serve"],
+}
+
+
+def cmd_up(_: argparse.Namespace) -> int:
+    """Starts a private redis-server and every service as child processes; Ctrl-C stops all."""
+    settings = _settings()
+    configure_logging("up", settings.log_level, "text")
+    ensure_redis_binary()
+    redis = RedisServer(settings.redis_port, settings.data_dir / "redis")
+    redis.start()
+    env = {**os.environ, "POINTMESH_REDIS_URL": redis.url}
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        for name, argv in SERVICES.items():
+            children[name] = subprocess.Popen([sys.executable, "-m", "pointmesh.cli", *argv], env=env)
+        print(
+            f"pointmesh up: redis on {redis.url}, ledger on {settings.ledger_addr}; Ctrl-C stops everything", flush=True
+        )
+        while not stopping:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    print(f"pointmesh up: {name} exited with {child.returncode}; stopping", file=sys.stderr)
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children.values():
+            try:
+                child.wait(timeout=settings.grace_seconds + 5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        redis.stop()
+    print("pointmesh up: stopped", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pointmesh", description="pointmesh loyalty platform")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="run redis and every service locally").set_defaults(func=cmd_up)
+    ledger = sub.add_parser("ledger", help="ledger service commands").add_subparsers(
+        dest="ledger_command", required=True
+    )
+    ledger.add_parser("serve", help="run ledger_svc").set_defaults(func=cmd_ledger_serve)
+    ledger.add_parser("reconcile", help="prove the journal, balances, lots and sagas agree").set_defaults(
+        func=cmd_ledger_reconcile
+    )
+    export = ledger.add_parser("export", help="period liability and movements as CSV")
+    export.add_argument("--from", dest="start", type=_date, required=True, help="period start (inclusive), ISO date")
+    export.add_argument("--to", dest="end", type=_date, required=True, help="period end (exclusive), ISO date")
+    export.add_argument("--out", default="-", help="file to write, or - for stdout")
+    export.set_defaults(func=cmd_ledger_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Rich gRPC error statuses: a code, a message, and google.rpc details a client can read.
+
+Every service reports errors the same way: ErrorInfo (reason, domain, metadata incl. the
+field), BadRequest with the field violation when a field is at fault, plus any typed detail
+such as InsufficientPoints. The gateway turns the same details into problem+json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+def rich_status(
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    reason: str,
+    domain: str,
+    field: str = "",
+    metadata: Mapping[str, str] | None = None,
+    details: Sequence[Message] = (),
+) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata or {}))
+    if field:
+        info.metadata["field"] = field
+    packed: list[Message] = [info]
+    if field:
+        packed.append(
+            error_details_pb2.BadRequest(
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
+            )
+        )
+    packed.extend(details)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    for detail in packed:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        status.details.append(holder)
+    return rpc_status.to_status(status)
+
+
+def status_details(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[Message]:
+    """Unpacks the google.rpc details of a failed call (ErrorInfo, BadRequest, typed ones)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return []
+    from google.protobuf import symbol_database
+
+    db = symbol_database.Default()
+    out: list[Message] = []
+    for holder in status.details:
+        name = holder.TypeName()
+        try:
+            cls = db.GetSymbol(name)
+        except KeyError:
+            continue
+        msg = cls()
+        holder.Unpack(msg)
+        out.append(msg)
+    return out
