@@ -49,8 +49,9 @@ def error_status(error: d.LedgerError) -> grpc.Status:
             namespace=error.namespace, key=error.key, original_operation=error.original_operation,
             first_seen_at=cv.ts(error.first_seen_at),
         ))  # fmt: skip
+    text = f"{error.field}: {error.message}" if error.field else error.message
     return rich_status(
-        grpc_code(error), error.message, reason=error.code, domain=DOMAIN, field=error.field,
+        grpc_code(error), text, reason=error.code, domain=DOMAIN, field=error.field,
         metadata=error.metadata, details=details,
     )  # fmt: skip
 

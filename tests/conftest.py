@@ -1,0 +1,105 @@
+"""Real fixtures: a redis-server on a free port, and ledger_svc on loopback with a test clock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ledger_svc.app import LedgerApp, build
+from pointmesh.clock import ManualClock
+from pointmesh.config import Settings, load_settings
+from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.rpc import client_channel
+from pointmesh.v1 import ledger_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the whole session; tests keep apart by member id."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def ledger_settings(data_dir: Path, redis_url: str, **overrides: object) -> Settings:
+    """Settings for a ledger under test: fast background loops, its own data dir."""
+    base: dict[str, object] = {
+        "data_dir": data_dir,
+        "redis_url": redis_url,
+        "ledger_addr": "127.0.0.1:0",
+        "ledger_metrics_port": 0,
+        "maintenance_interval_seconds": 3600.0,
+        "outbox_poll_seconds": 0.02,
+        "grace_seconds": 2.0,
+        "redis_timeout_seconds": 0.3,
+    }
+    base.update(overrides)
+    return load_settings({}, **base)
+
+
+@dataclass
+class LedgerUnderTest:
+    app: LedgerApp
+    clock: ManualClock
+    stub: ledger_pb2_grpc.LedgerServiceStub
+    channel: grpc.aio.Channel
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+
+async def start_ledger(data_dir: Path, redis_url: str, **overrides: object) -> LedgerUnderTest:
+    clock = ManualClock()
+    app = await build(ledger_settings(data_dir, redis_url, **overrides), clock=clock)
+    await app.start()
+    channel = client_channel(f"127.0.0.1:{app.port}", default_timeout_seconds=10.0)
+    return LedgerUnderTest(app, clock, ledger_pb2_grpc.LedgerServiceStub(channel), channel)
+
+
+async def stop_ledger(ledger: LedgerUnderTest) -> None:
+    await ledger.channel.close()
+    await ledger.app.stop(grace=1.0)
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[LedgerUnderTest]:
+    """A fresh ledger_svc (4 SQLite shards, ManualClock) serving gRPC on a free loopback port."""
+    running = await start_ledger(tmp_path / "data", redis_server.url)
+    yield running
+    await stop_ledger(running)
+
+
+def pointmesh_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Runs the real `pointmesh` CLI in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "pointmesh.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")

@@ -1,0 +1,641 @@
+"""Random operation sequences against an in-process ledger keep its books straight.
+
+Each example builds a fresh sharded SQLite ledger, runs a generated list of operations and,
+after every one, checks the ledger against itself (`reconcile`) and against a small model the
+test keeps: what was earned, redeemed, captured, reversed and adjusted, which holds are open
+and which earns are still pending. The model also predicts which business error, if any, each
+operation must fail with, so a wrong refusal fails the test as surely as a wrong posting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import tempfile
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ledger_svc import commands as c
+from ledger_svc.domain import (
+    Balance,
+    FailedPrecondition,
+    IdemKey,
+    IdempotencyConflict,
+    InsufficientPoints,
+    InvalidArgument,
+    LedgerError,
+    Money,
+    NotFound,
+)
+from ledger_svc.postings import Policy
+from ledger_svc.reconcile import reconcile
+from ledger_svc.service import LedgerService
+from ledger_svc.store.sqlite import SqliteLedgerStore
+from pointmesh.clock import ManualClock
+
+R = TypeVar("R")
+UNITS = ("points", "tier_credits")
+MEMBERS = 4
+HOLD_TIMEOUT = timedelta(minutes=15)
+HOLD_MAX = timedelta(days=7)
+MISSING_HOLD = "h_0000" + "0" * 24
+MISSING_TX = "tx_0000" + "0" * 24
+Key = tuple[int, str]  # (member slot, unit)
+
+
+@dataclass(frozen=True)
+class EarnOp:
+    member: int
+    unit: str
+    points: int
+    review: bool
+    release_in: timedelta | None
+    purchase_minor: int | None
+    backdate: timedelta | None
+    expires_in: timedelta | None
+
+
+@dataclass(frozen=True)
+class RedeemOp:
+    member: int
+    unit: str
+    points: int
+
+
+@dataclass(frozen=True)
+class HoldOp:
+    member: int
+    unit: str
+    points: int
+    timeout: timedelta | None
+
+
+@dataclass(frozen=True)
+class CaptureOp:
+    pick: int
+    percent: int  # 0 captures the whole hold; above 100 asks for more than was held
+
+
+@dataclass(frozen=True)
+class VoidOp:
+    pick: int
+
+
+@dataclass(frozen=True)
+class ReverseOp:
+    pick: int
+    how: str  # points, refund, full, or not_earn (targets a redeem or adjustment)
+    percent: int
+    currency: str
+
+
+@dataclass(frozen=True)
+class TransferOp:
+    source: int
+    destination: int
+    unit: str
+    points: int
+
+
+@dataclass(frozen=True)
+class AdjustOp:
+    member: int
+    unit: str
+    points: int
+
+
+@dataclass(frozen=True)
+class ReleaseOp:
+    pick: int
+
+
+@dataclass(frozen=True)
+class AdvanceOp:
+    delta: timedelta
+
+
+@dataclass(frozen=True)
+class ReplayOp:
+    pick: int
+
+
+@dataclass(frozen=True)
+class ConflictOp:
+    pick: int
+    cross_type: bool
+
+
+def _optional(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(st.none(), st.none(), strategy)
+
+
+_slot = st.integers(0, MEMBERS - 1)
+_unit = st.sampled_from(UNITS)
+_points = st.integers(1, 500)
+_spend = st.one_of(st.integers(1, 80), _points)  # small spends mostly fit, large ones probe refusals
+_pick = st.integers(0, 1_000)
+_duration = st.one_of(
+    st.integers(1, 120).map(lambda m: timedelta(minutes=m)),
+    st.integers(1, 72).map(lambda h: timedelta(hours=h)),
+    st.integers(1, 40).map(lambda d: timedelta(days=d)),
+)
+_earn = st.builds(
+    EarnOp,
+    member=_slot,
+    unit=_unit,
+    points=_points,
+    review=st.sampled_from([False, False, False, True]),
+    release_in=_optional(_duration),
+    purchase_minor=_optional(st.integers(100, 50_000)),
+    backdate=_optional(_duration),
+    expires_in=_optional(_duration),
+)
+operations = st.one_of(
+    _earn,
+    _earn,
+    st.builds(RedeemOp, _slot, _unit, _spend),
+    st.builds(HoldOp, _slot, _unit, _spend, _optional(_duration)),
+    st.builds(CaptureOp, _pick, st.one_of(st.just(0), st.integers(1, 100), st.integers(101, 150))),
+    st.builds(VoidOp, _pick),
+    st.builds(
+        ReverseOp,
+        _pick,
+        st.sampled_from(["points", "refund", "full", "not_earn"]),
+        st.integers(1, 130),
+        st.sampled_from(["EUR", "EUR", "EUR", "USD"]),
+    ),
+    st.builds(TransferOp, _slot, _slot, _unit, _spend),
+    st.builds(AdjustOp, _slot, _unit, st.integers(-500, 500).filter(bool)),
+    st.builds(ReleaseOp, _pick),
+    st.builds(AdvanceOp, _duration),
+    st.builds(ReplayOp, _pick),
+    st.builds(ConflictOp, _pick, st.booleans()),
+)
+
+
+@dataclass
+class EarnModel:
+    tx_id: str
+    key: Key
+    points: int
+    purchase_minor: int
+    pending: bool
+    review: bool
+    release_at: datetime | None
+    reversed_points: int = 0
+    refunded_minor: int = 0
+
+    @property
+    def reversible(self) -> int:
+        return self.points - self.reversed_points
+
+
+@dataclass
+class HoldModel:
+    hold_id: str
+    key: Key
+    points: int
+    expires_at: datetime
+    placed: bool = True
+
+
+@dataclass
+class UnitTotals:
+    earned: int = 0
+    redeemed: int = 0
+    captured: int = 0
+    reversed: int = 0
+    adjusted: int = 0
+
+
+@dataclass
+class Done:
+    """A mutation that succeeded, kept to replay it or to reuse its key with another payload."""
+
+    call: Callable[[Any], Awaitable[Any]]
+    command: Any
+    result: Any
+
+
+def _net(b: Balance) -> int:
+    return b.balance_points + b.pending_points - b.debt_points
+
+
+def _pick(items: list[Any], pick: int) -> Any:
+    return items[pick % len(items)] if items else None
+
+
+class Scenario:
+    def __init__(self, workdir: Path, shards: int, negative_limit: int) -> None:
+        self.workdir = workdir
+        self.shards = shards
+        self.limit = negative_limit
+        self.clock = ManualClock()
+        self.policy = Policy(UNITS, 30, HOLD_TIMEOUT, HOLD_MAX, negative_limit)
+        self.members: list[str] = []
+        self.keys_used = 0
+        self.earns: list[EarnModel] = []
+        self.holds: list[HoldModel] = []
+        self.other_txs: list[str] = []
+        self.done: list[Done] = []
+        self.totals = {unit: UnitTotals() for unit in UNITS}
+        self.reversed_accounts: set[Key] = set()
+        self.expired_reported = 0
+        self.step = ""
+        # Filled by each operation: the change in balance+pending-debt it must cause per member
+        # (None: not predictable per member), and checks that need the balances after it.
+        self.expect_net: dict[Key, int] | None = {}
+        self.post_checks: list[Callable[[dict[Key, Balance], dict[Key, Balance]], None]] = []
+
+    async def run(self, ops: list[Any]) -> None:
+        self.store = SqliteLedgerStore(self.workdir, self.shards)
+        try:
+            self.svc = LedgerService(self.store, self.clock, self.policy, card_secret="test")
+            await self._create_members()
+            before = await self._balances()
+            await self._check(before)
+            opening = [EarnOp(slot, unit, 300, False, None, 30_000, None, None) for slot in range(MEMBERS) for unit in UNITS]
+            for i, op in enumerate([*opening, *ops], start=-len(opening)):
+                self.step = f"step {i} {op!r}"
+                self.expect_net, self.post_checks = {}, []
+                await self._apply(op, before)
+                after = await self._balances()
+                self._check_deltas(before, after)
+                await self._check(after)
+                before = after
+            assert await self.svc.recover_sagas() == 0, "a transfer saga was left for recovery"
+        finally:
+            await self.store.close()
+
+    async def _create_members(self) -> None:
+        """Slot i lives on shard i % shards, so some transfers cross shards and some do not."""
+        slots: list[str | None] = [None] * MEMBERS
+        n = 0
+        while None in slots:
+            n += 1
+            member = await self.svc.create_member(c.CreateMember(IdemKey("test", f"member-{n}")))
+            shard = self.svc.shard_of(member.member_id)
+            free = [i for i, m in enumerate(slots) if m is None and i % self.shards == shard]
+            if free:
+                slots[free[0]] = member.member_id
+        self.members = [m for m in slots if m is not None]
+
+    def _key(self) -> IdemKey:
+        self.keys_used += 1
+        return IdemKey("test", f"op-{self.keys_used}")
+
+    async def _attempt(self, expect: type[LedgerError] | None, call: Callable[[Any], Awaitable[R]],
+                       command: Any) -> R | None:  # fmt: skip
+        """Runs the call; it must fail with exactly `expect`, or succeed when that is None."""
+        try:
+            result = await call(command)
+        except LedgerError as exc:
+            assert expect is not None, f"{self.step}: unexpected {exc!r}"
+            assert type(exc) is expect, f"{self.step}: expected {expect.__name__}, got {exc!r}"
+            return None
+        assert expect is None, f"{self.step}: expected {expect.__name__}, but it succeeded: {result!r}"
+        self.done.append(Done(call, command, result))
+        return result
+
+    async def _balances(self) -> dict[Key, Balance]:
+        out: dict[Key, Balance] = {}
+        for slot, member_id in enumerate(self.members):
+            for unit in UNITS:
+                out[(slot, unit)] = await self.svc.get_balance(member_id, unit)
+        return out
+
+    def _after(self, check: Callable[[dict[Key, Balance], dict[Key, Balance]], None]) -> None:
+        self.post_checks.append(check)
+
+    async def _apply(self, op: Any, before: dict[Key, Balance]) -> None:
+        handler = {
+            EarnOp: self._earn, RedeemOp: self._redeem, HoldOp: self._hold, CaptureOp: self._capture,
+            VoidOp: self._void, ReverseOp: self._reverse, TransferOp: self._transfer, AdjustOp: self._adjust,
+            ReleaseOp: self._release, AdvanceOp: self._advance, ReplayOp: self._replay, ConflictOp: self._conflict,
+        }[type(op)]  # fmt: skip
+        await handler(op, before)
+
+    async def _earn(self, op: EarnOp, before: dict[Key, Balance]) -> None:
+        now = self.clock.now()
+        business_time = now - op.backdate if op.backdate else None
+        release_at = now + op.release_in if op.release_in else None
+        cmd = c.Earn(
+            self._key(), self.members[op.member], op.unit, op.points,
+            business_time=business_time,
+            expires_at=(business_time or now) + op.expires_in if op.expires_in else None,
+            release_at=release_at, pending_review=op.review,
+            purchase=Money(op.purchase_minor, "EUR") if op.purchase_minor else None,
+        )  # fmt: skip
+        result = await self._attempt(None, self.svc.earn, cmd)
+        assert result is not None
+        pending = op.review or release_at is not None
+        assert result.pending == pending, f"{self.step}: pending={result.pending}"
+        key = (op.member, op.unit)
+        self.earns.append(EarnModel(result.transaction.transaction_id, key, op.points, op.purchase_minor or 0,
+                                    pending, op.review, release_at))  # fmt: skip
+        self.totals[op.unit].earned += op.points
+        self.expect_net = {key: op.points}
+        if pending:
+            self._after(lambda b, a: self._eq(a[key].pending_points - b[key].pending_points, op.points, "pending"))
+        else:
+            self._after(lambda b, a: self._eq(_spendable_delta(b[key], a[key]), op.points, "balance-debt"))
+
+    async def _redeem(self, op: RedeemOp, before: dict[Key, Balance]) -> None:
+        key = (op.member, op.unit)
+        expect = InsufficientPoints if before[key].available_points < op.points else None
+        cmd = c.Redeem(self._key(), self.members[op.member], op.unit, op.points)
+        result = await self._attempt(expect, self.svc.redeem, cmd)
+        if result is None:
+            return
+        self.other_txs.append(result.transaction_id)
+        self.totals[op.unit].redeemed += op.points
+        self.expect_net = {key: -op.points}
+        self._after(lambda b, a: self._eq(a[key].available_points - b[key].available_points, -op.points, "available"))
+        self._after(lambda b, a: self._not_overdrawn(a[key]))
+
+    async def _hold(self, op: HoldOp, before: dict[Key, Balance]) -> None:
+        key = (op.member, op.unit)
+        expect: type[LedgerError] | None = None
+        if op.timeout is not None and op.timeout > HOLD_MAX:
+            expect = InvalidArgument
+        elif before[key].available_points < op.points:
+            expect = InsufficientPoints
+        cmd = c.PlaceHold(self._key(), self.members[op.member], op.unit, op.points, timeout=op.timeout)
+        result = await self._attempt(expect, self.svc.place_hold, cmd)
+        if result is None:
+            return
+        expires_at = self.clock.now() + (op.timeout or HOLD_TIMEOUT)
+        self._eq(result.hold.expires_at, expires_at, "hold expiry")
+        self.holds.append(HoldModel(result.hold.hold_id, key, op.points, expires_at))
+        self._after(lambda b, a: self._eq(a[key].available_points - b[key].available_points, -op.points, "available"))
+        self._after(lambda b, a: self._eq(a[key].reserved_points - b[key].reserved_points, op.points, "reserved"))
+        self._after(lambda b, a: self._not_overdrawn(a[key]))
+
+    async def _capture(self, op: CaptureOp, before: dict[Key, Balance]) -> None:
+        hold: HoldModel | None = _pick(self.holds, op.pick)
+        if hold is None:
+            await self._attempt(NotFound, self.svc.capture_hold, c.CaptureHold(self._key(), MISSING_HOLD))
+            return
+        points = 0 if op.percent == 0 else max(1, hold.points * op.percent // 100)
+        expect: type[LedgerError] | None = None
+        if not hold.placed or hold.expires_at <= self.clock.now():
+            expect = FailedPrecondition
+        elif points > hold.points:
+            expect = InvalidArgument
+        result = await self._attempt(expect, self.svc.capture_hold, c.CaptureHold(self._key(), hold.hold_id, points))
+        if result is None:
+            return
+        captured = points or hold.points
+        self._eq(result.hold.captured_points, captured, "captured points")
+        hold.placed = False
+        self.totals[hold.key[1]].captured += captured
+        key = hold.key
+        self.expect_net = {key: -captured}
+        self._after(lambda b, a: self._eq(a[key].reserved_points - b[key].reserved_points, -hold.points, "reserved"))
+        self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -captured, "balance"))
+
+    async def _void(self, op: VoidOp, before: dict[Key, Balance]) -> None:
+        hold: HoldModel | None = _pick(self.holds, op.pick)
+        if hold is None:
+            await self._attempt(NotFound, self.svc.void_hold, c.VoidHold(self._key(), MISSING_HOLD))
+            return
+        expect = None if hold.placed else FailedPrecondition
+        if await self._attempt(expect, self.svc.void_hold, c.VoidHold(self._key(), hold.hold_id)) is None:
+            return
+        hold.placed = False
+        key = hold.key
+        self._after(lambda b, a: self._eq(a[key].reserved_points - b[key].reserved_points, -hold.points, "reserved"))
+        self._after(lambda b, a: self._eq(a[key].balance_points, b[key].balance_points, "balance"))
+
+    async def _reverse(self, op: ReverseOp, before: dict[Key, Balance]) -> None:
+        if op.how == "not_earn" and self.other_txs:
+            cmd = c.Reverse(self._key(), _pick(self.other_txs, op.pick), full=True)
+            await self._attempt(FailedPrecondition, self.svc.reverse, cmd)
+            return
+        earn: EarnModel | None = _pick(self.earns, op.pick)
+        if earn is None or op.how == "not_earn":
+            await self._attempt(NotFound, self.svc.reverse, c.Reverse(self._key(), MISSING_TX, full=True))
+            return
+        expect, amount, cmd = self._plan_reversal(earn, op)
+        result = await self._attempt(expect, self.svc.reverse, cmd)
+        if result is None:
+            return
+        self._eq(result.reversed_points, amount, "reversed points")
+        earn.reversed_points += amount
+        earn.refunded_minor += cmd.refund.amount_minor if cmd.refund else 0
+        self.totals[earn.key[1]].reversed += amount
+        self.reversed_accounts.add(earn.key)
+        key = earn.key
+        self.expect_net = {key: -amount}
+        if earn.pending:
+            self._eq(result.debt_points, 0, "debt of a pending reversal")
+            self._after(lambda b, a: self._eq(a[key].pending_points - b[key].pending_points, -amount, "pending"))
+            return
+        row = before[key]
+        floor = row.reserved_points if row.reserved_points > 0 else -self.limit
+        take = max(0, min(amount, row.balance_points - floor))
+        self._eq(result.debt_points, amount - take, "debt points")
+        self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -take, "balance"))
+        self._after(lambda b, a: self._eq(a[key].debt_points - b[key].debt_points, amount - take, "debt"))
+
+    def _plan_reversal(self, earn: EarnModel, op: ReverseOp) -> tuple[type[LedgerError] | None, int, c.Reverse]:
+        """The error the ledger must raise, or the points it must reverse, for this request."""
+        key = self._key()
+        if op.how == "points":
+            points = max(1, earn.points * op.percent // 100)
+            cmd = c.Reverse(key, earn.tx_id, points=points)
+            if earn.reversible <= 0 or points > earn.reversible:
+                return FailedPrecondition, 0, cmd
+            return None, points, cmd
+        if op.how == "full":
+            cmd = c.Reverse(key, earn.tx_id, full=True)
+            return (FailedPrecondition, 0, cmd) if earn.reversible <= 0 else (None, earn.reversible, cmd)
+        refund_minor = max(1, (earn.purchase_minor or 10_000) * op.percent // 100)
+        cmd = c.Reverse(key, earn.tx_id, refund=Money(refund_minor, op.currency))
+        refunded = earn.refunded_minor + refund_minor
+        if earn.reversible <= 0 or earn.purchase_minor <= 0:
+            return FailedPrecondition, 0, cmd
+        if op.currency != "EUR" or refunded > earn.purchase_minor:
+            return InvalidArgument, 0, cmd
+        due = earn.points * refunded // earn.purchase_minor
+        return None, max(0, min(earn.reversible, due - earn.reversed_points)), cmd
+
+    async def _transfer(self, op: TransferOp, before: dict[Key, Balance]) -> None:
+        src, dst = (op.source, op.unit), (op.destination, op.unit)
+        expect: type[LedgerError] | None = None
+        if op.source == op.destination:
+            expect = InvalidArgument
+        elif before[src].available_points < op.points:
+            expect = InsufficientPoints
+        cmd = c.Transfer(self._key(), self.members[op.source], self.members[op.destination], op.unit, op.points)
+        result = await self._attempt(expect, self.svc.transfer, cmd)
+        if result is None:
+            return
+        self._eq((result.debit.points, result.credit.points), (-op.points, op.points), "transfer legs")
+        self.expect_net = {src: -op.points, dst: op.points}
+        self._after(lambda b, a: self._eq(a[src].balance_points - b[src].balance_points, -op.points, "source"))
+        self._after(lambda b, a: self._eq(a[src].reserved_points, b[src].reserved_points, "source reserved"))
+        self._after(lambda b, a: self._not_overdrawn(a[src]))
+        self._after(lambda b, a: self._eq(_spendable_delta(b[dst], a[dst]), op.points, "destination"))
+
+    async def _adjust(self, op: AdjustOp, before: dict[Key, Balance]) -> None:
+        key = (op.member, op.unit)
+        expect = InsufficientPoints if op.points < 0 and before[key].available_points < -op.points else None
+        cmd = c.Adjust(self._key(), self.members[op.member], op.unit, op.points, reason="goodwill")
+        result = await self._attempt(expect, self.svc.adjust, cmd)
+        if result is None:
+            return
+        self.other_txs.append(result.transaction_id)
+        self.totals[op.unit].adjusted += op.points
+        self.expect_net = {key: op.points}
+        if op.points < 0:
+            self._after(lambda b, a: self._eq(a[key].available_points - b[key].available_points, op.points, "available"))
+            self._after(lambda b, a: self._not_overdrawn(a[key]))
+
+    async def _release(self, op: ReleaseOp, before: dict[Key, Balance]) -> None:
+        earn: EarnModel | None = _pick(self.earns, op.pick)
+        if earn is None:
+            await self._attempt(NotFound, self.svc.release_pending, c.ReleasePending(self._key(), MISSING_TX))
+            return
+        releasable = earn.pending and earn.reversible > 0
+        expect = None if releasable else FailedPrecondition
+        cmd = c.ReleasePending(self._key(), earn.tx_id)
+        if await self._attempt(expect, self.svc.release_pending, cmd) is None:
+            return
+        earn.pending = False
+        key, points = earn.key, earn.reversible
+        self._after(lambda b, a: self._eq(a[key].pending_points - b[key].pending_points, -points, "pending"))
+        self._after(lambda b, a: self._eq(_spendable_delta(b[key], a[key]), points, "balance-debt"))
+
+    async def _advance(self, op: AdvanceOp, before: dict[Key, Balance]) -> None:
+        now = self.clock.advance(op.delta)
+        due_holds = [h for h in self.holds if h.placed and h.expires_at <= now]
+        due_earns = [
+            e for e in self.earns
+            if e.pending and not e.review and e.release_at is not None and e.release_at <= now and e.reversible > 0
+        ]  # fmt: skip
+        expired_before = await self._expired_totals()
+        report = await self.svc.run_maintenance()
+        self._eq(report.holds_voided, len(due_holds), "holds voided")
+        self._eq(report.pending_released, len(due_earns), "pending released")
+        self._eq(report.sagas_completed, 0, "sagas completed")
+        for hold in due_holds:
+            hold.placed = False
+        for earn in due_earns:
+            earn.pending = False
+        self.expired_reported += report.expired_points
+        expired_after = await self._expired_totals()
+        self.expect_net = None
+
+        def only_expiry_lowers_balances(b: dict[Key, Balance], a: dict[Key, Balance]) -> None:
+            for unit in UNITS:
+                drops = [_net(b[k]) - _net(a[k]) for k in b if k[1] == unit]
+                assert all(d >= 0 for d in drops), f"{self.step}: maintenance raised a balance: {drops}"
+                self._eq(sum(drops), expired_after[unit] - expired_before[unit], f"expired {unit}")
+
+        self._after(only_expiry_lowers_balances)
+
+    async def _expired_totals(self) -> dict[str, int]:
+        totals = (await reconcile(self.store)).totals_by_account_class
+        return {unit: totals.get(f"system:expired:{unit}", 0) for unit in UNITS}
+
+    async def _replay(self, op: ReplayOp, before: dict[Key, Balance]) -> None:
+        done: Done | None = _pick(self.done, op.pick)
+        if done is None:
+            return
+        again = await done.call(done.command)
+        self._eq(again, done.result, "replayed result")
+        self._after(lambda b, a: self._eq(a, b, "balances after a replay"))
+
+    async def _conflict(self, op: ConflictOp, before: dict[Key, Balance]) -> None:
+        done: Done | None = _pick(self.done, op.pick)
+        if done is None:
+            return
+        cmd, call = done.command, done.call
+        if isinstance(cmd, c.Earn | c.Redeem | c.PlaceHold) and not op.cross_type:
+            cmd = dataclasses.replace(cmd, reference="changed")
+        elif isinstance(cmd, c.Reverse | c.Transfer | c.Adjust) and not op.cross_type:
+            cmd = dataclasses.replace(cmd, reason="changed")
+        elif isinstance(cmd, c.CaptureHold) and not op.cross_type:
+            cmd = dataclasses.replace(cmd, points=cmd.points + 1)
+        else:
+            cmd, call = c.Redeem(cmd.key, self.members[0], UNITS[0], 1, reference="changed"), self.svc.redeem
+        try:
+            await call(cmd)
+        except IdempotencyConflict:
+            pass
+        else:
+            raise AssertionError(f"{self.step}: reusing key {cmd.key} with {cmd!r} did not conflict")
+        self._after(lambda b, a: self._eq(a, b, "balances after a conflicting request"))
+
+    def _eq(self, actual: Any, expected: Any, what: str) -> None:
+        assert actual == expected, f"{self.step}: {what}: expected {expected!r}, got {actual!r}"
+
+    def _not_overdrawn(self, b: Balance) -> None:
+        assert b.balance_points - b.reserved_points >= 0, f"{self.step}: left overdrawn: {b}"
+
+    def _check_deltas(self, before: dict[Key, Balance], after: dict[Key, Balance]) -> None:
+        if self.expect_net is not None:
+            for key in after:
+                self._eq(_net(after[key]) - _net(before[key]), self.expect_net.get(key, 0), f"net change of {key}")
+        for check in self.post_checks:
+            check(before, after)
+
+    async def _check(self, balances: dict[Key, Balance]) -> None:
+        report = await reconcile(self.store)
+        assert report.ok, f"{self.step}: " + "; ".join(d.describe() for d in report.differences)
+        totals = report.totals_by_account_class
+        for key, b in balances.items():
+            assert b.balance_points >= -self.limit, f"{self.step}: {key} below the negative limit: {b}"
+            assert min(b.debt_points, b.pending_points, b.reserved_points, b.available_points) >= 0, f"{self.step}: {b}"
+            if key not in self.reversed_accounts:
+                assert b.balance_points >= 0 and b.debt_points == 0, f"{self.step}: {key} negative unreversed: {b}"
+            if b.reserved_points > 0:
+                self._not_overdrawn(b)
+            held = sum(h.points for h in self.holds if h.placed and h.key == key)
+            self._eq(b.reserved_points, held, f"reserved points of {key}")
+            pending = sum(e.reversible for e in self.earns if e.pending and e.key == key)
+            self._eq(b.pending_points, pending, f"pending points of {key}")
+        expired_all = 0
+        for unit, t in self.totals.items():
+            mine = [b for k, b in balances.items() if k[1] == unit]
+            expired = totals.get(f"system:expired:{unit}", 0)
+            expired_all += expired
+            predicted = t.earned - t.redeemed - t.captured - t.reversed - expired + t.adjusted
+            self._eq(sum(_net(b) for b in mine), predicted, f"members' {unit}")
+            self._eq(totals.get(f"member:{unit}", 0), sum(b.balance_points for b in mine), f"member:{unit}")
+            self._eq(totals.get(f"funding:program:{unit}", 0), t.reversed - t.earned, f"funding {unit}")
+            self._eq(totals.get(f"system:redeemed:{unit}", 0), t.redeemed + t.captured, f"redeemed {unit}")
+            self._eq(totals.get(f"system:adjustments:{unit}", 0), -t.adjusted, f"adjustments {unit}")
+        self._eq(expired_all, self.expired_reported, "expired points reported by maintenance")
+
+
+def _spendable_delta(before: Balance, after: Balance) -> int:
+    """A credit pays debt first, then the balance; together they rise by the credit."""
+    return (after.balance_points - after.debt_points) - (before.balance_points - before.debt_points)
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """A private loop per example: pytest-asyncio owns the session loop and its policy."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shards=st.sampled_from([2, 3]),
+    negative_limit=st.sampled_from([0, 50]),
+    ops=st.lists(operations, min_size=20, max_size=40),
+)
+def test_random_operation_sequences_keep_ledger_invariants(shards: int, negative_limit: int, ops: list[Any]) -> None:
+    with tempfile.TemporaryDirectory(prefix="ledger-prop-") as workdir:
+        _run(Scenario(Path(workdir), shards, negative_limit).run(ops))
