@@ -195,7 +195,7 @@ class ShardBook:
     def _normalise_lots(self, member_id: str, unit: str) -> None:
         """Keeps lots equal to the positive balance: credits first fill a negative balance."""
         balance = self.tx.get_account(member_account(member_id, unit)).balance
-        excess = sum(lot.remaining_points for lot in self.tx.spendable_lots(member_id, unit)) - max(balance, 0)
+        excess = self.tx.spendable_total(member_id, unit) - max(balance, 0)
         if excess > 0:
             self._consume_lots(member_id, unit, excess)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class Settings:
     card_hmac_secret: str = "pointmesh-dev-card-secret"
     maintenance_interval_seconds: float = 5.0
     outbox_poll_seconds: float = 0.05
-    event_stream: str = "pointmesh.ledger.events"
     event_stream_maxlen: int = 1_000_000
     cache_ttl_seconds: int = 300
     redis_timeout_seconds: float = 0.5
@@ -53,7 +52,6 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
     fault_point: str = ""
-    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 def _parse(name: str, raw: str, default: Any) -> Any:
@@ -80,8 +78,6 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     source = os.environ if env is None else env
     values: dict[str, Any] = {}
     for f in fields(Settings):
-        if f.name == "extra":
-            continue
         key = PREFIX + f.name.upper()
         if key in source:
             default = Settings.__dataclass_fields__[f.name].default

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -90,13 +90,16 @@ CREATE INDEX IF NOT EXISTS claims_by_age ON claims (created_at);
 """
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
 def to_us(when: datetime) -> int:
-    delta = when - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (when - EPOCH) // _US
 
 
 def from_us(value: int) -> datetime:
-    return datetime.fromtimestamp(value // 1_000_000, UTC).replace(microsecond=value % 1_000_000)
+    return EPOCH + timedelta(microseconds=value)
 
 
 def _opt_us(when: datetime | None) -> int | None:
@@ -299,6 +302,13 @@ class SqliteShardTx:
             (member_id, unit),
         ).fetchall()
         return [_lot(r) for r in rows]
+
+    def spendable_total(self, member_id: str, unit: str) -> int:
+        row = self.c.execute(
+            "SELECT COALESCE(SUM(remaining), 0) FROM lots WHERE member_id=? AND unit=? AND pending=0 AND remaining>0",
+            (member_id, unit),
+        ).fetchone()
+        return int(row[0])
 
     def lot_of_transaction(self, tx_id: str) -> Lot | None:
         row = self.c.execute(f"SELECT {_LOT_COLS} FROM lots WHERE earn_tx=? LIMIT 1", (tx_id,)).fetchone()

@@ -1,0 +1,263 @@
+"""Ledger throughput on this machine, printed as figures; never a pass/fail.
+
+Runs ledger_svc (and a no-op echo server) as subprocesses on loopback, so the server and this
+load generator each get a core, then measures:
+  * unary Earn at concurrency 32: calls/s, p50, p99, and the ratio to a no-op grpc.aio echo
+    measured the same way in the same run (the ceiling for any unary RPC here);
+  * cached GetBalance at concurrency 32;
+  * IngestBatch postings/s, next to a raw-SQLite baseline that writes exactly the rows the
+    store writes per posting (transaction, entries, lot, balances, idempotency, outbox) with
+    the same pragmas and shard count, one transaction per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+from ledger_svc.store.sqlite import SHARD_SCHEMA
+from ledger_svc.store.sqlite_worker import connect
+from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+ECHO_SERVER = """
+import asyncio, grpc, sys
+async def main():
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(sys.argv[1])
+    await server.start()
+    await server.wait_for_termination()
+async def _echo(req, ctx):
+    return req
+asyncio.run(main())
+"""
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"port {port} never opened")
+
+
+async def closed_loop(n: int, concurrency: int, call: Callable[[int], Awaitable[object]]) -> tuple[float, list[float]]:
+    """Runs n calls with `concurrency` in flight; returns elapsed seconds and per-call latencies."""
+    latencies: list[float] = []
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for i in counter:
+            t0 = time.perf_counter()
+            await call(i)
+            latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - start, latencies
+
+
+def describe(name: str, n: int, elapsed: float, latencies: list[float]) -> float:
+    lat = sorted(latencies)
+    rate = n / elapsed
+    p50 = statistics.median(lat) * 1000
+    p99 = lat[int(len(lat) * 0.99) - 1] * 1000
+    print(f"{name:34s} {rate:9.0f}/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms   ({n} calls)")
+    return rate
+
+
+def key(k: str) -> common_pb2.IdempotencyKey:
+    return common_pb2.IdempotencyKey(namespace="bench", key=k)
+
+
+async def bench_grpc(address: str, echo_address: str, calls: int, ingest_items: int) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    echo_channel = grpc.aio.insecure_channel(echo_address)
+    echo = echo_channel.unary_unary("/bench.Echo/Echo")
+    await echo(b"warm")
+    elapsed, lat = await closed_loop(calls, 32, lambda i: echo(b"x" * 64))
+    figures["echo"] = describe("no-op grpc.aio echo, c=32", calls, elapsed, lat)
+
+    channel = grpc.aio.insecure_channel(address)
+    stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+    members = []
+    for i in range(200):
+        r = await stub.CreateMember(ledger_pb2.CreateMemberRequest(idempotency_key=key(f"m{i}")))
+        members.append(r.member.member_id)
+    run = uuid.uuid4().hex[:8]
+
+    async def earn(i: int) -> object:
+        return await stub.Earn(
+            ledger_pb2.EarnRequest(
+                idempotency_key=key(f"{run}-e{i}"), member_id=members[i % len(members)], points=10, reference=f"r{i}"
+            )
+        )
+
+    await closed_loop(500, 32, lambda i: earn(calls + i))  # warm-up
+    elapsed, lat = await closed_loop(calls, 32, earn)
+    figures["earn"] = describe("unary Earn, c=32", calls, elapsed, lat)
+    figures["earn_p99_ms"] = sorted(lat)[int(len(lat) * 0.99) - 1] * 1000
+    print(f"{'  Earn / echo ceiling':34s} {figures['earn'] / figures['echo']:9.2f}")
+
+    async def balance(i: int) -> object:
+        return await stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=members[i % 100]))
+
+    await closed_loop(400, 32, balance)  # fills the cache
+    elapsed, lat = await closed_loop(calls, 32, balance)
+    figures["balance"] = describe("cached GetBalance, c=32", calls, elapsed, lat)
+
+    async def items() -> object:
+        for i in range(ingest_items):
+            yield ledger_pb2.IngestBatchRequest(
+                earn=ledger_pb2.EarnRequest(
+                    idempotency_key=key(f"{run}-b{i}"), member_id=members[i % len(members)], points=5
+                )
+            )
+
+    start = time.perf_counter()
+    summary = await stub.IngestBatch(items(), timeout=600)
+    elapsed = time.perf_counter() - start
+    figures["ingest"] = summary.posted / elapsed
+    print(
+        f"{'IngestBatch':34s} {figures['ingest']:9.0f} postings/s   ({summary.posted} posted, {summary.failed} failed)"
+    )
+    await channel.close()
+    await echo_channel.close()
+    return figures
+
+
+def raw_sqlite_baseline(items: int, shards: int, synchronous: str, batch: int = 500) -> float:
+    """Writes the rows one Earn writes, per shard, one transaction per batch, no Python ledger logic."""
+    with tempfile.TemporaryDirectory() as tmp:
+        conns = []
+        for s in range(shards):
+            conn = connect(Path(tmp) / f"s{s}.sqlite", synchronous)
+            conn.executescript(SHARD_SCHEMA)
+            conns.append(conn)
+        start = time.perf_counter()
+        for first in range(0, items, batch):
+            per_shard: dict[int, list[int]] = {}
+            for i in range(first, min(first + batch, items)):
+                per_shard.setdefault(i % shards, []).append(i)
+            for s, ids in per_shard.items():
+                c = conns[s]
+                c.execute("BEGIN IMMEDIATE")
+                for i in ids:
+                    tx = f"tx_{i:028x}"
+                    member = f"member:m{i % 200}:points"
+                    now = 1_700_000_000_000_000 + i
+                    c.execute(
+                        "INSERT INTO transactions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            tx,
+                            "EARN",
+                            f"m{i % 200}",
+                            "points",
+                            5,
+                            now,
+                            now,
+                            "",
+                            "program",
+                            0,
+                            "",
+                            0,
+                            0,
+                            f"lot{i}",
+                            0,
+                            "",
+                            "{}",
+                        ),
+                    )
+                    c.executemany(
+                        "INSERT INTO entries (tx_id, account, points, kind, recorded_at, business_time, reference)"
+                        " VALUES (?,?,?,?,?,?,?)",
+                        [
+                            (tx, "funding:program:points", -5, "EARN", now, now, ""),
+                            (tx, member, 5, "EARN", now, now, ""),
+                        ],
+                    )
+                    c.execute(
+                        "INSERT INTO lots VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (f"lot{i}", f"m{i % 200}", "points", tx, 5, 5, now + 10**13, now, 0, None, 0),
+                    )
+                    for account, delta in ((member, 5), ("funding:program:points", -5)):
+                        c.execute(
+                            "INSERT INTO accounts VALUES (?,?,0,0,1) ON CONFLICT(account) DO UPDATE SET"
+                            " balance=balance+excluded.balance, version=version+1",
+                            (account, delta),
+                        )
+                    c.execute(
+                        "INSERT INTO idempotency VALUES (?,?,?,?,?,?)", ("bench", tx, "Earn", "f" * 64, "{}", now)
+                    )
+                    c.execute(
+                        "INSERT INTO outbox (event_id, member_id, payload, created_at) VALUES (?,?,?,?)",
+                        (f"ev{i}", f"m{i % 200}", "{}", now),
+                    )
+                c.execute("COMMIT")
+        elapsed = time.perf_counter() - start
+        for conn in conns:
+            conn.close()
+    rate = items / elapsed
+    print(f"{'raw SQLite baseline (same rows)':34s} {rate:9.0f} postings/s   ({items} postings)")
+    return rate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=6000)
+    parser.add_argument("--ingest", type=int, default=60000)
+    parser.add_argument("--shards", type=int, default=4)
+    args = parser.parse_args()
+    synchronous = os.environ.get("POINTMESH_SQLITE_SYNCHRONOUS", "NORMAL")
+    print(f"ledger benchmark: {os.cpu_count()} cores, {args.shards} SQLite shards, synchronous={synchronous}, WAL")
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = RedisServer(free_port(), Path(tmp) / "redis", appendonly=False)
+        redis.start()
+        port, echo_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "POINTMESH_DATA_DIR": str(Path(tmp) / "data"),
+            "POINTMESH_REDIS_URL": redis.url,
+            "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{port}",
+            "POINTMESH_LEDGER_METRICS_PORT": "0",
+            "POINTMESH_LEDGER_SHARDS": str(args.shards),
+            "POINTMESH_LOG_LEVEL": "WARNING",
+        }
+        ledger = subprocess.Popen([sys.executable, "-m", "pointmesh.cli", "ledger", "serve"], env=env, cwd=REPO)
+        echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, f"127.0.0.1:{echo_port}"])
+        try:
+            wait_port(port)
+            wait_port(echo_port)
+            figures = asyncio.run(bench_grpc(f"127.0.0.1:{port}", f"127.0.0.1:{echo_port}", args.calls, args.ingest))
+        finally:
+            for proc in (ledger, echo):
+                proc.terminate()
+                proc.wait(timeout=30)
+            redis.stop()
+    baseline = raw_sqlite_baseline(args.ingest, args.shards, synchronous)
+    print(f"{'  IngestBatch / raw SQLite':34s} {figures['ingest'] / baseline:9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Time-driven behaviour over gRPC: lot expiry order, pending credits, hold timeouts and captures."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from pointmesh.v1 import common_pb2, ledger_pb2
+from tests.conftest import LedgerUnderTest
+from tests.ledger.helpers import (
+    assert_books_balance,
+    balance,
+    create_member,
+    detail,
+    earn,
+    error_field,
+    figures,
+    key,
+    place_hold,
+    redeem,
+    rpc_error,
+    ts,
+)
+
+
+def minutes(n: int) -> Duration:
+    return Duration(seconds=n * 60)
+
+
+async def run_expiry(ledger: LedgerUnderTest) -> ledger_pb2.RunExpiryResponse:
+    return await ledger.stub.RunExpiry(ledger_pb2.RunExpiryRequest())
+
+
+def expiry_counts(report: ledger_pb2.RunExpiryResponse) -> tuple[int, int, int, int]:
+    return (report.expired_points, report.lots_expired, report.pending_released, report.holds_voided)
+
+
+# Lots and expiry --------------------------------------------------------------------------
+
+
+async def test_redeem_consumes_the_earliest_expiring_lot_first(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    now = ledger.clock.now()
+    await earn(ledger.stub, member, 100, expires_at=ts(now + timedelta(days=10)))
+    await earn(ledger.stub, member, 100, expires_at=ts(now + timedelta(days=40)))
+    await earn(ledger.stub, member, 100)  # program policy: 365 days
+    await redeem(ledger.stub, member, 150)
+
+    ledger.clock.advance(timedelta(days=20))
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)
+    assert (await balance(ledger.stub, member)).balance_points == 150
+
+    ledger.clock.advance(timedelta(days=21))
+    assert expiry_counts(await run_expiry(ledger)) == (50, 1, 0, 0)
+    assert (await balance(ledger.stub, member)).balance_points == 100
+
+    ledger.clock.advance(timedelta(days=325))
+    assert expiry_counts(await run_expiry(ledger)) == (100, 1, 0, 0)
+    assert (await balance(ledger.stub, member)).balance_points == 0
+    await assert_books_balance(ledger)
+
+
+async def test_lots_are_consumed_by_expiry_date_not_by_earn_order(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    now = ledger.clock.now()
+    await earn(ledger.stub, member, 100, expires_at=ts(now + timedelta(days=40)))
+    await earn(ledger.stub, member, 100, expires_at=ts(now + timedelta(days=10)))
+    await redeem(ledger.stub, member, 150)
+
+    ledger.clock.advance(timedelta(days=11))
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)
+    ledger.clock.advance(timedelta(days=30))
+    assert expiry_counts(await run_expiry(ledger)) == (50, 1, 0, 0)
+    assert (await balance(ledger.stub, member)).balance_points == 0
+    await assert_books_balance(ledger)
+
+
+async def test_expiry_never_takes_points_reserved_by_an_open_hold(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=1)))
+    hold = (await place_hold(ledger.stub, member, 60, timeout=Duration(seconds=3 * 86400))).hold
+
+    ledger.clock.advance(timedelta(days=2))
+    assert expiry_counts(await run_expiry(ledger)) == (40, 1, 0, 0)
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 60, "reserved": 60, "available": 0, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    captured = await ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
+    assert captured.hold.captured_points == 60
+    assert (await balance(ledger.stub, member)).balance_points == 0
+    await assert_books_balance(ledger)
+
+
+async def test_points_a_voided_hold_protected_from_expiry_expire_on_the_next_run(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=1)))
+    hold = (await place_hold(ledger.stub, member, 60, timeout=Duration(seconds=3 * 86400))).hold
+    ledger.clock.advance(timedelta(days=2))
+    await run_expiry(ledger)
+
+    await ledger.stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
+    assert expiry_counts(await run_expiry(ledger)) == (60, 1, 0, 0)
+    assert (await balance(ledger.stub, member)).balance_points == 0
+    await assert_books_balance(ledger)
+
+
+# Pending credits --------------------------------------------------------------------------
+
+
+async def test_pending_earn_is_not_spendable_until_its_release_date(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    earned = await earn(ledger.stub, member, 250, release_at=ts(ledger.clock.now() + timedelta(days=14)))
+    assert earned.pending
+    assert earned.transaction.points == 250
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 0, "reserved": 0, "available": 0, "pending": 250, "debt": 0,
+    }  # fmt: skip
+
+    refused = await rpc_error(redeem(ledger.stub, member, 1), grpc.StatusCode.FAILED_PRECONDITION)
+    assert detail(refused, common_pb2.InsufficientPoints).available_points == 0
+
+    ledger.clock.advance(timedelta(days=13))
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)
+    ledger.clock.advance(timedelta(days=2))
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 1, 0)
+    after = await balance(ledger.stub, member)
+    assert figures(after) == {"balance": 250, "reserved": 0, "available": 250, "pending": 0, "debt": 0}
+    assert after.lifetime_earned_points == 250
+    await redeem(ledger.stub, member, 250)
+    await assert_books_balance(ledger)
+
+
+async def test_earn_under_review_waits_for_release_pending_not_for_time(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    earned = await earn(ledger.stub, member, 90, pending_review=True)
+    assert earned.pending
+
+    ledger.clock.advance(timedelta(days=60))
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)
+    assert figures(await balance(ledger.stub, member))["pending"] == 90
+
+    released = await ledger.stub.ReleasePending(
+        ledger_pb2.ReleasePendingRequest(idempotency_key=key(), transaction_id=earned.transaction.transaction_id)
+    )
+    assert released.transaction.kind == ledger_pb2.TRANSACTION_KIND_PENDING_RELEASE
+    assert released.transaction.points == 90
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 90, "reserved": 0, "available": 90, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    again = await rpc_error(
+        ledger.stub.ReleasePending(
+            ledger_pb2.ReleasePendingRequest(idempotency_key=key(), transaction_id=earned.transaction.transaction_id)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error_field(again) == "transaction_id"
+    await assert_books_balance(ledger)
+
+
+async def test_reversing_a_pending_earn_reduces_pending_and_leaves_available_alone(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 300)
+    pending = await earn(ledger.stub, member, 200, release_at=ts(ledger.clock.now() + timedelta(days=14)))
+
+    reversed_ = await ledger.stub.Reverse(
+        ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=pending.transaction.transaction_id, points=50)
+    )
+    assert (reversed_.reversed_points, reversed_.debt_points) == (50, 0)
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 300, "reserved": 0, "available": 300, "pending": 150, "debt": 0,
+    }  # fmt: skip
+
+    ledger.clock.advance(timedelta(days=15))
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 1, 0)
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 450, "reserved": 0, "available": 450, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    await assert_books_balance(ledger)
+
+
+# Holds ------------------------------------------------------------------------------------
+
+
+async def test_hold_times_out_into_expired_and_gives_points_back(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 500)
+    placed = await place_hold(ledger.stub, member, 200, timeout=minutes(10))
+    assert placed.hold.status == ledger_pb2.HOLD_STATUS_PLACED
+    assert figures(placed.balance_after) == {
+        "balance": 500, "reserved": 200, "available": 300, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    assert figures(await balance(ledger.stub, member))["available"] == 300
+
+    ledger.clock.advance(timedelta(minutes=9))
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)
+    ledger.clock.advance(timedelta(minutes=2))
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 1)
+
+    hold = (await ledger.stub.GetHold(ledger_pb2.GetHoldRequest(hold_id=placed.hold.hold_id))).hold
+    assert (hold.status, hold.captured_points) == (ledger_pb2.HOLD_STATUS_EXPIRED, 0)
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 500, "reserved": 0, "available": 500, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    late = await rpc_error(
+        ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=placed.hold.hold_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error_field(late) == "hold_id"
+    assert (await balance(ledger.stub, member)).balance_points == 500
+    await assert_books_balance(ledger)
+
+
+async def test_hold_past_its_timeout_cannot_be_captured_before_the_expiry_run(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 500)
+    placed = await place_hold(ledger.stub, member, 200, timeout=minutes(10))
+    ledger.clock.advance(timedelta(minutes=11))
+
+    late = await rpc_error(
+        ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=placed.hold.hold_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error_field(late) == "hold_id"
+    assert figures(await balance(ledger.stub, member))["balance"] == 500
+
+
+async def test_partial_capture_debits_the_captured_points_and_releases_the_rest(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 300)
+    placed = await place_hold(ledger.stub, member, 100)
+
+    captured = await ledger.stub.CaptureHold(
+        ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=placed.hold.hold_id, points=60)
+    )
+    assert (captured.hold.status, captured.hold.points, captured.hold.captured_points) == (
+        ledger_pb2.HOLD_STATUS_CAPTURED,
+        100,
+        60,
+    )
+    assert captured.transaction.kind == ledger_pb2.TRANSACTION_KIND_HOLD_CAPTURE
+    assert captured.transaction.points == -60
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 240, "reserved": 0, "available": 240, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    stored = (await ledger.stub.GetHold(ledger_pb2.GetHoldRequest(hold_id=placed.hold.hold_id))).hold
+    assert (stored.status, stored.captured_points) == (ledger_pb2.HOLD_STATUS_CAPTURED, 60)
+    await assert_books_balance(ledger)
+
+
+async def test_void_releases_all_held_points(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 300)
+    placed = await place_hold(ledger.stub, member, 100)
+
+    voided = await ledger.stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=placed.hold.hold_id))
+    assert voided.hold.status == ledger_pb2.HOLD_STATUS_VOIDED
+    assert figures(voided.balance_after) == {"balance": 300, "reserved": 0, "available": 300, "pending": 0, "debt": 0}
+    await rpc_error(
+        ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=placed.hold.hold_id)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert figures(await balance(ledger.stub, member))["balance"] == 300
+    await assert_books_balance(ledger)
+
+
+async def test_capturing_more_than_held_is_invalid_on_points(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 300)
+    placed = await place_hold(ledger.stub, member, 100)
+
+    error = await rpc_error(
+        ledger.stub.CaptureHold(
+            ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=placed.hold.hold_id, points=101)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert error_field(error) == "points"
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 300, "reserved": 100, "available": 200, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    hold = (await ledger.stub.GetHold(ledger_pb2.GetHoldRequest(hold_id=placed.hold.hold_id))).hold
+    assert hold.status == ledger_pb2.HOLD_STATUS_PLACED
+
+
+async def test_redeem_cannot_spend_held_points(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100)
+    await place_hold(ledger.stub, member, 70)
+
+    refused = await rpc_error(redeem(ledger.stub, member, 40), grpc.StatusCode.FAILED_PRECONDITION)
+    shortfall = detail(refused, common_pb2.InsufficientPoints)
+    assert (shortfall.available_points, shortfall.requested_points) == (30, 40)
+    await rpc_error(place_hold(ledger.stub, member, 31), grpc.StatusCode.FAILED_PRECONDITION)
+    await redeem(ledger.stub, member, 30)
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 70, "reserved": 70, "available": 0, "pending": 0, "debt": 0,
+    }  # fmt: skip
+
+
+async def test_hold_timeout_above_seven_days_is_invalid(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100)
+
+    error = await rpc_error(
+        place_hold(ledger.stub, member, 10, timeout=Duration(seconds=7 * 86400 + 1)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert error_field(error) == "timeout"
+    assert figures(await balance(ledger.stub, member))["reserved"] == 0

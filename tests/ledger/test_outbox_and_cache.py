@@ -1,0 +1,278 @@
+"""The outbox delivers every event across a Redis outage, the balance cache never serves a
+superseded balance, and WatchEvents streams a member's events in order from a resumable position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ledger_svc.cache import cache_key
+from pointmesh.events import LEDGER_EVENTS, BusMessage, RedisStreamBus
+from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.v1 import common_pb2, ledger_pb2
+from tests.conftest import LedgerUnderTest, start_ledger, stop_ledger
+
+GROUP = "test-consumer"
+# A posting must answer well within this even while Redis is down or frozen.
+POSTING_DEADLINE_SECONDS = 2.0
+
+
+def _key(name: str) -> common_pb2.IdempotencyKey:
+    return common_pb2.IdempotencyKey(namespace="outbox-cache-test", key=name)
+
+
+def _client(url: str) -> Redis:
+    return Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
+
+
+async def _create_member(ledger: LedgerUnderTest, name: str) -> str:
+    response = await ledger.stub.CreateMember(ledger_pb2.CreateMemberRequest(idempotency_key=_key(name)))
+    return str(response.member.member_id)
+
+
+async def _earn(ledger: LedgerUnderTest, member_id: str, points: int, key: str) -> ledger_pb2.EarnResponse:
+    request = ledger_pb2.EarnRequest(idempotency_key=_key(key), member_id=member_id, points=points)
+    return await ledger.stub.Earn(request, timeout=POSTING_DEADLINE_SECONDS)
+
+
+async def _balance(ledger: LedgerUnderTest, member_id: str) -> ledger_pb2.Balance:
+    return (await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member_id))).balance
+
+
+async def _outbox_backlog(ledger: LedgerUnderTest) -> int:
+    store = ledger.app.store
+    return sum([await store.read(shard, lambda tx: tx.outbox_backlog()) for shard in range(store.shard_count)])
+
+
+async def _stream_events(client: Redis, member_id: str) -> list[ledger_pb2.LedgerEvent]:
+    raw = await client.xrange(LEDGER_EVENTS)
+    return [
+        ledger_pb2.LedgerEvent.FromString(fields[b"payload"])
+        for _pos, fields in raw
+        if fields.get(b"key", b"").decode() == member_id
+    ]
+
+
+class IdempotentConsumer:
+    """Applies each event once, however often the bus delivers it."""
+
+    def __init__(self, member_id: str) -> None:
+        self.member_id = member_id
+        self.applied: dict[str, ledger_pb2.LedgerEvent] = {}
+        self.balance_points = 0
+        self.deliveries = 0
+
+    def apply(self, messages: list[BusMessage]) -> None:
+        for message in messages:
+            self.deliveries += 1
+            if message.key != self.member_id or message.event_type != "points_earned":
+                continue
+            if message.event_id in self.applied:
+                continue
+            event = ledger_pb2.LedgerEvent.FromString(message.payload)
+            assert event.event_id == message.event_id
+            self.applied[event.event_id] = event
+            self.balance_points += event.points_earned.points
+
+
+async def test_outbox_delivers_every_event_exactly_once_to_an_idempotent_consumer_across_a_redis_outage(
+    tmp_path: Path,
+) -> None:
+    own_redis = RedisServer(free_port(), tmp_path / "redis", appendonly=True)
+    own_redis.start()
+    client = _client(own_redis.url)
+    ledger: LedgerUnderTest | None = None
+    try:
+        bus = RedisStreamBus(client)
+        await bus.ensure_group(LEDGER_EVENTS, GROUP, start="0")
+        ledger = await start_ledger(tmp_path / "data", own_redis.url)
+        member_id = await _create_member(ledger, "outage-member")
+        tx_ids = [
+            (await _earn(ledger, member_id, i + 1, f"earn-{i}")).transaction.transaction_id for i in range(20)
+        ]
+
+        own_redis.stop()
+        for i in range(20, 50):
+            started = time.monotonic()
+            earned = await _earn(ledger, member_id, i + 1, f"earn-{i}")
+            assert time.monotonic() - started < POSTING_DEADLINE_SECONDS
+            tx_ids.append(earned.transaction.transaction_id)
+        assert await _outbox_backlog(ledger) > 0
+
+        own_redis.start()
+        deadline = time.monotonic() + 20
+        while len({e.event_id for e in await _stream_events(client, member_id)}) < 50:
+            assert time.monotonic() < deadline, "the relay did not catch up after Redis came back"
+            await asyncio.sleep(0.05)
+        while await _outbox_backlog(ledger):
+            assert time.monotonic() < deadline, "outbox rows stay unrelayed"
+            await asyncio.sleep(0.05)
+
+        consumer = IdempotentConsumer(member_id)
+        # The consumer applies a batch and dies before acknowledging: the bus delivers it again.
+        first = await bus.consume(LEDGER_EVENTS, GROUP, "worker-1", count=10, block_ms=100)
+        assert first
+        consumer.apply(first)
+        redelivered = await bus.consume(LEDGER_EVENTS, GROUP, "worker-1", count=10, block_ms=100)
+        assert [m.position for m in redelivered] == [m.position for m in first]
+        consumer.apply(redelivered)
+        await bus.ack(LEDGER_EVENTS, GROUP, [m.position for m in redelivered])
+        while batch := await bus.consume(LEDGER_EVENTS, GROUP, "worker-1", count=7, block_ms=100):
+            consumer.apply(batch)
+            await bus.ack(LEDGER_EVENTS, GROUP, [m.position for m in batch])
+
+        assert consumer.deliveries >= 50 + len(first)
+        assert len(consumer.applied) == 50
+        assert sorted(e.points_earned.transaction_id for e in consumer.applied.values()) == sorted(tx_ids)
+        balance = await _balance(ledger, member_id)
+        assert consumer.balance_points == balance.balance_points == sum(range(1, 51))
+        assert max(e.balance_after.version for e in consumer.applied.values()) == balance.version
+        assert (await client.xpending(LEDGER_EVENTS, GROUP))["pending"] == 0
+        assert await _outbox_backlog(ledger) == 0
+    finally:
+        if ledger is not None:
+            await stop_ledger(ledger)
+        await client.aclose()
+        own_redis.stop()
+
+
+async def _wait_for_cache_fill(ledger: LedgerUnderTest, client: Redis, member_id: str, version: int) -> str:
+    """Reads until the read-through cache holds this version; returns the raw entry."""
+    deadline = time.monotonic() + 10
+    while True:
+        await _balance(ledger, member_id)
+        raw = await client.get(cache_key(member_id, "points"))
+        if raw is not None and raw.decode().startswith(f"{version}|{{"):
+            return str(raw.decode())
+        assert time.monotonic() < deadline, f"no cache entry for version {version}; found {raw!r}"
+        await asyncio.sleep(0.02)
+
+
+async def _read_for_a_second(ledger: LedgerUnderTest, member_id: str) -> list[int]:
+    seen = []
+    for _ in range(20):
+        seen.append((await _balance(ledger, member_id)).balance_points)
+        await asyncio.sleep(0.05)
+    return seen
+
+
+async def test_balance_cache_never_serves_a_superseded_balance_after_a_redis_freeze_or_a_restart(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    client = _client(redis_server.url)
+    ledger = await start_ledger(tmp_path / "data", redis_server.url)
+    paused = False
+    try:
+        member_id = await _create_member(ledger, "cache-member")
+        earned = await _earn(ledger, member_id, 100, "cache-earn-1")
+        version = earned.transaction.balance_after.version
+        entry = await _wait_for_cache_fill(ledger, client, member_id, version)
+        assert '"balance_points": 100' in entry or '"balance_points":100' in entry
+        assert (await _balance(ledger, member_id)).balance_points == 100
+
+        redis_server.pause()
+        paused = True
+        started = time.monotonic()
+        await _earn(ledger, member_id, 50, "cache-earn-2")
+        assert time.monotonic() - started < POSTING_DEADLINE_SECONDS
+        # Reads while Redis is frozen skip the cache for the member just written.
+        assert (await _balance(ledger, member_id)).balance_points == 150
+        redis_server.resume()
+        paused = False
+        assert (await _balance(ledger, member_id)).balance_points == 150
+        assert set(await _read_for_a_second(ledger, member_id)) == {150}
+        stale_entry = await _wait_for_cache_fill(ledger, client, member_id, version + 1)
+
+        # Redis freezes during a write and the process stops before the tombstone lands, so
+        # the entry of a superseded balance may outlive the process.
+        redis_server.pause()
+        paused = True
+        await _earn(ledger, member_id, 25, "cache-earn-3")
+        await stop_ledger(ledger)
+        redis_server.resume()
+        paused = False
+        await client.set(cache_key(member_id, "points"), stale_entry, ex=300)
+
+        ledger = await start_ledger(tmp_path / "data", redis_server.url)
+        assert (await _balance(ledger, member_id)).balance_points == 175
+        assert set(await _read_for_a_second(ledger, member_id)) == {175}
+        await _wait_for_cache_fill(ledger, client, member_id, version + 2)
+        assert (await _balance(ledger, member_id)).balance_points == 175
+    finally:
+        if paused:
+            redis_server.resume()
+        await stop_ledger(ledger)
+        await client.aclose()
+
+
+async def _next(stream: AsyncIterator[ledger_pb2.WatchEventsResponse]) -> ledger_pb2.WatchEventsResponse:
+    return await asyncio.wait_for(anext(stream), timeout=10)
+
+
+def _position(value: str) -> tuple[int, int]:
+    millis, _, seq = value.partition("-")
+    return int(millis), int(seq)
+
+
+async def test_watch_events_streams_a_members_events_in_order_and_resumes_after_a_position(
+    ledger: LedgerUnderTest, redis_server: RedisServer
+) -> None:
+    client = _client(redis_server.url)
+    try:
+        last = await client.xrevrange(LEDGER_EVENTS, count=1)
+        start = last[0][0].decode() if last else "0-0"
+    finally:
+        await client.aclose()
+    member_id = await _create_member(ledger, "watch-member")
+    other_id = await _create_member(ledger, "watch-other")
+    await _earn(ledger, member_id, 80, "watch-earn-1")
+    await _earn(ledger, other_id, 7, "watch-other-earn")
+    redeemed = await ledger.stub.Redeem(
+        ledger_pb2.RedeemRequest(idempotency_key=_key("watch-redeem-1"), member_id=member_id, points=30)
+    )
+
+    call = ledger.stub.WatchEvents(ledger_pb2.WatchEventsRequest(member_id=member_id, after_position=start))
+    stream = aiter(call)
+    try:
+        earned_msg, redeemed_msg = await _next(stream), await _next(stream)
+    finally:
+        call.cancel()
+    assert earned_msg.event.WhichOneof("payload") == "points_earned"
+    assert (earned_msg.event.member_id, earned_msg.event.points_earned.points) == (member_id, 80)
+    assert earned_msg.event.balance_after.balance_points == 80
+    assert redeemed_msg.event.WhichOneof("payload") == "points_redeemed"
+    assert redeemed_msg.event.points_redeemed.points == 30
+    assert redeemed_msg.event.points_redeemed.transaction_id == redeemed.transaction.transaction_id
+    assert redeemed_msg.event.balance_after.balance_points == 50
+    assert _position(start) < _position(earned_msg.position) < _position(redeemed_msg.position)
+
+    await _earn(ledger, member_id, 5, "watch-earn-2")
+    resumed = ledger.stub.WatchEvents(
+        ledger_pb2.WatchEventsRequest(member_id=member_id, after_position=earned_msg.position)
+    )
+    stream = aiter(resumed)
+    try:
+        again, newest = await _next(stream), await _next(stream)
+    finally:
+        resumed.cancel()
+    assert (again.position, again.event.event_id) == (redeemed_msg.position, redeemed_msg.event.event_id)
+    assert newest.event.WhichOneof("payload") == "points_earned"
+    assert newest.event.points_earned.points == 5
+    assert newest.event.balance_after.balance_points == 55
+    assert _position(newest.position) > _position(redeemed_msg.position)
+
+
+async def test_watch_events_rejects_a_malformed_member_id(ledger: LedgerUnderTest) -> None:
+    call = ledger.stub.WatchEvents(ledger_pb2.WatchEventsRequest(member_id="not-a-member"))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await asyncio.wait_for(anext(aiter(call)), timeout=10)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
