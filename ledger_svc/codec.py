@@ -32,8 +32,9 @@ def to_plain(value: Any) -> Any:
         return value.value if isinstance(value, enum.Enum) else value
     if isinstance(value, enum.Enum):
         return value.value
-    if hasattr(type(value), "__dataclass_fields__"):
-        return {name: to_plain(getattr(value, name)) for name in _field_names(type(value))}
+    cls: Any = type(value)
+    if hasattr(cls, "__dataclass_fields__"):
+        return {name: to_plain(getattr(value, name)) for name in _field_names(cls)}
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, timedelta):
