@@ -67,7 +67,7 @@ class LedgerApp:
         return self.server.port
 
     async def start(self) -> int:
-        await self.service.recover_sagas()
+        await self.service.recover_sagas(at_startup=True)
         port = await self.server.start()
         self.tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         self.tasks.append(asyncio.create_task(self._jobs(), name="ledger-jobs"))

@@ -60,13 +60,25 @@ class ShardBook:
         self.policy = policy
         # Balances this unit changed, for cache invalidation once it commits.
         self.touched: list[Balance] = []
+        self._rows: dict[str, AccountRow] = {}
+
+    def _acct(self, account: str) -> AccountRow:
+        """Account rows read once per unit of work; writes go through _put."""
+        row = self._rows.get(account)
+        if row is None:
+            row = self._rows[account] = self.tx.get_account(account)
+        return row
+
+    def _put(self, row: AccountRow) -> None:
+        self._rows[row.account] = row
+        self.tx.put_account(row)
 
     # Reads -------------------------------------------------------------------------------
 
     def balance(self, member_id: str, unit: str) -> Balance:
-        main = self.tx.get_account(member_account(member_id, unit))
-        pending = self.tx.get_account(pending_account(member_id, unit))
-        debt = self.tx.get_account(debt_account(member_id, unit))
+        main = self._acct(member_account(member_id, unit))
+        pending = self._acct(pending_account(member_id, unit))
+        debt = self._acct(debt_account(member_id, unit))
         return Balance(
             member_id=member_id,
             unit=unit,
@@ -101,28 +113,25 @@ class ShardBook:
         if sum(points for _, points in legs) != 0:
             raise AssertionError(f"unbalanced posting {record.tx_id}: {legs}")
         for account, points in legs:
-            row = self.tx.get_account(account)
+            row = self._acct(account)
             row.balance += points
-            self.tx.put_account(row)
+            self._put(row)
         self.tx.add_entries(record, legs)
 
-    def _finish(self, record: TxRecord, event_type: str, data: dict[str, Any], *, new: bool = True) -> Transaction:
+    def _finish(self, record: TxRecord, event_type: str, data: dict[str, Any], *, earned_delta: int = 0) -> Transaction:
         """Bumps the member's balance version, stores the transaction and queues its event."""
-        balance = self._bump(record.member_id, record.unit)
+        balance = self._bump(record.member_id, record.unit, earned_delta=earned_delta)
         record.balance_after_json = codec.dumps(balance)
-        if new:
-            self.tx.add_transaction(record)
-        else:
-            self.tx.update_transaction(record)
+        self.tx.add_transaction(record)
         self.emit(event_type, balance, data)
         return self.transaction(record)
 
     def _bump(self, member_id: str, unit: str, *, reserved_delta: int = 0, earned_delta: int = 0) -> Balance:
-        row = self.tx.get_account(member_account(member_id, unit))
+        row = self._acct(member_account(member_id, unit))
         row.reserved += reserved_delta
         row.lifetime_earned += earned_delta
         row.version += 1
-        self.tx.put_account(row)
+        self._put(row)
         return self.balance(member_id, unit)
 
     def emit(self, event_type: str, balance: Balance, data: dict[str, Any]) -> None:
@@ -152,7 +161,7 @@ class ShardBook:
     ) -> tuple[list[tuple[str, int]], str]:
         """Legs and lots that credit the member, paying any recorded debt first."""
         total = sum(p for p, _ in portions)
-        owed = -self.tx.get_account(debt_account(member_id, unit)).balance
+        owed = -self._acct(debt_account(member_id, unit)).balance
         pay = min(total, owed)
         legs = [(debt_account(member_id, unit), pay), (member_account(member_id, unit), total - pay)]
         first_lot = ""
@@ -194,7 +203,7 @@ class ShardBook:
 
     def _normalise_lots(self, member_id: str, unit: str) -> None:
         """Keeps lots equal to the positive balance: credits first fill a negative balance."""
-        balance = self.tx.get_account(member_account(member_id, unit)).balance
+        balance = self._acct(member_account(member_id, unit)).balance
         excess = self.tx.spendable_total(member_id, unit) - max(balance, 0)
         if excess > 0:
             self._consume_lots(member_id, unit, excess)
@@ -244,11 +253,11 @@ class ShardBook:
             legs, record.lot_id = self._credit_legs(member_id, unit, [(points, expiry)], record.tx_id)
             self._post(record, [funding, *legs])
             self._normalise_lots(member_id, unit)
-            self._bump(member_id, unit, earned_delta=points)
         transaction = self._finish(
             record, "points_earned",
             {"transaction_id": record.tx_id, "points": points, "lot_id": record.lot_id, "pending": pending,
              "funding_source": funding_source, "reference": reference, "business_time": biz.isoformat()},
+            earned_delta=0 if pending else points,
         )  # fmt: skip
         return EarnResult(transaction, record.lot_id, pending)
 
@@ -260,7 +269,7 @@ class ShardBook:
             )
         points = lot.remaining_points
         lot.pending = False
-        owed = -self.tx.get_account(debt_account(lot.member_id, lot.unit)).balance
+        owed = -self._acct(debt_account(lot.member_id, lot.unit)).balance
         pay = min(points, owed)
         lot.remaining_points = points - pay
         lot.pending_review = False
@@ -277,8 +286,12 @@ class ShardBook:
             ],
         )
         self._normalise_lots(lot.member_id, lot.unit)
-        self._bump(lot.member_id, lot.unit, earned_delta=points)
-        return self._finish(record, "pending_released", {"transaction_id": lot.earn_transaction_id, "points": points})
+        return self._finish(
+            record,
+            "pending_released",
+            {"transaction_id": lot.earn_transaction_id, "points": points},
+            earned_delta=points,
+        )
 
     def release_pending(self, tx_id: str) -> Transaction:
         original = self.require_transaction(tx_id)
@@ -337,8 +350,10 @@ class ShardBook:
         )
         return HoldResult(hold, balance)
 
-    def _open_hold(self, hold_id: str) -> Hold:
+    def _open_hold(self, hold_id: str, *, saga: bool = False) -> Hold:
         hold = self.require_hold(hold_id)
+        if hold.saga_id and not saga:
+            raise FailedPrecondition(f"hold {hold_id} belongs to transfer {hold.saga_id}", field="hold_id")
         if hold.status != HoldStatus.PLACED:
             raise FailedPrecondition(f"hold {hold_id} is {hold.status.value}, not PLACED", field="hold_id")
         if hold.expires_at <= self.now and not hold.saga_id:
@@ -348,7 +363,7 @@ class ShardBook:
     def capture_hold(
         self, hold_id: str, points: int, *, kind: TxKind = TxKind.HOLD_CAPTURE, tx_id: str = ""
     ) -> HoldResult:
-        hold = self._open_hold(hold_id)
+        hold = self._open_hold(hold_id, saga=kind == TxKind.TRANSFER_OUT)
         captured = points or hold.points
         if captured > hold.points:
             raise InvalidArgument(f"cannot capture {captured} points of a {hold.points}-point hold", field="points")
@@ -368,6 +383,8 @@ class ShardBook:
         hold = self.require_hold(hold_id)
         if hold.status != HoldStatus.PLACED:
             raise FailedPrecondition(f"hold {hold_id} is {hold.status.value}, not PLACED", field="hold_id")
+        if hold.saga_id:
+            raise FailedPrecondition(f"hold {hold_id} belongs to transfer {hold.saga_id}", field="hold_id")
         status = HoldStatus.EXPIRED if expired else HoldStatus.VOIDED
         self.tx.set_hold_status(hold_id, status, 0)
         balance = self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
@@ -403,7 +420,7 @@ class ShardBook:
             self.tx.update_lot(lot)
             self._post(record, [refund_back, (pending_account(member_id, unit), -amount)])
         else:
-            row = self.tx.get_account(member_account(member_id, unit))
+            row = self._acct(member_account(member_id, unit))
             floor = row.reserved if row.reserved > 0 else -self.policy.negative_limit_points
             take = max(0, min(amount, row.balance - floor))
             debt = amount - take
@@ -594,7 +611,7 @@ class ShardBook:
             by_account.setdefault((lot.member_id, lot.unit), []).append(lot)
         expired_points = 0
         for (member_id, unit), due in by_account.items():
-            row = self.tx.get_account(member_account(member_id, unit))
+            row = self._acct(member_account(member_id, unit))
             amount = max(0, min(sum(lot.remaining_points for lot in due), row.balance - row.reserved))
             if amount == 0:
                 continue
@@ -629,7 +646,7 @@ class ShardBook:
         return len(self.tx.placed_holds_of(member_id))
 
     def touch_unit(self, member_id: str, unit: str) -> AccountRow:
-        return self.tx.get_account(member_account(member_id, unit))
+        return self._acct(member_account(member_id, unit))
 
 
 def to_transaction(record: TxRecord) -> Transaction:

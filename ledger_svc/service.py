@@ -552,8 +552,12 @@ class LedgerService:
             raise FailedPrecondition(f"transfer {saga_id} did not complete", field="transfer_id")
         return TransferResult(saga_id, to_transaction(debit_rec), to_transaction(credit_rec))
 
-    async def recover_sagas(self) -> int:
-        """Completes transfers and merges a crash left half-way; safe to run any time."""
+    async def recover_sagas(self, *, at_startup: bool = False) -> int:
+        """Completes transfers and merges a crash left half-way; safe to run any time.
+
+        Merges that died before recording their saga are only looked for at start-up, since
+        finding them means reading every merged member.
+        """
         completed = 0
         for shard in range(self.store.shard_count):
             for saga in await self.store.read(shard, lambda tx: tx.open_sagas()):
@@ -565,7 +569,8 @@ class LedgerService:
                     completed += 1
                 except LedgerError:
                     log.exception("saga %s could not be completed yet", saga.saga_id)
-        completed += await self._recover_unstarted_merges()
+        if at_startup:
+            completed += await self._recover_unstarted_merges()
         return completed
 
     async def _recover_unstarted_merges(self) -> int:

@@ -109,6 +109,10 @@ async def test_outbox_delivers_every_event_exactly_once_to_an_idempotent_consume
         assert await _outbox_backlog(ledger) > 0
 
         own_redis.start()
+        # The test's own connection died with the old process; the relay reconnects by itself.
+        await client.aclose()
+        client = _client(own_redis.url)
+        bus = RedisStreamBus(client)
         deadline = time.monotonic() + 20
         while len({e.event_id for e in await _stream_events(client, member_id)}) < 50:
             assert time.monotonic() < deadline, "the relay did not catch up after Redis came back"
@@ -174,15 +178,14 @@ async def test_balance_cache_never_serves_a_superseded_balance_after_a_redis_fre
     try:
         member_id = await _create_member(ledger, "cache-member")
         earned = await _earn(ledger, member_id, 100, "cache-earn-1")
-        version = earned.transaction.balance_after.version
-        entry = await _wait_for_cache_fill(ledger, client, member_id, version)
+        entry = await _wait_for_cache_fill(ledger, client, member_id, earned.transaction.balance_after.version)
         assert '"balance_points": 100' in entry or '"balance_points":100' in entry
         assert (await _balance(ledger, member_id)).balance_points == 100
 
         redis_server.pause()
         paused = True
         started = time.monotonic()
-        await _earn(ledger, member_id, 50, "cache-earn-2")
+        earned = await _earn(ledger, member_id, 50, "cache-earn-2")
         assert time.monotonic() - started < POSTING_DEADLINE_SECONDS
         # Reads while Redis is frozen skip the cache for the member just written.
         assert (await _balance(ledger, member_id)).balance_points == 150
@@ -190,13 +193,13 @@ async def test_balance_cache_never_serves_a_superseded_balance_after_a_redis_fre
         paused = False
         assert (await _balance(ledger, member_id)).balance_points == 150
         assert set(await _read_for_a_second(ledger, member_id)) == {150}
-        stale_entry = await _wait_for_cache_fill(ledger, client, member_id, version + 1)
+        stale_entry = await _wait_for_cache_fill(ledger, client, member_id, earned.transaction.balance_after.version)
 
         # Redis freezes during a write and the process stops before the tombstone lands, so
         # the entry of a superseded balance may outlive the process.
         redis_server.pause()
         paused = True
-        await _earn(ledger, member_id, 25, "cache-earn-3")
+        earned = await _earn(ledger, member_id, 25, "cache-earn-3")
         await stop_ledger(ledger)
         redis_server.resume()
         paused = False
@@ -205,7 +208,7 @@ async def test_balance_cache_never_serves_a_superseded_balance_after_a_redis_fre
         ledger = await start_ledger(tmp_path / "data", redis_server.url)
         assert (await _balance(ledger, member_id)).balance_points == 175
         assert set(await _read_for_a_second(ledger, member_id)) == {175}
-        await _wait_for_cache_fill(ledger, client, member_id, version + 2)
+        await _wait_for_cache_fill(ledger, client, member_id, earned.transaction.balance_after.version)
         assert (await _balance(ledger, member_id)).balance_points == 175
     finally:
         if paused:
