@@ -17,5 +17,11 @@ async def test_earn_then_balance_over_grpc(ledger: LedgerUnderTest) -> None:
             idempotency_key=common_pb2.IdempotencyKey(key="e"), member_id=member.member_id, points=70
         )
     )
-    balance = (await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member.member_id))).balance
-    assert (balance.balance_points, balance.available_points, balance.version) == (70, 70, 2)
+    first = (await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member.member_id))).balance
+    assert (first.balance_points, first.available_points) == (70, 70)
+    await ledger.stub.Earn(
+        ledger_pb2.EarnRequest(idempotency_key=common_pb2.IdempotencyKey(key="e2"), member_id=member.member_id, points=5)
+    )
+    second = (await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member.member_id))).balance
+    assert second.balance_points == 75
+    assert second.version > first.version
