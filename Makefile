@@ -10,7 +10,7 @@ PROTO_FILES := $(wildcard protos/pointmesh/v1/*.proto)
 .PHONY: up test lint protos protos-check bench demo clean setup system-deps
 
 $(STAMP): pyproject.toml constraints.txt
-	@command -v $(PY) >/dev/null || PY=python3; $${PY:-$(PY)} -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
+	$(PY) -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
