@@ -37,6 +37,7 @@ class TxKind(StrEnum):
     MERGE_OUT = "MERGE_OUT"
     MERGE_IN = "MERGE_IN"
     PENDING_RELEASE = "PENDING_RELEASE"
+    DEBT_SETTLEMENT = "DEBT_SETTLEMENT"
 
 
 class HoldStatus(StrEnum):

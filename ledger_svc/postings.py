@@ -231,6 +231,8 @@ class ShardBook:
         reference: str,
     ) -> EarnResult:
         biz = business_time or self.now
+        if expires_at is not None and expires_at <= biz:
+            raise InvalidArgument("must be later than the business time", field="expires_at")
         expiry = expires_at or self.default_expiry(biz)
         pending = pending_review or (release_at is not None and release_at > self.now)
         record = self._record(
@@ -389,7 +391,22 @@ class ShardBook:
         self.tx.set_hold_status(hold_id, status, 0)
         balance = self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
         self.emit("hold_voided", balance, {"hold_id": hold_id, "points": hold.points, "expired": expired})
-        return HoldResult(replace(hold, status=status), balance)
+        settled = self._settle_debt(hold.member_id, hold.unit)
+        return HoldResult(replace(hold, status=status), settled.balance_after if settled else balance)
+
+    def _settle_debt(self, member_id: str, unit: str) -> Transaction | None:
+        """Released points first pay debt a reversal recorded while they were reserved."""
+        owed = -self._acct(debt_account(member_id, unit)).balance
+        row = self._acct(member_account(member_id, unit))
+        pay = min(owed, row.balance - row.reserved)
+        if pay <= 0:
+            return None
+        record = self._record(TxKind.DEBT_SETTLEMENT, member_id, unit, -pay, reference="debt settlement")
+        self._post(record, [(member_account(member_id, unit), -pay), (debt_account(member_id, unit), pay)])
+        self._consume_lots(member_id, unit, pay)
+        return self._finish(
+            record, "points_adjusted", {"transaction_id": record.tx_id, "points": -pay, "reason": "debt settlement"}
+        )
 
     def reverse(self, tx_id: str, *, points: int | None, refund: Money | None, reason: str) -> ReverseResult:
         original = self.require_transaction(tx_id)

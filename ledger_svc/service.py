@@ -109,16 +109,38 @@ class LedgerService:
             log.warning("fault injection: killing the process at %s", point)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    async def _claim(self, key: IdemKey, operation: str, fp: str) -> None:
+    async def _claim(self, key: IdemKey, operation: str, fp: str) -> bool:
+        """Claims the key; True when it was already claimed with this payload (a possible replay)."""
         now = self.clock.now()
         existing = await self.store.write_directory(lambda d: d.claim(key.namespace, key.key, operation, fp, now))
         if existing is not None and existing.fingerprint != fp:
             raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
+        return existing is not None
 
-    async def _mutate(self, command: Any, shard: int, result_type: type[R], body: Callable[[ShardBook], R]) -> R:
-        """Claims the key, then runs body in the shard with the idempotency record beside it."""
+    async def _stored_result(self, key: IdemKey, shard: int, result_type: type[R]) -> R | None:
+        record = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
+        return None if record is None else codec.loads(result_type, record.result_json)
+
+    async def _mutate(
+        self,
+        command: Any,
+        shard: int,
+        result_type: type[R],
+        body: Callable[[ShardBook], R],
+        precheck: Callable[[], Awaitable[None]] | None = None,
+    ) -> R:
+        """Claims the key, then runs body in the shard with the idempotency record beside it.
+
+        A replay returns the stored result before `precheck` (member status and other checks
+        against current state), so a retry after the member was blocked still gets its answer.
+        """
         fp = c.fingerprint(command)
-        await self._claim(command.key, type(command).__name__, fp)
+        if await self._claim(command.key, type(command).__name__, fp):
+            stored = await self._stored_result(command.key, shard, result_type)
+            if stored is not None:
+                return stored
+        if precheck is not None:
+            await precheck()
         result, _replayed = await self.store.write(shard, self._idempotent_unit(command, fp, result_type, body))
         return result
 
@@ -188,6 +210,10 @@ class LedgerService:
         status = await self._status(member_id, field)
         if status != MemberStatus.ACTIVE:
             raise MemberNotActive(f"member {member_id} is {status.value}", field=field)
+
+    def _active(self, member_id: str, field: str = "member_id") -> Callable[[], Awaitable[None]]:
+        """The member-status check, deferred so a replay can answer before it."""
+        return lambda: self._require_active(member_id, field)
 
     async def _require_exists(self, member_id: str, field: str = "member_id") -> None:
         v.member_id(member_id, field)
@@ -352,7 +378,7 @@ class LedgerService:
         v.optional_text(cmd.reference, "reference")
         if cmd.purchase is not None:
             v.money(cmd.purchase, "purchase_amount")
-        if cmd.expires_at is not None and cmd.expires_at <= (cmd.business_time or self.clock.now()):
+        if cmd.expires_at is not None and cmd.business_time is not None and cmd.expires_at <= cmd.business_time:
             raise InvalidArgument("must be later than the business time", field="expires_at")
         return c.Earn(
             key=v.idem_key(cmd.key), member_id=v.member_id(cmd.member_id), unit=v.unit(cmd.unit, self.policy.units),
@@ -363,8 +389,14 @@ class LedgerService:
 
     async def earn(self, cmd: c.Earn) -> EarnResult:
         cmd = self._check_earn(cmd)
-        await self._require_active(cmd.member_id)
-        return await self._mutate(cmd, self.shard_of(cmd.member_id), EarnResult, lambda b: self._earn_body(b, cmd))
+        await self._require_exists(cmd.member_id)
+        return await self._mutate(
+            cmd,
+            self.shard_of(cmd.member_id),
+            EarnResult,
+            lambda b: self._earn_body(b, cmd),
+            self._active(cmd.member_id),
+        )
 
     @staticmethod
     def _earn_body(book: ShardBook, cmd: c.Earn) -> EarnResult:
@@ -382,10 +414,11 @@ class LedgerService:
 
     async def redeem(self, cmd: c.Redeem) -> Transaction:
         cmd = self._check_redeem(cmd)
-        await self._require_active(cmd.member_id)
+        await self._require_exists(cmd.member_id)
         return await self._mutate(
             cmd, self.shard_of(cmd.member_id), Transaction,
             lambda b: b.redeem(cmd.member_id, cmd.unit, cmd.points, business_time=cmd.business_time, reference=cmd.reference),
+            self._active(cmd.member_id),
         )  # fmt: skip
 
     def _check_adjust(self, cmd: c.Adjust) -> c.Adjust:
@@ -411,10 +444,11 @@ class LedgerService:
         timeout = v.hold_timeout(cmd.timeout, self.policy.hold_timeout, self.policy.hold_max_timeout)
         cmd = c.PlaceHold(key, v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units), cmd.points,
                           cmd.timeout, v.optional_text(cmd.reference, "reference"))  # fmt: skip
-        await self._require_active(cmd.member_id)
+        await self._require_exists(cmd.member_id)
         return await self._mutate(
             cmd, self.shard_of(cmd.member_id), HoldResult,
             lambda b: b.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=timeout, reference=cmd.reference),
+            self._active(cmd.member_id),
         )  # fmt: skip
 
     async def capture_hold(self, cmd: c.CaptureHold) -> HoldResult:
@@ -478,13 +512,20 @@ class LedgerService:
                          v.unit(cmd.unit, self.policy.units), cmd.points, v.optional_text(cmd.reason, "reason"))  # fmt: skip
         if cmd.source_member_id == cmd.destination_member_id:
             raise InvalidArgument("source and destination are the same member", field="destination_member_id")
-        await self._require_active(cmd.source_member_id, "source_member_id")
-        await self._require_active(cmd.destination_member_id, "destination_member_id")
+        await self._require_exists(cmd.source_member_id, "source_member_id")
+        await self._require_exists(cmd.destination_member_id, "destination_member_id")
+
+        async def both_active() -> None:
+            await self._require_active(cmd.source_member_id, "source_member_id")
+            await self._require_active(cmd.destination_member_id, "destination_member_id")
+
         src_shard = self.shard_of(cmd.source_member_id)
         if src_shard == self.shard_of(cmd.destination_member_id):
-            return await self._mutate(cmd, src_shard, TransferResult, lambda b: self._same_shard_transfer(b, cmd))
+            return await self._mutate(
+                cmd, src_shard, TransferResult, lambda b: self._same_shard_transfer(b, cmd), both_active
+            )
         # Cross-shard: step 1 reserves on the source and records the saga, idempotently.
-        saga_id = await self._mutate(cmd, src_shard, str, lambda b: self._start_transfer(b, cmd))
+        saga_id = await self._mutate(cmd, src_shard, str, lambda b: self._start_transfer(b, cmd), both_active)
         self._fault("transfer_after_hold")
         return await self._drive_transfer(saga_id)
 
@@ -644,89 +685,95 @@ class LedgerService:
     async def ingest(self, items: Sequence[c.PostingCommand | LedgerError]) -> list[Any]:
         """Posts a batch; per item either (result, replayed) or the LedgerError it failed with."""
         results: list[Any] = [None] * len(items)
-        prepared: list[tuple[int, Any, int, str, type[Any], Callable[[ShardBook], Any]]] = []
+        prepared: list[_Prepared] = []
         for i, item in enumerate(items):
             if isinstance(item, LedgerError):
                 results[i] = item
                 continue
             try:
-                prepared.append((i, *await self._prepare(item)))
+                prepared.append(await self._prepare(i, item))
             except LedgerError as exc:
                 results[i] = exc
-        claims = [(i, cmd.key, type(cmd).__name__, fp) for i, cmd, _, fp, _, _ in prepared]
+        claims = [(p.index, p.command.key, type(p.command).__name__, p.fingerprint) for p in prepared]
         now = self.clock.now()
-        conflicts = await self.store.write_directory(lambda d: _claim_many(d, claims, now))
-        units: list[tuple[int, Awaitable[Any]]] = [
-            (i, self.store.write(shard, self._idempotent_unit(cmd, fp, rtype, body)))
-            for i, cmd, shard, fp, rtype, body in prepared
-            if i not in conflicts
-        ]
+        conflicts, seen = await self.store.write_directory(lambda d: _claim_many(d, claims, now))
         for i, error in conflicts.items():
             results[i] = error
-        outcomes = await asyncio.gather(*(u for _, u in units), return_exceptions=True)
-        for (i, _), outcome in zip(units, outcomes, strict=True):
+        outcomes = await asyncio.gather(
+            *(self._ingest_one(p, p.index in seen) for p in prepared if p.index not in conflicts),
+            return_exceptions=True,
+        )
+        for p, outcome in zip([p for p in prepared if p.index not in conflicts], outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, LedgerError):
                 raise outcome
-            results[i] = outcome
+            results[p.index] = outcome
         return results
 
-    async def _prepare(self, cmd: c.PostingCommand) -> tuple[Any, int, str, type[Any], Callable[[ShardBook], Any]]:
+    async def _ingest_one(self, p: _Prepared, maybe_replay: bool) -> tuple[Any, bool]:
+        if maybe_replay:
+            stored = await self._stored_result(p.command.key, p.shard, p.result_type)
+            if stored is not None:
+                return stored, True
+        if p.member_id:
+            await self._require_active(p.member_id)
+        unit = self._idempotent_unit(p.command, p.fingerprint, p.result_type, p.body)
+        result: tuple[Any, bool] = await self.store.write(p.shard, unit)
+        return result
+
+    async def _prepare(self, index: int, cmd: c.PostingCommand) -> _Prepared:
+        """Stateless checks and routing; the member-status check waits for the replay lookup."""
         if isinstance(cmd, c.Earn):
             earn = self._check_earn(cmd)
-            await self._require_active(earn.member_id)
-            return (
-                earn,
-                self.shard_of(earn.member_id),
-                c.fingerprint(earn),
-                EarnResult,
-                lambda b: self._earn_body(b, earn),
-            )
+            await self._require_exists(earn.member_id)
+            return _Prepared(index, earn, self.shard_of(earn.member_id), c.fingerprint(earn), EarnResult,
+                             lambda b: self._earn_body(b, earn), earn.member_id)  # fmt: skip
         if isinstance(cmd, c.Redeem):
             red = self._check_redeem(cmd)
-            await self._require_active(red.member_id)
-            return (
-                red,
-                self.shard_of(red.member_id),
-                c.fingerprint(red),
-                Transaction,
-                lambda b: b.redeem(
-                    red.member_id,
-                    red.unit,
-                    red.points,
-                    business_time=red.business_time,
-                    reference=red.reference,
-                ),
-            )
+            await self._require_exists(red.member_id)
+            return _Prepared(index, red, self.shard_of(red.member_id), c.fingerprint(red), Transaction,
+                             lambda b: b.redeem(red.member_id, red.unit, red.points, business_time=red.business_time,
+                                                reference=red.reference),
+                             red.member_id)  # fmt: skip
         if isinstance(cmd, c.Adjust):
             adj = self._check_adjust(cmd)
             await self._require_exists(adj.member_id)
-            return (
-                adj,
-                self.shard_of(adj.member_id),
-                c.fingerprint(adj),
-                Transaction,
-                lambda b: b.adjust(adj.member_id, adj.unit, adj.points, reason=adj.reason, operator_id=adj.operator_id),
-            )
+            return _Prepared(index, adj, self.shard_of(adj.member_id), c.fingerprint(adj), Transaction,
+                             lambda b: b.adjust(adj.member_id, adj.unit, adj.points, reason=adj.reason,
+                                                operator_id=adj.operator_id))  # fmt: skip
         rev = self._check_reverse(cmd)
-        return (
-            rev,
-            self.shard_of_id(rev.transaction_id),
-            c.fingerprint(rev),
-            ReverseResult,
-            lambda b: b.reverse(rev.transaction_id, points=rev.points, refund=rev.refund, reason=rev.reason),
-        )
+        return _Prepared(index, rev, self.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
+                         lambda b: b.reverse(rev.transaction_id, points=rev.points, refund=rev.refund,
+                                             reason=rev.reason))  # fmt: skip
 
 
-def _claim_many(d: DirectoryTx, claims: list[tuple[int, IdemKey, str, str]], now: datetime) -> dict[int, LedgerError]:
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    index: int
+    command: Any
+    shard: int
+    fingerprint: str
+    result_type: type[Any]
+    body: Callable[[ShardBook], Any]
+    member_id: str = ""  # whose ACTIVE status must hold (adjust and reverse need none)
+
+
+def _claim_many(
+    d: DirectoryTx, claims: list[tuple[int, IdemKey, str, str]], now: datetime
+) -> tuple[dict[int, LedgerError], set[int]]:
+    """Claims every key of a batch; returns the conflicts and the items claimed before (replays)."""
     conflicts: dict[int, LedgerError] = {}
-    seen: dict[tuple[str, str], str] = {}
+    seen: set[int] = set()
+    first_in_batch: dict[tuple[str, str], str] = {}
     for i, key, operation, fp in claims:
-        first = seen.setdefault((key.namespace, key.key), fp)
+        first = first_in_batch.setdefault((key.namespace, key.key), fp)
         existing = d.claim(key.namespace, key.key, operation, fp, now)
-        if (existing is not None and existing.fingerprint != fp) or first != fp:
-            conflicts[i] = IdempotencyConflict(key.namespace, key.key, existing.operation if existing else operation,
-                                               existing.created_at if existing else now)  # fmt: skip
-    return conflicts
+        if existing is not None and existing.fingerprint != fp:
+            conflicts[i] = IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
+        elif first != fp:
+            conflicts[i] = IdempotencyConflict(key.namespace, key.key, operation, now)
+        elif existing is not None:
+            seen.add(i)
+    return conflicts, seen
 
 
 def _merged_members(d: DirectoryTx) -> list[tuple[str, str]]:

@@ -67,6 +67,8 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     TRANSACTION_KIND_MERGE_OUT: _TransactionKind.ValueType  # 9
     TRANSACTION_KIND_MERGE_IN: _TransactionKind.ValueType  # 10
     TRANSACTION_KIND_PENDING_RELEASE: _TransactionKind.ValueType  # 11
+    TRANSACTION_KIND_DEBT_SETTLEMENT: _TransactionKind.ValueType  # 12
+    """Points freed by a voided hold paying down debt a reversal recorded."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper): ...
 
@@ -82,6 +84,8 @@ TRANSACTION_KIND_EXPIRY: TransactionKind.ValueType  # 8
 TRANSACTION_KIND_MERGE_OUT: TransactionKind.ValueType  # 9
 TRANSACTION_KIND_MERGE_IN: TransactionKind.ValueType  # 10
 TRANSACTION_KIND_PENDING_RELEASE: TransactionKind.ValueType  # 11
+TRANSACTION_KIND_DEBT_SETTLEMENT: TransactionKind.ValueType  # 12
+"""Points freed by a voided hold paying down debt a reversal recorded."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 class _HoldStatus:

@@ -139,6 +139,8 @@ _slot = st.integers(0, MEMBERS - 1)
 _unit = st.sampled_from(UNITS)
 _points = st.integers(1, 500)
 _spend = st.one_of(st.integers(1, 80), _points)  # small spends mostly fit, large ones probe refusals
+# Slot i lives on shard i % shards: (0, 3) share a shard when there are 3, (0, 2) and (1, 3) when 2.
+_transfer_pair = st.one_of(st.tuples(_slot, _slot), st.sampled_from([(0, 3), (3, 0), (0, 2), (2, 1), (1, 3), (3, 1)]))
 _pick = st.integers(0, 1_000)
 _duration = st.one_of(
     st.integers(1, 120).map(lambda m: timedelta(minutes=m)),
@@ -170,7 +172,7 @@ operations = st.one_of(
         st.integers(1, 130),
         st.sampled_from(["EUR", "EUR", "EUR", "USD"]),
     ),
-    st.builds(TransferOp, _slot, _slot, _unit, _spend),
+    st.builds(lambda pair, unit, points: TransferOp(*pair, unit, points), _transfer_pair, _unit, _spend),
     st.builds(AdjustOp, _slot, _unit, st.integers(-500, 500).filter(bool)),
     st.builds(ReleaseOp, _pick),
     st.builds(AdvanceOp, _duration),
@@ -231,6 +233,12 @@ def _pick(items: list[Any], pick: int) -> Any:
     return items[pick % len(items)] if items else None
 
 
+def _pick_mostly(items: list[Any], pick: int, usable: Callable[[Any], bool]) -> Any:
+    """Three picks in four go to a usable item when there is one, the rest to any item."""
+    candidates = [item for item in items if usable(item)] if pick % 4 else []
+    return _pick(candidates or items, pick // 4)
+
+
 class Scenario:
     def __init__(self, workdir: Path, shards: int, negative_limit: int) -> None:
         self.workdir = workdir
@@ -260,7 +268,9 @@ class Scenario:
             await self._create_members()
             before = await self._balances()
             await self._check(before)
-            opening = [EarnOp(slot, unit, 300, False, None, 30_000, None, None) for slot in range(MEMBERS) for unit in UNITS]
+            opening = [
+                EarnOp(slot, unit, 300, False, None, 30_000, None, None) for slot in range(MEMBERS) for unit in UNITS
+            ]
             for i, op in enumerate([*opening, *ops], start=-len(opening)):
                 self.step = f"step {i} {op!r}"
                 self.expect_net, self.post_checks = {}, []
@@ -378,13 +388,14 @@ class Scenario:
         self._after(lambda b, a: self._not_overdrawn(a[key]))
 
     async def _capture(self, op: CaptureOp, before: dict[Key, Balance]) -> None:
-        hold: HoldModel | None = _pick(self.holds, op.pick)
+        now = self.clock.now()
+        hold: HoldModel | None = _pick_mostly(self.holds, op.pick, lambda h: h.placed and h.expires_at > now)
         if hold is None:
             await self._attempt(NotFound, self.svc.capture_hold, c.CaptureHold(self._key(), MISSING_HOLD))
             return
         points = 0 if op.percent == 0 else max(1, hold.points * op.percent // 100)
         expect: type[LedgerError] | None = None
-        if not hold.placed or hold.expires_at <= self.clock.now():
+        if not hold.placed or hold.expires_at <= now:
             expect = FailedPrecondition
         elif points > hold.points:
             expect = InvalidArgument
@@ -401,7 +412,7 @@ class Scenario:
         self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -captured, "balance"))
 
     async def _void(self, op: VoidOp, before: dict[Key, Balance]) -> None:
-        hold: HoldModel | None = _pick(self.holds, op.pick)
+        hold: HoldModel | None = _pick_mostly(self.holds, op.pick, lambda h: h.placed)
         if hold is None:
             await self._attempt(NotFound, self.svc.void_hold, c.VoidHold(self._key(), MISSING_HOLD))
             return
@@ -495,11 +506,13 @@ class Scenario:
         self.totals[op.unit].adjusted += op.points
         self.expect_net = {key: op.points}
         if op.points < 0:
-            self._after(lambda b, a: self._eq(a[key].available_points - b[key].available_points, op.points, "available"))
+            self._after(
+                lambda b, a: self._eq(a[key].available_points - b[key].available_points, op.points, "available")
+            )
             self._after(lambda b, a: self._not_overdrawn(a[key]))
 
     async def _release(self, op: ReleaseOp, before: dict[Key, Balance]) -> None:
-        earn: EarnModel | None = _pick(self.earns, op.pick)
+        earn: EarnModel | None = _pick_mostly(self.earns, op.pick, lambda e: e.pending)
         if earn is None:
             await self._attempt(NotFound, self.svc.release_pending, c.ReleasePending(self._key(), MISSING_TX))
             return
@@ -547,7 +560,7 @@ class Scenario:
 
     async def _replay(self, op: ReplayOp, before: dict[Key, Balance]) -> None:
         done: Done | None = _pick(self.done, op.pick)
-        if done is None or _replay_hits_expiry_check(done.command, self.clock.now()):
+        if done is None:
             return
         again = await done.call(done.command)
         self._eq(again, done.result, "replayed result")
@@ -558,11 +571,12 @@ class Scenario:
         if done is None:
             return
         cmd, call = done.command, done.call
-        if isinstance(cmd, c.Earn | c.Redeem | c.PlaceHold) and not op.cross_type:
+        cross_type = op.cross_type
+        if isinstance(cmd, c.Earn | c.Redeem | c.PlaceHold) and not cross_type:
             cmd = dataclasses.replace(cmd, reference="changed")
-        elif isinstance(cmd, c.Reverse | c.Transfer | c.Adjust) and not op.cross_type:
+        elif isinstance(cmd, c.Reverse | c.Transfer | c.Adjust) and not cross_type:
             cmd = dataclasses.replace(cmd, reason="changed")
-        elif isinstance(cmd, c.CaptureHold) and not op.cross_type:
+        elif isinstance(cmd, c.CaptureHold) and not cross_type:
             cmd = dataclasses.replace(cmd, points=cmd.points + 1)
         else:
             cmd, call = c.Redeem(cmd.key, self.members[0], UNITS[0], 1, reference="changed"), self.svc.redeem
@@ -616,12 +630,6 @@ class Scenario:
         self._eq(expired_all, self.expired_reported, "expired points reported by maintenance")
 
 
-def _replay_hits_expiry_check(command: Any, now: datetime) -> bool:
-    """Known bug, pinned by the xfail test below: `_check_earn` compares expires_at with the
-    current time before the idempotency lookup, so a replay after that time is refused."""
-    return isinstance(command, c.Earn) and command.expires_at is not None and command.expires_at <= now
-
-
 def _spendable_delta(before: Balance, after: Balance) -> int:
     """A credit pays debt first, then the balance; together they rise by the credit."""
     return (after.balance_points - after.debt_points) - (before.balance_points - before.debt_points)
@@ -645,3 +653,44 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 def test_random_operation_sequences_keep_ledger_invariants(shards: int, negative_limit: int, ops: list[Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="ledger-prop-") as workdir:
         _run(Scenario(Path(workdir), shards, negative_limit).run(ops))
+
+
+def test_replayed_earn_returns_the_original_result_after_its_expiry_date() -> None:
+    async def scenario(workdir: Path) -> None:
+        clock = ManualClock()
+        store = SqliteLedgerStore(workdir, 2)
+        try:
+            svc = LedgerService(store, clock, Policy(UNITS, 30, HOLD_TIMEOUT, HOLD_MAX, 0), card_secret="test")
+            member = await svc.create_member(c.CreateMember(IdemKey("test", "member")))
+            cmd = c.Earn(IdemKey("test", "earn"), member.member_id, "points", 100,
+                         expires_at=clock.now() + timedelta(minutes=1))  # fmt: skip
+            first = await svc.earn(cmd)
+            clock.advance(timedelta(minutes=2))
+            assert await svc.earn(cmd) == first
+        finally:
+            await store.close()
+
+    with tempfile.TemporaryDirectory(prefix="ledger-replay-") as workdir:
+        _run(scenario(Path(workdir)))
+
+
+def test_points_freed_by_a_voided_hold_pay_the_debt_a_reversal_recorded() -> None:
+    async def scenario(workdir: Path) -> None:
+        store = SqliteLedgerStore(workdir, 2)
+        try:
+            svc = LedgerService(store, ManualClock(), Policy(UNITS, 30, HOLD_TIMEOUT, HOLD_MAX, 0), card_secret="test")
+            member = (await svc.create_member(c.CreateMember(IdemKey("test", "member")))).member_id
+            earn = await svc.earn(c.Earn(IdemKey("test", "earn"), member, "points", 100))
+            hold = await svc.place_hold(c.PlaceHold(IdemKey("test", "hold"), member, "points", 100))
+            reversal = await svc.reverse(c.Reverse(IdemKey("test", "rev"), earn.transaction.transaction_id, full=True))
+            assert (reversal.reversed_points, reversal.debt_points) == (100, 100)
+            voided = await svc.void_hold(c.VoidHold(IdemKey("test", "void"), hold.hold.hold_id))
+            balance = await svc.get_balance(member, "points")
+            assert voided.balance_after == balance
+            assert (balance.balance_points, balance.available_points, balance.debt_points) == (0, 0, 0)
+            assert (await reconcile(store)).ok
+        finally:
+            await store.close()
+
+    with tempfile.TemporaryDirectory(prefix="ledger-settle-") as workdir:
+        _run(scenario(Path(workdir)))
