@@ -98,7 +98,6 @@ class LedgerApp:
         # A last relay pass so events committed during the drain are not left waiting.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.relay.relay_once(), timeout=2)
-        await self.cache.close()
         await self.store.close()
         await self.redis.aclose()
 

@@ -66,7 +66,6 @@ class RedisBalanceCache:
         self._tomb = redis.register_script(_TOMBSTONE)
         self._dirty: dict[tuple[str, str], int] = {}
         self._enabled = False
-        self._flusher: asyncio.Task[None] | None = None
 
     def enable(self) -> None:
         """Called by the outbox relay once everything written before start-up is tombstoned."""
@@ -94,11 +93,13 @@ class RedisBalanceCache:
             )
 
     def invalidate(self, member_id: str, unit: str, version: int) -> None:
-        """Marks the entry dirty now (reads bypass it) and tombstones it in the background."""
+        """Marks the entry dirty: reads bypass Redis until the outbox relay tombstones it.
+
+        The relay publishes this write's event moments later and tombstones its balance first,
+        so no separate Redis round trip is needed here, and none is lost while Redis is down.
+        """
         key = (member_id, unit)
         self._dirty[key] = max(version, self._dirty.get(key, version))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_dirty())
 
     async def tombstone(self, versions: dict[tuple[str, str], int]) -> None:
         """Raises if Redis is unreachable, so the caller (the relay) retries."""
@@ -109,22 +110,3 @@ class RedisBalanceCache:
         for key, version in versions.items():
             if self._dirty.get(key, version + 1) <= version:
                 del self._dirty[key]
-
-    async def _flush_dirty(self) -> None:
-        delay = 0.05
-        while self._dirty:
-            try:
-                await self.tombstone(dict(self._dirty))
-                delay = 0.05
-            except _ERRORS as exc:
-                log.warning(
-                    "balance cache unreachable; %d entries bypass it until it answers (%s)", len(self._dirty), exc
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher

@@ -23,6 +23,7 @@ from pointmesh.events import LEDGER_EVENTS, OutgoingEvent, RedisStreamBus
 
 log = logging.getLogger(__name__)
 BATCH = 500
+BATCH_WINDOW_SECONDS = 0.01
 
 
 class OutboxRelay:
@@ -92,6 +93,8 @@ class OutboxRelay:
             self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), timeout=delay)
+            # A short gather window turns a burst of postings into one publish and one commit.
+            await asyncio.sleep(BATCH_WINDOW_SECONDS)
 
 
 def _mark(seqs: list[int], at: datetime, tx: ShardTx) -> None:

@@ -25,7 +25,7 @@ from ledger_svc.domain import (
     TxKind,
 )
 from ledger_svc.store.base import AccountRow, IdemRecord, OutboxRow, SagaRecord, TxRecord
-from ledger_svc.store.sqlite_worker import DbWorker, connect
+from ledger_svc.store.sqlite_worker import Executor, connect, executor
 
 T = TypeVar("T")
 
@@ -510,17 +510,27 @@ class SqliteLedgerStore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._shards = shards
         self._check_layout()
-        self._writers: list[DbWorker] = []
-        self._readers: list[DbWorker] = []
+        # fsync-per-commit modes keep blocking commits off the event loop (sqlite_worker.py).
+        threaded = synchronous.upper() != "NORMAL"
+        self._writers: list[Executor] = []
+        self._readers: list[Executor] = []
         for i in range(shards):
             path = self.data_dir / f"ledger-shard-{i:03d}.sqlite"
             self._init_schema(path, SHARD_SCHEMA, synchronous)
-            self._writers.append(DbWorker(f"shard{i}-w", connect(path, synchronous), SqliteShardTx, group=True))
-            self._readers.append(DbWorker(f"shard{i}-r", connect(path, synchronous), SqliteShardTx, group=False))
+            self._writers.append(
+                executor(f"shard{i}-w", connect(path, synchronous), SqliteShardTx, group=True, threaded=threaded)
+            )
+            self._readers.append(
+                executor(f"shard{i}-r", connect(path, synchronous), SqliteShardTx, group=False, threaded=threaded)
+            )
         dpath = self.data_dir / "ledger-directory.sqlite"
         self._init_schema(dpath, DIRECTORY_SCHEMA, synchronous)
-        self._dir_writer = DbWorker("dir-w", connect(dpath, synchronous), SqliteDirectoryTx, group=True)
-        self._dir_reader = DbWorker("dir-r", connect(dpath, synchronous), SqliteDirectoryTx, group=False)
+        self._dir_writer = executor(
+            "dir-w", connect(dpath, synchronous), SqliteDirectoryTx, group=True, threaded=threaded
+        )
+        self._dir_reader = executor(
+            "dir-r", connect(dpath, synchronous), SqliteDirectoryTx, group=False, threaded=threaded
+        )
 
     def _check_layout(self) -> None:
         """Refuses to open with a different shard count: ids carry their routing."""

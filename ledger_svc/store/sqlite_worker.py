@@ -1,9 +1,15 @@
-"""One thread per SQLite database that owns its connection and commits in groups.
+"""Runs units of work against one SQLite connection, committing concurrent writes in groups.
 
-Concurrent requests queue their unit of work; the thread runs every queued unit inside one
+Requests queue their unit of work; the executor runs every queued unit inside one
 BEGIN IMMEDIATE ... COMMIT, each under its own SAVEPOINT so a unit that raises rolls back
-alone. One fsync (or WAL append) then covers the whole group, which is what lets a single
-SQLite file keep up with thousands of postings a second.
+alone. One commit then covers the whole group.
+
+Two executors share that logic:
+* `LoopExecutor` runs groups on the event loop itself. With synchronous=NORMAL a commit does
+  not fsync, so a group is pure CPU work, and running it on the loop avoids handing every unit
+  to another thread and back (the GIL makes those hand-offs cost more than the SQL). Default.
+* `ThreadExecutor` runs groups on a dedicated thread; for synchronous=FULL/EXTRA, where a
+  commit waits on fsync and must not block the loop.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 512
+Outcome = tuple[bool, Any]  # (ok, value or exception)
 
 
 def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.Connection:
@@ -31,18 +38,97 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.
     if not readonly:
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA foreign_keys=OFF")
     conn.execute("PRAGMA cache_size=-65536")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
+
+
+def run_group(conn: sqlite3.Connection, tx: Any, works: list[Callable[[Any], Any]]) -> list[Outcome]:
+    """One transaction for many units; each unit's failure is rolled back to its savepoint."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        return [(False, exc)] * len(works)
+    outcomes: list[Outcome] = []
+    for work in works:
+        conn.execute("SAVEPOINT unit")
+        try:
+            value = work(tx)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO unit")
+            conn.execute("RELEASE unit")
+            outcomes.append((False, exc))
+            continue
+        conn.execute("RELEASE unit")
+        outcomes.append((True, value))
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        log.exception("group commit failed; every unit in the group fails")
+        conn.execute("ROLLBACK")
+        return [(False, exc)] * len(works)
+    return outcomes
+
+
+def run_read(conn: sqlite3.Connection, tx: Any, work: Callable[[Any], Any]) -> Outcome:
+    """A read inside one read transaction, so it sees a single committed snapshot."""
+    conn.execute("BEGIN")
+    try:
+        return True, work(tx)
+    except Exception as exc:
+        return False, exc
+    finally:
+        conn.execute("ROLLBACK")
+
+
+def _run(conn: sqlite3.Connection, tx: Any, works: list[Callable[[Any], Any]], group: bool) -> list[Outcome]:
+    return run_group(conn, tx, works) if group else [run_read(conn, tx, w) for w in works]
+
+
+class Executor(Protocol):
+    async def submit(self, work: Callable[[Any], T]) -> T: ...
+    def close(self) -> None: ...
+
+
+class LoopExecutor:
+    """Collects the units submitted during one loop iteration and runs them as one group."""
+
+    def __init__(self, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], Any], *, group: bool) -> None:
+        self._conn = conn
+        self._tx = wrap(conn)
+        self._group = group
+        self._pending: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]] = []
+
+    async def submit(self, work: Callable[[Any], T]) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((work, fut))
+        return await fut
+
+    def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+            outcomes = _run(self._conn, self._tx, [w for w, _ in batch], self._group)
+            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+                if fut.cancelled():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 class _Stop:
     pass
 
 
-class DbWorker:
-    """Serialises access to one connection; `group` decides whether writes are batched."""
+class ThreadExecutor:
+    """Owns its connection on a dedicated thread; the queue forms the groups."""
 
     def __init__(
         self, name: str, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], Any], *, group: bool
@@ -51,7 +137,7 @@ class DbWorker:
         self._tx = wrap(conn)
         self._group = group
         self._queue: queue.SimpleQueue[tuple[Callable[[Any], Any], Future[Any]] | _Stop] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     async def submit(self, work: Callable[[Any], T]) -> T:
@@ -59,17 +145,12 @@ class DbWorker:
         self._queue.put((work, fut))
         return await asyncio.wrap_future(fut)
 
-    def submit_sync(self, work: Callable[[Any], T]) -> T:
-        fut: Future[T] = Future()
-        self._queue.put((work, fut))
-        return fut.result()
-
     def close(self) -> None:
         self._queue.put(_Stop())
         self._thread.join(timeout=30)
         self._conn.close()
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         while True:
             first = self._queue.get()
             if isinstance(first, _Stop):
@@ -85,54 +166,18 @@ class DbWorker:
                     stop = True
                     break
                 batch.append(item)
-            if self._group:
-                self._run_group(batch)
-            else:
-                for work, fut in batch:
-                    self._run_one(work, fut)
+            outcomes = _run(self._conn, self._tx, [w for w, _ in batch], self._group)
+            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
             if stop:
                 return
 
-    def _run_one(self, work: Callable[[Any], Any], fut: Future[Any]) -> None:
-        """Runs a read inside one read transaction, so it sees a single committed snapshot."""
-        self._conn.execute("BEGIN")
-        try:
-            fut.set_result(work(self._tx))
-        except BaseException as exc:  # delivered to the awaiting coroutine
-            fut.set_exception(exc)
-        finally:
-            self._conn.execute("ROLLBACK")
 
-    def _run_group(self, batch: list[tuple[Callable[[Any], Any], Future[Any]]]) -> None:
-        conn = self._conn
-        results: list[tuple[Future[Any], Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            for _, fut in batch:
-                fut.set_exception(exc)
-            return
-        for work, fut in batch:
-            conn.execute("SAVEPOINT unit")
-            try:
-                value = work(self._tx)
-            except BaseException as exc:
-                conn.execute("ROLLBACK TO unit")
-                conn.execute("RELEASE unit")
-                results.append((fut, None, exc))
-                continue
-            conn.execute("RELEASE unit")
-            results.append((fut, value, None))
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            log.exception("group commit failed; every unit in the group fails")
-            conn.execute("ROLLBACK")
-            for fut, _, _ in results:
-                fut.set_exception(exc)
-            return
-        for fut, value, error in results:
-            if error is None:
-                fut.set_result(value)
-            else:
-                fut.set_exception(error)
+def executor(name: str, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], Any], *, group: bool,
+             threaded: bool) -> Executor:  # fmt: skip
+    if threaded:
+        return ThreadExecutor(name, conn, wrap, group=group)
+    return LoopExecutor(conn, wrap, group=group)
