@@ -90,11 +90,12 @@ class LedgerApp:
                 log.exception("maintenance pass failed; retrying next interval")
 
     async def _cleanup(self) -> None:
+        self.relay.stop()
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        _done, stuck = await asyncio.wait(self.tasks, timeout=5)
+        for task in stuck:
+            log.error("background task %s did not stop within 5 s", task.get_name())
         # A last relay pass so events committed during the drain are not left waiting.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.relay.relay_once(), timeout=2)

@@ -46,6 +46,7 @@ class OutboxRelay:
         self.poll_seconds = poll_seconds
         self.stream = stream
         self.relayed_total = 0
+        self._stopping = False
 
     async def relay_once(self) -> int:
         """One pass over every shard; returns how many events went out."""
@@ -79,9 +80,14 @@ class OutboxRelay:
             ],
         )
 
+    def stop(self) -> None:
+        """Ends `run` at its next turn, even if a cancellation raced with a wake-up."""
+        self._stopping = True
+        self.wakeup.set()
+
     async def run(self) -> None:
         delay = self.poll_seconds
-        while True:
+        while not self._stopping:
             try:
                 await self.relay_once()
                 if self.cache is not None:
@@ -92,7 +98,8 @@ class OutboxRelay:
                 delay = min(max(delay * 2, 0.1), 2.0)
             self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self.wakeup.wait()
             # A short gather window turns a burst of postings into one publish and one commit.
             await asyncio.sleep(BATCH_WINDOW_SECONDS)
 

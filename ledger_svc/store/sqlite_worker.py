@@ -166,8 +166,10 @@ class ThreadExecutor:
                     stop = True
                     break
                 batch.append(item)
-            outcomes = _run(self._conn, self._tx, [w for w, _ in batch], self._group)
-            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+            # A caller that gave up (deadline, cancellation) is skipped; once running, it cannot be.
+            live = [(w, f) for w, f in batch if f.set_running_or_notify_cancel()]
+            outcomes = _run(self._conn, self._tx, [w for w, _ in live], self._group)
+            for (_, fut), (ok, value) in zip(live, outcomes, strict=True):
                 if ok:
                     fut.set_result(value)
                 else:

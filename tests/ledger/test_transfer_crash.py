@@ -129,7 +129,11 @@ def test_cross_shard_transfer_killed_mid_saga_completes_exactly_once_after_resta
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ledger_pb2_grpc.LedgerServiceStub(channel)
             src, dst = _balance(stub, source), _balance(stub, destination)
-            assert (src.balance_points, src.reserved_points, src.available_points) == (EARNED - MOVED, 0, EARNED - MOVED)
+            assert (src.balance_points, src.reserved_points, src.available_points) == (
+                EARNED - MOVED,
+                0,
+                EARNED - MOVED,
+            )
             assert (dst.balance_points, dst.available_points) == (MOVED, MOVED)
             assert src.balance_points + dst.balance_points == EARNED
 

@@ -1,0 +1,420 @@
+"""Conformance suite for the LedgerStore protocol (ledger_svc/store/base.py).
+
+Every backend must pass it unchanged. To add one, append a `Backend` to BACKENDS with a
+factory that opens (creating if needed) a store of `shards` shards under a directory, and the
+exception types it raises for a violated uniqueness constraint and for a shard-count mismatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledger_svc.domain import ExternalId, Hold, HoldStatus, Lot, Member, MemberStatus, SagaState, TxKind
+from ledger_svc.store.base import AccountRow, DirectoryTx, IdemRecord, LedgerStore, SagaRecord, ShardTx, TxRecord
+from ledger_svc.store.sqlite import SqliteLedgerStore
+
+SHARDS = 4
+T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+NEWEST_FIRST = 2**62
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    open: Callable[[Path, int], LedgerStore]
+    # Raised when a unit breaks a uniqueness rule (e.g. an external id given to a second member).
+    constraint_errors: tuple[type[BaseException], ...]
+    # Raised when a store is reopened with another shard count than its data was written with.
+    layout_errors: tuple[type[BaseException], ...]
+
+
+def _sqlite(data_dir: Path, shards: int) -> LedgerStore:
+    return SqliteLedgerStore(data_dir, shards)
+
+
+def _sqlite_full(data_dir: Path, shards: int) -> LedgerStore:
+    """fsync on every commit, which moves the units of work onto dedicated threads."""
+    return SqliteLedgerStore(data_dir, shards, "FULL")
+
+
+BACKENDS = [
+    Backend("sqlite", _sqlite, (sqlite3.IntegrityError,), (RuntimeError,)),
+    Backend("sqlite-full", _sqlite_full, (sqlite3.IntegrityError,), (RuntimeError,)),
+]
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: b.name)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    chosen: Backend = request.param
+    return chosen
+
+
+@pytest.fixture
+async def store(backend: Backend, tmp_path: Path) -> AsyncIterator[LedgerStore]:
+    opened = backend.open(tmp_path / "store", SHARDS)
+    yield opened
+    await opened.close()
+
+
+class Boom(Exception):
+    """The failure a unit of work raises on purpose."""
+
+
+def _busy(tx: object) -> None:
+    """Keeps a shard busy for a moment, so calls submitted meanwhile queue up behind it."""
+    time.sleep(0.2)
+
+
+def _tx(tx_id: str, member_id: str = "m1", points: int = 10, **extra: Any) -> TxRecord:
+    return TxRecord(tx_id, TxKind.EARN, member_id, "points", points, T0, T0 - timedelta(hours=1), **extra)
+
+
+def _lot(lot_id: str, *, expires_at: datetime | None, created_at: datetime, remaining: int = 5, **extra: Any) -> Lot:
+    return Lot(lot_id, "m1", "points", "tx_e", remaining, remaining, expires_at, created_at, **extra)
+
+
+def _hold(hold_id: str, *, expires_at: datetime, status: HoldStatus = HoldStatus.PLACED, saga_id: str = "") -> Hold:
+    return Hold(hold_id, "m1", "points", 7, status, 0, T0 - timedelta(hours=1), expires_at, "ref", saga_id)
+
+
+def _saga(saga_id: str) -> SagaRecord:
+    return SagaRecord(saga_id, "transfer", SagaState.HELD, "m1", "m2", "points", 40, "h_1", '{"portions": []}', T0, T0)
+
+
+def _member(member_id: str, *external_ids: ExternalId) -> Member:
+    return Member(member_id, MemberStatus.ACTIVE, external_ids, (), {"name": "Ada"}, "", T0)
+
+
+def _earn_unit(account: str, tx_id: str, points: int) -> Callable[[ShardTx], None]:
+    """A complete posting: journal, balance, idempotency record and outbox row."""
+
+    def unit(tx: ShardTx) -> None:
+        record = _tx(tx_id, points=points)
+        tx.add_transaction(record)
+        tx.add_entries(record, [(account, points), ("funding:program:points", -points)])
+        row = tx.get_account(account)
+        row.balance += points
+        row.version += 1
+        tx.put_account(row)
+        tx.put_idempotency("pos", tx_id, IdemRecord("Earn", "fp", "{}", T0))
+        tx.add_outbox(f"ev_{tx_id}", "m1", "{}", T0)
+
+    return unit
+
+
+async def test_a_unit_that_raises_after_writing_leaves_nothing_behind(store: LedgerStore) -> None:
+    write = _earn_unit("member:m1:points", "tx_bad", 10)
+
+    def failing(tx: ShardTx) -> None:
+        write(tx)
+        tx.add_saga(_saga("tr_bad"))
+        tx.add_hold(_hold("h_bad", expires_at=T0))
+        raise Boom
+
+    with pytest.raises(Boom):
+        await store.write(1, failing)
+
+    def snapshot(tx: ShardTx) -> tuple[Any, ...]:
+        return (
+            tx.list_accounts(), tx.get_transaction("tx_bad"), tx.sum_entries_by_account(), tx.outbox_backlog(),
+            tx.get_idempotency("pos", "tx_bad"), tx.get_saga("tr_bad"), tx.get_hold("h_bad"),
+        )  # fmt: skip
+
+    assert await store.read(1, snapshot) == ([], None, {}, 0, None, None, None)
+    await store.write(1, _earn_unit("member:m1:points", "tx_good", 10))
+    assert (await store.read(1, lambda tx: tx.get_account("member:m1:points"))).balance == 10
+
+
+async def test_a_directory_unit_that_raises_leaves_nothing_behind(store: LedgerStore) -> None:
+    def failing(d: DirectoryTx) -> None:
+        d.add_member(_member("m_x", ExternalId("card", "42")))
+        d.claim("pos", "k1", "CreateMember", "fp", T0)
+        raise Boom
+
+    with pytest.raises(Boom):
+        await store.write_directory(failing)
+
+    def snapshot(d: DirectoryTx) -> tuple[Any, ...]:
+        return d.get_member("m_x"), d.find_member_id(ExternalId("card", "42"))
+
+    assert await store.read_directory(snapshot) == (None, None)
+    assert await store.write_directory(lambda d: d.claim("pos", "k1", "CreateMember", "fp", T0)) is None
+
+
+async def test_sibling_units_committed_together_survive_one_that_raises(store: LedgerStore) -> None:
+    def unit(i: int) -> Callable[[ShardTx], int]:
+        write = _earn_unit(f"member:m{i}:points", f"tx_{i}", i + 1)
+
+        def run(tx: ShardTx) -> int:
+            write(tx)
+            if i == 3:
+                raise Boom
+            return i
+
+        return run
+
+    # Submitted together behind a busy unit, the siblings share one group commit.
+    busy = asyncio.ensure_future(store.write(0, _busy))
+    siblings = asyncio.gather(*(store.write(0, unit(i)) for i in range(8)), return_exceptions=True)
+    await busy
+    outcomes = await siblings
+    assert isinstance(outcomes[3], Boom)
+    assert [o for i, o in enumerate(outcomes) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+
+    accounts = {row.account: row.balance for row in await store.read(0, lambda tx: tx.list_accounts())}
+    members = {a: b for a, b in accounts.items() if a.startswith("member:")}
+    assert members == {f"member:m{i}:points": i + 1 for i in range(8) if i != 3}
+    assert await store.read(0, lambda tx: tx.get_transaction("tx_3")) is None
+    assert await store.read(0, lambda tx: tx.outbox_backlog()) == 7
+    assert await store.read(0, lambda tx: tx.unbalanced_transactions()) == []
+
+
+async def test_idempotency_records_round_trip_per_namespace(store: LedgerStore) -> None:
+    record = IdemRecord("Redeem", "f" * 64, '{"transaction_id": "tx_1"}', T0)
+    await store.write(2, lambda tx: tx.put_idempotency("pos", "key-1", record))
+
+    def read(tx: ShardTx) -> tuple[IdemRecord | None, ...]:
+        return tx.get_idempotency("pos", "key-1"), tx.get_idempotency("web", "key-1"), tx.get_idempotency("pos", "x")
+
+    assert await store.read(2, read) == (record, None, None)
+    assert await store.read(3, lambda tx: tx.get_idempotency("pos", "key-1")) is None
+
+
+async def test_account_rows_start_at_zero_and_upsert(store: LedgerStore) -> None:
+    account = "member:m1:points"
+    assert await store.read(0, lambda tx: tx.get_account(account)) == AccountRow(account)
+    await store.write(0, lambda tx: tx.put_account(AccountRow(account, 10, 2, 10, 1)))
+    await store.write(0, lambda tx: tx.put_account(AccountRow(account, 7, 0, 12, 2)))
+    assert await store.read(0, lambda tx: tx.get_account(account)) == AccountRow(account, 7, 0, 12, 2)
+    assert await store.read(0, lambda tx: tx.list_accounts()) == [AccountRow(account, 7, 0, 12, 2)]
+
+
+async def test_transactions_round_trip_and_update(store: LedgerStore) -> None:
+    record = _tx("tx_1", purchase_minor=1999, purchase_currency="EUR", lot_id="lot_1", balance_after_json="{}")
+    await store.write(0, lambda tx: tx.add_transaction(record))
+    assert await store.read(0, lambda tx: tx.get_transaction("tx_1")) == record
+    record.reversed_points, record.refunded_minor = 4, 800
+    await store.write(0, lambda tx: tx.update_transaction(record))
+    assert await store.read(0, lambda tx: tx.get_transaction("tx_1")) == record
+
+
+async def test_entries_list_newest_first_and_page_before_an_entry_id(store: LedgerStore) -> None:
+    account = "member:m1:points"
+    for i in range(1, 6):
+        await store.write(0, _earn_unit(account, f"tx_{i}", i))
+    await store.write(0, _earn_unit("member:m2:points", "tx_other", 100))
+
+    pages: list[list[int]] = []
+    before = NEWEST_FIRST
+    while page := await store.read(0, lambda tx, b=before: tx.list_entries(account, b, 2)):
+        assert [e.entry_id for e in page] == sorted((e.entry_id for e in page), reverse=True)
+        assert all(e.account == account and e.kind == TxKind.EARN for e in page)
+        pages.append([e.points for e in page])
+        before = page[-1].entry_id
+    assert pages == [[5, 4], [3, 2], [1]]
+
+    newest = (await store.read(0, lambda tx: tx.list_entries(account, NEWEST_FIRST, 1)))[0]
+    assert (newest.transaction_id, newest.recorded_at, newest.business_time) == ("tx_5", T0, T0 - timedelta(hours=1))
+    sums = await store.read(0, lambda tx: tx.sum_entries_by_account())
+    assert sums == {account: 15, "member:m2:points": 100, "funding:program:points": -115}
+
+
+async def test_unbalanced_transactions_are_reported(store: LedgerStore) -> None:
+    record = _tx("tx_skew")
+    await store.write(0, lambda tx: (tx.add_transaction(record), tx.add_entries(record, [("member:m1:points", 10)])))
+    assert await store.read(0, lambda tx: tx.unbalanced_transactions()) == [("tx_skew", 10)]
+
+
+async def test_spendable_lots_order_by_expiry_nulls_last_then_creation(store: LedgerStore) -> None:
+    never = _lot("lot_never", expires_at=None, created_at=T0)
+    late = _lot("lot_late", expires_at=T0 + timedelta(days=10), created_at=T0 + timedelta(hours=2))
+    soon_new = _lot("lot_soon_new", expires_at=T0 + timedelta(days=5), created_at=T0 + timedelta(hours=3))
+    soon_old = _lot("lot_soon_old", expires_at=T0 + timedelta(days=5), created_at=T0 + timedelta(hours=1))
+    pending = _lot("lot_pending", expires_at=T0 + timedelta(days=1), created_at=T0, pending=True, release_at=T0)
+    spent = _lot("lot_spent", expires_at=T0 + timedelta(days=1), created_at=T0, remaining=0)
+    other_unit = Lot("lot_tier", "m1", "tier_credits", "tx_e", 5, 5, T0, T0)
+
+    def add(tx: ShardTx) -> None:
+        for lot in (never, late, soon_new, soon_old, pending, spent, other_unit):
+            tx.add_lot(lot)
+
+    await store.write(0, add)
+    spendable = await store.read(0, lambda tx: tx.spendable_lots("m1", "points"))
+    assert [lot.lot_id for lot in spendable] == ["lot_soon_old", "lot_soon_new", "lot_late", "lot_never"]
+    assert spendable[-1] == never
+    assert await store.read(0, lambda tx: tx.spendable_total("m1", "points")) == 20
+    assert [lot.lot_id for lot in await store.read(0, lambda tx: tx.pending_lots("m1", "points"))] == ["lot_pending"]
+    expiring = await store.read(0, lambda tx: tx.lots_expired_by(T0 + timedelta(days=6), 10))
+    assert [lot.lot_id for lot in expiring] == ["lot_tier", "lot_soon_old", "lot_soon_new"]
+    assert [lot.lot_id for lot in await store.read(0, lambda tx: tx.pending_due_by(T0, 10))] == ["lot_pending"]
+
+    soon_old.remaining_points = 0
+    await store.write(0, lambda tx: tx.update_lot(soon_old))
+    assert await store.read(0, lambda tx: tx.spendable_total("m1", "points")) == 15
+    assert (await store.read(0, lambda tx: tx.lot_of_transaction("tx_e"))) is not None
+    totals = await store.read(0, lambda tx: tx.lot_totals())
+    assert totals[("m1", "points", False)] == 15
+    assert totals[("m1", "points", True)] == 5
+
+
+async def test_holds_due_excludes_saga_holds_and_holds_not_placed(store: LedgerStore) -> None:
+    due = _hold("h_due", expires_at=T0 - timedelta(minutes=1))
+    saga = _hold("h_saga", expires_at=T0 - timedelta(minutes=1), saga_id="tr_1")
+    later = _hold("h_later", expires_at=T0 + timedelta(hours=1))
+    voided = _hold("h_void", expires_at=T0 - timedelta(hours=1), status=HoldStatus.VOIDED)
+
+    def add(tx: ShardTx) -> None:
+        for hold in (due, saga, later, voided):
+            tx.add_hold(hold)
+
+    await store.write(0, add)
+    assert await store.read(0, lambda tx: tx.holds_due_by(T0, 10)) == [due]
+    assert await store.read(0, lambda tx: tx.get_hold("h_saga")) == saga
+    assert await store.read(0, lambda tx: tx.placed_hold_totals()) == {"m1:points": 21}
+    assert {h.hold_id for h in await store.read(0, lambda tx: tx.placed_holds_of("m1"))} == {
+        "h_due",
+        "h_saga",
+        "h_later",
+    }
+    await store.write(0, lambda tx: tx.set_hold_status("h_due", HoldStatus.CAPTURED, 5))
+    captured = await store.read(0, lambda tx: tx.get_hold("h_due"))
+    assert (captured.status, captured.captured_points) == (HoldStatus.CAPTURED, 5)
+    assert await store.read(0, lambda tx: tx.holds_due_by(T0, 10)) == []
+
+
+async def test_outbox_rows_stay_unrelayed_in_order_until_marked(store: LedgerStore) -> None:
+    def add(tx: ShardTx) -> None:
+        for i in range(3):
+            tx.add_outbox(f"ev_{i}", "m1", f'{{"n": {i}}}', T0)
+
+    await store.write(0, add)
+    rows = await store.read(0, lambda tx: tx.unrelayed_outbox(10))
+    assert [(r.event_id, r.member_id, r.payload_json) for r in rows] == [
+        (f"ev_{i}", "m1", f'{{"n": {i}}}') for i in range(3)
+    ]
+    assert [r.seq for r in rows] == sorted(r.seq for r in rows)
+    assert [r.event_id for r in await store.read(0, lambda tx: tx.unrelayed_outbox(2))] == ["ev_0", "ev_1"]
+    assert await store.read(0, lambda tx: tx.outbox_backlog()) == 3
+
+    await store.write(0, lambda tx: tx.mark_relayed([rows[0].seq, rows[1].seq], T0))
+    assert [r.event_id for r in await store.read(0, lambda tx: tx.unrelayed_outbox(10))] == ["ev_2"]
+    assert await store.read(0, lambda tx: tx.outbox_backlog()) == 1
+
+    # Retention purges relayed rows only; an unrelayed one waits however old it is.
+    later = T0 + timedelta(days=1)
+    assert await store.write(0, lambda tx: tx.purge_before(T0 - timedelta(days=1), later)) == 2
+    assert [r.event_id for r in await store.read(0, lambda tx: tx.unrelayed_outbox(10))] == ["ev_2"]
+
+
+async def test_sagas_are_open_until_closed(store: LedgerStore) -> None:
+    saga = _saga("tr_1")
+    await store.write(0, lambda tx: tx.add_saga(saga))
+    assert await store.read(0, lambda tx: tx.get_saga("tr_1")) == saga
+    assert await store.read(0, lambda tx: tx.open_sagas()) == [saga]
+
+    done_at = T0 + timedelta(seconds=3)
+    await store.write(0, lambda tx: tx.set_saga_state("tr_1", SagaState.DONE, done_at))
+    assert await store.read(0, lambda tx: tx.open_sagas()) == []
+    closed = await store.read(0, lambda tx: tx.get_saga("tr_1"))
+    assert closed is not None
+    assert (closed.state, closed.updated_at, closed.created_at) == (SagaState.DONE, done_at, T0)
+    assert await store.read(0, lambda tx: tx.get_saga("tr_missing")) is None
+
+
+async def test_directory_claim_returns_the_first_claim_on_a_second_claim(store: LedgerStore) -> None:
+    assert await store.write_directory(lambda d: d.claim("pos", "k1", "Earn", "fp-1", T0)) is None
+    later = T0 + timedelta(minutes=5)
+    again = await store.write_directory(lambda d: d.claim("pos", "k1", "Redeem", "fp-2", later))
+    assert again == IdemRecord("Earn", "fp-1", "", T0)
+    assert await store.write_directory(lambda d: d.claim("web", "k1", "Earn", "fp-3", later)) is None
+
+    await store.write_directory(lambda d: d.complete_claim("pos", "k1", "m_result"))
+    completed = await store.write_directory(lambda d: d.claim("pos", "k1", "Earn", "fp-1", later))
+    assert completed == IdemRecord("Earn", "fp-1", "m_result", T0)
+    assert await store.write_directory(lambda d: d.purge_claims_before(later)) == 1
+    assert await store.write_directory(lambda d: d.claim("pos", "k1", "Earn", "fp-9", later)) is None
+
+
+async def test_an_external_id_belongs_to_one_member_only(store: LedgerStore, backend: Backend) -> None:
+    card = ExternalId("card", "6001-0001")
+    first = _member("m_first", card, ExternalId("web", "ada@example"))
+    await store.write_directory(lambda d: d.add_member(first))
+    with pytest.raises(backend.constraint_errors):
+        await store.write_directory(lambda d: d.add_member(_member("m_second", card)))
+
+    def read(d: DirectoryTx) -> tuple[Any, ...]:
+        return d.get_member("m_first"), d.get_member("m_second"), d.find_member_id(card), d.external_id_owner(card)
+
+    assert await store.read_directory(read) == (first, None, "m_first", "m_first")
+
+
+async def test_directory_status_aliases_and_erasure(store: LedgerStore) -> None:
+    card, web = ExternalId("card", "1"), ExternalId("web", "2")
+    await store.write_directory(lambda d: (d.add_member(_member("m_src", card)), d.add_member(_member("m_dst", web))))
+    await store.write_directory(lambda d: d.set_status("m_src", MemberStatus.MERGED, "m_dst"))
+    await store.write_directory(lambda d: d.move_external_ids_as_aliases("m_src", "m_dst"))
+    target = await store.read_directory(lambda d: d.get_member("m_dst"))
+    assert target is not None
+    assert (target.external_ids, target.aliases) == ((web,), (card,))
+    assert await store.read_directory(lambda d: d.find_member_id(card)) == "m_dst"
+    assert await store.read_directory(lambda d: d.merged_members()) == [("m_src", "m_dst")]
+
+    await store.write_directory(lambda d: d.erase("m_dst"))
+    erased = await store.read_directory(lambda d: d.get_member("m_dst"))
+    assert erased is not None
+    assert (erased.status, erased.profile, erased.external_ids, erased.aliases) == (MemberStatus.ERASED, {}, (), ())
+
+
+async def test_data_survives_close_and_reopen_but_not_a_different_shard_count(tmp_path: Path, backend: Backend) -> None:
+    data_dir = tmp_path / "store"
+    store = backend.open(data_dir, SHARDS)
+    try:
+        await store.write(2, _earn_unit("member:m1:points", "tx_1", 30))
+        await store.write(2, lambda tx: tx.add_saga(_saga("tr_1")))
+        await store.write_directory(lambda d: d.add_member(_member("m1", ExternalId("card", "9"))))
+    finally:
+        await store.close()
+
+    reopened = backend.open(data_dir, SHARDS)
+    try:
+        assert (await reopened.read(2, lambda tx: tx.get_account("member:m1:points"))).balance == 30
+        assert await reopened.read(2, lambda tx: tx.outbox_backlog()) == 1
+        assert [s.saga_id for s in await reopened.read(2, lambda tx: tx.open_sagas())] == ["tr_1"]
+        assert await reopened.read(2, lambda tx: tx.get_idempotency("pos", "tx_1")) is not None
+        assert await reopened.read_directory(lambda d: d.find_member_id(ExternalId("card", "9"))) == "m1"
+        assert reopened.shard_count == SHARDS
+    finally:
+        await reopened.close()
+
+    with pytest.raises(backend.layout_errors):
+        backend.open(data_dir, SHARDS + 1)
+    again = backend.open(data_dir, SHARDS)
+    try:
+        assert (await again.read(2, lambda tx: tx.get_account("member:m1:points"))).balance == 30
+    finally:
+        await again.close()
+
+
+@pytest.mark.parametrize("side", ["read", "write"])
+async def test_a_caller_that_gives_up_does_not_stop_the_shard_answering(store: LedgerStore, side: str) -> None:
+    submit = store.read if side == "read" else store.write
+    busy = asyncio.ensure_future(submit(0, _busy))
+    impatient = asyncio.ensure_future(submit(0, lambda tx: tx.outbox_backlog()))
+    await asyncio.sleep(0)
+    impatient.cancel()  # like a gRPC deadline expiring while the call waits for its shard
+    await busy
+    with contextlib.suppress(asyncio.CancelledError):
+        await impatient
+    assert impatient.cancelled()
+    assert await asyncio.wait_for(store.read(0, lambda tx: tx.outbox_backlog()), timeout=2) == 0
+    assert await asyncio.wait_for(submit(0, lambda tx: tx.outbox_backlog()), timeout=2) == 0

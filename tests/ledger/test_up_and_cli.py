@@ -1,0 +1,254 @@
+"""The `pointmesh` front door: `up` runs Redis and the ledger and stops them cleanly on Ctrl-C;
+`ledger reconcile` catches a tampered balance; `ledger export` writes the period's liability.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from ledger_svc.domain import bucket_of
+from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+from tests.conftest import REPO, LedgerUnderTest, pointmesh_cli, start_ledger, stop_ledger, wait_for_port
+
+LEDGER_SERVICE = "pointmesh.v1.LedgerService"
+SHARDS = 4
+# A ledger stop that hangs (outbox relay ignoring its cancellation) fails its test, not the run.
+STOP_TIMEOUT_SECONDS = 20.0
+
+
+def _key(name: str) -> common_pb2.IdempotencyKey:
+    return common_pb2.IdempotencyKey(namespace="cli-test", key=name)
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _processes_using(data_dir: Path) -> set[int]:
+    """Pids of `up` and its children: their environment names this test's data dir, or (redis-server,
+    which rewrites its title and environment) they run inside it."""
+    marker = str(data_dir.resolve())
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if marker.encode() in (entry / "environ").read_bytes() or os.readlink(entry / "cwd").startswith(marker):
+                found.add(int(entry.name))
+    return found
+
+
+def _metric_value(text: str, name: str, labels: dict[str, str]) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    ledger_port, redis_port, metrics_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "POINTMESH_DATA_DIR": str(data_dir),
+        "POINTMESH_REDIS_PORT": str(redis_port),
+        "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{ledger_port}",
+        "POINTMESH_LEDGER_METRICS_PORT": str(metrics_port),
+    }
+    env.pop("POINTMESH_REDIS_URL", None)
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "pointmesh.cli", "up"],
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_port(redis_port)
+        wait_for_port(ledger_port)
+        wait_for_port(metrics_port)
+        with grpc.insecure_channel(f"127.0.0.1:{ledger_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=LEDGER_SERVICE), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = list(
+                reflection.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+                )
+            )
+            services = {s.name for r in replies for s in r.list_services_response.service}
+            assert LEDGER_SERVICE in services
+
+            member = ledger_pb2_grpc.LedgerServiceStub(channel).CreateMember(
+                ledger_pb2.CreateMemberRequest(idempotency_key=_key("up-member")), timeout=10
+            )
+            assert member.member.member_id
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert "pointmesh_rpc_requests_total" in metrics
+        created = {"service": LEDGER_SERVICE, "method": "CreateMember", "code": "OK"}
+        assert _metric_value(metrics, "pointmesh_rpc_requests_total", created) == 1.0
+
+        running = _processes_using(data_dir)
+        assert up.pid in running
+        assert len(running) >= 3, "expected `up`, redis-server and the ledger child"
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=20) == 0, log_path.read_text()
+        assert _port_closed(ledger_port)
+        assert _port_closed(redis_port)
+        assert _port_closed(metrics_port)
+        assert not _processes_using(data_dir), "children of `up` outlived it"
+        assert "pointmesh up: stopped" in log_path.read_text()
+    finally:
+        if up.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        for pid in _processes_using(data_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def _member_with_points(ledger: LedgerUnderTest, name: str, points: list[int]) -> tuple[str, int]:
+    member_id = (
+        await ledger.stub.CreateMember(ledger_pb2.CreateMemberRequest(idempotency_key=_key(name)))
+    ).member.member_id
+    for i, p in enumerate(points):
+        await ledger.stub.Earn(
+            ledger_pb2.EarnRequest(idempotency_key=_key(f"{name}-earn-{i}"), member_id=member_id, points=p)
+        )
+    balance = (await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member_id))).balance
+    return member_id, balance.balance_points
+
+
+async def _stop(ledger: LedgerUnderTest) -> None:
+    await asyncio.wait_for(stop_ledger(ledger), STOP_TIMEOUT_SECONDS)
+
+
+async def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(pointmesh_cli, *args, env={"POINTMESH_DATA_DIR": str(data_dir)})
+
+
+async def test_reconcile_passes_then_names_the_account_whose_stored_balance_was_tampered(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    data_dir = tmp_path / "data"
+    ledger = await start_ledger(data_dir, redis_server.url)
+    try:
+        member_id, _ = await _member_with_points(ledger, "tamper", [30, 12])
+        await _member_with_points(ledger, "bystander", [5])
+    finally:
+        await _stop(ledger)
+
+    clean = await _cli("ledger", "reconcile", data_dir=data_dir)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "zero differences" in clean.stdout
+    assert "DIFFERENCE" not in clean.stdout
+
+    account = f"member:{member_id}:points"
+    shard_file = data_dir / "ledger" / f"ledger-shard-{bucket_of(member_id) % SHARDS:03d}.sqlite"
+    with contextlib.closing(sqlite3.connect(shard_file)) as conn, conn:
+        changed = conn.execute("UPDATE accounts SET balance=balance+1 WHERE account=?", (account,)).rowcount
+    assert changed == 1
+
+    tampered = await _cli("ledger", "reconcile", data_dir=data_dir)
+    assert tampered.returncode == 1, tampered.stdout + tampered.stderr
+    differences = [line for line in tampered.stdout.splitlines() if line.startswith("DIFFERENCE")]
+    assert any(
+        "stored balance differs from its entries" in line and account in line and "expected 42, found 43" in line
+        for line in differences
+    ), tampered.stdout
+    assert all(member_id in line or "all shards" in line for line in differences), tampered.stdout
+    assert "zero differences" not in tampered.stdout
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as f:
+        return {row["account"]: row for row in csv.DictReader(f)}
+
+
+async def test_export_closing_liability_equals_member_balances_funded_by_the_program(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    data_dir = tmp_path / "data"
+    ledger = await start_ledger(data_dir, redis_server.url)
+    try:
+        balances = [
+            (await _member_with_points(ledger, "export-a", [40, 2]))[1],
+            (await _member_with_points(ledger, "export-b", [100]))[1],
+            (await _member_with_points(ledger, "export-c", [7, 7, 7]))[1],
+        ]
+    finally:
+        await _stop(ledger)
+    total = sum(balances)
+    assert total == 163
+
+    # The fixture ledger's ManualClock records everything at 2026-01-01T00:00:00Z.
+    out = tmp_path / "liability.csv"
+    done = await _cli(
+        "ledger", "export", "--from", "2025-12-01", "--to", "2026-02-01", "--out", str(out), data_dir=data_dir
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _rows(out)
+    assert "earn_points" in next(iter(rows.values()))
+    member, funding = rows["member:points"], rows["funding:program:points"]
+    assert (int(member["opening_points"]), int(member["earn_points"]), int(member["closing_points"])) == (
+        0,
+        total,
+        total,
+    )
+    assert (int(funding["opening_points"]), int(funding["earn_points"]), int(funding["closing_points"])) == (
+        0,
+        -total,
+        -total,
+    )
+    assert sum(int(row["closing_points"]) for row in rows.values()) == 0
+    assert f"wrote {len(rows)} rows" in done.stderr
+
+    later = tmp_path / "later.csv"
+    done = await _cli(
+        "ledger", "export", "--from", "2026-01-02", "--to", "2026-02-01", "--out", str(later), data_dir=data_dir
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    member = _rows(later)["member:points"]
+    assert (int(member["opening_points"]), int(member["earn_points"]), int(member["closing_points"])) == (
+        total,
+        0,
+        total,
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [("ledger", "reconcile"), ("ledger", "export", "--from", "2026-01-01", "--to", "x")]
+)
+def test_cli_rejects_bad_input_without_a_traceback(command: tuple[str, ...], tmp_path: Path) -> None:
+    done = pointmesh_cli(*command, env={"POINTMESH_DATA_DIR": str(tmp_path), "POINTMESH_LEDGER_SHARDS": "0"})
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
