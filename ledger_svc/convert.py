@@ -39,7 +39,10 @@ def dt(message: Any, field: str) -> datetime | None:
     if not message.HasField(field):
         return None
     value: Timestamp = getattr(message, field)
-    return value.ToDatetime(tzinfo=UTC)
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise d.InvalidArgument("is not a valid timestamp (years 1..9999)", field=field) from exc
 
 
 def key(message: Any) -> d.IdemKey:

@@ -8,6 +8,7 @@ nothing behind because the store rolls the unit back.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from ledger_svc.domain import (
     Money,
     NotFound,
     ReverseResult,
+    SagaState,
     Transaction,
     TxKind,
     debt_account,
@@ -37,7 +39,7 @@ from ledger_svc.domain import (
     pending_account,
     system_account,
 )
-from ledger_svc.store.base import AccountRow, ShardTx, TxRecord
+from ledger_svc.store.base import AccountRow, SagaRecord, ShardTx, TxRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +304,12 @@ class ShardBook:
             raise FailedPrecondition(f"transaction {tx_id} is not an earn", field="transaction_id")
         return self.release_pending_lot(lot)
 
+    def release_moved_pending(self, tx_id: str) -> Transaction:
+        lot = self.tx.lot_of_transaction(tx_id)
+        if lot is None:
+            raise FailedPrecondition(f"transaction {tx_id} has no pending points", field="transaction_id")
+        return self.release_pending_lot(lot)
+
     def redeem(
         self, member_id: str, unit: str, points: int, *, business_time: datetime | None, reference: str
     ) -> Transaction:
@@ -379,7 +387,8 @@ class ShardBook:
         transaction = self._finish(
             record, "hold_captured", {"hold_id": hold_id, "transaction_id": record.tx_id, "points": captured}
         )
-        return HoldResult(done, transaction.balance_after, transaction)
+        settled = self._settle_debt(hold.member_id, hold.unit) if captured < hold.points else None
+        return HoldResult(done, settled.balance_after if settled else transaction.balance_after, transaction)
 
     def void_hold(self, hold_id: str, *, expired: bool = False) -> HoldResult:
         hold = self.require_hold(hold_id)
@@ -429,28 +438,9 @@ class ShardBook:
             original_tx=tx_id,
             funding=original.funding,
         )
-        lot = self.tx.lot_of_transaction(tx_id)
-        debt = 0
-        refund_back = (funding_account(original.funding, unit), amount)
-        if lot is not None and lot.pending:
-            lot.remaining_points -= amount
-            self.tx.update_lot(lot)
-            self._post(record, [refund_back, (pending_account(member_id, unit), -amount)])
-        else:
-            row = self._acct(member_account(member_id, unit))
-            floor = row.reserved if row.reserved > 0 else -self.policy.negative_limit_points
-            take = max(0, min(amount, row.balance - floor))
-            debt = amount - take
-            self._post(
-                record,
-                [
-                    refund_back,
-                    (member_account(member_id, unit), -take),
-                    (debt_account(member_id, unit), -debt),
-                ],
-            )
-            self._consume_lots(member_id, unit, take, prefer_lot=lot.lot_id if lot else "")
-            self._normalise_lots(member_id, unit)
+        debt = self._take_back(
+            record, member_id, unit, amount, (funding_account(original.funding, unit), amount), tx_id
+        )
         original.reversed_points += amount
         if refund is not None:
             original.refunded_minor += refund.amount_minor
@@ -460,6 +450,78 @@ class ShardBook:
             {"transaction_id": record.tx_id, "original_transaction_id": tx_id, "points": amount, "debt_points": debt},
         )  # fmt: skip
         return ReverseResult(transaction, amount, debt)
+
+    def _take_back(
+        self, record: TxRecord, member_id: str, unit: str, amount: int, counter: tuple[str, int], earn_tx: str
+    ) -> int:
+        """Posts a reversal's member side; returns the part recorded as debt (decision 0007)."""
+        lot = self.tx.lot_of_transaction(earn_tx)
+        if lot is not None and lot.pending and lot.member_id == member_id:
+            lot.remaining_points -= amount
+            self.tx.update_lot(lot)
+            self._post(record, [counter, (pending_account(member_id, unit), -amount)])
+            return 0
+        row = self._acct(member_account(member_id, unit))
+        floor = row.reserved if row.reserved > 0 else -self.policy.negative_limit_points
+        take = max(0, min(amount, row.balance - floor))
+        debt = amount - take
+        self._post(record, [counter, (member_account(member_id, unit), -take), (debt_account(member_id, unit), -debt)])
+        self._consume_lots(member_id, unit, take, prefer_lot=lot.lot_id if lot else "")
+        self._normalise_lots(member_id, unit)
+        return debt
+
+    def start_merged_reversal(
+        self, tx_id: str, *, points: int | None, refund: Money | None, reason: str, target: str, saga_id: str
+    ) -> str:
+        """Source side of reversing an earn whose member was merged away: the funding gets its
+        points back through transit now; the target gives them up in the second step."""
+        original = self.require_transaction(tx_id)
+        if original.kind != TxKind.EARN:
+            raise FailedPrecondition(
+                f"transaction {tx_id} is {original.kind.value}; only earns are reversed", field="transaction_id"
+            )
+        reversible = original.points - original.reversed_points
+        if reversible <= 0:
+            raise FailedPrecondition(f"transaction {tx_id} is already fully reversed", field="transaction_id")
+        amount = self._reversal_amount(original, reversible, points, refund)
+        unit = original.unit
+        record = self._record(TxKind.REVERSAL, original.member_id, unit, 0, reference=reason, original_tx=tx_id,
+                              funding=original.funding, tx_id=f"{saga_id.replace('rv_', 'tx_', 1)}-out")  # fmt: skip
+        self._post(
+            record, [(funding_account(original.funding, unit), amount), (system_account("transit", unit), -amount)]
+        )
+        original.reversed_points += amount
+        if refund is not None:
+            original.refunded_minor += refund.amount_minor
+        self.tx.update_transaction(original)
+        self._finish(
+            record, "points_reversed",
+            {"transaction_id": record.tx_id, "original_transaction_id": tx_id, "points": 0, "debt_points": 0},
+        )  # fmt: skip
+        payload = {"original_tx": tx_id, "reason": reason}
+        self.tx.add_saga(SagaRecord(saga_id, "reversal", SagaState.HELD, original.member_id, target, unit, amount, "",
+                                    json.dumps(payload), self.now, self.now))  # fmt: skip
+        return saga_id
+
+    def finish_merged_reversal(self, target: str, unit: str, amount: int, *, original_tx: str, tx_id: str,
+                               reason: str) -> ReverseResult:  # fmt: skip
+        """Target side; a second call with the same tx_id returns the first result."""
+        existing = self.tx.get_transaction(tx_id)
+        if existing is None:
+            record = self._record(
+                TxKind.REVERSAL, target, unit, -amount, tx_id=tx_id, reference=reason, original_tx=original_tx
+            )
+            # On a reversal record, reversed_points keeps the part recorded as debt.
+            record.reversed_points = self._take_back(
+                record, target, unit, amount, (system_account("transit", unit), amount), original_tx
+            )
+            self._finish(
+                record, "points_reversed",
+                {"transaction_id": tx_id, "original_transaction_id": original_tx, "points": amount,
+                 "debt_points": record.reversed_points},
+            )  # fmt: skip
+            existing = record
+        return ReverseResult(to_transaction(existing), amount, existing.reversed_points)
 
     @staticmethod
     def _reversal_amount(original: TxRecord, reversible: int, points: int | None, refund: Money | None) -> int:
@@ -550,7 +612,7 @@ class ShardBook:
             "lots": [[lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None] for lot in spendable],
             "pending_lots": [
                 [lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None,
-                 lot.release_at.isoformat() if lot.release_at else None, lot.pending_review]
+                 lot.release_at.isoformat() if lot.release_at else None, lot.pending_review, lot.earn_transaction_id]
                 for lot in pending
             ],
         }  # fmt: skip
@@ -594,9 +656,10 @@ class ShardBook:
                 original_points=points, remaining_points=points,
                 expires_at=datetime.fromisoformat(expires) if expires else None, created_at=self.now,
             ))  # fmt: skip
-        for points, expires, release, review in moved["pending_lots"]:
+        for points, expires, release, review, earn_tx in moved["pending_lots"]:
+            # Keeps the original earn id so ReleasePending of that earn still finds it.
             self.tx.add_lot(Lot(
-                lot_id=f"lot_{uuid.uuid4().hex[:24]}", member_id=member_id, unit=unit, earn_transaction_id=tx_id,
+                lot_id=f"lot_{uuid.uuid4().hex[:24]}", member_id=member_id, unit=unit, earn_transaction_id=earn_tx,
                 original_points=points, remaining_points=points,
                 expires_at=datetime.fromisoformat(expires) if expires else None, created_at=self.now,
                 pending=True, release_at=datetime.fromisoformat(release) if release else None, pending_review=review,

@@ -285,7 +285,8 @@ class LedgerService:
         current = await self.member(cmd.member_id)
         if current.status in (MemberStatus.MERGED, MemberStatus.ERASED):
             raise FailedPrecondition(f"member {cmd.member_id} is {current.status.value}", field="member_id")
-        await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
+        if await self._claim(key, type(cmd).__name__, c.fingerprint(cmd)):
+            return current  # a replay: the status was set when the key was first used
         status = MemberStatus.BLOCKED if cmd.blocked else MemberStatus.ACTIVE
         await self.store.write_directory(lambda d: d.set_status(cmd.member_id, status))
         self._status_cache[cmd.member_id] = status
@@ -433,6 +434,10 @@ class LedgerService:
     async def adjust(self, cmd: c.Adjust) -> Transaction:
         cmd = self._check_adjust(cmd)
         await self._require_exists(cmd.member_id)
+        if await self._status(cmd.member_id, "member_id") == MemberStatus.MERGED:
+            raise MemberNotActive(
+                f"member {cmd.member_id} was merged; adjust the member it was merged into", field="member_id"
+            )
         return await self._mutate(
             cmd, self.shard_of(cmd.member_id), Transaction,
             lambda b: b.adjust(cmd.member_id, cmd.unit, cmd.points, reason=cmd.reason, operator_id=cmd.operator_id),
@@ -487,6 +492,21 @@ class LedgerService:
 
     async def reverse(self, cmd: c.Reverse) -> ReverseResult:
         cmd = self._check_reverse(cmd)
+        shard = self.shard_of_id(cmd.transaction_id)
+        original = await self.store.read(shard, lambda tx: tx.get_transaction(cmd.transaction_id))
+        if original is not None:
+            owner = await self.store.read_directory(lambda d: d.get_member(original.member_id))
+            if owner is not None and owner.status == MemberStatus.MERGED:
+                # The points live with the target now: a two-shard saga, like a transfer.
+                target = owner.merged_into
+                saga_id = await self._mutate(
+                    cmd, shard, str,
+                    lambda b: b.start_merged_reversal(
+                        cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason, target=target,
+                        saga_id=new_id("rv", original.member_id),
+                    ),
+                )  # fmt: skip
+                return await self._drive_reversal(saga_id)
         return await self._mutate(
             cmd, self.shard_of_id(cmd.transaction_id), ReverseResult,
             lambda b: b.reverse(cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason),
@@ -495,12 +515,19 @@ class LedgerService:
     async def release_pending(self, cmd: c.ReleasePending) -> Transaction:
         v.idem_key(cmd.key)
         v.object_id(cmd.transaction_id, "tx", "transaction_id")
-        return await self._mutate(
-            cmd,
-            self.shard_of_id(cmd.transaction_id),
-            Transaction,
-            lambda b: b.release_pending(cmd.transaction_id),
-        )
+        shard = self.shard_of_id(cmd.transaction_id)
+        original = await self.store.read(shard, lambda tx: tx.get_transaction(cmd.transaction_id))
+        if original is not None:
+            owner = await self.store.read_directory(lambda d: d.get_member(original.member_id))
+            if owner is not None and owner.status == MemberStatus.MERGED:
+                # The pending lot moved with the merge; it still carries this earn's id.
+                return await self._mutate(
+                    cmd,
+                    self.shard_of(owner.merged_into),
+                    Transaction,
+                    lambda b: b.release_moved_pending(cmd.transaction_id),
+                )
+        return await self._mutate(cmd, shard, Transaction, lambda b: b.release_pending(cmd.transaction_id))
 
     # Transfers ---------------------------------------------------------------------------
 
@@ -593,6 +620,22 @@ class LedgerService:
             raise FailedPrecondition(f"transfer {saga_id} did not complete", field="transfer_id")
         return TransferResult(saga_id, to_transaction(debit_rec), to_transaction(credit_rec))
 
+    async def _drive_reversal(self, saga_id: str) -> ReverseResult:
+        saga = await self.store.read(self.shard_of_id(saga_id), lambda tx: tx.get_saga(saga_id))
+        if saga is None:
+            raise NotFound(f"reversal {saga_id} does not exist", field="transaction_id")
+        payload = json.loads(saga.payload_json)
+        tx_id = f"tx_{bucket_of(saga.dest_member):04x}{saga_id.split('_', 1)[1][4:]}-in"
+        result = await self._book(
+            self.shard_of(saga.dest_member),
+            lambda b: b.finish_merged_reversal(
+                saga.dest_member, saga.unit, saga.points, original_tx=payload["original_tx"], tx_id=tx_id,
+                reason=payload["reason"],
+            ),
+        )  # fmt: skip
+        await self._book(self.shard_of_id(saga_id), lambda b: b.tx.set_saga_state(saga_id, SagaState.DONE, b.now))
+        return result
+
     async def recover_sagas(self, *, at_startup: bool = False) -> int:
         """Completes transfers and merges a crash left half-way; safe to run any time.
 
@@ -605,6 +648,8 @@ class LedgerService:
                 try:
                     if saga.kind == "transfer":
                         await self._drive_transfer(saga.saga_id)
+                    elif saga.kind == "reversal":
+                        await self._drive_reversal(saga.saga_id)
                     else:
                         await self._complete_merge(saga.source_member, saga.dest_member)
                     completed += 1
@@ -783,6 +828,7 @@ def _merged_members(d: DirectoryTx) -> list[tuple[str, str]]:
 def _decode_token(token: str) -> int:
     if not token:
         return 2**62
-    if not token.startswith("e") or not token[1:].isdigit():
+    digits = token[1:]
+    if not token.startswith("e") or not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
         raise InvalidArgument("is not a token this API returned", field="page.page_token")
     return int(token[1:])

@@ -79,9 +79,7 @@ def figures(b: ledger_pb2.Balance) -> dict[str, int]:
     }
 
 
-async def entries(
-    stub: ledger_pb2_grpc.LedgerServiceStub, member_id: str, unit: str = ""
-) -> list[ledger_pb2.Entry]:
+async def entries(stub: ledger_pb2_grpc.LedgerServiceStub, member_id: str, unit: str = "") -> list[ledger_pb2.Entry]:
     response = await stub.ListEntries(
         ledger_pb2.ListEntriesRequest(member_id=member_id, unit=unit, page=common_pb2.PageRequest(page_size=500))
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import grpc
-import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from pointmesh.v1 import common_pb2, ledger_pb2
@@ -93,6 +92,46 @@ async def test_merge_moves_lots_with_their_expiry_and_keeps_ids_as_aliases(ledge
     await assert_books_balance(ledger)
 
 
+async def test_credit_under_review_can_still_be_released_after_a_merge(ledger: LedgerUnderTest) -> None:
+    source = (await create_member(ledger.stub)).member_id
+    target = (await create_member(ledger.stub)).member_id
+    reviewed = await earn(ledger.stub, source, 80, pending_review=True)
+    await merge(ledger, source, target)
+    assert figures(await balance(ledger.stub, target))["pending"] == 80
+
+    await ledger.stub.ReleasePending(
+        ledger_pb2.ReleasePendingRequest(idempotency_key=key(), transaction_id=reviewed.transaction.transaction_id)
+    )
+
+    assert figures(await balance(ledger.stub, target)) == {
+        "balance": 80, "reserved": 0, "available": 80, "pending": 0, "debt": 0,
+    }  # fmt: skip
+
+
+async def test_reversing_an_earn_made_before_a_merge_takes_the_points_back_from_the_target(
+    ledger: LedgerUnderTest,
+) -> None:
+    source = (await create_member(ledger.stub)).member_id
+    target = (await create_member(ledger.stub)).member_id
+    posted = await earn(ledger.stub, source, 100)
+    pending = await earn(ledger.stub, source, 80, release_at=ts(ledger.clock.now() + timedelta(days=14)))
+    await merge(ledger, source, target)
+
+    for earned in (posted, pending):
+        request = ledger_pb2.ReverseRequest(
+            idempotency_key=key(), transaction_id=earned.transaction.transaction_id, full=True
+        )
+        first = await ledger.stub.Reverse(request)
+        assert (first.reversed_points, first.debt_points) == (earned.transaction.points, 0)
+        assert await ledger.stub.Reverse(request) == first
+    ledger.clock.advance(timedelta(days=15))
+    await ledger.stub.RunExpiry(ledger_pb2.RunExpiryRequest())
+
+    zero = {"balance": 0, "reserved": 0, "available": 0, "pending": 0, "debt": 0}
+    assert figures(await balance(ledger.stub, source)) == zero
+    assert figures(await balance(ledger.stub, target)) == zero
+
+
 async def test_merge_replay_returns_the_same_result_and_moves_nothing_twice(ledger: LedgerUnderTest) -> None:
     source = (await create_member(ledger.stub)).member_id
     target = (await create_member(ledger.stub)).member_id
@@ -163,11 +202,18 @@ async def test_blocked_member_keeps_points_but_cannot_earn_or_redeem_until_unblo
     assert (await balance(ledger.stub, member)).balance_points == 80
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LedgerService.set_blocked (ledger_svc/service.py) claims the key but re-applies the status on a "
-    "replay, so a retried BlockMember re-blocks a member unblocked in between",
-)
+async def test_replay_after_a_block_still_returns_the_original_result(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    request = ledger_pb2.EarnRequest(idempotency_key=key("before-block"), member_id=member, points=60)
+    first = await ledger.stub.Earn(request)
+    await ledger.stub.BlockMember(ledger_pb2.BlockMemberRequest(idempotency_key=key(), member_id=member))
+
+    assert await ledger.stub.Earn(request) == first
+    refused = await rpc_error(earn(ledger.stub, member, 60), grpc.StatusCode.FAILED_PRECONDITION)
+    assert error_reason(refused) == "MEMBER_NOT_ACTIVE"
+    assert (await balance(ledger.stub, member)).balance_points == 60
+
+
 async def test_replayed_block_request_does_not_block_again_after_an_unblock(ledger: LedgerUnderTest) -> None:
     member = (await create_member(ledger.stub)).member_id
     block = ledger_pb2.BlockMemberRequest(idempotency_key=key("block-1"), member_id=member, reason="review")
@@ -196,7 +242,9 @@ async def test_erase_wipes_profile_and_ids_but_keeps_balance_and_journal(ledger:
     await earn(ledger.stub, member, 120)
     await redeem(ledger.stub, member, 20)
 
-    erased = (await ledger.stub.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=member))).member
+    erased = (
+        await ledger.stub.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=member))
+    ).member
     assert erased.status == ledger_pb2.MEMBER_STATUS_ERASED
     stored = await get_member(ledger, member)
     assert (dict(stored.profile), list(stored.external_ids), list(stored.aliases)) == ({}, [], [])
@@ -260,3 +308,17 @@ async def test_external_id_already_owned_by_another_member_is_refused(ledger: Le
         ledger.stub.LookupMember(ledger_pb2.LookupMemberRequest(external_id=ext("web", "w-1"))),
         grpc.StatusCode.NOT_FOUND,
     )
+
+
+async def test_a_merged_member_cannot_be_adjusted(ledger: LedgerUnderTest) -> None:
+    source = (await create_member(ledger.stub)).member_id
+    target = (await create_member(ledger.stub)).member_id
+    await ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
+    )
+    adjust = ledger.stub.Adjust(
+        ledger_pb2.AdjustRequest(idempotency_key=key(), member_id=source, points=10, reason="goodwill")
+    )
+    error = await rpc_error(adjust, grpc.StatusCode.FAILED_PRECONDITION)
+    assert (error_reason(error), error_field(error)) == ("MEMBER_NOT_ACTIVE", "member_id")
+    assert (await balance(ledger.stub, source)).balance_points == 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -26,6 +28,7 @@ from tests.ledger.helpers import (
     place_hold,
     redeem,
     rpc_error,
+    ts,
 )
 
 EUR = "EUR"
@@ -111,7 +114,9 @@ async def test_same_key_in_another_namespace_is_a_separate_request(ledger: Ledge
     web = await earn(ledger.stub, member, 50, idempotency_key=key("shared", "web"))
     default = await earn(ledger.stub, member, 70, idempotency_key=key("shared"))
 
-    assert len({pos.transaction.transaction_id, web.transaction.transaction_id, default.transaction.transaction_id}) == 3
+    assert (
+        len({pos.transaction.transaction_id, web.transaction.transaction_id, default.transaction.transaction_id}) == 3
+    )
     assert (await balance(ledger.stub, member)).balance_points == 150
 
 
@@ -124,7 +129,9 @@ async def test_create_member_replay_returns_the_same_member_without_external_ids
     assert second.member_id == first.member_id
     assert other.member_id != first.member_id
     conflict = await rpc_error(
-        ledger.stub.CreateMember(ledger_pb2.CreateMemberRequest(idempotency_key=key("signup-1", "web"), profile={"a": "b"})),
+        ledger.stub.CreateMember(
+            ledger_pb2.CreateMemberRequest(idempotency_key=key("signup-1", "web"), profile={"a": "b"})
+        ),
         grpc.StatusCode.ALREADY_EXISTS,
     )
     assert detail(conflict, common_pb2.IdempotencyConflict).original_operation == "CreateMember"
@@ -204,6 +211,75 @@ async def test_reverse_replay_reverses_once(ledger: LedgerUnderTest) -> None:
     assert (await balance(ledger.stub, member)).balance_points == 250
 
 
+async def test_empty_namespace_is_the_default_namespace(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    first = await earn(ledger.stub, member, 25, idempotency_key=key("same"))
+    second = await earn(ledger.stub, member, 25, idempotency_key=key("same", "default"))
+
+    assert second.transaction.transaction_id == first.transaction.transaction_id
+    assert (await balance(ledger.stub, member)).balance_points == 25
+
+
+# Transfers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("same_shard", [True, False], ids=["same-shard", "cross-shard"])
+async def test_transfer_moves_the_earliest_expiring_points_with_their_expiry(
+    ledger: LedgerUnderTest, same_shard: bool
+) -> None:
+    source, destination = await member_pair(ledger, same_shard=same_shard)
+    now = ledger.clock.now()
+    await earn(ledger.stub, source, 100, expires_at=ts(now + timedelta(days=100)))
+    await earn(ledger.stub, source, 100, expires_at=ts(now + timedelta(days=10)))
+    await ledger.stub.Transfer(
+        ledger_pb2.TransferRequest(
+            idempotency_key=key(), source_member_id=source, destination_member_id=destination, points=150
+        )
+    )
+
+    ledger.clock.advance(timedelta(days=11))
+    report = await ledger.stub.RunExpiry(ledger_pb2.RunExpiryRequest())
+    assert (report.expired_points, report.lots_expired) == (100, 1)
+    assert (await balance(ledger.stub, source)).balance_points == 50
+    assert (await balance(ledger.stub, destination)).balance_points == 50
+    ledger.clock.advance(timedelta(days=90))
+    report = await ledger.stub.RunExpiry(ledger_pb2.RunExpiryRequest())
+    assert (report.expired_points, report.lots_expired) == (100, 2)
+    await assert_books_balance(ledger)
+
+
+async def test_transfer_cannot_send_more_than_available(ledger: LedgerUnderTest) -> None:
+    source, destination = await member_pair(ledger, same_shard=False)
+    await earn(ledger.stub, source, 100)
+    await place_hold(ledger.stub, source, 30)
+
+    error = await rpc_error(
+        ledger.stub.Transfer(
+            ledger_pb2.TransferRequest(
+                idempotency_key=key(), source_member_id=source, destination_member_id=destination, points=71
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert detail(error, common_pb2.InsufficientPoints).available_points == 70
+    assert (await balance(ledger.stub, destination)).balance_points == 0
+    assert figures(await balance(ledger.stub, source))["reserved"] == 30
+    await assert_books_balance(ledger)
+
+
+async def test_units_are_separate_accounts(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100)
+    await earn(ledger.stub, member, 7, unit="tier_credits")
+
+    refused = await rpc_error(redeem(ledger.stub, member, 8, unit="tier_credits"), grpc.StatusCode.FAILED_PRECONDITION)
+    assert detail(refused, common_pb2.InsufficientPoints).unit == "tier_credits"
+    assert (await balance(ledger.stub, member)).balance_points == 100
+    assert (await balance(ledger.stub, member, "tier_credits")).balance_points == 7
+    totals = await assert_books_balance(ledger)
+    assert (totals["member:points"], totals["member:tier_credits"]) == (100, 7)
+
+
 # Concurrency ------------------------------------------------------------------------------
 
 
@@ -228,6 +304,59 @@ async def test_redeem_never_overdraws_under_50_concurrent_calls(ledger: LedgerUn
         "balance": 5, "reserved": 0, "available": 5, "pending": 0, "debt": 0,
     }  # fmt: skip
     await assert_books_balance(ledger)
+
+
+# Service robustness -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def fsync_ledger(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[LedgerUnderTest]:
+    """A ledger with synchronous=FULL, whose store commits on worker threads instead of the event loop."""
+    running = await start_ledger(tmp_path / "data", redis_server.url, sqlite_synchronous="FULL")
+    yield running
+    await stop_ledger(running)
+
+
+async def test_a_call_cancelled_by_its_deadline_leaves_its_shard_writable(fsync_ledger: LedgerUnderTest) -> None:
+    ledger = fsync_ledger
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 10)
+    request = ledger_pb2.EarnRequest(idempotency_key=key("slow-disk"), member_id=member, points=5)
+    # Keep the member's shard writer busy, as a slow fsync would, so the call below queues and times out.
+    shard = bucket_of(member) % ledger.app.store.shard_count
+    busy = asyncio.ensure_future(ledger.app.store.write(shard, lambda _tx: time.sleep(0.5)))
+    await asyncio.sleep(0.05)
+    await rpc_error(ledger.stub.Earn(request, timeout=0.2), grpc.StatusCode.DEADLINE_EXCEEDED)
+    await busy
+
+    retried = await ledger.stub.Earn(request, timeout=1.5)
+    assert retried.transaction.balance_after.balance_points == 15
+    later = ledger_pb2.EarnRequest(idempotency_key=key("after-slow-disk"), member_id=member, points=1)
+    assert (await ledger.stub.Earn(later, timeout=1.5)).transaction.balance_after.balance_points == 16
+    assert (await balance(ledger.stub, member)).balance_points == 16
+
+
+@pytest.fixture
+async def idle_relay_ledger(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[LedgerUnderTest]:
+    """A ledger whose outbox relay, once drained, sleeps until woken (no short poll)."""
+    running = await start_ledger(tmp_path / "data", redis_server.url, outbox_poll_seconds=30.0)
+    yield running
+    await stop_ledger(running)
+
+
+async def test_relay_stops_when_cancelled_in_the_turn_a_posting_wakes_it(idle_relay_ledger: LedgerUnderTest) -> None:
+    ledger = idle_relay_ledger
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 10)
+    await asyncio.sleep(0.3)  # the relay has published and now waits to be woken
+    relay = next(t for t in ledger.app.tasks if t.get_name() == "outbox-relay")
+
+    ledger.app.service.outbox_wakeup.set()  # a posting commits ...
+    relay.cancel()  # ... in the same loop turn as LedgerApp._cleanup cancels the relay
+    done, _ = await asyncio.wait([relay], timeout=2)
+
+    assert relay in done
+    assert relay.cancelled()
 
 
 # Reversals --------------------------------------------------------------------------------
@@ -309,6 +438,57 @@ async def test_refund_while_a_hold_is_open_never_takes_the_balance_below_the_res
     await assert_books_balance(lenient_ledger)
 
 
+async def hold_then_refund_everything(ledger: LedgerUnderTest) -> tuple[str, str]:
+    """Earn 1000, hold 300, redeem 500, then a full reversal: 300 posted and reserved, 800 debt."""
+    member = (await create_member(ledger.stub)).member_id
+    earned = await earn(ledger.stub, member, 1000)
+    hold_id = (await place_hold(ledger.stub, member, 300)).hold.hold_id
+    await redeem(ledger.stub, member, 500)
+    await ledger.stub.Reverse(
+        ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=earned.transaction.transaction_id, full=True)
+    )
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 300, "reserved": 300, "available": 0, "pending": 0, "debt": 800,
+    }  # fmt: skip
+    return member, hold_id
+
+
+async def test_voiding_a_hold_pays_debt_recorded_while_it_was_open(ledger: LedgerUnderTest) -> None:
+    member, hold_id = await hold_then_refund_everything(ledger)
+
+    voided = await ledger.stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=hold_id))
+
+    expected = {"balance": 0, "reserved": 0, "available": 0, "pending": 0, "debt": 500}
+    assert figures(voided.balance_after) == expected
+    assert figures(await balance(ledger.stub, member)) == expected
+    newest = (await entries(ledger.stub, member))[0]
+    assert (newest.kind, newest.points) == (ledger_pb2.TRANSACTION_KIND_DEBT_SETTLEMENT, -300)
+    await assert_books_balance(ledger)
+
+
+async def test_expired_hold_pays_debt_recorded_while_it_was_open(ledger: LedgerUnderTest) -> None:
+    member, _hold_id = await hold_then_refund_everything(ledger)
+
+    ledger.clock.advance(timedelta(minutes=16))
+    assert (await ledger.stub.RunExpiry(ledger_pb2.RunExpiryRequest())).holds_voided == 1
+
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 0, "reserved": 0, "available": 0, "pending": 0, "debt": 500,
+    }  # fmt: skip
+    await assert_books_balance(ledger)
+
+
+async def test_partial_capture_pays_debt_with_the_points_it_releases(ledger: LedgerUnderTest) -> None:
+    member, hold_id = await hold_then_refund_everything(ledger)
+
+    await ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=hold_id, points=100))
+
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 0, "reserved": 0, "available": 0, "pending": 0, "debt": 600,
+    }  # fmt: skip
+    await assert_books_balance(ledger)
+
+
 async def test_partial_refunds_reverse_proportionally_with_cumulative_floor(ledger: LedgerUnderTest) -> None:
     member = (await create_member(ledger.stub)).member_id
     earned = await earn(ledger.stub, member, 1000, purchase_amount=eur(3000))
@@ -388,7 +568,9 @@ async def test_only_earns_can_be_reversed(ledger: LedgerUnderTest) -> None:
 
     error = await rpc_error(
         ledger.stub.Reverse(
-            ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=redeemed.transaction.transaction_id, full=True)
+            ledger_pb2.ReverseRequest(
+                idempotency_key=key(), transaction_id=redeemed.transaction.transaction_id, full=True
+            )
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
     )

@@ -20,7 +20,9 @@ async def test_earn_then_balance_over_grpc(ledger: LedgerUnderTest) -> None:
     first = (await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member.member_id))).balance
     assert (first.balance_points, first.available_points) == (70, 70)
     await ledger.stub.Earn(
-        ledger_pb2.EarnRequest(idempotency_key=common_pb2.IdempotencyKey(key="e2"), member_id=member.member_id, points=5)
+        ledger_pb2.EarnRequest(
+            idempotency_key=common_pb2.IdempotencyKey(key="e2"), member_id=member.member_id, points=5
+        )
     )
     second = (await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member.member_id))).balance
     assert second.balance_points == 75
