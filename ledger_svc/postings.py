@@ -418,16 +418,7 @@ class ShardBook:
         )
 
     def reverse(self, tx_id: str, *, points: int | None, refund: Money | None, reason: str) -> ReverseResult:
-        original = self.require_transaction(tx_id)
-        if original.kind != TxKind.EARN:
-            raise FailedPrecondition(
-                f"transaction {tx_id} is {original.kind.value}; only earns are reversed",
-                field="transaction_id",
-            )
-        reversible = original.points - original.reversed_points
-        if reversible <= 0:
-            raise FailedPrecondition(f"transaction {tx_id} is already fully reversed", field="transaction_id")
-        amount = self._reversal_amount(original, reversible, points, refund)
+        original, amount = self._reversal_of(tx_id, points, refund)
         unit, member_id = original.unit, original.member_id
         record = self._record(
             TxKind.REVERSAL,
@@ -475,15 +466,7 @@ class ShardBook:
     ) -> str:
         """Source side of reversing an earn whose member was merged away: the funding gets its
         points back through transit now; the target gives them up in the second step."""
-        original = self.require_transaction(tx_id)
-        if original.kind != TxKind.EARN:
-            raise FailedPrecondition(
-                f"transaction {tx_id} is {original.kind.value}; only earns are reversed", field="transaction_id"
-            )
-        reversible = original.points - original.reversed_points
-        if reversible <= 0:
-            raise FailedPrecondition(f"transaction {tx_id} is already fully reversed", field="transaction_id")
-        amount = self._reversal_amount(original, reversible, points, refund)
+        original, amount = self._reversal_of(tx_id, points, refund)
         unit = original.unit
         record = self._record(TxKind.REVERSAL, original.member_id, unit, 0, reference=reason, original_tx=tx_id,
                               funding=original.funding, tx_id=f"{saga_id.replace('rv_', 'tx_', 1)}-out")  # fmt: skip
@@ -522,6 +505,18 @@ class ShardBook:
             )  # fmt: skip
             existing = record
         return ReverseResult(to_transaction(existing), amount, existing.reversed_points)
+
+    def _reversal_of(self, tx_id: str, points: int | None, refund: Money | None) -> tuple[TxRecord, int]:
+        """The earn being reversed and how many points this reversal takes back."""
+        original = self.require_transaction(tx_id)
+        if original.kind != TxKind.EARN:
+            raise FailedPrecondition(
+                f"transaction {tx_id} is {original.kind.value}; only earns are reversed", field="transaction_id"
+            )
+        reversible = original.points - original.reversed_points
+        if reversible <= 0:
+            raise FailedPrecondition(f"transaction {tx_id} is already fully reversed", field="transaction_id")
+        return original, self._reversal_amount(original, reversible, points, refund)
 
     @staticmethod
     def _reversal_amount(original: TxRecord, reversible: int, points: int | None, refund: Money | None) -> int:
