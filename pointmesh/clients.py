@@ -1,0 +1,28 @@
+"""Client stubs for pointmesh services, built on the one channel factory in rpc.py.
+
+Every LedgerService mutation carries an idempotency key and every read is side-effect free,
+so all its unary methods may be retried on UNAVAILABLE; streaming calls never are.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.descriptor import ServiceDescriptor
+
+from pointmesh.rpc import client_channel
+from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
+
+LEDGER_SERVICE: ServiceDescriptor = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"]
+
+
+def unary_methods(service: ServiceDescriptor) -> list[str]:
+    """Fully qualified names of the service's unary-unary methods."""
+    return [
+        f"/{service.full_name}/{m.name}" for m in service.methods if not m.client_streaming and not m.server_streaming
+    ]
+
+
+def ledger_stub(target: str, *, default_timeout_seconds: float = 5.0) -> ledger_pb2_grpc.LedgerServiceStub:
+    channel = client_channel(
+        target, idempotent_methods=unary_methods(LEDGER_SERVICE), default_timeout_seconds=default_timeout_seconds
+    )
+    return ledger_pb2_grpc.LedgerServiceStub(channel)
