@@ -84,6 +84,13 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(_: argparse.Namespace) -> int:
+    from pointmesh.demo import run_demo
+
+    asyncio.run(run_demo(_settings().ledger_addr))
+    return 0
+
+
 SERVICES: dict[str, list[str]] = {
     "ledger": ["ledger", "serve"],
 }
@@ -136,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pointmesh", description="pointmesh loyalty platform")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="run redis and every service locally").set_defaults(func=cmd_up)
+    sub.add_parser("demo", help="scripted multichannel tour against a running ledger").set_defaults(func=cmd_demo)
     ledger = sub.add_parser("ledger", help="ledger service commands").add_subparsers(
         dest="ledger_command", required=True
     )
