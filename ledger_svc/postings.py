@@ -304,8 +304,8 @@ class ShardBook:
             raise FailedPrecondition(f"transaction {tx_id} is not an earn", field="transaction_id")
         return self.release_pending_lot(lot)
 
-    def release_moved_pending(self, tx_id: str) -> Transaction:
-        lot = self.tx.lot_of_transaction(tx_id)
+    def release_moved_pending(self, tx_id: str, member_id: str) -> Transaction:
+        lot = self.tx.lot_of_transaction(tx_id, member_id)
         if lot is None:
             raise FailedPrecondition(f"transaction {tx_id} has no pending points", field="transaction_id")
         return self.release_pending_lot(lot)
@@ -446,7 +446,7 @@ class ShardBook:
         self, record: TxRecord, member_id: str, unit: str, amount: int, counter: tuple[str, int], earn_tx: str
     ) -> int:
         """Posts a reversal's member side; returns the part recorded as debt (decision 0007)."""
-        lot = self.tx.lot_of_transaction(earn_tx)
+        lot = self.tx.lot_of_transaction(earn_tx, member_id)
         if lot is not None and lot.pending and lot.member_id == member_id:
             lot.remaining_points -= amount
             self.tx.update_lot(lot)
@@ -594,7 +594,20 @@ class ShardBook:
         return transaction, taken
 
     def move_out_all(self, member_id: str, unit: str, target: str, merge_id: str) -> dict[str, Any] | None:
-        """Source side of a merge: empties posted, pending and debt into transit, keeping lot details."""
+        """Source side of a merge: empties posted, pending and debt into transit, keeping lot details.
+
+        A hold placed while the merge was starting is voided first (its capture then fails rather
+        than overdrawing the emptied source); a transfer in flight makes the merge wait.
+        """
+        for hold in self.tx.placed_holds_of(member_id):
+            if hold.unit != unit:
+                continue
+            if hold.saga_id:
+                raise FailedPrecondition(
+                    f"transfer {hold.saga_id} from member {member_id} is in flight; retry the merge",
+                    field="source_member_id",
+                )
+            self.void_hold(hold.hold_id)
         bal = self.balance(member_id, unit)
         if not (bal.balance_points or bal.pending_points or bal.debt_points):
             return None

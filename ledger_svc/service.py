@@ -121,6 +121,14 @@ class LedgerService:
         record = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
         return None if record is None else codec.loads(result_type, record.result_json)
 
+    async def _stored_result_if_same(self, command: Any, shard: int, result_type: type[R]) -> R | None:
+        """The stored result of this very request (same key and payload) in `shard`, if any."""
+        key: IdemKey = command.key
+        record = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
+        if record is None or record.fingerprint != c.fingerprint(command):
+            return None
+        return codec.loads(result_type, record.result_json)
+
     async def _mutate(
         self,
         command: Any,
@@ -211,6 +219,20 @@ class LedgerService:
         if status != MemberStatus.ACTIVE:
             raise MemberNotActive(f"member {member_id} is {status.value}", field=field)
 
+    async def _require_not_merged(self, member_id: str) -> None:
+        """Adjustments reach blocked and erased members, never one merged away."""
+        await self._require_exists(member_id)
+        if await self._status(member_id, "member_id") == MemberStatus.MERGED:
+            raise MemberNotActive(
+                f"member {member_id} was merged; adjust the member it was merged into", field="member_id"
+            )
+
+    async def _owner_merged(self, tx_id: str) -> bool:
+        original = await self.store.read(self.shard_of_id(tx_id), lambda tx: tx.get_transaction(tx_id))
+        if original is None:
+            return False
+        return await self._status(original.member_id, "transaction_id") == MemberStatus.MERGED
+
     def _active(self, member_id: str, field: str = "member_id") -> Callable[[], Awaitable[None]]:
         """The member-status check, deferred so a replay can answer before it."""
         return lambda: self._require_active(member_id, field)
@@ -285,11 +307,23 @@ class LedgerService:
         current = await self.member(cmd.member_id)
         if current.status in (MemberStatus.MERGED, MemberStatus.ERASED):
             raise FailedPrecondition(f"member {cmd.member_id} is {current.status.value}", field="member_id")
-        if await self._claim(key, type(cmd).__name__, c.fingerprint(cmd)):
-            return current  # a replay: the status was set when the key was first used
+        fp = c.fingerprint(cmd)
         status = MemberStatus.BLOCKED if cmd.blocked else MemberStatus.ACTIVE
-        await self.store.write_directory(lambda d: d.set_status(cmd.member_id, status))
-        self._status_cache[cmd.member_id] = status
+        now = self.clock.now()
+
+        def unit(d: DirectoryTx) -> None:
+            """Claim, status and completion in one transaction: a retry either replays or applies."""
+            existing = d.claim(key.namespace, key.key, type(cmd).__name__, fp, now)
+            if existing is not None:
+                if existing.fingerprint != fp:
+                    raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
+                if existing.result_json:
+                    return  # applied when the key was first used; a later unblock stands
+            d.set_status(cmd.member_id, status)
+            d.complete_claim(key.namespace, key.key, status.value)
+
+        await self.store.write_directory(unit)
+        self._status_cache.pop(cmd.member_id, None)
         return await self.member(cmd.member_id)
 
     async def erase_member(self, cmd: c.EraseMember) -> Member:
@@ -497,6 +531,12 @@ class LedgerService:
         if original is not None:
             owner = await self.store.read_directory(lambda d: d.get_member(original.member_id))
             if owner is not None and owner.status == MemberStatus.MERGED:
+                # A replay answers from what the first call stored, whichever path it took.
+                stored = await self._stored_result_if_same(cmd, shard, object)
+                if isinstance(stored, str):
+                    return await self._drive_reversal(stored)
+                if stored is not None:
+                    return codec.from_plain(ReverseResult, stored)  # type: ignore[no-any-return]
                 # The points live with the target now: a two-shard saga, like a transfer.
                 target = owner.merged_into
                 saga_id = await self._mutate(
@@ -521,11 +561,15 @@ class LedgerService:
             owner = await self.store.read_directory(lambda d: d.get_member(original.member_id))
             if owner is not None and owner.status == MemberStatus.MERGED:
                 # The pending lot moved with the merge; it still carries this earn's id.
+                replayed = await self._stored_result_if_same(cmd, shard, Transaction)
+                if replayed is not None:
+                    return replayed
+                target = owner.merged_into
                 return await self._mutate(
                     cmd,
-                    self.shard_of(owner.merged_into),
+                    self.shard_of(target),
                     Transaction,
-                    lambda b: b.release_moved_pending(cmd.transaction_id),
+                    lambda b: b.release_moved_pending(cmd.transaction_id, target),
                 )
         return await self._mutate(cmd, shard, Transaction, lambda b: b.release_pending(cmd.transaction_id))
 
@@ -755,6 +799,8 @@ class LedgerService:
         return results
 
     async def _ingest_one(self, p: _Prepared, maybe_replay: bool) -> tuple[Any, bool]:
+        if p.via is not None:
+            return await p.via(p.command), False
         if maybe_replay:
             stored = await self._stored_result(p.command.key, p.shard, p.result_type)
             if stored is not None:
@@ -781,11 +827,15 @@ class LedgerService:
                              red.member_id)  # fmt: skip
         if isinstance(cmd, c.Adjust):
             adj = self._check_adjust(cmd)
-            await self._require_exists(adj.member_id)
+            await self._require_not_merged(adj.member_id)
             return _Prepared(index, adj, self.shard_of(adj.member_id), c.fingerprint(adj), Transaction,
                              lambda b: b.adjust(adj.member_id, adj.unit, adj.points, reason=adj.reason,
                                                 operator_id=adj.operator_id))  # fmt: skip
         rev = self._check_reverse(cmd)
+        if await self._owner_merged(rev.transaction_id):
+            # Reversing an earn of a merged member is a two-shard saga; the unary path runs it.
+            return _Prepared(index, rev, self.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
+                             lambda b: b, via=self.reverse)  # fmt: skip
         return _Prepared(index, rev, self.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
                          lambda b: b.reverse(rev.transaction_id, points=rev.points, refund=rev.refund,
                                              reason=rev.reason))  # fmt: skip
@@ -800,6 +850,7 @@ class _Prepared:
     result_type: type[Any]
     body: Callable[[ShardBook], Any]
     member_id: str = ""  # whose ACTIVE status must hold (adjust and reverse need none)
+    via: Callable[[Any], Awaitable[Any]] | None = None  # a use case that runs the item itself
 
 
 def _claim_many(

@@ -310,8 +310,12 @@ class SqliteShardTx:
         ).fetchone()
         return int(row[0])
 
-    def lot_of_transaction(self, tx_id: str) -> Lot | None:
-        row = self.c.execute(f"SELECT {_LOT_COLS} FROM lots WHERE earn_tx=? LIMIT 1", (tx_id,)).fetchone()
+    def lot_of_transaction(self, tx_id: str, member_id: str = "") -> Lot | None:
+        # After a same-shard merge two lots carry the earn id: prefer the member's, then a live one.
+        row = self.c.execute(
+            f"SELECT {_LOT_COLS} FROM lots WHERE earn_tx=? ORDER BY member_id=? DESC, remaining>0 DESC LIMIT 1",
+            (tx_id, member_id),
+        ).fetchone()
         return None if row is None else _lot(row)
 
     def lots_expired_by(self, when: datetime, limit: int) -> list[Lot]:
