@@ -85,3 +85,20 @@ async def test_pending_review_credit_merged_within_one_shard_can_be_released(led
     balance = await svc.get_balance(target, "points")
     assert (balance.balance_points, balance.pending_points) == (500, 0)
     assert (await reconcile(ledger.app.store)).ok
+
+
+async def test_reconcile_flags_points_that_landed_on_a_member_after_it_was_merged(ledger: LedgerUnderTest) -> None:
+    svc = ledger.app.service
+    source, target = await member(svc), await member(svc)
+    await svc.earn(c.Earn(k(), source, "points", 100))
+    await svc.merge_members(c.MergeMembers(k(), source, target))
+    assert (await reconcile(ledger.app.store)).ok
+    # An earn that passed the status check just before the merge commits after it.
+    await svc._book(svc.shard_of(source), lambda b: b.earn(
+        source, "points", 7, funding_source="program", business_time=None, expires_at=None, release_at=None,
+        pending_review=False, purchase=None, reference="late",
+    ))  # fmt: skip
+    report = await reconcile(ledger.app.store)
+    assert [(d.kind, d.subject, d.actual) for d in report.differences] == [
+        ("points left on a merged member", f"member:{source}:points", 7)
+    ]
