@@ -1,0 +1,129 @@
+"""Batch ingest (IngestBatch): many postings, one directory claim pass, group commits per shard.
+
+Each item keeps the unary path's guarantees: its own idempotency key, replay before status
+checks, and a failure that is reported by index without stopping the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ledger_svc import commands as c
+from ledger_svc.domain import EarnResult, IdemKey, IdempotencyConflict, LedgerError, ReverseResult, Transaction
+from ledger_svc.postings import ShardBook
+from ledger_svc.store.base import DirectoryTx
+
+if TYPE_CHECKING:
+    from ledger_svc.service import LedgerService
+
+
+class BatchIngest:
+    def __init__(self, service: LedgerService) -> None:
+        self.service = service
+
+    async def run(self, items: Sequence[c.PostingCommand | LedgerError]) -> list[Any]:
+        """Per item either (result, replayed) or the LedgerError it failed with."""
+        svc = self.service
+        results: list[Any] = [None] * len(items)
+        prepared: list[_Prepared] = []
+        for i, item in enumerate(items):
+            if isinstance(item, LedgerError):
+                results[i] = item
+                continue
+            try:
+                prepared.append(await self._prepare(i, item))
+            except LedgerError as exc:
+                results[i] = exc
+        claims = [(p.index, p.command.key, type(p.command).__name__, p.fingerprint) for p in prepared]
+        now = svc.clock.now()
+        conflicts, seen = await svc.store.write_directory(lambda d: _claim_many(d, claims, now))
+        for i, error in conflicts.items():
+            results[i] = error
+        outcomes = await asyncio.gather(
+            *(self._one(p, p.index in seen) for p in prepared if p.index not in conflicts),
+            return_exceptions=True,
+        )
+        for p, outcome in zip([p for p in prepared if p.index not in conflicts], outcomes, strict=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, LedgerError):
+                raise outcome
+            results[p.index] = outcome
+        return results
+
+    async def _one(self, p: _Prepared, maybe_replay: bool) -> tuple[Any, bool]:
+        svc = self.service
+        if p.via is not None:
+            return await p.via(p.command), False
+        if maybe_replay:
+            stored = await svc._stored_result(p.command.key, p.shard, p.result_type)
+            if stored is not None:
+                return stored, True
+        if p.member_id:
+            await svc._require_active(p.member_id)
+        unit = svc._idempotent_unit(p.command, p.fingerprint, p.result_type, p.body)
+        result: tuple[Any, bool] = await svc.store.write(p.shard, unit)
+        return result
+
+    async def _prepare(self, index: int, cmd: c.PostingCommand) -> _Prepared:
+        """Stateless checks and routing; the member-status check waits for the replay lookup."""
+        svc = self.service
+        if isinstance(cmd, c.Earn):
+            earn = svc._check_earn(cmd)
+            await svc._require_exists(earn.member_id)
+            return _Prepared(index, earn, svc.shard_of(earn.member_id), c.fingerprint(earn), EarnResult,
+                             lambda b: svc._earn_body(b, earn), earn.member_id)  # fmt: skip
+        if isinstance(cmd, c.Redeem):
+            red = svc._check_redeem(cmd)
+            await svc._require_exists(red.member_id)
+            return _Prepared(index, red, svc.shard_of(red.member_id), c.fingerprint(red), Transaction,
+                             lambda b: b.redeem(red.member_id, red.unit, red.points, business_time=red.business_time,
+                                                reference=red.reference),
+                             red.member_id)  # fmt: skip
+        if isinstance(cmd, c.Adjust):
+            adj = svc._check_adjust(cmd)
+            await svc._require_not_merged(adj.member_id)
+            return _Prepared(index, adj, svc.shard_of(adj.member_id), c.fingerprint(adj), Transaction,
+                             lambda b: b.adjust(adj.member_id, adj.unit, adj.points, reason=adj.reason,
+                                                operator_id=adj.operator_id))  # fmt: skip
+        rev = svc._check_reverse(cmd)
+        if await svc._owner_merged(rev.transaction_id):
+            # Reversing an earn of a merged member is a two-shard saga; the unary path runs it.
+            return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
+                             lambda b: b, via=svc.reverse)  # fmt: skip
+        return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
+                         lambda b: b.reverse(rev.transaction_id, points=rev.points, refund=rev.refund,
+                                             reason=rev.reason))  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    index: int
+    command: Any
+    shard: int
+    fingerprint: str
+    result_type: type[Any]
+    body: Callable[[ShardBook], Any]
+    member_id: str = ""  # whose ACTIVE status must hold (adjust and reverse need none)
+    via: Callable[[Any], Awaitable[Any]] | None = None  # a use case that runs the item itself
+
+
+def _claim_many(
+    d: DirectoryTx, claims: list[tuple[int, IdemKey, str, str]], now: datetime
+) -> tuple[dict[int, LedgerError], set[int]]:
+    """Claims every key of a batch; returns the conflicts and the items claimed before (replays)."""
+    conflicts: dict[int, LedgerError] = {}
+    seen: set[int] = set()
+    first_in_batch: dict[tuple[str, str], str] = {}
+    for i, key, operation, fp in claims:
+        first = first_in_batch.setdefault((key.namespace, key.key), fp)
+        existing = d.claim(key.namespace, key.key, operation, fp, now)
+        if existing is not None and existing.fingerprint != fp:
+            conflicts[i] = IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
+        elif first != fp:
+            conflicts[i] = IdempotencyConflict(key.namespace, key.key, operation, now)
+        elif existing is not None:
+            seen.add(i)
+    return conflicts, seen
