@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 from ledger_svc import codec
@@ -41,18 +39,17 @@ from ledger_svc.domain import (
     NotFound,
     Page,
     ReverseResult,
-    SagaState,
     Transaction,
     TransferResult,
-    TxKind,
     bucket_of,
     bucket_of_id,
     member_account,
     new_id,
     new_member_id,
 )
-from ledger_svc.postings import Policy, Portion, ShardBook, to_transaction
-from ledger_svc.store.base import DirectoryTx, IdemRecord, LedgerStore, SagaRecord, ShardTx
+from ledger_svc.postings import Policy, ShardBook
+from ledger_svc.sagas import Sagas
+from ledger_svc.store.base import DirectoryTx, IdemRecord, LedgerStore, ShardTx
 from pointmesh.clock import Clock
 
 R = TypeVar("R")
@@ -65,13 +62,6 @@ class BalanceCache(Protocol):
     async def fill(self, balance: Balance) -> None: ...
     def invalidate(self, member_id: str, unit: str, version: int) -> None: ...
     def usable_for(self, member_id: str, unit: str) -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _SagaIds:
-    saga_id: str
-    out_tx: str
-    in_tx: str
 
 
 class LedgerService:
@@ -94,6 +84,7 @@ class LedgerService:
         self._status_cache: dict[str, MemberStatus] = {}
         self.outbox_wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        self.sagas = Sagas(self)
 
     # Routing and plumbing ----------------------------------------------------------------
 
@@ -361,49 +352,8 @@ class LedgerService:
             lambda d: d.set_status(source.member_id, MemberStatus.MERGED, target.member_id)
         )
         self._status_cache[source.member_id] = MemberStatus.MERGED
-        moved = await self._complete_merge(source.member_id, target.member_id)
+        moved = await self.sagas.complete_merge(source.member_id, target.member_id)
         return MergeResult(await self.member(target.member_id), moved)
-
-    def _merge_id(self, source: str) -> str:
-        digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-        return f"mg_{bucket_of(source):04x}{digest}"
-
-    async def _drive_merge(self, source: str, target: str) -> dict[str, int]:
-        merge_id = self._merge_id(source)
-
-        def move_out(book: ShardBook) -> SagaRecord:
-            saga = book.tx.get_saga(merge_id)
-            if saga is not None:
-                return saga
-            moved = {u: m for u in self.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
-            saga = SagaRecord(
-                merge_id,
-                "merge",
-                SagaState.HELD,
-                source,
-                target,
-                "",
-                0,
-                "",
-                json.dumps(moved),
-                book.now,
-                book.now,
-            )
-            book.tx.add_saga(saga)
-            return saga
-
-        saga = await self._book(self.shard_of(source), move_out)
-        self._fault("merge_after_move_out")
-        moved: dict[str, dict[str, Any]] = json.loads(saga.payload_json)
-        if saga.state != SagaState.DONE:
-
-            def move_in(book: ShardBook) -> None:
-                for u, m in moved.items():
-                    book.move_in_all(target, u, m, source, merge_id)
-
-            await self._book(self.shard_of(target), move_in)
-            await self._book(self.shard_of(source), lambda b: b.tx.set_saga_state(merge_id, SagaState.DONE, b.now))
-        return {u: int(m["balance"]) for u, m in moved.items()}
 
     # Postings ----------------------------------------------------------------------------
 
@@ -534,7 +484,7 @@ class LedgerService:
                 # A replay answers from what the first call stored, whichever path it took.
                 stored = await self._stored_result_if_same(cmd, shard, object)
                 if isinstance(stored, str):
-                    return await self._drive_reversal(stored)
+                    return await self.sagas.drive_reversal(stored)
                 if stored is not None:
                     return codec.from_plain(ReverseResult, stored)  # type: ignore[no-any-return]
                 # The points live with the target now: a two-shard saga, like a transfer.
@@ -546,7 +496,7 @@ class LedgerService:
                         saga_id=new_id("rv", original.member_id),
                     ),
                 )  # fmt: skip
-                return await self._drive_reversal(saga_id)
+                return await self.sagas.drive_reversal(saga_id)
         return await self._mutate(
             cmd, self.shard_of_id(cmd.transaction_id), ReverseResult,
             lambda b: b.reverse(cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason),
@@ -593,133 +543,16 @@ class LedgerService:
         src_shard = self.shard_of(cmd.source_member_id)
         if src_shard == self.shard_of(cmd.destination_member_id):
             return await self._mutate(
-                cmd, src_shard, TransferResult, lambda b: self._same_shard_transfer(b, cmd), both_active
+                cmd, src_shard, TransferResult, lambda b: self.sagas.same_shard_transfer(b, cmd), both_active
             )
         # Cross-shard: step 1 reserves on the source and records the saga, idempotently.
-        saga_id = await self._mutate(cmd, src_shard, str, lambda b: self._start_transfer(b, cmd), both_active)
+        saga_id = await self._mutate(cmd, src_shard, str, lambda b: self.sagas.start_transfer(b, cmd), both_active)
         self._fault("transfer_after_hold")
-        return await self._drive_transfer(saga_id)
-
-    def _transfer_ids(self, saga_id: str, source: str, destination: str) -> _SagaIds:
-        tail = saga_id.split("_", 1)[1][4:]
-        return _SagaIds(saga_id, f"tx_{bucket_of(source):04x}{tail}-out", f"tx_{bucket_of(destination):04x}{tail}-in")
-
-    def _same_shard_transfer(self, book: ShardBook, cmd: c.Transfer) -> TransferResult:
-        ids = self._transfer_ids(new_id("tr", cmd.source_member_id), cmd.source_member_id, cmd.destination_member_id)
-        debit, portions = book.debit_transfer(
-            cmd.source_member_id, cmd.unit, cmd.points, tx_id=ids.out_tx,
-            counterparty=cmd.destination_member_id, transfer_id=ids.saga_id,
-        )  # fmt: skip
-        credit = book.credit_transfer(
-            cmd.destination_member_id, cmd.unit, portions, tx_id=ids.in_tx, kind=TxKind.TRANSFER_IN,
-            counterparty=cmd.source_member_id, transfer_id=ids.saga_id,
-        )  # fmt: skip
-        return TransferResult(ids.saga_id, debit, credit)
-
-    def _start_transfer(self, book: ShardBook, cmd: c.Transfer) -> str:
-        saga_id = new_id("tr", cmd.source_member_id)
-        portions = book.peek_portions(cmd.source_member_id, cmd.unit, cmd.points)
-        result = book.place_hold(
-            cmd.source_member_id, cmd.unit, cmd.points, timeout=self.policy.hold_max_timeout,
-            reference=saga_id, saga_id=saga_id,
-        )  # fmt: skip
-        payload = {"portions": [[p, e.isoformat() if e else None] for p, e in portions], "reason": cmd.reason}
-        book.tx.add_saga(SagaRecord(
-            saga_id, "transfer", SagaState.HELD, cmd.source_member_id, cmd.destination_member_id, cmd.unit,
-            cmd.points, result.hold.hold_id, json.dumps(payload), book.now, book.now,
-        ))  # fmt: skip
-        return saga_id
-
-    async def _drive_transfer(self, saga_id: str) -> TransferResult:
-        """Steps 2 and 3 of a cross-shard transfer; each is idempotent, so recovery reruns them."""
-        src_shard = self.shard_of_id(saga_id)
-        saga = await self.store.read(src_shard, lambda tx: tx.get_saga(saga_id))
-        if saga is None:
-            raise NotFound(f"transfer {saga_id} does not exist", field="transfer_id")
-        ids = self._transfer_ids(saga_id, saga.source_member, saga.dest_member)
-        portions: list[Portion] = [
-            (int(p), datetime.fromisoformat(e) if e else None) for p, e in json.loads(saga.payload_json)["portions"]
-        ]
-        if saga.state == SagaState.HELD:
-            await self._book(
-                self.shard_of(saga.dest_member),
-                lambda b: b.credit_transfer(
-                    saga.dest_member, saga.unit, portions, tx_id=ids.in_tx, kind=TxKind.TRANSFER_IN,
-                    counterparty=saga.source_member, transfer_id=saga_id,
-                ),
-            )  # fmt: skip
-            self._fault("transfer_after_credit")
-
-            def finish(book: ShardBook) -> None:
-                current = book.tx.get_saga(saga_id)
-                if current is None or current.state != SagaState.HELD:
-                    return
-                book.capture_hold(saga.hold_id, saga.points, kind=TxKind.TRANSFER_OUT, tx_id=ids.out_tx)
-                book.tx.set_saga_state(saga_id, SagaState.DONE, book.now)
-
-            await self._book(src_shard, finish)
-        debit_rec = await self.store.read(src_shard, lambda tx: tx.get_transaction(ids.out_tx))
-        credit_rec = await self.store.read(self.shard_of(saga.dest_member), lambda tx: tx.get_transaction(ids.in_tx))
-        if debit_rec is None or credit_rec is None:
-            raise FailedPrecondition(f"transfer {saga_id} did not complete", field="transfer_id")
-        return TransferResult(saga_id, to_transaction(debit_rec), to_transaction(credit_rec))
-
-    async def _drive_reversal(self, saga_id: str) -> ReverseResult:
-        saga = await self.store.read(self.shard_of_id(saga_id), lambda tx: tx.get_saga(saga_id))
-        if saga is None:
-            raise NotFound(f"reversal {saga_id} does not exist", field="transaction_id")
-        payload = json.loads(saga.payload_json)
-        tx_id = f"tx_{bucket_of(saga.dest_member):04x}{saga_id.split('_', 1)[1][4:]}-in"
-        result = await self._book(
-            self.shard_of(saga.dest_member),
-            lambda b: b.finish_merged_reversal(
-                saga.dest_member, saga.unit, saga.points, original_tx=payload["original_tx"], tx_id=tx_id,
-                reason=payload["reason"],
-            ),
-        )  # fmt: skip
-        await self._book(self.shard_of_id(saga_id), lambda b: b.tx.set_saga_state(saga_id, SagaState.DONE, b.now))
-        return result
+        return await self.sagas.drive_transfer(saga_id)
 
     async def recover_sagas(self, *, at_startup: bool = False) -> int:
-        """Completes transfers and merges a crash left half-way; safe to run any time.
-
-        Merges that died before recording their saga are only looked for at start-up, since
-        finding them means reading every merged member.
-        """
-        completed = 0
-        for shard in range(self.store.shard_count):
-            for saga in await self.store.read(shard, lambda tx: tx.open_sagas()):
-                try:
-                    if saga.kind == "transfer":
-                        await self._drive_transfer(saga.saga_id)
-                    elif saga.kind == "reversal":
-                        await self._drive_reversal(saga.saga_id)
-                    else:
-                        await self._complete_merge(saga.source_member, saga.dest_member)
-                    completed += 1
-                except LedgerError:
-                    log.exception("saga %s could not be completed yet", saga.saga_id)
-        if at_startup:
-            completed += await self._recover_unstarted_merges()
-        return completed
-
-    async def _recover_unstarted_merges(self) -> int:
-        """A merge that died after marking the source MERGED but before moving points."""
-        merged = await self.store.read_directory(_merged_members)
-        done = 0
-        for source, target in merged:
-            if await self._saga(source, self._merge_id(source)) is None:
-                await self._complete_merge(source, target)
-                done += 1
-        return done
-
-    async def _saga(self, member_id: str, saga_id: str) -> SagaRecord | None:
-        return await self.store.read(self.shard_of(member_id), lambda tx: tx.get_saga(saga_id))
-
-    async def _complete_merge(self, source: str, target: str) -> dict[str, int]:
-        moved = await self._drive_merge(source, target)
-        await self.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, target))
-        return moved
+        """Completes transfers, merges and reversals a crash left half-way (sagas.py)."""
+        return await self.sagas.recover(at_startup=at_startup)
 
     # Reads -------------------------------------------------------------------------------
 
@@ -776,10 +609,6 @@ class LedgerService:
         from ledger_svc.ingest import BatchIngest
 
         return await BatchIngest(self).run(items)
-
-
-def _merged_members(d: DirectoryTx) -> list[tuple[str, str]]:
-    return d.merged_members()
 
 
 def _decode_token(token: str) -> int:

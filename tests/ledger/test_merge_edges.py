@@ -39,7 +39,7 @@ async def test_a_hold_caught_by_a_merge_is_voided_so_its_capture_cannot_overdraw
     await svc.earn(c.Earn(k(), source, "points", 1000))
     hold = await svc.place_hold(c.PlaceHold(k(), source, "points", 1000))
     # The hold lands after the merge's own open-hold check: drive the merge's move directly.
-    await svc._complete_merge(source, target)
+    await svc.sagas.complete_merge(source, target)
     with pytest.raises(FailedPrecondition):
         await svc.capture_hold(c.CaptureHold(k(), hold.hold.hold_id, 0))
     assert (await svc.get_hold(hold.hold.hold_id)).status == HoldStatus.VOIDED

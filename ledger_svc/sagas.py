@@ -1,0 +1,215 @@
+"""Work that spans two shards, run as sagas: cross-shard transfers, member merges, and
+reversals of earns whose member was merged away.
+
+Every step is idempotent (deterministic transaction ids, saga state checked inside each
+shard's unit of work), so recovery simply runs the remaining steps forward (decision 0006).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ledger_svc import commands as c
+from ledger_svc.domain import (
+    FailedPrecondition,
+    LedgerError,
+    NotFound,
+    ReverseResult,
+    SagaState,
+    TransferResult,
+    TxKind,
+    bucket_of,
+    new_id,
+)
+from ledger_svc.postings import Portion, ShardBook, to_transaction
+from ledger_svc.store.base import SagaRecord
+
+if TYPE_CHECKING:
+    from ledger_svc.service import LedgerService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _SagaIds:
+    saga_id: str
+    out_tx: str
+    in_tx: str
+
+
+class Sagas:
+    def __init__(self, svc: LedgerService) -> None:
+        self.svc = svc
+
+    def merge_id(self, source: str) -> str:
+        digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+        return f"mg_{bucket_of(source):04x}{digest}"
+
+    async def drive_merge(self, source: str, target: str) -> dict[str, int]:
+        merge_id = self.merge_id(source)
+
+        def move_out(book: ShardBook) -> SagaRecord:
+            saga = book.tx.get_saga(merge_id)
+            if saga is not None:
+                return saga
+            moved = {u: m for u in self.svc.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
+            saga = SagaRecord(
+                merge_id,
+                "merge",
+                SagaState.HELD,
+                source,
+                target,
+                "",
+                0,
+                "",
+                json.dumps(moved),
+                book.now,
+                book.now,
+            )
+            book.tx.add_saga(saga)
+            return saga
+
+        saga = await self.svc._book(self.svc.shard_of(source), move_out)
+        self.svc._fault("merge_after_move_out")
+        moved: dict[str, dict[str, Any]] = json.loads(saga.payload_json)
+        if saga.state != SagaState.DONE:
+
+            def move_in(book: ShardBook) -> None:
+                for u, m in moved.items():
+                    book.move_in_all(target, u, m, source, merge_id)
+
+            await self.svc._book(self.svc.shard_of(target), move_in)
+            await self.svc._book(
+                self.svc.shard_of(source), lambda b: b.tx.set_saga_state(merge_id, SagaState.DONE, b.now)
+            )
+        return {u: int(m["balance"]) for u, m in moved.items()}
+
+    def _transfer_ids(self, saga_id: str, source: str, destination: str) -> _SagaIds:
+        tail = saga_id.split("_", 1)[1][4:]
+        return _SagaIds(saga_id, f"tx_{bucket_of(source):04x}{tail}-out", f"tx_{bucket_of(destination):04x}{tail}-in")
+
+    def same_shard_transfer(self, book: ShardBook, cmd: c.Transfer) -> TransferResult:
+        ids = self._transfer_ids(new_id("tr", cmd.source_member_id), cmd.source_member_id, cmd.destination_member_id)
+        debit, portions = book.debit_transfer(
+            cmd.source_member_id, cmd.unit, cmd.points, tx_id=ids.out_tx,
+            counterparty=cmd.destination_member_id, transfer_id=ids.saga_id,
+        )  # fmt: skip
+        credit = book.credit_transfer(
+            cmd.destination_member_id, cmd.unit, portions, tx_id=ids.in_tx, kind=TxKind.TRANSFER_IN,
+            counterparty=cmd.source_member_id, transfer_id=ids.saga_id,
+        )  # fmt: skip
+        return TransferResult(ids.saga_id, debit, credit)
+
+    def start_transfer(self, book: ShardBook, cmd: c.Transfer) -> str:
+        saga_id = new_id("tr", cmd.source_member_id)
+        portions = book.peek_portions(cmd.source_member_id, cmd.unit, cmd.points)
+        result = book.place_hold(
+            cmd.source_member_id, cmd.unit, cmd.points, timeout=self.svc.policy.hold_max_timeout,
+            reference=saga_id, saga_id=saga_id,
+        )  # fmt: skip
+        payload = {"portions": [[p, e.isoformat() if e else None] for p, e in portions], "reason": cmd.reason}
+        book.tx.add_saga(SagaRecord(
+            saga_id, "transfer", SagaState.HELD, cmd.source_member_id, cmd.destination_member_id, cmd.unit,
+            cmd.points, result.hold.hold_id, json.dumps(payload), book.now, book.now,
+        ))  # fmt: skip
+        return saga_id
+
+    async def drive_transfer(self, saga_id: str) -> TransferResult:
+        """Steps 2 and 3 of a cross-shard transfer; each is idempotent, so recovery reruns them."""
+        src_shard = self.svc.shard_of_id(saga_id)
+        saga = await self.svc.store.read(src_shard, lambda tx: tx.get_saga(saga_id))
+        if saga is None:
+            raise NotFound(f"transfer {saga_id} does not exist", field="transfer_id")
+        ids = self._transfer_ids(saga_id, saga.source_member, saga.dest_member)
+        portions: list[Portion] = [
+            (int(p), datetime.fromisoformat(e) if e else None) for p, e in json.loads(saga.payload_json)["portions"]
+        ]
+        if saga.state == SagaState.HELD:
+            await self.svc._book(
+                self.svc.shard_of(saga.dest_member),
+                lambda b: b.credit_transfer(
+                    saga.dest_member, saga.unit, portions, tx_id=ids.in_tx, kind=TxKind.TRANSFER_IN,
+                    counterparty=saga.source_member, transfer_id=saga_id,
+                ),
+            )  # fmt: skip
+            self.svc._fault("transfer_after_credit")
+
+            def finish(book: ShardBook) -> None:
+                current = book.tx.get_saga(saga_id)
+                if current is None or current.state != SagaState.HELD:
+                    return
+                book.capture_hold(saga.hold_id, saga.points, kind=TxKind.TRANSFER_OUT, tx_id=ids.out_tx)
+                book.tx.set_saga_state(saga_id, SagaState.DONE, book.now)
+
+            await self.svc._book(src_shard, finish)
+        debit_rec = await self.svc.store.read(src_shard, lambda tx: tx.get_transaction(ids.out_tx))
+        credit_rec = await self.svc.store.read(
+            self.svc.shard_of(saga.dest_member), lambda tx: tx.get_transaction(ids.in_tx)
+        )
+        if debit_rec is None or credit_rec is None:
+            raise FailedPrecondition(f"transfer {saga_id} did not complete", field="transfer_id")
+        return TransferResult(saga_id, to_transaction(debit_rec), to_transaction(credit_rec))
+
+    async def drive_reversal(self, saga_id: str) -> ReverseResult:
+        saga = await self.svc.store.read(self.svc.shard_of_id(saga_id), lambda tx: tx.get_saga(saga_id))
+        if saga is None:
+            raise NotFound(f"reversal {saga_id} does not exist", field="transaction_id")
+        payload = json.loads(saga.payload_json)
+        tx_id = f"tx_{bucket_of(saga.dest_member):04x}{saga_id.split('_', 1)[1][4:]}-in"
+        result = await self.svc._book(
+            self.svc.shard_of(saga.dest_member),
+            lambda b: b.finish_merged_reversal(
+                saga.dest_member, saga.unit, saga.points, original_tx=payload["original_tx"], tx_id=tx_id,
+                reason=payload["reason"],
+            ),
+        )  # fmt: skip
+        await self.svc._book(
+            self.svc.shard_of_id(saga_id), lambda b: b.tx.set_saga_state(saga_id, SagaState.DONE, b.now)
+        )
+        return result
+
+    async def recover(self, *, at_startup: bool = False) -> int:
+        """Completes transfers and merges a crash left half-way; safe to run any time.
+
+        Merges that died before recording their saga are only looked for at start-up, since
+        finding them means reading every merged member.
+        """
+        completed = 0
+        for shard in range(self.svc.store.shard_count):
+            for saga in await self.svc.store.read(shard, lambda tx: tx.open_sagas()):
+                try:
+                    if saga.kind == "transfer":
+                        await self.drive_transfer(saga.saga_id)
+                    elif saga.kind == "reversal":
+                        await self.drive_reversal(saga.saga_id)
+                    else:
+                        await self.complete_merge(saga.source_member, saga.dest_member)
+                    completed += 1
+                except LedgerError:
+                    log.exception("saga %s could not be completed yet", saga.saga_id)
+        if at_startup:
+            completed += await self._recover_unstarted_merges()
+        return completed
+
+    async def _recover_unstarted_merges(self) -> int:
+        """A merge that died after marking the source MERGED but before moving points."""
+        merged = await self.svc.store.read_directory(lambda d: d.merged_members())
+        done = 0
+        for source, target in merged:
+            if await self._saga(source, self.merge_id(source)) is None:
+                await self.complete_merge(source, target)
+                done += 1
+        return done
+
+    async def _saga(self, member_id: str, saga_id: str) -> SagaRecord | None:
+        return await self.svc.store.read(self.svc.shard_of(member_id), lambda tx: tx.get_saga(saga_id))
+
+    async def complete_merge(self, source: str, target: str) -> dict[str, int]:
+        moved = await self.drive_merge(source, target)
+        await self.svc.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, target))
+        return moved
