@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from ledger_svc import codec
-from ledger_svc.domain import ExternalId, IdemKey, Money
+from ledger_svc.domain import DEFAULT_FUNDING, ExternalId, IdemKey, Money
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,7 @@ class Earn:
     member_id: str
     unit: str
     points: int
-    funding_source: str = "program"
+    funding_source: str = DEFAULT_FUNDING
     business_time: datetime | None = None
     expires_at: datetime | None = None
     release_at: datetime | None = None

@@ -48,10 +48,8 @@ class HoldStatus(StrEnum):
 
 
 class SagaState(StrEnum):
-    HELD = "HELD"  # source side reserved (transfer) or moved out (merge); destination not yet credited
-    CREDITED = "CREDITED"  # destination credited; source not yet finalised
+    HELD = "HELD"  # source side reserved or moved out; steps remain (recovery runs them forward)
     DONE = "DONE"
-    FAILED = "FAILED"  # undone: the hold was voided, nothing moved
 
 
 class LedgerError(Exception):

@@ -58,7 +58,7 @@ class BatchIngest:
         if p.via is not None:
             return await p.via(p.command), False
         if maybe_replay:
-            stored = await svc._stored_result(p.command.key, p.shard, p.result_type)
+            stored = await svc._stored_result(p.command.key, p.fingerprint, p.shard, p.result_type)
             if stored is not None:
                 return stored, True
         if p.member_id:
@@ -89,7 +89,7 @@ class BatchIngest:
                              lambda b: b.adjust(adj.member_id, adj.unit, adj.points, reason=adj.reason,
                                                 operator_id=adj.operator_id))  # fmt: skip
         rev = svc._check_reverse(cmd)
-        if await svc._owner_merged(rev.transaction_id):
+        if await svc._merged_owner(rev.transaction_id) is not None:
             # Reversing an earn of a merged member is a two-shard saga; the unary path runs it.
             return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
                              lambda b: b, via=svc.reverse)  # fmt: skip

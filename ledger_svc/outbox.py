@@ -45,7 +45,6 @@ class OutboxRelay:
         self.cache = cache
         self.poll_seconds = poll_seconds
         self.stream = stream
-        self.relayed_total = 0
         self._stopping = False
 
     async def relay_once(self) -> int:
@@ -61,7 +60,6 @@ class OutboxRelay:
                 sent += len(rows)
                 if len(rows) < BATCH:
                     break
-        self.relayed_total += sent
         return sent
 
     async def _publish(self, rows: list[OutboxRow]) -> None:

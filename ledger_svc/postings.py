@@ -92,9 +92,6 @@ class ShardBook:
             version=main.version,
         )
 
-    def transaction(self, record: TxRecord) -> Transaction:
-        return to_transaction(record)
-
     def require_transaction(self, tx_id: str, field: str = "transaction_id") -> TxRecord:
         record = self.tx.get_transaction(tx_id)
         if record is None:
@@ -126,7 +123,7 @@ class ShardBook:
         record.balance_after_json = codec.dumps(balance)
         self.tx.add_transaction(record)
         self.emit(event_type, balance, data)
-        return self.transaction(record)
+        return to_transaction(record)
 
     def _bump(self, member_id: str, unit: str, *, reserved_delta: int = 0, earned_delta: int = 0) -> Balance:
         row = self._acct(member_account(member_id, unit))
@@ -569,7 +566,7 @@ class ShardBook:
         """Destination side of a transfer or merge; a second call with the same tx_id is a no-op."""
         existing = self.tx.get_transaction(tx_id)
         if existing is not None:
-            return self.transaction(existing)
+            return to_transaction(existing)
         total = sum(p for p, _ in portions)
         record = self._record(kind, member_id, unit, total, tx_id=tx_id, reference=transfer_id)
         legs, record.lot_id = self._credit_legs(member_id, unit, portions, tx_id)
@@ -729,12 +726,6 @@ class ShardBook:
         for hold in holds:
             self.void_hold(hold.hold_id, expired=True)
         return len(holds)
-
-    def placed_hold_count(self, member_id: str) -> int:
-        return len(self.tx.placed_holds_of(member_id))
-
-    def touch_unit(self, member_id: str, unit: str) -> AccountRow:
-        return self._acct(member_account(member_id, unit))
 
 
 def to_transaction(record: TxRecord) -> Transaction:

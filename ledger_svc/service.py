@@ -21,6 +21,7 @@ from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc import validation as v
 from ledger_svc.domain import (
+    DEFAULT_FUNDING,
     Balance,
     EarnResult,
     ExternalId,
@@ -108,15 +109,10 @@ class LedgerService:
             raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
         return existing is not None
 
-    async def _stored_result(self, key: IdemKey, shard: int, result_type: type[R]) -> R | None:
+    async def _stored_result(self, key: IdemKey, fp: str, shard: int, result_type: type[R]) -> R | None:
+        """The result `shard` stored for this key and payload (fingerprint), if any."""
         record = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
-        return None if record is None else codec.loads(result_type, record.result_json)
-
-    async def _stored_result_if_same(self, command: Any, shard: int, result_type: type[R]) -> R | None:
-        """The stored result of this very request (same key and payload) in `shard`, if any."""
-        key: IdemKey = command.key
-        record = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
-        if record is None or record.fingerprint != c.fingerprint(command):
+        if record is None or record.fingerprint != fp:
             return None
         return codec.loads(result_type, record.result_json)
 
@@ -135,7 +131,7 @@ class LedgerService:
         """
         fp = c.fingerprint(command)
         if await self._claim(command.key, type(command).__name__, fp):
-            stored = await self._stored_result(command.key, shard, result_type)
+            stored = await self._stored_result(command.key, fp, shard, result_type)
             if stored is not None:
                 return stored
         if precheck is not None:
@@ -218,11 +214,12 @@ class LedgerService:
                 f"member {member_id} was merged; adjust the member it was merged into", field="member_id"
             )
 
-    async def _owner_merged(self, tx_id: str) -> bool:
+    async def _merged_owner(self, tx_id: str) -> Member | None:
+        """The member an earn belonged to, when that member has since been merged away."""
         original = await self.store.read(self.shard_of_id(tx_id), lambda tx: tx.get_transaction(tx_id))
-        if original is None:
-            return False
-        return await self._status(original.member_id, "transaction_id") == MemberStatus.MERGED
+        if original is None or await self._status(original.member_id, "transaction_id") != MemberStatus.MERGED:
+            return None
+        return await self.member(original.member_id, "transaction_id")
 
     def _active(self, member_id: str, field: str = "member_id") -> Callable[[], Awaitable[None]]:
         """The member-status check, deferred so a replay can answer before it."""
@@ -367,7 +364,7 @@ class LedgerService:
             raise InvalidArgument("must be later than the business time", field="expires_at")
         return c.Earn(
             key=v.idem_key(cmd.key), member_id=v.member_id(cmd.member_id), unit=v.unit(cmd.unit, self.policy.units),
-            points=cmd.points, funding_source=v.name(cmd.funding_source or "program", "funding_source"),
+            points=cmd.points, funding_source=v.name(cmd.funding_source or DEFAULT_FUNDING, "funding_source"),
             business_time=cmd.business_time, expires_at=cmd.expires_at, release_at=cmd.release_at,
             pending_review=cmd.pending_review, purchase=cmd.purchase, reference=cmd.reference,
         )  # fmt: skip
@@ -477,26 +474,24 @@ class LedgerService:
     async def reverse(self, cmd: c.Reverse) -> ReverseResult:
         cmd = self._check_reverse(cmd)
         shard = self.shard_of_id(cmd.transaction_id)
-        original = await self.store.read(shard, lambda tx: tx.get_transaction(cmd.transaction_id))
-        if original is not None:
-            owner = await self.store.read_directory(lambda d: d.get_member(original.member_id))
-            if owner is not None and owner.status == MemberStatus.MERGED:
-                # A replay answers from what the first call stored, whichever path it took.
-                stored = await self._stored_result_if_same(cmd, shard, object)
-                if isinstance(stored, str):
-                    return await self.sagas.drive_reversal(stored)
-                if stored is not None:
-                    return codec.from_plain(ReverseResult, stored)  # type: ignore[no-any-return]
-                # The points live with the target now: a two-shard saga, like a transfer.
-                target = owner.merged_into
-                saga_id = await self._mutate(
-                    cmd, shard, str,
-                    lambda b: b.start_merged_reversal(
-                        cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason, target=target,
-                        saga_id=new_id("rv", original.member_id),
-                    ),
-                )  # fmt: skip
-                return await self.sagas.drive_reversal(saga_id)
+        owner = await self._merged_owner(cmd.transaction_id)
+        if owner is not None:
+            # A replay answers from what the first call stored, whichever path it took.
+            stored = await self._stored_result(cmd.key, c.fingerprint(cmd), shard, object)
+            if isinstance(stored, str):
+                return await self.sagas.drive_reversal(stored)
+            if stored is not None:
+                return codec.from_plain(ReverseResult, stored)  # type: ignore[no-any-return]
+            # The points live with the target now: a two-shard saga, like a transfer.
+            target = owner.merged_into
+            saga_id = await self._mutate(
+                cmd, shard, str,
+                lambda b: b.start_merged_reversal(
+                    cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason, target=target,
+                    saga_id=new_id("rv", owner.member_id),
+                ),
+            )  # fmt: skip
+            return await self.sagas.drive_reversal(saga_id)
         return await self._mutate(
             cmd, self.shard_of_id(cmd.transaction_id), ReverseResult,
             lambda b: b.reverse(cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason),
@@ -506,21 +501,16 @@ class LedgerService:
         v.idem_key(cmd.key)
         v.object_id(cmd.transaction_id, "tx", "transaction_id")
         shard = self.shard_of_id(cmd.transaction_id)
-        original = await self.store.read(shard, lambda tx: tx.get_transaction(cmd.transaction_id))
-        if original is not None:
-            owner = await self.store.read_directory(lambda d: d.get_member(original.member_id))
-            if owner is not None and owner.status == MemberStatus.MERGED:
-                # The pending lot moved with the merge; it still carries this earn's id.
-                replayed = await self._stored_result_if_same(cmd, shard, Transaction)
-                if replayed is not None:
-                    return replayed
-                target = owner.merged_into
-                return await self._mutate(
-                    cmd,
-                    self.shard_of(target),
-                    Transaction,
-                    lambda b: b.release_moved_pending(cmd.transaction_id, target),
-                )
+        owner = await self._merged_owner(cmd.transaction_id)
+        if owner is not None:
+            # The pending lot moved with the merge; it still carries this earn's id.
+            replayed = await self._stored_result(cmd.key, c.fingerprint(cmd), shard, Transaction)
+            if replayed is not None:
+                return replayed
+            target = owner.merged_into
+            return await self._mutate(
+                cmd, self.shard_of(target), Transaction, lambda b: b.release_moved_pending(cmd.transaction_id, target)
+            )
         return await self._mutate(cmd, shard, Transaction, lambda b: b.release_pending(cmd.transaction_id))
 
     # Transfers ---------------------------------------------------------------------------

@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS sagas (
   saga_id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, source_member TEXT NOT NULL,
   dest_member TEXT NOT NULL, unit TEXT NOT NULL, points INTEGER NOT NULL, hold_id TEXT NOT NULL,
   payload TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS sagas_open ON sagas (created_at) WHERE state IN ('HELD', 'CREDITED');
+CREATE INDEX IF NOT EXISTS sagas_held ON sagas (created_at) WHERE state = 'HELD';
 """
 
 DIRECTORY_SCHEMA = """
@@ -414,9 +414,7 @@ class SqliteShardTx:
         self.c.execute("UPDATE sagas SET state=?, updated_at=? WHERE saga_id=?", (state.value, to_us(at), saga_id))
 
     def open_sagas(self) -> list[SagaRecord]:
-        rows = self.c.execute(
-            f"SELECT {_SAGA_COLS} FROM sagas WHERE state IN ('HELD', 'CREDITED') ORDER BY created_at"
-        ).fetchall()
+        rows = self.c.execute(f"SELECT {_SAGA_COLS} FROM sagas WHERE state = 'HELD' ORDER BY created_at").fetchall()
         return [_saga(r) for r in rows]
 
     def purge_before(self, idempotency_before: datetime, outbox_before: datetime) -> int:
