@@ -12,7 +12,7 @@ import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ledger_svc.domain import bucket_of, member_account, pending_account
+from ledger_svc.domain import member_account, pending_account
 from ledger_svc.store.base import LedgerStore, ShardTx
 
 
@@ -91,21 +91,13 @@ def _check_shard(shard: int, tx: ShardTx) -> _ShardFindings:
     return _ShardFindings(diffs, balances)
 
 
-async def _stranded_on_merged(store: LedgerStore) -> list[Difference]:
+def _stranded_on_merged(merged: set[str], shard: int, balances: dict[str, int]) -> list[Difference]:
     """Points left on a member merged away (a posting that raced the merge) belong to no one."""
-    merged = await store.read_directory(lambda d: d.merged_members())
-    diffs: list[Difference] = []
-    for source, _target in merged:
-        shard = bucket_of(source) % store.shard_count
-        rows = await store.read(shard, functools.partial(_member_rows, source))
-        for account, balance in rows.items():
-            if balance:
-                diffs.append(Difference(shard, "points left on a merged member", account, 0, balance))
-    return diffs
-
-
-def _member_rows(member_id: str, tx: ShardTx) -> dict[str, int]:
-    return {r.account: r.balance for r in tx.list_accounts() if r.account.split(":")[1:2] == [member_id]}
+    return [
+        Difference(shard, "points left on a merged member", account, 0, balance)
+        for account, balance in sorted(balances.items())
+        if balance and account.startswith(("member:", "pending:", "debt:")) and account.split(":")[1] in merged
+    ]
 
 
 def account_class(account: str) -> str:
@@ -119,13 +111,14 @@ def account_class(account: str) -> str:
 async def reconcile(store: LedgerStore) -> ReconcileReport:
     report = ReconcileReport(shards=store.shard_count)
     totals: dict[str, int] = defaultdict(int)
+    merged = {source for source, _target in await store.read_directory(lambda d: d.merged_members())}
     for shard in range(store.shard_count):
         found = await store.read(shard, functools.partial(_check_shard, shard))
         report.differences.extend(found.differences)
+        report.differences.extend(_stranded_on_merged(merged, shard, found.balances))
         report.accounts += len(found.balances)
         for account, balance in found.balances.items():
             totals[account_class(account)] += balance
-    report.differences.extend(await _stranded_on_merged(store))
     grand_total = sum(totals.values())
     if grand_total != 0:
         report.differences.append(Difference(-1, "all accounts together do not sum to zero", "ledger", 0, grand_total))
