@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.message import Message
@@ -14,7 +12,7 @@ from ledger_svc import commands as c
 from ledger_svc import convert as cv
 from ledger_svc import domain as d
 from ledger_svc.service import LedgerService
-from pointmesh.errors import rich_status
+from pointmesh.errors import rich_status, translating
 from pointmesh.events import LEDGER_EVENTS, RedisStreamBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
@@ -56,25 +54,7 @@ def error_status(error: d.LedgerError) -> grpc.Status:
     )  # fmt: skip
 
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-
-
-def translated(
-    method: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[..., Awaitable[Resp]]:
-    """Turns a LedgerError raised by a use case into a rich status on the call."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            return await method(self, request, context)
-        except d.LedgerError as error:
-            status = error_status(error)
-            await context.abort_with_status(status)
-            raise  # unreachable: abort raises
-
-    return wrapper
+translated = translating(d.LedgerError, error_status)
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):

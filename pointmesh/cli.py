@@ -91,8 +91,44 @@ def cmd_demo(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_serve(_: argparse.Namespace) -> int:
+    from pointmesh.telemetry import setup_telemetry
+    from rules_svc.app import serve
+
+    settings = _settings()
+    configure_logging("rules", settings.log_level, settings.log_format)
+    setup_telemetry("rules", settings.rules_metrics_port)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_rules_validate(args: argparse.Namespace) -> int:
+    """Checks a program file offline, printing every problem with its field path."""
+    from rules_svc.program import ProgramInvalid, load_program
+
+    with open(args.file) as source:
+        text = source.read()
+    try:
+        program = load_program(text, fmt="json" if args.file.endswith(".json") else "yaml")
+    except ProgramInvalid as exc:
+        for path, message in exc.errors:
+            print(f"{args.file}: {path or '(document)'}: {message}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: program {program.program} OK ({len(program.rules)} rules)")
+    return 0
+
+
+def cmd_rules_publish(args: argparse.Namespace) -> int:
+    """Publishes a program file to the running rules_svc, effective now or at --effective-from."""
+    from rules_svc.client import publish_file
+
+    settings = _settings()
+    return asyncio.run(publish_file(settings.rules_addr, args.file, args.effective_from, args.key, args.by))
+
+
 SERVICES: dict[str, list[str]] = {
     "ledger": ["ledger", "serve"],
+    "rules": ["rules", "serve"],
 }
 
 
@@ -117,7 +153,9 @@ def cmd_up(_: argparse.Namespace) -> int:
         for name, argv in SERVICES.items():
             children[name] = subprocess.Popen([sys.executable, "-m", "pointmesh.cli", *argv], env=env)
         print(
-            f"pointmesh up: redis on {redis.url}, ledger on {settings.ledger_addr}; Ctrl-C stops everything", flush=True
+            f"pointmesh up: redis on {redis.url}, ledger on {settings.ledger_addr}, rules on {settings.rules_addr}; "
+            "Ctrl-C stops everything",
+            flush=True,
         )
         while not stopping:
             for name, child in children.items():
@@ -151,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_parser("reconcile", help="prove the journal, balances, lots and sagas agree").set_defaults(
         func=cmd_ledger_reconcile
     )
+    rules = sub.add_parser("rules", help="rules service commands").add_subparsers(dest="rules_command", required=True)
+    rules.add_parser("serve", help="run rules_svc").set_defaults(func=cmd_rules_serve)
+    validate = rules.add_parser("validate", help="check a program file offline")
+    validate.add_argument("file")
+    validate.set_defaults(func=cmd_rules_validate)
+    publish = rules.add_parser("publish", help="publish a program file to the running rules_svc")
+    publish.add_argument("file")
+    publish.add_argument("--effective-from", type=_date, default=None, help="ISO datetime; default now")
+    publish.add_argument("--key", default="", help="idempotency key; default: the file's SHA-256")
+    publish.add_argument("--by", default=os.environ.get("USER", "cli"), help="who publishes (audit)")
+    publish.set_defaults(func=cmd_rules_publish)
     export = ledger.add_parser("export", help="period liability and movements as CSV")
     export.add_argument("--from", dest="start", type=_date, required=True, help="period start (inclusive), ISO date")
     export.add_argument("--to", dest="end", type=_date, required=True, help="period end (exclusive), ISO date")

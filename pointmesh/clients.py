@@ -9,7 +9,7 @@ from __future__ import annotations
 from google.protobuf.descriptor import ServiceDescriptor
 
 from pointmesh.rpc import client_channel
-from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
+from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc, rules_pb2, rules_pb2_grpc
 
 LEDGER_SERVICE: ServiceDescriptor = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"]
 
@@ -26,3 +26,14 @@ def ledger_stub(target: str, *, default_timeout_seconds: float = 5.0) -> ledger_
         target, idempotent_methods=unary_methods(LEDGER_SERVICE), default_timeout_seconds=default_timeout_seconds
     )
     return ledger_pb2_grpc.LedgerServiceStub(channel)
+
+
+RULES_SERVICE: ServiceDescriptor = rules_pb2.DESCRIPTOR.services_by_name["RulesService"]
+
+
+def rules_stub(target: str, *, default_timeout_seconds: float = 5.0) -> rules_pb2_grpc.RulesServiceStub:
+    """Evaluate and reads are pure and PublishProgram carries an idempotency key: all retryable."""
+    channel = client_channel(
+        target, idempotent_methods=unary_methods(RULES_SERVICE), default_timeout_seconds=default_timeout_seconds
+    )
+    return rules_pb2_grpc.RulesServiceStub(channel)

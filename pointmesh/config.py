@@ -28,6 +28,16 @@ class Settings:
     ledger_addr: str = "127.0.0.1:50051"
     ledger_metrics_port: int = 9464
     ledger_store: str = "sqlite"
+    rules_addr: str = "127.0.0.1:50052"
+    rules_metrics_port: int = 9465
+    # The program purchases earn under (its id in the rule set document).
+    program: str = "aurora"
+    # Published at rules_svc start-up when the store has no version of it yet; empty: none.
+    rules_seed_file: str = "builtin:aurora"
+    # How often rules_svc re-reads the version list (other replicas may publish).
+    rules_reload_seconds: float = 2.0
+    # Deadline of the ledger's Evaluate call; past it the purchase is kept as pending accrual.
+    rules_deadline_seconds: float = 0.5
     ledger_shards: int = 4
     # NORMAL in WAL mode survives a process crash; see docs/decisions/0003-sqlite-durability.md.
     sqlite_synchronous: str = "NORMAL"

@@ -7,7 +7,9 @@ such as InsufficientPoints. The gateway turns the same details into problem+json
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -25,15 +27,21 @@ def rich_status(
     field: str = "",
     metadata: Mapping[str, str] | None = None,
     details: Sequence[Message] = (),
+    violations: Sequence[tuple[str, str]] = (),
 ) -> grpc.Status:
+    """`violations` lists every (field, description) when a request has several bad fields."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata or {}))
     if field:
         info.metadata["field"] = field
     packed: list[Message] = [info]
-    if field:
+    if field and not violations:
+        violations = [(field, message)]
+    if violations:
         packed.append(
             error_details_pb2.BadRequest(
-                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=text) for f, text in violations
+                ]
             )
         )
     packed.extend(details)
@@ -64,3 +72,27 @@ def status_details(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[Message]
         holder.Unpack(msg)
         out.append(msg)
     return out
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def translating(
+    error_type: type[Exception], to_status: Callable[[Any], grpc.Status]
+) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[Resp]]]:
+    """A servicer-method decorator turning a service's domain error into a rich status."""
+
+    def decorate(method: Handler[Req, Resp]) -> Callable[..., Awaitable[Resp]]:
+        @functools.wraps(method)
+        async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+            try:
+                return await method(self, request, context)
+            except error_type as error:
+                await context.abort_with_status(to_status(error))
+                raise  # unreachable: abort raises
+
+        return wrapper
+
+    return decorate

@@ -18,7 +18,9 @@ from pointmesh.clock import ManualClock
 from pointmesh.config import Settings, load_settings
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.rpc import client_channel
-from pointmesh.v1 import ledger_pb2_grpc
+from pointmesh.v1 import ledger_pb2_grpc, rules_pb2_grpc
+from rules_svc.app import RulesApp
+from rules_svc.app import build as build_rules
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,6 +81,45 @@ async def ledger(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Led
     running = await start_ledger(tmp_path / "data", redis_server.url)
     yield running
     await stop_ledger(running)
+
+
+@dataclass
+class RulesUnderTest:
+    app: RulesApp
+    clock: ManualClock
+    stub: rules_pb2_grpc.RulesServiceStub
+    channel: grpc.aio.Channel
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.app.port}"
+
+
+async def start_rules(data_dir: Path, clock: ManualClock | None = None, **overrides: object) -> RulesUnderTest:
+    """rules_svc on a free loopback port; no seed program unless `rules_seed_file` is given."""
+    clock = clock or ManualClock()
+    base: dict[str, object] = {
+        "data_dir": data_dir, "rules_addr": "127.0.0.1:0", "rules_metrics_port": 0, "rules_seed_file": "",
+        "grace_seconds": 2.0,
+    }  # fmt: skip
+    base.update(overrides)
+    app = await build_rules(load_settings({}, **base), clock=clock)
+    await app.start()
+    channel = client_channel(f"127.0.0.1:{app.port}", default_timeout_seconds=10.0)
+    return RulesUnderTest(app, clock, rules_pb2_grpc.RulesServiceStub(channel), channel)
+
+
+async def stop_rules(rules: RulesUnderTest) -> None:
+    await rules.channel.close()
+    await rules.app.stop(grace=1.0)
+
+
+@pytest.fixture
+async def rules(tmp_path: Path) -> AsyncIterator[RulesUnderTest]:
+    """A fresh rules_svc with an empty version store and a ManualClock at 2026-01-01."""
+    running = await start_rules(tmp_path / "rules-data")
+    yield running
+    await stop_rules(running)
 
 
 def pointmesh_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

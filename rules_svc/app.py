@@ -1,0 +1,99 @@
+"""Wires rules_svc from Settings: version store, use cases, gRPC server, periodic reload."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pointmesh.clock import Clock, SystemClock
+from pointmesh.config import Settings
+from pointmesh.rpc import GrpcServer
+from pointmesh.v1 import rules_pb2, rules_pb2_grpc
+from rules_svc.server import RulesServicer
+from rules_svc.service import RulesService
+from rules_svc.versions import VersionStore
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = rules_pb2.DESCRIPTOR.services_by_name["RulesService"].full_name
+PROGRAMS_DIR = Path(__file__).parent / "programs"
+# Seeded programs apply to receipts from any date, so a fresh install can take late receipts.
+SEED_EFFECTIVE_FROM = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def seed_text(spec: str) -> str:
+    """`builtin:<name>` is a program shipped in rules_svc/programs; anything else is a path."""
+    if spec.startswith("builtin:"):
+        return (PROGRAMS_DIR / f"{spec.removeprefix('builtin:')}.yaml").read_text()
+    return Path(spec).read_text()
+
+
+@dataclass
+class RulesApp:
+    settings: Settings
+    service: RulesService
+    server: GrpcServer
+    store: VersionStore
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def start(self) -> int:
+        await self.service.refresh()
+        await self._seed()
+        port = await self.server.start()
+        self.tasks.append(asyncio.create_task(self._reload(), name="rules-reload"))
+        return port
+
+    async def _seed(self) -> None:
+        spec = self.settings.rules_seed_file
+        if not spec:
+            return
+        text = seed_text(spec)
+        key = "seed-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+        info = await self.service.publish(
+            "rules-seed", key, text, "json" if spec.endswith(".json") else "yaml", SEED_EFFECTIVE_FROM,
+            "seed", backdated=True, only_if_absent=True,
+        )  # fmt: skip
+        log.info("program %s v%d in place", info.program, info.version)
+
+    async def _reload(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.rules_reload_seconds)
+            try:
+                await self.service.refresh()
+            except Exception:
+                log.exception("reloading program versions failed; retrying")
+
+    async def _cleanup(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.store.close()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+
+
+async def build(settings: Settings, *, clock: Clock | None = None, address: str | None = None) -> RulesApp:
+    store = VersionStore(settings.data_dir / "rules" / "programs.db")
+    service = RulesService(store, clock or SystemClock())
+    server = GrpcServer("rules", address or settings.rules_addr, grace_seconds=settings.grace_seconds)
+    servicer = RulesServicer(service)
+    server.add_service(lambda s: rules_pb2_grpc.add_RulesServiceServicer_to_server(servicer, s), SERVICE_NAME)
+    app = RulesApp(settings, service, server, store)
+    server.on_stop(app._cleanup)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    app = await build(settings)
+    await app.start()
+    await app.server.serve_until_signal()

@@ -1,0 +1,92 @@
+"""protobuf <-> rules domain values. The servicer and the ledger's rules client both use it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pointmesh.guards import Guard
+from pointmesh.timestamps import from_timestamp, to_timestamp
+from pointmesh.v1 import common_pb2, rules_pb2
+from rules_svc.domain import BadRequest, Basket, Evaluation, Line, MemberContext, RulesError
+from rules_svc.versions import VersionInfo
+
+
+def _time(message: Any, field: str, path: str) -> Any:
+    if not message.HasField(field):
+        return None
+    try:
+        return from_timestamp(getattr(message, field))
+    except ValueError as exc:
+        raise BadRequest(str(exc), field=path) from None
+
+
+def basket(m: rules_pb2.Basket, path: str = "basket") -> Basket:
+    when = _time(m, "receipt_time", f"{path}.receipt_time")
+    if when is None:
+        raise BadRequest("is required", field=f"{path}.receipt_time")
+    currency = m.total.currency
+    lines = []
+    for i, ln in enumerate(m.lines):
+        if ln.amount.currency != currency:
+            raise BadRequest(
+                f"is {ln.amount.currency!r} but the basket total is in {currency!r}",
+                field=f"{path}.lines[{i}].amount.currency",
+            )
+        lines.append(Line(ln.sku, ln.category, ln.quantity, ln.amount.amount_minor))
+    return Basket(m.channel, m.store_id, m.receipt_id, currency, m.total.amount_minor, tuple(lines), when)
+
+
+def member(m: rules_pb2.MemberContext) -> MemberContext:
+    return MemberContext(
+        m.member_id, m.tier, tuple(m.segments), dict(m.attributes), m.purchase_count,
+        dict(m.counters) if m.preview_counters else None,
+    )  # fmt: skip
+
+
+def item(m: rules_pb2.EvaluateItem, index: int) -> tuple[Basket, MemberContext] | RulesError:
+    try:
+        return basket(m.basket, f"items[{index}].basket"), member(m.member)
+    except RulesError as error:
+        return error
+
+
+def guard_pb(g: Guard | None) -> rules_pb2.Guard | None:
+    if g is None:
+        return None
+    return rules_pb2.Guard(
+        counter=g.counter, limit=g.limit, ordinal_equals=g.ordinal_equals, ordinal_every=g.ordinal_every
+    )
+
+
+def evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
+    out = rules_pb2.Evaluation(
+        program=e.program, version=e.version, earn_currency=e.earn_currency, fx_rate=e.fx_rate,
+        earn_amounts_minor=e.earn_amounts_minor, expires_at=to_timestamp(e.expires_at),
+        release_at=to_timestamp(e.release_at), store_local_time=e.local_time.isoformat(),
+        max_lateness_days=e.policy.max_lateness_days, basket_bonus_on_return=e.policy.basket_bonus_on_return.value,
+    )  # fmt: skip
+    out.totals.extend(rules_pb2.UnitPoints(unit=u, points=p) for u, p in e.totals().items())
+    for part in e.components:
+        out.parts.append(rules_pb2.ExplainedPart(
+            rule_id=part.rule_id, unit=part.unit, points=part.points, line_index=part.line, detail=part.detail,
+            matched=part.matched, capped=part.capped, guard=guard_pb(part.guard),
+        ))  # fmt: skip
+    out.excluded.extend(rules_pb2.ExcludedRule(rule_id=x.rule_id, reason=x.reason) for x in e.excluded)
+    if e.tiers is not None:
+        out.tier_policy.CopyFrom(rules_pb2.TierPolicy(
+            metric_unit=e.tiers.metric_unit, window=e.tiers.window.value,
+            downgrade_grace_days=e.tiers.downgrade_grace_days,
+            levels=[rules_pb2.TierLevel(code=t.code, threshold=t.threshold) for t in e.tiers.levels],
+        ))  # fmt: skip
+    return out
+
+
+def version_pb(v: VersionInfo) -> rules_pb2.ProgramVersion:
+    return rules_pb2.ProgramVersion(
+        program=v.program, version=v.version, published_at=to_timestamp(v.published_at),
+        effective_from=to_timestamp(v.effective_from), published_by=v.published_by, sha256=v.sha256,
+    )  # fmt: skip
+
+
+def key_of(m: common_pb2.IdempotencyKey) -> tuple[str, str]:
+    return m.namespace or "default", m.key

@@ -1,0 +1,119 @@
+"""Values the points engine reads and writes, and its errors. No grpc, no storage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pointmesh.guards import Guard
+from rules_svc.program import Policy, Tiers
+
+
+class RulesError(Exception):
+    """Base of the engine's errors; `field` names the request field at fault, when one is."""
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class BadRequest(RulesError):
+    """The basket or request cannot be evaluated as given."""
+
+
+class NotFound(RulesError):
+    pass
+
+
+class FailedPrecondition(RulesError):
+    pass
+
+
+class Conflict(RulesError):
+    """An idempotency key reused with another payload."""
+
+
+class ProgramRejected(RulesError):
+    """A rule set that does not validate; `violations` holds (path, message) for every problem."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        first = violations[0] if violations else ("", "invalid program")
+        super().__init__(f"program refused: {first[0]}: {first[1]}", field=first[0])
+        self.violations = violations
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    sku: str
+    category: str
+    quantity: int
+    amount_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class Basket:
+    """A receipt: channel and store say where, receipt_time (aware) is the business time."""
+
+    channel: str
+    store_id: str
+    receipt_id: str
+    currency: str
+    total_minor: int
+    lines: tuple[Line, ...]
+    receipt_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MemberContext:
+    """What the member is at the receipt time; counters are only a preview input."""
+
+    member_id: str = ""
+    tier: str = ""
+    segments: tuple[str, ...] = ()
+    attributes: dict[str, str] = field(default_factory=dict)
+    purchase_count: int = 0
+    counters: dict[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    """One explained part of an earn: a rule's points on one line (line >= 0) or the basket."""
+
+    rule_id: str
+    unit: str
+    points: int
+    line: int
+    detail: str
+    matched: tuple[str, ...] = ()
+    capped: str = ""
+    guard: Guard | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Excluded:
+    rule_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    program: str
+    version: int
+    currency: str
+    earn_currency: str
+    fx_rate: str
+    earn_amounts_minor: tuple[int, ...]
+    components: tuple[Component, ...]
+    excluded: tuple[Excluded, ...]
+    expires_at: datetime | None
+    release_at: datetime | None
+    local_time: datetime
+    policy: Policy
+    tiers: Tiers | None
+
+    def totals(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in self.components:
+            out[part.unit] = out.get(part.unit, 0) + part.points
+        return out

@@ -1,0 +1,455 @@
+"""The program document marketing edits: a declarative rule set, validated before it can run.
+
+A file is parsed by pydantic (shape, types, ranges) and then checked for meaning (references
+between its parts, time zones that exist). Every problem is reported with the path of the bad
+field, e.g. `rules[3].when.time_window.start`, so the person who edited the YAML finds it.
+Decimals (rates, multipliers) are written as strings or integers, never as floats, and are
+held as exact fractions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from enum import StrEnum
+from fractions import Fraction
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pointmesh.currencies import is_known
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_DECIMAL_RE = re.compile(r"^\d{1,9}(\.\d{1,9})?$")
+_HHMM_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class ProgramInvalid(Exception):
+    """A program document that cannot be published; `errors` holds (path, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{path}: {message}" for path, message in errors[:5]))
+
+
+def _name(value: Any) -> Any:
+    if isinstance(value, str) and not NAME_RE.match(value):
+        raise ValueError(f"{value!r} must be 1..64 of letters, digits and _.:-")
+    return value
+
+
+def _decimal(value: Any) -> Any:
+    """Accepts 2, '2', '1.5'; refuses floats so no binary rounding ever enters a rate."""
+    if isinstance(value, (bool, float)):
+        raise ValueError("write decimals as a quoted string, e.g. '1.5', so they stay exact")
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str) or not _DECIMAL_RE.match(value):
+        raise ValueError(f"{value!r} is not a non-negative decimal like '1.5'")
+    return value
+
+
+def _currency(value: Any) -> Any:
+    if isinstance(value, str) and not is_known(value):
+        raise ValueError(f"{value!r} is not an ISO 4217 currency code we know")
+    return value
+
+
+def _hhmm(value: Any) -> Any:
+    if isinstance(value, str) and not _HHMM_RE.match(value):
+        raise ValueError(f"{value!r} is not a time of day HH:MM (00:00..23:59)")
+    return value
+
+
+def _timezone(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. Europe/Helsinki)") from None
+    return value
+
+
+Name = Annotated[str, BeforeValidator(_name)]
+DecimalText = Annotated[str, BeforeValidator(_decimal)]
+Currency = Annotated[str, BeforeValidator(_currency)]
+TimeOfDay = Annotated[str, BeforeValidator(_hhmm)]
+TimeZoneName = Annotated[str, BeforeValidator(_timezone)]
+Points = Annotated[int, Field(ge=0, le=10**12)]
+PositiveInt = Annotated[int, Field(gt=0, le=10**12)]
+
+
+def fraction(text: str) -> Fraction:
+    return Fraction(text)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class Store(_Strict):
+    id: Name
+    timezone: TimeZoneName
+    region: Name | None = None
+    name: str = ""
+
+
+class TimeWindow(_Strict):
+    """Store-local time of day; end is exclusive and may be before start (wraps past midnight)."""
+
+    start: TimeOfDay
+    end: TimeOfDay
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TimeWindow:
+        if self.start == self.end:
+            raise ValueError("start and end are equal: the window would be empty")
+        return self
+
+
+class DateRange(_Strict):
+    """A campaign's validity. A time without offset is store-local; with an offset, an instant."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DateRange:
+        if self.start is None and self.end is None:
+            raise ValueError("give start, end or both")
+        if self.start is not None and self.end is not None:
+            if (self.start.tzinfo is None) != (self.end.tzinfo is None):
+                raise ValueError("start and end must both have an offset or both be store-local")
+            if self.end <= self.start:
+                raise ValueError("end must be after start")
+        return self
+
+
+class PurchaseNumber(_Strict):
+    """The member's nth purchase in the program: `equals: 1` is the first, `every: 5` each fifth."""
+
+    equals: PositiveInt | None = None
+    every: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> PurchaseNumber:
+        if (self.equals is None) == (self.every is None):
+            raise ValueError("set exactly one of equals or every")
+        return self
+
+
+class MoneyAtLeast(_Strict):
+    currency: Currency
+    amount_minor: Points
+
+
+class DayOfWeek(StrEnum):
+    MON = "mon"
+    TUE = "tue"
+    WED = "wed"
+    THU = "thu"
+    FRI = "fri"
+    SAT = "sat"
+    SUN = "sun"
+
+
+class When(_Strict):
+    """Conditions, all of which must hold. Line conditions pick the lines a rule applies to."""
+
+    channels: list[Name] | None = None
+    stores: list[Name] | None = None
+    regions: list[Name] | None = None
+    days_of_week: list[DayOfWeek] | None = None
+    time_window: TimeWindow | None = None
+    date_range: DateRange | None = None
+    basket_total_at_least: MoneyAtLeast | None = None
+    tiers: list[Name] | None = None
+    segments: list[Name] | None = None
+    attributes: dict[Name, str] | None = None
+    purchase_number: PurchaseNumber | None = None
+    categories: list[Name] | None = None
+    skus: list[Name] | None = None
+    line_amount_at_least: MoneyAtLeast | None = None
+
+
+class MultiplierScope(StrEnum):
+    LINE = "line"
+    BASKET = "basket"
+
+
+class Effect(_Strict):
+    """Exactly one of: a multiplier on the base points of the qualifying lines, a fixed bonus
+    once per receipt, or a bonus per qualifying item."""
+
+    multiplier: DecimalText | None = None
+    per: MultiplierScope = MultiplierScope.LINE
+    compound: bool = False
+    bonus_points: PositiveInt | None = None
+    bonus_points_per_item: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Effect:
+        chosen = [self.multiplier, self.bonus_points, self.bonus_points_per_item]
+        if sum(x is not None for x in chosen) != 1:
+            raise ValueError("set exactly one of multiplier, bonus_points or bonus_points_per_item")
+        if self.multiplier is not None and Fraction(self.multiplier) <= 1:
+            raise ValueError("multiplier must be greater than 1 (it adds to the base earn)")
+        if self.compound and self.per != MultiplierScope.LINE:
+            raise ValueError("compound applies to line multipliers only")
+        return self
+
+
+class Caps(_Strict):
+    per_line: PositiveInt | None = None
+    per_receipt: PositiveInt | None = None
+    per_member_per_day: PositiveInt | None = None
+    per_member_per_campaign: PositiveInt | None = None
+
+
+class Rule(_Strict):
+    id: Name
+    name: str = ""
+    unit: Name = "points"
+    priority: Annotated[int, Field(ge=0, le=1_000_000)] = 100
+    group: Name | None = None
+    when: When = When()
+    effect: Effect
+    caps: Caps = Caps()
+
+
+class GroupMode(StrEnum):
+    BEST_OF = "best_of"
+    ADDITIVE = "additive"
+
+
+class Group(_Strict):
+    id: Name
+    mode: GroupMode
+
+
+class BaseRate(_Strict):
+    """`points` per `per_minor` minor units of `currency`, e.g. 1 point per 100 cents."""
+
+    currency: Currency
+    unit: Name = "points"
+    points: PositiveInt
+    per_minor: PositiveInt
+
+
+class FxRate(_Strict):
+    """How many units of `currency` one unit of the base currency buys (1 EUR = 161.5 JPY)."""
+
+    currency: Currency
+    per_base: DecimalText
+
+    @field_validator("per_base")
+    @classmethod
+    def _positive(cls, value: str) -> str:
+        if Fraction(value) == 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+
+class Fx(_Strict):
+    base_currency: Currency
+    as_of: datetime | None = None
+    rates: list[FxRate] = []
+
+
+class TierWindow(StrEnum):
+    CALENDAR_YEAR = "calendar_year"
+    ROLLING_12_MONTHS = "rolling_12_months"
+
+
+class TierLevel(_Strict):
+    code: Name
+    threshold: Points
+    name: str = ""
+
+
+class Tiers(_Strict):
+    """Qualification on a unit's earnings (e.g. tier_credits) over a window; the first level is
+    the entry level and must have threshold 0."""
+
+    metric_unit: Name = "tier_credits"
+    window: TierWindow = TierWindow.CALENDAR_YEAR
+    downgrade_grace_days: Annotated[int, Field(ge=0, le=366)] = 30
+    levels: list[TierLevel]
+
+
+class PointValue(_Strict):
+    """Redeeming `points` pays `amount_minor` of `currency` (100 points = 1.00 EUR)."""
+
+    currency: Currency
+    points: PositiveInt
+    amount_minor: PositiveInt
+
+
+class Redemption(_Strict):
+    unit: Name = "points"
+    values: list[PointValue] = []
+    minimum_points: Points = 0
+    max_share_percent: Annotated[int, Field(ge=1, le=100)] = 100
+
+
+class Rounding(StrEnum):
+    FLOOR = "floor"
+    HALF_UP = "half_up"
+
+
+class ReturnBonusPolicy(StrEnum):
+    KEEP = "keep"
+    CLAW_BACK = "claw_back"
+
+
+class Policy(_Strict):
+    rounding: Rounding = Rounding.FLOOR
+    expiry_days: Annotated[int, Field(ge=1, le=3660)] | None = 365
+    release_after_days: Annotated[int, Field(ge=0, le=365)] = 0
+    max_lateness_days: Annotated[int, Field(ge=0, le=3660)] = 30
+    basket_bonus_on_return: ReturnBonusPolicy = ReturnBonusPolicy.CLAW_BACK
+
+
+class Program(_Strict):
+    program: Name
+    description: str = ""
+    default_timezone: TimeZoneName
+    units: list[Name] = ["points"]
+    channels: list[Name]
+    stores: list[Store] = []
+    base_rates: list[BaseRate]
+    fx: Fx | None = None
+    groups: list[Group] = []
+    rules: list[Rule] = []
+    tiers: Tiers | None = None
+    redemption: Redemption | None = None
+    policy: Policy = Policy()
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-") or part in {"str", "int", "list", "dict"}:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _duplicates(path: str, ids: list[str]) -> list[tuple[str, str]]:
+    seen: set[str] = set()
+    errors = []
+    for i, item in enumerate(ids):
+        if item in seen:
+            errors.append((f"{path}[{i}]", f"{item!r} is listed twice"))
+        seen.add(item)
+    return errors
+
+
+def _meaning_errors(p: Program) -> list[tuple[str, str]]:
+    """Checks pydantic cannot do field by field: references and coverage."""
+    errors: list[tuple[str, str]] = []
+    units, channels = set(p.units), set(p.channels)
+    stores = {s.id for s in p.stores}
+    regions = {s.region for s in p.stores if s.region}
+    groups = {g.id for g in p.groups}
+    tiers = {t.code for t in p.tiers.levels} if p.tiers else set()
+    errors += _duplicates("units", p.units) + _duplicates("channels", p.channels)
+    errors += _duplicates("stores", [s.id for s in p.stores]) + _duplicates("rules", [r.id for r in p.rules])
+    errors += _duplicates("groups", [g.id for g in p.groups])
+    errors += _duplicates("base_rates", [f"{b.currency}/{b.unit}" for b in p.base_rates])
+    fx_currencies = {r.currency for r in p.fx.rates} if p.fx else set()
+    for i, rate in enumerate(p.base_rates):
+        if rate.unit not in units:
+            errors.append((f"base_rates[{i}].unit", f"{rate.unit!r} is not one of units {sorted(units)}"))
+    if p.fx is not None:
+        errors += _duplicates("fx.rates", [r.currency for r in p.fx.rates])
+        if not any(b.currency == p.fx.base_currency for b in p.base_rates):
+            errors.append(("fx.base_currency", f"no base rate earns in {p.fx.base_currency}"))
+        for i, fx in enumerate(p.fx.rates):
+            if fx.currency == p.fx.base_currency:
+                errors.append((f"fx.rates[{i}].currency", "is the base currency itself"))
+    for i, rule in enumerate(p.rules):
+        at = f"rules[{i}]"
+        if rule.unit not in units:
+            errors.append((f"{at}.unit", f"{rule.unit!r} is not one of units {sorted(units)}"))
+        if rule.group is not None and rule.group not in groups:
+            errors.append((f"{at}.group", f"{rule.group!r} is not a declared group"))
+        w = rule.when
+        for field, listed, known in (
+            ("channels", w.channels, channels), ("stores", w.stores, stores),
+            ("regions", w.regions, regions), ("tiers", w.tiers, tiers),
+        ):  # fmt: skip
+            for j, item in enumerate(listed or []):
+                if item not in known:
+                    errors.append((f"{at}.when.{field}[{j}]", f"{item!r} is not declared in the program"))
+        for field, money in (
+            ("basket_total_at_least", w.basket_total_at_least),
+            ("line_amount_at_least", w.line_amount_at_least),
+        ):
+            if money is not None and not (
+                money.currency == (p.fx.base_currency if p.fx else None)
+                or money.currency in fx_currencies
+                or any(b.currency == money.currency for b in p.base_rates)
+            ):
+                errors.append(
+                    (f"{at}.when.{field}.currency", f"{money.currency} has neither a base rate nor an FX rate")
+                )
+        if rule.caps.per_member_per_campaign is not None and w.date_range is None:
+            errors.append((f"{at}.caps.per_member_per_campaign", "needs when.date_range to say what the campaign is"))
+    if p.tiers is not None:
+        if p.tiers.metric_unit not in units:
+            errors.append(("tiers.metric_unit", f"{p.tiers.metric_unit!r} is not one of units {sorted(units)}"))
+        levels = p.tiers.levels
+        if not levels:
+            errors.append(("tiers.levels", "at least one level is needed"))
+        elif levels[0].threshold != 0:
+            errors.append(("tiers.levels[0].threshold", "the entry level must have threshold 0"))
+        for j in range(1, len(levels)):
+            if levels[j].threshold <= levels[j - 1].threshold:
+                errors.append((f"tiers.levels[{j}].threshold", "thresholds must increase level by level"))
+        errors += _duplicates("tiers.levels", [t.code for t in levels])
+    if p.redemption is not None and p.redemption.unit not in units:
+        errors.append(("redemption.unit", f"{p.redemption.unit!r} is not one of units {sorted(units)}"))
+    return errors
+
+
+def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
+    """YAML or JSON text -> a plain mapping; syntax errors name the line."""
+    try:
+        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ProgramInvalid([("", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise ProgramInvalid([("", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")]) from None
+    if not isinstance(data, dict):
+        raise ProgramInvalid([("", "the document must be a mapping with program, channels, base_rates, ...")])
+    return data
+
+
+def validate_program(data: dict[str, Any]) -> Program:
+    """A mapping -> a Program, or ProgramInvalid with every problem found and its path."""
+    try:
+        program = Program.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors(include_url=False):
+            message = str(err["msg"]).removeprefix("Value error, ")
+            errors.append((_path(tuple(err["loc"])), message))
+        raise ProgramInvalid(errors) from None
+    problems = _meaning_errors(program)
+    if problems:
+        raise ProgramInvalid(problems)
+    return program
+
+
+def load_program(text: str, *, fmt: str = "yaml") -> Program:
+    return validate_program(parse_document(text, fmt=fmt))

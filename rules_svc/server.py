@@ -1,0 +1,119 @@
+"""gRPC servicer for RulesService: protobuf in, use case, protobuf out. No policy here."""
+
+from __future__ import annotations
+
+import grpc
+
+from pointmesh.errors import rich_status, translating
+from pointmesh.timestamps import from_timestamp
+from pointmesh.v1 import rules_pb2, rules_pb2_grpc
+from rules_svc import convert as cv
+from rules_svc import domain as d
+from rules_svc.service import RulesService
+
+DOMAIN = "rules.pointmesh.dev"
+
+ERROR_CODES: tuple[tuple[type[d.RulesError], grpc.StatusCode, str], ...] = (
+    (d.ProgramRejected, grpc.StatusCode.INVALID_ARGUMENT, "PROGRAM_INVALID"),
+    (d.BadRequest, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    (d.NotFound, grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
+    (d.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
+    (d.Conflict, grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_CONFLICT"),
+)
+
+
+def code_of(error: d.RulesError) -> tuple[grpc.StatusCode, str]:
+    for cls, code, reason in ERROR_CODES:
+        if isinstance(error, cls):
+            return code, reason
+    return grpc.StatusCode.INTERNAL, "INTERNAL"
+
+
+def error_status(error: d.RulesError) -> grpc.Status:
+    code, reason = code_of(error)
+    violations = error.violations if isinstance(error, d.ProgramRejected) else ()
+    text = f"{error.field}: {error.message}" if error.field and not violations else error.message
+    if violations:
+        text = f"program refused with {len(violations)} problem(s): " + "; ".join(
+            f"{p}: {m}" for p, m in violations[:10]
+        )
+    return rich_status(code, text, reason=reason, domain=DOMAIN, field=error.field, violations=violations)
+
+
+def _results(outcomes: list[d.Evaluation | d.RulesError]) -> list[rules_pb2.EvaluateResult]:
+    out = []
+    for outcome in outcomes:
+        if isinstance(outcome, d.RulesError):
+            code, _reason = code_of(outcome)
+            out.append(
+                rules_pb2.EvaluateResult(
+                    error=rules_pb2.ItemError(code=code.name, message=outcome.message, field=outcome.field)
+                )
+            )
+        else:
+            out.append(rules_pb2.EvaluateResult(evaluation=cv.evaluation_pb(outcome)))
+    return out
+
+
+translated = translating(d.RulesError, error_status)
+
+
+class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
+    def __init__(self, service: RulesService) -> None:
+        self.service = service
+
+    @translated
+    async def Evaluate(
+        self, request: rules_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.EvaluateResponse:
+        result = self.service.evaluate(
+            request.program, request.version, cv.basket(request.basket), cv.member(request.member)
+        )
+        return rules_pb2.EvaluateResponse(evaluation=cv.evaluation_pb(result))
+
+    @translated
+    async def EvaluateBatch(
+        self, request: rules_pb2.EvaluateBatchRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.EvaluateBatchResponse:
+        items = [cv.item(m, i) for i, m in enumerate(request.items)]
+        outcomes = self.service.evaluate_many(request.program, request.version, items)
+        return rules_pb2.EvaluateBatchResponse(results=_results(outcomes))
+
+    @translated
+    async def Simulate(
+        self, request: rules_pb2.SimulateRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.SimulateResponse:
+        items = [cv.item(m, i) for i, m in enumerate(request.items)]
+        return rules_pb2.SimulateResponse(
+            results=_results(self.service.simulate(request.document, request.format, items))
+        )
+
+    @translated
+    async def PublishProgram(
+        self, request: rules_pb2.PublishProgramRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.PublishProgramResponse:
+        namespace, key = cv.key_of(request.idempotency_key)
+        effective = None
+        if request.HasField("effective_from"):
+            try:
+                effective = from_timestamp(request.effective_from)
+            except ValueError as exc:
+                raise d.BadRequest(str(exc), field="effective_from") from None
+        info = await self.service.publish(
+            namespace, key, request.document, request.format, effective, request.published_by
+        )
+        return rules_pb2.PublishProgramResponse(version=cv.version_pb(info))
+
+    @translated
+    async def GetProgram(
+        self, request: rules_pb2.GetProgramRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.GetProgramResponse:
+        info, document = await self.service.document(request.program, request.version)
+        return rules_pb2.GetProgramResponse(version=cv.version_pb(info), document_json=document)
+
+    @translated
+    async def ListVersions(
+        self, request: rules_pb2.ListVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.ListVersionsResponse:
+        versions = self.service.list_versions(request.program)
+        return rules_pb2.ListVersionsResponse(versions=[cv.version_pb(v) for v in versions])

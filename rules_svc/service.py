@@ -1,0 +1,179 @@
+"""rules_svc use cases: publish and look up program versions, evaluate and simulate baskets.
+
+Evaluation is pure CPU on a compiled program held in memory; the version that applies is the
+one in effect at the basket's receipt time, so a late receipt earns under the campaign that
+was live when the customer paid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import hashlib
+import json
+from collections.abc import Sequence
+from datetime import datetime
+
+from pointmesh.clock import Clock
+from rules_svc.domain import (
+    BadRequest,
+    Basket,
+    Conflict,
+    Evaluation,
+    FailedPrecondition,
+    MemberContext,
+    NotFound,
+    ProgramRejected,
+    RulesError,
+)
+from rules_svc.engine import CompiledProgram
+from rules_svc.program import ProgramInvalid, load_program, validate_program
+from rules_svc.versions import VersionInfo, VersionStore
+
+FORMATS = ("yaml", "json")
+
+
+def _parse(document: str, fmt: str) -> tuple[CompiledProgram, str, str]:
+    """A document -> (compiled draft, canonical JSON, its sha256), or ProgramRejected."""
+    fmt = fmt or "yaml"
+    if fmt not in FORMATS:
+        raise BadRequest(f"format must be one of {list(FORMATS)}, got {fmt!r}", field="format")
+    if not document.strip():
+        raise BadRequest("the document is empty", field="document")
+    try:
+        program = load_program(document, fmt=fmt)
+    except ProgramInvalid as exc:
+        raise ProgramRejected(exc.errors) from None
+    canonical = json.dumps(program.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return CompiledProgram(program, 0), canonical, hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class RulesService:
+    def __init__(self, versions: VersionStore, clock: Clock) -> None:
+        self.versions = versions
+        self.clock = clock
+        self._index: dict[str, list[VersionInfo]] = {}
+        self._compiled: dict[tuple[str, int], CompiledProgram] = {}
+
+    async def refresh(self) -> None:
+        """Re-reads the version list (other replicas may have published)."""
+        infos = await asyncio.to_thread(self.versions.versions)
+        index: dict[str, list[VersionInfo]] = {}
+        for info in infos:
+            index.setdefault(info.program, []).append(info)
+        for items in index.values():
+            items.sort(key=lambda i: (i.effective_from, i.version))
+        self._index = index
+
+    async def publish(
+        self, namespace: str, key: str, document: str, fmt: str, effective_from: datetime | None, published_by: str,
+        *, backdated: bool = False, only_if_absent: bool = False,
+    ) -> VersionInfo:  # fmt: skip
+        """`backdated` and `only_if_absent` are for seeding a fresh installation: the API never
+        publishes into the past."""
+        if not key or len(key) > 128:
+            raise BadRequest("an idempotency key of 1..128 characters is required", field="idempotency_key.key")
+        now = self.clock.now()
+        if effective_from is not None and effective_from < now and not backdated:
+            raise BadRequest(f"{effective_from.isoformat()} is in the past", field="effective_from")
+        draft, canonical, sha = _parse(document, fmt)
+        existing = self._index.get(draft.program.program)
+        if only_if_absent and existing:
+            return max(existing, key=lambda i: i.version)
+        fingerprint = hashlib.sha256(
+            f"{sha}|{effective_from.isoformat() if effective_from else ''}|{published_by}".encode()
+        ).hexdigest()
+        info, used = await asyncio.to_thread(
+            lambda: self.versions.publish(
+                namespace=namespace, key=key, fingerprint=fingerprint, program=draft.program.program,
+                document_json=canonical, sha256=sha, effective_from=effective_from or now,
+                published_by=published_by, now=now,
+            )
+        )  # fmt: skip
+        if used is not None and used.fingerprint != fingerprint:
+            raise Conflict(
+                f"idempotency key {namespace}/{key} already published {used.program} v{used.version} "
+                f"with another document at {used.created_at.isoformat()}",
+                field="idempotency_key",
+            )
+        self._compiled[(info.program, info.version)] = CompiledProgram(draft.program, info.version)
+        await self.refresh()
+        return info
+
+    def list_versions(self, program: str) -> list[VersionInfo]:
+        found = self._index.get(program)
+        if not found:
+            raise NotFound(f"program {program!r} has no published version", field="program")
+        return sorted(found, key=lambda i: i.version)
+
+    def version_info(self, program: str, version: int, at: datetime) -> VersionInfo:
+        """The named version, or (version 0) the one in effect at `at`."""
+        infos = self.list_versions(program)
+        if version < 0:
+            raise BadRequest(f"must be 0 (in effect) or a version number, got {version}", field="version")
+        if version:
+            for info in infos:
+                if info.version == version:
+                    return info
+            raise NotFound(f"program {program} has no version {version}", field="version")
+        in_order = self._index[program]
+        pos = bisect.bisect_right([i.effective_from for i in in_order], at)
+        if pos == 0:
+            raise FailedPrecondition(
+                f"no version of program {program} was in effect at {at.isoformat()}; the first starts "
+                f"{in_order[0].effective_from.isoformat()}",
+                field="basket.receipt_time",
+            )
+        return in_order[pos - 1]
+
+    async def document(self, program: str, version: int) -> tuple[VersionInfo, str]:
+        info = self.version_info(program, version, self.clock.now())
+        text = await asyncio.to_thread(self.versions.document, info.program, info.version)
+        if text is None:
+            raise NotFound(f"program {program} v{info.version} has no stored document", field="version")
+        return info, text
+
+    def compiled(self, program: str, version: int, at: datetime) -> CompiledProgram:
+        info = self.version_info(program, version, at)
+        key = (info.program, info.version)
+        found = self._compiled.get(key)
+        if found is None:
+            text = self.versions.document(info.program, info.version)
+            if text is None:
+                raise NotFound(f"program {program} v{info.version} has no stored document", field="version")
+            found = CompiledProgram(validate_program(json.loads(text)), info.version)
+            self._compiled[key] = found
+        return found
+
+    def evaluate(self, program: str, version: int, basket: Basket, member: MemberContext) -> Evaluation:
+        return self.compiled(program, version, basket.receipt_time).evaluate(basket, member)
+
+    def evaluate_many(
+        self, program: str, version: int, items: Sequence[tuple[Basket, MemberContext] | RulesError]
+    ) -> list[Evaluation | RulesError]:
+        out: list[Evaluation | RulesError] = []
+        for item in items:
+            if isinstance(item, RulesError):
+                out.append(item)
+                continue
+            try:
+                out.append(self.evaluate(program, version, *item))
+            except RulesError as error:
+                out.append(error)
+        return out
+
+    @staticmethod
+    def simulate(
+        document: str, fmt: str, items: Sequence[tuple[Basket, MemberContext] | RulesError]
+    ) -> list[Evaluation | RulesError]:
+        draft, _canonical, _sha = _parse(document, fmt)
+        out: list[Evaluation | RulesError] = []
+        for item in items:
+            if isinstance(item, RulesError):
+                out.append(item)
+                continue
+            try:
+                out.append(draft.evaluate(*item))
+            except RulesError as error:
+                out.append(error)
+        return out
