@@ -19,6 +19,7 @@ from ledger_svc import codec
 from ledger_svc.cache import RedisBalanceCache
 from ledger_svc.outbox import OutboxRelay
 from ledger_svc.postings import Policy
+from ledger_svc.rules_client import RulesEngineClient
 from ledger_svc.server import LedgerServicer
 from ledger_svc.service import LedgerService
 from ledger_svc.store.base import LedgerStore
@@ -81,7 +82,13 @@ class LedgerApp:
             await asyncio.sleep(self.settings.maintenance_interval_seconds)
             try:
                 report = await self.service.run_maintenance()
-                if report.holds_voided or report.lots_expired or report.pending_released or report.sagas_completed:
+                if (
+                    report.holds_voided
+                    or report.lots_expired
+                    or report.pending_released
+                    or report.sagas_completed
+                    or report.purchases_settled
+                ):
                     log.info("maintenance pass", extra={"report": codec.to_plain(report)})
                 if self.clock.now() - last_purge >= PURGE_EVERY:
                     await self.service.purge_expired_keys(retention)
@@ -124,6 +131,8 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         card_secret=settings.card_hmac_secret,
         cache=cache,
         fault_point=settings.fault_point,
+        engine=RulesEngineClient(settings.rules_addr, settings.rules_deadline_seconds),
+        program=settings.program,
     )
     bus = RedisStreamBus(redis, maxlen=settings.event_stream_maxlen)
     relay = OutboxRelay(

@@ -126,11 +126,53 @@ class ReleasePending:
     transaction_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class PurchaseLine:
+    sku: str
+    category: str
+    quantity: int
+    amount_minor: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPurchase:
+    """`key` is the receipt's natural key (set by the service); `transport_key` the caller's."""
+
+    key: IdemKey
+    member_id: str
+    channel: str
+    store_id: str
+    receipt_id: str
+    total: Money
+    lines: tuple[PurchaseLine, ...]
+    receipt_time: datetime
+    tender_transaction_id: str = ""
+    transport_key: IdemKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnLine:
+    line_index: int
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordReturn:
+    key: IdemKey
+    purchase_id: str
+    channel: str
+    store_id: str
+    lines: tuple[ReturnLine, ...] = ()
+    refund: Money | None = None
+    return_time: datetime | None = None
+
+
 PostingCommand = Earn | Redeem | Adjust | Reverse
 
 
 def fingerprint(command: object) -> str:
     plain = codec.to_plain(command)
     plain.pop("key", None)
+    plain.pop("transport_key", None)
     payload = f"{type(command).__name__}:{codec.dumps(plain)}"
     return hashlib.sha256(payload.encode()).hexdigest()

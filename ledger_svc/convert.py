@@ -10,7 +10,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger_svc import commands as c
 from ledger_svc import domain as d
-from pointmesh.v1 import common_pb2, ledger_pb2
+from ledger_svc.purchases import PurchaseRecord
+from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 
 _MEMBER_STATUS = {
     d.MemberStatus.ACTIVE: ledger_pb2.MEMBER_STATUS_ACTIVE,
@@ -240,3 +241,65 @@ def ingest_cmd(r: ledger_pb2.IngestBatchRequest) -> c.PostingCommand | None:
     if which == "reverse":
         return reverse_cmd(r.reverse)
     return None
+
+
+# Purchases ---------------------------------------------------------------------------------
+
+
+def purchase_cmd(r: ledger_pb2.RecordPurchaseRequest) -> c.RecordPurchase:
+    when = dt(r, "receipt_time")
+    if when is None:
+        raise d.InvalidArgument("is required", field="receipt_time")
+    currency = r.total.currency
+    lines = []
+    for i, ln in enumerate(r.lines):
+        if ln.amount.currency != currency:
+            raise d.InvalidArgument(
+                f"is {ln.amount.currency!r} but the total is in {currency!r}", field=f"lines[{i}].amount.currency"
+            )
+        lines.append(c.PurchaseLine(ln.sku, ln.category, ln.quantity, ln.amount.amount_minor))
+    transport = key(r) if r.HasField("idempotency_key") and r.idempotency_key.key else None
+    return c.RecordPurchase(
+        d.IdemKey("", ""), r.member_id, r.channel, r.store_id, r.receipt_id, money(r.total), tuple(lines), when,
+        r.tender_transaction_id, transport,
+    )  # fmt: skip
+
+
+def return_cmd(r: ledger_pb2.RecordReturnRequest, purchase_id: str) -> c.RecordReturn:
+    return c.RecordReturn(
+        key(r), purchase_id, r.channel, r.store_id,
+        tuple(c.ReturnLine(ln.line_index, ln.quantity) for ln in r.lines),
+        money(r.refund) if r.HasField("refund") else None, dt(r, "return_time"),
+    )  # fmt: skip
+
+
+def purchase_pb(p: PurchaseRecord) -> ledger_pb2.Purchase:
+    currency = p.total.currency
+    out = ledger_pb2.Purchase(
+        purchase_id=p.purchase_id, member_id=p.member_id, program=p.program, channel=p.channel, store_id=p.store_id,
+        receipt_id=p.receipt_id, total=common_pb2.Money(amount_minor=p.total.amount_minor, currency=currency),
+        receipt_time=ts(p.receipt_time), received_at=ts(p.received_at),
+        status=ledger_pb2.PurchaseStatus.Value(f"PURCHASE_STATUS_{p.status.value}"), status_reason=p.status_reason,
+        program_version=p.version, fx_rate=p.fx_rate, earn_transactions=p.earn_transactions,
+        purchase_number=p.purchase_number, tier_before=p.tier_before, tier_after=p.tier_after,
+        tender_transaction_id=p.tender_transaction_id, tender_points=p.tender_points,
+        returned_quantities=p.returned_quantities, refunded_minor=p.refunded_minor,
+    )  # fmt: skip
+    out.lines.extend(
+        ledger_pb2.PurchaseLine(sku=ln.sku, category=ln.category, quantity=ln.quantity,
+                                amount=common_pb2.Money(amount_minor=ln.amount_minor, currency=currency))
+        for ln in p.lines
+    )  # fmt: skip
+    for part, returned in zip(p.parts, p.returned_points or [0] * len(p.parts), strict=True):
+        g = part.guard
+        out.parts.append(ledger_pb2.PurchasePart(
+            part=rules_pb2.ExplainedPart(
+                rule_id=part.rule_id, unit=part.unit, points=part.points, line_index=part.line, detail=part.detail,
+                matched=part.matched, capped=part.capped, basket_threshold_minor=part.threshold_minor,
+                guard=rules_pb2.Guard(counter=g.counter, limit=g.limit, ordinal_equals=g.ordinal_equals,
+                                      ordinal_every=g.ordinal_every) if g else None,
+            ),
+            returned_points=returned,
+        ))  # fmt: skip
+    out.earned.extend(rules_pb2.UnitPoints(unit=u, points=n) for u, n in p.earned().items())
+    return out

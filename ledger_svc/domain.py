@@ -251,6 +251,7 @@ class MaintenanceReport:
     pending_released: int = 0
     holds_voided: int = 0
     sagas_completed: int = 0
+    purchases_settled: int = 0
 
 
 @dataclass(frozen=True, slots=True)

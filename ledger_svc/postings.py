@@ -439,6 +439,23 @@ class ShardBook:
         )  # fmt: skip
         return ReverseResult(transaction, amount, debt)
 
+    def recredit_tender(self, tx_id: str, points: int, *, reason: str) -> Transaction:
+        """Points the member paid with come back when the goods do, as a fresh lot."""
+        original = self.require_transaction(tx_id, "tender_transaction_id")
+        member_id, unit = original.member_id, original.unit
+        record = self._record(TxKind.REVERSAL, member_id, unit, points, reference=reason, original_tx=tx_id)
+        legs, record.lot_id = self._credit_legs(
+            member_id, unit, [(points, self.default_expiry(self.now))], record.tx_id
+        )
+        self._post(record, [(system_account("redeemed", unit), -points), *legs])
+        self._normalise_lots(member_id, unit)
+        original.reversed_points += points
+        self.tx.update_transaction(original)
+        return self._finish(
+            record, "points_reversed",
+            {"transaction_id": record.tx_id, "original_transaction_id": tx_id, "points": -points, "debt_points": 0},
+        )  # fmt: skip
+
     def _take_back(
         self, record: TxRecord, member_id: str, unit: str, amount: int, counter: tuple[str, int], earn_tx: str
     ) -> int:

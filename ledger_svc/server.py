@@ -14,7 +14,7 @@ from ledger_svc import domain as d
 from ledger_svc.service import LedgerService
 from pointmesh.errors import rich_status, translating
 from pointmesh.events import LEDGER_EVENTS, RedisStreamBus
-from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2
 
 log = logging.getLogger(__name__)
 DOMAIN = "ledger.pointmesh.dev"
@@ -158,6 +158,35 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         result = await self.service.void_hold(c.VoidHold(cv.key(request), request.hold_id))
         return ledger_pb2.VoidHoldResponse(
             hold=cv.hold_pb(result.hold), balance_after=cv.balance_pb(result.balance_after)
+        )
+
+    @translated
+    async def RecordPurchase(
+        self, request: ledger_pb2.RecordPurchaseRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.RecordPurchaseResponse:
+        record, replayed = await self.service.accrual.record_purchase(cv.purchase_cmd(request))
+        return ledger_pb2.RecordPurchaseResponse(purchase=cv.purchase_pb(record), replayed=replayed)
+
+    @translated
+    async def RecordReturn(
+        self, request: ledger_pb2.RecordReturnRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.RecordReturnResponse:
+        purchase_id = request.purchase_id or await self.service.accrual.find_purchase(
+            request.member_id, request.original_channel, request.original_store_id, request.original_receipt_id
+        )
+        result = await self.service.accrual.record_return(cv.return_cmd(request, purchase_id))
+        return ledger_pb2.RecordReturnResponse(
+            purchase=cv.purchase_pb(result.purchase),
+            reversed=[rules_pb2.UnitPoints(unit=u, points=n) for u, n in result.reversed.items()],
+            tender_recredited_points=result.tender_recredited, debt_points=result.debt_points,
+        )  # fmt: skip
+
+    @translated
+    async def GetPurchase(
+        self, request: ledger_pb2.GetPurchaseRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.GetPurchaseResponse:
+        return ledger_pb2.GetPurchaseResponse(
+            purchase=cv.purchase_pb(await self.service.accrual.get_purchase(request.purchase_id))
         )
 
     @translated

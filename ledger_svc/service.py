@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc import validation as v
+from ledger_svc.accrual import Accrual, PointsEngine
 from ledger_svc.domain import (
     DEFAULT_FUNDING,
     Balance,
@@ -75,6 +76,8 @@ class LedgerService:
         card_secret: str,
         cache: BalanceCache | None = None,
         fault_point: str = "",
+        engine: PointsEngine | None = None,
+        program: str = "aurora",
     ) -> None:
         self.store = store
         self.clock = clock
@@ -86,6 +89,7 @@ class LedgerService:
         self.outbox_wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.sagas = Sagas(self)
+        self.accrual = Accrual(self, engine, program)
 
     # Routing and plumbing ----------------------------------------------------------------
 
@@ -583,7 +587,8 @@ class LedgerService:
             voided += await self._book(shard, lambda b: b.void_due_holds())
             expired, lots = expired + e, lots + n
         sagas = await self.recover_sagas()
-        return MaintenanceReport(expired, lots, released, voided, sagas)
+        purchases = await self.accrual.process_waiting()
+        return MaintenanceReport(expired, lots, released, voided, sagas, purchases)
 
     async def purge_expired_keys(self, retention: timedelta) -> int:
         cutoff = self.clock.now() - retention

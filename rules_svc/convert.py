@@ -39,7 +39,7 @@ def basket(m: rules_pb2.Basket, path: str = "basket") -> Basket:
 def member(m: rules_pb2.MemberContext) -> MemberContext:
     return MemberContext(
         m.member_id, m.tier, tuple(m.segments), dict(m.attributes), m.purchase_count,
-        dict(m.counters) if m.preview_counters else None,
+        dict(m.counters) if m.preview_counters else None, dict(m.qualification),
     )  # fmt: skip
 
 
@@ -64,12 +64,14 @@ def evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
         earn_amounts_minor=e.earn_amounts_minor, expires_at=to_timestamp(e.expires_at),
         release_at=to_timestamp(e.release_at), store_local_time=e.local_time.isoformat(),
         max_lateness_days=e.policy.max_lateness_days, basket_bonus_on_return=e.policy.basket_bonus_on_return.value,
+        tier=e.tier,
     )  # fmt: skip
     out.totals.extend(rules_pb2.UnitPoints(unit=u, points=p) for u, p in e.totals().items())
     for part in e.components:
         out.parts.append(rules_pb2.ExplainedPart(
             rule_id=part.rule_id, unit=part.unit, points=part.points, line_index=part.line, detail=part.detail,
             matched=part.matched, capped=part.capped, guard=guard_pb(part.guard),
+            basket_threshold_minor=part.threshold_minor,
         ))  # fmt: skip
     out.excluded.extend(rules_pb2.ExcludedRule(rule_id=x.rule_id, reason=x.reason) for x in e.excluded)
     if e.tiers is not None:

@@ -74,6 +74,7 @@ class MemberContext:
     attributes: dict[str, str] = field(default_factory=dict)
     purchase_count: int = 0
     counters: dict[str, int] | None = None
+    qualification: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class Component:
     matched: tuple[str, ...] = ()
     capped: str = ""
     guard: Guard | None = None
+    threshold_minor: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,7 @@ class Evaluation:
     local_time: datetime
     policy: Policy
     tiers: Tiers | None
+    tier: str = ""
 
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}

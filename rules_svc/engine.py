@@ -5,20 +5,21 @@ converted to the base currency per line, floored; base points are computed per l
 program's rounding (default floor); a multiplier adds `base * (m - 1)` per line, rounded the same
 way, or on the sum of the qualifying lines' base points when `per: basket`. Conditions that
 only depend on where and when (channel, store, region, day, time window, campaign dates) are
-evaluated once per (channel, store, store-local minute) and cached, which keeps a 50-rule
+evaluated once per (channel, store, minute) and cached, which keeps a 50-rule
 program fast.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, time, timedelta
 from fractions import Fraction
 from zoneinfo import ZoneInfo
 
 from pointmesh.currencies import format_minor, is_known, scale
 from pointmesh.guards import Guard, apply_guards
+from pointmesh.tiers import TierPolicy, effective_tier
 from rules_svc.domain import BadRequest, Basket, Component, Evaluation, Excluded, MemberContext
 from rules_svc.program import DAYS, GroupMode, MultiplierScope, Program, Rounding, Rule
 
@@ -70,8 +71,16 @@ class CompiledProgram:
             self.base_rates.setdefault(rate.currency, []).append((rate.unit, rate.points, rate.per_minor))
         self.base_currency = program.fx.base_currency if program.fx else ""
         self.fx = {r.currency: Fraction(r.per_base) for r in program.fx.rates} if program.fx else {}
+        self.fx_text = {r.currency: r.per_base for r in program.fx.rates} if program.fx else {}
         self.rules = [self._compile(r) for r in sorted(program.rules, key=lambda r: (r.priority, r.id))]
         self.group_modes = {g.id: g.mode for g in program.groups}
+        self._thresholds: dict[tuple[str, str, int], int] = {}
+        tiers = program.tiers
+        self.tier_policy = (
+            TierPolicy(tiers.metric_unit, tiers.window.value, tiers.downgrade_grace_days,
+                       tuple((t.code, t.threshold) for t in tiers.levels))
+            if tiers is not None else None
+        )  # fmt: skip
         self._place_cache: dict[tuple[str, str, datetime], list[_Compiled]] = {}
 
     # Compilation ------------------------------------------------------------------------
@@ -216,26 +225,27 @@ class CompiledProgram:
         den_scale = scale(basket.currency) * rate.numerator
         return self.base_currency, rate, [ln.amount_minor * num_scale // den_scale for ln in basket.lines]
 
-    def _convert(self, amount_minor: int, currency: str, to: str) -> int:
-        """An amount in another currency of the program, via the base currency, floored."""
+    def _convert(self, amount_minor: int, currency: str, to: str) -> int | None:
+        """An amount in another currency of the program, via the base currency, floored; None when
+        the program has no FX rate to get there (e.g. JPY earning at its own base rate)."""
         if currency == to:
             return amount_minor
         base = amount_minor
         if currency != self.base_currency:
-            rate = self.fx[currency]
-            base = (
-                amount_minor
-                * scale(self.base_currency)
-                * rate.denominator
-                // (scale(currency) * rate.numerator)
-            )
+            rate = self.fx.get(currency)
+            if rate is None:
+                return None
+            base = amount_minor * scale(self.base_currency) * rate.denominator // (scale(currency) * rate.numerator)
         if to == self.base_currency:
             return base
-        rate = self.fx[to]
+        rate = self.fx.get(to)
+        if rate is None:
+            return None
         return base * scale(to) * rate.numerator // (scale(self.base_currency) * rate.denominator)
 
     def _candidates(self, basket: Basket, place: _Place, local: datetime) -> list[_Compiled]:
-        key = (basket.channel, basket.store_id, local.replace(second=0, microsecond=0))
+        # The UTC minute, not the wall-clock one: in a repeated DST hour two instants share the latter.
+        key = (basket.channel, basket.store_id, local.astimezone(UTC).replace(second=0, microsecond=0))
         found = self._place_cache.get(key)
         if found is None:
             store, region = basket.store_id, place.region
@@ -249,6 +259,8 @@ class CompiledProgram:
 
     def evaluate(self, basket: Basket, member: MemberContext) -> Evaluation:
         self.validate(basket)
+        if not member.tier and self.tier_policy is not None:
+            member = replace(member, tier=effective_tier(self.tier_policy, member.qualification, basket.receipt_time))
         place = self.place_of(basket)
         local = basket.receipt_time.astimezone(place.tz)
         earn_currency, fx_rate, amounts = self._to_earn_currency(basket)
@@ -302,8 +314,8 @@ class CompiledProgram:
         release = basket.receipt_time + timedelta(days=policy.release_after_days) if policy.release_after_days else None
         return Evaluation(
             self.program.program, self.version, basket.currency, earn_currency,
-            str(fx_rate) if fx_rate is not None else "", tuple(amounts), tuple(parts), tuple(excluded),
-            expires, release, local, policy, self.program.tiers,
+            self.fx_text[basket.currency] if fx_rate is not None else "", tuple(amounts), tuple(parts), tuple(excluded),
+            expires, release, local, policy, self.program.tiers, member.tier,
         )  # fmt: skip
 
     @staticmethod
@@ -313,9 +325,7 @@ class CompiledProgram:
         for part, grant in zip(parts, granted, strict=True):
             if grant.points != part.points:
                 capped = f"{part.capped}; {grant.note}" if part.capped else grant.note
-                part = Component(
-                    part.rule_id, part.unit, grant.points, part.line, part.detail, part.matched, capped, part.guard
-                )
+                part = replace(part, points=grant.points, capped=capped)
             out.append(part)
         return out
 
@@ -341,7 +351,8 @@ class CompiledProgram:
                 return None
         if c.basket_min_minor is not None:
             currency, minimum = c.basket_min_minor
-            if self._convert(basket.total_minor, basket.currency, currency) < minimum:
+            total = self._convert(basket.total_minor, basket.currency, currency)
+            if total is None or total < minimum:
                 return None
         lines = []
         for i, line in enumerate(basket.lines):
@@ -349,11 +360,10 @@ class CompiledProgram:
                 continue
             if c.skus is not None and line.sku not in c.skus:
                 continue
-            if (
-                c.line_min is not None
-                and self._convert(line.amount_minor, basket.currency, c.line_min[0]) < c.line_min[1]
-            ):
-                continue
+            if c.line_min is not None:
+                amount = self._convert(line.amount_minor, basket.currency, c.line_min[0])
+                if amount is None or amount < c.line_min[1]:
+                    continue
             lines.append(i)
         needs_lines = c.categories is not None or c.skus is not None or c.line_min is not None
         if needs_lines and not lines:
@@ -426,7 +436,27 @@ class CompiledProgram:
                         guard,
                     )
                 )
-        return self._cap(parts, rule)
+        parts = self._cap(parts, rule)
+        if c.basket_min_minor is not None:
+            threshold = self._threshold_in(basket.currency, *c.basket_min_minor)
+            parts = [replace(p, threshold_minor=threshold) for p in parts]
+        return parts
+
+    def _threshold_in(self, currency: str, threshold_currency: str, minimum: int) -> int:
+        """The smallest basket total in `currency` that converts to at least `minimum`."""
+        key = (currency, threshold_currency, minimum)
+        found = self._thresholds.get(key)
+        if found is None:
+            low, high = 0, 10**15
+            while low < high:
+                mid = (low + high) // 2
+                converted = self._convert(mid, currency, threshold_currency)
+                if converted is not None and converted >= minimum:
+                    high = mid
+                else:
+                    low = mid + 1
+            found = self._thresholds[key] = low
+        return found
 
     @staticmethod
     def _cap(parts: list[Component], rule: Rule) -> list[Component]:

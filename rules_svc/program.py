@@ -117,6 +117,14 @@ class DateRange(_Strict):
     start: datetime | None = None
     end: datetime | None = None
 
+    @field_validator("start", "end")
+    @classmethod
+    def _whole_minute(cls, value: datetime | None) -> datetime | None:
+        """The engine decides place-and-time conditions once per minute, so bounds are minutes."""
+        if value is not None and (value.second or value.microsecond):
+            raise ValueError("campaign bounds are whole minutes; drop the seconds (the end is exclusive)")
+        return value
+
     @model_validator(mode="after")
     def _ordered(self) -> DateRange:
         if self.start is None and self.end is None:
@@ -208,6 +216,13 @@ class Caps(_Strict):
     per_receipt: PositiveInt | None = None
     per_member_per_day: PositiveInt | None = None
     per_member_per_campaign: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_member_cap(self) -> Caps:
+        """A component carries one guard with one counter, so a rule has at most one member cap."""
+        if self.per_member_per_day is not None and self.per_member_per_campaign is not None:
+            raise ValueError("set at most one of per_member_per_day and per_member_per_campaign")
+        return self
 
 
 class Rule(_Strict):

@@ -62,8 +62,10 @@ class LedgerUnderTest:
         return f"127.0.0.1:{self.app.port}"
 
 
-async def start_ledger(data_dir: Path, redis_url: str, **overrides: object) -> LedgerUnderTest:
-    clock = ManualClock()
+async def start_ledger(
+    data_dir: Path, redis_url: str, clock: ManualClock | None = None, **overrides: object
+) -> LedgerUnderTest:
+    clock = clock or ManualClock()
     app = await build(ledger_settings(data_dir, redis_url, **overrides), clock=clock)
     await app.start()
     channel = client_channel(f"127.0.0.1:{app.port}", default_timeout_seconds=10.0)

@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS outbox (
   seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL, member_id TEXT NOT NULL, payload TEXT NOT NULL,
   created_at INTEGER NOT NULL, relayed_at INTEGER);
 CREATE INDEX IF NOT EXISTS outbox_unrelayed ON outbox (seq) WHERE relayed_at IS NULL;
+CREATE TABLE IF NOT EXISTS member_state (member_id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS purchases (
+  purchase_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL,
+  receipt_time INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS purchases_waiting ON purchases (receipt_time) WHERE status = 'PENDING_ACCRUAL';
 CREATE TABLE IF NOT EXISTS sagas (
   saga_id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, source_member TEXT NOT NULL,
   dest_member TEXT NOT NULL, unit TEXT NOT NULL, points INTEGER NOT NULL, hold_id TEXT NOT NULL,
@@ -416,6 +421,39 @@ class SqliteShardTx:
     def open_sagas(self) -> list[SagaRecord]:
         rows = self.c.execute(f"SELECT {_SAGA_COLS} FROM sagas WHERE state = 'HELD' ORDER BY created_at").fetchall()
         return [_saga(r) for r in rows]
+
+    def get_member_state(self, member_id: str) -> str | None:
+        row = self.c.execute("SELECT state FROM member_state WHERE member_id=?", (member_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put_member_state(self, member_id: str, state_json: str) -> None:
+        self.c.execute("INSERT OR REPLACE INTO member_state VALUES (?,?)", (member_id, state_json))
+
+    def put_purchase(
+        self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str
+    ) -> None:
+        self.c.execute(
+            "INSERT OR REPLACE INTO purchases VALUES (?,?,?,?,?)",
+            (purchase_id, member_id, status, to_us(receipt_time), body_json),
+        )
+
+    def get_purchase(self, purchase_id: str) -> tuple[str, str] | None:
+        row = self.c.execute("SELECT status, body FROM purchases WHERE purchase_id=?", (purchase_id,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def waiting_purchases(self, limit: int) -> list[tuple[str, str]]:
+        rows = self.c.execute(
+            "SELECT purchase_id, member_id FROM purchases WHERE status='PENDING_ACCRUAL' "
+            "ORDER BY receipt_time, purchase_id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    def member_waiting_purchases(self, member_id: str) -> int:
+        row = self.c.execute(
+            "SELECT COUNT(*) FROM purchases WHERE status='PENDING_ACCRUAL' AND member_id=?", (member_id,)
+        ).fetchone()
+        return int(row[0])
 
     def purge_before(self, idempotency_before: datetime, outbox_before: datetime) -> int:
         n = self.c.execute("DELETE FROM idempotency WHERE created_at<?", (to_us(idempotency_before),)).rowcount

@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from pointmesh.v1 import common_pb2 as _common_pb2
+from pointmesh.v1 import rules_pb2 as _rules_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -110,6 +111,31 @@ HOLD_STATUS_VOIDED: HoldStatus.ValueType  # 3
 HOLD_STATUS_EXPIRED: HoldStatus.ValueType  # 4
 """Voided automatically when its timeout passed."""
 Global___HoldStatus: _TypeAlias = HoldStatus  # noqa: Y015
+
+class _PurchaseStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PurchaseStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PurchaseStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PURCHASE_STATUS_UNSPECIFIED: _PurchaseStatus.ValueType  # 0
+    PURCHASE_STATUS_EARNED: _PurchaseStatus.ValueType  # 1
+    """Points earned (possibly as pending credit, per program policy)."""
+    PURCHASE_STATUS_PENDING_ACCRUAL: _PurchaseStatus.ValueType  # 2
+    """Recorded; waiting for rules_svc. Earns exactly once when it is back."""
+    PURCHASE_STATUS_REFUSED: _PurchaseStatus.ValueType  # 3
+    """Recorded while waiting, then refused by the program (reason says why). Nothing earned."""
+
+class PurchaseStatus(_PurchaseStatus, metaclass=_PurchaseStatusEnumTypeWrapper): ...
+
+PURCHASE_STATUS_UNSPECIFIED: PurchaseStatus.ValueType  # 0
+PURCHASE_STATUS_EARNED: PurchaseStatus.ValueType  # 1
+"""Points earned (possibly as pending credit, per program policy)."""
+PURCHASE_STATUS_PENDING_ACCRUAL: PurchaseStatus.ValueType  # 2
+"""Recorded; waiting for rules_svc. Earns exactly once when it is back."""
+PURCHASE_STATUS_REFUSED: PurchaseStatus.ValueType  # 3
+"""Recorded while waiting, then refused by the program (reason says why). Nothing earned."""
+Global___PurchaseStatus: _TypeAlias = PurchaseStatus  # noqa: Y015
 
 @_typing.final
 class Member(_message.Message):
@@ -1968,3 +1994,417 @@ class PendingReleased(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PendingReleased: _TypeAlias = PendingReleased  # noqa: Y015
+
+@_typing.final
+class PurchaseLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    category: _builtins.str
+    quantity: _builtins.int
+    @_builtins.property
+    def amount(self) -> _common_pb2.Money:
+        """Line total in the purchase currency."""
+
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        category: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        amount: _common_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "category", b"category", "quantity", b"quantity", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurchaseLine: _TypeAlias = PurchaseLine  # noqa: Y015
+
+@_typing.final
+class RecordPurchaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    RECEIPT_TIME_FIELD_NUMBER: _builtins.int
+    TENDER_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    channel: _builtins.str
+    store_id: _builtins.str
+    """Empty for channels without stores (web, app)."""
+    receipt_id: _builtins.str
+    tender_transaction_id: _builtins.str
+    """A REDEEM transaction of this member that paid part of the purchase with points;
+    returns re-credit it in proportion to the refunded amount.
+    """
+    @_builtins.property
+    def idempotency_key(self) -> _common_pb2.IdempotencyKey:
+        """Optional transport key (e.g. the REST Idempotency-Key): covers retries of this request
+        only; the receipt itself is deduped on (program, channel, store_id, receipt_id).
+        """
+
+    @_builtins.property
+    def total(self) -> _common_pb2.Money: ...
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___PurchaseLine]: ...
+    @_builtins.property
+    def receipt_time(self) -> _timestamp_pb2.Timestamp:
+        """Business time of the purchase: campaigns, happy hours, tiers and expiry use it."""
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _common_pb2.IdempotencyKey | None = ...,
+        member_id: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        receipt_id: _builtins.str = ...,
+        total: _common_pb2.Money | None = ...,
+        lines: _abc.Iterable[Global___PurchaseLine] | None = ...,
+        receipt_time: _timestamp_pb2.Timestamp | None = ...,
+        tender_transaction_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "receipt_time", b"receipt_time", "total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "idempotency_key", b"idempotency_key", "lines", b"lines", "member_id", b"member_id", "receipt_id", b"receipt_id", "receipt_time", b"receipt_time", "store_id", b"store_id", "tender_transaction_id", b"tender_transaction_id", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordPurchaseRequest: _TypeAlias = RecordPurchaseRequest  # noqa: Y015
+
+@_typing.final
+class PurchasePart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_FIELD_NUMBER: _builtins.int
+    RETURNED_POINTS_FIELD_NUMBER: _builtins.int
+    returned_points: _builtins.int
+    """Points taken back by returns so far."""
+    @_builtins.property
+    def part(self) -> _rules_pb2.ExplainedPart: ...
+    def __init__(
+        self,
+        *,
+        part: _rules_pb2.ExplainedPart | None = ...,
+        returned_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "returned_points", b"returned_points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurchasePart: _TypeAlias = PurchasePart  # noqa: Y015
+
+@_typing.final
+class Purchase(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EarnTransactionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    RECEIPT_TIME_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
+    PROGRAM_VERSION_FIELD_NUMBER: _builtins.int
+    FX_RATE_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    EARNED_FIELD_NUMBER: _builtins.int
+    EARN_TRANSACTIONS_FIELD_NUMBER: _builtins.int
+    PURCHASE_NUMBER_FIELD_NUMBER: _builtins.int
+    TIER_BEFORE_FIELD_NUMBER: _builtins.int
+    TIER_AFTER_FIELD_NUMBER: _builtins.int
+    TENDER_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    TENDER_POINTS_FIELD_NUMBER: _builtins.int
+    RETURNED_QUANTITIES_FIELD_NUMBER: _builtins.int
+    REFUNDED_MINOR_FIELD_NUMBER: _builtins.int
+    purchase_id: _builtins.str
+    member_id: _builtins.str
+    program: _builtins.str
+    channel: _builtins.str
+    store_id: _builtins.str
+    receipt_id: _builtins.str
+    status: Global___PurchaseStatus.ValueType
+    status_reason: _builtins.str
+    program_version: _builtins.int
+    """The program version and FX rate the points were computed with."""
+    fx_rate: _builtins.str
+    purchase_number: _builtins.int
+    """The member's purchase number in the program (1 = first)."""
+    tier_before: _builtins.str
+    tier_after: _builtins.str
+    tender_transaction_id: _builtins.str
+    tender_points: _builtins.int
+    refunded_minor: _builtins.int
+    @_builtins.property
+    def total(self) -> _common_pb2.Money: ...
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___PurchaseLine]: ...
+    @_builtins.property
+    def receipt_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PurchasePart]:
+        """Parts as granted (after member caps); they sum exactly to earned."""
+
+    @_builtins.property
+    def earned(self) -> _containers.RepeatedCompositeFieldContainer[_rules_pb2.UnitPoints]: ...
+    @_builtins.property
+    def earn_transactions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """EARN transaction per unit."""
+
+    @_builtins.property
+    def returned_quantities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Returned so far: quantity per line, and refunded amount."""
+
+    def __init__(
+        self,
+        *,
+        purchase_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        program: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        receipt_id: _builtins.str = ...,
+        total: _common_pb2.Money | None = ...,
+        lines: _abc.Iterable[Global___PurchaseLine] | None = ...,
+        receipt_time: _timestamp_pb2.Timestamp | None = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___PurchaseStatus.ValueType = ...,
+        status_reason: _builtins.str = ...,
+        program_version: _builtins.int = ...,
+        fx_rate: _builtins.str = ...,
+        parts: _abc.Iterable[Global___PurchasePart] | None = ...,
+        earned: _abc.Iterable[_rules_pb2.UnitPoints] | None = ...,
+        earn_transactions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        purchase_number: _builtins.int = ...,
+        tier_before: _builtins.str = ...,
+        tier_after: _builtins.str = ...,
+        tender_transaction_id: _builtins.str = ...,
+        tender_points: _builtins.int = ...,
+        returned_quantities: _abc.Iterable[_builtins.int] | None = ...,
+        refunded_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time", b"receipt_time", "received_at", b"received_at", "total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "earn_transactions", b"earn_transactions", "earned", b"earned", "fx_rate", b"fx_rate", "lines", b"lines", "member_id", b"member_id", "parts", b"parts", "program", b"program", "program_version", b"program_version", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_id", b"receipt_id", "receipt_time", b"receipt_time", "received_at", b"received_at", "refunded_minor", b"refunded_minor", "returned_quantities", b"returned_quantities", "status", b"status", "status_reason", b"status_reason", "store_id", b"store_id", "tender_points", b"tender_points", "tender_transaction_id", b"tender_transaction_id", "tier_after", b"tier_after", "tier_before", b"tier_before", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Purchase: _TypeAlias = Purchase  # noqa: Y015
+
+@_typing.final
+class RecordPurchaseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this receipt was already recorded (by any transport) and this is its result."""
+    @_builtins.property
+    def purchase(self) -> Global___Purchase: ...
+    def __init__(
+        self,
+        *,
+        purchase: Global___Purchase | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purchase", b"purchase", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordPurchaseResponse: _TypeAlias = RecordPurchaseResponse  # noqa: Y015
+
+@_typing.final
+class ReturnLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_INDEX_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    line_index: _builtins.int
+    quantity: _builtins.int
+    def __init__(
+        self,
+        *,
+        line_index: _builtins.int = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line_index", b"line_index", "quantity", b"quantity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReturnLine: _TypeAlias = ReturnLine  # noqa: Y015
+
+@_typing.final
+class RecordReturnRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    ORIGINAL_CHANNEL_FIELD_NUMBER: _builtins.int
+    ORIGINAL_STORE_ID_FIELD_NUMBER: _builtins.int
+    ORIGINAL_RECEIPT_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    REFUND_FIELD_NUMBER: _builtins.int
+    RETURN_TIME_FIELD_NUMBER: _builtins.int
+    purchase_id: _builtins.str
+    """The purchase, by id ..."""
+    member_id: _builtins.str
+    """... or by member and original natural key (channel, store_id, receipt_id)."""
+    original_channel: _builtins.str
+    original_store_id: _builtins.str
+    original_receipt_id: _builtins.str
+    channel: _builtins.str
+    """Where the return happens (may differ from the purchase: bought online, returned in store)."""
+    store_id: _builtins.str
+    @_builtins.property
+    def idempotency_key(self) -> _common_pb2.IdempotencyKey:
+        """The return's own id at the returning channel, e.g. the return receipt: required."""
+
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReturnLine]:
+        """Exactly one of: lines returned by quantity, or a refunded amount."""
+
+    @_builtins.property
+    def refund(self) -> _common_pb2.Money: ...
+    @_builtins.property
+    def return_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        idempotency_key: _common_pb2.IdempotencyKey | None = ...,
+        purchase_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        original_channel: _builtins.str = ...,
+        original_store_id: _builtins.str = ...,
+        original_receipt_id: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        lines: _abc.Iterable[Global___ReturnLine] | None = ...,
+        refund: _common_pb2.Money | None = ...,
+        return_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "refund", b"refund", "return_time", b"return_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "idempotency_key", b"idempotency_key", "lines", b"lines", "member_id", b"member_id", "original_channel", b"original_channel", "original_receipt_id", b"original_receipt_id", "original_store_id", b"original_store_id", "purchase_id", b"purchase_id", "refund", b"refund", "return_time", b"return_time", "store_id", b"store_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordReturnRequest: _TypeAlias = RecordReturnRequest  # noqa: Y015
+
+@_typing.final
+class RecordReturnResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASE_FIELD_NUMBER: _builtins.int
+    REVERSED_FIELD_NUMBER: _builtins.int
+    TENDER_RECREDITED_POINTS_FIELD_NUMBER: _builtins.int
+    DEBT_POINTS_FIELD_NUMBER: _builtins.int
+    tender_recredited_points: _builtins.int
+    debt_points: _builtins.int
+    """Points that could not be taken back because they were already spent (recorded as debt)."""
+    @_builtins.property
+    def purchase(self) -> Global___Purchase: ...
+    @_builtins.property
+    def reversed(self) -> _containers.RepeatedCompositeFieldContainer[_rules_pb2.UnitPoints]:
+        """Points taken back per unit by this return, and tender points re-credited."""
+
+    def __init__(
+        self,
+        *,
+        purchase: Global___Purchase | None = ...,
+        reversed: _abc.Iterable[_rules_pb2.UnitPoints] | None = ...,
+        tender_recredited_points: _builtins.int = ...,
+        debt_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debt_points", b"debt_points", "purchase", b"purchase", "reversed", b"reversed", "tender_recredited_points", b"tender_recredited_points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordReturnResponse: _TypeAlias = RecordReturnResponse  # noqa: Y015
+
+@_typing.final
+class GetPurchaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    purchase_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        purchase_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purchase_id", b"purchase_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPurchaseRequest: _TypeAlias = GetPurchaseRequest  # noqa: Y015
+
+@_typing.final
+class GetPurchaseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def purchase(self) -> Global___Purchase: ...
+    def __init__(
+        self,
+        *,
+        purchase: Global___Purchase | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPurchaseResponse: _TypeAlias = GetPurchaseResponse  # noqa: Y015

@@ -147,6 +147,21 @@ class LedgerServiceStub:
                 request_serializer=pointmesh_dot_v1_dot_ledger__pb2.IngestBatchRequest.SerializeToString,
                 response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.IngestBatchResponse.FromString,
                 _registered_method=True)
+        self.RecordPurchase = channel.unary_unary(
+                '/pointmesh.v1.LedgerService/RecordPurchase',
+                request_serializer=pointmesh_dot_v1_dot_ledger__pb2.RecordPurchaseRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.RecordPurchaseResponse.FromString,
+                _registered_method=True)
+        self.RecordReturn = channel.unary_unary(
+                '/pointmesh.v1.LedgerService/RecordReturn',
+                request_serializer=pointmesh_dot_v1_dot_ledger__pb2.RecordReturnRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.RecordReturnResponse.FromString,
+                _registered_method=True)
+        self.GetPurchase = channel.unary_unary(
+                '/pointmesh.v1.LedgerService/GetPurchase',
+                request_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -299,6 +314,30 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordPurchase(self, request, context):
+        """A purchase: asks rules_svc for the points (with explanation) and earns them, with
+        member caps and first/nth-purchase bonuses enforced in the same write. Deduped on its
+        natural key (program, channel, store, receipt id) whatever transport brought it; if
+        rules_svc is unavailable the purchase waits as PENDING_ACCRUAL and earns when it returns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordReturn(self, request, context):
+        """A return of some lines (or an amount) of a recorded purchase, reversed from the
+        purchase's own breakdown (its program version and FX rate), never re-evaluated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPurchase(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -411,6 +450,21 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.IngestBatch,
                     request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.IngestBatchRequest.FromString,
                     response_serializer=pointmesh_dot_v1_dot_ledger__pb2.IngestBatchResponse.SerializeToString,
+            ),
+            'RecordPurchase': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordPurchase,
+                    request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.RecordPurchaseRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_ledger__pb2.RecordPurchaseResponse.SerializeToString,
+            ),
+            'RecordReturn': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordReturn,
+                    request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.RecordReturnRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_ledger__pb2.RecordReturnResponse.SerializeToString,
+            ),
+            'GetPurchase': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPurchase,
+                    request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1010,6 +1064,87 @@ class LedgerService:
             '/pointmesh.v1.LedgerService/IngestBatch',
             pointmesh_dot_v1_dot_ledger__pb2.IngestBatchRequest.SerializeToString,
             pointmesh_dot_v1_dot_ledger__pb2.IngestBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordPurchase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.LedgerService/RecordPurchase',
+            pointmesh_dot_v1_dot_ledger__pb2.RecordPurchaseRequest.SerializeToString,
+            pointmesh_dot_v1_dot_ledger__pb2.RecordPurchaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordReturn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.LedgerService/RecordReturn',
+            pointmesh_dot_v1_dot_ledger__pb2.RecordReturnRequest.SerializeToString,
+            pointmesh_dot_v1_dot_ledger__pb2.RecordReturnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPurchase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.LedgerService/GetPurchase',
+            pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseRequest.SerializeToString,
+            pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

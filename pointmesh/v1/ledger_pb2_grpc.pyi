@@ -73,6 +73,17 @@ class LedgerServiceStub:
     """Bulk postings for high-volume channels, committed in batches. Each item is
     idempotent on its own key; a bad item is reported and the good ones still post.
     """
+    RecordPurchase: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordPurchaseRequest, _ledger_pb2.RecordPurchaseResponse]
+    """A purchase: asks rules_svc for the points (with explanation) and earns them, with
+    member caps and first/nth-purchase bonuses enforced in the same write. Deduped on its
+    natural key (program, channel, store, receipt id) whatever transport brought it; if
+    rules_svc is unavailable the purchase waits as PENDING_ACCRUAL and earns when it returns.
+    """
+    RecordReturn: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordReturnRequest, _ledger_pb2.RecordReturnResponse]
+    """A return of some lines (or an amount) of a recorded purchase, reversed from the
+    purchase's own breakdown (its program version and FX rate), never re-evaluated.
+    """
+    GetPurchase: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseRequest, _ledger_pb2.GetPurchaseResponse]
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -119,6 +130,17 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Bulk postings for high-volume channels, committed in batches. Each item is
     idempotent on its own key; a bad item is reported and the good ones still post.
     """
+    RecordPurchase: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordPurchaseRequest, _ledger_pb2.RecordPurchaseResponse]  # type: ignore[assignment]
+    """A purchase: asks rules_svc for the points (with explanation) and earns them, with
+    member caps and first/nth-purchase bonuses enforced in the same write. Deduped on its
+    natural key (program, channel, store, receipt id) whatever transport brought it; if
+    rules_svc is unavailable the purchase waits as PENDING_ACCRUAL and earns when it returns.
+    """
+    RecordReturn: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordReturnRequest, _ledger_pb2.RecordReturnResponse]  # type: ignore[assignment]
+    """A return of some lines (or an amount) of a recorded purchase, reversed from the
+    purchase's own breakdown (its program version and FX rate), never re-evaluated.
+    """
+    GetPurchase: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseRequest, _ledger_pb2.GetPurchaseResponse]  # type: ignore[assignment]
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService is the system of record for points. Every mutation carries an
@@ -294,5 +316,34 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Bulk postings for high-volume channels, committed in batches. Each item is
         idempotent on its own key; a bad item is reported and the good ones still post.
         """
+
+    @_abc_1.abstractmethod
+    def RecordPurchase(
+        self,
+        request: _ledger_pb2.RecordPurchaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.RecordPurchaseResponse, _abc.Awaitable[_ledger_pb2.RecordPurchaseResponse]]:
+        """A purchase: asks rules_svc for the points (with explanation) and earns them, with
+        member caps and first/nth-purchase bonuses enforced in the same write. Deduped on its
+        natural key (program, channel, store, receipt id) whatever transport brought it; if
+        rules_svc is unavailable the purchase waits as PENDING_ACCRUAL and earns when it returns.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordReturn(
+        self,
+        request: _ledger_pb2.RecordReturnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.RecordReturnResponse, _abc.Awaitable[_ledger_pb2.RecordReturnResponse]]:
+        """A return of some lines (or an amount) of a recorded purchase, reversed from the
+        purchase's own breakdown (its program version and FX rate), never re-evaluated.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPurchase(
+        self,
+        request: _ledger_pb2.GetPurchaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetPurchaseResponse, _abc.Awaitable[_ledger_pb2.GetPurchaseResponse]]: ...
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -143,6 +143,26 @@ class MemberContext(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class QualificationEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
@@ -150,6 +170,7 @@ class MemberContext(_message.Message):
     PURCHASE_COUNT_FIELD_NUMBER: _builtins.int
     COUNTERS_FIELD_NUMBER: _builtins.int
     PREVIEW_COUNTERS_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     tier: _builtins.str
     purchase_count: _builtins.int
@@ -165,6 +186,12 @@ class MemberContext(_message.Message):
         Applied only when preview_counters is set; the ledger applies guards authoritatively.
         """
 
+    @_builtins.property
+    def qualification(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Tier-qualifying earnings by calendar month ("2026-11" -> credits). When tier is empty
+        and the program has tiers, the engine derives the tier in effect at the receipt time.
+        """
+
     def __init__(
         self,
         *,
@@ -175,10 +202,11 @@ class MemberContext(_message.Message):
         purchase_count: _builtins.int = ...,
         counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         preview_counters: _builtins.bool = ...,
+        qualification: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "counters", b"counters", "member_id", b"member_id", "preview_counters", b"preview_counters", "purchase_count", b"purchase_count", "segments", b"segments", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "counters", b"counters", "member_id", b"member_id", "preview_counters", b"preview_counters", "purchase_count", b"purchase_count", "qualification", b"qualification", "segments", b"segments", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -230,6 +258,7 @@ class ExplainedPart(_message.Message):
     MATCHED_FIELD_NUMBER: _builtins.int
     CAPPED_FIELD_NUMBER: _builtins.int
     GUARD_FIELD_NUMBER: _builtins.int
+    BASKET_THRESHOLD_MINOR_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
     """"base" for the base earn rate, else the rule id."""
     unit: _builtins.str
@@ -240,6 +269,11 @@ class ExplainedPart(_message.Message):
     """How the points were computed, e.g. "x2 on 12 points"."""
     capped: _builtins.str
     """Which cap cut this part, and from how much; empty when none did."""
+    basket_threshold_minor: _builtins.int
+    """For rules with a basket-total condition: the smallest basket total (in the basket's
+    currency, minor units) that still meets it; a partial return going under it follows the
+    program's basket_bonus_on_return policy. 0 when the rule has no such condition.
+    """
     @_builtins.property
     def matched(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The rule's conditions that held."""
@@ -257,10 +291,11 @@ class ExplainedPart(_message.Message):
         matched: _abc.Iterable[_builtins.str] | None = ...,
         capped: _builtins.str = ...,
         guard: Global___Guard | None = ...,
+        basket_threshold_minor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["guard", b"guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped", b"capped", "detail", b"detail", "guard", b"guard", "line_index", b"line_index", "matched", b"matched", "points", b"points", "rule_id", b"rule_id", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_threshold_minor", b"basket_threshold_minor", "capped", b"capped", "detail", b"detail", "guard", b"guard", "line_index", b"line_index", "matched", b"matched", "points", b"points", "rule_id", b"rule_id", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -385,6 +420,7 @@ class Evaluation(_message.Message):
     TIER_POLICY_FIELD_NUMBER: _builtins.int
     MAX_LATENESS_DAYS_FIELD_NUMBER: _builtins.int
     BASKET_BONUS_ON_RETURN_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     program: _builtins.str
     version: _builtins.int
     """The version used: record it with the earn so a return reverses at these rates."""
@@ -400,6 +436,8 @@ class Evaluation(_message.Message):
     """What happens to a basket bonus when a partial return takes the basket under its
     threshold: "keep" or "claw_back".
     """
+    tier: _builtins.str
+    """The member tier the basket was evaluated under."""
     @_builtins.property
     def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnitPoints]: ...
     @_builtins.property
@@ -435,10 +473,11 @@ class Evaluation(_message.Message):
         tier_policy: Global___TierPolicy | None = ...,
         max_lateness_days: _builtins.int = ...,
         basket_bonus_on_return: _builtins.str = ...,
+        tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "release_at", b"release_at", "tier_policy", b"tier_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_bonus_on_return", b"basket_bonus_on_return", "earn_amounts_minor", b"earn_amounts_minor", "earn_currency", b"earn_currency", "excluded", b"excluded", "expires_at", b"expires_at", "fx_rate", b"fx_rate", "max_lateness_days", b"max_lateness_days", "parts", b"parts", "program", b"program", "release_at", b"release_at", "store_local_time", b"store_local_time", "tier_policy", b"tier_policy", "totals", b"totals", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_bonus_on_return", b"basket_bonus_on_return", "earn_amounts_minor", b"earn_amounts_minor", "earn_currency", b"earn_currency", "excluded", b"excluded", "expires_at", b"expires_at", "fx_rate", b"fx_rate", "max_lateness_days", b"max_lateness_days", "parts", b"parts", "program", b"program", "release_at", b"release_at", "store_local_time", b"store_local_time", "tier", b"tier", "tier_policy", b"tier_policy", "totals", b"totals", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

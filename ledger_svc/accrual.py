@@ -1,0 +1,285 @@
+"""RecordPurchase and RecordReturn: ask the points engine, then earn or reverse atomically.
+
+Order of a purchase: validate -> member active -> read the member's accrual state -> quote
+from rules_svc (deadline-bound) -> claim the receipt's natural key -> one shard write that
+applies the guards, earns and stores the purchase (purchases.py). A purchase whose quote
+cannot be had (rules_svc down or slow) is stored as PENDING_ACCRUAL; so is every later
+purchase of that member until the queue drains, which keeps a member's purchases earning in
+receipt order, so an outage leaves the same balances as a run without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Protocol
+
+from ledger_svc import codec
+from ledger_svc import commands as c
+from ledger_svc import validation as v
+from ledger_svc.domain import FailedPrecondition, IdemKey, InvalidArgument, LedgerError, Money
+from ledger_svc.postings import ShardBook
+from ledger_svc.purchases import (
+    MemberState,
+    PurchaseRecord,
+    PurchaseStatus,
+    Quote,
+    ReturnResult,
+    accrue,
+    load_purchase,
+    load_state,
+    purchase_id_for,
+    save_purchase,
+    take_back,
+    tender_points,
+)
+from ledger_svc.store.base import ShardTx
+
+if TYPE_CHECKING:
+    from ledger_svc.service import LedgerService
+
+log = logging.getLogger(__name__)
+FUTURE_SKEW = timedelta(minutes=5)
+BREAKER_SECONDS = 1.0
+MAX_LINES = 500
+
+
+class EngineUnavailable(Exception):
+    """The points engine did not answer in time; the purchase waits instead of failing."""
+
+
+class PointsEngine(Protocol):
+    async def quote(
+        self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str]
+    ) -> Quote: ...
+
+
+def natural_key(program: str, cmd: c.RecordPurchase) -> IdemKey:
+    raw = f"{cmd.channel}/{cmd.store_id}/{cmd.receipt_id}"
+    if len(raw) > 128:
+        raw = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+    return IdemKey(f"purchase:{program}", raw)
+
+
+class Accrual:
+    def __init__(self, service: LedgerService, engine: PointsEngine | None, program: str) -> None:
+        self.svc = service
+        self.engine = engine
+        self.program = program
+        self._down_until = 0.0
+
+    # Purchases ----------------------------------------------------------------------------
+
+    def _check(self, cmd: c.RecordPurchase) -> c.RecordPurchase:
+        v.member_id(cmd.member_id)
+        v.name(cmd.channel, "channel")
+        if cmd.store_id:
+            v.name(cmd.store_id, "store_id")
+        v.required_text(cmd.receipt_id, "receipt_id", max_len=128)
+        v.money(cmd.total, "total", allow_zero=True)
+        if not cmd.lines:
+            raise InvalidArgument("a purchase needs at least one line", field="lines")
+        if len(cmd.lines) > MAX_LINES:
+            raise InvalidArgument(f"at most {MAX_LINES} lines", field="lines")
+        for i, line in enumerate(cmd.lines):
+            if line.quantity <= 0:
+                raise InvalidArgument(f"must be positive, got {line.quantity}", field=f"lines[{i}].quantity")
+            if line.amount_minor < 0:
+                raise InvalidArgument(
+                    f"must not be negative, got {line.amount_minor}", field=f"lines[{i}].amount.amount_minor"
+                )
+        total = sum(line.amount_minor for line in cmd.lines)
+        if total != cmd.total.amount_minor:
+            raise InvalidArgument(
+                f"lines sum to {total} minor units but the total says {cmd.total.amount_minor}",
+                field="total.amount_minor",
+            )
+        if cmd.receipt_time > self.svc.clock.now() + FUTURE_SKEW:
+            raise InvalidArgument(f"{cmd.receipt_time.isoformat()} is in the future", field="receipt_time")
+        if cmd.tender_transaction_id:
+            v.object_id(cmd.tender_transaction_id, "tx", "tender_transaction_id")
+        transport = v.idem_key(cmd.transport_key) if cmd.transport_key is not None and cmd.transport_key.key else None
+        return replace(cmd, key=natural_key(self.program, cmd), transport_key=transport)
+
+    async def _quote(self, cmd: c.RecordPurchase, state: MemberState) -> Quote | None:
+        """The engine's answer, or None when it is unavailable (the purchase will wait)."""
+        if self.engine is None or time.monotonic() < self._down_until:
+            return None
+        profile = (await self.svc.member(cmd.member_id)).profile
+        try:
+            return await self.engine.quote(self.program, cmd, state, profile)
+        except EngineUnavailable as exc:
+            log.warning("points engine unavailable; purchase %s waits: %s", cmd.receipt_id, exc)
+            self._down_until = time.monotonic() + BREAKER_SECONDS
+            return None
+
+    @staticmethod
+    def _late(cmd: c.RecordPurchase, quote: Quote, arrived: datetime) -> str:
+        limit = timedelta(days=quote.max_lateness_days)
+        if arrived - cmd.receipt_time > limit:
+            return (
+                f"receipt from {cmd.receipt_time.isoformat()} arrived {(arrived - cmd.receipt_time).days} days later; "
+                f"program {quote.program} accepts receipts up to {quote.max_lateness_days} days late"
+            )
+        return ""
+
+    async def record_purchase(self, cmd: c.RecordPurchase) -> tuple[PurchaseRecord, bool]:
+        cmd = self._check(cmd)
+        svc = self.svc
+        fp = c.fingerprint(cmd)
+        shard = svc.shard_of(cmd.member_id)
+        await svc._require_exists(cmd.member_id)
+        replayed = await self._replay(cmd, fp, shard)
+        if replayed is not None:
+            return replayed, True
+        await svc._require_active(cmd.member_id)
+        state, waiting = await svc.store.read(
+            shard, lambda tx: (tx.get_member_state(cmd.member_id), tx.member_waiting_purchases(cmd.member_id))
+        )
+        quote = None
+        if not waiting:
+            quote = await self._quote(cmd, MemberState() if state is None else codec.loads(MemberState, state))
+        now = svc.clock.now()
+        if quote is not None:
+            late = self._late(cmd, quote, now)
+            if late:
+                raise FailedPrecondition(late, field="receipt_time")
+        await self._claim_keys(cmd, fp)
+        pid = purchase_id_for(cmd.member_id, self.program, cmd.key.key)
+
+        def body(book: ShardBook) -> PurchaseRecord:
+            record = PurchaseRecord(
+                pid, cmd.member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
+                cmd.receipt_time, now, PurchaseStatus.PENDING_ACCRUAL,
+                tender_transaction_id=cmd.tender_transaction_id,
+                tender_points=tender_points(book, cmd.member_id, cmd.tender_transaction_id),
+                returned_quantities=tuple(0 for _ in cmd.lines),
+            )  # fmt: skip
+            if quote is None:
+                save_purchase(book, replace(record, status_reason="waiting for rules_svc"))
+                return replace(record, status_reason="waiting for rules_svc")
+            return accrue(book, record, quote)
+
+        result, was_replay = await svc.store.write(shard, svc._idempotent_unit(cmd, fp, PurchaseRecord, body))
+        if was_replay:
+            return await self.get_purchase(result.purchase_id), True
+        return result, False
+
+    async def _replay(self, cmd: c.RecordPurchase, fp: str, shard: int) -> PurchaseRecord | None:
+        stored = await self.svc._stored_result(cmd.key, fp, shard, PurchaseRecord)
+        if stored is None:
+            return None
+        if cmd.transport_key is not None:
+            await self._claim_keys(cmd, fp)
+        return await self.get_purchase(stored.purchase_id)
+
+    async def _claim_keys(self, cmd: c.RecordPurchase, fp: str) -> None:
+        """The natural key decides; a transport key may only ever name this one receipt."""
+        if cmd.transport_key is not None:
+            await self.svc._claim(
+                cmd.transport_key, "RecordPurchase", hashlib.sha256(f"{cmd.key.key}|{fp}".encode()).hexdigest()
+            )
+        await self.svc._claim(cmd.key, "RecordPurchase", fp)
+
+    async def get_purchase(self, purchase_id: str) -> PurchaseRecord:
+        v.object_id(purchase_id, "pu", "purchase_id")
+        return await self.svc.store.read(
+            self.svc.shard_of_id(purchase_id),
+            lambda tx: load_purchase(ShardBook(tx, self.svc.clock.now(), self.svc.policy), purchase_id),
+        )
+
+    async def find_purchase(self, member_id: str, channel: str, store_id: str, receipt_id: str) -> str:
+        """A purchase by member and natural key (a return slip names the original receipt)."""
+        v.member_id(member_id)
+        if not (channel and receipt_id):
+            raise InvalidArgument(
+                "give purchase_id, or member_id with original channel and receipt id", field="purchase_id"
+            )
+        probe = c.RecordPurchase(
+            IdemKey("", ""), member_id, channel, store_id, receipt_id, Money(0, "EUR"), (), datetime.min
+        )
+        purchase_id = purchase_id_for(member_id, self.program, natural_key(self.program, probe).key)
+        await self.get_purchase(purchase_id)
+        return purchase_id
+
+    # Waiting purchases ----------------------------------------------------------------------
+
+    async def process_waiting(self, limit: int = 500) -> int:
+        """Earns purchases that waited for rules_svc, oldest receipt first; stops at the first
+        engine failure so order is kept. Returns how many were settled (earned or refused)."""
+        if self.engine is None:
+            return 0
+        settled = 0
+        for shard in range(self.svc.store.shard_count):
+            waiting = await self.svc.store.read(shard, lambda tx: tx.waiting_purchases(limit))
+            for purchase_id, member_id in waiting:
+                done = await self._settle(shard, purchase_id, member_id)
+                if done is None:
+                    return settled
+                settled += done
+        return settled
+
+    async def _settle(self, shard: int, purchase_id: str, member_id: str) -> int | None:
+        svc = self.svc
+        record, state = await svc.store.read(
+            shard,
+            lambda tx: (
+                load_purchase(ShardBook(tx, svc.clock.now(), svc.policy), purchase_id),
+                load_state(ShardBook(tx, svc.clock.now(), svc.policy), member_id),
+            ),
+        )
+        if record.status != PurchaseStatus.PENDING_ACCRUAL:
+            return 0
+        cmd = c.RecordPurchase(
+            IdemKey("", ""), record.member_id, record.channel, record.store_id, record.receipt_id, record.total,
+            record.lines, record.receipt_time, record.tender_transaction_id,
+        )  # fmt: skip
+        assert self.engine is not None
+        refusal = ""
+        quote = None
+        try:
+            profile = (await svc.member(member_id)).profile
+            quote = await self.engine.quote(self.program, cmd, state, profile)
+            refusal = self._late(cmd, quote, record.received_at)
+        except EngineUnavailable:
+            return None
+        except LedgerError as error:
+            refusal = f"{error.field}: {error.message}" if error.field else error.message
+
+        def unit(tx: ShardTx) -> int:
+            book = ShardBook(tx, svc.clock.now(), svc.policy)
+            current = load_purchase(book, purchase_id)
+            if current.status != PurchaseStatus.PENDING_ACCRUAL:
+                return 0
+            if refusal or quote is None:
+                save_purchase(book, replace(current, status=PurchaseStatus.REFUSED, status_reason=refusal))
+            else:
+                accrue(book, current, quote)
+            svc._committed_later(book.touched)
+            return 1
+
+        return await svc.store.write(shard, unit)
+
+    # Returns ----------------------------------------------------------------------------------
+
+    async def record_return(self, cmd: c.RecordReturn) -> ReturnResult:
+        v.idem_key(cmd.key)
+        v.object_id(cmd.purchase_id, "pu", "purchase_id")
+        v.name(cmd.channel, "channel")
+        if cmd.store_id:
+            v.name(cmd.store_id, "store_id")
+        if bool(cmd.lines) == (cmd.refund is not None):
+            raise InvalidArgument("give either lines or refund, not both", field="lines")
+        for i, line in enumerate(cmd.lines):
+            if line.quantity <= 0:
+                raise InvalidArgument(f"must be positive, got {line.quantity}", field=f"lines[{i}].quantity")
+        if cmd.refund is not None:
+            v.money(cmd.refund, "refund")
+
+        def body(book: ShardBook) -> ReturnResult:
+            return take_back(book, load_purchase(book, cmd.purchase_id), cmd)
+
+        return await self.svc._mutate(cmd, self.svc.shard_of_id(cmd.purchase_id), ReturnResult, body)

@@ -1,0 +1,284 @@
+"""Purchases and returns inside one shard: the atomic half of accrual.
+
+rules_svc says what a basket earns (a Quote of explained parts); here, in the member's shard
+and in one transaction, the member-level guards are applied against the member's counters,
+the points are earned per unit, the purchase number, caps and tier qualification are counted,
+and the purchase is stored with its breakdown. A return later takes points back from that
+stored breakdown, never from a new evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+
+from ledger_svc import codec
+from ledger_svc import commands as c
+from ledger_svc.domain import DEFAULT_FUNDING, FailedPrecondition, InvalidArgument, Money, NotFound, TxKind, bucket_of
+from ledger_svc.postings import ShardBook
+from pointmesh.guards import Guard, apply_guards
+from pointmesh.tiers import TierPolicy, effective_tier
+from pointmesh.tiers import bucket_of as month_bucket
+
+CLAW_BACK = "claw_back"
+
+
+class PurchaseStatus(StrEnum):
+    EARNED = "EARNED"
+    PENDING_ACCRUAL = "PENDING_ACCRUAL"
+    REFUSED = "REFUSED"
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    rule_id: str
+    unit: str
+    points: int
+    line: int
+    detail: str
+    matched: tuple[str, ...] = ()
+    capped: str = ""
+    guard: Guard | None = None
+    threshold_minor: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """What rules_svc answered for a basket, as the ledger keeps it."""
+
+    program: str
+    version: int
+    parts: tuple[Part, ...]
+    fx_rate: str
+    expires_at: datetime | None
+    release_at: datetime | None
+    max_lateness_days: int
+    basket_bonus_on_return: str
+    tier: str
+    tier_policy: TierPolicy | None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberState:
+    purchase_count: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    qualification: dict[str, int] = field(default_factory=dict)
+    tier: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseRecord:
+    purchase_id: str
+    member_id: str
+    program: str
+    channel: str
+    store_id: str
+    receipt_id: str
+    total: Money
+    lines: tuple[c.PurchaseLine, ...]
+    receipt_time: datetime
+    received_at: datetime
+    status: PurchaseStatus
+    status_reason: str = ""
+    version: int = 0
+    fx_rate: str = ""
+    parts: tuple[Part, ...] = ()
+    returned_points: tuple[int, ...] = ()
+    earn_transactions: dict[str, str] = field(default_factory=dict)
+    purchase_number: int = 0
+    tier_before: str = ""
+    tier_after: str = ""
+    tender_transaction_id: str = ""
+    tender_points: int = 0
+    tender_recredited: int = 0
+    returned_quantities: tuple[int, ...] = ()
+    refunded_minor: int = 0
+    return_mode: str = ""
+    basket_bonus_on_return: str = CLAW_BACK
+    qualification_bucket: str = ""
+    metric_unit: str = ""
+
+    def earned(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in self.parts:
+            out[part.unit] = out.get(part.unit, 0) + part.points
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnResult:
+    purchase: PurchaseRecord
+    reversed: dict[str, int]
+    tender_recredited: int
+    debt_points: int
+
+
+def purchase_id_for(member_id: str, program: str, natural_key: str) -> str:
+    """Deterministic, and routed to the member's shard like every other id of theirs."""
+    digest = hashlib.sha256(f"{program}|{natural_key}".encode()).hexdigest()[:24]
+    return f"pu_{bucket_of(member_id):04x}{digest}"
+
+
+def load_state(book: ShardBook, member_id: str) -> MemberState:
+    raw = book.tx.get_member_state(member_id)
+    return MemberState() if raw is None else codec.loads(MemberState, raw)
+
+
+def load_purchase(book: ShardBook, purchase_id: str) -> PurchaseRecord:
+    found = book.tx.get_purchase(purchase_id)
+    if found is None:
+        raise NotFound(f"purchase {purchase_id} does not exist", field="purchase_id")
+    return codec.loads(PurchaseRecord, found[1])
+
+
+def save_purchase(book: ShardBook, record: PurchaseRecord) -> None:
+    book.tx.put_purchase(
+        record.purchase_id, record.member_id, record.status.value, record.receipt_time, codec.dumps(record)
+    )
+
+
+def tender_points(book: ShardBook, member_id: str, tx_id: str) -> int:
+    if not tx_id:
+        return 0
+    tender = book.require_transaction(tx_id, "tender_transaction_id")
+    if tender.member_id != member_id or tender.kind not in (TxKind.REDEEM, TxKind.HOLD_CAPTURE):
+        raise InvalidArgument(
+            f"transaction {tx_id} is not a redemption of member {member_id}", field="tender_transaction_id"
+        )
+    return -tender.points
+
+
+def accrue(book: ShardBook, record: PurchaseRecord, quote: Quote) -> PurchaseRecord:
+    """Guards, earns, counters, tier and the stored purchase, all in this one shard write."""
+    state = load_state(book, record.member_id)
+    ordinal = state.purchase_count + 1
+    granted, used = apply_guards([(p.guard, p.points) for p in quote.parts], state.counters, ordinal)
+    parts = tuple(
+        p if g.points == p.points else replace(p, points=g.points, capped=f"{p.capped}; {g.note}".strip("; "))
+        for p, g in zip(quote.parts, granted, strict=True)
+    )
+    record = replace(
+        record, status=PurchaseStatus.EARNED, status_reason="", version=quote.version, fx_rate=quote.fx_rate,
+        parts=parts, returned_points=tuple(0 for _ in parts), purchase_number=ordinal, tier_before=quote.tier,
+        basket_bonus_on_return=quote.basket_bonus_on_return,
+    )  # fmt: skip
+    txs: dict[str, str] = {}
+    for unit, points in record.earned().items():
+        if points <= 0:
+            continue
+        if unit not in book.policy.units:
+            raise FailedPrecondition(f"program earns {unit!r}, which this ledger does not hold", field="program")
+        earned = book.earn(
+            record.member_id, unit, points, funding_source=DEFAULT_FUNDING, business_time=record.receipt_time,
+            expires_at=quote.expires_at, release_at=quote.release_at, pending_review=False, purchase=record.total,
+            reference=f"purchase {record.purchase_id}",
+        )  # fmt: skip
+        txs[unit] = earned.transaction.transaction_id
+    counters = dict(state.counters)
+    for key, n in used.items():
+        counters[key] = counters.get(key, 0) + n
+    qualification, tier_after, bucket, metric = dict(state.qualification), quote.tier, "", ""
+    if quote.tier_policy is not None:
+        metric, bucket = quote.tier_policy.metric_unit, month_bucket(record.receipt_time)
+        qualification[bucket] = qualification.get(bucket, 0) + record.earned().get(metric, 0)
+        tier_after = effective_tier(quote.tier_policy, qualification, record.receipt_time)
+    book.tx.put_member_state(record.member_id, codec.dumps(MemberState(ordinal, counters, qualification, tier_after)))
+    record = replace(
+        record, earn_transactions=txs, tier_after=tier_after, qualification_bucket=bucket, metric_unit=metric
+    )
+    save_purchase(book, record)
+    return record
+
+
+def _return_targets(record: PurchaseRecord, quantities: tuple[int, ...], refunded: int) -> list[int]:
+    """Points each part should have given back after this return, cumulatively (floored)."""
+    full = refunded >= record.total.amount_minor or (
+        record.return_mode == "lines" and all(q >= ln.quantity for q, ln in zip(quantities, record.lines, strict=True))
+    )
+    remaining = record.total.amount_minor - refunded
+    targets = []
+    for part in record.parts:
+        if full:
+            target = part.points
+        elif record.return_mode == "lines" and part.line >= 0:
+            line = record.lines[part.line]
+            target = part.points * quantities[part.line] // line.quantity
+        else:
+            target = part.points * refunded // record.total.amount_minor
+        if part.threshold_minor and remaining < part.threshold_minor and record.basket_bonus_on_return == CLAW_BACK:
+            target = part.points
+        targets.append(target)
+    return targets
+
+
+def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn) -> ReturnResult:
+    if record.status != PurchaseStatus.EARNED:
+        raise FailedPrecondition(
+            f"purchase {record.purchase_id} is {record.status.value}; returns apply once it has earned",
+            field="purchase_id",
+        )
+    mode = "lines" if cmd.lines else "amount"
+    if record.return_mode and record.return_mode != mode:
+        raise FailedPrecondition(
+            f"earlier returns of this purchase were by {record.return_mode}; continue the same way", field="lines"
+        )
+    quantities = list(record.returned_quantities or [0] * len(record.lines))
+    refunded = record.refunded_minor
+    if cmd.lines:
+        for i, ret in enumerate(cmd.lines):
+            if not 0 <= ret.line_index < len(record.lines):
+                raise InvalidArgument(f"purchase has {len(record.lines)} lines", field=f"lines[{i}].line_index")
+            line = record.lines[ret.line_index]
+            if quantities[ret.line_index] + ret.quantity > line.quantity:
+                raise FailedPrecondition(
+                    f"returns {quantities[ret.line_index] + ret.quantity} of line {ret.line_index}, "
+                    f"but {line.quantity} were bought",
+                    field=f"lines[{i}].quantity",
+                )
+            quantities[ret.line_index] += ret.quantity
+        refunded = sum(ln.amount_minor * q // ln.quantity for ln, q in zip(record.lines, quantities, strict=True))
+    else:
+        assert cmd.refund is not None
+        if cmd.refund.currency != record.total.currency:
+            raise InvalidArgument(f"the purchase was in {record.total.currency}", field="refund.currency")
+        refunded += cmd.refund.amount_minor
+        if refunded > record.total.amount_minor:
+            raise FailedPrecondition(
+                f"refunds total {refunded} minor units, more than the purchase of {record.total.amount_minor}",
+                field="refund.amount_minor",
+            )
+    record = replace(record, return_mode=mode)
+    targets = _return_targets(record, tuple(quantities), refunded)
+    by_unit: dict[str, int] = {}
+    returned = list(record.returned_points)
+    for k, (part, target) in enumerate(zip(record.parts, targets, strict=True)):
+        delta = max(0, target - returned[k])
+        returned[k] += delta
+        by_unit[part.unit] = by_unit.get(part.unit, 0) + delta
+    debt = 0
+    for unit, points in by_unit.items():
+        if points > 0:
+            result = book.reverse(
+                record.earn_transactions[unit], points=points, refund=None,
+                reason=f"return {cmd.key.key} of purchase {record.purchase_id}",
+            )  # fmt: skip
+            debt += result.debt_points
+    tender_target = record.tender_points * refunded // record.total.amount_minor
+    recredit = max(0, tender_target - record.tender_recredited)
+    if recredit:
+        book.recredit_tender(record.tender_transaction_id, recredit, reason=f"return {cmd.key.key}")
+    if record.metric_unit and by_unit.get(record.metric_unit):
+        state = load_state(book, record.member_id)
+        qualification = dict(state.qualification)
+        qualification[record.qualification_bucket] = (
+            qualification.get(record.qualification_bucket, 0) - by_unit[record.metric_unit]
+        )
+        book.tx.put_member_state(record.member_id, codec.dumps(replace(state, qualification=qualification)))
+    record = replace(
+        record, returned_points=tuple(returned), returned_quantities=tuple(quantities), refunded_minor=refunded,
+        tender_recredited=record.tender_recredited + recredit,
+    )  # fmt: skip
+    save_purchase(book, record)
+    return ReturnResult(record, {u: p for u, p in by_unit.items() if p}, recredit, debt)

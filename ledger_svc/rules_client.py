@@ -1,0 +1,106 @@
+"""The ledger's view of rules_svc: a PointsEngine over gRPC, translating both ways.
+
+Deadline-bound; a rules_svc that is down, overloaded or slow becomes EngineUnavailable (the
+purchase waits as pending accrual), while a basket rules_svc refuses becomes the ledger's own
+InvalidArgument/FailedPrecondition naming the request field.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+
+from ledger_svc import commands as c
+from ledger_svc.accrual import EngineUnavailable
+from ledger_svc.domain import FailedPrecondition, InvalidArgument
+from ledger_svc.purchases import MemberState, Part, Quote
+from pointmesh.clients import rules_stub
+from pointmesh.errors import status_details
+from pointmesh.guards import Guard
+from pointmesh.tiers import TierPolicy
+from pointmesh.timestamps import from_timestamp, to_timestamp
+from pointmesh.v1 import common_pb2, rules_pb2
+
+_FIELDS = {"total_minor": "total.amount_minor", "currency": "total.currency"}
+
+
+def _field(rules_field: str) -> str:
+    name = rules_field.removeprefix("basket.")
+    return _FIELDS.get(name, name)
+
+
+def evaluate_request(
+    program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str]
+) -> rules_pb2.EvaluateRequest:
+    currency = cmd.total.currency
+    segments = [s for s in profile.get("segments", "").split(",") if s]
+    return rules_pb2.EvaluateRequest(
+        program=program,
+        basket=rules_pb2.Basket(
+            channel=cmd.channel, store_id=cmd.store_id, receipt_id=cmd.receipt_id,
+            total=common_pb2.Money(amount_minor=cmd.total.amount_minor, currency=currency),
+            lines=[
+                rules_pb2.BasketLine(sku=ln.sku, category=ln.category, quantity=ln.quantity,
+                                     amount=common_pb2.Money(amount_minor=ln.amount_minor, currency=currency))
+                for ln in cmd.lines
+            ],
+            receipt_time=to_timestamp(cmd.receipt_time),
+        ),
+        member=rules_pb2.MemberContext(
+            member_id=cmd.member_id, segments=segments,
+            attributes={k: val for k, val in profile.items() if k != "segments"},
+            purchase_count=state.purchase_count, qualification=state.qualification,
+        ),
+    )  # fmt: skip
+
+
+def quote_of(e: rules_pb2.Evaluation) -> Quote:
+    parts = tuple(
+        Part(
+            p.rule_id,
+            p.unit,
+            p.points,
+            p.line_index,
+            p.detail,
+            tuple(p.matched),
+            p.capped,
+            Guard(p.guard.counter, p.guard.limit, p.guard.ordinal_equals, p.guard.ordinal_every)
+            if p.HasField("guard")
+            else None,
+            p.basket_threshold_minor,
+        )
+        for p in e.parts
+    )
+    tiers = e.tier_policy if e.HasField("tier_policy") else None
+    policy = (
+        TierPolicy(tiers.metric_unit, tiers.window, tiers.downgrade_grace_days, tuple((t.code, t.threshold) for t in tiers.levels))
+        if tiers is not None else None
+    )  # fmt: skip
+    return Quote(
+        e.program, e.version, parts, e.fx_rate,
+        from_timestamp(e.expires_at) if e.HasField("expires_at") else None,
+        from_timestamp(e.release_at) if e.HasField("release_at") else None,
+        e.max_lateness_days, e.basket_bonus_on_return, e.tier, policy,
+    )  # fmt: skip
+
+
+class RulesEngineClient:
+    def __init__(self, target: str, deadline_seconds: float) -> None:
+        self.stub = rules_stub(target, default_timeout_seconds=deadline_seconds)
+
+    async def quote(self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str]) -> Quote:
+        try:
+            response = await self.stub.Evaluate(evaluate_request(program, cmd, state, profile))
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            field = ""
+            for detail in status_details(error):
+                if isinstance(detail, error_details_pb2.BadRequest) and detail.field_violations:
+                    field = _field(detail.field_violations[0].field)
+            message = (error.details() or "").split(": ", 1)[-1]
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument(message, field=field) from None
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                raise FailedPrecondition(f"rules_svc: {error.details()}", field=field) from None
+            raise EngineUnavailable(f"{code.name}: {error.details()}") from None
+        return quote_of(response.evaluation)

@@ -1,0 +1,73 @@
+"""Tier qualification arithmetic, shared by rules_svc (the tier a purchase earns under) and the
+ledger (the upgrade it applies in the earn's own write).
+
+Qualifying earnings are kept in calendar-month buckets ("2026-11" -> tier credits earned).
+A level reached in a qualification period holds for the rest of that period and the whole
+next one, plus the grace days; so a downgrade happens only at a period end plus grace, and an
+upgrade happens on the purchase that crosses the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+CALENDAR_YEAR = "calendar_year"
+ROLLING_12_MONTHS = "rolling_12_months"
+
+
+@dataclass(frozen=True, slots=True)
+class TierPolicy:
+    metric_unit: str
+    window: str
+    grace_days: int
+    levels: tuple[tuple[str, int], ...]  # (code, threshold), entry level first
+
+
+def bucket_of(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m")
+
+
+def _months_back(at: datetime, count: int) -> list[str]:
+    year, month = at.astimezone(UTC).year, at.astimezone(UTC).month
+    out = []
+    for _ in range(count):
+        out.append(f"{year:04d}-{month:02d}")
+        month -= 1
+        if month == 0:
+            year, month = year - 1, 12
+    return out
+
+
+def _year_total(buckets: Mapping[str, int], year: int) -> int:
+    return sum(buckets.get(f"{year:04d}-{m:02d}", 0) for m in range(1, 13))
+
+
+def level_for(levels: Sequence[tuple[str, int]], total: int) -> int:
+    """Index of the highest level whose threshold the total reaches."""
+    reached = 0
+    for i, (_code, threshold) in enumerate(levels):
+        if total >= threshold:
+            reached = i
+    return reached
+
+
+def effective_level(policy: TierPolicy, buckets: Mapping[str, int], at: datetime) -> int:
+    grace = timedelta(days=policy.grace_days)
+    if policy.window == ROLLING_12_MONTHS:
+        now = sum(buckets.get(b, 0) for b in _months_back(at, 12))
+        earlier = sum(buckets.get(b, 0) for b in _months_back(at - grace, 12))
+        return max(level_for(policy.levels, now), level_for(policy.levels, earlier))
+    year = at.astimezone(UTC).year
+    levels = [
+        level_for(policy.levels, _year_total(buckets, year)),
+        level_for(policy.levels, _year_total(buckets, year - 1)),
+    ]
+    if at < datetime(year, 1, 1, tzinfo=UTC) + grace:
+        levels.append(level_for(policy.levels, _year_total(buckets, year - 2)))
+    return max(levels)
+
+
+def effective_tier(policy: TierPolicy, buckets: Mapping[str, int], at: datetime) -> str:
+    return policy.levels[effective_level(policy, buckets, at)][0]

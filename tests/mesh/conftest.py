@@ -1,0 +1,50 @@
+"""The mesh under test: rules_svc and ledger_svc as real gRPC servers on loopback, sharing a
+test clock, the ledger calling rules_svc for every purchase."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from pointmesh.clock import ManualClock
+from pointmesh.redis_server import RedisServer, free_port
+from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
+
+PROGRAM = Path(__file__).with_name("program.yaml")
+# A Monday in winter: Helsinki is UTC+2, Lisbon UTC+0.
+START = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+
+
+@dataclass
+class Mesh:
+    rules: RulesUnderTest
+    ledger: LedgerUnderTest
+    clock: ManualClock
+    rules_port: int
+    data_dir: Path
+
+    async def stop_rules(self) -> None:
+        await stop_rules(self.rules)
+
+    async def restart_rules(self) -> None:
+        self.rules = await start_rules(self.data_dir / "rules", self.clock, rules_addr=f"127.0.0.1:{self.rules_port}")
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Mesh]:
+    clock = ManualClock(START)
+    port = free_port()
+    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(PROGRAM))
+    ledger = await start_ledger(
+        tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{port}", program="meshmart",
+        rules_deadline_seconds=2.0,
+    )  # fmt: skip
+    running = Mesh(rules, ledger, clock, port, tmp_path)
+    yield running
+    await stop_ledger(running.ledger)
+    if running.rules.app.server.port:
+        await stop_rules(running.rules)

@@ -1,0 +1,134 @@
+"""RecordReturn: points come back from the purchase's own breakdown, never a re-evaluation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import grpc
+
+from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
+from tests.ledger.helpers import balance, key, redeem, rpc_error
+from tests.mesh.conftest import PROGRAM, Mesh
+from tests.mesh.helpers import buy, by_rule, exact, points, return_lines, reversed_points, welcomed_member
+
+
+async def test_partial_returns_add_up_to_the_earn_and_never_more(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    bought = await buy(mesh, member, [("misc", 3000, 3), ("misc", 1000, 1)])
+    pid = bought.purchase.purchase_id
+    assert exact(bought.purchase)["points"] == 40
+    first = await return_lines(mesh, pid, [(0, 1)])
+    second = await return_lines(mesh, pid, [(0, 2)])
+    third = await return_lines(mesh, pid, [(1, 1)])
+    assert [reversed_points(r) for r in (first, second, third)] == [10, 20, 10]
+    assert [reversed_points(r, "tier_credits") for r in (first, second, third)] == [10, 20, 10]
+    error = await rpc_error(return_lines(mesh, pid, [(0, 1)]), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "4 of line 0" in error.details() and "3 were bought" in error.details()
+    assert await points(mesh, member) == 100
+    assert list(third.purchase.returned_quantities) == [3, 1]
+    assert sum(p.returned_points for p in third.purchase.parts if p.part.unit == "points") == 40
+
+
+async def test_a_return_after_partial_redemption_records_the_spent_part_as_debt(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    bought = await buy(mesh, member, [("misc", 5000, 1)])
+    await redeem(mesh.ledger.stub, member, 140)  # 150 -> 10 points left
+    back = await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)])
+    assert reversed_points(back) == 50
+    assert back.debt_points == 40
+    after = await balance(mesh.ledger.stub, member, "points")
+    assert (after.balance_points, after.debt_points) == (0, 40)
+    # Later earnings pay the debt first.
+    await buy(mesh, member, [("misc", 6000, 1)])
+    after = await balance(mesh.ledger.stub, member, "points")
+    assert (after.balance_points, after.debt_points) == (20, 0)
+
+
+async def test_a_return_after_the_program_changed_reverses_at_the_original_rules(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    saturday = datetime(2026, 1, 10, 10, 0, tzinfo=UTC)
+    mesh.clock.set(saturday + timedelta(minutes=1))
+    bought = await buy(mesh, member, [("misc", 2000, 2)], at=saturday)
+    assert by_rule(bought.purchase) == {"base": 20, "weekend-double": 20}
+    # The weekend multiplier becomes 5x, effective now.
+    changed = PROGRAM.read_text().replace(
+        'weekend-double\n    priority: 20\n    group: weekend\n    when: {days_of_week: [sat, sun]}\n    effect: {multiplier: "2"}',
+        'weekend-double\n    priority: 20\n    group: weekend\n    when: {days_of_week: [sat, sun]}\n    effect: {multiplier: "5"}',
+    )
+    assert changed != PROGRAM.read_text()
+    await mesh.rules.stub.PublishProgram(
+        rules_pb2.PublishProgramRequest(idempotency_key=common_pb2.IdempotencyKey(key="x5"), document=changed)
+    )
+    back = await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)])
+    assert reversed_points(back) == 20  # half of 20 base + half of 20 weekend, not half of 5x
+    assert back.purchase.program_version == 1
+    assert await points(mesh, member) == 100 + 40 - 20
+
+
+async def test_bought_online_returned_in_a_store(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    bought = await buy(mesh, member, [("misc", 4500, 1)], channel="web", store="")
+    back = await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)], channel="pos", store="LIS-01")
+    assert reversed_points(back) == 45
+    assert await points(mesh, member) == 100
+
+
+async def test_a_return_found_by_the_original_receipt(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    await buy(mesh, member, [("misc", 3000, 1)], channel="web", store="", receipt="WEB-77")
+    back = await mesh.ledger.stub.RecordReturn(
+        ledger_pb2.RecordReturnRequest(
+            idempotency_key=key(), member_id=member, original_channel="web", original_receipt_id="WEB-77",
+            channel="pos", store_id="HEL-01", lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
+        )
+    )  # fmt: skip
+    assert reversed_points(back) == 30
+
+
+async def test_a_partial_return_under_the_basket_threshold_claws_back_the_bonus(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    bought = await buy(mesh, member, [("misc", 6000, 1), ("misc", 6000, 1)])
+    assert by_rule(bought.purchase) == {"base": 120, "big-basket": 20}
+    back = await return_lines(mesh, bought.purchase.purchase_id, [(1, 1)])
+    assert reversed_points(back) == 60 + 20  # 60 left is under the 100 EUR threshold
+    assert await points(mesh, member) == 100 + 60
+
+
+async def test_points_paid_as_tender_are_recredited_in_proportion_to_the_refund(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    paid = (await redeem(mesh.ledger.stub, member, 80)).transaction.transaction_id
+    bought = await buy(mesh, member, [("misc", 4000, 1)], tender=paid)
+    assert bought.purchase.tender_points == 80
+    back = await mesh.ledger.stub.RecordReturn(
+        ledger_pb2.RecordReturnRequest(
+            idempotency_key=key(), purchase_id=bought.purchase.purchase_id, channel="pos", store_id="HEL-01",
+            refund=common_pb2.Money(amount_minor=2000, currency="EUR"),
+        )
+    )  # fmt: skip
+    assert (reversed_points(back), back.tender_recredited_points) == (20, 40)
+    assert await points(mesh, member) == 100 - 80 + 40 + 40 - 20
+
+
+async def test_a_return_replayed_with_its_key_reverses_once(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    bought = await buy(mesh, member, [("misc", 2000, 2)])
+    request = ledger_pb2.RecordReturnRequest(
+        idempotency_key=key(), purchase_id=bought.purchase.purchase_id, channel="pos", store_id="HEL-01",
+        lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
+    )  # fmt: skip
+    first = await mesh.ledger.stub.RecordReturn(request)
+    again = await mesh.ledger.stub.RecordReturn(request)
+    assert reversed_points(first) == reversed_points(again) == 10
+    assert await points(mesh, member) == 110
+
+
+async def test_bad_returns_are_refused_with_the_field(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    bought = await buy(mesh, member, [("misc", 2000, 2)])
+    pid = bought.purchase.purchase_id
+    error = await rpc_error(return_lines(mesh, pid, [(5, 1)]), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "lines[0].line_index" in error.details()
+    error = await rpc_error(return_lines(mesh, pid, [(0, 0)]), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "lines[0].quantity" in error.details()
+    error = await rpc_error(return_lines(mesh, "pu_" + "0" * 28, [(0, 1)]), grpc.StatusCode.NOT_FOUND)
+    assert await points(mesh, member) == 120

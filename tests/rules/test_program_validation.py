@@ -1,0 +1,221 @@
+"""Program documents are refused with every problem named by the path of the bad field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rules_svc.engine import CompiledProgram
+from rules_svc.program import ProgramInvalid, load_program
+from tests.rules import load_doc, program_doc
+
+AURORA = Path(__file__).resolve().parents[2] / "rules_svc" / "programs" / "aurora.yaml"
+
+
+def bonus(rule_id: str, **fields: Any) -> dict[str, Any]:
+    return {"id": rule_id, "effect": {"bonus_points": 10}, **fields}
+
+
+def errors_of(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(ProgramInvalid) as refused:
+        load_doc(doc)
+    return refused.value.errors
+
+
+def paths_of(doc: dict[str, Any]) -> list[str]:
+    return [path for path, _ in errors_of(doc)]
+
+
+def test_aurora_sample_loads_and_compiles() -> None:
+    program = load_program(AURORA.read_text())
+
+    assert program.program == "aurora"
+    assert [s.id for s in program.stores] == ["HEL-01", "HEL-02", "LIS-01", "LIS-02"]
+    assert len(program.rules) == 9
+    assert program.tiers is not None and [t.code for t in program.tiers.levels] == ["blue", "silver", "gold"]
+    assert CompiledProgram(program, 1).version == 1
+
+
+def test_same_document_as_json_loads() -> None:
+    program = load_program(json.dumps(program_doc(bonus("a"))), fmt="json")
+
+    assert [r.id for r in program.rules] == ["a"]
+
+
+def test_bad_time_of_day_is_reported_at_rules_3_when_time_window_start() -> None:
+    late = bonus("d", when={"time_window": {"start": "24:00", "end": "02:00"}})
+    errors = errors_of(program_doc(bonus("a"), bonus("b"), bonus("c"), late))
+
+    assert errors == [("rules[3].when.time_window.start", "'24:00' is not a time of day HH:MM (00:00..23:59)")]
+
+
+def test_empty_time_window_is_refused() -> None:
+    same = bonus("a", when={"time_window": {"start": "18:00", "end": "18:00"}})
+
+    assert paths_of(program_doc(same)) == ["rules[0].when.time_window"]
+
+
+def test_rule_in_an_undeclared_group_is_refused() -> None:
+    errors = errors_of(program_doc(bonus("a", group="weekend"), groups=[{"id": "promo", "mode": "best_of"}]))
+
+    assert errors == [("rules[0].group", "'weekend' is not a declared group")]
+
+
+def test_rule_earning_an_undeclared_unit_is_refused() -> None:
+    errors = errors_of(program_doc(bonus("a"), bonus("b", unit="miles")))
+
+    assert errors == [("rules[1].unit", "'miles' is not one of units ['points']")]
+
+
+def test_duplicated_rule_id_is_refused_at_its_second_occurrence() -> None:
+    errors = errors_of(program_doc(bonus("a"), bonus("b"), bonus("a")))
+
+    assert errors == [("rules[2]", "'a' is listed twice")]
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        (program_doc({"id": "a", "effect": {"multiplier": 1.5}}), "rules[0].effect.multiplier"),
+        (
+            program_doc(fx={"base_currency": "EUR", "rates": [{"currency": "USD", "per_base": 1.08}]}),
+            "fx.rates[0].per_base",
+        ),
+    ],
+    ids=["multiplier", "fx-rate"],
+)
+def test_floats_are_refused_so_rates_stay_exact(doc: dict[str, Any], path: str) -> None:
+    errors = errors_of(doc)
+
+    assert [p for p, _ in errors] == [path]
+    assert "quoted string" in errors[0][1]
+
+
+def test_quoted_and_integer_multipliers_are_exact_fractions() -> None:
+    program = load_doc(
+        program_doc({"id": "a", "effect": {"multiplier": "1.25"}}, {"id": "b", "effect": {"multiplier": 3}})
+    )
+
+    assert [r.effect.multiplier for r in program.rules] == ["1.25", "3"]
+
+
+def test_multiplier_of_one_or_less_is_refused() -> None:
+    assert paths_of(program_doc({"id": "a", "effect": {"multiplier": "1"}})) == ["rules[0].effect"]
+
+
+def test_unknown_time_zones_are_refused_where_they_are_written() -> None:
+    doc = program_doc(default_timezone="Europe/Atlantis")
+    doc["stores"][1]["timezone"] = "Mars/Olympus"
+
+    assert paths_of(doc) == ["default_timezone", "stores[1].timezone"]
+
+
+def test_tier_thresholds_that_do_not_increase_are_refused() -> None:
+    levels = [
+        {"code": "blue", "threshold": 0},
+        {"code": "silver", "threshold": 1000},
+        {"code": "gold", "threshold": 1000},
+    ]
+    doc = program_doc(units=["points", "tier_credits"], tiers={"levels": levels})
+
+    assert errors_of(doc) == [("tiers.levels[2].threshold", "thresholds must increase level by level")]
+
+
+def test_entry_tier_must_start_at_zero() -> None:
+    doc = program_doc(units=["points", "tier_credits"], tiers={"levels": [{"code": "blue", "threshold": 10}]})
+
+    assert paths_of(doc) == ["tiers.levels[0].threshold"]
+
+
+def test_yaml_syntax_error_reports_its_line() -> None:
+    text = yaml.safe_dump(program_doc(), sort_keys=False) + "rules: [ {id: a\nbroken: here\n"
+
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program(text)
+
+    line = len(text.splitlines())  # the parser gives up on the last line
+    [(path, message)] = refused.value.errors
+    assert path == ""
+    assert message.startswith("not valid YAML at line ")
+    assert f"line {line} " in message
+
+
+def test_json_syntax_error_reports_its_line() -> None:
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program('{"program": "x",\n "channels": [pos]}', fmt="json")
+
+    assert refused.value.errors == [("", "not valid JSON: Expecting value at line 2 column 15")]
+
+
+def test_document_that_is_not_a_mapping_is_refused() -> None:
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program("- just\n- a list\n")
+
+    assert [path for path, _ in refused.value.errors] == [""]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    doc = program_doc(bonus("a", unit="miles"), bonus("a", group="nope"))
+
+    assert paths_of(doc) == ["rules[1]", "rules[0].unit", "rules[1].group"]
+
+
+def test_conditions_naming_undeclared_channels_stores_and_tiers_are_refused() -> None:
+    when = {"channels": ["pos", "kiosk"], "stores": ["OSL-01"], "tiers": ["gold"]}
+
+    assert paths_of(program_doc(bonus("a", when=when))) == [
+        "rules[0].when.channels[1]",
+        "rules[0].when.stores[0]",
+        "rules[0].when.tiers[0]",
+    ]
+
+
+def test_threshold_in_a_currency_without_any_rate_is_refused() -> None:
+    when = {"basket_total_at_least": {"currency": "USD", "amount_minor": 5000}}
+
+    assert paths_of(program_doc(bonus("a", when=when))) == ["rules[0].when.basket_total_at_least.currency"]
+
+
+def test_campaign_cap_needs_a_date_range() -> None:
+    doc = program_doc(bonus("a", caps={"per_member_per_campaign": 500}))
+
+    assert paths_of(doc) == ["rules[0].caps.per_member_per_campaign"]
+
+
+def test_rule_with_both_a_day_and_a_campaign_member_cap_is_refused() -> None:
+    # A component carries one guard with one counter; the campaign cap used to be silently dropped.
+    rule = bonus("a", caps={"per_member_per_day": 100, "per_member_per_campaign": 500})
+    rule["when"] = {"date_range": {"start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"}}
+
+    assert errors_of(program_doc(rule)) == [
+        ("rules[0].caps", "set at most one of per_member_per_day and per_member_per_campaign")
+    ]
+
+
+def test_campaign_bounds_with_seconds_are_refused() -> None:
+    # Place-and-time conditions are decided once per minute, so a bound inside a minute would be
+    # decided by whichever receipt of that minute came first.
+    rule = bonus("a", when={"date_range": {"start": "2026-03-01T10:00:00", "end": "2026-03-31T23:59:59"}})
+
+    assert paths_of(program_doc(rule)) == ["rules[0].when.date_range.end"]
+
+
+def test_campaign_bounds_must_agree_on_having_an_offset_and_be_ordered() -> None:
+    mixed = bonus("a", when={"date_range": {"start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00+00:00"}})
+    backwards = bonus("b", when={"date_range": {"start": "2026-04-01T00:00:00", "end": "2026-03-01T00:00:00"}})
+
+    assert paths_of(program_doc(mixed, backwards)) == ["rules[0].when.date_range", "rules[1].when.date_range"]
+
+
+def test_purchase_number_needs_exactly_one_of_equals_or_every() -> None:
+    rule = bonus("a", when={"purchase_number": {"equals": 1, "every": 5}})
+
+    assert paths_of(program_doc(rule)) == ["rules[0].when.purchase_number"]
+
+
+def test_unknown_field_is_refused_at_its_path() -> None:
+    assert paths_of(program_doc(bonus("a", when={"weekday": ["sat"]}))) == ["rules[0].when.weekday"]
