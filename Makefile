@@ -47,7 +47,8 @@ test: setup
 	echo "stage pytest: $$(( $$(date +%s) - t ))s"; exit $$rc
 
 bench: setup
-	$(BIN)/python benchmarks/ledger_bench.py
+	$(BIN)/python -m benchmarks.ledger_bench
+	$(BIN)/python -m benchmarks.rules_bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info .pointmesh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from pointmesh.guards import Guard
 from rules_svc.program import Policy, Tiers
@@ -77,9 +78,12 @@ class MemberContext:
     qualification: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Component:
-    """One explained part of an earn: a rule's points on one line (line >= 0) or the basket."""
+class Component(NamedTuple):
+    """One explained part of an earn: a rule's points on one line (line >= 0) or the basket.
+
+    A NamedTuple rather than a frozen dataclass: a basket yields dozens of these, and tuple
+    construction is several times cheaper, which matters at 20,000 baskets a second.
+    """
 
     rule_id: str
     unit: str
