@@ -108,7 +108,7 @@ class Accrual:
         """The engine's answer, or None when it is unavailable (the purchase will wait)."""
         if self.engine is None or time.monotonic() < self._down_until:
             return None
-        profile = (await self.svc.member(cmd.member_id)).profile
+        profile = await self.svc.member_profile(cmd.member_id)
         try:
             return await self.engine.quote(self.program, cmd, state, profile)
         except EngineUnavailable as exc:
@@ -131,14 +131,20 @@ class Accrual:
         svc = self.svc
         fp = c.fingerprint(cmd)
         shard = svc.shard_of(cmd.member_id)
-        await svc._require_exists(cmd.member_id)
-        replayed = await self._replay(cmd, fp, shard)
-        if replayed is not None:
-            return replayed, True
-        await svc._require_active(cmd.member_id)
-        state, waiting = await svc.store.read(
-            shard, lambda tx: (tx.get_member_state(cmd.member_id), tx.member_waiting_purchases(cmd.member_id))
-        )
+        member_id, ns, natural = cmd.member_id, cmd.key.namespace, cmd.key.key
+        await svc._require_exists(member_id)
+        # One read answers three questions: a replay?, the member's counters, anything waiting?
+        stored, state, waiting = await svc.store.read(
+            shard,
+            lambda tx: (
+                tx.get_idempotency(ns, natural), tx.get_member_state(member_id), tx.member_waiting_purchases(member_id),
+            ),
+        )  # fmt: skip
+        if stored is not None and stored.fingerprint == fp:
+            if cmd.transport_key is not None:
+                await self._claim_keys(cmd, fp)
+            return await self.get_purchase(codec.loads(str, stored.result_json)), True
+        await svc._require_active(member_id)
         quote = None
         if not waiting:
             quote = await self._quote(cmd, MemberState() if state is None else codec.loads(MemberState, state))
@@ -148,33 +154,29 @@ class Accrual:
             if late:
                 raise FailedPrecondition(late, field="receipt_time")
         await self._claim_keys(cmd, fp)
-        pid = purchase_id_for(cmd.member_id, self.program, cmd.key.key)
+        pid = purchase_id_for(member_id, self.program, natural)
+        done: list[PurchaseRecord] = []
 
-        def body(book: ShardBook) -> PurchaseRecord:
+        def body(book: ShardBook) -> str:
             record = PurchaseRecord(
-                pid, cmd.member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
+                pid, member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
                 cmd.receipt_time, now, PurchaseStatus.PENDING_ACCRUAL,
                 tender_transaction_id=cmd.tender_transaction_id,
-                tender_points=tender_points(book, cmd.member_id, cmd.tender_transaction_id),
+                tender_points=tender_points(book, member_id, cmd.tender_transaction_id),
                 returned_quantities=tuple(0 for _ in cmd.lines),
             )  # fmt: skip
             if quote is None:
-                save_purchase(book, replace(record, status_reason="waiting for rules_svc"))
-                return replace(record, status_reason="waiting for rules_svc")
-            return accrue(book, record, quote)
+                record = replace(record, status_reason="waiting for rules_svc")
+                save_purchase(book, record)
+            else:
+                record = accrue(book, record, quote)
+            done.append(record)
+            return pid
 
-        result, was_replay = await svc.store.write(shard, svc._idempotent_unit(cmd, fp, PurchaseRecord, body))
-        if was_replay:
-            return await self.get_purchase(result.purchase_id), True
-        return result, False
-
-    async def _replay(self, cmd: c.RecordPurchase, fp: str, shard: int) -> PurchaseRecord | None:
-        stored = await self.svc._stored_result(cmd.key, fp, shard, PurchaseRecord)
-        if stored is None:
-            return None
-        if cmd.transport_key is not None:
-            await self._claim_keys(cmd, fp)
-        return await self.get_purchase(stored.purchase_id)
+        _pid, was_replay = await svc.store.write(shard, svc._idempotent_unit(cmd, fp, str, body))
+        if was_replay or not done:
+            return await self.get_purchase(pid), True
+        return done[0], False
 
     async def _claim_keys(self, cmd: c.RecordPurchase, fp: str) -> None:
         """The natural key decides; a transport key may only ever name this one receipt."""
@@ -241,7 +243,7 @@ class Accrual:
         refusal = ""
         quote = None
         try:
-            profile = (await svc.member(member_id)).profile
+            profile = await svc.member_profile(member_id)
             quote = await self.engine.quote(self.program, cmd, state, profile)
             refusal = self._late(cmd, quote, record.received_at)
         except EngineUnavailable:

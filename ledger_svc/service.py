@@ -86,6 +86,7 @@ class LedgerService:
         self._card_secret = card_secret.encode()
         self._fault_point = fault_point
         self._status_cache: dict[str, MemberStatus] = {}
+        self._profiles: dict[str, dict[str, str]] = {}
         self.outbox_wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.sagas = Sagas(self)
@@ -203,6 +204,16 @@ class LedgerService:
                 self._status_cache.clear()
             self._status_cache[member_id] = status
         return status
+
+    async def member_profile(self, member_id: str) -> dict[str, str]:
+        """Segments and attributes the rules may target; profiles only change by erasure."""
+        profile = self._profiles.get(member_id)
+        if profile is None:
+            profile = (await self.member(member_id)).profile
+            if len(self._profiles) > 200_000:
+                self._profiles.clear()
+            self._profiles[member_id] = profile
+        return profile
 
     async def _require_active(self, member_id: str, field: str = "member_id") -> None:
         v.member_id(member_id, field)
@@ -324,6 +335,7 @@ class LedgerService:
         await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
         await self.store.write_directory(lambda d: d.erase(cmd.member_id))
         self._status_cache[cmd.member_id] = MemberStatus.ERASED
+        self._profiles.pop(cmd.member_id, None)
         return await self.member(cmd.member_id)
 
     async def merge_members(self, cmd: c.MergeMembers) -> MergeResult:

@@ -6,7 +6,7 @@ import grpc
 
 from pointmesh.errors import rich_status, translating
 from pointmesh.timestamps import from_timestamp
-from pointmesh.v1 import rules_pb2, rules_pb2_grpc
+from pointmesh.v1 import common_pb2, rules_pb2, rules_pb2_grpc
 from rules_svc import convert as cv
 from rules_svc import domain as d
 from rules_svc.service import RulesService
@@ -117,3 +117,24 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
     ) -> rules_pb2.ListVersionsResponse:
         versions = self.service.list_versions(request.program)
         return rules_pb2.ListVersionsResponse(versions=[cv.version_pb(v) for v in versions])
+
+    @translated
+    async def QuoteRedemption(
+        self, request: rules_pb2.QuoteRedemptionRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.QuoteRedemptionResponse:
+        at = self.service.clock.now()
+        if request.HasField("at"):
+            try:
+                at = from_timestamp(request.at)
+            except ValueError as exc:
+                raise d.BadRequest(str(exc), field="at") from None
+        currency = request.basket_total.currency
+        version, q = self.service.quote_redemption(
+            request.program, at, currency, request.basket_total.amount_minor, request.points_available,
+            request.points_wanted,
+        )  # fmt: skip
+        return rules_pb2.QuoteRedemptionResponse(
+            program=request.program, version=version, unit=q.unit, points=q.points,
+            pays=common_pb2.Money(amount_minor=q.pays_minor, currency=currency),
+            remaining=common_pb2.Money(amount_minor=q.remaining_minor, currency=currency), explanation=q.explanation,
+        )  # fmt: skip

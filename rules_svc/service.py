@@ -28,6 +28,7 @@ from rules_svc.domain import (
 )
 from rules_svc.engine import CompiledProgram
 from rules_svc.program import ProgramInvalid, load_program, validate_program
+from rules_svc.redemption import RedemptionQuote, quote_redemption
 from rules_svc.versions import VersionInfo, VersionStore
 
 FORMATS = ("yaml", "json")
@@ -141,7 +142,14 @@ class RulesService:
             text = self.versions.document(info.program, info.version)
             if text is None:
                 raise NotFound(f"program {program} v{info.version} has no stored document", field="version")
-            found = CompiledProgram(validate_program(json.loads(text)), info.version)
+            try:
+                found = CompiledProgram(validate_program(json.loads(text)), info.version)
+            except ProgramInvalid as exc:
+                # A version published under older, looser validation: report it, do not crash.
+                raise FailedPrecondition(
+                    f"program {program} v{info.version} no longer validates: {exc}; publish a corrected version",
+                    field="version",
+                ) from None
             self._compiled[key] = found
         return found
 
@@ -161,6 +169,12 @@ class RulesService:
             except RulesError as error:
                 out.append(error)
         return out
+
+    def quote_redemption(
+        self, program: str, at: datetime, currency: str, total_minor: int, available: int, wanted: int
+    ) -> tuple[int, RedemptionQuote]:
+        compiled = self.compiled(program, 0, at)
+        return compiled.version, quote_redemption(compiled.program, currency, total_minor, available, wanted)
 
     @staticmethod
     def simulate(

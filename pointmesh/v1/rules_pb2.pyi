@@ -889,3 +889,87 @@ class ListVersionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListVersionsResponse: _TypeAlias = ListVersionsResponse  # noqa: Y015
+
+@_typing.final
+class QuoteRedemptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    BASKET_TOTAL_FIELD_NUMBER: _builtins.int
+    POINTS_AVAILABLE_FIELD_NUMBER: _builtins.int
+    POINTS_WANTED_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    program: _builtins.str
+    points_available: _builtins.int
+    """Points the member can spend now (the ledger's available balance)."""
+    points_wanted: _builtins.int
+    """Points the member wants to use; 0 means as many as the rules allow."""
+    @_builtins.property
+    def basket_total(self) -> _common_pb2.Money:
+        """The amount to pay, in the currency the points should pay in."""
+
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When the redemption happens; unset means now. Picks the program version in effect."""
+
+    def __init__(
+        self,
+        *,
+        program: _builtins.str = ...,
+        basket_total: _common_pb2.Money | None = ...,
+        points_available: _builtins.int = ...,
+        points_wanted: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "basket_total", b"basket_total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "basket_total", b"basket_total", "points_available", b"points_available", "points_wanted", b"points_wanted", "program", b"program"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuoteRedemptionRequest: _TypeAlias = QuoteRedemptionRequest  # noqa: Y015
+
+@_typing.final
+class QuoteRedemptionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    PAYS_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    program: _builtins.str
+    version: _builtins.int
+    unit: _builtins.str
+    points: _builtins.int
+    """Points to redeem: never more than wanted or available, and no point that adds no value."""
+    explanation: _builtins.str
+    """Why the quote is what it is, e.g. "capped at 50% of the basket"."""
+    @_builtins.property
+    def pays(self) -> _common_pb2.Money:
+        """What those points pay, floored to the currency's minor unit."""
+
+    @_builtins.property
+    def remaining(self) -> _common_pb2.Money:
+        """What is left to pay by other tenders."""
+
+    def __init__(
+        self,
+        *,
+        program: _builtins.str = ...,
+        version: _builtins.int = ...,
+        unit: _builtins.str = ...,
+        points: _builtins.int = ...,
+        pays: _common_pb2.Money | None = ...,
+        remaining: _common_pb2.Money | None = ...,
+        explanation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pays", b"pays", "remaining", b"remaining"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "pays", b"pays", "points", b"points", "program", b"program", "remaining", b"remaining", "unit", b"unit", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuoteRedemptionResponse: _TypeAlias = QuoteRedemptionResponse  # noqa: Y015

@@ -67,6 +67,11 @@ class RulesServiceStub:
                 request_serializer=pointmesh_dot_v1_dot_rules__pb2.ListVersionsRequest.SerializeToString,
                 response_deserializer=pointmesh_dot_v1_dot_rules__pb2.ListVersionsResponse.FromString,
                 _registered_method=True)
+        self.QuoteRedemption = channel.unary_unary(
+                '/pointmesh.v1.RulesService/QuoteRedemption',
+                request_serializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionResponse.FromString,
+                _registered_method=True)
 
 
 class RulesServiceServicer:
@@ -117,6 +122,14 @@ class RulesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QuoteRedemption(self, request, context):
+        """How many points may pay for a basket and what they are worth (partial pay with points),
+        under the program's point value per currency, minimum redemption and maximum share.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RulesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +162,11 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     servicer.ListVersions,
                     request_deserializer=pointmesh_dot_v1_dot_rules__pb2.ListVersionsRequest.FromString,
                     response_serializer=pointmesh_dot_v1_dot_rules__pb2.ListVersionsResponse.SerializeToString,
+            ),
+            'QuoteRedemption': grpc.unary_unary_rpc_method_handler(
+                    servicer.QuoteRedemption,
+                    request_deserializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +334,33 @@ class RulesService:
             '/pointmesh.v1.RulesService/ListVersions',
             pointmesh_dot_v1_dot_rules__pb2.ListVersionsRequest.SerializeToString,
             pointmesh_dot_v1_dot_rules__pb2.ListVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuoteRedemption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.RulesService/QuoteRedemption',
+            pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionRequest.SerializeToString,
+            pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,10 @@ class RulesServiceStub:
     """One version's document and metadata (the version in effect now when version is 0)."""
     ListVersions: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ListVersionsRequest, _rules_pb2.ListVersionsResponse]
     """Every published version of a program, oldest first."""
+    QuoteRedemption: _grpc.UnaryUnaryMultiCallable[_rules_pb2.QuoteRedemptionRequest, _rules_pb2.QuoteRedemptionResponse]
+    """How many points may pay for a basket and what they are worth (partial pay with points),
+    under the program's point value per currency, minimum redemption and maximum share.
+    """
 
 @_typing.type_check_only
 class RulesServiceAsyncStub(RulesServiceStub):
@@ -69,6 +73,10 @@ class RulesServiceAsyncStub(RulesServiceStub):
     """One version's document and metadata (the version in effect now when version is 0)."""
     ListVersions: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListVersionsRequest, _rules_pb2.ListVersionsResponse]  # type: ignore[assignment]
     """Every published version of a program, oldest first."""
+    QuoteRedemption: _aio.UnaryUnaryMultiCallable[_rules_pb2.QuoteRedemptionRequest, _rules_pb2.QuoteRedemptionResponse]  # type: ignore[assignment]
+    """How many points may pay for a basket and what they are worth (partial pay with points),
+    under the program's point value per currency, minimum redemption and maximum share.
+    """
 
 class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
     """RulesService is the points engine: it owns the program (versioned, declarative rule sets)
@@ -123,5 +131,15 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rules_pb2.ListVersionsResponse, _abc.Awaitable[_rules_pb2.ListVersionsResponse]]:
         """Every published version of a program, oldest first."""
+
+    @_abc_1.abstractmethod
+    def QuoteRedemption(
+        self,
+        request: _rules_pb2.QuoteRedemptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.QuoteRedemptionResponse, _abc.Awaitable[_rules_pb2.QuoteRedemptionResponse]]:
+        """How many points may pay for a basket and what they are worth (partial pay with points),
+        under the program's point value per currency, minimum redemption and maximum share.
+        """
 
 def add_RulesServiceServicer_to_server(servicer: RulesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -24,10 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ledger_svc.domain import bucket_of
 from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.timestamps import to_timestamp as ts
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from tests.conftest import REPO, LedgerUnderTest, pointmesh_cli, start_ledger, stop_ledger, wait_for_port
 
 LEDGER_SERVICE = "pointmesh.v1.LedgerService"
+RULES_SERVICE = "pointmesh.v1.RulesService"
 SHARDS = 4
 # A ledger stop that hangs (outbox relay ignoring its cancellation) fails its test, not the run.
 STOP_TIMEOUT_SECONDS = 20.0
@@ -66,13 +69,15 @@ def _metric_value(text: str, name: str, labels: dict[str, str]) -> float:
 
 def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    ledger_port, redis_port, metrics_port = free_port(), free_port(), free_port()
+    ledger_port, redis_port, metrics_port, rules_port = free_port(), free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "POINTMESH_DATA_DIR": str(data_dir),
         "POINTMESH_REDIS_PORT": str(redis_port),
         "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{ledger_port}",
         "POINTMESH_LEDGER_METRICS_PORT": str(metrics_port),
+        "POINTMESH_RULES_ADDR": f"127.0.0.1:{rules_port}",
+        "POINTMESH_RULES_METRICS_PORT": "0",
     }
     env.pop("POINTMESH_REDIS_URL", None)
     log_path = tmp_path / "up.log"
@@ -90,6 +95,12 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         wait_for_port(redis_port)
         wait_for_port(ledger_port)
         wait_for_port(metrics_port)
+        wait_for_port(rules_port)
+        with grpc.insecure_channel(f"127.0.0.1:{rules_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=RULES_SERVICE), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
         with grpc.insecure_channel(f"127.0.0.1:{ledger_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=LEDGER_SERVICE), timeout=10
@@ -109,6 +120,19 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
                 ledger_pb2.CreateMemberRequest(idempotency_key=_key("up-member")), timeout=10
             )
             assert member.member.member_id
+            # The sample program is in place: a purchase earns through the ledger -> rules_svc hop.
+            bought = ledger_pb2_grpc.LedgerServiceStub(channel).RecordPurchase(
+                ledger_pb2.RecordPurchaseRequest(
+                    member_id=member.member.member_id, channel="pos", store_id="HEL-01", receipt_id="up-1",
+                    total=common_pb2.Money(amount_minor=2500, currency="EUR"),
+                    lines=[ledger_pb2.PurchaseLine(sku="tent", category="outdoor", quantity=1,
+                                                   amount=common_pb2.Money(amount_minor=2500, currency="EUR"))],
+                    receipt_time=ts(datetime.now(UTC) - timedelta(minutes=1)),
+                ),
+                timeout=10,
+            )  # fmt: skip
+            assert bought.purchase.status == ledger_pb2.PURCHASE_STATUS_EARNED
+            assert {u.unit: u.points for u in bought.purchase.earned}["tier_credits"] == 25
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             metrics = response.read().decode()
         assert "pointmesh_rpc_requests_total" in metrics
@@ -117,13 +141,14 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
 
         running = _processes_using(data_dir)
         assert up.pid in running
-        assert len(running) >= 3, "expected `up`, redis-server and the ledger child"
+        assert len(running) >= 4, "expected `up`, redis-server, the ledger and rules children"
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=20) == 0, log_path.read_text()
         assert _port_closed(ledger_port)
         assert _port_closed(redis_port)
         assert _port_closed(metrics_port)
+        assert _port_closed(rules_port)
         assert not _processes_using(data_dir), "children of `up` outlived it"
         assert "pointmesh up: stopped" in log_path.read_text()
     finally:
