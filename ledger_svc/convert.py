@@ -296,6 +296,7 @@ def purchase_pb(p: PurchaseRecord) -> ledger_pb2.Purchase:
             part=rules_pb2.ExplainedPart(
                 rule_id=part.rule_id, unit=part.unit, points=part.points, line_index=part.line, detail=part.detail,
                 matched=part.matched, capped=part.capped, basket_threshold_minor=part.threshold_minor,
+                fixed_bonus=part.fixed,
                 guard=rules_pb2.Guard(counter=g.counter, limit=g.limit, ordinal_equals=g.ordinal_equals,
                                       ordinal_every=g.ordinal_every) if g else None,
             ),

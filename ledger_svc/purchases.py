@@ -42,6 +42,7 @@ class Part:
     capped: str = ""
     guard: Guard | None = None
     threshold_minor: int = 0
+    fixed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +203,8 @@ def _return_targets(record: PurchaseRecord, quantities: tuple[int, ...], refunde
     for part in record.parts:
         if full:
             target = part.points
+        elif part.fixed:
+            target = 0  # a fixed bonus stays until the purchase is fully returned (or its threshold fails)
         elif record.return_mode == "lines" and part.line >= 0:
             line = record.lines[part.line]
             target = part.points * quantities[part.line] // line.quantity

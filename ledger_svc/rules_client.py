@@ -68,6 +68,7 @@ def quote_of(e: rules_pb2.Evaluation) -> Quote:
             if p.HasField("guard")
             else None,
             p.basket_threshold_minor,
+            p.fixed_bonus,
         )
         for p in e.parts
     )

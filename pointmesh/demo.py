@@ -1,14 +1,17 @@
-"""`pointmesh demo`: a scripted multichannel tour against a running ledger (start it with `make up`).
+"""`pointmesh demo`: a scripted multichannel tour against a running mesh (start it with `make up`).
 
 A store POS, the web shop and the app act on two household members: earn, hold and capture,
-a return, a household transfer, a retried request; the balances are printed at each step.
+a return, a household transfer, a retried request, then purchases explained rule by rule by
+rules_svc and a return in another store; the balances are printed at each step.
 """
 
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from pointmesh.clients import ledger_stub
+from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
 
@@ -24,7 +27,7 @@ async def _balance(stub: ledger_pb2_grpc.LedgerServiceStub, member_id: str) -> l
     return response.balance
 
 
-async def run_demo(target: str) -> None:
+async def run_demo(target: str, now: datetime | None = None) -> None:
     stub = ledger_stub(target)
     run = uuid.uuid4().hex[:8]
 
@@ -85,4 +88,39 @@ async def run_demo(target: str) -> None:
         external_id=common_pb2.ExternalId(kind="card", value=f"{run}-B")
     ))).member.member_id  # fmt: skip
     print(f"card {run}-B belongs to {found}")
+    await _purchases(stub, alice, run, now or datetime.now(UTC))
     print("done: run `pointmesh ledger reconcile` to prove the books balance")
+
+
+def _eur(minor: int) -> common_pb2.Money:
+    return common_pb2.Money(amount_minor=minor, currency="EUR")
+
+
+async def _purchases(stub: ledger_pb2_grpc.LedgerServiceStub, member_id: str, run: str, now: datetime) -> None:
+    request = ledger_pb2.RecordPurchaseRequest(
+        idempotency_key=common_pb2.IdempotencyKey(namespace="pos", key=f"{run}-till-3"), member_id=member_id,
+        channel="pos", store_id="HEL-01", receipt_id=f"{run}-HEL-01-0042", total=_eur(12980),
+        lines=[ledger_pb2.PurchaseLine(sku="tent-2p", category="outdoor", quantity=1, amount=_eur(9990)),
+               ledger_pb2.PurchaseLine(sku="wool-socks", category="socks", quantity=2, amount=_eur(2990))],
+        receipt_time=to_timestamp(now - timedelta(minutes=1)),
+    )  # fmt: skip
+    bought = await stub.RecordPurchase(request)
+    purchase = bought.purchase
+    if purchase.status != ledger_pb2.PURCHASE_STATUS_EARNED:
+        print(f"  purchase {purchase.purchase_id} is waiting for rules_svc ({purchase.status_reason})")
+        return
+    print(f"  Helsinki POS purchase 129.80 EUR, program v{purchase.program_version}, tier {purchase.tier_before}:")
+    for part in purchase.parts:
+        where = f"line {part.part.line_index}" if part.part.line_index >= 0 else "basket"
+        print(f"    {part.part.rule_id:22s} {part.part.unit:13s} {part.part.points:6d}  {where:7s} {part.part.detail}")
+    request.idempotency_key.CopyFrom(common_pb2.IdempotencyKey(namespace="rest", key=f"{run}-api-9"))
+    again = await stub.RecordPurchase(request)
+    print(f"  the same receipt through another channel earns nothing new (replayed: {again.replayed})")
+    back = await stub.RecordReturn(ledger_pb2.RecordReturnRequest(
+        idempotency_key=common_pb2.IdempotencyKey(namespace="pos", key=f"{run}-LIS-01-return-1"),
+        purchase_id=purchase.purchase_id, channel="pos", store_id="LIS-01",
+        lines=[ledger_pb2.ReturnLine(line_index=1, quantity=2)],
+    ))  # fmt: skip
+    taken = ", ".join(f"{u.points} {u.unit}" for u in back.reversed)
+    print(f"  socks returned in Lisbon: {taken} taken back from the original breakdown")
+    _line("alice after the purchase and the return", await _balance(stub, member_id))

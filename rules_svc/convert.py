@@ -71,7 +71,7 @@ def evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
         out.parts.append(rules_pb2.ExplainedPart(
             rule_id=part.rule_id, unit=part.unit, points=part.points, line_index=part.line, detail=part.detail,
             matched=part.matched, capped=part.capped, guard=guard_pb(part.guard),
-            basket_threshold_minor=part.threshold_minor,
+            basket_threshold_minor=part.threshold_minor, fixed_bonus=part.fixed,
         ))  # fmt: skip
     out.excluded.extend(rules_pb2.ExcludedRule(rule_id=x.rule_id, reason=x.reason) for x in e.excluded)
     if e.tiers is not None:

@@ -94,6 +94,7 @@ class Component(NamedTuple):
     capped: str = ""
     guard: Guard | None = None
     threshold_minor: int = 0
+    fixed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

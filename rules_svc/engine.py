@@ -300,7 +300,7 @@ class CompiledProgram:
         parts: list[Component] = []
         if rule.kind == BONUS:
             parts.append(
-                Component(rid, unit, rule.bonus, -1, f"bonus {rule.bonus} {unit}", matched, "", guard, threshold)
+                Component(rid, unit, rule.bonus, -1, f"bonus {rule.bonus} {unit}", matched, "", guard, threshold, True)
             )
         elif rule.kind == BONUS_PER_ITEM:
             for i in lines:

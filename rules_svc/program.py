@@ -14,7 +14,7 @@ import re
 from datetime import datetime
 from enum import StrEnum
 from fractions import Fraction
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -81,6 +81,9 @@ TimeOfDay = Annotated[str, BeforeValidator(_hhmm)]
 TimeZoneName = Annotated[str, BeforeValidator(_timezone)]
 Points = Annotated[int, Field(ge=0, le=10**12)]
 PositiveInt = Annotated[int, Field(gt=0, le=10**12)]
+T = TypeVar("T")
+# A condition list that is present must name something: `channels: []` would silently never match.
+NonEmpty = Annotated[list[T], Field(min_length=1)]
 
 
 def fraction(text: str) -> Fraction:
@@ -168,19 +171,19 @@ class DayOfWeek(StrEnum):
 class When(_Strict):
     """Conditions, all of which must hold. Line conditions pick the lines a rule applies to."""
 
-    channels: list[Name] | None = None
-    stores: list[Name] | None = None
-    regions: list[Name] | None = None
-    days_of_week: list[DayOfWeek] | None = None
+    channels: NonEmpty[Name] | None = None
+    stores: NonEmpty[Name] | None = None
+    regions: NonEmpty[Name] | None = None
+    days_of_week: NonEmpty[DayOfWeek] | None = None
     time_window: TimeWindow | None = None
     date_range: DateRange | None = None
     basket_total_at_least: MoneyAtLeast | None = None
-    tiers: list[Name] | None = None
-    segments: list[Name] | None = None
+    tiers: NonEmpty[Name] | None = None
+    segments: NonEmpty[Name] | None = None
     attributes: dict[Name, str] | None = None
     purchase_number: PurchaseNumber | None = None
-    categories: list[Name] | None = None
-    skus: list[Name] | None = None
+    categories: NonEmpty[Name] | None = None
+    skus: NonEmpty[Name] | None = None
     line_amount_at_least: MoneyAtLeast | None = None
 
 

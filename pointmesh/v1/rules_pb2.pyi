@@ -259,6 +259,7 @@ class ExplainedPart(_message.Message):
     CAPPED_FIELD_NUMBER: _builtins.int
     GUARD_FIELD_NUMBER: _builtins.int
     BASKET_THRESHOLD_MINOR_FIELD_NUMBER: _builtins.int
+    FIXED_BONUS_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
     """"base" for the base earn rate, else the rule id."""
     unit: _builtins.str
@@ -273,6 +274,10 @@ class ExplainedPart(_message.Message):
     """For rules with a basket-total condition: the smallest basket total (in the basket's
     currency, minor units) that still meets it; a partial return going under it follows the
     program's basket_bonus_on_return policy. 0 when the rule has no such condition.
+    """
+    fixed_bonus: _builtins.bool
+    """A fixed basket bonus (not proportional to amounts): a partial return keeps it, a full
+    return (or falling under its basket threshold, under claw_back) takes it back.
     """
     @_builtins.property
     def matched(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -292,10 +297,11 @@ class ExplainedPart(_message.Message):
         capped: _builtins.str = ...,
         guard: Global___Guard | None = ...,
         basket_threshold_minor: _builtins.int = ...,
+        fixed_bonus: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["guard", b"guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_threshold_minor", b"basket_threshold_minor", "capped", b"capped", "detail", b"detail", "guard", b"guard", "line_index", b"line_index", "matched", b"matched", "points", b"points", "rule_id", b"rule_id", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_threshold_minor", b"basket_threshold_minor", "capped", b"capped", "detail", b"detail", "fixed_bonus", b"fixed_bonus", "guard", b"guard", "line_index", b"line_index", "matched", b"matched", "points", b"points", "rule_id", b"rule_id", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

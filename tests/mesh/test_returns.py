@@ -132,3 +132,16 @@ async def test_bad_returns_are_refused_with_the_field(mesh: Mesh) -> None:
     assert "lines[0].quantity" in error.details()
     error = await rpc_error(return_lines(mesh, "pu_" + "0" * 28, [(0, 1)]), grpc.StatusCode.NOT_FOUND)
     assert await points(mesh, member) == 120
+
+
+async def test_a_fixed_bonus_stays_on_a_partial_return_and_goes_with_the_full_return(mesh: Mesh) -> None:
+    member = (
+        await mesh.ledger.stub.CreateMember(ledger_pb2.CreateMemberRequest(idempotency_key=key()))
+    ).member.member_id
+    bought = await buy(mesh, member, [("misc", 2000, 1), ("misc", 3000, 1)])
+    assert by_rule(bought.purchase) == {"base": 50, "welcome": 100}
+    part = await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)])
+    assert reversed_points(part) == 20
+    rest = await return_lines(mesh, bought.purchase.purchase_id, [(1, 1)])
+    assert reversed_points(rest) == 30 + 100
+    assert await points(mesh, member) == 0

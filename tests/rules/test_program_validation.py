@@ -219,3 +219,8 @@ def test_purchase_number_needs_exactly_one_of_equals_or_every() -> None:
 
 def test_unknown_field_is_refused_at_its_path() -> None:
     assert paths_of(program_doc(bonus("a", when={"weekday": ["sat"]}))) == ["rules[0].when.weekday"]
+
+
+def test_an_empty_condition_list_is_refused_rather_than_never_matching() -> None:
+    doc = program_doc(bonus("b", when={"channels": []}))
+    assert paths_of(doc) == ["rules[0].when.channels"]

@@ -1,0 +1,43 @@
+"""Tier arithmetic shared by rules_svc and the ledger: upgrades at once, downgrades only at a
+period end plus grace, calendar and rolling windows."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pointmesh.tiers import CALENDAR_YEAR, ROLLING_12_MONTHS, TierPolicy, bucket_of, effective_tier
+
+LEVELS = (("blue", 0), ("silver", 1000), ("gold", 5000))
+CALENDAR = TierPolicy("tier_credits", CALENDAR_YEAR, 30, LEVELS)
+ROLLING = TierPolicy("tier_credits", ROLLING_12_MONTHS, 30, LEVELS)
+
+
+def at(y: int, m: int, d: int) -> datetime:
+    return datetime(y, m, d, 12, tzinfo=UTC)
+
+
+def test_upgrade_applies_as_soon_as_the_year_total_crosses() -> None:
+    assert effective_tier(CALENDAR, {"2026-03": 999}, at(2026, 3, 10)) == "blue"
+    assert effective_tier(CALENDAR, {"2026-03": 999, "2026-04": 1}, at(2026, 4, 1)) == "silver"
+
+
+def test_a_tier_earned_in_a_year_holds_through_the_next_year_and_its_grace() -> None:
+    earned_2025 = {"2025-06": 5200}
+    assert effective_tier(CALENDAR, earned_2025, at(2026, 12, 31)) == "gold"
+    assert effective_tier(CALENDAR, earned_2025, at(2027, 1, 20)) == "gold"  # grace: 30 days into 2027
+    assert effective_tier(CALENDAR, earned_2025, at(2027, 2, 5)) == "blue"  # downgraded after the grace
+    requalified = {**earned_2025, "2026-02": 1500}
+    assert effective_tier(CALENDAR, requalified, at(2027, 2, 5)) == "silver"  # kept what 2026 earned
+
+
+def test_rolling_window_counts_the_last_twelve_months_with_grace() -> None:
+    credits = {"2026-01": 3000, "2026-06": 2500}
+    assert effective_tier(ROLLING, credits, at(2026, 12, 15)) == "gold"
+    # January 2026 leaves the window in January 2027; the grace keeps gold for 30 days.
+    assert effective_tier(ROLLING, credits, at(2027, 1, 20)) == "gold"
+    assert effective_tier(ROLLING, credits, at(2027, 2, 15)) == "silver"
+
+
+def test_buckets_are_utc_months() -> None:
+    assert bucket_of(datetime(2026, 12, 31, 23, 30, tzinfo=UTC)) == "2026-12"
+    assert bucket_of(datetime.fromisoformat("2027-01-01T01:30:00+02:00")) == "2026-12"
