@@ -153,6 +153,14 @@ def event_pb(payload_json: str) -> ledger_pb2.LedgerEvent:
             pending=data["pending"], funding_source=data["funding_source"], reference=data["reference"],
             business_time=_iso(data["business_time"]),
         ))  # fmt: skip
+    elif kind == "purchase_recorded":
+        event.purchase_recorded.CopyFrom(ledger_pb2.PurchaseRecorded(
+            purchase_id=data["purchase_id"], channel=data["channel"], store_id=data["store_id"],
+            total=common_pb2.Money(amount_minor=data["total_minor"], currency=data["currency"]),
+            receipt_time=_iso(data["receipt_time"]), earned=data["earned"], purchase_number=data["purchase_number"],
+        ))  # fmt: skip
+    elif kind == "tier_changed":
+        event.tier_changed.CopyFrom(ledger_pb2.TierChanged(**data))
     elif kind == "points_redeemed":
         event.points_redeemed.CopyFrom(ledger_pb2.PointsRedeemed(**data))
     elif kind == "hold_placed":

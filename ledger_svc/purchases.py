@@ -190,7 +190,23 @@ def accrue(book: ShardBook, record: PurchaseRecord, quote: Quote) -> PurchaseRec
         record, earn_transactions=txs, tier_after=tier_after, qualification_bucket=bucket, metric_unit=metric
     )
     save_purchase(book, record)
+    _announce(book, record)
     return record
+
+
+def _announce(book: ShardBook, record: PurchaseRecord) -> None:
+    """Events for live channels and gamification: the purchase, and a tier change if any."""
+    balance = book.balance(record.member_id, book.policy.units[0])
+    book.emit("purchase_recorded", balance, {
+        "purchase_id": record.purchase_id, "channel": record.channel, "store_id": record.store_id,
+        "total_minor": record.total.amount_minor, "currency": record.total.currency,
+        "receipt_time": record.receipt_time.isoformat(), "earned": record.earned(),
+        "purchase_number": record.purchase_number,
+    })  # fmt: skip
+    if record.tier_after and record.tier_before and record.tier_after != record.tier_before:
+        book.emit("tier_changed", balance, {
+            "tier_before": record.tier_before, "tier_after": record.tier_after, "purchase_id": record.purchase_id,
+        })  # fmt: skip
 
 
 def _return_targets(record: PurchaseRecord, quantities: tuple[int, ...], refunded: int) -> list[int]:

@@ -126,9 +126,83 @@ def cmd_rules_publish(args: argparse.Namespace) -> int:
     return asyncio.run(publish_file(settings.rules_addr, args.file, args.effective_from, args.key, args.by))
 
 
+def cmd_gateway_serve(_: argparse.Namespace) -> int:
+    from gateway.app import serve
+    from pointmesh.telemetry import setup_telemetry
+
+    settings = _settings()
+    configure_logging("gateway", settings.log_level, settings.log_format)
+    setup_telemetry("gateway", None)
+    serve(settings)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """API keys for channels: create (printed once), list, revoke; and member tokens."""
+    from gateway.app import key_store
+    from gateway.keys import KeyRequestError
+
+    settings = _settings()
+    store = key_store(settings)
+    try:
+        if args.keys_command == "create":
+            plaintext, key = store.create(args.channel, _csv(args.scopes), _csv(args.stores), args.label)
+            print(f"key {key.key_id} for channel {key.channel}, scopes {','.join(key.scopes)}, "
+                  f"stores {','.join(key.stores) or 'any'}:\n{plaintext}")  # fmt: skip
+        elif args.keys_command == "list":
+            for key in store.list():
+                state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+                print(f"{key.key_id}  {key.channel:12s} {','.join(key.scopes):60s} {','.join(key.stores) or '*':20s} "
+                      f"{state:18s} {key.label}")  # fmt: skip
+        elif args.keys_command == "revoke":
+            store.revoke(args.key_id)
+            print(f"revoked {args.key_id}")
+        else:
+            from datetime import timedelta
+
+            from gateway.auth import MemberTokens
+            from pointmesh.clock import SystemClock
+
+            tokens = MemberTokens(settings.member_token_secret, timedelta(seconds=settings.member_token_ttl_seconds),
+                                  SystemClock().now)  # fmt: skip
+            token, expires = tokens.issue(args.member_id)
+            print(f"member token for {args.member_id}, expires {expires.isoformat()}:\n{token}")
+    except KeyRequestError as exc:
+        print(f"keys: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+DEMO_SCOPES = (
+    "members:read,members:write,purchases:write,redemptions:write,transfers:write,program:read,ops:read,legacy:write"
+)
+
+
+def _demo_key(settings: Settings) -> str:
+    """A fresh demo key per `up` (earlier demo keys are revoked), printed for the newcomer."""
+    from gateway.app import key_store
+
+    store = key_store(settings)
+    try:
+        for key in store.list():
+            if key.label == "demo (pointmesh up)" and key.revoked_at is None:
+                store.revoke(key.key_id)
+        plaintext, _ = store.create("pos", _csv(DEMO_SCOPES), [], "demo (pointmesh up)")
+    finally:
+        store.close()
+    return plaintext
+
+
 SERVICES: dict[str, list[str]] = {
     "ledger": ["ledger", "serve"],
     "rules": ["rules", "serve"],
+    "gateway": ["gateway", "serve"],
 }
 
 
@@ -152,8 +226,13 @@ def cmd_up(_: argparse.Namespace) -> int:
     try:
         for name, argv in SERVICES.items():
             children[name] = subprocess.Popen([sys.executable, "-m", "pointmesh.cli", *argv], env=env)
+        demo_key = _demo_key(settings)
+        url = f"http://{settings.gateway_addr}"
         print(
-            f"pointmesh up: redis on {redis.url}, ledger on {settings.ledger_addr}, rules on {settings.rules_addr}; "
+            f"pointmesh up: redis on {redis.url}, ledger on {settings.ledger_addr}, rules on {settings.rules_addr}\n"
+            f"  gateway   {url}   (API docs: {url}/docs)\n"
+            f"  demo key  {demo_key}\n"
+            f"  try:      curl -H 'Authorization: Bearer {demo_key}' {url}/v1/program\n"
             "Ctrl-C stops everything",
             flush=True,
         )
@@ -200,6 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--key", default="", help="idempotency key; default: the file's SHA-256")
     publish.add_argument("--by", default=os.environ.get("USER", "cli"), help="who publishes (audit)")
     publish.set_defaults(func=cmd_rules_publish)
+    gateway = sub.add_parser("gateway", help="gateway commands").add_subparsers(dest="gateway_command", required=True)
+    gateway.add_parser("serve", help="run the REST/websocket gateway").set_defaults(func=cmd_gateway_serve)
+    keys = sub.add_parser("keys", help="API keys and member tokens").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create an API key (printed once)")
+    create.set_defaults(func=cmd_keys)
+    create.add_argument("--channel", required=True, help="the channel the key acts for, e.g. pos, web, app")
+    create.add_argument("--scopes", required=True, help="comma-separated, e.g. purchases:write,members:read")
+    create.add_argument("--stores", default="", help="comma-separated store ids the key may act for; empty: any")
+    create.add_argument("--label", default="", help="who holds the key")
+    keys.add_parser("list", help="list keys (never their secrets)").set_defaults(func=cmd_keys)
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=cmd_keys)
+    token = keys.add_parser("member-token", help="issue a member token (for testing an app)")
+    token.add_argument("member_id")
+    token.set_defaults(func=cmd_keys)
     export = ledger.add_parser("export", help="period liability and movements as CSV")
     export.add_argument("--from", dest="start", type=_date, required=True, help="period start (inclusive), ISO date")
     export.add_argument("--to", dest="end", type=_date, required=True, help="period end (exclusive), ISO date")

@@ -29,6 +29,17 @@ class Settings:
     ledger_metrics_port: int = 9464
     ledger_store: str = "sqlite"
     rules_addr: str = "127.0.0.1:50052"
+    # host:port of the REST/websocket gateway.
+    gateway_addr: str = "127.0.0.1:8080"
+    # Signs member tokens (JWT HS256); set it in production, the same on every gateway.
+    member_token_secret: str = "pointmesh-dev-member-token-secret"
+    member_token_ttl_seconds: int = 3600
+    # Events a websocket may have queued before the gateway drops the slow connection.
+    live_queue_max: int = 256
+    # Deadline of each gateway -> service call.
+    gateway_deadline_seconds: float = 5.0
+    # Secret vendors sign their webhooks with (HMAC-SHA256); set it in production.
+    webhook_secret: str = "pointmesh-dev-webhook-secret"
     rules_metrics_port: int = 9465
     # The program purchases earn under (its id in the rule set document).
     program: str = "aurora"

@@ -15,6 +15,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 LEDGER_EVENTS = "pointmesh.ledger.events"
+# Fraud and risk alerts for the ops team (OpsAlert messages), keyed by member id.
+OPS_ALERTS = "pointmesh.ops.alerts"
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -195,3 +197,49 @@ class IdempotencyConflict(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IdempotencyConflict: _TypeAlias = IdempotencyConflict  # noqa: Y015
+
+@_typing.final
+class OpsAlert(_message.Message):
+    """OpsAlert is published on the ops alert stream for the fraud team's live view."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    alert_id: _builtins.str
+    kind: _builtins.str
+    """e.g. "purchase_held", "velocity", "account_takeover"."""
+    severity: _builtins.str
+    """"low", "medium", "high"."""
+    member_id: _builtins.str
+    subject_id: _builtins.str
+    """The purchase or transaction the alert is about, when there is one."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Human-readable reasons, most important first."""
+
+    def __init__(
+        self,
+        *,
+        alert_id: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        kind: _builtins.str = ...,
+        severity: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        subject_id: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_id", b"alert_id", "kind", b"kind", "member_id", b"member_id", "occurred_at", b"occurred_at", "reasons", b"reasons", "severity", b"severity", "subject_id", b"subject_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpsAlert: _TypeAlias = OpsAlert  # noqa: Y015

@@ -1642,6 +1642,8 @@ class LedgerEvent(_message.Message):
     MEMBERS_MERGED_FIELD_NUMBER: _builtins.int
     POINTS_ADJUSTED_FIELD_NUMBER: _builtins.int
     PENDING_RELEASED_FIELD_NUMBER: _builtins.int
+    PURCHASE_RECORDED_FIELD_NUMBER: _builtins.int
+    TIER_CHANGED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique and stable across redeliveries; consumers dedupe on it."""
     member_id: _builtins.str
@@ -1674,6 +1676,10 @@ class LedgerEvent(_message.Message):
     def points_adjusted(self) -> Global___PointsAdjusted: ...
     @_builtins.property
     def pending_released(self) -> Global___PendingReleased: ...
+    @_builtins.property
+    def purchase_recorded(self) -> Global___PurchaseRecorded: ...
+    @_builtins.property
+    def tier_changed(self) -> Global___TierChanged: ...
     def __init__(
         self,
         *,
@@ -1693,16 +1699,110 @@ class LedgerEvent(_message.Message):
         members_merged: Global___MembersMerged | None = ...,
         points_adjusted: Global___PointsAdjusted | None = ...,
         pending_released: Global___PendingReleased | None = ...,
+        purchase_recorded: Global___PurchaseRecorded | None = ...,
+        tier_changed: Global___TierChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "tier_changed", b"tier_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "event_id", b"event_id", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "member_id", b"member_id", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "event_id", b"event_id", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "member_id", b"member_id", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "tier_changed", b"tier_changed", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["points_earned", "points_redeemed", "hold_placed", "hold_captured", "hold_voided", "points_reversed", "points_transferred", "points_expired", "members_merged", "points_adjusted", "pending_released"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["points_earned", "points_redeemed", "hold_placed", "hold_captured", "hold_voided", "points_reversed", "points_transferred", "points_expired", "members_merged", "points_adjusted", "pending_released", "purchase_recorded", "tier_changed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___LedgerEvent: _TypeAlias = LedgerEvent  # noqa: Y015
+
+@_typing.final
+class PurchaseRecorded(_message.Message):
+    """A purchase earned (emitted once, when it earns; a purchase that waited emits it on release)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EarnedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    RECEIPT_TIME_FIELD_NUMBER: _builtins.int
+    EARNED_FIELD_NUMBER: _builtins.int
+    PURCHASE_NUMBER_FIELD_NUMBER: _builtins.int
+    purchase_id: _builtins.str
+    channel: _builtins.str
+    store_id: _builtins.str
+    purchase_number: _builtins.int
+    """The member's purchase number in the program (1 = first)."""
+    @_builtins.property
+    def total(self) -> _common_pb2.Money: ...
+    @_builtins.property
+    def receipt_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def earned(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Points per unit the purchase earned."""
+
+    def __init__(
+        self,
+        *,
+        purchase_id: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        total: _common_pb2.Money | None = ...,
+        receipt_time: _timestamp_pb2.Timestamp | None = ...,
+        earned: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        purchase_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time", b"receipt_time", "total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "earned", b"earned", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_time", b"receipt_time", "store_id", b"store_id", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurchaseRecorded: _TypeAlias = PurchaseRecorded  # noqa: Y015
+
+@_typing.final
+class TierChanged(_message.Message):
+    """The member's tier changed with this purchase (upgrades land on the crossing purchase)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_BEFORE_FIELD_NUMBER: _builtins.int
+    TIER_AFTER_FIELD_NUMBER: _builtins.int
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    tier_before: _builtins.str
+    tier_after: _builtins.str
+    purchase_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tier_before: _builtins.str = ...,
+        tier_after: _builtins.str = ...,
+        purchase_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purchase_id", b"purchase_id", "tier_after", b"tier_after", "tier_before", b"tier_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierChanged: _TypeAlias = TierChanged  # noqa: Y015
 
 @_typing.final
 class PointsEarned(_message.Message):

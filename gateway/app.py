@@ -1,0 +1,87 @@
+"""Wires the gateway from Settings: gRPC clients, API keys, member tokens, the live hub, routes.
+
+The one place the FastAPI app is built, so tests run exactly what `pointmesh gateway serve`
+runs (uvicorn on a real port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import uvicorn
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from gateway import problems
+from gateway.auth import MemberTokens
+from gateway.deps import Gateway
+from gateway.keys import KeyStore
+from gateway.live import LiveHub
+from gateway.routes import health, live, members, points, program, purchases
+from pointmesh.clients import ledger_stub, rules_stub
+from pointmesh.clock import Clock, SystemClock
+from pointmesh.config import Settings
+from pointmesh.events import RedisStreamBus
+
+DESCRIPTION = """REST and websockets for every channel of a pointmesh loyalty program.
+
+Authenticate with `Authorization: Bearer <API key>` (a channel's key, with scopes, bound to its
+channel and stores) or a member token (reads only its own member). Every POST takes an
+`Idempotency-Key`: a retry with the same key and body gets the original answer, another body
+gets 409. Errors are RFC 9457 problem+json with the field at fault.
+"""
+
+
+def key_store(settings: Settings) -> KeyStore:
+    return KeyStore(settings.data_dir / "gateway" / "keys.db")
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
+    clock = clock or SystemClock()
+    redis = Redis.from_url(settings.redis_url)
+    gw = Gateway(
+        settings=settings,
+        ledger=ledger_stub(settings.ledger_addr, default_timeout_seconds=settings.gateway_deadline_seconds),
+        rules=rules_stub(settings.rules_addr, default_timeout_seconds=settings.gateway_deadline_seconds),
+        keys=key_store(settings),
+        tokens=MemberTokens(
+            settings.member_token_secret, timedelta(seconds=settings.member_token_ttl_seconds), clock.now
+        ),
+        hub=LiveHub(RedisStreamBus(redis), settings.live_queue_max),
+        clock=clock,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        follower = asyncio.create_task(gw.hub.run(), name="live-hub")
+        try:
+            yield
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await redis.aclose()
+            gw.keys.close()
+
+    app = FastAPI(title="pointmesh gateway", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.gateway = gw
+    problems.install(app)
+    for module in (members, purchases, points, program, live, health):
+        app.include_router(module.router)
+    return app
+
+
+def server(settings: Settings, app: FastAPI | None = None) -> uvicorn.Server:
+    host, _, port = settings.gateway_addr.rpartition(":")
+    config = uvicorn.Config(
+        app or create_app(settings), host=host or "127.0.0.1", port=int(port), log_level="warning",
+        access_log=False, lifespan="on", ws="websockets-sansio", timeout_graceful_shutdown=int(settings.grace_seconds),
+    )  # fmt: skip
+    return uvicorn.Server(config)
+
+
+def serve(settings: Settings) -> None:
+    server(settings).run()

@@ -1,0 +1,115 @@
+"""Who is calling: a channel's API key (scopes, its channel and stores) or a member token.
+
+Credentials come as `Authorization: Bearer <credential>` (or `X-API-Key`). A member token is a
+signed, expiring JWT (HS256, audience `pointmesh-member`) that only ever reads its own member.
+The channel and store a command acts for are stamped from the key, never taken on trust from
+the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import jwt
+from fastapi import Request
+
+from gateway.keys import ApiKey, KeyStore
+from gateway.problems import forbidden, unauthorized
+
+AUDIENCE = "pointmesh-member"
+LEEWAY_SECONDS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key: ApiKey | None = None
+    member_id: str = ""
+
+    @property
+    def channel(self) -> str:
+        return self.key.channel if self.key else "member"
+
+    @property
+    def namespace(self) -> str:
+        """Idempotency keys are scoped to the API key, so two clients' keys never collide."""
+        return f"{self.key.channel}:{self.key.key_id}" if self.key else f"member:{self.member_id}"
+
+    def require(self, scope: str) -> ApiKey:
+        if self.key is None:
+            raise forbidden(f"a member token cannot do this; it needs an API key with scope {scope}")
+        if not self.key.allows(scope):
+            raise forbidden(f"API key {self.key.key_id} lacks scope {scope} (it has {', '.join(self.key.scopes)})")
+        return self.key
+
+    def store_for(self, store_id: str) -> str:
+        """The store a command acts for: one the key is bound to, never another."""
+        key = self.key
+        if key is None:
+            raise forbidden("a member token cannot act for a store")
+        if store_id and key.stores and store_id not in key.stores:
+            raise forbidden(f"API key {key.key_id} may act for stores {', '.join(key.stores)}, not {store_id}")
+        if not store_id and len(key.stores) == 1:
+            return key.stores[0]
+        return store_id
+
+    def may_read_member(self, member_id: str) -> None:
+        if self.key is not None:
+            self.require("members:read")
+        elif self.member_id != member_id:
+            raise forbidden("a member token reads only its own member")
+
+
+class MemberTokens:
+    def __init__(self, secret: str, ttl: timedelta, now: Callable[[], datetime]) -> None:
+        self._secret = secret
+        self._ttl = ttl
+        self._now = now
+
+    def issue(self, member_id: str) -> tuple[str, datetime]:
+        issued = self._now()
+        expires = issued + self._ttl
+        claims = {"sub": member_id, "aud": AUDIENCE, "iat": int(issued.timestamp()), "exp": int(expires.timestamp())}
+        return jwt.encode(claims, self._secret, algorithm="HS256"), expires
+
+    def verify(self, token: str) -> str:
+        try:
+            # Expiry is checked against the gateway's clock below, the same clock that issued it.
+            claims = jwt.decode(
+                token, self._secret, algorithms=["HS256"], audience=AUDIENCE,
+                options={"require": ["exp", "sub"], "verify_exp": False},
+            )  # fmt: skip
+        except jwt.InvalidTokenError as exc:
+            raise unauthorized(f"the member token is not valid: {exc}") from None
+        if int(claims["exp"]) + LEEWAY_SECONDS < self._now().timestamp():
+            raise unauthorized("the member token has expired")
+        return str(claims["sub"])
+
+
+def credential_of(headers: dict[str, str] | object) -> str:
+    get = getattr(headers, "get")  # noqa: B009 - Request.headers and websocket headers both have .get
+    auth = get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        return str(auth[7:].strip())
+    return str(get("x-api-key") or "")
+
+
+def resolve(credential: str, keys: KeyStore, tokens: MemberTokens) -> Principal:
+    if not credential:
+        raise unauthorized("send an API key or a member token as 'Authorization: Bearer <credential>'")
+    if credential.startswith("pmk_"):
+        key = keys.verify(credential)
+        if key is None:
+            raise unauthorized("the API key is not valid or was revoked")
+        return Principal(key=key)
+    return Principal(member_id=tokens.verify(credential))
+
+
+def principal_dependency(
+    keys: Callable[[], KeyStore], tokens: Callable[[], MemberTokens]
+) -> Callable[[Request], Awaitable[Principal]]:
+    async def principal(request: Request) -> Principal:
+        return resolve(credential_of(request.headers), keys(), tokens())
+
+    return principal

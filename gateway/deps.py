@@ -1,0 +1,71 @@
+"""What every route needs: the gateway's clients, the caller, the Idempotency-Key, and one
+wrapper that turns a failed gRPC call into the right problem."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
+
+import grpc
+from fastapi import Depends, Header, Request
+
+from gateway.auth import MemberTokens, Principal, credential_of, resolve
+from gateway.keys import KeyStore
+from gateway.live import LiveHub
+from gateway.problems import Problem, bad_request, from_grpc
+from pointmesh.clock import Clock
+from pointmesh.config import Settings
+from pointmesh.v1 import common_pb2, ledger_pb2_grpc, rules_pb2_grpc
+
+T = TypeVar("T")
+_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    ledger: ledger_pb2_grpc.LedgerServiceStub
+    rules: rules_pb2_grpc.RulesServiceStub
+    keys: KeyStore
+    tokens: MemberTokens
+    hub: LiveHub
+    clock: Clock
+
+
+def gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+async def principal(request: Request) -> Principal:
+    gw = gateway(request)
+    return resolve(credential_of(request.headers), gw.keys, gw.tokens)
+
+
+def idempotency_key(
+    caller: Annotated[Principal, Depends(principal)],
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="Required on every POST: retries with the same key and body get the original answer."),
+    ] = None,
+) -> common_pb2.IdempotencyKey:
+    if idempotency_key is None:
+        raise bad_request("Idempotency-Key", "the header is required on every POST")
+    if not _KEY_RE.match(idempotency_key):
+        raise bad_request("Idempotency-Key", "must be 1..128 printable ASCII characters")
+    return common_pb2.IdempotencyKey(namespace=caller.namespace, key=idempotency_key)
+
+
+async def call(service: str, pending: Awaitable[T]) -> T:
+    try:
+        return await pending
+    except grpc.aio.AioRpcError as error:
+        raise from_grpc(error, service) from None
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+Caller = Annotated[Principal, Depends(principal)]
+IdemKey = Annotated[common_pb2.IdempotencyKey, Depends(idempotency_key)]
+__all__ = ["Caller", "Gateway", "GatewayDep", "IdemKey", "Problem", "call"]

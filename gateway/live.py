@@ -1,0 +1,120 @@
+"""Live updates for websockets: each gateway process tails the ledger's event stream and the
+ops alert stream itself (a broadcast read, not a share of a consumer group), so a member
+connected to any gateway receives every one of their events.
+
+Each connection has a bounded queue; a consumer that falls that far behind is dropped (the
+client reconnects and reads its balance), so a slow phone cannot grow the gateway's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, RedisStreamBus
+from pointmesh.v1 import common_pb2, ledger_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    def __init__(self, limit: int) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=limit)
+        self.overflowed = asyncio.Event()
+
+    def offer(self, message: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.overflowed.set()
+
+
+def member_message(event: ledger_pb2.LedgerEvent) -> dict[str, Any]:
+    """What a member's app needs: the kind of change, the balance after it, and its details."""
+    kind = event.WhichOneof("payload") or "unknown"
+    body = MessageToDict(getattr(event, kind), preserving_proto_field_name=True) if kind != "unknown" else {}
+    balance = event.balance_after
+    return {
+        "type": kind, "event_id": event.event_id, "member_id": event.member_id, "unit": event.unit,
+        "occurred_at": event.occurred_at.ToJsonString(),
+        "balance": {"balance_points": balance.balance_points, "available_points": balance.available_points,
+                    "reserved_points": balance.reserved_points, "pending_points": balance.pending_points},
+        "details": body,
+    }  # fmt: skip
+
+
+class LiveHub:
+    def __init__(self, bus: RedisStreamBus, limit: int) -> None:
+        self.bus = bus
+        self.limit = limit
+        self.members: dict[str, set[Subscription]] = {}
+        self.ops: set[Subscription] = set()
+        self.delivered = 0
+        self.dropped = 0
+
+    @contextlib.contextmanager
+    def member(self, member_id: str) -> Iterator[Subscription]:
+        sub = Subscription(self.limit)
+        self.members.setdefault(member_id, set()).add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self.members.get(member_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self.members[member_id]
+
+    @contextlib.contextmanager
+    def alerts(self) -> Iterator[Subscription]:
+        sub = Subscription(self.limit)
+        self.ops.add(sub)
+        try:
+            yield sub
+        finally:
+            self.ops.discard(sub)
+
+    def _deliver(self, subs: set[Subscription], message: dict[str, Any]) -> None:
+        for sub in list(subs):
+            sub.offer(message)
+            self.delivered += 1
+            if sub.overflowed.is_set():
+                self.dropped += 1
+
+    async def run(self) -> None:
+        await asyncio.gather(self._follow_ledger(), self._follow_alerts())
+
+    async def _follow_ledger(self) -> None:
+        async for message in self._tail(LEDGER_EVENTS):
+            subs = self.members.get(message.key)
+            if not subs:
+                continue
+            event = ledger_pb2.LedgerEvent.FromString(message.payload)
+            self._deliver(subs, member_message(event))
+
+    async def _follow_alerts(self) -> None:
+        async for message in self._tail(OPS_ALERTS):
+            if not self.ops:
+                continue
+            alert = common_pb2.OpsAlert.FromString(message.payload)
+            body = MessageToDict(alert, preserving_proto_field_name=True)
+            self._deliver(self.ops, {"type": "ops_alert", **body})
+
+    async def _tail(self, stream: str) -> Any:
+        """Follows a stream from now on, reconnecting after Redis errors without skipping ahead."""
+        position = "$"
+        while True:
+            try:
+                async for message in self.bus.tail(stream, position, block_ms=500):
+                    position = message.position
+                    yield message
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis restarts must not end live updates for good
+                log.warning("following %s failed (%s); retrying", stream, exc)
+                await asyncio.sleep(0.5)

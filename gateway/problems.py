@@ -1,0 +1,142 @@
+"""RFC 9457 problem+json for every error the gateway returns, and the one table from gRPC
+status codes to HTTP statuses. A client always gets a type, a title, a detail and, for bad
+input, the field at fault; never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from google.rpc import error_details_pb2
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pointmesh.errors import status_details
+from pointmesh.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+TYPE_BASE = "https://pointmesh.dev/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+# gRPC code -> (HTTP status, problem type slug, title)
+GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid-request", "The request is invalid"),
+    grpc.StatusCode.NOT_FOUND: (404, "not-found", "Not found"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "idempotency-conflict", "Conflict with an earlier request"),
+    grpc.StatusCode.FAILED_PRECONDITION: (422, "not-possible-now", "The request cannot be carried out"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "forbidden", "Forbidden"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated", "Authentication required"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "too-many-requests", "Too many requests"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service-unavailable", "A service is unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (503, "service-unavailable", "A service did not answer in time"),
+}
+
+
+class Problem(Exception):
+    def __init__(
+        self, status: int, slug: str, title: str, detail: str, *, errors: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None, **extra: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(detail)
+        self.status, self.slug, self.title, self.detail = status, slug, title, detail
+        self.errors = errors or []
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": TYPE_BASE + self.slug, "title": self.title, "status": self.status, "detail": self.detail,
+            "instance": instance,
+        }  # fmt: skip
+        if self.errors:
+            out["errors"] = self.errors
+        out.update(self.extra)
+        return out
+
+
+def unauthorized(detail: str) -> Problem:
+    return Problem(401, "unauthenticated", "Authentication required", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(detail: str) -> Problem:
+    return Problem(403, "forbidden", "Forbidden", detail)
+
+
+def bad_request(field: str, detail: str) -> Problem:
+    return Problem(400, "invalid-request", "The request is invalid", f"{field}: {detail}",
+                   errors=[{"field": field, "detail": detail}])  # fmt: skip
+
+
+def from_grpc(error: grpc.aio.AioRpcError, service: str) -> Problem:
+    code = error.code()
+    status, slug, title = GRPC_TO_HTTP.get(code, (500, "internal", "Internal error"))
+    details = status_details(error)
+    errors = [
+        {"field": v.field, "detail": v.description}
+        for d in details if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations
+    ]  # fmt: skip
+    extra: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    for d in details:
+        if isinstance(d, error_details_pb2.ErrorInfo) and d.reason and status == 422:
+            slug = d.reason.lower().replace("_", "-")
+        if isinstance(d, common_pb2.InsufficientPoints):
+            slug, title = "insufficient-points", "Not enough points"
+            extra.update(available_points=d.available_points, requested_points=d.requested_points, unit=d.unit)
+        if isinstance(d, common_pb2.IdempotencyConflict):
+            extra.update(original_operation=d.original_operation, first_seen_at=d.first_seen_at.ToJsonString())
+    if status == 503:
+        headers["Retry-After"] = "1"
+    detail = error.details() or title
+    if status == 500:
+        log.error("%s failed with %s: %s", service, code.name, detail)
+        detail = f"{service} failed; the error is logged"
+    if status == 409:
+        detail = f"{detail}. An Idempotency-Key (or a receipt) can only be reused with the same request body."
+    return Problem(status, slug, title, detail, errors=errors, headers=headers, **extra)
+
+
+def _response(problem: Problem, request: Request) -> JSONResponse:
+    return JSONResponse(problem.body(request.url.path), status_code=problem.status, headers=problem.headers,
+                        media_type=MEDIA_TYPE)  # fmt: skip
+
+
+def _field_of(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return _response(exc, request)
+
+    @app.exception_handler(grpc.aio.AioRpcError)
+    async def _grpc(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
+        return _response(from_grpc(exc, "a backend service"), request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": _field_of(tuple(e["loc"])), "detail": str(e["msg"])} for e in exc.errors()]
+        first = errors[0] if errors else {"field": "", "detail": "invalid"}
+        problem = Problem(400, "invalid-request", "The request is invalid", f"{first['field']}: {first['detail']}",
+                          errors=errors)  # fmt: skip
+        return _response(problem, request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        return _response(Problem(exc.status_code, slug, str(exc.detail), str(exc.detail)), request)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _response(Problem(500, "internal", "Internal error", "an unexpected error; it is logged"), request)

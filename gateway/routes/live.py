@@ -1,0 +1,88 @@
+"""Websockets: a member's live balance/tier/achievement updates, and ops alerts.
+
+Browsers cannot set headers on a websocket, so the credential may also come as `?token=`.
+A member token only ever subscribes to its own member; ops alerts need an `ops:read` key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from gateway.auth import Principal, credential_of, resolve
+from gateway.deps import Gateway
+from gateway.live import Subscription
+from gateway.problems import Problem
+
+router = APIRouter(tags=["live"])
+POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013
+
+
+async def _authenticate(ws: WebSocket) -> Principal | None:
+    gw: Gateway = ws.app.state.gateway
+    credential = credential_of(ws.headers) or ws.query_params.get("token", "")
+    try:
+        return resolve(credential, gw.keys, gw.tokens)
+    except Problem as problem:
+        await ws.close(code=POLICY_VIOLATION, reason=problem.detail[:120])
+        return None
+
+
+async def _pump(ws: WebSocket, sub: Subscription, hello: dict[str, Any]) -> None:
+    """Sends queued messages until the client leaves or falls too far behind."""
+    await ws.accept()
+    await ws.send_json(hello)
+    leaving = asyncio.ensure_future(ws.receive())
+    overflow = asyncio.ensure_future(sub.overflowed.wait())
+    try:
+        while True:
+            nxt = asyncio.ensure_future(sub.queue.get())
+            done, _ = await asyncio.wait({nxt, leaving, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            if leaving in done:
+                nxt.cancel()
+                return
+            if overflow in done:
+                nxt.cancel()
+                await ws.close(code=TRY_AGAIN_LATER, reason="too far behind; reconnect and read the balance")
+                return
+            await ws.send_json(nxt.result())
+    except WebSocketDisconnect:
+        return
+    finally:
+        for task in (leaving, overflow):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+@router.websocket("/v1/members/{member_id}/live")
+async def member_live(ws: WebSocket, member_id: str) -> None:
+    caller = await _authenticate(ws)
+    if caller is None:
+        return
+    try:
+        caller.may_read_member(member_id)
+    except Problem as problem:
+        await ws.close(code=POLICY_VIOLATION, reason=problem.detail[:120])
+        return
+    gw: Gateway = ws.app.state.gateway
+    with gw.hub.member(member_id) as sub:
+        await _pump(ws, sub, {"type": "subscribed", "member_id": member_id})
+
+
+@router.websocket("/v1/ops/alerts")
+async def ops_alerts(ws: WebSocket) -> None:
+    caller = await _authenticate(ws)
+    if caller is None:
+        return
+    try:
+        caller.require("ops:read")
+    except Problem as problem:
+        await ws.close(code=POLICY_VIOLATION, reason=problem.detail[:120])
+        return
+    gw: Gateway = ws.app.state.gateway
+    with gw.hub.alerts() as sub:
+        await _pump(ws, sub, {"type": "subscribed", "stream": "ops_alerts"})

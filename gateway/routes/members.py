@@ -1,0 +1,70 @@
+"""Members: create, read, look up by card or other external id, balance, history, tokens."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from gateway import convert as cv
+from gateway import schemas as s
+from gateway.deps import Caller, GatewayDep, IdemKey, call
+from pointmesh.v1 import common_pb2, ledger_pb2
+
+router = APIRouter(prefix="/v1/members", tags=["members"])
+LEDGER = "ledger_svc"
+
+
+@router.post("", status_code=201, response_model=s.Member, summary="Enrol a member")
+async def create_member(body: s.CreateMember, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Member:
+    caller.require("members:write")
+    request = ledger_pb2.CreateMemberRequest(
+        idempotency_key=key, external_ids=[common_pb2.ExternalId(kind=e.kind, value=e.value) for e in body.external_ids],
+        profile=body.profile,
+    )  # fmt: skip
+    return cv.member((await call(LEDGER, gw.ledger.CreateMember(request))).member)
+
+
+@router.get("/lookup", response_model=s.Member, summary="Find a member by card number or other external id")
+async def lookup_member(
+    gw: GatewayDep, caller: Caller, kind: Annotated[str, Query(examples=["card"])],
+    value: Annotated[str, Query(examples=["6001002003"])],
+) -> s.Member:  # fmt: skip
+    caller.require("members:read")
+    request = ledger_pb2.LookupMemberRequest(external_id=common_pb2.ExternalId(kind=kind, value=value))
+    return cv.member((await call(LEDGER, gw.ledger.LookupMember(request))).member)
+
+
+@router.get("/{member_id}", response_model=s.Member, summary="A member (a member token reads only its own)")
+async def get_member(member_id: str, gw: GatewayDep, caller: Caller) -> s.Member:
+    caller.may_read_member(member_id)
+    return cv.member((await call(LEDGER, gw.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id)))).member)
+
+
+@router.get("/{member_id}/balance", response_model=s.Balance, summary="Available, reserved and pending points")
+async def get_balance(member_id: str, gw: GatewayDep, caller: Caller, unit: str = "") -> s.Balance:
+    caller.may_read_member(member_id)
+    response = await call(LEDGER, gw.ledger.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member_id, unit=unit)))
+    return cv.balance(response.balance)
+
+
+@router.get("/{member_id}/history", response_model=s.History, summary="Entries on the member's account, newest first")
+async def get_history(
+    member_id: str, gw: GatewayDep, caller: Caller, unit: str = "",
+    page_size: Annotated[int, Query(ge=0, le=500)] = 50, page_token: str = "",
+) -> s.History:  # fmt: skip
+    caller.may_read_member(member_id)
+    request = ledger_pb2.ListEntriesRequest(
+        member_id=member_id, unit=unit, page=common_pb2.PageRequest(page_size=page_size, page_token=page_token)
+    )
+    response = await call(LEDGER, gw.ledger.ListEntries(request))
+    return s.History(entries=[cv.entry(e) for e in response.entries], next_page_token=response.next_page_token)
+
+
+@router.post("/{member_id}/tokens", status_code=201, response_model=s.MemberToken,
+             summary="A short-lived token the member's app uses to read its own member")  # fmt: skip
+async def issue_token(member_id: str, gw: GatewayDep, caller: Caller) -> s.MemberToken:
+    caller.require("members:write")
+    await call(LEDGER, gw.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id)))
+    token, expires = gw.tokens.issue(member_id)
+    return s.MemberToken(token=token, expires_at=expires)

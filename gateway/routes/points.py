@@ -1,0 +1,85 @@
+"""Spending and moving points: redemptions (and their quotes), holds, transfers."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter
+from google.protobuf.duration_pb2 import Duration
+
+from gateway import convert as cv
+from gateway import schemas as s
+from gateway.deps import Caller, GatewayDep, IdemKey, call
+from pointmesh.v1 import ledger_pb2, rules_pb2
+
+router = APIRouter(prefix="/v1", tags=["points"])
+LEDGER, RULES = "ledger_svc", "rules_svc"
+
+
+@router.post("/redemptions", status_code=201, response_model=s.Transaction, summary="Spend points")
+async def redeem(body: s.Redeem, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Transaction:
+    caller.require("redemptions:write")
+    request = ledger_pb2.RedeemRequest(
+        idempotency_key=key, member_id=body.member_id, unit=body.unit, points=body.points, reference=body.reference
+    )
+    return cv.transaction((await call(LEDGER, gw.ledger.Redeem(request))).transaction)
+
+
+@router.post("/redemptions/quote", response_model=s.RedemptionQuote,
+             summary="How many of the member's points may pay for a basket, and what they are worth")  # fmt: skip
+async def quote(body: s.RedemptionQuoteRequest, gw: GatewayDep, caller: Caller) -> s.RedemptionQuote:
+    caller.require("redemptions:write")
+    balance = await call(LEDGER, gw.ledger.GetBalance(ledger_pb2.GetBalanceRequest(member_id=body.member_id)))
+    q = await call(RULES, gw.rules.QuoteRedemption(rules_pb2.QuoteRedemptionRequest(
+        program=gw.settings.program, basket_total=cv.money_pb(body.basket_total),
+        points_available=balance.balance.available_points, points_wanted=body.points_wanted,
+    )))  # fmt: skip
+    return s.RedemptionQuote(points=q.points, pays=cv.money(q.pays), remaining=cv.money(q.remaining), unit=q.unit,
+                             explanation=q.explanation, program_version=q.version)  # fmt: skip
+
+
+@router.post("/holds", status_code=201, response_model=s.Hold, summary="Reserve points (place a hold)")
+async def place_hold(body: s.PlaceHold, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
+    caller.require("redemptions:write")
+    timeout = Duration()
+    if body.timeout_seconds is not None:
+        timeout.FromTimedelta(timedelta(seconds=body.timeout_seconds))
+    request = ledger_pb2.PlaceHoldRequest(
+        idempotency_key=key, member_id=body.member_id, unit=body.unit, points=body.points,
+        timeout=timeout if body.timeout_seconds is not None else None, reference=body.reference,
+    )  # fmt: skip
+    result = await call(LEDGER, gw.ledger.PlaceHold(request))
+    return cv.hold(result.hold, result.balance_after)
+
+
+@router.get("/holds/{hold_id}", response_model=s.Hold, summary="A hold")
+async def get_hold(hold_id: str, gw: GatewayDep, caller: Caller) -> s.Hold:
+    caller.require("redemptions:write")
+    return cv.hold((await call(LEDGER, gw.ledger.GetHold(ledger_pb2.GetHoldRequest(hold_id=hold_id)))).hold)
+
+
+@router.post("/holds/{hold_id}/capture", response_model=s.Hold, summary="Capture all or part of a hold")
+async def capture_hold(hold_id: str, body: s.CaptureHold, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
+    caller.require("redemptions:write")
+    request = ledger_pb2.CaptureHoldRequest(idempotency_key=key, hold_id=hold_id, points=body.points)
+    result = await call(LEDGER, gw.ledger.CaptureHold(request))
+    return cv.hold(result.hold, result.transaction.balance_after)
+
+
+@router.post("/holds/{hold_id}/void", response_model=s.Hold, summary="Release a hold")
+async def void_hold(hold_id: str, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
+    caller.require("redemptions:write")
+    result = await call(LEDGER, gw.ledger.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key, hold_id=hold_id)))
+    return cv.hold(result.hold, result.balance_after)
+
+
+@router.post("/transfers", status_code=201, response_model=s.TransferResult, summary="Move points between members")
+async def transfer(body: s.Transfer, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.TransferResult:
+    caller.require("transfers:write")
+    request = ledger_pb2.TransferRequest(
+        idempotency_key=key, source_member_id=body.source_member_id, destination_member_id=body.destination_member_id,
+        unit=body.unit, points=body.points, reason=body.reason,
+    )  # fmt: skip
+    result = await call(LEDGER, gw.ledger.Transfer(request))
+    return s.TransferResult(transfer_id=result.transfer_id, debit=cv.transaction(result.debit),
+                            credit=cv.transaction(result.credit))  # fmt: skip

@@ -1,0 +1,233 @@
+"""Request and response bodies of the REST API, with examples for the OpenAPI document.
+
+Amounts are integer minor units with an ISO 4217 code and points are integers: the models use
+strict integers, so `12.5` or `"12"` is refused rather than rounded.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+Points = Annotated[StrictInt, Field(gt=0, le=10**12, examples=[500])]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", examples=["EUR"])]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Money(Body):
+    amount_minor: Annotated[StrictInt, Field(ge=0, le=10**15, examples=[4990])]
+    currency: Currency
+
+
+class ExternalId(Body):
+    kind: Name = Field(examples=["card"])
+    value: str = Field(min_length=1, max_length=128, examples=["6001002003"])
+
+
+class CreateMember(Body):
+    external_ids: list[ExternalId] = Field(default=[], max_length=16)
+    profile: dict[str, str] = Field(default={}, examples=[{"segments": "students", "language": "fi"}])
+
+
+class Member(BaseModel):
+    member_id: str = Field(examples=["m_0a1b2c3d4e5f60718293a4b5c6d7"])
+    status: str = Field(examples=["ACTIVE"])
+    external_ids: list[ExternalId]
+    merged_into: str = ""
+    created_at: datetime | None = None
+
+
+class Balance(BaseModel):
+    member_id: str
+    unit: str = Field(examples=["points"])
+    balance_points: int = Field(examples=[1250])
+    available_points: int = Field(examples=[1000])
+    reserved_points: int = Field(examples=[250])
+    pending_points: int = Field(examples=[0])
+    lifetime_earned_points: int = Field(examples=[4000])
+    debt_points: int = Field(examples=[0])
+
+
+class Entry(BaseModel):
+    entry_id: int
+    transaction_id: str
+    kind: str = Field(examples=["EARN"])
+    points: int
+    recorded_at: datetime | None
+    business_time: datetime | None
+    reference: str
+
+
+class History(BaseModel):
+    entries: list[Entry]
+    next_page_token: str = Field(description="Pass as page_token for the next page; empty on the last page.")
+
+
+class MemberToken(BaseModel):
+    token: str
+    expires_at: datetime
+
+
+class PurchaseLine(Body):
+    sku: str = Field(min_length=1, max_length=64, examples=["tent-2p"])
+    category: str = Field(default="", max_length=64, examples=["outdoor"])
+    quantity: Annotated[StrictInt, Field(gt=0, le=100_000, examples=[1])]
+    amount: Money
+
+
+class RecordPurchase(Body):
+    member_id: str = Field(examples=["m_0a1b2c3d4e5f60718293a4b5c6d7"])
+    store_id: str = Field(default="", max_length=64, description="A store the API key is bound to; empty for online channels.",
+                          examples=["HEL-01"])  # fmt: skip
+    channel: str = Field(
+        default="", max_length=64, description="Optional; must equal the API key's channel when given."
+    )
+    receipt_id: str = Field(min_length=1, max_length=128, examples=["HEL-01-2026-11-27-000123"])
+    total: Money
+    lines: list[PurchaseLine] = Field(min_length=1, max_length=500)
+    receipt_time: datetime = Field(description="Business time, with an offset.", examples=["2026-11-27T18:31:00+02:00"])
+    tender_transaction_id: str = Field(default="", description="A redemption that paid part of this purchase.")
+
+
+class ExplainedPart(BaseModel):
+    rule_id: str = Field(examples=["weekend-double"])
+    unit: str
+    points: int
+    line_index: int = Field(description="-1 for a basket-level part")
+    detail: str = Field(examples=["x2 on 49 points"])
+    matched: list[str]
+    capped: str
+    returned_points: int = 0
+
+
+class Purchase(BaseModel):
+    purchase_id: str
+    member_id: str
+    channel: str
+    store_id: str
+    receipt_id: str
+    status: str = Field(examples=["EARNED"])
+    status_reason: str
+    program_version: int
+    earned: dict[str, int] = Field(examples=[{"points": 98, "tier_credits": 49}])
+    parts: list[ExplainedPart]
+    purchase_number: int
+    tier_before: str
+    tier_after: str
+    receipt_time: datetime | None
+    replayed: bool = False
+
+
+class ReturnLine(Body):
+    line_index: Annotated[StrictInt, Field(ge=0, le=499)]
+    quantity: Annotated[StrictInt, Field(gt=0, le=100_000)]
+
+
+class RecordReturn(Body):
+    store_id: str = Field(default="", max_length=64, examples=["LIS-01"])
+    lines: list[ReturnLine] = Field(default=[], max_length=500)
+    refund: Money | None = None
+
+
+class ReturnResult(BaseModel):
+    purchase: Purchase
+    reversed: dict[str, int] = Field(examples=[{"points": 29, "tier_credits": 29}])
+    tender_recredited_points: int
+    debt_points: int
+
+
+class Redeem(Body):
+    member_id: str
+    points: Points
+    unit: str = Field(default="", max_length=64, description="Empty: the default unit (points).")
+    reference: str = Field(default="", max_length=256, examples=["reward:free-coffee"])
+
+
+class Transaction(BaseModel):
+    transaction_id: str
+    kind: str
+    member_id: str
+    unit: str
+    points: int
+    reference: str
+    balance_after: Balance | None
+
+
+class RedemptionQuoteRequest(Body):
+    member_id: str
+    basket_total: Money
+    points_wanted: Annotated[StrictInt, Field(ge=0, le=10**12)] = 0
+
+
+class RedemptionQuote(BaseModel):
+    points: int = Field(examples=[2000])
+    pays: Money
+    remaining: Money
+    unit: str
+    explanation: str
+    program_version: int
+
+
+class PlaceHold(Body):
+    member_id: str
+    points: Points
+    unit: str = Field(default="", max_length=64)
+    timeout_seconds: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] | None = None
+    reference: str = Field(default="", max_length=256)
+
+
+class CaptureHold(Body):
+    points: Annotated[StrictInt, Field(ge=0, le=10**12, description="0 captures the whole hold.")] = 0
+
+
+class Hold(BaseModel):
+    hold_id: str
+    member_id: str
+    unit: str
+    points: int
+    status: str
+    captured_points: int
+    expires_at: datetime | None
+    balance_after: Balance | None = None
+
+
+class Transfer(Body):
+    source_member_id: str
+    destination_member_id: str
+    points: Points
+    unit: str = Field(default="", max_length=64)
+    reason: str = Field(default="", max_length=256, examples=["household pooling"])
+
+
+class TransferResult(BaseModel):
+    transfer_id: str
+    debit: Transaction
+    credit: Transaction
+
+
+class Explain(Body):
+    store_id: str = Field(default="", max_length=64)
+    total: Money
+    lines: list[PurchaseLine] = Field(min_length=1, max_length=500)
+    receipt_time: datetime
+    tier: str = Field(default="", max_length=64, description="Evaluate as a member of this tier; empty: entry tier.")
+
+
+class Explanation(BaseModel):
+    program: str
+    version: int
+    totals: dict[str, int]
+    parts: list[ExplainedPart]
+    excluded: list[str]
+    store_local_time: str
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    checks: dict[str, str] = Field(default={}, examples=[{"ledger": "SERVING", "rules": "SERVING", "redis": "ok"}])
