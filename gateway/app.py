@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from gateway import problems
+from gateway import openapi, problems
 from gateway.auth import MemberTokens
 from gateway.deps import Gateway
 from gateway.keys import KeyStore
@@ -40,6 +40,7 @@ def key_store(settings: Settings) -> KeyStore:
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
+    """Call on the event loop that will serve it (see `serve`)."""
     clock = clock or SystemClock()
     redis = Redis.from_url(settings.redis_url)
     gw = Gateway(
@@ -69,6 +70,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     app = FastAPI(title="pointmesh gateway", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.gateway = gw
     problems.install(app)
+    openapi.install(app)
     for module in (members, purchases, points, program, live, health):
         app.include_router(module.router)
     return app
@@ -84,4 +86,9 @@ def server(settings: Settings, app: FastAPI | None = None) -> uvicorn.Server:
 
 
 def serve(settings: Settings) -> None:
-    server(settings).run()
+    """gRPC channels and Redis bind to the loop they are created on: build the app inside it."""
+
+    async def main() -> None:
+        await server(settings).serve()
+
+    asyncio.run(main())

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 from pointmesh.config import ConfigError, Settings, load_settings
@@ -196,7 +197,15 @@ def _demo_key(settings: Settings) -> str:
         plaintext, _ = store.create("pos", _csv(DEMO_SCOPES), [], "demo (pointmesh up)")
     finally:
         store.close()
+    # `pointmesh demo` reads it from here; only this user may.
+    path = demo_key_path(settings)
+    path.write_text(plaintext + "\n")
+    path.chmod(0o600)
     return plaintext
+
+
+def demo_key_path(settings: Settings) -> Path:
+    return settings.data_dir / "gateway" / "demo-key"
 
 
 SERVICES: dict[str, list[str]] = {

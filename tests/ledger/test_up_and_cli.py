@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import json
 import os
 import signal
 import socket
@@ -69,7 +70,7 @@ def _metric_value(text: str, name: str, labels: dict[str, str]) -> float:
 
 def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    ledger_port, redis_port, metrics_port, rules_port = free_port(), free_port(), free_port(), free_port()
+    ledger_port, redis_port, metrics_port, rules_port, gateway_port = (free_port() for _ in range(5))
     env = {
         **os.environ,
         "POINTMESH_DATA_DIR": str(data_dir),
@@ -78,6 +79,7 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         "POINTMESH_LEDGER_METRICS_PORT": str(metrics_port),
         "POINTMESH_RULES_ADDR": f"127.0.0.1:{rules_port}",
         "POINTMESH_RULES_METRICS_PORT": "0",
+        "POINTMESH_GATEWAY_ADDR": f"127.0.0.1:{gateway_port}",
     }
     env.pop("POINTMESH_REDIS_URL", None)
     log_path = tmp_path / "up.log"
@@ -96,6 +98,14 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         wait_for_port(ledger_port)
         wait_for_port(metrics_port)
         wait_for_port(rules_port)
+        wait_for_port(gateway_port)
+        demo_key = (data_dir / "gateway" / "demo-key").read_text().strip()
+        assert demo_key in log_path.read_text() and f"http://127.0.0.1:{gateway_port}/docs" in log_path.read_text()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway_port}/v1/program", headers={"Authorization": f"Bearer {demo_key}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["program"] == "aurora"
         with grpc.insecure_channel(f"127.0.0.1:{rules_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=RULES_SERVICE), timeout=10
@@ -141,7 +151,7 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
 
         running = _processes_using(data_dir)
         assert up.pid in running
-        assert len(running) >= 4, "expected `up`, redis-server, the ledger and rules children"
+        assert len(running) >= 5, "expected `up`, redis-server, the ledger, rules and gateway children"
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=20) == 0, log_path.read_text()
@@ -149,6 +159,7 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         assert _port_closed(redis_port)
         assert _port_closed(metrics_port)
         assert _port_closed(rules_port)
+        assert _port_closed(gateway_port)
         assert not _processes_using(data_dir), "children of `up` outlived it"
         assert "pointmesh up: stopped" in log_path.read_text()
     finally:
