@@ -267,7 +267,7 @@ class Accrual:
 
     # Returns ----------------------------------------------------------------------------------
 
-    async def record_return(self, cmd: c.RecordReturn) -> ReturnResult:
+    async def record_return(self, cmd: c.RecordReturn) -> tuple[ReturnResult, bool]:
         v.idem_key(cmd.key)
         v.object_id(cmd.purchase_id, "pu", "purchase_id")
         v.name(cmd.channel, "channel")
@@ -284,4 +284,13 @@ class Accrual:
         def body(book: ShardBook) -> ReturnResult:
             return take_back(book, load_purchase(book, cmd.purchase_id), cmd)
 
-        return await self.svc._mutate(cmd, self.svc.shard_of_id(cmd.purchase_id), ReturnResult, body)
+        svc, fp = self.svc, c.fingerprint(cmd)
+        shard = svc.shard_of_id(cmd.purchase_id)
+        if await svc._claim(cmd.key, type(cmd).__name__, fp):
+            stored = await svc._stored_result(cmd.key, fp, shard, ReturnResult)
+            if stored is not None:
+                return stored, True
+        result: tuple[ReturnResult, bool] = await svc.store.write(
+            shard, svc._idempotent_unit(cmd, fp, ReturnResult, body)
+        )
+        return result

@@ -174,11 +174,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         purchase_id = request.purchase_id or await self.service.accrual.find_purchase(
             request.member_id, request.original_channel, request.original_store_id, request.original_receipt_id
         )
-        result = await self.service.accrual.record_return(cv.return_cmd(request, purchase_id))
+        result, replayed = await self.service.accrual.record_return(cv.return_cmd(request, purchase_id))
         return ledger_pb2.RecordReturnResponse(
             purchase=cv.purchase_pb(result.purchase),
             reversed=[rules_pb2.UnitPoints(unit=u, points=n) for u, n in result.reversed.items()],
-            tender_recredited_points=result.tender_recredited, debt_points=result.debt_points,
+            tender_recredited_points=result.tender_recredited, debt_points=result.debt_points, replayed=replayed,
         )  # fmt: skip
 
     @translated

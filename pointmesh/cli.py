@@ -176,6 +176,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_legacy_import(args: argparse.Namespace) -> int:
+    """Exit 0: all imported; 2: some lines quarantined; 75: ledger unavailable, re-run later."""
+    from gateway.legacy.importer import ImportInterrupted, import_file
+
+    settings = _settings()
+    quarantine = Path(args.quarantine_dir) if args.quarantine_dir else settings.data_dir / "quarantine"
+    try:
+        report = asyncio.run(import_file(args.file, args.adapter, settings.ledger_addr, quarantine, args.channel))
+    except ImportInterrupted as exc:
+        print(f"legacy import: {exc}", file=sys.stderr)
+        return 75 if exc.retryable else 1
+    except (OSError, ValueError) as exc:
+        print(f"legacy import: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    for q in report.quarantined:
+        print(f"  {q.source}:{q.line}: {q.reason}", file=sys.stderr)
+    return 2 if report.quarantined else 0
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -304,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     token = keys.add_parser("member-token", help="issue a member token (for testing an app)")
     token.add_argument("member_id")
     token.set_defaults(func=cmd_keys)
+    legacy = sub.add_parser("legacy", help="legacy feeds").add_subparsers(dest="legacy_command", required=True)
+    imp = legacy.add_parser("import", help="import a legacy file into the running ledger")
+    imp.add_argument("file")
+    imp.add_argument("--adapter", required=True, choices=["csv", "fixed-width", "webhook"])
+    imp.add_argument("--channel", default=None, help="channel for records that name none (default: the adapter's)")
+    imp.add_argument("--quarantine-dir", default="", help="where bad lines go (default: DATA_DIR/quarantine)")
+    imp.set_defaults(func=cmd_legacy_import)
     export = ledger.add_parser("export", help="period liability and movements as CSV")
     export.add_argument("--from", dest="start", type=_date, required=True, help="period start (inclusive), ISO date")
     export.add_argument("--to", dest="end", type=_date, required=True, help="period end (exclusive), ISO date")

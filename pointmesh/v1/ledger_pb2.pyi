@@ -2445,9 +2445,12 @@ class RecordReturnResponse(_message.Message):
     REVERSED_FIELD_NUMBER: _builtins.int
     TENDER_RECREDITED_POINTS_FIELD_NUMBER: _builtins.int
     DEBT_POINTS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     tender_recredited_points: _builtins.int
     debt_points: _builtins.int
     """Points that could not be taken back because they were already spent (recorded as debt)."""
+    replayed: _builtins.bool
+    """True when this return (its idempotency key, same body) was already recorded."""
     @_builtins.property
     def purchase(self) -> Global___Purchase: ...
     @_builtins.property
@@ -2461,10 +2464,11 @@ class RecordReturnResponse(_message.Message):
         reversed: _abc.Iterable[_rules_pb2.UnitPoints] | None = ...,
         tender_recredited_points: _builtins.int = ...,
         debt_points: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["purchase", b"purchase"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["debt_points", b"debt_points", "purchase", b"purchase", "reversed", b"reversed", "tender_recredited_points", b"tender_recredited_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debt_points", b"debt_points", "purchase", b"purchase", "replayed", b"replayed", "reversed", b"reversed", "tender_recredited_points", b"tender_recredited_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

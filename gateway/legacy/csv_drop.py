@@ -1,0 +1,276 @@
+"""Franchise POS CSV drops: one row per receipt line, rows of a receipt next to each other.
+
+The format is documented in docs/legacy.md. Rows are grouped into receipts here and a receipt
+is imported or held back as a whole: importing the good lines of a receipt with a bad one
+would earn on a wrong total, and the corrected re-send would then conflict with it.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
+
+from gateway.legacy import fields as f
+from gateway.legacy.records import (
+    LegacyPurchase,
+    LegacyReturn,
+    Member,
+    Origin,
+    Parsed,
+    PurchaseLine,
+    Quarantined,
+    ReturnLine,
+    SourceLine,
+)
+
+REQUIRED_COLUMNS = (
+    "record_type", "store_id", "receipt_id", "line_no", "receipt_time", "card_number", "currency",
+    "sku", "category", "quantity", "amount",
+)  # fmt: skip
+# Needed only by R rows; a file of purchases may leave them out.
+RETURN_COLUMNS = ("original_channel", "original_store_id", "original_receipt_id", "original_line")
+# Receipt-level columns, repeated on every row of a receipt: they must agree.
+RECEIPT_COLUMNS = ("receipt_time", "card_number", "currency")
+T = TypeVar("T")
+
+
+@dataclass
+class _Row:
+    line: SourceLine
+    values: dict[str, str]
+    errors: list[str] = field(default_factory=list)
+
+    def text(self, column: str) -> str:
+        return (self.values.get(column) or "").strip()
+
+    def take(self, parse: Callable[[str | None, str], T], column: str) -> T | None:
+        """Parses one column, noting its error on the row instead of raising."""
+        if column not in self.values and self.errors:
+            return None  # a short row: the missing columns are already named
+        try:
+            return parse(self.values.get(column), column)
+        except f.FieldError as error:
+            self.errors.append(f"column {error.field}: {error.message}")
+            return None
+
+    def amount(self, column: str, currency: str | None) -> int | None:
+        if currency is None:
+            return None  # the currency error already explains this row
+        return self.take(lambda text, col: f.amount_minor(text, currency, col), column)
+
+
+@dataclass
+class CsvDropAdapter:
+    """`default_channel` is the channel of the franchise tills ("pos"), so a receipt that also
+    reached the ledger over REST from the same till has the same natural key."""
+
+    name: str = "csv"
+    default_channel: str = "pos"
+
+    def parse(self, source: str, data: bytes) -> Iterator[Parsed]:
+        lines, undecodable = _physical_lines(data)
+        header_at = next((i for i, ln in enumerate(lines) if ln.raw.strip()), None)
+        if header_at is None:
+            return
+        header_line, body = lines[header_at], [ln for ln in lines[header_at + 1 :] if ln.raw.strip()]
+        header, problem = _header(header_line.raw)
+        if problem:
+            yield Quarantined(source, header_line.number, f"header: {problem}", header_line.raw, field="header")
+            for ln in body:
+                reason = f"not read: the header at line {header_line.number} is unusable"
+                yield Quarantined(source, ln.number, reason, ln.raw, field="header")
+            return
+        group: list[_Row] = []
+        for ln in body:
+            row = _split(ln, header)
+            if ln.number in undecodable:
+                row.errors.insert(0, "line is not valid UTF-8")
+            if row.errors and not (row.text("record_type") and row.text("receipt_id")):
+                # A row that cannot say which receipt it is may be a line of the one before:
+                # that receipt is held back with it rather than imported without it.
+                if group:
+                    group.append(row)
+                else:
+                    yield Quarantined(source, ln.number, "; ".join(row.errors), ln.raw)
+                continue
+            if group and (_key(row) != _key(group[0]) or row.text("line_no").lstrip("0") == "1"):
+                yield from _emit(source, group)
+                group = []
+            group.append(row)
+        yield from _emit(source, group)
+
+
+def _physical_lines(data: bytes) -> tuple[list[SourceLine], set[int]]:
+    """Lines as the file has them, numbered from 1, and the numbers of lines that are not UTF-8
+    (kept with the bad bytes escaped, so the quarantine shows them)."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    lines, undecodable = [], set()
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        try:
+            lines.append(SourceLine(number, raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            lines.append(SourceLine(number, raw.decode("utf-8", errors="backslashreplace")))
+            undecodable.add(number)
+    return lines, undecodable
+
+
+def _header(raw: str) -> tuple[list[str], str]:
+    names = [name.strip() for name in next(csv.reader([raw]))]
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        return names, f"required column(s) {', '.join(missing)} missing (found: {', '.join(names)})"
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        return names, f"column(s) {', '.join(twice)} appear more than once"
+    return names, ""
+
+
+def _split(line: SourceLine, header: list[str]) -> _Row:
+    try:
+        values = next(csv.reader([line.raw], strict=True))
+    except csv.Error as error:
+        return _Row(line, {}, [f"not CSV: {error}"])
+    row = _Row(line, dict(zip(header, values, strict=False)))
+    if len(values) < len(header):
+        absent = ", ".join(header[len(values) :])
+        row.errors.append(f"row has {len(values)} fields, header has {len(header)}: column(s) {absent} missing")
+    elif len(values) > len(header):
+        row.errors.append(f"row has {len(values)} fields, header has {len(header)}")
+    return row
+
+
+def _key(row: _Row) -> tuple[str, str, str]:
+    return row.text("record_type"), row.text("store_id"), row.text("receipt_id")
+
+
+def _emit(source: str, group: list[_Row]) -> Iterator[Parsed]:
+    """One receipt: its record(s), or every one of its lines quarantined."""
+    if not group:
+        return
+    record_type = group[0].text("record_type")
+    built: list[LegacyPurchase | LegacyReturn] = []
+    if record_type not in ("P", "R"):
+        group[0].errors.append(f"column record_type: {record_type!r} is not P (purchase) or R (return)")
+    else:
+        _check_receipt(group)
+        built = _purchase(source, group) if record_type == "P" else _returns(source, group)
+    bad = [r.line.number for r in group if r.errors]
+    if not bad:
+        yield from built
+        return
+    store, receipt = group[0].text("store_id"), group[0].text("receipt_id")
+    for row in group:
+        reason = "; ".join(row.errors) or (
+            f"held back with receipt {store}/{receipt}: see line(s) {', '.join(map(str, bad))}"
+        )
+        yield Quarantined(source, row.line.number, reason, row.line.raw, field=_first_column(row.errors))
+
+
+def _first_column(errors: list[str]) -> str:
+    for error in errors:
+        if error.startswith("column "):
+            return error.removeprefix("column ").split(":", 1)[0]
+    return ""
+
+
+def _check_receipt(group: list[_Row]) -> None:
+    """Line numbers run 1, 2, 3...; receipt-level columns agree with the receipt's first row."""
+    first = group[0]
+    for expected, row in enumerate(group, start=1):
+        if row.errors:
+            continue  # unreadable already; more complaints about it would only hide the first
+        line_no = row.take(f.positive, "line_no")
+        if line_no is not None and line_no != expected:
+            row.errors.append(
+                f"column line_no: {line_no} where {expected} was expected (lines of a receipt run 1, 2, 3...)"
+            )
+        if row is first:
+            continue
+        for column in RECEIPT_COLUMNS:
+            if row.text(column) != first.text(column):
+                row.errors.append(
+                    f"column {column}: {row.text(column)!r} differs from {first.text(column)!r} "
+                    f"on line {first.line.number} of the same receipt"
+                )
+
+
+def _receipt_level(group: list[_Row]) -> tuple[datetime | None, str | None, str | None]:
+    first = group[0]
+    when = first.take(f.aware_time, "receipt_time")
+    card = first.take(f.required, "card_number")
+    currency = first.take(f.currency, "currency")
+    return when, card, currency
+
+
+def _origin(source: str, group: list[_Row]) -> Origin:
+    return Origin(source, tuple(row.line for row in group))
+
+
+def _purchase(source: str, group: list[_Row]) -> list[LegacyPurchase | LegacyReturn]:
+    when, card, currency = _receipt_level(group)
+    lines = []
+    for row in group:
+        for column in RETURN_COLUMNS:
+            if row.text(column):
+                row.errors.append(f"column {column}: must be empty on a purchase (P) row")
+        sku, category = row.take(f.required, "sku"), row.take(f.required, "category")
+        quantity, amount = row.take(f.positive, "quantity"), row.amount("amount", currency)
+        if sku is not None and category is not None and quantity is not None and amount is not None:
+            lines.append(PurchaseLine(sku, category, quantity, amount))
+    if any(r.errors for r in group) or when is None or card is None or currency is None:
+        return []
+    store, receipt = group[0].text("store_id"), group[0].text("receipt_id")
+    return [
+        LegacyPurchase(
+            f"{store}/{receipt}", Member(card_number=card), "", store, receipt, currency, tuple(lines), when,
+            _origin(source, group),
+        )
+    ]  # fmt: skip
+
+
+def _returns(source: str, group: list[_Row]) -> list[LegacyPurchase | LegacyReturn]:
+    """One return per original receipt named on the slip, in the order they first appear."""
+    when, card, currency = _receipt_level(group)
+    store, slip = group[0].text("store_id"), group[0].text("receipt_id")
+    by_original: dict[tuple[str, str, str], list[tuple[_Row, ReturnLine | int]]] = {}
+    for row in group:
+        original = row.take(f.required, "original_receipt_id")
+        if original is None:
+            continue
+        # Bought at another channel (e.g. online): its store id is as given, often none.
+        other_channel = row.text("original_channel")
+        target = (other_channel, row.text("original_store_id") or ("" if other_channel else store), original)
+        if row.text("original_line"):
+            number, quantity = row.take(f.positive, "original_line"), row.take(f.positive, "quantity")
+            if number is not None and quantity is not None:
+                by_original.setdefault(target, []).append((row, ReturnLine(number - 1, quantity)))
+        else:
+            refund = row.amount("amount", currency)
+            if refund is not None:
+                by_original.setdefault(target, []).append((row, refund))
+    out: list[LegacyPurchase | LegacyReturn] = []
+    for (original_channel, original_store, original_receipt), items in by_original.items():
+        lines = tuple(item for _, item in items if isinstance(item, ReturnLine))
+        refunds = [item for _, item in items if isinstance(item, int)]
+        if lines and refunds:
+            for row, _ in items:
+                row.errors.append(
+                    f"return of {original_store}/{original_receipt} mixes line returns (original_line set) "
+                    "and amount refunds (original_line empty)"
+                )
+            continue
+        if when is None or card is None or currency is None:
+            continue
+        rows = [row for row, _ in items]
+        out.append(
+            LegacyReturn(
+                f"{store}/{slip}/{original_store}/{original_receipt}", Member(card_number=card), original_channel,
+                original_store, original_receipt, slip, "", store, lines, sum(refunds) if refunds else None, currency,
+                when, _origin(source, group if len(by_original) == 1 else rows),
+            )
+        )  # fmt: skip
+    return [] if any(r.errors for r in group) else out

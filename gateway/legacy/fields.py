@@ -1,0 +1,93 @@
+"""Field parsers shared by the adapters; each failure names the field and says why.
+
+Money is parsed from decimal text digit by digit, never through float, and a text with more
+decimals than the currency has is refused rather than rounded: "12.345 EUR" is a data error a
+person must look at, not a value to guess.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from pointmesh import currencies
+
+# int64 minor units; 18 digits keep every parsed amount far inside it.
+MAX_AMOUNT_DIGITS = 18
+_DECIMAL = re.compile(r"^(?P<whole>[0-9]+)(?:\.(?P<frac>[0-9]+))?$")
+_INTEGER = re.compile(r"^[0-9]+$")
+
+
+class FieldError(ValueError):
+    """A field that cannot be read; `field` is the column or JSON path, `message` says why."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def required(value: str | None, field: str) -> str:
+    if value is None:
+        raise FieldError(field, "is missing")
+    text = value.strip()
+    if not text:
+        raise FieldError(field, "is empty")
+    return text
+
+
+def currency(value: str | None, field: str = "currency") -> str:
+    code = required(value, field)
+    if not currencies.is_known(code):
+        raise FieldError(field, f"{code!r} is not an ISO 4217 currency code we know (upper case, e.g. EUR)")
+    return code
+
+
+def amount_minor(text: str | None, currency_code: str, field: str = "amount") -> int:
+    """Decimal text in major units -> exact minor units: "12.50" EUR -> 1250, "1000" JPY -> 1000."""
+    value = required(text, field)
+    match = _DECIMAL.match(value)
+    if match is None:
+        raise FieldError(field, f"{value!r} is not a decimal amount like 12.50 (digits, one '.', no sign)")
+    whole, frac = match["whole"], match["frac"] or ""
+    places = currencies.exponent(currency_code)
+    if len(frac) > places:
+        raise FieldError(field, f"{value!r} has {_decimals(len(frac))} but {currency_code} has {_decimals(places)}")
+    minor_text = (whole + frac.ljust(places, "0")).lstrip("0") or "0"
+    if len(minor_text) > MAX_AMOUNT_DIGITS:
+        raise FieldError(field, f"{value!r} is too large")
+    return int(minor_text)
+
+
+def _decimals(n: int) -> str:
+    return "no decimals" if n == 0 else f"{n} decimal{'s' if n > 1 else ''}"
+
+
+def digits(text: str | None, field: str) -> int:
+    """A non-negative integer written as plain digits (no sign, no exponent, no spaces inside)."""
+    value = required(text, field)
+    if not _INTEGER.match(value):
+        raise FieldError(field, f"{value!r} is not a whole number")
+    if len(value.lstrip("0")) > MAX_AMOUNT_DIGITS:
+        raise FieldError(field, f"{value!r} is too large")
+    return int(value)
+
+
+def positive(text: str | None, field: str) -> int:
+    number = digits(text, field)
+    if number <= 0:
+        raise FieldError(field, f"must be at least 1, got {number}")
+    return number
+
+
+def aware_time(text: str | None, field: str) -> datetime:
+    """ISO-8601 with a UTC offset ("2026-01-05T09:30:00+02:00" or "...Z"); local times are refused
+    because the receipt's instant decides campaigns and expiry."""
+    value = required(text, field)
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise FieldError(field, f"{value!r} is not an ISO-8601 date-time") from None
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise FieldError(field, f"{value!r} has no UTC offset (add Z or +hh:mm)")
+    return when

@@ -1,0 +1,259 @@
+"""Mainframe fixed-width exports: a header, receipts and refunds, and a trailer with a count.
+
+The trailer's record count is the only proof that the transfer delivered the file the
+mainframe wrote. When it (or the header/trailer framing) is wrong the file is truncated or
+spliced, so nothing of it is imported: every line is quarantined with the reason, and ops
+asks for the file again. Within a well-framed file a bad record holds back only its own
+receipt. Layout tables: LAYOUTS below, mirrored in docs/legacy.md (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from gateway.legacy import fields as f
+from gateway.legacy.records import (
+    LegacyPurchase,
+    LegacyReturn,
+    Member,
+    Origin,
+    Parsed,
+    PurchaseLine,
+    Quarantined,
+    SourceLine,
+    quarantine_all,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    start: int  # 1-based, as mainframe layouts are written
+    width: int
+    meaning: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.width - 1
+
+    def cut(self, line: str) -> str:
+        return line[self.start - 1 : self.end]
+
+
+def _columns(*spec: tuple[str, int, str]) -> tuple[Column, ...]:
+    """Columns laid end to end from position 1, so a layout cannot overlap or leave gaps."""
+    out, start = [], 1
+    for name, width, meaning in spec:
+        out.append(Column(name, start, width, meaning))
+        start += width
+    return tuple(out)
+
+
+_TIME = "YYYYMMDDHHMMSS, the store's local time"
+_OFFSET = "+HHMM or -HHMM: the local time's UTC offset"
+LAYOUTS: dict[str, tuple[Column, ...]] = {
+    "H": _columns(
+        ("record_type", 1, "H"),
+        ("producer", 8, "exporting system, text"),
+        ("created_at", 14, "YYYYMMDDHHMMSS UTC"),
+        ("batch_id", 10, "text"),
+    ),
+    "P": _columns(
+        ("record_type", 1, "P: a purchase; its L records follow"),
+        ("store_id", 8, "text"),
+        ("receipt_id", 20, "text"),
+        ("receipt_time", 14, _TIME),
+        ("utc_offset", 5, _OFFSET),
+        ("card_number", 19, "text"),
+        ("currency", 3, "ISO 4217 code"),
+        ("line_count", 3, "digits, 001-500: the L records that follow"),
+    ),
+    "L": _columns(
+        ("record_type", 1, "L: a line of the P record above"),
+        ("sku", 16, "text"),
+        ("category", 12, "text"),
+        ("quantity", 5, "digits, at least 1"),
+        ("amount_minor", 13, "digits: line total in minor units of the P record's currency"),
+    ),
+    "R": _columns(
+        ("record_type", 1, "R: a refund by amount against an earlier receipt"),
+        ("store_id", 8, "text: where the refund happened"),
+        ("refund_id", 20, "text: the refund slip's id"),
+        ("refund_time", 14, _TIME),
+        ("utc_offset", 5, _OFFSET),
+        ("card_number", 19, "text"),
+        ("currency", 3, "ISO 4217 code, as the original receipt's"),
+        ("original_store_id", 8, "text"),
+        ("original_receipt_id", 20, "text"),
+        ("refund_minor", 13, "digits: refunded amount in minor units"),
+    ),
+    "T": _columns(
+        ("record_type", 1, "T"),
+        ("record_count", 9, "digits: P, L and R records between H and T"),
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    line: SourceLine
+    kind: str
+    fields: dict[str, str]
+    problem: str  # empty when the record's shape is fine
+
+
+@dataclass
+class FixedWidthAdapter:
+    name: str = "fixed-width"
+    default_channel: str = "pos"
+
+    def parse(self, source: str, data: bytes) -> Iterator[Parsed]:
+        records = [_record(line, ascii_ok) for line, ascii_ok in _lines(data)]
+        framing = _framing(records)
+        if framing is not None:
+            at, reason = framing
+            for rec in records:
+                why = reason if rec.line.number == at else f"file held back: {reason} (line {at})"
+                yield Quarantined(source, rec.line.number, why, rec.line.raw, field="record_count")
+            return
+        body, i = records[1:-1], 0
+        while i < len(body):
+            rec = body[i]
+            i += 1
+            if rec.kind == "P":
+                limit = _line_count(rec)  # 0 when unreadable: then every following L goes with it
+                group = [rec]
+                while i < len(body) and body[i].kind == "L" and (not limit or len(group) <= limit):
+                    group.append(body[i])
+                    i += 1
+                yield from _purchase(source, group, limit)
+            elif rec.kind == "R":
+                yield from _refund(source, rec)
+            else:
+                problem = rec.problem or "L record without a P record before it (or beyond its P's line_count)"
+                yield Quarantined(source, rec.line.number, problem, rec.line.raw)
+
+
+def _lines(data: bytes) -> list[tuple[SourceLine, bool]]:
+    """Non-blank lines numbered as in the file, each with whether it is plain ASCII; blank lines
+    are neither records nor counted."""
+    out = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        if raw.strip():
+            out.append((SourceLine(number, raw.decode("ascii", errors="backslashreplace")), raw.isascii()))
+    return out
+
+
+def _record(line: SourceLine, ascii_ok: bool) -> _Record:
+    kind = line.raw[:1]
+    layout = LAYOUTS.get(kind)
+    if layout is None:
+        return _Record(line, kind, {}, f"record type {kind!r} is not one of {', '.join(LAYOUTS)}")
+    if not ascii_ok:
+        return _Record(line, kind, {}, "line is not ASCII")
+    length = layout[-1].end
+    if line.raw[length:].strip():
+        return _Record(line, kind, {}, f"{kind} record is {length} characters; more follow at {length + 1}")
+    # Transfers often strip trailing blanks, so a short line is padded back to the layout.
+    padded = line.raw.ljust(length)
+    return _Record(line, kind, {c.name: c.cut(padded).strip() for c in layout}, "")
+
+
+def _framing(records: list[_Record]) -> tuple[int, str] | None:
+    """(line, reason) when the file is not exactly H, records, T with the right count."""
+    if not records:
+        return None
+    first, last = records[0], records[-1]
+    if first.kind != "H" or first.problem:
+        return first.line.number, "the first record must be a header (H)"
+    if last.kind != "T" or last.problem:
+        return last.line.number, "the last record must be a trailer (T); the file may be truncated"
+    for rec in records[1:-1]:
+        if rec.kind in ("H", "T"):
+            return rec.line.number, f"a second {rec.kind} record inside the file; files may be concatenated"
+    try:
+        count = f.digits(last.fields["record_count"], "record_count")
+    except f.FieldError as error:
+        return last.line.number, f"column {error.field}: {error.message}"
+    found = len(records) - 2
+    if count != found:
+        return last.line.number, f"trailer record_count is {count} but the file has {found} records between H and T"
+    return None
+
+
+def _line_count(rec: _Record) -> int:
+    try:
+        return f.positive(rec.fields["line_count"], "line_count")
+    except f.FieldError:
+        return 0  # reported by _purchase with the rest of the receipt's problems
+
+
+def _local_time(rec: _Record, time_col: str) -> datetime:
+    text = rec.fields[time_col] + rec.fields["utc_offset"]
+    try:
+        return datetime.strptime(text, "%Y%m%d%H%M%S%z")
+    except ValueError:
+        raise f.FieldError(
+            f"{time_col}/utc_offset", f"{rec.fields[time_col]!r} {rec.fields['utc_offset']!r} is not "
+            "YYYYMMDDHHMMSS with a +HHMM offset",
+        ) from None  # fmt: skip
+
+
+def _purchase(source: str, group: list[_Record], count: int) -> Iterator[Parsed]:
+    head, items = group[0], group[1:]
+    origin = Origin(source, tuple(r.line for r in group))
+    broken = next((r for r in group if r.problem), None)
+    if broken is not None:
+        reason = f"{broken.problem} (line {broken.line.number})"
+        yield from quarantine_all(origin, reason if broken is head else f"receipt held back: {reason}")
+        return
+    get = head.fields
+    try:
+        f.positive(get["line_count"], "line_count")
+        if len(items) != count:
+            raise f.FieldError("line_count", f"announces {count} L records but {len(items)} follow")
+        currency = f.currency(get["currency"])
+        lines = tuple(_item(rec, currency) for rec in items)
+        member = Member(card_number=f.required(get["card_number"], "card_number"))
+        store, receipt = f.required(get["store_id"], "store_id"), f.required(get["receipt_id"], "receipt_id")
+        when = _local_time(head, "receipt_time")
+    except f.FieldError as error:
+        yield from quarantine_all(origin, f"column {error.field}: {error.message}", field=error.field)
+        return
+    yield LegacyPurchase(f"{store}/{receipt}", member, "", store, receipt, currency, lines, when, origin)
+
+
+def _item(rec: _Record, currency: str) -> PurchaseLine:
+    try:
+        return PurchaseLine(
+            f.required(rec.fields["sku"], "sku"), f.required(rec.fields["category"], "category"),
+            f.positive(rec.fields["quantity"], "quantity"), f.digits(rec.fields["amount_minor"], "amount_minor"),
+        )  # fmt: skip
+    except f.FieldError as error:
+        raise f.FieldError(error.field, f"{error.message} (L record at line {rec.line.number})") from None
+
+
+def _refund(source: str, rec: _Record) -> Iterator[Parsed]:
+    origin = Origin(source, (rec.line,))
+    if rec.problem:
+        yield from quarantine_all(origin, rec.problem)
+        return
+    get = rec.fields
+    try:
+        currency = f.currency(get["currency"])
+        refund = f.positive(get["refund_minor"], "refund_minor")
+        member = Member(card_number=f.required(get["card_number"], "card_number"))
+        store, slip = f.required(get["store_id"], "store_id"), f.required(get["refund_id"], "refund_id")
+        original_store = f.required(get["original_store_id"], "original_store_id")
+        original = f.required(get["original_receipt_id"], "original_receipt_id")
+        when = _local_time(rec, "refund_time")
+    except f.FieldError as error:
+        yield from quarantine_all(origin, f"column {error.field}: {error.message}", field=error.field)
+        return
+    yield LegacyReturn(
+        f"{store}/{slip}/{original_store}/{original}", member, "", original_store, original, slip, "", store, (),
+        refund, currency, when, origin,
+    )  # fmt: skip

@@ -1,0 +1,306 @@
+"""Sends parsed legacy records to the ledger and accounts for every one of them.
+
+Each record ends as exactly one of: accepted (the ledger recorded it now), duplicate (the
+ledger already had it, from this file or any other transport), or quarantined (the adapter
+could not read it, or the ledger refused it for a reason about the record). A failure that
+says nothing about the record - the ledger unreachable or out of time - stops the whole
+import instead: every command is idempotent, so running the file again is the retry, and
+nothing is quarantined for an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from google.rpc import error_details_pb2
+
+from gateway.legacy.base import Adapter
+from gateway.legacy.csv_drop import CsvDropAdapter
+from gateway.legacy.fixed_width import FixedWidthAdapter
+from gateway.legacy.records import LegacyPurchase, LegacyReturn, Member, Parsed, Quarantined, quarantine_all
+from gateway.legacy.webhook import WebhookAdapter
+from pointmesh.clients import LEDGER_SERVICE, unary_methods
+from pointmesh.errors import status_details
+from pointmesh.rpc import client_channel
+from pointmesh.timestamps import to_timestamp
+from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (CsvDropAdapter(), FixedWidthAdapter(), WebhookAdapter())}
+
+# Refusals about the record itself: fix the record and send it again.
+REFUSAL_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+# Failures of the moment: run the same import again later.
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+# Returns from every legacy adapter share one namespace: the same slip arriving in two
+# formats is one return (or, with different contents, a conflict a person must look at).
+RETURN_KEY_NAMESPACE = "legacy"
+_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    """Counts are of records (a receipt or a return); `quarantined` lists source lines."""
+
+    adapter: str
+    channel: str
+    accepted: int = 0
+    duplicates: int = 0
+    # Accepted purchases waiting for rules_svc; they earn when it is back, with no re-send.
+    pending_accrual: int = 0
+    quarantined: tuple[Quarantined, ...] = ()
+    quarantine_file: Path | None = None
+
+    def summary(self) -> str:
+        where = f" -> {self.quarantine_file}" if self.quarantine_file else ""
+        return (
+            f"{self.adapter}: {self.accepted} accepted ({self.pending_accrual} pending accrual), "
+            f"{self.duplicates} duplicates, {len(self.quarantined)} lines quarantined{where}"
+        )
+
+
+class ImportInterrupted(RuntimeError):
+    """The import stopped on a failure that is not about a record. `partial` says what was sent
+    before it; since every command is idempotent, the remedy is to run the whole import again."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, retryable: bool, partial: ImportReport) -> None:
+        kind = "retry the import later" if retryable else "not retryable as is"
+        super().__init__(f"import stopped: ledger {code.name}: {message} ({kind})")
+        self.code = code
+        self.retryable = retryable
+        self.partial = partial
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    code: str
+    field: str
+    reason: str
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: _Refusal) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
+
+
+@dataclass
+class _Session:
+    ledger: ledger_pb2_grpc.LedgerServiceStub
+    channel: str
+    members: dict[str, str | _Refusal] = field(default_factory=dict)  # card -> member id, per import
+    accepted: int = 0
+    duplicates: int = 0
+    pending: int = 0
+
+    async def member_of(self, who: Member) -> str:
+        if who.member_id:
+            return who.member_id
+        known = self.members.get(who.card_number)
+        if known is None:
+            try:
+                found = await self.ledger.LookupMember(
+                    ledger_pb2.LookupMemberRequest(
+                        external_id=common_pb2.ExternalId(kind="card", value=who.card_number)
+                    )
+                )
+                known = found.member.member_id
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in REFUSAL_CODES:
+                    raise
+                cause = _refusal(error)
+                known = _Refusal(cause.code, "card_number", f"card_number {who.card_number!r}: {cause.reason}")
+            self.members[who.card_number] = known  # an unknown card is looked up once per import
+        if isinstance(known, _Refusal):
+            raise _Refused(known)
+        return known
+
+    async def purchase(self, p: LegacyPurchase) -> None:
+        member_id = await self.member_of(p.member)
+        request = ledger_pb2.RecordPurchaseRequest(
+            member_id=member_id, channel=p.channel or self.channel, store_id=p.store_id, receipt_id=p.receipt_id,
+            total=common_pb2.Money(amount_minor=p.total_minor, currency=p.currency),
+            lines=[
+                ledger_pb2.PurchaseLine(
+                    sku=ln.sku, category=ln.category, quantity=ln.quantity,
+                    amount=common_pb2.Money(amount_minor=ln.amount_minor, currency=p.currency),
+                )
+                for ln in p.lines
+            ],
+            receipt_time=to_timestamp(p.receipt_time),
+        )  # fmt: skip
+        # No transport key: the receipt's natural key is the dedupe, and a key made from a
+        # source id (a line number, a batch id) could only add false conflicts.
+        response = await self.ledger.RecordPurchase(request)
+        if response.replayed:
+            self.duplicates += 1
+            return
+        self.accepted += 1
+        if response.purchase.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL:
+            self.pending += 1
+
+    async def return_(self, r: LegacyReturn) -> None:
+        member_id = await self.member_of(r.member)
+        channel = r.channel or self.channel
+        request = ledger_pb2.RecordReturnRequest(
+            idempotency_key=common_pb2.IdempotencyKey(namespace=RETURN_KEY_NAMESPACE, key=return_key(r, self.channel)),
+            member_id=member_id, original_channel=r.original_channel or self.channel,
+            original_store_id=r.original_store_id, original_receipt_id=r.original_receipt_id,
+            channel=channel, store_id=r.store_id,
+            lines=[ledger_pb2.ReturnLine(line_index=ln.line_index, quantity=ln.quantity) for ln in r.lines],
+            refund=(
+                common_pb2.Money(amount_minor=r.refund_minor, currency=r.currency)
+                if r.refund_minor is not None else None
+            ),
+            return_time=to_timestamp(r.return_time),
+        )  # fmt: skip
+        response = await self.ledger.RecordReturn(request)
+        if response.replayed:
+            self.duplicates += 1
+        else:
+            self.accepted += 1
+
+
+def return_key(r: LegacyReturn, channel: str) -> str:
+    """The return's own identity: where it happened, its slip, and the receipt it returns."""
+    raw = "/".join(
+        (
+            "return", r.channel or channel, r.store_id, r.return_receipt_id,
+            r.original_channel or channel, r.original_store_id, r.original_receipt_id,
+        )
+    )  # fmt: skip
+    return raw if _KEY_RE.match(raw) else "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _refusal(error: grpc.aio.AioRpcError) -> _Refusal:
+    """The ledger's refusal as a quarantine reason, naming the request field it blamed."""
+    code = error.code()
+    field = ""
+    for detail in status_details(error):
+        if isinstance(detail, error_details_pb2.ErrorInfo) and detail.metadata.get("field"):
+            field = detail.metadata["field"]
+        elif isinstance(detail, error_details_pb2.BadRequest) and detail.field_violations and not field:
+            field = detail.field_violations[0].field
+    where = f" on {field}" if field else ""
+    return _Refusal(code.name, field, f"ledger refused ({code.name}{where}): {error.details()}")
+
+
+async def import_records(
+    records: Iterable[Parsed], ledger: ledger_pb2_grpc.LedgerServiceStub, *, adapter: str, channel: str
+) -> ImportReport:
+    """Sends records in order (a return after its purchase in the same file finds it), one at a
+    time; `channel` is used wherever a record names none. Raises ImportInterrupted on a failure
+    that is not about a record."""
+    session = _Session(ledger, channel)
+    quarantined: list[Quarantined] = []
+    for item in records:
+        if isinstance(item, Quarantined):
+            quarantined.append(item)
+            continue
+        try:
+            if isinstance(item, LegacyPurchase):
+                await session.purchase(item)
+            else:
+                await session.return_(item)
+        except _Refused as refused:
+            quarantined.extend(_held_back(item, refused.refusal))
+        except grpc.aio.AioRpcError as error:
+            if error.code() in REFUSAL_CODES:
+                quarantined.extend(_held_back(item, _refusal(error)))
+                continue
+            partial = _report(session, adapter, channel, quarantined)
+            raise ImportInterrupted(
+                error.code(), error.details() or "", retryable=error.code() in RETRYABLE_CODES, partial=partial
+            ) from error
+    return _report(session, adapter, channel, quarantined)
+
+
+def _held_back(item: LegacyPurchase | LegacyReturn, refusal: _Refusal) -> list[Quarantined]:
+    return quarantine_all(item.origin, refusal.reason, code=refusal.code, field=refusal.field)
+
+
+def _report(session: _Session, adapter: str, channel: str, quarantined: list[Quarantined]) -> ImportReport:
+    return ImportReport(
+        adapter, channel, session.accepted, session.duplicates, session.pending,
+        tuple(sorted(quarantined, key=lambda q: (q.source, q.line))),
+    )  # fmt: skip
+
+
+def write_quarantine(entries: Iterable[Quarantined], path: Path, *, adapter: str) -> int:
+    """Appends one JSON line per entry and syncs it to disk; returns how many were written.
+    Each run appends its own block, stamped with the time, so ops see every attempt."""
+    at = datetime.now(UTC).isoformat(timespec="seconds")
+    lines = [
+        json.dumps(
+            {
+                "quarantined_at": at, "adapter": adapter, "file": q.source, "line": q.line, "code": q.code,
+                "field": q.field, "reason": q.reason, "raw": q.raw,
+            },
+            ensure_ascii=False,
+        )
+        for q in entries
+    ]  # fmt: skip
+    if not lines:
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as out:
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    return len(lines)
+
+
+def quarantine_path(quarantine_dir: Path, source: Path) -> Path:
+    return quarantine_dir / f"{source.name}.quarantine.jsonl"
+
+
+async def import_file(
+    path: Path | str,
+    adapter_name: str,
+    ledger_target: str,
+    quarantine_dir: Path | str,
+    channel: str | None = None,
+) -> ImportReport:
+    """`pointmesh legacy import FILE --adapter NAME`: parse, send, and write the quarantine file
+    (only when the import finished; an interrupted import writes nothing and is simply re-run)."""
+    adapter = ADAPTERS.get(adapter_name)
+    if adapter is None:
+        raise ValueError(f"unknown adapter {adapter_name!r}; known: {', '.join(sorted(ADAPTERS))}")
+    source = Path(path)
+    data = await asyncio.to_thread(source.read_bytes)
+    grpc_channel = client_channel(ledger_target, idempotent_methods=unary_methods(LEDGER_SERVICE))
+    try:
+        stub = ledger_pb2_grpc.LedgerServiceStub(grpc_channel)
+        report = await import_records(
+            adapter.parse(str(source), data), stub, adapter=adapter.name, channel=channel or adapter.default_channel
+        )
+    finally:
+        await grpc_channel.close()
+    if not report.quarantined:
+        return report
+    target = quarantine_path(Path(quarantine_dir), source)
+    await asyncio.to_thread(write_quarantine, report.quarantined, target, adapter=adapter.name)
+    return replace(report, quarantine_file=target)

@@ -1,0 +1,99 @@
+"""Legacy feeds over HTTP: a file upload for franchise drops and mainframe exports (API key
+with `legacy:write`), and signed vendor webhooks (HMAC, no API key). Both become the same
+purchase/return commands as every other channel, deduped by the receipt's natural key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from gateway.deps import Caller, GatewayDep
+from gateway.legacy.importer import ADAPTERS, ImportInterrupted, ImportReport, import_records, write_quarantine
+from gateway.legacy.records import LegacyPurchase, LegacyReturn, Quarantined
+from gateway.legacy.webhook import SignatureError, WebhookAdapter, verify_signature
+from gateway.problems import Problem, bad_request, unauthorized
+
+router = APIRouter(prefix="/v1/legacy", tags=["legacy"])
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+MAX_WEBHOOK_BYTES = 256 * 1024
+Parsed = LegacyPurchase | LegacyReturn | Quarantined
+
+
+def report_body(report: ImportReport) -> dict[str, Any]:
+    return {
+        "adapter": report.adapter, "channel": report.channel, "accepted": report.accepted,
+        "duplicates": report.duplicates, "pending_accrual": report.pending_accrual,
+        "quarantined": [{"source": q.source, "line": q.line, "reason": q.reason, "field": q.field}
+                        for q in report.quarantined],
+        "quarantine_file": str(report.quarantine_file) if report.quarantine_file else None,
+    }  # fmt: skip
+
+
+def _within_stores(records: Iterable[Parsed], stores: tuple[str, ...]) -> Iterator[Parsed]:
+    """A key bound to stores imports only their receipts; the rest are quarantined, not dropped."""
+    for record in records:
+        store = getattr(record, "store_id", "")
+        if stores and not isinstance(record, Quarantined) and store not in stores:
+            for line in record.origin.lines:
+                yield Quarantined(record.origin.source, line.number, f"store {store} is not one this API key may act for",
+                                  line.raw, code="PERMISSION_DENIED", field="store_id")  # fmt: skip
+            continue
+        yield record
+
+
+async def _run(gw: Any, records: Iterable[Parsed], adapter: str, channel: str, source: str) -> ImportReport:
+    try:
+        report = await import_records(records, gw.ledger, adapter=adapter, channel=channel)
+    except ImportInterrupted as exc:
+        raise Problem(503, "service-unavailable", "The import stopped", f"{exc}; send the same file again",
+                      headers={"Retry-After": "5"}) from None  # fmt: skip
+    if report.quarantined:
+        path = gw.settings.data_dir / "quarantine" / f"{source.replace('/', '_')}.quarantine.jsonl"
+        write_quarantine(report.quarantined, path, adapter=adapter)
+        report = replace(report, quarantine_file=path)
+    return report
+
+
+@router.post("/imports", summary="Import a legacy file (CSV drop or fixed-width export)")
+async def import_upload(
+    file: UploadFile, gw: GatewayDep, caller: Caller,
+    adapter: Annotated[str, Query(description="csv or fixed-width", examples=["csv"])] = "csv",
+) -> dict[str, Any]:  # fmt: skip
+    key = caller.require("legacy:write")
+    parser = ADAPTERS.get(adapter)
+    if parser is None or adapter == "webhook":
+        raise bad_request("adapter", f"must be one of csv, fixed-width; got {adapter!r}")
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise bad_request("file", f"larger than {MAX_UPLOAD_BYTES} bytes; split it")
+    source = file.filename or "upload"
+    records = _within_stores(parser.parse(source, data), key.stores)
+    return report_body(await _run(gw, records, adapter, key.channel, source))
+
+
+@router.post("/webhooks/{vendor}", summary="A vendor's signed purchase or return (HMAC-SHA256)",
+             responses={202: {"description": "Accepted"}, 200: {"description": "Already received"}})  # fmt: skip
+async def webhook(
+    vendor: str, request: Request, gw: GatewayDep,
+    x_signature: Annotated[str | None, Header()] = None,
+    x_signature_timestamp: Annotated[str | None, Header()] = None,
+) -> JSONResponse:  # fmt: skip
+    body = await request.body()
+    if len(body) > MAX_WEBHOOK_BYTES:
+        raise bad_request("body", f"larger than {MAX_WEBHOOK_BYTES} bytes")
+    try:
+        verify_signature(gw.settings.webhook_secret.encode(), body, x_signature, timestamp=x_signature_timestamp,
+                         now=gw.clock.now())  # fmt: skip
+    except SignatureError as exc:
+        raise unauthorized(f"webhook signature refused: {exc}") from None
+    adapter = WebhookAdapter()
+    report = await _run(
+        gw, adapter.parse(f"webhook:{vendor}", body), "webhook", adapter.default_channel, f"webhook-{vendor}"
+    )
+    status = 422 if report.quarantined else 202 if report.accepted else 200
+    headers = {"Idempotent-Replayed": "true"} if status == 200 else {}
+    return JSONResponse(report_body(report), status_code=status, headers=headers)
