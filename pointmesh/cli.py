@@ -88,7 +88,11 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
 def cmd_demo(_: argparse.Namespace) -> int:
     from pointmesh.demo import run_demo
 
-    asyncio.run(run_demo(_settings().ledger_addr))
+    settings = _settings()
+    path = demo_key_path(settings)
+    if not path.exists():
+        raise SystemExit(f"demo: no demo key at {path}; start the platform with `make up` first")
+    asyncio.run(run_demo(f"http://{settings.gateway_addr}", path.read_text().strip()))
     return 0
 
 
