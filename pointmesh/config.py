@@ -29,6 +29,13 @@ class Settings:
     ledger_metrics_port: int = 9464
     ledger_store: str = "sqlite"
     rules_addr: str = "127.0.0.1:50052"
+    fraud_addr: str = "127.0.0.1:50053"
+    fraud_metrics_port: int = 9466
+    # Where model artifacts live; empty: DATA_DIR/models. fraud_svc trains a small default
+    # model from generated data at start-up when it finds none.
+    models_dir: str = ""
+    # Rows of generated data for that default model.
+    default_model_rows: int = 40_000
     # host:port of the REST/websocket gateway.
     gateway_addr: str = "127.0.0.1:8080"
     # Signs member tokens (JWT HS256); set it in production, the same on every gateway.
