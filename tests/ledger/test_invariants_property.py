@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -407,9 +408,13 @@ class Scenario:
         hold.placed = False
         self.totals[hold.key[1]].captured += captured
         key = hold.key
+        settled = _settled_by_freeing(before[key], hold.points - captured)
         self.expect_net = {key: -captured}
         self._after(lambda b, a: self._eq(a[key].reserved_points - b[key].reserved_points, -hold.points, "reserved"))
-        self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -captured, "balance"))
+        self._after(
+            lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -captured - settled, "balance")
+        )
+        self._after(lambda b, a: self._eq(a[key].debt_points - b[key].debt_points, -settled, "debt"))
 
     async def _void(self, op: VoidOp, before: dict[Key, Balance]) -> None:
         hold: HoldModel | None = _pick_mostly(self.holds, op.pick, lambda h: h.placed)
@@ -421,8 +426,10 @@ class Scenario:
             return
         hold.placed = False
         key = hold.key
+        settled = _settled_by_freeing(before[key], hold.points)
         self._after(lambda b, a: self._eq(a[key].reserved_points - b[key].reserved_points, -hold.points, "reserved"))
-        self._after(lambda b, a: self._eq(a[key].balance_points, b[key].balance_points, "balance"))
+        self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -settled, "balance"))
+        self._after(lambda b, a: self._eq(a[key].debt_points - b[key].debt_points, -settled, "debt"))
 
     async def _reverse(self, op: ReverseOp, before: dict[Key, Balance]) -> None:
         if op.how == "not_earn" and self.other_txs:
@@ -630,6 +637,11 @@ class Scenario:
         self._eq(expired_all, self.expired_reported, "expired points reported by maintenance")
 
 
+def _settled_by_freeing(before: Balance, freed_points: int) -> int:
+    """Reserved points a hold gives back pay recorded debt first, like a credit (decision 0007)."""
+    return min(before.debt_points, before.available_points + freed_points)
+
+
 def _spendable_delta(before: Balance, after: Balance) -> int:
     """A credit pays debt first, then the balance; together they rise by the credit."""
     return (after.balance_points - after.debt_points) - (before.balance_points - before.debt_points)
@@ -694,3 +706,16 @@ def test_points_freed_by_a_voided_hold_pay_the_debt_a_reversal_recorded() -> Non
 
     with tempfile.TemporaryDirectory(prefix="ledger-settle-") as workdir:
         _run(scenario(Path(workdir)))
+
+
+@pytest.mark.parametrize("negative_limit", [0, 50])
+@pytest.mark.parametrize(
+    "closing",
+    [VoidOp(pick=0), CaptureOp(pick=0, percent=40)],
+    ids=["void", "partial-capture"],
+)
+def test_model_expects_points_freed_by_a_closing_hold_to_pay_recorded_debt(closing: Any, negative_limit: int) -> None:
+    # Opening earn 0 credits slot 0's points; the full reversal leaves 100 debt behind the 100-point hold.
+    ops = [HoldOp(0, "points", 100, None), ReverseOp(pick=0, how="full", percent=100, currency="EUR"), closing]
+    with tempfile.TemporaryDirectory(prefix="ledger-model-settle-") as workdir:
+        _run(Scenario(Path(workdir), 2, negative_limit).run(ops))
