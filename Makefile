@@ -15,11 +15,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# redis-server for the event bus and cache; libgomp1 is the OpenMP runtime LightGBM links against.
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server from Debian's packages"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
+	@ldconfig -p 2>/dev/null | grep -q libgomp.so.1 || { \
+	  echo "installing libgomp1 from Debian's packages"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q libgomp1; }
 
 setup: $(STAMP) system-deps
 

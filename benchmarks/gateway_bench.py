@@ -96,6 +96,8 @@ def main() -> int:
             "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{free_port()}", "POINTMESH_LEDGER_METRICS_PORT": "0",
             "POINTMESH_RULES_ADDR": f"127.0.0.1:{free_port()}", "POINTMESH_RULES_METRICS_PORT": "0",
             "POINTMESH_GATEWAY_ADDR": f"127.0.0.1:{gateway}", "POINTMESH_LOG_LEVEL": "WARNING",
+        "POINTMESH_FRAUD_ADDR": f"127.0.0.1:{free_port()}", "POINTMESH_FRAUD_METRICS_PORT": "0",
+        "POINTMESH_DEFAULT_MODEL_ROWS": "5000",
         }  # fmt: skip
         env.pop("POINTMESH_REDIS_URL", None)
         up = subprocess.Popen([sys.executable, "-m", "pointmesh.cli", "up"], env=env, cwd=REPO,

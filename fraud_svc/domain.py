@@ -75,3 +75,28 @@ class Decision:
     model_version: str = ""
     scored: bool = True  # False when a fail-open/closed policy decided without a score
     features: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberActivity:
+    """The ledger's view of a member that churn scoring reads (mirrors the proto message)."""
+
+    member_id: str
+    member_since: datetime | None = None
+    last_purchase_at: datetime | None = None
+    purchases_30d: int = 0
+    purchases_90d: int = 0
+    purchases_365d: int = 0
+    spend_90d_minor: int = 0  # in the programme's base currency
+    balance_points: int = 0
+    last_redemption_at: datetime | None = None
+    segment: str = ""
+    tier: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnPrediction:
+    member_id: str
+    probability: float
+    factors: tuple[Reason, ...] = ()
+    model_version: str = ""

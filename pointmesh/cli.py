@@ -142,6 +142,36 @@ def cmd_gateway_serve(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fraud_serve(_: argparse.Namespace) -> int:
+    from fraud_svc.app import serve
+    from pointmesh.telemetry import setup_telemetry
+
+    settings = _settings()
+    configure_logging("fraud", settings.log_level, settings.log_format)
+    setup_telemetry("fraud", settings.fraud_metrics_port)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`pointmesh fraud train` / `pointmesh churn train`: a versioned artifact from generated data."""
+    from fraud_svc.app import models_dir
+    from fraud_svc.training import train_churn, train_fraud
+
+    settings = _settings()
+    out = Path(args.out) if args.out else models_dir(settings)
+    if args.model == "fraud":
+        path = train_fraud(out, rows=args.rows, seed=args.seed)
+    else:
+        path = train_churn(out, members=args.rows, seed=args.seed)
+    metadata = (path / "metadata.json").read_text()
+    import json
+
+    print(f"{args.model} model written to {path}")
+    print(json.dumps(json.loads(metadata).get("metrics", {}), indent=2))
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """API keys for channels: create (printed once), list, revoke; and member tokens."""
     from gateway.app import key_store
@@ -235,6 +265,7 @@ def demo_key_path(settings: Settings) -> Path:
 SERVICES: dict[str, list[str]] = {
     "ledger": ["ledger", "serve"],
     "rules": ["rules", "serve"],
+    "fraud": ["fraud", "serve"],
     "gateway": ["gateway", "serve"],
 }
 
@@ -262,7 +293,8 @@ def cmd_up(_: argparse.Namespace) -> int:
         demo_key = _demo_key(settings)
         url = f"http://{settings.gateway_addr}"
         print(
-            f"pointmesh up: redis on {redis.url}, ledger on {settings.ledger_addr}, rules on {settings.rules_addr}\n"
+            f"pointmesh up: redis on {redis.url}, ledger on {settings.ledger_addr}, rules on {settings.rules_addr}, "
+            f"fraud on {settings.fraud_addr}\n"
             f"  gateway   {url}   (API docs: {url}/docs)\n"
             f"  demo key  {demo_key}\n"
             f"  try:      curl -H 'Authorization: Bearer {demo_key}' {url}/v1/program\n"
@@ -312,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--key", default="", help="idempotency key; default: the file's SHA-256")
     publish.add_argument("--by", default=os.environ.get("USER", "cli"), help="who publishes (audit)")
     publish.set_defaults(func=cmd_rules_publish)
+    for model, rows in (("fraud", 200_000), ("churn", 20_000)):
+        group = sub.add_parser(model, help=f"{model} model commands").add_subparsers(
+            dest=f"{model}_command", required=True
+        )
+        train = group.add_parser("train", help=f"train a {model} model on generated data")
+        train.add_argument("--rows", type=int, default=rows, help="events (fraud) or members (churn) to generate")
+        train.add_argument("--seed", type=int, default=0)
+        train.add_argument("--out", default="", help="artifact root (default: the models directory)")
+        train.set_defaults(func=cmd_train, model=model)
+        if model == "fraud":
+            group.add_parser("serve", help="run fraud_svc").set_defaults(func=cmd_fraud_serve)
     gateway = sub.add_parser("gateway", help="gateway commands").add_subparsers(dest="gateway_command", required=True)
     gateway.add_parser("serve", help="run the REST/websocket gateway").set_defaults(func=cmd_gateway_serve)
     keys = sub.add_parser("keys", help="API keys and member tokens").add_subparsers(dest="keys_command", required=True)

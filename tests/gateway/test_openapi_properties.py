@@ -31,6 +31,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
         "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{free_port()}", "POINTMESH_LEDGER_METRICS_PORT": "0",
         "POINTMESH_RULES_ADDR": f"127.0.0.1:{free_port()}", "POINTMESH_RULES_METRICS_PORT": "0",
         "POINTMESH_GATEWAY_ADDR": f"127.0.0.1:{gateway}", "POINTMESH_LOG_LEVEL": "WARNING",
+        "POINTMESH_FRAUD_ADDR": f"127.0.0.1:{free_port()}", "POINTMESH_FRAUD_METRICS_PORT": "0",
+        "POINTMESH_DEFAULT_MODEL_ROWS": "5000",
     }  # fmt: skip
     env.pop("POINTMESH_REDIS_URL", None)
     log = (data / "up.log").open("wb")

@@ -70,7 +70,7 @@ def _metric_value(text: str, name: str, labels: dict[str, str]) -> float:
 
 def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    ledger_port, redis_port, metrics_port, rules_port, gateway_port = (free_port() for _ in range(5))
+    ledger_port, redis_port, metrics_port, rules_port, gateway_port, fraud_port = (free_port() for _ in range(6))
     env = {
         **os.environ,
         "POINTMESH_DATA_DIR": str(data_dir),
@@ -80,6 +80,9 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         "POINTMESH_RULES_ADDR": f"127.0.0.1:{rules_port}",
         "POINTMESH_RULES_METRICS_PORT": "0",
         "POINTMESH_GATEWAY_ADDR": f"127.0.0.1:{gateway_port}",
+        "POINTMESH_FRAUD_ADDR": f"127.0.0.1:{fraud_port}",
+        "POINTMESH_FRAUD_METRICS_PORT": "0",
+        "POINTMESH_DEFAULT_MODEL_ROWS": "5000",
     }
     env.pop("POINTMESH_REDIS_URL", None)
     log_path = tmp_path / "up.log"
@@ -99,6 +102,7 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         wait_for_port(metrics_port)
         wait_for_port(rules_port)
         wait_for_port(gateway_port)
+        wait_for_port(fraud_port, timeout=60)  # trains its default model first
         demo_key = (data_dir / "gateway" / "demo-key").read_text().strip()
         assert demo_key in log_path.read_text() and f"http://127.0.0.1:{gateway_port}/docs" in log_path.read_text()
         request = urllib.request.Request(
@@ -151,7 +155,7 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
 
         running = _processes_using(data_dir)
         assert up.pid in running
-        assert len(running) >= 5, "expected `up`, redis-server, the ledger, rules and gateway children"
+        assert len(running) >= 6, "expected `up`, redis-server, the ledger, rules, fraud and gateway children"
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=20) == 0, log_path.read_text()
@@ -160,6 +164,7 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         assert _port_closed(metrics_port)
         assert _port_closed(rules_port)
         assert _port_closed(gateway_port)
+        assert _port_closed(fraud_port)
         assert not _processes_using(data_dir), "children of `up` outlived it"
         assert "pointmesh up: stopped" in log_path.read_text()
     finally:

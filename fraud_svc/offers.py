@@ -1,0 +1,75 @@
+"""Retention offers: which offer from the catalogue is worth making to a member at risk.
+
+Expected value in points = churn probability x the offer's uplift (share of at-risk members it
+keeps) x the member's yearly value in points - the offer's bonus cost. Offers whose value is not
+positive, or whose segment or churn band does not fit the member, are not made. Values are
+integer points; the probability only ranks and scales, it never moves points itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogueOffer:
+    offer_id: str
+    title: str
+    bonus_points: int
+    # Share of would-be churners this offer keeps, in percent.
+    uplift_percent: int
+    min_churn_percent: int = 0
+    segments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChosenOffer:
+    offer: CatalogueOffer
+    expected_value_points: int
+    explanation: str
+
+
+DEFAULT_CATALOGUE = (
+    CatalogueOffer("double-next-visit", "Double points on your next visit", 150, 12, 40),
+    CatalogueOffer("bonus-500", "500 bonus points on a purchase this month", 500, 25, 60),
+    CatalogueOffer("student-coffee", "A free coffee for students", 80, 15, 30, ("students",)),
+    CatalogueOffer("thank-you-50", "50 thank-you points", 50, 3, 20),
+)
+
+
+def load_catalogue(path: Path) -> tuple[CatalogueOffer, ...]:
+    items = json.loads(path.read_text())
+    offers = []
+    for i in items:
+        segments = tuple(i.get("segments", ()))
+        offers.append(CatalogueOffer(i["offer_id"], i["title"], int(i["bonus_points"]), int(i["uplift_percent"]),
+                                     int(i.get("min_churn_percent", 0)), segments))  # fmt: skip
+    return tuple(offers)
+
+
+def yearly_value_points(spend_90d_minor: int) -> int:
+    """What keeping the member is worth: a year of their spend at the base earn rate (1 point per
+    100 minor units), as the program's own yardstick of value."""
+    return spend_90d_minor * 4 // 100
+
+
+def choose(
+    catalogue: tuple[CatalogueOffer, ...], churn_probability: float, segment: str, spend_90d_minor: int, limit: int = 3
+) -> list[ChosenOffer]:
+    churn_percent = round(churn_probability * 100)
+    value = yearly_value_points(spend_90d_minor)
+    chosen = []
+    for offer in catalogue:
+        if churn_percent < offer.min_churn_percent or (offer.segments and segment not in offer.segments):
+            continue
+        kept = value * churn_percent * offer.uplift_percent // 10_000
+        ev = kept - offer.bonus_points
+        if ev <= 0:
+            continue
+        why = (f"churn risk {churn_percent}%, yearly value {value} points, keeps {offer.uplift_percent}% of "
+               f"would-be churners: expected {kept} points kept for {offer.bonus_points} given")  # fmt: skip
+        chosen.append(ChosenOffer(offer, ev, why))
+    chosen.sort(key=lambda c: (-c.expected_value_points, c.offer.offer_id))
+    return chosen[:limit]

@@ -1,0 +1,128 @@
+"""fraud_svc use cases: score (rules, then model), batch score, churn, offers, model reload.
+
+The models sit in slots swapped atomically: a request already running keeps the model it
+started with, a reload that fails validation leaves the serving model in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fraud_svc.churn import predict_churn
+from fraud_svc.decide import DecisionConfig, decide
+from fraud_svc.domain import (
+    BadRequest,
+    ChurnPrediction,
+    Decision,
+    FraudError,
+    MemberActivity,
+    ModelUnavailable,
+    TxContext,
+    TxKind,
+)
+from fraud_svc.features import featurize
+from fraud_svc.model import Model, latest_artifact, load_artifact
+from fraud_svc.offers import CatalogueOffer, ChosenOffer, choose
+from fraud_svc.velocity import Velocity
+
+MAX_BATCH = 10_000
+
+
+@dataclass
+class ModelSlot:
+    kind: str
+    models_dir: Path
+    model: Model | None = None
+
+    def load(self, path: str = "") -> tuple[Model, str]:
+        """Validates the artifact first; only then replaces the serving model."""
+        target = Path(path) if path else latest_artifact(self.models_dir, self.kind)
+        if target is None:
+            raise ModelUnavailable(f"no {self.kind} artifact under {self.models_dir}", field="path")
+        fresh = load_artifact(target, kind=self.kind)
+        previous = self.model.version if self.model else ""
+        self.model = fresh
+        return fresh, previous
+
+
+def check(ctx: TxContext) -> TxContext:
+    if not ctx.event_id or len(ctx.event_id) > 128:
+        raise BadRequest("1..128 characters required", field="transaction.event_id")
+    if not ctx.member_id:
+        raise BadRequest("is required", field="transaction.member_id")
+    if ctx.occurred_at.tzinfo is None:
+        raise BadRequest("is required, with a time zone", field="transaction.occurred_at")
+    if ctx.points < 0:
+        raise BadRequest(f"must not be negative, got {ctx.points}", field="transaction.points")
+    if ctx.amount_minor < 0:
+        raise BadRequest(f"must not be negative, got {ctx.amount_minor}", field="transaction.amount.amount_minor")
+    if ctx.kind == TxKind.TRANSFER and not ctx.counterparty_member_id:
+        raise BadRequest("a transfer names the other member", field="transaction.counterparty_member_id")
+    return ctx
+
+
+class FraudService:
+    def __init__(
+        self, velocity: Velocity, fraud: ModelSlot, churn: ModelSlot, *, overrides: Mapping[str, Any] | None = None,
+        catalogue: tuple[CatalogueOffer, ...] = (),
+    ) -> None:  # fmt: skip
+        self.velocity = velocity
+        self.fraud = fraud
+        self.churn = churn
+        self.overrides = dict(overrides or {})
+        self.catalogue = catalogue
+        self.config = self._config(fraud.model)
+
+    def _config(self, model: Model | None) -> DecisionConfig:
+        if model is None:
+            return DecisionConfig.from_mapping(self.overrides)
+        return DecisionConfig.from_model_metadata(model.metadata, **self.overrides)
+
+    async def score(self, ctx: TxContext) -> Decision:
+        check(ctx)
+        features = await featurize(ctx, self.velocity)
+        model, config = self.fraud.model, self.config
+        if model is None:
+            return decide(ctx, features, None, (), config)
+        score = float(model.predict(features.array())[0])
+        return decide(ctx, features, score, model.explain(features), config, model_version=model.version)
+
+    async def score_batch(self, items: Sequence[TxContext | FraudError]) -> list[Decision | FraudError]:
+        if len(items) > MAX_BATCH:
+            raise BadRequest(f"at most {MAX_BATCH} transactions per batch", field="transactions")
+        out: list[Decision | FraudError] = []
+        for item in items:  # in order: velocity windows depend on what came before
+            if isinstance(item, FraudError):
+                out.append(item)
+                continue
+            try:
+                out.append(await self.score(item))
+            except FraudError as error:
+                out.append(error)
+        return out
+
+    def churn_score(self, activity: MemberActivity, as_of: datetime) -> ChurnPrediction:
+        if not activity.member_id:
+            raise BadRequest("is required", field="activity.member_id")
+        model = self.churn.model
+        if model is None:
+            raise ModelUnavailable("no churn model is loaded", field="model")
+        return predict_churn(model, activity, as_of)
+
+    def offers(self, activity: MemberActivity, as_of: datetime) -> tuple[ChurnPrediction, list[ChosenOffer]]:
+        prediction = self.churn_score(activity, as_of)
+        return prediction, choose(self.catalogue, prediction.probability, activity.segment, activity.spend_90d_minor)
+
+    async def reload(self, kind: str, path: str) -> tuple[str, str]:
+        slot = {"fraud": self.fraud, "churn": self.churn}.get(kind)
+        if slot is None:
+            raise BadRequest(f"must be 'fraud' or 'churn', got {kind!r}", field="model")
+        fresh, previous = await asyncio.to_thread(slot.load, path)
+        if kind == "fraud":
+            self.config = self._config(fresh)
+        return fresh.version, previous

@@ -1,0 +1,138 @@
+"""Velocity state: window semantics on event time, idempotency, and memory/Redis parity."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from fraud_svc.domain import TxContext, TxKind
+from fraud_svc.features import FEATURE_NAMES, featurize, featurize_matrix
+from fraud_svc.synth import SynthConfig, generate
+from fraud_svc.velocity import Link, MemoryVelocity, RedisVelocity, Track, TrackSpec, Velocity
+from pointmesh.redis_server import RedisServer
+
+MIN = 60_000
+SPEC = TrackSpec((10 * MIN, 60 * MIN), (60 * MIN,), (60 * MIN,), want_prev=True, retention_ms=60 * MIN)
+T0 = 1_760_000_000_000
+
+
+@pytest.fixture
+async def redis_velocity(redis_server: RedisServer) -> AsyncIterator[RedisVelocity]:
+    """A RedisVelocity on the session's real redis-server, under a prefix of its own."""
+    client = Redis.from_url(redis_server.url)
+    yield RedisVelocity(client, prefix=f"test:{uuid.uuid4().hex}:")
+    await client.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def velocity(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Velocity]:
+    """Each semantic test runs against both stores."""
+    if request.param == "memory":
+        yield MemoryVelocity()
+        return
+    client = Redis.from_url(redis_server.url)
+    yield RedisVelocity(client, prefix=f"test:{uuid.uuid4().hex}:")
+    await client.aclose()
+
+
+async def buy(v: Velocity, eid: str, at_ms: int, amount: int, card: str, key: str = "m:1") -> tuple[int, ...]:
+    return await v.observe(eid, at_ms, [Track(SPEC, key, amount, card, True)], [])
+
+
+async def test_windows_are_half_open_on_event_time_and_include_the_event(velocity: Velocity) -> None:
+    v = velocity
+    assert await buy(v, "a", T0, 100, "c1") == (1, 1, 100, 1, -1)
+    assert await buy(v, "b", T0 + 5 * MIN, 200, "c2") == (2, 2, 300, 2, T0)
+    # exactly 10 minutes after "a": "a" falls out of the 10-minute window, stays in the hour
+    assert await buy(v, "c", T0 + 10 * MIN, 300, "c1") == (2, 3, 600, 2, T0 + 5 * MIN)
+    # an hour after "a" it is gone from every window (and trimmed: retention is an hour)
+    assert await buy(v, "d", T0 + 60 * MIN, 400, "") == (1, 3, 900, 2, T0 + 10 * MIN)
+
+
+async def test_observing_the_same_event_twice_counts_it_once(velocity: Velocity) -> None:
+    v = velocity
+    await buy(v, "a", T0, 100, "c1")
+    first = await buy(v, "b", T0 + MIN, 50, "c2")
+    again = await buy(v, "b", T0 + MIN, 50, "c2")
+    altered = await buy(v, "b", T0 + MIN, 999, "c9")  # same event, other payload: the first one stands
+    assert first == again == altered == (2, 2, 150, 2, T0)
+    links = [Link("md:1", "phone", 30 * MIN, 90 * MIN, True)]
+    assert await v.observe("x", T0 + 2 * MIN, [], links) == (0, 1, 1)
+    assert await v.observe("x", T0 + 2 * MIN, [], links) == (0, 1, 1)
+
+
+async def test_a_late_event_sees_only_what_happened_before_it(velocity: Velocity) -> None:
+    v = velocity
+    await buy(v, "a", T0, 100, "c1")
+    await buy(v, "c", T0 + 20 * MIN, 300, "c3")
+    late = await buy(v, "b", T0 + 5 * MIN, 200, "c2")
+    assert late == (2, 2, 300, 2, T0)  # "c" is in the future of "b"
+
+
+async def test_links_report_age_and_new_items_and_forget_after_retention(velocity: Velocity) -> None:
+    v = velocity
+
+    def seen(item: str) -> list[Link]:
+        return [Link("md:m1", item, 30 * MIN, 90 * MIN, True)]
+
+    assert await v.observe("1", T0, [], seen("old-phone")) == (0, 1, 1)
+    assert await v.observe("2", T0 + 40 * MIN, [], seen("old-phone")) == (40 * MIN, 0, 1)
+    assert await v.observe("3", T0 + 50 * MIN, [], seen("new-phone")) == (0, 1, 2)
+    # 100 minutes after its last use the old phone is past retention: it is new again
+    assert await v.observe("4", T0 + 140 * MIN, [], seen("old-phone")) == (0, 1, 1)
+    read_only = [Link("md:m1", "never-seen", 30 * MIN, 90 * MIN, False)]
+    assert await v.observe("5", T0 + 141 * MIN, [], read_only) == (-1, 1, 1)
+
+
+async def test_redis_keys_expire_so_memory_stays_bounded(redis_velocity: RedisVelocity) -> None:
+    data = generate(SynthConfig.for_rows(3_000, seed=31))
+    for ctx in list(data.contexts())[:300]:
+        await featurize(ctx, redis_velocity)
+    keys = [k async for k in redis_velocity.redis.scan_iter(match=f"{redis_velocity.prefix}*")]
+    assert keys
+    ttls = [await redis_velocity.redis.pttl(k) for k in keys]
+    max_retention_ms = 180 * 86_400_000
+    assert all(0 < ttl <= max_retention_ms + 86_400_000 for ttl in ttls)
+
+
+def _shuffled_with_replays(contexts: list[TxContext], seed: int) -> list[TxContext]:
+    """Event-time order with realistic disorder: some events arrive a little late, some are
+    delivered twice (at-least-once), one is re-sent with another amount, one replayed later."""
+    rng = random.Random(seed)
+    out = list(contexts)
+    for i in range(0, len(out) - 3, 37):
+        out[i], out[i + 2] = out[i + 2], out[i]
+    for i in sorted(rng.sample(range(len(out)), 60), reverse=True):
+        out.insert(i + 1, out[i])
+    out.append(out[len(out) // 2])
+    resent = next(c for c in out[-200:] if c.kind is TxKind.PURCHASE)
+    out.append(replace(resent, amount_minor=resent.amount_minor + 1))
+    out.append(replace(out[10], occurred_at=out[10].occurred_at + timedelta(days=3)))
+    return out
+
+
+async def test_memory_and_redis_velocity_give_identical_features_for_the_same_events(
+    redis_velocity: RedisVelocity,
+) -> None:
+    data = generate(SynthConfig.for_rows(12_000, seed=32))
+    events = _shuffled_with_replays(list(data.contexts())[:2_500], seed=32)
+    offline = featurize_matrix(events)
+    memory, online = MemoryVelocity(), []
+    online_memory = []
+    for ctx in events:
+        online.append((await featurize(ctx, redis_velocity)).values)
+        online_memory.append((await featurize(ctx, memory)).values)
+    redis_rows = np.asarray(online)
+    mismatch = ~np.isclose(offline, redis_rows, rtol=0, atol=0, equal_nan=True)
+    where = [(int(i), FEATURE_NAMES[j]) for i, j in np.argwhere(mismatch)[:5]]
+    assert not mismatch.any(), f"memory and Redis disagree at (row, feature) {where}"
+    assert np.array_equal(offline, np.asarray(online_memory), equal_nan=True)
+    # the state really carries velocity: plenty of rows see earlier events
+    assert (offline[:, FEATURE_NAMES.index("member_events_24h")] > 1).mean() > 0.2
