@@ -119,7 +119,10 @@ def _physical_lines(data: bytes) -> tuple[list[SourceLine], set[int]]:
 
 
 def _header(raw: str) -> tuple[list[str], str]:
-    names = [name.strip() for name in next(csv.reader([raw]))]
+    try:
+        names = [name.strip() for name in next(csv.reader([raw], strict=True))]
+    except csv.Error as error:  # e.g. a stray carriage return inside the header line
+        return [], f"not CSV: {error}"
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         return names, f"required column(s) {', '.join(missing)} missing (found: {', '.join(names)})"

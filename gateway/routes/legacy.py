@@ -4,6 +4,8 @@ purchase/return commands as every other channel, deduped by the receipt's natura
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Annotated, Any
@@ -21,6 +23,13 @@ router = APIRouter(prefix="/v1/legacy", tags=["legacy"])
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 MAX_WEBHOOK_BYTES = 256 * 1024
 Parsed = LegacyPurchase | LegacyReturn | Quarantined
+
+
+def _safe_name(source: str) -> str:
+    """A file name any uploader may choose becomes a safe, bounded one (plus a digest, so two
+    names that clean up alike stay apart)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", source)[:80].lstrip(".") or "upload"
+    return f"{cleaned}-{hashlib.sha256(source.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
 def report_body(report: ImportReport) -> dict[str, Any]:
@@ -52,7 +61,7 @@ async def _run(gw: Any, records: Iterable[Parsed], adapter: str, channel: str, s
         raise Problem(503, "service-unavailable", "The import stopped", f"{exc}; send the same file again",
                       headers={"Retry-After": "5"}) from None  # fmt: skip
     if report.quarantined:
-        path = gw.settings.data_dir / "quarantine" / f"{source.replace('/', '_')}.quarantine.jsonl"
+        path = gw.settings.data_dir / "quarantine" / f"{_safe_name(source)}.quarantine.jsonl"
         write_quarantine(report.quarantined, path, adapter=adapter)
         report = replace(report, quarantine_file=path)
     return report

@@ -410,3 +410,10 @@ def test_the_fixed_width_layout_in_the_docs_is_the_one_the_code_reads() -> None:
         elif kind and (row := re.match(r"^\| `(\w+)` \| (\d+) \| (\d+) \| (\d+) \|", line)):
             documented.setdefault(kind, []).append((row[1], int(row[2]), int(row[3])))
     assert documented == {k: [(c.name, c.start, c.width) for c in cols] for k, cols in LAYOUTS.items()}
+
+
+def test_a_header_that_is_not_csv_quarantines_the_file_instead_of_failing() -> None:
+    data = b"record_type,store_id\rreceipt_id\nP,HEL-01,R-1\n"
+    parsed = list(CsvDropAdapter().parse("odd.csv", data))
+    assert [(q.line, q.field) for q in parsed if isinstance(q, Quarantined)] == [(1, "header"), (2, "header")]
+    assert "not CSV" in parsed[0].reason  # type: ignore[union-attr]
