@@ -33,14 +33,24 @@ def _date(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def cmd_ledger_serve(_: argparse.Namespace) -> int:
-    from ledger_svc.app import serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`pointmesh <service> serve`: one bootstrap for every service (logging, telemetry, run)."""
+    import importlib
+
     from pointmesh.telemetry import setup_telemetry
 
     settings = _settings()
-    configure_logging("ledger", settings.log_level, settings.log_format)
-    setup_telemetry("ledger", settings.ledger_metrics_port)
-    asyncio.run(serve(settings))
+    name = args.service
+    configure_logging(name, settings.log_level, settings.log_format)
+    port = {"ledger": settings.ledger_metrics_port, "rules": settings.rules_metrics_port,
+            "fraud": settings.fraud_metrics_port}.get(name)  # fmt: skip
+    setup_telemetry(name, port)
+    module = importlib.import_module({"ledger": "ledger_svc.app", "rules": "rules_svc.app", "fraud": "fraud_svc.app",
+                                      "gateway": "gateway.app"}[name])  # fmt: skip
+    if name == "gateway":
+        module.serve(settings)  # runs its own event loop (uvicorn)
+    else:
+        asyncio.run(module.serve(settings))
     return 0
 
 
@@ -96,17 +106,6 @@ def cmd_demo(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rules_serve(_: argparse.Namespace) -> int:
-    from pointmesh.telemetry import setup_telemetry
-    from rules_svc.app import serve
-
-    settings = _settings()
-    configure_logging("rules", settings.log_level, settings.log_format)
-    setup_telemetry("rules", settings.rules_metrics_port)
-    asyncio.run(serve(settings))
-    return 0
-
-
 def cmd_rules_validate(args: argparse.Namespace) -> int:
     """Checks a program file offline, printing every problem with its field path."""
     from rules_svc.program import ProgramInvalid, load_program
@@ -129,28 +128,6 @@ def cmd_rules_publish(args: argparse.Namespace) -> int:
 
     settings = _settings()
     return asyncio.run(publish_file(settings.rules_addr, args.file, args.effective_from, args.key, args.by))
-
-
-def cmd_gateway_serve(_: argparse.Namespace) -> int:
-    from gateway.app import serve
-    from pointmesh.telemetry import setup_telemetry
-
-    settings = _settings()
-    configure_logging("gateway", settings.log_level, settings.log_format)
-    setup_telemetry("gateway", None)
-    serve(settings)
-    return 0
-
-
-def cmd_fraud_serve(_: argparse.Namespace) -> int:
-    from fraud_svc.app import serve
-    from pointmesh.telemetry import setup_telemetry
-
-    settings = _settings()
-    configure_logging("fraud", settings.log_level, settings.log_format)
-    setup_telemetry("fraud", settings.fraud_metrics_port)
-    asyncio.run(serve(settings))
-    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -329,12 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     ledger = sub.add_parser("ledger", help="ledger service commands").add_subparsers(
         dest="ledger_command", required=True
     )
-    ledger.add_parser("serve", help="run ledger_svc").set_defaults(func=cmd_ledger_serve)
+    ledger.add_parser("serve", help="run ledger_svc").set_defaults(func=cmd_serve, service="ledger")
     ledger.add_parser("reconcile", help="prove the journal, balances, lots and sagas agree").set_defaults(
         func=cmd_ledger_reconcile
     )
     rules = sub.add_parser("rules", help="rules service commands").add_subparsers(dest="rules_command", required=True)
-    rules.add_parser("serve", help="run rules_svc").set_defaults(func=cmd_rules_serve)
+    rules.add_parser("serve", help="run rules_svc").set_defaults(func=cmd_serve, service="rules")
     validate = rules.add_parser("validate", help="check a program file offline")
     validate.add_argument("file")
     validate.set_defaults(func=cmd_rules_validate)
@@ -354,9 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--out", default="", help="artifact root (default: the models directory)")
         train.set_defaults(func=cmd_train, model=model)
         if model == "fraud":
-            group.add_parser("serve", help="run fraud_svc").set_defaults(func=cmd_fraud_serve)
+            group.add_parser("serve", help="run fraud_svc").set_defaults(func=cmd_serve, service="fraud")
     gateway = sub.add_parser("gateway", help="gateway commands").add_subparsers(dest="gateway_command", required=True)
-    gateway.add_parser("serve", help="run the REST/websocket gateway").set_defaults(func=cmd_gateway_serve)
+    gateway.add_parser("serve", help="run the REST/websocket gateway").set_defaults(func=cmd_serve, service="gateway")
     keys = sub.add_parser("keys", help="API keys and member tokens").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="create an API key (printed once)")
     create.set_defaults(func=cmd_keys)
