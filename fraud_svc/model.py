@@ -40,7 +40,8 @@ Matrix = npt.NDArray[np.float64]
 
 @dataclass(frozen=True, slots=True)
 class Model:
-    """A loaded, validated artifact. Thread-safe for prediction (LightGBM's predict is)."""
+    """A loaded, validated artifact. Predictions run on one thread (OpenMP threads spin against
+    the rest of the process and other processes); LightGBM's predict is thread-safe."""
 
     kind: str
     version: str
@@ -57,7 +58,7 @@ class Model:
     def predict(self, rows: Matrix | Sequence[Sequence[float]]) -> npt.NDArray[np.float64]:
         """Probabilities for a batch of rows (n x features), in feature-list order."""
         matrix = self._matrix(rows)
-        return np.asarray(self.booster.predict(matrix, num_threads=1 if len(matrix) < 64 else 0), dtype=np.float64)
+        return np.asarray(self.booster.predict(matrix, num_threads=1), dtype=np.float64)
 
     def explain(self, row: FeatureRow | ChurnRow | Matrix, top: int = 3) -> tuple[Reason, ...]:
         """The `top` features that pushed this row's score up most (LightGBM SHAP values, in
@@ -67,7 +68,7 @@ class Model:
 
     def explain_many(self, rows: Matrix, top: int = 3) -> list[tuple[Reason, ...]]:
         matrix = self._matrix(rows)
-        contrib = np.asarray(self.booster.predict(matrix, pred_contrib=True), dtype=np.float64)[:, :-1]
+        contrib = np.asarray(self.booster.predict(matrix, pred_contrib=True, num_threads=1), dtype=np.float64)[:, :-1]
         order = np.argsort(-contrib, axis=1, kind="stable")[:, :top]
         out: list[tuple[Reason, ...]] = []
         for i, picks in enumerate(order.tolist()):

@@ -34,7 +34,7 @@ class ChosenOffer:
 DEFAULT_CATALOGUE = (
     CatalogueOffer("double-next-visit", "Double points on your next visit", 150, 12, 40),
     CatalogueOffer("bonus-500", "500 bonus points on a purchase this month", 500, 25, 60),
-    CatalogueOffer("student-coffee", "A free coffee for students", 80, 15, 30, ("students",)),
+    CatalogueOffer("student-coffee", "A free coffee for students", 80, 15, 30, ("student",)),
     CatalogueOffer("thank-you-50", "50 thank-you points", 50, 3, 20),
 )
 
