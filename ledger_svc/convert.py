@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ledger_svc import commands as c
 from ledger_svc import domain as d
 from ledger_svc.purchases import PurchaseRecord
+from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 
 _MEMBER_STATUS = {
@@ -27,23 +28,17 @@ _HOLD_STATUS = {
 }
 
 
-def ts(when: datetime | None) -> Timestamp | None:
-    if when is None:
-        return None
-    out = Timestamp()
-    out.FromDatetime(when.astimezone(UTC))
-    return out
+ts = to_timestamp
 
 
 def dt(message: Any, field: str) -> datetime | None:
     """A Timestamp field as an aware datetime, or None when the field is unset."""
     if not message.HasField(field):
         return None
-    value: Timestamp = getattr(message, field)
     try:
-        return value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError) as exc:
-        raise d.InvalidArgument("is not a valid timestamp (years 1..9999)", field=field) from exc
+        return from_timestamp(getattr(message, field))
+    except ValueError as exc:
+        raise d.InvalidArgument(str(exc), field=field) from exc
 
 
 def key(message: Any) -> d.IdemKey:

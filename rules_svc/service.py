@@ -11,7 +11,7 @@ import asyncio
 import bisect
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from pointmesh.clock import Clock
@@ -159,16 +159,7 @@ class RulesService:
     def evaluate_many(
         self, program: str, version: int, items: Sequence[tuple[Basket, MemberContext] | RulesError]
     ) -> list[Evaluation | RulesError]:
-        out: list[Evaluation | RulesError] = []
-        for item in items:
-            if isinstance(item, RulesError):
-                out.append(item)
-                continue
-            try:
-                out.append(self.evaluate(program, version, *item))
-            except RulesError as error:
-                out.append(error)
-        return out
+        return _each(items, lambda basket, member: self.evaluate(program, version, basket, member))
 
     def quote_redemption(
         self, program: str, at: datetime, currency: str, total_minor: int, available: int, wanted: int
@@ -181,13 +172,20 @@ class RulesService:
         document: str, fmt: str, items: Sequence[tuple[Basket, MemberContext] | RulesError]
     ) -> list[Evaluation | RulesError]:
         draft, _canonical, _sha = _parse(document, fmt)
-        out: list[Evaluation | RulesError] = []
-        for item in items:
-            if isinstance(item, RulesError):
-                out.append(item)
-                continue
-            try:
-                out.append(draft.evaluate(*item))
-            except RulesError as error:
-                out.append(error)
-        return out
+        return _each(items, draft.evaluate)
+
+
+def _each(
+    items: Sequence[tuple[Basket, MemberContext] | RulesError], evaluate: Callable[[Basket, MemberContext], Evaluation]
+) -> list[Evaluation | RulesError]:
+    """Per-item outcomes of a batch: an item that failed to parse or to evaluate keeps its error."""
+    out: list[Evaluation | RulesError] = []
+    for item in items:
+        if isinstance(item, RulesError):
+            out.append(item)
+            continue
+        try:
+            out.append(evaluate(*item))
+        except RulesError as error:
+            out.append(error)
+    return out
