@@ -48,7 +48,12 @@ def policy_from(settings: Settings) -> Policy:
 def open_store(settings: Settings) -> LedgerStore:
     if settings.ledger_store != "sqlite":
         raise ValueError(f"POINTMESH_LEDGER_STORE={settings.ledger_store!r} is not available; use 'sqlite'")
-    return SqliteLedgerStore(settings.data_dir / "ledger", settings.ledger_shards, settings.sqlite_synchronous)
+    return SqliteLedgerStore(
+        settings.data_dir / "ledger",
+        settings.ledger_shards,
+        settings.sqlite_synchronous,
+        group_window=settings.sqlite_group_window_ms / 1000,
+    )
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 Idempotency records keep the original result so a replay returns it byte for byte, and the
 outbox keeps events as JSON until the relay turns them into protobuf.
+
+Every posting encodes a result, a balance and an event, so this is on the hot path: each
+dataclass gets an encoder and a decoder built once from its type hints, instead of
+inspecting every value on every call.
 """
 
 from __future__ import annotations
@@ -11,30 +15,37 @@ import enum
 import json
 import types
 import typing
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-
+Convert = Callable[[Any], Any]
 
 _SCALARS = (str, int, float, bool, type(None))
+_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
-@cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+def _same(value: Any) -> Any:
+    return value
+
+
+def _optional(inner: Convert) -> Convert:
+    if inner is _same:
+        return _same
+    return lambda value: None if value is None else inner(value)
 
 
 def to_plain(value: Any) -> Any:
-    """Dataclasses, enums, datetimes and containers as JSON-ready values (hot path: keep it lean)."""
+    """Dataclasses, enums, datetimes and containers as JSON-ready values."""
     if isinstance(value, _SCALARS):
         return value.value if isinstance(value, enum.Enum) else value
-    if isinstance(value, enum.Enum):
-        return value.value
     cls: Any = type(value)
     if hasattr(cls, "__dataclass_fields__"):
-        return {name: to_plain(getattr(value, name)) for name in _field_names(cls)}
+        return _encoder(cls)(value)
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, timedelta):
@@ -47,38 +58,87 @@ def to_plain(value: Any) -> Any:
 
 
 @cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _encode_as(tp: Any) -> Convert:
+    """The encoder for a declared type; `to_plain` for anything it cannot decide up front."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _optional(_encode_as(members[0])) if len(members) == 1 else to_plain
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        item = _encode_as(args[0]) if args else to_plain
+        return lambda value: [item(v) for v in value]
+    if origin is dict:
+        value_of = _encode_as(typing.get_args(tp)[1])
+        return lambda value: {k: value_of(v) for k, v in value.items()}
+    if tp in (str, int, bool):
+        return _same
+    if tp is datetime:
+        return datetime.isoformat
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return lambda value: value.value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return lambda value: _encoder(tp)(value)
+    return to_plain
+
+
+@cache
+def _encoder(cls: type) -> Convert:
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, _encode_as(hints[f.name])) for f in dataclasses.fields(cls)]
+
+    def encode(value: Any) -> dict[str, Any]:
+        return {name: convert(getattr(value, name)) for name, convert in fields}
+
+    return encode
+
+
+@cache
+def _decode_as(tp: Any) -> Convert:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _optional(_decode_as(args[0]))
+    if origin is tuple:
+        item = _decode_as(typing.get_args(tp)[0])
+        return lambda data: tuple(item(v) for v in data)
+    if origin is list:
+        item = _decode_as(typing.get_args(tp)[0])
+        return lambda data: [item(v) for v in data]
+    if origin is dict:
+        value_of = _decode_as(typing.get_args(tp)[1])
+        return lambda data: {k: value_of(v) for k, v in data.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return lambda data: _decoder(tp)(data)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp
+    if tp is datetime:
+        return datetime.fromisoformat
+    if tp is timedelta:
+        return lambda data: timedelta(microseconds=data)
+    return _same
+
+
+@cache
+def _decoder(cls: type) -> Convert:
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, _decode_as(hints[f.name])) for f in dataclasses.fields(cls)]
+
+    def decode(data: dict[str, Any]) -> Any:
+        # A field missing from an older record takes its default.
+        return cls(**{name: convert(data[name]) for name, convert in fields if name in data})
+
+    return decode
 
 
 def from_plain(tp: Any, data: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if data is None:
-            return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return from_plain(inner[0], data)
-    if origin is tuple:
-        return tuple(from_plain(typing.get_args(tp)[0], v) for v in data)
-    if origin is list:
-        return [from_plain(typing.get_args(tp)[0], v) for v in data]
-    if origin is dict:
-        return {k: from_plain(typing.get_args(tp)[1], v) for k, v in data.items()}
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        hints = _hints(tp)
-        return tp(**{f.name: from_plain(hints[f.name], data[f.name]) for f in dataclasses.fields(tp) if f.name in data})
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return tp(data)
-    if tp is datetime:
-        return datetime.fromisoformat(data)
-    if tp is timedelta:
-        return timedelta(microseconds=data)
-    return data
+    return _decode_as(tp)(data)
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(to_plain(value), separators=(",", ":"), sort_keys=True)
+    return _dumps(to_plain(value))
 
 
 def loads(cls: type[T], text: str) -> T:
-    return typing.cast(T, from_plain(cls, json.loads(text)))
+    decode: Convert = _decode_as(typing.cast(Any, cls))
+    return typing.cast(T, decode(json.loads(text)))

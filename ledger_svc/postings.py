@@ -51,6 +51,8 @@ class Policy:
     negative_limit_points: int
 
 
+_MEMBER_KINDS = ("member", "pending", "debt")  # prefixes of member_account, pending_account, debt_account
+
 # A portion of points with the expiry it carries, so transfers and merges keep expiry dates.
 Portion = tuple[int, datetime | None]
 
@@ -65,10 +67,20 @@ class ShardBook:
         self._rows: dict[str, AccountRow] = {}
 
     def _acct(self, account: str) -> AccountRow:
-        """Account rows read once per unit of work; writes go through _put."""
+        """Account rows read once per unit of work; writes go through _put.
+
+        A member's main, pending and debt accounts are read together: every posting that
+        touches one computes the member's balance from all three.
+        """
         row = self._rows.get(account)
         if row is None:
-            row = self._rows[account] = self.tx.get_account(account)
+            kind, _, rest = account.partition(":")
+            if kind in _MEMBER_KINDS:
+                for found in self.tx.get_accounts([f"{k}:{rest}" for k in _MEMBER_KINDS]):
+                    self._rows.setdefault(found.account, found)
+            else:
+                self._rows[account] = self.tx.get_accounts([account])[0]
+            row = self._rows[account]
         return row
 
     def _put(self, row: AccountRow) -> None:
@@ -123,7 +135,7 @@ class ShardBook:
         record.balance_after_json = codec.dumps(balance)
         self.tx.add_transaction(record)
         self.emit(event_type, balance, data)
-        return to_transaction(record)
+        return to_transaction(record, balance)
 
     def _bump(self, member_id: str, unit: str, *, reserved_delta: int = 0, earned_delta: int = 0) -> Balance:
         row = self._acct(member_account(member_id, unit))
@@ -200,8 +212,14 @@ class ShardBook:
             taken.append((take, lot.expires_at))
         return taken
 
-    def _normalise_lots(self, member_id: str, unit: str) -> None:
-        """Keeps lots equal to the positive balance: credits first fill a negative balance."""
+    def _normalise_lots(self, member_id: str, unit: str, balance_before: int | None = None) -> None:
+        """Keeps lots equal to the positive balance: credits first fill a negative balance.
+
+        A credit onto a balance that was not negative keeps that equality by itself, so the
+        caller that knows `balance_before` spares the sum over the member's lots.
+        """
+        if balance_before is not None and balance_before >= 0:
+            return
         balance = self._acct(member_account(member_id, unit)).balance
         excess = self.tx.spendable_total(member_id, unit) - max(balance, 0)
         if excess > 0:
@@ -251,9 +269,10 @@ class ShardBook:
             record.lot_id = lot.lot_id
             self._post(record, [funding, (pending_account(member_id, unit), points)])
         else:
+            before = self._acct(member_account(member_id, unit)).balance
             legs, record.lot_id = self._credit_legs(member_id, unit, [(points, expiry)], record.tx_id)
             self._post(record, [funding, *legs])
-            self._normalise_lots(member_id, unit)
+            self._normalise_lots(member_id, unit, before)
         transaction = self._finish(
             record, "points_earned",
             {"transaction_id": record.tx_id, "points": points, "lot_id": record.lot_id, "pending": pending,
@@ -745,7 +764,8 @@ class ShardBook:
         return len(holds)
 
 
-def to_transaction(record: TxRecord) -> Transaction:
+def to_transaction(record: TxRecord, balance_after: Balance | None = None) -> Transaction:
+    """The domain view of a stored transaction; `balance_after` saves decoding what was just encoded."""
     return Transaction(
         transaction_id=record.tx_id,
         kind=record.kind,
@@ -755,7 +775,7 @@ def to_transaction(record: TxRecord) -> Transaction:
         recorded_at=record.recorded_at,
         business_time=record.business_time,
         reference=record.reference,
-        balance_after=codec.loads(Balance, record.balance_after_json),
+        balance_after=balance_after or codec.loads(Balance, record.balance_after_json),
     )
 
 

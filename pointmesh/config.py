@@ -59,6 +59,8 @@ class Settings:
     ledger_shards: int = 4
     # NORMAL in WAL mode survives a process crash; see docs/decisions/0003-sqlite-durability.md.
     sqlite_synchronous: str = "NORMAL"
+    # Under load a shard commits at most once per window, so one commit carries many postings.
+    sqlite_group_window_ms: float = 2.0
     # Units an account may hold; the first one is the default.
     units: tuple[str, ...] = ("points", "tier_credits")
     # Program policy for lots earned without an explicit expiry; 0 means never.
@@ -125,3 +127,5 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"{PREFIX}NEGATIVE_LIMIT_POINTS must be >= 0")
     if s.sqlite_synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
         raise ConfigError(f"{PREFIX}SQLITE_SYNCHRONOUS must be NORMAL, FULL or EXTRA")
+    if not 0 <= s.sqlite_group_window_ms <= 50:
+        raise ConfigError(f"{PREFIX}SQLITE_GROUP_WINDOW_MS must be between 0 and 50")

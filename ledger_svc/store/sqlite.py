@@ -25,7 +25,7 @@ from ledger_svc.domain import (
     TxKind,
 )
 from ledger_svc.store.base import AccountRow, IdemRecord, OutboxRow, SagaRecord, TxRecord
-from ledger_svc.store.sqlite_worker import Executor, connect, executor
+from ledger_svc.store.sqlite_worker import Checkpointer, Executor, connect, executor
 
 T = TypeVar("T")
 
@@ -200,11 +200,16 @@ class SqliteShardTx:
             ),
         )
 
-    def get_account(self, account: str) -> AccountRow:
-        row = self.c.execute(
-            "SELECT balance, reserved, lifetime_earned, version FROM accounts WHERE account=?", (account,)
-        ).fetchone()
-        return AccountRow(account) if row is None else AccountRow(account, row[0], row[1], row[2], row[3])
+    def get_accounts(self, accounts: Sequence[str]) -> list[AccountRow]:
+        found = {
+            r[0]: AccountRow(*r)
+            for r in self.c.execute(
+                "SELECT account, balance, reserved, lifetime_earned, version FROM accounts"
+                f" WHERE account IN ({','.join('?' * len(accounts))})",
+                tuple(accounts),
+            )
+        }
+        return [found.get(a) or AccountRow(a) for a in accounts]
 
     def put_account(self, row: AccountRow) -> None:
         self.c.execute(
@@ -545,7 +550,7 @@ class SqliteDirectoryTx:
 class SqliteLedgerStore:
     """Opens (creating if needed) `shards` shard files and a directory under `data_dir`."""
 
-    def __init__(self, data_dir: Path, shards: int, synchronous: str = "NORMAL") -> None:
+    def __init__(self, data_dir: Path, shards: int, synchronous: str = "NORMAL", *, group_window: float = 0) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._shards = shards
@@ -558,7 +563,14 @@ class SqliteLedgerStore:
             path = self.data_dir / f"ledger-shard-{i:03d}.sqlite"
             self._init_schema(path, SHARD_SCHEMA, synchronous)
             self._writers.append(
-                executor(f"shard{i}-w", connect(path, synchronous), SqliteShardTx, group=True, threaded=threaded)
+                executor(
+                    f"shard{i}-w",
+                    connect(path, synchronous, autocheckpoint=False),
+                    SqliteShardTx,
+                    group=True,
+                    threaded=threaded,
+                    window=group_window,
+                )
             )
             self._readers.append(
                 executor(f"shard{i}-r", connect(path, synchronous), SqliteShardTx, group=False, threaded=threaded)
@@ -566,10 +578,18 @@ class SqliteLedgerStore:
         dpath = self.data_dir / "ledger-directory.sqlite"
         self._init_schema(dpath, DIRECTORY_SCHEMA, synchronous)
         self._dir_writer = executor(
-            "dir-w", connect(dpath, synchronous), SqliteDirectoryTx, group=True, threaded=threaded
+            "dir-w",
+            connect(dpath, synchronous, autocheckpoint=False),
+            SqliteDirectoryTx,
+            group=True,
+            threaded=threaded,
+            window=group_window,
         )
         self._dir_reader = executor(
             "dir-r", connect(dpath, synchronous), SqliteDirectoryTx, group=False, threaded=threaded
+        )
+        self._checkpointer = Checkpointer(
+            [self.data_dir / f"ledger-shard-{i:03d}.sqlite" for i in range(shards)] + [dpath], synchronous
         )
 
     def _check_layout(self) -> None:
@@ -611,3 +631,4 @@ class SqliteLedgerStore:
     async def close(self) -> None:
         for worker in [*self._writers, *self._readers, self._dir_writer, self._dir_reader]:
             worker.close()
+        self._checkpointer.close()

@@ -31,12 +31,14 @@ MAX_GROUP = 512
 Outcome = tuple[bool, Any]  # (ok, value or exception)
 
 
-def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.Connection:
+def connect(path: Path, synchronous: str, *, readonly: bool = False, autocheckpoint: bool = True) -> sqlite3.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA busy_timeout=30000")
     if not readonly:
         conn.execute("PRAGMA journal_mode=WAL")
+    if not autocheckpoint:
+        conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA cache_size=-65536")
     conn.execute("PRAGMA temp_store=MEMORY")
@@ -44,23 +46,22 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False) -> sqlite3.
 
 
 def run_group(conn: sqlite3.Connection, tx: Any, works: list[Callable[[Any], Any]]) -> list[Outcome]:
-    """One transaction for many units; each unit's failure is rolled back to its savepoint."""
+    """One transaction for many units; each unit's failure is rolled back to its savepoint.
+
+    A lone unit needs no savepoint: its failure rolls back the whole transaction.
+    """
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.Error as exc:
         return [(False, exc)] * len(works)
-    outcomes: list[Outcome] = []
-    for work in works:
-        conn.execute("SAVEPOINT unit")
+    if len(works) == 1:
         try:
-            value = work(tx)
+            outcomes: list[Outcome] = [(True, works[0](tx))]
         except Exception as exc:
-            conn.execute("ROLLBACK TO unit")
-            conn.execute("RELEASE unit")
-            outcomes.append((False, exc))
-            continue
-        conn.execute("RELEASE unit")
-        outcomes.append((True, value))
+            conn.execute("ROLLBACK")
+            return [(False, exc)]
+    else:
+        outcomes = [_in_savepoint(conn, tx, work) for work in works]
     try:
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -68,6 +69,18 @@ def run_group(conn: sqlite3.Connection, tx: Any, works: list[Callable[[Any], Any
         conn.execute("ROLLBACK")
         return [(False, exc)] * len(works)
     return outcomes
+
+
+def _in_savepoint(conn: sqlite3.Connection, tx: Any, work: Callable[[Any], Any]) -> Outcome:
+    conn.execute("SAVEPOINT unit")
+    try:
+        value = work(tx)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO unit")
+        conn.execute("RELEASE unit")
+        return False, exc
+    conn.execute("RELEASE unit")
+    return True, value
 
 
 def run_read(conn: sqlite3.Connection, tx: Any, work: Callable[[Any], Any]) -> Outcome:
@@ -91,23 +104,38 @@ class Executor(Protocol):
 
 
 class LoopExecutor:
-    """Collects the units submitted during one loop iteration and runs them as one group."""
+    """Collects submitted units and runs them as one group.
 
-    def __init__(self, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], Any], *, group: bool) -> None:
+    Adaptive group commit: a unit submitted while the executor is idle runs on the next loop
+    iteration; while it is busy (the last group ran less than `window` seconds ago) units
+    wait for the window to close, so that each commit, whose cost grows with the pages it
+    writes rather than with the units in it, carries many units under load.
+    """
+
+    def __init__(
+        self, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], Any], *, group: bool, window: float = 0
+    ) -> None:
         self._conn = conn
         self._tx = wrap(conn)
         self._group = group
+        self._window = window
+        self._last_flush = 0.0
         self._pending: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]] = []
 
     async def submit(self, work: Callable[[Any], T]) -> T:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         if not self._pending:
-            loop.call_soon(self._flush)
+            wait = self._last_flush + self._window - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self._flush)
+            else:
+                loop.call_soon(self._flush)
         self._pending.append((work, fut))
         return await fut
 
     def _flush(self) -> None:
+        self._last_flush = asyncio.get_running_loop().time()
         while self._pending:
             batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
             outcomes = _run(self._conn, self._tx, [w for w, _ in batch], self._group)
@@ -125,6 +153,43 @@ class LoopExecutor:
 
 class _Stop:
     pass
+
+
+class Checkpointer:
+    """Copies WAL frames into the database files on its own thread.
+
+    SQLite's automatic checkpoint runs inside whichever COMMIT crosses the page threshold, and
+    with synchronous=NORMAL it fsyncs there: on the event-loop executor that stalled every
+    request queued behind that commit. The writers turn it off and this thread runs PASSIVE
+    checkpoints instead (they never block writers or readers); sqlite3 releases the GIL while
+    it copies and syncs.
+    """
+
+    def __init__(self, paths: list[Path], synchronous: str, interval: float = 0.5) -> None:
+        self._paths = paths
+        self._synchronous = synchronous
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        conns = [connect(p, self._synchronous) for p in self._paths]
+        try:
+            while not self._stop.wait(self._interval):
+                for conn in conns:
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    except sqlite3.Error:
+                        log.exception("WAL checkpoint failed; retrying next interval")
+        finally:
+            for conn in conns:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 class ThreadExecutor:
@@ -179,7 +244,7 @@ class ThreadExecutor:
 
 
 def executor(name: str, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], Any], *, group: bool,
-             threaded: bool) -> Executor:  # fmt: skip
+             threaded: bool, window: float = 0) -> Executor:  # fmt: skip
     if threaded:
         return ThreadExecutor(name, conn, wrap, group=group)
-    return LoopExecutor(conn, wrap, group=group)
+    return LoopExecutor(conn, wrap, group=group, window=window)

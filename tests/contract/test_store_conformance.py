@@ -102,7 +102,7 @@ def _earn_unit(account: str, tx_id: str, points: int) -> Callable[[ShardTx], Non
         record = _tx(tx_id, points=points)
         tx.add_transaction(record)
         tx.add_entries(record, [(account, points), ("funding:program:points", -points)])
-        row = tx.get_account(account)
+        row = tx.get_accounts([account])[0]
         row.balance += points
         row.version += 1
         tx.put_account(row)
@@ -132,7 +132,7 @@ async def test_a_unit_that_raises_after_writing_leaves_nothing_behind(store: Led
 
     assert await store.read(1, snapshot) == ([], None, {}, 0, None, None, None)
     await store.write(1, _earn_unit("member:m1:points", "tx_good", 10))
-    assert (await store.read(1, lambda tx: tx.get_account("member:m1:points"))).balance == 10
+    assert (await store.read(1, lambda tx: tx.get_accounts(["member:m1:points"])[0])).balance == 10
 
 
 async def test_a_directory_unit_that_raises_leaves_nothing_behind(store: LedgerStore) -> None:
@@ -192,11 +192,17 @@ async def test_idempotency_records_round_trip_per_namespace(store: LedgerStore) 
 
 async def test_account_rows_start_at_zero_and_upsert(store: LedgerStore) -> None:
     account = "member:m1:points"
-    assert await store.read(0, lambda tx: tx.get_account(account)) == AccountRow(account)
+    assert await store.read(0, lambda tx: tx.get_accounts([account])[0]) == AccountRow(account)
     await store.write(0, lambda tx: tx.put_account(AccountRow(account, 10, 2, 10, 1)))
     await store.write(0, lambda tx: tx.put_account(AccountRow(account, 7, 0, 12, 2)))
-    assert await store.read(0, lambda tx: tx.get_account(account)) == AccountRow(account, 7, 0, 12, 2)
+    assert await store.read(0, lambda tx: tx.get_accounts([account])[0]) == AccountRow(account, 7, 0, 12, 2)
     assert await store.read(0, lambda tx: tx.list_accounts()) == [AccountRow(account, 7, 0, 12, 2)]
+    other = "debt:m1:points"
+    assert await store.read(0, lambda tx: tx.get_accounts([other, account, other])) == [
+        AccountRow(other),
+        AccountRow(account, 7, 0, 12, 2),
+        AccountRow(other),
+    ]
 
 
 async def test_transactions_round_trip_and_update(store: LedgerStore) -> None:
@@ -387,7 +393,7 @@ async def test_data_survives_close_and_reopen_but_not_a_different_shard_count(tm
 
     reopened = backend.open(data_dir, SHARDS)
     try:
-        assert (await reopened.read(2, lambda tx: tx.get_account("member:m1:points"))).balance == 30
+        assert (await reopened.read(2, lambda tx: tx.get_accounts(["member:m1:points"])[0])).balance == 30
         assert await reopened.read(2, lambda tx: tx.outbox_backlog()) == 1
         assert [s.saga_id for s in await reopened.read(2, lambda tx: tx.open_sagas())] == ["tr_1"]
         assert await reopened.read(2, lambda tx: tx.get_idempotency("pos", "tx_1")) is not None
@@ -400,7 +406,7 @@ async def test_data_survives_close_and_reopen_but_not_a_different_shard_count(tm
         backend.open(data_dir, SHARDS + 1)
     again = backend.open(data_dir, SHARDS)
     try:
-        assert (await again.read(2, lambda tx: tx.get_account("member:m1:points"))).balance == 30
+        assert (await again.read(2, lambda tx: tx.get_accounts(["member:m1:points"])[0])).balance == 30
     finally:
         await again.close()
 
