@@ -36,6 +36,8 @@ from ledger_svc.purchases import (
     take_back,
     tender_points,
 )
+from ledger_svc.reviews import new_review_id
+from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
 from ledger_svc.store.base import ShardTx
 
 if TYPE_CHECKING:
@@ -153,8 +155,10 @@ class Accrual:
             late = self._late(cmd, quote, now)
             if late:
                 raise FailedPrecondition(late, field="receipt_time")
-        await self._claim_keys(cmd, fp)
         pid = purchase_id_for(member_id, self.program, natural)
+        screening = await self._screen(cmd, quote, pid) if quote is not None else None
+        review_id = new_review_id(member_id)
+        await self._claim_keys(cmd, fp)
         done: list[PurchaseRecord] = []
 
         def body(book: ShardBook) -> str:
@@ -169,7 +173,7 @@ class Accrual:
                 record = replace(record, status_reason="waiting for rules_svc")
                 save_purchase(book, record)
             else:
-                record = accrue(book, record, quote)
+                record = accrue(book, record, quote, screening, review_id)
             done.append(record)
             return pid
 
@@ -177,6 +181,20 @@ class Accrual:
         if was_replay or not done:
             return await self.get_purchase(pid), True
         return done[0], False
+
+    async def _screen(self, cmd: c.RecordPurchase, quote: Quote, purchase_id: str) -> Screening | None:
+        """fraud_svc's verdict on the purchase, scored on the points the quote would earn."""
+        svc = self.svc
+        if svc.fraud is None:
+            return None
+        unit = svc.policy.units[0]
+        balance = await svc.get_balance(cmd.member_id, unit)
+        return await svc.fraud.screen(ScreeningRequest(
+            event_id=purchase_id, kind=ScreenedKind.PURCHASE, member_id=cmd.member_id, occurred_at=cmd.receipt_time,
+            context=replace(cmd.context, channel=cmd.channel, store_id=cmd.store_id),
+            points=sum(p.points for p in quote.parts if p.unit == unit), amount=cmd.total,
+            balance_points=balance.available_points, member_since=await svc.member_since(cmd.member_id),
+        ))  # fmt: skip
 
     async def _claim_keys(self, cmd: c.RecordPurchase, fp: str) -> None:
         """The natural key decides; a transport key may only ever name this one receipt."""
@@ -242,14 +260,17 @@ class Accrual:
         assert self.engine is not None
         refusal = ""
         quote = None
+        screening = None
         try:
             profile = await svc.member_profile(member_id)
             quote = await self.engine.quote(self.program, cmd, state, profile)
             refusal = self._late(cmd, quote, record.received_at)
+            screening = None if refusal else await self._screen(cmd, quote, purchase_id)
         except EngineUnavailable:
             return None
         except LedgerError as error:
             refusal = f"{error.field}: {error.message}" if error.field else error.message
+        review_id = new_review_id(member_id)
 
         def unit(tx: ShardTx) -> int:
             book = ShardBook(tx, svc.clock.now(), svc.policy)
@@ -259,7 +280,7 @@ class Accrual:
             if refusal or quote is None:
                 save_purchase(book, replace(current, status=PurchaseStatus.REFUSED, status_reason=refusal))
             else:
-                accrue(book, current, quote)
+                accrue(book, current, quote, screening, review_id)
             svc._committed_later(book.touched)
             return 1
 

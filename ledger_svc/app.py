@@ -17,9 +17,11 @@ from redis.backoff import NoBackoff
 
 from ledger_svc import codec
 from ledger_svc.cache import RedisBalanceCache
+from ledger_svc.fraud_client import FraudScreenerClient
 from ledger_svc.outbox import OutboxRelay
 from ledger_svc.postings import Policy
 from ledger_svc.rules_client import RulesEngineClient
+from ledger_svc.screening import FraudScreen, UnavailablePolicy, Verdict
 from ledger_svc.server import LedgerServicer
 from ledger_svc.service import LedgerService
 from ledger_svc.store.base import LedgerStore
@@ -43,6 +45,18 @@ def policy_from(settings: Settings) -> Policy:
         hold_max_timeout=timedelta(seconds=settings.hold_max_timeout_seconds),
         negative_limit_points=settings.negative_limit_points,
     )
+
+
+def fraud_screen(settings: Settings) -> FraudScreen | None:
+    if not settings.fraud_screening:
+        return None
+    policy = UnavailablePolicy(
+        purchase=Verdict(settings.fraud_unavailable_purchase.upper()),
+        redemption=Verdict(settings.fraud_unavailable_redemption.upper()),
+        large_redemption=Verdict(settings.fraud_unavailable_large_redemption.upper()),
+        large_redeem_points=settings.fraud_large_redemption_points,
+    )
+    return FraudScreen(FraudScreenerClient(settings.fraud_addr, settings.fraud_deadline_seconds), policy)
 
 
 def open_store(settings: Settings) -> LedgerStore:
@@ -138,6 +152,7 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         fault_point=settings.fault_point,
         engine=RulesEngineClient(settings.rules_addr, settings.rules_deadline_seconds),
         program=settings.program,
+        fraud=fraud_screen(settings),
     )
     bus = RedisStreamBus(redis, maxlen=settings.event_stream_maxlen)
     relay = OutboxRelay(

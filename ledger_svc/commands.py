@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from ledger_svc import codec
 from ledger_svc.domain import DEFAULT_FUNDING, ExternalId, IdemKey, Money
+from ledger_svc.screening import ScreeningContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,7 @@ class Redeem:
     points: int
     business_time: datetime | None = None
     reference: str = ""
+    context: ScreeningContext = field(default_factory=ScreeningContext)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,7 @@ class RecordPurchase:
     receipt_time: datetime
     tender_transaction_id: str = ""
     transport_key: IdemKey | None = None
+    context: ScreeningContext = field(default_factory=ScreeningContext)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +170,15 @@ class RecordReturn:
     return_time: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DecideReview:
+    key: IdemKey
+    review_id: str
+    approve: bool
+    operator_id: str
+    note: str = ""
+
+
 PostingCommand = Earn | Redeem | Adjust | Reverse
 
 
@@ -174,5 +186,8 @@ def fingerprint(command: object) -> str:
     plain = codec.to_plain(command)
     plain.pop("key", None)
     plain.pop("transport_key", None)
+    # Session facts go to fraud screening only: the same receipt or redemption arriving with
+    # other device details (or none, from a batch file) is still the same operation.
+    plain.pop("context", None)
     payload = f"{type(command).__name__}:{codec.dumps(plain)}"
     return hashlib.sha256(payload.encode()).hexdigest()

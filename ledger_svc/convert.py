@@ -11,6 +11,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ledger_svc import commands as c
 from ledger_svc import domain as d
 from ledger_svc.purchases import PurchaseRecord
+from ledger_svc.reviews import RedeemResult, Review, ReviewStatus
+from ledger_svc.screening import Screening, ScreeningContext
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 
@@ -182,6 +184,14 @@ def event_pb(payload_json: str) -> ledger_pb2.LedgerEvent:
         )
     elif kind == "pending_released":
         event.pending_released.CopyFrom(ledger_pb2.PendingReleased(**data))
+    elif kind in ("review_opened", "review_decided"):
+        getattr(event, kind).CopyFrom(ledger_pb2.ReviewEvent(
+            review_id=data["review_id"], kind=ledger_pb2.ReviewKind.Value(f"REVIEW_KIND_{data['kind']}"),
+            status=ledger_pb2.ReviewStatus.Value(f"REVIEW_STATUS_{data['status']}"), points=data["points"],
+            subject_ids=data["subject_ids"], purchase_id=data["purchase_id"],
+            verdict=ledger_pb2.ScreeningVerdict.Value(f"SCREENING_VERDICT_{data['verdict']}"), scored=data["scored"],
+            reasons=data["reasons"], decided_by=data["decided_by"], note=data["note"],
+        ))  # fmt: skip
     else:
         raise ValueError(f"unknown outbox event type {kind!r}")
     return event
@@ -207,7 +217,48 @@ def earn_cmd(r: ledger_pb2.EarnRequest) -> c.Earn:
 
 
 def redeem_cmd(r: ledger_pb2.RedeemRequest) -> c.Redeem:
-    return c.Redeem(key(r), r.member_id, r.unit, r.points, dt(r, "business_time"), r.reference)
+    return c.Redeem(key(r), r.member_id, r.unit, r.points, dt(r, "business_time"), r.reference,
+                    screening_context(r.context))  # fmt: skip
+
+
+def screening_context(m: ledger_pb2.ScreeningContext) -> ScreeningContext:
+    return ScreeningContext(m.channel, m.store_id, m.device_id, m.ip, m.card_hash, m.employee_card,
+                            dt(m, "contact_changed_at"))  # fmt: skip
+
+
+def screening_pb(s: Screening | None) -> ledger_pb2.Screening | None:
+    if s is None:
+        return None
+    return ledger_pb2.Screening(
+        verdict=ledger_pb2.ScreeningVerdict.Value(f"SCREENING_VERDICT_{s.verdict.value}"), scored=s.scored,
+        score=s.score, reasons=s.reasons, model_version=s.model_version, review_id=s.review_id,
+    )  # fmt: skip
+
+
+def redeem_pb(r: RedeemResult) -> ledger_pb2.RedeemResponse:
+    return ledger_pb2.RedeemResponse(
+        transaction=transaction_pb(r.transaction) if r.transaction else None,
+        hold=hold_pb(r.hold) if r.hold else None,
+        screening=screening_pb(r.screening),
+    )
+
+
+def review_pb(r: Review) -> ledger_pb2.Review:
+    return ledger_pb2.Review(
+        review_id=r.review_id, kind=ledger_pb2.ReviewKind.Value(f"REVIEW_KIND_{r.kind.value}"),
+        status=ledger_pb2.ReviewStatus.Value(f"REVIEW_STATUS_{r.status.value}"), member_id=r.member_id, unit=r.unit,
+        points=r.points, subject_ids=r.subject_ids, purchase_id=r.purchase_id, screening=screening_pb(r.screening),
+        created_at=ts(r.created_at), decided_at=ts(r.decided_at) if r.decided_at else None,
+        decided_by=r.decided_by, note=r.note, outcome_transaction_ids=r.outcome_transaction_ids,
+    )  # fmt: skip
+
+
+def review_status(value: ledger_pb2.ReviewStatus.ValueType) -> ReviewStatus:
+    if value == ledger_pb2.REVIEW_STATUS_UNSPECIFIED:
+        return ReviewStatus.OPEN
+    if value not in ledger_pb2.ReviewStatus.values():
+        raise d.InvalidArgument(f"unknown review status {value}", field="status")
+    return ReviewStatus(ledger_pb2.ReviewStatus.Name(value).removeprefix("REVIEW_STATUS_"))
 
 
 def adjust_cmd(r: ledger_pb2.AdjustRequest) -> c.Adjust:
@@ -264,7 +315,7 @@ def purchase_cmd(r: ledger_pb2.RecordPurchaseRequest) -> c.RecordPurchase:
     transport = key(r) if r.HasField("idempotency_key") and r.idempotency_key.key else None
     return c.RecordPurchase(
         d.IdemKey("", ""), r.member_id, r.channel, r.store_id, r.receipt_id, money(r.total), tuple(lines), when,
-        r.tender_transaction_id, transport,
+        r.tender_transaction_id, transport, screening_context(r.context),
     )  # fmt: skip
 
 
@@ -287,6 +338,7 @@ def purchase_pb(p: PurchaseRecord) -> ledger_pb2.Purchase:
         purchase_number=p.purchase_number, tier_before=p.tier_before, tier_after=p.tier_after,
         tender_transaction_id=p.tender_transaction_id, tender_points=p.tender_points,
         returned_quantities=p.returned_quantities, refunded_minor=p.refunded_minor,
+        screening=screening_pb(p.screening),
     )  # fmt: skip
     out.lines.extend(
         ledger_pb2.PurchaseLine(sku=ln.sku, category=ln.category, quantity=ln.quantity,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ledger_svc import commands as c
 from ledger_svc.domain import EarnResult, IdemKey, IdempotencyConflict, LedgerError, ReverseResult, Transaction
 from ledger_svc.postings import ShardBook
+from ledger_svc.reviews import RedeemResult, redeem_or_hold
 from ledger_svc.store.base import DirectoryTx
 
 if TYPE_CHECKING:
@@ -78,9 +79,9 @@ class BatchIngest:
         if isinstance(cmd, c.Redeem):
             red = svc._check_redeem(cmd)
             await svc._require_exists(red.member_id)
-            return _Prepared(index, red, svc.shard_of(red.member_id), c.fingerprint(red), Transaction,
-                             lambda b: b.redeem(red.member_id, red.unit, red.points, business_time=red.business_time,
-                                                reference=red.reference),
+            # Batch files are trusted back-office feeds: not screened (docs/fraud.md).
+            return _Prepared(index, red, svc.shard_of(red.member_id), c.fingerprint(red), RedeemResult,
+                             lambda b: redeem_or_hold(b, red, None, hold_timeout=svc.policy.hold_max_timeout),
                              red.member_id)  # fmt: skip
         if isinstance(cmd, c.Adjust):
             adj = svc._check_adjust(cmd)

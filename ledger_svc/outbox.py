@@ -19,7 +19,8 @@ from ledger_svc.cache import RedisBalanceCache
 from ledger_svc.convert import event_pb
 from ledger_svc.store.base import LedgerStore, OutboxRow, ShardTx
 from pointmesh.clock import Clock
-from pointmesh.events import LEDGER_EVENTS, OutgoingEvent, RedisStreamBus
+from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, OutgoingEvent, RedisStreamBus
+from pointmesh.v1 import common_pb2, ledger_pb2
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -77,6 +78,11 @@ class OutboxRelay:
                 for e in events
             ],
         )
+        alerts = [alert_of(e) for e in events if e.WhichOneof("payload") == "review_opened"]
+        if alerts:
+            await self.bus.publish(
+                OPS_ALERTS, [OutgoingEvent(a.member_id, a.alert_id, "ops_alert", a.SerializeToString()) for a in alerts]
+            )
 
     def stop(self) -> None:
         """Ends `run` at its next turn, even if a cancellation raced with a wake-up."""
@@ -100,6 +106,18 @@ class OutboxRelay:
                     await self.wakeup.wait()
             # A short gather window turns a burst of postings into one publish and one commit.
             await asyncio.sleep(BATCH_WINDOW_SECONDS)
+
+
+def alert_of(event: ledger_pb2.LedgerEvent) -> common_pb2.OpsAlert:
+    """The fraud team's live view of a review opening; its id is the event's, so a relay that
+    publishes twice after a crash publishes the same alert."""
+    review = event.review_opened
+    held = "redemption_held" if review.kind == ledger_pb2.REVIEW_KIND_REDEMPTION else "purchase_held"
+    return common_pb2.OpsAlert(
+        alert_id=event.event_id, occurred_at=event.occurred_at, kind=held,
+        severity="high" if review.scored else "medium", member_id=event.member_id, subject_id=review.review_id,
+        reasons=[*review.reasons, f"{review.points} {event.unit} held"],
+    )  # fmt: skip
 
 
 def _mark(seqs: list[int], at: datetime, tx: ShardTx) -> None:

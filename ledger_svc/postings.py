@@ -376,10 +376,17 @@ class ShardBook:
         )
         return HoldResult(hold, balance)
 
-    def _open_hold(self, hold_id: str, *, saga: bool = False) -> Hold:
+    @staticmethod
+    def _check_owner(hold: Hold, owner: str) -> None:
+        """A hold placed by a transfer saga or a fraud review is settled only by its owner."""
+        if hold.saga_id and hold.saga_id != owner:
+            what = "is under fraud review" if hold.saga_id.startswith("rv_") else "belongs to transfer"
+            raise FailedPrecondition(f"hold {hold.hold_id} {what} {hold.saga_id}", field="hold_id")
+
+    def _open_hold(self, hold_id: str, *, saga: bool = False, owner: str = "") -> Hold:
         hold = self.require_hold(hold_id)
-        if hold.saga_id and not saga:
-            raise FailedPrecondition(f"hold {hold_id} belongs to transfer {hold.saga_id}", field="hold_id")
+        if not saga:
+            self._check_owner(hold, owner)
         if hold.status != HoldStatus.PLACED:
             raise FailedPrecondition(f"hold {hold_id} is {hold.status.value}, not PLACED", field="hold_id")
         if hold.expires_at <= self.now and not hold.saga_id:
@@ -387,9 +394,9 @@ class ShardBook:
         return hold
 
     def capture_hold(
-        self, hold_id: str, points: int, *, kind: TxKind = TxKind.HOLD_CAPTURE, tx_id: str = ""
+        self, hold_id: str, points: int, *, kind: TxKind = TxKind.HOLD_CAPTURE, tx_id: str = "", owner: str = ""
     ) -> HoldResult:
-        hold = self._open_hold(hold_id, saga=kind == TxKind.TRANSFER_OUT)
+        hold = self._open_hold(hold_id, saga=kind == TxKind.TRANSFER_OUT, owner=owner)
         captured = points or hold.points
         if captured > hold.points:
             raise InvalidArgument(f"cannot capture {captured} points of a {hold.points}-point hold", field="points")
@@ -406,12 +413,11 @@ class ShardBook:
         settled = self._settle_debt(hold.member_id, hold.unit) if captured < hold.points else None
         return HoldResult(done, settled.balance_after if settled else transaction.balance_after, transaction)
 
-    def void_hold(self, hold_id: str, *, expired: bool = False) -> HoldResult:
+    def void_hold(self, hold_id: str, *, expired: bool = False, owner: str = "") -> HoldResult:
         hold = self.require_hold(hold_id)
         if hold.status != HoldStatus.PLACED:
             raise FailedPrecondition(f"hold {hold_id} is {hold.status.value}, not PLACED", field="hold_id")
-        if hold.saga_id:
-            raise FailedPrecondition(f"hold {hold_id} belongs to transfer {hold.saga_id}", field="hold_id")
+        self._check_owner(hold, owner)
         status = HoldStatus.EXPIRED if expired else HoldStatus.VOIDED
         self.tx.set_hold_status(hold_id, status, 0)
         balance = self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)

@@ -18,6 +18,8 @@ from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc.domain import DEFAULT_FUNDING, FailedPrecondition, InvalidArgument, Money, NotFound, TxKind, bucket_of
 from ledger_svc.postings import ShardBook
+from ledger_svc.reviews import ReviewKind, open_review
+from ledger_svc.screening import Screening, Verdict
 from pointmesh.guards import Guard, apply_guards
 from pointmesh.tiers import TierPolicy, effective_tier
 from pointmesh.tiers import bucket_of as month_bucket
@@ -100,6 +102,7 @@ class PurchaseRecord:
     basket_bonus_on_return: str = CLAW_BACK
     qualification_bucket: str = ""
     metric_unit: str = ""
+    screening: Screening | None = None
 
     def earned(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -151,8 +154,20 @@ def tender_points(book: ShardBook, member_id: str, tx_id: str) -> int:
     return -tender.points
 
 
-def accrue(book: ShardBook, record: PurchaseRecord, quote: Quote) -> PurchaseRecord:
-    """Guards, earns, counters, tier and the stored purchase, all in this one shard write."""
+def accrue(
+    book: ShardBook, record: PurchaseRecord, quote: Quote, screening: Screening | None = None, review_id: str = ""
+) -> PurchaseRecord:
+    """Guards, earns, counters, tier and the stored purchase, all in this one shard write.
+
+    A purchase fraud screening denied is stored as REFUSED and earns nothing; one it sent to
+    review earns as pending credit with a review item (reviews.py) beside it.
+    """
+    if screening is not None and screening.verdict is Verdict.DENY:
+        refused = replace(record, status=PurchaseStatus.REFUSED, screening=screening,
+                          status_reason=f"refused by fraud screening: {screening.why}")  # fmt: skip
+        save_purchase(book, refused)
+        return refused
+    held = screening is not None and screening.verdict is Verdict.REVIEW
     state = load_state(book, record.member_id)
     ordinal = state.purchase_count + 1
     granted, used = apply_guards([(p.guard, p.points) for p in quote.parts], state.counters, ordinal)
@@ -173,7 +188,7 @@ def accrue(book: ShardBook, record: PurchaseRecord, quote: Quote) -> PurchaseRec
             raise FailedPrecondition(f"program earns {unit!r}, which this ledger does not hold", field="program")
         earned = book.earn(
             record.member_id, unit, points, funding_source=DEFAULT_FUNDING, business_time=record.receipt_time,
-            expires_at=quote.expires_at, release_at=quote.release_at, pending_review=False, purchase=record.total,
+            expires_at=quote.expires_at, release_at=quote.release_at, pending_review=held, purchase=record.total,
             reference=f"purchase {record.purchase_id}",
         )  # fmt: skip
         txs[unit] = earned.transaction.transaction_id
@@ -186,9 +201,15 @@ def accrue(book: ShardBook, record: PurchaseRecord, quote: Quote) -> PurchaseRec
         qualification[bucket] = qualification.get(bucket, 0) + record.earned().get(metric, 0)
         tier_after = effective_tier(quote.tier_policy, qualification, record.receipt_time)
     book.tx.put_member_state(record.member_id, codec.dumps(MemberState(ordinal, counters, qualification, tier_after)))
+    if held and screening is not None and txs:
+        unit = book.policy.units[0] if book.policy.units[0] in txs else next(iter(txs))
+        review = open_review(book, review_id, ReviewKind.EARN, record.member_id, unit, record.earned()[unit],
+                             tuple(txs.values()), screening, record.purchase_id)  # fmt: skip
+        screening = review.screening
     record = replace(
-        record, earn_transactions=txs, tier_after=tier_after, qualification_bucket=bucket, metric_unit=metric
-    )
+        record, earn_transactions=txs, tier_after=tier_after, qualification_bucket=bucket, metric_unit=metric,
+        screening=screening,
+    )  # fmt: skip
     save_purchase(book, record)
     _announce(book, record)
     return record

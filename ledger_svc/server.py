@@ -128,9 +128,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def Redeem(
         self, request: ledger_pb2.RedeemRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.RedeemResponse:
-        return ledger_pb2.RedeemResponse(
-            transaction=cv.transaction_pb(await self.service.redeem(cv.redeem_cmd(request)))
-        )
+        return cv.redeem_pb(await self.service.redeem(cv.redeem_cmd(request)))
 
     @translated
     async def PlaceHold(
@@ -317,3 +315,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 summary.replayed += 1
             else:
                 summary.posted += 1
+
+    @translated
+    async def ListReviews(
+        self, request: ledger_pb2.ListReviewsRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ListReviewsResponse:
+        reviews, token = await self.service.list_reviews(
+            cv.review_status(request.status), request.member_id, request.page_size, request.page_token
+        )
+        return ledger_pb2.ListReviewsResponse(reviews=[cv.review_pb(r) for r in reviews], next_page_token=token)
+
+    @translated
+    async def DecideReview(
+        self, request: ledger_pb2.DecideReviewRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.DecideReviewResponse:
+        cmd = c.DecideReview(cv.key(request), request.review_id, request.approve, request.operator_id, request.note)
+        return ledger_pb2.DecideReviewResponse(review=cv.review_pb(await self.service.decide_review(cmd)))

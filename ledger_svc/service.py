@@ -14,10 +14,11 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from ledger_svc import codec
+from ledger_svc import codec, reviews
 from ledger_svc import commands as c
 from ledger_svc import validation as v
 from ledger_svc.accrual import Accrual, PointsEngine
@@ -50,7 +51,9 @@ from ledger_svc.domain import (
     new_member_id,
 )
 from ledger_svc.postings import Policy, ShardBook
+from ledger_svc.reviews import RedeemResult, Review, ReviewStatus, redeem_or_hold
 from ledger_svc.sagas import Sagas
+from ledger_svc.screening import FraudDenied, FraudScreen, ScreenedKind, Screening, ScreeningRequest, Verdict
 from ledger_svc.store.base import DirectoryTx, IdemRecord, LedgerStore, ShardTx
 from pointmesh.clock import Clock
 
@@ -78,15 +81,17 @@ class LedgerService:
         fault_point: str = "",
         engine: PointsEngine | None = None,
         program: str = "aurora",
+        fraud: FraudScreen | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.policy = policy
         self.cache = cache
+        self.fraud = fraud
         self._card_secret = card_secret.encode()
         self._fault_point = fault_point
         self._status_cache: dict[str, MemberStatus] = {}
-        self._profiles: dict[str, dict[str, str]] = {}
+        self._profiles: dict[str, Member] = {}
         self.outbox_wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.sagas = Sagas(self)
@@ -207,13 +212,20 @@ class LedgerService:
 
     async def member_profile(self, member_id: str) -> dict[str, str]:
         """Segments and attributes the rules may target; profiles only change by erasure."""
-        profile = self._profiles.get(member_id)
-        if profile is None:
-            profile = (await self.member(member_id)).profile
+        return (await self._known_member(member_id)).profile
+
+    async def member_since(self, member_id: str) -> datetime:
+        return (await self._known_member(member_id)).created_at
+
+    async def _known_member(self, member_id: str) -> Member:
+        """The member as created (profile, start date): fields that only erasure changes."""
+        member = self._profiles.get(member_id)
+        if member is None:
+            member = await self.member(member_id)
             if len(self._profiles) > 200_000:
                 self._profiles.clear()
-            self._profiles[member_id] = profile
-        return profile
+            self._profiles[member_id] = member
+        return member
 
     async def _require_active(self, member_id: str, field: str = "member_id") -> None:
         v.member_id(member_id, field)
@@ -408,15 +420,67 @@ class LedgerService:
         v.positive_points(cmd.points)
         v.optional_text(cmd.reference, "reference")
         return c.Redeem(v.idem_key(cmd.key), v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units),
-                        cmd.points, cmd.business_time, cmd.reference)  # fmt: skip
+                        cmd.points, cmd.business_time, cmd.reference, v.screening_context(cmd.context))  # fmt: skip
 
-    async def redeem(self, cmd: c.Redeem) -> Transaction:
+    async def redeem(self, cmd: c.Redeem) -> RedeemResult:
+        """Screened by fraud_svc (after the replay check, so a retry never scores twice): allowed
+        redemptions post, reviewed ones become a hold owned by a review item, denied ones fail."""
         cmd = self._check_redeem(cmd)
         await self._require_exists(cmd.member_id)
+        screened: list[Screening | None] = [None]
+
+        async def precheck() -> None:
+            await self._active(cmd.member_id)()
+            screened[0] = await self._screen_redemption(cmd)
+
+        def body(b: ShardBook) -> RedeemResult:
+            return redeem_or_hold(b, cmd, screened[0], hold_timeout=self.policy.hold_max_timeout)
+
+        return await self._mutate(cmd, self.shard_of(cmd.member_id), RedeemResult, body, precheck)
+
+    async def _screen_redemption(self, cmd: c.Redeem) -> Screening | None:
+        if self.fraud is None:
+            return None
+        balance = await self.get_balance(cmd.member_id, cmd.unit)
+        if balance.available_points < cmd.points:
+            return None  # refused for want of points anyway; nothing to score
+        screening = await self.fraud.screen(ScreeningRequest(
+            event_id=f"redeem:{cmd.key.namespace}:{cmd.key.key}", kind=ScreenedKind.REDEMPTION,
+            member_id=cmd.member_id, occurred_at=cmd.business_time or self.clock.now(), context=cmd.context,
+            points=cmd.points, amount=None, balance_points=balance.available_points,
+            member_since=await self.member_since(cmd.member_id),
+        ))  # fmt: skip
+        if screening.verdict is Verdict.DENY:
+            raise FraudDenied(screening)
+        return screening
+
+    # Fraud review ------------------------------------------------------------------------
+
+    async def list_reviews(
+        self, status: ReviewStatus, member_id: str, page_size: int, page_token: str
+    ) -> tuple[list[Review], str]:
+        """Oldest first across every shard; the token is the (time, id) of the last one returned."""
+        if member_id:
+            await self._require_exists(member_id)
+        size = v.page_size(page_size, "page_size")
+        after = _review_cursor(page_token)
+        shards = [self.shard_of(member_id)] if member_id else list(range(self.store.shard_count))
+        found: list[tuple[datetime, str, str]] = []
+        for shard in shards:
+            found += await self.store.read(shard, lambda tx: tx.list_reviews(status.value, member_id, after, size + 1))
+        found.sort()
+        page = [codec.loads(Review, body) for _, _, body in found[:size]]
+        token = f"{page[-1].created_at.isoformat()}|{page[-1].review_id}" if len(found) > size else ""
+        return page, token
+
+    async def decide_review(self, cmd: c.DecideReview) -> Review:
+        v.object_id(cmd.review_id, "rv", "review_id")
+        v.required_text(cmd.operator_id, "operator_id", max_len=128)
+        v.optional_text(cmd.note, "note")
+        cmd = replace(cmd, key=v.idem_key(cmd.key))
         return await self._mutate(
-            cmd, self.shard_of(cmd.member_id), Transaction,
-            lambda b: b.redeem(cmd.member_id, cmd.unit, cmd.points, business_time=cmd.business_time, reference=cmd.reference),
-            self._active(cmd.member_id),
+            cmd, self.shard_of_id(cmd.review_id), Review,
+            lambda b: reviews.decide(b, cmd.review_id, cmd.approve, cmd.operator_id, cmd.note),
         )  # fmt: skip
 
     def _check_adjust(self, cmd: c.Adjust) -> c.Adjust:
@@ -616,6 +680,16 @@ class LedgerService:
         from ledger_svc.ingest import BatchIngest
 
         return await BatchIngest(self).run(items)
+
+
+def _review_cursor(token: str) -> tuple[datetime, str] | None:
+    if not token:
+        return None
+    when, _, review_id = token.partition("|")
+    try:
+        return datetime.fromisoformat(when), v.object_id(review_id, "rv", "page_token")
+    except (ValueError, InvalidArgument):
+        raise InvalidArgument("is not a token this API returned", field="page_token") from None
 
 
 def _decode_token(token: str) -> int:

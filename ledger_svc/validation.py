@@ -6,6 +6,7 @@ import re
 from datetime import timedelta
 
 from ledger_svc.domain import MAX_POINTS, IdemKey, InvalidArgument, Money, is_valid_id, is_valid_name
+from ledger_svc.screening import ScreeningContext
 
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 _CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
@@ -95,3 +96,9 @@ def hold_timeout(value: timedelta | None, default: timedelta, maximum: timedelta
     if value <= timedelta(0) or value > maximum:
         raise InvalidArgument(f"must be between 1 second and {maximum}", field="timeout")
     return value
+
+
+def screening_context(ctx: ScreeningContext, field: str = "context") -> ScreeningContext:
+    for name in ("channel", "store_id", "device_id", "ip", "card_hash", "employee_card"):
+        optional_text(getattr(ctx, name), f"{field}.{name}", max_len=128)
+    return ctx

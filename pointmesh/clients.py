@@ -9,7 +9,7 @@ from __future__ import annotations
 from google.protobuf.descriptor import ServiceDescriptor
 
 from pointmesh.rpc import client_channel
-from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc, rules_pb2, rules_pb2_grpc
+from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc, ledger_pb2, ledger_pb2_grpc, rules_pb2, rules_pb2_grpc
 
 LEDGER_SERVICE: ServiceDescriptor = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"]
 
@@ -37,3 +37,14 @@ def rules_stub(target: str, *, default_timeout_seconds: float = 5.0) -> rules_pb
         target, idempotent_methods=unary_methods(RULES_SERVICE), default_timeout_seconds=default_timeout_seconds
     )
     return rules_pb2_grpc.RulesServiceStub(channel)
+
+
+FRAUD_SERVICE: ServiceDescriptor = fraud_pb2.DESCRIPTOR.services_by_name["FraudService"]
+
+
+def fraud_stub(target: str, *, default_timeout_seconds: float = 5.0) -> fraud_pb2_grpc.FraudServiceStub:
+    """Score counts an event_id once however often it is sent, and the rest are reads: all retryable."""
+    channel = client_channel(
+        target, idempotent_methods=unary_methods(FRAUD_SERVICE), default_timeout_seconds=default_timeout_seconds
+    )
+    return fraud_pb2_grpc.FraudServiceStub(channel)

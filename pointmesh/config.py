@@ -54,6 +54,14 @@ class Settings:
     rules_seed_file: str = "builtin:aurora"
     # How often rules_svc re-reads the version list (other replicas may publish).
     rules_reload_seconds: float = 2.0
+    # The ledger screens purchases and redemptions with fraud_svc (at fraud_addr) within this
+    # deadline; when it cannot, these verdicts (allow, review, deny) stand in, per operation.
+    fraud_screening: bool = True
+    fraud_deadline_seconds: float = 0.25
+    fraud_unavailable_purchase: str = "allow"
+    fraud_unavailable_redemption: str = "allow"
+    fraud_unavailable_large_redemption: str = "review"
+    fraud_large_redemption_points: int = 5000
     # Deadline of the ledger's Evaluate call; past it the purchase is kept as pending accrual.
     rules_deadline_seconds: float = 0.5
     ledger_shards: int = 4
@@ -127,5 +135,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"{PREFIX}NEGATIVE_LIMIT_POINTS must be >= 0")
     if s.sqlite_synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
         raise ConfigError(f"{PREFIX}SQLITE_SYNCHRONOUS must be NORMAL, FULL or EXTRA")
+    for name in ("purchase", "redemption", "large_redemption"):
+        if getattr(s, f"fraud_unavailable_{name}") not in {"allow", "review", "deny"}:
+            raise ConfigError(f"{PREFIX}FRAUD_UNAVAILABLE_{name.upper()} must be allow, review or deny")
+    if s.fraud_deadline_seconds <= 0:
+        raise ConfigError(f"{PREFIX}FRAUD_DEADLINE_SECONDS must be positive")
     if not 0 <= s.sqlite_group_window_ms <= 50:
         raise ConfigError(f"{PREFIX}SQLITE_GROUP_WINDOW_MS must be between 0 and 50")

@@ -45,6 +45,8 @@ def ledger_settings(data_dir: Path, redis_url: str, **overrides: object) -> Sett
         "outbox_poll_seconds": 0.02,
         "grace_seconds": 2.0,
         "redis_timeout_seconds": 0.3,
+        # Tests that screen with fraud_svc turn this on and point fraud_addr at one.
+        "fraud_screening": False,
     }
     base.update(overrides)
     return load_settings({}, **base)

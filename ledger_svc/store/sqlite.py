@@ -72,6 +72,10 @@ CREATE TABLE IF NOT EXISTS purchases (
   purchase_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL,
   receipt_time INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS purchases_waiting ON purchases (receipt_time) WHERE status = 'PENDING_ACCRUAL';
+CREATE TABLE IF NOT EXISTS reviews (
+  review_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL,
+  body TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reviews_by_status ON reviews (status, created_at, review_id);
 CREATE TABLE IF NOT EXISTS sagas (
   saga_id TEXT PRIMARY KEY, kind TEXT NOT NULL, state TEXT NOT NULL, source_member TEXT NOT NULL,
   dest_member TEXT NOT NULL, unit TEXT NOT NULL, points INTEGER NOT NULL, hold_id TEXT NOT NULL,
@@ -459,6 +463,27 @@ class SqliteShardTx:
             "SELECT COUNT(*) FROM purchases WHERE status='PENDING_ACCRUAL' AND member_id=?", (member_id,)
         ).fetchone()
         return int(row[0])
+
+    def put_review(self, review_id: str, member_id: str, status: str, created_at: datetime, body_json: str) -> None:
+        self.c.execute(
+            "INSERT OR REPLACE INTO reviews VALUES (?,?,?,?,?)",
+            (review_id, member_id, status, to_us(created_at), body_json),
+        )
+
+    def get_review(self, review_id: str) -> str | None:
+        row = self.c.execute("SELECT body FROM reviews WHERE review_id=?", (review_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def list_reviews(
+        self, status: str, member_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[tuple[datetime, str, str]]:
+        since_us, since_id = (to_us(after[0]), after[1]) if after else (-1, "")
+        rows = self.c.execute(
+            "SELECT created_at, review_id, body FROM reviews WHERE status=? AND (?='' OR member_id=?)"
+            " AND (created_at>? OR (created_at=? AND review_id>?)) ORDER BY created_at, review_id LIMIT ?",
+            (status, member_id, member_id, since_us, since_us, since_id, limit),
+        ).fetchall()
+        return [(from_us(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     def purge_before(self, idempotency_before: datetime, outbox_before: datetime) -> int:
         n = self.c.execute("DELETE FROM idempotency WHERE created_at<?", (to_us(idempotency_before),)).rowcount

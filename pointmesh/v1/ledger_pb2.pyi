@@ -112,6 +112,25 @@ HOLD_STATUS_EXPIRED: HoldStatus.ValueType  # 4
 """Voided automatically when its timeout passed."""
 Global___HoldStatus: _TypeAlias = HoldStatus  # noqa: Y015
 
+class _ScreeningVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScreeningVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScreeningVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCREENING_VERDICT_UNSPECIFIED: _ScreeningVerdict.ValueType  # 0
+    SCREENING_VERDICT_ALLOW: _ScreeningVerdict.ValueType  # 1
+    SCREENING_VERDICT_REVIEW: _ScreeningVerdict.ValueType  # 2
+    SCREENING_VERDICT_DENY: _ScreeningVerdict.ValueType  # 3
+
+class ScreeningVerdict(_ScreeningVerdict, metaclass=_ScreeningVerdictEnumTypeWrapper): ...
+
+SCREENING_VERDICT_UNSPECIFIED: ScreeningVerdict.ValueType  # 0
+SCREENING_VERDICT_ALLOW: ScreeningVerdict.ValueType  # 1
+SCREENING_VERDICT_REVIEW: ScreeningVerdict.ValueType  # 2
+SCREENING_VERDICT_DENY: ScreeningVerdict.ValueType  # 3
+Global___ScreeningVerdict: _TypeAlias = ScreeningVerdict  # noqa: Y015
+
 class _PurchaseStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -136,6 +155,46 @@ PURCHASE_STATUS_PENDING_ACCRUAL: PurchaseStatus.ValueType  # 2
 PURCHASE_STATUS_REFUSED: PurchaseStatus.ValueType  # 3
 """Recorded while waiting, then refused by the program (reason says why). Nothing earned."""
 Global___PurchaseStatus: _TypeAlias = PurchaseStatus  # noqa: Y015
+
+class _ReviewKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReviewKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVIEW_KIND_UNSPECIFIED: _ReviewKind.ValueType  # 0
+    REVIEW_KIND_EARN: _ReviewKind.ValueType  # 1
+    """A purchase's points, held as pending credit."""
+    REVIEW_KIND_REDEMPTION: _ReviewKind.ValueType  # 2
+    """A redemption, held as a hold on the member's points."""
+
+class ReviewKind(_ReviewKind, metaclass=_ReviewKindEnumTypeWrapper): ...
+
+REVIEW_KIND_UNSPECIFIED: ReviewKind.ValueType  # 0
+REVIEW_KIND_EARN: ReviewKind.ValueType  # 1
+"""A purchase's points, held as pending credit."""
+REVIEW_KIND_REDEMPTION: ReviewKind.ValueType  # 2
+"""A redemption, held as a hold on the member's points."""
+Global___ReviewKind: _TypeAlias = ReviewKind  # noqa: Y015
+
+class _ReviewStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReviewStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVIEW_STATUS_UNSPECIFIED: _ReviewStatus.ValueType  # 0
+    REVIEW_STATUS_OPEN: _ReviewStatus.ValueType  # 1
+    REVIEW_STATUS_APPROVED: _ReviewStatus.ValueType  # 2
+    REVIEW_STATUS_REJECTED: _ReviewStatus.ValueType  # 3
+
+class ReviewStatus(_ReviewStatus, metaclass=_ReviewStatusEnumTypeWrapper): ...
+
+REVIEW_STATUS_UNSPECIFIED: ReviewStatus.ValueType  # 0
+REVIEW_STATUS_OPEN: ReviewStatus.ValueType  # 1
+REVIEW_STATUS_APPROVED: ReviewStatus.ValueType  # 2
+REVIEW_STATUS_REJECTED: ReviewStatus.ValueType  # 3
+Global___ReviewStatus: _TypeAlias = ReviewStatus  # noqa: Y015
 
 @_typing.final
 class Member(_message.Message):
@@ -859,6 +918,7 @@ class RedeemRequest(_message.Message):
     POINTS_FIELD_NUMBER: _builtins.int
     BUSINESS_TIME_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     unit: _builtins.str
     points: _builtins.int
@@ -867,6 +927,10 @@ class RedeemRequest(_message.Message):
     def idempotency_key(self) -> _common_pb2.IdempotencyKey: ...
     @_builtins.property
     def business_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def context(self) -> Global___ScreeningContext:
+        """Where the redemption comes from, for fraud screening."""
+
     def __init__(
         self,
         *,
@@ -876,10 +940,11 @@ class RedeemRequest(_message.Message):
         points: _builtins.int = ...,
         business_time: _timestamp_pb2.Timestamp | None = ...,
         reference: _builtins.str = ...,
+        context: Global___ScreeningContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["business_time", b"business_time", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["business_time", b"business_time", "context", b"context", "idempotency_key", b"idempotency_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_time", b"business_time", "idempotency_key", b"idempotency_key", "member_id", b"member_id", "points", b"points", "reference", b"reference", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_time", b"business_time", "context", b"context", "idempotency_key", b"idempotency_key", "member_id", b"member_id", "points", b"points", "reference", b"reference", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -890,20 +955,123 @@ class RedeemResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSACTION_FIELD_NUMBER: _builtins.int
+    HOLD_FIELD_NUMBER: _builtins.int
+    SCREENING_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def transaction(self) -> Global___Transaction: ...
+    def transaction(self) -> Global___Transaction:
+        """Set when the redemption was paid out."""
+
+    @_builtins.property
+    def hold(self) -> Global___Hold:
+        """Set instead when fraud screening sent it to review: the points are reserved by this
+        hold until ops decides (see review_id in screening).
+        """
+
+    @_builtins.property
+    def screening(self) -> Global___Screening: ...
     def __init__(
         self,
         *,
         transaction: Global___Transaction | None = ...,
+        hold: Global___Hold | None = ...,
+        screening: Global___Screening | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["transaction", b"transaction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "screening", b"screening", "transaction", b"transaction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "screening", b"screening", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedeemResponse: _TypeAlias = RedeemResponse  # noqa: Y015
+
+@_typing.final
+class ScreeningContext(_message.Message):
+    """What a channel knows about the session a transaction came from. The ledger forwards it to
+    fraud_svc; none of it is stored beyond the screening result.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    IP_FIELD_NUMBER: _builtins.int
+    CARD_HASH_FIELD_NUMBER: _builtins.int
+    EMPLOYEE_CARD_FIELD_NUMBER: _builtins.int
+    CONTACT_CHANGED_AT_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    """The channel ("pos", "web", "app", ...) and store; the gateway stamps them from the API key."""
+    store_id: _builtins.str
+    device_id: _builtins.str
+    ip: _builtins.str
+    card_hash: _builtins.str
+    """A payment card token (never the card number)."""
+    employee_card: _builtins.str
+    """The cashier's employee card at a POS."""
+    @_builtins.property
+    def contact_changed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the member's login email/phone last changed, from the channel's identity system."""
+
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        ip: _builtins.str = ...,
+        card_hash: _builtins.str = ...,
+        employee_card: _builtins.str = ...,
+        contact_changed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contact_changed_at", b"contact_changed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_hash", b"card_hash", "channel", b"channel", "contact_changed_at", b"contact_changed_at", "device_id", b"device_id", "employee_card", b"employee_card", "ip", b"ip", "store_id", b"store_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScreeningContext: _TypeAlias = ScreeningContext  # noqa: Y015
+
+@_typing.final
+class Screening(_message.Message):
+    """The fraud decision a posting was made under."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERDICT_FIELD_NUMBER: _builtins.int
+    SCORED_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    verdict: Global___ScreeningVerdict.ValueType
+    scored: _builtins.bool
+    """False when fraud_svc did not answer in time and the configured policy decided."""
+    score: _builtins.float
+    """Model probability of fraud in [0, 1] (0 when unscored or decided by a rule alone)."""
+    model_version: _builtins.str
+    review_id: _builtins.str
+    """The review item, when the verdict is REVIEW."""
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Reason codes: "rule:<name>", "model:<feature>", or "unscored:<why>"."""
+
+    def __init__(
+        self,
+        *,
+        verdict: Global___ScreeningVerdict.ValueType = ...,
+        scored: _builtins.bool = ...,
+        score: _builtins.float = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        model_version: _builtins.str = ...,
+        review_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "reasons", b"reasons", "review_id", b"review_id", "score", b"score", "scored", b"scored", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Screening: _TypeAlias = Screening  # noqa: Y015
 
 @_typing.final
 class PlaceHoldRequest(_message.Message):
@@ -1644,6 +1812,8 @@ class LedgerEvent(_message.Message):
     PENDING_RELEASED_FIELD_NUMBER: _builtins.int
     PURCHASE_RECORDED_FIELD_NUMBER: _builtins.int
     TIER_CHANGED_FIELD_NUMBER: _builtins.int
+    REVIEW_OPENED_FIELD_NUMBER: _builtins.int
+    REVIEW_DECIDED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique and stable across redeliveries; consumers dedupe on it."""
     member_id: _builtins.str
@@ -1680,6 +1850,10 @@ class LedgerEvent(_message.Message):
     def purchase_recorded(self) -> Global___PurchaseRecorded: ...
     @_builtins.property
     def tier_changed(self) -> Global___TierChanged: ...
+    @_builtins.property
+    def review_opened(self) -> Global___ReviewEvent: ...
+    @_builtins.property
+    def review_decided(self) -> Global___ReviewEvent: ...
     def __init__(
         self,
         *,
@@ -1701,16 +1875,71 @@ class LedgerEvent(_message.Message):
         pending_released: Global___PendingReleased | None = ...,
         purchase_recorded: Global___PurchaseRecorded | None = ...,
         tier_changed: Global___TierChanged | None = ...,
+        review_opened: Global___ReviewEvent | None = ...,
+        review_decided: Global___ReviewEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "tier_changed", b"tier_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "review_decided", b"review_decided", "review_opened", b"review_opened", "tier_changed", b"tier_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "event_id", b"event_id", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "member_id", b"member_id", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "tier_changed", b"tier_changed", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "event_id", b"event_id", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "member_id", b"member_id", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "review_decided", b"review_decided", "review_opened", b"review_opened", "tier_changed", b"tier_changed", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["points_earned", "points_redeemed", "hold_placed", "hold_captured", "hold_voided", "points_reversed", "points_transferred", "points_expired", "members_merged", "points_adjusted", "pending_released", "purchase_recorded", "tier_changed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["points_earned", "points_redeemed", "hold_placed", "hold_captured", "hold_voided", "points_reversed", "points_transferred", "points_expired", "members_merged", "points_adjusted", "pending_released", "purchase_recorded", "tier_changed", "review_opened", "review_decided"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___LedgerEvent: _TypeAlias = LedgerEvent  # noqa: Y015
+
+@_typing.final
+class ReviewEvent(_message.Message):
+    """A fraud review item was opened (points held) or decided (released, captured, cancelled)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    SUBJECT_IDS_FIELD_NUMBER: _builtins.int
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    SCORED_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.str
+    kind: Global___ReviewKind.ValueType
+    status: Global___ReviewStatus.ValueType
+    points: _builtins.int
+    purchase_id: _builtins.str
+    verdict: Global___ScreeningVerdict.ValueType
+    scored: _builtins.bool
+    decided_by: _builtins.str
+    note: _builtins.str
+    @_builtins.property
+    def subject_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        review_id: _builtins.str = ...,
+        kind: Global___ReviewKind.ValueType = ...,
+        status: Global___ReviewStatus.ValueType = ...,
+        points: _builtins.int = ...,
+        subject_ids: _abc.Iterable[_builtins.str] | None = ...,
+        purchase_id: _builtins.str = ...,
+        verdict: Global___ScreeningVerdict.ValueType = ...,
+        scored: _builtins.bool = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        decided_by: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_by", b"decided_by", "kind", b"kind", "note", b"note", "points", b"points", "purchase_id", b"purchase_id", "reasons", b"reasons", "review_id", b"review_id", "scored", b"scored", "status", b"status", "subject_ids", b"subject_ids", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewEvent: _TypeAlias = ReviewEvent  # noqa: Y015
 
 @_typing.final
 class PurchaseRecorded(_message.Message):
@@ -2139,6 +2368,7 @@ class RecordPurchaseRequest(_message.Message):
     LINES_FIELD_NUMBER: _builtins.int
     RECEIPT_TIME_FIELD_NUMBER: _builtins.int
     TENDER_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     channel: _builtins.str
     store_id: _builtins.str
@@ -2162,6 +2392,10 @@ class RecordPurchaseRequest(_message.Message):
     def receipt_time(self) -> _timestamp_pb2.Timestamp:
         """Business time of the purchase: campaigns, happy hours, tiers and expiry use it."""
 
+    @_builtins.property
+    def context(self) -> Global___ScreeningContext:
+        """Device, card and cashier details for fraud screening (channel and store are above)."""
+
     def __init__(
         self,
         *,
@@ -2174,10 +2408,11 @@ class RecordPurchaseRequest(_message.Message):
         lines: _abc.Iterable[Global___PurchaseLine] | None = ...,
         receipt_time: _timestamp_pb2.Timestamp | None = ...,
         tender_transaction_id: _builtins.str = ...,
+        context: Global___ScreeningContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "receipt_time", b"receipt_time", "total", b"total"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "idempotency_key", b"idempotency_key", "receipt_time", b"receipt_time", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "idempotency_key", b"idempotency_key", "lines", b"lines", "member_id", b"member_id", "receipt_id", b"receipt_id", "receipt_time", b"receipt_time", "store_id", b"store_id", "tender_transaction_id", b"tender_transaction_id", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "context", b"context", "idempotency_key", b"idempotency_key", "lines", b"lines", "member_id", b"member_id", "receipt_id", b"receipt_id", "receipt_time", b"receipt_time", "store_id", b"store_id", "tender_transaction_id", b"tender_transaction_id", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2255,6 +2490,7 @@ class Purchase(_message.Message):
     TENDER_POINTS_FIELD_NUMBER: _builtins.int
     RETURNED_QUANTITIES_FIELD_NUMBER: _builtins.int
     REFUNDED_MINOR_FIELD_NUMBER: _builtins.int
+    SCREENING_FIELD_NUMBER: _builtins.int
     purchase_id: _builtins.str
     member_id: _builtins.str
     program: _builtins.str
@@ -2295,6 +2531,10 @@ class Purchase(_message.Message):
     def returned_quantities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Returned so far: quantity per line, and refunded amount."""
 
+    @_builtins.property
+    def screening(self) -> Global___Screening:
+        """The fraud decision; REVIEW means the points are pending credit until ops decides."""
+
     def __init__(
         self,
         *,
@@ -2322,10 +2562,11 @@ class Purchase(_message.Message):
         tender_points: _builtins.int = ...,
         returned_quantities: _abc.Iterable[_builtins.int] | None = ...,
         refunded_minor: _builtins.int = ...,
+        screening: Global___Screening | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time", b"receipt_time", "received_at", b"received_at", "total", b"total"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time", b"receipt_time", "received_at", b"received_at", "screening", b"screening", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "earn_transactions", b"earn_transactions", "earned", b"earned", "fx_rate", b"fx_rate", "lines", b"lines", "member_id", b"member_id", "parts", b"parts", "program", b"program", "program_version", b"program_version", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_id", b"receipt_id", "receipt_time", b"receipt_time", "received_at", b"received_at", "refunded_minor", b"refunded_minor", "returned_quantities", b"returned_quantities", "status", b"status", "status_reason", b"status_reason", "store_id", b"store_id", "tender_points", b"tender_points", "tender_transaction_id", b"tender_transaction_id", "tier_after", b"tier_after", "tier_before", b"tier_before", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "earn_transactions", b"earn_transactions", "earned", b"earned", "fx_rate", b"fx_rate", "lines", b"lines", "member_id", b"member_id", "parts", b"parts", "program", b"program", "program_version", b"program_version", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_id", b"receipt_id", "receipt_time", b"receipt_time", "received_at", b"received_at", "refunded_minor", b"refunded_minor", "returned_quantities", b"returned_quantities", "screening", b"screening", "status", b"status", "status_reason", b"status_reason", "store_id", b"store_id", "tender_points", b"tender_points", "tender_transaction_id", b"tender_transaction_id", "tier_after", b"tier_after", "tier_before", b"tier_before", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2512,3 +2753,179 @@ class GetPurchaseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPurchaseResponse: _TypeAlias = GetPurchaseResponse  # noqa: Y015
+
+@_typing.final
+class Review(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    SUBJECT_IDS_FIELD_NUMBER: _builtins.int
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    SCREENING_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    OUTCOME_TRANSACTION_IDS_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.str
+    kind: Global___ReviewKind.ValueType
+    status: Global___ReviewStatus.ValueType
+    member_id: _builtins.str
+    unit: _builtins.str
+    points: _builtins.int
+    purchase_id: _builtins.str
+    """The purchase the earn belongs to, if any."""
+    decided_by: _builtins.str
+    note: _builtins.str
+    @_builtins.property
+    def subject_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The pending EARN transactions (one per unit the purchase earned) or the hold under review."""
+
+    @_builtins.property
+    def screening(self) -> Global___Screening: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def outcome_transaction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the decision posted: releases, the capture, or reversals (none for a voided hold)."""
+
+    def __init__(
+        self,
+        *,
+        review_id: _builtins.str = ...,
+        kind: Global___ReviewKind.ValueType = ...,
+        status: Global___ReviewStatus.ValueType = ...,
+        member_id: _builtins.str = ...,
+        unit: _builtins.str = ...,
+        points: _builtins.int = ...,
+        subject_ids: _abc.Iterable[_builtins.str] | None = ...,
+        purchase_id: _builtins.str = ...,
+        screening: Global___Screening | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+        decided_by: _builtins.str = ...,
+        note: _builtins.str = ...,
+        outcome_transaction_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decided_at", b"decided_at", "screening", b"screening"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decided_at", b"decided_at", "decided_by", b"decided_by", "kind", b"kind", "member_id", b"member_id", "note", b"note", "outcome_transaction_ids", b"outcome_transaction_ids", "points", b"points", "purchase_id", b"purchase_id", "review_id", b"review_id", "screening", b"screening", "status", b"status", "subject_ids", b"subject_ids", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Review: _TypeAlias = Review  # noqa: Y015
+
+@_typing.final
+class ListReviewsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    status: Global___ReviewStatus.ValueType
+    """Default: OPEN."""
+    member_id: _builtins.str
+    """Optional: one member's reviews."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        status: Global___ReviewStatus.ValueType = ...,
+        member_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReviewsRequest: _TypeAlias = ListReviewsRequest  # noqa: Y015
+
+@_typing.final
+class ListReviewsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEWS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def reviews(self) -> _containers.RepeatedCompositeFieldContainer[Global___Review]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        reviews: _abc.Iterable[Global___Review] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "reviews", b"reviews"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReviewsResponse: _TypeAlias = ListReviewsResponse  # noqa: Y015
+
+@_typing.final
+class DecideReviewRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
+    OPERATOR_ID_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.str
+    approve: _builtins.bool
+    """True: release the credit / capture the hold. False: cancel the credit / void the hold."""
+    operator_id: _builtins.str
+    note: _builtins.str
+    @_builtins.property
+    def idempotency_key(self) -> _common_pb2.IdempotencyKey: ...
+    def __init__(
+        self,
+        *,
+        idempotency_key: _common_pb2.IdempotencyKey | None = ...,
+        review_id: _builtins.str = ...,
+        approve: _builtins.bool = ...,
+        operator_id: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approve", b"approve", "idempotency_key", b"idempotency_key", "note", b"note", "operator_id", b"operator_id", "review_id", b"review_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideReviewRequest: _TypeAlias = DecideReviewRequest  # noqa: Y015
+
+@_typing.final
+class DecideReviewResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def review(self) -> Global___Review: ...
+    def __init__(
+        self,
+        *,
+        review: Global___Review | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["review", b"review"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["review", b"review"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideReviewResponse: _TypeAlias = DecideReviewResponse  # noqa: Y015

@@ -162,6 +162,16 @@ class LedgerServiceStub:
                 request_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseRequest.SerializeToString,
                 response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseResponse.FromString,
                 _registered_method=True)
+        self.ListReviews = channel.unary_unary(
+                '/pointmesh.v1.LedgerService/ListReviews',
+                request_serializer=pointmesh_dot_v1_dot_ledger__pb2.ListReviewsRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.ListReviewsResponse.FromString,
+                _registered_method=True)
+        self.DecideReview = channel.unary_unary(
+                '/pointmesh.v1.LedgerService/DecideReview',
+                request_serializer=pointmesh_dot_v1_dot_ledger__pb2.DecideReviewRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.DecideReviewResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -338,6 +348,22 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReviews(self, request, context):
+        """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
+        earns a purchase's points as pending credit and turns a redemption into a hold, each
+        with a review item here. Approving releases the credit or captures the hold;
+        rejecting cancels the credit or voids the hold. Both are idempotent by key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideReview(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -465,6 +491,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetPurchase,
                     request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseRequest.FromString,
                     response_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseResponse.SerializeToString,
+            ),
+            'ListReviews': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReviews,
+                    request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.ListReviewsRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_ledger__pb2.ListReviewsResponse.SerializeToString,
+            ),
+            'DecideReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideReview,
+                    request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.DecideReviewRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_ledger__pb2.DecideReviewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1145,6 +1181,60 @@ class LedgerService:
             '/pointmesh.v1.LedgerService/GetPurchase',
             pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseRequest.SerializeToString,
             pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReviews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.LedgerService/ListReviews',
+            pointmesh_dot_v1_dot_ledger__pb2.ListReviewsRequest.SerializeToString,
+            pointmesh_dot_v1_dot_ledger__pb2.ListReviewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.LedgerService/DecideReview',
+            pointmesh_dot_v1_dot_ledger__pb2.DecideReviewRequest.SerializeToString,
+            pointmesh_dot_v1_dot_ledger__pb2.DecideReviewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,13 @@ class LedgerServiceStub:
     purchase's own breakdown (its program version and FX rate), never re-evaluated.
     """
     GetPurchase: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseRequest, _ledger_pb2.GetPurchaseResponse]
+    ListReviews: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListReviewsRequest, _ledger_pb2.ListReviewsResponse]
+    """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
+    earns a purchase's points as pending credit and turns a redemption into a hold, each
+    with a review item here. Approving releases the credit or captures the hold;
+    rejecting cancels the credit or voids the hold. Both are idempotent by key.
+    """
+    DecideReview: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.DecideReviewRequest, _ledger_pb2.DecideReviewResponse]
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -141,6 +148,13 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     purchase's own breakdown (its program version and FX rate), never re-evaluated.
     """
     GetPurchase: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseRequest, _ledger_pb2.GetPurchaseResponse]  # type: ignore[assignment]
+    ListReviews: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListReviewsRequest, _ledger_pb2.ListReviewsResponse]  # type: ignore[assignment]
+    """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
+    earns a purchase's points as pending credit and turns a redemption into a hold, each
+    with a review item here. Approving releases the credit or captures the hold;
+    rejecting cancels the credit or voids the hold. Both are idempotent by key.
+    """
+    DecideReview: _aio.UnaryUnaryMultiCallable[_ledger_pb2.DecideReviewRequest, _ledger_pb2.DecideReviewResponse]  # type: ignore[assignment]
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """LedgerService is the system of record for points. Every mutation carries an
@@ -345,5 +359,24 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetPurchaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetPurchaseResponse, _abc.Awaitable[_ledger_pb2.GetPurchaseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListReviews(
+        self,
+        request: _ledger_pb2.ListReviewsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListReviewsResponse, _abc.Awaitable[_ledger_pb2.ListReviewsResponse]]:
+        """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
+        earns a purchase's points as pending credit and turns a redemption into a hold, each
+        with a review item here. Approving releases the credit or captures the hold;
+        rejecting cancels the credit or voids the hold. Both are idempotent by key.
+        """
+
+    @_abc_1.abstractmethod
+    def DecideReview(
+        self,
+        request: _ledger_pb2.DecideReviewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.DecideReviewResponse, _abc.Awaitable[_ledger_pb2.DecideReviewResponse]]: ...
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -364,7 +364,8 @@ class Scenario:
         result = await self._attempt(expect, self.svc.redeem, cmd)
         if result is None:
             return
-        self.other_txs.append(result.transaction_id)
+        assert result.transaction is not None and result.hold is None  # unscreened: always paid out
+        self.other_txs.append(result.transaction.transaction_id)
         self.totals[op.unit].redeemed += op.points
         self.expect_net = {key: -op.points}
         self._after(lambda b, a: self._eq(a[key].available_points - b[key].available_points, -op.points, "available"))

@@ -1,0 +1,58 @@
+"""The ledger's view of fraud_svc: a Screener over gRPC with a deadline.
+
+Any failure (down, slow, overloaded, or a request fraud_svc refused) becomes
+ScreenerUnavailable, so the per-operation policy decides and the posting records that it was
+unscored; a customer's purchase never fails because scoring did.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from ledger_svc.screening import ScreenedKind, ScreenerUnavailable, Screening, ScreeningRequest, Verdict
+from pointmesh.clients import fraud_stub
+from pointmesh.timestamps import to_timestamp
+from pointmesh.v1 import common_pb2, fraud_pb2
+
+log = logging.getLogger(__name__)
+
+_KIND = {
+    ScreenedKind.PURCHASE: fraud_pb2.SCORED_KIND_PURCHASE,
+    ScreenedKind.REDEMPTION: fraud_pb2.SCORED_KIND_REDEMPTION,
+}
+_VERDICT = {
+    fraud_pb2.VERDICT_ALLOW: Verdict.ALLOW,
+    fraud_pb2.VERDICT_REVIEW: Verdict.REVIEW,
+    fraud_pb2.VERDICT_DENY: Verdict.DENY,
+}
+
+
+def scored_transaction(r: ScreeningRequest) -> fraud_pb2.ScoredTransaction:
+    ctx = r.context
+    return fraud_pb2.ScoredTransaction(
+        event_id=r.event_id, kind=_KIND[r.kind], member_id=r.member_id, occurred_at=to_timestamp(r.occurred_at),
+        channel=ctx.channel, store_id=ctx.store_id,
+        amount=common_pb2.Money(amount_minor=r.amount.amount_minor, currency=r.amount.currency) if r.amount else None,
+        points=r.points, device_id=ctx.device_id, ip=ctx.ip, card_hash=ctx.card_hash, employee_card=ctx.employee_card,
+        contact_changed_at=to_timestamp(ctx.contact_changed_at) if ctx.contact_changed_at else None,
+        member_since=to_timestamp(r.member_since) if r.member_since else None, balance_points=r.balance_points,
+    )  # fmt: skip
+
+
+class FraudScreenerClient:
+    def __init__(self, target: str, deadline_seconds: float) -> None:
+        self.stub = fraud_stub(target, default_timeout_seconds=deadline_seconds)
+
+    async def screen(self, request: ScreeningRequest) -> Screening:
+        try:
+            response = await self.stub.Score(fraud_pb2.ScoreRequest(transaction=scored_transaction(request)))
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                log.error("fraud_svc refused the ledger's score request %s: %s", request.event_id, error.details())
+            raise ScreenerUnavailable(f"{error.code().name}: {error.details()}") from None
+        verdict = _VERDICT.get(response.verdict)
+        if verdict is None:
+            raise ScreenerUnavailable(f"fraud_svc answered verdict {response.verdict}")
+        return Screening(verdict, True, response.score, tuple(r.code for r in response.reasons), response.model_version)

@@ -1,0 +1,157 @@
+"""Fraud review items: opened in the same write as the pending credit or hold they guard,
+decided by ops in one write that releases or cancels it.
+
+A review lives in its member's shard (its id carries the member's bucket), so opening one is
+atomic with the posting it guards and deciding one is atomic with the posting that settles
+it. Every open and every decision is an outbox event; the relay also copies them to the ops
+alert stream.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from ledger_svc import codec
+from ledger_svc import commands as c
+from ledger_svc.domain import FailedPrecondition, Hold, NotFound, Transaction, new_id
+from ledger_svc.postings import ShardBook
+from ledger_svc.screening import Screening, Verdict
+
+REVIEW_EVENTS = frozenset({"review_opened", "review_decided"})
+
+
+class ReviewKind(enum.StrEnum):
+    EARN = "EARN"
+    REDEMPTION = "REDEMPTION"
+
+
+class ReviewStatus(enum.StrEnum):
+    OPEN = "OPEN"
+    APPROVED = "APPROVED"
+    REJECTED = "REJECTED"
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    review_id: str
+    kind: ReviewKind
+    status: ReviewStatus
+    member_id: str
+    unit: str
+    points: int
+    subject_ids: tuple[str, ...]
+    screening: Screening
+    created_at: datetime
+    purchase_id: str = ""
+    decided_at: datetime | None = None
+    decided_by: str = ""
+    note: str = ""
+    outcome_transaction_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RedeemResult:
+    """A redemption either posted (`transaction`) or held for review (`hold`), never both."""
+
+    transaction: Transaction | None
+    hold: Hold | None = None
+    screening: Screening | None = None
+
+
+def new_review_id(member_id: str) -> str:
+    return new_id("rv", member_id)
+
+
+def redeem_or_hold(
+    book: ShardBook, cmd: c.Redeem, screening: Screening | None, *, hold_timeout: timedelta
+) -> RedeemResult:
+    """Posts the redemption, or (REVIEW) reserves its points in a hold only the review settles.
+
+    The hold does not expire on its own: points under review wait for a decision, not a clock.
+    `hold_timeout` only dates it for the member's view.
+    """
+    if screening is None or screening.verdict is Verdict.ALLOW:
+        posted = book.redeem(cmd.member_id, cmd.unit, cmd.points, business_time=cmd.business_time,
+                             reference=cmd.reference)  # fmt: skip
+        return RedeemResult(posted, None, screening)
+    review_id = new_review_id(cmd.member_id)
+    held = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=hold_timeout,
+                           reference=cmd.reference or f"redemption under fraud review {review_id}",
+                           saga_id=review_id)  # fmt: skip
+    review = open_review(book, review_id, ReviewKind.REDEMPTION, cmd.member_id, cmd.unit, cmd.points,
+                         (held.hold.hold_id,), screening)  # fmt: skip
+    return RedeemResult(None, held.hold, review.screening)
+
+
+def _save(book: ShardBook, review: Review) -> None:
+    book.tx.put_review(review.review_id, review.member_id, review.status.value, review.created_at, codec.dumps(review))
+
+
+def load(book: ShardBook, review_id: str) -> Review:
+    body = book.tx.get_review(review_id)
+    if body is None:
+        raise NotFound(f"review {review_id} does not exist", field="review_id")
+    return codec.loads(Review, body)
+
+
+def _announce(book: ShardBook, event: str, review: Review) -> None:
+    book.emit(event, book.balance(review.member_id, review.unit), {
+        "review_id": review.review_id, "kind": review.kind.value, "status": review.status.value,
+        "points": review.points, "subject_ids": list(review.subject_ids), "purchase_id": review.purchase_id,
+        "verdict": review.screening.verdict.value, "scored": review.screening.scored,
+        "reasons": list(review.screening.reasons), "decided_by": review.decided_by, "note": review.note,
+    })  # fmt: skip
+
+
+def open_review(
+    book: ShardBook,
+    review_id: str,
+    kind: ReviewKind,
+    member_id: str,
+    unit: str,
+    points: int,
+    subject_ids: tuple[str, ...],
+    screening: Screening,
+    purchase_id: str = "",
+) -> Review:
+    review = Review(review_id, kind, ReviewStatus.OPEN, member_id, unit, points, subject_ids,
+                    replace(screening, review_id=review_id), book.now, purchase_id)  # fmt: skip
+    _save(book, review)
+    _announce(book, "review_opened", review)
+    return review
+
+
+def decide(book: ShardBook, review_id: str, approve: bool, operator_id: str, note: str) -> Review:
+    """Approve: release the pending credit / capture the hold. Reject: reverse the credit /
+    void the hold. A review is decided once; a second decision is refused with who and when."""
+    review = load(book, review_id)
+    if review.status is not ReviewStatus.OPEN:
+        raise FailedPrecondition(
+            f"review {review_id} was already {review.status.value.lower()} by {review.decided_by or 'ops'}"
+            f" at {review.decided_at.isoformat() if review.decided_at else 'an earlier time'}",
+            field="review_id",
+        )
+    outcome: list[str] = []
+    if review.kind is ReviewKind.EARN:
+        for tx_id in review.subject_ids:
+            if approve:
+                outcome.append(book.release_pending(tx_id).transaction_id)
+            else:
+                reason = f"fraud review {review_id} rejected"
+                outcome.append(book.reverse(tx_id, points=None, refund=None, reason=reason).transaction.transaction_id)
+    else:
+        (hold_id,) = review.subject_ids
+        if approve:
+            captured = book.capture_hold(hold_id, 0, owner=review_id)
+            outcome.extend([captured.transaction.transaction_id] if captured.transaction else [])
+        else:
+            book.void_hold(hold_id, owner=review_id)
+    decided = replace(
+        review, status=ReviewStatus.APPROVED if approve else ReviewStatus.REJECTED, decided_at=book.now,
+        decided_by=operator_id, note=note, outcome_transaction_ids=tuple(outcome),
+    )  # fmt: skip
+    _save(book, decided)
+    _announce(book, "review_decided", decided)
+    return decided

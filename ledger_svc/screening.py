@@ -1,0 +1,134 @@
+"""Fraud screening of purchases and redemptions, and what happens when it cannot be had.
+
+The ledger asks fraud_svc once per purchase or redemption, after the idempotency replay check
+(a retry never scores twice) and before the posting. fraud_svc answers allow, review or deny;
+the ledger acts on it (purchases.py, reviews.py). When fraud_svc is down or slower than the
+deadline, a per-operation policy decides instead and the screening records `scored=False`,
+so ops can find every posting made without a score. Defaults: purchases fail open (points
+earn), redemptions of at least `large_redeem_points` fail closed to review (points are held
+until ops decides), smaller redemptions fail open.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from ledger_svc.domain import FailedPrecondition, Money
+
+log = logging.getLogger(__name__)
+BREAKER_SECONDS = 1.0
+
+
+class Verdict(enum.StrEnum):
+    ALLOW = "ALLOW"
+    REVIEW = "REVIEW"
+    DENY = "DENY"
+
+
+class ScreenedKind(enum.StrEnum):
+    PURCHASE = "PURCHASE"
+    REDEMPTION = "REDEMPTION"
+
+
+@dataclass(frozen=True, slots=True)
+class ScreeningContext:
+    """Session facts a channel knows and the ledger does not keep (see ledger.proto)."""
+
+    channel: str = ""
+    store_id: str = ""
+    device_id: str = ""
+    ip: str = ""
+    card_hash: str = ""
+    employee_card: str = ""
+    contact_changed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Screening:
+    verdict: Verdict
+    scored: bool
+    score: float = 0.0
+    reasons: tuple[str, ...] = ()
+    model_version: str = ""
+    review_id: str = ""
+
+    @property
+    def why(self) -> str:
+        return ", ".join(self.reasons) or "no reason given"
+
+
+@dataclass(frozen=True, slots=True)
+class ScreeningRequest:
+    """One transaction as fraud_svc scores it; event_id makes a re-score not count twice."""
+
+    event_id: str
+    kind: ScreenedKind
+    member_id: str
+    occurred_at: datetime
+    context: ScreeningContext
+    points: int
+    amount: Money | None
+    balance_points: int
+    member_since: datetime | None
+
+
+class ScreenerUnavailable(Exception):
+    """fraud_svc did not answer within the deadline (or is down)."""
+
+
+class Screener(Protocol):
+    async def screen(self, request: ScreeningRequest) -> Screening: ...
+
+
+class FraudDenied(FailedPrecondition):
+    """fraud_svc denied a redemption; the reason codes say why."""
+
+    code = "FRAUD_DENIED"
+
+    def __init__(self, screening: Screening) -> None:
+        super().__init__(
+            f"refused by fraud screening: {screening.why}",
+            field="member_id",
+            metadata={"reasons": ",".join(screening.reasons), "scored": str(screening.scored).lower()},
+        )
+        self.screening = screening
+
+
+@dataclass(frozen=True, slots=True)
+class UnavailablePolicy:
+    """What stands in for a verdict when fraud_svc cannot give one, per operation."""
+
+    purchase: Verdict = Verdict.ALLOW
+    redemption: Verdict = Verdict.ALLOW
+    large_redemption: Verdict = Verdict.REVIEW
+    large_redeem_points: int = 5_000
+
+    def verdict_for(self, request: ScreeningRequest) -> Verdict:
+        if request.kind is ScreenedKind.PURCHASE:
+            return self.purchase
+        return self.large_redemption if request.points >= self.large_redeem_points else self.redemption
+
+
+class FraudScreen:
+    """The screener plus the unavailable policy and a short breaker, so an outage costs one
+    deadline per second rather than one per request."""
+
+    def __init__(self, screener: Screener, policy: UnavailablePolicy) -> None:
+        self.screener = screener
+        self.policy = policy
+        self._down_until = 0.0
+
+    async def screen(self, request: ScreeningRequest) -> Screening:
+        if time.monotonic() >= self._down_until:
+            try:
+                return await self.screener.screen(request)
+            except ScreenerUnavailable as exc:
+                log.warning("fraud_svc unavailable; %s %s decided by policy: %s", request.kind, request.event_id, exc)
+                self._down_until = time.monotonic() + BREAKER_SECONDS
+        verdict = self.policy.verdict_for(request)
+        return Screening(verdict, scored=False, reasons=(f"unscored:fraud_svc_unavailable:{verdict.value.lower()}",))

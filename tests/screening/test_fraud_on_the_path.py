@@ -1,0 +1,254 @@
+"""Fraud screening end to end: rules_svc, fraud_svc (a LightGBM model trained here on generated
+data, Redis velocity state) and ledger_svc as real gRPC servers on loopback.
+
+Purchases and redemptions are scored before they post; review holds the points (pending
+credit or a hold) with a review item and an ops alert; ops approves or rejects; a fraud_svc
+that is down leaves the configured policy in charge and loses nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fraud_svc.app import FraudApp
+from fraud_svc.app import build as build_fraud
+from fraud_svc.training import train_churn, train_fraud
+from pointmesh.clock import ManualClock
+from pointmesh.config import load_settings
+from pointmesh.events import OPS_ALERTS, RedisStreamBus
+from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.v1 import common_pb2, ledger_pb2
+from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
+from tests.ledger.helpers import balance, create_member, key, ts
+from tests.mesh.helpers import purchase_request
+
+PROGRAM = Path(__file__).parent.parent / "mesh" / "program.yaml"
+NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def fraud_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("screening-models")
+    train_fraud(root, rows=20_000, seed=5)
+    train_churn(root, members=2_000, seed=5)
+    return root
+
+
+@dataclass
+class Screened:
+    rules: RulesUnderTest
+    ledger: LedgerUnderTest
+    fraud: FraudApp | None
+    clock: ManualClock
+    fraud_port: int
+    models: Path
+    redis_url: str
+
+    async def stop_fraud(self) -> None:
+        assert self.fraud is not None
+        await self.fraud.stop(grace=0.5)
+        self.fraud = None
+
+    async def start_fraud(self) -> None:
+        settings = load_settings({}, redis_url=self.redis_url, models_dir=str(self.models),
+                                 fraud_addr=f"127.0.0.1:{self.fraud_port}", grace_seconds=0.5)  # fmt: skip
+        self.fraud = await build_fraud(settings)
+        await self.fraud.start()
+
+
+@pytest.fixture
+async def screened(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[Screened]:
+    clock = ManualClock(NOW)
+    models = tmp_path / "models"
+    shutil.copytree(fraud_models, models)
+    rules_port = free_port()
+    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{rules_port}",
+                              rules_seed_file=str(PROGRAM))  # fmt: skip
+    env = Screened(rules, None, None, clock, free_port(), models, redis_server.url)  # type: ignore[arg-type]
+    await env.start_fraud()
+    env.ledger = await start_ledger(
+        tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{rules_port}", program="meshmart",
+        rules_deadline_seconds=2.0, fraud_screening=True, fraud_addr=f"127.0.0.1:{env.fraud_port}",
+        fraud_deadline_seconds=2.0, fraud_large_redemption_points=2000,
+    )  # fmt: skip
+    yield env
+    await stop_ledger(env.ledger)
+    if env.fraud is not None:
+        await env.fraud.stop(grace=0.5)
+    await stop_rules(rules)
+
+
+async def regular_member(env: Screened, visits: int = 12) -> str:
+    """A member who joined months ago and has shopped in the same store every few days since."""
+    env.clock.set(NOW - timedelta(days=4 * visits + 30))
+    member = (await create_member(env.ledger.stub)).member_id
+    for i in range(visits):
+        at = env.clock.advance(timedelta(days=4))
+        got = await env.ledger.stub.RecordPurchase(
+            purchase_request(member, [("grocery", 30_000, 1)], at=at, receipt=f"{member}-{i}")
+        )
+        assert got.purchase.screening.verdict == ledger_pb2.SCREENING_VERDICT_ALLOW, got.purchase.screening
+        assert got.purchase.screening.scored
+    env.clock.set(NOW)
+    return member
+
+
+def takeover(member: str, points: int, device: str) -> ledger_pb2.RedeemRequest:
+    """The account-takeover shape: contact details changed an hour ago, a device never seen,
+    most of the balance redeemed in the app."""
+    return ledger_pb2.RedeemRequest(
+        idempotency_key=key(f"ato-{member}"), member_id=member, unit="points", points=points, business_time=ts(NOW),
+        context=ledger_pb2.ScreeningContext(channel="app", device_id=device, ip="203.0.113.7",
+                                            contact_changed_at=ts(NOW - timedelta(hours=1))),
+    )  # fmt: skip
+
+
+async def alerts_for(env: Screened, review_id: str) -> list[common_pb2.OpsAlert]:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(env.redis_url)
+    try:
+        bus = RedisStreamBus(redis)
+        found = []
+        async for message in bus.tail(OPS_ALERTS, "0", block_ms=200):
+            alert = common_pb2.OpsAlert.FromString(message.payload)
+            if alert.subject_id == review_id:
+                found.append(alert)
+            if message.position and found:
+                break
+        return found
+    finally:
+        await redis.aclose()
+
+
+async def test_regular_purchases_pass_and_a_takeover_redemption_is_held_with_an_alert_then_approved(
+    screened: Screened,
+) -> None:
+    member = await regular_member(screened)
+    before = await balance(screened.ledger.stub, member)
+    assert before.available_points > 3000
+    held = await screened.ledger.stub.Redeem(takeover(member, before.available_points - 100, "phone-new-1"))
+    assert held.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW, held.screening
+    assert held.screening.scored and held.screening.review_id and not held.HasField("transaction")
+    assert held.hold.points == before.available_points - 100
+    during = await balance(screened.ledger.stub, member)
+    assert (during.balance_points, during.reserved_points) == (before.balance_points, held.hold.points)
+    # The same request again is a replay, not a second hold or a second score.
+    again = await screened.ledger.stub.Redeem(takeover(member, before.available_points - 100, "phone-new-1"))
+    assert again.hold.hold_id == held.hold.hold_id
+
+    alerts = await alerts_for(screened, held.screening.review_id)
+    assert [a.kind for a in alerts] == ["redemption_held"]
+    assert alerts[0].member_id == member and alerts[0].severity == "high"
+    listed = await screened.ledger.stub.ListReviews(ledger_pb2.ListReviewsRequest(member_id=member))
+    assert [r.review_id for r in listed.reviews] == [held.screening.review_id]
+    # The POS cannot capture a hold that is under review.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await screened.ledger.stub.CaptureHold(
+            ledger_pb2.CaptureHoldRequest(idempotency_key=key("pos-capture"), hold_id=held.hold.hold_id)
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "under fraud review" in (refused.value.details() or "")
+
+    decided = await screened.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
+        idempotency_key=key("approve-1"), review_id=held.screening.review_id, approve=True, operator_id="ops-anna",
+        note="member confirmed by phone",
+    ))  # fmt: skip
+    assert decided.review.status == ledger_pb2.REVIEW_STATUS_APPROVED
+    assert decided.review.decided_by == "ops-anna" and len(decided.review.outcome_transaction_ids) == 1
+    after = await balance(screened.ledger.stub, member)
+    assert (after.balance_points, after.reserved_points) == (100, 0)
+    hold = await screened.ledger.stub.GetHold(ledger_pb2.GetHoldRequest(hold_id=held.hold.hold_id))
+    assert hold.hold.status == ledger_pb2.HOLD_STATUS_CAPTURED
+    with pytest.raises(grpc.aio.AioRpcError) as twice:
+        await screened.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
+            idempotency_key=key("approve-2"), review_id=held.screening.review_id, approve=False, operator_id="ops-ben",
+        ))  # fmt: skip
+    assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already approved by ops-anna" in (twice.value.details() or "")
+    assert not (await screened.ledger.stub.ListReviews(ledger_pb2.ListReviewsRequest(member_id=member))).reviews
+
+
+async def test_rejecting_a_held_redemption_voids_the_hold_and_the_points_stay(screened: Screened) -> None:
+    member = await regular_member(screened)
+    before = await balance(screened.ledger.stub, member)
+    held = await screened.ledger.stub.Redeem(takeover(member, before.available_points - 50, "phone-new-2"))
+    assert held.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW
+    await screened.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
+        idempotency_key=key("reject-1"), review_id=held.screening.review_id, approve=False, operator_id="ops-anna",
+    ))  # fmt: skip
+    after = await balance(screened.ledger.stub, member)
+    assert (after.balance_points, after.reserved_points, after.available_points) == (before.balance_points, 0,
+                                                                                     before.available_points)  # fmt: skip
+    hold = await screened.ledger.stub.GetHold(ledger_pb2.GetHoldRequest(hold_id=held.hold.hold_id))
+    assert hold.hold.status == ledger_pb2.HOLD_STATUS_VOIDED
+
+
+async def test_a_purchase_burst_earns_as_pending_credit_under_review_until_approved(screened: Screened) -> None:
+    screened.clock.set(NOW - timedelta(days=200))
+    member = (await create_member(screened.ledger.stub)).member_id
+    screened.clock.set(NOW)
+    verdicts = []
+    for i in range(10):  # the velocity rule reviews the 9th purchase and later within 10 minutes
+        request = purchase_request(
+            member, [("grocery", 1_000, 1)], at=NOW - timedelta(minutes=20) + timedelta(seconds=30 * i),
+            receipt=f"burst-{member}-{i}",
+        )  # fmt: skip
+        request.context.card_hash = f"card-{member}"
+        got = await screened.ledger.stub.RecordPurchase(request)
+        verdicts.append(got.purchase.screening.verdict)
+    assert verdicts[:8] == [ledger_pb2.SCREENING_VERDICT_ALLOW] * 8
+    assert verdicts[8:] == [ledger_pb2.SCREENING_VERDICT_REVIEW] * 2
+    held = got.purchase
+    assert "rule:velocity_member_purchases_10m" in held.screening.reasons
+    assert held.status == ledger_pb2.PURCHASE_STATUS_EARNED
+    pending = await balance(screened.ledger.stub, member)
+    held_points = sum(u.points for u in held.earned if u.unit == "points")
+    assert pending.pending_points == 2 * held_points
+    decided = await screened.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
+        idempotency_key=key("approve-burst"), review_id=held.screening.review_id, approve=True, operator_id="ops-c",
+    ))  # fmt: skip
+    # Both units the purchase earned (points and tier_credits) are released by one decision.
+    assert len(decided.review.outcome_transaction_ids) == 2
+    after = await balance(screened.ledger.stub, member)
+    assert (after.pending_points, after.balance_points) == (held_points, pending.balance_points + held_points)
+
+
+async def test_with_fraud_svc_down_the_policy_decides_and_nothing_is_lost(screened: Screened) -> None:
+    member = await regular_member(screened, visits=4)
+    start = await balance(screened.ledger.stub, member)
+    await screened.stop_fraud()
+    bought = await screened.ledger.stub.RecordPurchase(
+        purchase_request(member, [("grocery", 5_000, 1)], at=NOW, receipt=f"down-{member}")
+    )
+    assert bought.purchase.status == ledger_pb2.PURCHASE_STATUS_EARNED
+    assert bought.purchase.screening.verdict == ledger_pb2.SCREENING_VERDICT_ALLOW
+    assert not bought.purchase.screening.scored
+    assert bought.purchase.screening.reasons == ["unscored:fraud_svc_unavailable:allow"]
+    small = await screened.ledger.stub.Redeem(ledger_pb2.RedeemRequest(
+        idempotency_key=key(f"small-{member}"), member_id=member, unit="points", points=500,
+    ))  # fmt: skip
+    assert small.HasField("transaction") and not small.screening.scored
+    large = await screened.ledger.stub.Redeem(ledger_pb2.RedeemRequest(
+        idempotency_key=key(f"large-{member}"), member_id=member, unit="points", points=2_000,
+    ))  # fmt: skip
+    assert large.HasField("hold") and large.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW
+    assert not large.screening.scored and large.screening.review_id
+    earned = sum(u.points for u in bought.purchase.earned if u.unit == "points")
+    now = await balance(screened.ledger.stub, member)
+    assert now.balance_points == start.balance_points + earned - 500
+    assert now.reserved_points == 2_000
+
+    await screened.start_fraud()
+    # Back up: the next purchase is scored again.
+    later = await screened.ledger.stub.RecordPurchase(
+        purchase_request(member, [("grocery", 2_000, 1)], at=NOW + timedelta(seconds=5), receipt=f"up-{member}")
+    )
+    assert later.purchase.screening.scored or later.purchase.screening.reasons[0].startswith("unscored")
