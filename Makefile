@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/pointmesh/v1/*.proto)
 
-.PHONY: up test lint protos protos-check bench demo clean setup system-deps
+.PHONY: up test lint protos protos-check bench demo clean setup system-deps kafka
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
@@ -25,11 +25,20 @@ system-deps:
 	  echo "installing libgomp1 from Debian's packages"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q libgomp1; }
+	@command -v java >/dev/null && command -v mvn >/dev/null || { \
+	  echo "installing a JDK and Maven from Debian's packages (the test Kafka broker runs on them)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q openjdk-17-jre-headless maven; }
 
 setup: $(STAMP) system-deps
 
 up: setup
 	$(BIN)/pointmesh up
+
+# A local single-node Kafka broker on 127.0.0.1:9092 (POINTMESH_EVENT_BUS=kafka uses it).
+kafka: setup
+	$(BIN)/pointmesh dev kafka start
+	$(BIN)/pointmesh events topics create
 
 demo: setup
 	$(BIN)/pointmesh demo

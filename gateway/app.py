@@ -24,7 +24,7 @@ from gateway.routes import health, legacy, live, members, points, program, purch
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
-from pointmesh.events import RedisStreamBus
+from pointmesh.events import open_bus
 
 DESCRIPTION = """REST and websockets for every channel of a pointmesh loyalty program.
 
@@ -51,7 +51,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         tokens=MemberTokens(
             settings.member_token_secret, timedelta(seconds=settings.member_token_ttl_seconds), clock.now
         ),
-        hub=LiveHub(RedisStreamBus(redis), settings.live_queue_max),
+        hub=LiveHub(open_bus(settings, redis), settings.live_queue_max),
         clock=clock,
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, RedisStreamBus
+from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def member_message(event: ledger_pb2.LedgerEvent) -> dict[str, Any]:
 
 
 class LiveHub:
-    def __init__(self, bus: RedisStreamBus, limit: int) -> None:
+    def __init__(self, bus: EventBus, limit: int) -> None:
         self.bus = bus
         self.limit = limit
         self.members: dict[str, set[Subscription]] = {}
@@ -110,7 +110,7 @@ class LiveHub:
         position = "$"
         while True:
             try:
-                async for message in self.bus.tail(stream, position, block_ms=500):
+                async for message in self.bus.subscribe(stream, position, block_ms=500):
                     position = message.position
                     yield message
             except asyncio.CancelledError:

@@ -28,7 +28,7 @@ from ledger_svc.store.base import LedgerStore
 from ledger_svc.store.sqlite import SqliteLedgerStore
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
-from pointmesh.events import RedisStreamBus
+from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, EventBus, dead_letter_topic, open_bus
 from pointmesh.rpc import GrpcServer
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -77,6 +77,7 @@ class LedgerApp:
     service: LedgerService
     server: GrpcServer
     relay: OutboxRelay
+    bus: EventBus
     redis: Redis
     cache: RedisBalanceCache
     clock: Clock
@@ -87,6 +88,7 @@ class LedgerApp:
         return self.server.port
 
     async def start(self) -> int:
+        await self.bus.ensure_topics([LEDGER_EVENTS, OPS_ALERTS, dead_letter_topic(LEDGER_EVENTS)])
         await self.service.recover_sagas(at_startup=True)
         port = await self.server.start()
         self.tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
@@ -126,6 +128,7 @@ class LedgerApp:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.relay.relay_once(), timeout=2)
         await self.store.close()
+        await self.bus.close()
         await self.redis.aclose()
 
     async def stop(self, grace: float | None = None) -> None:
@@ -154,14 +157,14 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         program=settings.program,
         fraud=fraud_screen(settings),
     )
-    bus = RedisStreamBus(redis, maxlen=settings.event_stream_maxlen)
+    bus = open_bus(settings, redis)
     relay = OutboxRelay(
         store, bus, clock, service.outbox_wakeup, cache=cache, poll_seconds=settings.outbox_poll_seconds
     )
     server = GrpcServer("ledger", address or settings.ledger_addr, grace_seconds=settings.grace_seconds)
     servicer = LedgerServicer(service, bus)
     server.add_service(lambda s: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, s), SERVICE_NAME)
-    app = LedgerApp(settings, store, service, server, relay, redis, cache, clock)
+    app = LedgerApp(settings, store, service, server, relay, bus, redis, cache, clock)
     server.on_stop(app._cleanup)
     return app
 

@@ -13,13 +13,11 @@ import functools
 import logging
 from datetime import datetime
 
-from redis.exceptions import RedisError
-
 from ledger_svc.cache import RedisBalanceCache
 from ledger_svc.convert import event_pb
 from ledger_svc.store.base import LedgerStore, OutboxRow, ShardTx
 from pointmesh.clock import Clock
-from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, OutgoingEvent, RedisStreamBus
+from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, EventBus, OutgoingEvent
 from pointmesh.v1 import common_pb2, ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -31,7 +29,7 @@ class OutboxRelay:
     def __init__(
         self,
         store: LedgerStore,
-        bus: RedisStreamBus,
+        bus: EventBus,
         clock: Clock,
         wakeup: asyncio.Event,
         *,
@@ -97,8 +95,8 @@ class OutboxRelay:
                 if self.cache is not None:
                     self.cache.enable()
                 delay = self.poll_seconds
-            except (TimeoutError, RedisError, OSError) as exc:
-                log.warning("event bus unreachable; outbox rows wait (%s)", exc)
+            except Exception as exc:  # any bus or cache failure: the rows wait, the relay never dies
+                log.warning("event bus unreachable; outbox rows wait (%s: %s)", type(exc).__name__, exc)
                 delay = min(max(delay * 2, 0.1), 2.0)
             self.wakeup.clear()
             with contextlib.suppress(TimeoutError):

@@ -13,7 +13,7 @@ from ledger_svc import convert as cv
 from ledger_svc import domain as d
 from ledger_svc.service import LedgerService
 from pointmesh.errors import rich_status, translating
-from pointmesh.events import LEDGER_EVENTS, RedisStreamBus
+from pointmesh.events import LEDGER_EVENTS, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ translated = translating(d.LedgerError, error_status)
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    def __init__(self, service: LedgerService, bus: RedisStreamBus | None) -> None:
+    def __init__(self, service: LedgerService, bus: EventBus | None) -> None:
         self.service = service
         self.bus = bus
 
@@ -274,7 +274,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if self.bus is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the event bus is not configured")
             return
-        async for message in self.bus.tail(LEDGER_EVENTS, request.after_position or "$"):
+        async for message in self.bus.subscribe(LEDGER_EVENTS, request.after_position or "$"):
             if request.member_id and message.key != request.member_id:
                 continue
             event = ledger_pb2.LedgerEvent.FromString(message.payload)

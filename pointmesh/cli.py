@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from pointmesh import cli_events
 from pointmesh.config import ConfigError, Settings, load_settings
 from pointmesh.logs import configure_logging
 from pointmesh.redis_server import RedisServer, ensure_redis_binary
@@ -360,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", dest="end", type=_date, required=True, help="period end (exclusive), ISO date")
     export.add_argument("--out", default="-", help="file to write, or - for stdout")
     export.set_defaults(func=cmd_ledger_export)
+    cli_events.add_commands(sub, _date)
     return parser
 
 

@@ -84,6 +84,12 @@ class Settings:
     maintenance_interval_seconds: float = 5.0
     outbox_poll_seconds: float = 0.05
     event_stream_maxlen: int = 1_000_000
+    # "redis" (Redis Streams at redis_url, the embedded default) or "kafka" (kafka_bootstrap).
+    event_bus: str = "redis"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    # Partitions and replication of topics `pointmesh events topics create` makes.
+    event_partitions: int = 6
+    event_replication: int = 1
     cache_ttl_seconds: int = 300
     redis_timeout_seconds: float = 0.5
     grace_seconds: float = 10.0
@@ -138,6 +144,8 @@ def _validate(s: Settings) -> None:
     for name in ("purchase", "redemption", "large_redemption"):
         if getattr(s, f"fraud_unavailable_{name}") not in {"allow", "review", "deny"}:
             raise ConfigError(f"{PREFIX}FRAUD_UNAVAILABLE_{name.upper()} must be allow, review or deny")
+    if s.event_bus not in {"redis", "kafka"}:
+        raise ConfigError(f"{PREFIX}EVENT_BUS must be redis or kafka, got {s.event_bus!r}")
     if s.fraud_deadline_seconds <= 0:
         raise ConfigError(f"{PREFIX}FRAUD_DEADLINE_SECONDS must be positive")
     if not 0 <= s.sqlite_group_window_ms <= 50:

@@ -1,15 +1,23 @@
-"""The event bus every producer and consumer goes through, and the names of its streams.
+"""The event bus every producer and consumer goes through, and the names of its topics.
 
-Redis Streams is the embedded default: publish with a partition key, tail from a position
-(fan-out to every watcher), or consume in a group and acknowledge after processing
-(at-least-once; consumers dedupe on event_id).
+One interface, two implementations: Redis Streams (the embedded default, `make up`) and
+Apache Kafka (production; `kafka_bus.py`), chosen by POINTMESH_EVENT_BUS. Both give:
+* `publish`: events in order per partition key (the member id), durable when it returns;
+* `subscribe`: a broadcast tail, every subscriber sees every event (gateway websockets);
+* `group`: a consumer group, each event to one member of the group, committed after
+  processing, redelivered if never committed (at-least-once; handlers dedupe on event_id);
+* `rewind`: moves a group back to the first event at or after a time (replay).
+
+Every event carries a schema header `<message type>/<major>`; consumers refuse a major
+version they do not know (consumers.py sends it to the dead-letter topic).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -17,6 +25,14 @@ from redis.exceptions import ResponseError
 LEDGER_EVENTS = "pointmesh.ledger.events"
 # Fraud and risk alerts for the ops team (OpsAlert messages), keyed by member id.
 OPS_ALERTS = "pointmesh.ops.alerts"
+# Purchases handed over in bulk (RecordPurchaseRequest messages), keyed by member id.
+INGEST_PURCHASES = "pointmesh.ingest.purchases"
+TOPICS = (LEDGER_EVENTS, OPS_ALERTS, INGEST_PURCHASES)
+SCHEMA_MAJOR = 1
+
+
+def dead_letter_topic(topic: str) -> str:
+    return f"{topic}.dlq"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,15 +41,51 @@ class OutgoingEvent:
     event_id: str
     event_type: str
     payload: bytes  # a serialised protobuf message
+    schema: str = f"pointmesh.v1/{SCHEMA_MAJOR}"
+    # Extra headers (the dead-letter topic records why a message landed there).
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class BusMessage:
-    position: str
+    position: str  # Redis: the stream id; Kafka: "partition:offset"
     key: str
     event_id: str
     event_type: str
     payload: bytes
+    schema: str = ""
+    timestamp_ms: int = 0
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def schema_major(self) -> int | None:
+        """The major version in the schema header, or None when it is missing or unreadable."""
+        _, _, major = self.schema.rpartition("/")
+        return int(major) if major.isdigit() else None
+
+
+class GroupConsumer(Protocol):
+    async def poll(self, *, max_messages: int = 100, block_ms: int = 1000) -> list[BusMessage]: ...
+    async def commit(self, messages: Sequence[BusMessage]) -> None: ...
+    async def close(self) -> None: ...
+
+
+class EventBus(Protocol):
+    async def publish(self, topic: str, events: Sequence[OutgoingEvent]) -> None: ...
+    def subscribe(self, topic: str, after: str = "$", *, block_ms: int = 1000) -> AsyncIterator[BusMessage]: ...
+    def group(self, topic: str, group: str, consumer: str) -> GroupConsumer: ...
+    async def rewind(self, topic: str, group: str, when: datetime) -> None: ...
+    async def ensure_topics(self, topics: Sequence[str]) -> None: ...
+    async def ping(self) -> None:
+        """Raises when the bus cannot be reached (readiness checks)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# Redis Streams ------------------------------------------------------------------------------
+
+_STANDARD = {b"key", b"event_id", b"type", b"payload", b"schema"}
 
 
 def _message(position: bytes | str, fields: dict[bytes, bytes]) -> BusMessage:
@@ -44,60 +96,112 @@ def _message(position: bytes | str, fields: dict[bytes, bytes]) -> BusMessage:
         event_id=fields.get(b"event_id", b"").decode(),
         event_type=fields.get(b"type", b"").decode(),
         payload=fields.get(b"payload", b""),
+        schema=fields.get(b"schema", b"").decode(),
+        timestamp_ms=int(pos.split("-", 1)[0]),
+        headers=tuple((k.decode(), v.decode()) for k, v in fields.items() if k not in _STANDARD),
     )
 
 
 class RedisStreamBus:
-    def __init__(self, redis: Redis, *, maxlen: int = 1_000_000) -> None:
-        self.redis = redis
-        self.maxlen = maxlen
+    """Streams named like the topics; groups are Redis consumer groups created on first use."""
 
-    async def publish(self, stream: str, events: Sequence[OutgoingEvent]) -> list[str]:
-        """Appends events in order in one round trip; returns their positions."""
+    def __init__(
+        self, redis: Redis, *, maxlen: int = 1_000_000, claim_idle_ms: int = 30_000, owns_client: bool = False
+    ) -> None:
+        self.redis = redis
+        self.owns_client = owns_client
+        self.maxlen = maxlen
+        # A message a consumer read and never acknowledged goes to another consumer of the
+        # group after this long (the first one is presumed dead).
+        self.claim_idle_ms = claim_idle_ms
+
+    async def publish(self, topic: str, events: Sequence[OutgoingEvent]) -> None:
+        """Appends events in order in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for ev in events:
-                pipe.xadd(
-                    stream,
-                    {"key": ev.key, "event_id": ev.event_id, "type": ev.event_type, "payload": ev.payload},
-                    maxlen=self.maxlen,
-                    approximate=True,
-                )
-            positions = await pipe.execute()
-        return [p.decode() if isinstance(p, bytes) else str(p) for p in positions]
+                fields: dict[Any, Any] = {"key": ev.key, "event_id": ev.event_id, "type": ev.event_type,
+                                          "payload": ev.payload, "schema": ev.schema, **dict(ev.headers)}  # fmt: skip
+                pipe.xadd(topic, fields, maxlen=self.maxlen, approximate=True)
+            await pipe.execute()
 
-    async def tail(
-        self, stream: str, after: str = "$", *, block_ms: int = 1000, count: int = 100
-    ) -> AsyncIterator[BusMessage]:
-        """Yields every message after `after` ("$" = only new ones), forever."""
+    async def subscribe(self, topic: str, after: str = "$", *, block_ms: int = 1000) -> AsyncIterator[BusMessage]:
+        """Yields every message after `after` ("$" = only new ones, "0" = from the start), forever."""
         position = after or "$"
         if position == "$":
-            last: Any = await self.redis.xrevrange(stream, count=1)
+            last: Any = await self.redis.xrevrange(topic, count=1)
             position = last[0][0].decode() if last else "0-0"
         while True:
-            batch: Any = await self.redis.xread({stream: position}, block=block_ms, count=count)
+            batch: Any = await self.redis.xread({topic: position}, block=block_ms, count=100)
             for _name, messages in batch or []:
                 for pos, fields in messages:
                     msg = _message(pos, fields)
                     position = msg.position
                     yield msg
 
-    async def ensure_group(self, stream: str, group: str, start: str = "0") -> None:
+    def group(self, topic: str, group: str, consumer: str) -> RedisGroupConsumer:
+        return RedisGroupConsumer(self, topic, group, consumer)
+
+    async def ensure_group(self, topic: str, group: str, start: str = "0") -> None:
         try:
-            await self.redis.xgroup_create(stream, group, id=start, mkstream=True)
+            await self.redis.xgroup_create(topic, group, id=start, mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def consume(
-        self, stream: str, group: str, consumer: str, *, count: int = 100, block_ms: int = 1000
-    ) -> list[BusMessage]:
-        """Next messages for this consumer: its own unacknowledged ones first, then new ones."""
-        pending: Any = await self.redis.xreadgroup(group, consumer, {stream: "0"}, count=count)
-        batch: Any = pending if pending and pending[0][1] else None
-        if batch is None:
-            batch = await self.redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
-        return [_message(pos, fields) for _name, messages in batch or [] for pos, fields in messages if fields]
+    async def rewind(self, topic: str, group: str, when: datetime) -> None:
+        """The group's next message is the first one stamped at or after `when`."""
+        await self.ensure_group(topic, group)
+        ms = int(when.timestamp() * 1000)
+        await self.redis.xgroup_setid(topic, group, f"{ms - 1}-18446744073709551615" if ms > 0 else "0")
 
-    async def ack(self, stream: str, group: str, positions: Sequence[str]) -> None:
-        if positions:
-            await self.redis.xack(stream, group, *positions)
+    async def ensure_topics(self, topics: Sequence[str]) -> None:
+        """Streams exist once written to; nothing to create ahead."""
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def close(self) -> None:
+        if self.owns_client:
+            await self.redis.aclose()
+
+
+class RedisGroupConsumer:
+    def __init__(self, bus: RedisStreamBus, topic: str, group: str, consumer: str) -> None:
+        self.bus, self.topic, self.group_name, self.consumer = bus, topic, group, consumer
+        self._ready = False
+
+    async def poll(self, *, max_messages: int = 100, block_ms: int = 1000) -> list[BusMessage]:
+        """Its own unacknowledged messages first, then ones a dead consumer left, then new ones."""
+        redis, topic, group = self.bus.redis, self.topic, self.group_name
+        if not self._ready:
+            await self.bus.ensure_group(topic, group)
+            self._ready = True
+        batch: Any = await redis.xreadgroup(group, self.consumer, {topic: "0"}, count=max_messages)
+        messages = [(pos, f) for _n, ms in batch or [] for pos, f in ms if f]
+        if not messages:
+            claimed: Any = await redis.xautoclaim(topic, group, self.consumer, self.bus.claim_idle_ms, "0-0",
+                                                  count=max_messages)  # fmt: skip
+            messages = [(pos, f) for pos, f in claimed[1] if f]
+        if not messages:
+            batch = await redis.xreadgroup(group, self.consumer, {topic: ">"}, count=max_messages, block=block_ms)
+            messages = [(pos, f) for _n, ms in batch or [] for pos, f in ms if f]
+        return [_message(pos, fields) for pos, fields in messages]
+
+    async def commit(self, messages: Sequence[BusMessage]) -> None:
+        if messages:
+            await self.bus.redis.xack(self.topic, self.group_name, *[m.position for m in messages])
+
+    async def close(self) -> None:
+        """Unacknowledged messages stay pending; another consumer claims them when idle."""
+
+
+def open_bus(settings: Any, redis: Redis | None = None) -> EventBus:
+    """The bus POINTMESH_EVENT_BUS names; `redis` is the service's client when it has one."""
+    if settings.event_bus == "kafka":
+        from pointmesh.kafka_bus import KafkaBus
+
+        return KafkaBus(settings.kafka_bootstrap, partitions=settings.event_partitions,
+                        replication=settings.event_replication)  # fmt: skip
+    if redis is None:
+        return RedisStreamBus(Redis.from_url(settings.redis_url), maxlen=settings.event_stream_maxlen, owns_client=True)
+    return RedisStreamBus(redis, maxlen=settings.event_stream_maxlen)

@@ -34,11 +34,11 @@ async def _grpc_health(target: str) -> str:
 async def readyz(gw: GatewayDep) -> JSONResponse:
     ledger, rules = await asyncio.gather(_grpc_health(gw.settings.ledger_addr), _grpc_health(gw.settings.rules_addr))
     try:
-        await gw.hub.bus.redis.ping()
-        redis = "ok"
-    except Exception as exc:  # any Redis failure means not ready
-        redis = type(exc).__name__
-    checks = {"ledger": ledger, "rules": rules, "redis": redis}
-    ready = ledger == "SERVING" and rules == "SERVING" and redis == "ok"
+        await gw.hub.bus.ping()
+        bus = "ok"
+    except Exception as exc:  # any event-bus failure means not ready
+        bus = type(exc).__name__
+    checks = {"ledger": ledger, "rules": rules, gw.settings.event_bus: bus}
+    ready = ledger == "SERVING" and rules == "SERVING" and bus == "ok"
     body = s.Health(status="ok" if ready else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

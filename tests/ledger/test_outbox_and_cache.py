@@ -134,17 +134,18 @@ async def test_outbox_delivers_every_event_exactly_once_to_an_idempotent_consume
             await asyncio.sleep(0.05)
 
         consumer = IdempotentConsumer(member_id)
+        worker = bus.group(LEDGER_EVENTS, GROUP, "worker-1")
         # The consumer applies a batch and dies before acknowledging: the bus delivers it again.
-        first = await bus.consume(LEDGER_EVENTS, GROUP, "worker-1", count=10, block_ms=100)
+        first = await worker.poll(max_messages=10, block_ms=100)
         assert first
         consumer.apply(first)
-        redelivered = await bus.consume(LEDGER_EVENTS, GROUP, "worker-1", count=10, block_ms=100)
+        redelivered = await worker.poll(max_messages=10, block_ms=100)
         assert [m.position for m in redelivered] == [m.position for m in first]
         consumer.apply(redelivered)
-        await bus.ack(LEDGER_EVENTS, GROUP, [m.position for m in redelivered])
-        while batch := await bus.consume(LEDGER_EVENTS, GROUP, "worker-1", count=7, block_ms=100):
+        await worker.commit(redelivered)
+        while batch := await worker.poll(max_messages=7, block_ms=100):
             consumer.apply(batch)
-            await bus.ack(LEDGER_EVENTS, GROUP, [m.position for m in batch])
+            await worker.commit(batch)
 
         assert consumer.deliveries >= 50 + len(first)
         assert len(consumer.applied) == 50

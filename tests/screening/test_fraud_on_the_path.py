@@ -8,6 +8,7 @@ that is down leaves the configured policy in charge and loses nothing.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from redis.asyncio import Redis
 
 from fraud_svc.app import FraudApp
 from fraud_svc.app import build as build_fraud
@@ -111,21 +113,19 @@ def takeover(member: str, points: int, device: str) -> ledger_pb2.RedeemRequest:
 
 
 async def alerts_for(env: Screened, review_id: str) -> list[common_pb2.OpsAlert]:
-    from redis.asyncio import Redis
-
-    redis = Redis.from_url(env.redis_url)
+    """The ops alerts about one review, read from the start of the alert stream."""
+    bus = RedisStreamBus(Redis.from_url(env.redis_url), owns_client=True)
+    found: list[common_pb2.OpsAlert] = []
     try:
-        bus = RedisStreamBus(redis)
-        found = []
-        async for message in bus.tail(OPS_ALERTS, "0", block_ms=200):
-            alert = common_pb2.OpsAlert.FromString(message.payload)
-            if alert.subject_id == review_id:
-                found.append(alert)
-            if message.position and found:
-                break
-        return found
+        async with asyncio.timeout(10):
+            async for message in bus.subscribe(OPS_ALERTS, "0", block_ms=200):
+                alert = common_pb2.OpsAlert.FromString(message.payload)
+                if alert.subject_id == review_id:
+                    found.append(alert)
+                    return found
     finally:
-        await redis.aclose()
+        await bus.close()
+    return found
 
 
 async def test_regular_purchases_pass_and_a_takeover_redemption_is_held_with_an_alert_then_approved(

@@ -1,0 +1,76 @@
+"""Running a consumer group on the event bus: schema check, dead-letter, commit after work.
+
+A handler gets each message in order and either returns (done), raises `Poison` (the message
+can never be processed: it goes to `<topic>.dlq` with the reason, and the group moves on), or
+raises anything else (a transient failure: nothing is committed, the consumer reopens after a
+pause and the uncommitted messages come again). Handlers make their effect idempotent by
+event id, so a redelivered message never pays twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from pointmesh.events import SCHEMA_MAJOR, BusMessage, EventBus, OutgoingEvent, dead_letter_topic
+
+log = logging.getLogger(__name__)
+RETRY_PAUSE_SECONDS = 1.0
+
+
+class Poison(Exception):
+    """The message cannot be processed, now or later (undecodable, invalid, unknown schema)."""
+
+
+Handler = Callable[[BusMessage], Awaitable[None]]
+
+
+def check_schema(message: BusMessage) -> None:
+    major = message.schema_major
+    if major is None:
+        raise Poison(f"no readable schema header (got {message.schema!r})")
+    if major != SCHEMA_MAJOR:
+        raise Poison(f"schema major version {major} is unknown here (this consumer reads {SCHEMA_MAJOR})")
+
+
+async def dead_letter(bus: EventBus, topic: str, group: str, message: BusMessage, reason: str) -> None:
+    log.error("dead-lettering %s %s from %s (group %s): %s", message.event_type or "message",
+              message.event_id or message.position, topic, group, reason)  # fmt: skip
+    await bus.publish(dead_letter_topic(topic), [OutgoingEvent(
+        message.key, message.event_id, message.event_type, message.payload, message.schema,
+        headers=(("dlq_reason", reason), ("dlq_source", topic), ("dlq_group", group),
+                 ("dlq_position", message.position)),
+    )])  # fmt: skip
+
+
+async def process_batch(bus: EventBus, topic: str, group: str, messages: list[BusMessage], handle: Handler) -> None:
+    for message in messages:
+        try:
+            check_schema(message)
+            await handle(message)
+        except Poison as poison:
+            await dead_letter(bus, topic, group, message, str(poison))
+
+
+async def run_group(
+    bus: EventBus, topic: str, group: str, consumer: str, handle: Handler, *, stop: asyncio.Event,
+    max_messages: int = 100, block_ms: int = 500,
+) -> None:  # fmt: skip
+    """Consumes until `stop` is set; commits each batch only after every message in it is done."""
+    member = bus.group(topic, group, consumer)
+    try:
+        while not stop.is_set():
+            try:
+                messages = await member.poll(max_messages=max_messages, block_ms=block_ms)
+                await process_batch(bus, topic, group, messages, handle)
+                await member.commit(messages)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("consumer %s of %s on %s failed (%s); reopening after a pause", consumer, group, topic, exc)
+                await member.close()
+                await asyncio.sleep(RETRY_PAUSE_SECONDS)
+                member = bus.group(topic, group, consumer)
+    finally:
+        await member.close()

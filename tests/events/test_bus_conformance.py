@@ -1,0 +1,232 @@
+"""One conformance suite for both event buses: Redis Streams (the embedded default) and a real
+Apache Kafka broker started from the Maven-resolved jars. Each test uses its own topics."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from pointmesh.consumers import Poison, run_group
+from pointmesh.events import BusMessage, EventBus, OutgoingEvent, RedisStreamBus, dead_letter_topic
+from pointmesh.kafka_bus import KafkaBus
+from pointmesh.kafka_server import KafkaServer
+from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.v1 import common_pb2
+from tests.conftest import start_kafka
+
+CLAIM_IDLE_MS = 300  # Redis: how long an unacknowledged message waits before another consumer takes it
+
+
+def new_topic() -> str:
+    return f"test.{uuid.uuid4().hex[:10]}"
+
+
+def event(key: str, n: int, *, schema: str = "pointmesh.v1/1", payload: bytes | None = None) -> OutgoingEvent:
+    body = payload if payload is not None else common_pb2.OpsAlert(alert_id=f"{key}-{n}", kind="k").SerializeToString()
+    return OutgoingEvent(key, f"{key}-{n}", "ops_alert", body, schema)
+
+
+@pytest.fixture(params=["redis", "kafka"])
+async def bus(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[EventBus]:
+    if request.param == "redis":
+        made: EventBus = RedisStreamBus(Redis.from_url(redis_server.url), claim_idle_ms=CLAIM_IDLE_MS, owns_client=True)
+    else:
+        made = KafkaBus(request.getfixturevalue("kafka_bootstrap"), partitions=3)
+    yield made
+    await made.close()
+
+
+async def until(done: Callable[[], bool], seconds: float) -> None:
+    """Polls `done` (state another task fills) until it holds; fails the test after `seconds`."""
+    async with asyncio.timeout(seconds):
+        while True:
+            if done():
+                return
+            await asyncio.sleep(0.05)
+
+
+async def drain(bus: EventBus, topic: str, group: str, consumer: str, want: int) -> list[BusMessage]:
+    """Reads and commits until `want` messages came (30 s at most)."""
+    member = bus.group(topic, group, consumer)
+    got: list[BusMessage] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(got) < want:
+                batch = await member.poll(max_messages=50, block_ms=200)
+                got += batch
+                await member.commit(batch)
+    finally:
+        await member.close()
+    return got
+
+
+async def test_events_of_one_key_arrive_in_the_order_they_were_published(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic])
+    keys = ["m_a", "m_b", "m_c", "m_d"]
+    await bus.publish(topic, [event(keys[i % 4], i) for i in range(80)])
+    got = await drain(bus, topic, "g-order", "c1", 80)
+    assert sorted(m.event_id for m in got) == sorted(f"{keys[i % 4]}-{i}" for i in range(80))
+    for k in keys:
+        seen = [int(m.event_id.split("-")[1]) for m in got if m.key == k]
+        assert seen == sorted(seen) and len(seen) == 20
+    assert all(m.schema_major == 1 and m.event_type == "ops_alert" for m in got)
+
+
+async def test_every_group_gets_every_event_and_the_members_of_a_group_share_them(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic])
+    await bus.publish(topic, [event(f"m_{i % 9}", i) for i in range(60)])
+    analytics = await drain(bus, topic, "analytics", "a1", 60)
+    assert len({m.event_id for m in analytics}) == 60
+
+    first, second = bus.group(topic, "warehouse", "w1"), bus.group(topic, "warehouse", "w2")
+    seen: dict[str, set[str]] = {"w1": set(), "w2": set()}
+
+    async def work(name: str, member: object) -> None:
+        async with asyncio.timeout(30):
+            while len(seen["w1"] | seen["w2"]) < 60:
+                batch = await member.poll(max_messages=5, block_ms=200)  # type: ignore[attr-defined]
+                seen[name] |= {m.event_id for m in batch}
+                await member.commit(batch)  # type: ignore[attr-defined]
+                await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.gather(work("w1", first), work("w2", second))
+    finally:
+        await first.close()
+        await second.close()
+    assert len(seen["w1"] | seen["w2"]) == 60
+
+
+async def test_what_a_consumer_read_but_never_committed_comes_again_and_takes_effect_once(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic])
+    await bus.publish(topic, [event(f"m_{i % 5}", i) for i in range(30)])
+    effects: dict[str, int] = {}
+
+    def apply(messages: list[BusMessage]) -> None:
+        for m in messages:  # the handler's own dedupe by event id
+            effects[m.event_id] = effects.get(m.event_id, 0) + (m.event_id not in effects)
+
+    doomed = bus.group(topic, "points-paid", "doomed")
+    read: list[BusMessage] = []
+    async with asyncio.timeout(30):
+        while not read:
+            read = await doomed.poll(max_messages=10, block_ms=200)
+    apply(read)  # ... the effect happened, then the consumer died before committing
+    await doomed.close()
+    await asyncio.sleep(CLAIM_IDLE_MS / 1000 + 0.1)
+
+    again = await drain(bus, topic, "points-paid", "survivor", 30)
+    apply(again)
+    assert {m.event_id for m in read} <= {m.event_id for m in again}  # redelivered, nothing lost
+    assert set(effects) == {f"m_{i % 5}-{i}" for i in range(30)} and set(effects.values()) == {1}
+
+
+async def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_group_moves_on(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    await bus.publish(topic, [
+        event("m_p", 1), event("m_p", 2, schema="pointmesh.v1/2"), event("m_p", 3, payload=b"\\xff\\x00 not protobuf"),
+        event("m_p", 4),
+    ])  # fmt: skip
+    handled: list[str] = []
+
+    async def handle(message: BusMessage) -> None:
+        try:
+            alert = common_pb2.OpsAlert.FromString(message.payload)
+        except Exception as exc:
+            raise Poison(f"undecodable OpsAlert: {exc}") from exc
+        handled.append(alert.alert_id)
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_group(bus, topic, "alerts", "c1", handle, stop=stop, block_ms=200))
+    dead = await drain(bus, dead_letter_topic(topic), "dlq-reader", "r1", 2)
+    await until(lambda: len(handled) >= 2, 20)
+    stop.set()
+    await runner
+    assert handled == ["m_p-1", "m_p-4"]
+    reasons = {m.event_id: dict(m.headers)["dlq_reason"] for m in dead}
+    assert "schema major version 2 is unknown" in reasons["m_p-2"]
+    assert reasons["m_p-3"].startswith("undecodable OpsAlert")
+    assert all(dict(m.headers)["dlq_source"] == topic for m in dead)
+
+
+async def test_rewinding_a_group_to_a_time_replays_from_there(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic])
+    await bus.publish(topic, [event("m_r", i) for i in range(10)])
+    await asyncio.sleep(0.05)
+    since = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    await bus.publish(topic, [event("m_r", i) for i in range(10, 25)])
+    assert len(await drain(bus, topic, "gamification", "g1", 25)) == 25
+    await bus.rewind(topic, "gamification", since)
+    replayed = await drain(bus, topic, "gamification", "g1", 15)
+    assert [m.event_id for m in replayed] == [f"m_r-{i}" for i in range(10, 25)]
+
+
+@dataclass
+class Restartable:
+    bus: EventBus
+    stop: Callable[[], None]
+    start: Callable[[], None]
+
+
+@pytest.fixture(params=["redis", "kafka"])
+async def own_broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Restartable]:
+    """A broker of this test's own, so stopping it disturbs no other test."""
+    if request.param == "redis":
+        redis = RedisServer(free_port(), tmp_path / "redis")
+        redis.start()
+        bus: EventBus = RedisStreamBus(Redis.from_url(redis.url), claim_idle_ms=CLAIM_IDLE_MS, owns_client=True)
+        yield Restartable(bus, redis.stop, redis.start)
+        await bus.close()
+        redis.stop()
+        return
+    kafka = start_kafka(tmp_path / "kafka")
+    assert isinstance(kafka, KafkaServer)
+    bus = KafkaBus(kafka.bootstrap, partitions=2)
+    yield Restartable(bus, kafka.stop, lambda: kafka.start())  # type: ignore[arg-type,return-value]
+    await bus.close()
+    kafka.stop()
+
+
+async def publish_until_accepted(bus: EventBus, topic: str, events: list[OutgoingEvent]) -> None:
+    """What the outbox relay does: a batch the bus refused is sent again until it is accepted."""
+    async with asyncio.timeout(60):
+        while True:
+            try:
+                await bus.publish(topic, events)
+                return
+            except Exception:
+                await asyncio.sleep(0.2)
+
+
+async def test_a_broker_stopped_and_restarted_mid_stream_loses_nothing(own_broker: Restartable) -> None:
+    bus, topic = own_broker.bus, new_topic()
+    await bus.ensure_topics([topic])
+    received: dict[str, BusMessage] = {}
+
+    async def handle(message: BusMessage) -> None:
+        received[message.event_id] = message
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_group(bus, topic, "live", "c1", handle, stop=stop, block_ms=200))
+    await publish_until_accepted(bus, topic, [event(f"m_{i % 3}", i) for i in range(40)])
+    await until(lambda: len(received) >= 40, 30)
+    await asyncio.to_thread(own_broker.stop)
+    await asyncio.to_thread(own_broker.start)
+    await publish_until_accepted(bus, topic, [event(f"m_{i % 3}", i) for i in range(40, 80)])
+    await until(lambda: len(received) >= 80, 60)
+    stop.set()
+    await runner
+    assert set(received) == {f"m_{i % 3}-{i}" for i in range(80)}
