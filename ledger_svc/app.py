@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -18,6 +19,7 @@ from redis.backoff import NoBackoff
 from ledger_svc import codec
 from ledger_svc.cache import RedisBalanceCache
 from ledger_svc.fraud_client import FraudScreenerClient
+from ledger_svc.ingest_worker import IngestWorker
 from ledger_svc.outbox import OutboxRelay
 from ledger_svc.postings import Policy
 from ledger_svc.rules_client import RulesEngineClient
@@ -28,7 +30,7 @@ from ledger_svc.store.base import LedgerStore
 from ledger_svc.store.sqlite import SqliteLedgerStore
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
-from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, EventBus, dead_letter_topic, open_bus
+from pointmesh.events import TOPICS, EventBus, dead_letter_topic, open_bus
 from pointmesh.rpc import GrpcServer
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -88,11 +90,14 @@ class LedgerApp:
         return self.server.port
 
     async def start(self) -> int:
-        await self.bus.ensure_topics([LEDGER_EVENTS, OPS_ALERTS, dead_letter_topic(LEDGER_EVENTS)])
+        await self.bus.ensure_topics([*TOPICS, *(dead_letter_topic(t) for t in TOPICS)])
         await self.service.recover_sagas(at_startup=True)
         port = await self.server.start()
         self.tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         self.tasks.append(asyncio.create_task(self._jobs(), name="ledger-jobs"))
+        if self.settings.ingest_consumer:
+            worker = IngestWorker(self.service, self.bus, f"ledger-{os.getpid()}")
+            self.tasks.append(asyncio.create_task(worker.run(), name="ingest-worker"))
         return port
 
     async def _jobs(self) -> None:
@@ -157,7 +162,8 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         program=settings.program,
         fraud=fraud_screen(settings),
     )
-    bus = open_bus(settings, redis)
+    # Its own Redis client: blocking stream reads outlast the cache client's short timeouts.
+    bus = open_bus(settings)
     relay = OutboxRelay(
         store, bus, clock, service.outbox_wakeup, cache=cache, poll_seconds=settings.outbox_poll_seconds
     )

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+import time
 from typing import Any
 
+from google.protobuf import json_format
+
 from pointmesh.config import Settings, load_settings
-from pointmesh.events import TOPICS, dead_letter_topic, open_bus
+from pointmesh.events import INGEST_PURCHASES, TOPICS, OutgoingEvent, dead_letter_topic, open_bus
 from pointmesh.kafka_server import KafkaServer
+from pointmesh.v1 import ledger_pb2
 
 
 def _kafka(settings: Settings) -> KafkaServer:
@@ -69,6 +74,40 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest_produce(args: argparse.Namespace) -> int:
+    """Each line is a RecordPurchaseRequest in protobuf JSON; bad lines are reported, not sent."""
+    settings = load_settings()
+    events: list[OutgoingEvent] = []
+    bad = 0
+    with open(args.file, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                request = json_format.Parse(line, ledger_pb2.RecordPurchaseRequest())
+            except json_format.ParseError as exc:
+                bad += 1
+                print(f"{args.file}:{number}: not a purchase: {exc}", file=sys.stderr)
+                continue
+            natural = f"{request.channel}/{request.store_id}/{request.receipt_id}"
+            events.append(OutgoingEvent(request.member_id, natural, "record_purchase", request.SerializeToString()))
+
+    async def run() -> None:
+        bus = open_bus(settings)
+        try:
+            await bus.ensure_topics([INGEST_PURCHASES, dead_letter_topic(INGEST_PURCHASES)])
+            for start in range(0, len(events), 1000):
+                await bus.publish(INGEST_PURCHASES, events[start : start + 1000])
+        finally:
+            await bus.close()
+
+    started = time.monotonic()
+    asyncio.run(run())
+    print(f"{settings.event_bus}: {len(events)} purchases on {INGEST_PURCHASES} in {time.monotonic() - started:.1f}s"
+          + (f"; {bad} bad lines not sent" if bad else ""))  # fmt: skip
+    return 1 if bad else 0
+
+
 def add_commands(sub: Any, date_type: Any) -> None:
     dev = sub.add_parser("dev", help="local copies of production servers").add_subparsers(dest="dev", required=True)
     kafka = dev.add_parser("kafka", help="a single-node Kafka broker (KRaft) from Maven Central jars")
@@ -84,3 +123,7 @@ def add_commands(sub: Any, date_type: Any) -> None:
     replay.add_argument("--from", dest="since", type=date_type, required=True, help="ISO date or datetime")
     replay.add_argument("--topic", default=TOPICS[0])
     replay.set_defaults(func=cmd_replay)
+    ingest = sub.add_parser("ingest", help="bulk purchases").add_subparsers(dest="ingest_command", required=True)
+    produce = ingest.add_parser("produce", help="write a file of purchases (JSON lines) to the ingest topic")
+    produce.add_argument("file")
+    produce.set_defaults(func=cmd_ingest_produce)

@@ -90,6 +90,8 @@ class Settings:
     # Partitions and replication of topics `pointmesh events topics create` makes.
     event_partitions: int = 6
     event_replication: int = 1
+    # ledger_svc consumes bulk purchases from the ingest topic (group ledger-ingest).
+    ingest_consumer: bool = True
     cache_ttl_seconds: int = 300
     redis_timeout_seconds: float = 0.5
     grace_seconds: float = 10.0

@@ -44,31 +44,70 @@ async def dead_letter(bus: EventBus, topic: str, group: str, message: BusMessage
     )])  # fmt: skip
 
 
-async def process_batch(bus: EventBus, topic: str, group: str, messages: list[BusMessage], handle: Handler) -> None:
-    for message in messages:
+BatchHandler = Callable[[list[BusMessage]], Awaitable[None]]
+
+
+def guarded(bus: EventBus, topic: str, group: str, handle: Handler) -> Handler:
+    """The handler behind the schema check, with poison sent to the dead-letter topic."""
+
+    async def run(message: BusMessage) -> None:
         try:
             check_schema(message)
             await handle(message)
         except Poison as poison:
             await dead_letter(bus, topic, group, message, str(poison))
 
+    return run
+
+
+def in_order(bus: EventBus, topic: str, group: str, handle: Handler) -> BatchHandler:
+    """Every message of a batch, one after another."""
+    one = guarded(bus, topic, group, handle)
+
+    async def run(messages: list[BusMessage]) -> None:
+        for message in messages:
+            await one(message)
+
+    return run
+
+
+def by_key(bus: EventBus, topic: str, group: str, handle: Handler) -> BatchHandler:
+    """Different keys (members) concurrently, each key's messages in order."""
+    one = guarded(bus, topic, group, handle)
+
+    async def key_in_order(messages: list[BusMessage]) -> None:
+        for message in messages:
+            await one(message)
+
+    async def run(messages: list[BusMessage]) -> None:
+        keyed: dict[str, list[BusMessage]] = {}
+        for m in messages:
+            keyed.setdefault(m.key, []).append(m)
+        await asyncio.gather(*(key_in_order(ms) for ms in keyed.values()))
+
+    return run
+
 
 async def run_group(
-    bus: EventBus, topic: str, group: str, consumer: str, handle: Handler, *, stop: asyncio.Event,
+    bus: EventBus, topic: str, group: str, consumer: str, handle_batch: BatchHandler, *, stop: asyncio.Event,
     max_messages: int = 100, block_ms: int = 500,
 ) -> None:  # fmt: skip
-    """Consumes until `stop` is set; commits each batch only after every message in it is done."""
+    """Consumes until `stop` is set; commits each batch only after every message in it is done.
+
+    A failure leaves the batch uncommitted; the consumer reopens after a pause and reads it again.
+    """
     member = bus.group(topic, group, consumer)
     try:
         while not stop.is_set():
             try:
                 messages = await member.poll(max_messages=max_messages, block_ms=block_ms)
-                await process_batch(bus, topic, group, messages, handle)
+                await handle_batch(messages)
                 await member.commit(messages)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("consumer %s of %s on %s failed (%s); reopening after a pause", consumer, group, topic, exc)
+                log.warning("consumer %s of %s on %s failed (%s: %s); reopening after a pause",
+                            consumer, group, topic, type(exc).__name__, exc)  # fmt: skip
                 await member.close()
                 await asyncio.sleep(RETRY_PAUSE_SECONDS)
                 member = bus.group(topic, group, consumer)

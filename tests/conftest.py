@@ -78,6 +78,8 @@ def ledger_settings(data_dir: Path, redis_url: str, **overrides: object) -> Sett
         "redis_timeout_seconds": 0.3,
         # Tests that screen with fraud_svc turn this on and point fraud_addr at one.
         "fraud_screening": False,
+        # Tests of bulk ingest turn the ingest consumer on.
+        "ingest_consumer": False,
     }
     base.update(overrides)
     return load_settings({}, **base)

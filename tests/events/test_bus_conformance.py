@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from pointmesh.consumers import Poison, run_group
+from pointmesh.consumers import Poison, in_order, run_group
 from pointmesh.events import BusMessage, EventBus, OutgoingEvent, RedisStreamBus, dead_letter_topic
 from pointmesh.kafka_bus import KafkaBus
 from pointmesh.kafka_server import KafkaServer
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2
 from tests.conftest import start_kafka
+from tests.waiting import until
 
 CLAIM_IDLE_MS = 300  # Redis: how long an unacknowledged message waits before another consumer takes it
 
@@ -41,15 +42,6 @@ async def bus(request: pytest.FixtureRequest, redis_server: RedisServer) -> Asyn
         made = KafkaBus(request.getfixturevalue("kafka_bootstrap"), partitions=3)
     yield made
     await made.close()
-
-
-async def until(done: Callable[[], bool], seconds: float) -> None:
-    """Polls `done` (state another task fills) until it holds; fails the test after `seconds`."""
-    async with asyncio.timeout(seconds):
-        while True:
-            if done():
-                return
-            await asyncio.sleep(0.05)
 
 
 async def drain(bus: EventBus, topic: str, group: str, consumer: str, want: int) -> list[BusMessage]:
@@ -148,7 +140,9 @@ async def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_group_move
         handled.append(alert.alert_id)
 
     stop = asyncio.Event()
-    runner = asyncio.create_task(run_group(bus, topic, "alerts", "c1", handle, stop=stop, block_ms=200))
+    runner = asyncio.create_task(
+        run_group(bus, topic, "alerts", "c1", in_order(bus, topic, "alerts", handle), stop=stop, block_ms=200)
+    )
     dead = await drain(bus, dead_letter_topic(topic), "dlq-reader", "r1", 2)
     await until(lambda: len(handled) >= 2, 20)
     stop.set()
@@ -220,7 +214,9 @@ async def test_a_broker_stopped_and_restarted_mid_stream_loses_nothing(own_broke
         received[message.event_id] = message
 
     stop = asyncio.Event()
-    runner = asyncio.create_task(run_group(bus, topic, "live", "c1", handle, stop=stop, block_ms=200))
+    runner = asyncio.create_task(
+        run_group(bus, topic, "live", "c1", in_order(bus, topic, "live", handle), stop=stop, block_ms=200)
+    )
     await publish_until_accepted(bus, topic, [event(f"m_{i % 3}", i) for i in range(40)])
     await until(lambda: len(received) >= 40, 30)
     await asyncio.to_thread(own_broker.stop)

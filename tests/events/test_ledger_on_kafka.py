@@ -54,15 +54,17 @@ async def test_postings_and_alerts_reach_kafka_consumers_and_watchers(
 
     bus = KafkaBus(kafka_bootstrap)
     try:
-        events, alerts = bus.group(LEDGER_EVENTS, f"t-{member}", "c"), bus.group(OPS_ALERTS, f"t-{member}", "c")
+        events = bus.group(LEDGER_EVENTS, f"events-{member}", "c")
+        alerts = bus.group(OPS_ALERTS, f"alerts-{member}", "c")
         mine: list[ledger_pb2.LedgerEvent] = []
         found: list[common_pb2.OpsAlert] = []
-        async with asyncio.timeout(30):
+        # Fresh groups read the topics from the start, including other tests' events.
+        async with asyncio.timeout(90):
             while len(mine) < len(earned) + 2 or not found:  # every earn, the hold, the review
                 mine += [e for e in (ledger_pb2.LedgerEvent.FromString(m.payload)
-                                     for m in await events.poll(block_ms=200)) if e.member_id == member]  # fmt: skip
+                                     for m in await events.poll(max_messages=5000, block_ms=200)) if e.member_id == member]  # fmt: skip
                 found += [a for a in (common_pb2.OpsAlert.FromString(m.payload)
-                                      for m in await alerts.poll(block_ms=200)) if a.member_id == member]  # fmt: skip
+                                      for m in await alerts.poll(max_messages=5000, block_ms=200)) if a.member_id == member]  # fmt: skip
         await events.close()
         await alerts.close()
     finally:
