@@ -20,7 +20,7 @@ from gateway.auth import MemberTokens
 from gateway.deps import Gateway
 from gateway.keys import KeyStore
 from gateway.live import LiveHub
-from gateway.routes import health, legacy, live, members, points, program, purchases
+from gateway.routes import health, legacy, live, members, ops, points, program, purchases
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
@@ -71,7 +71,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     app.state.gateway = gw
     problems.install(app)
     openapi.install(app)
-    for module in (members, purchases, points, program, legacy, live, health):
+    for module in (members, purchases, points, program, legacy, live, health, ops):
         app.include_router(module.router)
     return app
 

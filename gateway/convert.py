@@ -86,6 +86,7 @@ def purchase(p: ledger_pb2.Purchase, replayed: bool = False) -> s.Purchase:
         earned={u.unit: u.points for u in p.earned}, parts=[_part(x.part, x.returned_points) for x in p.parts],
         purchase_number=p.purchase_number, tier_before=p.tier_before, tier_after=p.tier_after,
         receipt_time=when(p, "receipt_time"), replayed=replayed,
+        screening=screening(p.screening) if p.HasField("screening") else None,
     )  # fmt: skip
 
 
@@ -110,4 +111,44 @@ def explanation(e: rules_pb2.Evaluation) -> s.Explanation:
         program=e.program, version=e.version, totals={t.unit: t.points for t in e.totals},
         parts=[_part(p) for p in e.parts], excluded=[f"{x.rule_id}: {x.reason}" for x in e.excluded],
         store_local_time=e.store_local_time,
+    )  # fmt: skip
+
+
+def context_pb(c: s.ScreeningContext | None, channel: str, store_id: str) -> ledger_pb2.ScreeningContext:
+    """Channel and store are the API key's, whatever the body says."""
+    if c is None:
+        return ledger_pb2.ScreeningContext(channel=channel, store_id=store_id)
+    return ledger_pb2.ScreeningContext(
+        channel=channel, store_id=store_id, device_id=c.device_id, ip=c.ip, card_hash=c.card_hash,
+        employee_card=c.employee_card,
+        contact_changed_at=to_timestamp(c.contact_changed_at) if c.contact_changed_at else None,
+    )  # fmt: skip
+
+
+def screening(x: ledger_pb2.Screening) -> s.Screening:
+    return s.Screening(
+        verdict=_enum(x.verdict, ledger_pb2.ScreeningVerdict, "SCREENING_VERDICT_"), scored=x.scored, score=x.score,
+        reasons=list(x.reasons), model_version=x.model_version, review_id=x.review_id,
+    )  # fmt: skip
+
+
+def redemption(r: ledger_pb2.RedeemResponse) -> s.Redemption:
+    shown = screening(r.screening) if r.HasField("screening") else None
+    if r.HasField("transaction"):
+        return s.Redemption(**transaction(r.transaction).model_dump(), status="PAID", screening=shown)
+    h = r.hold
+    return s.Redemption(
+        transaction_id="", kind="HOLD", member_id=h.member_id, unit=h.unit, points=-h.points, reference=h.reference,
+        balance_after=None, status="HELD_FOR_REVIEW", hold=hold(h), screening=shown,
+    )  # fmt: skip
+
+
+def review(r: ledger_pb2.Review) -> s.Review:
+    return s.Review(
+        review_id=r.review_id, kind=_enum(r.kind, ledger_pb2.ReviewKind, "REVIEW_KIND_"),
+        status=_enum(r.status, ledger_pb2.ReviewStatus, "REVIEW_STATUS_"), member_id=r.member_id, unit=r.unit,
+        points=r.points, subject_ids=list(r.subject_ids), purchase_id=r.purchase_id,
+        screening=screening(r.screening) if r.HasField("screening") else None, created_at=when(r, "created_at"),
+        decided_at=when(r, "decided_at"), decided_by=r.decided_by, note=r.note,
+        outcome_transaction_ids=list(r.outcome_transaction_ids),
     )  # fmt: skip

@@ -20,7 +20,7 @@ from pathlib import Path
 
 SCOPES = (
     "members:read", "members:write", "purchases:write", "redemptions:write", "transfers:write",
-    "program:read", "ops:read", "legacy:write", "admin",
+    "program:read", "ops:read", "ops:write", "legacy:write", "admin",
 )  # fmt: skip
 CACHE_SECONDS = 5.0
 

@@ -93,6 +93,7 @@ class RecordPurchase(Body):
     lines: list[PurchaseLine] = Field(min_length=1, max_length=500)
     receipt_time: datetime = Field(description="Business time, with an offset.", examples=["2026-11-27T18:31:00+02:00"])
     tender_transaction_id: str = Field(default="", description="A redemption that paid part of this purchase.")
+    context: ScreeningContext | None = None
 
 
 class ExplainedPart(BaseModel):
@@ -122,6 +123,7 @@ class Purchase(BaseModel):
     tier_after: str
     receipt_time: datetime | None
     replayed: bool = False
+    screening: Screening | None = None
 
 
 class ReturnLine(Body):
@@ -142,11 +144,33 @@ class ReturnResult(BaseModel):
     debt_points: int
 
 
+class ScreeningContext(Body):
+    """Session facts for fraud screening; channel and store always come from the API key."""
+
+    device_id: str = Field(default="", max_length=128, examples=["ios-5f2c9a"])
+    ip: str = Field(default="", max_length=64, examples=["203.0.113.7"])
+    card_hash: str = Field(default="", max_length=128, description="A payment card token, never the number.")
+    employee_card: str = Field(default="", max_length=128, description="The cashier's card at a POS.")
+    contact_changed_at: datetime | None = Field(
+        default=None, description="When the member's login email/phone last changed (from the identity system)."
+    )
+
+
+class Screening(BaseModel):
+    verdict: str = Field(examples=["REVIEW"], description="ALLOW, REVIEW or DENY")
+    scored: bool = Field(description="False: fraud_svc did not answer and the configured policy decided.")
+    score: float = Field(examples=[0.71], description="Model probability of fraud; not a value, never money.")
+    reasons: list[str] = Field(examples=[["rule:velocity_member_purchases_10m", "model:member_new_devices_30d"]])
+    model_version: str
+    review_id: str = Field(description="The review item when the verdict is REVIEW.")
+
+
 class Redeem(Body):
     member_id: str
     points: Points
     unit: str = Field(default="", max_length=64, description="Empty: the default unit (points).")
     reference: str = Field(default="", max_length=256, examples=["reward:free-coffee"])
+    context: ScreeningContext | None = None
 
 
 class Transaction(BaseModel):
@@ -157,6 +181,15 @@ class Transaction(BaseModel):
     points: int
     reference: str
     balance_after: Balance | None
+
+
+class Redemption(Transaction):
+    """Paid (201): the transaction. Held for fraud review (202): `hold` reserves the points
+    until ops decides; transaction_id is empty until then."""
+
+    status: str = Field(examples=["PAID"], description="PAID or HELD_FOR_REVIEW")
+    hold: Hold | None = None
+    screening: Screening | None = None
 
 
 class RedemptionQuoteRequest(Body):
@@ -231,3 +264,29 @@ class Explanation(BaseModel):
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     checks: dict[str, str] = Field(default={}, examples=[{"ledger": "SERVING", "rules": "SERVING", "redis": "ok"}])
+
+
+class Review(BaseModel):
+    review_id: str
+    kind: str = Field(examples=["REDEMPTION"], description="EARN (pending credit) or REDEMPTION (a hold)")
+    status: str = Field(examples=["OPEN"], description="OPEN, APPROVED or REJECTED")
+    member_id: str
+    unit: str
+    points: int
+    subject_ids: list[str] = Field(description="The pending earn transactions, or the hold.")
+    purchase_id: str
+    screening: Screening | None
+    created_at: datetime | None
+    decided_at: datetime | None
+    decided_by: str
+    note: str
+    outcome_transaction_ids: list[str]
+
+
+class ReviewPage(BaseModel):
+    reviews: list[Review]
+    next_page_token: str
+
+
+class ReviewDecision(Body):
+    note: str = Field(default="", max_length=500, examples=["member confirmed the new phone by call-back"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from google.protobuf.duration_pb2 import Duration
 
 from gateway import convert as cv
@@ -16,13 +16,20 @@ router = APIRouter(prefix="/v1", tags=["points"])
 LEDGER, RULES = "ledger_svc", "rules_svc"
 
 
-@router.post("/redemptions", status_code=201, response_model=s.Transaction, summary="Spend points")
-async def redeem(body: s.Redeem, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Transaction:
-    caller.require("redemptions:write")
+@router.post("/redemptions", status_code=201, response_model=s.Redemption,
+             responses={202: {"description": "Held for fraud review: the points are reserved until ops decides",
+                              "model": s.Redemption}},
+             summary="Spend points (fraud-screened)")  # fmt: skip
+async def redeem(body: s.Redeem, response: Response, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Redemption:
+    api_key = caller.require("redemptions:write")
     request = ledger_pb2.RedeemRequest(
-        idempotency_key=key, member_id=body.member_id, unit=body.unit, points=body.points, reference=body.reference
-    )
-    return cv.transaction((await call(LEDGER, gw.ledger.Redeem(request))).transaction)
+        idempotency_key=key, member_id=body.member_id, unit=body.unit, points=body.points, reference=body.reference,
+        context=cv.context_pb(body.context, api_key.channel, caller.store_for("")),
+    )  # fmt: skip
+    result = cv.redemption(await call(LEDGER, gw.ledger.Redeem(request)))
+    if result.hold is not None:
+        response.status_code = 202
+    return result
 
 
 @router.post("/redemptions/quote", response_model=s.RedemptionQuote,

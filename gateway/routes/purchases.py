@@ -25,11 +25,12 @@ async def record_purchase(
     api_key = caller.require("purchases:write")
     if body.channel and body.channel != api_key.channel:
         raise forbidden(f"API key {api_key.key_id} acts for channel {api_key.channel}, not {body.channel}")
+    store_id = caller.store_for(body.store_id)
     request = ledger_pb2.RecordPurchaseRequest(
-        idempotency_key=key, member_id=body.member_id, channel=api_key.channel,
-        store_id=caller.store_for(body.store_id), receipt_id=body.receipt_id, total=cv.money_pb(body.total),
-        lines=cv.lines_pb(body.lines), receipt_time=to_timestamp(body.receipt_time),
-        tender_transaction_id=body.tender_transaction_id,
+        idempotency_key=key, member_id=body.member_id, channel=api_key.channel, store_id=store_id,
+        receipt_id=body.receipt_id, total=cv.money_pb(body.total), lines=cv.lines_pb(body.lines),
+        receipt_time=to_timestamp(body.receipt_time), tender_transaction_id=body.tender_transaction_id,
+        context=cv.context_pb(body.context, api_key.channel, store_id),
     )  # fmt: skip
     result = await call(LEDGER, gw.ledger.RecordPurchase(request))
     if result.replayed:

@@ -25,6 +25,7 @@ KEYS: dict[str, tuple[str, list[str], list[str]]] = {
     "web": ("web", ["purchases:write", "members:read", "members:write"], []),
     "reader": ("call_centre", ["members:read"], []),
     "ops": ("ops", ["ops:read"], []),
+    "fraud_desk": ("ops", ["ops:read", "ops:write"], []),
     "franchise": ("pos", ["legacy:write", "members:read"], ["HEL-01"]),
 }
 

@@ -1,0 +1,89 @@
+"""Fraud review through the gateway: a redemption held for review answers 202 with its hold,
+the fraud desk lists, approves and rejects, and the POS can neither see nor decide reviews.
+
+fraud_svc is not running here, so every screening is unscored and the configured policy
+decides: redemptions of at least 2,000 points are held (fail closed), smaller ones paid.
+(tests/screening/ covers real model verdicts.)"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from pointmesh.clock import ManualClock
+from pointmesh.redis_server import RedisServer, free_port
+from tests.conftest import start_ledger, start_rules, stop_ledger, stop_rules
+from tests.gateway.conftest import GatewayUnderTest, start_gateway
+from tests.gateway.test_api import enrol, idem, problem, purchase_body
+from tests.mesh.conftest import PROGRAM, START, Mesh
+
+
+@pytest.fixture
+async def screened_gw(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[GatewayUnderTest]:
+    clock = ManualClock(START)
+    port = free_port()
+    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(PROGRAM))
+    ledger = await start_ledger(
+        tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{port}", program="meshmart",
+        fraud_screening=True, fraud_addr=f"127.0.0.1:{free_port()}", fraud_deadline_seconds=0.2,
+        fraud_large_redemption_points=2_000,
+    )  # fmt: skip
+    running = await start_gateway(tmp_path / "gateway", Mesh(rules, ledger, clock, port, tmp_path), redis_server.url)
+    yield running
+    running.uvicorn.should_exit = True
+    await running.task
+    await stop_ledger(ledger)
+    await stop_rules(rules)
+
+
+async def test_held_redemptions_are_approved_or_rejected_by_the_fraud_desk(screened_gw: GatewayUnderTest) -> None:
+    gw = screened_gw
+    async with gw.client("pos") as pos, gw.client("fraud_desk") as desk, gw.client("ops") as viewer:
+        member = await enrol(pos)
+        bought = await pos.post("/v1/purchases", json=purchase_body(gw, member, "R-1", 900_000), headers=idem())
+        assert bought.status_code == 201 and bought.json()["screening"]["scored"] is False
+        assert bought.json()["screening"]["reasons"] == ["unscored:fraud_svc_unavailable:allow"]
+        start = (await pos.get(f"/v1/members/{member}/balance")).json()
+        assert start["available_points"] >= 9_000
+
+        small = await pos.post("/v1/redemptions", json={"member_id": member, "points": 500}, headers=idem())
+        assert small.status_code == 201 and small.json()["status"] == "PAID" and small.json()["transaction_id"]
+        ato = {"member_id": member, "points": 3_000, "context": {"device_id": "new-phone", "ip": "203.0.113.9"}}
+        held = await pos.post("/v1/redemptions", json=ato, headers=idem())
+        assert held.status_code == 202, held.text
+        body = held.json()
+        assert body["status"] == "HELD_FOR_REVIEW" and body["transaction_id"] == ""
+        assert body["hold"]["points"] == 3_000 and body["hold"]["status"] == "PLACED"
+        review_id = body["screening"]["review_id"]
+        gw.mesh.clock.advance(timedelta(seconds=1))  # the queue is oldest first
+        second = (await pos.post("/v1/redemptions", json={**ato, "points": 2_500}, headers=idem())).json()
+        during = (await pos.get(f"/v1/members/{member}/balance")).json()
+        assert during["reserved_points"] == 5_500 and during["available_points"] == start["available_points"] - 6_000
+
+        problem(await pos.get("/v1/ops/reviews"), 403)
+        problem(await viewer.post(f"/v1/ops/reviews/{review_id}/approve", json={}, headers=idem()), 403)
+        listed = (await viewer.get("/v1/ops/reviews", params={"member_id": member})).json()
+        assert [r["review_id"] for r in listed["reviews"]] == [review_id, second["screening"]["review_id"]]
+        assert listed["reviews"][0]["kind"] == "REDEMPTION" and listed["reviews"][0]["status"] == "OPEN"
+
+        approved = await desk.post(f"/v1/ops/reviews/{review_id}/approve", json={"note": "called the member"},
+                                   headers=idem())  # fmt: skip
+        assert approved.status_code == 200, approved.text
+        decided = approved.json()
+        assert decided["status"] == "APPROVED" and decided["note"] == "called the member"
+        assert decided["decided_by"] and len(decided["outcome_transaction_ids"]) == 1
+        rejected = await desk.post(f"/v1/ops/reviews/{second['screening']['review_id']}/reject", json={},
+                                   headers=idem())  # fmt: skip
+        assert rejected.json()["status"] == "REJECTED"
+        after = (await pos.get(f"/v1/members/{member}/balance")).json()
+        assert after["reserved_points"] == 0
+        assert after["balance_points"] == start["balance_points"] - 500 - 3_000
+        again = problem(await desk.post(f"/v1/ops/reviews/{review_id}/reject", json={}, headers=idem()), 422)
+        assert "already approved" in again["detail"]
+        problem(await desk.post("/v1/ops/reviews/rv_nope/approve", json={}, headers=idem()), 400)
+        assert (await viewer.get("/v1/ops/reviews", params={"member_id": member})).json()["reviews"] == []
+        done = (await viewer.get("/v1/ops/reviews", params={"member_id": member, "status": "APPROVED"})).json()
+        assert [r["review_id"] for r in done["reviews"]] == [review_id]
