@@ -9,8 +9,8 @@ import grpc
 from fraud_svc import domain as d
 from fraud_svc.service import FraudService
 from pointmesh.errors import rich_status, translating
-from pointmesh.timestamps import from_timestamp
-from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc
+from pointmesh.timestamps import from_timestamp, to_timestamp
+from pointmesh.v1 import common_pb2, fraud_pb2, fraud_pb2_grpc
 
 DOMAIN = "fraud.pointmesh.dev"
 KINDS = {
@@ -57,6 +57,19 @@ def context(t: fraud_pb2.ScoredTransaction, path: str = "transaction") -> d.TxCo
         counterparty_member_id=t.counterparty_member_id,
         contact_changed_at=_time(t, "contact_changed_at", f"{path}.contact_changed_at"),
         member_since=_time(t, "member_since", f"{path}.member_since"), balance_points=t.balance_points,
+    )  # fmt: skip
+
+
+def context_pb(c: d.TxContext) -> fraud_pb2.ScoredTransaction:
+    """The inverse of `context`, for clients that hold domain events (replays, benchmarks)."""
+    return fraud_pb2.ScoredTransaction(
+        event_id=c.event_id, kind=next(k for k, v in KINDS.items() if v is c.kind), member_id=c.member_id,
+        occurred_at=to_timestamp(c.occurred_at), channel=c.channel, store_id=c.store_id,
+        amount=common_pb2.Money(amount_minor=c.amount_minor, currency=c.currency) if c.currency else None,
+        points=c.points, device_id=c.device_id, ip=c.ip, card_hash=c.card_hash, employee_card=c.employee_card,
+        counterparty_member_id=c.counterparty_member_id,
+        contact_changed_at=to_timestamp(c.contact_changed_at) if c.contact_changed_at else None,
+        member_since=to_timestamp(c.member_since) if c.member_since else None, balance_points=c.balance_points,
     )  # fmt: skip
 
 

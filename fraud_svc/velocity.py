@@ -75,6 +75,10 @@ class Link(NamedTuple):
     record: bool
 
 
+# One event's observation: (event_id, at_ms, tracks, links).
+Observation = tuple[str, int, Sequence["Track"], Sequence["Link"]]
+
+
 class Velocity(Protocol):
     async def observe(
         self, event_id: str, at_ms: int, tracks: Sequence[Track], links: Sequence[Link]
@@ -82,6 +86,10 @@ class Velocity(Protocol):
         """Records the event (once per event) and returns, in request order, each track's
         counts, sums, distincts and previous timestamp (-1 if none), then each link's three
         numbers."""
+        ...
+
+    async def observe_many(self, events: Sequence[Observation]) -> list[tuple[int, ...]]:
+        """`observe` for many events in order, each seeing the ones before it."""
         ...
 
 
@@ -213,6 +221,9 @@ class MemoryVelocity:
         self, event_id: str, at_ms: int, tracks: Sequence[Track], links: Sequence[Link]
     ) -> tuple[int, ...]:
         return self.observe_now(event_id, at_ms, tracks, links)
+
+    async def observe_many(self, events: Sequence[Observation]) -> list[tuple[int, ...]]:
+        return [self.observe_now(*event) for event in events]
 
     def observe_now(self, event_id: str, at_ms: int, tracks: Sequence[Track], links: Sequence[Link]) -> tuple[int, ...]:
         """The synchronous core; offline loops may call it directly."""
@@ -357,6 +368,25 @@ class RedisVelocity:
     async def observe(
         self, event_id: str, at_ms: int, tracks: Sequence[Track], links: Sequence[Link]
     ) -> tuple[int, ...]:
+        keys, args = self._call(event_id, at_ms, tracks, links)
+        reply = await self._script(keys=keys, args=args)
+        return tuple(int(x) for x in reply)
+
+    async def observe_many(self, events: Sequence[Observation]) -> list[tuple[int, ...]]:
+        """One pipelined round trip; Redis runs the scripts one after another in this order,
+        so each event sees the ones before it exactly as with one call per event."""
+        if not events:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event in events:
+                keys, args = self._call(*event)
+                await self._script(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        return [tuple(int(x) for x in reply) for reply in replies]
+
+    def _call(
+        self, event_id: str, at_ms: int, tracks: Sequence[Track], links: Sequence[Link]
+    ) -> tuple[list[str], list[str | int]]:
         p = self.prefix
         keys: list[str] = []
         args: list[str | int] = [at_ms, event_id, len(tracks), len(links)]
@@ -373,5 +403,4 @@ class RedisVelocity:
         for key, item, window_ms, retention_ms, record in links:
             keys += [f"{p}{key}:first", f"{p}{key}:last"]
             args += [1 if record else 0, item, window_ms, retention_ms]
-        reply = await self._script(keys=keys, args=args)
-        return tuple(int(x) for x in reply)
+        return keys, args

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from fraud_svc.domain import TxContext, TxKind
-from fraud_svc.features import FEATURE_NAMES, featurize, featurize_matrix
+from fraud_svc.features import FEATURE_NAMES, featurize, featurize_many, featurize_matrix
 from fraud_svc.synth import SynthConfig, generate
 from fraud_svc.velocity import Link, MemoryVelocity, RedisVelocity, Track, TrackSpec, Velocity
 from pointmesh.redis_server import RedisServer
@@ -136,3 +136,21 @@ async def test_memory_and_redis_velocity_give_identical_features_for_the_same_ev
     assert np.array_equal(offline, np.asarray(online_memory), equal_nan=True)
     # the state really carries velocity: plenty of rows see earlier events
     assert (offline[:, FEATURE_NAMES.index("member_events_24h")] > 1).mean() > 0.2
+
+
+async def test_one_pipelined_batch_gives_the_features_of_one_call_per_event(
+    redis_velocity: RedisVelocity, redis_server: RedisServer
+) -> None:
+    data = generate(SynthConfig.for_rows(8_000, seed=33))
+    events = _shuffled_with_replays(list(data.contexts())[:1_500], seed=33)
+    one_by_one = np.asarray([(await featurize(ctx, redis_velocity)).values for ctx in events])
+    client = Redis.from_url(redis_server.url)
+    try:
+        batched_velocity = RedisVelocity(client, prefix=f"test:{uuid.uuid4().hex}:")
+        batched: list[tuple[float, ...]] = []
+        for start in range(0, len(events), 400):  # batches in order, like ScoreBatch requests
+            batched += [row.values for row in await featurize_many(events[start : start + 400], batched_velocity)]
+    finally:
+        await client.aclose()
+    assert np.array_equal(one_by_one, np.asarray(batched), equal_nan=True)
+    assert (one_by_one[:, FEATURE_NAMES.index("member_events_24h")] > 1).mean() > 0.2

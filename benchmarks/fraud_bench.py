@@ -1,0 +1,156 @@
+"""fraud_svc latency and throughput on this machine, printed as figures; never a pass/fail.
+
+* Score, one row at a time, in-process: feature computation with the Redis velocity read and
+  update (one Lua call on a real redis-server), the model, the decision; next to the model
+  alone (LightGBM predict on one prepared row);
+* Score over gRPC on loopback to fraud_svc running as a subprocess (sequential, and c=8);
+* ScoreBatch rows/s over gRPC (one pipelined velocity round trip and one model call per batch)
+  and in-process;
+* training time for --train-rows generated rows (generation and fit shown apart).
+Rows come from the synthetic generator in event-time order, so the velocity windows fill up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from redis.asyncio import Redis
+
+from benchmarks.harness import closed_loop, describe, wait_port
+from fraud_svc.domain import TxContext
+from fraud_svc.features import featurize
+from fraud_svc.model import latest_artifact, load_artifact
+from fraud_svc.server import context_pb
+from fraud_svc.service import FraudService, ModelSlot
+from fraud_svc.synth import SynthConfig, generate
+from fraud_svc.training import train_churn, train_fraud
+from fraud_svc.velocity import RedisVelocity
+from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.rpc import client_channel
+from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def percentiles(name: str, seconds: Sequence[float]) -> None:
+    lat = sorted(seconds)
+    p50, p99 = statistics.median(lat) * 1000, lat[int(len(lat) * 0.99) - 1] * 1000
+    print(f"{name:40s} p50 {p50:6.3f} ms   p99 {p99:6.3f} ms   ({len(lat)} rows)")
+
+
+def events(rows: int, seed: int, tag: str) -> list[TxContext]:
+    from dataclasses import replace
+
+    found = list(generate(SynthConfig.for_rows(max(rows * 2, 10_000), seed=seed)).contexts())[:rows]
+    return [replace(c, event_id=f"{tag}{c.event_id}", member_id=f"{tag}{c.member_id}") for c in found]
+
+
+async def in_process(models: Path, redis_url: str, rows: int) -> None:
+    redis = Redis.from_url(redis_url)
+    service = FraudService(RedisVelocity(redis, prefix="bench:a:"), ModelSlot("fraud", models),
+                           ModelSlot("churn", models))  # fmt: skip
+    service.fraud.load()
+    service.config = service._config(service.fraud.model)
+    model = service.fraud.model
+    assert model is not None
+    sample = events(rows, 41, "ip-")
+    for ctx in sample[:200]:  # warm-up
+        await service.score(ctx)
+    lat = []
+    for ctx in sample[200:]:
+        t0 = time.perf_counter()
+        await service.score(ctx)
+        lat.append(time.perf_counter() - t0)
+    percentiles("Score in-process (features+Redis+model)", lat)
+    prepared = [await featurize(ctx, RedisVelocity(redis, prefix="bench:b:")) for ctx in sample[:2000]]
+    lat = []
+    for row in prepared:
+        matrix = np.asarray([row.values], dtype=np.float64)
+        t0 = time.perf_counter()
+        model.predict(matrix)
+        lat.append(time.perf_counter() - t0)
+    percentiles("  model only (one-row predict)", lat)
+    batch = events(rows, 43, "ib-")
+    service.velocity = RedisVelocity(redis, prefix="bench:c:")
+    t0 = time.perf_counter()
+    for start in range(0, len(batch), 1000):
+        await service.score_batch(batch[start : start + 1000])
+    elapsed = time.perf_counter() - t0
+    print(f"{'score_batch in-process, 1000/batch':40s} {len(batch) / elapsed:9.0f} rows/s")
+    await redis.aclose()
+
+
+async def over_grpc(address: str, rows: int) -> None:
+    channel = client_channel(address, default_timeout_seconds=30)
+    stub = fraud_pb2_grpc.FraudServiceStub(channel)
+    single = [context_pb(c) for c in events(rows, 51, "g-")]
+    for t in single[:200]:
+        await stub.Score(fraud_pb2.ScoreRequest(transaction=t))
+    lat = []
+    for t in single[200:]:
+        t0 = time.perf_counter()
+        await stub.Score(fraud_pb2.ScoreRequest(transaction=t))
+        lat.append(time.perf_counter() - t0)
+    percentiles("Score over gRPC, sequential", lat)
+    more = [context_pb(c) for c in events(rows, 52, "c-")]
+    elapsed, lat = await closed_loop(len(more), 8, lambda i: stub.Score(fraud_pb2.ScoreRequest(transaction=more[i])))
+    describe("Score over gRPC, c=8", len(more), elapsed, lat)
+    bulk = [context_pb(c) for c in events(rows * 5, 53, "b-")]
+    t0 = time.perf_counter()
+    for start in range(0, len(bulk), 1000):
+        await stub.ScoreBatch(fraud_pb2.ScoreBatchRequest(transactions=bulk[start : start + 1000]))
+    elapsed = time.perf_counter() - t0
+    print(f"{'ScoreBatch over gRPC, 1000/batch':40s} {len(bulk) / elapsed:9.0f} rows/s   ({len(bulk)} rows)")
+    await channel.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=3000, help="rows scored per measurement")
+    parser.add_argument("--train-rows", type=int, default=200_000, help="rows for the training-time figure")
+    parser.add_argument("--model-rows", type=int, default=40_000, help="rows of the model the service serves")
+    args = parser.parse_args()
+    print(f"fraud benchmark: {os.cpu_count()} cores, LightGBM on one thread")
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp) / "models"
+        train_fraud(models, rows=args.model_rows, seed=1)
+        train_churn(models, members=2_000, seed=1)
+        redis = RedisServer(free_port(), Path(tmp) / "redis", appendonly=False)
+        redis.start()
+        port = free_port()
+        env = {**os.environ, "POINTMESH_DATA_DIR": str(Path(tmp) / "data"), "POINTMESH_REDIS_URL": redis.url,
+               "POINTMESH_FRAUD_ADDR": f"127.0.0.1:{port}", "POINTMESH_FRAUD_METRICS_PORT": "0",
+               "POINTMESH_MODELS_DIR": str(models), "POINTMESH_LOG_LEVEL": "WARNING"}  # fmt: skip
+        server = subprocess.Popen([sys.executable, "-m", "pointmesh.cli", "fraud", "serve"], env=env, cwd=REPO)
+        try:
+            asyncio.run(in_process(models, redis.url, args.rows))
+            wait_port(port, timeout=120)
+            asyncio.run(over_grpc(f"127.0.0.1:{port}", args.rows))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            redis.stop()
+        t0 = time.perf_counter()
+        data = generate(SynthConfig.for_rows(args.train_rows, seed=9))
+        generated = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        path = train_fraud(Path(tmp) / "big", rows=args.train_rows, seed=9)
+        total = time.perf_counter() - t0
+        metrics = load_artifact(latest_artifact(Path(tmp) / "big", "fraud") or path).metadata.get("metrics", {})
+        print(f"{'train_fraud, ' + str(len(data)) + ' rows':40s} {total:7.1f} s (generation alone {generated:.1f} s; "
+              f"held-out PR-AUC {metrics.get('pr_auc', float('nan')):.3f})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
