@@ -65,6 +65,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.rules_bench
 	$(BIN)/python -m benchmarks.gateway_bench
 	$(BIN)/python -m benchmarks.fraud_bench
+	$(BIN)/python -m benchmarks.events_bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info .pointmesh

@@ -49,17 +49,17 @@ class GatewayUnderTest:
         return self.url.replace("http://", "ws://")
 
 
-def gateway_settings(tmp: Path, services: Mesh, redis_url: str, port: int) -> Settings:
+def gateway_settings(tmp: Path, services: Mesh, redis_url: str, port: int, **overrides: object) -> Settings:
     return load_settings(
         {}, data_dir=tmp, redis_url=redis_url, ledger_addr=services.ledger.address,
         rules_addr=f"127.0.0.1:{services.rules_port}", gateway_addr=f"127.0.0.1:{port}", program="meshmart",
-        grace_seconds=1.0,
+        grace_seconds=1.0, **overrides,
     )  # fmt: skip
 
 
-async def start_gateway(tmp: Path, services: Mesh, redis_url: str) -> GatewayUnderTest:
+async def start_gateway(tmp: Path, services: Mesh, redis_url: str, **overrides: object) -> GatewayUnderTest:
     port = free_port()
-    settings = gateway_settings(tmp, services, redis_url, port)
+    settings = gateway_settings(tmp, services, redis_url, port, **overrides)
     store = key_store(settings)
     keys = {name: store.create(channel, scopes, stores, name)[0] for name, (channel, scopes, stores) in KEYS.items()}
     store.close()
