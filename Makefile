@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/pointmesh/v1/*.proto)
 
-.PHONY: up test lint protos protos-check bench demo clean setup system-deps kafka
+.PHONY: up test lint protos protos-check bench demo clean setup system-deps kafka cassandra
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
@@ -39,6 +39,10 @@ up: setup
 kafka: setup
 	$(BIN)/pointmesh dev kafka start
 	$(BIN)/pointmesh events topics create
+
+# A local Apache Cassandra node on 127.0.0.1:9042 (storage and JMX on 9043, 9044).
+cassandra: setup
+	$(BIN)/pointmesh dev cassandra start
 
 demo: setup
 	$(BIN)/pointmesh demo

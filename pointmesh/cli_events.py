@@ -1,5 +1,5 @@
-"""`pointmesh dev kafka ...` and `pointmesh events ...`: a local broker and the topics and
-consumer groups of the event bus (docs/events.md)."""
+"""`pointmesh dev kafka|cassandra ...` (local copies of the production servers) and
+`pointmesh events|ingest ...` (topics, consumer groups and bulk purchases, docs/events.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from pointmesh.cassandra_server import CassandraServer
 from pointmesh.config import Settings, load_settings
 from pointmesh.events import INGEST_PURCHASES, TOPICS, OutgoingEvent, dead_letter_topic, open_bus
 from pointmesh.kafka_server import KafkaServer
@@ -38,6 +39,26 @@ def cmd_dev_kafka(args: argparse.Namespace) -> int:
     else:
         pid = server.process.running_pid()
         print(f"kafka: running, pid {pid}, {server.bootstrap}" if pid else "kafka: not running")
+        return 0 if pid else 3
+    return 0
+
+
+def cmd_dev_cassandra(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    host, _, port = settings.cassandra_contact_points.split(",")[0].rpartition(":")
+    if host not in {"127.0.0.1", "localhost"}:
+        raise SystemExit(f"the dev node runs on loopback only; POINTMESH_CASSANDRA_CONTACT_POINTS is {host}:{port}")
+    cql = int(port)
+    server = CassandraServer(settings.data_dir / "cassandra", cql, cql + 1, cql + 2)
+    if args.action == "start":
+        seconds = server.start()
+        print(f"cassandra: ready on {server.contact_point} in {seconds:.1f}s (data {server.data_dir})")
+    elif args.action == "stop":
+        server.stop()
+        print("cassandra: stopped")
+    else:
+        pid = server.process.running_pid()
+        print(f"cassandra: running, pid {pid}, {server.contact_point}" if pid else "cassandra: not running")
         return 0 if pid else 3
     return 0
 
@@ -113,6 +134,9 @@ def add_commands(sub: Any, date_type: Any) -> None:
     kafka = dev.add_parser("kafka", help="a single-node Kafka broker (KRaft) from Maven Central jars")
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.set_defaults(func=cmd_dev_kafka)
+    cassandra = dev.add_parser("cassandra", help="a single Apache Cassandra node from Maven Central jars")
+    cassandra.add_argument("action", choices=["start", "stop", "status"])
+    cassandra.set_defaults(func=cmd_dev_cassandra)
     events = sub.add_parser("events", help="the event bus").add_subparsers(dest="events_command", required=True)
     topics = events.add_parser("topics", help="topics").add_subparsers(dest="topics_command", required=True)
     topics.add_parser("create", help="create every topic (and its dead-letter topic)").set_defaults(

@@ -84,6 +84,8 @@ class Settings:
     maintenance_interval_seconds: float = 5.0
     outbox_poll_seconds: float = 0.05
     event_stream_maxlen: int = 1_000_000
+    # The Cassandra ledger store (issue in progress); `pointmesh dev cassandra` listens here.
+    cassandra_contact_points: str = "127.0.0.1:9042"
     # "redis" (Redis Streams at redis_url, the embedded default) or "kafka" (kafka_bootstrap).
     event_bus: str = "redis"
     kafka_bootstrap: str = "127.0.0.1:9092"

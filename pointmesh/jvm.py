@@ -98,7 +98,7 @@ class JvmProcess:
             return None
         return pid
 
-    def start(self, args: Sequence[str], ready_port: int, timeout: float) -> float:
+    def start(self, args: Sequence[str], ready_port: int, timeout: float, host: str = "127.0.0.1") -> float:
         """Starts the JVM and waits for its port; returns the seconds it took."""
         if self.running_pid() is not None:
             raise RuntimeError(f"{self.name} already runs (pid {self.running_pid()}); stop it first")
@@ -109,7 +109,7 @@ class JvmProcess:
             process = subprocess.Popen([java, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)  # fmt: skip
         self.pid_file.write_text(str(process.pid))
-        while not port_open(ready_port):
+        while not port_open(ready_port, host):
             if process.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
                 raise RuntimeError(f"{self.name} exited with {process.returncode}:\n{self.log_tail()}")

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from ledger_svc.app import LedgerApp, build
+from pointmesh.cassandra_server import CassandraServer
 from pointmesh.clock import ManualClock
 from pointmesh.config import Settings, load_settings
 from pointmesh.kafka_server import KafkaServer
@@ -54,6 +55,21 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert server is not None
     yield server.bootstrap
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def cassandra_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraServer]:
+    """One real Cassandra node for the session (CI sets POINTMESH_REQUIRE_CASSANDRA=1: a node
+    that cannot start fails the run there instead of skipping)."""
+    node = CassandraServer(tmp_path_factory.mktemp("cassandra"), free_port(), free_port(), free_port())
+    try:
+        node.start()
+    except Exception as exc:
+        if os.environ.get("POINTMESH_REQUIRE_CASSANDRA") == "1":
+            raise
+        pytest.skip(f"no Cassandra node could start here ({exc}); CI requires one")
+    yield node
+    node.stop()
 
 
 @pytest.fixture(scope="session")
