@@ -12,55 +12,47 @@ from typing import Any
 from google.protobuf import json_format
 
 from pointmesh.cassandra_server import CassandraServer
-from pointmesh.config import Settings, load_settings
+from pointmesh.config import load_settings
 from pointmesh.events import INGEST_PURCHASES, TOPICS, OutgoingEvent, dead_letter_topic, open_bus
 from pointmesh.kafka_server import KafkaServer
 from pointmesh.v1 import ledger_pb2
 
 
-def _kafka(settings: Settings) -> KafkaServer:
-    """The dev broker listens where POINTMESH_KAFKA_BOOTSTRAP points; its controller one port up."""
-    host, _, port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
+def _loopback_port(setting: str, value: str) -> int:
+    host, _, port = value.split(",")[0].rpartition(":")
     if host not in {"127.0.0.1", "localhost"}:
-        raise SystemExit(f"the dev broker runs on loopback only; POINTMESH_KAFKA_BOOTSTRAP is {host}:{port}")
-    return KafkaServer(settings.data_dir / "kafka", int(port), int(port) + 1)
+        raise SystemExit(f"dev servers run on loopback only; POINTMESH_{setting} is {host}:{port}")
+    return int(port)
+
+
+def _dev_server(action: str, name: str, server: KafkaServer | CassandraServer, endpoint: str) -> int:
+    if action == "start":
+        seconds = server.start()
+        print(f"{name}: ready on {endpoint} in {seconds:.1f}s (data {server.data_dir}, log {server.process.log_path})")
+    elif action == "stop":
+        server.stop()
+        print(f"{name}: stopped")
+    else:
+        pid = server.process.running_pid()
+        print(f"{name}: running, pid {pid}, {endpoint}" if pid else f"{name}: not running")
+        return 0 if pid else 3
+    return 0
 
 
 def cmd_dev_kafka(args: argparse.Namespace) -> int:
-    server = _kafka(load_settings())
-    if args.action == "start":
-        seconds = server.start()
-        print(
-            f"kafka: ready on {server.bootstrap} in {seconds:.1f}s (data {server.data_dir}, log {server.process.log_path})"
-        )
-    elif args.action == "stop":
-        server.stop()
-        print("kafka: stopped")
-    else:
-        pid = server.process.running_pid()
-        print(f"kafka: running, pid {pid}, {server.bootstrap}" if pid else "kafka: not running")
-        return 0 if pid else 3
-    return 0
+    """The dev broker listens where POINTMESH_KAFKA_BOOTSTRAP points; its controller one port up."""
+    settings = load_settings()
+    port = _loopback_port("KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
+    server = KafkaServer(settings.data_dir / "kafka", port, port + 1)
+    return _dev_server(args.action, "kafka", server, server.bootstrap)
 
 
 def cmd_dev_cassandra(args: argparse.Namespace) -> int:
+    """CQL where POINTMESH_CASSANDRA_CONTACT_POINTS points; storage and JMX one and two ports up."""
     settings = load_settings()
-    host, _, port = settings.cassandra_contact_points.split(",")[0].rpartition(":")
-    if host not in {"127.0.0.1", "localhost"}:
-        raise SystemExit(f"the dev node runs on loopback only; POINTMESH_CASSANDRA_CONTACT_POINTS is {host}:{port}")
-    cql = int(port)
+    cql = _loopback_port("CASSANDRA_CONTACT_POINTS", settings.cassandra_contact_points)
     server = CassandraServer(settings.data_dir / "cassandra", cql, cql + 1, cql + 2)
-    if args.action == "start":
-        seconds = server.start()
-        print(f"cassandra: ready on {server.contact_point} in {seconds:.1f}s (data {server.data_dir})")
-    elif args.action == "stop":
-        server.stop()
-        print("cassandra: stopped")
-    else:
-        pid = server.process.running_pid()
-        print(f"cassandra: running, pid {pid}, {server.contact_point}" if pid else "cassandra: not running")
-        return 0 if pid else 3
-    return 0
+    return _dev_server(args.action, "cassandra", server, server.contact_point)
 
 
 def cmd_topics_create(_: argparse.Namespace) -> int:

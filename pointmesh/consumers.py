@@ -73,11 +73,7 @@ def in_order(bus: EventBus, topic: str, group: str, handle: Handler) -> BatchHan
 
 def by_key(bus: EventBus, topic: str, group: str, handle: Handler) -> BatchHandler:
     """Different keys (members) concurrently, each key's messages in order."""
-    one = guarded(bus, topic, group, handle)
-
-    async def key_in_order(messages: list[BusMessage]) -> None:
-        for message in messages:
-            await one(message)
+    key_in_order = in_order(bus, topic, group, handle)
 
     async def run(messages: list[BusMessage]) -> None:
         keyed: dict[str, list[BusMessage]] = {}

@@ -105,9 +105,7 @@ class KafkaBus:
     async def subscribe(self, topic: str, after: str = "$", *, block_ms: int = 1000) -> AsyncIterator[BusMessage]:
         """Every partition, no group: "0" starts at the beginning, anything else at the end
         (a Kafka position names one partition, so it cannot resume all of them)."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id, group_id=None,
-                                    enable_auto_commit=False)  # fmt: skip
-        await consumer.start()
+        consumer = await self._assigned_consumer(None)
         try:
             partitions = await _partitions(consumer, topic)
             consumer.assign(partitions)
@@ -123,13 +121,18 @@ class KafkaBus:
         finally:
             await consumer.stop()
 
+    async def _assigned_consumer(self, group: str | None) -> AIOKafkaConsumer:
+        """A started consumer that will be assigned partitions by hand (no group membership)."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id, group_id=group,
+                                    enable_auto_commit=False)  # fmt: skip
+        await consumer.start()
+        return consumer
+
     def group(self, topic: str, group: str, consumer: str) -> KafkaGroupConsumer:
         return KafkaGroupConsumer(self, topic, group, consumer)
 
     async def rewind(self, topic: str, group: str, when: datetime) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id, group_id=group,
-                                    enable_auto_commit=False)  # fmt: skip
-        await consumer.start()
+        consumer = await self._assigned_consumer(group)
         try:
             partitions = await _partitions(consumer, topic)
             consumer.assign(partitions)
