@@ -5,9 +5,14 @@ load generator each get a core, then measures:
   * unary Earn at concurrency 32: calls/s, p50, p99, and the ratio to a no-op grpc.aio echo
     measured the same way in the same run (the ceiling for any unary RPC here);
   * cached GetBalance at concurrency 32;
+  * unary Redeem at concurrency 32 (on Cassandra each one is a lightweight transaction);
   * IngestBatch postings/s, next to a raw-SQLite baseline that writes exactly the rows the
     store writes per posting (transaction, entries, lot, balances, idempotency, outbox) with
     the same pragmas and shard count, one transaction per batch.
+
+`--store cassandra` runs the same calls against ledger_svc on a real single Cassandra node
+(started from the Maven jars, or POINTMESH_CASSANDRA_CONTACT_POINTS if set) right after the
+SQLite run, and prints the two side by side.
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ from pathlib import Path
 import grpc
 
 from benchmarks.harness import ECHO_SERVER, closed_loop, describe, wait_port
+from ledger_svc.store.cassandra_schema import migrate
 from ledger_svc.store.sqlite import SHARD_SCHEMA
 from ledger_svc.store.sqlite_worker import connect
+from pointmesh import cassandra_client
+from pointmesh.cassandra_server import CassandraServer
+from pointmesh.config import load_settings
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
@@ -72,6 +81,15 @@ async def bench_grpc(address: str, echo_address: str, calls: int, ingest_items: 
     await closed_loop(400, 32, balance)  # fills the cache
     elapsed, lat = await closed_loop(calls, 32, balance)
     figures["balance"] = describe("cached GetBalance, c=32", calls, elapsed, lat)
+
+    async def redeem(i: int) -> object:
+        return await stub.Redeem(
+            ledger_pb2.RedeemRequest(idempotency_key=key(f"{run}-r{i}"), member_id=members[i % len(members)], points=1)
+        )
+
+    elapsed, lat = await closed_loop(calls, 32, redeem)
+    figures["redeem"] = describe("unary Redeem, c=32", calls, elapsed, lat)
+    figures["redeem_p99_ms"] = sorted(lat)[int(len(lat) * 0.99) - 1] * 1000
 
     async def items() -> object:
         for i in range(ingest_items):
@@ -169,14 +187,8 @@ def raw_sqlite_baseline(items: int, shards: int, synchronous: str, batch: int = 
     return rate
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--calls", type=int, default=6000)
-    parser.add_argument("--ingest", type=int, default=60000)
-    parser.add_argument("--shards", type=int, default=4)
-    args = parser.parse_args()
-    synchronous = os.environ.get("POINTMESH_SQLITE_SYNCHRONOUS", "NORMAL")
-    print(f"ledger benchmark: {os.cpu_count()} cores, {args.shards} SQLite shards, synchronous={synchronous}, WAL")
+def run_ledger(store_env: dict[str, str], shards: int, calls: int, ingest: int) -> dict[str, float]:
+    """ledger_svc as a subprocess on `store_env`, measured by bench_grpc."""
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(free_port(), Path(tmp) / "redis", appendonly=False)
         redis.start()
@@ -187,22 +199,72 @@ def main() -> int:
             "POINTMESH_REDIS_URL": redis.url,
             "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{port}",
             "POINTMESH_LEDGER_METRICS_PORT": "0",
-            "POINTMESH_LEDGER_SHARDS": str(args.shards),
+            "POINTMESH_LEDGER_SHARDS": str(shards),
             "POINTMESH_LOG_LEVEL": "WARNING",
+            "POINTMESH_INGEST_CONSUMER": "false",
+            **store_env,
         }
         ledger = subprocess.Popen([sys.executable, "-m", "pointmesh.cli", "ledger", "serve"], env=env, cwd=REPO)
         echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, f"127.0.0.1:{echo_port}"])
         try:
-            wait_port(port)
+            wait_port(port, timeout=60)
             wait_port(echo_port)
-            figures = asyncio.run(bench_grpc(f"127.0.0.1:{port}", f"127.0.0.1:{echo_port}", args.calls, args.ingest))
+            return asyncio.run(bench_grpc(f"127.0.0.1:{port}", f"127.0.0.1:{echo_port}", calls, ingest))
         finally:
             for proc in (ledger, echo):
                 proc.terminate()
                 proc.wait(timeout=30)
             redis.stop()
+
+
+def cassandra_env(tmp: Path) -> tuple[dict[str, str], CassandraServer | None]:
+    """A migrated keyspace on the given node or on one started here; a fresh ledger name."""
+    given = os.environ.get("POINTMESH_CASSANDRA_CONTACT_POINTS", "")
+    node = None
+    if not given:
+        node = CassandraServer(tmp / "cassandra", free_port(), free_port(), free_port())
+        print(f"cassandra node ready in {node.start():.1f}s")
+        given = node.contact_point
+    settings = load_settings({}, cassandra_contact_points=given, cassandra_keyspace="pointmesh_bench")
+    cluster, session = cassandra_client.connect(settings)
+    try:
+        migrate(session, settings.cassandra_keyspace, "simple:1")
+    finally:
+        cluster.shutdown()
+    env = {"POINTMESH_STORE": "cassandra", "POINTMESH_CASSANDRA_CONTACT_POINTS": given,
+           "POINTMESH_CASSANDRA_KEYSPACE": "pointmesh_bench", "POINTMESH_CASSANDRA_LEDGER": "b" + uuid.uuid4().hex[:12]}  # fmt: skip
+    return env, node
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=6000)
+    parser.add_argument("--ingest", type=int, default=60000)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--store", choices=["sqlite", "cassandra"], default="sqlite",
+                        help="cassandra: also run on a real Cassandra node and compare")  # fmt: skip
+    parser.add_argument("--cassandra-calls", type=int, default=1500)
+    parser.add_argument("--cassandra-ingest", type=int, default=3000)
+    args = parser.parse_args()
+    synchronous = os.environ.get("POINTMESH_SQLITE_SYNCHRONOUS", "NORMAL")
+    print(f"ledger benchmark: {os.cpu_count()} cores, {args.shards} SQLite shards, synchronous={synchronous}, WAL")
+    figures = run_ledger({"POINTMESH_STORE": "sqlite"}, args.shards, args.calls, args.ingest)
     baseline = raw_sqlite_baseline(args.ingest, args.shards, synchronous)
     print(f"{'  IngestBatch / raw SQLite':34s} {figures['ingest'] / baseline:9.2f}")
+    if args.store == "cassandra":
+        with tempfile.TemporaryDirectory() as tmp:
+            env, node = cassandra_env(Path(tmp))
+            try:
+                print("\nsame calls, ledger_svc on Cassandra (one node, LOCAL_QUORUM, LWT per member partition):")
+                on_cassandra = run_ledger(env, args.shards, args.cassandra_calls, args.cassandra_ingest)
+            finally:
+                if node is not None:
+                    node.stop()
+        print(f"\n{'':24s} {'SQLite':>12s} {'Cassandra':>12s} {'ratio':>7s}")
+        for name, label in (("earn", "Earn calls/s"), ("earn_p99_ms", "Earn p99 ms"), ("redeem", "Redeem calls/s"),
+                            ("redeem_p99_ms", "Redeem p99 ms"), ("ingest", "IngestBatch postings/s")):  # fmt: skip
+            a, b = figures[name], on_cassandra[name]
+            print(f"{label:24s} {a:12.1f} {b:12.1f} {b / a:7.2f}")
     return 0
 
 

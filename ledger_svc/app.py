@@ -62,8 +62,10 @@ def fraud_screen(settings: Settings) -> FraudScreen | None:
 
 
 def open_store(settings: Settings) -> LedgerStore:
-    if settings.ledger_store != "sqlite":
-        raise ValueError(f"POINTMESH_LEDGER_STORE={settings.ledger_store!r} is not available; use 'sqlite'")
+    if settings.store == "cassandra":
+        from ledger_svc.store.cassandra import open_cassandra_store
+
+        return open_cassandra_store(settings)
     return SqliteLedgerStore(
         settings.data_dir / "ledger",
         settings.ledger_shards,

@@ -611,7 +611,7 @@ class LedgerService:
             await self._require_active(cmd.destination_member_id, "destination_member_id")
 
         src_shard = self.shard_of(cmd.source_member_id)
-        if src_shard == self.shard_of(cmd.destination_member_id):
+        if self.store.multi_member_units and src_shard == self.shard_of(cmd.destination_member_id):
             return await self._mutate(
                 cmd, src_shard, TransferResult, lambda b: self.sagas.same_shard_transfer(b, cmd), both_active
             )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pointmesh import cli_events
+from pointmesh.cassandra_server import CassandraServer
 from pointmesh.config import ConfigError, Settings, load_settings
 from pointmesh.logs import configure_logging
 from pointmesh.redis_server import RedisServer, ensure_redis_binary
@@ -74,6 +75,22 @@ def cmd_ledger_reconcile(_: argparse.Namespace) -> int:
         return 0 if report.ok else 1
 
     return asyncio.run(run())
+
+
+def cmd_ledger_migrate(_: argparse.Namespace) -> int:
+    """Creates the Cassandra keyspace if missing and applies the schema migrations it lacks."""
+    from ledger_svc.store.cassandra_schema import LATEST, migrate
+    from pointmesh.cassandra_client import connect
+
+    settings = _settings()
+    cluster, session = connect(settings)
+    try:
+        applied = migrate(session, settings.cassandra_keyspace, settings.cassandra_replication)
+    finally:
+        cluster.shutdown()
+    done = ", ".join(map(str, applied)) if applied else "none needed"
+    print(f"migrate: keyspace {settings.cassandra_keyspace} at schema version {LATEST} (applied: {done})")
+    return 0
 
 
 def cmd_ledger_export(args: argparse.Namespace) -> int:
@@ -248,14 +265,36 @@ SERVICES: dict[str, list[str]] = {
 }
 
 
-def cmd_up(_: argparse.Namespace) -> int:
+def _local_cassandra(settings: Settings) -> CassandraServer | None:
+    """`up --store cassandra`: a local node from the Maven jars (unless one runs already, which
+    is then left running), migrated before the ledger starts; returns the node it started."""
+    from ledger_svc.store.cassandra_schema import migrate
+    from pointmesh.cassandra_client import connect, contact_points
+
+    hosts, port = contact_points(settings.cassandra_contact_points)
+    node = CassandraServer(settings.data_dir / "cassandra", port, port + 1, port + 2, address=hosts[0])
+    started = not node.running()
+    if started:
+        print(f"pointmesh up: starting Cassandra on {node.contact_point} (tens of seconds the first time)", flush=True)
+        node.start()
+    cluster, session = connect(settings)
+    try:
+        migrate(session, settings.cassandra_keyspace, settings.cassandra_replication)
+    finally:
+        cluster.shutdown()
+    return node if started else None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
     """Starts a private redis-server and every service as child processes; Ctrl-C stops all."""
     settings = _settings()
     configure_logging("up", settings.log_level, "text")
     ensure_redis_binary()
+    store = getattr(args, "store", None) or settings.store
+    node = _local_cassandra(settings) if store == "cassandra" else None
     redis = RedisServer(settings.redis_port, settings.data_dir / "redis")
     redis.start()
-    env = {**os.environ, "POINTMESH_REDIS_URL": redis.url}
+    env = {**os.environ, "POINTMESH_REDIS_URL": redis.url, "POINTMESH_STORE": store}
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -295,6 +334,8 @@ def cmd_up(_: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
         redis.stop()
+        if node is not None:
+            node.stop()
     print("pointmesh up: stopped", flush=True)
     return 0
 
@@ -302,7 +343,14 @@ def cmd_up(_: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pointmesh", description="pointmesh loyalty platform")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="run redis and every service locally").set_defaults(func=cmd_up)
+    up = sub.add_parser("up", help="run redis and every service locally")
+    up.add_argument(
+        "--store",
+        choices=["sqlite", "cassandra"],
+        default=None,
+        help="ledger store (default POINTMESH_STORE, sqlite); cassandra starts a local node first",
+    )
+    up.set_defaults(func=cmd_up)
     sub.add_parser("demo", help="scripted multichannel tour against a running ledger").set_defaults(func=cmd_demo)
     ledger = sub.add_parser("ledger", help="ledger service commands").add_subparsers(
         dest="ledger_command", required=True
@@ -310,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_parser("serve", help="run ledger_svc").set_defaults(func=cmd_serve, service="ledger")
     ledger.add_parser("reconcile", help="prove the journal, balances, lots and sagas agree").set_defaults(
         func=cmd_ledger_reconcile
+    )
+    ledger.add_parser("migrate", help="create or upgrade the Cassandra keyspace (POINTMESH_CASSANDRA_*)").set_defaults(
+        func=cmd_ledger_migrate
     )
     rules = sub.add_parser("rules", help="rules service commands").add_subparsers(dest="rules_command", required=True)
     rules.add_parser("serve", help="run rules_svc").set_defaults(func=cmd_serve, service="rules")

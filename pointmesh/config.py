@@ -27,7 +27,8 @@ class Settings:
     redis_port: int = 6390
     ledger_addr: str = "127.0.0.1:50051"
     ledger_metrics_port: int = 9464
-    ledger_store: str = "sqlite"
+    # Ledger store: "sqlite" (embedded, the default) or "cassandra" (the cassandra_* settings).
+    store: str = "sqlite"
     rules_addr: str = "127.0.0.1:50052"
     fraud_addr: str = "127.0.0.1:50053"
     fraud_metrics_port: int = 9466
@@ -84,8 +85,23 @@ class Settings:
     maintenance_interval_seconds: float = 5.0
     outbox_poll_seconds: float = 0.05
     event_stream_maxlen: int = 1_000_000
-    # The Cassandra ledger store (issue in progress); `pointmesh dev cassandra` listens here.
+    # The Cassandra ledger store (docs/cassandra.md); `pointmesh dev cassandra` listens here.
+    # host:port,... (all nodes share the port).
     cassandra_contact_points: str = "127.0.0.1:9042"
+    cassandra_keyspace: str = "pointmesh"
+    # Names this ledger's rows inside the keyspace (several ledgers may share one keyspace).
+    cassandra_ledger: str = "main"
+    # Local datacenter for DC-aware routing; empty means the first contact point's.
+    cassandra_local_dc: str = ""
+    cassandra_username: str = ""
+    cassandra_password: str = ""
+    # A CA bundle turns TLS on (the server certificate is verified against it).
+    cassandra_tls_ca_file: str = ""
+    # What `pointmesh ledger migrate` creates the keyspace with: simple:N or dc1:3,dc2:3.
+    cassandra_replication: str = "simple:1"
+    cassandra_consistency: str = "LOCAL_QUORUM"
+    cassandra_serial_consistency: str = "LOCAL_SERIAL"
+    cassandra_request_timeout_seconds: float = 12.0
     # "redis" (Redis Streams at redis_url, the embedded default) or "kafka" (kafka_bootstrap).
     event_bus: str = "redis"
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -148,6 +164,12 @@ def _validate(s: Settings) -> None:
     for name in ("purchase", "redemption", "large_redemption"):
         if getattr(s, f"fraud_unavailable_{name}") not in {"allow", "review", "deny"}:
             raise ConfigError(f"{PREFIX}FRAUD_UNAVAILABLE_{name.upper()} must be allow, review or deny")
+    if s.store not in {"sqlite", "cassandra"}:
+        raise ConfigError(f"{PREFIX}STORE must be sqlite or cassandra, got {s.store!r}")
+    if s.cassandra_consistency not in {"LOCAL_QUORUM", "QUORUM", "EACH_QUORUM", "ALL", "LOCAL_ONE", "ONE"}:
+        raise ConfigError(f"{PREFIX}CASSANDRA_CONSISTENCY must name a Cassandra consistency level")
+    if s.cassandra_serial_consistency not in {"LOCAL_SERIAL", "SERIAL"}:
+        raise ConfigError(f"{PREFIX}CASSANDRA_SERIAL_CONSISTENCY must be LOCAL_SERIAL or SERIAL")
     if s.event_bus not in {"redis", "kafka"}:
         raise ConfigError(f"{PREFIX}EVENT_BUS must be redis or kafka, got {s.event_bus!r}")
     if s.fraud_deadline_seconds <= 0:

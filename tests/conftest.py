@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from ledger_svc.app import LedgerApp, build
+from ledger_svc.store.cassandra import CassandraLedgerStore
+from ledger_svc.store.cassandra_schema import migrate
+from pointmesh import cassandra_client
 from pointmesh.cassandra_server import CassandraServer
 from pointmesh.clock import ManualClock
 from pointmesh.config import Settings, load_settings
@@ -73,6 +79,35 @@ def cassandra_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cassand
 
 
 @pytest.fixture(scope="session")
+def cassandra_contact_points(request: pytest.FixtureRequest) -> str:
+    """A running node given by POINTMESH_CASSANDRA_CONTACT_POINTS, or the session's own."""
+    given = os.environ.get("POINTMESH_CASSANDRA_CONTACT_POINTS")
+    if given:
+        return given
+    node: CassandraServer = request.getfixturevalue("cassandra_node")
+    return node.contact_point
+
+
+@pytest.fixture(scope="session")
+def cassandra_session(cassandra_contact_points: str) -> Iterator[CassandraSession]:
+    """A driver session on a keyspace migrated once; tests keep apart by ledger name."""
+    settings = load_settings(cassandra_contact_points=cassandra_contact_points, cassandra_keyspace="pointmesh_test")
+    cluster, session = cassandra_client.connect(settings)
+    migrate(session, settings.cassandra_keyspace, "simple:1")
+    yield CassandraSession(settings, session)
+    cluster.shutdown()
+
+
+@dataclass(frozen=True)
+class CassandraSession:
+    settings: Settings
+    session: Any
+
+    def open_store(self, ledger: str, shards: int) -> CassandraLedgerStore:
+        return CassandraLedgerStore(self.session, self.settings.cassandra_keyspace, ledger, shards)
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One real redis-server for the whole session; tests keep apart by member id."""
     server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
@@ -128,9 +163,31 @@ async def stop_ledger(ledger: LedgerUnderTest) -> None:
     await ledger.app.stop(grace=1.0)
 
 
+def store_settings(request: pytest.FixtureRequest, store: str) -> dict[str, object]:
+    """Settings overrides that put a ledger on `store`: SQLite under its data dir, or a fresh
+    ledger (its own rows) in the session's migrated Cassandra keyspace."""
+    if store == "sqlite":
+        return {"store": "sqlite"}
+    cassandra: CassandraSession = request.getfixturevalue("cassandra_session")
+    return {
+        "store": "cassandra",
+        "cassandra_contact_points": cassandra.settings.cassandra_contact_points,
+        "cassandra_keyspace": cassandra.settings.cassandra_keyspace,
+        "cassandra_ledger": "l" + uuid.uuid4().hex[:16],
+    }
+
+
+def store_env(request: pytest.FixtureRequest, store: str) -> dict[str, str]:
+    """store_settings as POINTMESH_* variables, for ledgers run as child processes."""
+    return {f"POINTMESH_{k.upper()}": str(v) for k, v in store_settings(request, store).items()}
+
+
 @pytest.fixture
 async def ledger(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[LedgerUnderTest]:
-    """A fresh ledger_svc (4 SQLite shards, ManualClock) serving gRPC on a free loopback port."""
+    """A fresh ledger_svc (4 SQLite shards, ManualClock) serving gRPC on a free loopback port.
+
+    tests/ledger overrides it to run each of its tests on SQLite and on Cassandra.
+    """
     running = await start_ledger(tmp_path / "data", redis_server.url)
     yield running
     await stop_ledger(running)
@@ -173,6 +230,30 @@ async def rules(tmp_path: Path) -> AsyncIterator[RulesUnderTest]:
     running = await start_rules(tmp_path / "rules-data")
     yield running
     await stop_rules(running)
+
+
+@contextlib.contextmanager
+def ledger_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs `pointmesh ledger serve` and makes sure it is gone afterwards, whatever happened."""
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pointmesh.cli", "ledger", "serve"],
+            env={**os.environ, **env},
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def pointmesh_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
 
 from ledger_svc.domain import (
@@ -26,6 +26,18 @@ from ledger_svc.domain import (
 )
 
 T = TypeVar("T")
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def to_us(when: datetime) -> int:
+    """Times are stored as integer microseconds since the epoch so they sort and compare exactly."""
+    return (when - EPOCH) // _US
+
+
+def from_us(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
 
 
 @dataclass(slots=True)
@@ -184,6 +196,10 @@ class LedgerStore(Protocol):
 
     @property
     def shard_count(self) -> int: ...
+
+    # True when one unit of work may write several members atomically (SQLite: a shard is one
+    # database). Cassandra commits per member, so transfers there always run as sagas.
+    multi_member_units: bool
 
     async def write(self, shard: int, work: Callable[[ShardTx], T]) -> T: ...
     async def read(self, shard: int, work: Callable[[ShardTx], T]) -> T: ...

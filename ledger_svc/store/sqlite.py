@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,7 +24,7 @@ from ledger_svc.domain import (
     SagaState,
     TxKind,
 )
-from ledger_svc.store.base import AccountRow, IdemRecord, OutboxRow, SagaRecord, TxRecord
+from ledger_svc.store.base import AccountRow, IdemRecord, OutboxRow, SagaRecord, TxRecord, from_us, to_us
 from ledger_svc.store.sqlite_worker import Checkpointer, Executor, connect, executor
 
 T = TypeVar("T")
@@ -97,18 +97,6 @@ CREATE TABLE IF NOT EXISTS claims (
   result TEXT NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (namespace, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS claims_by_age ON claims (created_at);
 """
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
-
-
-def to_us(when: datetime) -> int:
-    return (when - EPOCH) // _US
-
-
-def from_us(value: int) -> datetime:
-    return EPOCH + timedelta(microseconds=value)
 
 
 def _opt_us(when: datetime | None) -> int | None:
@@ -640,6 +628,8 @@ class SqliteLedgerStore:
     @property
     def shard_count(self) -> int:
         return self._shards
+
+    multi_member_units = True
 
     async def write(self, shard: int, work: Callable[[SqliteShardTx], T]) -> T:
         return await self._writers[shard].submit(work)

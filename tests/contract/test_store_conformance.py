@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,9 @@ import pytest
 
 from ledger_svc.domain import ExternalId, Hold, HoldStatus, Lot, Member, MemberStatus, SagaState, TxKind
 from ledger_svc.store.base import AccountRow, DirectoryTx, IdemRecord, LedgerStore, SagaRecord, ShardTx, TxRecord
+from ledger_svc.store.cassandra import ExternalIdTaken, LayoutMismatch
 from ledger_svc.store.sqlite import SqliteLedgerStore
+from tests.conftest import CassandraSession
 
 SHARDS = 4
 T0 = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -47,16 +50,26 @@ def _sqlite_full(data_dir: Path, shards: int) -> LedgerStore:
     return SqliteLedgerStore(data_dir, shards, "FULL")
 
 
-BACKENDS = [
-    Backend("sqlite", _sqlite, (sqlite3.IntegrityError,), (RuntimeError,)),
-    Backend("sqlite-full", _sqlite_full, (sqlite3.IntegrityError,), (RuntimeError,)),
-]
+def _cassandra(request: pytest.FixtureRequest) -> Callable[[Path, int], LedgerStore]:
+    """A real Cassandra node; the directory names the ledger, so a reopen finds its data."""
+    cassandra: CassandraSession = request.getfixturevalue("cassandra_session")
+
+    def open_store(data_dir: Path, shards: int) -> LedgerStore:
+        return cassandra.open_store("t" + hashlib.sha1(str(data_dir).encode()).hexdigest()[:20], shards)
+
+    return open_store
 
 
-@pytest.fixture(params=BACKENDS, ids=lambda b: b.name)
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "sqlite": lambda _: Backend("sqlite", _sqlite, (sqlite3.IntegrityError,), (RuntimeError,)),
+    "sqlite-full": lambda _: Backend("sqlite-full", _sqlite_full, (sqlite3.IntegrityError,), (RuntimeError,)),
+    "cassandra": lambda request: Backend("cassandra", _cassandra(request), (ExternalIdTaken,), (LayoutMismatch,)),
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> Backend:
-    chosen: Backend = request.param
-    return chosen
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture

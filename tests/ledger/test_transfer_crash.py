@@ -8,12 +8,7 @@ of the original request returns the finished transfer without moving anything ag
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +17,7 @@ import pytest
 from ledger_svc.domain import bucket_of
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
-from tests.conftest import REPO, pointmesh_cli, wait_for_port
+from tests.conftest import ledger_process, pointmesh_cli, store_env, wait_for_port
 
 SHARDS = 4
 EARNED = 100
@@ -32,30 +27,6 @@ CALL_TIMEOUT_SECONDS = 10.0
 
 def _key(name: str) -> common_pb2.IdempotencyKey:
     return common_pb2.IdempotencyKey(namespace="crash-test", key=name)
-
-
-@contextlib.contextmanager
-def _ledger_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Runs `pointmesh ledger serve` and makes sure it is gone afterwards, whatever happened."""
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pointmesh.cli", "ledger", "serve"],
-            env={**os.environ, **env},
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def _members_on_two_shards(stub: ledger_pb2_grpc.LedgerServiceStub) -> tuple[str, str]:
@@ -85,12 +56,14 @@ def _entries(stub: ledger_pb2_grpc.LedgerServiceStub, member_id: str) -> list[le
     )
 
 
+@pytest.mark.parametrize("store", ["sqlite", "cassandra"])
 @pytest.mark.parametrize("fault_point", ["transfer_after_hold", "transfer_after_credit"])
 def test_cross_shard_transfer_killed_mid_saga_completes_exactly_once_after_restart(
-    fault_point: str, tmp_path: Path, redis_server: RedisServer
+    fault_point: str, store: str, tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:
     port = free_port()
     env = {
+        **store_env(request, store),
         "POINTMESH_DATA_DIR": str(tmp_path / "data"),
         "POINTMESH_REDIS_URL": redis_server.url,
         "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{port}",
@@ -104,7 +77,7 @@ def test_cross_shard_transfer_killed_mid_saga_completes_exactly_once_after_resta
         idempotency_key=_key("transfer-1"), unit="points", points=MOVED, reason="gift to a friend"
     )
 
-    with _ledger_process({**env, "POINTMESH_FAULT_POINT": fault_point}, log_path) as doomed:
+    with ledger_process({**env, "POINTMESH_FAULT_POINT": fault_point}, log_path) as doomed:
         wait_for_port(port)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ledger_pb2_grpc.LedgerServiceStub(channel)
@@ -124,7 +97,7 @@ def test_cross_shard_transfer_killed_mid_saga_completes_exactly_once_after_resta
     assert "transfer saga left open" in down.stdout
     assert "reconcile: OK" not in down.stdout
 
-    with _ledger_process(env, log_path) as recovered:
+    with ledger_process(env, log_path) as recovered:
         wait_for_port(port)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ledger_pb2_grpc.LedgerServiceStub(channel)

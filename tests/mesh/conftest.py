@@ -12,7 +12,15 @@ import pytest
 
 from pointmesh.clock import ManualClock
 from pointmesh.redis_server import RedisServer, free_port
-from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
+from tests.conftest import (
+    LedgerUnderTest,
+    RulesUnderTest,
+    start_ledger,
+    start_rules,
+    stop_ledger,
+    stop_rules,
+    store_settings,
+)
 
 PROGRAM = Path(__file__).with_name("program.yaml")
 # A Monday in winter: Helsinki is UTC+2, Lisbon UTC+0.
@@ -34,14 +42,15 @@ class Mesh:
         self.rules = await start_rules(self.data_dir / "rules", self.clock, rules_addr=f"127.0.0.1:{self.rules_port}")
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Mesh]:
+@pytest.fixture(params=["sqlite", "cassandra"])
+async def mesh(request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Mesh]:
+    """Purchases, returns and outages are store behaviour too: each test runs on both stores."""
     clock = ManualClock(START)
     port = free_port()
     rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(PROGRAM))
     ledger = await start_ledger(
         tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{port}", program="meshmart",
-        rules_deadline_seconds=2.0,
+        rules_deadline_seconds=2.0, **store_settings(request, request.param),
     )  # fmt: skip
     running = Mesh(rules, ledger, clock, port, tmp_path)
     yield running

@@ -1,0 +1,1040 @@
+"""Cassandra ledger store: the same shard contract as SQLite, on one partition per member.
+
+A unit of work reads the partitions it touches (each read starts with the partition's
+`version`), stages its writes in memory, and commits each partition it wrote with one
+conditional batch `IF version = <read>`. Everything one member's posting writes (balances,
+journal legs, lot, hold, idempotency record, outbox row) lands together or not at all, and a
+unit that raced another on the same member loses the condition and is run again from fresh
+reads, so two redemptions can never both spend the same points. docs/cassandra.md has the
+model, the crash analysis and why funding and system balances are derived, not stored.
+
+The unit functions are the synchronous code the SQLite store runs too, so they run on a
+worker pool here; the event loop only awaits their futures. Within one process, units on
+the same member wait for each other (striped locks) instead of burning conditional writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, TypeVar
+
+from ledger_svc.domain import Entry, ExternalId, Hold, HoldStatus, Lot, Member, MemberStatus, SagaState, TxKind
+from ledger_svc.store.base import AccountRow, IdemRecord, OutboxRow, SagaRecord, TxRecord, from_us, to_us
+from ledger_svc.store.cassandra_schema import LATEST, applied_version, check_keyspace
+from pointmesh.cassandra_client import connect
+from pointmesh.config import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MEMBER_KINDS = ("member", "pending", "debt")
+NO_MEMBER = "~"  # the partition of a shard's rows that belong to no member
+# A pointer in shard_index younger than this is never removed: the unit that wrote it may not
+# have committed yet (writers refresh a pointer older than half of it before committing).
+INDEX_GRACE_US = 300_000_000
+ENTRY_SLOTS = 1 << 16  # journal legs one unit may write into one partition
+SEQ_TAGS = 1024
+MAX_ATTEMPTS = 80
+# Row kinds that put a partition in a shard index: unsent events, and timed or open work.
+INDEXED = {"outbox": {"outbox"}, "due": {"lot", "hold", "wait", "saga"}}
+
+
+class Conflict(Exception):
+    """A partition changed between this unit's read and its commit; the unit runs again."""
+
+
+class UnknownOutcome(Exception):
+    """A conditional write timed out and reading back could not tell whether it applied."""
+
+
+class ExternalIdTaken(Exception):
+    """An external id (card, login) already belongs to another member."""
+
+
+class LayoutMismatch(RuntimeError):
+    """The ledger was written with another shard count; ids carry their routing."""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _opt_us(when: datetime | None) -> int | None:
+    return None if when is None else to_us(when)
+
+
+def _opt_dt(value: int | None) -> datetime | None:
+    return None if value is None else from_us(value)
+
+
+def member_of_account(account: str) -> str | None:
+    """The member whose partition holds an account; None for funding and system accounts."""
+    kind, _, rest = account.partition(":")
+    return rest.rpartition(":")[0] if kind in MEMBER_KINDS else None
+
+
+# Row codecs: compact JSON arrays, times as integer microseconds.
+
+
+def _enc_tx(t: TxRecord) -> str:
+    return _dumps([t.kind.value, t.member_id, t.unit, t.points, to_us(t.recorded_at), to_us(t.business_time),
+                   t.reference, t.funding, t.purchase_minor, t.purchase_currency, t.reversed_points,
+                   t.refunded_minor, t.lot_id, t.pending, t.original_tx, t.balance_after_json])  # fmt: skip
+
+
+def _dec_tx(tx_id: str, body: str) -> TxRecord:
+    r = json.loads(body)
+    return TxRecord(tx_id, TxKind(r[0]), r[1], r[2], r[3], from_us(r[4]), from_us(r[5]), r[6], r[7], r[8], r[9],
+                    r[10], r[11], r[12], bool(r[13]), r[14], r[15])  # fmt: skip
+
+
+def _enc_lot(lot: Lot) -> str:
+    return _dumps([lot.member_id, lot.unit, lot.earn_transaction_id, lot.original_points, lot.remaining_points,
+                   _opt_us(lot.expires_at), to_us(lot.created_at), lot.pending, _opt_us(lot.release_at),
+                   lot.pending_review])  # fmt: skip
+
+
+def _dec_lot(lot_id: str, body: str) -> Lot:
+    r = json.loads(body)
+    return Lot(lot_id, r[0], r[1], r[2], r[3], r[4], _opt_dt(r[5]), from_us(r[6]), bool(r[7]), _opt_dt(r[8]),
+               bool(r[9]))  # fmt: skip
+
+
+def _enc_hold(h: Hold) -> str:
+    return _dumps([h.member_id, h.unit, h.points, h.status.value, h.captured_points, to_us(h.created_at),
+                   to_us(h.expires_at), h.reference, h.saga_id])  # fmt: skip
+
+
+def _dec_hold(hold_id: str, body: str) -> Hold:
+    r = json.loads(body)
+    return Hold(hold_id, r[0], r[1], r[2], HoldStatus(r[3]), r[4], from_us(r[5]), from_us(r[6]), r[7], r[8])
+
+
+def _enc_saga(s: SagaRecord) -> str:
+    return _dumps([s.kind, s.state.value, s.source_member, s.dest_member, s.unit, s.points, s.hold_id,
+                   s.payload_json, to_us(s.created_at), to_us(s.updated_at)])  # fmt: skip
+
+
+def _dec_saga(saga_id: str, body: str) -> SagaRecord:
+    r = json.loads(body)
+    return SagaRecord(saga_id, r[0], SagaState(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], from_us(r[8]),
+                      from_us(r[9]))  # fmt: skip
+
+
+def _earned(tx_id: str) -> str:
+    """Owner key of the lot an earn created (its partition, found without the member)."""
+    return f"lot-of\x1f{tx_id}"
+
+
+def _idem_id(namespace: str, key: str) -> str:
+    return f"{namespace}\x1f{key}"
+
+
+class _Part:
+    """One member partition as this unit of work sees it: read lazily, written in memory."""
+
+    __slots__ = ("_tx", "entries_used", "kinds", "last_seq", "p", "rows", "staged", "version")
+
+    def __init__(self, tx: CassandraShardTx, p: str) -> None:
+        self._tx = tx
+        self.p = p
+        head = tx.store.q("head", (tx.store.ledger, p)).one()
+        self.version: int | None = None if head is None else head.version
+        self.last_seq = 0 if head is None or head.seq is None else head.seq
+        self.kinds: dict[str, dict[str, str]] = {}
+        self.rows: dict[tuple[str, str], str | None] = {}
+        self.staged: dict[tuple[str, str], str | None] = {}
+        self.entries_used = 0
+
+    @property
+    def next_version(self) -> int:
+        return (self.version or 0) + 1
+
+    def get(self, kind: str, id_: str) -> str | None:
+        key = (kind, id_)
+        if key in self.staged:
+            return self.staged[key]
+        loaded = self.kinds.get(kind)
+        if loaded is not None:
+            return loaded.get(id_)
+        if key not in self.rows:
+            row = self._tx.store.q("row", (self._tx.store.ledger, self.p, kind, id_)).one()
+            self.rows[key] = None if row is None else row.body
+        return self.rows[key]
+
+    def all(self, kind: str) -> dict[str, str]:
+        loaded = self.kinds.get(kind)
+        if loaded is None:
+            loaded = {r.id: r.body for r in self._tx.store.q("kind", (self._tx.store.ledger, self.p, kind))}
+            self.kinds[kind] = loaded
+        out = dict(loaded)
+        for (k, id_), body in self.staged.items():
+            if k == kind:
+                if body is None:
+                    out.pop(id_, None)
+                else:
+                    out[id_] = body
+        return out
+
+    def put(self, kind: str, id_: str, body: str) -> None:
+        self.staged[(kind, id_)] = body
+
+    def delete(self, kind: str, id_: str) -> None:
+        self.staged[(kind, id_)] = None
+
+    def next_entry_id(self) -> int:
+        self.entries_used += 1
+        if self.entries_used >= ENTRY_SLOTS:
+            raise ValueError(f"a unit may write at most {ENTRY_SLOTS - 1} journal legs into one member partition")
+        return self.next_version * ENTRY_SLOTS + self.entries_used
+
+    def next_seq(self) -> int:
+        raw = max(self.last_seq + 1, time.time_ns() // 1000)
+        self.last_seq = raw
+        return raw * SEQ_TAGS + zlib.crc32(self.p.encode()) % SEQ_TAGS
+
+
+class CassandraShardTx:
+    """ShardTx over member partitions of one shard (ledger_svc/store/base.py has the contract)."""
+
+    def __init__(self, store: CassandraLedgerStore, shard: int, writing: bool) -> None:
+        self.store = store
+        self.shard = shard
+        self.writing = writing
+        self.parts: dict[str, _Part] = {}
+        self.new_owners: dict[str, str] = {}
+        self.idem: dict[str, IdemRecord] = {}
+        self.derived: dict[str, AccountRow] = {}
+        self.locks: list[threading.RLock] = []
+        self.scanned: list[tuple[str, str, int]] = []  # (index, partition, pointer written at)
+
+    # Partitions and owners ----------------------------------------------------------------
+
+    def pkey(self, member_id: str) -> str:
+        return f"{self.shard}/{member_id or NO_MEMBER}"
+
+    def part(self, p: str, *, lock: bool = True) -> _Part:
+        found = self.parts.get(p)
+        if found is None:
+            if self.writing and lock:
+                stripe = self.store.lock_for(p)
+                if stripe.acquire(timeout=2.0):  # past it, the version check alone keeps units apart
+                    self.locks.append(stripe)
+            found = self.parts[p] = _Part(self, p)
+        return found
+
+    def member(self, member_id: str) -> _Part:
+        return self.part(self.pkey(member_id))
+
+    def owner(self, object_id: str) -> str | None:
+        if object_id in self.new_owners:
+            return self.new_owners[object_id]
+        return self.store.owner(self.shard, object_id)
+
+    def owned(self, object_id: str, kind: str) -> tuple[_Part, str] | None:
+        p = self.owner(object_id)
+        if p is None:
+            return None
+        body = self.part(p).get(kind, object_id)
+        return None if body is None else (self.parts[p], body)
+
+    def put_owned(self, part: _Part, kind: str, object_id: str, body: str) -> None:
+        part.put(kind, object_id, body)
+        self.new_owners[object_id] = part.p
+
+    def scan(self, index: str = "") -> list[_Part]:
+        """The shard's partitions: all of them, or those an index ('outbox', 'due') points at.
+
+        Scanned partitions are not locked: the version check alone keeps a job's writes right.
+        """
+        found = self.store.partitions(self.shard, index)
+        self.scanned += [(index, p, written) for p, written in found if index]
+        return [self.part(p, lock=False) for p, _ in found]
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+        self.locks.clear()
+
+    # Idempotency ---------------------------------------------------------------------------
+
+    def get_idempotency(self, namespace: str, key: str) -> IdemRecord | None:
+        id_ = _idem_id(namespace, key)
+        if id_ in self.idem:
+            return self.idem[id_]
+        found = self.owned(id_, "idem")
+        if found is None:
+            return None
+        r = json.loads(found[1])
+        return IdemRecord(r[0], r[1], r[2], from_us(r[3]))
+
+    def put_idempotency(self, namespace: str, key: str, record: IdemRecord) -> None:
+        # Placed at commit time in the partition the unit wrote, so it commits with the posting.
+        self.idem[_idem_id(namespace, key)] = record
+
+    # Accounts ------------------------------------------------------------------------------
+
+    def get_accounts(self, accounts: Sequence[str]) -> list[AccountRow]:
+        out = []
+        for account in accounts:
+            member = member_of_account(account)
+            if member is None:
+                row = self.derived.get(account)
+                out.append(AccountRow(account) if row is None else AccountRow(*_row_values(row)))
+                continue
+            body = self.member(member).all("acct").get(account)
+            out.append(AccountRow(account) if body is None else AccountRow(account, *json.loads(body)))
+        return out
+
+    def put_account(self, row: AccountRow) -> None:
+        member = member_of_account(row.account)
+        if member is None:
+            # Funding and system balances are the sum of their legs (docs/cassandra.md).
+            self.derived[row.account] = AccountRow(*_row_values(row))
+            return
+        self.member(member).put("acct", row.account, _dumps([row.balance, row.reserved, row.lifetime_earned,
+                                                             row.version]))  # fmt: skip
+
+    def list_accounts(self) -> list[AccountRow]:
+        rows = [AccountRow(a, *json.loads(b)) for part in self.scan() for a, b in part.all("acct").items()]
+        derived = {a: s for a, s in self.sum_entries_by_account().items() if member_of_account(a) is None}
+        rows += [AccountRow(a, s) for a, s in derived.items()]
+        return sorted(rows, key=lambda r: r.account)
+
+    # Journal -------------------------------------------------------------------------------
+
+    def add_transaction(self, tx: TxRecord) -> None:
+        self.put_owned(self.member(tx.member_id), "tx", tx.tx_id, _enc_tx(tx))
+
+    def update_transaction(self, tx: TxRecord) -> None:
+        self.add_transaction(tx)
+
+    def get_transaction(self, tx_id: str) -> TxRecord | None:
+        found = self.owned(tx_id, "tx")
+        return None if found is None else _dec_tx(tx_id, found[1])
+
+    def add_entries(self, tx: TxRecord, legs: Sequence[tuple[str, int]]) -> None:
+        rec, biz = to_us(tx.recorded_at), to_us(tx.business_time)
+        for account, points in legs:
+            part = self.member(member_of_account(account) or tx.member_id)
+            entry_id = part.next_entry_id()
+            part.put("entry", f"{account}|{entry_id:019d}",
+                     _dumps([tx.tx_id, points, tx.kind.value, rec, biz, tx.reference]))  # fmt: skip
+
+    def list_entries(self, account: str, before_entry_id: int, limit: int) -> list[Entry]:
+        member = member_of_account(account)
+        if member is None:
+            return []  # system accounts have no single partition; their legs sit with members
+        low, high = f"{account}|", f"{account}|{min(before_entry_id, 10**19 - 1):019d}"
+        rows = self.store.q("entries", (self.store.ledger, self.pkey(member), low, high, limit))
+        out = []
+        for row in rows:
+            r = json.loads(row.body)
+            out.append(Entry(int(row.id.rpartition("|")[2]), r[0], account, r[1], TxKind(r[2]), from_us(r[3]),
+                             from_us(r[4]), r[5]))  # fmt: skip
+        return out
+
+    def _legs(self) -> Iterable[tuple[str, int, list[Any]]]:
+        for part in self.scan():
+            for id_, body in part.all("entry").items():
+                account, _, entry_id = id_.rpartition("|")
+                yield account, int(entry_id), json.loads(body)
+
+    def sum_entries_by_account(self) -> dict[str, int]:
+        sums: dict[str, int] = defaultdict(int)
+        for account, _, r in self._legs():
+            sums[account] += r[1]
+        return dict(sums)
+
+    def sum_entries_before(self, when: datetime) -> dict[str, int]:
+        sums: dict[str, int] = defaultdict(int)
+        limit = to_us(when)
+        for account, _, r in self._legs():
+            if r[3] < limit:
+                sums[account] += r[1]
+        return dict(sums)
+
+    def movements_between(self, start: datetime, end: datetime) -> list[tuple[str, str, int]]:
+        sums: dict[tuple[str, str], int] = defaultdict(int)
+        lo, hi = to_us(start), to_us(end)
+        for account, _, r in self._legs():
+            if lo <= r[3] < hi:
+                sums[(account, r[2])] += r[1]
+        return [(a, k, s) for (a, k), s in sorted(sums.items())]
+
+    def unbalanced_transactions(self) -> list[tuple[str, int]]:
+        sums: dict[str, int] = defaultdict(int)
+        for _, _, r in self._legs():
+            sums[r[0]] += r[1]
+        return sorted((t, s) for t, s in sums.items() if s != 0)
+
+    # Lots: open ones in 'lot', spent ones in 'lot_closed', so the live set stays small ----
+
+    def add_lot(self, lot: Lot) -> None:
+        part = self.member(lot.member_id)
+        live = lot.remaining_points > 0
+        part.put("lot" if live else "lot_closed", lot.lot_id, _enc_lot(lot))
+        part.delete("lot_closed" if live else "lot", lot.lot_id)
+        if self.owner(_earned(lot.earn_transaction_id)) is None:
+            self.new_owners[_earned(lot.earn_transaction_id)] = part.p
+
+    def update_lot(self, lot: Lot) -> None:
+        self.add_lot(lot)
+
+    def _lots(self, member_id: str) -> list[Lot]:
+        return [_dec_lot(i, b) for i, b in self.member(member_id).all("lot").items()]
+
+    def spendable_lots(self, member_id: str, unit: str) -> list[Lot]:
+        lots = [lot for lot in self._lots(member_id) if lot.unit == unit and not lot.pending]
+        return sorted(lots, key=_spend_order)
+
+    def pending_lots(self, member_id: str, unit: str) -> list[Lot]:
+        lots = [lot for lot in self._lots(member_id) if lot.unit == unit and lot.pending]
+        return sorted(lots, key=lambda lot: (lot.created_at, lot.lot_id))
+
+    def spendable_total(self, member_id: str, unit: str) -> int:
+        return sum(lot.remaining_points for lot in self.spendable_lots(member_id, unit))
+
+    def lot_of_transaction(self, tx_id: str, member_id: str = "") -> Lot | None:
+        p = self.pkey(member_id) if member_id else self.owner(_earned(tx_id))
+        if p is None:
+            return None
+        part = self.part(p)
+        found = [_dec_lot(i, b) for kind in ("lot", "lot_closed") for i, b in part.all(kind).items()]
+        found = [lot for lot in found if lot.earn_transaction_id == tx_id]
+        found.sort(key=lambda lot: (lot.member_id != member_id, lot.remaining_points <= 0))
+        return found[0] if found else None
+
+    def _due_lots(self) -> list[Lot]:
+        return [_dec_lot(i, b) for part in self.scan("due") for i, b in part.all("lot").items()]
+
+    def lots_expired_by(self, when: datetime, limit: int) -> list[Lot]:
+        due = [lot for lot in self._due_lots()
+               if not lot.pending and lot.expires_at is not None and lot.expires_at <= when]  # fmt: skip
+        return sorted(due, key=lambda lot: (lot.expires_at, lot.created_at, lot.lot_id))[:limit]
+
+    def pending_due_by(self, when: datetime, limit: int) -> list[Lot]:
+        due = [lot for lot in self._due_lots() if lot.pending and not lot.pending_review
+               and lot.release_at is not None and lot.release_at <= when]  # fmt: skip
+        return sorted(due, key=lambda lot: (lot.release_at, lot.lot_id))[:limit]
+
+    def lot_totals(self) -> dict[tuple[str, str, bool], int]:
+        totals: dict[tuple[str, str, bool], int] = defaultdict(int)
+        for part in self.scan():
+            for i, b in part.all("lot").items():
+                lot = _dec_lot(i, b)
+                totals[(lot.member_id, lot.unit, lot.pending)] += lot.remaining_points
+        return dict(totals)
+
+    # Holds: placed ones in 'hold', settled ones in 'hold_done' -----------------------------
+
+    def add_hold(self, hold: Hold) -> None:
+        part = self.member(hold.member_id)
+        placed = hold.status == HoldStatus.PLACED
+        self.put_owned(part, "hold" if placed else "hold_done", hold.hold_id, _enc_hold(hold))
+        part.delete("hold_done" if placed else "hold", hold.hold_id)
+
+    def get_hold(self, hold_id: str) -> Hold | None:
+        p = self.owner(hold_id)
+        if p is None:
+            return None
+        part = self.part(p)
+        body = part.get("hold", hold_id) or part.get("hold_done", hold_id)
+        return None if body is None else _dec_hold(hold_id, body)
+
+    def set_hold_status(self, hold_id: str, status: HoldStatus, captured_points: int) -> None:
+        hold = self.get_hold(hold_id)
+        if hold is None:
+            return
+        self.add_hold(replace(hold, status=status, captured_points=captured_points))
+
+    def holds_due_by(self, when: datetime, limit: int) -> list[Hold]:
+        due = [_dec_hold(i, b) for part in self.scan("due") for i, b in part.all("hold").items()]
+        due = [h for h in due if not h.saga_id and h.expires_at <= when]
+        return sorted(due, key=lambda h: (h.expires_at, h.hold_id))[:limit]
+
+    def placed_hold_totals(self) -> dict[str, int]:
+        totals: dict[str, int] = defaultdict(int)
+        for part in self.scan():
+            for i, b in part.all("hold").items():
+                hold = _dec_hold(i, b)
+                totals[f"{hold.member_id}:{hold.unit}"] += hold.points
+        return dict(totals)
+
+    def placed_holds_of(self, member_id: str) -> list[Hold]:
+        return [_dec_hold(i, b) for i, b in self.member(member_id).all("hold").items()]
+
+    # Outbox: unsent rows in 'outbox', sent ones in 'sent' ----------------------------------
+
+    def add_outbox(self, event_id: str, member_id: str, payload_json: str, at: datetime) -> None:
+        part = self.member(member_id)
+        part.put("outbox", f"{part.next_seq():020d}", _dumps([event_id, member_id, payload_json, to_us(at)]))
+
+    def _unsent(self) -> list[tuple[int, _Part, list[Any]]]:
+        rows = [(int(i), part, json.loads(b)) for part in self.scan("outbox") for i, b in part.all("outbox").items()]
+        return sorted(rows, key=lambda r: r[0])
+
+    def unrelayed_outbox(self, limit: int) -> list[OutboxRow]:
+        rows = self._unsent()[:limit]
+        self.store.remember_seqs(self.shard, [(seq, part.p) for seq, part, _ in rows])
+        return [OutboxRow(seq, r[0], r[1], r[2]) for seq, _, r in rows]
+
+    def mark_relayed(self, seqs: Iterable[int], at: datetime) -> None:
+        wanted = set(seqs)
+        homes = {seq: self.store.seq_home(self.shard, seq) for seq in wanted}
+        if any(p is None for p in homes.values()):
+            homes.update({seq: part.p for seq, part, _ in self._unsent() if seq in wanted})
+        for seq, p in homes.items():
+            if p is None:
+                continue
+            part = self.part(p)
+            body = part.get("outbox", f"{seq:020d}")
+            if body is not None:
+                part.delete("outbox", f"{seq:020d}")
+                part.put("sent", f"{seq:020d}", _dumps([*json.loads(body), to_us(at)]))
+
+    def outbox_backlog(self) -> int:
+        return len(self._unsent())
+
+    # Sagas -----------------------------------------------------------------------------------
+
+    def add_saga(self, saga: SagaRecord) -> None:
+        self.put_owned(self.member(saga.source_member), "saga", saga.saga_id, _enc_saga(saga))
+
+    def get_saga(self, saga_id: str) -> SagaRecord | None:
+        found = self.owned(saga_id, "saga")
+        return None if found is None else _dec_saga(saga_id, found[1])
+
+    def set_saga_state(self, saga_id: str, state: SagaState, at: datetime) -> None:
+        found = self.owned(saga_id, "saga")
+        if found is not None:
+            saga = _dec_saga(saga_id, found[1])
+            saga.state, saga.updated_at = state, at
+            found[0].put("saga", saga_id, _enc_saga(saga))
+
+    def open_sagas(self) -> list[SagaRecord]:
+        sagas = [_dec_saga(i, b) for part in self.scan("due") for i, b in part.all("saga").items()]
+        return sorted((s for s in sagas if s.state == SagaState.HELD), key=lambda s: (s.created_at, s.saga_id))
+
+    # Member state, purchases, reviews ---------------------------------------------------------
+
+    def get_member_state(self, member_id: str) -> str | None:
+        return self.member(member_id).get("state", "")
+
+    def put_member_state(self, member_id: str, state_json: str) -> None:
+        self.member(member_id).put("state", "", state_json)
+
+    def put_purchase(
+        self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str
+    ) -> None:
+        part = self.member(member_id)
+        self.put_owned(part, "purchase", purchase_id, _dumps([status, body_json]))
+        # Waiting purchases also get a small marker row: the retry job and the per-member
+        # count read those, not every purchase the member ever made.
+        if status == "PENDING_ACCRUAL":
+            part.put("wait", purchase_id, str(to_us(receipt_time)))
+        else:
+            part.delete("wait", purchase_id)
+
+    def get_purchase(self, purchase_id: str) -> tuple[str, str] | None:
+        found = self.owned(purchase_id, "purchase")
+        if found is None:
+            return None
+        status, body = json.loads(found[1])
+        return str(status), str(body)
+
+    def waiting_purchases(self, limit: int) -> list[tuple[str, str]]:
+        waiting = [(int(b), i, part.p.partition("/")[2]) for part in self.scan("due")
+                   for i, b in part.all("wait").items()]  # fmt: skip
+        return [(pid, member) for _, pid, member in sorted(waiting)[:limit]]
+
+    def member_waiting_purchases(self, member_id: str) -> int:
+        return len(self.member(member_id).all("wait"))
+
+    def put_review(self, review_id: str, member_id: str, status: str, created_at: datetime, body_json: str) -> None:
+        self.put_owned(self.member(member_id), "review", review_id,
+                       _dumps([member_id, status, to_us(created_at), body_json]))  # fmt: skip
+
+    def get_review(self, review_id: str) -> str | None:
+        found = self.owned(review_id, "review")
+        return None if found is None else str(json.loads(found[1])[3])
+
+    def list_reviews(
+        self, status: str, member_id: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[tuple[datetime, str, str]]:
+        parts = [self.member(member_id)] if member_id else self.scan()
+        since = (to_us(after[0]), after[1]) if after else (-1, "")
+        found = []
+        for part in parts:
+            for review_id, body in part.all("review").items():
+                r = json.loads(body)
+                if r[1] == status and (r[2], review_id) > since:
+                    found.append((r[2], review_id, r[3]))
+        found.sort()
+        return [(from_us(at), rid, body) for at, rid, body in found[:limit]]
+
+    def purge_before(self, idempotency_before: datetime, outbox_before: datetime) -> int:
+        idem_cut, sent_cut = to_us(idempotency_before), to_us(outbox_before)
+        purged = 0
+        for part in self.scan():
+            for id_, body in part.all("idem").items():
+                if json.loads(body)[3] < idem_cut:
+                    part.delete("idem", id_)
+                    purged += 1
+            for id_, body in part.all("sent").items():
+                if json.loads(body)[-1] < sent_cut:
+                    part.delete("sent", id_)
+                    purged += 1
+        return purged
+
+    # Commit ------------------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Side tables first (harmless alone), then one conditional batch per partition."""
+        if self.idem:
+            written = sorted(p for p, part in self.parts.items() if part.staged and not p.endswith("/" + NO_MEMBER))
+            home = self.part(written[-1] if written else self.pkey(""))
+            for id_, rec in self.idem.items():
+                # Checked under the version this unit commits against: a concurrent unit with
+                # the same key that committed first makes this one run again (and replay).
+                if home.get("idem", id_) is not None:
+                    raise Conflict(f"idempotency record {id_!r} appeared in {home.p}")
+                self.put_owned(home, "idem", id_, _dumps([rec.operation, rec.fingerprint, rec.result_json,
+                                                          to_us(rec.created_at)]))  # fmt: skip
+        dirty = [part for _, part in sorted(self.parts.items()) if part.staged]
+        if not dirty:
+            return
+        self.store.prepare_side_tables(self.shard, dirty, self.new_owners)
+        # The partition holding the idempotency record goes last: if an earlier one fails
+        # the whole unit is simply run again, and a retry by the caller finds no result yet.
+        home_p = self.new_owners.get(next(iter(self.idem), ""), "")
+        dirty.sort(key=lambda part: part.p == home_p)
+        for part in dirty:
+            self.store.commit_partition(part)
+
+
+def _row_values(row: AccountRow) -> tuple[str, int, int, int, int]:
+    return row.account, row.balance, row.reserved, row.lifetime_earned, row.version
+
+
+def _spend_order(lot: Lot) -> tuple[bool, int, int, str]:
+    return lot.expires_at is None, to_us(lot.expires_at) if lot.expires_at else 0, to_us(lot.created_at), lot.lot_id
+
+
+class CassandraDirectoryTx:
+    """Members, external ids and claims; writes are staged and applied when the unit returns.
+
+    Claims and external ids are lightweight-transaction inserts (`IF NOT EXISTS`): if one
+    loses to a concurrent writer the ones already applied are taken back and the unit runs
+    again (a claim) or fails (an external id that belongs to someone else).
+    """
+
+    def __init__(self, store: CassandraLedgerStore) -> None:
+        self.store = store
+        self.ledger = store.ledger
+        self.claims: dict[tuple[str, str], IdemRecord] = {}
+        self.ext_claims: list[tuple[ExternalId, str, bool]] = []
+        self.writes: list[tuple[str, tuple[Any, ...]]] = []
+
+    def claim(self, namespace: str, key: str, operation: str, fingerprint: str, at: datetime) -> IdemRecord | None:
+        staged = self.claims.get((namespace, key))
+        if staged is not None:
+            return staged
+        row = self.store.q("claim_get", (self.ledger, namespace, key), serial=True).one()
+        if row is not None:
+            return IdemRecord(row.operation, row.fingerprint, row.result or "", from_us(row.created_us))
+        self.claims[(namespace, key)] = IdemRecord(operation, fingerprint, "", at)
+        return None
+
+    def complete_claim(self, namespace: str, key: str, result_json: str) -> None:
+        self.writes.append(("claim_result", (result_json, self.ledger, namespace, key)))
+
+    def merged_members(self) -> list[tuple[str, str]]:
+        return [(r.source, r.target) for r in self.store.q("merges", (self.ledger,))]
+
+    def add_member(self, member: Member) -> None:
+        for ext in member.external_ids:
+            owner = self.external_id_owner(ext)
+            if owner is not None and owner != member.member_id:
+                raise ExternalIdTaken(f"{ext.kind} {ext.value} already belongs to {owner}")
+            self.ext_claims.append((ext, member.member_id, False))
+        self.writes.append(("member_put", (self.ledger, member.member_id, member.status.value,
+                                           json.dumps(member.profile, sort_keys=True), member.merged_into,
+                                           to_us(member.created_at))))  # fmt: skip
+        for ext in member.external_ids:
+            self.writes.append(("ext_member_put", (self.ledger, member.member_id, ext.kind, ext.value, False)))
+
+    def get_member(self, member_id: str) -> Member | None:
+        row = self.store.q("member_get", (self.ledger, member_id)).one()
+        if row is None:
+            return None
+        ids = sorted((r.kind, r.value, r.alias) for r in self.store.q("ext_of_member", (self.ledger, member_id)))
+        return Member(
+            member_id=member_id,
+            status=MemberStatus(row.status),
+            external_ids=tuple(ExternalId(k, v) for k, v, a in ids if not a),
+            aliases=tuple(ExternalId(k, v) for k, v, a in ids if a),
+            profile=json.loads(row.profile),
+            merged_into=row.merged_into,
+            created_at=from_us(row.created_us),
+        )
+
+    def find_member_id(self, ext: ExternalId) -> str | None:
+        return self.external_id_owner(ext)
+
+    def external_id_owner(self, ext: ExternalId) -> str | None:
+        row = self.store.q("ext_get", (self.ledger, ext.kind, ext.value)).one()
+        return None if row is None else str(row.member_id)
+
+    def set_status(self, member_id: str, status: MemberStatus, merged_into: str = "") -> None:
+        self.writes.append(("member_status", (status.value, merged_into, self.ledger, member_id)))
+        if status == MemberStatus.MERGED:
+            self.writes.append(("merge_put", (self.ledger, member_id, merged_into)))
+
+    def move_external_ids_as_aliases(self, source: str, target: str) -> None:
+        for r in self.store.q("ext_of_member", (self.ledger, source)):
+            self.writes.append(("ext_put", (self.ledger, r.kind, r.value, target, True)))
+            self.writes.append(("ext_member_put", (self.ledger, target, r.kind, r.value, True)))
+            self.writes.append(("ext_member_del", (self.ledger, source, r.kind, r.value)))
+
+    def erase(self, member_id: str) -> None:
+        self.writes.append(("member_erase", (MemberStatus.ERASED.value, self.ledger, member_id)))
+        for r in self.store.q("ext_of_member", (self.ledger, member_id)):
+            self.writes.append(("ext_del", (self.ledger, r.kind, r.value)))
+            self.writes.append(("ext_member_del", (self.ledger, member_id, r.kind, r.value)))
+
+    def purge_claims_before(self, when: datetime) -> int:
+        cut = to_us(when)
+        last_day = cut // 86_400_000_000
+        purged = 0
+        for day_row in self.store.q("claim_days_list", (self.ledger,)):
+            if day_row.day > last_day:
+                break
+            for r in self.store.q("claim_day_rows", (self.ledger, day_row.day, cut)):
+                self.writes.append(("claim_del", (self.ledger, r.namespace, r.key)))
+                self.writes.append(("claim_day_del", (self.ledger, day_row.day, r.created_us, r.namespace, r.key)))
+                purged += 1
+            if day_row.day < last_day:
+                self.writes.append(("claim_days_list_del", (self.ledger, day_row.day)))
+        return purged
+
+    def commit(self) -> None:
+        s = self.store
+        claim_keys = list(self.claims)
+        outcomes = s.run_many([("claim_put", (self.ledger, ns, key, rec.operation, rec.fingerprint,
+                                              to_us(rec.created_at))) for (ns, key), rec in self.claims.items()])  # fmt: skip
+        lost = [k for k, row in zip(claim_keys, outcomes, strict=True) if not row.applied]
+        if lost:
+            won = [k for k, row in zip(claim_keys, outcomes, strict=True) if row.applied]
+            s.run_many([("claim_del", (self.ledger, ns, key)) for ns, key in won])
+            raise Conflict(f"idempotency key {lost[0][1]!r} was claimed concurrently")
+        ext_out = s.run_many([("ext_claim", (self.ledger, e.kind, e.value, m, a)) for e, m, a in self.ext_claims])
+        taken = [(e, row) for (e, m, _), row in zip(self.ext_claims, ext_out, strict=True)
+                 if not row.applied and row.member_id != m]  # fmt: skip
+        if taken:
+            mine = [e for (e, _, _), row in zip(self.ext_claims, ext_out, strict=True) if row.applied]
+            s.run_many([("ext_del", (self.ledger, e.kind, e.value)) for e in mine])
+            s.run_many([("claim_del", (self.ledger, ns, key)) for ns, key in claim_keys])
+            ext, row = taken[0]
+            raise ExternalIdTaken(f"{ext.kind} {ext.value} already belongs to {row.member_id}")
+        days = {(rec.created_at, ns, key) for (ns, key), rec in self.claims.items()}
+        writes = list(self.writes)
+        for at, ns, key in days:
+            day = to_us(at) // 86_400_000_000
+            writes.append(("claim_days_list_put", (self.ledger, day)))
+            writes.append(("claim_day_put", (self.ledger, day, to_us(at), ns, key)))
+        s.run_many(writes)
+
+
+class CassandraLedgerStore:
+    """LedgerStore on a Cassandra keyspace migrated by `pointmesh ledger migrate`.
+
+    `ledger` names this ledger's rows inside the keyspace (every partition key starts with
+    it), so one keyspace can hold separate ledgers — a staging copy, a second programme, or
+    one per test.
+    """
+
+    def __init__(self, session: Any, keyspace: str, ledger: str, shards: int, *, workers: int = 32,
+                 owner_cache: int = 200_000, cluster: Any = None) -> None:  # fmt: skip
+        self.session = session
+        self._cluster = cluster  # shut down on close when given
+        self.keyspace = check_keyspace(keyspace)
+        self.ledger = ledger
+        self._shards = shards
+        found = applied_version(session, keyspace)
+        if found < LATEST:
+            raise RuntimeError(
+                f"Cassandra keyspace {keyspace!r} is at schema version {found}, this code needs {LATEST}:"
+                " run `pointmesh ledger migrate`"
+            )
+        self._prepare()
+        self._check_layout()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cassandra-unit")
+        self._locks = [threading.RLock() for _ in range(4096)]
+        self._owners: dict[tuple[int, str], str] = {}
+        self._owner_cache = owner_cache
+        self._seqs: dict[tuple[int, int], str] = {}
+        self._known_members: set[tuple[int, str]] = set()
+        self._indexed: dict[tuple[int, str, str], float] = {}
+        self._closed = False
+
+    # Statements ----------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        from cassandra import ConsistencyLevel
+        from cassandra.query import BatchStatement, BatchType
+
+        ks = self.keyspace
+        cql = {
+            "head": f"SELECT version, seq FROM {ks}.book WHERE ledger=? AND p=? LIMIT 1",
+            "head_serial": f"SELECT version, unit_id FROM {ks}.book WHERE ledger=? AND p=? LIMIT 1",
+            "row": f"SELECT body FROM {ks}.book WHERE ledger=? AND p=? AND kind=? AND id=?",
+            "kind": f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind=?",
+            "entries": f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind='entry' AND id>=? AND id<?"
+                       " ORDER BY kind DESC, id DESC LIMIT ?",
+            "cond": f"UPDATE {ks}.book SET version=?, seq=?, unit_id=? WHERE ledger=? AND p=? IF version=?",
+            "put": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,?,?,?)",
+            "del": f"DELETE FROM {ks}.book WHERE ledger=? AND p=? AND kind=? AND id=?",
+            "owner_get": f"SELECT p FROM {ks}.owners WHERE ledger=? AND shard=? AND id=?",
+            "owner_put": f"INSERT INTO {ks}.owners (ledger, shard, id, p) VALUES (?,?,?,?)",
+            "members_put": f"INSERT INTO {ks}.shard_members (ledger, shard, p) VALUES (?,?,?)",
+            "members": f"SELECT p FROM {ks}.shard_members WHERE ledger=? AND shard=?",
+            "index_put": f"INSERT INTO {ks}.shard_index (ledger, shard, kind, p, at) VALUES (?,?,?,?,?)",
+            "index": f"SELECT p, writetime(at) AS wt FROM {ks}.shard_index WHERE ledger=? AND shard=? AND kind=?",
+            "index_del": f"DELETE FROM {ks}.shard_index USING TIMESTAMP ? WHERE ledger=? AND shard=? AND kind=?"
+                         " AND p=?",
+            "meta_get": f"SELECT v FROM {ks}.meta WHERE ledger=? AND k=?",
+            "meta_claim": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?) IF NOT EXISTS",
+            "claim_get": f"SELECT operation, fingerprint, result, created_us FROM {ks}.claims"
+                         " WHERE ledger=? AND namespace=? AND key=?",
+            "claim_put": f"INSERT INTO {ks}.claims (ledger, namespace, key, operation, fingerprint, result,"
+                         " created_us) VALUES (?,?,?,?,?,'',?) IF NOT EXISTS",
+            "claim_result": f"UPDATE {ks}.claims SET result=? WHERE ledger=? AND namespace=? AND key=?",
+            "claim_del": f"DELETE FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=?",
+            "claim_days_list": f"SELECT day FROM {ks}.claim_day_list WHERE ledger=?",
+            "claim_days_list_put": f"INSERT INTO {ks}.claim_day_list (ledger, day) VALUES (?,?)",
+            "claim_days_list_del": f"DELETE FROM {ks}.claim_day_list WHERE ledger=? AND day=?",
+            "claim_day_rows": f"SELECT created_us, namespace, key FROM {ks}.claim_days WHERE ledger=? AND day=?"
+                              " AND created_us<?",
+            "claim_day_put": f"INSERT INTO {ks}.claim_days (ledger, day, created_us, namespace, key)"
+                             " VALUES (?,?,?,?,?)",
+            "claim_day_del": f"DELETE FROM {ks}.claim_days WHERE ledger=? AND day=? AND created_us=?"
+                             " AND namespace=? AND key=?",
+            "merges": f"SELECT source, target FROM {ks}.merges WHERE ledger=?",
+            "merge_put": f"INSERT INTO {ks}.merges (ledger, source, target) VALUES (?,?,?)",
+            "member_get": f"SELECT status, profile, merged_into, created_us FROM {ks}.members"
+                          " WHERE ledger=? AND member_id=?",
+            "member_put": f"INSERT INTO {ks}.members (ledger, member_id, status, profile, merged_into, created_us)"
+                          " VALUES (?,?,?,?,?,?)",
+            "member_status": f"UPDATE {ks}.members SET status=?, merged_into=? WHERE ledger=? AND member_id=?",
+            "member_erase": f"UPDATE {ks}.members SET profile='{{}}', status=? WHERE ledger=? AND member_id=?",
+            "ext_get": f"SELECT member_id FROM {ks}.external_ids WHERE ledger=? AND kind=? AND value=?",
+            "ext_claim": f"INSERT INTO {ks}.external_ids (ledger, kind, value, member_id, alias) VALUES (?,?,?,?,?)"
+                         " IF NOT EXISTS",
+            "ext_put": f"INSERT INTO {ks}.external_ids (ledger, kind, value, member_id, alias) VALUES (?,?,?,?,?)",
+            "ext_del": f"DELETE FROM {ks}.external_ids WHERE ledger=? AND kind=? AND value=?",
+            "ext_of_member": f"SELECT kind, value, alias FROM {ks}.member_ext WHERE ledger=? AND member_id=?",
+            "ext_member_put": f"INSERT INTO {ks}.member_ext (ledger, member_id, kind, value, alias)"
+                              " VALUES (?,?,?,?,?)",
+            "ext_member_del": f"DELETE FROM {ks}.member_ext WHERE ledger=? AND member_id=? AND kind=? AND value=?",
+        }  # fmt: skip
+        self._stmts = {name: self.session.prepare(text) for name, text in cql.items()}
+        self._serial = ConsistencyLevel.SERIAL
+        self._batch: Callable[[], Any] = lambda: BatchStatement(batch_type=BatchType.UNLOGGED)
+
+    def q(self, name: str, params: tuple[Any, ...], *, serial: bool = False) -> Any:
+        stmt = self._stmts[name]
+        if serial:
+            bound = stmt.bind(params)
+            bound.consistency_level = self._serial
+            return self.session.execute(bound)
+        return self.session.execute(stmt, params)
+
+    def run_many(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Runs independent statements concurrently (the driver's async API); first rows back."""
+        futures = [self.session.execute_async(self._stmts[name], params) for name, params in calls]
+        return [f.result().one() for f in futures]
+
+    # Layout, owners, indexes ---------------------------------------------------------------
+
+    def _check_layout(self) -> None:
+        row = self.q("meta_claim", (self.ledger, "shards", str(self._shards))).one()
+        if not row.applied and int(row.v) != self._shards:
+            raise LayoutMismatch(
+                f"ledger {self.ledger!r} in keyspace {self.keyspace!r} has {row.v} shards;"
+                f" POINTMESH_LEDGER_SHARDS={self._shards}"
+            )
+
+    def lock_for(self, p: str) -> threading.RLock:
+        return self._locks[zlib.crc32(p.encode()) % len(self._locks)]
+
+    def owner(self, shard: int, object_id: str) -> str | None:
+        key = (shard, object_id)
+        found = self._owners.get(key)
+        if found is None:
+            row = self.q("owner_get", (self.ledger, shard, object_id)).one()
+            if row is None:
+                return None
+            found = row.p
+            self._cache_owner(key, found)
+        return found
+
+    def _cache_owner(self, key: tuple[int, str], p: str) -> None:
+        if len(self._owners) >= self._owner_cache:
+            self._owners.clear()
+        self._owners[key] = p
+
+    def partitions(self, shard: int, index: str) -> list[tuple[str, int]]:
+        if not index:
+            return sorted((r.p, 0) for r in self.q("members", (self.ledger, shard)))
+        return sorted((r.p, r.wt) for r in self.q("index", (self.ledger, shard, index)))
+
+    def remember_seqs(self, shard: int, rows: Sequence[tuple[int, str]]) -> None:
+        if len(self._seqs) > 100_000:
+            self._seqs.clear()
+        for seq, p in rows:
+            self._seqs[(shard, seq)] = p
+
+    def seq_home(self, shard: int, seq: int) -> str | None:
+        return self._seqs.get((shard, seq))
+
+    def prepare_side_tables(self, shard: int, dirty: Sequence[_Part], new_owners: dict[str, str]) -> None:
+        calls: list[tuple[str, tuple[Any, ...]]] = []
+        for object_id, p in new_owners.items():
+            if self._owners.get((shard, object_id)) != p:
+                calls.append(("owner_put", (self.ledger, shard, object_id, p)))
+        now = time.time()
+        for part in dirty:
+            if (shard, part.p) not in self._known_members:
+                calls.append(("members_put", (self.ledger, shard, part.p)))
+            kinds = {kind for kind, _ in part.staged}
+            for index, wanted in INDEXED.items():
+                last = self._indexed.get((shard, index, part.p), 0.0)
+                if kinds & wanted and now - last > INDEX_GRACE_US / 2e6:
+                    calls.append(("index_put", (self.ledger, shard, index, part.p, int(now * 1e6))))
+        self.run_many(calls)
+        for object_id, p in new_owners.items():
+            self._cache_owner((shard, object_id), p)
+        for part in dirty:
+            self._known_members.add((shard, part.p))
+            kinds = {kind for kind, _ in part.staged}
+            for index, wanted in INDEXED.items():
+                if kinds & wanted and now - self._indexed.get((shard, index, part.p), 0.0) > INDEX_GRACE_US / 2e6:
+                    self._indexed[(shard, index, part.p)] = now
+
+    def commit_partition(self, part: _Part) -> None:
+        from cassandra import OperationTimedOut, WriteTimeout
+
+        unit_id = uuid.uuid4().hex
+        batch = self._batch()
+        batch.add(self._stmts["cond"], (part.next_version, part.last_seq, unit_id, self.ledger, part.p, part.version))
+        for (kind, id_), body in part.staged.items():
+            if body is None:
+                batch.add(self._stmts["del"], (self.ledger, part.p, kind, id_))
+            else:
+                batch.add(self._stmts["put"], (self.ledger, part.p, kind, id_, body))
+        try:
+            applied = self.session.execute(batch).one().applied
+        except (WriteTimeout, OperationTimedOut) as exc:
+            # Unknown outcome: never resend blindly. A SERIAL read finishes any in-flight Paxos
+            # round, so what it shows is final.
+            head = self.q("head_serial", (self.ledger, part.p), serial=True).one()
+            if head is not None and head.unit_id == unit_id:
+                return
+            if (None if head is None else head.version) == part.version:
+                raise Conflict(f"{part.p}: write timed out and did not apply") from exc
+            raise UnknownOutcome(f"{part.p}: write timed out; a later write hides whether it applied") from exc
+        if not applied:
+            raise Conflict(f"{part.p} changed since it was read")
+
+    # LedgerStore -------------------------------------------------------------------------------
+
+    @property
+    def shard_count(self) -> int:
+        return self._shards
+
+    multi_member_units = False
+
+    def _run_write(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
+        for attempt in range(MAX_ATTEMPTS):
+            tx = CassandraShardTx(self, shard, writing=True)
+            try:
+                result = work(tx)
+                tx.commit()
+                return result
+            except Conflict:
+                time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
+            finally:
+                tx.release()
+        raise Conflict(f"shard {shard}: gave up after {MAX_ATTEMPTS} conflicting attempts")
+
+    def _run_read(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
+        tx = CassandraShardTx(self, shard, writing=False)
+        result = work(tx)
+        self._prune(tx)
+        return result
+
+    def _prune(self, tx: CassandraShardTx) -> None:
+        """Index pointers a read followed to a partition with nothing left for them go away."""
+        now = time.time_ns() // 1000
+        for index, p, written in tx.scanned:
+            if now - written > INDEX_GRACE_US and not any(tx.parts[p].all(k) for k in INDEXED[index]):
+                self.q("index_del", (written, self.ledger, tx.shard, index, p))
+
+    def _run_directory(self, work: Callable[[CassandraDirectoryTx], T], commit: bool) -> T:
+        for attempt in range(MAX_ATTEMPTS):
+            tx = CassandraDirectoryTx(self)
+            try:
+                result = work(tx)
+                if commit:
+                    tx.commit()
+                return result
+            except Conflict:
+                time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
+        raise Conflict(f"directory: gave up after {MAX_ATTEMPTS} conflicting attempts")
+
+    async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise RuntimeError("the Cassandra ledger store is closed")
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+
+    async def write(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
+        return await self._submit(self._run_write, shard, work)
+
+    async def read(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
+        return await self._submit(self._run_read, shard, work)
+
+    async def write_directory(self, work: Callable[[CassandraDirectoryTx], T]) -> T:
+        return await self._submit(self._run_directory, work, True)
+
+    async def read_directory(self, work: Callable[[CassandraDirectoryTx], T]) -> T:
+        return await self._submit(self._run_directory, work, False)
+
+    async def close(self) -> None:
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._pool.shutdown)
+        if self._cluster is not None:
+            await loop.run_in_executor(None, self._cluster.shutdown)
+
+
+def open_cassandra_store(settings: Settings) -> CassandraLedgerStore:
+    cluster, session = connect(settings)
+    try:
+        return CassandraLedgerStore(session, settings.cassandra_keyspace, settings.cassandra_ledger,
+                                    settings.ledger_shards, cluster=cluster)  # fmt: skip
+    except BaseException:
+        cluster.shutdown()
+        raise

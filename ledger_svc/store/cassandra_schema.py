@@ -1,0 +1,138 @@
+"""The Cassandra ledger's versioned CQL schema and `pointmesh ledger migrate`.
+
+Migrations only ever add (tables, columns); each is recorded in `schema_migrations` once it
+has run, so running migrate again is a no-op and a store refuses to open on a keyspace that is
+behind the code (docs/cassandra.md has the data model and why each key is what it is).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# (version, description, statements); `{ks}` is the keyspace.
+MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
+    (
+        1,
+        "member books, owners, shard indexes, directory",
+        (
+            # One partition per member of a shard: statics guard the unit of work, rows hold
+            # accounts, journal, lots, holds, idempotency records, outbox and the rest.
+            """CREATE TABLE IF NOT EXISTS {ks}.book (
+                 ledger text, p text, kind text, id text,
+                 version bigint static, seq bigint static, unit_id text static,
+                 body text,
+                 PRIMARY KEY ((ledger, p), kind, id))""",
+            # Which member partition holds an object addressed by id (transaction, hold, ...).
+            """CREATE TABLE IF NOT EXISTS {ks}.owners (
+                 ledger text, shard int, id text, p text,
+                 PRIMARY KEY ((ledger, shard, id)))""",
+            # Every partition of a shard (reconciliation, exports: full scans).
+            """CREATE TABLE IF NOT EXISTS {ks}.shard_members (
+                 ledger text, shard int, p text,
+                 PRIMARY KEY ((ledger, shard), p))""",
+            # Partitions that may hold unsent events ('outbox') or timed work ('due').
+            """CREATE TABLE IF NOT EXISTS {ks}.shard_index (
+                 ledger text, shard int, kind text, p text, at bigint,
+                 PRIMARY KEY ((ledger, shard, kind), p))""",
+            """CREATE TABLE IF NOT EXISTS {ks}.meta (
+                 ledger text, k text, v text,
+                 PRIMARY KEY ((ledger), k))""",
+            """CREATE TABLE IF NOT EXISTS {ks}.members (
+                 ledger text, member_id text, status text, profile text, merged_into text, created_us bigint,
+                 PRIMARY KEY ((ledger, member_id)))""",
+            """CREATE TABLE IF NOT EXISTS {ks}.member_ext (
+                 ledger text, member_id text, kind text, value text, alias boolean,
+                 PRIMARY KEY ((ledger, member_id), kind, value))""",
+            """CREATE TABLE IF NOT EXISTS {ks}.external_ids (
+                 ledger text, kind text, value text, member_id text, alias boolean,
+                 PRIMARY KEY ((ledger, kind, value)))""",
+            """CREATE TABLE IF NOT EXISTS {ks}.merges (
+                 ledger text, source text, target text,
+                 PRIMARY KEY ((ledger), source))""",
+            """CREATE TABLE IF NOT EXISTS {ks}.claims (
+                 ledger text, namespace text, key text, operation text, fingerprint text, result text,
+                 created_us bigint,
+                 PRIMARY KEY ((ledger, namespace, key)))""",
+            # Claims by day, so retention deletes them without a scan; the days themselves in one
+            # small partition per ledger.
+            """CREATE TABLE IF NOT EXISTS {ks}.claim_days (
+                 ledger text, day int, created_us bigint, namespace text, key text,
+                 PRIMARY KEY ((ledger, day), created_us, namespace, key))""",
+            """CREATE TABLE IF NOT EXISTS {ks}.claim_day_list (
+                 ledger text, day int,
+                 PRIMARY KEY ((ledger), day))""",
+        ),
+    ),
+)
+
+LATEST = MIGRATIONS[-1][0]
+_KEYSPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+
+def check_keyspace(name: str) -> str:
+    if not _KEYSPACE_RE.match(name):
+        raise ValueError(
+            f"keyspace {name!r} must be lowercase letters, digits and _ (at most 48), starting with a letter"
+        )
+    return name
+
+
+def replication_map(spec: str) -> dict[str, Any]:
+    """`simple:3` or `dc1:3,dc2:3` (NetworkTopologyStrategy, the production choice)."""
+    spec = spec.strip()
+    if spec.startswith("simple:"):
+        return {"class": "SimpleStrategy", "replication_factor": int(spec.split(":", 1)[1])}
+    out: dict[str, Any] = {"class": "NetworkTopologyStrategy"}
+    for part in spec.split(","):
+        dc, _, factor = part.partition(":")
+        if not dc or not factor.isdigit():
+            raise ValueError(f"replication {spec!r}: expected simple:N or dc:N[,dc:N...]")
+        out[dc.strip()] = int(factor)
+    return out
+
+
+def _cql_map(values: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"'{k}': " + (str(v) if isinstance(v, int) else f"'{v}'") for k, v in values.items()) + "}"
+
+
+def applied_version(session: Any, keyspace: str) -> int:
+    """The highest migration applied to `keyspace`, 0 when none (or no keyspace)."""
+    ks = check_keyspace(keyspace)
+    found = session.execute(
+        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s AND table_name = 'schema_migrations'",
+        (ks,),
+    ).one()
+    if found is None:
+        return 0
+    rows = session.execute(f"SELECT version FROM {ks}.schema_migrations")
+    return max((row.version for row in rows), default=0)
+
+
+def migrate(session: Any, keyspace: str, replication: str) -> list[int]:
+    """Creates the keyspace if missing and applies the migrations it lacks; returns them."""
+    ks = check_keyspace(keyspace)
+    session.execute(f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {_cql_map(replication_map(replication))}")
+    session.execute(
+        f"CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (version int PRIMARY KEY, description text,"
+        " applied_at timestamp)"
+    )
+    done = applied_version(session, ks)
+    applied: list[int] = []
+    for version, description, statements in MIGRATIONS:
+        if version <= done:
+            continue
+        for statement in statements:
+            session.execute(statement.format(ks=ks))
+        session.execute(
+            f"INSERT INTO {ks}.schema_migrations (version, description, applied_at) VALUES (%s, %s, %s)",
+            (version, description, datetime.now(UTC)),
+        )
+        log.info("cassandra schema: applied migration %d (%s) to %s", version, description, ks)
+        applied.append(version)
+    return applied
