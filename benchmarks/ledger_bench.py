@@ -202,6 +202,7 @@ def run_ledger(store_env: dict[str, str], shards: int, calls: int, ingest: int) 
             "POINTMESH_LEDGER_SHARDS": str(shards),
             "POINTMESH_LOG_LEVEL": "WARNING",
             "POINTMESH_INGEST_CONSUMER": "false",
+            "POINTMESH_FRAUD_SCREENING": "false",
             **store_env,
         }
         ledger = subprocess.Popen([sys.executable, "-m", "pointmesh.cli", "ledger", "serve"], env=env, cwd=REPO)

@@ -26,7 +26,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -47,8 +47,16 @@ INDEX_GRACE_US = 300_000_000
 ENTRY_SLOTS = 1 << 16  # journal legs one unit may write into one partition
 SEQ_TAGS = 1024
 MAX_ATTEMPTS = 80
-# Row kinds that put a partition in a shard index: unsent events, and timed or open work.
-INDEXED = {"outbox": {"outbox"}, "due": {"lot", "hold", "wait", "saga"}}
+# Small, bounded row kinds read with the partition's statics on first touch.
+LIVE_KINDS = ("acct", "hold", "lot", "state", "wait")
+# Row kinds that put a partition in the shard's 'due' index: rare open work.
+INDEXED = {"due": {"wait", "saga"}}
+# Queues of pointers (docs/cassandra.md), bucketed by time: bucket width in microseconds.
+QUEUE_BUCKET_US = {"outbox": 60_000_000, "hold": 3_600_000_000, "lot": 86_400_000_000, "release": 86_400_000_000}
+# A pointer or bucket entry younger than this is never removed (its unit may still commit);
+# writers re-announce a bucket at most every BUCKET_ANNOUNCE_S.
+QUEUE_GRACE_US = 60_000_000
+BUCKET_ANNOUNCE_S = 10.0
 
 
 class Conflict(Exception):
@@ -142,6 +150,17 @@ def _idem_id(namespace: str, key: str) -> str:
     return f"{namespace}\x1f{key}"
 
 
+@dataclass(frozen=True, slots=True)
+class Pointer:
+    """A queue row: `at` (due time, or an event's sequence) in `bucket`, pointing at row `id` of `p`."""
+
+    at: int
+    p: str
+    id: str
+    bucket: int
+    written: int
+
+
 class _Part:
     """One member partition as this unit of work sees it: read lazily, written in memory."""
 
@@ -150,10 +169,14 @@ class _Part:
     def __init__(self, tx: CassandraShardTx, p: str) -> None:
         self._tx = tx
         self.p = p
-        head = tx.store.q("head", (tx.store.ledger, p)).one()
+        # One read brings the statics and the live rows every posting needs.
+        rows = list(tx.store.q("live", (tx.store.ledger, p)))
+        self.kinds: dict[str, dict[str, str]] = {kind: {} for kind in LIVE_KINDS}
+        for row in rows:
+            self.kinds[row.kind][row.id] = row.body
+        head = rows[0] if rows else tx.store.q("head", (tx.store.ledger, p)).one()
         self.version: int | None = None if head is None else head.version
         self.last_seq = 0 if head is None or head.seq is None else head.seq
-        self.kinds: dict[str, dict[str, str]] = {}
         self.rows: dict[tuple[str, str], str | None] = {}
         self.staged: dict[tuple[str, str], str | None] = {}
         self.entries_used = 0
@@ -219,6 +242,8 @@ class CassandraShardTx:
         self.derived: dict[str, AccountRow] = {}
         self.locks: list[threading.RLock] = []
         self.scanned: list[tuple[str, str, int]] = []  # (index, partition, pointer written at)
+        self.relayed: list[tuple[Pointer, int]] = []  # events marked sent, and when
+        self.stale: list[tuple[str, Pointer]] = []  # queue pointers a read found pointing at nothing due
 
     # Partitions and owners ----------------------------------------------------------------
 
@@ -417,18 +442,33 @@ class CassandraShardTx:
         found.sort(key=lambda lot: (lot.member_id != member_id, lot.remaining_points <= 0))
         return found[0] if found else None
 
-    def _due_lots(self) -> list[Lot]:
-        return [_dec_lot(i, b) for part in self.scan("due") for i, b in part.all("lot").items()]
+    def _due_ids(self, queue: str, kind: str, when: datetime, limit: int,
+                 still_due: Callable[[str], bool]) -> list[tuple[str, str]]:  # fmt: skip
+        """(id, body) of `kind` rows the queue says are due by `when` and that still are."""
+        found: dict[str, str] = {}
+        for pointer in self.store.queue_due(self.shard, queue, to_us(when), limit * 2 + 10):
+            body = self.part(pointer.p, lock=False).all(kind).get(pointer.id)
+            if body is not None and still_due(body):
+                found[pointer.id] = body
+            else:
+                self.stale.append((queue, pointer))
+        return list(found.items())
 
     def lots_expired_by(self, when: datetime, limit: int) -> list[Lot]:
-        due = [lot for lot in self._due_lots()
-               if not lot.pending and lot.expires_at is not None and lot.expires_at <= when]  # fmt: skip
-        return sorted(due, key=lambda lot: (lot.expires_at, lot.created_at, lot.lot_id))[:limit]
+        def due(body: str) -> bool:
+            lot = _dec_lot("", body)
+            return not lot.pending and lot.expires_at is not None and lot.expires_at <= when
+
+        lots = [_dec_lot(i, b) for i, b in self._due_ids("lot", "lot", when, limit, due)]
+        return sorted(lots, key=lambda lot: (lot.expires_at, lot.created_at, lot.lot_id))[:limit]
 
     def pending_due_by(self, when: datetime, limit: int) -> list[Lot]:
-        due = [lot for lot in self._due_lots() if lot.pending and not lot.pending_review
-               and lot.release_at is not None and lot.release_at <= when]  # fmt: skip
-        return sorted(due, key=lambda lot: (lot.release_at, lot.lot_id))[:limit]
+        def due(body: str) -> bool:
+            lot = _dec_lot("", body)
+            return lot.pending and not lot.pending_review and lot.release_at is not None and lot.release_at <= when
+
+        lots = [_dec_lot(i, b) for i, b in self._due_ids("release", "lot", when, limit, due)]
+        return sorted(lots, key=lambda lot: (lot.release_at, lot.lot_id))[:limit]
 
     def lot_totals(self) -> dict[tuple[str, str, bool], int]:
         totals: dict[tuple[str, str, bool], int] = defaultdict(int)
@@ -461,9 +501,12 @@ class CassandraShardTx:
         self.add_hold(replace(hold, status=status, captured_points=captured_points))
 
     def holds_due_by(self, when: datetime, limit: int) -> list[Hold]:
-        due = [_dec_hold(i, b) for part in self.scan("due") for i, b in part.all("hold").items()]
-        due = [h for h in due if not h.saga_id and h.expires_at <= when]
-        return sorted(due, key=lambda h: (h.expires_at, h.hold_id))[:limit]
+        def due(body: str) -> bool:
+            hold = _dec_hold("", body)
+            return not hold.saga_id and hold.expires_at <= when
+
+        holds = [_dec_hold(i, b) for i, b in self._due_ids("hold", "hold", when, limit, due)]
+        return sorted(holds, key=lambda h: (h.expires_at, h.hold_id))[:limit]
 
     def placed_hold_totals(self) -> dict[str, int]:
         totals: dict[str, int] = defaultdict(int)
@@ -482,31 +525,36 @@ class CassandraShardTx:
         part = self.member(member_id)
         part.put("outbox", f"{part.next_seq():020d}", _dumps([event_id, member_id, payload_json, to_us(at)]))
 
-    def _unsent(self) -> list[tuple[int, _Part, list[Any]]]:
-        rows = [(int(i), part, json.loads(b)) for part in self.scan("outbox") for i, b in part.all("outbox").items()]
-        return sorted(rows, key=lambda r: r[0])
+    def _unsent(self, limit: int) -> list[tuple[Pointer, list[Any]]]:
+        """Unsent events in sequence order. A pointer whose event is not there (its unit has
+        not committed yet, or never will) holds back that member's later events only."""
+        rows, blocked = [], set()
+        for pointer in self.store.queue_due(self.shard, "outbox", 2**62, limit):
+            if pointer.p in blocked:
+                continue
+            found = self.store.q("row", (self.store.ledger, pointer.p, "outbox", pointer.id)).one()
+            if found is None:
+                blocked.add(pointer.p)
+                self.stale.append(("outbox", pointer))
+            else:
+                rows.append((pointer, json.loads(found.body)))
+        return rows
 
     def unrelayed_outbox(self, limit: int) -> list[OutboxRow]:
-        rows = self._unsent()[:limit]
-        self.store.remember_seqs(self.shard, [(seq, part.p) for seq, part, _ in rows])
-        return [OutboxRow(seq, r[0], r[1], r[2]) for seq, _, r in rows]
+        rows = self._unsent(limit)
+        self.store.remember_pointers(self.shard, [pointer for pointer, _ in rows])
+        return [OutboxRow(pointer.at, r[0], r[1], r[2]) for pointer, r in rows]
 
     def mark_relayed(self, seqs: Iterable[int], at: datetime) -> None:
-        wanted = set(seqs)
-        homes = {seq: self.store.seq_home(self.shard, seq) for seq in wanted}
-        if any(p is None for p in homes.values()):
-            homes.update({seq: part.p for seq, part, _ in self._unsent() if seq in wanted})
-        for seq, p in homes.items():
-            if p is None:
-                continue
-            part = self.part(p)
-            body = part.get("outbox", f"{seq:020d}")
-            if body is not None:
-                part.delete("outbox", f"{seq:020d}")
-                part.put("sent", f"{seq:020d}", _dumps([*json.loads(body), to_us(at)]))
+        """Sent events move to 'sent' with plain writes at commit: no posting reads them, so
+        marking them neither bumps the member's version nor contends with postings."""
+        for seq in seqs:
+            pointer = self.store.pointer_of(self.shard, seq)
+            if pointer is not None:
+                self.relayed.append((pointer, to_us(at)))
 
     def outbox_backlog(self) -> int:
-        return len(self._unsent())
+        return len(self._unsent(100_000))
 
     # Sagas -----------------------------------------------------------------------------------
 
@@ -586,18 +634,16 @@ class CassandraShardTx:
         return [(from_us(at), rid, body) for at, rid, body in found[:limit]]
 
     def purge_before(self, idempotency_before: datetime, outbox_before: datetime) -> int:
+        """Plain deletes, no version bump: nothing reads a record this old to decide anything."""
         idem_cut, sent_cut = to_us(idempotency_before), to_us(outbox_before)
-        purged = 0
+        doomed: list[tuple[str, tuple[Any, ...]]] = []
         for part in self.scan():
-            for id_, body in part.all("idem").items():
-                if json.loads(body)[3] < idem_cut:
-                    part.delete("idem", id_)
-                    purged += 1
-            for id_, body in part.all("sent").items():
-                if json.loads(body)[-1] < sent_cut:
-                    part.delete("sent", id_)
-                    purged += 1
-        return purged
+            for kind, cut, at in (("idem", idem_cut, 3), ("sent", sent_cut, -1)):
+                for id_, body in part.all(kind).items():
+                    if json.loads(body)[at] < cut:
+                        doomed.append(("del", (self.store.ledger, part.p, kind, id_)))
+        self.store.run_many(doomed)
+        return len(doomed)
 
     # Commit ------------------------------------------------------------------------------------
 
@@ -613,6 +659,8 @@ class CassandraShardTx:
                     raise Conflict(f"idempotency record {id_!r} appeared in {home.p}")
                 self.put_owned(home, "idem", id_, _dumps([rec.operation, rec.fingerprint, rec.result_json,
                                                           to_us(rec.created_at)]))  # fmt: skip
+        self.store.settle_relayed(self.shard, self.relayed)
+        self.store.prune_queue(self.shard, self.stale)
         dirty = [part for _, part in sorted(self.parts.items()) if part.staged]
         if not dirty:
             return
@@ -623,6 +671,32 @@ class CassandraShardTx:
         dirty.sort(key=lambda part: part.p == home_p)
         for part in dirty:
             self.store.commit_partition(part)
+
+
+def _pointers(part: _Part) -> list[tuple[str, int, str]]:
+    """(queue, at, id) for staged rows that someone must act on at a time."""
+    out = []
+    for (kind, id_), body in part.staged.items():
+        if body is None:
+            continue
+        if kind == "outbox":
+            out.append(("outbox", int(id_), id_))
+        elif kind == "lot":
+            lot = _dec_lot(id_, body)
+            if lot.pending and lot.release_at is not None and not lot.pending_review:
+                out.append(("release", to_us(lot.release_at), id_))
+            elif not lot.pending and lot.expires_at is not None:
+                out.append(("lot", to_us(lot.expires_at), id_))
+        elif kind == "hold":
+            hold = _dec_hold(id_, body)
+            if not hold.saga_id:
+                out.append(("hold", to_us(hold.expires_at), id_))
+    return out
+
+
+def _bucket(kind: str, at: int) -> int:
+    """Events are queued by sequence (microseconds x SEQ_TAGS), timers by due time."""
+    return (at // SEQ_TAGS if kind == "outbox" else at) // QUEUE_BUCKET_US[kind]
 
 
 def _row_values(row: AccountRow) -> tuple[str, int, int, int, int]:
@@ -641,20 +715,21 @@ class CassandraDirectoryTx:
     again (a claim) or fails (an external id that belongs to someone else).
     """
 
-    def __init__(self, store: CassandraLedgerStore) -> None:
+    def __init__(self, store: CassandraLedgerStore, known: dict[tuple[str, str], IdemRecord]) -> None:
         self.store = store
         self.ledger = store.ledger
+        # Claims an earlier attempt of this unit found taken (their conditional insert said so).
+        self.known = known
         self.claims: dict[tuple[str, str], IdemRecord] = {}
         self.ext_claims: list[tuple[ExternalId, str, bool]] = []
         self.writes: list[tuple[str, tuple[Any, ...]]] = []
 
     def claim(self, namespace: str, key: str, operation: str, fingerprint: str, at: datetime) -> IdemRecord | None:
-        staged = self.claims.get((namespace, key))
-        if staged is not None:
-            return staged
-        row = self.store.q("claim_get", (self.ledger, namespace, key), serial=True).one()
-        if row is not None:
-            return IdemRecord(row.operation, row.fingerprint, row.result or "", from_us(row.created_us))
+        """Optimistic: assumes the key is free; the conditional insert at commit decides, and a
+        key found taken makes the unit run again, this time answering with the existing claim."""
+        found = self.known.get((namespace, key)) or self.claims.get((namespace, key))
+        if found is not None:
+            return found
         self.claims[(namespace, key)] = IdemRecord(operation, fingerprint, "", at)
         return None
 
@@ -735,11 +810,13 @@ class CassandraDirectoryTx:
         claim_keys = list(self.claims)
         outcomes = s.run_many([("claim_put", (self.ledger, ns, key, rec.operation, rec.fingerprint,
                                               to_us(rec.created_at))) for (ns, key), rec in self.claims.items()])  # fmt: skip
-        lost = [k for k, row in zip(claim_keys, outcomes, strict=True) if not row.applied]
+        lost = [(k, row) for k, row in zip(claim_keys, outcomes, strict=True) if not row.applied]
         if lost:
             won = [k for k, row in zip(claim_keys, outcomes, strict=True) if row.applied]
             s.run_many([("claim_del", (self.ledger, ns, key)) for ns, key in won])
-            raise Conflict(f"idempotency key {lost[0][1]!r} was claimed concurrently")
+            for k, row in lost:
+                self.known[k] = IdemRecord(row.operation, row.fingerprint, row.result or "", from_us(row.created_us))
+            raise Conflict(f"idempotency key {lost[0][0][1]!r} was claimed before")
         ext_out = s.run_many([("ext_claim", (self.ledger, e.kind, e.value, m, a)) for e, m, a in self.ext_claims])
         taken = [(e, row) for (e, m, _), row in zip(self.ext_claims, ext_out, strict=True)
                  if not row.applied and row.member_id != m]  # fmt: skip
@@ -785,7 +862,8 @@ class CassandraLedgerStore:
         self._locks = [threading.RLock() for _ in range(4096)]
         self._owners: dict[tuple[int, str], str] = {}
         self._owner_cache = owner_cache
-        self._seqs: dict[tuple[int, int], str] = {}
+        self._pointers: dict[tuple[int, int], Pointer] = {}
+        self._announced: dict[tuple[int, str, int], float] = {}
         self._known_members: set[tuple[int, str]] = set()
         self._indexed: dict[tuple[int, str, str], float] = {}
         self._closed = False
@@ -799,6 +877,8 @@ class CassandraLedgerStore:
         ks = self.keyspace
         cql = {
             "head": f"SELECT version, seq FROM {ks}.book WHERE ledger=? AND p=? LIMIT 1",
+            "live": f"SELECT kind, id, body, version, seq FROM {ks}.book WHERE ledger=? AND p=?"
+                    f" AND kind IN ({', '.join(repr(k) for k in LIVE_KINDS)})",
             "head_serial": f"SELECT version, unit_id FROM {ks}.book WHERE ledger=? AND p=? LIMIT 1",
             "row": f"SELECT body FROM {ks}.book WHERE ledger=? AND p=? AND kind=? AND id=?",
             "kind": f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind=?",
@@ -811,14 +891,23 @@ class CassandraLedgerStore:
             "owner_put": f"INSERT INTO {ks}.owners (ledger, shard, id, p) VALUES (?,?,?,?)",
             "members_put": f"INSERT INTO {ks}.shard_members (ledger, shard, p) VALUES (?,?,?)",
             "members": f"SELECT p FROM {ks}.shard_members WHERE ledger=? AND shard=?",
+            "queue_put": f"INSERT INTO {ks}.queue (ledger, shard, kind, bucket, at, p, id, w) VALUES (?,?,?,?,?,?,?,?)",
+            "queue_read": f"SELECT at, p, id, writetime(w) AS wt FROM {ks}.queue WHERE ledger=? AND shard=? AND kind=?"
+                          " AND bucket=? AND at<=? LIMIT ?",
+            "queue_del": f"DELETE FROM {ks}.queue USING TIMESTAMP ? WHERE ledger=? AND shard=? AND kind=?"
+                         " AND bucket=? AND at=? AND p=? AND id=?",
+            "buckets_put": f"INSERT INTO {ks}.queue_buckets (ledger, shard, kind, bucket, w) VALUES (?,?,?,?,?)",
+            "buckets": f"SELECT bucket, writetime(w) AS wt FROM {ks}.queue_buckets WHERE ledger=? AND shard=?"
+                       " AND kind=? AND bucket<=?",
+            "buckets_del": f"DELETE FROM {ks}.queue_buckets USING TIMESTAMP ? WHERE ledger=? AND shard=? AND kind=?"
+                           " AND bucket=?",
+            "sent_put": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,'sent',?,?)",
             "index_put": f"INSERT INTO {ks}.shard_index (ledger, shard, kind, p, at) VALUES (?,?,?,?,?)",
             "index": f"SELECT p, writetime(at) AS wt FROM {ks}.shard_index WHERE ledger=? AND shard=? AND kind=?",
             "index_del": f"DELETE FROM {ks}.shard_index USING TIMESTAMP ? WHERE ledger=? AND shard=? AND kind=?"
                          " AND p=?",
             "meta_get": f"SELECT v FROM {ks}.meta WHERE ledger=? AND k=?",
             "meta_claim": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?) IF NOT EXISTS",
-            "claim_get": f"SELECT operation, fingerprint, result, created_us FROM {ks}.claims"
-                         " WHERE ledger=? AND namespace=? AND key=?",
             "claim_put": f"INSERT INTO {ks}.claims (ledger, namespace, key, operation, fingerprint, result,"
                          " created_us) VALUES (?,?,?,?,?,'',?) IF NOT EXISTS",
             "claim_result": f"UPDATE {ks}.claims SET result=? WHERE ledger=? AND namespace=? AND key=?",
@@ -901,14 +990,60 @@ class CassandraLedgerStore:
             return sorted((r.p, 0) for r in self.q("members", (self.ledger, shard)))
         return sorted((r.p, r.wt) for r in self.q("index", (self.ledger, shard, index)))
 
-    def remember_seqs(self, shard: int, rows: Sequence[tuple[int, str]]) -> None:
-        if len(self._seqs) > 100_000:
-            self._seqs.clear()
-        for seq, p in rows:
-            self._seqs[(shard, seq)] = p
+    # Queues ------------------------------------------------------------------------------------
 
-    def seq_home(self, shard: int, seq: int) -> str | None:
-        return self._seqs.get((shard, seq))
+    def remember_pointers(self, shard: int, pointers: Sequence[Pointer]) -> None:
+        if len(self._pointers) > 100_000:
+            self._pointers.clear()
+        for pointer in pointers:
+            self._pointers[(shard, pointer.at)] = pointer
+
+    def pointer_of(self, shard: int, seq: int) -> Pointer | None:
+        found = self._pointers.get((shard, seq))
+        if found is None:  # read by another process than the one marking it: look it up
+            bucket = _bucket("outbox", seq)
+            for r in self.q("queue_read", (self.ledger, shard, "outbox", bucket, seq, 100_000)):
+                if r.at == seq:
+                    found = Pointer(r.at, r.p, r.id, bucket, r.wt)
+        return found
+
+    def queue_due(self, shard: int, kind: str, upto: int, limit: int) -> list[Pointer]:
+        """Pointers due by `upto`, oldest first, from the buckets writers announced; an
+        announced bucket found empty is forgotten once it is older than the grace period."""
+        last = _bucket(kind, upto)
+        out: list[Pointer] = []
+        now = time.time_ns() // 1000
+        for b in self.q("buckets", (self.ledger, shard, kind, last)):
+            rows = list(self.q("queue_read", (self.ledger, shard, kind, b.bucket, upto, limit - len(out))))
+            out += [Pointer(r.at, r.p, r.id, b.bucket, r.wt) for r in rows]
+            if not rows and now - b.wt > QUEUE_GRACE_US and b.bucket < last:
+                self.q("buckets_del", (b.wt, self.ledger, shard, kind, b.bucket))
+            if len(out) >= limit:
+                break
+        return out
+
+    def prune_queue(self, shard: int, stale: Sequence[tuple[str, Pointer]]) -> None:
+        """Drops pointers to nothing due, unless young (their unit may not have committed)."""
+        now = time.time_ns() // 1000
+        self.run_many([("queue_del", (p.written, self.ledger, shard, kind, p.bucket, p.at, p.p, p.id))
+                       for kind, p in stale if now - p.written > QUEUE_GRACE_US])  # fmt: skip
+
+    def settle_relayed(self, shard: int, relayed: Sequence[tuple[Pointer, int]]) -> None:
+        """Moves sent events to 'sent' (one single-partition batch each), then drops their pointers."""
+        futures = []
+        for pointer, at in relayed:
+            found = self.q("row", (self.ledger, pointer.p, "outbox", pointer.id)).one()
+            if found is not None:
+                batch = self._batch()
+                batch.add(self._stmts["del"], (self.ledger, pointer.p, "outbox", pointer.id))
+                batch.add(self._stmts["sent_put"], (self.ledger, pointer.p, pointer.id,
+                                                    _dumps([*json.loads(found.body), at])))  # fmt: skip
+                futures.append(self.session.execute_async(batch))
+            self._pointers.pop((shard, pointer.at), None)
+        for f in futures:
+            f.result()
+        self.run_many([("queue_del", (pointer.written, self.ledger, shard, "outbox", pointer.bucket, pointer.at,
+                                      pointer.p, pointer.id)) for pointer, _ in relayed])  # fmt: skip
 
     def prepare_side_tables(self, shard: int, dirty: Sequence[_Part], new_owners: dict[str, str]) -> None:
         calls: list[tuple[str, tuple[Any, ...]]] = []
@@ -916,7 +1051,14 @@ class CassandraLedgerStore:
             if self._owners.get((shard, object_id)) != p:
                 calls.append(("owner_put", (self.ledger, shard, object_id, p)))
         now = time.time()
+        now_us = int(now * 1e6)
         for part in dirty:
+            for kind, at, id_ in _pointers(part):
+                bucket = _bucket(kind, at)
+                calls.append(("queue_put", (self.ledger, shard, kind, bucket, at, part.p, id_, now_us)))
+                if now - self._announced.get((shard, kind, bucket), 0.0) > BUCKET_ANNOUNCE_S:
+                    calls.append(("buckets_put", (self.ledger, shard, kind, bucket, now_us)))
+                    self._announced[(shard, kind, bucket)] = now
             if (shard, part.p) not in self._known_members:
                 calls.append(("members_put", (self.ledger, shard, part.p)))
             kinds = {kind for kind, _ in part.staged}
@@ -984,6 +1126,7 @@ class CassandraLedgerStore:
         tx = CassandraShardTx(self, shard, writing=False)
         result = work(tx)
         self._prune(tx)
+        self.prune_queue(shard, tx.stale)
         return result
 
     def _prune(self, tx: CassandraShardTx) -> None:
@@ -994,8 +1137,9 @@ class CassandraLedgerStore:
                 self.q("index_del", (written, self.ledger, tx.shard, index, p))
 
     def _run_directory(self, work: Callable[[CassandraDirectoryTx], T], commit: bool) -> T:
+        known: dict[tuple[str, str], IdemRecord] = {}
         for attempt in range(MAX_ATTEMPTS):
-            tx = CassandraDirectoryTx(self)
+            tx = CassandraDirectoryTx(self, known)
             try:
                 result = work(tx)
                 if commit:

@@ -36,10 +36,20 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
             """CREATE TABLE IF NOT EXISTS {ks}.shard_members (
                  ledger text, shard int, p text,
                  PRIMARY KEY ((ledger, shard), p))""",
-            # Partitions that may hold unsent events ('outbox') or timed work ('due').
+            # Partitions that may hold rare open work: waiting purchases, open sagas ('due').
             """CREATE TABLE IF NOT EXISTS {ks}.shard_index (
                  ledger text, shard int, kind text, p text, at bigint,
                  PRIMARY KEY ((ledger, shard, kind), p))""",
+            # Time-bucketed pointers to rows that need attention at a time: unsent events
+            # ('outbox', by sequence) and timers ('lot' expiry, 'release' of pending credit,
+            # 'hold' timeout). Readers walk buckets from a watermark instead of scanning members.
+            """CREATE TABLE IF NOT EXISTS {ks}.queue (
+                 ledger text, shard int, kind text, bucket bigint, at bigint, p text, id text, w bigint,
+                 PRIMARY KEY ((ledger, shard, kind, bucket), at, p, id))""",
+            # The buckets of each queue that may hold pointers, so readers visit only those.
+            """CREATE TABLE IF NOT EXISTS {ks}.queue_buckets (
+                 ledger text, shard int, kind text, bucket bigint, w bigint,
+                 PRIMARY KEY ((ledger, shard, kind), bucket))""",
             """CREATE TABLE IF NOT EXISTS {ks}.meta (
                  ledger text, k text, v text,
                  PRIMARY KEY ((ledger), k))""",
