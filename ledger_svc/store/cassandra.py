@@ -164,7 +164,7 @@ class Pointer:
 class _Part:
     """One member partition as this unit of work sees it: read lazily, written in memory."""
 
-    __slots__ = ("_tx", "entries_used", "kinds", "last_seq", "p", "rows", "staged", "version")
+    __slots__ = ("_tx", "entries_used", "fresh", "kinds", "last_seq", "p", "rows", "staged", "version")
 
     def __init__(self, tx: CassandraShardTx, p: str) -> None:
         self._tx = tx
@@ -179,6 +179,7 @@ class _Part:
         self.last_seq = 0 if head is None or head.seq is None else head.seq
         self.rows: dict[tuple[str, str], str | None] = {}
         self.staged: dict[tuple[str, str], str | None] = {}
+        self.fresh: set[tuple[str, str]] = set()  # rows the batch inserts only if absent
         self.entries_used = 0
 
     @property
@@ -412,8 +413,7 @@ class CassandraShardTx:
         live = lot.remaining_points > 0
         part.put("lot" if live else "lot_closed", lot.lot_id, _enc_lot(lot))
         part.delete("lot_closed" if live else "lot", lot.lot_id)
-        if self.owner(_earned(lot.earn_transaction_id)) is None:
-            self.new_owners[_earned(lot.earn_transaction_id)] = part.p
+        self.new_owners[_earned(lot.earn_transaction_id)] = part.p
 
     def update_lot(self, lot: Lot) -> None:
         self.add_lot(lot)
@@ -542,7 +542,7 @@ class CassandraShardTx:
 
     def unrelayed_outbox(self, limit: int) -> list[OutboxRow]:
         rows = self._unsent(limit)
-        self.store.remember_pointers(self.shard, [pointer for pointer, _ in rows])
+        self.store.remember_pointers(self.shard, [(pointer, _dumps(r)) for pointer, r in rows])
         return [OutboxRow(pointer.at, r[0], r[1], r[2]) for pointer, r in rows]
 
     def mark_relayed(self, seqs: Iterable[int], at: datetime) -> None:
@@ -653,10 +653,9 @@ class CassandraShardTx:
             written = sorted(p for p, part in self.parts.items() if part.staged and not p.endswith("/" + NO_MEMBER))
             home = self.part(written[-1] if written else self.pkey(""))
             for id_, rec in self.idem.items():
-                # Checked under the version this unit commits against: a concurrent unit with
+                # Inserted IF NOT EXISTS in the same conditional batch: a concurrent unit with
                 # the same key that committed first makes this one run again (and replay).
-                if home.get("idem", id_) is not None:
-                    raise Conflict(f"idempotency record {id_!r} appeared in {home.p}")
+                home.fresh.add(("idem", id_))
                 self.put_owned(home, "idem", id_, _dumps([rec.operation, rec.fingerprint, rec.result_json,
                                                           to_us(rec.created_at)]))  # fmt: skip
         self.store.settle_relayed(self.shard, self.relayed)
@@ -862,7 +861,7 @@ class CassandraLedgerStore:
         self._locks = [threading.RLock() for _ in range(4096)]
         self._owners: dict[tuple[int, str], str] = {}
         self._owner_cache = owner_cache
-        self._pointers: dict[tuple[int, int], Pointer] = {}
+        self._pointers: dict[tuple[int, int], tuple[Pointer, str]] = {}
         self._announced: dict[tuple[int, str, int], float] = {}
         self._known_members: set[tuple[int, str]] = set()
         self._indexed: dict[tuple[int, str, str], float] = {}
@@ -886,6 +885,7 @@ class CassandraLedgerStore:
                        " ORDER BY kind DESC, id DESC LIMIT ?",
             "cond": f"UPDATE {ks}.book SET version=?, seq=?, unit_id=? WHERE ledger=? AND p=? IF version=?",
             "put": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,?,?,?)",
+            "put_new": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,?,?,?) IF NOT EXISTS",
             "del": f"DELETE FROM {ks}.book WHERE ledger=? AND p=? AND kind=? AND id=?",
             "owner_get": f"SELECT p FROM {ks}.owners WHERE ledger=? AND shard=? AND id=?",
             "owner_put": f"INSERT INTO {ks}.owners (ledger, shard, id, p) VALUES (?,?,?,?)",
@@ -992,20 +992,22 @@ class CassandraLedgerStore:
 
     # Queues ------------------------------------------------------------------------------------
 
-    def remember_pointers(self, shard: int, pointers: Sequence[Pointer]) -> None:
+    def remember_pointers(self, shard: int, pointers: Sequence[tuple[Pointer, str]]) -> None:
+        """Events the relay read, with their bodies, so marking them sent needs no re-read."""
         if len(self._pointers) > 100_000:
             self._pointers.clear()
-        for pointer in pointers:
-            self._pointers[(shard, pointer.at)] = pointer
+        for pointer, body in pointers:
+            self._pointers[(shard, pointer.at)] = (pointer, body)
 
     def pointer_of(self, shard: int, seq: int) -> Pointer | None:
-        found = self._pointers.get((shard, seq))
-        if found is None:  # read by another process than the one marking it: look it up
-            bucket = _bucket("outbox", seq)
-            for r in self.q("queue_read", (self.ledger, shard, "outbox", bucket, seq, 100_000)):
-                if r.at == seq:
-                    found = Pointer(r.at, r.p, r.id, bucket, r.wt)
-        return found
+        remembered = self._pointers.get((shard, seq))
+        if remembered is not None:
+            return remembered[0]
+        bucket = _bucket("outbox", seq)  # read by another process than the one marking it
+        for r in self.q("queue_read", (self.ledger, shard, "outbox", bucket, seq, 100_000)):
+            if r.at == seq:
+                return Pointer(r.at, r.p, r.id, bucket, r.wt)
+        return None
 
     def queue_due(self, shard: int, kind: str, upto: int, limit: int) -> list[Pointer]:
         """Pointers due by `upto`, oldest first, from the buckets writers announced; an
@@ -1032,14 +1034,18 @@ class CassandraLedgerStore:
         """Moves sent events to 'sent' (one single-partition batch each), then drops their pointers."""
         futures = []
         for pointer, at in relayed:
-            found = self.q("row", (self.ledger, pointer.p, "outbox", pointer.id)).one()
-            if found is not None:
+            remembered = self._pointers.pop((shard, pointer.at), None)
+            if remembered is not None:
+                body: str | None = remembered[1]
+            else:
+                found = self.q("row", (self.ledger, pointer.p, "outbox", pointer.id)).one()
+                body = None if found is None else found.body
+            if body is not None:
                 batch = self._batch()
                 batch.add(self._stmts["del"], (self.ledger, pointer.p, "outbox", pointer.id))
                 batch.add(self._stmts["sent_put"], (self.ledger, pointer.p, pointer.id,
-                                                    _dumps([*json.loads(found.body), at])))  # fmt: skip
+                                                    _dumps([*json.loads(body), at])))  # fmt: skip
                 futures.append(self.session.execute_async(batch))
-            self._pointers.pop((shard, pointer.at), None)
         for f in futures:
             f.result()
         self.run_many([("queue_del", (pointer.written, self.ledger, shard, "outbox", pointer.bucket, pointer.at,
@@ -1086,7 +1092,8 @@ class CassandraLedgerStore:
             if body is None:
                 batch.add(self._stmts["del"], (self.ledger, part.p, kind, id_))
             else:
-                batch.add(self._stmts["put"], (self.ledger, part.p, kind, id_, body))
+                put = self._stmts["put_new" if (kind, id_) in part.fresh else "put"]
+                batch.add(put, (self.ledger, part.p, kind, id_, body))
         try:
             applied = self.session.execute(batch).one().applied
         except (WriteTimeout, OperationTimedOut) as exc:
