@@ -211,6 +211,33 @@ class Accrual:
             lambda tx: load_purchase(ShardBook(tx, self.svc.clock.now(), self.svc.policy), purchase_id),
         )
 
+    async def list_purchases(
+        self, channel: str, store_id: str, start: datetime, end: datetime, page_size: int, page_token: str
+    ) -> tuple[list[PurchaseRecord], str]:
+        """A channel's purchases (of one store, or all) received for [start, end), oldest first;
+        the token is the (receipt time, id) of the last one returned."""
+        v.name(channel, "channel")
+        if store_id:
+            v.name(store_id, "store_id")
+        if end <= start:
+            raise InvalidArgument("must be later than receipt_time_from", field="receipt_time_until")
+        if end - start > MAX_LISTED_SPAN:
+            raise InvalidArgument(f"may span at most {MAX_LISTED_SPAN.days} days", field="receipt_time_until")
+        size = v.page_size(page_size, "page_size")
+        after = _purchase_cursor(page_token)
+        found: list[PurchaseRecord] = []
+        for shard in range(self.svc.store.shard_count):
+            bodies = await self.svc.store.read(shard, lambda tx: tx.purchases_between(start, end))
+            for body in bodies:
+                record = codec.loads(PurchaseRecord, body)
+                mine = record.channel == channel and (not store_id or record.store_id == store_id)
+                if mine and (after is None or (record.receipt_time, record.purchase_id) > after):
+                    found.append(record)
+        found.sort(key=lambda r: (r.receipt_time, r.purchase_id))
+        page = found[:size]
+        token = f"{page[-1].receipt_time.isoformat()}|{page[-1].purchase_id}" if len(found) > size else ""
+        return page, token
+
     async def find_purchase(self, member_id: str, channel: str, store_id: str, receipt_id: str) -> str:
         """A purchase by member and natural key (a return slip names the original receipt)."""
         v.member_id(member_id)
@@ -315,3 +342,16 @@ class Accrual:
             shard, svc._idempotent_unit(cmd, fp, ReturnResult, body)
         )
         return result
+
+
+MAX_LISTED_SPAN = timedelta(days=31)
+
+
+def _purchase_cursor(token: str) -> tuple[datetime, str] | None:
+    if not token:
+        return None
+    when, _, purchase_id = token.partition("|")
+    try:
+        return datetime.fromisoformat(when), v.object_id(purchase_id, "pu", "page_token")
+    except (ValueError, InvalidArgument):
+        raise InvalidArgument("is not a token this API returned", field="page_token") from None

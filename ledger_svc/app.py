@@ -22,6 +22,7 @@ from ledger_svc.fraud_client import FraudScreenerClient
 from ledger_svc.ingest_worker import IngestWorker
 from ledger_svc.outbox import OutboxRelay
 from ledger_svc.postings import Policy
+from ledger_svc.reconcile import reconcile
 from ledger_svc.rules_client import RulesEngineClient
 from ledger_svc.screening import FraudScreen, UnavailablePolicy, Verdict
 from ledger_svc.server import LedgerServicer
@@ -32,6 +33,7 @@ from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
 from pointmesh.events import TOPICS, EventBus, dead_letter_topic, open_bus
 from pointmesh.rpc import GrpcServer
+from pointmesh.telemetry import RECONCILE_DIFFERENCES, RECONCILE_RUNS
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,8 @@ class LedgerApp:
         port = await self.server.start()
         self.tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
         self.tasks.append(asyncio.create_task(self._jobs(), name="ledger-jobs"))
+        if self.settings.reconcile_interval_seconds > 0:
+            self.tasks.append(asyncio.create_task(self._reconcile_loop(), name="ledger-reconcile"))
         if self.settings.ingest_consumer:
             worker = IngestWorker(self.service, self.bus, f"ledger-{os.getpid()}")
             self.tasks.append(asyncio.create_task(worker.run(), name="ingest-worker"))
@@ -123,6 +127,26 @@ class LedgerApp:
                     last_purge = self.clock.now()
             except Exception:
                 log.exception("maintenance pass failed; retrying next interval")
+
+    async def _reconcile_loop(self) -> None:
+        """The books proved now and then in the background; holds past their timeout that the
+        timers missed are voided here, everything else found is logged and exported."""
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval_seconds)
+            try:
+                report = await reconcile(self.store, self.clock.now())
+                voided = 0
+                for shard, hold_id in report.overdue_holds:
+                    voided += await self.service.void_overdue_hold(shard, hold_id)
+                unresolved = len(report.differences) - voided
+                RECONCILE_DIFFERENCES.set(unresolved)
+                RECONCILE_RUNS.inc()
+                if voided:
+                    log.warning("reconcile: voided %d holds past their timeout the timers missed", voided)
+                for diff in report.differences:
+                    log.warning("reconcile: %s", diff.describe())
+            except Exception:
+                log.exception("reconcile pass failed; retrying next interval")
 
     async def _cleanup(self) -> None:
         self.relay.stop()

@@ -43,6 +43,13 @@ def dt(message: Any, field: str) -> datetime | None:
         raise d.InvalidArgument(str(exc), field=field) from exc
 
 
+def required_time(message: Any, field: str) -> datetime:
+    found = dt(message, field)
+    if found is None:
+        raise d.InvalidArgument("is required", field=field)
+    return found
+
+
 def key(message: Any) -> d.IdemKey:
     """A missing key comes through empty, so validation reports it by field name."""
     k = message.idempotency_key

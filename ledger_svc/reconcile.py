@@ -3,7 +3,9 @@
 Checks, per shard: every transaction's entries sum to zero; every stored balance equals the
 sum of its account's entries; spendable lots add up to the positive posted balance and
 pending lots to the pending balance; reserved points equal the open holds; no saga is left
-open. Across shards: all accounts together sum to zero, and transit is empty.
+open; no hold is still placed past its timeout (found by a scan, not the ledger's timers, so
+a timer lost or stuck shows here; the running ledger voids what this finds). Across shards:
+all accounts together sum to zero, and transit is empty. The same code runs on every store.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from ledger_svc.domain import member_account, pending_account
 from ledger_svc.store.base import LedgerStore, ShardTx
@@ -35,6 +38,8 @@ class ReconcileReport:
     accounts: int = 0
     differences: list[Difference] = field(default_factory=list)
     totals_by_account_class: dict[str, int] = field(default_factory=dict)
+    # Placed holds past their timeout: (shard, hold_id); also listed in differences.
+    overdue_holds: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -45,9 +50,10 @@ class ReconcileReport:
 class _ShardFindings:
     differences: list[Difference]
     balances: dict[str, int]
+    overdue: list[str]
 
 
-def _check_shard(shard: int, tx: ShardTx) -> _ShardFindings:
+def _check_shard(shard: int, now: datetime, tx: ShardTx) -> _ShardFindings:
     diffs: list[Difference] = []
     for tx_id, total in tx.unbalanced_transactions():
         diffs.append(Difference(shard, "transaction does not sum to zero", tx_id, 0, int(total)))
@@ -87,8 +93,11 @@ def _check_shard(shard: int, tx: ShardTx) -> _ShardFindings:
         diffs.append(
             Difference(shard, f"{saga.kind} saga left open in state {saga.state.value}", saga.saga_id, 0, saga.points)
         )
+    overdue = [h for h in tx.placed_holds() if not h.saga_id and h.expires_at <= now]
+    for hold in overdue:
+        diffs.append(Difference(shard, "hold still placed past its timeout", hold.hold_id, 0, hold.points))
     balances = {a: r.balance for a, r in accounts.items()}
-    return _ShardFindings(diffs, balances)
+    return _ShardFindings(diffs, balances, [h.hold_id for h in overdue])
 
 
 def _stranded_on_merged(merged: set[str], shard: int, balances: dict[str, int]) -> list[Difference]:
@@ -108,13 +117,15 @@ def account_class(account: str) -> str:
     return account
 
 
-async def reconcile(store: LedgerStore) -> ReconcileReport:
+async def reconcile(store: LedgerStore, now: datetime | None = None) -> ReconcileReport:
     report = ReconcileReport(shards=store.shard_count)
+    now = now or datetime.now(UTC)
     totals: dict[str, int] = defaultdict(int)
     merged = {source for source, _target in await store.read_directory(lambda d: d.merged_members())}
     for shard in range(store.shard_count):
-        found = await store.read(shard, functools.partial(_check_shard, shard))
+        found = await store.read(shard, functools.partial(_check_shard, shard, now))
         report.differences.extend(found.differences)
+        report.overdue_holds += [(shard, hold_id) for hold_id in found.overdue]
         report.differences.extend(_stranded_on_merged(merged, shard, found.balances))
         report.accounts += len(found.balances)
         for account, balance in found.balances.items():

@@ -188,6 +188,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
 
     @translated
+    async def ListPurchases(
+        self, request: ledger_pb2.ListPurchasesRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.ListPurchasesResponse:
+        start = cv.required_time(request, "receipt_time_from")
+        end = cv.required_time(request, "receipt_time_until")
+        purchases, token = await self.service.accrual.list_purchases(
+            request.channel, request.store_id, start, end, request.page_size, request.page_token
+        )
+        return ledger_pb2.ListPurchasesResponse(purchases=[cv.purchase_pb(p) for p in purchases], next_page_token=token)
+
+    @translated
     async def GetHold(
         self, request: ledger_pb2.GetHoldRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.GetHoldResponse:

@@ -30,6 +30,7 @@ from ledger_svc.domain import (
     FailedPrecondition,
     Hold,
     HoldResult,
+    HoldStatus,
     IdemKey,
     IdempotencyConflict,
     InvalidArgument,
@@ -665,6 +666,18 @@ class LedgerService:
         sagas = await self.recover_sagas()
         purchases = await self.accrual.process_waiting()
         return MaintenanceReport(expired, lots, released, voided, sagas, purchases)
+
+    async def void_overdue_hold(self, shard: int, hold_id: str) -> bool:
+        """Reconciliation's backstop to the hold timer; False if the hold settled meanwhile."""
+
+        def void(book: ShardBook) -> bool:
+            hold = book.tx.get_hold(hold_id)
+            if hold is None or hold.status != HoldStatus.PLACED or hold.expires_at > book.now:
+                return False
+            book.void_hold(hold_id, expired=True)
+            return True
+
+        return await self._book(shard, void)
 
     async def purge_expired_keys(self, retention: timedelta) -> int:
         cutoff = self.clock.now() - retention

@@ -56,12 +56,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ledger_reconcile(_: argparse.Namespace) -> int:
+def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
+    """Exit 0: zero differences; 1: differences left for a person; 75: ledger unavailable."""
     from ledger_svc.app import open_store
     from ledger_svc.reconcile import reconcile
 
+    settings = _settings()
+    settled = True
+    if args.settlement:
+        code = _settle(args, settings)
+        if code == 75:
+            return code
+        settled = code == 0
+
     async def run() -> int:
-        store = open_store(_settings())
+        store = open_store(settings)
         try:
             report = await reconcile(store)
         finally:
@@ -72,9 +81,29 @@ def cmd_ledger_reconcile(_: argparse.Namespace) -> int:
         for diff in report.differences:
             print("DIFFERENCE", diff.describe())
         print("reconcile: OK, zero differences" if report.ok else f"reconcile: {len(report.differences)} differences")
-        return 0 if report.ok else 1
+        return 0 if report.ok and settled else 1
 
     return asyncio.run(run())
+
+
+def _settle(args: argparse.Namespace, settings: Settings) -> int:
+    """A store's settlement file against the running ledger: missing receipts are posted."""
+    from gateway.legacy.importer import ImportInterrupted
+    from gateway.legacy.settlement import reconcile_file
+
+    quarantine = Path(args.quarantine_dir) if args.quarantine_dir else settings.data_dir / "quarantine"
+    try:
+        report = asyncio.run(reconcile_file(args.settlement, args.adapter, settings.ledger_addr, quarantine,
+                                            args.channel))  # fmt: skip
+    except ImportInterrupted as exc:
+        print(f"settlement: {exc}", file=sys.stderr)
+        return 75 if exc.retryable else 1
+    except (OSError, ValueError) as exc:
+        print(f"settlement: {exc}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(line)
+    return 0 if report.resolved else 1
 
 
 def cmd_ledger_migrate(_: argparse.Namespace) -> int:
@@ -356,9 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ledger_command", required=True
     )
     ledger.add_parser("serve", help="run ledger_svc").set_defaults(func=cmd_serve, service="ledger")
-    ledger.add_parser("reconcile", help="prove the journal, balances, lots and sagas agree").set_defaults(
-        func=cmd_ledger_reconcile
-    )
+    rec = ledger.add_parser("reconcile", help="prove the journal, balances, lots and sagas agree")
+    rec.add_argument("--settlement", default="", help="a store's end-of-day receipts file to compare and post")
+    rec.add_argument("--adapter", default="csv", choices=["csv", "fixed-width", "webhook"])
+    rec.add_argument("--channel", default=None, help="channel for receipts that name none (default: the adapter's)")
+    rec.add_argument("--quarantine-dir", default="", help="where unreadable lines go (default: DATA_DIR/quarantine)")
+    rec.set_defaults(func=cmd_ledger_reconcile)
     ledger.add_parser("migrate", help="create or upgrade the Cassandra keyspace (POINTMESH_CASSANDRA_*)").set_defaults(
         func=cmd_ledger_migrate
     )

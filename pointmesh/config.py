@@ -83,6 +83,9 @@ class Settings:
     # Secret for payment-card tokens; set it in production.
     card_hmac_secret: str = "pointmesh-dev-card-secret"
     maintenance_interval_seconds: float = 5.0
+    # ledger_svc proves its books (pointmesh ledger reconcile) this often and voids holds its
+    # timers missed; 0 turns the background pass off.
+    reconcile_interval_seconds: float = 3600.0
     outbox_poll_seconds: float = 0.05
     event_stream_maxlen: int = 1_000_000
     # The Cassandra ledger store (docs/cassandra.md); `pointmesh dev cassandra` listens here.

@@ -11,7 +11,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,11 @@ METRICS_HOST_ENV = "POINTMESH_METRICS_HOST"
 DEFAULT_METRICS_HOST = "127.0.0.1"
 OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 OTLP_PROTOCOL_ENV = "OTEL_EXPORTER_OTLP_PROTOCOL"
+
+RECONCILE_RUNS = Counter("pointmesh_reconcile_runs_total", "Background reconciliation passes of ledger_svc.")
+RECONCILE_DIFFERENCES = Gauge(
+    "pointmesh_reconcile_differences", "Differences the last reconciliation pass found and could not resolve."
+)
 
 RPC_REQUESTS = Counter(
     "pointmesh_rpc_requests_total",

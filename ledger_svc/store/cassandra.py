@@ -516,6 +516,10 @@ class CassandraShardTx:
                 totals[f"{hold.member_id}:{hold.unit}"] += hold.points
         return dict(totals)
 
+    def placed_holds(self) -> list[Hold]:
+        holds = [_dec_hold(i, b) for part in self.scan() for i, b in part.all("hold").items()]
+        return sorted(holds, key=lambda h: (h.expires_at, h.hold_id))
+
     def placed_holds_of(self, member_id: str) -> list[Hold]:
         return [_dec_hold(i, b) for i, b in self.member(member_id).all("hold").items()]
 
@@ -588,7 +592,7 @@ class CassandraShardTx:
         self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str
     ) -> None:
         part = self.member(member_id)
-        self.put_owned(part, "purchase", purchase_id, _dumps([status, body_json]))
+        self.put_owned(part, "purchase", purchase_id, _dumps([status, body_json, to_us(receipt_time)]))
         # Waiting purchases also get a small marker row: the retry job and the per-member
         # count read those, not every purchase the member ever made.
         if status == "PENDING_ACCRUAL":
@@ -600,13 +604,24 @@ class CassandraShardTx:
         found = self.owned(purchase_id, "purchase")
         if found is None:
             return None
-        status, body = json.loads(found[1])
+        status, body = json.loads(found[1])[:2]
         return str(status), str(body)
 
     def waiting_purchases(self, limit: int) -> list[tuple[str, str]]:
         waiting = [(int(b), i, part.p.partition("/")[2]) for part in self.scan("due")
                    for i, b in part.all("wait").items()]  # fmt: skip
         return [(pid, member) for _, pid, member in sorted(waiting)[:limit]]
+
+    def purchases_between(self, start: datetime, end: datetime) -> list[str]:
+        """A scan of the shard's partitions: a nightly job's read, not a posting's."""
+        lo, hi = to_us(start), to_us(end)
+        found = []
+        for part in self.scan():
+            for purchase_id, body in part.all("purchase").items():
+                r = json.loads(body)
+                if lo <= r[2] < hi:
+                    found.append((r[2], purchase_id, str(r[1])))
+        return [body for _, _, body in sorted(found)]
 
     def member_waiting_purchases(self, member_id: str) -> int:
         return len(self.member(member_id).all("wait"))

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS purchases (
   purchase_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL,
   receipt_time INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS purchases_waiting ON purchases (receipt_time) WHERE status = 'PENDING_ACCRUAL';
+CREATE INDEX IF NOT EXISTS purchases_by_time ON purchases (receipt_time);
 CREATE TABLE IF NOT EXISTS reviews (
   review_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL,
   body TEXT NOT NULL) WITHOUT ROWID;
@@ -380,6 +381,10 @@ class SqliteShardTx:
         ).fetchall()
         return [_hold(r) for r in rows]
 
+    def placed_holds(self) -> list[Hold]:
+        rows = self.c.execute(f"SELECT {_HOLD_COLS} FROM holds WHERE status='PLACED' ORDER BY expires_at").fetchall()
+        return [_hold(r) for r in rows]
+
     def add_outbox(self, event_id: str, member_id: str, payload_json: str, at: datetime) -> None:
         self.c.execute(
             "INSERT INTO outbox (event_id, member_id, payload, created_at) VALUES (?,?,?,?)",
@@ -445,6 +450,13 @@ class SqliteShardTx:
             (limit,),
         ).fetchall()
         return [(str(r[0]), str(r[1])) for r in rows]
+
+    def purchases_between(self, start: datetime, end: datetime) -> list[str]:
+        rows = self.c.execute(
+            "SELECT body FROM purchases WHERE receipt_time>=? AND receipt_time<? ORDER BY receipt_time, purchase_id",
+            (to_us(start), to_us(end)),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
 
     def member_waiting_purchases(self, member_id: str) -> int:
         row = self.c.execute(

@@ -2755,6 +2755,66 @@ class GetPurchaseResponse(_message.Message):
 Global___GetPurchaseResponse: _TypeAlias = GetPurchaseResponse  # noqa: Y015
 
 @_typing.final
+class ListPurchasesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_TIME_FROM_FIELD_NUMBER: _builtins.int
+    RECEIPT_TIME_UNTIL_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    store_id: _builtins.str
+    """Optional: one store."""
+    page_size: _builtins.int
+    page_token: _builtins.str
+    @_builtins.property
+    def receipt_time_from(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def receipt_time_until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        receipt_time_from: _timestamp_pb2.Timestamp | None = ...,
+        receipt_time_until: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time_from", b"receipt_time_from", "receipt_time_until", b"receipt_time_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "page_size", b"page_size", "page_token", b"page_token", "receipt_time_from", b"receipt_time_from", "receipt_time_until", b"receipt_time_until", "store_id", b"store_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPurchasesRequest: _TypeAlias = ListPurchasesRequest  # noqa: Y015
+
+@_typing.final
+class ListPurchasesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def purchases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Purchase]: ...
+    def __init__(
+        self,
+        *,
+        purchases: _abc.Iterable[Global___Purchase] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "purchases", b"purchases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPurchasesResponse: _TypeAlias = ListPurchasesResponse  # noqa: Y015
+
+@_typing.final
 class Review(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -162,6 +162,11 @@ class LedgerServiceStub:
                 request_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseRequest.SerializeToString,
                 response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseResponse.FromString,
                 _registered_method=True)
+        self.ListPurchases = channel.unary_unary(
+                '/pointmesh.v1.LedgerService/ListPurchases',
+                request_serializer=pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesResponse.FromString,
+                _registered_method=True)
         self.ListReviews = channel.unary_unary(
                 '/pointmesh.v1.LedgerService/ListReviews',
                 request_serializer=pointmesh_dot_v1_dot_ledger__pb2.ListReviewsRequest.SerializeToString,
@@ -348,6 +353,14 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPurchases(self, request, context):
+        """A channel's purchases of one store (or every store) with receipt times in [from, until),
+        oldest first: what settlement reconciliation compares a store's end-of-day file against.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListReviews(self, request, context):
         """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
         earns a purchase's points as pending credit and turns a redemption into a hold, each
@@ -491,6 +504,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetPurchase,
                     request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseRequest.FromString,
                     response_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseResponse.SerializeToString,
+            ),
+            'ListPurchases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPurchases,
+                    request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesResponse.SerializeToString,
             ),
             'ListReviews': grpc.unary_unary_rpc_method_handler(
                     servicer.ListReviews,
@@ -1181,6 +1199,33 @@ class LedgerService:
             '/pointmesh.v1.LedgerService/GetPurchase',
             pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseRequest.SerializeToString,
             pointmesh_dot_v1_dot_ledger__pb2.GetPurchaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPurchases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.LedgerService/ListPurchases',
+            pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesRequest.SerializeToString,
+            pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

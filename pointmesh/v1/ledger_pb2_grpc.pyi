@@ -84,6 +84,10 @@ class LedgerServiceStub:
     purchase's own breakdown (its program version and FX rate), never re-evaluated.
     """
     GetPurchase: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseRequest, _ledger_pb2.GetPurchaseResponse]
+    ListPurchases: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListPurchasesRequest, _ledger_pb2.ListPurchasesResponse]
+    """A channel's purchases of one store (or every store) with receipt times in [from, until),
+    oldest first: what settlement reconciliation compares a store's end-of-day file against.
+    """
     ListReviews: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListReviewsRequest, _ledger_pb2.ListReviewsResponse]
     """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
     earns a purchase's points as pending credit and turns a redemption into a hold, each
@@ -148,6 +152,10 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     purchase's own breakdown (its program version and FX rate), never re-evaluated.
     """
     GetPurchase: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetPurchaseRequest, _ledger_pb2.GetPurchaseResponse]  # type: ignore[assignment]
+    ListPurchases: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListPurchasesRequest, _ledger_pb2.ListPurchasesResponse]  # type: ignore[assignment]
+    """A channel's purchases of one store (or every store) with receipt times in [from, until),
+    oldest first: what settlement reconciliation compares a store's end-of-day file against.
+    """
     ListReviews: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListReviewsRequest, _ledger_pb2.ListReviewsResponse]  # type: ignore[assignment]
     """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
     earns a purchase's points as pending credit and turns a redemption into a hold, each
@@ -359,6 +367,16 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetPurchaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetPurchaseResponse, _abc.Awaitable[_ledger_pb2.GetPurchaseResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPurchases(
+        self,
+        request: _ledger_pb2.ListPurchasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListPurchasesResponse, _abc.Awaitable[_ledger_pb2.ListPurchasesResponse]]:
+        """A channel's purchases of one store (or every store) with receipt times in [from, until),
+        oldest first: what settlement reconciliation compares a store's end-of-day file against.
+        """
 
     @_abc_1.abstractmethod
     def ListReviews(

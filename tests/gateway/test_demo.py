@@ -23,5 +23,5 @@ async def test_demo_tour_explains_streams_dedupes_a_file_and_leaves_books_balanc
     assert "franchise POS file: 1 accepted, 1 duplicate, 1 quarantined" in out
     assert "line 4:" in out
     assert "alice pools 50 points to bob" in out
-    report = await reconcile(gw.mesh.ledger.app.store)
+    report = await reconcile(gw.mesh.ledger.app.store, gw.mesh.ledger.clock.now())
     assert report.ok, report.differences

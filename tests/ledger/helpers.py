@@ -117,7 +117,7 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
 
 async def assert_books_balance(ledger: LedgerUnderTest) -> dict[str, int]:
     """Reconciles the ledger and returns its totals by account class (which sum to zero)."""
-    report = await reconcile(ledger.app.store)
+    report = await reconcile(ledger.app.store, ledger.clock.now())
     assert report.ok, [d.describe() for d in report.differences]
     assert sum(report.totals_by_account_class.values()) == 0
     return report.totals_by_account_class

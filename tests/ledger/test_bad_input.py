@@ -305,7 +305,7 @@ async def test_bad_input_is_rejected_on_its_field_and_writes_nothing(
     earned = await earn(stub, member, 100, purchase_amount=money(1000, "EUR"))
     hold = (await place_hold(stub, member, 10)).hold
     ctx = Ctx(shared_ledger, member, other, hold.hold_id, earned.transaction.transaction_id)
-    before_totals = (await reconcile(shared_ledger.app.store)).totals_by_account_class
+    before_totals = (await reconcile(shared_ledger.app.store, shared_ledger.clock.now())).totals_by_account_class
     before = [await balance(stub, m) for m in (member, other)]
     before_entries = [len(await entries(stub, m)) for m in (member, other)]
 
@@ -315,7 +315,7 @@ async def test_bad_input_is_rejected_on_its_field_and_writes_nothing(
     violations = detail(error, error_details_pb2.BadRequest).field_violations
     assert [v.field for v in violations] == [field]
     assert detail(error, error_details_pb2.ErrorInfo).domain == "ledger.pointmesh.dev"
-    report = await reconcile(shared_ledger.app.store)
+    report = await reconcile(shared_ledger.app.store, shared_ledger.clock.now())
     assert report.ok, [d.describe() for d in report.differences]
     assert report.totals_by_account_class == before_totals
     assert [await balance(stub, m) for m in (member, other)] == before

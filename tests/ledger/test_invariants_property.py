@@ -563,7 +563,7 @@ class Scenario:
         self._after(only_expiry_lowers_balances)
 
     async def _expired_totals(self) -> dict[str, int]:
-        totals = (await reconcile(self.store)).totals_by_account_class
+        totals = (await reconcile(self.store, self.clock.now())).totals_by_account_class
         return {unit: totals.get(f"system:expired:{unit}", 0) for unit in UNITS}
 
     async def _replay(self, op: ReplayOp, before: dict[Key, Balance]) -> None:
@@ -610,7 +610,7 @@ class Scenario:
             check(before, after)
 
     async def _check(self, balances: dict[Key, Balance]) -> None:
-        report = await reconcile(self.store)
+        report = await reconcile(self.store, self.clock.now())
         assert report.ok, f"{self.step}: " + "; ".join(d.describe() for d in report.differences)
         totals = report.totals_by_account_class
         for key, b in balances.items():

@@ -45,7 +45,7 @@ async def test_a_hold_caught_by_a_merge_is_voided_so_its_capture_cannot_overdraw
     assert (await svc.get_hold(hold.hold.hold_id)).status == HoldStatus.VOIDED
     assert (await svc.get_balance(source, "points")).balance_points == 0
     assert (await svc.get_balance(target, "points")).balance_points == 1000
-    assert (await reconcile(ledger.app.store)).ok
+    assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
 
 
 async def test_batch_reversal_of_a_pre_merge_earn_takes_points_from_the_target(ledger: LedgerUnderTest) -> None:
@@ -60,7 +60,7 @@ async def test_batch_reversal_of_a_pre_merge_earn_takes_points_from_the_target(l
     assert (src.balance_points, src.debt_points, tgt.balance_points, tgt.debt_points) == (0, 0, 0, 0)
     [adjust] = await svc.ingest([c.Adjust(k(), source, "points", 5, "goodwill")])
     assert isinstance(adjust, MemberNotActive)
-    assert (await reconcile(ledger.app.store)).ok
+    assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
 
 
 async def test_replaying_a_reversal_after_the_member_was_merged_returns_the_original(ledger: LedgerUnderTest) -> None:
@@ -84,7 +84,7 @@ async def test_pending_review_credit_merged_within_one_shard_can_be_released(led
     assert released.member_id == target
     balance = await svc.get_balance(target, "points")
     assert (balance.balance_points, balance.pending_points) == (500, 0)
-    assert (await reconcile(ledger.app.store)).ok
+    assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
 
 
 async def test_reconcile_flags_points_that_landed_on_a_member_after_it_was_merged(ledger: LedgerUnderTest) -> None:
@@ -92,13 +92,13 @@ async def test_reconcile_flags_points_that_landed_on_a_member_after_it_was_merge
     source, target = await member(svc), await member(svc)
     await svc.earn(c.Earn(k(), source, "points", 100))
     await svc.merge_members(c.MergeMembers(k(), source, target))
-    assert (await reconcile(ledger.app.store)).ok
+    assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
     # An earn that passed the status check just before the merge commits after it.
     await svc._book(svc.shard_of(source), lambda b: b.earn(
         source, "points", 7, funding_source="program", business_time=None, expires_at=None, release_at=None,
         pending_review=False, purchase=None, reference="late",
     ))  # fmt: skip
-    report = await reconcile(ledger.app.store)
+    report = await reconcile(ledger.app.store, ledger.clock.now())
     assert [(d.kind, d.subject, d.actual) for d in report.differences] == [
         ("points left on a merged member", f"member:{source}:points", 7)
     ]

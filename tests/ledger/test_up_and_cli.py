@@ -11,10 +11,10 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import urllib.request
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,11 +24,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from ledger_svc.app import open_store
 from ledger_svc.domain import bucket_of
+from ledger_svc.store.base import ShardTx
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.timestamps import to_timestamp as ts
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
-from tests.conftest import REPO, LedgerUnderTest, pointmesh_cli, start_ledger, stop_ledger, wait_for_port
+from tests.conftest import (
+    REPO,
+    LedgerUnderTest,
+    pointmesh_cli,
+    start_ledger,
+    stop_ledger,
+    store_settings,
+    wait_for_port,
+)
 
 LEDGER_SERVICE = "pointmesh.v1.LedgerService"
 RULES_SERVICE = "pointmesh.v1.RulesService"
@@ -193,33 +203,45 @@ async def _stop(ledger: LedgerUnderTest) -> None:
     await asyncio.wait_for(stop_ledger(ledger), STOP_TIMEOUT_SECONDS)
 
 
-async def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(pointmesh_cli, *args, env={"POINTMESH_DATA_DIR": str(data_dir)})
+async def _cli(*args: str, data_dir: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(pointmesh_cli, *args, env={"POINTMESH_DATA_DIR": str(data_dir), **(env or {})})
 
 
+@pytest.mark.parametrize("store", ["sqlite", "cassandra"])
 async def test_reconcile_passes_then_names_the_account_whose_stored_balance_was_tampered(
-    tmp_path: Path, redis_server: RedisServer
+    store: str, tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:
     data_dir = tmp_path / "data"
-    ledger = await start_ledger(data_dir, redis_server.url)
+    overrides = store_settings(request, store)
+    env = {f"POINTMESH_{k.upper()}": str(v) for k, v in overrides.items()}
+    ledger = await start_ledger(data_dir, redis_server.url, **overrides)
+    settings = ledger.app.settings
     try:
         member_id, _ = await _member_with_points(ledger, "tamper", [30, 12])
         await _member_with_points(ledger, "bystander", [5])
     finally:
         await _stop(ledger)
 
-    clean = await _cli("ledger", "reconcile", data_dir=data_dir)
+    clean = await _cli("ledger", "reconcile", data_dir=data_dir, env=env)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "zero differences" in clean.stdout
     assert "DIFFERENCE" not in clean.stdout
 
+    # Behind the ledger's back: the stored balance row changes, its journal does not.
     account = f"member:{member_id}:points"
-    shard_file = data_dir / "ledger" / f"ledger-shard-{bucket_of(member_id) % SHARDS:03d}.sqlite"
-    with contextlib.closing(sqlite3.connect(shard_file)) as conn, conn:
-        changed = conn.execute("UPDATE accounts SET balance=balance+1 WHERE account=?", (account,)).rowcount
-    assert changed == 1
 
-    tampered = await _cli("ledger", "reconcile", data_dir=data_dir)
+    def tamper(tx: ShardTx) -> None:
+        row = tx.get_accounts([account])[0]
+        assert row.balance == 42
+        tx.put_account(replace(row, balance=row.balance + 1))
+
+    opened = open_store(settings)
+    try:
+        await opened.write(bucket_of(member_id) % SHARDS, tamper)
+    finally:
+        await opened.close()
+
+    tampered = await _cli("ledger", "reconcile", data_dir=data_dir, env=env)
     assert tampered.returncode == 1, tampered.stdout + tampered.stderr
     differences = [line for line in tampered.stdout.splitlines() if line.startswith("DIFFERENCE")]
     assert any(

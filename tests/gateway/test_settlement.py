@@ -1,0 +1,89 @@
+"""Settlement reconciliation against the real mesh, on each store: a store's end-of-day file
+gets the receipts the ledger never saw posted exactly once, however often it runs, and the
+purchases only the ledger has (for the file's stores and days) are reported, not touched.
+
+Figures come from tests/mesh/program.yaml: 1 point per EUR (floored per line) and a 100-point
+welcome on a member's first purchase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.legacy.settlement import reconcile_file
+from tests.conftest import pointmesh_cli
+from tests.gateway.test_legacy import member_with_card, rest_purchase
+from tests.mesh import conftest as mesh_fixtures
+from tests.mesh.conftest import Mesh
+from tests.mesh.helpers import points
+
+mesh = mesh_fixtures.mesh
+
+HEADER = "record_type,store_id,receipt_id,line_no,receipt_time,card_number,currency,sku,category,quantity,amount\n"
+# Friday 2026-01-02, before the mesh clock and outside every weekend or happy-hour rule.
+END_OF_DAY = (
+    HEADER
+    + "P,HEL-01,S-1,1,2026-01-02T10:15:00+02:00,5000-0001,EUR,SKU-COFFEE,misc,2,12.50\n"
+    + "P,HEL-01,S-2,1,2026-01-02T11:00:00+02:00,5000-0002,EUR,SKU-BREAD,misc,1,30.00\n"
+    + "P,HEL-01,S-3,1,2026-01-02T16:00:00+02:00,5000-0002,EUR,SKU-JAM,misc,1,20.00\n"
+)
+
+
+async def test_missing_receipts_are_posted_once_and_ledger_only_ones_are_reported(mesh: Mesh, tmp_path: Path) -> None:
+    aino, bruno = await member_with_card(mesh, "5000-0001"), await member_with_card(mesh, "5000-0002")
+    day = datetime(2026, 1, 2, 8, 0, tzinfo=UTC)
+    # S-1 reached the ledger live; S-2 and S-3 never did (the till was offline).
+    await mesh.ledger.stub.RecordPurchase(rest_purchase(aino, "S-1", "SKU-COFFEE", 2, 1250, "EUR", day + timedelta(
+        minutes=15)))  # fmt: skip
+    # Live the same day at the same store, but missing from the store's own export.
+    stray = await mesh.ledger.stub.RecordPurchase(rest_purchase(aino, "S-9", "SKU-PEN", 1, 500, "EUR", day))
+    # Another store and another day: not this file's business.
+    await mesh.ledger.stub.RecordPurchase(rest_purchase(aino, "T-1", "SKU-PEN", 1, 500, "EUR", day, store="LIS-01"))
+    await mesh.ledger.stub.RecordPurchase(rest_purchase(aino, "S-0", "SKU-PEN", 1, 500, "EUR", day - timedelta(days=1)))
+    before = await points(mesh, aino)
+    source = tmp_path / "hel-01-2026-01-02.csv"
+    source.write_text(END_OF_DAY)
+
+    first = await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "quarantine")
+    assert first.posted is not None
+    assert (first.receipts_in_file, first.already_posted, first.posted.accepted) == (3, 1, 2)
+    assert [(o.store_id, o.receipt_id, o.purchase_id) for o in first.ledger_only] == [
+        ("HEL-01", "S-9", stray.purchase.purchase_id)
+    ]
+    assert not first.resolved
+    assert await points(mesh, bruno) == 100 + 30 + 20
+    assert await points(mesh, aino) == before
+
+    again = await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "quarantine")
+    assert again.posted is not None
+    assert (again.already_posted, again.posted.accepted, again.posted.duplicates) == (3, 0, 0)
+    assert [o.receipt_id for o in again.ledger_only] == ["S-9"]
+    assert await points(mesh, bruno) == 100 + 30 + 20
+
+
+@pytest.mark.parametrize("extra", ["", "P,HEL-01,S-4,1,2026-01-02T17:00:00+02:00,5000-0002,EUR,SKU-TEA,misc,1,4.0X\n"])
+async def test_the_cli_exits_nonzero_until_nothing_is_left_for_a_person(mesh: Mesh, tmp_path: Path, extra: str) -> None:
+    await member_with_card(mesh, "5000-0001")
+    bruno = await member_with_card(mesh, "5000-0002")
+    source = tmp_path / "eod.csv"
+    source.write_text(END_OF_DAY + extra)
+    settings = mesh.ledger.app.settings
+    env = {
+        "POINTMESH_LEDGER_ADDR": mesh.ledger.address, "POINTMESH_DATA_DIR": str(settings.data_dir),
+        "POINTMESH_STORE": settings.store, "POINTMESH_CASSANDRA_CONTACT_POINTS": settings.cassandra_contact_points,
+        "POINTMESH_CASSANDRA_KEYSPACE": settings.cassandra_keyspace,
+        "POINTMESH_CASSANDRA_LEDGER": settings.cassandra_ledger,
+    }  # fmt: skip
+    # In a thread: the ledger it talks to runs on this test's event loop.
+    done = await asyncio.to_thread(
+        pointmesh_cli, "ledger", "reconcile", "--settlement", str(source), "--adapter", "csv", env=env
+    )
+    # An unreadable line is a difference a person must fix; otherwise everything is resolved.
+    assert done.returncode == (1 if extra else 0), done.stdout + done.stderr
+    assert "3 receipts in file, 0 already posted, 3 posted now, 0 only in the ledger" in done.stdout
+    assert "zero differences" in done.stdout
+    assert await points(mesh, bruno) == 100 + 30 + 20
