@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/pointmesh/v1/*.proto)
 
-.PHONY: up test lint protos protos-check bench demo clean setup system-deps kafka cassandra
+.PHONY: up test test-cluster lint protos protos-check bench demo clean setup system-deps kafka cassandra
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
@@ -63,6 +63,11 @@ test: setup
 	t=$$(date +%s); $(MAKE) --no-print-directory lint; echo "stage lint: $$(( $$(date +%s) - t ))s"; \
 	t=$$(date +%s); rc=0; $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
 	echo "stage pytest: $$(( $$(date +%s) - t ))s"; exit $$rc
+
+# The three-node Cassandra failure tests (127.0.0.1-3, replication factor 3); a few minutes.
+test-cluster: setup
+	@t=$$(date +%s); rc=0; POINTMESH_CLUSTER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/cluster || rc=$$?; \
+	echo "stage test-cluster: $$(( $$(date +%s) - t ))s"; exit $$rc
 
 bench: setup
 	$(BIN)/python -m benchmarks.ledger_bench
