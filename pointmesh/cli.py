@@ -9,15 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO, TypeVar
 
 from pointmesh import cli_events
 from pointmesh.cassandra_server import CassandraServer
 from pointmesh.config import ConfigError, Settings, load_settings
 from pointmesh.logs import configure_logging
 from pointmesh.redis_server import RedisServer, ensure_redis_binary
+
+T = TypeVar("T")
 
 
 def _settings() -> Settings:
@@ -86,21 +89,34 @@ def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def _settle(args: argparse.Namespace, settings: Settings) -> int:
-    """A store's settlement file against the running ledger: missing receipts are posted."""
+def _legacy_file(
+    label: str, args: argparse.Namespace, settings: Settings, run: Callable[[Path], Coroutine[Any, Any, T]]
+) -> T | int:
+    """Runs a command over a legacy file; an int is the exit code of a failure it reported
+    (75: the ledger is unavailable, run it again later)."""
     from gateway.legacy.importer import ImportInterrupted
-    from gateway.legacy.settlement import reconcile_file
 
     quarantine = Path(args.quarantine_dir) if args.quarantine_dir else settings.data_dir / "quarantine"
     try:
-        report = asyncio.run(reconcile_file(args.settlement, args.adapter, settings.ledger_addr, quarantine,
-                                            args.channel))  # fmt: skip
+        return asyncio.run(run(quarantine))
     except ImportInterrupted as exc:
-        print(f"settlement: {exc}", file=sys.stderr)
+        print(f"{label}: {exc}", file=sys.stderr)
         return 75 if exc.retryable else 1
     except (OSError, ValueError) as exc:
-        print(f"settlement: {exc}", file=sys.stderr)
+        print(f"{label}: {exc}", file=sys.stderr)
         return 1
+
+
+def _settle(args: argparse.Namespace, settings: Settings) -> int:
+    """A store's settlement file against the running ledger: missing receipts are posted."""
+    from gateway.legacy.settlement import reconcile_file
+
+    report = _legacy_file(
+        "settlement", args, settings,
+        lambda quarantine: reconcile_file(args.settlement, args.adapter, settings.ledger_addr, quarantine, args.channel),
+    )  # fmt: skip
+    if isinstance(report, int):
+        return report
     for line in report.lines():
         print(line)
     return 0 if report.resolved else 1
@@ -236,18 +252,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_legacy_import(args: argparse.Namespace) -> int:
     """Exit 0: all imported; 2: some lines quarantined; 75: ledger unavailable, re-run later."""
-    from gateway.legacy.importer import ImportInterrupted, import_file
+    from gateway.legacy.importer import import_file
 
     settings = _settings()
-    quarantine = Path(args.quarantine_dir) if args.quarantine_dir else settings.data_dir / "quarantine"
-    try:
-        report = asyncio.run(import_file(args.file, args.adapter, settings.ledger_addr, quarantine, args.channel))
-    except ImportInterrupted as exc:
-        print(f"legacy import: {exc}", file=sys.stderr)
-        return 75 if exc.retryable else 1
-    except (OSError, ValueError) as exc:
-        print(f"legacy import: {exc}", file=sys.stderr)
-        return 1
+    report = _legacy_file(
+        "legacy import", args, settings,
+        lambda quarantine: import_file(args.file, args.adapter, settings.ledger_addr, quarantine, args.channel),
+    )  # fmt: skip
+    if isinstance(report, int):
+        return report
     print(report.summary())
     for q in report.quarantined:
         print(f"  {q.source}:{q.line}: {q.reason}", file=sys.stderr)

@@ -184,6 +184,15 @@ def store_env(request: pytest.FixtureRequest, store: str) -> dict[str, str]:
     return {f"POINTMESH_{k.upper()}": str(v) for k, v in store_settings(request, store).items()}
 
 
+def ledger_process_env(data_dir: Path, redis_url: str, port: int, **extra: str) -> dict[str, str]:
+    """Environment of a `pointmesh ledger serve` child: its data, Redis, port; no metrics port."""
+    return {
+        "POINTMESH_DATA_DIR": str(data_dir), "POINTMESH_REDIS_URL": redis_url,
+        "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{port}", "POINTMESH_LEDGER_METRICS_PORT": "0",
+        "POINTMESH_GRACE_SECONDS": "2", "POINTMESH_INGEST_CONSUMER": "false", **extra,
+    }  # fmt: skip
+
+
 @pytest.fixture
 async def ledger(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[LedgerUnderTest]:
     """A fresh ledger_svc (4 SQLite shards, ManualClock) serving gRPC on a free loopback port.

@@ -11,11 +11,12 @@ nothing is quarantined for an outage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -277,6 +278,26 @@ def quarantine_path(quarantine_dir: Path, source: Path) -> Path:
     return quarantine_dir / f"{source.name}.quarantine.jsonl"
 
 
+async def read_source(path: Path | str, adapter_name: str) -> tuple[Adapter, Path, list[Parsed]]:
+    """The adapter by name and what it reads from the file (bad lines as Quarantined records)."""
+    adapter = ADAPTERS.get(adapter_name)
+    if adapter is None:
+        raise ValueError(f"unknown adapter {adapter_name!r}; known: {', '.join(sorted(ADAPTERS))}")
+    source = Path(path)
+    data = await asyncio.to_thread(source.read_bytes)
+    return adapter, source, list(adapter.parse(str(source), data))
+
+
+@contextlib.asynccontextmanager
+async def ledger_stub(target: str) -> AsyncIterator[ledger_pb2_grpc.LedgerServiceStub]:
+    """A ledger client whose unary calls are retried where idempotent, closed afterwards."""
+    grpc_channel = client_channel(target, idempotent_methods=unary_methods(LEDGER_SERVICE))
+    try:
+        yield ledger_pb2_grpc.LedgerServiceStub(grpc_channel)
+    finally:
+        await grpc_channel.close()
+
+
 async def import_file(
     path: Path | str,
     adapter_name: str,
@@ -286,19 +307,9 @@ async def import_file(
 ) -> ImportReport:
     """`pointmesh legacy import FILE --adapter NAME`: parse, send, and write the quarantine file
     (only when the import finished; an interrupted import writes nothing and is simply re-run)."""
-    adapter = ADAPTERS.get(adapter_name)
-    if adapter is None:
-        raise ValueError(f"unknown adapter {adapter_name!r}; known: {', '.join(sorted(ADAPTERS))}")
-    source = Path(path)
-    data = await asyncio.to_thread(source.read_bytes)
-    grpc_channel = client_channel(ledger_target, idempotent_methods=unary_methods(LEDGER_SERVICE))
-    try:
-        stub = ledger_pb2_grpc.LedgerServiceStub(grpc_channel)
-        report = await import_records(
-            adapter.parse(str(source), data), stub, adapter=adapter.name, channel=channel or adapter.default_channel
-        )
-    finally:
-        await grpc_channel.close()
+    adapter, source, records = await read_source(path, adapter_name)
+    async with ledger_stub(ledger_target) as stub:
+        report = await import_records(records, stub, adapter=adapter.name, channel=channel or adapter.default_channel)
     if not report.quarantined:
         return report
     target = quarantine_path(Path(quarantine_dir), source)

@@ -14,10 +14,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway.legacy.importer import ADAPTERS, ImportReport, import_records, quarantine_path, write_quarantine
+from gateway.legacy.importer import (
+    ImportReport,
+    import_records,
+    ledger_stub,
+    quarantine_path,
+    read_source,
+    write_quarantine,
+)
 from gateway.legacy.records import LegacyPurchase, Parsed, Quarantined
-from pointmesh.clients import LEDGER_SERVICE, unary_methods
-from pointmesh.rpc import client_channel
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -123,20 +128,11 @@ async def reconcile_file(
     path: Path | str, adapter_name: str, ledger_target: str, quarantine_dir: Path | str, channel: str | None = None
 ) -> SettlementReport:
     """`pointmesh ledger reconcile --settlement FILE --adapter NAME`."""
-    adapter = ADAPTERS.get(adapter_name)
-    if adapter is None:
-        raise ValueError(f"unknown adapter {adapter_name!r}; known: {', '.join(sorted(ADAPTERS))}")
-    source = Path(path)
-    data = await asyncio.to_thread(source.read_bytes)
-    grpc_channel = client_channel(ledger_target, idempotent_methods=unary_methods(LEDGER_SERVICE))
-    try:
-        stub = ledger_pb2_grpc.LedgerServiceStub(grpc_channel)
+    adapter, source, records = await read_source(path, adapter_name)
+    async with ledger_stub(ledger_target) as stub:
         report = await reconcile_records(
-            list(adapter.parse(str(source), data)), stub, adapter=adapter.name,
-            channel=channel or adapter.default_channel,
-        )  # fmt: skip
-    finally:
-        await grpc_channel.close()
+            records, stub, adapter=adapter.name, channel=channel or adapter.default_channel
+        )
     if report.quarantined:
         report.quarantine_file = quarantine_path(Path(quarantine_dir), source)
         await asyncio.to_thread(write_quarantine, report.quarantined, report.quarantine_file, adapter=adapter.name)

@@ -20,7 +20,7 @@ from ledger_svc.reconcile import reconcile
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from tests.cluster.conftest import KEYSPACE, Cluster
-from tests.conftest import ledger_process, start_ledger, stop_ledger, wait_for_port
+from tests.conftest import ledger_process, ledger_process_env, start_ledger, stop_ledger, wait_for_port
 from tests.waiting import until
 
 OPENING, EARN, SPEND = 200, 5, 25
@@ -119,11 +119,9 @@ async def test_redemptions_racing_from_several_ledger_processes_never_overdraw(
     ledger_name = "h" + uuid.uuid4().hex[:12]
     ports = [free_port() for _ in range(processes)]
     envs = [
-        {"POINTMESH_STORE": "cassandra", "POINTMESH_CASSANDRA_CONTACT_POINTS": cluster.settings.cassandra_contact_points,
-         "POINTMESH_CASSANDRA_KEYSPACE": KEYSPACE, "POINTMESH_CASSANDRA_LEDGER": ledger_name,
-         "POINTMESH_DATA_DIR": str(tmp_path / f"p{n}"), "POINTMESH_REDIS_URL": redis_server.url,
-         "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{port}", "POINTMESH_LEDGER_METRICS_PORT": "0",
-         "POINTMESH_INGEST_CONSUMER": "false", "POINTMESH_GRACE_SECONDS": "2"}
+        ledger_process_env(tmp_path / f"p{n}", redis_server.url, port, POINTMESH_STORE="cassandra",
+                           POINTMESH_CASSANDRA_CONTACT_POINTS=cluster.settings.cassandra_contact_points,
+                           POINTMESH_CASSANDRA_KEYSPACE=KEYSPACE, POINTMESH_CASSANDRA_LEDGER=ledger_name)
         for n, port in enumerate(ports)
     ]  # fmt: skip
     with contextlib.ExitStack() as stack:

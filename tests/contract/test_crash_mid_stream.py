@@ -22,7 +22,7 @@ import pytest
 
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
-from tests.conftest import ledger_process, pointmesh_cli, store_env, wait_for_port
+from tests.conftest import ledger_process, ledger_process_env, pointmesh_cli, store_env, wait_for_port
 
 MEMBERS = 4
 OPENING = 1_000
@@ -55,15 +55,7 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_posting_once(
     store: str, tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:
     port = free_port()
-    env = {
-        **store_env(request, store),
-        "POINTMESH_DATA_DIR": str(tmp_path / "data"),
-        "POINTMESH_REDIS_URL": redis_server.url,
-        "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{port}",
-        "POINTMESH_LEDGER_METRICS_PORT": "0",
-        "POINTMESH_GRACE_SECONDS": "2",
-        "POINTMESH_INGEST_CONSUMER": "false",
-    }
+    env = ledger_process_env(tmp_path / "data", redis_server.url, port, **store_env(request, store))
     log_path = tmp_path / "ledger.log"
     acked: dict[int, str] = {}
     lock = threading.Lock()

@@ -17,7 +17,7 @@ import pytest
 from ledger_svc.domain import bucket_of
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
-from tests.conftest import ledger_process, pointmesh_cli, store_env, wait_for_port
+from tests.conftest import ledger_process, ledger_process_env, pointmesh_cli, store_env, wait_for_port
 
 SHARDS = 4
 EARNED = 100
@@ -62,16 +62,10 @@ def test_cross_shard_transfer_killed_mid_saga_completes_exactly_once_after_resta
     fault_point: str, store: str, tmp_path: Path, redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:
     port = free_port()
-    env = {
-        **store_env(request, store),
-        "POINTMESH_DATA_DIR": str(tmp_path / "data"),
-        "POINTMESH_REDIS_URL": redis_server.url,
-        "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{port}",
-        "POINTMESH_LEDGER_METRICS_PORT": "0",
-        "POINTMESH_LEDGER_SHARDS": str(SHARDS),
-        "POINTMESH_GRACE_SECONDS": "2",
-        "POINTMESH_FAULT_POINT": "",
-    }
+    env = ledger_process_env(
+        tmp_path / "data", redis_server.url, port, **store_env(request, store),
+        POINTMESH_LEDGER_SHARDS=str(SHARDS), POINTMESH_FAULT_POINT="",
+    )  # fmt: skip
     log_path = tmp_path / "ledger.log"
     transfer = ledger_pb2.TransferRequest(
         idempotency_key=_key("transfer-1"), unit="points", points=MOVED, reason="gift to a friend"
