@@ -124,6 +124,10 @@ class LedgerApp:
                     log.info("maintenance pass", extra={"report": codec.to_plain(report)})
                 if self.clock.now() - last_purge >= PURGE_EVERY:
                     await self.service.purge_expired_keys(retention)
+                    horizon = self.clock.now() - timedelta(days=self.settings.live_history_days)
+                    moved = await self.store.archive(horizon)
+                    if moved:
+                        log.info("archived %d settled rows older than %s", moved, horizon.date())
                     last_purge = self.clock.now()
             except Exception:
                 log.exception("maintenance pass failed; retrying next interval")

@@ -80,6 +80,9 @@ class Settings:
     negative_limit_points: int = 0
     # Idempotency keys are kept at least this long (the longest retry/replay window).
     idempotency_retention_days: int = 35
+    # Cassandra: settled history older than this leaves members' live partitions for monthly
+    # history partitions (daily, with key retention); SQLite ignores it.
+    live_history_days: int = 400
     # Secret for payment-card tokens; set it in production.
     card_hmac_secret: str = "pointmesh-dev-card-secret"
     maintenance_interval_seconds: float = 5.0

@@ -48,7 +48,18 @@ ENTRY_SLOTS = 1 << 16  # journal legs one unit may write into one partition
 SEQ_TAGS = 1024
 MAX_ATTEMPTS = 80
 # Small, bounded row kinds read with the partition's statics on first touch.
-LIVE_KINDS = ("acct", "hold", "lot", "state", "wait")
+LIVE_KINDS = ("acct", "hold", "lot", "months", "state", "wait")
+# Row kinds archived to monthly history partitions once older than the live horizon, with
+# the position of their time in the body and the owner key that finds them by id.
+ARCHIVED: dict[str, tuple[int, Callable[[str, list[Any]], str], Callable[[list[Any]], bool]]] = {
+    "tx": (4, lambda id_, r: id_, lambda r: True),
+    "entry": (3, lambda id_, r: "", lambda r: True),
+    "lot_closed": (6, lambda id_, r: f"lot-of\x1f{r[2]}", lambda r: True),
+    "hold_done": (5, lambda id_, r: id_, lambda r: True),
+    "purchase": (2, lambda id_, r: id_, lambda r: r[0] != "PENDING_ACCRUAL"),  # waiting ones are live work
+    "review": (2, lambda id_, r: id_, lambda r: r[1] != "OPEN"),
+}
+ARCHIVE_BATCH = 200  # rows moved per conditional batch (Cassandra refuses very large batches)
 # Row kinds that put a partition in the shard's 'due' index: rare open work.
 INDEXED = {"due": {"wait", "saga"}}
 # Queues of pointers (docs/cassandra.md), bucketed by time: bucket width in microseconds.
@@ -212,6 +223,11 @@ class _Part:
                     out[id_] = body
         return out
 
+    def months(self) -> list[int]:
+        """Months (yyyymm) this member has archived history in."""
+        body = self.get("months", "")
+        return [] if body is None else list(json.loads(body))
+
     def put(self, kind: str, id_: str, body: str) -> None:
         self.staged[(kind, id_)] = body
 
@@ -270,11 +286,24 @@ class CassandraShardTx:
         return self.store.owner(self.shard, object_id)
 
     def owned(self, object_id: str, kind: str) -> tuple[_Part, str] | None:
+        """The live row, or the archived one (the live one wins: a row written again after it
+        was archived, like a transaction a late reversal updates, lives again)."""
         p = self.owner(object_id)
         if p is None:
             return None
-        body = self.part(p).get(kind, object_id)
-        return None if body is None else (self.parts[p], body)
+        part = self.part(p)
+        body = part.get(kind, object_id)
+        if body is None and part.months():
+            body = self.store.archived(self.shard, p, kind, object_id, object_id)
+        return None if body is None else (part, body)
+
+    def with_history(self, part: _Part, kind: str) -> dict[str, str]:
+        """A partition's rows of `kind`, archived and live (live wins)."""
+        rows: dict[str, str] = {}
+        for month in part.months():
+            rows.update({r.id: r.body for r in self.store.q("hist_kind", (self.store.ledger, part.p, month, kind))})
+        rows.update(part.all(kind))
+        return rows
 
     def put_owned(self, part: _Part, kind: str, object_id: str, body: str) -> None:
         part.put(kind, object_id, body)
@@ -364,7 +393,14 @@ class CassandraShardTx:
         if member is None:
             return []  # system accounts have no single partition; their legs sit with members
         low, high = f"{account}|", f"{account}|{min(before_entry_id, 10**19 - 1):019d}"
-        rows = self.store.q("entries", (self.store.ledger, self.pkey(member), low, high, limit))
+        p = self.pkey(member)
+        rows = list(self.store.q("entries", (self.store.ledger, p, low, high, limit)))
+        if len(rows) < limit:
+            # Older pages continue in the member's monthly history, newest month first.
+            for month in sorted(self.part(p, lock=False).months(), reverse=True):
+                rows += self.store.q("hist_entries", (self.store.ledger, p, month, low, high, limit - len(rows)))
+                if len(rows) >= limit:
+                    break
         out = []
         for row in rows:
             r = json.loads(row.body)
@@ -374,7 +410,7 @@ class CassandraShardTx:
 
     def _legs(self) -> Iterable[tuple[str, int, list[Any]]]:
         for part in self.scan():
-            for id_, body in part.all("entry").items():
+            for id_, body in self.with_history(part, "entry").items():
                 account, _, entry_id = id_.rpartition("|")
                 yield account, int(entry_id), json.loads(body)
 
@@ -439,6 +475,10 @@ class CassandraShardTx:
         part = self.part(p)
         found = [_dec_lot(i, b) for kind in ("lot", "lot_closed") for i, b in part.all(kind).items()]
         found = [lot for lot in found if lot.earn_transaction_id == tx_id]
+        if not found and part.months():
+            month = self.store.owner_month(self.shard, _earned(tx_id))
+            rows = [] if month is None else self.store.q("hist_kind", (self.store.ledger, p, month, "lot_closed"))
+            found = [lot for lot in (_dec_lot(r.id, r.body) for r in rows) if lot.earn_transaction_id == tx_id]
         found.sort(key=lambda lot: (lot.member_id != member_id, lot.remaining_points <= 0))
         return found[0] if found else None
 
@@ -490,8 +530,10 @@ class CassandraShardTx:
         p = self.owner(hold_id)
         if p is None:
             return None
-        part = self.part(p)
-        body = part.get("hold", hold_id) or part.get("hold_done", hold_id)
+        body = self.part(p).get("hold", hold_id)
+        if body is None:
+            found = self.owned(hold_id, "hold_done")
+            body = None if found is None else found[1]
         return None if body is None else _dec_hold(hold_id, body)
 
     def set_hold_status(self, hold_id: str, status: HoldStatus, captured_points: int) -> None:
@@ -617,7 +659,7 @@ class CassandraShardTx:
         lo, hi = to_us(start), to_us(end)
         found = []
         for part in self.scan():
-            for purchase_id, body in part.all("purchase").items():
+            for purchase_id, body in self.with_history(part, "purchase").items():
                 r = json.loads(body)
                 if lo <= r[2] < hi:
                     found.append((r[2], purchase_id, str(r[1])))
@@ -641,7 +683,8 @@ class CassandraShardTx:
         since = (to_us(after[0]), after[1]) if after else (-1, "")
         found = []
         for part in parts:
-            for review_id, body in part.all("review").items():
+            reviews = part.all("review") if status == "OPEN" else self.with_history(part, "review")
+            for review_id, body in reviews.items():
                 r = json.loads(body)
                 if r[1] == status and (r[2], review_id) > since:
                     found.append((r[2], review_id, r[3]))
@@ -903,6 +946,13 @@ class CassandraLedgerStore:
             "put_new": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,?,?,?) IF NOT EXISTS",
             "del": f"DELETE FROM {ks}.book WHERE ledger=? AND p=? AND kind=? AND id=?",
             "owner_get": f"SELECT p FROM {ks}.owners WHERE ledger=? AND shard=? AND id=?",
+            "owner_month_get": f"SELECT month FROM {ks}.owners WHERE ledger=? AND shard=? AND id=?",
+            "owner_month": f"UPDATE {ks}.owners SET month=? WHERE ledger=? AND shard=? AND id=?",
+            "hist_put": f"INSERT INTO {ks}.book_history (ledger, p, month, kind, id, body) VALUES (?,?,?,?,?,?)",
+            "hist_row": f"SELECT body FROM {ks}.book_history WHERE ledger=? AND p=? AND month=? AND kind=? AND id=?",
+            "hist_kind": f"SELECT id, body FROM {ks}.book_history WHERE ledger=? AND p=? AND month=? AND kind=?",
+            "hist_entries": f"SELECT id, body FROM {ks}.book_history WHERE ledger=? AND p=? AND month=?"
+                            " AND kind='entry' AND id>=? AND id<? ORDER BY kind DESC, id DESC LIMIT ?",
             "owner_put": f"INSERT INTO {ks}.owners (ledger, shard, id, p) VALUES (?,?,?,?)",
             "members_put": f"INSERT INTO {ks}.shard_members (ledger, shard, p) VALUES (?,?,?)",
             "members": f"SELECT p FROM {ks}.shard_members WHERE ledger=? AND shard=?",
@@ -994,6 +1044,76 @@ class CassandraLedgerStore:
             found = row.p
             self._cache_owner(key, found)
         return found
+
+    def owner_month(self, shard: int, key: str) -> int | None:
+        row = self.q("owner_month_get", (self.ledger, shard, key)).one()
+        return None if row is None else row.month
+
+    def archived(self, shard: int, p: str, kind: str, id_: str, owner_key: str) -> str | None:
+        month = self.owner_month(shard, owner_key)
+        if month is None:
+            return None
+        row = self.q("hist_row", (self.ledger, p, month, kind, id_)).one()
+        return None if row is None else str(row.body)
+
+    def _archive_partition(self, shard: int, p: str, cutoff_us: int) -> int:
+        """Moves up to ARCHIVE_BATCH settled rows older than the cutoff to their month.
+
+        Order makes every crash point harmless: history rows and owner months are written
+        first (idempotent copies; readers prefer the live row while it exists), then one
+        conditional batch deletes the live rows and records the months. A unit that wrote the
+        partition meanwhile wins; the rows move on the next pass.
+        """
+        tx = CassandraShardTx(self, shard, writing=True)
+        try:
+            part = tx.part(p)
+            moving: list[tuple[str, str, str, int, str]] = []
+            for kind, (at, owner_key, settled) in ARCHIVED.items():
+                for id_, body in part.all(kind).items():
+                    r = json.loads(body)
+                    if r[at] < cutoff_us and settled(r):
+                        when = from_us(r[at])
+                        moving.append((kind, id_, body, when.year * 100 + when.month, owner_key(id_, r)))
+                    if len(moving) >= ARCHIVE_BATCH:
+                        break
+                if len(moving) >= ARCHIVE_BATCH:
+                    break
+            if not moving:
+                return 0
+            calls: list[tuple[str, tuple[Any, ...]]] = []
+            for kind, id_, body, month, key in moving:
+                calls.append(("hist_put", (self.ledger, p, month, kind, id_, body)))
+                if key:
+                    calls.append(("owner_month", (month, self.ledger, shard, key)))
+            self.run_many(calls)
+            for kind, id_, _body, _month, _key in moving:
+                part.delete(kind, id_)
+            months = sorted(set(part.months()) | {m for *_, m, _ in moving})
+            part.put("months", "", _dumps(months))
+            self.commit_partition(part)
+            return len(moving)
+        finally:
+            tx.release()
+
+    def archive_shard(self, shard: int, cutoff: datetime) -> int:
+        moved = 0
+        for p, _ in self.partitions(shard, ""):
+            while True:
+                try:
+                    n = self._archive_partition(shard, p, to_us(cutoff))
+                except Conflict:
+                    break  # the member was busy; next pass
+                moved += n
+                if n < ARCHIVE_BATCH:
+                    break
+        return moved
+
+    async def archive(self, before: datetime) -> int:
+        """Settled rows older than `before` leave the live partitions for monthly history."""
+        moved = 0
+        for shard in range(self._shards):
+            moved += await self._submit(self.archive_shard, shard, before)
+        return moved
 
     def _cache_owner(self, key: tuple[int, str], p: str) -> None:
         if len(self._owners) >= self._owner_cache:

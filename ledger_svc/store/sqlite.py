@@ -655,6 +655,10 @@ class SqliteLedgerStore:
     async def read_directory(self, work: Callable[[SqliteDirectoryTx], T]) -> T:
         return await self._dir_reader.submit(work)
 
+    async def archive(self, before: datetime) -> int:
+        """Nothing to do: a SQLite shard is one file, not a partition with a size limit."""
+        return 0
+
     async def close(self) -> None:
         for worker in [*self._writers, *self._readers, self._dir_writer, self._dir_reader]:
             worker.close()
