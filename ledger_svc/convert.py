@@ -162,6 +162,7 @@ def event_pb(payload_json: str) -> ledger_pb2.LedgerEvent:
             purchase_id=data["purchase_id"], channel=data["channel"], store_id=data["store_id"],
             total=common_pb2.Money(amount_minor=data["total_minor"], currency=data["currency"]),
             receipt_time=_iso(data["receipt_time"]), earned=data["earned"], purchase_number=data["purchase_number"],
+            categories=data.get("categories", []),
         ))  # fmt: skip
     elif kind == "tier_changed":
         event.tier_changed.CopyFrom(ledger_pb2.TierChanged(**data))

@@ -223,6 +223,7 @@ def _announce(book: ShardBook, record: PurchaseRecord) -> None:
         "total_minor": record.total.amount_minor, "currency": record.total.currency,
         "receipt_time": record.receipt_time.isoformat(), "earned": record.earned(),
         "purchase_number": record.purchase_number,
+        "categories": sorted({line.category for line in record.lines if line.category}),
     })  # fmt: skip
     if record.tier_after and record.tier_before and record.tier_after != record.tier_before:
         book.emit("tier_changed", balance, {

@@ -114,6 +114,9 @@ class Settings:
     # Partitions and replication of topics `pointmesh events topics create` makes.
     event_partitions: int = 6
     event_replication: int = 1
+    # rules_svc drives gamification from the ledger's events (group rules-gamification) and
+    # posts rewards to ledger_addr.
+    gamification_consumer: bool = True
     # ledger_svc consumes bulk purchases from the ingest topic (group ledger-ingest).
     ingest_consumer: bool = True
     cache_ttl_seconds: int = 300

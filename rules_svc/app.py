@@ -6,14 +6,20 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pointmesh.clients import ledger_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
+from pointmesh.events import LEDGER_EVENTS, dead_letter_topic, open_bus
 from pointmesh.rpc import GrpcServer
 from pointmesh.v1 import rules_pb2, rules_pb2_grpc
+from rules_svc.game_service import GameService
+from rules_svc.game_store import GameStore
+from rules_svc.game_worker import GameWorker
 from rules_svc.server import RulesServicer
 from rules_svc.service import RulesService
 from rules_svc.versions import VersionStore
@@ -38,6 +44,9 @@ class RulesApp:
     service: RulesService
     server: GrpcServer
     store: VersionStore
+    game: GameService
+    worker: GameWorker | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -49,6 +58,9 @@ class RulesApp:
         await self._seed()
         port = await self.server.start()
         self.tasks.append(asyncio.create_task(self._reload(), name="rules-reload"))
+        if self.worker is not None:
+            await self.worker.bus.ensure_topics([LEDGER_EVENTS, dead_letter_topic(LEDGER_EVENTS)])
+            self.tasks.append(asyncio.create_task(self.worker.run(self.stopping), name="gamification"))
         return port
 
     async def _seed(self) -> None:
@@ -72,10 +84,14 @@ class RulesApp:
                 log.exception("reloading program versions failed; retrying")
 
     async def _cleanup(self) -> None:
+        self.stopping.set()
         for task in self.tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.worker is not None:
+            await self.worker.bus.close()
+        self.game.store.close()
         self.store.close()
 
     async def stop(self, grace: float | None = None) -> None:
@@ -84,11 +100,17 @@ class RulesApp:
 
 async def build(settings: Settings, *, clock: Clock | None = None, address: str | None = None) -> RulesApp:
     store = VersionStore(settings.data_dir / "rules" / "programs.db")
-    service = RulesService(store, clock or SystemClock())
+    clock = clock or SystemClock()
+    service = RulesService(store, clock)
+    game = GameService(service, GameStore(settings.data_dir / "rules" / "gamification.db"), clock)
     server = GrpcServer("rules", address or settings.rules_addr, grace_seconds=settings.grace_seconds)
-    servicer = RulesServicer(service)
+    servicer = RulesServicer(service, game)
     server.add_service(lambda s: rules_pb2_grpc.add_RulesServiceServicer_to_server(servicer, s), SERVICE_NAME)
-    app = RulesApp(settings, service, server, store)
+    worker = None
+    if settings.gamification_consumer:
+        worker = GameWorker(game.store, game.program_at, settings.program, open_bus(settings),
+                            ledger_stub(settings.ledger_addr), f"rules-{os.getpid()}")  # fmt: skip
+    app = RulesApp(settings, service, server, store, game, worker)
     server.on_stop(app._cleanup)
     return app
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from pointmesh.guards import Guard
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2
 from rules_svc.domain import BadRequest, Basket, Evaluation, Line, MemberContext, RulesError
+from rules_svc.game_service import ItemKind, ProgressItem
+from rules_svc.game_store import BoardRow
+from rules_svc.program import Challenge
 from rules_svc.versions import VersionInfo
 
 
@@ -92,3 +96,44 @@ def version_pb(v: VersionInfo) -> rules_pb2.ProgramVersion:
 
 def key_of(m: common_pb2.IdempotencyKey) -> tuple[str, str]:
     return m.namespace or "default", m.key
+
+
+def optional_time(message: Any, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    try:
+        return from_timestamp(getattr(message, field))
+    except ValueError as exc:
+        raise BadRequest(str(exc), field=field) from None
+
+
+_GAME_KINDS = {
+    ItemKind.ACHIEVEMENT: rules_pb2.GAME_ITEM_KIND_ACHIEVEMENT,
+    ItemKind.STREAK: rules_pb2.GAME_ITEM_KIND_STREAK,
+    ItemKind.CHALLENGE: rules_pb2.GAME_ITEM_KIND_CHALLENGE,
+}
+
+
+def _from_us(value: int | None) -> Any:
+    return to_timestamp(datetime.fromtimestamp(value / 1_000_000, UTC)) if value else None
+
+
+def game_progress_pb(item: ProgressItem) -> rules_pb2.GameProgress:
+    return rules_pb2.GameProgress(
+        item_id=item.item_id, name=item.name, kind=_GAME_KINDS[item.kind], progress=item.progress, goal=item.goal,
+        completions=item.completions, last_completed_at=_from_us(item.last_completed_us),
+        reward_points=item.reward_points, reward_unit=item.reward_unit, joined=item.joined,
+    )  # fmt: skip
+
+
+def challenge_pb(c: Challenge) -> rules_pb2.Challenge:
+    return rules_pb2.Challenge(
+        challenge_id=c.id, name=c.name, starts_at=to_timestamp(c.starts), ends_at=to_timestamp(c.ends),
+        goal_purchases=c.purchases, reward_points=c.reward.points, reward_unit=c.reward.unit, opt_in=c.opt_in,
+    )  # fmt: skip
+
+
+def leaderboard_pb(rank: int, row: BoardRow) -> rules_pb2.LeaderboardEntry:
+    return rules_pb2.LeaderboardEntry(
+        rank=rank, member_id=row.member_id, progress=row.progress, completed_at=_from_us(row.completed_us)
+    )

@@ -332,6 +332,77 @@ class Policy(_Strict):
     basket_bonus_on_return: ReturnBonusPolicy = ReturnBonusPolicy.CLAW_BACK
 
 
+class GameReward(_Strict):
+    points: PositiveInt
+    unit: Name = "points"
+
+
+class GameMatch(_Strict):
+    """Which purchases count; empty lists mean any channel, store or category."""
+
+    channels: list[Name] = []
+    stores: list[Name] = []
+    categories: list[Name] = []
+    min_total: MoneyAtLeast | None = None
+
+
+class Distinct(StrEnum):
+    PURCHASE = "purchase"
+    STORE = "store"
+    CATEGORY = "category"
+    CHANNEL = "channel"
+    DAY = "day"
+
+
+class Achievement(_Strict):
+    """Completed once, when `count` distinct things (purchases, stores, categories, ...) matched."""
+
+    id: Name
+    name: str
+    match: GameMatch = GameMatch()
+    count: PositiveInt = 1
+    distinct: Distinct = Distinct.PURCHASE
+    reward: GameReward
+
+
+class Streak(_Strict):
+    """A matching purchase in each of `weeks` consecutive ISO weeks (program timezone); a missed
+    week starts the count again, and a streak completed pays again only after it broke."""
+
+    id: Name
+    name: str
+    match: GameMatch = GameMatch()
+    weeks: PositiveInt
+    reward: GameReward
+
+
+class Challenge(_Strict):
+    """`purchases` matching purchases with receipt times in [starts, ends); pays once."""
+
+    id: Name
+    name: str
+    starts: datetime
+    ends: datetime
+    match: GameMatch = GameMatch()
+    purchases: PositiveInt
+    opt_in: bool = False
+    reward: GameReward
+
+    @model_validator(mode="after")
+    def _window(self) -> Challenge:
+        if self.starts.tzinfo is None or self.ends.tzinfo is None:
+            raise ValueError("starts and ends need an offset (a challenge is one instant range for all stores)")
+        if self.ends <= self.starts:
+            raise ValueError("ends must be after starts")
+        return self
+
+
+class Gamification(_Strict):
+    achievements: list[Achievement] = []
+    streaks: list[Streak] = []
+    challenges: list[Challenge] = []
+
+
 class Program(_Strict):
     program: Name
     description: str = ""
@@ -346,6 +417,7 @@ class Program(_Strict):
     tiers: Tiers | None = None
     redemption: Redemption | None = None
     policy: Policy = Policy()
+    gamification: Gamification = Gamification()
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -435,6 +507,21 @@ def _meaning_errors(p: Program) -> list[tuple[str, str]]:
         errors += _duplicates("tiers.levels", [t.code for t in levels])
     if p.redemption is not None and p.redemption.unit not in units:
         errors.append(("redemption.unit", f"{p.redemption.unit!r} is not one of units {sorted(units)}"))
+    g = p.gamification
+    items = [("achievements", a.id, a.reward, a.match) for a in g.achievements]
+    items += [("streaks", s.id, s.reward, s.match) for s in g.streaks]
+    items += [("challenges", c.id, c.reward, c.match) for c in g.challenges]
+    errors += _duplicates("gamification", [item_id for _, item_id, _, _ in items])
+    counters: dict[str, int] = {}
+    for section, _item_id, reward, match in items:
+        j = counters[section] = counters.get(section, -1) + 1
+        at = f"gamification.{section}[{j}]"
+        if reward.unit not in units:
+            errors.append((f"{at}.reward.unit", f"{reward.unit!r} is not one of units {sorted(units)}"))
+        for field, listed, known in (("channels", match.channels, channels), ("stores", match.stores, stores)):
+            for k, item in enumerate(listed):
+                if item not in known:
+                    errors.append((f"{at}.match.{field}[{k}]", f"{item!r} is not declared in the program"))
     return errors
 
 

@@ -9,6 +9,7 @@ from pointmesh.timestamps import from_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2, rules_pb2_grpc
 from rules_svc import convert as cv
 from rules_svc import domain as d
+from rules_svc.game_service import GameService
 from rules_svc.service import RulesService
 
 DOMAIN = "rules.pointmesh.dev"
@@ -59,8 +60,42 @@ translated = translating(d.RulesError, error_status)
 
 
 class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
-    def __init__(self, service: RulesService) -> None:
+    def __init__(self, service: RulesService, game: GameService) -> None:
         self.service = service
+        self.game = game
+
+    @translated
+    async def GetMemberProgress(
+        self, request: rules_pb2.GetMemberProgressRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.GetMemberProgressResponse:
+        found = await self.game.progress(request.program, request.member_id)
+        return rules_pb2.GetMemberProgressResponse(
+            items=[cv.game_progress_pb(item) for item in found.items], rewards_paid_points=found.paid_points,
+            rewards_pending_points=found.pending_points,
+        )  # fmt: skip
+
+    @translated
+    async def ListChallenges(
+        self, request: rules_pb2.ListChallengesRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.ListChallengesResponse:
+        at = cv.optional_time(request, "at")
+        return rules_pb2.ListChallengesResponse(
+            challenges=[cv.challenge_pb(c) for c in self.game.challenges(request.program, at)]
+        )
+
+    @translated
+    async def JoinChallenge(
+        self, request: rules_pb2.JoinChallengeRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.JoinChallengeResponse:
+        joined = await self.game.join(request.program, request.challenge_id, request.member_id)
+        return rules_pb2.JoinChallengeResponse(joined=joined)
+
+    @translated
+    async def GetLeaderboard(
+        self, request: rules_pb2.GetLeaderboardRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.GetLeaderboardResponse:
+        rows = await self.game.leaderboard(request.program, request.challenge_id, request.limit)
+        return rules_pb2.GetLeaderboardResponse(entries=[cv.leaderboard_pb(rank, row) for rank, row in rows])
 
     @translated
     async def Evaluate(

@@ -221,7 +221,7 @@ async def start_rules(data_dir: Path, clock: ManualClock | None = None, **overri
     clock = clock or ManualClock()
     base: dict[str, object] = {
         "data_dir": data_dir, "rules_addr": "127.0.0.1:0", "rules_metrics_port": 0, "rules_seed_file": "",
-        "grace_seconds": 2.0,
+        "grace_seconds": 2.0, "gamification_consumer": False,  # tests/gamification turn it on
     }  # fmt: skip
     base.update(overrides)
     app = await build_rules(load_settings({}, **base), clock=clock)
@@ -243,12 +243,17 @@ async def rules(tmp_path: Path) -> AsyncIterator[RulesUnderTest]:
     await stop_rules(running)
 
 
-@contextlib.contextmanager
-def ledger_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def ledger_process(env: dict[str, str], log_path: Path) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """Runs `pointmesh ledger serve` and makes sure it is gone afterwards, whatever happened."""
+    return pointmesh_process(["ledger", "serve"], env, log_path)
+
+
+@contextlib.contextmanager
+def pointmesh_process(args: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs `pointmesh <args>` as a child process, stopped (or killed) when the block ends."""
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pointmesh.cli", "ledger", "serve"],
+            [sys.executable, "-m", "pointmesh.cli", *args],
             env={**os.environ, **env},
             cwd=REPO,
             stdin=subprocess.DEVNULL,

@@ -1974,6 +1974,7 @@ class PurchaseRecorded(_message.Message):
     RECEIPT_TIME_FIELD_NUMBER: _builtins.int
     EARNED_FIELD_NUMBER: _builtins.int
     PURCHASE_NUMBER_FIELD_NUMBER: _builtins.int
+    CATEGORIES_FIELD_NUMBER: _builtins.int
     purchase_id: _builtins.str
     channel: _builtins.str
     store_id: _builtins.str
@@ -1987,6 +1988,10 @@ class PurchaseRecorded(_message.Message):
     def earned(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Points per unit the purchase earned."""
 
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Distinct categories of the receipt's lines, sorted (gamification counts them)."""
+
     def __init__(
         self,
         *,
@@ -1997,10 +2002,11 @@ class PurchaseRecorded(_message.Message):
         receipt_time: _timestamp_pb2.Timestamp | None = ...,
         earned: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         purchase_number: _builtins.int = ...,
+        categories: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time", b"receipt_time", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "earned", b"earned", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_time", b"receipt_time", "store_id", b"store_id", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "channel", b"channel", "earned", b"earned", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_time", b"receipt_time", "store_id", b"store_id", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

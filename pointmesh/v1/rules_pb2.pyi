@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from pointmesh.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,26 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _GameItemKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GameItemKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GameItemKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GAME_ITEM_KIND_UNSPECIFIED: _GameItemKind.ValueType  # 0
+    GAME_ITEM_KIND_ACHIEVEMENT: _GameItemKind.ValueType  # 1
+    GAME_ITEM_KIND_STREAK: _GameItemKind.ValueType  # 2
+    GAME_ITEM_KIND_CHALLENGE: _GameItemKind.ValueType  # 3
+
+class GameItemKind(_GameItemKind, metaclass=_GameItemKindEnumTypeWrapper):
+    """Gamification ------------------------------------------------------------------------------"""
+
+GAME_ITEM_KIND_UNSPECIFIED: GameItemKind.ValueType  # 0
+GAME_ITEM_KIND_ACHIEVEMENT: GameItemKind.ValueType  # 1
+GAME_ITEM_KIND_STREAK: GameItemKind.ValueType  # 2
+GAME_ITEM_KIND_CHALLENGE: GameItemKind.ValueType  # 3
+Global___GameItemKind: _TypeAlias = GameItemKind  # noqa: Y015
 
 @_typing.final
 class BasketLine(_message.Message):
@@ -979,3 +1000,306 @@ class QuoteRedemptionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QuoteRedemptionResponse: _TypeAlias = QuoteRedemptionResponse  # noqa: Y015
+
+@_typing.final
+class GameProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    COMPLETIONS_FIELD_NUMBER: _builtins.int
+    LAST_COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    REWARD_POINTS_FIELD_NUMBER: _builtins.int
+    REWARD_UNIT_FIELD_NUMBER: _builtins.int
+    JOINED_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    name: _builtins.str
+    kind: Global___GameItemKind.ValueType
+    progress: _builtins.int
+    """Counted so far (purchases, distinct stores or categories, consecutive weeks) and the goal."""
+    goal: _builtins.int
+    completions: _builtins.int
+    """How many times it was completed (a streak can be completed again after it broke)."""
+    reward_points: _builtins.int
+    reward_unit: _builtins.str
+    joined: _builtins.bool
+    """Challenges that ask for opting in: whether the member joined."""
+    @_builtins.property
+    def last_completed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kind: Global___GameItemKind.ValueType = ...,
+        progress: _builtins.int = ...,
+        goal: _builtins.int = ...,
+        completions: _builtins.int = ...,
+        last_completed_at: _timestamp_pb2.Timestamp | None = ...,
+        reward_points: _builtins.int = ...,
+        reward_unit: _builtins.str = ...,
+        joined: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_completed_at", b"last_completed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completions", b"completions", "goal", b"goal", "item_id", b"item_id", "joined", b"joined", "kind", b"kind", "last_completed_at", b"last_completed_at", "name", b"name", "progress", b"progress", "reward_points", b"reward_points", "reward_unit", b"reward_unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GameProgress: _TypeAlias = GameProgress  # noqa: Y015
+
+@_typing.final
+class GetMemberProgressRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    program: _builtins.str
+    member_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        program: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "program", b"program"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemberProgressRequest: _TypeAlias = GetMemberProgressRequest  # noqa: Y015
+
+@_typing.final
+class GetMemberProgressResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    REWARDS_PAID_POINTS_FIELD_NUMBER: _builtins.int
+    REWARDS_PENDING_POINTS_FIELD_NUMBER: _builtins.int
+    rewards_paid_points: _builtins.int
+    """Reward points paid through the ledger so far, and those waiting to be posted."""
+    rewards_pending_points: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___GameProgress]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___GameProgress] | None = ...,
+        rewards_paid_points: _builtins.int = ...,
+        rewards_pending_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "rewards_paid_points", b"rewards_paid_points", "rewards_pending_points", b"rewards_pending_points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemberProgressResponse: _TypeAlias = GetMemberProgressResponse  # noqa: Y015
+
+@_typing.final
+class Challenge(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STARTS_AT_FIELD_NUMBER: _builtins.int
+    ENDS_AT_FIELD_NUMBER: _builtins.int
+    GOAL_PURCHASES_FIELD_NUMBER: _builtins.int
+    REWARD_POINTS_FIELD_NUMBER: _builtins.int
+    REWARD_UNIT_FIELD_NUMBER: _builtins.int
+    OPT_IN_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    name: _builtins.str
+    goal_purchases: _builtins.int
+    reward_points: _builtins.int
+    reward_unit: _builtins.str
+    opt_in: _builtins.bool
+    @_builtins.property
+    def starts_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ends_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        starts_at: _timestamp_pb2.Timestamp | None = ...,
+        ends_at: _timestamp_pb2.Timestamp | None = ...,
+        goal_purchases: _builtins.int = ...,
+        reward_points: _builtins.int = ...,
+        reward_unit: _builtins.str = ...,
+        opt_in: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "starts_at", b"starts_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "ends_at", b"ends_at", "goal_purchases", b"goal_purchases", "name", b"name", "opt_in", b"opt_in", "reward_points", b"reward_points", "reward_unit", b"reward_unit", "starts_at", b"starts_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Challenge: _TypeAlias = Challenge  # noqa: Y015
+
+@_typing.final
+class ListChallengesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    program: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        program: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "program", b"program"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChallengesRequest: _TypeAlias = ListChallengesRequest  # noqa: Y015
+
+@_typing.final
+class ListChallengesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def challenges(self) -> _containers.RepeatedCompositeFieldContainer[Global___Challenge]: ...
+    def __init__(
+        self,
+        *,
+        challenges: _abc.Iterable[Global___Challenge] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenges", b"challenges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListChallengesResponse: _TypeAlias = ListChallengesResponse  # noqa: Y015
+
+@_typing.final
+class JoinChallengeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    program: _builtins.str
+    challenge_id: _builtins.str
+    member_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        program: _builtins.str = ...,
+        challenge_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "member_id", b"member_id", "program", b"program"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinChallengeRequest: _TypeAlias = JoinChallengeRequest  # noqa: Y015
+
+@_typing.final
+class JoinChallengeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOINED_FIELD_NUMBER: _builtins.int
+    joined: _builtins.bool
+    def __init__(
+        self,
+        *,
+        joined: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["joined", b"joined"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinChallengeResponse: _TypeAlias = JoinChallengeResponse  # noqa: Y015
+
+@_typing.final
+class LeaderboardEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    member_id: _builtins.str
+    progress: _builtins.int
+    @_builtins.property
+    def completed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        member_id: _builtins.str = ...,
+        progress: _builtins.int = ...,
+        completed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "member_id", b"member_id", "progress", b"progress", "rank", b"rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaderboardEntry: _TypeAlias = LeaderboardEntry  # noqa: Y015
+
+@_typing.final
+class GetLeaderboardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    program: _builtins.str
+    challenge_id: _builtins.str
+    limit: _builtins.int
+    """1..100; 0 means 10."""
+    def __init__(
+        self,
+        *,
+        program: _builtins.str = ...,
+        challenge_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "limit", b"limit", "program", b"program"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLeaderboardRequest: _TypeAlias = GetLeaderboardRequest  # noqa: Y015
+
+@_typing.final
+class GetLeaderboardResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaderboardEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___LeaderboardEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLeaderboardResponse: _TypeAlias = GetLeaderboardResponse  # noqa: Y015

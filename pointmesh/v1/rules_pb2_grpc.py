@@ -72,6 +72,26 @@ class RulesServiceStub:
                 request_serializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionRequest.SerializeToString,
                 response_deserializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionResponse.FromString,
                 _registered_method=True)
+        self.GetMemberProgress = channel.unary_unary(
+                '/pointmesh.v1.RulesService/GetMemberProgress',
+                request_serializer=pointmesh_dot_v1_dot_rules__pb2.GetMemberProgressRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetMemberProgressResponse.FromString,
+                _registered_method=True)
+        self.ListChallenges = channel.unary_unary(
+                '/pointmesh.v1.RulesService/ListChallenges',
+                request_serializer=pointmesh_dot_v1_dot_rules__pb2.ListChallengesRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_rules__pb2.ListChallengesResponse.FromString,
+                _registered_method=True)
+        self.JoinChallenge = channel.unary_unary(
+                '/pointmesh.v1.RulesService/JoinChallenge',
+                request_serializer=pointmesh_dot_v1_dot_rules__pb2.JoinChallengeRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_rules__pb2.JoinChallengeResponse.FromString,
+                _registered_method=True)
+        self.GetLeaderboard = channel.unary_unary(
+                '/pointmesh.v1.RulesService/GetLeaderboard',
+                request_serializer=pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardResponse.FromString,
+                _registered_method=True)
 
 
 class RulesServiceServicer:
@@ -130,6 +150,35 @@ class RulesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMemberProgress(self, request, context):
+        """Gamification (the program's `gamification` block): a member's achievements, streaks and
+        challenge progress, driven by the ledger's events; rewards are posted through the ledger.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListChallenges(self, request, context):
+        """Challenges running at `at` (default now), with their goal and reward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinChallenge(self, request, context):
+        """Opts a member in to a challenge that asks for it; idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLeaderboard(self, request, context):
+        """Members ranked by progress in a challenge (ties: who got there first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RulesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +216,26 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     servicer.QuoteRedemption,
                     request_deserializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionRequest.FromString,
                     response_serializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionResponse.SerializeToString,
+            ),
+            'GetMemberProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMemberProgress,
+                    request_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetMemberProgressRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_rules__pb2.GetMemberProgressResponse.SerializeToString,
+            ),
+            'ListChallenges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListChallenges,
+                    request_deserializer=pointmesh_dot_v1_dot_rules__pb2.ListChallengesRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_rules__pb2.ListChallengesResponse.SerializeToString,
+            ),
+            'JoinChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinChallenge,
+                    request_deserializer=pointmesh_dot_v1_dot_rules__pb2.JoinChallengeRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_rules__pb2.JoinChallengeResponse.SerializeToString,
+            ),
+            'GetLeaderboard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLeaderboard,
+                    request_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +430,114 @@ class RulesService:
             '/pointmesh.v1.RulesService/QuoteRedemption',
             pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionRequest.SerializeToString,
             pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMemberProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.RulesService/GetMemberProgress',
+            pointmesh_dot_v1_dot_rules__pb2.GetMemberProgressRequest.SerializeToString,
+            pointmesh_dot_v1_dot_rules__pb2.GetMemberProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListChallenges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.RulesService/ListChallenges',
+            pointmesh_dot_v1_dot_rules__pb2.ListChallengesRequest.SerializeToString,
+            pointmesh_dot_v1_dot_rules__pb2.ListChallengesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.RulesService/JoinChallenge',
+            pointmesh_dot_v1_dot_rules__pb2.JoinChallengeRequest.SerializeToString,
+            pointmesh_dot_v1_dot_rules__pb2.JoinChallengeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLeaderboard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.RulesService/GetLeaderboard',
+            pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardRequest.SerializeToString,
+            pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,16 @@ class RulesServiceStub:
     """How many points may pay for a basket and what they are worth (partial pay with points),
     under the program's point value per currency, minimum redemption and maximum share.
     """
+    GetMemberProgress: _grpc.UnaryUnaryMultiCallable[_rules_pb2.GetMemberProgressRequest, _rules_pb2.GetMemberProgressResponse]
+    """Gamification (the program's `gamification` block): a member's achievements, streaks and
+    challenge progress, driven by the ledger's events; rewards are posted through the ledger.
+    """
+    ListChallenges: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ListChallengesRequest, _rules_pb2.ListChallengesResponse]
+    """Challenges running at `at` (default now), with their goal and reward."""
+    JoinChallenge: _grpc.UnaryUnaryMultiCallable[_rules_pb2.JoinChallengeRequest, _rules_pb2.JoinChallengeResponse]
+    """Opts a member in to a challenge that asks for it; idempotent."""
+    GetLeaderboard: _grpc.UnaryUnaryMultiCallable[_rules_pb2.GetLeaderboardRequest, _rules_pb2.GetLeaderboardResponse]
+    """Members ranked by progress in a challenge (ties: who got there first)."""
 
 @_typing.type_check_only
 class RulesServiceAsyncStub(RulesServiceStub):
@@ -77,6 +87,16 @@ class RulesServiceAsyncStub(RulesServiceStub):
     """How many points may pay for a basket and what they are worth (partial pay with points),
     under the program's point value per currency, minimum redemption and maximum share.
     """
+    GetMemberProgress: _aio.UnaryUnaryMultiCallable[_rules_pb2.GetMemberProgressRequest, _rules_pb2.GetMemberProgressResponse]  # type: ignore[assignment]
+    """Gamification (the program's `gamification` block): a member's achievements, streaks and
+    challenge progress, driven by the ledger's events; rewards are posted through the ledger.
+    """
+    ListChallenges: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListChallengesRequest, _rules_pb2.ListChallengesResponse]  # type: ignore[assignment]
+    """Challenges running at `at` (default now), with their goal and reward."""
+    JoinChallenge: _aio.UnaryUnaryMultiCallable[_rules_pb2.JoinChallengeRequest, _rules_pb2.JoinChallengeResponse]  # type: ignore[assignment]
+    """Opts a member in to a challenge that asks for it; idempotent."""
+    GetLeaderboard: _aio.UnaryUnaryMultiCallable[_rules_pb2.GetLeaderboardRequest, _rules_pb2.GetLeaderboardResponse]  # type: ignore[assignment]
+    """Members ranked by progress in a challenge (ties: who got there first)."""
 
 class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
     """RulesService is the points engine: it owns the program (versioned, declarative rule sets)
@@ -141,5 +161,39 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         """How many points may pay for a basket and what they are worth (partial pay with points),
         under the program's point value per currency, minimum redemption and maximum share.
         """
+
+    @_abc_1.abstractmethod
+    def GetMemberProgress(
+        self,
+        request: _rules_pb2.GetMemberProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.GetMemberProgressResponse, _abc.Awaitable[_rules_pb2.GetMemberProgressResponse]]:
+        """Gamification (the program's `gamification` block): a member's achievements, streaks and
+        challenge progress, driven by the ledger's events; rewards are posted through the ledger.
+        """
+
+    @_abc_1.abstractmethod
+    def ListChallenges(
+        self,
+        request: _rules_pb2.ListChallengesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.ListChallengesResponse, _abc.Awaitable[_rules_pb2.ListChallengesResponse]]:
+        """Challenges running at `at` (default now), with their goal and reward."""
+
+    @_abc_1.abstractmethod
+    def JoinChallenge(
+        self,
+        request: _rules_pb2.JoinChallengeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.JoinChallengeResponse, _abc.Awaitable[_rules_pb2.JoinChallengeResponse]]:
+        """Opts a member in to a challenge that asks for it; idempotent."""
+
+    @_abc_1.abstractmethod
+    def GetLeaderboard(
+        self,
+        request: _rules_pb2.GetLeaderboardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.GetLeaderboardResponse, _abc.Awaitable[_rules_pb2.GetLeaderboardResponse]]:
+        """Members ranked by progress in a challenge (ties: who got there first)."""
 
 def add_RulesServiceServicer_to_server(servicer: RulesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,114 @@
+"""Gamification use cases behind the RPCs: progress, running challenges, opting in, leaderboards."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+from pointmesh.clock import Clock
+from rules_svc.domain import BadRequest, FailedPrecondition, NotFound
+from rules_svc.game_engine import ItemState, week_of
+from rules_svc.game_store import BoardRow, GameStore
+from rules_svc.program import Challenge, Program
+from rules_svc.service import RulesService
+
+
+class ItemKind(StrEnum):
+    ACHIEVEMENT = "ACHIEVEMENT"
+    STREAK = "STREAK"
+    CHALLENGE = "CHALLENGE"
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressItem:
+    item_id: str
+    name: str
+    kind: ItemKind
+    progress: int
+    goal: int
+    completions: int
+    last_completed_us: int
+    reward_points: int
+    reward_unit: str
+    joined: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MemberProgress:
+    items: list[ProgressItem]
+    paid_points: int
+    pending_points: int
+
+
+class GameService:
+    def __init__(self, rules: RulesService, store: GameStore, clock: Clock) -> None:
+        self.rules = rules
+        self.store = store
+        self.clock = clock
+
+    def program_at(self, program: str, at: datetime) -> Program:
+        return self.rules.compiled(program, 0, at).program
+
+    async def progress(self, program: str, member_id: str) -> MemberProgress:
+        _require(member_id, "member_id")
+        now = self.clock.now()
+        p = self.program_at(program, now)
+        states = await asyncio.to_thread(self.store.states, p.program, member_id)
+        joined = await asyncio.to_thread(self.store.joined, p.program, member_id)
+        this_week = week_of(now.astimezone(ZoneInfo(p.default_timezone)).date())
+        items: list[ProgressItem] = []
+        g = p.gamification
+        for a in g.achievements:
+            st = states.get(a.id, ItemState())
+            items.append(ProgressItem(a.id, a.name, ItemKind.ACHIEVEMENT, min(len(st.seen), a.count), a.count,
+                                      st.completions, st.last_completed_us, a.reward.points, a.reward.unit))  # fmt: skip
+        for s in g.streaks:
+            st = states.get(s.id, ItemState())
+            alive = st.run if this_week <= st.last_week + 1 else 0  # a missed week broke it
+            items.append(ProgressItem(s.id, s.name, ItemKind.STREAK, alive, s.weeks, st.completions,
+                                      st.last_completed_us, s.reward.points, s.reward.unit))  # fmt: skip
+        for c in g.challenges:
+            st = states.get(c.id, ItemState())
+            items.append(ProgressItem(c.id, c.name, ItemKind.CHALLENGE, st.count, c.purchases, st.completions,
+                                      st.last_completed_us, c.reward.points, c.reward.unit, c.id in joined))  # fmt: skip
+        totals = await asyncio.to_thread(self.store.reward_totals, p.program, member_id)
+        return MemberProgress(items, totals.get("PAID", 0), totals.get("PENDING", 0))
+
+    def challenges(self, program: str, at: datetime | None) -> list[Challenge]:
+        when = at or self.clock.now()
+        p = self.program_at(program, when)
+        return [c for c in p.gamification.challenges if c.starts <= when < c.ends]
+
+    def _challenge(self, program: str, challenge_id: str) -> tuple[Program, Challenge]:
+        p = self.program_at(program, self.clock.now())
+        for c in p.gamification.challenges:
+            if c.id == challenge_id:
+                return p, c
+        raise NotFound(f"program {program} has no challenge {challenge_id!r}", field="challenge_id")
+
+    async def join(self, program: str, challenge_id: str, member_id: str) -> bool:
+        _require(member_id, "member_id")
+        p, challenge = self._challenge(program, challenge_id)
+        if not challenge.opt_in:
+            raise FailedPrecondition(f"challenge {challenge_id} counts every member; nothing to join",
+                                     field="challenge_id")  # fmt: skip
+        if self.clock.now() >= challenge.ends:
+            raise FailedPrecondition(f"challenge {challenge_id} ended at {challenge.ends.isoformat()}",
+                                     field="challenge_id")  # fmt: skip
+        await asyncio.to_thread(self.store.join, p.program, challenge_id, member_id)
+        return True
+
+    async def leaderboard(self, program: str, challenge_id: str, limit: int) -> list[tuple[int, BoardRow]]:
+        if not 0 <= limit <= 100:
+            raise BadRequest(f"must be between 1 and 100, got {limit}", field="limit")
+        p, _challenge = self._challenge(program, challenge_id)
+        rows = await asyncio.to_thread(self.store.board, p.program, challenge_id, limit or 10)
+        return [(rank, row) for rank, row in enumerate(rows, start=1)]
+
+
+def _require(value: str, field: str) -> None:
+    if not value:
+        raise BadRequest("is required", field=field)

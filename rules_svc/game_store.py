@@ -1,0 +1,154 @@
+"""Gamification progress on disk (SQLite in the rules data directory).
+
+One transaction per purchase event: the event id is recorded with the progress it caused and
+the rewards it earned, so a redelivered event changes nothing, and a reward is written before
+anyone tries to pay it (the worker pays PENDING rewards until the ledger confirms).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rules_svc.game_engine import Award, ItemState, PurchaseFact, apply
+from rules_svc.program import Program
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS game_events (event_id TEXT PRIMARY KEY, member_id TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS game_state (
+  program TEXT NOT NULL, member_id TEXT NOT NULL, item_id TEXT NOT NULL, state TEXT NOT NULL,
+  PRIMARY KEY (program, member_id, item_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS game_joins (
+  program TEXT NOT NULL, challenge_id TEXT NOT NULL, member_id TEXT NOT NULL,
+  PRIMARY KEY (program, challenge_id, member_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS game_board (
+  program TEXT NOT NULL, challenge_id TEXT NOT NULL, member_id TEXT NOT NULL, progress INTEGER NOT NULL,
+  completed_us INTEGER, PRIMARY KEY (program, challenge_id, member_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS game_board_rank ON game_board (program, challenge_id, progress DESC, completed_us);
+CREATE TABLE IF NOT EXISTS game_rewards (
+  reward_key TEXT PRIMARY KEY, program TEXT NOT NULL, member_id TEXT NOT NULL, item_id TEXT NOT NULL,
+  name TEXT NOT NULL, points INTEGER NOT NULL, unit TEXT NOT NULL, status TEXT NOT NULL,
+  transaction_id TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS game_rewards_pending ON game_rewards (status, member_id);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Reward:
+    key: str
+    member_id: str
+    item_id: str
+    name: str
+    points: int
+    unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class BoardRow:
+    member_id: str
+    progress: int
+    completed_us: int | None
+
+
+class GameStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def apply_event(self, program: Program, fact: PurchaseFact) -> list[Award]:
+        """Counts the purchase once (by event id); returns the awards it earned (already stored)."""
+        name = program.program
+        with self._lock:
+            c = self._db
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (fact.event_id,)).fetchone():
+                    c.execute("ROLLBACK")
+                    return []
+                states = self._states(name, fact.member_id)
+                joined = {r[0] for r in c.execute(
+                    "SELECT challenge_id FROM game_joins WHERE program=? AND member_id=?", (name, fact.member_id))}  # fmt: skip
+                awards = apply(program, states, joined, fact)
+                c.executemany(
+                    "INSERT OR REPLACE INTO game_state VALUES (?,?,?,?)",
+                    [(name, fact.member_id, item, json.dumps(asdict(st))) for item, st in states.items()],
+                )
+                for ch in program.gamification.challenges:
+                    st = states.get(ch.id)
+                    if st is not None and st.count:
+                        c.execute("INSERT OR REPLACE INTO game_board VALUES (?,?,?,?,?)", (
+                            name, ch.id, fact.member_id, st.count, st.last_completed_us or None))  # fmt: skip
+                c.executemany(
+                    "INSERT OR IGNORE INTO game_rewards VALUES (?,?,?,?,?,?,?,'PENDING','')",
+                    [(a.key(name, fact.member_id), name, fact.member_id, a.item_id, a.name, a.points, a.unit)
+                     for a in awards],
+                )  # fmt: skip
+                c.execute("INSERT INTO game_events VALUES (?,?)", (fact.event_id, fact.member_id))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return awards
+
+    def _states(self, program: str, member_id: str) -> dict[str, ItemState]:
+        rows = self._db.execute(
+            "SELECT item_id, state FROM game_state WHERE program=? AND member_id=?", (program, member_id)
+        ).fetchall()
+        return {item: ItemState(**json.loads(state)) for item, state in rows}
+
+    def states(self, program: str, member_id: str) -> dict[str, ItemState]:
+        with self._lock:
+            return self._states(program, member_id)
+
+    def join(self, program: str, challenge_id: str, member_id: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO game_joins VALUES (?,?,?)", (program, challenge_id, member_id))
+
+    def joined(self, program: str, member_id: str) -> set[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT challenge_id FROM game_joins WHERE program=? AND member_id=?", (program, member_id)
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def board(self, program: str, challenge_id: str, limit: int) -> list[BoardRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT member_id, progress, completed_us FROM game_board WHERE program=? AND challenge_id=?"
+                " ORDER BY progress DESC, completed_us IS NULL, completed_us, member_id LIMIT ?",
+                (program, challenge_id, limit),
+            ).fetchall()
+        return [BoardRow(*r) for r in rows]
+
+    def pending(self, member_id: str = "", limit: int = 500) -> list[Reward]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT reward_key, member_id, item_id, name, points, unit FROM game_rewards WHERE status='PENDING'"
+                " AND (?='' OR member_id=?) ORDER BY reward_key LIMIT ?",
+                (member_id, member_id, limit),
+            ).fetchall()
+        return [Reward(*r) for r in rows]
+
+    def settle(self, key: str, status: str, transaction_id: str = "") -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE game_rewards SET status=?, transaction_id=? WHERE reward_key=?", (status, transaction_id, key)
+            )
+
+    def reward_totals(self, program: str, member_id: str) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, SUM(points) FROM game_rewards WHERE program=? AND member_id=? GROUP BY status",
+                (program, member_id),
+            ).fetchall()
+        return {status: int(total) for status, total in rows}

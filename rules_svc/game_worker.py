@@ -1,0 +1,114 @@
+"""Drives gamification from the ledger's event stream and pays rewards through the ledger.
+
+Consumer group `rules-gamification` on the ledger events topic, each member's events in order.
+A purchase event is counted once (game_store.py records its id with the progress); a reward
+earned is stored as PENDING in the same transaction, then posted as an Earn whose idempotency
+key is the reward's deterministic key. A worker killed between the two, an event delivered
+twice, a ledger briefly down: the reward stays PENDING until the ledger says it is posted, and
+the ledger posts one key once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from pointmesh.consumers import Poison, by_key, run_group
+from pointmesh.events import LEDGER_EVENTS, BusMessage, EventBus
+from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+from rules_svc.game_engine import PurchaseFact
+from rules_svc.game_store import GameStore, Reward
+from rules_svc.program import Program
+
+log = logging.getLogger(__name__)
+GROUP = "rules-gamification"
+REWARD_NAMESPACE = "gamification"
+REWARD_FUNDING = "gamification"
+RETRY_SECONDS = 2.0
+# The member is gone or can never earn: the reward is kept (status says why), not retried.
+FINAL_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT})
+
+
+ProgramAt = Callable[[str, datetime], Program]  # the program version in effect at a time
+
+
+def purchase_fact(event: ledger_pb2.LedgerEvent) -> PurchaseFact | None:
+    if event.WhichOneof("payload") != "purchase_recorded":
+        return None
+    p = event.purchase_recorded
+    return PurchaseFact(
+        event_id=event.event_id, member_id=event.member_id, purchase_id=p.purchase_id, channel=p.channel,
+        store_id=p.store_id, total_minor=p.total.amount_minor, currency=p.total.currency,
+        receipt_time=p.receipt_time.ToDatetime(tzinfo=UTC),
+        categories=tuple(p.categories),
+    )  # fmt: skip
+
+
+class GameWorker:
+    def __init__(self, store: GameStore, program_at: ProgramAt, program: str, bus: EventBus,
+                 ledger: ledger_pb2_grpc.LedgerServiceStub, consumer: str) -> None:  # fmt: skip
+        self.store = store
+        self.program_at = program_at
+        self.program = program
+        self.bus = bus
+        self.ledger = ledger
+        self.consumer = consumer
+
+    async def run(self, stop: asyncio.Event) -> None:
+        handle = by_key(self.bus, LEDGER_EVENTS, GROUP, self.handle)
+        await asyncio.gather(
+            run_group(self.bus, LEDGER_EVENTS, GROUP, self.consumer, handle, stop=stop), self._retry(stop)
+        )
+
+    async def handle(self, message: BusMessage) -> None:
+        try:
+            event = ledger_pb2.LedgerEvent.FromString(message.payload)
+        except DecodeError as exc:
+            raise Poison(f"not a LedgerEvent: {exc}") from exc
+        fact = purchase_fact(event)
+        if fact is None:
+            return
+        program = self.program_at(self.program, fact.receipt_time)
+        awards = await asyncio.to_thread(self.store.apply_event, program, fact)
+        if awards:
+            log.info("member %s completed %s", fact.member_id, ", ".join(a.item_id for a in awards))
+        await self.pay(fact.member_id)
+
+    async def pay(self, member_id: str = "") -> int:
+        """Posts PENDING rewards; a ledger that cannot answer now leaves them for the retry loop."""
+        paid = 0
+        for reward in await asyncio.to_thread(self.store.pending, member_id):
+            try:
+                response = await self.ledger.Earn(self._earn(reward))
+            except grpc.aio.AioRpcError as error:
+                if error.code() in FINAL_REFUSALS:
+                    log.error("reward %s refused by the ledger: %s", reward.key, error.details())
+                    await asyncio.to_thread(self.store.settle, reward.key, f"REFUSED:{error.code().name}")
+                    continue
+                log.warning("reward %s not posted yet (%s); retrying", reward.key, error.code().name)
+                return paid
+            await asyncio.to_thread(self.store.settle, reward.key, "PAID", response.transaction.transaction_id)
+            paid += 1
+        return paid
+
+    def _earn(self, reward: Reward) -> ledger_pb2.EarnRequest:
+        return ledger_pb2.EarnRequest(
+            idempotency_key=common_pb2.IdempotencyKey(namespace=REWARD_NAMESPACE, key=reward.key),
+            member_id=reward.member_id, unit=reward.unit, points=reward.points, funding_source=REWARD_FUNDING,
+            reference=f"{reward.item_id}: {reward.name}"[:200],
+        )  # fmt: skip
+
+    async def _retry(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.pay()
+            except Exception:
+                log.exception("paying pending rewards failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RETRY_SECONDS)

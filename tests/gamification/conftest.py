@@ -1,0 +1,94 @@
+"""Gamification through real services: ledger_svc and rules_svc on loopback, a private
+redis-server carrying the ledger's events (so no other test's events reach this consumer
+group), the mesh program with a gamification block, one test clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from pointmesh.clock import ManualClock
+from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.v1 import rules_pb2
+from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
+
+MESH_PROGRAM = Path(__file__).resolve().parents[1] / "mesh" / "program.yaml"
+# A Monday in winter (the mesh clock): Helsinki is UTC+2.
+START = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+GAMIFICATION = """
+gamification:
+  achievements:
+    - {id: first-app, name: First app purchase, match: {channels: [app]}, reward: {points: 50}}
+    - {id: explorer, name: Five categories, distinct: category, count: 5, reward: {points: 75}}
+  streaks:
+    - {id: weekly-3, name: Three weeks in a row, weeks: 3, reward: {points: 300}}
+  challenges:
+    - id: january-trio
+      name: Three purchases in January
+      starts: "2026-01-01T00:00:00+00:00"
+      ends: "2026-02-01T00:00:00+00:00"
+      purchases: 3
+      reward: {points: 200}
+    - id: december-pair
+      name: Two purchases in December
+      starts: "2025-12-01T00:00:00+00:00"
+      ends: "2026-01-01T00:00:00+00:00"
+      purchases: 2
+      reward: {points: 999}
+    - id: winter-ten
+      name: Ten purchases this winter
+      starts: "2026-01-01T00:00:00+00:00"
+      ends: "2026-04-01T00:00:00+00:00"
+      purchases: 10
+      reward: {points: 500}
+    - id: vip-sprint
+      name: Two purchases, members who joined
+      starts: "2026-01-01T00:00:00+00:00"
+      ends: "2026-03-01T00:00:00+00:00"
+      purchases: 2
+      opt_in: true
+      reward: {points: 120}
+"""
+
+
+def write_program(directory: Path) -> Path:
+    path = directory / "game-program.yaml"
+    path.write_text(MESH_PROGRAM.read_text() + GAMIFICATION)
+    return path
+
+
+@dataclass
+class Game:
+    ledger: LedgerUnderTest
+    rules: RulesUnderTest
+    clock: ManualClock
+    redis: RedisServer
+
+    async def progress(self, member_id: str) -> rules_pb2.GetMemberProgressResponse:
+        return await self.rules.stub.GetMemberProgress(
+            rules_pb2.GetMemberProgressRequest(program="meshmart", member_id=member_id)
+        )
+
+
+@pytest.fixture
+async def game(tmp_path: Path) -> AsyncIterator[Game]:
+    redis = RedisServer(free_port(), tmp_path / "redis")
+    redis.start()
+    clock = ManualClock(START)
+    rules_port, ledger_port = free_port(), free_port()
+    rules = await start_rules(
+        tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{rules_port}", rules_seed_file=str(write_program(tmp_path)),
+        gamification_consumer=True, redis_url=redis.url, ledger_addr=f"127.0.0.1:{ledger_port}", program="meshmart",
+    )  # fmt: skip
+    ledger = await start_ledger(
+        tmp_path / "ledger", redis.url, clock, ledger_addr=f"127.0.0.1:{ledger_port}",
+        rules_addr=f"127.0.0.1:{rules_port}", program="meshmart", rules_deadline_seconds=2.0,
+    )  # fmt: skip
+    yield Game(ledger, rules, clock, redis)
+    await stop_ledger(ledger)
+    await stop_rules(rules)
+    redis.stop()
