@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import Counter
 
 from fraud_svc.churn import predict_churn
 from fraud_svc.decide import DecisionConfig, decide
@@ -34,6 +35,10 @@ from fraud_svc.offers import CatalogueOffer, ChosenOffer, choose
 from fraud_svc.velocity import Velocity
 
 MAX_BATCH = 10_000
+
+
+DECISIONS = Counter("pointmesh_fraud_decisions_total", "Fraud decisions, by verdict and call (single, batch).",
+                    ["verdict", "call"])  # fmt: skip
 
 
 @dataclass
@@ -87,6 +92,11 @@ class FraudService:
         return DecisionConfig.from_model_metadata(model.metadata, **self.overrides)
 
     async def score(self, ctx: TxContext) -> Decision:
+        decision = await self._decide(ctx)
+        DECISIONS.labels(decision.verdict.value, "single").inc()
+        return decision
+
+    async def _decide(self, ctx: TxContext) -> Decision:
         check(ctx)
         features = await featurize(ctx, self.velocity)
         model, config = self.fraud.model, self.config
@@ -111,6 +121,7 @@ class FraudService:
             except FraudError as error:
                 out[i] = error
         for i, decision in zip([i for i, _ in valid], await self._decide_many([c for _, c in valid]), strict=True):
+            DECISIONS.labels(decision.verdict.value, "batch").inc()
             out[i] = decision
         return [x for x in out if x is not None]
 

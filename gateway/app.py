@@ -20,6 +20,7 @@ from gateway.auth import MemberTokens
 from gateway.deps import Gateway
 from gateway.keys import KeyStore
 from gateway.live import LiveHub
+from gateway.metrics import instrument
 from gateway.routes import health, legacy, live, members, ops, points, program, purchases
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
@@ -68,6 +69,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
             gw.keys.close()
 
     app = FastAPI(title="pointmesh gateway", version="1", description=DESCRIPTION, lifespan=lifespan)
+    instrument(app)
     app.state.gateway = gw
     problems.install(app)
     openapi.install(app)

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ledger_svc import codec
+from ledger_svc import codec, metrics
 from ledger_svc.cache import RedisBalanceCache
 from ledger_svc.fraud_client import FraudScreenerClient
 from ledger_svc.ingest_worker import IngestWorker
@@ -145,6 +145,10 @@ class LedgerApp:
                 unresolved = len(report.differences) - voided
                 RECONCILE_DIFFERENCES.set(unresolved)
                 RECONCILE_RUNS.inc()
+                for name, total in report.totals_by_account_class.items():
+                    if name.startswith("member:"):
+                        metrics.POINTS_OUTSTANDING.labels(name.removeprefix("member:")).set(total)
+                metrics.HOLDS_PENDING_POINTS.set(report.held_points)
                 if voided:
                     log.warning("reconcile: voided %d holds past their timeout the timers missed", voided)
                 for diff in report.differences:

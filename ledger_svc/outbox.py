@@ -13,6 +13,7 @@ import functools
 import logging
 from datetime import datetime
 
+from ledger_svc import metrics
 from ledger_svc.cache import RedisBalanceCache
 from ledger_svc.convert import event_pb
 from ledger_svc.store.base import LedgerStore, OutboxRow, ShardTx
@@ -54,14 +55,16 @@ class OutboxRelay:
                 rows: list[OutboxRow] = await self.store.read(shard, lambda tx: tx.unrelayed_outbox(BATCH))
                 if not rows:
                     break
-                await self._publish(rows)
+                events = await self._publish(rows)
                 await self.store.write(shard, functools.partial(_mark, [r.seq for r in rows], self.clock.now()))
+                for event in events:
+                    metrics.count(event)
                 sent += len(rows)
                 if len(rows) < BATCH:
                     break
         return sent
 
-    async def _publish(self, rows: list[OutboxRow]) -> None:
+    async def _publish(self, rows: list[OutboxRow]) -> list[ledger_pb2.LedgerEvent]:
         events = [event_pb(r.payload_json) for r in rows]
         if self.cache is not None:
             versions: dict[tuple[str, str], int] = {}
@@ -81,6 +84,7 @@ class OutboxRelay:
             await self.bus.publish(
                 OPS_ALERTS, [OutgoingEvent(a.member_id, a.alert_id, "ops_alert", a.SerializeToString()) for a in alerts]
             )
+        return events
 
     def stop(self) -> None:
         """Ends `run` at its next turn, even if a cancellation raced with a wake-up."""

@@ -40,6 +40,7 @@ class ReconcileReport:
     totals_by_account_class: dict[str, int] = field(default_factory=dict)
     # Placed holds past their timeout: (shard, hold_id); also listed in differences.
     overdue_holds: list[tuple[int, str]] = field(default_factory=list)
+    held_points: int = 0
 
     @property
     def ok(self) -> bool:
@@ -51,6 +52,7 @@ class _ShardFindings:
     differences: list[Difference]
     balances: dict[str, int]
     overdue: list[str]
+    held: int
 
 
 def _check_shard(shard: int, now: datetime, tx: ShardTx) -> _ShardFindings:
@@ -97,7 +99,7 @@ def _check_shard(shard: int, now: datetime, tx: ShardTx) -> _ShardFindings:
     for hold in overdue:
         diffs.append(Difference(shard, "hold still placed past its timeout", hold.hold_id, 0, hold.points))
     balances = {a: r.balance for a, r in accounts.items()}
-    return _ShardFindings(diffs, balances, [h.hold_id for h in overdue])
+    return _ShardFindings(diffs, balances, [h.hold_id for h in overdue], sum(holds.values()))
 
 
 def _stranded_on_merged(merged: set[str], shard: int, balances: dict[str, int]) -> list[Difference]:
@@ -126,6 +128,7 @@ async def reconcile(store: LedgerStore, now: datetime | None = None) -> Reconcil
         found = await store.read(shard, functools.partial(_check_shard, shard, now))
         report.differences.extend(found.differences)
         report.overdue_holds += [(shard, hold_id) for hold_id in found.overdue]
+        report.held_points += found.held
         report.differences.extend(_stranded_on_merged(merged, shard, found.balances))
         report.accounts += len(found.balances)
         for account, balance in found.balances.items():

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+
+from prometheus_client import Gauge
 
 from pointmesh.events import SCHEMA_MAJOR, BusMessage, EventBus, OutgoingEvent, dead_letter_topic
 
 log = logging.getLogger(__name__)
+LAG = Gauge("pointmesh_event_lag_seconds", "Age of the last event a consumer group finished, by topic and group.",
+            ["topic", "group"])  # fmt: skip
 RETRY_PAUSE_SECONDS = 1.0
 
 
@@ -99,6 +104,8 @@ async def run_group(
                 messages = await member.poll(max_messages=max_messages, block_ms=block_ms)
                 await handle_batch(messages)
                 await member.commit(messages)
+                if messages and messages[-1].timestamp_ms:
+                    LAG.labels(topic, group).set(max(0.0, time.time() - messages[-1].timestamp_ms / 1000))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

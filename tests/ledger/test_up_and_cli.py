@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -78,9 +79,23 @@ def _metric_value(text: str, name: str, labels: dict[str, str]) -> float:
     return 0.0
 
 
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _until_metric(port: int, name: str, labels: dict[str, str], value: float, timeout: float = 15) -> None:
+    """Counters the outbox relay moves lag the call that caused them by a poll interval."""
+    deadline = time.monotonic() + timeout
+    while _metric_value(_scrape(port), name, labels) != value:
+        assert time.monotonic() < deadline, f"{name}{labels} never reached {value}"
+        time.sleep(0.1)
+
+
 def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     ledger_port, redis_port, metrics_port, rules_port, gateway_port, fraud_port = (free_port() for _ in range(6))
+    rules_metrics, fraud_metrics = free_port(), free_port()
     env = {
         **os.environ,
         "POINTMESH_DATA_DIR": str(data_dir),
@@ -88,10 +103,10 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{ledger_port}",
         "POINTMESH_LEDGER_METRICS_PORT": str(metrics_port),
         "POINTMESH_RULES_ADDR": f"127.0.0.1:{rules_port}",
-        "POINTMESH_RULES_METRICS_PORT": "0",
+        "POINTMESH_RULES_METRICS_PORT": str(rules_metrics),
         "POINTMESH_GATEWAY_ADDR": f"127.0.0.1:{gateway_port}",
         "POINTMESH_FRAUD_ADDR": f"127.0.0.1:{fraud_port}",
-        "POINTMESH_FRAUD_METRICS_PORT": "0",
+        "POINTMESH_FRAUD_METRICS_PORT": str(fraud_metrics),
         "POINTMESH_DEFAULT_MODEL_ROWS": "5000",
     }
     env.pop("POINTMESH_REDIS_URL", None)
@@ -157,11 +172,26 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
             )  # fmt: skip
             assert bought.purchase.status == ledger_pb2.PURCHASE_STATUS_EARNED
             assert {u.unit: u.points for u in bought.purchase.earned}["tier_credits"] == 25
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-            metrics = response.read().decode()
-        assert "pointmesh_rpc_requests_total" in metrics
+        # Every service's /metrics moved by exactly what the scenario did: one member, one
+        # purchase (one Evaluate, one fraud decision, 25 tier credits), one gateway GET.
         created = {"service": LEDGER_SERVICE, "method": "CreateMember", "code": "OK"}
-        assert _metric_value(metrics, "pointmesh_rpc_requests_total", created) == 1.0
+        assert _metric_value(_scrape(metrics_port), "pointmesh_rpc_requests_total", created) == 1.0
+        _until_metric(metrics_port, "pointmesh_purchases_total", {"channel": "pos"}, 1.0)
+        ledger_metrics = _scrape(metrics_port)
+        tier_credits = {"channel": "pos", "unit": "tier_credits"}
+        assert _metric_value(ledger_metrics, "pointmesh_purchase_points_total", tier_credits) == 25.0
+        assert (
+            _metric_value(ledger_metrics, "pointmesh_ledger_events_published_total", {"type": "purchase_recorded"})
+            == 1.0
+        )
+        evaluated = {"service": RULES_SERVICE, "method": "Evaluate", "code": "OK"}
+        assert _metric_value(_scrape(rules_metrics), "pointmesh_rpc_requests_total", evaluated) == 1.0
+        fraud = _scrape(fraud_metrics)
+        decisions = sum(_metric_value(fraud, "pointmesh_fraud_decisions_total", {"verdict": v, "call": "single"})
+                        for v in ("allow", "review", "deny"))  # fmt: skip
+        assert decisions == 1.0
+        program_gets = {"route": "/v1/program", "method": "GET", "status": "200"}
+        assert _metric_value(_scrape(gateway_port), "pointmesh_http_requests_total", program_gets) == 1.0
 
         running = _processes_using(data_dir)
         assert up.pid in running
