@@ -162,7 +162,7 @@ def event_pb(payload_json: str) -> ledger_pb2.LedgerEvent:
             purchase_id=data["purchase_id"], channel=data["channel"], store_id=data["store_id"],
             total=common_pb2.Money(amount_minor=data["total_minor"], currency=data["currency"]),
             receipt_time=_iso(data["receipt_time"]), earned=data["earned"], purchase_number=data["purchase_number"],
-            categories=data.get("categories", []),
+            categories=data.get("categories", []), experiment_arms=data.get("experiment_arms", {}),
         ))  # fmt: skip
     elif kind == "tier_changed":
         event.tier_changed.CopyFrom(ledger_pb2.TierChanged(**data))
@@ -346,7 +346,7 @@ def purchase_pb(p: PurchaseRecord) -> ledger_pb2.Purchase:
         purchase_number=p.purchase_number, tier_before=p.tier_before, tier_after=p.tier_after,
         tender_transaction_id=p.tender_transaction_id, tender_points=p.tender_points,
         returned_quantities=p.returned_quantities, refunded_minor=p.refunded_minor,
-        screening=screening_pb(p.screening),
+        screening=screening_pb(p.screening), experiment_arms=p.experiment_arms,
     )  # fmt: skip
     out.lines.extend(
         ledger_pb2.PurchaseLine(sku=ln.sku, category=ln.category, quantity=ln.quantity,

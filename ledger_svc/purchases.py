@@ -61,6 +61,7 @@ class Quote:
     basket_bonus_on_return: str
     tier: str
     tier_policy: TierPolicy | None
+    experiment_arms: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,7 @@ class PurchaseRecord:
     tender_recredited: int = 0
     returned_quantities: tuple[int, ...] = ()
     refunded_minor: int = 0
+    experiment_arms: dict[str, str] = field(default_factory=dict)
     return_mode: str = ""
     basket_bonus_on_return: str = CLAW_BACK
     qualification_bucket: str = ""
@@ -177,6 +179,7 @@ def accrue(
     )
     record = replace(
         record, status=PurchaseStatus.EARNED, status_reason="", version=quote.version, fx_rate=quote.fx_rate,
+        experiment_arms=dict(quote.experiment_arms),
         parts=parts, returned_points=tuple(0 for _ in parts), purchase_number=ordinal, tier_before=quote.tier,
         basket_bonus_on_return=quote.basket_bonus_on_return,
     )  # fmt: skip
@@ -224,6 +227,7 @@ def _announce(book: ShardBook, record: PurchaseRecord) -> None:
         "receipt_time": record.receipt_time.isoformat(), "earned": record.earned(),
         "purchase_number": record.purchase_number,
         "categories": sorted({line.category for line in record.lines if line.category}),
+        "experiment_arms": record.experiment_arms,
     })  # fmt: skip
     if record.tier_after and record.tier_before and record.tier_after != record.tier_before:
         book.emit("tier_changed", balance, {

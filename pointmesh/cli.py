@@ -122,6 +122,43 @@ def _settle(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.resolved else 1
 
 
+def cmd_experiments_report(args: argparse.Namespace) -> int:
+    """An experiment's results from the running rules_svc, one line per arm."""
+    import grpc
+
+    from pointmesh.clients import rules_stub
+    from pointmesh.v1 import rules_pb2
+
+    settings = _settings()
+
+    async def fetch() -> rules_pb2.GetExperimentReportResponse:
+        stub = rules_stub(settings.rules_addr, default_timeout_seconds=10.0)
+        found: rules_pb2.GetExperimentReportResponse = await stub.GetExperimentReport(
+            rules_pb2.GetExperimentReportRequest(program=args.program or settings.program, experiment_id=args.id)
+        )
+        return found
+
+    try:
+        found = asyncio.run(fetch())
+    except grpc.RpcError as exc:
+        print(f"experiments report: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    print(f"experiment {found.experiment_id} ({found.name}), alpha {found.alpha}")
+    print(f"{'arm':16s} {'members':>8s} {'purch/member (95% CI)':>26s} {'repeat rate (95% CI)':>26s}"
+          f" {'lift vs control (95% CI)':>28s} {'p':>8s} {'pts/extra purchase':>19s}")  # fmt: skip
+    for a in found.arms:
+        per = f"{a.purchases_per_member:.3f} ({a.purchases_per_member_ci.low:.3f}-{a.purchases_per_member_ci.high:.3f})"
+        rate = f"{a.repeat_rate:.3f} ({a.repeat_rate_ci.low:.3f}-{a.repeat_rate_ci.high:.3f})"
+        if a.control:
+            lift, p, cost = "control", "", ""
+        else:
+            lift = f"{a.repeat_lift:+.3f} ({a.repeat_lift_ci.low:+.3f}..{a.repeat_lift_ci.high:+.3f})"
+            p = f"{a.p_value_repeat:.4f}" + (" *" if a.significant else "")
+            cost = f"{a.points_per_incremental_purchase:.1f}" if a.points_per_incremental_purchase else "-"
+        print(f"{a.arm:16s} {a.members:8d} {per:>26s} {rate:>26s} {lift:>28s} {p:>8s} {cost:>19s}")
+    return 0
+
+
 def cmd_ledger_migrate(_: argparse.Namespace) -> int:
     """Creates the Cassandra keyspace if missing and applies the schema migrations it lacks."""
     from ledger_svc.store.cassandra_schema import LATEST, migrate
@@ -407,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_parser("migrate", help="create or upgrade the Cassandra keyspace (POINTMESH_CASSANDRA_*)").set_defaults(
         func=cmd_ledger_migrate
     )
+    experiments = sub.add_parser("experiments", help="A/B experiments").add_subparsers(
+        dest="experiments_command", required=True
+    )
+    exp_report = experiments.add_parser("report", help="an experiment's results per arm from the running rules_svc")
+    exp_report.add_argument("id")
+    exp_report.add_argument("--program", default="", help="program id (default POINTMESH_PROGRAM)")
+    exp_report.set_defaults(func=cmd_experiments_report)
     rules = sub.add_parser("rules", help="rules service commands").add_subparsers(dest="rules_command", required=True)
     rules.add_parser("serve", help="run rules_svc").set_defaults(func=cmd_serve, service="rules")
     validate = rules.add_parser("validate", help="check a program file offline")

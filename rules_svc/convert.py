@@ -9,7 +9,8 @@ from pointmesh.guards import Guard
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2
 from rules_svc.domain import BadRequest, Basket, Evaluation, Line, MemberContext, RulesError
-from rules_svc.game_service import ItemKind, ProgressItem
+from rules_svc.experiment_stats import ALPHA
+from rules_svc.game_service import ExperimentReport, ItemKind, ProgressItem
 from rules_svc.game_store import BoardRow
 from rules_svc.program import Challenge
 from rules_svc.versions import VersionInfo
@@ -68,7 +69,7 @@ def evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
         earn_amounts_minor=e.earn_amounts_minor, expires_at=to_timestamp(e.expires_at),
         release_at=to_timestamp(e.release_at), store_local_time=e.local_time.isoformat(),
         max_lateness_days=e.policy.max_lateness_days, basket_bonus_on_return=e.policy.basket_bonus_on_return.value,
-        tier=e.tier,
+        tier=e.tier, experiment_arms=dict(e.experiment_arms),
     )  # fmt: skip
     out.totals.extend(rules_pb2.UnitPoints(unit=u, points=p) for u, p in e.totals().items())
     for part in e.components:
@@ -137,3 +138,23 @@ def leaderboard_pb(rank: int, row: BoardRow) -> rules_pb2.LeaderboardEntry:
     return rules_pb2.LeaderboardEntry(
         rank=rank, member_id=row.member_id, progress=row.progress, completed_at=_from_us(row.completed_us)
     )
+
+
+def _interval(bounds: tuple[float, float]) -> rules_pb2.Interval:
+    return rules_pb2.Interval(low=bounds[0], high=bounds[1])
+
+
+def experiment_report_pb(found: ExperimentReport) -> rules_pb2.GetExperimentReportResponse:
+    e = found.experiment
+    out = rules_pb2.GetExperimentReportResponse(
+        experiment_id=e.id, name=e.name, starts_at=to_timestamp(e.starts), ends_at=to_timestamp(e.ends), alpha=ALPHA
+    )
+    for a in found.arms:
+        out.arms.append(rules_pb2.ArmResult(
+            arm=a.arm, control=a.arm == e.control, members=a.members, purchases_per_member=a.purchases_per_member,
+            purchases_per_member_ci=_interval(a.purchases_ci), repeat_rate=a.repeat_rate,
+            repeat_rate_ci=_interval(a.repeat_ci), points_per_member=a.points_per_member, repeat_lift=a.repeat_lift,
+            repeat_lift_ci=_interval(a.lift_ci), p_value_repeat=a.p_repeat, p_value_purchases=a.p_purchases,
+            points_per_incremental_purchase=a.points_per_incremental_purchase or 0.0, significant=a.significant,
+        ))  # fmt: skip
+    return out

@@ -119,6 +119,8 @@ class Evaluation:
     policy: Policy
     tiers: Tiers | None
     tier: str = ""
+    # (experiment id, arm) for every experiment running at the receipt time.
+    experiment_arms: tuple[tuple[str, str], ...] = ()
 
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}

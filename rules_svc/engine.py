@@ -22,6 +22,7 @@ from pointmesh.currencies import format_minor, is_known, scale
 from pointmesh.guards import apply_guards
 from pointmesh.tiers import TierPolicy, effective_tier
 from rules_svc.domain import BadRequest, Basket, Component, Evaluation, Excluded, MemberContext
+from rules_svc.experiments import ExperimentRules
 from rules_svc.program import GroupMode, Program, Rounding
 from rules_svc.rule_compiler import BONUS, BONUS_PER_ITEM, MULTIPLY_BASKET, CompiledRule, compile_rule
 
@@ -50,6 +51,7 @@ class CompiledProgram:
         self.fx = {r.currency: Fraction(r.per_base) for r in program.fx.rates} if program.fx else {}
         self.fx_text = {r.currency: r.per_base for r in program.fx.rates} if program.fx else {}
         self.rules = [compile_rule(r) for r in sorted(program.rules, key=lambda r: (r.priority, r.id))]
+        self.experiments = ExperimentRules(program)
         self.best_of = {g.id for g in program.groups if g.mode == GroupMode.BEST_OF}
         self.uses_tokens = any(r.tokens is not None for r in self.rules)
         self._thresholds: dict[tuple[str, str, int], int] = {}
@@ -191,6 +193,9 @@ class CompiledProgram:
         if self.uses_tokens:
             tokens = {f"c:{ln.category}" for ln in basket.lines} | {f"s:{ln.sku}" for ln in basket.lines}
         candidates = self._candidates(basket, place, local)
+        arms = self.experiments.arms_of(member.member_id, basket.receipt_time)
+        if self.experiments.gated:
+            candidates = [r for r in candidates if self.experiments.allows(r.rule_id, arms)]
         done_groups: set[str] = set()
         for rule in candidates:
             if rule.tokens is not None and tokens is not None and rule.tokens.isdisjoint(tokens):
@@ -219,7 +224,7 @@ class CompiledProgram:
             self.fx_text[basket.currency] if fx_rate is not None else "", tuple(amounts), tuple(parts), tuple(excluded),
             basket.receipt_time + self.expiry if self.expiry else None,
             basket.receipt_time + self.release if self.release else None,
-            local, self.program.policy, self.program.tiers, member.tier,
+            local, self.program.policy, self.program.tiers, member.tier, tuple(sorted(arms.items())),
         )  # fmt: skip
 
     @staticmethod

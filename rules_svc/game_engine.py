@@ -26,6 +26,8 @@ class PurchaseFact:
     currency: str
     receipt_time: datetime
     categories: tuple[str, ...] = ()
+    earned: tuple[tuple[str, int], ...] = ()  # points per unit the purchase earned
+    experiment_arms: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)

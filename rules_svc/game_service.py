@@ -10,9 +10,10 @@ from zoneinfo import ZoneInfo
 
 from pointmesh.clock import Clock
 from rules_svc.domain import BadRequest, FailedPrecondition, NotFound
+from rules_svc.experiment_stats import ArmResult, report
 from rules_svc.game_engine import ItemState, week_of
 from rules_svc.game_store import BoardRow, GameStore
-from rules_svc.program import Challenge, Program
+from rules_svc.program import Challenge, Experiment, Program
 from rules_svc.service import RulesService
 
 
@@ -101,12 +102,28 @@ class GameService:
         await asyncio.to_thread(self.store.join, p.program, challenge_id, member_id)
         return True
 
+    async def experiment_report(self, program: str, experiment_id: str) -> ExperimentReport:
+        p = self.program_at(program, self.clock.now())
+        found = next((e for e in p.experiments if e.id == experiment_id), None)
+        if found is None:
+            raise NotFound(f"program {program} has no experiment {experiment_id!r}", field="experiment_id")
+        members = await asyncio.to_thread(self.store.experiment_members, p.program, experiment_id)
+        for arm in found.arms:
+            members.setdefault(arm.id, [])
+        return ExperimentReport(found, report(members, found.control))
+
     async def leaderboard(self, program: str, challenge_id: str, limit: int) -> list[tuple[int, BoardRow]]:
         if not 0 <= limit <= 100:
             raise BadRequest(f"must be between 1 and 100, got {limit}", field="limit")
         p, _challenge = self._challenge(program, challenge_id)
         rows = await asyncio.to_thread(self.store.board, p.program, challenge_id, limit or 10)
         return [(rank, row) for rank, row in enumerate(rows, start=1)]
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentReport:
+    experiment: Experiment
+    arms: list[ArmResult]
 
 
 def _require(value: str, field: str) -> None:

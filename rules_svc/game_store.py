@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS game_rewards (
   name TEXT NOT NULL, points INTEGER NOT NULL, unit TEXT NOT NULL, status TEXT NOT NULL,
   transaction_id TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS game_rewards_pending ON game_rewards (status, member_id);
+CREATE TABLE IF NOT EXISTS experiment_members (
+  program TEXT NOT NULL, experiment_id TEXT NOT NULL, member_id TEXT NOT NULL, arm TEXT NOT NULL,
+  purchases INTEGER NOT NULL, points INTEGER NOT NULL,
+  PRIMARY KEY (program, experiment_id, member_id)) WITHOUT ROWID;
 """
 
 
@@ -93,12 +97,39 @@ class GameStore:
                     [(a.key(name, fact.member_id), name, fact.member_id, a.item_id, a.name, a.points, a.unit)
                      for a in awards],
                 )  # fmt: skip
+                points = dict(fact.earned).get(program.units[0], 0)
+                for experiment_id, arm in fact.experiment_arms:
+                    self._expose(name, experiment_id, fact.member_id, arm, 1, points)
                 c.execute("INSERT INTO game_events VALUES (?,?)", (fact.event_id, fact.member_id))
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
         return awards
+
+    def _expose(self, program: str, experiment_id: str, member_id: str, arm: str, purchases: int, points: int) -> None:
+        self._db.execute(
+            "INSERT INTO experiment_members VALUES (?,?,?,?,?,?) ON CONFLICT (program, experiment_id, member_id)"
+            " DO UPDATE SET purchases = purchases + excluded.purchases, points = points + excluded.points",
+            (program, experiment_id, member_id, arm, purchases, points),
+        )
+
+    def record_exposure(self, program: str, experiment_id: str, member_id: str, arm: str, purchases: int,
+                        points: int) -> None:  # fmt: skip
+        """What one member did in one arm (bulk loads and tests; events go through apply_event)."""
+        with self._lock:
+            self._expose(program, experiment_id, member_id, arm, purchases, points)
+
+    def experiment_members(self, program: str, experiment_id: str) -> dict[str, list[tuple[int, int]]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT arm, purchases, points FROM experiment_members WHERE program=? AND experiment_id=?",
+                (program, experiment_id),
+            ).fetchall()
+        out: dict[str, list[tuple[int, int]]] = {}
+        for arm, purchases, points in rows:
+            out.setdefault(arm, []).append((int(purchases), int(points)))
+        return out
 
     def _states(self, program: str, member_id: str) -> dict[str, ItemState]:
         rows = self._db.execute(

@@ -46,7 +46,8 @@ def purchase_fact(event: ledger_pb2.LedgerEvent) -> PurchaseFact | None:
         event_id=event.event_id, member_id=event.member_id, purchase_id=p.purchase_id, channel=p.channel,
         store_id=p.store_id, total_minor=p.total.amount_minor, currency=p.total.currency,
         receipt_time=p.receipt_time.ToDatetime(tzinfo=UTC),
-        categories=tuple(p.categories),
+        categories=tuple(p.categories), earned=tuple(sorted(p.earned.items())),
+        experiment_arms=tuple(sorted(p.experiment_arms.items())),
     )  # fmt: skip
 
 

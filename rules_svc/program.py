@@ -397,6 +397,42 @@ class Challenge(_Strict):
         return self
 
 
+class ExperimentArm(_Strict):
+    """A share of members (percent) and the experiment rules that apply to them only."""
+
+    id: Name
+    allocation: PositiveInt
+    rules: list[Name] = []
+
+
+class Experiment(_Strict):
+    """Members are assigned an arm by a salted hash of their id: stable, and independent
+    between experiments with different salts. Rules an arm names apply only to that arm's
+    members while the experiment runs; every accrual is tagged with the member's arm."""
+
+    id: Name
+    name: str = ""
+    salt: Name
+    starts: datetime
+    ends: datetime
+    control: Name
+    arms: list[ExperimentArm]
+
+    @model_validator(mode="after")
+    def _arms(self) -> Experiment:
+        if self.starts.tzinfo is None or self.ends.tzinfo is None:
+            raise ValueError("starts and ends need an offset")
+        if self.ends <= self.starts:
+            raise ValueError("ends must be after starts")
+        if len(self.arms) < 2:
+            raise ValueError("an experiment needs at least two arms")
+        if sum(a.allocation for a in self.arms) != 100:
+            raise ValueError(f"arm allocations must add up to 100, got {sum(a.allocation for a in self.arms)}")
+        if self.control not in {a.id for a in self.arms}:
+            raise ValueError(f"control {self.control!r} is not one of the arms")
+        return self
+
+
 class Gamification(_Strict):
     achievements: list[Achievement] = []
     streaks: list[Streak] = []
@@ -418,6 +454,7 @@ class Program(_Strict):
     redemption: Redemption | None = None
     policy: Policy = Policy()
     gamification: Gamification = Gamification()
+    experiments: list[Experiment] = []
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -507,6 +544,18 @@ def _meaning_errors(p: Program) -> list[tuple[str, str]]:
         errors += _duplicates("tiers.levels", [t.code for t in levels])
     if p.redemption is not None and p.redemption.unit not in units:
         errors.append(("redemption.unit", f"{p.redemption.unit!r} is not one of units {sorted(units)}"))
+    rule_ids = {r.id for r in p.rules}
+    in_experiment: dict[str, str] = {}
+    errors += _duplicates("experiments", [e.id for e in p.experiments])
+    for i, exp in enumerate(p.experiments):
+        errors += _duplicates(f"experiments[{i}].arms", [a.id for a in exp.arms])
+        for j, arm in enumerate(exp.arms):
+            for k, rule_id in enumerate(arm.rules):
+                at = f"experiments[{i}].arms[{j}].rules[{k}]"
+                if rule_id not in rule_ids:
+                    errors.append((at, f"{rule_id!r} is not a rule of the program"))
+                elif in_experiment.setdefault(rule_id, exp.id) != exp.id:
+                    errors.append((at, f"{rule_id!r} already belongs to experiment {in_experiment[rule_id]!r}"))
     g = p.gamification
     items = [("achievements", a.id, a.reward, a.match) for a in g.achievements]
     items += [("streaks", s.id, s.reward, s.match) for s in g.streaks]

@@ -91,6 +91,13 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
         return rules_pb2.JoinChallengeResponse(joined=joined)
 
     @translated
+    async def GetExperimentReport(
+        self, request: rules_pb2.GetExperimentReportRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.GetExperimentReportResponse:
+        found = await self.game.experiment_report(request.program, request.experiment_id)
+        return cv.experiment_report_pb(found)
+
+    @translated
     async def GetLeaderboard(
         self, request: rules_pb2.GetLeaderboardRequest, context: grpc.aio.ServicerContext
     ) -> rules_pb2.GetLeaderboardResponse:

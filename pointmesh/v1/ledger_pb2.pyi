@@ -1967,6 +1967,26 @@ class PurchaseRecorded(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ExperimentArmsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PURCHASE_ID_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     STORE_ID_FIELD_NUMBER: _builtins.int
@@ -1975,6 +1995,7 @@ class PurchaseRecorded(_message.Message):
     EARNED_FIELD_NUMBER: _builtins.int
     PURCHASE_NUMBER_FIELD_NUMBER: _builtins.int
     CATEGORIES_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_ARMS_FIELD_NUMBER: _builtins.int
     purchase_id: _builtins.str
     channel: _builtins.str
     store_id: _builtins.str
@@ -1992,6 +2013,10 @@ class PurchaseRecorded(_message.Message):
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Distinct categories of the receipt's lines, sorted (gamification counts them)."""
 
+    @_builtins.property
+    def experiment_arms(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Experiment id -> the member's arm; experiment reports count purchases by it."""
+
     def __init__(
         self,
         *,
@@ -2003,10 +2028,11 @@ class PurchaseRecorded(_message.Message):
         earned: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         purchase_number: _builtins.int = ...,
         categories: _abc.Iterable[_builtins.str] | None = ...,
+        experiment_arms: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time", b"receipt_time", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "channel", b"channel", "earned", b"earned", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_time", b"receipt_time", "store_id", b"store_id", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "channel", b"channel", "earned", b"earned", "experiment_arms", b"experiment_arms", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_time", b"receipt_time", "store_id", b"store_id", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2472,6 +2498,26 @@ class Purchase(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ExperimentArmsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PURCHASE_ID_FIELD_NUMBER: _builtins.int
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     PROGRAM_FIELD_NUMBER: _builtins.int
@@ -2497,6 +2543,7 @@ class Purchase(_message.Message):
     RETURNED_QUANTITIES_FIELD_NUMBER: _builtins.int
     REFUNDED_MINOR_FIELD_NUMBER: _builtins.int
     SCREENING_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_ARMS_FIELD_NUMBER: _builtins.int
     purchase_id: _builtins.str
     member_id: _builtins.str
     program: _builtins.str
@@ -2541,6 +2588,10 @@ class Purchase(_message.Message):
     def screening(self) -> Global___Screening:
         """The fraud decision; REVIEW means the points are pending credit until ops decides."""
 
+    @_builtins.property
+    def experiment_arms(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Experiment id -> arm the member was in when this purchase earned (rules_svc experiments)."""
+
     def __init__(
         self,
         *,
@@ -2569,10 +2620,11 @@ class Purchase(_message.Message):
         returned_quantities: _abc.Iterable[_builtins.int] | None = ...,
         refunded_minor: _builtins.int = ...,
         screening: Global___Screening | None = ...,
+        experiment_arms: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time", b"receipt_time", "received_at", b"received_at", "screening", b"screening", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "earn_transactions", b"earn_transactions", "earned", b"earned", "fx_rate", b"fx_rate", "lines", b"lines", "member_id", b"member_id", "parts", b"parts", "program", b"program", "program_version", b"program_version", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_id", b"receipt_id", "receipt_time", b"receipt_time", "received_at", b"received_at", "refunded_minor", b"refunded_minor", "returned_quantities", b"returned_quantities", "screening", b"screening", "status", b"status", "status_reason", b"status_reason", "store_id", b"store_id", "tender_points", b"tender_points", "tender_transaction_id", b"tender_transaction_id", "tier_after", b"tier_after", "tier_before", b"tier_before", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "earn_transactions", b"earn_transactions", "earned", b"earned", "experiment_arms", b"experiment_arms", "fx_rate", b"fx_rate", "lines", b"lines", "member_id", b"member_id", "parts", b"parts", "program", b"program", "program_version", b"program_version", "purchase_id", b"purchase_id", "purchase_number", b"purchase_number", "receipt_id", b"receipt_id", "receipt_time", b"receipt_time", "received_at", b"received_at", "refunded_minor", b"refunded_minor", "returned_quantities", b"returned_quantities", "screening", b"screening", "status", b"status", "status_reason", b"status_reason", "store_id", b"store_id", "tender_points", b"tender_points", "tender_transaction_id", b"tender_transaction_id", "tier_after", b"tier_after", "tier_before", b"tier_before", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -433,6 +433,26 @@ Global___TierPolicy: _TypeAlias = TierPolicy  # noqa: Y015
 class Evaluation(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ExperimentArmsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROGRAM_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     TOTALS_FIELD_NUMBER: _builtins.int
@@ -448,6 +468,7 @@ class Evaluation(_message.Message):
     MAX_LATENESS_DAYS_FIELD_NUMBER: _builtins.int
     BASKET_BONUS_ON_RETURN_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_ARMS_FIELD_NUMBER: _builtins.int
     program: _builtins.str
     version: _builtins.int
     """The version used: record it with the earn so a return reverses at these rates."""
@@ -483,6 +504,12 @@ class Evaluation(_message.Message):
     def release_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def tier_policy(self) -> Global___TierPolicy: ...
+    @_builtins.property
+    def experiment_arms(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Experiment id -> arm of the member, for every experiment running at the receipt time;
+        the ledger keeps it with the purchase so experiment reports can compare arms.
+        """
+
     def __init__(
         self,
         *,
@@ -501,10 +528,11 @@ class Evaluation(_message.Message):
         max_lateness_days: _builtins.int = ...,
         basket_bonus_on_return: _builtins.str = ...,
         tier: _builtins.str = ...,
+        experiment_arms: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "release_at", b"release_at", "tier_policy", b"tier_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_bonus_on_return", b"basket_bonus_on_return", "earn_amounts_minor", b"earn_amounts_minor", "earn_currency", b"earn_currency", "excluded", b"excluded", "expires_at", b"expires_at", "fx_rate", b"fx_rate", "max_lateness_days", b"max_lateness_days", "parts", b"parts", "program", b"program", "release_at", b"release_at", "store_local_time", b"store_local_time", "tier", b"tier", "tier_policy", b"tier_policy", "totals", b"totals", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_bonus_on_return", b"basket_bonus_on_return", "earn_amounts_minor", b"earn_amounts_minor", "earn_currency", b"earn_currency", "excluded", b"excluded", "experiment_arms", b"experiment_arms", "expires_at", b"expires_at", "fx_rate", b"fx_rate", "max_lateness_days", b"max_lateness_days", "parts", b"parts", "program", b"program", "release_at", b"release_at", "store_local_time", b"store_local_time", "tier", b"tier", "tier_policy", b"tier_policy", "totals", b"totals", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1303,3 +1331,151 @@ class GetLeaderboardResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetLeaderboardResponse: _TypeAlias = GetLeaderboardResponse  # noqa: Y015
+
+@_typing.final
+class Interval(_message.Message):
+    """Experiments --------------------------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    high: _builtins.float
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interval: _TypeAlias = Interval  # noqa: Y015
+
+@_typing.final
+class ArmResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARM_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    PURCHASES_PER_MEMBER_FIELD_NUMBER: _builtins.int
+    PURCHASES_PER_MEMBER_CI_FIELD_NUMBER: _builtins.int
+    REPEAT_RATE_FIELD_NUMBER: _builtins.int
+    REPEAT_RATE_CI_FIELD_NUMBER: _builtins.int
+    POINTS_PER_MEMBER_FIELD_NUMBER: _builtins.int
+    REPEAT_LIFT_FIELD_NUMBER: _builtins.int
+    REPEAT_LIFT_CI_FIELD_NUMBER: _builtins.int
+    P_VALUE_REPEAT_FIELD_NUMBER: _builtins.int
+    P_VALUE_PURCHASES_FIELD_NUMBER: _builtins.int
+    POINTS_PER_INCREMENTAL_PURCHASE_FIELD_NUMBER: _builtins.int
+    SIGNIFICANT_FIELD_NUMBER: _builtins.int
+    arm: _builtins.str
+    control: _builtins.bool
+    members: _builtins.int
+    """Members who purchased while assigned to the arm."""
+    purchases_per_member: _builtins.float
+    repeat_rate: _builtins.float
+    """Share of members with two or more purchases."""
+    points_per_member: _builtins.float
+    repeat_lift: _builtins.float
+    """Against control (unset for the control arm)."""
+    p_value_repeat: _builtins.float
+    p_value_purchases: _builtins.float
+    points_per_incremental_purchase: _builtins.float
+    """Extra points paid per extra purchase against control; 0 when the arm adds no purchases."""
+    significant: _builtins.bool
+    @_builtins.property
+    def purchases_per_member_ci(self) -> Global___Interval: ...
+    @_builtins.property
+    def repeat_rate_ci(self) -> Global___Interval: ...
+    @_builtins.property
+    def repeat_lift_ci(self) -> Global___Interval: ...
+    def __init__(
+        self,
+        *,
+        arm: _builtins.str = ...,
+        control: _builtins.bool = ...,
+        members: _builtins.int = ...,
+        purchases_per_member: _builtins.float = ...,
+        purchases_per_member_ci: Global___Interval | None = ...,
+        repeat_rate: _builtins.float = ...,
+        repeat_rate_ci: Global___Interval | None = ...,
+        points_per_member: _builtins.float = ...,
+        repeat_lift: _builtins.float = ...,
+        repeat_lift_ci: Global___Interval | None = ...,
+        p_value_repeat: _builtins.float = ...,
+        p_value_purchases: _builtins.float = ...,
+        points_per_incremental_purchase: _builtins.float = ...,
+        significant: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["purchases_per_member_ci", b"purchases_per_member_ci", "repeat_lift_ci", b"repeat_lift_ci", "repeat_rate_ci", b"repeat_rate_ci"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "control", b"control", "members", b"members", "p_value_purchases", b"p_value_purchases", "p_value_repeat", b"p_value_repeat", "points_per_incremental_purchase", b"points_per_incremental_purchase", "points_per_member", b"points_per_member", "purchases_per_member", b"purchases_per_member", "purchases_per_member_ci", b"purchases_per_member_ci", "repeat_lift", b"repeat_lift", "repeat_lift_ci", b"repeat_lift_ci", "repeat_rate", b"repeat_rate", "repeat_rate_ci", b"repeat_rate_ci", "significant", b"significant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArmResult: _TypeAlias = ArmResult  # noqa: Y015
+
+@_typing.final
+class GetExperimentReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    program: _builtins.str
+    experiment_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        program: _builtins.str = ...,
+        experiment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id", "program", b"program"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExperimentReportRequest: _TypeAlias = GetExperimentReportRequest  # noqa: Y015
+
+@_typing.final
+class GetExperimentReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STARTS_AT_FIELD_NUMBER: _builtins.int
+    ENDS_AT_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    name: _builtins.str
+    alpha: _builtins.float
+    @_builtins.property
+    def starts_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ends_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmResult]: ...
+    def __init__(
+        self,
+        *,
+        experiment_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        starts_at: _timestamp_pb2.Timestamp | None = ...,
+        ends_at: _timestamp_pb2.Timestamp | None = ...,
+        alpha: _builtins.float = ...,
+        arms: _abc.Iterable[Global___ArmResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ends_at", b"ends_at", "starts_at", b"starts_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "arms", b"arms", "ends_at", b"ends_at", "experiment_id", b"experiment_id", "name", b"name", "starts_at", b"starts_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExperimentReportResponse: _TypeAlias = GetExperimentReportResponse  # noqa: Y015

@@ -92,6 +92,11 @@ class RulesServiceStub:
                 request_serializer=pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardRequest.SerializeToString,
                 response_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardResponse.FromString,
                 _registered_method=True)
+        self.GetExperimentReport = channel.unary_unary(
+                '/pointmesh.v1.RulesService/GetExperimentReport',
+                request_serializer=pointmesh_dot_v1_dot_rules__pb2.GetExperimentReportRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetExperimentReportResponse.FromString,
+                _registered_method=True)
 
 
 class RulesServiceServicer:
@@ -179,6 +184,14 @@ class RulesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExperimentReport(self, request, context):
+        """An A/B experiment's results so far: per arm against control, with 95% intervals and
+        tests (two-proportion z on repeat purchase, Welch t on purchases per member).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RulesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -236,6 +249,11 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     servicer.GetLeaderboard,
                     request_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardRequest.FromString,
                     response_serializer=pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardResponse.SerializeToString,
+            ),
+            'GetExperimentReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperimentReport,
+                    request_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetExperimentReportRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_rules__pb2.GetExperimentReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -538,6 +556,33 @@ class RulesService:
             '/pointmesh.v1.RulesService/GetLeaderboard',
             pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardRequest.SerializeToString,
             pointmesh_dot_v1_dot_rules__pb2.GetLeaderboardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperimentReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.RulesService/GetExperimentReport',
+            pointmesh_dot_v1_dot_rules__pb2.GetExperimentReportRequest.SerializeToString,
+            pointmesh_dot_v1_dot_rules__pb2.GetExperimentReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,10 @@ class RulesServiceStub:
     """Opts a member in to a challenge that asks for it; idempotent."""
     GetLeaderboard: _grpc.UnaryUnaryMultiCallable[_rules_pb2.GetLeaderboardRequest, _rules_pb2.GetLeaderboardResponse]
     """Members ranked by progress in a challenge (ties: who got there first)."""
+    GetExperimentReport: _grpc.UnaryUnaryMultiCallable[_rules_pb2.GetExperimentReportRequest, _rules_pb2.GetExperimentReportResponse]
+    """An A/B experiment's results so far: per arm against control, with 95% intervals and
+    tests (two-proportion z on repeat purchase, Welch t on purchases per member).
+    """
 
 @_typing.type_check_only
 class RulesServiceAsyncStub(RulesServiceStub):
@@ -97,6 +101,10 @@ class RulesServiceAsyncStub(RulesServiceStub):
     """Opts a member in to a challenge that asks for it; idempotent."""
     GetLeaderboard: _aio.UnaryUnaryMultiCallable[_rules_pb2.GetLeaderboardRequest, _rules_pb2.GetLeaderboardResponse]  # type: ignore[assignment]
     """Members ranked by progress in a challenge (ties: who got there first)."""
+    GetExperimentReport: _aio.UnaryUnaryMultiCallable[_rules_pb2.GetExperimentReportRequest, _rules_pb2.GetExperimentReportResponse]  # type: ignore[assignment]
+    """An A/B experiment's results so far: per arm against control, with 95% intervals and
+    tests (two-proportion z on repeat purchase, Welch t on purchases per member).
+    """
 
 class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
     """RulesService is the points engine: it owns the program (versioned, declarative rule sets)
@@ -195,5 +203,15 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rules_pb2.GetLeaderboardResponse, _abc.Awaitable[_rules_pb2.GetLeaderboardResponse]]:
         """Members ranked by progress in a challenge (ties: who got there first)."""
+
+    @_abc_1.abstractmethod
+    def GetExperimentReport(
+        self,
+        request: _rules_pb2.GetExperimentReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.GetExperimentReportResponse, _abc.Awaitable[_rules_pb2.GetExperimentReportResponse]]:
+        """An A/B experiment's results so far: per arm against control, with 95% intervals and
+        tests (two-proportion z on repeat purchase, Welch t on purchases per member).
+        """
 
 def add_RulesServiceServicer_to_server(servicer: RulesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pointmesh.clock import ManualClock
 from pointmesh.redis_server import RedisServer, free_port
@@ -55,9 +56,22 @@ gamification:
 """
 
 
+EXPERIMENT_RULE = {"id": "exp-double", "priority": 50, "when": {"channels": ["pos"]}, "effect": {"multiplier": "2"}}
+EXPERIMENTS = [{
+    "id": "double-vs-base", "name": "Double points at the till", "salt": "winter-2026", "control": "base",
+    "starts": "2026-01-01T00:00:00+00:00", "ends": "2026-04-01T00:00:00+00:00",
+    "arms": [{"id": "base", "allocation": 50}, {"id": "double", "allocation": 50, "rules": ["exp-double"]}],
+}]  # fmt: skip
+
+
 def write_program(directory: Path) -> Path:
+    """The mesh program plus the gamification block and one experiment (its rule included)."""
+    document = yaml.safe_load(MESH_PROGRAM.read_text())
+    document.update(yaml.safe_load(GAMIFICATION))
+    document["rules"].append(EXPERIMENT_RULE)
+    document["experiments"] = EXPERIMENTS
     path = directory / "game-program.yaml"
-    path.write_text(MESH_PROGRAM.read_text() + GAMIFICATION)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
 
