@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# redis-server for the event bus and cache; libgomp1 is the OpenMP runtime LightGBM links against.
+# redis-server for the event bus and cache; libgomp1 is the OpenMP runtime LightGBM links against;
+# chromium + chromium-driver for the back-office browser test; a JDK and Maven for the Kafka and
+# Cassandra servers the tests start.
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server from Debian's packages"; \
@@ -25,6 +27,10 @@ system-deps:
 	  echo "installing libgomp1 from Debian's packages"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q libgomp1; }
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || { \
+	  echo "installing chromium and chromium-driver from Debian's packages (the back-office browser test)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 	@command -v java >/dev/null && command -v mvn >/dev/null || { \
 	  echo "installing a JDK and Maven from Debian's packages (the test Kafka broker runs on them)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -290,3 +290,39 @@ class ReviewPage(BaseModel):
 
 class ReviewDecision(Body):
     note: str = Field(default="", max_length=500, examples=["member confirmed the new phone by call-back"])
+
+
+class OpsTotals(BaseModel):
+    as_of: datetime
+    totals: dict[str, int] = Field(description="points by account class, e.g. member:points, funding:program:points")
+    differences: int = Field(description="reconciliation differences found (0: the books agree)")
+    held_points: int = Field(description="points in open holds, fraud review holds included")
+
+
+class Interval(BaseModel):
+    low: float
+    high: float
+
+
+class ExperimentArm(BaseModel):
+    arm: str
+    control: bool
+    members: int
+    purchases_per_member: float
+    purchases_per_member_ci: Interval
+    repeat_rate: float
+    repeat_rate_ci: Interval
+    points_per_member: float
+    repeat_lift: float
+    repeat_lift_ci: Interval
+    p_value_repeat: float
+    p_value_purchases: float
+    points_per_incremental_purchase: float
+    significant: bool
+
+
+class ExperimentReport(BaseModel):
+    experiment_id: str
+    name: str
+    alpha: float
+    arms: list[ExperimentArm]

@@ -199,6 +199,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return ledger_pb2.ListPurchasesResponse(purchases=[cv.purchase_pb(p) for p in purchases], next_page_token=token)
 
     @translated
+    async def GetTotals(
+        self, request: ledger_pb2.GetTotalsRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.GetTotalsResponse:
+        as_of, found = await self.service.totals()
+        return ledger_pb2.GetTotalsResponse(
+            as_of=cv.ts(as_of), differences=len(found.differences), held_points=found.held_points,
+            totals=[ledger_pb2.AccountClassTotal(account_class=k, points=v)
+                    for k, v in found.totals_by_account_class.items()],
+        )  # fmt: skip
+
+    @translated
     async def GetHold(
         self, request: ledger_pb2.GetHoldRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.GetHoldResponse:

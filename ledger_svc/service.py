@@ -52,6 +52,7 @@ from ledger_svc.domain import (
     new_member_id,
 )
 from ledger_svc.postings import Policy, ShardBook
+from ledger_svc.reconcile import ReconcileReport, reconcile
 from ledger_svc.reviews import RedeemResult, Review, ReviewStatus, redeem_or_hold
 from ledger_svc.sagas import Sagas
 from ledger_svc.screening import FraudDenied, FraudScreen, ScreenedKind, Screening, ScreeningRequest, Verdict
@@ -59,6 +60,7 @@ from ledger_svc.store.base import DirectoryTx, IdemRecord, LedgerStore, ShardTx
 from pointmesh.clock import Clock
 
 R = TypeVar("R")
+TOTALS_MAX_AGE = timedelta(seconds=5)
 log = logging.getLogger(__name__)
 EXTERNAL_KINDS_MAX = 16
 
@@ -96,6 +98,7 @@ class LedgerService:
         self.outbox_wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.sagas = Sagas(self)
+        self._totals: tuple[datetime, ReconcileReport] | None = None
         self.accrual = Accrual(self, engine, program)
 
     # Routing and plumbing ----------------------------------------------------------------
@@ -666,6 +669,14 @@ class LedgerService:
         sagas = await self.recover_sagas()
         purchases = await self.accrual.process_waiting()
         return MaintenanceReport(expired, lots, released, voided, sagas, purchases)
+
+    async def totals(self) -> tuple[datetime, ReconcileReport]:
+        """A fresh pass, or one at most TOTALS_MAX_AGE old (a back-office page refreshing)."""
+        now = self.clock.now()
+        cached = self._totals
+        if cached is None or abs(now - cached[0]) > TOTALS_MAX_AGE:
+            cached = self._totals = (now, await reconcile(self.store, now))
+        return cached
 
     async def void_overdue_hold(self, shard: int, hold_id: str) -> bool:
         """Reconciliation's backstop to the hold timer; False if the hold settled meanwhile."""

@@ -3047,3 +3047,73 @@ class DecideReviewResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecideReviewResponse: _TypeAlias = DecideReviewResponse  # noqa: Y015
+
+@_typing.final
+class GetTotalsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTotalsRequest: _TypeAlias = GetTotalsRequest  # noqa: Y015
+
+@_typing.final
+class AccountClassTotal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_CLASS_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    account_class: _builtins.str
+    """"member:points", "pending:points", "funding:program:points", "system:redeemed:points", ..."""
+    points: _builtins.int
+    def __init__(
+        self,
+        *,
+        account_class: _builtins.str = ...,
+        points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_class", b"account_class", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountClassTotal: _TypeAlias = AccountClassTotal  # noqa: Y015
+
+@_typing.final
+class GetTotalsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AS_OF_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    DIFFERENCES_FIELD_NUMBER: _builtins.int
+    HELD_POINTS_FIELD_NUMBER: _builtins.int
+    differences: _builtins.int
+    """Differences the pass found (0 when the books agree)."""
+    held_points: _builtins.int
+    """Points in open holds (fraud review holds included)."""
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountClassTotal]: ...
+    def __init__(
+        self,
+        *,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
+        totals: _abc.Iterable[Global___AccountClassTotal] | None = ...,
+        differences: _builtins.int = ...,
+        held_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "differences", b"differences", "held_points", b"held_points", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTotalsResponse: _TypeAlias = GetTotalsResponse  # noqa: Y015

@@ -167,6 +167,11 @@ class LedgerServiceStub:
                 request_serializer=pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesRequest.SerializeToString,
                 response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesResponse.FromString,
                 _registered_method=True)
+        self.GetTotals = channel.unary_unary(
+                '/pointmesh.v1.LedgerService/GetTotals',
+                request_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetTotalsRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetTotalsResponse.FromString,
+                _registered_method=True)
         self.ListReviews = channel.unary_unary(
                 '/pointmesh.v1.LedgerService/ListReviews',
                 request_serializer=pointmesh_dot_v1_dot_ledger__pb2.ListReviewsRequest.SerializeToString,
@@ -361,6 +366,14 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTotals(self, request, context):
+        """The programme's books by account class (members' points per unit, funding, redeemed,
+        expired, ...), proved by a reconciliation pass at most a few seconds old.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListReviews(self, request, context):
         """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
         earns a purchase's points as pending credit and turns a redemption into a hold, each
@@ -509,6 +522,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListPurchases,
                     request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesRequest.FromString,
                     response_serializer=pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesResponse.SerializeToString,
+            ),
+            'GetTotals': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTotals,
+                    request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetTotalsRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetTotalsResponse.SerializeToString,
             ),
             'ListReviews': grpc.unary_unary_rpc_method_handler(
                     servicer.ListReviews,
@@ -1226,6 +1244,33 @@ class LedgerService:
             '/pointmesh.v1.LedgerService/ListPurchases',
             pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesRequest.SerializeToString,
             pointmesh_dot_v1_dot_ledger__pb2.ListPurchasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTotals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.LedgerService/GetTotals',
+            pointmesh_dot_v1_dot_ledger__pb2.GetTotalsRequest.SerializeToString,
+            pointmesh_dot_v1_dot_ledger__pb2.GetTotalsResponse.FromString,
             options,
             channel_credentials,
             insecure,

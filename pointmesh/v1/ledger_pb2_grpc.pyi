@@ -88,6 +88,10 @@ class LedgerServiceStub:
     """A channel's purchases of one store (or every store) with receipt times in [from, until),
     oldest first: what settlement reconciliation compares a store's end-of-day file against.
     """
+    GetTotals: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetTotalsRequest, _ledger_pb2.GetTotalsResponse]
+    """The programme's books by account class (members' points per unit, funding, redeemed,
+    expired, ...), proved by a reconciliation pass at most a few seconds old.
+    """
     ListReviews: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListReviewsRequest, _ledger_pb2.ListReviewsResponse]
     """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
     earns a purchase's points as pending credit and turns a redemption into a hold, each
@@ -155,6 +159,10 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     ListPurchases: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListPurchasesRequest, _ledger_pb2.ListPurchasesResponse]  # type: ignore[assignment]
     """A channel's purchases of one store (or every store) with receipt times in [from, until),
     oldest first: what settlement reconciliation compares a store's end-of-day file against.
+    """
+    GetTotals: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetTotalsRequest, _ledger_pb2.GetTotalsResponse]  # type: ignore[assignment]
+    """The programme's books by account class (members' points per unit, funding, redeemed,
+    expired, ...), proved by a reconciliation pass at most a few seconds old.
     """
     ListReviews: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListReviewsRequest, _ledger_pb2.ListReviewsResponse]  # type: ignore[assignment]
     """Fraud review. Purchases and redemptions are screened by fraud_svc; a REVIEW verdict
@@ -376,6 +384,16 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.ListPurchasesResponse, _abc.Awaitable[_ledger_pb2.ListPurchasesResponse]]:
         """A channel's purchases of one store (or every store) with receipt times in [from, until),
         oldest first: what settlement reconciliation compares a store's end-of-day file against.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTotals(
+        self,
+        request: _ledger_pb2.GetTotalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetTotalsResponse, _abc.Awaitable[_ledger_pb2.GetTotalsResponse]]:
+        """The programme's books by account class (members' points per unit, funding, redeemed,
+        expired, ...), proved by a reconciliation pass at most a few seconds old.
         """
 
     @_abc_1.abstractmethod

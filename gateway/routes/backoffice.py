@@ -1,0 +1,53 @@
+"""The back office: programme totals and experiment results for ops keys, and the page
+(`/backoffice`) that shows them with the fraud review queue. The page is static; everything
+it shows comes from these routes and the review routes with the operator's own key."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter
+from fastapi import Path as PathParam
+from fastapi.responses import HTMLResponse
+from google.protobuf.json_format import MessageToDict
+
+from gateway import schemas as s
+from gateway.deps import Caller, GatewayDep, call
+from pointmesh.v1 import ledger_pb2, rules_pb2
+
+router = APIRouter(tags=["ops"])
+PAGE = (Path(__file__).resolve().parent.parent / "static" / "backoffice.html").read_text()
+
+
+@router.get("/backoffice", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(PAGE)
+
+
+@router.get("/v1/ops/totals", response_model=s.OpsTotals, summary="The programme's books by account class")
+async def totals(gw: GatewayDep, caller: Caller) -> s.OpsTotals:
+    caller.require("ops:read")
+    found = await call("ledger_svc", gw.ledger.GetTotals(ledger_pb2.GetTotalsRequest()))
+    return s.OpsTotals(
+        as_of=found.as_of.ToDatetime(tzinfo=UTC),
+        totals={t.account_class: t.points for t in found.totals},
+        differences=found.differences,
+        held_points=found.held_points,
+    )
+
+
+@router.get("/v1/ops/experiments/{experiment_id}", response_model=s.ExperimentReport,
+            summary="An A/B experiment's results per arm against control")  # fmt: skip
+async def experiment(
+    gw: GatewayDep,
+    caller: Caller,
+    experiment_id: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")],
+) -> s.ExperimentReport:
+    caller.require("ops:read")
+    found = await call("rules_svc", gw.rules.GetExperimentReport(
+        rules_pb2.GetExperimentReportRequest(program=gw.settings.program, experiment_id=experiment_id)))  # fmt: skip
+    return s.ExperimentReport.model_validate(
+        MessageToDict(found, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    )
