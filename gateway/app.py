@@ -21,7 +21,7 @@ from gateway.deps import Gateway
 from gateway.keys import KeyStore
 from gateway.live import LiveHub
 from gateway.metrics import instrument
-from gateway.routes import backoffice, health, legacy, live, members, ops, points, program, purchases
+from gateway.routes import backoffice, game, health, legacy, live, members, ops, points, program, purchases
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
@@ -73,7 +73,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     app.state.gateway = gw
     problems.install(app)
     openapi.install(app)
-    for module in (members, purchases, points, program, legacy, live, health, ops, backoffice):
+    for module in (members, purchases, points, program, legacy, live, health, ops, backoffice, game):
         app.include_router(module.router)
     return app
 

@@ -326,3 +326,54 @@ class ExperimentReport(BaseModel):
     name: str
     alpha: float
     arms: list[ExperimentArm]
+
+
+class GameItem(BaseModel):
+    item_id: str
+    name: str
+    kind: str = Field(examples=["CHALLENGE"], description="ACHIEVEMENT, STREAK or CHALLENGE")
+    progress: int
+    goal: int
+    completions: int
+    last_completed_at: datetime | None
+    reward_points: int
+    reward_unit: str
+    joined: bool
+
+
+class Progress(BaseModel):
+    member_id: str
+    items: list[GameItem]
+    rewards_paid_points: int
+    rewards_pending_points: int
+
+
+class ChallengeOut(BaseModel):
+    challenge_id: str
+    name: str
+    starts_at: datetime
+    ends_at: datetime
+    goal_purchases: int
+    reward_points: int
+    reward_unit: str
+    opt_in: bool
+
+
+class Challenges(BaseModel):
+    challenges: list[ChallengeOut]
+
+
+class JoinChallenge(Body):
+    member_id: str = Field(min_length=1, max_length=64)
+
+
+class LeaderboardEntry(BaseModel):
+    rank: int
+    member_id: str
+    progress: int
+    completed_at: datetime | None
+
+
+class Leaderboard(BaseModel):
+    challenge_id: str
+    entries: list[LeaderboardEntry]

@@ -1,0 +1,60 @@
+"""Gamification through the REST gateway: a member's progress and rewards, running challenges,
+opting in, the leaderboard; a member token reads only its own progress."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.gamification.conftest import Game
+from tests.gateway.conftest import GatewayUnderTest, start_gateway
+from tests.gateway.test_api import enrol, idem, problem, purchase_body
+from tests.gateway.test_auth_and_live import member_token
+from tests.mesh.conftest import Mesh
+from tests.waiting import until
+
+
+@pytest.fixture
+async def game_gw(game: Game, tmp_path: Path) -> AsyncIterator[GatewayUnderTest]:
+    services = Mesh(game.rules, game.ledger, game.clock, game.rules.app.port, tmp_path)
+    running = await start_gateway(tmp_path / "gateway", services, game.redis.url)
+    yield running
+    running.uvicorn.should_exit = True
+    await running.task
+
+
+async def test_progress_challenges_join_and_leaderboard_over_rest(game_gw: GatewayUnderTest, game: Game) -> None:
+    gw = game_gw
+    async with gw.client("pos") as pos:
+        member, other = await enrol(pos), await enrol(pos)
+        running = (await pos.get("/v1/challenges")).json()["challenges"]
+        assert {c["challenge_id"] for c in running} == {"january-trio", "winter-ten", "vip-sprint"}  # not december
+        joined = await pos.post("/v1/challenges/vip-sprint/join", json={"member_id": member})
+        assert joined.status_code == 200 and joined.json() == {"joined": True}
+        for i in range(3):
+            bought = await pos.post("/v1/purchases", json=purchase_body(gw, member, f"G-{i}", 1000), headers=idem())
+            assert bought.status_code == 201, bought.text
+            game.clock.advance(timedelta(hours=2))
+        await pos.post("/v1/purchases", json=purchase_body(gw, other, "G-o", 1000), headers=idem())
+
+        async def rewarded() -> bool:
+            found = (await pos.get(f"/v1/members/{member}/progress")).json()
+            return bool(found["rewards_paid_points"] == 200 + 120 and found["rewards_pending_points"] == 0)
+
+        await until(rewarded, 20)
+        items = {i["item_id"]: i for i in (await pos.get(f"/v1/members/{member}/progress")).json()["items"]}
+        assert (items["january-trio"]["progress"], items["january-trio"]["completions"]) == (3, 1)
+        assert items["vip-sprint"]["joined"] and items["january-trio"]["kind"] == "CHALLENGE"
+        assert items["january-trio"]["last_completed_at"] is not None
+
+        board = (await pos.get("/v1/challenges/january-trio/leaderboard", params={"limit": 5})).json()
+        assert [(e["rank"], e["member_id"], e["progress"]) for e in board["entries"]] == [(1, member, 3), (2, other, 1)]
+        problem(await pos.get("/v1/challenges/nope/leaderboard"), 404)
+
+    token = await member_token(gw, member)
+    async with gw.client(token=token) as app:
+        assert (await app.get(f"/v1/members/{member}/progress")).status_code == 200
+        problem(await app.get(f"/v1/members/{other}/progress"), 403)
