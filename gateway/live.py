@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, EventBus
+from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, OPS_ALERTS, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,12 @@ class Subscription:
 
 def member_message(event: ledger_pb2.LedgerEvent) -> dict[str, Any]:
     """What a member's app needs: the kind of change, the balance after it, and its details."""
-    kind = event.WhichOneof("payload") or "unknown"
+    kind: str = event.WhichOneof("payload") or "unknown"
     body = MessageToDict(getattr(event, kind), preserving_proto_field_name=True) if kind != "unknown" else {}
     balance = event.balance_after
+    if kind == "points_earned" and event.points_earned.funding_source == GAMIFICATION_FUNDING:
+        item_id, _, name = event.points_earned.reference.partition(": ")
+        kind, body = "achievement_unlocked", {**body, "item_id": item_id, "name": name}
     return {
         "type": kind, "event_id": event.event_id, "member_id": event.member_id, "unit": event.unit,
         "occurred_at": event.occurred_at.ToJsonString(),

@@ -25,6 +25,9 @@ from redis.exceptions import ResponseError
 LEDGER_EVENTS = "pointmesh.ledger.events"
 # Fraud and risk alerts for the ops team (OpsAlert messages), keyed by member id.
 OPS_ALERTS = "pointmesh.ops.alerts"
+# Funding source of the rewards rules_svc posts for achievements, streaks and challenges; the
+# gateway shows such an earn to the member as an achievement ("<item id>: <name>" reference).
+GAMIFICATION_FUNDING = "gamification"
 # Purchases handed over in bulk (RecordPurchaseRequest messages), keyed by member id.
 INGEST_PURCHASES = "pointmesh.ingest.purchases"
 TOPICS = (LEDGER_EVENTS, OPS_ALERTS, INGEST_PURCHASES)

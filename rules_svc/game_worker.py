@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from pointmesh.consumers import Poison, by_key, run_group
-from pointmesh.events import LEDGER_EVENTS, BusMessage, EventBus
+from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from rules_svc.game_engine import PurchaseFact
 from rules_svc.game_store import GameStore, Reward
@@ -29,7 +29,7 @@ from rules_svc.program import Program
 log = logging.getLogger(__name__)
 GROUP = "rules-gamification"
 REWARD_NAMESPACE = "gamification"
-REWARD_FUNDING = "gamification"
+REWARD_FUNDING = GAMIFICATION_FUNDING
 RETRY_SECONDS = 2.0
 # The member is gone or can never earn: the reward is kept (status says why), not retried.
 FINAL_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT})

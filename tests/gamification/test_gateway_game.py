@@ -3,16 +3,18 @@ opting in, the leaderboard; a member token reads only its own progress."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.gamification.conftest import Game
 from tests.gateway.conftest import GatewayUnderTest, start_gateway
 from tests.gateway.test_api import enrol, idem, problem, purchase_body
-from tests.gateway.test_auth_and_live import member_token
+from tests.gateway.test_auth_and_live import member_token, next_message
 from tests.mesh.conftest import Mesh
 from tests.waiting import until
 
@@ -58,3 +60,20 @@ async def test_progress_challenges_join_and_leaderboard_over_rest(game_gw: Gatew
     async with gw.client(token=token) as app:
         assert (await app.get(f"/v1/members/{member}/progress")).status_code == 200
         problem(await app.get(f"/v1/members/{other}/progress"), 403)
+
+
+async def test_an_achievement_appears_on_the_members_websocket(game_gw: GatewayUnderTest, game: Game) -> None:
+    gw = game_gw
+    async with gw.client("pos") as pos:
+        member = await enrol(pos)
+        token = await member_token(gw, member)
+        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            for i in range(3):  # the third completes the January challenge
+                bought = await pos.post("/v1/purchases", json=purchase_body(gw, member, f"A-{i}", 1000), headers=idem())
+                assert bought.status_code == 201, bought.text
+                game.clock.advance(timedelta(hours=1))
+            unlocked = await next_message(ws, "achievement_unlocked")
+    assert unlocked["details"]["item_id"] == "january-trio"
+    assert unlocked["details"]["name"] == "Three purchases in January"
+    assert unlocked["details"]["points"] == "200" and unlocked["details"]["funding_source"] == "gamification"
