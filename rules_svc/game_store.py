@@ -69,8 +69,9 @@ class GameStore:
     def close(self) -> None:
         self._db.close()
 
-    def apply_event(self, program: Program, fact: PurchaseFact) -> list[Award]:
-        """Counts the purchase once (by event id); returns the awards it earned (already stored)."""
+    def apply_event(self, program: Program, fact: PurchaseFact) -> list[Award] | None:
+        """Counts the purchase once (by event id); returns the awards it earned (already stored),
+        or None when the event was counted before."""
         name = program.program
         with self._lock:
             c = self._db
@@ -78,7 +79,7 @@ class GameStore:
             try:
                 if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (fact.event_id,)).fetchone():
                     c.execute("ROLLBACK")
-                    return []
+                    return None
                 states = self._states(name, fact.member_id)
                 joined = {r[0] for r in c.execute(
                     "SELECT challenge_id FROM game_joins WHERE program=? AND member_id=?", (name, fact.member_id))}  # fmt: skip

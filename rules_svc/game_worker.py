@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 import grpc
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter
 
 from pointmesh.consumers import Poison, by_key, run_group
 from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, BusMessage, EventBus
@@ -27,6 +28,14 @@ from rules_svc.game_store import GameStore, Reward
 from rules_svc.program import Program
 
 log = logging.getLogger(__name__)
+COUNTED = Counter("pointmesh_game_purchases_counted_total", "Purchase events gamification counted (once each).")
+DUPLICATES = Counter("pointmesh_game_events_redelivered_total", "Purchase events delivered again and ignored.")
+COMPLETIONS = Counter("pointmesh_game_completions_total", "Achievements, streaks and challenges completed.", ["item"])
+REWARD_POINTS = Counter("pointmesh_game_reward_points_paid_total", "Reward points the ledger posted.", ["unit"])
+EXPERIMENT_PURCHASES = Counter("pointmesh_experiment_purchases_total", "Purchases by experiment arm.",
+                               ["experiment", "arm"])  # fmt: skip
+EXPERIMENT_POINTS = Counter("pointmesh_experiment_points_total", "Points purchases earned, by experiment arm.",
+                            ["experiment", "arm"])  # fmt: skip
 GROUP = "rules-gamification"
 REWARD_NAMESPACE = "gamification"
 REWARD_FUNDING = GAMIFICATION_FUNDING
@@ -77,8 +86,18 @@ class GameWorker:
             return
         program = self.program_at(self.program, fact.receipt_time)
         awards = await asyncio.to_thread(self.store.apply_event, program, fact)
-        if awards:
-            log.info("member %s completed %s", fact.member_id, ", ".join(a.item_id for a in awards))
+        if awards is None:
+            DUPLICATES.inc()
+        else:
+            COUNTED.inc()
+            points = dict(fact.earned).get(program.units[0], 0)
+            for experiment_id, arm in fact.experiment_arms:
+                EXPERIMENT_PURCHASES.labels(experiment_id, arm).inc()
+                EXPERIMENT_POINTS.labels(experiment_id, arm).inc(points)
+            for award in awards:
+                COMPLETIONS.labels(award.item_id).inc()
+            if awards:
+                log.info("member %s completed %s", fact.member_id, ", ".join(a.item_id for a in awards))
         await self.pay(fact.member_id)
 
     async def pay(self, member_id: str = "") -> int:
@@ -95,6 +114,7 @@ class GameWorker:
                 log.warning("reward %s not posted yet (%s); retrying", reward.key, error.code().name)
                 return paid
             await asyncio.to_thread(self.store.settle, reward.key, "PAID", response.transaction.transaction_id)
+            REWARD_POINTS.labels(reward.unit).inc(reward.points)
             paid += 1
         return paid
 

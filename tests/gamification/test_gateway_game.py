@@ -55,6 +55,12 @@ async def test_progress_challenges_join_and_leaderboard_over_rest(game_gw: Gatew
         board = (await pos.get("/v1/challenges/january-trio/leaderboard", params={"limit": 5})).json()
         assert [(e["rank"], e["member_id"], e["progress"]) for e in board["entries"]] == [(1, member, 3), (2, other, 1)]
         problem(await pos.get("/v1/challenges/nope/leaderboard"), 404)
+    async with gw.client("ops") as ops:
+        report = (await ops.get("/v1/ops/experiments/double-vs-base")).json()
+        assert report["alpha"] == 0.05 and {a["arm"] for a in report["arms"]} == {"base", "double"}
+        assert sum(a["members"] for a in report["arms"]) == 2  # both members purchased while assigned
+        assert [a["control"] for a in report["arms"]] == [True, False]
+        problem(await ops.get("/v1/ops/experiments/nope"), 404)
 
     token = await member_token(gw, member)
     async with gw.client(token=token) as app:

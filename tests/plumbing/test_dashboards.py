@@ -35,8 +35,8 @@ def queries(dashboard: dict[str, object]) -> list[tuple[str, str]]:
     return [(str(p["title"]), str(t["expr"])) for p in panels for t in p["targets"]]
 
 
-def test_there_are_dashboards_for_overview_and_fraud() -> None:
-    assert {p.stem for p in DASHBOARDS} >= {"overview", "fraud"}
+def test_there_are_dashboards_for_overview_fraud_and_experiments() -> None:
+    assert {p.stem for p in DASHBOARDS} >= {"overview", "fraud", "experiments"}
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
