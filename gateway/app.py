@@ -18,9 +18,9 @@ from redis.asyncio import Redis
 from gateway import openapi, problems
 from gateway.auth import MemberTokens
 from gateway.deps import Gateway
+from gateway.instrument import instrument
 from gateway.keys import KeyStore
 from gateway.live import LiveHub
-from gateway.metrics import instrument
 from gateway.routes import backoffice, game, health, legacy, live, members, ops, points, program, purchases
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock

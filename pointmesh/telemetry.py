@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
@@ -19,6 +22,8 @@ METRICS_HOST_ENV = "POINTMESH_METRICS_HOST"
 DEFAULT_METRICS_HOST = "127.0.0.1"
 OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 OTLP_PROTOCOL_ENV = "OTEL_EXPORTER_OTLP_PROTOCOL"
+# Development and tests: every finished span as one JSON line appended to this file.
+TRACE_FILE_ENV = "POINTMESH_TRACE_FILE"
 
 RECONCILE_RUNS = Counter("pointmesh_reconcile_runs_total", "Background reconciliation passes of ledger_svc.")
 RECONCILE_DIFFERENCES = Gauge(
@@ -59,6 +64,27 @@ _tracing_service: str | None = None
 _metrics_ports: set[int] = set()
 
 
+class JsonLinesExporter(SpanExporter):
+    """Spans as JSON lines in a file several processes may append to (one write per span)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = []
+        for span in spans:
+            ctx = span.get_span_context()
+            parent = span.parent
+            lines.append(json.dumps({
+                "trace_id": f"{ctx.trace_id:032x}" if ctx else "", "span_id": f"{ctx.span_id:016x}" if ctx else "",
+                "parent_id": f"{parent.span_id:016x}" if parent else "", "name": span.name,
+                "service": span.resource.attributes.get(SERVICE_NAME, ""), "kind": span.kind.name,
+            }) + "\n")  # fmt: skip
+        with self.path.open("a") as out:
+            out.write("".join(lines))
+        return SpanExportResult.SUCCESS
+
+
 def _otlp_exporter() -> SpanExporter | None:
     """Loads the OTLP exporter only if installed, because it is an optional deployment dependency."""
     http = os.environ.get(OTLP_PROTOCOL_ENV, "grpc").startswith("http")
@@ -93,6 +119,8 @@ def _setup_tracing(service: str) -> None:
         exporter = _otlp_exporter()
         if exporter is not None:
             provider.add_span_processor(BatchSpanProcessor(exporter))
+    if os.environ.get(TRACE_FILE_ENV):
+        provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(Path(os.environ[TRACE_FILE_ENV]))))
     trace.set_tracer_provider(provider)
     _tracing_service = service
 

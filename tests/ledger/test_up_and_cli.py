@@ -79,6 +79,28 @@ def _metric_value(text: str, name: str, labels: dict[str, str]) -> float:
     return 0.0
 
 
+def _post(port: int, path: str, body: dict[str, object], headers: dict[str, str]) -> dict[str, object]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers=headers, method="POST")  # fmt: skip
+    with urllib.request.urlopen(request, timeout=15) as response:
+        found: dict[str, object] = json.loads(response.read())
+        return found
+
+
+def _until_trace(path: Path, root: str, services: set[str], timeout: float = 15) -> list[dict[str, str]]:
+    """The spans of the trace whose root is `root`, once spans from every service arrived."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        roots = [s for s in spans if s["name"] == root and not s["parent_id"]]
+        if roots:
+            trace = [s for s in spans if s["trace_id"] == roots[0]["trace_id"]]
+            if {s["service"] for s in trace} >= services:
+                return trace
+        assert time.monotonic() < deadline, f"no complete trace for {root}: {spans[-20:]}"
+        time.sleep(0.2)
+
+
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return str(response.read().decode())
@@ -108,6 +130,7 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         "POINTMESH_FRAUD_ADDR": f"127.0.0.1:{fraud_port}",
         "POINTMESH_FRAUD_METRICS_PORT": str(fraud_metrics),
         "POINTMESH_DEFAULT_MODEL_ROWS": "5000",
+        "POINTMESH_TRACE_FILE": str(tmp_path / "spans.jsonl"),
     }
     env.pop("POINTMESH_REDIS_URL", None)
     log_path = tmp_path / "up.log"
@@ -172,25 +195,39 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
             )  # fmt: skip
             assert bought.purchase.status == ledger_pb2.PURCHASE_STATUS_EARNED
             assert {u.unit: u.points for u in bought.purchase.earned}["tier_credits"] == 25
-        # Every service's /metrics moved by exactly what the scenario did: one member, one
-        # purchase (one Evaluate, one fraud decision, 25 tier credits), one gateway GET.
+        # One purchase through the gateway is one trace across every hop.
+        headers = {"Authorization": f"Bearer {demo_key}", "Content-Type": "application/json"}
+        posted = _post(gateway_port, "/v1/purchases", {
+            "member_id": member.member.member_id, "store_id": "HEL-01", "receipt_id": "up-2",
+            "total": {"amount_minor": 1500, "currency": "EUR"},
+            "lines": [{"sku": "socks", "category": "apparel", "quantity": 1,
+                       "amount": {"amount_minor": 1500, "currency": "EUR"}}],
+            "receipt_time": (datetime.now(UTC) - timedelta(minutes=1)).isoformat(),
+        }, {**headers, "Idempotency-Key": "up-trace-1"})  # fmt: skip
+        assert posted["status"] == "EARNED"
+        trace = _until_trace(tmp_path / "spans.jsonl", "POST /v1/purchases",
+                             {"gateway", "ledger", "rules", "fraud"})  # fmt: skip
+        assert {s["service"] for s in trace} >= {"gateway", "ledger", "rules", "fraud"}
+        # Every service's /metrics moved by exactly what the scenario did: one member, two
+        # purchases (two Evaluates, two fraud decisions, 25 + 15 tier credits), one gateway GET
+        # and one gateway POST.
         created = {"service": LEDGER_SERVICE, "method": "CreateMember", "code": "OK"}
         assert _metric_value(_scrape(metrics_port), "pointmesh_rpc_requests_total", created) == 1.0
-        _until_metric(metrics_port, "pointmesh_purchases_total", {"channel": "pos"}, 1.0)
+        _until_metric(metrics_port, "pointmesh_purchases_total", {"channel": "pos"}, 2.0)
         ledger_metrics = _scrape(metrics_port)
         tier_credits = {"channel": "pos", "unit": "tier_credits"}
-        assert _metric_value(ledger_metrics, "pointmesh_purchase_points_total", tier_credits) == 25.0
-        assert (
-            _metric_value(ledger_metrics, "pointmesh_ledger_events_published_total", {"type": "purchase_recorded"})
-            == 1.0
-        )
+        assert _metric_value(ledger_metrics, "pointmesh_purchase_points_total", tier_credits) == 40.0
+        recorded = {"type": "purchase_recorded"}
+        assert _metric_value(ledger_metrics, "pointmesh_ledger_events_published_total", recorded) == 2.0
         evaluated = {"service": RULES_SERVICE, "method": "Evaluate", "code": "OK"}
-        assert _metric_value(_scrape(rules_metrics), "pointmesh_rpc_requests_total", evaluated) == 1.0
+        assert _metric_value(_scrape(rules_metrics), "pointmesh_rpc_requests_total", evaluated) == 2.0
         fraud = _scrape(fraud_metrics)
         decisions = sum(_metric_value(fraud, "pointmesh_fraud_decisions_total", {"verdict": v, "call": "single"})
                         for v in ("allow", "review", "deny"))  # fmt: skip
-        assert decisions == 1.0
+        assert decisions == 2.0
         program_gets = {"route": "/v1/program", "method": "GET", "status": "200"}
+        purchases_posted = {"route": "/v1/purchases", "method": "POST", "status": "201"}
+        assert _metric_value(_scrape(gateway_port), "pointmesh_http_requests_total", purchases_posted) == 1.0
         assert _metric_value(_scrape(gateway_port), "pointmesh_http_requests_total", program_gets) == 1.0
 
         running = _processes_using(data_dir)

@@ -1,4 +1,6 @@
-"""The gateway's Prometheus series and its /metrics endpoint (same port as the API)."""
+"""Per-request observation: a server span (continuing a caller's `traceparent`), so the gRPC
+calls a route makes join one trace through ledger, rules and fraud; the Prometheus series;
+and the /metrics endpoint on the API's own port."""
 
 from __future__ import annotations
 
@@ -6,9 +8,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.routing import Match
 
+from pointmesh.telemetry import tracer
+
+TRACER = tracer("pointmesh.gateway")
 HTTP_REQUESTS = Counter(
     "pointmesh_http_requests_total", "Gateway requests, by route template, method and status.",
     ["route", "method", "status"],
@@ -35,8 +42,13 @@ def instrument(app: FastAPI) -> None:
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
-        response = await call_next(request)
-        route = _route(request)
+        parent = propagate.extract(dict(request.headers))
+        with TRACER.start_as_current_span(f"HTTP {request.method}", context=parent, kind=SpanKind.SERVER) as span:
+            response = await call_next(request)
+            route = _route(request)
+            span.update_name(f"{request.method} {route}")
+            span.set_attribute("http.route", route)
+            span.set_attribute("http.response.status_code", response.status_code)
         HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
         HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
         return response
