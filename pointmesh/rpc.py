@@ -386,7 +386,9 @@ def service_config(idempotent_methods: Sequence[str], max_attempts: int) -> str:
     if not 1 <= max_attempts <= MAX_RETRY_ATTEMPTS:
         raise ValueError(f"max_attempts must be between 1 and {MAX_RETRY_ATTEMPTS}, got {max_attempts}")
     names = [_method_config_name(method) for method in idempotent_methods]
-    config: dict[str, Any] = {"methodConfig": []}
+    # Round robin over every address the name resolves to: behind a Kubernetes headless
+    # Service each pod is an address, so calls spread per call, not per connection.
+    config: dict[str, Any] = {"methodConfig": [], "loadBalancingConfig": [{"round_robin": {}}]}
     if names and max_attempts > 1:
         retry_policy = {
             "maxAttempts": max_attempts,
