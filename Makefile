@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/pointmesh/v1/*.proto)
 
-.PHONY: up test test-cluster lint protos protos-check bench demo clean setup system-deps kafka cassandra
+.PHONY: up test test-cluster load lint protos protos-check bench demo clean setup system-deps kafka cassandra
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
@@ -74,6 +74,10 @@ test: setup
 test-cluster: setup
 	@t=$$(date +%s); rc=0; POINTMESH_CLUSTER_TESTS=1 $(BIN)/pytest -q -p no:cacheprovider tests/cluster || rc=$$?; \
 	echo "stage test-cluster: $$(( $$(date +%s) - t ))s"; exit $$rc
+
+# A bounded Locust run (REST mixed scenario + gRPC user) against a private platform on 127.0.0.1.
+load: setup
+	$(BIN)/python -m loadtests.run --users 30 --run-time 20s --grpc
 
 bench: setup
 	$(BIN)/python -m benchmarks.ledger_bench
