@@ -31,7 +31,7 @@ CATEGORIES = ("apparel", "outdoor", "footwear", "misc")
 RECEIPT_OFFSET = timedelta(seconds=float(os.environ.get("LOADTEST_RECEIPT_TIME_OFFSET", "0")))
 
 
-@events.test_start.add_listener
+@events.test_start.add_listener  # type: ignore[untyped-decorator]
 def _loopback_only(environment: Any, **_: Any) -> None:
     host = urlparse(environment.host or "").hostname
     if host != "127.0.0.1":

@@ -159,6 +159,15 @@ def cmd_experiments_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadgen(args: argparse.Namespace) -> int:
+    """Purchases through the whole accrual path, then exact per-member reconciliation."""
+    from loadtests.loadgen import main as loadgen
+
+    settings = _settings()
+    return loadgen(settings.ledger_addr, settings.rules_addr, args.program or settings.program, args.purchases,
+                   args.members, args.seed, args.concurrency)  # fmt: skip
+
+
 def cmd_ledger_migrate(_: argparse.Namespace) -> int:
     """Creates the Cassandra keyspace if missing and applies the schema migrations it lacks."""
     from ledger_svc.store.cassandra_schema import LATEST, migrate
@@ -444,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_parser("migrate", help="create or upgrade the Cassandra keyspace (POINTMESH_CASSANDRA_*)").set_defaults(
         func=cmd_ledger_migrate
     )
+    gen = sub.add_parser("loadgen", help="purchases through the full accrual path, then exact reconciliation")
+    gen.add_argument("--purchases", type=int, default=20_000)
+    gen.add_argument("--members", type=int, default=1_000)
+    gen.add_argument("--seed", type=int, default=1)
+    gen.add_argument("--concurrency", type=int, default=32)
+    gen.add_argument("--program", default="", help="default POINTMESH_PROGRAM; base rates only (loadgen models it)")
+    gen.set_defaults(func=cmd_loadgen)
     experiments = sub.add_parser("experiments", help="A/B experiments").add_subparsers(
         dest="experiments_command", required=True
     )

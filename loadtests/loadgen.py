@@ -1,0 +1,164 @@
+"""`pointmesh loadgen`: many purchases through the full accrual path, then proof that every
+member's points are exactly what the program says, computed here and not read back.
+
+The purchases are generated from a seed (members drawn Zipf-hot, 1-3 lines, receipt times
+over the last day), sent as RecordPurchase with bounded concurrency through ledger_svc (which
+evaluates with rules_svc and screens with fraud_svc when configured), and the expected points
+per member come from the program's base rates, floored per line, the rounding the program
+declares. The program must be one the generator can model on its own: base rates and FLOOR
+rounding, no rules, tiers, FX or welcome bonuses (`loadtests/programs/loadgen.yaml` is one);
+anything else is refused up front. A purchase fraud screening REFUSED earns nothing; one held
+for review earns pending points, so each member's posted plus pending balance must equal the
+expectation. Then the ledger's own reconciliation must report zero differences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import grpc
+
+from pointmesh.clients import ledger_stub, rules_stub
+from pointmesh.timestamps import to_timestamp
+from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
+
+CATEGORIES = ("apparel", "outdoor", "footwear", "misc")
+
+
+class UnmodelledProgram(ValueError):
+    """The program has rules the generator cannot compute by itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """unit -> (points, per_minor) for one currency."""
+
+    currency: str
+    per_unit: dict[str, tuple[int, int]]
+
+    def points(self, line_amounts: list[int]) -> dict[str, int]:
+        return {unit: sum(a * p // per for a in line_amounts) for unit, (p, per) in self.per_unit.items()}
+
+
+@dataclass(slots=True)
+class Report:
+    purchases: int = 0
+    members: int = 0
+    refused: int = 0
+    held: int = 0
+    elapsed_seconds: float = 0.0
+    mismatches: list[str] = field(default_factory=list)
+    reconcile_differences: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and self.reconcile_differences == 0
+
+    @property
+    def rate(self) -> float:
+        return self.purchases / self.elapsed_seconds if self.elapsed_seconds else 0.0
+
+
+def model(document: dict[str, object], currency: str = "EUR") -> Rates:
+    """The base rates of a program that has nothing else that changes points."""
+    for name in ("rules", "groups"):
+        if document.get(name):
+            raise UnmodelledProgram(f"the program has {name}; loadgen models base rates only")
+    for name in ("tiers", "fx"):
+        if document.get(name):
+            raise UnmodelledProgram(f"the program has {name}; loadgen models base rates only")
+    policy = document.get("policy") or {}
+    if isinstance(policy, dict) and policy.get("rounding", "floor") != "floor":
+        raise UnmodelledProgram("loadgen models FLOOR rounding only")
+    rates = {str(r["unit"]): (int(r["points"]), int(r["per_minor"]))
+             for r in document.get("base_rates", []) if r["currency"] == currency}  # type: ignore[attr-defined,index]  # fmt: skip
+    if not rates:
+        raise UnmodelledProgram(f"the program earns nothing in {currency}")
+    return Rates(currency, rates)
+
+
+def generate(seed: int, members: list[str], count: int, now: datetime) -> list[ledger_pb2.RecordPurchaseRequest]:
+    rng = random.Random(seed)
+    weights = list(itertools.accumulate(1 / (k**1.1) for k in range(1, len(members) + 1)))
+    start = now - timedelta(hours=24)
+    out = []
+    for i in range(count):
+        amounts = [rng.randint(100, 20_000) for _ in range(rng.randint(1, 3))]
+        store = rng.choice(("HEL-01", "LIS-01"))
+        out.append(ledger_pb2.RecordPurchaseRequest(
+            member_id=rng.choices(members, cum_weights=weights)[0], channel="pos", store_id=store,
+            receipt_id=f"lg-{seed}-{i}", total=common_pb2.Money(amount_minor=sum(amounts), currency="EUR"),
+            lines=[ledger_pb2.PurchaseLine(sku=f"sku-{rng.randint(1, 999)}", category=rng.choice(CATEGORIES),
+                                           quantity=1, amount=common_pb2.Money(amount_minor=a, currency="EUR"))
+                   for a in amounts],
+            receipt_time=to_timestamp(start + timedelta(seconds=86_000 * i / max(count, 1))),
+        ))  # fmt: skip
+    return out
+
+
+async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int, members: int, seed: int,
+              concurrency: int = 32) -> Report:  # fmt: skip
+    rules, ledger = (
+        rules_stub(rules_addr, default_timeout_seconds=10),
+        ledger_stub(ledger_addr, default_timeout_seconds=30),
+    )
+    doc = json.loads((await rules.GetProgram(rules_pb2.GetProgramRequest(program=program))).document_json)
+    rates = model(doc)
+    report = Report(purchases=purchases, members=members)
+    ids = [(await ledger.CreateMember(ledger_pb2.CreateMemberRequest(
+        idempotency_key=common_pb2.IdempotencyKey(namespace="loadgen", key=f"{seed}-m{i}")))).member.member_id
+        for i in range(members)]  # fmt: skip
+    items = generate(seed, ids, purchases, datetime.now(UTC))
+    expected: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    queue = iter(items)
+
+    async def worker() -> None:
+        for request in queue:
+            response = await ledger.RecordPurchase(request)
+            status = response.purchase.status
+            if status == ledger_pb2.PURCHASE_STATUS_REFUSED:
+                report.refused += 1
+                continue
+            if response.purchase.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW:
+                report.held += 1
+            for unit, points in rates.points([ln.amount.amount_minor for ln in request.lines]).items():
+                expected[request.member_id][unit] += points
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    report.elapsed_seconds = time.perf_counter() - started
+    for member in ids:
+        for unit, points in expected[member].items():
+            got = (await ledger.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member, unit=unit))).balance
+            if got.balance_points + got.pending_points != points:
+                report.mismatches.append(f"{member} {unit}: expected {points}, ledger has "
+                                         f"{got.balance_points} + {got.pending_points} pending")  # fmt: skip
+    report.reconcile_differences = (await ledger.GetTotals(ledger_pb2.GetTotalsRequest())).differences
+    return report
+
+
+def main(ledger_addr: str, rules_addr: str, program: str, purchases: int, members: int, seed: int,
+         concurrency: int) -> int:  # fmt: skip
+    try:
+        report = asyncio.run(run(ledger_addr, rules_addr, program, purchases=purchases, members=members, seed=seed,
+                                 concurrency=concurrency))  # fmt: skip
+    except UnmodelledProgram as exc:
+        print(f"loadgen: program {program}: {exc}")
+        return 2
+    except grpc.RpcError as exc:
+        print(f"loadgen: {exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
+        return 75
+    print(f"loadgen: {report.purchases} purchases for {report.members} members in {report.elapsed_seconds:.1f}s"
+          f" ({report.rate:.0f} purchases/s); {report.refused} refused by fraud screening, {report.held} held for review")  # fmt: skip
+    for line in report.mismatches[:20]:
+        print("MISMATCH", line)
+    print(f"loadgen: {len(report.mismatches)} balance mismatches, {report.reconcile_differences} reconciliation differences"
+          + (" - exact" if report.ok else ""))  # fmt: skip
+    return 0 if report.ok else 1
