@@ -180,12 +180,16 @@ class _Part:
     def __init__(self, tx: CassandraShardTx, p: str) -> None:
         self._tx = tx
         self.p = p
-        # One read brings the statics and the live rows every posting needs.
+        # One read brings the statics and the live rows every posting needs; the statics come
+        # with the rows, read together. With no live rows, the version is read first and the
+        # rows again after it, so the rows are never older than the version the batch checks.
         rows = list(tx.store.q("live", (tx.store.ledger, p)))
+        head = rows[0] if rows else tx.store.q("head", (tx.store.ledger, p)).one()
+        if not rows and head is not None:
+            rows = list(tx.store.q("live", (tx.store.ledger, p)))
         self.kinds: dict[str, dict[str, str]] = {kind: {} for kind in LIVE_KINDS}
         for row in rows:
             self.kinds[row.kind][row.id] = row.body
-        head = rows[0] if rows else tx.store.q("head", (tx.store.ledger, p)).one()
         self.version: int | None = None if head is None else head.version
         self.last_seq = 0 if head is None or head.seq is None else head.seq
         self.rows: dict[tuple[str, str], str | None] = {}
@@ -222,6 +226,16 @@ class _Part:
                 else:
                     out[id_] = body
         return out
+
+    def known(self, kind: str, id_: str) -> bool:
+        """Whether this unit has seen the row exist (read it, or staged it), without a query."""
+        key = (kind, id_)
+        if key in self.staged:
+            return True
+        loaded = self.kinds.get(kind)
+        if loaded is not None and id_ in loaded:
+            return True
+        return self.rows.get(key) is not None
 
     def months(self) -> list[int]:
         """Months (yyyymm) this member has archived history in."""
@@ -306,6 +320,11 @@ class CassandraShardTx:
         return rows
 
     def put_owned(self, part: _Part, kind: str, object_id: str, body: str) -> None:
+        """An object this unit did not read is inserted IF NOT EXISTS: a unit that found it
+        absent through the owners table (outside the version check) and raced another that
+        created it loses its batch and runs again, instead of creating it twice."""
+        if not part.known(kind, object_id):
+            part.fresh.add((kind, object_id))
         part.put(kind, object_id, body)
         self.new_owners[object_id] = part.p
 
@@ -374,7 +393,9 @@ class CassandraShardTx:
         self.put_owned(self.member(tx.member_id), "tx", tx.tx_id, _enc_tx(tx))
 
     def update_transaction(self, tx: TxRecord) -> None:
-        self.add_transaction(tx)
+        part = self.member(tx.member_id)
+        part.put("tx", tx.tx_id, _enc_tx(tx))  # an update: never IF NOT EXISTS
+        self.new_owners[tx.tx_id] = part.p
 
     def get_transaction(self, tx_id: str) -> TxRecord | None:
         found = self.owned(tx_id, "tx")
@@ -721,12 +742,15 @@ class CassandraShardTx:
         dirty = [part for _, part in sorted(self.parts.items()) if part.staged]
         if not dirty:
             return
-        self.store.prepare_side_tables(self.shard, dirty, self.new_owners)
         # The partition holding the idempotency record goes last: if an earlier one fails
         # the whole unit is simply run again, and a retry by the caller finds no result yet.
         home_p = self.new_owners.get(next(iter(self.idem), ""), "")
         dirty.sort(key=lambda part: part.p == home_p)
         for part in dirty:
+            # Each partition's pointers just before its own batch, so none is older than the
+            # pruning grace period when its rows commit, however long a many-member job runs.
+            owners = {o: p for o, p in self.new_owners.items() if p == part.p}
+            self.store.prepare_side_tables(self.shard, [part], owners)
             self.store.commit_partition(part)
 
 
@@ -1131,18 +1155,23 @@ class CassandraLedgerStore:
         """Events the relay read, with their bodies, so marking them sent needs no re-read."""
         if len(self._pointers) > 100_000:
             self._pointers.clear()
+        seen: dict[int, int] = {}
+        for pointer, _ in pointers:
+            seen[pointer.at] = seen.get(pointer.at, 0) + 1
         for pointer, body in pointers:
-            self._pointers[(shard, pointer.at)] = (pointer, body)
+            # Two members' events can share a sequence (same microsecond, same tag): such a
+            # sequence is not remembered, so neither is marked sent and both go out again.
+            if seen[pointer.at] == 1:
+                self._pointers[(shard, pointer.at)] = (pointer, body)
 
     def pointer_of(self, shard: int, seq: int) -> Pointer | None:
         remembered = self._pointers.get((shard, seq))
         if remembered is not None:
             return remembered[0]
         bucket = _bucket("outbox", seq)  # read by another process than the one marking it
-        for r in self.q("queue_read", (self.ledger, shard, "outbox", bucket, seq, 100_000)):
-            if r.at == seq:
-                return Pointer(r.at, r.p, r.id, bucket, r.wt)
-        return None
+        found = [Pointer(r.at, r.p, r.id, bucket, r.wt)
+                 for r in self.q("queue_read", (self.ledger, shard, "outbox", bucket, seq, 100_000)) if r.at == seq]  # fmt: skip
+        return found[0] if len(found) == 1 else None  # ambiguous: leave both unsent (published again)
 
     def queue_due(self, shard: int, kind: str, upto: int, limit: int) -> list[Pointer]:
         """Pointers due by `upto`, oldest first, from the buckets writers announced; an
@@ -1193,13 +1222,14 @@ class CassandraLedgerStore:
                 calls.append(("owner_put", (self.ledger, shard, object_id, p)))
         now = time.time()
         now_us = int(now * 1e6)
+        announced: list[tuple[int, str, int]] = []
         for part in dirty:
             for kind, at, id_ in _pointers(part):
                 bucket = _bucket(kind, at)
                 calls.append(("queue_put", (self.ledger, shard, kind, bucket, at, part.p, id_, now_us)))
                 if now - self._announced.get((shard, kind, bucket), 0.0) > BUCKET_ANNOUNCE_S:
                     calls.append(("buckets_put", (self.ledger, shard, kind, bucket, now_us)))
-                    self._announced[(shard, kind, bucket)] = now
+                    announced.append((shard, kind, bucket))
             if (shard, part.p) not in self._known_members:
                 calls.append(("members_put", (self.ledger, shard, part.p)))
             kinds = {kind for kind, _ in part.staged}
@@ -1208,6 +1238,8 @@ class CassandraLedgerStore:
                 if kinds & wanted and now - last > INDEX_GRACE_US / 2e6:
                     calls.append(("index_put", (self.ledger, shard, index, part.p, int(now * 1e6))))
         self.run_many(calls)
+        for key in announced:  # only once written: a failed announcement is retried next time
+            self._announced[key] = now
         for object_id, p in new_owners.items():
             self._cache_owner((shard, object_id), p)
         for part in dirty:
