@@ -106,7 +106,22 @@ class CassandraSession:
     session: Any
 
     def open_store(self, ledger: str, shards: int) -> CassandraLedgerStore:
+        self.reconnected()
         return CassandraLedgerStore(self.session, self.settings.cassandra_keyspace, ledger, shards)
+
+    def reconnected(self, timeout: float = 60) -> None:
+        """Waits out the driver's reconnection after a test restarted the node (test_node.py)."""
+        from cassandra.cluster import NoHostAvailable
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.session.execute("SELECT release_version FROM system.local")
+                return
+            except NoHostAvailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
