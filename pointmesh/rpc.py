@@ -51,6 +51,10 @@ CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.enable_retries", 1),
+    # Each channel its own subchannels: with round_robin, a subchannel shared from the process
+    # pool that is backing off (a server that was on the same address before) would fail the
+    # new channel's first calls at once instead of connecting.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 # gRPC silently caps maxAttempts at 5; refusing more keeps the configured number honest.
