@@ -68,10 +68,7 @@ class Report:
 
 def model(document: dict[str, object], currency: str = "EUR") -> Rates:
     """The base rates of a program that has nothing else that changes points."""
-    for name in ("rules", "groups"):
-        if document.get(name):
-            raise UnmodelledProgram(f"the program has {name}; loadgen models base rates only")
-    for name in ("tiers", "fx"):
+    for name in ("rules", "groups", "tiers", "fx"):
         if document.get(name):
             raise UnmodelledProgram(f"the program has {name}; loadgen models base rates only")
     policy = document.get("policy") or {}

@@ -40,6 +40,14 @@ def from_us(value: int) -> datetime:
     return EPOCH + timedelta(microseconds=value)
 
 
+def opt_us(when: datetime | None) -> int | None:
+    return None if when is None else to_us(when)
+
+
+def opt_dt(value: int | None) -> datetime | None:
+    return None if value is None else from_us(value)
+
+
 @dataclass(slots=True)
 class AccountRow:
     account: str

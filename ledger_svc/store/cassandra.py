@@ -31,7 +31,21 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from ledger_svc.domain import Entry, ExternalId, Hold, HoldStatus, Lot, Member, MemberStatus, SagaState, TxKind
-from ledger_svc.store.base import AccountRow, IdemRecord, OutboxRow, SagaRecord, TxRecord, from_us, to_us
+from ledger_svc.store.base import (
+    AccountRow,
+    IdemRecord,
+    OutboxRow,
+    SagaRecord,
+    TxRecord,
+    from_us,
+    to_us,
+)
+from ledger_svc.store.base import (
+    opt_dt as _opt_dt,
+)
+from ledger_svc.store.base import (
+    opt_us as _opt_us,
+)
 from ledger_svc.store.cassandra_schema import LATEST, applied_version, check_keyspace
 from pointmesh.cassandra_client import connect
 from pointmesh.config import Settings
@@ -88,14 +102,6 @@ class LayoutMismatch(RuntimeError):
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
-
-
-def _opt_us(when: datetime | None) -> int | None:
-    return None if when is None else to_us(when)
-
-
-def _opt_dt(value: int | None) -> datetime | None:
-    return None if value is None else from_us(value)
 
 
 def member_of_account(account: str) -> str | None:
@@ -1223,6 +1229,7 @@ class CassandraLedgerStore:
         now = time.time()
         now_us = int(now * 1e6)
         announced: list[tuple[int, str, int]] = []
+        indexed: list[tuple[int, str, str]] = []
         for part in dirty:
             for kind, at, id_ in _pointers(part):
                 bucket = _bucket(kind, at)
@@ -1236,18 +1243,17 @@ class CassandraLedgerStore:
             for index, wanted in INDEXED.items():
                 last = self._indexed.get((shard, index, part.p), 0.0)
                 if kinds & wanted and now - last > INDEX_GRACE_US / 2e6:
-                    calls.append(("index_put", (self.ledger, shard, index, part.p, int(now * 1e6))))
+                    calls.append(("index_put", (self.ledger, shard, index, part.p, now_us)))
+                    indexed.append((shard, index, part.p))
         self.run_many(calls)
         for key in announced:  # only once written: a failed announcement is retried next time
             self._announced[key] = now
         for object_id, p in new_owners.items():
             self._cache_owner((shard, object_id), p)
+        for pointer_key in indexed:
+            self._indexed[pointer_key] = now
         for part in dirty:
             self._known_members.add((shard, part.p))
-            kinds = {kind for kind, _ in part.staged}
-            for index, wanted in INDEXED.items():
-                if kinds & wanted and now - self._indexed.get((shard, index, part.p), 0.0) > INDEX_GRACE_US / 2e6:
-                    self._indexed[(shard, index, part.p)] = now
 
     def commit_partition(self, part: _Part) -> None:
         from cassandra import OperationTimedOut, WriteTimeout
@@ -1283,18 +1289,27 @@ class CassandraLedgerStore:
 
     multi_member_units = False
 
+    @staticmethod
+    def _retrying(attempt: Callable[[], T], what: str) -> T:
+        """Runs a unit of work again after each Conflict, with a short growing jitter."""
+        for n in range(MAX_ATTEMPTS):
+            try:
+                return attempt()
+            except Conflict:
+                time.sleep(random.uniform(0, 0.002 * min(n + 1, 20)))
+        raise Conflict(f"{what}: gave up after {MAX_ATTEMPTS} conflicting attempts")
+
     def _run_write(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
-        for attempt in range(MAX_ATTEMPTS):
+        def attempt() -> T:
             tx = CassandraShardTx(self, shard, writing=True)
             try:
                 result = work(tx)
                 tx.commit()
                 return result
-            except Conflict:
-                time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
             finally:
                 tx.release()
-        raise Conflict(f"shard {shard}: gave up after {MAX_ATTEMPTS} conflicting attempts")
+
+        return self._retrying(attempt, f"shard {shard}")
 
     def _run_read(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
         tx = CassandraShardTx(self, shard, writing=False)
@@ -1312,16 +1327,15 @@ class CassandraLedgerStore:
 
     def _run_directory(self, work: Callable[[CassandraDirectoryTx], T], commit: bool) -> T:
         known: dict[tuple[str, str], IdemRecord] = {}
-        for attempt in range(MAX_ATTEMPTS):
+
+        def attempt() -> T:
             tx = CassandraDirectoryTx(self, known)
-            try:
-                result = work(tx)
-                if commit:
-                    tx.commit()
-                return result
-            except Conflict:
-                time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
-        raise Conflict(f"directory: gave up after {MAX_ATTEMPTS} conflicting attempts")
+            result = work(tx)
+            if commit:
+                tx.commit()
+            return result
+
+        return self._retrying(attempt, "directory")
 
     async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:

@@ -24,7 +24,21 @@ from ledger_svc.domain import (
     SagaState,
     TxKind,
 )
-from ledger_svc.store.base import AccountRow, IdemRecord, OutboxRow, SagaRecord, TxRecord, from_us, to_us
+from ledger_svc.store.base import (
+    AccountRow,
+    IdemRecord,
+    OutboxRow,
+    SagaRecord,
+    TxRecord,
+    from_us,
+    to_us,
+)
+from ledger_svc.store.base import (
+    opt_dt as _opt_dt,
+)
+from ledger_svc.store.base import (
+    opt_us as _opt_us,
+)
 from ledger_svc.store.sqlite_worker import Checkpointer, Executor, connect, executor
 
 T = TypeVar("T")
@@ -98,14 +112,6 @@ CREATE TABLE IF NOT EXISTS claims (
   result TEXT NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (namespace, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS claims_by_age ON claims (created_at);
 """
-
-
-def _opt_us(when: datetime | None) -> int | None:
-    return None if when is None else to_us(when)
-
-
-def _opt_dt(value: int | None) -> datetime | None:
-    return None if value is None else from_us(value)
 
 
 _LOT_COLS = (
