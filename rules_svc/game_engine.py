@@ -29,6 +29,9 @@ class PurchaseFact:
     earned: tuple[tuple[str, int], ...] = ()  # points per unit the purchase earned
     experiment_arms: tuple[tuple[str, str], ...] = ()
 
+    def points(self, unit: str) -> int:
+        return dict(self.earned).get(unit, 0)
+
 
 @dataclass(slots=True)
 class ItemState:

@@ -81,9 +81,7 @@ class GameStore:
                     c.execute("ROLLBACK")
                     return None
                 states = self._states(name, fact.member_id)
-                joined = {r[0] for r in c.execute(
-                    "SELECT challenge_id FROM game_joins WHERE program=? AND member_id=?", (name, fact.member_id))}  # fmt: skip
-                awards = apply(program, states, joined, fact)
+                awards = apply(program, states, self._joined(name, fact.member_id), fact)
                 c.executemany(
                     "INSERT OR REPLACE INTO game_state VALUES (?,?,?,?)",
                     [(name, fact.member_id, item, json.dumps(asdict(st))) for item, st in states.items()],
@@ -98,9 +96,8 @@ class GameStore:
                     [(a.key(name, fact.member_id), name, fact.member_id, a.item_id, a.name, a.points, a.unit)
                      for a in awards],
                 )  # fmt: skip
-                points = dict(fact.earned).get(program.units[0], 0)
                 for experiment_id, arm in fact.experiment_arms:
-                    self._expose(name, experiment_id, fact.member_id, arm, 1, points)
+                    self._expose(name, experiment_id, fact.member_id, arm, 1, fact.points(program.units[0]))
                 c.execute("INSERT INTO game_events VALUES (?,?)", (fact.event_id, fact.member_id))
                 c.execute("COMMIT")
             except BaseException:
@@ -146,12 +143,15 @@ class GameStore:
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO game_joins VALUES (?,?,?)", (program, challenge_id, member_id))
 
+    def _joined(self, program: str, member_id: str) -> set[str]:
+        rows = self._db.execute(
+            "SELECT challenge_id FROM game_joins WHERE program=? AND member_id=?", (program, member_id)
+        ).fetchall()
+        return {r[0] for r in rows}
+
     def joined(self, program: str, member_id: str) -> set[str]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT challenge_id FROM game_joins WHERE program=? AND member_id=?", (program, member_id)
-            ).fetchall()
-        return {r[0] for r in rows}
+            return self._joined(program, member_id)
 
     def board(self, program: str, challenge_id: str, limit: int) -> list[BoardRow]:
         with self._lock:

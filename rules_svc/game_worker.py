@@ -90,10 +90,9 @@ class GameWorker:
             DUPLICATES.inc()
         else:
             COUNTED.inc()
-            points = dict(fact.earned).get(program.units[0], 0)
             for experiment_id, arm in fact.experiment_arms:
                 EXPERIMENT_PURCHASES.labels(experiment_id, arm).inc()
-                EXPERIMENT_POINTS.labels(experiment_id, arm).inc(points)
+                EXPERIMENT_POINTS.labels(experiment_id, arm).inc(fact.points(program.units[0]))
             for award in awards:
                 COMPLETIONS.labels(award.item_id).inc()
             if awards:
