@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -39,6 +40,7 @@ from ledger_svc.purchases import (
 from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
 from ledger_svc.store.base import ShardTx
+from pointmesh.tiers import effective_tier
 
 if TYPE_CHECKING:
     from ledger_svc.service import LedgerService
@@ -53,10 +55,26 @@ class EngineUnavailable(Exception):
     """The points engine did not answer in time; the purchase waits instead of failing."""
 
 
+class StaleQuote(Exception):
+    """A quote was made for a member state the purchase did not meet (batch accrual)."""
+
+
+def _require_fresh(state: MemberState, quote: Quote, assumed_count: int, at: datetime) -> None:
+    """A quote depends on the member's state only through the purchase count and the tier."""
+    if state.purchase_count != assumed_count:
+        raise StaleQuote(f"quoted as purchase {assumed_count + 1}, is purchase {state.purchase_count + 1}")
+    if quote.tier_policy is not None and effective_tier(quote.tier_policy, state.qualification, at) != quote.tier:
+        raise StaleQuote(f"quoted at tier {quote.tier!r}, which the member no longer has")
+
+
 class PointsEngine(Protocol):
     async def quote(
         self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str]
     ) -> Quote: ...
+
+    async def quote_many(
+        self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
+    ) -> list[Quote | LedgerError]: ...
 
 
 def natural_key(program: str, cmd: c.RecordPurchase) -> IdemKey:
@@ -106,16 +124,25 @@ class Accrual:
         transport = v.idem_key(cmd.transport_key) if cmd.transport_key is not None and cmd.transport_key.key else None
         return replace(cmd, key=natural_key(self.program, cmd), transport_key=transport)
 
+    def engine_up(self) -> bool:
+        """False without an engine, and for a moment after it failed (a short breaker, so an
+        outage costs one deadline a second rather than one per purchase)."""
+        return self.engine is not None and time.monotonic() >= self._down_until
+
+    def engine_down(self, what: str, why: Exception) -> None:
+        log.warning("points engine unavailable; %s waits: %s", what, why)
+        self._down_until = time.monotonic() + BREAKER_SECONDS
+
     async def _quote(self, cmd: c.RecordPurchase, state: MemberState) -> Quote | None:
         """The engine's answer, or None when it is unavailable (the purchase will wait)."""
-        if self.engine is None or time.monotonic() < self._down_until:
+        if not self.engine_up():
             return None
+        assert self.engine is not None
         profile = await self.svc.member_profile(cmd.member_id)
         try:
             return await self.engine.quote(self.program, cmd, state, profile)
         except EngineUnavailable as exc:
-            log.warning("points engine unavailable; purchase %s waits: %s", cmd.receipt_id, exc)
-            self._down_until = time.monotonic() + BREAKER_SECONDS
+            self.engine_down(f"purchase {cmd.receipt_id}", exc)
             return None
 
     @staticmethod
@@ -157,11 +184,25 @@ class Accrual:
                 raise FailedPrecondition(late, field="receipt_time")
         pid = purchase_id_for(member_id, self.program, natural)
         screening = await self._screen(cmd, quote, pid) if quote is not None else None
-        review_id = new_review_id(member_id)
         await self._claim_keys(cmd, fp)
+        return await self.write(cmd, fp, pid, quote, screening, now)
+
+    async def write(
+        self, cmd: c.RecordPurchase, fp: str, pid: str, quote: Quote | None, screening: Screening | None,
+        now: datetime, *, assumed_count: int | None = None,
+    ) -> tuple[PurchaseRecord, bool]:  # fmt: skip
+        """The shard write of a purchase whose keys are claimed: accrue (or wait without a
+        quote), with the idempotency record beside it. `assumed_count` is the purchase count
+        the quote was made for; when the member's count is another, the write raises
+        StaleQuote and changes nothing."""
+        svc = self.svc
+        member_id = cmd.member_id
+        review_id = new_review_id(member_id)
         done: list[PurchaseRecord] = []
 
         def body(book: ShardBook) -> str:
+            if assumed_count is not None and quote is not None:
+                _require_fresh(load_state(book, member_id), quote, assumed_count, cmd.receipt_time)
             record = PurchaseRecord(
                 pid, member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
                 cmd.receipt_time, now, PurchaseStatus.PENDING_ACCRUAL,
@@ -177,7 +218,7 @@ class Accrual:
             done.append(record)
             return pid
 
-        _pid, was_replay = await svc.store.write(shard, svc._idempotent_unit(cmd, fp, str, body))
+        _pid, was_replay = await svc.store.write(svc.shard_of(member_id), svc._idempotent_unit(cmd, fp, str, body))
         if was_replay or not done:
             return await self.get_purchase(pid), True
         return done[0], False

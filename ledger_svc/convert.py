@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger_svc import commands as c
 from ledger_svc import domain as d
-from ledger_svc.purchases import PurchaseRecord
+from ledger_svc.purchases import PurchaseRecord, PurchaseStatus
 from ledger_svc.reviews import RedeemResult, Review, ReviewStatus
 from ledger_svc.screening import Screening, ScreeningContext
 from pointmesh.timestamps import from_timestamp, to_timestamp
@@ -292,8 +292,10 @@ def hold_cmd(r: ledger_pb2.PlaceHoldRequest) -> c.PlaceHold:
     return c.PlaceHold(key(r), r.member_id, r.unit, r.points, timeout, r.reference)
 
 
-def ingest_cmd(r: ledger_pb2.IngestBatchRequest) -> c.PostingCommand | None:
+def ingest_cmd(r: ledger_pb2.IngestBatchRequest) -> c.PostingCommand | c.RecordPurchase | None:
     which = r.WhichOneof("operation")
+    if which == "purchase":
+        return purchase_cmd(r.purchase)
     if which == "earn":
         return earn_cmd(r.earn)
     if which == "redeem":
@@ -335,13 +337,26 @@ def return_cmd(r: ledger_pb2.RecordReturnRequest, purchase_id: str) -> c.RecordR
     )  # fmt: skip
 
 
+def ingested_pb(index: int, p: PurchaseRecord) -> ledger_pb2.IngestedPurchase:
+    out = ledger_pb2.IngestedPurchase(
+        index=index, purchase_id=p.purchase_id, status=_purchase_status(p.status), earned=p.earned()
+    )
+    if p.screening is not None:
+        out.verdict = ledger_pb2.ScreeningVerdict.Value(f"SCREENING_VERDICT_{p.screening.verdict.value}")
+    return out
+
+
+def _purchase_status(status: PurchaseStatus) -> ledger_pb2.PurchaseStatus.ValueType:
+    return ledger_pb2.PurchaseStatus.Value(f"PURCHASE_STATUS_{status.value}")
+
+
 def purchase_pb(p: PurchaseRecord) -> ledger_pb2.Purchase:
     currency = p.total.currency
     out = ledger_pb2.Purchase(
         purchase_id=p.purchase_id, member_id=p.member_id, program=p.program, channel=p.channel, store_id=p.store_id,
         receipt_id=p.receipt_id, total=common_pb2.Money(amount_minor=p.total.amount_minor, currency=currency),
         receipt_time=ts(p.receipt_time), received_at=ts(p.received_at),
-        status=ledger_pb2.PurchaseStatus.Value(f"PURCHASE_STATUS_{p.status.value}"), status_reason=p.status_reason,
+        status=_purchase_status(p.status), status_reason=p.status_reason,
         program_version=p.version, fx_rate=p.fx_rate, earn_transactions=p.earn_transactions,
         purchase_number=p.purchase_number, tier_before=p.tier_before, tier_after=p.tier_after,
         tender_transaction_id=p.tender_transaction_id, tender_points=p.tender_points,

@@ -8,6 +8,7 @@ unscored; a customer's purchase never fails because scoring did.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import grpc
 
@@ -52,7 +53,33 @@ class FraudScreenerClient:
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 log.error("fraud_svc refused the ledger's score request %s: %s", request.event_id, error.details())
             raise ScreenerUnavailable(f"{error.code().name}: {error.details()}") from None
-        verdict = _VERDICT.get(response.verdict)
-        if verdict is None:
-            raise ScreenerUnavailable(f"fraud_svc answered verdict {response.verdict}")
-        return Screening(verdict, True, response.score, tuple(r.code for r in response.reasons), response.model_version)
+        return _screening(response)
+
+    async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening | ScreenerUnavailable]:
+        """One ScoreBatch, in the given (event-time) order; a row fraud_svc could not score
+        comes back as ScreenerUnavailable for the policy to decide."""
+        batch = fraud_pb2.ScoreBatchRequest(transactions=[scored_transaction(r) for r in requests])
+        try:
+            response = await self.stub.ScoreBatch(batch)
+        except grpc.aio.AioRpcError as error:
+            raise ScreenerUnavailable(f"{error.code().name}: {error.details()}") from None
+        if len(response.items) != len(requests):
+            raise ScreenerUnavailable(f"fraud_svc answered {len(response.items)} rows for {len(requests)}")
+        out: list[Screening | ScreenerUnavailable] = []
+        for request, item in zip(requests, response.items, strict=True):
+            if item.HasField("result"):
+                try:
+                    out.append(_screening(item.result))
+                except ScreenerUnavailable as exc:
+                    out.append(exc)
+            else:
+                log.error("fraud_svc refused the ledger's score request %s: %s", request.event_id, item.error)
+                out.append(ScreenerUnavailable(item.error))
+        return out
+
+
+def _screening(response: fraud_pb2.ScoreResponse) -> Screening:
+    verdict = _VERDICT.get(response.verdict)
+    if verdict is None:
+        raise ScreenerUnavailable(f"fraud_svc answered verdict {response.verdict}")
+    return Screening(verdict, True, response.score, tuple(r.code for r in response.reasons), response.model_version)

@@ -41,7 +41,7 @@ class BatchIngest:
                 results[i] = exc
         claims = [(p.index, p.command.key, type(p.command).__name__, p.fingerprint) for p in prepared]
         now = svc.clock.now()
-        conflicts, seen = await svc.store.write_directory(lambda d: _claim_many(d, claims, now))
+        conflicts, seen = await svc.store.write_directory(lambda d: claim_many(d, claims, now))
         for i, error in conflicts.items():
             results[i] = error
         outcomes = await asyncio.gather(
@@ -111,7 +111,7 @@ class _Prepared:
     via: Callable[[Any], Awaitable[Any]] | None = None  # a use case that runs the item itself
 
 
-def _claim_many(
+def claim_many(
     d: DirectoryTx, claims: list[tuple[int, IdemKey, str, str]], now: datetime
 ) -> tuple[dict[int, LedgerError], set[int]]:
     """Claims every key of a batch; returns the conflicts and the items claimed before (replays)."""

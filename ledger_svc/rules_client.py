@@ -7,12 +7,14 @@ InvalidArgument/FailedPrecondition naming the request field.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from google.rpc import error_details_pb2
 
 from ledger_svc import commands as c
 from ledger_svc.accrual import EngineUnavailable
-from ledger_svc.domain import FailedPrecondition, InvalidArgument
+from ledger_svc.domain import FailedPrecondition, InvalidArgument, LedgerError
 from ledger_svc.purchases import MemberState, Part, Quote
 from pointmesh.clients import rules_stub
 from pointmesh.errors import status_details
@@ -85,6 +87,15 @@ def quote_of(e: rules_pb2.Evaluation) -> Quote:
     )  # fmt: skip
 
 
+def _refusal(code: str, message: str, field: str) -> LedgerError | None:
+    """rules_svc refusing a basket, as the ledger's own error; None when it is not a refusal."""
+    if code == "INVALID_ARGUMENT":
+        return InvalidArgument(message, field=field)
+    if code in ("FAILED_PRECONDITION", "NOT_FOUND"):
+        return FailedPrecondition(f"rules_svc: {message}", field=field)
+    return None
+
+
 class RulesEngineClient:
     def __init__(self, target: str, deadline_seconds: float) -> None:
         self.stub = rules_stub(target, default_timeout_seconds=deadline_seconds)
@@ -98,10 +109,34 @@ class RulesEngineClient:
             for detail in status_details(error):
                 if isinstance(detail, error_details_pb2.BadRequest) and detail.field_violations:
                     field = _field(detail.field_violations[0].field)
-            message = (error.details() or "").split(": ", 1)[-1]
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument(message, field=field) from None
-            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                raise FailedPrecondition(f"rules_svc: {error.details()}", field=field) from None
+            refusal = _refusal(code.name, (error.details() or "").split(": ", 1)[-1], field)
+            if refusal is not None:
+                raise refusal from None
             raise EngineUnavailable(f"{code.name}: {error.details()}") from None
         return quote_of(response.evaluation)
+
+    async def quote_many(
+        self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
+    ) -> list[Quote | LedgerError]:
+        """One EvaluateBatch; a basket rules_svc refuses fails alone, an unavailable
+        rules_svc fails the call (EngineUnavailable)."""
+        requests = [evaluate_request(program, *item) for item in items]
+        batch = rules_pb2.EvaluateBatchRequest(
+            program=program, items=[rules_pb2.EvaluateItem(basket=r.basket, member=r.member) for r in requests]
+        )
+        try:
+            response = await self.stub.EvaluateBatch(batch)
+        except grpc.aio.AioRpcError as error:
+            raise EngineUnavailable(f"{error.code().name}: {error.details()}") from None
+        out: list[Quote | LedgerError] = []
+        for result in response.results:
+            if result.HasField("evaluation"):
+                out.append(quote_of(result.evaluation))
+                continue
+            refusal = _refusal(result.error.code, result.error.message, _field(result.error.field))
+            if refusal is None:
+                raise EngineUnavailable(f"{result.error.code}: {result.error.message}")
+            out.append(refusal)
+        if len(out) != len(items):
+            raise EngineUnavailable(f"rules_svc answered {len(out)} results for {len(items)} baskets")
+        return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -84,6 +85,8 @@ class ScreenerUnavailable(Exception):
 class Screener(Protocol):
     async def screen(self, request: ScreeningRequest) -> Screening: ...
 
+    async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening | ScreenerUnavailable]: ...
+
 
 class FraudDenied(FailedPrecondition):
     """fraud_svc denied a redemption; the reason codes say why."""
@@ -130,5 +133,26 @@ class FraudScreen:
             except ScreenerUnavailable as exc:
                 log.warning("fraud_svc unavailable; %s %s decided by policy: %s", request.kind, request.event_id, exc)
                 self._down_until = time.monotonic() + BREAKER_SECONDS
+        return self._unscored(request)
+
+    async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening]:
+        """Many in one call, scored in event-time order whatever order they are given in."""
+        if not requests:
+            return []
+        if time.monotonic() >= self._down_until:
+            order = sorted(range(len(requests)), key=lambda i: (requests[i].occurred_at, i))
+            try:
+                scored = await self.screener.screen_many([requests[i] for i in order])
+            except ScreenerUnavailable as exc:
+                log.warning("fraud_svc unavailable; %d transactions decided by policy: %s", len(requests), exc)
+                self._down_until = time.monotonic() + BREAKER_SECONDS
+            else:
+                out: list[Screening] = [Screening(Verdict.ALLOW, False)] * len(requests)
+                for i, got in zip(order, scored, strict=True):
+                    out[i] = self._unscored(requests[i]) if isinstance(got, ScreenerUnavailable) else got
+                return out
+        return [self._unscored(r) for r in requests]
+
+    def _unscored(self, request: ScreeningRequest) -> Screening:
         verdict = self.policy.verdict_for(request)
         return Screening(verdict, scored=False, reasons=(f"unscored:fraud_svc_unavailable:{verdict.value.lower()}",))

@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 from ledger_svc import commands as c
 from ledger_svc import convert as cv
 from ledger_svc import domain as d
+from ledger_svc.purchases import PurchaseRecord
 from ledger_svc.service import LedgerService
 from pointmesh.errors import rich_status, translating
 from pointmesh.events import LEDGER_EVENTS, EventBus
@@ -306,13 +307,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request_iterator: AsyncIterator[ledger_pb2.IngestBatchRequest], context: grpc.aio.ServicerContext
     ) -> ledger_pb2.IngestBatchResponse:
         summary = ledger_pb2.IngestBatchResponse()
-        chunk: list[c.PostingCommand | d.LedgerError] = []
+        chunk: list[c.PostingCommand | c.RecordPurchase | d.LedgerError] = []
         async for item in request_iterator:
-            cmd = cv.ingest_cmd(item)
+            try:
+                cmd = cv.ingest_cmd(item)
+            except d.LedgerError as error:
+                chunk.append(error)
+                continue
             chunk.append(
                 cmd
                 if cmd is not None
-                else d.InvalidArgument("set one of earn, redeem, adjust, reverse", field="operation")
+                else d.InvalidArgument("set one of earn, redeem, adjust, reverse, purchase", field="operation")
             )
             if len(chunk) >= INGEST_CHUNK:
                 await self._ingest_chunk(chunk, summary)
@@ -322,7 +327,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return summary
 
     async def _ingest_chunk(
-        self, chunk: list[c.PostingCommand | d.LedgerError], summary: ledger_pb2.IngestBatchResponse
+        self, chunk: list[c.PostingCommand | c.RecordPurchase | d.LedgerError], summary: ledger_pb2.IngestBatchResponse
     ) -> None:
         offset = summary.received
         results = await self.service.ingest(chunk)
@@ -333,10 +338,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 summary.failures.append(ledger_pb2.IngestFailure(
                     index=offset + i, code=grpc_code(outcome).name, message=outcome.message, field=outcome.field,
                 ))  # fmt: skip
-            elif outcome[1]:
+                continue
+            if outcome[1]:
                 summary.replayed += 1
             else:
                 summary.posted += 1
+            if isinstance(outcome[0], PurchaseRecord):
+                summary.purchases.append(cv.ingested_pb(offset + i, outcome[0]))
 
     @translated
     async def ListReviews(

@@ -699,11 +699,24 @@ class LedgerService:
 
     # Batch ingest ------------------------------------------------------------------------
 
-    async def ingest(self, items: Sequence[c.PostingCommand | LedgerError]) -> list[Any]:
-        """Posts a batch; per item either (result, replayed) or the LedgerError it failed with."""
+    async def ingest(self, items: Sequence[c.PostingCommand | c.RecordPurchase | LedgerError]) -> list[Any]:
+        """Posts a batch; per item either (result, replayed) or the LedgerError it failed with.
+        Purchases take the batch accrual path, the other postings the batch posting path."""
+        from ledger_svc.batch_accrual import BatchAccrual
         from ledger_svc.ingest import BatchIngest
 
-        return await BatchIngest(self).run(items)
+        purchases = [i for i, item in enumerate(items) if isinstance(item, c.RecordPurchase)]
+        if not purchases:
+            return await BatchIngest(self).run(items)  # type: ignore[arg-type]
+        others = [i for i, item in enumerate(items) if not isinstance(item, c.RecordPurchase)]
+        bought, posted = await asyncio.gather(
+            BatchAccrual(self.accrual).run([items[i] for i in purchases]),  # type: ignore[misc]
+            BatchIngest(self).run([items[i] for i in others]),  # type: ignore[misc]
+        )
+        results: list[Any] = [None] * len(items)
+        for i, outcome in [*zip(purchases, bought, strict=True), *zip(others, posted, strict=True)]:
+            results[i] = outcome
+        return results
 
 
 def _review_cursor(token: str) -> tuple[datetime, str] | None:

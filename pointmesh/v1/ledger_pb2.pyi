@@ -1698,6 +1698,7 @@ class IngestBatchRequest(_message.Message):
     REDEEM_FIELD_NUMBER: _builtins.int
     ADJUST_FIELD_NUMBER: _builtins.int
     REVERSE_FIELD_NUMBER: _builtins.int
+    PURCHASE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def earn(self) -> Global___EarnRequest: ...
     @_builtins.property
@@ -1706,6 +1707,8 @@ class IngestBatchRequest(_message.Message):
     def adjust(self) -> Global___AdjustRequest: ...
     @_builtins.property
     def reverse(self) -> Global___ReverseRequest: ...
+    @_builtins.property
+    def purchase(self) -> Global___RecordPurchaseRequest: ...
     def __init__(
         self,
         *,
@@ -1713,16 +1716,75 @@ class IngestBatchRequest(_message.Message):
         redeem: Global___RedeemRequest | None = ...,
         adjust: Global___AdjustRequest | None = ...,
         reverse: Global___ReverseRequest | None = ...,
+        purchase: Global___RecordPurchaseRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "earn", b"earn", "operation", b"operation", "redeem", b"redeem", "reverse", b"reverse"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "earn", b"earn", "operation", b"operation", "purchase", b"purchase", "redeem", b"redeem", "reverse", b"reverse"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "earn", b"earn", "operation", b"operation", "redeem", b"redeem", "reverse", b"reverse"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "earn", b"earn", "operation", b"operation", "purchase", b"purchase", "redeem", b"redeem", "reverse", b"reverse"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["earn", "redeem", "adjust", "reverse"]  # noqa: Y015
+    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["earn", "redeem", "adjust", "reverse", "purchase"]  # noqa: Y015
     _WhichOneofArgType_operation: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_operation) -> _WhichOneofReturnType_operation | None: ...
 
 Global___IngestBatchRequest: _TypeAlias = IngestBatchRequest  # noqa: Y015
+
+@_typing.final
+class IngestedPurchase(_message.Message):
+    """What became of one purchase of the stream (failed ones are in failures instead)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EarnedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    EARNED_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Position of the item in the stream, from 0."""
+    purchase_id: _builtins.str
+    status: Global___PurchaseStatus.ValueType
+    verdict: Global___ScreeningVerdict.ValueType
+    """The fraud screening verdict it was posted under (UNSPECIFIED when not screened)."""
+    @_builtins.property
+    def earned(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Points earned per unit (pending when the verdict is REVIEW)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        purchase_id: _builtins.str = ...,
+        status: Global___PurchaseStatus.ValueType = ...,
+        verdict: Global___ScreeningVerdict.ValueType = ...,
+        earned: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["earned", b"earned", "index", b"index", "purchase_id", b"purchase_id", "status", b"status", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestedPurchase: _TypeAlias = IngestedPurchase  # noqa: Y015
 
 @_typing.final
 class IngestFailure(_message.Message):
@@ -1764,6 +1826,7 @@ class IngestBatchResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
+    PURCHASES_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     posted: _builtins.int
     replayed: _builtins.int
@@ -1771,6 +1834,8 @@ class IngestBatchResponse(_message.Message):
     failed: _builtins.int
     @_builtins.property
     def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestFailure]: ...
+    @_builtins.property
+    def purchases(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestedPurchase]: ...
     def __init__(
         self,
         *,
@@ -1779,10 +1844,11 @@ class IngestBatchResponse(_message.Message):
         replayed: _builtins.int = ...,
         failed: _builtins.int = ...,
         failures: _abc.Iterable[Global___IngestFailure] | None = ...,
+        purchases: _abc.Iterable[Global___IngestedPurchase] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failures", b"failures", "posted", b"posted", "received", b"received", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failures", b"failures", "posted", b"posted", "purchases", b"purchases", "received", b"received", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -327,8 +327,11 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IngestBatch(self, request_iterator, context):
-        """Bulk postings for high-volume channels, committed in batches. Each item is
-        idempotent on its own key; a bad item is reported and the good ones still post.
+        """Bulk postings and purchases for high-volume channels, committed in batches. Each item
+        is idempotent on its own key (a purchase on its receipt's natural key); a bad item is
+        reported and the good ones still post. Purchases go through the same accrual path as
+        RecordPurchase, with one EvaluateBatch and one ScoreBatch per chunk instead of a unary
+        call each; one member's purchases earn in stream order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,8 +70,11 @@ class LedgerServiceStub:
     WatchEvents: _grpc.UnaryStreamMultiCallable[_ledger_pb2.WatchEventsRequest, _ledger_pb2.WatchEventsResponse]
     """Streams ledger events as they are relayed to the event bus."""
     IngestBatch: _grpc.StreamUnaryMultiCallable[_ledger_pb2.IngestBatchRequest, _ledger_pb2.IngestBatchResponse]
-    """Bulk postings for high-volume channels, committed in batches. Each item is
-    idempotent on its own key; a bad item is reported and the good ones still post.
+    """Bulk postings and purchases for high-volume channels, committed in batches. Each item
+    is idempotent on its own key (a purchase on its receipt's natural key); a bad item is
+    reported and the good ones still post. Purchases go through the same accrual path as
+    RecordPurchase, with one EvaluateBatch and one ScoreBatch per chunk instead of a unary
+    call each; one member's purchases earn in stream order.
     """
     RecordPurchase: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordPurchaseRequest, _ledger_pb2.RecordPurchaseResponse]
     """A purchase: asks rules_svc for the points (with explanation) and earns them, with
@@ -142,8 +145,11 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_ledger_pb2.WatchEventsRequest, _ledger_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """Streams ledger events as they are relayed to the event bus."""
     IngestBatch: _aio.StreamUnaryMultiCallable[_ledger_pb2.IngestBatchRequest, _ledger_pb2.IngestBatchResponse]  # type: ignore[assignment]
-    """Bulk postings for high-volume channels, committed in batches. Each item is
-    idempotent on its own key; a bad item is reported and the good ones still post.
+    """Bulk postings and purchases for high-volume channels, committed in batches. Each item
+    is idempotent on its own key (a purchase on its receipt's natural key); a bad item is
+    reported and the good ones still post. Purchases go through the same accrual path as
+    RecordPurchase, with one EvaluateBatch and one ScoreBatch per chunk instead of a unary
+    call each; one member's purchases earn in stream order.
     """
     RecordPurchase: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordPurchaseRequest, _ledger_pb2.RecordPurchaseResponse]  # type: ignore[assignment]
     """A purchase: asks rules_svc for the points (with explanation) and earns them, with
@@ -343,8 +349,11 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_ledger_pb2.IngestBatchRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.IngestBatchResponse, _abc.Awaitable[_ledger_pb2.IngestBatchResponse]]:
-        """Bulk postings for high-volume channels, committed in batches. Each item is
-        idempotent on its own key; a bad item is reported and the good ones still post.
+        """Bulk postings and purchases for high-volume channels, committed in batches. Each item
+        is idempotent on its own key (a purchase on its receipt's natural key); a bad item is
+        reported and the good ones still post. Purchases go through the same accrual path as
+        RecordPurchase, with one EvaluateBatch and one ScoreBatch per chunk instead of a unary
+        call each; one member's purchases earn in stream order.
         """
 
     @_abc_1.abstractmethod

@@ -221,6 +221,37 @@ async def test_a_purchase_burst_earns_as_pending_credit_under_review_until_appro
     assert (after.pending_points, after.balance_points) == (held_points, pending.balance_points + held_points)
 
 
+async def test_a_burst_ingested_in_one_batch_is_scored_in_event_time_order(screened: Screened) -> None:
+    """IngestBatch screens with one ScoreBatch: the velocity rule sees the burst in receipt
+    order (the stream is shuffled), exactly as one RecordPurchase after another would. (Three
+    days and a store away from the unary burst test, whose velocity state shares this Redis.)"""
+    screened.clock.set(NOW - timedelta(days=200))
+    member = (await create_member(screened.ledger.stub)).member_id
+    screened.clock.set(NOW)
+    burst = []
+    for i in range(10):
+        request = purchase_request(
+            member, [("grocery", 1_000, 1)], at=NOW - timedelta(days=3, minutes=20) + timedelta(seconds=30 * i),
+            receipt=f"batch-burst-{member}-{i}", store="LIS-01",
+        )  # fmt: skip
+        request.context.card_hash = f"card-{member}"
+        burst.append(request)
+    shuffled = burst[5:] + burst[:5]
+
+    async def stream():  # type: ignore[no-untyped-def]
+        for request in shuffled:
+            yield ledger_pb2.IngestBatchRequest(purchase=request)
+
+    response = await screened.ledger.stub.IngestBatch(stream())
+    verdicts = {shuffled[p.index].receipt_id: p.verdict for p in response.purchases}
+    in_receipt_order = [verdicts[r.receipt_id] for r in burst]
+    assert in_receipt_order == [ledger_pb2.SCREENING_VERDICT_ALLOW] * 8 + [ledger_pb2.SCREENING_VERDICT_REVIEW] * 2
+    held = [p for p in response.purchases if p.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW]
+    after = await balance(screened.ledger.stub, member)
+    assert after.pending_points == sum(p.earned["points"] for p in held) > 0
+    assert after.balance_points + after.pending_points == sum(p.earned["points"] for p in response.purchases)
+
+
 async def test_with_fraud_svc_down_the_policy_decides_and_nothing_is_lost(screened: Screened) -> None:
     member = await regular_member(screened, visits=4)
     start = await balance(screened.ledger.stub, member)

@@ -1,0 +1,228 @@
+"""Purchases in bulk (IngestBatch): RecordPurchase's path with one EvaluateBatch and one
+ScoreBatch per chunk instead of a unary call to each service per purchase.
+
+A quote depends on the member's state only through their purchase count and tier. One member
+may have many purchases in a chunk, so each is quoted for the state it will meet if the ones
+before it earn: the stored count plus its place among them, and the stored qualification.
+The shard write checks that assumption against the state it finds, atomically like every
+guard; a purchase whose assumption failed (an earlier one was refused, or crossed a tier
+threshold) rolls back and takes the unary path, which quotes it afresh. So the result is the
+one RecordPurchase would give purchase by purchase. A member's purchases are written in
+stream order; different members' run concurrently and share the store's group commits.
+
+Fraud screening sees each purchase with the balance it is predicted to find (the stored
+available balance plus the points of the member's earlier purchases in the chunk), scored in
+event-time order in one call. Anything unusual for a member (a receipt already recorded with
+another body, purchases waiting for rules_svc, a transport key) sends that member's remaining
+purchases down the unary path, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from ledger_svc import codec
+from ledger_svc import commands as c
+from ledger_svc.accrual import EngineUnavailable, StaleQuote
+from ledger_svc.domain import FailedPrecondition, LedgerError
+from ledger_svc.ingest import claim_many
+from ledger_svc.postings import ShardBook
+from ledger_svc.purchases import MemberState, PurchaseRecord, Quote, purchase_id_for
+from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
+from ledger_svc.store.base import IdemRecord, ShardTx
+
+if TYPE_CHECKING:
+    from ledger_svc.accrual import Accrual
+
+Outcome = tuple[PurchaseRecord, bool] | LedgerError
+
+
+@dataclass(slots=True)
+class _Item:
+    index: int
+    cmd: c.RecordPurchase
+    fp: str
+    pid: str
+    unary: bool = False  # takes RecordPurchase's own path
+    count: int = 0  # the purchase count its quote assumes
+    quote: Quote | None = None
+    screening: Screening | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    stored: list[IdemRecord | None]
+    states: dict[str, MemberState]
+    waiting: set[str]
+    available: dict[str, int]
+
+
+class BatchAccrual:
+    def __init__(self, accrual: Accrual) -> None:
+        self.accrual = accrual
+        self.svc = accrual.svc
+
+    async def run(self, items: Sequence[c.RecordPurchase | LedgerError]) -> list[Outcome]:
+        """Per item (purchase, replayed) or the LedgerError it failed with."""
+        results: list[Outcome | None] = [None] * len(items)
+        checked = await self._checked(items, results)
+        found = await self._read(checked)
+        plan: dict[str, list[_Item]] = defaultdict(list)
+        quoted: list[_Item] = []
+        unusual: set[str] = set()
+        for it, stored in zip(checked, found.stored, strict=True):
+            member = it.cmd.member_id
+            if stored is not None and stored.fingerprint == it.fp and it.cmd.transport_key is None:
+                results[it.index] = (await self.accrual.get_purchase(codec.loads(str, stored.result_json)), True)
+                continue
+            if member in unusual or stored is not None or member in found.waiting or it.cmd.transport_key is not None:
+                unusual.add(member)
+                it.unary = True
+            else:
+                try:
+                    await self.svc._require_active(member)
+                except LedgerError as error:
+                    results[it.index] = error
+                    continue
+                it.count = found.states[member].purchase_count + sum(not x.unary for x in plan[member])
+                quoted.append(it)
+            plan[member].append(it)
+        now = self.svc.clock.now()
+        await self._quote(quoted, found, now, results)
+        await self._screen([it for it in quoted if it.quote is not None], found)
+        await self._claim([it for it in quoted if it.quote is not None], now, results)
+        await asyncio.gather(*(self._write(its, now, results) for its in plan.values()))
+        assert all(r is not None for r in results)
+        return [r for r in results if r is not None]
+
+    async def _checked(
+        self, items: Sequence[c.RecordPurchase | LedgerError], results: list[Outcome | None]
+    ) -> list[_Item]:
+        acc = self.accrual
+        out = []
+        for i, item in enumerate(items):
+            try:
+                if isinstance(item, LedgerError):
+                    raise item
+                cmd = acc._check(item)
+                await self.svc._require_exists(cmd.member_id)
+            except LedgerError as error:
+                results[i] = error
+                continue
+            out.append(_Item(i, cmd, c.fingerprint(cmd), purchase_id_for(cmd.member_id, acc.program, cmd.key.key)))
+        return out
+
+    async def _read(self, items: list[_Item]) -> _Found:
+        """One read per shard: every receipt's stored result, every member's state, waiting
+        purchases and available balance."""
+        svc = self.svc
+        unit = svc.policy.units[0]
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        for k, it in enumerate(items):
+            by_shard[svc.shard_of(it.cmd.member_id)].append(k)
+        stored: list[IdemRecord | None] = [None] * len(items)
+        found = _Found(stored, {}, set(), {})
+
+        def reader(ks: list[int]) -> Callable[[ShardTx], None]:
+            def read(tx: ShardTx) -> None:
+                book = ShardBook(tx, svc.clock.now(), svc.policy)
+                for k in ks:
+                    cmd = items[k].cmd
+                    stored[k] = book.tx.get_idempotency(cmd.key.namespace, cmd.key.key)
+                    member = cmd.member_id
+                    if member in found.states:
+                        continue
+                    raw = book.tx.get_member_state(member)
+                    found.states[member] = MemberState() if raw is None else codec.loads(MemberState, raw)
+                    if book.tx.member_waiting_purchases(member):
+                        found.waiting.add(member)
+                    if svc.fraud is not None:
+                        found.available[member] = book.balance(member, unit).available_points
+
+            return read
+
+        await asyncio.gather(*(svc.store.read(shard, reader(ks)) for shard, ks in by_shard.items()))
+        return found
+
+    async def _quote(self, items: list[_Item], found: _Found, now: datetime, results: list[Outcome | None]) -> None:
+        """Quotes from one EvaluateBatch; without rules_svc every item takes the unary path
+        (where it waits as pending accrual)."""
+        acc, svc = self.accrual, self.svc
+        if not items or not acc.engine_up():
+            for it in items:
+                it.unary = True
+            return
+        assert acc.engine is not None
+        requests = []
+        for it in items:
+            member = it.cmd.member_id
+            state = replace(found.states[member], purchase_count=it.count)
+            requests.append((it.cmd, state, await svc.member_profile(member)))
+        try:
+            quotes = await acc.engine.quote_many(acc.program, requests)
+        except EngineUnavailable as exc:
+            acc.engine_down(f"a batch of {len(items)} purchases", exc)
+            for it in items:
+                it.unary = True
+            return
+        for it, quote in zip(items, quotes, strict=True):
+            if isinstance(quote, LedgerError):
+                results[it.index] = quote
+                continue
+            late = acc._late(it.cmd, quote, now)
+            if late:
+                results[it.index] = FailedPrecondition(late, field="receipt_time")
+                continue
+            it.quote = quote
+
+    async def _screen(self, items: list[_Item], found: _Found) -> None:
+        svc = self.svc
+        if svc.fraud is None or not items:
+            return
+        unit = svc.policy.units[0]
+        available = dict(found.available)
+        requests = []
+        for it in items:
+            assert it.quote is not None
+            cmd, member = it.cmd, it.cmd.member_id
+            points = sum(p.points for p in it.quote.parts if p.unit == unit)
+            requests.append(ScreeningRequest(
+                event_id=it.pid, kind=ScreenedKind.PURCHASE, member_id=member, occurred_at=cmd.receipt_time,
+                context=replace(cmd.context, channel=cmd.channel, store_id=cmd.store_id), points=points,
+                amount=cmd.total, balance_points=available[member], member_since=await svc.member_since(member),
+            ))  # fmt: skip
+            available[member] += points
+        for it, screening in zip(items, await svc.fraud.screen_many(requests), strict=True):
+            it.screening = screening
+
+    async def _claim(self, items: list[_Item], now: datetime, results: list[Outcome | None]) -> None:
+        claims = [(it.index, it.cmd.key, "RecordPurchase", it.fp) for it in items]
+        conflicts, _seen = await self.svc.store.write_directory(lambda d: claim_many(d, claims, now))
+        for it in items:
+            if it.index in conflicts:
+                results[it.index] = conflicts[it.index]
+                it.quote = None
+
+    async def _write(self, items: list[_Item], now: datetime, results: list[Outcome | None]) -> None:
+        """One member's purchases, in stream order."""
+        acc = self.accrual
+        for it in items:
+            if results[it.index] is not None:
+                continue
+            try:
+                if not it.unary and it.quote is not None:
+                    try:
+                        results[it.index] = await acc.write(
+                            it.cmd, it.fp, it.pid, it.quote, it.screening, now, assumed_count=it.count
+                        )
+                        continue
+                    except StaleQuote:
+                        pass
+                results[it.index] = await acc.record_purchase(it.cmd)
+            except LedgerError as error:
+                results[it.index] = error

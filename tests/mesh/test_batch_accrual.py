@@ -1,0 +1,131 @@
+"""Purchases through IngestBatch: one EvaluateBatch per chunk instead of a unary Evaluate each,
+with the same outcome RecordPurchase gives purchase by purchase (welcome bonus, member caps,
+tier crossings inside one chunk), replays on the natural key, and bad items reported alone.
+
+Figures come from tests/mesh/program.yaml (see test_purchases.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import grpc
+
+from pointmesh.v1 import ledger_pb2
+from tests.ledger.helpers import balance, figures
+from tests.mesh.conftest import Mesh
+from tests.mesh.helpers import Line, by_rule, exact, new_member, purchase_request
+from tests.mesh.test_outage import settle_all
+
+# (which member, lines): A crosses silver (300 tier credits) in its third purchase and earns
+# 2x after it; B hits the 50-point daily boost cap; C buys once.
+SCRIPT: list[tuple[str, list[Line]]] = [
+    ("A", [("misc", 1000, 1)]), ("B", [("boost", 500, 1)]), ("A", [("misc", 25000, 1)]),
+    ("B", [("boost", 500, 1), ("misc", 300, 2)]), ("C", [("misc", 12000, 1)]), ("A", [("misc", 6000, 1)]),
+    ("B", [("boost", 500, 1)]), ("A", [("misc", 1000, 1)]), ("B", [("boost", 500, 1)]), ("A", [("misc", 2000, 1)]),
+]  # fmt: skip
+
+
+def stream(mesh: Mesh, members: dict[str, str], tag: str) -> list[ledger_pb2.RecordPurchaseRequest]:
+    start = mesh.clock.now() - timedelta(minutes=len(SCRIPT))
+    return [
+        purchase_request(members[who], lines, at=start + timedelta(minutes=k), receipt=f"{tag}-{k}")
+        for k, (who, lines) in enumerate(SCRIPT)
+    ]
+
+
+async def ingest(mesh: Mesh, items: Sequence[ledger_pb2.IngestBatchRequest]) -> ledger_pb2.IngestBatchResponse:
+    async def requests():  # type: ignore[no-untyped-def]
+        for item in items:
+            yield item
+
+    response: ledger_pb2.IngestBatchResponse = await mesh.ledger.stub.IngestBatch(requests())
+    return response
+
+
+def as_items(purchases: list[ledger_pb2.RecordPurchaseRequest]) -> list[ledger_pb2.IngestBatchRequest]:
+    return [ledger_pb2.IngestBatchRequest(purchase=p) for p in purchases]
+
+
+async def members(mesh: Mesh) -> dict[str, str]:
+    return {who: await new_member(mesh) for who in "ABC"}
+
+
+def outcome(p: ledger_pb2.Purchase) -> tuple[object, ...]:
+    return (exact(p), by_rule(p), p.purchase_number, p.tier_before, p.tier_after, p.status)
+
+
+async def test_a_batch_earns_exactly_what_the_same_purchases_earn_one_by_one(mesh: Mesh) -> None:
+    one_by_one, batched = await members(mesh), await members(mesh)
+    unary = [(await mesh.ledger.stub.RecordPurchase(r)).purchase for r in stream(mesh, one_by_one, "u")]
+    response = await ingest(mesh, as_items(stream(mesh, batched, "b")))
+
+    assert (response.received, response.posted, response.failed) == (len(SCRIPT), len(SCRIPT), 0)
+    assert [p.index for p in response.purchases] == list(range(len(SCRIPT)))
+    got = [
+        (await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=p.purchase_id))).purchase
+        for p in response.purchases
+    ]
+    assert [outcome(p) for p in got] == [outcome(p) for p in unary]
+    assert [dict(p.earned) for p in response.purchases] == [exact(p) for p in got]
+    # The figures themselves: A's welcome, its crossing into silver on the third purchase and
+    # 2x after; B's boost capped at 50 a day.
+    a = [p for (who, _), p in zip(SCRIPT, got, strict=True) if who == "A"]
+    assert by_rule(a[0]) == {"base": 10, "welcome": 100}
+    assert [(p.tier_before, p.tier_after) for p in a[1:4]] == [
+        ("blue", "blue"),
+        ("blue", "silver"),
+        ("silver", "silver"),
+    ]
+    assert by_rule(a[3]) == {"base": 10, "silver": 10}
+    b = [p for (who, _), p in zip(SCRIPT, got, strict=True) if who == "B"]
+    assert sum(by_rule(p).get("boost", 0) for p in b) == 50
+    for who in "ABC":
+        for unit in ("points", "tier_credits"):
+            assert figures(await balance(mesh.ledger.stub, batched[who], unit)) == figures(
+                await balance(mesh.ledger.stub, one_by_one[who], unit)
+            )
+
+
+async def test_a_resent_stream_replays_and_bad_items_fail_alone(mesh: Mesh) -> None:
+    people = await members(mesh)
+    good = stream(mesh, people, "r")[:4]
+    bad_quantity = purchase_request(people["C"], [("misc", 500, 1)], at=mesh.clock.now(), receipt="r-bad")
+    bad_quantity.lines[0].quantity = 0
+    unknown = purchase_request("m_" + "0" * 28, [("misc", 500, 1)], at=mesh.clock.now(), receipt="r-unknown")
+    items = [*as_items(good[:2]), ledger_pb2.IngestBatchRequest(purchase=bad_quantity), ledger_pb2.IngestBatchRequest(),
+             ledger_pb2.IngestBatchRequest(purchase=unknown), *as_items(good[2:])]  # fmt: skip
+
+    first = await ingest(mesh, items)
+    assert (first.received, first.posted, first.replayed, first.failed) == (7, 4, 0, 3)
+    assert [(f.index, f.code, f.field) for f in first.failures] == [
+        (2, "INVALID_ARGUMENT", "lines[0].quantity"), (3, "INVALID_ARGUMENT", "operation"), (4, "NOT_FOUND", "member_id"),
+    ]  # fmt: skip
+    before = {who: figures(await balance(mesh.ledger.stub, m)) for who, m in people.items()}
+
+    again = await ingest(mesh, items)
+    assert (again.posted, again.replayed, again.failed) == (0, 4, 3)
+    assert [p.purchase_id for p in again.purchases] == [p.purchase_id for p in first.purchases]
+    assert {who: figures(await balance(mesh.ledger.stub, m)) for who, m in people.items()} == before
+
+    # The same receipt with another body is a conflict, reported by index; nothing earns.
+    changed = purchase_request(people["A"], [("misc", 99_000, 1)], at=mesh.clock.now(), receipt="r-0")
+    conflict = await ingest(mesh, as_items([changed]))
+    assert [(f.index, f.code) for f in conflict.failures] == [(0, grpc.StatusCode.ALREADY_EXISTS.name)]
+    assert figures(await balance(mesh.ledger.stub, people["A"])) == before["A"]
+
+
+async def test_with_rules_svc_down_a_batch_waits_and_earns_in_order_when_it_returns(mesh: Mesh) -> None:
+    reference, people = await members(mesh), await members(mesh)
+    unary = [(await mesh.ledger.stub.RecordPurchase(r)).purchase for r in stream(mesh, reference, "x")]
+    await mesh.stop_rules()
+    response = await ingest(mesh, as_items(stream(mesh, people, "w")))
+    assert response.posted == len(SCRIPT)
+    assert {p.status for p in response.purchases} == {ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL}
+    await mesh.restart_rules()
+    await settle_all(mesh)
+    got = [
+        (await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=p.purchase_id))).purchase
+        for p in response.purchases
+    ]
+    assert [outcome(p) for p in got] == [outcome(p) for p in unary]
