@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,7 +39,7 @@ from ledger_svc.purchases import (
 )
 from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
-from ledger_svc.store.base import ShardTx
+from ledger_svc.store.base import IdemRecord, ShardTx
 from pointmesh.tiers import effective_tier
 
 if TYPE_CHECKING:
@@ -59,9 +59,23 @@ class StaleQuote(Exception):
     """A quote was made for a member state the purchase did not meet (batch accrual)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """A purchase ready for its shard write: keys claimed, quoted (None: it waits), screened.
+    `assumed_count` is the purchase count a batch quote was made for (None: quoted on the
+    member's current state)."""
+
+    cmd: c.RecordPurchase
+    fp: str
+    pid: str
+    quote: Quote | None
+    screening: Screening | None
+    assumed_count: int | None = None
+
+
 def _require_fresh(state: MemberState, quote: Quote, assumed_count: int, at: datetime) -> None:
     """A quote depends on the member's state only through the purchase count and the tier."""
-    if state.purchase_count != assumed_count:
+    if quote.counts_purchases and state.purchase_count != assumed_count:
         raise StaleQuote(f"quoted as purchase {assumed_count + 1}, is purchase {state.purchase_count + 1}")
     if quote.tier_policy is not None and effective_tier(quote.tier_policy, state.qualification, at) != quote.tier:
         raise StaleQuote(f"quoted at tier {quote.tier!r}, which the member no longer has")
@@ -189,39 +203,53 @@ class Accrual:
 
     async def write(
         self, cmd: c.RecordPurchase, fp: str, pid: str, quote: Quote | None, screening: Screening | None,
-        now: datetime, *, assumed_count: int | None = None,
+        now: datetime,
     ) -> tuple[PurchaseRecord, bool]:  # fmt: skip
         """The shard write of a purchase whose keys are claimed: accrue (or wait without a
-        quote), with the idempotency record beside it. `assumed_count` is the purchase count
-        the quote was made for; when the member's count is another, the write raises
-        StaleQuote and changes nothing."""
+        quote), with the idempotency record beside it."""
+        return (await self.write_many([Priced(cmd, fp, pid, quote, screening)], now))[0]
+
+    async def write_many(self, priced: Sequence[Priced], now: datetime) -> list[tuple[PurchaseRecord, bool]]:
+        """One member's purchases in one shard write, in order, each replayed or accrued with
+        its idempotency record. Stops before the first whose quote is stale for the state it
+        meets: the result is shorter than `priced` by that one and the ones after it."""
         svc = self.svc
-        member_id = cmd.member_id
-        review_id = new_review_id(member_id)
-        done: list[PurchaseRecord] = []
+        member_id = priced[0].cmd.member_id
+        done: list[tuple[str, PurchaseRecord | None]] = []
 
-        def body(book: ShardBook) -> str:
-            if assumed_count is not None and quote is not None:
-                _require_fresh(load_state(book, member_id), quote, assumed_count, cmd.receipt_time)
-            record = PurchaseRecord(
-                pid, member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
-                cmd.receipt_time, now, PurchaseStatus.PENDING_ACCRUAL,
-                tender_transaction_id=cmd.tender_transaction_id,
-                tender_points=tender_points(book, member_id, cmd.tender_transaction_id),
-                returned_quantities=tuple(0 for _ in cmd.lines),
-            )  # fmt: skip
-            if quote is None:
-                record = replace(record, status_reason="waiting for rules_svc")
-                save_purchase(book, record)
-            else:
-                record = accrue(book, record, quote, screening, review_id)
-            done.append(record)
-            return pid
+        def unit(tx: ShardTx) -> None:
+            for p in priced:
+                cmd, quote = p.cmd, p.quote
+                stored = tx.get_idempotency(cmd.key.namespace, cmd.key.key)
+                if stored is not None:
+                    done.append((codec.loads(str, stored.result_json), None))
+                    continue
+                book = ShardBook(tx, svc.clock.now(), svc.policy)
+                if p.assumed_count is not None and quote is not None:
+                    try:
+                        _require_fresh(load_state(book, member_id), quote, p.assumed_count, cmd.receipt_time)
+                    except StaleQuote:
+                        return
+                record = PurchaseRecord(
+                    p.pid, member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
+                    cmd.receipt_time, now, PurchaseStatus.PENDING_ACCRUAL,
+                    tender_transaction_id=cmd.tender_transaction_id,
+                    tender_points=tender_points(book, member_id, cmd.tender_transaction_id),
+                    returned_quantities=tuple(0 for _ in cmd.lines),
+                )  # fmt: skip
+                if quote is None:
+                    record = replace(record, status_reason="waiting for rules_svc")
+                    save_purchase(book, record)
+                else:
+                    record = accrue(book, record, quote, p.screening, new_review_id(member_id))
+                tx.put_idempotency(
+                    cmd.key.namespace, cmd.key.key, IdemRecord("RecordPurchase", p.fp, codec.dumps(p.pid), book.now)
+                )
+                svc._committed_later(book.touched)
+                done.append((p.pid, record))
 
-        _pid, was_replay = await svc.store.write(svc.shard_of(member_id), svc._idempotent_unit(cmd, fp, str, body))
-        if was_replay or not done:
-            return await self.get_purchase(pid), True
-        return done[0], False
+        await svc.store.write(svc.shard_of(member_id), unit)
+        return [(record, False) if record is not None else (await self.get_purchase(pid), True) for pid, record in done]
 
     async def _screen(self, cmd: c.RecordPurchase, quote: Quote, purchase_id: str) -> Screening | None:
         """fraud_svc's verdict on the purchase, scored on the points the quote would earn."""

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ledger_svc import codec
 from ledger_svc import commands as c
-from ledger_svc.accrual import EngineUnavailable, StaleQuote
+from ledger_svc.accrual import EngineUnavailable, Priced
 from ledger_svc.domain import FailedPrecondition, LedgerError
 from ledger_svc.ingest import claim_many
 from ledger_svc.postings import ShardBook
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from ledger_svc.accrual import Accrual
 
 Outcome = tuple[PurchaseRecord, bool] | LedgerError
+# Purchases of one member written in one shard write (a Cassandra batch stays well under its size limit).
+WRITE_RUN = 8
 
 
 @dataclass(slots=True)
@@ -209,20 +211,33 @@ class BatchAccrual:
                 it.quote = None
 
     async def _write(self, items: list[_Item], now: datetime, results: list[Outcome | None]) -> None:
-        """One member's purchases, in stream order."""
+        """One member's purchases, in stream order: runs of quoted ones in one shard write
+        each (at most WRITE_RUN), the others one by one down the unary path."""
         acc = self.accrual
-        for it in items:
-            if results[it.index] is not None:
-                continue
+        todo = [it for it in items if results[it.index] is None]
+        while todo:
+            run: list[_Item] = []
+            for it in todo[:WRITE_RUN]:
+                if it.unary or it.quote is None:
+                    break
+                run.append(it)
+            if run:
+                try:
+                    written = await acc.write_many(
+                        [Priced(it.cmd, it.fp, it.pid, it.quote, it.screening, it.count) for it in run], now
+                    )
+                except LedgerError:
+                    # One of them cannot post (say a bad tender): each finds its own answer alone.
+                    for it in run:
+                        it.unary = True
+                    continue
+                for it, outcome in zip(run, written, strict=False):
+                    results[it.index] = outcome
+                todo = todo[len(written) :]
+                if len(written) == len(run):
+                    continue
+            it = todo.pop(0)  # unary, or its quote was stale: quoted afresh on the state it meets
             try:
-                if not it.unary and it.quote is not None:
-                    try:
-                        results[it.index] = await acc.write(
-                            it.cmd, it.fp, it.pid, it.quote, it.screening, now, assumed_count=it.count
-                        )
-                        continue
-                    except StaleQuote:
-                        pass
                 results[it.index] = await acc.record_purchase(it.cmd)
             except LedgerError as error:
                 results[it.index] = error

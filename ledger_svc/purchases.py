@@ -62,6 +62,7 @@ class Quote:
     tier: str
     tier_policy: TierPolicy | None
     experiment_arms: dict[str, str] = field(default_factory=dict)
+    counts_purchases: bool = True  # the answer depends on the member's purchase count
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,7 @@ def quote_of(e: rules_pb2.Evaluation) -> Quote:
         e.program, e.version, parts, e.fx_rate,
         from_timestamp(e.expires_at) if e.HasField("expires_at") else None,
         from_timestamp(e.release_at) if e.HasField("release_at") else None,
-        e.max_lateness_days, e.basket_bonus_on_return, e.tier, policy, dict(e.experiment_arms),
+        e.max_lateness_days, e.basket_bonus_on_return, e.tier, policy, dict(e.experiment_arms), e.counts_purchases,
     )  # fmt: skip
 
 

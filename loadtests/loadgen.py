@@ -2,8 +2,10 @@
 member's points are exactly what the program says, computed here and not read back.
 
 The purchases are generated from a seed (members drawn Zipf-hot, 1-3 lines, receipt times
-over the last day), sent as RecordPurchase with bounded concurrency through ledger_svc (which
-evaluates with rules_svc and screens with fraud_svc when configured), and the expected points
+over the last day), streamed to ledger_svc's IngestBatch a few thousand at a time (each ledger
+chunk makes one EvaluateBatch call to rules_svc and one ScoreBatch call to fraud_svc when
+screening is configured; `--unary` sends RecordPurchase one by one instead, for comparison),
+and the expected points
 per member come from the program's base rates, floored per line, the rounding the program
 declares. The program must be one the generator can model on its own: base rates and FLOOR
 rounding, no rules, tiers, FX or welcome bonuses (`loadtests/programs/loadgen.yaml` is one);
@@ -20,8 +22,10 @@ import json
 import random
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import grpc
 
@@ -29,6 +33,7 @@ from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 
+T = TypeVar("T")
 CATEGORIES = ("apparel", "outdoor", "footwear", "misc")
 
 
@@ -101,58 +106,103 @@ def generate(seed: int, members: list[str], count: int, now: datetime) -> list[l
 
 
 async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int, members: int, seed: int,
-              concurrency: int = 32) -> Report:  # fmt: skip
+              concurrency: int = 4, batch: int = 2_000, unary: bool = False) -> Report:  # fmt: skip
+    """Batch mode (the default): `concurrency` IngestBatch streams of `batch` purchases at a
+    time, so each ledger chunk makes one EvaluateBatch and one ScoreBatch call. Unary mode:
+    `concurrency` callers of RecordPurchase, for comparison."""
     rules, ledger = (
         rules_stub(rules_addr, default_timeout_seconds=10),
-        ledger_stub(ledger_addr, default_timeout_seconds=30),
+        ledger_stub(ledger_addr, default_timeout_seconds=120),
     )
     doc = json.loads((await rules.GetProgram(rules_pb2.GetProgramRequest(program=program))).document_json)
     rates = model(doc)
     report = Report(purchases=purchases, members=members)
-    ids = [(await ledger.CreateMember(ledger_pb2.CreateMemberRequest(
-        idempotency_key=common_pb2.IdempotencyKey(namespace="loadgen", key=f"{seed}-m{i}")))).member.member_id
-        for i in range(members)]  # fmt: skip
-    items = generate(seed, ids, purchases, datetime.now(UTC))
+    ids = await _bounded(
+        [ledger.CreateMember(ledger_pb2.CreateMemberRequest(
+            idempotency_key=common_pb2.IdempotencyKey(namespace="loadgen", key=f"{seed}-m{i}")))
+         for i in range(members)],
+        64,
+    )  # fmt: skip
+    member_ids = [r.member.member_id for r in ids]
+    items = generate(seed, member_ids, purchases, datetime.now(UTC))
     expected: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    queue = iter(items)
 
-    async def worker() -> None:
+    def settle(request: ledger_pb2.RecordPurchaseRequest, status: int, verdict: int) -> None:
+        if status == ledger_pb2.PURCHASE_STATUS_REFUSED:
+            report.refused += 1
+            return
+        if verdict == ledger_pb2.SCREENING_VERDICT_REVIEW:
+            report.held += 1
+        for unit, points in rates.points([ln.amount.amount_minor for ln in request.lines]).items():
+            expected[request.member_id][unit] += points
+
+    async def one_by_one(queue: Iterator[ledger_pb2.RecordPurchaseRequest]) -> None:
         for request in queue:
-            response = await ledger.RecordPurchase(request)
-            status = response.purchase.status
-            if status == ledger_pb2.PURCHASE_STATUS_REFUSED:
-                report.refused += 1
-                continue
-            if response.purchase.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW:
-                report.held += 1
-            for unit, points in rates.points([ln.amount.amount_minor for ln in request.lines]).items():
-                expected[request.member_id][unit] += points
+            got = (await ledger.RecordPurchase(request)).purchase
+            settle(request, got.status, got.screening.verdict)
+
+    async def streams(queue: Iterator[list[ledger_pb2.RecordPurchaseRequest]]) -> None:
+        for chunk in queue:
+            response = await ledger.IngestBatch(iter([ledger_pb2.IngestBatchRequest(purchase=r) for r in chunk]))
+            for failure in response.failures:
+                report.mismatches.append(f"purchase {chunk[failure.index].receipt_id} failed: {failure.code} "
+                                         f"{failure.field}: {failure.message}")  # fmt: skip
+            for done in response.purchases:
+                settle(chunk[done.index], done.status, done.verdict)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if unary:
+        queue = iter(items)
+        await asyncio.gather(*(one_by_one(queue) for _ in range(concurrency)))
+    else:
+        chunks = iter([items[k : k + batch] for k in range(0, len(items), batch)])
+        await asyncio.gather(*(streams(chunks) for _ in range(concurrency)))
     report.elapsed_seconds = time.perf_counter() - started
-    for member in ids:
-        for unit, points in expected[member].items():
-            got = (await ledger.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member, unit=unit))).balance
-            if got.balance_points + got.pending_points != points:
-                report.mismatches.append(f"{member} {unit}: expected {points}, ledger has "
-                                         f"{got.balance_points} + {got.pending_points} pending")  # fmt: skip
-    report.reconcile_differences = (await ledger.GetTotals(ledger_pb2.GetTotalsRequest())).differences
+    balances = await _bounded(
+        [ledger.GetBalance(ledger_pb2.GetBalanceRequest(member_id=m, unit=u)) for m in member_ids for u in expected[m]],
+        64,
+    )
+    for got in (b.balance for b in balances):
+        want = expected[got.member_id][got.unit]
+        if got.balance_points + got.pending_points != want:
+            report.mismatches.append(f"{got.member_id} {got.unit}: expected {want}, ledger has "
+                                     f"{got.balance_points} + {got.pending_points} pending")  # fmt: skip
+    totals = await ledger.GetTotals(ledger_pb2.GetTotalsRequest())
+    report.reconcile_differences = totals.differences
+    books = {t.account_class: t.points for t in totals.totals}
+    for unit in rates.per_unit:
+        want = sum(per_unit.get(unit, 0) for per_unit in expected.values())
+        got = books.get(f"member:{unit}", 0) + books.get(f"pending:{unit}", 0)
+        if got != want:  # nothing lost or doubled in the books as a whole either
+            report.mismatches.append(f"all members {unit}: expected {want}, the ledger's totals say {got}")
     return report
 
 
+async def _bounded(calls: list[Awaitable[T]], limit: int) -> list[T]:
+    """Awaits the calls with at most `limit` in flight, results in order."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(call: Awaitable[T]) -> T:
+        async with gate:
+            return await call
+
+    return await asyncio.gather(*(one(c) for c in calls))
+
+
 def main(ledger_addr: str, rules_addr: str, program: str, purchases: int, members: int, seed: int,
-         concurrency: int) -> int:  # fmt: skip
+         concurrency: int, batch: int, unary: bool) -> int:  # fmt: skip
     try:
         report = asyncio.run(run(ledger_addr, rules_addr, program, purchases=purchases, members=members, seed=seed,
-                                 concurrency=concurrency))  # fmt: skip
+                                 concurrency=concurrency, batch=batch, unary=unary))  # fmt: skip
     except UnmodelledProgram as exc:
         print(f"loadgen: program {program}: {exc}")
         return 2
     except grpc.RpcError as exc:
         print(f"loadgen: {exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]
         return 75
-    print(f"loadgen: {report.purchases} purchases for {report.members} members in {report.elapsed_seconds:.1f}s"
+    how = "unary RecordPurchase" if unary else f"IngestBatch streams of {batch}"
+    print(f"loadgen: {report.purchases} purchases for {report.members} members ({how}, {concurrency} at a time) "
+          f"in {report.elapsed_seconds:.1f}s"
           f" ({report.rate:.0f} purchases/s); {report.refused} refused by fraud screening, {report.held} held for review")  # fmt: skip
     for line in report.mismatches[:20]:
         print("MISMATCH", line)

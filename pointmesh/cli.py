@@ -165,7 +165,7 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
 
     settings = _settings()
     return loadgen(settings.ledger_addr, settings.rules_addr, args.program or settings.program, args.purchases,
-                   args.members, args.seed, args.concurrency)  # fmt: skip
+                   args.members, args.seed, args.concurrency, args.batch, args.unary)  # fmt: skip
 
 
 def cmd_ledger_migrate(_: argparse.Namespace) -> int:
@@ -457,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--purchases", type=int, default=20_000)
     gen.add_argument("--members", type=int, default=1_000)
     gen.add_argument("--seed", type=int, default=1)
-    gen.add_argument("--concurrency", type=int, default=32)
+    gen.add_argument("--concurrency", type=int, default=4, help="IngestBatch streams (or unary callers) at a time")
+    gen.add_argument("--batch", type=int, default=2_000, help="purchases per IngestBatch stream")
+    gen.add_argument("--unary", action="store_true", help="RecordPurchase one by one instead of IngestBatch")
     gen.add_argument("--program", default="", help="default POINTMESH_PROGRAM; base rates only (loadgen models it)")
     gen.set_defaults(func=cmd_loadgen)
     experiments = sub.add_parser("experiments", help="A/B experiments").add_subparsers(

@@ -121,6 +121,8 @@ class Evaluation:
     tier: str = ""
     # (experiment id, arm) for every experiment running at the receipt time.
     experiment_arms: tuple[tuple[str, str], ...] = ()
+    # Whether purchase-number conditions took part: the answer depends on the purchase count.
+    counts_purchases: bool = False
 
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -54,6 +54,7 @@ class CompiledProgram:
         self.experiments = ExperimentRules(program)
         self.best_of = {g.id for g in program.groups if g.mode == GroupMode.BEST_OF}
         self.uses_tokens = any(r.tokens is not None for r in self.rules)
+        self.counts_purchases = any(r.when.purchase_number is not None for r in program.rules)
         self._thresholds: dict[tuple[str, str, int], int] = {}
         tiers = program.tiers
         self.tier_policy = (
@@ -225,6 +226,7 @@ class CompiledProgram:
             basket.receipt_time + self.expiry if self.expiry else None,
             basket.receipt_time + self.release if self.release else None,
             local, self.program.policy, self.program.tiers, member.tier, tuple(sorted(arms.items())),
+            self.counts_purchases,
         )  # fmt: skip
 
     @staticmethod

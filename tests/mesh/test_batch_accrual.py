@@ -129,3 +129,24 @@ async def test_with_rules_svc_down_a_batch_waits_and_earns_in_order_when_it_retu
         for p in response.purchases
     ]
     assert [outcome(p) for p in got] == [outcome(p) for p in unary]
+
+
+async def test_a_purchase_that_cannot_post_fails_alone_among_its_members_others(mesh: Mesh) -> None:
+    member = await new_member(mesh)
+    at = mesh.clock.now() - timedelta(minutes=5)
+    first = await mesh.ledger.stub.RecordPurchase(purchase_request(member, [("misc", 1000, 1)], at=at, receipt="t-0"))
+    earn_tx = first.purchase.earn_transactions["points"]  # not a redemption: no tender
+    items = [
+        purchase_request(member, [("misc", 2000, 1)], at=at, receipt="t-1"),
+        purchase_request(member, [("misc", 3000, 1)], at=at, receipt="t-2", tender=earn_tx),
+        purchase_request(member, [("misc", 4000, 1)], at=at, receipt="t-3"),
+    ]
+    response = await ingest(mesh, as_items(items))
+    assert [(f.index, f.code, f.field) for f in response.failures] == [
+        (1, "INVALID_ARGUMENT", "tender_transaction_id")
+    ]
+    assert [(p.index, dict(p.earned)) for p in response.purchases] == [
+        (0, {"points": 20, "tier_credits": 20}),
+        (2, {"points": 40, "tier_credits": 40}),
+    ]
+    assert (await balance(mesh.ledger.stub, member)).balance_points == 110 + 20 + 40

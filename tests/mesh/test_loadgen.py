@@ -33,11 +33,15 @@ async def plain_mesh(
     await stop_rules(rules)
 
 
-async def test_every_balance_is_what_the_generator_computed(plain_mesh: tuple[LedgerUnderTest, RulesUnderTest]) -> None:
+@pytest.mark.parametrize(("unary", "purchases"), [(False, 3_000), (True, 600)], ids=["ingest-batch", "unary"])
+async def test_every_balance_is_what_the_generator_computed(
+    plain_mesh: tuple[LedgerUnderTest, RulesUnderTest], unary: bool, purchases: int
+) -> None:
     ledger, rules = plain_mesh
-    report = await run(ledger.address, rules.address, "loadgen", purchases=3_000, members=150, seed=7, concurrency=16)
+    report = await run(ledger.address, rules.address, "loadgen", purchases=purchases, members=150, seed=7,
+                       concurrency=3, batch=700, unary=unary)  # fmt: skip
     assert report.mismatches == [] and report.reconcile_differences == 0
-    assert (report.purchases, report.refused) == (3_000, 0)
+    assert (report.purchases, report.refused) == (purchases, 0)
 
 
 def test_a_program_the_generator_cannot_model_is_refused() -> None:
