@@ -60,7 +60,8 @@ def fraud_screen(settings: Settings) -> FraudScreen | None:
         large_redemption=Verdict(settings.fraud_unavailable_large_redemption.upper()),
         large_redeem_points=settings.fraud_large_redemption_points,
     )
-    return FraudScreen(FraudScreenerClient(settings.fraud_addr, settings.fraud_deadline_seconds), policy)
+    client = FraudScreenerClient(settings.fraud_addr, settings.fraud_deadline_seconds, settings.batch_deadline_seconds)
+    return FraudScreen(client, policy)
 
 
 def open_store(settings: Settings) -> LedgerStore:
@@ -192,7 +193,7 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         card_secret=settings.card_hmac_secret,
         cache=cache,
         fault_point=settings.fault_point,
-        engine=RulesEngineClient(settings.rules_addr, settings.rules_deadline_seconds),
+        engine=RulesEngineClient(settings.rules_addr, settings.rules_deadline_seconds, settings.batch_deadline_seconds),
         program=settings.program,
         fraud=fraud_screen(settings),
     )

@@ -43,8 +43,9 @@ def scored_transaction(r: ScreeningRequest) -> fraud_pb2.ScoredTransaction:
 
 
 class FraudScreenerClient:
-    def __init__(self, target: str, deadline_seconds: float) -> None:
+    def __init__(self, target: str, deadline_seconds: float, batch_deadline_seconds: float) -> None:
         self.stub = fraud_stub(target, default_timeout_seconds=deadline_seconds)
+        self.batch_deadline = batch_deadline_seconds
 
     async def screen(self, request: ScreeningRequest) -> Screening:
         try:
@@ -60,7 +61,7 @@ class FraudScreenerClient:
         comes back as ScreenerUnavailable for the policy to decide."""
         batch = fraud_pb2.ScoreBatchRequest(transactions=[scored_transaction(r) for r in requests])
         try:
-            response = await self.stub.ScoreBatch(batch)
+            response = await self.stub.ScoreBatch(batch, timeout=self.batch_deadline)
         except grpc.aio.AioRpcError as error:
             raise ScreenerUnavailable(f"{error.code().name}: {error.details()}") from None
         if len(response.items) != len(requests):

@@ -97,8 +97,9 @@ def _refusal(code: str, message: str, field: str) -> LedgerError | None:
 
 
 class RulesEngineClient:
-    def __init__(self, target: str, deadline_seconds: float) -> None:
+    def __init__(self, target: str, deadline_seconds: float, batch_deadline_seconds: float) -> None:
         self.stub = rules_stub(target, default_timeout_seconds=deadline_seconds)
+        self.batch_deadline = batch_deadline_seconds
 
     async def quote(self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str]) -> Quote:
         try:
@@ -125,7 +126,7 @@ class RulesEngineClient:
             program=program, items=[rules_pb2.EvaluateItem(basket=r.basket, member=r.member) for r in requests]
         )
         try:
-            response = await self.stub.EvaluateBatch(batch)
+            response = await self.stub.EvaluateBatch(batch, timeout=self.batch_deadline)
         except grpc.aio.AioRpcError as error:
             raise EngineUnavailable(f"{error.code().name}: {error.details()}") from None
         out: list[Quote | LedgerError] = []

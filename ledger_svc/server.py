@@ -203,7 +203,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetTotals(
         self, request: ledger_pb2.GetTotalsRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.GetTotalsResponse:
-        as_of, found = await self.service.totals()
+        as_of, found = await self.service.totals(fresh=request.fresh)
         return ledger_pb2.GetTotalsResponse(
             as_of=cv.ts(as_of), differences=len(found.differences), held_points=found.held_points,
             totals=[ledger_pb2.AccountClassTotal(account_class=k, points=v)

@@ -670,11 +670,11 @@ class LedgerService:
         purchases = await self.accrual.process_waiting()
         return MaintenanceReport(expired, lots, released, voided, sagas, purchases)
 
-    async def totals(self) -> tuple[datetime, ReconcileReport]:
+    async def totals(self, *, fresh: bool = False) -> tuple[datetime, ReconcileReport]:
         """A fresh pass, or one at most TOTALS_MAX_AGE old (a back-office page refreshing)."""
         now = self.clock.now()
         cached = self._totals
-        if cached is None or abs(now - cached[0]) > TOTALS_MAX_AGE:
+        if fresh or cached is None or abs(now - cached[0]) > TOTALS_MAX_AGE:
             cached = self._totals = (now, await reconcile(self.store, now))
         return cached
 

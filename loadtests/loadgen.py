@@ -22,9 +22,10 @@ import json
 import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TypeVar
 
 import grpc
@@ -86,16 +87,37 @@ def model(document: dict[str, object], currency: str = "EUR") -> Rates:
     return Rates(currency, rates)
 
 
-def generate(seed: int, members: list[str], count: int, now: datetime) -> list[ledger_pb2.RecordPurchaseRequest]:
+MAX_PER_MEMBER = 12  # purchases one member makes in the generated day, hot or not
+
+
+def _enough(members: int, purchases: int) -> None:
+    if purchases > members * MAX_PER_MEMBER:
+        raise ValueError(f"{purchases} purchases need at least {-(-purchases // MAX_PER_MEMBER)} members")
+
+
+CHANNELS, CHANNEL_WEIGHTS = ("pos", "web", "app"), (70, 20, 10)
+
+
+def generate(
+    seed: int, members: list[str], count: int, now: datetime, stores: Sequence[str]
+) -> list[ledger_pb2.RecordPurchaseRequest]:
+    """A day of purchases in receipt-time order: members drawn Zipf-hot (s=1.1) but none past
+    MAX_PER_MEMBER (a shopper, not a fraud burst), 70% at a store's POS, the rest web and app."""
+    _enough(len(members), count)
     rng = random.Random(seed)
     weights = list(itertools.accumulate(1 / (k**1.1) for k in range(1, len(members) + 1)))
+    made = [0] * len(members)
     start = now - timedelta(hours=24)
     out = []
     for i in range(count):
+        who = rng.choices(range(len(members)), cum_weights=weights)[0]
+        while made[who] >= MAX_PER_MEMBER:
+            who = rng.randrange(len(members))
+        made[who] += 1
+        channel = rng.choices(CHANNELS, weights=CHANNEL_WEIGHTS)[0]
         amounts = [rng.randint(100, 20_000) for _ in range(rng.randint(1, 3))]
-        store = rng.choice(("HEL-01", "LIS-01"))
         out.append(ledger_pb2.RecordPurchaseRequest(
-            member_id=rng.choices(members, cum_weights=weights)[0], channel="pos", store_id=store,
+            member_id=members[who], channel=channel, store_id=rng.choice(stores) if channel == "pos" else "",
             receipt_id=f"lg-{seed}-{i}", total=common_pb2.Money(amount_minor=sum(amounts), currency="EUR"),
             lines=[ledger_pb2.PurchaseLine(sku=f"sku-{rng.randint(1, 999)}", category=rng.choice(CATEGORIES),
                                            quantity=1, amount=common_pb2.Money(amount_minor=a, currency="EUR"))
@@ -116,15 +138,18 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
     )
     doc = json.loads((await rules.GetProgram(rules_pb2.GetProgramRequest(program=program))).document_json)
     rates = model(doc)
+    _enough(members, purchases)
     report = Report(purchases=purchases, members=members)
+    before = _liability(await ledger.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True)), rates)
     ids = await _bounded(
-        [ledger.CreateMember(ledger_pb2.CreateMemberRequest(
+        [partial(ledger.CreateMember, ledger_pb2.CreateMemberRequest(
             idempotency_key=common_pb2.IdempotencyKey(namespace="loadgen", key=f"{seed}-m{i}")))
          for i in range(members)],
         64,
     )  # fmt: skip
     member_ids = [r.member.member_id for r in ids]
-    items = generate(seed, member_ids, purchases, datetime.now(UTC))
+    stores = [str(store["id"]) for store in doc.get("stores", [])]  # type: ignore[attr-defined,index]
+    items = generate(seed, member_ids, purchases, datetime.now(UTC), stores)
     expected: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def settle(request: ledger_pb2.RecordPurchaseRequest, status: int, verdict: int) -> None:
@@ -159,7 +184,11 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
         await asyncio.gather(*(streams(chunks) for _ in range(concurrency)))
     report.elapsed_seconds = time.perf_counter() - started
     balances = await _bounded(
-        [ledger.GetBalance(ledger_pb2.GetBalanceRequest(member_id=m, unit=u)) for m in member_ids for u in expected[m]],
+        [
+            partial(ledger.GetBalance, ledger_pb2.GetBalanceRequest(member_id=m, unit=u))
+            for m in member_ids
+            for u in expected[m]
+        ],
         64,
     )
     for got in (b.balance for b in balances):
@@ -167,24 +196,31 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
         if got.balance_points + got.pending_points != want:
             report.mismatches.append(f"{got.member_id} {got.unit}: expected {want}, ledger has "
                                      f"{got.balance_points} + {got.pending_points} pending")  # fmt: skip
-    totals = await ledger.GetTotals(ledger_pb2.GetTotalsRequest())
+    totals = await ledger.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
     report.reconcile_differences = totals.differences
-    books = {t.account_class: t.points for t in totals.totals}
+    after = _liability(totals, rates)
     for unit in rates.per_unit:
         want = sum(per_unit.get(unit, 0) for per_unit in expected.values())
-        got = books.get(f"member:{unit}", 0) + books.get(f"pending:{unit}", 0)
-        if got != want:  # nothing lost or doubled in the books as a whole either
-            report.mismatches.append(f"all members {unit}: expected {want}, the ledger's totals say {got}")
+        got = after[unit] - before[unit]
+        if got != want:  # nothing lost or doubled in the books as a whole either (on a ledger nobody else uses)
+            report.mismatches.append(f"all members {unit}: expected {want} more, the ledger's totals grew by {got}")
     return report
 
 
-async def _bounded(calls: list[Awaitable[T]], limit: int) -> list[T]:
-    """Awaits the calls with at most `limit` in flight, results in order."""
+def _liability(totals: ledger_pb2.GetTotalsResponse, rates: Rates) -> dict[str, int]:
+    """Points members hold, posted plus pending, per unit."""
+    books = {t.account_class: t.points for t in totals.totals}
+    return {unit: books.get(f"member:{unit}", 0) + books.get(f"pending:{unit}", 0) for unit in rates.per_unit}
+
+
+async def _bounded(calls: list[Callable[[], Awaitable[T]]], limit: int) -> list[T]:
+    """Makes the calls with at most `limit` in flight (a gRPC call starts when it is made, so
+    each is made only when admitted), results in order."""
     gate = asyncio.Semaphore(limit)
 
-    async def one(call: Awaitable[T]) -> T:
+    async def one(call: Callable[[], Awaitable[T]]) -> T:
         async with gate:
-            return await call
+            return await call()
 
     return await asyncio.gather(*(one(c) for c in calls))
 
@@ -196,6 +232,9 @@ def main(ledger_addr: str, rules_addr: str, program: str, purchases: int, member
                                  concurrency=concurrency, batch=batch, unary=unary))  # fmt: skip
     except UnmodelledProgram as exc:
         print(f"loadgen: program {program}: {exc}")
+        return 2
+    except ValueError as exc:
+        print(f"loadgen: {exc}")
         return 2
     except grpc.RpcError as exc:
         print(f"loadgen: {exc.code().name}: {exc.details()}")  # type: ignore[attr-defined]

@@ -165,7 +165,8 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
 
     settings = _settings()
     return loadgen(settings.ledger_addr, settings.rules_addr, args.program or settings.program, args.purchases,
-                   args.members, args.seed, args.concurrency, args.batch, args.unary)  # fmt: skip
+                   args.members or max(1_000, args.purchases // 4), args.seed, args.concurrency, args.batch,
+                   args.unary)  # fmt: skip
 
 
 def cmd_ledger_migrate(_: argparse.Namespace) -> int:
@@ -455,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen = sub.add_parser("loadgen", help="purchases through the full accrual path, then exact reconciliation")
     gen.add_argument("--purchases", type=int, default=20_000)
-    gen.add_argument("--members", type=int, default=1_000)
+    gen.add_argument("--members", type=int, default=0, help="default: a quarter of the purchases, at least 1000")
     gen.add_argument("--seed", type=int, default=1)
     gen.add_argument("--concurrency", type=int, default=4, help="IngestBatch streams (or unary callers) at a time")
     gen.add_argument("--batch", type=int, default=2_000, help="purchases per IngestBatch stream")

@@ -65,6 +65,9 @@ class Settings:
     fraud_large_redemption_points: int = 5000
     # Deadline of the ledger's Evaluate call; past it the purchase is kept as pending accrual.
     rules_deadline_seconds: float = 0.5
+    # Deadline of the EvaluateBatch and ScoreBatch calls batch ingest makes (hundreds of
+    # purchases each); past it the chunk's purchases take the unary path one by one.
+    batch_deadline_seconds: float = 30.0
     ledger_shards: int = 4
     # NORMAL in WAL mode survives a process crash; see docs/decisions/0003-sqlite-durability.md.
     sqlite_synchronous: str = "NORMAL"
@@ -183,5 +186,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"{PREFIX}EVENT_BUS must be redis or kafka, got {s.event_bus!r}")
     if s.fraud_deadline_seconds <= 0:
         raise ConfigError(f"{PREFIX}FRAUD_DEADLINE_SECONDS must be positive")
+    if s.batch_deadline_seconds <= 0:
+        raise ConfigError(f"{PREFIX}BATCH_DEADLINE_SECONDS must be positive")
     if not 0 <= s.sqlite_group_window_ms <= 50:
         raise ConfigError(f"{PREFIX}SQLITE_GROUP_WINDOW_MS must be between 0 and 50")

@@ -85,6 +85,9 @@ class GameWorker:
         if fact is None:
             return
         program = self.program_at(self.program, fact.receipt_time)
+        game = program.gamification
+        if not (game.achievements or game.streaks or game.challenges or fact.experiment_arms):
+            return  # nothing under this version counts purchases; rewards still pending retry on their own
         awards = await asyncio.to_thread(self.store.apply_event, program, fact)
         if awards is None:
             DUPLICATES.inc()

@@ -3118,12 +3118,17 @@ Global___DecideReviewResponse: _TypeAlias = DecideReviewResponse  # noqa: Y015
 class GetTotalsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    FRESH_FIELD_NUMBER: _builtins.int
+    fresh: _builtins.bool
+    """Run a reconciliation pass now instead of answering from one up to 5 s old."""
     def __init__(
         self,
+        *,
+        fresh: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

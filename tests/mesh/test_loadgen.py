@@ -38,7 +38,7 @@ async def test_every_balance_is_what_the_generator_computed(
     plain_mesh: tuple[LedgerUnderTest, RulesUnderTest], unary: bool, purchases: int
 ) -> None:
     ledger, rules = plain_mesh
-    report = await run(ledger.address, rules.address, "loadgen", purchases=purchases, members=150, seed=7,
+    report = await run(ledger.address, rules.address, "loadgen", purchases=purchases, members=400, seed=7,
                        concurrency=3, batch=700, unary=unary)  # fmt: skip
     assert report.mismatches == [] and report.reconcile_differences == 0
     assert (report.purchases, report.refused) == (purchases, 0)
