@@ -4,8 +4,9 @@
   update (one Lua call on a real redis-server), the model, the decision; next to the model
   alone (LightGBM predict on one prepared row);
 * Score over gRPC on loopback to fraud_svc running as a subprocess (sequential, and c=8);
-* ScoreBatch rows/s over gRPC (one pipelined velocity round trip and one model call per batch)
-  and in-process;
+* ScoreBatch rows/s over gRPC and in-process (velocity in Lua calls of 25 events pipelined on
+  one connection, the model scoring a chunk while Redis computes the next), and the Redis CPU a
+  row costs (INFO cpu around the gRPC run);
 * training time for --train-rows generated rows (generation and fit shown apart).
 Rows come from the synthetic generator in event-time order, so the velocity windows fill up.
 """
@@ -90,7 +91,12 @@ async def in_process(models: Path, redis_url: str, rows: int) -> None:
     await redis.aclose()
 
 
-async def over_grpc(address: str, rows: int) -> None:
+async def redis_cpu_seconds(redis: Redis) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def over_grpc(address: str, redis_url: str, rows: int) -> None:
     channel = client_channel(address, default_timeout_seconds=30)
     stub = fraud_pb2_grpc.FraudServiceStub(channel)
     single = [context_pb(c) for c in events(rows, 51, "g-")]
@@ -106,11 +112,14 @@ async def over_grpc(address: str, rows: int) -> None:
     elapsed, lat = await closed_loop(len(more), 8, lambda i: stub.Score(fraud_pb2.ScoreRequest(transaction=more[i])))
     describe("Score over gRPC, c=8", len(more), elapsed, lat)
     bulk = [context_pb(c) for c in events(rows * 5, 53, "b-")]
-    t0 = time.perf_counter()
+    redis = Redis.from_url(redis_url)
+    cpu0, t0 = await redis_cpu_seconds(redis), time.perf_counter()
     for start in range(0, len(bulk), 1000):
         await stub.ScoreBatch(fraud_pb2.ScoreBatchRequest(transactions=bulk[start : start + 1000]))
-    elapsed = time.perf_counter() - t0
-    print(f"{'ScoreBatch over gRPC, 1000/batch':40s} {len(bulk) / elapsed:9.0f} rows/s   ({len(bulk)} rows)")
+    elapsed, redis_cpu = time.perf_counter() - t0, await redis_cpu_seconds(redis) - cpu0
+    print(f"{'ScoreBatch over gRPC, 1000/batch':40s} {len(bulk) / elapsed:9.0f} rows/s   ({len(bulk)} rows; "
+          f"Redis CPU {redis_cpu / len(bulk) * 1e6:.0f} us a row)")  # fmt: skip
+    await redis.aclose()
     await channel.close()
 
 
@@ -135,7 +144,7 @@ def main() -> int:
         try:
             asyncio.run(in_process(models, redis.url, args.rows))
             wait_port(port, timeout=120)
-            asyncio.run(over_grpc(f"127.0.0.1:{port}", args.rows))
+            asyncio.run(over_grpc(f"127.0.0.1:{port}", redis.url, args.rows))
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -15,7 +15,8 @@ seen before), which LightGBM routes as "missing" rather than as zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -272,14 +273,27 @@ async def featurize(ctx: TxContext, velocity: Velocity) -> FeatureRow:
 
 
 async def featurize_many(contexts: Sequence[TxContext], velocity: Velocity) -> list[FeatureRow]:
-    """`featurize` for many events in event-time order, with one velocity call for all of them."""
+    """`featurize` for many events in event-time order, observed together (RedisVelocity sends
+    them in pipelined chunks)."""
+    async with aclosing(featurize_stream(contexts, velocity)) as chunks:
+        return [row async for rows in chunks for row in rows]
+
+
+async def featurize_stream(contexts: Sequence[TxContext], velocity: Velocity) -> AsyncGenerator[list[FeatureRow], None]:
+    """`featurize_many` a chunk at a time, in order, as the velocity store answers: a caller
+    scores one chunk while the store computes the next."""
     requests = [(ctx, epoch_ms(ctx.occurred_at), *_request(ctx)) for ctx in contexts]
-    answers = await velocity.observe_many([
+    observations = [
         (ctx.event_id, t_ms, [x for x in tracks if x is not None], [x for x in links if x is not None])
         for ctx, t_ms, tracks, links in requests
-    ])  # fmt: skip
-    return [FeatureRow(tuple(_row(ctx, t_ms, tracks, links, answer)))
-            for (ctx, t_ms, tracks, links), answer in zip(requests, answers, strict=True)]  # fmt: skip
+    ]
+    done = 0
+    async with aclosing(velocity.observe_stream(observations)) as chunks:
+        async for answers in chunks:
+            chunk = requests[done : done + len(answers)]
+            done += len(answers)
+            yield [FeatureRow(tuple(_row(ctx, t_ms, tracks, links, answer)))
+                   for (ctx, t_ms, tracks, links), answer in zip(chunk, answers, strict=True)]  # fmt: skip
 
 
 def featurize_matrix(events: Iterable[TxContext], velocity: MemoryVelocity | None = None) -> npt.NDArray[np.float64]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from fraud_svc.domain import (
     TxKind,
     Verdict,
 )
-from fraud_svc.features import featurize, featurize_many
+from fraud_svc.features import FeatureRow, featurize, featurize_stream
 from fraud_svc.model import Model, latest_artifact, load_artifact
 from fraud_svc.offers import CatalogueOffer, ChosenOffer, choose
 from fraud_svc.velocity import Velocity
@@ -72,6 +73,22 @@ def check(ctx: TxContext) -> TxContext:
     if ctx.kind == TxKind.TRANSFER and not ctx.counterparty_member_id:
         raise BadRequest("a transfer names the other member", field="transaction.counterparty_member_id")
     return ctx
+
+
+def _decide_chunk(
+    contexts: Sequence[TxContext], rows: list[FeatureRow], model: Model | None, config: DecisionConfig
+) -> list[Decision]:
+    if model is None:
+        return [decide(ctx, row, None, (), config) for ctx, row in zip(contexts, rows, strict=True)]
+    scores = model.predict(np.asarray([r.values for r in rows], dtype=np.float64)).tolist()
+    decisions = [decide(ctx, row, score, (), config, model_version=model.version)
+                 for ctx, row, score in zip(contexts, rows, scores, strict=True)]  # fmt: skip
+    flagged = [k for k, d in enumerate(decisions) if d.verdict != Verdict.ALLOW]
+    if flagged:
+        reasons = model.explain_many(np.asarray([rows[k].values for k in flagged], dtype=np.float64))
+        for k, why in zip(flagged, reasons, strict=True):
+            decisions[k] = decide(contexts[k], rows[k], scores[k], why, config, model_version=model.version)
+    return decisions
 
 
 class FraudService:
@@ -126,22 +143,17 @@ class FraudService:
         return [x for x in out if x is not None]
 
     async def _decide_many(self, contexts: list[TxContext]) -> list[Decision]:
-        """In order, with one velocity round trip and one model call for the whole batch;
-        explanations (SHAP) only for the rows that are held or refused."""
+        """In order, chunk by chunk as the velocity store answers (so the model scores one chunk
+        while Redis computes the next), with the model the batch started with; explanations
+        (SHAP) only for the rows that are held or refused."""
         if not contexts:
             return []
-        rows = await featurize_many(contexts, self.velocity)
         model, config = self.fraud.model, self.config
-        if model is None:
-            return [decide(ctx, row, None, (), config) for ctx, row in zip(contexts, rows, strict=True)]
-        scores = model.predict(np.asarray([r.values for r in rows], dtype=np.float64)).tolist()
-        decisions = [decide(ctx, row, score, (), config, model_version=model.version)
-                     for ctx, row, score in zip(contexts, rows, scores, strict=True)]  # fmt: skip
-        flagged = [k for k, d in enumerate(decisions) if d.verdict != Verdict.ALLOW]
-        if flagged:
-            reasons = model.explain_many(np.asarray([rows[k].values for k in flagged], dtype=np.float64))
-            for k, why in zip(flagged, reasons, strict=True):
-                decisions[k] = decide(contexts[k], rows[k], scores[k], why, config, model_version=model.version)
+        decisions: list[Decision] = []
+        async with aclosing(featurize_stream(contexts, self.velocity)) as chunks:
+            async for rows in chunks:
+                done = len(decisions)
+                decisions += _decide_chunk(contexts[done : done + len(rows)], rows, model, config)
         return decisions
 
     def churn_score(self, activity: MemberActivity, as_of: datetime) -> ChurnPrediction:

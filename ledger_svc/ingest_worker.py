@@ -2,8 +2,9 @@
 accrual path as RecordPurchase, committing offsets only after the postings are durable.
 
 Purchases are deduped on their natural key (program, channel, store, receipt), so a batch
-delivered again after a crash replays instead of earning twice. Within a batch, different
-members run concurrently and one member's purchases run in order (they share a partition
+delivered again after a crash replays instead of earning twice. Each polled batch takes the
+batch accrual path (batch_accrual.py): one EvaluateBatch and one ScoreBatch for all of it,
+different members concurrently and one member's purchases in order (they share a partition
 key, so they arrive in order). A purchase the ledger refuses for good (bad field, unknown
 member, a member not active) goes to the dead-letter topic with the reason; anything else
 (rules_svc slow is not one: the purchase waits as pending accrual) leaves the batch
@@ -16,10 +17,11 @@ import asyncio
 
 from google.protobuf.message import DecodeError
 
+from ledger_svc import commands as c
 from ledger_svc import convert as cv
 from ledger_svc.domain import LedgerError
 from ledger_svc.service import LedgerService
-from pointmesh.consumers import Poison, by_key, run_group
+from pointmesh.consumers import Poison, check_schema, dead_letter, run_group
 from pointmesh.events import INGEST_PURCHASES, BusMessage, EventBus
 from pointmesh.v1 import ledger_pb2
 
@@ -34,17 +36,31 @@ class IngestWorker:
         self.batch = batch
         self.stop = asyncio.Event()
 
-    async def _purchase(self, message: BusMessage) -> None:
-        try:
-            request = ledger_pb2.RecordPurchaseRequest.FromString(message.payload)
-        except DecodeError as exc:
-            raise Poison(f"not a RecordPurchaseRequest: {exc}") from exc
-        try:
-            await self.service.accrual.record_purchase(cv.purchase_cmd(request))
-        except LedgerError as exc:
-            raise Poison(f"{exc.field}: {exc.message}" if exc.field else exc.message) from exc
+    async def _purchases(self, messages: list[BusMessage]) -> None:
+        """A polled batch through batch accrual (one EvaluateBatch and one ScoreBatch for all);
+        refusals are dead-lettered, anything else raised leaves the batch uncommitted."""
+        taken: list[BusMessage] = []
+        commands: list[c.RecordPurchase] = []
+        for message in messages:
+            try:
+                check_schema(message)
+                commands.append(cv.purchase_cmd(ledger_pb2.RecordPurchaseRequest.FromString(message.payload)))
+                taken.append(message)
+            except Poison as poison:
+                await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, str(poison))
+            except DecodeError as exc:
+                await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, f"not a RecordPurchaseRequest: {exc}")
+            except LedgerError as exc:
+                await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, _reason(exc))
+        outcomes = await self.service.ingest(commands)
+        for message, outcome in zip(taken, outcomes, strict=True):
+            if isinstance(outcome, LedgerError):
+                await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, _reason(outcome))
 
     async def run(self) -> None:
-        handle = by_key(self.bus, INGEST_PURCHASES, GROUP, self._purchase)
-        await run_group(self.bus, INGEST_PURCHASES, GROUP, self.consumer, handle, stop=self.stop,
+        await run_group(self.bus, INGEST_PURCHASES, GROUP, self.consumer, self._purchases, stop=self.stop,
                         max_messages=self.batch)  # fmt: skip
+
+
+def _reason(error: LedgerError) -> str:
+    return f"{error.field}: {error.message}" if error.field else error.message
