@@ -106,6 +106,7 @@ class BatchAccrual:
         self, items: Sequence[c.RecordPurchase | LedgerError], results: list[Outcome | None]
     ) -> list[_Item]:
         acc = self.accrual
+        await self.svc.warm_members(item.member_id for item in items if isinstance(item, c.RecordPurchase))
         out = []
         for i, item in enumerate(items):
             try:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -47,6 +48,7 @@ from ledger_svc.domain import (
     TransferResult,
     bucket_of,
     bucket_of_id,
+    is_valid_id,
     member_account,
     new_id,
     new_member_id,
@@ -209,10 +211,22 @@ class LedgerService:
         status = self._status_cache.get(member_id)
         if status is None:
             status = (await self.member(member_id, field)).status
-            if len(self._status_cache) > 200_000:
-                self._status_cache.clear()
-            self._status_cache[member_id] = status
+            _remember(self._status_cache, member_id, status)
         return status
+
+    async def warm_members(self, member_ids: Iterable[str]) -> None:
+        """Loads the members a batch names that the caches miss, in one directory read
+        instead of one each (ids that are not member ids are left to the checks)."""
+        missing = sorted(
+            {m for m in member_ids if is_valid_id(m, "m") and (m not in self._status_cache or m not in self._profiles)}
+        )
+        if not missing:
+            return
+        found = await self.store.read_directory(lambda d: [d.get_member(m) for m in missing])
+        for member in found:
+            if member is not None:
+                _remember(self._status_cache, member.member_id, member.status)
+                _remember(self._profiles, member.member_id, member)
 
     async def member_profile(self, member_id: str) -> dict[str, str]:
         """Segments and attributes the rules may target; profiles only change by erasure."""
@@ -226,9 +240,7 @@ class LedgerService:
         member = self._profiles.get(member_id)
         if member is None:
             member = await self.member(member_id)
-            if len(self._profiles) > 200_000:
-                self._profiles.clear()
-            self._profiles[member_id] = member
+            _remember(self._profiles, member_id, member)
         return member
 
     async def _require_active(self, member_id: str, field: str = "member_id") -> None:
@@ -717,6 +729,20 @@ class LedgerService:
         for i, outcome in [*zip(purchases, bought, strict=True), *zip(others, posted, strict=True)]:
             results[i] = outcome
         return results
+
+
+MEMBER_CACHE_LIMIT = 400_000
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(cache: dict[K, V], key: K, value: V, limit: int = MEMBER_CACHE_LIMIT) -> None:
+    """Bounded: when full, the oldest tenth goes (a dict keeps insertion order), so a member
+    population larger than the limit costs a miss now and then, not a miss on every call."""
+    if len(cache) >= limit:
+        for old in list(itertools.islice(cache, max(1, limit // 10))):
+            del cache[old]
+    cache[key] = value
 
 
 def _review_cursor(token: str) -> tuple[datetime, str] | None:
