@@ -343,6 +343,7 @@ def ingested_pb(index: int, p: PurchaseRecord) -> ledger_pb2.IngestedPurchase:
     )
     if p.screening is not None:
         out.verdict = ledger_pb2.ScreeningVerdict.Value(f"SCREENING_VERDICT_{p.screening.verdict.value}")
+        out.scored = p.screening.scored
     return out
 
 

@@ -59,6 +59,7 @@ class Report:
     members: int = 0
     refused: int = 0
     held: int = 0
+    unscored: int = 0  # screened purchases whose verdict came from the unavailable policy
     elapsed_seconds: float = 0.0
     mismatches: list[str] = field(default_factory=list)
     reconcile_differences: int = 0
@@ -152,7 +153,9 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
     items = generate(seed, member_ids, purchases, datetime.now(UTC), stores)
     expected: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
-    def settle(request: ledger_pb2.RecordPurchaseRequest, status: int, verdict: int) -> None:
+    def settle(request: ledger_pb2.RecordPurchaseRequest, status: int, verdict: int, scored: bool) -> None:
+        if verdict != ledger_pb2.SCREENING_VERDICT_UNSPECIFIED and not scored:
+            report.unscored += 1
         if status == ledger_pb2.PURCHASE_STATUS_REFUSED:
             report.refused += 1
             return
@@ -164,7 +167,7 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
     async def one_by_one(queue: Iterator[ledger_pb2.RecordPurchaseRequest]) -> None:
         for request in queue:
             got = (await ledger.RecordPurchase(request)).purchase
-            settle(request, got.status, got.screening.verdict)
+            settle(request, got.status, got.screening.verdict, got.screening.scored)
 
     async def streams(queue: Iterator[list[ledger_pb2.RecordPurchaseRequest]]) -> None:
         for chunk in queue:
@@ -173,7 +176,7 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
                 report.mismatches.append(f"purchase {chunk[failure.index].receipt_id} failed: {failure.code} "
                                          f"{failure.field}: {failure.message}")  # fmt: skip
             for done in response.purchases:
-                settle(chunk[done.index], done.status, done.verdict)
+                settle(chunk[done.index], done.status, done.verdict, done.scored)
 
     started = time.perf_counter()
     if unary:
@@ -242,7 +245,8 @@ def main(ledger_addr: str, rules_addr: str, program: str, purchases: int, member
     how = "unary RecordPurchase" if unary else f"IngestBatch streams of {batch}"
     print(f"loadgen: {report.purchases} purchases for {report.members} members ({how}, {concurrency} at a time) "
           f"in {report.elapsed_seconds:.1f}s"
-          f" ({report.rate:.0f} purchases/s); {report.refused} refused by fraud screening, {report.held} held for review")  # fmt: skip
+          f" ({report.rate:.0f} purchases/s); {report.refused} refused by fraud screening, {report.held} held for review,"
+          f" {report.unscored} decided without a score")  # fmt: skip
     for line in report.mismatches[:20]:
         print("MISMATCH", line)
     print(f"loadgen: {len(report.mismatches)} balance mismatches, {report.reconcile_differences} reconciliation differences"

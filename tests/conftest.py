@@ -309,3 +309,15 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def fraud_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fraud and a churn model trained on generated data, shared by the tests that put
+    fraud_svc on the accrual path (copy it before a test may reload or replace models)."""
+    from fraud_svc.training import train_churn, train_fraud
+
+    root = tmp_path_factory.mktemp("screening-models")
+    train_fraud(root, rows=20_000, seed=5)
+    train_churn(root, members=2_000, seed=5)
+    return root

@@ -1759,12 +1759,15 @@ class IngestedPurchase(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     VERDICT_FIELD_NUMBER: _builtins.int
     EARNED_FIELD_NUMBER: _builtins.int
+    SCORED_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position of the item in the stream, from 0."""
     purchase_id: _builtins.str
     status: Global___PurchaseStatus.ValueType
     verdict: Global___ScreeningVerdict.ValueType
     """The fraud screening verdict it was posted under (UNSPECIFIED when not screened)."""
+    scored: _builtins.bool
+    """False when fraud_svc could not score it and the unavailable policy gave the verdict."""
     @_builtins.property
     def earned(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Points earned per unit (pending when the verdict is REVIEW)."""
@@ -1777,10 +1780,11 @@ class IngestedPurchase(_message.Message):
         status: Global___PurchaseStatus.ValueType = ...,
         verdict: Global___ScreeningVerdict.ValueType = ...,
         earned: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        scored: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["earned", b"earned", "index", b"index", "purchase_id", b"purchase_id", "status", b"status", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["earned", b"earned", "index", b"index", "purchase_id", b"purchase_id", "scored", b"scored", "status", b"status", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

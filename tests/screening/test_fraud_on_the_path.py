@@ -21,7 +21,6 @@ from redis.asyncio import Redis
 
 from fraud_svc.app import FraudApp
 from fraud_svc.app import build as build_fraud
-from fraud_svc.training import train_churn, train_fraud
 from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
 from pointmesh.events import OPS_ALERTS, RedisStreamBus
@@ -33,14 +32,6 @@ from tests.mesh.helpers import purchase_request
 
 PROGRAM = Path(__file__).parent.parent / "mesh" / "program.yaml"
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="session")
-def fraud_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("screening-models")
-    train_fraud(root, rows=20_000, seed=5)
-    train_churn(root, members=2_000, seed=5)
-    return root
 
 
 @dataclass
