@@ -73,8 +73,12 @@ class Priced:
     assumed_count: int | None = None
 
 
-def _require_fresh(state: MemberState, quote: Quote, assumed_count: int, at: datetime) -> None:
-    """A quote depends on the member's state only through the purchase count and the tier."""
+def _require_fresh(book: ShardBook, member_id: str, quote: Quote, assumed_count: int, at: datetime) -> None:
+    """A quote depends on the member's state only through the purchase count and the tier; and
+    a purchase parked meanwhile for rules_svc must earn first (receipt order)."""
+    if book.tx.member_waiting_purchases(member_id):
+        raise StaleQuote("a purchase of the member waits for rules_svc")
+    state = load_state(book, member_id)
     if quote.counts_purchases and state.purchase_count != assumed_count:
         raise StaleQuote(f"quoted as purchase {assumed_count + 1}, is purchase {state.purchase_count + 1}")
     if quote.tier_policy is not None and effective_tier(quote.tier_policy, state.qualification, at) != quote.tier:
@@ -88,7 +92,7 @@ class PointsEngine(Protocol):
 
     async def quote_many(
         self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
-    ) -> list[Quote | LedgerError]: ...
+    ) -> list[Quote | LedgerError | None]: ...
 
 
 def natural_key(program: str, cmd: c.RecordPurchase) -> IdemKey:
@@ -212,12 +216,14 @@ class Accrual:
     async def write_many(self, priced: Sequence[Priced], now: datetime) -> list[tuple[PurchaseRecord, bool]]:
         """One member's purchases in one shard write, in order, each replayed or accrued with
         its idempotency record. Stops before the first whose quote is stale for the state it
-        meets: the result is shorter than `priced` by that one and the ones after it."""
+        meets: the result is shorter than `priced` by that one and the ones after it. (A store
+        may run the unit more than once, Cassandra after a lost race: only what the attempt
+        that committed returns counts.)"""
         svc = self.svc
         member_id = priced[0].cmd.member_id
-        done: list[tuple[str, PurchaseRecord | None]] = []
 
-        def unit(tx: ShardTx) -> None:
+        def unit(tx: ShardTx) -> list[tuple[str, PurchaseRecord | None]]:
+            done: list[tuple[str, PurchaseRecord | None]] = []
             for p in priced:
                 cmd, quote = p.cmd, p.quote
                 stored = tx.get_idempotency(cmd.key.namespace, cmd.key.key)
@@ -227,9 +233,9 @@ class Accrual:
                 book = ShardBook(tx, svc.clock.now(), svc.policy)
                 if p.assumed_count is not None and quote is not None:
                     try:
-                        _require_fresh(load_state(book, member_id), quote, p.assumed_count, cmd.receipt_time)
+                        _require_fresh(book, member_id, quote, p.assumed_count, cmd.receipt_time)
                     except StaleQuote:
-                        return
+                        return done
                 record = PurchaseRecord(
                     p.pid, member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
                     cmd.receipt_time, now, PurchaseStatus.PENDING_ACCRUAL,
@@ -247,9 +253,12 @@ class Accrual:
                 )
                 svc._committed_later(book.touched)
                 done.append((p.pid, record))
+            return done
 
-        await svc.store.write(svc.shard_of(member_id), unit)
-        return [(record, False) if record is not None else (await self.get_purchase(pid), True) for pid, record in done]
+        written = await svc.store.write(svc.shard_of(member_id), unit)
+        return [
+            (record, False) if record is not None else (await self.get_purchase(pid), True) for pid, record in written
+        ]
 
     async def _screen(self, cmd: c.RecordPurchase, quote: Quote, purchase_id: str) -> Screening | None:
         """fraud_svc's verdict on the purchase, scored on the points the quote would earn."""

@@ -11,8 +11,9 @@ one RecordPurchase would give purchase by purchase. A member's purchases are wri
 stream order; different members' run concurrently and share the store's group commits.
 
 Fraud screening sees each purchase with the balance it is predicted to find (the stored
-available balance plus the points of the member's earlier purchases in the chunk), scored in
-event-time order in one call. Anything unusual for a member (a receipt already recorded with
+available balance plus the points of the member's earlier purchases in the chunk that are not
+released later), scored in event-time order in one call; a purchase that falls back to the
+unary path is scored again there, after the chunk (velocity counts an event once). Anything unusual for a member (a receipt already recorded with
 another body, purchases waiting for rules_svc, a transport key) sends that member's remaining
 purchases down the unary path, in order.
 """
@@ -80,7 +81,10 @@ class BatchAccrual:
         for it, stored in zip(checked, found.stored, strict=True):
             member = it.cmd.member_id
             if stored is not None and stored.fingerprint == it.fp and it.cmd.transport_key is None:
-                results[it.index] = (await self.accrual.get_purchase(codec.loads(str, stored.result_json)), True)
+                try:
+                    results[it.index] = (await self.accrual.get_purchase(codec.loads(str, stored.result_json)), True)
+                except LedgerError as error:
+                    results[it.index] = error
                 continue
             if member in unusual or stored is not None or member in found.waiting or it.cmd.transport_key is not None:
                 unusual.add(member)
@@ -174,6 +178,9 @@ class BatchAccrual:
                 it.unary = True
             return
         for it, quote in zip(items, quotes, strict=True):
+            if quote is None:
+                it.unary = True
+                continue
             if isinstance(quote, LedgerError):
                 results[it.index] = quote
                 continue
@@ -199,7 +206,8 @@ class BatchAccrual:
                 context=replace(cmd.context, channel=cmd.channel, store_id=cmd.store_id), points=points,
                 amount=cmd.total, balance_points=available[member], member_since=await svc.member_since(member),
             ))  # fmt: skip
-            available[member] += points
+            if it.quote.release_at is None:
+                available[member] += points  # points released later are not available meanwhile
         for it, screening in zip(items, await svc.fraud.screen_many(requests), strict=True):
             it.screening = screening
 
@@ -232,7 +240,9 @@ class BatchAccrual:
                     for it in run:
                         it.unary = True
                     continue
-                for it, outcome in zip(run, written, strict=False):
+                if len(written) > len(run):
+                    raise AssertionError(f"{len(written)} results for a run of {len(run)} purchases")
+                for it, outcome in zip(run[: len(written)], written, strict=True):
                     results[it.index] = outcome
                 todo = todo[len(written) :]
                 if len(written) == len(run):

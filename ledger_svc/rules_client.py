@@ -83,7 +83,7 @@ def quote_of(e: rules_pb2.Evaluation) -> Quote:
         e.program, e.version, parts, e.fx_rate,
         from_timestamp(e.expires_at) if e.HasField("expires_at") else None,
         from_timestamp(e.release_at) if e.HasField("release_at") else None,
-        e.max_lateness_days, e.basket_bonus_on_return, e.tier, policy, dict(e.experiment_arms), e.counts_purchases,
+        e.max_lateness_days, e.basket_bonus_on_return, e.tier, policy, dict(e.experiment_arms), not e.ignores_purchase_count,
     )  # fmt: skip
 
 
@@ -118,9 +118,10 @@ class RulesEngineClient:
 
     async def quote_many(
         self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
-    ) -> list[Quote | LedgerError]:
-        """One EvaluateBatch; a basket rules_svc refuses fails alone, an unavailable
-        rules_svc fails the call (EngineUnavailable)."""
+    ) -> list[Quote | LedgerError | None]:
+        """One EvaluateBatch; a basket rules_svc refuses fails alone, one it could not answer
+        for another reason is None (it asks again on its own), an unavailable rules_svc fails
+        the call (EngineUnavailable)."""
         requests = [evaluate_request(program, *item) for item in items]
         batch = rules_pb2.EvaluateBatchRequest(
             program=program, items=[rules_pb2.EvaluateItem(basket=r.basket, member=r.member) for r in requests]
@@ -129,15 +130,12 @@ class RulesEngineClient:
             response = await self.stub.EvaluateBatch(batch, timeout=self.batch_deadline)
         except grpc.aio.AioRpcError as error:
             raise EngineUnavailable(f"{error.code().name}: {error.details()}") from None
-        out: list[Quote | LedgerError] = []
+        out: list[Quote | LedgerError | None] = []
         for result in response.results:
             if result.HasField("evaluation"):
                 out.append(quote_of(result.evaluation))
                 continue
-            refusal = _refusal(result.error.code, result.error.message, _field(result.error.field))
-            if refusal is None:
-                raise EngineUnavailable(f"{result.error.code}: {result.error.message}")
-            out.append(refusal)
+            out.append(_refusal(result.error.code, result.error.message, _field(result.error.field)))
         if len(out) != len(items):
             raise EngineUnavailable(f"rules_svc answered {len(out)} results for {len(items)} baskets")
         return out

@@ -717,6 +717,8 @@ class LedgerService:
         from ledger_svc.batch_accrual import BatchAccrual
         from ledger_svc.ingest import BatchIngest
 
+        if not items:
+            return []
         purchases = [i for i, item in enumerate(items) if isinstance(item, c.RecordPurchase)]
         if not purchases:
             return await BatchIngest(self).run(items)  # type: ignore[arg-type]

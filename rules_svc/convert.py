@@ -69,7 +69,7 @@ def evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
         earn_amounts_minor=e.earn_amounts_minor, expires_at=to_timestamp(e.expires_at),
         release_at=to_timestamp(e.release_at), store_local_time=e.local_time.isoformat(),
         max_lateness_days=e.policy.max_lateness_days, basket_bonus_on_return=e.policy.basket_bonus_on_return.value,
-        tier=e.tier, experiment_arms=dict(e.experiment_arms), counts_purchases=e.counts_purchases,
+        tier=e.tier, experiment_arms=dict(e.experiment_arms), ignores_purchase_count=not e.counts_purchases,
     )  # fmt: skip
     out.totals.extend(rules_pb2.UnitPoints(unit=u, points=p) for u, p in e.totals().items())
     for part in e.components:

@@ -469,7 +469,7 @@ class Evaluation(_message.Message):
     BASKET_BONUS_ON_RETURN_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     EXPERIMENT_ARMS_FIELD_NUMBER: _builtins.int
-    COUNTS_PURCHASES_FIELD_NUMBER: _builtins.int
+    IGNORES_PURCHASE_COUNT_FIELD_NUMBER: _builtins.int
     program: _builtins.str
     version: _builtins.int
     """The version used: record it with the earn so a return reverses at these rates."""
@@ -487,9 +487,10 @@ class Evaluation(_message.Message):
     """
     tier: _builtins.str
     """The member tier the basket was evaluated under."""
-    counts_purchases: _builtins.bool
-    """True when the program has purchase-number conditions, so the answer depends on the
-    member's purchase count (a batch quoted ahead of the ledger's writes checks it).
+    ignores_purchase_count: _builtins.bool
+    """True when the program has no purchase-number conditions, so the answer does not depend
+    on the member's purchase count (a batch quoted ahead of the ledger's writes then need not
+    check it). False, the default an older server sends, is the safe answer.
     """
     @_builtins.property
     def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnitPoints]: ...
@@ -534,11 +535,11 @@ class Evaluation(_message.Message):
         basket_bonus_on_return: _builtins.str = ...,
         tier: _builtins.str = ...,
         experiment_arms: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        counts_purchases: _builtins.bool = ...,
+        ignores_purchase_count: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "release_at", b"release_at", "tier_policy", b"tier_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_bonus_on_return", b"basket_bonus_on_return", "counts_purchases", b"counts_purchases", "earn_amounts_minor", b"earn_amounts_minor", "earn_currency", b"earn_currency", "excluded", b"excluded", "experiment_arms", b"experiment_arms", "expires_at", b"expires_at", "fx_rate", b"fx_rate", "max_lateness_days", b"max_lateness_days", "parts", b"parts", "program", b"program", "release_at", b"release_at", "store_local_time", b"store_local_time", "tier", b"tier", "tier_policy", b"tier_policy", "totals", b"totals", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_bonus_on_return", b"basket_bonus_on_return", "earn_amounts_minor", b"earn_amounts_minor", "earn_currency", b"earn_currency", "excluded", b"excluded", "experiment_arms", b"experiment_arms", "expires_at", b"expires_at", "fx_rate", b"fx_rate", "ignores_purchase_count", b"ignores_purchase_count", "max_lateness_days", b"max_lateness_days", "parts", b"parts", "program", b"program", "release_at", b"release_at", "store_local_time", b"store_local_time", "tier", b"tier", "tier_policy", b"tier_policy", "totals", b"totals", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

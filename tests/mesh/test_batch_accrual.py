@@ -6,10 +6,13 @@ Figures come from tests/mesh/program.yaml (see test_purchases.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import grpc
+import pytest
 
 from pointmesh.v1 import ledger_pb2
 from tests.ledger.helpers import balance, figures
@@ -142,11 +145,58 @@ async def test_a_purchase_that_cannot_post_fails_alone_among_its_members_others(
         purchase_request(member, [("misc", 4000, 1)], at=at, receipt="t-3"),
     ]
     response = await ingest(mesh, as_items(items))
-    assert [(f.index, f.code, f.field) for f in response.failures] == [
-        (1, "INVALID_ARGUMENT", "tender_transaction_id")
-    ]
+    assert [(f.index, f.code, f.field) for f in response.failures] == [(1, "INVALID_ARGUMENT", "tender_transaction_id")]
     assert [(p.index, dict(p.earned)) for p in response.purchases] == [
         (0, {"points": 20, "tier_credits": 20}),
         (2, {"points": 40, "tier_credits": 40}),
     ]
     assert (await balance(mesh.ledger.stub, member)).balance_points == 110 + 20 + 40
+
+
+async def test_a_write_retried_after_a_lost_race_reports_only_what_committed(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Cassandra store runs a unit again when another replica's write for the member wins
+    the race. Here the first attempt of the batch's write is thrown away and, in between, a
+    purchase of the same member commits elsewhere: the batch's purchases were quoted for
+    counts that no longer hold, so they must be quoted again, not reported from the lost attempt."""
+    member = await new_member(mesh)
+    at = mesh.clock.now() - timedelta(minutes=5)
+    store = mesh.ledger.app.service.store
+    original = store.write
+    armed = True
+
+    class Discarded(Exception):
+        pass
+
+    async def racing(shard: int, unit: Callable[[Any], Any]) -> Any:
+        nonlocal armed
+        if not armed:
+            return await original(shard, unit)
+        armed = False
+
+        def attempt(tx: Any) -> Any:
+            unit(tx)
+            raise Discarded
+
+        with contextlib.suppress(Discarded):
+            await original(shard, attempt)
+        other = purchase_request(member, [("misc", 500, 1)], at=at, receipt="race-elsewhere")
+        await mesh.ledger.stub.RecordPurchase(other)
+        return await original(shard, unit)
+
+    monkeypatch.setattr(store, "write", racing)
+    items = [purchase_request(member, [("misc", 1000 * k, 1)], at=at, receipt=f"race-{k}") for k in (1, 2)]
+    response = await ingest(mesh, as_items(items))
+    assert not armed and response.failed == 0
+    stored = [
+        (await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=p.purchase_id))).purchase
+        for p in response.purchases
+    ]
+    # The purchase that won the race was the member's first (welcome bonus); the batch's are 2nd and 3rd.
+    assert [(p.receipt_id, p.purchase_number, by_rule(p)) for p in stored] == [
+        ("race-1", 2, {"base": 10}),
+        ("race-2", 3, {"base": 20}),
+    ]
+    assert [dict(p.earned) for p in response.purchases] == [exact(p) for p in stored]
+    assert (await balance(mesh.ledger.stub, member)).balance_points == 5 + 100 + 10 + 20
