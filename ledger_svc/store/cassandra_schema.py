@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -135,17 +136,34 @@ def applied_version(session: Any, keyspace: str) -> int:
     ).one()
     if found is None:
         return 0
-    rows = session.execute(f"SELECT version FROM {ks}.schema_migrations")
+    rows = _settled(session, f"SELECT version FROM {ks}.schema_migrations")
     return max((row.version for row in rows), default=0)
+
+
+def _settled(session: Any, statement: str, params: Any = None, *, wait_seconds: float = 30.0) -> Any:
+    """Runs a statement, retrying while it reaches a node the previous schema change has not
+    reached yet ("keyspace doesn't exist", "unconfigured table"): the driver's wait for schema
+    agreement can time out on a cluster that is still settling, and then gives up silently."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return session.execute(statement, params)
+        except InvalidRequest as exc:
+            unseen = "doesn't exist" in str(exc) or "unconfigured table" in str(exc)
+            if not unseen or time.monotonic() > deadline:
+                raise
+            log.info("cassandra schema: not on every node yet, retrying: %s", exc)
+            time.sleep(0.5)
 
 
 def migrate(session: Any, keyspace: str, replication: str) -> list[int]:
     """Creates the keyspace if missing and applies the migrations it lacks; returns them."""
     ks = check_keyspace(keyspace)
     session.execute(f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {_cql_map(replication_map(replication))}")
-    session.execute(
+    _settled(
+        session,
         f"CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (version int PRIMARY KEY, description text,"
-        " applied_at timestamp)"
+        " applied_at timestamp)",
     )
     done = applied_version(session, ks)
     applied: list[int] = []
@@ -154,12 +172,13 @@ def migrate(session: Any, keyspace: str, replication: str) -> list[int]:
             continue
         for statement in statements:
             try:
-                session.execute(statement.format(ks=ks))
+                _settled(session, statement.format(ks=ks))
             except InvalidRequest as exc:
                 # An ADD that ran before a crash kept this migration from being recorded.
                 if "ADD" not in statement or "already" not in str(exc):
                     raise
-        session.execute(
+        _settled(
+            session,
             f"INSERT INTO {ks}.schema_migrations (version, description, applied_at) VALUES (%s, %s, %s)",
             (version, description, datetime.now(UTC)),
         )

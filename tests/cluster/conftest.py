@@ -49,10 +49,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def _until_three_up(session: Any, timeout: float = 120) -> None:
-    """Every node sees both others as peers (joined the ring), not merely an open port."""
+    """Every node sees both others as peers (joined the ring), not merely an open port, and
+    the driver has all three up (else a keyspace created now meets "RF 3 > 2 nodes")."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(list(session.execute("SELECT peer FROM system.peers_v2"))) == 2:
+        hosts = session.cluster.metadata.all_hosts()
+        if (
+            len(list(session.execute("SELECT peer FROM system.peers_v2"))) == 2
+            and len(hosts) == 3
+            and all(h.is_up for h in hosts)
+        ):
             return
         time.sleep(1)
     raise TimeoutError("the three nodes did not form one ring")
