@@ -4,6 +4,7 @@ refuse any other target."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -13,8 +14,11 @@ from tests.gateway.conftest import GatewayUnderTest
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    # Short think time: enough actions in a few seconds that every kind of request shows up
+    # (with the default 1-3 s a 6-second run of 5 users sometimes made no balance read).
+    env = {**os.environ, "LOADTEST_WAIT_MIN": "0.05", "LOADTEST_WAIT_MAX": "0.2"}
     return subprocess.run([sys.executable, "-m", "loadtests.run", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
+                          timeout=180, env=env)  # fmt: skip
 
 
 async def test_a_bounded_rest_and_grpc_run_completes_with_a_summary(gw: GatewayUnderTest) -> None:
