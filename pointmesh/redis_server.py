@@ -23,12 +23,20 @@ def ensure_redis_binary() -> str:
     return path
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """Returns a loopback port that was free a moment ago (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Returns a loopback port that was free a moment ago (another process may still take it).
+    Never the same port twice in one process: the kernel may offer a port again once its probe
+    socket is closed, and two servers told the same port collide."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _command(sock: socket.socket, command: bytes) -> bytes:

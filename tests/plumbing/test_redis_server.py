@@ -66,3 +66,8 @@ def test_second_server_on_a_taken_port_fails_with_its_log(tmp_path: Path) -> Non
         second = RedisServer(port, tmp_path / "second")
         with pytest.raises(RuntimeError, match=r"exited with code|another redis-server"):
             second.start(timeout=5)
+
+
+def test_free_port_never_hands_out_the_same_port_twice_in_a_process() -> None:
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
