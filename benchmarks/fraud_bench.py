@@ -35,7 +35,7 @@ from fraud_svc.server import context_pb
 from fraud_svc.service import FraudService, ModelSlot
 from fraud_svc.synth import SynthConfig, generate
 from fraud_svc.training import train_churn, train_fraud
-from fraud_svc.velocity import RedisVelocity
+from fraud_svc.velocity_redis import RedisVelocity
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.rpc import client_channel
 from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc

@@ -19,7 +19,7 @@ from fraud_svc.offers import DEFAULT_CATALOGUE
 from fraud_svc.server import FraudServicer
 from fraud_svc.service import FraudService, ModelSlot
 from fraud_svc.training import train_churn, train_fraud
-from fraud_svc.velocity import RedisVelocity
+from fraud_svc.velocity_redis import RedisVelocity
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
 from pointmesh.rpc import GrpcServer

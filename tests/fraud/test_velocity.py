@@ -16,7 +16,8 @@ from redis.exceptions import ResponseError
 from fraud_svc.domain import TxContext, TxKind
 from fraud_svc.features import FEATURE_NAMES, featurize, featurize_many, featurize_matrix
 from fraud_svc.synth import SynthConfig, generate
-from fraud_svc.velocity import Link, MemoryVelocity, RedisVelocity, Track, TrackSpec, Velocity
+from fraud_svc.velocity import Link, MemoryVelocity, Track, TrackSpec, Velocity
+from fraud_svc.velocity_redis import RedisVelocity
 from pointmesh.redis_server import RedisServer
 
 MIN = 60_000

@@ -1,0 +1,256 @@
+"""Velocity state in Redis (velocity.py has the protocol, the specs and the in-process store):
+online scoring shared by every fraud_svc replica, with the same arithmetic as MemoryVelocity
+(tests/fraud/test_velocity.py pins the parity)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Sequence
+
+from redis.asyncio import Redis
+
+from fraud_svc.velocity import Link, Observation, Track, TrackSpec, clean
+
+# A track entry is the sorted-set member "value|tag|event id" scored by its time, as always.
+# After recording, one ZREVRANGEBYSCORE reads the newest `fetch rows` entries of the widest
+# window; a window whose lower bound is not below the oldest of them lies wholly inside that
+# read and is answered from it (most keys are that sparse); a wider one asks Redis with ZCOUNT
+# or a second range read. A track of counts alone only uses ZCOUNT. The numbers are the same
+# either way.
+_OBSERVE = """
+local batch = cjson.decode(ARGV[1])
+local prefix, limit, specs, events = batch[1], batch[2], batch[3], batch[4]
+local call = redis.call
+local find, sub, match, format = string.find, string.sub, string.match, string.format
+
+-- The event being observed: its id, its time as text and as a number, and the bounds
+-- '(t - w' and 't - r' formatted so far.
+local eid, ts, t, above, upto
+
+local function after(w)
+  local bound = above[w]
+  if not bound then bound = format('(%.0f', t - w); above[w] = bound end
+  return bound
+end
+
+local function through(r)
+  local bound = upto[r]
+  if not bound then bound = format('%.0f', t - r); upto[r] = bound end
+  return bound
+end
+
+local function eid_of(entry)
+  local s1 = find(entry, '|', 1, true)
+  return sub(entry, find(entry, '|', s1 + 1, true) + 1)
+end
+
+local function parse(entry)  -- value and tag: neither holds a '|'
+  local v, g = match(entry, '^([^|]*)|([^|]*)|')
+  return tonumber(v), g
+end
+
+-- table.concat prints numbers with 14 significant digits: wider integers go as text.
+local function exact(x)
+  if x >= 1e14 or x <= -1e14 then return format('%.0f', x) end
+  return x
+end
+
+local function scores_of(rows)
+  local scores = {}
+  for j = 2, #rows, 2 do scores[j / 2] = tonumber(rows[j]) end
+  return scores
+end
+
+-- Sums and distinct tags over rows (member, score; newest first) newer than t - widest.
+local function sums_and_distincts(out, rows, scores, sum_w, dist_w, widest)
+  local ns, nd = #sum_w, #dist_w
+  local sums, sets, counts = {}, {}, {}
+  for i = 1, ns do sums[i] = 0 end
+  for i = 1, nd do sets[i] = {}; counts[i] = 0 end
+  local lo = t - widest
+  for j = 1, #scores do
+    local at = scores[j]
+    if at <= lo then break end
+    local v, g = parse(rows[2 * j - 1])
+    for i = 1, ns do if at > t - sum_w[i] then sums[i] = sums[i] + v end end
+    if g ~= '' then
+      for i = 1, nd do
+        if at > t - dist_w[i] and not sets[i][g] then sets[i][g] = true; counts[i] = counts[i] + 1 end
+      end
+    end
+  end
+  for i = 1, ns do out[#out + 1] = exact(sums[i]) end
+  for i = 1, nd do out[#out + 1] = counts[i] end
+end
+
+local function track(out, key, spec, value, tag, record)
+  if record then
+    local dup = false
+    local same = call('ZRANGEBYSCORE', key, ts, ts)
+    for j = 1, #same do
+      if eid_of(same[j]) == eid then dup = true; break end
+    end
+    if not dup then call('ZADD', key, ts, value .. '|' .. tag .. '|' .. eid) end
+    call('ZREMRANGEBYSCORE', key, '-inf', through(spec[1]))
+    call('PEXPIRE', key, spec[2])
+  end
+  local count_w, sum_w, dist_w = spec[3], spec[4], spec[5]
+  if not spec[8] then  -- counts alone: ZCOUNT is O(log n) however busy the key
+    for i = 1, #count_w do out[#out + 1] = call('ZCOUNT', key, after(count_w[i]), ts) end
+    return
+  end
+  local rows = call('ZREVRANGEBYSCORE', key, ts, after(spec[7]), 'WITHSCORES', 'LIMIT', 0, limit)
+  local scores = scores_of(rows)
+  local n = #scores
+  local floor = -1 / 0  -- every entry of the widest window scored above `floor` is in rows
+  if n == limit then floor = scores[n] end
+  for i = 1, #count_w do
+    local lo = t - count_w[i]
+    if lo >= floor then
+      local c = 0
+      for j = 1, n do
+        if scores[j] > lo then c = c + 1 else break end
+      end
+      out[#out + 1] = c
+    else
+      out[#out + 1] = call('ZCOUNT', key, after(count_w[i]), ts)
+    end
+  end
+  local widest = spec[9]
+  if widest > 0 then
+    if t - widest >= floor then
+      sums_and_distincts(out, rows, scores, sum_w, dist_w, widest)
+    else
+      local all = call('ZREVRANGEBYSCORE', key, ts, after(widest), 'WITHSCORES')
+      sums_and_distincts(out, all, scores_of(all), sum_w, dist_w, widest)
+    end
+  end
+  if spec[6] then
+    local top = rows  -- the newest two entries at or before t, however old
+    if n < 2 then top = call('ZREVRANGEBYSCORE', key, ts, '-inf', 'WITHSCORES', 'LIMIT', 0, 2) end
+    local prev = -1
+    for j = 1, math.min(#top, 3), 2 do
+      if eid_of(top[j]) ~= eid then prev = tonumber(top[j + 1]); break end
+    end
+    out[#out + 1] = exact(prev)
+  end
+end
+
+local function link(out, key, item, window, retention, ttl, record)
+  local first, last = key .. ':first', key .. ':last'
+  if record then
+    local stale = call('ZRANGEBYSCORE', last, '-inf', through(retention))
+    for j = 1, #stale do
+      call('ZREM', first, stale[j])
+      call('ZREM', last, stale[j])
+    end
+    call('ZADD', first, 'LT', ts, item)
+    call('ZADD', last, 'GT', ts, item)
+    call('PEXPIRE', first, ttl)
+    call('PEXPIRE', last, ttl)
+  end
+  local seen = call('ZSCORE', first, item)
+  if seen and tonumber(seen) <= t then out[#out + 1] = exact(t - tonumber(seen)) else out[#out + 1] = -1 end
+  out[#out + 1] = call('ZCOUNT', first, after(window), ts)
+  out[#out + 1] = call('ZCOUNT', last, after(window), ts)
+end
+
+local answers = {}
+for e = 1, #events do
+  local event = events[e]
+  eid, ts = event[1], event[2]
+  t, above, upto = tonumber(ts), {}, {}
+  local tracks, links, out = event[3], event[4], {}
+  for a = 1, #tracks, 5 do
+    track(out, prefix .. tracks[a + 1], specs[tracks[a]], tracks[a + 2], tracks[a + 3], tracks[a + 4])
+  end
+  for a = 1, #links, 6 do
+    link(out, prefix .. links[a], links[a + 1], links[a + 2], links[a + 3], links[a + 4], links[a + 5])
+  end
+  answers[e] = table.concat(out, ',')
+end
+return table.concat(answers, ';')
+"""
+
+# A key's TTL is its retention plus a day, so an idle key disappears on its own.
+_GRACE_MS = 86_400_000
+
+
+class RedisVelocity:
+    """Velocity state in Redis. Events go in chunks of `chunk_events`, one Lua call a chunk.
+    Redis runs a script whole, so every event is observed atomically, and one connection's
+    calls in the order sent, so every event sees the ones before it exactly as with one call per
+    event; no call holds Redis for long. Keys live under `prefix`; the script touches keys of
+    many entities, so it needs a single Redis (not a cluster)."""
+
+    def __init__(self, redis: Redis, *, prefix: str = "pm:fv:", chunk_events: int = 25, fetch_rows: int = 32) -> None:
+        if chunk_events < 1 or fetch_rows < 1:
+            raise ValueError("chunk_events and fetch_rows must be positive")
+        self.redis = redis
+        self.prefix = prefix
+        self.chunk_events = chunk_events
+        self.fetch_rows = fetch_rows
+        self._script = redis.register_script(_OBSERVE)
+
+    async def observe(
+        self, event_id: str, at_ms: int, tracks: Sequence[Track], links: Sequence[Link]
+    ) -> tuple[int, ...]:
+        reply = await self._script(keys=[], args=[self._payload([(event_id, at_ms, tracks, links)])])
+        return _answers(reply)[0]
+
+    async def observe_many(self, events: Sequence[Observation]) -> list[tuple[int, ...]]:
+        return [answer async for chunk in self.observe_stream(events) for answer in chunk]
+
+    async def observe_stream(self, events: Sequence[Observation]) -> AsyncGenerator[list[tuple[int, ...]], None]:
+        step = self.chunk_events
+        if len(events) <= step:
+            if events:
+                yield _answers(await self._script(keys=[], args=[self._payload(events)]))
+            return
+        # Pipelined by hand on a connection of its own (so nothing else reads its replies): the
+        # next chunk waits in Redis behind the one it computes, so Redis keeps working while this
+        # process encodes a chunk or the caller scores the answers of the one before.
+        connection = self.redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.connect()
+            await connection.send_command("SCRIPT", "LOAD", _OBSERVE)
+            sha = await connection.read_response()
+            await connection.send_command("EVALSHA", sha, 0, self._payload(events[:step]))
+            for start in range(step, len(events) + step, step):
+                if start < len(events):
+                    await connection.send_command("EVALSHA", sha, 0, self._payload(events[start : start + step]))
+                yield _answers(await connection.read_response())
+        finally:
+            await connection.disconnect()
+
+    def _payload(self, events: Sequence[Observation]) -> str:
+        numbers: dict[int, int] = {}  # id(spec) -> its 1-based number in this payload
+        specs: list[tuple[object, ...]] = []
+        rows: list[tuple[str, str, list[object], list[object]]] = []
+        for event_id, at_ms, tracks, links in events:
+            flat_tracks: list[object] = []
+            for spec, key, value, tag, record in tracks:
+                number = numbers.get(id(spec))
+                if number is None:
+                    number = numbers[id(spec)] = len(specs) + 1
+                    specs.append(_spec_args(spec))
+                flat_tracks += (number, key, str(value), clean(tag), bool(record))
+            flat_links: list[object] = []
+            for link in links:
+                flat_links += (link.key, link.item, link.window_ms, link.retention_ms, str(link.retention_ms + _GRACE_MS),
+                               bool(link.record))  # fmt: skip
+            rows.append((event_id, str(at_ms), flat_tracks, flat_links))
+        return json.dumps((self.prefix, self.fetch_rows, specs, rows), ensure_ascii=False, separators=(",", ":"))
+
+
+def _spec_args(spec: TrackSpec) -> tuple[object, ...]:
+    """A spec as the script reads it (see the layout above _OBSERVE)."""
+    sum_or_distinct = (*spec.sum_windows_ms, *spec.distinct_windows_ms)
+    return (spec.retention_ms, str(spec.retention_ms + _GRACE_MS), spec.count_windows_ms, spec.sum_windows_ms,
+            spec.distinct_windows_ms, spec.want_prev, max((*spec.count_windows_ms, *sum_or_distinct), default=0),
+            bool(sum_or_distinct or spec.want_prev), max(sum_or_distinct, default=0))  # fmt: skip
+
+
+def _answers(reply: bytes | str) -> list[tuple[int, ...]]:
+    text = reply.decode() if isinstance(reply, bytes) else reply
+    return [tuple(map(int, part.split(","))) if part else () for part in text.split(";")]
