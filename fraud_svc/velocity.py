@@ -1,8 +1,9 @@
 """Sliding-window velocity state on event time, behind one protocol with two stores.
 
-`MemoryVelocity` serves training and replays (fast, in-process); `RedisVelocity` (velocity_redis.py) serves
-online scoring (shared by every fraud_svc replica). Both implement the same arithmetic on
-integers, so the same event sequence yields the same numbers; tests/fraud pin that.
+`MemoryVelocity` serves training and replays (fast, in-process); `RedisVelocity`
+(velocity_redis.py) serves online scoring (shared by every fraud_svc replica). Both implement
+the same arithmetic on integers, so the same event sequence yields the same numbers;
+tests/fraud pin that.
 
 An observation names *tracks* (a timestamped stream under a key, e.g. a member's purchases)
 and *links* (a first/last-seen set under a key, e.g. a member's devices). Windows are
