@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from ledger_svc import codec
@@ -39,7 +40,7 @@ from ledger_svc.purchases import (
 )
 from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
-from ledger_svc.store.base import IdemRecord, ShardTx
+from ledger_svc.store.base import ShardTx
 from pointmesh.tiers import effective_tier
 
 if TYPE_CHECKING:
@@ -222,37 +223,34 @@ class Accrual:
         svc = self.svc
         member_id = priced[0].cmd.member_id
 
+        def body(p: Priced, fresh: list[PurchaseRecord], book: ShardBook) -> str:
+            cmd, quote = p.cmd, p.quote
+            if p.assumed_count is not None and quote is not None:
+                _require_fresh(book, member_id, quote, p.assumed_count, cmd.receipt_time)
+            record = PurchaseRecord(
+                p.pid, member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
+                cmd.receipt_time, now, PurchaseStatus.PENDING_ACCRUAL,
+                tender_transaction_id=cmd.tender_transaction_id,
+                tender_points=tender_points(book, member_id, cmd.tender_transaction_id),
+                returned_quantities=tuple(0 for _ in cmd.lines),
+            )  # fmt: skip
+            if quote is None:
+                record = replace(record, status_reason="waiting for rules_svc")
+                save_purchase(book, record)
+            else:
+                record = accrue(book, record, quote, p.screening, new_review_id(member_id))
+            fresh.append(record)
+            return p.pid
+
         def unit(tx: ShardTx) -> list[tuple[str, PurchaseRecord | None]]:
             done: list[tuple[str, PurchaseRecord | None]] = []
             for p in priced:
-                cmd, quote = p.cmd, p.quote
-                stored = tx.get_idempotency(cmd.key.namespace, cmd.key.key)
-                if stored is not None:
-                    done.append((codec.loads(str, stored.result_json), None))
-                    continue
-                book = ShardBook(tx, svc.clock.now(), svc.policy)
-                if p.assumed_count is not None and quote is not None:
-                    try:
-                        _require_fresh(book, member_id, quote, p.assumed_count, cmd.receipt_time)
-                    except StaleQuote:
-                        return done
-                record = PurchaseRecord(
-                    p.pid, member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
-                    cmd.receipt_time, now, PurchaseStatus.PENDING_ACCRUAL,
-                    tender_transaction_id=cmd.tender_transaction_id,
-                    tender_points=tender_points(book, member_id, cmd.tender_transaction_id),
-                    returned_quantities=tuple(0 for _ in cmd.lines),
-                )  # fmt: skip
-                if quote is None:
-                    record = replace(record, status_reason="waiting for rules_svc")
-                    save_purchase(book, record)
-                else:
-                    record = accrue(book, record, quote, p.screening, new_review_id(member_id))
-                tx.put_idempotency(
-                    cmd.key.namespace, cmd.key.key, IdemRecord("RecordPurchase", p.fp, codec.dumps(p.pid), book.now)
-                )
-                svc._committed_later(book.touched)
-                done.append((p.pid, record))
+                fresh: list[PurchaseRecord] = []
+                try:
+                    pid, replayed = svc._idempotent_unit(p.cmd, p.fp, str, partial(body, p, fresh))(tx)
+                except StaleQuote:  # raised before the purchase wrote anything
+                    return done
+                done.append((pid, None if replayed else fresh[0]))
             return done
 
         written = await svc.store.write(svc.shard_of(member_id), unit)

@@ -33,7 +33,7 @@ from ledger_svc.accrual import EngineUnavailable, Priced
 from ledger_svc.domain import FailedPrecondition, LedgerError
 from ledger_svc.ingest import claim_many
 from ledger_svc.postings import ShardBook
-from ledger_svc.purchases import MemberState, PurchaseRecord, Quote, purchase_id_for
+from ledger_svc.purchases import MemberState, PurchaseRecord, Quote, load_state, purchase_id_for
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
 from ledger_svc.store.base import IdemRecord, ShardTx
 
@@ -144,8 +144,7 @@ class BatchAccrual:
                     member = cmd.member_id
                     if member in found.states:
                         continue
-                    raw = book.tx.get_member_state(member)
-                    found.states[member] = MemberState() if raw is None else codec.loads(MemberState, raw)
+                    found.states[member] = load_state(book, member)
                     if book.tx.member_waiting_purchases(member):
                         found.waiting.add(member)
                     if svc.fraud is not None:

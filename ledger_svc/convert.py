@@ -12,7 +12,7 @@ from ledger_svc import commands as c
 from ledger_svc import domain as d
 from ledger_svc.purchases import PurchaseRecord, PurchaseStatus
 from ledger_svc.reviews import RedeemResult, Review, ReviewStatus
-from ledger_svc.screening import Screening, ScreeningContext
+from ledger_svc.screening import Screening, ScreeningContext, Verdict
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 
@@ -238,7 +238,7 @@ def screening_pb(s: Screening | None) -> ledger_pb2.Screening | None:
     if s is None:
         return None
     return ledger_pb2.Screening(
-        verdict=ledger_pb2.ScreeningVerdict.Value(f"SCREENING_VERDICT_{s.verdict.value}"), scored=s.scored,
+        verdict=_verdict(s.verdict), scored=s.scored,
         score=s.score, reasons=s.reasons, model_version=s.model_version, review_id=s.review_id,
     )  # fmt: skip
 
@@ -342,9 +342,13 @@ def ingested_pb(index: int, p: PurchaseRecord) -> ledger_pb2.IngestedPurchase:
         index=index, purchase_id=p.purchase_id, status=_purchase_status(p.status), earned=p.earned()
     )
     if p.screening is not None:
-        out.verdict = ledger_pb2.ScreeningVerdict.Value(f"SCREENING_VERDICT_{p.screening.verdict.value}")
+        out.verdict = _verdict(p.screening.verdict)
         out.scored = p.screening.scored
     return out
+
+
+def _verdict(verdict: Verdict) -> ledger_pb2.ScreeningVerdict.ValueType:
+    return ledger_pb2.ScreeningVerdict.Value(f"SCREENING_VERDICT_{verdict.value}")
 
 
 def _purchase_status(status: PurchaseStatus) -> ledger_pb2.PurchaseStatus.ValueType:

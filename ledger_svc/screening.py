@@ -127,31 +127,36 @@ class FraudScreen:
         self._down_until = 0.0
 
     async def screen(self, request: ScreeningRequest) -> Screening:
-        if time.monotonic() >= self._down_until:
+        if self._up():
             try:
                 return await self.screener.screen(request)
             except ScreenerUnavailable as exc:
-                log.warning("fraud_svc unavailable; %s %s decided by policy: %s", request.kind, request.event_id, exc)
-                self._down_until = time.monotonic() + BREAKER_SECONDS
+                self._trip(f"{request.kind} {request.event_id}", exc)
         return self._unscored(request)
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening]:
         """Many in one call, scored in event-time order whatever order they are given in."""
         if not requests:
             return []
-        if time.monotonic() >= self._down_until:
+        if self._up():
             order = sorted(range(len(requests)), key=lambda i: (requests[i].occurred_at, i))
             try:
                 scored = await self.screener.screen_many([requests[i] for i in order])
             except ScreenerUnavailable as exc:
-                log.warning("fraud_svc unavailable; %d transactions decided by policy: %s", len(requests), exc)
-                self._down_until = time.monotonic() + BREAKER_SECONDS
+                self._trip(f"{len(requests)} transactions", exc)
             else:
                 out: list[Screening] = [Screening(Verdict.ALLOW, False)] * len(requests)
                 for i, got in zip(order, scored, strict=True):
                     out[i] = self._unscored(requests[i]) if isinstance(got, ScreenerUnavailable) else got
                 return out
         return [self._unscored(r) for r in requests]
+
+    def _up(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _trip(self, what: str, why: ScreenerUnavailable) -> None:
+        log.warning("fraud_svc unavailable; %s decided by policy: %s", what, why)
+        self._down_until = time.monotonic() + BREAKER_SECONDS
 
     def _unscored(self, request: ScreeningRequest) -> Screening:
         verdict = self.policy.verdict_for(request)
