@@ -13,9 +13,10 @@ stream order; different members' run concurrently and share the store's group co
 Fraud screening sees each purchase with the balance it is predicted to find (the stored
 available balance plus the points of the member's earlier purchases in the chunk that are not
 released later), scored in event-time order in one call; a purchase that falls back to the
-unary path is scored again there, after the chunk (velocity counts an event once). Anything unusual for a member (a receipt already recorded with
-another body, purchases waiting for rules_svc, a transport key) sends that member's remaining
-purchases down the unary path, in order.
+unary path is scored again there, after the chunk (velocity counts an event once). Anything
+unusual for a member (a receipt already recorded with another body, purchases waiting for
+rules_svc, a transport key) sends that member's remaining purchases down the unary path, in
+order.
 """
 
 from __future__ import annotations
