@@ -14,6 +14,7 @@ from pathlib import Path
 from pointmesh.cassandra_server import CassandraServer
 
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+JOIN_ATTEMPTS = 3
 
 
 class CassandraCluster:
@@ -32,7 +33,16 @@ class CassandraCluster:
         """Starts every node in turn; returns the seconds until all three answer CQL."""
         started = time.monotonic()
         for node in self.nodes:
-            node.start()
+            for attempt in range(JOIN_ATTEMPTS):
+                try:
+                    node.start()
+                    break
+                except RuntimeError as exc:
+                    # A node whose gossip round found the seed busy gives up at once; it has not
+                    # joined, so starting it again is safe.
+                    if "Unable to contact any seeds" not in str(exc) or attempt == JOIN_ATTEMPTS - 1:
+                        raise
+                    time.sleep(2)
         return time.monotonic() - started
 
     def stop(self) -> None:
