@@ -7,6 +7,7 @@ checks, and a failure that is reported by index without stopping the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +17,7 @@ from ledger_svc import commands as c
 from ledger_svc.domain import EarnResult, IdemKey, IdempotencyConflict, LedgerError, ReverseResult, Transaction
 from ledger_svc.postings import ShardBook
 from ledger_svc.reviews import RedeemResult, redeem_or_hold
-from ledger_svc.store.base import DirectoryTx
+from ledger_svc.store.base import DirectoryTx, ShardTx
 
 if TYPE_CHECKING:
     from ledger_svc.service import LedgerService
@@ -44,15 +45,56 @@ class BatchIngest:
         conflicts, seen = await svc.store.write_directory(lambda d: claim_many(d, claims, now))
         for i, error in conflicts.items():
             results[i] = error
-        outcomes = await asyncio.gather(
-            *(self._one(p, p.index in seen) for p in prepared if p.index not in conflicts),
-            return_exceptions=True,
-        )
-        for p, outcome in zip([p for p in prepared if p.index not in conflicts], outcomes, strict=True):
-            if isinstance(outcome, BaseException) and not isinstance(outcome, LedgerError):
-                raise outcome
+        live = [p for p in prepared if p.index not in conflicts]
+        together = [p for p in live if p.via is None and p.index not in seen]
+        alone = [p for p in live if p.via is not None or p.index in seen]
+        for index, outcome in await self._together(together):
+            results[index] = outcome
+        outcomes = await asyncio.gather(*(self._one(p, p.index in seen) for p in alone), return_exceptions=True)
+        for p, outcome in zip(alone, _settled(outcomes), strict=True):
             results[p.index] = outcome
         return results
+
+    async def _together(self, prepared: list[_Prepared]) -> list[tuple[int, Any]]:
+        """First-time items, one write unit per shard (per member where the store commits per
+        member) that runs every item in one ShardBook, so accounts are read once and rows are
+        written in bulk. An item failing rolls its whole group back; the group then runs item
+        by item, so the failure stays that item's alone."""
+        svc = self.service
+        outcomes: list[tuple[int, Any]] = []
+        refused: dict[str, LedgerError] = {}
+        for member_id in dict.fromkeys(p.member_id for p in prepared if p.member_id):
+            try:
+                await svc._require_active(member_id)
+            except LedgerError as exc:
+                refused[member_id] = exc
+        groups: dict[tuple[int, str], list[_Prepared]] = {}
+        for p in prepared:
+            if p.member_id in refused:
+                outcomes.append((p.index, refused[p.member_id]))
+            else:
+                scope = "" if svc.store.multi_member_units else p.member_id or p.command.key.key
+                groups.setdefault((p.shard, scope), []).append(p)
+        done = await asyncio.gather(*(self._group(shard, group) for (shard, _), group in groups.items()))
+        for group_outcomes in done:
+            outcomes.extend(group_outcomes)
+        return outcomes
+
+    async def _group(self, shard: int, group: list[_Prepared]) -> list[tuple[int, Any]]:
+        svc = self.service
+
+        def unit(tx: ShardTx) -> list[tuple[Any, bool]]:
+            book = ShardBook(tx, svc.clock.now(), svc.policy)
+            out = [svc._run_idempotent(book, p.command, p.fingerprint, p.result_type, p.body) for p in group]
+            svc._committed_later(book.touched)
+            return out
+
+        written: list[Any] | None = None
+        with contextlib.suppress(LedgerError):
+            written = await svc.store.write(shard, unit)
+        if written is None:
+            written = _settled(await asyncio.gather(*(self._one(p, False) for p in group), return_exceptions=True))
+        return [(p.index, outcome) for p, outcome in zip(group, written, strict=True)]
 
     async def _one(self, p: _Prepared, maybe_replay: bool) -> tuple[Any, bool]:
         svc = self.service
@@ -109,6 +151,14 @@ class _Prepared:
     body: Callable[[ShardBook], Any]
     member_id: str = ""  # whose ACTIVE status must hold (adjust and reverse need none)
     via: Callable[[Any], Awaitable[Any]] | None = None  # a use case that runs the item itself
+
+
+def _settled(outcomes: Sequence[Any]) -> list[Any]:
+    """Items' outcomes, a LedgerError being an item's answer; anything else is a fault and raised."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, LedgerError):
+            raise outcome
+    return list(outcomes)
 
 
 def claim_many(

@@ -154,9 +154,9 @@ class ShardBook:
             "member_id": balance.member_id,
             "unit": balance.unit,
             "balance": codec.to_plain(balance),
-            "data": data,
+            "data": codec.to_plain(data),
         }
-        self.tx.add_outbox(event_id, balance.member_id, codec.dumps(payload), self.now)
+        self.tx.add_outbox(event_id, balance.member_id, codec.dumps_plain(payload), self.now)
         self.touched.append(balance)
 
     def _record(self, kind: TxKind, member_id: str, unit: str, points: int, **extra: Any) -> TxRecord:

@@ -308,20 +308,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.IngestBatchResponse:
         summary = ledger_pb2.IngestBatchResponse()
         chunk: list[c.PostingCommand | c.RecordPurchase | d.LedgerError] = []
-        async for item in request_iterator:
-            try:
-                cmd = cv.ingest_cmd(item)
-            except d.LedgerError as error:
-                chunk.append(error)
-                continue
-            chunk.append(
-                cmd
-                if cmd is not None
-                else d.InvalidArgument("set one of earn, redeem, adjust, reverse, purchase", field="operation")
-            )
-            if len(chunk) >= INGEST_CHUNK:
-                await self._ingest_chunk(chunk, summary)
-                chunk = []
+        async for message in request_iterator:
+            paged = message.WhichOneof("operation") == "page"
+            for item in message.page.items if paged else (message,):
+                chunk.append(_ingest_item(item))
+                if len(chunk) >= INGEST_CHUNK:
+                    await self._ingest_chunk(chunk, summary)
+                    chunk = []
         if chunk:
             await self._ingest_chunk(chunk, summary)
         return summary
@@ -361,3 +354,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.DecideReviewResponse:
         cmd = c.DecideReview(cv.key(request), request.review_id, request.approve, request.operator_id, request.note)
         return ledger_pb2.DecideReviewResponse(review=cv.review_pb(await self.service.decide_review(cmd)))
+
+
+def _ingest_item(item: ledger_pb2.IngestBatchRequest) -> c.PostingCommand | c.RecordPurchase | d.LedgerError:
+    if item.WhichOneof("operation") == "page":
+        return d.InvalidArgument("a page may only hold items, not another page", field="page")
+    try:
+        cmd = cv.ingest_cmd(item)
+    except d.LedgerError as error:
+        return error
+    if cmd is None:
+        return d.InvalidArgument("set one of earn, redeem, adjust, reverse, purchase, page", field="operation")
+    return cmd

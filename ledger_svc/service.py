@@ -159,20 +159,29 @@ class LedgerService:
         self, cmd: Any, fp: str, rtype: type[R], body: Callable[[ShardBook], R]
     ) -> Callable[[ShardTx], tuple[R, bool]]:
         """The shard half of idempotency: replay the stored result, or run and store it."""
-        key: IdemKey = cmd.key
-        operation = type(cmd).__name__
 
         def unit(tx: ShardTx) -> tuple[R, bool]:
-            record = tx.get_idempotency(key.namespace, key.key)
-            if record is not None:
-                return codec.loads(rtype, record.result_json), True
             book = ShardBook(tx, self.clock.now(), self.policy)
-            result = body(book)
-            tx.put_idempotency(key.namespace, key.key, IdemRecord(operation, fp, codec.dumps(result), book.now))
+            outcome = self._run_idempotent(book, cmd, fp, rtype, body)
             self._committed_later(book.touched)
-            return result, False
+            return outcome
 
         return unit
+
+    @staticmethod
+    def _run_idempotent(
+        book: ShardBook, cmd: Any, fp: str, rtype: type[R], body: Callable[[ShardBook], R]
+    ) -> tuple[R, bool]:
+        """Replays the stored result, or runs `body` in `book` and stores its result beside it."""
+        key: IdemKey = cmd.key
+        record = book.tx.get_idempotency(key.namespace, key.key)
+        if record is not None:
+            return codec.loads(rtype, record.result_json), True
+        result = body(book)
+        book.tx.put_idempotency(
+            key.namespace, key.key, IdemRecord(type(cmd).__name__, fp, codec.dumps(result), book.now)
+        )
+        return result, False
 
     async def _book(self, shard: int, body: Callable[[ShardBook], R]) -> R:
         """Runs a non-idempotent-key unit (jobs, saga steps) and invalidates what it touched."""

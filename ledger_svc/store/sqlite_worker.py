@@ -56,8 +56,9 @@ def run_group(conn: sqlite3.Connection, tx: Any, works: list[Callable[[Any], Any
         return [(False, exc)] * len(works)
     if len(works) == 1:
         try:
-            outcomes: list[Outcome] = [(True, works[0](tx))]
+            outcomes: list[Outcome] = [(True, _unit(tx, works[0]))]
         except Exception as exc:
+            tx.discard()
             conn.execute("ROLLBACK")
             return [(False, exc)]
     else:
@@ -71,11 +72,20 @@ def run_group(conn: sqlite3.Connection, tx: Any, works: list[Callable[[Any], Any
     return outcomes
 
 
+def _unit(tx: Any, work: Callable[[Any], Any]) -> Any:
+    """The unit, then the writes its transaction object kept in memory (SqliteShardTx): a
+    failure writing them is the unit's failure, rolled back with it."""
+    value = work(tx)
+    tx.flush()
+    return value
+
+
 def _in_savepoint(conn: sqlite3.Connection, tx: Any, work: Callable[[Any], Any]) -> Outcome:
     conn.execute("SAVEPOINT unit")
     try:
-        value = work(tx)
+        value = _unit(tx, work)
     except Exception as exc:
+        tx.discard()
         conn.execute("ROLLBACK TO unit")
         conn.execute("RELEASE unit")
         return False, exc
@@ -91,6 +101,7 @@ def run_read(conn: sqlite3.Connection, tx: Any, work: Callable[[Any], Any]) -> O
     except Exception as exc:
         return False, exc
     finally:
+        tx.discard()
         conn.execute("ROLLBACK")
 
 

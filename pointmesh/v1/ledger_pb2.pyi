@@ -1699,6 +1699,7 @@ class IngestBatchRequest(_message.Message):
     ADJUST_FIELD_NUMBER: _builtins.int
     REVERSE_FIELD_NUMBER: _builtins.int
     PURCHASE_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def earn(self) -> Global___EarnRequest: ...
     @_builtins.property
@@ -1709,6 +1710,8 @@ class IngestBatchRequest(_message.Message):
     def reverse(self) -> Global___ReverseRequest: ...
     @_builtins.property
     def purchase(self) -> Global___RecordPurchaseRequest: ...
+    @_builtins.property
+    def page(self) -> Global___IngestPage: ...
     def __init__(
         self,
         *,
@@ -1717,16 +1720,41 @@ class IngestBatchRequest(_message.Message):
         adjust: Global___AdjustRequest | None = ...,
         reverse: Global___ReverseRequest | None = ...,
         purchase: Global___RecordPurchaseRequest | None = ...,
+        page: Global___IngestPage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "earn", b"earn", "operation", b"operation", "purchase", b"purchase", "redeem", b"redeem", "reverse", b"reverse"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "earn", b"earn", "operation", b"operation", "page", b"page", "purchase", b"purchase", "redeem", b"redeem", "reverse", b"reverse"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "earn", b"earn", "operation", b"operation", "purchase", b"purchase", "redeem", b"redeem", "reverse", b"reverse"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjust", b"adjust", "earn", b"earn", "operation", b"operation", "page", b"page", "purchase", b"purchase", "redeem", b"redeem", "reverse", b"reverse"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["earn", "redeem", "adjust", "reverse", "purchase"]  # noqa: Y015
+    _WhichOneofReturnType_operation: _TypeAlias = _typing.Literal["earn", "redeem", "adjust", "reverse", "purchase", "page"]  # noqa: Y015
     _WhichOneofArgType_operation: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_operation) -> _WhichOneofReturnType_operation | None: ...
 
 Global___IngestBatchRequest: _TypeAlias = IngestBatchRequest  # noqa: Y015
+
+@_typing.final
+class IngestPage(_message.Message):
+    """Several items in one stream message. Items are numbered by their position in the stream
+    as if each had come alone; a page inside a page is refused.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestBatchRequest]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___IngestBatchRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestPage: _TypeAlias = IngestPage  # noqa: Y015
 
 @_typing.final
 class IngestedPurchase(_message.Message):

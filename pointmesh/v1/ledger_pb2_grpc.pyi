@@ -74,7 +74,9 @@ class LedgerServiceStub:
     is idempotent on its own key (a purchase on its receipt's natural key); a bad item is
     reported and the good ones still post. Purchases go through the same accrual path as
     RecordPurchase, with one EvaluateBatch and one ScoreBatch per chunk instead of a unary
-    call each; one member's purchases earn in stream order.
+    call each; one member's purchases earn in stream order. A stream message may carry a
+    page of items: each message costs the server tens of microseconds in gRPC itself, so
+    bulk feeds should send pages of a few hundred.
     """
     RecordPurchase: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordPurchaseRequest, _ledger_pb2.RecordPurchaseResponse]
     """A purchase: asks rules_svc for the points (with explanation) and earns them, with
@@ -149,7 +151,9 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     is idempotent on its own key (a purchase on its receipt's natural key); a bad item is
     reported and the good ones still post. Purchases go through the same accrual path as
     RecordPurchase, with one EvaluateBatch and one ScoreBatch per chunk instead of a unary
-    call each; one member's purchases earn in stream order.
+    call each; one member's purchases earn in stream order. A stream message may carry a
+    page of items: each message costs the server tens of microseconds in gRPC itself, so
+    bulk feeds should send pages of a few hundred.
     """
     RecordPurchase: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordPurchaseRequest, _ledger_pb2.RecordPurchaseResponse]  # type: ignore[assignment]
     """A purchase: asks rules_svc for the points (with explanation) and earns them, with
@@ -353,7 +357,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         is idempotent on its own key (a purchase on its receipt's natural key); a bad item is
         reported and the good ones still post. Purchases go through the same accrual path as
         RecordPurchase, with one EvaluateBatch and one ScoreBatch per chunk instead of a unary
-        call each; one member's purchases earn in stream order.
+        call each; one member's purchases earn in stream order. A stream message may carry a
+        page of items: each message costs the server tens of microseconds in gRPC itself, so
+        bulk feeds should send pages of a few hundred.
         """
 
     @_abc_1.abstractmethod

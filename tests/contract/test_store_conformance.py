@@ -13,7 +13,7 @@ import hashlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,35 @@ async def test_sibling_units_committed_together_survive_one_that_raises(store: L
     assert await store.read(0, lambda tx: tx.get_transaction("tx_3")) is None
     assert await store.read(0, lambda tx: tx.outbox_backlog()) == 7
     assert await store.read(0, lambda tx: tx.unbalanced_transactions()) == []
+
+
+async def test_a_unit_reads_its_own_writes_and_only_what_it_put(store: LedgerStore) -> None:
+    """Stores may keep a unit's writes in memory until it ends (SQLite does, to write a batch
+    in bulk): every read inside the unit must still see them, and a row changed after it was
+    put, without being put again, must not be written."""
+    account = "member:m1:points"
+    lot = _lot("lot_1", expires_at=T0 + timedelta(days=3), created_at=T0)
+
+    def unit(tx: ShardTx) -> tuple[Any, ...]:
+        _earn_unit(account, "tx_1", 10)(tx)
+        tx.add_lot(lot)
+        row = tx.get_accounts([account])[0]
+        seen = (
+            row.balance, tx.get_transaction("tx_1") is not None, tx.get_idempotency("pos", "tx_1") is not None,
+            [x.lot_id for x in tx.spendable_lots("m1", "points")], tx.spendable_total("m1", "points"),
+        )  # fmt: skip
+        row.balance += 1000  # never put
+        spent = replace(lot, remaining_points=2)
+        tx.update_lot(spent)
+        return (*seen, tx.spendable_total("m1", "points"))
+
+    assert await store.write(1, unit) == (
+        10, True, True, ["lot_1"], 5, 2,
+    )  # fmt: skip
+    assert (await store.read(1, lambda tx: tx.get_accounts([account])[0])).balance == 10
+    assert await store.read(1, lambda tx: tx.spendable_total("m1", "points")) == 2
+    assert [e.points for e in await store.read(1, lambda tx: tx.list_entries(account, NEWEST_FIRST, 5))] == [10]
+    assert await store.read(1, lambda tx: tx.outbox_backlog()) == 1
 
 
 async def test_idempotency_records_round_trip_per_namespace(store: LedgerStore) -> None:

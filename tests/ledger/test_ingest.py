@@ -15,6 +15,7 @@ from tests.ledger.helpers import (
     balance,
     create_member,
     earn,
+    entries,
     key,
 )
 
@@ -158,3 +159,58 @@ async def test_batch_rejects_a_blocked_members_earn_by_index(ledger: LedgerUnder
     assert failures_of(response) == [(1, grpc.StatusCode.FAILED_PRECONDITION.name, "member_id")]
     assert (await balance(ledger.stub, active)).balance_points == 30
     assert (await balance(ledger.stub, blocked)).balance_points == 0
+
+
+async def test_pages_post_like_single_items_numbered_by_stream_position(ledger: LedgerUnderTest) -> None:
+    """Pages and single items mix in one stream; failures carry the item's position in the
+    flattened stream. A member's earns and a redemption spending them in the same chunk post
+    in one write unit per shard, and every balance version, journal line and lot is the one
+    the unary calls would have left."""
+    members = [(await create_member(ledger.stub)).member_id for _ in range(6)]
+    postings: dict[str, int] = defaultdict(int)
+    expected: dict[str, int] = defaultdict(int)
+
+    def earn_item(i: int, points: int) -> ledger_pb2.IngestBatchRequest:
+        member_id = members[i % len(members)]
+        if points > 0:
+            postings[member_id] += 1
+            expected[member_id] += points
+        return ledger_pb2.IngestBatchRequest(
+            earn=ledger_pb2.EarnRequest(idempotency_key=key(f"paged-{i}"), member_id=member_id, points=points)
+        )
+
+    first_page = [earn_item(i, 10 + i % 3) for i in range(250)]
+    single = earn_item(250, 7)
+    bad_at, nested_at = 291, 292
+    nested = ledger_pb2.IngestBatchRequest(
+        page=ledger_pb2.IngestPage(items=[ledger_pb2.IngestBatchRequest(earn=earn_item(nested_at, 0).earn)])
+    )
+    second_page = [earn_item(i, 0 if i == bad_at else 5) if i != nested_at else nested for i in range(251, 400)]
+    spend = 100
+    postings[members[0]] += 1
+    expected[members[0]] -= spend
+    second_page.append(
+        ledger_pb2.IngestBatchRequest(
+            redeem=ledger_pb2.RedeemRequest(idempotency_key=key("paged-spend"), member_id=members[0], points=spend)
+        )
+    )
+    stream = [
+        ledger_pb2.IngestBatchRequest(page=ledger_pb2.IngestPage(items=first_page)),
+        single,
+        ledger_pb2.IngestBatchRequest(page=ledger_pb2.IngestPage(items=second_page)),
+    ]
+
+    response = await ledger.stub.IngestBatch(iter(stream), timeout=60)
+
+    assert counts(response) == (401, 399, 0, 2)
+    assert failures_of(response) == [(bad_at, "INVALID_ARGUMENT", "points"), (nested_at, "INVALID_ARGUMENT", "page")]
+    for member_id in members:
+        got = await balance(ledger.stub, member_id)
+        assert (got.balance_points, got.version) == (expected[member_id], postings[member_id])
+        assert got.lifetime_earned_points == expected[member_id] + (spend if member_id == members[0] else 0)
+        assert len(await entries(ledger.stub, member_id)) == postings[member_id]
+    await assert_books_balance(ledger)
+
+    again = await ledger.stub.IngestBatch(iter(stream), timeout=60)
+    assert counts(again) == (401, 0, 399, 2)
+    assert (await balance(ledger.stub, members[0])).balance_points == expected[members[0]]
