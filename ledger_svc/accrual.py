@@ -243,14 +243,16 @@ class Accrual:
             return p.pid
 
         def unit(tx: ShardTx) -> list[tuple[str, PurchaseRecord | None]]:
+            book = ShardBook(tx, svc.clock.now(), svc.policy)
             done: list[tuple[str, PurchaseRecord | None]] = []
             for p in priced:
                 fresh: list[PurchaseRecord] = []
                 try:
-                    pid, replayed = svc._idempotent_unit(p.cmd, p.fp, str, partial(body, p, fresh))(tx)
+                    pid, replayed = svc._run_idempotent(book, p.cmd, p.fp, str, partial(body, p, fresh))
                 except StaleQuote:  # raised before the purchase wrote anything
-                    return done
+                    break
                 done.append((pid, None if replayed else fresh[0]))
+            svc._committed_later(book.touched)
             return done
 
         written = await svc.store.write(svc.shard_of(member_id), unit)

@@ -168,9 +168,9 @@ def claim_many(
     conflicts: dict[int, LedgerError] = {}
     seen: set[int] = set()
     first_in_batch: dict[tuple[str, str], str] = {}
-    for i, key, operation, fp in claims:
+    found = d.claim_many([(key.namespace, key.key, operation, fp) for _, key, operation, fp in claims], now)
+    for (i, key, operation, fp), existing in zip(claims, found, strict=True):
         first = first_in_batch.setdefault((key.namespace, key.key), fp)
-        existing = d.claim(key.namespace, key.key, operation, fp, now)
         if existing is not None and existing.fingerprint != fp:
             conflicts[i] = IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
         elif first != fp:

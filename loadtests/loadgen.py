@@ -36,6 +36,7 @@ from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 
 T = TypeVar("T")
 CATEGORIES = ("apparel", "outdoor", "footwear", "misc")
+PAGE = 500  # purchases per IngestBatch stream message
 
 
 class UnmodelledProgram(ValueError):
@@ -128,6 +129,15 @@ def generate(
     return out
 
 
+def _pages(chunk: Sequence[ledger_pb2.RecordPurchaseRequest]) -> list[ledger_pb2.IngestBatchRequest]:
+    """A stream's purchases as pages: one gRPC message per item costs the ledger more than the item."""
+    return [
+        ledger_pb2.IngestBatchRequest(page=ledger_pb2.IngestPage(
+            items=[ledger_pb2.IngestBatchRequest(purchase=r) for r in chunk[first:first + PAGE]]))
+        for first in range(0, len(chunk), PAGE)
+    ]  # fmt: skip
+
+
 async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int, members: int, seed: int,
               concurrency: int = 4, batch: int = 2_000, unary: bool = False) -> Report:  # fmt: skip
     """Batch mode (the default): `concurrency` IngestBatch streams of `batch` purchases at a
@@ -171,7 +181,7 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
 
     async def streams(queue: Iterator[list[ledger_pb2.RecordPurchaseRequest]]) -> None:
         for chunk in queue:
-            response = await ledger.IngestBatch(iter([ledger_pb2.IngestBatchRequest(purchase=r) for r in chunk]))
+            response = await ledger.IngestBatch(iter(_pages(chunk)))
             for failure in response.failures:
                 report.mismatches.append(f"purchase {chunk[failure.index].receipt_id} failed: {failure.code} "
                                          f"{failure.field}: {failure.message}")  # fmt: skip

@@ -820,6 +820,9 @@ class CassandraDirectoryTx:
         self.claims[(namespace, key)] = IdemRecord(operation, fingerprint, "", at)
         return None
 
+    def claim_many(self, claims: Sequence[tuple[str, str, str, str]], at: datetime) -> list[IdemRecord | None]:
+        return [self.claim(namespace, key, operation, fp, at) for namespace, key, operation, fp in claims]
+
     def complete_claim(self, namespace: str, key: str, result_json: str) -> None:
         self.writes.append(("claim_result", (result_json, self.ledger, namespace, key)))
 

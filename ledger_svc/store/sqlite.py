@@ -173,6 +173,7 @@ def _saga(r: tuple[object, ...]) -> SagaRecord:
     )
 
 
+_KEYS_PER_SELECT = 400  # (namespace, key) pairs per claims lookup, well inside SQLite's variable limit
 _ACCOUNT_UPSERT = (
     "INSERT INTO accounts VALUES (?,?,?,?,?) ON CONFLICT(account) DO UPDATE SET balance=excluded.balance,"
     " reserved=excluded.reserved, lifetime_earned=excluded.lifetime_earned, version=excluded.version"
@@ -582,6 +583,29 @@ class SqliteDirectoryTx:
             return IdemRecord(row[0], row[1], row[2], from_us(row[3]))
         self.c.execute("INSERT INTO claims VALUES (?,?,?,?,'',?)", (namespace, key, operation, fingerprint, to_us(at)))
         return None
+
+    def claim_many(self, claims: Sequence[tuple[str, str, str, str]], at: datetime) -> list[IdemRecord | None]:
+        found: dict[tuple[str, str], IdemRecord] = {}
+        keys = list(dict.fromkeys((namespace, key) for namespace, key, _, _ in claims))
+        for first in range(0, len(keys), _KEYS_PER_SELECT):
+            part = keys[first : first + _KEYS_PER_SELECT]
+            rows = self.c.execute(
+                "SELECT namespace, key, operation, fingerprint, result, created_at FROM claims"
+                f" WHERE (namespace, key) IN (VALUES {','.join(['(?,?)'] * len(part))})",
+                [v for pair in part for v in pair],
+            )
+            for r in rows:
+                found[(r[0], r[1])] = IdemRecord(r[2], r[3], r[4], from_us(r[5]))
+        out: list[IdemRecord | None] = []
+        new: list[tuple[str, str, str, str, int]] = []
+        for namespace, key, operation, fp in claims:
+            existing = found.get((namespace, key))
+            out.append(existing)
+            if existing is None:
+                found[(namespace, key)] = IdemRecord(operation, fp, "", at)
+                new.append((namespace, key, operation, fp, to_us(at)))
+        self.c.executemany("INSERT INTO claims VALUES (?,?,?,?,'',?)", new)
+        return out
 
     def complete_claim(self, namespace: str, key: str, result_json: str) -> None:
         self.c.execute("UPDATE claims SET result=? WHERE namespace=? AND key=?", (result_json, namespace, key))

@@ -393,6 +393,24 @@ async def test_directory_claim_returns_the_first_claim_on_a_second_claim(store: 
     assert await store.write_directory(lambda d: d.claim("pos", "k1", "Earn", "fp-9", later)) is None
 
 
+async def test_directory_claims_many_keys_at_once_like_one_by_one(store: LedgerStore) -> None:
+    await store.write_directory(lambda d: d.claim("pos", "old", "Earn", "fp-old", T0))
+    later = T0 + timedelta(minutes=5)
+    batch = [("pos", f"k{i}", "Earn", f"fp-{i}") for i in range(450)]  # more than one lookup's worth
+    batch[10] = ("pos", "old", "Redeem", "fp-x")
+    batch[20] = ("web", "k5", "Earn", "fp-web")  # another namespace: a different key
+    batch[30] = ("pos", "k7", "Adjust", "fp-again")  # named twice: finds the first claim
+
+    found = await store.write_directory(lambda d: d.claim_many(batch, later))
+
+    assert found[10] == IdemRecord("Earn", "fp-old", "", T0)
+    assert found[30] == IdemRecord("Earn", "fp-7", "", later)
+    assert [i for i, record in enumerate(found) if record is not None] == [10, 30]
+    again = await store.write_directory(lambda d: d.claim("pos", "k449", "Earn", "fp-z", later))
+    assert again == IdemRecord("Earn", "fp-449", "", later)
+    assert await store.write_directory(lambda d: d.claim("web", "k5", "Earn", "fp-web", later)) is not None
+
+
 async def test_an_external_id_belongs_to_one_member_only(store: LedgerStore, backend: Backend) -> None:
     card = ExternalId("card", "6001-0001")
     first = _member("m_first", card, ExternalId("web", "ada@example"))
