@@ -193,9 +193,7 @@ class DirectoryTx(Protocol):
         """Records the claim unless the key exists; returns the existing claim when it does."""
         ...
 
-    def claim_many(
-        self, claims: Sequence[tuple[str, str, str, str]], at: datetime
-    ) -> list[IdemRecord | None]:
+    def claim_many(self, claims: Sequence[tuple[str, str, str, str]], at: datetime) -> list[IdemRecord | None]:
         """`claim` for each (namespace, key, operation, fingerprint) in order, so a key named
         twice finds its first claim; the batch path claims a whole chunk in one call."""
         ...
