@@ -36,6 +36,7 @@ from ledger_svc.domain import (
     funding_account,
     member_account,
     new_id,
+    new_lot_id,
     pending_account,
     system_account,
 )
@@ -183,7 +184,7 @@ class ShardBook:
             if points - skip <= 0:
                 continue
             lot = Lot(
-                lot_id=f"lot_{uuid.uuid4().hex[:24]}",
+                lot_id=new_lot_id(),
                 member_id=member_id,
                 unit=unit,
                 earn_transaction_id=earn_tx,
@@ -260,7 +261,7 @@ class ShardBook:
         funding = (funding_account(funding_source, unit), -points)
         if pending:
             lot = Lot(
-                lot_id=f"lot_{uuid.uuid4().hex[:24]}", member_id=member_id, unit=unit,
+                lot_id=new_lot_id(), member_id=member_id, unit=unit,
                 earn_transaction_id=record.tx_id, original_points=points, remaining_points=points,
                 expires_at=expiry, created_at=self.now, pending=True, release_at=release_at,
                 pending_review=pending_review,
@@ -699,14 +700,14 @@ class ShardBook:
         record = self._record(TxKind.MERGE_IN, member_id, unit, balance, tx_id=tx_id, reference=merge_id)
         for points, expires in moved["lots"]:
             self.tx.add_lot(Lot(
-                lot_id=f"lot_{uuid.uuid4().hex[:24]}", member_id=member_id, unit=unit, earn_transaction_id=tx_id,
+                lot_id=new_lot_id(), member_id=member_id, unit=unit, earn_transaction_id=tx_id,
                 original_points=points, remaining_points=points,
                 expires_at=datetime.fromisoformat(expires) if expires else None, created_at=self.now,
             ))  # fmt: skip
         for points, expires, release, review, earn_tx in moved["pending_lots"]:
             # Keeps the original earn id so ReleasePending of that earn still finds it.
             self.tx.add_lot(Lot(
-                lot_id=f"lot_{uuid.uuid4().hex[:24]}", member_id=member_id, unit=unit, earn_transaction_id=earn_tx,
+                lot_id=new_lot_id(), member_id=member_id, unit=unit, earn_transaction_id=earn_tx,
                 original_points=points, remaining_points=points,
                 expires_at=datetime.fromisoformat(expires) if expires else None, created_at=self.now,
                 pending=True, release_at=datetime.fromisoformat(release) if release else None, pending_review=review,

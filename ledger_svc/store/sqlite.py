@@ -586,16 +586,22 @@ class SqliteDirectoryTx:
 
     def claim_many(self, claims: Sequence[tuple[str, str, str, str]], at: datetime) -> list[IdemRecord | None]:
         found: dict[tuple[str, str], IdemRecord] = {}
-        keys = list(dict.fromkeys((namespace, key) for namespace, key, _, _ in claims))
-        for first in range(0, len(keys), _KEYS_PER_SELECT):
-            part = keys[first : first + _KEYS_PER_SELECT]
-            rows = self.c.execute(
-                "SELECT namespace, key, operation, fingerprint, result, created_at FROM claims"
-                f" WHERE (namespace, key) IN (VALUES {','.join(['(?,?)'] * len(part))})",
-                [v for pair in part for v in pair],
-            )
-            for r in rows:
-                found[(r[0], r[1])] = IdemRecord(r[2], r[3], r[4], from_us(r[5]))
+        by_namespace: dict[str, dict[str, None]] = {}
+        for namespace, key, _, _ in claims:
+            by_namespace.setdefault(namespace, {})[key] = None
+        for namespace, keys in by_namespace.items():
+            # One namespace per query: SQLite answers `(namespace, key) IN (VALUES ...)` with a
+            # full scan, `namespace = ? AND key IN (...)` with primary-key lookups.
+            listed = list(keys)
+            for first in range(0, len(listed), _KEYS_PER_SELECT):
+                part = listed[first : first + _KEYS_PER_SELECT]
+                rows = self.c.execute(
+                    "SELECT key, operation, fingerprint, result, created_at FROM claims"
+                    f" WHERE namespace=? AND key IN ({','.join('?' * len(part))})",
+                    [namespace, *part],
+                )
+                for r in rows:
+                    found[(namespace, r[0])] = IdemRecord(r[1], r[2], r[3], from_us(r[4]))
         out: list[IdemRecord | None] = []
         new: list[tuple[str, str, str, str, int]] = []
         for namespace, key, operation, fp in claims:
