@@ -337,9 +337,9 @@ def return_cmd(r: ledger_pb2.RecordReturnRequest, purchase_id: str) -> c.RecordR
     )  # fmt: skip
 
 
-def ingested_pb(index: int, p: PurchaseRecord) -> ledger_pb2.IngestedPurchase:
+def ingested_pb(index: int, p: PurchaseRecord, replayed: bool) -> ledger_pb2.IngestedPurchase:
     out = ledger_pb2.IngestedPurchase(
-        index=index, purchase_id=p.purchase_id, status=_purchase_status(p.status), earned=p.earned()
+        index=index, purchase_id=p.purchase_id, status=_purchase_status(p.status), earned=p.earned(), replayed=replayed
     )
     if p.screening is not None:
         out.verdict = _verdict(p.screening.verdict)

@@ -337,7 +337,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             else:
                 summary.posted += 1
             if isinstance(outcome[0], PurchaseRecord):
-                summary.purchases.append(cv.ingested_pb(offset + i, outcome[0]))
+                summary.purchases.append(cv.ingested_pb(offset + i, outcome[0], outcome[1]))
 
     @translated
     async def ListReviews(

@@ -16,10 +16,11 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -59,6 +60,12 @@ RETRYABLE_CODES = frozenset(
 # Returns from every legacy adapter share one namespace: the same slip arriving in two
 # formats is one return (or, with different contents, a conflict a person must look at).
 RETURN_KEY_NAMESPACE = "legacy"
+# Purchases per IngestBatch stream, sent in pages of INGEST_PAGE; a run of purchases longer
+# than this goes in several streams, still in file order.
+PURCHASE_BATCH = 2_000
+INGEST_PAGE = 500
+# A stream's chunks wait up to POINTMESH_BATCH_DEADLINE_SECONDS each for rules_svc and fraud_svc.
+BATCH_TIMEOUT_SECONDS = 300
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -108,11 +115,21 @@ class _Refused(Exception):
         self.refusal = refusal
 
 
+class _Stopped(Exception):
+    """A failure that says nothing about a record: the import stops."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 @dataclass
 class _Session:
     ledger: ledger_pb2_grpc.LedgerServiceStub
     channel: str
     members: dict[str, str | _Refusal] = field(default_factory=dict)  # card -> member id, per import
+    queued: list[tuple[LegacyPurchase, ledger_pb2.RecordPurchaseRequest]] = field(default_factory=list)
     accepted: int = 0
     duplicates: int = 0
     pending: int = 0
@@ -140,6 +157,7 @@ class _Session:
         return known
 
     async def purchase(self, p: LegacyPurchase) -> None:
+        """Queues the purchase for the next `send_purchases`."""
         member_id = await self.member_of(p.member)
         request = ledger_pb2.RecordPurchaseRequest(
             member_id=member_id, channel=p.channel or self.channel, store_id=p.store_id, receipt_id=p.receipt_id,
@@ -155,13 +173,38 @@ class _Session:
         )  # fmt: skip
         # No transport key: the receipt's natural key is the dedupe, and a key made from a
         # source id (a line number, a batch id) could only add false conflicts.
-        response = await self.ledger.RecordPurchase(request)
-        if response.replayed:
-            self.duplicates += 1
-            return
-        self.accepted += 1
-        if response.purchase.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL:
-            self.pending += 1
+        self.queued.append((p, request))
+
+    async def send_purchases(self) -> list[tuple[LegacyPurchase, _Refusal]]:
+        """The queued purchases in one IngestBatch stream of pages, in file order (the ledger's
+        batch accrual path, a few times faster than RecordPurchase one by one, same results);
+        returns the ones refused. Raises _Stopped on a failure that is not about a record."""
+        queued, self.queued = self.queued, []
+        if not queued:
+            return []
+        pages = [
+            ledger_pb2.IngestBatchRequest(page=ledger_pb2.IngestPage(
+                items=[ledger_pb2.IngestBatchRequest(purchase=r) for _, r in queued[first : first + INGEST_PAGE]]))
+            for first in range(0, len(queued), INGEST_PAGE)
+        ]  # fmt: skip
+        response = await self.ledger.IngestBatch(iter(pages), timeout=BATCH_TIMEOUT_SECONDS)
+        refused: list[tuple[LegacyPurchase, _Refusal]] = []
+        for failure in response.failures:
+            code = grpc.StatusCode[failure.code]
+            text = f"{failure.field}: {failure.message}" if failure.field else failure.message
+            if code not in REFUSAL_CODES:
+                raise _Stopped(code, text)
+            where = f" on {failure.field}" if failure.field else ""
+            reason = f"ledger refused ({code.name}{where}): {text}"
+            refused.append((queued[failure.index][0], _Refusal(code.name, failure.field, reason)))
+        for done in response.purchases:
+            if done.replayed:
+                self.duplicates += 1
+                continue
+            self.accepted += 1
+            if done.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL:
+                self.pending += 1
+        return refused
 
     async def return_(self, r: LegacyReturn) -> None:
         member_id = await self.member_of(r.member)
@@ -212,31 +255,51 @@ def _refusal(error: grpc.aio.AioRpcError) -> _Refusal:
 async def import_records(
     records: Iterable[Parsed], ledger: ledger_pb2_grpc.LedgerServiceStub, *, adapter: str, channel: str
 ) -> ImportReport:
-    """Sends records in order (a return after its purchase in the same file finds it), one at a
-    time; `channel` is used wherever a record names none. Raises ImportInterrupted on a failure
-    that is not about a record."""
+    """Sends records in file order: runs of purchases in IngestBatch streams of up to
+    PURCHASE_BATCH, each return after the purchases before it (so a return finds its purchase
+    from the same file); `channel` is used wherever a record names none. Raises
+    ImportInterrupted on a failure that is not about a record."""
     session = _Session(ledger, channel)
     quarantined: list[Quarantined] = []
-    for item in records:
-        if isinstance(item, Quarantined):
-            quarantined.append(item)
-            continue
-        try:
-            if isinstance(item, LegacyPurchase):
-                await session.purchase(item)
+    try:
+        for item in records:
+            if isinstance(item, Quarantined):
+                quarantined.append(item)
+            elif isinstance(item, LegacyPurchase):
+                quarantined.extend(await _sent(item, session.purchase))
+                if len(session.queued) >= PURCHASE_BATCH:
+                    quarantined.extend(await _sent_purchases(session))
             else:
-                await session.return_(item)
-        except _Refused as refused:
-            quarantined.extend(_held_back(item, refused.refusal))
-        except grpc.aio.AioRpcError as error:
-            if error.code() in REFUSAL_CODES:
-                quarantined.extend(_held_back(item, _refusal(error)))
-                continue
-            partial = _report(session, adapter, channel, quarantined)
-            raise ImportInterrupted(
-                error.code(), error.details() or "", retryable=error.code() in RETRYABLE_CODES, partial=partial
-            ) from error
+                quarantined.extend(await _sent_purchases(session))
+                quarantined.extend(await _sent(item, session.return_))
+        quarantined.extend(await _sent_purchases(session))
+    except _Stopped as stop:
+        partial = _report(session, adapter, channel, quarantined)
+        raise ImportInterrupted(
+            stop.code, stop.message, retryable=stop.code in RETRYABLE_CODES, partial=partial
+        ) from stop
     return _report(session, adapter, channel, quarantined)
+
+
+async def _sent(item: Any, send: Callable[[Any], Awaitable[None]]) -> list[Quarantined]:
+    """Sends (or queues) one record; its lines when the ledger refused it."""
+    try:
+        await send(item)
+    except _Refused as refused:
+        return _held_back(item, refused.refusal)
+    except grpc.aio.AioRpcError as error:
+        if error.code() in REFUSAL_CODES:
+            return _held_back(item, _refusal(error))
+        raise _Stopped(error.code(), error.details() or "") from error
+    return []
+
+
+async def _sent_purchases(session: _Session) -> list[Quarantined]:
+    try:
+        refused = await session.send_purchases()
+    except grpc.aio.AioRpcError as error:
+        raise _Stopped(error.code(), error.details() or "") from error
+    return [line for purchase, refusal in refused for line in _held_back(purchase, refusal)]
 
 
 def _held_back(item: LegacyPurchase | LegacyReturn, refusal: _Refusal) -> list[Quarantined]:

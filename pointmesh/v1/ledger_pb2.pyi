@@ -1788,6 +1788,7 @@ class IngestedPurchase(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     EARNED_FIELD_NUMBER: _builtins.int
     SCORED_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position of the item in the stream, from 0."""
     purchase_id: _builtins.str
@@ -1796,6 +1797,8 @@ class IngestedPurchase(_message.Message):
     """The fraud screening verdict it was posted under (UNSPECIFIED when not screened)."""
     scored: _builtins.bool
     """False when fraud_svc could not score it and the unavailable policy gave the verdict."""
+    replayed: _builtins.bool
+    """The receipt was recorded before with this body (by any transport); nothing new posted."""
     @_builtins.property
     def earned(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Points earned per unit (pending when the verdict is REVIEW)."""
@@ -1809,10 +1812,11 @@ class IngestedPurchase(_message.Message):
         verdict: Global___ScreeningVerdict.ValueType = ...,
         earned: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         scored: _builtins.bool = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["earned", b"earned", "index", b"index", "purchase_id", b"purchase_id", "scored", b"scored", "status", b"status", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["earned", b"earned", "index", b"index", "purchase_id", b"purchase_id", "replayed", b"replayed", "scored", b"scored", "status", b"status", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

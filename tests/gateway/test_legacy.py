@@ -417,3 +417,58 @@ def test_a_header_that_is_not_csv_quarantines_the_file_instead_of_failing() -> N
     parsed = list(CsvDropAdapter().parse("odd.csv", data))
     assert [(q.line, q.field) for q in parsed if isinstance(q, Quarantined)] == [(1, "header"), (2, "header")]
     assert "not CSV" in parsed[0].reason  # type: ignore[union-attr]
+
+
+async def test_a_nightly_file_of_thousands_of_receipts_goes_in_batches_and_earns_exactly(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """2,100 receipts, a return in the middle of them (it must find its purchase from earlier in
+    the same file), a receipt repeated, one conflicting and one for an unknown card: the
+    purchases go in IngestBatch streams (more than one: the run after the return is longer
+    than a stream) and every member ends with exactly the points of their receipts."""
+    cards = [f"5000-{k:04d}" for k in range(150)]
+    members = {card: await member_with_card(mesh, card) for card in cards}
+    header = "record_type,store_id,receipt_id,line_no,receipt_time,card_number,currency,sku,category,quantity,amount"
+    header += ",original_channel,original_store_id,original_receipt_id,original_line"
+    expected = {card: 100 for card in cards}  # every card buys at least once: the welcome
+
+    def receipt(i: int, euros: int) -> str:
+        at = datetime(2026, 1, 2, 8, 0, tzinfo=UTC) + timedelta(seconds=10 * i)  # 10:00-15:50 in Helsinki
+        return f"P,HEL-01,N-{i},1,{at.isoformat()},{cards[i % len(cards)]},EUR,SKU-{i},misc,2,{euros}.00,,,,"
+
+    lines = [header]
+    for i in range(2100):
+        if i == 300:
+            # One of the two items of N-12 (4.00 EUR, 4 points) comes back.
+            lines.append(f"R,HEL-01,NR-1,1,2026-01-03T10:00:00+02:00,{cards[12]},EUR,SKU-12,misc,1,2.00,,,N-12,1")
+            expected[cards[12]] -= 2
+        if i == 1500:
+            lines.append(receipt(20, 20 % 5 + 2))  # the same receipt again: a duplicate
+        if i == 1600:
+            conflict_line = len(lines) + 1
+            lines.append(receipt(30, 99))  # the same receipt with another amount
+        if i == 1700:
+            unknown_line = len(lines) + 1
+            lines.append(receipt(40, 5).replace(cards[40 % len(cards)], "9999-0000"))
+        lines.append(receipt(i, i % 5 + 2))
+        expected[cards[i % len(cards)]] += i % 5 + 2
+    source = tmp_path / "nightly.csv"
+    source.write_text("\n".join(lines) + "\n")
+    records = list(CsvDropAdapter().parse(str(source), source.read_bytes()))
+
+    first = await import_records(records, mesh.ledger.stub, adapter="csv", channel="pos")
+
+    assert (first.accepted, first.duplicates, first.pending_accrual) == (2101, 1, 0)
+    assert lines_of(first.quarantined) == [
+        (conflict_line, "ALREADY_EXISTS", "idempotency_key.key"),  # what RecordPurchase says too
+        (unknown_line, "NOT_FOUND", "card_number"),
+    ]
+    reason = first.quarantined[0].reason
+    assert reason.startswith("ledger refused (ALREADY_EXISTS on idempotency_key.key): idempotency_key.key: ")
+    assert "purchase:meshmart" in reason
+    assert {card: await points(mesh, members[card]) for card in cards} == expected
+
+    again = await import_records(records, mesh.ledger.stub, adapter="csv", channel="pos")
+    assert (again.accepted, again.duplicates) == (0, 2102)  # 2,100 receipts, the repeat, the return
+    assert lines_of(again.quarantined) == lines_of(first.quarantined)
+    assert {card: await points(mesh, members[card]) for card in cards} == expected
