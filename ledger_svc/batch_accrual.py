@@ -32,7 +32,7 @@ from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc.accrual import EngineUnavailable, Priced
 from ledger_svc.domain import FailedPrecondition, LedgerError
-from ledger_svc.ingest import claim_many
+from ledger_svc.ingest import WRITE_RUN, claim_many
 from ledger_svc.postings import ShardBook
 from ledger_svc.purchases import MemberState, PurchaseRecord, Quote, load_state, purchase_id_for
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
     from ledger_svc.accrual import Accrual
 
 Outcome = tuple[PurchaseRecord, bool] | LedgerError
-# Purchases of one member written in one shard write (a Cassandra batch stays well under its size limit).
-WRITE_RUN = 8
 
 
 @dataclass(slots=True)

@@ -22,6 +22,10 @@ from ledger_svc.store.base import DirectoryTx, ShardTx
 if TYPE_CHECKING:
     from ledger_svc.service import LedgerService
 
+# Items of one member in one write unit where the store commits per member (Cassandra): a
+# conditional batch stays well under Cassandra's batch size limit.
+WRITE_RUN = 8
+
 
 class BatchIngest:
     def __init__(self, service: LedgerService) -> None:
@@ -56,10 +60,11 @@ class BatchIngest:
         return results
 
     async def _together(self, prepared: list[_Prepared]) -> list[tuple[int, Any]]:
-        """First-time items, one write unit per shard (per member where the store commits per
-        member) that runs every item in one ShardBook, so accounts are read once and rows are
-        written in bulk. An item failing rolls its whole group back; the group then runs item
-        by item, so the failure stays that item's alone."""
+        """First-time items in as few write units as the store allows: one per shard on
+        SQLite (the whole shard commits atomically), one per member and at most WRITE_RUN
+        items on Cassandra (it commits per member partition, in batches of bounded size).
+        A unit runs its items in one ShardBook, so accounts are read once and rows are written
+        in bulk."""
         svc = self.service
         outcomes: list[tuple[int, Any]] = []
         refused: dict[str, LedgerError] = {}
@@ -72,29 +77,62 @@ class BatchIngest:
         for p in prepared:
             if p.member_id in refused:
                 outcomes.append((p.index, refused[p.member_id]))
+            elif svc.store.multi_member_units:
+                groups.setdefault((p.shard, ""), []).append(p)
             else:
-                scope = "" if svc.store.multi_member_units else p.member_id or p.command.key.key
-                groups.setdefault((p.shard, scope), []).append(p)
-        done = await asyncio.gather(*(self._group(shard, group) for (shard, _), group in groups.items()))
+                # A reversal's member is known only in the write: it goes alone.
+                groups.setdefault((p.shard, p.owner or f"#{p.index}"), []).append(p)
+        done = await asyncio.gather(*(self._runs(shard, group) for (shard, _), group in groups.items()))
         for group_outcomes in done:
             outcomes.extend(group_outcomes)
         return outcomes
 
+    async def _runs(self, shard: int, group: list[_Prepared]) -> list[tuple[int, Any]]:
+        """A group's items in order, in runs of at most WRITE_RUN where the store commits per member."""
+        step = len(group) if self.service.store.multi_member_units else WRITE_RUN
+        out: list[tuple[int, Any]] = []
+        for first in range(0, len(group), step):
+            out.extend(await self._group(shard, group[first : first + step]))
+        return out
+
     async def _group(self, shard: int, group: list[_Prepared]) -> list[tuple[int, Any]]:
+        """The items in one unit, in order. One that fails rolls the unit back: the items
+        before it run together again, it runs alone (its failure is its own answer) and the
+        ones after it go on together."""
+        svc = self.service
+        out: list[tuple[int, Any]] = []
+        while group:
+            failed: list[int] = []
+            written: list[Any] | None = None
+            with contextlib.suppress(LedgerError):
+                written = await svc.store.write(shard, self._unit(group, failed))
+            if written is not None:
+                out.extend((p.index, outcome) for p, outcome in zip(group, written, strict=True))
+                break
+            k = failed[-1] if failed else 0
+            if k:
+                out.extend(await self._group(shard, group[:k]))
+            alone = await asyncio.gather(self._one(group[k], False), return_exceptions=True)
+            out.append((group[k].index, _settled(alone)[0]))
+            group = group[k + 1 :]
+        return out
+
+    def _unit(self, group: list[_Prepared], failed: list[int]) -> Callable[[ShardTx], list[tuple[Any, bool]]]:
         svc = self.service
 
         def unit(tx: ShardTx) -> list[tuple[Any, bool]]:
             book = ShardBook(tx, svc.clock.now(), svc.policy)
-            out = [svc._run_idempotent(book, p.command, p.fingerprint, p.result_type, p.body) for p in group]
+            out = []
+            for k, p in enumerate(group):
+                try:
+                    out.append(svc._run_idempotent(book, p.command, p.fingerprint, p.result_type, p.body))
+                except LedgerError:
+                    failed.append(k)
+                    raise
             svc._committed_later(book.touched)
             return out
 
-        written: list[Any] | None = None
-        with contextlib.suppress(LedgerError):
-            written = await svc.store.write(shard, unit)
-        if written is None:
-            written = _settled(await asyncio.gather(*(self._one(p, False) for p in group), return_exceptions=True))
-        return [(p.index, outcome) for p, outcome in zip(group, written, strict=True)]
+        return unit
 
     async def _one(self, p: _Prepared, maybe_replay: bool) -> tuple[Any, bool]:
         svc = self.service
@@ -117,20 +155,20 @@ class BatchIngest:
             earn = svc._check_earn(cmd)
             await svc._require_exists(earn.member_id)
             return _Prepared(index, earn, svc.shard_of(earn.member_id), c.fingerprint(earn), EarnResult,
-                             lambda b: svc._earn_body(b, earn), earn.member_id)  # fmt: skip
+                             lambda b: svc._earn_body(b, earn), earn.member_id, earn.member_id)  # fmt: skip
         if isinstance(cmd, c.Redeem):
             red = svc._check_redeem(cmd)
             await svc._require_exists(red.member_id)
             # Batch files are trusted back-office feeds: not screened (docs/fraud.md).
             return _Prepared(index, red, svc.shard_of(red.member_id), c.fingerprint(red), RedeemResult,
                              lambda b: redeem_or_hold(b, red, None, hold_timeout=svc.policy.hold_max_timeout),
-                             red.member_id)  # fmt: skip
+                             red.member_id, red.member_id)  # fmt: skip
         if isinstance(cmd, c.Adjust):
             adj = svc._check_adjust(cmd)
             await svc._require_not_merged(adj.member_id)
             return _Prepared(index, adj, svc.shard_of(adj.member_id), c.fingerprint(adj), Transaction,
                              lambda b: b.adjust(adj.member_id, adj.unit, adj.points, reason=adj.reason,
-                                                operator_id=adj.operator_id))  # fmt: skip
+                                                operator_id=adj.operator_id), owner=adj.member_id)  # fmt: skip
         rev = svc._check_reverse(cmd)
         if await svc._merged_owner(rev.transaction_id) is not None:
             # Reversing an earn of a merged member is a two-shard saga; the unary path runs it.
@@ -150,6 +188,7 @@ class _Prepared:
     result_type: type[Any]
     body: Callable[[ShardBook], Any]
     member_id: str = ""  # whose ACTIVE status must hold (adjust and reverse need none)
+    owner: str = ""  # the member whose partition the item writes, when known before the write
     via: Callable[[Any], Awaitable[Any]] | None = None  # a use case that runs the item itself
 
 

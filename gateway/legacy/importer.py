@@ -66,6 +66,7 @@ PURCHASE_BATCH = 2_000
 INGEST_PAGE = 500
 # A stream's chunks wait up to POINTMESH_BATCH_DEADLINE_SECONDS each for rules_svc and fraud_svc.
 BATCH_TIMEOUT_SECONDS = 300
+STREAM_RETRY_DELAYS = (0.5, 2.0, 5.0)  # seconds before each resend of a stream that failed for the moment
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -187,7 +188,14 @@ class _Session:
                 items=[ledger_pb2.IngestBatchRequest(purchase=r) for _, r in queued[first : first + INGEST_PAGE]]))
             for first in range(0, len(queued), INGEST_PAGE)
         ]  # fmt: skip
-        response = await self.ledger.IngestBatch(iter(pages), timeout=BATCH_TIMEOUT_SECONDS)
+        response = await self._ingest(pages)
+        for done in response.purchases:
+            if done.replayed:
+                self.duplicates += 1
+                continue
+            self.accepted += 1
+            if done.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL:
+                self.pending += 1
         refused: list[tuple[LegacyPurchase, _Refusal]] = []
         for failure in response.failures:
             code = grpc.StatusCode[failure.code]
@@ -197,14 +205,24 @@ class _Session:
             where = f" on {failure.field}" if failure.field else ""
             reason = f"ledger refused ({code.name}{where}): {text}"
             refused.append((queued[failure.index][0], _Refusal(code.name, failure.field, reason)))
-        for done in response.purchases:
-            if done.replayed:
-                self.duplicates += 1
-                continue
-            self.accepted += 1
-            if done.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL:
-                self.pending += 1
         return refused
+
+    async def _ingest(self, pages: list[ledger_pb2.IngestBatchRequest]) -> ledger_pb2.IngestBatchResponse:
+        """One stream, sent again after a failure of the moment (the client channel retries
+        unary calls only): every purchase in it is idempotent, so a resend replays what the
+        first attempt posted and posts the rest."""
+        for delay in STREAM_RETRY_DELAYS:
+            try:
+                response: ledger_pb2.IngestBatchResponse = await self.ledger.IngestBatch(
+                    iter(pages), timeout=BATCH_TIMEOUT_SECONDS
+                )
+                return response
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RETRYABLE_CODES:
+                    raise
+            await asyncio.sleep(delay)
+        response = await self.ledger.IngestBatch(iter(pages), timeout=BATCH_TIMEOUT_SECONDS)
+        return response
 
     async def return_(self, r: LegacyReturn) -> None:
         member_id = await self.member_of(r.member)

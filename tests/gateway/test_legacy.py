@@ -8,6 +8,7 @@ mesh clock (Monday 2026-01-05 08:00Z) and outside every weekend or happy-hour ru
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
@@ -21,11 +22,14 @@ import pytest
 from gateway.legacy import fields
 from gateway.legacy.csv_drop import CsvDropAdapter
 from gateway.legacy.fixed_width import LAYOUTS, FixedWidthAdapter
-from gateway.legacy.importer import ImportInterrupted, import_file, import_records
-from gateway.legacy.records import LegacyPurchase, LegacyReturn, Quarantined
+from gateway.legacy.importer import ImportInterrupted, import_file, import_records, ledger_stub
+from gateway.legacy.records import LegacyPurchase, LegacyReturn, Origin, Quarantined, SourceLine
+from gateway.legacy.records import Member as LegacyMember
+from gateway.legacy.records import PurchaseLine as LegacyLine
 from gateway.legacy.webhook import SignatureError, WebhookAdapter, sign, verify_signature
-from pointmesh.redis_server import free_port
+from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2
+from tests.conftest import start_ledger, stop_ledger
 from tests.ledger.helpers import create_member, rpc_error, ts
 from tests.mesh import conftest as mesh_fixtures
 from tests.mesh.conftest import Mesh
@@ -472,3 +476,39 @@ async def test_a_nightly_file_of_thousands_of_receipts_goes_in_batches_and_earns
     assert (again.accepted, again.duplicates) == (0, 2102)  # 2,100 receipts, the repeat, the return
     assert lines_of(again.quarantined) == lines_of(first.quarantined)
     assert {card: await points(mesh, members[card]) for card in cards} == expected
+
+
+async def test_a_stream_of_purchases_is_sent_again_when_the_ledger_comes_back(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The client channel retries unary calls only; the importer resends a stream of purchases
+    that failed for the moment (here the ledger is down when it first goes), and since every
+    purchase is idempotent the second attempt posts each of them once."""
+    address = f"127.0.0.1:{free_port()}"
+    first = await start_ledger(tmp_path / "ledger", redis_server.url, ledger_addr=address)
+    member = (await create_member(first.stub)).member_id
+    at = first.clock.now() - timedelta(hours=2)
+    await stop_ledger(first)
+    records = [
+        LegacyPurchase(
+            f"rec-{i}", LegacyMember(member_id=member), "", "HEL-01", f"B-{i}", "EUR",
+            (LegacyLine("SKU-1", "misc", 1, 1000 + i),), at + timedelta(minutes=i),
+            Origin("webhook", (SourceLine(i + 1, f"line {i}"),)),
+        )
+        for i in range(5)
+    ]  # fmt: skip
+    async with ledger_stub(address) as stub:
+        importing = asyncio.ensure_future(import_records(records, stub, adapter="webhook", channel="web"))
+        await asyncio.sleep(0.2)  # the first attempt has failed by now
+        assert not importing.done()
+        again = await start_ledger(tmp_path / "ledger", redis_server.url, ledger_addr=address)
+        try:
+            report = await importing
+            # No rules_svc behind this ledger: the purchases wait for accrual, recorded once.
+            assert (report.accepted, report.duplicates, report.pending_accrual) == (5, 0, 5)
+            listed = await again.stub.ListPurchases(ledger_pb2.ListPurchasesRequest(
+                channel="web", receipt_time_from=ts(at), receipt_time_until=ts(at + timedelta(hours=1))
+            ))  # fmt: skip
+            assert sorted(p.receipt_id for p in listed.purchases) == [f"B-{i}" for i in range(5)]
+        finally:
+            await stop_ledger(again)

@@ -214,3 +214,37 @@ async def test_pages_post_like_single_items_numbered_by_stream_position(ledger: 
     again = await ledger.stub.IngestBatch(iter(stream), timeout=60)
     assert counts(again) == (401, 0, 399, 2)
     assert (await balance(ledger.stub, members[0])).balance_points == expected[members[0]]
+
+
+async def test_one_members_long_run_posts_in_stream_order_around_the_items_that_fail(ledger: LedgerUnderTest) -> None:
+    """120 earns and three redemptions of one member in one chunk: each redemption meets
+    exactly the earns before it in the stream, a refused one fails alone, and on Cassandra the
+    member's items go in runs small enough for one conditional batch."""
+    member = (await create_member(ledger.stub)).member_id
+
+    def earn_item(i: int) -> ledger_pb2.IngestBatchRequest:
+        return ledger_pb2.IngestBatchRequest(
+            earn=ledger_pb2.EarnRequest(idempotency_key=key(f"run-e{i}"), member_id=member, points=1)
+        )
+
+    def redeem_item(name: str, points: int) -> ledger_pb2.IngestBatchRequest:
+        return ledger_pb2.IngestBatchRequest(
+            redeem=ledger_pb2.RedeemRequest(idempotency_key=key(name), member_id=member, points=points)
+        )
+
+    items = [
+        *(earn_item(i) for i in range(60)),
+        redeem_item("run-r1", 100),  # 60 earned so far: refused
+        *(earn_item(i) for i in range(60, 120)),
+        redeem_item("run-r2", 100),  # 120 earned: posts
+        redeem_item("run-r3", 30),  # 20 left: refused
+    ]
+    page = ledger_pb2.IngestBatchRequest(page=ledger_pb2.IngestPage(items=items))
+
+    response = await ledger.stub.IngestBatch(iter([page]), timeout=120)
+
+    assert counts(response) == (123, 121, 0, 2)
+    assert failures_of(response) == [(60, "FAILED_PRECONDITION", "points"), (122, "FAILED_PRECONDITION", "points")]
+    got = await balance(ledger.stub, member)
+    assert (got.balance_points, got.lifetime_earned_points, got.version) == (20, 120, 121)
+    await assert_books_balance(ledger)
