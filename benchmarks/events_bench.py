@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from benchmarks.harness import wait_port
+from benchmarks.harness import rules_and_ledger
 from ledger_svc import commands as c
 from ledger_svc.app import build as build_ledger
 from ledger_svc.domain import IdemKey
@@ -38,16 +37,6 @@ from pointmesh.kafka_server import KafkaServer
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2
-
-REPO = Path(__file__).resolve().parent.parent
-PROGRAM = """
-program: bench
-default_timezone: Europe/Helsinki
-units: [points]
-channels: [franchise]
-stores: [{id: F-001, region: FI, timezone: Europe/Helsinki}]
-base_rates: [{currency: EUR, unit: points, points: 1, per_minor: 100}]
-"""
 
 
 async def publish_rate(bus: EventBus, name: str, n: int) -> None:
@@ -108,24 +97,13 @@ async def relay_rate(tmp: Path, redis_url: str, bus_settings: dict[str, str], na
 
 
 def bulk_ingest(tmp: Path, redis_url: str, bootstrap: str, n: int) -> None:
-    rules_port, ledger_port = free_port(), free_port()
-    (tmp / "bench.yaml").write_text(PROGRAM)
-    env = {**os.environ, "POINTMESH_DATA_DIR": str(tmp / "ingest"), "POINTMESH_REDIS_URL": redis_url,
-           "POINTMESH_RULES_ADDR": f"127.0.0.1:{rules_port}", "POINTMESH_RULES_METRICS_PORT": "0",
-           "POINTMESH_RULES_SEED_FILE": str(tmp / "bench.yaml"), "POINTMESH_PROGRAM": "bench",
-           "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{ledger_port}", "POINTMESH_LEDGER_METRICS_PORT": "0",
-           "POINTMESH_EVENT_BUS": "kafka", "POINTMESH_KAFKA_BOOTSTRAP": bootstrap, "POINTMESH_FRAUD_SCREENING": "false",
-           "POINTMESH_LOG_LEVEL": "WARNING"}  # fmt: skip
-    procs = [subprocess.Popen([sys.executable, "-m", "pointmesh.cli", svc, "serve"], env=env, cwd=REPO)
-             for svc in ("rules", "ledger")]  # fmt: skip
-    try:
-        wait_port(rules_port, 60)
-        wait_port(ledger_port, 60)
-        asyncio.run(_ingest(f"127.0.0.1:{ledger_port}", bootstrap, n))
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(30)
+    env = {
+        "POINTMESH_EVENT_BUS": "kafka",
+        "POINTMESH_KAFKA_BOOTSTRAP": bootstrap,
+        "POINTMESH_DATA_DIR": str(tmp / "ingest"),
+    }
+    with rules_and_ledger(tmp, redis_url, **env) as ledger_addr:
+        asyncio.run(_ingest(ledger_addr, bootstrap, n))
 
 
 async def _ingest(ledger_addr: str, bootstrap: str, n: int) -> None:

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+from pointmesh.redis_server import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+# A one-currency program: 1 point per EUR.
+BENCH_PROGRAM = """
+program: bench
+default_timezone: Europe/Helsinki
+units: [points]
+channels: [pos, franchise]
+stores: [{id: F-001, region: FI, timezone: Europe/Helsinki}]
+base_rates: [{currency: EUR, unit: points, points: 1, per_minor: 100}]
+"""
 
 # A no-op grpc.aio server: the ceiling any unary RPC can reach on this machine.
 ECHO_SERVER = """
@@ -58,3 +76,26 @@ def describe(name: str, n: int, elapsed: float, latencies: list[float]) -> float
     p99 = lat[int(len(lat) * 0.99) - 1] * 1000
     print(f"{name:34s} {rate:9.0f}/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms   ({n} calls)")
     return rate
+
+
+@contextlib.contextmanager
+def rules_and_ledger(tmp: Path, redis_url: str, **env: str) -> Iterator[str]:
+    """rules_svc on BENCH_PROGRAM and ledger_svc (fraud screening off) as subprocesses on
+    free ports; yields the ledger's address. `env` adds or overrides POINTMESH_* variables."""
+    rules_port, ledger_port = free_port(), free_port()
+    (tmp / "bench.yaml").write_text(BENCH_PROGRAM)
+    full = {**os.environ, "POINTMESH_DATA_DIR": str(tmp / "data"), "POINTMESH_REDIS_URL": redis_url,
+            "POINTMESH_RULES_ADDR": f"127.0.0.1:{rules_port}", "POINTMESH_RULES_METRICS_PORT": "0",
+            "POINTMESH_RULES_SEED_FILE": str(tmp / "bench.yaml"), "POINTMESH_PROGRAM": "bench",
+            "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{ledger_port}", "POINTMESH_LEDGER_METRICS_PORT": "0",
+            "POINTMESH_FRAUD_SCREENING": "false", "POINTMESH_LOG_LEVEL": "WARNING", **env}  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-m", "pointmesh.cli", svc, "serve"], env=full, cwd=REPO)
+             for svc in ("rules", "ledger")]  # fmt: skip
+    try:
+        wait_port(rules_port, 60)
+        wait_port(ledger_port, 60)
+        yield f"127.0.0.1:{ledger_port}"
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)

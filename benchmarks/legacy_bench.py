@@ -13,29 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from benchmarks.harness import wait_port
+from benchmarks.harness import rules_and_ledger
 from gateway.legacy.importer import import_file
 from pointmesh.clients import ledger_stub
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2
 
-REPO = Path(__file__).resolve().parent.parent
-PROGRAM = """
-program: bench
-default_timezone: Europe/Helsinki
-units: [points]
-channels: [pos]
-stores: [{id: F-001, region: FI, timezone: Europe/Helsinki}]
-base_rates: [{currency: EUR, unit: points, points: 1, per_minor: 100}]
-"""
 HEADER = "record_type,store_id,receipt_id,line_no,receipt_time,card_number,currency,sku,category,quantity,amount"
 
 
@@ -92,24 +82,10 @@ def main() -> int:
         tmp = Path(name)
         redis = RedisServer(free_port(), tmp / "redis", appendonly=False)
         redis.start()
-        rules_port, ledger_port = free_port(), free_port()
-        (tmp / "bench.yaml").write_text(PROGRAM)
-        env = {**os.environ, "POINTMESH_DATA_DIR": str(tmp / "data"), "POINTMESH_REDIS_URL": redis.url,
-               "POINTMESH_RULES_ADDR": f"127.0.0.1:{rules_port}", "POINTMESH_RULES_METRICS_PORT": "0",
-               "POINTMESH_RULES_SEED_FILE": str(tmp / "bench.yaml"), "POINTMESH_PROGRAM": "bench",
-               "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{ledger_port}", "POINTMESH_LEDGER_METRICS_PORT": "0",
-               "POINTMESH_FRAUD_SCREENING": "false", "POINTMESH_INGEST_CONSUMER": "false",
-               "POINTMESH_LOG_LEVEL": "WARNING"}  # fmt: skip
-        procs = [subprocess.Popen([sys.executable, "-m", "pointmesh.cli", svc, "serve"], env=env, cwd=REPO)
-                 for svc in ("rules", "ledger")]  # fmt: skip
         try:
-            wait_port(rules_port, 60)
-            wait_port(ledger_port, 60)
-            asyncio.run(measure(f"127.0.0.1:{ledger_port}", tmp, args.receipts, args.members))
+            with rules_and_ledger(tmp, redis.url, POINTMESH_INGEST_CONSUMER="false") as ledger_addr:
+                asyncio.run(measure(ledger_addr, tmp, args.receipts, args.members))
         finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(30)
             redis.stop()
     return 0
 
