@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Protocol
 from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc import validation as v
-from ledger_svc.coalescer import PurchaseCoalescer
 from ledger_svc.domain import FailedPrecondition, IdemKey, InvalidArgument, LedgerError, Money
 from ledger_svc.postings import ShardBook
 from ledger_svc.purchases import (
@@ -93,11 +92,7 @@ class PointsEngine(Protocol):
     ) -> Quote: ...
 
     async def quote_many(
-        self,
-        program: str,
-        items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]],
-        *,
-        interactive: bool = False,
+        self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
     ) -> list[Quote | LedgerError | None]: ...
 
 
@@ -109,20 +104,11 @@ def natural_key(program: str, cmd: c.RecordPurchase) -> IdemKey:
 
 
 class Accrual:
-    def __init__(
-        self, service: LedgerService, engine: PointsEngine | None, program: str, *, coalesce: bool = False
-    ) -> None:
+    def __init__(self, service: LedgerService, engine: PointsEngine | None, program: str) -> None:
         self.svc = service
         self.engine = engine
         self.program = program
         self._down_until = 0.0
-        self.coalescer = PurchaseCoalescer(self) if coalesce else None
-
-    async def record(self, cmd: c.RecordPurchase) -> tuple[PurchaseRecord, bool]:
-        """RecordPurchase: with other calls in flight through the coalescer when there is one."""
-        if self.coalescer is not None:
-            return await self.coalescer.record_purchase(cmd)
-        return await self.record_purchase(cmd)
 
     # Purchases ----------------------------------------------------------------------------
 

@@ -196,7 +196,6 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         engine=RulesEngineClient(settings.rules_addr, settings.rules_deadline_seconds, settings.batch_deadline_seconds),
         program=settings.program,
         fraud=fraud_screen(settings),
-        coalesce_purchases=settings.coalesce_purchases,
     )
     # Its own Redis client: blocking stream reads outlast the cache client's short timeouts.
     bus = open_bus(settings)

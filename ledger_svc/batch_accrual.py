@@ -65,12 +65,9 @@ class _Found:
 
 
 class BatchAccrual:
-    def __init__(self, accrual: Accrual, *, interactive: bool = False) -> None:
-        """`interactive`: each purchase has a caller waiting on it (coalesced RecordPurchase
-        calls), so rules_svc and fraud_svc get their unary deadlines, not the batch ones."""
+    def __init__(self, accrual: Accrual) -> None:
         self.accrual = accrual
         self.svc = accrual.svc
-        self.interactive = interactive
 
     async def run(self, items: Sequence[c.RecordPurchase | LedgerError]) -> list[Outcome]:
         """Per item (purchase, replayed) or the LedgerError it failed with."""
@@ -172,7 +169,7 @@ class BatchAccrual:
             state = replace(found.states[member], purchase_count=it.count)
             requests.append((it.cmd, state, await svc.member_profile(member)))
         try:
-            quotes = await acc.engine.quote_many(acc.program, requests, interactive=self.interactive)
+            quotes = await acc.engine.quote_many(acc.program, requests)
         except EngineUnavailable as exc:
             acc.engine_down(f"a batch of {len(items)} purchases", exc)
             for it in items:
@@ -209,9 +206,7 @@ class BatchAccrual:
             ))  # fmt: skip
             if it.quote.release_at is None:
                 available[member] += points  # points released later are not available meanwhile
-        for it, screening in zip(
-            items, await svc.fraud.screen_many(requests, interactive=self.interactive), strict=True
-        ):
+        for it, screening in zip(items, await svc.fraud.screen_many(requests), strict=True):
             it.screening = screening
 
     async def _claim(self, items: list[_Item], now: datetime, results: list[Outcome | None]) -> None:

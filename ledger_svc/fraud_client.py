@@ -45,7 +45,6 @@ def scored_transaction(r: ScreeningRequest) -> fraud_pb2.ScoredTransaction:
 class FraudScreenerClient:
     def __init__(self, target: str, deadline_seconds: float, batch_deadline_seconds: float) -> None:
         self.stub = fraud_stub(target, default_timeout_seconds=deadline_seconds)
-        self.deadline = deadline_seconds
         self.batch_deadline = batch_deadline_seconds
 
     async def screen(self, request: ScreeningRequest) -> Screening:
@@ -57,15 +56,12 @@ class FraudScreenerClient:
             raise ScreenerUnavailable(f"{error.code().name}: {error.details()}") from None
         return _screening(response)
 
-    async def screen_many(
-        self, requests: Sequence[ScreeningRequest], *, interactive: bool = False
-    ) -> list[Screening | ScreenerUnavailable]:
+    async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening | ScreenerUnavailable]:
         """One ScoreBatch, in the given (event-time) order; a row fraud_svc could not score
-        comes back as ScreenerUnavailable for the policy to decide. `interactive`: callers
-        wait on these rows, so the unary deadline applies instead of the batch one."""
+        comes back as ScreenerUnavailable for the policy to decide."""
         batch = fraud_pb2.ScoreBatchRequest(transactions=[scored_transaction(r) for r in requests])
         try:
-            response = await self.stub.ScoreBatch(batch, timeout=self.deadline if interactive else self.batch_deadline)
+            response = await self.stub.ScoreBatch(batch, timeout=self.batch_deadline)
         except grpc.aio.AioRpcError as error:
             raise ScreenerUnavailable(f"{error.code().name}: {error.details()}") from None
         if len(response.items) != len(requests):

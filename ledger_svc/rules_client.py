@@ -99,7 +99,6 @@ def _refusal(code: str, message: str, field: str) -> LedgerError | None:
 class RulesEngineClient:
     def __init__(self, target: str, deadline_seconds: float, batch_deadline_seconds: float) -> None:
         self.stub = rules_stub(target, default_timeout_seconds=deadline_seconds)
-        self.deadline = deadline_seconds
         self.batch_deadline = batch_deadline_seconds
 
     async def quote(self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str]) -> Quote:
@@ -118,24 +117,17 @@ class RulesEngineClient:
         return quote_of(response.evaluation)
 
     async def quote_many(
-        self,
-        program: str,
-        items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]],
-        *,
-        interactive: bool = False,
+        self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
     ) -> list[Quote | LedgerError | None]:
         """One EvaluateBatch; a basket rules_svc refuses fails alone, one it could not answer
         for another reason is None (it asks again on its own), an unavailable rules_svc fails
-        the call (EngineUnavailable). `interactive`: callers wait on these purchases, so the
-        unary deadline applies instead of the batch one."""
+        the call (EngineUnavailable)."""
         requests = [evaluate_request(program, *item) for item in items]
         batch = rules_pb2.EvaluateBatchRequest(
             program=program, items=[rules_pb2.EvaluateItem(basket=r.basket, member=r.member) for r in requests]
         )
         try:
-            response = await self.stub.EvaluateBatch(
-                batch, timeout=self.deadline if interactive else self.batch_deadline
-            )
+            response = await self.stub.EvaluateBatch(batch, timeout=self.batch_deadline)
         except grpc.aio.AioRpcError as error:
             raise EngineUnavailable(f"{error.code().name}: {error.details()}") from None
         out: list[Quote | LedgerError | None] = []

@@ -85,9 +85,7 @@ class ScreenerUnavailable(Exception):
 class Screener(Protocol):
     async def screen(self, request: ScreeningRequest) -> Screening: ...
 
-    async def screen_many(
-        self, requests: Sequence[ScreeningRequest], *, interactive: bool = False
-    ) -> list[Screening | ScreenerUnavailable]: ...
+    async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening | ScreenerUnavailable]: ...
 
 
 class FraudDenied(FailedPrecondition):
@@ -136,14 +134,14 @@ class FraudScreen:
                 self._trip(f"{request.kind} {request.event_id}", exc)
         return self._unscored(request)
 
-    async def screen_many(self, requests: Sequence[ScreeningRequest], *, interactive: bool = False) -> list[Screening]:
+    async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening]:
         """Many in one call, scored in event-time order whatever order they are given in."""
         if not requests:
             return []
         if self._up():
             order = sorted(range(len(requests)), key=lambda i: (requests[i].occurred_at, i))
             try:
-                scored = await self.screener.screen_many([requests[i] for i in order], interactive=interactive)
+                scored = await self.screener.screen_many([requests[i] for i in order])
             except ScreenerUnavailable as exc:
                 self._trip(f"{len(requests)} transactions", exc)
             else:

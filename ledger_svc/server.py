@@ -163,7 +163,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def RecordPurchase(
         self, request: ledger_pb2.RecordPurchaseRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.RecordPurchaseResponse:
-        record, replayed = await self.service.accrual.record(cv.purchase_cmd(request))
+        record, replayed = await self.service.accrual.record_purchase(cv.purchase_cmd(request))
         return ledger_pb2.RecordPurchaseResponse(purchase=cv.purchase_pb(record), replayed=replayed)
 
     @translated

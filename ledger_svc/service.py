@@ -87,7 +87,6 @@ class LedgerService:
         engine: PointsEngine | None = None,
         program: str = "aurora",
         fraud: FraudScreen | None = None,
-        coalesce_purchases: bool = False,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -102,7 +101,7 @@ class LedgerService:
         self._loop = asyncio.get_running_loop()
         self.sagas = Sagas(self)
         self._totals: tuple[datetime, ReconcileReport] | None = None
-        self.accrual = Accrual(self, engine, program, coalesce=coalesce_purchases)
+        self.accrual = Accrual(self, engine, program)
 
     # Routing and plumbing ----------------------------------------------------------------
 

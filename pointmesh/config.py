@@ -68,9 +68,6 @@ class Settings:
     # Deadline of the EvaluateBatch and ScoreBatch calls batch ingest makes (hundreds of
     # purchases each); past it the chunk's purchases take the unary path one by one.
     batch_deadline_seconds: float = 30.0
-    # RecordPurchase calls in flight together go through one batch accrual pass (one
-    # EvaluateBatch, one ScoreBatch) with the unary deadlines (ledger_svc/coalescer.py).
-    coalesce_purchases: bool = True
     ledger_shards: int = 4
     # NORMAL in WAL mode survives a process crash; see docs/decisions/0003-sqlite-durability.md.
     sqlite_synchronous: str = "NORMAL"

@@ -13,7 +13,6 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import grpc
-from prometheus_client import REGISTRY
 
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.ledger.helpers import error_field, rpc_error
@@ -171,31 +170,3 @@ async def test_bad_baskets_get_precise_errors_and_write_nothing(mesh: Mesh) -> N
     # Nothing was claimed either: the corrected receipt earns normally.
     good = await buy(mesh, member, [("misc", 100, 1)], receipt="B-1", store="OSL-01".replace("OSL", "HEL"))
     assert good.purchase.status == EARNED and not good.replayed
-
-
-def rules_calls(method: str) -> float:
-    """rules_svc's count of `method` calls answered OK (the mesh runs it in this process)."""
-    service = rules_pb2.DESCRIPTOR.services_by_name["RulesService"].full_name
-    labels = {"service": service, "method": method, "code": "OK"}
-    return REGISTRY.get_sample_value("pointmesh_rpc_requests_total", labels) or 0.0
-
-
-async def test_purchases_in_flight_together_share_batch_calls_and_earn_what_each_earns_alone(mesh: Mesh) -> None:
-    """RecordPurchase calls that arrive together go through one batch accrual pass (one
-    EvaluateBatch for many of them, no unary Evaluate), and each caller still gets its own
-    purchase with the points it would have earned alone."""
-    members = [await new_member(mesh) for _ in range(24)]
-    evaluate, evaluate_batch = rules_calls("Evaluate"), rules_calls("EvaluateBatch")
-
-    results = await asyncio.gather(*(buy(mesh, m, [("misc", 1000 + 100 * i, 1)]) for i, m in enumerate(members)))
-
-    for i, (member, result) in enumerate(zip(members, results, strict=True)):
-        assert result.purchase.member_id == member
-        assert exact(result.purchase) == {"points": 10 + i + 100, "tier_credits": 10 + i}  # base + welcome
-        assert await points(mesh, member) == 10 + i + 100
-    batches = rules_calls("EvaluateBatch") - evaluate_batch
-    assert rules_calls("Evaluate") == evaluate
-    assert 1 <= batches < len(members)
-
-    again = await asyncio.gather(*(buy(mesh, m, [("misc", 500, 1)]) for m in members))
-    assert [exact(r.purchase) for r in again] == [{"points": 5, "tier_credits": 5}] * len(members)  # no second welcome
