@@ -1,15 +1,17 @@
 """POST /v1/purchases through the whole mesh, at fixed open-loop arrival rates; figures only.
 
 `pointmesh up` runs every service in its own process on loopback (gateway -> ledger_svc ->
-rules_svc; fraud_svc is not on the path yet). This process sends purchases at a fixed rate
-whatever the answers do (open loop), and measures each latency from the moment the request
-was due, so a queue building up in any service shows in p99 instead of hiding in think time.
+rules_svc and fraud_svc). This process sends purchases at a fixed rate whatever the answers do
+(open loop), with a lean HTTP client (benchmarks/harness.py: httpx saturated the client first),
+and measures each latency from the moment the request was due, so a queue building up in any
+service shows in p99 instead of hiding in think time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -22,9 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from benchmarks.harness import wait_port
+from benchmarks.harness import LeanHttp, wait_port
 from pointmesh.redis_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,21 +39,21 @@ def body(member_id: str, n: int, at: datetime) -> dict[str, Any]:
             "total": {"amount_minor": total, "currency": "EUR"}, "lines": lines, "receipt_time": at.isoformat()}  # fmt: skip
 
 
-async def open_loop(client: httpx.AsyncClient, members: list[str], rate: float, seconds: float, offset: int) -> None:
+async def open_loop(http: LeanHttp, members: list[str], rate: float, seconds: float, offset: int) -> None:
     count = int(rate * seconds)
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     at = datetime.now(UTC) - timedelta(minutes=1)
+    bodies = [json.dumps(body(members[n % len(members)], offset + n, at)).encode() for n in range(count)]
 
     async def one(n: int, due: float) -> None:
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         try:
-            response = await client.post("/v1/purchases", json=body(members[n % len(members)], offset + n, at),
-                                         headers={"Idempotency-Key": f"bench-{offset + n}"})  # fmt: skip
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-        except httpx.HTTPError as exc:
+            status, _ = await http.post("/v1/purchases", bodies[n], {"Idempotency-Key": f"bench-{offset + n}"})
+            statuses[status] = statuses.get(status, 0) + 1
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             statuses[-1] = statuses.get(-1, 0) + 1
             print("  error:", type(exc).__name__)
         latencies.append(time.perf_counter() - due)
@@ -68,18 +68,21 @@ async def open_loop(client: httpx.AsyncClient, members: list[str], rate: float, 
           f"p99 {p99:7.1f} ms   statuses {dict(sorted(statuses.items()))}")  # fmt: skip
 
 
-async def run(url: str, key: str, rates: list[float], seconds: float, members: int) -> None:
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits,
-                                 timeout=30.0) as client:  # fmt: skip
+async def run(port: int, key: str, rates: list[float], seconds: float, members: int) -> None:
+    http = LeanHttp("127.0.0.1", port, {"Authorization": f"Bearer {key}"}, connections=128)
+    try:
         ids = []
         for i in range(members):
-            created = await client.post("/v1/members", json={}, headers={"Idempotency-Key": f"bench-member-{i}"})
-            ids.append(created.json()["member_id"])
+            status, payload = await http.post("/v1/members", b"{}", {"Idempotency-Key": f"bench-member-{i}"})
+            if status != 201:
+                raise SystemExit(f"creating a member answered {status}: {payload[:200]!r}")
+            ids.append(json.loads(payload)["member_id"])
         offset = 0
         for rate in rates:
-            await open_loop(client, ids, rate, seconds, offset)
+            await open_loop(http, ids, rate, seconds, offset)
             offset += int(rate * seconds)
+    finally:
+        await http.close()
 
 
 def main() -> int:
@@ -88,7 +91,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--members", type=int, default=500)
     args = parser.parse_args()
-    print(f"gateway benchmark: {os.cpu_count()} cores; path: client -> gateway -> ledger_svc -> rules_svc")
+    print(f"gateway benchmark: {os.cpu_count()} cores; path: client -> gateway -> ledger_svc -> rules_svc, fraud_svc")
     with tempfile.TemporaryDirectory() as tmp:
         gateway = free_port()
         env = {
@@ -108,9 +111,7 @@ def main() -> int:
             while not key_file.exists():
                 time.sleep(0.1)
             rates = [float(r) for r in args.rates.split(",")]
-            asyncio.run(
-                run(f"http://127.0.0.1:{gateway}", key_file.read_text().strip(), rates, args.seconds, args.members)
-            )
+            asyncio.run(run(gateway, key_file.read_text().strip(), rates, args.seconds, args.members))
         finally:
             up.send_signal(signal.SIGINT)
             up.wait(timeout=60)

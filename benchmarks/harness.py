@@ -99,3 +99,55 @@ def rules_and_ledger(tmp: Path, redis_url: str, **env: str) -> Iterator[str]:
         for proc in procs:
             proc.terminate()
             proc.wait(30)
+
+
+class LeanHttp:
+    """A minimal HTTP/1.1 keep-alive client over asyncio streams, for open-loop load.
+
+    httpx spends about a millisecond of client CPU per request; at a few hundred requests a
+    second on two cores the load generator then saturates before the services do (it did:
+    the gateway benchmark's "collapse" above 200/s was httpx at 90-95% of a core while the
+    services idled). This client writes a request and reads status, headers and a
+    Content-Length body; nothing else (no chunked bodies, no redirects, no TLS).
+    """
+
+    def __init__(self, host: str, port: int, headers: dict[str, str], connections: int = 64) -> None:
+        self._host, self._port = host, port
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **headers}.items())
+        self._idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = asyncio.Queue()
+        for _ in range(connections):
+            self._idle.put_nowait(None)  # opened on first use
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        conn = await self._idle.get()
+        try:
+            if conn is None:
+                conn = await asyncio.open_connection(self._host, self._port)
+            reader, writer = conn
+            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            writer.write(
+                f"POST {path} HTTP/1.1\r\n{self._head}{extra}Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            payload = await reader.readexactly(length)
+        except BaseException:
+            if conn is not None:
+                conn[1].close()
+            self._idle.put_nowait(None)
+            raise
+        self._idle.put_nowait(conn)
+        return status, payload
+
+    async def close(self) -> None:
+        while not self._idle.empty():
+            conn = self._idle.get_nowait()
+            if conn is not None:
+                conn[1].close()
