@@ -34,17 +34,25 @@ class Gateway:
     clock: Clock
 
 
-def gateway(request: Request) -> Gateway:
+# Dependencies are `async def` even with nothing to await: FastAPI runs a plain `def`
+# dependency in its thread pool, two thread hand-offs per request on the purchase path.
+
+
+def _gateway_of(request: Request) -> Gateway:
     gw: Gateway = request.app.state.gateway
     return gw
 
 
+async def gateway(request: Request) -> Gateway:
+    return _gateway_of(request)
+
+
 async def principal(request: Request) -> Principal:
-    gw = gateway(request)
+    gw = _gateway_of(request)
     return resolve(credential_of(request.headers), gw.keys, gw.tokens)
 
 
-def idempotency_key(
+async def idempotency_key(
     caller: Annotated[Principal, Depends(principal)],
     idempotency_key: Annotated[
         str | None,

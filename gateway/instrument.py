@@ -5,13 +5,13 @@ and the /metrics endpoint on the API's own port."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pointmesh.telemetry import tracer
 
@@ -26,32 +26,55 @@ HTTP_LATENCY = Histogram(
 )  # fmt: skip
 
 
-def _route(request: Request) -> str:
+def _route(app: ASGIApp, scope: Scope) -> str:
     """The route template (/v1/members/{member_id}), so member ids never become labels."""
-    route = request.scope.get("route")
+    route = scope.get("route")
     if route is not None:
         return str(getattr(route, "path", "unmatched"))
-    for candidate in request.app.router.routes:
-        match, _ = candidate.matches(request.scope)
+    for candidate in getattr(app, "routes", ()):
+        match, _ = candidate.matches(scope)
         if match == Match.FULL:
             return str(getattr(candidate, "path", "unmatched"))
     return "unmatched"
 
 
-def instrument(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+class _Measured:
+    """Plain ASGI middleware rather than `@app.middleware("http")`: Starlette's
+    BaseHTTPMiddleware runs each request through an extra task and memory streams."""
+
+    def __init__(self, app: ASGIApp, routes: ASGIApp) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        parent = propagate.extract(dict(request.headers))
-        with TRACER.start_as_current_span(f"HTTP {request.method}", context=parent, kind=SpanKind.SERVER) as span:
-            response = await call_next(request)
-            route = _route(request)
-            span.update_name(f"{request.method} {route}")
-            span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", response.status_code)
-        HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
-        HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
-        return response
+        method = scope["method"]
+        status = [500]  # what an exception that escapes the app becomes
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        parent = propagate.extract(headers)
+        with TRACER.start_as_current_span(f"HTTP {method}", context=parent, kind=SpanKind.SERVER) as span:
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                route = _route(self.routes, scope)
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status[0])
+                HTTP_REQUESTS.labels(route, method, str(status[0])).inc()
+                HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
+
+
+def instrument(app: FastAPI) -> None:
+    app.add_middleware(_Measured, routes=app.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
