@@ -53,7 +53,7 @@ async def open_loop(http: LeanHttp, members: list[str], rate: float, seconds: fl
         try:
             status, _ = await http.post("/v1/purchases", bodies[n], {"Idempotency-Key": f"bench-{offset + n}"})
             statuses[status] = statuses.get(status, 0) + 1
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError) as exc:
             statuses[-1] = statuses.get(-1, 0) + 1
             print("  error:", type(exc).__name__)
         latencies.append(time.perf_counter() - due)
@@ -69,7 +69,7 @@ async def open_loop(http: LeanHttp, members: list[str], rate: float, seconds: fl
 
 
 async def run(port: int, key: str, rates: list[float], seconds: float, members: int) -> None:
-    http = LeanHttp("127.0.0.1", port, {"Authorization": f"Bearer {key}"}, connections=128)
+    http = LeanHttp("127.0.0.1", port, {"Authorization": f"Bearer {key}"})
     try:
         ids = []
         for i in range(members):

@@ -108,43 +108,66 @@ class LeanHttp:
     second on two cores the load generator then saturates before the services do (it did:
     the gateway benchmark's "collapse" above 200/s was httpx at 90-95% of a core while the
     services idled). This client writes a request and reads status, headers and a
-    Content-Length body; nothing else (no chunked bodies, no redirects, no TLS).
+    Content-Length body; it refuses chunked bodies, and has no redirects and no TLS. The
+    most recently used connection goes first (a server closes idle ones), and a request
+    whose reused connection was closed before any answer is sent once more on a new one.
     """
 
-    def __init__(self, host: str, port: int, headers: dict[str, str], connections: int = 64) -> None:
-        self._host, self._port = host, port
+    def __init__(
+        self, host: str, port: int, headers: dict[str, str], connections: int = 256, timeout: float = 30.0
+    ) -> None:
+        self._host, self._port, self._timeout = host, port, timeout
         self._head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{host}:{port}", **headers}.items())
-        self._idle: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = asyncio.Queue()
+        self._idle: asyncio.LifoQueue[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = asyncio.LifoQueue()
         for _ in range(connections):
             self._idle.put_nowait(None)  # opened on first use
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = (
+            f"POST {path} HTTP/1.1\r\n{self._head}{extra}Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         conn = await self._idle.get()
+        keep = False
         try:
-            if conn is None:
+            async with asyncio.timeout(self._timeout):
+                if conn is not None:
+                    try:
+                        status, payload, keep = await self._exchange(conn, request)
+                        return status, payload
+                    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                        if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
+                            raise
+                        conn[1].close()  # closed by the server while idle: once more, on a new one
                 conn = await asyncio.open_connection(self._host, self._port)
-            reader, writer = conn
-            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            writer.write(
-                f"POST {path} HTTP/1.1\r\n{self._head}{extra}Content-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            payload = await reader.readexactly(length)
-        except BaseException:
-            if conn is not None:
+                status, payload, keep = await self._exchange(conn, request)
+                return status, payload
+        finally:
+            if not keep and conn is not None:
                 conn[1].close()
-            self._idle.put_nowait(None)
-            raise
-        self._idle.put_nowait(conn)
-        return status, payload
+            self._idle.put_nowait(conn if keep else None)
+
+    @staticmethod
+    async def _exchange(
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes
+    ) -> tuple[int, bytes, bool]:
+        reader, writer = conn
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length, keep = 0, True
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                raise ValueError(f"transfer-encoding {value.decode()} is not supported")
+            elif name == b"connection" and value == b"close":
+                keep = False
+        return status, await reader.readexactly(length), keep
 
     async def close(self) -> None:
         while not self._idle.empty():

@@ -66,7 +66,9 @@ PURCHASE_BATCH = 2_000
 INGEST_PAGE = 500
 # A stream's chunks wait up to POINTMESH_BATCH_DEADLINE_SECONDS each for rules_svc and fraud_svc.
 BATCH_TIMEOUT_SECONDS = 300
-STREAM_RETRY_DELAYS = (0.5, 2.0, 5.0)  # seconds before each resend of a stream that failed for the moment
+# Seconds before each resend of a stream the ledger could not take (UNAVAILABLE: restarting,
+# unreachable). Not for a stream that ran out of time: a slow ledger gets no second load.
+STREAM_RETRY_DELAYS = (0.5, 2.0, 5.0)
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -134,6 +136,7 @@ class _Session:
     accepted: int = 0
     duplicates: int = 0
     pending: int = 0
+    resend_delays: tuple[float, ...] = STREAM_RETRY_DELAYS
 
     async def member_of(self, who: Member) -> str:
         if who.member_id:
@@ -208,17 +211,17 @@ class _Session:
         return refused
 
     async def _ingest(self, pages: list[ledger_pb2.IngestBatchRequest]) -> ledger_pb2.IngestBatchResponse:
-        """One stream, sent again after a failure of the moment (the client channel retries
-        unary calls only): every purchase in it is idempotent, so a resend replays what the
-        first attempt posted and posts the rest."""
-        for delay in STREAM_RETRY_DELAYS:
+        """One stream, sent again when the ledger could not take it (the client channel retries
+        unary calls only): every purchase in it is idempotent, so a resend replays what an
+        earlier attempt posted (counted as duplicates) and posts the rest."""
+        for delay in self.resend_delays:
             try:
                 response: ledger_pb2.IngestBatchResponse = await self.ledger.IngestBatch(
                     iter(pages), timeout=BATCH_TIMEOUT_SECONDS
                 )
                 return response
             except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE_CODES:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
             await asyncio.sleep(delay)
         response = await self.ledger.IngestBatch(iter(pages), timeout=BATCH_TIMEOUT_SECONDS)
@@ -271,13 +274,20 @@ def _refusal(error: grpc.aio.AioRpcError) -> _Refusal:
 
 
 async def import_records(
-    records: Iterable[Parsed], ledger: ledger_pb2_grpc.LedgerServiceStub, *, adapter: str, channel: str
+    records: Iterable[Parsed],
+    ledger: ledger_pb2_grpc.LedgerServiceStub,
+    *,
+    adapter: str,
+    channel: str,
+    resend_delays: tuple[float, ...] = STREAM_RETRY_DELAYS,
 ) -> ImportReport:
     """Sends records in file order: runs of purchases in IngestBatch streams of up to
     PURCHASE_BATCH, each return after the purchases before it (so a return finds its purchase
-    from the same file); `channel` is used wherever a record names none. Raises
-    ImportInterrupted on a failure that is not about a record."""
-    session = _Session(ledger, channel)
+    from the same file); `channel` is used wherever a record names none. A stream the ledger
+    could not take is resent after each of `resend_delays` (none: an HTTP caller waiting on
+    the import gets its 503 at once). Raises ImportInterrupted on a failure that is not about
+    a record."""
+    session = _Session(ledger, channel, resend_delays=resend_delays)
     quarantined: list[Quarantined] = []
     try:
         for item in records:

@@ -56,7 +56,8 @@ def _within_stores(records: Iterable[Parsed], stores: tuple[str, ...]) -> Iterat
 
 async def _run(gw: Any, records: Iterable[Parsed], adapter: str, channel: str, source: str) -> ImportReport:
     try:
-        report = await import_records(records, gw.ledger, adapter=adapter, channel=channel)
+        # A caller is waiting: an unavailable ledger is its 503 now, not after resends.
+        report = await import_records(records, gw.ledger, adapter=adapter, channel=channel, resend_delays=())
     except ImportInterrupted as exc:
         raise Problem(503, "service-unavailable", "The import stopped", f"{exc}; send the same file again",
                       headers={"Retry-After": "5"}) from None  # fmt: skip
