@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from redis.asyncio import Redis
 
-from benchmarks.harness import closed_loop, describe, wait_port
+from benchmarks.harness import REPO, closed_loop, describe, wait_port
 from fraud_svc.domain import TxContext
 from fraud_svc.features import featurize
 from fraud_svc.model import latest_artifact, load_artifact
@@ -39,8 +39,6 @@ from fraud_svc.velocity_redis import RedisVelocity
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.rpc import client_channel
 from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def percentiles(name: str, seconds: Sequence[float]) -> None:

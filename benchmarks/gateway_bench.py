@@ -24,10 +24,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import LeanHttp, wait_port
+from benchmarks.harness import REPO, LeanHttp, wait_port
 from pointmesh.redis_server import free_port
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def body(member_id: str, n: int, at: datetime) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.harness import ECHO_SERVER, closed_loop, describe, wait_port
+from benchmarks.harness import ECHO_SERVER, REPO, closed_loop, describe, wait_port
 from ledger_svc.store.cassandra_schema import migrate
 from ledger_svc.store.sqlite import SHARD_SCHEMA
 from ledger_svc.store.sqlite_worker import connect
@@ -39,7 +39,6 @@ from pointmesh.config import load_settings
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
-REPO = Path(__file__).resolve().parent.parent
 INGEST_PAGE = 500
 
 

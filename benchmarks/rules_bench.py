@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks.harness import ECHO_SERVER, closed_loop, describe, wait_port
+from benchmarks.harness import ECHO_SERVER, REPO, closed_loop, describe, wait_port
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2, rules_pb2_grpc
@@ -32,7 +32,6 @@ from rules_svc.domain import Basket, Line, MemberContext
 from rules_svc.engine import CompiledProgram
 from rules_svc.program import validate_program
 
-REPO = Path(__file__).resolve().parent.parent
 CHANNELS = ["pos", "web", "app", "call_centre"]
 STORES = [("HEL-01", "FI", "Europe/Helsinki"), ("HEL-02", "FI", "Europe/Helsinki"), ("LIS-01", "PT", "Europe/Lisbon"),
           ("LIS-02", "PT", "Europe/Lisbon"), ("STO-01", "SE", "Europe/Stockholm")]  # fmt: skip

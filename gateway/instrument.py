@@ -10,7 +10,7 @@ from fastapi import FastAPI, Response
 from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from starlette.routing import Match
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pointmesh.telemetry import tracer
@@ -26,12 +26,12 @@ HTTP_LATENCY = Histogram(
 )  # fmt: skip
 
 
-def _route(app: ASGIApp, scope: Scope) -> str:
+def _route(router: Router, scope: Scope) -> str:
     """The route template (/v1/members/{member_id}), so member ids never become labels."""
     route = scope.get("route")
     if route is not None:
         return str(getattr(route, "path", "unmatched"))
-    for candidate in getattr(app, "routes", ()):
+    for candidate in router.routes:
         match, _ = candidate.matches(scope)
         if match == Match.FULL:
             return str(getattr(candidate, "path", "unmatched"))
@@ -42,9 +42,9 @@ class _Measured:
     """Plain ASGI middleware rather than `@app.middleware("http")`: Starlette's
     BaseHTTPMiddleware runs each request through an extra task and memory streams."""
 
-    def __init__(self, app: ASGIApp, routes: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, router: Router) -> None:
         self.app = app
-        self.routes = routes
+        self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,7 +65,7 @@ class _Measured:
             try:
                 await self.app(scope, receive, sending)
             finally:
-                route = _route(self.routes, scope)
+                route = _route(self.router, scope)
                 span.update_name(f"{method} {route}")
                 span.set_attribute("http.route", route)
                 span.set_attribute("http.response.status_code", status[0])
@@ -74,7 +74,7 @@ class _Measured:
 
 
 def instrument(app: FastAPI) -> None:
-    app.add_middleware(_Measured, routes=app.router)
+    app.add_middleware(_Measured, router=app.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

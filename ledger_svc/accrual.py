@@ -40,7 +40,6 @@ from ledger_svc.purchases import (
 )
 from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
-from ledger_svc.store.base import ShardTx
 from pointmesh.tiers import effective_tier
 
 if TYPE_CHECKING:
@@ -242,8 +241,7 @@ class Accrual:
             fresh.append(record)
             return p.pid
 
-        def unit(tx: ShardTx) -> list[tuple[str, PurchaseRecord | None]]:
-            book = ShardBook(tx, svc.clock.now(), svc.policy)
+        def run(book: ShardBook) -> list[tuple[str, PurchaseRecord | None]]:
             done: list[tuple[str, PurchaseRecord | None]] = []
             for p in priced:
                 fresh: list[PurchaseRecord] = []
@@ -252,10 +250,9 @@ class Accrual:
                 except StaleQuote:  # raised before the purchase wrote anything
                     break
                 done.append((pid, None if replayed else fresh[0]))
-            svc._committed_later(book.touched)
             return done
 
-        written = await svc.store.write(svc.shard_of(member_id), unit)
+        written = await svc.store.write(svc.shard_of(member_id), svc._in_book(run))
         return [
             (record, False) if record is not None else (await self.get_purchase(pid), True) for pid, record in written
         ]
@@ -377,8 +374,7 @@ class Accrual:
             refusal = f"{error.field}: {error.message}" if error.field else error.message
         review_id = new_review_id(member_id)
 
-        def unit(tx: ShardTx) -> int:
-            book = ShardBook(tx, svc.clock.now(), svc.policy)
+        def settle(book: ShardBook) -> int:
             current = load_purchase(book, purchase_id)
             if current.status != PurchaseStatus.PENDING_ACCRUAL:
                 return 0
@@ -386,10 +382,9 @@ class Accrual:
                 save_purchase(book, replace(current, status=PurchaseStatus.REFUSED, status_reason=refusal))
             else:
                 accrue(book, current, quote, screening, review_id)
-            svc._committed_later(book.touched)
             return 1
 
-        return await svc.store.write(shard, unit)
+        return await svc._book(shard, settle)
 
     # Returns ----------------------------------------------------------------------------------
 

@@ -118,10 +118,10 @@ class BatchIngest:
         return out
 
     def _unit(self, group: list[_Prepared], failed: list[int]) -> Callable[[ShardTx], list[tuple[Any, bool]]]:
+        """The group's items in one ShardBook; the position of one that fails goes to `failed`."""
         svc = self.service
 
-        def unit(tx: ShardTx) -> list[tuple[Any, bool]]:
-            book = ShardBook(tx, svc.clock.now(), svc.policy)
+        def run(book: ShardBook) -> list[tuple[Any, bool]]:
             out = []
             for k, p in enumerate(group):
                 try:
@@ -129,10 +129,9 @@ class BatchIngest:
                 except LedgerError:
                     failed.append(k)
                     raise
-            svc._committed_later(book.touched)
             return out
 
-        return unit
+        return svc._in_book(run)
 
     async def _one(self, p: _Prepared, maybe_replay: bool) -> tuple[Any, bool]:
         svc = self.service

@@ -159,12 +159,17 @@ class LedgerService:
         self, cmd: Any, fp: str, rtype: type[R], body: Callable[[ShardBook], R]
     ) -> Callable[[ShardTx], tuple[R, bool]]:
         """The shard half of idempotency: replay the stored result, or run and store it."""
+        return self._in_book(lambda book: self._run_idempotent(book, cmd, fp, rtype, body))
 
-        def unit(tx: ShardTx) -> tuple[R, bool]:
+    def _in_book(self, body: Callable[[ShardBook], R]) -> Callable[[ShardTx], R]:
+        """A unit of work running `body` in its own ShardBook; the balances it touched are
+        invalidated, and the relay woken, once it commits."""
+
+        def unit(tx: ShardTx) -> R:
             book = ShardBook(tx, self.clock.now(), self.policy)
-            outcome = self._run_idempotent(book, cmd, fp, rtype, body)
+            result = body(book)
             self._committed_later(book.touched)
-            return outcome
+            return result
 
         return unit
 
@@ -185,14 +190,7 @@ class LedgerService:
 
     async def _book(self, shard: int, body: Callable[[ShardBook], R]) -> R:
         """Runs a non-idempotent-key unit (jobs, saga steps) and invalidates what it touched."""
-
-        def unit(tx: ShardTx) -> R:
-            book = ShardBook(tx, self.clock.now(), self.policy)
-            result = body(book)
-            self._committed_later(book.touched)
-            return result
-
-        return await self.store.write(shard, unit)
+        return await self.store.write(shard, self._in_book(body))
 
     def _committed_later(self, touched: list[Balance]) -> None:
         """Called in the store thread; cache invalidation and the relay wake-up run on the loop.

@@ -205,9 +205,7 @@ class _Session:
             text = f"{failure.field}: {failure.message}" if failure.field else failure.message
             if code not in REFUSAL_CODES:
                 raise _Stopped(code, text)
-            where = f" on {failure.field}" if failure.field else ""
-            reason = f"ledger refused ({code.name}{where}): {text}"
-            refused.append((queued[failure.index][0], _Refusal(code.name, failure.field, reason)))
+            refused.append((queued[failure.index][0], _refused_as(code, failure.field, text)))
         return refused
 
     async def _ingest(self, pages: list[ledger_pb2.IngestBatchRequest]) -> ledger_pb2.IngestBatchResponse:
@@ -269,8 +267,13 @@ def _refusal(error: grpc.aio.AioRpcError) -> _Refusal:
             field = detail.metadata["field"]
         elif isinstance(detail, error_details_pb2.BadRequest) and detail.field_violations and not field:
             field = detail.field_violations[0].field
+    return _refused_as(code, field, error.details() or "")
+
+
+def _refused_as(code: grpc.StatusCode, field: str, details: str) -> _Refusal:
+    """One wording for a refusal, whether a unary call's status or a batch item's failure said it."""
     where = f" on {field}" if field else ""
-    return _Refusal(code.name, field, f"ledger refused ({code.name}{where}): {error.details()}")
+    return _Refusal(code.name, field, f"ledger refused ({code.name}{where}): {details}")
 
 
 async def import_records(

@@ -173,7 +173,7 @@ def _saga(r: tuple[object, ...]) -> SagaRecord:
     )
 
 
-_KEYS_PER_SELECT = 400  # (namespace, key) pairs per claims lookup, well inside SQLite's variable limit
+_KEYS_PER_SELECT = 400  # keys of one namespace per claims lookup, well inside SQLite's variable limit
 _ACCOUNT_UPSERT = (
     "INSERT INTO accounts VALUES (?,?,?,?,?) ON CONFLICT(account) DO UPDATE SET balance=excluded.balance,"
     " reserved=excluded.reserved, lifetime_earned=excluded.lifetime_earned, version=excluded.version"
@@ -575,14 +575,7 @@ class SqliteDirectoryTx:
         """Directory writes go straight to the connection; nothing waits."""
 
     def claim(self, namespace: str, key: str, operation: str, fingerprint: str, at: datetime) -> IdemRecord | None:
-        row = self.c.execute(
-            "SELECT operation, fingerprint, result, created_at FROM claims WHERE namespace=? AND key=?",
-            (namespace, key),
-        ).fetchone()
-        if row is not None:
-            return IdemRecord(row[0], row[1], row[2], from_us(row[3]))
-        self.c.execute("INSERT INTO claims VALUES (?,?,?,?,'',?)", (namespace, key, operation, fingerprint, to_us(at)))
-        return None
+        return self.claim_many([(namespace, key, operation, fingerprint)], at)[0]
 
     def claim_many(self, claims: Sequence[tuple[str, str, str, str]], at: datetime) -> list[IdemRecord | None]:
         found: dict[tuple[str, str], IdemRecord] = {}
