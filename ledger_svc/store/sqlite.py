@@ -7,6 +7,7 @@ Times are stored as integer microseconds since the epoch so they sort and compar
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -84,7 +85,7 @@ CREATE INDEX IF NOT EXISTS outbox_unrelayed ON outbox (seq) WHERE relayed_at IS 
 CREATE TABLE IF NOT EXISTS member_state (member_id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS purchases (
   purchase_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL,
-  receipt_time INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
+  receipt_time INTEGER NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS purchases_waiting ON purchases (receipt_time) WHERE status = 'PENDING_ACCRUAL';
 CREATE INDEX IF NOT EXISTS purchases_by_time ON purchases (receipt_time);
 CREATE TABLE IF NOT EXISTS reviews (
@@ -671,6 +672,34 @@ class SqliteDirectoryTx:
         return int(self.c.execute("DELETE FROM claims WHERE created_at<?", (to_us(when),)).rowcount)
 
 
+# Tables whose rows are often larger than a quarter page. A WITHOUT ROWID table keeps its rows in
+# an index b-tree, where a row over ~1,000 bytes (4 KiB pages) spills into an overflow page of its
+# own: a 1.4 KB purchase took 4.7 KB on disk. In a rowid table the same row fits a leaf page.
+_ROWID_TABLES = ("purchases",)
+
+
+def _rebuild_with_rowid(conn: sqlite3.Connection, table: str) -> None:
+    """Moves a table created WITHOUT ROWID by an earlier release into a rowid table, in one transaction.
+
+    The schema script then creates the table's indexes again (they go with the old table).
+    """
+    row = conn.execute("SELECT sql FROM sqlite_schema WHERE type='table' AND name=?", (table,)).fetchone()
+    if row is None or "WITHOUT ROWID" not in row[0].upper():
+        return
+    create = re.sub(r"\)\s*WITHOUT\s+ROWID\s*$", ")", row[0].strip(), flags=re.IGNORECASE)
+    create = create.replace(f"TABLE {table}", f"TABLE {table}_rowid", 1)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(create)
+        conn.execute(f"INSERT INTO {table}_rowid SELECT * FROM {table}")
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"ALTER TABLE {table}_rowid RENAME TO {table}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 class SqliteLedgerStore:
     """Opens (creating if needed) `shards` shard files and a directory under `data_dir`."""
 
@@ -732,6 +761,8 @@ class SqliteLedgerStore:
     def _init_schema(path: Path, schema: str, synchronous: str) -> None:
         conn = connect(path, synchronous)
         try:
+            for table in _ROWID_TABLES:
+                _rebuild_with_rowid(conn, table)
             conn.executescript(schema)
         finally:
             conn.close()

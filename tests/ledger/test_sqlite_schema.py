@@ -1,0 +1,56 @@
+"""A shard file written by an earlier release opens with today's schema and keeps its rows."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ledger_svc.store.sqlite import SqliteLedgerStore
+
+# The purchases table as releases up to 2026-12-04 created it.
+_OLD_PURCHASES = """
+CREATE TABLE purchases (
+  purchase_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL,
+  receipt_time INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX purchases_waiting ON purchases (receipt_time) WHERE status = 'PENDING_ACCRUAL';
+"""
+
+
+def _table_sql(path: Path, name: str) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return str(conn.execute("SELECT sql FROM sqlite_schema WHERE name=?", (name,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_a_without_rowid_purchases_table_is_rebuilt_with_its_rows(tmp_path: Path) -> None:
+    shard0 = tmp_path / "ledger-shard-000.sqlite"
+    conn = sqlite3.connect(shard0)
+    conn.executescript(_OLD_PURCHASES)
+    big_body = '{"lines": "' + "x" * 3000 + '"}'
+    when = int(datetime(2026, 12, 1, 12, tzinfo=UTC).timestamp() * 1_000_000)
+    conn.executemany(
+        "INSERT INTO purchases VALUES (?,?,?,?,?)",
+        [("pu_1", "m1", "EARNED", when, big_body), ("pu_2", "m1", "PENDING_ACCRUAL", when + 1, "{}")],
+    )
+    conn.commit()
+    conn.close()
+
+    store = SqliteLedgerStore(tmp_path, 1)
+    try:
+        assert await store.read(0, lambda tx: tx.get_purchase("pu_1")) == ("EARNED", big_body)
+        assert await store.read(0, lambda tx: tx.waiting_purchases(10)) == [("pu_2", "m1")]
+        await store.write(0, lambda tx: tx.put_purchase("pu_3", "m2", "EARNED", datetime.now(UTC), "{}"))
+        assert await store.read(0, lambda tx: tx.get_purchase("pu_3")) == ("EARNED", "{}")
+    finally:
+        await store.close()
+    assert "WITHOUT ROWID" not in _table_sql(shard0, "purchases").upper()
+    assert "status = 'PENDING_ACCRUAL'" in _table_sql(shard0, "purchases_waiting")
+
+    reopened = SqliteLedgerStore(tmp_path, 1)  # a second open finds nothing to move
+    try:
+        assert await reopened.read(0, lambda tx: tx.get_purchase("pu_1")) == ("EARNED", big_body)
+    finally:
+        await reopened.close()
