@@ -24,6 +24,7 @@ from gateway.instrument import instrument
 from gateway.keys import KeyStore
 from gateway.live import LiveHub
 from gateway.routes import backoffice, game, health, legacy, live, members, ops, points, program, purchases
+from pointmesh import heap
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
@@ -61,6 +62,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         follower = asyncio.create_task(gw.hub.run(), name="live-hub")
+        heap.settle()
         try:
             yield
         finally:

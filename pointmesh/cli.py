@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from pointmesh import cli_events
+from pointmesh import cli_events, heap
 from pointmesh.cassandra_server import CassandraServer
 from pointmesh.config import ConfigError, Settings, load_settings
 from pointmesh.logs import configure_logging
@@ -50,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = {"ledger": settings.ledger_metrics_port, "rules": settings.rules_metrics_port,
             "fraud": settings.fraud_metrics_port}.get(name)  # fmt: skip
     setup_telemetry(name, port)
+    heap.tune_service_process()
     module = importlib.import_module({"ledger": "ledger_svc.app", "rules": "rules_svc.app", "fraud": "fraud_svc.app",
                                       "gateway": "gateway.app"}[name])  # fmt: skip
     if name == "gateway":

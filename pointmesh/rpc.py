@@ -23,6 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from pointmesh import heap
 from pointmesh.telemetry import RPC_LATENCY, RPC_REQUESTS, tracer
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,7 @@ class GrpcServer:
             raise RuntimeError(f"{self.name}: could not bind {self.address}")
         await server.start()
         self._server, self._health, self._port = server, health_servicer, port
+        heap.settle()
         log.info("%s serving on port %d", self.name, port, extra={"address": self.address, "port": port})
         return port
 
