@@ -302,7 +302,7 @@ class Accrual:
         after = _purchase_cursor(page_token)
         found: list[PurchaseRecord] = []
         for shard in range(self.svc.store.shard_count):
-            bodies = await self.svc.store.read(shard, lambda tx: tx.purchases_between(start, end))
+            bodies = await self.svc.store.scan(shard, lambda tx: tx.purchases_between(start, end))
             for body in bodies:
                 record = codec.loads(PurchaseRecord, body)
                 mine = record.channel == channel and (not store_id or record.store_id == store_id)

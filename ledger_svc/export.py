@@ -33,7 +33,7 @@ async def export_csv(store: LedgerStore, start: datetime, end: datetime, out: Te
     closing: dict[str, int] = defaultdict(int)
     moves: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for shard in range(store.shard_count):
-        before, until_end, movements = await store.read(shard, functools.partial(_collect, start, end))
+        before, until_end, movements = await store.scan(shard, functools.partial(_collect, start, end))
         for account, points in before.items():
             opening[account_class(account)] += points
         for account, points in until_end.items():

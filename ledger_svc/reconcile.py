@@ -125,7 +125,7 @@ async def reconcile(store: LedgerStore, now: datetime | None = None) -> Reconcil
     totals: dict[str, int] = defaultdict(int)
     merged = {source for source, _target in await store.read_directory(lambda d: d.merged_members())}
     for shard in range(store.shard_count):
-        found = await store.read(shard, functools.partial(_check_shard, shard, now))
+        found = await store.scan(shard, functools.partial(_check_shard, shard, now))
         report.differences.extend(found.differences)
         report.overdue_holds += [(shard, hold_id) for hold_id in found.overdue]
         report.held_points += found.held

@@ -1351,6 +1351,10 @@ class CassandraLedgerStore:
     async def read(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
         return await self._submit(self._run_read, shard, work)
 
+    async def scan(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
+        """Every read already runs on the driver's worker threads, off the event loop."""
+        return await self.read(shard, work)
+
     async def write_directory(self, work: Callable[[CassandraDirectoryTx], T]) -> T:
         return await self._submit(self._run_directory, work, True)
 
