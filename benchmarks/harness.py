@@ -92,9 +92,9 @@ def rules_and_ledger(tmp: Path, redis_url: str, **env: str) -> Iterator[str]:
     procs = [subprocess.Popen([sys.executable, "-m", "pointmesh.cli", svc, "serve"], env=full, cwd=REPO)
              for svc in ("rules", "ledger")]  # fmt: skip
     try:
-        wait_port(rules_port, 60)
-        wait_port(ledger_port, 60)
-        yield f"127.0.0.1:{ledger_port}"
+        wait_port(int(full["POINTMESH_RULES_ADDR"].rpartition(":")[2]), 60)  # `env` may name the ports
+        wait_port(int(full["POINTMESH_LEDGER_ADDR"].rpartition(":")[2]), 60)
+        yield full["POINTMESH_LEDGER_ADDR"]
     finally:
         for proc in procs:
             proc.terminate()

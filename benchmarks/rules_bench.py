@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks.harness import ECHO_SERVER, REPO, closed_loop, describe, wait_port
+from benchmarks.harness import ECHO_SERVER, closed_loop, describe, rules_and_ledger, wait_port
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2, rules_pb2_grpc
@@ -202,28 +202,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(free_port(), Path(tmp) / "redis", appendonly=False)
         redis.start()
-        ledger_port, rules_port, echo_port = free_port(), free_port(), free_port()
-        env = {
-            **os.environ, "POINTMESH_DATA_DIR": str(Path(tmp) / "data"), "POINTMESH_REDIS_URL": redis.url,
-            "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{ledger_port}", "POINTMESH_RULES_ADDR": f"127.0.0.1:{rules_port}",
-            "POINTMESH_LEDGER_METRICS_PORT": "0", "POINTMESH_RULES_METRICS_PORT": "0", "POINTMESH_LOG_LEVEL": "WARNING",
-        }  # fmt: skip
-        procs = [
-            subprocess.Popen([sys.executable, "-m", "pointmesh.cli", "rules", "serve"], env=env, cwd=REPO),
-            subprocess.Popen([sys.executable, "-m", "pointmesh.cli", "ledger", "serve"], env=env, cwd=REPO),
-            subprocess.Popen([sys.executable, "-c", ECHO_SERVER, f"127.0.0.1:{echo_port}"]),
-        ]
+        echo_port, rules_port = free_port(), free_port()
+        echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, f"127.0.0.1:{echo_port}"])
+        # The mesh is ledger -> rules: fraud screening off (the harness's default), on the
+        # built-in aurora program rather than the harness's base-rate one.
+        mesh = rules_and_ledger(
+            Path(tmp), redis.url, POINTMESH_PROGRAM="aurora", POINTMESH_RULES_SEED_FILE="builtin:aurora",
+            POINTMESH_RULES_ADDR=f"127.0.0.1:{rules_port}",
+        )  # fmt: skip
         try:
-            for port in (ledger_port, rules_port, echo_port):
-                wait_port(port)
-            asyncio.run(
-                bench_mesh(f"127.0.0.1:{ledger_port}", f"127.0.0.1:{rules_port}", f"127.0.0.1:{echo_port}",
-                           args.calls, args.members)
-            )  # fmt: skip
+            with mesh as ledger_addr:
+                wait_port(echo_port)
+                rules_addr, echo_addr = f"127.0.0.1:{rules_port}", f"127.0.0.1:{echo_port}"
+                asyncio.run(bench_mesh(ledger_addr, rules_addr, echo_addr, args.calls, args.members))
         finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait(timeout=30)
+            echo.terminate()
+            echo.wait(timeout=30)
             redis.stop()
     return 0
 
