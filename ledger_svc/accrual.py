@@ -273,11 +273,11 @@ class Accrual:
 
     async def _claim_keys(self, cmd: c.RecordPurchase, fp: str) -> None:
         """The natural key decides; a transport key may only ever name this one receipt."""
+        claims = [(cmd.key, "RecordPurchase", fp)]
         if cmd.transport_key is not None:
-            await self.svc._claim(
-                cmd.transport_key, "RecordPurchase", hashlib.sha256(f"{cmd.key.key}|{fp}".encode()).hexdigest()
-            )
-        await self.svc._claim(cmd.key, "RecordPurchase", fp)
+            transport_fp = hashlib.sha256(f"{cmd.key.key}|{fp}".encode()).hexdigest()
+            claims.insert(0, (cmd.transport_key, "RecordPurchase", transport_fp))
+        await self.svc._claim_all(claims)
 
     async def get_purchase(self, purchase_id: str) -> PurchaseRecord:
         v.object_id(purchase_id, "pu", "purchase_id")

@@ -119,11 +119,23 @@ class LedgerService:
 
     async def _claim(self, key: IdemKey, operation: str, fp: str) -> bool:
         """Claims the key; True when it was already claimed with this payload (a possible replay)."""
+        return (await self._claim_all([(key, operation, fp)]))[0]
+
+    async def _claim_all(self, claims: Sequence[tuple[IdemKey, str, str]]) -> list[bool]:
+        """Claims (key, operation, fingerprint)s in one directory unit, each as `_claim` would; a
+        conflict on any of them claims none."""
         now = self.clock.now()
-        existing = await self.store.write_directory(lambda d: d.claim(key.namespace, key.key, operation, fp, now))
-        if existing is not None and existing.fingerprint != fp:
-            raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
-        return existing is not None
+
+        def unit(d: DirectoryTx) -> list[bool]:
+            seen: list[bool] = []
+            for key, operation, fp in claims:
+                existing = d.claim(key.namespace, key.key, operation, fp, now)
+                if existing is not None and existing.fingerprint != fp:
+                    raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
+                seen.append(existing is not None)
+            return seen
+
+        return await self.store.write_directory(unit)
 
     async def _stored_result(self, key: IdemKey, fp: str, shard: int, result_type: type[R]) -> R | None:
         """The result `shard` stored for this key and payload (fingerprint), if any."""

@@ -51,6 +51,19 @@ async def test_a_transport_key_reused_for_another_receipt_is_a_conflict(mesh: Me
     assert await points(mesh, member) == 110
 
 
+async def test_a_refused_receipt_leaves_its_transport_key_free(mesh: Mesh) -> None:
+    member = await new_member(mesh)
+    await buy(mesh, member, [("misc", 1000, 1)], receipt="R-5", transport_key="first-key")
+    # The same receipt with another body: the natural key refuses it, and neither key is kept.
+    await rpc_error(
+        buy(mesh, member, [("misc", 2000, 1)], receipt="R-5", transport_key="second-key"),
+        grpc.StatusCode.ALREADY_EXISTS,
+    )
+    other = await buy(mesh, member, [("misc", 3000, 1)], receipt="R-6", transport_key="second-key")
+    assert (other.replayed, exact(other.purchase)["points"]) == (False, 30)
+    assert await points(mesh, member) == 140  # 10 + 100 welcome, then 30
+
+
 async def test_concurrent_purchases_racing_for_the_last_of_a_member_cap_pay_it_once(mesh: Mesh) -> None:
     member = await welcomed_member(mesh)
     # Each basket: 5 base + 20 boost wanted; the day cap of 50 boost points is shared.
