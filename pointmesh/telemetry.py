@@ -65,7 +65,8 @@ _metrics_ports: set[int] = set()
 
 
 class JsonLinesExporter(SpanExporter):
-    """Spans as JSON lines in a file several processes may append to (one write per span)."""
+    """Spans as JSON lines in a file several processes may append to (one write per span), with
+    their start and end (ns since the epoch, one clock on one machine) to find the slow hop."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -79,6 +80,7 @@ class JsonLinesExporter(SpanExporter):
                 "trace_id": f"{ctx.trace_id:032x}" if ctx else "", "span_id": f"{ctx.span_id:016x}" if ctx else "",
                 "parent_id": f"{parent.span_id:016x}" if parent else "", "name": span.name,
                 "service": span.resource.attributes.get(SERVICE_NAME, ""), "kind": span.kind.name,
+                "start_ns": span.start_time, "end_ns": span.end_time, "status": span.status.status_code.name,
             }) + "\n")  # fmt: skip
         with self.path.open("a") as out:
             out.write("".join(lines))

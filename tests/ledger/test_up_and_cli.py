@@ -208,6 +208,9 @@ def test_up_serves_health_reflection_and_metrics_then_stops_everything_on_sigint
         trace = _until_trace(tmp_path / "spans.jsonl", "POST /v1/purchases",
                              {"gateway", "ledger", "rules", "fraud"})  # fmt: skip
         assert {s["service"] for s in trace} >= {"gateway", "ledger", "rules", "fraud"}
+        # Each hop's span carries its times, inside the request's (one clock on one machine).
+        root = next(s for s in trace if not s["parent_id"])
+        assert all(root["start_ns"] <= s["start_ns"] <= s["end_ns"] <= root["end_ns"] for s in trace)
         # Every service's /metrics moved by exactly what the scenario did: one member, two
         # purchases (two Evaluates, two fraud decisions, 25 + 15 tier credits), one gateway GET
         # and one gateway POST.
