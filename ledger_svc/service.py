@@ -8,6 +8,7 @@ crash between steps leaves a state `recover_sagas` completes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import itertools
@@ -58,7 +59,7 @@ from ledger_svc.reconcile import ReconcileReport, reconcile
 from ledger_svc.reviews import RedeemResult, Review, ReviewStatus, redeem_or_hold
 from ledger_svc.sagas import Sagas
 from ledger_svc.screening import FraudDenied, FraudScreen, ScreenedKind, Screening, ScreeningRequest, Verdict
-from ledger_svc.store.base import DirectoryTx, IdemRecord, LedgerStore, ShardTx
+from ledger_svc.store.base import PURGE_SLICE, DirectoryTx, IdemRecord, LedgerStore, ShardTx
 from pointmesh.clock import Clock
 
 R = TypeVar("R")
@@ -722,10 +723,22 @@ class LedgerService:
         return await self._book(shard, void)
 
     async def purge_expired_keys(self, retention: timedelta) -> int:
+        """Deletes what retention no longer keeps, a slice per unit of work, so postings served
+        meanwhile wait for one slice at most."""
         cutoff = self.clock.now() - retention
-        purged = await self.store.write_directory(lambda d: d.purge_claims_before(cutoff))
+        purged = 0
+        while True:
+            n = await self.store.write_directory(lambda d: d.purge_claims_before(cutoff, PURGE_SLICE))
+            purged += n
+            if n < PURGE_SLICE:
+                break
         for shard in range(self.store.shard_count):
-            purged += await self.store.write(shard, lambda tx: tx.purge_before(cutoff, cutoff))
+            resume = ""
+            while True:
+                n, resume = await self.store.write(shard, functools.partial(_purge_slice, cutoff, resume))
+                purged += n
+                if not resume:
+                    break
         return purged
 
     # Batch ingest ------------------------------------------------------------------------
@@ -755,6 +768,10 @@ class LedgerService:
 MEMBER_CACHE_LIMIT = 400_000
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+def _purge_slice(cutoff: datetime, resume: str, tx: ShardTx) -> tuple[int, str]:
+    return tx.purge_before(cutoff, cutoff, resume)
 
 
 def _remember(cache: dict[K, V], key: K, value: V, limit: int = MEMBER_CACHE_LIMIT) -> None:

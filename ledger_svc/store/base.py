@@ -30,6 +30,9 @@ T = TypeVar("T")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
+# Rows one retention unit looks at: a few milliseconds of work, then other units get their turn.
+PURGE_SLICE = 5_000
+
 
 def to_us(when: datetime) -> int:
     """Times are stored as integer microseconds since the epoch so they sort and compare exactly."""
@@ -183,7 +186,14 @@ class ShardTx(Protocol):
         self, status: str, member_id: str, after: tuple[datetime, str] | None, limit: int
     ) -> list[tuple[datetime, str, str]]: ...
 
-    def purge_before(self, idempotency_before: datetime, outbox_before: datetime) -> int: ...
+    def purge_before(
+        self, idempotency_before: datetime, outbox_before: datetime, resume: str = "", limit: int = PURGE_SLICE
+    ) -> tuple[int, str]:
+        """Deletes idempotency records and relayed outbox rows older than the cut-offs, looking
+        at about `limit` rows: returns how many went and where the next slice starts ("" when
+        done). A retention pass over a day of postings is millions of rows; in one unit it held
+        the shard's writer (on SQLite the event loop) for as long as it took."""
+        ...
 
 
 class DirectoryTx(Protocol):
@@ -207,7 +217,9 @@ class DirectoryTx(Protocol):
     def set_status(self, member_id: str, status: MemberStatus, merged_into: str = "") -> None: ...
     def move_external_ids_as_aliases(self, source: str, target: str) -> None: ...
     def erase(self, member_id: str) -> None: ...
-    def purge_claims_before(self, when: datetime) -> int: ...
+    def purge_claims_before(self, when: datetime, limit: int = PURGE_SLICE) -> int:
+        """Deletes up to `limit` claims made before `when`, oldest first; returns how many."""
+        ...
 
 
 class LedgerStore(Protocol):

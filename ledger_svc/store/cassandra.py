@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from ledger_svc.domain import Entry, ExternalId, Hold, HoldStatus, Lot, Member, MemberStatus, SagaState, TxKind
 from ledger_svc.store.base import (
+    PURGE_SLICE,
     AccountRow,
     IdemRecord,
     OutboxRow,
@@ -718,8 +719,16 @@ class CassandraShardTx:
         found.sort()
         return [(from_us(at), rid, body) for at, rid, body in found[:limit]]
 
-    def purge_before(self, idempotency_before: datetime, outbox_before: datetime) -> int:
-        """Plain deletes, no version bump: nothing reads a record this old to decide anything."""
+    def purge_before(
+        self, idempotency_before: datetime, outbox_before: datetime, resume: str = "", limit: int = PURGE_SLICE
+    ) -> tuple[int, str]:
+        """Plain deletes, no version bump: nothing reads a record this old to decide anything.
+
+        One pass over the shard's partitions on the driver's threads (off the event loop), so
+        it ignores `limit` and is done in one call."""
+        return self._purge_all(idempotency_before, outbox_before), ""
+
+    def _purge_all(self, idempotency_before: datetime, outbox_before: datetime) -> int:
         idem_cut, sent_cut = to_us(idempotency_before), to_us(outbox_before)
         doomed: list[tuple[str, tuple[Any, ...]]] = []
         for part in self.scan():
@@ -880,7 +889,7 @@ class CassandraDirectoryTx:
             self.writes.append(("ext_del", (self.ledger, r.kind, r.value)))
             self.writes.append(("ext_member_del", (self.ledger, member_id, r.kind, r.value)))
 
-    def purge_claims_before(self, when: datetime) -> int:
+    def purge_claims_before(self, when: datetime, limit: int = PURGE_SLICE) -> int:
         cut = to_us(when)
         last_day = cut // 86_400_000_000
         purged = 0
@@ -888,6 +897,8 @@ class CassandraDirectoryTx:
             if day_row.day > last_day:
                 break
             for r in self.store.q("claim_day_rows", (self.ledger, day_row.day, cut)):
+                if purged == limit:
+                    return purged  # the day stays listed: some of its claims are left
                 self.writes.append(("claim_del", (self.ledger, r.namespace, r.key)))
                 self.writes.append(("claim_day_del", (self.ledger, day_row.day, r.created_us, r.namespace, r.key)))
                 purged += 1

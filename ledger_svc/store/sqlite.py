@@ -26,6 +26,7 @@ from ledger_svc.domain import (
     TxKind,
 )
 from ledger_svc.store.base import (
+    PURGE_SLICE,
     AccountRow,
     IdemRecord,
     OutboxRow,
@@ -556,13 +557,43 @@ class SqliteShardTx:
         ).fetchall()
         return [(from_us(r[0]), str(r[1]), str(r[2])) for r in rows]
 
-    def purge_before(self, idempotency_before: datetime, outbox_before: datetime) -> int:
+    def purge_before(
+        self, idempotency_before: datetime, outbox_before: datetime, resume: str = "", limit: int = PURGE_SLICE
+    ) -> tuple[int, str]:
+        """Idempotency records in key order, then outbox rows in sequence order; `resume` is the
+        last key (as JSON) or sequence number looked at."""
         self.flush()
-        n = self.c.execute("DELETE FROM idempotency WHERE created_at<?", (to_us(idempotency_before),)).rowcount
-        n += self.c.execute(
-            "DELETE FROM outbox WHERE relayed_at IS NOT NULL AND relayed_at<?", (to_us(outbox_before),)
-        ).rowcount
-        return int(n)
+        phase, _, after = resume.partition(":")
+        if phase in ("", "idem"):
+            return self._purge_idempotency(to_us(idempotency_before), json.loads(after) if after else None, limit)
+        return self._purge_outbox(to_us(outbox_before), int(after), limit)
+
+    def _purge_idempotency(self, cut: int, after: list[str] | None, limit: int) -> tuple[int, str]:
+        args: tuple[str | int, ...]
+        if after is None:
+            sql, args = "SELECT namespace, key, created_at FROM idempotency ORDER BY namespace, key LIMIT ?", (limit,)
+        else:
+            sql = (
+                "SELECT namespace, key, created_at FROM idempotency WHERE (namespace, key) > (?, ?) "
+                "ORDER BY namespace, key LIMIT ?"
+            )
+            args = (after[0], after[1], limit)
+        rows = self.c.execute(sql, args).fetchall()
+        doomed = [(r[0], r[1]) for r in rows if r[2] < cut]
+        self.c.executemany("DELETE FROM idempotency WHERE namespace=? AND key=?", doomed)
+        resume = f"idem:{json.dumps([rows[-1][0], rows[-1][1]])}" if len(rows) == limit else "outbox:0"
+        return len(doomed), resume
+
+    def _purge_outbox(self, cut: int, after: int, limit: int) -> tuple[int, str]:
+        rows = self.c.execute(
+            "SELECT seq, created_at, relayed_at FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        ).fetchall()
+        doomed = [(r[0],) for r in rows if r[2] is not None and r[2] < cut]
+        self.c.executemany("DELETE FROM outbox WHERE seq=?", doomed)
+        # Rows are numbered in the order they were written: once one was written after the
+        # cut-off, so was every later one, and none of them can have been relayed before it.
+        done = len(rows) < limit or rows[-1][1] >= cut
+        return len(doomed), "" if done else f"outbox:{rows[-1][0]}"
 
 
 class SqliteDirectoryTx:
@@ -668,8 +699,12 @@ class SqliteDirectoryTx:
         )
         self.c.execute("DELETE FROM external_ids WHERE member_id=?", (member_id,))
 
-    def purge_claims_before(self, when: datetime) -> int:
-        return int(self.c.execute("DELETE FROM claims WHERE created_at<?", (to_us(when),)).rowcount)
+    def purge_claims_before(self, when: datetime, limit: int = PURGE_SLICE) -> int:
+        doomed = self.c.execute(
+            "SELECT namespace, key FROM claims WHERE created_at<? ORDER BY created_at LIMIT ?", (to_us(when), limit)
+        ).fetchall()
+        self.c.executemany("DELETE FROM claims WHERE namespace=? AND key=?", doomed)
+        return len(doomed)
 
 
 # Tables whose rows are often larger than a quarter page. A WITHOUT ROWID table keeps its rows in

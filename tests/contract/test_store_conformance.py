@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import sqlite3
 import threading
@@ -361,8 +362,53 @@ async def test_outbox_rows_stay_unrelayed_in_order_until_marked(store: LedgerSto
 
     # Retention purges relayed rows only; an unrelayed one waits however old it is.
     later = T0 + timedelta(days=1)
-    assert await store.write(0, lambda tx: tx.purge_before(T0 - timedelta(days=1), later)) == 2
+    assert (await _purge(store, 0, T0 - timedelta(days=1), later))[0] == 2
     assert [r.event_id for r in await store.read(0, lambda tx: tx.unrelayed_outbox(10))] == ["ev_2"]
+
+
+async def test_retention_purges_in_slices_that_resume_where_the_last_one_stopped(
+    store: LedgerStore, backend: Backend
+) -> None:
+    old, cut = T0 - timedelta(days=40), T0 - timedelta(days=30)
+
+    def fill(tx: ShardTx) -> None:
+        for i in range(7):  # every other key is past retention
+            tx.put_idempotency("pos", f"k{i}", IdemRecord("Earn", "fp", "{}", old if i % 2 == 0 else T0))
+        for i in range(5):
+            tx.add_outbox(f"ev_old_{i}", "m1", "{}", old)
+        for i in range(2):
+            tx.add_outbox(f"ev_new_{i}", "m1", "{}", T0)
+
+    await store.write(1, fill)
+    rows = await store.read(1, lambda tx: tx.unrelayed_outbox(10))
+    relayed_early = [r.seq for r in rows if r.event_id != "ev_old_4" and r.event_id.startswith("ev_old")]
+    await store.write(1, lambda tx: tx.mark_relayed(relayed_early, old + timedelta(days=1)))
+    await store.write(1, lambda tx: tx.mark_relayed([r.seq for r in rows if r.event_id.startswith("ev_new")], T0))
+
+    purged, slices = await _purge(store, 1, cut, cut, limit=2)
+    assert purged == 4 + 4  # four old keys, four old relayed events
+    if backend.name.startswith("sqlite"):
+        assert slices > 4  # 7 keys and 7 events looked at two at a time
+    kept = await store.read(1, lambda tx: [tx.get_idempotency("pos", f"k{i}") is not None for i in range(7)])
+    assert kept == [i % 2 == 1 for i in range(7)]
+    # The old event never relayed is still waiting; nothing else was unrelayed.
+    assert [r.event_id for r in await store.read(1, lambda tx: tx.unrelayed_outbox(10))] == ["ev_old_4"]
+
+
+async def _purge(
+    store: LedgerStore, shard: int, idem_cut: datetime, outbox_cut: datetime, limit: int = 10_000
+) -> tuple[int, int]:
+    """Runs retention slices until the store says it is done: (rows purged, slices run)."""
+    purged, slices, resume = 0, 0, ""
+    while True:
+        n, resume = await store.write(shard, functools.partial(_purge_slice, idem_cut, outbox_cut, resume, limit))
+        purged, slices = purged + n, slices + 1
+        if not resume:
+            return purged, slices
+
+
+def _purge_slice(idem_cut: datetime, outbox_cut: datetime, resume: str, limit: int, tx: ShardTx) -> tuple[int, str]:
+    return tx.purge_before(idem_cut, outbox_cut, resume, limit)
 
 
 async def test_sagas_are_open_until_closed(store: LedgerStore) -> None:
@@ -391,7 +437,14 @@ async def test_directory_claim_returns_the_first_claim_on_a_second_claim(store: 
     completed = await store.write_directory(lambda d: d.claim("pos", "k1", "Earn", "fp-1", later))
     assert completed == IdemRecord("Earn", "fp-1", "m_result", T0)
     assert await store.write_directory(lambda d: d.purge_claims_before(later)) == 1
+    for i in range(5):
+        await store.write_directory(functools.partial(_claim_at, f"old-{i}", T0 + timedelta(seconds=i)))
+    assert [await store.write_directory(lambda d: d.purge_claims_before(later, 2)) for _ in range(4)] == [2, 2, 1, 0]
     assert await store.write_directory(lambda d: d.claim("pos", "k1", "Earn", "fp-9", later)) is None
+
+
+def _claim_at(key: str, at: datetime, d: DirectoryTx) -> None:
+    d.claim("pos", key, "Earn", "fp", at)
 
 
 async def test_directory_claims_many_keys_at_once_like_one_by_one(store: LedgerStore) -> None:
