@@ -272,7 +272,8 @@ class Accrual:
         ))  # fmt: skip
 
     async def _claim_keys(self, cmd: c.RecordPurchase, fp: str) -> None:
-        """The natural key decides; a transport key may only ever name this one receipt."""
+        """The natural key decides; a transport key names at most one accepted receipt (a
+        refused receipt claims neither key)."""
         claims = [(cmd.key, "RecordPurchase", fp)]
         if cmd.transport_key is not None:
             transport_fp = hashlib.sha256(f"{cmd.key.key}|{fp}".encode()).hexdigest()

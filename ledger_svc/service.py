@@ -123,8 +123,9 @@ class LedgerService:
         return (await self._claim_all([(key, operation, fp)]))[0]
 
     async def _claim_all(self, claims: Sequence[tuple[IdemKey, str, str]]) -> list[bool]:
-        """Claims (key, operation, fingerprint)s in one directory unit, each as `_claim` would; a
-        conflict on any of them claims none."""
+        """Claims (key, operation, fingerprint)s in one directory unit; for each, True when it was
+        already claimed with this fingerprint. A key claimed with another fingerprint raises
+        IdempotencyConflict, and then none of them is claimed."""
         now = self.clock.now()
 
         def unit(d: DirectoryTx) -> list[bool]:

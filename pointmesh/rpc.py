@@ -322,9 +322,9 @@ class GrpcServer:
         port: int = server.add_insecure_port(self.address)
         if not port:
             raise RuntimeError(f"{self.name}: could not bind {self.address}")
+        heap.settle()  # startup is done; no request has made garbage yet
         await server.start()
         self._server, self._health, self._port = server, health_servicer, port
-        heap.settle()
         log.info("%s serving on port %d", self.name, port, extra={"address": self.address, "port": port})
         return port
 

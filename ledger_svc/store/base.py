@@ -218,7 +218,8 @@ class DirectoryTx(Protocol):
     def move_external_ids_as_aliases(self, source: str, target: str) -> None: ...
     def erase(self, member_id: str) -> None: ...
     def purge_claims_before(self, when: datetime, limit: int = PURGE_SLICE) -> int:
-        """Deletes up to `limit` claims made before `when`, oldest first; returns how many."""
+        """Deletes claims made before `when`, oldest first, up to `limit` where the unit runs on
+        the event loop (SQLite); returns how many. Callers repeat until fewer than `limit` go."""
         ...
 
 

@@ -31,7 +31,9 @@ MAX_GROUP = 512
 Outcome = tuple[bool, Any]  # (ok, value or exception)
 
 
-def connect(path: Path, synchronous: str, *, readonly: bool = False, autocheckpoint: bool = True) -> sqlite3.Connection:
+def connect(
+    path: Path, synchronous: str, *, readonly: bool = False, autocheckpoint: bool = True, cache_kib: int = 65536
+) -> sqlite3.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA busy_timeout=30000")
@@ -40,7 +42,7 @@ def connect(path: Path, synchronous: str, *, readonly: bool = False, autocheckpo
     if not autocheckpoint:
         conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA cache_size=-65536")
+    conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 
