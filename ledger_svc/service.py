@@ -54,6 +54,7 @@ from ledger_svc.domain import (
     new_id,
     new_member_id,
 )
+from ledger_svc.ingest import claim_many
 from ledger_svc.postings import Policy, ShardBook
 from ledger_svc.reconcile import ReconcileReport, reconcile
 from ledger_svc.reviews import RedeemResult, Review, ReviewStatus, redeem_or_hold
@@ -127,15 +128,13 @@ class LedgerService:
         already claimed with this fingerprint. A key claimed with another fingerprint raises
         IdempotencyConflict, and then none of them is claimed."""
         now = self.clock.now()
+        numbered = [(i, key, operation, fp) for i, (key, operation, fp) in enumerate(claims)]
 
         def unit(d: DirectoryTx) -> list[bool]:
-            seen: list[bool] = []
-            for key, operation, fp in claims:
-                existing = d.claim(key.namespace, key.key, operation, fp, now)
-                if existing is not None and existing.fingerprint != fp:
-                    raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
-                seen.append(existing is not None)
-            return seen
+            conflicts, seen = claim_many(d, numbered, now)
+            if conflicts:
+                raise conflicts[min(conflicts)]
+            return [i in seen for i in range(len(claims))]
 
         return await self.store.write_directory(unit)
 

@@ -726,9 +726,6 @@ class CassandraShardTx:
 
         One pass over the shard's partitions on the driver's threads (off the event loop), so
         it ignores `limit` and is done in one call."""
-        return self._purge_all(idempotency_before, outbox_before), ""
-
-    def _purge_all(self, idempotency_before: datetime, outbox_before: datetime) -> int:
         idem_cut, sent_cut = to_us(idempotency_before), to_us(outbox_before)
         doomed: list[tuple[str, tuple[Any, ...]]] = []
         for part in self.scan():
@@ -737,7 +734,7 @@ class CassandraShardTx:
                     if json.loads(body)[at] < cut:
                         doomed.append(("del", (self.store.ledger, part.p, kind, id_)))
         self.store.run_many(doomed)
-        return len(doomed)
+        return len(doomed), ""
 
     # Commit ------------------------------------------------------------------------------------
 

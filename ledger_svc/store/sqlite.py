@@ -726,12 +726,12 @@ def _rebuild_with_rowid(conn: sqlite3.Connection, table: str) -> None:
     copy holds the file's write lock while it runs, so it is logged; it leaves the old pages free
     inside the file (VACUUM returns them to the disk).
     """
-    if not _without_rowid(conn, table):
+    if _without_rowid_sql(conn, table) is None:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if _without_rowid(conn, table):  # another process may have moved it while we waited
-            sql = conn.execute("SELECT sql FROM sqlite_schema WHERE type='table' AND name=?", (table,)).fetchone()[0]
+        sql = _without_rowid_sql(conn, table)  # None if another process moved it while we waited
+        if sql is not None:
             create, found = re.subn(r"\)\s*WITHOUT\s+ROWID\s*$", ")", sql.strip(), flags=re.IGNORECASE)
             renamed = create.replace(f"TABLE {table} ", f"TABLE {table}_rowid ", 1)
             if found != 1 or renamed == create:
@@ -748,9 +748,10 @@ def _rebuild_with_rowid(conn: sqlite3.Connection, table: str) -> None:
     log.warning("moved %s to a rowid table", table)
 
 
-def _without_rowid(conn: sqlite3.Connection, table: str) -> bool:
+def _without_rowid_sql(conn: sqlite3.Connection, table: str) -> str | None:
+    """The table's CREATE statement if it exists and is WITHOUT ROWID."""
     row = conn.execute("SELECT sql FROM sqlite_schema WHERE type='table' AND name=?", (table,)).fetchone()
-    return row is not None and "WITHOUT ROWID" in row[0].upper()
+    return str(row[0]) if row is not None and "WITHOUT ROWID" in row[0].upper() else None
 
 
 class SqliteLedgerStore:
