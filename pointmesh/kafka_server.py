@@ -64,7 +64,7 @@ class KafkaServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.properties_path.write_text(self._properties())
         if not (self.data_dir / "logs" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             run_java(
                 classpath, ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.properties_path)]
             )
@@ -98,3 +98,13 @@ logger.kafka.level = WARN
 logger.startup.name = kafka.server.KafkaRaftServer
 logger.startup.level = INFO
 """
+
+
+def new_cluster_id() -> str:
+    """A random cluster id in Kafka's form (URL-safe base64 of 16 bytes) that does not start with
+    '-': the storage tool's argument parser reads one that does as an option and refuses to
+    format (1 start in 64 failed that way). Kafka's own random ids skip those the same way."""
+    while True:
+        candidate = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not candidate.startswith("-"):
+            return candidate
