@@ -10,6 +10,7 @@ receipt order, so an outage leaves the same balances as a run without one.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -301,16 +302,14 @@ class Accrual:
             raise InvalidArgument(f"may span at most {MAX_LISTED_SPAN.days} days", field="receipt_time_until")
         size = v.page_size(page_size, "page_size")
         after = _purchase_cursor(page_token)
-        found: list[PurchaseRecord] = []
-        for shard in range(self.svc.store.shard_count):
-            bodies = await self.svc.store.scan(shard, lambda tx: tx.purchases_between(start, end))
-            for body in bodies:
-                record = codec.loads(PurchaseRecord, body)
-                mine = record.channel == channel and (not store_id or record.store_id == store_id)
-                if mine and (after is None or (record.receipt_time, record.purchase_id) > after):
-                    found.append(record)
-        found.sort(key=lambda r: (r.receipt_time, r.purchase_id))
-        page = found[:size]
+        # Each shard's next size+1 in order: their merge holds this page and tells whether
+        # another follows, reading at most shards x (size+1) purchases whatever the window holds.
+        per_shard = await asyncio.gather(*(
+            self.svc.store.scan(shard, lambda tx: tx.list_purchases(channel, store_id, start, end, after, size + 1))
+            for shard in range(self.svc.store.shard_count)
+        ))  # fmt: skip
+        found = sorted(row for rows in per_shard for row in rows)
+        page = [codec.loads(PurchaseRecord, body) for _, _, body in found[:size]]
         token = f"{page[-1].receipt_time.isoformat()}|{page[-1].purchase_id}" if len(found) > size else ""
         return page, token
 

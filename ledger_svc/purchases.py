@@ -142,8 +142,9 @@ def load_purchase(book: ShardBook, purchase_id: str) -> PurchaseRecord:
 
 def save_purchase(book: ShardBook, record: PurchaseRecord) -> None:
     book.tx.put_purchase(
-        record.purchase_id, record.member_id, record.status.value, record.receipt_time, codec.dumps(record)
-    )
+        record.purchase_id, record.member_id, record.status.value, record.receipt_time, codec.dumps(record),
+        record.channel, record.store_id,
+    )  # fmt: skip
 
 
 def tender_points(book: ShardBook, member_id: str, tx_id: str) -> int:

@@ -170,13 +170,24 @@ class ShardTx(Protocol):
     def put_member_state(self, member_id: str, state_json: str) -> None: ...
     # Purchases with their explained breakdown; PENDING_ACCRUAL ones wait for rules_svc.
     def put_purchase(
-        self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str
-    ) -> None: ...
+        self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str,
+        channel: str, store_id: str,
+    ) -> None: ...  # fmt: skip
     def get_purchase(self, purchase_id: str) -> tuple[str, str] | None: ...
     def waiting_purchases(self, limit: int) -> list[tuple[str, str]]: ...
     def member_waiting_purchases(self, member_id: str) -> int: ...
-    def purchases_between(self, start: datetime, end: datetime) -> list[str]:
-        """Bodies of purchases with receipt times in [start, end) (settlement reconciliation)."""
+    def list_purchases(
+        self,
+        channel: str,
+        store_id: str,
+        start: datetime,
+        end: datetime,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[tuple[datetime, str, str]]:
+        """(receipt time, id, body) of at most `limit` purchases of a channel (and of one store, unless `store_id`
+        is empty) with receipt times in [start, end), in (receipt time, id) order after `after`.
+        Settlement pages through a store's day with it, so it reads what it returns, not the day."""
         ...
 
     # Fraud review items (JSON bodies); listed by status, oldest first, after a (time, id) cursor.

@@ -47,7 +47,7 @@ from ledger_svc.store.base import (
 from ledger_svc.store.base import (
     opt_us as _opt_us,
 )
-from ledger_svc.store.cassandra_schema import LATEST, applied_version, check_keyspace
+from ledger_svc.store.cassandra_schema import DAY_US, LATEST, applied_version, check_keyspace
 from pointmesh.cassandra_client import connect
 from pointmesh.config import Settings
 
@@ -182,7 +182,7 @@ class Pointer:
 class _Part:
     """One member partition as this unit of work sees it: read lazily, written in memory."""
 
-    __slots__ = ("_tx", "entries_used", "fresh", "kinds", "last_seq", "p", "rows", "staged", "version")
+    __slots__ = ("_tx", "entries_used", "fresh", "kinds", "last_seq", "listed", "p", "rows", "staged", "version")
 
     def __init__(self, tx: CassandraShardTx, p: str) -> None:
         self._tx = tx
@@ -202,6 +202,7 @@ class _Part:
         self.rows: dict[tuple[str, str], str | None] = {}
         self.staged: dict[tuple[str, str], str | None] = {}
         self.fresh: set[tuple[str, str]] = set()  # rows the batch inserts only if absent
+        self.listed: list[tuple[str, str, int, str]] = []  # new purchases: (channel, store, receipt µs, id)
         self.entries_used = 0
 
     @property
@@ -659,10 +660,14 @@ class CassandraShardTx:
         self.member(member_id).put("state", "", state_json)
 
     def put_purchase(
-        self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str
-    ) -> None:
+        self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str,
+        channel: str, store_id: str,
+    ) -> None:  # fmt: skip
         part = self.member(member_id)
-        self.put_owned(part, "purchase", purchase_id, _dumps([status, body_json, to_us(receipt_time)]))
+        at = to_us(receipt_time)
+        if not part.known("purchase", purchase_id):  # a receipt's channel, store and time never change
+            part.listed.append((channel, store_id, at, purchase_id))
+        self.put_owned(part, "purchase", purchase_id, _dumps([status, body_json, at]))
         # Waiting purchases also get a small marker row: the retry job and the per-member
         # count read those, not every purchase the member ever made.
         if status == "PENDING_ACCRUAL":
@@ -682,16 +687,30 @@ class CassandraShardTx:
                    for i, b in part.all("wait").items()]  # fmt: skip
         return [(pid, member) for _, pid, member in sorted(waiting)[:limit]]
 
-    def purchases_between(self, start: datetime, end: datetime) -> list[str]:
-        """A scan of the shard's partitions: a nightly job's read, not a posting's."""
-        lo, hi = to_us(start), to_us(end)
-        found = []
-        for part in self.scan():
-            for purchase_id, body in self.with_history(part, "purchase").items():
-                r = json.loads(body)
-                if lo <= r[2] < hi:
-                    found.append((r[2], purchase_id, str(r[1])))
-        return [body for _, _, body in sorted(found)]
+    def list_purchases(
+        self, channel: str, store_id: str, start: datetime, end: datetime, after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[tuple[datetime, str, str]]:  # fmt: skip
+        """Walks the shard's purchase_days partitions day by day from the cursor. A row whose
+        purchase is absent (its unit failed after the row went in) is skipped."""
+        hi = to_us(end)
+        since = max((to_us(after[0]), after[1]) if after else (0, ""), (to_us(start), ""))
+        day = since[0] // DAY_US
+        found: list[tuple[datetime, str, str]] = []
+        while len(found) < limit and day <= (hi - 1) // DAY_US:
+            wanted = limit - len(found)
+            rows = list(self.store.q("listing", (self.store.ledger, self.shard, channel, store_id, day, *since, hi,
+                                                 wanted)))  # fmt: skip
+            bodies = self.store.run_many([("row", (self.store.ledger, r.p, "purchase", r.id)) for r in rows])
+            for r, live in zip(rows, bodies, strict=True):
+                body = live.body if live else self.store.archived(self.shard, r.p, "purchase", r.id, r.id)
+                if body is not None:
+                    found.append((from_us(r.at), r.id, str(json.loads(body)[1])))
+            if rows:
+                since = (rows[-1].at, rows[-1].id)
+            if len(rows) < wanted:
+                day += 1
+        return found
 
     def member_waiting_purchases(self, member_id: str) -> int:
         return len(self.member(member_id).all("wait"))
@@ -979,6 +998,10 @@ class CassandraLedgerStore:
                     f" AND kind IN ({', '.join(repr(k) for k in LIVE_KINDS)})",
             "head_serial": f"SELECT version, unit_id FROM {ks}.book WHERE ledger=? AND p=? LIMIT 1",
             "row": f"SELECT body FROM {ks}.book WHERE ledger=? AND p=? AND kind=? AND id=?",
+            "listing": f"SELECT at, id, p FROM {ks}.purchase_days WHERE ledger=? AND shard=? AND channel=?"
+                       " AND store_id=? AND day=? AND (at, id) > (?, ?) AND (at) < (?) LIMIT ?",
+            "listing_put": f"INSERT INTO {ks}.purchase_days (ledger, shard, channel, store_id, day, at, id, p)"
+                           " VALUES (?,?,?,?,?,?,?,?)",
             "kind": f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind=?",
             "entries": f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind='entry' AND id>=? AND id<?"
                        " ORDER BY kind DESC, id DESC LIMIT ?",
@@ -1248,6 +1271,9 @@ class CassandraLedgerStore:
                 if now - self._announced.get((shard, kind, bucket), 0.0) > BUCKET_ANNOUNCE_S:
                     calls.append(("buckets_put", (self.ledger, shard, kind, bucket, now_us)))
                     announced.append((shard, kind, bucket))
+            for channel, store_id, at, id_ in part.listed:
+                for scope in {store_id, ""}:
+                    calls.append(("listing_put", (self.ledger, shard, channel, scope, at // DAY_US, at, id_, part.p)))
             if (shard, part.p) not in self._known_members:
                 calls.append(("members_put", (self.ledger, shard, part.p)))
             kinds = {kind for kind, _ in part.staged}

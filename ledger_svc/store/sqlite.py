@@ -88,9 +88,12 @@ CREATE INDEX IF NOT EXISTS outbox_unrelayed ON outbox (seq) WHERE relayed_at IS 
 CREATE TABLE IF NOT EXISTS member_state (member_id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS purchases (
   purchase_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL,
-  receipt_time INTEGER NOT NULL, body TEXT NOT NULL);
+  receipt_time INTEGER NOT NULL, body TEXT NOT NULL, channel TEXT NOT NULL DEFAULT '',
+  store_id TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS purchases_waiting ON purchases (receipt_time) WHERE status = 'PENDING_ACCRUAL';
-CREATE INDEX IF NOT EXISTS purchases_by_time ON purchases (receipt_time);
+DROP INDEX IF EXISTS purchases_by_time;
+CREATE INDEX IF NOT EXISTS purchases_by_channel ON purchases (channel, receipt_time, purchase_id);
+CREATE INDEX IF NOT EXISTS purchases_by_store ON purchases (channel, store_id, receipt_time, purchase_id);
 CREATE TABLE IF NOT EXISTS reviews (
   review_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL,
   body TEXT NOT NULL) WITHOUT ROWID;
@@ -506,11 +509,12 @@ class SqliteShardTx:
         self.c.execute("INSERT OR REPLACE INTO member_state VALUES (?,?)", (member_id, state_json))
 
     def put_purchase(
-        self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str
-    ) -> None:
+        self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str,
+        channel: str, store_id: str,
+    ) -> None:  # fmt: skip
         self.c.execute(
-            "INSERT OR REPLACE INTO purchases VALUES (?,?,?,?,?)",
-            (purchase_id, member_id, status, to_us(receipt_time), body_json),
+            "INSERT OR REPLACE INTO purchases VALUES (?,?,?,?,?,?,?)",
+            (purchase_id, member_id, status, to_us(receipt_time), body_json, channel, store_id),
         )
 
     def get_purchase(self, purchase_id: str) -> tuple[str, str] | None:
@@ -525,12 +529,25 @@ class SqliteShardTx:
         ).fetchall()
         return [(str(r[0]), str(r[1])) for r in rows]
 
-    def purchases_between(self, start: datetime, end: datetime) -> list[str]:
+    def list_purchases(
+        self, channel: str, store_id: str, start: datetime, end: datetime, after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[tuple[datetime, str, str]]:  # fmt: skip
+        since_us, since_id = (to_us(after[0]), after[1]) if after else (to_us(start), "")
+        # Named, because without ANALYZE statistics the planner takes the channel index for a
+        # store's listing too and walks the whole channel's window.
+        index, scope, params = (
+            ("purchases_by_store", "AND store_id=? ", (channel, store_id))
+            if store_id
+            else ("purchases_by_channel", "", (channel,))
+        )
         rows = self.c.execute(
-            "SELECT body FROM purchases WHERE receipt_time>=? AND receipt_time<? ORDER BY receipt_time, purchase_id",
-            (to_us(start), to_us(end)),
+            f"SELECT receipt_time, purchase_id, body FROM purchases INDEXED BY {index} WHERE channel=? {scope}"
+            "AND (receipt_time, purchase_id)>(?,?) AND receipt_time>=? AND receipt_time<?"
+            " ORDER BY receipt_time, purchase_id LIMIT ?",
+            (*params, since_us, since_id, to_us(start), to_us(end), limit),
         ).fetchall()
-        return [str(r[0]) for r in rows]
+        return [(from_us(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     def member_waiting_purchases(self, member_id: str) -> int:
         row = self.c.execute(
@@ -754,6 +771,33 @@ def _without_rowid_sql(conn: sqlite3.Connection, table: str) -> str | None:
     return str(row[0]) if row is not None and "WITHOUT ROWID" in row[0].upper() else None
 
 
+def _add_listing_columns(conn: sqlite3.Connection) -> None:
+    """Gives purchases recorded by an earlier release the channel and store columns their
+    listing index reads, filled from each purchase's body, in one transaction (logged: it holds
+    the shard's writes while it runs)."""
+    if not _lacks_listing_columns(conn):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if _lacks_listing_columns(conn):  # another process may have added them while we waited
+            log.warning("adding channel and store columns to purchases (a one-time upgrade)")
+            conn.execute("ALTER TABLE purchases ADD COLUMN channel TEXT NOT NULL DEFAULT ''")
+            conn.execute("ALTER TABLE purchases ADD COLUMN store_id TEXT NOT NULL DEFAULT ''")
+            conn.execute(
+                "UPDATE purchases SET channel=coalesce(json_extract(body, '$.channel'), ''),"
+                " store_id=coalesce(json_extract(body, '$.store_id'), '')"
+            )
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _lacks_listing_columns(conn: sqlite3.Connection) -> bool:
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(purchases)")}
+    return bool(columns) and "channel" not in columns
+
+
 class SqliteLedgerStore:
     """Opens (creating if needed) `shards` shard files and a directory under `data_dir`."""
 
@@ -822,6 +866,7 @@ class SqliteLedgerStore:
         try:
             for table in _ROWID_TABLES:
                 _rebuild_with_rowid(conn, table)
+            _add_listing_columns(conn)
             conn.executescript(schema)
         finally:
             conn.close()

@@ -418,6 +418,59 @@ def _purge_slice(idem_cut: datetime, outbox_cut: datetime, resume: str, limit: i
     return tx.purge_before(idem_cut, outbox_cut, resume, limit)
 
 
+async def test_purchases_list_by_store_or_channel_in_receipt_order_a_page_at_a_time(store: LedgerStore) -> None:
+    midnight = datetime(2026, 1, 2, tzinfo=UTC)
+    # (id, member, channel, store, receipt time): two days, a row exactly at midnight, two at
+    # the same microsecond, and another channel whose rows must never show.
+    rows = [
+        ("pu_a", "m1", "pos", "s1", midnight - timedelta(hours=3)),
+        ("pu_b", "m2", "pos", "s2", midnight - timedelta(hours=2)),
+        ("pu_c", "m3", "pos", "s1", midnight),
+        ("pu_e", "m1", "pos", "s1", midnight + timedelta(hours=5)),
+        ("pu_d", "m2", "pos", "s1", midnight + timedelta(hours=5)),
+        ("pu_f", "m3", "web", "s1", midnight + timedelta(hours=6)),
+        ("pu_g", "m1", "pos", "s1", midnight + timedelta(days=1)),  # the window's end: excluded
+        ("pu_h", "m2", "pos", "s1", midnight - timedelta(days=1, microseconds=1)),  # before its start
+    ]
+
+    def put(status: str) -> Callable[[ShardTx], None]:
+        def unit(tx: ShardTx) -> None:
+            for pid, member, channel, store_id, at in rows:
+                tx.get_purchase(pid)  # the service reads a purchase before it writes it again
+                tx.put_purchase(pid, member, status, at, f'{{"id": "{pid}", "status": "{status}"}}', channel, store_id)
+
+        return unit
+
+    await store.write(2, put("PENDING_ACCRUAL"))
+    await store.write(2, put("EARNED"))  # written again: still listed once, with its new body
+    window = (midnight - timedelta(days=1), midnight + timedelta(days=1))
+
+    async def listing(store_id: str, limit: int) -> list[list[str]]:
+        pages: list[list[str]] = []
+        after: tuple[datetime, str] | None = None
+        while True:
+            page = await store.scan(2, functools.partial(_list_purchases, "pos", store_id, window, after, limit))
+            assert all('"EARNED"' in body for _, _, body in page)
+            pages.append([pid for _, pid, _ in page])
+            if len(page) < limit:
+                return pages
+            after = page[-1][:2]
+
+    assert await listing("s1", 2) == [["pu_a", "pu_c"], ["pu_d", "pu_e"], []]
+    assert await listing("s1", 3) == [["pu_a", "pu_c", "pu_d"], ["pu_e"]]
+    assert await listing("", 2) == [["pu_a", "pu_b"], ["pu_c", "pu_d"], ["pu_e"]]
+    first = await store.scan(2, functools.partial(_list_purchases, "pos", "s2", window, None, 10))
+    assert first == [(midnight - timedelta(hours=2), "pu_b", '{"id": "pu_b", "status": "EARNED"}')]
+    assert await store.scan(1, functools.partial(_list_purchases, "pos", "", window, None, 10)) == []
+
+
+def _list_purchases(
+    channel: str, store_id: str, window: tuple[datetime, datetime], after: tuple[datetime, str] | None, limit: int,
+    tx: ShardTx,
+) -> list[tuple[datetime, str, str]]:  # fmt: skip
+    return tx.list_purchases(channel, store_id, *window, after, limit)
+
+
 async def test_sagas_are_open_until_closed(store: LedgerStore) -> None:
     saga = _saga("tr_1")
     await store.write(0, lambda tx: tx.add_saga(saga))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ledger_svc.store.sqlite import SqliteLedgerStore
@@ -29,11 +29,13 @@ async def test_a_without_rowid_purchases_table_is_rebuilt_with_its_rows(tmp_path
     shard0 = tmp_path / "ledger-shard-000.sqlite"
     conn = sqlite3.connect(shard0)
     conn.executescript(_OLD_PURCHASES)
-    big_body = '{"lines": "' + "x" * 3000 + '"}'
-    when = int(datetime(2026, 12, 1, 12, tzinfo=UTC).timestamp() * 1_000_000)
+    big_body = '{"channel": "pos", "store_id": "s1", "lines": "' + "x" * 3000 + '"}'
+    other_store = '{"channel": "pos", "store_id": "s2"}'
+    noon = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    when = int(noon.timestamp() * 1_000_000)
     conn.executemany(
         "INSERT INTO purchases VALUES (?,?,?,?,?)",
-        [("pu_1", "m1", "EARNED", when, big_body), ("pu_2", "m1", "PENDING_ACCRUAL", when + 1, "{}")],
+        [("pu_1", "m1", "EARNED", when, big_body), ("pu_2", "m1", "PENDING_ACCRUAL", when + 1, other_store)],
     )
     conn.commit()
     conn.close()
@@ -42,7 +44,16 @@ async def test_a_without_rowid_purchases_table_is_rebuilt_with_its_rows(tmp_path
     try:
         assert await store.read(0, lambda tx: tx.get_purchase("pu_1")) == ("EARNED", big_body)
         assert await store.read(0, lambda tx: tx.waiting_purchases(10)) == [("pu_2", "m1")]
-        await store.write(0, lambda tx: tx.put_purchase("pu_3", "m2", "EARNED", datetime.now(UTC), "{}"))
+        # The upgrade filled the listing columns from each body.
+        day = (noon - timedelta(hours=12), noon + timedelta(hours=12))
+        assert await store.scan(0, lambda tx: tx.list_purchases("pos", "s2", *day, None, 10)) == [
+            (noon + timedelta(microseconds=1), "pu_2", other_store)
+        ]
+        assert [r[1] for r in await store.scan(0, lambda tx: tx.list_purchases("pos", "", *day, None, 10))] == [
+            "pu_1",
+            "pu_2",
+        ]
+        await store.write(0, lambda tx: tx.put_purchase("pu_3", "m2", "EARNED", datetime.now(UTC), "{}", "web", "shop"))
         assert await store.read(0, lambda tx: tx.get_purchase("pu_3")) == ("EARNED", "{}")
     finally:
         await store.close()
