@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from ledger_svc.domain import Entry, ExternalId, Hold, HoldStatus, Lot, Member, MemberStatus, SagaState, TxKind
@@ -62,6 +62,7 @@ INDEX_GRACE_US = 300_000_000
 ENTRY_SLOTS = 1 << 16  # journal legs one unit may write into one partition
 SEQ_TAGS = 1024
 MAX_ATTEMPTS = 80
+MAX_TTL_SECONDS = 630_720_000
 # Small, bounded row kinds read with the partition's statics on first touch.
 LIVE_KINDS = ("acct", "hold", "lot", "months", "state", "wait")
 # Row kinds archived to monthly history partitions once older than the live horizon, with
@@ -182,7 +183,9 @@ class Pointer:
 class _Part:
     """One member partition as this unit of work sees it: read lazily, written in memory."""
 
-    __slots__ = ("_tx", "entries_used", "fresh", "kinds", "last_seq", "listed", "p", "rows", "staged", "version")
+    __slots__ = (
+        "_tx", "entries_used", "expiring", "fresh", "kinds", "last_seq", "listed", "p", "rows", "staged", "version",
+    )  # fmt: skip
 
     def __init__(self, tx: CassandraShardTx, p: str) -> None:
         self._tx = tx
@@ -203,6 +206,7 @@ class _Part:
         self.staged: dict[tuple[str, str], str | None] = {}
         self.fresh: set[tuple[str, str]] = set()  # rows the batch inserts only if absent
         self.listed: list[tuple[str, str, int, str]] = []  # new purchases: (channel, store, receipt µs, id)
+        self.expiring: set[tuple[str, str]] = set()  # rows written with the retention TTL
         self.entries_used = 0
 
     @property
@@ -741,19 +745,10 @@ class CassandraShardTx:
     def purge_before(
         self, idempotency_before: datetime, outbox_before: datetime, resume: str = "", limit: int = PURGE_SLICE
     ) -> tuple[int, str]:
-        """Plain deletes, no version bump: nothing reads a record this old to decide anything.
-
-        One pass over the shard's partitions on the driver's threads (off the event loop), so
-        it ignores `limit` and is done in one call."""
-        idem_cut, sent_cut = to_us(idempotency_before), to_us(outbox_before)
-        doomed: list[tuple[str, tuple[Any, ...]]] = []
-        for part in self.scan():
-            for kind, cut, at in (("idem", idem_cut, 3), ("sent", sent_cut, -1)):
-                for id_, body in part.all(kind).items():
-                    if json.loads(body)[at] < cut:
-                        doomed.append(("del", (self.store.ledger, part.p, kind, id_)))
-        self.store.run_many(doomed)
-        return len(doomed), ""
+        """Nothing to do: idempotency records, their owner rows and sent events are written with
+        the retention as their TTL, so Cassandra drops them itself. A pass here would read every
+        member partition of the shard every time (tests/cassandra/test_retention.py)."""
+        return 0, ""
 
     # Commit ------------------------------------------------------------------------------------
 
@@ -766,6 +761,7 @@ class CassandraShardTx:
                 # Inserted IF NOT EXISTS in the same conditional batch: a concurrent unit with
                 # the same key that committed first makes this one run again (and replay).
                 home.fresh.add(("idem", id_))
+                home.expiring.add(("idem", id_))
                 self.put_owned(home, "idem", id_, _dumps([rec.operation, rec.fingerprint, rec.result_json,
                                                           to_us(rec.created_at)]))  # fmt: skip
         self.store.settle_relayed(self.shard, self.relayed)
@@ -961,12 +957,16 @@ class CassandraLedgerStore:
     """
 
     def __init__(self, session: Any, keyspace: str, ledger: str, shards: int, *, workers: int = 32,
-                 owner_cache: int = 200_000, cluster: Any = None) -> None:  # fmt: skip
+                 owner_cache: int = 200_000, cluster: Any = None,
+                 retention: timedelta = timedelta(days=35)) -> None:  # fmt: skip
         self.session = session
         self._cluster = cluster  # shut down on close when given
         self.keyspace = check_keyspace(keyspace)
         self.ledger = ledger
         self._shards = shards
+        # Seconds from the write, so a store's retention counts from when a row was written
+        # (a posting's own time, give or take its unit's run); Cassandra allows at most 20 years.
+        self.ttl = max(1, min(int(retention.total_seconds()), MAX_TTL_SECONDS))
         found = applied_version(session, keyspace)
         if found < LATEST:
             raise RuntimeError(
@@ -1008,6 +1008,9 @@ class CassandraLedgerStore:
             "cond": f"UPDATE {ks}.book SET version=?, seq=?, unit_id=? WHERE ledger=? AND p=? IF version=?",
             "put": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,?,?,?)",
             "put_new": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,?,?,?) IF NOT EXISTS",
+            "put_expiring": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,?,?,?) USING TTL ?",
+            "put_new_expiring": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,?,?,?)"
+                                " IF NOT EXISTS USING TTL ?",
             "del": f"DELETE FROM {ks}.book WHERE ledger=? AND p=? AND kind=? AND id=?",
             "owner_get": f"SELECT p FROM {ks}.owners WHERE ledger=? AND shard=? AND id=?",
             "owner_month_get": f"SELECT month FROM {ks}.owners WHERE ledger=? AND shard=? AND id=?",
@@ -1018,6 +1021,7 @@ class CassandraLedgerStore:
             "hist_entries": f"SELECT id, body FROM {ks}.book_history WHERE ledger=? AND p=? AND month=?"
                             " AND kind='entry' AND id>=? AND id<? ORDER BY kind DESC, id DESC LIMIT ?",
             "owner_put": f"INSERT INTO {ks}.owners (ledger, shard, id, p) VALUES (?,?,?,?)",
+            "owner_put_expiring": f"INSERT INTO {ks}.owners (ledger, shard, id, p) VALUES (?,?,?,?) USING TTL ?",
             "members_put": f"INSERT INTO {ks}.shard_members (ledger, shard, p) VALUES (?,?,?)",
             "members": f"SELECT p FROM {ks}.shard_members WHERE ledger=? AND shard=?",
             "queue_put": f"INSERT INTO {ks}.queue (ledger, shard, kind, bucket, at, p, id, w) VALUES (?,?,?,?,?,?,?,?)",
@@ -1030,7 +1034,7 @@ class CassandraLedgerStore:
                        " AND kind=? AND bucket<=?",
             "buckets_del": f"DELETE FROM {ks}.queue_buckets USING TIMESTAMP ? WHERE ledger=? AND shard=? AND kind=?"
                            " AND bucket=?",
-            "sent_put": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,'sent',?,?)",
+            "sent_put": f"INSERT INTO {ks}.book (ledger, p, kind, id, body) VALUES (?,?,'sent',?,?) USING TTL ?",
             "index_put": f"INSERT INTO {ks}.shard_index (ledger, shard, kind, p, at) VALUES (?,?,?,?,?)",
             "index": f"SELECT p, writetime(at) AS wt FROM {ks}.shard_index WHERE ledger=? AND shard=? AND kind=?",
             "index_del": f"DELETE FROM {ks}.shard_index USING TIMESTAMP ? WHERE ledger=? AND shard=? AND kind=?"
@@ -1248,7 +1252,7 @@ class CassandraLedgerStore:
                 batch = self._batch()
                 batch.add(self._stmts["del"], (self.ledger, pointer.p, "outbox", pointer.id))
                 batch.add(self._stmts["sent_put"], (self.ledger, pointer.p, pointer.id,
-                                                    _dumps([*json.loads(body), at])))  # fmt: skip
+                                                    _dumps([*json.loads(body), at]), self.ttl))  # fmt: skip
                 futures.append(self.session.execute_async(batch))
         for f in futures:
             f.result()
@@ -1257,8 +1261,11 @@ class CassandraLedgerStore:
 
     def prepare_side_tables(self, shard: int, dirty: Sequence[_Part], new_owners: dict[str, str]) -> None:
         calls: list[tuple[str, tuple[Any, ...]]] = []
+        expiring = {id_ for part in dirty for _, id_ in part.expiring}
         for object_id, p in new_owners.items():
-            if self._owners.get((shard, object_id)) != p:
+            if object_id in expiring:
+                calls.append(("owner_put_expiring", (self.ledger, shard, object_id, p, self.ttl)))
+            elif self._owners.get((shard, object_id)) != p:
                 calls.append(("owner_put", (self.ledger, shard, object_id, p)))
         now = time.time()
         now_us = int(now * 1e6)
@@ -1301,6 +1308,9 @@ class CassandraLedgerStore:
         for (kind, id_), body in part.staged.items():
             if body is None:
                 batch.add(self._stmts["del"], (self.ledger, part.p, kind, id_))
+            elif (kind, id_) in part.expiring:
+                put = self._stmts["put_new_expiring" if (kind, id_) in part.fresh else "put_expiring"]
+                batch.add(put, (self.ledger, part.p, kind, id_, body, self.ttl))
             else:
                 put = self._stmts["put_new" if (kind, id_) in part.fresh else "put"]
                 batch.add(put, (self.ledger, part.p, kind, id_, body))
@@ -1407,7 +1417,8 @@ def open_cassandra_store(settings: Settings) -> CassandraLedgerStore:
     cluster, session = connect(settings)
     try:
         return CassandraLedgerStore(session, settings.cassandra_keyspace, settings.cassandra_ledger,
-                                    settings.ledger_shards, cluster=cluster)  # fmt: skip
+                                    settings.ledger_shards, cluster=cluster,
+                                    retention=timedelta(days=settings.idempotency_retention_days))  # fmt: skip
     except BaseException:
         cluster.shutdown()
         raise
