@@ -830,7 +830,9 @@ class SqliteLedgerStore:
             # Long reads get a thread of their own whatever the mode: on the loop executor a
             # reconciliation pass over 260,000 purchases held every request for 1.5-1.8 s.
             scan_conn = connect(path, synchronous, cache_kib=SCAN_CACHE_KIB)
-            self._scanners.append(executor(f"shard{i}-scan", scan_conn, SqliteShardTx, group=False, threaded=True))
+            self._scanners.append(
+                executor(f"shard{i}-scan", scan_conn, SqliteShardTx, group=False, threaded=True, abandon_on_close=True)
+            )
         dpath = self.data_dir / "ledger-directory.sqlite"
         self._init_schema(dpath, DIRECTORY_SCHEMA, synchronous)
         self._dir_writer = executor(

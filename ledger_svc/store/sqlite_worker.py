@@ -31,6 +31,13 @@ MAX_GROUP = 512
 Outcome = tuple[bool, Any]  # (ok, value or exception)
 
 
+class StoreClosed(RuntimeError):
+    """Work submitted to a store that is closing, or still queued when it closed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name}: the store is closed")
+
+
 def connect(
     path: Path, synchronous: str, *, readonly: bool = False, autocheckpoint: bool = True, cache_kib: int = 65536
 ) -> sqlite3.Connection:
@@ -134,8 +141,11 @@ class LoopExecutor:
         self._window = window
         self._last_flush = 0.0
         self._pending: list[tuple[Callable[[Any], Any], asyncio.Future[Any]]] = []
+        self._closed = False
 
     async def submit(self, work: Callable[[Any], T]) -> T:
+        if self._closed:
+            raise StoreClosed("sqlite")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         if not self._pending:
@@ -161,6 +171,9 @@ class LoopExecutor:
                     fut.set_exception(value)
 
     def close(self) -> None:
+        """Runs what was handed over before closing (a caller's posting is not dropped)."""
+        self._closed = True
+        self._flush()
         self._conn.close()
 
 
@@ -206,27 +219,49 @@ class Checkpointer:
 
 
 class ThreadExecutor:
-    """Owns its connection on a dedicated thread; the queue forms the groups."""
+    """Owns its connection on a dedicated thread; the queue forms the groups.
+
+    Closing runs what was queued before it, then fails whatever is left with StoreClosed. With
+    `abandon_on_close` (long reads) it fails even the queued work and interrupts the statement
+    running, so a reconciliation pass does not hold a shutdown for minutes.
+    """
 
     def __init__(
-        self, name: str, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], Any], *, group: bool
-    ) -> None:
+        self, name: str, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], Any], *, group: bool,
+        abandon_on_close: bool = False,
+    ) -> None:  # fmt: skip
+        self._name = name
         self._conn = conn
         self._tx = wrap(conn)
         self._group = group
+        self._abandon = abandon_on_close
         self._queue: queue.SimpleQueue[tuple[Callable[[Any], Any], Future[Any]] | _Stop] = queue.SimpleQueue()
+        self._closed = False
+        self._closing = threading.Lock()  # a submit never lands behind the drain that follows close
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     async def submit(self, work: Callable[[Any], T]) -> T:
         fut: Future[T] = Future()
-        self._queue.put((work, fut))
+        with self._closing:
+            if self._closed:
+                raise StoreClosed(self._name)
+            self._queue.put((work, fut))
         return await asyncio.wrap_future(fut)
 
     def close(self) -> None:
-        self._queue.put(_Stop())
+        with self._closing:
+            self._closed = True
+            self._queue.put(_Stop())
+        if self._abandon:
+            self._conn.interrupt()
         self._thread.join(timeout=30)
-        self._conn.close()
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not isinstance(item, _Stop) and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(StoreClosed(self._name))
+        if not self._thread.is_alive():
+            self._conn.close()
 
     def _loop(self) -> None:
         while True:
@@ -235,7 +270,7 @@ class ThreadExecutor:
                 return
             batch = [first]
             stop = False
-            while len(batch) < MAX_GROUP:
+            while len(batch) < (1 if self._abandon else MAX_GROUP):  # long reads one at a time
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -246,6 +281,10 @@ class ThreadExecutor:
                 batch.append(item)
             # A caller that gave up (deadline, cancellation) is skipped; once running, it cannot be.
             live = [(w, f) for w, f in batch if f.set_running_or_notify_cancel()]
+            if self._closed and self._abandon:
+                for _, fut in live:
+                    fut.set_exception(StoreClosed(self._name))
+                return
             outcomes = _run(self._conn, self._tx, [w for w, _ in live], self._group)
             for (_, fut), (ok, value) in zip(live, outcomes, strict=True):
                 if ok:
@@ -257,7 +296,7 @@ class ThreadExecutor:
 
 
 def executor(name: str, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], Any], *, group: bool,
-             threaded: bool, window: float = 0) -> Executor:  # fmt: skip
+             threaded: bool, window: float = 0, abandon_on_close: bool = False) -> Executor:  # fmt: skip
     if threaded:
-        return ThreadExecutor(name, conn, wrap, group=group)
+        return ThreadExecutor(name, conn, wrap, group=group, abandon_on_close=abandon_on_close)
     return LoopExecutor(conn, wrap, group=group, window=window)
