@@ -78,6 +78,12 @@ class FailedPrecondition(LedgerError):
     code = "FAILED_PRECONDITION"
 
 
+class Unavailable(LedgerError):
+    """The ledger cannot take the call now (shutting down); the same call may be sent again."""
+
+    code = "UNAVAILABLE"
+
+
 class InsufficientPoints(FailedPrecondition):
     code = "INSUFFICIENT_POINTS"
 

@@ -27,6 +27,7 @@ ERROR_CODES: tuple[tuple[type[d.LedgerError], grpc.StatusCode], ...] = (
     (d.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (d.NotFound, grpc.StatusCode.NOT_FOUND),
     (d.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (d.Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
 

@@ -23,12 +23,21 @@ from ledger_svc.domain import (
     MemberStatus,
     SagaState,
     TxKind,
+    Unavailable,
 )
 
 T = TypeVar("T")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
+
+
+class StoreClosed(Unavailable):
+    """Work submitted to a store that is closing, or still queued when it closed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name}: the ledger store is closed")
+
 
 # Rows one retention unit looks at: a few milliseconds of work, then other units get their turn.
 PURGE_SLICE = 5_000

@@ -37,6 +37,7 @@ from ledger_svc.store.base import (
     IdemRecord,
     OutboxRow,
     SagaRecord,
+    StoreClosed,
     TxRecord,
     from_us,
     to_us,
@@ -1386,7 +1387,7 @@ class CassandraLedgerStore:
 
     async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
-            raise RuntimeError("the Cassandra ledger store is closed")
+            raise StoreClosed("cassandra")
         return await asyncio.wrap_future(self._pool.submit(fn, *args))
 
     async def write(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:

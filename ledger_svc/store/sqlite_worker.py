@@ -24,18 +24,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from ledger_svc.store.base import StoreClosed
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 512
 Outcome = tuple[bool, Any]  # (ok, value or exception)
-
-
-class StoreClosed(RuntimeError):
-    """Work submitted to a store that is closing, or still queued when it closed."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"{name}: the store is closed")
 
 
 def connect(
@@ -222,8 +217,9 @@ class ThreadExecutor:
     """Owns its connection on a dedicated thread; the queue forms the groups.
 
     Closing runs what was queued before it, then fails whatever is left with StoreClosed. With
-    `abandon_on_close` (long reads) it fails even the queued work and interrupts the statement
-    running, so a reconciliation pass does not hold a shutdown for minutes.
+    `abandon_on_close` (long reads) it fails even the queued work and stops the statement
+    running, and any the read starts after that, so a reconciliation pass does not hold a
+    shutdown for minutes.
     """
 
     def __init__(
@@ -238,6 +234,10 @@ class ThreadExecutor:
         self._queue: queue.SimpleQueue[tuple[Callable[[Any], Any], Future[Any]] | _Stop] = queue.SimpleQueue()
         self._closed = False
         self._closing = threading.Lock()  # a submit never lands behind the drain that follows close
+        if abandon_on_close:
+            # sqlite3_interrupt alone misses a statement that starts after it: a read between
+            # statements (decoding rows) would run on. The handler stops every one from then on.
+            conn.set_progress_handler(lambda: 1 if self._closed else 0, 10_000)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -256,12 +256,14 @@ class ThreadExecutor:
         if self._abandon:
             self._conn.interrupt()
         self._thread.join(timeout=30)
+        if self._thread.is_alive():  # still in a unit: it owns the queue and the connection
+            log.warning("%s: still running 30 s after close; leaving it to finish", self._name)
+            return
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if not isinstance(item, _Stop) and item[1].set_running_or_notify_cancel():
                 item[1].set_exception(StoreClosed(self._name))
-        if not self._thread.is_alive():
-            self._conn.close()
+        self._conn.close()
 
     def _loop(self) -> None:
         while True:
