@@ -3,11 +3,12 @@
 Settlement compares a store's end-of-day file with the ledger a page at a time
 (`Accrual.list_purchases`, what the gRPC method calls). This fills a SQLite ledger of 4 shards
 with one day of purchases over many stores and two channels (records shaped like real ones,
-~1.3 KB each), then times, in the same process:
+~1.5 KB each), then times, in the same process:
   * a store's day, pages of 500 (the settlement read);
   * the whole channel's day, the first page and a page from the middle;
   * the baseline: what every page cost before keyset paging, the whole window's bodies read,
-    decoded and filtered on every shard.
+    decoded and filtered on every shard. (That code had an index on receipt_time alone; with
+    the whole file inside one day's window it would read the same rows.)
 
     python -m benchmarks.listing_bench [--purchases 200000] [--stores 1000]
 """

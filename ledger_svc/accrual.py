@@ -310,7 +310,7 @@ class Accrual:
         ))  # fmt: skip
         found = sorted(row for rows in per_shard for row in rows)
         page = [codec.loads(PurchaseRecord, body) for _, _, body in found[:size]]
-        token = f"{page[-1].receipt_time.isoformat()}|{page[-1].purchase_id}" if len(found) > size else ""
+        token = f"{found[size - 1][0].isoformat()}|{found[size - 1][1]}" if len(found) > size else ""
         return page, token
 
     async def find_purchase(self, member_id: str, channel: str, store_id: str, receipt_id: str) -> str:

@@ -186,6 +186,27 @@ def cmd_ledger_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger_backfill(_: argparse.Namespace) -> int:
+    """After upgrading a Cassandra ledger from a release before 2026-12-05 (docs/cassandra.md)."""
+    from ledger_svc.app import open_store
+    from ledger_svc.store.cassandra import CassandraLedgerStore
+
+    async def run() -> int:
+        store = open_store(_settings())
+        try:
+            if not isinstance(store, CassandraLedgerStore):
+                print("backfill: nothing to do on SQLite (a shard file is upgraded when it is opened)")
+                return 0
+            for shard in range(store.shard_count):
+                done = await asyncio.get_running_loop().run_in_executor(None, store.backfill, shard)
+                print(f"backfill: shard {shard}: " + ", ".join(f"{k} {v}" for k, v in done.items()), flush=True)
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
 def cmd_ledger_export(args: argparse.Namespace) -> int:
     from ledger_svc.app import open_store
     from ledger_svc.export import export_csv
@@ -455,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_parser("migrate", help="create or upgrade the Cassandra keyspace (POINTMESH_CASSANDRA_*)").set_defaults(
         func=cmd_ledger_migrate
     )
+    ledger.add_parser(
+        "backfill", help="once, after upgrading a Cassandra ledger from before 2026-12-05: listings and TTLs"
+    ).set_defaults(func=cmd_ledger_backfill)
     gen = sub.add_parser("loadgen", help="purchases through the full accrual path, then exact reconciliation")
     gen.add_argument("--purchases", type=int, default=20_000)
     gen.add_argument("--members", type=int, default=0, help="default: a quarter of the purchases, at least 1000")

@@ -177,7 +177,9 @@ class ShardTx(Protocol):
     # Member-level accrual state (counters, purchase count, tier qualification) as JSON.
     def get_member_state(self, member_id: str) -> str | None: ...
     def put_member_state(self, member_id: str, state_json: str) -> None: ...
-    # Purchases with their explained breakdown; PENDING_ACCRUAL ones wait for rules_svc.
+    # Purchases with their explained breakdown; PENDING_ACCRUAL ones wait for rules_svc. A
+    # purchase's channel, store and receipt time never change once recorded (its natural key),
+    # which is what lets a store index them for listing once.
     def put_purchase(
         self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str,
         channel: str, store_id: str,
@@ -212,7 +214,8 @@ class ShardTx(Protocol):
         """Deletes idempotency records and relayed outbox rows older than the cut-offs, looking
         at about `limit` rows: returns how many went and where the next slice starts ("" when
         done). A retention pass over a day of postings is millions of rows; in one unit it held
-        the shard's writer (on SQLite the event loop) for as long as it took."""
+        the shard's writer (on SQLite the event loop) for as long as it took. A store whose rows
+        expire by themselves (Cassandra's TTL, counted from each write) deletes nothing here."""
         ...
 
 

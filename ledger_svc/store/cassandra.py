@@ -48,7 +48,7 @@ from ledger_svc.store.base import (
 from ledger_svc.store.base import (
     opt_us as _opt_us,
 )
-from ledger_svc.store.cassandra_schema import DAY_US, LATEST, applied_version, check_keyspace
+from ledger_svc.store.cassandra_schema import LATEST, applied_version, check_keyspace, listing_bucket
 from pointmesh.cassandra_client import connect
 from pointmesh.config import Settings
 
@@ -696,25 +696,23 @@ class CassandraShardTx:
         self, channel: str, store_id: str, start: datetime, end: datetime, after: tuple[datetime, str] | None,
         limit: int,
     ) -> list[tuple[datetime, str, str]]:  # fmt: skip
-        """Walks the shard's purchase_days partitions day by day from the cursor. A row whose
-        purchase is absent (its unit failed after the row went in) is skipped."""
+        """Walks the shard's purchase_days buckets from the cursor. A row whose purchase is absent
+        (its unit failed after the row went in) is skipped."""
         hi = to_us(end)
         since = max((to_us(after[0]), after[1]) if after else (0, ""), (to_us(start), ""))
-        day = since[0] // DAY_US
+        bucket, last = listing_bucket(store_id, since[0]), listing_bucket(store_id, hi - 1)
         found: list[tuple[datetime, str, str]] = []
-        while len(found) < limit and day <= (hi - 1) // DAY_US:
+        while len(found) < limit and bucket <= last:
             wanted = limit - len(found)
-            rows = list(self.store.q("listing", (self.store.ledger, self.shard, channel, store_id, day, *since, hi,
+            rows = list(self.store.q("listing", (self.store.ledger, self.shard, channel, store_id, bucket, *since, hi,
                                                  wanted)))  # fmt: skip
-            bodies = self.store.run_many([("row", (self.store.ledger, r.p, "purchase", r.id)) for r in rows])
-            for r, live in zip(rows, bodies, strict=True):
-                body = live.body if live else self.store.archived(self.shard, r.p, "purchase", r.id, r.id)
+            for r, body in zip(rows, self.store.purchase_bodies(self.shard, rows), strict=True):
                 if body is not None:
                     found.append((from_us(r.at), r.id, str(json.loads(body)[1])))
             if rows:
                 since = (rows[-1].at, rows[-1].id)
             if len(rows) < wanted:
-                day += 1
+                bucket += 1
         return found
 
     def member_waiting_purchases(self, member_id: str) -> int:
@@ -968,6 +966,9 @@ class CassandraLedgerStore:
         # Seconds from the write, so a store's retention counts from when a row was written
         # (a posting's own time, give or take its unit's run); Cassandra allows at most 20 years.
         self.ttl = max(1, min(int(retention.total_seconds()), MAX_TTL_SECONDS))
+        # An owner row goes in before its record's batch: a day longer, so it never expires first
+        # (a replay that found no owner would insert the record again and conflict).
+        self.owner_ttl = min(self.ttl + 86_400, MAX_TTL_SECONDS)
         found = applied_version(session, keyspace)
         if found < LATEST:
             raise RuntimeError(
@@ -1000,9 +1001,10 @@ class CassandraLedgerStore:
             "head_serial": f"SELECT version, unit_id FROM {ks}.book WHERE ledger=? AND p=? LIMIT 1",
             "row": f"SELECT body FROM {ks}.book WHERE ledger=? AND p=? AND kind=? AND id=?",
             "listing": f"SELECT at, id, p FROM {ks}.purchase_days WHERE ledger=? AND shard=? AND channel=?"
-                       " AND store_id=? AND day=? AND (at, id) > (?, ?) AND (at) < (?) LIMIT ?",
-            "listing_put": f"INSERT INTO {ks}.purchase_days (ledger, shard, channel, store_id, day, at, id, p)"
+                       " AND store_id=? AND bucket=? AND (at, id) > (?, ?) AND (at) < (?) LIMIT ?",
+            "listing_put": f"INSERT INTO {ks}.purchase_days (ledger, shard, channel, store_id, bucket, at, id, p)"
                            " VALUES (?,?,?,?,?,?,?,?)",
+            "kind_ttl": f"SELECT id, body, TTL(body) AS ttl FROM {ks}.book WHERE ledger=? AND p=? AND kind=?",
             "kind": f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind=?",
             "entries": f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind='entry' AND id>=? AND id<?"
                        " ORDER BY kind DESC, id DESC LIMIT ?",
@@ -1023,6 +1025,7 @@ class CassandraLedgerStore:
                             " AND kind='entry' AND id>=? AND id<? ORDER BY kind DESC, id DESC LIMIT ?",
             "owner_put": f"INSERT INTO {ks}.owners (ledger, shard, id, p) VALUES (?,?,?,?)",
             "owner_put_expiring": f"INSERT INTO {ks}.owners (ledger, shard, id, p) VALUES (?,?,?,?) USING TTL ?",
+            "owner_del": f"DELETE FROM {ks}.owners WHERE ledger=? AND shard=? AND id=?",
             "members_put": f"INSERT INTO {ks}.shard_members (ledger, shard, p) VALUES (?,?,?)",
             "members": f"SELECT p FROM {ks}.shard_members WHERE ledger=? AND shard=?",
             "queue_put": f"INSERT INTO {ks}.queue (ledger, shard, kind, bucket, at, p, id, w) VALUES (?,?,?,?,?,?,?,?)",
@@ -1117,6 +1120,69 @@ class CassandraLedgerStore:
     def owner_month(self, shard: int, key: str) -> int | None:
         row = self.q("owner_month_get", (self.ledger, shard, key)).one()
         return None if row is None else row.month
+
+    def purchase_bodies(self, shard: int, rows: Sequence[Any]) -> list[str | None]:
+        """Purchase rows (live, else archived) for listing rows (`p`, `id`), a few queries at a
+        time: a page of an archived day would otherwise be two round trips per purchase."""
+        live = [None if r is None else str(r.body) for r in self.run_many(
+            [("row", (self.ledger, x.p, "purchase", x.id)) for x in rows])]  # fmt: skip
+        missing = [i for i, body in enumerate(live) if body is None]
+        months = self.run_many([("owner_month_get", (self.ledger, shard, rows[i].id)) for i in missing])
+        moved = [(i, m.month) for i, m in zip(missing, months, strict=True) if m is not None and m.month is not None]
+        archived = self.run_many([("hist_row", (self.ledger, rows[i].p, month, "purchase", rows[i].id))
+                                  for i, month in moved])  # fmt: skip
+        for (i, _), row in zip(moved, archived, strict=True):
+            live[i] = None if row is None else str(row.body)
+        return live
+
+    def rows_many(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[list[Any]]:
+        """`run_many` for queries that return several rows: every row of each."""
+        futures = [self.session.execute_async(self._stmts[name], params) for name, params in calls]
+        return [list(f.result()) for f in futures]
+
+    def backfill(self, shard: int, members_at_once: int = 32) -> dict[str, int]:
+        """One pass over a shard after upgrading from a release before 2026-12-05, run once no
+        process runs the older code (`pointmesh ledger backfill`): writes the purchase_days rows
+        of the purchases it stored, and gives the idempotency records, owner rows and sent
+        events it wrote without a TTL the rest of their retention (deleting those already past
+        it). Every write is idempotent, so a pass can be run again; returns what it did."""
+        done = {"listed": 0, "expiring": 0, "deleted": 0}
+        now = time.time()
+        parts = [p for p, _ in self.partitions(shard, "")]
+        for start in range(0, len(parts), members_at_once):
+            chunk = parts[start : start + members_at_once]
+            kinds = ("purchase", "months", "idem", "sent")
+            found = self.rows_many([("kind_ttl", (self.ledger, p, kind)) for p in chunk for kind in kinds])
+            calls: list[tuple[str, tuple[Any, ...]]] = []
+            for n, p in enumerate(chunk):
+                purchases, months, idem, sent = found[n * 4 : n * 4 + 4]
+                history = self.rows_many([("hist_kind", (self.ledger, p, month, "purchase"))
+                                          for row in months for month in json.loads(row.body)])  # fmt: skip
+                for row in [*purchases, *(r for rows in history for r in rows)]:
+                    _, record_json, at = json.loads(row.body)[:3]
+                    record = json.loads(record_json)
+                    channel, store_id = record.get("channel", ""), record.get("store_id", "")
+                    for scope in {store_id, ""}:
+                        bucket = listing_bucket(scope, at)
+                        calls.append(("listing_put", (self.ledger, shard, channel, scope, bucket, at, row.id, p)))
+                    done["listed"] += 1
+                for kind, rows, at_field in (("idem", idem, 3), ("sent", sent, -1)):
+                    for row in rows:
+                        if row.ttl is not None:
+                            continue
+                        left = int(json.loads(row.body)[at_field] / 1e6 + self.ttl - now)
+                        if left <= 0:
+                            calls.append(("del", (self.ledger, p, kind, row.id)))
+                            if kind == "idem":
+                                calls.append(("owner_del", (self.ledger, shard, row.id)))
+                            done["deleted"] += 1
+                            continue
+                        calls.append(("put_expiring", (self.ledger, p, kind, row.id, row.body, left)))
+                        if kind == "idem":
+                            calls.append(("owner_put_expiring", (self.ledger, shard, row.id, p, left + 86_400)))
+                        done["expiring"] += 1
+            self.run_many(calls)
+        return done
 
     def archived(self, shard: int, p: str, kind: str, id_: str, owner_key: str) -> str | None:
         month = self.owner_month(shard, owner_key)
@@ -1265,7 +1331,7 @@ class CassandraLedgerStore:
         expiring = {id_ for part in dirty for _, id_ in part.expiring}
         for object_id, p in new_owners.items():
             if object_id in expiring:
-                calls.append(("owner_put_expiring", (self.ledger, shard, object_id, p, self.ttl)))
+                calls.append(("owner_put_expiring", (self.ledger, shard, object_id, p, self.owner_ttl)))
             elif self._owners.get((shard, object_id)) != p:
                 calls.append(("owner_put", (self.ledger, shard, object_id, p)))
         now = time.time()
@@ -1281,7 +1347,8 @@ class CassandraLedgerStore:
                     announced.append((shard, kind, bucket))
             for channel, store_id, at, id_ in part.listed:
                 for scope in {store_id, ""}:
-                    calls.append(("listing_put", (self.ledger, shard, channel, scope, at // DAY_US, at, id_, part.p)))
+                    bucket = listing_bucket(scope, at)
+                    calls.append(("listing_put", (self.ledger, shard, channel, scope, bucket, at, id_, part.p)))
             if (shard, part.p) not in self._known_members:
                 calls.append(("members_put", (self.ledger, shard, part.p)))
             kinds = {kind for kind, _ in part.staged}

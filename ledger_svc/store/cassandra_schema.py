@@ -7,11 +7,10 @@ behind the code (docs/cassandra.md has the data model and why each key is what i
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -100,17 +99,27 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
         3,
         "purchase listings by shard, channel, store and day",
         (
-            # Settlement pages through one store's day (store_id '' holds the whole channel's):
-            # a slice of one partition per shard and day instead of a scan of every member.
-            # Rows point at the member partition holding the purchase.
+            # Settlement pages through one store's day: a slice of one partition per shard and
+            # day instead of a scan of every member. store_id '' holds the whole channel's, by
+            # hour (a busy channel's day on one shard would be a 100 MB partition). Rows point at
+            # the member partition holding the purchase. Purchases stored before this migration
+            # are listed by `pointmesh ledger backfill`, run once every process has this code.
             """CREATE TABLE IF NOT EXISTS {ks}.purchase_days (
-                 ledger text, shard int, channel text, store_id text, day int, at bigint, id text, p text,
-                 PRIMARY KEY ((ledger, shard, channel, store_id, day), at, id))""",
+                 ledger text, shard int, channel text, store_id text, bucket bigint, at bigint, id text,
+                 p text,
+                 PRIMARY KEY ((ledger, shard, channel, store_id, bucket), at, id))""",
         ),
     ),
 )
 
 DAY_US = 86_400_000_000
+HOUR_US = 3_600_000_000
+
+
+def listing_bucket(store_id: str, at_us: int) -> int:
+    """A store's listing rows go in daily buckets, a whole channel's in hourly ones."""
+    return at_us // (DAY_US if store_id else HOUR_US)
+
 
 LATEST = MIGRATIONS[-1][0]
 _KEYSPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
@@ -192,9 +201,6 @@ def migrate(session: Any, keyspace: str, replication: str) -> list[int]:
                 # An ADD that ran before a crash kept this migration from being recorded.
                 if "ADD" not in statement or "already" not in str(exc):
                     raise
-        if version in DATA_STEPS:  # before recording the version: a crash part-way runs it again
-            step = DATA_STEPS[version]
-            log.info("cassandra schema: %s wrote %d rows", step.__name__, step(session, ks))
         _settled(
             session,
             f"INSERT INTO {ks}.schema_migrations (version, description, applied_at) VALUES (%s, %s, %s)",
@@ -203,44 +209,3 @@ def migrate(session: Any, keyspace: str, replication: str) -> list[int]:
         log.info("cassandra schema: applied migration %d (%s) to %s", version, description, ks)
         applied.append(version)
     return applied
-
-
-def _list_earlier_purchases(session: Any, ks: str) -> int:
-    """Writes purchase_days rows for purchases recorded before migration 3, in every ledger of the
-    keyspace (live and archived rows; a purchase row's body is [status, record JSON, receipt µs]).
-    Its rows are idempotent, so running it again after a crash is safe."""
-    from cassandra.concurrent import execute_concurrent_with_args
-
-    put = session.prepare(
-        f"INSERT INTO {ks}.purchase_days (ledger, shard, channel, store_id, day, at, id, p) VALUES (?,?,?,?,?,?,?,?)"
-    )
-    live = session.prepare(f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind=?")
-    archived = session.prepare(f"SELECT id, body FROM {ks}.book_history WHERE ledger=? AND p=? AND month=? AND kind=?")
-    listed = 0
-    for ledger_row in session.execute(f"SELECT DISTINCT ledger FROM {ks}.meta"):
-        ledger = ledger_row.ledger
-        shards = session.execute(f"SELECT v FROM {ks}.meta WHERE ledger=%s AND k='shards'", (ledger,)).one()
-        for shard in range(int(shards.v) if shards else 0):
-            members = session.execute(f"SELECT p FROM {ks}.shard_members WHERE ledger=%s AND shard=%s", (ledger, shard))
-            for member in members:
-                p = member.p
-                rows = list(session.execute(live, (ledger, p, "purchase")))
-                for month in session.execute(live, (ledger, p, "months")):
-                    for m in json.loads(month.body):
-                        rows += session.execute(archived, (ledger, p, m, "purchase"))
-                args = []
-                for row in rows:
-                    _, record_json, at = json.loads(row.body)[:3]
-                    record = json.loads(record_json)
-                    channel, store_id = record.get("channel", ""), record.get("store_id", "")
-                    for scope in {store_id, ""}:
-                        args.append((ledger, shard, channel, scope, at // DAY_US, at, row.id, p))
-                for ok, result in execute_concurrent_with_args(session, put, args, concurrency=64):
-                    if not ok:
-                        raise result
-                listed += len(args)
-    return listed
-
-
-# Steps that rewrite data a migration's new tables need, run after its statements.
-DATA_STEPS: dict[int, Callable[[Any, str], int]] = {3: _list_earlier_purchases}

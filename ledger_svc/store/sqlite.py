@@ -513,7 +513,8 @@ class SqliteShardTx:
         channel: str, store_id: str,
     ) -> None:  # fmt: skip
         self.c.execute(
-            "INSERT OR REPLACE INTO purchases VALUES (?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO purchases (purchase_id, member_id, status, receipt_time, body, channel, store_id)"
+            " VALUES (?,?,?,?,?,?,?)",
             (purchase_id, member_id, status, to_us(receipt_time), body_json, channel, store_id),
         )
 
@@ -533,7 +534,8 @@ class SqliteShardTx:
         self, channel: str, store_id: str, start: datetime, end: datetime, after: tuple[datetime, str] | None,
         limit: int,
     ) -> list[tuple[datetime, str, str]]:  # fmt: skip
-        since_us, since_id = (to_us(after[0]), after[1]) if after else (to_us(start), "")
+        # A cursor from before the window (a token reused with a later start) seeks from the start.
+        since_us, since_id = max((to_us(after[0]), after[1]) if after else (0, ""), (to_us(start), ""))
         # Named, because without ANALYZE statistics the planner takes the channel index for a
         # store's listing too and walks the whole channel's window.
         index, scope, params = (

@@ -1,31 +1,26 @@
 """Cassandra lists purchases from its purchase_days partitions: archived purchases stay listed,
-and a keyspace from before those partitions existed gets them filled by `migrate`."""
+a pointer whose purchase never committed costs the page nothing, and `backfill` brings a ledger
+written by an earlier release up to date (listings, and TTLs on its retention rows)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+import time
+import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
-from ledger_svc.store.base import ShardTx
+from ledger_svc.store.base import ShardTx, to_us
 from ledger_svc.store.cassandra import CassandraLedgerStore
-from ledger_svc.store.cassandra_schema import migrate
+from ledger_svc.store.cassandra_schema import listing_bucket
 from tests.conftest import CassandraSession
 
-KEYSPACE = "pointmesh_listing"
 NOON = datetime(2025, 3, 10, 12, tzinfo=UTC)
 DAY = (NOON - timedelta(hours=12), NOON + timedelta(hours=12))
 
 
-@pytest.fixture
-def keyspace(cassandra_session: CassandraSession) -> Iterator[str]:
-    cassandra_session.reconnected()
-    session = cassandra_session.session
-    session.execute(f"DROP KEYSPACE IF EXISTS {KEYSPACE}")
-    migrate(session, KEYSPACE, "simple:1")
-    yield KEYSPACE
-    session.execute(f"DROP KEYSPACE IF EXISTS {KEYSPACE}")
+def body(purchase_id: str, store_id: str) -> str:
+    return f'{{"purchase_id": "{purchase_id}", "channel": "pos", "store_id": "{store_id}"}}'
 
 
 def _record(status: str, rows: list[tuple[str, str, str, datetime]]) -> Callable[[ShardTx], None]:
@@ -37,20 +32,16 @@ def _record(status: str, rows: list[tuple[str, str, str, datetime]]) -> Callable
     return unit
 
 
-def body(purchase_id: str, store_id: str) -> str:
-    return f'{{"purchase_id": "{purchase_id}", "channel": "pos", "store_id": "{store_id}"}}'
-
-
-async def _listed(store: CassandraLedgerStore, shard: int, store_id: str) -> list[str]:
-    rows = await store.scan(shard, lambda tx: tx.list_purchases("pos", store_id, *DAY, None, 100))
+async def _listed(store: CassandraLedgerStore, shard: int, store_id: str, limit: int = 100) -> list[str]:
+    rows = await store.scan(shard, lambda tx: tx.list_purchases("pos", store_id, *DAY, None, limit))
     return [purchase_id for _, purchase_id, _ in rows]
 
 
-async def test_archived_purchases_stay_listed_and_migrate_lists_earlier_ones(
-    cassandra_session: CassandraSession, keyspace: str
+async def test_archived_purchases_stay_listed_and_backfill_lists_earlier_ones(
+    cassandra_session: CassandraSession,
 ) -> None:
-    session = cassandra_session.session
-    store = CassandraLedgerStore(session, keyspace, "shop", 2)
+    store = cassandra_session.open_store("lst" + uuid.uuid4().hex[:12], 2)
+    session, ks = store.session, store.keyspace
     try:
         await store.write(0, _record("EARNED", [("pu_1", "m1", "s1", NOON), ("pu_2", "m2", "s2", NOON)]))
         await store.write(1, _record("EARNED", [("pu_3", "m3", "s1", NOON + timedelta(hours=1))]))
@@ -62,14 +53,48 @@ async def test_archived_purchases_stay_listed_and_migrate_lists_earlier_ones(
         assert await _listed(store, 1, "s1") == ["pu_3", "pu_4"]
         before = await store.scan(0, lambda tx: tx.list_purchases("pos", "", *DAY, None, 100))
 
-        # The keyspace as an earlier release left it: no listing rows, migration 3 not applied.
-        session.execute(f"TRUNCATE {keyspace}.purchase_days")
-        session.execute(f"DELETE FROM {keyspace}.schema_migrations WHERE version = 3")
+        # A pointer whose purchase never committed (its unit failed after the side tables went
+        # in) is skipped, and the page is still full.
+        at = to_us(NOON + timedelta(minutes=30))
+        store.q("listing_put", (store.ledger, 1, "pos", "s1", listing_bucket("s1", at), at, "pu_0", "1/m9"))
+        assert await _listed(store, 1, "s1", limit=2) == ["pu_3", "pu_4"]
+
+        # The ledger as an earlier release left it: no listing rows.
+        session.execute(f"DELETE FROM {ks}.purchase_days WHERE ledger=%s AND shard=0 AND channel='pos'"
+                        " AND store_id='' AND bucket=%s", (store.ledger, listing_bucket("", to_us(NOON))))  # fmt: skip
+        session.execute(f"DELETE FROM {ks}.purchase_days WHERE ledger=%s AND shard=0 AND channel='pos'"
+                        " AND store_id='s1' AND bucket=%s", (store.ledger, listing_bucket("s1", to_us(NOON))))  # fmt: skip
         assert await _listed(store, 0, "") == []
-        assert migrate(session, keyspace, "simple:1") == [3]
+        done = [store.backfill(shard) for shard in range(2)]
+        assert [d["listed"] for d in done] == [2, 2]
         assert await store.scan(0, lambda tx: tx.list_purchases("pos", "", *DAY, None, 100)) == before
+        assert await _listed(store, 0, "s1") == ["pu_1"]
         assert await _listed(store, 1, "s1") == ["pu_3", "pu_4"]
-        assert await _listed(store, 1, "s2") == []
-        assert migrate(session, keyspace, "simple:1") == []
+    finally:
+        await store.close()
+
+
+async def test_backfill_gives_earlier_retention_rows_a_ttl_or_deletes_them(cassandra_session: CassandraSession) -> None:
+    store = cassandra_session.open_store("bf" + uuid.uuid4().hex[:12], 1)
+    now_us = int(time.time() * 1e6)
+    old_us, recent_us = now_us - 40 * 86_400_000_000, now_us - 5 * 86_400_000_000
+    try:
+        # Rows as the earlier release wrote them: no TTL.
+        for id_, at in (("old", old_us), ("recent", recent_us)):
+            store.q("put", (store.ledger, "0/m1", "idem", id_, json.dumps(["Earn", "fp", "{}", at])))
+            store.q("owner_put", (store.ledger, 0, id_, "0/m1"))
+            store.q("put", (store.ledger, "0/m1", "sent", f"ev_{id_}", json.dumps(["ev", "{}", at])))
+        store.q("members_put", (store.ledger, 0, "0/m1"))
+
+        assert store.backfill(0) == {"listed": 0, "expiring": 2, "deleted": 2}
+        idem = {r.id: r.ttl for r in store.q("kind_ttl", (store.ledger, "0/m1", "idem"))}
+        sent = {r.id: r.ttl for r in store.q("kind_ttl", (store.ledger, "0/m1", "sent"))}
+        assert list(idem) == ["recent"] and list(sent) == ["ev_recent"]
+        # 35 days of retention, 5 gone: about 30 left.
+        assert 29 * 86_400 < idem["recent"] <= 30 * 86_400 and 29 * 86_400 < sent["ev_recent"] <= 30 * 86_400
+        assert store.q("owner_get", (store.ledger, 0, "old")).one() is None
+        assert store.q("owner_get", (store.ledger, 0, "recent")).one() is not None
+        # Run again: nothing left without a TTL.
+        assert store.backfill(0) == {"listed": 0, "expiring": 0, "deleted": 0}
     finally:
         await store.close()

@@ -466,6 +466,11 @@ async def test_purchases_list_by_store_or_channel_in_receipt_order_a_page_at_a_t
     assert await listing("s1", 2) == [["pu_a", "pu_c"], ["pu_d", "pu_e"], []]
     assert await listing("s1", 3) == [["pu_a", "pu_c", "pu_d"], ["pu_e"]]
     assert await listing("", 2) == [["pu_a", "pu_b"], ["pu_c", "pu_d"], ["pu_e"]]
+    # A cursor from before the window (a token reused with a later start) starts at the start.
+    early = (window[0] - timedelta(days=3), "pu_z")
+    assert await store.scan(2, functools.partial(_list_purchases, "pos", "s1", window, early, 10)) == await store.scan(
+        2, functools.partial(_list_purchases, "pos", "s1", window, None, 10)
+    )
     first = await store.scan(2, functools.partial(_list_purchases, "pos", "s2", window, None, 10))
     assert first == [(midnight - timedelta(hours=2), "pu_b", '{"id": "pu_b", "status": "EARNED"}')]
     assert await store.scan(1, functools.partial(_list_purchases, "pos", "", window, None, 10)) == []
