@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from ledger_svc import commands as c
 from ledger_svc import convert as cv
-from ledger_svc.domain import LedgerError
+from ledger_svc.domain import LedgerError, Unavailable
 from ledger_svc.service import LedgerService
 from pointmesh.consumers import Poison, check_schema, dead_letter, run_group
 from pointmesh.events import INGEST_PURCHASES, BusMessage, EventBus
@@ -38,7 +38,8 @@ class IngestWorker:
 
     async def _purchases(self, messages: list[BusMessage]) -> None:
         """A polled batch through batch accrual (one EvaluateBatch and one ScoreBatch for all);
-        refusals are dead-lettered, anything else raised leaves the batch uncommitted."""
+        refusals are dead-lettered; anything else raised, or a store closing under it, leaves the
+        batch uncommitted for redelivery."""
         taken: list[BusMessage] = []
         commands: list[c.RecordPurchase] = []
         for message in messages:
@@ -53,6 +54,9 @@ class IngestWorker:
             except LedgerError as exc:
                 await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, _reason(exc))
         outcomes = await self.service.ingest(commands)
+        for outcome in outcomes:
+            if isinstance(outcome, Unavailable):  # not the purchase's fault: deliver the batch again
+                raise outcome
         for message, outcome in zip(taken, outcomes, strict=True):
             if isinstance(outcome, LedgerError):
                 await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, _reason(outcome))

@@ -169,10 +169,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"{PREFIX}LEDGER_SHARDS must be >= 1, got {s.ledger_shards}")
     if not s.units:
         raise ConfigError(f"{PREFIX}UNITS must name at least one unit")
-    if not 1 <= s.idempotency_retention_days <= 3650:
-        # Cassandra writes the retention as a TTL and refuses expiry dates past 2038 in its
-        # default storage compatibility mode.
-        raise ConfigError(f"{PREFIX}IDEMPOTENCY_RETENTION_DAYS must be 1-3650, got {s.idempotency_retention_days}")
+    if not 1 <= s.idempotency_retention_days <= 1000:
+        # Cassandra writes the retention as a TTL and refuses expiry dates past 2038-01-19 in
+        # its default storage compatibility mode; 1,000 days stays clear of that until 2035.
+        raise ConfigError(f"{PREFIX}IDEMPOTENCY_RETENTION_DAYS must be 1-1000, got {s.idempotency_retention_days}")
     if s.negative_limit_points < 0:
         raise ConfigError(f"{PREFIX}NEGATIVE_LIMIT_POINTS must be >= 0")
     if s.sqlite_synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:

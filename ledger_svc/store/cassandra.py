@@ -64,6 +64,7 @@ ENTRY_SLOTS = 1 << 16  # journal legs one unit may write into one partition
 SEQ_TAGS = 1024
 MAX_ATTEMPTS = 80
 MAX_TTL_SECONDS = 630_720_000
+BACKFILL_IN_FLIGHT = 128
 # Small, bounded row kinds read with the partition's statics on first touch.
 LIVE_KINDS = ("acct", "hold", "lot", "months", "state", "wait")
 # Row kinds archived to monthly history partitions once older than the live horizon, with
@@ -1153,7 +1154,10 @@ class CassandraLedgerStore:
             chunk = parts[start : start + members_at_once]
             kinds = ("purchase", "months", "idem", "sent")
             found = self.rows_many([("kind_ttl", (self.ledger, p, kind)) for p in chunk for kind in kinds])
+            # Owner rows before their records: a run that fails between the two and runs again
+            # finds the record still without a TTL and writes both once more.
             calls: list[tuple[str, tuple[Any, ...]]] = []
+            records: list[tuple[str, tuple[Any, ...]]] = []
             for n, p in enumerate(chunk):
                 purchases, months, idem, sent = found[n * 4 : n * 4 + 4]
                 history = self.rows_many([("hist_kind", (self.ledger, p, month, "purchase"))
@@ -1172,16 +1176,18 @@ class CassandraLedgerStore:
                             continue
                         left = int(json.loads(row.body)[at_field] / 1e6 + self.ttl - now)
                         if left <= 0:
-                            calls.append(("del", (self.ledger, p, kind, row.id)))
                             if kind == "idem":
                                 calls.append(("owner_del", (self.ledger, shard, row.id)))
+                            records.append(("del", (self.ledger, p, kind, row.id)))
                             done["deleted"] += 1
                             continue
-                        calls.append(("put_expiring", (self.ledger, p, kind, row.id, row.body, left)))
                         if kind == "idem":
                             calls.append(("owner_put_expiring", (self.ledger, shard, row.id, p, left + 86_400)))
+                        records.append(("put_expiring", (self.ledger, p, kind, row.id, row.body, left)))
                         done["expiring"] += 1
-            self.run_many(calls)
+            for batch in (calls, records):  # at most BACKFILL_IN_FLIGHT writes at a time
+                for at in range(0, len(batch), BACKFILL_IN_FLIGHT):
+                    self.run_many(batch[at : at + BACKFILL_IN_FLIGHT])
         return done
 
     def archived(self, shard: int, p: str, kind: str, id_: str, owner_key: str) -> str | None:

@@ -97,7 +97,7 @@ MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
     ),
     (
         3,
-        "purchase listings by shard, channel, store and day",
+        "purchase listings by shard, channel, store and time bucket",
         (
             # Settlement pages through one store's day: a slice of one partition per shard and
             # day instead of a scan of every member. store_id '' holds the whole channel's, by

@@ -167,8 +167,11 @@ class LoopExecutor:
 
     def close(self) -> None:
         """Runs what was handed over before closing (a caller's posting is not dropped)."""
+        if self._closed:
+            return
         self._closed = True
-        self._flush()
+        if self._pending:
+            self._flush()
         self._conn.close()
 
 
@@ -237,7 +240,9 @@ class ThreadExecutor:
         if abandon_on_close:
             # sqlite3_interrupt alone misses a statement that starts after it: a read between
             # statements (decoding rows) would run on. The handler stops every one from then on.
-            conn.set_progress_handler(lambda: 1 if self._closed else 0, 10_000)
+            # Called every million VM steps (a few ms): an aggregate over a whole shard runs
+            # without the GIL, and a frequent handler would make it take the GIL back each time.
+            conn.set_progress_handler(lambda: 1 if self._closed else 0, 1_000_000)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -251,19 +256,26 @@ class ThreadExecutor:
 
     def close(self) -> None:
         with self._closing:
+            if self._closed:
+                return
             self._closed = True
             self._queue.put(_Stop())
         if self._abandon:
             self._conn.interrupt()
         self._thread.join(timeout=30)
-        if self._thread.is_alive():  # still in a unit: it owns the queue and the connection
+        running = self._thread.is_alive()
+        self._fail_queued()
+        if running:  # still in a unit: it owns the connection, and stops once it is done
             log.warning("%s: still running 30 s after close; leaving it to finish", self._name)
+            self._queue.put(_Stop())
             return
+        self._conn.close()
+
+    def _fail_queued(self) -> None:
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if not isinstance(item, _Stop) and item[1].set_running_or_notify_cancel():
                 item[1].set_exception(StoreClosed(self._name))
-        self._conn.close()
 
     def _loop(self) -> None:
         while True:
@@ -289,6 +301,10 @@ class ThreadExecutor:
                 return
             outcomes = _run(self._conn, self._tx, [w for w, _ in live], self._group)
             for (_, fut), (ok, value) in zip(live, outcomes, strict=True):
+                if not ok and self._closed and isinstance(value, sqlite3.OperationalError):
+                    closed = StoreClosed(self._name)  # stopped by close (interrupted), not a fault
+                    closed.__cause__ = value
+                    value = closed
                 if ok:
                     fut.set_result(value)
                 else:
