@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from ledger_svc.store.base import ShardTx, to_us
 from ledger_svc.store.cassandra import CassandraLedgerStore
 from ledger_svc.store.cassandra_schema import listing_bucket
-from tests.conftest import CassandraSession
+from tests.conftest import CassandraSession, pointmesh_cli
 
 NOON = datetime(2025, 3, 10, 12, tzinfo=UTC)
 DAY = (NOON - timedelta(hours=12), NOON + timedelta(hours=12))
@@ -96,5 +96,29 @@ async def test_backfill_gives_earlier_retention_rows_a_ttl_or_deletes_them(cassa
         assert store.q("owner_get", (store.ledger, 0, "recent")).one() is not None
         # Run again: nothing left without a TTL.
         assert store.backfill(0) == {"listed": 0, "expiring": 0, "deleted": 0}
+    finally:
+        await store.close()
+
+
+async def test_the_backfill_command_lists_earlier_purchases(cassandra_session: CassandraSession) -> None:
+    ledger = "cli" + uuid.uuid4().hex[:12]
+    store = cassandra_session.open_store(ledger, 1)
+    try:
+        await store.write(0, _record("EARNED", [("pu_1", "m1", "s1", NOON)]))
+        for scope in ("s1", ""):  # as an earlier release left it: no listing rows
+            store.session.execute(
+                f"DELETE FROM {store.keyspace}.purchase_days WHERE ledger=%s AND shard=0 AND channel='pos'"
+                " AND store_id=%s AND bucket=%s", (ledger, scope, listing_bucket(scope, to_us(NOON))),
+            )  # fmt: skip
+        assert await _listed(store, 0, "s1") == []
+        env = {
+            "POINTMESH_STORE": "cassandra", "POINTMESH_LEDGER_SHARDS": "1", "POINTMESH_CASSANDRA_LEDGER": ledger,
+            "POINTMESH_CASSANDRA_CONTACT_POINTS": cassandra_session.settings.cassandra_contact_points,
+            "POINTMESH_CASSANDRA_KEYSPACE": cassandra_session.settings.cassandra_keyspace,
+        }  # fmt: skip
+        done = pointmesh_cli("ledger", "backfill", env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "backfill: shard 0: listed 1, expiring 0, deleted 0" in done.stdout
+        assert await _listed(store, 0, "s1") == ["pu_1"]
     finally:
         await store.close()
