@@ -65,6 +65,7 @@ SEQ_TAGS = 1024
 MAX_ATTEMPTS = 80
 MAX_TTL_SECONDS = 630_720_000
 BACKFILL_IN_FLIGHT = 128
+LISTING_AHEAD = 32  # listing buckets read at once, at most
 # Small, bounded row kinds read with the partition's statics on first touch.
 LIVE_KINDS = ("acct", "hold", "lot", "months", "state", "wait")
 # Row kinds archived to monthly history partitions once older than the live horizon, with
@@ -698,22 +699,34 @@ class CassandraShardTx:
         limit: int,
     ) -> list[tuple[datetime, str, str]]:  # fmt: skip
         """Walks the shard's purchase_days buckets from the cursor. A row whose purchase is absent
-        (its unit failed after the row went in) is skipped."""
+        (its unit failed after the row went in) is skipped.
+
+        Buckets are read a few at once, twice as many each time the last ones came back short
+        (up to LISTING_AHEAD): a quiet channel's month is 744 hourly buckets, and one query at a
+        time made a page of it 744 round trips; a busy one fills a page from its first bucket."""
         hi = to_us(end)
         since = max((to_us(after[0]), after[1]) if after else (0, ""), (to_us(start), ""))
         bucket, last = listing_bucket(store_id, since[0]), listing_bucket(store_id, hi - 1)
         found: list[tuple[datetime, str, str]] = []
+        ahead = 1
         while len(found) < limit and bucket <= last:
             wanted = limit - len(found)
-            rows = list(self.store.q("listing", (self.store.ledger, self.shard, channel, store_id, bucket, *since, hi,
-                                                 wanted)))  # fmt: skip
-            for r, body in zip(rows, self.store.purchase_bodies(self.shard, rows), strict=True):
-                if body is not None:
-                    found.append((from_us(r.at), r.id, str(json.loads(body)[1])))
-            if rows:
-                since = (rows[-1].at, rows[-1].id)
-            if len(rows) < wanted:
-                bucket += 1
+            span = range(bucket, min(bucket + ahead, last + 1))
+            pages = self.store.rows_many([("listing", (self.store.ledger, self.shard, channel, store_id, b, *since, hi,
+                                                       wanted)) for b in span])  # fmt: skip
+            for b, rows in zip(span, pages, strict=True):
+                rows = rows[: limit - len(found)]
+                for r, body in zip(rows, self.store.purchase_bodies(self.shard, rows), strict=True):
+                    if body is not None:
+                        found.append((from_us(r.at), r.id, str(json.loads(body)[1])))
+                if rows:
+                    since = (rows[-1].at, rows[-1].id)
+                bucket = b
+                if len(rows) == wanted or len(found) >= limit:
+                    break  # this bucket may hold more: read on from its last row
+                bucket = b + 1
+            else:
+                ahead = min(ahead * 2, LISTING_AHEAD)
         return found
 
     def member_waiting_purchases(self, member_id: str) -> int:

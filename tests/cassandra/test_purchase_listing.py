@@ -122,3 +122,29 @@ async def test_the_backfill_command_lists_earlier_purchases(cassandra_session: C
         assert await _listed(store, 0, "s1") == ["pu_1"]
     finally:
         await store.close()
+
+
+async def test_a_quiet_channel_month_lists_in_order_across_hundreds_of_empty_buckets(
+    cassandra_session: CassandraSession,
+) -> None:
+    store = cassandra_session.open_store("sparse" + uuid.uuid4().hex[:12], 1)
+    month = (NOON - timedelta(days=1), NOON + timedelta(days=30))
+    times = {"pu_a": NOON, "pu_b": NOON + timedelta(days=5, hours=1), "pu_c": NOON + timedelta(days=29, hours=11)}
+    try:
+        await store.write(0, _record("EARNED", [(pid, "m1", "s1", at) for pid, at in times.items()]))
+
+        async def pages(limit: int) -> list[list[str]]:
+            out: list[list[str]] = []
+            after: tuple[datetime, str] | None = None
+            while True:
+                rows = await store.scan(0, lambda tx, after=after: tx.list_purchases("pos", "", *month, after, limit))
+                out.append([pid for _, pid, _ in rows])
+                if len(rows) < limit:
+                    return out
+                after = rows[-1][:2]
+
+        assert await pages(1) == [["pu_a"], ["pu_b"], ["pu_c"], []]
+        assert await pages(2) == [["pu_a", "pu_b"], ["pu_c"]]
+        assert await pages(10) == [["pu_a", "pu_b", "pu_c"]]
+    finally:
+        await store.close()
