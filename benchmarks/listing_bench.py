@@ -108,11 +108,8 @@ async def main(purchases: int, stores: int) -> None:
                     break
             assert seen > 0
 
-        first_token = ""
-
         async def channel_first() -> None:
-            nonlocal first_token
-            page, first_token = await accrual.list_purchases("pos", "", DAY, end, PAGE, "")
+            page, _ = await accrual.list_purchases("pos", "", DAY, end, PAGE, "")
             assert len(page) == PAGE
 
         async def channel_middle() -> None:

@@ -64,6 +64,9 @@ ENTRY_SLOTS = 1 << 16  # journal legs one unit may write into one partition
 SEQ_TAGS = 1024
 MAX_ATTEMPTS = 80
 MAX_TTL_SECONDS = 630_720_000
+# An owner row goes in before its record's batch, so it lives this much longer: a replay that
+# found the owner gone first would insert the record again and conflict.
+OWNER_TTL_MARGIN_S = 86_400
 BACKFILL_IN_FLIGHT = 128
 LISTING_AHEAD = 32  # listing buckets read at once, at most
 # Small, bounded row kinds read with the partition's statics on first touch.
@@ -980,9 +983,7 @@ class CassandraLedgerStore:
         # Seconds from the write, so a store's retention counts from when a row was written
         # (a posting's own time, give or take its unit's run); Cassandra allows at most 20 years.
         self.ttl = max(1, min(int(retention.total_seconds()), MAX_TTL_SECONDS))
-        # An owner row goes in before its record's batch: a day longer, so it never expires first
-        # (a replay that found no owner would insert the record again and conflict).
-        self.owner_ttl = min(self.ttl + 86_400, MAX_TTL_SECONDS)
+        self.owner_ttl = min(self.ttl + OWNER_TTL_MARGIN_S, MAX_TTL_SECONDS)
         found = applied_version(session, keyspace)
         if found < LATEST:
             raise RuntimeError(
@@ -1149,6 +1150,14 @@ class CassandraLedgerStore:
             live[i] = None if row is None else str(row.body)
         return live
 
+    def _listing_puts(
+        self, shard: int, channel: str, store_id: str, at: int, purchase_id: str, p: str
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """A purchase's listing rows: its store's day and its channel's hour (one row when it
+        names no store)."""
+        return [("listing_put", (self.ledger, shard, channel, scope, listing_bucket(scope, at), at, purchase_id, p))
+                for scope in {store_id, ""}]  # fmt: skip
+
     def rows_many(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[list[Any]]:
         """`run_many` for queries that return several rows: every row of each."""
         futures = [self.session.execute_async(self._stmts[name], params) for name, params in calls]
@@ -1167,21 +1176,20 @@ class CassandraLedgerStore:
             chunk = parts[start : start + members_at_once]
             kinds = ("purchase", "months", "idem", "sent")
             found = self.rows_many([("kind_ttl", (self.ledger, p, kind)) for p in chunk for kind in kinds])
+            per = len(kinds)
             # Owner rows before their records: a run that fails between the two and runs again
             # finds the record still without a TTL and writes both once more.
             calls: list[tuple[str, tuple[Any, ...]]] = []
             records: list[tuple[str, tuple[Any, ...]]] = []
             for n, p in enumerate(chunk):
-                purchases, months, idem, sent = found[n * 4 : n * 4 + 4]
+                purchases, months, idem, sent = found[n * per : (n + 1) * per]
                 history = self.rows_many([("hist_kind", (self.ledger, p, month, "purchase"))
                                           for row in months for month in json.loads(row.body)])  # fmt: skip
                 for row in [*purchases, *(r for rows in history for r in rows)]:
                     _, record_json, at = json.loads(row.body)[:3]
                     record = json.loads(record_json)
-                    channel, store_id = record.get("channel", ""), record.get("store_id", "")
-                    for scope in {store_id, ""}:
-                        bucket = listing_bucket(scope, at)
-                        calls.append(("listing_put", (self.ledger, shard, channel, scope, bucket, at, row.id, p)))
+                    calls += self._listing_puts(shard, record.get("channel", ""), record.get("store_id", ""), at,
+                                                row.id, p)  # fmt: skip
                     done["listed"] += 1
                 for kind, rows, at_field in (("idem", idem, 3), ("sent", sent, -1)):
                     for row in rows:
@@ -1195,7 +1203,8 @@ class CassandraLedgerStore:
                             done["deleted"] += 1
                             continue
                         if kind == "idem":
-                            calls.append(("owner_put_expiring", (self.ledger, shard, row.id, p, left + 86_400)))
+                            calls.append(("owner_put_expiring", (self.ledger, shard, row.id, p,
+                                                                 left + OWNER_TTL_MARGIN_S)))  # fmt: skip
                         records.append(("put_expiring", (self.ledger, p, kind, row.id, row.body, left)))
                         done["expiring"] += 1
             for batch in (calls, records):  # at most BACKFILL_IN_FLIGHT writes at a time
@@ -1365,9 +1374,7 @@ class CassandraLedgerStore:
                     calls.append(("buckets_put", (self.ledger, shard, kind, bucket, now_us)))
                     announced.append((shard, kind, bucket))
             for channel, store_id, at, id_ in part.listed:
-                for scope in {store_id, ""}:
-                    bucket = listing_bucket(scope, at)
-                    calls.append(("listing_put", (self.ledger, shard, channel, scope, bucket, at, id_, part.p)))
+                calls += self._listing_puts(shard, channel, store_id, at, id_, part.p)
             if (shard, part.p) not in self._known_members:
                 calls.append(("members_put", (self.ledger, shard, part.p)))
             kinds = {kind for kind, _ in part.staged}

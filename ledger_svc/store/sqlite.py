@@ -545,9 +545,8 @@ class SqliteShardTx:
         )
         rows = self.c.execute(
             f"SELECT receipt_time, purchase_id, body FROM purchases INDEXED BY {index} WHERE channel=? {scope}"
-            "AND (receipt_time, purchase_id)>(?,?) AND receipt_time>=? AND receipt_time<?"
-            " ORDER BY receipt_time, purchase_id LIMIT ?",
-            (*params, since_us, since_id, to_us(start), to_us(end), limit),
+            "AND (receipt_time, purchase_id)>(?,?) AND receipt_time<? ORDER BY receipt_time, purchase_id LIMIT ?",
+            (*params, since_us, since_id, to_us(end), limit),
         ).fetchall()
         return [(from_us(r[0]), str(r[1]), str(r[2])) for r in rows]
 
@@ -745,26 +744,20 @@ def _rebuild_with_rowid(conn: sqlite3.Connection, table: str) -> None:
     copy holds the file's write lock while it runs, so it is logged; it leaves the old pages free
     inside the file (VACUUM returns them to the disk).
     """
-    if _without_rowid_sql(conn, table) is None:
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        sql = _without_rowid_sql(conn, table)  # None if another process moved it while we waited
-        if sql is not None:
-            create, found = re.subn(r"\)\s*WITHOUT\s+ROWID\s*$", ")", sql.strip(), flags=re.IGNORECASE)
-            renamed = create.replace(f"TABLE {table} ", f"TABLE {table}_rowid ", 1)
-            if found != 1 or renamed == create:
-                raise RuntimeError(f"cannot move {table} to a rowid table: unexpected schema {sql!r}")
-            log.warning("moving %s to a rowid table (a one-time upgrade; holds the shard's writes meanwhile)", table)
-            conn.execute(renamed)
-            conn.execute(f"INSERT INTO {table}_rowid SELECT * FROM {table}")
-            conn.execute(f"DROP TABLE {table}")
-            conn.execute(f"ALTER TABLE {table}_rowid RENAME TO {table}")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    log.warning("moved %s to a rowid table", table)
+
+    def move(sql: str) -> None:
+        create, found = re.subn(r"\)\s*WITHOUT\s+ROWID\s*$", ")", sql.strip(), flags=re.IGNORECASE)
+        renamed = create.replace(f"TABLE {table} ", f"TABLE {table}_rowid ", 1)
+        if found != 1 or renamed == create:
+            raise RuntimeError(f"cannot move {table} to a rowid table: unexpected schema {sql!r}")
+        log.warning("moving %s to a rowid table (a one-time upgrade; holds the shard's writes meanwhile)", table)
+        conn.execute(renamed)
+        conn.execute(f"INSERT INTO {table}_rowid SELECT * FROM {table}")
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"ALTER TABLE {table}_rowid RENAME TO {table}")
+        log.warning("moved %s to a rowid table", table)
+
+    _upgrade_once(conn, lambda: _without_rowid_sql(conn, table), move)
 
 
 def _without_rowid_sql(conn: sqlite3.Connection, table: str) -> str | None:
@@ -775,29 +768,44 @@ def _without_rowid_sql(conn: sqlite3.Connection, table: str) -> str | None:
 
 def _add_listing_columns(conn: sqlite3.Connection) -> None:
     """Gives purchases recorded by an earlier release the channel and store columns their
-    listing index reads, filled from each purchase's body, in one transaction (logged: it holds
-    the shard's writes while it runs)."""
-    if not _lacks_listing_columns(conn):
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if _lacks_listing_columns(conn):  # another process may have added them while we waited
-            log.warning("adding channel and store columns to purchases (a one-time upgrade)")
-            conn.execute("ALTER TABLE purchases ADD COLUMN channel TEXT NOT NULL DEFAULT ''")
-            conn.execute("ALTER TABLE purchases ADD COLUMN store_id TEXT NOT NULL DEFAULT ''")
-            conn.execute(
-                "UPDATE purchases SET channel=coalesce(json_extract(body, '$.channel'), ''),"
-                " store_id=coalesce(json_extract(body, '$.store_id'), '')"
-            )
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    listing index reads, filled from each purchase's body (logged: it holds the shard's writes
+    while it runs)."""
+
+    def add(_: bool) -> None:
+        log.warning("adding channel and store columns to purchases (a one-time upgrade)")
+        conn.execute("ALTER TABLE purchases ADD COLUMN channel TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE purchases ADD COLUMN store_id TEXT NOT NULL DEFAULT ''")
+        conn.execute(
+            "UPDATE purchases SET channel=coalesce(json_extract(body, '$.channel'), ''),"
+            " store_id=coalesce(json_extract(body, '$.store_id'), '')"
+        )
+
+    _upgrade_once(conn, lambda: _lacks_listing_columns(conn) or None, add)
 
 
 def _lacks_listing_columns(conn: sqlite3.Connection) -> bool:
     columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(purchases)")}
     return bool(columns) and "channel" not in columns
+
+
+U = TypeVar("U")
+
+
+def _upgrade_once(conn: sqlite3.Connection, pending: Callable[[], U | None], apply: Callable[[U], None]) -> None:
+    """A one-time upgrade of a file an earlier release wrote, in one transaction under its write
+    lock. `pending` says what is left to do (None: nothing); it is asked again once the lock is
+    held, because another process may have done it while this one waited."""
+    if pending() is None:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = pending()
+        if found is not None:
+            apply(found)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class SqliteLedgerStore:
