@@ -53,8 +53,12 @@ class Settings:
     program: str = "aurora"
     # Published at rules_svc start-up when the store has no version of it yet; empty: none.
     rules_seed_file: str = "builtin:aurora"
-    # How often rules_svc re-reads the version list (other replicas may publish).
+    # How often rules_svc re-reads the version list (a follower: copies the leader's).
     rules_reload_seconds: float = 2.0
+    # host:port of the rules_svc instance holding published versions and gamification state;
+    # set it on evaluation replicas, which copy its versions and forward publishing and the
+    # gamification calls to it (rules_svc/follower.py). Empty: this instance is the leader.
+    rules_leader_addr: str = ""
     # The ledger screens purchases and redemptions with fraud_svc (at fraud_addr) within this
     # deadline; when it cannot, these verdicts (allow, review, deny) stand in, per operation.
     fraud_screening: bool = True

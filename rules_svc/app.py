@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pointmesh.clients import ledger_stub
+from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
 from pointmesh.events import LEDGER_EVENTS, dead_letter_topic, open_bus
 from pointmesh.rpc import GrpcServer
 from pointmesh.v1 import rules_pb2, rules_pb2_grpc
+from rules_svc.follower import FollowerServicer, LeaderMirror
 from rules_svc.game_service import GameService
 from rules_svc.game_store import GameStore
 from rules_svc.game_worker import GameWorker
@@ -46,6 +47,7 @@ class RulesApp:
     store: VersionStore
     game: GameService
     worker: GameWorker | None = None
+    mirror: LeaderMirror | None = None  # set on a follower (rules_svc/follower.py)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -55,7 +57,10 @@ class RulesApp:
 
     async def start(self) -> int:
         await self.service.refresh()
-        await self._seed()
+        if self.mirror is not None:
+            await self.mirror.pull_until_ready()
+        else:
+            await self._seed()
         port = await self.server.start()
         self.tasks.append(asyncio.create_task(self._reload(), name="rules-reload"))
         if self.worker is not None:
@@ -79,7 +84,7 @@ class RulesApp:
         while True:
             await asyncio.sleep(self.settings.rules_reload_seconds)
             try:
-                await self.service.refresh()
+                await (self.service.refresh() if self.mirror is None else self.mirror.pull())
             except Exception:
                 log.exception("reloading program versions failed; retrying")
 
@@ -104,13 +109,19 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     service = RulesService(store, clock)
     game = GameService(service, GameStore(settings.data_dir / "rules" / "gamification.db"), clock)
     server = GrpcServer("rules", address or settings.rules_addr, grace_seconds=settings.grace_seconds)
-    servicer = RulesServicer(service, game)
+    mirror, worker = None, None
+    if settings.rules_leader_addr:
+        mirror = LeaderMirror(rules_stub(settings.rules_leader_addr), store, service)
+        servicer: RulesServicer = FollowerServicer(service, game, mirror)
+        if settings.gamification_consumer:
+            log.info("follower of %s: the leader consumes gamification events", settings.rules_leader_addr)
+    else:
+        servicer = RulesServicer(service, game)
+        if settings.gamification_consumer:
+            worker = GameWorker(game.store, game.program_at, settings.program, open_bus(settings),
+                                ledger_stub(settings.ledger_addr), f"rules-{os.getpid()}")  # fmt: skip
     server.add_service(lambda s: rules_pb2_grpc.add_RulesServiceServicer_to_server(servicer, s), SERVICE_NAME)
-    worker = None
-    if settings.gamification_consumer:
-        worker = GameWorker(game.store, game.program_at, settings.program, open_bus(settings),
-                            ledger_stub(settings.ledger_addr), f"rules-{os.getpid()}")  # fmt: skip
-    app = RulesApp(settings, service, server, store, game, worker)
+    app = RulesApp(settings, service, server, store, game, worker, mirror=mirror)
     server.on_stop(app._cleanup)
     return app
 

@@ -157,7 +157,7 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
     async def ListVersions(
         self, request: rules_pb2.ListVersionsRequest, context: grpc.aio.ServicerContext
     ) -> rules_pb2.ListVersionsResponse:
-        versions = self.service.list_versions(request.program)
+        versions = self.service.list_versions(request.program) if request.program else self.service.all_versions()
         return rules_pb2.ListVersionsResponse(versions=[cv.version_pb(v) for v in versions])
 
     @translated

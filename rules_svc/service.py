@@ -75,8 +75,6 @@ class RulesService:
         if not key or len(key) > 128:
             raise BadRequest("an idempotency key of 1..128 characters is required", field="idempotency_key.key")
         now = self.clock.now()
-        if effective_from is not None and effective_from < now and not backdated:
-            raise BadRequest(f"{effective_from.isoformat()} is in the past", field="effective_from")
         draft, canonical, sha = _parse(document, fmt)
         existing = self._index.get(draft.program.program)
         if only_if_absent and existing:
@@ -84,6 +82,12 @@ class RulesService:
         fingerprint = hashlib.sha256(
             f"{sha}|{effective_from.isoformat() if effective_from else ''}|{published_by}".encode()
         ).hexdigest()
+        if effective_from is not None and effective_from < now and not backdated:
+            # A retry of a publish whose start has passed since returns what it published.
+            done = await asyncio.to_thread(self.versions.published_with, namespace, key)
+            if done is None or done[1].fingerprint != fingerprint:
+                raise BadRequest(f"{effective_from.isoformat()} is in the past", field="effective_from")
+            return done[0]
         info, used = await asyncio.to_thread(
             lambda: self.versions.publish(
                 namespace=namespace, key=key, fingerprint=fingerprint, program=draft.program.program,
@@ -100,6 +104,10 @@ class RulesService:
         self._compiled[(info.program, info.version)] = CompiledProgram(draft.program, info.version)
         await self.refresh()
         return info
+
+    def all_versions(self) -> list[VersionInfo]:
+        """Every program's versions, by program then version (what a follower copies)."""
+        return sorted((i for infos in self._index.values() for i in infos), key=lambda i: (i.program, i.version))
 
     def list_versions(self, program: str) -> list[VersionInfo]:
         found = self._index.get(program)

@@ -74,16 +74,10 @@ class VersionStore:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute(
-                    "SELECT fingerprint, program, version, created_at FROM publish_keys WHERE namespace=? AND key=?",
-                    (namespace, key),
-                ).fetchone()
-                if row is not None:
+                done = self._published_with(namespace, key)
+                if done is not None:
                     self._db.execute("ROLLBACK")
-                    used = PublishKey(row[0], row[1], row[2], _dt(row[3]))
-                    found = self._get(used.program, used.version)
-                    assert found is not None
-                    return found, used
+                    return done
                 (latest,) = self._db.execute(
                     "SELECT COALESCE(MAX(version), 0) FROM versions WHERE program=?", (program,)
                 ).fetchone()
@@ -102,6 +96,48 @@ class VersionStore:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+
+    def copy(self, info: VersionInfo, document_json: str) -> bool:
+        """Stores a version published elsewhere (a follower copying its leader's) under the
+        leader's number; False if it is already here. A different document under that number
+        means this file has history of its own, and is refused rather than mixed."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                held = self._get(info.program, info.version)
+                if held is None:
+                    self._db.execute(
+                        "INSERT INTO versions VALUES (?,?,?,?,?,?,?)",
+                        (info.program, info.version, _ts(info.published_at), _ts(info.effective_from),
+                         info.published_by, info.sha256, document_json),
+                    )  # fmt: skip
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        if held is not None and held.sha256 != info.sha256:
+            raise ValueError(
+                f"{info.program} v{info.version} here has sha256 {held.sha256}, the leader's {info.sha256}"
+            )
+        return held is None
+
+    def published_with(self, namespace: str, key: str) -> tuple[VersionInfo, PublishKey] | None:
+        """What this idempotency key published, if anything."""
+        with self._lock:
+            return self._published_with(namespace, key)
+
+    def _published_with(self, namespace: str, key: str) -> tuple[VersionInfo, PublishKey] | None:
+        row = self._db.execute(
+            "SELECT fingerprint, program, version, created_at FROM publish_keys WHERE namespace=? AND key=?",
+            (namespace, key),
+        ).fetchone()
+        if row is None:
+            return None
+        used = PublishKey(row[0], row[1], row[2], _dt(row[3]))
+        found = self._get(used.program, used.version)
+        assert found is not None
+        return found, used
 
     def _get(self, program: str, version: int) -> VersionInfo | None:
         row = self._db.execute(

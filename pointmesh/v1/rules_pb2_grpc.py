@@ -141,7 +141,8 @@ class RulesServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListVersions(self, request, context):
-        """Every published version of a program, oldest first.
+        """Every published version of a program, oldest first; with no program named, every
+        program's versions (by program, then version).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,9 @@ class RulesServiceStub:
     GetProgram: _grpc.UnaryUnaryMultiCallable[_rules_pb2.GetProgramRequest, _rules_pb2.GetProgramResponse]
     """One version's document and metadata (the version in effect now when version is 0)."""
     ListVersions: _grpc.UnaryUnaryMultiCallable[_rules_pb2.ListVersionsRequest, _rules_pb2.ListVersionsResponse]
-    """Every published version of a program, oldest first."""
+    """Every published version of a program, oldest first; with no program named, every
+    program's versions (by program, then version).
+    """
     QuoteRedemption: _grpc.UnaryUnaryMultiCallable[_rules_pb2.QuoteRedemptionRequest, _rules_pb2.QuoteRedemptionResponse]
     """How many points may pay for a basket and what they are worth (partial pay with points),
     under the program's point value per currency, minimum redemption and maximum share.
@@ -86,7 +88,9 @@ class RulesServiceAsyncStub(RulesServiceStub):
     GetProgram: _aio.UnaryUnaryMultiCallable[_rules_pb2.GetProgramRequest, _rules_pb2.GetProgramResponse]  # type: ignore[assignment]
     """One version's document and metadata (the version in effect now when version is 0)."""
     ListVersions: _aio.UnaryUnaryMultiCallable[_rules_pb2.ListVersionsRequest, _rules_pb2.ListVersionsResponse]  # type: ignore[assignment]
-    """Every published version of a program, oldest first."""
+    """Every published version of a program, oldest first; with no program named, every
+    program's versions (by program, then version).
+    """
     QuoteRedemption: _aio.UnaryUnaryMultiCallable[_rules_pb2.QuoteRedemptionRequest, _rules_pb2.QuoteRedemptionResponse]  # type: ignore[assignment]
     """How many points may pay for a basket and what they are worth (partial pay with points),
     under the program's point value per currency, minimum redemption and maximum share.
@@ -158,7 +162,9 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rules_pb2.ListVersionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rules_pb2.ListVersionsResponse, _abc.Awaitable[_rules_pb2.ListVersionsResponse]]:
-        """Every published version of a program, oldest first."""
+        """Every published version of a program, oldest first; with no program named, every
+        program's versions (by program, then version).
+        """
 
     @_abc_1.abstractmethod
     def QuoteRedemption(

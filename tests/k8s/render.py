@@ -1,7 +1,8 @@
 """What `kustomize build` does with the features k8s/ uses, so tests render without the tool:
 resources (files and directories with a kustomization.yaml), namespace, labels (without
 selectors), and patches that are strategic-merge documents matched by kind and name
-(containers and other named lists merge by name)."""
+(containers and other named lists merge by name; a null value removes the key; a document
+with `$patch: delete` removes the resource)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ def _merge(base: Any, patch: Any) -> Any:
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for key, value in patch.items():
-            out[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = _merge(base[key], value) if key in base else copy.deepcopy(value)
         return out
     if (
         isinstance(base, list)
@@ -52,7 +56,10 @@ def render(directory: Path) -> list[Doc]:
                        if d["kind"] == p["kind"] and d["metadata"]["name"] == p["metadata"]["name"]]  # fmt: skip
             if len(matches) != 1:
                 raise ValueError(f"patch {p['kind']}/{p['metadata']['name']} matches {len(matches)} resources")
-            docs[matches[0]] = _merge(docs[matches[0]], p)
+            if p.get("$patch") == "delete":
+                del docs[matches[0]]
+            else:
+                docs[matches[0]] = _merge(docs[matches[0]], p)
     for group in spec.get("labels", []):
         for d in docs:
             d.setdefault("metadata", {}).setdefault("labels", {}).update(group["pairs"])

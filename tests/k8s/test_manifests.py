@@ -1,8 +1,9 @@
 """k8s/ renders (base and both overlays, the way `kustomize build` would) into resources the
 Kubernetes schema accepts (kubernetes-validate, schemas shipped in the package), and every
 service is deployable the way a retailer's cluster needs: probes, requests and limits, a
-PodDisruptionBudget, an autoscaler, headless Services for per-call gRPC balancing, network
-policies that expose only the gateway; prod on Cassandra and Kafka."""
+PodDisruptionBudget, an autoscaler where the service can scale, headless Services for per-call
+gRPC balancing, network policies that expose only the gateway; prod on Cassandra and Kafka; a
+SQLite ledger is one writer on a persistent volume, never two ledgers behind one Service."""
 
 from __future__ import annotations
 
@@ -57,10 +58,79 @@ def test_every_service_has_probes_limits_a_pdb_and_an_autoscaler(target: str) ->
         selector = deployments[name]["spec"]["selector"]["matchLabels"]
         assert pdbs[name]["spec"]["selector"]["matchLabels"] == selector
         assert all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
+        if name == "ledger" and _store(docs) == "sqlite":
+            assert name not in hpas, "a SQLite ledger is a single writer: nothing may scale it"
+            continue
         assert hpas[name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
     for name in ("ledger", "rules", "fraud"):
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         assert "grpc" in container["readinessProbe"], f"{name} is probed on gRPC health"
+
+
+def _store(docs: list[dict[str, Any]]) -> str:
+    return str(_by(docs, "ConfigMap")["pointmesh-config"]["data"]["POINTMESH_STORE"])
+
+
+@pytest.mark.parametrize("target", ["base", "dev"])
+def test_a_sqlite_ledger_is_one_writer_on_a_volume_that_outlives_the_pod(target: str) -> None:
+    docs = render(TARGETS[target])
+    assert _store(docs) == "sqlite"
+    ledger = _by(docs, "Deployment")["ledger"]
+    assert ledger["spec"]["replicas"] == 1
+    assert ledger["spec"]["strategy"] == {"type": "Recreate"}, "an update must not start a second writer"
+    pod = ledger["spec"]["template"]["spec"]
+    data = {v["name"]: v for v in pod["volumes"]}["data"]
+    claim = _by(docs, "PersistentVolumeClaim")[data["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["data"] == _by(docs, "ConfigMap")["pointmesh-config"]["data"]["POINTMESH_DATA_DIR"]
+    assert pod["securityContext"]["fsGroup"] == pod["containers"][0]["securityContext"]["runAsUser"]
+    assert not [
+        h for h in _by(docs, "HorizontalPodAutoscaler").values() if h["spec"]["scaleTargetRef"]["name"] == "ledger"
+    ]
+
+
+def test_the_cassandra_ledger_is_stateless_and_scales() -> None:
+    docs = render(TARGETS["prod"])
+    assert _store(docs) == "cassandra"
+    ledger = _by(docs, "Deployment")["ledger"]
+    assert ledger["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    assert {v["name"]: v for v in ledger["spec"]["template"]["spec"]["volumes"]}["data"] == {
+        "name": "data",
+        "emptyDir": {},
+    }
+    assert "ledger-data" not in _by(docs, "PersistentVolumeClaim")
+    assert _by(docs, "HorizontalPodAutoscaler")["ledger"]["spec"]["minReplicas"] == 3
+    assert _by(docs, "PodDisruptionBudget")["ledger"]["spec"] == {
+        "minAvailable": 2,
+        "selector": {"matchLabels": {"app.kubernetes.io/name": "ledger"}},
+    }
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_rules_replicas_follow_one_leader_that_keeps_the_versions_on_a_volume(target: str) -> None:
+    docs = render(TARGETS[target])
+    follower = _by(docs, "Deployment")["rules"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in follower["env"]}
+    assert env["POINTMESH_GAMIFICATION_CONSUMER"] == "false"
+    host, port = env["POINTMESH_RULES_LEADER_ADDR"].split(":")
+    service = _by(docs, "Service")[host]
+    leader = _by(docs, "StatefulSet")[host]
+    assert service["spec"]["selector"] == leader["spec"]["selector"]["matchLabels"]
+    assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
+    assert leader["spec"]["replicas"] == 1
+    assert host not in {h["spec"]["scaleTargetRef"]["name"] for h in _by(docs, "HorizontalPodAutoscaler").values()}
+    container = leader["spec"]["template"]["spec"]["containers"][0]
+    assert "POINTMESH_RULES_LEADER_ADDR" not in {e["name"] for e in container["env"]}
+    assert {"readinessProbe", "livenessProbe", "startupProbe"} <= set(container)
+    assert [t["metadata"]["name"] for t in leader["spec"]["volumeClaimTemplates"]] == ["data"]
+    assert {m["name"] for m in container["volumeMounts"]} == {"data"}
+    assert _by(docs, "PodDisruptionBudget")[host]["spec"]["selector"] == leader["spec"]["selector"]
+    mesh = _by(docs, "NetworkPolicy")["services-from-the-mesh"]["spec"]["podSelector"]["matchExpressions"][0]
+    assert host in mesh["values"], "the followers, ledger and gateway must reach the leader"
 
 
 def test_grpc_services_are_headless_and_only_the_gateway_is_reachable_from_outside() -> None:
