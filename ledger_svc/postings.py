@@ -315,11 +315,28 @@ class ShardBook:
         )
 
     def release_pending(self, tx_id: str) -> Transaction:
+        return self.release_pending_lot(self._earn_lot(tx_id))
+
+    def approve_pending(self, tx_id: str) -> Transaction | None:
+        """A fraud review's approval: the credit is no longer held for review, and becomes
+        spendable now, or at its release time (the return window) if that is still ahead.
+        None when nothing is left to release (the purchase was returned meanwhile) or the
+        release waits for its time."""
+        lot = self._earn_lot(tx_id)
+        if not lot.pending or lot.remaining_points <= 0:
+            return None
+        if lot.release_at is not None and lot.release_at > self.now:
+            lot.pending_review = False
+            self.tx.update_lot(lot)
+            return None
+        return self.release_pending_lot(lot)
+
+    def _earn_lot(self, tx_id: str) -> Lot:
         original = self.require_transaction(tx_id)
         lot = self.tx.lot_of_transaction(tx_id)
         if original.kind != TxKind.EARN or lot is None:
             raise FailedPrecondition(f"transaction {tx_id} is not an earn", field="transaction_id")
-        return self.release_pending_lot(lot)
+        return lot
 
     def release_moved_pending(self, tx_id: str, member_id: str) -> Transaction:
         lot = self.tx.lot_of_transaction(tx_id, member_id)
@@ -464,6 +481,15 @@ class ShardBook:
             {"transaction_id": record.tx_id, "original_transaction_id": tx_id, "points": amount, "debt_points": debt},
         )  # fmt: skip
         return ReverseResult(transaction, amount, debt)
+
+    def reversible_points(self, earn_tx: str) -> int:
+        original = self.require_transaction(earn_tx)
+        return max(0, original.points - original.reversed_points)
+
+    def tender_left(self, tx_id: str) -> int:
+        """Points of a redemption not yet given back (its points are negative)."""
+        original = self.require_transaction(tx_id, "tender_transaction_id")
+        return max(0, -original.points - original.reversed_points)
 
     def recredit_tender(self, tx_id: str, points: int, *, reason: str) -> Transaction:
         """Points the member paid with come back when the goods do, as a fresh lot."""

@@ -237,11 +237,17 @@ def _announce(book: ShardBook, record: PurchaseRecord) -> None:
         })  # fmt: skip
 
 
+def _fully_returned(record: PurchaseRecord, quantities: tuple[int, ...], refunded: int) -> bool:
+    """Every line back, or everything refunded (a zero total is full only by lines)."""
+    every_line = record.return_mode == "lines" and all(
+        q >= ln.quantity for q, ln in zip(quantities, record.lines, strict=True)
+    )
+    return every_line or 0 < record.total.amount_minor <= refunded
+
+
 def _return_targets(record: PurchaseRecord, quantities: tuple[int, ...], refunded: int) -> list[int]:
     """Points each part should have given back after this return, cumulatively (floored)."""
-    full = refunded >= record.total.amount_minor or (
-        record.return_mode == "lines" and all(q >= ln.quantity for q, ln in zip(quantities, record.lines, strict=True))
-    )
+    full = _fully_returned(record, quantities, refunded)
     remaining = record.total.amount_minor - refunded
     targets = []
     for part in record.parts:
@@ -253,7 +259,7 @@ def _return_targets(record: PurchaseRecord, quantities: tuple[int, ...], refunde
             line = record.lines[part.line]
             target = part.points * quantities[part.line] // line.quantity
         else:
-            target = part.points * refunded // record.total.amount_minor
+            target = part.points * refunded // record.total.amount_minor if record.total.amount_minor else 0
         if part.threshold_minor and remaining < part.threshold_minor and record.basket_bonus_on_return == CLAW_BACK:
             target = part.points
         targets.append(target)
@@ -306,14 +312,24 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn) -> R
         by_unit[part.unit] = by_unit.get(part.unit, 0) + delta
     debt = 0
     for unit, points in by_unit.items():
+        # What is still reversible: ops or a rejected fraud review may have taken the earn back
+        # already, and the return must still go through (and give back the tender).
+        if points > 0:
+            points = by_unit[unit] = min(points, book.reversible_points(record.earn_transactions[unit]))
         if points > 0:
             result = book.reverse(
                 record.earn_transactions[unit], points=points, refund=None,
                 reason=f"return {cmd.key.key} of purchase {record.purchase_id}",
             )  # fmt: skip
             debt += result.debt_points
-    tender_target = record.tender_points * refunded // record.total.amount_minor
+    if _fully_returned(record, tuple(quantities), refunded):
+        tender_target = record.tender_points
+    else:  # not fully returned, so something was left: the total is not zero
+        tender_target = record.tender_points * refunded // record.total.amount_minor
     recredit = max(0, tender_target - record.tender_recredited)
+    if recredit:
+        # A redemption named as tender by several purchases gives back at most what it took.
+        recredit = min(recredit, book.tender_left(record.tender_transaction_id))
     if recredit:
         book.recredit_tender(record.tender_transaction_id, recredit, reason=f"return {cmd.key.key}")
     if record.metric_unit and by_unit.get(record.metric_unit):

@@ -123,9 +123,27 @@ def open_review(
     return review
 
 
+def release_unreviewed(book: ShardBook, tx_id: str) -> Transaction:
+    """ReleasePending, unless the credit waits on a fraud review item: that one is settled by
+    deciding the review (which also closes it), not around it."""
+    earn = book.require_transaction(tx_id)
+    after: tuple[datetime, str] | None = None
+    while page := book.tx.list_reviews(ReviewStatus.OPEN.value, earn.member_id, after, 100):
+        for created_at, review_id, body in page:
+            if tx_id in codec.loads(Review, body).subject_ids:
+                raise FailedPrecondition(
+                    f"transaction {tx_id} is held by fraud review {review_id}; approve or reject the review instead",
+                    field="transaction_id",
+                )
+            after = (created_at, review_id)
+    return book.release_pending(tx_id)
+
+
 def decide(book: ShardBook, review_id: str, approve: bool, operator_id: str, note: str) -> Review:
-    """Approve: release the pending credit / capture the hold. Reject: reverse the credit /
-    void the hold. A review is decided once; a second decision is refused with who and when."""
+    """Approve: release the pending credit (at its release time if that is still ahead) /
+    capture the hold. Reject: reverse the credit / void the hold. A credit a return already
+    took back has nothing left to release or reverse, and the review is still decided. A
+    review is decided once; a second decision is refused with who and when."""
     review = load(book, review_id)
     if review.status is not ReviewStatus.OPEN:
         raise FailedPrecondition(
@@ -137,8 +155,9 @@ def decide(book: ShardBook, review_id: str, approve: bool, operator_id: str, not
     if review.kind is ReviewKind.EARN:
         for tx_id in review.subject_ids:
             if approve:
-                outcome.append(book.release_pending(tx_id).transaction_id)
-            else:
+                released = book.approve_pending(tx_id)
+                outcome.extend([released.transaction_id] if released else [])
+            elif book.reversible_points(tx_id):  # a return may have taken it all back already
                 reason = f"fraud review {review_id} rejected"
                 outcome.append(book.reverse(tx_id, points=None, refund=None, reason=reason).transaction.transaction_id)
     else:

@@ -627,7 +627,7 @@ class LedgerService:
             return await self._mutate(
                 cmd, self.shard_of(target), Transaction, lambda b: b.release_moved_pending(cmd.transaction_id, target)
             )
-        return await self._mutate(cmd, shard, Transaction, lambda b: b.release_pending(cmd.transaction_id))
+        return await self._mutate(cmd, shard, Transaction, lambda b: reviews.release_unreviewed(b, cmd.transaction_id))
 
     # Transfers ---------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import grpc
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.ledger.helpers import balance, key, redeem, rpc_error
 from tests.mesh.conftest import PROGRAM, Mesh
-from tests.mesh.helpers import buy, by_rule, exact, points, return_lines, reversed_points, welcomed_member
+from tests.mesh.helpers import buy, by_rule, exact, new_member, points, return_lines, reversed_points, welcomed_member
 
 
 async def test_partial_returns_add_up_to_the_earn_and_never_more(mesh: Mesh) -> None:
@@ -145,3 +145,39 @@ async def test_a_fixed_bonus_stays_on_a_partial_return_and_goes_with_the_full_re
     rest = await return_lines(mesh, bought.purchase.purchase_id, [(1, 1)])
     assert reversed_points(rest) == 30 + 100
     assert await points(mesh, member) == 0
+
+
+async def test_a_redemption_named_as_tender_by_several_purchases_gives_back_what_it_took_once(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    paid = (await redeem(mesh.ledger.stub, member, 80)).transaction.transaction_id
+    bought = [await buy(mesh, member, [("misc", 1000, 1)], tender=paid) for _ in range(3)]
+    assert [b.purchase.tender_points for b in bought] == [80, 80, 80]
+    backs = [await return_lines(mesh, b.purchase.purchase_id, [(0, 1)]) for b in bought]
+    assert [b.tender_recredited_points for b in backs] == [80, 0, 0]
+    assert await points(mesh, member) == 100  # 100 - 80 redeemed + 3 x 10 earned - 3 x 10 returned + 80
+    totals = await mesh.ledger.stub.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
+    assert totals.differences == 0
+
+
+async def test_a_zero_total_purchase_is_returned_with_its_fixed_bonus(mesh: Mesh) -> None:
+    member = await new_member(mesh)
+    free = await buy(mesh, member, [("misc", 0, 1)])  # a free item, and the first purchase: the welcome
+    assert exact(free.purchase) == {"points": 100}
+    back = await return_lines(mesh, free.purchase.purchase_id, [(0, 1)])
+    assert reversed_points(back) == 100
+    assert await points(mesh, member) == 0
+
+
+async def test_a_return_after_ops_reversed_the_earn_still_gives_back_the_tender(mesh: Mesh) -> None:
+    member = await welcomed_member(mesh)
+    paid = (await redeem(mesh.ledger.stub, member, 50)).transaction.transaction_id
+    bought = await buy(mesh, member, [("misc", 3000, 1)], tender=paid)
+    await mesh.ledger.stub.Reverse(
+        ledger_pb2.ReverseRequest(
+            idempotency_key=key(), transaction_id=bought.purchase.earn_transactions["points"], full=True
+        )
+    )
+    assert await points(mesh, member) == 50
+    back = await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)])
+    assert (reversed_points(back), back.tender_recredited_points, back.debt_points) == (0, 50, 0)
+    assert await points(mesh, member) == 100

@@ -25,9 +25,9 @@ from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
 from pointmesh.events import OPS_ALERTS, RedisStreamBus
 from pointmesh.redis_server import RedisServer, free_port
-from pointmesh.v1 import common_pb2, ledger_pb2
+from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
-from tests.ledger.helpers import balance, create_member, key, ts
+from tests.ledger.helpers import balance, create_member, key, rpc_error, ts
 from tests.mesh.helpers import purchase_request
 
 PROGRAM = Path(__file__).parent.parent / "mesh" / "program.yaml"
@@ -274,3 +274,84 @@ async def test_with_fraud_svc_down_the_policy_decides_and_nothing_is_lost(screen
         purchase_request(member, [("grocery", 2_000, 1)], at=NOW + timedelta(seconds=5), receipt=f"up-{member}")
     )
     assert later.purchase.screening.scored or later.purchase.screening.reasons[0].startswith("unscored")
+
+
+async def _held_purchase(env: Screened) -> ledger_pb2.Purchase:
+    """A member's tenth purchase within minutes: the velocity rule sends it to review."""
+    env.clock.set(NOW - timedelta(days=200))
+    member = (await create_member(env.ledger.stub)).member_id
+    env.clock.set(NOW)
+    for i in range(10):
+        request = purchase_request(
+            member, [("grocery", 1_000, 1)], at=NOW - timedelta(minutes=20) + timedelta(seconds=30 * i),
+            receipt=f"burst-{member}-{i}",
+        )  # fmt: skip
+        request.context.card_hash = f"card-{member}"
+        got = await env.ledger.stub.RecordPurchase(request)
+    assert got.purchase.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW
+    return got.purchase
+
+
+def _decide(review_id: str, approve: bool) -> ledger_pb2.DecideReviewRequest:
+    return ledger_pb2.DecideReviewRequest(idempotency_key=key(), review_id=review_id, approve=approve,
+                                          operator_id="ops-d")  # fmt: skip
+
+
+@pytest.mark.parametrize("approve", [True, False])
+async def test_a_review_of_a_purchase_returned_meanwhile_can_still_be_decided(
+    screened: Screened, approve: bool
+) -> None:
+    held = await _held_purchase(screened)
+    before = await balance(screened.ledger.stub, held.member_id)
+    await screened.ledger.stub.RecordReturn(ledger_pb2.RecordReturnRequest(
+        idempotency_key=key(), purchase_id=held.purchase_id, channel="pos", store_id="HEL-01",
+        lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
+    ))  # fmt: skip
+    decided = await screened.ledger.stub.DecideReview(_decide(held.screening.review_id, approve))
+    assert decided.review.outcome_transaction_ids == []  # nothing left to release or take back
+    after = await balance(screened.ledger.stub, held.member_id)
+    held_points = sum(u.points for u in held.earned if u.unit == "points")
+    assert (after.balance_points, after.pending_points) == (before.balance_points, before.pending_points - held_points)
+    listed = await screened.ledger.stub.ListReviews(ledger_pb2.ListReviewsRequest())
+    assert held.screening.review_id not in {r.review_id for r in listed.reviews}
+
+
+async def test_release_pending_does_not_bypass_a_fraud_review(screened: Screened) -> None:
+    held = await _held_purchase(screened)
+    before = await balance(screened.ledger.stub, held.member_id)
+    error = await rpc_error(
+        screened.ledger.stub.ReleasePending(
+            ledger_pb2.ReleasePendingRequest(
+                idempotency_key=key(),
+                transaction_id=held.earn_transactions["points"],
+            )
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert f"held by fraud review {held.screening.review_id}" in error.details()
+    after = await balance(screened.ledger.stub, held.member_id)
+    assert (after.pending_points, after.balance_points) == (before.pending_points, before.balance_points)
+    assert after.pending_points >= sum(u.points for u in held.earned if u.unit == "points")
+
+
+async def test_an_approved_review_keeps_the_return_window(screened: Screened) -> None:
+    """Approval clears the fraud hold, not the program's wait before points become spendable."""
+    screened.clock.set(NOW - timedelta(days=1))  # publishing ahead of the purchases it prices
+    document = PROGRAM.read_text().replace("policy:\n", "policy:\n  release_after_days: 14\n", 1)
+    await screened.rules.stub.PublishProgram(rules_pb2.PublishProgramRequest(
+        idempotency_key=key("two-week-window"), document=document, effective_from=ts(NOW - timedelta(hours=1)),
+    ))  # fmt: skip
+    held = await _held_purchase(screened)
+    before = await balance(screened.ledger.stub, held.member_id)
+    assert before.pending_points > 0 and before.balance_points == 0  # every purchase waits 14 days
+    reviews = await screened.ledger.stub.ListReviews(ledger_pb2.ListReviewsRequest(member_id=held.member_id))
+    assert held.screening.review_id in {r.review_id for r in reviews.reviews}
+    for review in reviews.reviews:
+        decided = await screened.ledger.stub.DecideReview(_decide(review.review_id, True))
+        assert decided.review.outcome_transaction_ids == []  # released at the date, not now
+    after = await balance(screened.ledger.stub, held.member_id)
+    assert (after.pending_points, after.balance_points) == (before.pending_points, 0)
+    screened.clock.set(NOW + timedelta(days=15))
+    await screened.ledger.app.service.run_maintenance()  # the periodic job, run now
+    released = await balance(screened.ledger.stub, held.member_id)
+    assert (released.pending_points, released.balance_points) == (0, before.pending_points)
