@@ -17,6 +17,7 @@ from pointmesh.config import Settings
 from pointmesh.events import LEDGER_EVENTS, dead_letter_topic, open_bus
 from pointmesh.rpc import GrpcServer
 from pointmesh.v1 import rules_pb2, rules_pb2_grpc
+from rules_svc.domain import RulesError
 from rules_svc.follower import FollowerServicer, LeaderMirror
 from rules_svc.game_service import GameService
 from rules_svc.game_store import GameStore
@@ -74,10 +75,20 @@ class RulesApp:
             return
         text = seed_text(spec)
         key = "seed-" + hashlib.sha256(text.encode()).hexdigest()[:32]
-        info = await self.service.publish(
-            "rules-seed", key, text, "json" if spec.endswith(".json") else "yaml", SEED_EFFECTIVE_FROM,
-            "seed", backdated=True, only_if_absent=True,
-        )  # fmt: skip
+        try:
+            info = await self.service.publish(
+                "rules-seed", key, text, "json" if spec.endswith(".json") else "yaml", SEED_EFFECTIVE_FROM,
+                "seed", backdated=True, only_if_absent=True,
+            )  # fmt: skip
+        except RulesError as exc:
+            # The seed only matters on a fresh install: with versions published, a broken seed
+            # file must not keep the service (and every purchase) down.
+            held = self.service.all_versions()
+            if not any(i.program == self.settings.program for i in held):
+                raise
+            log.error("seed file %s does not validate and was not used (%s); serving the published versions",
+                      spec, exc)  # fmt: skip
+            return
         log.info("program %s v%d in place", info.program, info.version)
 
     async def _reload(self) -> None:

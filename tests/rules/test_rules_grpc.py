@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -11,7 +12,8 @@ from google.rpc import error_details_pb2
 from pointmesh.errors import status_details
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2
-from tests.conftest import RulesUnderTest
+from rules_svc.domain import ProgramRejected
+from tests.conftest import RulesUnderTest, start_rules, stop_rules
 
 PROGRAM = """
 program: shop
@@ -218,3 +220,24 @@ async def test_publishing_into_the_past_is_refused(rules: RulesUnderTest) -> Non
         await publish(rules, "past", doc(), rules.clock.now() - timedelta(hours=1))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith("effective_from:")
+
+
+async def test_a_broken_seed_file_does_not_stop_a_service_that_has_published_versions(tmp_path: Path) -> None:
+    seed = tmp_path / "program.yaml"
+    seed.write_text(doc(WEEKEND))
+    first = await start_rules(tmp_path / "rules", rules_seed_file=str(seed), program="shop")
+    await stop_rules(first)
+    seed.write_text(doc(WEEKEND.replace("'2'", "two")))  # an edit that no longer validates
+    again = await start_rules(tmp_path / "rules", rules_seed_file=str(seed), program="shop")
+    try:
+        assert [v.version for v in await _listed(again)] == [1]
+        sat = await again.stub.Evaluate(rules_pb2.EvaluateRequest(program="shop", basket=basket(SATURDAY, 1000)))
+        assert totals(sat.evaluation) == {"points": 20}
+    finally:
+        await stop_rules(again)
+    with pytest.raises(ProgramRejected):  # on a fresh install the seed is all there is: refuse loudly
+        await start_rules(tmp_path / "fresh", rules_seed_file=str(seed), program="shop")
+
+
+async def _listed(rules: RulesUnderTest) -> list[rules_pb2.ProgramVersion]:
+    return list((await rules.stub.ListVersions(rules_pb2.ListVersionsRequest(program="shop"))).versions)
