@@ -757,13 +757,15 @@ class ShardBook:
 
     # Time-driven jobs --------------------------------------------------------------------
 
-    def expire_due(self, limit: int = 500) -> tuple[int, int]:
-        """Expires lots past their date, never touching points reserved by open holds."""
-        lots = self.tx.lots_expired_by(self.now, limit)
+    def expire_due(self, limit: int = 500, after: object = None) -> tuple[int, int, object]:
+        """Expires one page of lots past their date, never touching points reserved by open
+        holds; returns (points expired, lots expired in part or whole, the next page's cursor or
+        None)."""
+        lots, cursor = self.tx.lots_expired_by(self.now, limit, after)
         by_account: dict[tuple[str, str], list[Lot]] = {}
         for lot in lots:
             by_account.setdefault((lot.member_id, lot.unit), []).append(lot)
-        expired_points = 0
+        expired_points = touched = 0
         for (member_id, unit), due in by_account.items():
             row = self._acct(member_account(member_id, unit))
             amount = max(0, min(sum(lot.remaining_points for lot in due), row.balance - row.reserved))
@@ -772,8 +774,11 @@ class ShardBook:
             left = amount
             for lot in due:
                 take = min(left, lot.remaining_points)
+                if take == 0:
+                    break
                 lot.remaining_points -= take
                 left -= take
+                touched += 1
                 self.tx.update_lot(lot)
             record = self._record(TxKind.EXPIRY, member_id, unit, -amount)
             self._post(
@@ -782,7 +787,7 @@ class ShardBook:
             )
             self._finish(record, "points_expired", {"transaction_id": record.tx_id, "points": amount})
             expired_points += amount
-        return expired_points, len(lots)
+        return expired_points, touched, cursor
 
     def release_due(self, limit: int = 500) -> int:
         lots = self.tx.pending_due_by(self.now, limit)

@@ -77,6 +77,9 @@ class BalanceCache(Protocol):
 
 
 class LedgerService:
+    # Lots the expiry job looks at in one write; it pages through every due lot each run.
+    expiry_page = 500
+
     def __init__(
         self,
         store: LedgerStore,
@@ -694,10 +697,15 @@ class LedgerService:
     async def run_maintenance(self) -> MaintenanceReport:
         expired = lots = released = voided = 0
         for shard in range(self.store.shard_count):
-            e, n = await self._book(shard, lambda b: b.expire_due())
+            page: tuple[int, int, object] = (0, 0, None)
+            while True:  # every due lot, a page a write: lots held by a hold do not hide the rest
+                after = page[2]
+                page = await self._book(shard, lambda b: b.expire_due(self.expiry_page, after))  # noqa: B023 (awaited here)
+                expired, lots = expired + page[0], lots + page[1]
+                if page[2] is None:
+                    break
             released += await self._book(shard, lambda b: b.release_due())
             voided += await self._book(shard, lambda b: b.void_due_holds())
-            expired, lots = expired + e, lots + n
         sagas = await self.recover_sagas()
         purchases = await self.accrual.process_waiting()
         return MaintenanceReport(expired, lots, released, voided, sagas, purchases)

@@ -533,13 +533,22 @@ class CassandraShardTx:
                 self.stale.append((queue, pointer))
         return list(found.items())
 
-    def lots_expired_by(self, when: datetime, limit: int) -> list[Lot]:
-        def due(body: str) -> bool:
-            lot = _dec_lot("", body)
-            return not lot.pending and lot.expires_at is not None and lot.expires_at <= when
-
-        lots = [_dec_lot(i, b) for i, b in self._due_ids("lot", "lot", when, limit, due)]
-        return sorted(lots, key=lambda lot: (lot.expires_at, lot.created_at, lot.lot_id))[:limit]
+    def lots_expired_by(self, when: datetime, limit: int, after: object = None) -> tuple[list[Lot], object]:
+        """Pages in queue order, (due time, partition, lot id); the cursor is the last pointer read."""
+        since = after if isinstance(after, tuple) else None
+        pointers = self.store.queue_after(self.shard, "lot", to_us(when), limit, since)
+        lots = []
+        for pointer in pointers:
+            body = self.part(pointer.p, lock=False).all("lot").get(pointer.id)
+            lot = None if body is None else _dec_lot(pointer.id, body)
+            if lot is not None and not lot.pending and lot.expires_at is not None and lot.expires_at <= when:
+                lots.append(lot)
+            else:
+                self.stale.append(("lot", pointer))
+        lots.sort(key=lambda lot: (lot.expires_at, lot.created_at, lot.lot_id))
+        if len(pointers) < limit:
+            return lots, None
+        return lots, (pointers[-1].at, pointers[-1].p, pointers[-1].id)
 
     def pending_due_by(self, when: datetime, limit: int) -> list[Lot]:
         def due(body: str) -> bool:
@@ -1046,6 +1055,8 @@ class CassandraLedgerStore:
             "queue_put": f"INSERT INTO {ks}.queue (ledger, shard, kind, bucket, at, p, id, w) VALUES (?,?,?,?,?,?,?,?)",
             "queue_read": f"SELECT at, p, id, writetime(w) AS wt FROM {ks}.queue WHERE ledger=? AND shard=? AND kind=?"
                           " AND bucket=? AND at<=? LIMIT ?",
+            "queue_read_after": f"SELECT at, p, id, writetime(w) AS wt FROM {ks}.queue WHERE ledger=? AND shard=?"
+                                " AND kind=? AND bucket=? AND (at, p, id) > (?, ?, ?) LIMIT ?",
             "queue_del": f"DELETE FROM {ks}.queue USING TIMESTAMP ? WHERE ledger=? AND shard=? AND kind=?"
                          " AND bucket=? AND at=? AND p=? AND id=?",
             "buckets_put": f"INSERT INTO {ks}.queue_buckets (ledger, shard, kind, bucket, w) VALUES (?,?,?,?,?)",
@@ -1323,6 +1334,27 @@ class CassandraLedgerStore:
             out += [Pointer(r.at, r.p, r.id, b.bucket, r.wt) for r in rows]
             if not rows and now - b.wt > QUEUE_GRACE_US and b.bucket < last:
                 self.q("buckets_del", (b.wt, self.ledger, shard, kind, b.bucket))
+            if len(out) >= limit:
+                break
+        return out
+
+    def queue_after(
+        self, shard: int, kind: str, upto: int, limit: int, after: tuple[int, str, str] | None
+    ) -> list[Pointer]:
+        """Pointers due by `upto` strictly after `after` (at, partition, id), in that order."""
+        if after is None:
+            return self.queue_due(shard, kind, upto, limit)
+        first = _bucket(kind, after[0])
+        out: list[Pointer] = []
+        for b in self.q("buckets", (self.ledger, shard, kind, _bucket(kind, upto))):
+            if b.bucket < first:
+                continue
+            if b.bucket == first:
+                found = self.q("queue_read_after", (self.ledger, shard, kind, b.bucket, *after, limit - len(out)))
+                rows = [r for r in found if r.at <= upto]
+            else:
+                rows = list(self.q("queue_read", (self.ledger, shard, kind, b.bucket, upto, limit - len(out))))
+            out += [Pointer(r.at, r.p, r.id, b.bucket, r.wt) for r in rows]
             if len(out) >= limit:
                 break
         return out

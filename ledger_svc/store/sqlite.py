@@ -392,14 +392,20 @@ class SqliteShardTx:
         ).fetchone()
         return None if row is None else _lot(row)
 
-    def lots_expired_by(self, when: datetime, limit: int) -> list[Lot]:
+    def lots_expired_by(self, when: datetime, limit: int, after: object = None) -> tuple[list[Lot], object]:
         self.flush()
+        since = after if isinstance(after, tuple) else (-(2**62), -(2**62), "")
         rows = self.c.execute(
             f"SELECT {_LOT_COLS} FROM lots WHERE remaining>0 AND pending=0 AND expires_at<=?"
-            " ORDER BY expires_at, created_at, lot_id LIMIT ?",
-            (to_us(when), limit),
+            " AND (expires_at, created_at, lot_id) > (?, ?, ?) ORDER BY expires_at, created_at, lot_id LIMIT ?",
+            (to_us(when), *since, limit),
         ).fetchall()
-        return [_lot(r) for r in rows]
+        lots = [_lot(r) for r in rows]
+        if len(lots) < limit:
+            return lots, None
+        last = lots[-1]
+        assert last.expires_at is not None
+        return lots, (to_us(last.expires_at), to_us(last.created_at), last.lot_id)
 
     def pending_due_by(self, when: datetime, limit: int) -> list[Lot]:
         self.flush()

@@ -304,7 +304,8 @@ async def test_spendable_lots_order_by_expiry_nulls_last_then_creation(store: Le
     assert spendable[-1] == never
     assert await store.read(0, lambda tx: tx.spendable_total("m1", "points")) == 20
     assert [lot.lot_id for lot in await store.read(0, lambda tx: tx.pending_lots("m1", "points"))] == ["lot_pending"]
-    expiring = await store.read(0, lambda tx: tx.lots_expired_by(T0 + timedelta(days=6), 10))
+    expiring, cursor = await store.read(0, lambda tx: tx.lots_expired_by(T0 + timedelta(days=6), 10))
+    assert cursor is None  # fewer than a page
     assert [lot.lot_id for lot in expiring] == ["lot_tier", "lot_soon_old", "lot_soon_new"]
     assert [lot.lot_id for lot in await store.read(0, lambda tx: tx.pending_due_by(T0, 10))] == ["lot_pending"]
 
@@ -315,6 +316,29 @@ async def test_spendable_lots_order_by_expiry_nulls_last_then_creation(store: Le
     totals = await store.read(0, lambda tx: tx.lot_totals())
     assert totals[("m1", "points", False)] == 15
     assert totals[("m1", "points", True)] == 5
+
+
+async def test_due_lots_page_by_cursor_each_exactly_once(store: LedgerStore) -> None:
+    """Seven due lots (four share one expiry instant, as a campaign's do) in pages of three."""
+    same = T0 + timedelta(days=1)
+    lots = [Lot(f"lot_{i}", f"m{i % 3}", "points", f"tx_{i}", 5, 5, same if i < 4 else T0 + timedelta(hours=i), T0)
+            for i in range(7)]  # fmt: skip
+    lots.append(Lot("lot_later", "m1", "points", "tx_later", 5, 5, T0 + timedelta(days=30), T0))
+
+    def add(tx: ShardTx) -> None:
+        for lot in lots:
+            tx.add_lot(lot)
+
+    await store.write(0, add)
+    seen: list[str] = []
+    cursor: object = None
+    for _ in range(10):
+        page, cursor = await store.read(0, lambda tx: tx.lots_expired_by(T0 + timedelta(days=2), 3, cursor))  # noqa: B023
+        assert len(page) <= 3
+        seen += [lot.lot_id for lot in page]
+        if cursor is None:
+            break
+    assert sorted(seen) == [f"lot_{i}" for i in range(7)]  # each once, the one due later never
 
 
 async def test_holds_due_excludes_saga_holds_and_holds_not_placed(store: LedgerStore) -> None:

@@ -106,6 +106,27 @@ async def test_points_a_voided_hold_protected_from_expiry_expire_on_the_next_run
     await assert_books_balance(ledger)
 
 
+async def test_lots_a_hold_keeps_from_expiring_do_not_hide_other_members_due_lots(ledger: LedgerUnderTest) -> None:
+    """The job reads due lots a page at a time; a page full of lots it cannot expire (points
+    reserved by a hold that waits on a fraud review, say) must not stop it there."""
+    ledger.app.service.expiry_page = 2
+    held = (await create_member(ledger.stub)).member_id
+    other = (await create_member(ledger.stub)).member_id
+    while ledger.app.service.shard_of(other) != ledger.app.service.shard_of(held):
+        other = (await create_member(ledger.stub)).member_id
+    soon = ts(ledger.clock.now() + timedelta(days=1))
+    for _ in range(5):
+        await earn(ledger.stub, held, 10, expires_at=soon)
+    await place_hold(ledger.stub, held, 50, timeout=Duration(seconds=6 * 86400))
+    await earn(ledger.stub, other, 7, expires_at=ts(ledger.clock.now() + timedelta(days=1, seconds=1)))
+
+    ledger.clock.advance(timedelta(days=2))
+    assert expiry_counts(await run_expiry(ledger)) == (7, 1, 0, 0)
+    assert (await balance(ledger.stub, other)).balance_points == 0
+    assert figures(await balance(ledger.stub, held))["reserved"] == 50
+    await assert_books_balance(ledger)
+
+
 # Pending credits --------------------------------------------------------------------------
 
 
