@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
 from pointmesh.events import open_bus
 
+log = logging.getLogger(__name__)
 DESCRIPTION = """REST and websockets for every channel of a pointmesh loyalty program.
 
 Authenticate with `Authorization: Bearer <API key>` (a channel's key, with scopes, bound to its
@@ -37,6 +39,12 @@ channel and stores) or a member token (reads only its own member). Every POST ta
 `Idempotency-Key`: a retry with the same key and body gets the original answer, another body
 gets 409. Errors are RFC 9457 problem+json with the field at fault.
 """
+
+
+def _log_if_failed(task: asyncio.Task[None]) -> None:
+    """Said when it happens, not at shutdown: a dead hub means no live updates for anyone."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("live updates stopped", exc_info=task.exception())
 
 
 def key_store(settings: Settings) -> KeyStore:
@@ -62,12 +70,14 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         follower = asyncio.create_task(gw.hub.run(), name="live-hub")
+        follower.add_done_callback(_log_if_failed)
         heap.settle()
         try:
             yield
         finally:
             follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A hub that died was logged then; its error must not stop the rest of the shutdown.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await follower
             await redis.aclose()
             gw.keys.close()

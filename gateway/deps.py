@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 import grpc
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Query, Request
 
+from gateway import schemas as s
 from gateway.auth import MemberTokens, Principal, credential_of, resolve
 from gateway.keys import KeyStore
 from gateway.live import LiveHub
@@ -74,6 +75,10 @@ async def call(service: str, pending: Awaitable[T]) -> T:
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]
+# Ids in paths are bounded like ids in bodies (schemas.Id), before any call quotes them back.
+IdPath = Annotated[str, Path(max_length=s.MAX_ID_LENGTH)]
+UnitQuery = Annotated[str, Query(max_length=64, description="Empty: the default unit (points).")]
+PageToken = Annotated[str, Query(max_length=s.MAX_PAGE_TOKEN_LENGTH)]
 Caller = Annotated[Principal, Depends(principal)]
 IdemKey = Annotated[common_pb2.IdempotencyKey, Depends(idempotency_key)]
-__all__ = ["Caller", "Gateway", "GatewayDep", "IdemKey", "Problem", "call"]
+__all__ = ["Caller", "Gateway", "GatewayDep", "IdPath", "IdemKey", "PageToken", "Problem", "UnitQuery", "call"]

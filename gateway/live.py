@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, OPS_ALERTS, EventBus
+from pointmesh.consumers import check_schema
+from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, OPS_ALERTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,29 @@ def member_message(event: ledger_pb2.LedgerEvent) -> dict[str, Any]:
                     "reserved_points": balance.reserved_points, "pending_points": balance.pending_points},
         "details": body,
     }  # fmt: skip
+
+
+def _member_update(payload: bytes) -> dict[str, Any]:
+    return member_message(ledger_pb2.LedgerEvent.FromString(payload))
+
+
+def _ops_alert(payload: bytes) -> dict[str, Any]:
+    alert = common_pb2.OpsAlert.FromString(payload)
+    return {"type": "ops_alert", **MessageToDict(alert, preserving_proto_field_name=True)}
+
+
+def _rendered(message: BusMessage, render: Callable[[bytes], dict[str, Any]]) -> dict[str, Any] | None:
+    """What to send for an event, or None (logged) for one this gateway cannot show: a schema
+    major it does not know, bytes that do not parse, values that do not render. One such event
+    is skipped; it must never end live updates for every member. A broadcast tail has no
+    dead-letter topic; the group consumers dead-letter the same event."""
+    try:
+        check_schema(message)
+        return render(message.payload)
+    except Exception as exc:  # anything about this one event; the tail goes on
+        log.warning("live updates skip %s event %s at %s: %s", message.event_type, message.event_id,
+                    message.position, exc)  # fmt: skip
+        return None
 
 
 class LiveHub:
@@ -97,16 +121,17 @@ class LiveHub:
             subs = self.members.get(message.key)
             if not subs:
                 continue
-            event = ledger_pb2.LedgerEvent.FromString(message.payload)
-            self._deliver(subs, member_message(event))
+            update = _rendered(message, _member_update)
+            if update is not None:
+                self._deliver(subs, update)
 
     async def _follow_alerts(self) -> None:
         async for message in self._tail(OPS_ALERTS):
             if not self.ops:
                 continue
-            alert = common_pb2.OpsAlert.FromString(message.payload)
-            body = MessageToDict(alert, preserving_proto_field_name=True)
-            self._deliver(self.ops, {"type": "ops_alert", **body})
+            alert = _rendered(message, _ops_alert)
+            if alert is not None:
+                self._deliver(self.ops, alert)
 
     async def _tail(self, stream: str) -> Any:
         """Follows a stream from now on, reconnecting after Redis errors without skipping ahead."""

@@ -5,6 +5,7 @@ input, the field at fault; never a stack trace."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -114,6 +115,12 @@ def _field_of(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _message(error: Mapping[str, Any]) -> str:
+    """A validator's own sentence, without pydantic's "Value error, " in front of it."""
+    cause = (error.get("ctx") or {}).get("error")
+    return str(cause) if error.get("type") == "value_error" and cause is not None else str(error["msg"])
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
@@ -125,7 +132,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _field_of(tuple(e["loc"])), "detail": str(e["msg"])} for e in exc.errors()]
+        errors = [{"field": _field_of(tuple(e["loc"])), "detail": _message(e)} for e in exc.errors()]
         first = errors[0] if errors else {"field": "", "detail": "invalid"}
         problem = Problem(400, "invalid-request", "The request is invalid", f"{first['field']}: {first['detail']}",
                           errors=errors)  # fmt: skip

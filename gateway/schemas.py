@@ -9,11 +9,30 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+
+from pointmesh.timestamps import utc_instant
+
+# The ledger's ids are a short prefix, "_" and 28 hex digits (ledger_svc/domain.py); a name is at
+# most 64 characters there. Longer ids are refused here: the ledger's answer quotes the value, and
+# a quote of thousands of characters would not fit in a gRPC trailer.
+MAX_ID_LENGTH = 64
+MAX_PAGE_TOKEN_LENGTH = 200
 
 Points = Annotated[StrictInt, Field(gt=0, le=10**12, examples=[500])]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", examples=["EUR"])]
+Id = Annotated[str, Field(max_length=MAX_ID_LENGTH)]
+
+
+def _instant(when: datetime) -> datetime:
+    """A time without a UTC offset is refused (it would be read in the host's zone), and so is
+    one whose UTC value falls outside years 1..9999, which no protobuf Timestamp can carry."""
+    utc_instant(when)
+    return when
+
+
+Instant = Annotated[datetime, AfterValidator(_instant)]
 
 
 class Body(BaseModel):
@@ -82,7 +101,7 @@ class PurchaseLine(Body):
 
 
 class RecordPurchase(Body):
-    member_id: str = Field(examples=["m_0a1b2c3d4e5f60718293a4b5c6d7"])
+    member_id: Id = Field(examples=["m_0a1b2c3d4e5f60718293a4b5c6d7"])
     store_id: str = Field(default="", max_length=64, description="A store the API key is bound to; empty for online channels.",
                           examples=["HEL-01"])  # fmt: skip
     channel: str = Field(
@@ -91,8 +110,8 @@ class RecordPurchase(Body):
     receipt_id: str = Field(min_length=1, max_length=128, examples=["HEL-01-2026-11-27-000123"])
     total: Money
     lines: list[PurchaseLine] = Field(min_length=1, max_length=500)
-    receipt_time: datetime = Field(description="Business time, with an offset.", examples=["2026-11-27T18:31:00+02:00"])
-    tender_transaction_id: str = Field(default="", description="A redemption that paid part of this purchase.")
+    receipt_time: Instant = Field(description="Business time, with an offset.", examples=["2026-11-27T18:31:00+02:00"])
+    tender_transaction_id: Id = Field(default="", description="A redemption that paid part of this purchase.")
     context: ScreeningContext | None = None
 
 
@@ -151,7 +170,7 @@ class ScreeningContext(Body):
     ip: str = Field(default="", max_length=64, examples=["203.0.113.7"])
     card_hash: str = Field(default="", max_length=128, description="A payment card token, never the number.")
     employee_card: str = Field(default="", max_length=128, description="The cashier's card at a POS.")
-    contact_changed_at: datetime | None = Field(
+    contact_changed_at: Instant | None = Field(
         default=None, description="When the member's login email/phone last changed (from the identity system)."
     )
 
@@ -166,7 +185,7 @@ class Screening(BaseModel):
 
 
 class Redeem(Body):
-    member_id: str
+    member_id: Id
     points: Points
     unit: str = Field(default="", max_length=64, description="Empty: the default unit (points).")
     reference: str = Field(default="", max_length=256, examples=["reward:free-coffee"])
@@ -193,7 +212,7 @@ class Redemption(Transaction):
 
 
 class RedemptionQuoteRequest(Body):
-    member_id: str
+    member_id: Id
     basket_total: Money
     points_wanted: Annotated[StrictInt, Field(ge=0, le=10**12)] = 0
 
@@ -208,7 +227,7 @@ class RedemptionQuote(BaseModel):
 
 
 class PlaceHold(Body):
-    member_id: str
+    member_id: Id
     points: Points
     unit: str = Field(default="", max_length=64)
     timeout_seconds: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] | None = None
@@ -231,8 +250,8 @@ class Hold(BaseModel):
 
 
 class Transfer(Body):
-    source_member_id: str
-    destination_member_id: str
+    source_member_id: Id
+    destination_member_id: Id
     points: Points
     unit: str = Field(default="", max_length=64)
     reason: str = Field(default="", max_length=256, examples=["household pooling"])
@@ -248,7 +267,7 @@ class Explain(Body):
     store_id: str = Field(default="", max_length=64)
     total: Money
     lines: list[PurchaseLine] = Field(min_length=1, max_length=500)
-    receipt_time: datetime
+    receipt_time: Instant
     tier: str = Field(default="", max_length=64, description="Evaluate as a member of this tier; empty: entry tier.")
 
 
@@ -364,7 +383,7 @@ class Challenges(BaseModel):
 
 
 class JoinChallenge(Body):
-    member_id: str = Field(min_length=1, max_length=64)
+    member_id: Id = Field(min_length=1)
 
 
 class LeaderboardEntry(BaseModel):

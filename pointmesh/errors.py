@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -54,8 +54,15 @@ def rich_status(
 
 
 def status_details(error: grpc.aio.AioRpcError | grpc.RpcError) -> list[Message]:
-    """Unpacks the google.rpc details of a failed call (ErrorInfo, BadRequest, typed ones)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    """Unpacks the google.rpc details of a failed call (ErrorInfo, BadRequest, typed ones).
+
+    Empty when they cannot be read (trailers over the metadata limit arrive as RESOURCE_EXHAUSTED
+    beside details of another code; bytes that do not parse): the call's code and message are
+    still there, and they are what callers map, so unreadable details never become a crash."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except (ValueError, DecodeError):
+        return []
     if status is None:
         return []
     from google.protobuf import symbol_database

@@ -224,6 +224,7 @@ def _purchase(source: str, group: list[_Row]) -> list[LegacyPurchase | LegacyRet
         quantity, amount = row.take(f.positive, "quantity"), row.amount("amount", currency)
         if sku is not None and category is not None and quantity is not None and amount is not None:
             lines.append(PurchaseLine(sku, category, quantity, amount))
+            _within_total(row, [line.amount_minor for line in lines])
     if any(r.errors for r in group) or when is None or card is None or currency is None:
         return []
     store, receipt = group[0].text("store_id"), group[0].text("receipt_id")
@@ -233,6 +234,14 @@ def _purchase(source: str, group: list[_Row]) -> list[LegacyPurchase | LegacyRet
             _origin(source, group),
         )
     ]  # fmt: skip
+
+
+def _within_total(row: _Row, amounts: list[int]) -> None:
+    """Notes on the row that takes a receipt's amounts past what the ledger holds."""
+    try:
+        f.total_minor(amounts, "amount")
+    except f.FieldError as error:
+        row.errors.append(f"column {error.field}: {error.message}")
 
 
 def _returns(source: str, group: list[_Row]) -> list[LegacyPurchase | LegacyReturn]:
@@ -248,13 +257,14 @@ def _returns(source: str, group: list[_Row]) -> list[LegacyPurchase | LegacyRetu
         other_channel = row.text("original_channel")
         target = (other_channel, row.text("original_store_id") or ("" if other_channel else store), original)
         if row.text("original_line"):
-            number, quantity = row.take(f.positive, "original_line"), row.take(f.positive, "quantity")
+            number, quantity = row.take(f.line_number, "original_line"), row.take(f.positive, "quantity")
             if number is not None and quantity is not None:
                 by_original.setdefault(target, []).append((row, ReturnLine(number - 1, quantity)))
         else:
             refund = row.amount("amount", currency)
             if refund is not None:
                 by_original.setdefault(target, []).append((row, refund))
+                _within_total(row, [item for _, item in by_original[target] if isinstance(item, int)])
     out: list[LegacyPurchase | LegacyReturn] = []
     for (original_channel, original_store, original_receipt), items in by_original.items():
         lines = tuple(item for _, item in items if isinstance(item, ReturnLine))

@@ -8,12 +8,19 @@ person must look at, not a value to guess.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import datetime
 
 from pointmesh import currencies
+from pointmesh.timestamps import utc_instant
 
 # int64 minor units; 18 digits keep every parsed amount far inside it.
 MAX_AMOUNT_DIGITS = 18
+# What the ledger holds in int64: a receipt's lines (or a slip's refunds) must sum inside it too,
+# and ten 18-digit lines do not.
+MAX_TOTAL_MINOR = 2**63 - 1
+# The ledger takes at most 500 lines per receipt, so a returned line number is 1..500.
+MAX_RECEIPT_LINES = 500
 _DECIMAL = re.compile(r"^(?P<whole>[0-9]+)(?:\.(?P<frac>[0-9]+))?$")
 _INTEGER = re.compile(r"^[0-9]+$")
 
@@ -80,6 +87,28 @@ def positive(text: str | None, field: str) -> int:
     return number
 
 
+def line_number(text: str | None, field: str) -> int:
+    """A 1-based line of a receipt the ledger could hold."""
+    number = positive(text, field)
+    return receipt_line(number, field)
+
+
+def receipt_line(number: int, field: str) -> int:
+    if number > MAX_RECEIPT_LINES:
+        raise FieldError(field, f"line {number} cannot exist: a receipt has at most {MAX_RECEIPT_LINES} lines")
+    return number
+
+
+def total_minor(amounts: Iterable[int], field: str) -> int:
+    """The sum of a receipt's amounts, refused when the ledger's int64 could not hold it."""
+    total = sum(amounts)
+    if total > MAX_TOTAL_MINOR:
+        raise FieldError(
+            field, f"the amounts sum to {total} minor units, more than the ledger holds ({MAX_TOTAL_MINOR})"
+        )
+    return total
+
+
 def aware_time(text: str | None, field: str) -> datetime:
     """ISO-8601 with a UTC offset ("2026-01-05T09:30:00+02:00" or "...Z"); local times are refused
     because the receipt's instant decides campaigns and expiry."""
@@ -90,4 +119,13 @@ def aware_time(text: str | None, field: str) -> datetime:
         raise FieldError(field, f"{value!r} is not an ISO-8601 date-time") from None
     if when.tzinfo is None or when.utcoffset() is None:
         raise FieldError(field, f"{value!r} has no UTC offset (add Z or +hh:mm)")
+    return instant(when, field)
+
+
+def instant(when: datetime, field: str) -> datetime:
+    """An aware time a ledger Timestamp can hold: its UTC value within years 1..9999."""
+    try:
+        utc_instant(when)
+    except ValueError as error:
+        raise FieldError(field, str(error)) from None
     return when

@@ -194,12 +194,13 @@ def _line_count(rec: _Record) -> int:
 def _local_time(rec: _Record, time_col: str) -> datetime:
     text = rec.fields[time_col] + rec.fields["utc_offset"]
     try:
-        return datetime.strptime(text, "%Y%m%d%H%M%S%z")
+        when = datetime.strptime(text, "%Y%m%d%H%M%S%z")
     except ValueError:
         raise f.FieldError(
             f"{time_col}/utc_offset", f"{rec.fields[time_col]!r} {rec.fields['utc_offset']!r} is not "
             "YYYYMMDDHHMMSS with a +HHMM offset",
         ) from None  # fmt: skip
+    return f.instant(when, f"{time_col}/utc_offset")
 
 
 def _purchase(source: str, group: list[_Record], count: int) -> Iterator[Parsed]:

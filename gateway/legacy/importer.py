@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -163,18 +163,8 @@ class _Session:
     async def purchase(self, p: LegacyPurchase) -> None:
         """Queues the purchase for the next `send_purchases`."""
         member_id = await self.member_of(p.member)
-        request = ledger_pb2.RecordPurchaseRequest(
-            member_id=member_id, channel=p.channel or self.channel, store_id=p.store_id, receipt_id=p.receipt_id,
-            total=common_pb2.Money(amount_minor=p.total_minor, currency=p.currency),
-            lines=[
-                ledger_pb2.PurchaseLine(
-                    sku=ln.sku, category=ln.category, quantity=ln.quantity,
-                    amount=common_pb2.Money(amount_minor=ln.amount_minor, currency=p.currency),
-                )
-                for ln in p.lines
-            ],
-            receipt_time=to_timestamp(p.receipt_time),
-        )  # fmt: skip
+        with _unsendable():
+            request = _purchase_request(p, member_id, self.channel)
         # No transport key: the receipt's natural key is the dedupe, and a key made from a
         # source id (a line number, a batch id) could only add false conflicts.
         self.queued.append((p, request))
@@ -227,24 +217,54 @@ class _Session:
 
     async def return_(self, r: LegacyReturn) -> None:
         member_id = await self.member_of(r.member)
-        channel = r.channel or self.channel
-        request = ledger_pb2.RecordReturnRequest(
-            idempotency_key=common_pb2.IdempotencyKey(namespace=RETURN_KEY_NAMESPACE, key=return_key(r, self.channel)),
-            member_id=member_id, original_channel=r.original_channel or self.channel,
-            original_store_id=r.original_store_id, original_receipt_id=r.original_receipt_id,
-            channel=channel, store_id=r.store_id,
-            lines=[ledger_pb2.ReturnLine(line_index=ln.line_index, quantity=ln.quantity) for ln in r.lines],
-            refund=(
-                common_pb2.Money(amount_minor=r.refund_minor, currency=r.currency)
-                if r.refund_minor is not None else None
-            ),
-            return_time=to_timestamp(r.return_time),
-        )  # fmt: skip
+        with _unsendable():
+            request = _return_request(r, member_id, self.channel)
         response = await self.ledger.RecordReturn(request)
         if response.replayed:
             self.duplicates += 1
         else:
             self.accepted += 1
+
+
+def _purchase_request(p: LegacyPurchase, member_id: str, channel: str) -> ledger_pb2.RecordPurchaseRequest:
+    return ledger_pb2.RecordPurchaseRequest(
+        member_id=member_id, channel=p.channel or channel, store_id=p.store_id, receipt_id=p.receipt_id,
+        total=common_pb2.Money(amount_minor=p.total_minor, currency=p.currency),
+        lines=[
+            ledger_pb2.PurchaseLine(
+                sku=ln.sku, category=ln.category, quantity=ln.quantity,
+                amount=common_pb2.Money(amount_minor=ln.amount_minor, currency=p.currency),
+            )
+            for ln in p.lines
+        ],
+        receipt_time=to_timestamp(p.receipt_time),
+    )  # fmt: skip
+
+
+def _return_request(r: LegacyReturn, member_id: str, channel: str) -> ledger_pb2.RecordReturnRequest:
+    return ledger_pb2.RecordReturnRequest(
+        idempotency_key=common_pb2.IdempotencyKey(namespace=RETURN_KEY_NAMESPACE, key=return_key(r, channel)),
+        member_id=member_id, original_channel=r.original_channel or channel,
+        original_store_id=r.original_store_id, original_receipt_id=r.original_receipt_id,
+        channel=r.channel or channel, store_id=r.store_id,
+        lines=[ledger_pb2.ReturnLine(line_index=ln.line_index, quantity=ln.quantity) for ln in r.lines],
+        refund=(
+            common_pb2.Money(amount_minor=r.refund_minor, currency=r.currency)
+            if r.refund_minor is not None else None
+        ),
+        return_time=to_timestamp(r.return_time),
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _unsendable() -> Iterator[None]:
+    """A record the adapter read but no ledger request can carry (a number past its integer
+    field, a time no Timestamp holds) is refused like any bad record: quarantined, never a crash
+    halfway through the file. Adapters refuse these by field first; this is the net behind them."""
+    try:
+        yield
+    except (ValueError, TypeError, OverflowError) as error:
+        raise _Refused(_Refusal("PARSE", "", f"cannot be sent to the ledger: {error}")) from None
 
 
 def return_key(r: LegacyReturn, channel: str) -> str:

@@ -149,10 +149,11 @@ def _text(obj: dict[str, Any], key: str, at: str, *, optional: bool = False) -> 
     return value.strip()
 
 
-def _count(obj: dict[str, Any], key: str, at: str) -> int:
+def _count(obj: dict[str, Any], key: str, at: str, maximum: int = 10**f.MAX_AMOUNT_DIGITS - 1) -> int:
+    """A whole number 1..maximum; the default bound is the one file columns have (18 digits)."""
     value = obj.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _PayloadError(f"{at}.{key}", f"must be a whole number of at least 1, got {json.dumps(value)}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+        raise _PayloadError(f"{at}.{key}", f"must be a whole number from 1 to {maximum}, got {json.dumps(value)}")
     return value
 
 
@@ -190,6 +191,7 @@ def _purchase(payload: dict[str, Any], origin: Origin) -> LegacyPurchase:
         )  # fmt: skip
     if not lines:
         raise _PayloadError("$.lines", "a purchase needs at least one line")
+    f.total_minor((line.amount_minor for line in lines), "$.lines")
     if "total" in payload:
         total = _money(payload, "total", "$", currency)
         if total != sum(line.amount_minor for line in lines):
@@ -214,7 +216,10 @@ def _return(payload: dict[str, Any], origin: Origin) -> LegacyReturn:
         raise _PayloadError("$.lines", "give either lines (by quantity) or refund (an amount)")
     if "lines" in payload:
         lines = tuple(
-            ReturnLine(_count(item, "line", f"$.lines[{i}]") - 1, _count(item, "quantity", f"$.lines[{i}]"))
+            ReturnLine(
+                _count(item, "line", f"$.lines[{i}]", f.MAX_RECEIPT_LINES) - 1,
+                _count(item, "quantity", f"$.lines[{i}]"),
+            )
             for i, item in enumerate(_objects(payload, "lines"))
         )
         if not lines:

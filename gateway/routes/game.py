@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, call
+from gateway.deps import Caller, GatewayDep, IdPath, call
 from pointmesh.v1 import rules_pb2
 
 router = APIRouter(tags=["gamification"])
@@ -22,7 +22,7 @@ def _when(ts: Timestamp, present: bool) -> datetime | None:
 
 @router.get("/v1/members/{member_id}/progress", response_model=s.Progress,
             summary="Achievements, streaks and challenges of a member, with rewards paid")  # fmt: skip
-async def progress(member_id: str, gw: GatewayDep, caller: Caller) -> s.Progress:
+async def progress(member_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Progress:
     caller.may_read_member(member_id)
     found = await call(RULES, gw.rules.GetMemberProgress(
         rules_pb2.GetMemberProgressRequest(program=gw.settings.program, member_id=member_id)))  # fmt: skip
@@ -50,7 +50,7 @@ async def challenges(gw: GatewayDep, caller: Caller) -> s.Challenges:
 
 
 @router.post("/v1/challenges/{challenge_id}/join", summary="Opt a member in to a challenge (idempotent)")
-async def join(challenge_id: str, body: s.JoinChallenge, gw: GatewayDep, caller: Caller) -> dict[str, bool]:
+async def join(challenge_id: IdPath, body: s.JoinChallenge, gw: GatewayDep, caller: Caller) -> dict[str, bool]:
     caller.may_read_member(body.member_id)
     if caller.key is not None:
         caller.require("members:write")
@@ -62,7 +62,7 @@ async def join(challenge_id: str, body: s.JoinChallenge, gw: GatewayDep, caller:
 @router.get("/v1/challenges/{challenge_id}/leaderboard", response_model=s.Leaderboard,
             summary="Members ranked by progress (ties: who finished first)")  # fmt: skip
 async def leaderboard(
-    challenge_id: str, gw: GatewayDep, caller: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 10
+    challenge_id: IdPath, gw: GatewayDep, caller: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 10
 ) -> s.Leaderboard:
     caller.require("program:read")
     found = await call(RULES, gw.rules.GetLeaderboard(rules_pb2.GetLeaderboardRequest(

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from gateway.auth import Principal, credential_of, resolve
-from gateway.deps import Gateway
+from gateway.deps import Gateway, IdPath
 from gateway.live import Subscription
 from gateway.problems import Problem
 
@@ -31,11 +33,31 @@ async def _authenticate(ws: WebSocket) -> Principal | None:
         return None
 
 
+def _is_ping(message: Mapping[str, Any]) -> bool:
+    try:
+        frame = json.loads(message.get("text") or message.get("bytes") or b"")
+    except ValueError:
+        return False
+    return isinstance(frame, dict) and frame.get("type") == "ping"
+
+
+async def _until_closed(ws: WebSocket, sub: Subscription) -> None:
+    """Reads what the client sends until it closes: an app-level `{"type": "ping"}` is answered
+    with a pong through the subscription's queue (one writer on the socket), anything else is
+    ignored. Only a close ends the stream."""
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if _is_ping(message):
+            sub.offer({"type": "pong"})
+
+
 async def _pump(ws: WebSocket, sub: Subscription, hello: dict[str, Any]) -> None:
-    """Sends queued messages until the client leaves or falls too far behind."""
+    """Sends queued messages until the client closes or falls too far behind."""
     await ws.accept()
     await ws.send_json(hello)
-    leaving = asyncio.ensure_future(ws.receive())
+    leaving = asyncio.ensure_future(_until_closed(ws, sub))
     overflow = asyncio.ensure_future(sub.overflowed.wait())
     try:
         while True:
@@ -59,7 +81,7 @@ async def _pump(ws: WebSocket, sub: Subscription, hello: dict[str, Any]) -> None
 
 
 @router.websocket("/v1/members/{member_id}/live")
-async def member_live(ws: WebSocket, member_id: str) -> None:
+async def member_live(ws: WebSocket, member_id: IdPath) -> None:
     caller = await _authenticate(ws)
     if caller is None:
         return

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdemKey, call
+from gateway.deps import Caller, GatewayDep, IdemKey, IdPath, PageToken, UnitQuery, call
 from pointmesh.v1 import common_pb2, ledger_pb2
 
 router = APIRouter(prefix="/v1/members", tags=["members"])
@@ -27,8 +27,8 @@ async def create_member(body: s.CreateMember, gw: GatewayDep, caller: Caller, ke
 
 @router.get("/lookup", response_model=s.Member, summary="Find a member by card number or other external id")
 async def lookup_member(
-    gw: GatewayDep, caller: Caller, kind: Annotated[str, Query(examples=["card"])],
-    value: Annotated[str, Query(examples=["6001002003"])],
+    gw: GatewayDep, caller: Caller, kind: Annotated[str, Query(min_length=1, max_length=64, examples=["card"])],
+    value: Annotated[str, Query(min_length=1, max_length=128, examples=["6001002003"])],
 ) -> s.Member:  # fmt: skip
     caller.require("members:read")
     request = ledger_pb2.LookupMemberRequest(external_id=common_pb2.ExternalId(kind=kind, value=value))
@@ -36,13 +36,13 @@ async def lookup_member(
 
 
 @router.get("/{member_id}", response_model=s.Member, summary="A member (a member token reads only its own)")
-async def get_member(member_id: str, gw: GatewayDep, caller: Caller) -> s.Member:
+async def get_member(member_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Member:
     caller.may_read_member(member_id)
     return cv.member((await call(LEDGER, gw.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id)))).member)
 
 
 @router.get("/{member_id}/balance", response_model=s.Balance, summary="Available, reserved and pending points")
-async def get_balance(member_id: str, gw: GatewayDep, caller: Caller, unit: str = "") -> s.Balance:
+async def get_balance(member_id: IdPath, gw: GatewayDep, caller: Caller, unit: UnitQuery = "") -> s.Balance:
     caller.may_read_member(member_id)
     response = await call(LEDGER, gw.ledger.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member_id, unit=unit)))
     return cv.balance(response.balance)
@@ -50,8 +50,8 @@ async def get_balance(member_id: str, gw: GatewayDep, caller: Caller, unit: str 
 
 @router.get("/{member_id}/history", response_model=s.History, summary="Entries on the member's account, newest first")
 async def get_history(
-    member_id: str, gw: GatewayDep, caller: Caller, unit: str = "",
-    page_size: Annotated[int, Query(ge=0, le=500)] = 50, page_token: str = "",
+    member_id: IdPath, gw: GatewayDep, caller: Caller, unit: UnitQuery = "",
+    page_size: Annotated[int, Query(ge=0, le=500)] = 50, page_token: PageToken = "",
 ) -> s.History:  # fmt: skip
     caller.may_read_member(member_id)
     request = ledger_pb2.ListEntriesRequest(
@@ -63,7 +63,7 @@ async def get_history(
 
 @router.post("/{member_id}/tokens", status_code=201, response_model=s.MemberToken,
              summary="A short-lived token the member's app uses to read its own member")  # fmt: skip
-async def issue_token(member_id: str, gw: GatewayDep, caller: Caller) -> s.MemberToken:
+async def issue_token(member_id: IdPath, gw: GatewayDep, caller: Caller) -> s.MemberToken:
     caller.require("members:write")
     await call(LEDGER, gw.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id)))
     token, expires = gw.tokens.issue(member_id)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdemKey, call
+from gateway.deps import Caller, GatewayDep, IdemKey, IdPath, call
 from pointmesh.v1 import ledger_pb2
 
 router = APIRouter(prefix="/v1/ops/reviews", tags=["ops"])
@@ -25,9 +25,9 @@ async def list_reviews(
     gw: GatewayDep,
     caller: Caller,
     status: Annotated[str, Query(pattern="^(OPEN|APPROVED|REJECTED)$")] = "OPEN",
-    member_id: Annotated[str, Query(max_length=64)] = "",
+    member_id: Annotated[str, Query(max_length=s.MAX_ID_LENGTH)] = "",
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
-    page_token: Annotated[str, Query(max_length=200)] = "",
+    page_token: Annotated[str, Query(max_length=s.MAX_PAGE_TOKEN_LENGTH)] = "",
 ) -> s.ReviewPage:
     caller.require("ops:read")
     result = await call(LEDGER, gw.ledger.ListReviews(ledger_pb2.ListReviewsRequest(
@@ -46,11 +46,11 @@ async def _decide(review_id: str, approve: bool, body: s.ReviewDecision, gw: Gat
 
 @router.post("/{review_id}/approve", response_model=s.Review,
              summary="Approve: release the pending credit, or capture the held redemption")  # fmt: skip
-async def approve(review_id: str, body: s.ReviewDecision, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Review:
+async def approve(review_id: IdPath, body: s.ReviewDecision, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Review:
     return await _decide(review_id, True, body, gw, caller, key)
 
 
 @router.post("/{review_id}/reject", response_model=s.Review,
              summary="Reject: cancel the pending credit, or void the hold (the points stay the member's)")  # fmt: skip
-async def reject(review_id: str, body: s.ReviewDecision, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Review:
+async def reject(review_id: IdPath, body: s.ReviewDecision, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Review:
     return await _decide(review_id, False, body, gw, caller, key)

@@ -9,7 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdemKey, call
+from gateway.deps import Caller, GatewayDep, IdemKey, IdPath, call
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
 router = APIRouter(prefix="/v1", tags=["points"])
@@ -60,13 +60,13 @@ async def place_hold(body: s.PlaceHold, gw: GatewayDep, caller: Caller, key: Ide
 
 
 @router.get("/holds/{hold_id}", response_model=s.Hold, summary="A hold")
-async def get_hold(hold_id: str, gw: GatewayDep, caller: Caller) -> s.Hold:
+async def get_hold(hold_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Hold:
     caller.require("redemptions:write")
     return cv.hold((await call(LEDGER, gw.ledger.GetHold(ledger_pb2.GetHoldRequest(hold_id=hold_id)))).hold)
 
 
 @router.post("/holds/{hold_id}/capture", response_model=s.Hold, summary="Capture all or part of a hold")
-async def capture_hold(hold_id: str, body: s.CaptureHold, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
+async def capture_hold(hold_id: IdPath, body: s.CaptureHold, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
     caller.require("redemptions:write")
     request = ledger_pb2.CaptureHoldRequest(idempotency_key=key, hold_id=hold_id, points=body.points)
     result = await call(LEDGER, gw.ledger.CaptureHold(request))
@@ -74,7 +74,7 @@ async def capture_hold(hold_id: str, body: s.CaptureHold, gw: GatewayDep, caller
 
 
 @router.post("/holds/{hold_id}/void", response_model=s.Hold, summary="Release a hold")
-async def void_hold(hold_id: str, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
+async def void_hold(hold_id: IdPath, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
     caller.require("redemptions:write")
     result = await call(LEDGER, gw.ledger.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key, hold_id=hold_id)))
     return cv.hold(result.hold, result.balance_after)

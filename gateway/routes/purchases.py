@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdemKey, call
+from gateway.deps import Caller, GatewayDep, IdemKey, IdPath, call
 from gateway.problems import forbidden
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2
@@ -40,7 +40,7 @@ async def record_purchase(
 
 
 @router.get("/{purchase_id}", response_model=s.Purchase, summary="A purchase with its explanation and returns")
-async def get_purchase(purchase_id: str, gw: GatewayDep, caller: Caller) -> s.Purchase:
+async def get_purchase(purchase_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Purchase:
     caller.require("members:read")
     result = await call(LEDGER, gw.ledger.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=purchase_id)))
     return cv.purchase(result.purchase)
@@ -49,7 +49,7 @@ async def get_purchase(purchase_id: str, gw: GatewayDep, caller: Caller) -> s.Pu
 @router.post("/{purchase_id}/returns", status_code=201, response_model=s.ReturnResult,
              summary="Return lines (or an amount) of a purchase, in any channel or store")  # fmt: skip
 async def record_return(
-    purchase_id: str, body: s.RecordReturn, gw: GatewayDep, caller: Caller, key: IdemKey
+    purchase_id: IdPath, body: s.RecordReturn, gw: GatewayDep, caller: Caller, key: IdemKey
 ) -> s.ReturnResult:
     api_key = caller.require("purchases:write")
     request = ledger_pb2.RecordReturnRequest(

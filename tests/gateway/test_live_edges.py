@@ -1,0 +1,61 @@
+"""Websockets keep streaming through what clients send and through events the gateway cannot
+show: only the client's close ends a member's stream, and one bad event is skipped, never the
+end of live updates for every member."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from redis.asyncio import Redis
+from websockets.asyncio.client import connect
+
+from pointmesh.events import LEDGER_EVENTS, OutgoingEvent, RedisStreamBus
+from pointmesh.redis_server import RedisServer
+from pointmesh.v1 import ledger_pb2
+from tests.gateway.conftest import GatewayUnderTest
+from tests.gateway.test_api import enrol, idem, purchase_body
+from tests.gateway.test_auth_and_live import member_token, next_message
+
+
+async def test_a_client_ping_is_answered_and_the_stream_goes_on(gw: GatewayUnderTest) -> None:
+    async with gw.client("pos") as pos:
+        member = await enrol(pos)
+        token = await member_token(gw, member)
+        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            await ws.send(json.dumps({"type": "ping"}))
+            await next_message(ws, "pong")
+            await ws.send("not json at all")
+            await ws.send(b"\x00\x01")
+            await pos.post("/v1/purchases", json=purchase_body(gw, member, "WS-1", 1000), headers=idem())
+            earned = await next_message(ws, "purchase_recorded", within=3.0)
+            assert earned["member_id"] == member
+
+
+async def test_events_the_gateway_cannot_show_are_skipped_and_the_rest_still_arrive(
+    gw: GatewayUnderTest, redis_server: RedisServer
+) -> None:
+    async with gw.client("pos") as pos:
+        alice, bob = await enrol(pos), await enrol(pos)
+        ta, tb = await member_token(gw, alice), await member_token(gw, bob)
+        async with (
+            connect(f"{gw.ws_url}/v1/members/{alice}/live?token={ta}") as wa,
+            connect(f"{gw.ws_url}/v1/members/{bob}/live?token={tb}") as wb,
+        ):
+            await wa.recv()
+            await wb.recv()
+            unrenderable = ledger_pb2.LedgerEvent(event_id="ev_3", member_id=alice)
+            unrenderable.occurred_at.seconds = 10**15  # parses, but no date-time can show it
+            redis = Redis.from_url(redis_server.url)
+            await RedisStreamBus(redis).publish(LEDGER_EVENTS, [
+                OutgoingEvent(alice, "ev_1", "points_earned", b"\xff\xff\xff", schema="pointmesh.v1/2"),
+                OutgoingEvent(alice, "ev_2", "points_earned", b"\xff\xff\xff"),
+                OutgoingEvent(alice, "ev_3", "points_earned", unrenderable.SerializeToString()),
+            ])  # fmt: skip
+            await redis.aclose()
+            for member, ws in ((bob, wb), (alice, wa)):
+                await pos.post("/v1/purchases", json=purchase_body(gw, member, f"P-{member}", 1000), headers=idem())
+                got = await next_message(ws, "purchase_recorded", within=3.0)
+                assert got["member_id"] == member
+            assert not [t for t in asyncio.all_tasks() if t.get_name() == "live-hub" and t.done()]
