@@ -405,12 +405,22 @@ class LedgerService:
         if source.status == MemberStatus.ERASED:
             raise MemberNotActive(f"member {source.member_id} is ERASED", field="source_member_id")
         src_shard = self.shard_of(source.member_id)
-        holds = await self.store.read(src_shard, lambda tx: len(tx.placed_holds_of(source.member_id)))
-        if holds:
-            raise FailedPrecondition(
-                f"member {source.member_id} has {holds} open holds; capture or void them first",
-                field="source_member_id",
-            )
+
+        def unsettled(tx: ShardTx) -> tuple[int, int, int]:
+            member = source.member_id
+            return (len(tx.placed_holds_of(member)), len(tx.list_reviews(ReviewStatus.OPEN.value, member, None, 100)),
+                    tx.member_waiting_purchases(member))  # fmt: skip
+
+        # What settles later on the source's own accounts must settle first: a decision, a
+        # capture or a late quote landing on a merged-away member would strand its points.
+        holds, open_reviews, waiting = await self.store.read(src_shard, unsettled)
+        for count, what, action in ((holds, "open holds", "capture or void them"),
+                                    (open_reviews, "open fraud reviews", "decide them"),
+                                    (waiting, "purchases waiting for the points engine", "retry once they earned")):  # fmt: skip
+            if count:
+                raise FailedPrecondition(
+                    f"member {source.member_id} has {count} {what}; {action} first", field="source_member_id"
+                )
         # Block postings to the source first, so nothing lands on it while its points move.
         await self.store.write_directory(
             lambda d: d.set_status(source.member_id, MemberStatus.MERGED, target.member_id)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import grpc
+
 from pointmesh.timestamps import from_timestamp
 from pointmesh.v1 import ledger_pb2
+from tests.ledger.helpers import key, rpc_error
 from tests.mesh.conftest import Mesh
 from tests.mesh.helpers import Line, buy, new_member, points
 
@@ -66,3 +69,22 @@ async def test_an_outage_then_recovery_leaves_the_balances_of_a_run_without_outa
     # Draining again changes nothing.
     await mesh.ledger.app.service.accrual.process_waiting()
     assert await points(mesh, member) == await points(mesh, control)
+
+
+async def test_a_member_with_purchases_waiting_for_the_engine_is_merged_only_once_they_earned(mesh: Mesh) -> None:
+    """A late quote would otherwise land on the merged-away member and strand its points."""
+    source, target = await new_member(mesh), await new_member(mesh)
+    await mesh.stop_rules()
+    waiting = await buy(mesh, source, [("misc", 5000, 1)])
+    assert waiting.purchase.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL
+    merge = ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
+    error = await rpc_error(mesh.ledger.stub.MergeMembers(merge), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "1 purchases waiting for the points engine" in error.details()
+    await mesh.restart_rules()
+    await settle_all(mesh)
+    earned = await points(mesh, source)
+    assert earned > 0
+    await mesh.ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
+    )
+    assert (await points(mesh, target), await points(mesh, source)) == (earned, 0)

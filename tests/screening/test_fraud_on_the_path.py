@@ -355,3 +355,22 @@ async def test_an_approved_review_keeps_the_return_window(screened: Screened) ->
     await screened.ledger.app.service.run_maintenance()  # the periodic job, run now
     released = await balance(screened.ledger.stub, held.member_id)
     assert (released.pending_points, released.balance_points) == (0, before.pending_points)
+
+
+async def test_a_member_with_an_open_review_is_merged_only_after_the_decision(screened: Screened) -> None:
+    """Deciding a review on a merged-away member would release or take back points it no longer holds."""
+    held = await _held_purchase(screened)
+    target = (await create_member(screened.ledger.stub)).member_id
+    merge = ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=held.member_id,
+                                           target_member_id=target)  # fmt: skip
+    error = await rpc_error(screened.ledger.stub.MergeMembers(merge), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "open fraud reviews; decide them first" in error.details()
+    reviews = await screened.ledger.stub.ListReviews(ledger_pb2.ListReviewsRequest(member_id=held.member_id))
+    for review in reviews.reviews:
+        await screened.ledger.stub.DecideReview(_decide(review.review_id, True))
+    before = await balance(screened.ledger.stub, held.member_id)
+    await screened.ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=held.member_id, target_member_id=target)
+    )
+    merged = await balance(screened.ledger.stub, target)
+    assert (merged.balance_points, merged.pending_points) == (before.balance_points, before.pending_points)
