@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc import validation as v
-from ledger_svc.domain import FailedPrecondition, IdemKey, InvalidArgument, LedgerError, Money
+from ledger_svc.domain import FailedPrecondition, IdemKey, InvalidArgument, LedgerError, MemberStatus, Money
 from ledger_svc.postings import ShardBook
 from ledger_svc.purchases import (
     MemberState,
@@ -402,19 +402,36 @@ class Accrual:
         if cmd.refund is not None:
             v.money(cmd.refund, "refund")
 
-        def body(book: ShardBook) -> ReturnResult:
-            return take_back(book, load_purchase(book, cmd.purchase_id), cmd)
-
         svc, fp = self.svc, c.fingerprint(cmd)
         shard = svc.shard_of_id(cmd.purchase_id)
         if await svc._claim(cmd.key, type(cmd).__name__, fp):
             stored = await svc._stored_result(cmd.key, fp, shard, ReturnResult)
             if stored is not None:
-                return stored, True
-        result: tuple[ReturnResult, bool] = await svc.store.write(
-            shard, svc._idempotent_unit(cmd, fp, ReturnResult, body)
-        )
-        return result
+                return await self._finish_return(stored, ""), True
+        owner = await svc.store.read(shard, lambda tx: tx.get_purchase(cmd.purchase_id))
+        merged_into = ""
+        if owner is not None:
+            member = await svc.member(codec.loads(PurchaseRecord, owner[1]).member_id, "purchase_id")
+            merged_into = member.merged_into if member.status == MemberStatus.MERGED else ""
+
+        def body(book: ShardBook) -> ReturnResult:
+            return take_back(book, load_purchase(book, cmd.purchase_id), cmd, merged_into)
+
+        result, replayed = await svc.store.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
+        return await self._finish_return(result, merged_into), replayed
+
+    async def _finish_return(self, result: ReturnResult, merged_into: str) -> ReturnResult:
+        """A merged-away member's return: the reversals finish on the member it was merged into
+        (their debt is known only then; a replay drives them again, which is idempotent), and a
+        tender given back to the merged-away member follows it there."""
+        if not result.reversal_sagas:
+            return result
+        debt = 0
+        for saga_id in result.reversal_sagas:
+            debt += (await self.svc.sagas.drive_reversal(saga_id)).debt_points
+        if merged_into and result.tender_recredited:
+            await self.svc.sagas.sweep_merged(result.purchase.member_id, merged_into)
+        return replace(result, debt_points=debt)
 
 
 MAX_LISTED_SPAN = timedelta(days=31)

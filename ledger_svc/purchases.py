@@ -16,7 +16,16 @@ from enum import StrEnum
 
 from ledger_svc import codec
 from ledger_svc import commands as c
-from ledger_svc.domain import DEFAULT_FUNDING, FailedPrecondition, InvalidArgument, Money, NotFound, TxKind, bucket_of
+from ledger_svc.domain import (
+    DEFAULT_FUNDING,
+    FailedPrecondition,
+    InvalidArgument,
+    Money,
+    NotFound,
+    TxKind,
+    bucket_of,
+    new_id,
+)
 from ledger_svc.postings import ShardBook
 from ledger_svc.reviews import ReviewKind, open_review
 from ledger_svc.screening import Screening, Verdict
@@ -120,6 +129,8 @@ class ReturnResult:
     reversed: dict[str, int]
     tender_recredited: int
     debt_points: int
+    # Reversals of a merged-away member's earns, finished on the member it was merged into.
+    reversal_sagas: tuple[str, ...] = ()
 
 
 def purchase_id_for(member_id: str, program: str, natural_key: str) -> str:
@@ -266,7 +277,10 @@ def _return_targets(record: PurchaseRecord, quantities: tuple[int, ...], refunde
     return targets
 
 
-def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn) -> ReturnResult:
+def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merged_into: str = "") -> ReturnResult:
+    """The return in the purchase's shard. For a member merged into `merged_into`, whose points
+    live there now, each reversal is started here and finished there (a saga the caller drives),
+    and what comes back to the merged-away member (tender) is the caller's to sweep across."""
     if record.status != PurchaseStatus.EARNED:
         raise FailedPrecondition(
             f"purchase {record.purchase_id} is {record.status.value}; returns apply once it has earned",
@@ -311,17 +325,22 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn) -> R
         returned[k] += delta
         by_unit[part.unit] = by_unit.get(part.unit, 0) + delta
     debt = 0
+    sagas: list[str] = []
     for unit, points in by_unit.items():
         # What is still reversible: ops or a rejected fraud review may have taken the earn back
         # already, and the return must still go through (and give back the tender).
         if points > 0:
             points = by_unit[unit] = min(points, book.reversible_points(record.earn_transactions[unit]))
-        if points > 0:
-            result = book.reverse(
-                record.earn_transactions[unit], points=points, refund=None,
-                reason=f"return {cmd.key.key} of purchase {record.purchase_id}",
-            )  # fmt: skip
-            debt += result.debt_points
+        if points <= 0:
+            continue
+        reason = f"return {cmd.key.key} of purchase {record.purchase_id}"
+        if merged_into:
+            sagas.append(book.start_merged_reversal(
+                record.earn_transactions[unit], points=points, refund=None, reason=reason, target=merged_into,
+                saga_id=new_id("rv", record.member_id),
+            ))  # fmt: skip
+        else:
+            debt += book.reverse(record.earn_transactions[unit], points=points, refund=None, reason=reason).debt_points
     if _fully_returned(record, tuple(quantities), refunded):
         tender_target = record.tender_points
     else:  # not fully returned, so something was left: the total is not zero
@@ -344,4 +363,4 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn) -> R
         tender_recredited=record.tender_recredited + recredit,
     )  # fmt: skip
     save_purchase(book, record)
-    return ReturnResult(record, {u: p for u, p in by_unit.items() if p}, recredit, debt)
+    return ReturnResult(record, {u: p for u, p in by_unit.items() if p}, recredit, debt, tuple(sagas))

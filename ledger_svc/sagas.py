@@ -50,8 +50,8 @@ class Sagas:
         digest = hashlib.sha256(source.encode()).hexdigest()[:24]
         return f"mg_{bucket_of(source):04x}{digest}"
 
-    async def drive_merge(self, source: str, target: str) -> dict[str, int]:
-        merge_id = self.merge_id(source)
+    async def drive_merge(self, source: str, target: str, merge_id: str = "") -> dict[str, int]:
+        merge_id = merge_id or self.merge_id(source)
 
         def move_out(book: ShardBook) -> SagaRecord:
             saga = book.tx.get_saga(merge_id)
@@ -188,7 +188,7 @@ class Sagas:
                     elif saga.kind == "reversal":
                         await self.drive_reversal(saga.saga_id)
                     else:
-                        await self.complete_merge(saga.source_member, saga.dest_member)
+                        await self.complete_merge(saga.source_member, saga.dest_member, saga.saga_id)
                     completed += 1
                 except LedgerError:
                     log.exception("saga %s could not be completed yet", saga.saga_id)
@@ -209,7 +209,12 @@ class Sagas:
     async def _saga(self, member_id: str, saga_id: str) -> SagaRecord | None:
         return await self.svc.store.read(self.svc.shard_of(member_id), lambda tx: tx.get_saga(saga_id))
 
-    async def complete_merge(self, source: str, target: str) -> dict[str, int]:
-        moved = await self.drive_merge(source, target)
+    async def sweep_merged(self, source: str, target: str) -> dict[str, int]:
+        """Moves what reached a merged-away member after its merge (points a return gave back)
+        to the member it was merged into: a merge saga of its own, recovered like the first."""
+        return await self.drive_merge(source, target, new_id("mg", source))
+
+    async def complete_merge(self, source: str, target: str, merge_id: str = "") -> dict[str, int]:
+        moved = await self.drive_merge(source, target, merge_id)
         await self.svc.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, target))
         return moved

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import grpc
+import pytest
 
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.ledger.helpers import balance, key, redeem, rpc_error
@@ -181,3 +182,33 @@ async def test_a_return_after_ops_reversed_the_earn_still_gives_back_the_tender(
     back = await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)])
     assert (reversed_points(back), back.tender_recredited_points, back.debt_points) == (0, 50, 0)
     assert await points(mesh, member) == 100
+
+
+@pytest.mark.parametrize("same_shard", [False, True])
+async def test_a_return_after_the_member_was_merged_takes_the_points_from_where_they_went(
+    mesh: Mesh, same_shard: bool
+) -> None:
+    svc = mesh.ledger.app.service
+    source = await welcomed_member(mesh)
+    target = await new_member(mesh)
+    while (svc.shard_of(target) == svc.shard_of(source)) != same_shard:
+        target = await new_member(mesh)
+    paid = (await redeem(mesh.ledger.stub, source, 30)).transaction.transaction_id
+    bought = await buy(mesh, source, [("misc", 4000, 1)], tender=paid)
+    await mesh.ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
+    )
+    merged = await points(mesh, target)
+    request = ledger_pb2.RecordReturnRequest(
+        idempotency_key=key(), purchase_id=bought.purchase.purchase_id, channel="pos", store_id="HEL-01",
+        lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
+    )  # fmt: skip
+    back = await mesh.ledger.stub.RecordReturn(request)
+    assert (reversed_points(back), back.tender_recredited_points, back.debt_points) == (40, 30, 0)
+    assert await points(mesh, target) == merged - 40 + 30
+    assert (await balance(mesh.ledger.stub, source)).balance_points == 0
+    again = await mesh.ledger.stub.RecordReturn(request)  # a replay changes nothing
+    assert (reversed_points(again), again.tender_recredited_points) == (40, 30)
+    assert await points(mesh, target) == merged - 40 + 30
+    totals = await mesh.ledger.stub.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
+    assert totals.differences == 0
