@@ -18,6 +18,7 @@ from ledger_svc import commands as c
 from ledger_svc.domain import (
     FailedPrecondition,
     LedgerError,
+    MemberStatus,
     NotFound,
     ReverseResult,
     SagaState,
@@ -138,6 +139,11 @@ class Sagas:
                 ),
             )  # fmt: skip
             self.svc._fault("transfer_after_credit")
+            # A destination merged away while the points were on their way: they follow it
+            # (before the saga closes, so a crash here reruns this on recovery).
+            destination = await self.svc.member(saga.dest_member, "destination_member_id")
+            if destination.status == MemberStatus.MERGED:
+                await self.sweep_merged(saga.dest_member, destination.merged_into)
 
             def finish(book: ShardBook) -> None:
                 current = book.tx.get_saga(saga_id)

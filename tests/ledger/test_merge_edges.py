@@ -102,3 +102,20 @@ async def test_reconcile_flags_points_that_landed_on_a_member_after_it_was_merge
     assert [(d.kind, d.subject, d.actual) for d in report.differences] == [
         ("points left on a merged member", f"member:{source}:points", 7)
     ]
+
+
+async def test_a_transfer_credited_after_its_destination_was_merged_follows_the_merge(ledger: LedgerUnderTest) -> None:
+    svc = ledger.app.service
+    source, destination = await member(svc), await member(svc)
+    while svc.shard_of(destination) == svc.shard_of(source):
+        destination = await member(svc)
+    target = await member(svc)
+    await svc.earn(c.Earn(k(), source, "points", 100))
+    cmd = c.Transfer(k(), source, destination, "points", 60)
+    # Step one (the source's hold) done, then the destination is merged before the credit.
+    saga_id = await svc._book(svc.shard_of(source), lambda b: svc.sagas.start_transfer(b, cmd))
+    await svc.merge_members(c.MergeMembers(k(), destination, target))
+    await svc.sagas.drive_transfer(saga_id)
+    balances = [(await svc.get_balance(m, "points")).balance_points for m in (source, destination, target)]
+    assert balances == [40, 0, 60]
+    assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
