@@ -65,9 +65,16 @@ def _hhmm(value: Any) -> Any:
     return value
 
 
+# Names the zone database carries that mean "whatever this host says": a program priced by
+# them would change with the machine it runs on.
+_HOST_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
 def _timezone(value: Any) -> Any:
     if isinstance(value, str):
         try:
+            if value in _HOST_ZONES:
+                raise ValueError(value)
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"{value!r} is not an IANA time zone (e.g. Europe/Helsinki)") from None

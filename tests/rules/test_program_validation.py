@@ -114,6 +114,14 @@ def test_unknown_time_zones_are_refused_where_they_are_written() -> None:
     assert paths_of(doc) == ["default_timezone", "stores[1].timezone"]
 
 
+def test_zone_names_that_mean_the_hosts_own_zone_are_refused() -> None:
+    """They load on a Debian host, and a program priced by them moves with the machine."""
+    doc = program_doc(default_timezone="localtime")
+    doc["stores"][0]["timezone"] = "posixrules"
+
+    assert paths_of(doc) == ["default_timezone", "stores[0].timezone"]
+
+
 def test_tier_thresholds_that_do_not_increase_are_refused() -> None:
     levels = [
         {"code": "blue", "threshold": 0},
