@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import jwt
 from fastapi import Request
@@ -26,6 +26,8 @@ LEEWAY_SECONDS = 5
 class Principal:
     key: ApiKey | None = None
     member_id: str = ""
+    # When a member token stops being valid (its exp claim); None for API keys.
+    expires_at: datetime | None = None
 
     @property
     def channel(self) -> str:
@@ -74,6 +76,15 @@ class MemberTokens:
         return jwt.encode(claims, self._secret, algorithm="HS256"), expires
 
     def verify(self, token: str) -> str:
+        return self.verify_until(token)[0]
+
+    def alive(self, expires_at: datetime | None) -> bool:
+        """Whether a token verified earlier (with this expiry) would still pass now: a
+        websocket outlives the handshake that checked it."""
+        return expires_at is None or expires_at.timestamp() + LEEWAY_SECONDS >= self._now().timestamp()
+
+    def verify_until(self, token: str) -> tuple[str, datetime]:
+        """The member a token names and when it expires."""
         try:
             # Expiry is checked against the gateway's clock below, the same clock that issued it.
             claims = jwt.decode(
@@ -82,9 +93,10 @@ class MemberTokens:
             )  # fmt: skip
         except jwt.InvalidTokenError as exc:
             raise unauthorized(f"the member token is not valid: {exc}") from None
-        if int(claims["exp"]) + LEEWAY_SECONDS < self._now().timestamp():
+        expires = datetime.fromtimestamp(int(claims["exp"]), UTC)
+        if not self.alive(expires):
             raise unauthorized("the member token has expired")
-        return str(claims["sub"])
+        return str(claims["sub"]), expires
 
 
 def credential_of(headers: dict[str, str] | object) -> str:
@@ -103,7 +115,8 @@ def resolve(credential: str, keys: KeyStore, tokens: MemberTokens) -> Principal:
         if key is None:
             raise unauthorized("the API key is not valid or was revoked")
         return Principal(key=key)
-    return Principal(member_id=tokens.verify(credential))
+    member_id, expires = tokens.verify_until(credential)
+    return Principal(member_id=member_id, expires_at=expires)
 
 
 def principal_dependency(

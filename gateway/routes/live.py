@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -53,8 +53,11 @@ async def _until_closed(ws: WebSocket, sub: Subscription) -> None:
             sub.offer({"type": "pong"})
 
 
-async def _pump(ws: WebSocket, sub: Subscription, hello: dict[str, Any]) -> None:
-    """Sends queued messages until the client closes or falls too far behind."""
+async def _pump(
+    ws: WebSocket, sub: Subscription, hello: dict[str, Any], allowed: Callable[[], bool] = lambda: True
+) -> None:
+    """Sends queued messages until the client closes, falls too far behind, or its credential
+    expires (checked before each message: nothing is sent on an expired token)."""
     await ws.accept()
     await ws.send_json(hello)
     leaving = asyncio.ensure_future(_until_closed(ws, sub))
@@ -69,6 +72,9 @@ async def _pump(ws: WebSocket, sub: Subscription, hello: dict[str, Any]) -> None
             if overflow in done:
                 nxt.cancel()
                 await ws.close(code=TRY_AGAIN_LATER, reason="too far behind; reconnect and read the balance")
+                return
+            if not allowed():
+                await ws.close(code=POLICY_VIOLATION, reason="the member token has expired; reconnect with a new one")
                 return
             await ws.send_json(nxt.result())
     except WebSocketDisconnect:
@@ -92,7 +98,7 @@ async def member_live(ws: WebSocket, member_id: IdPath) -> None:
         return
     gw: Gateway = ws.app.state.gateway
     with gw.hub.member(member_id) as sub:
-        await _pump(ws, sub, {"type": "subscribed", "member_id": member_id})
+        await _pump(ws, sub, {"type": "subscribed", "member_id": member_id}, lambda: gw.tokens.alive(caller.expires_at))
 
 
 @router.websocket("/v1/ops/alerts")

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 
+import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from pointmesh.events import LEDGER_EVENTS, OutgoingEvent, RedisStreamBus
 from pointmesh.redis_server import RedisServer
@@ -59,3 +62,22 @@ async def test_events_the_gateway_cannot_show_are_skipped_and_the_rest_still_arr
                 got = await next_message(ws, "purchase_recorded", within=3.0)
                 assert got["member_id"] == member
             assert not [t for t in asyncio.all_tasks() if t.get_name() == "live-hub" and t.done()]
+
+
+async def test_a_stream_ends_when_its_member_token_expires(gw: GatewayUnderTest) -> None:
+    """REST refuses an expired token; a socket opened before expiry must not outlive it."""
+    async with gw.client("pos") as pos:
+        member = await enrol(pos)
+        token = await member_token(gw, member)
+        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            await pos.post("/v1/purchases", json=purchase_body(gw, member, "EXP-1", 1000), headers=idem())
+            await next_message(ws, "purchase_recorded", within=3.0)  # still valid: delivered
+            gw.mesh.clock.advance(timedelta(seconds=gw.settings.member_token_ttl_seconds + 60))
+            await pos.post("/v1/purchases", json=purchase_body(gw, member, "EXP-2", 1000), headers=idem())
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:  # anything queued before the purchase's event, then the close
+                    message = json.loads(await asyncio.wait_for(ws.recv(), 3.0))
+                    assert message["type"] != "purchase_recorded", "an update went out on an expired token"
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+            assert "expired" in closed.value.rcvd.reason
