@@ -182,22 +182,30 @@ async def test_rejecting_a_held_redemption_voids_the_hold_and_the_points_stay(sc
     assert hold.hold.status == ledger_pb2.HOLD_STATUS_VOIDED
 
 
-async def test_a_purchase_burst_earns_as_pending_credit_under_review_until_approved(screened: Screened) -> None:
-    screened.clock.set(NOW - timedelta(days=200))
-    member = (await create_member(screened.ledger.stub)).member_id
-    screened.clock.set(NOW)
-    verdicts = []
-    for i in range(10):  # the velocity rule reviews the 9th purchase and later within 10 minutes
+async def _burst(env: Screened) -> list[ledger_pb2.Purchase]:
+    """Ten purchases of a months-old member within five minutes, one card: the velocity rule
+    reviews the 9th and later within 10 minutes."""
+    env.clock.set(NOW - timedelta(days=200))
+    member = (await create_member(env.ledger.stub)).member_id
+    env.clock.set(NOW)
+    bought = []
+    for i in range(10):
         request = purchase_request(
             member, [("grocery", 1_000, 1)], at=NOW - timedelta(minutes=20) + timedelta(seconds=30 * i),
             receipt=f"burst-{member}-{i}",
         )  # fmt: skip
         request.context.card_hash = f"card-{member}"
-        got = await screened.ledger.stub.RecordPurchase(request)
-        verdicts.append(got.purchase.screening.verdict)
+        bought.append((await env.ledger.stub.RecordPurchase(request)).purchase)
+    return bought
+
+
+async def test_a_purchase_burst_earns_as_pending_credit_under_review_until_approved(screened: Screened) -> None:
+    burst = await _burst(screened)
+    member = burst[-1].member_id
+    verdicts = [p.screening.verdict for p in burst]
     assert verdicts[:8] == [ledger_pb2.SCREENING_VERDICT_ALLOW] * 8
     assert verdicts[8:] == [ledger_pb2.SCREENING_VERDICT_REVIEW] * 2
-    held = got.purchase
+    held = burst[-1]
     assert "rule:velocity_member_purchases_10m" in held.screening.reasons
     assert held.status == ledger_pb2.PURCHASE_STATUS_EARNED
     pending = await balance(screened.ledger.stub, member)
@@ -278,18 +286,9 @@ async def test_with_fraud_svc_down_the_policy_decides_and_nothing_is_lost(screen
 
 async def _held_purchase(env: Screened) -> ledger_pb2.Purchase:
     """A member's tenth purchase within minutes: the velocity rule sends it to review."""
-    env.clock.set(NOW - timedelta(days=200))
-    member = (await create_member(env.ledger.stub)).member_id
-    env.clock.set(NOW)
-    for i in range(10):
-        request = purchase_request(
-            member, [("grocery", 1_000, 1)], at=NOW - timedelta(minutes=20) + timedelta(seconds=30 * i),
-            receipt=f"burst-{member}-{i}",
-        )  # fmt: skip
-        request.context.card_hash = f"card-{member}"
-        got = await env.ledger.stub.RecordPurchase(request)
-    assert got.purchase.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW
-    return got.purchase
+    held = (await _burst(env))[-1]
+    assert held.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW
+    return held
 
 
 def _decide(review_id: str, approve: bool) -> ledger_pb2.DecideReviewRequest:
