@@ -28,7 +28,7 @@ from ledger_svc.domain import (
     new_id,
 )
 from ledger_svc.postings import Portion, ShardBook, to_transaction
-from ledger_svc.store.base import SagaRecord
+from ledger_svc.store.base import SagaRecord, ShardTx
 
 if TYPE_CHECKING:
     from ledger_svc.service import LedgerService
@@ -203,14 +203,26 @@ class Sagas:
         return completed
 
     async def _recover_unstarted_merges(self) -> int:
-        """A merge that died after marking the source MERGED but before moving points."""
+        """A merge that died after marking the source MERGED but before moving points; and
+        points that reached a merged-away member afterwards and whose sweep a crash cut off."""
         merged = await self.svc.store.read_directory(lambda d: d.merged_members())
         done = 0
         for source, target in merged:
             if await self._saga(source, self.merge_id(source)) is None:
                 await self.complete_merge(source, target)
                 done += 1
+            elif await self._holds_points(source):
+                await self.sweep_merged(source, target)
+                done += 1
         return done
+
+    async def _holds_points(self, member_id: str) -> bool:
+        def any_left(tx: ShardTx) -> bool:
+            book = ShardBook(tx, self.svc.clock.now(), self.svc.policy)
+            figures = [book.balance(member_id, unit) for unit in self.svc.policy.units]
+            return any(b.balance_points or b.pending_points or b.debt_points for b in figures)
+
+        return await self.svc.store.read(self.svc.shard_of(member_id), any_left)
 
     async def _saga(self, member_id: str, saga_id: str) -> SagaRecord | None:
         return await self.svc.store.read(self.svc.shard_of(member_id), lambda tx: tx.get_saga(saga_id))

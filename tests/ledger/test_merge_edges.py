@@ -87,7 +87,9 @@ async def test_pending_review_credit_merged_within_one_shard_can_be_released(led
     assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
 
 
-async def test_reconcile_flags_points_that_landed_on_a_member_after_it_was_merged(ledger: LedgerUnderTest) -> None:
+async def test_points_that_landed_on_a_member_after_it_was_merged_are_flagged_then_swept(
+    ledger: LedgerUnderTest,
+) -> None:
     svc = ledger.app.service
     source, target = await member(svc), await member(svc)
     await svc.earn(c.Earn(k(), source, "points", 100))
@@ -102,6 +104,10 @@ async def test_reconcile_flags_points_that_landed_on_a_member_after_it_was_merge
     assert [(d.kind, d.subject, d.actual) for d in report.differences] == [
         ("points left on a merged member", f"member:{source}:points", 7)
     ]
+    # The next start-up's recovery sweeps them on to the target.
+    await svc.sagas.recover(at_startup=True)
+    assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
+    assert (await svc.get_balance(target, "points")).balance_points == 107
 
 
 async def test_a_transfer_credited_after_its_destination_was_merged_follows_the_merge(ledger: LedgerUnderTest) -> None:
