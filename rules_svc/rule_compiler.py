@@ -87,8 +87,16 @@ def _place_checks(rule: Rule, matched: list[str]) -> list[PlaceCheck]:
         matched.append(f"region in {sorted(regions)}")
     if w.days_of_week is not None:
         days = frozenset(DAYS.index(d.value) for d in w.days_of_week)
-        place.append(lambda ch, st, rg, lt: lt.weekday() in days)
-        matched.append(f"store-local day in {[d.value for d in w.days_of_week]}")
+        window = w.time_window
+        if window is not None and _hhmm(window.end) < _hhmm(window.start):
+            # A night window belongs to the day it opened: "fri 22:00-02:00" is Friday night,
+            # so Saturday 01:00 counts as Friday.
+            until = _hhmm(window.end)
+            place.append(lambda ch, st, rg, lt: (lt.weekday() - (lt.time() < until)) % 7 in days)
+            matched.append(f"store-local night starting on a day in {[d.value for d in w.days_of_week]}")
+        else:
+            place.append(lambda ch, st, rg, lt: lt.weekday() in days)
+            matched.append(f"store-local day in {[d.value for d in w.days_of_week]}")
     if w.time_window is not None:
         start, end = _hhmm(w.time_window.start), _hhmm(w.time_window.end)
         if start < end:

@@ -150,6 +150,24 @@ def test_time_window_end_is_exclusive_and_a_window_may_wrap_past_midnight() -> N
     assert [e.totals()["points"] for e in (at_2000, at_2330, at_0130, at_0200)] == [10, 20, 20, 10]
 
 
+def test_a_night_window_on_named_days_belongs_to_the_day_it_opened() -> None:
+    """ "Friday night 22:00-02:00": Saturday 01:00 is part of Friday's night, Friday 01:00 is not
+    (that was Thursday's)."""
+    friday_night = double(
+        "friday-night", when={"days_of_week": ["fri"], "time_window": {"start": "22:00", "end": "02:00"}}
+    )
+    engine = compile_doc(program_doc(HAPPY_HOUR, friday_night))
+    # Helsinki in January is UTC+2; 2026-01-09 is a Friday.
+    local = {
+        "fri 01:00": datetime(2026, 1, 8, 23, 0, tzinfo=UTC),
+        "fri 23:00": datetime(2026, 1, 9, 21, 0, tzinfo=UTC),
+        "sat 01:00": datetime(2026, 1, 9, 23, 0, tzinfo=UTC),
+        "sat 23:00": datetime(2026, 1, 10, 21, 0, tzinfo=UTC),
+    }
+    got = {name: "friday-night" in explain(engine.evaluate(basket(1000, at=at), NOBODY)) for name, at in local.items()}
+    assert got == {"fri 01:00": False, "fri 23:00": True, "sat 01:00": True, "sat 23:00": False}
+
+
 # Stacking and exclusivity --------------------------------------------------------------------
 
 
