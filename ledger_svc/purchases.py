@@ -213,7 +213,8 @@ def accrue(
         counters[key] = counters.get(key, 0) + n
     qualification, tier_after, bucket, metric = dict(state.qualification), quote.tier, "", ""
     if quote.tier_policy is not None:
-        metric, bucket = quote.tier_policy.metric_unit, month_bucket(record.receipt_time)
+        metric = quote.tier_policy.metric_unit
+        bucket = month_bucket(record.receipt_time, quote.tier_policy.timezone)
         qualification[bucket] = qualification.get(bucket, 0) + record.earned().get(metric, 0)
         tier_after = effective_tier(quote.tier_policy, qualification, record.receipt_time)
     book.tx.put_member_state(record.member_id, codec.dumps(MemberState(ordinal, counters, qualification, tier_after)))

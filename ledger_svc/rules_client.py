@@ -76,7 +76,8 @@ def quote_of(e: rules_pb2.Evaluation) -> Quote:
     )
     tiers = e.tier_policy if e.HasField("tier_policy") else None
     policy = (
-        TierPolicy(tiers.metric_unit, tiers.window, tiers.downgrade_grace_days, tuple((t.code, t.threshold) for t in tiers.levels))
+        TierPolicy(tiers.metric_unit, tiers.window, tiers.downgrade_grace_days,
+                   tuple((t.code, t.threshold) for t in tiers.levels), tiers.timezone or "UTC")
         if tiers is not None else None
     )  # fmt: skip
     return Quote(

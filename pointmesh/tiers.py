@@ -1,7 +1,9 @@
 """Tier qualification arithmetic, shared by rules_svc (the tier a purchase earns under) and the
 ledger (the upgrade it applies in the earn's own write).
 
-Qualifying earnings are kept in calendar-month buckets ("2026-11" -> tier credits earned).
+Qualifying earnings are kept in calendar-month buckets ("2026-11" -> tier credits earned), months
+and years of the program's time zone: a New Year's Eve purchase in the evening in New York
+counts toward the year it was made in there, not the one UTC had already started.
 A level reached in a qualification period holds for the rest of that period and the whole
 next one, plus the grace days; so a downgrade happens only at a period end plus grace, and an
 upgrade happens on the purchase that crosses the threshold.
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo
 
 CALENDAR_YEAR = "calendar_year"
 ROLLING_12_MONTHS = "rolling_12_months"
@@ -23,14 +27,20 @@ class TierPolicy:
     window: str
     grace_days: int
     levels: tuple[tuple[str, int], ...]  # (code, threshold), entry level first
+    timezone: str = "UTC"  # IANA zone whose months and years qualify (the program's default zone)
 
 
-def bucket_of(at: datetime) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m")
+@lru_cache(maxsize=64)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def bucket_of(at: datetime, timezone: str = "UTC") -> str:
+    return at.astimezone(_zone(timezone)).strftime("%Y-%m")
 
 
 def _months_back(at: datetime, count: int) -> list[str]:
-    year, month = at.astimezone(UTC).year, at.astimezone(UTC).month
+    year, month = at.year, at.month
     out = []
     for _ in range(count):
         out.append(f"{year:04d}-{month:02d}")
@@ -55,16 +65,18 @@ def level_for(levels: Sequence[tuple[str, int]], total: int) -> int:
 
 def effective_level(policy: TierPolicy, buckets: Mapping[str, int], at: datetime) -> int:
     grace = timedelta(days=policy.grace_days)
+    zone = _zone(policy.timezone)
+    at = at.astimezone(zone)
     if policy.window == ROLLING_12_MONTHS:
         now = sum(buckets.get(b, 0) for b in _months_back(at, 12))
-        earlier = sum(buckets.get(b, 0) for b in _months_back(at - grace, 12))
+        earlier = sum(buckets.get(b, 0) for b in _months_back((at - grace).astimezone(zone), 12))
         return max(level_for(policy.levels, now), level_for(policy.levels, earlier))
-    year = at.astimezone(UTC).year
+    year = at.year
     levels = [
         level_for(policy.levels, _year_total(buckets, year)),
         level_for(policy.levels, _year_total(buckets, year - 1)),
     ]
-    if at < datetime(year, 1, 1, tzinfo=UTC) + grace:
+    if at < datetime(year, 1, 1, tzinfo=zone) + grace:
         levels.append(level_for(policy.levels, _year_total(buckets, year - 2)))
     return max(levels)
 

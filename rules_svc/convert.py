@@ -82,7 +82,7 @@ def evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
     if e.tiers is not None:
         out.tier_policy.CopyFrom(rules_pb2.TierPolicy(
             metric_unit=e.tiers.metric_unit, window=e.tiers.window.value,
-            downgrade_grace_days=e.tiers.downgrade_grace_days,
+            downgrade_grace_days=e.tiers.downgrade_grace_days, timezone=e.tier_timezone,
             levels=[rules_pb2.TierLevel(code=t.code, threshold=t.threshold) for t in e.tiers.levels],
         ))  # fmt: skip
     return out

@@ -123,6 +123,8 @@ class Evaluation:
     experiment_arms: tuple[tuple[str, str], ...] = ()
     # Whether purchase-number conditions took part: the answer depends on the purchase count.
     counts_purchases: bool = False
+    # The zone tier qualification months and years are counted in (the program's default).
+    tier_timezone: str = "UTC"
 
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -59,7 +59,7 @@ class CompiledProgram:
         tiers = program.tiers
         self.tier_policy = (
             TierPolicy(tiers.metric_unit, tiers.window.value, tiers.downgrade_grace_days,
-                       tuple((t.code, t.threshold) for t in tiers.levels))
+                       tuple((t.code, t.threshold) for t in tiers.levels), program.default_timezone)
             if tiers is not None else None
         )  # fmt: skip
         policy = program.policy
@@ -226,7 +226,7 @@ class CompiledProgram:
             basket.receipt_time + self.expiry if self.expiry else None,
             basket.receipt_time + self.release if self.release else None,
             local, self.program.policy, self.program.tiers, member.tier, tuple(sorted(arms.items())),
-            self.counts_purchases,
+            self.counts_purchases, self.program.default_timezone,
         )  # fmt: skip
 
     @staticmethod

@@ -404,11 +404,16 @@ class TierPolicy(_message.Message):
     WINDOW_FIELD_NUMBER: _builtins.int
     DOWNGRADE_GRACE_DAYS_FIELD_NUMBER: _builtins.int
     LEVELS_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
     metric_unit: _builtins.str
     """Unit whose earnings qualify, e.g. "tier_credits"."""
     window: _builtins.str
     """"calendar_year" or "rolling_12_months"."""
     downgrade_grace_days: _builtins.int
+    timezone: _builtins.str
+    """IANA zone whose calendar months and years qualify (the program's default time zone);
+    empty: UTC.
+    """
     @_builtins.property
     def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierLevel]:
         """Entry level first, thresholds increasing."""
@@ -420,10 +425,11 @@ class TierPolicy(_message.Message):
         window: _builtins.str = ...,
         downgrade_grace_days: _builtins.int = ...,
         levels: _abc.Iterable[Global___TierLevel] | None = ...,
+        timezone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["downgrade_grace_days", b"downgrade_grace_days", "levels", b"levels", "metric_unit", b"metric_unit", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["downgrade_grace_days", b"downgrade_grace_days", "levels", b"levels", "metric_unit", b"metric_unit", "timezone", b"timezone", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

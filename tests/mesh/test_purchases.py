@@ -183,3 +183,14 @@ async def test_bad_baskets_get_precise_errors_and_write_nothing(mesh: Mesh) -> N
     # Nothing was claimed either: the corrected receipt earns normally.
     good = await buy(mesh, member, [("misc", 100, 1)], receipt="B-1", store="OSL-01".replace("OSL", "HEL"))
     assert good.purchase.status == EARNED and not good.replayed
+
+
+async def test_tier_years_turn_at_the_programs_midnight_not_utcs(mesh: Mesh) -> None:
+    """Helsinki is UTC+2: 00:30 on 1 January there is 22:30 on 31 December in UTC. That purchase
+    starts the new qualification year, so the year before's credits no longer add up with it."""
+    mesh.clock.set(datetime(2027, 1, 1, 6, 0, tzinfo=UTC))
+    member = await welcomed_member(mesh)
+    eve = await buy(mesh, member, [("misc", 25000, 1)], at=datetime(2026, 12, 31, 21, 30, tzinfo=UTC))
+    new_year = await buy(mesh, member, [("misc", 6000, 1)], at=datetime(2026, 12, 31, 22, 30, tzinfo=UTC))
+    assert exact(eve.purchase)["tier_credits"] == 250 and exact(new_year.purchase)["tier_credits"] == 60
+    assert (new_year.purchase.tier_before, new_year.purchase.tier_after) == ("blue", "blue")

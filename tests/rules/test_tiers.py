@@ -41,3 +41,16 @@ def test_rolling_window_counts_the_last_twelve_months_with_grace() -> None:
 def test_buckets_are_utc_months() -> None:
     assert bucket_of(datetime(2026, 12, 31, 23, 30, tzinfo=UTC)) == "2026-12"
     assert bucket_of(datetime.fromisoformat("2027-01-01T01:30:00+02:00")) == "2026-12"
+
+
+def test_months_and_years_are_the_programs_not_utcs() -> None:
+    """New Year's Eve, 23:30 in New York, is already 04:30 on 1 January in UTC: the purchase
+    belongs to December and to the year that is ending where the member shopped."""
+    new_york = TierPolicy("tier_credits", CALENDAR_YEAR, 0, LEVELS, "America/New_York")
+    eve = datetime(2027, 1, 1, 4, 30, tzinfo=UTC)
+    assert (bucket_of(eve), bucket_of(eve, "America/New_York")) == ("2027-01", "2026-12")
+    earned = {"2026-12": 5000}
+    assert effective_tier(new_york, earned, eve) == "gold"  # still 2026 there: the year's total counts
+    assert effective_tier(CALENDAR, {"2027-01": 5000}, eve) == "gold"  # what UTC bucketing would say
+    assert effective_tier(new_york, earned, datetime(2028, 1, 1, 4, 30, tzinfo=UTC)) == "gold"  # 2027's last day
+    assert effective_tier(new_york, earned, datetime(2028, 1, 1, 5, 30, tzinfo=UTC)) == "blue"  # 2028 there
