@@ -407,12 +407,9 @@ class Accrual:
         if await svc._claim(cmd.key, type(cmd).__name__, fp):
             stored = await svc._stored_result(cmd.key, fp, shard, ReturnResult)
             if stored is not None:
-                return await self._finish_return(stored, ""), True
+                return await self._finish_return(stored, await self._merged_into(stored.purchase.member_id)), True
         owner = await svc.store.read(shard, lambda tx: tx.get_purchase(cmd.purchase_id))
-        merged_into = ""
-        if owner is not None:
-            member = await svc.member(codec.loads(PurchaseRecord, owner[1]).member_id, "purchase_id")
-            merged_into = member.merged_into if member.status == MemberStatus.MERGED else ""
+        merged_into = "" if owner is None else await self._merged_into(codec.loads(PurchaseRecord, owner[1]).member_id)
 
         def body(book: ShardBook) -> ReturnResult:
             return take_back(book, load_purchase(book, cmd.purchase_id), cmd, merged_into)
@@ -420,18 +417,23 @@ class Accrual:
         result, replayed = await svc.store.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
         return await self._finish_return(result, merged_into), replayed
 
+    async def _merged_into(self, member_id: str) -> str:
+        member = await self.svc.member(member_id, "purchase_id")
+        return member.merged_into if member.status == MemberStatus.MERGED else ""
+
     async def _finish_return(self, result: ReturnResult, merged_into: str) -> ReturnResult:
         """A merged-away member's return: the reversals finish on the member it was merged into
-        (their debt is known only then; a replay drives them again, which is idempotent), and a
-        tender given back to the merged-away member follows it there."""
-        if not result.reversal_sagas:
-            return result
-        debt = 0
-        for saga_id in result.reversal_sagas:
-            debt += (await self.svc.sagas.drive_reversal(saga_id)).debt_points
+        (their debt is known only then), and a tender given back to the merged-away member
+        follows it there. A replay does both again: each step is idempotent, and a sweep a
+        failure cut off the first time happens now."""
+        if result.reversal_sagas:
+            debt = 0
+            for saga_id in result.reversal_sagas:
+                debt += (await self.svc.sagas.drive_reversal(saga_id)).debt_points
+            result = replace(result, debt_points=debt)
         if merged_into and result.tender_recredited:
             await self.svc.sagas.sweep_merged(result.purchase.member_id, merged_into)
-        return replace(result, debt_points=debt)
+        return result
 
 
 MAX_LISTED_SPAN = timedelta(days=31)

@@ -344,8 +344,10 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
             debt += book.reverse(record.earn_transactions[unit], points=points, refund=None, reason=reason).debt_points
     if _fully_returned(record, tuple(quantities), refunded):
         tender_target = record.tender_points
-    else:  # not fully returned, so something was left: the total is not zero
+    elif record.total.amount_minor:
         tender_target = record.tender_points * refunded // record.total.amount_minor
+    else:  # a zero total returned by some of its lines: the tender comes back with the last one
+        tender_target = 0
     recredit = max(0, tender_target - record.tender_recredited)
     if recredit:
         # A redemption named as tender by several purchases gives back at most what it took.

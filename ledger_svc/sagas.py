@@ -229,7 +229,10 @@ class Sagas:
 
     async def sweep_merged(self, source: str, target: str) -> dict[str, int]:
         """Moves what reached a merged-away member after its merge (points a return gave back)
-        to the member it was merged into: a merge saga of its own, recovered like the first."""
+        to the member it was merged into: a merge saga of its own, recovered like the first.
+        Nothing to move, no saga."""
+        if not await self._holds_points(source):
+            return {}
         return await self.drive_merge(source, target, new_id("mg", source))
 
     async def complete_merge(self, source: str, target: str, merge_id: str = "") -> dict[str, int]:

@@ -99,8 +99,8 @@ class FollowerServicer(RulesServicer):
         published: rules_pb2.PublishProgramResponse = await _forward(self.leader.PublishProgram, request, context)
         try:
             await self.mirror.pull()
-        except grpc.aio.AioRpcError as exc:  # published all the same: the next reload copies it
-            log.warning("copying the version just published failed: %s", exc.code().name)
+        except Exception:  # published all the same: the caller hears so, the next reload copies it
+            log.exception("copying the version just published failed")
         return published
 
     async def GetMemberProgress(

@@ -29,7 +29,7 @@ from rules_svc.domain import (
 from rules_svc.engine import CompiledProgram
 from rules_svc.program import ProgramInvalid, load_program, validate_program
 from rules_svc.redemption import RedemptionQuote, quote_redemption
-from rules_svc.versions import VersionInfo, VersionStore
+from rules_svc.versions import PublishKey, VersionInfo, VersionStore
 
 FORMATS = ("yaml", "json")
 
@@ -85,8 +85,9 @@ class RulesService:
         if effective_from is not None and effective_from < now and not backdated:
             # A retry of a publish whose start has passed since returns what it published.
             done = await asyncio.to_thread(self.versions.published_with, namespace, key)
-            if done is None or done[1].fingerprint != fingerprint:
+            if done is None:
                 raise BadRequest(f"{effective_from.isoformat()} is in the past", field="effective_from")
+            _same_publish(namespace, key, done[1], fingerprint)
             return done[0]
         info, used = await asyncio.to_thread(
             lambda: self.versions.publish(
@@ -95,12 +96,8 @@ class RulesService:
                 published_by=published_by, now=now,
             )
         )  # fmt: skip
-        if used is not None and used.fingerprint != fingerprint:
-            raise Conflict(
-                f"idempotency key {namespace}/{key} already published {used.program} v{used.version} "
-                f"with another document at {used.created_at.isoformat()}",
-                field="idempotency_key",
-            )
+        if used is not None:
+            _same_publish(namespace, key, used, fingerprint)
         self._compiled[(info.program, info.version)] = CompiledProgram(draft.program, info.version)
         await self.refresh()
         return info
@@ -181,6 +178,15 @@ class RulesService:
     ) -> list[Evaluation | RulesError]:
         draft, _canonical, _sha = _parse(document, fmt)
         return _each(items, draft.evaluate)
+
+
+def _same_publish(namespace: str, key: str, used: PublishKey, fingerprint: str) -> None:
+    if used.fingerprint != fingerprint:
+        raise Conflict(
+            f"idempotency key {namespace}/{key} already published {used.program} v{used.version} "
+            f"with another document at {used.created_at.isoformat()}",
+            field="idempotency_key",
+        )
 
 
 def _each(

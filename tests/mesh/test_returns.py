@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
+from ledger_svc.store.base import StoreClosed
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.ledger.helpers import balance, key, redeem, rpc_error
 from tests.mesh.conftest import PROGRAM, Mesh
@@ -210,5 +211,53 @@ async def test_a_return_after_the_member_was_merged_takes_the_points_from_where_
     again = await mesh.ledger.stub.RecordReturn(request)  # a replay changes nothing
     assert (reversed_points(again), again.tender_recredited_points) == (40, 30)
     assert await points(mesh, target) == merged - 40 + 30
+    totals = await mesh.ledger.stub.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
+    assert totals.differences == 0
+
+
+async def test_part_of_a_zero_total_purchase_is_returned_by_its_lines(mesh: Mesh) -> None:
+    member = await new_member(mesh)
+    free = await buy(mesh, member, [("misc", 0, 2)])  # two free items; the welcome bonus is fixed
+    first = await return_lines(mesh, free.purchase.purchase_id, [(0, 1)])
+    assert reversed_points(first) == 0  # a fixed bonus stays until everything is back
+    last = await return_lines(mesh, free.purchase.purchase_id, [(0, 1)])
+    assert reversed_points(last) == 100
+    assert await points(mesh, member) == 0
+
+
+async def test_a_merged_away_members_tender_follows_the_merge_even_with_no_earn_left_to_reverse(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = mesh.ledger.app.service
+    source, target = await welcomed_member(mesh), await new_member(mesh)
+    paid = (await redeem(mesh.ledger.stub, source, 30)).transaction.transaction_id
+    bought = await buy(mesh, source, [("misc", 4000, 1)], tender=paid)
+    for earn_tx in bought.purchase.earn_transactions.values():
+        await mesh.ledger.stub.Reverse(
+            ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=earn_tx, full=True)
+        )
+    await mesh.ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
+    )
+    merged = await points(mesh, target)
+    request = ledger_pb2.RecordReturnRequest(
+        idempotency_key=key(), purchase_id=bought.purchase.purchase_id, channel="pos", store_id="HEL-01",
+        lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
+    )  # fmt: skip
+    # Fault injection: the first sweep fails after the return committed; the client retries.
+    real_sweep = svc.sagas.sweep_merged
+    calls: list[str] = []
+
+    async def failing_once(src: str, dst: str) -> dict[str, int]:
+        calls.append(src)
+        if len(calls) == 1:
+            raise StoreClosed("injected")
+        return await real_sweep(src, dst)
+
+    monkeypatch.setattr(svc.sagas, "sweep_merged", failing_once)
+    await rpc_error(mesh.ledger.stub.RecordReturn(request), grpc.StatusCode.UNAVAILABLE)
+    back = await mesh.ledger.stub.RecordReturn(request)
+    assert (reversed_points(back), back.tender_recredited_points) == (0, 30)
+    assert (await points(mesh, target), await points(mesh, source)) == (merged + 30, 0)
     totals = await mesh.ledger.stub.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
     assert totals.differences == 0

@@ -81,6 +81,9 @@ async def test_versions_published_through_any_replica_are_numbered_once_and_reac
         assert await _points(r) == {"points": 30}, "every replica evaluates the newest version"
     again = await publish(replicas.b, "v1", doc(), now)  # a retry lands on another pod
     assert (again.version, again.sha256) == (1, first.sha256)
+    with pytest.raises(grpc.aio.AioRpcError) as late:  # the same key with another document: a conflict
+        await publish(replicas.a, "v1", doc(WEEKEND), now)
+    assert late.value.code() == grpc.StatusCode.ALREADY_EXISTS
     every = await replicas.a.stub.ListVersions(rules_pb2.ListVersionsRequest())  # no program: all of them
     assert [(v.program, v.version) for v in every.versions] == [("shop", 1), ("shop", 2)]
 
