@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -31,6 +30,7 @@ from ledger_svc.store.base import LedgerStore
 from ledger_svc.store.sqlite import SqliteLedgerStore
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
+from pointmesh.consumers import consumer_name
 from pointmesh.events import TOPICS, EventBus, dead_letter_topic, open_bus
 from pointmesh.rpc import GrpcServer
 from pointmesh.telemetry import RECONCILE_DIFFERENCES, RECONCILE_RUNS
@@ -103,7 +103,7 @@ class LedgerApp:
         if self.settings.reconcile_interval_seconds > 0:
             self.tasks.append(asyncio.create_task(self._reconcile_loop(), name="ledger-reconcile"))
         if self.settings.ingest_consumer:
-            worker = IngestWorker(self.service, self.bus, f"ledger-{os.getpid()}")
+            worker = IngestWorker(self.service, self.bus, consumer_name("ledger", self.settings.data_dir))
             self.tasks.append(asyncio.create_task(worker.run(), name="ingest-worker"))
         return port
 

@@ -10,9 +10,12 @@ event id, so a redelivered message never pays twice.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from prometheus_client import Gauge
 
@@ -22,6 +25,15 @@ log = logging.getLogger(__name__)
 LAG = Gauge("pointmesh_event_lag_seconds", "Age of the last event a consumer group finished, by topic and group.",
             ["topic", "group"])  # fmt: skip
 RETRY_PAUSE_SECONDS = 1.0
+
+
+def consumer_name(service: str, data_dir: Path) -> str:
+    """The name an instance consumes under, the same after a restart (host or pod name and its
+    data directory): a restarted consumer then reads its own unacknowledged messages before new
+    ones, so a member's events keep their order. A name per process (pid) made a restarted one
+    read new events first and get the old ones back only when another consumer's claim timed out."""
+    tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{service}-{socket.gethostname()}-{tag}"
 
 
 class Poison(Exception):

@@ -14,6 +14,7 @@ version they do not know (consumers.py sends it to the dead-letter topic).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,8 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+
+log = logging.getLogger(__name__)
 
 LEDGER_EVENTS = "pointmesh.ledger.events"
 # Fraud and risk alerts for the ops team (OpsAlert messages), keyed by member id.
@@ -91,6 +94,15 @@ class EventBus(Protocol):
 _STANDARD = {b"key", b"event_id", b"type", b"payload", b"schema"}
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stream_id(value: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(value).partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _message(position: bytes | str, fields: dict[bytes, bytes]) -> BusMessage:
     pos = position.decode() if isinstance(position, bytes) else position
     return BusMessage(
@@ -109,23 +121,52 @@ class RedisStreamBus:
     """Streams named like the topics; groups are Redis consumer groups created on first use."""
 
     def __init__(
-        self, redis: Redis, *, maxlen: int = 1_000_000, claim_idle_ms: int = 30_000, owns_client: bool = False
-    ) -> None:
+        self, redis: Redis, *, maxlen: int = 1_000_000, claim_idle_ms: int = 30_000, owns_client: bool = False,
+        trim_every: int = 1000,
+    ) -> None:  # fmt: skip
         self.redis = redis
         self.owns_client = owns_client
+        # The newest `maxlen` events stay for replays; older ones go once every consumer group
+        # has acknowledged them, never before (a lagging group keeps the stream longer).
         self.maxlen = maxlen
+        self.trim_every = trim_every
+        self._since_trim: dict[str, int] = {}
         # A message a consumer read and never acknowledged goes to another consumer of the
         # group after this long (the first one is presumed dead).
         self.claim_idle_ms = claim_idle_ms
 
     async def publish(self, topic: str, events: Sequence[OutgoingEvent]) -> None:
-        """Appends events in order in one round trip."""
+        """Appends events in order in one round trip; now and then trims what nobody needs."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for ev in events:
                 fields: dict[Any, Any] = {"key": ev.key, "event_id": ev.event_id, "type": ev.event_type,
                                           "payload": ev.payload, "schema": ev.schema, **dict(ev.headers)}  # fmt: skip
-                pipe.xadd(topic, fields, maxlen=self.maxlen, approximate=True)
+                pipe.xadd(topic, fields)
             await pipe.execute()
+        self._since_trim[topic] = self._since_trim.get(topic, 0) + len(events)
+        if self._since_trim[topic] >= self.trim_every:
+            self._since_trim[topic] = 0
+            await self.trim(topic)
+
+    async def trim(self, topic: str) -> int:
+        """Drops events past the newest `maxlen` that every group has acknowledged; returns how
+        many went. XADD's own MAXLEN would drop them whether read or not: a backlog past the
+        cap (a big ingest file, a consumer down for a day) vanished without a trace."""
+        excess = int(await self.redis.xlen(topic)) - self.maxlen
+        if excess <= 0:
+            return 0
+        oldest: Any = await self.redis.xrange(topic, count=min(excess, 10_000) + 1)
+        keep_from = _stream_id(oldest[-1][0])  # the first event the length budget keeps
+        for info in await self.redis.xinfo_groups(topic):
+            needed = _stream_id(info["last-delivered-id"])  # not yet delivered: after this
+            if int(info["pending"]):
+                summary: Any = await self.redis.xpending(topic, info["name"])
+                needed = min(needed, _stream_id(summary["min"]))  # delivered, not acknowledged
+            if needed < keep_from:
+                log.warning("event stream %s keeps %d events past its cap: group %s has not acknowledged them",
+                            topic, excess, _text(info["name"]))  # fmt: skip
+            keep_from = min(keep_from, needed)
+        return int(await self.redis.xtrim(topic, minid=f"{keep_from[0]}-{keep_from[1]}"))
 
     async def subscribe(self, topic: str, after: str = "$", *, block_ms: int = 1000) -> AsyncIterator[BusMessage]:
         """Yields every message after `after` ("$" = only new ones, "0" = from the start), forever."""

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
+from pointmesh.consumers import consumer_name
 from pointmesh.events import LEDGER_EVENTS, dead_letter_topic, open_bus
 from pointmesh.rpc import GrpcServer
 from pointmesh.v1 import rules_pb2, rules_pb2_grpc
@@ -130,7 +130,7 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         servicer = RulesServicer(service, game)
         if settings.gamification_consumer:
             worker = GameWorker(game.store, game.program_at, settings.program, open_bus(settings),
-                                ledger_stub(settings.ledger_addr), f"rules-{os.getpid()}")  # fmt: skip
+                                ledger_stub(settings.ledger_addr), consumer_name("rules", settings.data_dir))  # fmt: skip
     server.add_service(lambda s: rules_pb2_grpc.add_RulesServiceServicer_to_server(servicer, s), SERVICE_NAME)
     app = RulesApp(settings, service, server, store, game, worker, mirror=mirror)
     server.on_stop(app._cleanup)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from pointmesh.consumers import Poison, in_order, run_group
+from pointmesh.consumers import Poison, consumer_name, in_order, run_group
 from pointmesh.events import BusMessage, EventBus, OutgoingEvent, RedisStreamBus, dead_letter_topic
 from pointmesh.kafka_bus import KafkaBus
 from pointmesh.kafka_server import KafkaServer
@@ -226,3 +226,49 @@ async def test_a_broker_stopped_and_restarted_mid_stream_loses_nothing(own_broke
     stop.set()
     await runner
     assert set(received) == {f"m_{i % 3}-{i}" for i in range(80)}
+
+
+async def test_the_redis_stream_never_trims_what_a_group_has_not_acknowledged(redis_server: RedisServer) -> None:
+    """A backlog past the length cap (a big ingest file, a consumer down for a while) waits for
+    its group; once acknowledged, the stream shrinks back to the newest `maxlen`."""
+    redis = Redis.from_url(redis_server.url)
+    bus = RedisStreamBus(redis, maxlen=200, trim_every=50, claim_idle_ms=CLAIM_IDLE_MS, owns_client=True)
+    topic = new_topic()
+    try:
+        await bus.ensure_group(topic, "slow")
+        early = await drain(bus, topic, "slow", "c1", 0)  # the group exists and has read nothing
+        assert early == []
+        for start in range(0, 2000, 100):
+            await bus.publish(topic, [event("m1", n) for n in range(start, start + 100)])
+        assert await redis.xlen(topic) == 2000  # nothing read yet: nothing dropped
+        got = await drain(bus, topic, "slow", "c1", 2000)
+        assert [m.event_id for m in got] == [f"m1-{n}" for n in range(2000)]
+        await bus.publish(topic, [event("m1", n) for n in range(2000, 2050)])
+        assert 200 <= await redis.xlen(topic) <= 250  # all acknowledged: back to about the cap
+    finally:
+        await bus.close()
+
+
+async def test_a_consumer_restarted_under_its_name_gets_what_it_had_not_committed_first(bus: EventBus) -> None:
+    """e1 read and not committed when the consumer died, e2 published meanwhile: the restarted
+    consumer (same name, as `consumer_name` gives an instance) sees e1 before e2."""
+    topic = new_topic()
+    await bus.ensure_topics([topic])
+    name = consumer_name("test", Path("/var/lib/pointmesh"))
+    first = bus.group(topic, "g", name)
+    await first.poll(max_messages=1, block_ms=10)  # joins the group before anything is published
+    await bus.publish(topic, [event("m1", 1)])
+    read: list[BusMessage] = []
+    async with asyncio.timeout(30):
+        while not read:
+            read = await first.poll(max_messages=10, block_ms=200)
+    await first.close()  # dies without committing
+    await bus.publish(topic, [event("m1", 2)])
+    again = await drain(bus, topic, "g", name, 2)
+    assert [m.event_id for m in again][:2] == ["m1-1", "m1-2"]
+
+
+def test_an_instance_consumes_under_the_same_name_after_a_restart_and_others_under_their_own() -> None:
+    here, there = Path("/var/lib/pointmesh"), Path("/srv/ledger-b")
+    assert consumer_name("ledger", here) == consumer_name("ledger", here)
+    assert len({consumer_name("ledger", here), consumer_name("ledger", there), consumer_name("rules", here)}) == 3
