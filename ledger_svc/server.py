@@ -14,7 +14,7 @@ from ledger_svc import domain as d
 from ledger_svc.purchases import PurchaseRecord
 from ledger_svc.service import LedgerService
 from pointmesh.errors import rich_status, translating
-from pointmesh.events import LEDGER_EVENTS, EventBus
+from pointmesh.events import LEDGER_EVENTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if self.bus is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the event bus is not configured")
             return
-        async for message in self.bus.subscribe(LEDGER_EVENTS, request.after_position or "$"):
+        messages = self.bus.subscribe(LEDGER_EVENTS, request.after_position or "$")
+        try:
+            first = await anext(messages)
+        except ValueError as exc:  # a position this bus never gave
+            await context.abort_with_status(error_status(d.InvalidArgument(str(exc), field="after_position")))
+            return
+        async for message in _chained(first, messages):
             if request.member_id and message.key != request.member_id:
                 continue
             event = ledger_pb2.LedgerEvent.FromString(message.payload)
@@ -367,3 +373,9 @@ def _ingest_item(item: ledger_pb2.IngestBatchRequest) -> c.PostingCommand | c.Re
     if cmd is None:
         return d.InvalidArgument("set one of earn, redeem, adjust, reverse, purchase, page", field="operation")
     return cmd
+
+
+async def _chained(first: BusMessage, rest: AsyncIterator[BusMessage]) -> AsyncIterator[BusMessage]:
+    yield first
+    async for message in rest:
+        yield message

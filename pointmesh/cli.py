@@ -30,6 +30,16 @@ def _settings() -> Settings:
         raise SystemExit(f"configuration error: {exc}") from exc
 
 
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def _date(value: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value)
@@ -211,8 +221,15 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
     from ledger_svc.app import open_store
     from ledger_svc.export import export_csv
 
+    settings = _settings()
+    if args.end <= args.start:
+        raise SystemExit(f"--to ({args.end.isoformat()}) must be later than --from ({args.start.isoformat()})")
+    if settings.store == "sqlite" and not any((settings.data_dir / "ledger").glob("ledger-shard-*.sqlite")):
+        # Opening the store would create an empty ledger there and report nothing outstanding.
+        raise SystemExit(f"no ledger in {settings.data_dir} (POINTMESH_DATA_DIR); nothing exported")
+
     async def run(out: TextIO) -> int:
-        store = open_store(_settings())
+        store = open_store(settings)
         try:
             return await export_csv(store, args.start, args.end, out)
         finally:
@@ -221,7 +238,11 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
     if args.out == "-":
         asyncio.run(run(sys.stdout))
         return 0
-    with open(args.out, "w", newline="") as out:
+    try:
+        out = open(args.out, "w", newline="")  # noqa: SIM115 (closed below; opened first to fail early)
+    except OSError as exc:
+        raise SystemExit(f"cannot write {args.out}: {exc.strerror}") from None
+    with out:
         rows = asyncio.run(run(out))
     print(f"wrote {rows} rows to {args.out}", file=sys.stderr)
     return 0
@@ -480,11 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
         "backfill", help="once, after upgrading a Cassandra ledger from before 2026-12-05: listings and TTLs"
     ).set_defaults(func=cmd_ledger_backfill)
     gen = sub.add_parser("loadgen", help="purchases through the full accrual path, then exact reconciliation")
-    gen.add_argument("--purchases", type=int, default=20_000)
+    gen.add_argument("--purchases", type=_positive, default=20_000)
     gen.add_argument("--members", type=int, default=0, help="default: a quarter of the purchases, at least 1000")
     gen.add_argument("--seed", type=int, default=1)
-    gen.add_argument("--concurrency", type=int, default=4, help="IngestBatch streams (or unary callers) at a time")
-    gen.add_argument("--batch", type=int, default=2_000, help="purchases per IngestBatch stream")
+    gen.add_argument(
+        "--concurrency", type=_positive, default=4, help="IngestBatch streams (or unary callers) at a time"
+    )
+    gen.add_argument("--batch", type=_positive, default=2_000, help="purchases per IngestBatch stream")
     gen.add_argument("--unary", action="store_true", help="RecordPurchase one by one instead of IngestBatch")
     gen.add_argument("--program", default="", help="default POINTMESH_PROGRAM; base rates only (loadgen models it)")
     gen.set_defaults(func=cmd_loadgen)

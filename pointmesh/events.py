@@ -15,6 +15,7 @@ version they do not know (consumers.py sends it to the dead-letter topic).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -94,6 +95,9 @@ class EventBus(Protocol):
 _STANDARD = {b"key", b"event_id", b"type", b"payload", b"schema"}
 
 
+_STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -169,8 +173,12 @@ class RedisStreamBus:
         return int(await self.redis.xtrim(topic, minid=f"{keep_from[0]}-{keep_from[1]}"))
 
     async def subscribe(self, topic: str, after: str = "$", *, block_ms: int = 1000) -> AsyncIterator[BusMessage]:
-        """Yields every message after `after` ("$" = only new ones, "0" = from the start), forever."""
+        """Yields every message after `after` ("$" = only new ones, "0" = from the start, or a
+        position this bus gave), forever. ValueError, before anything is read, for a position
+        that is none of those."""
         position = after or "$"
+        if position != "$" and not _STREAM_ID.fullmatch(position):
+            raise ValueError(f'{position!r} is not a stream position ("$", "0" or <ms>-<seq>)')
         if position == "$":
             last: Any = await self.redis.xrevrange(topic, count=1)
             position = last[0][0].decode() if last else "0-0"

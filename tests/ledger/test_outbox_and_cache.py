@@ -296,6 +296,14 @@ async def test_watch_events_rejects_a_malformed_member_id(bounded_ledger: Ledger
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_watch_events_rejects_a_position_the_bus_never_gave(bounded_ledger: LedgerUnderTest) -> None:
+    call = bounded_ledger.stub.WatchEvents(ledger_pb2.WatchEventsRequest(after_position="yesterday"))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await asyncio.wait_for(anext(aiter(call)), timeout=10)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "after_position" in (failed.value.details() or "") and "yesterday" in (failed.value.details() or "")
+
+
 async def test_outbox_relay_ends_when_cancelled_just_as_a_posting_wakes_it(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

@@ -385,3 +385,26 @@ def test_cli_rejects_bad_input_without_a_traceback(command: tuple[str, ...], tmp
     done = pointmesh_cli(*command, env={"POINTMESH_DATA_DIR": str(tmp_path), "POINTMESH_LEDGER_SHARDS": "0"})
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--from", "2026-02-01", "--to", "2026-01-01"), "must be later than --from"),
+        (("--from", "2026-01-01", "--to", "2026-02-01"), "no ledger in"),
+    ],
+)
+def test_export_refuses_a_reversed_period_and_a_directory_with_no_ledger(
+    args: tuple[str, ...], says: str, tmp_path: Path
+) -> None:
+    """Both used to write a CSV and exit 0: finance would have read "nothing outstanding"."""
+    out = tmp_path / "liability.csv"
+    done = pointmesh_cli("ledger", "export", *args, "--out", str(out), env={"POINTMESH_DATA_DIR": str(tmp_path)})
+    assert done.returncode != 0 and says in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() and not (tmp_path / "ledger").exists()
+
+
+@pytest.mark.parametrize("flag", ["--concurrency", "--batch", "--purchases"])
+def test_loadgen_refuses_a_count_below_one(flag: str, tmp_path: Path) -> None:
+    done = pointmesh_cli("loadgen", flag, "0", env={"POINTMESH_DATA_DIR": str(tmp_path)})
+    assert done.returncode == 2 and "must be at least 1" in done.stderr
