@@ -103,7 +103,9 @@ class LedgerApp:
         if self.settings.reconcile_interval_seconds > 0:
             self.tasks.append(asyncio.create_task(self._reconcile_loop(), name="ledger-reconcile"))
         if self.settings.ingest_consumer:
-            worker = IngestWorker(self.service, self.bus, consumer_name("ledger", self.settings.data_dir))
+            worker = IngestWorker(
+                self.service, self.bus, consumer_name("ledger", self.settings.data_dir, self.settings.ledger_addr)
+            )
             self.tasks.append(asyncio.create_task(worker.run(), name="ingest-worker"))
         return port
 

@@ -27,12 +27,15 @@ LAG = Gauge("pointmesh_event_lag_seconds", "Age of the last event a consumer gro
 RETRY_PAUSE_SECONDS = 1.0
 
 
-def consumer_name(service: str, data_dir: Path) -> str:
-    """The name an instance consumes under, the same after a restart (host or pod name and its
-    data directory): a restarted consumer then reads its own unacknowledged messages before new
-    ones, so a member's events keep their order. A name per process (pid) made a restarted one
-    read new events first and get the old ones back only when another consumer's claim timed out."""
-    tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]
+def consumer_name(service: str, data_dir: Path, address: str) -> str:
+    """The name an instance consumes under, the same after a restart (host or pod name, data
+    directory, listening address): a restarted consumer then reads its own unacknowledged
+    messages before new ones, so a member's events keep their order. A name per process (pid)
+    made a restarted one read new events first and get the old ones back only when another
+    consumer's claim timed out. Two instances on one host differ in their address at least.
+    (A Deployment's pod gets a new name on each reschedule; its old pending messages then go
+    to the group's other consumers after the claim timeout.)"""
+    tag = hashlib.sha256(f"{data_dir.resolve()}|{address}".encode()).hexdigest()[:8]
     return f"{service}-{socket.gethostname()}-{tag}"
 
 

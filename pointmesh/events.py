@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,48 @@ class EventBus(Protocol):
 _STANDARD = {b"key", b"event_id", b"type", b"payload", b"schema"}
 
 
+# KEYS[1] the stream, ARGV[1] maxlen. A group that has a consumer needs everything from its
+# oldest pending entry, or else from its last delivered one, on; a group with no consumer
+# (created by a rewind and never read, a typo) holds nothing back, or one mistyped name would
+# keep every event for ever. Entries older than every need go, at most the excess over maxlen.
+_TRIM = """
+local key, maxlen = KEYS[1], tonumber(ARGV[1])
+local len = redis.call('XLEN', key)
+if len <= maxlen then return 0 end
+local function parts(id) local ms, seq = string.match(id, '^(%d+)-(%d+)$'); return tonumber(ms), tonumber(seq) end
+local function before(a, b)
+  local am, as = parts(a); local bm, bs = parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+local needed = nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if tonumber(info['consumers']) > 0 then
+    local need = info['last-delivered-id']
+    if tonumber(info['pending']) > 0 then
+      local oldest = redis.call('XPENDING', key, info['name'])[2]
+      if before(oldest, need) then need = oldest end
+    end
+    if needed == nil or before(need, needed) then needed = need end
+  end
+end
+local upto = '+'
+if needed ~= nil then
+  if needed == '0-0' then return 0 end
+  upto = '(' .. needed
+end
+local old = redis.call('XRANGE', key, '-', upto, 'COUNT', math.min(len - maxlen, 10000))
+if #old == 0 then return 0 end
+local ms, seq = parts(old[#old][1])
+return redis.call('XTRIM', key, 'MINID', string.format('%.0f-%.0f', ms, seq + 1))
+"""
+
 _STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _stream_id(value: bytes | str) -> tuple[int, int]:
-    ms, _, seq = _text(value).partition("-")
-    return int(ms), int(seq or 0)
+def _is_stream_id(text: str) -> bool:
+    return _STREAM_ID.fullmatch(text) is not None and all(int(part) < 2**64 for part in text.split("-"))
 
 
 def _message(position: bytes | str, fields: dict[bytes, bytes]) -> BusMessage:
@@ -135,49 +167,43 @@ class RedisStreamBus:
         self.maxlen = maxlen
         self.trim_every = trim_every
         self._since_trim: dict[str, int] = {}
+        self._trim = redis.register_script(_TRIM)
         # A message a consumer read and never acknowledged goes to another consumer of the
         # group after this long (the first one is presumed dead).
         self.claim_idle_ms = claim_idle_ms
 
     async def publish(self, topic: str, events: Sequence[OutgoingEvent]) -> None:
-        """Appends events in order in one round trip; now and then trims what nobody needs."""
+        """Appends events in order in one round trip; on a publisher's first batch to a topic
+        and every `trim_every` events after, trims what nobody needs (a failed trim is logged:
+        the events are published all the same)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for ev in events:
                 fields: dict[Any, Any] = {"key": ev.key, "event_id": ev.event_id, "type": ev.event_type,
                                           "payload": ev.payload, "schema": ev.schema, **dict(ev.headers)}  # fmt: skip
                 pipe.xadd(topic, fields)
             await pipe.execute()
-        self._since_trim[topic] = self._since_trim.get(topic, 0) + len(events)
-        if self._since_trim[topic] >= self.trim_every:
+        since = self._since_trim.get(topic, self.trim_every) + len(events)
+        self._since_trim[topic] = since
+        if since >= self.trim_every:
             self._since_trim[topic] = 0
-            await self.trim(topic)
+            try:
+                await self.trim(topic)
+            except RedisError:
+                log.exception("trimming event stream %s failed; the next publish tries again", topic)
 
     async def trim(self, topic: str) -> int:
-        """Drops events past the newest `maxlen` that every group has acknowledged; returns how
-        many went. XADD's own MAXLEN would drop them whether read or not: a backlog past the
-        cap (a big ingest file, a consumer down for a day) vanished without a trace."""
-        excess = int(await self.redis.xlen(topic)) - self.maxlen
-        if excess <= 0:
-            return 0
-        oldest: Any = await self.redis.xrange(topic, count=min(excess, 10_000) + 1)
-        keep_from = _stream_id(oldest[-1][0])  # the first event the length budget keeps
-        for info in await self.redis.xinfo_groups(topic):
-            needed = _stream_id(info["last-delivered-id"])  # not yet delivered: after this
-            if int(info["pending"]):
-                summary: Any = await self.redis.xpending(topic, info["name"])
-                needed = min(needed, _stream_id(summary["min"]))  # delivered, not acknowledged
-            if needed < keep_from:
-                log.warning("event stream %s keeps %d events past its cap: group %s has not acknowledged them",
-                            topic, excess, _text(info["name"]))  # fmt: skip
-            keep_from = min(keep_from, needed)
-        return int(await self.redis.xtrim(topic, minid=f"{keep_from[0]}-{keep_from[1]}"))
+        """Drops events past the newest `maxlen` that every group reading the stream has
+        acknowledged; returns how many went. XADD's own MAXLEN would drop them whether read or
+        not: a backlog past the cap (a big ingest file, a consumer down for a day) vanished
+        without a trace. One script, so concurrent publishers trimming at once see one length."""
+        return int(await self._trim(keys=[topic], args=[self.maxlen]))
 
     async def subscribe(self, topic: str, after: str = "$", *, block_ms: int = 1000) -> AsyncIterator[BusMessage]:
         """Yields every message after `after` ("$" = only new ones, "0" = from the start, or a
         position this bus gave), forever. ValueError, before anything is read, for a position
         that is none of those."""
         position = after or "$"
-        if position != "$" and not _STREAM_ID.fullmatch(position):
+        if position != "$" and not _is_stream_id(position):
             raise ValueError(f'{position!r} is not a stream position ("$", "0" or <ms>-<seq>)')
         if position == "$":
             last: Any = await self.redis.xrevrange(topic, count=1)

@@ -129,8 +129,9 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     else:
         servicer = RulesServicer(service, game)
         if settings.gamification_consumer:
+            name = consumer_name("rules", settings.data_dir, address or settings.rules_addr)
             worker = GameWorker(game.store, game.program_at, settings.program, open_bus(settings),
-                                ledger_stub(settings.ledger_addr), consumer_name("rules", settings.data_dir))  # fmt: skip
+                                ledger_stub(settings.ledger_addr), name)  # fmt: skip
     server.add_service(lambda s: rules_pb2_grpc.add_RulesServiceServicer_to_server(servicer, s), SERVICE_NAME)
     app = RulesApp(settings, service, server, store, game, worker, mirror=mirror)
     server.on_stop(app._cleanup)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from fractions import Fraction
 
 from pointmesh.currencies import format_minor
@@ -51,13 +51,18 @@ class CompiledRule:
     per_receipt_cap: int | None
     guard: Guard | None
     day_cap: int | None
+    # A window past midnight ("22:00-02:00"): times before this belong to the night that opened
+    # the day before, for the day of week and for a day cap alike.
+    night_until: time | None = None
 
     def guard_for(self, local: datetime) -> Guard | None:
-        """Day caps count per store-local day, so the key carries the date."""
+        """Day caps count per store-local day (a night window's night counts as the day it
+        opened), so the key carries that date."""
         if self.day_cap is None or self.guard is None:
             return self.guard
         g = self.guard
-        return Guard(f"{self.rule_id}:day:{local.date().isoformat()}", self.day_cap, g.ordinal_equals, g.ordinal_every)
+        day = local.date() - timedelta(days=1) if self.night_until and local.time() < self.night_until else local.date()
+        return Guard(f"{self.rule_id}:day:{day.isoformat()}", self.day_cap, g.ordinal_equals, g.ordinal_every)
 
 
 def _date_check(start: datetime | None, end: datetime | None) -> PlaceCheck:
@@ -87,11 +92,10 @@ def _place_checks(rule: Rule, matched: list[str]) -> list[PlaceCheck]:
         matched.append(f"region in {sorted(regions)}")
     if w.days_of_week is not None:
         days = frozenset(DAYS.index(d.value) for d in w.days_of_week)
-        window = w.time_window
-        if window is not None and _hhmm(window.end) < _hhmm(window.start):
+        until = _night_until(rule)
+        if until is not None:
             # A night window belongs to the day it opened: "fri 22:00-02:00" is Friday night,
             # so Saturday 01:00 counts as Friday.
-            until = _hhmm(window.end)
             place.append(lambda ch, st, rg, lt: (lt.weekday() - (lt.time() < until)) % 7 in days)
             matched.append(f"store-local night starting on a day in {[d.value for d in w.days_of_week]}")
         else:
@@ -190,5 +194,12 @@ def compile_rule(rule: Rule) -> CompiledRule:
     return CompiledRule(
         rule, rule.id, rule.unit, rule.priority, rule.group, place, member, categories, skus, tokens, line_min,
         basket_min, tuple(matched), kind, extra_num, extra_den, effect.compound, bonus, effect.multiplier or "",
-        rule.caps.per_line, rule.caps.per_receipt, guard, day_cap,
+        rule.caps.per_line, rule.caps.per_receipt, guard, day_cap, _night_until(rule),
     )  # fmt: skip
+
+
+def _night_until(rule: Rule) -> time | None:
+    window = rule.when.time_window
+    if window is None or _hhmm(window.end) >= _hhmm(window.start):
+        return None
+    return _hhmm(window.end)

@@ -235,9 +235,7 @@ async def test_the_redis_stream_never_trims_what_a_group_has_not_acknowledged(re
     bus = RedisStreamBus(redis, maxlen=200, trim_every=50, claim_idle_ms=CLAIM_IDLE_MS, owns_client=True)
     topic = new_topic()
     try:
-        await bus.ensure_group(topic, "slow")
-        early = await drain(bus, topic, "slow", "c1", 0)  # the group exists and has read nothing
-        assert early == []
+        assert await bus.group(topic, "slow", "c1").poll(block_ms=10) == []  # it reads, and has read nothing
         for start in range(0, 2000, 100):
             await bus.publish(topic, [event("m1", n) for n in range(start, start + 100)])
         assert await redis.xlen(topic) == 2000  # nothing read yet: nothing dropped
@@ -245,8 +243,35 @@ async def test_the_redis_stream_never_trims_what_a_group_has_not_acknowledged(re
         assert [m.event_id for m in got] == [f"m1-{n}" for n in range(2000)]
         await bus.publish(topic, [event("m1", n) for n in range(2000, 2050)])
         assert 200 <= await redis.xlen(topic) <= 250  # all acknowledged: back to about the cap
+        # Publishers trimming at once (several ledger pods) never cut below the cap.
+        others = [RedisStreamBus(redis, maxlen=200, trim_every=1) for _ in range(4)]
+        await bus.publish(topic, [event("m1", n) for n in range(2050, 2450)])
+        assert len(await drain(bus, topic, "slow", "c1", 450)) == 450
+        await asyncio.gather(*(b.trim(topic) for b in others))
+        assert await redis.xlen(topic) >= 200
+        # A group nobody reads (a rewind under a mistyped name) does not hold the stream.
+        await bus.rewind(topic, "slwo", datetime(2000, 1, 1, tzinfo=UTC))
+        await bus.publish(topic, [event("m1", n) for n in range(2450, 2850)])
+        assert len(await drain(bus, topic, "slow", "c1", 400)) == 400
+        await bus.trim(topic)
+        assert 200 <= await redis.xlen(topic) <= 250
     finally:
         await bus.close()
+
+
+async def test_a_short_lived_redis_publisher_trims_too(redis_server: RedisServer) -> None:
+    """`pointmesh ingest produce` of a small file, a restarted service: each publisher trims on
+    its first batch, not only after a thousand events of its own."""
+    redis = Redis.from_url(redis_server.url)
+    topic = new_topic()
+    try:
+        for round_ in range(5):
+            short = RedisStreamBus(redis, maxlen=100)
+            await short.publish(topic, [event("m1", round_ * 900 + n) for n in range(900)])
+            await short.publish(topic, [event("m1", 10_000 + round_)])
+        assert await redis.xlen(topic) <= 1000
+    finally:
+        await redis.aclose()
 
 
 async def test_a_consumer_restarted_under_its_name_gets_what_it_had_not_committed_first(bus: EventBus) -> None:
@@ -254,7 +279,7 @@ async def test_a_consumer_restarted_under_its_name_gets_what_it_had_not_committe
     consumer (same name, as `consumer_name` gives an instance) sees e1 before e2."""
     topic = new_topic()
     await bus.ensure_topics([topic])
-    name = consumer_name("test", Path("/var/lib/pointmesh"))
+    name = consumer_name("test", Path("/var/lib/pointmesh"), "0.0.0.0:50051")
     first = bus.group(topic, "g", name)
     await first.poll(max_messages=1, block_ms=10)  # joins the group before anything is published
     await bus.publish(topic, [event("m1", 1)])
@@ -269,6 +294,8 @@ async def test_a_consumer_restarted_under_its_name_gets_what_it_had_not_committe
 
 
 def test_an_instance_consumes_under_the_same_name_after_a_restart_and_others_under_their_own() -> None:
-    here, there = Path("/var/lib/pointmesh"), Path("/srv/ledger-b")
-    assert consumer_name("ledger", here) == consumer_name("ledger", here)
-    assert len({consumer_name("ledger", here), consumer_name("ledger", there), consumer_name("rules", here)}) == 3
+    here, there, port = Path("/var/lib/pointmesh"), Path("/srv/ledger-b"), "0.0.0.0:50051"
+    assert consumer_name("ledger", here, port) == consumer_name("ledger", here, port)
+    names = {consumer_name("ledger", here, port), consumer_name("ledger", there, port),
+             consumer_name("rules", here, port), consumer_name("ledger", here, "0.0.0.0:50061")}  # fmt: skip
+    assert len(names) == 4  # another directory, service or address on the same host: another consumer

@@ -314,6 +314,20 @@ def test_member_day_cap_is_a_guard_whose_counter_names_the_store_local_date() ->
     assert {p.guard for p in helsinki.components if p.rule_id == "base"} == {None}
 
 
+def test_a_night_windows_day_cap_counts_the_night_as_the_day_it_opened() -> None:
+    """One Friday night, 22:00-02:00, is one day for its cap: one counter, not two."""
+    night = rule("night", {"multiplier": "3"}, when={"time_window": {"start": "22:00", "end": "02:00"}},
+                 caps={"per_member_per_day": 30})  # fmt: skip
+    engine = compile_doc(program_doc(night))
+    before = engine.evaluate(basket(at=datetime(2026, 1, 9, 21, 0, tzinfo=UTC)), NOBODY)  # Fri 23:00 Helsinki
+    after = engine.evaluate(basket(at=datetime(2026, 1, 9, 23, 0, tzinfo=UTC)), NOBODY)  # Sat 01:00 Helsinki
+    next_night = engine.evaluate(basket(at=datetime(2026, 1, 10, 21, 0, tzinfo=UTC)), NOBODY)  # Sat 23:00
+    keys = [
+        {p.guard.counter for p in e.components if p.rule_id == "night" and p.guard} for e in (before, after, next_night)
+    ]
+    assert keys == [{"night:day:2026-01-09"}, {"night:day:2026-01-09"}, {"night:day:2026-01-10"}]
+
+
 @pytest.mark.parametrize(
     ("counters", "expected_boost", "expected_capped"),
     [
