@@ -185,6 +185,22 @@ async def test_a_return_after_ops_reversed_the_earn_still_gives_back_the_tender(
     assert await points(mesh, member) == 100
 
 
+async def _merge(mesh: Mesh, source: str, target: str) -> int:
+    """Merges `source` into `target`; the target's points after it."""
+    await mesh.ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
+    )
+    return await points(mesh, target)
+
+
+def _whole_return(purchase_id: str) -> ledger_pb2.RecordReturnRequest:
+    """The return of line 0 (quantity 1) at HEL-01, under a fresh key."""
+    return ledger_pb2.RecordReturnRequest(
+        idempotency_key=key(), purchase_id=purchase_id, channel="pos", store_id="HEL-01",
+        lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("same_shard", [False, True])
 async def test_a_return_after_the_member_was_merged_takes_the_points_from_where_they_went(
     mesh: Mesh, same_shard: bool
@@ -196,14 +212,8 @@ async def test_a_return_after_the_member_was_merged_takes_the_points_from_where_
         target = await new_member(mesh)
     paid = (await redeem(mesh.ledger.stub, source, 30)).transaction.transaction_id
     bought = await buy(mesh, source, [("misc", 4000, 1)], tender=paid)
-    await mesh.ledger.stub.MergeMembers(
-        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
-    )
-    merged = await points(mesh, target)
-    request = ledger_pb2.RecordReturnRequest(
-        idempotency_key=key(), purchase_id=bought.purchase.purchase_id, channel="pos", store_id="HEL-01",
-        lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
-    )  # fmt: skip
+    merged = await _merge(mesh, source, target)
+    request = _whole_return(bought.purchase.purchase_id)
     back = await mesh.ledger.stub.RecordReturn(request)
     assert (reversed_points(back), back.tender_recredited_points, back.debt_points) == (40, 30, 0)
     assert await points(mesh, target) == merged - 40 + 30
@@ -236,14 +246,8 @@ async def test_a_merged_away_members_tender_follows_the_merge_even_with_no_earn_
         await mesh.ledger.stub.Reverse(
             ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=earn_tx, full=True)
         )
-    await mesh.ledger.stub.MergeMembers(
-        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
-    )
-    merged = await points(mesh, target)
-    request = ledger_pb2.RecordReturnRequest(
-        idempotency_key=key(), purchase_id=bought.purchase.purchase_id, channel="pos", store_id="HEL-01",
-        lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
-    )  # fmt: skip
+    merged = await _merge(mesh, source, target)
+    request = _whole_return(bought.purchase.purchase_id)
     # Fault injection: the first sweep fails after the return committed; the client retries.
     real_sweep = svc.sagas.sweep_merged
     calls: list[str] = []
