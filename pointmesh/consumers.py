@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import grpc
 from prometheus_client import Gauge
 
 from pointmesh.events import SCHEMA_MAJOR, BusMessage, EventBus, OutgoingEvent, dead_letter_topic
@@ -67,8 +68,30 @@ async def dead_letter(bus: EventBus, topic: str, group: str, message: BusMessage
 BatchHandler = Callable[[list[BusMessage]], Awaitable[None]]
 
 
+# Errors a retry cannot cure: the same message fails the same way each time. After this many
+# attempts the message is dead-lettered, so one bad message cannot stop its group for ever.
+# Anything else (a store or service that is down, a timeout) is retried without limit: an
+# outage must never send good messages to the dead-letter topic.
+MAX_DETERMINISTIC_ATTEMPTS = 5
+_DETERMINISTIC: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, ArithmeticError, LookupError,
+)  # fmt: skip
+_REFUSED_CODES = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.PERMISSION_DENIED,
+})  # fmt: skip
+
+
+def _deterministic(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() in _REFUSED_CODES
+    return isinstance(exc, _DETERMINISTIC)
+
+
 def guarded(bus: EventBus, topic: str, group: str, handle: Handler) -> Handler:
-    """The handler behind the schema check, with poison sent to the dead-letter topic."""
+    """The handler behind the schema check, with poison sent to the dead-letter topic, and a
+    message that keeps failing with an error no retry cures sent there after a few attempts."""
+    failures: dict[str, int] = {}  # position -> deterministic failures in a row (this process)
 
     async def run(message: BusMessage) -> None:
         try:
@@ -76,6 +99,18 @@ def guarded(bus: EventBus, topic: str, group: str, handle: Handler) -> Handler:
             await handle(message)
         except Poison as poison:
             await dead_letter(bus, topic, group, message, str(poison))
+        except Exception as exc:
+            if not _deterministic(exc):
+                raise
+            attempts = failures.get(message.position, 0) + 1
+            if attempts < MAX_DETERMINISTIC_ATTEMPTS:
+                failures[message.position] = attempts
+                raise
+            failures.pop(message.position, None)
+            await dead_letter(bus, topic, group, message,
+                              f"failed {attempts} times: {type(exc).__name__}: {exc}")  # fmt: skip
+        else:
+            failures.pop(message.position, None)
 
     return run
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from pointmesh import consumers
 from pointmesh.consumers import Poison, consumer_name, in_order, run_group
 from pointmesh.events import BusMessage, EventBus, OutgoingEvent, RedisStreamBus, dead_letter_topic
 from pointmesh.kafka_bus import KafkaBus
@@ -152,6 +153,41 @@ async def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_group_move
     assert "schema major version 2 is unknown" in reasons["m_p-2"]
     assert reasons["m_p-3"].startswith("undecodable OpsAlert")
     assert all(dict(m.headers)["dlq_source"] == topic for m in dead)
+
+
+async def test_a_message_that_keeps_failing_the_same_way_is_dead_lettered_and_an_outage_is_waited_out(
+    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug or a bad value the schema check let through (ValueError on every attempt) must not
+    stop the group for ever; a service that is down (ConnectionError) must never send good
+    messages to the dead-letter topic, however long it takes."""
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    await bus.publish(topic, [event("m_d", n) for n in range(1, 5)])
+    handled: set[str] = set()
+    outage = [consumers.MAX_DETERMINISTIC_ATTEMPTS + 3]  # attempts that find the service down
+
+    async def handle(message: BusMessage) -> None:
+        if message.event_id == "m_d-2":
+            raise ValueError("points must fit in int64")
+        if message.event_id == "m_d-4" and outage[0] > 0:
+            outage[0] -= 1
+            raise ConnectionError("ledger unavailable")
+        handled.add(message.event_id)
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(
+        run_group(bus, topic, "g", "c1", in_order(bus, topic, "g", handle), stop=stop, block_ms=100)
+    )
+    dead = await drain(bus, dead_letter_topic(topic), "dlq-reader", "r1", 1)
+    await until(lambda: "m_d-4" in handled, 30)
+    stop.set()
+    await runner
+    assert handled == {"m_d-1", "m_d-3", "m_d-4"}
+    assert [m.event_id for m in dead] == ["m_d-2"]
+    reason = dict(dead[0].headers)["dlq_reason"]
+    assert reason == f"failed {consumers.MAX_DETERMINISTIC_ATTEMPTS} times: ValueError: points must fit in int64"
 
 
 async def test_rewinding_a_group_to_a_time_replays_from_there(bus: EventBus) -> None:
