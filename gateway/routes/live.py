@@ -21,6 +21,8 @@ from gateway.problems import Problem
 
 router = APIRouter(tags=["live"])
 POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013
+# How often a quiet socket re-checks its credential.
+RECHECK_SECONDS = 30.0
 
 
 async def _authenticate(ws: WebSocket) -> Principal | None:
@@ -57,30 +59,33 @@ async def _pump(
     ws: WebSocket, sub: Subscription, hello: dict[str, Any], allowed: Callable[[], bool] = lambda: True
 ) -> None:
     """Sends queued messages until the client closes, falls too far behind, or its credential
-    expires (checked before each message: nothing is sent on an expired token)."""
+    expires (checked before each message, so nothing is sent on an expired token, and every
+    RECHECK_SECONDS on a quiet socket, so an idle one does not stay open on it)."""
     await ws.accept()
     await ws.send_json(hello)
     leaving = asyncio.ensure_future(_until_closed(ws, sub))
     overflow = asyncio.ensure_future(sub.overflowed.wait())
+    nxt = asyncio.ensure_future(sub.queue.get())
     try:
         while True:
-            nxt = asyncio.ensure_future(sub.queue.get())
-            done, _ = await asyncio.wait({nxt, leaving, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {nxt, leaving, overflow}, timeout=RECHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
             if leaving in done:
-                nxt.cancel()
                 return
             if overflow in done:
-                nxt.cancel()
                 await ws.close(code=TRY_AGAIN_LATER, reason="too far behind; reconnect and read the balance")
                 return
             if not allowed():
                 await ws.close(code=POLICY_VIOLATION, reason="the member token has expired; reconnect with a new one")
                 return
-            await ws.send_json(nxt.result())
+            if nxt in done:
+                await ws.send_json(nxt.result())
+                nxt = asyncio.ensure_future(sub.queue.get())
     except WebSocketDisconnect:
         return
     finally:
-        for task in (leaving, overflow):
+        for task in (nxt, leaving, overflow):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from gateway.routes import live as live_routes
 from pointmesh.events import LEDGER_EVENTS, OutgoingEvent, RedisStreamBus
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
@@ -81,3 +82,20 @@ async def test_a_stream_ends_when_its_member_token_expires(gw: GatewayUnderTest)
                     assert message["type"] != "purchase_recorded", "an update went out on an expired token"
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
             assert "expired" in closed.value.rcvd.reason
+
+
+async def test_a_quiet_stream_is_closed_too_when_its_member_token_expires(
+    gw: GatewayUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live_routes, "RECHECK_SECONDS", 0.1)
+    async with gw.client("pos") as pos:
+        member = await enrol(pos)
+        token = await member_token(gw, member)
+        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            await ws.send(json.dumps({"type": "ping"}))
+            await next_message(ws, "pong")  # still open and answering while the token is valid
+            gw.mesh.clock.advance(timedelta(seconds=gw.settings.member_token_ttl_seconds + 60))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5.0)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
