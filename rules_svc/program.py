@@ -581,9 +581,22 @@ def _meaning_errors(p: Program) -> list[tuple[str, str]]:
     return errors
 
 
+# A program is a few kilobytes. YAML aliases are references that expand when the document is
+# walked: a few lines of nested aliases ("billion laughs") stand for a billion values, and
+# validating them would take rules_svc down. Anchors for reuse stay possible, a few at a time.
+MAX_DOCUMENT_BYTES = 1_000_000
+MAX_YAML_ALIASES = 64
+
+
 def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
     """YAML or JSON text -> a plain mapping; syntax errors name the line."""
+    if len(text.encode()) > MAX_DOCUMENT_BYTES:
+        raise ProgramInvalid([("", f"the document is larger than {MAX_DOCUMENT_BYTES} bytes")])
     try:
+        if fmt != "json":
+            aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+            if aliases > MAX_YAML_ALIASES:
+                raise ProgramInvalid([("", f"uses {aliases} YAML aliases; at most {MAX_YAML_ALIASES} are allowed")])
         data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
         raise ProgramInvalid([("", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) from None

@@ -232,3 +232,26 @@ def test_unknown_field_is_refused_at_its_path() -> None:
 def test_an_empty_condition_list_is_refused_rather_than_never_matching() -> None:
     doc = program_doc(bonus("b", when={"channels": []}))
     assert paths_of(doc) == ["rules[0].when.channels"]
+
+
+def test_a_document_of_nested_yaml_aliases_is_refused_before_it_expands() -> None:
+    """Nine levels of ten aliases stand for a billion values: refused, not walked."""
+    lines = ['a0: &a0 ["x"]'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb = "\n".join(["program: shop", *lines, "channels: *a9"])
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program(bomb)
+    assert refused.value.errors == [("", "uses 91 YAML aliases; at most 64 are allowed")]  # 9 x 10, and channels
+
+
+def test_a_few_anchors_for_reuse_are_still_fine() -> None:
+    reused = """
+program: shop
+default_timezone: Europe/Helsinki
+channels: &everywhere [pos, app]
+stores: [{id: HEL-01, timezone: Europe/Helsinki}]
+base_rates: [{currency: EUR, points: 1, per_minor: 100}]
+rules:
+  - {id: weekend, when: {channels: *everywhere, days_of_week: [sat, sun]}, effect: {multiplier: '2'}}
+"""
+    program = load_program(reused)
+    assert program.rules[0].when.channels == ["pos", "app"]
