@@ -208,15 +208,15 @@ class Sagas:
         merged = await self.svc.store.read_directory(lambda d: d.merged_members())
         done = 0
         for source, target in merged:
-            if await self._saga(source, self.merge_id(source)) is None:
-                await self.complete_merge(source, target)
-                done += 1
-            elif await self._holds_points(source):
-                try:
+            try:
+                if await self._saga(source, self.merge_id(source)) is None:
+                    await self.complete_merge(source, target)
+                    done += 1
+                elif await self._holds_points(source):
                     await self.sweep_merged(source, target)
                     done += 1
-                except LedgerError:  # a transfer still in flight, say: the next start-up retries
-                    log.exception("points left on merged member %s could not be swept yet", source)
+            except LedgerError:  # a transfer still in flight, say: the next start-up retries
+                log.exception("merge of %s into %s could not be completed yet", source, target)
         return done
 
     async def _holds_points(self, member_id: str) -> bool:

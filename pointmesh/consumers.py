@@ -91,7 +91,7 @@ def _deterministic(exc: BaseException) -> bool:
 def guarded(bus: EventBus, topic: str, group: str, handle: Handler) -> Handler:
     """The handler behind the schema check, with poison sent to the dead-letter topic, and a
     message that keeps failing with an error no retry cures sent there after a few attempts."""
-    failures: dict[str, int] = {}  # position -> deterministic failures in a row (this process)
+    failures: dict[str, int] = {}  # position -> deterministic failures so far (this process)
 
     async def run(message: BusMessage) -> None:
         try:
@@ -106,9 +106,9 @@ def guarded(bus: EventBus, topic: str, group: str, handle: Handler) -> Handler:
             if attempts < MAX_DETERMINISTIC_ATTEMPTS:
                 failures[message.position] = attempts
                 raise
-            failures.pop(message.position, None)
             await dead_letter(bus, topic, group, message,
                               f"failed {attempts} times: {type(exc).__name__}: {exc}")  # fmt: skip
+            failures.pop(message.position, None)
         else:
             failures.pop(message.position, None)
 

@@ -295,6 +295,27 @@ async def test_the_redis_stream_never_trims_what_a_group_has_not_acknowledged(re
         await bus.close()
 
 
+async def test_the_redis_trim_compares_ids_exactly_past_what_a_double_holds(redis_server: RedisServer) -> None:
+    """Stream ids with a millisecond part past 2^53 (given explicitly once, every later id
+    inherits it): a trim must drop exactly the acknowledged ones, never the undelivered."""
+    redis = Redis.from_url(redis_server.url)
+    bus = RedisStreamBus(redis, maxlen=1, trim_every=10**9, owns_client=True)
+    topic, m = new_topic(), 2**53 + 3
+    try:
+        ids = [f"{m}-0", f"{m}-1", f"{m}-2", f"{m + 1}-0", f"{m + 2}-0"]
+        for n, stream_id in enumerate(ids):
+            await redis.xadd(topic, {"key": "k", "event_id": f"e{n}", "type": "t", "payload": b"", "schema": "pointmesh.v1/1"},
+                             id=stream_id)  # fmt: skip
+        await bus.ensure_group(topic, "g")
+        read = await redis.xreadgroup("g", "c", {topic: ">"}, count=2)
+        await redis.xack(topic, "g", *[pos for _n, entries in read for pos, _f in entries])
+        assert await bus.trim(topic) == 1  # the last delivered one stays: the group's bookmark
+        left = [pos.decode() for pos, _f in await redis.xrange(topic)]
+        assert left == ids[1:]
+    finally:
+        await bus.close()
+
+
 async def test_a_short_lived_redis_publisher_trims_too(redis_server: RedisServer) -> None:
     """`pointmesh ingest produce` of a small file, a restarted service: each publisher trims on
     its first batch, not only after a thousand events of its own."""

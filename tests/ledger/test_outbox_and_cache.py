@@ -296,12 +296,16 @@ async def test_watch_events_rejects_a_malformed_member_id(bounded_ledger: Ledger
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_watch_events_rejects_a_position_the_bus_never_gave(bounded_ledger: LedgerUnderTest) -> None:
-    call = bounded_ledger.stub.WatchEvents(ledger_pb2.WatchEventsRequest(after_position="yesterday"))
+@pytest.mark.parametrize("position", ["yesterday", "\u0661\u0662\u0663", "99999999999999999999-0"])
+async def test_watch_events_rejects_a_position_the_bus_never_gave(
+    bounded_ledger: LedgerUnderTest, position: str
+) -> None:
+    """Words, digits of other scripts, numbers past 64 bits: INVALID_ARGUMENT naming the field."""
+    call = bounded_ledger.stub.WatchEvents(ledger_pb2.WatchEventsRequest(after_position=position))
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await asyncio.wait_for(anext(aiter(call)), timeout=10)
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "after_position" in (failed.value.details() or "") and "yesterday" in (failed.value.details() or "")
+    assert "after_position" in (failed.value.details() or "") and position in (failed.value.details() or "")
 
 
 async def test_outbox_relay_ends_when_cancelled_just_as_a_posting_wakes_it(
