@@ -5,12 +5,15 @@ end of live updates for every member."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.routes import live as live_routes
@@ -22,19 +25,25 @@ from tests.gateway.test_api import enrol, idem, purchase_body
 from tests.gateway.test_auth_and_live import member_token, next_message
 
 
+@contextlib.asynccontextmanager
+async def member_stream(gw: GatewayUnderTest, pos: Any) -> AsyncIterator[tuple[str, ClientConnection]]:
+    """A new member and their live socket, subscribed, on a member token."""
+    member = await enrol(pos)
+    token = await member_token(gw, member)
+    async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+        yield member, ws
+
+
 async def test_a_client_ping_is_answered_and_the_stream_goes_on(gw: GatewayUnderTest) -> None:
-    async with gw.client("pos") as pos:
-        member = await enrol(pos)
-        token = await member_token(gw, member)
-        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
-            assert json.loads(await ws.recv())["type"] == "subscribed"
-            await ws.send(json.dumps({"type": "ping"}))
-            await next_message(ws, "pong")
-            await ws.send("not json at all")
-            await ws.send(b"\x00\x01")
-            await pos.post("/v1/purchases", json=purchase_body(gw, member, "WS-1", 1000), headers=idem())
-            earned = await next_message(ws, "purchase_recorded", within=3.0)
-            assert earned["member_id"] == member
+    async with gw.client("pos") as pos, member_stream(gw, pos) as (member, ws):
+        await ws.send(json.dumps({"type": "ping"}))
+        await next_message(ws, "pong")
+        await ws.send("not json at all")
+        await ws.send(b"\x00\x01")
+        await pos.post("/v1/purchases", json=purchase_body(gw, member, "WS-1", 1000), headers=idem())
+        earned = await next_message(ws, "purchase_recorded", within=3.0)
+        assert earned["member_id"] == member
 
 
 async def test_events_the_gateway_cannot_show_are_skipped_and_the_rest_still_arrive(
@@ -67,35 +76,27 @@ async def test_events_the_gateway_cannot_show_are_skipped_and_the_rest_still_arr
 
 async def test_a_stream_ends_when_its_member_token_expires(gw: GatewayUnderTest) -> None:
     """REST refuses an expired token; a socket opened before expiry must not outlive it."""
-    async with gw.client("pos") as pos:
-        member = await enrol(pos)
-        token = await member_token(gw, member)
-        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
-            assert json.loads(await ws.recv())["type"] == "subscribed"
-            await pos.post("/v1/purchases", json=purchase_body(gw, member, "EXP-1", 1000), headers=idem())
-            await next_message(ws, "purchase_recorded", within=3.0)  # still valid: delivered
-            gw.mesh.clock.advance(timedelta(seconds=gw.settings.member_token_ttl_seconds + 60))
-            await pos.post("/v1/purchases", json=purchase_body(gw, member, "EXP-2", 1000), headers=idem())
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:  # anything queued before the purchase's event, then the close
-                    message = json.loads(await asyncio.wait_for(ws.recv(), 3.0))
-                    assert message["type"] != "purchase_recorded", "an update went out on an expired token"
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
-            assert "expired" in closed.value.rcvd.reason
+    async with gw.client("pos") as pos, member_stream(gw, pos) as (member, ws):
+        await pos.post("/v1/purchases", json=purchase_body(gw, member, "EXP-1", 1000), headers=idem())
+        await next_message(ws, "purchase_recorded", within=3.0)  # still valid: delivered
+        gw.mesh.clock.advance(timedelta(seconds=gw.settings.member_token_ttl_seconds + 60))
+        await pos.post("/v1/purchases", json=purchase_body(gw, member, "EXP-2", 1000), headers=idem())
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:  # anything queued before the purchase's event, then the close
+                message = json.loads(await asyncio.wait_for(ws.recv(), 3.0))
+                assert message["type"] != "purchase_recorded", "an update went out on an expired token"
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert "expired" in closed.value.rcvd.reason
 
 
 async def test_a_quiet_stream_is_closed_too_when_its_member_token_expires(
     gw: GatewayUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(live_routes, "RECHECK_SECONDS", 0.1)
-    async with gw.client("pos") as pos:
-        member = await enrol(pos)
-        token = await member_token(gw, member)
-        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
-            assert json.loads(await ws.recv())["type"] == "subscribed"
-            await ws.send(json.dumps({"type": "ping"}))
-            await next_message(ws, "pong")  # still open and answering while the token is valid
-            gw.mesh.clock.advance(timedelta(seconds=gw.settings.member_token_ttl_seconds + 60))
-            with pytest.raises(ConnectionClosed) as closed:
-                await asyncio.wait_for(ws.recv(), 5.0)
-            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    async with gw.client("pos") as pos, member_stream(gw, pos) as (_member, ws):
+        await ws.send(json.dumps({"type": "ping"}))
+        await next_message(ws, "pong")  # still open and answering while the token is valid
+        gw.mesh.clock.advance(timedelta(seconds=gw.settings.member_token_ttl_seconds + 60))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5.0)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
