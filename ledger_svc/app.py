@@ -10,6 +10,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -64,13 +65,18 @@ def fraud_screen(settings: Settings) -> FraudScreen | None:
     return FraudScreen(client, policy)
 
 
+def sqlite_dir(settings: Settings) -> Path:
+    """Where the embedded store keeps its shard files."""
+    return settings.data_dir / "ledger"
+
+
 def open_store(settings: Settings) -> LedgerStore:
     if settings.store == "cassandra":
         from ledger_svc.store.cassandra import open_cassandra_store
 
         return open_cassandra_store(settings)
     return SqliteLedgerStore(
-        settings.data_dir / "ledger",
+        sqlite_dir(settings),
         settings.ledger_shards,
         settings.sqlite_synchronous,
         group_window=settings.sqlite_group_window_ms / 1000,

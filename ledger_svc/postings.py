@@ -483,8 +483,7 @@ class ShardBook:
         return ReverseResult(transaction, amount, debt)
 
     def reversible_points(self, earn_tx: str) -> int:
-        original = self.require_transaction(earn_tx)
-        return max(0, original.points - original.reversed_points)
+        return max(0, _reversible(self.require_transaction(earn_tx)))
 
     def tender_left(self, tx_id: str) -> int:
         """Points of a redemption not yet given back (its points are negative)."""
@@ -579,7 +578,7 @@ class ShardBook:
             raise FailedPrecondition(
                 f"transaction {tx_id} is {original.kind.value}; only earns are reversed", field="transaction_id"
             )
-        reversible = original.points - original.reversed_points
+        reversible = _reversible(original)
         if reversible <= 0:
             raise FailedPrecondition(f"transaction {tx_id} is already fully reversed", field="transaction_id")
         return original, self._reversal_amount(original, reversible, points, refund)
@@ -820,3 +819,8 @@ def to_transaction(record: TxRecord, balance_after: Balance | None = None) -> Tr
 def unit_tag(unit: str) -> str:
     """Merge transaction ids need one suffix per unit; ids allow only lowercase letters there."""
     return "".join(ch for ch in unit.lower() if ch.isalpha())
+
+
+def _reversible(earn: TxRecord) -> int:
+    """Points of an earn not yet taken back."""
+    return earn.points - earn.reversed_points

@@ -212,8 +212,7 @@ class Sagas:
                 if await self._saga(source, self.merge_id(source)) is None:
                     await self.complete_merge(source, target)
                     done += 1
-                elif await self._holds_points(source):
-                    await self.sweep_merged(source, target)
+                elif await self.sweep_merged(source, target):
                     done += 1
             except LedgerError:  # a transfer still in flight, say: the next start-up retries
                 log.exception("merge of %s into %s could not be completed yet", source, target)
@@ -233,7 +232,7 @@ class Sagas:
     async def sweep_merged(self, source: str, target: str) -> dict[str, int]:
         """Moves what reached a merged-away member after its merge (points a return gave back)
         to the member it was merged into: a merge saga of its own, recovered like the first.
-        Nothing to move, no saga."""
+        Nothing to move, no saga (and an empty answer)."""
         if not await self._holds_points(source):
             return {}
         return await self.drive_merge(source, target, new_id("mg", source))

@@ -218,13 +218,14 @@ def cmd_ledger_backfill(_: argparse.Namespace) -> int:
 
 
 def cmd_ledger_export(args: argparse.Namespace) -> int:
-    from ledger_svc.app import open_store
+    from ledger_svc.app import open_store, sqlite_dir
     from ledger_svc.export import export_csv
+    from ledger_svc.store.sqlite import SqliteLedgerStore
 
     settings = _settings()
     if args.end <= args.start:
         raise SystemExit(f"--to ({args.end.isoformat()}) must be later than --from ({args.start.isoformat()})")
-    if settings.store == "sqlite" and not any((settings.data_dir / "ledger").glob("ledger-shard-*.sqlite")):
+    if settings.store == "sqlite" and not SqliteLedgerStore.holds_ledger(sqlite_dir(settings)):
         # Opening the store would create an empty ledger there and report nothing outstanding.
         raise SystemExit(f"no ledger in {settings.data_dir} (POINTMESH_DATA_DIR); nothing exported")
 

@@ -90,10 +90,6 @@ def positive(text: str | None, field: str) -> int:
 def line_number(text: str | None, field: str) -> int:
     """A 1-based line of a receipt the ledger could hold."""
     number = positive(text, field)
-    return receipt_line(number, field)
-
-
-def receipt_line(number: int, field: str) -> int:
     if number > MAX_RECEIPT_LINES:
         raise FieldError(field, f"line {number} cannot exist: a receipt has at most {MAX_RECEIPT_LINES} lines")
     return number

@@ -814,8 +814,17 @@ def _upgrade_once(conn: sqlite3.Connection, pending: Callable[[], U | None], app
     conn.execute("COMMIT")
 
 
+def _shard_path(data_dir: Path, shard: int) -> Path:
+    return data_dir / f"ledger-shard-{shard:03d}.sqlite"
+
+
 class SqliteLedgerStore:
     """Opens (creating if needed) `shards` shard files and a directory under `data_dir`."""
+
+    @staticmethod
+    def holds_ledger(data_dir: Path) -> bool:
+        """Whether a ledger was ever opened in `data_dir` (opening one creates it)."""
+        return _shard_path(data_dir, 0).exists()
 
     def __init__(self, data_dir: Path, shards: int, synchronous: str = "NORMAL", *, group_window: float = 0) -> None:
         self.data_dir = Path(data_dir)
@@ -828,7 +837,7 @@ class SqliteLedgerStore:
         self._readers: list[Executor] = []
         self._scanners: list[Executor] = []
         for i in range(shards):
-            path = self.data_dir / f"ledger-shard-{i:03d}.sqlite"
+            path = _shard_path(self.data_dir, i)
             self._init_schema(path, SHARD_SCHEMA, synchronous)
             self._writers.append(
                 executor(
@@ -862,9 +871,7 @@ class SqliteLedgerStore:
         self._dir_reader = executor(
             "dir-r", connect(dpath, synchronous), SqliteDirectoryTx, group=False, threaded=threaded
         )
-        self._checkpointer = Checkpointer(
-            [self.data_dir / f"ledger-shard-{i:03d}.sqlite" for i in range(shards)] + [dpath], synchronous
-        )
+        self._checkpointer = Checkpointer([_shard_path(self.data_dir, i) for i in range(shards)] + [dpath], synchronous)
 
     def _check_layout(self) -> None:
         """Refuses to open with a different shard count: ids carry their routing."""
