@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 CALENDAR_YEAR = "calendar_year"
 ROLLING_12_MONTHS = "rolling_12_months"
+ROLLING_BUCKETS = 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +69,11 @@ def effective_level(policy: TierPolicy, buckets: Mapping[str, int], at: datetime
     zone = _zone(policy.timezone)
     at = at.astimezone(zone)
     if policy.window == ROLLING_12_MONTHS:
-        now = sum(buckets.get(b, 0) for b in _months_back(at, 12))
-        earlier = sum(buckets.get(b, 0) for b in _months_back((at - grace).astimezone(zone), 12))
+        # The current month and the twelve before it: month buckets cannot say on which day a
+        # purchase fell, so a purchase counts through the end of the same month a year later
+        # (at least twelve full months, never fewer).
+        now = sum(buckets.get(b, 0) for b in _months_back(at, ROLLING_BUCKETS))
+        earlier = sum(buckets.get(b, 0) for b in _months_back((at - grace).astimezone(zone), ROLLING_BUCKETS))
         return max(level_for(policy.levels, now), level_for(policy.levels, earlier))
     year = at.year
     levels = [

@@ -23,6 +23,7 @@ from pointmesh.guards import apply_guards
 from pointmesh.tiers import TierPolicy, effective_tier
 from rules_svc.domain import BadRequest, Basket, Component, Evaluation, Excluded, MemberContext
 from rules_svc.experiments import ExperimentRules
+from rules_svc.fx import convert_minor, rates_of
 from rules_svc.program import GroupMode, Program, Rounding
 from rules_svc.rule_compiler import BONUS, BONUS_PER_ITEM, MULTIPLY_BASKET, CompiledRule, compile_rule
 
@@ -47,12 +48,14 @@ class CompiledProgram:
         for rate in program.base_rates:
             detail = f"{rate.points} {rate.unit} per {format_minor(rate.per_minor, rate.currency)}"
             self.base_rates.setdefault(rate.currency, []).append((rate.unit, rate.points, rate.per_minor, detail))
-        self.base_currency = program.fx.base_currency if program.fx else ""
-        self.fx = {r.currency: Fraction(r.per_base) for r in program.fx.rates} if program.fx else {}
+        self.base_currency, self.fx = rates_of(program)
         self.fx_text = {r.currency: r.per_base for r in program.fx.rates} if program.fx else {}
         self.rules = [compile_rule(r) for r in sorted(program.rules, key=lambda r: (r.priority, r.id))]
         self.experiments = ExperimentRules(program)
         self.best_of = {g.id for g in program.groups if g.mode == GroupMode.BEST_OF}
+        # A best-of group prices every contender when its first one comes up, so a compound
+        # contender needs the running totals then, whichever rule opened the group.
+        self.compound_groups = {r.group for r in self.rules if r.compound and r.group in self.best_of}
         self.uses_tokens = any(r.tokens is not None for r in self.rules)
         self.counts_purchases = any(r.when.purchase_number is not None for r in program.rules)
         self._thresholds: dict[tuple[str, str, int], int] = {}
@@ -95,6 +98,13 @@ class CompiledProgram:
             )
         if basket.receipt_time.tzinfo is None:
             raise BadRequest("needs a time zone offset", field="basket.receipt_time")
+        try:
+            basket.receipt_time + max(self.expiry or timedelta(0), self.release or timedelta(0), timedelta(days=1))
+        except OverflowError:
+            raise BadRequest(
+                f"{basket.receipt_time.isoformat()} is too late: its points would expire or release after year 9999",
+                field="basket.receipt_time",
+            ) from None
         if not basket.lines:
             raise BadRequest("a basket needs at least one line", field="basket.lines")
         total = 0
@@ -121,22 +131,7 @@ class CompiledProgram:
         return self.base_currency, rate, [ln.amount_minor * num_scale // den_scale for ln in basket.lines]
 
     def _convert(self, amount_minor: int, currency: str, to: str) -> int | None:
-        """An amount in another currency of the program, via the base currency, floored; None when
-        the program has no FX rate to get there (e.g. JPY earning at its own base rate)."""
-        if currency == to:
-            return amount_minor
-        base = amount_minor
-        if currency != self.base_currency:
-            rate = self.fx.get(currency)
-            if rate is None:
-                return None
-            base = amount_minor * scale(self.base_currency) * rate.denominator // (scale(currency) * rate.numerator)
-        if to == self.base_currency:
-            return base
-        rate = self.fx.get(to)
-        if rate is None:
-            return None
-        return base * scale(to) * rate.numerator // (scale(self.base_currency) * rate.denominator)
+        return convert_minor(amount_minor, currency, to, self.base_currency, self.fx)
 
     def _threshold_in(self, currency: str, threshold_currency: str, minimum: int) -> int:
         """The smallest basket total in `currency` that converts to at least `minimum`."""
@@ -201,10 +196,12 @@ class CompiledProgram:
         for rule in candidates:
             if rule.tokens is not None and tokens is not None and rule.tokens.isdisjoint(tokens):
                 continue
-            if rule.compound and running is None:
-                running = self._running(base, parts)
             group = rule.group
-            if group is not None and group in self.best_of:
+            best_of = group is not None and group in self.best_of
+            if running is None and (rule.compound or (best_of and group in self.compound_groups)):
+                running = self._running(base, parts)
+            if best_of:
+                assert group is not None
                 if group in done_groups:
                     continue
                 done_groups.add(group)
@@ -251,9 +248,11 @@ class CompiledProgram:
         if not scored:
             return None
         best, best_parts = max(scored, key=lambda cr: (sum(p.points for p in cr[1]), -cr[0].priority))
-        for rule, _ in scored:
+        best_points = sum(p.points for p in best_parts)
+        for rule, got in scored:
             if rule is not best:
-                excluded.append(Excluded(rule.rule_id, f"group {group} is best-of; {best.rule_id} pays more"))
+                why = "pays more" if sum(p.points for p in got) < best_points else "pays the same and ranks first"
+                excluded.append(Excluded(rule.rule_id, f"group {group} is best-of; {best.rule_id} {why}"))
         return best_parts
 
     @staticmethod

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from fractions import Fraction
 from zoneinfo import ZoneInfo
 
+from rules_svc.fx import convert_minor, rates_of
 from rules_svc.program import Achievement, Challenge, Distinct, GameMatch, Program, Streak
 
 
@@ -41,8 +43,11 @@ class ItemState:
     count: int = 0  # matching purchases (challenges)
     completions: int = 0
     last_completed_us: int = 0
-    last_week: int = 0  # week number (Monday ordinal // 7) of the last matching purchase (streaks)
-    run: int = 0  # consecutive weeks so far
+    last_week: int = 0  # week number (Monday ordinal // 7) of the newest matching purchase (streaks)
+    run: int = 0  # consecutive weeks ending at last_week
+    weeks: list[int] = field(default_factory=list)  # recent matching weeks (streaks; late receipts fill gaps)
+    paid: list[list[int]] = field(default_factory=list)  # [first, last] week of each streak already paid
+    period: str = ""  # the challenge window this progress belongs to (an id reused later starts afresh)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +62,7 @@ class Award:
         return f"{program}:{self.item_id}:{member_id}:{self.period}"
 
 
-def matches(match: GameMatch, fact: PurchaseFact) -> bool:
+def matches(match: GameMatch, fact: PurchaseFact, fx: tuple[str, dict[str, Fraction]] = ("", {})) -> bool:
     if match.channels and fact.channel not in match.channels:
         return False
     if match.stores and fact.store_id not in match.stores:
@@ -65,7 +70,10 @@ def matches(match: GameMatch, fact: PurchaseFact) -> bool:
     if match.categories and not set(match.categories) & set(fact.categories):
         return False
     least = match.min_total
-    return least is None or (fact.currency == least.currency and fact.total_minor >= least.amount_minor)
+    if least is None:
+        return True
+    total = convert_minor(fact.total_minor, fact.currency, least.currency, *fx)
+    return total is not None and total >= least.amount_minor
 
 
 def week_of(day: date) -> int:
@@ -77,11 +85,13 @@ def _us(when: datetime) -> int:
     return int(when.timestamp() * 1_000_000)
 
 
-def _distinct_values(kind: Distinct, fact: PurchaseFact, local_day: date) -> list[str]:
+def _distinct_values(item: Achievement, fact: PurchaseFact, local_day: date) -> list[str]:
+    kind = item.distinct
     if kind == Distinct.STORE:
-        return [fact.store_id]
+        return [fact.store_id] if fact.store_id else []  # web and app purchases have no store
     if kind == Distinct.CATEGORY:
-        return list(fact.categories)
+        wanted = item.match.categories
+        return [c for c in fact.categories if not wanted or c in wanted]
     if kind == Distinct.CHANNEL:
         return [fact.channel]
     if kind == Distinct.DAY:
@@ -92,7 +102,7 @@ def _distinct_values(kind: Distinct, fact: PurchaseFact, local_day: date) -> lis
 def _achievement(item: Achievement, state: ItemState, fact: PurchaseFact, local_day: date) -> Award | None:
     if state.completions:
         return None
-    for value in _distinct_values(item.distinct, fact, local_day):
+    for value in _distinct_values(item, fact, local_day):
         if value not in state.seen:
             state.seen.append(value)
     if len(state.seen) < item.count:
@@ -101,43 +111,91 @@ def _achievement(item: Achievement, state: ItemState, fact: PurchaseFact, local_
     return Award(item.id, item.name, "once", item.reward.points, item.reward.unit)
 
 
-def _streak(item: Streak, state: ItemState, fact: PurchaseFact, local_day: date) -> Award | None:
-    week = week_of(local_day)
-    if week <= state.last_week:
-        return None  # this week already counted (or a late receipt from a week gone by)
-    state.run = state.run + 1 if week == state.last_week + 1 else 1
-    state.last_week = week
-    if state.run != item.weeks:
-        return None
-    state.completions += 1
-    state.last_completed_us = _us(fact.receipt_time)
-    return Award(item.id, item.name, f"run-{week - item.weeks + 1}", item.reward.points, item.reward.unit)
+def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_weeks: int) -> Award | None:
+    """A run of `item.weeks` or more consecutive weeks pays once, keyed by its first week.
+
+    A late receipt may fill a gap and join two runs; a run that overlaps one already paid
+    extends it instead of paying again. Weeks older than the lateness window are forgotten.
+    """
+    if not state.weeks and state.run:  # progress stored before weeks were kept
+        first = state.last_week - state.run + 1
+        state.weeks = list(range(first, state.last_week + 1))
+        state.paid = [[first, state.last_week]] if state.run >= item.weeks else []
+    weeks = set(state.weeks)
+    newest = max(weeks, default=week)
+    horizon = newest - late_weeks - item.weeks - 1
+    if week in weeks or week < horizon:
+        return None  # this week already counted, or a receipt older than any run still open
+    weeks.add(week)
+    first = last = week
+    while first - 1 in weeks:
+        first -= 1
+    while last + 1 in weeks:
+        last += 1
+    award = None
+    if last - first + 1 >= item.weeks:
+        overlapping = [p for p in state.paid if p[0] <= last and p[1] >= first]
+        if overlapping:
+            state.paid = [p for p in state.paid if p not in overlapping]
+            state.paid.append([min(first, *(p[0] for p in overlapping)), max(last, *(p[1] for p in overlapping))])
+        else:
+            state.paid.append([first, last])
+            state.completions += 1
+            state.last_completed_us = _us(fact.receipt_time)
+            award = Award(item.id, item.name, f"run-{first}", item.reward.points, item.reward.unit)
+    newest = max(weeks)
+    horizon = newest - late_weeks - item.weeks - 1
+    state.weeks = sorted(w for w in weeks if w >= horizon)
+    state.paid = sorted(p for p in state.paid if p[1] >= horizon)
+    state.last_week = newest
+    run = 1
+    while newest - run in weeks:
+        run += 1
+    state.run = run
+    return award
+
+
+def challenge_period(item: Challenge) -> str:
+    return f"from-{int(item.starts.timestamp())}"
 
 
 def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bool) -> Award | None:
-    if state.completions or not item.starts <= fact.receipt_time < item.ends:
+    if not item.starts <= fact.receipt_time < item.ends:
         return None
-    if item.opt_in and not joined:
+    period = challenge_period(item)
+    if state.period and state.period != period:  # the same id, a new window: count afresh
+        state.count, state.completions, state.last_completed_us = 0, 0, 0
+    state.period = period
+    if state.completions or (item.opt_in and not joined):
         return None
     state.count += 1
     if state.count < item.purchases:
         return None
     state.completions, state.last_completed_us = 1, _us(fact.receipt_time)
-    return Award(item.id, item.name, "once", item.reward.points, item.reward.unit)
+    return Award(item.id, item.name, period, item.reward.points, item.reward.unit)
 
 
 def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact: PurchaseFact) -> list[Award]:
-    """Advances every item the purchase matches; `states` is updated in place."""
-    local_day = fact.receipt_time.astimezone(ZoneInfo(program.default_timezone)).date()
+    """Advances every item the purchase matches; `states` is updated in place.
+
+    Days (distinct-day achievements) are the store's local days; streak weeks are ISO weeks
+    in the program's time zone, so a member's streak does not depend on where they shop.
+    """
+    default_zone = ZoneInfo(program.default_timezone)
+    store_zone = next((ZoneInfo(s.timezone) for s in program.stores if s.id == fact.store_id), default_zone)
+    store_day = fact.receipt_time.astimezone(store_zone).date()
+    week = week_of(fact.receipt_time.astimezone(default_zone).date())
+    late_weeks = -(-program.policy.max_lateness_days // 7) + 1
+    fx = rates_of(program)
     awards: list[Award | None] = []
     g = program.gamification
     for a in g.achievements:
-        if matches(a.match, fact):
-            awards.append(_achievement(a, states.setdefault(a.id, ItemState()), fact, local_day))
+        if matches(a.match, fact, fx):
+            awards.append(_achievement(a, states.setdefault(a.id, ItemState()), fact, store_day))
     for s in g.streaks:
-        if matches(s.match, fact):
-            awards.append(_streak(s, states.setdefault(s.id, ItemState()), fact, local_day))
+        if matches(s.match, fact, fx):
+            awards.append(_streak(s, states.setdefault(s.id, ItemState()), fact, week, late_weeks))
     for c in g.challenges:
-        if matches(c.match, fact):
+        if matches(c.match, fact, fx):
             awards.append(_challenge(c, states.setdefault(c.id, ItemState()), fact, c.id in joined))
     return [a for a in awards if a is not None]

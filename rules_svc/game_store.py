@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS game_joins (
   PRIMARY KEY (program, challenge_id, member_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS game_board (
   program TEXT NOT NULL, challenge_id TEXT NOT NULL, member_id TEXT NOT NULL, progress INTEGER NOT NULL,
-  completed_us INTEGER, PRIMARY KEY (program, challenge_id, member_id)) WITHOUT ROWID;
+  completed_us INTEGER, period TEXT NOT NULL DEFAULT '', PRIMARY KEY (program, challenge_id, member_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS game_board_rank ON game_board (program, challenge_id, progress DESC, completed_us);
 CREATE TABLE IF NOT EXISTS game_rewards (
   reward_key TEXT PRIMARY KEY, program TEXT NOT NULL, member_id TEXT NOT NULL, item_id TEXT NOT NULL,
@@ -64,6 +64,9 @@ class GameStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(game_board)")}
+        if "period" not in columns:  # a store written before challenge windows were told apart
+            self._db.execute("ALTER TABLE game_board ADD COLUMN period TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -89,8 +92,8 @@ class GameStore:
                 for ch in program.gamification.challenges:
                     st = states.get(ch.id)
                     if st is not None and st.count:
-                        c.execute("INSERT OR REPLACE INTO game_board VALUES (?,?,?,?,?)", (
-                            name, ch.id, fact.member_id, st.count, st.last_completed_us or None))  # fmt: skip
+                        c.execute("INSERT OR REPLACE INTO game_board VALUES (?,?,?,?,?,?)", (
+                            name, ch.id, fact.member_id, st.count, st.last_completed_us or None, st.period))  # fmt: skip
                 c.executemany(
                     "INSERT OR IGNORE INTO game_rewards VALUES (?,?,?,?,?,?,?,'PENDING','')",
                     [(a.key(name, fact.member_id), name, fact.member_id, a.item_id, a.name, a.points, a.unit)
@@ -153,12 +156,13 @@ class GameStore:
         with self._lock:
             return self._joined(program, member_id)
 
-    def board(self, program: str, challenge_id: str, limit: int) -> list[BoardRow]:
+    def board(self, program: str, challenge_id: str, period: str, limit: int) -> list[BoardRow]:
+        """The challenge's window `period` (rows written before periods were kept count as any)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT member_id, progress, completed_us FROM game_board WHERE program=? AND challenge_id=?"
-                " ORDER BY progress DESC, completed_us IS NULL, completed_us, member_id LIMIT ?",
-                (program, challenge_id, limit),
+                " AND period IN ('', ?) ORDER BY progress DESC, completed_us IS NULL, completed_us, member_id LIMIT ?",
+                (program, challenge_id, period, limit),
             ).fetchall()
         return [BoardRow(*r) for r in rows]
 

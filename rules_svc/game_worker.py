@@ -41,7 +41,13 @@ REWARD_NAMESPACE = "gamification"
 REWARD_FUNDING = GAMIFICATION_FUNDING
 RETRY_SECONDS = 2.0
 # The member is gone or can never earn: the reward is kept (status says why), not retried.
-FINAL_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT})
+FINAL_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                            grpc.StatusCode.ALREADY_EXISTS})  # fmt: skip
+# The ledger (or the way to it) is away: stop this pass, every other reward would fail the same.
+# Any other refusal (a blocked member, say) concerns that reward alone: it stays pending and
+# the pass goes on to the others.
+OUTAGES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})  # fmt: skip
 
 
 ProgramAt = Callable[[str, datetime], Program]  # the program version in effect at a time
@@ -113,8 +119,11 @@ class GameWorker:
                     log.error("reward %s refused by the ledger: %s", reward.key, error.details())
                     await asyncio.to_thread(self.store.settle, reward.key, f"REFUSED:{error.code().name}")
                     continue
-                log.warning("reward %s not posted yet (%s); retrying", reward.key, error.code().name)
-                return paid
+                log.warning("reward %s not posted yet (%s: %s); retrying", reward.key, error.code().name,
+                            error.details())  # fmt: skip
+                if error.code() in OUTAGES:
+                    return paid
+                continue
             await asyncio.to_thread(self.store.settle, reward.key, "PAID", response.transaction.transaction_id)
             REWARD_POINTS.labels(reward.unit).inc(reward.points)
             paid += 1

@@ -86,8 +86,18 @@ DecimalText = Annotated[str, BeforeValidator(_decimal)]
 Currency = Annotated[str, BeforeValidator(_currency)]
 TimeOfDay = Annotated[str, BeforeValidator(_hhmm)]
 TimeZoneName = Annotated[str, BeforeValidator(_timezone)]
-Points = Annotated[int, Field(ge=0, le=10**12)]
-PositiveInt = Annotated[int, Field(gt=0, le=10**12)]
+
+
+def _not_bool(value: object) -> object:
+    # YAML reads yes/no/on/off as booleans and pydantic's lax mode turns them into 1 and 0:
+    # `bonus_points: yes` must be refused, not paid as one point.
+    if isinstance(value, bool):
+        raise ValueError(f"must be a whole number, got {value!r}")
+    return value
+
+
+Points = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=10**12)]
+PositiveInt = Annotated[int, BeforeValidator(_not_bool), Field(gt=0, le=10**12)]
 T = TypeVar("T")
 # A condition list that is present must name something: `channels: []` would silently never match.
 NonEmpty = Annotated[list[T], Field(min_length=1)]
@@ -239,7 +249,7 @@ class Rule(_Strict):
     id: Name
     name: str = ""
     unit: Name = "points"
-    priority: Annotated[int, Field(ge=0, le=1_000_000)] = 100
+    priority: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=1_000_000)] = 100
     group: Name | None = None
     when: When = When()
     effect: Effect
@@ -302,7 +312,7 @@ class Tiers(_Strict):
 
     metric_unit: Name = "tier_credits"
     window: TierWindow = TierWindow.CALENDAR_YEAR
-    downgrade_grace_days: Annotated[int, Field(ge=0, le=366)] = 30
+    downgrade_grace_days: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=366)] = 30
     levels: list[TierLevel]
 
 
@@ -318,7 +328,7 @@ class Redemption(_Strict):
     unit: Name = "points"
     values: list[PointValue] = []
     minimum_points: Points = 0
-    max_share_percent: Annotated[int, Field(ge=1, le=100)] = 100
+    max_share_percent: Annotated[int, BeforeValidator(_not_bool), Field(ge=1, le=100)] = 100
 
 
 class Rounding(StrEnum):
@@ -333,9 +343,9 @@ class ReturnBonusPolicy(StrEnum):
 
 class Policy(_Strict):
     rounding: Rounding = Rounding.FLOOR
-    expiry_days: Annotated[int, Field(ge=1, le=3660)] | None = 365
-    release_after_days: Annotated[int, Field(ge=0, le=365)] = 0
-    max_lateness_days: Annotated[int, Field(ge=0, le=3660)] = 30
+    expiry_days: Annotated[int, BeforeValidator(_not_bool), Field(ge=1, le=3660)] | None = 365
+    release_after_days: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=365)] = 0
+    max_lateness_days: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=3660)] = 30
     basket_bonus_on_return: ReturnBonusPolicy = ReturnBonusPolicy.CLAW_BACK
 
 
@@ -567,11 +577,14 @@ def _meaning_errors(p: Program) -> list[tuple[str, str]]:
     items = [("achievements", a.id, a.reward, a.match) for a in g.achievements]
     items += [("streaks", s.id, s.reward, s.match) for s in g.streaks]
     items += [("challenges", c.id, c.reward, c.match) for c in g.challenges]
-    errors += _duplicates("gamification", [item_id for _, item_id, _, _ in items])
     counters: dict[str, int] = {}
-    for section, _item_id, reward, match in items:
+    first_at: dict[str, str] = {}
+    for section, item_id, reward, match in items:
         j = counters[section] = counters.get(section, -1) + 1
         at = f"gamification.{section}[{j}]"
+        if item_id in first_at:
+            errors.append((f"{at}.id", f"{item_id!r} is already the id of {first_at[item_id]}"))
+        first_at.setdefault(item_id, at)
         if reward.unit not in units:
             errors.append((f"{at}.reward.unit", f"{reward.unit!r} is not one of units {sorted(units)}"))
         for field, listed, known in (("channels", match.channels, channels), ("stores", match.stores, stores)):

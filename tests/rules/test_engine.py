@@ -201,6 +201,39 @@ def test_best_of_group_compares_what_each_rule_pays_after_its_caps() -> None:
     assert evaluation.excluded == (Excluded("triple", "group promo is best-of; double pays more"),)
 
 
+def test_a_compound_contender_is_priced_on_the_running_total_even_when_a_plain_rule_opens_the_group() -> None:
+    engine = compile_doc(
+        program_doc(
+            rule("silver", {"multiplier": "1.25"}, priority=10),
+            double("plain", group="promo", priority=20),
+            rule("compound", {"multiplier": "2", "compound": True}, group="promo", priority=30),
+            groups=[{"id": "promo", "mode": "best_of"}],
+        )
+    )
+
+    evaluation = engine.evaluate(basket(), NOBODY)
+
+    # silver adds floor(2.5) + floor(6.25) = 2 + 6 = 8, so the running totals are 12 and 31.
+    # plain doubles the base: 10 + 25 = 35; compound doubles the running totals: 12 + 31 = 43.
+    assert explain(evaluation) == {"base": 35, "silver": 8, "compound": 43}
+    assert evaluation.excluded == (Excluded("plain", "group promo is best-of; compound pays more"),)
+
+
+def test_a_best_of_tie_says_the_winner_ranks_first_not_that_it_pays_more() -> None:
+    engine = compile_doc(
+        program_doc(
+            double("first", group="promo", priority=10),
+            double("second", group="promo", priority=20),
+            groups=[{"id": "promo", "mode": "best_of"}],
+        )
+    )
+
+    evaluation = engine.evaluate(basket(), NOBODY)
+
+    assert explain(evaluation) == {"base": 35, "first": 35}
+    assert evaluation.excluded == (Excluded("second", "group promo is best-of; first pays the same and ranks first"),)
+
+
 def test_rules_outside_groups_and_in_additive_groups_all_apply() -> None:
     engine = compile_doc(
         program_doc(
@@ -611,9 +644,10 @@ GOOD = basket()
         (dataclasses.replace(GOOD, lines=(Line("s", "c", 1, -1000), GOOD.lines[1])), "basket.lines[0].amount_minor"),
         (dataclasses.replace(GOOD, total_minor=3600), "basket.total_minor"),
         (dataclasses.replace(GOOD, store_id="OSL-01"), "basket.store_id"),
+        (dataclasses.replace(GOOD, receipt_time=datetime(9999, 12, 31, tzinfo=UTC)), "basket.receipt_time"),
     ],
     ids=["channel", "unknown-currency", "currency-without-rate", "naive-time", "no-lines", "negative-quantity",
-         "negative-amount", "total-mismatch", "unknown-store"],
+         "negative-amount", "total-mismatch", "unknown-store", "expiry-past-year-9999"],
 )  # fmt: skip
 def test_bad_basket_is_refused_naming_the_field(bad: Basket, field: str) -> None:
     engine = compile_doc(program_doc())

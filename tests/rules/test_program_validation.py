@@ -95,6 +95,35 @@ def test_floats_are_refused_so_rates_stay_exact(doc: dict[str, Any], path: str) 
     assert "quoted string" in errors[0][1]
 
 
+def test_yes_and_true_are_refused_where_a_whole_number_of_points_is_meant() -> None:
+    doc = program_doc(
+        {"id": "a", "effect": {"bonus_points": True}},
+        {"id": "b", "priority": True, "effect": {"bonus_points": 5}, "caps": {"per_receipt": True}},
+        base_rates=[{"currency": "EUR", "unit": "points", "points": True, "per_minor": True}],
+        gamification={"achievements": [{"id": "x", "name": "X", "reward": {"points": True}}]},
+    )
+
+    errors = errors_of(doc)
+
+    assert sorted(p for p, _ in errors) == [
+        "base_rates[0].per_minor", "base_rates[0].points", "gamification.achievements[0].reward.points",
+        "rules[0].effect.bonus_points", "rules[1].caps.per_receipt", "rules[1].priority",
+    ]  # fmt: skip
+    assert all("whole number, got True" in message for _, message in errors)
+
+
+def test_a_gamification_id_used_twice_is_named_at_its_own_section() -> None:
+    game = {
+        "achievements": [{"id": "a", "name": "A", "reward": {"points": 5}}],
+        "streaks": [{"id": "s", "name": "S", "weeks": 2, "reward": {"points": 5}},
+                    {"id": "a", "name": "A again", "weeks": 3, "reward": {"points": 5}}],
+    }  # fmt: skip
+
+    errors = errors_of(program_doc(gamification=game))
+
+    assert errors == [("gamification.streaks[1].id", "'a' is already the id of gamification.achievements[0]")]
+
+
 def test_quoted_and_integer_multipliers_are_exact_fractions() -> None:
     program = load_doc(
         program_doc({"id": "a", "effect": {"multiplier": "1.25"}}, {"id": "b", "effect": {"multiplier": 3}})

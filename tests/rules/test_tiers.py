@@ -30,12 +30,14 @@ def test_a_tier_earned_in_a_year_holds_through_the_next_year_and_its_grace() -> 
     assert effective_tier(CALENDAR, requalified, at(2027, 2, 5)) == "silver"  # kept what 2026 earned
 
 
-def test_rolling_window_counts_the_last_twelve_months_with_grace() -> None:
+def test_rolling_window_counts_a_purchase_for_twelve_full_months_then_the_grace() -> None:
     credits = {"2026-01": 3000, "2026-06": 2500}
     assert effective_tier(ROLLING, credits, at(2026, 12, 15)) == "gold"
-    # January 2026 leaves the window in January 2027; the grace keeps gold for 30 days.
-    assert effective_tier(ROLLING, credits, at(2027, 1, 20)) == "gold"
-    assert effective_tier(ROLLING, credits, at(2027, 2, 15)) == "silver"
+    # A purchase on 31 January 2026 still counts on 31 January 2027: January leaves the window
+    # in February 2027, and the grace keeps gold for 30 days more.
+    assert effective_tier(ROLLING, credits, at(2027, 1, 31)) == "gold"
+    assert effective_tier(ROLLING, credits, at(2027, 2, 25)) == "gold"
+    assert effective_tier(ROLLING, credits, at(2027, 3, 5)) == "silver"
 
 
 def test_buckets_are_utc_months() -> None:

@@ -1,0 +1,47 @@
+"""The reward retry loop against a real ledger: one member the ledger refuses must not keep
+every other member's reward unpaid."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pointmesh.v1 import ledger_pb2
+from rules_svc.game_engine import PurchaseFact
+from rules_svc.game_store import GameStore
+from rules_svc.game_worker import GameWorker
+from tests.conftest import LedgerUnderTest
+from tests.ledger.helpers import create_member, key
+from tests.rules import load_doc, program_doc
+
+AT = datetime(2026, 1, 7, 12, tzinfo=UTC)
+
+
+async def test_a_blocked_members_reward_stays_pending_and_the_others_are_paid(
+    tmp_path: Path, ledger: LedgerUnderTest
+) -> None:
+    program = load_doc(program_doc(gamification={
+        "achievements": [{"id": "first", "name": "First purchase", "reward": {"points": 50}}],
+    }))  # fmt: skip
+    store = GameStore(tmp_path / "game.sqlite")
+    members = [(await create_member(ledger.stub)).member_id for _ in range(3)]
+    for i, member_id in enumerate(members):
+        store.apply_event(program, PurchaseFact(f"e{i}", member_id, f"p{i}", "pos", "HEL-01", 1000, "EUR", AT))
+    # The blocked member's reward sorts first, so a pass that stopped at it would pay nobody.
+    blocked = min(members, key=lambda m: next(r.key for r in store.pending(m)))
+    await ledger.stub.BlockMember(ledger_pb2.BlockMemberRequest(idempotency_key=key(), member_id=blocked,
+                                                                reason="chargeback"))  # fmt: skip
+    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
+                        ledger=ledger.stub, consumer="test")  # fmt: skip
+
+    paid = await worker.pay()
+
+    assert paid == 2
+    assert [r.member_id for r in store.pending()] == [blocked]
+    for member_id in members:
+        balance = await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member_id))
+        assert balance.balance.balance_points == (0 if member_id == blocked else 50), member_id
+
+    await ledger.stub.UnblockMember(ledger_pb2.UnblockMemberRequest(idempotency_key=key(), member_id=blocked))
+    assert await worker.pay() == 1
+    assert store.pending() == []
