@@ -159,12 +159,18 @@ def challenge_period(item: Challenge) -> str:
     return f"from-{int(item.starts.timestamp())}"
 
 
+def _period_start(period: str) -> int:
+    return int(period.removeprefix("from-"))
+
+
 def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bool) -> Award | None:
     if not item.starts <= fact.receipt_time < item.ends:
         return None
     period = challenge_period(item)
-    if state.period and state.period != period:  # the same id, a new window: count afresh
-        state.count, state.completions, state.last_completed_us = 0, 0, 0
+    if state.period and state.period != period:
+        if _period_start(state.period) > _period_start(period):
+            return None  # a late receipt for a window the id has since moved on from
+        state.count, state.completions, state.last_completed_us = 0, 0, 0  # the id reused: count afresh
     state.period = period
     if state.completions or (item.opt_in and not joined):
         return None

@@ -152,7 +152,9 @@ def test_a_challenge_id_reused_for_a_new_month_counts_afresh_and_pays_again(tmp_
     assert [a.item_id for a in jan_paid[2] or []] == ["monthly"]
     assert feb_first == []
     assert [r.progress for r in store.board("test", "monthly", "from-1769904000", 10)] == [1]  # 2026-02-01
+    late_january = store.apply_event(january, fact(datetime(2026, 1, 31, 12, tzinfo=UTC)))  # an offline till
     feb_rest = [store.apply_event(february, fact(datetime(2026, 2, d, 12, tzinfo=UTC))) for d in (3, 4)]
+    assert late_january == []
     awards = [a for got in (*jan_paid, feb_first, *feb_rest) for a in got or []]
     assert [a.key("test", "m-1") for a in awards] == [
         "test:monthly:m-1:from-1767225600", "test:monthly:m-1:from-1769904000",
