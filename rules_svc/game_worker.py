@@ -23,6 +23,7 @@ from prometheus_client import Counter
 from pointmesh.consumers import Poison, by_key, run_group
 from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
+from rules_svc.domain import FailedPrecondition, NotFound
 from rules_svc.game_engine import PurchaseFact
 from rules_svc.game_store import GameStore, Reward
 from rules_svc.program import Program
@@ -90,7 +91,10 @@ class GameWorker:
         fact = purchase_fact(event)
         if fact is None:
             return
-        program = self.program_at(self.program, fact.receipt_time)
+        try:
+            program = self.program_at(self.program, fact.receipt_time)
+        except (NotFound, FailedPrecondition) as exc:  # no version in effect then: no retry changes that
+            raise Poison(f"no program {self.program} to count purchase {fact.purchase_id} under: {exc}") from exc
         game = program.gamification
         if not (game.achievements or game.streaks or game.challenges or fact.experiment_arms):
             return  # nothing under this version counts purchases; rewards still pending retry on their own

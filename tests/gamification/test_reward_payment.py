@@ -6,11 +6,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
+from pointmesh.consumers import Poison
+from pointmesh.events import BusMessage
+from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2
 from rules_svc.game_engine import PurchaseFact
 from rules_svc.game_store import GameStore
 from rules_svc.game_worker import GameWorker
-from tests.conftest import LedgerUnderTest
+from tests.conftest import LedgerUnderTest, RulesUnderTest
 from tests.ledger.helpers import create_member, key
 from tests.rules import load_doc, program_doc
 
@@ -45,3 +50,19 @@ async def test_a_blocked_members_reward_stays_pending_and_the_others_are_paid(
     await ledger.stub.UnblockMember(ledger_pb2.UnblockMemberRequest(idempotency_key=key(), member_id=blocked))
     assert await worker.pay() == 1
     assert store.pending() == []
+
+
+async def test_a_purchase_with_no_program_version_in_effect_is_poison_not_retried_for_ever(
+    rules: RulesUnderTest,
+) -> None:
+    game = rules.app.game  # an empty version store: no program "meshmart" at any time
+    worker = GameWorker(game.store, game.program_at, "meshmart", bus=None,  # type: ignore[arg-type]
+                        ledger=None, consumer="test")  # type: ignore[arg-type]  # fmt: skip
+    event = ledger_pb2.LedgerEvent(
+        event_id="ev-1", member_id="m-1",
+        purchase_recorded=ledger_pb2.PurchaseRecorded(purchase_id="p-1", channel="pos", receipt_time=to_timestamp(AT)),
+    )  # fmt: skip
+    message = BusMessage("1-0", "m-1", "ev-1", "purchase_recorded", event.SerializeToString())
+
+    with pytest.raises(Poison, match="no program meshmart to count purchase p-1 under"):
+        await worker.handle(message)
