@@ -58,8 +58,7 @@ async def in_process(models: Path, redis_url: str, rows: int) -> None:
     redis = Redis.from_url(redis_url)
     service = FraudService(RedisVelocity(redis, prefix="bench:a:"), ModelSlot("fraud", models),
                            ModelSlot("churn", models))  # fmt: skip
-    service.fraud.load()
-    service.config = service._config(service.fraud.model)
+    service.load_at_start()
     model = service.fraud.model
     assert model is not None
     sample = events(rows, 41, "ip-")

@@ -56,9 +56,7 @@ class FraudApp:
 
     async def start(self) -> int:
         await asyncio.to_thread(ensure_default_models, self.settings)
-        self.service.fraud.load()
-        self.service.churn.load()
-        self.service.config = self.service._config(self.service.fraud.model)
+        self.service.load_at_start()
         return await self.server.start()
 
     async def _cleanup(self) -> None:

@@ -190,7 +190,10 @@ def load_artifact(path: Path | str, *, kind: str | None = None) -> Model:
     if found_kind not in EXPECTED_FEATURES or (kind is not None and found_kind != kind):
         raise ModelUnavailable(f"{root}: artifact is a {found_kind!r} model, expected {kind or 'fraud/churn'}")
     expected = EXPECTED_FEATURES[found_kind]
-    if tuple(metadata.get("feature_names", ())) != expected:
+    names, trees = metadata.get("feature_names"), metadata.get("num_trees")
+    if not isinstance(names, list) or not isinstance(trees, int) or isinstance(trees, bool):
+        raise ModelUnavailable(f"{meta_path}: feature_names must be a list and num_trees a whole number")
+    if tuple(names) != expected:
         raise ModelUnavailable(f"{root}: feature list differs from this code's {len(expected)} {found_kind} features")
     model_path = root / str(metadata.get("model_file", MODEL_FILE))
     if not model_path.is_file():
@@ -199,7 +202,11 @@ def load_artifact(path: Path | str, *, kind: str | None = None) -> Model:
         raise ModelUnavailable(f"{model_path}: checksum does not match metadata (truncated or replaced)")
     try:
         text = model_path.read_text()
-        _check_structure(text, int(metadata.get("num_trees", -1)))
+        _check_structure(text, trees)
+        objective = next((line for line in text.splitlines() if line.startswith("objective=")), "objective=")
+        if objective.removeprefix("objective=").split(" ")[0] != "binary":
+            # a regression booster with the right features would load and answer 8.5 on a real row
+            raise ValueError(f"the model must be a binary classifier, not {objective!r}")
         booster = lgb.Booster(model_str=text)
         if tuple(booster.feature_name()) != expected:
             raise ValueError("the model's own feature names differ from the metadata")
@@ -212,11 +219,15 @@ def load_artifact(path: Path | str, *, kind: str | None = None) -> Model:
     return Model(found_kind, version, root, expected, metadata, booster)
 
 
-def latest_artifact(models_dir: Path | str, kind: str) -> Path | None:
-    """The newest artifact directory of `kind` by name (names sort by creation time); not
-    validated — pass it to `load_artifact`."""
+def artifacts(models_dir: Path | str, kind: str) -> list[Path]:
+    """Artifact directories of `kind`, newest first by name (names sort by creation time); not
+    validated — pass them to `load_artifact`."""
     root = Path(models_dir)
     if not root.is_dir():
-        return None
-    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(f"{kind}-"))
-    return found[-1] if found else None
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(f"{kind}-")), reverse=True)
+
+
+def latest_artifact(models_dir: Path | str, kind: str) -> Path | None:
+    found = artifacts(models_dir, kind)
+    return found[0] if found else None

@@ -7,6 +7,7 @@ started with, a reload that fails validation leaves the serving model in place.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -31,13 +32,14 @@ from fraud_svc.domain import (
     Verdict,
 )
 from fraud_svc.features import FeatureRow, featurize, featurize_stream
-from fraud_svc.model import Model, latest_artifact, load_artifact
+from fraud_svc.model import Model, artifacts, load_artifact
 from fraud_svc.offers import CatalogueOffer, ChosenOffer, choose
 from fraud_svc.velocity import Velocity
 
 MAX_BATCH = 10_000
 
 
+log = logging.getLogger(__name__)
 DECISIONS = Counter("pointmesh_fraud_decisions_total", "Fraud decisions, by verdict and call (single, batch).",
                     ["verdict", "call"])  # fmt: skip
 
@@ -48,15 +50,44 @@ class ModelSlot:
     models_dir: Path
     model: Model | None = None
 
-    def load(self, path: str = "") -> tuple[Model, str]:
-        """Validates the artifact first; only then replaces the serving model."""
-        target = Path(path) if path else latest_artifact(self.models_dir, self.kind)
-        if target is None:
+    def read(self, path: str = "", *, fall_back: bool = False) -> Model:
+        """The artifact at `path` (else the newest of this kind), validated; nothing is served
+        from it yet. `fall_back` (start-up) tries older artifacts when the newest is refused:
+        a half-copied new model must not keep the service from starting on the one before."""
+        if path:
+            return load_artifact(Path(path), kind=self.kind)
+        candidates = artifacts(self.models_dir, self.kind)
+        if not candidates:
             raise ModelUnavailable(f"no {self.kind} artifact under {self.models_dir}", field="path")
-        fresh = load_artifact(target, kind=self.kind)
-        previous = self.model.version if self.model else ""
-        self.model = fresh
-        return fresh, previous
+        refused: list[str] = []
+        for candidate in candidates if fall_back else candidates[:1]:
+            try:
+                model = load_artifact(candidate, kind=self.kind)
+            except ModelUnavailable as exc:
+                refused.append(str(exc))
+                if fall_back:
+                    log.error("refusing %s artifact %s: %s", self.kind, candidate.name, exc)
+                continue
+            if refused:
+                log.error("serving the older %s artifact %s; %d newer refused", self.kind, candidate.name,
+                          len(refused))  # fmt: skip
+            return model
+        raise ModelUnavailable("; ".join(refused), field="path")
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """The fraud model and the thresholds that go with it, swapped as one: a request never
+    sees a new model with old thresholds or the reverse."""
+
+    model: Model | None
+    config: DecisionConfig
+
+
+def _config_of(model: Model | None, overrides: Mapping[str, Any]) -> DecisionConfig:
+    if model is None:
+        return DecisionConfig.from_mapping(overrides)
+    return DecisionConfig.from_model_metadata(model.metadata, **overrides)
 
 
 def check(ctx: TxContext) -> TxContext:
@@ -101,12 +132,10 @@ class FraudService:
         self.churn = churn
         self.overrides = dict(overrides or {})
         self.catalogue = catalogue
-        self.config = self._config(fraud.model)
+        self.serving = Serving(fraud.model, self._config(fraud.model))
 
     def _config(self, model: Model | None) -> DecisionConfig:
-        if model is None:
-            return DecisionConfig.from_mapping(self.overrides)
-        return DecisionConfig.from_model_metadata(model.metadata, **self.overrides)
+        return _config_of(model, self.overrides)
 
     async def score(self, ctx: TxContext) -> Decision:
         decision = await self._decide(ctx)
@@ -116,7 +145,8 @@ class FraudService:
     async def _decide(self, ctx: TxContext) -> Decision:
         check(ctx)
         features = await featurize(ctx, self.velocity)
-        model, config = self.fraud.model, self.config
+        serving = self.serving
+        model, config = serving.model, serving.config
         if model is None:
             return decide(ctx, features, None, (), config)
         score = float(model.predict(features.array())[0])
@@ -148,7 +178,8 @@ class FraudService:
         (SHAP) only for the rows that are held or refused."""
         if not contexts:
             return []
-        model, config = self.fraud.model, self.config
+        serving = self.serving
+        model, config = serving.model, serving.config
         decisions: list[Decision] = []
         async with aclosing(featurize_stream(contexts, self.velocity)) as chunks:
             async for rows in chunks:
@@ -172,7 +203,27 @@ class FraudService:
         slot = {"fraud": self.fraud, "churn": self.churn}.get(kind)
         if slot is None:
             raise BadRequest(f"must be 'fraud' or 'churn', got {kind!r}", field="model")
-        fresh, previous = await asyncio.to_thread(slot.load, path)
-        if kind == "fraud":
-            self.config = self._config(fresh)
+        fresh = await asyncio.to_thread(slot.read, path)
+        previous = self._install(slot, fresh)
         return fresh.version, previous
+
+    def configure(self, overrides: Mapping[str, Any]) -> None:
+        """New threshold/rule overrides over the serving model's metadata (checked first)."""
+        serving = self.serving
+        config = _config_of(serving.model, overrides)
+        self.overrides, self.serving = dict(overrides), Serving(serving.model, config)
+
+    def load_at_start(self) -> None:
+        for slot in (self.fraud, self.churn):
+            self._install(slot, slot.read(fall_back=True))
+
+    def _install(self, slot: ModelSlot, fresh: Model) -> str:
+        """Serves `fresh` once everything about it is checked (the fraud thresholds in its
+        metadata too); a refusal leaves the serving model and thresholds as they were."""
+        previous = slot.model.version if slot.model else ""
+        if slot is self.fraud:
+            serving = Serving(fresh, self._config(fresh))
+            slot.model, self.serving = fresh, serving
+        else:
+            slot.model = fresh
+        return previous

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 
 import grpc
 
-from ledger_svc.screening import ScreenedKind, ScreenerUnavailable, Screening, ScreeningRequest, Verdict
+from ledger_svc.screening import (
+    ScreenedKind,
+    ScreenerRefused,
+    ScreenerUnavailable,
+    Screening,
+    ScreeningRequest,
+    Verdict,
+)
 from pointmesh.clients import fraud_stub
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, fraud_pb2
@@ -53,6 +60,7 @@ class FraudScreenerClient:
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 log.error("fraud_svc refused the ledger's score request %s: %s", request.event_id, error.details())
+                raise ScreenerRefused(error.details() or "") from None
             raise ScreenerUnavailable(f"{error.code().name}: {error.details()}") from None
         return _screening(response)
 
@@ -75,7 +83,7 @@ class FraudScreenerClient:
                     out.append(exc)
             else:
                 log.error("fraud_svc refused the ledger's score request %s: %s", request.event_id, item.error)
-                out.append(ScreenerUnavailable(item.error))
+                out.append(ScreenerRefused(item.error))
         return out
 
 

@@ -12,6 +12,7 @@ until ops decides), smaller redemptions fail open.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -82,6 +83,23 @@ class ScreenerUnavailable(Exception):
     """fraud_svc did not answer within the deadline (or is down)."""
 
 
+class ScreenerRefused(ScreenerUnavailable):
+    """fraud_svc answered, refusing this one request as invalid: the policy decides for it
+    alone, and fraud_svc stays in use for everyone else (no breaker)."""
+
+
+MAX_EVENT_ID = 128  # fraud_svc's bound on an event id
+
+
+def event_id(*parts: str) -> str:
+    """The id fraud_svc counts a transaction under; a long one (a caller's 200-character
+    idempotency key) is replaced by its digest, so it is always scored."""
+    text = ":".join(parts)
+    if len(text) <= MAX_EVENT_ID:
+        return text
+    return f"{parts[0]}:sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
 class Screener(Protocol):
     async def screen(self, request: ScreeningRequest) -> Screening: ...
 
@@ -130,6 +148,8 @@ class FraudScreen:
         if self._up():
             try:
                 return await self.screener.screen(request)
+            except ScreenerRefused:
+                return self._unscored(request, "fraud_svc_refused")
             except ScreenerUnavailable as exc:
                 self._trip(f"{request.kind} {request.event_id}", exc)
         return self._unscored(request)
@@ -147,7 +167,11 @@ class FraudScreen:
             else:
                 out: list[Screening] = [Screening(Verdict.ALLOW, False)] * len(requests)
                 for i, got in zip(order, scored, strict=True):
-                    out[i] = self._unscored(requests[i]) if isinstance(got, ScreenerUnavailable) else got
+                    if isinstance(got, ScreenerUnavailable):
+                        why = "fraud_svc_refused" if isinstance(got, ScreenerRefused) else "fraud_svc_unavailable"
+                        out[i] = self._unscored(requests[i], why)
+                    else:
+                        out[i] = got
                 return out
         return [self._unscored(r) for r in requests]
 
@@ -158,6 +182,6 @@ class FraudScreen:
         log.warning("fraud_svc unavailable; %s decided by policy: %s", what, why)
         self._down_until = time.monotonic() + BREAKER_SECONDS
 
-    def _unscored(self, request: ScreeningRequest) -> Screening:
+    def _unscored(self, request: ScreeningRequest, why: str = "fraud_svc_unavailable") -> Screening:
         verdict = self.policy.verdict_for(request)
-        return Screening(verdict, scored=False, reasons=(f"unscored:fraud_svc_unavailable:{verdict.value.lower()}",))
+        return Screening(verdict, scored=False, reasons=(f"unscored:{why}:{verdict.value.lower()}",))

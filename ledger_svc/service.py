@@ -60,6 +60,7 @@ from ledger_svc.reconcile import ReconcileReport, reconcile
 from ledger_svc.reviews import RedeemResult, Review, ReviewStatus, redeem_or_hold
 from ledger_svc.sagas import Sagas
 from ledger_svc.screening import FraudDenied, FraudScreen, ScreenedKind, Screening, ScreeningRequest, Verdict
+from ledger_svc.screening import event_id as screening_event_id
 from ledger_svc.store.base import PURGE_SLICE, DirectoryTx, IdemRecord, LedgerStore, ShardTx
 from pointmesh.clock import Clock
 
@@ -490,11 +491,11 @@ class LedgerService:
     async def _screen_redemption(self, cmd: c.Redeem) -> Screening | None:
         if self.fraud is None:
             return None
+        # Scored even when the balance read here looks short: an earn committing meanwhile can
+        # make it enough by the time the write runs, and an unscreened redemption must not post.
         balance = await self.get_balance(cmd.member_id, cmd.unit)
-        if balance.available_points < cmd.points:
-            return None  # refused for want of points anyway; nothing to score
         screening = await self.fraud.screen(ScreeningRequest(
-            event_id=f"redeem:{cmd.key.namespace}:{cmd.key.key}", kind=ScreenedKind.REDEMPTION,
+            event_id=screening_event_id("redeem", cmd.key.namespace, cmd.key.key), kind=ScreenedKind.REDEMPTION,
             member_id=cmd.member_id, occurred_at=cmd.business_time or self.clock.now(), context=cmd.context,
             points=cmd.points, amount=None, balance_points=balance.available_points,
             member_since=await self.member_since(cmd.member_id),

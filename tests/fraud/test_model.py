@@ -91,6 +91,25 @@ def test_missing_or_unreadable_metadata_is_refused(copy: Path, damage: str) -> N
         load_artifact(copy)
 
 
+def test_metadata_of_the_wrong_shape_is_refused_not_a_crash(copy: Path) -> None:
+    meta = json.loads((copy / METADATA_FILE).read_text())
+    meta["num_trees"] = None
+    (copy / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelUnavailable, match="num_trees a whole number"):
+        load_artifact(copy)
+
+
+def test_a_regression_booster_with_the_right_features_is_refused(copy: Path) -> None:
+    """It would load and answer raw values (8.5 on a real row) read as probabilities."""
+    model_file = copy / MODEL_FILE
+    model_file.write_text(model_file.read_text().replace("objective=binary sigmoid:1", "objective=regression", 1))
+    meta = json.loads((copy / METADATA_FILE).read_text())
+    meta["model_sha256"] = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    (copy / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelUnavailable, match="binary classifier"):
+        load_artifact(copy)
+
+
 def test_a_churn_artifact_is_not_loaded_as_a_fraud_model(models_dir: Path) -> None:
     churn = latest_artifact(models_dir, "churn")
     assert churn is not None

@@ -3,6 +3,7 @@ on generated data: decisions with reasons, batch scoring, churn and offers, hot 
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -64,7 +65,7 @@ async def test_the_served_verdict_follows_the_models_score_and_thresholds(
     fraud: tuple[FraudApp, fraud_pb2_grpc.FraudServiceStub],
 ) -> None:
     app, stub = fraud
-    limits = app.service.config.thresholds_for(TxKind.PURCHASE)
+    limits = app.service.serving.config.thresholds_for(TxKind.PURCHASE)
     for i in range(5):
         got = await stub.Score(fraud_pb2.ScoreRequest(transaction=tx(f"p-{i}", member=f"m_{i}", card_hash=f"c{i}")))
         assert got.model_version == app.service.fraud.model.version  # type: ignore[union-attr]
@@ -93,8 +94,7 @@ async def test_a_burst_of_purchases_trips_the_velocity_rule_and_a_blocked_device
         fraud_pb2.ScoreRequest(transaction=tx("b-11", member="m_burst", at=NOW + timedelta(seconds=220)))
     )
     assert again.reasons == got.reasons and again.score == got.score
-    app.service.overrides = {"blocked_devices": ["dev-evil"]}
-    app.service.config = app.service._config(app.service.fraud.model)
+    app.service.configure({"blocked_devices": ["dev-evil"]})
     denied = await stub.Score(fraud_pb2.ScoreRequest(transaction=tx("d-1", device_id="dev-evil")))
     assert denied.verdict == fraud_pb2.VERDICT_DENY and denied.reasons[0].code == "rule:blocked_device"
 
@@ -161,6 +161,71 @@ async def test_a_corrupt_model_is_refused_and_the_serving_one_keeps_serving(
     assert still.model_version == serving.version
     fresh = await stub.ReloadModel(fraud_pb2.ReloadModelRequest(model="fraud", path=str(serving.path)))
     assert (fresh.version, fresh.previous_version) == (serving.version, serving.version)
+
+
+def _edited_copy(source: Path, target: Path, **metadata: object) -> Path:
+    """A copy of an artifact with metadata fields replaced (the checksum covers model.txt only)."""
+    shutil.copytree(source, target)
+    meta = json.loads((target / "metadata.json").read_text())
+    meta.update(metadata)
+    (target / "metadata.json").write_text(json.dumps(meta))
+    return target
+
+
+async def test_a_reload_refused_for_its_thresholds_leaves_model_and_thresholds_as_they_were(
+    fraud: tuple[FraudApp, fraud_pb2_grpc.FraudServiceStub], tmp_path: Path
+) -> None:
+    app, stub = fraud
+    serving = app.service.serving
+    assert serving.model is not None
+    bad = _edited_copy(serving.model.path, tmp_path / "fraud-bad", version="fraud-bad",
+                       thresholds={"purchase": {"review": 0.9, "deny": 0.1}})  # fmt: skip
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ReloadModel(fraud_pb2.ReloadModelRequest(model="fraud", path=str(bad)))
+    still = await stub.Score(fraud_pb2.ScoreRequest(transaction=tx("after-bad-thresholds")))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert still.model_version == serving.model.version
+    assert app.service.serving is serving and app.service.fraud.model is serving.model
+
+
+async def test_a_reload_swaps_model_and_thresholds_together(
+    fraud: tuple[FraudApp, fraud_pb2_grpc.FraudServiceStub], tmp_path: Path
+) -> None:
+    app, stub = fraud
+    before = app.service.serving
+    assert before.model is not None
+    strict = {**before.model.metadata["thresholds"], "purchase": {"review": 0.0, "deny": 1.0}}
+    fresh = _edited_copy(before.model.path, tmp_path / "fraud-strict", version="fraud-strict", thresholds=strict)
+
+    await stub.ReloadModel(fraud_pb2.ReloadModelRequest(model="fraud", path=str(fresh)))
+    after = await stub.Score(fraud_pb2.ScoreRequest(transaction=tx("after-strict")))
+
+    assert app.service.serving.model is not None and app.service.serving.model.version == "fraud-strict"
+    assert app.service.serving.config.thresholds_for(TxKind.PURCHASE).review == 0.0
+    assert (after.model_version, after.verdict) == ("fraud-strict", fraud_pb2.VERDICT_REVIEW)
+
+
+async def test_a_broken_newest_artifact_does_not_keep_fraud_svc_from_starting(
+    tmp_path: Path, trained: Path, redis_server: RedisServer
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(trained, models)
+    good = max(p.name for p in models.iterdir() if p.name.startswith("fraud-"))
+    newest = _edited_copy(models / good, models / f"{good}-zz-half-copied")  # sorts after the good one
+    (newest / "model.txt").write_text("tree\nversion=v4\n")
+    settings = load_settings({}, data_dir=tmp_path, redis_url=redis_server.url, models_dir=str(models),
+                             fraud_addr="127.0.0.1:0", grace_seconds=1.0)  # fmt: skip
+    app = await build(settings)
+    await app.start()
+    try:
+        assert app.service.serving.model is not None and app.service.serving.model.path.name == good
+        with pytest.raises(Exception, match="checksum"):
+            await app.service.reload("fraud", "")  # a reload asks for the newest and refuses it
+        assert app.service.serving.model.path.name == good
+    finally:
+        await app.stop(grace=0.5)
 
 
 def _tagged(ctx: TxContext, tag: str) -> TxContext:

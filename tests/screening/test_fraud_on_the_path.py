@@ -373,3 +373,44 @@ async def test_a_member_with_an_open_review_is_merged_only_after_the_decision(sc
     )
     merged = await balance(screened.ledger.stub, target)
     assert (merged.balance_points, merged.pending_points) == (before.balance_points, before.pending_points)
+
+
+async def test_a_redemption_with_the_longest_key_is_scored_and_leaves_screening_on_for_others(
+    screened: Screened,
+) -> None:
+    member, other = await regular_member(screened), await regular_member(screened, visits=3)
+    before = await balance(screened.ledger.stub, member)
+    request = takeover(member, before.available_points - 100, "phone-new-2")
+    request.idempotency_key.CopyFrom(key("k" * 128, namespace="pos-0123456789ab"))  # 150 characters as an event id
+
+    held = await screened.ledger.stub.Redeem(request)
+    bought = await screened.ledger.stub.RecordPurchase(
+        purchase_request(other, [("grocery", 2_000, 1)], at=NOW + timedelta(seconds=1), receipt=f"after-{other}")
+    )
+
+    assert held.screening.scored and held.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW, held.screening
+    assert bought.purchase.screening.scored, bought.purchase.screening
+
+
+async def test_a_redemption_racing_the_earn_that_funds_it_is_never_posted_unscreened(screened: Screened) -> None:
+    """With fraud_svc down, large redemptions fail closed to review; one whose balance looked
+    short when it was screened and was enough when it was written must be held all the same."""
+    await screened.stop_fraud()
+    paid_unscreened = []
+    for trial in range(30):
+        member = (await create_member(screened.ledger.stub)).member_id
+        redeem = screened.ledger.stub.Redeem(ledger_pb2.RedeemRequest(
+            idempotency_key=key(f"race-r-{trial}"), member_id=member, unit="points", points=3_000,
+        ))  # fmt: skip
+        earn = screened.ledger.stub.Earn(ledger_pb2.EarnRequest(
+            idempotency_key=key(f"race-e-{trial}"), member_id=member, unit="points", points=10_000,
+        ))  # fmt: skip
+        results = await asyncio.gather(redeem, earn, return_exceptions=True)
+        redeemed = results[0]
+        if isinstance(redeemed, ledger_pb2.RedeemResponse) and redeemed.HasField("transaction"):
+            paid_unscreened.append((trial, redeemed.screening))
+        elif not isinstance(redeemed, ledger_pb2.RedeemResponse):
+            assert isinstance(redeemed, grpc.aio.AioRpcError)
+            assert redeemed.code() == grpc.StatusCode.FAILED_PRECONDITION, redeemed
+
+    assert paid_unscreened == []
