@@ -58,17 +58,19 @@ def yearly_value_points(spend_90d_minor: int) -> int:
 def choose(
     catalogue: tuple[CatalogueOffer, ...], churn_probability: float, segment: str, spend_90d_minor: int, limit: int = 3
 ) -> list[ChosenOffer]:
-    churn_percent = round(churn_probability * 100)
+    # The model's probability becomes whole basis points (floored) once, here: from then on the
+    # choice is integer arithmetic, and 59.51% does not pass a 60% minimum by rounding.
+    churn_bp = int(churn_probability * 10_000)
     value = yearly_value_points(spend_90d_minor)
     chosen = []
     for offer in catalogue:
-        if churn_percent < offer.min_churn_percent or (offer.segments and segment not in offer.segments):
+        if churn_bp < offer.min_churn_percent * 100 or (offer.segments and segment not in offer.segments):
             continue
-        kept = value * churn_percent * offer.uplift_percent // 10_000
+        kept = value * churn_bp * offer.uplift_percent // 1_000_000
         ev = kept - offer.bonus_points
         if ev <= 0:
             continue
-        why = (f"churn risk {churn_percent}%, yearly value {value} points, keeps {offer.uplift_percent}% of "
+        why = (f"churn risk {churn_bp // 100}.{churn_bp % 100:02d}%, yearly value {value} points, keeps {offer.uplift_percent}% of "
                f"would-be churners: expected {kept} points kept for {offer.bonus_points} given")  # fmt: skip
         chosen.append(ChosenOffer(offer, ev, why))
     chosen.sort(key=lambda c: (-c.expected_value_points, c.offer.offer_id))

@@ -807,7 +807,10 @@ def _review_cursor(token: str) -> tuple[datetime, str] | None:
         return None
     when, _, review_id = token.partition("|")
     try:
-        return datetime.fromisoformat(when), v.object_id(review_id, "rv", "page_token")
+        at = datetime.fromisoformat(when)
+        if at.tzinfo is None:
+            raise ValueError("no UTC offset")
+        return at, v.object_id(review_id, "rv", "page_token")
     except (ValueError, InvalidArgument):
         raise InvalidArgument("is not a token this API returned", field="page_token") from None
 

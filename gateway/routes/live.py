@@ -25,14 +25,36 @@ POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013
 RECHECK_SECONDS = 30.0
 
 
+def _credential(ws: WebSocket) -> str:
+    return credential_of(ws.headers) or ws.query_params.get("token", "")
+
+
 async def _authenticate(ws: WebSocket) -> Principal | None:
     gw: Gateway = ws.app.state.gateway
-    credential = credential_of(ws.headers) or ws.query_params.get("token", "")
     try:
-        return resolve(credential, gw.keys, gw.tokens)
+        return resolve(_credential(ws), gw.keys, gw.tokens)
     except Problem as problem:
         await ws.close(code=POLICY_VIOLATION, reason=problem.detail[:120])
         return None
+
+
+def _still_valid(ws: WebSocket, scope: str = "") -> Callable[[], bool]:
+    """Whether the socket's credential still opens it: a member token not expired, an API key
+    not revoked (through the key store's short cache, so a revocation reaches an open socket
+    as fast as it reaches REST) and still holding `scope`."""
+    gw: Gateway = ws.app.state.gateway
+    credential = _credential(ws)
+
+    def check() -> bool:
+        try:
+            principal = resolve(credential, gw.keys, gw.tokens)
+            if scope:
+                principal.require(scope)
+        except Problem:
+            return False
+        return True
+
+    return check
 
 
 def _is_ping(message: Mapping[str, Any]) -> bool:
@@ -55,12 +77,10 @@ async def _until_closed(ws: WebSocket, sub: Subscription) -> None:
             sub.offer({"type": "pong"})
 
 
-async def _pump(
-    ws: WebSocket, sub: Subscription, hello: dict[str, Any], allowed: Callable[[], bool] = lambda: True
-) -> None:
+async def _pump(ws: WebSocket, sub: Subscription, hello: dict[str, Any], allowed: Callable[[], bool]) -> None:
     """Sends queued messages until the client closes, falls too far behind, or its credential
-    expires (checked before each message, so nothing is sent on an expired token, and every
-    RECHECK_SECONDS on a quiet socket, so an idle one does not stay open on it)."""
+    expires or is revoked (checked before each message, so nothing is sent on a dead credential,
+    and every RECHECK_SECONDS on a quiet socket, so an idle one does not stay open on it)."""
     await ws.accept()
     await ws.send_json(hello)
     leaving = asyncio.ensure_future(_until_closed(ws, sub))
@@ -77,7 +97,7 @@ async def _pump(
                 await ws.close(code=TRY_AGAIN_LATER, reason="too far behind; reconnect and read the balance")
                 return
             if not allowed():
-                await ws.close(code=POLICY_VIOLATION, reason="the member token has expired; reconnect with a new one")
+                await ws.close(code=POLICY_VIOLATION, reason="the credential expired or was revoked; reconnect")
                 return
             if nxt in done:
                 await ws.send_json(nxt.result())
@@ -103,7 +123,7 @@ async def member_live(ws: WebSocket, member_id: IdPath) -> None:
         return
     gw: Gateway = ws.app.state.gateway
     with gw.hub.member(member_id) as sub:
-        await _pump(ws, sub, {"type": "subscribed", "member_id": member_id}, lambda: gw.tokens.alive(caller.expires_at))
+        await _pump(ws, sub, {"type": "subscribed", "member_id": member_id}, _still_valid(ws))
 
 
 @router.websocket("/v1/ops/alerts")
@@ -118,4 +138,4 @@ async def ops_alerts(ws: WebSocket) -> None:
         return
     gw: Gateway = ws.app.state.gateway
     with gw.hub.alerts() as sub:
-        await _pump(ws, sub, {"type": "subscribed", "stream": "ops_alerts"})
+        await _pump(ws, sub, {"type": "subscribed", "stream": "ops_alerts"}, _still_valid(ws, "ops:read"))

@@ -46,11 +46,13 @@ async def _decide(review_id: str, approve: bool, body: s.ReviewDecision, gw: Gat
 
 @router.post("/{review_id}/approve", response_model=s.Review,
              summary="Approve: release the pending credit, or capture the held redemption")  # fmt: skip
-async def approve(review_id: IdPath, body: s.ReviewDecision, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Review:
-    return await _decide(review_id, True, body, gw, caller, key)
+async def approve(review_id: IdPath, gw: GatewayDep, caller: Caller, key: IdemKey,
+                  body: s.ReviewDecision | None = None) -> s.Review:  # fmt: skip
+    return await _decide(review_id, True, body or s.ReviewDecision(), gw, caller, key)
 
 
 @router.post("/{review_id}/reject", response_model=s.Review,
              summary="Reject: cancel the pending credit, or void the hold (the points stay the member's)")  # fmt: skip
-async def reject(review_id: IdPath, body: s.ReviewDecision, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Review:
-    return await _decide(review_id, False, body, gw, caller, key)
+async def reject(review_id: IdPath, gw: GatewayDep, caller: Caller, key: IdemKey,
+                 body: s.ReviewDecision | None = None) -> s.Review:  # fmt: skip
+    return await _decide(review_id, False, body or s.ReviewDecision(), gw, caller, key)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.live import LiveHub
 from pointmesh.events import OPS_ALERTS, OutgoingEvent, RedisStreamBus
@@ -136,6 +136,29 @@ async def test_ops_alerts_stream_to_ops_keys_only(gw: GatewayUnderTest, redis_se
         await redis.aclose()
         got = await next_message(ws, "ops_alert")
         assert (got["alert_id"], got["severity"], got["reasons"]) == ("al-1", "high", ["12 purchases in 5 minutes"])
+
+
+async def test_an_open_ops_alert_stream_ends_when_its_key_is_revoked(
+    gw: GatewayUnderTest, redis_server: RedisServer
+) -> None:
+    from redis.asyncio import Redis
+
+    store = gw.uvicorn.config.app.state.gateway.keys  # the key store the gateway serves from
+    async with connect(f"{gw.ws_url}/v1/ops/alerts?token={gw.keys['ops']}") as ws:
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+        store.revoke(gw.keys["ops"].split("_")[1])
+        alert = common_pb2.OpsAlert(alert_id="al-2", occurred_at=to_timestamp(gw.mesh.clock.now()), kind="velocity",
+                                    severity="high", member_id="m_victim", reasons=["held"])  # fmt: skip
+        redis = Redis.from_url(redis_server.url)
+        await RedisStreamBus(redis).publish(OPS_ALERTS, [OutgoingEvent("m_victim", "al-2", "ops_alert",
+                                                                       alert.SerializeToString())])  # fmt: skip
+        await redis.aclose()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 3.0))
+                assert message["type"] != "ops_alert", "an alert went out on a revoked key"
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert "revoked" in closed.value.rcvd.reason
 
 
 def test_a_slow_consumer_is_dropped_not_buffered_without_bound() -> None:

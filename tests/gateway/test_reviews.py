@@ -75,8 +75,8 @@ async def test_held_redemptions_are_approved_or_rejected_by_the_fraud_desk(scree
         decided = approved.json()
         assert decided["status"] == "APPROVED" and decided["note"] == "called the member"
         assert decided["decided_by"] and len(decided["outcome_transaction_ids"]) == 1
-        rejected = await desk.post(f"/v1/ops/reviews/{second['screening']['review_id']}/reject", json={},
-                                   headers=idem())  # fmt: skip
+        # The note is optional: no body at all is a decision without one.
+        rejected = await desk.post(f"/v1/ops/reviews/{second['screening']['review_id']}/reject", headers=idem())
         assert rejected.json()["status"] == "REJECTED"
         after = (await pos.get(f"/v1/members/{member}/balance")).json()
         assert after["reserved_points"] == 0
@@ -84,6 +84,9 @@ async def test_held_redemptions_are_approved_or_rejected_by_the_fraud_desk(scree
         again = problem(await desk.post(f"/v1/ops/reviews/{review_id}/reject", json={}, headers=idem()), 422)
         assert "already approved" in again["detail"]
         problem(await desk.post("/v1/ops/reviews/rv_nope/approve", json={}, headers=idem()), 400)
+        naive = f"2026-01-01T00:00:00|{review_id}"  # a hand-made token without a UTC offset
+        refused = problem(await viewer.get("/v1/ops/reviews", params={"page_token": naive}), 400)
+        assert [e["field"] for e in refused["errors"]] == ["page_token"]
         assert (await viewer.get("/v1/ops/reviews", params={"member_id": member})).json()["reviews"] == []
         done = (await viewer.get("/v1/ops/reviews", params={"member_id": member, "status": "APPROVED"})).json()
         assert [r["review_id"] for r in done["reviews"]] == [review_id]
