@@ -268,7 +268,7 @@ class Accrual:
         return await svc.fraud.screen(ScreeningRequest(
             event_id=purchase_id, kind=ScreenedKind.PURCHASE, member_id=cmd.member_id, occurred_at=cmd.receipt_time,
             context=replace(cmd.context, channel=cmd.channel, store_id=cmd.store_id),
-            points=sum(p.points for p in quote.parts if p.unit == unit), amount=cmd.total,
+            points=sum(p.points for p in quote.parts if p.unit == unit), amount=quote.base_total or cmd.total,
             balance_points=balance.available_points, member_since=await svc.member_since(cmd.member_id),
         ))  # fmt: skip
 

@@ -202,7 +202,8 @@ class BatchAccrual:
             requests.append(ScreeningRequest(
                 event_id=it.pid, kind=ScreenedKind.PURCHASE, member_id=member, occurred_at=cmd.receipt_time,
                 context=replace(cmd.context, channel=cmd.channel, store_id=cmd.store_id), points=points,
-                amount=cmd.total, balance_points=available[member], member_since=await svc.member_since(member),
+                amount=it.quote.base_total or cmd.total, balance_points=available[member],
+                member_since=await svc.member_since(member),
             ))  # fmt: skip
             if it.quote.release_at is None:
                 available[member] += points  # points released later are not available meanwhile

@@ -72,6 +72,7 @@ class Quote:
     tier_policy: TierPolicy | None
     experiment_arms: dict[str, str] = field(default_factory=dict)
     counts_purchases: bool = True  # the answer depends on the member's purchase count
+    base_total: Money | None = None  # the basket in the program's base currency (what fraud compares)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 
 from ledger_svc import commands as c
 from ledger_svc.accrual import EngineUnavailable
-from ledger_svc.domain import FailedPrecondition, InvalidArgument, LedgerError
+from ledger_svc.domain import FailedPrecondition, InvalidArgument, LedgerError, Money
 from ledger_svc.purchases import MemberState, Part, Quote
 from pointmesh.clients import rules_stub
 from pointmesh.errors import status_details
@@ -85,6 +85,7 @@ def quote_of(e: rules_pb2.Evaluation) -> Quote:
         from_timestamp(e.expires_at) if e.HasField("expires_at") else None,
         from_timestamp(e.release_at) if e.HasField("release_at") else None,
         e.max_lateness_days, e.basket_bonus_on_return, e.tier, policy, dict(e.experiment_arms), not e.ignores_purchase_count,
+        Money(e.base_total.amount_minor, e.base_total.currency) if e.HasField("base_total") else None,
     )  # fmt: skip
 
 

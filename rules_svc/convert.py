@@ -70,6 +70,7 @@ def evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
         release_at=to_timestamp(e.release_at), store_local_time=e.local_time.isoformat(),
         max_lateness_days=e.policy.max_lateness_days, basket_bonus_on_return=e.policy.basket_bonus_on_return.value,
         tier=e.tier, experiment_arms=dict(e.experiment_arms), ignores_purchase_count=not e.counts_purchases,
+        base_total=common_pb2.Money(currency=e.base_total[0], amount_minor=e.base_total[1]) if e.base_total else None,
     )  # fmt: skip
     out.totals.extend(rules_pb2.UnitPoints(unit=u, points=p) for u, p in e.totals().items())
     for part in e.components:

@@ -125,6 +125,8 @@ class Evaluation:
     counts_purchases: bool = False
     # The zone tier qualification months and years are counted in (the program's default).
     tier_timezone: str = "UTC"
+    # (currency, minor units): the total in the program's base currency; None without a rate.
+    base_total: tuple[str, int] | None = None
 
     def totals(self) -> dict[str, int]:
         out: dict[str, int] = {}

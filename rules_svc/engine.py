@@ -130,6 +130,12 @@ class CompiledProgram:
         den_scale = scale(basket.currency) * rate.numerator
         return self.base_currency, rate, [ln.amount_minor * num_scale // den_scale for ln in basket.lines]
 
+    def _base_total(self, basket: Basket) -> tuple[str, int] | None:
+        if not self.base_currency:
+            return basket.currency, basket.total_minor
+        total = self._convert(basket.total_minor, basket.currency, self.base_currency)
+        return None if total is None else (self.base_currency, total)
+
     def _convert(self, amount_minor: int, currency: str, to: str) -> int | None:
         return convert_minor(amount_minor, currency, to, self.base_currency, self.fx)
 
@@ -223,7 +229,7 @@ class CompiledProgram:
             basket.receipt_time + self.expiry if self.expiry else None,
             basket.receipt_time + self.release if self.release else None,
             local, self.program.policy, self.program.tiers, member.tier, tuple(sorted(arms.items())),
-            self.counts_purchases, self.program.default_timezone,
+            self.counts_purchases, self.program.default_timezone, self._base_total(basket),
         )  # fmt: skip
 
     @staticmethod

@@ -476,6 +476,7 @@ class Evaluation(_message.Message):
     TIER_FIELD_NUMBER: _builtins.int
     EXPERIMENT_ARMS_FIELD_NUMBER: _builtins.int
     IGNORES_PURCHASE_COUNT_FIELD_NUMBER: _builtins.int
+    BASE_TOTAL_FIELD_NUMBER: _builtins.int
     program: _builtins.str
     version: _builtins.int
     """The version used: record it with the earn so a return reverses at these rates."""
@@ -522,6 +523,14 @@ class Evaluation(_message.Message):
         the ledger keeps it with the purchase so experiment reports can compare arms.
         """
 
+    @_builtins.property
+    def base_total(self) -> _common_pb2.Money:
+        """The basket total in the program's base currency (converted with the program's FX rates,
+        floored), so amounts from baskets in different currencies compare as like for like (fraud
+        screening). The basket's own total when the program has no FX; unset when it has no rate
+        for the basket's currency.
+        """
+
     def __init__(
         self,
         *,
@@ -542,10 +551,11 @@ class Evaluation(_message.Message):
         tier: _builtins.str = ...,
         experiment_arms: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ignores_purchase_count: _builtins.bool = ...,
+        base_total: _common_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "release_at", b"release_at", "tier_policy", b"tier_policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["base_total", b"base_total", "expires_at", b"expires_at", "release_at", b"release_at", "tier_policy", b"tier_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_bonus_on_return", b"basket_bonus_on_return", "earn_amounts_minor", b"earn_amounts_minor", "earn_currency", b"earn_currency", "excluded", b"excluded", "experiment_arms", b"experiment_arms", "expires_at", b"expires_at", "fx_rate", b"fx_rate", "ignores_purchase_count", b"ignores_purchase_count", "max_lateness_days", b"max_lateness_days", "parts", b"parts", "program", b"program", "release_at", b"release_at", "store_local_time", b"store_local_time", "tier", b"tier", "tier_policy", b"tier_policy", "totals", b"totals", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_total", b"base_total", "basket_bonus_on_return", b"basket_bonus_on_return", "earn_amounts_minor", b"earn_amounts_minor", "earn_currency", b"earn_currency", "excluded", b"excluded", "experiment_arms", b"experiment_arms", "expires_at", b"expires_at", "fx_rate", b"fx_rate", "ignores_purchase_count", b"ignores_purchase_count", "max_lateness_days", b"max_lateness_days", "parts", b"parts", "program", b"program", "release_at", b"release_at", "store_local_time", b"store_local_time", "tier", b"tier", "tier_policy", b"tier_policy", "totals", b"totals", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -419,6 +419,7 @@ def test_kwd_basket_is_converted_to_eur_with_exponent_3_and_floored() -> None:
     assert explain(evaluation) == {"base": 3}
     assert evaluation.totals() == {"points": 3}
     assert evaluation.components[0].detail == "1 points per 1.00 EUR on 3.01 EUR"
+    assert evaluation.base_total == ("EUR", 301)  # what fraud screening compares across currencies
 
 
 def test_kwd_lines_are_converted_and_floored_one_by_one() -> None:

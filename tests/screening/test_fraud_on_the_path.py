@@ -21,6 +21,9 @@ from redis.asyncio import Redis
 
 from fraud_svc.app import FraudApp
 from fraud_svc.app import build as build_fraud
+from fraud_svc.domain import TxContext, TxKind
+from fraud_svc.features import featurize
+from fraud_svc.velocity_redis import RedisVelocity
 from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
 from pointmesh.events import OPS_ALERTS, RedisStreamBus
@@ -414,3 +417,24 @@ async def test_a_redemption_racing_the_earn_that_funds_it_is_never_posted_unscre
             assert redeemed.code() == grpc.StatusCode.FAILED_PRECONDITION, redeemed
 
     assert paid_unscreened == []
+
+
+async def test_fraud_svc_compares_purchases_in_the_programs_base_currency(screened: Screened) -> None:
+    """A 100 KWD receipt is about 301 EUR (0.332 KWD per EUR): fraud_svc's velocity sums must
+    hold that, not the 100,000 fils the receipt was written in."""
+    member = (await create_member(screened.ledger.stub)).member_id
+    for currency, amount in (("KWD", 100_000), ("EUR", 5_000)):
+        got = await screened.ledger.stub.RecordPurchase(
+            purchase_request(
+                member, [("grocery", amount, 1)], at=NOW, currency=currency, receipt=f"{member}-{currency}"
+            )
+        )
+        assert got.purchase.screening.scored, got.purchase.screening
+    redis = Redis.from_url(screened.redis_url)
+    try:  # a probe through fraud_svc's own feature code, on the state fraud_svc wrote
+        probe = TxContext(f"probe-{member}", TxKind.PURCHASE, member, NOW + timedelta(seconds=1))
+        features = await featurize(probe, RedisVelocity(redis))
+    finally:
+        await redis.aclose()
+
+    assert features["member_purchase_amount_1h"] == 30_120 + 5_000  # 100 KWD = 301.20 EUR, floored
