@@ -232,6 +232,7 @@ class PlaceHold(Body):
     unit: str = Field(default="", max_length=64)
     timeout_seconds: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] | None = None
     reference: str = Field(default="", max_length=256)
+    context: ScreeningContext | None = None
 
 
 class CaptureHold(Body):
@@ -247,6 +248,9 @@ class Hold(BaseModel):
     captured_points: int
     expires_at: datetime | None
     balance_after: Balance | None = None
+    screening: Screening | None = Field(
+        default=None, description="Placing a hold is fraud-screened; under review, review_id names the review"
+    )
 
 
 class Transfer(Body):

@@ -77,6 +77,7 @@ class PlaceHold:
     points: int
     timeout: timedelta | None = None
     reference: str = ""
+    context: ScreeningContext = field(default_factory=ScreeningContext)
 
 
 @dataclass(frozen=True, slots=True)

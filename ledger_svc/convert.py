@@ -289,7 +289,7 @@ def hold_cmd(r: ledger_pb2.PlaceHoldRequest) -> c.PlaceHold:
     timeout = (
         timedelta(seconds=r.timeout.seconds, microseconds=r.timeout.nanos // 1000) if r.HasField("timeout") else None
     )
-    return c.PlaceHold(key(r), r.member_id, r.unit, r.points, timeout, r.reference)
+    return c.PlaceHold(key(r), r.member_id, r.unit, r.points, timeout, r.reference, screening_context(r.context))
 
 
 def ingest_cmd(r: ledger_pb2.IngestBatchRequest) -> c.PostingCommand | c.RecordPurchase | None:

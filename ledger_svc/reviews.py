@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from ledger_svc import codec
 from ledger_svc import commands as c
-from ledger_svc.domain import FailedPrecondition, Hold, NotFound, Transaction, new_id
+from ledger_svc.domain import Balance, FailedPrecondition, Hold, NotFound, Transaction, new_id
 from ledger_svc.postings import ShardBook
 from ledger_svc.screening import Screening, Verdict
 
@@ -60,6 +60,16 @@ class RedeemResult:
     screening: Screening | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PlacedHold:
+    """A hold placed for its caller, or (REVIEW) owned by a review until ops decides; the
+    screening says which."""
+
+    hold: Hold
+    balance_after: Balance
+    screening: Screening | None = None
+
+
 def new_review_id(member_id: str) -> str:
     return new_id("rv", member_id)
 
@@ -83,6 +93,24 @@ def redeem_or_hold(
     review = open_review(book, review_id, ReviewKind.REDEMPTION, cmd.member_id, cmd.unit, cmd.points,
                          (held.hold.hold_id,), screening)  # fmt: skip
     return RedeemResult(None, held.hold, review.screening)
+
+
+def hold_or_review(
+    book: ShardBook, cmd: c.PlaceHold, screening: Screening | None, *, timeout: timedelta, review_timeout: timedelta
+) -> PlacedHold:
+    """A hold reserves points its caller can then capture, so it is screened as a redemption:
+    under review it belongs to the review instead (the caller cannot capture or void it), and
+    approval captures it as the redemption it was meant to become."""
+    if screening is None or screening.verdict is Verdict.ALLOW:
+        placed = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=timeout, reference=cmd.reference)
+        return PlacedHold(placed.hold, placed.balance_after, screening)
+    review_id = new_review_id(cmd.member_id)
+    held = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=review_timeout,
+                           reference=cmd.reference or f"hold under fraud review {review_id}",
+                           saga_id=review_id)  # fmt: skip
+    review = open_review(book, review_id, ReviewKind.REDEMPTION, cmd.member_id, cmd.unit, cmd.points,
+                         (held.hold.hold_id,), screening)  # fmt: skip
+    return PlacedHold(held.hold, held.balance_after, review.screening)
 
 
 def _save(book: ShardBook, review: Review) -> None:

@@ -138,8 +138,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.PlaceHoldResponse:
         result = await self.service.place_hold(cv.hold_cmd(request))
         return ledger_pb2.PlaceHoldResponse(
-            hold=cv.hold_pb(result.hold), balance_after=cv.balance_pb(result.balance_after)
-        )
+            hold=cv.hold_pb(result.hold), balance_after=cv.balance_pb(result.balance_after),
+            screening=cv.screening_pb(result.screening),
+        )  # fmt: skip
 
     @translated
     async def CaptureHold(

@@ -57,9 +57,17 @@ from ledger_svc.domain import (
 from ledger_svc.ingest import claim_many
 from ledger_svc.postings import Policy, ShardBook
 from ledger_svc.reconcile import ReconcileReport, reconcile
-from ledger_svc.reviews import RedeemResult, Review, ReviewStatus, redeem_or_hold
+from ledger_svc.reviews import PlacedHold, RedeemResult, Review, ReviewStatus, hold_or_review, redeem_or_hold
 from ledger_svc.sagas import Sagas
-from ledger_svc.screening import FraudDenied, FraudScreen, ScreenedKind, Screening, ScreeningRequest, Verdict
+from ledger_svc.screening import (
+    FraudDenied,
+    FraudScreen,
+    ScreenedKind,
+    Screening,
+    ScreeningContext,
+    ScreeningRequest,
+    Verdict,
+)
 from ledger_svc.screening import event_id as screening_event_id
 from ledger_svc.store.base import PURGE_SLICE, DirectoryTx, IdemRecord, LedgerStore, ShardTx
 from pointmesh.clock import Clock
@@ -481,24 +489,29 @@ class LedgerService:
 
         async def precheck() -> None:
             await self._active(cmd.member_id)()
-            screened[0] = await self._screen_redemption(cmd)
+            screened[0] = await self._screen_spend("redeem", cmd.key, cmd.member_id, cmd.unit, cmd.points,
+                                                   cmd.business_time, cmd.context)  # fmt: skip
 
         def body(b: ShardBook) -> RedeemResult:
             return redeem_or_hold(b, cmd, screened[0], hold_timeout=self.policy.hold_max_timeout)
 
         return await self._mutate(cmd, self.shard_of(cmd.member_id), RedeemResult, body, precheck)
 
-    async def _screen_redemption(self, cmd: c.Redeem) -> Screening | None:
+    async def _screen_spend(
+        self, what: str, key: IdemKey, member_id: str, unit: str, points: int, at: datetime | None,
+        context: ScreeningContext,
+    ) -> Screening | None:  # fmt: skip
+        """fraud_svc's verdict on spending points (a redemption, or a hold its caller can
+        capture); DENY is refused here."""
         if self.fraud is None:
             return None
         # Scored even when the balance read here looks short: an earn committing meanwhile can
         # make it enough by the time the write runs, and an unscreened redemption must not post.
-        balance = await self.get_balance(cmd.member_id, cmd.unit)
+        balance = await self.get_balance(member_id, unit)
         screening = await self.fraud.screen(ScreeningRequest(
-            event_id=screening_event_id("redeem", cmd.key.namespace, cmd.key.key), kind=ScreenedKind.REDEMPTION,
-            member_id=cmd.member_id, occurred_at=cmd.business_time or self.clock.now(), context=cmd.context,
-            points=cmd.points, amount=None, balance_points=balance.available_points,
-            member_since=await self.member_since(cmd.member_id),
+            event_id=screening_event_id(what, key.namespace, key.key), kind=ScreenedKind.REDEMPTION,
+            member_id=member_id, occurred_at=at or self.clock.now(), context=context, points=points, amount=None,
+            balance_points=balance.available_points, member_since=await self.member_since(member_id),
         ))  # fmt: skip
         if screening.verdict is Verdict.DENY:
             raise FraudDenied(screening)
@@ -554,18 +567,25 @@ class LedgerService:
             lambda b: b.adjust(cmd.member_id, cmd.unit, cmd.points, reason=cmd.reason, operator_id=cmd.operator_id),
         )  # fmt: skip
 
-    async def place_hold(self, cmd: c.PlaceHold) -> HoldResult:
+    async def place_hold(self, cmd: c.PlaceHold) -> PlacedHold:
         key = v.idem_key(cmd.key)
         v.positive_points(cmd.points)
         timeout = v.hold_timeout(cmd.timeout, self.policy.hold_timeout, self.policy.hold_max_timeout)
         cmd = c.PlaceHold(key, v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units), cmd.points,
-                          cmd.timeout, v.optional_text(cmd.reference, "reference"))  # fmt: skip
+                          cmd.timeout, v.optional_text(cmd.reference, "reference"),
+                          v.screening_context(cmd.context))  # fmt: skip
         await self._require_exists(cmd.member_id)
-        return await self._mutate(
-            cmd, self.shard_of(cmd.member_id), HoldResult,
-            lambda b: b.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=timeout, reference=cmd.reference),
-            self._active(cmd.member_id),
-        )  # fmt: skip
+        screened: list[Screening | None] = [None]
+
+        async def precheck() -> None:
+            await self._active(cmd.member_id)()
+            screened[0] = await self._screen_spend("hold", cmd.key, cmd.member_id, cmd.unit, cmd.points, None,
+                                                   cmd.context)  # fmt: skip
+
+        def body(b: ShardBook) -> PlacedHold:
+            return hold_or_review(b, cmd, screened[0], timeout=timeout, review_timeout=self.policy.hold_max_timeout)
+
+        return await self._mutate(cmd, self.shard_of(cmd.member_id), PlacedHold, body, precheck)
 
     async def capture_hold(self, cmd: c.CaptureHold) -> HoldResult:
         v.idem_key(cmd.key)

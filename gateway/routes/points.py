@@ -45,18 +45,26 @@ async def quote(body: s.RedemptionQuoteRequest, gw: GatewayDep, caller: Caller) 
                              explanation=q.explanation, program_version=q.version)  # fmt: skip
 
 
-@router.post("/holds", status_code=201, response_model=s.Hold, summary="Reserve points (place a hold)")
-async def place_hold(body: s.PlaceHold, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
-    caller.require("redemptions:write")
+@router.post("/holds", status_code=201, response_model=s.Hold,
+             responses={202: {"description": "Held for fraud review: the hold belongs to the review; approval "
+                                             "captures it, and the caller cannot capture or void it",
+                              "model": s.Hold}},
+             summary="Reserve points (place a hold; fraud-screened)")  # fmt: skip
+async def place_hold(body: s.PlaceHold, response: Response, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
+    api_key = caller.require("redemptions:write")
     timeout = Duration()
     if body.timeout_seconds is not None:
         timeout.FromTimedelta(timedelta(seconds=body.timeout_seconds))
     request = ledger_pb2.PlaceHoldRequest(
         idempotency_key=key, member_id=body.member_id, unit=body.unit, points=body.points,
         timeout=timeout if body.timeout_seconds is not None else None, reference=body.reference,
+        context=cv.context_pb(body.context, api_key.channel, caller.store_for("")),
     )  # fmt: skip
     result = await call(LEDGER, gw.ledger.PlaceHold(request))
-    return cv.hold(result.hold, result.balance_after)
+    shown = cv.screening(result.screening) if result.HasField("screening") else None
+    if shown is not None and shown.review_id:
+        response.status_code = 202
+    return cv.hold(result.hold, result.balance_after).model_copy(update={"screening": shown})
 
 
 @router.get("/holds/{hold_id}", response_model=s.Hold, summary="A hold")

@@ -1083,6 +1083,7 @@ class PlaceHoldRequest(_message.Message):
     POINTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     unit: _builtins.str
     points: _builtins.int
@@ -1093,6 +1094,10 @@ class PlaceHoldRequest(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """Auto-void after this long; the ledger default (15 minutes) when unset. Max 7 days."""
 
+    @_builtins.property
+    def context(self) -> Global___ScreeningContext:
+        """A hold reserves points its caller can capture, so it is fraud-screened as a redemption."""
+
     def __init__(
         self,
         *,
@@ -1102,10 +1107,11 @@ class PlaceHoldRequest(_message.Message):
         points: _builtins.int = ...,
         timeout: _duration_pb2.Duration | None = ...,
         reference: _builtins.str = ...,
+        context: Global___ScreeningContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "idempotency_key", b"idempotency_key", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "member_id", b"member_id", "points", b"points", "reference", b"reference", "timeout", b"timeout", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "idempotency_key", b"idempotency_key", "member_id", b"member_id", "points", b"points", "reference", b"reference", "timeout", b"timeout", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1117,19 +1123,27 @@ class PlaceHoldResponse(_message.Message):
 
     HOLD_FIELD_NUMBER: _builtins.int
     BALANCE_AFTER_FIELD_NUMBER: _builtins.int
+    SCREENING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hold(self) -> Global___Hold: ...
     @_builtins.property
     def balance_after(self) -> Global___Balance: ...
+    @_builtins.property
+    def screening(self) -> Global___Screening:
+        """Set when screening ran. REVIEW: the hold belongs to the review (screening.review_id); the
+        caller cannot capture or void it, and approval captures it as a redemption.
+        """
+
     def __init__(
         self,
         *,
         hold: Global___Hold | None = ...,
         balance_after: Global___Balance | None = ...,
+        screening: Global___Screening | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold", b"hold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold", b"hold", "screening", b"screening"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold", b"hold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold", b"hold", "screening", b"screening"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

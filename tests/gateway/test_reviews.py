@@ -90,3 +90,25 @@ async def test_held_redemptions_are_approved_or_rejected_by_the_fraud_desk(scree
         assert (await viewer.get("/v1/ops/reviews", params={"member_id": member})).json()["reviews"] == []
         done = (await viewer.get("/v1/ops/reviews", params={"member_id": member, "status": "APPROVED"})).json()
         assert [r["review_id"] for r in done["reviews"]] == [review_id]
+
+
+async def test_a_hold_is_screened_like_the_redemption_it_becomes(screened_gw: GatewayUnderTest) -> None:
+    """Hold then capture spends points too: a large hold goes to review (fraud_svc is down
+    here, so the fail-closed policy sends it), the POS cannot capture it, approval does."""
+    gw = screened_gw
+    async with gw.client("pos") as pos, gw.client("fraud_desk") as desk:
+        member = await enrol(pos)
+        await pos.post("/v1/purchases", json=purchase_body(gw, member, "H-1", 900_000), headers=idem())
+        small = await pos.post("/v1/holds", json={"member_id": member, "points": 500}, headers=idem())
+        assert small.status_code == 201 and small.json()["screening"]["scored"] is False
+        ato = {"member_id": member, "points": 3_000, "context": {"device_id": "new-phone", "ip": "203.0.113.9"}}
+        held = await pos.post("/v1/holds", json=ato, headers=idem())
+        assert held.status_code == 202, held.text
+        hold, review_id = held.json()["hold_id"], held.json()["screening"]["review_id"]
+        assert held.json()["status"] == "PLACED" and review_id
+
+        problem(await pos.post(f"/v1/holds/{hold}/capture", json={}, headers=idem()), 422)
+        problem(await pos.post(f"/v1/holds/{hold}/void", headers=idem()), 422)
+        approved = await desk.post(f"/v1/ops/reviews/{review_id}/approve", headers=idem())
+        assert approved.status_code == 200, approved.text
+        assert (await pos.get(f"/v1/holds/{hold}")).json()["status"] == "CAPTURED"
