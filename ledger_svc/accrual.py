@@ -40,7 +40,8 @@ from ledger_svc.purchases import (
     tender_points,
 )
 from ledger_svc.reviews import new_review_id
-from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
+from ledger_svc.screening import ScreenedKind, Screening, ScreeningContext, ScreeningRequest
+from ledger_svc.screening import event_id as screening_event_id
 from pointmesh.tiers import effective_tier
 
 if TYPE_CHECKING:
@@ -415,7 +416,14 @@ class Accrual:
             return take_back(book, load_purchase(book, cmd.purchase_id), cmd, merged_into)
 
         result, replayed = await svc.store.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
-        return await self._finish_return(result, merged_into), replayed
+        result = await self._finish_return(result, merged_into)
+        if not replayed and owner is not None:
+            before = codec.loads(PurchaseRecord, owner[1])
+            await svc._observe(ScreenedKind.RETURN, screening_event_id("return", cmd.key.namespace, cmd.key.key),
+                               result.purchase.member_id, sum(result.reversed.values()),
+                               _refund_in_base(result.purchase, result.purchase.refunded_minor - before.refunded_minor),
+                               context=ScreeningContext(channel=cmd.channel, store_id=cmd.store_id))  # fmt: skip
+        return result, replayed
 
     async def _merged_into(self, member_id: str) -> str:
         member = await self.svc.member(member_id, "purchase_id")
@@ -434,6 +442,15 @@ class Accrual:
         if merged_into and result.tender_recredited:
             await self.svc.sagas.sweep_merged(result.purchase.member_id, merged_into)
         return result
+
+
+def _refund_in_base(record: PurchaseRecord, refunded_minor: int) -> Money:
+    """This return's refund as fraud_svc compares amounts: in the program's base currency,
+    in proportion to the purchase's base total (the receipt's currency for older purchases)."""
+    base = record.base_total
+    if base is None or not record.total.amount_minor:
+        return Money(refunded_minor, record.total.currency)
+    return Money(base.amount_minor * refunded_minor // record.total.amount_minor, base.currency)
 
 
 MAX_LISTED_SPAN = timedelta(days=31)

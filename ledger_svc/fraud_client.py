@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 _KIND = {
     ScreenedKind.PURCHASE: fraud_pb2.SCORED_KIND_PURCHASE,
     ScreenedKind.REDEMPTION: fraud_pb2.SCORED_KIND_REDEMPTION,
+    ScreenedKind.TRANSFER: fraud_pb2.SCORED_KIND_TRANSFER,
+    ScreenedKind.RETURN: fraud_pb2.SCORED_KIND_RETURN,
 }
 _VERDICT = {
     fraud_pb2.VERDICT_ALLOW: Verdict.ALLOW,
@@ -46,6 +48,7 @@ def scored_transaction(r: ScreeningRequest) -> fraud_pb2.ScoredTransaction:
         points=r.points, device_id=ctx.device_id, ip=ctx.ip, card_hash=ctx.card_hash, employee_card=ctx.employee_card,
         contact_changed_at=to_timestamp(ctx.contact_changed_at) if ctx.contact_changed_at else None,
         member_since=to_timestamp(r.member_since) if r.member_since else None, balance_points=r.balance_points,
+        counterparty_member_id=r.counterparty_member_id,
     )  # fmt: skip
 
 

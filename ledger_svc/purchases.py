@@ -116,6 +116,7 @@ class PurchaseRecord:
     qualification_bucket: str = ""
     metric_unit: str = ""
     screening: Screening | None = None
+    base_total: Money | None = None  # the total in the program's base currency (fraud compares these)
 
     def earned(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -195,7 +196,7 @@ def accrue(
         record, status=PurchaseStatus.EARNED, status_reason="", version=quote.version, fx_rate=quote.fx_rate,
         experiment_arms=dict(quote.experiment_arms),
         parts=parts, returned_points=tuple(0 for _ in parts), purchase_number=ordinal, tier_before=quote.tier,
-        basket_bonus_on_return=quote.basket_bonus_on_return,
+        basket_bonus_on_return=quote.basket_bonus_on_return, base_total=quote.base_total,
     )  # fmt: skip
     txs: dict[str, str] = {}
     for unit, points in record.earned().items():

@@ -35,6 +35,10 @@ class Verdict(enum.StrEnum):
 class ScreenedKind(enum.StrEnum):
     PURCHASE = "PURCHASE"
     REDEMPTION = "REDEMPTION"
+    # Observed only: fraud_svc records them in its velocity state (transfer rings, return
+    # abuse), so the redemption that cashes them in is scored knowing they happened.
+    TRANSFER = "TRANSFER"
+    RETURN = "RETURN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,7 @@ class ScreeningRequest:
     amount: Money | None
     balance_points: int
     member_since: datetime | None
+    counterparty_member_id: str = ""  # a transfer's other member
 
 
 class ScreenerUnavailable(Exception):
@@ -153,6 +158,18 @@ class FraudScreen:
             except ScreenerUnavailable as exc:
                 self._trip(f"{request.kind} {request.event_id}", exc)
         return self._unscored(request)
+
+    async def observe(self, request: ScreeningRequest) -> None:
+        """Tells fraud_svc about a transaction it does not decide (a transfer, a return), after
+        it committed; the answer is not used, and fraud_svc being away costs nothing more."""
+        if not self._up():
+            return
+        try:
+            await self.screener.screen(request)
+        except ScreenerRefused:
+            return
+        except ScreenerUnavailable as exc:
+            self._trip(f"{request.kind} {request.event_id} (observed)", exc)
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening]:
         """Many in one call, scored in event-time order whatever order they are given in."""

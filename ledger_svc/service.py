@@ -42,6 +42,7 @@ from ledger_svc.domain import (
     MemberNotActive,
     MemberStatus,
     MergeResult,
+    Money,
     NotFound,
     Page,
     ReverseResult,
@@ -682,13 +683,29 @@ class LedgerService:
 
         src_shard = self.shard_of(cmd.source_member_id)
         if self.store.multi_member_units and src_shard == self.shard_of(cmd.destination_member_id):
-            return await self._mutate(
+            result = await self._mutate(
                 cmd, src_shard, TransferResult, lambda b: self.sagas.same_shard_transfer(b, cmd), both_active
             )
-        # Cross-shard: step 1 reserves on the source and records the saga, idempotently.
-        saga_id = await self._mutate(cmd, src_shard, str, lambda b: self.sagas.start_transfer(b, cmd), both_active)
-        self._fault("transfer_after_hold")
-        return await self.sagas.drive_transfer(saga_id)
+        else:
+            # Cross-shard: step 1 reserves on the source and records the saga, idempotently.
+            saga_id = await self._mutate(cmd, src_shard, str, lambda b: self.sagas.start_transfer(b, cmd), both_active)
+            self._fault("transfer_after_hold")
+            result = await self.sagas.drive_transfer(saga_id)
+        await self._observe(ScreenedKind.TRANSFER, f"transfer:{result.transfer_id}", cmd.source_member_id,
+                            cmd.points, None, counterparty=cmd.destination_member_id)  # fmt: skip
+        return result
+
+    async def _observe(self, kind: ScreenedKind, event_id: str, member_id: str, points: int, amount: Money | None,
+                       *, counterparty: str = "", context: ScreeningContext | None = None) -> None:  # fmt: skip
+        """A committed transfer or return, told to fraud_svc for its velocity state (an event id
+        seen before is not counted twice, so a replayed call may tell it again)."""
+        if self.fraud is None:
+            return
+        await self.fraud.observe(ScreeningRequest(
+            event_id=event_id, kind=kind, member_id=member_id, occurred_at=self.clock.now(),
+            context=context or ScreeningContext(), points=points, amount=amount, balance_points=0,
+            member_since=await self.member_since(member_id), counterparty_member_id=counterparty,
+        ))  # fmt: skip
 
     async def recover_sagas(self, *, at_startup: bool = False) -> int:
         """Completes transfers, merges and reversals a crash left half-way (sagas.py)."""

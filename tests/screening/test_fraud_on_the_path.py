@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from fraud_svc.app import FraudApp
 from fraud_svc.app import build as build_fraud
 from fraud_svc.domain import TxContext, TxKind
-from fraud_svc.features import featurize
+from fraud_svc.features import FeatureRow, featurize
 from fraud_svc.velocity_redis import RedisVelocity
 from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
@@ -438,3 +438,40 @@ async def test_fraud_svc_compares_purchases_in_the_programs_base_currency(screen
         await redis.aclose()
 
     assert features["member_purchase_amount_1h"] == 30_120 + 5_000  # 100 KWD = 301.20 EUR, floored
+
+
+async def _features(env: Screened, probe: TxContext) -> FeatureRow:
+    """A probe through fraud_svc's own feature code, on the velocity state fraud_svc wrote."""
+    redis = Redis.from_url(env.redis_url)
+    try:
+        return await featurize(probe, RedisVelocity(redis))
+    finally:
+        await redis.aclose()
+
+
+async def test_transfers_and_returns_reach_fraud_svc_so_the_redemption_that_cashes_in_knows_them(
+    screened: Screened,
+) -> None:
+    collector = (await create_member(screened.ledger.stub)).member_id
+    for i in range(5):  # a ring: five members pass points to one
+        sender = (await create_member(screened.ledger.stub)).member_id
+        await screened.ledger.stub.Earn(ledger_pb2.EarnRequest(idempotency_key=key(), member_id=sender, points=300))
+        await screened.ledger.stub.Transfer(ledger_pb2.TransferRequest(
+            idempotency_key=key(f"ring-{collector}-{i}"), source_member_id=sender, destination_member_id=collector,
+            points=250,
+        ))  # fmt: skip
+    bought = await screened.ledger.stub.RecordPurchase(
+        purchase_request(collector, [("grocery", 100_000, 1)], at=NOW, currency="KWD", receipt=f"{collector}-r")
+    )
+    await screened.ledger.stub.RecordReturn(ledger_pb2.RecordReturnRequest(
+        idempotency_key=key(f"ret-{collector}"), purchase_id=bought.purchase.purchase_id, channel="pos",
+        store_id="HEL-01", refund=common_pb2.Money(amount_minor=50_000, currency="KWD"),
+    ))  # fmt: skip
+
+    cash_in = await _features(screened, TxContext(f"probe-{collector}", TxKind.REDEMPTION, collector,
+                                                  NOW + timedelta(seconds=1), points=1_000))  # fmt: skip
+
+    assert cash_in["member_transfers_in_24h"] == 5
+    assert cash_in["member_transfer_senders_7d"] == 5
+    assert cash_in["member_returns_24h"] == 1
+    assert cash_in["member_return_amount_30d"] == 15_060  # 50 KWD of the 100 KWD (301.20 EUR) receipt
