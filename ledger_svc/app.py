@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -40,6 +40,32 @@ from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 PURGE_EVERY = timedelta(hours=6)
+# A failed retention or archive pass is tried again after this, doubling up to PURGE_EVERY:
+# not every maintenance interval (seconds), which would repeat a failing pass back to back.
+RETRY_FIRST = timedelta(minutes=1)
+
+
+@dataclass
+class Periodic:
+    """When a periodic job is next due: `every` after a success, a growing backoff after a failure."""
+
+    last: datetime
+    every: timedelta
+    failures: int = 0
+    next_at: datetime | None = None
+
+    def due(self, now: datetime) -> bool:
+        return now >= (self.next_at or self.last + self.every)
+
+    def succeeded(self, now: datetime) -> None:
+        self.last, self.failures, self.next_at = now, 0, None
+
+    def failed(self, now: datetime) -> timedelta:
+        """Schedules the retry and returns how long until it."""
+        self.failures += 1
+        wait: timedelta = min(self.every, RETRY_FIRST * (1 << min(self.failures - 1, 20)))
+        self.next_at = now + wait
+        return wait
 
 
 def policy_from(settings: Settings) -> Policy:
@@ -116,9 +142,10 @@ class LedgerApp:
         return port
 
     async def _jobs(self) -> None:
-        """Expiry, pending release, hold timeouts and saga recovery, then key retention now and then."""
-        last_purge = self.clock.now()
+        """Expiry, pending release, hold timeouts and saga recovery, then key retention and
+        archiving now and then, each in its own try: one failing must not stop the others."""
         retention = timedelta(days=self.settings.idempotency_retention_days)
+        purge, archive = Periodic(self.clock.now(), PURGE_EVERY), Periodic(self.clock.now(), PURGE_EVERY)
         while True:
             await asyncio.sleep(self.settings.maintenance_interval_seconds)
             try:
@@ -131,15 +158,25 @@ class LedgerApp:
                     or report.purchases_settled
                 ):
                     log.info("maintenance pass", extra={"report": codec.to_plain(report)})
-                if self.clock.now() - last_purge >= PURGE_EVERY:
+            except Exception:
+                log.exception("maintenance pass failed; retrying next interval")
+            if purge.due(self.clock.now()):
+                try:
                     await self.service.purge_expired_keys(retention)
+                    purge.succeeded(self.clock.now())
+                except Exception:
+                    wait = purge.failed(self.clock.now())
+                    log.exception("key retention pass failed; retrying in %s", wait)
+            if archive.due(self.clock.now()):
+                try:
                     horizon = self.clock.now() - timedelta(days=self.settings.live_history_days)
                     moved = await self.store.archive(horizon)
                     if moved:
                         log.info("archived %d settled rows older than %s", moved, horizon.date())
-                    last_purge = self.clock.now()
-            except Exception:
-                log.exception("maintenance pass failed; retrying next interval")
+                    archive.succeeded(self.clock.now())
+                except Exception:
+                    wait = archive.failed(self.clock.now())
+                    log.exception("archive pass failed; retrying in %s", wait)
 
     async def _reconcile_loop(self) -> None:
         """The books proved now and then in the background; holds past their timeout that the

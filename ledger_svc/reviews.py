@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from ledger_svc import codec
 from ledger_svc import commands as c
-from ledger_svc.domain import Balance, FailedPrecondition, Hold, NotFound, Transaction, new_id
+from ledger_svc.domain import Balance, FailedPrecondition, Hold, HoldResult, NotFound, Transaction, new_id
 from ledger_svc.postings import ShardBook
 from ledger_svc.screening import Screening, Verdict
 
@@ -86,13 +86,22 @@ def redeem_or_hold(
         posted = book.redeem(cmd.member_id, cmd.unit, cmd.points, business_time=cmd.business_time,
                              reference=cmd.reference)  # fmt: skip
         return RedeemResult(posted, None, screening)
-    review_id = new_review_id(cmd.member_id)
-    held = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=hold_timeout,
-                           reference=cmd.reference or f"redemption under fraud review {review_id}",
-                           saga_id=review_id)  # fmt: skip
-    review = open_review(book, review_id, ReviewKind.REDEMPTION, cmd.member_id, cmd.unit, cmd.points,
-                         (held.hold.hold_id,), screening)  # fmt: skip
+    held, review = _held_for_review(book, cmd.member_id, cmd.unit, cmd.points, cmd.reference, "redemption",
+                                    screening, hold_timeout)  # fmt: skip
     return RedeemResult(None, held.hold, review.screening)
+
+
+def _held_for_review(
+    book: ShardBook, member_id: str, unit: str, points: int, reference: str, what: str, screening: Screening,
+    timeout: timedelta,
+) -> tuple[HoldResult, Review]:  # fmt: skip
+    """The points reserved by a hold the review owns, and the review."""
+    review_id = new_review_id(member_id)
+    held = book.place_hold(member_id, unit, points, timeout=timeout,
+                           reference=reference or f"{what} under fraud review {review_id}", saga_id=review_id)  # fmt: skip
+    review = open_review(book, review_id, ReviewKind.REDEMPTION, member_id, unit, points, (held.hold.hold_id,),
+                         screening)  # fmt: skip
+    return held, review
 
 
 def hold_or_review(
@@ -104,12 +113,8 @@ def hold_or_review(
     if screening is None or screening.verdict is Verdict.ALLOW:
         placed = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=timeout, reference=cmd.reference)
         return PlacedHold(placed.hold, placed.balance_after, screening)
-    review_id = new_review_id(cmd.member_id)
-    held = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=review_timeout,
-                           reference=cmd.reference or f"hold under fraud review {review_id}",
-                           saga_id=review_id)  # fmt: skip
-    review = open_review(book, review_id, ReviewKind.REDEMPTION, cmd.member_id, cmd.unit, cmd.points,
-                         (held.hold.hold_id,), screening)  # fmt: skip
+    held, review = _held_for_review(book, cmd.member_id, cmd.unit, cmd.points, cmd.reference, "hold", screening,
+                                    review_timeout)  # fmt: skip
     return PlacedHold(held.hold, held.balance_after, review.screening)
 
 

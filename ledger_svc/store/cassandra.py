@@ -30,7 +30,19 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from ledger_svc.domain import Entry, ExternalId, Hold, HoldStatus, Lot, Member, MemberStatus, SagaState, TxKind
+from ledger_svc.domain import (
+    Entry,
+    ExternalId,
+    FailedPrecondition,
+    Hold,
+    HoldStatus,
+    Lot,
+    Member,
+    MemberStatus,
+    SagaState,
+    TxKind,
+    Unavailable,
+)
 from ledger_svc.store.base import (
     PURGE_SLICE,
     AccountRow,
@@ -48,7 +60,7 @@ from ledger_svc.store.base import (
 from ledger_svc.store.base import (
     opt_us as _opt_us,
 )
-from ledger_svc.store.cassandra_schema import LATEST, applied_version, check_keyspace, listing_bucket
+from ledger_svc.store.cassandra_schema import DAY_US, LATEST, applied_version, check_keyspace, listing_bucket
 from pointmesh.cassandra_client import connect
 from pointmesh.config import Settings
 
@@ -68,6 +80,12 @@ MAX_TTL_SECONDS = 630_720_000
 # found the owner gone first would insert the record again and conflict.
 OWNER_TTL_MARGIN_S = 86_400
 BACKFILL_IN_FLIGHT = 128
+CLAIM_PURGE_IN_FLIGHT = 128  # claim deletes in flight at once (two statements per claim)
+# Status prefix of a member whose creating unit has not finished (CassandraDirectoryTx.commit).
+PENDING_MEMBER = "pending:"
+# meta key of claim retention's watermark: [day, created_us, namespace, key] of the last claim deleted
+CLAIM_PURGE_MARK = "claims_purged"
+CLAIM_PURGE_PAGE = 5_000  # claims read from a day's index at once
 LISTING_AHEAD = 32  # listing buckets read at once, at most
 # Small, bounded row kinds read with the partition's statics on first touch.
 LIVE_KINDS = ("acct", "hold", "lot", "months", "state", "wait")
@@ -93,19 +111,40 @@ BUCKET_ANNOUNCE_S = 10.0
 
 
 class Conflict(Exception):
-    """A partition changed between this unit's read and its commit; the unit runs again."""
+    """A partition changed between this unit's read and its commit; the unit runs again.
+
+    Not a LedgerError on purpose: units catch LedgerError per item, and this one must reach
+    the retry loop. Once the loop gives up it becomes StoreBusy."""
 
 
-class UnknownOutcome(Exception):
-    """A conditional write timed out and reading back could not tell whether it applied."""
+class StoreBusy(Unavailable):
+    """Every attempt of a unit lost its conditional write; the client retries with its key."""
 
 
-class ExternalIdTaken(Exception):
+class StoreUnreachable(Unavailable):
+    """The driver could not get an answer (timeout, no host, too few replicas): the same call
+    with the same idempotency key may be sent again, so clients see UNAVAILABLE."""
+
+
+class UnknownOutcome(Unavailable):
+    """A conditional write timed out and reading back could not tell whether it applied; the
+    client's retry with the same key finds the result if it did."""
+
+
+class ExternalIdTaken(FailedPrecondition):
     """An external id (card, login) already belongs to another member."""
 
 
 class LayoutMismatch(RuntimeError):
     """The ledger was written with another shard count; ids carry their routing."""
+
+
+def _driver_failures() -> tuple[type[BaseException], ...]:
+    """Driver errors that say "no answer now", not "bad request" (InvalidRequest stays a bug)."""
+    from cassandra import OperationTimedOut, RequestExecutionException
+    from cassandra.cluster import NoHostAvailable
+
+    return OperationTimedOut, RequestExecutionException, NoHostAvailable
 
 
 def _dumps(value: Any) -> str:
@@ -621,17 +660,27 @@ class CassandraShardTx:
 
     def _unsent(self, limit: int) -> list[tuple[Pointer, list[Any]]]:
         """Unsent events in sequence order. A pointer whose event is not there (its unit has
-        not committed yet, or never will) holds back that member's later events only."""
-        rows, blocked = [], set()
-        for pointer in self.store.queue_due(self.shard, "outbox", 2**62, limit):
-            if pointer.p in blocked:
-                continue
-            found = self.store.q("row", (self.store.ledger, pointer.p, "outbox", pointer.id)).one()
-            if found is None:
-                blocked.add(pointer.p)
-                self.stale.append(("outbox", pointer))
-            else:
-                rows.append((pointer, json.loads(found.body)))
+        not committed yet, or never will) holds back that member's later events only: those
+        do not count toward `limit`, and reading goes on past them, so a page is empty only
+        when no event can be relayed (the relay stops at an empty page)."""
+        rows: list[tuple[Pointer, list[Any]]] = []
+        blocked: set[str] = set()
+        after: tuple[int, str, str] | None = None
+        while len(rows) < limit:
+            wanted = limit - len(rows)
+            pointers = self.store.queue_after(self.shard, "outbox", 2**62, wanted, after)
+            for pointer in pointers:
+                if pointer.p in blocked:
+                    continue
+                found = self.store.q("row", (self.store.ledger, pointer.p, "outbox", pointer.id)).one()
+                if found is None:
+                    blocked.add(pointer.p)
+                    self.stale.append(("outbox", pointer))
+                else:
+                    rows.append((pointer, json.loads(found.body)))
+            if len(pointers) < wanted:
+                break
+            after = (pointers[-1].at, pointers[-1].p, pointers[-1].id)
         return rows
 
     def unrelayed_outbox(self, limit: int) -> list[OutboxRow]:
@@ -642,10 +691,8 @@ class CassandraShardTx:
     def mark_relayed(self, seqs: Iterable[int], at: datetime) -> None:
         """Sent events move to 'sent' with plain writes at commit: no posting reads them, so
         marking them neither bumps the member's version nor contends with postings."""
-        for seq in seqs:
-            pointer = self.store.pointer_of(self.shard, seq)
-            if pointer is not None:
-                self.relayed.append((pointer, to_us(at)))
+        for seq in dict.fromkeys(seqs):
+            self.relayed += [(pointer, to_us(at)) for pointer in self.store.pointers_of(self.shard, seq)]
 
     def outbox_backlog(self) -> int:
         return len(self._unsent(100_000))
@@ -802,8 +849,14 @@ class CassandraShardTx:
             # Each partition's pointers just before its own batch, so none is older than the
             # pruning grace period when its rows commit, however long a many-member job runs.
             owners = {o: p for o, p in self.new_owners.items() if p == part.p}
-            self.store.prepare_side_tables(self.shard, [part], owners)
-            self.store.commit_partition(part)
+            pointed = self.store.prepare_side_tables(self.shard, [part], owners)
+            try:
+                self.store.commit_partition(part)
+            except Conflict:
+                # Not applied: its event pointers point at nothing, and would hold this member's
+                # later events back for QUEUE_GRACE_US. The next attempt writes its own.
+                self.store.withdraw_pointers(self.shard, part, pointed)
+                raise
 
 
 def _pointers(part: _Part) -> list[tuple[str, int, str]]:
@@ -827,6 +880,12 @@ def _pointers(part: _Part) -> list[tuple[str, int, str]]:
     return out
 
 
+def _open(kind: str, body: str) -> bool:
+    """Whether an indexed row is open work: a saga only while HELD (DONE ones stay as the
+    saga's record, and must not keep the member in the 'due' index for ever)."""
+    return kind != "saga" or _dec_saga("", body).state == SagaState.HELD
+
+
 def _bucket(kind: str, at: int) -> int:
     """Events are queued by sequence (microseconds x SEQ_TAGS), timers by due time."""
     return (at // SEQ_TAGS if kind == "outbox" else at) // QUEUE_BUCKET_US[kind]
@@ -838,6 +897,14 @@ def _row_values(row: AccountRow) -> tuple[str, int, int, int, int]:
 
 def _spend_order(lot: Lot) -> tuple[bool, int, int, str]:
     return lot.expires_at is None, to_us(lot.expires_at) if lot.expires_at else 0, to_us(lot.created_at), lot.lot_id
+
+
+def _pending_rows(ledger: str, member: Member) -> list[tuple[str, tuple[Any, ...]]]:
+    """A member's rows as pending: readers other than a retry of its own request skip it."""
+    return [("member_put", (ledger, member.member_id, PENDING_MEMBER + member.status.value,
+                            json.dumps(member.profile, sort_keys=True), member.merged_into,
+                            to_us(member.created_at))),
+            *(("ext_member_put", (ledger, member.member_id, e.kind, e.value, False)) for e in member.external_ids)]  # fmt: skip
 
 
 class CassandraDirectoryTx:
@@ -856,6 +923,8 @@ class CassandraDirectoryTx:
         self.claims: dict[tuple[str, str], IdemRecord] = {}
         self.ext_claims: list[tuple[ExternalId, str, bool]] = []
         self.writes: list[tuple[str, tuple[Any, ...]]] = []
+        self.pending: list[Member] = []  # members this unit creates
+        self.checked: set[tuple[str, str]] = set()  # optimistic claims read back already
 
     def claim(self, namespace: str, key: str, operation: str, fingerprint: str, at: datetime) -> IdemRecord | None:
         """Optimistic: assumes the key is free; the conditional insert at commit decides, and a
@@ -876,6 +945,12 @@ class CassandraDirectoryTx:
         return [(r.source, r.target) for r in self.store.q("merges", (self.ledger,))]
 
     def add_member(self, member: Member) -> None:
+        """Written in two steps at commit: first as pending, with the claim's result, then,
+        once its external ids are claimed, as itself (see `commit`)."""
+        self._stage_member(member)
+        self.pending.append(member)
+
+    def _stage_member(self, member: Member) -> None:
         for ext in member.external_ids:
             owner = self.external_id_owner(ext)
             if owner is not None and owner != member.member_id:
@@ -888,26 +963,52 @@ class CassandraDirectoryTx:
             self.writes.append(("ext_member_put", (self.ledger, member.member_id, ext.kind, ext.value, False)))
 
     def get_member(self, member_id: str) -> Member | None:
+        """A pending member (an attempt stopped between its steps) is nobody's yet, except the
+        result of a claim this unit holds: a retry with the same key gets it and finishes it."""
         row = self.store.q("member_get", (self.ledger, member_id)).one()
         if row is None:
             return None
+        status = str(row.status)
+        pending = status.startswith(PENDING_MEMBER)
+        if pending and member_id not in {rec.result_json for rec in self.known.values()}:
+            return None
         ids = sorted((r.kind, r.value, r.alias) for r in self.store.q("ext_of_member", (self.ledger, member_id)))
-        return Member(
+        member = Member(
             member_id=member_id,
-            status=MemberStatus(row.status),
+            status=MemberStatus(status.removeprefix(PENDING_MEMBER)),
             external_ids=tuple(ExternalId(k, v) for k, v, a in ids if not a),
             aliases=tuple(ExternalId(k, v) for k, v, a in ids if a),
             profile=json.loads(row.profile),
             merged_into=row.merged_into,
             created_at=from_us(row.created_us),
         )
+        if pending:
+            self._stage_member(member)
+        return member
 
     def find_member_id(self, ext: ExternalId) -> str | None:
         return self.external_id_owner(ext)
 
     def external_id_owner(self, ext: ExternalId) -> str | None:
         row = self.store.q("ext_get", (self.ledger, ext.kind, ext.value)).one()
-        return None if row is None else str(row.member_id)
+        if row is None:
+            return None
+        self._check_claims()
+        return str(row.member_id)
+
+    def _check_claims(self) -> None:
+        """An external id found taken may be taken by an earlier attempt of this very request.
+        The optimistic claims are read now, and one found taken runs the unit again with it, as
+        the conditional insert at commit would, so the unit finishes that attempt instead of
+        reporting the id as someone else's."""
+        unchecked = [k for k in self.claims if k not in self.checked]
+        self.checked.update(unchecked)
+        rows = self.store.run_many([("claim_get", (self.ledger, ns, key)) for ns, key in unchecked])
+        taken = [(k, r) for k, r in zip(unchecked, rows, strict=True) if r is not None]
+        for k, r in taken:
+            self.known[k] = IdemRecord(r.operation, r.fingerprint, r.result or "", from_us(r.created_us))
+        if taken:
+            raise Conflict(f"idempotency key {taken[0][0][1]!r} was claimed before")
 
     def set_status(self, member_id: str, status: MemberStatus, merged_into: str = "") -> None:
         self.writes.append(("member_status", (status.value, merged_into, self.ledger, member_id)))
@@ -927,20 +1028,39 @@ class CassandraDirectoryTx:
             self.writes.append(("ext_member_del", (self.ledger, member_id, r.kind, r.value)))
 
     def purge_claims_before(self, when: datetime, limit: int = PURGE_SLICE) -> int:
-        """All of them in one pass, whatever `limit`: the unit runs on the driver's threads, and a
-        second slice would read the first one's tombstones again from the start of the day."""
+        """All of them in one pass, whatever `limit` (the unit runs on the driver's threads), a
+        page at a time from where the last page stopped: a watermark in `meta`, moved after each
+        chunk of deletes, also for the next pass if this one fails. Reading a day's index again
+        from its start would read the tombstones of every row already deleted; at 120,000 claims
+        a day that read fails (READ_TOO_MANY_TOMBSTONES) until compaction. At most
+        CLAIM_PURGE_IN_FLIGHT deletes are in flight, as in `backfill`."""
+        s = self.store
         cut = to_us(when)
-        last_day = cut // 86_400_000_000
+        last_day = cut // DAY_US
+        found = s.q("meta_get", (self.ledger, CLAIM_PURGE_MARK)).one()
+        mark: list[Any] = [-1, -1, "", ""] if found is None else json.loads(found.v)
         purged = 0
-        for day_row in self.store.q("claim_days_list", (self.ledger,)):
-            if day_row.day > last_day:
+        for day in [r.day for r in s.q("claim_days_list", (self.ledger,))]:
+            if day > last_day:
                 break
-            for r in self.store.q("claim_day_rows", (self.ledger, day_row.day, cut)):
-                self.writes.append(("claim_del", (self.ledger, r.namespace, r.key)))
-                self.writes.append(("claim_day_del", (self.ledger, day_row.day, r.created_us, r.namespace, r.key)))
-                purged += 1
-            if day_row.day < last_day:
-                self.writes.append(("claim_days_list_del", (self.ledger, day_row.day)))
+            while day >= mark[0]:
+                start = tuple(mark[1:]) if day == mark[0] else (-1, "", "")
+                rows = list(s.q("claim_day_rows", (self.ledger, day, *start, cut, CLAIM_PURGE_PAGE)))
+                for at in range(0, len(rows), CLAIM_PURGE_IN_FLIGHT // 2):
+                    chunk = rows[at : at + CLAIM_PURGE_IN_FLIGHT // 2]
+                    s.run_many([call for r in chunk for call in (
+                        ("claim_del", (self.ledger, r.namespace, r.key)),
+                        ("claim_day_del", (self.ledger, day, r.created_us, r.namespace, r.key)),
+                    )])  # fmt: skip
+                    last = chunk[-1]
+                    mark = [day, last.created_us, last.namespace, last.key]
+                    s.q("meta_put", (self.ledger, CLAIM_PURGE_MARK, _dumps(mark)))
+                purged += len(rows)
+                if len(rows) < CLAIM_PURGE_PAGE:
+                    break
+            # A day before the cut's is done once read to its end (or passed by the mark).
+            if day < last_day:
+                s.q("claim_days_list_del", (self.ledger, day))
         return purged
 
     def commit(self) -> None:
@@ -955,6 +1075,20 @@ class CassandraDirectoryTx:
             for k, row in lost:
                 self.known[k] = IdemRecord(row.operation, row.fingerprint, row.result or "", from_us(row.created_us))
             raise Conflict(f"idempotency key {lost[0][0][1]!r} was claimed before")
+        # The claims' day index first: a unit that stops later must not leave a claim that
+        # retention never finds. Then, for a new member, its id goes into the claim and the
+        # member in as pending before any of its external ids is claimed: an attempt that stops
+        # after that leaves a retry with the same key what it needs to finish it (`get_member`),
+        # not an external id owned by a member nobody can read.
+        first: list[tuple[str, tuple[Any, ...]]] = []
+        for (ns, key), rec in self.claims.items():
+            day = to_us(rec.created_at) // DAY_US
+            first += [("claim_days_list_put", (self.ledger, day)),
+                      ("claim_day_put", (self.ledger, day, to_us(rec.created_at), ns, key))]  # fmt: skip
+        if self.pending:
+            first += [w for m in self.pending for w in _pending_rows(self.ledger, m)]
+            first += [w for w in self.writes if w[0] == "claim_result"]
+        s.run_many(first)
         ext_out = s.run_many([("ext_claim", (self.ledger, e.kind, e.value, m, a)) for e, m, a in self.ext_claims])
         taken = [(e, row) for (e, m, _), row in zip(self.ext_claims, ext_out, strict=True)
                  if not row.applied and row.member_id != m]  # fmt: skip
@@ -962,15 +1096,12 @@ class CassandraDirectoryTx:
             mine = [e for (e, _, _), row in zip(self.ext_claims, ext_out, strict=True) if row.applied]
             s.run_many([("ext_del", (self.ledger, e.kind, e.value)) for e in mine])
             s.run_many([("claim_del", (self.ledger, ns, key)) for ns, key in claim_keys])
+            s.run_many([("member_del", (self.ledger, m.member_id)) for m in self.pending]
+                       + [("ext_member_del", (self.ledger, m.member_id, e.kind, e.value))
+                          for m in self.pending for e in m.external_ids])  # fmt: skip
             ext, row = taken[0]
             raise ExternalIdTaken(f"{ext.kind} {ext.value} already belongs to {row.member_id}")
-        days = {(rec.created_at, ns, key) for (ns, key), rec in self.claims.items()}
-        writes = list(self.writes)
-        for at, ns, key in days:
-            day = to_us(at) // 86_400_000_000
-            writes.append(("claim_days_list_put", (self.ledger, day)))
-            writes.append(("claim_day_put", (self.ledger, day, to_us(at), ns, key)))
-        s.run_many(writes)
+        s.run_many(self.writes)
 
 
 class CassandraLedgerStore:
@@ -1005,7 +1136,7 @@ class CassandraLedgerStore:
         self._locks = [threading.RLock() for _ in range(4096)]
         self._owners: dict[tuple[int, str], str] = {}
         self._owner_cache = owner_cache
-        self._pointers: dict[tuple[int, int], tuple[Pointer, str]] = {}
+        self._pointers: dict[tuple[int, int], list[tuple[Pointer, str]]] = {}
         self._announced: dict[tuple[int, str, int], float] = {}
         self._known_members: set[tuple[int, str]] = set()
         self._indexed: dict[tuple[int, str, str], float] = {}
@@ -1052,7 +1183,8 @@ class CassandraLedgerStore:
             "owner_del": f"DELETE FROM {ks}.owners WHERE ledger=? AND shard=? AND id=?",
             "members_put": f"INSERT INTO {ks}.shard_members (ledger, shard, p) VALUES (?,?,?)",
             "members": f"SELECT p FROM {ks}.shard_members WHERE ledger=? AND shard=?",
-            "queue_put": f"INSERT INTO {ks}.queue (ledger, shard, kind, bucket, at, p, id, w) VALUES (?,?,?,?,?,?,?,?)",
+            "queue_put": f"INSERT INTO {ks}.queue (ledger, shard, kind, bucket, at, p, id, w) VALUES (?,?,?,?,?,?,?,?)"
+                         " USING TIMESTAMP ?",
             "queue_read": f"SELECT at, p, id, writetime(w) AS wt FROM {ks}.queue WHERE ledger=? AND shard=? AND kind=?"
                           " AND bucket=? AND at<=? LIMIT ?",
             "queue_read_after": f"SELECT at, p, id, writetime(w) AS wt FROM {ks}.queue WHERE ledger=? AND shard=?"
@@ -1071,15 +1203,18 @@ class CassandraLedgerStore:
                          " AND p=?",
             "meta_get": f"SELECT v FROM {ks}.meta WHERE ledger=? AND k=?",
             "meta_claim": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?) IF NOT EXISTS",
+            "meta_put": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?)",
             "claim_put": f"INSERT INTO {ks}.claims (ledger, namespace, key, operation, fingerprint, result,"
                          " created_us) VALUES (?,?,?,?,?,'',?) IF NOT EXISTS",
             "claim_result": f"UPDATE {ks}.claims SET result=? WHERE ledger=? AND namespace=? AND key=?",
             "claim_del": f"DELETE FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=?",
+            "claim_get": f"SELECT operation, fingerprint, result, created_us FROM {ks}.claims WHERE ledger=?"
+                         " AND namespace=? AND key=?",
             "claim_days_list": f"SELECT day FROM {ks}.claim_day_list WHERE ledger=?",
             "claim_days_list_put": f"INSERT INTO {ks}.claim_day_list (ledger, day) VALUES (?,?)",
             "claim_days_list_del": f"DELETE FROM {ks}.claim_day_list WHERE ledger=? AND day=?",
             "claim_day_rows": f"SELECT created_us, namespace, key FROM {ks}.claim_days WHERE ledger=? AND day=?"
-                              " AND created_us<?",
+                              " AND (created_us, namespace, key) > (?, ?, ?) AND (created_us) < (?) LIMIT ?",
             "claim_day_put": f"INSERT INTO {ks}.claim_days (ledger, day, created_us, namespace, key)"
                              " VALUES (?,?,?,?,?)",
             "claim_day_del": f"DELETE FROM {ks}.claim_days WHERE ledger=? AND day=? AND created_us=?"
@@ -1090,6 +1225,7 @@ class CassandraLedgerStore:
                           " WHERE ledger=? AND member_id=?",
             "member_put": f"INSERT INTO {ks}.members (ledger, member_id, status, profile, merged_into, created_us)"
                           " VALUES (?,?,?,?,?,?)",
+            "member_del": f"DELETE FROM {ks}.members WHERE ledger=? AND member_id=?",
             "member_status": f"UPDATE {ks}.members SET status=?, merged_into=? WHERE ledger=? AND member_id=?",
             "member_erase": f"UPDATE {ks}.members SET profile='{{}}', status=? WHERE ledger=? AND member_id=?",
             "ext_get": f"SELECT member_id FROM {ks}.external_ids WHERE ledger=? AND kind=? AND value=?",
@@ -1302,26 +1438,27 @@ class CassandraLedgerStore:
     # Queues ------------------------------------------------------------------------------------
 
     def remember_pointers(self, shard: int, pointers: Sequence[tuple[Pointer, str]]) -> None:
-        """Events the relay read, with their bodies, so marking them sent needs no re-read."""
+        """Events the relay read, with their bodies, so marking them sent needs no re-read.
+
+        Two members' events can share a sequence (same microsecond, same tag): every pointer
+        read under a sequence is kept, and marking the sequence marks exactly those."""
         if len(self._pointers) > 100_000:
             self._pointers.clear()
-        seen: dict[int, int] = {}
-        for pointer, _ in pointers:
-            seen[pointer.at] = seen.get(pointer.at, 0) + 1
+        read: dict[tuple[int, int], list[tuple[Pointer, str]]] = defaultdict(list)
         for pointer, body in pointers:
-            # Two members' events can share a sequence (same microsecond, same tag): such a
-            # sequence is not remembered, so neither is marked sent and both go out again.
-            if seen[pointer.at] == 1:
-                self._pointers[(shard, pointer.at)] = (pointer, body)
+            read[(shard, pointer.at)].append((pointer, body))
+        self._pointers.update(read)
 
-    def pointer_of(self, shard: int, seq: int) -> Pointer | None:
+    def pointers_of(self, shard: int, seq: int) -> list[Pointer]:
         remembered = self._pointers.get((shard, seq))
         if remembered is not None:
-            return remembered[0]
+            return [pointer for pointer, _ in remembered]
         bucket = _bucket("outbox", seq)  # read by another process than the one marking it
         found = [Pointer(r.at, r.p, r.id, bucket, r.wt)
                  for r in self.q("queue_read", (self.ledger, shard, "outbox", bucket, seq, 100_000)) if r.at == seq]  # fmt: skip
-        return found[0] if len(found) == 1 else None  # ambiguous: leave both unsent (published again)
+        # Ambiguous without the read that published them: leave both unsent (published again,
+        # then remembered by that read and marked).
+        return found if len(found) == 1 else []
 
     def queue_due(self, shard: int, kind: str, upto: int, limit: int) -> list[Pointer]:
         """Pointers due by `upto`, oldest first, from the buckets writers announced; an
@@ -1368,11 +1505,12 @@ class CassandraLedgerStore:
     def settle_relayed(self, shard: int, relayed: Sequence[tuple[Pointer, int]]) -> None:
         """Moves sent events to 'sent' (one single-partition batch each), then drops their pointers."""
         futures = []
+        bodies = {
+            (p.p, p.id): body for pointer, _ in relayed for p, body in self._pointers.pop((shard, pointer.at), [])
+        }
         for pointer, at in relayed:
-            remembered = self._pointers.pop((shard, pointer.at), None)
-            if remembered is not None:
-                body: str | None = remembered[1]
-            else:
+            body = bodies.get((pointer.p, pointer.id))
+            if body is None:
                 found = self.q("row", (self.ledger, pointer.p, "outbox", pointer.id)).one()
                 body = None if found is None else found.body
             if body is not None:
@@ -1386,7 +1524,9 @@ class CassandraLedgerStore:
         self.run_many([("queue_del", (pointer.written, self.ledger, shard, "outbox", pointer.bucket, pointer.at,
                                       pointer.p, pointer.id)) for pointer, _ in relayed])  # fmt: skip
 
-    def prepare_side_tables(self, shard: int, dirty: Sequence[_Part], new_owners: dict[str, str]) -> None:
+    def prepare_side_tables(self, shard: int, dirty: Sequence[_Part], new_owners: dict[str, str]) -> int:
+        """Owners, queue pointers, listing rows, membership and index pointers of `dirty`;
+        returns the write time of the queue pointers (withdraw_pointers deletes by it)."""
         calls: list[tuple[str, tuple[Any, ...]]] = []
         expiring = {id_ for part in dirty for _, id_ in part.expiring}
         for object_id, p in new_owners.items():
@@ -1401,7 +1541,7 @@ class CassandraLedgerStore:
         for part in dirty:
             for kind, at, id_ in _pointers(part):
                 bucket = _bucket(kind, at)
-                calls.append(("queue_put", (self.ledger, shard, kind, bucket, at, part.p, id_, now_us)))
+                calls.append(("queue_put", (self.ledger, shard, kind, bucket, at, part.p, id_, now_us, now_us)))
                 if now - self._announced.get((shard, kind, bucket), 0.0) > BUCKET_ANNOUNCE_S:
                     calls.append(("buckets_put", (self.ledger, shard, kind, bucket, now_us)))
                     announced.append((shard, kind, bucket))
@@ -1409,7 +1549,7 @@ class CassandraLedgerStore:
                 calls += self._listing_puts(shard, channel, store_id, at, id_, part.p)
             if (shard, part.p) not in self._known_members:
                 calls.append(("members_put", (self.ledger, shard, part.p)))
-            kinds = {kind for kind, _ in part.staged}
+            kinds = {kind for (kind, _), body in part.staged.items() if body is not None and _open(kind, body)}
             for index, wanted in INDEXED.items():
                 last = self._indexed.get((shard, index, part.p), 0.0)
                 if kinds & wanted and now - last > INDEX_GRACE_US / 2e6:
@@ -1424,6 +1564,16 @@ class CassandraLedgerStore:
             self._indexed[pointer_key] = now
         for part in dirty:
             self._known_members.add((shard, part.p))
+        return now_us
+
+    def withdraw_pointers(self, shard: int, part: _Part, written: int) -> None:
+        """Deletes the event pointers a unit wrote for a batch that did not apply. Deleted at
+        their own write time, so a newer rewrite survives; one whose event row exists belongs
+        to a unit that committed the same sequence, and stays."""
+        mine = [(at, id_) for kind, at, id_ in _pointers(part) if kind == "outbox"]
+        found = self.run_many([("row", (self.ledger, part.p, "outbox", id_)) for _, id_ in mine])
+        self.run_many([("queue_del", (written, self.ledger, shard, "outbox", _bucket("outbox", at), at, part.p, id_))
+                       for (at, id_), row in zip(mine, found, strict=True) if row is None])  # fmt: skip
 
     def commit_partition(self, part: _Part) -> None:
         from cassandra import OperationTimedOut, WriteTimeout
@@ -1470,7 +1620,7 @@ class CassandraLedgerStore:
                 return attempt()
             except Conflict:
                 time.sleep(random.uniform(0, 0.002 * min(n + 1, 20)))
-        raise Conflict(f"{what}: gave up after {MAX_ATTEMPTS} conflicting attempts")
+        raise StoreBusy(f"{what}: gave up after {MAX_ATTEMPTS} conflicting attempts")
 
     def _run_write(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
         def attempt() -> T:
@@ -1495,7 +1645,10 @@ class CassandraLedgerStore:
         """Index pointers a read followed to a partition with nothing left for them go away."""
         now = time.time_ns() // 1000
         for index, p, written in tx.scanned:
-            if now - written > INDEX_GRACE_US and not any(tx.parts[p].all(k) for k in INDEXED[index]):
+            part = tx.parts[p]
+            if now - written > INDEX_GRACE_US and not any(
+                _open(k, b) for k in INDEXED[index] for b in part.all(k).values()
+            ):
                 self.q("index_del", (written, self.ledger, tx.shard, index, p))
 
     def _run_directory(self, work: Callable[[CassandraDirectoryTx], T], commit: bool) -> T:
@@ -1511,9 +1664,14 @@ class CassandraLedgerStore:
         return self._retrying(attempt, "directory")
 
     async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs blocking store work on the pool; driver failures leave as StoreUnreachable so
+        the server answers UNAVAILABLE (retried with the same key) instead of UNKNOWN."""
         if self._closed:
             raise StoreClosed("cassandra")
-        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+        try:
+            return await asyncio.wrap_future(self._pool.submit(fn, *args))
+        except _driver_failures() as exc:
+            raise StoreUnreachable(f"cassandra: {type(exc).__name__}: {exc}") from exc
 
     async def write(self, shard: int, work: Callable[[CassandraShardTx], T]) -> T:
         return await self._submit(self._run_write, shard, work)

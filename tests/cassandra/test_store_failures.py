@@ -1,0 +1,100 @@
+"""What a client sees when Cassandra does not answer: UNAVAILABLE (retried by the client with
+the same idempotency key), and a retry that finishes what the failed attempt began."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+from cassandra import OperationTimedOut, ReadTimeout, WriteTimeout
+from cassandra import Unavailable as DriverUnavailable
+from cassandra.cluster import NoHostAvailable
+
+from ledger_svc import commands as c
+from ledger_svc.app import policy_from
+from ledger_svc.domain import ExternalId, FailedPrecondition, IdemKey, Unavailable
+from ledger_svc.server import grpc_code
+from ledger_svc.service import LedgerService
+from ledger_svc.store import cassandra as cassandra_store
+from ledger_svc.store.cassandra import Conflict, UnknownOutcome
+from pointmesh.clock import ManualClock
+from pointmesh.config import load_settings
+from tests.cassandra.faults import WatchedSession
+from tests.conftest import CassandraSession
+
+DRIVER_FAILURES = [
+    OperationTimedOut("timed out"),
+    NoHostAvailable("no host", {}),
+    ReadTimeout("read timeout"),
+    WriteTimeout("write timeout", write_type=0),
+    DriverUnavailable("too few replicas"),
+]
+
+
+@pytest.mark.parametrize("failure", DRIVER_FAILURES, ids=lambda e: type(e).__name__)
+async def test_a_driver_failure_reaches_clients_as_unavailable(
+    cassandra_session: CassandraSession, failure: Exception
+) -> None:
+    store = cassandra_session.open_store("f" + uuid.uuid4().hex[:12], 1)
+    watched = WatchedSession.on(store)
+    watched.fault = lambda name, _: failure if name == "live" else None
+    try:
+        with pytest.raises(Unavailable) as raised:
+            await store.write(0, lambda tx: tx.put_member_state("m1", "{}"))
+        assert grpc_code(raised.value) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await store.close()
+
+
+async def test_a_unit_that_never_wins_its_condition_is_unavailable(
+    cassandra_session: CassandraSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cassandra_store, "MAX_ATTEMPTS", 3)
+    store = cassandra_session.open_store("f" + uuid.uuid4().hex[:12], 1)
+
+    def always_raced(_tx: Any) -> None:
+        raise Conflict("changed since it was read")
+
+    try:
+        with pytest.raises(Unavailable) as raised:
+            await store.write(0, always_raced)
+        assert grpc_code(raised.value) == grpc.StatusCode.UNAVAILABLE
+        assert grpc_code(UnknownOutcome("a later write hides whether it applied")) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("failing", ["pending", "final"])
+async def test_create_member_retried_after_a_timeout_creates_it_and_keeps_the_email_usable(
+    cassandra_session: CassandraSession, failing: str
+) -> None:
+    """The member row's write times out after the email was claimed for it (`final`), or the
+    pending row's before (`pending`): the retry with the same key must finish the member."""
+    store = cassandra_session.open_store("f" + uuid.uuid4().hex[:12], 1)
+    service = LedgerService(store, ManualClock(), policy_from(load_settings({})), card_secret="secret")
+    email = ExternalId("email", "ada@example.com")
+    cmd = c.CreateMember(IdemKey("", "signup-1"), (email,), {"name": "Ada"})
+    watched = WatchedSession.on(store)
+
+    def member_row_times_out(name: str, params: tuple[Any, ...]) -> Exception | None:
+        pending = str(params[2]).startswith("pending:") if name == "member_put" else False
+        if name == "member_put" and pending == (failing == "pending"):
+            watched.fault = None  # once
+            return OperationTimedOut("member row write timed out")
+        return None
+
+    watched.fault = member_row_times_out
+    try:
+        with pytest.raises((Unavailable, OperationTimedOut)):
+            await service.create_member(cmd)
+        member = await service.create_member(cmd)
+        assert member.external_ids == (email,)
+        assert (await service.lookup_member(email)).member_id == member.member_id
+        assert (await service.get_member(member.member_id)).profile == {"name": "Ada"}
+        assert (await service.create_member(cmd)).member_id == member.member_id  # replays
+        with pytest.raises(FailedPrecondition):  # the email is the member's now, not free
+            await service.create_member(c.CreateMember(IdemKey("", "signup-2"), (email,), {}))
+    finally:
+        await store.close()
