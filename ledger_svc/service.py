@@ -701,11 +701,14 @@ class LedgerService:
         seen before is not counted twice, so a replayed call may tell it again)."""
         if self.fraud is None:
             return
-        await self.fraud.observe(ScreeningRequest(
-            event_id=event_id, kind=kind, member_id=member_id, occurred_at=self.clock.now(),
-            context=context or ScreeningContext(), points=points, amount=amount, balance_points=0,
-            member_since=await self.member_since(member_id), counterparty_member_id=counterparty,
-        ))  # fmt: skip
+        try:
+            await self.fraud.observe(ScreeningRequest(
+                event_id=event_id, kind=kind, member_id=member_id, occurred_at=self.clock.now(),
+                context=context or ScreeningContext(), points=points, amount=amount, balance_points=0,
+                member_since=await self.member_since(member_id), counterparty_member_id=counterparty,
+            ))  # fmt: skip
+        except Exception:  # the transfer or return has committed: its caller must hear so
+            log.exception("could not tell fraud_svc about %s %s", kind, event_id)
 
     async def recover_sagas(self, *, at_startup: bool = False) -> int:
         """Completes transfers, merges and reversals a crash left half-way (sagas.py)."""
