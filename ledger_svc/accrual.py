@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING, Protocol
 from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc import validation as v
-from ledger_svc.domain import FailedPrecondition, IdemKey, InvalidArgument, LedgerError, MemberStatus, Money
+from ledger_svc.domain import (
+    FailedPrecondition,
+    IdemKey,
+    InvalidArgument,
+    LedgerError,
+    MemberStatus,
+    Money,
+    Unavailable,
+)
 from ledger_svc.postings import ShardBook
 from ledger_svc.purchases import (
     MemberState,
@@ -369,7 +377,7 @@ class Accrual:
             quote = await self.engine.quote(self.program, cmd, state, profile)
             refusal = self._late(cmd, quote, record.received_at)
             screening = None if refusal else await self._screen(cmd, quote, purchase_id)
-        except EngineUnavailable:
+        except (EngineUnavailable, Unavailable):  # not the purchase's fault: it waits for the next pass
             return None
         except LedgerError as error:
             refusal = f"{error.field}: {error.message}" if error.field else error.message
@@ -417,11 +425,10 @@ class Accrual:
 
         result, replayed = await svc.store.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
         result = await self._finish_return(result, merged_into)
-        if not replayed and owner is not None:
-            before = codec.loads(PurchaseRecord, owner[1])
+        if not replayed:
             await svc._observe(ScreenedKind.RETURN, screening_event_id("return", cmd.key.namespace, cmd.key.key),
                                result.purchase.member_id, sum(result.reversed.values()),
-                               _refund_in_base(result.purchase, result.purchase.refunded_minor - before.refunded_minor),
+                               _refund_in_base(result.purchase, result.refunded_now),
                                context=ScreeningContext(channel=cmd.channel, store_id=cmd.store_id))  # fmt: skip
         return result, replayed
 

@@ -133,6 +133,7 @@ class ReturnResult:
     debt_points: int
     # Reversals of a merged-away member's earns, finished on the member it was merged into.
     reversal_sagas: tuple[str, ...] = ()
+    refunded_now: int = 0  # this return's refund, in the purchase's currency (minor units)
 
 
 def purchase_id_for(member_id: str, program: str, natural_key: str) -> str:
@@ -289,6 +290,7 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
             f"purchase {record.purchase_id} is {record.status.value}; returns apply once it has earned",
             field="purchase_id",
         )
+    before = record
     mode = "lines" if cmd.lines else "amount"
     if record.return_mode and record.return_mode != mode:
         raise FailedPrecondition(
@@ -368,4 +370,5 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
         tender_recredited=record.tender_recredited + recredit,
     )  # fmt: skip
     save_purchase(book, record)
-    return ReturnResult(record, {u: p for u, p in by_unit.items() if p}, recredit, debt, tuple(sagas))
+    refunded_now = record.refunded_minor - before.refunded_minor
+    return ReturnResult(record, {u: p for u, p in by_unit.items() if p}, recredit, debt, tuple(sagas), refunded_now)

@@ -154,10 +154,10 @@ class FraudScreen:
             try:
                 return await self.screener.screen(request)
             except ScreenerRefused:
-                return self._unscored(request, "fraud_svc_refused")
+                return self.unscored(request, "fraud_svc_refused")
             except ScreenerUnavailable as exc:
                 self._trip(f"{request.kind} {request.event_id}", exc)
-        return self._unscored(request)
+        return self.unscored(request)
 
     async def observe(self, request: ScreeningRequest) -> None:
         """Tells fraud_svc about a transaction it does not decide (a transfer, a return), after
@@ -186,11 +186,11 @@ class FraudScreen:
                 for i, got in zip(order, scored, strict=True):
                     if isinstance(got, ScreenerUnavailable):
                         why = "fraud_svc_refused" if isinstance(got, ScreenerRefused) else "fraud_svc_unavailable"
-                        out[i] = self._unscored(requests[i], why)
+                        out[i] = self.unscored(requests[i], why)
                     else:
                         out[i] = got
                 return out
-        return [self._unscored(r) for r in requests]
+        return [self.unscored(r) for r in requests]
 
     def _up(self) -> bool:
         return time.monotonic() >= self._down_until
@@ -199,6 +199,7 @@ class FraudScreen:
         log.warning("fraud_svc unavailable; %s decided by policy: %s", what, why)
         self._down_until = time.monotonic() + BREAKER_SECONDS
 
-    def _unscored(self, request: ScreeningRequest, why: str = "fraud_svc_unavailable") -> Screening:
+    def unscored(self, request: ScreeningRequest, why: str = "fraud_svc_unavailable") -> Screening:
+        """What the per-operation policy decides when no score is had, and why (recorded)."""
         verdict = self.policy.verdict_for(request)
         return Screening(verdict, scored=False, reasons=(f"unscored:{why}:{verdict.value.lower()}",))

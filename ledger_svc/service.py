@@ -506,14 +506,19 @@ class LedgerService:
         capture); DENY is refused here."""
         if self.fraud is None:
             return None
-        # Scored even when the balance read here looks short: an earn committing meanwhile can
-        # make it enough by the time the write runs, and an unscreened redemption must not post.
         balance = await self.get_balance(member_id, unit)
-        screening = await self.fraud.screen(ScreeningRequest(
+        request = ScreeningRequest(
             event_id=screening_event_id(what, key.namespace, key.key), kind=ScreenedKind.REDEMPTION,
             member_id=member_id, occurred_at=at or self.clock.now(), context=context, points=points, amount=None,
             balance_points=balance.available_points, member_since=await self.member_since(member_id),
-        ))  # fmt: skip
+        )  # fmt: skip
+        if balance.available_points < points:
+            # Most likely refused for want of points, so not scored (a refused attempt retried
+            # would count in fraud_svc's velocity again and again); but an earn committing
+            # meanwhile can make it enough by the write, so the unscored policy decides it.
+            screening = self.fraud.unscored(request, "balance_short_when_screened")
+        else:
+            screening = await self.fraud.screen(request)
         if screening.verdict is Verdict.DENY:
             raise FraudDenied(screening)
         return screening
@@ -691,19 +696,22 @@ class LedgerService:
             saga_id = await self._mutate(cmd, src_shard, str, lambda b: self.sagas.start_transfer(b, cmd), both_active)
             self._fault("transfer_after_hold")
             result = await self.sagas.drive_transfer(saga_id)
+        # At the debit's own time: a replayed call tells fraud_svc the same event (same id and
+        # time), which it does not count twice.
         await self._observe(ScreenedKind.TRANSFER, f"transfer:{result.transfer_id}", cmd.source_member_id,
-                            cmd.points, None, counterparty=cmd.destination_member_id)  # fmt: skip
+                            cmd.points, None, counterparty=cmd.destination_member_id,
+                            at=result.debit.recorded_at)  # fmt: skip
         return result
 
     async def _observe(self, kind: ScreenedKind, event_id: str, member_id: str, points: int, amount: Money | None,
-                       *, counterparty: str = "", context: ScreeningContext | None = None) -> None:  # fmt: skip
-        """A committed transfer or return, told to fraud_svc for its velocity state (an event id
-        seen before is not counted twice, so a replayed call may tell it again)."""
+                       *, counterparty: str = "", context: ScreeningContext | None = None,
+                       at: datetime | None = None) -> None:  # fmt: skip
+        """A committed transfer or return, told to fraud_svc for its velocity state."""
         if self.fraud is None:
             return
         try:
             await self.fraud.observe(ScreeningRequest(
-                event_id=event_id, kind=kind, member_id=member_id, occurred_at=self.clock.now(),
+                event_id=event_id, kind=kind, member_id=member_id, occurred_at=at or self.clock.now(),
                 context=context or ScreeningContext(), points=points, amount=amount, balance_points=0,
                 member_since=await self.member_since(member_id), counterparty_member_id=counterparty,
             ))  # fmt: skip

@@ -159,6 +159,14 @@ def challenge_period(item: Challenge) -> str:
     return f"from-{int(item.starts.timestamp())}"
 
 
+def in_window(state: ItemState, item: Challenge) -> bool:
+    """Whether stored progress belongs to the challenge's window as published now. Progress
+    stored before windows were kept belongs to it unless it was completed before it began."""
+    if state.period:
+        return state.period == challenge_period(item)
+    return not (state.completions and state.last_completed_us < _us(item.starts))
+
+
 def _period_start(period: str) -> int:
     return int(period.removeprefix("from-"))
 
@@ -167,8 +175,8 @@ def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bo
     if not item.starts <= fact.receipt_time < item.ends:
         return None
     period = challenge_period(item)
-    if state.period and state.period != period:
-        if _period_start(state.period) > _period_start(period):
+    if not in_window(state, item):
+        if state.period and _period_start(state.period) > _period_start(period):
             return None  # a late receipt for a window the id has since moved on from
         state.count, state.completions, state.last_completed_us = 0, 0, 0  # the id reused: count afresh
     state.period = period

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 from pointmesh.clock import Clock
 from rules_svc.domain import BadRequest, FailedPrecondition, NotFound
 from rules_svc.experiment_stats import ArmResult, report
-from rules_svc.game_engine import ItemState, challenge_period, week_of
+from rules_svc.game_engine import ItemState, challenge_period, in_window, week_of
 from rules_svc.game_store import BoardRow, GameStore
 from rules_svc.program import Challenge, Experiment, Program
 from rules_svc.service import RulesService
@@ -73,7 +73,7 @@ class GameService:
                                       st.last_completed_us, s.reward.points, s.reward.unit))  # fmt: skip
         for c in g.challenges:
             st = states.get(c.id, ItemState())
-            if st.period not in ("", challenge_period(c)):
+            if not in_window(st, c):
                 st = ItemState()  # progress of an earlier window of a reused id
             items.append(ProgressItem(c.id, c.name, ItemKind.CHALLENGE, st.count, c.purchases, st.completions,
                                       st.last_completed_us, c.reward.points, c.reward.unit, c.id in joined))  # fmt: skip
@@ -119,7 +119,7 @@ class GameService:
             raise BadRequest(f"must be between 1 and 100, got {limit}", field="limit")
         p, challenge = self._challenge(program, challenge_id)
         rows = await asyncio.to_thread(self.store.board, p.program, challenge_id, challenge_period(challenge),
-                                       limit or 10)  # fmt: skip
+                                       int(challenge.starts.timestamp() * 1_000_000), limit or 10)  # fmt: skip
         return [(rank, row) for rank, row in enumerate(rows, start=1)]
 
 

@@ -156,13 +156,15 @@ class GameStore:
         with self._lock:
             return self._joined(program, member_id)
 
-    def board(self, program: str, challenge_id: str, period: str, limit: int) -> list[BoardRow]:
-        """The challenge's window `period` (rows written before periods were kept count as any)."""
+    def board(self, program: str, challenge_id: str, period: str, starts_us: int, limit: int) -> list[BoardRow]:
+        """The challenge's window `period`; a row written before windows were kept counts unless
+        it was completed before the window began."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT member_id, progress, completed_us FROM game_board WHERE program=? AND challenge_id=?"
-                " AND period IN ('', ?) ORDER BY progress DESC, completed_us IS NULL, completed_us, member_id LIMIT ?",
-                (program, challenge_id, period, limit),
+                " AND (period=? OR (period='' AND (completed_us IS NULL OR completed_us>=?)))"
+                " ORDER BY progress DESC, completed_us IS NULL, completed_us, member_id LIMIT ?",
+                (program, challenge_id, period, starts_us, limit),
             ).fetchall()
         return [BoardRow(*r) for r in rows]
 

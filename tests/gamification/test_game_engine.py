@@ -151,7 +151,9 @@ def test_a_challenge_id_reused_for_a_new_month_counts_afresh_and_pays_again(tmp_
 
     assert [a.item_id for a in jan_paid[2] or []] == ["monthly"]
     assert feb_first == []
-    assert [r.progress for r in store.board("test", "monthly", "from-1769904000", 10)] == [1]  # 2026-02-01
+    assert [r.progress for r in store.board("test", "monthly", "from-1769904000", 1769904000 * 10**6, 10)] == [
+        1
+    ]  # 2026-02-01
     late_january = store.apply_event(january, fact(datetime(2026, 1, 31, 12, tzinfo=UTC)))  # an offline till
     feb_rest = [store.apply_event(february, fact(datetime(2026, 2, d, 12, tzinfo=UTC))) for d in (3, 4)]
     assert late_january == []
@@ -159,3 +161,14 @@ def test_a_challenge_id_reused_for_a_new_month_counts_afresh_and_pays_again(tmp_
     assert [a.key("test", "m-1") for a in awards] == [
         "test:monthly:m-1:from-1767225600", "test:monthly:m-1:from-1769904000",
     ]  # fmt: skip
+
+
+def test_a_challenge_completed_before_windows_were_kept_is_not_taken_for_the_next_window() -> None:
+    february = challenge("2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00+00:00")
+    january_done = int(datetime(2026, 1, 12, 12, tzinfo=UTC).timestamp() * 1_000_000)
+    states = {"monthly": ItemState(count=3, completions=1, last_completed_us=january_done)}  # no period: old row
+
+    awards = replay(february, *(fact(datetime(2026, 2, d, 12, tzinfo=UTC)) for d in (2, 3, 4)), states=states)
+
+    assert [a.period for a in awards] == ["from-1769904000"]
+    assert (states["monthly"].count, states["monthly"].period) == (3, "from-1769904000")

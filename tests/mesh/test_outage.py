@@ -6,9 +6,13 @@ import asyncio
 from datetime import timedelta
 
 import grpc
+import pytest
+from cassandra import OperationTimedOut
 
+from ledger_svc.store.cassandra import CassandraLedgerStore
 from pointmesh.timestamps import from_timestamp
 from pointmesh.v1 import ledger_pb2
+from tests.cassandra.faults import WatchedSession
 from tests.ledger.helpers import key, rpc_error
 from tests.mesh.conftest import Mesh
 from tests.mesh.helpers import Line, buy, new_member, points
@@ -88,3 +92,31 @@ async def test_a_member_with_purchases_waiting_for_the_engine_is_merged_only_onc
         ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
     )
     assert (await points(mesh, target), await points(mesh, source)) == (earned, 0)
+
+
+async def test_a_store_timeout_while_settling_leaves_a_waiting_purchase_waiting(mesh: Mesh) -> None:
+    """Only Cassandra answers `unavailable` from inside the store: the pass stops and the
+    purchase earns on the next one, instead of being saved as refused."""
+    store = mesh.ledger.app.store
+    if not isinstance(store, CassandraLedgerStore):
+        pytest.skip("the SQLite store has no transient read failures to inject")
+    member = await new_member(mesh)
+    await mesh.stop_rules()
+    waiting = await buy(mesh, member, DAY[0], at=mesh.clock.now())
+    assert waiting.purchase.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL
+    await mesh.restart_rules()
+    mesh.ledger.app.service._profiles.clear()  # as after a restart: the profile is read from the store
+    watched = WatchedSession.on(store)
+    watched.fault = lambda name, _: OperationTimedOut("timed out") if name == "member_get" else None
+
+    assert await mesh.ledger.app.service.accrual.process_waiting() == 0
+    still = await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=waiting.purchase.purchase_id))
+    watched.fault = None
+    await settle_all(mesh)
+    settled = await mesh.ledger.stub.GetPurchase(
+        ledger_pb2.GetPurchaseRequest(purchase_id=waiting.purchase.purchase_id)
+    )
+
+    assert still.purchase.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL
+    assert settled.purchase.status == ledger_pb2.PURCHASE_STATUS_EARNED
+    assert await points(mesh, member) > 0

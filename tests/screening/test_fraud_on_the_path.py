@@ -460,6 +460,10 @@ async def test_transfers_and_returns_reach_fraud_svc_so_the_redemption_that_cash
             idempotency_key=key(f"ring-{collector}-{i}"), source_member_id=sender, destination_member_id=collector,
             points=250,
         ))  # fmt: skip
+    screened.clock.advance(timedelta(seconds=5))  # a client retrying the last transfer a little later
+    await screened.ledger.stub.Transfer(ledger_pb2.TransferRequest(
+        idempotency_key=key(f"ring-{collector}-4"), source_member_id=sender, destination_member_id=collector, points=250,
+    ))  # fmt: skip
     bought = await screened.ledger.stub.RecordPurchase(
         purchase_request(collector, [("grocery", 100_000, 1)], at=NOW, currency="KWD", receipt=f"{collector}-r")
     )
@@ -469,8 +473,11 @@ async def test_transfers_and_returns_reach_fraud_svc_so_the_redemption_that_cash
     ))  # fmt: skip
 
     cash_in = await _features(screened, TxContext(f"probe-{collector}", TxKind.REDEMPTION, collector,
-                                                  NOW + timedelta(seconds=1), points=1_000))  # fmt: skip
+                                                  screened.clock.now() + timedelta(seconds=1), points=1_000))  # fmt: skip
 
+    sender_now = await _features(screened, TxContext(f"probe-{sender}", TxKind.REDEMPTION, sender,
+                                                     screened.clock.now() + timedelta(seconds=1), points=10))  # fmt: skip
+    assert sender_now["member_transfers_out_24h"] == 1  # the retried transfer is the same event
     assert cash_in["member_transfers_in_24h"] == 5
     assert cash_in["member_transfer_senders_7d"] == 5
     assert cash_in["member_returns_24h"] == 1
