@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 
@@ -60,7 +61,7 @@ def choose(
 ) -> list[ChosenOffer]:
     # The model's probability becomes whole basis points (floored) once, here: from then on the
     # choice is integer arithmetic, and 59.51% does not pass a 60% minimum by rounding.
-    churn_bp = int(churn_probability * 10_000)
+    churn_bp = int(Decimal(repr(churn_probability)) * 10_000)  # 0.57 is 5700, not 5699.99...
     value = yearly_value_points(spend_90d_minor)
     chosen = []
     for offer in catalogue:
