@@ -60,7 +60,14 @@ from ledger_svc.store.base import (
 from ledger_svc.store.base import (
     opt_us as _opt_us,
 )
-from ledger_svc.store.cassandra_schema import DAY_US, LATEST, applied_version, check_keyspace, listing_bucket
+from ledger_svc.store.cassandra_schema import (
+    DAY_US,
+    LATEST,
+    applied_version,
+    check_keyspace,
+    listing_bucket,
+    review_bucket,
+)
 from pointmesh.cassandra_client import connect
 from pointmesh.config import Settings
 
@@ -87,6 +94,9 @@ PENDING_MEMBER = "pending:"
 CLAIM_PURGE_MARK = "claims_purged"
 CLAIM_PURGE_PAGE = 5_000  # claims read from a day's index at once
 LISTING_AHEAD = 32  # listing buckets read at once, at most
+# meta key (`reviews_indexed:<shard>`) saying every review of the shard is in review_days: set
+# when a ledger is created, and by `backfill` on a ledger written before the index existed.
+REVIEWS_INDEXED = "reviews_indexed"
 # Small, bounded row kinds read with the partition's statics on first touch.
 LIVE_KINDS = ("acct", "hold", "lot", "months", "state", "wait")
 # Row kinds archived to monthly history partitions once older than the live horizon, with
@@ -293,6 +303,12 @@ class _Part:
         if loaded is not None and id_ in loaded:
             return True
         return self.rows.get(key) is not None
+
+    def committed(self, kind: str, id_: str) -> str | None:
+        """The row as this unit read it, ignoring what it staged; None if it did not read it
+        (no query: only the side tables of what the unit changed need it)."""
+        loaded = self.kinds.get(kind)
+        return loaded.get(id_) if loaded is not None else self.rows.get((kind, id_))
 
     def months(self) -> list[int]:
         """Months (yyyymm) this member has archived history in."""
@@ -775,7 +791,7 @@ class CassandraShardTx:
                                                        wanted)) for b in span])  # fmt: skip
             for b, rows in zip(span, pages, strict=True):
                 rows = rows[: limit - len(found)]
-                for r, body in zip(rows, self.store.purchase_bodies(self.shard, rows), strict=True):
+                for r, body in zip(rows, self.store.bodies(self.shard, "purchase", rows), strict=True):
                     if body is not None:
                         found.append((from_us(r.at), r.id, str(json.loads(body)[1])))
                 if rows:
@@ -802,8 +818,13 @@ class CassandraShardTx:
     def list_reviews(
         self, status: str, member_id: str, after: tuple[datetime, str] | None, limit: int
     ) -> list[tuple[datetime, str, str]]:
-        parts = [self.member(member_id)] if member_id else self.scan()
+        """A member's from their partition; the shard's from review_days, unless the shard has
+        reviews from before that index that `backfill` has not listed yet: then from a scan of
+        every member, as before (slow, but it misses none)."""
         since = (to_us(after[0]), after[1]) if after else (-1, "")
+        if not member_id and self.store.reviews_indexed(self.shard):
+            return [(from_us(at), rid, body) for at, rid, body in self._indexed_reviews(status, since, limit)]
+        parts = [self.member(member_id)] if member_id else self.scan()
         found = []
         for part in parts:
             reviews = part.all("review") if status == "OPEN" else self.with_history(part, "review")
@@ -813,6 +834,54 @@ class CassandraShardTx:
                     found.append((r[2], review_id, r[3]))
         found.sort()
         return [(from_us(at), rid, body) for at, rid, body in found[:limit]]
+
+    def _indexed_reviews(self, status: str, since: tuple[int, str], limit: int) -> list[tuple[int, str, str]]:
+        """Walks the status's days from the cursor, reading each row's review (live, else
+        archived) for its body. A row whose review is absent or now has another status (its
+        unit never committed, or a decision committed and the old row's delete did not) is
+        skipped, reading on so the page stays full, and deleted once it is sure to stay so.
+
+        Days are read a few at once, twice as many each time the last ones came back short
+        (up to LISTING_AHEAD), as purchase listings do: decided reviews can be one a day."""
+        s = self.store
+        days = iter(s.q("review_buckets", (s.ledger, self.shard, status, review_bucket(since[0]))))
+        queue: list[Any] = []  # days still to read, oldest first
+        found: list[tuple[int, str, str]] = []
+        stale: list[tuple[int, Any]] = []  # (bucket, row)
+        empty: list[Any] = []  # days read from their start and found without a row
+        ahead = 1
+        while len(found) < limit:
+            while len(queue) < ahead and (day := next(days, None)) is not None:
+                queue.append(day)
+            if not queue:
+                break
+            wanted, start = limit - len(found), since
+            span = queue[:ahead]
+            pages = s.rows_many(
+                [("review_rows", (s.ledger, self.shard, status, d.bucket, *start, wanted)) for d in span]
+            )
+            for day, rows in zip(span, pages, strict=True):
+                room = limit - len(found)
+                more = len(rows) == wanted  # this day may hold rows past these
+                if len(rows) > room:
+                    rows, more = rows[:room], True
+                for r, body in zip(rows, s.bodies(self.shard, "review", rows), strict=True):
+                    listed = _review_listed(body, status, r.at)
+                    if listed is None:
+                        stale.append((day.bucket, r))
+                    else:
+                        found.append((r.at, r.id, listed))
+                if rows:
+                    since = (rows[-1].at, rows[-1].id)
+                if more:
+                    break  # read on from this day's last row
+                queue.pop(0)
+                if not rows and start[0] < day.bucket * DAY_US:
+                    empty.append(day)
+            else:
+                ahead = min(ahead * 2, LISTING_AHEAD)
+        s.prune_reviews(self.shard, status, stale, empty)
+        return found
 
     def purge_before(
         self, idempotency_before: datetime, outbox_before: datetime, resume: str = "", limit: int = PURGE_SLICE
@@ -857,6 +926,7 @@ class CassandraShardTx:
                 # later events back for QUEUE_GRACE_US. The next attempt writes its own.
                 self.store.withdraw_pointers(self.shard, part, pointed)
                 raise
+            self.store.unlist_reviews(self.shard, part)
 
 
 def _pointers(part: _Part) -> list[tuple[str, int, str]]:
@@ -878,6 +948,23 @@ def _pointers(part: _Part) -> list[tuple[str, int, str]]:
             if not hold.saga_id:
                 out.append(("hold", to_us(hold.expires_at), id_))
     return out
+
+
+def _reviews(part: _Part) -> list[tuple[str, int, str, str | None]]:
+    """(status, created µs, id, status before this unit or None) of the reviews it writes."""
+    out = []
+    for (kind, id_), body in part.staged.items():
+        if kind == "review" and body is not None:
+            before = part.committed(kind, id_)
+            r = json.loads(body)
+            out.append((str(r[1]), int(r[2]), id_, None if before is None else str(json.loads(before)[1])))
+    return out
+
+
+def _review_listed(body: str | None, status: str, at: int) -> str | None:
+    """The review's own body if a review_days row of `status` at `at` lists it, else None."""
+    r = None if body is None else json.loads(body)
+    return str(r[3]) if r is not None and r[1] == status and r[2] == at else None
 
 
 def _open(kind: str, body: str) -> bool:
@@ -1131,7 +1218,7 @@ class CassandraLedgerStore:
                 " run `pointmesh ledger migrate`"
             )
         self._prepare()
-        self._check_layout()
+        self._check_layout()  # writes through run_many, so after the statements
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cassandra-unit")
         self._locks = [threading.RLock() for _ in range(4096)]
         self._owners: dict[tuple[int, str], str] = {}
@@ -1140,6 +1227,7 @@ class CassandraLedgerStore:
         self._announced: dict[tuple[int, str, int], float] = {}
         self._known_members: set[tuple[int, str]] = set()
         self._indexed: dict[tuple[int, str, str], float] = {}
+        self._reviews_indexed: set[int] = set()  # shards whose reviews are all in review_days
         self._closed = False
 
     # Statements ----------------------------------------------------------------------------
@@ -1201,6 +1289,20 @@ class CassandraLedgerStore:
             "index": f"SELECT p, writetime(at) AS wt FROM {ks}.shard_index WHERE ledger=? AND shard=? AND kind=?",
             "index_del": f"DELETE FROM {ks}.shard_index USING TIMESTAMP ? WHERE ledger=? AND shard=? AND kind=?"
                          " AND p=?",
+            "review_put": f"INSERT INTO {ks}.review_days (ledger, shard, status, bucket, at, id, p)"
+                          " VALUES (?,?,?,?,?,?,?)",
+            "review_rows": f"SELECT at, id, p, writetime(p) AS wt FROM {ks}.review_days WHERE ledger=? AND shard=?"
+                           " AND status=? AND bucket=? AND (at, id) > (?, ?) LIMIT ?",
+            "review_del": f"DELETE FROM {ks}.review_days WHERE ledger=? AND shard=? AND status=? AND bucket=?"
+                          " AND at=? AND id=?",
+            "review_del_at": f"DELETE FROM {ks}.review_days USING TIMESTAMP ? WHERE ledger=? AND shard=?"
+                             " AND status=? AND bucket=? AND at=? AND id=?",
+            "review_bucket_put": f"INSERT INTO {ks}.review_buckets (ledger, shard, status, bucket, w)"
+                                 " VALUES (?,?,?,?,?)",
+            "review_buckets": f"SELECT bucket, writetime(w) AS wt FROM {ks}.review_buckets WHERE ledger=?"
+                              " AND shard=? AND status=? AND bucket>=?",
+            "review_bucket_del": f"DELETE FROM {ks}.review_buckets USING TIMESTAMP ? WHERE ledger=? AND shard=?"
+                                 " AND status=? AND bucket=?",
             "meta_get": f"SELECT v FROM {ks}.meta WHERE ledger=? AND k=?",
             "meta_claim": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?) IF NOT EXISTS",
             "meta_put": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?)",
@@ -1259,6 +1361,10 @@ class CassandraLedgerStore:
 
     def _check_layout(self) -> None:
         row = self.q("meta_claim", (self.ledger, "shards", str(self._shards))).one()
+        if row.applied:
+            # A new ledger: every review it will hold goes through review_days.
+            self.run_many([("meta_put", (self.ledger, f"{REVIEWS_INDEXED}:{shard}", "1"))
+                           for shard in range(self._shards)])  # fmt: skip
         if not row.applied and int(row.v) != self._shards:
             raise LayoutMismatch(
                 f"ledger {self.ledger!r} in keyspace {self.keyspace!r} has {row.v} shards;"
@@ -1283,15 +1389,15 @@ class CassandraLedgerStore:
         row = self.q("owner_month_get", (self.ledger, shard, key)).one()
         return None if row is None else row.month
 
-    def purchase_bodies(self, shard: int, rows: Sequence[Any]) -> list[str | None]:
-        """Purchase rows (live, else archived) for listing rows (`p`, `id`), a few queries at a
-        time: a page of an archived day would otherwise be two round trips per purchase."""
+    def bodies(self, shard: int, kind: str, rows: Sequence[Any]) -> list[str | None]:
+        """Purchase or review rows (live, else archived) for listing rows (`p`, `id`), a few
+        queries at a time: a page of an archived day would otherwise be two round trips each."""
         live = [None if r is None else str(r.body) for r in self.run_many(
-            [("row", (self.ledger, x.p, "purchase", x.id)) for x in rows])]  # fmt: skip
+            [("row", (self.ledger, x.p, kind, x.id)) for x in rows])]  # fmt: skip
         missing = [i for i, body in enumerate(live) if body is None]
         months = self.run_many([("owner_month_get", (self.ledger, shard, rows[i].id)) for i in missing])
         moved = [(i, m.month) for i, m in zip(missing, months, strict=True) if m is not None and m.month is not None]
-        archived = self.run_many([("hist_row", (self.ledger, rows[i].p, month, "purchase", rows[i].id))
+        archived = self.run_many([("hist_row", (self.ledger, rows[i].p, month, kind, rows[i].id))
                                   for i, month in moved])  # fmt: skip
         for (i, _), row in zip(moved, archived, strict=True):
             live[i] = None if row is None else str(row.body)
@@ -1305,6 +1411,50 @@ class CassandraLedgerStore:
         return [("listing_put", (self.ledger, shard, channel, scope, listing_bucket(scope, at), at, purchase_id, p))
                 for scope in {store_id, ""}]  # fmt: skip
 
+    def reviews_indexed(self, shard: int) -> bool:
+        """Whether the shard's reviews are all in review_days (remembered once they are)."""
+        if shard in self._reviews_indexed:
+            return True
+        if self.q("meta_get", (self.ledger, f"{REVIEWS_INDEXED}:{shard}")).one() is None:
+            return False
+        self._reviews_indexed.add(shard)
+        return True
+
+    def unlist_reviews(self, shard: int, part: _Part) -> None:
+        """Deletes the rows of reviews that changed status in `part`'s batch, which has applied
+        (before it, they would have been missing from a listing had the batch failed). Best
+        effort: the unit has committed, and readers skip and delete a row left behind."""
+        calls = [("review_del", (self.ledger, shard, before, review_bucket(at), at, id_))
+                 for status, at, id_, before in _reviews(part) if before is not None and before != status]  # fmt: skip
+        try:
+            self.run_many(calls)
+        except _driver_failures() as exc:
+            log.warning("cassandra: review rows of %s left for readers to delete: %s", part.p, exc)
+
+    def prune_reviews(self, shard: int, status: str, stale: Sequence[tuple[int, Any]], empty: Sequence[Any]) -> None:
+        """Deletes review rows that point at nothing listed, and days found empty, once older
+        than the grace period (a unit that wrote them may still commit), each at its own write
+        time so a newer rewrite survives. Writers re-announce a day every BUCKET_ANNOUNCE_S, so
+        a day one is writing to never looks that old.
+
+        A batch whose process died mid-write can still be completed by the next Paxos round on
+        its partition, days later; deleting its row then would leave a committed review
+        unlisted for good. So each partition is read at SERIAL first (which completes any such
+        round) and the review read again: only a row still pointing at nothing goes. Rare: a
+        unit that lost its condition, or a status change whose old row's delete failed."""
+        now = time.time_ns() // 1000
+        today = review_bucket(now)
+        old = [(bucket, r) for bucket, r in stale if now - r.wt > QUEUE_GRACE_US]
+        for p in sorted({r.p for _, r in old}):
+            self.q("head_serial", (self.ledger, p), serial=True)
+        again = self.bodies(shard, "review", [r for _, r in old])
+        self.run_many(
+            [("review_del_at", (r.wt, self.ledger, shard, status, bucket, r.at, r.id))
+             for (bucket, r), body in zip(old, again, strict=True) if _review_listed(body, status, r.at) is None]
+            + [("review_bucket_del", (d.wt, self.ledger, shard, status, d.bucket))
+               for d in empty if now - d.wt > QUEUE_GRACE_US and d.bucket < today]
+        )  # fmt: skip
+
     def rows_many(self, calls: Sequence[tuple[str, tuple[Any, ...]]]) -> list[list[Any]]:
         """`run_many` for queries that return several rows: every row of each."""
         futures = [self.session.execute_async(self._stmts[name], params) for name, params in calls]
@@ -1312,16 +1462,19 @@ class CassandraLedgerStore:
 
     def backfill(self, shard: int, members_at_once: int = 32) -> dict[str, int]:
         """One pass over a shard after upgrading from a release before 2026-12-05, run once no
-        process runs the older code (`pointmesh ledger backfill`): writes the purchase_days rows
-        of the purchases it stored, and gives the idempotency records, owner rows and sent
-        events it wrote without a TTL the rest of their retention (deleting those already past
-        it). Every write is idempotent, so a pass can be run again; returns what it did."""
+        process runs the older code (`pointmesh ledger backfill`): writes the purchase_days and
+        review_days rows of the purchases and reviews it stored (`listed` counts both), and gives
+        the idempotency records, owner rows and sent events it wrote without a TTL the rest of
+        their retention (deleting those already past it). Once through, the shard's review
+        listings read review_days instead of every member. Every write is idempotent, so a pass
+        can be run again; returns what it did."""
         done = {"listed": 0, "expiring": 0, "deleted": 0}
         now = time.time()
         parts = [p for p, _ in self.partitions(shard, "")]
+        review_days: set[tuple[str, int]] = set()
         for start in range(0, len(parts), members_at_once):
             chunk = parts[start : start + members_at_once]
-            kinds = ("purchase", "months", "idem", "sent")
+            kinds = ("purchase", "months", "idem", "sent", "review")
             found = self.rows_many([("kind_ttl", (self.ledger, p, kind)) for p in chunk for kind in kinds])
             per = len(kinds)
             # Owner rows before their records: a run that fails between the two and runs again
@@ -1329,14 +1482,20 @@ class CassandraLedgerStore:
             calls: list[tuple[str, tuple[Any, ...]]] = []
             records: list[tuple[str, tuple[Any, ...]]] = []
             for n, p in enumerate(chunk):
-                purchases, months, idem, sent = found[n * per : (n + 1) * per]
-                history = self.rows_many([("hist_kind", (self.ledger, p, month, "purchase"))
-                                          for row in months for month in json.loads(row.body)])  # fmt: skip
-                for row in [*purchases, *(r for rows in history for r in rows)]:
+                purchases, months, idem, sent, reviews = found[n * per : (n + 1) * per]
+                history = self.rows_many([("hist_kind", (self.ledger, p, month, kind))
+                                          for row in months for month in json.loads(row.body)
+                                          for kind in ("purchase", "review")])  # fmt: skip
+                for row in [*purchases, *(r for rows in history[0::2] for r in rows)]:
                     _, record_json, at = json.loads(row.body)[:3]
                     record = json.loads(record_json)
                     calls += self._listing_puts(shard, record.get("channel", ""), record.get("store_id", ""), at,
                                                 row.id, p)  # fmt: skip
+                    done["listed"] += 1
+                for row in [*reviews, *(r for rows in history[1::2] for r in rows)]:
+                    _, status, at = json.loads(row.body)[:3]
+                    calls.append(("review_put", (self.ledger, shard, status, review_bucket(at), at, row.id, p)))
+                    review_days.add((status, review_bucket(at)))
                     done["listed"] += 1
                 for kind, rows, at_field in (("idem", idem, 3), ("sent", sent, -1)):
                     for row in rows:
@@ -1357,6 +1516,12 @@ class CassandraLedgerStore:
             for batch in (calls, records):  # at most BACKFILL_IN_FLIGHT writes at a time
                 for at in range(0, len(batch), BACKFILL_IN_FLIGHT):
                     self.run_many(batch[at : at + BACKFILL_IN_FLIGHT])
+        now_us = int(now * 1e6)
+        days = [("review_bucket_put", (self.ledger, shard, status, bucket, now_us)) for status, bucket in review_days]
+        for at in range(0, len(days), BACKFILL_IN_FLIGHT):
+            self.run_many(days[at : at + BACKFILL_IN_FLIGHT])
+        # Only once every review of the shard is listed: until then its listings scan.
+        self.q("meta_put", (self.ledger, f"{REVIEWS_INDEXED}:{shard}", "1"))
         return done
 
     def archived(self, shard: int, p: str, kind: str, id_: str, owner_key: str) -> str | None:
@@ -1547,6 +1712,14 @@ class CassandraLedgerStore:
                     announced.append((shard, kind, bucket))
             for channel, store_id, at, id_ in part.listed:
                 calls += self._listing_puts(shard, channel, store_id, at, id_, part.p)
+            for status, at, id_, _ in _reviews(part):
+                # The row under its new status goes in now; one under an old status is deleted
+                # once the batch applied (`unlist_reviews`), so the review is never unlisted.
+                bucket = review_bucket(at)
+                calls.append(("review_put", (self.ledger, shard, status, bucket, at, id_, part.p)))
+                if now - self._announced.get((shard, f"review:{status}", bucket), 0.0) > BUCKET_ANNOUNCE_S:
+                    calls.append(("review_bucket_put", (self.ledger, shard, status, bucket, now_us)))
+                    announced.append((shard, f"review:{status}", bucket))
             if (shard, part.p) not in self._known_members:
                 calls.append(("members_put", (self.ledger, shard, part.p)))
             kinds = {kind for (kind, _), body in part.staged.items() if body is not None and _open(kind, body)}
