@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from pointmesh.cassandra_server import CassandraServer
+from pointmesh.jvm import JvmExited
 
 ADDRESSES = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 JOIN_ATTEMPTS = 3
@@ -37,12 +38,13 @@ class CassandraCluster:
                 try:
                     node.start()
                     break
-                except RuntimeError as exc:
+                except JvmExited as exc:
                     # A node whose gossip round found the seed busy gives up at once; it has not
-                    # joined, so starting it again is safe.
-                    if "Unable to contact any seeds" not in str(exc) or attempt == JOIN_ATTEMPTS - 1:
+                    # joined, so starting it again is safe. (The reason is in the whole start's
+                    # log: its tail is the shutdown hook's flushing.)
+                    if "Unable to contact any seeds" not in exc.log or attempt == JOIN_ATTEMPTS - 1:
                         raise
-                    time.sleep(2)
+                    time.sleep(5)
         return time.monotonic() - started
 
     def stop(self) -> None:

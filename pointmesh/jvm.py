@@ -77,6 +77,17 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+class JvmExited(RuntimeError):
+    """The JVM ended before opening its port; `log` is what it wrote during this start (the
+    log's tail alone may be shutdown noise that hides why it stopped)."""
+
+    def __init__(self, name: str, returncode: int, log: str) -> None:
+        causes = [line for line in log.splitlines() if "Exception" in line or " ERROR " in line][:5]
+        tail = "\n".join(log.splitlines()[-30:])
+        super().__init__(f"{name} exited with {returncode}:\n" + "\n".join(causes) + "\n...\n" + tail)
+        self.log = log
+
+
 class JvmProcess:
     """One server JVM with its pid file and log in `data_dir`, started detached so it can
     outlive the command that started it (`pointmesh dev kafka start`) or be owned by a test."""
@@ -105,6 +116,7 @@ class JvmProcess:
         java = ensure_tool("java")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             process = subprocess.Popen([java, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)  # fmt: skip
@@ -112,7 +124,7 @@ class JvmProcess:
         while not port_open(ready_port, host):
             if process.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
-                raise RuntimeError(f"{self.name} exited with {process.returncode}:\n{self.log_tail()}")
+                raise JvmExited(self.name, process.returncode, self._log_since(offset))
             if time.monotonic() - started > timeout:
                 self.stop()
                 raise TimeoutError(f"{self.name} did not open port {ready_port} in {timeout:.0f}s:\n{self.log_tail()}")
@@ -148,6 +160,14 @@ class JvmProcess:
             except ProcessLookupError:
                 return
             time.sleep(0.1)
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return "(no log)"
 
     def log_tail(self, lines: int = 30) -> str:
         try:
