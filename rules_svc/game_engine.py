@@ -159,6 +159,15 @@ def challenge_period(item: Challenge) -> str:
     return f"from-{int(item.starts.timestamp())}"
 
 
+def join_key(item: Challenge) -> str:
+    """What joining an opt-in challenge records: its id and window, so a reused id asks again."""
+    return f"{item.id}@{challenge_period(item)}"
+
+
+def has_joined(joined: set[str], item: Challenge) -> bool:
+    return join_key(item) in joined or item.id in joined  # a bare id: joined before windows were kept
+
+
 def in_window(state: ItemState, item: Challenge) -> bool:
     """Whether stored progress belongs to the challenge's window as published now. Progress
     stored before windows were kept belongs to it unless it was completed before it began."""
@@ -211,5 +220,5 @@ def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact
             awards.append(_streak(s, states.setdefault(s.id, ItemState()), fact, week, late_weeks))
     for c in g.challenges:
         if matches(c.match, fact, fx):
-            awards.append(_challenge(c, states.setdefault(c.id, ItemState()), fact, c.id in joined))
+            awards.append(_challenge(c, states.setdefault(c.id, ItemState()), fact, has_joined(joined, c)))
     return [a for a in awards if a is not None]

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 from pointmesh.clock import Clock
 from rules_svc.domain import BadRequest, FailedPrecondition, NotFound
 from rules_svc.experiment_stats import ArmResult, report
-from rules_svc.game_engine import ItemState, challenge_period, in_window, week_of
+from rules_svc.game_engine import ItemState, challenge_period, has_joined, in_window, join_key, week_of
 from rules_svc.game_store import BoardRow, GameStore
 from rules_svc.program import Challenge, Experiment, Program
 from rules_svc.service import RulesService
@@ -76,7 +76,7 @@ class GameService:
             if not in_window(st, c):
                 st = ItemState()  # progress of an earlier window of a reused id
             items.append(ProgressItem(c.id, c.name, ItemKind.CHALLENGE, st.count, c.purchases, st.completions,
-                                      st.last_completed_us, c.reward.points, c.reward.unit, c.id in joined))  # fmt: skip
+                                      st.last_completed_us, c.reward.points, c.reward.unit, has_joined(joined, c)))  # fmt: skip
         totals = await asyncio.to_thread(self.store.reward_totals, p.program, member_id)
         return MemberProgress(items, totals.get("PAID", 0), totals.get("PENDING", 0))
 
@@ -101,7 +101,7 @@ class GameService:
         if self.clock.now() >= challenge.ends:
             raise FailedPrecondition(f"challenge {challenge_id} ended at {challenge.ends.isoformat()}",
                                      field="challenge_id")  # fmt: skip
-        await asyncio.to_thread(self.store.join, p.program, challenge_id, member_id)
+        await asyncio.to_thread(self.store.join, p.program, join_key(challenge), member_id)
         return True
 
     async def experiment_report(self, program: str, experiment_id: str) -> ExperimentReport:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from rules_svc.game_engine import Award, ItemState, PurchaseFact, apply, week_of
+from rules_svc.game_engine import Award, ItemState, PurchaseFact, apply, join_key, week_of
 from rules_svc.game_store import GameStore
 from rules_svc.program import Program
 from tests.rules import load_doc, program_doc
@@ -172,3 +172,20 @@ def test_a_challenge_completed_before_windows_were_kept_is_not_taken_for_the_nex
 
     assert [a.period for a in awards] == ["from-1769904000"]
     assert (states["monthly"].count, states["monthly"].period) == (3, "from-1769904000")
+
+
+def test_joining_an_opt_in_challenge_counts_for_its_window_only(tmp_path: Path) -> None:
+    def opt_in(starts: str, ends: str) -> Program:
+        return game(challenges=[{"id": "vip", "name": "Two for members who joined", "starts": starts, "ends": ends,
+                                 "purchases": 2, "opt_in": True, "reward": {"points": 120}}])  # fmt: skip
+
+    january = opt_in("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
+    february = opt_in("2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00+00:00")
+    store = GameStore(tmp_path / "game.sqlite")
+    store.join("test", join_key(january.gamification.challenges[0]), "m-1")
+
+    in_january = [store.apply_event(january, fact(datetime(2026, 1, d, 12, tzinfo=UTC))) for d in (10, 11)]
+    in_february = [store.apply_event(february, fact(datetime(2026, 2, d, 12, tzinfo=UTC))) for d in (10, 11)]
+
+    assert [len(got or []) for got in in_january] == [0, 1]
+    assert [len(got or []) for got in in_february] == [0, 0]  # not joined this month
