@@ -60,8 +60,9 @@ async def dead_letter(bus: EventBus, topic: str, group: str, message: BusMessage
               message.event_id or message.position, topic, group, reason)  # fmt: skip
     await bus.publish(dead_letter_topic(topic), [OutgoingEvent(
         message.key, message.event_id, message.event_type, message.payload, message.schema,
-        headers=(("dlq_reason", reason), ("dlq_source", topic), ("dlq_group", group),
-                 ("dlq_position", message.position)),
+        headers=(*((k, v) for k, v in message.headers if not k.startswith("dlq_")),
+                 ("dlq_reason", reason), ("dlq_source", topic), ("dlq_group", group),
+                 ("dlq_position", message.position), ("dlq_timestamp_ms", str(message.timestamp_ms))),
     )])  # fmt: skip
 
 
@@ -134,7 +135,12 @@ def by_key(bus: EventBus, topic: str, group: str, handle: Handler) -> BatchHandl
         keyed: dict[str, list[BusMessage]] = {}
         for m in messages:
             keyed.setdefault(m.key, []).append(m)
-        await asyncio.gather(*(key_in_order(ms) for ms in keyed.values()))
+        # Every key's chain ends before a failure is raised: the batch is then read again, and a
+        # chain still running would handle the same key twice at once.
+        outcomes = await asyncio.gather(*(key_in_order(ms) for ms in keyed.values()), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     return run
 

@@ -247,6 +247,12 @@ class RedisStreamBus:
         """The group's next message is the first one stamped at or after `when`."""
         await self.ensure_group(topic, group)
         ms = int(when.timestamp() * 1000)
+        last = await self.redis.xinfo_stream(topic)
+        last_id = last.get("last-generated-id", b"0-0")
+        last_ms = int((last_id.decode() if isinstance(last_id, bytes) else str(last_id)).partition("-")[0])
+        if ms > last_ms:  # a future time: from the next event on, as Kafka does (a later id would skip events)
+            await self.redis.xgroup_setid(topic, group, "$")
+            return
         await self.redis.xgroup_setid(topic, group, f"{ms - 1}-18446744073709551615" if ms > 0 else "0")
 
     async def ensure_topics(self, topics: Sequence[str]) -> None:

@@ -24,7 +24,7 @@ from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import CommitFailedError, IllegalStateError, TopicAlreadyExistsError
 from aiokafka.structs import OffsetAndMetadata
 
 from pointmesh.events import BusMessage, OutgoingEvent
@@ -33,11 +33,17 @@ log = logging.getLogger(__name__)
 _STANDARD = {"event_id", "type", "schema"}
 
 
+def _text(value: bytes | None) -> str:
+    # Kafka allows null and binary header values (tracing agents, Connect add them): a record
+    # must reach its handler (and the dead-letter topic if need be), never fail in the poll.
+    return (value or b"").decode(errors="replace")
+
+
 def _message(record: ConsumerRecord[bytes, bytes]) -> BusMessage:
-    headers = {k: v.decode() for k, v in record.headers}
+    headers = {k: _text(v) for k, v in record.headers}
     return BusMessage(
         position=f"{record.partition}:{record.offset}",
-        key=(record.key or b"").decode(),
+        key=_text(record.key),
         event_id=headers.get("event_id", ""),
         event_type=headers.get("type", ""),
         payload=record.value or b"",
@@ -207,7 +213,21 @@ class KafkaGroupConsumer:
             partition, offset = (int(x) for x in m.position.split(":"))
             tp = TopicPartition(self.topic, partition)
             offsets[tp] = max(offsets.get(tp, 0), offset + 1)
-        await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+        # A partition revoked by a rebalance while the batch ran is not this consumer's to commit
+        # (its new owner reads those messages again: at least once); committing it would fail
+        # the commit of every partition kept, and the consumer would leave and rejoin the group.
+        kept = consumer.assignment()
+        gone = [tp for tp in offsets if tp not in kept]
+        if gone:
+            log.info("partitions %s were reassigned during the batch; their messages go to the new owner",
+                     sorted(tp.partition for tp in gone))  # fmt: skip
+        owned = {tp: OffsetAndMetadata(o, "") for tp, o in offsets.items() if tp in kept}
+        if not owned:
+            return
+        try:
+            await consumer.commit(owned)
+        except (CommitFailedError, IllegalStateError) as exc:  # a rebalance between the check and the commit
+            log.warning("commit lost to a rebalance; the new owners read these messages again (%s)", exc)
 
     async def close(self) -> None:
         if self._consumer is not None:

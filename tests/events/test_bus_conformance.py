@@ -7,7 +7,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -204,6 +204,65 @@ async def test_rewinding_a_group_to_a_time_replays_from_there(bus: EventBus) -> 
     assert [m.event_id for m in replayed] == [f"m_r-{i}" for i in range(10, 25)]
 
 
+async def test_rewinding_a_group_to_a_future_time_delivers_what_comes_next(bus: EventBus) -> None:
+    """A mistyped `--from` in the future must not skip (and, on Redis, let the trim delete)
+    the events that follow."""
+    topic = new_topic()
+    await bus.ensure_topics([topic])
+    await bus.publish(topic, [event("m_f", i) for i in range(3)])
+    assert len(await drain(bus, topic, "gamification", "g1", 3)) == 3
+    await bus.rewind(topic, "gamification", datetime.now(UTC) + timedelta(days=1))
+    await bus.publish(topic, [event("m_f", i) for i in range(3, 8)])
+
+    later = await drain(bus, topic, "gamification", "g1", 5)
+
+    assert [m.event_id for m in later] == [f"m_f-{i}" for i in range(3, 8)]
+
+
+async def test_the_dead_letter_copy_keeps_the_messages_own_headers(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    traced = OutgoingEvent("m_h", "m_h-1", "ops_alert", b"\xff not protobuf", "pointmesh.v1/1",
+                           headers=(("traceparent", "00-abc-def-01"), ("source_file", "pos-0412.csv")))  # fmt: skip
+    await bus.publish(topic, [traced])
+
+    async def handle(message: BusMessage) -> None:
+        raise Poison("undecodable")
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(
+        run_group(bus, topic, "alerts", "c1", in_order(bus, topic, "alerts", handle), stop=stop, block_ms=200)
+    )
+    (dead,) = await drain(bus, dead_letter_topic(topic), "dlq-reader", "r1", 1)
+    stop.set()
+    await runner
+
+    headers = dict(dead.headers)
+    assert (headers["traceparent"], headers["source_file"]) == ("00-abc-def-01", "pos-0412.csv")
+    assert headers["dlq_reason"] == "undecodable" and int(headers["dlq_timestamp_ms"]) > 0
+
+
+async def test_a_failing_key_lets_the_other_keys_chains_finish_before_the_batch_is_read_again() -> None:
+    running: dict[str, int] = {}
+    finished: list[str] = []
+
+    async def handle(message: BusMessage) -> None:
+        running[message.key] = running.get(message.key, 0) + 1
+        try:
+            if message.key == "a":
+                raise ConnectionError("the ledger is away")
+            await asyncio.sleep(0.05)
+            finished.append(message.event_id)
+        finally:
+            running[message.key] -= 1
+
+    batch = [BusMessage(f"1-{i}", key, f"{key}{i}", "t", b"", "pointmesh.v1/1") for i, key in enumerate("abbb")]
+    with pytest.raises(ConnectionError):
+        await consumers.by_key(None, "t", "g", handle)(batch)  # type: ignore[arg-type]
+
+    assert finished == ["b1", "b2", "b3"] and running == {"a": 0, "b": 0}
+
+
 @dataclass
 class Restartable:
     bus: EventBus
@@ -356,3 +415,30 @@ def test_an_instance_consumes_under_the_same_name_after_a_restart_and_others_und
     names = {consumer_name("ledger", here, port), consumer_name("ledger", there, port),
              consumer_name("rules", here, port), consumer_name("ledger", here, "0.0.0.0:50061")}  # fmt: skip
     assert len(names) == 4  # another directory, service or address on the same host: another consumer
+
+
+async def test_a_kafka_record_with_a_binary_or_null_header_reaches_the_handler(kafka_bootstrap: str) -> None:
+    """Kafka allows such headers (tracing agents, Connect): reading them must not fail the poll,
+    which would stop the partition at that record for ever."""
+    from aiokafka import AIOKafkaProducer
+
+    topic = new_topic()
+    bus = KafkaBus(kafka_bootstrap, partitions=1)
+    try:
+        await bus.ensure_topics([topic])
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            headers = [("event_id", b"m_b-1"), ("type", b"ops_alert"), ("schema", b"pointmesh.v1/1"),
+                       ("traceparent", b"\xff\xfe"), ("baggage", None)]  # fmt: skip
+            await producer.send_and_wait(topic, b"payload", key=b"m_b", headers=headers)  # type: ignore[arg-type]
+        finally:
+            await producer.stop()
+        await bus.publish(topic, [event("m_b", 2)])
+
+        got = await drain(bus, topic, "alerts", "c1", 2)
+    finally:
+        await bus.close()
+
+    assert [m.event_id for m in got] == ["m_b-1", "m_b-2"]
+    assert dict(got[0].headers) == {"traceparent": "\ufffd\ufffd", "baggage": ""}
