@@ -21,7 +21,7 @@ from ledger_svc import commands as c
 from ledger_svc import convert as cv
 from ledger_svc.domain import LedgerError, Unavailable
 from ledger_svc.service import LedgerService
-from pointmesh.consumers import Poison, check_schema, dead_letter, run_group
+from pointmesh.consumers import Poison, check_schema, dead_letter, deterministic, guarded, run_group
 from pointmesh.events import INGEST_PURCHASES, BusMessage, EventBus
 from pointmesh.v1 import ledger_pb2
 
@@ -35,6 +35,7 @@ class IngestWorker:
         self.consumer = consumer
         self.batch = batch
         self.stop = asyncio.Event()
+        self._alone = guarded(bus, INGEST_PURCHASES, GROUP, self._purchase)
 
     async def _purchases(self, messages: list[BusMessage]) -> None:
         """A polled batch through batch accrual (one EvaluateBatch and one ScoreBatch for all);
@@ -53,13 +54,35 @@ class IngestWorker:
                 await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, f"not a RecordPurchaseRequest: {exc}")
             except LedgerError as exc:
                 await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, _reason(exc))
-        outcomes = await self.service.ingest(commands)
+        try:
+            outcomes = await self.service.ingest(commands)
+        except Exception as exc:
+            if not deterministic(exc):
+                raise
+            # A bug that fails the whole batch the same way each time: one purchase at a time
+            # finds which, and the consumers' rule sends it to the dead-letter topic after a few
+            # attempts, so one purchase cannot stop the topic (the others replay on their keys).
+            for message in taken:
+                await self._alone(message)
+            return
         for outcome in outcomes:
             if isinstance(outcome, Unavailable):  # not the purchase's fault: deliver the batch again
                 raise outcome
         for message, outcome in zip(taken, outcomes, strict=True):
             if isinstance(outcome, LedgerError):
                 await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, _reason(outcome))
+
+    async def _purchase(self, message: BusMessage) -> None:
+        """One purchase alone, raising what the batch path dead-letters as Poison."""
+        try:
+            command = cv.purchase_cmd(ledger_pb2.RecordPurchaseRequest.FromString(message.payload))
+        except (DecodeError, LedgerError) as exc:
+            raise Poison(str(exc)) from exc
+        (outcome,) = await self.service.ingest([command])
+        if isinstance(outcome, Unavailable):
+            raise outcome
+        if isinstance(outcome, LedgerError):
+            raise Poison(_reason(outcome))
 
     async def run(self) -> None:
         await run_group(self.bus, INGEST_PURCHASES, GROUP, self.consumer, self._purchases, stop=self.stop,

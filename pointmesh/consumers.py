@@ -83,7 +83,8 @@ _REFUSED_CODES = frozenset({
 })  # fmt: skip
 
 
-def _deterministic(exc: BaseException) -> bool:
+def deterministic(exc: BaseException) -> bool:
+    """An error no retry cures: the same message fails the same way each time."""
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code() in _REFUSED_CODES
     return isinstance(exc, _DETERMINISTIC)
@@ -101,7 +102,7 @@ def guarded(bus: EventBus, topic: str, group: str, handle: Handler) -> Handler:
         except Poison as poison:
             await dead_letter(bus, topic, group, message, str(poison))
         except Exception as exc:
-            if not _deterministic(exc):
+            if not deterministic(exc):
                 raise
             attempts = failures.get(message.position, 0) + 1
             if attempts < MAX_DETERMINISTIC_ATTEMPTS:
