@@ -43,17 +43,25 @@ class IngestWorker:
         batch uncommitted for redelivery."""
         taken: list[BusMessage] = []
         commands: list[c.RecordPurchase] = []
+        # Dead-lettered once the batch is through, so a batch delivered again after a failure
+        # does not put them on the dead-letter topic twice.
+        refused: list[tuple[BusMessage, str]] = []
         for message in messages:
             try:
                 check_schema(message)
                 commands.append(cv.purchase_cmd(ledger_pb2.RecordPurchaseRequest.FromString(message.payload)))
                 taken.append(message)
             except Poison as poison:
-                await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, str(poison))
+                refused.append((message, str(poison)))
             except DecodeError as exc:
-                await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, f"not a RecordPurchaseRequest: {exc}")
+                refused.append((message, f"not a RecordPurchaseRequest: {exc}"))
             except LedgerError as exc:
-                await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, _reason(exc))
+                refused.append((message, _reason(exc)))
+        await self._ingest(taken, commands)
+        for message, reason in refused:
+            await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, reason)
+
+    async def _ingest(self, taken: list[BusMessage], commands: list[c.RecordPurchase]) -> None:
         try:
             outcomes = await self.service.ingest(commands)
         except Exception as exc:
