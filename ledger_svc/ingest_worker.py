@@ -21,7 +21,7 @@ from ledger_svc import commands as c
 from ledger_svc import convert as cv
 from ledger_svc.domain import LedgerError, Unavailable
 from ledger_svc.service import LedgerService
-from pointmesh.consumers import Poison, check_schema, dead_letter, deterministic, guarded, run_group
+from pointmesh.consumers import MAX_DETERMINISTIC_ATTEMPTS, Poison, check_schema, dead_letter, deterministic, run_group
 from pointmesh.events import INGEST_PURCHASES, BusMessage, EventBus
 from pointmesh.v1 import ledger_pb2
 
@@ -35,7 +35,7 @@ class IngestWorker:
         self.consumer = consumer
         self.batch = batch
         self.stop = asyncio.Event()
-        self._alone = guarded(bus, INGEST_PURCHASES, GROUP, self._purchase)
+        self._failures: dict[str, int] = {}  # position -> deterministic failures alone (this process)
 
     async def _purchases(self, messages: list[BusMessage]) -> None:
         """A polled batch through batch accrual (one EvaluateBatch and one ScoreBatch for all);
@@ -57,40 +57,57 @@ class IngestWorker:
                 refused.append((message, f"not a RecordPurchaseRequest: {exc}"))
             except LedgerError as exc:
                 refused.append((message, _reason(exc)))
-        await self._ingest(taken, commands)
-        for message, reason in refused:
-            await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, reason)
-
-    async def _ingest(self, taken: list[BusMessage], commands: list[c.RecordPurchase]) -> None:
         try:
             outcomes = await self.service.ingest(commands)
         except Exception as exc:
             if not deterministic(exc):
                 raise
-            # A bug that fails the whole batch the same way each time: one purchase at a time
-            # finds which, and the consumers' rule sends it to the dead-letter topic after a few
-            # attempts, so one purchase cannot stop the topic (the others replay on their keys).
-            for message in taken:
-                await self._alone(message)
-            return
-        for outcome in outcomes:
-            if isinstance(outcome, Unavailable):  # not the purchase's fault: deliver the batch again
-                raise outcome
-        for message, outcome in zip(taken, outcomes, strict=True):
-            if isinstance(outcome, LedgerError):
-                await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, _reason(outcome))
+            refused += await self._one_at_a_time(taken, commands, exc)
+        else:
+            for outcome in outcomes:
+                if isinstance(outcome, Unavailable):  # not the purchase's fault: deliver the batch again
+                    raise outcome
+            refused += [(m, _reason(o)) for m, o in zip(taken, outcomes, strict=True) if isinstance(o, LedgerError)]
+        for message, reason in refused:
+            await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, reason)
 
-    async def _purchase(self, message: BusMessage) -> None:
-        """One purchase alone, raising what the batch path dead-letters as Poison."""
-        try:
-            command = cv.purchase_cmd(ledger_pb2.RecordPurchaseRequest.FromString(message.payload))
-        except (DecodeError, LedgerError) as exc:
-            raise Poison(str(exc)) from exc
-        (outcome,) = await self.service.ingest([command])
-        if isinstance(outcome, Unavailable):
-            raise outcome
-        if isinstance(outcome, LedgerError):
-            raise Poison(_reason(outcome))
+    async def _one_at_a_time(
+        self, taken: list[BusMessage], commands: list[c.RecordPurchase], batch_error: Exception
+    ) -> list[tuple[BusMessage, str]]:
+        """The batch failed the same way it would every time (a bug some purchase trips): each
+        purchase alone finds which. One that fails alone MAX_DETERMINISTIC_ATTEMPTS times is
+        refused (dead-lettered with the rest once the round is through), so it cannot stop the
+        topic; the others post (or replay on their keys). When none succeeds alone the failure
+        is in a step they share, not in a purchase: the batch waits, nothing is dead-lettered."""
+        refused: list[tuple[BusMessage, str]] = []
+        failing: list[Exception] = []
+        succeeded = exhausted = 0
+        for message, command in zip(taken, commands, strict=True):
+            try:
+                (outcome,) = await self.service.ingest([command])
+            except Exception as exc:
+                if not deterministic(exc):
+                    raise
+                failing.append(exc)
+                count = self._failures[message.position] = self._failures.get(message.position, 0) + 1
+                if count >= MAX_DETERMINISTIC_ATTEMPTS:
+                    refused.append((message, f"failed {count} times: {type(exc).__name__}: {exc}"))
+                    exhausted += 1
+                continue
+            succeeded += 1
+            if isinstance(outcome, Unavailable):
+                raise outcome
+            if isinstance(outcome, LedgerError):
+                refused.append((message, _reason(outcome)))
+        if failing and not succeeded and len(taken) > 1:
+            for message in taken:
+                self._failures.pop(message.position, None)
+            raise batch_error
+        if len(failing) > exhausted:
+            raise failing[0]  # some purchase has attempts left: the batch comes again
+        for message in taken:
+            self._failures.pop(message.position, None)
+        return refused
 
     async def run(self) -> None:
         await run_group(self.bus, INGEST_PURCHASES, GROUP, self.consumer, self._purchases, stop=self.stop,

@@ -251,7 +251,8 @@ class RedisStreamBus:
         last_id = last.get("last-generated-id", b"0-0")
         last_ms = int((last_id.decode() if isinstance(last_id, bytes) else str(last_id)).partition("-")[0])
         if ms > last_ms:  # a future time: from the next event on, as Kafka does (a later id would skip events)
-            await self.redis.xgroup_setid(topic, group, "$")
+            # The id read, not "$": an event added since has a larger id and is delivered.
+            await self.redis.xgroup_setid(topic, group, last_id)
             return
         await self.redis.xgroup_setid(topic, group, f"{ms - 1}-18446744073709551615" if ms > 0 else "0")
 

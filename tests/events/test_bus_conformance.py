@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -442,3 +443,30 @@ async def test_a_kafka_record_with_a_binary_or_null_header_reaches_the_handler(k
 
     assert [m.event_id for m in got] == ["m_b-1", "m_b-2"]
     assert dict(got[0].headers) == {"traceparent": "\ufffd\ufffd", "baggage": ""}
+
+
+async def test_a_redis_rewind_past_the_newest_event_keeps_one_published_meanwhile(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event published between the rewind's look at the stream and its move of the group
+    (another ledger writing on) is delivered, not skipped."""
+    topic = new_topic()
+    bus = RedisStreamBus(Redis.from_url(redis_server.url), owns_client=True)
+    try:
+        await bus.publish(topic, [event("m_w", 0)])
+        assert len(await drain(bus, topic, "gamification", "g1", 1)) == 1
+        real_xinfo = bus.redis.xinfo_stream
+
+        async def then_someone_publishes(name: str) -> Any:
+            info = await real_xinfo(name)
+            await bus.publish(topic, [event("m_w", 1)])
+            return info
+
+        monkeypatch.setattr(bus.redis, "xinfo_stream", then_someone_publishes)
+        await asyncio.sleep(0.01)
+        await bus.rewind(topic, "gamification", datetime.now(UTC))  # the meanwhile event is stamped after it
+        got = await drain(bus, topic, "gamification", "g1", 1)
+    finally:
+        await bus.close()
+
+    assert [m.event_id for m in got] == ["m_w-1"]
