@@ -21,7 +21,7 @@ from ledger_svc import commands as c
 from ledger_svc import convert as cv
 from ledger_svc.domain import LedgerError, Unavailable
 from ledger_svc.service import LedgerService
-from pointmesh.consumers import MAX_DETERMINISTIC_ATTEMPTS, Poison, check_schema, dead_letter, deterministic, run_group
+from pointmesh.consumers import Attempts, Poison, check_schema, dead_letter, deterministic, run_group
 from pointmesh.events import INGEST_PURCHASES, BusMessage, EventBus
 from pointmesh.v1 import ledger_pb2
 
@@ -35,7 +35,7 @@ class IngestWorker:
         self.consumer = consumer
         self.batch = batch
         self.stop = asyncio.Event()
-        self._failures: dict[str, int] = {}  # position -> deterministic failures alone (this process)
+        self._attempts = Attempts()  # deterministic failures of a purchase alone
 
     async def _purchases(self, messages: list[BusMessage]) -> None:
         """A polled batch through batch accrual (one EvaluateBatch and one ScoreBatch for all);
@@ -75,7 +75,7 @@ class IngestWorker:
         self, taken: list[BusMessage], commands: list[c.RecordPurchase], batch_error: Exception
     ) -> list[tuple[BusMessage, str]]:
         """The batch failed the same way it would every time (a bug some purchase trips): each
-        purchase alone finds which. One that fails alone MAX_DETERMINISTIC_ATTEMPTS times is
+        purchase alone finds which. One that runs out of attempts alone (consumers.Attempts) is
         refused (dead-lettered with the rest once the round is through), so it cannot stop the
         topic; the others post (or replay on their keys). When none succeeds alone the failure
         is in a step they share, not in a purchase: the batch waits, nothing is dead-lettered."""
@@ -89,9 +89,9 @@ class IngestWorker:
                 if not deterministic(exc):
                     raise
                 failing.append(exc)
-                count = self._failures[message.position] = self._failures.get(message.position, 0) + 1
-                if count >= MAX_DETERMINISTIC_ATTEMPTS:
-                    refused.append((message, f"failed {count} times: {type(exc).__name__}: {exc}"))
+                reason = self._attempts.failed(message.position, exc)
+                if reason is not None:
+                    refused.append((message, reason))
                     exhausted += 1
                 continue
             succeeded += 1
@@ -101,12 +101,12 @@ class IngestWorker:
                 refused.append((message, _reason(outcome)))
         if failing and not succeeded and len(taken) > 1:
             for message in taken:
-                self._failures.pop(message.position, None)
+                self._attempts.clear(message.position)
             raise batch_error
         if len(failing) > exhausted:
             raise failing[0]  # some purchase has attempts left: the batch comes again
         for message in taken:
-            self._failures.pop(message.position, None)
+            self._attempts.clear(message.position)
         return refused
 
     async def run(self) -> None:

@@ -162,14 +162,7 @@ class FraudScreen:
     async def observe(self, request: ScreeningRequest) -> None:
         """Tells fraud_svc about a transaction it does not decide (a transfer, a return), after
         it committed; the answer is not used, and fraud_svc being away costs nothing more."""
-        if not self._up():
-            return
-        try:
-            await self.screener.screen(request)
-        except ScreenerRefused:
-            return
-        except ScreenerUnavailable as exc:
-            self._trip(f"{request.kind} {request.event_id} (observed)", exc)
+        await self.screen(request)
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening]:
         """Many in one call, scored in event-time order whatever order they are given in."""

@@ -90,10 +90,29 @@ def deterministic(exc: BaseException) -> bool:
     return isinstance(exc, _DETERMINISTIC)
 
 
+class Attempts:
+    """Deterministic failures per message position (this process): a message is given up on,
+    with the reason its dead-letter copy carries, once it failed MAX_DETERMINISTIC_ATTEMPTS times."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, int] = {}
+
+    def failed(self, position: str, exc: BaseException) -> str | None:
+        """Counts a failure; the dead-letter reason once the message is out of attempts, else None."""
+        attempts = self._failures.get(position, 0) + 1
+        if attempts < MAX_DETERMINISTIC_ATTEMPTS:
+            self._failures[position] = attempts
+            return None
+        return f"failed {attempts} times: {type(exc).__name__}: {exc}"
+
+    def clear(self, position: str) -> None:
+        self._failures.pop(position, None)
+
+
 def guarded(bus: EventBus, topic: str, group: str, handle: Handler) -> Handler:
     """The handler behind the schema check, with poison sent to the dead-letter topic, and a
     message that keeps failing with an error no retry cures sent there after a few attempts."""
-    failures: dict[str, int] = {}  # position -> deterministic failures so far (this process)
+    attempts = Attempts()
 
     async def run(message: BusMessage) -> None:
         try:
@@ -104,15 +123,13 @@ def guarded(bus: EventBus, topic: str, group: str, handle: Handler) -> Handler:
         except Exception as exc:
             if not deterministic(exc):
                 raise
-            attempts = failures.get(message.position, 0) + 1
-            if attempts < MAX_DETERMINISTIC_ATTEMPTS:
-                failures[message.position] = attempts
+            reason = attempts.failed(message.position, exc)
+            if reason is None:
                 raise
-            await dead_letter(bus, topic, group, message,
-                              f"failed {attempts} times: {type(exc).__name__}: {exc}")  # fmt: skip
-            failures.pop(message.position, None)
+            await dead_letter(bus, topic, group, message, reason)
+            attempts.clear(message.position)
         else:
-            failures.pop(message.position, None)
+            attempts.clear(message.position)
 
     return run
 

@@ -81,7 +81,7 @@ def week_of(day: date) -> int:
     return (day - timedelta(days=day.weekday())).toordinal() // 7
 
 
-def _us(when: datetime) -> int:
+def epoch_us(when: datetime) -> int:
     return int(when.timestamp() * 1_000_000)
 
 
@@ -107,7 +107,7 @@ def _achievement(item: Achievement, state: ItemState, fact: PurchaseFact, local_
             state.seen.append(value)
     if len(state.seen) < item.count:
         return None
-    state.completions, state.last_completed_us = 1, _us(fact.receipt_time)
+    state.completions, state.last_completed_us = 1, epoch_us(fact.receipt_time)
     return Award(item.id, item.name, "once", item.reward.points, item.reward.unit)
 
 
@@ -141,7 +141,7 @@ def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_
         else:
             state.paid.append([first, last])
             state.completions += 1
-            state.last_completed_us = _us(fact.receipt_time)
+            state.last_completed_us = epoch_us(fact.receipt_time)
             award = Award(item.id, item.name, f"run-{first}", item.reward.points, item.reward.unit)
     newest = max(weeks)
     horizon = newest - late_weeks - item.weeks - 1
@@ -173,7 +173,7 @@ def in_window(state: ItemState, item: Challenge) -> bool:
     stored before windows were kept belongs to it unless it was completed before it began."""
     if state.period:
         return state.period == challenge_period(item)
-    return not (state.completions and state.last_completed_us < _us(item.starts))
+    return not (state.completions and state.last_completed_us < epoch_us(item.starts))
 
 
 def _period_start(period: str) -> int:
@@ -194,7 +194,7 @@ def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bo
     state.count += 1
     if state.count < item.purchases:
         return None
-    state.completions, state.last_completed_us = 1, _us(fact.receipt_time)
+    state.completions, state.last_completed_us = 1, epoch_us(fact.receipt_time)
     return Award(item.id, item.name, period, item.reward.points, item.reward.unit)
 
 

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 from pointmesh.clock import Clock
 from rules_svc.domain import BadRequest, FailedPrecondition, NotFound
 from rules_svc.experiment_stats import ArmResult, report
-from rules_svc.game_engine import ItemState, challenge_period, has_joined, in_window, join_key, week_of
+from rules_svc.game_engine import ItemState, challenge_period, epoch_us, has_joined, in_window, join_key, week_of
 from rules_svc.game_store import BoardRow, GameStore
 from rules_svc.program import Challenge, Experiment, Program
 from rules_svc.service import RulesService
@@ -119,7 +119,7 @@ class GameService:
             raise BadRequest(f"must be between 1 and 100, got {limit}", field="limit")
         p, challenge = self._challenge(program, challenge_id)
         rows = await asyncio.to_thread(self.store.board, p.program, challenge_id, challenge_period(challenge),
-                                       int(challenge.starts.timestamp() * 1_000_000), limit or 10)  # fmt: skip
+                                       epoch_us(challenge.starts), limit or 10)  # fmt: skip
         return [(rank, row) for rank, row in enumerate(rows, start=1)]
 
 
