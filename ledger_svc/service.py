@@ -72,6 +72,7 @@ from ledger_svc.screening import (
 from ledger_svc.screening import event_id as screening_event_id
 from ledger_svc.store.base import PURGE_SLICE, DirectoryTx, IdemRecord, LedgerStore, ShardTx
 from pointmesh.clock import Clock
+from pointmesh.timestamps import utc_instant
 
 R = TypeVar("R")
 TOTALS_MAX_AGE = timedelta(seconds=5)
@@ -855,10 +856,7 @@ def _review_cursor(token: str) -> tuple[datetime, str] | None:
         return None
     when, _, review_id = token.partition("|")
     try:
-        at = datetime.fromisoformat(when)
-        if at.tzinfo is None:
-            raise ValueError("no UTC offset")
-        return at, v.object_id(review_id, "rv", "page_token")
+        return utc_instant(datetime.fromisoformat(when)), v.object_id(review_id, "rv", "page_token")
     except (ValueError, InvalidArgument):
         raise InvalidArgument("is not a token this API returned", field="page_token") from None
 
