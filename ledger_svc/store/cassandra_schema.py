@@ -14,9 +14,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from cassandra import InvalidRequest
+from cassandra import InvalidRequest, OperationTimedOut
+from cassandra.cluster import NoHostAvailable
 
 log = logging.getLogger(__name__)
+
+# A schema change makes every node flush its schema tables; on a small busy cluster that takes
+# longer than the driver's default request timeout.
+SCHEMA_STATEMENT_TIMEOUT = 60.0
 
 # (version, description, statements); `{ks}` is the keyspace.
 MIGRATIONS: Sequence[tuple[int, str, Sequence[str]]] = (
@@ -190,26 +195,34 @@ def applied_version(session: Any, keyspace: str) -> int:
     return max((row.version for row in rows), default=0)
 
 
-def _settled(session: Any, statement: str, params: Any = None, *, wait_seconds: float = 30.0) -> Any:
-    """Runs a statement, retrying while it reaches a node the previous schema change has not
-    reached yet ("keyspace doesn't exist", "unconfigured table"): the driver's wait for schema
-    agreement can time out on a cluster that is still settling, and then gives up silently."""
+def _settled(session: Any, statement: str, params: Any = None, *, wait_seconds: float = 180.0) -> Any:
+    """Runs a schema statement (or a read or write of `schema_migrations`), retrying while the
+    cluster is still settling. Two things happen on a busy cluster: a node the previous schema
+    change has not reached yet answers "keyspace doesn't exist" / "unconfigured table" (the
+    driver's wait for schema agreement can time out, and then gives up silently); and a node
+    busy flushing the schema tables of every node answers late, so the request times out or the
+    driver finds no host. Every statement here is safe to run twice (IF NOT EXISTS, an ADD whose
+    "already exists" migrate accepts, an upsert keyed by version), so retrying is."""
     deadline = time.monotonic() + wait_seconds
     while True:
         try:
-            return session.execute(statement, params)
+            return session.execute(statement, params, timeout=SCHEMA_STATEMENT_TIMEOUT)
         except InvalidRequest as exc:
             unseen = "doesn't exist" in str(exc) or "unconfigured table" in str(exc)
             if not unseen or time.monotonic() > deadline:
                 raise
             log.info("cassandra schema: not on every node yet, retrying: %s", exc)
-            time.sleep(0.5)
+        except (OperationTimedOut, NoHostAvailable) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("cassandra schema: the cluster answered late, retrying: %s", exc)
+        time.sleep(0.5)
 
 
 def migrate(session: Any, keyspace: str, replication: str) -> list[int]:
     """Creates the keyspace if missing and applies the migrations it lacks; returns them."""
     ks = check_keyspace(keyspace)
-    session.execute(f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {_cql_map(replication_map(replication))}")
+    _settled(session, f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {_cql_map(replication_map(replication))}")
     _settled(
         session,
         f"CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (version int PRIMARY KEY, description text,"

@@ -50,7 +50,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def _until_three_up(session: Any, timeout: float = 120) -> None:
     """Every node sees both others as peers (joined the ring), not merely an open port, and
-    the driver has all three up (else a keyspace created now meets "RF 3 > 2 nodes")."""
+    the driver has all three up (else a keyspace created now meets "RF 3 > 2 nodes"), and the
+    nodes agree on the schema (each node creates its own system keyspaces as it joins; a schema
+    change made before they settle keeps all three busy pulling schemas from each other)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         hosts = session.cluster.metadata.all_hosts()
@@ -58,6 +60,7 @@ def _until_three_up(session: Any, timeout: float = 120) -> None:
             len(list(session.execute("SELECT peer FROM system.peers_v2"))) == 2
             and len(hosts) == 3
             and all(h.is_up for h in hosts)
+            and session.cluster.control_connection.wait_for_schema_agreement(wait_time=10)
         ):
             return
         time.sleep(1)
