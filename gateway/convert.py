@@ -143,6 +143,15 @@ def redemption(r: ledger_pb2.RedeemResponse) -> s.Redemption:
     )  # fmt: skip
 
 
+def transfer(r: ledger_pb2.TransferResponse) -> s.TransferResult:
+    shown = screening(r.screening) if r.HasField("screening") else None
+    if r.HasField("debit"):
+        return s.TransferResult(transfer_id=r.transfer_id, status="MOVED", debit=transaction(r.debit),
+                                credit=transaction(r.credit), screening=shown)  # fmt: skip
+    status = "HELD_FOR_REVIEW" if r.hold.status == ledger_pb2.HOLD_STATUS_PLACED else "REJECTED"
+    return s.TransferResult(transfer_id=r.transfer_id, status=status, hold=hold(r.hold), screening=shown)
+
+
 def review(r: ledger_pb2.Review) -> s.Review:
     return s.Review(
         review_id=r.review_id, kind=_enum(r.kind, ledger_pb2.ReviewKind, "REVIEW_KIND_"),
@@ -150,5 +159,6 @@ def review(r: ledger_pb2.Review) -> s.Review:
         points=r.points, subject_ids=list(r.subject_ids), purchase_id=r.purchase_id,
         screening=screening(r.screening) if r.HasField("screening") else None, created_at=when(r, "created_at"),
         decided_at=when(r, "decided_at"), decided_by=r.decided_by, note=r.note,
-        outcome_transaction_ids=list(r.outcome_transaction_ids),
+        outcome_transaction_ids=list(r.outcome_transaction_ids), transfer_id=r.transfer_id,
+        counterparty_member_id=r.counterparty_member_id,
     )  # fmt: skip

@@ -259,12 +259,19 @@ class Transfer(Body):
     points: Points
     unit: str = Field(default="", max_length=64)
     reason: str = Field(default="", max_length=256, examples=["household pooling"])
+    context: ScreeningContext | None = None
 
 
 class TransferResult(BaseModel):
+    """Moved (201): the debit and the credit. Held for fraud review (202): `hold` reserves the
+    points on the source until ops decides; approval completes the transfer."""
+
     transfer_id: str
-    debit: Transaction
-    credit: Transaction
+    status: str = Field(examples=["MOVED"], description="MOVED, HELD_FOR_REVIEW or REJECTED")
+    debit: Transaction | None = None
+    credit: Transaction | None = None
+    hold: Hold | None = None
+    screening: Screening | None = None
 
 
 class Explain(Body):
@@ -291,7 +298,8 @@ class Health(BaseModel):
 
 class Review(BaseModel):
     review_id: str
-    kind: str = Field(examples=["REDEMPTION"], description="EARN (pending credit) or REDEMPTION (a hold)")
+    kind: str = Field(examples=["REDEMPTION"],
+                      description="EARN (pending credit), REDEMPTION (a hold) or TRANSFER (a hold on the source)")  # fmt: skip
     status: str = Field(examples=["OPEN"], description="OPEN, APPROVED or REJECTED")
     member_id: str
     unit: str
@@ -304,6 +312,8 @@ class Review(BaseModel):
     decided_by: str
     note: str
     outcome_transaction_ids: list[str]
+    transfer_id: str = Field(default="", description="TRANSFER: the transfer under review.")
+    counterparty_member_id: str = Field(default="", description="TRANSFER: the member it would pay.")
 
 
 class ReviewPage(BaseModel):

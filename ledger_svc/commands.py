@@ -111,6 +111,7 @@ class Transfer:
     unit: str
     points: int
     reason: str = ""
+    context: ScreeningContext = field(default_factory=ScreeningContext)
 
 
 @dataclass(frozen=True, slots=True)

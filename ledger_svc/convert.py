@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from ledger_svc import commands as c
 from ledger_svc import domain as d
 from ledger_svc.purchases import PurchaseRecord, PurchaseStatus
-from ledger_svc.reviews import RedeemResult, Review, ReviewStatus
+from ledger_svc.reviews import RedeemResult, Review, ReviewStatus, TransferResult
 from ledger_svc.screening import Screening, ScreeningContext, Verdict
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
@@ -229,6 +229,19 @@ def redeem_cmd(r: ledger_pb2.RedeemRequest) -> c.Redeem:
                     screening_context(r.context))  # fmt: skip
 
 
+def transfer_cmd(r: ledger_pb2.TransferRequest) -> c.Transfer:
+    return c.Transfer(key(r), r.source_member_id, r.destination_member_id, r.unit, r.points, r.reason,
+                      screening_context(r.context))  # fmt: skip
+
+
+def transfer_pb(r: TransferResult) -> ledger_pb2.TransferResponse:
+    return ledger_pb2.TransferResponse(
+        transfer_id=r.transfer_id, debit=transaction_pb(r.debit) if r.debit else None,
+        credit=transaction_pb(r.credit) if r.credit else None, hold=hold_pb(r.hold) if r.hold else None,
+        screening=screening_pb(r.screening),
+    )  # fmt: skip
+
+
 def screening_context(m: ledger_pb2.ScreeningContext) -> ScreeningContext:
     return ScreeningContext(m.channel, m.store_id, m.device_id, m.ip, m.card_hash, m.employee_card,
                             dt(m, "contact_changed_at"))  # fmt: skip
@@ -258,6 +271,7 @@ def review_pb(r: Review) -> ledger_pb2.Review:
         points=r.points, subject_ids=r.subject_ids, purchase_id=r.purchase_id, screening=screening_pb(r.screening),
         created_at=ts(r.created_at), decided_at=ts(r.decided_at) if r.decided_at else None,
         decided_by=r.decided_by, note=r.note, outcome_transaction_ids=r.outcome_transaction_ids,
+        transfer_id=r.transfer_id, counterparty_member_id=r.counterparty_member_id,
     )  # fmt: skip
 
 

@@ -52,6 +52,10 @@ class HoldStatus(StrEnum):
 class SagaState(StrEnum):
     HELD = "HELD"  # source side reserved or moved out; steps remain (recovery runs them forward)
     DONE = "DONE"
+    # A transfer held for fraud review: its hold reserves the points, and only the review's
+    # decision moves it on (approval: HELD, then driven; rejection: CANCELLED, hold voided).
+    REVIEW = "REVIEW"
+    CANCELLED = "CANCELLED"
 
 
 class LedgerError(Exception):
@@ -240,13 +244,6 @@ class ReverseResult:
 
 
 @dataclass(frozen=True, slots=True)
-class TransferResult:
-    transfer_id: str
-    debit: Transaction
-    credit: Transaction
-
-
-@dataclass(frozen=True, slots=True)
 class MergeResult:
     target: Member
     moved_points: dict[str, int]
@@ -319,6 +316,13 @@ def new_lot_id() -> str:
 def new_id(prefix: str, member_id: str) -> str:
     """Ids of holds, transactions and sagas embed the member's bucket to find their shard."""
     return f"{prefix}_{bucket_of(member_id):04x}{ordered_hex()}"
+
+
+def transfer_tx_ids(transfer_id: str, source: str, destination: str) -> tuple[str, str]:
+    """A transfer's debit and credit transaction ids: fixed by its id, so every step (and a
+    recovery rerunning it) posts the same ones, each in its own member's shard."""
+    tail = transfer_id.split("_", 1)[1][4:]
+    return f"tx_{bucket_of(source):04x}{tail}-out", f"tx_{bucket_of(destination):04x}{tail}-in"
 
 
 def bucket_of_id(object_id: str) -> int:

@@ -15,7 +15,17 @@ from datetime import datetime, timedelta
 
 from ledger_svc import codec
 from ledger_svc import commands as c
-from ledger_svc.domain import Balance, FailedPrecondition, Hold, HoldResult, NotFound, Transaction, new_id
+from ledger_svc.domain import (
+    Balance,
+    FailedPrecondition,
+    Hold,
+    HoldResult,
+    NotFound,
+    SagaState,
+    Transaction,
+    new_id,
+    transfer_tx_ids,
+)
 from ledger_svc.postings import ShardBook
 from ledger_svc.screening import Screening, Verdict
 
@@ -25,6 +35,7 @@ REVIEW_EVENTS = frozenset({"review_opened", "review_decided"})
 class ReviewKind(enum.StrEnum):
     EARN = "EARN"
     REDEMPTION = "REDEMPTION"
+    TRANSFER = "TRANSFER"
 
 
 class ReviewStatus(enum.StrEnum):
@@ -49,6 +60,8 @@ class Review:
     decided_by: str = ""
     note: str = ""
     outcome_transaction_ids: tuple[str, ...] = ()
+    transfer_id: str = ""  # TRANSFER: the transfer saga the hold belongs to
+    counterparty_member_id: str = ""  # TRANSFER: the member it would pay
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +69,18 @@ class RedeemResult:
     """A redemption either posted (`transaction`) or held for review (`hold`), never both."""
 
     transaction: Transaction | None
+    hold: Hold | None = None
+    screening: Screening | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """A transfer either moved (`debit` and `credit`) or waits on a fraud review: `hold`
+    reserves the points on the source (VOIDED once the review rejected it, and nothing moved)."""
+
+    transfer_id: str
+    debit: Transaction | None
+    credit: Transaction | None
     hold: Hold | None = None
     screening: Screening | None = None
 
@@ -148,9 +173,13 @@ def open_review(
     subject_ids: tuple[str, ...],
     screening: Screening,
     purchase_id: str = "",
+    *,
+    transfer_id: str = "",
+    counterparty_member_id: str = "",
 ) -> Review:
     review = Review(review_id, kind, ReviewStatus.OPEN, member_id, unit, points, subject_ids,
-                    replace(screening, review_id=review_id), book.now, purchase_id)  # fmt: skip
+                    replace(screening, review_id=review_id), book.now, purchase_id, transfer_id=transfer_id,
+                    counterparty_member_id=counterparty_member_id)  # fmt: skip
     _save(book, review)
     _announce(book, "review_opened", review)
     return review
@@ -174,7 +203,7 @@ def release_unreviewed(book: ShardBook, tx_id: str) -> Transaction:
 
 def decide(book: ShardBook, review_id: str, approve: bool, operator_id: str, note: str) -> Review:
     """Approve: release the pending credit (at its release time if that is still ahead) /
-    capture the hold. Reject: reverse the credit / void the hold. A credit a return already
+    capture the hold / let the transfer go on. Reject: reverse the credit / void the hold. A credit a return already
     took back has nothing left to release or reverse, and the review is still decided. A
     review is decided once; a second decision is refused with who and when."""
     review = load(book, review_id)
@@ -193,6 +222,8 @@ def decide(book: ShardBook, review_id: str, approve: bool, operator_id: str, not
             elif book.reversible_points(tx_id):  # a return may have taken it all back already
                 reason = f"fraud review {review_id} rejected"
                 outcome.append(book.reverse(tx_id, points=None, refund=None, reason=reason).transaction.transaction_id)
+    elif review.kind is ReviewKind.TRANSFER:
+        outcome.extend(_decide_transfer(book, review, approve))
     else:
         (hold_id,) = review.subject_ids
         if approve:
@@ -207,3 +238,19 @@ def decide(book: ShardBook, review_id: str, approve: bool, operator_id: str, not
     _save(book, decided)
     _announce(book, "review_decided", decided)
     return decided
+
+
+def _decide_transfer(book: ShardBook, review: Review, approve: bool) -> tuple[str, ...]:
+    """Approval hands the transfer back to its saga (HELD: the ledger drives it right after
+    this write, and recovery does if it crashes first) and names the debit and credit it
+    posts; rejection voids the hold and closes the saga, so nothing moves."""
+    saga = book.tx.get_saga(review.transfer_id)
+    if saga is None or saga.state is not SagaState.REVIEW:
+        state = "missing" if saga is None else saga.state.value
+        raise FailedPrecondition(f"transfer {review.transfer_id} is {state}, not under review", field="review_id")
+    if approve:
+        book.tx.set_saga_state(saga.saga_id, SagaState.HELD, book.now)
+        return transfer_tx_ids(saga.saga_id, saga.source_member, saga.dest_member)
+    book.void_hold(saga.hold_id, owner=saga.saga_id)
+    book.tx.set_saga_state(saga.saga_id, SagaState.CANCELLED, book.now)
+    return ()

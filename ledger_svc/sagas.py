@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ledger_svc import codec, reviews
 from ledger_svc import commands as c
 from ledger_svc.domain import (
     FailedPrecondition,
@@ -22,12 +23,14 @@ from ledger_svc.domain import (
     NotFound,
     ReverseResult,
     SagaState,
-    TransferResult,
     TxKind,
     bucket_of,
     new_id,
+    transfer_tx_ids,
 )
 from ledger_svc.postings import Portion, ShardBook, to_transaction
+from ledger_svc.reviews import TransferResult
+from ledger_svc.screening import Screening, Verdict
 from ledger_svc.store.base import SagaRecord, ShardTx
 
 if TYPE_CHECKING:
@@ -91,10 +94,11 @@ class Sagas:
         return {u: int(m["balance"]) for u, m in moved.items()}
 
     def _transfer_ids(self, saga_id: str, source: str, destination: str) -> _SagaIds:
-        tail = saga_id.split("_", 1)[1][4:]
-        return _SagaIds(saga_id, f"tx_{bucket_of(source):04x}{tail}-out", f"tx_{bucket_of(destination):04x}{tail}-in")
+        return _SagaIds(saga_id, *transfer_tx_ids(saga_id, source, destination))
 
-    def same_shard_transfer(self, book: ShardBook, cmd: c.Transfer) -> TransferResult:
+    def same_shard_transfer(self, book: ShardBook, cmd: c.Transfer, screening: Screening | None) -> TransferResult:
+        if _under_review(screening):
+            return self._reserve(book, cmd, screening)
         ids = self._transfer_ids(new_id("tr", cmd.source_member_id), cmd.source_member_id, cmd.destination_member_id)
         debit, portions = book.debit_transfer(
             cmd.source_member_id, cmd.unit, cmd.points, tx_id=ids.out_tx,
@@ -104,21 +108,54 @@ class Sagas:
             cmd.destination_member_id, cmd.unit, portions, tx_id=ids.in_tx, kind=TxKind.TRANSFER_IN,
             counterparty=cmd.source_member_id, transfer_id=ids.saga_id,
         )  # fmt: skip
-        return TransferResult(ids.saga_id, debit, credit)
+        return TransferResult(ids.saga_id, debit, credit, None, screening)
 
-    def start_transfer(self, book: ShardBook, cmd: c.Transfer) -> str:
+    def start_transfer(self, book: ShardBook, cmd: c.Transfer, screening: Screening | None = None) -> str:
+        """Step 1 of a cross-shard transfer (or any transfer sent to review)."""
+        return self._reserve(book, cmd, screening).transfer_id
+
+    def _reserve(self, book: ShardBook, cmd: c.Transfer, screening: Screening | None) -> TransferResult:
+        """Reserves the points on the source in a hold the saga owns and records the saga;
+        under review, also opens the review, and the saga waits for its decision."""
         saga_id = new_id("tr", cmd.source_member_id)
         portions = book.peek_portions(cmd.source_member_id, cmd.unit, cmd.points)
-        result = book.place_hold(
+        placed = book.place_hold(
             cmd.source_member_id, cmd.unit, cmd.points, timeout=self.svc.policy.hold_max_timeout,
             reference=saga_id, saga_id=saga_id,
         )  # fmt: skip
-        payload = {"portions": [[p, e.isoformat() if e else None] for p, e in portions], "reason": cmd.reason}
+        payload: dict[str, Any] = {
+            "portions": [[p, e.isoformat() if e else None] for p, e in portions], "reason": cmd.reason,
+        }  # fmt: skip
+        state, result = SagaState.HELD, TransferResult(saga_id, None, None, placed.hold, screening)
+        if _under_review(screening):
+            assert screening is not None
+            review = reviews.open_review(
+                book, reviews.new_review_id(cmd.source_member_id), reviews.ReviewKind.TRANSFER, cmd.source_member_id,
+                cmd.unit, cmd.points, (placed.hold.hold_id,), screening, transfer_id=saga_id,
+                counterparty_member_id=cmd.destination_member_id,
+            )  # fmt: skip
+            payload["review_id"] = review.review_id
+            state, result = SagaState.REVIEW, replace(result, screening=review.screening)
         book.tx.add_saga(SagaRecord(
-            saga_id, "transfer", SagaState.HELD, cmd.source_member_id, cmd.destination_member_id, cmd.unit,
-            cmd.points, result.hold.hold_id, json.dumps(payload), book.now, book.now,
+            saga_id, "transfer", state, cmd.source_member_id, cmd.destination_member_id, cmd.unit,
+            cmd.points, placed.hold.hold_id, json.dumps(payload), book.now, book.now,
         ))  # fmt: skip
-        return saga_id
+        return result
+
+    async def transfer_outcome(self, saga_id: str) -> TransferResult:
+        """Where a transfer stands: moved (driven to the end first if it was still on its way),
+        or held by its review (the hold VOIDED once the review rejected it)."""
+        src_shard = self.svc.shard_of_id(saga_id)
+
+        def held(tx: ShardTx) -> TransferResult | None:
+            saga = tx.get_saga(saga_id)
+            if saga is None or saga.state not in (SagaState.REVIEW, SagaState.CANCELLED):
+                return None
+            body = tx.get_review(json.loads(saga.payload_json)["review_id"])
+            screening = codec.loads(reviews.Review, body).screening if body is not None else None
+            return TransferResult(saga_id, None, None, tx.get_hold(saga.hold_id), screening)
+
+        return await self.svc.store.read(src_shard, held) or await self.drive_transfer(saga_id)
 
     async def drive_transfer(self, saga_id: str) -> TransferResult:
         """Steps 2 and 3 of a cross-shard transfer; each is idempotent, so recovery reruns them."""
@@ -241,3 +278,7 @@ class Sagas:
         moved = await self.drive_merge(source, target, merge_id)
         await self.svc.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, target))
         return moved
+
+
+def _under_review(screening: Screening | None) -> bool:
+    return screening is not None and screening.verdict is Verdict.REVIEW

@@ -112,14 +112,14 @@ class Screener(Protocol):
 
 
 class FraudDenied(FailedPrecondition):
-    """fraud_svc denied a redemption; the reason codes say why."""
+    """fraud_svc denied spending points (a redemption, hold or transfer); the reason codes say why."""
 
     code = "FRAUD_DENIED"
 
-    def __init__(self, screening: Screening) -> None:
+    def __init__(self, screening: Screening, field: str = "member_id") -> None:
         super().__init__(
             f"refused by fraud screening: {screening.why}",
-            field="member_id",
+            field=field,
             metadata={"reasons": ",".join(screening.reasons), "scored": str(screening.scored).lower()},
         )
         self.screening = screening

@@ -233,20 +233,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def Transfer(
         self, request: ledger_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.TransferResponse:
-        cmd = c.Transfer(
-            cv.key(request),
-            request.source_member_id,
-            request.destination_member_id,
-            request.unit,
-            request.points,
-            request.reason,
-        )
-        result = await self.service.transfer(cmd)
-        return ledger_pb2.TransferResponse(
-            transfer_id=result.transfer_id,
-            debit=cv.transaction_pb(result.debit),
-            credit=cv.transaction_pb(result.credit),
-        )
+        result = await self.service.transfer(cv.transfer_cmd(request))
+        return cv.transfer_pb(result)
 
     @translated
     async def Adjust(

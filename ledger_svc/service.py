@@ -47,7 +47,6 @@ from ledger_svc.domain import (
     Page,
     ReverseResult,
     Transaction,
-    TransferResult,
     bucket_of,
     bucket_of_id,
     is_valid_id,
@@ -58,7 +57,16 @@ from ledger_svc.domain import (
 from ledger_svc.ingest import claim_many
 from ledger_svc.postings import Policy, ShardBook
 from ledger_svc.reconcile import ReconcileReport, reconcile
-from ledger_svc.reviews import PlacedHold, RedeemResult, Review, ReviewStatus, hold_or_review, redeem_or_hold
+from ledger_svc.reviews import (
+    PlacedHold,
+    RedeemResult,
+    Review,
+    ReviewKind,
+    ReviewStatus,
+    TransferResult,
+    hold_or_review,
+    redeem_or_hold,
+)
 from ledger_svc.sagas import Sagas
 from ledger_svc.screening import (
     FraudDenied,
@@ -501,17 +509,18 @@ class LedgerService:
 
     async def _screen_spend(
         self, what: str, key: IdemKey, member_id: str, unit: str, points: int, at: datetime | None,
-        context: ScreeningContext,
+        context: ScreeningContext, *, kind: ScreenedKind = ScreenedKind.REDEMPTION, counterparty: str = "",
     ) -> Screening | None:  # fmt: skip
-        """fraud_svc's verdict on spending points (a redemption, or a hold its caller can
-        capture); DENY is refused here."""
+        """fraud_svc's verdict on spending points (a redemption, a hold its caller can capture,
+        or a transfer to another member); DENY is refused here."""
         if self.fraud is None:
             return None
         balance = await self.get_balance(member_id, unit)
         request = ScreeningRequest(
-            event_id=screening_event_id(what, key.namespace, key.key), kind=ScreenedKind.REDEMPTION,
+            event_id=screening_event_id(what, key.namespace, key.key), kind=kind,
             member_id=member_id, occurred_at=at or self.clock.now(), context=context, points=points, amount=None,
             balance_points=balance.available_points, member_since=await self.member_since(member_id),
+            counterparty_member_id=counterparty,
         )  # fmt: skip
         if balance.available_points < points:
             # Most likely refused for want of points, so not scored (a refused attempt retried
@@ -521,7 +530,7 @@ class LedgerService:
         else:
             screening = await self.fraud.screen(request)
         if screening.verdict is Verdict.DENY:
-            raise FraudDenied(screening)
+            raise FraudDenied(screening, "source_member_id" if kind is ScreenedKind.TRANSFER else "member_id")
         return screening
 
     # Fraud review ------------------------------------------------------------------------
@@ -548,10 +557,32 @@ class LedgerService:
         v.required_text(cmd.operator_id, "operator_id", max_len=128)
         v.optional_text(cmd.note, "note")
         cmd = replace(cmd, key=v.idem_key(cmd.key))
-        return await self._mutate(
-            cmd, self.shard_of_id(cmd.review_id), Review,
-            lambda b: reviews.decide(b, cmd.review_id, cmd.approve, cmd.operator_id, cmd.note),
+        shard = self.shard_of_id(cmd.review_id)
+
+        async def recipient_can_receive() -> None:
+            """An approved transfer pays its recipient, who may have been blocked or erased
+            since: refused here, and ops rejects the review instead."""
+            body = await self.store.read(shard, lambda tx: tx.get_review(cmd.review_id)) if cmd.approve else None
+            review = codec.loads(Review, body) if body is not None else None
+            if review is None or review.kind is not ReviewKind.TRANSFER or review.status is not ReviewStatus.OPEN:
+                return
+            status = await self._status(review.counterparty_member_id, "review_id")
+            if status not in (MemberStatus.ACTIVE, MemberStatus.MERGED):
+                raise MemberNotActive(
+                    f"the transfer's recipient {review.counterparty_member_id} is {status.value}; reject the review",
+                    field="review_id",
+                )
+
+        decided = await self._mutate(
+            cmd, shard, Review, lambda b: reviews.decide(b, cmd.review_id, cmd.approve, cmd.operator_id, cmd.note),
+            recipient_can_receive,
         )  # fmt: skip
+        if decided.kind is ReviewKind.TRANSFER and decided.status is ReviewStatus.APPROVED:
+            try:
+                await self.sagas.drive_transfer(decided.transfer_id)
+            except LedgerError:  # the decision stands; maintenance drives the saga on
+                log.exception("approved transfer %s could not be completed yet", decided.transfer_id)
+        return decided
 
     def _check_adjust(self, cmd: c.Adjust) -> c.Adjust:
         if cmd.points == 0:
@@ -673,35 +704,50 @@ class LedgerService:
     # Transfers ---------------------------------------------------------------------------
 
     async def transfer(self, cmd: c.Transfer) -> TransferResult:
+        """Screened like a redemption (points leave the member): DENY refuses it, REVIEW
+        reserves the points in a hold and opens a review whose approval completes it."""
         key = v.idem_key(cmd.key)
         v.positive_points(cmd.points)
-        cmd = c.Transfer(key, v.member_id(cmd.source_member_id, "source_member_id"),
-                         v.member_id(cmd.destination_member_id, "destination_member_id"),
-                         v.unit(cmd.unit, self.policy.units), cmd.points, v.optional_text(cmd.reason, "reason"))  # fmt: skip
+        cmd = replace(cmd, key=key, source_member_id=v.member_id(cmd.source_member_id, "source_member_id"),
+                      destination_member_id=v.member_id(cmd.destination_member_id, "destination_member_id"),
+                      unit=v.unit(cmd.unit, self.policy.units), reason=v.optional_text(cmd.reason, "reason"))  # fmt: skip
         if cmd.source_member_id == cmd.destination_member_id:
             raise InvalidArgument("source and destination are the same member", field="destination_member_id")
         await self._require_exists(cmd.source_member_id, "source_member_id")
         await self._require_exists(cmd.destination_member_id, "destination_member_id")
+        screened: list[Screening | None] = [None]
 
-        async def both_active() -> None:
+        async def precheck() -> None:
             await self._require_active(cmd.source_member_id, "source_member_id")
             await self._require_active(cmd.destination_member_id, "destination_member_id")
+            screened[0] = await self._screen_spend(
+                "transfer", cmd.key, cmd.source_member_id, cmd.unit, cmd.points, None, cmd.context,
+                kind=ScreenedKind.TRANSFER, counterparty=cmd.destination_member_id,
+            )  # fmt: skip
 
         src_shard = self.shard_of(cmd.source_member_id)
         if self.store.multi_member_units and src_shard == self.shard_of(cmd.destination_member_id):
             result = await self._mutate(
-                cmd, src_shard, TransferResult, lambda b: self.sagas.same_shard_transfer(b, cmd), both_active
+                cmd, src_shard, TransferResult, lambda b: self.sagas.same_shard_transfer(b, cmd, screened[0]), precheck
             )
         else:
             # Cross-shard: step 1 reserves on the source and records the saga, idempotently.
-            saga_id = await self._mutate(cmd, src_shard, str, lambda b: self.sagas.start_transfer(b, cmd), both_active)
+            saga_id = await self._mutate(
+                cmd, src_shard, str, lambda b: self.sagas.start_transfer(b, cmd, screened[0]), precheck
+            )
             self._fault("transfer_after_hold")
-            result = await self.sagas.drive_transfer(saga_id)
-        # At the debit's own time: a replayed call tells fraud_svc the same event (same id and
-        # time), which it does not count twice.
-        await self._observe(ScreenedKind.TRANSFER, f"transfer:{result.transfer_id}", cmd.source_member_id,
-                            cmd.points, None, counterparty=cmd.destination_member_id,
-                            at=result.debit.recorded_at)  # fmt: skip
+            result = TransferResult(saga_id, None, None, None, screened[0])
+        if result.debit is None:  # on its way, or held by a review: where it stands now
+            now = await self.sagas.transfer_outcome(result.transfer_id)
+            result = replace(now, screening=now.screening or result.screening)
+        unscored = screened[0] is not None and not screened[0].scored
+        if unscored and result.debit is not None:
+            # Decided without fraud_svc (away, or the balance looked short): tell it now that the
+            # points moved, under the screening's event id, so its velocity state holds the
+            # transfer once. (A replay screens nothing and observes nothing.)
+            await self._observe(ScreenedKind.TRANSFER, screening_event_id("transfer", cmd.key.namespace, cmd.key.key),
+                                cmd.source_member_id, cmd.points, None, counterparty=cmd.destination_member_id,
+                                at=result.debit.recorded_at)  # fmt: skip
         return result
 
     async def _observe(self, kind: ScreenedKind, event_id: str, member_id: str, points: int, amount: Money | None,

@@ -88,13 +88,21 @@ async def void_hold(hold_id: IdPath, gw: GatewayDep, caller: Caller, key: IdemKe
     return cv.hold(result.hold, result.balance_after)
 
 
-@router.post("/transfers", status_code=201, response_model=s.TransferResult, summary="Move points between members")
-async def transfer(body: s.Transfer, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.TransferResult:
-    caller.require("transfers:write")
+@router.post("/transfers", status_code=201, response_model=s.TransferResult,
+             responses={202: {"description": "Held for fraud review: the points are reserved on the source until "
+                                             "ops decides; approval completes the transfer",
+                              "model": s.TransferResult}},
+             summary="Move points between members (fraud-screened)")  # fmt: skip
+async def transfer(
+    body: s.Transfer, response: Response, gw: GatewayDep, caller: Caller, key: IdemKey
+) -> s.TransferResult:
+    api_key = caller.require("transfers:write")
     request = ledger_pb2.TransferRequest(
         idempotency_key=key, source_member_id=body.source_member_id, destination_member_id=body.destination_member_id,
         unit=body.unit, points=body.points, reason=body.reason,
+        context=cv.context_pb(body.context, api_key.channel, caller.store_for("")),
     )  # fmt: skip
-    result = await call(LEDGER, gw.ledger.Transfer(request))
-    return s.TransferResult(transfer_id=result.transfer_id, debit=cv.transaction(result.debit),
-                            credit=cv.transaction(result.credit))  # fmt: skip
+    result = cv.transfer(await call(LEDGER, gw.ledger.Transfer(request)))
+    if result.hold is not None:
+        response.status_code = 202
+    return result

@@ -167,6 +167,8 @@ class _ReviewKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewKind
     """A purchase's points, held as pending credit."""
     REVIEW_KIND_REDEMPTION: _ReviewKind.ValueType  # 2
     """A redemption, held as a hold on the member's points."""
+    REVIEW_KIND_TRANSFER: _ReviewKind.ValueType  # 3
+    """A transfer to another member, held as a hold on the source member's points."""
 
 class ReviewKind(_ReviewKind, metaclass=_ReviewKindEnumTypeWrapper): ...
 
@@ -175,6 +177,8 @@ REVIEW_KIND_EARN: ReviewKind.ValueType  # 1
 """A purchase's points, held as pending credit."""
 REVIEW_KIND_REDEMPTION: ReviewKind.ValueType  # 2
 """A redemption, held as a hold on the member's points."""
+REVIEW_KIND_TRANSFER: ReviewKind.ValueType  # 3
+"""A transfer to another member, held as a hold on the source member's points."""
 Global___ReviewKind: _TypeAlias = ReviewKind  # noqa: Y015
 
 class _ReviewStatus:
@@ -1366,6 +1370,7 @@ class TransferRequest(_message.Message):
     UNIT_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     source_member_id: _builtins.str
     destination_member_id: _builtins.str
     unit: _builtins.str
@@ -1373,6 +1378,10 @@ class TransferRequest(_message.Message):
     reason: _builtins.str
     @_builtins.property
     def idempotency_key(self) -> _common_pb2.IdempotencyKey: ...
+    @_builtins.property
+    def context(self) -> Global___ScreeningContext:
+        """Transfers are fraud-screened (rings funnel points to one account to cash them in)."""
+
     def __init__(
         self,
         *,
@@ -1382,10 +1391,11 @@ class TransferRequest(_message.Message):
         unit: _builtins.str = ...,
         points: _builtins.int = ...,
         reason: _builtins.str = ...,
+        context: Global___ScreeningContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "idempotency_key", b"idempotency_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_member_id", b"destination_member_id", "idempotency_key", b"idempotency_key", "points", b"points", "reason", b"reason", "source_member_id", b"source_member_id", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "destination_member_id", b"destination_member_id", "idempotency_key", b"idempotency_key", "points", b"points", "reason", b"reason", "source_member_id", b"source_member_id", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1398,21 +1408,36 @@ class TransferResponse(_message.Message):
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     DEBIT_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
+    HOLD_FIELD_NUMBER: _builtins.int
+    SCREENING_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     @_builtins.property
-    def debit(self) -> Global___Transaction: ...
+    def debit(self) -> Global___Transaction:
+        """Set once the points have moved."""
+
     @_builtins.property
     def credit(self) -> Global___Transaction: ...
+    @_builtins.property
+    def hold(self) -> Global___Hold:
+        """Set instead when screening sent the transfer to review: this hold reserves the points on
+        the source until ops decides (screening.review_id); approval completes the transfer,
+        rejection voids the hold (then hold.status is VOIDED and nothing moved).
+        """
+
+    @_builtins.property
+    def screening(self) -> Global___Screening: ...
     def __init__(
         self,
         *,
         transfer_id: _builtins.str = ...,
         debit: Global___Transaction | None = ...,
         credit: Global___Transaction | None = ...,
+        hold: Global___Hold | None = ...,
+        screening: Global___Screening | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "debit", b"debit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "debit", b"debit", "hold", b"hold", "screening", b"screening"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "debit", b"debit", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "debit", b"debit", "hold", b"hold", "screening", b"screening", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3006,6 +3031,8 @@ class Review(_message.Message):
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     OUTCOME_TRANSACTION_IDS_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    COUNTERPARTY_MEMBER_ID_FIELD_NUMBER: _builtins.int
     review_id: _builtins.str
     kind: Global___ReviewKind.ValueType
     status: Global___ReviewStatus.ValueType
@@ -3016,6 +3043,9 @@ class Review(_message.Message):
     """The purchase the earn belongs to, if any."""
     decided_by: _builtins.str
     note: _builtins.str
+    transfer_id: _builtins.str
+    """TRANSFER: the transfer under review and the member it would pay."""
+    counterparty_member_id: _builtins.str
     @_builtins.property
     def subject_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The pending EARN transactions (one per unit the purchase earned) or the hold under review."""
@@ -3028,7 +3058,9 @@ class Review(_message.Message):
     def decided_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def outcome_transaction_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """What the decision posted: releases, the capture, or reversals (none for a voided hold)."""
+        """What the decision posted: releases, the capture, reversals, or a transfer's debit and
+        credit (none for a voided hold).
+        """
 
     def __init__(
         self,
@@ -3047,10 +3079,12 @@ class Review(_message.Message):
         decided_by: _builtins.str = ...,
         note: _builtins.str = ...,
         outcome_transaction_ids: _abc.Iterable[_builtins.str] | None = ...,
+        transfer_id: _builtins.str = ...,
+        counterparty_member_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decided_at", b"decided_at", "screening", b"screening"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "decided_at", b"decided_at", "decided_by", b"decided_by", "kind", b"kind", "member_id", b"member_id", "note", b"note", "outcome_transaction_ids", b"outcome_transaction_ids", "points", b"points", "purchase_id", b"purchase_id", "review_id", b"review_id", "screening", b"screening", "status", b"status", "subject_ids", b"subject_ids", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counterparty_member_id", b"counterparty_member_id", "created_at", b"created_at", "decided_at", b"decided_at", "decided_by", b"decided_by", "kind", b"kind", "member_id", b"member_id", "note", b"note", "outcome_transaction_ids", b"outcome_transaction_ids", "points", b"points", "purchase_id", b"purchase_id", "review_id", b"review_id", "screening", b"screening", "status", b"status", "subject_ids", b"subject_ids", "transfer_id", b"transfer_id", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -112,3 +112,32 @@ async def test_a_hold_is_screened_like_the_redemption_it_becomes(screened_gw: Ga
         approved = await desk.post(f"/v1/ops/reviews/{review_id}/approve", headers=idem())
         assert approved.status_code == 200, approved.text
         assert (await pos.get(f"/v1/holds/{hold}")).json()["status"] == "CAPTURED"
+
+
+async def test_a_large_transfer_is_held_for_review_and_moves_once_approved(screened_gw: GatewayUnderTest) -> None:
+    """fraud_svc is down, so the fail-closed policy for large spends holds the transfer: 202
+    with the hold on the sender; approval moves the points, and the retried POST says so."""
+    gw = screened_gw
+    async with gw.client("pos") as pos, gw.client("fraud_desk") as desk:
+        sender, recipient = await enrol(pos), await enrol(pos)
+        await pos.post("/v1/purchases", json=purchase_body(gw, sender, "T-1", 900_000), headers=idem())
+        before = (await pos.get(f"/v1/members/{recipient}/balance")).json()["balance_points"]
+        body = {"source_member_id": sender, "destination_member_id": recipient, "points": 3_000,
+                "context": {"device_id": "new-phone"}}  # fmt: skip
+        key = idem()
+        held = await pos.post("/v1/transfers", json=body, headers=key)
+        assert held.status_code == 202, held.text
+        assert held.json()["status"] == "HELD_FOR_REVIEW" and held.json()["debit"] is None
+        assert held.json()["hold"]["points"] == 3_000 and held.json()["hold"]["member_id"] == sender
+        review_id = held.json()["screening"]["review_id"]
+        listed = (await desk.get("/v1/ops/reviews")).json()["reviews"]
+        assert [(r["kind"], r["transfer_id"], r["counterparty_member_id"]) for r in listed if r["review_id"] == review_id] \
+            == [("TRANSFER", held.json()["transfer_id"], recipient)]  # fmt: skip
+        assert (await pos.get(f"/v1/members/{recipient}/balance")).json()["balance_points"] == before
+
+        approved = await desk.post(f"/v1/ops/reviews/{review_id}/approve", headers=idem())
+        assert approved.status_code == 200, approved.text
+        assert (await pos.get(f"/v1/members/{recipient}/balance")).json()["balance_points"] == before + 3_000
+        retried = await pos.post("/v1/transfers", json=body, headers=key)
+        assert retried.status_code == 201 and retried.json()["status"] == "MOVED", retried.text
+        assert retried.json()["credit"]["points"] == 3_000

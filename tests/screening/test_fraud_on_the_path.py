@@ -9,6 +9,7 @@ that is down leaves the configured policy in charge and loses nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -59,8 +60,11 @@ class Screened:
         await self.fraud.start()
 
 
-@pytest.fixture
-async def screened(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[Screened]:
+@contextlib.asynccontextmanager
+async def screened_mesh(
+    tmp_path: Path, redis_server: RedisServer, fraud_models: Path, **ledger_overrides: object
+) -> AsyncIterator[Screened]:
+    """rules_svc, fraud_svc (a copy of the session's trained models) and a screening ledger."""
     clock = ManualClock(NOW)
     models = tmp_path / "models"
     shutil.copytree(fraud_models, models)
@@ -72,13 +76,21 @@ async def screened(tmp_path: Path, redis_server: RedisServer, fraud_models: Path
     env.ledger = await start_ledger(
         tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{rules_port}", program="meshmart",
         rules_deadline_seconds=2.0, fraud_screening=True, fraud_addr=f"127.0.0.1:{env.fraud_port}",
-        fraud_deadline_seconds=2.0, fraud_large_redemption_points=2000,
+        fraud_deadline_seconds=2.0, fraud_large_redemption_points=2000, **ledger_overrides,
     )  # fmt: skip
-    yield env
-    await stop_ledger(env.ledger)
-    if env.fraud is not None:
-        await env.fraud.stop(grace=0.5)
-    await stop_rules(rules)
+    try:
+        yield env
+    finally:
+        await stop_ledger(env.ledger)
+        if env.fraud is not None:
+            await env.fraud.stop(grace=0.5)
+        await stop_rules(rules)
+
+
+@pytest.fixture
+async def screened(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[Screened]:
+    async with screened_mesh(tmp_path, redis_server, fraud_models) as env:
+        yield env
 
 
 async def regular_member(env: Screened, visits: int = 12) -> str:
