@@ -1,0 +1,71 @@
+"""Sending dead letters back (`pointmesh events redrive`): once the cause is fixed (a bug
+deployed away, a member reactivated, a rules version published), the messages one consumer
+group dead-lettered go back on their topic.
+
+Each message is sent back once: a consumer group of the dead-letter topic, `redrive.<group>`,
+remembers how far redrives of that group went, so a second run sends only what was
+dead-lettered since, and a message that fails again lands on the dead-letter topic anew (with
+its new reason) for a later run. The copy keeps its key, event id, type, schema and headers,
+without the `dlq_` ones. The topic's other groups see it too; their handlers dedupe by event
+id, so one that had handled it treats it as a replay.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pointmesh.events import BusMessage, EventBus, OutgoingEvent, dead_letter_topic
+
+REDRIVE_CONSUMER = "redrive"
+
+
+@dataclass
+class Redriven:
+    sent: int = 0
+    # Dead letters of other groups, passed over (each group's redrive has its own position).
+    other_groups: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+def header(message: BusMessage, name: str) -> str:
+    return next((v for k, v in message.headers if k == name), "")
+
+
+def _sent_back(message: BusMessage) -> OutgoingEvent:
+    kept = tuple((k, v) for k, v in message.headers if not k.startswith("dlq_"))
+    return OutgoingEvent(message.key, message.event_id, message.event_type, message.payload, message.schema,
+                         headers=(*kept, ("redriven_from", message.position)))  # fmt: skip
+
+
+async def redrive(
+    bus: EventBus, topic: str, group: str, *, limit: int | None = None, idle_seconds: float = 5.0
+) -> Redriven:
+    """Sends `group`'s dead letters from `<topic>.dlq` back on `topic`, at most `limit`; stops
+    once the dead-letter topic has been quiet for `idle_seconds` (a Kafka group needs a few
+    seconds to be given its partitions, so an empty first poll does not mean nothing is left).
+    A batch is committed only after its messages were published, so a crash resends some
+    (harmless: consumers dedupe by event id) and never drops one."""
+    done = Redriven()
+    reader = bus.group(dead_letter_topic(topic), f"redrive.{group}", REDRIVE_CONSUMER)
+    quiet_since = time.monotonic()
+    try:
+        while limit is None or done.sent < limit:
+            wanted = 100 if limit is None else min(100, limit - done.sent)
+            batch = await reader.poll(max_messages=wanted, block_ms=500)
+            if not batch:
+                if time.monotonic() - quiet_since > idle_seconds:
+                    break
+                continue
+            quiet_since = time.monotonic()
+            mine = [m for m in batch if header(m, "dlq_group") == group]
+            if mine:
+                await bus.publish(topic, [_sent_back(m) for m in mine])
+            await reader.commit(batch)
+            done.sent += len(mine)
+            done.other_groups += len(batch) - len(mine)
+            done.reasons.update(header(m, "dlq_reason") for m in mine)
+    finally:
+        await reader.close()
+    return done

@@ -1,0 +1,87 @@
+"""Dead letters go back on their topic once their cause is fixed: only the group's own, each
+once, with their key, id and headers (not the dlq_ ones); on Redis Streams and on a real Kafka
+broker, and through `pointmesh events redrive`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from pointmesh.consumers import dead_letter
+from pointmesh.events import INGEST_PURCHASES, BusMessage, EventBus, RedisStreamBus, dead_letter_topic
+from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.redrive import header, redrive
+from tests.conftest import pointmesh_cli
+from tests.events.test_bus_conformance import bus, drain, event, new_topic
+
+__all__ = ["bus"]
+QUIET = 3.0  # long enough for a Kafka group to be given its partitions
+
+
+async def _dead_lettered(bus: EventBus, topic: str, group: str, names: list[str], reason: str) -> None:
+    """Messages as `group` received them (with a header of the producer's), dead-lettered."""
+    for name in names:
+        sent = event(name, 1)
+        received = BusMessage(f"pos-{name}", sent.key, sent.event_id, sent.event_type, sent.payload, sent.schema,
+                              headers=(("traceparent", f"00-{name}"),))  # fmt: skip
+        await dead_letter(bus, topic, group, received, reason)
+
+
+async def test_a_groups_dead_letters_go_back_once_and_other_groups_wait_for_their_own(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    await _dead_lettered(bus, topic, "g-ledger", ["m_a", "m_b", "m_c"], "member m_a is BLOCKED")
+    await _dead_lettered(bus, topic, "g-game", ["m_x", "m_y"], "no program version in effect")
+
+    first = await redrive(bus, topic, "g-ledger", idle_seconds=QUIET)
+    assert (first.sent, first.other_groups, dict(first.reasons)) == (3, 2, {"member m_a is BLOCKED": 3})
+    back = await drain(bus, topic, "reader", "c1", 3)
+    assert sorted(m.event_id for m in back) == ["m_a-1", "m_b-1", "m_c-1"]
+    for message in back:
+        assert header(message, "traceparent") == f"00-{message.key}"
+        assert header(message, "redriven_from") and not any(k.startswith("dlq_") for k, _ in message.headers)
+        assert message.payload == event(message.key, 1).payload and message.event_type == "ops_alert"
+
+    again = await redrive(bus, topic, "g-ledger", idle_seconds=QUIET)
+    assert again.sent == 0  # each dead letter once
+    await _dead_lettered(bus, topic, "g-ledger", ["m_d"], "failed 5 times: ValueError: bad")
+    later = await redrive(bus, topic, "g-ledger", idle_seconds=QUIET)
+    assert (later.sent, dict(later.reasons)) == (1, {"failed 5 times: ValueError: bad": 1})
+    games = await redrive(bus, topic, "g-game", idle_seconds=QUIET)
+    assert (games.sent, games.other_groups) == (2, 4)  # the g-ledger ones, m_d included
+    assert sorted(m.event_id for m in await drain(bus, topic, "reader", "c1", 3)) == ["m_d-1", "m_x-1", "m_y-1"]
+
+
+async def test_a_limit_sends_back_only_that_many_and_the_rest_come_next_time(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    await _dead_lettered(bus, topic, "g", [f"m_{i}" for i in range(7)], "refused")
+    assert (await redrive(bus, topic, "g", limit=4, idle_seconds=QUIET)).sent == 4
+    assert (await redrive(bus, topic, "g", idle_seconds=QUIET)).sent == 3
+    assert sorted(m.event_id for m in await drain(bus, topic, "reader", "c1", 7)) == sorted(
+        f"m_{i}-1" for i in range(7)
+    )
+
+
+async def test_the_cli_redrives_the_ingest_topic(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    made = RedisStreamBus(Redis.from_url(server.url), owns_client=True)
+    try:
+        await made.ensure_topics([INGEST_PURCHASES, dead_letter_topic(INGEST_PURCHASES)])
+        await _dead_lettered(made, INGEST_PURCHASES, "ledger-ingest", ["m_1", "m_2"], "member_id: m_1 is BLOCKED")
+        env = {"POINTMESH_EVENT_BUS": "redis", "POINTMESH_REDIS_URL": server.url}
+        done = await asyncio.to_thread(pointmesh_cli, "events", "redrive", "--group", "ledger-ingest",
+                                       "--topic", INGEST_PURCHASES, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"ledger-ingest: 2 dead letters sent back on {INGEST_PURCHASES}" in done.stdout
+        assert "2  member_id: m_1 is BLOCKED" in done.stdout
+        back = await drain(made, INGEST_PURCHASES, "ledger-ingest", "c1", 2)
+        assert sorted(m.event_id for m in back) == ["m_1-1", "m_2-1"]
+        refused = await asyncio.to_thread(pointmesh_cli, "events", "redrive", "--group", "g", "--limit", "0", env=env)
+        assert refused.returncode == 2 and "--limit: must be at least 1" in refused.stderr
+    finally:
+        await made.close()
+        server.stop()
