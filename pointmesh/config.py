@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 PREFIX = "POINTMESH_"
+# Anyone can read it here, so anyone can sign a webhook with it: set POINTMESH_WEBHOOK_SECRET.
+DEV_WEBHOOK_SECRET = "pointmesh-dev-webhook-secret"
 
 
 class ConfigError(ValueError):
@@ -46,8 +48,9 @@ class Settings:
     live_queue_max: int = 256
     # Deadline of each gateway -> service call.
     gateway_deadline_seconds: float = 5.0
-    # Secret vendors sign their webhooks with (HMAC-SHA256); set it in production.
-    webhook_secret: str = "pointmesh-dev-webhook-secret"
+    # Secret vendors sign their webhooks with (HMAC-SHA256). The default is published, for a
+    # laptop and tests only: the gateway logs a warning at start while it is in use.
+    webhook_secret: str = DEV_WEBHOOK_SECRET
     rules_metrics_port: int = 9465
     # The program purchases earn under (its id in the rule set document).
     program: str = "aurora"

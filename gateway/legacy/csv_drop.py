@@ -8,6 +8,7 @@ would earn on a wrong total, and the corrected re-send would then conflict with 
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +35,11 @@ REQUIRED_COLUMNS = (
 RETURN_COLUMNS = ("original_channel", "original_store_id", "original_receipt_id", "original_line")
 # Receipt-level columns, repeated on every row of a receipt: they must agree.
 RECEIPT_COLUMNS = ("receipt_time", "card_number", "currency")
+# A spreadsheet's empty row (separators only) is a blank line.
+_BLANK_ROW = re.compile(r"^[\s,]*$")
+_NOT_A_START = (
+    "a receipt starts at line 1: is this a line of a receipt above, its receipt_id mistyped or its rows apart?"
+)
 T = TypeVar("T")
 
 
@@ -83,24 +89,66 @@ class CsvDropAdapter:
                 reason = f"not read: the header at line {header_line.number} is unusable"
                 yield Quarantined(source, ln.number, reason, ln.raw, field="header")
             return
-        group: list[_Row] = []
-        for ln in body:
-            row = _split(ln, header)
-            if ln.number in undecodable:
-                row.errors.insert(0, "line is not valid UTF-8")
-            if row.errors and not (row.text("record_type") and row.text("receipt_id")):
-                # A row that cannot say which receipt it is may be a line of the one before:
-                # that receipt is held back with it rather than imported without it.
-                if group:
-                    group.append(row)
-                else:
-                    yield Quarantined(source, ln.number, "; ".join(row.errors), ln.raw)
-                continue
-            if group and (_key(row) != _key(group[0]) or row.text("line_no").lstrip("0") == "1"):
-                yield from _emit(source, group)
-                group = []
-            group.append(row)
-        yield from _emit(source, group)
+        # Two passes over the rows: a row may put in doubt a receipt above it (one more of its
+        # lines, mistyped or apart), and a receipt must not be sent before that is known.
+        doubts = _doubts(_groups(body, header, undecodable))
+        for index, group in enumerate(_groups(body, header, undecodable)):
+            doubted_by = set(doubts.by_group.get(index, []) + doubts.by_key.get(_key(group[0]), []))
+            yield from _emit(source, group, sorted(doubted_by - {r.line.number for r in group}))
+
+
+@dataclass
+class _Doubts:
+    """Receipts a row elsewhere puts in doubt, with that row's line number: the receipt just
+    above a row that cannot start one (by group index), and every part of a receipt whose rows
+    are apart in the file (by key)."""
+
+    by_group: dict[int, list[int]] = field(default_factory=dict)
+    by_key: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
+
+
+def _groups(body: list[SourceLine], header: list[str], undecodable: set[int]) -> Iterator[list[_Row]]:
+    """The rows of each receipt, in file order; a group is one receipt (or one unreadable row)."""
+    group: list[_Row] = []
+    for ln in body:
+        if _BLANK_ROW.match(ln.raw):
+            continue  # a spreadsheet's empty row: a blank line, not a row of any receipt
+        row = _split(ln, header)
+        if ln.number in undecodable:
+            row.errors.insert(0, "line is not valid UTF-8")
+        if row.errors and not (row.text("record_type") and row.text("receipt_id")):
+            # A row that cannot say which receipt it is may be a line of the one before:
+            # that receipt is held back with it rather than imported without it.
+            if group:
+                group.append(row)
+            else:
+                yield [row]
+            continue
+        if group and (_key(row) != _key(group[0]) or _starts_receipt(row)):
+            yield group
+            group = []
+        group.append(row)
+    if group:
+        yield group
+
+
+def _doubts(groups: Iterator[list[_Row]]) -> _Doubts:
+    """A group whose first row is not line 1 of a named receipt is not a receipt of its own: it
+    may be more lines of the receipt above (its receipt_id mistyped or left empty) or of one
+    earlier in the file (its rows apart). Both are held back, never sent without those lines."""
+    doubts = _Doubts()
+    for index, group in enumerate(groups):
+        first = group[0]
+        if index == 0 or (all(_key(first)) and _starts_receipt(first)):
+            continue
+        doubts.by_group.setdefault(index - 1, []).append(first.line.number)
+        if all(_key(first)):
+            doubts.by_key.setdefault(_key(first), []).append(first.line.number)
+    return doubts
+
+
+def _starts_receipt(row: _Row) -> bool:
+    return row.text("line_no").lstrip("0") == "1"
 
 
 def _physical_lines(data: bytes) -> tuple[list[SourceLine], set[int]]:
@@ -150,11 +198,15 @@ def _key(row: _Row) -> tuple[str, str, str]:
     return row.text("record_type"), row.text("store_id"), row.text("receipt_id")
 
 
-def _emit(source: str, group: list[_Row]) -> Iterator[Parsed]:
-    """One receipt: its record(s), or every one of its lines quarantined."""
-    if not group:
+def _emit(source: str, group: list[_Row], doubted_by: list[int]) -> Iterator[Parsed]:
+    """One receipt: its record(s), or every one of its lines quarantined (when one of them is
+    bad, or rows at `doubted_by` may be more of its lines)."""
+    first = group[0]
+    if first.errors and not (first.text("record_type") and first.text("receipt_id")):
+        for row in group:  # unreadable rows that name no receipt, quarantined as they are
+            yield Quarantined(source, row.line.number, "; ".join(row.errors), row.line.raw)
         return
-    record_type = group[0].text("record_type")
+    record_type = first.text("record_type")
     built: list[LegacyPurchase | LegacyReturn] = []
     if record_type not in ("P", "R"):
         group[0].errors.append(f"column record_type: {record_type!r} is not P (purchase) or R (return)")
@@ -162,14 +214,16 @@ def _emit(source: str, group: list[_Row]) -> Iterator[Parsed]:
         _check_receipt(group)
         built = _purchase(source, group) if record_type == "P" else _returns(source, group)
     bad = [r.line.number for r in group if r.errors]
-    if not bad:
+    if not bad and not doubted_by:
         yield from built
         return
-    store, receipt = group[0].text("store_id"), group[0].text("receipt_id")
+    store, receipt = first.text("store_id"), first.text("receipt_id")
+    why = (
+        f"see line(s) {', '.join(map(str, bad))}" if bad
+        else f"line(s) {', '.join(map(str, doubted_by))} may be more of its lines; see there"
+    )  # fmt: skip
     for row in group:
-        reason = "; ".join(row.errors) or (
-            f"held back with receipt {store}/{receipt}: see line(s) {', '.join(map(str, bad))}"
-        )
+        reason = "; ".join(row.errors) or f"held back with receipt {store}/{receipt}: {why}"
         yield Quarantined(source, row.line.number, reason, row.line.raw, field=_first_column(row.errors))
 
 
@@ -181,16 +235,17 @@ def _first_column(errors: list[str]) -> str:
 
 
 def _check_receipt(group: list[_Row]) -> None:
-    """Line numbers run 1, 2, 3...; receipt-level columns agree with the receipt's first row."""
+    """Every row names its store and receipt; line numbers run 1, 2, 3...; receipt-level
+    columns agree with the receipt's first row."""
     first = group[0]
     for expected, row in enumerate(group, start=1):
         if row.errors:
             continue  # unreadable already; more complaints about it would only hide the first
+        row.take(f.required, "store_id"), row.take(f.required, "receipt_id")
         line_no = row.take(f.positive, "line_no")
         if line_no is not None and line_no != expected:
-            row.errors.append(
-                f"column line_no: {line_no} where {expected} was expected (lines of a receipt run 1, 2, 3...)"
-            )
+            why = "lines of a receipt run 1, 2, 3..." if row is not first else _NOT_A_START
+            row.errors.append(f"column line_no: {line_no} where {expected} was expected ({why})")
         if row is first:
             continue
         for column in RECEIPT_COLUMNS:

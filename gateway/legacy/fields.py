@@ -75,9 +75,15 @@ def digits(text: str | None, field: str) -> int:
     value = required(text, field)
     if not _INTEGER.match(value):
         raise FieldError(field, f"{value!r} is not a whole number")
-    if len(value.lstrip("0")) > MAX_AMOUNT_DIGITS:
-        raise FieldError(field, f"{value!r} is too large")
-    return int(value)
+    significant = value.lstrip("0") or "0"  # leading zeros must not reach int(): it refuses 4,300+ digits
+    if len(significant) > MAX_AMOUNT_DIGITS:
+        raise FieldError(field, f"{_shown(value)} is too large")
+    return int(significant)
+
+
+def _shown(value: str) -> str:
+    """A value for a message, cut short: a reason quotes the field, not a 5,000-digit column."""
+    return repr(value) if len(value) <= 40 else f"{value[:20]!r}...({len(value)} characters)"
 
 
 def positive(text: str | None, field: str) -> int:

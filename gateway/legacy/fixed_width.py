@@ -9,6 +9,7 @@ receipt. Layout tables: LAYOUTS below, mirrored in docs/legacy.md (a test keeps 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -185,13 +186,24 @@ def _framing(records: list[_Record]) -> tuple[int, str] | None:
 
 
 def _line_count(rec: _Record) -> int:
+    if rec.problem:
+        return 0  # a P record that could not be cut into fields: _purchase holds back its group
     try:
         return f.positive(rec.fields["line_count"], "line_count")
     except f.FieldError:
         return 0  # reported by _purchase with the rest of the receipt's problems
 
 
+_DIGITS_14 = re.compile(r"^[0-9]{14}$")
+_OFFSET_RE = re.compile(r"^[+-][0-9]{4}$")
+
+
 def _local_time(rec: _Record, time_col: str) -> datetime:
+    # strptime alone would read "202612100000" (two digits short) as 2026-12-10 00:00:00.
+    if not _DIGITS_14.match(rec.fields[time_col]):
+        raise f.FieldError(time_col, f"{rec.fields[time_col]!r} is not YYYYMMDDHHMMSS (14 digits)")
+    if not _OFFSET_RE.match(rec.fields["utc_offset"]):
+        raise f.FieldError("utc_offset", f"{rec.fields['utc_offset']!r} is not +HHMM or -HHMM")
     text = rec.fields[time_col] + rec.fields["utc_offset"]
     try:
         when = datetime.strptime(text, "%Y%m%d%H%M%S%z")

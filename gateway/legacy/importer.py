@@ -393,13 +393,21 @@ def quarantine_path(quarantine_dir: Path, source: Path) -> Path:
 
 
 async def read_source(path: Path | str, adapter_name: str) -> tuple[Adapter, Path, list[Parsed]]:
-    """The adapter by name and what it reads from the file (bad lines as Quarantined records)."""
+    """The adapter by name and what it reads from the file (bad lines as Quarantined records);
+    ValueError when the file cannot be read at all."""
     adapter = ADAPTERS.get(adapter_name)
     if adapter is None:
         raise ValueError(f"unknown adapter {adapter_name!r}; known: {', '.join(sorted(ADAPTERS))}")
     source = Path(path)
     data = await asyncio.to_thread(source.read_bytes)
-    return adapter, source, list(adapter.parse(str(source), data))
+    try:
+        return adapter, source, list(adapter.parse(str(source), data))
+    except (LookupError, ArithmeticError, RecursionError, TypeError, ValueError) as error:
+        # An adapter quarantines bad data; one that raises instead has a bug. The file is read
+        # whole before anything is sent, so nothing of it was imported: say so, not a traceback.
+        raise ValueError(
+            f"{source}: the {adapter.name} reader failed ({type(error).__name__}: {error}); nothing was imported"
+        ) from error
 
 
 @contextlib.asynccontextmanager

@@ -3,8 +3,12 @@
 A POS that was offline, a feed that dropped a message: the ledger can miss receipts that the
 store's own export has. Reading the export through the legacy adapters, this posts every
 receipt the ledger lacks (through the importer, so by natural key: running it again posts
-nothing twice) and reports the purchases the ledger has for those stores and days that the
-file does not (which need a person: a test receipt, a wrong store id, a file cut short).
+nothing twice), sends the receipts it already has through the importer too (the ledger compares
+them: the same contents are duplicates, other contents are refused and quarantined), and reports
+the purchases the ledger has for those stores and days that the file does not (which need a
+person: a test receipt, a wrong store id, a file cut short). Returns are listed for a person,
+not posted: the ledger knows a return by the idempotency key of the transport that sent it, so
+one that also came live from the till would be taken back twice.
 """
 
 from __future__ import annotations
@@ -14,7 +18,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
+
 from gateway.legacy.importer import (
+    RETRYABLE_CODES,
+    ImportInterrupted,
     ImportReport,
     import_records,
     ledger_stub,
@@ -22,12 +30,13 @@ from gateway.legacy.importer import (
     read_source,
     write_quarantine,
 )
-from gateway.legacy.records import LegacyPurchase, Parsed, Quarantined
+from gateway.legacy.records import LegacyPurchase, LegacyReturn, Parsed, Quarantined
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
 
 ReceiptKey = tuple[str, str, str]  # channel, store_id, receipt_id
 PAGE = 500
+_LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,33 +50,60 @@ class LedgerOnly:
     currency: str
 
 
+@dataclass(frozen=True, slots=True)
+class UnsettledReturn:
+    """A return in the file, left for a person to check against the ledger."""
+
+    channel: str
+    store_id: str
+    return_id: str
+    original_channel: str
+    original_store_id: str
+    original_receipt_id: str
+    lines: tuple[int, ...]  # source line numbers
+
+
 @dataclass(slots=True)
 class SettlementReport:
     receipts_in_file: int = 0
     already_posted: int = 0
     # Receipts the ledger lacked and this run posted (or a concurrent run did: duplicates).
     posted: ImportReport | None = None
+    # Receipts the ledger had, sent again for the ledger to compare: duplicates when equal,
+    # quarantined (ALREADY_EXISTS) when the file says otherwise.
+    compared: ImportReport | None = None
     ledger_only: list[LedgerOnly] = field(default_factory=list)
+    returns: list[UnsettledReturn] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
     quarantine_file: Path | None = None
 
     @property
     def resolved(self) -> bool:
-        """Nothing left for a person: every receipt posted, nothing only in the ledger."""
-        return not self.ledger_only and not self.quarantined
+        """Nothing left for a person: every receipt posted and equal to the ledger's, nothing only
+        in the ledger, no return to check."""
+        return not self.ledger_only and not self.quarantined and not self.returns
 
     def lines(self) -> list[str]:
         posted = self.posted.accepted if self.posted else 0
+        differing = self.compared.quarantined if self.compared else ()
         out = [
             f"settlement: {self.receipts_in_file} receipts in file, {self.already_posted} already posted,"
             f" {posted} posted now, {len(self.ledger_only)} only in the ledger,"
             f" {len(self.quarantined)} lines quarantined"
             + (f" -> {self.quarantine_file}" if self.quarantine_file else "")
+            + (f", {len(self.returns)} returns not settled" if self.returns else "")
         ]
+        out += [f"DIFFERS FROM THE LEDGER {q.source}:{q.line}: {q.reason}" for q in differing]
         out += [
             f"LEDGER ONLY {o.channel}/{o.store_id}/{o.receipt_id} purchase {o.purchase_id} member {o.member_id}"
             f" total {o.total_minor} {o.currency}"
             for o in self.ledger_only
+        ]
+        out += [
+            f"RETURN NOT SETTLED {r.channel}/{r.store_id}/{r.return_id} of {r.original_channel}/"
+            f"{r.original_store_id}/{r.original_receipt_id} (line(s) {', '.join(map(str, r.lines))}): check it"
+            " in the ledger; `pointmesh legacy import` posts it if missing"
+            for r in self.returns
         ]
         return out
 
@@ -76,18 +112,28 @@ def _day(when: datetime) -> datetime:
     return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
+def _next_day(day: datetime) -> datetime:
+    """The start of the next UTC day; for 9999-12-31 (no next day) its last instant."""
+    return day + timedelta(days=1) if day < _day(_LAST_INSTANT) else _LAST_INSTANT
+
+
 async def _posted(
     stub: ledger_pb2_grpc.LedgerServiceStub, channel: str, store_id: str, start: datetime, end: datetime
 ) -> list[ledger_pb2.Purchase]:
     found: list[ledger_pb2.Purchase] = []
     token = ""
     while True:
-        page = await stub.ListPurchases(
-            ledger_pb2.ListPurchasesRequest(
-                channel=channel, store_id=store_id, receipt_time_from=to_timestamp(start),
-                receipt_time_until=to_timestamp(end), page_size=PAGE, page_token=token,
-            )
+        request = ledger_pb2.ListPurchasesRequest(
+            channel=channel, store_id=store_id, receipt_time_from=to_timestamp(start),
+            receipt_time_until=to_timestamp(end), page_size=PAGE, page_token=token,
         )  # fmt: skip
+        try:
+            page = await stub.ListPurchases(request)
+        except grpc.aio.AioRpcError as error:  # not about the file: stop, like an import does
+            code = error.code()
+            raise ImportInterrupted(
+                code, error.details() or "", retryable=code in RETRYABLE_CODES, partial=ImportReport("", channel)
+            ) from error
         found += page.purchases
         token = page.next_page_token
         if not token:
@@ -101,27 +147,37 @@ async def reconcile_records(
     report = SettlementReport()
     receipts = [r for r in records if isinstance(r, LegacyPurchase)]
     report.quarantined = [r for r in records if isinstance(r, Quarantined)]
+    report.returns = [_unsettled(r, channel) for r in records if isinstance(r, LegacyReturn)]
     report.receipts_in_file = len(receipts)
     if not receipts:
         return report
     key_of = {id(r): (r.channel or channel, r.store_id, r.receipt_id) for r in receipts}
     in_file: set[ReceiptKey] = set(key_of.values())
-    start = _day(min(r.receipt_time for r in receipts))
-    end = _day(max(r.receipt_time for r in receipts)) + timedelta(days=1)
     in_ledger: dict[ReceiptKey, ledger_pb2.Purchase] = {}
-    for ch, store_id in sorted({(k[0], k[1]) for k in in_file}):
-        for p in await _posted(stub, ch, store_id, start, end):
+    # Each store's days one by one: the ledger lists at most 31 days at a time.
+    for ch, store_id, day in sorted({(*key_of[id(r)][:2], _day(r.receipt_time)) for r in receipts}):
+        for p in await _posted(stub, ch, store_id, day, _next_day(day)):
             in_ledger[(p.channel, p.store_id, p.receipt_id)] = p
     missing = [r for r in receipts if key_of[id(r)] not in in_ledger]
-    report.already_posted = len(receipts) - len(missing)
+    posted_before = [r for r in receipts if key_of[id(r)] in in_ledger]
+    report.already_posted = len(posted_before)
     report.posted = await import_records(missing, stub, adapter=adapter, channel=channel)
-    report.quarantined += report.posted.quarantined
+    # A key alone does not make them equal: the ledger compares the file's copy with its own.
+    report.compared = await import_records(posted_before, stub, adapter=adapter, channel=channel)
+    report.quarantined += report.posted.quarantined + report.compared.quarantined
     report.ledger_only = [
         LedgerOnly(k[0], k[1], k[2], p.purchase_id, p.member_id, p.total.amount_minor, p.total.currency)
         for k, p in sorted(in_ledger.items())
         if k not in in_file
     ]
     return report
+
+
+def _unsettled(r: LegacyReturn, channel: str) -> UnsettledReturn:
+    return UnsettledReturn(
+        r.channel or channel, r.store_id, r.return_receipt_id, r.original_channel or channel, r.original_store_id,
+        r.original_receipt_id, tuple(line.number for line in r.origin.lines),
+    )  # fmt: skip
 
 
 async def reconcile_file(

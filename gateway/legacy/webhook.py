@@ -33,6 +33,11 @@ SIGNATURE_HEADER = "X-Signature"
 TIMESTAMP_HEADER = "X-Signature-Timestamp"
 DEFAULT_TOLERANCE = timedelta(minutes=5)
 _SCHEME = "sha256="
+# Unix seconds of at most 11 digits reach year 5138; a datetime cannot hold 12 (year 33658).
+MAX_TIMESTAMP_DIGITS = 11
+# No field takes a number of more than 18 digits; one past this is refused before int() reads it
+# (it is quadratic in the digits and refuses 4,300 of them).
+MAX_JSON_INTEGER_DIGITS = 100
 
 
 class SignatureError(ValueError):
@@ -70,8 +75,10 @@ def verify_signature(
         raise SignatureError(f"{SIGNATURE_HEADER} has no {_SCHEME}<hex> signature")
     if tolerance is not None and not timestamp:
         raise SignatureError(f"the {TIMESTAMP_HEADER} header is missing")
-    if timestamp is not None and not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
-        raise SignatureError(f"{TIMESTAMP_HEADER} {timestamp!r} is not Unix seconds")
+    if timestamp is not None and not (
+        timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= MAX_TIMESTAMP_DIGITS
+    ):
+        raise SignatureError(f"{TIMESTAMP_HEADER} {timestamp[:40]!r} is not Unix seconds (at most 11 digits)")
     expected = sign(secret, body, timestamp=timestamp)[len(_SCHEME) :]
     # Every candidate is compared in constant time; no early exit reveals which one was close.
     matches = [hmac.compare_digest(expected.encode(), c.lower().encode("ascii", "replace")) for c in candidates]
@@ -127,12 +134,23 @@ def _load(data: bytes) -> dict[str, Any]:
             raise _PayloadError("$", f"key(s) {', '.join(twice)} appear twice in one object")
         return dict(pairs)
 
+    def integer(text: str) -> int:
+        if len(text.lstrip("-")) > MAX_JSON_INTEGER_DIGITS:
+            raise _PayloadError("$", f"a number of {len(text.lstrip('-'))} digits; no field takes more than 18")
+        return int(text)
+
     try:
-        payload = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+        payload = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates, parse_int=integer)
     except UnicodeDecodeError:
         raise _PayloadError("$", "body is not UTF-8") from None
     except json.JSONDecodeError as error:
         raise _PayloadError("$", f"not JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    except _PayloadError:
+        raise
+    except RecursionError:
+        raise _PayloadError("$", "arrays or objects nested too deeply to read") from None
+    except ValueError as error:  # what the JSON reader itself refuses beyond the above
+        raise _PayloadError("$", f"not readable: {error}") from None
     if not isinstance(payload, dict):
         raise _PayloadError("$", "must be a JSON object")
     return payload
@@ -153,8 +171,15 @@ def _count(obj: dict[str, Any], key: str, at: str, maximum: int = 10**f.MAX_AMOU
     """A whole number 1..maximum; the default bound is the one file columns have (18 digits)."""
     value = obj.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
-        raise _PayloadError(f"{at}.{key}", f"must be a whole number from 1 to {maximum}, got {json.dumps(value)}")
+        raise _PayloadError(f"{at}.{key}", f"must be a whole number from 1 to {maximum}, got {_shown(value)}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A JSON value for a message; a list or object by its kind (it may be nested deeply)."""
+    if isinstance(value, list | dict):
+        return "a list" if isinstance(value, list) else "an object"
+    return json.dumps(value)
 
 
 def _money(obj: dict[str, Any], key: str, at: str, currency: str) -> int:

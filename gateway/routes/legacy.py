@@ -4,13 +4,15 @@ purchase/return commands as every other channel, deduped by the receipt's natura
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import replace
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from gateway.deps import Caller, GatewayDep
@@ -18,8 +20,23 @@ from gateway.legacy.importer import ADAPTERS, ImportInterrupted, ImportReport, i
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Quarantined
 from gateway.legacy.webhook import SignatureError, WebhookAdapter, verify_signature
 from gateway.problems import Problem, bad_request, unauthorized
+from pointmesh.config import DEV_WEBHOOK_SECRET
 
-router = APIRouter(prefix="/v1/legacy", tags=["legacy"])
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def _warn_of_dev_secret(app: FastAPI) -> AsyncIterator[None]:
+    """Said at start, loudly: with the published default anyone can sign a webhook that earns."""
+    if app.state.gateway.settings.webhook_secret == DEV_WEBHOOK_SECRET:
+        log.warning(
+            "POINTMESH_WEBHOOK_SECRET is not set: vendor webhooks are verified with the published "
+            "development secret, so anyone can sign one. Set it everywhere but on a laptop."
+        )
+    yield
+
+
+router = APIRouter(prefix="/v1/legacy", tags=["legacy"], lifespan=_warn_of_dev_secret)
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 MAX_WEBHOOK_BYTES = 256 * 1024
 Parsed = LegacyPurchase | LegacyReturn | Quarantined
@@ -85,6 +102,27 @@ async def import_upload(
     return report_body(await _run(gw, records, adapter, key.channel, source))
 
 
+async def _bounded_body(request: Request) -> bytes:
+    """The body, refused once it is past MAX_WEBHOOK_BYTES (by its Content-Length, or as it
+    arrives): an unsigned sender must not make the gateway hold more than that."""
+    declared = request.headers.get("content-length", "")
+    length = declared.lstrip("0") or "0"  # compared by its digits first: int() of any length is not free
+    too_large = bad_request("body", f"larger than {MAX_WEBHOOK_BYTES} bytes")
+    if (
+        declared.isascii()
+        and declared.isdigit()
+        and (len(length) > len(str(MAX_WEBHOOK_BYTES)) or int(length) > MAX_WEBHOOK_BYTES)
+    ):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_WEBHOOK_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @router.post("/webhooks/{vendor}", summary="A vendor's signed purchase or return (HMAC-SHA256)",
              responses={202: {"description": "Accepted"}, 200: {"description": "Already received"}})  # fmt: skip
 async def webhook(
@@ -92,9 +130,7 @@ async def webhook(
     x_signature: Annotated[str | None, Header()] = None,
     x_signature_timestamp: Annotated[str | None, Header()] = None,
 ) -> JSONResponse:  # fmt: skip
-    body = await request.body()
-    if len(body) > MAX_WEBHOOK_BYTES:
-        raise bad_request("body", f"larger than {MAX_WEBHOOK_BYTES} bytes")
+    body = await _bounded_body(request)
     try:
         verify_signature(gw.settings.webhook_secret.encode(), body, x_signature, timestamp=x_signature_timestamp,
                          now=gw.clock.now())  # fmt: skip
