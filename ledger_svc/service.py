@@ -344,21 +344,26 @@ class LedgerService:
 
         def unit(d: DirectoryTx) -> Member:
             existing = d.claim(key.namespace, key.key, "CreateMember", fp, now)
+            member_id, created_at = new_member_id(), now
             if existing is not None:
                 if existing.fingerprint != fp:
                     raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
                 previous = d.get_member(existing.result_json) if existing.result_json else None
                 if previous is not None:
                     return previous
+                if existing.result_json:
+                    # A store that claims before it writes (Cassandra) names the member in the
+                    # claim first: an earlier attempt is still at it, or stopped. Finish that one.
+                    member_id, created_at = existing.result_json, existing.created_at
             for i, ext in enumerate(ids):
                 owner = d.external_id_owner(ext)
-                if owner is not None:
+                if owner is not None and owner != member_id:
                     raise FailedPrecondition(
                         f"external id {ext.kind}:{ext.value if ext.kind != 'payment_card' else '***'} already "
                         f"belongs to member {owner}",
                         field=f"external_ids[{i}]",
                     )
-            member = Member(new_member_id(), MemberStatus.ACTIVE, ids, (), dict(cmd.profile), "", now)
+            member = Member(member_id, MemberStatus.ACTIVE, ids, (), dict(cmd.profile), "", created_at)
             d.add_member(member)
             d.complete_claim(key.namespace, key.key, member.member_id)
             return member

@@ -88,8 +88,12 @@ MAX_TTL_SECONDS = 630_720_000
 OWNER_TTL_MARGIN_S = 86_400
 BACKFILL_IN_FLIGHT = 128
 CLAIM_PURGE_IN_FLIGHT = 128  # claim deletes in flight at once (two statements per claim)
-# Status prefix of a member whose creating unit has not finished (CassandraDirectoryTx.commit).
+# Status prefix of a member whose creating unit had not finished, as releases before 2026-12-06
+# wrote it (CassandraDirectoryTx.commit); read still, never written.
 PENDING_MEMBER = "pending:"
+# An external id claimed for a member that never got its row is free again this long after the
+# claim's retention (a day at most): by then no retry or replay can finish that member.
+ABANDONED_MARGIN_S = 86_400
 # meta key of claim retention's watermark: [day, created_us, namespace, key] of the last claim deleted
 CLAIM_PURGE_MARK = "claims_purged"
 CLAIM_PURGE_PAGE = 5_000  # claims read from a day's index at once
@@ -986,12 +990,12 @@ def _spend_order(lot: Lot) -> tuple[bool, int, int, str]:
     return lot.expires_at is None, to_us(lot.expires_at) if lot.expires_at else 0, to_us(lot.created_at), lot.lot_id
 
 
-def _pending_rows(ledger: str, member: Member) -> list[tuple[str, tuple[Any, ...]]]:
-    """A member's rows as pending: readers other than a retry of its own request skip it."""
-    return [("member_put", (ledger, member.member_id, PENDING_MEMBER + member.status.value,
-                            json.dumps(member.profile, sort_keys=True), member.merged_into,
-                            to_us(member.created_at))),
-            *(("ext_member_put", (ledger, member.member_id, e.kind, e.value, False)) for e in member.external_ids)]  # fmt: skip
+def _claim_day_rows(ledger: str, claims: dict[tuple[str, str], IdemRecord]) -> list[tuple[str, tuple[Any, ...]]]:
+    """Retention's index rows of these claims: the same rows whoever writes them, and when."""
+    days = sorted({to_us(rec.created_at) // DAY_US for rec in claims.values()})
+    return [*(("claim_days_list_put", (ledger, day)) for day in days),
+            *(("claim_day_put", (ledger, to_us(rec.created_at) // DAY_US, to_us(rec.created_at), ns, key))
+              for (ns, key), rec in claims.items())]  # fmt: skip
 
 
 class CassandraDirectoryTx:
@@ -1012,6 +1016,9 @@ class CassandraDirectoryTx:
         self.writes: list[tuple[str, tuple[Any, ...]]] = []
         self.pending: list[Member] = []  # members this unit creates
         self.checked: set[tuple[str, str]] = set()  # optimistic claims read back already
+        # External ids found claimed for a member nothing can finish any more
+        # (`external_id_owner`), by (kind, value): freed at commit before they are claimed.
+        self.abandoned: dict[tuple[str, str], str] = {}
 
     def claim(self, namespace: str, key: str, operation: str, fingerprint: str, at: datetime) -> IdemRecord | None:
         """Optimistic: assumes the key is free; the conditional insert at commit decides, and a
@@ -1032,8 +1039,8 @@ class CassandraDirectoryTx:
         return [(r.source, r.target) for r in self.store.q("merges", (self.ledger,))]
 
     def add_member(self, member: Member) -> None:
-        """Written in two steps at commit: first as pending, with the claim's result, then,
-        once its external ids are claimed, as itself (see `commit`)."""
+        """Written at commit: its id in the claim completed with it (in the claim's own insert),
+        then its external ids claimed, then the member row (see `commit`)."""
         self._stage_member(member)
         self.pending.append(member)
 
@@ -1050,8 +1057,9 @@ class CassandraDirectoryTx:
             self.writes.append(("ext_member_put", (self.ledger, member.member_id, ext.kind, ext.value, False)))
 
     def get_member(self, member_id: str) -> Member | None:
-        """A pending member (an attempt stopped between its steps) is nobody's yet, except the
-        result of a claim this unit holds: a retry with the same key gets it and finishes it."""
+        """A pending member (written by releases before 2026-12-06, when an attempt stopped
+        between its steps) is nobody's yet, except the result of a claim this unit holds: a
+        retry with the same key gets it and finishes it."""
         row = self.store.q("member_get", (self.ledger, member_id)).one()
         if row is None:
             return None
@@ -1074,14 +1082,31 @@ class CassandraDirectoryTx:
         return member
 
     def find_member_id(self, ext: ExternalId) -> str | None:
-        return self.external_id_owner(ext)
+        row = self.store.q("ext_get", (self.ledger, ext.kind, ext.value)).one()
+        return None if row is None else str(row.member_id)
 
     def external_id_owner(self, ext: ExternalId) -> str | None:
+        """None also for an id claimed for a member that never got its row (its unit stopped
+        and was not retried), once the claim that could finish that member is past retention:
+        nobody can finish it, and the id would otherwise stay locked for good."""
         row = self.store.q("ext_get", (self.ledger, ext.kind, ext.value)).one()
         if row is None:
             return None
         self._check_claims()
-        return str(row.member_id)
+        owner = str(row.member_id)
+        if self._abandoned(owner, row.wt):
+            self.abandoned[(ext.kind, ext.value)] = owner
+            return None
+        return owner
+
+    def _abandoned(self, member_id: str, claimed_us: int | None) -> bool:
+        """The claim of an external id precedes its member row, and the member's own claim
+        precedes both: an id claimed longer ago than retention (and a margin) for a member
+        without a row (or with a pending one) is one no retry or replay will ever finish."""
+        if claimed_us is None or time.time_ns() // 1000 - claimed_us <= self.store.abandoned_after_us:
+            return False
+        row = self.store.q("member_get", (self.ledger, member_id)).one()
+        return row is None or str(row.status).startswith(PENDING_MEMBER)
 
     def _check_claims(self) -> None:
         """An external id found taken may be taken by an earlier attempt of this very request.
@@ -1120,7 +1145,7 @@ class CassandraDirectoryTx:
         chunk of deletes, also for the next pass if this one fails. Reading a day's index again
         from its start would read the tombstones of every row already deleted; at 120,000 claims
         a day that read fails (READ_TOO_MANY_TOMBSTONES) until compaction. At most
-        CLAIM_PURGE_IN_FLIGHT deletes are in flight, as in `backfill`."""
+        CLAIM_PURGE_IN_FLIGHT deletes are in flight, as in `backfill`. Returns the claims deleted."""
         s = self.store
         cut = to_us(when)
         last_day = cut // DAY_US
@@ -1135,14 +1160,10 @@ class CassandraDirectoryTx:
                 rows = list(s.q("claim_day_rows", (self.ledger, day, *start, cut, CLAIM_PURGE_PAGE)))
                 for at in range(0, len(rows), CLAIM_PURGE_IN_FLIGHT // 2):
                     chunk = rows[at : at + CLAIM_PURGE_IN_FLIGHT // 2]
-                    s.run_many([call for r in chunk for call in (
-                        ("claim_del", (self.ledger, r.namespace, r.key)),
-                        ("claim_day_del", (self.ledger, day, r.created_us, r.namespace, r.key)),
-                    )])  # fmt: skip
+                    purged += self._purge_indexed(day, chunk)
                     last = chunk[-1]
                     mark = [day, last.created_us, last.namespace, last.key]
                     s.q("meta_put", (self.ledger, CLAIM_PURGE_MARK, _dumps(mark)))
-                purged += len(rows)
                 if len(rows) < CLAIM_PURGE_PAGE:
                     break
             # A day before the cut's is done once read to its end (or passed by the mark).
@@ -1150,11 +1171,31 @@ class CassandraDirectoryTx:
                 s.q("claim_days_list_del", (self.ledger, day))
         return purged
 
+    def _purge_indexed(self, day: int, rows: Sequence[Any]) -> int:
+        """Deletes the index rows and the claims they index. A claim is the row's only while its
+        created_us is the row's: a key claimed again after its unit gave it up (or after an
+        earlier purge) has a newer claim, kept until its own row's day. The delete carries the
+        claim's own write time, so a claim of the key made after this read survives it."""
+        s = self.store
+        found = s.run_many([("claim_stamp", (self.ledger, r.namespace, r.key)) for r in rows])
+        doomed = [(r, max(t for t in (c.wt, c.result_wt) if t is not None))
+                  for r, c in zip(rows, found, strict=True)
+                  if c is not None and c.created_us == r.created_us and c.wt is not None]  # fmt: skip
+        s.run_many([*(("claim_del_at", (written, self.ledger, r.namespace, r.key)) for r, written in doomed),
+                    *(("claim_day_del", (self.ledger, day, r.created_us, r.namespace, r.key)) for r in rows)])  # fmt: skip
+        return len(doomed)
+
     def commit(self) -> None:
         s = self.store
+        created = {m.member_id for m in self.pending}
+        completed = {(p[2], p[3]): str(p[0]) for name, p in self.writes if name == "claim_result"}
+        # A new member's id goes into its claim in the claim's own insert: a retry that finds the
+        # claim taken, however far the first attempt got, finishes that same member.
+        results = {k: completed[k] for k in self.claims if completed.get(k) in created}
         claim_keys = list(self.claims)
         outcomes = s.run_many([("claim_put", (self.ledger, ns, key, rec.operation, rec.fingerprint,
-                                              to_us(rec.created_at))) for (ns, key), rec in self.claims.items()])  # fmt: skip
+                                              results.get((ns, key), ""), to_us(rec.created_at)))
+                               for (ns, key), rec in self.claims.items()])  # fmt: skip
         lost = [(k, row) for k, row in zip(claim_keys, outcomes, strict=True) if not row.applied]
         if lost:
             won = [k for k, row in zip(claim_keys, outcomes, strict=True) if row.applied]
@@ -1162,33 +1203,50 @@ class CassandraDirectoryTx:
             for k, row in lost:
                 self.known[k] = IdemRecord(row.operation, row.fingerprint, row.result or "", from_us(row.created_us))
             raise Conflict(f"idempotency key {lost[0][0][1]!r} was claimed before")
-        # The claims' day index first: a unit that stops later must not leave a claim that
-        # retention never finds. Then, for a new member, its id goes into the claim and the
-        # member in as pending before any of its external ids is claimed: an attempt that stops
-        # after that leaves a retry with the same key what it needs to finish it (`get_member`),
-        # not an external id owned by a member nobody can read.
-        first: list[tuple[str, tuple[Any, ...]]] = []
-        for (ns, key), rec in self.claims.items():
-            day = to_us(rec.created_at) // DAY_US
-            first += [("claim_days_list_put", (self.ledger, day)),
-                      ("claim_day_put", (self.ledger, day, to_us(rec.created_at), ns, key))]  # fmt: skip
-        if self.pending:
-            first += [w for m in self.pending for w in _pending_rows(self.ledger, m)]
-            first += [w for w in self.writes if w[0] == "claim_result"]
-        s.run_many(first)
+        early, late = self._split_results(results, created)
+        # The claims' day index first, also of the claims an earlier attempt found taken (the
+        # same rows again): a unit that stops later must not leave a claim retention cannot
+        # find, nor can its retry, which finds the claim taken. External ids taken over from an
+        # abandoned member are freed (if it still has them) before any is claimed.
+        claiming = {(e.kind, e.value) for e, _, _ in self.ext_claims}
+        first = _claim_day_rows(self.ledger, {**self.known, **self.claims})
+        first += [("ext_free", (self.ledger, kind, value, owner))
+                  for (kind, value), owner in self.abandoned.items() if (kind, value) in claiming]  # fmt: skip
+        s.run_many(first + early)
         ext_out = s.run_many([("ext_claim", (self.ledger, e.kind, e.value, m, a)) for e, m, a in self.ext_claims])
         taken = [(e, row) for (e, m, _), row in zip(self.ext_claims, ext_out, strict=True)
                  if not row.applied and row.member_id != m]  # fmt: skip
         if taken:
+            # Everything this unit claimed goes, its claims' day index rows too: a row left behind
+            # would have retention delete a later claim of the same key before its time.
             mine = [e for (e, _, _), row in zip(self.ext_claims, ext_out, strict=True) if row.applied]
             s.run_many([("ext_del", (self.ledger, e.kind, e.value)) for e in mine])
-            s.run_many([("claim_del", (self.ledger, ns, key)) for ns, key in claim_keys])
-            s.run_many([("member_del", (self.ledger, m.member_id)) for m in self.pending]
-                       + [("ext_member_del", (self.ledger, m.member_id, e.kind, e.value))
-                          for m in self.pending for e in m.external_ids])  # fmt: skip
+            s.run_many([("claim_del", (self.ledger, ns, key)) for ns, key in claim_keys]
+                       + [("claim_day_del", (self.ledger, to_us(rec.created_at) // DAY_US, to_us(rec.created_at), ns, key))
+                          for (ns, key), rec in self.claims.items()])  # fmt: skip
             ext, row = taken[0]
             raise ExternalIdTaken(f"{ext.kind} {ext.value} already belongs to {row.member_id}")
-        s.run_many(self.writes)
+        s.run_many(late)
+
+    def _split_results(
+        self, results: dict[tuple[str, str], str], created: set[str]
+    ) -> tuple[list[tuple[str, tuple[Any, ...]]], list[tuple[str, tuple[Any, ...]]]]:
+        """The staged writes to run before the external ids are claimed (a new member's id
+        into a claim made without it, by releases before 2026-12-06) and after; a result the
+        claim holds already is not written again."""
+        early: list[tuple[str, tuple[Any, ...]]] = []
+        late: list[tuple[str, tuple[Any, ...]]] = []
+        for name, params in self.writes:
+            if name == "claim_result":
+                result, key = str(params[0]), (params[2], params[3])
+                known = self.known.get(key)
+                if key in results or (known is not None and known.result_json == result):
+                    continue
+                if result in created:
+                    early.append((name, params))
+                    continue
+            late.append((name, params))
+        return early, late
 
 
 class CassandraLedgerStore:
@@ -1211,6 +1269,7 @@ class CassandraLedgerStore:
         # (a posting's own time, give or take its unit's run); Cassandra allows at most 20 years.
         self.ttl = max(1, min(int(retention.total_seconds()), MAX_TTL_SECONDS))
         self.owner_ttl = min(self.ttl + OWNER_TTL_MARGIN_S, MAX_TTL_SECONDS)
+        self.abandoned_after_us = (self.ttl + min(self.ttl, ABANDONED_MARGIN_S)) * 1_000_000
         found = applied_version(session, keyspace)
         if found < LATEST:
             raise RuntimeError(
@@ -1307,9 +1366,12 @@ class CassandraLedgerStore:
             "meta_claim": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?) IF NOT EXISTS",
             "meta_put": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?)",
             "claim_put": f"INSERT INTO {ks}.claims (ledger, namespace, key, operation, fingerprint, result,"
-                         " created_us) VALUES (?,?,?,?,?,'',?) IF NOT EXISTS",
+                         " created_us) VALUES (?,?,?,?,?,?,?) IF NOT EXISTS",
             "claim_result": f"UPDATE {ks}.claims SET result=? WHERE ledger=? AND namespace=? AND key=?",
             "claim_del": f"DELETE FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=?",
+            "claim_del_at": f"DELETE FROM {ks}.claims USING TIMESTAMP ? WHERE ledger=? AND namespace=? AND key=?",
+            "claim_stamp": f"SELECT created_us, writetime(operation) AS wt, writetime(result) AS result_wt"
+                           f" FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=?",
             "claim_get": f"SELECT operation, fingerprint, result, created_us FROM {ks}.claims WHERE ledger=?"
                          " AND namespace=? AND key=?",
             "claim_days_list": f"SELECT day FROM {ks}.claim_day_list WHERE ledger=?",
@@ -1327,10 +1389,11 @@ class CassandraLedgerStore:
                           " WHERE ledger=? AND member_id=?",
             "member_put": f"INSERT INTO {ks}.members (ledger, member_id, status, profile, merged_into, created_us)"
                           " VALUES (?,?,?,?,?,?)",
-            "member_del": f"DELETE FROM {ks}.members WHERE ledger=? AND member_id=?",
             "member_status": f"UPDATE {ks}.members SET status=?, merged_into=? WHERE ledger=? AND member_id=?",
             "member_erase": f"UPDATE {ks}.members SET profile='{{}}', status=? WHERE ledger=? AND member_id=?",
-            "ext_get": f"SELECT member_id FROM {ks}.external_ids WHERE ledger=? AND kind=? AND value=?",
+            "ext_get": f"SELECT member_id, writetime(member_id) AS wt FROM {ks}.external_ids WHERE ledger=?"
+                       " AND kind=? AND value=?",
+            "ext_free": f"DELETE FROM {ks}.external_ids WHERE ledger=? AND kind=? AND value=? IF member_id=?",
             "ext_claim": f"INSERT INTO {ks}.external_ids (ledger, kind, value, member_id, alias) VALUES (?,?,?,?,?)"
                          " IF NOT EXISTS",
             "ext_put": f"INSERT INTO {ks}.external_ids (ledger, kind, value, member_id, alias) VALUES (?,?,?,?,?)",
@@ -1360,11 +1423,15 @@ class CassandraLedgerStore:
     # Layout, owners, indexes ---------------------------------------------------------------
 
     def _check_layout(self) -> None:
-        row = self.q("meta_claim", (self.ledger, "shards", str(self._shards))).one()
-        if row.applied:
-            # A new ledger: every review it will hold goes through review_days.
-            self.run_many([("meta_put", (self.ledger, f"{REVIEWS_INDEXED}:{shard}", "1"))
-                           for shard in range(self._shards)])  # fmt: skip
+        """Claims the ledger's shard count. A new ledger is marked reviews-indexed (every review
+        it will hold goes through review_days) in the same conditional batch, one partition of
+        `meta`: a start that stops after the claim cannot leave a new ledger unmarked, which the
+        next start could not tell from one written before migration 4."""
+        batch = self._batch()
+        batch.add(self._stmts["meta_claim"], (self.ledger, "shards", str(self._shards)))
+        for shard in range(self._shards):
+            batch.add(self._stmts["meta_put"], (self.ledger, f"{REVIEWS_INDEXED}:{shard}", "1"))
+        row = self.session.execute(batch).one()
         if not row.applied and int(row.v) != self._shards:
             raise LayoutMismatch(
                 f"ledger {self.ledger!r} in keyspace {self.keyspace!r} has {row.v} shards;"
