@@ -114,7 +114,9 @@ def alert_of(event: ledger_pb2.LedgerEvent) -> common_pb2.OpsAlert:
     """The fraud team's live view of a review opening; its id is the event's, so a relay that
     publishes twice after a crash publishes the same alert."""
     review = event.review_opened
-    held = "redemption_held" if review.kind == ledger_pb2.REVIEW_KIND_REDEMPTION else "purchase_held"
+    held = {ledger_pb2.REVIEW_KIND_REDEMPTION: "redemption_held", ledger_pb2.REVIEW_KIND_TRANSFER: "transfer_held"}.get(
+        review.kind, "purchase_held"
+    )
     return common_pb2.OpsAlert(
         alert_id=event.event_id, occurred_at=event.occurred_at, kind=held,
         severity="high" if review.scored else "medium", member_id=event.member_id, subject_id=review.review_id,

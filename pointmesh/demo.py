@@ -96,8 +96,11 @@ async def run_demo(url: str, key: str, now: datetime | None = None) -> None:
         await _legacy(tour, client, alice)
         moved = await tour.post("/v1/transfers", {"source_member_id": alice, "destination_member_id": bob, "points": 50,
                                                   "reason": "household pooling"})  # fmt: skip
-        _show("alice pools 50 points to bob", moved["debit"]["balance_after"])
-        _show("bob", moved["credit"]["balance_after"])
+        if moved["status"] == "MOVED":
+            _show("alice pools 50 points to bob", moved["debit"]["balance_after"])
+            _show("bob", moved["credit"]["balance_after"])
+        else:  # fraud screening sent it to review: the fraud desk decides
+            print(f"alice's 50 points to bob wait for fraud review {moved['screening']['review_id']}")
     print("done: `pointmesh ledger reconcile` proves the books balance")
 
 

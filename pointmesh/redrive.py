@@ -5,7 +5,9 @@ group dead-lettered go back on their topic.
 Each message is sent back once: a consumer group of the dead-letter topic, `redrive.<group>`,
 remembers how far redrives of that group went, so a second run sends only what was
 dead-lettered since, and a message that fails again lands on the dead-letter topic anew (with
-its new reason) for a later run. The copy keeps its key, event id, type, schema and headers,
+its new reason) for a later run. On Redis Streams the `redrive.<group>` group keeps its
+consumer, so the dead-letter stream's trim keeps what was dead-lettered after that group's
+last run (dead letters are what an operator wants kept). The copy keeps its key, event id, type, schema and headers,
 without the `dlq_` ones. The topic's other groups see it too; their handlers dedupe by event
 id, so one that had handled it treats it as a replay.
 """
@@ -42,12 +44,18 @@ def _sent_back(message: BusMessage) -> OutgoingEvent:
 async def redrive(
     bus: EventBus, topic: str, group: str, *, limit: int | None = None, idle_seconds: float = 5.0
 ) -> Redriven:
-    """Sends `group`'s dead letters from `<topic>.dlq` back on `topic`, at most `limit`; stops
-    once the dead-letter topic has been quiet for `idle_seconds` (a Kafka group needs a few
-    seconds to be given its partitions, so an empty first poll does not mean nothing is left).
-    A batch is committed only after its messages were published, so a crash resends some
-    (harmless: consumers dedupe by event id) and never drops one."""
+    """Sends `group`'s dead letters from `<topic>.dlq` back on `topic`, at most `limit`.
+
+    It goes through what was dead-lettered before the run started and stops at the first
+    message stamped after that, or carrying an event id this run already sent back (one that
+    failed again, its cause not fixed yet): those stay uncommitted for the next run, instead of
+    going round in a loop. It also stops once the topic has been quiet for `idle_seconds` (a
+    Kafka group needs a few seconds to be given its partitions, so an empty first poll does
+    not mean nothing is left). A batch is committed only after its messages were published, so
+    a crash resends some (harmless: consumers dedupe by event id) and never drops one."""
     done = Redriven()
+    started_ms = int(time.time() * 1000)
+    sent_ids: set[str] = set()
     reader = bus.group(dead_letter_topic(topic), f"redrive.{group}", REDRIVE_CONSUMER)
     quiet_since = time.monotonic()
     try:
@@ -59,13 +67,20 @@ async def redrive(
                     break
                 continue
             quiet_since = time.monotonic()
-            mine = [m for m in batch if header(m, "dlq_group") == group]
+            cut = next((i for i, m in enumerate(batch) if m.timestamp_ms > started_ms or m.event_id in sent_ids),
+                       len(batch))  # fmt: skip
+            taken = batch[:cut]
+            mine = [m for m in taken if header(m, "dlq_group") == group]
             if mine:
                 await bus.publish(topic, [_sent_back(m) for m in mine])
-            await reader.commit(batch)
+            if taken:
+                await reader.commit(taken)
             done.sent += len(mine)
-            done.other_groups += len(batch) - len(mine)
+            done.other_groups += len(taken) - len(mine)
             done.reasons.update(header(m, "dlq_reason") for m in mine)
+            sent_ids.update(m.event_id for m in mine)
+            if cut < len(batch):
+                break
     finally:
         await reader.close()
     return done

@@ -91,6 +91,9 @@ async def void_hold(hold_id: IdPath, gw: GatewayDep, caller: Caller, key: IdemKe
 @router.post("/transfers", status_code=201, response_model=s.TransferResult,
              responses={202: {"description": "Held for fraud review: the points are reserved on the source until "
                                              "ops decides; approval completes the transfer",
+                              "model": s.TransferResult},
+                        200: {"description": "A retried request whose transfer fraud review rejected: the hold "
+                                             "was voided and nothing moved (status REJECTED)",
                               "model": s.TransferResult}},
              summary="Move points between members (fraud-screened)")  # fmt: skip
 async def transfer(
@@ -103,6 +106,5 @@ async def transfer(
         context=cv.context_pb(body.context, api_key.channel, caller.store_for("")),
     )  # fmt: skip
     result = cv.transfer(await call(LEDGER, gw.ledger.Transfer(request)))
-    if result.hold is not None:
-        response.status_code = 202
+    response.status_code = {"HELD_FOR_REVIEW": 202, "REJECTED": 200}.get(result.status, 201)
     return result

@@ -141,3 +141,19 @@ async def test_a_large_transfer_is_held_for_review_and_moves_once_approved(scree
         retried = await pos.post("/v1/transfers", json=body, headers=key)
         assert retried.status_code == 201 and retried.json()["status"] == "MOVED", retried.text
         assert retried.json()["credit"]["points"] == 3_000
+
+
+async def test_a_retried_transfer_that_review_rejected_says_so_and_nothing_moved(screened_gw: GatewayUnderTest) -> None:
+    gw = screened_gw
+    async with gw.client("pos") as pos, gw.client("fraud_desk") as desk:
+        sender, recipient = await enrol(pos), await enrol(pos)
+        await pos.post("/v1/purchases", json=purchase_body(gw, sender, "T-2", 900_000), headers=idem())
+        body = {"source_member_id": sender, "destination_member_id": recipient, "points": 3_000}
+        key = idem()
+        held = await pos.post("/v1/transfers", json=body, headers=key)
+        assert held.status_code == 202, held.text
+        rejected = await desk.post(f"/v1/ops/reviews/{held.json()['screening']['review_id']}/reject", headers=idem())
+        assert rejected.status_code == 200, rejected.text
+        retried = await pos.post("/v1/transfers", json=body, headers=key)
+        assert retried.status_code == 200 and retried.json()["status"] == "REJECTED", retried.text
+        assert retried.json()["hold"]["status"] == "VOIDED" and retried.json()["credit"] is None

@@ -81,7 +81,7 @@ async def test_a_transfer_to_a_ring_collector_is_held_for_review_then_approved_a
     assert [(r.review_id, r.kind, r.transfer_id, r.counterparty_member_id, r.points) for r in listed] == [
         (review_id, ledger_pb2.REVIEW_KIND_TRANSFER, held.transfer_id, collector, SENT)
     ]
-    assert [a.subject_id for a in await alerts_for(mesh, review_id)] == [review_id]
+    assert [(a.subject_id, a.kind) for a in await alerts_for(mesh, review_id)] == [(review_id, "transfer_held")]
     again = await mesh.ledger.stub.Transfer(_transfer(sender, collector, f"ring-{collector}-5"))
     assert again.transfer_id == held.transfer_id and again.hold.status == ledger_pb2.HOLD_STATUS_PLACED
     # The sender's own app cannot spend the reserved points meanwhile.
