@@ -757,8 +757,8 @@ class ShardBook:
     # Time-driven jobs --------------------------------------------------------------------
 
     def expire_due(self, limit: int = 500, after: object = None) -> tuple[int, int, object]:
-        """Expires one page of lots past their date, never touching points reserved by open
-        holds; returns (points expired, lots expired in part or whole, the next page's cursor or
+        """Expires one page of lots past their date, never the points open holds reserve (the
+        earliest-expiring ones, which a capture takes); returns (points expired, lots expired in part or whole, the next page's cursor or
         None)."""
         lots, cursor = self.tx.lots_expired_by(self.now, limit, after)
         by_account: dict[tuple[str, str], list[Lot]] = {}
@@ -767,7 +767,11 @@ class ShardBook:
         expired_points = touched = 0
         for (member_id, unit), due in by_account.items():
             row = self._acct(member_account(member_id, unit))
-            amount = max(0, min(sum(lot.remaining_points for lot in due), row.balance - row.reserved))
+            # A capture takes the earliest-expiring points (_consume_lots), so those are the ones
+            # a hold keeps: only the due points beyond what holds reserve expire. (Letting the due
+            # ones expire under the hold made its capture take the member's long-dated points.)
+            due_points = sum(lot.remaining_points for lot in due)
+            amount = max(0, min(due_points - row.reserved, row.balance - row.reserved))
             if amount == 0:
                 continue
             left = amount

@@ -31,6 +31,7 @@ from ledger_svc.domain import (
 from ledger_svc.postings import Portion, ShardBook, to_transaction
 from ledger_svc.reviews import TransferResult
 from ledger_svc.screening import Screening, Verdict
+from ledger_svc.screening import event_id as screening_event_id
 from ledger_svc.store.base import SagaRecord, ShardTx
 
 if TYPE_CHECKING:
@@ -126,6 +127,9 @@ class Sagas:
         payload: dict[str, Any] = {
             "portions": [[p, e.isoformat() if e else None] for p, e in portions], "reason": cmd.reason,
         }  # fmt: skip
+        if screening is not None and not screening.scored:
+            # Decided without fraud_svc: it is told once the points have moved (drive_transfer).
+            payload["observe"] = screening_event_id("transfer", cmd.key.namespace, cmd.key.key)
         state, result = SagaState.HELD, TransferResult(saga_id, None, None, placed.hold, screening)
         if _under_review(screening):
             assert screening is not None
@@ -196,7 +200,12 @@ class Sagas:
         )
         if debit_rec is None or credit_rec is None:
             raise FailedPrecondition(f"transfer {saga_id} did not complete", field="transfer_id")
-        return TransferResult(saga_id, to_transaction(debit_rec), to_transaction(credit_rec))
+        debit = to_transaction(debit_rec)
+        if observe := json.loads(saga.payload_json).get("observe"):
+            # Each drive tells it the same event (id and the debit's time): counted once.
+            await self.svc.observe_transfer(observe, saga.source_member, saga.dest_member, saga.points,
+                                            debit.recorded_at)  # fmt: skip
+        return TransferResult(saga_id, debit, to_transaction(credit_rec))
 
     async def drive_reversal(self, saga_id: str) -> ReverseResult:
         saga = await self.svc.store.read(self.svc.shard_of_id(saga_id), lambda tx: tx.get_saga(saga_id))

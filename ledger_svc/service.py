@@ -731,7 +731,8 @@ class LedgerService:
             )  # fmt: skip
 
         src_shard = self.shard_of(cmd.source_member_id)
-        if self.store.multi_member_units and src_shard == self.shard_of(cmd.destination_member_id):
+        same_shard = self.store.multi_member_units and src_shard == self.shard_of(cmd.destination_member_id)
+        if same_shard:
             result = await self._mutate(
                 cmd, src_shard, TransferResult, lambda b: self.sagas.same_shard_transfer(b, cmd, screened[0]), precheck
             )
@@ -746,14 +747,18 @@ class LedgerService:
             now = await self.sagas.transfer_outcome(result.transfer_id)
             result = replace(now, screening=now.screening or result.screening)
         unscored = screened[0] is not None and not screened[0].scored
-        if unscored and result.debit is not None:
-            # Decided without fraud_svc (away, or the balance looked short): tell it now that the
-            # points moved, under the screening's event id, so its velocity state holds the
-            # transfer once. (A replay screens nothing and observes nothing.)
-            await self._observe(ScreenedKind.TRANSFER, screening_event_id("transfer", cmd.key.namespace, cmd.key.key),
-                                cmd.source_member_id, cmd.points, None, counterparty=cmd.destination_member_id,
-                                at=result.debit.recorded_at)  # fmt: skip
+        if unscored and result.debit is not None and same_shard:
+            # Decided without fraud_svc (away, or the balance looked short) and moved in one
+            # write: tell it now, under the screening's event id, so its velocity state holds
+            # the transfer once. (A saga does so when it completes; a replay screens nothing.)
+            await self.observe_transfer(screening_event_id("transfer", cmd.key.namespace, cmd.key.key),
+                                        cmd.source_member_id, cmd.destination_member_id, cmd.points,
+                                        result.debit.recorded_at)  # fmt: skip
         return result
+
+    async def observe_transfer(self, event_id: str, source: str, destination: str, points: int, at: datetime) -> None:
+        """A transfer that moved without a score, told to fraud_svc for its velocity state."""
+        await self._observe(ScreenedKind.TRANSFER, event_id, source, points, None, counterparty=destination, at=at)
 
     async def _observe(self, kind: ScreenedKind, event_id: str, member_id: str, points: int, amount: Money | None,
                        *, counterparty: str = "", context: ScreeningContext | None = None,

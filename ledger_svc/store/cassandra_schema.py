@@ -216,7 +216,17 @@ def _settled(session: Any, statement: str, params: Any = None, *, wait_seconds: 
             if time.monotonic() > deadline:
                 raise
             log.warning("cassandra schema: the cluster answered late, retrying: %s", exc)
+            # The timed-out change may still be under way: sent again to another coordinator
+            # before it has spread, a CREATE TABLE could make a second table id.
+            _agreed(session)
         time.sleep(0.5)
+
+
+def _agreed(session: Any) -> None:
+    try:
+        session.cluster.control_connection.wait_for_schema_agreement(wait_time=SCHEMA_STATEMENT_TIMEOUT)
+    except Exception as exc:  # only a wait: the retry says whether the cluster is back
+        log.info("cassandra schema: no agreement yet: %s", exc)
 
 
 def migrate(session: Any, keyspace: str, replication: str) -> list[int]:

@@ -93,6 +93,26 @@ async def test_expiry_never_takes_points_reserved_by_an_open_hold(ledger: Ledger
     await assert_books_balance(ledger)
 
 
+async def test_a_hold_keeps_the_due_points_it_will_capture_and_later_lots_stay_whole(ledger: LedgerUnderTest) -> None:
+    """A capture takes the earliest-expiring points, so those are the ones the hold keeps from
+    expiring: expiry takes the due points beyond the hold, and the long-dated lot is untouched."""
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=1)))
+    await earn(ledger.stub, member, 500, expires_at=ts(ledger.clock.now() + timedelta(days=100)))
+    hold = (await place_hold(ledger.stub, member, 60, timeout=Duration(seconds=3 * 86400))).hold
+
+    ledger.clock.advance(timedelta(days=2))
+    assert expiry_counts(await run_expiry(ledger)) == (40, 1, 0, 0)
+    await ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 500, "reserved": 0, "available": 500, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)
+    ledger.clock.advance(timedelta(days=99))
+    assert expiry_counts(await run_expiry(ledger)) == (500, 1, 0, 0)
+    await assert_books_balance(ledger)
+
+
 async def test_points_a_voided_hold_protected_from_expiry_expire_on_the_next_run(ledger: LedgerUnderTest) -> None:
     member = (await create_member(ledger.stub)).member_id
     await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=1)))

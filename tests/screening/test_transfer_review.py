@@ -6,17 +6,20 @@ shards take different paths (one write, or a saga); Cassandra always takes the s
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 
+from fraud_svc.domain import TxContext, TxKind
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
 from tests.conftest import store_settings
 from tests.ledger.helpers import assert_books_balance, balance, create_member, error_field, error_reason, key, rpc_error
-from tests.screening.test_fraud_on_the_path import Screened, alerts_for, screened_mesh
+from tests.screening.test_fraud_on_the_path import Screened, _features, alerts_for, screened_mesh
 
 SENT = 250
 
@@ -148,3 +151,28 @@ async def test_a_transfer_from_a_blocked_device_is_denied_and_nothing_moves(mesh
     assert (await balance(mesh.ledger.stub, sender)).available_points == 300
     assert (await balance(mesh.ledger.stub, receiver)).balance_points == 0
     assert not (await mesh.ledger.stub.ListReviews(ledger_pb2.ListReviewsRequest(member_id=sender))).reviews
+
+
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
+async def test_a_transfer_held_without_a_score_reaches_fraud_svc_once_approval_moves_it(mesh: Screened) -> None:
+    """fraud_svc is away when the transfer comes: the fail-closed policy holds it (2,000 points
+    or more) unscored. Back by the time ops approves, fraud_svc then learns of the transfer,
+    so the velocity state of both members holds it, once."""
+    sender = await _funded(mesh)
+    await mesh.ledger.stub.Earn(ledger_pb2.EarnRequest(idempotency_key=key(), member_id=sender, points=3_000))
+    recipient = (await create_member(mesh.ledger.stub)).member_id
+    await mesh.stop_fraud()
+    request = ledger_pb2.TransferRequest(idempotency_key=key("unscored"), source_member_id=sender,
+                                         destination_member_id=recipient, points=2_500)  # fmt: skip
+    held = await mesh.ledger.stub.Transfer(request)
+    assert not held.screening.scored and held.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW
+    await mesh.start_fraud()
+    await asyncio.sleep(1.2)  # the ledger's breaker gives fraud_svc a second after a failure
+    await mesh.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
+        idempotency_key=key(), review_id=held.screening.review_id, approve=True, operator_id="ops-anna",
+    ))  # fmt: skip
+    assert (await mesh.ledger.stub.Transfer(request)).credit.points == 2_500  # a replay drives it again
+    later = mesh.clock.now() + timedelta(seconds=1)
+    sent = await _features(mesh, TxContext(f"probe-{sender}", TxKind.REDEMPTION, sender, later, points=10))
+    got = await _features(mesh, TxContext(f"probe-{recipient}", TxKind.REDEMPTION, recipient, later, points=10))
+    assert (sent["member_transfers_out_24h"], got["member_transfers_in_24h"]) == (1, 1)
