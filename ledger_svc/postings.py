@@ -197,20 +197,42 @@ class ShardBook:
             first_lot = first_lot or lot.lot_id
         return legs, first_lot
 
-    def _consume_lots(self, member_id: str, unit: str, points: int, prefer_lot: str = "") -> list[Portion]:
-        """Takes points from lots, earliest expiry first; returns what it took, with expiries."""
+    def _consume_lots(
+        self, member_id: str, unit: str, points: int, prefer_lot: str = "", *, capture: bool = False
+    ) -> list[Portion]:
+        """Takes points from lots, earliest expiry first; returns what it took, with expiries.
+
+        The earliest-expiring points, as many as open holds reserve, are the holds': a capture
+        takes from them (`capture`), and expiry leaves them alone while the holds are open. Any
+        other debit takes the points after them, so it cannot spend what a hold keeps from
+        expiring (then a voided hold would leave nothing due to expire)."""
         taken: list[Portion] = []
         lots = self.tx.spendable_lots(member_id, unit)
+        keep = 0
         if prefer_lot:
             lots.sort(key=lambda lot: lot.lot_id != prefer_lot)
+        elif not capture:
+            keep = max(0, self._acct(member_account(member_id, unit)).reserved)
         for lot in lots:
             if points <= 0:
                 break
+            kept_here = min(keep, lot.remaining_points)
+            keep -= kept_here
+            take = min(points, lot.remaining_points - kept_here)
+            if take > 0:
+                lot.remaining_points -= take
+                points -= take
+                self.tx.update_lot(lot)
+                taken.append((take, lot.expires_at))
+        for lot in reversed(lots):  # only when the points after the holds' fall short
+            if points <= 0:
+                break
             take = min(points, lot.remaining_points)
-            lot.remaining_points -= take
-            points -= take
-            self.tx.update_lot(lot)
-            taken.append((take, lot.expires_at))
+            if take > 0:
+                lot.remaining_points -= take
+                points -= take
+                self.tx.update_lot(lot)
+                taken.append((take, lot.expires_at))
         return taken
 
     def _normalise_lots(self, member_id: str, unit: str, balance_before: int | None = None) -> None:
@@ -422,7 +444,7 @@ class ShardBook:
         self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
         record = self._record(kind, hold.member_id, hold.unit, -captured, reference=hold.reference, tx_id=tx_id or None)
         self._post(record, [(member_account(hold.member_id, hold.unit), -captured), (counter, captured)])
-        self._consume_lots(hold.member_id, hold.unit, captured)
+        self._consume_lots(hold.member_id, hold.unit, captured, capture=True)
         self.tx.set_hold_status(hold_id, HoldStatus.CAPTURED, captured)
         done = replace(hold, status=HoldStatus.CAPTURED, captured_points=captured)
         transaction = self._finish(
@@ -617,14 +639,19 @@ class ShardBook:
     # Transfers and merges move points through the transit account, one side per shard.
 
     def peek_portions(self, member_id: str, unit: str, points: int) -> list[Portion]:
-        """The lots a debit of `points` would consume, without consuming them."""
+        """The lots a debit of `points` would consume (after the points holds already keep),
+        without consuming them."""
         out: list[Portion] = []
+        keep = max(0, self._acct(member_account(member_id, unit)).reserved)
         for lot in self.tx.spendable_lots(member_id, unit):
             if points <= 0:
                 break
-            take = min(points, lot.remaining_points)
-            out.append((take, lot.expires_at))
-            points -= take
+            kept_here = min(keep, lot.remaining_points)
+            keep -= kept_here
+            take = min(points, lot.remaining_points - kept_here)
+            if take > 0:
+                out.append((take, lot.expires_at))
+                points -= take
         if points > 0:
             out.append((points, None))
         return out
@@ -757,32 +784,33 @@ class ShardBook:
     # Time-driven jobs --------------------------------------------------------------------
 
     def expire_due(self, limit: int = 500, after: object = None) -> tuple[int, int, object]:
-        """Expires one page of lots past their date, never the points open holds reserve (the
-        earliest-expiring ones, which a capture takes); returns (points expired, lots expired in part or whole, the next page's cursor or
-        None)."""
+        """Expires the due points of the accounts one page of due lots names, never the points
+        open holds reserve (the earliest-expiring ones, which a capture takes: see
+        _consume_lots); returns (points expired, lots expired in part or whole, the next
+        page's cursor or None). An account is settled whole from all its lots, so holds are
+        counted once however many pages its due lots fill."""
         lots, cursor = self.tx.lots_expired_by(self.now, limit, after)
-        by_account: dict[tuple[str, str], list[Lot]] = {}
-        for lot in lots:
-            by_account.setdefault((lot.member_id, lot.unit), []).append(lot)
+        accounts = dict.fromkeys((lot.member_id, lot.unit) for lot in lots)
         expired_points = touched = 0
-        for (member_id, unit), due in by_account.items():
+        for member_id, unit in accounts:
             row = self._acct(member_account(member_id, unit))
-            # A capture takes the earliest-expiring points (_consume_lots), so those are the ones
-            # a hold keeps: only the due points beyond what holds reserve expire. (Letting the due
-            # ones expire under the hold made its capture take the member's long-dated points.)
-            due_points = sum(lot.remaining_points for lot in due)
-            amount = max(0, min(due_points - row.reserved, row.balance - row.reserved))
+            due = [lot for lot in self.tx.spendable_lots(member_id, unit)
+                   if lot.expires_at is not None and lot.expires_at <= self.now]  # fmt: skip
+            amount = max(0, min(sum(lot.remaining_points for lot in due) - row.reserved, row.balance - row.reserved))
             if amount == 0:
                 continue
-            left = amount
+            keep, left = row.reserved, amount
             for lot in due:
-                take = min(left, lot.remaining_points)
-                if take == 0:
+                kept_here = min(keep, lot.remaining_points)
+                keep -= kept_here
+                take = min(left, lot.remaining_points - kept_here)
+                if take > 0:
+                    lot.remaining_points -= take
+                    left -= take
+                    touched += 1
+                    self.tx.update_lot(lot)
+                if left == 0:
                     break
-                lot.remaining_points -= take
-                left -= take
-                touched += 1
-                self.tx.update_lot(lot)
             record = self._record(TxKind.EXPIRY, member_id, unit, -amount)
             self._post(
                 record,

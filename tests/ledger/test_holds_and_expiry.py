@@ -349,3 +349,35 @@ async def test_hold_timeout_above_seven_days_is_invalid(ledger: LedgerUnderTest)
     )
     assert error_field(error) == "timeout"
     assert figures(await balance(ledger.stub, member))["reserved"] == 0
+
+
+async def test_due_points_a_hold_keeps_cannot_be_spent_around_it_and_expire_once_it_is_voided(
+    ledger: LedgerUnderTest,
+) -> None:
+    """A redemption while the hold is open takes the long-dated points, not the due ones the
+    hold keeps; voided, the hold gives those back to expiry."""
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=1)))
+    await earn(ledger.stub, member, 500, expires_at=ts(ledger.clock.now() + timedelta(days=100)))
+    hold = (await place_hold(ledger.stub, member, 60, timeout=Duration(seconds=3 * 86400))).hold
+    ledger.clock.advance(timedelta(days=2))
+    assert expiry_counts(await run_expiry(ledger)) == (40, 1, 0, 0)
+    await redeem(ledger.stub, member, 100)
+    await ledger.stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
+    assert expiry_counts(await run_expiry(ledger)) == (60, 1, 0, 0)
+    assert (await balance(ledger.stub, member)).balance_points == 400
+    await assert_books_balance(ledger)
+
+
+async def test_a_hold_is_counted_once_when_the_due_lots_fill_several_pages(ledger: LedgerUnderTest) -> None:
+    ledger.app.service.expiry_page = 2
+    member = (await create_member(ledger.stub)).member_id
+    for _ in range(4):
+        await earn(ledger.stub, member, 10, expires_at=ts(ledger.clock.now() + timedelta(days=1)))
+    await place_hold(ledger.stub, member, 15, timeout=Duration(seconds=3 * 86400))
+    ledger.clock.advance(timedelta(days=2))
+    assert (await run_expiry(ledger)).expired_points == 25
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 15, "reserved": 15, "available": 0, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    await assert_books_balance(ledger)
