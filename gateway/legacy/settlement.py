@@ -108,6 +108,20 @@ class SettlementReport:
         return out
 
 
+LIST_WINDOW = timedelta(days=31)
+
+
+def _spans(days: list[datetime]) -> list[tuple[datetime, datetime]]:
+    """Sorted days as [start, end) spans, joining days at most a listing window apart."""
+    spans: list[tuple[datetime, datetime]] = []
+    for day in days:
+        if spans and day - spans[-1][1] <= LIST_WINDOW:
+            spans[-1] = (spans[-1][0], _next_day(day))
+        else:
+            spans.append((day, _next_day(day)))
+    return spans
+
+
 def _day(when: datetime) -> datetime:
     return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
@@ -154,10 +168,20 @@ async def reconcile_records(
     key_of = {id(r): (r.channel or channel, r.store_id, r.receipt_id) for r in receipts}
     in_file: set[ReceiptKey] = set(key_of.values())
     in_ledger: dict[ReceiptKey, ledger_pb2.Purchase] = {}
-    # Each store's days one by one: the ledger lists at most 31 days at a time.
-    for ch, store_id, day in sorted({(*key_of[id(r)][:2], _day(r.receipt_time)) for r in receipts}):
-        for p in await _posted(stub, ch, store_id, day, _next_day(day)):
-            in_ledger[(p.channel, p.store_id, p.receipt_id)] = p
+    # Each store's days in the file and the days between them (a day missing from the file is a
+    # day the ledger may have receipts for; a gap longer than a listing window is not one
+    # period, so a stray far-off date does not make the run list years), a window of at most
+    # 31 days at a time: the ledger lists no more at once.
+    days: dict[tuple[str, str], set[datetime]] = {}
+    for r in receipts:
+        days.setdefault(key_of[id(r)][:2], set()).add(_day(r.receipt_time))
+    for (ch, store_id), store_days in sorted(days.items()):
+        for start, end in _spans(sorted(store_days)):
+            while start < end:
+                stop = start + LIST_WINDOW if end - start > LIST_WINDOW else end
+                for p in await _posted(stub, ch, store_id, start, stop):
+                    in_ledger[(p.channel, p.store_id, p.receipt_id)] = p
+                start = stop
     missing = [r for r in receipts if key_of[id(r)] not in in_ledger]
     posted_before = [r for r in receipts if key_of[id(r)] in in_ledger]
     report.already_posted = len(posted_before)

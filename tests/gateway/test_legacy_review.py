@@ -364,3 +364,19 @@ async def test_the_gateway_warns_at_start_when_webhooks_use_the_published_secret
         await running.task
         messages = [r.getMessage() for r in caplog.records if r.name == "gateway.routes.legacy"]
         assert any("POINTMESH_WEBHOOK_SECRET is not set" in m for m in messages) == warned, messages
+
+
+async def test_settlement_reports_a_ledger_only_receipt_on_a_day_the_file_lacks(mesh: Mesh, tmp_path: Path) -> None:
+    """A file cut short loses whole days: the store's span from its first day in the file to
+    its last is compared, not only the days that still have receipts."""
+    member = await member_with_card(mesh, "9100-0099")
+    await mesh.ledger.stub.RecordPurchase(
+        rest_purchase(member, "L-3", "SKU", 1, 1000, "EUR", datetime(2026, 1, 3, 9, tzinfo=UTC))
+    )
+    source = tmp_path / "month.csv"
+    source.write_text(HEADER + (
+        "P,HEL-01,F-2,1,2026-01-02T10:00:00+00:00,9100-0099,EUR,SKU,misc,1,10.00\n"
+        "P,HEL-01,F-4,1,2026-01-04T10:00:00+00:00,9100-0099,EUR,SKU,misc,1,10.00\n"
+    ))  # fmt: skip
+    report = await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "q")
+    assert [o.receipt_id for o in report.ledger_only] == ["L-3"] and not report.resolved
