@@ -91,6 +91,9 @@ CLAIM_PURGE_IN_FLIGHT = 128  # claim deletes in flight at once (two statements p
 # Status prefix of a member whose creating unit had not finished, as releases before 2026-12-06
 # wrote it (CassandraDirectoryTx.commit); read still, never written.
 PENDING_MEMBER = "pending:"
+# The member row of a signup whose attempt gave up (an external id was someone else's): written
+# `IF NOT EXISTS`, it and a finisher's row exclude each other, so exactly one of them stands.
+GIVEN_UP_MEMBER = "given-up"
 # An external id claimed for a member that never got its row is free again this long after the
 # claim's retention (a day at most): by then no retry or replay can finish that member.
 ABANDONED_MARGIN_S = 86_400
@@ -990,6 +993,11 @@ def _spend_order(lot: Lot) -> tuple[bool, int, int, str]:
     return lot.expires_at is None, to_us(lot.expires_at) if lot.expires_at else 0, to_us(lot.created_at), lot.lot_id
 
 
+def _member_values(ledger: str, member: Member) -> tuple[Any, ...]:
+    return (ledger, member.member_id, member.status.value, json.dumps(member.profile, sort_keys=True),
+            member.merged_into, to_us(member.created_at))  # fmt: skip
+
+
 def _claim_day_rows(ledger: str, claims: dict[tuple[str, str], IdemRecord]) -> list[tuple[str, tuple[Any, ...]]]:
     """Retention's index rows of these claims: the same rows whoever writes them, and when."""
     days = sorted({to_us(rec.created_at) // DAY_US for rec in claims.values()})
@@ -1015,6 +1023,8 @@ class CassandraDirectoryTx:
         self.ext_claims: list[tuple[ExternalId, str, bool]] = []
         self.writes: list[tuple[str, tuple[Any, ...]]] = []
         self.pending: list[Member] = []  # members this unit creates
+        self.finishing: list[Member] = []  # pending rows of earlier releases this unit finishes
+        self.results: dict[tuple[str, str], str] = {}  # claims naming a member this unit creates
         self.checked: set[tuple[str, str]] = set()  # optimistic claims read back already
         # External ids found claimed for a member nothing can finish any more
         # (`external_id_owner`), by (kind, value): freed at commit before they are claimed.
@@ -1040,7 +1050,8 @@ class CassandraDirectoryTx:
 
     def add_member(self, member: Member) -> None:
         """Written at commit: its id in the claim completed with it (in the claim's own insert),
-        then its external ids claimed, then the member row (see `commit`)."""
+        then its external ids claimed, then their member_ext rows, then the member row
+        `IF NOT EXISTS` (see `_write_members`)."""
         self._stage_member(member)
         self.pending.append(member)
 
@@ -1050,11 +1061,6 @@ class CassandraDirectoryTx:
             if owner is not None and owner != member.member_id:
                 raise ExternalIdTaken(f"{ext.kind} {ext.value} already belongs to {owner}")
             self.ext_claims.append((ext, member.member_id, False))
-        self.writes.append(("member_put", (self.ledger, member.member_id, member.status.value,
-                                           json.dumps(member.profile, sort_keys=True), member.merged_into,
-                                           to_us(member.created_at))))  # fmt: skip
-        for ext in member.external_ids:
-            self.writes.append(("ext_member_put", (self.ledger, member.member_id, ext.kind, ext.value, False)))
 
     def get_member(self, member_id: str) -> Member | None:
         """A pending member (written by releases before 2026-12-06, when an attempt stopped
@@ -1064,6 +1070,8 @@ class CassandraDirectoryTx:
         if row is None:
             return None
         status = str(row.status)
+        if status == GIVEN_UP_MEMBER:
+            return None
         pending = status.startswith(PENDING_MEMBER)
         if pending and member_id not in {rec.result_json for rec in self.known.values()}:
             return None
@@ -1079,6 +1087,7 @@ class CassandraDirectoryTx:
         )
         if pending:
             self._stage_member(member)
+            self.finishing.append(member)
         return member
 
     def find_member_id(self, ext: ExternalId) -> str | None:
@@ -1103,9 +1112,11 @@ class CassandraDirectoryTx:
         """The claim of an external id precedes its member row, and the member's own claim
         precedes both: an id claimed longer ago than retention (and a margin) for a member
         without a row (or with a pending one) is one no retry or replay will ever finish."""
+        row = self.store.q("member_get", (self.ledger, member_id)).one()
+        if row is not None and str(row.status) == GIVEN_UP_MEMBER:
+            return True  # its signup gave up, and no attempt can write its row any more
         if claimed_us is None or time.time_ns() // 1000 - claimed_us <= self.store.abandoned_after_us:
             return False
-        row = self.store.q("member_get", (self.ledger, member_id)).one()
         return row is None or str(row.status).startswith(PENDING_MEMBER)
 
     def _check_claims(self) -> None:
@@ -1192,7 +1203,13 @@ class CassandraDirectoryTx:
         # A new member's id goes into its claim in the claim's own insert: a retry that finds the
         # claim taken, however far the first attempt got, finishes that same member.
         results = {k: completed[k] for k in self.claims if completed.get(k) in created}
+        self.results = results
         claim_keys = list(self.claims)
+        # The claims' day index before the claims, also of the claims an earlier attempt found
+        # taken (the same rows again): a claim never exists without the row retention finds it
+        # by, whichever write fails and whether or not anyone retries. An index row whose claim
+        # never applied is skipped and dropped by the purge (its claim is not the row's).
+        s.run_many(_claim_day_rows(self.ledger, {**self.known, **self.claims}))
         outcomes = s.run_many([("claim_put", (self.ledger, ns, key, rec.operation, rec.fingerprint,
                                               results.get((ns, key), ""), to_us(rec.created_at)))
                                for (ns, key), rec in self.claims.items()])  # fmt: skip
@@ -1204,29 +1221,104 @@ class CassandraDirectoryTx:
                 self.known[k] = IdemRecord(row.operation, row.fingerprint, row.result or "", from_us(row.created_us))
             raise Conflict(f"idempotency key {lost[0][0][1]!r} was claimed before")
         early, late = self._split_results(results, created)
-        # The claims' day index first, also of the claims an earlier attempt found taken (the
-        # same rows again): a unit that stops later must not leave a claim retention cannot
-        # find, nor can its retry, which finds the claim taken. External ids taken over from an
-        # abandoned member are freed (if it still has them) before any is claimed.
+        # External ids taken over from an abandoned member are freed (if it still has them)
+        # before any is claimed.
         claiming = {(e.kind, e.value) for e, _, _ in self.ext_claims}
-        first = _claim_day_rows(self.ledger, {**self.known, **self.claims})
-        first += [("ext_free", (self.ledger, kind, value, owner))
-                  for (kind, value), owner in self.abandoned.items() if (kind, value) in claiming]  # fmt: skip
+        first = [("ext_free", (self.ledger, kind, value, owner))
+                 for (kind, value), owner in self.abandoned.items() if (kind, value) in claiming]  # fmt: skip
         s.run_many(first + early)
         ext_out = s.run_many([("ext_claim", (self.ledger, e.kind, e.value, m, a)) for e, m, a in self.ext_claims])
         taken = [(e, row) for (e, m, _), row in zip(self.ext_claims, ext_out, strict=True)
                  if not row.applied and row.member_id != m]  # fmt: skip
         if taken:
-            # Everything this unit claimed goes, its claims' day index rows too: a row left behind
-            # would have retention delete a later claim of the same key before its time.
-            mine = [e for (e, _, _), row in zip(self.ext_claims, ext_out, strict=True) if row.applied]
-            s.run_many([("ext_del", (self.ledger, e.kind, e.value)) for e in mine])
-            s.run_many([("claim_del", (self.ledger, ns, key)) for ns, key in claim_keys]
-                       + [("claim_day_del", (self.ledger, to_us(rec.created_at) // DAY_US, to_us(rec.created_at), ns, key))
-                          for (ns, key), rec in self.claims.items()])  # fmt: skip
+            self._give_up(created, [row.applied for row in ext_out])
             ext, row = taken[0]
             raise ExternalIdTaken(f"{ext.kind} {ext.value} already belongs to {row.member_id}")
+        self._write_members()
         s.run_many(late)
+
+    def _give_up(self, created: set[str], applied: Sequence[bool]) -> None:
+        """A new member's row is first taken for good (`GIVEN_UP_MEMBER`, `IF NOT EXISTS`): a
+        retry that already finished the member keeps it, with its claim and external ids, and
+        this unit runs again to answer with it; one still under way can no longer finish it.
+        Then everything this unit claimed goes, its claims' day index rows too (a row left
+        behind would have retention delete a later claim of the same key before its time)."""
+        s = self.store
+        ids = sorted(created)
+        marks = s.run_many(
+            [("member_give_up", (self.ledger, m, GIVEN_UP_MEMBER, self.store.given_up_ttl)) for m in ids]
+        )
+        finished = [m for m, row in zip(ids, marks, strict=True)
+                    if not row.applied and str(row.status) != GIVEN_UP_MEMBER]  # fmt: skip
+        if finished:
+            self._answer_stored(set(finished))
+        own = [e for (e, m, _), done in zip(self.ext_claims, applied, strict=True) if done and m not in created]
+        self._release(created, self.claims, [("ext_del", (self.ledger, e.kind, e.value)) for e in own])
+
+    def _release(self, dead: set[str], claims: dict[tuple[str, str], IdemRecord],
+                 also: Sequence[tuple[str, tuple[Any, ...]]] = ()) -> None:  # fmt: skip
+        """Frees given-up members and gives these claims back: an external id or claim only
+        while it still names the given-up member (any attempt may have written it; another
+        member's stays), other claims whatever they hold. A claim's index row goes with it,
+        not when its conditional delete found another claim there: that claim may have been
+        made in the same microsecond, with the very same index row."""
+        s = self.store
+        keys = list(claims)
+        named = [self.results.get(k) or claims[k].result_json for k in keys]
+        out = s.run_many([("claim_free", (self.ledger, ns, key, m)) if m in dead else ("claim_del", (self.ledger, ns, key))
+                          for (ns, key), m in zip(keys, named, strict=True)]
+                         + [("ext_free", (self.ledger, e.kind, e.value, m)) for e, m, _ in self.ext_claims if m in dead]
+                         + list(also))  # fmt: skip
+        gone = [k for k, m, row in zip(keys, named, out[: len(keys)], strict=True) if m not in dead or row.applied]
+        s.run_many([("claim_day_del", (self.ledger, to_us(claims[k].created_at) // DAY_US,
+                                       to_us(claims[k].created_at), *k)) for k in gone])  # fmt: skip
+
+    def _answer_stored(self, ids: set[str]) -> None:
+        """Another attempt finished these members: the unit runs again and answers with them."""
+        for k, member_id in self.results.items():
+            if member_id in ids:
+                rec = self.claims[k]
+                self.known[k] = IdemRecord(rec.operation, rec.fingerprint, member_id, rec.created_at)
+        raise Conflict(f"member {sorted(ids)[0]} was finished by another attempt")
+
+    def _write_members(self) -> None:
+        """A member's member_ext rows (invisible without its row) go out first, its row only
+        once they all applied: a row never stands without an external id its retry would then
+        not write. The row is inserted `IF NOT EXISTS`, and not tried at all when it is there
+        already: another attempt of the same claim finished the member, and the client may have
+        blocked or erased it since, which a late attempt must not undo."""
+        s = self.store
+        found = s.run_many([("member_get", (self.ledger, m.member_id)) for m in self.pending])
+        fresh = [m for m, row in zip(self.pending, found, strict=True) if row is None]
+        finished = [(m, row) for m, row in zip(self.pending, found, strict=True) if row is not None]
+        s.run_many([("ext_member_put", (self.ledger, m.member_id, e.kind, e.value, False))
+                    for m in [*fresh, *self.finishing] for e in m.external_ids])  # fmt: skip
+        s.run_many([("member_finish", _member_values(self.ledger, m)) for m in self.finishing])
+        put = s.run_many([("member_put", _member_values(self.ledger, m)) for m in fresh])
+        finished += [(m, row) for m, row in zip(fresh, put, strict=True) if not row.applied]
+        dead = {m.member_id for m, row in finished if str(row.status) == GIVEN_UP_MEMBER}
+        if dead:
+            # The attempt that named it gave it up; its give-back is done again here (it may have
+            # stopped half way), and the unit runs again from a claim of its own.
+            mine = {k: rec for k, rec in self.known.items() if rec.result_json in dead}
+            self._release(dead, mine)
+            for k in mine:
+                del self.known[k]
+            raise Conflict(f"member {sorted(dead)[0]} was given up by the attempt that named it")
+        if finished:
+            self._yield_to_finished(finished)
+
+    def _yield_to_finished(self, finished: Sequence[tuple[Member, Any]]) -> None:
+        """The member row stands as its finisher (and the client since) left it. An active or
+        blocked member owns every external id of its signup (the finisher claimed them all
+        before its row), so nothing goes; an erased or merged one owns none any more, so what
+        this attempt claimed or wrote for it goes back (`IF member_id`: never an id claimed
+        since by someone else). The unit then runs again and answers with the stored member."""
+        gone = [m for m, row in finished if str(row.status) in (MemberStatus.ERASED, MemberStatus.MERGED)]
+        self.store.run_many([call for m in gone for e in m.external_ids
+                             for call in (("ext_free", (self.ledger, e.kind, e.value, m.member_id)),
+                                          ("ext_member_del", (self.ledger, m.member_id, e.kind, e.value)))])  # fmt: skip
+        self._answer_stored({m.member_id for m, _ in finished})
 
     def _split_results(
         self, results: dict[tuple[str, str], str], created: set[str]
@@ -1270,6 +1362,8 @@ class CassandraLedgerStore:
         self.ttl = max(1, min(int(retention.total_seconds()), MAX_TTL_SECONDS))
         self.owner_ttl = min(self.ttl + OWNER_TTL_MARGIN_S, MAX_TTL_SECONDS)
         self.abandoned_after_us = (self.ttl + min(self.ttl, ABANDONED_MARGIN_S)) * 1_000_000
+        # A given-up member's row outlives every claim that could name it.
+        self.given_up_ttl = min(self.abandoned_after_us // 1_000_000, MAX_TTL_SECONDS)
         found = applied_version(session, keyspace)
         if found < LATEST:
             raise RuntimeError(
@@ -1369,6 +1463,7 @@ class CassandraLedgerStore:
                          " created_us) VALUES (?,?,?,?,?,?,?) IF NOT EXISTS",
             "claim_result": f"UPDATE {ks}.claims SET result=? WHERE ledger=? AND namespace=? AND key=?",
             "claim_del": f"DELETE FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=?",
+            "claim_free": f"DELETE FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=? IF result=?",
             "claim_del_at": f"DELETE FROM {ks}.claims USING TIMESTAMP ? WHERE ledger=? AND namespace=? AND key=?",
             "claim_stamp": f"SELECT created_us, writetime(operation) AS wt, writetime(result) AS result_wt"
                            f" FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=?",
@@ -1388,7 +1483,11 @@ class CassandraLedgerStore:
             "member_get": f"SELECT status, profile, merged_into, created_us FROM {ks}.members"
                           " WHERE ledger=? AND member_id=?",
             "member_put": f"INSERT INTO {ks}.members (ledger, member_id, status, profile, merged_into, created_us)"
-                          " VALUES (?,?,?,?,?,?)",
+                          " VALUES (?,?,?,?,?,?) IF NOT EXISTS",
+            "member_give_up": f"INSERT INTO {ks}.members (ledger, member_id, status, profile, merged_into,"
+                              " created_us) VALUES (?,?,?,'{{}}','',0) IF NOT EXISTS USING TTL ?",
+            "member_finish": f"INSERT INTO {ks}.members (ledger, member_id, status, profile, merged_into,"
+                             " created_us) VALUES (?,?,?,?,?,?)",
             "member_status": f"UPDATE {ks}.members SET status=?, merged_into=? WHERE ledger=? AND member_id=?",
             "member_erase": f"UPDATE {ks}.members SET profile='{{}}', status=? WHERE ledger=? AND member_id=?",
             "ext_get": f"SELECT member_id, writetime(member_id) AS wt FROM {ks}.external_ids WHERE ledger=?"

@@ -17,7 +17,7 @@ from cassandra import OperationTimedOut
 
 from ledger_svc import commands as c
 from ledger_svc.app import policy_from
-from ledger_svc.domain import ExternalId, FailedPrecondition, IdemKey, Unavailable
+from ledger_svc.domain import ExternalId, FailedPrecondition, IdemKey, Member, Unavailable
 from ledger_svc.service import LedgerService
 from ledger_svc.store.base import to_us
 from ledger_svc.store.cassandra import CassandraLedgerStore
@@ -66,8 +66,12 @@ async def test_a_retry_arriving_while_the_first_attempt_is_past_its_claim_ends_w
     watched = WatchedSession.on(store)
     paused, go = threading.Event(), threading.Event()
 
+    claimed = threading.Event()
+
     def pause_after_the_claim(name: str, _params: tuple[Any, ...]) -> Exception | None:
-        if name == "claim_days_list_put" and not paused.is_set():
+        if name == "claim_put":
+            claimed.set()
+        elif claimed.is_set() and not paused.is_set():  # the statement after the claim
             paused.set()
             go.wait(30)
         return None
@@ -150,9 +154,13 @@ async def test_claims_purge_keeps_a_claim_newer_than_the_index_row_that_names_it
         await store.close()
 
 
-async def test_a_claim_whose_day_index_write_failed_is_indexed_by_its_retry_and_purged(
-    cassandra_session: CassandraSession,
+@pytest.mark.parametrize("failing", ["claim_days_list_put", "claim_day_put"])
+@pytest.mark.parametrize("retried", [False, True], ids=["given-up", "retried"])
+async def test_a_claim_whose_day_index_write_failed_is_purged_whether_or_not_anyone_retries(
+    cassandra_session: CassandraSession, failing: str, retried: bool
 ) -> None:
+    """The index goes out before the claim: a failed index write leaves no claim behind, so
+    none is left that retention cannot find when the client gives up."""
     store = cassandra_session.open_store("mc" + uuid.uuid4().hex[:12], 1)
     clock = ManualClock()
     service = _service(store, clock)
@@ -160,23 +168,104 @@ async def test_a_claim_whose_day_index_write_failed_is_indexed_by_its_retry_and_
     watched = WatchedSession.on(store)
 
     def index_write_times_out(name: str, _params: tuple[Any, ...]) -> Exception | None:
-        if name == "claim_days_list_put":
+        if name == failing:
             watched.fault = None  # once
-            return OperationTimedOut("claim_day_list write timed out")
+            return OperationTimedOut(f"{name} write timed out")
         return None
 
     watched.fault = index_write_times_out
     try:
         with pytest.raises(Unavailable):
             await service.create_member(cmd)
-        named = _claim(store, "k-a").result
-        member = await service.create_member(cmd)
-        assert _day_rows(store, "k-a") == [to_us(member.created_at)]
-        assert member.member_id == named  # the retry finished the member the claim named
+        if retried:
+            member = await service.create_member(cmd)
+            assert _day_rows(store, "k-a") == [to_us(member.created_at)]
+            assert _claim(store, "k-a").result == member.member_id
         clock.advance(RETENTION + timedelta(days=1))
         await service.purge_expired_keys(RETENTION)
         assert _claim(store, "k-a") is None
     finally:
+        await store.close()
+
+
+async def test_a_retry_gets_the_external_ids_whose_member_ext_write_failed_and_erase_frees_them(
+    cassandra_session: CassandraSession,
+) -> None:
+    """A member_ext write times out: the member row must not stand without it (a retry would
+    answer the member without that id and erase would leave the email locked)."""
+    store = cassandra_session.open_store("mc" + uuid.uuid4().hex[:12], 1)
+    service = _service(store)
+    email = ExternalId("email", "bo@example.com")
+    cmd = c.CreateMember(IdemKey("", "k-e"), (email,), {})
+    watched = WatchedSession.on(store)
+
+    def member_ext_times_out(name: str, _params: tuple[Any, ...]) -> Exception | None:
+        if name == "ext_member_put":
+            watched.fault = None  # once
+            return OperationTimedOut("ext_member_put timed out")
+        return None
+
+    watched.fault = member_ext_times_out
+    try:
+        with pytest.raises(Unavailable):
+            await service.create_member(cmd)
+        member = await service.create_member(cmd)
+        assert member.external_ids == (email,)
+        assert (await service.get_member(member.member_id)).external_ids == (email,)
+        await service.erase_member(c.EraseMember(IdemKey("", "er"), member.member_id))
+        again = await service.create_member(c.CreateMember(IdemKey("", "k-e2"), (email,), {}))
+        assert (await service.lookup_member(email)).member_id == again.member_id
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("paused_at", ["ext_claim", "ext_member_put"])
+@pytest.mark.parametrize("action", ["block", "erase"])
+async def test_a_late_first_attempt_never_undoes_a_block_or_erase_of_the_member_its_retry_finished(
+    cassandra_session: CassandraSession, paused_at: str, action: str
+) -> None:
+    """The first attempt stalls after its claim; its retry finishes the member, the client
+    blocks or erases it; then the first attempt goes on. The member stays as the client left
+    it, and an erased member's email is free for good."""
+    store = cassandra_session.open_store("mc" + uuid.uuid4().hex[:12], 1)
+    service = _service(store)
+    email = ExternalId("email", "dee@example.com")
+    cmd = c.CreateMember(IdemKey("", "k-s"), (email,), {"name": "Dee"})
+    watched = WatchedSession.on(store)
+    paused, go = threading.Event(), threading.Event()
+
+    def stall(name: str, _params: tuple[Any, ...]) -> Exception | None:
+        if name == paused_at and not paused.is_set():
+            paused.set()
+            go.wait(30)
+        return None
+
+    watched.fault = stall
+    try:
+        first = asyncio.ensure_future(service.create_member(cmd))
+        assert await asyncio.to_thread(paused.wait, 30)
+        member = await service.create_member(cmd)
+        if action == "erase":
+            await service.erase_member(c.EraseMember(IdemKey("", "er"), member.member_id))
+        else:
+            await service.set_blocked(c.SetMemberBlocked(IdemKey("", "bl"), member.member_id, True))
+        go.set()
+        late = await first
+        assert late.member_id == member.member_id
+        stored = store.q("member_get", (store.ledger, member.member_id)).one()
+        if action == "erase":
+            assert (stored.status, stored.profile) == ("ERASED", "{}")
+            assert late.status == "ERASED"
+            assert (await service.get_member(member.member_id)).external_ids == ()
+            other = await service.create_member(c.CreateMember(IdemKey("", "k-s2"), (email,), {}))
+            assert (await service.lookup_member(email)).member_id == other.member_id
+        else:
+            assert stored.status == "BLOCKED"
+            assert (await service.get_member(member.member_id)).external_ids == (email,)
+            assert (await service.lookup_member(email)).member_id == member.member_id
+        assert _members(store).get(member.member_id) == stored.status
+    finally:
+        go.set()
         await store.close()
 
 
@@ -220,4 +309,69 @@ async def test_an_external_id_of_a_signup_nobody_finished_is_free_again_once_no_
             await service.create_member(given_up)
         assert _members(store) == {finished.member_id: "ACTIVE", member.member_id: "ACTIVE"}
     finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("rollback_paused", ["at-its-start", "after-its-mark"])
+async def test_a_failed_first_attempt_rolling_back_never_takes_what_its_retry_finished_the_member_with(
+    cassandra_session: CassandraSession, rollback_paused: str
+) -> None:
+    """The first attempt loses the phone to another signup and rolls back; meanwhile that
+    signup is erased and the client's retry comes. Either the retry finishes the member the
+    claim named and keeps its claim and both ids (the first attempt then answers with it), or
+    the rollback got there first and the retry makes a member of its own; never a member
+    whose email or claim was deleted under it."""
+    store = cassandra_session.open_store("mc" + uuid.uuid4().hex[:12], 1)
+    clock = ManualClock()
+    service = _service(store, clock)
+    email, phone = ExternalId("email", "ada@example.com"), ExternalId("phone", "+44111")
+    cmd = c.CreateMember(IdemKey("", "k-r"), (email, phone), {"name": "Ada"})
+    watched = WatchedSession.on(store)
+    at_claims, go_claims, at_rollback, go_rollback = (threading.Event() for _ in range(4))
+    seen: list[str] = []
+
+    def stall(name: str, _params: tuple[Any, ...]) -> Exception | None:
+        if name == "ext_claim" and not at_claims.is_set():
+            at_claims.set()
+            go_claims.wait(30)
+        elif go_claims.is_set() and not at_rollback.is_set():
+            seen.append(name)
+            after = seen[1:] if rollback_paused == "at-its-start" else seen[seen.index("member_give_up") + 1 :] if "member_give_up" in seen else []  # fmt: skip
+            if after:
+                at_rollback.set()
+                go_rollback.wait(30)
+        return None
+
+    watched.fault = stall
+    try:
+        first = asyncio.ensure_future(service.create_member(cmd))
+        assert await asyncio.to_thread(at_claims.wait, 30)
+        named = _claim(store, "k-r").result
+        other = await service.create_member(c.CreateMember(IdemKey("", "k-z"), (phone,), {}))
+        go_claims.set()
+        assert await asyncio.to_thread(at_rollback.wait, 30)
+        await service.erase_member(c.EraseMember(IdemKey("", "ez"), other.member_id))
+        clock.advance(timedelta(seconds=1))
+        retried = await service.create_member(cmd)
+        go_rollback.set()
+        (answer,) = await asyncio.gather(first, return_exceptions=True)
+        watched.fault = None
+        assert _claim(store, "k-r").result == retried.member_id
+        assert _day_rows(store, "k-r") == [to_us(retried.created_at)]
+        assert set((await service.get_member(retried.member_id)).external_ids) == {email, phone}
+        for ext in (email, phone):
+            assert (await service.lookup_member(ext)).member_id == retried.member_id
+        if rollback_paused == "at-its-start":
+            assert retried.member_id == named
+            assert isinstance(answer, Member) and answer.member_id == named
+        else:
+            assert retried.member_id != named
+            assert isinstance(answer, FailedPrecondition)
+        assert (await service.create_member(cmd)).member_id == retried.member_id
+        with pytest.raises(FailedPrecondition):
+            await service.create_member(c.CreateMember(IdemKey("", "k-3"), (email,), {}))
+        assert {m for m, status in _members(store).items() if status == "ACTIVE"} == {retried.member_id}
+    finally:
+        go_claims.set()
+        go_rollback.set()
         await store.close()
