@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -213,12 +213,10 @@ class ShardBook:
             lots.sort(key=lambda lot: lot.lot_id != prefer_lot)
         elif not capture:
             keep = max(0, self._acct(member_account(member_id, unit)).reserved)
-        for lot in lots:
+        for lot, free in _beyond(lots, keep):
             if points <= 0:
                 break
-            kept_here = min(keep, lot.remaining_points)
-            keep -= kept_here
-            take = min(points, lot.remaining_points - kept_here)
+            take = min(points, free)
             if take > 0:
                 lot.remaining_points -= take
                 points -= take
@@ -643,12 +641,10 @@ class ShardBook:
         without consuming them."""
         out: list[Portion] = []
         keep = max(0, self._acct(member_account(member_id, unit)).reserved)
-        for lot in self.tx.spendable_lots(member_id, unit):
+        for lot, free in _beyond(self.tx.spendable_lots(member_id, unit), keep):
             if points <= 0:
                 break
-            kept_here = min(keep, lot.remaining_points)
-            keep -= kept_here
-            take = min(points, lot.remaining_points - kept_here)
+            take = min(points, free)
             if take > 0:
                 out.append((take, lot.expires_at))
                 points -= take
@@ -799,11 +795,9 @@ class ShardBook:
             amount = max(0, min(sum(lot.remaining_points for lot in due) - row.reserved, row.balance - row.reserved))
             if amount == 0:
                 continue
-            keep, left = row.reserved, amount
-            for lot in due:
-                kept_here = min(keep, lot.remaining_points)
-                keep -= kept_here
-                take = min(left, lot.remaining_points - kept_here)
+            left = amount
+            for lot, free in _beyond(due, row.reserved):
+                take = min(left, free)
                 if take > 0:
                     lot.remaining_points -= take
                     left -= take
@@ -856,3 +850,12 @@ def unit_tag(unit: str) -> str:
 def _reversible(earn: TxRecord) -> int:
     """Points of an earn not yet taken back."""
     return earn.points - earn.reversed_points
+
+
+def _beyond(lots: list[Lot], keep: int) -> Iterator[tuple[Lot, int]]:
+    """Each lot (earliest expiry first) with its points beyond the first `keep`: the ones
+    open holds reserve, which only their capture takes."""
+    for lot in lots:
+        kept = min(keep, lot.remaining_points)
+        keep -= kept
+        yield lot, lot.remaining_points - kept
