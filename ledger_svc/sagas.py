@@ -151,20 +151,22 @@ class Sagas:
         or held by its review (the hold VOIDED once the review rejected it)."""
         src_shard = self.svc.shard_of_id(saga_id)
 
-        def held(tx: ShardTx) -> TransferResult | None:
+        def read(tx: ShardTx) -> tuple[SagaRecord | None, TransferResult | None]:
             saga = tx.get_saga(saga_id)
             if saga is None or saga.state not in (SagaState.REVIEW, SagaState.CANCELLED):
-                return None
+                return saga, None
             body = tx.get_review(json.loads(saga.payload_json)["review_id"])
             screening = codec.loads(reviews.Review, body).screening if body is not None else None
-            return TransferResult(saga_id, None, None, tx.get_hold(saga.hold_id), screening)
+            return saga, TransferResult(saga_id, None, None, tx.get_hold(saga.hold_id), screening)
 
-        return await self.svc.store.read(src_shard, held) or await self.drive_transfer(saga_id)
+        saga, held = await self.svc.store.read(src_shard, read)
+        return held or await self.drive_transfer(saga_id, saga)
 
-    async def drive_transfer(self, saga_id: str) -> TransferResult:
-        """Steps 2 and 3 of a cross-shard transfer; each is idempotent, so recovery reruns them."""
+    async def drive_transfer(self, saga_id: str, saga: SagaRecord | None = None) -> TransferResult:
+        """Steps 2 and 3 of a cross-shard transfer; each is idempotent, so recovery reruns them.
+        `saga`: its record, when the caller has just read it."""
         src_shard = self.svc.shard_of_id(saga_id)
-        saga = await self.svc.store.read(src_shard, lambda tx: tx.get_saga(saga_id))
+        saga = saga or await self.svc.store.read(src_shard, lambda tx: tx.get_saga(saga_id))
         if saga is None:
             raise NotFound(f"transfer {saga_id} does not exist", field="transfer_id")
         ids = self._transfer_ids(saga_id, saga.source_member, saga.dest_member)

@@ -93,16 +93,22 @@ async def test_expiry_never_takes_points_reserved_by_an_open_hold(ledger: Ledger
     await assert_books_balance(ledger)
 
 
-async def test_a_hold_keeps_the_due_points_it_will_capture_and_later_lots_stay_whole(ledger: LedgerUnderTest) -> None:
-    """A capture takes the earliest-expiring points, so those are the ones the hold keeps from
-    expiring: expiry takes the due points beyond the hold, and the long-dated lot is untouched."""
+async def _held_across_expiry(ledger: LedgerUnderTest) -> tuple[str, ledger_pb2.Hold]:
+    """100 points due tomorrow, 500 in 100 days, a 60-point hold; two days later the expiry
+    run takes the 40 due points beyond the hold."""
     member = (await create_member(ledger.stub)).member_id
     await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=1)))
     await earn(ledger.stub, member, 500, expires_at=ts(ledger.clock.now() + timedelta(days=100)))
     hold = (await place_hold(ledger.stub, member, 60, timeout=Duration(seconds=3 * 86400))).hold
-
     ledger.clock.advance(timedelta(days=2))
     assert expiry_counts(await run_expiry(ledger)) == (40, 1, 0, 0)
+    return member, hold
+
+
+async def test_a_hold_keeps_the_due_points_it_will_capture_and_later_lots_stay_whole(ledger: LedgerUnderTest) -> None:
+    """A capture takes the earliest-expiring points, so those are the ones the hold keeps from
+    expiring: expiry takes the due points beyond the hold, and the long-dated lot is untouched."""
+    member, hold = await _held_across_expiry(ledger)
     await ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
     assert figures(await balance(ledger.stub, member)) == {
         "balance": 500, "reserved": 0, "available": 500, "pending": 0, "debt": 0,
@@ -356,12 +362,7 @@ async def test_due_points_a_hold_keeps_cannot_be_spent_around_it_and_expire_once
 ) -> None:
     """A redemption while the hold is open takes the long-dated points, not the due ones the
     hold keeps; voided, the hold gives those back to expiry."""
-    member = (await create_member(ledger.stub)).member_id
-    await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=1)))
-    await earn(ledger.stub, member, 500, expires_at=ts(ledger.clock.now() + timedelta(days=100)))
-    hold = (await place_hold(ledger.stub, member, 60, timeout=Duration(seconds=3 * 86400))).hold
-    ledger.clock.advance(timedelta(days=2))
-    assert expiry_counts(await run_expiry(ledger)) == (40, 1, 0, 0)
+    member, hold = await _held_across_expiry(ledger)
     await redeem(ledger.stub, member, 100)
     await ledger.stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
     assert expiry_counts(await run_expiry(ledger)) == (60, 1, 0, 0)
