@@ -7,6 +7,11 @@
 * ScoreBatch rows/s over gRPC and in-process (velocity in Lua calls of 25 events pipelined on
   one connection, the model scoring a chunk while Redis computes the next), and the Redis CPU a
   row costs (INFO cpu around the gRPC run);
+* what a ScoreBatch row costs at the least, each part measured alone: the caller building and
+  serialising the request, fraud_svc parsing it into domain contexts, the model scoring a batch,
+  and Redis running the smallest velocity one could keep (one per-minute counter for each of the
+  five entities, bumped and read in one Lua call per 200 rows); their sum against the CPU a row
+  may cost at the 100,000 rows/s target on this machine's cores;
 * training time for --train-rows generated rows (generation and fit shown apart).
 Rows come from the synthetic generator in event-time order, so the velocity windows fill up.
 """
@@ -29,9 +34,9 @@ from redis.asyncio import Redis
 
 from benchmarks.harness import REPO, closed_loop, describe, wait_port
 from fraud_svc.domain import TxContext
-from fraud_svc.features import featurize
+from fraud_svc.features import epoch_ms, featurize
 from fraud_svc.model import latest_artifact, load_artifact
-from fraud_svc.server import context_pb
+from fraud_svc.server import context, context_pb
 from fraud_svc.service import FraudService, ModelSlot
 from fraud_svc.synth import SynthConfig, generate
 from fraud_svc.training import train_churn, train_fraud
@@ -120,6 +125,57 @@ async def over_grpc(address: str, redis_url: str, rows: int) -> None:
     await channel.close()
 
 
+# The least velocity a row could keep in Redis: one per-minute counter per entity (member, card,
+# device, store, IP), bumped and read; KEYS are five a row, ARGV the rows' minutes.
+_MINIMAL_VELOCITY = """
+local n = 0
+for i = 1, #KEYS do
+  local minute = ARGV[math.floor((i - 1) / 5) + 1]
+  redis.call('HINCRBY', KEYS[i], minute, 1)
+  n = n + tonumber(redis.call('HGET', KEYS[i], minute))
+end
+return n
+"""
+SCORE_BATCH_TARGET = 100_000
+
+
+async def floors(models: Path, redis_url: str, rows: int) -> None:
+    """Per-row costs no ScoreBatch implementation here can avoid, each measured alone."""
+    sample = events(rows, 61, "f-")
+    pbs = [context_pb(c) for c in sample]
+    t0 = time.perf_counter()
+    wire = [
+        fraud_pb2.ScoreBatchRequest(transactions=pbs[i : i + 1000]).SerializeToString()
+        for i in range(0, len(pbs), 1000)
+    ]
+    client = (time.perf_counter() - t0) / len(pbs)
+    t0 = time.perf_counter()
+    for data in wire:
+        [context(t) for t in fraud_pb2.ScoreBatchRequest.FromString(data).transactions]
+    parse = (time.perf_counter() - t0) / len(pbs)
+    model = ModelSlot("fraud", models).read()
+    matrix = np.random.default_rng(7).random((len(pbs), len(model.feature_names)))
+    t0 = time.perf_counter()
+    model.predict(matrix)
+    predict = (time.perf_counter() - t0) / len(pbs)
+    redis = Redis.from_url(redis_url)
+    script = redis.register_script(_MINIMAL_VELOCITY)
+    cpu0 = await redis_cpu_seconds(redis)
+    for first in range(0, len(sample), 200):
+        chunk = sample[first : first + 200]
+        keys = [f"floor:{k}" for c in chunk for k in (c.member_id, c.card_hash, c.device_id, c.store_id, c.ip)]
+        await script(keys=keys, args=[str(epoch_ms(c.occurred_at) // 60_000) for c in chunk])
+    velocity = (await redis_cpu_seconds(redis) - cpu0) / len(sample)
+    await redis.aclose()
+    total = client + parse + predict + velocity
+    budget = (os.cpu_count() or 1) / SCORE_BATCH_TARGET
+    for label, cost in (("caller: build and serialise", client), ("fraud_svc: parse into contexts", parse),
+                        ("model: batch predict", predict), ("Redis: minimal velocity", velocity)):  # fmt: skip
+        print(f"  floor a row, {label:32s} {cost * 1e6:6.1f} us")
+    print(f"  floor a row, {'sum (no features, no reply)':32s} {total * 1e6:6.1f} us   "
+          f"({os.cpu_count()} cores allow {budget * 1e6:.0f} us a row at {SCORE_BATCH_TARGET:,} rows/s)")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=3000, help="rows scored per measurement")
@@ -142,6 +198,7 @@ def main() -> int:
             asyncio.run(in_process(models, redis.url, args.rows))
             wait_port(port, timeout=120)
             asyncio.run(over_grpc(f"127.0.0.1:{port}", redis.url, args.rows))
+            asyncio.run(floors(models, redis.url, args.rows * 5))
         finally:
             server.terminate()
             server.wait(timeout=30)

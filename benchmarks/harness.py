@@ -78,6 +78,35 @@ def describe(name: str, n: int, elapsed: float, latencies: list[float]) -> float
     return rate
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a whole process (every thread), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds the load generator (this process) and a server process spend between start
+    and stop, per call: what a call costs the machine, which caps calls/s at cores / cost."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self._client = self._server = 0.0
+
+    def start(self) -> None:
+        self._client, self._server = time.process_time(), process_cpu_seconds(self.server_pid)
+
+    def report(self, calls: int, target_per_s: float | None = None) -> tuple[float, float]:
+        """Prints and returns (client, server) CPU microseconds a call since start."""
+        client = (time.process_time() - self._client) / calls * 1e6
+        server = (process_cpu_seconds(self.server_pid) - self._server) / calls * 1e6
+        line = f"{'  CPU a call':34s} client {client:5.0f} us + server {server:5.0f} us = {client + server:5.0f} us"
+        if target_per_s:
+            budget = (os.cpu_count() or 1) / target_per_s * 1e6
+            line += f"   ({os.cpu_count()} cores allow {budget:.0f} us a call at {target_per_s:,.0f}/s)"
+        print(line)
+        return client, server
+
+
 @contextlib.contextmanager
 def rules_and_ledger(tmp: Path, redis_url: str, **env: str) -> Iterator[str]:
     """rules_svc on BENCH_PROGRAM and ledger_svc (fraud screening off) as subprocesses on
