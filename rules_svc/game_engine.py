@@ -185,9 +185,13 @@ def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bo
         return None
     period = challenge_period(item)
     if not in_window(state, item):
-        if state.period and _period_start(state.period) > _period_start(period):
-            return None  # a late receipt for a window the id has since moved on from
-        state.count, state.completions, state.last_completed_us = 0, 0, 0  # the id reused: count afresh
+        stored_start = _period_start(state.period) if state.period else 0
+        if stored_start <= _period_start(period):
+            state.count, state.completions, state.last_completed_us = 0, 0, 0  # the id reused: count afresh
+        elif item.ends.timestamp() <= stored_start:
+            return None  # a late receipt for an older window the id has since moved on from
+        # Otherwise the stored window starts later but overlaps this one: the running challenge
+        # was moved to start earlier, what it counted lies inside, and a completion stays one.
     state.period = period
     if state.completions or (item.opt_in and not joined):
         return None

@@ -109,7 +109,7 @@ class GameService:
         found = next((e for e in p.experiments if e.id == experiment_id), None)
         if found is None:
             raise NotFound(f"program {program} has no experiment {experiment_id!r}", field="experiment_id")
-        members = await asyncio.to_thread(self.store.experiment_members, p.program, experiment_id)
+        members = await asyncio.to_thread(self.store.experiment_members, p.program, experiment_id, found.salt)
         for arm in found.arms:
             members.setdefault(arm.id, [])
         return ExperimentReport(found, report(members, found.control))

@@ -33,10 +33,10 @@ CREATE TABLE IF NOT EXISTS game_rewards (
   name TEXT NOT NULL, points INTEGER NOT NULL, unit TEXT NOT NULL, status TEXT NOT NULL,
   transaction_id TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS game_rewards_pending ON game_rewards (status, member_id);
-CREATE TABLE IF NOT EXISTS experiment_members (
-  program TEXT NOT NULL, experiment_id TEXT NOT NULL, member_id TEXT NOT NULL, arm TEXT NOT NULL,
-  purchases INTEGER NOT NULL, points INTEGER NOT NULL,
-  PRIMARY KEY (program, experiment_id, member_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS experiment_exposures (
+  program TEXT NOT NULL, experiment_id TEXT NOT NULL, salt TEXT NOT NULL, member_id TEXT NOT NULL,
+  arm TEXT NOT NULL, purchases INTEGER NOT NULL, points INTEGER NOT NULL,
+  PRIMARY KEY (program, experiment_id, salt, member_id, arm)) WITHOUT ROWID;
 """
 
 
@@ -67,7 +67,24 @@ class GameStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(game_board)")}
         if "period" not in columns:  # a store written before challenge windows were told apart
             self._db.execute("ALTER TABLE game_board ADD COLUMN period TEXT NOT NULL DEFAULT ''")
+        self._move_experiment_members()
         self._lock = threading.Lock()
+
+    def _move_experiment_members(self) -> None:
+        """A store written before exposures were kept per arm and salt: its rows (one per member,
+        in the arm of its first purchase) move over with an unknown salt, which reports count."""
+        c = self._db
+        if not c.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='experiment_members'").fetchone():
+            return
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("INSERT OR IGNORE INTO experiment_exposures SELECT program, experiment_id, '', member_id, arm,"
+                      " purchases, points FROM experiment_members")  # fmt: skip
+            c.execute("DROP TABLE experiment_members")
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -99,8 +116,10 @@ class GameStore:
                     [(a.key(name, fact.member_id), name, fact.member_id, a.item_id, a.name, a.points, a.unit)
                      for a in awards],
                 )  # fmt: skip
+                salts = {e.id: e.salt for e in program.experiments}
                 for experiment_id, arm in fact.experiment_arms:
-                    self._expose(name, experiment_id, fact.member_id, arm, 1, fact.points(program.units[0]))
+                    self._expose(name, experiment_id, salts.get(experiment_id, ""), fact.member_id, arm, 1,
+                                 fact.points(program.units[0]))  # fmt: skip
                 c.execute("INSERT INTO game_events VALUES (?,?)", (fact.event_id, fact.member_id))
                 c.execute("COMMIT")
             except BaseException:
@@ -108,28 +127,39 @@ class GameStore:
                 raise
         return awards
 
-    def _expose(self, program: str, experiment_id: str, member_id: str, arm: str, purchases: int, points: int) -> None:
+    def _expose(self, program: str, experiment_id: str, salt: str, member_id: str, arm: str, purchases: int,
+                points: int) -> None:  # fmt: skip
         self._db.execute(
-            "INSERT INTO experiment_members VALUES (?,?,?,?,?,?) ON CONFLICT (program, experiment_id, member_id)"
+            "INSERT INTO experiment_exposures VALUES (?,?,?,?,?,?,?)"
+            " ON CONFLICT (program, experiment_id, salt, member_id, arm)"
             " DO UPDATE SET purchases = purchases + excluded.purchases, points = points + excluded.points",
-            (program, experiment_id, member_id, arm, purchases, points),
+            (program, experiment_id, salt, member_id, arm, purchases, points),
         )
 
     def record_exposure(self, program: str, experiment_id: str, member_id: str, arm: str, purchases: int,
-                        points: int) -> None:  # fmt: skip
+                        points: int, *, salt: str = "") -> None:  # fmt: skip
         """What one member did in one arm (bulk loads and tests; events go through apply_event)."""
         with self._lock:
-            self._expose(program, experiment_id, member_id, arm, purchases, points)
+            self._expose(program, experiment_id, salt, member_id, arm, purchases, points)
 
-    def experiment_members(self, program: str, experiment_id: str) -> dict[str, list[tuple[int, int]]]:
+    def experiment_members(self, program: str, experiment_id: str, salt: str) -> dict[str, list[tuple[int, int]]]:
+        """Per arm, each member's (purchases, points) under the experiment's current salt (a new
+        salt is a new assignment, so what came before it is not counted). A member seen in two
+        arms (the allocation changed under them) is left out of every arm: their purchases
+        cannot be told apart by the treatment that caused them."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT arm, purchases, points FROM experiment_members WHERE program=? AND experiment_id=?",
-                (program, experiment_id),
+                "SELECT member_id, arm, SUM(purchases), SUM(points) FROM experiment_exposures"
+                " WHERE program=? AND experiment_id=? AND salt IN (?, '') GROUP BY member_id, arm",
+                (program, experiment_id, salt),
             ).fetchall()
+        arms_of: dict[str, int] = {}
+        for member_id, *_ in rows:
+            arms_of[member_id] = arms_of.get(member_id, 0) + 1
         out: dict[str, list[tuple[int, int]]] = {}
-        for arm, purchases, points in rows:
-            out.setdefault(arm, []).append((int(purchases), int(points)))
+        for member_id, arm, purchases, points in rows:
+            if arms_of[member_id] == 1:
+                out.setdefault(arm, []).append((int(purchases), int(points)))
         return out
 
     def _states(self, program: str, member_id: str) -> dict[str, ItemState]:
@@ -168,20 +198,24 @@ class GameStore:
             ).fetchall()
         return [BoardRow(*r) for r in rows]
 
-    def pending(self, member_id: str = "", limit: int = 500) -> list[Reward]:
+    def pending(self, member_id: str = "", limit: int = 500, after: str = "") -> list[Reward]:
+        """PENDING rewards in key order, those after the key `after` (for paging through them all)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT reward_key, member_id, item_id, name, points, unit FROM game_rewards WHERE status='PENDING'"
-                " AND (?='' OR member_id=?) ORDER BY reward_key LIMIT ?",
-                (member_id, member_id, limit),
+                " AND (?='' OR member_id=?) AND reward_key > ? ORDER BY reward_key LIMIT ?",
+                (member_id, member_id, after, limit),
             ).fetchall()
         return [Reward(*r) for r in rows]
 
-    def settle(self, key: str, status: str, transaction_id: str = "") -> None:
+    def settle(self, key: str, status: str, transaction_id: str = "") -> bool:
+        """Settles a PENDING reward; False when it was settled already (two payers raced)."""
         with self._lock:
-            self._db.execute(
-                "UPDATE game_rewards SET status=?, transaction_id=? WHERE reward_key=?", (status, transaction_id, key)
+            cursor = self._db.execute(
+                "UPDATE game_rewards SET status=?, transaction_id=? WHERE reward_key=? AND status='PENDING'",
+                (status, transaction_id, key),
             )
+        return cursor.rowcount == 1
 
     def reward_totals(self, program: str, member_id: str) -> dict[str, int]:
         with self._lock:

@@ -41,6 +41,7 @@ GROUP = "rules-gamification"
 REWARD_NAMESPACE = "gamification"
 REWARD_FUNDING = GAMIFICATION_FUNDING
 RETRY_SECONDS = 2.0
+PAGE = 500  # pending rewards read at a time
 # The member is gone or can never earn: the reward is kept (status says why), not retried.
 FINAL_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
                             grpc.StatusCode.ALREADY_EXISTS})  # fmt: skip
@@ -113,25 +114,33 @@ class GameWorker:
         await self.pay(fact.member_id)
 
     async def pay(self, member_id: str = "") -> int:
-        """Posts PENDING rewards; a ledger that cannot answer now leaves them for the retry loop."""
-        paid = 0
-        for reward in await asyncio.to_thread(self.store.pending, member_id):
-            try:
-                response = await self.ledger.Earn(self._earn(reward))
-            except grpc.aio.AioRpcError as error:
-                if error.code() in FINAL_REFUSALS:
-                    log.error("reward %s refused by the ledger: %s", reward.key, error.details())
-                    await asyncio.to_thread(self.store.settle, reward.key, f"REFUSED:{error.code().name}")
+        """Posts PENDING rewards, every page of them; a ledger that cannot answer now leaves the
+        rest for the retry loop. Rewards it refuses for now (a blocked member) stay pending
+        without holding back the ones after them."""
+        paid, after = 0, ""
+        while True:
+            page = await asyncio.to_thread(self.store.pending, member_id, PAGE, after)
+            for reward in page:
+                try:
+                    response = await self.ledger.Earn(self._earn(reward))
+                except grpc.aio.AioRpcError as error:
+                    if error.code() in FINAL_REFUSALS:
+                        log.error("reward %s refused by the ledger: %s", reward.key, error.details())
+                        await asyncio.to_thread(self.store.settle, reward.key, f"REFUSED:{error.code().name}")
+                        continue
+                    log.warning("reward %s not posted yet (%s: %s); retrying", reward.key, error.code().name,
+                                error.details())  # fmt: skip
+                    if error.code() in OUTAGES:
+                        return paid
                     continue
-                log.warning("reward %s not posted yet (%s: %s); retrying", reward.key, error.code().name,
-                            error.details())  # fmt: skip
-                if error.code() in OUTAGES:
-                    return paid
-                continue
-            await asyncio.to_thread(self.store.settle, reward.key, "PAID", response.transaction.transaction_id)
-            REWARD_POINTS.labels(reward.unit).inc(reward.points)
-            paid += 1
-        return paid
+                # The event handler and the retry loop may both pay a reward: the ledger posts
+                # it once (its key), and only the payer that settles it counts it.
+                if await asyncio.to_thread(self.store.settle, reward.key, "PAID", response.transaction.transaction_id):
+                    REWARD_POINTS.labels(reward.unit).inc(reward.points)
+                    paid += 1
+            if len(page) < PAGE:
+                return paid
+            after = page[-1].key
 
     def _earn(self, reward: Reward) -> ledger_pb2.EarnRequest:
         return ledger_pb2.EarnRequest(

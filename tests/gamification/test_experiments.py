@@ -9,6 +9,8 @@ A/A population below is drawn from one distribution for both arms.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,12 +20,14 @@ import pytest
 from pointmesh.v1 import rules_pb2
 from rules_svc.experiment_stats import ALPHA, report
 from rules_svc.experiments import assign, bucket
+from rules_svc.game_engine import PurchaseFact
 from rules_svc.game_store import GameStore
 from rules_svc.program import Experiment
 from tests.conftest import pointmesh_cli
 from tests.gamification.conftest import EXPERIMENTS, Game
 from tests.ledger.helpers import create_member
 from tests.mesh.helpers import purchase_request
+from tests.rules import load_doc, program_doc
 from tests.waiting import until
 
 EXPERIMENT = Experiment.model_validate(EXPERIMENTS[0])
@@ -54,7 +58,7 @@ def test_a_true_lift_is_significant_and_an_a_a_test_is_not(tmp_path: Path) -> No
     store = GameStore(tmp_path / "ab.db")
     _population(store, "base", 3000, 0.30, rng)
     _population(store, "double", 3000, 0.36, rng)
-    base, double = report(store.experiment_members("meshmart", "exp"), "base")
+    base, double = report(store.experiment_members("meshmart", "exp", ""), "base")
     assert (base.arm, base.members, double.members) == ("base", 3000, 3000)
     assert double.significant and double.p_repeat < ALPHA
     assert double.lift_ci[0] < 0.06 < double.lift_ci[1] and double.lift_ci[0] > 0
@@ -65,7 +69,7 @@ def test_a_true_lift_is_significant_and_an_a_a_test_is_not(tmp_path: Path) -> No
     aa = GameStore(tmp_path / "aa.db")
     _population(aa, "base", 3000, 0.30, rng)
     _population(aa, "double", 3000, 0.30, rng)
-    _base, same = report(aa.experiment_members("meshmart", "exp"), "base")
+    _base, same = report(aa.experiment_members("meshmart", "exp", ""), "base")
     assert not same.significant and same.p_repeat >= ALPHA
     assert same.lift_ci[0] < 0 < same.lift_ci[1]
     aa.close()
@@ -114,3 +118,52 @@ async def test_accruals_are_tagged_and_priced_by_arm_and_the_report_counts_them(
     assert done.returncode == 0, done.stderr
     assert "experiment double-vs-base (Double points at the till), alpha 0.05" in done.stdout
     assert any(line.startswith("double") for line in done.stdout.splitlines())
+
+
+_events = itertools.count()
+# The experiment without its arm's rule, so a bare program can carry it.
+_BARE = {**EXPERIMENTS[0], "arms": [{"id": "base", "allocation": 50}, {"id": "double", "allocation": 50}]}
+
+
+def _purchase(store: GameStore, salt: str, member_id: str, arm: str, points: int) -> None:
+    program = load_doc(program_doc(experiments=[{**_BARE, "salt": salt}]))
+    n = next(_events)
+    store.apply_event(program, PurchaseFact(f"ex{n}", member_id, f"px{n}", "pos", "HEL-01", 1000, "EUR",
+                                            EXPERIMENT.starts + timedelta(days=1), earned=(("points", points),),
+                                            experiment_arms=((EXPERIMENT.id, arm),)))  # fmt: skip
+
+
+def test_exposures_are_kept_per_arm_and_salt_so_a_member_who_changed_arm_is_not_counted_in_either(
+    tmp_path: Path,
+) -> None:
+    """An allocation ramp moves some members to another arm mid-experiment; a new salt is a new
+    assignment. Neither may put one arm's purchases in the other's figures."""
+    store = GameStore(tmp_path / "game.sqlite")
+    _purchase(store, "winter-2026", "stays-base", "base", 10)
+    _purchase(store, "winter-2026", "stays-base", "base", 10)
+    _purchase(store, "winter-2026", "moved", "base", 10)
+    _purchase(store, "winter-2026", "moved", "double", 20)  # the ramp moved them
+    _purchase(store, "winter-2026", "stays-double", "double", 20)
+    _purchase(store, "spring-2026", "stays-double", "base", 10)  # re-assigned under the new salt
+
+    assert store.experiment_members("test", EXPERIMENT.id, "winter-2026") == {"base": [(2, 20)], "double": [(1, 20)]}
+    assert store.experiment_members("test", EXPERIMENT.id, "spring-2026") == {"base": [(1, 10)]}
+    store.close()
+
+
+def test_a_store_from_before_exposures_were_kept_per_arm_moves_its_rows_over(tmp_path: Path) -> None:
+    path = tmp_path / "game.sqlite"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE experiment_members (program TEXT NOT NULL, experiment_id TEXT NOT NULL,"
+                " member_id TEXT NOT NULL, arm TEXT NOT NULL, purchases INTEGER NOT NULL, points INTEGER NOT NULL,"
+                " PRIMARY KEY (program, experiment_id, member_id)) WITHOUT ROWID")  # fmt: skip
+    old.execute("INSERT INTO experiment_members VALUES ('test', 'exp', 'm-1', 'base', 3, 30)")
+    old.commit()
+    old.close()
+
+    store = GameStore(path)
+    assert store.experiment_members("test", "exp", "any-salt") == {"base": [(3, 30)]}
+    store.close()
+    again = GameStore(path)  # moved once, read the same
+    assert again.experiment_members("test", "exp", "any-salt") == {"base": [(3, 30)]}
+    again.close()

@@ -189,3 +189,24 @@ def test_joining_an_opt_in_challenge_counts_for_its_window_only(tmp_path: Path) 
 
     assert [len(got or []) for got in in_january] == [0, 1]
     assert [len(got or []) for got in in_february] == [0, 0]  # not joined this month
+
+
+def test_a_running_challenge_moved_to_start_earlier_keeps_what_it_counted() -> None:
+    """A correction that moves `starts` earlier (v2 from Jan 1 instead of Jan 5) is the same
+    window grown, not a window the id moved on from: the purchases it counted stay counted,
+    later ones go on counting, and a receipt before the old start still counts too."""
+    first = challenge("2026-01-05T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
+    corrected = challenge("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
+    states: dict[str, ItemState] = {}
+
+    assert replay(first, *(fact(datetime(2026, 1, d, 12, tzinfo=UTC)) for d in (6, 7)), states=states) == []
+    awards = replay(corrected, fact(datetime(2026, 1, 10, 12, tzinfo=UTC)), states=states)
+
+    assert [a.period for a in awards] == ["from-1767225600"]  # the third purchase completes it
+    assert (states["monthly"].count, states["monthly"].period) == (3, "from-1767225600")
+    assert replay(corrected, fact(datetime(2026, 1, 11, 12, tzinfo=UTC)), states=states) == []  # paid once
+
+    fresh: dict[str, ItemState] = {}
+    replay(first, fact(datetime(2026, 1, 6, 12, tzinfo=UTC)), states=fresh)
+    replay(corrected, fact(datetime(2026, 1, 2, 12, tzinfo=UTC)), states=fresh)  # before the old start
+    assert (fresh["monthly"].count, fresh["monthly"].period) == (2, "from-1767225600")

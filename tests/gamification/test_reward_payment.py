@@ -3,6 +3,7 @@ every other member's reward unpaid."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from pointmesh.consumers import Poison
 from pointmesh.events import BusMessage
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2
+from rules_svc import game_worker
 from rules_svc.game_engine import PurchaseFact
 from rules_svc.game_store import GameStore
 from rules_svc.game_worker import GameWorker
@@ -66,3 +68,51 @@ async def test_a_purchase_with_no_program_version_in_effect_is_poison_not_retrie
 
     with pytest.raises(Poison, match="no program meshmart to count purchase p-1 under"):
         await worker.handle(message)
+
+
+async def test_a_page_full_of_rewards_refused_for_now_does_not_hold_back_the_ones_after_it(
+    tmp_path: Path, ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocked members' rewards stay pending and sort first; with pages of two, a pass that only
+    read the first page would never reach the member after them."""
+    monkeypatch.setattr(game_worker, "PAGE", 2)
+    program = load_doc(program_doc(gamification={
+        "achievements": [{"id": "first", "name": "First purchase", "reward": {"points": 50}}],
+    }))  # fmt: skip
+    store = GameStore(tmp_path / "game.sqlite")
+    members = [(await create_member(ledger.stub)).member_id for _ in range(5)]
+    for i, member_id in enumerate(members):
+        store.apply_event(program, PurchaseFact(f"e{i}", member_id, f"p{i}", "pos", "HEL-01", 1000, "EUR", AT))
+    by_key = sorted(members, key=lambda m: store.pending(m)[0].key)
+    blocked, last = by_key[:4], by_key[4]
+    for member_id in blocked:
+        await ledger.stub.BlockMember(ledger_pb2.BlockMemberRequest(idempotency_key=key(), member_id=member_id,
+                                                                    reason="chargeback"))  # fmt: skip
+    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
+                        ledger=ledger.stub, consumer="test")  # fmt: skip
+
+    assert await worker.pay() == 1
+    assert sorted(r.member_id for r in store.pending()) == sorted(blocked)
+    balance = await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=last))
+    assert balance.balance.balance_points == 50
+
+
+async def test_two_payers_of_one_reward_post_it_once_and_count_it_once(tmp_path: Path, ledger: LedgerUnderTest) -> None:
+    """The event handler pays the member's rewards while the retry loop pays everyone's: both
+    may send the same reward. The ledger posts it once (its key) and only one payer counts it."""
+    program = load_doc(program_doc(gamification={
+        "achievements": [{"id": "first", "name": "First purchase", "reward": {"points": 50}}],
+    }))  # fmt: skip
+    store = GameStore(tmp_path / "game.sqlite")
+    member_id = (await create_member(ledger.stub)).member_id
+    store.apply_event(program, PurchaseFact("e0", member_id, "p0", "pos", "HEL-01", 1000, "EUR", AT))
+    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
+                        ledger=ledger.stub, consumer="test")  # fmt: skip
+    counted = game_worker.REWARD_POINTS.labels("points")._value.get()
+
+    paid = await asyncio.gather(worker.pay(member_id), worker.pay())
+
+    assert sorted(paid) == [0, 1]
+    assert game_worker.REWARD_POINTS.labels("points")._value.get() - counted == 50
+    balance = await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member_id))
+    assert balance.balance.balance_points == 50
