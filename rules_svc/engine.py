@@ -8,7 +8,8 @@ way, or on the sum of the qualifying lines' base points when `per: basket`.
 Speed comes from doing little per basket: conditions on where and when (channel, store, region,
 day, time window, campaign dates) are evaluated once per (channel, store, UTC minute) and
 cached; rules with line conditions are skipped unless one of the basket's categories or SKUs
-can match them; the rest is integer arithmetic and tuple construction.
+can match them (a best-of group is still decided at its first-ranked member's position, and
+only its contenders are skipped that way); the rest is integer arithmetic and tuple construction.
 """
 
 from __future__ import annotations
@@ -199,20 +200,23 @@ class CompiledProgram:
         if self.experiments.gated:
             candidates = [r for r in candidates if self.experiments.allows(r.rule_id, arms)]
         done_groups: set[str] = set()
+        best_of_groups = self.best_of
         for rule in candidates:
-            if rule.tokens is not None and tokens is not None and rule.tokens.isdisjoint(tokens):
-                continue
             group = rule.group
-            best_of = group is not None and group in self.best_of
-            if running is None and (rule.compound or (best_of and group in self.compound_groups)):
-                running = self._running(base, parts)
-            if best_of:
-                assert group is not None
+            if group is not None and group in best_of_groups:
+                # Decided here, at its first-ranked member, whether or not that member applies:
+                # the token shortcut below must not move the decision to a later member.
                 if group in done_groups:
                     continue
                 done_groups.add(group)
-                got = self._best_of(group, candidates, basket, member, ordinal, local, base, running, excluded)
+                if running is None and group in self.compound_groups:
+                    running = self._running(base, parts)
+                got = self._best_of(group, candidates, basket, member, ordinal, local, base, running, excluded, tokens)
             else:
+                if rule.tokens is not None and tokens is not None and rule.tokens.isdisjoint(tokens):
+                    continue
+                if running is None and rule.compound:
+                    running = self._running(base, parts)
                 got = self._apply(rule, basket, member, ordinal, local, base, running)
             if not got:
                 continue
@@ -244,10 +248,13 @@ class CompiledProgram:
     def _best_of(
         self, group: str, candidates: list[CompiledRule], basket: Basket, member: MemberContext, ordinal: int,
         local: datetime, base: dict[str, list[int]], running: dict[str, list[int]] | None, excluded: list[Excluded],
+        tokens: set[str] | None,
     ) -> list[Component] | None:  # fmt: skip
         scored: list[tuple[CompiledRule, list[Component]]] = []
         for contender in candidates:
             if contender.group == group:
+                if contender.tokens is not None and tokens is not None and contender.tokens.isdisjoint(tokens):
+                    continue  # no line can qualify: the contender does not apply
                 got = self._apply(contender, basket, member, ordinal, local, base, running)
                 if got is not None:
                     scored.append((contender, got))
@@ -294,6 +301,8 @@ class CompiledProgram:
         base: dict[str, list[int]], running: dict[str, list[int]] | None,
     ) -> list[Component] | None:  # fmt: skip
         """The rule's components for this basket, or None when a condition does not hold."""
+        if rule.unit not in base:
+            return None  # the earn currency has no base rate for the rule's unit (docs/rules.md)
         for check in rule.member_checks:
             if not check(member, ordinal):
                 return None
@@ -332,9 +341,7 @@ class CompiledProgram:
                 )
         else:
             source = running if rule.compound and running is not None else base
-            unit_base = source.get(unit)
-            if unit_base is None:
-                return None
+            unit_base = source[unit]
             num, den = rule.extra_num, rule.extra_den
             if rule.kind == MULTIPLY_BASKET:
                 total = sum(unit_base[i] for i in lines)

@@ -22,9 +22,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from pointmesh.currencies import is_known
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
-_DECIMAL_RE = re.compile(r"^\d{1,9}(\.\d{1,9})?$")
-_HHMM_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+# \A..\Z, not ^..$: `$` also matches before a trailing newline, so "pos\n" would pass.
+NAME_RE = re.compile(r"\A[A-Za-z0-9_.:\-]{1,64}\Z")
+_DECIMAL_RE = re.compile(r"\A\d{1,9}(\.\d{1,9})?\Z")
+_HHMM_RE = re.compile(r"\A([01]\d|2[0-3]):[0-5]\d\Z")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
@@ -37,7 +38,7 @@ class ProgramInvalid(Exception):
 
 
 def _name(value: Any) -> Any:
-    if isinstance(value, str) and not NAME_RE.match(value):
+    if isinstance(value, str) and not NAME_RE.fullmatch(value):
         raise ValueError(f"{value!r} must be 1..64 of letters, digits and _.:-")
     return value
 
@@ -48,7 +49,7 @@ def _decimal(value: Any) -> Any:
         raise ValueError("write decimals as a quoted string, e.g. '1.5', so they stay exact")
     if isinstance(value, int):
         value = str(value)
-    if not isinstance(value, str) or not _DECIMAL_RE.match(value):
+    if not isinstance(value, str) or not _DECIMAL_RE.fullmatch(value):
         raise ValueError(f"{value!r} is not a non-negative decimal like '1.5'")
     return value
 
@@ -60,7 +61,7 @@ def _currency(value: Any) -> Any:
 
 
 def _hhmm(value: Any) -> Any:
-    if isinstance(value, str) and not _HHMM_RE.match(value):
+    if isinstance(value, str) and not _HHMM_RE.fullmatch(value):
         raise ValueError(f"{value!r} is not a time of day HH:MM (00:00..23:59)")
     return value
 
@@ -496,8 +497,10 @@ def _duplicates(path: str, ids: list[str]) -> list[tuple[str, str]]:
     return errors
 
 
-def _meaning_errors(p: Program) -> list[tuple[str, str]]:
-    """Checks pydantic cannot do field by field: references and coverage."""
+def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, str]]:
+    """Checks pydantic cannot do field by field: references and coverage. Checks added after
+    versions were published under looser ones (`publishing` only) refuse new documents but not
+    stored versions, whose meaning they do not change: a live program keeps serving."""
     errors: list[tuple[str, str]] = []
     units, channels = set(p.units), set(p.channels)
     stores = {s.id for s in p.stores}
@@ -545,6 +548,21 @@ def _meaning_errors(p: Program) -> list[tuple[str, str]]:
                 errors.append(
                     (f"{at}.when.{field}.currency", f"{money.currency} has neither a base rate nor an FX rate")
                 )
+        effect = rule.effect
+        if (
+            publishing
+            and rule.caps.per_line is not None
+            and (
+                effect.bonus_points is not None
+                or (effect.multiplier is not None and effect.per == MultiplierScope.BASKET)
+            )
+        ):
+            kind = "bonus_points" if effect.bonus_points is not None else "a per: basket multiplier"
+            errors.append((
+                f"{at}.caps.per_line",
+                f"{kind} pays one basket component, not one per line, so a per-line cap would never apply; "
+                "use per_receipt",
+            ))  # fmt: skip
         if rule.caps.per_member_per_campaign is not None and w.date_range is None:
             errors.append((f"{at}.caps.per_member_per_campaign", "needs when.date_range to say what the campaign is"))
     if p.tiers is not None:
@@ -559,8 +577,11 @@ def _meaning_errors(p: Program) -> list[tuple[str, str]]:
             if levels[j].threshold <= levels[j - 1].threshold:
                 errors.append((f"tiers.levels[{j}].threshold", "thresholds must increase level by level"))
         errors += _duplicates("tiers.levels", [t.code for t in levels])
-    if p.redemption is not None and p.redemption.unit not in units:
-        errors.append(("redemption.unit", f"{p.redemption.unit!r} is not one of units {sorted(units)}"))
+    if p.redemption is not None:
+        if p.redemption.unit not in units:
+            errors.append(("redemption.unit", f"{p.redemption.unit!r} is not one of units {sorted(units)}"))
+        if publishing:  # one value per currency: with two, which one pays would depend on their order
+            errors += _duplicates("redemption.values", [v.currency for v in p.redemption.values])
     rule_ids = {r.id for r in p.rules}
     in_experiment: dict[str, str] = {}
     errors += _duplicates("experiments", [e.id for e in p.experiments])
@@ -622,8 +643,9 @@ def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
     return data
 
 
-def validate_program(data: dict[str, Any]) -> Program:
-    """A mapping -> a Program, or ProgramInvalid with every problem found and its path."""
+def validate_program(data: dict[str, Any], *, stored: bool = False) -> Program:
+    """A mapping -> a Program, or ProgramInvalid with every problem found and its path.
+    `stored`: a version published before, read back (see _meaning_errors)."""
     try:
         program = Program.model_validate(data)
     except ValidationError as exc:
@@ -632,7 +654,7 @@ def validate_program(data: dict[str, Any]) -> Program:
             message = str(err["msg"]).removeprefix("Value error, ")
             errors.append((_path(tuple(err["loc"])), message))
         raise ProgramInvalid(errors) from None
-    problems = _meaning_errors(program)
+    problems = _meaning_errors(program, publishing=not stored)
     if problems:
         raise ProgramInvalid(problems)
     return program

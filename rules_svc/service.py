@@ -148,7 +148,7 @@ class RulesService:
             if text is None:
                 raise NotFound(f"program {program} v{info.version} has no stored document", field="version")
             try:
-                found = CompiledProgram(validate_program(json.loads(text)), info.version)
+                found = CompiledProgram(validate_program(json.loads(text), stored=True), info.version)
             except ProgramInvalid as exc:
                 # A version published under older, looser validation: report it, do not crash.
                 raise FailedPrecondition(

@@ -1,0 +1,282 @@
+"""Best-of groups decided where their first-ranked member stands, basket-level rules refusing a
+per-line cap, redemption values per currency, bonus units without a base rate, and names that
+must not end in a newline.
+
+Baskets are two EUR lines of 10.00 and 25.00 (base 10 + 25 = 35 points) unless a test says so.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from rules_svc.domain import Basket, Evaluation, Line, MemberContext
+from rules_svc.program import ProgramInvalid, validate_program
+from tests.rules import compile_doc, load_doc, program_doc
+
+WEDNESDAY_NOON = datetime(2026, 1, 7, 12, 0, tzinfo=UTC)
+NOBODY = MemberContext(member_id="m-1")
+
+
+def basket(*amounts_minor: int, category: str = "misc") -> Basket:
+    amounts = amounts_minor or (1000, 2500)
+    lines = tuple(Line(f"sku-{i}", category, 1, a) for i, a in enumerate(amounts))
+    return Basket("pos", "HEL-01", "r-1", "EUR", sum(amounts), lines, WEDNESDAY_NOON)
+
+
+def order(evaluation: Evaluation) -> list[tuple[str, int]]:
+    """(rule id, points) per rule in the order the rules were applied (base lines merged)."""
+    out: list[tuple[str, int]] = []
+    for part in evaluation.components:
+        if out and out[-1][0] == part.rule_id:
+            out[-1] = (part.rule_id, out[-1][1] + part.points)
+        else:
+            out.append((part.rule_id, part.points))
+    return out
+
+
+def errors_of(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(ProgramInvalid) as refused:
+        load_doc(doc)
+    return refused.value.errors
+
+
+# Best-of groups: decided at the position of the first-ranked member ------------------------------
+
+NEVER_APPLIES = {
+    "categories": {"categories": ["no-such-category"]},
+    "skus": {"skus": ["no-such-sku"]},
+    "line_amount_at_least": {"line_amount_at_least": {"currency": "EUR", "amount_minor": 100_000}},
+}
+
+
+@pytest.mark.parametrize("failing", sorted(NEVER_APPLIES))
+def test_best_of_group_is_decided_at_its_first_members_position_whatever_condition_that_member_fails(
+    failing: str,
+) -> None:
+    engine = compile_doc(
+        program_doc(
+            {"id": "a", "priority": 10, "group": "g", "when": NEVER_APPLIES[failing], "effect": {"multiplier": "3"}},
+            {"id": "c-plain", "priority": 20, "effect": {"multiplier": "2"}},
+            {"id": "b-comp", "priority": 30, "group": "g", "effect": {"multiplier": "2", "compound": True}},
+            groups=[{"id": "g", "mode": "best_of"}],
+        )
+    )
+
+    evaluation = engine.evaluate(basket(), NOBODY)
+
+    # The group g stands at priority 10 (a's place): b-comp doubles the running totals as they
+    # are there, base only: 10 + 25 = 35. c-plain then doubles the base: another 35.
+    assert order(evaluation) == [("base", 35), ("b-comp", 35), ("c-plain", 35)]
+    assert evaluation.totals() == {"points": 105}
+    assert evaluation.excluded == ()
+
+
+def test_a_best_of_group_whose_members_all_fail_on_line_conditions_pays_nothing() -> None:
+    engine = compile_doc(
+        program_doc(
+            {"id": "a", "priority": 10, "group": "g", "when": {"categories": ["x"]}, "effect": {"multiplier": "3"}},
+            {"id": "b", "priority": 20, "group": "g", "when": {"skus": ["y"]}, "effect": {"bonus_points": 5}},
+            {"id": "plain", "priority": 30, "effect": {"multiplier": "2"}},
+            groups=[{"id": "g", "mode": "best_of"}],
+        )
+    )
+
+    evaluation = engine.evaluate(basket(), NOBODY)
+
+    assert order(evaluation) == [("base", 35), ("plain", 35)]
+    assert evaluation.excluded == ()
+
+
+def test_a_best_of_contender_skipped_on_categories_still_wins_where_its_category_is_in_the_basket() -> None:
+    engine = compile_doc(
+        program_doc(
+            {"id": "a", "priority": 10, "group": "g", "when": {"categories": ["socks"]}, "effect": {"multiplier": "3"}},
+            {"id": "b", "priority": 20, "group": "g", "effect": {"multiplier": "2"}},
+            groups=[{"id": "g", "mode": "best_of"}],
+        )
+    )
+
+    socks = engine.evaluate(basket(category="socks"), NOBODY)
+    misc = engine.evaluate(basket(category="misc"), NOBODY)
+
+    # Socks: a triples (adds 20 + 50 = 70), b doubles (adds 35); misc: only b applies.
+    assert order(socks) == [("base", 35), ("a", 70)]
+    assert [e.rule_id for e in socks.excluded] == ["b"]
+    assert order(misc) == [("base", 35), ("b", 35)]
+    assert misc.excluded == ()
+
+
+# caps.per_line on basket-level rules --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "effect", [{"multiplier": "2", "per": "basket"}, {"bonus_points": 50}], ids=["basket-multiplier", "bonus"]
+)
+def test_a_per_line_cap_on_a_basket_level_rule_is_refused_at_its_path(effect: dict[str, Any]) -> None:
+    doc = program_doc(
+        {"id": "ok", "effect": {"multiplier": "2"}},
+        {"id": "also-ok", "effect": {"bonus_points_per_item": 5}, "caps": {"per_line": 10}},
+        {"id": "basket-level", "effect": effect, "caps": {"per_line": 10}},
+    )
+
+    errors = errors_of(doc)
+
+    assert [path for path, _ in errors] == ["rules[2].caps.per_line"]
+    assert "basket" in errors[0][1]
+
+
+@pytest.mark.parametrize(
+    "effect", [{"multiplier": "2"}, {"multiplier": "2", "compound": True}, {"bonus_points_per_item": 5}]
+)
+def test_a_per_line_cap_on_a_line_level_rule_is_still_accepted(effect: dict[str, Any]) -> None:
+    program = load_doc(program_doc({"id": "r", "effect": effect, "caps": {"per_line": 10, "per_receipt": 15}}))
+
+    assert program.rules[0].caps.per_line == 10
+
+
+def test_a_per_receipt_cap_on_a_basket_level_rule_is_still_accepted() -> None:
+    program = load_doc(program_doc({"id": "r", "effect": {"bonus_points": 50}, "caps": {"per_receipt": 10}}))
+
+    assert program.rules[0].caps.per_receipt == 10
+
+
+# Redemption values: one per currency -------------------------------------------------------------
+
+
+def test_two_redemption_values_for_one_currency_are_refused_at_the_second() -> None:
+    doc = program_doc(
+        redemption={
+            "values": [
+                {"currency": "EUR", "points": 100, "amount_minor": 100},
+                {"currency": "SEK", "points": 100, "amount_minor": 1000},
+                {"currency": "EUR", "points": 100, "amount_minor": 200},
+            ]
+        }
+    )
+
+    errors = errors_of(doc)
+
+    assert errors == [("redemption.values[2]", "'EUR' is listed twice")]
+
+
+def test_redemption_values_in_different_currencies_are_accepted() -> None:
+    doc = program_doc(
+        redemption={
+            "values": [
+                {"currency": "EUR", "points": 100, "amount_minor": 100},
+                {"currency": "SEK", "points": 100, "amount_minor": 1000},
+            ]
+        }
+    )
+
+    program = load_doc(doc)
+
+    assert program.redemption is not None
+    assert [v.currency for v in program.redemption.values] == ["EUR", "SEK"]
+
+
+# Bonus effects in a unit the earn currency has no base rate for ------------------------------------
+
+
+@pytest.mark.parametrize("effect", [{"bonus_points": 50}, {"bonus_points_per_item": 5}])
+def test_a_bonus_in_a_unit_without_a_base_rate_for_the_earn_currency_does_not_apply(effect: dict[str, Any]) -> None:
+    engine = compile_doc(
+        program_doc(
+            {"id": "credits", "unit": "tier_credits", "effect": effect},
+            {"id": "points-bonus", "effect": {"bonus_points": 7}},
+            units=["points", "tier_credits"],
+        )
+    )
+
+    evaluation = engine.evaluate(basket(), NOBODY)
+
+    # EUR earns points only: the tier_credits rule does not apply, so no component names it.
+    assert order(evaluation) == [("base", 35), ("points-bonus", 7)]
+    assert evaluation.totals() == {"points": 42}
+
+
+def test_a_bonus_in_a_unit_with_a_base_rate_still_applies() -> None:
+    engine = compile_doc(
+        program_doc(
+            {"id": "credits", "unit": "tier_credits", "effect": {"bonus_points": 50}},
+            units=["points", "tier_credits"],
+            base_rates=[
+                {"currency": "EUR", "unit": "points", "points": 1, "per_minor": 100},
+                {"currency": "EUR", "unit": "tier_credits", "points": 1, "per_minor": 100},
+            ],
+        )
+    )
+
+    evaluation = engine.evaluate(basket(), NOBODY)
+
+    assert evaluation.totals() == {"points": 35, "tier_credits": 35 + 50}
+
+
+def test_a_best_of_bonus_contender_without_a_base_rate_does_not_beat_one_that_applies() -> None:
+    engine = compile_doc(
+        program_doc(
+            {"id": "credits", "unit": "tier_credits", "group": "g", "effect": {"bonus_points": 500}},
+            {"id": "double", "group": "g", "effect": {"multiplier": "2"}},
+            units=["points", "tier_credits"],
+            groups=[{"id": "g", "mode": "best_of"}],
+        )
+    )
+
+    evaluation = engine.evaluate(basket(), NOBODY)
+
+    assert order(evaluation) == [("base", 35), ("double", 35)]
+    assert evaluation.excluded == ()
+
+
+# Names, times and decimals: a trailing newline is not part of a valid value ------------------------
+
+
+@pytest.mark.parametrize(
+    ("top", "path"),
+    [
+        ({"channels": ["pos\n", "app"]}, "channels[0]"),
+        ({"program": "test\n"}, "program"),
+        ({"rules": [{"id": "r", "when": {"time_window": {"start": "18:00\n", "end": "20:00"}}, "effect": {"multiplier": "2"}}]},
+         "rules[0].when.time_window.start"),
+        ({"rules": [{"id": "r", "effect": {"multiplier": "2\n"}}]}, "rules[0].effect.multiplier"),
+        ({"fx": {"base_currency": "EUR", "rates": [{"currency": "SEK", "per_base": "11.45\n"}]}},
+         "fx.rates[0].per_base"),
+    ],
+    ids=["channel", "program", "time", "multiplier", "fx-rate"],
+)  # fmt: skip
+def test_a_value_with_a_trailing_newline_is_refused_at_its_path(top: dict[str, Any], path: str) -> None:
+    errors = errors_of(program_doc(**top))
+
+    assert [p for p, _ in errors] == [path]
+
+
+def test_the_same_values_without_the_newline_are_accepted() -> None:
+    program = load_doc(
+        program_doc(
+            {"id": "r", "when": {"time_window": {"start": "18:00", "end": "20:00"}}, "effect": {"multiplier": "2"}},
+            fx={"base_currency": "EUR", "rates": [{"currency": "SEK", "per_base": "11.45"}]},
+        )
+    )
+
+    assert program.channels == ["pos", "app"]
+
+
+def test_a_version_published_before_these_checks_still_loads_and_serves() -> None:
+    """The two checks above refuse new documents only: a stored version read back (a live
+    program published under the looser checks) keeps serving, with the meaning it had."""
+    doc = program_doc(
+        {"id": "basket-level", "effect": {"bonus_points": 50}, "caps": {"per_line": 10}},
+        redemption={"values": [{"currency": "EUR", "points": 100, "amount_minor": 100},
+                               {"currency": "EUR", "points": 100, "amount_minor": 200}]},
+    )  # fmt: skip
+    with pytest.raises(ProgramInvalid):
+        validate_program(doc)
+
+    program = validate_program(doc, stored=True)
+
+    assert program.rules[0].caps.per_line == 10
+    assert program.redemption is not None
+    assert [v.amount_minor for v in program.redemption.values] == [100, 200]
