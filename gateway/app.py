@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from gateway import openapi, problems
-from gateway.auth import MemberTokens
+from gateway.auth import MemberTokens, member_token_secret
 from gateway.deps import Gateway
 from gateway.instrument import instrument
 from gateway.keys import KeyStore
@@ -61,7 +61,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
         rules=rules_stub(settings.rules_addr, default_timeout_seconds=settings.gateway_deadline_seconds),
         keys=key_store(settings),
         tokens=MemberTokens(
-            settings.member_token_secret, timedelta(seconds=settings.member_token_ttl_seconds), clock.now
+            member_token_secret(settings), timedelta(seconds=settings.member_token_ttl_seconds), clock.now
         ),
         hub=LiveHub(open_bus(settings, redis), settings.live_queue_max),
         clock=clock,

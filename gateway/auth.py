@@ -8,6 +8,9 @@ the body.
 
 from __future__ import annotations
 
+import logging
+import os
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -16,10 +19,48 @@ import jwt
 from fastapi import Request
 
 from gateway.keys import ApiKey, KeyStore
-from gateway.problems import forbidden, unauthorized
+from gateway.problems import bad_request, forbidden, unauthorized
+from pointmesh.config import Settings
+
+log = logging.getLogger(__name__)
 
 AUDIENCE = "pointmesh-member"
 LEEWAY_SECONDS = 5
+# HS256 keys shorter than the hash are open to offline guessing from one captured token.
+MIN_SECRET_CHARS = 32
+
+
+def member_token_secret(settings: Settings) -> str:
+    """The secret member tokens are signed with: POINTMESH_MEMBER_TOKEN_SECRET, or else one
+    generated once for this data directory and kept there (mode 0600), so a machine without
+    the setting never signs with a secret anyone could know. Gateways behind one load balancer
+    must share it, so they must set it; this is said at start."""
+    if settings.member_token_secret:
+        if len(settings.member_token_secret) < MIN_SECRET_CHARS:
+            log.warning("POINTMESH_MEMBER_TOKEN_SECRET is shorter than %d characters: a captured member "
+                        "token lets anyone guess it offline and sign tokens for any member", MIN_SECRET_CHARS)  # fmt: skip
+        return settings.member_token_secret
+    path = settings.data_dir / "gateway" / "member-token.secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        # Written whole under another name, then linked into place: a gateway and the CLI
+        # starting together both end up with the one secret that got there first.
+        draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    secret = path.read_text().strip()
+    if len(secret) < MIN_SECRET_CHARS:
+        raise RuntimeError(f"{path} holds no usable member-token secret; delete it to make a new one")
+    log.warning("POINTMESH_MEMBER_TOKEN_SECRET is not set: member tokens are signed with the secret generated "
+                "in %s. Every gateway behind one address needs the same secret: set it there.", path)  # fmt: skip
+    return secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +86,10 @@ class Principal:
             raise forbidden(f"API key {self.key.key_id} lacks scope {scope} (it has {', '.join(self.key.scopes)})")
         return self.key
 
-    def store_for(self, store_id: str) -> str:
-        """The store a command acts for: one the key is bound to, never another."""
+    def store_for(self, store_id: str, field: str = "store_id") -> str:
+        """The store a command acts for: one the key is bound to, never another, and never none
+        for a key bound to stores (a receipt filed under no store would not meet the same
+        receipt filed under its store, and would earn twice). `field` names where it was given."""
         key = self.key
         if key is None:
             raise forbidden("a member token cannot act for a store")
@@ -54,6 +97,8 @@ class Principal:
             raise forbidden(f"API key {key.key_id} may act for stores {', '.join(key.stores)}, not {store_id}")
         if not store_id and len(key.stores) == 1:
             return key.stores[0]
+        if not store_id and key.stores:
+            raise bad_request(field, f"is required: API key {key.key_id} acts for stores {', '.join(key.stores)}")
         return store_id
 
     def may_read_member(self, member_id: str) -> None:

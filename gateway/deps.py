@@ -1,4 +1,4 @@
-"""What every route needs: the gateway's clients, the caller, the Idempotency-Key, and one
+"""What every route needs: the gateway's clients, the caller, a POST's scope and Idempotency-Key, and one
 wrapper that turns a failed gRPC call into the right problem."""
 
 from __future__ import annotations
@@ -6,14 +6,14 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import grpc
 from fastapi import Depends, Header, Path, Query, Request
 
 from gateway import schemas as s
 from gateway.auth import MemberTokens, Principal, credential_of, resolve
-from gateway.keys import KeyStore
+from gateway.keys import ApiKey, KeyStore
 from gateway.live import LiveHub
 from gateway.problems import Problem, bad_request, from_grpc
 from pointmesh.clock import Clock
@@ -53,18 +53,33 @@ async def principal(request: Request) -> Principal:
     return resolve(credential_of(request.headers), gw.keys, gw.tokens)
 
 
-async def idempotency_key(
-    caller: Annotated[Principal, Depends(principal)],
-    idempotency_key: Annotated[
-        str | None,
-        Header(description="Required on every POST: retries with the same key and body get the original answer."),
-    ] = None,
-) -> common_pb2.IdempotencyKey:
-    if idempotency_key is None:
-        raise bad_request("Idempotency-Key", "the header is required on every POST")
-    if not _KEY_RE.match(idempotency_key):
-        raise bad_request("Idempotency-Key", "must be 1..128 printable ASCII characters")
-    return common_pb2.IdempotencyKey(namespace=caller.namespace, key=idempotency_key)
+class Write(NamedTuple):
+    """What a POST acts with: the caller's API key (its scope checked) and the request's
+    Idempotency-Key, in the namespace of that key."""
+
+    api_key: ApiKey
+    key: common_pb2.IdempotencyKey
+
+
+def writing(scope: str) -> Any:
+    """The dependency of a POST that needs `scope`. The scope is checked before the header, so a
+    caller that may not do this hears 403 whatever headers it sent, not 400 for a missing key."""
+
+    async def write(
+        caller: Annotated[Principal, Depends(principal)],
+        idempotency_key: Annotated[
+            str | None,
+            Header(description="Required on every POST: retries with the same key and body get the original answer."),
+        ] = None,
+    ) -> Write:
+        api_key = caller.require(scope)
+        if idempotency_key is None:
+            raise bad_request("Idempotency-Key", "the header is required on every POST")
+        if not _KEY_RE.match(idempotency_key):
+            raise bad_request("Idempotency-Key", "must be 1..128 printable ASCII characters")
+        return Write(api_key, common_pb2.IdempotencyKey(namespace=caller.namespace, key=idempotency_key))
+
+    return Depends(write)
 
 
 async def call(service: str, pending: Awaitable[T]) -> T:
@@ -80,5 +95,4 @@ IdPath = Annotated[str, Path(max_length=s.MAX_ID_LENGTH)]
 UnitQuery = Annotated[str, Query(max_length=64, description="Empty: the default unit (points).")]
 PageToken = Annotated[str, Query(max_length=s.MAX_PAGE_TOKEN_LENGTH)]
 Caller = Annotated[Principal, Depends(principal)]
-IdemKey = Annotated[common_pb2.IdempotencyKey, Depends(idempotency_key)]
-__all__ = ["Caller", "Gateway", "GatewayDep", "IdPath", "IdemKey", "PageToken", "Problem", "UnitQuery", "call"]
+__all__ = ["Caller", "Gateway", "GatewayDep", "IdPath", "PageToken", "Problem", "UnitQuery", "Write", "call", "writing"]

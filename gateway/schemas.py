@@ -35,6 +35,11 @@ def _instant(when: datetime) -> datetime:
 Instant = Annotated[datetime, AfterValidator(_instant)]
 
 
+# Pydantic refuses text no UTF-8 message can carry (an unpaired surrogate such as \udfff) in a
+# constrained str; a bare dict[str, str] passed it through to protobuf, which failed with a 500.
+ProfileValue = Annotated[str, Field(max_length=500)]
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,7 +56,8 @@ class ExternalId(Body):
 
 class CreateMember(Body):
     external_ids: list[ExternalId] = Field(default=[], max_length=16)
-    profile: dict[str, str] = Field(default={}, examples=[{"segments": "students", "language": "fi"}])
+    profile: dict[Name, ProfileValue] = Field(default={}, max_length=64,
+                                              examples=[{"segments": "students", "language": "fi"}])  # fmt: skip
 
 
 class Member(BaseModel):
@@ -164,8 +170,11 @@ class ReturnResult(BaseModel):
 
 
 class ScreeningContext(Body):
-    """Session facts for fraud screening; channel and store always come from the API key."""
+    """Session facts for fraud screening; the channel comes from the API key, and the store too
+    unless the key is bound to several (then it names one of them)."""
 
+    store_id: str = Field(default="", max_length=64, examples=["HEL-01"],
+                          description="Required for an API key bound to several stores: which of them.")  # fmt: skip
     device_id: str = Field(default="", max_length=128, examples=["ios-5f2c9a"])
     ip: str = Field(default="", max_length=64, examples=["203.0.113.7"])
     card_hash: str = Field(default="", max_length=128, description="A payment card token, never the number.")

@@ -326,10 +326,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
         else:
             from datetime import timedelta
 
-            from gateway.auth import MemberTokens
+            from gateway.auth import MemberTokens, member_token_secret
             from pointmesh.clock import SystemClock
 
-            tokens = MemberTokens(settings.member_token_secret, timedelta(seconds=settings.member_token_ttl_seconds),
+            tokens = MemberTokens(member_token_secret(settings), timedelta(seconds=settings.member_token_ttl_seconds),
                                   SystemClock().now)  # fmt: skip
             token, expires = tokens.issue(args.member_id)
             print(f"member token for {args.member_id}, expires {expires.isoformat()}:\n{token}")

@@ -41,8 +41,9 @@ class Settings:
     default_model_rows: int = 40_000
     # host:port of the REST/websocket gateway.
     gateway_addr: str = "127.0.0.1:8080"
-    # Signs member tokens (JWT HS256); set it in production, the same on every gateway.
-    member_token_secret: str = "pointmesh-dev-member-token-secret"
+    # Signs member tokens (JWT HS256), 32 characters or more; set it in production, the same on
+    # every gateway. Unset: a secret generated once in DATA_DIR/gateway (one machine only).
+    member_token_secret: str = ""
     member_token_ttl_seconds: int = 3600
     # Events a websocket may have queued before the gateway drops the slow connection.
     live_queue_max: int = 256

@@ -51,9 +51,10 @@ async def challenges(gw: GatewayDep, caller: Caller) -> s.Challenges:
 
 @router.post("/v1/challenges/{challenge_id}/join", summary="Opt a member in to a challenge (idempotent)")
 async def join(challenge_id: IdPath, body: s.JoinChallenge, gw: GatewayDep, caller: Caller) -> dict[str, bool]:
-    caller.may_read_member(body.member_id)
     if caller.key is not None:
-        caller.require("members:write")
+        caller.require("members:write")  # a channel backend enrolling its member; reading is not needed
+    else:
+        caller.may_read_member(body.member_id)  # a member token joins its own member only
     found = await call(RULES, gw.rules.JoinChallenge(rules_pb2.JoinChallengeRequest(
         program=gw.settings.program, challenge_id=challenge_id, member_id=body.member_id)))  # fmt: skip
     return {"joined": found.joined}

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdemKey, IdPath, PageToken, UnitQuery, call
+from gateway.deps import Caller, GatewayDep, IdPath, PageToken, UnitQuery, Write, call, writing
 from pointmesh.v1 import common_pb2, ledger_pb2
 
 router = APIRouter(prefix="/v1/members", tags=["members"])
@@ -16,8 +16,10 @@ LEDGER = "ledger_svc"
 
 
 @router.post("", status_code=201, response_model=s.Member, summary="Enrol a member")
-async def create_member(body: s.CreateMember, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Member:
-    caller.require("members:write")
+async def create_member(
+    body: s.CreateMember, gw: GatewayDep, write: Annotated[Write, writing("members:write")]
+) -> s.Member:
+    key = write.key
     request = ledger_pb2.CreateMemberRequest(
         idempotency_key=key, external_ids=[common_pb2.ExternalId(kind=e.kind, value=e.value) for e in body.external_ids],
         profile=body.profile,

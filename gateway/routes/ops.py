@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdemKey, IdPath, call
+from gateway.deps import Caller, GatewayDep, IdPath, Write, call, writing
 from pointmesh.v1 import ledger_pb2
 
 router = APIRouter(prefix="/v1/ops/reviews", tags=["ops"])
@@ -36,9 +36,8 @@ async def list_reviews(
     return s.ReviewPage(reviews=[cv.review(r) for r in result.reviews], next_page_token=result.next_page_token)
 
 
-async def _decide(review_id: str, approve: bool, body: s.ReviewDecision, gw: GatewayDep, caller: Caller,
-                  key: IdemKey) -> s.Review:  # fmt: skip
-    api_key = caller.require("ops:write")
+async def _decide(review_id: str, approve: bool, body: s.ReviewDecision, gw: GatewayDep, write: Write) -> s.Review:
+    api_key, key = write
     request = ledger_pb2.DecideReviewRequest(idempotency_key=key, review_id=review_id, approve=approve,
                                              operator_id=api_key.key_id, note=body.note)  # fmt: skip
     return cv.review((await call(LEDGER, gw.ledger.DecideReview(request))).review)
@@ -46,13 +45,13 @@ async def _decide(review_id: str, approve: bool, body: s.ReviewDecision, gw: Gat
 
 @router.post("/{review_id}/approve", response_model=s.Review,
              summary="Approve: release the pending credit, or capture the held redemption")  # fmt: skip
-async def approve(review_id: IdPath, gw: GatewayDep, caller: Caller, key: IdemKey,
+async def approve(review_id: IdPath, gw: GatewayDep, write: Annotated[Write, writing("ops:write")],
                   body: s.ReviewDecision | None = None) -> s.Review:  # fmt: skip
-    return await _decide(review_id, True, body or s.ReviewDecision(), gw, caller, key)
+    return await _decide(review_id, True, body or s.ReviewDecision(), gw, write)
 
 
 @router.post("/{review_id}/reject", response_model=s.Review,
              summary="Reject: cancel the pending credit, or void the hold (the points stay the member's)")  # fmt: skip
-async def reject(review_id: IdPath, gw: GatewayDep, caller: Caller, key: IdemKey,
+async def reject(review_id: IdPath, gw: GatewayDep, write: Annotated[Write, writing("ops:write")],
                  body: s.ReviewDecision | None = None) -> s.Review:  # fmt: skip
-    return await _decide(review_id, False, body or s.ReviewDecision(), gw, caller, key)
+    return await _decide(review_id, False, body or s.ReviewDecision(), gw, write)

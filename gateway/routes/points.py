@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Annotated
 
 from fastapi import APIRouter, Response
 from google.protobuf.duration_pb2 import Duration
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdemKey, IdPath, call
+from gateway.deps import Caller, GatewayDep, IdPath, Write, call, writing
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
 router = APIRouter(prefix="/v1", tags=["points"])
@@ -20,11 +21,17 @@ LEDGER, RULES = "ledger_svc", "rules_svc"
              responses={202: {"description": "Held for fraud review: the points are reserved until ops decides",
                               "model": s.Redemption}},
              summary="Spend points (fraud-screened)")  # fmt: skip
-async def redeem(body: s.Redeem, response: Response, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Redemption:
-    api_key = caller.require("redemptions:write")
+async def redeem(
+    body: s.Redeem,
+    response: Response,
+    gw: GatewayDep,
+    caller: Caller,
+    write: Annotated[Write, writing("redemptions:write")],
+) -> s.Redemption:
+    api_key, key = write
     request = ledger_pb2.RedeemRequest(
         idempotency_key=key, member_id=body.member_id, unit=body.unit, points=body.points, reference=body.reference,
-        context=cv.context_pb(body.context, api_key.channel, caller.store_for("")),
+        context=cv.context_pb(body.context, api_key.channel, caller.store_for(cv.context_store(body.context), "context.store_id")),
     )  # fmt: skip
     result = cv.redemption(await call(LEDGER, gw.ledger.Redeem(request)))
     if result.hold is not None:
@@ -50,15 +57,21 @@ async def quote(body: s.RedemptionQuoteRequest, gw: GatewayDep, caller: Caller) 
                                              "captures it, and the caller cannot capture or void it",
                               "model": s.Hold}},
              summary="Reserve points (place a hold; fraud-screened)")  # fmt: skip
-async def place_hold(body: s.PlaceHold, response: Response, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
-    api_key = caller.require("redemptions:write")
+async def place_hold(
+    body: s.PlaceHold,
+    response: Response,
+    gw: GatewayDep,
+    caller: Caller,
+    write: Annotated[Write, writing("redemptions:write")],
+) -> s.Hold:
+    api_key, key = write
     timeout = Duration()
     if body.timeout_seconds is not None:
         timeout.FromTimedelta(timedelta(seconds=body.timeout_seconds))
     request = ledger_pb2.PlaceHoldRequest(
         idempotency_key=key, member_id=body.member_id, unit=body.unit, points=body.points,
         timeout=timeout if body.timeout_seconds is not None else None, reference=body.reference,
-        context=cv.context_pb(body.context, api_key.channel, caller.store_for("")),
+        context=cv.context_pb(body.context, api_key.channel, caller.store_for(cv.context_store(body.context), "context.store_id")),
     )  # fmt: skip
     result = await call(LEDGER, gw.ledger.PlaceHold(request))
     shown = cv.screening(result.screening) if result.HasField("screening") else None
@@ -74,16 +87,18 @@ async def get_hold(hold_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Hold:
 
 
 @router.post("/holds/{hold_id}/capture", response_model=s.Hold, summary="Capture all or part of a hold")
-async def capture_hold(hold_id: IdPath, body: s.CaptureHold, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
-    caller.require("redemptions:write")
+async def capture_hold(
+    hold_id: IdPath, body: s.CaptureHold, gw: GatewayDep, write: Annotated[Write, writing("redemptions:write")]
+) -> s.Hold:
+    key = write.key
     request = ledger_pb2.CaptureHoldRequest(idempotency_key=key, hold_id=hold_id, points=body.points)
     result = await call(LEDGER, gw.ledger.CaptureHold(request))
     return cv.hold(result.hold, result.transaction.balance_after)
 
 
 @router.post("/holds/{hold_id}/void", response_model=s.Hold, summary="Release a hold")
-async def void_hold(hold_id: IdPath, gw: GatewayDep, caller: Caller, key: IdemKey) -> s.Hold:
-    caller.require("redemptions:write")
+async def void_hold(hold_id: IdPath, gw: GatewayDep, write: Annotated[Write, writing("redemptions:write")]) -> s.Hold:
+    key = write.key
     result = await call(LEDGER, gw.ledger.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key, hold_id=hold_id)))
     return cv.hold(result.hold, result.balance_after)
 
@@ -97,13 +112,17 @@ async def void_hold(hold_id: IdPath, gw: GatewayDep, caller: Caller, key: IdemKe
                               "model": s.TransferResult}},
              summary="Move points between members (fraud-screened)")  # fmt: skip
 async def transfer(
-    body: s.Transfer, response: Response, gw: GatewayDep, caller: Caller, key: IdemKey
+    body: s.Transfer,
+    response: Response,
+    gw: GatewayDep,
+    caller: Caller,
+    write: Annotated[Write, writing("transfers:write")],
 ) -> s.TransferResult:
-    api_key = caller.require("transfers:write")
+    api_key, key = write
     request = ledger_pb2.TransferRequest(
         idempotency_key=key, source_member_id=body.source_member_id, destination_member_id=body.destination_member_id,
         unit=body.unit, points=body.points, reason=body.reason,
-        context=cv.context_pb(body.context, api_key.channel, caller.store_for("")),
+        context=cv.context_pb(body.context, api_key.channel, caller.store_for(cv.context_store(body.context), "context.store_id")),
     )  # fmt: skip
     result = cv.transfer(await call(LEDGER, gw.ledger.Transfer(request)))
     response.status_code = {"HELD_FOR_REVIEW": 202, "REJECTED": 200}.get(result.status, 201)

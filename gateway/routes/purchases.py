@@ -3,11 +3,13 @@ receipt on its natural key, so the same receipt over REST and in a legacy file e
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Response
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdemKey, IdPath, call
+from gateway.deps import Caller, GatewayDep, IdPath, Write, call, writing
 from gateway.problems import forbidden
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2
@@ -20,9 +22,13 @@ LEDGER = "ledger_svc"
              responses={200: {"description": "A replay: this receipt was already recorded", "model": s.Purchase}},
              summary="Record a purchase; the points and their explanation come back")  # fmt: skip
 async def record_purchase(
-    body: s.RecordPurchase, response: Response, gw: GatewayDep, caller: Caller, key: IdemKey
+    body: s.RecordPurchase,
+    response: Response,
+    gw: GatewayDep,
+    caller: Caller,
+    write: Annotated[Write, writing("purchases:write")],
 ) -> s.Purchase:
-    api_key = caller.require("purchases:write")
+    api_key, key = write
     if body.channel and body.channel != api_key.channel:
         raise forbidden(f"API key {api_key.key_id} acts for channel {api_key.channel}, not {body.channel}")
     store_id = caller.store_for(body.store_id)
@@ -49,9 +55,13 @@ async def get_purchase(purchase_id: IdPath, gw: GatewayDep, caller: Caller) -> s
 @router.post("/{purchase_id}/returns", status_code=201, response_model=s.ReturnResult,
              summary="Return lines (or an amount) of a purchase, in any channel or store")  # fmt: skip
 async def record_return(
-    purchase_id: IdPath, body: s.RecordReturn, gw: GatewayDep, caller: Caller, key: IdemKey
+    purchase_id: IdPath,
+    body: s.RecordReturn,
+    gw: GatewayDep,
+    caller: Caller,
+    write: Annotated[Write, writing("purchases:write")],
 ) -> s.ReturnResult:
-    api_key = caller.require("purchases:write")
+    api_key, key = write
     request = ledger_pb2.RecordReturnRequest(
         idempotency_key=key, purchase_id=purchase_id, channel=api_key.channel, store_id=caller.store_for(body.store_id),
         lines=[ledger_pb2.ReturnLine(line_index=ln.line_index, quantity=ln.quantity) for ln in body.lines],

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
+from gateway.app import key_store
 from tests.gamification.conftest import Game
 from tests.gateway.conftest import GatewayUnderTest, start_gateway
 from tests.gateway.test_api import enrol, idem, problem, purchase_body
@@ -83,3 +84,17 @@ async def test_an_achievement_appears_on_the_members_websocket(game_gw: GatewayU
     assert unlocked["details"]["item_id"] == "january-trio"
     assert unlocked["details"]["name"] == "Three purchases in January"
     assert unlocked["details"]["points"] == "200" and unlocked["details"]["funding_source"] == "gamification"
+
+
+async def test_joining_needs_members_write_on_a_key_and_the_member_itself_on_a_token(game_gw: GatewayUnderTest) -> None:
+    gw = game_gw
+    writer = key_store(gw.settings).create("web", ["members:write"], [], "signup backend")[0]
+    async with gw.client("pos") as pos, gw.client(token=writer) as backend, gw.client("reader") as reader:
+        member, other = await enrol(pos), await enrol(pos)
+        joined = await backend.post("/v1/challenges/vip-sprint/join", json={"member_id": member})
+        assert joined.status_code == 200 and joined.json() == {"joined": True}, joined.text
+        problem(await reader.post("/v1/challenges/vip-sprint/join", json={"member_id": member}), 403)
+        token = (await pos.post(f"/v1/members/{member}/tokens")).json()["token"]
+    async with gw.client(token=token) as own:
+        assert (await own.post("/v1/challenges/vip-sprint/join", json={"member_id": member})).status_code == 200
+        problem(await own.post("/v1/challenges/vip-sprint/join", json={"member_id": other}), 403)
