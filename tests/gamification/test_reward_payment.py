@@ -17,6 +17,7 @@ from rules_svc import game_worker
 from rules_svc.game_engine import PurchaseFact
 from rules_svc.game_store import GameStore
 from rules_svc.game_worker import GameWorker
+from rules_svc.program import Program
 from tests.conftest import LedgerUnderTest, RulesUnderTest
 from tests.ledger.helpers import create_member, key
 from tests.rules import load_doc, program_doc
@@ -24,12 +25,16 @@ from tests.rules import load_doc, program_doc
 AT = datetime(2026, 1, 7, 12, tzinfo=UTC)
 
 
+def first_purchase_pays_50() -> Program:
+    return load_doc(program_doc(gamification={
+        "achievements": [{"id": "first", "name": "First purchase", "reward": {"points": 50}}],
+    }))  # fmt: skip
+
+
 async def test_a_blocked_members_reward_stays_pending_and_the_others_are_paid(
     tmp_path: Path, ledger: LedgerUnderTest
 ) -> None:
-    program = load_doc(program_doc(gamification={
-        "achievements": [{"id": "first", "name": "First purchase", "reward": {"points": 50}}],
-    }))  # fmt: skip
+    program = first_purchase_pays_50()
     store = GameStore(tmp_path / "game.sqlite")
     members = [(await create_member(ledger.stub)).member_id for _ in range(3)]
     for i, member_id in enumerate(members):
@@ -76,9 +81,7 @@ async def test_a_page_full_of_rewards_refused_for_now_does_not_hold_back_the_one
     """Blocked members' rewards stay pending and sort first; with pages of two, a pass that only
     read the first page would never reach the member after them."""
     monkeypatch.setattr(game_worker, "PAGE", 2)
-    program = load_doc(program_doc(gamification={
-        "achievements": [{"id": "first", "name": "First purchase", "reward": {"points": 50}}],
-    }))  # fmt: skip
+    program = first_purchase_pays_50()
     store = GameStore(tmp_path / "game.sqlite")
     members = [(await create_member(ledger.stub)).member_id for _ in range(5)]
     for i, member_id in enumerate(members):
@@ -100,9 +103,7 @@ async def test_a_page_full_of_rewards_refused_for_now_does_not_hold_back_the_one
 async def test_two_payers_of_one_reward_post_it_once_and_count_it_once(tmp_path: Path, ledger: LedgerUnderTest) -> None:
     """The event handler pays the member's rewards while the retry loop pays everyone's: both
     may send the same reward. The ledger posts it once (its key) and only one payer counts it."""
-    program = load_doc(program_doc(gamification={
-        "achievements": [{"id": "first", "name": "First purchase", "reward": {"points": 50}}],
-    }))  # fmt: skip
+    program = first_purchase_pays_50()
     store = GameStore(tmp_path / "game.sqlite")
     member_id = (await create_member(ledger.stub)).member_id
     store.apply_event(program, PurchaseFact("e0", member_id, "p0", "pos", "HEL-01", 1000, "EUR", AT))
