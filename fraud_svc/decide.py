@@ -54,6 +54,10 @@ class VelocityRule:
             raise BadRequest(f"rule {self.name!r}: unknown feature {self.feature!r}", field="rules.feature")
         if self.verdict is Verdict.ALLOW:
             raise BadRequest(f"rule {self.name!r}: a rule reviews or denies", field="rules.verdict")
+        if not math.isfinite(self.limit):  # NaN never compares greater: the rule would never fire
+            raise BadRequest(
+                f"rule {self.name!r}: limit must be a finite number, got {self.limit}", field="rules.limit"
+            )
 
     def hit(self, kind: TxKind, features: FeatureRow) -> bool:
         if self.kinds and kind not in self.kinds:
@@ -110,7 +114,7 @@ class DecisionConfig:
                 _number(given.get("deny", current.deny), "thresholds"),
             )
         rules = tuple(_rule(r) for r in data["rules"]) if "rules" in data else base.rules
-        blocked = frozenset(str(d) for d in data.get("blocked_devices", base.blocked_devices))
+        blocked = _devices(data["blocked_devices"]) if "blocked_devices" in data else base.blocked_devices
         unscored = _enum(Verdict, data.get("unscored_verdict", base.unscored_verdict), "unscored_verdict")
         return cls(thresholds, rules, blocked, unscored)
 
@@ -128,10 +132,23 @@ def _mapping(value: object, field_name: str) -> Mapping[str, Any]:
 
 
 def _number(value: object, field_name: str) -> float:
+    """A finite number (or its text): NaN and infinities would silently disable a limit."""
     try:
-        return float(value)  # type: ignore[arg-type]
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise BadRequest(f"{field_name}: {value!r} is not a number", field=field_name) from None
+    if not math.isfinite(number):
+        raise BadRequest(f"{field_name}: {value!r} is not a finite number", field=field_name)
+    return number
+
+
+def _devices(value: object) -> frozenset[str]:
+    """A list of device ids; a bare string would otherwise become a set of its characters."""
+    if not isinstance(value, list | tuple | set | frozenset) or not all(isinstance(d, str) for d in value):
+        raise BadRequest(f"blocked_devices: expected a list of device ids, got {value!r}", field="blocked_devices")
+    return frozenset(value)
 
 
 def _rule(data: object) -> VelocityRule:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,12 +50,14 @@ class ModelSlot:
     models_dir: Path
     model: Model | None = None
 
-    def read(self, path: str = "", *, fall_back: bool = False) -> Model:
-        """The artifact at `path` (else the newest of this kind), validated; nothing is served
-        from it yet. `fall_back` (start-up) tries older artifacts when the newest is refused:
-        a half-copied new model must not keep the service from starting on the one before."""
+    def read(self, path: str = "", *, fall_back: bool = False, check: Callable[[Model], object] | None = None) -> Model:
+        """The artifact at `path` (else the newest of this kind), validated, and accepted by
+        `check` (the fraud slot's thresholds); nothing is served from it yet. `fall_back`
+        (start-up) tries older artifacts when the newest is refused: a half-copied new model or
+        one with unusable thresholds must not keep the service from starting on the one before.
+        Without it a refusal by `check` propagates as raised (a reload's BadRequest)."""
         if path:
-            return load_artifact(Path(path), kind=self.kind)
+            return _checked(load_artifact(Path(path), kind=self.kind), check)
         candidates = artifacts(self.models_dir, self.kind)
         if not candidates:
             raise ModelUnavailable(f"no {self.kind} artifact under {self.models_dir}", field="path")
@@ -63,6 +65,12 @@ class ModelSlot:
         for candidate in candidates if fall_back else candidates[:1]:
             try:
                 model = load_artifact(candidate, kind=self.kind)
+                try:
+                    _checked(model, check)
+                except BadRequest as exc:
+                    if not fall_back:
+                        raise
+                    raise ModelUnavailable(f"{candidate}: {exc.field or 'metadata'}: {exc.message}") from exc
             except ModelUnavailable as exc:
                 refused.append(str(exc))
                 if fall_back:
@@ -73,6 +81,12 @@ class ModelSlot:
                           len(refused))  # fmt: skip
             return model
         raise ModelUnavailable("; ".join(refused), field="path")
+
+
+def _checked(model: Model, check: Callable[[Model], object] | None) -> Model:
+    if check is not None:
+        check(model)
+    return model
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +217,7 @@ class FraudService:
         slot = {"fraud": self.fraud, "churn": self.churn}.get(kind)
         if slot is None:
             raise BadRequest(f"must be 'fraud' or 'churn', got {kind!r}", field="model")
-        fresh = await asyncio.to_thread(slot.read, path)
+        fresh = await asyncio.to_thread(slot.read, path, check=self.check_model)
         previous = self._install(slot, fresh)
         return fresh.version, previous
 
@@ -215,7 +229,13 @@ class FraudService:
 
     def load_at_start(self) -> None:
         for slot in (self.fraud, self.churn):
-            self._install(slot, slot.read(fall_back=True))
+            self._install(slot, slot.read(fall_back=True, check=self.check_model))
+
+    def check_model(self, model: Model) -> None:
+        """Refuses (BadRequest) a fraud model whose metadata thresholds, with the operator's
+        overrides on top, are not a valid configuration; a churn model has none."""
+        if model.kind == "fraud":
+            self._config(model)
 
     def _install(self, slot: ModelSlot, fresh: Model) -> str:
         """Serves `fresh` once everything about it is checked (the fraud thresholds in its

@@ -115,8 +115,8 @@ class _Stream:
         ts = self.ts
         same = _left(ts, t)
         if eid in self.eids[same : _right(ts, t, same)]:
-            return
-        if not ts or ts[-1] <= t:
+            pass  # recorded already; still trimmed below, as the Redis script trims on a duplicate
+        elif not ts or ts[-1] <= t:
             ts.append(t)
             self.values.append(value)
             self.tags.append(tag)

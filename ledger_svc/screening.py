@@ -97,9 +97,13 @@ MAX_EVENT_ID = 128  # fraud_svc's bound on an event id
 
 
 def event_id(*parts: str) -> str:
-    """The id fraud_svc counts a transaction under; a long one (a caller's 200-character
-    idempotency key) is replaced by its digest, so it is always scored."""
-    text = ":".join(parts)
+    """The id fraud_svc counts a transaction under, `what:namespace:key`; a long one (a
+    caller's 200-character idempotency key) is replaced by its digest, so it is always scored.
+    Every part but the last has '%' and ':' percent-escaped (gateway namespaces are
+    `channel:key_id`), so ('pos:k1', 'abc') and ('pos', 'k1:abc') are two ids; the key, last,
+    keeps its colons, and a part without either character reads as before."""
+    *head, last = parts
+    text = ":".join((*(p.replace("%", "%25").replace(":", "%3A") for p in head), last))
     if len(text) <= MAX_EVENT_ID:
         return text
     return f"{parts[0]}:sha256:{hashlib.sha256(text.encode()).hexdigest()}"
