@@ -28,7 +28,6 @@ from ledger_svc.domain import (
     IdemKey,
     InvalidArgument,
     LedgerError,
-    MemberStatus,
     Money,
     Unavailable,
 )
@@ -433,8 +432,8 @@ class Accrual:
         return result, replayed
 
     async def _merged_into(self, member_id: str) -> str:
-        member = await self.svc.member(member_id, "purchase_id")
-        return member.merged_into if member.status == MemberStatus.MERGED else ""
+        """Where a purchase's points live if its member was merged away (erased since or not)."""
+        return await self.svc.merge_heir(await self.svc.member(member_id, "purchase_id"), "purchase_id")
 
     async def _finish_return(self, result: ReturnResult, merged_into: str) -> ReturnResult:
         """A merged-away member's return: the reversals finish on the member it was merged into

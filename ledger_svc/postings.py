@@ -233,6 +233,24 @@ class ShardBook:
                 taken.append((take, lot.expires_at))
         return taken
 
+    def _consume_portions(self, member_id: str, unit: str, portions: Sequence[Portion]) -> None:
+        """Takes the points of each portion from lots of the same expiry; what no such lot still
+        holds (a portion with no lot, or lots spent since) is taken as a capture takes it."""
+        lots = self.tx.spendable_lots(member_id, unit)
+        rest = 0
+        for points, expires in portions:
+            for lot in lots:
+                if points <= 0 or expires is None:
+                    break
+                if lot.expires_at == expires and lot.remaining_points > 0:
+                    take = min(points, lot.remaining_points)
+                    lot.remaining_points -= take
+                    points -= take
+                    self.tx.update_lot(lot)
+            rest += points
+        if rest:
+            self._consume_lots(member_id, unit, rest, capture=True)
+
     def _normalise_lots(self, member_id: str, unit: str, balance_before: int | None = None) -> None:
         """Keeps lots equal to the positive balance: credits first fill a negative balance.
 
@@ -432,8 +450,11 @@ class ShardBook:
         return hold
 
     def capture_hold(
-        self, hold_id: str, points: int, *, kind: TxKind = TxKind.HOLD_CAPTURE, tx_id: str = "", owner: str = ""
-    ) -> HoldResult:
+        self, hold_id: str, points: int, *, kind: TxKind = TxKind.HOLD_CAPTURE, tx_id: str = "", owner: str = "",
+        portions: Sequence[Portion] = (),
+    ) -> HoldResult:  # fmt: skip
+        """`portions`: the lots (by expiry) a transfer's recipient was credited with, which the
+        capture must take, so no point changes its expiry on the way."""
         hold = self._open_hold(hold_id, saga=kind == TxKind.TRANSFER_OUT, owner=owner)
         captured = points or hold.points
         if captured > hold.points:
@@ -442,7 +463,10 @@ class ShardBook:
         self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
         record = self._record(kind, hold.member_id, hold.unit, -captured, reference=hold.reference, tx_id=tx_id or None)
         self._post(record, [(member_account(hold.member_id, hold.unit), -captured), (counter, captured)])
-        self._consume_lots(hold.member_id, hold.unit, captured, capture=True)
+        if portions:
+            self._consume_portions(hold.member_id, hold.unit, portions)
+        else:
+            self._consume_lots(hold.member_id, hold.unit, captured, capture=True)
         self.tx.set_hold_status(hold_id, HoldStatus.CAPTURED, captured)
         done = replace(hold, status=HoldStatus.CAPTURED, captured_points=captured)
         transaction = self._finish(
@@ -776,6 +800,7 @@ class ShardBook:
             "members_merged",
             {"source_member_id": source, "target_member_id": member_id, "points": balance},
         )
+        self._settle_debt(member_id, unit)  # debt is paid first by any credit, a merge's too
 
     # Time-driven jobs --------------------------------------------------------------------
 

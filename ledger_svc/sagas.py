@@ -19,7 +19,6 @@ from ledger_svc import commands as c
 from ledger_svc.domain import (
     FailedPrecondition,
     LedgerError,
-    MemberStatus,
     NotFound,
     ReverseResult,
     SagaState,
@@ -185,14 +184,15 @@ class Sagas:
             # A destination merged away while the points were on their way: they follow it
             # (before the saga closes, so a crash here reruns this on recovery).
             destination = await self.svc.member(saga.dest_member, "destination_member_id")
-            if destination.status == MemberStatus.MERGED:
+            if destination.merged_into:
                 await self.sweep_merged(saga.dest_member, destination.merged_into)
 
             def finish(book: ShardBook) -> None:
                 current = book.tx.get_saga(saga_id)
                 if current is None or current.state != SagaState.HELD:
                     return
-                book.capture_hold(saga.hold_id, saga.points, kind=TxKind.TRANSFER_OUT, tx_id=ids.out_tx)
+                book.capture_hold(saga.hold_id, saga.points, kind=TxKind.TRANSFER_OUT, tx_id=ids.out_tx,
+                                  portions=portions)  # fmt: skip
                 book.tx.set_saga_state(saga_id, SagaState.DONE, book.now)
 
             await self.svc._book(src_shard, finish)
@@ -280,10 +280,12 @@ class Sagas:
     async def sweep_merged(self, source: str, target: str) -> dict[str, int]:
         """Moves what reached a merged-away member after its merge (points a return gave back)
         to the member it was merged into: a merge saga of its own, recovered like the first.
-        Nothing to move, no saga (and an empty answer)."""
+        Nothing to move, no saga (and an empty answer). A target merged away in turn passes
+        them on: they go to the end of the chain."""
         if not await self._holds_points(source):
             return {}
-        return await self.drive_merge(source, target, new_id("mg", source))
+        heir = await self.svc.merge_heir(await self.svc.member(target)) or target
+        return await self.drive_merge(source, heir, new_id("mg", source))
 
     async def complete_merge(self, source: str, target: str, merge_id: str = "") -> dict[str, int]:
         moved = await self.drive_merge(source, target, merge_id)

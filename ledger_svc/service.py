@@ -300,11 +300,25 @@ class LedgerService:
             )
 
     async def _merged_owner(self, tx_id: str) -> Member | None:
-        """The member an earn belonged to, when that member has since been merged away."""
+        """The member an earn belonged to, when that member has since been merged away (and
+        maybe erased since: erasure wipes its profile, never where its points went)."""
         original = await self.store.read(self.shard_of_id(tx_id), lambda tx: tx.get_transaction(tx_id))
-        if original is None or await self._status(original.member_id, "transaction_id") != MemberStatus.MERGED:
+        if original is None or await self._status(original.member_id, "transaction_id") == MemberStatus.ACTIVE:
             return None
-        return await self.member(original.member_id, "transaction_id")
+        owner = await self.member(original.member_id, "transaction_id")
+        return owner if owner.merged_into else None
+
+    async def merge_heir(self, member: Member, field: str = "member_id") -> str:
+        """Where a merged-away member's points live now: the end of its merge chain (A into B,
+        B later into C: C), or "" if it was never merged."""
+        heir, seen = "", {member.member_id}
+        while member.merged_into:
+            heir = member.merged_into
+            if heir in seen:
+                raise FailedPrecondition(f"members {sorted(seen)} were merged into each other", field=field)
+            seen.add(heir)
+            member = await self.member(heir, field)
+        return heir
 
     def _active(self, member_id: str, field: str = "member_id") -> Callable[[], Awaitable[None]]:
         """The member-status check, deferred so a replay can answer before it."""
@@ -419,7 +433,12 @@ class LedgerService:
         target = await self.member(cmd.target_member_id, "target_member_id")
         if source.member_id == target.member_id:
             raise InvalidArgument("a member cannot be merged into itself", field="target_member_id")
-        await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
+        replay = await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
+        if replay and source.merged_into == target.member_id:
+            # Answered as the first time, whatever became of the target since (each step of the
+            # merge is idempotent, so a first call cut off half-way is finished here).
+            moved = await self.sagas.complete_merge(source.member_id, target.member_id)
+            return MergeResult(await self.member(target.member_id), moved)
         if target.status != MemberStatus.ACTIVE:
             raise MemberNotActive(f"member {target.member_id} is {target.status.value}", field="target_member_id")
         if source.status == MemberStatus.MERGED and source.merged_into != target.member_id:
@@ -601,13 +620,10 @@ class LedgerService:
     async def adjust(self, cmd: c.Adjust) -> Transaction:
         cmd = self._check_adjust(cmd)
         await self._require_exists(cmd.member_id)
-        if await self._status(cmd.member_id, "member_id") == MemberStatus.MERGED:
-            raise MemberNotActive(
-                f"member {cmd.member_id} was merged; adjust the member it was merged into", field="member_id"
-            )
         return await self._mutate(
             cmd, self.shard_of(cmd.member_id), Transaction,
             lambda b: b.adjust(cmd.member_id, cmd.unit, cmd.points, reason=cmd.reason, operator_id=cmd.operator_id),
+            lambda: self._require_not_merged(cmd.member_id),  # after the replay check: a replay answers
         )  # fmt: skip
 
     async def place_hold(self, cmd: c.PlaceHold) -> PlacedHold:
@@ -676,7 +692,7 @@ class LedgerService:
             if stored is not None:
                 return codec.from_plain(ReverseResult, stored)  # type: ignore[no-any-return]
             # The points live with the target now: a two-shard saga, like a transfer.
-            target = owner.merged_into
+            target = await self.merge_heir(owner, "transaction_id")
             saga_id = await self._mutate(
                 cmd, shard, str,
                 lambda b: b.start_merged_reversal(
@@ -700,7 +716,7 @@ class LedgerService:
             replayed = await self._stored_result(cmd.key, c.fingerprint(cmd), shard, Transaction)
             if replayed is not None:
                 return replayed
-            target = owner.merged_into
+            target = await self.merge_heir(owner, "transaction_id")
             return await self._mutate(
                 cmd, self.shard_of(target), Transaction, lambda b: b.release_moved_pending(cmd.transaction_id, target)
             )

@@ -669,7 +669,7 @@ class SqliteDirectoryTx:
         self.c.execute("UPDATE claims SET result=? WHERE namespace=? AND key=?", (result_json, namespace, key))
 
     def merged_members(self) -> list[tuple[str, str]]:
-        return self.c.execute("SELECT member_id, merged_into FROM members WHERE status='MERGED'").fetchall()
+        return self.c.execute("SELECT member_id, merged_into FROM members WHERE merged_into != ''").fetchall()
 
     def add_member(self, member: Member) -> None:
         self.c.execute(

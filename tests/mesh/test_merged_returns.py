@@ -1,0 +1,56 @@
+"""Returns of purchases whose member was merged away: after chained merges (A into B, B into C)
+the reversed points come off C, the member holding them; after the merged-away member was
+erased, a tender given back still follows the merge. Both stores (tests/mesh)."""
+
+from __future__ import annotations
+
+from ledger_svc.reconcile import reconcile
+from pointmesh.v1 import ledger_pb2
+from tests.ledger.helpers import balance, figures, key, redeem
+from tests.mesh.conftest import Mesh
+from tests.mesh.helpers import buy, exact, new_member, return_lines, welcomed_member
+
+
+async def merge(mesh: Mesh, source: str, target: str) -> None:
+    await mesh.ledger.stub.MergeMembers(ledger_pb2.MergeMembersRequest(
+        idempotency_key=key(), source_member_id=source, target_member_id=target))  # fmt: skip
+
+
+async def books_balance(mesh: Mesh) -> None:
+    report = await reconcile(mesh.ledger.app.store, mesh.clock.now())
+    assert report.ok, [d.describe() for d in report.differences]
+
+
+async def test_a_return_after_chained_merges_takes_its_points_from_the_end_of_the_chain(mesh: Mesh) -> None:
+    s = mesh.ledger.stub
+    a, b, c = await welcomed_member(mesh), await new_member(mesh), await new_member(mesh)
+    bought = await buy(mesh, a, [("misc", 5000, 1)])
+    earned = exact(bought.purchase)
+    await merge(mesh, a, b)
+    await merge(mesh, b, c)
+    before = figures(await balance(s, c))
+
+    back = await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)])
+
+    assert back.debt_points == 0
+    assert [figures(await balance(s, m))["debt"] for m in (a, b)] == [0, 0]
+    assert figures(await balance(s, c))["balance"] == before["balance"] - earned["points"]
+    await books_balance(mesh)
+
+
+async def test_a_tender_given_back_to_an_erased_merged_member_follows_the_merge(mesh: Mesh) -> None:
+    s = mesh.ledger.stub
+    a, b = await welcomed_member(mesh), await new_member(mesh)
+    paid = (await redeem(s, a, 80)).transaction.transaction_id
+    bought = await buy(mesh, a, [("misc", 4000, 1)], tender=paid)
+    await merge(mesh, a, b)
+    await s.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=a))
+    before = figures(await balance(s, b))["balance"]
+
+    back = await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)])
+
+    assert back.tender_recredited_points == 80
+    assert figures(await balance(s, a))["balance"] == 0  # nothing left on the erased member
+    assert figures(await balance(s, b))["balance"] == before + 80 - sum(u.points for u in back.reversed
+                                                                        if u.unit == "points")  # fmt: skip
+    await books_balance(mesh)
