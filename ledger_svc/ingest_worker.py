@@ -6,9 +6,9 @@ delivered again after a crash replays instead of earning twice. Each polled batc
 batch accrual path (batch_accrual.py): one EvaluateBatch and one ScoreBatch for all of it,
 different members concurrently and one member's purchases in order (they share a partition
 key, so they arrive in order). A purchase the ledger refuses for good (bad field, unknown
-member, a member not active) goes to the dead-letter topic with the reason; anything else
-(rules_svc slow is not one: the purchase waits as pending accrual) leaves the batch
-uncommitted to come again.
+member, a member not active), or that cannot be decoded at all, goes to the dead-letter topic
+with the reason; anything else (rules_svc slow is not one: the purchase waits as pending
+accrual) leaves the batch uncommitted to come again.
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ class IngestWorker:
                 refused.append((message, f"not a RecordPurchaseRequest: {exc}"))
             except LedgerError as exc:
                 refused.append((message, _reason(exc)))
+            except Exception as exc:
+                # Decoding is this message's alone (no store, no service): whatever else fails in
+                # it fails the same way every time, so the message is refused, not the batch
+                # left to come again for ever with nothing posted.
+                refused.append((message, f"cannot be decoded: {type(exc).__name__}: {exc}"))
         try:
             outcomes = await self.service.ingest(commands)
         except Exception as exc:

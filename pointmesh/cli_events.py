@@ -115,8 +115,16 @@ def cmd_ingest_produce(args: argparse.Namespace) -> int:
     settings = load_settings()
     events: list[OutgoingEvent] = []
     bad = 0
-    with open(args.file, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    # Read as bytes and decoded line by line: a line that is not UTF-8 is one bad line, reported
+    # with its number like the others, not a traceback that sends nothing.
+    with open(args.file, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad += 1
+                print(f"{args.file}:{number}: not UTF-8 (byte {exc.start + 1} of the line)", file=sys.stderr)
+                continue
             if not line.strip():
                 continue
             try:

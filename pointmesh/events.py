@@ -53,6 +53,11 @@ class OutgoingEvent:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+# A major version of more digits (leading zeros aside) is no version any consumer knows, and
+# int() of thousands of digits raises.
+_MAX_MAJOR_DIGITS = 9
+
+
 @dataclass(frozen=True, slots=True)
 class BusMessage:
     position: str  # Redis: the stream id; Kafka: "partition:offset"
@@ -66,9 +71,14 @@ class BusMessage:
 
     @property
     def schema_major(self) -> int | None:
-        """The major version in the schema header, or None when it is missing or unreadable."""
+        """The major version in the schema header, or None when it is missing or unreadable.
+        ASCII digits only: str.isdigit() also says yes to "²" (which int() refuses) and to other
+        scripts' digits (which int() reads), and no producer writes either."""
         _, _, major = self.schema.rpartition("/")
-        return int(major) if major.isdigit() else None
+        if not (major.isascii() and major.isdigit()):
+            return None
+        significant = major.lstrip("0") or "0"
+        return int(significant) if len(significant) <= _MAX_MAJOR_DIGITS else None
 
 
 class GroupConsumer(Protocol):
@@ -150,17 +160,24 @@ def _is_stream_id(text: str) -> bool:
     return _STREAM_ID.fullmatch(text) is not None and all(int(part) < 2**64 for part in text.split("-"))
 
 
+def _text(value: bytes) -> str:
+    # A raw XADD can write any bytes: an entry must reach its handler (and the dead-letter topic
+    # if need be), never fail the poll, which fails the whole batch for ever. As the Kafka bus
+    # reads a header that is not UTF-8: with replacement characters.
+    return value.decode(errors="replace")
+
+
 def _message(position: bytes | str, fields: dict[bytes, bytes]) -> BusMessage:
     pos = position.decode() if isinstance(position, bytes) else position
     return BusMessage(
         position=pos,
-        key=fields.get(b"key", b"").decode(),
-        event_id=fields.get(b"event_id", b"").decode(),
-        event_type=fields.get(b"type", b"").decode(),
+        key=_text(fields.get(b"key", b"")),
+        event_id=_text(fields.get(b"event_id", b"")),
+        event_type=_text(fields.get(b"type", b"")),
         payload=fields.get(b"payload", b""),
-        schema=fields.get(b"schema", b"").decode(),
+        schema=_text(fields.get(b"schema", b"")),
         timestamp_ms=int(pos.split("-", 1)[0]),
-        headers=tuple((k.decode(), v.decode()) for k, v in fields.items() if k not in _STANDARD),
+        headers=tuple((_text(k), _text(v)) for k, v in fields.items() if k not in _STANDARD),
     )
 
 

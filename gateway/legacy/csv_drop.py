@@ -33,6 +33,8 @@ REQUIRED_COLUMNS = (
 )  # fmt: skip
 # Needed only by R rows; a file of purchases may leave them out.
 RETURN_COLUMNS = ("original_channel", "original_store_id", "original_receipt_id", "original_line")
+# Every column the format reads; any other is ignored.
+_READ_COLUMNS = frozenset(REQUIRED_COLUMNS + RETURN_COLUMNS)
 # Receipt-level columns, repeated on every row of a receipt: they must agree.
 RECEIPT_COLUMNS = ("receipt_time", "card_number", "currency")
 # A spreadsheet's empty row (separators only) is a blank line.
@@ -174,7 +176,9 @@ def _header(raw: str) -> tuple[list[str], str]:
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
         return names, f"required column(s) {', '.join(missing)} missing (found: {', '.join(names)})"
-    twice = sorted({n for n in names if names.count(n) > 1})
+    # Only a column the format reads may not come twice (which copy would it be?); the others
+    # are ignored, repeated or not, like a spreadsheet's empty trailing columns or two notes.
+    twice = sorted({n for n in names if n in _READ_COLUMNS and names.count(n) > 1})
     if twice:
         return names, f"column(s) {', '.join(twice)} appear more than once"
     return names, ""

@@ -144,12 +144,14 @@ class _Session:
         known = self.members.get(who.card_number)
         if known is None:
             try:
-                found = await self.ledger.LookupMember(
-                    ledger_pb2.LookupMemberRequest(
+                with _unsendable("card_number"):
+                    request = ledger_pb2.LookupMemberRequest(
                         external_id=common_pb2.ExternalId(kind="card", value=who.card_number)
                     )
-                )
+                found = await self.ledger.LookupMember(request)
                 known = found.member.member_id
+            except _Refused as refused:
+                known = refused.refusal
             except grpc.aio.AioRpcError as error:
                 if error.code() not in REFUSAL_CODES:
                     raise
@@ -257,14 +259,16 @@ def _return_request(r: LegacyReturn, member_id: str, channel: str) -> ledger_pb2
 
 
 @contextlib.contextmanager
-def _unsendable() -> Iterator[None]:
+def _unsendable(field: str = "") -> Iterator[None]:
     """A record the adapter read but no ledger request can carry (a number past its integer
-    field, a time no Timestamp holds) is refused like any bad record: quarantined, never a crash
-    halfway through the file. Adapters refuse these by field first; this is the net behind them."""
+    field, a time no Timestamp holds, text UTF-8 cannot encode) is refused like any bad record:
+    quarantined, never a crash halfway through the file. Adapters refuse these by field first;
+    this is the net behind them. `field` names the one value the request holds, if it is one."""
     try:
         yield
     except (ValueError, TypeError, OverflowError) as error:
-        raise _Refused(_Refusal("PARSE", "", f"cannot be sent to the ledger: {error}")) from None
+        where = f"{field}: " if field else ""
+        raise _Refused(_Refusal("PARSE", field, f"{where}cannot be sent to the ledger: {error}")) from None
 
 
 def return_key(r: LegacyReturn, channel: str) -> str:
@@ -351,6 +355,12 @@ async def _sent_purchases(session: _Session) -> list[Quarantined]:
     except grpc.aio.AioRpcError as error:
         raise _Stopped(error.code(), error.details() or "") from error
     return [line for purchase, refusal in refused for line in _held_back(purchase, refusal)]
+
+
+def refused_lines(item: LegacyPurchase | LegacyReturn, error: grpc.aio.AioRpcError) -> list[Quarantined]:
+    """Every source line of a record the ledger refused with `error` (one of REFUSAL_CODES),
+    quarantined as an import quarantines a refused record: the ledger's code, field and reason."""
+    return _held_back(item, _refusal(error))
 
 
 def _held_back(item: LegacyPurchase | LegacyReturn, refusal: _Refusal) -> list[Quarantined]:

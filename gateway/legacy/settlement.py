@@ -8,7 +8,9 @@ them: the same contents are duplicates, other contents are refused and quarantin
 the purchases the ledger has for those stores and days that the file does not (which need a
 person: a test receipt, a wrong store id, a file cut short). Returns are listed for a person,
 not posted: the ledger knows a return by the idempotency key of the transport that sent it, so
-one that also came live from the till would be taken back twice.
+one that also came live from the till would be taken back twice. A store the ledger refuses to
+list (an id it does not take) has its receipts quarantined with the ledger's reason, as an
+import would; the other stores go on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import grpc
 
 from gateway.legacy.importer import (
+    REFUSAL_CODES,
     RETRYABLE_CODES,
     ImportInterrupted,
     ImportReport,
@@ -28,6 +31,7 @@ from gateway.legacy.importer import (
     ledger_stub,
     quarantine_path,
     read_source,
+    refused_lines,
     write_quarantine,
 )
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Parsed, Quarantined
@@ -143,7 +147,10 @@ async def _posted(
         )  # fmt: skip
         try:
             page = await stub.ListPurchases(request)
-        except grpc.aio.AioRpcError as error:  # not about the file: stop, like an import does
+        except grpc.aio.AioRpcError as error:
+            if error.code() in REFUSAL_CODES:  # about the file's store (an id the ledger refuses)
+                raise
+            # Not about the file: stop, like an import does.
             code = error.code()
             raise ImportInterrupted(
                 code, error.details() or "", retryable=code in RETRYABLE_CODES, partial=ImportReport("", channel)
@@ -152,6 +159,19 @@ async def _posted(
         token = page.next_page_token
         if not token:
             return found
+
+
+async def _store_posted(
+    stub: ledger_pb2_grpc.LedgerServiceStub, channel: str, store_id: str, days: set[datetime]
+) -> list[ledger_pb2.Purchase]:
+    """The ledger's purchases of one store over its days in the file (see reconcile_records)."""
+    found: list[ledger_pb2.Purchase] = []
+    for start, end in _spans(sorted(days)):
+        while start < end:
+            stop = start + LIST_WINDOW if end - start > LIST_WINDOW else end
+            found += await _posted(stub, channel, store_id, start, stop)
+            start = stop
+    return found
 
 
 async def reconcile_records(
@@ -175,13 +195,21 @@ async def reconcile_records(
     days: dict[tuple[str, str], set[datetime]] = {}
     for r in receipts:
         days.setdefault(key_of[id(r)][:2], set()).add(_day(r.receipt_time))
+    # A store the ledger refuses to list (an id it does not take, such as "HEL 02") holds back
+    # that store's receipts, quarantined with the ledger's reason as `legacy import` would; the
+    # other stores go on.
+    refused: dict[tuple[str, str], grpc.aio.AioRpcError] = {}
     for (ch, store_id), store_days in sorted(days.items()):
-        for start, end in _spans(sorted(store_days)):
-            while start < end:
-                stop = start + LIST_WINDOW if end - start > LIST_WINDOW else end
-                for p in await _posted(stub, ch, store_id, start, stop):
-                    in_ledger[(p.channel, p.store_id, p.receipt_id)] = p
-                start = stop
+        try:
+            store_posted = await _store_posted(stub, ch, store_id, store_days)
+        except grpc.aio.AioRpcError as error:  # a refusal: _posted raises ImportInterrupted for the rest
+            refused[(ch, store_id)] = error
+            continue
+        in_ledger.update({(p.channel, p.store_id, p.receipt_id): p for p in store_posted})
+    for r in receipts:
+        if (refusal := refused.get(key_of[id(r)][:2])) is not None:
+            report.quarantined += refused_lines(r, refusal)
+    receipts = [r for r in receipts if key_of[id(r)][:2] not in refused]
     missing = [r for r in receipts if key_of[id(r)] not in in_ledger]
     posted_before = [r for r in receipts if key_of[id(r)] in in_ledger]
     report.already_posted = len(posted_before)

@@ -162,9 +162,19 @@ def _text(obj: dict[str, Any], key: str, at: str, *, optional: bool = False) -> 
         return ""
     if not isinstance(value, str):
         raise _PayloadError(f"{at}.{key}", "is missing" if value is None else "must be a string")
+    if not _utf8(value):
+        raise _PayloadError(f"{at}.{key}", "is not valid Unicode: an unpaired surrogate such as \\ud800")
     if not value.strip() and not optional:
         raise _PayloadError(f"{at}.{key}", "is empty")
     return value.strip()
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _count(obj: dict[str, Any], key: str, at: str, maximum: int = 10**f.MAX_AMOUNT_DIGITS - 1) -> int:
