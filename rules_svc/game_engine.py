@@ -165,7 +165,16 @@ def join_key(item: Challenge) -> str:
 
 
 def has_joined(joined: set[str], item: Challenge) -> bool:
-    return join_key(item) in joined or item.id in joined  # a bare id: joined before windows were kept
+    """Joined this window: under its key, under a bare id (joined before windows were kept), or
+    under the key of a window that started inside this one (`starts` corrected to an earlier
+    date: the same challenge, so the join stands; a reused id's older window started before)."""
+    if join_key(item) in joined or item.id in joined:
+        return True
+    window = range(int(item.starts.timestamp()), int(item.ends.timestamp()))
+    prefix = f"{item.id}@from-"
+    return any(
+        key.startswith(prefix) and key[len(prefix) :].isdigit() and int(key[len(prefix) :]) in window for key in joined
+    )
 
 
 def in_window(state: ItemState, item: Challenge) -> bool:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from rules_svc.game_engine import Award, ItemState, PurchaseFact, apply, join_key, week_of
+from rules_svc.game_engine import Award, ItemState, PurchaseFact, apply, has_joined, join_key, week_of
 from rules_svc.game_store import GameStore
 from rules_svc.program import Program
 from tests.rules import load_doc, program_doc
@@ -210,3 +210,20 @@ def test_a_running_challenge_moved_to_start_earlier_keeps_what_it_counted() -> N
     replay(first, fact(datetime(2026, 1, 6, 12, tzinfo=UTC)), states=fresh)
     replay(corrected, fact(datetime(2026, 1, 2, 12, tzinfo=UTC)), states=fresh)  # before the old start
     assert (fresh["monthly"].count, fresh["monthly"].period) == (2, "from-1767225600")
+
+
+def test_a_join_stands_when_the_challenge_start_is_corrected_earlier_but_not_for_a_reused_id() -> None:
+    def opt_in(starts: str, ends: str) -> Program:
+        return game(challenges=[{"id": "vip", "name": "Two for members who joined", "starts": starts, "ends": ends,
+                                 "purchases": 2, "opt_in": True, "reward": {"points": 120}}])  # fmt: skip
+
+    first = opt_in("2026-01-05T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
+    corrected = opt_in("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
+    february = opt_in("2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00+00:00")
+    joined = {join_key(first.gamification.challenges[0])}
+
+    assert has_joined(joined, corrected.gamification.challenges[0])
+    assert not has_joined(joined, february.gamification.challenges[0])
+    states: dict[str, ItemState] = {}
+    awards = [a for d in (10, 11) for a in apply(corrected, states, joined, fact(datetime(2026, 1, d, 12, tzinfo=UTC)))]
+    assert [a.item_id for a in awards] == ["vip"]
