@@ -147,6 +147,29 @@ def load_state(book: ShardBook, member_id: str) -> MemberState:
     return MemberState() if raw is None else codec.loads(MemberState, raw)
 
 
+PURCHASE_REFERENCE = "purchase "  # an accrual earn's reference: "purchase <purchase id>"
+
+
+def untier(book: ShardBook, earn_tx: str, points: int) -> None:
+    """A purchase's earn reversed other than by a return (a rejected fraud review, ops): the
+    tier credits it counted toward qualification come off its month too, as a return's do, so
+    the member's tier follows what they keep. Each point is reversed once, whoever reverses it,
+    so nothing comes off twice."""
+    earn = book.tx.get_transaction(earn_tx)
+    if earn is None or points <= 0 or not earn.reference.startswith(PURCHASE_REFERENCE):
+        return
+    found = book.tx.get_purchase(earn.reference.removeprefix(PURCHASE_REFERENCE))
+    if found is None:
+        return
+    record = codec.loads(PurchaseRecord, found[1])
+    if not record.qualification_bucket or record.earn_transactions.get(record.metric_unit) != earn_tx:
+        return
+    state = load_state(book, record.member_id)
+    qualification = dict(state.qualification)
+    qualification[record.qualification_bucket] = qualification.get(record.qualification_bucket, 0) - points
+    book.tx.put_member_state(record.member_id, codec.dumps(replace(state, qualification=qualification)))
+
+
 def load_purchase(book: ShardBook, purchase_id: str) -> PurchaseRecord:
     found = book.tx.get_purchase(purchase_id)
     if found is None:
@@ -208,7 +231,7 @@ def accrue(
         earned = book.earn(
             record.member_id, unit, points, funding_source=DEFAULT_FUNDING, business_time=record.receipt_time,
             expires_at=quote.expires_at, release_at=quote.release_at, pending_review=held, purchase=record.total,
-            reference=f"purchase {record.purchase_id}",
+            reference=f"{PURCHASE_REFERENCE}{record.purchase_id}",
         )  # fmt: skip
         txs[unit] = earned.transaction.transaction_id
     counters = dict(state.counters)

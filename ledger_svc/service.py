@@ -56,6 +56,7 @@ from ledger_svc.domain import (
 )
 from ledger_svc.ingest import claim_many
 from ledger_svc.postings import Policy, ShardBook
+from ledger_svc.purchases import untier
 from ledger_svc.reconcile import ReconcileReport, reconcile
 from ledger_svc.reviews import (
     PlacedHold,
@@ -482,6 +483,14 @@ class LedgerService:
             v.money(cmd.purchase, "purchase_amount")
         if cmd.expires_at is not None and cmd.business_time is not None and cmd.expires_at <= cmd.business_time:
             raise InvalidArgument("must be later than the business time", field="expires_at")
+        if cmd.business_time is not None and cmd.expires_at is None and self.policy.expiry_days > 0:
+            try:
+                cmd.business_time + timedelta(days=self.policy.expiry_days)
+            except OverflowError:  # refused before the key is claimed: a corrected retry may use it
+                raise InvalidArgument(
+                    f"is too late: points earned then would expire {self.policy.expiry_days} days later, after year 9999",
+                    field="business_time",
+                ) from None
         return c.Earn(
             key=v.idem_key(cmd.key), member_id=v.member_id(cmd.member_id), unit=v.unit(cmd.unit, self.policy.units),
             points=cmd.points, funding_source=v.name(cmd.funding_source or DEFAULT_FUNDING, "funding_source"),
@@ -598,7 +607,7 @@ class LedgerService:
                 )
 
         decided = await self._mutate(
-            cmd, shard, Review, lambda b: reviews.decide(b, cmd.review_id, cmd.approve, cmd.operator_id, cmd.note),
+            cmd, shard, Review, lambda b: self._decide_in(b, cmd),
             recipient_can_receive,
         )  # fmt: skip
         if decided.kind is ReviewKind.TRANSFER and decided.status is ReviewStatus.APPROVED:
@@ -606,6 +615,16 @@ class LedgerService:
                 await self.sagas.drive_transfer(decided.transfer_id)
             except LedgerError:  # the decision stands; maintenance drives the saga on
                 log.exception("approved transfer %s could not be completed yet", decided.transfer_id)
+        return decided
+
+    @staticmethod
+    def _decide_in(book: ShardBook, cmd: c.DecideReview) -> Review:
+        decided = reviews.decide(book, cmd.review_id, cmd.approve, cmd.operator_id, cmd.note)
+        if decided.kind is ReviewKind.EARN and decided.status is ReviewStatus.REJECTED:
+            for tx_id in decided.outcome_transaction_ids:  # the reversals of the held earns
+                reversal = book.tx.get_transaction(tx_id)
+                if reversal is not None:
+                    untier(book, reversal.original_tx, -reversal.points)
         return decided
 
     def _check_adjust(self, cmd: c.Adjust) -> c.Adjust:
@@ -701,10 +720,13 @@ class LedgerService:
                 ),
             )  # fmt: skip
             return await self.sagas.drive_reversal(saga_id)
-        return await self._mutate(
-            cmd, self.shard_of_id(cmd.transaction_id), ReverseResult,
-            lambda b: b.reverse(cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason),
-        )  # fmt: skip
+
+        def body(b: ShardBook) -> ReverseResult:
+            result = b.reverse(cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason)
+            untier(b, cmd.transaction_id, result.reversed_points)
+            return result
+
+        return await self._mutate(cmd, self.shard_of_id(cmd.transaction_id), ReverseResult, body)
 
     async def release_pending(self, cmd: c.ReleasePending) -> Transaction:
         v.idem_key(cmd.key)
