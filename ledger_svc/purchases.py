@@ -81,6 +81,26 @@ class MemberState:
     counters: dict[str, int] = field(default_factory=dict)
     qualification: dict[str, int] = field(default_factory=dict)
     tier: str = ""
+    merged_from: tuple[str, ...] = ()  # members whose state was added in by a merge (once each)
+
+
+def take_in_merged_state(book: ShardBook, target: str, source: str, moved: MemberState) -> None:
+    """A merge adds the source's purchase count, cap counters and tier qualification (month by
+    month) to the target's, which keeps everything: the person's tier and caps do not reset
+    because two accounts became one. Once per source, however often the saga step runs."""
+    state = load_state(book, target)
+    if source in state.merged_from:
+        return
+    counters, qualification = dict(state.counters), dict(state.qualification)
+    for key, n in moved.counters.items():
+        counters[key] = counters.get(key, 0) + n
+    for bucket, n in moved.qualification.items():
+        qualification[bucket] = qualification.get(bucket, 0) + n
+    merged = replace(
+        state, purchase_count=state.purchase_count + moved.purchase_count, counters=counters,
+        qualification=qualification, merged_from=(*state.merged_from, source),
+    )  # fmt: skip
+    book.tx.put_member_state(target, codec.dumps(merged))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from ledger_svc.domain import (
     transfer_tx_ids,
 )
 from ledger_svc.postings import Portion, ShardBook, to_transaction
+from ledger_svc.purchases import MemberState, load_state, take_in_merged_state
 from ledger_svc.reviews import TransferResult
 from ledger_svc.screening import Screening, Verdict
 from ledger_svc.screening import event_id as screening_event_id
@@ -62,6 +63,10 @@ class Sagas:
             if saga is not None:
                 return saga
             moved = {u: m for u in self.svc.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
+            # The member's purchase count, caps and tier qualification go with the points (the
+            # first merge of a member only: a later sweep moves points a return gave back).
+            state = load_state(book, source) if merge_id == self.merge_id(source) else None
+            payload = {"units": moved, "state": codec.to_plain(state) if state else None}
             saga = SagaRecord(
                 merge_id,
                 "merge",
@@ -71,7 +76,7 @@ class Sagas:
                 "",
                 0,
                 "",
-                json.dumps(moved),
+                json.dumps(payload),
                 book.now,
                 book.now,
             )
@@ -80,12 +85,18 @@ class Sagas:
 
         saga = await self.svc._book(self.svc.shard_of(source), move_out)
         self.svc._fault("merge_after_move_out")
-        moved: dict[str, dict[str, Any]] = json.loads(saga.payload_json)
+        payload: dict[str, Any] = json.loads(saga.payload_json)
+        if "units" not in payload:  # a saga started before member state moved with a merge
+            payload = {"units": payload, "state": None}
+        moved: dict[str, dict[str, Any]] = payload["units"]
+        state = codec.from_plain(MemberState, payload["state"]) if payload["state"] else None
         if saga.state != SagaState.DONE:
 
             def move_in(book: ShardBook) -> None:
                 for u, m in moved.items():
                     book.move_in_all(target, u, m, source, merge_id)
+                if state is not None:
+                    take_in_merged_state(book, target, source, state)
 
             await self.svc._book(self.svc.shard_of(target), move_in)
             await self.svc._book(

@@ -54,3 +54,21 @@ async def test_a_tender_given_back_to_an_erased_merged_member_follows_the_merge(
     assert figures(await balance(s, b))["balance"] == before + 80 - sum(u.points for u in back.reversed
                                                                         if u.unit == "points")  # fmt: skip
     await books_balance(mesh)
+
+
+async def test_a_merge_carries_the_tier_qualification_and_purchase_count_to_the_target(mesh: Mesh) -> None:
+    """The target keeps everything: the person's tier and purchase number do not reset (nor a
+    welcome bonus come again) because two of their accounts became one; a replayed merge adds
+    nothing twice."""
+    a, b = await welcomed_member(mesh), await new_member(mesh)
+    crossed = await buy(mesh, a, [("misc", 30_000, 1)])
+    assert (crossed.purchase.tier_before, crossed.purchase.tier_after) == ("blue", "silver")
+    request = ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=a, target_member_id=b)
+    await mesh.ledger.stub.MergeMembers(request)
+    await mesh.ledger.stub.MergeMembers(request)
+
+    after = (await buy(mesh, b, [("misc", 1_000, 1)])).purchase
+
+    assert (after.tier_before, after.purchase_number) == ("silver", 3)
+    assert "welcome" not in {p.part.rule_id for p in after.parts}
+    await books_balance(mesh)
