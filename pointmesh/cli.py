@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -46,6 +46,23 @@ def _date(value: str) -> datetime:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{value!r} is not an ISO date or datetime") from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _zone(value: str) -> tzinfo:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IANA time zone such as Europe/Helsinki") from None
+
+
+def _naive_or_aware(value: str) -> datetime:
+    """An ISO date or datetime, left without a zone if it has none (the caller says which)."""
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO date or datetime") from exc
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -223,8 +240,11 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
     from ledger_svc.store.sqlite import SqliteLedgerStore
 
     settings = _settings()
-    if args.end <= args.start:
-        raise SystemExit(f"--to ({args.end.isoformat()}) must be later than --from ({args.start.isoformat()})")
+    # A bare date is midnight where finance counts the day (--timezone), not in UTC: a posting
+    # at 00:30 on 1 February in Helsinki belongs to February's export there.
+    start, end = (t if t.tzinfo else t.replace(tzinfo=args.timezone) for t in (args.start, args.end))
+    if end <= start:
+        raise SystemExit(f"--to ({end.isoformat()}) must be later than --from ({start.isoformat()})")
     if settings.store == "sqlite" and not SqliteLedgerStore.holds_ledger(sqlite_dir(settings)):
         # Opening the store would create an empty ledger there and report nothing outstanding.
         raise SystemExit(f"no ledger in {settings.data_dir} (POINTMESH_DATA_DIR); nothing exported")
@@ -232,7 +252,7 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
     async def run(out: TextIO) -> int:
         store = open_store(settings)
         try:
-            return await export_csv(store, args.start, args.end, out)
+            return await export_csv(store, start, end, out)
         finally:
             await store.close()
 
@@ -565,8 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--quarantine-dir", default="", help="where bad lines go (default: DATA_DIR/quarantine)")
     imp.set_defaults(func=cmd_legacy_import)
     export = ledger.add_parser("export", help="period liability and movements as CSV")
-    export.add_argument("--from", dest="start", type=_date, required=True, help="period start (inclusive), ISO date")
-    export.add_argument("--to", dest="end", type=_date, required=True, help="period end (exclusive), ISO date")
+    export.add_argument("--from", dest="start", type=_naive_or_aware, required=True,
+                        help="period start (inclusive), ISO date or datetime")  # fmt: skip
+    export.add_argument("--to", dest="end", type=_naive_or_aware, required=True,
+                        help="period end (exclusive), ISO date or datetime")  # fmt: skip
+    export.add_argument("--timezone", type=_zone, default=UTC,
+                        help="where a date without an offset starts (IANA name, e.g. Europe/Helsinki); default UTC")  # fmt: skip
     export.add_argument("--out", default="-", help="file to write, or - for stdout")
     export.set_defaults(func=cmd_ledger_export)
     cli_events.add_commands(sub, _date)

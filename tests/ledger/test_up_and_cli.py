@@ -377,6 +377,16 @@ async def test_export_closing_liability_equals_member_balances_funded_by_the_pro
         total,
     )
 
+    # Midnight UTC on 1 January is still 31 December in New York, already 1 January in Helsinki:
+    # bare dates start the day where finance counts it (--timezone), not in UTC.
+    for zone, opening, earned in (("America/New_York", total, 0), ("Europe/Helsinki", 0, total)):
+        local = tmp_path / f"{zone.replace('/', '-')}.csv"
+        done = await _cli("ledger", "export", "--from", "2026-01-01", "--to", "2026-02-01", "--timezone", zone,
+                          "--out", str(local), data_dir=data_dir)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        member = _rows(local)["member:points"]
+        assert (int(member["opening_points"]), int(member["earn_points"])) == (opening, earned), zone
+
 
 @pytest.mark.parametrize(
     "command", [("ledger", "reconcile"), ("ledger", "export", "--from", "2026-01-01", "--to", "x")]
