@@ -48,6 +48,7 @@ class ItemState:
     weeks: list[int] = field(default_factory=list)  # recent matching weeks (streaks; late receipts fill gaps)
     paid: list[list[int]] = field(default_factory=list)  # [first, last] week of each streak already paid
     period: str = ""  # the challenge window this progress belongs to (an id reused later starts afresh)
+    period_ends_us: int = 0  # that window's end (0: stored before ends were kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +178,25 @@ def has_joined(joined: set[str], item: Challenge) -> bool:
     )
 
 
-def in_window(state: ItemState, item: Challenge) -> bool:
-    """Whether stored progress belongs to the challenge's window as published now. Progress
-    stored before windows were kept belongs to it unless it was completed before it began."""
+def _stored_for(state: ItemState, item: Challenge) -> bool:
+    """Whether stored progress was counted under exactly this window. Progress stored before
+    windows were kept belongs to it unless it was completed before it began."""
     if state.period:
         return state.period == challenge_period(item)
     return not (state.completions and state.last_completed_us < epoch_us(item.starts))
+
+
+def in_window(state: ItemState, item: Challenge) -> bool:
+    """Whether stored progress belongs to the challenge as published now: counted under this
+    window, or under one of the same id that overlaps it (its dates were corrected since)."""
+    if _stored_for(state, item):
+        return True
+    stored_start_us = _period_start(state.period) * 1_000_000 if state.period else 0
+    return (
+        bool(state.period_ends_us)
+        and stored_start_us < epoch_us(item.ends)
+        and (epoch_us(item.starts) < state.period_ends_us)
+    )
 
 
 def _period_start(period: str) -> int:
@@ -190,25 +204,34 @@ def _period_start(period: str) -> int:
 
 
 def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bool) -> Award | None:
+    """Counts a receipt under the version of the challenge in effect at its receipt time. Two
+    windows of one id that overlap are one challenge whose dates were corrected: progress
+    carries over and pays once. Only a window that begins after the stored one ended is the id
+    reused (counted afresh), and a receipt for a window that ended before the stored one began
+    is a late one for the old window (not counted)."""
     if not item.starts <= fact.receipt_time < item.ends:
         return None
-    period = challenge_period(item)
-    if not in_window(state, item):
-        stored_start = _period_start(state.period) if state.period else 0
-        if stored_start <= _period_start(period):
+    period, ends_us = challenge_period(item), epoch_us(item.ends)
+    if not _stored_for(state, item):
+        stored_start, start = (_period_start(state.period) if state.period else 0), _period_start(period)
+        if stored_start > start:
+            if item.ends.timestamp() <= stored_start:
+                return None  # a late receipt for an older window the id has since moved on from
+            state.period, state.period_ends_us = period, ends_us  # moved to start earlier: adopted
+        elif not (state.period and state.period_ends_us > start * 1_000_000):
             state.count, state.completions, state.last_completed_us = 0, 0, 0  # the id reused: count afresh
-        elif item.ends.timestamp() <= stored_start:
-            return None  # a late receipt for an older window the id has since moved on from
-        # Otherwise the stored window starts later but overlaps this one: the running challenge
-        # was moved to start earlier, what it counted lies inside, and a completion stays one.
-    state.period = period
+            state.period, state.period_ends_us = period, ends_us
+        # else: the stored window began earlier and still ran when this one begins (a receipt
+        # counted under the version before a correction): it stays under the stored window.
+    else:
+        state.period, state.period_ends_us = period, ends_us
     if state.completions or (item.opt_in and not joined):
         return None
     state.count += 1
     if state.count < item.purchases:
         return None
     state.completions, state.last_completed_us = 1, epoch_us(fact.receipt_time)
-    return Award(item.id, item.name, period, item.reward.points, item.reward.unit)
+    return Award(item.id, item.name, state.period, item.reward.points, item.reward.unit)
 
 
 def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact: PurchaseFact) -> list[Award]:

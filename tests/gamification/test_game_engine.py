@@ -227,3 +227,25 @@ def test_a_join_stands_when_the_challenge_start_is_corrected_earlier_but_not_for
     states: dict[str, ItemState] = {}
     awards = [a for d in (10, 11) for a in apply(corrected, states, joined, fact(datetime(2026, 1, d, 12, tzinfo=UTC)))]
     assert [a.item_id for a in awards] == ["vip"]
+
+
+def test_late_receipts_counted_under_the_version_before_a_correction_neither_pay_again_nor_undo_progress(
+    tmp_path: Path,
+) -> None:
+    """Receipts are counted under the version in effect at their receipt time, so a late one
+    from before the correction meets the old window. The overlapping windows are one challenge:
+    it pays once, under the window it completed in, and its progress stays."""
+    first = challenge("2026-01-05T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
+    corrected = challenge("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
+    store = GameStore(tmp_path / "game.sqlite")
+    day = {d: datetime(2026, 1, d, 12, tzinfo=UTC) for d in range(1, 32)}
+
+    got = [store.apply_event(first, fact(day[6]))]
+    got += [store.apply_event(corrected, fact(day[d])) for d in (10, 11)]  # completes it
+    got += [store.apply_event(first, fact(day[d])) for d in (7, 8, 9)]  # yesterday's legacy file
+
+    awards = [a.key("test", "m-1") for found in got for a in found or []]
+    assert awards == ["test:monthly:m-1:from-1767225600"]
+    state = store.states("test", "m-1")["monthly"]
+    assert (state.completions, state.period) == (1, "from-1767225600")
+    assert [r.progress for r in store.board("test", "monthly", "from-1767225600", 0, 10)] == [3]
