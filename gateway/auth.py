@@ -86,10 +86,12 @@ class Principal:
             raise forbidden(f"API key {self.key.key_id} lacks scope {scope} (it has {', '.join(self.key.scopes)})")
         return self.key
 
-    def store_for(self, store_id: str, field: str = "store_id") -> str:
+    def store_for(self, store_id: str, field: str = "store_id", *, required: bool = True) -> str:
         """The store a command acts for: one the key is bound to, never another, and never none
-        for a key bound to stores (a receipt filed under no store would not meet the same
-        receipt filed under its store, and would earn twice). `field` names where it was given."""
+        for a key bound to stores where the store matters (a receipt filed under no store would
+        not meet the same receipt filed under its store, and would earn twice; a spend screened
+        without its store). `required=False`: a return (keyed by its purchase) or a quote may
+        name none. `field` names where it was given."""
         key = self.key
         if key is None:
             raise forbidden("a member token cannot act for a store")
@@ -97,7 +99,7 @@ class Principal:
             raise forbidden(f"API key {key.key_id} may act for stores {', '.join(key.stores)}, not {store_id}")
         if not store_id and len(key.stores) == 1:
             return key.stores[0]
-        if not store_id and key.stores:
+        if not store_id and key.stores and required:
             raise bad_request(field, f"is required: API key {key.key_id} acts for stores {', '.join(key.stores)}")
         return store_id
 

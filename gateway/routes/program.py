@@ -29,7 +29,7 @@ async def explain(body: s.Explain, gw: GatewayDep, caller: Caller) -> s.Explanat
     api_key = caller.require("program:read")
     request = rules_pb2.EvaluateRequest(
         program=gw.settings.program,
-        basket=cv.basket_pb(body, api_key.channel, caller.store_for(body.store_id)),
+        basket=cv.basket_pb(body, api_key.channel, caller.store_for(body.store_id, required=False)),
         member=rules_pb2.MemberContext(tier=body.tier),
     )
     return cv.explanation((await call(RULES, gw.rules.Evaluate(request))).evaluation)

@@ -63,7 +63,7 @@ async def record_return(
 ) -> s.ReturnResult:
     api_key, key = write
     request = ledger_pb2.RecordReturnRequest(
-        idempotency_key=key, purchase_id=purchase_id, channel=api_key.channel, store_id=caller.store_for(body.store_id),
+        idempotency_key=key, purchase_id=purchase_id, channel=api_key.channel, store_id=caller.store_for(body.store_id, required=False),
         lines=[ledger_pb2.ReturnLine(line_index=ln.line_index, quantity=ln.quantity) for ln in body.lines],
         refund=cv.money_pb(body.refund) if body.refund is not None else None,
     )  # fmt: skip

@@ -63,7 +63,7 @@ async def test_a_key_bound_to_several_stores_must_say_which_one_it_acts_for(gw: 
         named = await multi.post("/v1/purchases", json=purchase_body(gw, member, "MS-1", 1000, store_id="HEL-01"),
                                  headers=idem())  # fmt: skip
         assert named.status_code == 201, named.text
-        earned = named.json()["earned"]["points"]
+        earned, purchase_id = named.json()["earned"]["points"], named.json()["purchase_id"]
         spend = {"member_id": member, "points": 1}
         unnamed = problem(await multi.post("/v1/redemptions", json=spend, headers=idem()), 400)
         assert unnamed["errors"][0]["field"] == "context.store_id"
@@ -73,6 +73,10 @@ async def test_a_key_bound_to_several_stores_must_say_which_one_it_acts_for(gw: 
         problem(other, 403)
         balance = (await pos.get(f"/v1/members/{member}/balance")).json()
         assert balance["balance_points"] == earned - 1  # the receipt earned once, one point spent once
+        # A return is keyed by its purchase, so it may name no store (nor need one).
+        back = {"lines": [{"line_index": 0, "quantity": 1}]}
+        returned = await multi.post(f"/v1/purchases/{purchase_id}/returns", json=back, headers=idem())
+        assert returned.status_code == 201, returned.text
 
 
 async def test_text_no_message_can_carry_is_400_naming_the_field(gw: GatewayUnderTest) -> None:

@@ -153,3 +153,19 @@ def test_prod_runs_on_cassandra_and_kafka_and_dev_on_the_embedded_defaults() -> 
     assert _by(dev, "ConfigMap")["pointmesh-config"]["data"]["POINTMESH_STORE"] == "sqlite"
     assert {d["metadata"].get("namespace") for d in dev} == {"pointmesh-dev"}
     assert all(d["spec"]["replicas"] == 1 for d in _by(dev, "Deployment").values())
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_every_gateway_replica_must_get_the_one_member_token_secret(target: str) -> None:
+    """Left unset, each gateway pod would sign member tokens with a secret of its own: the pod
+    refuses to start without it, and the dev overlay ships a dev-only one."""
+    docs = render(TARGETS[target])
+    (container,) = _by(docs, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container.get("env", [])}
+    ref = env["POINTMESH_MEMBER_TOKEN_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"], ref.get("optional", False)) == (
+        "pointmesh-secrets", "POINTMESH_MEMBER_TOKEN_SECRET", False,
+    )  # fmt: skip
+    if target == "dev":
+        secret = _by(docs, "Secret")["pointmesh-secrets"]
+        assert len(secret["stringData"]["POINTMESH_MEMBER_TOKEN_SECRET"]) >= 32
