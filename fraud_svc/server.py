@@ -8,6 +8,7 @@ import grpc
 
 from fraud_svc import domain as d
 from fraud_svc.service import FraudService
+from pointmesh.currencies import is_known
 from pointmesh.errors import rich_status, translating
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, fraud_pb2, fraud_pb2_grpc
@@ -45,10 +46,20 @@ def _time(message: Any, field: str, path: str, *, required: bool = False) -> Any
         raise d.BadRequest(str(exc), field=path) from None
 
 
+def _currency(amount: common_pb2.Money, path: str) -> None:
+    """An amount is compared across transactions in its currency: an ISO 4217 one, or none for
+    no amount at all."""
+    if amount.currency and not is_known(amount.currency):
+        raise d.BadRequest(f"{amount.currency!r} is not an ISO 4217 code", field=f"{path}.currency")
+    if not amount.currency and amount.amount_minor:
+        raise d.BadRequest(f"is required with an amount ({amount.amount_minor} minor units)", field=f"{path}.currency")
+
+
 def context(t: fraud_pb2.ScoredTransaction, path: str = "transaction") -> d.TxContext:
     kind = KINDS.get(t.kind)
     if kind is None:
         raise d.BadRequest("must be purchase, redemption, transfer or return", field=f"{path}.kind")
+    _currency(t.amount, f"{path}.amount")
     return d.TxContext(
         event_id=t.event_id, kind=kind, member_id=t.member_id,
         occurred_at=_time(t, "occurred_at", f"{path}.occurred_at", required=True), channel=t.channel,

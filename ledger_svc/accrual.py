@@ -50,6 +50,7 @@ from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningContext, ScreeningRequest
 from ledger_svc.screening import event_id as screening_event_id
 from pointmesh.tiers import effective_tier
+from pointmesh.timestamps import utc_instant
 
 if TYPE_CHECKING:
     from ledger_svc.service import LedgerService
@@ -62,6 +63,12 @@ MAX_LINES = 500
 
 class EngineUnavailable(Exception):
     """The points engine did not answer in time; the purchase waits instead of failing."""
+
+
+class EngineFailedOnBasket(EngineUnavailable):
+    """The engine failed on this basket alone (an error of its own, not a refusal): a bug the
+    basket trips. The purchase waits for a fixed engine like in an outage, but nothing else
+    does: the breaker stays closed, and a waiting pass goes on with other members."""
 
 
 class StaleQuote(Exception):
@@ -101,7 +108,7 @@ class PointsEngine(Protocol):
 
     async def quote_many(
         self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
-    ) -> list[Quote | LedgerError | None]: ...
+    ) -> list[Quote | LedgerError | EngineFailedOnBasket | None]: ...
 
 
 def natural_key(program: str, cmd: c.RecordPurchase) -> IdemKey:
@@ -138,6 +145,7 @@ class Accrual:
                 raise InvalidArgument(
                     f"must not be negative, got {line.amount_minor}", field=f"lines[{i}].amount.amount_minor"
                 )
+            v.amount(line.amount_minor, f"lines[{i}].amount.amount_minor", allow_zero=True)
         total = sum(line.amount_minor for line in cmd.lines)
         if total != cmd.total.amount_minor:
             raise InvalidArgument(
@@ -168,6 +176,9 @@ class Accrual:
         profile = await self.svc.member_profile(cmd.member_id)
         try:
             return await self.engine.quote(self.program, cmd, state, profile)
+        except EngineFailedOnBasket as exc:
+            log.error("points engine failed on purchase %s, which waits: %s", cmd.receipt_id, exc)
+            return None
         except EngineUnavailable as exc:
             self.engine_down(f"purchase {cmd.receipt_id}", exc)
             return None
@@ -339,16 +350,24 @@ class Accrual:
 
     async def process_waiting(self, limit: int = 500) -> int:
         """Earns purchases that waited for rules_svc, oldest receipt first; stops at the first
-        engine failure so order is kept. Returns how many were settled (earned or refused)."""
+        engine outage so order is kept. A basket the engine fails on keeps waiting, and so do
+        its member's later purchases (their order counts); other members' go on. Returns how
+        many were settled (earned or refused)."""
         if self.engine is None:
             return 0
         settled = 0
+        held: set[str] = set()
         for shard in range(self.svc.store.shard_count):
             waiting = await self.svc.store.read(shard, lambda tx: tx.waiting_purchases(limit))
             for purchase_id, member_id in waiting:
+                if member_id in held:
+                    continue
                 done = await self._settle(shard, purchase_id, member_id)
                 if done is None:
                     return settled
+                if done < 0:
+                    held.add(member_id)
+                    continue
                 settled += done
         return settled
 
@@ -376,6 +395,9 @@ class Accrual:
             quote = await self.engine.quote(self.program, cmd, state, profile)
             refusal = self._late(cmd, quote, record.received_at)
             screening = None if refusal else await self._screen(cmd, quote, purchase_id)
+        except EngineFailedOnBasket as exc:
+            log.error("points engine failed on waiting purchase %s, which keeps waiting: %s", purchase_id, exc)
+            return -1
         except (EngineUnavailable, Unavailable):  # not the purchase's fault: it waits for the next pass
             return None
         except LedgerError as error:
@@ -466,7 +488,7 @@ def _purchase_cursor(token: str) -> tuple[datetime, str] | None:
     if not token:
         return None
     when, _, purchase_id = token.partition("|")
-    try:
-        return datetime.fromisoformat(when), v.object_id(purchase_id, "pu", "page_token")
+    try:  # the tokens this API returns carry a UTC offset; without one the time compares with nothing
+        return utc_instant(datetime.fromisoformat(when)), v.object_id(purchase_id, "pu", "page_token")
     except (ValueError, InvalidArgument):
         raise InvalidArgument("is not a token this API returned", field="page_token") from None

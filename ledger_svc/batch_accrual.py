@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from ledger_svc import codec
 from ledger_svc import commands as c
-from ledger_svc.accrual import EngineUnavailable, Priced
+from ledger_svc.accrual import EngineFailedOnBasket, EngineUnavailable, Priced
 from ledger_svc.domain import FailedPrecondition, LedgerError
 from ledger_svc.ingest import WRITE_RUN, claim_many
 from ledger_svc.postings import ShardBook
@@ -176,7 +176,7 @@ class BatchAccrual:
                 it.unary = True
             return
         for it, quote in zip(items, quotes, strict=True):
-            if quote is None:
+            if quote is None or isinstance(quote, EngineFailedOnBasket):  # the unary path: it waits
                 it.unary = True
                 continue
             if isinstance(quote, LedgerError):

@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger_svc import commands as c
@@ -33,14 +34,15 @@ _HOLD_STATUS = {
 ts = to_timestamp
 
 
-def dt(message: Any, field: str) -> datetime | None:
-    """A Timestamp field as an aware datetime, or None when the field is unset."""
+def dt(message: Any, field: str, path: str = "") -> datetime | None:
+    """A Timestamp field as an aware datetime, or None when the field is unset. `path` is the
+    field's full path in the request when `message` is nested (default: `field`)."""
     if not message.HasField(field):
         return None
     try:
         return from_timestamp(getattr(message, field))
     except ValueError as exc:
-        raise d.InvalidArgument(str(exc), field=field) from exc
+        raise d.InvalidArgument(str(exc), field=path or field) from exc
 
 
 def required_time(message: Any, field: str) -> datetime:
@@ -242,9 +244,9 @@ def transfer_pb(r: TransferResult) -> ledger_pb2.TransferResponse:
     )  # fmt: skip
 
 
-def screening_context(m: ledger_pb2.ScreeningContext) -> ScreeningContext:
+def screening_context(m: ledger_pb2.ScreeningContext, path: str = "context") -> ScreeningContext:
     return ScreeningContext(m.channel, m.store_id, m.device_id, m.ip, m.card_hash, m.employee_card,
-                            dt(m, "contact_changed_at"))  # fmt: skip
+                            dt(m, "contact_changed_at", f"{path}.contact_changed_at"))  # fmt: skip
 
 
 def screening_pb(s: Screening | None) -> ledger_pb2.Screening | None:
@@ -299,10 +301,28 @@ def reverse_cmd(r: ledger_pb2.ReverseRequest) -> c.Reverse:
     )
 
 
+# google.protobuf.Duration's own range: about 10,000 years either way.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def duration(m: Duration, field: str) -> timedelta:
+    """A Duration as a timedelta; InvalidArgument on `field` for one protobuf calls invalid
+    (seconds past its range, |nanos| of a second or more, seconds and nanos of opposite signs)."""
+    seconds, nanos = m.seconds, m.nanos
+    if abs(seconds) > MAX_DURATION_SECONDS:
+        raise d.InvalidArgument(f"seconds must be within +-{MAX_DURATION_SECONDS}, got {seconds}", field=field)
+    if abs(nanos) >= 1_000_000_000:
+        raise d.InvalidArgument(f"nanos must be within +-999999999, got {nanos}", field=field)
+    if (seconds > 0 and nanos < 0) or (seconds < 0 and nanos > 0):
+        raise d.InvalidArgument(f"seconds ({seconds}) and nanos ({nanos}) must have the same sign", field=field)
+    try:
+        return timedelta(seconds=seconds, microseconds=int(nanos / 1000))
+    except OverflowError:
+        raise d.InvalidArgument(f"{seconds} seconds is not a duration", field=field) from None
+
+
 def hold_cmd(r: ledger_pb2.PlaceHoldRequest) -> c.PlaceHold:
-    timeout = (
-        timedelta(seconds=r.timeout.seconds, microseconds=r.timeout.nanos // 1000) if r.HasField("timeout") else None
-    )
+    timeout = duration(r.timeout, "timeout") if r.HasField("timeout") else None
     return c.PlaceHold(key(r), r.member_id, r.unit, r.points, timeout, r.reference, screening_context(r.context))
 
 

@@ -2,19 +2,24 @@
 
 Deadline-bound; a rules_svc that is down, overloaded or slow becomes EngineUnavailable (the
 purchase waits as pending accrual), while a basket rules_svc refuses becomes the ledger's own
-InvalidArgument/FailedPrecondition naming the request field.
+InvalidArgument/FailedPrecondition naming the request field. A basket rules_svc fails on
+(UNKNOWN/INTERNAL for it alone: a bug that basket trips) becomes EngineFailedOnBasket: the
+purchase waits for a fixed engine, but, unlike an outage, the breaker stays closed and the
+waiting queue goes on with other members. EvaluateBatch reports per item, which tells the two
+apart; a unary Evaluate that fails that way is asked once more as a batch of one.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import grpc
 from google.rpc import error_details_pb2
 
 from ledger_svc import commands as c
-from ledger_svc.accrual import EngineUnavailable
-from ledger_svc.domain import FailedPrecondition, InvalidArgument, LedgerError, Money
+from ledger_svc.accrual import EngineFailedOnBasket, EngineUnavailable
+from ledger_svc.domain import MAX_POINTS, FailedPrecondition, InvalidArgument, LedgerError, Money
 from ledger_svc.purchases import MemberState, Part, Quote
 from pointmesh.clients import rules_stub
 from pointmesh.errors import status_details
@@ -23,11 +28,17 @@ from pointmesh.tiers import TierPolicy
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2
 
-_FIELDS = {"total_minor": "total.amount_minor", "currency": "total.currency"}
+# rules_svc's basket fields as the RecordPurchase fields they come from ("basket": the points it
+# would earn, which follow from the total).
+_FIELDS = {"total_minor": "total.amount_minor", "currency": "total.currency", "basket": "total"}
+_ITEM_PREFIX = re.compile(r"^items\[\d+\]\.")
+# Codes that say rules_svc (or the way to it) is down or overloaded, not that a basket is bad.
+OUTAGE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
+FAILED_ON_BASKET = frozenset({"UNKNOWN", "INTERNAL"})
 
 
 def _field(rules_field: str) -> str:
-    name = rules_field.removeprefix("basket.")
+    name = _ITEM_PREFIX.sub("", rules_field).removeprefix("basket.")
     return _FIELDS.get(name, name)
 
 
@@ -80,6 +91,9 @@ def quote_of(e: rules_pb2.Evaluation) -> Quote:
                    tuple((t.code, t.threshold) for t in tiers.levels), tiers.timezone or "UTC")
         if tiers is not None else None
     )  # fmt: skip
+    for unit, points in _unit_totals(parts).items():
+        if points > MAX_POINTS:  # a rules_svc of before its own bound: refused, not posted
+            raise InvalidArgument(f"earns {points} {unit}; a purchase may earn at most {MAX_POINTS}", field="total")
     return Quote(
         e.program, e.version, parts, e.fx_rate,
         from_timestamp(e.expires_at) if e.HasField("expires_at") else None,
@@ -89,6 +103,13 @@ def quote_of(e: rules_pb2.Evaluation) -> Quote:
     )  # fmt: skip
 
 
+def _unit_totals(parts: Sequence[Part]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for part in parts:
+        totals[part.unit] = totals.get(part.unit, 0) + abs(part.points)
+    return totals
+
+
 def _refusal(code: str, message: str, field: str) -> LedgerError | None:
     """rules_svc refusing a basket, as the ledger's own error; None when it is not a refusal."""
     if code == "INVALID_ARGUMENT":
@@ -96,6 +117,15 @@ def _refusal(code: str, message: str, field: str) -> LedgerError | None:
     if code in ("FAILED_PRECONDITION", "NOT_FOUND"):
         return FailedPrecondition(f"rules_svc: {message}", field=field)
     return None
+
+
+def _item_outcome(code: str, message: str, field: str) -> LedgerError | EngineFailedOnBasket | None:
+    """One batch item's error: a refusal, a failure on that basket (it waits, but it is not
+    rules_svc being down), or None for an outage code (asked again on the unary path)."""
+    refusal = _refusal(code, message, field)
+    if refusal is not None or code in OUTAGE_CODES:
+        return refusal
+    return EngineFailedOnBasket(f"rules_svc could not evaluate the basket ({code}): {message}")
 
 
 class RulesEngineClient:
@@ -115,15 +145,34 @@ class RulesEngineClient:
             refusal = _refusal(code.name, (error.details() or "").split(": ", 1)[-1], field)
             if refusal is not None:
                 raise refusal from None
+            if code.name in FAILED_ON_BASKET:
+                return await self._quote_alone(program, cmd, state, profile, f"{code.name}: {error.details()}")
             raise EngineUnavailable(f"{code.name}: {error.details()}") from None
         return quote_of(response.evaluation)
 
+    async def _quote_alone(
+        self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str], failure: str
+    ) -> Quote:
+        """After a unary Evaluate failed with UNKNOWN/INTERNAL: the same basket as a batch of
+        one, whose per-item answer tells a basket rules_svc fails on (refused) from rules_svc
+        failing whatever it is asked (the batch call fails too: an outage)."""
+        try:
+            (outcome,) = await self.quote_many(program, [(cmd, state, profile)])
+        except EngineUnavailable as exc:
+            raise EngineUnavailable(f"{failure}; asked as a batch: {exc}") from None
+        if outcome is None:
+            raise EngineUnavailable(failure)
+        if isinstance(outcome, LedgerError | EngineFailedOnBasket):
+            raise outcome
+        return outcome
+
     async def quote_many(
         self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
-    ) -> list[Quote | LedgerError | None]:
-        """One EvaluateBatch; a basket rules_svc refuses fails alone, one it could not answer
-        for another reason is None (it asks again on its own), an unavailable rules_svc fails
-        the call (EngineUnavailable)."""
+    ) -> list[Quote | LedgerError | EngineFailedOnBasket | None]:
+        """One EvaluateBatch; a basket rules_svc refuses fails alone, one it fails on
+        (UNKNOWN/INTERNAL for that item) is EngineFailedOnBasket, one it could not answer for an
+        outage reason is None (it asks again on its own), an unavailable rules_svc fails the
+        call (EngineUnavailable)."""
         requests = [evaluate_request(program, *item) for item in items]
         batch = rules_pb2.EvaluateBatchRequest(
             program=program, items=[rules_pb2.EvaluateItem(basket=r.basket, member=r.member) for r in requests]
@@ -132,12 +181,15 @@ class RulesEngineClient:
             response = await self.stub.EvaluateBatch(batch, timeout=self.batch_deadline)
         except grpc.aio.AioRpcError as error:
             raise EngineUnavailable(f"{error.code().name}: {error.details()}") from None
-        out: list[Quote | LedgerError | None] = []
+        out: list[Quote | LedgerError | EngineFailedOnBasket | None] = []
         for result in response.results:
             if result.HasField("evaluation"):
-                out.append(quote_of(result.evaluation))
+                try:
+                    out.append(quote_of(result.evaluation))
+                except LedgerError as error:
+                    out.append(error)
                 continue
-            out.append(_refusal(result.error.code, result.error.message, _field(result.error.field)))
+            out.append(_item_outcome(result.error.code, result.error.message, _field(result.error.field)))
         if len(out) != len(items):
             raise EngineUnavailable(f"rules_svc answered {len(out)} results for {len(items)} baskets")
         return out

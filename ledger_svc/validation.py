@@ -7,9 +7,13 @@ from datetime import timedelta
 
 from ledger_svc.domain import MAX_POINTS, IdemKey, InvalidArgument, Money, is_valid_id, is_valid_name
 from ledger_svc.screening import ScreeningContext
+from pointmesh.currencies import is_known
 
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
-_CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+# The largest money amount (minor units) any entry point takes: the gateway's bound, and
+# rules_svc's. A bigger one earns more points than a posting may hold (MAX_POINTS) and, summed
+# on the shared funding account, no longer fits a 64-bit integer.
+MAX_AMOUNT_MINOR = 10**15
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 
@@ -57,10 +61,18 @@ def unit(value: str, units: tuple[str, ...], field: str = "unit") -> str:
 
 
 def money(value: Money, field: str, *, allow_zero: bool = False) -> Money:
-    if not _CURRENCY_RE.match(value.currency):
+    if not is_known(value.currency):
         raise InvalidArgument(f"{value.currency!r} is not an ISO 4217 code", field=f"{field}.currency")
-    if value.amount_minor < 0 or (value.amount_minor == 0 and not allow_zero):
-        raise InvalidArgument(f"must be positive, got {value.amount_minor}", field=f"{field}.amount_minor")
+    amount(value.amount_minor, f"{field}.amount_minor", allow_zero=allow_zero)
+    return value
+
+
+def amount(value: int, field: str, *, allow_zero: bool = False) -> int:
+    """A money amount in minor units: positive (or zero) and at most MAX_AMOUNT_MINOR."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InvalidArgument(f"must be positive, got {value}", field=field)
+    if value > MAX_AMOUNT_MINOR:
+        raise InvalidArgument(f"must be at most {MAX_AMOUNT_MINOR} minor units, got {value}", field=field)
     return value
 
 

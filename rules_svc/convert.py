@@ -25,13 +25,25 @@ def _time(message: Any, field: str, path: str) -> Any:
         raise BadRequest(str(exc), field=path) from None
 
 
+# The largest money amount (minor units) rules_svc prices: the bound the gateway and the ledger
+# put on every amount they take, so a basket they let through always fits.
+MAX_AMOUNT_MINOR = 10**15
+
+
+def _amount(value: int, field: str) -> None:
+    if value > MAX_AMOUNT_MINOR:
+        raise BadRequest(f"must be at most {MAX_AMOUNT_MINOR} minor units, got {value}", field=field)
+
+
 def basket(m: rules_pb2.Basket, path: str = "basket") -> Basket:
     when = _time(m, "receipt_time", f"{path}.receipt_time")
     if when is None:
         raise BadRequest("is required", field=f"{path}.receipt_time")
     currency = m.total.currency
+    _amount(m.total.amount_minor, f"{path}.total.amount_minor")
     lines = []
     for i, ln in enumerate(m.lines):
+        _amount(ln.amount.amount_minor, f"{path}.lines[{i}].amount.amount_minor")
         if ln.amount.currency != currency:
             raise BadRequest(
                 f"is {ln.amount.currency!r} but the basket total is in {currency!r}",
@@ -64,6 +76,15 @@ def guard_pb(g: Guard | None) -> rules_pb2.Guard | None:
 
 
 def evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
+    """BadRequest naming the basket for an evaluation a response cannot carry (a figure past
+    int64: the engine bounds points, so only an extreme program's FX could get here)."""
+    try:
+        return _evaluation_pb(e)
+    except ValueError as exc:
+        raise BadRequest(f"the evaluation does not fit a response: {exc}", field="basket") from None
+
+
+def _evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
     out = rules_pb2.Evaluation(
         program=e.program, version=e.version, earn_currency=e.earn_currency, fx_rate=e.fx_rate,
         earn_amounts_minor=e.earn_amounts_minor, expires_at=to_timestamp(e.expires_at),

@@ -618,8 +618,46 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
 # A program is a few kilobytes. YAML aliases are references that expand when the document is
 # walked: a few lines of nested aliases ("billion laughs") stand for a billion values, and
 # validating them would take rules_svc down. Anchors for reuse stay possible, a few at a time.
+# Nesting too: a program is a handful of levels deep, while a few kilobytes of brackets nest
+# thousands of levels, past the recursion limit of the parsers and of validation. The depth is
+# counted before anything is built (JSON: brackets outside strings; YAML: the parser's events,
+# stopping at the first level too deep, as its scanner slows with every open flow level).
 MAX_DOCUMENT_BYTES = 1_000_000
 MAX_YAML_ALIASES = 64
+MAX_NESTING = 32
+_JSON_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep() -> ProgramInvalid:
+    return ProgramInvalid([("", f"is nested more than {MAX_NESTING} levels deep; a program needs far fewer")])
+
+
+def _check_json_nesting(text: str) -> None:
+    depth = 0
+    for match in _JSON_BRACKETS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise _too_deep()
+        elif token in "]}":
+            depth -= 1
+
+
+def _check_yaml_events(text: str) -> None:
+    """Aliases and nesting of a YAML document, from its parse events (nothing is built)."""
+    aliases = depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise _too_deep()
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        elif isinstance(event, yaml.AliasEvent):
+            aliases += 1
+    if aliases > MAX_YAML_ALIASES:
+        raise ProgramInvalid([("", f"uses {aliases} YAML aliases; at most {MAX_YAML_ALIASES} are allowed")])
 
 
 def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
@@ -627,11 +665,13 @@ def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
     if len(text.encode()) > MAX_DOCUMENT_BYTES:
         raise ProgramInvalid([("", f"the document is larger than {MAX_DOCUMENT_BYTES} bytes")])
     try:
-        if fmt != "json":
-            aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
-            if aliases > MAX_YAML_ALIASES:
-                raise ProgramInvalid([("", f"uses {aliases} YAML aliases; at most {MAX_YAML_ALIASES} are allowed")])
+        if fmt == "json":
+            _check_json_nesting(text)
+        else:
+            _check_yaml_events(text)
         data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    except RecursionError:  # the checks above keep documents far from this; a last line of defence
+        raise _too_deep() from None
     except json.JSONDecodeError as exc:
         raise ProgramInvalid([("", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")]) from None
     except yaml.YAMLError as exc:
@@ -643,9 +683,24 @@ def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
     return data
 
 
+def _without_final_newline(value: Any) -> Any:
+    """Releases before 2026-12-05 matched names, times and decimals with `$`, which also takes a
+    final newline: a version they published ("2\n") is read as it was served ("2")."""
+    if isinstance(value, str):
+        return value[:-1] if value.endswith("\n") else value
+    if isinstance(value, dict):
+        return {_without_final_newline(k): _without_final_newline(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_final_newline(v) for v in value]
+    return value
+
+
 def validate_program(data: dict[str, Any], *, stored: bool = False) -> Program:
     """A mapping -> a Program, or ProgramInvalid with every problem found and its path.
-    `stored`: a version published before, read back (see _meaning_errors)."""
+    `stored`: a version published before, read back (see _meaning_errors and
+    _without_final_newline): it keeps serving under checks added since."""
+    if stored:
+        data = _without_final_newline(data)
     try:
         program = Program.model_validate(data)
     except ValidationError as exc:

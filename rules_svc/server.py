@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from pointmesh.errors import rich_status, translating
@@ -12,6 +14,7 @@ from rules_svc import domain as d
 from rules_svc.game_service import GameService
 from rules_svc.service import RulesService
 
+log = logging.getLogger(__name__)
 DOMAIN = "rules.pointmesh.dev"
 
 ERROR_CODES: tuple[tuple[type[d.RulesError], grpc.StatusCode, str], ...] = (
@@ -42,17 +45,22 @@ def error_status(error: d.RulesError) -> grpc.Status:
 
 
 def _results(outcomes: list[d.Evaluation | d.RulesError]) -> list[rules_pb2.EvaluateResult]:
+    """Per item, its evaluation or its error: an evaluation no response can carry is that item's
+    error, never the whole call's."""
     out = []
     for outcome in outcomes:
-        if isinstance(outcome, d.RulesError):
-            code, _reason = code_of(outcome)
-            out.append(
-                rules_pb2.EvaluateResult(
-                    error=rules_pb2.ItemError(code=code.name, message=outcome.message, field=outcome.field)
-                )
+        if isinstance(outcome, d.Evaluation):
+            try:
+                out.append(rules_pb2.EvaluateResult(evaluation=cv.evaluation_pb(outcome)))
+                continue
+            except d.RulesError as error:
+                outcome = error
+        code, _reason = code_of(outcome)
+        out.append(
+            rules_pb2.EvaluateResult(
+                error=rules_pb2.ItemError(code=code.name, message=outcome.message, field=outcome.field)
             )
-        else:
-            out.append(rules_pb2.EvaluateResult(evaluation=cv.evaluation_pb(outcome)))
+        )
     return out
 
 
@@ -118,8 +126,23 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
         self, request: rules_pb2.EvaluateBatchRequest, context: grpc.aio.ServicerContext
     ) -> rules_pb2.EvaluateBatchResponse:
         items = [cv.item(m, i) for i, m in enumerate(request.items)]
-        outcomes = self.service.evaluate_many(request.program, request.version, items)
+        try:
+            outcomes = self.service.evaluate_many(request.program, request.version, items)
+        except Exception:  # a bug some basket trips, not a refusal: find it, answer the others
+            log.exception("EvaluateBatch of %d items failed; evaluating them one by one", len(items))
+            outcomes = [self._evaluate_alone(request.program, request.version, item) for item in items]
         return rules_pb2.EvaluateBatchResponse(results=_results(outcomes))
+
+    def _evaluate_alone(
+        self, program: str, version: int, item: tuple[d.Basket, d.MemberContext] | d.RulesError
+    ) -> d.Evaluation | d.RulesError:
+        """One item's outcome; a failure that is no RulesError is this item's INTERNAL error
+        (the batch reports per item, so one basket never reads as rules_svc being down)."""
+        try:
+            return self.service.evaluate_many(program, version, [item])[0]
+        except Exception as exc:
+            log.exception("EvaluateBatch item failed")
+            return d.RulesError(f"rules_svc failed on this basket: {type(exc).__name__}: {exc}")
 
     @translated
     async def Simulate(

@@ -280,3 +280,13 @@ def test_a_version_published_before_these_checks_still_loads_and_serves() -> Non
     assert program.rules[0].caps.per_line == 10
     assert program.redemption is not None
     assert [v.amount_minor for v in program.redemption.values] == [100, 200]
+
+
+def test_a_stored_version_with_a_final_newline_in_a_value_still_loads_as_it_was_served() -> None:
+    doc = program_doc({"id": "double", "effect": {"multiplier": "2\n"}})
+    with pytest.raises(ProgramInvalid):
+        validate_program(doc)
+
+    program = validate_program(doc, stored=True)
+
+    assert program.rules[0].effect.multiplier == "2"

@@ -1,0 +1,97 @@
+"""fraud_svc refuses an amount it cannot compare: a currency that is not ISO 4217, or a nonzero
+amount without a currency, with INVALID_ARGUMENT on the field (per item in a batch)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+
+from fraud_svc.app import build
+from pointmesh.config import load_settings
+from pointmesh.errors import status_details
+from pointmesh.redis_server import RedisServer
+from pointmesh.rpc import client_channel
+from pointmesh.timestamps import to_timestamp
+from pointmesh.v1 import common_pb2, fraud_pb2, fraud_pb2_grpc
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+async def stub(
+    tmp_path_factory: pytest.TempPathFactory, fraud_models: Path, redis_server: RedisServer
+) -> AsyncIterator[fraud_pb2_grpc.FraudServiceStub]:
+    tmp = tmp_path_factory.mktemp("fraud-edges")
+    shutil.copytree(fraud_models, tmp / "models")
+    settings = load_settings({}, data_dir=tmp, redis_url=redis_server.url, models_dir=str(tmp / "models"),
+                             fraud_addr="127.0.0.1:0", grace_seconds=1.0)  # fmt: skip
+    app = await build(settings)
+    await app.start()
+    channel = client_channel(f"127.0.0.1:{app.port}", default_timeout_seconds=10.0)
+    yield fraud_pb2_grpc.FraudServiceStub(channel)
+    await channel.close()
+    await app.stop(grace=1.0)
+
+
+def tx(event_id: str, amount: common_pb2.Money | None, **fields: object) -> fraud_pb2.ScoredTransaction:
+    return fraud_pb2.ScoredTransaction(
+        event_id=event_id,
+        kind=fields.pop("kind", fraud_pb2.SCORED_KIND_PURCHASE),
+        member_id=f"m_{event_id}",
+        occurred_at=to_timestamp(NOW),
+        channel="pos",
+        store_id="HEL-01",
+        amount=amount,
+        points=25,
+        member_since=to_timestamp(NOW - timedelta(days=400)),
+        balance_points=3000,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def money(minor: int, currency: str) -> common_pb2.Money:
+    return common_pb2.Money(amount_minor=minor, currency=currency)
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [
+        pytest.param(money(100, "ZZZ"), id="unknown-code"),
+        pytest.param(money(100, "eur"), id="lowercase-code"),
+        pytest.param(money(100, ""), id="nonzero-amount-without-currency"),
+    ],
+)
+async def test_an_amount_in_no_known_currency_is_refused_on_its_field(
+    stub: fraud_pb2_grpc.FraudServiceStub, amount: common_pb2.Money
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Score(fraud_pb2.ScoreRequest(transaction=tx("bad", amount)))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    found = [d for d in status_details(caught.value) if isinstance(d, error_details_pb2.BadRequest)]
+    assert [[v.field for v in d.field_violations] for d in found] == [["transaction.amount.currency"]]
+
+
+async def test_known_currencies_and_no_amount_are_scored(stub: fraud_pb2_grpc.FraudServiceStub) -> None:
+    for i, amount in enumerate([money(2500, "EUR"), money(300, "JPY"), None, money(0, "")]):
+        got = await stub.Score(fraud_pb2.ScoreRequest(
+            transaction=tx(f"ok{i}", amount, kind=fraud_pb2.SCORED_KIND_REDEMPTION)
+        ))  # fmt: skip
+        assert got.event_id == f"ok{i}"
+
+
+async def test_in_a_batch_the_unknown_currency_fails_alone(stub: fraud_pb2_grpc.FraudServiceStub) -> None:
+    got = await stub.ScoreBatch(fraud_pb2.ScoreBatchRequest(
+        transactions=[tx("b0", money(100, "EUR")), tx("b1", money(100, "ZZZ")), tx("b2", money(7, ""))]
+    ))  # fmt: skip
+
+    assert [i.WhichOneof("outcome") for i in got.items] == ["result", "error", "error"]
+    assert got.items[0].result.event_id == "b0"
+    assert got.items[1].error.startswith("transactions[1].amount.currency: ")
+    assert got.items[2].error.startswith("transactions[2].amount.currency: ")
