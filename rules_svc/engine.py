@@ -323,8 +323,6 @@ class CompiledProgram:
         base: dict[str, list[int]], running: dict[str, list[int]] | None,
     ) -> list[Component] | None:  # fmt: skip
         """The rule's components for this basket, or None when a condition does not hold."""
-        if rule.unit not in base:
-            return None  # the earn currency has no base rate for the rule's unit (docs/rules.md)
         for check in rule.member_checks:
             if not check(member, ordinal):
                 return None
@@ -363,7 +361,9 @@ class CompiledProgram:
                 )
         else:
             source = running if rule.compound and running is not None else base
-            unit_base = source[unit]
+            unit_base = source.get(unit)
+            if unit_base is None:
+                return None  # a multiplier of a unit the earn currency has no base rate for
             num, den = rule.extra_num, rule.extra_den
             if rule.kind == MULTIPLY_BASKET:
                 total = sum(unit_base[i] for i in lines)

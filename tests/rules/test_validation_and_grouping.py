@@ -1,5 +1,5 @@
 """Best-of groups decided where their first-ranked member stands, basket-level rules refusing a
-per-line cap, redemption values per currency, bonus units without a base rate, and names that
+per-line cap, redemption values per currency, units without a base rate, and names that
 must not end in a newline.
 
 Baskets are two EUR lines of 10.00 and 25.00 (base 10 + 25 = 35 points) unless a test says so.
@@ -178,24 +178,29 @@ def test_redemption_values_in_different_currencies_are_accepted() -> None:
     assert [v.currency for v in program.redemption.values] == ["EUR", "SEK"]
 
 
-# Bonus effects in a unit the earn currency has no base rate for ------------------------------------
+# Units the earn currency has no base rate for ----------------------------------------------------
 
 
-@pytest.mark.parametrize("effect", [{"bonus_points": 50}, {"bonus_points_per_item": 5}])
-def test_a_bonus_in_a_unit_without_a_base_rate_for_the_earn_currency_does_not_apply(effect: dict[str, Any]) -> None:
-    engine = compile_doc(
-        program_doc(
-            {"id": "credits", "unit": "tier_credits", "effect": effect},
-            {"id": "points-bonus", "effect": {"bonus_points": 7}},
-            units=["points", "tier_credits"],
-        )
-    )
+@pytest.mark.parametrize("effect", [{"bonus_points": 1}, {"bonus_points_per_item": 1}])
+def test_a_bonus_pays_in_its_unit_even_where_no_currency_earns_that_unit_by_base_rate(
+    effect: dict[str, Any],
+) -> None:
+    """A unit earned only by bonuses (a stamp per visit) is a program a retailer runs: a fixed
+    bonus does not depend on a base rate, unlike a multiplier."""
+    engine = compile_doc(program_doc({"id": "stamp", "unit": "stamps", "effect": effect}, units=["points", "stamps"]))
 
     evaluation = engine.evaluate(basket(), NOBODY)
 
-    # EUR earns points only: the tier_credits rule does not apply, so no component names it.
-    assert order(evaluation) == [("base", 35), ("points-bonus", 7)]
-    assert evaluation.totals() == {"points": 42}
+    assert evaluation.totals() == {"points": 35, "stamps": 1 if "bonus_points" in effect else 2}
+
+
+def test_a_multiplier_of_a_unit_the_earn_currency_has_no_base_rate_for_does_not_apply() -> None:
+    engine = compile_doc(program_doc({"id": "stamps-x2", "unit": "stamps", "effect": {"multiplier": "2"}},
+                                     units=["points", "stamps"]))  # fmt: skip
+
+    evaluation = engine.evaluate(basket(), NOBODY)
+
+    assert order(evaluation) == [("base", 35)]
 
 
 def test_a_bonus_in_a_unit_with_a_base_rate_still_applies() -> None:
@@ -213,22 +218,6 @@ def test_a_bonus_in_a_unit_with_a_base_rate_still_applies() -> None:
     evaluation = engine.evaluate(basket(), NOBODY)
 
     assert evaluation.totals() == {"points": 35, "tier_credits": 35 + 50}
-
-
-def test_a_best_of_bonus_contender_without_a_base_rate_does_not_beat_one_that_applies() -> None:
-    engine = compile_doc(
-        program_doc(
-            {"id": "credits", "unit": "tier_credits", "group": "g", "effect": {"bonus_points": 500}},
-            {"id": "double", "group": "g", "effect": {"multiplier": "2"}},
-            units=["points", "tier_credits"],
-            groups=[{"id": "g", "mode": "best_of"}],
-        )
-    )
-
-    evaluation = engine.evaluate(basket(), NOBODY)
-
-    assert order(evaluation) == [("base", 35), ("double", 35)]
-    assert evaluation.excluded == ()
 
 
 # Names, times and decimals: a trailing newline is not part of a valid value ------------------------
