@@ -285,11 +285,14 @@ class ShardBook:
         pending_review: bool,
         purchase: Money | None,
         reference: str,
+        never_expires: bool = False,
     ) -> EarnResult:
+        """`expires_at` None: the ledger's default expiry, unless `never_expires` (a program
+        whose policy says its points never expire)."""
         biz = business_time or self.now
         if expires_at is not None and expires_at <= biz:
             raise InvalidArgument("must be later than the business time", field="expires_at")
-        expiry = expires_at or self.default_expiry(biz)
+        expiry = None if never_expires else expires_at or self.default_expiry(biz)
         pending = pending_review or (release_at is not None and release_at > self.now)
         record = self._record(
             TxKind.EARN, member_id, unit, points, business_time=biz, reference=reference,

@@ -251,6 +251,7 @@ def accrue(
         earned = book.earn(
             record.member_id, unit, points, funding_source=DEFAULT_FUNDING, business_time=record.receipt_time,
             expires_at=quote.expires_at, release_at=quote.release_at, pending_review=held, purchase=record.total,
+            never_expires=quote.expires_at is None,  # the program gives every earn a date, or none: never
             reference=f"{PURCHASE_REFERENCE}{record.purchase_id}",
         )  # fmt: skip
         txs[unit] = earned.transaction.transaction_id

@@ -1,13 +1,17 @@
-"""Returns of purchases whose member was merged away: after chained merges (A into B, B into C)
-the reversed points come off C, the member holding them; after the merged-away member was
-erased, a tender given back still follows the merge. Both stores (tests/mesh)."""
+"""Purchases of members merged away, and program policy the ledger must follow: after chained
+merges (A into B, B into C) a return's points come off C, the member holding them; after the
+merged-away member was erased, a tender given back still follows the merge; a merge carries the
+tier qualification and purchase count; a program whose points never expire dates no lot. Both
+stores (tests/mesh)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from ledger_svc.reconcile import reconcile
-from pointmesh.v1 import ledger_pb2
+from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.ledger.helpers import balance, figures, key, redeem
-from tests.mesh.conftest import Mesh
+from tests.mesh.conftest import PROGRAM, Mesh
 from tests.mesh.helpers import buy, exact, new_member, return_lines, welcomed_member
 
 
@@ -72,3 +76,21 @@ async def test_a_merge_carries_the_tier_qualification_and_purchase_count_to_the_
     assert (after.tier_before, after.purchase_number) == ("silver", 3)
     assert "welcome" not in {p.part.rule_id for p in after.parts}
     await books_balance(mesh)
+
+
+async def test_a_program_whose_points_never_expire_gives_lots_no_expiry(mesh: Mesh) -> None:
+    """`expiry_days: null` is never: the ledger's own default (for earns that name no program)
+    must not date a purchase's points in its place."""
+    never = PROGRAM.read_text().replace("  expiry_days: 365\n", "  expiry_days: null\n")
+    assert never != PROGRAM.read_text()
+    await mesh.rules.stub.PublishProgram(
+        rules_pb2.PublishProgramRequest(idempotency_key=common_pb2.IdempotencyKey(key="never"), document=never)
+    )
+    member = await new_member(mesh)
+    earned = exact((await buy(mesh, member, [("misc", 5000, 1)])).purchase)
+
+    mesh.clock.advance(timedelta(days=800))
+    expired = await mesh.ledger.stub.RunExpiry(ledger_pb2.RunExpiryRequest())
+
+    assert expired.expired_points == 0
+    assert figures(await balance(mesh.ledger.stub, member))["balance"] == earned["points"]
