@@ -49,6 +49,7 @@ from ledger_svc.purchases import (
 from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningContext, ScreeningRequest
 from ledger_svc.screening import event_id as screening_event_id
+from ledger_svc.store.base import ShardTx
 from pointmesh.tiers import effective_tier
 from pointmesh.timestamps import utc_instant
 
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FUTURE_SKEW = timedelta(minutes=5)
 BREAKER_SECONDS = 1.0
+WAITING_SCAN_PAGES = 20  # pages a waiting pass reads past purchases held on a failing basket
 MAX_LINES = 500
 
 
@@ -358,17 +360,27 @@ class Accrual:
         settled = 0
         held: set[str] = set()
         for shard in range(self.svc.store.shard_count):
-            waiting = await self.svc.store.read(shard, lambda tx: tx.waiting_purchases(limit))
-            for purchase_id, member_id in waiting:
-                if member_id in held:
-                    continue
-                done = await self._settle(shard, purchase_id, member_id)
-                if done is None:
-                    return settled
-                if done < 0:
-                    held.add(member_id)
-                    continue
-                settled += done
+            want = limit
+            while True:
+                # Held members' purchases stay first in the list: the page widens past them, so
+                # they cannot crowd out everyone behind (up to WAITING_SCAN_PAGES pages a pass).
+                waiting = await self.svc.store.read(shard, partial(_waiting, size=want))
+                skipped = 0
+                for purchase_id, member_id in waiting:
+                    if member_id in held:
+                        skipped += 1
+                        continue
+                    done = await self._settle(shard, purchase_id, member_id)
+                    if done is None:
+                        return settled
+                    if done < 0:
+                        held.add(member_id)
+                        skipped += 1
+                        continue
+                    settled += done
+                if len(waiting) < want or not skipped or want >= limit * WAITING_SCAN_PAGES:
+                    break
+                want += limit
         return settled
 
     async def _settle(self, shard: int, purchase_id: str, member_id: str) -> int | None:
@@ -492,3 +504,7 @@ def _purchase_cursor(token: str) -> tuple[datetime, str] | None:
         return utc_instant(datetime.fromisoformat(when)), v.object_id(purchase_id, "pu", "page_token")
     except (ValueError, InvalidArgument):
         raise InvalidArgument("is not a token this API returned", field="page_token") from None
+
+
+def _waiting(tx: ShardTx, size: int) -> list[tuple[str, str]]:
+    return tx.waiting_purchases(size)

@@ -170,24 +170,41 @@ def load_state(book: ShardBook, member_id: str) -> MemberState:
 PURCHASE_REFERENCE = "purchase "  # an accrual earn's reference: "purchase <purchase id>"
 
 
+def qualification_bucket_of(book: ShardBook, earn_tx: str) -> str:
+    """The tier-qualification month an accrual earn counted its points in ("" if it counted none:
+    not a purchase's earn, or not in the program's qualifying unit)."""
+    earn = book.tx.get_transaction(earn_tx)
+    if earn is None or not earn.reference.startswith(PURCHASE_REFERENCE):
+        return ""
+    found = book.tx.get_purchase(earn.reference.removeprefix(PURCHASE_REFERENCE))
+    if found is None:
+        return ""
+    record = codec.loads(PurchaseRecord, found[1])
+    if not record.qualification_bucket or record.earn_transactions.get(record.metric_unit) != earn_tx:
+        return ""
+    return record.qualification_bucket
+
+
+def take_off_qualification(book: ShardBook, member_id: str, bucket: str, points: int) -> None:
+    """Tier credits taken back come off the month they counted in, on the member whose tier they
+    count for now (the member itself, or the one it was merged into, who has its months)."""
+    if not bucket or points <= 0:
+        return
+    state = load_state(book, member_id)
+    qualification = dict(state.qualification)
+    qualification[bucket] = qualification.get(bucket, 0) - points
+    book.tx.put_member_state(member_id, codec.dumps(replace(state, qualification=qualification)))
+
+
 def untier(book: ShardBook, earn_tx: str, points: int) -> None:
     """A purchase's earn reversed other than by a return (a rejected fraud review, ops): the
     tier credits it counted toward qualification come off its month too, as a return's do, so
     the member's tier follows what they keep. Each point is reversed once, whoever reverses it,
-    so nothing comes off twice."""
+    so nothing comes off twice. (A merged-away member's reversal does this on the member it was
+    merged into: Sagas.drive_reversal.)"""
     earn = book.tx.get_transaction(earn_tx)
-    if earn is None or points <= 0 or not earn.reference.startswith(PURCHASE_REFERENCE):
-        return
-    found = book.tx.get_purchase(earn.reference.removeprefix(PURCHASE_REFERENCE))
-    if found is None:
-        return
-    record = codec.loads(PurchaseRecord, found[1])
-    if not record.qualification_bucket or record.earn_transactions.get(record.metric_unit) != earn_tx:
-        return
-    state = load_state(book, record.member_id)
-    qualification = dict(state.qualification)
-    qualification[record.qualification_bucket] = qualification.get(record.qualification_bucket, 0) - points
-    book.tx.put_member_state(record.member_id, codec.dumps(replace(state, qualification=qualification)))
+    if earn is not None:
+        take_off_qualification(book, earn.member_id, qualification_bucket_of(book, earn_tx), points)
 
 
 def load_purchase(book: ShardBook, purchase_id: str) -> PurchaseRecord:
@@ -264,7 +281,8 @@ def accrue(
         bucket = month_bucket(record.receipt_time, quote.tier_policy.timezone)
         qualification[bucket] = qualification.get(bucket, 0) + record.earned().get(metric, 0)
         tier_after = effective_tier(quote.tier_policy, qualification, record.receipt_time)
-    book.tx.put_member_state(record.member_id, codec.dumps(MemberState(ordinal, counters, qualification, tier_after)))
+    kept = replace(state, purchase_count=ordinal, counters=counters, qualification=qualification, tier=tier_after)
+    book.tx.put_member_state(record.member_id, codec.dumps(kept))  # `merged_from` stays: merges apply once
     if held and screening is not None and txs:
         unit = book.policy.units[0] if book.policy.units[0] in txs else next(iter(txs))
         review = open_review(book, review_id, ReviewKind.EARN, record.member_id, unit, record.earned()[unit],
@@ -402,13 +420,8 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
         recredit = min(recredit, book.tender_left(record.tender_transaction_id))
     if recredit:
         book.recredit_tender(record.tender_transaction_id, recredit, reason=f"return {cmd.key.key}")
-    if record.metric_unit and by_unit.get(record.metric_unit):
-        state = load_state(book, record.member_id)
-        qualification = dict(state.qualification)
-        qualification[record.qualification_bucket] = (
-            qualification.get(record.qualification_bucket, 0) - by_unit[record.metric_unit]
-        )
-        book.tx.put_member_state(record.member_id, codec.dumps(replace(state, qualification=qualification)))
+    if record.metric_unit and not merged_into:  # merged away: the reversal saga does it on the heir
+        take_off_qualification(book, record.member_id, record.qualification_bucket, by_unit.get(record.metric_unit, 0))
     record = replace(
         record, returned_points=tuple(returned), returned_quantities=tuple(quantities), refunded_minor=refunded,
         tender_recredited=record.tender_recredited + recredit,

@@ -28,7 +28,13 @@ from ledger_svc.domain import (
     transfer_tx_ids,
 )
 from ledger_svc.postings import Portion, ShardBook, to_transaction
-from ledger_svc.purchases import MemberState, load_state, take_in_merged_state
+from ledger_svc.purchases import (
+    MemberState,
+    load_state,
+    qualification_bucket_of,
+    take_in_merged_state,
+    take_off_qualification,
+)  # fmt: skip
 from ledger_svc.reviews import TransferResult
 from ledger_svc.screening import Screening, Verdict
 from ledger_svc.screening import event_id as screening_event_id
@@ -226,13 +232,25 @@ class Sagas:
             raise NotFound(f"reversal {saga_id} does not exist", field="transaction_id")
         payload = json.loads(saga.payload_json)
         tx_id = f"tx_{bucket_of(saga.dest_member):04x}{saga_id.split('_', 1)[1][4:]}-in"
-        result = await self.svc._book(
-            self.svc.shard_of(saga.dest_member),
-            lambda b: b.finish_merged_reversal(
+        # The earn's tier-qualification month (read where the earn lives); the months moved to
+        # the member the points went to, so the credits come off there, with the points.
+        month = await self.svc.store.read(
+            self.svc.shard_of_id(payload["original_tx"]),
+            lambda tx: qualification_bucket_of(ShardBook(tx, self.svc.clock.now(), self.svc.policy),
+                                               payload["original_tx"]),
+        )  # fmt: skip
+
+        def finish(b: ShardBook) -> ReverseResult:
+            first_time = b.tx.get_transaction(tx_id) is None
+            result = b.finish_merged_reversal(
                 saga.dest_member, saga.unit, saga.points, original_tx=payload["original_tx"], tx_id=tx_id,
                 reason=payload["reason"],
-            ),
-        )  # fmt: skip
+            )  # fmt: skip
+            if first_time:
+                take_off_qualification(b, saga.dest_member, month, result.reversed_points)
+            return result
+
+        result = await self.svc._book(self.svc.shard_of(saga.dest_member), finish)
         await self.svc._book(
             self.svc.shard_of_id(saga_id), lambda b: b.tx.set_saga_state(saga_id, SagaState.DONE, b.now)
         )

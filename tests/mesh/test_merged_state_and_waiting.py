@@ -1,0 +1,101 @@
+"""What a merge moves beyond points, kept right afterwards: the member state (purchase count,
+caps, tier months) is added once even if the target buys before a crashed merge is recovered,
+and tier credits taken back from a pre-merge purchase (a return, an ops reversal) come off the
+member who now holds those months. And a waiting pass is not crowded out by one member whose
+baskets rules_svc fails on. Both stores (tests/mesh)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from ledger_svc import codec
+from ledger_svc.accrual import BREAKER_SECONDS
+from ledger_svc.domain import SagaState
+from ledger_svc.purchases import MemberState
+from pointmesh.v1 import ledger_pb2
+from tests.ledger.helpers import key
+from tests.mesh.conftest import Mesh
+from tests.mesh.helpers import buy, new_member, return_lines, welcomed_member
+
+
+async def state_of(mesh: Mesh, member: str) -> MemberState:
+    svc = mesh.ledger.app.service
+    raw = await svc.store.read(svc.shard_of(member), lambda tx: tx.get_member_state(member))
+    return MemberState() if raw is None else codec.loads(MemberState, raw)
+
+
+async def merge(mesh: Mesh, source: str, target: str) -> None:
+    await mesh.ledger.stub.MergeMembers(ledger_pb2.MergeMembersRequest(
+        idempotency_key=key(), source_member_id=source, target_member_id=target))  # fmt: skip
+
+
+async def test_a_recovered_merge_adds_the_member_state_once_even_after_the_target_bought(mesh: Mesh) -> None:
+    svc = mesh.ledger.app.service
+    a, b = await welcomed_member(mesh), await new_member(mesh)
+    await buy(mesh, a, [("misc", 30_000, 1)])  # a: 2 purchases, 300 tier credits
+    await merge(mesh, a, b)
+    merge_id = svc.sagas.merge_id(a)  # as if it crashed after moving in, before it was marked done:
+    await svc.store.write(svc.shard_of(a), lambda tx: tx.set_saga_state(merge_id, SagaState.HELD, mesh.clock.now()))
+    await buy(mesh, b, [("misc", 1_000, 1)])
+
+    await svc.recover_sagas()
+
+    state = await state_of(mesh, b)
+    assert (state.purchase_count, sum(state.qualification.values())) == (3, 310)
+
+
+async def test_a_return_of_a_pre_merge_purchase_takes_its_tier_credits_off_the_target(mesh: Mesh) -> None:
+    a, b = await welcomed_member(mesh), await new_member(mesh)
+    bought = await buy(mesh, a, [("misc", 30_000, 1)])
+    await merge(mesh, a, b)
+    assert sum((await state_of(mesh, b)).qualification.values()) == 300
+
+    await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)])
+
+    assert sum((await state_of(mesh, b)).qualification.values()) == 0
+    assert (await buy(mesh, b, [("misc", 100, 1)])).purchase.tier_before == "blue"
+
+
+async def test_an_ops_reversal_of_a_pre_merge_earn_takes_its_tier_credits_off_the_target(mesh: Mesh) -> None:
+    a, b = await welcomed_member(mesh), await new_member(mesh)
+    bought = (await buy(mesh, a, [("misc", 30_000, 1)])).purchase
+    await merge(mesh, a, b)
+
+    await mesh.ledger.stub.Reverse(ledger_pb2.ReverseRequest(
+        idempotency_key=key(), transaction_id=bought.earn_transactions["tier_credits"], reason="ops", full=True))  # fmt: skip
+
+    assert sum((await state_of(mesh, b)).qualification.values()) == 0
+
+
+async def test_a_member_held_on_a_failing_basket_does_not_crowd_out_the_waiting_pass(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accrual, svc, rules = mesh.ledger.app.service.accrual, mesh.ledger.app.service, mesh.rules.app.service
+    real = rules.evaluate
+
+    def evaluate(program: str, version: int, basket: Any, member: Any) -> Any:
+        if basket.receipt_id.startswith("CRASH"):
+            raise ValueError("a bug these baskets trip")
+        return real(program, version, basket, member)
+
+    monkeypatch.setattr(rules, "evaluate", evaluate)
+    a = await new_member(mesh)
+    b = await new_member(mesh)
+    while svc.shard_of(b) != svc.shard_of(a):
+        b = await new_member(mesh)
+    accrual.engine_down("the test", RuntimeError("an outage"))
+    t = mesh.clock.now()
+    held = [await buy(mesh, a, [("misc", 1000, 1)], receipt=f"CRASH-{i}", at=t - timedelta(minutes=9 - i))
+            for i in range(3)]  # fmt: skip
+    behind = await buy(mesh, b, [("misc", 1000, 1)], at=t - timedelta(minutes=1))
+    assert {p.purchase.status for p in (*held, behind)} == {ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL}
+    await asyncio.sleep(BREAKER_SECONDS + 0.1)
+
+    await accrual.process_waiting(limit=2)  # a's purchases alone fill the first page
+
+    got = await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=behind.purchase.purchase_id))
+    assert got.purchase.status == ledger_pb2.PURCHASE_STATUS_EARNED
