@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,16 +27,6 @@ from pointmesh.redis_server import RedisServer
 MIN = 60_000
 SPEC = TrackSpec((10 * MIN, 60 * MIN), (60 * MIN,), (60 * MIN,), want_prev=True, retention_ms=60 * MIN)
 T0 = 1_760_000_000_000
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def velocity(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Velocity]:
-    if request.param == "memory":
-        yield MemoryVelocity()
-        return
-    client = Redis.from_url(redis_server.url)
-    yield RedisVelocity(client, prefix=f"test:{uuid.uuid4().hex}:")
-    await client.aclose()
 
 
 # 1. A duplicate still trims what fell out of the retention (as the Redis script does).

@@ -33,17 +33,6 @@ async def redis_velocity(redis_server: RedisServer) -> AsyncIterator[RedisVeloci
     await client.aclose()
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def velocity(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Velocity]:
-    """Each semantic test runs against both stores."""
-    if request.param == "memory":
-        yield MemoryVelocity()
-        return
-    client = Redis.from_url(redis_server.url)
-    yield RedisVelocity(client, prefix=f"test:{uuid.uuid4().hex}:")
-    await client.aclose()
-
-
 async def buy(v: Velocity, eid: str, at_ms: int, amount: int, card: str, key: str = "m:1") -> tuple[int, ...]:
     return await v.observe(eid, at_ms, [Track(SPEC, key, amount, card, True)], [])
 
