@@ -593,12 +593,18 @@ class LedgerService:
         shard = self.shard_of_id(cmd.review_id)
 
         async def recipient_can_receive() -> None:
-            """An approved transfer pays its recipient, who may have been blocked or erased
-            since: refused here, and ops rejects the review instead."""
+            """An approved transfer moves points out of its sender and pays its recipient; either
+            may have been blocked or erased since (a takeover confirmed, a ring collector found):
+            refused here, and ops rejects the review instead."""
             body = await self.store.read(shard, lambda tx: tx.get_review(cmd.review_id)) if cmd.approve else None
             review = codec.loads(Review, body) if body is not None else None
             if review is None or review.kind is not ReviewKind.TRANSFER or review.status is not ReviewStatus.OPEN:
                 return
+            sender = await self._status(review.member_id, "review_id")
+            if sender is not MemberStatus.ACTIVE:
+                raise MemberNotActive(
+                    f"the transfer's sender {review.member_id} is {sender.value}; reject the review", field="review_id"
+                )
             status = await self._status(review.counterparty_member_id, "review_id")
             if status not in (MemberStatus.ACTIVE, MemberStatus.MERGED):
                 raise MemberNotActive(

@@ -139,6 +139,25 @@ async def test_a_transfer_whose_recipient_was_blocked_meanwhile_is_not_approved(
 
 
 @pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
+async def test_a_transfer_whose_sender_was_blocked_meanwhile_is_not_approved(mesh: Screened) -> None:
+    """A takeover confirmed while the transfer waited: the points must not leave the account."""
+    sender, collector, held = await _ring(mesh)
+    await mesh.ledger.stub.BlockMember(ledger_pb2.BlockMemberRequest(
+        idempotency_key=key(), member_id=sender, reason="account takeover",
+    ))  # fmt: skip
+    refused = await rpc_error(mesh.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
+        idempotency_key=key(), review_id=held.screening.review_id, approve=True, operator_id="ops-anna",
+    )), grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+    assert f"sender {sender} is BLOCKED" in (refused.details() or "")
+    assert (await balance(mesh.ledger.stub, sender)).reserved_points == SENT
+    assert (await balance(mesh.ledger.stub, collector)).balance_points == 4 * SENT
+    rejected = await mesh.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
+        idempotency_key=key(), review_id=held.screening.review_id, approve=False, operator_id="ops-anna",
+    ))  # fmt: skip
+    assert rejected.review.status == ledger_pb2.REVIEW_STATUS_REJECTED
+
+
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
 async def test_a_transfer_from_a_blocked_device_is_denied_and_nothing_moves(mesh: Screened) -> None:
     assert mesh.fraud is not None
     mesh.fraud.service.configure({"blocked_devices": ["dv-mule-01"]})
