@@ -11,6 +11,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
+from pointmesh.bounds import MAX_AMOUNT_MINOR
 from pointmesh.timestamps import utc_instant
 
 # The ledger's ids are a short prefix, "_" and 28 hex digits (ledger_svc/domain.py); a name is at
@@ -45,7 +46,7 @@ class Body(BaseModel):
 
 
 class Money(Body):
-    amount_minor: Annotated[StrictInt, Field(ge=0, le=10**15, examples=[4990])]
+    amount_minor: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_MINOR, examples=[4990])]
     currency: Currency
 
 

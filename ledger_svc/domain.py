@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-MAX_POINTS = 10**15  # far inside int64; a single posting above this is a bug upstream
 DEFAULT_FUNDING = "program"
 
 

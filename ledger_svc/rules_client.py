@@ -19,8 +19,9 @@ from google.rpc import error_details_pb2
 
 from ledger_svc import commands as c
 from ledger_svc.accrual import EngineFailedOnBasket, EngineUnavailable
-from ledger_svc.domain import MAX_POINTS, FailedPrecondition, InvalidArgument, LedgerError, Money
+from ledger_svc.domain import FailedPrecondition, InvalidArgument, LedgerError, Money
 from ledger_svc.purchases import MemberState, Part, Quote
+from pointmesh.bounds import MAX_POINTS
 from pointmesh.clients import rules_stub
 from pointmesh.errors import status_details
 from pointmesh.guards import Guard

@@ -5,15 +5,12 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from ledger_svc.domain import MAX_POINTS, IdemKey, InvalidArgument, Money, is_valid_id, is_valid_name
+from ledger_svc.domain import IdemKey, InvalidArgument, Money, is_valid_id, is_valid_name
 from ledger_svc.screening import ScreeningContext
+from pointmesh.bounds import MAX_AMOUNT_MINOR, MAX_POINTS
 from pointmesh.currencies import is_known
 
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
-# The largest money amount (minor units) any entry point takes: the gateway's bound, and
-# rules_svc's. A bigger one earns more points than a posting may hold (MAX_POINTS) and, summed
-# on the shared funding account, no longer fits a 64-bit integer.
-MAX_AMOUNT_MINOR = 10**15
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 

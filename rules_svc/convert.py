@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from pointmesh.bounds import MAX_AMOUNT_MINOR, MAX_POINTS
 from pointmesh.guards import Guard
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2
@@ -23,11 +24,6 @@ def _time(message: Any, field: str, path: str) -> Any:
         return from_timestamp(getattr(message, field))
     except ValueError as exc:
         raise BadRequest(str(exc), field=path) from None
-
-
-# The largest money amount (minor units) rules_svc prices: the bound the gateway and the ledger
-# put on every amount they take, so a basket they let through always fits.
-MAX_AMOUNT_MINOR = 10**15
 
 
 def _amount(value: int, field: str) -> None:
@@ -76,8 +72,8 @@ def guard_pb(g: Guard | None) -> rules_pb2.Guard | None:
 
 
 def evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
-    """BadRequest naming the basket for an evaluation a response cannot carry (a figure past
-    int64: the engine bounds points, so only an extreme program's FX could get here)."""
+    """BadRequest naming the basket for an evaluation the ledger could not post (more than
+    MAX_POINTS in a unit, or in one part) or a response cannot carry (a figure past int64)."""
     try:
         return _evaluation_pb(e)
     except ValueError as exc:
@@ -93,13 +89,25 @@ def _evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
         tier=e.tier, experiment_arms=dict(e.experiment_arms), ignores_purchase_count=not e.counts_purchases,
         base_total=common_pb2.Money(currency=e.base_total[0], amount_minor=e.base_total[1]) if e.base_total else None,
     )  # fmt: skip
-    out.totals.extend(rules_pb2.UnitPoints(unit=u, points=p) for u, p in e.totals().items())
+    totals = e.totals()
     for part in e.components:
+        if abs(part.points) > MAX_POINTS:
+            raise BadRequest(
+                f"rule {part.rule_id} alone earns {part.points} {part.unit}; an evaluation may earn at most "
+                f"{MAX_POINTS} per unit",
+                field="basket",
+            )
         out.parts.append(rules_pb2.ExplainedPart(
             rule_id=part.rule_id, unit=part.unit, points=part.points, line_index=part.line, detail=part.detail,
             matched=part.matched, capped=part.capped, guard=guard_pb(part.guard),
             basket_threshold_minor=part.threshold_minor, fixed_bonus=part.fixed,
         ))  # fmt: skip
+    for unit, points in totals.items():
+        if abs(points) > MAX_POINTS:
+            raise BadRequest(
+                f"earns {points} {unit}; an evaluation may earn at most {MAX_POINTS} per unit", field="basket"
+            )
+    out.totals.extend(rules_pb2.UnitPoints(unit=u, points=p) for u, p in totals.items())
     out.excluded.extend(rules_pb2.ExcludedRule(rule_id=x.rule_id, reason=x.reason) for x in e.excluded)
     if e.tiers is not None:
         out.tier_policy.CopyFrom(rules_pb2.TierPolicy(

@@ -29,27 +29,6 @@ from rules_svc.program import GroupMode, Program, Rounding
 from rules_svc.rule_compiler import BONUS, BONUS_PER_ITEM, MULTIPLY_BASKET, CompiledRule, compile_rule
 
 _PLACE_CACHE_MAX = 50_000
-# The most points one evaluation may earn in a unit: the ledger's bound on a single posting.
-MAX_POINTS = 10**15
-
-
-def _require_postable(parts: list[Component]) -> None:
-    """BadRequest naming the basket when its points in a unit (or one part's) exceed MAX_POINTS:
-    the ledger could not post them, and past int64 no response could carry them."""
-    totals: dict[str, int] = {}
-    for part in parts:
-        if abs(part.points) > MAX_POINTS:
-            raise BadRequest(
-                f"rule {part.rule_id} alone earns {part.points} {part.unit}; an evaluation may earn at most "
-                f"{MAX_POINTS} per unit",
-                field="basket",
-            )
-        totals[part.unit] = totals.get(part.unit, 0) + part.points
-    for unit, points in totals.items():
-        if abs(points) > MAX_POINTS:
-            raise BadRequest(
-                f"earns {points} {unit}; an evaluation may earn at most {MAX_POINTS} per unit", field="basket"
-            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +227,6 @@ class CompiledProgram:
             parts += got
         if member.counters is not None:
             parts = self._preview_guards(parts, member.counters, ordinal)
-        _require_postable(parts)
         return Evaluation(
             self.program.program, self.version, basket.currency, earn_currency,
             self.fx_text[basket.currency] if fx_rate is not None else "", tuple(amounts), tuple(parts), tuple(excluded),
