@@ -114,11 +114,6 @@ def explanation(e: rules_pb2.Evaluation) -> s.Explanation:
     )  # fmt: skip
 
 
-def context_store(c: s.ScreeningContext | None) -> str:
-    """The store a session names (checked against the API key before it is used)."""
-    return c.store_id if c is not None else ""
-
-
 def context_pb(c: s.ScreeningContext | None, channel: str, store_id: str) -> ledger_pb2.ScreeningContext:
     """Channel and store are the API key's (the store checked against it), whatever the body says."""
     if c is None:

@@ -29,6 +29,7 @@ from ledger_svc.domain import (
 from ledger_svc.postings import ShardBook
 from ledger_svc.reviews import ReviewKind, open_review
 from ledger_svc.screening import Screening, Verdict
+from ledger_svc.store.base import ShardTx, TxRecord
 from pointmesh.guards import Guard, apply_guards
 from pointmesh.tiers import TierPolicy, effective_tier
 from pointmesh.tiers import bucket_of as month_bucket
@@ -170,17 +171,20 @@ def load_state(book: ShardBook, member_id: str) -> MemberState:
 PURCHASE_REFERENCE = "purchase "  # an accrual earn's reference: "purchase <purchase id>"
 
 
-def qualification_bucket_of(book: ShardBook, earn_tx: str) -> str:
+def qualification_bucket_of(tx: ShardTx, earn_tx: str) -> str:
     """The tier-qualification month an accrual earn counted its points in ("" if it counted none:
     not a purchase's earn, or not in the program's qualifying unit)."""
-    earn = book.tx.get_transaction(earn_tx)
+    return _qualifying_month(tx, tx.get_transaction(earn_tx))
+
+
+def _qualifying_month(tx: ShardTx, earn: TxRecord | None) -> str:
     if earn is None or not earn.reference.startswith(PURCHASE_REFERENCE):
         return ""
-    found = book.tx.get_purchase(earn.reference.removeprefix(PURCHASE_REFERENCE))
+    found = tx.get_purchase(earn.reference.removeprefix(PURCHASE_REFERENCE))
     if found is None:
         return ""
     record = codec.loads(PurchaseRecord, found[1])
-    if not record.qualification_bucket or record.earn_transactions.get(record.metric_unit) != earn_tx:
+    if not record.qualification_bucket or record.earn_transactions.get(record.metric_unit) != earn.tx_id:
         return ""
     return record.qualification_bucket
 
@@ -204,7 +208,7 @@ def untier(book: ShardBook, earn_tx: str, points: int) -> None:
     merged into: Sagas.drive_reversal.)"""
     earn = book.tx.get_transaction(earn_tx)
     if earn is not None:
-        take_off_qualification(book, earn.member_id, qualification_bucket_of(book, earn_tx), points)
+        take_off_qualification(book, earn.member_id, _qualifying_month(book.tx, earn), points)
 
 
 def load_purchase(book: ShardBook, purchase_id: str) -> PurchaseRecord:

@@ -235,10 +235,8 @@ class Sagas:
         # The earn's tier-qualification month (read where the earn lives); the months moved to
         # the member the points went to, so the credits come off there, with the points.
         month = await self.svc.store.read(
-            self.svc.shard_of_id(payload["original_tx"]),
-            lambda tx: qualification_bucket_of(ShardBook(tx, self.svc.clock.now(), self.svc.policy),
-                                               payload["original_tx"]),
-        )  # fmt: skip
+            self.svc.shard_of_id(payload["original_tx"]), lambda tx: qualification_bucket_of(tx, payload["original_tx"])
+        )
 
         def finish(b: ShardBook) -> ReverseResult:
             first_time = b.tx.get_transaction(tx_id) is None

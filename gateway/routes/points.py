@@ -10,11 +10,20 @@ from google.protobuf.duration_pb2 import Duration
 
 from gateway import convert as cv
 from gateway import schemas as s
+from gateway.auth import Principal
 from gateway.deps import Caller, GatewayDep, IdPath, Write, call, writing
+from gateway.keys import ApiKey
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
 router = APIRouter(prefix="/v1", tags=["points"])
 LEDGER, RULES = "ledger_svc", "rules_svc"
+
+
+def _screening(caller: Principal, api_key: ApiKey, context: s.ScreeningContext | None) -> ledger_pb2.ScreeningContext:
+    """A spend's session facts for fraud screening: the key's channel, and the store the body
+    names (checked against the key, and required of a key bound to several)."""
+    store = caller.store_for(context.store_id if context is not None else "", "context.store_id")
+    return cv.context_pb(context, api_key.channel, store)
 
 
 @router.post("/redemptions", status_code=201, response_model=s.Redemption,
@@ -31,7 +40,7 @@ async def redeem(
     api_key, key = write
     request = ledger_pb2.RedeemRequest(
         idempotency_key=key, member_id=body.member_id, unit=body.unit, points=body.points, reference=body.reference,
-        context=cv.context_pb(body.context, api_key.channel, caller.store_for(cv.context_store(body.context), "context.store_id")),
+        context=_screening(caller, api_key, body.context),
     )  # fmt: skip
     result = cv.redemption(await call(LEDGER, gw.ledger.Redeem(request)))
     if result.hold is not None:
@@ -71,7 +80,7 @@ async def place_hold(
     request = ledger_pb2.PlaceHoldRequest(
         idempotency_key=key, member_id=body.member_id, unit=body.unit, points=body.points,
         timeout=timeout if body.timeout_seconds is not None else None, reference=body.reference,
-        context=cv.context_pb(body.context, api_key.channel, caller.store_for(cv.context_store(body.context), "context.store_id")),
+        context=_screening(caller, api_key, body.context),
     )  # fmt: skip
     result = await call(LEDGER, gw.ledger.PlaceHold(request))
     shown = cv.screening(result.screening) if result.HasField("screening") else None
@@ -122,7 +131,7 @@ async def transfer(
     request = ledger_pb2.TransferRequest(
         idempotency_key=key, source_member_id=body.source_member_id, destination_member_id=body.destination_member_id,
         unit=body.unit, points=body.points, reason=body.reason,
-        context=cv.context_pb(body.context, api_key.channel, caller.store_for(cv.context_store(body.context), "context.store_id")),
+        context=_screening(caller, api_key, body.context),
     )  # fmt: skip
     result = cv.transfer(await call(LEDGER, gw.ledger.Transfer(request)))
     response.status_code = {"HELD_FOR_REVIEW": 202, "REJECTED": 200}.get(result.status, 201)
