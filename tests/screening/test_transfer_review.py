@@ -124,31 +124,23 @@ async def test_a_rejected_transfer_voids_the_hold_and_moves_nothing(mesh: Screen
 
 
 @pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
-async def test_a_transfer_whose_recipient_was_blocked_meanwhile_is_not_approved(mesh: Screened) -> None:
+@pytest.mark.parametrize("blocked", ["recipient", "sender"])
+async def test_a_transfer_whose_sender_or_recipient_was_blocked_meanwhile_is_not_approved(
+    mesh: Screened, blocked: str
+) -> None:
+    """A ring collector found, or a takeover confirmed, while the transfer waited: the points
+    must not move. The review stays open, the points reserved, and ops rejects it instead."""
     sender, collector, held = await _ring(mesh)
+    member = collector if blocked == "recipient" else sender
     await mesh.ledger.stub.BlockMember(ledger_pb2.BlockMemberRequest(
-        idempotency_key=key(), member_id=collector, reason="ring collector",
+        idempotency_key=key(), member_id=member, reason="fraud ring",
     ))  # fmt: skip
     refused = await rpc_error(mesh.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
         idempotency_key=key(), review_id=held.screening.review_id, approve=True, operator_id="ops-anna",
     )), grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
-    assert f"recipient {collector} is BLOCKED" in (refused.details() or "")
+    assert f"{blocked} {member} is BLOCKED" in (refused.details() or "")
     listed = (await mesh.ledger.stub.ListReviews(ledger_pb2.ListReviewsRequest(member_id=sender))).reviews
     assert [r.status for r in listed] == [ledger_pb2.REVIEW_STATUS_OPEN]
-    assert (await balance(mesh.ledger.stub, sender)).reserved_points == SENT
-
-
-@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
-async def test_a_transfer_whose_sender_was_blocked_meanwhile_is_not_approved(mesh: Screened) -> None:
-    """A takeover confirmed while the transfer waited: the points must not leave the account."""
-    sender, collector, held = await _ring(mesh)
-    await mesh.ledger.stub.BlockMember(ledger_pb2.BlockMemberRequest(
-        idempotency_key=key(), member_id=sender, reason="account takeover",
-    ))  # fmt: skip
-    refused = await rpc_error(mesh.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
-        idempotency_key=key(), review_id=held.screening.review_id, approve=True, operator_id="ops-anna",
-    )), grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
-    assert f"sender {sender} is BLOCKED" in (refused.details() or "")
     assert (await balance(mesh.ledger.stub, sender)).reserved_points == SENT
     assert (await balance(mesh.ledger.stub, collector)).balance_points == 4 * SENT
     rejected = await mesh.ledger.stub.DecideReview(ledger_pb2.DecideReviewRequest(
