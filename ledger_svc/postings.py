@@ -537,14 +537,18 @@ class ShardBook:
         original = self.require_transaction(tx_id, "tender_transaction_id")
         return max(0, -original.points - original.reversed_points)
 
-    def recredit_tender(self, tx_id: str, points: int, *, reason: str) -> Transaction:
-        """Points the member paid with come back when the goods do, as a fresh lot."""
+    def recredit_tender(self, tx_id: str, points: int, *, reason: str, lifetime_s: int = -1) -> Transaction:
+        """Points the member paid with come back when the goods do, as a fresh lot living as long
+        as the purchase's program gives its points (`lifetime_s`: 0 never expires, -1 unknown:
+        the ledger's default)."""
         original = self.require_transaction(tx_id, "tender_transaction_id")
         member_id, unit = original.member_id, original.unit
         record = self._record(TxKind.REVERSAL, member_id, unit, points, reference=reason, original_tx=tx_id)
-        legs, record.lot_id = self._credit_legs(
-            member_id, unit, [(points, self.default_expiry(self.now))], record.tx_id
-        )
+        if lifetime_s < 0:
+            expiry = self.default_expiry(self.now)
+        else:
+            expiry = self.now + timedelta(seconds=lifetime_s) if lifetime_s else None
+        legs, record.lot_id = self._credit_legs(member_id, unit, [(points, expiry)], record.tx_id)
         self._post(record, [(system_account("redeemed", unit), -points), *legs])
         self._normalise_lots(member_id, unit)
         original.reversed_points += points

@@ -138,6 +138,10 @@ class PurchaseRecord:
     metric_unit: str = ""
     screening: Screening | None = None
     base_total: Money | None = None  # the total in the program's base currency (fraud compares these)
+    # How long the program let this purchase's points live, in seconds: 0 never expire, -1 not
+    # recorded (a purchase saved before this field; the ledger's default applies). Points paid as
+    # tender and given back on a return live as long, from the return.
+    lot_lifetime_s: int = -1
 
     def earned(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -262,6 +266,7 @@ def accrue(
         experiment_arms=dict(quote.experiment_arms),
         parts=parts, returned_points=tuple(0 for _ in parts), purchase_number=ordinal, tier_before=quote.tier,
         basket_bonus_on_return=quote.basket_bonus_on_return, base_total=quote.base_total,
+        lot_lifetime_s=0 if quote.expires_at is None else int((quote.expires_at - record.receipt_time).total_seconds()),
     )  # fmt: skip
     txs: dict[str, str] = {}
     for unit, points in record.earned().items():
@@ -423,7 +428,9 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
         # A redemption named as tender by several purchases gives back at most what it took.
         recredit = min(recredit, book.tender_left(record.tender_transaction_id))
     if recredit:
-        book.recredit_tender(record.tender_transaction_id, recredit, reason=f"return {cmd.key.key}")
+        book.recredit_tender(
+            record.tender_transaction_id, recredit, reason=f"return {cmd.key.key}", lifetime_s=record.lot_lifetime_s
+        )
     if record.metric_unit and not merged_into:  # merged away: the reversal saga does it on the heir
         take_off_qualification(book, record.member_id, record.qualification_bucket, by_unit.get(record.metric_unit, 0))
     record = replace(

@@ -94,3 +94,28 @@ async def test_a_program_whose_points_never_expire_gives_lots_no_expiry(mesh: Me
 
     assert expired.expired_points == 0
     assert figures(await balance(mesh.ledger.stub, member))["balance"] == earned["points"]
+
+
+async def test_a_tender_given_back_keeps_the_programs_expiry_policy(mesh: Mesh) -> None:
+    """Points paid as tender come back as a fresh lot dated by the purchase's program, not by the
+    ledger's own default: never under `expiry_days: null`, and the program's days otherwise."""
+    s = mesh.ledger.stub
+    for version, (days, advance, kept) in enumerate([("null", 800, True), ("30", 31, False)]):
+        document = PROGRAM.read_text().replace("  expiry_days: 365\n", f"  expiry_days: {days}\n")
+        assert document != PROGRAM.read_text()
+        await mesh.rules.stub.PublishProgram(rules_pb2.PublishProgramRequest(
+            idempotency_key=common_pb2.IdempotencyKey(key=f"expiry-{version}"), document=document))  # fmt: skip
+        member = await welcomed_member(mesh)
+        await s.RunExpiry(ledger_pb2.RunExpiryRequest())
+        paid = (await redeem(s, member, 80)).transaction.transaction_id
+        bought = await buy(mesh, member, [("misc", 4000, 1)], tender=paid)
+        back = await return_lines(mesh, bought.purchase.purchase_id, [(0, 1)])
+        assert back.tender_recredited_points == 80
+        before = figures(await balance(s, member))["balance"]
+
+        mesh.clock.advance(timedelta(days=advance))
+        await s.RunExpiry(ledger_pb2.RunExpiryRequest())
+
+        after = figures(await balance(s, member))["balance"]
+        assert after == (before if kept else 0), (days, before, after)
+        await books_balance(mesh)
