@@ -104,11 +104,21 @@ def _config_of(model: Model | None, overrides: Mapping[str, Any]) -> DecisionCon
     return DecisionConfig.from_model_metadata(model.metadata, **overrides)
 
 
+# Identities key the velocity state in Redis, kept for a window's retention: bounded like the
+# ledger bounds them, so an oversized one is refused rather than stored.
+MAX_IDENTITY = 128
+_IDENTITIES = ("member_id", "channel", "store_id", "device_id", "ip", "card_hash", "employee_card",
+               "counterparty_member_id")  # fmt: skip
+
+
 def check(ctx: TxContext) -> TxContext:
     if not ctx.event_id or len(ctx.event_id) > 128:
         raise BadRequest("1..128 characters required", field="transaction.event_id")
     if not ctx.member_id:
         raise BadRequest("is required", field="transaction.member_id")
+    for name in _IDENTITIES:
+        if len(getattr(ctx, name)) > MAX_IDENTITY:
+            raise BadRequest(f"at most {MAX_IDENTITY} characters", field=f"transaction.{name}")
     if ctx.occurred_at.tzinfo is None:
         raise BadRequest("is required, with a time zone", field="transaction.occurred_at")
     if ctx.points < 0:

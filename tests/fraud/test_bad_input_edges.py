@@ -95,3 +95,24 @@ async def test_in_a_batch_the_unknown_currency_fails_alone(stub: fraud_pb2_grpc.
     assert got.items[0].result.event_id == "b0"
     assert got.items[1].error.startswith("transactions[1].amount.currency: ")
     assert got.items[2].error.startswith("transactions[2].amount.currency: ")
+
+
+@pytest.mark.parametrize("field", ["member_id", "channel", "store_id", "device_id", "ip", "card_hash",
+                                   "employee_card", "counterparty_member_id"])  # fmt: skip
+async def test_an_oversized_identity_is_refused_before_it_becomes_velocity_state(
+    stub: fraud_pb2_grpc.FraudServiceStub, field: str
+) -> None:
+    """Identities key the velocity state in Redis: a megabyte device id would be stored (and
+    kept for the window's retention) as a key; 128 characters is the ledger's own bound."""
+
+    def scored(event_id: str, length: int) -> fraud_pb2.ScoreRequest:
+        transaction = tx(event_id, None, kind=fraud_pb2.SCORED_KIND_TRANSFER, counterparty_member_id="m_other")
+        setattr(transaction, field, "x" * length)
+        return fraud_pb2.ScoreRequest(transaction=transaction)
+
+    assert (await stub.Score(scored(f"fine-{field}", 128))).event_id == f"fine-{field}"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Score(scored(f"big-{field}", 129))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert caught.value.details().startswith(f"transaction.{field}:"), caught.value.details()
