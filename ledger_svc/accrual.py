@@ -49,7 +49,7 @@ from ledger_svc.purchases import (
 from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningContext, ScreeningRequest
 from ledger_svc.screening import event_id as screening_event_id
-from ledger_svc.store.base import ShardTx
+from ledger_svc.store.base import IdemRecord, ShardTx
 from pointmesh.tiers import effective_tier
 from pointmesh.timestamps import utc_instant
 
@@ -202,13 +202,19 @@ class Accrual:
         shard = svc.shard_of(cmd.member_id)
         member_id, ns, natural = cmd.member_id, cmd.key.namespace, cmd.key.key
         await svc._require_exists(member_id)
+
         # One read answers three questions: a replay?, the member's counters, anything waiting?
-        stored, state, waiting = await svc.store.read(
-            shard,
-            lambda tx: (
-                tx.get_idempotency(ns, natural), tx.get_member_state(member_id), tx.member_waiting_purchases(member_id),
-            ),
-        )  # fmt: skip
+        def read(tx: ShardTx) -> tuple[IdemRecord | None, str | None, bool]:
+            # A tender that is not one refuses the receipt before its keys are claimed, so it
+            # can come again corrected.
+            tender_points(ShardBook(tx, svc.clock.now(), svc.policy), member_id, cmd.tender_transaction_id)
+            return (
+                tx.get_idempotency(ns, natural),
+                tx.get_member_state(member_id),
+                tx.member_waiting_purchases(member_id),
+            )
+
+        stored, state, waiting = await svc.store.read(shard, read)
         if stored is not None and stored.fingerprint == fp:
             if cmd.transport_key is not None:
                 await self._claim_keys(cmd, fp)

@@ -34,7 +34,7 @@ from ledger_svc.accrual import EngineFailedOnBasket, EngineUnavailable, Priced
 from ledger_svc.domain import FailedPrecondition, LedgerError
 from ledger_svc.ingest import WRITE_RUN, claim_many
 from ledger_svc.postings import ShardBook
-from ledger_svc.purchases import MemberState, PurchaseRecord, Quote, load_state, purchase_id_for
+from ledger_svc.purchases import MemberState, PurchaseRecord, Quote, load_state, purchase_id_for, tender_points
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
 from ledger_svc.store.base import IdemRecord, ShardTx
 
@@ -72,13 +72,15 @@ class BatchAccrual:
     async def run(self, items: Sequence[c.RecordPurchase | LedgerError]) -> list[Outcome]:
         """Per item (purchase, replayed) or the LedgerError it failed with."""
         results: list[Outcome | None] = [None] * len(items)
-        checked = await self._checked(items, results)
-        found = await self._read(checked)
+        checked, again = _first_of_each_receipt(await self._checked(items, results))
+        found = await self._read(checked, results)
         plan: dict[str, list[_Item]] = defaultdict(list)
         quoted: list[_Item] = []
         unusual: set[str] = set()
         for it, stored in zip(checked, found.stored, strict=True):
             member = it.cmd.member_id
+            if results[it.index] is not None:  # refused by the read (a tender that is not one)
+                continue
             if stored is not None and stored.fingerprint == it.fp and it.cmd.transport_key is None:
                 try:
                     results[it.index] = (await self.accrual.get_purchase(codec.loads(str, stored.result_json)), True)
@@ -102,6 +104,11 @@ class BatchAccrual:
         await self._screen([it for it in quoted if it.quote is not None], found)
         await self._claim([it for it in quoted if it.quote is not None], now, results)
         await asyncio.gather(*(self._write(its, now, results) for its in plan.values()))
+        for it in again:  # after the first copy has its answer, as purchase by purchase
+            try:
+                results[it.index] = await self.accrual.record_purchase(it.cmd)
+            except LedgerError as error:
+                results[it.index] = error
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
@@ -123,9 +130,11 @@ class BatchAccrual:
             out.append(_Item(i, cmd, c.fingerprint(cmd), purchase_id_for(cmd.member_id, acc.program, cmd.key.key)))
         return out
 
-    async def _read(self, items: list[_Item]) -> _Found:
+    async def _read(self, items: list[_Item], results: list[Outcome | None]) -> _Found:
         """One read per shard: every receipt's stored result, every member's state, waiting
-        purchases and available balance."""
+        purchases and available balance. A tender that is not a redemption of the member
+        refuses its purchase here, before its keys are claimed, so the receipt can come again
+        corrected."""
         svc = self.svc
         unit = svc.policy.units[0]
         by_shard: dict[int, list[int]] = defaultdict(list)
@@ -141,6 +150,10 @@ class BatchAccrual:
                     cmd = items[k].cmd
                     stored[k] = book.tx.get_idempotency(cmd.key.namespace, cmd.key.key)
                     member = cmd.member_id
+                    try:
+                        tender_points(book, member, cmd.tender_transaction_id)
+                    except LedgerError as error:
+                        results[items[k].index] = error
                     if member in found.states:
                         continue
                     found.states[member] = load_state(book, member)
@@ -251,3 +264,18 @@ class BatchAccrual:
                 results[it.index] = await acc.record_purchase(it.cmd)
             except LedgerError as error:
                 results[it.index] = error
+
+
+def _first_of_each_receipt(items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
+    """The first copy of each receipt (natural key) in the stream, and the later copies: those
+    go one by one after the batch, so whichever member's copy came first decides, as it would
+    purchase by purchase (the batch claims quoted receipts before the unary path claims its
+    own, so in one pass a later copy could win)."""
+    first: list[_Item] = []
+    again: list[_Item] = []
+    seen: set[tuple[str, str]] = set()
+    for it in items:
+        natural = (it.cmd.key.namespace, it.cmd.key.key)
+        (again if natural in seen else first).append(it)
+        seen.add(natural)
+    return first, again

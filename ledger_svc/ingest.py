@@ -174,8 +174,7 @@ class BatchIngest:
             return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
                              lambda b: b, via=svc.reverse)  # fmt: skip
         return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
-                         lambda b: b.reverse(rev.transaction_id, points=rev.points, refund=rev.refund,
-                                             reason=rev.reason))  # fmt: skip
+                         lambda b: svc.reverse_body(b, rev))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -727,12 +727,16 @@ class LedgerService:
             )  # fmt: skip
             return await self.sagas.drive_reversal(saga_id)
 
-        def body(b: ShardBook) -> ReverseResult:
-            result = b.reverse(cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason)
-            untier(b, cmd.transaction_id, result.reversed_points)
-            return result
+        return await self._mutate(cmd, self.shard_of_id(cmd.transaction_id), ReverseResult,
+                                  lambda b: self.reverse_body(b, cmd))  # fmt: skip
 
-        return await self._mutate(cmd, self.shard_of_id(cmd.transaction_id), ReverseResult, body)
+    @staticmethod
+    def reverse_body(b: ShardBook, cmd: c.Reverse) -> ReverseResult:
+        """A reversal of an earn on its own shard, over any transport: the points, and the tier
+        credits off the month they qualified in."""
+        result = b.reverse(cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason)
+        untier(b, cmd.transaction_id, result.reversed_points)
+        return result
 
     async def release_pending(self, cmd: c.ReleasePending) -> Transaction:
         v.idem_key(cmd.key)
