@@ -204,7 +204,7 @@ class Accrual:
         await svc._require_exists(member_id)
 
         # One read answers three questions: a replay?, the member's counters, anything waiting?
-        def read(tx: ShardTx) -> tuple[IdemRecord | None, str | None, bool]:
+        def read(tx: ShardTx) -> tuple[IdemRecord | None, str | None, int]:
             # A tender that is not one refuses the receipt before its keys are claimed, so it
             # can come again corrected.
             tender_points(ShardBook(tx, svc.clock.now(), svc.policy), member_id, cmd.tender_transaction_id)
