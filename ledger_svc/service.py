@@ -548,7 +548,9 @@ class LedgerService:
         or a transfer to another member); DENY is refused here."""
         if self.fraud is None:
             return None
-        balance = await self.get_balance(member_id, unit)
+        # From the store: spending never reads the cache (a stale balance could send a
+        # redemption down the unscored policy, and a frozen Redis would stall every spend).
+        balance = await self.stored_balance(member_id, unit)
         request = ScreeningRequest(
             event_id=screening_event_id(what, key.namespace, key.key), kind=kind,
             member_id=member_id, occurred_at=at or self.clock.now(), context=context, points=points, amount=None,
@@ -837,13 +839,17 @@ class LedgerService:
             cached = await self.cache.get(member_id, unit)
             if cached is not None:
                 return cached
-        balance = await self.store.read(
-            self.shard_of(member_id),
-            lambda tx: ShardBook(tx, self.clock.now(), self.policy).balance(member_id, unit),
-        )
+        balance = await self.stored_balance(member_id, unit)
         if self.cache is not None and self.cache.usable_for(member_id, unit):
             await self.cache.fill(balance)
         return balance
+
+    async def stored_balance(self, member_id: str, unit: str) -> Balance:
+        """The balance as the store has it, never the cache: what spending decides on."""
+        return await self.store.read(
+            self.shard_of(member_id),
+            lambda tx: ShardBook(tx, self.clock.now(), self.policy).balance(member_id, unit),
+        )
 
     async def list_entries(self, member_id: str, unit: str, page_size: int, page_token: str) -> Page:
         v.member_id(member_id)

@@ -323,3 +323,32 @@ async def test_outbox_relay_ends_when_cancelled_just_as_a_posting_wakes_it(
         assert relay.done(), f"the relay ignored its cancellation (cancelling={relay.cancelling()})"
     finally:
         await _stop(ledger)
+
+
+async def test_spending_screens_on_the_stored_balance_never_the_cache(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A cache entry saying the member has nothing (planted with the current version, as a
+    lost tombstone could leave one) must not reach a redemption's fraud screening: there it
+    would send the spend down the 'balance short' policy instead of the one it meets. fraud_svc
+    is away here, so the screening says which policy decided."""
+    client = _client(redis_server.url)
+    ledger = await start_ledger(tmp_path / "data", redis_server.url, fraud_screening=True,
+                                fraud_addr=f"127.0.0.1:{free_port()}")  # fmt: skip
+    try:
+        member_id = await _create_member(ledger, "screened-spender")
+        earned = await _earn(ledger, member_id, 100, "screened-earn")
+        entry = await _wait_for_cache_fill(ledger, client, member_id, earned.transaction.balance_after.version)
+        empty = entry.replace('"balance_points":100,', '"balance_points":0,')
+        assert empty != entry
+        await client.set(cache_key(member_id, "points"), empty, ex=300)
+
+        spent = await ledger.stub.Redeem(
+            ledger_pb2.RedeemRequest(idempotency_key=_key("screened-redeem"), member_id=member_id, points=10)
+        )
+
+        assert not spent.screening.scored
+        assert [r.split(":")[1] for r in spent.screening.reasons] == ["fraud_svc_unavailable"]
+    finally:
+        await stop_ledger(ledger)
+        await client.aclose()
