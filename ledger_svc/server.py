@@ -13,6 +13,7 @@ from ledger_svc import convert as cv
 from ledger_svc import domain as d
 from ledger_svc.purchases import PurchaseRecord
 from ledger_svc.service import LedgerService
+from pointmesh.consumers import check_schema
 from pointmesh.errors import rich_status, translating
 from pointmesh.events import LEDGER_EVENTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2
@@ -296,7 +297,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         async for message in _chained(first, messages):
             if request.member_id and message.key != request.member_id:
                 continue
-            event = ledger_pb2.LedgerEvent.FromString(message.payload)
+            try:
+                check_schema(message)
+                event = ledger_pb2.LedgerEvent.FromString(message.payload)
+            except Exception as exc:  # one unreadable event must not end (and re-end) every watch
+                log.warning("WatchEvents skips %s event %s at %s: %s", message.event_type, message.event_id,
+                            message.position, exc)  # fmt: skip
+                continue
             yield ledger_pb2.WatchEventsResponse(event=event, position=message.position)
 
     async def IngestBatch(

@@ -352,3 +352,30 @@ async def test_spending_screens_on_the_stored_balance_never_the_cache(
     finally:
         await stop_ledger(ledger)
         await client.aclose()
+
+
+@pytest.mark.parametrize("schema", ["pointmesh.v1/1", "pointmesh.v1/99"], ids=["garbage-bytes", "unknown-major"])
+async def test_watch_events_skips_an_event_it_cannot_read_and_goes_on(
+    bounded_ledger: LedgerUnderTest, redis_server: RedisServer, schema: str
+) -> None:
+    """An entry that does not parse (or is of a schema this ledger does not know) is skipped:
+    it must not end the watch, nor every watch resumed from before it."""
+    ledger = bounded_ledger
+    member_id = await _create_member(ledger, f"watch-skip-{schema[-2:]}")
+    client = _client(redis_server.url)
+    try:
+        last = await client.xrevrange(LEDGER_EVENTS, count=1)
+        start = last[0][0].decode() if last else "0-0"
+        await client.xadd(LEDGER_EVENTS, {"key": member_id, "event_id": "ev-odd", "type": "PointsEarned",
+                                          "payload": b"\xff\xff\xff\xff", "schema": schema})  # fmt: skip
+    finally:
+        await client.aclose()
+    await _earn(ledger, member_id, 9, f"watch-skip-earn-{schema[-2:]}")
+
+    call = ledger.stub.WatchEvents(ledger_pb2.WatchEventsRequest(member_id=member_id, after_position=start))
+    try:
+        got = await _next(aiter(call))
+    finally:
+        call.cancel()
+
+    assert got.event.WhichOneof("payload") == "points_earned" and got.event.points_earned.points == 9
