@@ -239,8 +239,8 @@ class ShardBook:
         lots = self.tx.spendable_lots(member_id, unit)
         rest = 0
         for points, expires in portions:
-            for lot in lots:
-                if points <= 0 or expires is None:
+            for lot in lots:  # a portion that never expires comes from lots that never do
+                if points <= 0:
                     break
                 if lot.expires_at == expires and lot.remaining_points > 0:
                     take = min(points, lot.remaining_points)

@@ -6,12 +6,15 @@ must not give points a longer life. Each test runs on SQLite and on Cassandra (t
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
-from tests.conftest import LedgerUnderTest
+from tests.conftest import LedgerUnderTest, start_ledger, stop_ledger, store_settings
 from tests.ledger.helpers import (
     assert_books_balance,
     balance,
@@ -134,3 +137,36 @@ async def test_a_transfer_beside_another_hold_moves_the_lots_it_credits_on_eithe
         assert expired.expired_points == 50, f"same shard: {same_shard}"
         assert (figures(await balance(s, a))["balance"], figures(await balance(s, b))["balance"]) == (50, 50)
     await assert_books_balance(ledger)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "cassandra"])
+async def test_a_cross_shard_transfer_beside_another_hold_keeps_never_expiring_points_never_expiring(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer, store: str
+) -> None:
+    """With lots due in 10 days (kept by another hold), in 20 days, and never: a transfer of 150
+    credits the recipient the 20-day lot and 50 that never expire, so the sender must lose those
+    same points (the saga took 50 of the 10-day lot in place of the never-expiring ones)."""
+    ledger = await start_ledger(tmp_path / "data", redis_server.url, expiry_days=0, **store_settings(request, store))
+    try:
+        s, svc = ledger.stub, ledger.app.service
+        a = (await create_member(s)).member_id
+        b = (await create_member(s)).member_id
+        while svc.shard_of(a) == svc.shard_of(b):
+            b = (await create_member(s)).member_id
+        now = ledger.clock.now()
+        await earn(s, a, 100, expires_at=ts(now + timedelta(days=10)))
+        await earn(s, a, 100, expires_at=ts(now + timedelta(days=20)))
+        await earn(s, a, 100)  # never expires
+        other = await place_hold(s, a, 100, timeout=Duration(seconds=3600))
+        await s.Transfer(ledger_pb2.TransferRequest(idempotency_key=key(), source_member_id=a, destination_member_id=b,
+                                                    points=150))  # fmt: skip
+        await s.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=other.hold.hold_id))
+        ledger.clock.advance(timedelta(days=11))
+
+        expired = await s.RunExpiry(ledger_pb2.RunExpiryRequest())
+
+        assert expired.expired_points == 100
+        assert (figures(await balance(s, a))["balance"], figures(await balance(s, b))["balance"]) == (50, 150)
+        await assert_books_balance(ledger)
+    finally:
+        await stop_ledger(ledger)
