@@ -1235,7 +1235,8 @@ class CassandraDirectoryTx:
             ext, row = taken[0]
             raise ExternalIdTaken(f"{ext.kind} {ext.value} already belongs to {row.member_id}")
         self._write_members()
-        s.run_many(late)
+        for phase in _phases(late):
+            s.run_many(phase)
 
     def _give_up(self, created: set[str], applied: Sequence[bool]) -> None:
         """A new member's row is first taken for good (`GIVEN_UP_MEMBER`, `IF NOT EXISTS`): a
@@ -1339,6 +1340,21 @@ class CassandraDirectoryTx:
                     continue
             late.append((name, params))
         return early, late
+
+
+# Staged directory writes that replace or undo a row another write of the same unit puts in
+# place (a status naming a merge whose `merges` row must exist; a source's alias rows, gone once
+# the target's are there) go after those writes; a claim's result, which makes a retry answer
+# "done" without running the unit, goes after everything. Whichever write fails, a retry with
+# the same key finds the unit unfinished and every row it reads to finish it.
+_AFTER_THE_REST = frozenset({"member_status", "ext_member_del"})
+
+
+def _phases(writes: Sequence[tuple[str, tuple[Any, ...]]]) -> list[list[tuple[str, tuple[Any, ...]]]]:
+    first = [w for w in writes if w[0] not in _AFTER_THE_REST and w[0] != "claim_result"]
+    second = [w for w in writes if w[0] in _AFTER_THE_REST]
+    last = [w for w in writes if w[0] == "claim_result"]
+    return [phase for phase in (first, second, last) if phase]
 
 
 class CassandraLedgerStore:

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from cassandra import Unavailable
+
 from ledger_svc.store.cassandra import CassandraLedgerStore
 
 Fault = Callable[[str, tuple[Any, ...]], BaseException | None]
@@ -20,6 +22,9 @@ class WatchedSession:
         self._names = {id(stmt): name for name, stmt in store._stmts.items()}
         self._lock = threading.Lock()
         self.fault: Fault | None = None  # (statement name, params) -> exception to raise, or None
+        # The next statement of this name is refused by "the node" (its future fails), while
+        # the statements sent beside it run: one partition short of replicas.
+        self.refuse_next = ""
         self.sent: list[tuple[str, tuple[Any, ...]]] = []
         self.in_flight = 0
         self.most_in_flight = 0
@@ -48,6 +53,9 @@ class WatchedSession:
 
     def execute_async(self, stmt: Any, params: Any = None, *args: Any, **kwargs: Any) -> Any:
         self._check(stmt, params)
+        if self.refuse_next and self._names.get(id(stmt)) == self.refuse_next:
+            self.refuse_next = ""
+            return _Refused(Unavailable("too few replicas for this partition (refused by the test)"))
         with self._lock:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -58,3 +66,16 @@ class WatchedSession:
     def _done(self, _result: Any) -> None:
         with self._lock:
             self.in_flight -= 1
+
+
+class _Refused:
+    """A driver future for a statement the node refused: it never applied."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def result(self) -> Any:
+        raise self.error
+
+    def add_callbacks(self, *_: Any) -> None:
+        pass

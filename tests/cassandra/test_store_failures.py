@@ -14,7 +14,7 @@ from cassandra.cluster import NoHostAvailable
 
 from ledger_svc import commands as c
 from ledger_svc.app import policy_from
-from ledger_svc.domain import ExternalId, FailedPrecondition, IdemKey, Unavailable
+from ledger_svc.domain import ExternalId, FailedPrecondition, IdemKey, MemberStatus, NotFound, Unavailable
 from ledger_svc.server import grpc_code
 from ledger_svc.service import LedgerService
 from ledger_svc.store import cassandra as cassandra_store
@@ -96,5 +96,77 @@ async def test_create_member_retried_after_a_timeout_creates_it_and_keeps_the_em
         assert (await service.create_member(cmd)).member_id == member.member_id  # replays
         with pytest.raises(FailedPrecondition):  # the email is the member's now, not free
             await service.create_member(c.CreateMember(IdemKey("", "signup-2"), (email,), {}))
+    finally:
+        await store.close()
+
+
+def _directory_service(cassandra_session: CassandraSession) -> tuple[Any, LedgerService]:
+    store = cassandra_session.open_store("p" + uuid.uuid4().hex[:12], 1)
+    return store, LedgerService(store, ManualClock(), policy_from(load_settings({})), card_secret="secret")
+
+
+async def test_a_block_retried_after_its_status_write_was_refused_blocks_the_member(
+    cassandra_session: CassandraSession,
+) -> None:
+    """The status write was refused while the claim's result, sent beside it, landed: the
+    retry answered "done" and the member stayed ACTIVE (free to earn and redeem)."""
+    store, service = _directory_service(cassandra_session)
+    try:
+        member = await service.create_member(c.CreateMember(IdemKey("", "signup-b"), (), {}))
+        WatchedSession.on(store).refuse_next = "member_status"
+        block = c.SetMemberBlocked(IdemKey("", "block-b"), member.member_id, True, "card stolen")
+        with pytest.raises(Unavailable):
+            await service.set_blocked(block)
+
+        await service.set_blocked(block)  # the client's retry, same key
+
+        assert (await service.get_member(member.member_id)).status == MemberStatus.BLOCKED
+    finally:
+        await store.close()
+
+
+async def test_a_merge_retried_after_its_merges_row_was_refused_is_listed_as_a_merge(
+    cassandra_session: CassandraSession,
+) -> None:
+    """Start-up recovery, the merged-member sweep and reconcile find merges by that row."""
+    store, service = _directory_service(cassandra_session)
+    try:
+        source = await service.create_member(c.CreateMember(IdemKey("", "signup-s"), (), {}))
+        target = await service.create_member(c.CreateMember(IdemKey("", "signup-t"), (), {}))
+        WatchedSession.on(store).refuse_next = "merge_put"
+        merge = c.MergeMembers(IdemKey("", "merge-m"), source.member_id, target.member_id)
+        with pytest.raises(Unavailable):
+            await service.merge_members(merge)
+
+        await service.merge_members(merge)
+
+        assert (await service.get_member(source.member_id)).status == MemberStatus.MERGED
+        assert (source.member_id, target.member_id) in await store.read_directory(lambda d: d.merged_members())
+    finally:
+        await store.close()
+
+
+async def test_an_alias_a_refused_merge_write_left_half_moved_goes_with_the_targets_erasure(
+    cassandra_session: CassandraSession,
+) -> None:
+    """The target's alias row was refused while the source's was deleted beside it: the email
+    pointed at the target without either member listing it, so erasing the target left that
+    personal data claimed for good."""
+    store, service = _directory_service(cassandra_session)
+    email = ExternalId("email", "ada@example.com")
+    try:
+        source = await service.create_member(c.CreateMember(IdemKey("", "signup-s"), (email,), {}))
+        target = await service.create_member(c.CreateMember(IdemKey("", "signup-t"), (), {}))
+        WatchedSession.on(store).refuse_next = "ext_member_put"
+        merge = c.MergeMembers(IdemKey("", "merge-a"), source.member_id, target.member_id)
+        with pytest.raises(Unavailable):
+            await service.merge_members(merge)
+        await service.merge_members(merge)
+        assert email in (await service.get_member(target.member_id)).aliases
+
+        await service.erase_member(c.EraseMember(IdemKey("", "erase-t"), target.member_id))
+
+        with pytest.raises(NotFound):
+            await service.lookup_member(email)
     finally:
         await store.close()
