@@ -792,13 +792,21 @@ class ShardBook:
                 pending=True, release_at=datetime.fromisoformat(release) if release else None, pending_review=review,
             ))  # fmt: skip
         net = balance + pending - debt
+        # A negative balance moved in stops at the target's floor, as a reversal does; what lies
+        # below it is debt (decision 0007). Two members at the limit merged into one must not
+        # leave it at twice the limit, nor a target's open hold unfunded.
+        below = 0
+        if balance < 0:
+            row = self._acct(member_account(member_id, unit))
+            floor = row.reserved if row.reserved > 0 else -self.policy.negative_limit_points
+            below = min(-balance, max(0, floor - (row.balance + balance)))
         self._post(
             record,
             [
                 (system_account("transit", unit), -net),
-                (member_account(member_id, unit), balance),
+                (member_account(member_id, unit), balance + below),
                 (pending_account(member_id, unit), pending),
-                (debt_account(member_id, unit), -debt),
+                (debt_account(member_id, unit), -debt - below),
             ],
         )
         self._normalise_lots(member_id, unit)

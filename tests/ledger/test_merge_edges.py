@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,8 @@ from ledger_svc import commands as c
 from ledger_svc.domain import FailedPrecondition, HoldStatus, IdemKey, MemberNotActive
 from ledger_svc.reconcile import reconcile
 from ledger_svc.service import LedgerService
-from tests.conftest import LedgerUnderTest
+from pointmesh.redis_server import RedisServer
+from tests.conftest import LedgerUnderTest, start_ledger, stop_ledger, store_settings
 
 _n = itertools.count()
 
@@ -125,3 +127,40 @@ async def test_a_transfer_credited_after_its_destination_was_merged_follows_the_
     balances = [(await svc.get_balance(m, "points")).balance_points for m in (source, destination, target)]
     assert balances == [40, 0, 60]
     assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
+
+
+@pytest.mark.parametrize("store", ["sqlite", "cassandra"])
+async def test_members_at_the_negative_limit_merged_into_one_leave_it_at_the_limit_with_debt(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer, store: str
+) -> None:
+    """Each source sits at -100 (earned, spent, then the earn was reversed) with a limit of 100;
+    the target has a 60-point hold open on its 60 points. The moved negative balances stop at
+    the target's floor and the rest is debt: the target stayed at 60 with its hold funded, not
+    at -140 with a hold that captured into the limit."""
+    ledger = await start_ledger(tmp_path / "data", redis_server.url, negative_limit_points=100,
+                                **store_settings(request, store))  # fmt: skip
+    try:
+        svc = ledger.app.service
+        sources = []
+        for _ in range(2):
+            m = await member(svc)
+            earned = await svc.earn(c.Earn(k(), m, "points", 100))
+            await svc.redeem(c.Redeem(k(), m, "points", 100))
+            await svc.reverse(c.Reverse(k(), earned.transaction.transaction_id, full=True))
+            assert (await svc.get_balance(m, "points")).balance_points == -100
+            sources.append(m)
+        target = await member(svc)
+        await svc.earn(c.Earn(k(), target, "points", 60))
+        hold = await svc.place_hold(c.PlaceHold(k(), target, "points", 60))
+
+        for source in sources:
+            await svc.merge_members(c.MergeMembers(k(), source, target))
+
+        after = await svc.get_balance(target, "points")
+        assert (after.balance_points, after.reserved_points, after.debt_points) == (60, 60, 200)
+        captured = await svc.capture_hold(c.CaptureHold(k(), hold.hold.hold_id, 0))
+        assert captured.transaction.points == -60
+        assert (await svc.get_balance(target, "points")).balance_points == 0
+        assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
+    finally:
+        await stop_ledger(ledger)
