@@ -143,6 +143,9 @@ class Sagas:
         payload: dict[str, Any] = {
             "portions": [[p, e.isoformat() if e else None] for p, e in portions], "reason": cmd.reason,
         }  # fmt: skip
+        if screening is not None:
+            # A replay of the request answers with the screening the first call had.
+            payload["screening"] = codec.to_plain(screening)
         if screening is not None and not screening.scored:
             # Decided without fraud_svc: it is told once the points have moved (drive_transfer).
             payload["observe"] = screening_event_id("transfer", cmd.key.namespace, cmd.key.key)
@@ -220,11 +223,14 @@ class Sagas:
         if debit_rec is None or credit_rec is None:
             raise FailedPrecondition(f"transfer {saga_id} did not complete", field="transfer_id")
         debit = to_transaction(debit_rec)
-        if observe := json.loads(saga.payload_json).get("observe"):
+        payload = json.loads(saga.payload_json)
+        if observe := payload.get("observe"):
             # Each drive tells it the same event (id and the debit's time): counted once.
             await self.svc.observe_transfer(observe, saga.source_member, saga.dest_member, saga.points,
                                             debit.recorded_at)  # fmt: skip
-        return TransferResult(saga_id, debit, to_transaction(credit_rec))
+        screened = payload.get("screening")
+        screening = codec.from_plain(Screening, screened) if screened is not None else None
+        return TransferResult(saga_id, debit, to_transaction(credit_rec), screening=screening)
 
     async def drive_reversal(self, saga_id: str) -> ReverseResult:
         saga = await self.svc.store.read(self.svc.shard_of_id(saga_id), lambda tx: tx.get_saga(saga_id))

@@ -187,3 +187,20 @@ async def test_a_transfer_held_without_a_score_reaches_fraud_svc_once_approval_m
     sent = await _features(mesh, TxContext(f"probe-{sender}", TxKind.REDEMPTION, sender, later, points=10))
     got = await _features(mesh, TxContext(f"probe-{recipient}", TxKind.REDEMPTION, recipient, later, points=10))
     assert (sent["member_transfers_out_24h"], got["member_transfers_in_24h"]) == (1, 1)
+
+
+@pytest.mark.parametrize("same_shard", [True, False], ids=["same-shard", "cross-shard"])
+async def test_a_transfer_replayed_with_its_key_answers_with_the_screening_it_had(
+    mesh: Screened, same_shard: bool
+) -> None:
+    """fraud_svc scored and allowed it; the replay must say so too (a cross-shard one answered
+    with no screening at all, as if nothing had been screened)."""
+    sender = await _funded(mesh)
+    recipient = await _funded(mesh, near=sender, same_shard=same_shard)
+    request = _transfer(sender, recipient, f"replayed-{sender}")
+
+    first = await mesh.ledger.stub.Transfer(request)
+    again = await mesh.ledger.stub.Transfer(request)
+
+    assert first.screening.verdict == ledger_pb2.SCREENING_VERDICT_ALLOW and first.screening.scored, first
+    assert again == first
