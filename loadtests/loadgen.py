@@ -9,9 +9,12 @@ and the expected points
 per member come from the program's base rates, floored per line, the rounding the program
 declares. The program must be one the generator can model on its own: base rates and FLOOR
 rounding, no rules, tiers, FX or welcome bonuses (`loadtests/programs/loadgen.yaml` is one);
-anything else is refused up front. A purchase fraud screening REFUSED earns nothing; one held
-for review earns pending points, so each member's posted plus pending balance must equal the
-expectation. Then the ledger's own reconciliation must report zero differences.
+anything else is refused up front. Every purchase sent must be answered exactly once (the
+stream's `received` count and one purchase or failure per index). A purchase may be REFUSED
+only under a fraud DENY verdict, and then earns nothing; one held for review (REVIEW) earns
+pending points, the rest posted points, so each member's posted and pending balances must each
+equal its own expectation, and so must the growth of the ledger's member and pending totals.
+Then the ledger's own reconciliation must report zero differences.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def model(document: dict[str, object], currency: str = "EUR") -> Rates:
     policy = document.get("policy") or {}
     if isinstance(policy, dict) and policy.get("rounding", "floor") != "floor":
         raise UnmodelledProgram("loadgen models FLOOR rounding only")
+    if isinstance(policy, dict) and policy.get("release_after_days", 0):
+        raise UnmodelledProgram("loadgen models points posted at once (no release_after_days)")
     rates = {str(r["unit"]): (int(r["points"]), int(r["per_minor"]))
              for r in document.get("base_rates", []) if r["currency"] == currency}  # type: ignore[attr-defined,index]  # fmt: skip
     if not rates:
@@ -161,18 +166,36 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
     member_ids = [r.member.member_id for r in ids]
     stores = [str(store["id"]) for store in doc.get("stores", [])]  # type: ignore[attr-defined,index]
     items = generate(seed, member_ids, purchases, datetime.now(UTC), stores)
-    expected: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    # Posted (spendable) and pending (held for review) points, kept apart: a review credited as
+    # spendable, or an allowed purchase left pending, would be invisible in their sum.
+    posted: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    pending: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
-    def settle(request: ledger_pb2.RecordPurchaseRequest, status: int, verdict: int, scored: bool) -> None:
+    def settle(
+        request: ledger_pb2.RecordPurchaseRequest,
+        status: ledger_pb2.PurchaseStatus.ValueType,
+        verdict: ledger_pb2.ScreeningVerdict.ValueType,
+        scored: bool,
+    ) -> None:
         if verdict != ledger_pb2.SCREENING_VERDICT_UNSPECIFIED and not scored:
             report.unscored += 1
+        denied = verdict == ledger_pb2.SCREENING_VERDICT_DENY
         if status == ledger_pb2.PURCHASE_STATUS_REFUSED:
             report.refused += 1
+            if not denied:  # the program refuses nothing: only fraud screening's DENY may
+                report.mismatches.append(f"purchase {request.receipt_id} refused without a fraud DENY verdict "
+                                         f"(verdict {ledger_pb2.ScreeningVerdict.Name(verdict)})")  # fmt: skip
             return
+        if denied:
+            report.mismatches.append(f"purchase {request.receipt_id} denied by fraud screening but "
+                                     f"{ledger_pb2.PurchaseStatus.Name(status)}, not refused")  # fmt: skip
+            return
+        into = posted
         if verdict == ledger_pb2.SCREENING_VERDICT_REVIEW:
             report.held += 1
+            into = pending
         for unit, points in rates.points([ln.amount.amount_minor for ln in request.lines]).items():
-            expected[request.member_id][unit] += points
+            into[request.member_id][unit] += points
 
     async def one_by_one(queue: Iterator[ledger_pb2.RecordPurchaseRequest]) -> None:
         for request in queue:
@@ -182,11 +205,18 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
     async def streams(queue: Iterator[list[ledger_pb2.RecordPurchaseRequest]]) -> None:
         for chunk in queue:
             response = await ledger.IngestBatch(iter(_pages(chunk)))
+            answered = _Answers(chunk, report.mismatches)
+            if response.received != len(chunk):
+                report.mismatches.append(f"IngestBatch from {chunk[0].receipt_id}: sent {len(chunk)} purchases, "
+                                         f"the ledger received {response.received}")  # fmt: skip
             for failure in response.failures:
-                report.mismatches.append(f"purchase {chunk[failure.index].receipt_id} failed: {failure.code} "
-                                         f"{failure.field}: {failure.message}")  # fmt: skip
+                if answered.first(failure.index):
+                    report.mismatches.append(f"purchase {chunk[failure.index].receipt_id} failed: {failure.code} "
+                                             f"{failure.field}: {failure.message}")  # fmt: skip
             for done in response.purchases:
-                settle(chunk[done.index], done.status, done.verdict, done.scored)
+                if answered.first(done.index):
+                    settle(chunk[done.index], done.status, done.verdict, done.scored)
+            answered.check_all()
 
     started = time.perf_counter()
     if unary:
@@ -200,30 +230,67 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
         [
             partial(ledger.GetBalance, ledger_pb2.GetBalanceRequest(member_id=m, unit=u))
             for m in member_ids
-            for u in expected[m]
+            for u in rates.per_unit  # every member, those who should have nothing too
         ],
         64,
     )
     for got in (b.balance for b in balances):
-        want = expected[got.member_id][got.unit]
-        if got.balance_points + got.pending_points != want:
-            report.mismatches.append(f"{got.member_id} {got.unit}: expected {want}, ledger has "
-                                     f"{got.balance_points} + {got.pending_points} pending")  # fmt: skip
+        want, held = posted[got.member_id][got.unit], pending[got.member_id][got.unit]
+        if (got.balance_points, got.available_points, got.pending_points) != (want, want, held):
+            report.mismatches.append(f"{got.member_id} {got.unit}: expected {want} posted (spendable) and {held} "
+                                     f"pending, ledger has {got.balance_points} posted ({got.available_points} "
+                                     f"spendable) and {got.pending_points} pending")  # fmt: skip
     totals = await ledger.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
     report.reconcile_differences = totals.differences
     after = _liability(totals, rates)
     for unit in rates.per_unit:
-        want = sum(per_unit.get(unit, 0) for per_unit in expected.values())
-        got = after[unit] - before[unit]
-        if got != want:  # nothing lost or doubled in the books as a whole either (on a ledger nobody else uses)
-            report.mismatches.append(f"all members {unit}: expected {want} more, the ledger's totals grew by {got}")
+        for kind, expected in (("posted", posted), ("pending", pending)):
+            want = sum(per_unit.get(unit, 0) for per_unit in expected.values())
+            grew = after[kind][unit] - before[kind][unit]
+            if grew != want:  # nothing lost or doubled in the books as a whole either (on a ledger nobody else uses)
+                report.mismatches.append(
+                    f"all members {unit}: expected {want} more {kind}, the ledger's totals grew by {grew}"
+                )
     return report
 
 
-def _liability(totals: ledger_pb2.GetTotalsResponse, rates: Rates) -> dict[str, int]:
-    """Points members hold, posted plus pending, per unit."""
+class _Answers:
+    """Which purchases of one IngestBatch stream the response answered: each index exactly
+    once, in purchases or failures. A purchase the ledger drops without a word would otherwise
+    just be missing from both the expectation and the books."""
+
+    def __init__(self, chunk: Sequence[ledger_pb2.RecordPurchaseRequest], mismatches: list[str]) -> None:
+        self.chunk, self.mismatches = chunk, mismatches
+        self.seen = bytearray(len(chunk))
+
+    def first(self, index: int) -> bool:
+        """True the first time `index` is answered; a mismatch when it is out of range or again."""
+        if not 0 <= index < len(self.chunk):
+            self.mismatches.append(f"IngestBatch from {self.chunk[0].receipt_id}: an answer for item {index} "
+                                   f"of a stream of {len(self.chunk)}")  # fmt: skip
+            return False
+        if self.seen[index]:
+            self.mismatches.append(f"purchase {self.chunk[index].receipt_id} answered twice")
+            return False
+        self.seen[index] = 1
+        return True
+
+    def check_all(self) -> None:
+        if self.seen.count(0):
+            missing = [self.chunk[i].receipt_id for i, n in enumerate(self.seen) if not n]
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            self.mismatches.append(
+                f"{len(missing)} purchases with no answer (in neither purchases nor failures): {shown}"
+            )
+
+
+def _liability(totals: ledger_pb2.GetTotalsResponse, rates: Rates) -> dict[str, dict[str, int]]:
+    """Points members hold per unit: "posted" and "pending"."""
     books = {t.account_class: t.points for t in totals.totals}
-    return {unit: books.get(f"member:{unit}", 0) + books.get(f"pending:{unit}", 0) for unit in rates.per_unit}
+    return {
+        kind: {unit: books.get(f"{account}:{unit}", 0) for unit in rates.per_unit}
+        for kind, account in (("posted", "member"), ("pending", "pending"))
+    }
 
 
 async def _bounded(calls: list[Callable[[], Awaitable[T]]], limit: int) -> list[T]:

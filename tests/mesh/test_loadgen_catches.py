@@ -1,0 +1,202 @@
+"""`pointmesh loadgen` must call a run exact only when it is: a ledger that misbehaves in a way
+the per-member sums alone cannot see makes `report.ok` False. Each test injects one fault into
+the in-process ledger of a real mesh: a purchase silently dropped from an IngestBatch stream, a
+purchase refused with no fraud DENY behind it, points held for review posted as spendable (and
+the reverse). The expectation stays the generator's own; only its comparisons got finer."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import ledger_svc.accrual as accrual_mod
+from ledger_svc.purchases import PurchaseStatus
+from ledger_svc.screening import FraudScreen, Screening, ScreeningRequest, UnavailablePolicy, Verdict
+from ledger_svc.server import LedgerServicer
+from loadtests.loadgen import UnmodelledProgram, model, run
+from pointmesh.clock import SystemClock
+from pointmesh.redis_server import RedisServer, free_port
+from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
+from tests.mesh.test_loadgen import LOADGEN
+
+PURCHASES, MEMBERS = 120, 40
+
+
+@pytest.fixture
+async def loadgen_mesh(
+    tmp_path: Path, redis_server: RedisServer
+) -> AsyncIterator[tuple[LedgerUnderTest, RulesUnderTest]]:
+    port = free_port()
+    clock = SystemClock()  # receipts are stamped from the wall clock, over the last day
+    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(LOADGEN))
+    ledger = await start_ledger(tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{port}",
+                                program="loadgen", rules_deadline_seconds=5.0)  # fmt: skip
+    yield ledger, rules
+    await stop_ledger(ledger)
+    await stop_rules(rules)
+
+
+def _verdict(r: ScreeningRequest) -> Verdict:
+    """A fake fraud_svc, deterministic per purchase: about one in five denied, one in five held."""
+    pick = zlib.crc32(r.event_id.encode()) % 5
+    return Verdict.DENY if pick == 0 else Verdict.REVIEW if pick == 1 else Verdict.ALLOW
+
+
+class FakeFraud:
+    async def screen(self, r: ScreeningRequest) -> Screening:
+        return Screening(_verdict(r), True, 0.5, ("fake",), "fake")
+
+    async def screen_many(self, rs: Sequence[ScreeningRequest]) -> list[Screening]:
+        return [await self.screen(r) for r in rs]
+
+
+def _screened(ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger.app.service, "fraud", FraudScreen(FakeFraud(), UnavailablePolicy()))
+
+
+async def _run(ledger: LedgerUnderTest, rules: RulesUnderTest, seed: int, unary: bool = False):  # type: ignore[no-untyped-def]
+    return await run(ledger.address, rules.address, "loadgen", purchases=PURCHASES, members=MEMBERS, seed=seed,
+                     concurrency=1, batch=60, unary=unary)  # fmt: skip
+
+
+async def test_a_purchase_the_ledger_drops_from_the_stream_is_a_mismatch(
+    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last purchase of every chunk never posted and never reported: it is in neither the
+    books nor the generator's sums, so only the stream's own accounting can show it."""
+    ledger, rules = loadgen_mesh
+    original = LedgerServicer._ingest_chunk
+
+    async def lossy(self, chunk, summary):  # type: ignore[no-untyped-def]
+        await original(self, chunk[:-1], summary)
+
+    monkeypatch.setattr(LedgerServicer, "_ingest_chunk", lossy)
+    report = await _run(ledger, rules, seed=3)
+    assert not report.ok and report.reconcile_differences == 0
+    assert report.mismatches == [
+        "IngestBatch from lg-3-0: sent 60 purchases, the ledger received 59",
+        "1 purchases with no answer (in neither purchases nor failures): lg-3-59",
+        "IngestBatch from lg-3-60: sent 60 purchases, the ledger received 59",
+        "1 purchases with no answer (in neither purchases nor failures): lg-3-119",
+    ]
+
+
+async def test_a_purchase_counted_as_received_but_never_answered_is_a_mismatch(
+    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same loss with the `received` count right: every index must be answered once."""
+    ledger, rules = loadgen_mesh
+    original = LedgerServicer._ingest_chunk
+
+    async def lossy(self, chunk, summary):  # type: ignore[no-untyped-def]
+        await original(self, chunk[:-1], summary)
+        summary.received += 1
+
+    monkeypatch.setattr(LedgerServicer, "_ingest_chunk", lossy)
+    report = await _run(ledger, rules, seed=3)
+    assert report.mismatches == [
+        "1 purchases with no answer (in neither purchases nor failures): lg-3-59",
+        "1 purchases with no answer (in neither purchases nor failures): lg-3-119",
+    ]
+
+
+@pytest.mark.parametrize("unary", [False, True], ids=["ingest-batch", "unary"])
+@pytest.mark.parametrize("verdict", [None, Verdict.ALLOW], ids=["not-screened", "allowed"])
+async def test_a_refusal_without_a_fraud_deny_is_a_mismatch(
+    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest],
+    monkeypatch: pytest.MonkeyPatch,
+    unary: bool,
+    verdict: Verdict | None,
+) -> None:
+    """fraud_svc denies some purchases (refused: expected, no mismatch); a ledger bug refuses
+    others it did not deny. Nothing was earned for either, so every balance still adds up: only
+    the refusal's verdict shows the bug, and it names exactly the purchases the bug refused."""
+    ledger, rules = loadgen_mesh
+    _screened(ledger, monkeypatch)
+    original = accrual_mod.accrue
+    bugged: list[str] = []
+
+    def refusing(book, record, quote, screening=None, review_id=""):  # type: ignore[no-untyped-def]
+        if screening is not None and screening.verdict is Verdict.ALLOW and len(bugged) < 7:
+            bugged.append(record.receipt_id)
+            kept = None if verdict is None else screening
+            refused = replace(record, status=PurchaseStatus.REFUSED, status_reason="bug", screening=kept)
+            accrual_mod.save_purchase(book, refused)
+            return refused
+        return original(book, record, quote, screening, review_id)
+
+    monkeypatch.setattr(accrual_mod, "accrue", refusing)
+    report = await _run(ledger, rules, seed=4, unary=unary)
+    assert len(bugged) == 7 and report.refused > 7  # the fake's denials were refused too
+    want = "UNSPECIFIED" if verdict is None else "ALLOW"
+    assert sorted(report.mismatches) == sorted(
+        f"purchase {r} refused without a fraud DENY verdict (verdict SCREENING_VERDICT_{want})" for r in bugged
+    )
+
+
+@pytest.mark.parametrize("unary", [False, True], ids=["ingest-batch", "unary"])
+async def test_points_held_for_review_posted_as_spendable_are_a_mismatch(
+    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch, unary: bool
+) -> None:
+    """A ledger bug records the REVIEW verdict but posts the points as spendable: posted plus
+    pending is still right, posted and pending each are not."""
+    ledger, rules = loadgen_mesh
+    _screened(ledger, monkeypatch)
+    original = accrual_mod.accrue
+    members: set[str] = set()
+
+    def spendable(book, record, quote, screening=None, review_id=""):  # type: ignore[no-untyped-def]
+        if screening is None or screening.verdict is not Verdict.REVIEW:
+            return original(book, record, quote, screening, review_id)
+        members.add(record.member_id)
+        saved = replace(original(book, record, quote, None, review_id), screening=screening)
+        accrual_mod.save_purchase(book, saved)
+        return saved
+
+    monkeypatch.setattr(accrual_mod, "accrue", spendable)
+    report = await _run(ledger, rules, seed=5, unary=unary)
+    assert report.held > 0 and members
+    assert {line.split(" ")[0] for line in report.mismatches if not line.startswith("all members")} == members
+    assert [line.split(":")[0] for line in report.mismatches if line.startswith("all members")] == [
+        "all members points"
+    ] * 2  # the books' posted total grew by the held points, the pending total by nothing
+
+
+async def test_an_allowed_purchase_left_pending_is_a_mismatch(
+    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reverse: fraud_svc allowed the purchase, the ledger held its points as pending."""
+    ledger, rules = loadgen_mesh
+    _screened(ledger, monkeypatch)
+    original = accrual_mod.accrue
+    members: set[str] = set()
+
+    def held(book, record, quote, screening=None, review_id=""):  # type: ignore[no-untyped-def]
+        if screening is None or screening.verdict is not Verdict.ALLOW:
+            return original(book, record, quote, screening, review_id)
+        members.add(record.member_id)
+        saved = replace(original(book, record, quote, replace(screening, verdict=Verdict.REVIEW), review_id),
+                        screening=screening)  # fmt: skip
+        accrual_mod.save_purchase(book, saved)
+        return saved
+
+    monkeypatch.setattr(accrual_mod, "accrue", held)
+    report = await _run(ledger, rules, seed=6)
+    assert members
+    assert {line.split(" ")[0] for line in report.mismatches if not line.startswith("all members")} == members
+    assert sum(line.startswith("all members") for line in report.mismatches) == 2
+
+
+def test_a_program_that_releases_points_later_is_refused() -> None:
+    """Points released after some days post as pending whatever the verdict: the generator's
+    posted/pending split cannot model that, so it refuses the program up front."""
+    import yaml
+
+    document = yaml.safe_load(LOADGEN.read_text())
+    document["policy"]["release_after_days"] = 3
+    with pytest.raises(UnmodelledProgram, match="release_after_days"):
+        model(document)
