@@ -134,10 +134,16 @@ class LiveHub:
                 self._deliver(self.ops, alert)
 
     async def _tail(self, stream: str) -> Any:
-        """Follows a stream from now on, reconnecting after Redis errors without skipping ahead."""
+        """Follows a stream from now on, reconnecting after bus errors without skipping ahead.
+        "Now" is pinned to a position before the first read, not left as "$": a retry with "$"
+        would start after whatever is newest by then and skip what was published during the
+        outage on a stream quiet until then (ops alerts are rare). The Kafka bus has no single
+        position to pin and resumes at the end (docs/events.md, known limits)."""
         position = "$"
         while True:
             try:
+                if position == "$":
+                    position = await self.bus.latest_position(stream)
                 async for message in self.bus.subscribe(stream, position, block_ms=500):
                     position = message.position
                     yield message

@@ -4,6 +4,7 @@ One interface, two implementations: Redis Streams (the embedded default, `make u
 Apache Kafka (production; `kafka_bus.py`), chosen by POINTMESH_EVENT_BUS. Both give:
 * `publish`: events in order per partition key (the member id), durable when it returns;
 * `subscribe`: a broadcast tail, every subscriber sees every event (gateway websockets);
+  `latest_position` pins "now" to a position, so a tail that reconnects resumes there;
 * `group`: a consumer group, each event to one member of the group, committed after
   processing, redelivered if never committed (at-least-once; handlers dedupe on event_id);
 * `rewind`: moves a group back to the first event at or after a time (replay).
@@ -90,6 +91,11 @@ class GroupConsumer(Protocol):
 class EventBus(Protocol):
     async def publish(self, topic: str, events: Sequence[OutgoingEvent]) -> None: ...
     def subscribe(self, topic: str, after: str = "$", *, block_ms: int = 1000) -> AsyncIterator[BusMessage]: ...
+    async def latest_position(self, topic: str) -> str:
+        """A position for `subscribe` that means "after what the topic holds now" and, unlike
+        "$", stays put as events arrive; "$" itself where the bus cannot name one."""
+        ...
+
     def group(self, topic: str, group: str, consumer: str) -> GroupConsumer: ...
     async def rewind(self, topic: str, group: str, when: datetime) -> None: ...
     async def ensure_topics(self, topics: Sequence[str]) -> None: ...
@@ -240,8 +246,7 @@ class RedisStreamBus:
         if position != "$" and not _is_stream_id(position):
             raise ValueError(f'{position!r} is not a stream position ("$", "0" or <ms>-<seq>)')
         if position == "$":
-            last: Any = await self.redis.xrevrange(topic, count=1)
-            position = last[0][0].decode() if last else "0-0"
+            position = await self.latest_position(topic)
         while True:
             batch: Any = await self.redis.xread({topic: position}, block=block_ms, count=100)
             for _name, messages in batch or []:
@@ -249,6 +254,12 @@ class RedisStreamBus:
                     msg = _message(pos, fields)
                     position = msg.position
                     yield msg
+
+    async def latest_position(self, topic: str) -> str:
+        """The id of the stream's newest entry ("0-0" for an empty or missing stream): reading
+        after it yields exactly what is added from now on, however late the read comes."""
+        last: Any = await self.redis.xrevrange(topic, count=1)
+        return last[0][0].decode() if last else "0-0"
 
     def group(self, topic: str, group: str, consumer: str) -> RedisGroupConsumer:
         return RedisGroupConsumer(self, topic, group, consumer)

@@ -57,10 +57,19 @@ def _still_valid(ws: WebSocket, scope: str = "") -> Callable[[], bool]:
     return check
 
 
+# `{"type": "ping"}` is 16 bytes; a frame far bigger is something else and is not parsed at all
+# (json.loads recurses once per nesting level: "[" * 100_000 raised RecursionError, which ended
+# the socket with no close frame).
+MAX_PING_BYTES = 256
+
+
 def _is_ping(message: Mapping[str, Any]) -> bool:
+    data = message.get("text") or message.get("bytes") or b""
+    if len(data) > MAX_PING_BYTES:
+        return False
     try:
-        frame = json.loads(message.get("text") or message.get("bytes") or b"")
-    except ValueError:
+        frame = json.loads(data)
+    except (ValueError, RecursionError):
         return False
     return isinstance(frame, dict) and frame.get("type") == "ping"
 
