@@ -17,14 +17,14 @@ like `kafka-consumer-groups --reset-offsets`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, IllegalStateError, TopicAlreadyExistsError
+from aiokafka.errors import CommitFailedError, IllegalStateError, TopicAlreadyExistsError, for_code
 from aiokafka.structs import OffsetAndMetadata
 
 from pointmesh.events import BusMessage, OutgoingEvent
@@ -162,8 +162,15 @@ class KafkaBus:
             wanted = [NewTopic(t, num_partitions=self.partitions, replication_factor=self.replication)
                       for t in topics if t not in existing]  # fmt: skip
             if wanted:
-                with contextlib.suppress(TopicAlreadyExistsError):  # another process created them first
-                    await admin.create_topics(wanted)
+                # The broker answers each topic with an error code rather than failing the call:
+                # one that already exists (another process created it first) is fine, any other
+                # refusal (a replication factor the cluster cannot give, a policy, an ACL) is not.
+                response = await admin.create_topics(wanted)
+                refused = [(topic, code, message) for topic, code, message in _topic_errors(response)
+                           if code not in (0, TopicAlreadyExistsError.errno)]  # fmt: skip
+                if refused:
+                    topic, code, message = refused[0]
+                    raise RuntimeError(f"Kafka refused to create topic {topic}: {for_code(code).__name__} {message}")
         finally:
             await admin.close()
 
@@ -175,6 +182,11 @@ class KafkaBus:
 
     async def close(self) -> None:
         await self._drop_producer()
+
+
+def _topic_errors(response: Any) -> list[tuple[str, int, str]]:
+    """(topic, error code, message) per topic of a CreateTopics response (v0 has no message)."""
+    return [(row[0], row[1], row[2] if len(row) > 2 and row[2] else "") for row in response.topic_errors]
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -470,3 +470,20 @@ async def test_a_redis_rewind_past_the_newest_event_keeps_one_published_meanwhil
         await bus.close()
 
     assert [m.event_id for m in got] == ["m_w-1"]
+
+
+async def test_a_topic_the_kafka_cluster_refuses_to_create_is_an_error(kafka_bootstrap: str) -> None:
+    """A replication factor the cluster cannot give (3, the production value, on one broker)
+    must stop start-up and `pointmesh events topics create` with the broker's reason; it passed
+    as "topics ready" and left every publish failing. Topics that already exist are fine."""
+    refused = KafkaBus(kafka_bootstrap, partitions=3, replication=3)
+    fine = KafkaBus(kafka_bootstrap, partitions=3)
+    topic, existing = new_topic(), new_topic()
+    try:
+        await fine.ensure_topics([existing])
+        with pytest.raises(RuntimeError, match=rf"{topic}: InvalidReplicationFactorError"):
+            await refused.ensure_topics([existing, topic])
+        await fine.ensure_topics([existing])  # already there: nothing to create, no error
+    finally:
+        await refused.close()
+        await fine.close()
