@@ -13,9 +13,10 @@ stream order; different members' run concurrently and share the store's group co
 Fraud screening sees each purchase with the balance it is predicted to find (the stored
 available balance plus the points of the member's earlier purchases in the chunk that are not
 released later), scored in event-time order in one call; a purchase that falls back to the
-unary path is scored again there, after the chunk (velocity counts an event once). Anything
-unusual for a member (a receipt already recorded with another body, purchases waiting for
-rules_svc, a transport key) sends that member's remaining purchases down the unary path, in
+unary path is scored again there, after the chunk (velocity counts an event once), and so are
+a member's purchases after one that was held or refused, whose points the prediction counted.
+Anything unusual for a member (a receipt already recorded with another body, purchases waiting
+for rules_svc, a transport key) sends that member's remaining purchases down the unary path, in
 order.
 """
 
@@ -35,7 +36,7 @@ from ledger_svc.domain import FailedPrecondition, LedgerError
 from ledger_svc.ingest import WRITE_RUN, claim_many
 from ledger_svc.postings import ShardBook
 from ledger_svc.purchases import MemberState, PurchaseRecord, Quote, load_state, purchase_id_for, tender_points
-from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest
+from ledger_svc.screening import ScreenedKind, Screening, ScreeningRequest, Verdict
 from ledger_svc.store.base import IdemRecord, ShardTx
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class BatchAccrual:
         now = self.svc.clock.now()
         await self._quote(quoted, found, now, results)
         await self._screen([it for it in quoted if it.quote is not None], found)
-        await self._claim([it for it in quoted if it.quote is not None], now, results)
+        await self._claim([it for it in quoted if it.quote is not None and not it.unary], now, results)
         await asyncio.gather(*(self._write(its, now, results) for its in plan.values()))
         for it in again:  # after the first copy has its answer, as purchase by purchase
             try:
@@ -220,8 +221,17 @@ class BatchAccrual:
             ))  # fmt: skip
             if it.quote.release_at is None:
                 available[member] += points  # points released later are not available meanwhile
+        flagged: set[str] = set()
         for it, screening in zip(items, await svc.fraud.screen_many(requests), strict=True):
+            member = it.cmd.member_id
+            if member in flagged:
+                # Scored with the points of an earlier purchase that was held or refused counted
+                # as spendable: scored again on the unary path, on the balance it will meet.
+                it.unary = True
+                continue
             it.screening = screening
+            if screening.verdict is not Verdict.ALLOW:
+                flagged.add(member)
 
     async def _claim(self, items: list[_Item], now: datetime, results: list[Outcome | None]) -> None:
         claims = [(it.index, it.cmd.key, "RecordPurchase", it.fp) for it in items]

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +26,7 @@ from fraud_svc.app import build as build_fraud
 from fraud_svc.domain import TxContext, TxKind
 from fraud_svc.features import FeatureRow, featurize
 from fraud_svc.velocity_redis import RedisVelocity
+from ledger_svc.screening import ScreeningRequest
 from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
 from pointmesh.events import OPS_ALERTS, RedisStreamBus
@@ -264,6 +266,56 @@ async def test_a_burst_ingested_in_one_batch_is_scored_in_event_time_order(scree
     after = await balance(screened.ledger.stub, member)
     assert after.pending_points == sum(p.earned["points"] for p in held) > 0
     assert after.balance_points + after.pending_points == sum(p.earned["points"] for p in response.purchases)
+
+
+class RecordingScreener:
+    """Passes every request to the real fraud_svc client and keeps what each was scored on."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.seen: list[ScreeningRequest] = []
+
+    async def screen(self, request: ScreeningRequest) -> Any:
+        self.seen.append(request)
+        return await self.real.screen(request)
+
+    async def screen_many(self, requests: Sequence[ScreeningRequest]) -> Any:
+        self.seen.extend(requests)
+        return await self.real.screen_many(requests)
+
+
+async def test_a_batch_purchase_after_a_held_one_is_scored_on_the_balance_it_meets(screened: Screened) -> None:
+    """A batch predicts each purchase's balance from the member's earlier ones in the chunk; one
+    fraud_svc held for review earns pending points, not spendable ones, so the purchases after
+    it must be scored on the balance without them, as purchase by purchase (fraud_svc reviews
+    every purchase here: its purchase thresholds are put at zero)."""
+    screened.clock.set(NOW - timedelta(days=100))
+    member = (await create_member(screened.ledger.stub)).member_id
+    screened.clock.set(NOW)
+    assert screened.fraud is not None
+    screened.fraud.service.configure({"thresholds": {"purchase": {"review": 0.0, "deny": 1.0}}})
+    fraud = screened.ledger.app.service.fraud
+    assert fraud is not None
+    recording = RecordingScreener(fraud.screener)
+    fraud.screener = recording
+    at = NOW - timedelta(hours=2)
+    purchases = [purchase_request(member, [("grocery", amount, 1)], at=at + timedelta(minutes=k),
+                                  receipt=f"after-held-{member}-{k}", store="LIS-01")
+                 for k, amount in enumerate([1_000, 4_000, 3_000])]  # fmt: skip
+
+    response = await screened.ledger.stub.IngestBatch(aiter_of(ledger_pb2.IngestBatchRequest(purchase=p)
+                                                               for p in purchases))  # fmt: skip
+
+    answered = sorted(response.purchases, key=lambda p: p.index)
+    assert [p.verdict for p in answered] == [ledger_pb2.SCREENING_VERDICT_REVIEW] * 3
+    for k in (1, 2):
+        scored = [r for r in recording.seen if r.event_id == answered[k].purchase_id]
+        assert scored[-1].balance_points == 0, (k, [r.balance_points for r in scored])
+
+
+async def aiter_of(items: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
 
 
 async def test_with_fraud_svc_down_the_policy_decides_and_nothing_is_lost(screened: Screened) -> None:
