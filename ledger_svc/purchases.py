@@ -356,7 +356,9 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
     """The return in the purchase's shard. For a member merged into `merged_into`, whose points
     live there now, each reversal is started here and finished there (a saga the caller drives),
     and what comes back to the merged-away member (tender) is the caller's to sweep across."""
-    if record.status != PurchaseStatus.EARNED:
+    # A purchase fraud screening refused earned nothing, but the goods were sold, and any points
+    # paid as its tender come back with them: its return reverses nothing and gives those back.
+    if record.status not in (PurchaseStatus.EARNED, PurchaseStatus.REFUSED):
         raise FailedPrecondition(
             f"purchase {record.purchase_id} is {record.status.value}; returns apply once it has earned",
             field="purchase_id",

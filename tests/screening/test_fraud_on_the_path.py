@@ -546,3 +546,28 @@ async def test_transfers_and_returns_reach_fraud_svc_so_the_redemption_that_cash
     assert cash_in["member_transfer_senders_7d"] == 5
     assert cash_in["member_returns_24h"] == 1
     assert cash_in["member_return_amount_30d"] == 15_060  # 50 KWD of the 100 KWD (301.20 EUR) receipt
+
+
+async def test_points_paid_for_a_purchase_fraud_refused_come_back_when_the_goods_do(screened: Screened) -> None:
+    """The purchase earned nothing (its device is blocked) but the goods were sold for 300 of
+    the member's points; returning them gives the 300 back, and only once."""
+    member = await regular_member(screened, visits=4)
+    assert screened.fraud is not None
+    screened.fraud.service.configure({"blocked_devices": ["dv-refused-tender"]})
+    paid = await screened.ledger.stub.Redeem(ledger_pb2.RedeemRequest(idempotency_key=key(), member_id=member,
+                                                                      points=300))  # fmt: skip
+    request = purchase_request(member, [("grocery", 6_000, 1)], at=NOW, receipt=f"refused-tender-{member}",
+                               tender=paid.transaction.transaction_id)  # fmt: skip
+    request.context.device_id = "dv-refused-tender"
+    refused = (await screened.ledger.stub.RecordPurchase(request)).purchase
+    assert refused.status == ledger_pb2.PURCHASE_STATUS_REFUSED and refused.tender_points == 300
+    before = (await balance(screened.ledger.stub, member)).balance_points
+
+    back = ledger_pb2.RecordReturnRequest(idempotency_key=key(), purchase_id=refused.purchase_id, channel="pos",
+                                          store_id="HEL-01", lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)])  # fmt: skip
+    returned = await screened.ledger.stub.RecordReturn(back)
+    again = await screened.ledger.stub.RecordReturn(back)
+
+    assert (returned.tender_recredited_points, list(returned.reversed)) == (300, [])
+    assert again.replayed and again.tender_recredited_points == 300
+    assert (await balance(screened.ledger.stub, member)).balance_points == before + 300
