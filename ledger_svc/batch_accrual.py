@@ -13,8 +13,9 @@ stream order; different members' run concurrently and share the store's group co
 Fraud screening sees each purchase with the balance it is predicted to find (the stored
 available balance plus the points of the member's earlier purchases in the chunk that are not
 released later), scored in event-time order in one call; a purchase that falls back to the
-unary path is scored again there, after the chunk (velocity counts an event once), and so are
-a member's purchases after one that was held or refused, whose points the prediction counted.
+unary path is scored again there, after the chunk (velocity counts an event once). A member's
+purchases after one that was held or refused, whose points the prediction counted, are scored
+again in a second, smaller ScoreBatch.
 Anything unusual for a member (a receipt already recorded with another body, purchases waiting
 for rules_svc, a transport key) sends that member's remaining purchases down the unary path, in
 order.
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from ledger_svc.accrual import Accrual
 
 Outcome = tuple[PurchaseRecord, bool] | LedgerError
+# Rounds of scoring again the purchases after a held or refused one (see _screen).
+RESCORE_ROUNDS = 4
 
 
 @dataclass(slots=True)
@@ -203,35 +206,40 @@ class BatchAccrual:
             it.quote = quote
 
     async def _screen(self, items: list[_Item], found: _Found) -> None:
+        """Scores every quoted purchase in one ScoreBatch, each with the balance it is predicted
+        to meet. A purchase held or refused earns nothing spendable, so the member's later ones
+        were scored on too much: those are scored again, in a smaller batch, until every
+        purchase was scored on the balance the verdicts before it give (velocity counts an event
+        once, however often it is scored). Rarely more than two rounds; any still unsettled
+        after RESCORE_ROUNDS take the unary path."""
         svc = self.svc
         if svc.fraud is None or not items:
             return
         unit = svc.policy.units[0]
-        available = dict(found.available)
-        requests = []
-        for it in items:
-            assert it.quote is not None
-            cmd, member = it.cmd, it.cmd.member_id
-            points = sum(p.points for p in it.quote.parts if p.unit == unit)
-            requests.append(ScreeningRequest(
-                event_id=it.pid, kind=ScreenedKind.PURCHASE, member_id=member, occurred_at=cmd.receipt_time,
-                context=replace(cmd.context, channel=cmd.channel, store_id=cmd.store_id), points=points,
-                amount=it.quote.base_total or cmd.total, balance_points=available[member],
-                member_since=await svc.member_since(member),
-            ))  # fmt: skip
-            if it.quote.release_at is None:
-                available[member] += points  # points released later are not available meanwhile
-        flagged: set[str] = set()
-        for it, screening in zip(items, await svc.fraud.screen_many(requests), strict=True):
-            member = it.cmd.member_id
-            if member in flagged:
-                # Scored with the points of an earlier purchase that was held or refused counted
-                # as spendable: scored again on the unary path, on the balance it will meet.
-                it.unary = True
-                continue
-            it.screening = screening
-            if screening.verdict is not Verdict.ALLOW:
-                flagged.add(member)
+        points = [sum(p.points for p in (it.quote.parts if it.quote else ()) if p.unit == unit) for it in items]
+        since = {m: await svc.member_since(m) for m in dict.fromkeys(it.cmd.member_id for it in items)}
+        scored_on: list[int | None] = [None] * len(items)
+        for _ in range(RESCORE_ROUNDS):
+            balances = _predicted_balances(items, points, found.available)
+            todo = [k for k, balance in enumerate(balances) if balance != scored_on[k]]
+            if not todo:
+                return
+            requests = [self._request(items[k], points[k], balances[k], since) for k in todo]
+            for k, screening in zip(todo, await svc.fraud.screen_many(requests), strict=True):
+                items[k].screening, scored_on[k] = screening, balances[k]
+        for k, balance in enumerate(_predicted_balances(items, points, found.available)):
+            if balance != scored_on[k]:
+                items[k].unary = True  # scored again there, on the balance it meets
+
+    @staticmethod
+    def _request(it: _Item, points: int, balance: int, since: dict[str, datetime]) -> ScreeningRequest:
+        cmd, quote = it.cmd, it.quote
+        assert quote is not None
+        return ScreeningRequest(
+            event_id=it.pid, kind=ScreenedKind.PURCHASE, member_id=cmd.member_id, occurred_at=cmd.receipt_time,
+            context=replace(cmd.context, channel=cmd.channel, store_id=cmd.store_id), points=points,
+            amount=quote.base_total or cmd.total, balance_points=balance, member_since=since[cmd.member_id],
+        )  # fmt: skip
 
     async def _claim(self, items: list[_Item], now: datetime, results: list[Outcome | None]) -> None:
         claims = [(it.index, it.cmd.key, "RecordPurchase", it.fp) for it in items]
@@ -289,3 +297,18 @@ def _first_of_each_receipt(items: list[_Item]) -> tuple[list[_Item], list[_Item]
         (again if natural in seen else first).append(it)
         seen.add(natural)
     return first, again
+
+
+def _predicted_balances(items: Sequence[_Item], points: Sequence[int], stored: dict[str, int]) -> list[int]:
+    """The available balance each purchase meets: the stored one plus the points of the
+    member's earlier purchases in the chunk that become spendable at once (allowed, or not
+    scored yet, and not released later)."""
+    available = dict(stored)
+    out = []
+    for it, earned in zip(items, points, strict=True):
+        member = it.cmd.member_id
+        out.append(available[member])
+        allowed = it.screening is None or it.screening.verdict is Verdict.ALLOW
+        if allowed and it.quote is not None and it.quote.release_at is None:
+            available[member] += earned
+    return out

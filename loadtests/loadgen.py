@@ -40,6 +40,9 @@ from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 T = TypeVar("T")
 CATEGORIES = ("apparel", "outdoor", "footwear", "misc")
 PAGE = 500  # purchases per IngestBatch stream message
+# How long purchases answered "waiting for the points engine" may take to earn (the ledger
+# retries them every maintenance interval) before the run counts them as a mismatch.
+WAITING_SECONDS = 120.0
 
 
 class UnmodelledProgram(ValueError):
@@ -64,6 +67,7 @@ class Report:
     refused: int = 0
     held: int = 0
     unscored: int = 0  # screened purchases whose verdict came from the unavailable policy
+    waited: int = 0  # answered "waiting for the points engine" (rules_svc slow): settled later
     elapsed_seconds: float = 0.0
     mismatches: list[str] = field(default_factory=list)
     reconcile_differences: int = 0
@@ -171,12 +175,20 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
     posted: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     pending: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
+    waiting: list[tuple[ledger_pb2.RecordPurchaseRequest, str]] = []
+
     def settle(
         request: ledger_pb2.RecordPurchaseRequest,
+        purchase_id: str,
         status: ledger_pb2.PurchaseStatus.ValueType,
         verdict: ledger_pb2.ScreeningVerdict.ValueType,
         scored: bool,
     ) -> None:
+        if status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL:
+            # Accepted, and earns once rules_svc answers (the ledger retries it): settled then.
+            report.waited += 1
+            waiting.append((request, purchase_id))
+            return
         if verdict != ledger_pb2.SCREENING_VERDICT_UNSPECIFIED and not scored:
             report.unscored += 1
         denied = verdict == ledger_pb2.SCREENING_VERDICT_DENY
@@ -200,7 +212,7 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
     async def one_by_one(queue: Iterator[ledger_pb2.RecordPurchaseRequest]) -> None:
         for request in queue:
             got = (await ledger.RecordPurchase(request)).purchase
-            settle(request, got.status, got.screening.verdict, got.screening.scored)
+            settle(request, got.purchase_id, got.status, got.screening.verdict, got.screening.scored)
 
     async def streams(queue: Iterator[list[ledger_pb2.RecordPurchaseRequest]]) -> None:
         for chunk in queue:
@@ -215,7 +227,7 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
                                              f"{failure.field}: {failure.message}")  # fmt: skip
             for done in response.purchases:
                 if answered.first(done.index):
-                    settle(chunk[done.index], done.status, done.verdict, done.scored)
+                    settle(chunk[done.index], done.purchase_id, done.status, done.verdict, done.scored)
             answered.check_all()
 
     started = time.perf_counter()
@@ -226,6 +238,22 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
         chunks = iter([items[k : k + batch] for k in range(0, len(items), batch)])
         await asyncio.gather(*(streams(chunks) for _ in range(concurrency)))
     report.elapsed_seconds = time.perf_counter() - started
+    deadline = time.monotonic() + WAITING_SECONDS
+    while waiting and time.monotonic() < deadline:
+        looked = await _bounded([partial(ledger.GetPurchase, ledger_pb2.GetPurchaseRequest(purchase_id=pid))
+                                 for _, pid in waiting], 64)  # fmt: skip
+        still = []
+        for (request, pid), got in zip(waiting, (r.purchase for r in looked), strict=True):
+            if got.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL:
+                still.append((request, pid))
+            else:
+                settle(request, pid, got.status, got.screening.verdict, got.screening.scored)
+        waiting = still
+        if waiting:
+            await asyncio.sleep(1.0)
+    if waiting:
+        report.mismatches.append(f"{len(waiting)} purchases still waiting for the points engine after "
+                                 f"{WAITING_SECONDS:.0f} s: {', '.join(r.receipt_id for r, _ in waiting[:5])}")  # fmt: skip
     balances = await _bounded(
         [
             partial(ledger.GetBalance, ledger_pb2.GetBalanceRequest(member_id=m, unit=u))
@@ -323,7 +351,7 @@ def main(ledger_addr: str, rules_addr: str, program: str, purchases: int, member
     print(f"loadgen: {report.purchases} purchases for {report.members} members ({how}, {concurrency} at a time) "
           f"in {report.elapsed_seconds:.1f}s"
           f" ({report.rate:.0f} purchases/s); {report.refused} refused by fraud screening, {report.held} held for review,"
-          f" {report.unscored} decided without a score")  # fmt: skip
+          f" {report.unscored} decided without a score, {report.waited} waited for the points engine")  # fmt: skip
     for line in report.mismatches[:20]:
         print("MISMATCH", line)
     print(f"loadgen: {len(report.mismatches)} balance mismatches, {report.reconcile_differences} reconciliation differences"

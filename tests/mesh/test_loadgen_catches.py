@@ -6,6 +6,7 @@ the reverse). The expectation stays the generator's own; only its comparisons go
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -200,3 +201,38 @@ def test_a_program_that_releases_points_later_is_refused() -> None:
     document["policy"]["release_after_days"] = 3
     with pytest.raises(UnmodelledProgram, match="release_after_days"):
         model(document)
+
+
+async def test_purchases_that_waited_for_the_points_engine_are_settled_once_they_earn(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """While the ledger sees rules_svc as down (its breaker tripped, as after a deadline), every
+    purchase is accepted to wait, and earns when the ledger retries it: the run must settle them
+    then, not count their points before they are there (nor call the run exact without them)."""
+    port = free_port()
+    clock = SystemClock()
+    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(LOADGEN))
+    ledger = await start_ledger(tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{port}",
+                                program="loadgen", rules_deadline_seconds=5.0, maintenance_interval_seconds=0.5)  # fmt: skip
+    accrual = ledger.app.service.accrual
+    tripping = True
+
+    async def trip_while_running() -> None:
+        while tripping:
+            accrual.engine_down("the test", RuntimeError("rules_svc paused"))
+            await asyncio.sleep(0.2)
+
+    tripper = asyncio.create_task(trip_while_running())
+    try:
+        running = asyncio.create_task(_run(ledger, rules, seed=5, unary=True))
+        await asyncio.sleep(2.0)
+        tripping = False
+        report = await running
+    finally:
+        tripping = False
+        await tripper
+        await stop_ledger(ledger)
+        await stop_rules(rules)
+
+    assert report.ok, report.mismatches[:5]
+    assert report.waited > 0
