@@ -15,10 +15,11 @@ import itertools
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ledger_svc import codec, reviews
 from ledger_svc import commands as c
@@ -120,8 +121,8 @@ class LedgerService:
         self.fraud = fraud
         self._card_secret = card_secret.encode()
         self._fault_point = fault_point
-        self._status_cache: dict[str, MemberStatus] = {}
-        self._profiles: dict[str, Member] = {}
+        self._status_cache: _MemberCache[MemberStatus] = _MemberCache()
+        self._profiles: _MemberCache[Member] = _MemberCache()
         self.outbox_wakeup = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.sagas = Sagas(self)
@@ -182,13 +183,22 @@ class LedgerService:
         against current state), so a retry after the member was blocked still gets its answer.
         """
         fp = c.fingerprint(command)
-        if await self._claim(command.key, type(command).__name__, fp):
+        claimed_before = await self._claim(command.key, type(command).__name__, fp)
+        if claimed_before:
             stored = await self._stored_result(command.key, fp, shard, result_type)
             if stored is not None:
                 return stored
-        if precheck is not None:
-            await precheck()
-        result, _replayed = await self.store.write(shard, self._idempotent_unit(command, fp, result_type, body))
+        try:
+            if precheck is not None:
+                await precheck()
+            result, _replayed = await self.store.write(shard, self._idempotent_unit(command, fp, result_type, body))
+        except (InvalidArgument, NotFound, FailedPrecondition):
+            # Refused, and nothing written (the shard unit rolled back): the key goes back, so a
+            # corrected retry may use it (a redemption refused for want of points, say). Not
+            # after UNAVAILABLE, where the write may have applied.
+            if not claimed_before:
+                await self.store.write_directory(lambda d: d.release_claim(command.key.namespace, command.key.key, fp))
+            raise
         return result
 
     def _idempotent_unit(
@@ -254,22 +264,26 @@ class LedgerService:
         status = self._status_cache.get(member_id)
         if status is None:
             status = (await self.member(member_id, field)).status
-            _remember(self._status_cache, member_id, status)
+            self._status_cache.put(member_id, status)
         return status
 
     async def warm_members(self, member_ids: Iterable[str]) -> None:
         """Loads the members a batch names that the caches miss, in one directory read
         instead of one each (ids that are not member ids are left to the checks)."""
         missing = sorted(
-            {m for m in member_ids if is_valid_id(m, "m") and (m not in self._status_cache or m not in self._profiles)}
+            {
+                m
+                for m in member_ids
+                if is_valid_id(m, "m") and None in (self._status_cache.get(m), self._profiles.get(m))
+            }
         )
         if not missing:
             return
         found = await self.store.read_directory(lambda d: [d.get_member(m) for m in missing])
         for member in found:
             if member is not None:
-                _remember(self._status_cache, member.member_id, member.status)
-                _remember(self._profiles, member.member_id, member)
+                self._status_cache.put(member.member_id, member.status)
+                self._profiles.put(member.member_id, member)
 
     async def member_profile(self, member_id: str) -> dict[str, str]:
         """Segments and attributes the rules may target; profiles only change by erasure."""
@@ -283,7 +297,7 @@ class LedgerService:
         member = self._profiles.get(member_id)
         if member is None:
             member = await self.member(member_id)
-            _remember(self._profiles, member_id, member)
+            self._profiles.put(member_id, member)
         return member
 
     async def _require_active(self, member_id: str, field: str = "member_id") -> None:
@@ -416,7 +430,7 @@ class LedgerService:
             d.complete_claim(key.namespace, key.key, status.value)
 
         await self.store.write_directory(unit)
-        self._status_cache.pop(cmd.member_id, None)
+        self._status_cache.pop(cmd.member_id)
         return await self.member(cmd.member_id)
 
     async def erase_member(self, cmd: c.EraseMember) -> Member:
@@ -424,8 +438,8 @@ class LedgerService:
         await self.member(cmd.member_id)
         await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
         await self.store.write_directory(lambda d: d.erase(cmd.member_id))
-        self._status_cache[cmd.member_id] = MemberStatus.ERASED
-        self._profiles.pop(cmd.member_id, None)
+        self._status_cache.put(cmd.member_id, MemberStatus.ERASED)
+        self._profiles.pop(cmd.member_id)
         return await self.member(cmd.member_id)
 
     async def merge_members(self, cmd: c.MergeMembers) -> MergeResult:
@@ -469,7 +483,7 @@ class LedgerService:
         await self.store.write_directory(
             lambda d: d.set_status(source.member_id, MemberStatus.MERGED, target.member_id)
         )
-        self._status_cache[source.member_id] = MemberStatus.MERGED
+        self._status_cache.put(source.member_id, MemberStatus.MERGED)
         moved = await self.sagas.complete_merge(source.member_id, target.member_id)
         return MergeResult(await self.member(target.member_id), moved)
 
@@ -602,16 +616,21 @@ class LedgerService:
             review = codec.loads(Review, body) if body is not None else None
             if review is None or review.kind is not ReviewKind.TRANSFER or review.status is not ReviewStatus.OPEN:
                 return
-            sender = await self._status(review.member_id, "review_id")
+            # Read from the directory, not this replica's cache: a block made through another
+            # replica a moment ago is what ops is reacting to.
+            sender = (await self.member(review.member_id, "review_id")).status
             if sender is not MemberStatus.ACTIVE:
                 raise MemberNotActive(
                     f"the transfer's sender {review.member_id} is {sender.value}; reject the review", field="review_id"
                 )
-            status = await self._status(review.counterparty_member_id, "review_id")
-            if status not in (MemberStatus.ACTIVE, MemberStatus.MERGED):
+            recipient = await self.member(review.counterparty_member_id, "review_id")
+            heir = await self.merge_heir(recipient, "review_id") if recipient.merged_into else ""
+            # A recipient merged away is paid where its points live: that member must be active.
+            paid = await self.member(heir, "review_id") if heir else recipient
+            if paid.status is not MemberStatus.ACTIVE:
+                named = f"{review.counterparty_member_id} (merged into {heir})" if heir else paid.member_id
                 raise MemberNotActive(
-                    f"the transfer's recipient {review.counterparty_member_id} is {status.value}; reject the review",
-                    field="review_id",
+                    f"the transfer's recipient {named} is {paid.status.value}; reject the review", field="review_id"
                 )
 
         decided = await self._mutate(
@@ -944,7 +963,8 @@ class LedgerService:
 
 
 MEMBER_CACHE_LIMIT = 400_000
-K = TypeVar("K")
+# How long one replica trusts a member's status or profile it read (see _MemberCache).
+MEMBER_CACHE_SECONDS = 2.0
 V = TypeVar("V")
 
 
@@ -952,13 +972,35 @@ def _purge_slice(cutoff: datetime, resume: str, tx: ShardTx) -> tuple[int, str]:
     return tx.purge_before(cutoff, cutoff, resume)
 
 
-def _remember(cache: dict[K, V], key: K, value: V, limit: int = MEMBER_CACHE_LIMIT) -> None:
-    """Bounded: when full, the oldest tenth goes (a dict keeps insertion order), so a member
+class _MemberCache(Generic[V]):
+    """Member status and profile as this process last read them, for MEMBER_CACHE_SECONDS.
+
+    Several ledger replicas share one store, and a block, merge or erasure made through one of
+    them must reach the others' checks: an entry older than that is read again, so it does
+    within MEMBER_CACHE_SECONDS (and a read that raced a block is not trusted for longer).
+    Bounded: when full, the oldest tenth goes (a dict keeps insertion order), so a member
     population larger than the limit costs a miss now and then, not a miss on every call."""
-    if len(cache) >= limit:
-        for old in list(itertools.islice(cache, max(1, limit // 10))):
-            del cache[old]
-    cache[key] = value
+
+    def __init__(self, limit: int = MEMBER_CACHE_LIMIT, seconds: float = MEMBER_CACHE_SECONDS) -> None:
+        self._entries: dict[str, tuple[float, V]] = {}
+        self.limit, self.seconds = limit, seconds
+
+    def get(self, key: str) -> V | None:
+        found = self._entries.get(key)
+        if found is None or found[0] < time.monotonic():
+            return None
+        return found[1]
+
+    def put(self, key: str, value: V) -> None:
+        entries = self._entries
+        entries.pop(key, None)  # to the end: its age is the insertion order
+        if len(entries) >= self.limit:
+            for old in list(itertools.islice(entries, max(1, self.limit // 10))):
+                del entries[old]
+        entries[key] = (time.monotonic() + self.seconds, value)
+
+    def pop(self, key: str) -> None:
+        self._entries.pop(key, None)
 
 
 def _review_cursor(token: str) -> tuple[datetime, str] | None:

@@ -1045,6 +1045,11 @@ class CassandraDirectoryTx:
     def complete_claim(self, namespace: str, key: str, result_json: str) -> None:
         self.writes.append(("claim_result", (result_json, self.ledger, namespace, key)))
 
+    def release_claim(self, namespace: str, key: str, fingerprint: str) -> None:
+        """Conditional, so a claim another request holds (or one with a result) stays; its day
+        index row stays too, and the purge drops it (its claim is gone)."""
+        self.writes.append(("claim_release", (self.ledger, namespace, key, fingerprint, "")))
+
     def merged_members(self) -> list[tuple[str, str]]:
         return [(r.source, r.target) for r in self.store.q("merges", (self.ledger,))]
 
@@ -1480,6 +1485,8 @@ class CassandraLedgerStore:
             "claim_result": f"UPDATE {ks}.claims SET result=? WHERE ledger=? AND namespace=? AND key=?",
             "claim_del": f"DELETE FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=?",
             "claim_free": f"DELETE FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=? IF result=?",
+            "claim_release": f"DELETE FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=?"
+            " IF fingerprint=? AND result=?",
             "claim_del_at": f"DELETE FROM {ks}.claims USING TIMESTAMP ? WHERE ledger=? AND namespace=? AND key=?",
             "claim_stamp": f"SELECT created_us, writetime(operation) AS wt, writetime(result) AS result_wt"
                            f" FROM {ks}.claims WHERE ledger=? AND namespace=? AND key=?",

@@ -668,6 +668,12 @@ class SqliteDirectoryTx:
     def complete_claim(self, namespace: str, key: str, result_json: str) -> None:
         self.c.execute("UPDATE claims SET result=? WHERE namespace=? AND key=?", (result_json, namespace, key))
 
+    def release_claim(self, namespace: str, key: str, fingerprint: str) -> None:
+        self.c.execute(
+            "DELETE FROM claims WHERE namespace=? AND key=? AND fingerprint=? AND result=''",
+            (namespace, key, fingerprint),
+        )
+
     def merged_members(self) -> list[tuple[str, str]]:
         return self.c.execute("SELECT member_id, merged_into FROM members WHERE merged_into != ''").fetchall()
 

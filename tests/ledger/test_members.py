@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from pointmesh.v1 import common_pb2, ledger_pb2
@@ -322,3 +324,29 @@ async def test_a_merged_member_cannot_be_adjusted(ledger: LedgerUnderTest) -> No
     error = await rpc_error(adjust, grpc.StatusCode.FAILED_PRECONDITION)
     assert (error_reason(error), error_field(error)) == ("MEMBER_NOT_ACTIVE", "member_id")
     assert (await balance(ledger.stub, source)).balance_points == 0
+
+
+async def test_a_block_or_merge_made_through_one_replica_reaches_another_replicas_checks(
+    ledger: LedgerUnderTest,
+) -> None:
+    """Two ledger processes share one store; the second had read the member as ACTIVE. Once its
+    cached status is older than its bound (shortened here), the block made through the first
+    stops it earning, and a merge stops it posting to the merged-away member."""
+    from ledger_svc import commands as c
+    from ledger_svc.domain import IdemKey, MemberNotActive
+    from ledger_svc.service import LedgerService
+
+    first = ledger.app.service
+    second = LedgerService(ledger.app.store, ledger.clock, first.policy, card_secret="replica")
+    second._status_cache.seconds = 0.05
+    blocked, merged, heir = [await create_member(ledger.stub) for _ in range(3)]
+    for member in (blocked.member_id, merged.member_id):
+        await second.earn(c.Earn(IdemKey("replica", f"warm-{member}"), member, "points", 10))
+    await first.set_blocked(c.SetMemberBlocked(IdemKey("replica", "block"), blocked.member_id, True, "stolen card"))
+    await first.merge_members(c.MergeMembers(IdemKey("replica", "merge"), merged.member_id, heir.member_id))
+    await asyncio.sleep(0.1)
+
+    for member in (blocked.member_id, merged.member_id):
+        with pytest.raises(MemberNotActive):
+            await second.earn(c.Earn(IdemKey("replica", f"after-{member}"), member, "points", 1000))
+    assert figures(await balance(ledger.stub, blocked.member_id))["balance"] == 10

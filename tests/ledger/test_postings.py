@@ -649,3 +649,29 @@ async def test_list_entries_with_an_exactly_full_last_page_has_no_next_token(led
     assert [e.points for e in first.entries] == [4, 3]
     assert [e.points for e in second.entries] == [2, 1]
     assert second.next_page_token == ""
+
+
+async def test_a_refused_spend_leaves_its_key_free_for_a_corrected_retry(ledger: LedgerUnderTest) -> None:
+    """Refused before anything was written (too few points, a capture over the hold): the same
+    key then carries the corrected request, where it answered ALREADY_EXISTS for good."""
+    s = ledger.stub
+    member = (await create_member(s)).member_id
+    await earn(s, member, 100)
+    spend = key()
+    await rpc_error(redeem(s, member, 5000, idempotency_key=spend), grpc.StatusCode.FAILED_PRECONDITION)
+    corrected = await redeem(s, member, 50, idempotency_key=spend)
+    assert corrected.transaction.points == -50
+    assert (await redeem(s, member, 50, idempotency_key=spend)).transaction == corrected.transaction
+
+    hold = await place_hold(s, member, 10)
+    capture = key()
+    await rpc_error(
+        s.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=capture, hold_id=hold.hold.hold_id, points=11)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    captured = await s.CaptureHold(
+        ledger_pb2.CaptureHoldRequest(idempotency_key=capture, hold_id=hold.hold.hold_id, points=10)
+    )
+    assert captured.transaction.points == -10
+    assert figures(await balance(s, member))["balance"] == 40
+    await assert_books_balance(ledger)

@@ -204,3 +204,28 @@ async def test_a_transfer_replayed_with_its_key_answers_with_the_screening_it_ha
 
     assert first.screening.verdict == ledger_pb2.SCREENING_VERDICT_ALLOW and first.screening.scored, first
     assert again == first
+
+
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("end", ["blocked", "erased"])
+async def test_approval_refuses_a_recipient_merged_into_a_member_who_may_not_receive(mesh: Screened, end: str) -> None:
+    """The ring's collector was merged into another account, which was then blocked (or
+    erased): its points would land there, so approval is refused as for the collector itself."""
+    sender, collector, held = await _ring(mesh)
+    heir = (await create_member(mesh.ledger.stub)).member_id
+    s = mesh.ledger.stub
+    await s.MergeMembers(ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=collector,
+                                                        target_member_id=heir))  # fmt: skip
+    if end == "blocked":
+        await s.BlockMember(ledger_pb2.BlockMemberRequest(idempotency_key=key(), member_id=heir, reason="ring"))
+    else:
+        await s.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=heir))
+    before = (await balance(s, heir)).balance_points
+
+    refused = await rpc_error(s.DecideReview(ledger_pb2.DecideReviewRequest(
+        idempotency_key=key(), review_id=held.screening.review_id, approve=True, operator_id="ops-anna",
+    )), grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+
+    assert heir in refused.details() and end.upper() in refused.details(), refused.details()
+    assert (await balance(s, heir)).balance_points == before
+    assert (await balance(s, sender)).reserved_points == SENT
