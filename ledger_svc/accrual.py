@@ -28,6 +28,7 @@ from ledger_svc.domain import (
     IdemKey,
     InvalidArgument,
     LedgerError,
+    MemberStatus,
     Money,
     Unavailable,
 )
@@ -400,18 +401,22 @@ class Accrual:
         )
         if record.status != PurchaseStatus.PENDING_ACCRUAL:
             return 0
+        status = await svc._status(member_id, "member_id")
+        if status is MemberStatus.BLOCKED:
+            return -1  # earns nothing while blocked; keeps waiting, in case the block is lifted
         cmd = c.RecordPurchase(
             IdemKey("", ""), record.member_id, record.channel, record.store_id, record.receipt_id, record.total,
             record.lines, record.receipt_time, record.tender_transaction_id,
         )  # fmt: skip
         assert self.engine is not None
-        refusal = ""
+        # Erased (or merged away, which waiting purchases prevent) since it was accepted.
+        refusal = "" if status is MemberStatus.ACTIVE else f"member {member_id} is {status.value}"
         quote = None
         screening = None
         try:
             profile = await svc.member_profile(member_id)
             quote = await self.engine.quote(self.program, cmd, state, profile)
-            refusal = self._late(cmd, quote, record.received_at)
+            refusal = refusal or self._late(cmd, quote, record.received_at)
             screening = None if refusal else await self._screen(cmd, quote, purchase_id)
         except EngineFailedOnBasket as exc:
             log.error("points engine failed on waiting purchase %s, which keeps waiting: %s", purchase_id, exc)

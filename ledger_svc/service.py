@@ -309,7 +309,8 @@ class LedgerService:
     async def _require_not_merged(self, member_id: str) -> None:
         """Adjustments reach blocked and erased members, never one merged away."""
         await self._require_exists(member_id)
-        if await self._status(member_id, "member_id") == MemberStatus.MERGED:
+        # Erasure replaces MERGED in the status but never where the points went: merged_into.
+        if (await self.member(member_id)).merged_into:
             raise MemberNotActive(
                 f"member {member_id} was merged; adjust the member it was merged into", field="member_id"
             )
@@ -348,7 +349,8 @@ class LedgerService:
     def _protect(self, ext: ExternalId) -> ExternalId:
         """Payment card numbers are never stored: only a keyed hash that still finds the member."""
         if ext.kind == "payment_card":
-            digest = hmac.new(self._card_secret, ext.value.replace(" ", "").encode(), hashlib.sha256).hexdigest()
+            digits = "".join(ch for ch in ext.value if ch.isdigit())  # "4111-1111 ..." is one card
+            digest = hmac.new(self._card_secret, digits.encode(), hashlib.sha256).hexdigest()
             return ExternalId("payment_card", f"hmac:{digest}")
         return ext
 
@@ -1001,6 +1003,9 @@ class _MemberCache(Generic[V]):
 
     def pop(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def _review_cursor(token: str) -> tuple[datetime, str] | None:

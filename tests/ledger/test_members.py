@@ -350,3 +350,15 @@ async def test_a_block_or_merge_made_through_one_replica_reaches_another_replica
         with pytest.raises(MemberNotActive):
             await second.earn(c.Earn(IdemKey("replica", f"after-{member}"), member, "points", 1000))
     assert figures(await balance(ledger.stub, blocked.member_id))["balance"] == 10
+
+
+async def test_one_payment_card_written_two_ways_is_one_card(ledger: LedgerUnderTest) -> None:
+    """Only its digits make the token: a card a till sends with dashes is the card an app sent
+    with spaces, found by either, and nobody else can register it."""
+    owner = (await create_member(ledger.stub, external_ids=[ext("payment_card", "4111-1111-1111-1111")])).member_id
+
+    assert (await lookup(ledger, "payment_card", "4111 1111 1111 1111")).member_id == owner
+    await rpc_error(
+        create_member(ledger.stub, external_ids=[ext("payment_card", "4111111111111111")]),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )

@@ -164,3 +164,16 @@ async def test_members_at_the_negative_limit_merged_into_one_leave_it_at_the_lim
         assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
     finally:
         await stop_ledger(ledger)
+
+
+async def test_an_adjustment_never_reaches_a_merged_away_member_erased_since(ledger: LedgerUnderTest) -> None:
+    """Erasure replaces the MERGED status but not where the points went: an adjustment must go
+    to the member it was merged into, before and after the erasure alike."""
+    svc = ledger.app.service
+    source, target = await member(svc), await member(svc)
+    await svc.merge_members(c.MergeMembers(k(), source, target))
+    await svc.erase_member(c.EraseMember(k(), source))
+
+    with pytest.raises(MemberNotActive):
+        await svc.adjust(c.Adjust(k(), source, "points", 50, "goodwill", "ops-anna"))
+    assert (await svc.get_balance(source, "points")).balance_points == 0

@@ -19,7 +19,8 @@ from ledger_svc.purchases import MemberState
 from pointmesh.v1 import ledger_pb2
 from tests.ledger.helpers import key
 from tests.mesh.conftest import Mesh
-from tests.mesh.helpers import buy, new_member, return_lines, welcomed_member
+from tests.mesh.helpers import buy, new_member, points, return_lines, welcomed_member
+from tests.mesh.test_outage import settle_all
 
 
 async def state_of(mesh: Mesh, member: str) -> MemberState:
@@ -99,3 +100,34 @@ async def test_a_member_held_on_a_failing_basket_does_not_crowd_out_the_waiting_
 
     got = await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=behind.purchase.purchase_id))
     assert got.purchase.status == ledger_pb2.PURCHASE_STATUS_EARNED
+
+
+async def test_a_waiting_purchase_earns_nothing_while_its_member_is_blocked_and_is_refused_once_erased(
+    mesh: Mesh,
+) -> None:
+    """Accepted while rules_svc was away; the member was blocked before it came back: the
+    purchase keeps waiting (and earns once the block is lifted), where it earned on a blocked
+    member. A member erased meanwhile gets it refused."""
+    s = mesh.ledger.stub
+    kept, gone = await new_member(mesh), await new_member(mesh)
+    await mesh.stop_rules()
+    waited = {m: (await buy(mesh, m, [("misc", 5000, 1)])).purchase for m in (kept, gone)}
+    assert {p.status for p in waited.values()} == {ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL}
+    await s.BlockMember(ledger_pb2.BlockMemberRequest(idempotency_key=key(), member_id=kept, reason="check"))
+    await s.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=gone))
+    await mesh.restart_rules()
+
+    for _ in range(50):  # the breaker gives rules_svc a second after the outage
+        await mesh.ledger.app.service.accrual.process_waiting()
+        got = (await s.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=waited[gone].purchase_id))).purchase
+        if got.status != ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL:
+            break
+        await asyncio.sleep(0.1)
+
+    assert got.status == ledger_pb2.PURCHASE_STATUS_REFUSED and "ERASED" in got.status_reason
+    still = (await s.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=waited[kept].purchase_id))).purchase
+    assert still.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL
+    assert await points(mesh, kept) == 0
+    await s.UnblockMember(ledger_pb2.UnblockMemberRequest(idempotency_key=key(), member_id=kept))
+    await settle_all(mesh)
+    assert await points(mesh, kept) > 0
