@@ -100,6 +100,7 @@ class BalanceCache(Protocol):
 class LedgerService:
     # Lots the expiry job looks at in one write; it pages through every due lot each run.
     expiry_page = 500
+    maintenance_page = 500  # due pending credits or holds per write
 
     def __init__(
         self,
@@ -468,7 +469,10 @@ class LedgerService:
 
         def unsettled(tx: ShardTx) -> tuple[int, int, int]:
             member = source.member_id
-            return (len(tx.placed_holds_of(member)), len(tx.list_reviews(ReviewStatus.OPEN.value, member, None, 100)),
+            # A hold a fraud review owns is not the caller's to capture or void: the open review
+            # is named instead.
+            return (len([h for h in tx.placed_holds_of(member) if not h.saga_id.startswith("rv_")]),
+                    len(tx.list_reviews(ReviewStatus.OPEN.value, member, None, 100)),
                     tx.member_waiting_purchases(member))  # fmt: skip
 
         # What settles later on the source's own accounts must settle first: a decision, a
@@ -895,8 +899,18 @@ class LedgerService:
                 expired, lots = expired + page[0], lots + page[1]
                 if page[2] is None:
                     break
-            released += await self._book(shard, lambda b: b.release_due())
-            voided += await self._book(shard, lambda b: b.void_due_holds())
+            # Page by page until a page comes back short, so one pass leaves no due hold still
+            # reserving points (nor a due credit pending); bounded, in case a page repeats.
+            for _ in range(MAINTENANCE_PAGES):
+                n = await self._book(shard, lambda b: b.release_due(self.maintenance_page))
+                released += n
+                if n < self.maintenance_page:
+                    break
+            for _ in range(MAINTENANCE_PAGES):
+                n = await self._book(shard, lambda b: b.void_due_holds(self.maintenance_page))
+                voided += n
+                if n < self.maintenance_page:
+                    break
         sagas = await self.recover_sagas()
         purchases = await self.accrual.process_waiting()
         return MaintenanceReport(expired, lots, released, voided, sagas, purchases)
@@ -965,6 +979,8 @@ class LedgerService:
 
 
 MEMBER_CACHE_LIMIT = 400_000
+# At most this many pages of due pending credits (or holds) in one maintenance pass.
+MAINTENANCE_PAGES = 200
 # How long one replica trusts a member's status or profile it read (see _MemberCache).
 MEMBER_CACHE_SECONDS = 2.0
 V = TypeVar("V")

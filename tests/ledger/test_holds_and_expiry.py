@@ -382,3 +382,23 @@ async def test_a_hold_is_counted_once_when_the_due_lots_fill_several_pages(ledge
         "balance": 15, "reserved": 15, "available": 0, "pending": 0, "debt": 0,
     }  # fmt: skip
     await assert_books_balance(ledger)
+
+
+async def test_one_maintenance_pass_voids_every_due_hold_and_releases_every_due_credit(ledger: LedgerUnderTest) -> None:
+    """More due than one page (shortened here to 2): none is left for the next pass, where a
+    hold past its timeout kept reserving points and a due credit stayed pending."""
+    ledger.app.service.maintenance_page = 2
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100)
+    for _ in range(5):
+        await place_hold(ledger.stub, member, 10, timeout=Duration(seconds=60))
+        await earn(ledger.stub, member, 7, release_at=ts(ledger.clock.now() + timedelta(hours=1)))
+    ledger.clock.advance(timedelta(hours=2))
+
+    done = await run_expiry(ledger)
+
+    assert (done.pending_released, done.holds_voided) == (5, 5)
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 135, "reserved": 0, "available": 135, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    await assert_books_balance(ledger)

@@ -571,3 +571,18 @@ async def test_points_paid_for_a_purchase_fraud_refused_come_back_when_the_goods
     assert (returned.tender_recredited_points, list(returned.reversed)) == (300, [])
     assert again.replayed and again.tender_recredited_points == 300
     assert (await balance(screened.ledger.stub, member)).balance_points == before + 300
+
+
+async def test_a_merge_refused_for_a_redemption_held_for_review_says_to_decide_the_review(screened: Screened) -> None:
+    """The hold is the review's: VoidHold refuses it, so "capture or void them" was advice
+    the caller could not follow."""
+    member = await regular_member(screened)
+    before = await balance(screened.ledger.stub, member)
+    held = await screened.ledger.stub.Redeem(takeover(member, before.available_points - 100, "phone-new-3"))
+    assert held.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW
+    target = (await create_member(screened.ledger.stub)).member_id
+
+    error = await rpc_error(screened.ledger.stub.MergeMembers(ledger_pb2.MergeMembersRequest(
+        idempotency_key=key(), source_member_id=member, target_member_id=target)), grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+
+    assert "1 open fraud reviews; decide them first" in error.details(), error.details()
