@@ -30,6 +30,7 @@ from ledger_svc.domain import (
     LedgerError,
     MemberStatus,
     Money,
+    NotFound,
     Unavailable,
 )
 from ledger_svc.postings import ShardBook
@@ -351,9 +352,36 @@ class Accrual:
         probe = c.RecordPurchase(
             IdemKey("", ""), member_id, channel, store_id, receipt_id, Money(0, "EUR"), (), datetime.min
         )
-        purchase_id = purchase_id_for(member_id, self.program, natural_key(self.program, probe).key)
-        await self.get_purchase(purchase_id)
+        natural = natural_key(self.program, probe).key
+        purchase_id = purchase_id_for(member_id, self.program, natural)
+        try:
+            await self.get_purchase(purchase_id)
+        except NotFound:
+            # The receipt may be a purchase of a member merged into this one (a till looks the
+            # card up and finds the member it is an alias of now): ids carry the buyer's bucket.
+            for earlier in await self._merged_into_member(member_id):
+                candidate = purchase_id_for(earlier, self.program, natural)
+                try:
+                    await self.get_purchase(candidate)
+                except NotFound:
+                    continue
+                return candidate
+            raise
         return purchase_id
+
+    async def _merged_into_member(self, member_id: str) -> list[str]:
+        """The members merged into this one, directly or down a chain (A into B, B into C)."""
+        pairs = await self.svc.store.read_directory(lambda d: d.merged_members())
+        into: dict[str, list[str]] = {}
+        for source, target in pairs:
+            into.setdefault(target, []).append(source)
+        found, todo = [], list(into.get(member_id, []))
+        while todo:
+            source = todo.pop()
+            if source not in found:
+                found.append(source)
+                todo.extend(into.get(source, []))
+        return found
 
     # Waiting purchases ----------------------------------------------------------------------
 

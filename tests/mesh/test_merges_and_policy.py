@@ -119,3 +119,27 @@ async def test_a_tender_given_back_keeps_the_programs_expiry_policy(mesh: Mesh) 
         after = figures(await balance(s, member))["balance"]
         assert after == (before if kept else 0), (days, before, after)
         await books_balance(mesh)
+
+
+async def test_a_return_by_card_and_receipt_after_a_merge_finds_the_purchase_of_the_merged_away_member(
+    mesh: Mesh,
+) -> None:
+    """A till (or a legacy file) knows the card and the receipt: the card resolves to the
+    member it was merged into, and the receipt is the merged-away member's purchase."""
+    s = mesh.ledger.stub
+    a, b, c = await welcomed_member(mesh), await new_member(mesh), await new_member(mesh)
+    bought = await buy(mesh, a, [("misc", 5000, 1)])
+    earned = exact(bought.purchase)
+    await merge(mesh, a, b)
+    await merge(mesh, b, c)
+    before = figures(await balance(s, c))["balance"]
+
+    back = await s.RecordReturn(ledger_pb2.RecordReturnRequest(
+        idempotency_key=key(), member_id=c, original_channel="pos", original_store_id="HEL-01",
+        original_receipt_id=bought.purchase.receipt_id, channel="pos", store_id="HEL-01",
+        lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
+    ))  # fmt: skip
+
+    assert back.purchase.purchase_id == bought.purchase.purchase_id
+    assert figures(await balance(s, c))["balance"] == before - earned["points"]
+    await books_balance(mesh)
