@@ -359,7 +359,7 @@ class Accrual:
         except NotFound:
             # The receipt may be a purchase of a member merged into this one (a till looks the
             # card up and finds the member it is an alias of now): ids carry the buyer's bucket.
-            for earlier in await self._merged_into_member(member_id):
+            for earlier in await self.svc.merged_into_member(member_id):
                 candidate = purchase_id_for(earlier, self.program, natural)
                 try:
                     await self.get_purchase(candidate)
@@ -368,20 +368,6 @@ class Accrual:
                 return candidate
             raise
         return purchase_id
-
-    async def _merged_into_member(self, member_id: str) -> list[str]:
-        """The members merged into this one, directly or down a chain (A into B, B into C)."""
-        pairs = await self.svc.store.read_directory(lambda d: d.merged_members())
-        into: dict[str, list[str]] = {}
-        for source, target in pairs:
-            into.setdefault(target, []).append(source)
-        found, todo = [], list(into.get(member_id, []))
-        while todo:
-            source = todo.pop()
-            if source not in found:
-                found.append(source)
-                todo.extend(into.get(source, []))
-        return found
 
     # Waiting purchases ----------------------------------------------------------------------
 

@@ -337,6 +337,20 @@ class LedgerService:
             member = await self.member(heir, field)
         return heir
 
+    async def merged_into_member(self, member_id: str) -> list[str]:
+        """The members merged into this one, directly or down a chain (A into B, B into C)."""
+        pairs = await self.store.read_directory(lambda d: d.merged_members())
+        into: dict[str, list[str]] = {}
+        for source, target in pairs:
+            into.setdefault(target, []).append(source)
+        found, todo = [], list(into.get(member_id, []))
+        while todo:
+            source = todo.pop()
+            if source not in found:
+                found.append(source)
+                todo.extend(into.get(source, []))
+        return found
+
     def _active(self, member_id: str, field: str = "member_id") -> Callable[[], Awaitable[None]]:
         """The member-status check, deferred so a replay can answer before it."""
         return lambda: self._require_active(member_id, field)
@@ -440,9 +454,18 @@ class LedgerService:
         key = v.idem_key(cmd.key)
         await self.member(cmd.member_id)
         await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
-        await self.store.write_directory(lambda d: d.erase(cmd.member_id))
-        self._status_cache.put(cmd.member_id, MemberStatus.ERASED)
-        self._profiles.pop(cmd.member_id)
+        # The person's other accounts merged into this one go too: their profiles would outlive
+        # the erasure (the merge keeps where their points went, never who they were).
+        erased = [cmd.member_id, *await self.merged_into_member(cmd.member_id)]
+
+        def unit(d: DirectoryTx) -> None:
+            for member_id in erased:
+                d.erase(member_id)
+
+        await self.store.write_directory(unit)
+        for member_id in erased:
+            self._status_cache.put(member_id, MemberStatus.ERASED)
+            self._profiles.pop(member_id)
         return await self.member(cmd.member_id)
 
     async def merge_members(self, cmd: c.MergeMembers) -> MergeResult:

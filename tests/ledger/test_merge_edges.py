@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ledger_svc import commands as c
-from ledger_svc.domain import FailedPrecondition, HoldStatus, IdemKey, MemberNotActive
+from ledger_svc.domain import FailedPrecondition, HoldStatus, IdemKey, MemberNotActive, MemberStatus
 from ledger_svc.reconcile import reconcile
 from ledger_svc.service import LedgerService
 from pointmesh.redis_server import RedisServer
@@ -177,3 +177,19 @@ async def test_an_adjustment_never_reaches_a_merged_away_member_erased_since(led
     with pytest.raises(MemberNotActive):
         await svc.adjust(c.Adjust(k(), source, "points", 50, "goodwill", "ops-anna"))
     assert (await svc.get_balance(source, "points")).balance_points == 0
+
+
+async def test_erasing_a_member_erases_the_accounts_merged_into_it(ledger: LedgerUnderTest) -> None:
+    """Two accounts of one person were merged; erasing the survivor must not leave the other
+    account's profile behind (the merge keeps where its points went, not who it was)."""
+    svc = ledger.app.service
+    old = await svc.create_member(c.CreateMember(k(), (), {"name": "Ann Example", "email": "ann@mail.test"}))
+    survivor = await member(svc)
+    await svc.merge_members(c.MergeMembers(k(), old.member_id, survivor))
+
+    await svc.erase_member(c.EraseMember(k(), survivor))
+
+    for erased in (old.member_id, survivor):
+        found = await svc.member(erased)
+        assert (found.status, found.profile) == (MemberStatus.ERASED, {}), erased
+    assert (await svc.member(old.member_id)).merged_into == survivor  # where its points went stays
