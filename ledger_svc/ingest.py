@@ -73,10 +73,18 @@ class BatchIngest:
                 await svc._require_active(member_id)
             except LedgerError as exc:
                 refused[member_id] = exc
+        unmerged: dict[str, LedgerError] = {}
+        for member_id in dict.fromkeys(p.not_merged for p in prepared if p.not_merged):
+            try:
+                await svc._require_not_merged(member_id)
+            except LedgerError as exc:
+                unmerged[member_id] = exc
         groups: dict[tuple[int, str], list[_Prepared]] = {}
         for p in prepared:
             if p.member_id in refused:
                 outcomes.append((p.index, refused[p.member_id]))
+            elif p.not_merged in unmerged:
+                outcomes.append((p.index, unmerged[p.not_merged]))
             elif svc.store.multi_member_units:
                 groups.setdefault((p.shard, ""), []).append(p)
             else:
@@ -143,6 +151,8 @@ class BatchIngest:
                 return stored, True
         if p.member_id:
             await svc._require_active(p.member_id)
+        if p.not_merged:
+            await svc._require_not_merged(p.not_merged)
         unit = svc._idempotent_unit(p.command, p.fingerprint, p.result_type, p.body)
         result: tuple[Any, bool] = await svc.store.write(p.shard, unit)
         return result
@@ -164,10 +174,11 @@ class BatchIngest:
                              red.member_id, red.member_id)  # fmt: skip
         if isinstance(cmd, c.Adjust):
             adj = svc._check_adjust(cmd)
-            await svc._require_not_merged(adj.member_id)
+            await svc._require_exists(adj.member_id)
             return _Prepared(index, adj, svc.shard_of(adj.member_id), c.fingerprint(adj), Transaction,
                              lambda b: b.adjust(adj.member_id, adj.unit, adj.points, reason=adj.reason,
-                                                operator_id=adj.operator_id), owner=adj.member_id)  # fmt: skip
+                                                operator_id=adj.operator_id), owner=adj.member_id,
+                             not_merged=adj.member_id)  # fmt: skip
         rev = svc._check_reverse(cmd)
         if await svc._merged_owner(rev.transaction_id) is not None:
             # Reversing an earn of a merged member is a two-shard saga; the unary path runs it.
@@ -187,6 +198,7 @@ class _Prepared:
     body: Callable[[ShardBook], Any]
     member_id: str = ""  # whose ACTIVE status must hold (adjust and reverse need none)
     owner: str = ""  # the member whose partition the item writes, when known before the write
+    not_merged: str = ""  # a member who must not be merged away, checked after the replay (adjust)
     via: Callable[[Any], Awaitable[Any]] | None = None  # a use case that runs the item itself
 
 

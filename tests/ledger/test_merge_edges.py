@@ -193,3 +193,22 @@ async def test_erasing_a_member_erases_the_accounts_merged_into_it(ledger: Ledge
         found = await svc.member(erased)
         assert (found.status, found.profile) == (MemberStatus.ERASED, {}), erased
     assert (await svc.member(old.member_id)).merged_into == survivor  # where its points went stays
+
+
+async def test_an_adjustment_replayed_through_ingest_after_a_merge_answers_as_the_first_time(
+    ledger: LedgerUnderTest,
+) -> None:
+    """A back-office file sent again after the member was merged: the adjustment it already
+    posted is answered as posted (unary Adjust did so; the batch refused it as merged)."""
+    svc = ledger.app.service
+    source, target = await member(svc), await member(svc)
+    adjust = c.Adjust(k(), source, "points", 5, "goodwill", "ops-anna")
+    [(first, replayed)] = await svc.ingest([adjust])
+    assert not replayed
+    await svc.merge_members(c.MergeMembers(k(), source, target))
+
+    [again] = await svc.ingest([adjust])
+
+    assert again == (first, True)
+    [fresh] = await svc.ingest([c.Adjust(k(), source, "points", 5, "goodwill", "ops-anna")])
+    assert isinstance(fresh, MemberNotActive)
