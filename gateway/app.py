@@ -16,7 +16,10 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import openapi, problems
 from gateway.auth import MemberTokens, member_token_secret
@@ -32,6 +35,8 @@ from pointmesh.config import Settings
 from pointmesh.events import open_bus
 
 log = logging.getLogger(__name__)
+# Far above any request the API takes (a purchase of 500 lines is some 100 KB).
+MAX_BODY_BYTES = 1024 * 1024
 DESCRIPTION = """REST and websockets for every channel of a pointmesh loyalty program.
 
 Authenticate with `Authorization: Bearer <API key>` (a channel's key, with scopes, bound to its
@@ -45,6 +50,44 @@ def _log_if_failed(task: asyncio.Task[None]) -> None:
     """Said when it happens, not at shutdown: a dead hub means no live updates for anyone."""
     if not task.cancelled() and task.exception() is not None:
         log.error("live updates stopped", exc_info=task.exception())
+
+
+def bounded_body(app: ASGIApp) -> ASGIApp:
+    """Refuses a body past MAX_BODY_BYTES with 413 before the app parses it (FastAPI reads the
+    whole body before any dependency, so before the caller is authenticated): by its
+    Content-Length before reading a byte, or as a chunked body arrives. The legacy upload and
+    webhooks bound their own bodies (gateway/routes/legacy.py)."""
+
+    async def bounded(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path == "/v1/legacy/imports" or path.startswith("/v1/legacy/webhooks/"):
+            await app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        length = declared.lstrip("0") or "0"  # compared by its digits first: int() of any length is not free
+        if (
+            declared.isascii()
+            and declared.isdigit()
+            and (len(length) > len(str(MAX_BODY_BYTES)) or int(length) > MAX_BODY_BYTES)
+        ):
+            problem = problems.too_large(MAX_BODY_BYTES)
+            response = JSONResponse(problem.body(path), problem.status, problem.headers, problems.MEDIA_TYPE)
+            await response(scope, receive, send)
+            return
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > MAX_BODY_BYTES:
+                    raise problems.BodyTooLarge(MAX_BODY_BYTES)
+            return message
+
+        await app(scope, counted, send)
+
+    return bounded
 
 
 def key_store(settings: Settings) -> KeyStore:
@@ -83,6 +126,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
             gw.keys.close()
 
     app = FastAPI(title="pointmesh gateway", version="1", description=DESCRIPTION, lifespan=lifespan, **_own_tracing())
+    app.add_middleware(bounded_body)  # inside instrument's: a 413 is measured too
     instrument(app)
     app.state.gateway = gw
     problems.install(app)

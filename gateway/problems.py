@@ -71,16 +71,73 @@ def bad_request(field: str, detail: str) -> Problem:
                    errors=[{"field": field, "detail": detail}])  # fmt: skip
 
 
+def too_large(limit: int) -> Problem:
+    """Said without closing the connection: a client still sending would meet a reset before it
+    read the 413. The server (uvicorn) drops the rest of the body as it arrives, holding none."""
+    return Problem(413, "request-too-large", "The request body is too large", f"body: larger than {limit} bytes",
+                   errors=[{"field": "body", "detail": f"larger than {limit} bytes"}])  # fmt: skip
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while a body is read (gateway/app.py bounded_body): FastAPI passes an
+    HTTPException on from its body parsing where it turns any other error into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"larger than {limit} bytes")
+        self.limit = limit
+
+
+def unparseable(exc: StarletteHTTPException) -> Problem:
+    """FastAPI's "There was an error parsing the body" (or Starlette's for a form), with the
+    parser's own reason: JSON that is not UTF-8, nested too deeply, a number too long to
+    convert... is the cause FastAPI chains."""
+    cause = exc.__cause__
+    if isinstance(cause, ValueError | RecursionError):
+        return bad_request("body", f"not valid JSON: {cause}")
+    return bad_request("body", str(exc.detail))
+
+
+# Where a service's field path is not what a REST client sent: the Idempotency-Key header, and
+# query parameters the gateway packs into a request's sub-message.
+REST_FIELDS = {
+    "idempotency_key": "Idempotency-Key",
+    "idempotency_key.key": "Idempotency-Key",
+    "page.page_token": "page_token",
+    "page.page_size": "page_size",
+    "timeout": "timeout_seconds",
+}
+# What a 503 says, by the name routes give `call`: the service's own words name its peers'
+# addresses and gRPC internals, so they are logged, not returned.
+SERVICE_NAMES = {"ledger_svc": "the points ledger", "rules_svc": "the rules engine"}
+# The ledger's namespace of a receipt's natural key (ledger_svc/accrual.py natural_key): a
+# conflict there is a receipt recorded with another body, not a reused Idempotency-Key.
+RECEIPT_NAMESPACE = "purchase:"
+SAME_BODY = "An Idempotency-Key (or a receipt) can only be reused with the same request body."
+
+
+def _violation(field: str, description: str) -> dict[str, str]:
+    """A field violation by the REST name, its text without the service's "field: " in front."""
+    return {"field": REST_FIELDS.get(field, field), "detail": description.removeprefix(f"{field}: ")}
+
+
+def _conflict(conflict: common_pb2.IdempotencyConflict) -> tuple[str, str]:
+    """The field and the sentence of a 409, without the namespace the ledger keeps keys in."""
+    if conflict.namespace.startswith(RECEIPT_NAMESPACE):
+        return "receipt_id", "the receipt (channel, store, receipt id) was already recorded with a different body"
+    return "Idempotency-Key", f"{conflict.key!r} was already used for a different {conflict.original_operation} request"
+
+
 def from_grpc(error: grpc.aio.AioRpcError, service: str) -> Problem:
     code = error.code()
     status, slug, title = GRPC_TO_HTTP.get(code, (500, "internal", "Internal error"))
     details = status_details(error)
-    errors = [
-        {"field": v.field, "detail": v.description}
-        for d in details if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations
-    ]  # fmt: skip
+    violations = [v for d in details if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations]
+    errors = [_violation(v.field, v.description) for v in violations]
     extra: dict[str, Any] = {}
     headers: dict[str, str] = {}
+    detail = error.details() or title
+    if violations and detail.startswith(f"{violations[0].field}: "):
+        detail = f"{errors[0]['field']}: {detail.removeprefix(f'{violations[0].field}: ')}"
     for d in details:
         if isinstance(d, error_details_pb2.ErrorInfo) and d.reason and status == 422:
             slug = d.reason.lower().replace("_", "-")
@@ -89,14 +146,19 @@ def from_grpc(error: grpc.aio.AioRpcError, service: str) -> Problem:
             extra.update(available_points=d.available_points, requested_points=d.requested_points, unit=d.unit)
         if isinstance(d, common_pb2.IdempotencyConflict):
             extra.update(original_operation=d.original_operation, first_seen_at=d.first_seen_at.ToJsonString())
+            field, said = _conflict(d)
+            errors, detail = [{"field": field, "detail": said}], f"{field}: {said}"
+    name = SERVICE_NAMES.get(service, service)
     if status == 503:
         headers["Retry-After"] = "1"
-    detail = error.details() or title
+        log.warning("%s is unavailable (%s): %s", service, code.name, error.details())
+        late = code == grpc.StatusCode.DEADLINE_EXCEEDED
+        detail = f"{name} {'did not answer in time' if late else 'is unavailable'}; retry shortly"
     if status == 500:
         log.error("%s failed with %s: %s", service, code.name, detail)
         detail = f"{service} failed; the error is logged"
     if status == 409:
-        detail = f"{detail}. An Idempotency-Key (or a receipt) can only be reused with the same request body."
+        detail = f"{detail}. {SAME_BODY}"
     return Problem(status, slug, title, detail, errors=errors, headers=headers, **extra)
 
 
@@ -132,6 +194,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if exc.errors() and exc.errors()[0].get("type") == "json_invalid":  # FastAPI's JSONDecodeError
+            error = exc.errors()[0]
+            position = error["loc"][1] if len(error["loc"]) > 1 else 0
+            reason = (error.get("ctx") or {}).get("error") or error["msg"]
+            return _response(bad_request("body", f"not valid JSON: {reason} at character {position}"), request)
         errors = [{"field": _field_of(tuple(e["loc"])), "detail": _message(e)} for e in exc.errors()]
         first = errors[0] if errors else {"field": "", "detail": "invalid"}
         problem = Problem(400, "invalid-request", "The request is invalid", f"{first['field']}: {first['detail']}",
@@ -140,8 +207,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc, BodyTooLarge):
+            return _response(too_large(exc.limit), request)
+        if exc.status_code == 400:  # only FastAPI and Starlette raise it, for a body they cannot parse
+            return _response(unparseable(exc), request)
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        return _response(Problem(exc.status_code, slug, str(exc.detail), str(exc.detail)), request)
+        headers = dict(exc.headers or {})  # a 405's Allow
+        return _response(Problem(exc.status_code, slug, str(exc.detail), str(exc.detail), headers=headers), request)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

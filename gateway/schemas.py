@@ -6,10 +6,11 @@ strict integers, so `12.5` or `"12"` is refused rather than rounded.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from pointmesh.bounds import MAX_AMOUNT_MINOR
 from pointmesh.timestamps import utc_instant
@@ -26,6 +27,21 @@ Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", examples=["EUR"])]
 Id = Annotated[str, Field(max_length=MAX_ID_LENGTH)]
 
 
+# RFC 3339's date-time, its offset left optional here so that a time without one is refused by
+# _instant with the reason (it would be read in the host's zone).
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?", re.ASCII)
+
+
+def _rfc3339(value: object) -> object:
+    """Only the text of a date-time (or a datetime, from Python): pydantic would also read a
+    number, or a string of digits, as seconds since the epoch, a guess no client means."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-27T18:31:00+02:00")
+    return value
+
+
 def _instant(when: datetime) -> datetime:
     """A time without a UTC offset is refused (it would be read in the host's zone), and so is
     one whose UTC value falls outside years 1..9999, which no protobuf Timestamp can carry."""
@@ -33,7 +49,7 @@ def _instant(when: datetime) -> datetime:
     return when
 
 
-Instant = Annotated[datetime, AfterValidator(_instant)]
+Instant = Annotated[datetime, BeforeValidator(_rfc3339), AfterValidator(_instant)]
 
 
 # Pydantic refuses text no UTF-8 message can carry (an unpaired surrogate such as \udfff) in a
