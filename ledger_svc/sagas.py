@@ -35,7 +35,7 @@ from ledger_svc.purchases import (
     take_in_merged_state,
     take_off_qualification,
 )  # fmt: skip
-from ledger_svc.reviews import TransferResult
+from ledger_svc.reviews import ReviewStatus, TransferResult
 from ledger_svc.screening import Screening, Verdict
 from ledger_svc.screening import event_id as screening_event_id
 from ledger_svc.store.base import SagaRecord, ShardTx
@@ -68,6 +68,8 @@ class Sagas:
             saga = book.tx.get_saga(merge_id)
             if saga is not None:
                 return saga
+            if merge_id == self.merge_id(source):
+                _require_settled(book.tx, source)
             moved = {u: m for u in self.svc.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
             # The member's purchase count, caps and tier qualification go with the points (the
             # first merge of a member only: a later sweep moves points a return gave back).
@@ -324,6 +326,23 @@ class Sagas:
         moved = await self.drive_merge(source, target, merge_id)
         await self.svc.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, target))
         return moved
+
+
+def _require_settled(tx: ShardTx, member_id: str) -> None:
+    """In the write that moves a member's points away: a purchase that passed its status check
+    before the merge marked the member MERGED may have committed since the merge's own check,
+    opening a review or waiting for the points engine. Its decision or late quote would land
+    on a member that holds nothing any more, so the merge stops short of moving (the member
+    stays MERGED: nothing more can post to it) until the caller has settled them and sends the
+    merge again."""
+    reviews_open = len(tx.list_reviews(ReviewStatus.OPEN.value, member_id, None, 100))
+    waiting = tx.member_waiting_purchases(member_id)
+    if reviews_open or waiting:
+        raise FailedPrecondition(
+            f"member {member_id} got {reviews_open} open fraud reviews and {waiting} purchases waiting for the points "
+            "engine while it was being merged; decide them (or let them earn), then send the merge again",
+            field="source_member_id",
+        )
 
 
 def _under_review(screening: Screening | None) -> bool:

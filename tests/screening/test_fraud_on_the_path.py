@@ -26,6 +26,7 @@ from fraud_svc.app import build as build_fraud
 from fraud_svc.domain import TxContext, TxKind
 from fraud_svc.features import FeatureRow, featurize
 from fraud_svc.velocity_redis import RedisVelocity
+from ledger_svc.domain import FailedPrecondition
 from ledger_svc.screening import ScreeningRequest
 from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
@@ -586,3 +587,25 @@ async def test_a_merge_refused_for_a_redemption_held_for_review_says_to_decide_t
         idempotency_key=key(), source_member_id=member, target_member_id=target)), grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
 
     assert "1 open fraud reviews; decide them first" in error.details(), error.details()
+
+
+async def test_a_review_opened_after_the_merge_checked_stops_the_merge_until_it_is_decided(screened: Screened) -> None:
+    """The purchase passed its status check before the merge marked the member, and committed
+    its review after the merge's own check: the write that moves the points finds it and stops
+    (a decision on a member that holds nothing would strand the credit or leave it spendable).
+    Decided, the merge sent again moves everything, the released credit included."""
+    held = await _held_purchase(screened)
+    source, svc = held.member_id, screened.ledger.app.service
+    target = (await create_member(screened.ledger.stub)).member_id
+    before = await balance(screened.ledger.stub, source)
+    assert before.pending_points > 0
+
+    with pytest.raises(FailedPrecondition, match="open fraud reviews"):
+        await svc.sagas.complete_merge(source, target)  # the merge's move, past its own check
+
+    assert (await balance(screened.ledger.stub, source)).pending_points == before.pending_points
+    for review in (await screened.ledger.stub.ListReviews(ledger_pb2.ListReviewsRequest(member_id=source))).reviews:
+        await screened.ledger.stub.DecideReview(_decide(review.review_id, True))
+    await svc.sagas.complete_merge(source, target)
+    after = await balance(screened.ledger.stub, target)
+    assert (after.balance_points, after.pending_points) == (before.balance_points + before.pending_points, 0)
