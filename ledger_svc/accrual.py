@@ -26,6 +26,7 @@ from ledger_svc import validation as v
 from ledger_svc.domain import (
     FailedPrecondition,
     IdemKey,
+    IdempotencyConflict,
     InvalidArgument,
     LedgerError,
     MemberStatus,
@@ -232,8 +233,28 @@ class Accrual:
                 raise FailedPrecondition(late, field="receipt_time")
         pid = purchase_id_for(member_id, self.program, natural)
         screening = await self._screen(cmd, quote, pid) if quote is not None else None
-        await self._claim_keys(cmd, fp)
+        try:
+            await self._claim_keys(cmd, fp)
+        except IdempotencyConflict as conflict:
+            earlier = await self.replay_of_merged(cmd, conflict)
+            if earlier is None:
+                raise
+            return earlier, True
         return await self.write(cmd, fp, pid, quote, screening, now)
+
+    async def replay_of_merged(self, cmd: c.RecordPurchase, conflict: IdempotencyConflict) -> PurchaseRecord | None:
+        """The receipt recorded for a member since merged into this one, with the same body
+        otherwise: the same purchase sent again (a legacy file re-run after the merge), answered
+        as a replay rather than a conflict. None when it is a real conflict."""
+        if conflict.namespace != cmd.key.namespace or conflict.key != cmd.key.key:
+            return None  # the transport key, used for another request
+        ns, natural = cmd.key.namespace, cmd.key.key
+        for earlier in await self.svc.merged_into_member(cmd.member_id):
+            fp = c.fingerprint(replace(cmd, member_id=earlier, transport_key=None))
+            stored = await self.svc.store.read(self.svc.shard_of(earlier), lambda tx: tx.get_idempotency(ns, natural))
+            if stored is not None and stored.fingerprint == fp:
+                return await self.get_purchase(codec.loads(str, stored.result_json))
+        return None
 
     async def write(
         self, cmd: c.RecordPurchase, fp: str, pid: str, quote: Quote | None, screening: Screening | None,

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc.accrual import EngineFailedOnBasket, EngineUnavailable, Priced
-from ledger_svc.domain import FailedPrecondition, LedgerError
+from ledger_svc.domain import FailedPrecondition, IdempotencyConflict, LedgerError
 from ledger_svc.ingest import WRITE_RUN, claim_many
 from ledger_svc.postings import ShardBook
 from ledger_svc.purchases import MemberState, PurchaseRecord, Quote, load_state, purchase_id_for, tender_points
@@ -246,7 +246,11 @@ class BatchAccrual:
         conflicts, _seen = await self.svc.store.write_directory(lambda d: claim_many(d, claims, now))
         for it in items:
             if it.index in conflicts:
-                results[it.index] = conflicts[it.index]
+                conflict = conflicts[it.index]
+                earlier = None
+                if isinstance(conflict, IdempotencyConflict):
+                    earlier = await self.accrual.replay_of_merged(it.cmd, conflict)
+                results[it.index] = conflict if earlier is None else (earlier, True)
                 it.quote = None
 
     async def _write(self, items: list[_Item], now: datetime, results: list[Outcome | None]) -> None:

@@ -12,7 +12,8 @@ from ledger_svc.reconcile import reconcile
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.ledger.helpers import balance, figures, key, redeem
 from tests.mesh.conftest import PROGRAM, Mesh
-from tests.mesh.helpers import buy, exact, new_member, return_lines, welcomed_member
+from tests.mesh.helpers import buy, exact, new_member, purchase_request, return_lines, welcomed_member
+from tests.mesh.test_batch_accrual import as_items, ingest
 
 
 async def merge(mesh: Mesh, source: str, target: str) -> None:
@@ -143,3 +144,22 @@ async def test_a_return_by_card_and_receipt_after_a_merge_finds_the_purchase_of_
     assert back.purchase.purchase_id == bought.purchase.purchase_id
     assert figures(await balance(s, c))["balance"] == before - earned["points"]
     await books_balance(mesh)
+
+
+async def test_a_receipt_sent_again_for_the_member_it_was_merged_into_is_the_same_purchase(mesh: Mesh) -> None:
+    """A legacy file re-run after the merge names the card's member now: the receipt is the one
+    already recorded, answered as a replay over either path, not refused as a conflict."""
+    s = mesh.ledger.stub
+    a, b = await welcomed_member(mesh), await new_member(mesh)
+    at = mesh.clock.now() - timedelta(minutes=5)
+    first = (await s.RecordPurchase(purchase_request(a, [("misc", 5000, 1)], at=at, receipt="again-1"))).purchase
+    await merge(mesh, a, b)
+    before = figures(await balance(s, b))["balance"]
+    again = purchase_request(b, [("misc", 5000, 1)], at=at, receipt="again-1")
+
+    unary = await s.RecordPurchase(again)
+    batch = await ingest(mesh, as_items([again]))
+
+    assert unary.replayed and unary.purchase.purchase_id == first.purchase_id
+    assert (batch.replayed, batch.failed) == (1, 0), batch.failures
+    assert figures(await balance(s, b))["balance"] == before
