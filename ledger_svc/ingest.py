@@ -67,18 +67,8 @@ class BatchIngest:
         in bulk."""
         svc = self.service
         outcomes: list[tuple[int, Any]] = []
-        refused: dict[str, LedgerError] = {}
-        for member_id in dict.fromkeys(p.member_id for p in prepared if p.member_id):
-            try:
-                await svc._require_active(member_id)
-            except LedgerError as exc:
-                refused[member_id] = exc
-        unmerged: dict[str, LedgerError] = {}
-        for member_id in dict.fromkeys(p.not_merged for p in prepared if p.not_merged):
-            try:
-                await svc._require_not_merged(member_id)
-            except LedgerError as exc:
-                unmerged[member_id] = exc
+        refused = await _refusals([p.member_id for p in prepared], svc._require_active)
+        unmerged = await _refusals([p.not_merged for p in prepared], svc._require_not_merged)
         groups: dict[tuple[int, str], list[_Prepared]] = {}
         for p in prepared:
             if p.member_id in refused:
@@ -200,6 +190,17 @@ class _Prepared:
     owner: str = ""  # the member whose partition the item writes, when known before the write
     not_merged: str = ""  # a member who must not be merged away, checked after the replay (adjust)
     via: Callable[[Any], Awaitable[Any]] | None = None  # a use case that runs the item itself
+
+
+async def _refusals(members: Sequence[str], check: Callable[[str], Awaitable[None]]) -> dict[str, LedgerError]:
+    """What `check` refuses, per member named (once each; "" names none)."""
+    refused: dict[str, LedgerError] = {}
+    for member_id in dict.fromkeys(m for m in members if m):
+        try:
+            await check(member_id)
+        except LedgerError as exc:
+            refused[member_id] = exc
+    return refused
 
 
 def _settled(outcomes: Sequence[Any]) -> list[Any]:

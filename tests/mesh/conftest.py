@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pointmesh.clock import ManualClock
+from pointmesh.clock import ManualClock, SystemClock
 from pointmesh.redis_server import RedisServer, free_port
 from tests.conftest import (
     LedgerUnderTest,
@@ -23,6 +23,7 @@ from tests.conftest import (
 )
 
 PROGRAM = Path(__file__).with_name("program.yaml")
+LOADGEN = Path(__file__).resolve().parents[2] / "loadtests" / "programs" / "loadgen.yaml"
 # A Monday in winter: Helsinki is UTC+2, Lisbon UTC+0.
 START = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 
@@ -57,3 +58,17 @@ async def mesh(request: pytest.FixtureRequest, tmp_path: Path, redis_server: Red
     await stop_ledger(running.ledger)
     if running.rules.app.server.port:
         await stop_rules(running.rules)
+
+
+@pytest.fixture
+async def plain_mesh(
+    tmp_path: Path, redis_server: RedisServer
+) -> AsyncIterator[tuple[LedgerUnderTest, RulesUnderTest]]:
+    port = free_port()
+    clock = SystemClock()  # receipts are stamped from the wall clock, over the last day
+    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(LOADGEN))
+    ledger = await start_ledger(tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{port}",
+                                program="loadgen", rules_deadline_seconds=5.0)  # fmt: skip
+    yield ledger, rules
+    await stop_ledger(ledger)
+    await stop_rules(rules)

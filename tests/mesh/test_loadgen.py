@@ -18,23 +18,7 @@ from pointmesh.clock import SystemClock
 from pointmesh.config import load_settings
 from pointmesh.redis_server import RedisServer, free_port
 from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
-from tests.mesh.conftest import PROGRAM
-
-LOADGEN = Path(__file__).resolve().parents[2] / "loadtests" / "programs" / "loadgen.yaml"
-
-
-@pytest.fixture
-async def plain_mesh(
-    tmp_path: Path, redis_server: RedisServer
-) -> AsyncIterator[tuple[LedgerUnderTest, RulesUnderTest]]:
-    port = free_port()
-    clock = SystemClock()  # receipts are stamped from the wall clock, over the last day
-    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(LOADGEN))
-    ledger = await start_ledger(tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{port}",
-                                program="loadgen", rules_deadline_seconds=5.0)  # fmt: skip
-    yield ledger, rules
-    await stop_ledger(ledger)
-    await stop_rules(rules)
+from tests.mesh.conftest import LOADGEN, PROGRAM
 
 
 @pytest.mark.parametrize(("unary", "purchases"), [(False, 3_000), (True, 600)], ids=["ingest-batch", "unary"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,23 +22,9 @@ from loadtests.loadgen import UnmodelledProgram, model, run
 from pointmesh.clock import SystemClock
 from pointmesh.redis_server import RedisServer, free_port
 from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
-from tests.mesh.test_loadgen import LOADGEN
+from tests.mesh.conftest import LOADGEN
 
 PURCHASES, MEMBERS = 120, 40
-
-
-@pytest.fixture
-async def loadgen_mesh(
-    tmp_path: Path, redis_server: RedisServer
-) -> AsyncIterator[tuple[LedgerUnderTest, RulesUnderTest]]:
-    port = free_port()
-    clock = SystemClock()  # receipts are stamped from the wall clock, over the last day
-    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(LOADGEN))
-    ledger = await start_ledger(tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{port}",
-                                program="loadgen", rules_deadline_seconds=5.0)  # fmt: skip
-    yield ledger, rules
-    await stop_ledger(ledger)
-    await stop_rules(rules)
 
 
 def _verdict(r: ScreeningRequest) -> Verdict:
@@ -65,11 +51,11 @@ async def _run(ledger: LedgerUnderTest, rules: RulesUnderTest, seed: int, unary:
 
 
 async def test_a_purchase_the_ledger_drops_from_the_stream_is_a_mismatch(
-    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch
+    plain_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The last purchase of every chunk never posted and never reported: it is in neither the
     books nor the generator's sums, so only the stream's own accounting can show it."""
-    ledger, rules = loadgen_mesh
+    ledger, rules = plain_mesh
     original = LedgerServicer._ingest_chunk
 
     async def lossy(self, chunk, summary):  # type: ignore[no-untyped-def]
@@ -87,10 +73,10 @@ async def test_a_purchase_the_ledger_drops_from_the_stream_is_a_mismatch(
 
 
 async def test_a_purchase_counted_as_received_but_never_answered_is_a_mismatch(
-    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch
+    plain_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same loss with the `received` count right: every index must be answered once."""
-    ledger, rules = loadgen_mesh
+    ledger, rules = plain_mesh
     original = LedgerServicer._ingest_chunk
 
     async def lossy(self, chunk, summary):  # type: ignore[no-untyped-def]
@@ -108,7 +94,7 @@ async def test_a_purchase_counted_as_received_but_never_answered_is_a_mismatch(
 @pytest.mark.parametrize("unary", [False, True], ids=["ingest-batch", "unary"])
 @pytest.mark.parametrize("verdict", [None, Verdict.ALLOW], ids=["not-screened", "allowed"])
 async def test_a_refusal_without_a_fraud_deny_is_a_mismatch(
-    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest],
+    plain_mesh: tuple[LedgerUnderTest, RulesUnderTest],
     monkeypatch: pytest.MonkeyPatch,
     unary: bool,
     verdict: Verdict | None,
@@ -116,7 +102,7 @@ async def test_a_refusal_without_a_fraud_deny_is_a_mismatch(
     """fraud_svc denies some purchases (refused: expected, no mismatch); a ledger bug refuses
     others it did not deny. Nothing was earned for either, so every balance still adds up: only
     the refusal's verdict shows the bug, and it names exactly the purchases the bug refused."""
-    ledger, rules = loadgen_mesh
+    ledger, rules = plain_mesh
     _screened(ledger, monkeypatch)
     original = accrual_mod.accrue
     bugged: list[str] = []
@@ -141,11 +127,11 @@ async def test_a_refusal_without_a_fraud_deny_is_a_mismatch(
 
 @pytest.mark.parametrize("unary", [False, True], ids=["ingest-batch", "unary"])
 async def test_points_held_for_review_posted_as_spendable_are_a_mismatch(
-    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch, unary: bool
+    plain_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch, unary: bool
 ) -> None:
     """A ledger bug records the REVIEW verdict but posts the points as spendable: posted plus
     pending is still right, posted and pending each are not."""
-    ledger, rules = loadgen_mesh
+    ledger, rules = plain_mesh
     _screened(ledger, monkeypatch)
     original = accrual_mod.accrue
     members: set[str] = set()
@@ -168,10 +154,10 @@ async def test_points_held_for_review_posted_as_spendable_are_a_mismatch(
 
 
 async def test_an_allowed_purchase_left_pending_is_a_mismatch(
-    loadgen_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch
+    plain_mesh: tuple[LedgerUnderTest, RulesUnderTest], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The reverse: fraud_svc allowed the purchase, the ledger held its points as pending."""
-    ledger, rules = loadgen_mesh
+    ledger, rules = plain_mesh
     _screened(ledger, monkeypatch)
     original = accrual_mod.accrue
     members: set[str] = set()
