@@ -24,7 +24,7 @@ from ledger_svc.outbox import OutboxRelay
 from ledger_svc.postings import Policy
 from ledger_svc.reconcile import reconcile
 from ledger_svc.rules_client import RulesEngineClient
-from ledger_svc.screening import FraudScreen, UnavailablePolicy, Verdict
+from ledger_svc.screening import FraudScreen, ObservationBacklog, UnavailablePolicy, Verdict
 from ledger_svc.server import LedgerServicer
 from ledger_svc.service import LedgerService
 from ledger_svc.store.base import LedgerStore
@@ -78,7 +78,7 @@ def policy_from(settings: Settings) -> Policy:
     )
 
 
-def fraud_screen(settings: Settings) -> FraudScreen | None:
+def fraud_screen(settings: Settings, redis: Redis | None = None) -> FraudScreen | None:
     if not settings.fraud_screening:
         return None
     policy = UnavailablePolicy(
@@ -88,7 +88,7 @@ def fraud_screen(settings: Settings) -> FraudScreen | None:
         large_redeem_points=settings.fraud_large_redemption_points,
     )
     client = FraudScreenerClient(settings.fraud_addr, settings.fraud_deadline_seconds, settings.batch_deadline_seconds)
-    return FraudScreen(client, policy)
+    return FraudScreen(client, policy, ObservationBacklog(redis) if redis is not None else None)
 
 
 def sqlite_dir(settings: Settings) -> Path:
@@ -240,7 +240,7 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         fault_point=settings.fault_point,
         engine=RulesEngineClient(settings.rules_addr, settings.rules_deadline_seconds, settings.batch_deadline_seconds),
         program=settings.program,
-        fraud=fraud_screen(settings),
+        fraud=fraud_screen(settings, redis),
     )
     # Its own Redis client: blocking stream reads outlast the cache client's short timeouts.
     bus = open_bus(settings)

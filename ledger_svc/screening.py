@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ledger_svc import codec
 from ledger_svc.domain import FailedPrecondition, Money
 
 log = logging.getLogger(__name__)
@@ -144,13 +148,56 @@ class UnavailablePolicy:
         return self.large_redemption if request.points >= self.large_redeem_points else self.redemption
 
 
+class ObservationBacklog:
+    """Observations fraud_svc could not be told, in Redis beside its velocity state (which an
+    outage of Redis loses as well). Bounded: past `limit`, the oldest go (logged)."""
+
+    def __init__(self, redis: Redis, *, key: str = "pm:ledger:fraud-observations", limit: int = 200_000) -> None:
+        self.redis, self.key, self.limit = redis, key, limit
+
+    async def keep(self, request: ScreeningRequest) -> None:
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(self.key, codec.dumps(request))
+                pipe.ltrim(self.key, -self.limit, -1)
+                await pipe.execute()
+        except RedisError:
+            log.warning("fraud_svc and Redis both away: observation %s of %s is lost", request.event_id, request.kind)
+
+    async def oldest(self, limit: int) -> list[ScreeningRequest | None]:
+        """None for an entry that no longer reads as a request (it is dropped, logged)."""
+        try:
+            raw: list[bytes | str] = await self.redis.lrange(self.key, 0, limit - 1)  # type: ignore[misc]
+        except RedisError:
+            return []
+        return [_request_of(item) for item in raw]
+
+    async def drop_oldest(self) -> bool:
+        try:
+            await self.redis.lpop(self.key)  # type: ignore[misc]
+        except RedisError:
+            return False
+        return True
+
+
+def _request_of(item: bytes | str) -> ScreeningRequest | None:
+    try:
+        return codec.loads(ScreeningRequest, item.decode() if isinstance(item, bytes) else item)
+    except (ValueError, TypeError, KeyError) as exc:
+        log.error("dropping an unreadable fraud observation from the backlog: %s", exc)
+        return None
+
+
 class FraudScreen:
     """The screener plus the unavailable policy and a short breaker, so an outage costs one
     deadline per second rather than one per request."""
 
-    def __init__(self, screener: Screener, policy: UnavailablePolicy) -> None:
+    def __init__(
+        self, screener: Screener, policy: UnavailablePolicy, backlog: ObservationBacklog | None = None
+    ) -> None:
         self.screener = screener
         self.policy = policy
+        self.backlog = backlog
         self._down_until = 0.0
 
     async def screen(self, request: ScreeningRequest) -> Screening:
@@ -165,8 +212,38 @@ class FraudScreen:
 
     async def observe(self, request: ScreeningRequest) -> None:
         """Tells fraud_svc about a transaction it does not decide (a transfer, a return), after
-        it committed; the answer is not used, and fraud_svc being away costs nothing more."""
-        await self.screen(request)
+        it committed; the answer is not used. With fraud_svc away it goes to the backlog, told
+        again by the maintenance pass, so its velocity state misses nothing an outage saw."""
+        if not await self._told(request) and self.backlog is not None:
+            await self.backlog.keep(request)
+
+    async def _told(self, request: ScreeningRequest) -> bool:
+        """True once fraud_svc has the event (a refusal as invalid counts: telling it again
+        would not change that)."""
+        if not self._up():
+            return False
+        try:
+            await self.screener.screen(request)
+        except ScreenerRefused:
+            return True
+        except ScreenerUnavailable as exc:
+            self._trip(f"{request.kind} {request.event_id}", exc)
+            return False
+        return True
+
+    async def tell_backlog(self, limit: int = 500) -> int:
+        """The maintenance pass: observations kept while fraud_svc was away, told now, oldest
+        first, until one fails again (it goes back, to keep the order); returns how many."""
+        if self.backlog is None:
+            return 0
+        told = 0
+        for request in await self.backlog.oldest(limit):
+            if request is not None and not await self._told(request):
+                break
+            if not await self.backlog.drop_oldest():
+                break
+            told += request is not None
+        return told
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening]:
         """Many in one call, scored in event-time order whatever order they are given in."""

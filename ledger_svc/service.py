@@ -936,6 +936,8 @@ class LedgerService:
                     break
         sagas = await self.recover_sagas()
         purchases = await self.accrual.process_waiting()
+        if self.fraud is not None:
+            await self.fraud.tell_backlog()  # what fraud_svc missed while it was away
         return MaintenanceReport(expired, lots, released, voided, sagas, purchases)
 
     async def totals(self, *, fresh: bool = False) -> tuple[datetime, ReconcileReport]:

@@ -229,3 +229,29 @@ async def test_approval_refuses_a_recipient_merged_into_a_member_who_may_not_rec
     assert heir in refused.details() and end.upper() in refused.details(), refused.details()
     assert (await balance(s, heir)).balance_points == before
     assert (await balance(s, sender)).reserved_points == SENT
+
+
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("same_shard", [True, False], ids=["same-shard", "cross-shard"])
+async def test_a_transfer_fraud_svc_missed_while_away_reaches_it_on_the_next_maintenance_pass(
+    mesh: Screened, same_shard: bool
+) -> None:
+    """fraud_svc is down for the whole transfer (allowed by the fail-open policy, and moved at
+    once): the observation it could not be told is kept, and the maintenance pass after it is
+    back tells it, once, so both members' velocity holds the transfer."""
+    sender = await _funded(mesh)
+    recipient = await _funded(mesh, near=sender, same_shard=same_shard)
+    await mesh.stop_fraud()
+    moved = await mesh.ledger.stub.Transfer(ledger_pb2.TransferRequest(
+        idempotency_key=key(), source_member_id=sender, destination_member_id=recipient, points=100))  # fmt: skip
+    assert moved.credit.points == 100 and not moved.screening.scored
+    await mesh.start_fraud()
+    await asyncio.sleep(1.2)  # the ledger's breaker gives fraud_svc a second after a failure
+
+    await mesh.ledger.app.service.run_maintenance()
+    await mesh.ledger.app.service.run_maintenance()  # told once, however often the pass runs
+
+    later = mesh.clock.now() + timedelta(seconds=1)
+    sent = await _features(mesh, TxContext(f"probe-{sender}", TxKind.REDEMPTION, sender, later, points=10))
+    got = await _features(mesh, TxContext(f"probe-{recipient}", TxKind.REDEMPTION, recipient, later, points=10))
+    assert (sent["member_transfers_out_24h"], got["member_transfers_in_24h"]) == (1, 1)
