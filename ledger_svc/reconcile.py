@@ -4,19 +4,32 @@ Checks, per shard: every transaction's entries sum to zero; every stored balance
 sum of its account's entries; spendable lots add up to the positive posted balance and
 pending lots to the pending balance; reserved points equal the open holds; no saga is left
 open; no hold is still placed past its timeout (found by a scan, not the ledger's timers, so
-a timer lost or stuck shows here; the running ledger voids what this finds). Across shards:
-all accounts together sum to zero, and transit is empty. The same code runs on every store.
+a timer lost or stuck shows here; the running ledger voids what this finds); every lot holds
+between zero and its original points (a per-member sum hides one lot's error another cancels);
+every journal leg's transaction row exists; fraud reviews and what they guard agree (a placed
+hold a review or transfer owns has that owner still open, a purchase's credit held for review
+has its open review, an open review's hold or credit is still there: otherwise the points
+stay reserved or pending for ever, since only the decision settles them); and, on SQLite, every
+transaction recent enough that retention cannot have taken its event still has that event (one
+lost before it was published). Across shards: all accounts together sum to zero, and transit is
+empty. The same code runs on every store (the event check only where the store can tell).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from ledger_svc.domain import member_account, pending_account
+from ledger_svc import codec
+from ledger_svc.domain import Hold, SagaState, member_account, pending_account
+from ledger_svc.purchases import PURCHASE_REFERENCE
+from ledger_svc.reviews import Review, ReviewKind, ReviewStatus
 from ledger_svc.store.base import LedgerStore, ShardTx
+
+REVIEW_PAGE = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +54,8 @@ class ReconcileReport:
     # Placed holds past their timeout: (shard, hold_id); also listed in differences.
     overdue_holds: list[tuple[int, str]] = field(default_factory=list)
     held_points: int = 0
+    # Checks the store could not make (Cassandra: events lost before they were published).
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -53,6 +68,7 @@ class _ShardFindings:
     balances: dict[str, int]
     overdue: list[str]
     held: int
+    unchecked: list[str]
 
 
 def _check_shard(shard: int, now: datetime, tx: ShardTx) -> _ShardFindings:
@@ -95,11 +111,119 @@ def _check_shard(shard: int, now: datetime, tx: ShardTx) -> _ShardFindings:
         diffs.append(
             Difference(shard, f"{saga.kind} saga left open in state {saga.state.value}", saga.saga_id, 0, saga.points)
         )
-    overdue = [h for h in tx.placed_holds() if not h.saga_id and h.expires_at <= now]
+    placed = tx.placed_holds()
+    overdue = [h for h in placed if not h.saga_id and h.expires_at <= now]
     for hold in overdue:
         diffs.append(Difference(shard, "hold still placed past its timeout", hold.hold_id, 0, hold.points))
+    for lot in tx.lots_out_of_bounds():
+        diffs.append(
+            Difference(
+                shard, f"lot of {lot.member_id}:{lot.unit} outside 0..{lot.original_points} points", lot.lot_id,
+                min(max(lot.remaining_points, 0), lot.original_points), lot.remaining_points,
+            )
+        )  # fmt: skip
+    for tx_id, legs in tx.entries_without_transaction():
+        diffs.append(Difference(shard, "journal legs without their transaction row", tx_id, 0, legs))
+    unpublished = tx.transactions_without_events()
+    for tx_id in unpublished or []:
+        diffs.append(Difference(shard, "transaction without its outbox event (never published)", tx_id, 1, 0))
+    diffs += _review_differences(shard, tx, placed)
     balances = {a: r.balance for a, r in accounts.items()}
-    return _ShardFindings(diffs, balances, [h.hold_id for h in overdue], sum(holds.values()))
+    unchecked = ["outbox events lost before publishing (not told by this store)"] if unpublished is None else []
+    return _ShardFindings(diffs, balances, [h.hold_id for h in overdue], sum(holds.values()), unchecked)
+
+
+def _open_reviews(tx: ShardTx) -> dict[str, Review]:
+    found: dict[str, Review] = {}
+    after = None
+    while page := tx.list_reviews(ReviewStatus.OPEN.value, "", after, REVIEW_PAGE):
+        for _at, review_id, body in page:
+            found[review_id] = codec.loads(Review, body)
+        if len(page) < REVIEW_PAGE:
+            break
+        after = (page[-1][0], page[-1][1])
+    return found
+
+
+def _review_state(tx: ShardTx, review_id: str) -> str:
+    body = tx.get_review(review_id)
+    return "missing" if body is None else codec.loads(Review, body).status.value
+
+
+def _screened_to_review(tx: ShardTx, earn_tx: str) -> str:
+    """The review a purchase's screening opened for this earn, "" if none. Earn's own
+    `pending_review` credits wait for ReleasePending with no review at all, so only a purchase
+    that was sent to review (its record names the review) says one must be open."""
+    record = tx.get_transaction(earn_tx)
+    if record is None or not record.reference.startswith(PURCHASE_REFERENCE):
+        return ""
+    purchase = tx.get_purchase(record.reference.removeprefix(PURCHASE_REFERENCE))
+    if purchase is None:
+        return ""
+    screening = json.loads(purchase[1]).get("screening") or {}
+    return str(screening.get("review_id") or "")
+
+
+def _review_differences(shard: int, tx: ShardTx, placed: list[Hold]) -> list[Difference]:
+    """Points a review (or a transfer) owns are settled by its decision alone: VoidHold refuses
+    such a hold, maintenance skips it, ReleasePending refuses such a credit. So an owner gone or
+    decided while they are still reserved or pending leaves them there for ever; and an open
+    review whose hold or credit is gone can never be decided."""
+    diffs: list[Difference] = []
+    reviews = _open_reviews(tx)
+    holds = {h.hold_id: h for h in placed}
+    for hold in placed:
+        if hold.saga_id.startswith("rv_"):
+            review = reviews.get(hold.saga_id)
+            if review is None or hold.hold_id not in review.subject_ids:
+                state = "open without naming it" if review else _review_state(tx, hold.saga_id)
+                diffs.append(Difference(shard, f"hold placed for fraud review {hold.saga_id}, which is {state}",
+                                        hold.hold_id, 0, hold.points))  # fmt: skip
+        elif hold.saga_id:
+            saga = tx.get_saga(hold.saga_id)
+            if saga is None or saga.state in (SagaState.DONE, SagaState.CANCELLED):
+                state = "missing" if saga is None else saga.state.value
+                diffs.append(Difference(shard, f"hold placed for transfer {hold.saga_id}, which is {state}",
+                                        hold.hold_id, 0, hold.points))  # fmt: skip
+            elif saga.state is SagaState.REVIEW:
+                review_id = str(json.loads(saga.payload_json).get("review_id", ""))
+                if review_id not in reviews:
+                    state = _review_state(tx, review_id) if review_id else "missing"
+                    diffs.append(Difference(
+                        shard, f"hold placed for transfer {hold.saga_id} under fraud review {review_id or '?'},"
+                        f" which is {state}", hold.hold_id, 0, hold.points))  # fmt: skip
+    held = {lot.earn_transaction_id: lot for lot in tx.review_held_lots()}
+    named = {t for r in reviews.values() if r.kind is ReviewKind.EARN for t in r.subject_ids}
+    for earn_tx, lot in sorted(held.items()):
+        review_id = "" if earn_tx in named else _screened_to_review(tx, earn_tx)
+        if review_id:
+            diffs.append(Difference(
+                shard, f"pending credit held for fraud review {review_id}, which is {_review_state(tx, review_id)}",
+                f"{earn_tx} (lot {lot.lot_id})", 0, lot.remaining_points))  # fmt: skip
+    for review_id, review in sorted(reviews.items()):
+        if review.kind is ReviewKind.EARN:
+            for earn_tx in review.subject_ids:
+                if earn_tx in held:
+                    continue
+                credit = tx.lot_of_transaction(earn_tx, review.member_id)
+                # No points left (a return took the credit back) is fine: the review still waits.
+                if credit is None or credit.remaining_points > 0:
+                    state = "missing" if credit is None else "no longer held for review"
+                    diffs.append(Difference(shard, f"open fraud review's pending credit {earn_tx} is {state}",
+                                            review_id, review.points, 0))  # fmt: skip
+            continue
+        owner = review.transfer_id if review.kind is ReviewKind.TRANSFER else review_id
+        for hold_id in review.subject_ids:
+            subject = holds.get(hold_id)
+            if subject is None or subject.saga_id != owner:
+                found = tx.get_hold(hold_id) if subject is None else None
+                if subject is not None:
+                    state = f"owned by {subject.saga_id or 'its caller'}"
+                else:
+                    state = "missing" if found is None else found.status.value
+                diffs.append(Difference(shard, f"open fraud review's hold {hold_id} is {state}", review_id,
+                                        review.points, 0 if subject is None else subject.points))  # fmt: skip
+    return diffs
 
 
 def _stranded_on_merged(merged: set[str], shard: int, balances: dict[str, int]) -> list[Difference]:
@@ -129,6 +253,7 @@ async def reconcile(store: LedgerStore, now: datetime | None = None) -> Reconcil
         report.differences.extend(found.differences)
         report.overdue_holds += [(shard, hold_id) for hold_id in found.overdue]
         report.held_points += found.held
+        report.unchecked += [u for u in found.unchecked if u not in report.unchecked]
         report.differences.extend(_stranded_on_merged(merged, shard, found.balances))
         report.accounts += len(found.balances)
         for account, balance in found.balances.items():

@@ -543,6 +543,26 @@ class CassandraShardTx:
             sums[r[0]] += r[1]
         return sorted((t, s) for t, s in sums.items() if s != 0)
 
+    def entries_without_transaction(self) -> list[tuple[str, int]]:
+        """The legs' transaction ids against the ids (not bodies) of the shard's transaction
+        rows, live and archived: one more read per member partition (and archived month), in
+        the same pass over the shard's partitions reconciliation already makes."""
+        legs: dict[str, int] = defaultdict(int)
+        for _, _, r in self._legs():
+            legs[r[0]] += 1
+        recorded: set[str] = set()
+        s = self.store
+        for part in self.scan():
+            for month in part.months():
+                recorded.update(r.id for r in s.q("hist_kind_ids", (s.ledger, part.p, month, "tx")))
+            recorded.update(r.id for r in s.q("kind_ids", (s.ledger, part.p, "tx")))
+        return sorted((tx_id, n) for tx_id, n in legs.items() if tx_id not in recorded)
+
+    def transactions_without_events(self) -> list[str] | None:
+        """Not told here: sent events expire by a TTL counted from the relay's write (wall-clock
+        time), so which missing event retention took cannot be told from the rows."""
+        return None
+
     # Lots: open ones in 'lot', spent ones in 'lot_closed', so the live set stays small ----
 
     def add_lot(self, lot: Lot) -> None:
@@ -627,6 +647,20 @@ class CassandraShardTx:
                 lot = _dec_lot(i, b)
                 totals[(lot.member_id, lot.unit, lot.pending)] += lot.remaining_points
         return dict(totals)
+
+    def lots_out_of_bounds(self) -> list[Lot]:
+        """Open lots (read with every partition) and the live closed ones (one more read per
+        partition: a lot taken below zero is filed as closed); archived closed lots are not read."""
+        lots = [
+            _dec_lot(i, b) for part in self.scan() for kind in ("lot", "lot_closed") for i, b in part.all(kind).items()
+        ]
+        return sorted((lot for lot in lots if not 0 <= lot.remaining_points <= lot.original_points),
+                      key=lambda lot: lot.lot_id)  # fmt: skip
+
+    def review_held_lots(self) -> list[Lot]:
+        lots = [_dec_lot(i, b) for part in self.scan() for i, b in part.all("lot").items()]
+        return sorted((lot for lot in lots if lot.pending and lot.pending_review and lot.remaining_points > 0),
+                      key=lambda lot: lot.lot_id)  # fmt: skip
 
     # Holds: placed ones in 'hold', settled ones in 'hold_done' -----------------------------
 
@@ -1423,6 +1457,7 @@ class CassandraLedgerStore:
                            " VALUES (?,?,?,?,?,?,?,?)",
             "kind_ttl": f"SELECT id, body, TTL(body) AS ttl FROM {ks}.book WHERE ledger=? AND p=? AND kind=?",
             "kind": f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind=?",
+            "kind_ids": f"SELECT id FROM {ks}.book WHERE ledger=? AND p=? AND kind=?",
             "entries": f"SELECT id, body FROM {ks}.book WHERE ledger=? AND p=? AND kind='entry' AND id>=? AND id<?"
                        " ORDER BY kind DESC, id DESC LIMIT ?",
             "cond": f"UPDATE {ks}.book SET version=?, seq=?, unit_id=? WHERE ledger=? AND p=? IF version=?",
@@ -1438,6 +1473,7 @@ class CassandraLedgerStore:
             "hist_put": f"INSERT INTO {ks}.book_history (ledger, p, month, kind, id, body) VALUES (?,?,?,?,?,?)",
             "hist_row": f"SELECT body FROM {ks}.book_history WHERE ledger=? AND p=? AND month=? AND kind=? AND id=?",
             "hist_kind": f"SELECT id, body FROM {ks}.book_history WHERE ledger=? AND p=? AND month=? AND kind=?",
+            "hist_kind_ids": f"SELECT id FROM {ks}.book_history WHERE ledger=? AND p=? AND month=? AND kind=?",
             "hist_entries": f"SELECT id, body FROM {ks}.book_history WHERE ledger=? AND p=? AND month=?"
                             " AND kind='entry' AND id>=? AND id<? ORDER BY kind DESC, id DESC LIMIT ?",
             "owner_put": f"INSERT INTO {ks}.owners (ledger, shard, id, p) VALUES (?,?,?,?)",

@@ -342,6 +342,44 @@ class SqliteShardTx:
             "SELECT tx_id, SUM(points) FROM entries GROUP BY tx_id HAVING SUM(points) != 0"
         ).fetchall()
 
+    def entries_without_transaction(self) -> list[tuple[str, int]]:
+        self.flush()
+        return self.c.execute(
+            "SELECT tx_id, COUNT(*) FROM entries e WHERE NOT EXISTS"
+            " (SELECT 1 FROM transactions t WHERE t.tx_id = e.tx_id) GROUP BY tx_id ORDER BY tx_id"
+        ).fetchall()
+
+    def transactions_without_events(self) -> list[str] | None:
+        """Every posting writes its transaction and its event in one unit, the event carrying the
+        balance (and its version) the transaction records; events go only once relayed and older
+        than the retention cut-off. Each row still here bounds that cut-off from above: a relayed
+        event by its relay time, an idempotency record (purged in the same pass, with the same
+        cut-off) by its creation. So a transaction recorded at or after the earliest of those
+        must still have its event: one without it was lost, never published. (No such row: the
+        cut-off is unknown and nothing is checked.)"""
+        self.flush()
+        bounds = [
+            self.c.execute("SELECT MIN(relayed_at) FROM outbox WHERE relayed_at IS NOT NULL").fetchone()[0],
+            self.c.execute("SELECT MIN(created_at) FROM idempotency").fetchone()[0],
+        ]
+        known = [int(b) for b in bounds if b is not None]
+        if not known:
+            return []
+        since = min(known)
+        published = set(
+            self.c.execute(
+                "SELECT member_id, json_extract(payload, '$.unit'), json_extract(payload, '$.balance.version')"
+                " FROM outbox WHERE created_at >= ?",
+                (since,),
+            ).fetchall()
+        )
+        rows = self.c.execute(
+            "SELECT tx_id, member_id, unit, json_extract(balance_after, '$.version') FROM transactions"
+            " WHERE recorded_at >= ? AND balance_after != ''",
+            (since,),
+        ).fetchall()
+        return sorted(r[0] for r in rows if r[3] is not None and (r[1], r[2], r[3]) not in published)
+
     def add_lot(self, lot: Lot) -> None:
         self._defer(f"INSERT INTO lots ({_LOT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", self._lot_values(lot))
 
@@ -422,6 +460,20 @@ class SqliteShardTx:
             "SELECT member_id, unit, pending, SUM(remaining) FROM lots GROUP BY member_id, unit, pending"
         ).fetchall()
         return {(r[0], r[1], bool(r[2])): r[3] for r in rows}
+
+    def lots_out_of_bounds(self) -> list[Lot]:
+        self.flush()
+        rows = self.c.execute(
+            f"SELECT {_LOT_COLS} FROM lots WHERE remaining < 0 OR remaining > original ORDER BY lot_id"
+        ).fetchall()
+        return [_lot(r) for r in rows]
+
+    def review_held_lots(self) -> list[Lot]:
+        self.flush()
+        rows = self.c.execute(
+            f"SELECT {_LOT_COLS} FROM lots WHERE pending=1 AND pending_review=1 AND remaining>0 ORDER BY lot_id"
+        ).fetchall()
+        return [_lot(r) for r in rows]
 
     def add_hold(self, hold: Hold) -> None:
         self.c.execute(
