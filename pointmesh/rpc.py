@@ -46,6 +46,13 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # gRPC enables SO_REUSEPORT by default: a second server on a busy port would bind silently.
     ("grpc.so_reuseport", 0),
 )
+# Clients resolve a service's DNS name again only when a connection closes, and keepalive keeps
+# them open for ever: pods an autoscaler adds would get no calls. A connection is closed after
+# this age (a GOAWAY: calls in flight finish within the grace, new ones go to a new connection
+# after a fresh resolution), so new pods take their share within about a minute. The grace is
+# longer than any deadline a call is given (a legacy import's 300 s); a WatchEvents stream open
+# longer is ended, and its client resumes from the last position it saw.
+CONNECTION_AGE_MS, CONNECTION_AGE_GRACE_MS = 60_000, 330_000
 
 CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
     *_COMMON_OPTIONS,
@@ -275,10 +282,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class GrpcServer:
     """A grpc.aio server with health, reflection and the shared interceptor, stopped by draining."""
 
-    def __init__(self, name: str, address: str, *, grace_seconds: float = 10.0) -> None:
+    def __init__(
+        self, name: str, address: str, *, grace_seconds: float = 10.0,
+        connection_age_ms: int = CONNECTION_AGE_MS, connection_age_grace_ms: int = CONNECTION_AGE_GRACE_MS,
+    ) -> None:  # fmt: skip
         self.name = name
         self.address = address
         self.grace_seconds = grace_seconds
+        self.connection_age = (connection_age_ms, connection_age_grace_ms)
         self._registrations: list[tuple[Callable[[grpc.aio.Server], None], str]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._server: grpc.aio.Server | None = None
@@ -311,7 +322,9 @@ class GrpcServer:
         """Binds, registers everything and starts serving; returns the bound port (useful with ":0")."""
         if self._server is not None or self._stop_task is not None:
             raise RuntimeError(f"{self.name}: start() called twice")
-        server = grpc.aio.server(interceptors=[ServerInterceptor()], options=list(SERVER_OPTIONS))
+        age, grace = self.connection_age
+        options = [*SERVER_OPTIONS, ("grpc.max_connection_age_ms", age), ("grpc.max_connection_age_grace_ms", grace)]
+        server = grpc.aio.server(interceptors=[ServerInterceptor()], options=options)
         for register, _ in self._registrations:
             register(server)
         health_servicer = health.aio.HealthServicer()

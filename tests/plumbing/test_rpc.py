@@ -317,3 +317,29 @@ async def test_cancelled_server_stream_counts_cancelled_and_keeps_trace_context_
             await asyncio.sleep(0.01)
     assert requests_total("Count", "CANCELLED") == before + 1
     assert not [r for r in caplog.records if "detach" in r.getMessage()]
+
+
+async def test_a_connection_is_closed_after_its_age_so_clients_resolve_the_service_again() -> None:
+    """Keepalive would hold a connection open for ever, and a client resolves DNS again only
+    when one closes: pods an autoscaler adds would get no calls. Past its age the server ends
+    the connection, and the client's calls go on over a new one (another client port)."""
+    peers: list[str] = []
+
+    async def who(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        peers.append(context.peer())
+        return request
+
+    server = GrpcServer("peers", "127.0.0.1:0", connection_age_ms=300, connection_age_grace_ms=1_000)
+    handler = grpc.method_handlers_generic_handler("test.Peers", {"Who": grpc.unary_unary_rpc_method_handler(who)})
+    server.add_service(lambda s: s.add_generic_rpc_handlers((handler,)), "test.Peers")
+    await server.start()
+    try:
+        async with client_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.unary_unary("/test.Peers/Who")
+            for _ in range(30):  # three seconds of calls, one every 0.1 s
+                assert await call(b"x", timeout=5) == b"x"
+                await asyncio.sleep(0.1)
+    finally:
+        await server.stop(grace=0)
+
+    assert len(set(peers)) > 1, f"every call came over one connection: {set(peers)}"
