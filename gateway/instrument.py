@@ -4,6 +4,7 @@ and the /metrics endpoint on the API's own port."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import FastAPI, Response
@@ -38,6 +39,9 @@ def _route(router: Router, scope: Scope) -> str:
     return "unmatched"
 
 
+log = logging.getLogger(__name__)
+
+
 class _Measured:
     """Plain ASGI middleware rather than `@app.middleware("http")`: Starlette's
     BaseHTTPMiddleware runs each request through an extra task and memory streams."""
@@ -64,6 +68,11 @@ class _Measured:
         with TRACER.start_as_current_span(f"HTTP {method}", context=parent, kind=SpanKind.SERVER) as span:
             try:
                 await self.app(scope, receive, sending)
+            except Exception:
+                # Logged here, while the request's span is current, so the line carries its trace
+                # id; the catch-all handler that answers 500 runs outside this middleware.
+                log.exception("unhandled error on %s", scope.get("path", ""))
+                raise
             finally:
                 route = _route(self.router, scope)
                 span.update_name(f"{method} {route}")

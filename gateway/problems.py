@@ -217,5 +217,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
+        # Logged (with its trace id) by the instrumentation middleware it passed through.
         return _response(Problem(500, "internal", "Internal error", "an unexpected error; it is logged"), request)

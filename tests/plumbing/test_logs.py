@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from gateway.app import create_app
+from pointmesh.config import load_settings
 from pointmesh.logs import configure_logging
 from pointmesh.telemetry import setup_telemetry, tracer
 
@@ -60,3 +68,30 @@ def test_unknown_format_or_level_is_refused() -> None:
         configure_logging("x", "INFO", "xml")
     with pytest.raises(ValueError, match="level"):
         configure_logging("x", "LOUD", "json")
+
+
+def test_the_gateways_unhandled_error_line_carries_the_requests_trace_id(
+    restore_root_logger: None, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The error most worth following to its trace: the 500's log line is written while the
+    request's span is current (the catch-all handler runs outside it)."""
+    setup_telemetry("plumbing-tests", None)
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = load_settings({}, data_dir=tmp_path, member_token_secret="x" * 40, redis_url="redis://127.0.0.1:1/0")
+    app = create_app(settings)
+
+    @app.get("/v1/boom")
+    async def boom() -> None:
+        raise RuntimeError("kaput")
+
+    configure_logging("gateway", "INFO", "json")
+    answered = TestClient(app, raise_server_exceptions=False).get("/v1/boom")
+
+    assert answered.status_code == 500
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    crashes = [line for line in lines if line["msg"].startswith("unhandled error")]
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "GET /v1/boom"]
+    assert [c.get("trace_id") for c in crashes] == [f"{span.context.trace_id:032x}"]
