@@ -88,7 +88,7 @@ class JsonLinesExporter(SpanExporter):
 
 
 def _otlp_exporter() -> SpanExporter | None:
-    """Loads the OTLP exporter only if installed, because it is an optional deployment dependency."""
+    """The OTLP exporter: gRPC ships with pointmesh; OTLP over HTTP needs its package installed."""
     http = os.environ.get(OTLP_PROTOCOL_ENV, "grpc").startswith("http")
     module_name = (
         "opentelemetry.exporter.otlp.proto.http.trace_exporter"
