@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import sqlite3
 import threading
@@ -18,11 +19,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ledger_svc.domain import is_valid_name
+
 SCOPES = (
     "members:read", "members:write", "purchases:write", "redemptions:write", "transfers:write",
     "program:read", "ops:read", "ops:write", "legacy:write", "admin",
 )  # fmt: skip
 CACHE_SECONDS = 5.0
+# Every key id is secrets.token_hex(6); anything else names no key and is refused unread.
+_KEY_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+_NAME_RULE = "1..64 letters, digits and _.:-, starting with a letter or digit"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -60,8 +66,8 @@ class KeyStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
-        self._hashes: dict[str, str] = {}
+        # Only keys that exist are cached (bounded by the table); a miss is looked up again.
+        self._cache: dict[str, tuple[float, ApiKey, str]] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -71,6 +77,12 @@ class KeyStore:
         unknown = [s for s in scopes if s not in SCOPES]
         if unknown or not scopes:
             raise KeyRequestError(f"unknown scopes {unknown}; choose from {list(SCOPES)}")
+        # The ledger's name rule: a key whose channel or stores break it signs nothing the ledger takes.
+        if not is_valid_name(channel):
+            raise KeyRequestError(f"channel {channel!r} is not a valid name ({_NAME_RULE})")
+        bad = [store for store in stores if not is_valid_name(store)]
+        if bad:
+            raise KeyRequestError(f"store ids {bad} are not valid names ({_NAME_RULE})")
         key_id = secrets.token_hex(6)
         plaintext = f"pmk_{key_id}_{secrets.token_urlsafe(24)}"
         record = ApiKey(key_id, channel, tuple(stores), tuple(scopes), label, datetime.now(UTC), None)
@@ -105,6 +117,8 @@ class KeyStore:
         if len(parts) < 3 or parts[0] != "pmk":
             return None
         key_id = parts[1]
+        if not _KEY_ID_RE.match(key_id):
+            return None
         now = time.monotonic()
         cached = self._cache.get(key_id)
         if cached is None or now - cached[0] > CACHE_SECONDS:
@@ -114,13 +128,15 @@ class KeyStore:
                     "WHERE key_id=?",
                     (key_id,),
                 ).fetchone()
-            cached = (now, None if row is None else _record(row[:7]))
-            self._hashes[key_id] = row[7] if row is not None else ""
+            if row is None:
+                self._cache.pop(key_id, None)
+                return None
+            cached = (now, _record(row[:7]), row[7])
             self._cache[key_id] = cached
-        record = cached[1]
-        if record is None or record.revoked_at is not None:
+        _, record, key_hash = cached
+        if record.revoked_at is not None:
             return None
-        return record if hmac.compare_digest(self._hashes.get(key_id, ""), _hash(presented)) else None
+        return record if hmac.compare_digest(key_hash, _hash(presented)) else None
 
 
 def _record(row: tuple[str, str, str, str, str, str, str | None]) -> ApiKey:

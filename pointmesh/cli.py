@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -12,22 +14,78 @@ import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from pointmesh import cli_events, heap
 from pointmesh.cassandra_server import CassandraServer
-from pointmesh.config import ConfigError, Settings, load_settings
+from pointmesh.config import MIN_CHURN_TRAIN_MEMBERS, MIN_FRAUD_TRAIN_ROWS, Settings, settings_or_exit
 from pointmesh.logs import configure_logging
 from pointmesh.redis_server import RedisServer, ensure_redis_binary
+
+if TYPE_CHECKING:
+    from ledger_svc.store.base import LedgerStore
 
 T = TypeVar("T")
 
 
 def _settings() -> Settings:
+    return settings_or_exit()
+
+
+# Exit code of a command that found the ledger (or what it needs) unavailable: run it again later.
+UNAVAILABLE = 75
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the Cassandra ledger does not answer now", not a bug."""
+    from cassandra import OperationTimedOut
+    from cassandra.cluster import NoHostAvailable
+
+    from ledger_svc.domain import Unavailable
+
+    return NoHostAvailable, OperationTimedOut, Unavailable
+
+
+def _unavailable(label: str, settings: Settings, exc: BaseException) -> int:
+    where = f" at {settings.cassandra_contact_points}" if settings.store == "cassandra" else ""
+    print(f"{label}: the ledger store{where} is unavailable ({exc}); run it again later", file=sys.stderr)
+    return UNAVAILABLE
+
+
+def _open_store(settings: Settings) -> LedgerStore:
+    """open_store, with a ledger written with another shard count reported as the message it is."""
+    from ledger_svc.app import open_store
+    from ledger_svc.store.cassandra import LayoutMismatch
+
     try:
-        return load_settings()
-    except ConfigError as exc:
-        raise SystemExit(f"configuration error: {exc}") from exc
+        return open_store(settings)
+    except LayoutMismatch as exc:
+        raise SystemExit(f"ledger: {exc}") from None
+    except RuntimeError as exc:
+        if "POINTMESH_LEDGER_SHARDS" not in str(exc):
+            raise
+        raise SystemExit(f"ledger: {exc}") from None
+
+
+def _no_ledger_guard(settings: Settings, what: str) -> None:
+    """Opening the SQLite store where there is no ledger would create an empty one (a typo in
+    POINTMESH_DATA_DIR would then "reconcile" or "export" nothing and say so)."""
+    from ledger_svc.app import sqlite_dir
+    from ledger_svc.store.sqlite import SqliteLedgerStore
+
+    if settings.store == "sqlite" and not SqliteLedgerStore.holds_ledger(sqlite_dir(settings)):
+        raise SystemExit(f"no ledger in {settings.data_dir} (POINTMESH_DATA_DIR); {what}")
+
+
+def _read_text(path: str, label: str) -> str:
+    """A UTF-8 file a command was given, or SystemExit with why it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as source:
+            return source.read()
+    except OSError as exc:
+        raise SystemExit(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SystemExit(f"{label}: {path} is not UTF-8 text (byte {exc.start + 1})") from None
 
 
 def _positive(value: str) -> int:
@@ -89,10 +147,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
     """Exit 0: zero differences; 1: differences left for a person; 75: ledger unavailable."""
-    from ledger_svc.app import open_store
     from ledger_svc.reconcile import reconcile
 
     settings = _settings()
+    _no_ledger_guard(settings, "nothing reconciled")
     settled = True
     if args.settlement:
         code = _settle(args, settings)
@@ -101,7 +159,7 @@ def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
         settled = code == 0
 
     async def run() -> int:
-        store = open_store(settings)
+        store = _open_store(settings)
         try:
             report = await reconcile(store)
         finally:
@@ -114,7 +172,10 @@ def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
         print("reconcile: OK, zero differences" if report.ok else f"reconcile: {len(report.differences)} differences")
         return 0 if report.ok and settled else 1
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except _unavailable_errors() as exc:
+        return _unavailable("reconcile", settings, exc)
 
 
 def _legacy_file(
@@ -203,11 +264,16 @@ def cmd_ledger_migrate(_: argparse.Namespace) -> int:
     from pointmesh.cassandra_client import connect
 
     settings = _settings()
-    cluster, session = connect(settings)
     try:
-        applied = migrate(session, settings.cassandra_keyspace, settings.cassandra_replication)
-    finally:
-        cluster.shutdown()
+        cluster, session = connect(settings)
+        try:
+            applied = migrate(session, settings.cassandra_keyspace, settings.cassandra_replication)
+        finally:
+            cluster.shutdown()
+    except _unavailable_errors() as exc:
+        print(f"migrate: Cassandra at {settings.cassandra_contact_points} is unavailable ({exc}); run it again later",
+              file=sys.stderr)  # fmt: skip
+        return UNAVAILABLE
     done = ", ".join(map(str, applied)) if applied else "none needed"
     print(f"migrate: keyspace {settings.cassandra_keyspace} at schema version {LATEST} (applied: {done})")
     return 0
@@ -215,11 +281,10 @@ def cmd_ledger_migrate(_: argparse.Namespace) -> int:
 
 def cmd_ledger_backfill(_: argparse.Namespace) -> int:
     """After upgrading a Cassandra ledger from a release before 2026-12-05 (docs/cassandra.md)."""
-    from ledger_svc.app import open_store
     from ledger_svc.store.cassandra import CassandraLedgerStore
 
     async def run() -> int:
-        store = open_store(_settings())
+        store = _open_store(_settings())
         try:
             if not isinstance(store, CassandraLedgerStore):
                 print("backfill: nothing to do on SQLite (a shard file is upgraded when it is opened)")
@@ -235,9 +300,7 @@ def cmd_ledger_backfill(_: argparse.Namespace) -> int:
 
 
 def cmd_ledger_export(args: argparse.Namespace) -> int:
-    from ledger_svc.app import open_store, sqlite_dir
     from ledger_svc.export import export_csv
-    from ledger_svc.store.sqlite import SqliteLedgerStore
 
     settings = _settings()
     # A bare date is midnight where finance counts the day (--timezone), not in UTC: a posting
@@ -245,26 +308,28 @@ def cmd_ledger_export(args: argparse.Namespace) -> int:
     start, end = (t if t.tzinfo else t.replace(tzinfo=args.timezone) for t in (args.start, args.end))
     if end <= start:
         raise SystemExit(f"--to ({end.isoformat()}) must be later than --from ({start.isoformat()})")
-    if settings.store == "sqlite" and not SqliteLedgerStore.holds_ledger(sqlite_dir(settings)):
-        # Opening the store would create an empty ledger there and report nothing outstanding.
-        raise SystemExit(f"no ledger in {settings.data_dir} (POINTMESH_DATA_DIR); nothing exported")
+    # Opening the store would create an empty ledger there and report nothing outstanding.
+    _no_ledger_guard(settings, "nothing exported")
 
     async def run(out: TextIO) -> int:
-        store = open_store(settings)
+        store = _open_store(settings)
         try:
             return await export_csv(store, start, end, out)
         finally:
             await store.close()
 
-    if args.out == "-":
-        asyncio.run(run(sys.stdout))
-        return 0
     try:
-        out = open(args.out, "w", newline="")  # noqa: SIM115 (closed below; opened first to fail early)
-    except OSError as exc:
-        raise SystemExit(f"cannot write {args.out}: {exc.strerror}") from None
-    with out:
-        rows = asyncio.run(run(out))
+        if args.out == "-":
+            asyncio.run(run(sys.stdout))
+            return 0
+        try:
+            out = open(args.out, "w", newline="")  # noqa: SIM115 (closed below; opened first to fail early)
+        except OSError as exc:
+            raise SystemExit(f"cannot write {args.out}: {exc.strerror}") from None
+        with out:
+            rows = asyncio.run(run(out))
+    except _unavailable_errors() as exc:
+        return _unavailable("export", settings, exc)
     print(f"wrote {rows} rows to {args.out}", file=sys.stderr)
     return 0
 
@@ -276,7 +341,15 @@ def cmd_demo(_: argparse.Namespace) -> int:
     path = demo_key_path(settings)
     if not path.exists():
         raise SystemExit(f"demo: no demo key at {path}; start the platform with `make up` first")
-    asyncio.run(run_demo(f"http://{settings.gateway_addr}", path.read_text().strip()))
+    import httpx
+
+    url = f"http://{settings.gateway_addr}"
+    try:
+        asyncio.run(run_demo(url, path.read_text().strip()))
+    except httpx.TransportError as exc:
+        print(f"demo: no answer from the gateway at {url} ({exc or type(exc).__name__}); "
+              "is `pointmesh up` running at that address?", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
@@ -284,8 +357,7 @@ def cmd_rules_validate(args: argparse.Namespace) -> int:
     """Checks a program file offline, printing every problem with its field path."""
     from rules_svc.program import ProgramInvalid, load_program
 
-    with open(args.file) as source:
-        text = source.read()
+    text = _read_text(args.file, "rules validate")
     try:
         program = load_program(text, fmt="json" if args.file.endswith(".json") else "yaml")
     except ProgramInvalid as exc:
@@ -301,6 +373,7 @@ def cmd_rules_publish(args: argparse.Namespace) -> int:
     from rules_svc.client import publish_file
 
     settings = _settings()
+    _read_text(args.file, "rules publish")  # fails here, with the reason, before any call
     return asyncio.run(publish_file(settings.rules_addr, args.file, args.effective_from, args.key, args.by))
 
 
@@ -309,6 +382,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fraud_svc.app import models_dir
     from fraud_svc.training import train_churn, train_fraud
 
+    least = MIN_FRAUD_TRAIN_ROWS if args.model == "fraud" else MIN_CHURN_TRAIN_MEMBERS
+    if args.rows < least:
+        print(f"{args.model} train: --rows must be at least {least} (got {args.rows}): fewer leave too little "
+              "held-out data to evaluate the model on", file=sys.stderr)  # fmt: skip
+        return 2
     settings = _settings()
     out = Path(args.out) if args.out else models_dir(settings)
     if args.model == "fraud":
@@ -438,18 +516,60 @@ def _local_cassandra(settings: Settings) -> CassandraServer | None:
     return node if started else None
 
 
+def _lock_data_dir(settings: Settings) -> int | None:
+    """An exclusive lock on DATA_DIR/up.lock for as long as this `up` runs (the kernel drops it
+    when the process ends, however it ends); None when another `up` holds it. Two `up`s on one
+    data dir would share the Redis append-only file and the SQLite shards, and the second would
+    revoke the first one's demo key."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.data_dir / "up.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by the children (PEP 446)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        print(f"pointmesh up: another `pointmesh up` is using {settings.data_dir} (pid {holder})", file=sys.stderr)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    """Starts a private redis-server and every service as child processes; Ctrl-C stops all."""
+    """Starts a private redis-server and every service as child processes; Ctrl-C stops all.
+
+    Exit 0 once stopped on request (Ctrl-C, SIGTERM, SIGHUP); 1 when a service exited on its own
+    or the platform could not start."""
     settings = _settings()
+    lock = _lock_data_dir(settings)
+    if lock is None:
+        return 1
+    try:
+        return _up(args, settings)
+    finally:
+        os.close(lock)
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging("up", settings.log_level, "text")
-    ensure_redis_binary()
     store = getattr(args, "store", None) or settings.store
-    node = _local_cassandra(settings) if store == "cassandra" else None
+    node = None
     redis = RedisServer(settings.redis_port, settings.data_dir / "redis")
-    redis.start()
+    try:
+        ensure_redis_binary()
+        node = _local_cassandra(settings) if store == "cassandra" else None
+        redis.start()
+    except (RuntimeError, TimeoutError) as exc:
+        # Another redis-server answering our port, a redis-server that would not start, none installed.
+        print(f"pointmesh up: {exc}", file=sys.stderr)
+        if node is not None:
+            node.stop()
+        return 1
     env = {**os.environ, "POINTMESH_REDIS_URL": redis.url, "POINTMESH_STORE": store}
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
+    failed = False
 
     def request_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -457,25 +577,29 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    # A closed terminal hangs up `up` and its process group. The services inherit SIGHUP ignored
+    # (an ignored signal stays ignored across exec) so that they are stopped here, in order and
+    # drained, like on SIGTERM; redis-server runs in its own session and is stopped last.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         for name, argv in SERVICES.items():
             children[name] = subprocess.Popen([sys.executable, "-m", "pointmesh.cli", *argv], env=env)
+        signal.signal(signal.SIGHUP, request_stop)
         demo_key = _demo_key(settings)
         url = f"http://{settings.gateway_addr}"
-        print(
+        _say(
             f"pointmesh up: redis on {redis.url}, ledger on {settings.ledger_addr}, rules on {settings.rules_addr}, "
             f"fraud on {settings.fraud_addr}\n"
             f"  gateway   {url}   (API docs: {url}/docs)\n"
             f"  demo key  {demo_key}\n"
             f"  try:      curl -H 'Authorization: Bearer {demo_key}' {url}/v1/program\n"
-            "Ctrl-C stops everything",
-            flush=True,
+            "Ctrl-C stops everything"
         )
         while not stopping:
             for name, child in children.items():
-                if child.poll() is not None:
-                    print(f"pointmesh up: {name} exited with {child.returncode}; stopping", file=sys.stderr)
-                    stopping = True
+                if child.poll() is not None and not stopping:
+                    _say(f"pointmesh up: {name} exited with {child.returncode}; stopping", sys.stderr)
+                    stopping = failed = True
             time.sleep(0.2)
     finally:
         for child in children.values():
@@ -489,8 +613,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis.stop()
         if node is not None:
             node.stop()
-    print("pointmesh up: stopped", flush=True)
-    return 0
+    _say("pointmesh up: stopped" + (" (a service failed)" if failed else ""))
+    return 1 if failed else 0
+
+
+def _say(text: str, stream: TextIO | None = None) -> None:
+    """Prints, surviving a terminal that is gone (after a hang-up a write fails with EIO)."""
+    with contextlib.suppress(OSError):
+        print(text, file=stream or sys.stdout, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

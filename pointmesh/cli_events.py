@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from pointmesh.cassandra_server import CassandraServer
-from pointmesh.config import load_settings
+from pointmesh.config import settings_or_exit
 from pointmesh.events import INGEST_PURCHASES, TOPICS, OutgoingEvent, dead_letter_topic, open_bus
 from pointmesh.kafka_server import KafkaServer
 from pointmesh.redrive import Redriven, redrive
@@ -42,7 +42,7 @@ def _dev_server(action: str, name: str, server: KafkaServer | CassandraServer, e
 
 def cmd_dev_kafka(args: argparse.Namespace) -> int:
     """The dev broker listens where POINTMESH_KAFKA_BOOTSTRAP points; its controller one port up."""
-    settings = load_settings()
+    settings = settings_or_exit()
     port = _loopback_port("KAFKA_BOOTSTRAP", settings.kafka_bootstrap)
     server = KafkaServer(settings.data_dir / "kafka", port, port + 1)
     return _dev_server(args.action, "kafka", server, server.bootstrap)
@@ -50,30 +50,42 @@ def cmd_dev_kafka(args: argparse.Namespace) -> int:
 
 def cmd_dev_cassandra(args: argparse.Namespace) -> int:
     """CQL where POINTMESH_CASSANDRA_CONTACT_POINTS points; storage and JMX one and two ports up."""
-    settings = load_settings()
+    settings = settings_or_exit()
     cql = _loopback_port("CASSANDRA_CONTACT_POINTS", settings.cassandra_contact_points)
     server = CassandraServer(settings.data_dir / "cassandra", cql, cql + 1, cql + 2)
     return _dev_server(args.action, "cassandra", server, server.contact_point)
 
 
 def cmd_topics_create(_: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = settings_or_exit()
     topics = [*TOPICS, *(dead_letter_topic(t) for t in TOPICS)]
 
-    async def run() -> None:
+    async def run() -> str | None:
+        """None once the topics exist, else why the bus could not be reached."""
         bus = open_bus(settings)
         try:
+            # Redis makes a stream on first write, so ensure_topics there asks nothing of it:
+            # without this a bus nobody can reach would be reported ready.
+            try:
+                await bus.ping()
+            except Exception as exc:  # any failure to reach the bus is reported, not traced
+                return str(exc) or type(exc).__name__
             await bus.ensure_topics(topics)
+            return None
         finally:
             await bus.close()
 
-    asyncio.run(run())
+    unreachable = asyncio.run(run())
+    if unreachable is not None:
+        where = settings.redis_url if settings.event_bus == "redis" else settings.kafka_bootstrap
+        print(f"{settings.event_bus}: cannot reach the event bus at {where}: {unreachable}", file=sys.stderr)
+        return 1
     print(f"{settings.event_bus}: topics ready: {', '.join(topics)}")
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = settings_or_exit()
 
     async def run() -> None:
         bus = open_bus(settings)
@@ -93,7 +105,7 @@ def cmd_redrive(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print("--limit: must be at least 1", file=sys.stderr)
         return 2
-    settings = load_settings()
+    settings = settings_or_exit()
 
     async def run() -> Redriven:
         bus = open_bus(settings)
@@ -112,12 +124,17 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
 def cmd_ingest_produce(args: argparse.Namespace) -> int:
     """Each line is a RecordPurchaseRequest in protobuf JSON; bad lines are reported, not sent."""
-    settings = load_settings()
+    settings = settings_or_exit()
     events: list[OutgoingEvent] = []
     bad = 0
     # Read as bytes and decoded line by line: a line that is not UTF-8 is one bad line, reported
     # with its number like the others, not a traceback that sends nothing.
-    with open(args.file, "rb") as lines:
+    try:
+        lines = open(args.file, "rb")  # noqa: SIM115 (closed below; opened first to fail with the reason)
+    except OSError as exc:
+        print(f"{args.file}: cannot read it: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    with lines:
         for number, raw in enumerate(lines, 1):
             try:
                 line = raw.decode("utf-8")

@@ -5,13 +5,21 @@ Defaults run everything on one laptop; docs/configuration.md lists every variabl
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pointmesh.logs import FORMATS as LOG_FORMATS
+
 PREFIX = "POINTMESH_"
+# Smallest generated data a model is trained on: below it the holdout has too few cases to
+# evaluate or set thresholds with (`pointmesh fraud|churn train --rows`, DEFAULT_MODEL_ROWS).
+MIN_FRAUD_TRAIN_ROWS = 4_000
+MIN_CHURN_TRAIN_MEMBERS = 2_000
 # Anyone can read it here, so anyone can sign a webhook with it: set POINTMESH_WEBHOOK_SECRET.
 DEV_WEBHOOK_SECRET = "pointmesh-dev-webhook-secret"
 
@@ -172,6 +180,45 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     return settings
 
 
+def settings_or_exit() -> Settings:
+    """Settings for a command-line entry point: a bad value ends the process with its message
+    (naming the variable), not a traceback."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from exc
+
+
+# Deadlines, lifetimes and intervals: a finite number of seconds above zero (NaN compares
+# false with everything, so a bare `<= 0` check lets it through).
+_POSITIVE_SECONDS = (
+    "member_token_ttl_seconds", "gateway_deadline_seconds", "rules_reload_seconds", "fraud_deadline_seconds",
+    "rules_deadline_seconds", "batch_deadline_seconds", "hold_timeout_seconds", "hold_max_timeout_seconds",
+    "maintenance_interval_seconds", "outbox_poll_seconds", "cassandra_request_timeout_seconds",
+    "cache_ttl_seconds", "redis_timeout_seconds",
+)  # fmt: skip
+# Zero has a meaning here (off / no drain), so zero or more.
+_NON_NEGATIVE_SECONDS = ("reconcile_interval_seconds", "grace_seconds")
+# 0 turns the metrics port off.
+_PORTS_OR_OFF = ("ledger_metrics_port", "rules_metrics_port", "fraud_metrics_port")
+# Listen and call addresses; port 0 on a listen address is "any free port".
+_ADDRESSES = ("ledger_addr", "rules_addr", "fraud_addr", "gateway_addr")
+_AT_LEAST_ONE = ("live_queue_max", "event_stream_maxlen", "event_partitions", "event_replication")
+_DAYS = ("expiry_days", "live_history_days")
+
+
+def _var(name: str) -> str:
+    return f"{PREFIX}{name.upper()}"
+
+
+def _host_port(name: str, value: str, *, port_zero: bool) -> None:
+    """`host:port` (IPv6 hosts in brackets); raises ConfigError naming the variable otherwise."""
+    host, colon, port = value.strip().rpartition(":")
+    lowest = 0 if port_zero else 1
+    if not colon or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ConfigError(f"{_var(name)}={value!r}: expected host:port with a port in {lowest}..65535")
+
+
 def _validate(s: Settings) -> None:
     if s.ledger_shards < 1:
         raise ConfigError(f"{PREFIX}LEDGER_SHARDS must be >= 1, got {s.ledger_shards}")
@@ -196,9 +243,53 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"{PREFIX}CASSANDRA_SERIAL_CONSISTENCY must be LOCAL_SERIAL or SERIAL")
     if s.event_bus not in {"redis", "kafka"}:
         raise ConfigError(f"{PREFIX}EVENT_BUS must be redis or kafka, got {s.event_bus!r}")
-    if s.fraud_deadline_seconds <= 0:
-        raise ConfigError(f"{PREFIX}FRAUD_DEADLINE_SECONDS must be positive")
-    if s.batch_deadline_seconds <= 0:
-        raise ConfigError(f"{PREFIX}BATCH_DEADLINE_SECONDS must be positive")
     if not 0 <= s.sqlite_group_window_ms <= 50:
         raise ConfigError(f"{PREFIX}SQLITE_GROUP_WINDOW_MS must be between 0 and 50")
+    _validate_bounds(s)
+
+
+def _validate_bounds(s: Settings) -> None:
+    for name in _POSITIVE_SECONDS:
+        value = getattr(s, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{_var(name)} must be a finite number of seconds above 0, got {value!r}")
+    for name in _NON_NEGATIVE_SECONDS:
+        value = getattr(s, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{_var(name)} must be a finite number of seconds, 0 or more, got {value!r}")
+    if s.hold_timeout_seconds > s.hold_max_timeout_seconds:
+        raise ConfigError(
+            f"{_var('hold_timeout_seconds')} ({s.hold_timeout_seconds}) must not exceed "
+            f"{_var('hold_max_timeout_seconds')} ({s.hold_max_timeout_seconds})"
+        )
+    if not 1 <= s.redis_port <= 65535:
+        raise ConfigError(f"{_var('redis_port')} must be a port in 1..65535, got {s.redis_port}")
+    for name in _PORTS_OR_OFF:
+        if not 0 <= getattr(s, name) <= 65535:
+            raise ConfigError(f"{_var(name)} must be a port in 0..65535 (0: off), got {getattr(s, name)}")
+    for name in _ADDRESSES:
+        _host_port(name, getattr(s, name), port_zero=True)
+    if s.rules_leader_addr:
+        _host_port("rules_leader_addr", s.rules_leader_addr, port_zero=False)
+    for name in ("kafka_bootstrap", "cassandra_contact_points"):
+        for part in getattr(s, name).split(","):
+            _host_port(name, part, port_zero=False)
+    if len({p.strip().rpartition(":")[2] for p in s.cassandra_contact_points.split(",")}) != 1:
+        raise ConfigError(
+            f"{_var('cassandra_contact_points')}={s.cassandra_contact_points!r}: nodes must share one port"
+        )
+    for name in _AT_LEAST_ONE:
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{_var(name)} must be at least 1, got {getattr(s, name)}")
+    for name in _DAYS:
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{_var(name)} must be 0 or more days, got {getattr(s, name)}")
+    if s.fraud_large_redemption_points < 0:
+        raise ConfigError(f"{_var('fraud_large_redemption_points')} must be 0 or more")
+    if s.default_model_rows < MIN_FRAUD_TRAIN_ROWS:
+        raise ConfigError(f"{_var('default_model_rows')} must be at least {MIN_FRAUD_TRAIN_ROWS}")
+    if s.log_level.upper() not in logging.getLevelNamesMapping():
+        levels = ", ".join(sorted(logging.getLevelNamesMapping()))
+        raise ConfigError(f"{_var('log_level')}={s.log_level!r}: expected one of {levels}")
+    if s.log_format not in LOG_FORMATS:
+        raise ConfigError(f"{_var('log_format')}={s.log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
