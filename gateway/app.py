@@ -25,7 +25,7 @@ from gateway import openapi, problems
 from gateway.auth import MemberTokens, member_token_secret
 from gateway.deps import Gateway
 from gateway.instrument import instrument
-from gateway.keys import KeyStore
+from gateway.keys import KeyStore, RedisKeyRecords
 from gateway.live import LiveHub
 from gateway.routes import backoffice, game, health, legacy, live, members, ops, points, program, purchases
 from pointmesh import heap
@@ -91,6 +91,9 @@ def bounded_body(app: ASGIApp) -> ASGIApp:
 
 
 def key_store(settings: Settings) -> KeyStore:
+    """The API keys every replica must agree on: Redis when several gateways serve (Kubernetes)."""
+    if settings.gateway_key_store == "redis":
+        return KeyStore(RedisKeyRecords(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds))
     return KeyStore(settings.data_dir / "gateway" / "keys.db")
 
 

@@ -3,6 +3,10 @@
 A key looks like `pmk_<id>_<secret>`; only SHA-256 of the whole key is stored, so a leaked
 database does not leak keys. The id part finds the row without scanning. Gateways cache a
 verified key for a few seconds, so a revocation takes effect within that time on every process.
+
+The records live in SQLite under the data dir (one machine: `pointmesh up`), or in Redis
+(POINTMESH_GATEWAY_KEY_STORE=redis), which every gateway replica shares: on Kubernetes a key
+created in one pod must be known to all of them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
+
+from redis import Redis as SyncRedis
 
 from ledger_svc.domain import is_valid_name
 
@@ -59,18 +66,115 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class KeyStore:
+# A record: key_id, channel, stores (JSON), scopes (JSON), label, created_at, revoked_at, key_hash.
+Row = tuple[str, str, str, str, str, str, str | None, str]
+
+
+class KeyRecords(Protocol):
+    """Where the hashed key records are kept."""
+
+    def insert(self, row: Row) -> None: ...
+    def revoke(self, key_id: str, at: str) -> bool:
+        """Marks an active key revoked; False when there is no active key of that id."""
+        ...
+
+    def rows(self) -> list[Row]: ...
+    def get(self, key_id: str) -> Row | None: ...
+    def close(self) -> None: ...
+
+
+class SqliteKeyRecords:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
-        # Only keys that exist are cached (bounded by the table); a miss is looked up again.
-        self._cache: dict[str, tuple[float, ApiKey, str]] = {}
+
+    def insert(self, row: Row) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO api_keys VALUES (?,?,?,?,?,?,?,?)", _sqlite_order(row))
+
+    def revoke(self, key_id: str, at: str) -> bool:
+        with self._lock:
+            return bool(
+                self._db.execute(
+                    "UPDATE api_keys SET revoked_at=? WHERE key_id=? AND revoked_at IS NULL", (at, key_id)
+                ).rowcount
+            )
+
+    def rows(self) -> list[Row]:
+        with self._lock:
+            found = self._db.execute(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
+        return [tuple(r) for r in found]  # type: ignore[misc]
+
+    def get(self, key_id: str) -> Row | None:
+        with self._lock:
+            found = self._db.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id=?", (key_id,)).fetchone()
+        return None if found is None else tuple(found)  # type: ignore[return-value]
 
     def close(self) -> None:
         self._db.close()
+
+
+_COLUMNS = "key_id, channel, stores, scopes, label, created_at, revoked_at, key_hash"
+
+
+def _sqlite_order(row: Row) -> tuple[object, ...]:
+    """The table's column order: key_id, key_hash, channel, stores, scopes, label, created_at, revoked_at."""
+    return (row[0], row[7], row[1], row[2], row[3], row[4], row[5], row[6])
+
+
+# Revokes atomically: only an active key, so two revocations cannot both succeed.
+_REVOKE = """
+local found = redis.call('HGET', KEYS[1], ARGV[1])
+if not found then return 0 end
+local row = cjson.decode(found)
+if row[7] ~= cjson.null then return 0 end
+row[7] = ARGV[2]
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(row))
+return 1
+"""
+
+
+class RedisKeyRecords:
+    """One Redis hash, field key id -> the record as a JSON array, shared by every gateway."""
+
+    def __init__(self, url: str, *, key: str = "pm:gateway:api-keys", timeout_seconds: float = 2.0) -> None:
+        self._redis = SyncRedis.from_url(url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds)
+        self._key = key
+
+    def insert(self, row: Row) -> None:
+        if not self._redis.hsetnx(self._key, row[0], json.dumps(list(row))):
+            raise KeyRequestError(f"key id {row[0]} exists already; create the key again")
+
+    def revoke(self, key_id: str, at: str) -> bool:
+        return bool(self._redis.eval(_REVOKE, 1, self._key, key_id, at))
+
+    def rows(self) -> list[Row]:
+        found = [_row(raw) for raw in self._redis.hvals(self._key)]  # type: ignore[union-attr]
+        return sorted(found, key=lambda r: r[5])
+
+    def get(self, key_id: str) -> Row | None:
+        raw = self._redis.hget(self._key, key_id)
+        return None if raw is None else _row(raw)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def _row(raw: bytes | str) -> Row:
+    return tuple(json.loads(raw))  # type: ignore[return-value]
+
+
+class KeyStore:
+    def __init__(self, records: Path | KeyRecords) -> None:
+        self._records = SqliteKeyRecords(records) if isinstance(records, Path) else records
+        # Only keys that exist are cached (bounded by the records); a miss is looked up again.
+        self._cache: dict[str, tuple[float, ApiKey, str]] = {}
+
+    def close(self) -> None:
+        self._records.close()
 
     def create(self, channel: str, scopes: list[str], stores: list[str], label: str) -> tuple[str, ApiKey]:
         """Returns the plaintext key (shown once) and its record."""
@@ -86,30 +190,17 @@ class KeyStore:
         key_id = secrets.token_hex(6)
         plaintext = f"pmk_{key_id}_{secrets.token_urlsafe(24)}"
         record = ApiKey(key_id, channel, tuple(stores), tuple(scopes), label, datetime.now(UTC), None)
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO api_keys VALUES (?,?,?,?,?,?,?,NULL)",
-                (key_id, _hash(plaintext), channel, json.dumps(stores), json.dumps(scopes), label,
-                 record.created_at.isoformat()),
-            )  # fmt: skip
+        self._records.insert((key_id, channel, json.dumps(stores), json.dumps(scopes), label,
+                              record.created_at.isoformat(), None, _hash(plaintext)))  # fmt: skip
         return plaintext, record
 
     def revoke(self, key_id: str) -> None:
-        with self._lock:
-            changed = self._db.execute(
-                "UPDATE api_keys SET revoked_at=? WHERE key_id=? AND revoked_at IS NULL",
-                (datetime.now(UTC).isoformat(), key_id),
-            ).rowcount
-        if not changed:
+        if not self._records.revoke(key_id, datetime.now(UTC).isoformat()):
             raise KeyRequestError(f"no active key {key_id}")
         self._cache.pop(key_id, None)
 
     def list(self) -> list[ApiKey]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT key_id, channel, stores, scopes, label, created_at, revoked_at FROM api_keys ORDER BY created_at"
-            ).fetchall()
-        return [_record(r) for r in rows]
+        return [_record(r) for r in self._records.rows()]
 
     def verify(self, presented: str) -> ApiKey | None:
         """The active key matching `presented`, or None; constant-time on the secret."""
@@ -122,12 +213,7 @@ class KeyStore:
         now = time.monotonic()
         cached = self._cache.get(key_id)
         if cached is None or now - cached[0] > CACHE_SECONDS:
-            with self._lock:
-                row = self._db.execute(
-                    "SELECT key_id, channel, stores, scopes, label, created_at, revoked_at, key_hash FROM api_keys "
-                    "WHERE key_id=?",
-                    (key_id,),
-                ).fetchone()
+            row = self._records.get(key_id)
             if row is None:
                 self._cache.pop(key_id, None)
                 return None
@@ -139,7 +225,7 @@ class KeyStore:
         return record if hmac.compare_digest(key_hash, _hash(presented)) else None
 
 
-def _record(row: tuple[str, str, str, str, str, str, str | None]) -> ApiKey:
+def _record(row: Row | tuple[str, str, str, str, str, str, str | None]) -> ApiKey:
     return ApiKey(
         row[0], row[1], tuple(json.loads(row[2])), tuple(json.loads(row[3])), row[4], datetime.fromisoformat(row[5]),
         datetime.fromisoformat(row[6]) if row[6] else None,

@@ -53,6 +53,9 @@ class Settings:
     # every gateway. Unset: a secret generated once in DATA_DIR/gateway (one machine only).
     member_token_secret: str = ""
     member_token_ttl_seconds: int = 3600
+    # Where the gateway keeps API keys (hashed): "sqlite" under DATA_DIR/gateway (one machine), or
+    # "redis" at REDIS_URL, shared by every gateway replica (Kubernetes).
+    gateway_key_store: str = "sqlite"
     # Events a websocket may have queued before the gateway drops the slow connection.
     live_queue_max: int = 256
     # Deadline of each gateway -> service call.
@@ -241,6 +244,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"{PREFIX}CASSANDRA_CONSISTENCY must name a Cassandra consistency level")
     if s.cassandra_serial_consistency not in {"LOCAL_SERIAL", "SERIAL"}:
         raise ConfigError(f"{PREFIX}CASSANDRA_SERIAL_CONSISTENCY must be LOCAL_SERIAL or SERIAL")
+    if s.gateway_key_store not in {"sqlite", "redis"}:
+        raise ConfigError(f"{PREFIX}GATEWAY_KEY_STORE must be sqlite or redis, got {s.gateway_key_store!r}")
     if s.event_bus not in {"redis", "kafka"}:
         raise ConfigError(f"{PREFIX}EVENT_BUS must be redis or kafka, got {s.event_bus!r}")
     if not 0 <= s.sqlite_group_window_ms <= 50:
