@@ -439,12 +439,16 @@ class Accrual:
         status = await svc._status(member_id, "member_id")
         if status is MemberStatus.BLOCKED:
             return -1  # earns nothing while blocked; keeps waiting, in case the block is lifted
+        if status is MemberStatus.MERGED:
+            # A merge stopped short of moving the points while this waited (sagas._require_settled):
+            # it earns on the member, and the merge, sent again, moves it with the rest.
+            status = MemberStatus.ACTIVE
         cmd = c.RecordPurchase(
             IdemKey("", ""), record.member_id, record.channel, record.store_id, record.receipt_id, record.total,
             record.lines, record.receipt_time, record.tender_transaction_id,
         )  # fmt: skip
         assert self.engine is not None
-        # Erased (or merged away, which waiting purchases prevent) since it was accepted.
+        # Erased since it was accepted.
         refusal = "" if status is MemberStatus.ACTIVE else f"member {member_id} is {status.value}"
         quote = None
         screening = None

@@ -105,6 +105,11 @@ class MemberNotActive(FailedPrecondition):
     code = "MEMBER_NOT_ACTIVE"
 
 
+# Errors that refuse a request before it wrote anything (a unit raising one rolls back): its
+# idempotency key may be given back. Not Unavailable, where a write may have applied.
+REFUSALS: tuple[type[LedgerError], ...] = (InvalidArgument, NotFound, FailedPrecondition)
+
+
 class IdempotencyConflict(LedgerError):
     code = "IDEMPOTENCY_CONFLICT"
 

@@ -14,7 +14,15 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ledger_svc import commands as c
-from ledger_svc.domain import EarnResult, IdemKey, IdempotencyConflict, LedgerError, ReverseResult, Transaction
+from ledger_svc.domain import (
+    REFUSALS,
+    EarnResult,
+    IdemKey,
+    IdempotencyConflict,
+    LedgerError,
+    ReverseResult,
+    Transaction,
+)
 from ledger_svc.postings import ShardBook
 from ledger_svc.reviews import RedeemResult, redeem_or_hold
 from ledger_svc.store.base import DirectoryTx, ShardTx
@@ -57,7 +65,31 @@ class BatchIngest:
         outcomes = await asyncio.gather(*(self._one(p, p.index in seen) for p in alone), return_exceptions=True)
         for p, outcome in zip(alone, _settled(outcomes), strict=True):
             results[p.index] = outcome
+        await self._give_back_refused(live, seen, results)
         return results
+
+    async def _give_back_refused(self, live: list[_Prepared], seen: set[int], results: list[Any]) -> None:
+        """The keys this batch claimed for items then refused (nothing written), as a single
+        request gives its key back: the corrected item may come again under it. A key named
+        twice in the batch stays, one of its items may have posted."""
+        named: dict[tuple[str, str], int] = {}
+        for p in live:
+            named[(p.command.key.namespace, p.command.key.key)] = (
+                named.get((p.command.key.namespace, p.command.key.key), 0) + 1
+            )
+        refused = [
+            (p.command.key, p.fingerprint)
+            for p in live
+            if p.index not in seen and isinstance(results[p.index], REFUSALS)
+            and named[(p.command.key.namespace, p.command.key.key)] == 1
+        ]  # fmt: skip
+        if refused:
+
+            def unit(d: DirectoryTx) -> None:
+                for key, fp in refused:
+                    d.release_claim(key.namespace, key.key, fp)
+
+            await self.service.store.write_directory(unit)
 
     async def _together(self, prepared: list[_Prepared]) -> list[tuple[int, Any]]:
         """First-time items in as few write units as the store allows: one per shard on

@@ -248,8 +248,10 @@ def accrue(
     A purchase fraud screening denied is stored as REFUSED and earns nothing; one it sent to
     review earns as pending credit with a review item (reviews.py) beside it.
     """
+    lifetime = 0 if quote.expires_at is None else int((quote.expires_at - record.receipt_time).total_seconds())
     if screening is not None and screening.verdict is Verdict.DENY:
-        refused = replace(record, status=PurchaseStatus.REFUSED, screening=screening,
+        # Its tender, given back on a return, lives as long as the program gives points.
+        refused = replace(record, status=PurchaseStatus.REFUSED, screening=screening, lot_lifetime_s=lifetime,
                           status_reason=f"refused by fraud screening: {screening.why}")  # fmt: skip
         save_purchase(book, refused)
         return refused
@@ -266,7 +268,7 @@ def accrue(
         experiment_arms=dict(quote.experiment_arms),
         parts=parts, returned_points=tuple(0 for _ in parts), purchase_number=ordinal, tier_before=quote.tier,
         basket_bonus_on_return=quote.basket_bonus_on_return, base_total=quote.base_total,
-        lot_lifetime_s=0 if quote.expires_at is None else int((quote.expires_at - record.receipt_time).total_seconds()),
+        lot_lifetime_s=lifetime,
     )  # fmt: skip
     txs: dict[str, str] = {}
     for unit, points in record.earned().items():

@@ -340,7 +340,8 @@ def _require_settled(tx: ShardTx, member_id: str) -> None:
     if reviews_open or waiting:
         raise FailedPrecondition(
             f"member {member_id} got {reviews_open} open fraud reviews and {waiting} purchases waiting for the points "
-            "engine while it was being merged; decide them (or let them earn), then send the merge again",
+            "engine while it was being merged; decide them (the waiting ones earn on their own), then send the merge "
+            "again",
             field="source_member_id",
         )
 

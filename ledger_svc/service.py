@@ -27,6 +27,7 @@ from ledger_svc import validation as v
 from ledger_svc.accrual import Accrual, PointsEngine
 from ledger_svc.domain import (
     DEFAULT_FUNDING,
+    REFUSALS,
     Balance,
     EarnResult,
     ExternalId,
@@ -193,7 +194,7 @@ class LedgerService:
             if precheck is not None:
                 await precheck()
             result, _replayed = await self.store.write(shard, self._idempotent_unit(command, fp, result_type, body))
-        except (InvalidArgument, NotFound, FailedPrecondition):
+        except REFUSALS:
             # Refused, and nothing written (the shard unit rolled back): the key goes back, so a
             # corrected retry may use it (a redemption refused for want of points, say). Not
             # after UNAVAILABLE, where the write may have applied.
@@ -228,6 +229,10 @@ class LedgerService:
         key: IdemKey = cmd.key
         record = book.tx.get_idempotency(key.namespace, key.key)
         if record is not None:
+            if record.fingerprint != fp:
+                # The directory claim is the guard; this is its backstop in the shard (a claim
+                # given back by a refused attempt while a retry of it went through).
+                raise IdempotencyConflict(key.namespace, key.key, record.operation, record.created_at)
             return codec.loads(rtype, record.result_json), True
         result = body(book)
         book.tx.put_idempotency(
@@ -264,9 +269,14 @@ class LedgerService:
     async def _status(self, member_id: str, field: str) -> MemberStatus:
         status = self._status_cache.get(member_id)
         if status is None:
-            status = (await self.member(member_id, field)).status
-            self._status_cache.put(member_id, status)
+            status = self._remember(await self.member(member_id, field)).status
         return status
+
+    def _remember(self, member: Member) -> Member:
+        """One directory read refreshes both caches (status and profile lapse together)."""
+        self._status_cache.put(member.member_id, member.status)
+        self._profiles.put(member.member_id, member)
+        return member
 
     async def warm_members(self, member_ids: Iterable[str]) -> None:
         """Loads the members a batch names that the caches miss, in one directory read
@@ -283,8 +293,7 @@ class LedgerService:
         found = await self.store.read_directory(lambda d: [d.get_member(m) for m in missing])
         for member in found:
             if member is not None:
-                self._status_cache.put(member.member_id, member.status)
-                self._profiles.put(member.member_id, member)
+                self._remember(member)
 
     async def member_profile(self, member_id: str) -> dict[str, str]:
         """Segments and attributes the rules may target; profiles only change by erasure."""
@@ -297,8 +306,7 @@ class LedgerService:
         """The member as created (profile, start date): fields that only erasure changes."""
         member = self._profiles.get(member_id)
         if member is None:
-            member = await self.member(member_id)
-            self._profiles.put(member_id, member)
+            member = self._remember(await self.member(member_id))
         return member
 
     async def _require_active(self, member_id: str, field: str = "member_id") -> None:

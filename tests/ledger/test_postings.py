@@ -675,3 +675,43 @@ async def test_a_refused_spend_leaves_its_key_free_for_a_corrected_retry(ledger:
     assert captured.transaction.points == -10
     assert figures(await balance(s, member))["balance"] == 40
     await assert_books_balance(ledger)
+
+
+async def test_a_key_stored_in_the_shard_with_another_payload_is_a_conflict_even_without_its_claim(
+    ledger: LedgerUnderTest,
+) -> None:
+    """The directory claim is the guard; the shard's record is its backstop. A claim can be gone
+    while the shard holds a result under the key (a refused attempt gave it back as a retry of it
+    went through): another payload under that key must still be refused, not answered with the
+    stored result."""
+    from ledger_svc import commands as c
+    from ledger_svc.domain import IdemKey
+
+    svc = ledger.app.service
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100)
+    first = c.Redeem(IdemKey("backstop", "k-1"), member, "points", 50)
+    await svc.redeem(first)
+    await svc.store.write_directory(lambda d: d.release_claim("backstop", "k-1", c.fingerprint(first)))
+
+    await rpc_error(
+        redeem(ledger.stub, member, 10, idempotency_key=key("k-1", "backstop")), grpc.StatusCode.ALREADY_EXISTS
+    )
+    assert figures(await balance(ledger.stub, member))["balance"] == 50
+
+
+async def test_a_spend_refused_in_a_batch_leaves_its_key_free_for_a_corrected_retry(ledger: LedgerUnderTest) -> None:
+    """As for a single request: the redemption refused for want of points posted nothing, so the
+    corrected one may come again under its key, through the batch too."""
+    from ledger_svc import commands as c
+    from ledger_svc.domain import IdemKey, InsufficientPoints
+
+    svc = ledger.app.service
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100)
+    [refused] = await svc.ingest([c.Redeem(IdemKey("batch", "spend-1"), member, "points", 5000)])
+    assert isinstance(refused, InsufficientPoints)
+
+    [(_result, replayed)] = await svc.ingest([c.Redeem(IdemKey("batch", "spend-1"), member, "points", 50)])
+
+    assert not replayed and figures(await balance(ledger.stub, member))["balance"] == 50

@@ -131,3 +131,32 @@ async def test_a_waiting_purchase_earns_nothing_while_its_member_is_blocked_and_
     await s.UnblockMember(ledger_pb2.UnblockMemberRequest(idempotency_key=key(), member_id=kept))
     await settle_all(mesh)
     assert await points(mesh, kept) > 0
+
+
+async def test_a_purchase_waiting_when_a_merge_stopped_short_earns_and_the_merge_sent_again_moves_it(
+    mesh: Mesh,
+) -> None:
+    """The purchase was accepted to wait after the merge's own check, so the write that moves
+    the points stopped the merge (the member stays MERGED). The purchase must still earn, on the
+    member, and the merge sent again carry its points to the target: it was refused as MERGED."""
+    from ledger_svc.domain import FailedPrecondition, MemberStatus
+
+    svc = mesh.ledger.app.service
+    source, target = await new_member(mesh), await new_member(mesh)
+    await mesh.stop_rules()
+    waiting = (await buy(mesh, source, [("misc", 5000, 1)])).purchase
+    assert waiting.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL
+    await svc.store.write_directory(lambda d: d.set_status(source, MemberStatus.MERGED, target))  # as the merge does
+    svc._status_cache.put(source, MemberStatus.MERGED)
+    with pytest.raises(FailedPrecondition, match="waiting for the points engine"):
+        await svc.sagas.complete_merge(source, target)
+    await mesh.restart_rules()
+
+    await settle_all(mesh)
+
+    got = (await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=waiting.purchase_id))).purchase
+    assert got.status == ledger_pb2.PURCHASE_STATUS_EARNED
+    earned = await points(mesh, source)
+    assert earned > 0
+    await svc.sagas.complete_merge(source, target)  # the merge, sent again
+    assert (await points(mesh, target), await points(mesh, source)) == (earned, 0)

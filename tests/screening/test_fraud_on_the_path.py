@@ -609,3 +609,34 @@ async def test_a_review_opened_after_the_merge_checked_stops_the_merge_until_it_
     await svc.sagas.complete_merge(source, target)
     after = await balance(screened.ledger.stub, target)
     assert (after.balance_points, after.pending_points) == (before.balance_points + before.pending_points, 0)
+
+
+async def test_points_paid_for_a_refused_purchase_come_back_living_as_long_as_the_program_says(
+    screened: Screened,
+) -> None:
+    """The DENY branch records the program's lifetime too: under `expiry_days: null` the tender
+    given back never expires (it took the ledger's default, a year)."""
+    never = PROGRAM.read_text().replace("  expiry_days: 365\n", "  expiry_days: null\n")
+    assert never != PROGRAM.read_text()
+    await screened.rules.stub.PublishProgram(rules_pb2.PublishProgramRequest(
+        idempotency_key=common_pb2.IdempotencyKey(key="never-refused"), document=never))  # fmt: skip
+    member = await regular_member(screened, visits=4)
+    assert screened.fraud is not None
+    screened.fraud.service.configure({"blocked_devices": ["dv-never"]})
+    paid = await screened.ledger.stub.Redeem(ledger_pb2.RedeemRequest(idempotency_key=key(), member_id=member,
+                                                                      points=300))  # fmt: skip
+    request = purchase_request(member, [("grocery", 6_000, 1)], at=NOW, receipt=f"never-{member}",
+                               tender=paid.transaction.transaction_id)  # fmt: skip
+    request.context.device_id = "dv-never"
+    refused = (await screened.ledger.stub.RecordPurchase(request)).purchase
+    assert refused.status == ledger_pb2.PURCHASE_STATUS_REFUSED
+    await screened.ledger.stub.RecordReturn(ledger_pb2.RecordReturnRequest(
+        idempotency_key=key(), purchase_id=refused.purchase_id, channel="pos", store_id="HEL-01",
+        lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)]))  # fmt: skip
+
+    screened.clock.set(NOW + timedelta(days=800))
+    await screened.ledger.app.service.run_maintenance()
+
+    # The member's visits, dated by the program in force when they were bought, have expired;
+    # the 300 given back never do.
+    assert (await balance(screened.ledger.stub, member)).balance_points == 300
