@@ -52,26 +52,34 @@ def _log_if_failed(task: asyncio.Task[None]) -> None:
         log.error("live updates stopped", exc_info=task.exception())
 
 
+def body_limit(path: str) -> tuple[int, problems.Problem]:
+    """The most bytes a request to `path` may carry, and what a larger one is told: the legacy
+    upload's own bound (a multipart body, parsed to disk before the caller is authenticated),
+    the webhook's (told as its route tells it, docs/legacy.md: 400, field `body`), else 1 MiB."""
+    if path == "/v1/legacy/imports":
+        return legacy.MAX_UPLOAD_BYTES, problems.too_large(legacy.MAX_UPLOAD_BYTES)
+    if path.startswith("/v1/legacy/webhooks/"):
+        limit = legacy.MAX_WEBHOOK_BYTES
+        return limit, problems.bad_request("body", f"larger than {limit} bytes")
+    return MAX_BODY_BYTES, problems.too_large(MAX_BODY_BYTES)
+
+
 def bounded_body(app: ASGIApp) -> ASGIApp:
-    """Refuses a body past MAX_BODY_BYTES with 413 before the app parses it (FastAPI reads the
-    whole body before any dependency, so before the caller is authenticated): by its
-    Content-Length before reading a byte, or as a chunked body arrives. The legacy upload and
-    webhooks bound their own bodies (gateway/routes/legacy.py)."""
+    """Refuses a body past its path's limit (body_limit) before the app parses it (FastAPI reads
+    the whole body before any dependency, so before the caller is authenticated): by its
+    Content-Length before reading a byte, or as a chunked body arrives. The refusal is sent
+    without closing the connection; the server drops whatever of the body still arrives."""
 
     async def bounded(scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path == "/v1/legacy/imports" or path.startswith("/v1/legacy/webhooks/"):
+        if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        limit, refusal = body_limit(path)
         declared = Headers(scope=scope).get("content-length", "")
         length = declared.lstrip("0") or "0"  # compared by its digits first: int() of any length is not free
-        if (
-            declared.isascii()
-            and declared.isdigit()
-            and (len(length) > len(str(MAX_BODY_BYTES)) or int(length) > MAX_BODY_BYTES)
-        ):
-            problem = problems.too_large(MAX_BODY_BYTES)
-            response = JSONResponse(problem.body(path), problem.status, problem.headers, problems.MEDIA_TYPE)
+        if declared.isascii() and declared.isdigit() and (len(length) > len(str(limit)) or int(length) > limit):
+            response = JSONResponse(refusal.body(path), refusal.status, refusal.headers, problems.MEDIA_TYPE)
             await response(scope, receive, send)
             return
         size = 0
@@ -81,8 +89,10 @@ def bounded_body(app: ASGIApp) -> ASGIApp:
             message = await receive()
             if message["type"] == "http.request":
                 size += len(message.get("body", b""))
-                if size > MAX_BODY_BYTES:
-                    raise problems.BodyTooLarge(MAX_BODY_BYTES)
+                if size > limit:
+                    # FastAPI passes an HTTPException on from its body parsing (any other error
+                    # becomes a 400); the webhook reads its body itself, so its Problem arrives.
+                    raise problems.BodyTooLarge(limit) if refusal.status == 413 else refusal
             return message
 
         await app(scope, counted, send)

@@ -28,8 +28,11 @@ Id = Annotated[str, Field(max_length=MAX_ID_LENGTH)]
 
 
 # RFC 3339's date-time, its offset left optional here so that a time without one is refused by
-# _instant with the reason (it would be read in the host's zone).
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?", re.ASCII)
+# _instant with the reason (it would be read in the host's zone). The date and time may be
+# separated by a space instead of "T" (RFC 3339 section 5.6, the note under the grammar).
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?", re.ASCII)
+# The same without seconds, which RFC 3339 requires (pydantic alone would read it as :00).
+_NO_SECONDS = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}([Zz]|[+-]\d{2}:\d{2})?", re.ASCII)
 
 
 def _rfc3339(value: object) -> object:
@@ -37,6 +40,8 @@ def _rfc3339(value: object) -> object:
     number, or a string of digits, as seconds since the epoch, a guess no client means."""
     if isinstance(value, datetime):
         return value
+    if isinstance(value, str) and _NO_SECONDS.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time: seconds are required, e.g. 2026-11-27T18:31:00+02:00")
     if not isinstance(value, str) or not _RFC3339.fullmatch(value):
         raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-27T18:31:00+02:00")
     return value

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from gateway.routes.legacy import MAX_UPLOAD_BYTES
 from tests.gateway.conftest import GatewayUnderTest
 from tests.gateway.test_api import enrol, idem, problem, purchase_body
 from tests.gateway.test_edges import explain_body, fields_of
@@ -92,6 +93,33 @@ async def test_a_chunked_body_past_the_limit_is_413_as_it_arrives(gw: GatewayUnd
         got = await pos.post("/v1/members", content=small(),
                              headers={"Content-Type": "application/json", **idem()})  # fmt: skip
         assert got.status_code == 201, got.text
+
+
+async def test_an_anonymous_upload_past_its_limit_is_413_before_it_is_read(gw: GatewayUnderTest) -> None:
+    """The legacy upload is bounded by the middleware too, at its own 50 MiB: FastAPI would
+    otherwise parse the whole multipart body to disk before asking who sent it."""
+    boundary = "b0undary"
+    head = (
+        f"POST /v1/legacy/imports?adapter=csv HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+    ).encode()
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.csv"\r\n'
+        f"Content-Type: text/csv\r\n\r\n"
+    ).encode()
+    for declared in (MAX_UPLOAD_BYTES + 1, 10_000_000_000):  # announced, a part of it sent
+        status, headers, body = await _exchange(gw, head + b"Content-Length: %d\r\n\r\n%s" % (declared, part), [])
+        refused = _problem_of(status, headers, body, 413)
+        assert refused["errors"] == [{"field": "body", "detail": f"larger than {MAX_UPLOAD_BYTES} bytes"}]
+    # Chunked, no length announced: refused once the limit is passed, while the sender still sends.
+    chunks = [part] + [b"x" * CHUNK] * (MAX_UPLOAD_BYTES // CHUNK)
+    status, headers, body = await _exchange(gw, head + b"Transfer-Encoding: chunked\r\n\r\n", chunks)
+    _problem_of(status, headers, body, 413)
+    # Past the 1 MiB of other requests but within its own limit: read, and its sender refused.
+    async with gw.client() as anonymous:
+        data = b"x" * (2 * MAX_BODY_BYTES)
+        got = await anonymous.post("/v1/legacy/imports", files={"file": ("x.csv", data, "text/csv")})
+        assert problem(got, 401)["type"].endswith("/unauthenticated")
 
 
 async def test_a_405_names_the_allowed_methods(gw: GatewayUnderTest) -> None:
@@ -182,3 +210,20 @@ async def test_a_number_is_not_a_date_time(gw: GatewayUnderTest) -> None:
             got = await pos.post("/v1/program/explain", json=explain_body(when))
             assert got.status_code == 200, (when, got.text)
         assert (await pos.get(f"/v1/members/{member}/balance")).json()["balance_points"] == 0
+
+
+async def test_a_date_time_may_have_a_space_for_its_t_but_must_have_seconds(gw: GatewayUnderTest) -> None:
+    """RFC 3339 section 5.6 lets a space stand for the "T"; it never lets the seconds go."""
+    async with gw.client("pos") as pos:
+        member = await enrol(pos)
+        spaced = gw.mesh.clock.now().isoformat(sep=" ", timespec="seconds")
+        got = await pos.post("/v1/purchases", json=purchase_body(gw, member, "SP-1", 1000, receipt_time=spaced),
+                             headers=idem())  # fmt: skip
+        assert got.status_code == 201, (spaced, got.text)
+        for when in ("2026-01-05 08:00:00Z", "2026-01-05 08:00:00.5+02:00"):
+            got = await pos.post("/v1/program/explain", json=explain_body(when))
+            assert got.status_code == 200, (when, got.text)
+        for when in ("2026-01-05T08:00Z", "2026-01-05 08:00+02:00"):
+            refused = problem(await pos.post("/v1/program/explain", json=explain_body(when)), 400)
+            assert fields_of(refused) == ["body.receipt_time"], (when, refused)
+            assert "RFC 3339" in refused["detail"] and "seconds are required" in refused["detail"], (when, refused)
