@@ -11,7 +11,9 @@ hold a review or transfer owns has that owner still open, a purchase's credit he
 has its open review, an open review's hold or credit is still there: otherwise the points
 stay reserved or pending for ever, since only the decision settles them); and, on SQLite, every
 transaction recent enough that retention cannot have taken its event still has that event (one
-lost before it was published). Across shards: all accounts together sum to zero, and transit is
+lost before it was published), looking only at the 24 hours up to the shard's newest event
+(store/sqlite.py EVENT_CHECK_WINDOW: a loss older than that is not reported, so an hourly pass
+reads a day of events, not the whole retention period). Across shards: all accounts together sum to zero, and transit is
 empty. The same code runs on every store (the event check only where the store can tell).
 """
 

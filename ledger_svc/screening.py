@@ -148,41 +148,65 @@ class UnavailablePolicy:
         return self.large_redemption if request.points >= self.large_redeem_points else self.redemption
 
 
+MAX_TELL_ATTEMPTS = 20  # a backlog entry fraud_svc keeps failing on is dropped (logged) after this many
+# How fraud_client words a failure that is fraud_svc's, whatever it is asked (down, too slow,
+# overloaded, no model loaded): the outage's, not the entry's, so it does not count against it.
+_NOT_THERE = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION")
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogEntry:
+    """One kept observation and how many times fraud_svc has failed on it."""
+
+    request: ScreeningRequest
+    attempts: int = 0
+
+
 class ObservationBacklog:
     """Observations fraud_svc could not be told, in Redis beside its velocity state (which an
-    outage of Redis loses as well). Bounded: past `limit`, the oldest go (logged)."""
+    outage of Redis loses as well). Bounded: past `limit`, the oldest go (logged).
+
+    Every ledger replica runs the maintenance pass that drains it, so entries are taken with
+    one atomic `LPOP key count` (Redis >= 6.2): two replicas never take the same entry, and
+    an entry taken is either told or put back (RPUSH, at the tail). Order is not kept, and
+    need not be: fraud_svc's velocity state is keyed by each event's own time and counts an
+    event id once, so telling observations out of order (or twice) changes nothing."""
 
     def __init__(self, redis: Redis, *, key: str = "pm:ledger:fraud-observations", limit: int = 200_000) -> None:
         self.redis, self.key, self.limit = redis, key, limit
 
     async def keep(self, request: ScreeningRequest) -> None:
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(self.key, codec.dumps(request))
-                pipe.ltrim(self.key, -self.limit, -1)
-                await pipe.execute()
-        except RedisError:
+        if not await self._push([BacklogEntry(request)]):
             log.warning("fraud_svc and Redis both away: observation %s of %s is lost", request.event_id, request.kind)
 
-    async def oldest(self, limit: int) -> list[ScreeningRequest | None]:
-        """None for an entry that no longer reads as a request (it is dropped, logged)."""
+    async def take(self, count: int) -> list[BacklogEntry]:
+        """Up to `count` entries, removed from the backlog atomically: the caller owns them and
+        must put back the ones it did not tell. An unreadable entry is dropped (logged)."""
         try:
-            raw: list[bytes | str] = await self.redis.lrange(self.key, 0, limit - 1)  # type: ignore[misc]
+            raw: list[bytes | str] | None = await self.redis.lpop(self.key, count)  # type: ignore[misc,assignment]
         except RedisError:
             return []
-        return [_request_of(item) for item in raw]
+        entries = (_entry_of(item) for item in raw or ())
+        return [entry for entry in entries if entry is not None]
 
-    async def drop_oldest(self) -> bool:
+    async def put_back(self, entries: Sequence[BacklogEntry]) -> None:
+        if entries and not await self._push(entries):
+            log.error("Redis away: %d fraud observations taken from the backlog are lost", len(entries))
+
+    async def _push(self, entries: Sequence[BacklogEntry]) -> bool:
         try:
-            await self.redis.lpop(self.key)  # type: ignore[misc]
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(self.key, *(codec.dumps(entry) for entry in entries))
+                pipe.ltrim(self.key, -self.limit, -1)
+                await pipe.execute()
         except RedisError:
             return False
         return True
 
 
-def _request_of(item: bytes | str) -> ScreeningRequest | None:
+def _entry_of(item: bytes | str) -> BacklogEntry | None:
     try:
-        return codec.loads(ScreeningRequest, item.decode() if isinstance(item, bytes) else item)
+        return codec.loads(BacklogEntry, item.decode() if isinstance(item, bytes) else item)
     except (ValueError, TypeError, KeyError) as exc:
         log.error("dropping an unreadable fraud observation from the backlog: %s", exc)
         return None
@@ -214,12 +238,13 @@ class FraudScreen:
         """Tells fraud_svc about a transaction it does not decide (a transfer, a return), after
         it committed; the answer is not used. With fraud_svc away it goes to the backlog, told
         again by the maintenance pass, so its velocity state misses nothing an outage saw."""
-        if not await self._told(request) and self.backlog is not None:
+        if await self._told(request) is not True and self.backlog is not None:
             await self.backlog.keep(request)
 
-    async def _told(self, request: ScreeningRequest) -> bool:
+    async def _told(self, request: ScreeningRequest) -> bool | ScreenerUnavailable:
         """True once fraud_svc has the event (a refusal as invalid counts: telling it again
-        would not change that)."""
+        would not change that); False if it was not asked (the breaker is open); else the
+        failure, which has tripped the breaker."""
         if not self._up():
             return False
         try:
@@ -228,21 +253,38 @@ class FraudScreen:
             return True
         except ScreenerUnavailable as exc:
             self._trip(f"{request.kind} {request.event_id}", exc)
-            return False
+            return exc
         return True
 
     async def tell_backlog(self, limit: int = 500) -> int:
-        """The maintenance pass: observations kept while fraud_svc was away, told now, oldest
-        first, until one fails again (it goes back, to keep the order); returns how many."""
+        """The maintenance pass: up to `limit` observations kept while fraud_svc was away, taken
+        from the backlog at once (so replicas running the pass together each tell their own),
+        told until one fails, the rest put back; returns how many were told. Order does not
+        matter (see ObservationBacklog). An entry fraud_svc answers with a failure (not a
+        refusal as invalid, which counts as told) costs every pass a breaker trip; after
+        MAX_TELL_ATTEMPTS such failures it is dropped, logged. A failure because fraud_svc was
+        not there (down, past the deadline) is the outage's and does not count against it."""
         if self.backlog is None:
             return 0
-        told = 0
-        for request in await self.backlog.oldest(limit):
-            if request is not None and not await self._told(request):
-                break
-            if not await self.backlog.drop_oldest():
-                break
-            told += request is not None
+        entries = await self.backlog.take(limit)
+        told, back = 0, []
+        for i, entry in enumerate(entries):
+            outcome = await self._told(entry.request)
+            if outcome is True:
+                told += 1
+                continue
+            if outcome is not False and not str(outcome).startswith(_NOT_THERE):
+                entry = BacklogEntry(entry.request, entry.attempts + 1)
+            back.extend(entries[i + 1 :])  # untried (the breaker is open): as they were
+            if entry.attempts >= MAX_TELL_ATTEMPTS:
+                log.error(
+                    "dropping fraud observation %s of %s: fraud_svc failed on it %d times, last: %s",
+                    entry.request.event_id, entry.request.kind, entry.attempts, outcome,
+                )  # fmt: skip
+            else:
+                back.append(entry)  # last, so the next pass tries the others first
+            break
+        await self.backlog.put_back(back)
         return told
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening]:

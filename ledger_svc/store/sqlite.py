@@ -11,7 +11,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,6 +45,12 @@ from ledger_svc.store.base import (
 from ledger_svc.store.sqlite_worker import Checkpointer, Executor, connect, executor
 
 T = TypeVar("T")
+_US = timedelta(microseconds=1)
+# Reconciliation's lost-event check examines only the transactions recorded this long up to
+# a shard's newest event (see transactions_without_events): an hourly pass reads a day of
+# events, not the whole retention period; a loss older than that goes unreported.
+EVENT_CHECK_WINDOW = timedelta(hours=24)
+EVENT_CHECK_CLOCK_SLACK = timedelta(hours=1)  # events read from this much before the window
 log = logging.getLogger(__name__)
 
 SHARD_SCHEMA = """
@@ -352,25 +358,40 @@ class SqliteShardTx:
     def transactions_without_events(self) -> list[str] | None:
         """Every posting writes its transaction and its event in one unit, the event carrying the
         balance (and its version) the transaction records; events go only once relayed and older
-        than the retention cut-off. Each row still here bounds that cut-off from above: a relayed
-        event by its relay time, an idempotency record (purged in the same pass, with the same
-        cut-off) by its creation. So a transaction recorded at or after the earliest of those
-        must still have its event: one without it was lost, never published. (No such row: the
-        cut-off is unknown and nothing is checked.)"""
+        than the retention cut-off, so a relayed event still here was relayed after it. A
+        transaction recorded at or after that relay time must still have its event: one without
+        it was lost, never published. Bounded to the EVENT_CHECK_WINDOW up to the shard's newest
+        event (older ones are not examined: a loss there goes unreported), so a pass reads the
+        outbox from the first row of the window on (a sequence range, found by a binary search
+        on created_at) rather than the whole retention period. The transactions are filtered by
+        recorded_at in SQL, one integer per row: no index has that column, and the primary key
+        leads with the member's bucket. With no relayed event here the earliest idempotency
+        record (purged in the same pass, with the same cut-off) bounds it instead; with neither,
+        the cut-off is unknown and nothing is checked."""
         self.flush()
-        bounds = [
-            self.c.execute("SELECT MIN(relayed_at) FROM outbox WHERE relayed_at IS NOT NULL").fetchone()[0],
-            self.c.execute("SELECT MIN(created_at) FROM idempotency").fetchone()[0],
-        ]
-        known = [int(b) for b in bounds if b is not None]
-        if not known:
+        newest = self.c.execute("SELECT seq, created_at FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+        oldest = self.c.execute("SELECT seq, created_at FROM outbox ORDER BY seq LIMIT 1").fetchone()
+        relayed = self.c.execute(
+            "SELECT relayed_at FROM outbox WHERE relayed_at IS NOT NULL ORDER BY seq LIMIT 1"
+        ).fetchone()
+        bound = relayed[0] if relayed else self.c.execute("SELECT MIN(created_at) FROM idempotency").fetchone()[0]
+        if newest is None or bound is None:
             return []
-        since = min(known)
+        since = max(int(bound), int(newest[1]) - EVENT_CHECK_WINDOW // _US)
+        # Rows are numbered in the order they were written; a clock stepping back a little
+        # between them is what the slack is for.
+        at, lo, hi = since - EVENT_CHECK_CLOCK_SLACK // _US, int(oldest[0]), int(newest[0])
+        if int(oldest[1]) < at:
+            while hi - lo > 1:  # the row at or after lo was written before `at`, the one at hi not
+                mid = (lo + hi) // 2
+                row = self.c.execute("SELECT created_at FROM outbox WHERE seq >= ? ORDER BY seq LIMIT 1", (mid,))
+                lo, hi = (lo, mid) if int(row.fetchone()[0]) >= at else (mid, hi)
+            lo = hi
         published = set(
             self.c.execute(
                 "SELECT member_id, json_extract(payload, '$.unit'), json_extract(payload, '$.balance.version')"
-                " FROM outbox WHERE created_at >= ?",
-                (since,),
+                " FROM outbox WHERE seq >= ?",
+                (lo,),
             ).fetchall()
         )
         rows = self.c.execute(
