@@ -346,18 +346,20 @@ class LedgerService:
         return heir
 
     async def merged_into_member(self, member_id: str) -> list[str]:
-        """The members merged into this one, directly or down a chain (A into B, B into C)."""
-        pairs = await self.store.read_directory(lambda d: d.merged_members())
-        into: dict[str, list[str]] = {}
-        for source, target in pairs:
-            into.setdefault(target, []).append(source)
-        found, todo = [], list(into.get(member_id, []))
-        while todo:
-            source = todo.pop()
-            if source not in found:
-                found.append(source)
-                todo.extend(into.get(source, []))
-        return found
+        """The members merged into this one, directly or down a chain (A into B, B into C),
+        a lookup by target each (indexed on SQLite), not a read of every merge."""
+
+        def chain(d: DirectoryTx) -> list[str]:
+            found: list[str] = []
+            todo = [member_id]
+            while todo:
+                for source in d.merged_into(todo.pop()):
+                    if source not in found and source != member_id:
+                        found.append(source)
+                        todo.append(source)
+            return found
+
+        return await self.store.read_directory(chain)
 
     def _active(self, member_id: str, field: str = "member_id") -> Callable[[], Awaitable[None]]:
         """The member-status check, deferred so a replay can answer before it."""

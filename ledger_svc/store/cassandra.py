@@ -1087,6 +1087,10 @@ class CassandraDirectoryTx:
     def merged_members(self) -> list[tuple[str, str]]:
         return [(r.source, r.target) for r in self.store.q("merges", (self.ledger,))]
 
+    def merged_into(self, target: str) -> list[str]:
+        """From the ledger's `merges` partition (merges are few: one per two accounts of a person)."""
+        return [r.source for r in self.store.q("merges", (self.ledger,)) if r.target == target]
+
     def add_member(self, member: Member) -> None:
         """Written at commit: its id in the claim completed with it (in the claim's own insert),
         then its external ids claimed, then their member_ext rows, then the member row

@@ -120,6 +120,7 @@ CREATE TABLE IF NOT EXISTS external_ids (
   kind TEXT NOT NULL, value TEXT NOT NULL, member_id TEXT NOT NULL, alias INTEGER NOT NULL,
   PRIMARY KEY (kind, value)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS external_ids_by_member ON external_ids (member_id);
+CREATE INDEX IF NOT EXISTS members_merged_into ON members (merged_into) WHERE merged_into != '';
 CREATE TABLE IF NOT EXISTS claims (
   namespace TEXT NOT NULL, key TEXT NOT NULL, operation TEXT NOT NULL, fingerprint TEXT NOT NULL,
   result TEXT NOT NULL, created_at INTEGER NOT NULL, PRIMARY KEY (namespace, key)) WITHOUT ROWID;
@@ -749,6 +750,10 @@ class SqliteDirectoryTx:
 
     def merged_members(self) -> list[tuple[str, str]]:
         return self.c.execute("SELECT member_id, merged_into FROM members WHERE merged_into != ''").fetchall()
+
+    def merged_into(self, target: str) -> list[str]:
+        rows = self.c.execute("SELECT member_id FROM members WHERE merged_into=? AND merged_into != ''", (target,))
+        return [r[0] for r in rows]
 
     def add_member(self, member: Member) -> None:
         self.c.execute(
