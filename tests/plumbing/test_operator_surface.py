@@ -23,21 +23,9 @@ from gateway.keys import KeyRequestError, KeyStore
 from ledger_svc.store.sqlite import SqliteLedgerStore
 from pointmesh.redis_server import RedisServer, free_port
 from tests.conftest import REPO, pointmesh_cli, wait_for_port
+from tests.ledger.test_up_and_cli import _processes_using
 
 UP_READY = "Ctrl-C stops everything"
-
-
-def _processes_using(data_dir: Path) -> set[int]:
-    """`up` and its children: their environment names the data dir, or (redis-server) they run in it."""
-    marker = str(data_dir.resolve())
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if marker.encode() in (entry / "environ").read_bytes() or os.readlink(entry / "cwd").startswith(marker):
-                found.add(int(entry.name))
-    return found
 
 
 def _port_closed(port: int) -> bool:

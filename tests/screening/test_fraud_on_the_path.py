@@ -549,18 +549,23 @@ async def test_transfers_and_returns_reach_fraud_svc_so_the_redemption_that_cash
     assert cash_in["member_return_amount_30d"] == 15_060  # 50 KWD of the 100 KWD (301.20 EUR) receipt
 
 
+async def _refused_purchase_paid_with_300_points(screened: Screened, member: str, device: str) -> ledger_pb2.Purchase:
+    """A purchase paid partly with 300 of the member's points, from a device fraud_svc blocks."""
+    assert screened.fraud is not None
+    screened.fraud.service.configure({"blocked_devices": [device]})
+    paid = await screened.ledger.stub.Redeem(ledger_pb2.RedeemRequest(idempotency_key=key(), member_id=member,
+                                                                      points=300))  # fmt: skip
+    request = purchase_request(member, [("grocery", 6_000, 1)], at=NOW, receipt=f"{device}-{member}",
+                               tender=paid.transaction.transaction_id)  # fmt: skip
+    request.context.device_id = device
+    return (await screened.ledger.stub.RecordPurchase(request)).purchase
+
+
 async def test_points_paid_for_a_purchase_fraud_refused_come_back_when_the_goods_do(screened: Screened) -> None:
     """The purchase earned nothing (its device is blocked) but the goods were sold for 300 of
     the member's points; returning them gives the 300 back, and only once."""
     member = await regular_member(screened, visits=4)
-    assert screened.fraud is not None
-    screened.fraud.service.configure({"blocked_devices": ["dv-refused-tender"]})
-    paid = await screened.ledger.stub.Redeem(ledger_pb2.RedeemRequest(idempotency_key=key(), member_id=member,
-                                                                      points=300))  # fmt: skip
-    request = purchase_request(member, [("grocery", 6_000, 1)], at=NOW, receipt=f"refused-tender-{member}",
-                               tender=paid.transaction.transaction_id)  # fmt: skip
-    request.context.device_id = "dv-refused-tender"
-    refused = (await screened.ledger.stub.RecordPurchase(request)).purchase
+    refused = await _refused_purchase_paid_with_300_points(screened, member, "dv-refused-tender")
     assert refused.status == ledger_pb2.PURCHASE_STATUS_REFUSED and refused.tender_points == 300
     before = (await balance(screened.ledger.stub, member)).balance_points
 
@@ -621,14 +626,7 @@ async def test_points_paid_for_a_refused_purchase_come_back_living_as_long_as_th
     await screened.rules.stub.PublishProgram(rules_pb2.PublishProgramRequest(
         idempotency_key=common_pb2.IdempotencyKey(key="never-refused"), document=never))  # fmt: skip
     member = await regular_member(screened, visits=4)
-    assert screened.fraud is not None
-    screened.fraud.service.configure({"blocked_devices": ["dv-never"]})
-    paid = await screened.ledger.stub.Redeem(ledger_pb2.RedeemRequest(idempotency_key=key(), member_id=member,
-                                                                      points=300))  # fmt: skip
-    request = purchase_request(member, [("grocery", 6_000, 1)], at=NOW, receipt=f"never-{member}",
-                               tender=paid.transaction.transaction_id)  # fmt: skip
-    request.context.device_id = "dv-never"
-    refused = (await screened.ledger.stub.RecordPurchase(request)).purchase
+    refused = await _refused_purchase_paid_with_300_points(screened, member, "dv-never")
     assert refused.status == ledger_pb2.PURCHASE_STATUS_REFUSED
     await screened.ledger.stub.RecordReturn(ledger_pb2.RecordReturnRequest(
         idempotency_key=key(), purchase_id=refused.purchase_id, channel="pos", store_id="HEL-01",
