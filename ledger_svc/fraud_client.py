@@ -64,7 +64,7 @@ class FraudScreenerClient:
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 log.error("fraud_svc refused the ledger's score request %s: %s", request.event_id, error.details())
                 raise ScreenerRefused(error.details() or "") from None
-            raise ScreenerUnavailable(f"{error.code().name}: {error.details()}") from None
+            raise _unavailable(error) from None
         return _screening(response)
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening | ScreenerUnavailable]:
@@ -74,7 +74,7 @@ class FraudScreenerClient:
         try:
             response = await self.stub.ScoreBatch(batch, timeout=self.batch_deadline)
         except grpc.aio.AioRpcError as error:
-            raise ScreenerUnavailable(f"{error.code().name}: {error.details()}") from None
+            raise _unavailable(error) from None
         if len(response.items) != len(requests):
             raise ScreenerUnavailable(f"fraud_svc answered {len(response.items)} rows for {len(requests)}")
         out: list[Screening | ScreenerUnavailable] = []
@@ -95,3 +95,14 @@ def _screening(response: fraud_pb2.ScoreResponse) -> Screening:
     if verdict is None:
         raise ScreenerUnavailable(f"fraud_svc answered verdict {response.verdict}")
     return Screening(verdict, True, response.score, tuple(r.code for r in response.reasons), response.model_version)
+
+
+# fraud_svc's own failures, whatever it is asked: down, too slow, overloaded, no model loaded.
+_OUTAGES = frozenset({
+    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
+})  # fmt: skip
+
+
+def _unavailable(error: grpc.aio.AioRpcError) -> ScreenerUnavailable:
+    return ScreenerUnavailable(f"{error.code().name}: {error.details()}", outage=error.code() in _OUTAGES)

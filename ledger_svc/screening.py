@@ -89,7 +89,13 @@ class ScreeningRequest:
 
 
 class ScreenerUnavailable(Exception):
-    """fraud_svc did not answer within the deadline (or is down)."""
+    """fraud_svc did not answer within the deadline (or is down). `outage`: the failure is
+    fraud_svc's whatever it is asked (down, too slow, overloaded, no model loaded), not the
+    request's (an internal error on this one, an answer that does not fit)."""
+
+    def __init__(self, message: str, *, outage: bool = False) -> None:
+        super().__init__(message)
+        self.outage = outage
 
 
 class ScreenerRefused(ScreenerUnavailable):
@@ -149,9 +155,6 @@ class UnavailablePolicy:
 
 
 MAX_TELL_ATTEMPTS = 20  # a backlog entry fraud_svc keeps failing on is dropped (logged) after this many
-# How fraud_client words a failure that is fraud_svc's, whatever it is asked (down, too slow,
-# overloaded, no model loaded): the outage's, not the entry's, so it does not count against it.
-_NOT_THERE = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "CANCELLED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION")
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +276,7 @@ class FraudScreen:
             if outcome is True:
                 told += 1
                 continue
-            if outcome is not False and not str(outcome).startswith(_NOT_THERE):
+            if isinstance(outcome, ScreenerUnavailable) and not outcome.outage:  # the entry's, not an outage's
                 entry = BacklogEntry(entry.request, entry.attempts + 1)
             back.extend(entries[i + 1 :])  # untried (the breaker is open): as they were
             if entry.attempts >= MAX_TELL_ATTEMPTS:

@@ -97,17 +97,17 @@ async def test_two_replicas_draining_the_backlog_at_once_tell_every_observation(
 
 class _Answering:
     """A minimal Screener (a real fraud_svc cannot be made to fail on one event): it fails on
-    the event ids in `failing` with `failure` (as fraud_client words a gRPC status), answers
-    the rest, and counts the calls per event id."""
+    the event ids in `failing` as fraud_client reports a gRPC status (`outage`: one of
+    fraud_svc's own, like UNAVAILABLE), answers the rest, and counts the calls per event id."""
 
-    def __init__(self, failing: set[str], failure: str) -> None:
-        self.failing, self.failure = failing, failure
+    def __init__(self, failing: set[str], failure: str, *, outage: bool = False) -> None:
+        self.failing, self.failure, self.outage = failing, failure, outage
         self.calls: dict[str, int] = {}
 
     async def screen(self, request: ScreeningRequest) -> Screening:
         self.calls[request.event_id] = self.calls.get(request.event_id, 0) + 1
         if request.event_id in self.failing:
-            raise ScreenerUnavailable(self.failure)
+            raise ScreenerUnavailable(self.failure, outage=self.outage)
         return Screening(Verdict.ALLOW, True)
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening | ScreenerUnavailable]:
@@ -152,7 +152,7 @@ async def test_an_outage_does_not_count_against_the_observations_it_holds_back(r
     for i in range(2):
         await backlog.keep(_return("m_outage", i))
     events = {"return:m_outage:0", "return:m_outage:1"}
-    down = _Answering(set(events), "UNAVAILABLE: connection refused")
+    down = _Answering(set(events), "UNAVAILABLE: connection refused", outage=True)
     await _passes(FraudScreen(down, UnavailablePolicy(), backlog), MAX_TELL_ATTEMPTS * 3)
     assert sum(down.calls.values()) == MAX_TELL_ATTEMPTS * 3  # one try a pass, then the breaker
 
