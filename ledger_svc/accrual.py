@@ -210,7 +210,8 @@ class Accrual:
         def read(tx: ShardTx) -> tuple[IdemRecord | None, str | None, int]:
             # A tender that is not one refuses the receipt before its keys are claimed, so it
             # can come again corrected.
-            tender_points(ShardBook(tx, svc.clock.now(), svc.policy), member_id, cmd.tender_transaction_id)
+            if cmd.tender_transaction_id:
+                tender_points(ShardBook(tx, svc.clock.now(), svc.policy), member_id, cmd.tender_transaction_id)
             return (
                 tx.get_idempotency(ns, natural),
                 tx.get_member_state(member_id),

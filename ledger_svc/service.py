@@ -932,23 +932,25 @@ class LedgerService:
                 expired, lots = expired + page[0], lots + page[1]
                 if page[2] is None:
                     break
-            # Page by page until a page comes back short, so one pass leaves no due hold still
-            # reserving points (nor a due credit pending); bounded, in case a page repeats.
-            for _ in range(MAINTENANCE_PAGES):
-                n = await self._book(shard, lambda b: b.release_due(self.maintenance_page))
-                released += n
-                if n < self.maintenance_page:
-                    break
-            for _ in range(MAINTENANCE_PAGES):
-                n = await self._book(shard, lambda b: b.void_due_holds(self.maintenance_page))
-                voided += n
-                if n < self.maintenance_page:
-                    break
+            released += await self._all_pages(shard, ShardBook.release_due)
+            voided += await self._all_pages(shard, ShardBook.void_due_holds)
         sagas = await self.recover_sagas()
         purchases = await self.accrual.process_waiting()
         if self.fraud is not None:
             await self.fraud.tell_backlog()  # what fraud_svc missed while it was away
         return MaintenanceReport(expired, lots, released, voided, sagas, purchases)
+
+    async def _all_pages(self, shard: int, step: Callable[[ShardBook, int], int]) -> int:
+        """Runs a job step page by page until a page comes back short, so one pass leaves no
+        due hold still reserving points (nor a due credit pending); bounded, in case a page
+        repeats. Returns how many items the pages handled."""
+        done = 0
+        for _ in range(MAINTENANCE_PAGES):
+            n = await self._book(shard, lambda b: step(b, self.maintenance_page))
+            done += n
+            if n < self.maintenance_page:
+                break
+        return done
 
     async def totals(self, *, fresh: bool = False) -> tuple[datetime, ReconcileReport]:
         """A fresh pass, or one at most TOTALS_MAX_AGE old (a back-office page refreshing)."""
