@@ -10,6 +10,7 @@ event id, so a redelivered message never pays twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import socket
@@ -165,11 +166,15 @@ def by_key(bus: EventBus, topic: str, group: str, handle: Handler) -> BatchHandl
 
 async def run_group(
     bus: EventBus, topic: str, group: str, consumer: str, handle_batch: BatchHandler, *, stop: asyncio.Event,
-    max_messages: int = 100, block_ms: int = 500,
+    max_messages: int = 100, block_ms: int = 500, linger_s: float = 0.0,
 ) -> None:  # fmt: skip
     """Consumes until `stop` is set; commits each batch only after every message in it is done.
 
     A failure leaves the batch uncommitted; the consumer reopens after a pause and reads it again.
+    `linger_s` is Kafka's fetch.max.wait for a consumer that may lag a little: after a batch
+    short of `max_messages` it waits that long before polling again, so a busy stream is read
+    in fewer, fuller batches (every poll and commit is a round trip and a wake-up of the loop
+    that serves the service's own calls).
     """
     member = bus.group(topic, group, consumer)
     try:
@@ -180,6 +185,9 @@ async def run_group(
                 await member.commit(messages)
                 if messages and messages[-1].timestamp_ms:
                     LAG.labels(topic, group).set(max(0.0, time.time() - messages[-1].timestamp_ms / 1000))
+                if linger_s and 0 < len(messages) < max_messages:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), linger_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

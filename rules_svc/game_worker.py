@@ -41,6 +41,7 @@ GROUP = "rules-gamification"
 REWARD_NAMESPACE = "gamification"
 REWARD_FUNDING = GAMIFICATION_FUNDING
 RETRY_SECONDS = 2.0
+LINGER_SECONDS = 0.1  # progress may trail a purchase by this much; polls stay few under load
 PAGE = 500  # pending rewards read at a time
 # The member is gone or can never earn: the reward is kept (status says why), not retried.
 FINAL_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
@@ -52,6 +53,7 @@ OUTAGES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEE
                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})  # fmt: skip
 
 
+COUNTED_KINDS = frozenset({"purchase_recorded", ""})  # event types gamification reads ("": unnamed)
 ProgramAt = Callable[[str, datetime], Program]  # the program version in effect at a time
 
 
@@ -79,9 +81,17 @@ class GameWorker:
         self.consumer = consumer
 
     async def run(self, stop: asyncio.Event) -> None:
-        handle = by_key(self.bus, LEDGER_EVENTS, GROUP, self.handle)
+        per_member = by_key(self.bus, LEDGER_EVENTS, GROUP, self.handle)
+
+        async def purchases(messages: list[BusMessage]) -> None:
+            # Most of the ledger's events are not purchases (earns, tiers, holds...); the
+            # relay names each one's kind, so those are passed over unread. A message that
+            # names none is read, and dead-lettered if it is not an event.
+            await per_member([m for m in messages if m.event_type in COUNTED_KINDS])
+
         await asyncio.gather(
-            run_group(self.bus, LEDGER_EVENTS, GROUP, self.consumer, handle, stop=stop), self._retry(stop)
+            run_group(self.bus, LEDGER_EVENTS, GROUP, self.consumer, purchases, stop=stop, linger_s=LINGER_SECONDS),
+            self._retry(stop),
         )
 
     async def handle(self, message: BusMessage) -> None:

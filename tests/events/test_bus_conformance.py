@@ -4,6 +4,7 @@ Apache Kafka broker started from the Maven-resolved jars. Each test uses its own
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -408,6 +409,81 @@ async def test_a_consumer_restarted_under_its_name_gets_what_it_had_not_committe
     await bus.publish(topic, [event("m1", 2)])
     again = await drain(bus, topic, "g", name, 2)
     assert [m.event_id for m in again][:2] == ["m1-1", "m1-2"]
+
+
+async def test_a_poll_moves_past_what_the_last_one_returned_and_a_restart_reads_the_uncommitted_again(
+    bus: EventBus,
+) -> None:  # fmt: skip
+    """As a Kafka consumer does: the handler of a batch that failed is dropped with its consumer
+    (run_group), so a live consumer never needs the same batch twice."""
+    topic = new_topic()
+    await bus.ensure_topics([topic])
+    first = bus.group(topic, "g", "c1")
+    await first.poll(max_messages=1, block_ms=10)  # joins the group before anything is published
+    await bus.publish(topic, [event("m1", i) for i in range(10)])
+    seen: list[list[str]] = []
+    async with asyncio.timeout(30):
+        while sum(map(len, seen)) < 10:
+            batch = await first.poll(max_messages=4, block_ms=200)
+            if batch:
+                seen.append([m.event_id for m in batch])
+    ids = [i for batch in seen for i in batch]
+    assert sorted(ids) == sorted(f"m1-{i}" for i in range(10)) and len(seen) >= 3  # each once, none again
+    await first.close()  # never committed
+    again = await drain(bus, topic, "g", "c1", 10)
+    assert sorted(m.event_id for m in again) == sorted(ids)
+
+
+async def test_a_consumer_on_a_busy_stream_still_takes_over_what_a_dead_one_left(redis_server: RedisServer) -> None:
+    """Looking for a dead consumer's messages is not done on every poll of a busy stream, but
+    it is done: at least once every half of the claim idle time."""
+    bus = RedisStreamBus(Redis.from_url(redis_server.url), claim_idle_ms=CLAIM_IDLE_MS, owns_client=True)
+    topic = new_topic()
+    try:
+        await bus.ensure_topics([topic])
+        await bus.publish(topic, [event("m_dead", i) for i in range(5)])
+        doomed = bus.group(topic, "g", "doomed")
+        assert len(await doomed.poll(max_messages=5, block_ms=200)) == 5  # read, never committed
+        survivor = bus.group(topic, "g", "survivor")
+        got: set[str] = set()
+        async with asyncio.timeout(30):
+            for n in itertools.count():
+                await bus.publish(topic, [event("m_live", n)])  # never caught up: something new each poll
+                batch = await survivor.poll(max_messages=50, block_ms=200)
+                got |= {m.event_id for m in batch}
+                await survivor.commit(batch)
+                if {f"m_dead-{i}" for i in range(5)} <= got:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        await bus.close()
+
+
+async def test_a_lingering_group_reads_a_busy_stream_in_fuller_batches(redis_server: RedisServer) -> None:
+    bus = RedisStreamBus(Redis.from_url(redis_server.url), claim_idle_ms=CLAIM_IDLE_MS, owns_client=True)
+    topic = new_topic()
+    batches: list[int] = []
+
+    async def handle(messages: list[BusMessage]) -> None:
+        if messages:
+            batches.append(len(messages))
+
+    stop = asyncio.Event()
+    try:
+        await bus.ensure_topics([topic])
+        await bus.publish(topic, [event("m", i) for i in range(10)])
+        running = asyncio.create_task(
+            run_group(bus, topic, "g", "c1", handle, stop=stop, block_ms=100, linger_s=1.0)
+        )  # fmt: skip
+        await until(lambda: batches == [10], 20)
+        for burst in range(3):  # while it lingers after a short batch
+            await bus.publish(topic, [event("m", 10 + 10 * burst + i) for i in range(10)])
+        await until(lambda: sum(batches) == 40, 20)
+        stop.set()
+        await running
+    finally:
+        await bus.close()
+    assert batches == [10, 30]
 
 
 def test_an_instance_consumes_under_the_same_name_after_a_restart_and_others_under_their_own() -> None:

@@ -139,6 +139,8 @@ async def test_outbox_delivers_every_event_exactly_once_to_an_idempotent_consume
         first = await worker.poll(max_messages=10, block_ms=100)
         assert first
         consumer.apply(first)
+        await worker.close()
+        worker = bus.group(LEDGER_EVENTS, GROUP, "worker-1")  # restarted under its name
         redelivered = await worker.poll(max_messages=10, block_ms=100)
         assert [m.position for m in redelivered] == [m.position for m in first]
         consumer.apply(redelivered)
