@@ -15,6 +15,7 @@ import enum
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -165,36 +166,96 @@ class BacklogEntry:
     attempts: int = 0
 
 
+# KEYS: the backlog list, leases (hash: lease id -> the entries it took, as a JSON array),
+# lease deadlines (sorted set, ms). ARGV: count, lease ms, new lease id. Leases past their
+# deadline (a replica died mid-pass) go back on the list first; then up to `count` entries move
+# from the list to a new lease, in one step, so two replicas never take the same entry.
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  local held = redis.call('HGET', KEYS[2], id)
+  if held then
+    local items = cjson.decode(held)
+    for i = 1, #items, 500 do redis.call('RPUSH', KEYS[1], unpack(items, i, math.min(i + 499, #items))) end
+  end
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('ZREM', KEYS[3], id)
+end
+local taken = redis.call('LPOP', KEYS[1], ARGV[1])
+if not taken then return {} end
+redis.call('HSET', KEYS[2], ARGV[3], cjson.encode(taken))
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[3])
+return taken
+"""
+
+# KEYS as _TAKE. ARGV: lease id, list bound, then the entries to put back. A lease that timed
+# out was put back whole already: then nothing is pushed again (no entry twice on the list).
+_SETTLE = """
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[3], ARGV[1])
+if #ARGV > 2 then
+  for i = 3, #ARGV, 500 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 499, #ARGV))) end
+  redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogLease:
+    """Entries one maintenance pass took; they go back on the backlog when the lease ends
+    unsettled (the replica died), so they are told by another pass instead of lost."""
+
+    lease_id: str
+    entries: list[BacklogEntry]
+
+
 class ObservationBacklog:
     """Observations fraud_svc could not be told, in Redis beside its velocity state (which an
     outage of Redis loses as well). Bounded: past `limit`, the oldest go (logged).
 
-    Every ledger replica runs the maintenance pass that drains it, so entries are taken with
-    one atomic `LPOP key count` (Redis >= 6.2): two replicas never take the same entry, and
-    an entry taken is either told or put back (RPUSH, at the tail). Order is not kept, and
-    need not be: fraud_svc's velocity state is keyed by each event's own time and counts an
-    event id once, so telling observations out of order (or twice) changes nothing."""
+    Every ledger replica runs the maintenance pass that drains it. A pass takes a page of
+    entries under a lease, atomically (a Lua script), so two replicas never take the same
+    entry; it then settles the lease, putting back those it did not tell. A replica that dies
+    in between leaves the lease to run out: the next pass of any replica puts its entries back
+    and tells them. Order is not kept, and need not be: fraud_svc's velocity state is keyed by
+    each event's own time and counts an event id once, so telling observations out of order
+    (or twice, as a pass cut off after telling some does) changes nothing."""
 
-    def __init__(self, redis: Redis, *, key: str = "pm:ledger:fraud-observations", limit: int = 200_000) -> None:
+    def __init__(
+        self, redis: Redis, *, key: str = "pm:ledger:fraud-observations", limit: int = 200_000,
+        lease_seconds: float = 300.0,
+    ) -> None:  # fmt: skip
         self.redis, self.key, self.limit = redis, key, limit
+        self.lease_ms = max(1, int(lease_seconds * 1000))
+        self._keys = [key, f"{key}:leases", f"{key}:lease-deadlines"]
+        self._take = redis.register_script(_TAKE)
+        self._settle = redis.register_script(_SETTLE)
 
     async def keep(self, request: ScreeningRequest) -> None:
         if not await self._push([BacklogEntry(request)]):
             log.warning("fraud_svc and Redis both away: observation %s of %s is lost", request.event_id, request.kind)
 
-    async def take(self, count: int) -> list[BacklogEntry]:
-        """Up to `count` entries, removed from the backlog atomically: the caller owns them and
-        must put back the ones it did not tell. An unreadable entry is dropped (logged)."""
+    async def take(self, count: int) -> BacklogLease:
+        """Up to `count` entries, moved from the backlog to a lease atomically: the caller owns
+        them and settles the lease with the ones it did not tell. An unreadable entry is
+        dropped (logged)."""
+        lease_id = uuid.uuid4().hex
         try:
-            raw: list[bytes | str] | None = await self.redis.lpop(self.key, count)  # type: ignore[misc,assignment]
+            raw: list[bytes | str] = await self._take(keys=self._keys, args=[count, self.lease_ms, lease_id])
         except RedisError:
-            return []
+            return BacklogLease(lease_id, [])
         entries = (_entry_of(item) for item in raw or ())
-        return [entry for entry in entries if entry is not None]
+        return BacklogLease(lease_id, [entry for entry in entries if entry is not None])
 
-    async def put_back(self, entries: Sequence[BacklogEntry]) -> None:
-        if entries and not await self._push(entries):
-            log.error("Redis away: %d fraud observations taken from the backlog are lost", len(entries))
+    async def settle(self, lease: BacklogLease, back: Sequence[BacklogEntry]) -> None:
+        """Ends the lease, putting `back` on the backlog. If Redis cannot be reached now, the
+        lease runs out and every entry it took comes back (the told ones are told again)."""
+        try:
+            await self._settle(keys=self._keys, args=[lease.lease_id, self.limit, *(codec.dumps(e) for e in back)])
+        except RedisError:
+            log.warning("Redis away: %d fraud observations come back when their lease ends", len(lease.entries))
 
     async def _push(self, entries: Sequence[BacklogEntry]) -> bool:
         try:
@@ -269,7 +330,8 @@ class FraudScreen:
         not there (down, past the deadline) is the outage's and does not count against it."""
         if self.backlog is None:
             return 0
-        entries = await self.backlog.take(limit)
+        lease = await self.backlog.take(limit)
+        entries = lease.entries
         told, back = 0, []
         for i, entry in enumerate(entries):
             outcome = await self._told(entry.request)
@@ -287,7 +349,7 @@ class FraudScreen:
             else:
                 back.append(entry)  # last, so the next pass tries the others first
             break
-        await self.backlog.put_back(back)
+        await self.backlog.settle(lease, back)
         return told
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening]:

@@ -162,3 +162,42 @@ async def test_an_outage_does_not_count_against_the_observations_it_holds_back(r
     await _passes(FraudScreen(back, UnavailablePolicy(), backlog), 1)
     assert back.calls == dict.fromkeys(events, 1)
     assert await redis.llen(name) == 0  # type: ignore[misc]
+
+
+async def test_what_a_replica_took_and_never_settled_comes_back_when_its_lease_ends(redis: Redis) -> None:
+    """A replica killed mid-pass took a page and told nothing: once the lease runs out, the next
+    pass of another replica tells every entry. Before leases the page was popped for good."""
+    name = "pm:test:backlog:died"
+    await redis.delete(name, f"{name}:leases", f"{name}:lease-deadlines")
+    dying = ObservationBacklog(redis, key=name, lease_seconds=0.2)
+    for i in range(5):
+        await dying.keep(_return("m_died", i))
+    assert len((await dying.take(10)).entries) == 5  # ... and the replica dies here
+    assert await redis.llen(name) == 0  # type: ignore[misc]
+
+    survivor = _Answering(set(), "")
+    screen = FraudScreen(survivor, UnavailablePolicy(), ObservationBacklog(redis, key=name))
+    assert await screen.tell_backlog() == 0  # the lease still runs: nobody else takes them
+    await asyncio.sleep(0.3)
+    assert await screen.tell_backlog() == 5
+    assert survivor.calls == {f"return:m_died:{i}": 1 for i in range(5)}
+    assert await redis.llen(name) == 0 and await redis.hlen(f"{name}:leases") == 0  # type: ignore[misc]
+
+
+async def test_a_lease_settled_after_it_ran_out_puts_nothing_on_the_backlog_twice(redis: Redis) -> None:
+    name = "pm:test:backlog:late"
+    await redis.delete(name, f"{name}:leases", f"{name}:lease-deadlines")
+    slow = ObservationBacklog(redis, key=name, lease_seconds=0.2)
+    for i in range(3):
+        await slow.keep(_return("m_late", i))
+    late = await slow.take(10)
+    await asyncio.sleep(0.3)
+    other = ObservationBacklog(redis, key=name)
+    taken = await other.take(10)  # the ran-out lease came back, and is taken again
+    assert sorted(e.request.event_id for e in taken.entries) == [f"return:m_late:{i}" for i in range(3)]
+    await slow.settle(late, late.entries)  # too late: these are the other pass's now
+    assert await redis.llen(name) == 0  # type: ignore[misc]
+    await other.settle(taken, taken.entries[:1])  # told two of them
+    assert [json.loads(raw)["request"]["event_id"] for raw in await redis.lrange(name, 0, -1)] == [  # type: ignore[misc]
+        taken.entries[0].request.event_id
+    ]
