@@ -40,15 +40,13 @@ def bucket_of(at: datetime, timezone: str = "UTC") -> str:
     return at.astimezone(_zone(timezone)).strftime("%Y-%m")
 
 
-def _months_back(at: datetime, count: int) -> list[str]:
-    year, month = at.year, at.month
-    out = []
-    for _ in range(count):
-        out.append(f"{year:04d}-{month:02d}")
-        month -= 1
-        if month == 0:
-            year, month = year - 1, 12
-    return out
+def _month_number(at: datetime) -> int:
+    return at.year * 12 + at.month - 1
+
+
+def _bucket_name(month_number: int) -> str:
+    year, month = divmod(month_number, 12)
+    return f"{year:04d}-{month + 1:02d}"
 
 
 def _year_total(buckets: Mapping[str, int], year: int) -> int:
@@ -72,9 +70,18 @@ def effective_level(policy: TierPolicy, buckets: Mapping[str, int], at: datetime
         # The current month and the twelve before it: month buckets cannot say on which day a
         # purchase fell, so a purchase counts through the end of the same month a year later
         # (at least twelve full months, never fewer).
-        now = sum(buckets.get(b, 0) for b in _months_back(at, ROLLING_BUCKETS))
-        earlier = sum(buckets.get(b, 0) for b in _months_back((at - grace).astimezone(zone), ROLLING_BUCKETS))
-        return max(level_for(policy.levels, now), level_for(policy.levels, earlier))
+        # A level a window reached holds for the grace after that window's last month: the
+        # best of the windows ending in every month from the one `grace` ago to this one (not
+        # just the two ends, which would skip a short month in between, and a whole one of a
+        # grace longer than a month).
+        first, last = _month_number((at - grace).astimezone(zone)), _month_number(at)
+        months = [buckets.get(_bucket_name(n), 0) for n in range(first - ROLLING_BUCKETS + 1, last + 1)]
+        total = sum(months[:ROLLING_BUCKETS])
+        best = level_for(policy.levels, total)
+        for i in range(ROLLING_BUCKETS, len(months)):
+            total += months[i] - months[i - ROLLING_BUCKETS]
+            best = max(best, level_for(policy.levels, total))
+        return best
     year = at.year
     levels = [
         level_for(policy.levels, _year_total(buckets, year)),

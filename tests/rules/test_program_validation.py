@@ -188,6 +188,31 @@ def test_json_syntax_error_reports_its_line() -> None:
     assert refused.value.errors == [("", "not valid JSON: Expecting value at line 2 column 15")]
 
 
+def test_a_key_repeated_in_one_mapping_is_refused_not_overwritten() -> None:
+    """PyYAML and json keep the last of two equal keys: a second `effect:` pasted under a rule
+    made a x2 rule pay x20, and a second `rules:` block dropped the first without a word."""
+    good = yaml.safe_dump(program_doc(bonus("weekend")), sort_keys=False)
+    assert len(load_program(good).rules) == 1
+    twice = good.replace("  effect:\n", "  effect:\n    bonus_points: 99\n  effect:\n", 1)
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program(twice)
+    [(path, message)] = refused.value.errors
+    line = twice.splitlines().index("  effect:", twice.splitlines().index("  effect:") + 1) + 1
+    assert (path, message) == ("", f"not valid YAML at line {line} column 3: key 'effect' appears twice in one mapping")
+
+    doc = json.dumps(program_doc(bonus("a")))
+    twice_json = doc.replace('"bonus_points": 10', '"bonus_points": 10, "bonus_points": 50')
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program(twice_json, fmt="json")
+    assert refused.value.errors == [("", "not valid JSON: key 'bonus_points' appears twice in one object")]
+
+
+def test_a_yaml_merge_key_may_still_override_what_it_brings_in() -> None:
+    head = yaml.safe_dump(program_doc(bonus("x")), sort_keys=False).partition("rules:\n")[0]
+    text = head + "rules:\n- &base {id: base, effect: {bonus_points: 5}}\n- <<: *base\n  id: own\n"
+    assert [r.id for r in load_program(text).rules] == ["base", "own"]
+
+
 def test_document_that_is_not_a_mapping_is_refused() -> None:
     with pytest.raises(ProgramInvalid) as refused:
         load_program("- just\n- a list\n")

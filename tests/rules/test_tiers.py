@@ -40,6 +40,20 @@ def test_rolling_window_counts_a_purchase_for_twelve_full_months_then_the_grace(
     assert effective_tier(ROLLING, credits, at(2027, 3, 5)) == "silver"
 
 
+def test_a_rolling_tier_keeps_its_grace_after_a_short_month_and_a_grace_longer_than_a_month() -> None:
+    """Gold reached with the window ending February 2026 holds through February plus the
+    grace. The two-window check (now, and `grace` ago) skipped the month between them: on
+    1-2 March (30 days back is still January) gold fell to silver and came back on the 3rd;
+    with a 90-day grace the months skipped were whole, and gold vanished for weeks."""
+    credits = {"2025-02": 3000, "2026-02": 2500}
+    days = [(2, 28), (3, 1), (3, 2), (3, 3), (3, 30), (4, 1)]
+    assert [effective_tier(ROLLING, credits, at(2026, m, d)) for m, d in days] == [*["gold"] * 5, "silver"]
+    long_grace = TierPolicy("tier_credits", ROLLING_12_MONTHS, 90, LEVELS)
+    credits = {"2025-03": 3000, "2026-03": 2500}  # gold on the window ending March 2026
+    days = [(4, 10), (5, 10), (6, 20), (6, 29), (7, 1)]
+    assert [effective_tier(long_grace, credits, at(2026, m, d)) for m, d in days] == [*["gold"] * 4, "silver"]
+
+
 def test_buckets_are_utc_months() -> None:
     assert bucket_of(datetime(2026, 12, 31, 23, 30, tzinfo=UTC)) == "2026-12"
     assert bucket_of(datetime.fromisoformat("2027-01-01T01:30:00+02:00")) == "2026-12"
