@@ -89,6 +89,9 @@ R = TypeVar("R")
 TOTALS_MAX_AGE = timedelta(seconds=5)
 log = logging.getLogger(__name__)
 EXTERNAL_KINDS_MAX = 16
+ASCII_DIGITS = frozenset("0123456789")
+CARD_CHARACTERS = ASCII_DIGITS | frozenset(" -")
+CARD_DIGITS = (12, 19)  # a payment card number (PAN) has 12 to 19 digits
 
 
 class BalanceCache(Protocol):
@@ -374,7 +377,7 @@ class LedgerService:
     def _protect(self, ext: ExternalId) -> ExternalId:
         """Payment card numbers are never stored: only a keyed hash that still finds the member."""
         if ext.kind == "payment_card":
-            digits = "".join(ch for ch in ext.value if ch.isdigit())  # "4111-1111 ..." is one card
+            digits = "".join(ch for ch in ext.value if ch in ASCII_DIGITS)  # "4111-1111 ..." is one card
             digest = hmac.new(self._card_secret, digits.encode(), hashlib.sha256).hexdigest()
             return ExternalId("payment_card", f"hmac:{digest}")
         return ext
@@ -382,6 +385,17 @@ class LedgerService:
     def _check_external(self, ext: ExternalId, field: str) -> ExternalId:
         v.name(ext.kind, f"{field}.kind")
         v.required_text(ext.value, f"{field}.value", max_len=128)
+        if ext.kind == "payment_card":
+            # Only the digits are kept (and hashed): a value with none, or with letters that
+            # would be dropped, would find whichever member was enrolled with another such value.
+            if any(ch not in CARD_CHARACTERS for ch in ext.value):
+                raise InvalidArgument(
+                    "a payment card number is ASCII digits, spaces and dashes", field=f"{field}.value"
+                )
+            if not CARD_DIGITS[0] <= sum(ch in ASCII_DIGITS for ch in ext.value) <= CARD_DIGITS[1]:
+                raise InvalidArgument(
+                    f"a payment card number has {CARD_DIGITS[0]} to {CARD_DIGITS[1]} digits", field=f"{field}.value"
+                )
         return self._protect(ext)
 
     async def create_member(self, cmd: c.CreateMember) -> Member:

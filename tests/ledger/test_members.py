@@ -362,3 +362,28 @@ async def test_one_payment_card_written_two_ways_is_one_card(ledger: LedgerUnder
         create_member(ledger.stub, external_ids=[ext("payment_card", "4111111111111111")]),
         grpc.StatusCode.FAILED_PRECONDITION,
     )
+
+
+async def test_a_payment_card_value_that_is_not_a_card_number_is_refused_not_matched(ledger: LedgerUnderTest) -> None:
+    """Only a card's digits are hashed: a value with none ("n/a", "VISA-ending-????") became the
+    hash of nothing, so any other such value looked up (or enrolled) found that member."""
+    owner = (await create_member(ledger.stub, external_ids=[ext("payment_card", "4111 1111 1111 1111")])).member_id
+    for value in (
+        "n/a",
+        "VISA-ending-????",
+        "4111",
+        "4111 1111 1111 1111 1111",
+        "٤١١١١١١١١١١١١١١١",
+        "4111.1111.1111.1111",
+    ):
+        error = await rpc_error(
+            ledger.stub.LookupMember(ledger_pb2.LookupMemberRequest(external_id=ext("payment_card", value))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert error_field(error) == "external_id.value", value
+        error = await rpc_error(
+            create_member(ledger.stub, external_ids=[ext("web", "x@web"), ext("payment_card", value)]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert error_field(error) == "external_ids[1].value", value
+    assert (await lookup(ledger, "payment_card", "4111-1111-1111-1111")).member_id == owner
