@@ -24,7 +24,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from ledger_svc import codec, reviews
 from ledger_svc import commands as c
 from ledger_svc import validation as v
-from ledger_svc.accrual import Accrual, PointsEngine
+from ledger_svc.accrual import FUTURE_SKEW, Accrual, PointsEngine
 from ledger_svc.domain import (
     DEFAULT_FUNDING,
     REFUSALS,
@@ -587,6 +587,10 @@ class LedgerService:
     def _check_redeem(self, cmd: c.Redeem) -> c.Redeem:
         v.positive_points(cmd.points)
         v.optional_text(cmd.reference, "reference")
+        # A spend is screened at its business time: one dated ahead would have fraud_svc's
+        # velocity state trimmed to it (every member's counts at that store and device gone).
+        if cmd.business_time is not None and cmd.business_time > self.clock.now() + FUTURE_SKEW:
+            raise InvalidArgument(f"{cmd.business_time.isoformat()} is in the future", field="business_time")
         return c.Redeem(v.idem_key(cmd.key), v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units),
                         cmd.points, cmd.business_time, cmd.reference, v.screening_context(cmd.context))  # fmt: skip
 

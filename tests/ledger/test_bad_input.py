@@ -262,6 +262,12 @@ CASES: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "expires_at",
     ),
     (
+        "redeem-business-time-ahead",  # fraud_svc would trim its velocity state to that time
+        lambda x: redeem_req(x, business_time=ts(x.ledger.clock.now() + timedelta(hours=1))),
+        INVALID,
+        "business_time",
+    ),
+    (
         "earn-purchase-negative",
         lambda x: earn_req(x, purchase_amount=money(-1, "EUR")),
         INVALID,
