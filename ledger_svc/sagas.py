@@ -58,40 +58,29 @@ class Sagas:
         self.svc = svc
 
     def merge_id(self, source: str) -> str:
-        digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-        return f"mg_{bucket_of(source):04x}{digest}"
+        return first_merge_id(source)
 
     async def drive_merge(self, source: str, target: str, merge_id: str = "") -> dict[str, int]:
         merge_id = merge_id or self.merge_id(source)
+        first = merge_id == self.merge_id(source)
 
-        def move_out(book: ShardBook) -> SagaRecord:
+        def move_out(book: ShardBook) -> SagaRecord | None:
             saga = book.tx.get_saga(merge_id)
             if saga is not None:
                 return saga
-            if merge_id == self.merge_id(source):
+            if first:
                 _require_settled(book.tx, source)
-            moved = {u: m for u in self.svc.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
+            elif _open_reviews(book.tx, source):
+                # A sweep leaves a member under review where it is: the decision settles the
+                # credit or hold on the member's own accounts, then sweeps (sweep_decided).
+                return None
             # The member's purchase count, caps and tier qualification go with the points (the
             # first merge of a member only: a later sweep moves points a return gave back).
-            state = load_state(book, source) if merge_id == self.merge_id(source) else None
-            payload = {"units": moved, "state": codec.to_plain(state) if state else None}
-            saga = SagaRecord(
-                merge_id,
-                "merge",
-                SagaState.HELD,
-                source,
-                target,
-                "",
-                0,
-                "",
-                json.dumps(payload),
-                book.now,
-                book.now,
-            )
-            book.tx.add_saga(saga)
-            return saga
+            return _move_out(book, source, target, merge_id, load_state(book, source) if first else None)
 
         saga = await self.svc._book(self.svc.shard_of(source), move_out)
+        if saga is None:
+            return {}
         self.svc._fault("merge_after_move_out")
         payload: dict[str, Any] = json.loads(saga.payload_json)
         if "units" not in payload:  # a saga started before member state moved with a merge
@@ -278,6 +267,7 @@ class Sagas:
                         await self.drive_reversal(saga.saga_id)
                     else:
                         await self.complete_merge(saga.source_member, saga.dest_member, saga.saga_id)
+                        await self._pass_on(saga.dest_member)
                     completed += 1
                 except LedgerError:
                     log.exception("saga %s could not be completed yet", saga.saga_id)
@@ -316,16 +306,89 @@ class Sagas:
         """Moves what reached a merged-away member after its merge (points a return gave back)
         to the member it was merged into: a merge saga of its own, recovered like the first.
         Nothing to move, no saga (and an empty answer). A target merged away in turn passes
-        them on: they go to the end of the chain."""
+        them on: they go to the end of the chain.
+
+        Never around what must settle on the member first: while a fraud review of it is open
+        everything stays (its decision sweeps, sweep_decided), and before the merge itself has
+        moved anything (it stopped short of open reviews or waiting purchases) the merge is
+        completed instead, once they are settled. Either way the caller's own work stands: a
+        return or a transfer already committed is not turned into an error."""
         if not await self._holds_points(source):
             return {}
+        if await self._saga(source, self.merge_id(source)) is None:
+            return await self._complete_stopped_merge(source)
         heir = await self.svc.merge_heir(await self.svc.member(target)) or target
         return await self.drive_merge(source, heir, new_id("mg", source))
+
+    async def _complete_stopped_merge(self, source: str) -> dict[str, int]:
+        """A merge that marked the member MERGED but moved nothing: completed with the member's
+        state, to the member it names, if nothing is left to settle; else left for the merge
+        sent again (or the next start-up) once the reviews are decided."""
+        target = (await self.svc.member(source)).merged_into
+        try:
+            moved = await self.complete_merge(source, target)
+        except FailedPrecondition as unsettled:
+            log.info("merge of %s into %s waits: %s", source, target, unsettled.message)
+            return {}
+        await self._pass_on(target)
+        return moved
+
+    async def _pass_on(self, member_id: str) -> None:
+        """Points a merge step moved to a member merged away since go on to the end of its chain
+        (a failure here leaves them for the next start-up's sweep: the step itself is done)."""
+        member = await self.svc.member(member_id)
+        if not member.merged_into:
+            return
+        try:
+            await self.sweep_merged(member_id, member.merged_into)
+        except LedgerError:
+            log.exception("points moved to %s, merged into %s, could not follow it yet", member_id, member.merged_into)
 
     async def complete_merge(self, source: str, target: str, merge_id: str = "") -> dict[str, int]:
         moved = await self.drive_merge(source, target, merge_id)
         await self.svc.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, target))
         return moved
+
+
+def first_merge_id(source: str) -> str:
+    """The saga id of a member's merge (its later sweeps get ids of their own)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    return f"mg_{bucket_of(source):04x}{digest}"
+
+
+def _move_out(book: ShardBook, source: str, target: str, merge_id: str, state: MemberState | None) -> SagaRecord | None:
+    """Source side of a merge or a sweep: every unit into transit, and the saga that carries
+    them to the target. A sweep (no member state) that finds nothing records no saga."""
+    moved = {u: m for u in book.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
+    if not moved and state is None:
+        return None
+    payload = {"units": moved, "state": codec.to_plain(state) if state else None}
+    saga = SagaRecord(
+        merge_id, "merge", SagaState.HELD, source, target, "", 0, "", json.dumps(payload), book.now, book.now
+    )
+    book.tx.add_saga(saga)
+    return saga
+
+
+def sweep_decided(book: ShardBook, review: reviews.Review) -> SagaRecord | None:
+    """In the write that decides a review of a member whose merge had already moved it (a
+    purchase in flight opened the review after the move): once none of the member's reviews is
+    open, what the decision left there (a released credit, and whatever sweeps left waiting for
+    it) starts for the member it was merged into, as a merge saga of its own that recovery
+    completes like any other and passes on down the chain. A merge that stopped short moved
+    nothing yet: that merge, sent again, moves everything (with the member's state)."""
+    member_id = review.member_id
+    merge = book.tx.get_saga(first_merge_id(member_id))
+    if merge is None:
+        return None
+    others = [r for _at, r, _body in book.tx.list_reviews(ReviewStatus.OPEN.value, member_id, None, 2)]
+    if [r for r in others if r != review.review_id] or any(h.saga_id for h in book.tx.placed_holds_of(member_id)):
+        return None  # the last decision sweeps; a transfer in flight keeps its hold
+    return _move_out(book, member_id, merge.dest_member, f"mg_{review.review_id.split('_', 1)[1]}", None)
+
+
+def _open_reviews(tx: ShardTx, member_id: str) -> int:
+    return len(tx.list_reviews(ReviewStatus.OPEN.value, member_id, None, 100))
 
 
 def _require_settled(tx: ShardTx, member_id: str) -> None:
@@ -335,7 +398,7 @@ def _require_settled(tx: ShardTx, member_id: str) -> None:
     on a member that holds nothing any more, so the merge stops short of moving (the member
     stays MERGED: nothing more can post to it) until the caller has settled them and sends the
     merge again."""
-    reviews_open = len(tx.list_reviews(ReviewStatus.OPEN.value, member_id, None, 100))
+    reviews_open = _open_reviews(tx, member_id)
     waiting = tx.member_waiting_purchases(member_id)
     if reviews_open or waiting:
         raise FailedPrecondition(

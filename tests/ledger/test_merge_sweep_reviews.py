@@ -1,0 +1,170 @@
+"""Fraud reviews of a merged-away member, opened by a purchase in flight after its merge had
+checked it (the merge's own check refuses a member with open reviews): a sweep must leave the
+review's credit where the decision will act on it, the decision must work, and its outcome must
+reach the member the source was merged into (down a chain), with nothing lost or paid twice.
+Each test runs on SQLite and on Cassandra (tests/ledger)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+
+from ledger_svc import commands as c
+from ledger_svc import reviews
+from ledger_svc.domain import FailedPrecondition, IdemKey
+from ledger_svc.postings import ShardBook
+from ledger_svc.reviews import ReviewStatus
+from ledger_svc.screening import Screening, Verdict
+from ledger_svc.service import LedgerService
+from tests.conftest import LedgerUnderTest
+from tests.ledger.helpers import assert_books_balance
+
+_n = itertools.count()
+
+
+def k() -> IdemKey:
+    return IdemKey("sweep-reviews", f"k{next(_n)}")
+
+
+async def member(svc: LedgerService, *, shard_of: str = "", same_shard: bool = False) -> str:
+    """A new member; given `shard_of`, one on that member's shard or (same_shard False) another."""
+    while True:
+        m = (await svc.create_member(c.CreateMember(k()))).member_id
+        if not shard_of or (svc.shard_of(m) == svc.shard_of(shard_of)) == same_shard:
+            return m
+
+
+def reviewed_earn(member_id: str, points: int) -> Callable[[ShardBook], str]:
+    """A purchase's write under a REVIEW verdict, as accrue makes it: the pending credit and
+    its review item together. Run directly, it lands after the member's merge, as a purchase
+    that passed its status check just before the merge marked the member MERGED does."""
+
+    def write(book: ShardBook) -> str:
+        earned = book.earn(
+            member_id, "points", points, funding_source="program", business_time=None, expires_at=None,
+            release_at=None, pending_review=True, purchase=None, reference="late purchase",
+        )  # fmt: skip
+        review = reviews.open_review(
+            book, reviews.new_review_id(member_id), reviews.ReviewKind.EARN, member_id, "points", points,
+            (earned.transaction.transaction_id,), Screening(Verdict.REVIEW, True, 0.91, ("burst",)),
+        )  # fmt: skip
+        return review.review_id
+
+    return write
+
+
+async def points(svc: LedgerService, member_id: str) -> tuple[int, int, int]:
+    """(balance, pending, debt)."""
+    b = await svc.get_balance(member_id, "points")
+    return b.balance_points, b.pending_points, b.debt_points
+
+
+async def decide(svc: LedgerService, review_id: str, approve: bool) -> reviews.Review:
+    return await svc.decide_review(c.DecideReview(k(), review_id, approve, "ops-anna"))
+
+
+@pytest.mark.parametrize("approve", [True, False])
+async def test_a_transfer_sweep_leaves_a_late_review_to_its_decision_whose_outcome_reaches_the_heir(
+    ledger: LedgerUnderTest, approve: bool
+) -> None:
+    """A transfer credited to the merged-away member sweeps it: before, the sweep took the
+    review's credit to the heir, so approval released nothing (40 pending on the heir for ever)
+    and rejection reversed 40 from the source's emptied credit (-40 pending on it, the heir's
+    40 still there)."""
+    svc = ledger.app.service
+    sender, source = await member(svc), await member(svc)
+    heir = await member(svc, shard_of=source)
+    await svc.earn(c.Earn(k(), sender, "points", 60))
+    await svc.earn(c.Earn(k(), source, "points", 100))
+    transfer = c.Transfer(k(), sender, source, "points", 60)
+    saga_id = await svc._book(svc.shard_of(sender), lambda b: svc.sagas.start_transfer(b, transfer))
+    await svc.merge_members(c.MergeMembers(k(), source, heir))
+    review_id = await svc._book(svc.shard_of(source), reviewed_earn(source, 40))
+
+    await svc.sagas.drive_transfer(saga_id)  # credits the source, then sweeps it
+
+    # Nothing moves while the review is open: the decision must find its credit.
+    assert (await points(svc, source), await points(svc, heir)) == ((60, 40, 0), (100, 0, 0))
+    decision = c.DecideReview(k(), review_id, approve, "ops-anna")
+    decided = await svc.decide_review(decision)
+    assert decided.status is (ReviewStatus.APPROVED if approve else ReviewStatus.REJECTED)
+    assert len(decided.outcome_transaction_ids) == 1
+    await svc.sagas.recover()  # the maintenance pass completes the sweep the decision started
+
+    assert await points(svc, source) == (0, 0, 0)
+    assert await points(svc, heir) == ((200 if approve else 160), 0, 0)
+    await assert_books_balance(ledger)
+    # A replay of the decision answers as the first time and moves nothing again.
+    assert await svc.decide_review(decision) == decided
+    await svc.sagas.recover(at_startup=True)
+    assert await points(svc, heir) == ((200 if approve else 160), 0, 0)
+    await assert_books_balance(ledger)
+
+
+async def test_reviews_left_by_start_up_recovery_settle_down_a_merge_chain_after_the_last_decision(
+    ledger: LedgerUnderTest,
+) -> None:
+    """Two late reviews on a member merged into one merged on in turn (a chain): the start-up
+    sweep leaves both, the first decision moves nothing yet (the other still holds its credit
+    there), and the last sends everything decided to the end of the chain."""
+    svc = ledger.app.service
+    source = await member(svc)
+    middle = await member(svc, shard_of=source, same_shard=True)
+    heir = await member(svc, shard_of=source)
+    await svc.earn(c.Earn(k(), source, "points", 100))
+    await svc.merge_members(c.MergeMembers(k(), source, middle))
+    await svc.merge_members(c.MergeMembers(k(), middle, heir))
+    rejected = await svc._book(svc.shard_of(source), reviewed_earn(source, 40))
+    approved = await svc._book(svc.shard_of(source), reviewed_earn(source, 25))
+
+    await svc.sagas.recover(at_startup=True)
+    assert await points(svc, source) == (0, 65, 0)
+
+    await decide(svc, rejected, False)
+    await svc.sagas.recover()
+    assert await points(svc, source) == (0, 25, 0)
+
+    await decide(svc, approved, True)
+    await svc.sagas.recover()
+    assert [await points(svc, m) for m in (source, middle, heir)] == [(0, 0, 0), (0, 0, 0), (125, 0, 0)]
+    await assert_books_balance(ledger)
+
+
+async def test_a_sweep_never_runs_ahead_of_a_merge_that_stopped_short_of_a_review(
+    ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge found the review in the write that moves the points and stopped short. A
+    transfer credited to the member then swept it: before, everything went to the heir around
+    the merge's check (the review's credit with it, stranding the decision, and the member's
+    purchase count and tier credits left behind). Now nothing moves until the review is
+    decided and the merge sent again."""
+    svc = ledger.app.service
+    sender, source = await member(svc), await member(svc)
+    heir = await member(svc, shard_of=source)
+    await svc.earn(c.Earn(k(), sender, "points", 60))
+    await svc.earn(c.Earn(k(), source, "points", 100))
+    transfer = c.Transfer(k(), sender, source, "points", 60)
+    saga_id = await svc._book(svc.shard_of(sender), lambda b: svc.sagas.start_transfer(b, transfer))
+    complete_merge = svc.sagas.complete_merge
+    opened: list[str] = []
+
+    async def review_lands_first(src: str, dst: str, merge_id: str = "") -> dict[str, int]:
+        opened.append(await svc._book(svc.shard_of(src), reviewed_earn(src, 40)))
+        return await complete_merge(src, dst, merge_id)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(svc.sagas, "complete_merge", review_lands_first)
+        with pytest.raises(FailedPrecondition, match="1 open fraud reviews"):
+            await svc.merge_members(c.MergeMembers(k(), source, heir))
+
+    await svc.sagas.drive_transfer(saga_id)
+    assert (await points(svc, source), await points(svc, heir)) == ((160, 40, 0), (0, 0, 0))
+    await decide(svc, opened[0], True)
+    assert await points(svc, source) == (200, 0, 0)
+
+    moved = await svc.merge_members(c.MergeMembers(k(), source, heir))
+    assert moved.moved_points == {"points": 200}
+    assert (await points(svc, source), await points(svc, heir)) == ((0, 0, 0), (200, 0, 0))
+    await assert_books_balance(ledger)
