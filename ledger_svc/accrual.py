@@ -440,9 +440,10 @@ class Accrual:
         status = await svc._status(member_id, "member_id")
         if status is MemberStatus.BLOCKED:
             return -1  # earns nothing while blocked; keeps waiting, in case the block is lifted
-        if status is MemberStatus.MERGED:
-            # A merge stopped short of moving the points while this waited (sagas._require_settled):
-            # it earns on the member, and the merge, sent again, moves it with the rest.
+        merged = status is MemberStatus.MERGED
+        if merged:
+            # Merged while this waited: it earns on the member, then follows the merge (a merge
+            # that stopped short of it, sagas._require_settled, completes once nothing waits).
             status = MemberStatus.ACTIVE
         cmd = c.RecordPurchase(
             IdemKey("", ""), record.member_id, record.channel, record.store_id, record.receipt_id, record.total,
@@ -477,7 +478,10 @@ class Accrual:
                 accrue(book, current, quote, screening, review_id)
             return 1
 
-        return await svc._book(shard, settle)
+        settled = await svc._book(shard, settle)
+        if settled and merged:
+            await svc.sagas.follow_merge(member_id)
+        return settled
 
     # Returns ----------------------------------------------------------------------------------
 

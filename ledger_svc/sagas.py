@@ -344,6 +344,25 @@ class Sagas:
         except LedgerError:
             log.exception("points moved to %s, merged into %s, could not follow it yet", member_id, member.merged_into)
 
+    async def follow_merge(self, member_id: str, review_id: str = "") -> None:
+        """After a write that left points on a member merged away since it was checked (a
+        waiting purchase that earned, a review decided): they go to its heir now rather than at
+        the next maintenance pass. A decision's own sweep saga (sweep_decided) is driven if it
+        started; otherwise a sweep. A failure is logged: the write stands, and recovery (the
+        maintenance pass, the next start-up) moves them on."""
+        member = await self.svc.member(member_id)
+        if not member.merged_into:
+            return
+        try:
+            saga = await self._saga(member_id, decided_sweep_id(review_id)) if review_id else None
+            if saga is not None and saga.state != SagaState.DONE:
+                await self.complete_merge(saga.source_member, saga.dest_member, saga.saga_id)
+                await self._pass_on(saga.dest_member)
+            elif saga is None:
+                await self.sweep_merged(member_id, member.merged_into)
+        except LedgerError:
+            log.exception("points left on %s, merged into %s, could not follow it yet", member_id, member.merged_into)
+
     async def complete_merge(self, source: str, target: str, merge_id: str = "") -> dict[str, int]:
         moved = await self.drive_merge(source, target, merge_id)
         await self.svc.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, target))
@@ -384,7 +403,12 @@ def sweep_decided(book: ShardBook, review: reviews.Review) -> SagaRecord | None:
     others = [r for _at, r, _body in book.tx.list_reviews(ReviewStatus.OPEN.value, member_id, None, 2)]
     if [r for r in others if r != review.review_id] or any(h.saga_id for h in book.tx.placed_holds_of(member_id)):
         return None  # the last decision sweeps; a transfer in flight keeps its hold
-    return _move_out(book, member_id, merge.dest_member, f"mg_{review.review_id.split('_', 1)[1]}", None)
+    return _move_out(book, member_id, merge.dest_member, decided_sweep_id(review.review_id), None)
+
+
+def decided_sweep_id(review_id: str) -> str:
+    """The saga id of the sweep a review's decision starts (one per review: a replay finds it)."""
+    return f"mg_{review_id.split('_', 1)[1]}"
 
 
 def _open_reviews(tx: ShardTx, member_id: str) -> int:

@@ -699,6 +699,7 @@ class LedgerService:
                 await self.sagas.drive_transfer(decided.transfer_id)
             except LedgerError:  # the decision stands; maintenance drives the saga on
                 log.exception("approved transfer %s could not be completed yet", decided.transfer_id)
+        await self.sagas.follow_merge(decided.member_id, decided.review_id)  # a member merged away since
         return decided
 
     @staticmethod

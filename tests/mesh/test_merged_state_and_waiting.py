@@ -16,6 +16,7 @@ from ledger_svc import codec
 from ledger_svc.accrual import BREAKER_SECONDS
 from ledger_svc.domain import SagaState
 from ledger_svc.purchases import MemberState
+from ledger_svc.reconcile import reconcile
 from pointmesh.v1 import ledger_pb2
 from tests.ledger.helpers import key
 from tests.mesh.conftest import Mesh
@@ -133,12 +134,13 @@ async def test_a_waiting_purchase_earns_nothing_while_its_member_is_blocked_and_
     assert await points(mesh, kept) > 0
 
 
-async def test_a_purchase_waiting_when_a_merge_stopped_short_earns_and_the_merge_sent_again_moves_it(
+async def test_a_purchase_waiting_when_a_merge_stopped_short_earns_and_the_merge_then_completes(
     mesh: Mesh,
 ) -> None:
     """The purchase was accepted to wait after the merge's own check, so the write that moves
-    the points stopped the merge (the member stays MERGED). The purchase must still earn, on the
-    member, and the merge sent again carry its points to the target: it was refused as MERGED."""
+    the points stopped the merge (the member stays MERGED). The purchase must still earn, and
+    the merge, with nothing left to wait for, carry its points to the target: before, they sat
+    on the merged-away member until someone sent the merge again."""
     from ledger_svc.domain import FailedPrecondition, MemberStatus
 
     svc = mesh.ledger.app.service
@@ -156,7 +158,40 @@ async def test_a_purchase_waiting_when_a_merge_stopped_short_earns_and_the_merge
 
     got = (await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=waiting.purchase_id))).purchase
     assert got.status == ledger_pb2.PURCHASE_STATUS_EARNED
-    earned = await points(mesh, source)
-    assert earned > 0
-    await svc.sagas.complete_merge(source, target)  # the merge, sent again
+    earned = await points(mesh, target)
+    assert earned > 0 and await points(mesh, source) == 0
+    await svc.sagas.complete_merge(source, target)  # the merge, sent again, moves nothing twice
     assert (await points(mesh, target), await points(mesh, source)) == (earned, 0)
+    assert (await reconcile(svc.store, mesh.ledger.clock.now())).differences == []
+
+
+async def test_a_purchase_that_began_waiting_behind_a_merges_check_follows_the_merge_when_it_earns(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purchase passed its status check, the merge checked the member and moved everything,
+    then the purchase's waiting row committed (here: the merge's check does not see it). When
+    the points engine answers, it earns on the merged-away member: those points now go on to
+    the target, where they sat on the member for ever before (reconcile: points left on a
+    merged member)."""
+    from ledger_svc import sagas
+    from ledger_svc.domain import MemberStatus
+
+    svc = mesh.ledger.app.service
+    source, target = await new_member(mesh), await new_member(mesh)
+    before = await points(mesh, target)
+    await mesh.stop_rules()
+    waiting = (await buy(mesh, source, [("misc", 5000, 1)])).purchase
+    assert waiting.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL
+    await svc.store.write_directory(lambda d: d.set_status(source, MemberStatus.MERGED, target))  # as the merge does
+    svc._status_cache.put(source, MemberStatus.MERGED)
+    monkeypatch.setattr(sagas, "_require_settled", lambda tx, member_id: None)
+    await svc.sagas.complete_merge(source, target)  # its check ran before the waiting row committed
+    monkeypatch.undo()
+    await mesh.restart_rules()
+
+    await settle_all(mesh)
+
+    got = (await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=waiting.purchase_id))).purchase
+    assert got.status == ledger_pb2.PURCHASE_STATUS_EARNED
+    assert await points(mesh, source) == 0 and await points(mesh, target) > before
+    assert (await reconcile(svc.store, mesh.ledger.clock.now())).differences == []
