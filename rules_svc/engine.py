@@ -10,6 +10,11 @@ day, time window, campaign dates) are evaluated once per (channel, store, UTC mi
 cached; rules with line conditions are skipped unless one of the basket's categories or SKUs
 can match them (a best-of group is still decided at its first-ranked member's position, and
 only its contenders are skipped that way); the rest is integer arithmetic and tuple construction.
+
+Compound multipliers pay on base points and earlier components, except guarded ones (member
+caps, purchase number): the ledger decides those against the member's state when it posts,
+after this quote, so compounding them could pay on points the member never gets (docs/rules.md,
+Effects).
 """
 
 from __future__ import annotations
@@ -37,6 +42,21 @@ class _Place:
     region: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Steps:
+    """What a (channel, store, minute) runs: rules outside best-of groups whose place-and-time
+    conditions hold and, at its opener's position, each best-of group with a member that holds."""
+
+    rules: list[CompiledRule]
+    contenders: dict[str, list[CompiledRule]]
+
+
+def _compounds(part: Component) -> bool:
+    """Whether a later compound multiplier pays on this component: not when it carries a guard
+    (a member cap or purchase number), which the ledger may cut in its write after this quote."""
+    return part.line >= 0 and part.guard is None
+
+
 class CompiledProgram:
     def __init__(self, program: Program, version: int) -> None:
         self.program = program
@@ -54,6 +74,12 @@ class CompiledProgram:
         self.rules = [compile_rule(r) for r in sorted(program.rules, key=lambda r: (r.priority, r.id))]
         self.experiments = ExperimentRules(program)
         self.best_of = {g.id for g in program.groups if g.mode == GroupMode.BEST_OF}
+        # A best-of group is decided at its first-ranked member whichever condition that member
+        # fails, a place-and-time one or an experiment arm included.
+        self.openers: dict[str, CompiledRule] = {}
+        for r in self.rules:
+            if r.group is not None and r.group in self.best_of:
+                self.openers.setdefault(r.group, r)
         # A best-of group prices every contender when its first one comes up, so a compound
         # contender needs the running totals then, whichever rule opened the group.
         self.compound_groups = {r.group for r in self.rules if r.compound and r.group in self.best_of}
@@ -69,7 +95,7 @@ class CompiledProgram:
         policy = program.policy
         self.expiry = timedelta(days=policy.expiry_days) if policy.expiry_days else None
         self.release = timedelta(days=policy.release_after_days) if policy.release_after_days else None
-        self._place_cache: dict[tuple[str, str, int], list[CompiledRule]] = {}
+        self._place_cache: dict[tuple[str, str, int], _Steps] = {}
 
     # Checks and conversions ---------------------------------------------------------------
 
@@ -156,13 +182,27 @@ class CompiledProgram:
             found = self._thresholds[key] = low
         return found
 
-    def _candidates(self, basket: Basket, place: _Place, local: datetime) -> list[CompiledRule]:
+    def _candidates(self, basket: Basket, place: _Place, local: datetime) -> _Steps:
         # The UTC minute, not the wall-clock one: in a repeated DST hour two instants share the latter.
         key = (basket.channel, basket.store_id, int(basket.receipt_time.timestamp()) // 60)
         found = self._place_cache.get(key)
         if found is None:
             ch, st, rg = basket.channel, basket.store_id, place.region
-            found = [r for r in self.rules if all(check(ch, st, rg, local) for check in r.place_checks)]
+            steps: list[CompiledRule] = []
+            contenders: dict[str, list[CompiledRule]] = {}
+            for r in self.rules:
+                holds = all(check(ch, st, rg, local) for check in r.place_checks)
+                group = r.group
+                if group is not None and group in self.best_of:
+                    if self.openers[group] is r:
+                        steps.append(r)
+                    if holds:
+                        contenders.setdefault(group, []).append(r)
+                elif holds:
+                    steps.append(r)
+            if len(contenders) < len(self.openers):  # a group none of whose members holds here
+                steps = [r for r in steps if r.group is None or r.group not in self.best_of or r.group in contenders]
+            found = _Steps(steps, contenders)
             if len(self._place_cache) >= _PLACE_CACHE_MAX:
                 self._place_cache.clear()
             self._place_cache[key] = found
@@ -195,24 +235,25 @@ class CompiledProgram:
         tokens: set[str] | None = None
         if self.uses_tokens:
             tokens = {f"c:{ln.category}" for ln in basket.lines} | {f"s:{ln.sku}" for ln in basket.lines}
-        candidates = self._candidates(basket, place, local)
+        steps = self._candidates(basket, place, local)
         arms = self.experiments.arms_of(member.member_id, basket.receipt_time)
-        if self.experiments.gated:
-            candidates = [r for r in candidates if self.experiments.allows(r.rule_id, arms)]
-        done_groups: set[str] = set()
+        gated = self.experiments.gated
+        allows = self.experiments.allows
         best_of_groups = self.best_of
-        for rule in candidates:
+        for rule in steps.rules:
             group = rule.group
             if group is not None and group in best_of_groups:
-                # Decided here, at its first-ranked member, whether or not that member applies:
-                # the token shortcut below must not move the decision to a later member.
-                if group in done_groups:
-                    continue
-                done_groups.add(group)
+                # The group's opener: decided here whether or not the opener itself applies, so
+                # neither its conditions nor the token shortcut move the decision to a later member.
+                contenders = steps.contenders[group]
+                if gated:
+                    contenders = [r for r in contenders if allows(r.rule_id, arms)]
                 if running is None and group in self.compound_groups:
                     running = self._running(base, parts)
-                got = self._best_of(group, candidates, basket, member, ordinal, local, base, running, excluded, tokens)
+                got = self._best_of(group, contenders, basket, member, ordinal, local, base, running, excluded, tokens)
             else:
+                if gated and not allows(rule.rule_id, arms):
+                    continue
                 if rule.tokens is not None and tokens is not None and rule.tokens.isdisjoint(tokens):
                     continue
                 if running is None and rule.compound:
@@ -222,7 +263,7 @@ class CompiledProgram:
                 continue
             if running is not None:
                 for part in got:
-                    if part.line >= 0 and part.unit in running:
+                    if part.unit in running and _compounds(part):
                         running[part.unit][part.line] += part.points
             parts += got
         if member.counters is not None:
@@ -238,26 +279,26 @@ class CompiledProgram:
 
     @staticmethod
     def _running(base: dict[str, list[int]], parts: list[Component]) -> dict[str, list[int]]:
-        """Per-line totals so far (base plus extras already applied), for compound multipliers."""
+        """Per-line totals so far (base plus extras already applied and not guarded), for
+        compound multipliers."""
         running = {unit: list(v) for unit, v in base.items()}
         for part in parts:
-            if part.rule_id != "base" and part.line >= 0 and part.unit in running:
+            if part.rule_id != "base" and part.unit in running and _compounds(part):
                 running[part.unit][part.line] += part.points
         return running
 
     def _best_of(
-        self, group: str, candidates: list[CompiledRule], basket: Basket, member: MemberContext, ordinal: int,
+        self, group: str, contenders: list[CompiledRule], basket: Basket, member: MemberContext, ordinal: int,
         local: datetime, base: dict[str, list[int]], running: dict[str, list[int]] | None, excluded: list[Excluded],
         tokens: set[str] | None,
     ) -> list[Component] | None:  # fmt: skip
         scored: list[tuple[CompiledRule, list[Component]]] = []
-        for contender in candidates:
-            if contender.group == group:
-                if contender.tokens is not None and tokens is not None and contender.tokens.isdisjoint(tokens):
-                    continue  # no line can qualify: the contender does not apply
-                got = self._apply(contender, basket, member, ordinal, local, base, running)
-                if got is not None:
-                    scored.append((contender, got))
+        for contender in contenders:
+            if contender.tokens is not None and tokens is not None and contender.tokens.isdisjoint(tokens):
+                continue  # no line can qualify: the contender does not apply
+            got = self._apply(contender, basket, member, ordinal, local, base, running)
+            if got is not None:
+                scored.append((contender, got))
         if not scored:
             return None
         best, best_parts = max(scored, key=lambda cr: (sum(p.points for p in cr[1]), -cr[0].priority))
