@@ -136,16 +136,18 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await follower
             await redis.aclose()
-            gw.keys.close()
+            await gw.keys.aclose()
 
     app = FastAPI(title="pointmesh gateway", version="1", description=DESCRIPTION, lifespan=lifespan, **_own_tracing())
     app.add_middleware(bounded_body)  # inside instrument's: a 413 is measured too
     instrument(app)
     app.state.gateway = gw
     problems.install(app)
-    openapi.install(app)
+    openapi.install(app, body_limit)
+    # Legacy imports answer a service's limits as an outage (503); live and health call none that way.
+    no_429 = (legacy, live, health)
     for module in (members, purchases, points, program, legacy, live, health, ops, backoffice, game):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=None if module in no_429 else openapi.CALLS_A_SERVICE)
     return app
 
 

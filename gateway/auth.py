@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 import jwt
 from fastapi import Request
 
-from gateway.keys import ApiKey, KeyStore
-from gateway.problems import bad_request, forbidden, unauthorized
+from gateway.keys import ApiKey, KeyStore, KeyStoreUnavailable
+from gateway.problems import bad_request, forbidden, unauthorized, unavailable
 from pointmesh.config import Settings
 
 log = logging.getLogger(__name__)
@@ -154,11 +154,16 @@ def credential_of(headers: dict[str, str] | object) -> str:
     return str(get("x-api-key") or "")
 
 
-def resolve(credential: str, keys: KeyStore, tokens: MemberTokens) -> Principal:
+async def resolve(credential: str, keys: KeyStore, tokens: MemberTokens) -> Principal:
     if not credential:
         raise unauthorized("send an API key or a member token as 'Authorization: Bearer <credential>'")
     if credential.startswith("pmk_"):
-        key = keys.verify(credential)
+        try:
+            key = await keys.verify_async(credential)
+        except KeyStoreUnavailable as exc:
+            # Neither valid nor invalid: a 401 would make a client drop a good key.
+            log.warning("API keys cannot be read: %s", exc)
+            raise unavailable("the API key store") from None
         if key is None:
             raise unauthorized("the API key is not valid or was revoked")
         return Principal(key=key)
@@ -170,6 +175,6 @@ def principal_dependency(
     keys: Callable[[], KeyStore], tokens: Callable[[], MemberTokens]
 ) -> Callable[[Request], Awaitable[Principal]]:
     async def principal(request: Request) -> Principal:
-        return resolve(credential_of(request.headers), keys(), tokens())
+        return await resolve(credential_of(request.headers), keys(), tokens())
 
     return principal

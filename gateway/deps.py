@@ -50,7 +50,7 @@ async def gateway(request: Request) -> Gateway:
 
 async def principal(request: Request) -> Principal:
     gw = _gateway_of(request)
-    return resolve(credential_of(request.headers), gw.keys, gw.tokens)
+    return await resolve(credential_of(request.headers), gw.keys, gw.tokens)
 
 
 class Write(NamedTuple):

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Protocol
 
 from redis import Redis as SyncRedis
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
 
 from ledger_svc.domain import is_valid_name
 
@@ -46,6 +48,11 @@ CREATE TABLE IF NOT EXISTS api_keys (
 
 class KeyRequestError(ValueError):
     """A key request that cannot be honoured (unknown scope, unknown key id)."""
+
+
+class KeyStoreUnavailable(Exception):
+    """The key records cannot be read now (Redis down or too slow): a key is neither valid nor
+    invalid, so the caller is told to retry rather than refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +87,15 @@ class KeyRecords(Protocol):
 
     def rows(self) -> list[Row]: ...
     def get(self, key_id: str) -> Row | None: ...
+    async def lookup(self, key_id: str) -> Row | None:
+        """get() on the request path: without blocking the event loop; KeyStoreUnavailable
+        when the records cannot be read."""
+        ...
+
     def close(self) -> None: ...
+    async def aclose(self) -> None:
+        """close(), and what lookup() opened on the event loop."""
+        ...
 
 
 class SqliteKeyRecords:
@@ -113,8 +128,16 @@ class SqliteKeyRecords:
             found = self._db.execute(f"SELECT {_COLUMNS} FROM api_keys WHERE key_id=?", (key_id,)).fetchone()
         return None if found is None else tuple(found)  # type: ignore[return-value]
 
+    async def lookup(self, key_id: str) -> Row | None:
+        # A primary-key read of a local WAL file that only `pointmesh keys` writes (from another
+        # process): it waits on no network and no writer, so it runs inline.
+        return self.get(key_id)
+
     def close(self) -> None:
         self._db.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 _COLUMNS = "key_id, channel, stores, scopes, label, created_at, revoked_at, key_hash"
@@ -141,7 +164,11 @@ class RedisKeyRecords:
     """One Redis hash, field key id -> the record as a JSON array, shared by every gateway."""
 
     def __init__(self, url: str, *, key: str = "pm:gateway:api-keys", timeout_seconds: float = 2.0) -> None:
+        self._url, self._timeout_seconds = url, timeout_seconds
         self._redis = SyncRedis.from_url(url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds)
+        # The request path's client, opened by the first lookup on the loop that serves (the CLI
+        # and `pointmesh keys` use the synchronous one and never open it).
+        self._async: AsyncRedis | None = None
         self._key = key
 
     def insert(self, row: Row) -> None:
@@ -159,22 +186,44 @@ class RedisKeyRecords:
         raw = self._redis.hget(self._key, key_id)
         return None if raw is None else _row(raw)  # type: ignore[arg-type]
 
+    async def lookup(self, key_id: str) -> Row | None:
+        if self._async is None:
+            timeout = self._timeout_seconds
+            self._async = AsyncRedis.from_url(self._url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            raw = await self._async.hget(self._key, key_id)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:  # refused, reset, or no answer within the timeout
+            raise KeyStoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return None if raw is None else _row(raw)
+
     def close(self) -> None:
         self._redis.close()
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.aclose()
+        self.close()
 
 
 def _row(raw: bytes | str) -> Row:
     return tuple(json.loads(raw))  # type: ignore[return-value]
 
 
+# When a record was read, the key it holds, and the key's hash.
+_Cached = tuple[float, ApiKey, str]
+
+
 class KeyStore:
     def __init__(self, records: Path | KeyRecords) -> None:
         self._records = SqliteKeyRecords(records) if isinstance(records, Path) else records
         # Only keys that exist are cached (bounded by the records); a miss is looked up again.
-        self._cache: dict[str, tuple[float, ApiKey, str]] = {}
+        self._cache: dict[str, _Cached] = {}
 
     def close(self) -> None:
         self._records.close()
+
+    async def aclose(self) -> None:
+        await self._records.aclose()
 
     def create(self, channel: str, scopes: list[str], stores: list[str], label: str) -> tuple[str, ApiKey]:
         """Returns the plaintext key (shown once) and its record."""
@@ -203,26 +252,55 @@ class KeyStore:
         return [_record(r) for r in self._records.rows()]
 
     def verify(self, presented: str) -> ApiKey | None:
-        """The active key matching `presented`, or None; constant-time on the secret."""
-        parts = presented.split("_")
-        if len(parts) < 3 or parts[0] != "pmk":
+        """The active key matching `presented`, or None; constant-time on the secret. For the
+        CLI and tests: the gateway's requests use verify_async."""
+        key_id = _key_id(presented)
+        if key_id is None:
             return None
-        key_id = parts[1]
-        if not _KEY_ID_RE.match(key_id):
+        cached = self._fresh(key_id)
+        if cached is None:
+            cached = self._remember(key_id, self._records.get(key_id))
+        return _match(cached, presented)
+
+    async def verify_async(self, presented: str) -> ApiKey | None:
+        """verify() without blocking the event loop; KeyStoreUnavailable when the records
+        cannot be read (a key not in the cache is neither accepted nor refused then)."""
+        key_id = _key_id(presented)
+        if key_id is None:
             return None
-        now = time.monotonic()
+        cached = self._fresh(key_id)
+        if cached is None:
+            cached = self._remember(key_id, await self._records.lookup(key_id))
+        return _match(cached, presented)
+
+    def _fresh(self, key_id: str) -> _Cached | None:
         cached = self._cache.get(key_id)
-        if cached is None or now - cached[0] > CACHE_SECONDS:
-            row = self._records.get(key_id)
-            if row is None:
-                self._cache.pop(key_id, None)
-                return None
-            cached = (now, _record(row[:7]), row[7])
-            self._cache[key_id] = cached
-        _, record, key_hash = cached
-        if record.revoked_at is not None:
+        return cached if cached is not None and time.monotonic() - cached[0] <= CACHE_SECONDS else None
+
+    def _remember(self, key_id: str, row: Row | None) -> _Cached | None:
+        if row is None:
+            self._cache.pop(key_id, None)
             return None
-        return record if hmac.compare_digest(key_hash, _hash(presented)) else None
+        cached = (time.monotonic(), _record(row[:7]), row[7])
+        self._cache[key_id] = cached
+        return cached
+
+
+def _key_id(presented: str) -> str | None:
+    """The id part of `pmk_<id>_<secret>`, or None for anything that is not the shape of a key."""
+    parts = presented.split("_")
+    if len(parts) < 3 or parts[0] != "pmk" or not _KEY_ID_RE.match(parts[1]):
+        return None
+    return parts[1]
+
+
+def _match(cached: _Cached | None, presented: str) -> ApiKey | None:
+    if cached is None:
+        return None
+    _, record, key_hash = cached
+    if record.revoked_at is not None:
+        return None
+    return record if hmac.compare_digest(key_hash, _hash(presented)) else None
 
 
 def _record(row: Row | tuple[str, str, str, str, str, str, str | None]) -> ApiKey:

@@ -1,14 +1,16 @@
 """The served OpenAPI document: every operation lists the problem+json answers it can give,
-with one shared Problem schema, in place of FastAPI's default validation-error shape."""
+with one shared Problem schema, in place of FastAPI's default validation-error shape. An answer
+a route documents itself (readiness's 503, a webhook's 422 report) is left as the route says."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from gateway.problems import MEDIA_TYPE
+from gateway.problems import MEDIA_TYPE, Problem
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",
@@ -43,9 +45,28 @@ WHEN = {
     "503": "A service is unavailable; retry after Retry-After seconds",
     "500": "Unexpected error (logged; no details leak)",
 }
+_BODY_METHODS = ("post", "put", "patch")
 
 
-def install(app: FastAPI) -> None:
+def problem_response(text: str) -> dict[str, Any]:
+    return {"description": text, "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+# For the routers whose routes call a service (app.py includes them with it): a gRPC answer of
+# RESOURCE_EXHAUSTED (a service's limit, or a message over gRPC's) is a 429.
+CALLS_A_SERVICE: dict[int | str, dict[str, Any]] = {
+    429: problem_response("A service refused the request for its limits (gRPC RESOURCE_EXHAUSTED); retry later")
+}
+
+
+def _fastapis_validation_error(response: dict[str, Any]) -> bool:
+    """The 422 FastAPI adds for its own validation shape: the gateway answers those with a 400."""
+    return "HTTPValidationError" in str(response.get("content", ""))
+
+
+def install(app: FastAPI, body_limit: Callable[[str], tuple[int, Problem]]) -> None:
+    """`body_limit`: what a path's body may carry and how a larger one is refused (app.body_limit)."""
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
@@ -58,14 +79,15 @@ def install(app: FastAPI) -> None:
         doc["security"] = [{"bearer": []}]
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
-        for path in doc.get("paths", {}).values():
-            for operation in path.values():
+        for path, item in doc.get("paths", {}).items():
+            for method, operation in item.items():
                 responses = operation.setdefault("responses", {})
                 for code, text in WHEN.items():
-                    responses[code] = {
-                        "description": text,
-                        "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
-                    }
+                    if code not in responses or _fastapis_validation_error(responses[code]):
+                        responses[code] = problem_response(text)
+                limit, refusal = body_limit(path)
+                if method in _BODY_METHODS and refusal.status == 413:
+                    responses["413"] = problem_response(f"The body is larger than {limit} bytes")
         app.openapi_schema = doc
         return doc
 

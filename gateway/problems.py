@@ -71,6 +71,14 @@ def bad_request(field: str, detail: str) -> Problem:
                    errors=[{"field": field, "detail": detail}])  # fmt: skip
 
 
+def unavailable(name: str, *, late: bool = False) -> Problem:
+    """A 503 naming the service only (`name`, e.g. "the points ledger"): what the call said,
+    peer addresses included, is for the log."""
+    title = "A service did not answer in time" if late else "A service is unavailable"
+    detail = f"{name} {'did not answer in time' if late else 'is unavailable'}; retry shortly"
+    return Problem(503, "service-unavailable", title, detail, headers={"Retry-After": "1"})
+
+
 def too_large(limit: int) -> Problem:
     """Said without closing the connection: a client still sending would meet a reset before it
     read the 413. The server (uvicorn) drops the rest of the body as it arrives, holding none."""
@@ -134,7 +142,6 @@ def from_grpc(error: grpc.aio.AioRpcError, service: str) -> Problem:
     violations = [v for d in details if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations]
     errors = [_violation(v.field, v.description) for v in violations]
     extra: dict[str, Any] = {}
-    headers: dict[str, str] = {}
     detail = error.details() or title
     if violations and detail.startswith(f"{violations[0].field}: "):
         detail = f"{errors[0]['field']}: {detail.removeprefix(f'{violations[0].field}: ')}"
@@ -150,16 +157,14 @@ def from_grpc(error: grpc.aio.AioRpcError, service: str) -> Problem:
             errors, detail = [{"field": field, "detail": said}], f"{field}: {said}"
     name = SERVICE_NAMES.get(service, service)
     if status == 503:
-        headers["Retry-After"] = "1"
         log.warning("%s is unavailable (%s): %s", service, code.name, error.details())
-        late = code == grpc.StatusCode.DEADLINE_EXCEEDED
-        detail = f"{name} {'did not answer in time' if late else 'is unavailable'}; retry shortly"
+        return unavailable(name, late=code == grpc.StatusCode.DEADLINE_EXCEEDED)
     if status == 500:
         log.error("%s failed with %s: %s", service, code.name, detail)
         detail = f"{service} failed; the error is logged"
     if status == 409:
         detail = f"{detail}. {SAME_BODY}"
-    return Problem(status, slug, title, detail, errors=errors, headers=headers, **extra)
+    return Problem(status, slug, title, detail, errors=errors, **extra)
 
 
 def _response(problem: Problem, request: Request) -> JSONResponse:

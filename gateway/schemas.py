@@ -441,3 +441,27 @@ class LeaderboardEntry(BaseModel):
 class Leaderboard(BaseModel):
     challenge_id: str
     entries: list[LeaderboardEntry]
+
+
+class QuarantinedLine(BaseModel):
+    source: str = Field(examples=["franchise_drop.csv"])
+    line: int = Field(description="The line in the file, 1-based; 1 for a webhook body.")
+    reason: str = Field(
+        examples=["column amount: '12.5O' is not a decimal amount like 12.50 (digits, one '.', no sign)"]
+    )
+    field: str = Field(description="The column, JSON path or ledger field at fault; empty when none is.")
+
+
+class ImportReport(BaseModel):
+    """What a legacy import did with each record (docs/legacy.md)."""
+
+    adapter: str = Field(examples=["csv"])
+    channel: str = Field(examples=["pos"])
+    accepted: int = Field(description="Receipts and returns recorded now.")
+    duplicates: int = Field(description="Receipts and returns the ledger already had, from any transport.")
+    pending_accrual: int = Field(description="Accepted purchases that earn once rules_svc answers.")
+    quarantined: list[QuarantinedLine]
+    quarantine_file: str | None = Field(
+        description="The file the quarantined lines were appended to, by its name in the gateway's quarantine "
+        "directory; null when nothing was quarantined."
+    )

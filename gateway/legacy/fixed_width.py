@@ -4,7 +4,8 @@ The trailer's record count is the only proof that the transfer delivered the fil
 mainframe wrote. When it (or the header/trailer framing) is wrong the file is truncated or
 spliced, so nothing of it is imported: every line is quarantined with the reason, and ops
 asks for the file again. Within a well-framed file a bad record holds back only its own
-receipt. Layout tables: LAYOUTS below, mirrored in docs/legacy.md (a test keeps them equal).
+receipt, and a receipt is read whole (its P and every L after it) or not at all. Layout
+tables: LAYOUTS below, mirrored in docs/legacy.md (a test keeps them equal).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
 from gateway.legacy import fields as f
 from gateway.legacy.records import (
@@ -28,12 +30,23 @@ from gateway.legacy.records import (
 )
 
 
+class Fill(StrEnum):
+    """Whether a line may stop before a column's end. Transfers strip trailing blanks, so a
+    line that stops inside (or before) a text column lost only blanks and is padded back; a
+    column written in full (digits, times, offsets, codes) that the line does not reach was
+    cut, and padding it back would read another value (0000000001250 cut to 000000000125)."""
+
+    BLANKS = "blanks"  # text, left-aligned and blank-padded
+    FULL = "full"  # every character written: digits right-aligned and zero-padded, times, codes
+
+
 @dataclass(frozen=True, slots=True)
 class Column:
     name: str
     start: int  # 1-based, as mainframe layouts are written
     width: int
     meaning: str
+    fill: Fill
 
     @property
     def end(self) -> int:
@@ -43,56 +56,57 @@ class Column:
         return line[self.start - 1 : self.end]
 
 
-def _columns(*spec: tuple[str, int, str]) -> tuple[Column, ...]:
+def _columns(*spec: tuple[str, int, str, Fill]) -> tuple[Column, ...]:
     """Columns laid end to end from position 1, so a layout cannot overlap or leave gaps."""
     out, start = [], 1
-    for name, width, meaning in spec:
-        out.append(Column(name, start, width, meaning))
+    for name, width, meaning, fill in spec:
+        out.append(Column(name, start, width, meaning, fill))
         start += width
     return tuple(out)
 
 
+_TEXT, _FULL = Fill.BLANKS, Fill.FULL
 _TIME = "YYYYMMDDHHMMSS, the store's local time"
 _OFFSET = "+HHMM or -HHMM: the local time's UTC offset"
 LAYOUTS: dict[str, tuple[Column, ...]] = {
     "H": _columns(
-        ("record_type", 1, "H"),
-        ("producer", 8, "exporting system, text"),
-        ("created_at", 14, "YYYYMMDDHHMMSS UTC"),
-        ("batch_id", 10, "text"),
+        ("record_type", 1, "H", _FULL),
+        ("producer", 8, "exporting system, text", _TEXT),
+        ("created_at", 14, "YYYYMMDDHHMMSS UTC", _FULL),
+        ("batch_id", 10, "text", _TEXT),
     ),
     "P": _columns(
-        ("record_type", 1, "P: a purchase; its L records follow"),
-        ("store_id", 8, "text"),
-        ("receipt_id", 20, "text"),
-        ("receipt_time", 14, _TIME),
-        ("utc_offset", 5, _OFFSET),
-        ("card_number", 19, "text"),
-        ("currency", 3, "ISO 4217 code"),
-        ("line_count", 3, "digits, 001-500: the L records that follow"),
+        ("record_type", 1, "P: a purchase; its L records follow", _FULL),
+        ("store_id", 8, "text", _TEXT),
+        ("receipt_id", 20, "text", _TEXT),
+        ("receipt_time", 14, _TIME, _FULL),
+        ("utc_offset", 5, _OFFSET, _FULL),
+        ("card_number", 19, "text", _TEXT),
+        ("currency", 3, "ISO 4217 code", _FULL),
+        ("line_count", 3, "digits, 001-500: the L records that follow", _FULL),
     ),
     "L": _columns(
-        ("record_type", 1, "L: a line of the P record above"),
-        ("sku", 16, "text"),
-        ("category", 12, "text"),
-        ("quantity", 5, "digits, at least 1"),
-        ("amount_minor", 13, "digits: line total in minor units of the P record's currency"),
+        ("record_type", 1, "L: a line of the P record above", _FULL),
+        ("sku", 16, "text", _TEXT),
+        ("category", 12, "text", _TEXT),
+        ("quantity", 5, "digits, at least 1", _FULL),
+        ("amount_minor", 13, "digits: line total in minor units of the P record's currency", _FULL),
     ),
     "R": _columns(
-        ("record_type", 1, "R: a refund by amount against an earlier receipt"),
-        ("store_id", 8, "text: where the refund happened"),
-        ("refund_id", 20, "text: the refund slip's id"),
-        ("refund_time", 14, _TIME),
-        ("utc_offset", 5, _OFFSET),
-        ("card_number", 19, "text"),
-        ("currency", 3, "ISO 4217 code, as the original receipt's"),
-        ("original_store_id", 8, "text"),
-        ("original_receipt_id", 20, "text"),
-        ("refund_minor", 13, "digits: refunded amount in minor units"),
+        ("record_type", 1, "R: a refund by amount against an earlier receipt", _FULL),
+        ("store_id", 8, "text: where the refund happened", _TEXT),
+        ("refund_id", 20, "text: the refund slip's id", _TEXT),
+        ("refund_time", 14, _TIME, _FULL),
+        ("utc_offset", 5, _OFFSET, _FULL),
+        ("card_number", 19, "text", _TEXT),
+        ("currency", 3, "ISO 4217 code, as the original receipt's", _FULL),
+        ("original_store_id", 8, "text", _TEXT),
+        ("original_receipt_id", 20, "text", _TEXT),
+        ("refund_minor", 13, "digits: refunded amount in minor units", _FULL),
     ),
     "T": _columns(
-        ("record_type", 1, "T"),
-        ("record_count", 9, "digits: P, L and R records between H and T"),
+        ("record_type", 1, "T", _FULL),
+        ("record_count", 9, "digits: P, L and R records between H and T", _FULL),
     ),
 }
 
@@ -103,6 +117,7 @@ class _Record:
     kind: str
     fields: dict[str, str]
     problem: str  # empty when the record's shape is fine
+    field: str = ""  # the column the problem is in, when it is in one
 
 
 @dataclass
@@ -124,17 +139,18 @@ class FixedWidthAdapter:
             rec = body[i]
             i += 1
             if rec.kind == "P":
-                limit = _line_count(rec)  # 0 when unreadable: then every following L goes with it
+                # Every L up to the next other record is the receipt's, however many its P
+                # announces: a receipt with an L left over is held back, not posted without it.
                 group = [rec]
-                while i < len(body) and body[i].kind == "L" and (not limit or len(group) <= limit):
+                while i < len(body) and body[i].kind == "L":
                     group.append(body[i])
                     i += 1
-                yield from _purchase(source, group, limit)
+                yield from _purchase(source, group)
             elif rec.kind == "R":
                 yield from _refund(source, rec)
             else:
-                problem = rec.problem or "L record without a P record before it (or beyond its P's line_count)"
-                yield Quarantined(source, rec.line.number, problem, rec.line.raw)
+                problem = rec.problem or "L record without a P record before it"
+                yield Quarantined(source, rec.line.number, problem, rec.line.raw, field=rec.field)
 
 
 def _lines(data: bytes) -> list[tuple[SourceLine, bool]]:
@@ -158,8 +174,14 @@ def _record(line: SourceLine, ascii_ok: bool) -> _Record:
     length = layout[-1].end
     if line.raw[length:].strip():
         return _Record(line, kind, {}, f"{kind} record is {length} characters; more follow at {length + 1}")
-    # Transfers often strip trailing blanks, so a short line is padded back to the layout.
-    padded = line.raw.ljust(length)
+    # Trailing blanks (stripped by a transfer, or padded on by one) are not counted: a column
+    # written in full that ends past the last other character was cut.
+    given = len(line.raw.rstrip())
+    cut = next((c for c in layout if c.fill is Fill.FULL and c.end > given), None)
+    if cut is not None:
+        problem = f"{kind} record is {length} characters, {given} given: column {cut.name} is cut"
+        return _Record(line, kind, {}, problem, field=cut.name)
+    padded = line.raw.ljust(length)  # only blanks of text columns are missing
     return _Record(line, kind, {c.name: c.cut(padded).strip() for c in layout}, "")
 
 
@@ -168,6 +190,10 @@ def _framing(records: list[_Record]) -> tuple[int, str] | None:
     if not records:
         return None
     first, last = records[0], records[-1]
+    if first.kind == "H" and first.problem:
+        return first.line.number, f"the header is unreadable: {first.problem}"
+    if last.kind == "T" and last.problem:
+        return last.line.number, f"the trailer is unreadable: {last.problem}; the file may be truncated"
     if first.kind != "H" or first.problem:
         return first.line.number, "the first record must be a header (H)"
     if last.kind != "T" or last.problem:
@@ -183,15 +209,6 @@ def _framing(records: list[_Record]) -> tuple[int, str] | None:
     if count != found:
         return last.line.number, f"trailer record_count is {count} but the file has {found} records between H and T"
     return None
-
-
-def _line_count(rec: _Record) -> int:
-    if rec.problem:
-        return 0  # a P record that could not be cut into fields: _purchase holds back its group
-    try:
-        return f.positive(rec.fields["line_count"], "line_count")
-    except f.FieldError:
-        return 0  # reported by _purchase with the rest of the receipt's problems
 
 
 _DIGITS_14 = re.compile(r"^[0-9]{14}$")
@@ -215,17 +232,18 @@ def _local_time(rec: _Record, time_col: str) -> datetime:
     return f.instant(when, f"{time_col}/utc_offset")
 
 
-def _purchase(source: str, group: list[_Record], count: int) -> Iterator[Parsed]:
+def _purchase(source: str, group: list[_Record]) -> Iterator[Parsed]:
     head, items = group[0], group[1:]
     origin = Origin(source, tuple(r.line for r in group))
     broken = next((r for r in group if r.problem), None)
     if broken is not None:
         reason = f"{broken.problem} (line {broken.line.number})"
-        yield from quarantine_all(origin, reason if broken is head else f"receipt held back: {reason}")
+        yield from quarantine_all(origin, reason if broken is head else f"receipt held back: {reason}",
+                                  field=broken.field)  # fmt: skip
         return
     get = head.fields
     try:
-        f.positive(get["line_count"], "line_count")
+        count = f.positive(get["line_count"], "line_count")
         if len(items) != count:
             raise f.FieldError("line_count", f"announces {count} L records but {len(items)} follow")
         currency = f.currency(get["currency"])
@@ -252,7 +270,7 @@ def _item(rec: _Record, currency: str) -> PurchaseLine:
 def _refund(source: str, rec: _Record) -> Iterator[Parsed]:
     origin = Origin(source, (rec.line,))
     if rec.problem:
-        yield from quarantine_all(origin, rec.problem)
+        yield from quarantine_all(origin, rec.problem, field=rec.field)
         return
     get = rec.fields
     try:

@@ -10,10 +10,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway import schemas as s
 from gateway.deps import Caller, GatewayDep, IdPath, call
-from pointmesh.v1 import rules_pb2
+from pointmesh.v1 import ledger_pb2, rules_pb2
 
 router = APIRouter(tags=["gamification"])
-RULES = "rules_svc"
+RULES, LEDGER = "rules_svc", "ledger_svc"
 
 
 def _when(ts: Timestamp, present: bool) -> datetime | None:
@@ -24,6 +24,8 @@ def _when(ts: Timestamp, present: bool) -> datetime | None:
             summary="Achievements, streaks and challenges of a member, with rewards paid")  # fmt: skip
 async def progress(member_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Progress:
     caller.may_read_member(member_id)
+    # rules_svc keeps progress for any id it is asked about: an unknown member is 404, as on every member route.
+    await call(LEDGER, gw.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id)))
     found = await call(RULES, gw.rules.GetMemberProgress(
         rules_pb2.GetMemberProgressRequest(program=gw.settings.program, member_id=member_id)))  # fmt: skip
     return s.Progress(

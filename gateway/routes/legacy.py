@@ -12,14 +12,16 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import replace
 from typing import Annotated, Any
 
+import grpc
 from fastapi import APIRouter, FastAPI, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
+from gateway import schemas as s
 from gateway.deps import Caller, GatewayDep
 from gateway.legacy.importer import ADAPTERS, ImportInterrupted, ImportReport, import_records, write_quarantine
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Quarantined
 from gateway.legacy.webhook import SignatureError, WebhookAdapter, verify_signature
-from gateway.problems import Problem, bad_request, unauthorized
+from gateway.problems import SERVICE_NAMES, Problem, bad_request, unauthorized, unavailable
 from pointmesh.config import DEV_WEBHOOK_SECRET
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,8 @@ def report_body(report: ImportReport) -> dict[str, Any]:
         "duplicates": report.duplicates, "pending_accrual": report.pending_accrual,
         "quarantined": [{"source": q.source, "line": q.line, "reason": q.reason, "field": q.field}
                         for q in report.quarantined],
-        "quarantine_file": str(report.quarantine_file) if report.quarantine_file else None,
+        # Its name in the gateway's quarantine directory: where the server keeps files is not the caller's.
+        "quarantine_file": report.quarantine_file.name if report.quarantine_file else None,
     }  # fmt: skip
 
 
@@ -76,8 +79,14 @@ async def _run(gw: Any, records: Iterable[Parsed], adapter: str, channel: str, s
         # A caller is waiting: an unavailable ledger is its 503 now, not after resends.
         report = await import_records(records, gw.ledger, adapter=adapter, channel=channel, resend_delays=())
     except ImportInterrupted as exc:
-        raise Problem(503, "service-unavailable", "The import stopped", f"{exc}; send the same file again",
-                      headers={"Retry-After": "5"}) from None  # fmt: skip
+        # What the ledger said (its peer address included) is for the log, not the caller.
+        if not exc.retryable:
+            log.error("%s: %s", source, exc)
+            raise Problem(500, "internal", "Internal error", "the import stopped: the points ledger failed; "
+                          "the error is logged") from None  # fmt: skip
+        log.warning("%s: %s", source, exc)
+        late = exc.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        raise unavailable(SERVICE_NAMES["ledger_svc"], late=late) from None
     if report.quarantined:
         path = gw.settings.data_dir / "quarantine" / f"{_safe_name(source)}.quarantine.jsonl"
         write_quarantine(report.quarantined, path, adapter=adapter)
@@ -85,7 +94,7 @@ async def _run(gw: Any, records: Iterable[Parsed], adapter: str, channel: str, s
     return report
 
 
-@router.post("/imports", summary="Import a legacy file (CSV drop or fixed-width export)")
+@router.post("/imports", response_model=s.ImportReport, summary="Import a legacy file (CSV drop or fixed-width export)")
 async def import_upload(
     file: UploadFile, gw: GatewayDep, caller: Caller,
     adapter: Annotated[str, Query(description="csv or fixed-width", examples=["csv"])] = "csv",
@@ -123,8 +132,11 @@ async def _bounded_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-@router.post("/webhooks/{vendor}", summary="A vendor's signed purchase or return (HMAC-SHA256)",
-             responses={202: {"description": "Accepted"}, 200: {"description": "Already received"}})  # fmt: skip
+@router.post("/webhooks/{vendor}", summary="A vendor's signed purchase or return (HMAC-SHA256)", responses={
+    202: {"model": s.ImportReport, "description": "Accepted"},
+    200: {"model": s.ImportReport, "description": "Already received (Idempotent-Replayed: true)"},
+    422: {"model": s.ImportReport, "description": "Quarantined: `quarantined` names the field at fault"},
+})  # fmt: skip
 async def webhook(
     vendor: str, request: Request, gw: GatewayDep,
     x_signature: Annotated[str | None, Header()] = None,

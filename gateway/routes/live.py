@@ -9,18 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
 
 from gateway.auth import Principal, credential_of, resolve
 from gateway.deps import Gateway, IdPath
 from gateway.live import Subscription
-from gateway.problems import Problem
+from gateway.problems import MEDIA_TYPE, Problem
 
 router = APIRouter(tags=["live"])
 POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013
+_DENIAL = "websocket.http.response"  # the ASGI extension for answering a handshake with any HTTP response
 # How often a quiet socket re-checks its credential.
 RECHECK_SECONDS = 30.0
 
@@ -32,27 +34,35 @@ def _credential(ws: WebSocket) -> str:
 async def _authenticate(ws: WebSocket) -> Principal | None:
     gw: Gateway = ws.app.state.gateway
     try:
-        return resolve(_credential(ws), gw.keys, gw.tokens)
+        return await resolve(_credential(ws), gw.keys, gw.tokens)
     except Problem as problem:
-        await ws.close(code=POLICY_VIOLATION, reason=problem.detail[:120])
+        if problem.status == 503 and _DENIAL in ws.scope.get("extensions", {}):
+            # Not a refusal: the client hears the 503 and its Retry-After, as REST says it.
+            await ws.send_denial_response(
+                JSONResponse(problem.body(ws.url.path), problem.status, problem.headers, MEDIA_TYPE)
+            )
+        else:
+            await ws.close(code=_close_code(problem), reason=problem.detail[:120])
         return None
 
 
-def _still_valid(ws: WebSocket, scope: str = "") -> Callable[[], bool]:
-    """Whether the socket's credential still opens it: a member token not expired, an API key
-    not revoked (through the key store's short cache, so a revocation reaches an open socket
-    as fast as it reaches REST) and still holding `scope`."""
+def _close_code(problem: Problem) -> int:
+    """A credential that could not be checked (the key store unavailable) is not a refused one."""
+    return TRY_AGAIN_LATER if problem.status == 503 else POLICY_VIOLATION
+
+
+def _still_valid(ws: WebSocket, scope: str = "") -> Callable[[], Awaitable[None]]:
+    """Raises the Problem when the socket's credential no longer opens it: a member token
+    expired, an API key revoked (through the key store's short cache, so a revocation reaches
+    an open socket as fast as it reaches REST) or without `scope`, or the key store
+    unavailable (503: nothing is sent on a credential that could not be checked)."""
     gw: Gateway = ws.app.state.gateway
     credential = _credential(ws)
 
-    def check() -> bool:
-        try:
-            principal = resolve(credential, gw.keys, gw.tokens)
-            if scope:
-                principal.require(scope)
-        except Problem:
-            return False
-        return True
+    async def check() -> None:
+        principal = await resolve(credential, gw.keys, gw.tokens)
+        if scope:
+            principal.require(scope)
 
     return check
 
@@ -86,7 +96,9 @@ async def _until_closed(ws: WebSocket, sub: Subscription) -> None:
             sub.offer({"type": "pong"})
 
 
-async def _pump(ws: WebSocket, sub: Subscription, hello: dict[str, Any], allowed: Callable[[], bool]) -> None:
+async def _pump(
+    ws: WebSocket, sub: Subscription, hello: dict[str, Any], still_valid: Callable[[], Awaitable[None]]
+) -> None:
     """Sends queued messages until the client closes, falls too far behind, or its credential
     expires or is revoked (checked before each message, so nothing is sent on a dead credential,
     and every RECHECK_SECONDS on a quiet socket, so an idle one does not stay open on it)."""
@@ -105,8 +117,12 @@ async def _pump(ws: WebSocket, sub: Subscription, hello: dict[str, Any], allowed
             if overflow in done:
                 await ws.close(code=TRY_AGAIN_LATER, reason="too far behind; reconnect and read the balance")
                 return
-            if not allowed():
-                await ws.close(code=POLICY_VIOLATION, reason="the credential expired or was revoked; reconnect")
+            try:
+                await still_valid()
+            except Problem as problem:
+                code = _close_code(problem)
+                said = "cannot be checked now" if code == TRY_AGAIN_LATER else "expired or was revoked"
+                await ws.close(code=code, reason=f"the credential {said}; reconnect")
                 return
             if nxt in done:
                 await ws.send_json(nxt.result())

@@ -386,8 +386,10 @@ def test_a_bad_fixed_width_receipt_holds_back_only_itself() -> None:
         fixed("P", receipt_id="A", currency="EUR", line_count=2, **head),
         fixed("L", sku="S1", category="misc", quantity=1, amount_minor=100),  # one L where two are announced
         fixed("P", receipt_id="B", currency="EUR", line_count=1, **head),
-        fixed("L", sku="S1", category="misc", quantity=1, amount_minor="12.50"),
-        fixed("L", sku="S2", category="misc", quantity=1, amount_minor=100),  # beyond B's line_count
+        fixed("L", sku="S1", category="misc", quantity=1, amount_minor="0000000012.50"),
+        fixed("P", receipt_id="D", currency="EUR", line_count=1, **head),
+        fixed("L", sku="S1", category="misc", quantity=1, amount_minor=100),
+        fixed("L", sku="S2", category="misc", quantity=1, amount_minor=100),  # beyond D's line_count
         fixed("P", receipt_id="C", currency="JPY", line_count=1, **head),
         fixed("L", sku="S1", category="misc", quantity=1, amount_minor=1000),
     ]
@@ -397,9 +399,11 @@ def test_a_bad_fixed_width_receipt_holds_back_only_itself() -> None:
     assert [(q.line, q.reason) for q in parsed if isinstance(q, Quarantined)] == [
         (2, "column line_count: announces 2 L records but 1 follow"),
         (3, "column line_count: announces 2 L records but 1 follow"),
-        (4, "column amount_minor: '12.50' is not a whole number (L record at line 5)"),
-        (5, "column amount_minor: '12.50' is not a whole number (L record at line 5)"),
-        (6, "L record without a P record before it (or beyond its P's line_count)"),
+        (4, "column amount_minor: '0000000012.50' is not a whole number (L record at line 5)"),
+        (5, "column amount_minor: '0000000012.50' is not a whole number (L record at line 5)"),
+        (6, "column line_count: announces 1 L records but 2 follow"),
+        (7, "column line_count: announces 1 L records but 2 follow"),
+        (8, "column line_count: announces 1 L records but 2 follow"),
     ]
     [jpy] = [r for r in parsed if isinstance(r, LegacyPurchase)]
     assert (jpy.receipt_id, jpy.total_minor, jpy.receipt_time) == ("C", 1000, datetime(2026, 1, 2, 8, 0, tzinfo=UTC))

@@ -6,12 +6,18 @@ import asyncio
 import json
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
+
+from gateway.app import create_app, key_store, server
 from gateway.legacy.webhook import sign
-from tests.conftest import pointmesh_cli
-from tests.gateway.conftest import GatewayUnderTest
+from pointmesh.redis_server import RedisServer, free_port
+from tests.conftest import pointmesh_cli, stop_ledger
+from tests.gateway.conftest import GatewayUnderTest, gateway_settings
 from tests.gateway.test_api import enrol, problem
+from tests.mesh.conftest import Mesh
 
 FILES = Path(__file__).with_name("legacy_files")
 
@@ -43,7 +49,7 @@ async def test_an_uploaded_drop_imports_once_and_only_for_the_keys_stores(gw: Ga
     lines = {q["line"]: q["reason"] for q in first["quarantined"]}
     # Lisbon lines are refused for a Helsinki-only key, the broken Helsinki lines for their reasons.
     assert "not one this API key may act for" in lines[10] and "decimal amount" in lines[7]
-    quarantine = Path(first["quarantine_file"]).read_text()  # noqa: ASYNC240 - a small test file
+    quarantine = (gw.settings.data_dir / "quarantine" / first["quarantine_file"]).read_text()
     assert quarantine.count("\n") == 2 * len(first["quarantined"])
     async with gw.client("pos") as pos:  # no legacy:write
         problem(await pos.post("/v1/legacy/imports", files={"file": ("x.csv", data, "text/csv")}), 403)
@@ -85,3 +91,67 @@ async def test_the_cli_imports_a_file_and_reports_quarantined_lines(gw: GatewayU
 
 async def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return await asyncio.to_thread(pointmesh_cli, *args, env=env)
+
+
+async def test_an_upload_names_its_quarantine_file_without_the_servers_path(gw: GatewayUnderTest) -> None:
+    async with gw.client("franchise") as franchise:
+        response = await franchise.post("/v1/legacy/imports", params={"adapter": "csv"},
+                                        files={"file": ("../drops/d.csv", (FILES / "franchise_drop.csv").read_bytes(),
+                                                        "text/csv")})  # fmt: skip
+    name = response.json()["quarantine_file"]
+    assert "/" not in name and str(gw.settings.data_dir) not in response.text
+    assert name.endswith(".quarantine.jsonl") and (gw.settings.data_dir / "quarantine" / name).exists()
+
+
+async def test_an_import_the_ledger_stops_is_503_naming_the_service_not_its_address(gw: GatewayUnderTest) -> None:
+    await stop_ledger(gw.mesh.ledger)
+    drop = (FILES / "franchise_drop.csv").read_bytes()
+    async with gw.client("franchise") as franchise:
+        upload = await franchise.post("/v1/legacy/imports", params={"adapter": "csv"},
+                                      files={"file": ("drop.csv", drop, "text/csv")})  # fmt: skip
+    stamp = str(int(gw.mesh.clock.now().timestamp()))
+    body = json.dumps({
+        "type": "purchase", "id": "evt-1", "card_number": "4000-0001", "receipt_id": "W-1",
+        "time": gw.mesh.clock.now().isoformat(), "currency": "EUR",
+        "lines": [{"sku": "S", "category": "misc", "quantity": 1, "amount": "20.00"}],
+    }).encode()  # fmt: skip
+    headers = {"X-Signature": sign(gw.settings.webhook_secret.encode(), body, timestamp=stamp),
+               "X-Signature-Timestamp": stamp, "Content-Type": "application/json"}  # fmt: skip
+    async with gw.client() as vendor:
+        delivery = await vendor.post("/v1/legacy/webhooks/acme", content=body, headers=headers)
+    for response in (upload, delivery):
+        said = problem(response, 503)
+        assert response.headers["Retry-After"] == "1"
+        assert said["detail"] == "the points ledger is unavailable; retry shortly"
+        assert gw.mesh.ledger.address not in response.text and "UNAVAILABLE" not in response.text
+
+
+async def test_an_import_stopped_by_a_failure_that_is_not_retryable_is_500_not_503(
+    tmp_path: Path, mesh: Mesh, redis_server: RedisServer
+) -> None:
+    # rules_svc serves no LedgerService: every ledger call is UNIMPLEMENTED, which no retry cures.
+    port = free_port()
+    settings = replace(gateway_settings(tmp_path, mesh, redis_url=redis_server.url, port=port),
+                       ledger_addr=f"127.0.0.1:{mesh.rules_port}")  # fmt: skip
+    keys = key_store(settings)
+    franchise_key = keys.create("pos", ["legacy:write"], ["HEL-01"], "franchise")[0]
+    keys.close()
+    srv = server(settings, create_app(settings, clock=mesh.clock))
+    task = asyncio.create_task(srv.serve())
+    try:
+        for _ in range(200):
+            if srv.started:
+                break
+            await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}",
+                                     headers={"Authorization": f"Bearer {franchise_key}"}) as franchise:  # fmt: skip
+            response = await franchise.post("/v1/legacy/imports", params={"adapter": "csv"},
+                                            files={"file": ("drop.csv", (FILES / "franchise_drop.csv").read_bytes(),
+                                                            "text/csv")})  # fmt: skip
+        said = problem(response, 500)
+        assert "Retry-After" not in response.headers
+        assert said["detail"] == "the import stopped: the points ledger failed; the error is logged"
+        assert "UNIMPLEMENTED" not in response.text and str(mesh.rules_port) not in response.text
+    finally:
+        srv.should_exit = True
+        await task

@@ -227,3 +227,14 @@ async def test_a_date_time_may_have_a_space_for_its_t_but_must_have_seconds(gw: 
             refused = problem(await pos.post("/v1/program/explain", json=explain_body(when)), 400)
             assert fields_of(refused) == ["body.receipt_time"], (when, refused)
             assert "RFC 3339" in refused["detail"] and "seconds are required" in refused["detail"], (when, refused)
+
+
+async def test_the_progress_of_a_member_that_does_not_exist_is_404_as_on_every_member_route(
+    gw: GatewayUnderTest,
+) -> None:
+    missing = "m_0123456789abcdef0123456789ab"  # well-formed, never issued
+    async with gw.client("pos") as pos:
+        member = await enrol(pos)
+        assert (await pos.get(f"/v1/members/{member}/progress")).status_code == 200
+        for route in ("", "/balance", "/progress"):
+            assert problem(await pos.get(f"/v1/members/{missing}{route}"), 404)["type"].endswith("/not-found")
