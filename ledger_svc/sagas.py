@@ -283,13 +283,17 @@ class Sagas:
         for source, target in merged:
             try:
                 if await self._saga(source, self.merge_id(source)) is None:
-                    await self.complete_merge(source, target)
+                    await self.complete_merge(source, await self.heir_of(source))
                     done += 1
                 elif await self.sweep_merged(source, target):
                     done += 1
             except LedgerError:  # a transfer still in flight, say: the next start-up retries
                 log.exception("merge of %s into %s could not be completed yet", source, target)
         return done
+
+    async def heir_of(self, source: str) -> str:
+        """Where a merged-away member's points and state go: the end of its merge chain."""
+        return await self.svc.merge_heir(await self.svc.member(source))
 
     async def _holds_points(self, member_id: str) -> bool:
         def any_left(tx: ShardTx) -> bool:
@@ -313,18 +317,19 @@ class Sagas:
         moved anything (it stopped short of open reviews or waiting purchases) the merge is
         completed instead, once they are settled. Either way the caller's own work stands: a
         return or a transfer already committed is not turned into an error."""
+        if await self._saga(source, self.merge_id(source)) is None:  # first: it moves state and ids too
+            return await self._complete_stopped_merge(source)
         if not await self._holds_points(source):
             return {}
-        if await self._saga(source, self.merge_id(source)) is None:
-            return await self._complete_stopped_merge(source)
         heir = await self.svc.merge_heir(await self.svc.member(target)) or target
         return await self.drive_merge(source, heir, new_id("mg", source))
 
     async def _complete_stopped_merge(self, source: str) -> dict[str, int]:
         """A merge that marked the member MERGED but moved nothing: completed with the member's
-        state, to the member it names, if nothing is left to settle; else left for the merge
-        sent again (or the next start-up) once the reviews are decided."""
-        target = (await self.svc.member(source)).merged_into
+        state, to the end of its merge chain (the member it names may have been merged on since),
+        if nothing is left to settle; else left for the merge sent again (or the next start-up)
+        once the reviews are decided."""
+        target = await self.heir_of(source)
         try:
             moved = await self.complete_merge(source, target)
         except FailedPrecondition as unsettled:

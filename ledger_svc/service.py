@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -89,9 +90,12 @@ R = TypeVar("R")
 TOTALS_MAX_AGE = timedelta(seconds=5)
 log = logging.getLogger(__name__)
 EXTERNAL_KINDS_MAX = 16
-ASCII_DIGITS = frozenset("0123456789")
-CARD_CHARACTERS = ASCII_DIGITS | frozenset(" -")
-CARD_DIGITS = (12, 19)  # a payment card number (PAN) has 12 to 19 digits
+CARD_DIGITS = (8, 19)  # a primary account number (ISO/IEC 7812) has 8 to 19 digits
+
+
+def card_digits(value: str) -> str:
+    """A card number's digits in ASCII, whatever script and separators it was written with."""
+    return "".join(str(d) for ch in value if (d := unicodedata.decimal(ch, None)) is not None)
 
 
 class BalanceCache(Protocol):
@@ -377,22 +381,22 @@ class LedgerService:
     def _protect(self, ext: ExternalId) -> ExternalId:
         """Payment card numbers are never stored: only a keyed hash that still finds the member."""
         if ext.kind == "payment_card":
-            digits = "".join(ch for ch in ext.value if ch in ASCII_DIGITS)  # "4111-1111 ..." is one card
-            digest = hmac.new(self._card_secret, digits.encode(), hashlib.sha256).hexdigest()
-            return ExternalId("payment_card", f"hmac:{digest}")
+            return self._card_token(card_digits(ext.value))
         return ext
+
+    def _card_token(self, digits: str) -> ExternalId:
+        digest = hmac.new(self._card_secret, digits.encode(), hashlib.sha256).hexdigest()
+        return ExternalId("payment_card", f"hmac:{digest}")
 
     def _check_external(self, ext: ExternalId, field: str) -> ExternalId:
         v.name(ext.kind, f"{field}.kind")
         v.required_text(ext.value, f"{field}.value", max_len=128)
         if ext.kind == "payment_card":
-            # Only the digits are kept (and hashed): a value with none, or with letters that
-            # would be dropped, would find whichever member was enrolled with another such value.
-            if any(ch not in CARD_CHARACTERS for ch in ext.value):
-                raise InvalidArgument(
-                    "a payment card number is ASCII digits, spaces and dashes", field=f"{field}.value"
-                )
-            if not CARD_DIGITS[0] <= sum(ch in ASCII_DIGITS for ch in ext.value) <= CARD_DIGITS[1]:
+            # Only the digits are hashed: a value with none, or with other characters dropped,
+            # would find whichever member was enrolled with another such value.
+            if any(not (ch.isspace() or ch == "-" or unicodedata.decimal(ch, None) is not None) for ch in ext.value):
+                raise InvalidArgument("a payment card number is digits, spaces and dashes", field=f"{field}.value")
+            if not CARD_DIGITS[0] <= len(card_digits(ext.value)) <= CARD_DIGITS[1]:
                 raise InvalidArgument(
                     f"a payment card number has {CARD_DIGITS[0]} to {CARD_DIGITS[1]} digits", field=f"{field}.value"
                 )
@@ -444,8 +448,12 @@ class LedgerService:
         return await self.member(member_id)
 
     async def lookup_member(self, ext: ExternalId) -> Member:
-        ext = self._check_external(ext, "external_id")
+        raw, ext = ext, self._check_external(ext, "external_id")
         member_id = await self.store.read_directory(lambda d: d.find_member_id(ext))
+        if member_id is None and ext.kind == "payment_card" and not raw.value.isascii():
+            # Enrolled before 2026-12-05, when other scripts' digits were hashed as written.
+            legacy = self._card_token("".join(ch for ch in raw.value if ch.isdigit()))
+            member_id = await self.store.read_directory(lambda d: d.find_member_id(legacy))
         if member_id is None:
             raise NotFound("no member has this external id", field="external_id")
         return await self.member(member_id)
@@ -501,8 +509,9 @@ class LedgerService:
         replay = await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
         if replay and source.merged_into == target.member_id:
             # Answered as the first time, whatever became of the target since (each step of the
-            # merge is idempotent, so a first call cut off half-way is finished here).
-            moved = await self.sagas.complete_merge(source.member_id, target.member_id)
+            # merge is idempotent, so a first call cut off half-way is finished here, to the end of
+            # the chain if the target was merged on since).
+            moved = await self.sagas.complete_merge(source.member_id, await self.sagas.heir_of(source.member_id))
             return MergeResult(await self.member(target.member_id), moved)
         if target.status != MemberStatus.ACTIVE:
             raise MemberNotActive(f"member {target.member_id} is {target.status.value}", field="target_member_id")
@@ -532,10 +541,24 @@ class LedgerService:
                 raise FailedPrecondition(
                     f"member {source.member_id} has {count} {what}; {action} first", field="source_member_id"
                 )
-        # Block postings to the source first, so nothing lands on it while its points move.
-        await self.store.write_directory(
-            lambda d: d.set_status(source.member_id, MemberStatus.MERGED, target.member_id)
-        )
+
+        # Block postings to the source first, so nothing lands on it while its points move. The
+        # statuses read above are read again in that write: two merges sent at once, A into B
+        # and B into A, would otherwise both pass and leave the points with no active member.
+        def mark_merged(d: DirectoryTx) -> None:
+            now_target, now_source = d.get_member(target.member_id), d.get_member(source.member_id)
+            if now_target is None or now_target.status != MemberStatus.ACTIVE:
+                status = now_target.status.value if now_target is not None else "gone"
+                raise MemberNotActive(f"member {target.member_id} is {status}", field="target_member_id")
+            if now_source is None or now_source.status is MemberStatus.ERASED:
+                raise MemberNotActive(f"member {source.member_id} is ERASED", field="source_member_id")
+            if now_source.status is MemberStatus.MERGED and now_source.merged_into != target.member_id:
+                raise FailedPrecondition(
+                    f"member {source.member_id} was merged into {now_source.merged_into}", field="source_member_id"
+                )
+            d.set_status(source.member_id, MemberStatus.MERGED, target.member_id)
+
+        await self.store.write_directory(mark_merged)
         self._status_cache.put(source.member_id, MemberStatus.MERGED)
         moved = await self.sagas.complete_merge(source.member_id, target.member_id)
         return MergeResult(await self.member(target.member_id), moved)

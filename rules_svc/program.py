@@ -681,8 +681,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
+        merges = 0
         for key_node, _value in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
+                merges += 1
+                if merges > 1:  # two `<<:` keys: one would silently win (a list merges both)
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "key '<<' appears twice in one mapping; merge a list: <<: [*a, *b]",
+                        key_node.start_mark,
+                    )  # fmt: skip
                 continue
             key = self.construct_object(key_node, deep=True)
             try:

@@ -211,6 +211,9 @@ def test_a_yaml_merge_key_may_still_override_what_it_brings_in() -> None:
     head = yaml.safe_dump(program_doc(bonus("x")), sort_keys=False).partition("rules:\n")[0]
     text = head + "rules:\n- &base {id: base, effect: {bonus_points: 5}}\n- <<: *base\n  id: own\n"
     assert [r.id for r in load_program(text).rules] == ["base", "own"]
+    twice = head + "rules:\n- &a {id: a, effect: {bonus_points: 5}}\n- {<<: *a, <<: *a, id: b}\n"
+    with pytest.raises(ProgramInvalid, match="key '<<' appears twice in one mapping"):
+        load_program(twice)
 
 
 def test_document_that_is_not_a_mapping_is_refused() -> None:
