@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,24 @@ def events(rows: int, seed: int, tag: str) -> list[TxContext]:
     from dataclasses import replace
 
     found = list(generate(SynthConfig.for_rows(max(rows * 2, 10_000), seed=seed)).contexts())[:rows]
-    return [replace(c, event_id=f"{tag}{c.event_id}", member_id=f"{tag}{c.member_id}") for c in found]
+    # fraud_svc scores events up to 35 days old (fraud_svc/domain.py MAX_LATENESS): the generated
+    # months are pressed, in order, into the last 30 days (denser velocity than generated; the
+    # figures are latency and throughput, not decisions).
+    first, last = found[0].occurred_at, max(c.occurred_at for c in found)
+    span, end = max(last - first, timedelta(seconds=1)), datetime.now(UTC) - timedelta(minutes=1)
+
+    def pressed(at: datetime) -> datetime:
+        return end - timedelta(days=30) * ((last - at) / span)
+
+    def kept(at: datetime | None, by: datetime) -> datetime | None:
+        return min(at, by) if at is not None else None
+
+    out = []
+    for c in found:
+        at = pressed(c.occurred_at)
+        out.append(replace(c, event_id=f"{tag}{c.event_id}", member_id=f"{tag}{c.member_id}", occurred_at=at,
+                           contact_changed_at=kept(c.contact_changed_at, at), member_since=kept(c.member_since, at)))  # fmt: skip
+    return out
 
 
 async def in_process(models: Path, redis_url: str, rows: int) -> None:

@@ -71,7 +71,7 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     redis = Redis.from_url(settings.redis_url)
     root = models_dir(settings)
     service = FraudService(RedisVelocity(redis), ModelSlot("fraud", root), ModelSlot("churn", root),
-                           catalogue=DEFAULT_CATALOGUE)  # fmt: skip
+                           catalogue=DEFAULT_CATALOGUE, clock=clock)  # fmt: skip
     server = GrpcServer("fraud", address or settings.fraud_addr, grace_seconds=settings.grace_seconds)
     servicer = FraudServicer(service, clock.now)
     server.add_service(lambda s: fraud_pb2_grpc.add_FraudServiceServicer_to_server(servicer, s), SERVICE_NAME)

@@ -17,13 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import numpy.typing as npt
 
-from fraud_svc.domain import BadRequest, TxContext, TxKind
+from fraud_svc.domain import EXACT_LATENESS, FUTURE_SKEW, BadRequest, TxContext, TxKind
 from fraud_svc.velocity import Link, MemoryVelocity, Track, TrackSpec, Velocity
 
 MIN10 = 10 * 60_000
@@ -33,6 +33,8 @@ D7 = 7 * H24
 D30 = 30 * H24
 D90 = 90 * H24
 D180 = 180 * H24
+# How late an event may come after newer ones and still see its windows whole (domain.py).
+LATE_MS = (EXACT_LATENESS + FUTURE_SKEW) // timedelta(milliseconds=1)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NAN = math.nan
@@ -49,9 +51,11 @@ class _Group:
 
 
 def _group(family: str, spec: TrackSpec, *names: str) -> _Group:
+    """Every track keeps its entries LATE_MS past its retention, so an event that late still
+    sees what happened before it (docs/fraud.md: velocity state)."""
     if len(names) != spec.width:
         raise ValueError(f"{family}: {len(names)} names for {spec.width} answers")
-    return _Group(family, spec, names)
+    return _Group(family, replace(spec, late_ms=LATE_MS), names)
 
 
 # Order matters: it is the order of `_request`'s tracks and of FEATURE_NAMES. A track with

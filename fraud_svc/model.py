@@ -91,9 +91,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _check_structure(text: str, trees: int) -> None:
+def _check_structure(text: str, trees: int, features: int) -> None:
     """LightGBM's parser trusts the `tree_sizes` header and can crash the process on a cut or
-    spliced file, so the text is checked against it before LightGBM sees it."""
+    spliced file, so the text is checked against it before LightGBM sees it; and its predict
+    trusts every tree's node indices (see _check_tree)."""
     sizes_line = next((line for line in text.splitlines() if line.startswith("tree_sizes=")), None)
     start, end = text.find("\nTree=0\n"), text.find("\nend of trees\n")
     if sizes_line is None or start < 0 or end < 0:
@@ -109,6 +110,65 @@ def _check_structure(text: str, trees: int) -> None:
         raise ValueError("parameter section is cut short")
     if not text.rstrip().rsplit("\n", 1)[-1].startswith("pandas_categorical:"):
         raise ValueError("model text is cut short")
+    header = dict(line.split("=", 1) for line in text[:start].splitlines() if "=" in line)
+    if header.get("max_feature_idx") != str(features - 1):
+        raise ValueError(f"max_feature_idx is {header.get('max_feature_idx')!r}, expected {features - 1}")
+    blocks = [b for b in text[start + 1 : end].split("\n\n") if b.strip()]
+    if len(blocks) != trees:
+        raise ValueError(f"{len(blocks)} tree blocks, {trees} expected")
+    for number, block in enumerate(blocks):
+        try:
+            _check_tree(block, features)
+        except ValueError as exc:
+            raise ValueError(f"tree {number}: {exc}") from None
+
+
+def _check_tree(block: str, features: int) -> None:
+    """LightGBM's predict follows split_feature, left_child and right_child without bounds
+    checks: a feature index past the row reads other memory, a child out of range or a cycle
+    crashes or hangs the process. So every split must name a feature of the row, and the
+    children must make one tree from node 0 that reaches every node and leaf exactly once.
+    fraud_svc trains neither categorical splits nor linear leaves, so those are refused too."""
+    fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+
+    def ints(name: str, count: int) -> list[int]:
+        values = [int(x) for x in fields.get(name, "").split()]
+        if len(values) != count:
+            raise ValueError(f"{name} has {len(values)} values, {count} expected")
+        return values
+
+    leaves = int(fields.get("num_leaves", "0"))
+    if leaves < 1:
+        raise ValueError("num_leaves must be positive")
+    if fields.get("num_cat", "0") != "0" or fields.get("is_linear", "0") != "0":
+        raise ValueError("categorical splits and linear leaves are not something fraud_svc trains")
+    if len(fields.get("leaf_value", "").split()) != leaves:
+        raise ValueError(f"leaf_value does not hold {leaves} leaves")
+    if leaves == 1:
+        return
+    nodes = leaves - 1
+    if any(not 0 <= f < features for f in ints("split_feature", nodes)):
+        raise ValueError(f"a split names a feature outside 0..{features - 1}")
+    ints("decision_type", nodes)
+    if len(fields.get("threshold", "").split()) != nodes:
+        raise ValueError(f"threshold does not hold {nodes} splits")
+    left, right = ints("left_child", nodes), ints("right_child", nodes)
+    seen_nodes, seen_leaves, todo = {0}, set(), [0]
+    while todo:
+        node = todo.pop()
+        for child in (left[node], right[node]):
+            if child >= 0:
+                if child >= nodes or child in seen_nodes:
+                    raise ValueError(f"node {node} has child node {child}: out of range or reached twice")
+                seen_nodes.add(child)
+                todo.append(child)
+            else:
+                leaf = ~child
+                if leaf >= leaves or leaf in seen_leaves:
+                    raise ValueError(f"node {node} has leaf {leaf}: out of range or reached twice")
+                seen_leaves.add(leaf)
+    if len(seen_nodes) != nodes or len(seen_leaves) != leaves:
+        raise ValueError("some nodes or leaves are not reached from the root")
 
 
 def data_hash(features: Matrix, labels: npt.NDArray[np.generic]) -> str:
@@ -202,7 +262,7 @@ def load_artifact(path: Path | str, *, kind: str | None = None) -> Model:
         raise ModelUnavailable(f"{model_path}: checksum does not match metadata (truncated or replaced)")
     try:
         text = model_path.read_text()
-        _check_structure(text, trees)
+        _check_structure(text, trees, len(expected))
         objective = next((line for line in text.splitlines() if line.startswith("objective=")), "objective=")
         if objective.removeprefix("objective=").split(" ")[0] != "binary":
             # a regression booster with the right features would load and answer 8.5 on a real row

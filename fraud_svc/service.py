@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from prometheus_client import Counter
 from fraud_svc.churn import predict_churn
 from fraud_svc.decide import DecisionConfig, decide
 from fraud_svc.domain import (
+    FUTURE_SKEW,
+    MAX_LATENESS,
     BadRequest,
     ChurnPrediction,
     Decision,
@@ -35,6 +37,8 @@ from fraud_svc.features import FeatureRow, featurize, featurize_stream
 from fraud_svc.model import Model, artifacts, load_artifact
 from fraud_svc.offers import CatalogueOffer, ChosenOffer, choose
 from fraud_svc.velocity import Velocity
+from pointmesh.bounds import MAX_AMOUNT_MINOR, MAX_POINTS
+from pointmesh.clock import Clock, SystemClock
 
 MAX_BATCH = 10_000
 
@@ -109,25 +113,69 @@ def _config_of(model: Model | None, overrides: Mapping[str, Any]) -> DecisionCon
 MAX_IDENTITY = 128
 _IDENTITIES = ("member_id", "channel", "store_id", "device_id", "ip", "card_hash", "employee_card",
                "counterparty_member_id")  # fmt: skip
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SKEW_TEXT = f"{FUTURE_SKEW // timedelta(minutes=1)} minutes"
 
 
-def check(ctx: TxContext) -> TxContext:
+def check(ctx: TxContext, now: datetime, path: str = "transaction") -> TxContext:
+    """Refuses (BadRequest naming the field under `path`: "transaction", or "transactions[i]"
+    for a batch item) a transaction the velocity state must not record. `now` is fraud_svc's
+    clock: event time drives every window, so it is held to the span the platform accepts."""
     if not ctx.event_id or len(ctx.event_id) > 128:
-        raise BadRequest("1..128 characters required", field="transaction.event_id")
+        raise BadRequest("1..128 characters required", field=f"{path}.event_id")
     if not ctx.member_id:
-        raise BadRequest("is required", field="transaction.member_id")
+        raise BadRequest("is required", field=f"{path}.member_id")
     for name in _IDENTITIES:
         if len(getattr(ctx, name)) > MAX_IDENTITY:
-            raise BadRequest(f"at most {MAX_IDENTITY} characters", field=f"transaction.{name}")
-    if ctx.occurred_at.tzinfo is None:
-        raise BadRequest("is required, with a time zone", field="transaction.occurred_at")
-    if ctx.points < 0:
-        raise BadRequest(f"must not be negative, got {ctx.points}", field="transaction.points")
-    if ctx.amount_minor < 0:
-        raise BadRequest(f"must not be negative, got {ctx.amount_minor}", field="transaction.amount.amount_minor")
+            raise BadRequest(f"at most {MAX_IDENTITY} characters", field=f"{path}.{name}")
+    _check_times(ctx, now, path)
+    _check_amounts(ctx, path)
     if ctx.kind == TxKind.TRANSFER and not ctx.counterparty_member_id:
-        raise BadRequest("a transfer names the other member", field="transaction.counterparty_member_id")
+        raise BadRequest("a transfer names the other member", field=f"{path}.counterparty_member_id")
     return ctx
+
+
+def _check_times(ctx: TxContext, now: datetime, path: str) -> None:
+    """An event dated ahead would trim the history of every key it touches to its own time, so
+    the next events at that store, card or device would be judged on nothing; one older than
+    MAX_LATENESS is later than anything the platform accepts and would age a member's devices."""
+    at = ctx.occurred_at
+    if at.tzinfo is None:
+        raise BadRequest("is required, with a time zone", field=f"{path}.occurred_at")
+    if at > now + FUTURE_SKEW:
+        raise BadRequest(f"{at.isoformat()} is more than {_SKEW_TEXT} ahead of fraud_svc's clock ({now.isoformat()})",
+                         field=f"{path}.occurred_at")  # fmt: skip
+    if at < now - MAX_LATENESS:
+        raise BadRequest(f"{at.isoformat()} is more than {MAX_LATENESS.days} days before fraud_svc's clock "
+                         f"({now.isoformat()})", field=f"{path}.occurred_at")  # fmt: skip
+    # Both may come after the event: a late receipt of a member who joined, or changed their
+    # phone number, since. Neither is recorded; they are bounded as moments that have happened.
+    for name in ("contact_changed_at", "member_since"):
+        moment = getattr(ctx, name)
+        if moment is None:
+            continue
+        if moment.tzinfo is None:
+            raise BadRequest("needs a time zone", field=f"{path}.{name}")
+        if not _EPOCH <= moment <= now + FUTURE_SKEW:
+            raise BadRequest(f"must lie between 1970-01-01 and {_SKEW_TEXT} ahead of fraud_svc's clock "
+                             f"({now.isoformat()}), got {moment.isoformat()}", field=f"{path}.{name}")  # fmt: skip
+
+
+def _check_amounts(ctx: TxContext, path: str) -> None:
+    """Amounts and points are summed over windows in Redis's Lua, whose numbers are doubles: a
+    value within the platform's bounds (pointmesh.bounds, far below 2**53) is exact there."""
+    if ctx.points < 0:
+        raise BadRequest(f"must not be negative, got {ctx.points}", field=f"{path}.points")
+    if ctx.points > MAX_POINTS:
+        raise BadRequest(f"must be at most {MAX_POINTS}, got {ctx.points}", field=f"{path}.points")
+    if ctx.amount_minor < 0:
+        raise BadRequest(f"must not be negative, got {ctx.amount_minor}", field=f"{path}.amount.amount_minor")
+    if ctx.amount_minor > MAX_AMOUNT_MINOR:
+        raise BadRequest(f"must be at most {MAX_AMOUNT_MINOR} minor units, got {ctx.amount_minor}",
+                         field=f"{path}.amount.amount_minor")  # fmt: skip
+    if abs(ctx.balance_points) > MAX_POINTS:
+        raise BadRequest(f"must lie within -{MAX_POINTS}..{MAX_POINTS}, got {ctx.balance_points}",
+                         field=f"{path}.balance_points")  # fmt: skip
 
 
 def _decide_chunk(
@@ -149,9 +197,10 @@ def _decide_chunk(
 class FraudService:
     def __init__(
         self, velocity: Velocity, fraud: ModelSlot, churn: ModelSlot, *, overrides: Mapping[str, Any] | None = None,
-        catalogue: tuple[CatalogueOffer, ...] = (),
+        catalogue: tuple[CatalogueOffer, ...] = (), clock: Clock | None = None,
     ) -> None:  # fmt: skip
         self.velocity = velocity
+        self.clock = clock or SystemClock()
         self.fraud = fraud
         self.churn = churn
         self.overrides = dict(overrides or {})
@@ -167,7 +216,7 @@ class FraudService:
         return decision
 
     async def _decide(self, ctx: TxContext) -> Decision:
-        check(ctx)
+        check(ctx, self.clock.now())
         features = await featurize(ctx, self.velocity)
         serving = self.serving
         model, config = serving.model, serving.config
@@ -184,11 +233,12 @@ class FraudService:
             raise BadRequest(f"at most {MAX_BATCH} transactions per batch", field="transactions")
         out: list[Decision | FraudError | None] = [None] * len(items)
         valid: list[tuple[int, TxContext]] = []
+        now = self.clock.now()
         for i, item in enumerate(items):
             try:
                 if isinstance(item, FraudError):
                     raise item
-                valid.append((i, check(item)))
+                valid.append((i, check(item, now, f"transactions[{i}]")))
             except FraudError as error:
                 out[i] = error
         for i, decision in zip([i for i, _ in valid], await self._decide_many([c for _, c in valid]), strict=True):

@@ -13,8 +13,10 @@ per event: an entry is identified by its event id and event time, so observing t
 twice (a retry, a replay) records it once and answers from state that includes it once. No
 separate "seen" set is kept, so nothing outlives the windows.
 
-Retention trims entries older than `t - retention` when an event is recorded; a key's TTL in
-Redis is its retention plus a day, so memory stays bounded by traffic in the retention span.
+A track's retention is at least its widest window. Entries are kept for the retention plus
+`late_ms` behind the newest event recorded under the key (trimmed when an event is recorded),
+so an event arriving up to `late_ms` after newer ones still finds every window whole; a key's
+TTL in Redis is that plus a day, so memory stays bounded by traffic in that span.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class TrackSpec:
     sum_windows_ms: tuple[int, ...] = ()
     distinct_windows_ms: tuple[int, ...] = ()
     want_prev: bool = False
-    retention_ms: int = 86_400_000
+    retention_ms: int = 86_400_000  # no window reaches further back
+    late_ms: int = 0  # how late an event may arrive and still find its windows whole
     # Derived once: the answer of an empty stream, and the narrowest window (for a fast path).
     empty_answer: tuple[int, ...] = field(init=False, repr=False, compare=False)
     narrowest_ms: int = field(init=False, repr=False, compare=False)
@@ -43,9 +46,16 @@ class TrackSpec:
         windows = (*self.count_windows_ms, *self.sum_windows_ms, *self.distinct_windows_ms)
         if any(w <= 0 or w > self.retention_ms for w in windows):
             raise ValueError("every window must be positive and within the retention")
+        if self.late_ms < 0:
+            raise ValueError("late_ms must not be negative")
         zeros = (0,) * (len(windows))
         object.__setattr__(self, "empty_answer", (*zeros, -1) if self.want_prev else zeros)
         object.__setattr__(self, "narrowest_ms", min(windows, default=self.retention_ms))
+
+    @property
+    def kept_ms(self) -> int:
+        """How long entries are kept behind the newest event recorded under the key."""
+        return self.retention_ms + self.late_ms
 
     @property
     def width(self) -> int:
@@ -84,7 +94,9 @@ class Velocity(Protocol):
     ) -> tuple[int, ...]:
         """Records the event (once per event) and returns, in request order, each track's
         counts, sums, distincts and previous timestamp (-1 if none), then each link's three
-        numbers."""
+        numbers. The previous entry is answered if it lies within the retention of this event
+        or of the newest entry under the key: what the key keeps past its retention, for late
+        events, changes no answer of events observed in order."""
         ...
 
     async def observe_many(self, events: Sequence[Observation]) -> list[tuple[int, ...]]:
@@ -111,7 +123,7 @@ class _Stream:
         self.tags: list[str] = []
         self.eids: list[str] = []
 
-    def add(self, t: int, value: int, tag: str, eid: str, retention_ms: int) -> None:
+    def add(self, t: int, value: int, tag: str, eid: str, kept_ms: int) -> None:
         ts = self.ts
         same = _left(ts, t)
         if eid in self.eids[same : _right(ts, t, same)]:
@@ -127,7 +139,7 @@ class _Stream:
             self.values.insert(at, value)
             self.tags.insert(at, tag)
             self.eids.insert(at, eid)
-        cut = _right(ts, t - retention_ms)
+        cut = _right(ts, t - kept_ms)
         if cut:
             del ts[:cut], self.values[:cut], self.tags[:cut], self.eids[:cut]
 
@@ -154,6 +166,8 @@ class _Stream:
                 if self.eids[i] != eid:
                     prev = ts[i]
                     break
+            if 0 <= prev <= t - spec.retention_ms and ts[-1] - prev >= spec.retention_ms:
+                prev = -1  # kept only for late events: in order it would have been trimmed
             out.append(prev)
 
     def _answer_all(self, spec: TrackSpec, eid: str, out: list[int]) -> None:
@@ -242,7 +256,7 @@ class MemoryVelocity:
             if record:
                 if stream is None:
                     stream = streams[key] = _Stream()
-                stream.add(at_ms, value, clean(tag) if "|" in tag else tag, event_id, spec.retention_ms)
+                stream.add(at_ms, value, clean(tag) if "|" in tag else tag, event_id, spec.kept_ms)
             (stream or _EMPTY_STREAM).answer(spec, at_ms, event_id, out)
         for key, item, window_ms, retention_ms, record in links:
             link_set = self._links.get(key)
@@ -252,16 +266,3 @@ class MemoryVelocity:
                 link_set.add(item, at_ms, retention_ms)
             (link_set or _EMPTY_LINKS).answer(item, window_ms, at_ms, out)
         return tuple(out)
-
-
-# One call observes a chunk of events in order. ARGV[1] is JSON:
-#   [prefix, fetch rows, specs, events]
-#   spec:  [retention, ttl, [count windows], [sum windows], [distinct windows], want prev,
-#           widest window, fetch rows or not, widest sum/distinct window]
-#   event: [event id, t, [spec number, key, value, tag, record, ...],
-#           [key, item, window, retention, ttl, record, ...]]
-# Times and TTLs come as text and each window's bound is formatted once per event: turning
-# numbers into command arguments (printf) and back (strtod) was a quarter of the script's time.
-# The reply is one string, each event's numbers joined by ',' and events by ';': it parses
-# far faster on the client than thousands of integer replies.
-#

@@ -13,6 +13,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from fraud_svc.app import build
+from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
 from pointmesh.errors import status_details
 from pointmesh.redis_server import RedisServer
@@ -31,7 +32,7 @@ async def stub(
     shutil.copytree(fraud_models, tmp / "models")
     settings = load_settings({}, data_dir=tmp, redis_url=redis_server.url, models_dir=str(tmp / "models"),
                              fraud_addr="127.0.0.1:0", grace_seconds=1.0)  # fmt: skip
-    app = await build(settings)
+    app = await build(settings, clock=ManualClock(NOW))
     await app.start()
     channel = client_channel(f"127.0.0.1:{app.port}", default_timeout_seconds=10.0)
     yield fraud_pb2_grpc.FraudServiceStub(channel)

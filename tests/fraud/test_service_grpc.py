@@ -17,6 +17,7 @@ from fraud_svc.app import FraudApp, build
 from fraud_svc.domain import TxContext, TxKind, Verdict
 from fraud_svc.synth import SynthConfig, generate
 from fraud_svc.training import train_churn, train_fraud
+from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
 from pointmesh.redis_server import RedisServer
 from pointmesh.rpc import client_channel
@@ -42,7 +43,7 @@ async def fraud(
     shutil.copytree(trained, models)
     settings = load_settings({}, data_dir=tmp_path, redis_url=redis_server.url, models_dir=str(models),
                              fraud_addr="127.0.0.1:0", grace_seconds=1.0)  # fmt: skip
-    app = await build(settings)
+    app = await build(settings, clock=ManualClock(NOW))
     await app.start()
     channel = client_channel(f"127.0.0.1:{app.port}", default_timeout_seconds=10.0)
     yield app, fraud_pb2_grpc.FraudServiceStub(channel)
@@ -243,10 +244,16 @@ async def test_a_batch_decides_exactly_as_the_same_events_scored_one_by_one(
     fraud: tuple[FraudApp, fraud_pb2_grpc.FraudServiceStub],
 ) -> None:
     app, _stub = fraud
+    clock = app.service.clock
+    assert isinstance(clock, ManualClock)
     events = list(generate(SynthConfig.for_rows(6_000, seed=21)).contexts())[:1_200]
-    single = [await app.service.score(_tagged(ctx, "one-")) for ctx in events]
+    single = []
+    for ctx in events:
+        clock.set(ctx.occurred_at)  # generated months ago: scored as if they had just happened
+        single.append(await app.service.score(_tagged(ctx, "one-")))
     batched = []
     for start in range(0, len(events), 300):
+        clock.set(events[min(start + 300, len(events)) - 1].occurred_at)
         batched += await app.service.score_batch([_tagged(ctx, "many-") for ctx in events[start : start + 300]])
     assert [(d.verdict, d.score, [r.code for r in d.reasons]) for d in single] == [
         (d.verdict, d.score, [r.code for r in d.reasons])

@@ -59,7 +59,7 @@ class Screened:
     async def start_fraud(self) -> None:
         settings = load_settings({}, redis_url=self.redis_url, models_dir=str(self.models),
                                  fraud_addr=f"127.0.0.1:{self.fraud_port}", grace_seconds=0.5)  # fmt: skip
-        self.fraud = await build_fraud(settings)
+        self.fraud = await build_fraud(settings, clock=self.clock)
         await self.fraud.start()
 
 
