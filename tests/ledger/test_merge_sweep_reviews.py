@@ -66,6 +66,18 @@ async def decide(svc: LedgerService, review_id: str, approve: bool) -> reviews.R
     return await svc.decide_review(c.DecideReview(k(), review_id, approve, "ops-anna"))
 
 
+async def _transfer_on_its_way(svc: LedgerService) -> tuple[str, str, str]:
+    """A member holding 100 with 60 on their way to it from a sender (a
+    transfer saga started, not driven), and a member to merge it into: (source, heir, saga)."""
+    sender, source = await member(svc), await member(svc)
+    heir = await member(svc, shard_of=source)
+    await svc.earn(c.Earn(k(), sender, "points", 60))
+    await svc.earn(c.Earn(k(), source, "points", 100))
+    transfer = c.Transfer(k(), sender, source, "points", 60)
+    saga_id = await svc._book(svc.shard_of(sender), lambda b: svc.sagas.start_transfer(b, transfer))
+    return source, heir, saga_id
+
+
 @pytest.mark.parametrize("approve", [True, False])
 async def test_a_transfer_sweep_leaves_a_late_review_to_its_decision_whose_outcome_reaches_the_heir(
     ledger: LedgerUnderTest, approve: bool
@@ -75,12 +87,7 @@ async def test_a_transfer_sweep_leaves_a_late_review_to_its_decision_whose_outco
     and rejection reversed 40 from the source's emptied credit (-40 pending on it, the heir's
     40 still there)."""
     svc = ledger.app.service
-    sender, source = await member(svc), await member(svc)
-    heir = await member(svc, shard_of=source)
-    await svc.earn(c.Earn(k(), sender, "points", 60))
-    await svc.earn(c.Earn(k(), source, "points", 100))
-    transfer = c.Transfer(k(), sender, source, "points", 60)
-    saga_id = await svc._book(svc.shard_of(sender), lambda b: svc.sagas.start_transfer(b, transfer))
+    source, heir, saga_id = await _transfer_on_its_way(svc)
     await svc.merge_members(c.MergeMembers(k(), source, heir))
     review_id = await svc._book(svc.shard_of(source), reviewed_earn(source, 40))
 
@@ -141,27 +148,12 @@ async def test_a_sweep_never_runs_ahead_of_a_merge_that_stopped_short_of_a_revie
     purchase count and tier credits left behind). Now nothing moves until the review is
     decided, and the decision completes the merge."""
     svc = ledger.app.service
-    sender, source = await member(svc), await member(svc)
-    heir = await member(svc, shard_of=source)
-    await svc.earn(c.Earn(k(), sender, "points", 60))
-    await svc.earn(c.Earn(k(), source, "points", 100))
-    transfer = c.Transfer(k(), sender, source, "points", 60)
-    saga_id = await svc._book(svc.shard_of(sender), lambda b: svc.sagas.start_transfer(b, transfer))
-    complete_merge = svc.sagas.complete_merge
-    opened: list[str] = []
-
-    async def review_lands_first(src: str, dst: str, merge_id: str = "") -> dict[str, int]:
-        opened.append(await svc._book(svc.shard_of(src), reviewed_earn(src, 40)))
-        return await complete_merge(src, dst, merge_id)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(svc.sagas, "complete_merge", review_lands_first)
-        with pytest.raises(FailedPrecondition, match="1 open fraud reviews"):
-            await svc.merge_members(c.MergeMembers(k(), source, heir))
+    source, heir, saga_id = await _transfer_on_its_way(svc)
+    review_id = await _merge_stopped_by_a_late_review(svc, monkeypatch, source, heir)
 
     await svc.sagas.drive_transfer(saga_id)
     assert (await points(svc, source), await points(svc, heir)) == ((160, 40, 0), (0, 0, 0))
-    await decide(svc, opened[0], True)  # the last thing the merge waited for: it completes now
+    await decide(svc, review_id, True)  # the last thing the merge waited for: it completes now
     assert (await points(svc, source), await points(svc, heir)) == ((0, 0, 0), (200, 0, 0))
     await assert_books_balance(ledger)
 
