@@ -12,16 +12,19 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from redis.asyncio import Redis
 
+from fraud_svc.decide import DecisionConfig
+from fraud_svc.domain import BadRequest
 from fraud_svc.model import latest_artifact
-from fraud_svc.offers import DEFAULT_CATALOGUE
+from fraud_svc.offers import DEFAULT_CATALOGUE, CatalogueOffer, catalogue_of
 from fraud_svc.server import FraudServicer
 from fraud_svc.service import FraudService, ModelSlot
 from fraud_svc.training import train_churn, train_fraud
 from fraud_svc.velocity_redis import RedisVelocity
 from pointmesh.clock import Clock, SystemClock
-from pointmesh.config import Settings
+from pointmesh.config import ConfigError, Settings
 from pointmesh.rpc import GrpcServer
 from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc
 
@@ -41,6 +44,50 @@ def ensure_default_models(settings: Settings) -> None:
     if latest_artifact(root, "churn") is None:
         log.info("no churn model under %s; training a default one on generated data", root)
         train_churn(root, members=max(2_000, settings.default_model_rows // 10), seed=1)
+
+
+DECISION_KEYS = frozenset({"thresholds", "rules", "blocked_devices", "unscored_verdict"})
+
+
+def _operator_file(path: str, what: str) -> object:
+    """A YAML (or JSON) document the fraud team keeps; ConfigError naming it if unreadable."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path}: not valid YAML or JSON: {exc}") from None
+
+
+def decision_overrides(settings: Settings) -> dict[str, object]:
+    """POINTMESH_FRAUD_DECISION_FILE: thresholds, velocity rules and blocked devices over what
+    the model proposes, checked field by field before anything is served (a typo in a key is
+    refused, not ignored)."""
+    path = settings.fraud_decision_file
+    if not path:
+        return {}
+    data = _operator_file(path, "fraud decision file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"fraud decision file {path}: a mapping of {sorted(DECISION_KEYS)} is expected")
+    unknown = sorted(set(data) - DECISION_KEYS)
+    if unknown:
+        raise ConfigError(f"fraud decision file {path}: unknown keys {unknown}; known: {sorted(DECISION_KEYS)}")
+    try:
+        DecisionConfig.from_mapping(data)
+    except BadRequest as exc:
+        raise ConfigError(f"fraud decision file {path}: {exc.message}") from None
+    return data
+
+
+def offer_catalogue(settings: Settings) -> tuple[CatalogueOffer, ...]:
+    """POINTMESH_FRAUD_OFFER_CATALOGUE_FILE: the retention offers Offers chooses from."""
+    path = settings.fraud_offer_catalogue_file
+    if not path:
+        return DEFAULT_CATALOGUE
+    try:
+        return catalogue_of(_operator_file(path, "offer catalogue"))
+    except BadRequest as exc:
+        raise ConfigError(f"offer catalogue {path}: {exc.field}: {exc.message}") from None
 
 
 @dataclass
@@ -67,11 +114,12 @@ class FraudApp:
 
 
 async def build(settings: Settings, *, clock: Clock | None = None, address: str | None = None) -> FraudApp:
+    overrides, catalogue = decision_overrides(settings), offer_catalogue(settings)  # refused before serving
     clock = clock or SystemClock()
     redis = Redis.from_url(settings.redis_url)
     root = models_dir(settings)
     service = FraudService(RedisVelocity(redis), ModelSlot("fraud", root), ModelSlot("churn", root),
-                           catalogue=DEFAULT_CATALOGUE, clock=clock)  # fmt: skip
+                           overrides=overrides, catalogue=catalogue, clock=clock)  # fmt: skip
     server = GrpcServer("fraud", address or settings.fraud_addr, grace_seconds=settings.grace_seconds)
     servicer = FraudServicer(service, clock.now)
     server.add_service(lambda s: fraud_pb2_grpc.add_FraudServiceServicer_to_server(servicer, s), SERVICE_NAME)
@@ -81,6 +129,9 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
 
 
 async def serve(settings: Settings) -> None:
-    app = await build(settings)
+    try:
+        app = await build(settings)
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from exc
     await app.start()
     await app.server.serve_until_signal()

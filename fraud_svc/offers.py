@@ -8,10 +8,10 @@ integer points; the probability only ranks and scales, it never moves points its
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
+
+from fraud_svc.domain import BadRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +40,47 @@ DEFAULT_CATALOGUE = (
 )
 
 
-def load_catalogue(path: Path) -> tuple[CatalogueOffer, ...]:
-    items = json.loads(path.read_text())
-    offers = []
-    for i in items:
-        segments = tuple(i.get("segments", ()))
-        offers.append(CatalogueOffer(i["offer_id"], i["title"], int(i["bonus_points"]), int(i["uplift_percent"]),
-                                     int(i.get("min_churn_percent", 0)), segments))  # fmt: skip
+def catalogue_of(items: object) -> tuple[CatalogueOffer, ...]:
+    """A parsed catalogue document (a list of offers) -> offers, or BadRequest naming the bad
+    field (`[2].bonus_points`): an operator's file is refused whole, never half read."""
+    if not isinstance(items, list) or not items:
+        raise BadRequest("the catalogue is a non-empty list of offers", field="catalogue")
+    offers, seen = [], set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadRequest("an offer is a mapping", field=f"[{i}]")
+        unknown = set(item) - _OFFER_FIELDS
+        if unknown:
+            raise BadRequest(f"unknown fields {sorted(unknown)}", field=f"[{i}]")
+        offer_id, title = _text(item, "offer_id", i), _text(item, "title", i)
+        if offer_id in seen:
+            raise BadRequest(f"offer {offer_id!r} is listed twice", field=f"[{i}].offer_id")
+        seen.add(offer_id)
+        segments = item.get("segments", [])
+        if not isinstance(segments, list) or not all(isinstance(s, str) and s for s in segments):
+            raise BadRequest("a list of segment names", field=f"[{i}].segments")
+        offers.append(CatalogueOffer(
+            offer_id, title, _whole(item, "bonus_points", i, 0, 1_000_000), _whole(item, "uplift_percent", i, 0, 100),
+            _whole(item, "min_churn_percent", i, 0, 100, default=0), tuple(segments),
+        ))  # fmt: skip
     return tuple(offers)
+
+
+_OFFER_FIELDS = {"offer_id", "title", "bonus_points", "uplift_percent", "min_churn_percent", "segments"}
+
+
+def _text(item: dict[str, object], name: str, i: int) -> str:
+    value = item.get(name)
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
+        raise BadRequest("1..200 characters required", field=f"[{i}].{name}")
+    return value
+
+
+def _whole(item: dict[str, object], name: str, i: int, low: int, high: int, default: int | None = None) -> int:
+    value = item.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"a whole number from {low} to {high}", field=f"[{i}].{name}")
+    return value
 
 
 def yearly_value_points(spend_90d_minor: int) -> int:

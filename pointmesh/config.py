@@ -47,6 +47,11 @@ class Settings:
     models_dir: str = ""
     # Rows of generated data for that default model.
     default_model_rows: int = 40_000
+    # The fraud team's decision settings over the model's proposed thresholds (YAML or JSON:
+    # thresholds per kind, velocity rules, blocked devices; docs/fraud.md) and the retention
+    # offer catalogue (a list of offers); empty: the model's thresholds, the built-in catalogue.
+    fraud_decision_file: str = ""
+    fraud_offer_catalogue_file: str = ""
     # host:port of the REST/websocket gateway.
     gateway_addr: str = "127.0.0.1:8080"
     # Signs member tokens (JWT HS256), 32 characters or more; set it in production, the same on
