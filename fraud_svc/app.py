@@ -69,14 +69,40 @@ def decision_overrides(settings: Settings) -> dict[str, object]:
     data = _operator_file(path, "fraud decision file")
     if not isinstance(data, dict):
         raise ConfigError(f"fraud decision file {path}: a mapping of {sorted(DECISION_KEYS)} is expected")
-    unknown = sorted(set(data) - DECISION_KEYS)
-    if unknown:
-        raise ConfigError(f"fraud decision file {path}: unknown keys {unknown}; known: {sorted(DECISION_KEYS)}")
     try:
+        _check_shape(data)
         DecisionConfig.from_mapping(data)
     except BadRequest as exc:
-        raise ConfigError(f"fraud decision file {path}: {exc.message}") from None
+        raise ConfigError(f"fraud decision file {path}: {exc.field}: {exc.message}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"fraud decision file {path}: {exc}") from None
     return data
+
+
+RULE_KEYS = frozenset({"name", "feature", "limit", "verdict", "kinds"})
+
+
+def _check_shape(data: dict[str, object]) -> None:
+    """Keys the service would ignore are refused (a typo must not leave a rule firing on every
+    kind), and thresholds come in pairs: the file's review and deny for a kind then make a
+    valid pair whatever model they are laid over."""
+    unknown = sorted(set(data) - DECISION_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown keys {unknown}; known: {sorted(DECISION_KEYS)}", field="(top)")
+    thresholds = data.get("thresholds", {})
+    if not isinstance(thresholds, dict):
+        raise BadRequest("a mapping of kind -> {review, deny}", field="thresholds")
+    for kind, pair in thresholds.items():
+        if not isinstance(pair, dict) or set(pair) != {"review", "deny"}:
+            raise BadRequest("both review and deny, nothing else", field=f"thresholds.{kind}")
+    rules = data.get("rules", [])
+    if not isinstance(rules, list):
+        raise BadRequest("a list of rules", field="rules")
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict) or not set(rule) <= RULE_KEYS:
+            raise BadRequest(f"a mapping of {sorted(RULE_KEYS)}", field=f"rules[{i}]")
+        if "kinds" in rule and not isinstance(rule["kinds"], list):
+            raise BadRequest("a list of kinds", field=f"rules[{i}].kinds")
 
 
 def offer_catalogue(settings: Settings) -> tuple[CatalogueOffer, ...]:

@@ -81,6 +81,9 @@ class Sagas:
         saga = await self.svc._book(self.svc.shard_of(source), move_out)
         if saga is None:
             return {}
+        # A saga started before says where its points go: a caller naming another member (the
+        # end of a chain the target joined since) must not have them credited there as well.
+        target = saga.dest_member
         self.svc._fault("merge_after_move_out")
         payload: dict[str, Any] = json.loads(saga.payload_json)
         if "units" not in payload:  # a saga started before member state moved with a merge
@@ -369,8 +372,15 @@ class Sagas:
             log.exception("points left on %s, merged into %s, could not follow it yet", member_id, member.merged_into)
 
     async def complete_merge(self, source: str, target: str, merge_id: str = "") -> dict[str, int]:
+        """The merge (or sweep) saga driven to its end, the source's external ids made aliases of
+        where its points went (the saga's destination, if one was started), and what reached a
+        destination merged away since passed on down its chain."""
         moved = await self.drive_merge(source, target, merge_id)
-        await self.svc.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, target))
+        saga = await self._saga(source, merge_id or self.merge_id(source))
+        dest = saga.dest_member if saga is not None else target
+        await self.svc.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, dest))
+        if dest != target:
+            await self._pass_on(dest)
         return moved
 
 

@@ -394,7 +394,8 @@ class LedgerService:
         if ext.kind == "payment_card":
             # Only the digits are hashed: a value with none, or with other characters dropped,
             # would find whichever member was enrolled with another such value.
-            if any(not (ch.isspace() or ch == "-" or unicodedata.decimal(ch, None) is not None) for ch in ext.value):
+            if any(not (ch.isspace() or unicodedata.category(ch) == "Pd" or unicodedata.decimal(ch, None) is not None)
+                   for ch in ext.value):  # fmt: skip
                 raise InvalidArgument("a payment card number is digits, spaces and dashes", field=f"{field}.value")
             if not CARD_DIGITS[0] <= len(card_digits(ext.value)) <= CARD_DIGITS[1]:
                 raise InvalidArgument(

@@ -91,7 +91,11 @@ async def test_offers_come_from_the_configured_catalogue(started: Started) -> No
     ("setting", "text", "named"),
     [
         ("fraud_decision_file", "blocked_device: [x]\n", "unknown keys ['blocked_device']"),
-        ("fraud_decision_file", "thresholds: {redemption: {review: lots}}\n", "thresholds"),
+        ("fraud_decision_file", "thresholds: {redemption: {review: lots, deny: 0.9}}\n", "thresholds"),
+        ("fraud_decision_file", "thresholds: {purchase: {review: 0.9}}\n", "thresholds.purchase: both review and deny"),
+        ("fraud_decision_file", "rules: 5\n", "rules: a list of rules"),
+        ("fraud_decision_file", "rules: [{name: r, feature: member_returns_7d, limit: 3, kind: [transfer]}]\n",
+         "rules[0]: a mapping of"),
         ("fraud_decision_file", "- not a mapping\n", "a mapping of"),
         ("fraud_decision_file", "thresholds: {\n", "not valid YAML or JSON"),
         ("fraud_offer_catalogue_file", "- {offer_id: a, title: A, bonus_points: -5, uplift_percent: 10}\n",

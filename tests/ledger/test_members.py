@@ -387,5 +387,10 @@ async def test_a_payment_card_value_that_is_not_a_card_number_is_refused_not_mat
         assert error_field(error) == "external_ids[1].value", value
     assert (await lookup(ledger, "payment_card", "4111-1111-1111-1111")).member_id == owner
     # The same digits in another script, or with other spaces, are the same card.
-    for same in ("٤١١١١١١١١١١١١١١١", "4111\u00a01111\u00a01111\u00a01111", "4111 1111 1111 1111\n"):
+    for same in (
+        "٤١١١١١١١١١١١١١١١",
+        "4111\u00a01111\u00a01111\u00a01111",
+        "4111 1111 1111 1111\n",
+        "4111\u20131111\u20131111\u20131111",
+    ):
         assert (await lookup(ledger, "payment_card", same)).member_id == owner

@@ -251,3 +251,38 @@ async def test_two_members_merged_into_each_other_at_once_leave_one_of_them_acti
     survivor = next(m for m, s in statuses.items() if s is MemberStatus.ACTIVE)
     assert await points(svc, survivor) == (150, 0, 0)
     await assert_books_balance(ledger)
+
+
+class _PowerCut(Exception):
+    pass
+
+
+async def test_a_merge_replayed_after_its_target_merged_on_credits_the_points_once(
+    ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's merge into B died after moving A's points out (its saga names B); B was then merged
+    into C. The client sends A's merge again while the maintenance pass recovers the saga:
+    the replay named C, recovery B, and each moved the points in, so both were credited (and
+    transit went negative). Now a started saga's destination decides, and what reaches B goes
+    on to C."""
+    svc = ledger.app.service
+    a = await member(svc)
+    b, c_ = await member(svc, shard_of=a), await member(svc, shard_of=a)
+    await svc.earn(c.Earn(k(), a, "points", 100))
+    await svc.earn(c.Earn(k(), b, "points", 10))
+    merge = c.MergeMembers(k(), a, b)
+
+    def cut(point: str) -> None:
+        if point == "merge_after_move_out":
+            raise _PowerCut(point)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(svc, "_fault", cut)
+        with pytest.raises(_PowerCut):
+            await svc.merge_members(merge)
+    await svc.merge_members(c.MergeMembers(k(), b, c_))
+
+    await asyncio.gather(svc.merge_members(merge), svc.sagas.recover())
+
+    assert [await points(svc, m) for m in (a, b, c_)] == [(0, 0, 0), (0, 0, 0), (110, 0, 0)]
+    await assert_books_balance(ledger)
