@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -72,11 +73,7 @@ class BatchIngest:
         """The keys this batch claimed for items then refused (nothing written), as a single
         request gives its key back: the corrected item may come again under it. A key named
         twice in the batch stays, one of its items may have posted."""
-        named: dict[tuple[str, str], int] = {}
-        for p in live:
-            named[(p.command.key.namespace, p.command.key.key)] = (
-                named.get((p.command.key.namespace, p.command.key.key), 0) + 1
-            )
+        named = Counter((p.command.key.namespace, p.command.key.key) for p in live)
         refused = [
             (p.command.key, p.fingerprint)
             for p in live

@@ -61,6 +61,11 @@ class Sagas:
         return first_merge_id(source)
 
     async def drive_merge(self, source: str, target: str, merge_id: str = "") -> dict[str, int]:
+        return (await self._drive(source, target, merge_id))[0]
+
+    async def _drive(self, source: str, target: str, merge_id: str) -> tuple[dict[str, int], str]:
+        """The merge (or sweep) saga driven to its end: what it moved, and where it moved it
+        (the saga's own destination once one was started; `target` when none was)."""
         merge_id = merge_id or self.merge_id(source)
         first = merge_id == self.merge_id(source)
 
@@ -80,7 +85,7 @@ class Sagas:
 
         saga = await self.svc._book(self.svc.shard_of(source), move_out)
         if saga is None:
-            return {}
+            return {}, target
         # A saga started before says where its points go: a caller naming another member (the
         # end of a chain the target joined since) must not have them credited there as well.
         target = saga.dest_member
@@ -102,7 +107,7 @@ class Sagas:
             await self.svc._book(
                 self.svc.shard_of(source), lambda b: b.tx.set_saga_state(merge_id, SagaState.DONE, b.now)
             )
-        return {u: int(m["balance"]) for u, m in moved.items()}
+        return {u: int(m["balance"]) for u, m in moved.items()}, target
 
     def _transfer_ids(self, saga_id: str, source: str, destination: str) -> _SagaIds:
         return _SagaIds(saga_id, *transfer_tx_ids(saga_id, source, destination))
@@ -270,7 +275,6 @@ class Sagas:
                         await self.drive_reversal(saga.saga_id)
                     else:
                         await self.complete_merge(saga.source_member, saga.dest_member, saga.saga_id)
-                        await self._pass_on(saga.dest_member)
                     completed += 1
                 except LedgerError:
                     log.exception("saga %s could not be completed yet", saga.saga_id)
@@ -334,12 +338,10 @@ class Sagas:
         once the reviews are decided."""
         target = await self.heir_of(source)
         try:
-            moved = await self.complete_merge(source, target)
+            return await self.complete_merge(source, target)
         except FailedPrecondition as unsettled:
             log.info("merge of %s into %s waits: %s", source, target, unsettled.message)
             return {}
-        await self._pass_on(target)
-        return moved
 
     async def _pass_on(self, member_id: str) -> None:
         """Points a merge step moved to a member merged away since go on to the end of its chain
@@ -365,7 +367,6 @@ class Sagas:
             saga = await self._saga(member_id, decided_sweep_id(review_id)) if review_id else None
             if saga is not None and saga.state != SagaState.DONE:
                 await self.complete_merge(saga.source_member, saga.dest_member, saga.saga_id)
-                await self._pass_on(saga.dest_member)
             elif saga is None:
                 await self.sweep_merged(member_id, member.merged_into)
         except LedgerError:
@@ -375,12 +376,9 @@ class Sagas:
         """The merge (or sweep) saga driven to its end, the source's external ids made aliases of
         where its points went (the saga's destination, if one was started), and what reached a
         destination merged away since passed on down its chain."""
-        moved = await self.drive_merge(source, target, merge_id)
-        saga = await self._saga(source, merge_id or self.merge_id(source))
-        dest = saga.dest_member if saga is not None else target
+        moved, dest = await self._drive(source, target, merge_id)
         await self.svc.store.write_directory(lambda d: d.move_external_ids_as_aliases(source, dest))
-        if dest != target:
-            await self._pass_on(dest)
+        await self._pass_on(dest)
         return moved
 
 

@@ -234,7 +234,12 @@ class ObservationBacklog:
         self._settle = redis.register_script(_SETTLE)
 
     async def keep(self, request: ScreeningRequest) -> None:
-        if not await self._push([BacklogEntry(request)]):
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(self.key, codec.dumps(BacklogEntry(request)))
+                pipe.ltrim(self.key, -self.limit, -1)
+                await pipe.execute()
+        except RedisError:
             log.warning("fraud_svc and Redis both away: observation %s of %s is lost", request.event_id, request.kind)
 
     async def take(self, count: int) -> BacklogLease:
@@ -256,16 +261,6 @@ class ObservationBacklog:
             await self._settle(keys=self._keys, args=[lease.lease_id, self.limit, *(codec.dumps(e) for e in back)])
         except RedisError:
             log.warning("Redis away: %d fraud observations come back when their lease ends", len(lease.entries))
-
-    async def _push(self, entries: Sequence[BacklogEntry]) -> bool:
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(self.key, *(codec.dumps(entry) for entry in entries))
-                pipe.ltrim(self.key, -self.limit, -1)
-                await pipe.execute()
-        except RedisError:
-            return False
-        return True
 
 
 def _entry_of(item: bytes | str) -> BacklogEntry | None:

@@ -98,6 +98,18 @@ def card_digits(value: str) -> str:
     return "".join(str(d) for ch in value if (d := unicodedata.decimal(ch, None)) is not None)
 
 
+def _require_mergeable(source: Member, target: Member) -> None:
+    """A merge goes into an active member, from one neither erased nor merged elsewhere."""
+    if target.status != MemberStatus.ACTIVE:
+        raise MemberNotActive(f"member {target.member_id} is {target.status.value}", field="target_member_id")
+    if source.status == MemberStatus.MERGED and source.merged_into != target.member_id:
+        raise FailedPrecondition(
+            f"member {source.member_id} was merged into {source.merged_into}", field="source_member_id"
+        )
+    if source.status == MemberStatus.ERASED:
+        raise MemberNotActive(f"member {source.member_id} is ERASED", field="source_member_id")
+
+
 class BalanceCache(Protocol):
     async def get(self, member_id: str, unit: str) -> Balance | None: ...
     async def fill(self, balance: Balance) -> None: ...
@@ -378,30 +390,28 @@ class LedgerService:
 
     # Members -----------------------------------------------------------------------------
 
-    def _protect(self, ext: ExternalId) -> ExternalId:
-        """Payment card numbers are never stored: only a keyed hash that still finds the member."""
-        if ext.kind == "payment_card":
-            return self._card_token(card_digits(ext.value))
-        return ext
-
     def _card_token(self, digits: str) -> ExternalId:
+        """Payment card numbers are never stored: only a keyed hash that still finds the member."""
         digest = hmac.new(self._card_secret, digits.encode(), hashlib.sha256).hexdigest()
         return ExternalId("payment_card", f"hmac:{digest}")
 
     def _check_external(self, ext: ExternalId, field: str) -> ExternalId:
+        """The external id as stored: a payment card as the token of its digits."""
         v.name(ext.kind, f"{field}.kind")
         v.required_text(ext.value, f"{field}.value", max_len=128)
-        if ext.kind == "payment_card":
-            # Only the digits are hashed: a value with none, or with other characters dropped,
-            # would find whichever member was enrolled with another such value.
-            if any(not (ch.isspace() or unicodedata.category(ch) == "Pd" or unicodedata.decimal(ch, None) is not None)
-                   for ch in ext.value):  # fmt: skip
-                raise InvalidArgument("a payment card number is digits, spaces and dashes", field=f"{field}.value")
-            if not CARD_DIGITS[0] <= len(card_digits(ext.value)) <= CARD_DIGITS[1]:
-                raise InvalidArgument(
-                    f"a payment card number has {CARD_DIGITS[0]} to {CARD_DIGITS[1]} digits", field=f"{field}.value"
-                )
-        return self._protect(ext)
+        if ext.kind != "payment_card":
+            return ext
+        # Only the digits are hashed: a value with none, or with other characters dropped,
+        # would find whichever member was enrolled with another such value.
+        if any(not (ch.isspace() or unicodedata.category(ch) == "Pd" or unicodedata.decimal(ch, None) is not None)
+               for ch in ext.value):  # fmt: skip
+            raise InvalidArgument("a payment card number is digits, spaces and dashes", field=f"{field}.value")
+        digits = card_digits(ext.value)
+        if not CARD_DIGITS[0] <= len(digits) <= CARD_DIGITS[1]:
+            raise InvalidArgument(
+                f"a payment card number has {CARD_DIGITS[0]} to {CARD_DIGITS[1]} digits", field=f"{field}.value"
+            )
+        return self._card_token(digits)
 
     async def create_member(self, cmd: c.CreateMember) -> Member:
         key = v.idem_key(cmd.key)
@@ -514,14 +524,7 @@ class LedgerService:
             # the chain if the target was merged on since).
             moved = await self.sagas.complete_merge(source.member_id, await self.sagas.heir_of(source.member_id))
             return MergeResult(await self.member(target.member_id), moved)
-        if target.status != MemberStatus.ACTIVE:
-            raise MemberNotActive(f"member {target.member_id} is {target.status.value}", field="target_member_id")
-        if source.status == MemberStatus.MERGED and source.merged_into != target.member_id:
-            raise FailedPrecondition(
-                f"member {source.member_id} was merged into {source.merged_into}", field="source_member_id"
-            )
-        if source.status == MemberStatus.ERASED:
-            raise MemberNotActive(f"member {source.member_id} is ERASED", field="source_member_id")
+        _require_mergeable(source, target)
         src_shard = self.shard_of(source.member_id)
 
         def unsettled(tx: ShardTx) -> tuple[int, int, int]:
@@ -547,16 +550,9 @@ class LedgerService:
         # statuses read above are read again in that write: two merges sent at once, A into B
         # and B into A, would otherwise both pass and leave the points with no active member.
         def mark_merged(d: DirectoryTx) -> None:
-            now_target, now_source = d.get_member(target.member_id), d.get_member(source.member_id)
-            if now_target is None or now_target.status != MemberStatus.ACTIVE:
-                status = now_target.status.value if now_target is not None else "gone"
-                raise MemberNotActive(f"member {target.member_id} is {status}", field="target_member_id")
-            if now_source is None or now_source.status is MemberStatus.ERASED:
-                raise MemberNotActive(f"member {source.member_id} is ERASED", field="source_member_id")
-            if now_source.status is MemberStatus.MERGED and now_source.merged_into != target.member_id:
-                raise FailedPrecondition(
-                    f"member {source.member_id} was merged into {now_source.merged_into}", field="source_member_id"
-                )
+            # Members are never deleted (erasure keeps the row): both are still there.
+            now_source, now_target = d.get_member(source.member_id), d.get_member(target.member_id)
+            _require_mergeable(now_source or source, now_target or target)
             d.set_status(source.member_id, MemberStatus.MERGED, target.member_id)
 
         await self.store.write_directory(mark_merged)
