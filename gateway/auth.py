@@ -103,6 +103,21 @@ class Principal:
             raise bad_request(field, f"is required: API key {key.key_id} acts for stores {', '.join(key.stores)}")
         return store_id
 
+    def may_act_on_hold(self, hold_id: str, channel: str, store_id: str) -> None:
+        """A hold reserves points for one channel's checkout (and one store's, when it names
+        one): only a key acting for that channel and store, or an admin key, reads, captures or
+        voids it, so a hold id seen on one till is no use at another. A hold naming no channel
+        (placed by an internal gRPC caller that gave none, or before 2026-12-06) stays open to
+        any key with the scope."""
+        key = self.require("redemptions:write")
+        if not channel or key.allows("admin"):
+            return
+        if key.channel == channel and not (store_id and key.stores and store_id not in key.stores):
+            return
+        acts_for = f"channel {key.channel}" + (f", stores {', '.join(key.stores)}" if key.stores else "")
+        raise forbidden(f"API key {key.key_id} acts for {acts_for}; hold {hold_id} was placed for another "
+                        "channel or store")  # fmt: skip
+
     def may_read_member(self, member_id: str) -> None:
         if self.key is not None:
             self.require("members:read")

@@ -67,7 +67,8 @@ def hold(h: ledger_pb2.Hold, after: ledger_pb2.Balance | None = None) -> s.Hold:
     return s.Hold(
         hold_id=h.hold_id, member_id=h.member_id, unit=h.unit, points=h.points,
         status=_enum(h.status, ledger_pb2.HoldStatus, "HOLD_STATUS_"), captured_points=h.captured_points,
-        expires_at=when(h, "expires_at"), balance_after=balance(after) if after is not None else None,
+        expires_at=when(h, "expires_at"), channel=h.channel, store_id=h.store_id,
+        balance_after=balance(after) if after is not None else None,
     )  # fmt: skip
 
 

@@ -278,6 +278,12 @@ class Hold(BaseModel):
     status: str
     captured_points: int
     expires_at: datetime | None
+    channel: str = Field(
+        default="",
+        description="The channel the hold was placed for: only its keys (or admin "
+        "keys) may read, capture or void it; empty on holds open to any key",
+    )
+    store_id: str = Field(default="", description="The store the hold was placed for, if any")
     balance_after: Balance | None = None
     screening: Screening | None = Field(
         default=None, description="Placing a hold is fraud-screened; under review, review_id names the review"

@@ -120,6 +120,8 @@ def hold_pb(h: d.Hold) -> ledger_pb2.Hold:
         created_at=ts(h.created_at),
         expires_at=ts(h.expires_at),
         reference=h.reference,
+        channel=h.channel,
+        store_id=h.store_id,
     )
 
 

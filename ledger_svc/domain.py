@@ -195,6 +195,11 @@ class Hold:
     expires_at: datetime
     reference: str
     saga_id: str = ""
+    # The channel and store the hold was placed for: the gateway lets only keys acting for
+    # them (or admin keys) read, capture or void it. Empty on holds placed by an internal caller
+    # that named none, and on holds placed before 2026-12-06.
+    channel: str = ""
+    store_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

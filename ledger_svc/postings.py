@@ -418,13 +418,14 @@ class ShardBook:
         )  # fmt: skip
 
     def place_hold(
-        self, member_id: str, unit: str, points: int, *, timeout: timedelta, reference: str, saga_id: str = ""
-    ) -> HoldResult:
+        self, member_id: str, unit: str, points: int, *, timeout: timedelta, reference: str, saga_id: str = "",
+        channel: str = "", store_id: str = "",
+    ) -> HoldResult:  # fmt: skip
         self._require_available(member_id, unit, points)
         hold = Hold(
             hold_id=new_id("h", member_id), member_id=member_id, unit=unit, points=points,
             status=HoldStatus.PLACED, captured_points=0, created_at=self.now, expires_at=self.now + timeout,
-            reference=reference, saga_id=saga_id,
+            reference=reference, saga_id=saga_id, channel=channel, store_id=store_id,
         )  # fmt: skip
         self.tx.add_hold(hold)
         balance = self._bump(member_id, unit, reserved_delta=points)

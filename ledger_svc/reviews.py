@@ -136,7 +136,8 @@ def hold_or_review(
     under review it belongs to the review instead (the caller cannot capture or void it), and
     approval captures it as the redemption it was meant to become."""
     if screening is None or screening.verdict is Verdict.ALLOW:
-        placed = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=timeout, reference=cmd.reference)
+        placed = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=timeout, reference=cmd.reference,
+                                 channel=cmd.context.channel, store_id=cmd.context.store_id)  # fmt: skip
         return PlacedHold(placed.hold, placed.balance_after, screening)
     held, review = _held_for_review(book, cmd.member_id, cmd.unit, cmd.points, cmd.reference, "hold", screening,
                                     review_timeout)  # fmt: skip

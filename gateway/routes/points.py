@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 from gateway import convert as cv
 from gateway import schemas as s
 from gateway.auth import Principal
-from gateway.deps import Caller, GatewayDep, IdPath, Write, call, writing
+from gateway.deps import Caller, Gateway, GatewayDep, IdPath, Write, call, writing
 from gateway.keys import ApiKey
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
@@ -89,26 +89,40 @@ async def place_hold(
     return cv.hold(result.hold, result.balance_after).model_copy(update={"screening": shown})
 
 
-@router.get("/holds/{hold_id}", response_model=s.Hold, summary="A hold")
+async def _own_hold(gw: Gateway, caller: Principal, hold_id: str) -> ledger_pb2.Hold:
+    """The hold, once the caller is known to act for the channel and store it was placed for."""
+    found: ledger_pb2.GetHoldResponse = await call(
+        LEDGER, gw.ledger.GetHold(ledger_pb2.GetHoldRequest(hold_id=hold_id))
+    )
+    hold = found.hold
+    caller.may_act_on_hold(hold_id, hold.channel, hold.store_id)
+    return hold
+
+
+@router.get("/holds/{hold_id}", response_model=s.Hold, summary="A hold (only to keys acting for its channel and store)")
 async def get_hold(hold_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Hold:
     caller.require("redemptions:write")
-    return cv.hold((await call(LEDGER, gw.ledger.GetHold(ledger_pb2.GetHoldRequest(hold_id=hold_id)))).hold)
+    return cv.hold(await _own_hold(gw, caller, hold_id))
 
 
 @router.post("/holds/{hold_id}/capture", response_model=s.Hold, summary="Capture all or part of a hold")
 async def capture_hold(
-    hold_id: IdPath, body: s.CaptureHold, gw: GatewayDep, write: Annotated[Write, writing("redemptions:write")]
-) -> s.Hold:
-    key = write.key
-    request = ledger_pb2.CaptureHoldRequest(idempotency_key=key, hold_id=hold_id, points=body.points)
+    hold_id: IdPath, body: s.CaptureHold, gw: GatewayDep, caller: Caller,
+    write: Annotated[Write, writing("redemptions:write")],
+) -> s.Hold:  # fmt: skip
+    await _own_hold(gw, caller, hold_id)
+    request = ledger_pb2.CaptureHoldRequest(idempotency_key=write.key, hold_id=hold_id, points=body.points)
     result = await call(LEDGER, gw.ledger.CaptureHold(request))
     return cv.hold(result.hold, result.transaction.balance_after)
 
 
 @router.post("/holds/{hold_id}/void", response_model=s.Hold, summary="Release a hold")
-async def void_hold(hold_id: IdPath, gw: GatewayDep, write: Annotated[Write, writing("redemptions:write")]) -> s.Hold:
-    key = write.key
-    result = await call(LEDGER, gw.ledger.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key, hold_id=hold_id)))
+async def void_hold(
+    hold_id: IdPath, gw: GatewayDep, caller: Caller, write: Annotated[Write, writing("redemptions:write")]
+) -> s.Hold:
+    await _own_hold(gw, caller, hold_id)
+    request = ledger_pb2.VoidHoldRequest(idempotency_key=write.key, hold_id=hold_id)
+    result = await call(LEDGER, gw.ledger.VoidHold(request))
     return cv.hold(result.hold, result.balance_after)
 
 

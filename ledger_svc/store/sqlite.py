@@ -81,7 +81,8 @@ CREATE INDEX IF NOT EXISTS lots_open_release ON lots (release_at) WHERE pending 
 CREATE TABLE IF NOT EXISTS holds (
   hold_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, unit TEXT NOT NULL, points INTEGER NOT NULL,
   status TEXT NOT NULL, captured INTEGER NOT NULL, created_at INTEGER NOT NULL,
-  expires_at INTEGER NOT NULL, reference TEXT NOT NULL, saga_id TEXT NOT NULL) WITHOUT ROWID;
+  expires_at INTEGER NOT NULL, reference TEXT NOT NULL, saga_id TEXT NOT NULL,
+  channel TEXT NOT NULL DEFAULT '', store_id TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS holds_placed ON holds (expires_at) WHERE status = 'PLACED';
 CREATE INDEX IF NOT EXISTS holds_by_member ON holds (member_id) WHERE status = 'PLACED';
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -131,7 +132,9 @@ CREATE INDEX IF NOT EXISTS claims_by_age ON claims (created_at);
 _LOT_COLS = (
     "lot_id, member_id, unit, earn_tx, original, remaining, expires_at, created_at, pending, release_at, pending_review"
 )
-_HOLD_COLS = "hold_id, member_id, unit, points, status, captured, created_at, expires_at, reference, saga_id"
+_HOLD_COLS = (
+    "hold_id, member_id, unit, points, status, captured, created_at, expires_at, reference, saga_id, channel, store_id"
+)
 _TX_COLS = (
     "tx_id, kind, member_id, unit, points, recorded_at, business_time, reference, funding, purchase_minor,"
     " purchase_currency, reversed_points, refunded_minor, lot_id, pending, original_tx, balance_after"
@@ -168,6 +171,8 @@ def _hold(r: tuple[object, ...]) -> Hold:
         expires_at=from_us(int(r[7])),  # type: ignore[call-overload]
         reference=str(r[8]),
         saga_id=str(r[9]),
+        channel=str(r[10]),
+        store_id=str(r[11]),
     )
 
 
@@ -499,10 +504,11 @@ class SqliteShardTx:
 
     def add_hold(self, hold: Hold) -> None:
         self.c.execute(
-            f"INSERT INTO holds ({_HOLD_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO holds ({_HOLD_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 hold.hold_id, hold.member_id, hold.unit, hold.points, hold.status.value, hold.captured_points,
-                to_us(hold.created_at), to_us(hold.expires_at), hold.reference, hold.saga_id,
+                to_us(hold.created_at), to_us(hold.expires_at), hold.reference, hold.saga_id, hold.channel,
+                hold.store_id,
             ),
         )  # fmt: skip
 
@@ -874,8 +880,26 @@ def _add_listing_columns(conn: sqlite3.Connection) -> None:
 
 
 def _lacks_listing_columns(conn: sqlite3.Connection) -> bool:
-    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(purchases)")}
-    return bool(columns) and "channel" not in columns
+    return _lacks_column(conn, "purchases", "channel")
+
+
+def _add_hold_placer_columns(conn: sqlite3.Connection) -> None:
+    """Gives holds placed by an earlier release the channel and store columns, empty: the
+    gateway lets any key with the scope act on such a hold, as before (cheap: SQLite adds a
+    column with a constant default without rewriting rows)."""
+
+    def add(_: bool) -> None:
+        log.warning("adding channel and store columns to holds (a one-time upgrade)")
+        conn.execute("ALTER TABLE holds ADD COLUMN channel TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE holds ADD COLUMN store_id TEXT NOT NULL DEFAULT ''")
+
+    _upgrade_once(conn, lambda: _lacks_column(conn, "holds", "channel") or None, add)
+
+
+def _lacks_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    """Whether the table exists without the column (a file from an earlier release)."""
+    columns = {str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")}
+    return bool(columns) and column not in columns
 
 
 U = TypeVar("U")
@@ -976,6 +1000,7 @@ class SqliteLedgerStore:
             for table in _ROWID_TABLES:
                 _rebuild_with_rowid(conn, table)
             _add_listing_columns(conn)
+            _add_hold_placer_columns(conn)
             conn.executescript(schema)
         finally:
             conn.close()

@@ -382,6 +382,8 @@ class Hold(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
     hold_id: _builtins.str
     member_id: _builtins.str
     unit: _builtins.str
@@ -389,6 +391,12 @@ class Hold(_message.Message):
     status: Global___HoldStatus.ValueType
     captured_points: _builtins.int
     reference: _builtins.str
+    channel: _builtins.str
+    """The channel and store the hold was placed for (the request's context): the gateway lets
+    only keys acting for them, or admin keys, read, capture or void it. Empty when the caller
+    named none, and on holds placed before 2026-12-06.
+    """
+    store_id: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -405,10 +413,12 @@ class Hold(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         reference: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        store_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_points", b"captured_points", "created_at", b"created_at", "expires_at", b"expires_at", "hold_id", b"hold_id", "member_id", b"member_id", "points", b"points", "reference", b"reference", "status", b"status", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured_points", b"captured_points", "channel", b"channel", "created_at", b"created_at", "expires_at", b"expires_at", "hold_id", b"hold_id", "member_id", b"member_id", "points", b"points", "reference", b"reference", "status", b"status", "store_id", b"store_id", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -344,7 +344,7 @@ async def test_due_lots_page_by_cursor_each_exactly_once(store: LedgerStore) -> 
 async def test_holds_due_excludes_saga_holds_and_holds_not_placed(store: LedgerStore) -> None:
     due = _hold("h_due", expires_at=T0 - timedelta(minutes=1))
     saga = _hold("h_saga", expires_at=T0 - timedelta(minutes=1), saga_id="tr_1")
-    later = _hold("h_later", expires_at=T0 + timedelta(hours=1))
+    later = replace(_hold("h_later", expires_at=T0 + timedelta(hours=1)), channel="pos", store_id="HEL-01")
     voided = _hold("h_void", expires_at=T0 - timedelta(hours=1), status=HoldStatus.VOIDED)
 
     def add(tx: ShardTx) -> None:
@@ -354,6 +354,9 @@ async def test_holds_due_excludes_saga_holds_and_holds_not_placed(store: LedgerS
     await store.write(0, add)
     assert await store.read(0, lambda tx: tx.holds_due_by(T0, 10)) == [due]
     assert await store.read(0, lambda tx: tx.get_hold("h_saga")) == saga
+    assert (
+        await store.read(0, lambda tx: tx.get_hold("h_later")) == later
+    )  # with the channel and store it was placed for
     assert await store.read(0, lambda tx: tx.placed_hold_totals()) == {"m1:points": 21}
     assert {h.hold_id for h in await store.read(0, lambda tx: tx.placed_holds_of("m1"))} == {
         "h_due",

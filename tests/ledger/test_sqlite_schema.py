@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -65,3 +66,33 @@ async def test_a_without_rowid_purchases_table_is_rebuilt_with_its_rows(tmp_path
         assert await reopened.read(0, lambda tx: tx.get_purchase("pu_1")) == ("EARNED", big_body)
     finally:
         await reopened.close()
+
+
+# The holds table as releases up to 2026-12-05 created it.
+_OLD_HOLDS = """
+CREATE TABLE holds (
+  hold_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, unit TEXT NOT NULL, points INTEGER NOT NULL,
+  status TEXT NOT NULL, captured INTEGER NOT NULL, created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL, reference TEXT NOT NULL, saga_id TEXT NOT NULL) WITHOUT ROWID;
+"""
+
+
+async def test_holds_from_an_earlier_release_open_with_no_channel_and_new_ones_keep_theirs(tmp_path: Path) -> None:
+    shard0 = tmp_path / "ledger-shard-000.sqlite"
+    conn = sqlite3.connect(shard0)
+    conn.executescript(_OLD_HOLDS)
+    noon = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    when = int(noon.timestamp() * 1_000_000)
+    conn.execute("INSERT INTO holds VALUES ('h_1','m1','points',30,'PLACED',0,?,?,'ref','')", (when, when + 10**9))
+    conn.commit()
+    conn.close()
+
+    store = SqliteLedgerStore(tmp_path, 1)
+    try:
+        old = await store.read(0, lambda tx: tx.get_hold("h_1"))
+        assert old is not None and (old.points, old.channel, old.store_id) == (30, "", "")
+        new = replace(old, hold_id="h_2", channel="pos", store_id="HEL-01")
+        await store.write(0, lambda tx: tx.add_hold(new))
+        assert await store.read(0, lambda tx: tx.get_hold("h_2")) == new
+    finally:
+        await store.close()
