@@ -13,6 +13,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from fraud_svc.app import decision_overrides, offer_catalogue
+from fraud_svc.decide import DecisionConfig
+from fraud_svc.offers import DEFAULT_CATALOGUE
+from pointmesh.config import load_settings
 from tests.k8s.render import render
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
@@ -169,3 +173,30 @@ def test_every_gateway_replica_must_get_the_one_member_token_secret(target: str)
     if target == "dev":
         secret = _by(docs, "Secret")["pointmesh-secrets"]
         assert len(secret["stringData"]["POINTMESH_MEMBER_TOKEN_SECRET"]) >= 32
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_fraud_svc_reads_the_fraud_teams_policy_from_a_config_map_that_states_the_defaults(
+    target: str, tmp_path: Path
+) -> None:
+    """The shipped policy is what the team edits: it must load through fraud_svc's own start-up
+    checks, reach the pods as the files the settings name, and change nothing until edited."""
+    docs = render(TARGETS[target])
+    pod = _by(docs, "Deployment")["fraud"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    policy = _by(docs, "ConfigMap")[volumes["policy"]["configMap"]["name"]]["data"]
+    for file in policy:
+        (tmp_path / file).write_text(policy[file])
+    decision, offers = env["POINTMESH_FRAUD_DECISION_FILE"], env["POINTMESH_FRAUD_OFFER_CATALOGUE_FILE"]
+    assert {Path(decision).parent, Path(offers).parent} == {Path(mounts["policy"])}
+    settings = load_settings(
+        {},
+        data_dir=tmp_path,
+        fraud_decision_file=str(tmp_path / Path(decision).name),
+        fraud_offer_catalogue_file=str(tmp_path / Path(offers).name),
+    )
+    assert DecisionConfig.from_mapping(decision_overrides(settings)) == DecisionConfig()
+    assert offer_catalogue(settings) == DEFAULT_CATALOGUE
