@@ -26,6 +26,7 @@ from fraud_svc.velocity_redis import RedisVelocity
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import ConfigError, Settings
 from pointmesh.rpc import GrpcServer
+from pointmesh.strict_files import DuplicateKey, load_strict
 from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,14 @@ DECISION_KEYS = frozenset({"thresholds", "rules", "blocked_devices", "unscored_v
 
 
 def _operator_file(path: str, what: str) -> object:
-    """A YAML (or JSON) document the fraud team keeps; ConfigError naming it if unreadable."""
+    """A YAML (or JSON) document the fraud team keeps; ConfigError naming it if unreadable or
+    if it gives a key twice in one mapping (`deny: 0.9` twice must not serve the last one)."""
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return load_strict(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from None
+    except DuplicateKey as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what} {path}: not valid YAML or JSON: {exc}") from None
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from fraud_svc.domain import BadRequest, ChurnPrediction, MemberActivity
+from fraud_svc.domain import FUTURE_SKEW, BadRequest, ChurnPrediction, MemberActivity
+from pointmesh.bounds import MAX_AMOUNT_MINOR, MAX_POINTS
 
 if TYPE_CHECKING:
     from fraud_svc.model import Model
@@ -59,13 +61,59 @@ def _days(since: datetime | None, as_of: datetime) -> float:
     return _NAN if since is None else max(0.0, (as_of - since).total_seconds() / _DAY_S)
 
 
+# A member buying once a second all year round: counts past this are a bug upstream, not a
+# member, and would reach the model as values no training row came near.
+MAX_PURCHASES = 365 * 86_400
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_COUNTS = ("purchases_30d", "purchases_90d", "purchases_365d")
+_MOMENTS = ("member_since", "last_purchase_at", "last_redemption_at")
+_SKEW_TEXT = f"{FUTURE_SKEW // timedelta(minutes=1)} minutes"
+
+
+def check_activity(activity: MemberActivity, as_of: datetime) -> None:
+    """Refuses (BadRequest naming the field, `activity.purchases_90d`) numbers no ledger can
+    hold: negative or absurd counts, counts of a window larger than those of a window holding
+    it, spend without purchases, amounts past the platform's bounds (pointmesh.bounds), and
+    moments before 1970 or after `as_of` (a purchase 700,000 days ago is not a member drifting
+    away). A last purchase may precede `member_since`: a late receipt can be claimed on joining."""
+    if as_of.tzinfo is None:
+        raise BadRequest("must carry a time zone", field="as_of")
+    if as_of < _EPOCH:
+        raise BadRequest(f"must not be before 1970-01-01, got {as_of.isoformat()}", field="as_of")
+    a = activity
+    for name in _COUNTS:
+        count = getattr(a, name)
+        if not 0 <= count <= MAX_PURCHASES:
+            raise BadRequest(f"must lie within 0..{MAX_PURCHASES}, got {count}", field=f"activity.{name}")
+    for narrow, wide in pairwise(_COUNTS):
+        if getattr(a, narrow) > getattr(a, wide):
+            raise BadRequest(f"must not exceed {wide} ({getattr(a, wide)}), whose window holds this one's, "
+                             f"got {getattr(a, narrow)}", field=f"activity.{narrow}")  # fmt: skip
+    if not 0 <= a.spend_90d_minor <= MAX_AMOUNT_MINOR:
+        raise BadRequest(f"must lie within 0..{MAX_AMOUNT_MINOR} minor units, got {a.spend_90d_minor}",
+                         field="activity.spend_90d_minor")  # fmt: skip
+    if a.spend_90d_minor and not a.purchases_90d:
+        raise BadRequest(f"{a.spend_90d_minor} minor units spent with no purchase in 90 days (purchases_90d is 0)",
+                         field="activity.spend_90d_minor")  # fmt: skip
+    if abs(a.balance_points) > MAX_POINTS:
+        raise BadRequest(f"must lie within -{MAX_POINTS}..{MAX_POINTS}, got {a.balance_points}",
+                         field="activity.balance_points")  # fmt: skip
+    latest = as_of + FUTURE_SKEW
+    for name in _MOMENTS:
+        moment = getattr(a, name)
+        if moment is None:
+            continue
+        if moment.tzinfo is None:
+            raise BadRequest("needs a time zone", field=f"activity.{name}")
+        if not _EPOCH <= moment <= latest:
+            raise BadRequest(f"must lie between 1970-01-01 and {_SKEW_TEXT} after as_of ({as_of.isoformat()}), "
+                             f"got {moment.isoformat()}", field=f"activity.{name}")  # fmt: skip
+
+
 def churn_features(activity: MemberActivity, as_of: datetime) -> ChurnRow:
     """Features of one member as of `as_of` (the time the counts were taken)."""
-    if as_of.tzinfo is None:
-        raise BadRequest("as_of must carry a time zone", field="as_of")
+    check_activity(activity, as_of)
     a = activity
-    if min(a.purchases_30d, a.purchases_90d, a.purchases_365d, a.spend_90d_minor) < 0:
-        raise BadRequest("activity counts cannot be negative", field="activity")
     rate_90 = a.purchases_90d / 90
     rate_365 = a.purchases_365d / 365
     values = [

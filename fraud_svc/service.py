@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter
 
-from fraud_svc.churn import predict_churn
+from fraud_svc.churn import check_activity, predict_churn
 from fraud_svc.decide import DecisionConfig, decide
 from fraud_svc.domain import (
     FUTURE_SKEW,
@@ -178,6 +178,18 @@ def _check_amounts(ctx: TxContext, path: str) -> None:
                          field=f"{path}.balance_points")  # fmt: skip
 
 
+def check_member(activity: MemberActivity, as_of: datetime, now: datetime) -> None:
+    """Refuses (BadRequest naming the field) a ChurnScore or Offers request whose numbers no
+    ledger could have sent (churn.check_activity), or counted `as_of` ahead of fraud_svc's clock:
+    every "days since" is measured to it."""
+    if not activity.member_id or len(activity.member_id) > MAX_IDENTITY:
+        raise BadRequest(f"1..{MAX_IDENTITY} characters required", field="activity.member_id")
+    check_activity(activity, as_of)
+    if as_of > now + FUTURE_SKEW:
+        raise BadRequest(f"{as_of.isoformat()} is more than {_SKEW_TEXT} ahead of fraud_svc's clock ({now.isoformat()})",
+                         field="as_of")  # fmt: skip
+
+
 def _decide_chunk(
     contexts: Sequence[TxContext], rows: list[FeatureRow], model: Model | None, config: DecisionConfig
 ) -> list[Decision]:
@@ -262,8 +274,7 @@ class FraudService:
         return decisions
 
     def churn_score(self, activity: MemberActivity, as_of: datetime) -> ChurnPrediction:
-        if not activity.member_id:
-            raise BadRequest("is required", field="activity.member_id")
+        check_member(activity, as_of, self.clock.now())
         model = self.churn.model
         if model is None:
             raise ModelUnavailable("no churn model is loaded", field="model")

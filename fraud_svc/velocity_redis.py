@@ -72,24 +72,30 @@ local function scores_of(rows)
   return scores
 end
 
--- A sum from 2^53 on is past what a double holds to the unit, so such a window is summed
--- again exactly, the high and the low seven digits apart (values are whole, not negative and
--- at most 10^15: fraud_svc refuses others). Below 2^53 every partial sum was exact.
+-- Doubles hold every integer below 2^53, so a window of values none of them negative that sums
+-- below it was summed exactly. One that sums from 2^53 on, or holds a negative value (its
+-- partial sums may pass 2^53 on the way to a small total), is summed again exactly: each
+-- value's sign, high and low seven digits apart (values are whole and at most 10^15 in size:
+-- fraud_svc refuses others), the total written out as sign and digits.
 local function exact_sum(rows, scores, lo)
   local high, low = 0, 0
   for j = 1, #scores do
     if scores[j] <= lo then break end
-    local v = match(rows[2 * j - 1], '^([^|]*)|')
-    local n = #v
-    if n > 7 then
-      high = high + tonumber(sub(v, 1, n - 7))
-      low = low + tonumber(sub(v, n - 6))
-    else
-      low = low + tonumber(v)
-    end
+    local sign, digits = match(rows[2 * j - 1], '^(-?)(%d+)|')
+    local n = #digits
+    local h, l = 0, tonumber(digits)
+    if n > 7 then h, l = tonumber(sub(digits, 1, n - 7)), tonumber(sub(digits, n - 6)) end
+    if sign == '-' then high, low = high - h, low - l else high, low = high + h, low + l end
   end
   high = high + math.floor(low / 1e7)
-  return format('%.0f%07.0f', high, low % 1e7)
+  low = low % 1e7  -- now 0 <= low < 1e7 and the total is high * 1e7 + low
+  local sign = ''
+  if high < 0 then
+    sign = '-'
+    if low > 0 then high, low = -high - 1, 1e7 - low else high = -high end
+  end
+  if high == 0 then return format('%s%.0f', sign, low) end
+  return format('%s%.0f%07.0f', sign, high, low)
 end
 
 -- Sums and distinct tags over rows (member, score; newest first) newer than t - widest.
@@ -99,10 +105,12 @@ local function sums_and_distincts(out, rows, scores, sum_w, dist_w, widest)
   for i = 1, ns do sums[i] = 0 end
   for i = 1, nd do sets[i] = {}; counts[i] = 0 end
   local lo = t - widest
+  local signed = false
   for j = 1, #scores do
     local at = scores[j]
     if at <= lo then break end
     local v, g = parse(rows[2 * j - 1])
+    if v < 0 then signed = true end
     for i = 1, ns do if at > t - sum_w[i] then sums[i] = sums[i] + v end end
     if g ~= '' then
       for i = 1, nd do
@@ -111,7 +119,7 @@ local function sums_and_distincts(out, rows, scores, sum_w, dist_w, widest)
     end
   end
   for i = 1, ns do
-    if sums[i] >= 9007199254740992 then
+    if signed or sums[i] >= 9007199254740992 then
       out[#out + 1] = exact_sum(rows, scores, t - sum_w[i])
     else
       out[#out + 1] = exact(sums[i])

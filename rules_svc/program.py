@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pointmesh.currencies import is_known
+from pointmesh.strict_files import DuplicateKey, load_strict
 
 # \A..\Z, not ^..$: `$` also matches before a trailing newline, so "pos\n" would pass.
 NAME_RE = re.compile(r"\A[A-Za-z0-9_.:\-]{1,64}\Z")
@@ -660,50 +661,6 @@ def _check_yaml_events(text: str) -> None:
         raise ProgramInvalid([("", f"uses {aliases} YAML aliases; at most {MAX_YAML_ALIASES} are allowed")])
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json.loads keeps the last of two equal keys; a program where that silently drops a rule
-    block or an effect is refused instead."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"key {key!r} appears twice in one object")
-        out[key] = value
-    return out
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader refusing a key repeated in one mapping (YAML requires keys to be unique;
-    PyYAML keeps the last). A key a merge (`<<`) brings in may still be overridden."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        merges = 0
-        for key_node, _value in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                merges += 1
-                if merges > 1:  # two `<<:` keys: one would silently win (a list merges both)
-                    raise yaml.constructor.ConstructorError(
-                        None, None, "key '<<' appears twice in one mapping; merge a list: <<: [*a, *b]",
-                        key_node.start_mark,
-                    )  # fmt: skip
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                repeated = key in seen
-            except TypeError:  # an unhashable key: the constructor refuses it below
-                continue
-            if repeated:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
     """YAML or JSON text -> a plain mapping; syntax errors name the line."""
     if len(text.encode()) > MAX_DOCUMENT_BYTES:
@@ -713,9 +670,10 @@ def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
             _check_json_nesting(text)
         else:
             _check_yaml_events(text)
-        data = json.loads(text, object_pairs_hook=_unique_pairs) if fmt == "json" else yaml.load(text, _UniqueKeyLoader)
-    except _DuplicateKey as exc:
-        raise ProgramInvalid([("", f"not valid JSON: {exc}")]) from None
+        data = load_strict(text, fmt="json" if fmt == "json" else "yaml")
+    except DuplicateKey as exc:
+        where = "" if exc.line is None else f" at line {exc.line} column {exc.column}"
+        raise ProgramInvalid([("", f"not valid {'JSON' if fmt == 'json' else 'YAML'}{where}: {exc.problem}")]) from None
     except RecursionError:  # the checks above keep documents far from this; a last line of defence
         raise _too_deep() from None
     except json.JSONDecodeError as exc:
