@@ -83,8 +83,8 @@ class StaleQuote(Exception):
 @dataclass(frozen=True, slots=True)
 class Priced:
     """A purchase ready for its shard write: keys claimed, quoted (None: it waits), screened.
-    `assumed_count` is the purchase count a batch quote was made for (None: quoted on the
-    member's current state)."""
+    `assumed_count` is the purchase count a batch quote was made for (None: a unary quote,
+    whose purchase-number rules the write's guards settle on the count it meets)."""
 
     cmd: c.RecordPurchase
     fp: str
@@ -94,13 +94,18 @@ class Priced:
     assumed_count: int | None = None
 
 
-def _require_fresh(book: ShardBook, member_id: str, quote: Quote, assumed_count: int, at: datetime) -> None:
+# A unary purchase whose quote went stale in its write (another purchase of the member crossed a
+# tier meanwhile) is quoted again this many times; then it is written on its last quote.
+STALE_REQUOTES = 3
+
+
+def _require_fresh(book: ShardBook, member_id: str, quote: Quote, assumed_count: int | None, at: datetime) -> None:
     """A quote depends on the member's state only through the purchase count and the tier; and
     a purchase parked meanwhile for rules_svc must earn first (receipt order)."""
     if book.tx.member_waiting_purchases(member_id):
         raise StaleQuote("a purchase of the member waits for rules_svc")
     state = load_state(book, member_id)
-    if quote.counts_purchases and state.purchase_count != assumed_count:
+    if assumed_count is not None and quote.counts_purchases and state.purchase_count != assumed_count:
         raise StaleQuote(f"quoted as purchase {assumed_count + 1}, is purchase {state.purchase_count + 1}")
     if quote.tier_policy is not None and effective_tier(quote.tier_policy, state.qualification, at) != quote.tier:
         raise StaleQuote(f"quoted at tier {quote.tier!r}, which the member no longer has")
@@ -241,6 +246,20 @@ class Accrual:
             if earlier is None:
                 raise
             return earlier, True
+        for _ in range(STALE_REQUOTES):
+            written = await self.write_many([Priced(cmd, fp, pid, quote, screening)], now, fresh=True)
+            if written:
+                return written[0]
+            # Another purchase of the member changed its tier (or was parked) between the quote and
+            # the write: the tier at the receipt is the one it meets, so it is quoted on that.
+            state, waiting = await svc.store.read(
+                shard, lambda tx: (tx.get_member_state(member_id), tx.member_waiting_purchases(member_id))
+            )
+            quote = None
+            if not waiting:
+                quote = await self._quote(cmd, MemberState() if state is None else codec.loads(MemberState, state))
+        log.warning("purchase %s: quoted %d times on a changing member; written on the last quote", pid,
+                    STALE_REQUOTES + 1)  # fmt: skip
         return await self.write(cmd, fp, pid, quote, screening, now)
 
     async def replay_of_merged(self, cmd: c.RecordPurchase, conflict: IdempotencyConflict) -> PurchaseRecord | None:
@@ -265,18 +284,21 @@ class Accrual:
         quote), with the idempotency record beside it."""
         return (await self.write_many([Priced(cmd, fp, pid, quote, screening)], now))[0]
 
-    async def write_many(self, priced: Sequence[Priced], now: datetime) -> list[tuple[PurchaseRecord, bool]]:
+    async def write_many(
+        self, priced: Sequence[Priced], now: datetime, *, fresh: bool = False
+    ) -> list[tuple[PurchaseRecord, bool]]:
         """One member's purchases in one shard write, in order, each replayed or accrued with
         its idempotency record. Stops before the first whose quote is stale for the state it
-        meets: the result is shorter than `priced` by that one and the ones after it. (A store
-        may run the unit more than once, Cassandra after a lost race: only what the attempt
-        that committed returns counts.)"""
+        meets: the result is shorter than `priced` by that one and the ones after it. A quote
+        is checked when it assumed a purchase count (batch), or with `fresh` (unary: the tier).
+        (A store may run the unit more than once, Cassandra after a lost race: only what the
+        attempt that committed returns counts.)"""
         svc = self.svc
         member_id = priced[0].cmd.member_id
 
-        def body(p: Priced, fresh: list[PurchaseRecord], book: ShardBook) -> str:
+        def body(p: Priced, done: list[PurchaseRecord], book: ShardBook) -> str:
             cmd, quote = p.cmd, p.quote
-            if p.assumed_count is not None and quote is not None:
+            if quote is not None and (fresh or p.assumed_count is not None):
                 _require_fresh(book, member_id, quote, p.assumed_count, cmd.receipt_time)
             record = PurchaseRecord(
                 p.pid, member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
@@ -290,18 +312,18 @@ class Accrual:
                 save_purchase(book, record)
             else:
                 record = accrue(book, record, quote, p.screening, new_review_id(member_id))
-            fresh.append(record)
+            done.append(record)
             return p.pid
 
         def run(book: ShardBook) -> list[tuple[str, PurchaseRecord | None]]:
             done: list[tuple[str, PurchaseRecord | None]] = []
             for p in priced:
-                fresh: list[PurchaseRecord] = []
+                made: list[PurchaseRecord] = []
                 try:
-                    pid, replayed = svc._run_idempotent(book, p.cmd, p.fp, str, partial(body, p, fresh))
+                    pid, replayed = svc._run_idempotent(book, p.cmd, p.fp, str, partial(body, p, made))
                 except StaleQuote:  # raised before the purchase wrote anything
                     break
-                done.append((pid, None if replayed else fresh[0]))
+                done.append((pid, None if replayed else made[0]))
             return done
 
         written = await svc.store.write(svc.shard_of(member_id), svc._in_book(run))
@@ -501,17 +523,26 @@ class Accrual:
 
         svc, fp = self.svc, c.fingerprint(cmd)
         shard = svc.shard_of_id(cmd.purchase_id)
-        if await svc._claim(cmd.key, type(cmd).__name__, fp):
+        claimed_before = await svc._claim(cmd.key, type(cmd).__name__, fp)
+        if claimed_before:
             stored = await svc._stored_result(cmd.key, fp, shard, ReturnResult)
             if stored is not None:
                 return await self._finish_return(stored, await self._merged_into(stored.purchase.member_id)), True
-        owner = await svc.store.read(shard, lambda tx: tx.get_purchase(cmd.purchase_id))
-        merged_into = "" if owner is None else await self._merged_into(codec.loads(PurchaseRecord, owner[1]).member_id)
+        merged_into = ""
 
         def body(book: ShardBook) -> ReturnResult:
             return take_back(book, load_purchase(book, cmd.purchase_id), cmd, merged_into)
 
-        result, replayed = await svc.store.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
+        async def run() -> tuple[ReturnResult, bool]:
+            nonlocal merged_into
+            owner = await svc.store.read(shard, lambda tx: tx.get_purchase(cmd.purchase_id))
+            if owner is not None:
+                merged_into = await self._merged_into(codec.loads(PurchaseRecord, owner[1]).member_id)
+            return await svc.store.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
+
+        # A refused return (more refunded than paid, an unknown line) gives its key back, so the
+        # corrected return may use it.
+        result, replayed = await svc.claimed_write(cmd, fp, shard, claimed_before, run)
         result = await self._finish_return(result, merged_into)
         if not replayed:
             await svc._observe(ScreenedKind.RETURN, screening_event_id("return", cmd.key.namespace, cmd.key.key),

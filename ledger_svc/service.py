@@ -209,18 +209,49 @@ class LedgerService:
             stored = await self._stored_result(command.key, fp, shard, result_type)
             if stored is not None:
                 return stored
-        try:
+
+        async def run() -> tuple[R, bool]:
             if precheck is not None:
                 await precheck()
-            result, _replayed = await self.store.write(shard, self._idempotent_unit(command, fp, result_type, body))
+            return await self.store.write(shard, self._idempotent_unit(command, fp, result_type, body))
+
+        return (await self.claimed_write(command, fp, shard, claimed_before, run))[0]
+
+    async def claimed_write(
+        self, command: Any, fp: str, shard: int, claimed_before: bool, run: Callable[[], Awaitable[tuple[R, bool]]]
+    ) -> tuple[R, bool]:
+        """Runs the shard write of a command whose key is claimed, keeping the claim in step with
+        what the shard ends up holding.
+
+        Refused, with nothing written (the shard unit rolled back), the first request gives the
+        key back, so a corrected retry may use it (a redemption refused for want of points, say);
+        not after UNAVAILABLE, where the write may have applied. A retry that joined the claim
+        while the first request was in flight (`claimed_before`, no result stored yet) may still
+        post after the first gave the key back: whichever of the two acts last on the directory
+        sees the other's doing and claims the key again, so a posted result never stands without
+        its claim (another body under the key would then pass the directory and post too)."""
+        try:
+            done = await run()
         except REFUSALS:
-            # Refused, and nothing written (the shard unit rolled back): the key goes back, so a
-            # corrected retry may use it (a redemption refused for want of points, say). Not
-            # after UNAVAILABLE, where the write may have applied.
             if not claimed_before:
-                await self.store.write_directory(lambda d: d.release_claim(command.key.namespace, command.key.key, fp))
+                key = command.key
+                await self.store.write_directory(lambda d: d.release_claim(key.namespace, key.key, fp))
+                stored = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
+                if stored is not None and stored.fingerprint == fp:
+                    await self._keep_claim(command, fp)
             raise
-        return result
+        if claimed_before and not done[1]:
+            await self._keep_claim(command, fp)
+        return done
+
+    async def _keep_claim(self, command: Any, fp: str) -> None:
+        """Claims the key of a command whose result the shard holds, if it lost its claim."""
+        key = command.key
+        try:
+            await self._claim(key, type(command).__name__, fp)
+        except IdempotencyConflict as conflict:  # another body took the key in the moment it was free
+            log.error("idempotency key %s/%s: posted, but another %s request claimed the key meanwhile",
+                      key.namespace, key.key, conflict.original_operation)  # fmt: skip
 
     def _idempotent_unit(
         self, cmd: Any, fp: str, rtype: type[R], body: Callable[[ShardBook], R]
@@ -964,6 +995,11 @@ class LedgerService:
     async def run_maintenance(self) -> MaintenanceReport:
         expired = lots = released = voided = 0
         for shard in range(self.store.shard_count):
+            # Credits due for release and holds past their timeout first: a timed-out hold no
+            # longer protects the points it reserved, and a released credit past its expiry
+            # expires in this same pass, so one pass leaves nothing due.
+            released += await self._all_pages(shard, ShardBook.release_due)
+            voided += await self._all_pages(shard, ShardBook.void_due_holds)
             page: tuple[int, int, object] = (0, 0, None)
             while True:  # every due lot, a page a write: lots held by a hold do not hide the rest
                 after = page[2]
@@ -971,8 +1007,6 @@ class LedgerService:
                 expired, lots = expired + page[0], lots + page[1]
                 if page[2] is None:
                     break
-            released += await self._all_pages(shard, ShardBook.release_due)
-            voided += await self._all_pages(shard, ShardBook.void_due_holds)
         sagas = await self.recover_sagas()
         purchases = await self.accrual.process_waiting()
         if self.fraud is not None:

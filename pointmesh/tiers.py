@@ -49,8 +49,8 @@ def _bucket_name(month_number: int) -> str:
     return f"{year:04d}-{month + 1:02d}"
 
 
-def _year_total(buckets: Mapping[str, int], year: int) -> int:
-    return sum(buckets.get(f"{year:04d}-{m:02d}", 0) for m in range(1, 13))
+def _year_total(buckets: Mapping[str, int], year: int, through_month: int = 12) -> int:
+    return sum(buckets.get(f"{year:04d}-{m:02d}", 0) for m in range(1, through_month + 1))
 
 
 def level_for(levels: Sequence[tuple[str, int]], total: int) -> int:
@@ -82,9 +82,12 @@ def effective_level(policy: TierPolicy, buckets: Mapping[str, int], at: datetime
             total += months[i] - months[i - ROLLING_BUCKETS]
             best = max(best, level_for(policy.levels, total))
         return best
+    # The current year counts through `at`'s month only: a receipt arriving late is priced at the
+    # tier its member had then, not one reached by purchases after it (decision 0008). Within
+    # that month the buckets cannot tell before from after.
     year = at.year
     levels = [
-        level_for(policy.levels, _year_total(buckets, year)),
+        level_for(policy.levels, _year_total(buckets, year, at.month)),
         level_for(policy.levels, _year_total(buckets, year - 1)),
     ]
     if at < datetime(year, 1, 1, tzinfo=zone) + grace:

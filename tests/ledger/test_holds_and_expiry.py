@@ -132,6 +132,20 @@ async def test_points_a_voided_hold_protected_from_expiry_expire_on_the_next_run
     await assert_books_balance(ledger)
 
 
+async def test_a_hold_past_its_timeout_keeps_nothing_from_expiring_in_the_same_run(ledger: LedgerUnderTest) -> None:
+    """A hold that timed out can no longer be captured, so the points it reserved are no longer
+    kept: one run voids it and expires its due points, leaving nothing to spend."""
+    member = (await create_member(ledger.stub)).member_id
+    await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(hours=1)))
+    await place_hold(ledger.stub, member, 100, timeout=minutes(15))
+    ledger.clock.advance(timedelta(hours=2))
+
+    assert expiry_counts(await run_expiry(ledger)) == (100, 1, 0, 1)
+    assert figures(await balance(ledger.stub, member))["balance"] == 0
+    await rpc_error(redeem(ledger.stub, member, 100), grpc.StatusCode.FAILED_PRECONDITION)
+    await assert_books_balance(ledger)
+
+
 async def test_lots_a_hold_keeps_from_expiring_do_not_hide_other_members_due_lots(ledger: LedgerUnderTest) -> None:
     """The job reads due lots a page at a time; a page full of lots it cannot expire (points
     reserved by a hold that waits on a fraud review, say) must not stop it there."""

@@ -700,6 +700,34 @@ async def test_a_key_stored_in_the_shard_with_another_payload_is_a_conflict_even
     assert figures(await balance(ledger.stub, member))["balance"] == 50
 
 
+async def test_a_retry_that_posts_after_its_refused_first_attempt_keeps_the_key(ledger: LedgerUnderTest) -> None:
+    """A till retries a redemption while the first attempt is still in flight; the first is
+    refused (no points yet) and gives the key back, the retry meets the points an earn brought
+    meanwhile and posts. The key must stay taken: another body under it is refused (even on
+    another shard, where the shard's own record cannot see it) and the retry replays."""
+    from ledger_svc import commands as c
+    from ledger_svc.domain import IdemKey, IdempotencyConflict, LedgerError
+
+    svc = ledger.app.service
+    member = (await create_member(ledger.stub)).member_id
+    others = [(await create_member(ledger.stub)).member_id for _ in range(8)]
+    elsewhere = next(m for m in others if svc.shard_of(m) != svc.shard_of(member))
+    spend = c.Redeem(IdemKey("race", "spend-1"), member, "points", 100)
+    outcomes = await asyncio.gather(
+        svc.redeem(spend), svc.redeem(spend), svc.earn(c.Earn(IdemKey("race", "earn-1"), member, "points", 100)),
+        return_exceptions=True,
+    )  # fmt: skip
+    posted = [o for o in outcomes[:2] if not isinstance(o, BaseException)]
+    assert all(isinstance(o, LedgerError) for o in outcomes[:2] if isinstance(o, BaseException)), outcomes
+    assert len(posted) >= 1 and figures(await balance(ledger.stub, member))["balance"] == 0
+
+    with pytest.raises(IdempotencyConflict):
+        await svc.earn(c.Earn(IdemKey("race", "spend-1"), elsewhere, "points", 5))
+    assert figures(await balance(ledger.stub, elsewhere))["balance"] == 0
+    assert (await svc.redeem(spend)).transaction == posted[0].transaction
+    await assert_books_balance(ledger)
+
+
 async def test_a_spend_refused_in_a_batch_leaves_its_key_free_for_a_corrected_retry(ledger: LedgerUnderTest) -> None:
     """As for a single request: the redemption refused for want of points posted nothing, so the
     corrected one may come again under its key, through the batch too."""

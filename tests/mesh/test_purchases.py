@@ -135,6 +135,25 @@ async def test_tier_upgrades_on_the_crossing_purchase_and_multiplies_from_the_ne
     assert by_rule(three.purchase) == {"base": 10, "silver": 10}
 
 
+async def test_two_purchases_at_once_one_crossing_a_tier_price_the_other_at_the_tier_it_meets(mesh: Mesh) -> None:
+    """The till and the web shop at the same moment: whichever is written second meets the
+    upgrade the first made, so it earns silver's 2x; one tier change, not two."""
+    for _ in range(3):
+        member = await welcomed_member(mesh)
+        await buy(mesh, member, [("misc", 25000, 1)])  # 250 credits: 50 short of silver
+        at = mesh.clock.now()
+        till, web = await asyncio.gather(
+            mesh.ledger.stub.RecordPurchase(purchase_request(member, [("misc", 10000, 1)], at=at, channel="pos")),
+            mesh.ledger.stub.RecordPurchase(purchase_request(member, [("misc", 10000, 1)], at=at, channel="web",
+                                                             store="")),
+        )  # fmt: skip
+        first, second = sorted((till.purchase, web.purchase), key=lambda p: p.purchase_number)
+        assert (first.tier_before, first.tier_after) == ("blue", "silver")
+        assert (second.tier_before, second.tier_after) == ("silver", "silver")
+        assert "silver" not in by_rule(first) and by_rule(second)["silver"] == by_rule(second)["base"] == 100
+        assert exact(second)["points"] == exact(first)["points"] + 100
+
+
 async def test_a_late_receipt_earns_under_the_program_live_at_its_receipt_time(mesh: Mesh) -> None:
     member = await welcomed_member(mesh)
     paid_at = mesh.clock.now() + timedelta(hours=1)

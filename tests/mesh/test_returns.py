@@ -124,6 +124,27 @@ async def test_a_return_replayed_with_its_key_reverses_once(mesh: Mesh) -> None:
     assert await points(mesh, member) == 110
 
 
+async def test_a_refused_return_leaves_its_key_free_for_the_corrected_return(mesh: Mesh) -> None:
+    """A till refunding more than was paid is refused and posts nothing; the clerk corrects the
+    amount and the till sends it again under the same key (decision 0004)."""
+    member = await welcomed_member(mesh)
+    bought = await buy(mesh, member, [("misc", 4000, 1)])
+    returning = key()
+
+    def refund(minor: int) -> ledger_pb2.RecordReturnRequest:
+        return ledger_pb2.RecordReturnRequest(
+            idempotency_key=returning, purchase_id=bought.purchase.purchase_id, channel="pos", store_id="HEL-01",
+            refund=common_pb2.Money(amount_minor=minor, currency="EUR"),
+        )  # fmt: skip
+
+    error = await rpc_error(mesh.ledger.stub.RecordReturn(refund(8000)), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "more than the purchase" in error.details()
+    back = await mesh.ledger.stub.RecordReturn(refund(2000))
+    assert reversed_points(back) == 20
+    assert reversed_points(await mesh.ledger.stub.RecordReturn(refund(2000))) == 20  # a replay, not a second return
+    assert await points(mesh, member) == 100 + 40 - 20
+
+
 async def test_bad_returns_are_refused_with_the_field(mesh: Mesh) -> None:
     member = await welcomed_member(mesh)
     bought = await buy(mesh, member, [("misc", 2000, 2)])

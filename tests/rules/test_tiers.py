@@ -21,6 +21,14 @@ def test_upgrade_applies_as_soon_as_the_year_total_crosses() -> None:
     assert effective_tier(CALENDAR, {"2026-03": 999, "2026-04": 1}, at(2026, 4, 1)) == "silver"
 
 
+def test_a_late_receipt_meets_the_tier_of_its_own_month_not_one_reached_after_it() -> None:
+    """Decision 0008: the tier at the receipt's time, whatever order receipts arrive in."""
+    credits = {"2026-01": 4000, "2026-06": 1000}  # gold (5000) crossed by a June purchase
+    for policy in (CALENDAR, ROLLING):
+        assert effective_tier(policy, credits, at(2026, 5, 20)) == "silver", policy.window
+        assert effective_tier(policy, credits, at(2026, 6, 10)) == "gold", policy.window
+
+
 def test_a_tier_earned_in_a_year_holds_through_the_next_year_and_its_grace() -> None:
     earned_2025 = {"2025-06": 5200}
     assert effective_tier(CALENDAR, earned_2025, at(2026, 12, 31)) == "gold"
