@@ -8,6 +8,7 @@ key can only ever be paid once, however often an event is delivered.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from fractions import Fraction
@@ -61,6 +62,32 @@ class Award:
 
     def key(self, program: str, member_id: str) -> str:
         return f"{program}:{self.item_id}:{member_id}:{self.period}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramHistory:
+    """What all published versions of a program say together, for what the version in effect
+    at one receipt cannot decide alone: how late any receipt may still arrive (so a streak
+    forgets nothing a late receipt could still join), and where each challenge window ends as
+    last published (so a window cut short and its id reused is told from a correction)."""
+
+    max_lateness_days: int
+    # (challenge id, starts as Unix seconds) -> ends in Unix microseconds, as the latest version
+    # (in the order versions take effect) that defines a window starting then has it
+    window_ends_us: Mapping[tuple[str, int], int]
+
+    @classmethod
+    def of(cls, programs: Iterable[Program]) -> ProgramHistory:
+        """`programs` in the order they take effect."""
+        lateness, ends = 0, dict[tuple[str, int], int]()
+        for p in programs:
+            lateness = max(lateness, p.policy.max_lateness_days)
+            for c in p.gamification.challenges:
+                ends[(c.id, int(c.starts.timestamp()))] = epoch_us(c.ends)
+        return cls(lateness, ends)
+
+    def ends_us(self, challenge_id: str, period: str, default_us: int) -> int:
+        return self.window_ends_us.get((challenge_id, _period_start(period)), default_us)
 
 
 def matches(match: GameMatch, fact: PurchaseFact, fx: tuple[str, dict[str, Fraction]] = ("", {})) -> bool:
@@ -186,39 +213,59 @@ def _stored_for(state: ItemState, item: Challenge) -> bool:
     return not (state.completions and state.last_completed_us < epoch_us(item.starts))
 
 
-def in_window(state: ItemState, item: Challenge) -> bool:
+def _stored_ends_us(state: ItemState, item: Challenge, history: ProgramHistory) -> int:
+    """The end of the window the progress was counted under, as its latest version publishes it
+    (a member who bought nothing since it was cut short still holds the older end)."""
+    return history.ends_us(item.id, state.period, state.period_ends_us) if state.period else 0
+
+
+def in_window(state: ItemState, item: Challenge, history: ProgramHistory | None = None) -> bool:
     """Whether stored progress belongs to the challenge as published now: counted under this
     window, or under one of the same id that overlaps it (its dates were corrected since)."""
     if _stored_for(state, item):
         return True
+    history = history or ProgramHistory.of(())
     stored_start_us = _period_start(state.period) * 1_000_000 if state.period else 0
-    return (
-        bool(state.period_ends_us)
-        and stored_start_us < epoch_us(item.ends)
-        and (epoch_us(item.starts) < state.period_ends_us)
-    )
+    stored_ends_us = _stored_ends_us(state, item, history)
+    ends_us = history.ends_us(item.id, challenge_period(item), epoch_us(item.ends))
+    return bool(stored_ends_us) and stored_start_us < ends_us and epoch_us(item.starts) < stored_ends_us
+
+
+def overlapping_periods(item: Challenge, history: ProgramHistory) -> list[str]:
+    """The periods of this id's published windows that overlap the challenge's window (itself
+    included): one challenge whose dates were corrected, whose progress counts as one."""
+    starts_us = epoch_us(item.starts)
+    ends_us = history.ends_us(item.id, challenge_period(item), epoch_us(item.ends))
+    found = {challenge_period(item)}
+    for (challenge_id, start), window_ends_us in history.window_ends_us.items():
+        if challenge_id == item.id and start * 1_000_000 < ends_us and starts_us < window_ends_us:
+            found.add(f"from-{start}")
+    return sorted(found)
 
 
 def _period_start(period: str) -> int:
     return int(period.removeprefix("from-"))
 
 
-def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bool) -> Award | None:
+def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bool,
+               history: ProgramHistory) -> Award | None:  # fmt: skip
     """Counts a receipt under the version of the challenge in effect at its receipt time. Two
     windows of one id that overlap are one challenge whose dates were corrected: progress
     carries over and pays once. Only a window that begins after the stored one ended is the id
     reused (counted afresh), and a receipt for a window that ended before the stored one began
-    is a late one for the old window (not counted)."""
+    is a late one for the old window (not counted). Where each window ends is what its latest
+    version publishes, not what the version at hand or the member's progress remembers."""
     if not item.starts <= fact.receipt_time < item.ends:
         return None
-    period, ends_us = challenge_period(item), epoch_us(item.ends)
+    period = challenge_period(item)
+    start, ends_us = _period_start(period), history.ends_us(item.id, period, epoch_us(item.ends))
     if not _stored_for(state, item):
-        stored_start, start = (_period_start(state.period) if state.period else 0), _period_start(period)
+        stored_start = _period_start(state.period) if state.period else 0
         if stored_start > start:
-            if item.ends.timestamp() <= stored_start:
+            if ends_us <= stored_start * 1_000_000:
                 return None  # a late receipt for an older window the id has since moved on from
             state.period, state.period_ends_us = period, ends_us  # moved to start earlier: adopted
-        elif not (state.period and state.period_ends_us > start * 1_000_000):
+        elif not (state.period and _stored_ends_us(state, item, history) > start * 1_000_000):
             state.count, state.completions, state.last_completed_us = 0, 0, 0  # the id reused: count afresh
             state.period, state.period_ends_us = period, ends_us
         # else: the stored window began earlier and still ran when this one begins (a receipt
@@ -234,17 +281,24 @@ def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bo
     return Award(item.id, item.name, state.period, item.reward.points, item.reward.unit)
 
 
-def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact: PurchaseFact) -> list[Award]:
-    """Advances every item the purchase matches; `states` is updated in place.
+def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact: PurchaseFact,
+          history: ProgramHistory | None = None) -> list[Award]:  # fmt: skip
+    """Advances every item the purchase matches; `states` is updated in place. `program` is the
+    version in effect at the receipt time, `history` what all published versions say (without
+    it, `program` is taken for the only version there is).
 
     Days (distinct-day achievements) are the store's local days; streak weeks are ISO weeks
     in the program's time zone, so a member's streak does not depend on where they shop.
     """
+    history = history or ProgramHistory.of([program])
     default_zone = ZoneInfo(program.default_timezone)
     store_zone = next((ZoneInfo(s.timezone) for s in program.stores if s.id == fact.store_id), default_zone)
     store_day = fact.receipt_time.astimezone(store_zone).date()
     week = week_of(fact.receipt_time.astimezone(default_zone).date())
-    late_weeks = -(-program.policy.max_lateness_days // 7) + 1
+    # Weeks a streak keeps: as late as any version accepts a receipt, since the one in effect at
+    # a late receipt's time decides, and an older version may accept more than the newest.
+    late_days = max(program.policy.max_lateness_days, history.max_lateness_days)
+    late_weeks = -(-late_days // 7) + 1
     fx = rates_of(program)
     awards: list[Award | None] = []
     g = program.gamification
@@ -256,5 +310,6 @@ def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact
             awards.append(_streak(s, states.setdefault(s.id, ItemState()), fact, week, late_weeks))
     for c in g.challenges:
         if matches(c.match, fact, fx):
-            awards.append(_challenge(c, states.setdefault(c.id, ItemState()), fact, has_joined(joined, c)))
+            state = states.setdefault(c.id, ItemState())
+            awards.append(_challenge(c, state, fact, has_joined(joined, c), history))
     return [a for a in awards if a is not None]

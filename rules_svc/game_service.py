@@ -11,7 +11,17 @@ from zoneinfo import ZoneInfo
 from pointmesh.clock import Clock
 from rules_svc.domain import BadRequest, FailedPrecondition, NotFound
 from rules_svc.experiment_stats import ArmResult, report
-from rules_svc.game_engine import ItemState, challenge_period, epoch_us, has_joined, in_window, join_key, week_of
+from rules_svc.game_engine import (
+    ItemState,
+    ProgramHistory,
+    challenge_period,
+    epoch_us,
+    has_joined,
+    in_window,
+    join_key,
+    overlapping_periods,
+    week_of,
+)
 from rules_svc.game_store import BoardRow, GameStore
 from rules_svc.program import Challenge, Experiment, Program
 from rules_svc.service import RulesService
@@ -44,14 +54,41 @@ class MemberProgress:
     pending_points: int
 
 
+class ProgramVersions:
+    """The program versions gamification counts under. Called, the one in effect at a time (what
+    the worker takes as `program_at`); `history`, what all of them say together."""
+
+    def __init__(self, rules: RulesService) -> None:
+        self.rules = rules
+        self._history: dict[str, tuple[tuple[int, ...], ProgramHistory]] = {}
+
+    def __call__(self, program: str, at: datetime) -> Program:
+        return self.rules.compiled(program, 0, at).program
+
+    def history(self, program: str) -> ProgramHistory:
+        """Built again only when a version was published (versions never change)."""
+        infos = sorted(self.rules.list_versions(program), key=lambda i: (i.effective_from, i.version))
+        seen = tuple(i.version for i in infos)
+        cached = self._history.get(program)
+        if cached is not None and cached[0] == seen:
+            return cached[1]
+        found = ProgramHistory.of(p for p in (self._version(program, i.version) for i in infos) if p is not None)
+        self._history[program] = (seen, found)
+        return found
+
+    def _version(self, program: str, version: int) -> Program | None:
+        try:
+            return self.rules.compiled(program, version, self.rules.clock.now()).program
+        except (FailedPrecondition, NotFound):
+            return None  # no longer validates (or lost its document): nothing is counted under it
+
+
 class GameService:
     def __init__(self, rules: RulesService, store: GameStore, clock: Clock) -> None:
         self.rules = rules
         self.store = store
         self.clock = clock
-
-    def program_at(self, program: str, at: datetime) -> Program:
-        return self.rules.compiled(program, 0, at).program
+        self.program_at = ProgramVersions(rules)
 
     async def progress(self, program: str, member_id: str) -> MemberProgress:
         _require(member_id, "member_id")
@@ -71,9 +108,10 @@ class GameService:
             alive = st.run if this_week <= st.last_week + 1 else 0  # a missed week broke it
             items.append(ProgressItem(s.id, s.name, ItemKind.STREAK, alive, s.weeks, st.completions,
                                       st.last_completed_us, s.reward.points, s.reward.unit))  # fmt: skip
+        history = self.program_at.history(program)
         for c in g.challenges:
             st = states.get(c.id, ItemState())
-            if not in_window(st, c):
+            if not in_window(st, c, history):
                 st = ItemState()  # progress of an earlier window of a reused id
             items.append(ProgressItem(c.id, c.name, ItemKind.CHALLENGE, st.count, c.purchases, st.completions,
                                       st.last_completed_us, c.reward.points, c.reward.unit, has_joined(joined, c)))  # fmt: skip
@@ -118,8 +156,9 @@ class GameService:
         if not 0 <= limit <= 100:
             raise BadRequest(f"must be between 1 and 100, got {limit}", field="limit")
         p, challenge = self._challenge(program, challenge_id)
+        overlapping = overlapping_periods(challenge, self.program_at.history(program))
         rows = await asyncio.to_thread(self.store.board, p.program, challenge_id, challenge_period(challenge),
-                                       epoch_us(challenge.starts), limit or 10)  # fmt: skip
+                                       epoch_us(challenge.starts), limit or 10, overlapping=overlapping)  # fmt: skip
         return [(rank, row) for rank, row in enumerate(rows, start=1)]
 
 

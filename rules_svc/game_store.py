@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rules_svc.game_engine import Award, ItemState, PurchaseFact, apply
+from rules_svc.game_engine import Award, ItemState, ProgramHistory, PurchaseFact, apply
 from rules_svc.program import Program
 
 SCHEMA = """
@@ -89,9 +90,11 @@ class GameStore:
     def close(self) -> None:
         self._db.close()
 
-    def apply_event(self, program: Program, fact: PurchaseFact) -> list[Award] | None:
-        """Counts the purchase once (by event id); returns the awards it earned (already stored),
-        or None when the event was counted before."""
+    def apply_event(self, program: Program, fact: PurchaseFact,
+                    history: ProgramHistory | None = None) -> list[Award] | None:  # fmt: skip
+        """Counts the purchase once (by event id) under `program`, the version in effect at its
+        receipt time, and `history`, what all versions say (game_engine.apply); returns the
+        awards it earned (already stored), or None when the event was counted before."""
         name = program.program
         with self._lock:
             c = self._db
@@ -101,7 +104,7 @@ class GameStore:
                     c.execute("ROLLBACK")
                     return None
                 states = self._states(name, fact.member_id)
-                awards = apply(program, states, self._joined(name, fact.member_id), fact)
+                awards = apply(program, states, self._joined(name, fact.member_id), fact, history)
                 c.executemany(
                     "INSERT OR REPLACE INTO game_state VALUES (?,?,?,?)",
                     [(name, fact.member_id, item, json.dumps(asdict(st))) for item, st in states.items()],
@@ -186,15 +189,20 @@ class GameStore:
         with self._lock:
             return self._joined(program, member_id)
 
-    def board(self, program: str, challenge_id: str, period: str, starts_us: int, limit: int) -> list[BoardRow]:
-        """The challenge's window `period`; a row written before windows were kept counts unless
-        it was completed before the window began."""
+    def board(self, program: str, challenge_id: str, period: str, starts_us: int, limit: int, *,
+              overlapping: Collection[str] = ()) -> list[BoardRow]:  # fmt: skip
+        """The challenge's window `period`, with the `overlapping` windows of its id (the same
+        challenge before its dates were corrected: a member's progress stays under the window it
+        began in); a row written before windows were kept counts unless it was completed before
+        the window began."""
+        periods = sorted({period, *overlapping})
         with self._lock:
             rows = self._db.execute(
                 "SELECT member_id, progress, completed_us FROM game_board WHERE program=? AND challenge_id=?"
-                " AND (period=? OR (period='' AND (completed_us IS NULL OR completed_us>=?)))"
+                f" AND (period IN ({','.join('?' * len(periods))})"
+                " OR (period='' AND (completed_us IS NULL OR completed_us>=?)))"
                 " ORDER BY progress DESC, completed_us IS NULL, completed_us, member_id LIMIT ?",
-                (program, challenge_id, period, starts_us, limit),
+                (program, challenge_id, *periods, starts_us, limit),
             ).fetchall()
         return [BoardRow(*r) for r in rows]
 

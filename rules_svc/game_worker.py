@@ -24,7 +24,8 @@ from pointmesh.consumers import Poison, by_key, run_group
 from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from rules_svc.domain import FailedPrecondition, NotFound
-from rules_svc.game_engine import PurchaseFact
+from rules_svc.game_engine import ProgramHistory, PurchaseFact
+from rules_svc.game_service import ProgramVersions
 from rules_svc.game_store import GameStore, Reward
 from rules_svc.program import Program
 
@@ -54,7 +55,10 @@ OUTAGES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEE
 
 
 COUNTED_KINDS = frozenset({"purchase_recorded", ""})  # event types gamification reads ("": unnamed)
-ProgramAt = Callable[[str, datetime], Program]  # the program version in effect at a time
+# The program version in effect at a time. GameService.program_at (a ProgramVersions) also tells
+# what all versions say; a bare function leaves the version in effect at each receipt to decide
+# alone (game_engine.apply).
+ProgramAt = Callable[[str, datetime], Program]
 
 
 def purchase_fact(event: ledger_pb2.LedgerEvent) -> PurchaseFact | None:
@@ -109,7 +113,8 @@ class GameWorker:
         game = program.gamification
         if not (game.achievements or game.streaks or game.challenges or fact.experiment_arms):
             return  # nothing under this version counts purchases; rewards still pending retry on their own
-        awards = await asyncio.to_thread(self.store.apply_event, program, fact)
+        history = self._history()
+        awards = await asyncio.to_thread(self.store.apply_event, program, fact, history)
         if awards is None:
             DUPLICATES.inc()
         else:
@@ -122,6 +127,11 @@ class GameWorker:
             if awards:
                 log.info("member %s completed %s", fact.member_id, ", ".join(a.item_id for a in awards))
         await self.pay(fact.member_id)
+
+    def _history(self) -> ProgramHistory | None:
+        if isinstance(self.program_at, ProgramVersions):
+            return self.program_at.history(self.program)
+        return None
 
     async def pay(self, member_id: str = "") -> int:
         """Posts PENDING rewards, every page of them; a ledger that cannot answer now leaves the
