@@ -9,7 +9,8 @@ Speed comes from doing little per basket: conditions on where and when (channel,
 day, time window, campaign dates) are evaluated once per (channel, store, UTC minute) and
 cached; rules with line conditions are skipped unless one of the basket's categories or SKUs
 can match them (a best-of group is still decided at its first-ranked member's position, and
-only its contenders are skipped that way); the rest is integer arithmetic and tuple construction.
+only its contenders are skipped that way); the base explanation of a line amount is formatted
+once and reused; the rest is integer arithmetic and tuple construction.
 
 Compound multipliers pay on base points and earlier components, except guarded ones (member
 caps, purchase number): the ledger decides those against the member's state when it posts,
@@ -19,6 +20,7 @@ Effects).
 
 from __future__ import annotations
 
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from fractions import Fraction
@@ -34,6 +36,12 @@ from rules_svc.program import GroupMode, Program, Rounding
 from rules_svc.rule_compiler import BONUS, BONUS_PER_ITEM, MULTIPLY_BASKET, CompiledRule, compile_rule
 
 _PLACE_CACHE_MAX = 50_000
+_BASE_TEXT_CACHE_MAX = 20_000
+
+# Components are built with tuple.__new__ and every field given: a NamedTuple's own constructor is
+# a Python function, twice the cost, and a basket builds dozens of components.
+_new = tuple.__new__
+_NO_RULES: frozenset[CompiledRule] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +53,10 @@ class _Place:
 @dataclass(frozen=True, slots=True)
 class _Steps:
     """What a (channel, store, minute) runs: rules outside best-of groups whose place-and-time
-    conditions hold and, at its opener's position, each best-of group with a member that holds."""
+    conditions hold and, at its opener's position, each best-of group with a member that holds.
+    Each rule comes with whether a basket may skip it by its shortcut (never a group's opener)."""
 
-    rules: list[CompiledRule]
+    rules: list[tuple[CompiledRule, bool]]
     contenders: dict[str, list[CompiledRule]]
 
 
@@ -83,7 +92,16 @@ class CompiledProgram:
         # A best-of group prices every contender when its first one comes up, so a compound
         # contender needs the running totals then, whichever rule opened the group.
         self.compound_groups = {r.group for r in self.rules if r.compound and r.group in self.best_of}
-        self.uses_tokens = any(r.tokens is not None for r in self.rules)
+        # Line value -> the rules a line with it could satisfy (see CompiledRule.shortcut).
+        self.by_category: dict[str, set[CompiledRule]] = {}
+        self.by_sku: dict[str, set[CompiledRule]] = {}
+        for r in self.rules:
+            if r.shortcut is not None:
+                field, values = r.shortcut
+                index = self.by_sku if field == "sku" else self.by_category
+                for value in values:
+                    index.setdefault(value, set()).add(r)
+        self.uses_shortcuts = any(r.shortcut is not None for r in self.rules)
         self.counts_purchases = any(r.when.purchase_number is not None for r in program.rules)
         self._thresholds: dict[tuple[str, str, int], int] = {}
         tiers = program.tiers
@@ -95,7 +113,11 @@ class CompiledProgram:
         policy = program.policy
         self.expiry = timedelta(days=policy.expiry_days) if policy.expiry_days else None
         self.release = timedelta(days=policy.release_after_days) if policy.release_after_days else None
+        self.horizon = max(self.expiry or timedelta(0), self.release or timedelta(0), timedelta(days=1))
         self._place_cache: dict[tuple[str, str, int], _Steps] = {}
+        # Earn currency -> line amount -> the base components' details, one per base rate:
+        # prices repeat, and formatting an amount costs more than the rest of a base component.
+        self._base_texts: dict[str, dict[int, tuple[str, ...]]] = {currency: {} for currency in self.base_rates}
 
     # Checks and conversions ---------------------------------------------------------------
 
@@ -126,7 +148,7 @@ class CompiledProgram:
         if basket.receipt_time.tzinfo is None:
             raise BadRequest("needs a time zone offset", field="basket.receipt_time")
         try:
-            basket.receipt_time + max(self.expiry or timedelta(0), self.release or timedelta(0), timedelta(days=1))
+            basket.receipt_time + self.horizon
         except OverflowError:
             raise BadRequest(
                 f"{basket.receipt_time.isoformat()} is too late: its points would expire or release after year 9999",
@@ -202,7 +224,8 @@ class CompiledProgram:
                     steps.append(r)
             if len(contenders) < len(self.openers):  # a group none of whose members holds here
                 steps = [r for r in steps if r.group is None or r.group not in self.best_of or r.group in contenders]
-            found = _Steps(steps, contenders)
+            skippable = [r.shortcut is not None and (r.group is None or r.group not in self.best_of) for r in steps]
+            found = _Steps(list(zip(steps, skippable, strict=True)), contenders)
             if len(self._place_cache) >= _PLACE_CACHE_MAX:
                 self._place_cache.clear()
             self._place_cache[key] = found
@@ -217,30 +240,19 @@ class CompiledProgram:
         place = self.place_of(basket)
         local = basket.receipt_time.astimezone(place.tz)
         earn_currency, fx_rate, amounts = self._to_earn_currency(basket)
-        half_up = self.half_up
-        base: dict[str, list[int]] = {}
-        parts: list[Component] = []
-        amount_texts = [format_minor(a, earn_currency) for a in amounts]
-        for unit, points, per_minor, detail in self.base_rates[earn_currency]:
-            if half_up:
-                per_line = [(2 * a * points + per_minor) // (2 * per_minor) for a in amounts]
-            else:
-                per_line = [a * points // per_minor for a in amounts]
-            base[unit] = per_line
-            for i, p in enumerate(per_line):
-                parts.append(Component("base", unit, p, i, f"{detail} on {amount_texts[i]}"))
+        base, parts = self._base(earn_currency, amounts)
         running: dict[str, list[int]] | None = None
         ordinal = member.purchase_count + 1
         excluded: list[Excluded] = []
-        tokens: set[str] | None = None
-        if self.uses_tokens:
-            tokens = {f"c:{ln.category}" for ln in basket.lines} | {f"s:{ln.sku}" for ln in basket.lines}
+        possible = self._possible(basket) if self.uses_shortcuts else _NO_RULES
+        # Basket totals against each threshold, worked out once per basket (see _reached).
+        reached: dict[tuple[str, int], int | None] = {}
         steps = self._candidates(basket, place, local)
         arms = self.experiments.arms_of(member.member_id, basket.receipt_time)
         gated = self.experiments.gated
         allows = self.experiments.allows
         best_of_groups = self.best_of
-        for rule in steps.rules:
+        for rule in [r for r, skippable in steps.rules if not skippable or r in possible]:
             group = rule.group
             if group is not None and group in best_of_groups:
                 # The group's opener: decided here whether or not the opener itself applies, so
@@ -250,15 +262,15 @@ class CompiledProgram:
                     contenders = [r for r in contenders if allows(r.rule_id, arms)]
                 if running is None and group in self.compound_groups:
                     running = self._running(base, parts)
-                got = self._best_of(group, contenders, basket, member, ordinal, local, base, running, excluded, tokens)
+                got = self._best_of(
+                    group, contenders, basket, member, ordinal, local, base, running, excluded, possible, reached
+                )
             else:
                 if gated and not allows(rule.rule_id, arms):
                     continue
-                if rule.tokens is not None and tokens is not None and rule.tokens.isdisjoint(tokens):
-                    continue
                 if running is None and rule.compound:
                     running = self._running(base, parts)
-                got = self._apply(rule, basket, member, ordinal, local, base, running)
+                got = self._apply(rule, basket, member, ordinal, local, base, running, reached)
             if not got:
                 continue
             if running is not None:
@@ -277,6 +289,42 @@ class CompiledProgram:
             self.counts_purchases, self.program.default_timezone, self._base_total(basket),
         )  # fmt: skip
 
+    def _base(self, earn_currency: str, amounts: list[int]) -> tuple[dict[str, list[int]], list[Component]]:
+        """Base points per unit and line, and their components."""
+        half_up = self.half_up
+        rates = self.base_rates[earn_currency]
+        base: dict[str, list[int]] = {}
+        parts: list[Component] = []
+        known = self._base_texts[earn_currency]
+        texts = []
+        for a in amounts:
+            found = known.get(a)
+            if found is None:
+                if len(known) >= _BASE_TEXT_CACHE_MAX:
+                    known.clear()
+                amount_text = format_minor(a, earn_currency)
+                found = known[a] = tuple(f"{detail} on {amount_text}" for *_, detail in rates)
+            texts.append(found)
+        for k, (unit, points, per_minor, _) in enumerate(rates):
+            if half_up:
+                per_line = [(2 * a * points + per_minor) // (2 * per_minor) for a in amounts]
+            else:
+                per_line = [a * points // per_minor for a in amounts]
+            base[unit] = per_line
+            parts += [
+                _new(Component, ("base", unit, p, i, texts[i][k], (), "", None, 0, False))
+                for i, p in enumerate(per_line)
+            ]
+        return base, parts
+
+    def _possible(self, basket: Basket) -> set[CompiledRule]:
+        """The rules with a shortcut that one of the basket's lines could satisfy; the others are skipped."""
+        possible: set[CompiledRule] = set()
+        by_category, by_sku = self.by_category, self.by_sku
+        for line in basket.lines:
+            possible.update(by_category.get(line.category, ()), by_sku.get(line.sku, ()))
+        return possible
+
     @staticmethod
     def _running(base: dict[str, list[int]], parts: list[Component]) -> dict[str, list[int]]:
         """Per-line totals so far (base plus extras already applied and not guarded), for
@@ -290,13 +338,13 @@ class CompiledProgram:
     def _best_of(
         self, group: str, contenders: list[CompiledRule], basket: Basket, member: MemberContext, ordinal: int,
         local: datetime, base: dict[str, list[int]], running: dict[str, list[int]] | None, excluded: list[Excluded],
-        tokens: set[str] | None,
+        possible: Set[CompiledRule], reached: dict[tuple[str, int], int | None],
     ) -> list[Component] | None:  # fmt: skip
         scored: list[tuple[CompiledRule, list[Component]]] = []
         for contender in contenders:
-            if contender.tokens is not None and tokens is not None and contender.tokens.isdisjoint(tokens):
+            if contender.shortcut is not None and contender not in possible:
                 continue  # no line can qualify: the contender does not apply
-            got = self._apply(contender, basket, member, ordinal, local, base, running)
+            got = self._apply(contender, basket, member, ordinal, local, base, running, reached)
             if got is not None:
                 scored.append((contender, got))
         if not scored:
@@ -321,91 +369,89 @@ class CompiledProgram:
         return out
 
     def _qualifying_lines(self, rule: CompiledRule, basket: Basket) -> list[int] | None:
-        """Indexes of the lines the rule applies to; None when it needs lines and none qualify."""
-        if rule.categories is None and rule.skus is None and rule.line_min is None:
-            return list(range(len(basket.lines)))
+        """Indexes of the lines a rule with line conditions applies to; None when none qualify."""
+        categories, skus, line_min = rule.categories, rule.skus, rule.line_min
+        # One condition, the common case, in a single pass.
+        if line_min is None and skus is None and categories is not None:
+            lines = [i for i, line in enumerate(basket.lines) if line.category in categories]
+            return lines or None
+        if line_min is None and categories is None and skus is not None:
+            lines = [i for i, line in enumerate(basket.lines) if line.sku in skus]
+            return lines or None
         lines = []
         for i, line in enumerate(basket.lines):
-            if rule.categories is not None and line.category not in rule.categories:
+            if categories is not None and line.category not in categories:
                 continue
-            if rule.skus is not None and line.sku not in rule.skus:
+            if skus is not None and line.sku not in skus:
                 continue
-            if rule.line_min is not None:
-                amount = self._convert(line.amount_minor, basket.currency, rule.line_min[0])
-                if amount is None or amount < rule.line_min[1]:
+            if line_min is not None:
+                amount = self._convert(line.amount_minor, basket.currency, line_min[0])
+                if amount is None or amount < line_min[1]:
                     continue
             lines.append(i)
         return lines or None
 
+    def _reached(self, basket: Basket, basket_min: tuple[str, int]) -> int | None:
+        """The basket total in its own currency that reaches `basket_min`, if the basket's does."""
+        currency, minimum = basket_min
+        total = self._convert(basket.total_minor, basket.currency, currency)
+        if total is None or total < minimum:
+            return None
+        return self._threshold_in(basket.currency, currency, minimum)
+
     def _apply(
         self, rule: CompiledRule, basket: Basket, member: MemberContext, ordinal: int, local: datetime,
-        base: dict[str, list[int]], running: dict[str, list[int]] | None,
+        base: dict[str, list[int]], running: dict[str, list[int]] | None, reached: dict[tuple[str, int], int | None],
     ) -> list[Component] | None:  # fmt: skip
         """The rule's components for this basket, or None when a condition does not hold."""
         for check in rule.member_checks:
             if not check(member, ordinal):
                 return None
-        threshold = 0
+        threshold: int | None = 0
         if rule.basket_min is not None:
-            currency, minimum = rule.basket_min
-            total = self._convert(basket.total_minor, basket.currency, currency)
-            if total is None or total < minimum:
+            threshold = reached.get(rule.basket_min, -1)
+            if threshold == -1:  # not worked out for this basket yet (a reached threshold is >= 0)
+                threshold = reached[rule.basket_min] = self._reached(basket, rule.basket_min)
+            if threshold is None:
                 return None
-            threshold = self._threshold_in(basket.currency, currency, minimum)
-        lines = self._qualifying_lines(rule, basket)
-        if lines is None:
-            return None
-        guard = rule.guard_for(local)
+        lines: Sequence[int] | None
+        if rule.every_line:
+            lines = range(len(basket.lines))
+        else:
+            lines = self._qualifying_lines(rule, basket)
+            if lines is None:
+                return None
+        guard = rule.guard if rule.day_cap is None else rule.guard_for(local)
         unit, rid, matched = rule.unit, rule.rule_id, rule.matched
         parts: list[Component] = []
         if rule.kind == BONUS:
             parts.append(
-                Component(rid, unit, rule.bonus, -1, f"bonus {rule.bonus} {unit}", matched, "", guard, threshold, True)
+                _new(Component, (rid, unit, rule.bonus, -1, rule.bonus_detail, matched, "", guard, threshold, True))
             )
         elif rule.kind == BONUS_PER_ITEM:
+            bonus = rule.bonus
             for i in lines:
                 qty = basket.lines[i].quantity
-                parts.append(
-                    Component(
-                        rid,
-                        unit,
-                        rule.bonus * qty,
-                        i,
-                        f"{rule.bonus} {unit} x {qty} items",
-                        matched,
-                        "",
-                        guard,
-                        threshold,
-                    )
-                )
+                detail = f"{bonus} {unit} x {qty} items"
+                parts.append(_new(Component, (rid, unit, bonus * qty, i, detail, matched, "", guard, threshold, False)))
         else:
             source = running if rule.compound and running is not None else base
             unit_base = source.get(unit)
             if unit_base is None:
                 return None  # a multiplier of a unit the earn currency has no base rate for
-            num, den = rule.extra_num, rule.extra_den
+            num, den, half_up = rule.extra_num, rule.extra_den, self.half_up
             if rule.kind == MULTIPLY_BASKET:
                 total = sum(unit_base[i] for i in lines)
-                points = (2 * total * num + den) // (2 * den) if self.half_up else total * num // den
+                points = (2 * total * num + den) // (2 * den) if half_up else total * num // den
                 detail = f"x{rule.multiplier_text} on {total} base {unit} of the qualifying lines"
-                parts.append(Component(rid, unit, points, -1, detail, matched, "", guard, threshold))
+                parts.append(_new(Component, (rid, unit, points, -1, detail, matched, "", guard, threshold, False)))
             else:
+                text = rule.multiplier_text
                 for i in lines:
                     b = unit_base[i]
-                    points = (2 * b * num + den) // (2 * den) if self.half_up else b * num // den
-                    parts.append(
-                        Component(
-                            rid,
-                            unit,
-                            points,
-                            i,
-                            f"x{rule.multiplier_text} on {b} {unit}",
-                            matched,
-                            "",
-                            guard,
-                            threshold,
-                        )
-                    )
+                    points = (2 * b * num + den) // (2 * den) if half_up else b * num // den
+                    detail = f"x{text} on {b} {unit}"
+                    parts.append(_new(Component, (rid, unit, points, i, detail, matched, "", guard, threshold, False)))
         if rule.per_line_cap is not None or rule.per_receipt_cap is not None:
             return self._cap(parts, rule)
         return parts

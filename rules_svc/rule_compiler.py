@@ -24,8 +24,10 @@ def _hhmm(text: str) -> time:
     return time(int(hours), int(minutes))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class CompiledRule:
+    """Compared and hashed by identity: evaluation keeps sets of the rules a basket could satisfy."""
+
     rule: Rule
     rule_id: str
     unit: str
@@ -33,11 +35,12 @@ class CompiledRule:
     group: str | None
     place_checks: list[PlaceCheck]
     member_checks: list[MemberCheck]
-    # Line conditions: the lines must match these; `tokens` ("c:<category>", "s:<sku>") lets a
-    # basket skip the rule without looking at it when none of its lines could qualify.
+    # Line conditions: the lines must match these; `shortcut` (a line field, "category" or "sku",
+    # and its values) lets a basket skip the rule without looking at it when none of its lines
+    # has one of those values, so none could qualify.
     categories: frozenset[str] | None
     skus: frozenset[str] | None
-    tokens: frozenset[str] | None
+    shortcut: tuple[str, frozenset[str]] | None
     line_min: tuple[str, int] | None
     basket_min: tuple[str, int] | None
     matched: tuple[str, ...]
@@ -54,6 +57,10 @@ class CompiledRule:
     # A window past midnight ("22:00-02:00"): times before this belong to the night that opened
     # the day before, for the day of week and for a day cap alike.
     night_until: time | None = None
+    # Precomputed so evaluation does not re-derive them per basket: whether the rule has no line
+    # conditions (every line qualifies), and a fixed bonus's explanation.
+    every_line: bool = False
+    bonus_detail: str = ""
 
     def guard_for(self, local: datetime) -> Guard | None:
         """Day caps count per store-local day (a night window's night counts as the day it
@@ -161,15 +168,14 @@ def compile_rule(rule: Rule) -> CompiledRule:
     member = _member_checks(rule, matched)
     categories = frozenset(w.categories) if w.categories is not None else None
     skus = frozenset(w.skus) if w.skus is not None else None
-    tokens: frozenset[str] | None = None
+    shortcut: tuple[str, frozenset[str]] | None = None
     if categories is not None:
         matched.append(f"category in {sorted(categories)}")
-        tokens = frozenset(f"c:{x}" for x in categories)
+        shortcut = ("category", categories)
     if skus is not None:
         matched.append(f"sku in {sorted(skus)}")
-        sku_tokens = frozenset(f"s:{x}" for x in skus)
-        # Both conditions must hold on one line; any sku token is then a necessary condition.
-        tokens = sku_tokens
+        # Both conditions must hold on one line; one of the skus is then a necessary condition.
+        shortcut = ("sku", skus)
     basket_min = (
         (w.basket_total_at_least.currency, w.basket_total_at_least.amount_minor) if w.basket_total_at_least else None
     )
@@ -191,10 +197,12 @@ def compile_rule(rule: Rule) -> CompiledRule:
     else:
         kind, bonus = BONUS_PER_ITEM, effect.bonus_points_per_item or 0
     guard, day_cap = _guard(rule)
+    every_line = categories is None and skus is None and line_min is None
     return CompiledRule(
-        rule, rule.id, rule.unit, rule.priority, rule.group, place, member, categories, skus, tokens, line_min,
+        rule, rule.id, rule.unit, rule.priority, rule.group, place, member, categories, skus, shortcut, line_min,
         basket_min, tuple(matched), kind, extra_num, extra_den, effect.compound, bonus, effect.multiplier or "",
-        rule.caps.per_line, rule.caps.per_receipt, guard, day_cap, _night_until(rule),
+        rule.caps.per_line, rule.caps.per_receipt, guard, day_cap, _night_until(rule), every_line,
+        f"bonus {bonus} {rule.unit}" if kind == BONUS else "",
     )  # fmt: skip
 
 
