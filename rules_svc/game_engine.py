@@ -192,17 +192,26 @@ def join_key(item: Challenge) -> str:
     return f"{item.id}@{challenge_period(item)}"
 
 
-def has_joined(joined: set[str], item: Challenge) -> bool:
-    """Joined this window: under its key, under a bare id (joined before windows were kept), or
-    under the key of a window that started inside this one (`starts` corrected to an earlier
-    date: the same challenge, so the join stands; a reused id's older window started before)."""
-    if join_key(item) in joined or item.id in joined:
+def has_joined(joined: set[str], item: Challenge, history: ProgramHistory | None = None) -> bool:
+    """Joined this challenge: under a bare id (joined before windows were kept), or under the key
+    of any window of its id that overlaps this one as `history` publishes it (`starts` corrected
+    either way: the same challenge, so the join stands; a reused id's older window ended before
+    this one began). A window no version publishes now counts if it started inside this one."""
+    if item.id in joined:
         return True
-    window = range(int(item.starts.timestamp()), int(item.ends.timestamp()))
-    prefix = f"{item.id}@from-"
-    return any(
-        key.startswith(prefix) and key[len(prefix) :].isdigit() and int(key[len(prefix) :]) in window for key in joined
-    )
+    history = history or ProgramHistory.of(())
+    overlapping = set(overlapping_periods(item, history))
+    starts_us = epoch_us(item.starts)
+    ends_us = history.ends_us(item.id, challenge_period(item), epoch_us(item.ends))
+    for key in joined:
+        start = key.removeprefix(f"{item.id}@from-")
+        if start == key or not start.isdigit():
+            continue  # another challenge's join
+        if f"from-{start}" in overlapping:
+            return True
+        if (item.id, int(start)) not in history.window_ends_us and starts_us <= int(start) * 1_000_000 < ends_us:
+            return True
+    return False
 
 
 def _stored_for(state: ItemState, item: Challenge) -> bool:
@@ -311,5 +320,5 @@ def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact
     for c in g.challenges:
         if matches(c.match, fact, fx):
             state = states.setdefault(c.id, ItemState())
-            awards.append(_challenge(c, state, fact, has_joined(joined, c), history))
+            awards.append(_challenge(c, state, fact, has_joined(joined, c, history), history))
     return [a for a in awards if a is not None]

@@ -114,7 +114,8 @@ class GameService:
             if not in_window(st, c, history):
                 st = ItemState()  # progress of an earlier window of a reused id
             items.append(ProgressItem(c.id, c.name, ItemKind.CHALLENGE, st.count, c.purchases, st.completions,
-                                      st.last_completed_us, c.reward.points, c.reward.unit, has_joined(joined, c)))  # fmt: skip
+                                      st.last_completed_us, c.reward.points, c.reward.unit,
+                                      has_joined(joined, c, history)))  # fmt: skip
         totals = await asyncio.to_thread(self.store.reward_totals, p.program, member_id)
         return MemberProgress(items, totals.get("PAID", 0), totals.get("PENDING", 0))
 

@@ -166,3 +166,42 @@ async def test_a_challenge_cut_short_then_its_id_reused_pays_each_month_once(ver
     assert [(row.member_id, row.progress) for _, row in await versions.game.leaderboard("test", "monthly", 10)] == [
         (member, 3)
     ]
+
+
+def opt_in_monthly(starts: str, ends: str) -> dict[str, Any]:
+    doc = monthly(starts, ends)
+    doc["gamification"]["challenges"][0] |= {"opt_in": True, "purchases": 2}
+    return doc
+
+
+async def test_a_join_made_before_a_start_was_corrected_later_still_counts(versions: Versions) -> None:
+    """The member joins January's opt-in challenge under v1 (from the 1st); v2 corrects its start
+    to the 2nd. The windows overlap, so it is the same challenge and the join stands: her
+    purchases count, it pays, and her progress shows her joined. v3 reuses the id for February,
+    a window that overlaps neither: a new challenge she has not joined."""
+    await versions.publish(opt_in_monthly("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00"), DECEMBER)
+    member = await versions.member()
+    versions.clock.set(at(1, 1))
+    await versions.game.join("test", "monthly", member)
+    await versions.publish(opt_in_monthly("2026-01-02T00:00:00+00:00", "2026-02-01T00:00:00+00:00"),
+                           datetime(2026, 1, 5, tzinfo=UTC))  # fmt: skip
+    for day in (6, 7):
+        await versions.buy(member, at(1, day))
+    versions.clock.set(at(1, 8))
+
+    in_january = await versions.game.progress("test", member)
+
+    assert [(i.joined, i.progress, i.completions) for i in in_january.items] == [(True, 2, 1)]
+    assert versions.rewards(member) == {"PAID": 200}
+    assert await versions.balance(member) == 200
+
+    await versions.publish(opt_in_monthly("2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00+00:00"),
+                           datetime(2026, 2, 1, tzinfo=UTC))  # fmt: skip
+    for day in (2, 3):
+        await versions.buy(member, at(2, day))
+    versions.clock.set(at(2, 4))
+
+    in_february = await versions.game.progress("test", member)
+
+    assert [(i.joined, i.progress, i.completions) for i in in_february.items] == [(False, 0, 0)]
+    assert versions.rewards(member) == {"PAID": 200}
