@@ -7,6 +7,15 @@ verified key for a few seconds, so a revocation takes effect within that time on
 The records live in SQLite under the data dir (one machine: `pointmesh up`), or in Redis
 (POINTMESH_GATEWAY_KEY_STORE=redis), which every gateway replica shares: on Kubernetes a key
 created in one pod must be known to all of them.
+
+While the records cannot be read (Redis down or too slow), a key read from them within the last
+STALE_GRACE_SECONDS is still accepted from the cache, so a Redis blip does not take the REST API
+down for every till. The price: a revocation made during the outage takes effect when Redis
+answers again, at most STALE_GRACE_SECONDS after the key was last read. A key not read that
+recently is neither valid nor invalid (KeyStoreUnavailable: the caller answers 503), and a key
+the cache holds as revoked stays refused. After a failed read the records are not asked again
+for RETRY_AFTER_FAILURE_SECONDS: a Redis that does not answer would otherwise hold every request
+for the whole socket timeout.
 """
 
 from __future__ import annotations
@@ -14,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,11 +41,22 @@ from redis.exceptions import RedisError
 
 from ledger_svc.domain import is_valid_name
 
+log = logging.getLogger(__name__)
+
 SCOPES = (
     "members:read", "members:write", "purchases:write", "redemptions:write", "transfers:write",
     "program:read", "ops:read", "ops:write", "legacy:write", "admin",
 )  # fmt: skip
 CACHE_SECONDS = 5.0
+# How long a key read from the records is still accepted from the cache while they cannot be
+# read: how long a Redis outage may last before keys fail, and how late a revocation made during
+# one may take effect.
+STALE_GRACE_SECONDS = 300.0
+# After a failed read the records are asked again only this much later, by one request: a Redis
+# that does not answer then holds one request per interval for its socket timeout, not every one.
+RETRY_AFTER_FAILURE_SECONDS = 1.0
+# While keys are served from the stale cache, one warning per this long, not one per request.
+STALE_WARNING_SECONDS = 30.0
 # Every key id is secrets.token_hex(6); anything else names no key and is refused unread.
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 _NAME_RULE = "1..64 letters, digits and _.:-, starting with a letter or digit"
@@ -214,10 +236,12 @@ _Cached = tuple[float, ApiKey, str]
 
 
 class KeyStore:
-    def __init__(self, records: Path | KeyRecords) -> None:
+    def __init__(self, records: Path | KeyRecords, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._records = SqliteKeyRecords(records) if isinstance(records, Path) else records
         # Only keys that exist are cached (bounded by the records); a miss is looked up again.
         self._cache: dict[str, _Cached] = {}
+        self._clock = clock
+        self._outage = _Outage()
 
     def close(self) -> None:
         self._records.close()
@@ -264,26 +288,87 @@ class KeyStore:
 
     async def verify_async(self, presented: str) -> ApiKey | None:
         """verify() without blocking the event loop; KeyStoreUnavailable when the records
-        cannot be read (a key not in the cache is neither accepted nor refused then)."""
+        cannot be read and the cache holds no copy of the key read within STALE_GRACE_SECONDS
+        (such a key is neither accepted nor refused then)."""
         key_id = _key_id(presented)
         if key_id is None:
             return None
         cached = self._fresh(key_id)
         if cached is None:
-            cached = self._remember(key_id, await self._records.lookup(key_id))
+            cached = await self._lookup(key_id)
         return _match(cached, presented)
+
+    async def _lookup(self, key_id: str) -> _Cached | None:
+        """The key's record read again or, while the records cannot be read, as the cache last
+        read it within STALE_GRACE_SECONDS; KeyStoreUnavailable when it has no such copy."""
+        try:
+            row = await self._outage.read(self._records, key_id, self._clock)
+        except KeyStoreUnavailable:
+            cached = self._cache.get(key_id)
+            if cached is None or self._clock() - cached[0] > STALE_GRACE_SECONDS:
+                raise
+            self._outage.served_stale(self._clock())
+            return cached
+        return self._remember(key_id, row)
 
     def _fresh(self, key_id: str) -> _Cached | None:
         cached = self._cache.get(key_id)
-        return cached if cached is not None and time.monotonic() - cached[0] <= CACHE_SECONDS else None
+        return cached if cached is not None and self._clock() - cached[0] <= CACHE_SECONDS else None
 
     def _remember(self, key_id: str, row: Row | None) -> _Cached | None:
         if row is None:
             self._cache.pop(key_id, None)
             return None
-        cached = (time.monotonic(), _record(row[:7]), row[7])
+        cached = (self._clock(), _record(row[:7]), row[7])
         self._cache[key_id] = cached
         return cached
+
+
+class _Outage:
+    """Whether the records could be read lately: after a failure they are asked again only
+    RETRY_AFTER_FAILURE_SECONDS later (by one request at a time), and serving from the stale
+    cache meanwhile is logged at most once per STALE_WARNING_SECONDS."""
+
+    def __init__(self) -> None:
+        self.failure = ""  # the last read's error while the records cannot be read; "" when they can
+        self.since = 0.0
+        self.retry_at = 0.0
+        self.stale_served = 0
+        self.warned_at: float | None = None
+
+    async def read(self, records: KeyRecords, key_id: str, clock: Callable[[], float]) -> Row | None:
+        now = clock()
+        if self.failure:
+            if now < self.retry_at:
+                raise KeyStoreUnavailable(f"not asked within {RETRY_AFTER_FAILURE_SECONDS:g} s of: {self.failure}")
+            # This request probes; the others do not wait on the same slow Redis meanwhile.
+            self.retry_at = now + RETRY_AFTER_FAILURE_SECONDS
+        try:
+            row = await records.lookup(key_id)
+        except KeyStoreUnavailable as exc:
+            self._failed(str(exc), clock())
+            raise
+        if self.failure:
+            # A warning when keys were served stale (so the outage's warnings have an end), else info.
+            level = logging.INFO if self.warned_at is None else logging.WARNING
+            log.log(level, "API key records can be read again after %.1f s", clock() - self.since)
+            self.failure, self.warned_at, self.stale_served = "", None, 0
+        return row
+
+    def _failed(self, failure: str, now: float) -> None:
+        if not self.failure:
+            self.since = now
+        self.failure, self.retry_at = failure, now + RETRY_AFTER_FAILURE_SECONDS
+
+    def served_stale(self, now: float) -> None:
+        self.stale_served += 1
+        if self.warned_at is None or now - self.warned_at >= STALE_WARNING_SECONDS:
+            log.warning(
+                "API key records cannot be read for %.1f s (%s): %d request(s) answered from keys read "
+                "within the last %g s; a revocation made meanwhile waits for the records",
+                now - self.since, self.failure, self.stale_served, STALE_GRACE_SECONDS,
+            )  # fmt: skip
+            self.warned_at, self.stale_served = now, 0
 
 
 def _key_id(presented: str) -> str | None:
