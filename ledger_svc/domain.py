@@ -229,6 +229,9 @@ class Lot:
     pending: bool = False
     release_at: datetime | None = None
     pending_review: bool = False
+    # Points of this lot that expired and no reversal of its earn has taken back yet: a return
+    # takes its share of them from breakage (system:expired), not from the member.
+    expired_points: int = 0
 
 
 @dataclass(frozen=True, slots=True)

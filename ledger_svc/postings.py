@@ -562,21 +562,44 @@ class ShardBook:
     def _take_back(
         self, record: TxRecord, member_id: str, unit: str, amount: int, counter: tuple[str, int], earn_tx: str
     ) -> int:
-        """Posts a reversal's member side; returns the part recorded as debt (decision 0007)."""
+        """Posts a reversal's member side; returns the part recorded as debt (decision 0007).
+
+        Points of the earn that expired unspent are gone from the member already: the reversal
+        takes its share of them (in proportion to the earn's points it reverses, the last
+        reversal all that is left) back from breakage, and only the rest from the member."""
         lot = self.tx.lot_of_transaction(earn_tx, member_id)
         if lot is not None and lot.pending and lot.member_id == member_id:
             lot.remaining_points -= amount
             self.tx.update_lot(lot)
             self._post(record, [counter, (pending_account(member_id, unit), -amount)])
             return 0
+        legs = [counter]
+        expired = self._expired_share(lot, member_id, amount, earn_tx)
+        if expired:
+            legs.append((system_account("expired", unit), -expired))
         row = self._acct(member_account(member_id, unit))
         floor = row.reserved if row.reserved > 0 else -self.policy.negative_limit_points
-        take = max(0, min(amount, row.balance - floor))
-        debt = amount - take
-        self._post(record, [counter, (member_account(member_id, unit), -take), (debt_account(member_id, unit), -debt)])
+        take = max(0, min(amount - expired, row.balance - floor))
+        debt = amount - expired - take
+        self._post(record, [*legs, (member_account(member_id, unit), -take), (debt_account(member_id, unit), -debt)])
         self._consume_lots(member_id, unit, take, prefer_lot=lot.lot_id if lot else "")
         self._normalise_lots(member_id, unit)
         return debt
+
+    def _expired_share(self, lot: Lot | None, member_id: str, amount: int, earn_tx: str) -> int:
+        """The expired points of the earn's lot a reversal of `amount` takes back, recorded on the
+        lot: ceil(amount x expired / points not yet reversed), so the reversal of all that is
+        left takes all of them."""
+        if lot is None or lot.member_id != member_id or lot.expired_points <= 0:
+            return 0
+        earn = self.tx.get_transaction(earn_tx)
+        left = 0 if earn is None else earn.points - earn.reversed_points
+        share = (
+            lot.expired_points if left <= amount else min(lot.expired_points, -(-amount * lot.expired_points // left))
+        )
+        lot.expired_points -= share
+        self.tx.update_lot(lot)
+        return share
 
     def start_merged_reversal(
         self, tx_id: str, *, points: int | None, refund: Money | None, reason: str, target: str, saga_id: str
@@ -841,6 +864,7 @@ class ShardBook:
                 take = min(left, free)
                 if take > 0:
                     lot.remaining_points -= take
+                    lot.expired_points += take
                     left -= take
                     touched += 1
                     self.tx.update_lot(lot)

@@ -716,16 +716,28 @@ class LedgerService:
         cmd = replace(cmd, key=v.idem_key(cmd.key))
         shard = self.shard_of_id(cmd.review_id)
 
-        async def recipient_can_receive() -> None:
-            """An approved transfer moves points out of its sender and pays its recipient; either
-            may have been blocked or erased since (a takeover confirmed, a ring collector found):
-            refused here, and ops rejects the review instead."""
+        async def may_approve() -> None:
+            """Approval releases a credit, captures a redemption or moves a transfer: the member
+            who gets or spends the points may have been blocked or erased since (a takeover
+            confirmed, a ring collector found), and then it is refused here, as a new purchase or
+            redemption would be, and ops rejects the review instead. A member merged away since
+            answers through the member its points went to."""
             body = await self.store.read(shard, lambda tx: tx.get_review(cmd.review_id)) if cmd.approve else None
             review = codec.loads(Review, body) if body is not None else None
-            if review is None or review.kind is not ReviewKind.TRANSFER or review.status is not ReviewStatus.OPEN:
+            if review is None or review.status is not ReviewStatus.OPEN:
                 return
             # Read from the directory, not this replica's cache: a block made through another
             # replica a moment ago is what ops is reacting to.
+            if review.kind is not ReviewKind.TRANSFER:
+                owner = await self.member(review.member_id, "review_id")
+                heir = await self.merge_heir(owner, "review_id") if owner.merged_into else ""
+                holder = await self.member(heir, "review_id") if heir else owner
+                if holder.status is not MemberStatus.ACTIVE:
+                    named = f"{review.member_id} (merged into {heir})" if heir else holder.member_id
+                    raise MemberNotActive(
+                        f"the member {named} is {holder.status.value}; reject the review", field="review_id"
+                    )
+                return
             sender = (await self.member(review.member_id, "review_id")).status
             if sender is not MemberStatus.ACTIVE:
                 raise MemberNotActive(
@@ -743,7 +755,7 @@ class LedgerService:
 
         decided = await self._mutate(
             cmd, shard, Review, lambda b: self._decide_in(b, cmd),
-            recipient_can_receive,
+            may_approve,
         )  # fmt: skip
         if decided.kind is ReviewKind.TRANSFER and decided.status is ReviewStatus.APPROVED:
             try:

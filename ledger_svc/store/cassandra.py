@@ -192,13 +192,14 @@ def _dec_tx(tx_id: str, body: str) -> TxRecord:
 def _enc_lot(lot: Lot) -> str:
     return _dumps([lot.member_id, lot.unit, lot.earn_transaction_id, lot.original_points, lot.remaining_points,
                    _opt_us(lot.expires_at), to_us(lot.created_at), lot.pending, _opt_us(lot.release_at),
-                   lot.pending_review])  # fmt: skip
+                   lot.pending_review, lot.expired_points])  # fmt: skip
 
 
 def _dec_lot(lot_id: str, body: str) -> Lot:
     r = json.loads(body)
+    expired = r[10] if len(r) > 10 else 0  # bodies written before 2026-12-06 did not count it
     return Lot(lot_id, r[0], r[1], r[2], r[3], r[4], _opt_dt(r[5]), from_us(r[6]), bool(r[7]), _opt_dt(r[8]),
-               bool(r[9]))  # fmt: skip
+               bool(r[9]), expired)  # fmt: skip
 
 
 def _enc_hold(h: Hold) -> str:

@@ -73,7 +73,8 @@ CREATE INDEX IF NOT EXISTS entries_by_account ON entries (account, entry_id);
 CREATE TABLE IF NOT EXISTS lots (
   lot_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, unit TEXT NOT NULL, earn_tx TEXT NOT NULL,
   original INTEGER NOT NULL, remaining INTEGER NOT NULL, expires_at INTEGER, created_at INTEGER NOT NULL,
-  pending INTEGER NOT NULL, release_at INTEGER, pending_review INTEGER NOT NULL) WITHOUT ROWID;
+  pending INTEGER NOT NULL, release_at INTEGER, pending_review INTEGER NOT NULL,
+  expired INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS lots_by_account ON lots (member_id, unit, pending, remaining);
 CREATE INDEX IF NOT EXISTS lots_by_earn ON lots (earn_tx);
 CREATE INDEX IF NOT EXISTS lots_open_expiry ON lots (expires_at) WHERE remaining > 0 AND pending = 0;
@@ -130,7 +131,8 @@ CREATE INDEX IF NOT EXISTS claims_by_age ON claims (created_at);
 
 
 _LOT_COLS = (
-    "lot_id, member_id, unit, earn_tx, original, remaining, expires_at, created_at, pending, release_at, pending_review"
+    "lot_id, member_id, unit, earn_tx, original, remaining, expires_at, created_at, pending, release_at, pending_review,"
+    " expired"
 )
 _HOLD_COLS = (
     "hold_id, member_id, unit, points, status, captured, created_at, expires_at, reference, saga_id, channel, store_id"
@@ -156,6 +158,7 @@ def _lot(row: sqlite3.Row | tuple[object, ...]) -> Lot:
         pending=bool(r[8]),
         release_at=_opt_dt(r[9]),  # type: ignore[arg-type]
         pending_review=bool(r[10]),
+        expired_points=int(r[11]),  # type: ignore[call-overload]
     )
 
 
@@ -408,18 +411,18 @@ class SqliteShardTx:
         return sorted(r[0] for r in rows if r[3] is not None and (r[1], r[2], r[3]) not in published)
 
     def add_lot(self, lot: Lot) -> None:
-        self._defer(f"INSERT INTO lots ({_LOT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", self._lot_values(lot))
+        self._defer(f"INSERT INTO lots ({_LOT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", self._lot_values(lot))
 
     def update_lot(self, lot: Lot) -> None:
         self.flush()
-        self.c.execute(f"REPLACE INTO lots ({_LOT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", self._lot_values(lot))
+        self.c.execute(f"REPLACE INTO lots ({_LOT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", self._lot_values(lot))
 
     @staticmethod
     def _lot_values(lot: Lot) -> tuple[object, ...]:
         return (
             lot.lot_id, lot.member_id, lot.unit, lot.earn_transaction_id, lot.original_points,
             lot.remaining_points, _opt_us(lot.expires_at), to_us(lot.created_at), int(lot.pending),
-            _opt_us(lot.release_at), int(lot.pending_review),
+            _opt_us(lot.release_at), int(lot.pending_review), lot.expired_points,
         )  # fmt: skip
 
     def spendable_lots(self, member_id: str, unit: str) -> list[Lot]:
@@ -883,17 +886,16 @@ def _lacks_listing_columns(conn: sqlite3.Connection) -> bool:
     return _lacks_column(conn, "purchases", "channel")
 
 
-def _add_hold_placer_columns(conn: sqlite3.Connection) -> None:
-    """Gives holds placed by an earlier release the channel and store columns, empty: the
-    gateway lets any key with the scope act on such a hold, as before (cheap: SQLite adds a
-    column with a constant default without rewriting rows)."""
+def _add_columns(conn: sqlite3.Connection, table: str, columns: dict[str, str], why: str) -> None:
+    """Gives a table an earlier release created the columns it lacks, with their defaults
+    (cheap: SQLite adds a column with a constant default without rewriting rows)."""
 
     def add(_: bool) -> None:
-        log.warning("adding channel and store columns to holds (a one-time upgrade)")
-        conn.execute("ALTER TABLE holds ADD COLUMN channel TEXT NOT NULL DEFAULT ''")
-        conn.execute("ALTER TABLE holds ADD COLUMN store_id TEXT NOT NULL DEFAULT ''")
+        log.warning("adding %s to %s (a one-time upgrade): %s", ", ".join(columns), table, why)
+        for name, kind in columns.items():
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
-    _upgrade_once(conn, lambda: _lacks_column(conn, "holds", "channel") or None, add)
+    _upgrade_once(conn, lambda: _lacks_column(conn, table, next(iter(columns))) or None, add)
 
 
 def _lacks_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
@@ -1000,7 +1002,12 @@ class SqliteLedgerStore:
             for table in _ROWID_TABLES:
                 _rebuild_with_rowid(conn, table)
             _add_listing_columns(conn)
-            _add_hold_placer_columns(conn)
+            # Holds placed earlier name no channel: any key with the scope may settle them, as before.
+            _add_columns(conn, "holds", {"channel": "TEXT NOT NULL DEFAULT ''", "store_id": "TEXT NOT NULL DEFAULT ''"},
+                         "the channel and store each hold was placed for")  # fmt: skip
+            # Lots that expired earlier did not count it: a return of their earn is taken from the
+            # member, as before.
+            _add_columns(conn, "lots", {"expired": "INTEGER NOT NULL DEFAULT 0"}, "the points of each lot that expired")
             conn.executescript(schema)
         finally:
             conn.close()

@@ -170,6 +170,35 @@ async def test_lots_a_hold_keeps_from_expiring_do_not_hide_other_members_due_lot
 # Pending credits --------------------------------------------------------------------------
 
 
+async def test_reversing_an_earn_whose_points_expired_takes_them_from_breakage_not_the_member(
+    ledger: LedgerUnderTest,
+) -> None:
+    """A purchase whose points expired unspent is returned: those points left the member at
+    expiry, so the return must not take other, still valid points for them. Spent points are
+    taken back as before (decision 0007); each reversal takes its share of the expired ones."""
+    member = (await create_member(ledger.stub)).member_id
+    old = await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=1)))
+    await redeem(ledger.stub, member, 40)
+    ledger.clock.advance(timedelta(days=2))
+    assert expiry_counts(await run_expiry(ledger)) == (60, 1, 0, 0)
+    await earn(ledger.stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=100)))
+    totals = await assert_books_balance(ledger)
+
+    def reverse(points: int) -> ledger_pb2.ReverseRequest:
+        return ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=old.transaction.transaction_id,
+                                         points=points)  # fmt: skip
+
+    await ledger.stub.Reverse(reverse(50))  # 30 of the 60 expired come back from breakage, 20 from the member
+    assert figures(await balance(ledger.stub, member))["balance"] == 80
+    await ledger.stub.Reverse(reverse(50))  # the other 30 expired, and 20
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 60, "reserved": 0, "available": 60, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    after = await assert_books_balance(ledger)
+    expired = "system:expired:points"
+    assert (totals[expired], after[expired]) == (60, 0)  # breakage gave the 60 expired points back
+
+
 async def test_pending_earn_is_not_spendable_until_its_release_date(ledger: LedgerUnderTest) -> None:
     member = (await create_member(ledger.stub)).member_id
     earned = await earn(ledger.stub, member, 250, release_at=ts(ledger.clock.now() + timedelta(days=14)))

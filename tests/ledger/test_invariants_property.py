@@ -442,26 +442,33 @@ class Scenario:
             await self._attempt(NotFound, self.svc.reverse, c.Reverse(self._key(), MISSING_TX, full=True))
             return
         expect, amount, cmd = self._plan_reversal(earn, op)
+        expired_before = await self._expired_totals()
         result = await self._attempt(expect, self.svc.reverse, cmd)
         if result is None:
             return
         self._eq(result.reversed_points, amount, "reversed points")
+        # Points of the earn that expired unspent come back from breakage, not from the member
+        # (decision 0007); which lot expired how much is the ledger's to know, the share's
+        # bounds are the model's.
+        share = expired_before[earn.key[1]] - (await self._expired_totals())[earn.key[1]]
+        assert 0 <= share <= amount and not (earn.pending and share), f"{self.step}: expired share {share} of {amount}"
+        self.expired_reported -= share
         earn.reversed_points += amount
         earn.refunded_minor += cmd.refund.amount_minor if cmd.refund else 0
         self.totals[earn.key[1]].reversed += amount
         self.reversed_accounts.add(earn.key)
         key = earn.key
-        self.expect_net = {key: -amount}
+        self.expect_net = {key: share - amount}
         if earn.pending:
             self._eq(result.debt_points, 0, "debt of a pending reversal")
             self._after(lambda b, a: self._eq(a[key].pending_points - b[key].pending_points, -amount, "pending"))
             return
         row = before[key]
         floor = row.reserved_points if row.reserved_points > 0 else -self.limit
-        take = max(0, min(amount, row.balance_points - floor))
-        self._eq(result.debt_points, amount - take, "debt points")
+        take = max(0, min(amount - share, row.balance_points - floor))
+        self._eq(result.debt_points, amount - share - take, "debt points")
         self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -take, "balance"))
-        self._after(lambda b, a: self._eq(a[key].debt_points - b[key].debt_points, amount - take, "debt"))
+        self._after(lambda b, a: self._eq(a[key].debt_points - b[key].debt_points, amount - share - take, "debt"))
 
     def _plan_reversal(self, earn: EarnModel, op: ReverseOp) -> tuple[type[LedgerError] | None, int, c.Reverse]:
         """The error the ledger must raise, or the points it must reverse, for this request."""

@@ -74,16 +74,21 @@ CREATE TABLE holds (
   hold_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, unit TEXT NOT NULL, points INTEGER NOT NULL,
   status TEXT NOT NULL, captured INTEGER NOT NULL, created_at INTEGER NOT NULL,
   expires_at INTEGER NOT NULL, reference TEXT NOT NULL, saga_id TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE lots (
+  lot_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, unit TEXT NOT NULL, earn_tx TEXT NOT NULL,
+  original INTEGER NOT NULL, remaining INTEGER NOT NULL, expires_at INTEGER, created_at INTEGER NOT NULL,
+  pending INTEGER NOT NULL, release_at INTEGER, pending_review INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
-async def test_holds_from_an_earlier_release_open_with_no_channel_and_new_ones_keep_theirs(tmp_path: Path) -> None:
+async def test_holds_and_lots_from_an_earlier_release_open_with_the_new_columns_empty(tmp_path: Path) -> None:
     shard0 = tmp_path / "ledger-shard-000.sqlite"
     conn = sqlite3.connect(shard0)
     conn.executescript(_OLD_HOLDS)
     noon = datetime(2026, 12, 1, 12, tzinfo=UTC)
     when = int(noon.timestamp() * 1_000_000)
     conn.execute("INSERT INTO holds VALUES ('h_1','m1','points',30,'PLACED',0,?,?,'ref','')", (when, when + 10**9))
+    conn.execute("INSERT INTO lots VALUES ('l_1','m1','points','tx_1',100,0,?,?,0,NULL,0)", (when, when))
     conn.commit()
     conn.close()
 
@@ -94,5 +99,12 @@ async def test_holds_from_an_earlier_release_open_with_no_channel_and_new_ones_k
         new = replace(old, hold_id="h_2", channel="pos", store_id="HEL-01")
         await store.write(0, lambda tx: tx.add_hold(new))
         assert await store.read(0, lambda tx: tx.get_hold("h_2")) == new
+        lot = await store.read(0, lambda tx: tx.lot_of_transaction("tx_1"))
+        assert lot is not None
+        assert (lot.original_points, lot.remaining_points, lot.expired_points) == (100, 0, 0)
+        await store.write(0, lambda tx: tx.update_lot(replace(lot, expired_points=60)))
+        kept = await store.read(0, lambda tx: tx.lot_of_transaction("tx_1"))
+        assert kept is not None
+        assert kept.expired_points == 60
     finally:
         await store.close()

@@ -200,6 +200,35 @@ async def test_rejecting_a_held_redemption_voids_the_hold_and_the_points_stay(sc
     assert hold.hold.status == ledger_pb2.HOLD_STATUS_VOIDED
 
 
+async def test_a_held_redemption_or_credit_of_a_member_blocked_meanwhile_is_not_approved(screened: Screened) -> None:
+    """A takeover confirmed while the redemption waited: the member is blocked, and approving
+    would spend a blocked member's points (or release a blocked member's credit, when blocked
+    members cannot earn). Refused, as a transfer's is; the points stay reserved and ops rejects."""
+    stub = screened.ledger.stub
+    member = await regular_member(screened)
+    before = await balance(stub, member)
+    held = await stub.Redeem(takeover(member, before.available_points - 50, "phone-new-3"))
+    assert held.screening.verdict == ledger_pb2.SCREENING_VERDICT_REVIEW
+    credit = await _held_purchase(screened)
+    for blocked in (member, credit.member_id):
+        await stub.BlockMember(
+            ledger_pb2.BlockMemberRequest(idempotency_key=key(), member_id=blocked, reason="takeover")
+        )
+
+    for review_id, blocked in ((held.screening.review_id, member), (credit.screening.review_id, credit.member_id)):
+        refused = await rpc_error(stub.DecideReview(_decide(review_id, True)), grpc.StatusCode.FAILED_PRECONDITION)
+        assert f"member {blocked} is BLOCKED; reject the review" in (refused.details() or "")
+    assert (await balance(stub, member)).reserved_points == before.available_points - 50
+    pending = (await balance(stub, credit.member_id)).pending_points
+    assert pending > 0
+    for review_id in (held.screening.review_id, credit.screening.review_id):
+        rejected = await stub.DecideReview(_decide(review_id, False))
+        assert rejected.review.status == ledger_pb2.REVIEW_STATUS_REJECTED
+    after = await balance(stub, member)
+    assert (after.balance_points, after.reserved_points) == (before.balance_points, 0)
+    assert (await balance(stub, credit.member_id)).pending_points < pending
+
+
 async def _burst(env: Screened) -> list[ledger_pb2.Purchase]:
     """Ten purchases of a months-old member within five minutes, one card: the velocity rule
     reviews the 9th and later within 10 minutes."""
