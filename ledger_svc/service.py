@@ -558,19 +558,22 @@ class LedgerService:
         _require_mergeable(source, target)
         src_shard = self.shard_of(source.member_id)
 
-        def unsettled(tx: ShardTx) -> tuple[int, int, int]:
+        def unsettled(tx: ShardTx) -> tuple[int, int, int, int]:
             member = source.member_id
-            # A hold a fraud review owns is not the caller's to capture or void: the open review
-            # is named instead.
-            return (len([h for h in tx.placed_holds_of(member) if not h.saga_id.startswith("rv_")]),
+            # Only a hold nothing owns is the caller's to capture or void: one a fraud review
+            # owns names the open review instead, one a transfer's saga owns the transfer.
+            held = tx.placed_holds_of(member)
+            return (len([h for h in held if not h.saga_id]),
                     len(tx.list_reviews(ReviewStatus.OPEN.value, member, None, 100)),
+                    len([h for h in held if h.saga_id.startswith("tr_")]),
                     tx.member_waiting_purchases(member))  # fmt: skip
 
         # What settles later on the source's own accounts must settle first: a decision, a
         # capture or a late quote landing on a merged-away member would strand its points.
-        holds, open_reviews, waiting = await self.store.read(src_shard, unsettled)
+        holds, open_reviews, transfers, waiting = await self.store.read(src_shard, unsettled)
         for count, what, action in ((holds, "open holds", "capture or void them"),
                                     (open_reviews, "open fraud reviews", "decide them"),
+                                    (transfers, "transfers in flight", "retry once they completed"),
                                     (waiting, "purchases waiting for the points engine", "retry once they earned")):  # fmt: skip
             if count:
                 raise FailedPrecondition(

@@ -255,3 +255,17 @@ async def test_a_transfer_fraud_svc_missed_while_away_reaches_it_on_the_next_mai
     sent = await _features(mesh, TxContext(f"probe-{sender}", TxKind.REDEMPTION, sender, later, points=10))
     got = await _features(mesh, TxContext(f"probe-{recipient}", TxKind.REDEMPTION, recipient, later, points=10))
     assert (sent["member_transfers_out_24h"], got["member_transfers_in_24h"]) == (1, 1)
+
+
+@pytest.mark.parametrize("mesh", ["sqlite"], indirect=True)
+async def test_merging_a_sender_whose_transfer_is_under_review_names_the_review_not_its_hold(mesh: Screened) -> None:
+    """The saga's hold is not the caller's to capture or void; what ops must do is decide."""
+    sender, _collector, held = await _ring(mesh)
+    heir = (await create_member(mesh.ledger.stub)).member_id
+    refused = await rpc_error(mesh.ledger.stub.MergeMembers(ledger_pb2.MergeMembersRequest(
+        idempotency_key=key(), source_member_id=sender, target_member_id=heir,
+    )), grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+    assert f"member {sender} has 1 open fraud reviews; decide them first" in (refused.details() or "")
+    await rpc_error(mesh.ledger.stub.VoidHold(ledger_pb2.VoidHoldRequest(
+        idempotency_key=key(), hold_id=held.hold.hold_id,
+    )), grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
