@@ -542,7 +542,7 @@ class Accrual:
 
         # A refused return (more refunded than paid, an unknown line) gives its key back, so the
         # corrected return may use it.
-        result, replayed = await svc.claimed_write(cmd, fp, shard, claimed_before, run)
+        result, replayed = await svc.claimed_write(cmd, fp, shard, claimed_before, ReturnResult, run)
         result = await self._finish_return(result, merged_into)
         if not replayed:
             await svc._observe(ScreenedKind.RETURN, screening_event_id("return", cmd.key.namespace, cmd.key.key),

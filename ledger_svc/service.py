@@ -89,6 +89,9 @@ from pointmesh.timestamps import utc_instant
 R = TypeVar("R")
 TOTALS_MAX_AGE = timedelta(seconds=5)
 log = logging.getLogger(__name__)
+# Pauses (seconds) before each look for the result of a twin request that posted while this copy
+# was refused (LedgerService.claimed_write).
+TWIN_RESULT_WAITS = (0.0, 0.02, 0.05, 0.1)
 EXTERNAL_KINDS_MAX = 16
 CARD_DIGITS = (8, 19)  # a primary account number (ISO/IEC 7812) has 8 to 19 digits
 
@@ -215,11 +218,12 @@ class LedgerService:
                 await precheck()
             return await self.store.write(shard, self._idempotent_unit(command, fp, result_type, body))
 
-        return (await self.claimed_write(command, fp, shard, claimed_before, run))[0]
+        return (await self.claimed_write(command, fp, shard, claimed_before, result_type, run))[0]
 
     async def claimed_write(
-        self, command: Any, fp: str, shard: int, claimed_before: bool, run: Callable[[], Awaitable[tuple[R, bool]]]
-    ) -> tuple[R, bool]:
+        self, command: Any, fp: str, shard: int, claimed_before: bool, result_type: type[R],
+        run: Callable[[], Awaitable[tuple[R, bool]]],
+    ) -> tuple[R, bool]:  # fmt: skip
         """Runs the shard write of a command whose key is claimed, keeping the claim in step with
         what the shard ends up holding.
 
@@ -229,15 +233,27 @@ class LedgerService:
         while the first request was in flight (`claimed_before`, no result stored yet) may still
         post after the first gave the key back: whichever of the two acts last on the directory
         sees the other's doing and claims the key again, so a posted result never stands without
-        its claim (another body under the key would then pass the directory and post too)."""
+        its claim (another body under the key would then pass the directory and post too).
+
+        A copy refused after its twin, sent at the same moment, posted (a return's lines already
+        back, read on Cassandra before the twin's result was visible to it) answers with the
+        twin's result, as a replay: it is the same request."""
         try:
             done = await run()
         except REFUSALS:
-            if not claimed_before:
+            if claimed_before:
+                # Cassandra makes a result findable by its key (the owners row) just after the
+                # write that the refusal saw: a moment's wait covers that.
+                for pause in TWIN_RESULT_WAITS:
+                    await asyncio.sleep(pause)
+                    stored = await self._stored_result(command.key, fp, shard, result_type)
+                    if stored is not None:
+                        return stored, True
+            else:
                 key = command.key
                 await self.store.write_directory(lambda d: d.release_claim(key.namespace, key.key, fp))
-                stored = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
-                if stored is not None and stored.fingerprint == fp:
+                record = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
+                if record is not None and record.fingerprint == fp:
                     await self._keep_claim(command, fp)
             raise
         if claimed_before and not done[1]:

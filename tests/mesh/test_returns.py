@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -143,6 +144,23 @@ async def test_a_refused_return_leaves_its_key_free_for_the_corrected_return(mes
     assert reversed_points(back) == 20
     assert reversed_points(await mesh.ledger.stub.RecordReturn(refund(2000))) == 20  # a replay, not a second return
     assert await points(mesh, member) == 100 + 40 - 20
+
+
+async def test_copies_of_one_return_sent_at_once_all_answer_with_its_one_result(mesh: Mesh) -> None:
+    """A vendor's webhook retried in a burst: one copy returns the lines, the others are the same
+    request and answer with its result. None may be refused for lines "already returned" by its
+    twin (a legacy feed would quarantine a record that is only a duplicate)."""
+    member = await welcomed_member(mesh)
+    for _ in range(4):
+        bought = await buy(mesh, member, [("misc", 2000, 2)])
+        request = ledger_pb2.RecordReturnRequest(
+            idempotency_key=key(), purchase_id=bought.purchase.purchase_id, channel="pos", store_id="HEL-01",
+            lines=[ledger_pb2.ReturnLine(line_index=0, quantity=2)],
+        )  # fmt: skip
+        copies = await asyncio.gather(*(mesh.ledger.stub.RecordReturn(request) for _ in range(8)))
+        assert {reversed_points(c) for c in copies} == {20}
+        assert sorted(c.replayed for c in copies) == [False] + [True] * 7
+    assert await points(mesh, member) == 100
 
 
 async def test_bad_returns_are_refused_with_the_field(mesh: Mesh) -> None:
