@@ -215,6 +215,14 @@ def untier(book: ShardBook, earn_tx: str, points: int) -> None:
         take_off_qualification(book, earn.member_id, _qualifying_month(book.tx, earn), points)
 
 
+def credit_still_here(tx: ShardTx, earn_tx: str, member_id: str) -> bool:
+    """Whether an earn's credit still waits on its own member as a pending lot: a purchase
+    reviewed after its member was merged away (a late review) keeps its credit there until the
+    decision, so a reversal takes it from there, not from the member the rest went to."""
+    lot = tx.lot_of_transaction(earn_tx, member_id) if earn_tx else None
+    return lot is not None and lot.pending and lot.member_id == member_id and lot.remaining_points > 0
+
+
 def load_purchase(book: ShardBook, purchase_id: str) -> PurchaseRecord:
     found = book.tx.get_purchase(purchase_id)
     if found is None:
@@ -404,6 +412,11 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
         delta = max(0, target - returned[k])
         returned[k] += delta
         by_unit[part.unit] = by_unit.get(part.unit, 0) + delta
+    # Where each unit's credit is taken back from: here, or (merged away) the member it went to.
+    here = {
+        u: not merged_into or credit_still_here(book.tx, tx, record.member_id)
+        for u, tx in record.earn_transactions.items()
+    }
     debt = 0
     sagas: list[str] = []
     for unit, points in by_unit.items():
@@ -414,7 +427,7 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
         if points <= 0:
             continue
         reason = f"return {cmd.key.key} of purchase {record.purchase_id}"
-        if merged_into:
+        if not here[unit]:
             sagas.append(book.start_merged_reversal(
                 record.earn_transactions[unit], points=points, refund=None, reason=reason, target=merged_into,
                 saga_id=new_id("rv", record.member_id),
@@ -435,7 +448,7 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
         book.recredit_tender(
             record.tender_transaction_id, recredit, reason=f"return {cmd.key.key}", lifetime_s=record.lot_lifetime_s
         )
-    if record.metric_unit and not merged_into:  # merged away: the reversal saga does it on the heir
+    if record.metric_unit and here.get(record.metric_unit, True):  # else the reversal saga does it on the heir
         take_off_qualification(book, record.member_id, record.qualification_bucket, by_unit.get(record.metric_unit, 0))
     record = replace(
         record, returned_points=tuple(returned), returned_quantities=tuple(quantities), refunded_minor=refunded,

@@ -59,7 +59,7 @@ from ledger_svc.domain import (
 )
 from ledger_svc.ingest import claim_many
 from ledger_svc.postings import Policy, ShardBook
-from ledger_svc.purchases import untier
+from ledger_svc.purchases import credit_still_here, untier
 from ledger_svc.reconcile import ReconcileReport, reconcile
 from ledger_svc.reviews import (
     PlacedHold,
@@ -870,6 +870,10 @@ class LedgerService:
         cmd = self._check_reverse(cmd)
         shard = self.shard_of_id(cmd.transaction_id)
         owner = await self._merged_owner(cmd.transaction_id)
+        if owner is not None:
+            gone = owner.member_id
+            if await self.store.read(shard, lambda tx: credit_still_here(tx, cmd.transaction_id, gone)):
+                owner = None  # a late review's credit, still pending on its own member: reversed there
         if owner is not None:
             # A replay answers from what the first call stored, whichever path it took.
             stored = await self._stored_result(cmd.key, c.fingerprint(cmd), shard, object)

@@ -286,3 +286,29 @@ async def test_a_merge_replayed_after_its_target_merged_on_credits_the_points_on
 
     assert [await points(svc, m) for m in (a, b, c_)] == [(0, 0, 0), (0, 0, 0), (110, 0, 0)]
     await assert_books_balance(ledger)
+
+
+@pytest.mark.parametrize("approve", [True, False])
+async def test_a_reversal_of_a_late_reviews_credit_takes_it_from_the_pending_credit_not_the_heir(
+    ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch, approve: bool
+) -> None:
+    """The credit of a review opened after its member's merge waits on that member until the
+    decision. Reversing part of it (a return, ops) must take it from there: before, it was taken
+    from the heir's own points, and a rejection then left the rest pending for good."""
+    svc = ledger.app.service
+    source = await member(svc)
+    heir = await member(svc, shard_of=source, same_shard=False)
+    await svc.earn(c.Earn(k(), heir, "points", 500))
+    review_id = await _merge_stopped_by_a_late_review(svc, monkeypatch, source, heir)
+    [earn_tx] = (await svc.store.read(svc.shard_of(source), lambda tx: reviews.load(ShardBook(tx, svc.clock.now(),
+                                                                                  svc.policy), review_id))).subject_ids  # fmt: skip
+
+    reversed_ = await svc.reverse(c.Reverse(k(), earn_tx, points=15, reason="return"))
+    assert reversed_.reversed_points == 15
+    assert (await points(svc, source), await points(svc, heir)) == ((0, 25, 0), (500, 0, 0))
+
+    await decide(svc, review_id, approve)
+    await svc.run_maintenance()
+    kept = 25 if approve else 0
+    assert (await points(svc, source), await points(svc, heir)) == ((0, 0, 0), (500 + kept, 0, 0))
+    await assert_books_balance(ledger)
