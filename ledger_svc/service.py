@@ -745,32 +745,22 @@ class LedgerService:
             review = codec.loads(Review, body) if body is not None else None
             if review is None or review.status is not ReviewStatus.OPEN:
                 return
+            if review.kind is not ReviewKind.TRANSFER:
+                await require_active("the member", review.member_id, follow_merge=True)
+                return
+            await require_active("the transfer's sender", review.member_id, follow_merge=False)
+            # A recipient merged away is paid where its points live: that member must be active.
+            await require_active("the transfer's recipient", review.counterparty_member_id, follow_merge=True)
+
+        async def require_active(role: str, member_id: str, *, follow_merge: bool) -> None:
             # Read from the directory, not this replica's cache: a block made through another
             # replica a moment ago is what ops is reacting to.
-            if review.kind is not ReviewKind.TRANSFER:
-                owner = await self.member(review.member_id, "review_id")
-                heir = await self.merge_heir(owner, "review_id") if owner.merged_into else ""
-                holder = await self.member(heir, "review_id") if heir else owner
-                if holder.status is not MemberStatus.ACTIVE:
-                    named = f"{review.member_id} (merged into {heir})" if heir else holder.member_id
-                    raise MemberNotActive(
-                        f"the member {named} is {holder.status.value}; reject the review", field="review_id"
-                    )
-                return
-            sender = (await self.member(review.member_id, "review_id")).status
-            if sender is not MemberStatus.ACTIVE:
-                raise MemberNotActive(
-                    f"the transfer's sender {review.member_id} is {sender.value}; reject the review", field="review_id"
-                )
-            recipient = await self.member(review.counterparty_member_id, "review_id")
-            heir = await self.merge_heir(recipient, "review_id") if recipient.merged_into else ""
-            # A recipient merged away is paid where its points live: that member must be active.
-            paid = await self.member(heir, "review_id") if heir else recipient
-            if paid.status is not MemberStatus.ACTIVE:
-                named = f"{review.counterparty_member_id} (merged into {heir})" if heir else paid.member_id
-                raise MemberNotActive(
-                    f"the transfer's recipient {named} is {paid.status.value}; reject the review", field="review_id"
-                )
+            member = await self.member(member_id, "review_id")
+            heir = await self.merge_heir(member, "review_id") if follow_merge and member.merged_into else ""
+            live = await self.member(heir, "review_id") if heir else member
+            if live.status is not MemberStatus.ACTIVE:
+                named = f"{member_id} (merged into {heir})" if heir else member_id
+                raise MemberNotActive(f"{role} {named} is {live.status.value}; reject the review", field="review_id")
 
         decided = await self._mutate(
             cmd, shard, Review, lambda b: self._decide_in(b, cmd),
