@@ -151,11 +151,17 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     return app
 
 
+# Clients send live sockets nothing but `{"type": "ping"}` (16 bytes); a bigger frame closes the
+# socket (1009) rather than being buffered whole (uvicorn's default allows 16 MiB per frame).
+WS_MAX_FRAME_BYTES = 16 * 1024
+
+
 def server(settings: Settings, app: FastAPI | None = None) -> uvicorn.Server:
     host, _, port = settings.gateway_addr.rpartition(":")
     config = uvicorn.Config(
         app or create_app(settings), host=host or "127.0.0.1", port=int(port), log_level="warning",
         access_log=False, lifespan="on", ws="websockets-sansio", timeout_graceful_shutdown=int(settings.grace_seconds),
+        ws_max_size=WS_MAX_FRAME_BYTES,
     )  # fmt: skip
     return uvicorn.Server(config)
 

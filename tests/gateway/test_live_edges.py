@@ -46,6 +46,15 @@ async def test_a_client_ping_is_answered_and_the_stream_goes_on(gw: GatewayUnder
         assert earned["member_id"] == member
 
 
+async def test_a_frame_far_bigger_than_a_ping_closes_the_socket_instead_of_being_held(gw: GatewayUnderTest) -> None:
+    """A phone (or anyone with a token) cannot make the gateway buffer megabytes per socket."""
+    async with gw.client("pos") as pos, member_stream(gw, pos) as (_member, ws):
+        await ws.send("x" * (1024 * 1024))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5.0)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
 async def test_events_the_gateway_cannot_show_are_skipped_and_the_rest_still_arrive(
     gw: GatewayUnderTest, redis_server: RedisServer
 ) -> None:
