@@ -518,8 +518,9 @@ class ShardBook:
             funding=original.funding,
         )
         debt = self._take_back(
-            record, member_id, unit, amount, (funding_account(original.funding, unit), amount), tx_id
-        )
+            record, member_id, unit, amount, (funding_account(original.funding, unit), amount), tx_id,
+            unreversed=original.points - original.reversed_points,
+        )  # fmt: skip
         original.reversed_points += amount
         if refund is not None:
             original.refunded_minor += refund.amount_minor
@@ -560,8 +561,9 @@ class ShardBook:
         )  # fmt: skip
 
     def _take_back(
-        self, record: TxRecord, member_id: str, unit: str, amount: int, counter: tuple[str, int], earn_tx: str
-    ) -> int:
+        self, record: TxRecord, member_id: str, unit: str, amount: int, counter: tuple[str, int], earn_tx: str,
+        *, unreversed: int = 0,
+    ) -> int:  # fmt: skip
         """Posts a reversal's member side; returns the part recorded as debt (decision 0007).
 
         Points of the earn that expired unspent are gone from the member already: the reversal
@@ -574,7 +576,7 @@ class ShardBook:
             self._post(record, [counter, (pending_account(member_id, unit), -amount)])
             return 0
         legs = [counter]
-        expired = self._expired_share(lot, member_id, amount, earn_tx)
+        expired = self._expired_share(lot, member_id, amount, unreversed)
         if expired:
             legs.append((system_account("expired", unit), -expired))
         row = self._acct(member_account(member_id, unit))
@@ -586,16 +588,16 @@ class ShardBook:
         self._normalise_lots(member_id, unit)
         return debt
 
-    def _expired_share(self, lot: Lot | None, member_id: str, amount: int, earn_tx: str) -> int:
+    def _expired_share(self, lot: Lot | None, member_id: str, amount: int, unreversed: int) -> int:
         """The expired points of the earn's lot a reversal of `amount` takes back, recorded on the
-        lot: ceil(amount x expired / points not yet reversed), so the reversal of all that is
-        left takes all of them."""
-        if lot is None or lot.member_id != member_id or lot.expired_points <= 0:
+        lot: ceil(amount x expired / `unreversed`, the earn's points not reversed before it), so
+        the reversal of all that is left takes all of them; never more than `amount`. 0 without
+        `unreversed` (a merged-away earn, taken back whole from the member it went to)."""
+        if lot is None or lot.member_id != member_id or lot.expired_points <= 0 or unreversed <= 0:
             return 0
-        earn = self.tx.get_transaction(earn_tx)
-        left = 0 if earn is None else earn.points - earn.reversed_points
+        expired = lot.expired_points
         share = (
-            lot.expired_points if left <= amount else min(lot.expired_points, -(-amount * lot.expired_points // left))
+            min(expired, amount) if unreversed <= amount else min(expired, amount, -(-amount * expired // unreversed))
         )
         lot.expired_points -= share
         self.tx.update_lot(lot)

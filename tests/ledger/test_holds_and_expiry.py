@@ -199,6 +199,31 @@ async def test_reversing_an_earn_whose_points_expired_takes_them_from_breakage_n
     assert (totals[expired], after[expired]) == (60, 0)  # breakage gave the 60 expired points back
 
 
+async def test_a_reversal_never_takes_back_more_expired_points_than_it_reverses(ledger: LedgerUnderTest) -> None:
+    """Half of an earn reversed as debt while a hold reserved everything, the debt paid from
+    another lot, then the earn's whole lot expired: its lot counts 100 expired against 50 left
+    to reverse. The last reversal takes 50 from breakage, not 100 (which would leave debt
+    negative and hand the member 50 points with their next credit)."""
+    stub = ledger.stub
+    member = (await create_member(stub)).member_id
+    await earn(stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=1)))
+    bought = await earn(stub, member, 100, expires_at=ts(ledger.clock.now() + timedelta(days=2)))
+    hold = await place_hold(stub, member, 200, timeout=minutes(60))
+    tx = bought.transaction.transaction_id
+    await stub.Reverse(ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=tx, points=50))
+    await stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=hold.hold.hold_id))
+    ledger.clock.advance(timedelta(days=3))
+    assert expiry_counts(await run_expiry(ledger)) == (150, 2, 0, 0)
+
+    last = await stub.Reverse(ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=tx, full=True))
+    assert (last.transaction.points, last.debt_points) == (-50, 0)
+    await earn(stub, member, 10)
+    assert figures(await balance(stub, member)) == {
+        "balance": 10, "reserved": 0, "available": 10, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    assert (await assert_books_balance(ledger))["system:expired:points"] == 100
+
+
 async def test_pending_earn_is_not_spendable_until_its_release_date(ledger: LedgerUnderTest) -> None:
     member = (await create_member(ledger.stub)).member_id
     earned = await earn(ledger.stub, member, 250, release_at=ts(ledger.clock.now() + timedelta(days=14)))
