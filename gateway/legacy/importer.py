@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -300,6 +301,25 @@ def _refused_as(code: grpc.StatusCode, field: str, details: str) -> _Refusal:
     return _Refusal(code.name, field, f"ledger refused ({code.name}{where}): {details}")
 
 
+# Records an adapter parses per hop to a worker thread.
+PARSE_CHUNK = 256
+
+
+async def _parsed_off_the_loop(records: Iterable[Parsed]) -> AsyncIterator[Parsed]:
+    """The records as the adapter parses them, on a worker thread a chunk at a time: reading a
+    large file (tens of MB are seconds of CPU, the CSV adapter's first pass reads it whole) must
+    not stop the gateway's event loop, where every till's request waits meanwhile. A list or
+    tuple is parsed already."""
+    if isinstance(records, list | tuple):
+        for item in records:
+            yield item
+        return
+    source = iter(records)
+    while chunk := await asyncio.to_thread(lambda: list(itertools.islice(source, PARSE_CHUNK))):
+        for item in chunk:
+            yield item
+
+
 async def import_records(
     records: Iterable[Parsed],
     ledger: ledger_pb2_grpc.LedgerServiceStub,
@@ -317,7 +337,7 @@ async def import_records(
     session = _Session(ledger, channel, resend_delays=resend_delays)
     quarantined: list[Quarantined] = []
     try:
-        for item in records:
+        async for item in _parsed_off_the_loop(records):
             if isinstance(item, Quarantined):
                 quarantined.append(item)
             elif isinstance(item, LegacyPurchase):

@@ -5,6 +5,8 @@ line number and field like any other bad record, and the rest of the file is imp
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -137,3 +139,21 @@ async def test_a_record_no_ledger_request_can_carry_is_quarantined_not_a_crash(g
     assert [(q.line, q.code) for q in report.quarantined] == [(7, "PARSE")]
     assert "cannot be sent to the ledger" in report.quarantined[0].reason
     assert report.accepted == 1 and await points(gw, member) == 10 + 100
+
+
+async def test_a_file_is_parsed_off_the_event_loop_a_chunk_at_a_time(gw: GatewayUnderTest) -> None:
+    """Reading a large file is seconds of CPU: on the gateway's loop it would hold every till's
+    request meanwhile. The adapter's records are pulled on worker threads; the report is the
+    same, in file order."""
+    loop_thread = threading.get_ident()
+    parsed_on: set[int] = set()
+
+    def parse() -> Iterator[Quarantined]:
+        for line in range(1, 1001):
+            parsed_on.add(threading.get_ident())
+            yield Quarantined("big.csv", line, "unreadable", f"row {line}")
+
+    report = await import_records(parse(), gw.mesh.ledger.stub, adapter="csv", channel="pos")
+
+    assert parsed_on and loop_thread not in parsed_on
+    assert [q.line for q in report.quarantined] == list(range(1, 1001))
