@@ -609,7 +609,7 @@ class ShardBook:
         """Source side of reversing an earn whose member was merged away: the funding gets its
         points back through transit now; the target gives them up in the second step."""
         original, amount = self._reversal_of(tx_id, points, refund)
-        unit = original.unit
+        unit, unreversed = original.unit, original.points - original.reversed_points
         record = self._record(TxKind.REVERSAL, original.member_id, unit, 0, reference=reason, original_tx=tx_id,
                               funding=original.funding, tx_id=f"{saga_id.replace('rv_', 'tx_', 1)}-out")  # fmt: skip
         self._post(
@@ -623,13 +623,14 @@ class ShardBook:
             record, "points_reversed",
             {"transaction_id": record.tx_id, "original_transaction_id": tx_id, "points": 0, "debt_points": 0},
         )  # fmt: skip
-        payload = {"original_tx": tx_id, "reason": reason}
+        # The earn's points not reversed before this one: the target's share of expired points.
+        payload = {"original_tx": tx_id, "reason": reason, "unreversed": unreversed}
         self.tx.add_saga(SagaRecord(saga_id, "reversal", SagaState.HELD, original.member_id, target, unit, amount, "",
                                     json.dumps(payload), self.now, self.now))  # fmt: skip
         return saga_id
 
     def finish_merged_reversal(self, target: str, unit: str, amount: int, *, original_tx: str, tx_id: str,
-                               reason: str) -> ReverseResult:  # fmt: skip
+                               reason: str, unreversed: int = 0) -> ReverseResult:  # fmt: skip
         """Target side; a second call with the same tx_id returns the first result."""
         existing = self.tx.get_transaction(tx_id)
         if existing is None:
@@ -638,8 +639,9 @@ class ShardBook:
             )
             # On a reversal record, reversed_points keeps the part recorded as debt.
             record.reversed_points = self._take_back(
-                record, target, unit, amount, (system_account("transit", unit), amount), original_tx
-            )
+                record, target, unit, amount, (system_account("transit", unit), amount), original_tx,
+                unreversed=unreversed,
+            )  # fmt: skip
             self._finish(
                 record, "points_reversed",
                 {"transaction_id": tx_id, "original_transaction_id": original_tx, "points": amount,

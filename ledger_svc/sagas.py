@@ -247,7 +247,7 @@ class Sagas:
             first_time = b.tx.get_transaction(tx_id) is None
             result = b.finish_merged_reversal(
                 saga.dest_member, saga.unit, saga.points, original_tx=payload["original_tx"], tx_id=tx_id,
-                reason=payload["reason"],
+                reason=payload["reason"], unreversed=payload.get("unreversed", 0),  # none in sagas of before 2026-12-06
             )  # fmt: skip
             if first_time:
                 take_off_qualification(b, saga.dest_member, month, result.reversed_points)

@@ -252,9 +252,10 @@ class LedgerService:
             else:
                 key = command.key
                 await self.store.write_directory(lambda d: d.release_claim(key.namespace, key.key, fp))
-                record = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
-                if record is not None and record.fingerprint == fp:
+                stored = await self._stored_result(key, fp, shard, result_type)
+                if stored is not None:  # a copy that joined the claim posted meanwhile: its answer is this one's
                     await self._keep_claim(command, fp)
+                    return stored, True
             raise
         if claimed_before and not done[1]:
             await self._keep_claim(command, fp)
@@ -860,30 +861,30 @@ class LedgerService:
         cmd = self._check_reverse(cmd)
         shard = self.shard_of_id(cmd.transaction_id)
         owner = await self._merged_owner(cmd.transaction_id)
-        if owner is not None:
-            gone = owner.member_id
-            if await self.store.read(shard, lambda tx: credit_still_here(tx, cmd.transaction_id, gone)):
-                owner = None  # a late review's credit, still pending on its own member: reversed there
-        if owner is not None:
-            # A replay answers from what the first call stored, whichever path it took.
-            stored = await self._stored_result(cmd.key, c.fingerprint(cmd), shard, object)
-            if isinstance(stored, str):
-                return await self.sagas.drive_reversal(stored)
-            if stored is not None:
-                return codec.from_plain(ReverseResult, stored)  # type: ignore[no-any-return]
-            # The points live with the target now: a two-shard saga, like a transfer.
-            target = await self.merge_heir(owner, "transaction_id")
-            saga_id = await self._mutate(
-                cmd, shard, str,
-                lambda b: b.start_merged_reversal(
-                    cmd.transaction_id, points=cmd.points, refund=cmd.refund, reason=cmd.reason, target=target,
-                    saga_id=new_id("rv", owner.member_id),
-                ),
-            )  # fmt: skip
-            return await self.sagas.drive_reversal(saga_id)
+        if owner is None:
+            return await self._mutate(cmd, shard, ReverseResult, lambda b: self.reverse_body(b, cmd))
+        gone, target = owner.member_id, await self.merge_heir(owner, "transaction_id")
 
-        return await self._mutate(cmd, self.shard_of_id(cmd.transaction_id), ReverseResult,
-                                  lambda b: self.reverse_body(b, cmd))  # fmt: skip
+        def body(b: ShardBook) -> ReverseResult | str:
+            """Decided in the write, so a review decided meanwhile cannot strand the points: a late
+            review's credit still pending on its own member is reversed there; otherwise the
+            points live with the target now, and a two-shard saga takes them, like a transfer."""
+            if credit_still_here(b.tx, cmd.transaction_id, gone):
+                return self.reverse_body(b, cmd)
+            return b.start_merged_reversal(
+                cmd.transaction_id,
+                points=cmd.points,
+                refund=cmd.refund,
+                reason=cmd.reason,
+                target=target,
+                saga_id=new_id("rv", gone),
+            )
+
+        # A replay answers from what the first call stored, whichever path it took.
+        done: object = await self._mutate(cmd, shard, object, body)
+        if isinstance(done, str):
+            return await self.sagas.drive_reversal(done)
+        return done if isinstance(done, ReverseResult) else codec.from_plain(ReverseResult, done)
 
     @staticmethod
     def reverse_body(b: ShardBook, cmd: c.Reverse) -> ReverseResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 
@@ -312,3 +313,62 @@ async def test_a_reversal_of_a_late_reviews_credit_takes_it_from_the_pending_cre
     kept = 25 if approve else 0
     assert (await points(svc, source), await points(svc, heir)) == ((0, 0, 0), (500 + kept, 0, 0))
     await assert_books_balance(ledger)
+
+
+@pytest.mark.parametrize("approve", [True, False])
+async def test_a_review_decided_while_a_reversal_is_on_its_way_leaves_nothing_stranded(
+    ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch, approve: bool
+) -> None:
+    """Where a reversal takes its points from (the late review's pending credit, or the heir)
+    is decided in its own write: a decision landing just before it moves the credit to the
+    heir, and the reversal must follow, not take them from a credit that is gone."""
+    svc = ledger.app.service
+    source = await member(svc)
+    heir = await member(svc, shard_of=source, same_shard=False)
+    await svc.earn(c.Earn(k(), heir, "points", 500))
+    review_id = await _merge_stopped_by_a_late_review(svc, monkeypatch, source, heir)
+    [earn_tx] = (await svc.store.read(svc.shard_of(source), lambda tx: reviews.load(ShardBook(tx, svc.clock.now(),
+                                                                                  svc.policy), review_id))).subject_ids  # fmt: skip
+    mutate = svc._mutate
+
+    async def decision_lands_first(command: object, *args: object, **kwargs: object) -> object:
+        if isinstance(command, c.Reverse):
+            await decide(svc, review_id, approve)
+        return await mutate(command, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(svc, "_mutate", decision_lands_first)
+        reversal = c.Reverse(k(), earn_tx, points=15, reason="return")
+        if approve:
+            assert (await svc.reverse(reversal)).reversed_points == 15
+        else:  # rejected: the credit is gone, nothing left to reverse
+            with pytest.raises(FailedPrecondition, match="fully reversed"):
+                await svc.reverse(reversal)
+    await svc.run_maintenance()
+    assert (await points(svc, source), await points(svc, heir)) == ((0, 0, 0), (525 if approve else 500, 0, 0))
+    await assert_books_balance(ledger)
+
+
+async def test_a_reversal_reaching_the_heir_takes_back_points_that_expired_there_from_breakage(
+    ledger: LedgerUnderTest,
+) -> None:
+    """A pending credit moved to the heir by the merge, released and then expired there: the
+    heir lost those points at expiry, and the return must not take them a second time."""
+    svc = ledger.app.service
+    source = await member(svc)
+    heir = await member(svc, shard_of=source, same_shard=False)
+    await svc.earn(c.Earn(k(), heir, "points", 500))
+    now = svc.clock.now()
+    earned = await svc.earn(c.Earn(k(), source, "points", 100, release_at=now + timedelta(days=1),
+                                   expires_at=now + timedelta(days=5)))  # fmt: skip
+    await svc.merge_members(c.MergeMembers(k(), source, heir))
+    ledger.clock.advance(timedelta(days=2))
+    await svc.run_maintenance()
+    ledger.clock.advance(timedelta(days=5))
+    await svc.run_maintenance()
+    assert await points(svc, heir) == (500, 0, 0)
+
+    reversed_ = await svc.reverse(c.Reverse(k(), earned.transaction.transaction_id, full=True, reason="return"))
+    assert (reversed_.reversed_points, reversed_.debt_points) == (100, 0)
+    assert await points(svc, heir) == (500, 0, 0)
+    assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0
