@@ -151,9 +151,10 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     return app
 
 
-# Clients send live sockets nothing but `{"type": "ping"}` (16 bytes); a bigger frame closes the
-# socket (1009) rather than being buffered whole (uvicorn's default allows 16 MiB per frame).
-WS_MAX_FRAME_BYTES = 16 * 1024
+# Clients send live sockets nothing but `{"type": "ping"}` (16 bytes); other frames are ignored,
+# and one over this closes the socket (1009) rather than being buffered whole (uvicorn's default
+# allows 16 MiB per frame and connection).
+WS_MAX_FRAME_BYTES = 128 * 1024
 
 
 def server(settings: Settings, app: FastAPI | None = None) -> uvicorn.Server:
