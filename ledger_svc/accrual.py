@@ -193,6 +193,13 @@ class Accrual:
             self.engine_down(f"purchase {cmd.receipt_id}", exc)
             return None
 
+    async def _quote_stored(self, cmd: c.RecordPurchase, state: str | None, waiting: int) -> Quote | None:
+        """The quote on the member's stored state (JSON, None: a first purchase), or None while a
+        purchase of the member waits for rules_svc: this one then waits behind it (receipt order)."""
+        if waiting:
+            return None
+        return await self._quote(cmd, MemberState() if state is None else codec.loads(MemberState, state))
+
     @staticmethod
     def _late(cmd: c.RecordPurchase, quote: Quote, arrived: datetime) -> str:
         limit = timedelta(days=quote.max_lateness_days)
@@ -229,9 +236,7 @@ class Accrual:
                 await self._claim_keys(cmd, fp)
             return await self.get_purchase(codec.loads(str, stored.result_json)), True
         await svc._require_active(member_id)
-        quote = None
-        if not waiting:
-            quote = await self._quote(cmd, MemberState() if state is None else codec.loads(MemberState, state))
+        quote = await self._quote_stored(cmd, state, waiting)
         now = svc.clock.now()
         if quote is not None:
             late = self._late(cmd, quote, now)
@@ -255,9 +260,7 @@ class Accrual:
             state, waiting = await svc.store.read(
                 shard, lambda tx: (tx.get_member_state(member_id), tx.member_waiting_purchases(member_id))
             )
-            quote = None
-            if not waiting:
-                quote = await self._quote(cmd, MemberState() if state is None else codec.loads(MemberState, state))
+            quote = await self._quote_stored(cmd, state, waiting)
         log.warning("purchase %s: quoted %d times on a changing member; written on the last quote", pid,
                     STALE_REQUOTES + 1)  # fmt: skip
         return await self.write(cmd, fp, pid, quote, screening, now)

@@ -865,35 +865,17 @@ def _without_rowid_sql(conn: sqlite3.Connection, table: str) -> str | None:
     return str(row[0]) if row is not None and "WITHOUT ROWID" in row[0].upper() else None
 
 
-def _add_listing_columns(conn: sqlite3.Connection) -> None:
-    """Gives purchases recorded by an earlier release the channel and store columns their
-    listing index reads, filled from each purchase's body (logged: it holds the shard's writes
-    while it runs)."""
-
-    def add(_: bool) -> None:
-        log.warning("adding channel and store columns to purchases (a one-time upgrade)")
-        conn.execute("ALTER TABLE purchases ADD COLUMN channel TEXT NOT NULL DEFAULT ''")
-        conn.execute("ALTER TABLE purchases ADD COLUMN store_id TEXT NOT NULL DEFAULT ''")
-        conn.execute(
-            "UPDATE purchases SET channel=coalesce(json_extract(body, '$.channel'), ''),"
-            " store_id=coalesce(json_extract(body, '$.store_id'), '')"
-        )
-
-    _upgrade_once(conn, lambda: _lacks_listing_columns(conn) or None, add)
-
-
-def _lacks_listing_columns(conn: sqlite3.Connection) -> bool:
-    return _lacks_column(conn, "purchases", "channel")
-
-
-def _add_columns(conn: sqlite3.Connection, table: str, columns: dict[str, str], why: str) -> None:
+def _add_columns(conn: sqlite3.Connection, table: str, columns: dict[str, str], why: str, fill: str = "") -> None:
     """Gives a table an earlier release created the columns it lacks, with their defaults
-    (cheap: SQLite adds a column with a constant default without rewriting rows)."""
+    (cheap: SQLite adds a column with a constant default without rewriting rows), then runs
+    `fill` (an UPDATE setting them from what the rows hold) in the same unit."""
 
     def add(_: bool) -> None:
         log.warning("adding %s to %s (a one-time upgrade): %s", ", ".join(columns), table, why)
         for name, kind in columns.items():
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        if fill:
+            conn.execute(fill)
 
     _upgrade_once(conn, lambda: _lacks_column(conn, table, next(iter(columns))) or None, add)
 
@@ -1001,7 +983,16 @@ class SqliteLedgerStore:
         try:
             for table in _ROWID_TABLES:
                 _rebuild_with_rowid(conn, table)
-            _add_listing_columns(conn)
+            # The listing index reads the channel and store, filled from each purchase's body
+            # (logged: it holds the shard's writes while it runs).
+            _add_columns(
+                conn,
+                "purchases",
+                {"channel": "TEXT NOT NULL DEFAULT ''", "store_id": "TEXT NOT NULL DEFAULT ''"},
+                "the channel and store the purchase listings read",
+                fill="UPDATE purchases SET channel=coalesce(json_extract(body, '$.channel'), ''),"
+                " store_id=coalesce(json_extract(body, '$.store_id'), '')",
+            )
             # Holds placed earlier name no channel: any key with the scope may settle them, as before.
             _add_columns(conn, "holds", {"channel": "TEXT NOT NULL DEFAULT ''", "store_id": "TEXT NOT NULL DEFAULT ''"},
                          "the channel and store each hold was placed for")  # fmt: skip
