@@ -3,41 +3,16 @@ amount without a currency, with INVALID_ARGUMENT on the field (per item in a bat
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 
-from fraud_svc.app import build
-from pointmesh.clock import ManualClock
-from pointmesh.config import load_settings
 from pointmesh.errors import status_details
-from pointmesh.redis_server import RedisServer
-from pointmesh.rpc import client_channel
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, fraud_pb2, fraud_pb2_grpc
-
-NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-async def stub(
-    tmp_path_factory: pytest.TempPathFactory, fraud_models: Path, redis_server: RedisServer
-) -> AsyncIterator[fraud_pb2_grpc.FraudServiceStub]:
-    tmp = tmp_path_factory.mktemp("fraud-edges")
-    shutil.copytree(fraud_models, tmp / "models")
-    settings = load_settings({}, data_dir=tmp, redis_url=redis_server.url, models_dir=str(tmp / "models"),
-                             fraud_addr="127.0.0.1:0", grace_seconds=1.0)  # fmt: skip
-    app = await build(settings, clock=ManualClock(NOW))
-    await app.start()
-    channel = client_channel(f"127.0.0.1:{app.port}", default_timeout_seconds=10.0)
-    yield fraud_pb2_grpc.FraudServiceStub(channel)
-    await channel.close()
-    await app.stop(grace=1.0)
+from tests.fraud.conftest import NOW
 
 
 def tx(event_id: str, amount: common_pb2.Money | None, **fields: object) -> fraud_pb2.ScoredTransaction:

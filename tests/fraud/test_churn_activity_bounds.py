@@ -6,47 +6,23 @@ in year 9999 were scored as if they described a member."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 
-from fraud_svc.app import build
 from fraud_svc.domain import FUTURE_SKEW
 from pointmesh.bounds import MAX_AMOUNT_MINOR, MAX_POINTS
-from pointmesh.clock import ManualClock
-from pointmesh.config import load_settings
 from pointmesh.errors import status_details
-from pointmesh.redis_server import RedisServer
-from pointmesh.rpc import client_channel
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc
+from tests.fraud.conftest import NOW
 
-NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 YEAR_1 = Timestamp(seconds=-62135596800 + 86_400)  # 0001-01-02
 YEAR_9999 = Timestamp(seconds=253402300000)  # 9999-12-31
 MAX_PURCHASES = 365 * 86_400  # one a second all year (fraud_svc.churn.MAX_PURCHASES)
-
-
-@pytest.fixture(scope="module")
-async def stub(
-    tmp_path_factory: pytest.TempPathFactory, fraud_models: Path, redis_server: RedisServer
-) -> AsyncIterator[fraud_pb2_grpc.FraudServiceStub]:
-    tmp = tmp_path_factory.mktemp("churn-bounds")
-    shutil.copytree(fraud_models, tmp / "models")
-    settings = load_settings({}, data_dir=tmp, redis_url=redis_server.url, models_dir=str(tmp / "models"),
-                             fraud_addr="127.0.0.1:0", grace_seconds=1.0)  # fmt: skip
-    app = await build(settings, clock=ManualClock(NOW))
-    await app.start()
-    channel = client_channel(f"127.0.0.1:{app.port}", default_timeout_seconds=10.0)
-    yield fraud_pb2_grpc.FraudServiceStub(channel)
-    await channel.close()
-    await app.stop(grace=1.0)
 
 
 def member(**fields: object) -> fraud_pb2.MemberActivity:

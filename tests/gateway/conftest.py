@@ -78,3 +78,12 @@ async def gw(tmp_path: Path, mesh: Mesh, redis_server: RedisServer) -> AsyncIter
     yield running
     running.uvicorn.should_exit = True
     await running.task
+
+
+@pytest.fixture
+async def keys_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A redis-server of the API keys' own, which a test may stop or pause (SIGSTOP)."""
+    own = RedisServer(free_port(), tmp_path / "keys-redis")
+    own.start()
+    yield own
+    own.stop()  # continues it first if a test left it paused

@@ -14,21 +14,13 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.redis_server import RedisServer
 from tests.gateway.conftest import GatewayUnderTest, start_gateway
 from tests.gateway.test_api import problem
 from tests.mesh.conftest import Mesh
 
 REDIS_TIMEOUT_SECONDS = 2.0
 MEMBER = "m_0123456789abcdef0123456789ab"
-
-
-@pytest.fixture
-async def keys_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    own = RedisServer(free_port(), tmp_path / "keys-redis")
-    own.start()
-    yield own
-    own.stop()  # continues it first if a test left it paused
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from gateway.keys import (
     KeyStoreUnavailable,
     RedisKeyRecords,
 )
-from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.redis_server import RedisServer
 from tests.gateway.conftest import GatewayUnderTest, start_gateway
 from tests.gateway.test_api import problem
 from tests.gateway.test_key_store_outage import assert_key_store_unavailable
@@ -47,14 +47,6 @@ class Seconds:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture
-async def keys_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    own = RedisServer(free_port(), tmp_path / "keys-redis")
-    own.start()
-    yield own
-    own.stop()  # continues it first if a test left it paused
 
 
 @pytest.fixture

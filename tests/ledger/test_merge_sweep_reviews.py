@@ -289,6 +289,22 @@ async def test_a_merge_replayed_after_its_target_merged_on_credits_the_points_on
     await assert_books_balance(ledger)
 
 
+async def _late_review_beside_a_heir_holding_500(
+    svc: LedgerService, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str, str, str]:
+    """A source merged into a heir (another shard, 500 points of its own) with a 40-point credit
+    under a late review left on the source: (source, heir, review id, the credit's earn)."""
+    source = await member(svc)
+    heir = await member(svc, shard_of=source, same_shard=False)
+    await svc.earn(c.Earn(k(), heir, "points", 500))
+    review_id = await _merge_stopped_by_a_late_review(svc, monkeypatch, source, heir)
+    review = await svc.store.read(
+        svc.shard_of(source), lambda tx: reviews.load(ShardBook(tx, svc.clock.now(), svc.policy), review_id)
+    )
+    [earn_tx] = review.subject_ids
+    return source, heir, review_id, earn_tx
+
+
 @pytest.mark.parametrize("approve", [True, False])
 async def test_a_reversal_of_a_late_reviews_credit_takes_it_from_the_pending_credit_not_the_heir(
     ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch, approve: bool
@@ -297,12 +313,7 @@ async def test_a_reversal_of_a_late_reviews_credit_takes_it_from_the_pending_cre
     decision. Reversing part of it (a return, ops) must take it from there: before, it was taken
     from the heir's own points, and a rejection then left the rest pending for good."""
     svc = ledger.app.service
-    source = await member(svc)
-    heir = await member(svc, shard_of=source, same_shard=False)
-    await svc.earn(c.Earn(k(), heir, "points", 500))
-    review_id = await _merge_stopped_by_a_late_review(svc, monkeypatch, source, heir)
-    [earn_tx] = (await svc.store.read(svc.shard_of(source), lambda tx: reviews.load(ShardBook(tx, svc.clock.now(),
-                                                                                  svc.policy), review_id))).subject_ids  # fmt: skip
+    source, heir, review_id, earn_tx = await _late_review_beside_a_heir_holding_500(svc, monkeypatch)
 
     reversed_ = await svc.reverse(c.Reverse(k(), earn_tx, points=15, reason="return"))
     assert reversed_.reversed_points == 15
@@ -323,12 +334,7 @@ async def test_a_review_decided_while_a_reversal_is_on_its_way_leaves_nothing_st
     is decided in its own write: a decision landing just before it moves the credit to the
     heir, and the reversal must follow, not take them from a credit that is gone."""
     svc = ledger.app.service
-    source = await member(svc)
-    heir = await member(svc, shard_of=source, same_shard=False)
-    await svc.earn(c.Earn(k(), heir, "points", 500))
-    review_id = await _merge_stopped_by_a_late_review(svc, monkeypatch, source, heir)
-    [earn_tx] = (await svc.store.read(svc.shard_of(source), lambda tx: reviews.load(ShardBook(tx, svc.clock.now(),
-                                                                                  svc.policy), review_id))).subject_ids  # fmt: skip
+    source, heir, review_id, earn_tx = await _late_review_beside_a_heir_holding_500(svc, monkeypatch)
     mutate = svc._mutate
 
     async def decision_lands_first(command: object, *args: object, **kwargs: object) -> object:
