@@ -89,6 +89,10 @@ class ProgramHistory:
     def ends_us(self, challenge_id: str, period: str, default_us: int) -> int:
         return self.window_ends_us.get((challenge_id, _period_start(period)), default_us)
 
+    def end_of(self, item: Challenge) -> int:
+        """Where the challenge's window ends (Unix microseconds) as its latest version publishes it."""
+        return self.ends_us(item.id, challenge_period(item), epoch_us(item.ends))
+
 
 def matches(match: GameMatch, fact: PurchaseFact, fx: tuple[str, dict[str, Fraction]] = ("", {})) -> bool:
     if match.channels and fact.channel not in match.channels:
@@ -202,7 +206,7 @@ def has_joined(joined: set[str], item: Challenge, history: ProgramHistory | None
     history = history or ProgramHistory.of(())
     overlapping = set(overlapping_periods(item, history))
     starts_us = epoch_us(item.starts)
-    ends_us = history.ends_us(item.id, challenge_period(item), epoch_us(item.ends))
+    ends_us = history.end_of(item)
     for key in joined:
         start = key.removeprefix(f"{item.id}@from-")
         if start == key or not start.isdigit():
@@ -236,7 +240,7 @@ def in_window(state: ItemState, item: Challenge, history: ProgramHistory | None 
     history = history or ProgramHistory.of(())
     stored_start_us = _period_start(state.period) * 1_000_000 if state.period else 0
     stored_ends_us = _stored_ends_us(state, item, history)
-    ends_us = history.ends_us(item.id, challenge_period(item), epoch_us(item.ends))
+    ends_us = history.end_of(item)
     return bool(stored_ends_us) and stored_start_us < ends_us and epoch_us(item.starts) < stored_ends_us
 
 
@@ -244,7 +248,7 @@ def overlapping_periods(item: Challenge, history: ProgramHistory) -> list[str]:
     """The periods of this id's published windows that overlap the challenge's window (itself
     included): one challenge whose dates were corrected, whose progress counts as one."""
     starts_us = epoch_us(item.starts)
-    ends_us = history.ends_us(item.id, challenge_period(item), epoch_us(item.ends))
+    ends_us = history.end_of(item)
     found = {challenge_period(item)}
     for (challenge_id, start), window_ends_us in history.window_ends_us.items():
         if challenge_id == item.id and start * 1_000_000 < ends_us and starts_us < window_ends_us:
@@ -267,7 +271,7 @@ def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bo
     if not item.starts <= fact.receipt_time < item.ends:
         return None
     period = challenge_period(item)
-    start, ends_us = _period_start(period), history.ends_us(item.id, period, epoch_us(item.ends))
+    start, ends_us = _period_start(period), history.end_of(item)
     if not _stored_for(state, item):
         stored_start = _period_start(state.period) if state.period else 0
         if stored_start > start:
