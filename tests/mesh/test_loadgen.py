@@ -57,12 +57,14 @@ async def full_mesh(
     ledger = await start_ledger(
         tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{rules_port}", program="loadgen",
         fraud_screening=True, fraud_addr=f"127.0.0.1:{fraud_port}",
-        # A purchase the batch sends down the unary path (its quote went stale) is scored under
-        # the unary deadline, 0.25 s by default, which two cores running four ingest streams,
+        # A purchase the batch sends down the unary path (its quote went stale) is quoted and
+        # scored under the unary deadlines, which two cores running four ingest streams,
         # rules_svc and fraud_svc miss now and then (more often when fraud holds many: the model
-        # reads the hour of day, and the generated day starts at the wall clock). This test is
-        # about decisions reaching the books, not about that latency.
+        # reads the hour of day, and the generated day starts at the wall clock); a missed quote
+        # parks the purchase behind the rules breaker. This test is about decisions reaching the
+        # books, not about that latency.
         fraud_deadline_seconds=5.0,
+        rules_deadline_seconds=5.0,
     )  # fmt: skip
     yield ledger, rules
     await stop_ledger(ledger)
