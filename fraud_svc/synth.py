@@ -62,8 +62,8 @@ I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
 # Purchase hour profiles: tills follow opening hours, online shopping peaks in the evening.
-_POS_HOURS = np.array([0, 0, 0, 0, 0, 0, 0, 1, 3, 5, 7, 8, 10, 8, 7, 7, 8, 10, 10, 8, 5, 2, 0, 0], float)
-_WEB_HOURS = np.array([2, 1, 1, 0.5, 0.5, 1, 2, 3, 4, 5, 5, 6, 6, 6, 5, 5, 6, 7, 8, 10, 10, 9, 6, 4], float)
+POS_HOURS = np.array([0, 0, 0, 0, 0, 0, 0, 1, 3, 5, 7, 8, 10, 8, 7, 7, 8, 10, 10, 8, 5, 2, 0, 0], float)
+WEB_HOURS = np.array([2, 1, 1, 0.5, 0.5, 1, 2, 3, 4, 5, 5, 6, 6, 6, 5, 5, 6, 7, 8, 10, 10, 9, 6, 4], float)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +353,7 @@ class _World:
             "ip": np.where(online, ip, -1), "card": np.where(with_card & (ch != CALL), card, -1),
         }  # fmt: skip
 
-    def moment(self, lo: float, hi: float, hours: F64 = _WEB_HOURS) -> float:
+    def moment(self, lo: float, hi: float, hours: F64 = WEB_HOURS) -> float:
         """A time between lo and hi on a uniformly drawn day, at an hour drawn from `hours`
         (fraudsters keep shoppers' hours, so the hour alone gives little away)."""
         rng = self.rng
@@ -406,7 +406,7 @@ def _purchases(w: _World, ev: _Events) -> dict[str, I64]:
     span = w.day_cum[-1] - w.day_cum[np.clip((w.join - w.start) // DAY, 0, len(w.day_cum) - 2)]
     m = np.repeat(np.arange(w.n), rng.poisson(w.lam * span))
     ch = w.channels(m)
-    t = np.where(ch == POS, w.times(m, _POS_HOURS), w.times(m, _WEB_HOURS))
+    t = np.where(ch == POS, w.times(m, POS_HOURS), w.times(m, WEB_HOURS))
     keep = (t >= w.join[m]) & (rng.random(len(m)) < w.activity(m, t.astype(float)))
     m, ch, t = m[keep], ch[keep], t[keep]
     cols = w.attach(m, t, ch, with_card=True)
@@ -491,7 +491,7 @@ def _redemptions(w: _World, ev: _Events) -> None:
     rate = 0.16 * w.lam + 0.004
     span = (w.end - np.maximum(w.join, w.start)) / DAY
     m = np.repeat(np.arange(w.n), rng.poisson(rate * span))
-    t = w.times(m, _WEB_HOURS, np.maximum(w.join[m], w.start))
+    t = w.times(m, WEB_HOURS, np.maximum(w.join[m], w.start))
     keep = rng.random(len(m)) < w.activity(m, t.astype(float)) ** 2
     m, t = m[keep], t[keep]
     ch = rng.choice(4, len(m), p=[0.35, 0.25, 0.33, 0.07])
@@ -646,7 +646,7 @@ def _card_bursts(w: _World, ev: _Events) -> None:
     for _ in range(w.count(0.008)):
         card, dev, ip = w.cards.one(), w.devices.one(), w.ips.one()
         ch = rng.choice([WEB, APP, POS], p=[0.5, 0.3, 0.2])
-        t0 = w.moment(w.fraud_from, w.end - 5 * HOUR, _POS_HOURS if ch == POS else _WEB_HOURS)
+        t0 = w.moment(w.fraud_from, w.end - 5 * HOUR, POS_HOURS if ch == POS else WEB_HOURS)
         store = int(w.popular_store(1)[0]) if ch == POS else -1
         emp = int(w.cashier(np.array([store]))[0]) if ch == POS else -1
         accounts = 1 if rng.random() < 0.7 else int(rng.integers(2, 4))
@@ -696,7 +696,7 @@ def _return_fraud(w: _World, ev: _Events) -> None:
         else:
             member, card = w.account(t0 - rng.uniform(5, 60) * DAY, 0), -1
         k = 2 + rng.poisson(2)
-        t = np.sort([w.moment(t0, t0 + 4 * DAY, _POS_HOURS) for _ in range(k)]).astype(np.int64)
+        t = np.sort([w.moment(t0, t0 + 4 * DAY, POS_HOURS) for _ in range(k)]).astype(np.int64)
         store = w.popular_store(k)
         if member < w.n:
             store = np.where(rng.random(k) < 0.3, w.home_store[member], store)
