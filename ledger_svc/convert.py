@@ -168,6 +168,14 @@ def event_pb(payload_json: str) -> ledger_pb2.LedgerEvent:
             receipt_time=_iso(data["receipt_time"]), earned=data["earned"], purchase_number=data["purchase_number"],
             categories=data.get("categories", []), experiment_arms=data.get("experiment_arms", {}),
         ))  # fmt: skip
+    elif kind == "purchase_returned":
+        event.purchase_returned.CopyFrom(ledger_pb2.PurchaseReturned(
+            purchase_id=data["purchase_id"], return_key=data["return_key"],
+            refunded=common_pb2.Money(amount_minor=data["refunded_minor"], currency=data["currency"]),
+            refunded_total=common_pb2.Money(amount_minor=data["refunded_total_minor"], currency=data["currency"]),
+            points_reversed=data["points_reversed"], fully_returned=data["fully_returned"],
+            receipt_time=_iso(data["receipt_time"]),
+        ))  # fmt: skip
     elif kind == "tier_changed":
         event.tier_changed.CopyFrom(ledger_pb2.TierChanged(**data))
     elif kind == "points_redeemed":

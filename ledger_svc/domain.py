@@ -105,6 +105,13 @@ class MemberNotActive(FailedPrecondition):
     code = "MEMBER_NOT_ACTIVE"
 
 
+class AlreadyReversed(FailedPrecondition):
+    """Nothing of the earn is left to reverse: a caller taking back its own credit (a revoked
+    reward, say) is done, where any other refusal leaves it to retry."""
+
+    code = "ALREADY_REVERSED"
+
+
 # Errors that refuse a request before it wrote anything (a unit raising one rolls back): its
 # idempotency key may be given back. Not Unavailable, where a write may have applied.
 REFUSALS: tuple[type[LedgerError], ...] = (InvalidArgument, NotFound, FailedPrecondition)

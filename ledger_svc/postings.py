@@ -17,6 +17,7 @@ from typing import Any
 
 from ledger_svc import codec
 from ledger_svc.domain import (
+    AlreadyReversed,
     Balance,
     EarnResult,
     FailedPrecondition,
@@ -659,7 +660,7 @@ class ShardBook:
             )
         reversible = _reversible(original)
         if reversible <= 0:
-            raise FailedPrecondition(f"transaction {tx_id} is already fully reversed", field="transaction_id")
+            raise AlreadyReversed(f"transaction {tx_id} is already fully reversed", field="transaction_id")
         return original, self._reversal_amount(original, reversible, points, refund)
 
     @staticmethod

@@ -456,4 +456,11 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
     )  # fmt: skip
     save_purchase(book, record)
     refunded_now = record.refunded_minor - before.refunded_minor
+    book.emit("purchase_returned", book.balance(record.member_id, book.policy.units[0]), {
+        "purchase_id": record.purchase_id, "return_key": cmd.key.key, "currency": record.total.currency,
+        "refunded_minor": refunded_now, "refunded_total_minor": record.refunded_minor,
+        "points_reversed": {u: p for u, p in by_unit.items() if p},
+        "fully_returned": _fully_returned(record, tuple(quantities), refunded),
+        "receipt_time": record.receipt_time.isoformat(),
+    })  # fmt: skip
     return ReturnResult(record, {u: p for u, p in by_unit.items() if p}, recredit, debt, tuple(sagas), refunded_now)

@@ -53,6 +53,31 @@ class ItemState:
 
 
 @dataclass(frozen=True, slots=True)
+class Counted:
+    """What one purchase gave one item, kept so that taking the purchase back (a full return,
+    a rejected fraud review) takes back exactly that: an achievement's distinct value, a
+    streak's week (as text), or a place in a challenge window (`period`; `counts` when it
+    raised the count, else it came after the target and stands in should a counted one go)."""
+
+    item_id: str
+    value: str = ""
+    period: str = ""
+    counts: bool = False
+    purchase_id: str = ""  # filled in by the store, which keeps them per purchase
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """An award a withdrawn purchase no longer earns: the one named `period` (as Award.period),
+    or for a streak every run paid that began within [first_week, last_week]."""
+
+    item_id: str
+    period: str = ""
+    first_week: int = 0
+    last_week: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Award:
     item_id: str
     name: str
@@ -131,10 +156,13 @@ def _distinct_values(item: Achievement, fact: PurchaseFact, local_day: date) -> 
     return [fact.purchase_id]
 
 
-def _achievement(item: Achievement, state: ItemState, fact: PurchaseFact, local_day: date) -> Award | None:
+def _achievement(item: Achievement, state: ItemState, fact: PurchaseFact, local_day: date,
+                 counted: list[Counted]) -> Award | None:  # fmt: skip
+    values = _distinct_values(item, fact, local_day)
+    counted.extend(Counted(item.id, value) for value in dict.fromkeys(values))  # after completion too
     if state.completions:
         return None
-    for value in _distinct_values(item, fact, local_day):
+    for value in values:
         if value not in state.seen:
             state.seen.append(value)
     if len(state.seen) < item.count:
@@ -143,7 +171,8 @@ def _achievement(item: Achievement, state: ItemState, fact: PurchaseFact, local_
     return Award(item.id, item.name, "once", item.reward.points, item.reward.unit)
 
 
-def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_weeks: int) -> Award | None:
+def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_weeks: int,
+            counted: list[Counted]) -> Award | None:  # fmt: skip
     """A run of `item.weeks` or more consecutive weeks pays once, keyed by its first week.
 
     A late receipt may fill a gap and join two runs; a run that overlaps one already paid
@@ -156,8 +185,11 @@ def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_
     weeks = set(state.weeks)
     newest = max(weeks, default=week)
     horizon = newest - late_weeks - item.weeks - 1
-    if week in weeks or week < horizon:
-        return None  # this week already counted, or a receipt older than any run still open
+    if week < horizon:
+        return None  # a receipt older than any run still open
+    counted.append(Counted(item.id, str(week)))
+    if week in weeks:
+        return None  # this week already counted
     weeks.add(week)
     first = last = week
     while first - 1 in weeks:
@@ -179,12 +211,17 @@ def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_
     horizon = newest - late_weeks - item.weeks - 1
     state.weeks = sorted(w for w in weeks if w >= horizon)
     state.paid = sorted(p for p in state.paid if p[1] >= horizon)
-    state.last_week = newest
-    run = 1
+    _newest_run(state)
+    return award
+
+
+def _newest_run(state: ItemState) -> None:
+    weeks = set(state.weeks)
+    state.last_week = newest = max(weeks, default=0)
+    run = 0
     while newest - run in weeks:
         run += 1
     state.run = run
-    return award
 
 
 def challenge_period(item: Challenge) -> str:
@@ -261,7 +298,7 @@ def _period_start(period: str) -> int:
 
 
 def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bool,
-               history: ProgramHistory) -> Award | None:  # fmt: skip
+               history: ProgramHistory, counted: list[Counted]) -> Award | None:  # fmt: skip
     """Counts a receipt under the version of the challenge in effect at its receipt time. Two
     windows of one id that overlap are one challenge whose dates were corrected: progress
     carries over and pays once. Only a window that begins after the stored one ended is the id
@@ -285,8 +322,12 @@ def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bo
         # counted under the version before a correction): it stays under the stored window.
     else:
         state.period, state.period_ends_us = period, ends_us
-    if state.completions or (item.opt_in and not joined):
+    if item.opt_in and not joined:
         return None
+    if state.completions:
+        counted.append(Counted(item.id, period=state.period))  # a stand-in, should a counted one go
+        return None
+    counted.append(Counted(item.id, period=state.period, counts=True))
     state.count += 1
     if state.count < item.purchases:
         return None
@@ -295,8 +336,9 @@ def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bo
 
 
 def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact: PurchaseFact,
-          history: ProgramHistory | None = None) -> list[Award]:  # fmt: skip
-    """Advances every item the purchase matches; `states` is updated in place. `program` is the
+          history: ProgramHistory | None = None, counted: list[Counted] | None = None) -> list[Award]:  # fmt: skip
+    """Advances every item the purchase matches; `states` is updated in place, and `counted`
+    (when given) receives what the purchase gave each item (for `withdraw`). `program` is the
     version in effect at the receipt time, `history` what all published versions say (without
     it, `program` is taken for the only version there is).
 
@@ -314,15 +356,82 @@ def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact
     late_weeks = -(-late_days // 7) + 1
     fx = rates_of(program)
     awards: list[Award | None] = []
+    counted = [] if counted is None else counted
     g = program.gamification
     for a in g.achievements:
         if matches(a.match, fact, fx):
-            awards.append(_achievement(a, states.setdefault(a.id, ItemState()), fact, store_day))
+            awards.append(_achievement(a, states.setdefault(a.id, ItemState()), fact, store_day, counted))
     for s in g.streaks:
         if matches(s.match, fact, fx):
-            awards.append(_streak(s, states.setdefault(s.id, ItemState()), fact, week, late_weeks))
+            awards.append(_streak(s, states.setdefault(s.id, ItemState()), fact, week, late_weeks, counted))
     for c in g.challenges:
         if matches(c.match, fact, fx):
             state = states.setdefault(c.id, ItemState())
-            awards.append(_challenge(c, state, fact, has_joined(joined, c, history), history))
+            awards.append(_challenge(c, state, fact, has_joined(joined, c, history), history, counted))
     return [a for a in awards if a is not None]
+
+
+def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted],
+             remaining: list[Counted]) -> tuple[list[Revoked], list[Counted]]:  # fmt: skip
+    """Takes back what a withdrawn purchase gave (`gone`, as `apply` counted it), given what the
+    member's other purchases still give the same items (`remaining`); `states` is updated in
+    place. Returns the awards no longer earned and the stand-ins promoted to counted.
+
+    A value or week another purchase also gave stays; a challenge's place passes to the first
+    purchase that came after the target. An award is revoked only when what remains falls short
+    of it; the item can then be completed again (the store keys the new award apart). Progress
+    under a challenge window the id has since left, or a streak week past the lateness horizon,
+    is history and left alone; so is an item no longer in the program."""
+    revoked: list[Revoked] = []
+    promoted: list[Counted] = []
+    g = program.gamification
+    for a in g.achievements:
+        state = states.get(a.id)
+        mine = {c.value for c in gone if c.item_id == a.id}
+        if state is None or not mine:
+            continue
+        others = list(dict.fromkeys(c.value for c in remaining if c.item_id == a.id))
+        kept = [v for v in state.seen if v not in mine or v in others]
+        state.seen = kept + [v for v in others if v not in kept]
+        if state.completions and len(state.seen) < a.count:
+            state.completions, state.last_completed_us = 0, 0
+            revoked.append(Revoked(a.id, "once"))
+    for s in g.streaks:
+        state = states.get(s.id)
+        others_weeks = {c.value for c in remaining if c.item_id == s.id}
+        lost = {int(c.value) for c in gone if c.item_id == s.id and c.value not in others_weeks}
+        if state is None or not lost & set(state.weeks):
+            continue
+        state.weeks = [w for w in state.weeks if w not in lost]
+        weeks, kept_paid = set(state.weeks), []
+        for first, last in state.paid:
+            if any(first <= w <= last for w in lost) and _longest_run(weeks, first, last) < s.weeks:
+                state.completions = max(0, state.completions - 1)
+                revoked.append(Revoked(s.id, first_week=first, last_week=last))
+            else:
+                kept_paid.append([first, last])
+        state.paid = kept_paid
+        _newest_run(state)
+    for c in g.challenges:
+        state = states.get(c.id)
+        places = [x for x in gone if x.item_id == c.id and x.counts and x.period == state.period] if state else []
+        if state is None or not places:
+            continue
+        state.count = max(0, state.count - len(places))
+        for stand_in in [x for x in remaining if x.item_id == c.id and x.period == state.period and not x.counts]:
+            if state.count >= c.purchases:
+                break
+            state.count += 1
+            promoted.append(stand_in)
+        if state.completions and state.count < c.purchases:
+            state.completions, state.last_completed_us = 0, 0
+            revoked.append(Revoked(c.id, state.period))
+    return revoked, promoted
+
+
+def _longest_run(weeks: set[int], first: int, last: int) -> int:
+    best = run = 0
+    for w in range(first, last + 1):
+        run = run + 1 if w in weeks else 0
+        best = max(best, run)
+    return best

@@ -3,6 +3,15 @@
 One transaction per purchase event: the event id is recorded with the progress it caused and
 the rewards it earned, so a redelivered event changes nothing, and a reward is written before
 anyone tries to pay it (the worker pays PENDING rewards until the ledger confirms).
+
+What each purchase gave each item is kept (game_counted), so a purchase taken back (fully
+returned, or its fraud review rejected) takes back that progress, in one transaction with its
+event id too. An award it no longer earns goes REVOKE, then REVOKED once the ledger has taken
+its points back (the worker drives that); an award earned again afterwards gets a new key
+(`#2`, `#3`...), since the ledger posts one key once.
+
+Reward statuses: PENDING, PAID, REFUSED:<code> (the ledger will never post it), REVOKE,
+REVOKED.
 """
 
 from __future__ import annotations
@@ -12,9 +21,20 @@ import sqlite3
 import threading
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from rules_svc.game_engine import Award, ItemState, ProgramHistory, PurchaseFact, apply
+from rules_svc.game_engine import (
+    Award,
+    Counted,
+    ItemState,
+    ProgramHistory,
+    PurchaseFact,
+    Revoked,
+    apply,
+    epoch_us,
+    withdraw,
+)
 from rules_svc.program import Program
 
 SCHEMA = """
@@ -34,11 +54,18 @@ CREATE TABLE IF NOT EXISTS game_rewards (
   name TEXT NOT NULL, points INTEGER NOT NULL, unit TEXT NOT NULL, status TEXT NOT NULL,
   transaction_id TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS game_rewards_pending ON game_rewards (status, member_id);
+CREATE TABLE IF NOT EXISTS game_counted (
+  program TEXT NOT NULL, member_id TEXT NOT NULL, purchase_id TEXT NOT NULL, item_id TEXT NOT NULL,
+  value TEXT NOT NULL, period TEXT NOT NULL, counts INTEGER NOT NULL, receipt_us INTEGER NOT NULL,
+  PRIMARY KEY (program, member_id, purchase_id, item_id, value)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS experiment_exposures (
   program TEXT NOT NULL, experiment_id TEXT NOT NULL, salt TEXT NOT NULL, member_id TEXT NOT NULL,
   arm TEXT NOT NULL, purchases INTEGER NOT NULL, points INTEGER NOT NULL,
   PRIMARY KEY (program, experiment_id, salt, member_id, arm)) WITHOUT ROWID;
 """
+
+
+REVOKING = ("REVOKE", "REVOKED")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,20 +131,19 @@ class GameStore:
                     c.execute("ROLLBACK")
                     return None
                 states = self._states(name, fact.member_id)
-                awards = apply(program, states, self._joined(name, fact.member_id), fact, history)
+                counted: list[Counted] = []
+                awards = apply(program, states, self._joined(name, fact.member_id), fact, history, counted)
+                self._save_states(program, fact.member_id, states)
+                receipt_us = epoch_us(fact.receipt_time)
                 c.executemany(
-                    "INSERT OR REPLACE INTO game_state VALUES (?,?,?,?)",
-                    [(name, fact.member_id, item, json.dumps(asdict(st))) for item, st in states.items()],
-                )
-                for ch in program.gamification.challenges:
-                    st = states.get(ch.id)
-                    if st is not None and st.count:
-                        c.execute("INSERT OR REPLACE INTO game_board VALUES (?,?,?,?,?,?)", (
-                            name, ch.id, fact.member_id, st.count, st.last_completed_us or None, st.period))  # fmt: skip
+                    "INSERT OR IGNORE INTO game_counted VALUES (?,?,?,?,?,?,?,?)",
+                    [(name, fact.member_id, fact.purchase_id, x.item_id, x.value, x.period, int(x.counts), receipt_us)
+                     for x in counted],
+                )  # fmt: skip
                 c.executemany(
                     "INSERT OR IGNORE INTO game_rewards VALUES (?,?,?,?,?,?,?,'PENDING','')",
-                    [(a.key(name, fact.member_id), name, fact.member_id, a.item_id, a.name, a.points, a.unit)
-                     for a in awards],
+                    [(self._fresh_key(a.key(name, fact.member_id)), name, fact.member_id, a.item_id, a.name,
+                      a.points, a.unit) for a in awards],
                 )  # fmt: skip
                 salts = {e.id: e.salt for e in program.experiments}
                 for experiment_id, arm in fact.experiment_arms:
@@ -129,6 +155,127 @@ class GameStore:
                 c.execute("ROLLBACK")
                 raise
         return awards
+
+    def _save_states(self, program: Program, member_id: str, states: dict[str, ItemState], *,
+                     withdrawn: Collection[str] = ()) -> None:  # fmt: skip
+        name, c = program.program, self._db
+        c.executemany(
+            "INSERT OR REPLACE INTO game_state VALUES (?,?,?,?)",
+            [(name, member_id, item, json.dumps(asdict(st))) for item, st in states.items()],
+        )
+        for ch in program.gamification.challenges:
+            st = states.get(ch.id)
+            if st is not None and st.count:
+                c.execute("INSERT OR REPLACE INTO game_board VALUES (?,?,?,?,?,?)", (
+                    name, ch.id, member_id, st.count, st.last_completed_us or None, st.period))  # fmt: skip
+            elif st is not None and ch.id in withdrawn:  # every place withdrawn: off the board
+                c.execute("DELETE FROM game_board WHERE program=? AND challenge_id=? AND member_id=?",
+                          (name, ch.id, member_id))  # fmt: skip
+
+    def _fresh_key(self, base: str) -> str:
+        """The award's key, or for an award earned again after its first was revoked the next
+        `base#n` no revoked reward holds (the first earning keeps the bare key, as always)."""
+        key, n = base, 1
+        while (row := self._db.execute("SELECT status FROM game_rewards WHERE reward_key=?", (key,)).fetchone()) \
+                and row[0] in REVOKING:  # fmt: skip
+            n += 1
+            key = f"{base}#{n}"
+        return key
+
+    def counted_receipt(self, program: str, member_id: str, purchase_id: str) -> datetime | None:
+        """When the purchase was made, if gamification counted it (the version in effect then
+        says what its items were)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT receipt_us FROM game_counted WHERE program=? AND member_id=? AND purchase_id=? LIMIT 1",
+                (program, member_id, purchase_id),
+            ).fetchone()
+        return None if row is None else datetime.fromtimestamp(row[0] / 1_000_000, UTC)
+
+    def withdraw_event(self, program: Program, event_id: str, member_id: str, purchase_id: str) -> list[str] | None:
+        """Takes back what the purchase gave, once per event id (game_engine.withdraw); returns
+        the keys of the rewards it revoked, or None when the event was handled before."""
+        name = program.program
+        with self._lock:
+            c = self._db
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (event_id,)).fetchone():
+                    c.execute("ROLLBACK")
+                    return None
+                key = (name, member_id, purchase_id)
+                gone = self._counted("purchase_id=?", key)
+                c.execute("DELETE FROM game_counted WHERE program=? AND member_id=? AND purchase_id=?", key)
+                items = sorted({x.item_id for x in gone})
+                remaining = self._counted(f"item_id IN ({','.join('?' * len(items))})", (name, member_id, *items))
+                states = self._states(name, member_id)
+                revoked, promoted = withdraw(program, states, gone, remaining)
+                self._save_states(program, member_id, states, withdrawn=items)
+                c.executemany(
+                    "UPDATE game_counted SET counts=1 WHERE program=? AND member_id=? AND purchase_id=? AND item_id=?"
+                    " AND value=?",
+                    [(name, member_id, x.purchase_id, x.item_id, x.value) for x in promoted],
+                )  # fmt: skip
+                keys = [k for r in revoked for k in self._revoke(name, member_id, r)]
+                c.execute("INSERT INTO game_events VALUES (?,?)", (event_id, member_id))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return keys
+
+    def _counted(self, where: str, args: tuple[str, ...]) -> list[Counted]:
+        rows = self._db.execute(
+            "SELECT item_id, value, period, counts, purchase_id FROM game_counted WHERE program=? AND member_id=?"
+            f" AND {where} ORDER BY receipt_us, purchase_id",
+            args,
+        ).fetchall()
+        return [Counted(item, value, period, bool(counts), purchase) for item, value, period, counts, purchase in rows]
+
+    def _revoke(self, program: str, member_id: str, revoked: Revoked) -> list[str]:
+        """Marks the award's live reward REVOKE (one the ledger refused for good: REVOKED, there
+        is nothing to take back)."""
+        base = f"{program}:{revoked.item_id}:{member_id}:"
+        rows = self._db.execute(
+            "SELECT reward_key, status FROM game_rewards WHERE program=? AND member_id=? AND item_id=?"
+            f" AND status NOT IN ({','.join('?' * len(REVOKING))})",
+            (program, member_id, revoked.item_id, *REVOKING),
+        ).fetchall()
+        keys = []
+        for key, status in rows:
+            period = key[len(base) :].split("#", 1)[0] if key.startswith(base) else None
+            if period is None:
+                continue
+            if revoked.period:
+                if period != revoked.period:
+                    continue
+            elif not (period.startswith("run-") and revoked.first_week <= int(period[4:]) <= revoked.last_week):
+                continue
+            final = status.startswith("REFUSED")
+            self._db.execute("UPDATE game_rewards SET status=? WHERE reward_key=?",
+                             ("REVOKED" if final else "REVOKE", key))  # fmt: skip
+            keys.append(key)
+        return keys
+
+    def revoking(self, limit: int = 500, after: str = "") -> list[tuple[Reward, str]]:
+        """REVOKE rewards in key order, each with the ledger transaction that paid it ('' when
+        not known to be paid: the worker asks the ledger by posting its key again)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT reward_key, member_id, item_id, name, points, unit, transaction_id FROM game_rewards"
+                " WHERE status='REVOKE' AND reward_key > ? ORDER BY reward_key LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [(Reward(*r[:6]), r[6]) for r in rows]
+
+    def revoked(self, key: str, reversal_id: str) -> bool:
+        """A REVOKE reward whose points the ledger took back; False when it was settled already."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE game_rewards SET status='REVOKED', transaction_id=? WHERE reward_key=? AND status='REVOKE'",
+                (reversal_id, key),
+            )
+        return cursor.rowcount == 1
 
     def _expose(self, program: str, experiment_id: str, salt: str, member_id: str, arm: str, purchases: int,
                 points: int) -> None:  # fmt: skip

@@ -6,6 +6,14 @@ earned is stored as PENDING in the same transaction, then posted as an Earn whos
 key is the reward's deterministic key. A worker killed between the two, an event delivered
 twice, a ledger briefly down: the reward stays PENDING until the ledger says it is posted, and
 the ledger posts one key once.
+
+A purchase taken back (a full return, or its fraud review rejected) takes back the progress it
+gave; an award it no longer earns is REVOKE until the ledger has reversed its Earn (under the
+key `revoke:<reward key>`, so once). Whether a revoked award was ever posted is asked of the
+ledger by posting its key again: that answers the transaction if it was (an Earn that timed out
+may still have landed), and if it was not posts it, so that the reversal nets it out; either
+way the member ends with the points the purchases they kept earn. Returning to buy points,
+finishing a challenge and returning the goods keeps nothing.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ from datetime import UTC, datetime
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
 from prometheus_client import Counter
 
 from pointmesh.consumers import Poison, by_key, run_group
+from pointmesh.errors import status_details
 from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from rules_svc.domain import FailedPrecondition, NotFound
@@ -34,6 +44,9 @@ COUNTED = Counter("pointmesh_game_purchases_counted_total", "Purchase events gam
 DUPLICATES = Counter("pointmesh_game_events_redelivered_total", "Purchase events delivered again and ignored.")
 COMPLETIONS = Counter("pointmesh_game_completions_total", "Achievements, streaks and challenges completed.", ["item"])
 REWARD_POINTS = Counter("pointmesh_game_reward_points_paid_total", "Reward points the ledger posted.", ["unit"])
+WITHDRAWN = Counter("pointmesh_game_purchases_withdrawn_total", "Counted purchases taken back (returns, rejections).")
+REVOKED_POINTS = Counter("pointmesh_game_reward_points_revoked_total", "Reward points taken back by the ledger.",
+                         ["unit"])  # fmt: skip
 EXPERIMENT_PURCHASES = Counter("pointmesh_experiment_purchases_total", "Purchases by experiment arm.",
                                ["experiment", "arm"])  # fmt: skip
 EXPERIMENT_POINTS = Counter("pointmesh_experiment_points_total", "Points purchases earned, by experiment arm.",
@@ -54,11 +67,29 @@ OUTAGES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEE
                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})  # fmt: skip
 
 
-COUNTED_KINDS = frozenset({"purchase_recorded", ""})  # event types gamification reads ("": unnamed)
+# Event types gamification reads ("": unnamed): purchases, and what can take one back.
+COUNTED_KINDS = frozenset({"purchase_recorded", "purchase_returned", "review_decided", ""})
 # The program version in effect at a time. GameService.program_at (a ProgramVersions) also tells
 # what all versions say; a bare function leaves the version in effect at each receipt to decide
 # alone (game_engine.apply).
 ProgramAt = Callable[[str, datetime], Program]
+
+
+def withdrawn_purchase(event: ledger_pb2.LedgerEvent) -> str:
+    """The purchase the event takes back, if it does: a full return, or the rejection of the
+    fraud review its points were held for ('' otherwise; a partial return leaves a purchase)."""
+    kind = event.WhichOneof("payload")
+    if kind == "purchase_returned" and event.purchase_returned.fully_returned:
+        return event.purchase_returned.purchase_id
+    if kind == "review_decided":
+        r = event.review_decided
+        if r.kind == ledger_pb2.REVIEW_KIND_EARN and r.status == ledger_pb2.REVIEW_STATUS_REJECTED:
+            return r.purchase_id
+    return ""
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    return next((d.reason for d in status_details(error) if isinstance(d, error_details_pb2.ErrorInfo)), "")
 
 
 def purchase_fact(event: ledger_pb2.LedgerEvent) -> PurchaseFact | None:
@@ -105,6 +136,9 @@ class GameWorker:
             raise Poison(f"not a LedgerEvent: {exc}") from exc
         fact = purchase_fact(event)
         if fact is None:
+            purchase_id = withdrawn_purchase(event)
+            if purchase_id:
+                await self.withdraw(event.event_id, event.member_id, purchase_id)
             return
         try:
             program = self.program_at(self.program, fact.receipt_time)
@@ -127,6 +161,67 @@ class GameWorker:
             if awards:
                 log.info("member %s completed %s", fact.member_id, ", ".join(a.item_id for a in awards))
         await self.pay(fact.member_id)
+
+    async def withdraw(self, event_id: str, member_id: str, purchase_id: str) -> None:
+        """Takes back what the purchase gave, under the version in effect when it was made."""
+        receipt = await asyncio.to_thread(self.store.counted_receipt, self.program, member_id, purchase_id)
+        if receipt is None:
+            return  # never counted (nothing matched, or counted before per-purchase progress was kept)
+        try:
+            program = self.program_at(self.program, receipt)
+        except (NotFound, FailedPrecondition) as exc:
+            raise Poison(f"no program {self.program} to withdraw purchase {purchase_id} under: {exc}") from exc
+        keys = await asyncio.to_thread(self.store.withdraw_event, program, event_id, member_id, purchase_id)
+        if keys is None:
+            DUPLICATES.inc()
+            return
+        WITHDRAWN.inc()
+        if keys:
+            log.info("purchase %s of member %s taken back: revoking %s", purchase_id, member_id, ", ".join(keys))
+            await self.revoke()
+
+    async def revoke(self) -> int:
+        """Has the ledger take back the points of REVOKE rewards; stops at an outage (the retry
+        loop comes back), leaves any other refusal for the next pass."""
+        done, after = 0, ""
+        while True:
+            page = await asyncio.to_thread(self.store.revoking, PAGE, after)
+            for reward, paid_by in page:
+                try:
+                    done += await self._revoke(reward, paid_by)
+                except grpc.aio.AioRpcError as error:
+                    log.warning("reward %s not revoked yet (%s: %s); retrying", reward.key, error.code().name,
+                                error.details())  # fmt: skip
+                    if error.code() in OUTAGES:
+                        return done
+            if len(page) < PAGE:
+                return done
+            after = page[-1][0].key
+
+    async def _revoke(self, reward: Reward, paid_by: str) -> int:
+        if not paid_by:
+            try:
+                paid_by = (await self.ledger.Earn(self._earn(reward))).transaction.transaction_id
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in FINAL_REFUSALS:
+                    raise
+                # The ledger will never post it: there is nothing to take back.
+                return int(await asyncio.to_thread(self.store.revoked, reward.key, ""))
+        try:
+            response = await self.ledger.Reverse(ledger_pb2.ReverseRequest(
+                idempotency_key=common_pb2.IdempotencyKey(namespace=REWARD_NAMESPACE, key=f"revoke:{reward.key}"),
+                transaction_id=paid_by, full=True,
+                reason=f"{reward.item_id}: {reward.name}: the purchase that earned it was taken back"[:200],
+            ))  # fmt: skip
+            reversal, points = response.transaction.transaction_id, -response.transaction.points
+        except grpc.aio.AioRpcError as error:
+            if _reason(error) != "ALREADY_REVERSED":
+                raise
+            reversal, points = "", 0  # taken back already (by ops, say): nothing left to take
+        if not await asyncio.to_thread(self.store.revoked, reward.key, reversal):
+            return 0
+        REVOKED_POINTS.labels(reward.unit).inc(points)
+        return 1
 
     def _history(self) -> ProgramHistory | None:
         if isinstance(self.program_at, ProgramVersions):
@@ -173,6 +268,7 @@ class GameWorker:
         while not stop.is_set():
             try:
                 await self.pay()
+                await self.revoke()
             except Exception:
                 log.exception("paying pending rewards failed; retrying")
             with contextlib.suppress(TimeoutError):

@@ -1965,6 +1965,7 @@ class LedgerEvent(_message.Message):
     TIER_CHANGED_FIELD_NUMBER: _builtins.int
     REVIEW_OPENED_FIELD_NUMBER: _builtins.int
     REVIEW_DECIDED_FIELD_NUMBER: _builtins.int
+    PURCHASE_RETURNED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique and stable across redeliveries; consumers dedupe on it."""
     member_id: _builtins.str
@@ -2005,6 +2006,8 @@ class LedgerEvent(_message.Message):
     def review_opened(self) -> Global___ReviewEvent: ...
     @_builtins.property
     def review_decided(self) -> Global___ReviewEvent: ...
+    @_builtins.property
+    def purchase_returned(self) -> Global___PurchaseReturned: ...
     def __init__(
         self,
         *,
@@ -2028,12 +2031,13 @@ class LedgerEvent(_message.Message):
         tier_changed: Global___TierChanged | None = ...,
         review_opened: Global___ReviewEvent | None = ...,
         review_decided: Global___ReviewEvent | None = ...,
+        purchase_returned: Global___PurchaseReturned | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "review_decided", b"review_decided", "review_opened", b"review_opened", "tier_changed", b"tier_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "purchase_returned", b"purchase_returned", "review_decided", b"review_decided", "review_opened", b"review_opened", "tier_changed", b"tier_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "event_id", b"event_id", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "member_id", b"member_id", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "review_decided", b"review_decided", "review_opened", b"review_opened", "tier_changed", b"tier_changed", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "event_id", b"event_id", "hold_captured", b"hold_captured", "hold_placed", b"hold_placed", "hold_voided", b"hold_voided", "member_id", b"member_id", "members_merged", b"members_merged", "occurred_at", b"occurred_at", "payload", b"payload", "pending_released", b"pending_released", "points_adjusted", b"points_adjusted", "points_earned", b"points_earned", "points_expired", b"points_expired", "points_redeemed", b"points_redeemed", "points_reversed", b"points_reversed", "points_transferred", b"points_transferred", "purchase_recorded", b"purchase_recorded", "purchase_returned", b"purchase_returned", "review_decided", b"review_decided", "review_opened", b"review_opened", "tier_changed", b"tier_changed", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["points_earned", "points_redeemed", "hold_placed", "hold_captured", "hold_voided", "points_reversed", "points_transferred", "points_expired", "members_merged", "points_adjusted", "pending_released", "purchase_recorded", "tier_changed", "review_opened", "review_decided"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["points_earned", "points_redeemed", "hold_placed", "hold_captured", "hold_voided", "points_reversed", "points_transferred", "points_expired", "members_merged", "points_adjusted", "pending_released", "purchase_recorded", "tier_changed", "review_opened", "review_decided", "purchase_returned"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -2188,6 +2192,77 @@ class PurchaseRecorded(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PurchaseRecorded: _TypeAlias = PurchaseRecorded  # noqa: Y015
+
+@_typing.final
+class PurchaseReturned(_message.Message):
+    """A return was recorded against a purchase (every return, partial or full)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PointsReversedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    RETURN_KEY_FIELD_NUMBER: _builtins.int
+    REFUNDED_FIELD_NUMBER: _builtins.int
+    REFUNDED_TOTAL_FIELD_NUMBER: _builtins.int
+    POINTS_REVERSED_FIELD_NUMBER: _builtins.int
+    FULLY_RETURNED_FIELD_NUMBER: _builtins.int
+    RECEIPT_TIME_FIELD_NUMBER: _builtins.int
+    purchase_id: _builtins.str
+    return_key: _builtins.str
+    """The return's idempotency key: one event per return, however often it was retried."""
+    fully_returned: _builtins.bool
+    """Every line back, or the whole amount refunded: the purchase no longer counts as one
+    (gamification takes back the progress it gave).
+    """
+    @_builtins.property
+    def refunded(self) -> _common_pb2.Money:
+        """Refunded by this return, and by every return of the purchase so far."""
+
+    @_builtins.property
+    def refunded_total(self) -> _common_pb2.Money: ...
+    @_builtins.property
+    def points_reversed(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Points per unit this return took back."""
+
+    @_builtins.property
+    def receipt_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        purchase_id: _builtins.str = ...,
+        return_key: _builtins.str = ...,
+        refunded: _common_pb2.Money | None = ...,
+        refunded_total: _common_pb2.Money | None = ...,
+        points_reversed: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        fully_returned: _builtins.bool = ...,
+        receipt_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time", b"receipt_time", "refunded", b"refunded", "refunded_total", b"refunded_total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fully_returned", b"fully_returned", "points_reversed", b"points_reversed", "purchase_id", b"purchase_id", "receipt_time", b"receipt_time", "refunded", b"refunded", "refunded_total", b"refunded_total", "return_key", b"return_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurchaseReturned: _TypeAlias = PurchaseReturned  # noqa: Y015
 
 @_typing.final
 class TierChanged(_message.Message):

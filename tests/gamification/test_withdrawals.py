@@ -1,0 +1,134 @@
+"""A purchase taken back (fully returned, or its fraud review rejected) takes back the progress
+it gave and any award that progress no longer earns, in the store that keeps both: what other
+purchases gave the same item stays, a purchase past a challenge's target stands in for a
+withdrawn one, and an award earned again after a revocation gets a key of its own (the ledger
+posts one key once)."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rules_svc.game_engine import PurchaseFact
+from rules_svc.game_store import GameStore
+from rules_svc.program import Program
+from tests.rules import load_doc, program_doc
+
+MONDAY = datetime(2026, 1, 5, 12, tzinfo=UTC)
+_ids = itertools.count()
+
+
+def game(**items: list[dict[str, Any]]) -> Program:
+    return load_doc(program_doc(gamification=items))
+
+
+def fact(at: datetime = MONDAY, *, categories: tuple[str, ...] = ("misc",), member: str = "m-1") -> PurchaseFact:
+    n = next(_ids)
+    return PurchaseFact(f"e{n}", member, f"p{n}", "pos", "HEL-01", 1000, "EUR", at, categories)
+
+
+def statuses(store: GameStore, member: str = "m-1") -> dict[str, str]:
+    rows = store._db.execute("SELECT reward_key, status FROM game_rewards WHERE member_id=?", (member,)).fetchall()
+    return dict(rows)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> GameStore:
+    return GameStore(tmp_path / "game.sqlite")
+
+
+TRIO = {"id": "trio", "name": "Three in January", "starts": "2026-01-01T00:00:00+00:00",
+        "ends": "2026-02-01T00:00:00+00:00", "purchases": 3, "reward": {"points": 200}}  # fmt: skip
+
+
+def test_a_withdrawn_purchase_revokes_the_challenge_it_completed_and_a_new_one_earns_it_anew(
+    store: GameStore,
+) -> None:
+    program = game(challenges=[TRIO])
+    bought = [fact(MONDAY + timedelta(days=d)) for d in range(3)]
+    for f in bought:
+        store.apply_event(program, f)
+    (paid_key,) = statuses(store)
+    store.settle(paid_key, "PAID", "tx-1")
+
+    revoked = store.withdraw_event(program, "ret-1", "m-1", bought[1].purchase_id)
+
+    assert revoked == [paid_key]
+    assert statuses(store) == {paid_key: "REVOKE"}
+    assert store.revoking() and store.revoking()[0][1] == "tx-1"  # the transaction to reverse
+    trio = store.states("test", "m-1")["trio"]
+    assert (trio.count, trio.completions) == (2, 0)
+    assert store.withdraw_event(program, "ret-1", "m-1", bought[1].purchase_id) is None  # redelivered
+
+    again = store.apply_event(program, fact(MONDAY + timedelta(days=5)))
+    assert [a.item_id for a in again or []] == ["trio"]
+    assert statuses(store) == {paid_key: "REVOKE", f"{paid_key}#2": "PENDING"}
+    assert [r.key for r in store.pending()] == [f"{paid_key}#2"]
+
+
+def test_a_purchase_after_the_target_stands_in_for_a_withdrawn_one(store: GameStore) -> None:
+    program = game(challenges=[TRIO])
+    bought = [fact(MONDAY + timedelta(days=d)) for d in range(4)]
+    for f in bought:
+        store.apply_event(program, f)
+
+    assert store.withdraw_event(program, "ret-1", "m-1", bought[0].purchase_id) == []
+    assert list(statuses(store).values()) == ["PENDING"]
+    trio = store.states("test", "m-1")["trio"]
+    assert (trio.count, trio.completions) == (3, 1)
+    # The stand-in now counts: taking back another leaves two, and the award goes.
+    assert store.withdraw_event(program, "ret-2", "m-1", bought[3].purchase_id) != []
+    assert store.states("test", "m-1")["trio"].count == 2
+    board = store.board("test", "trio", "from-1767225600", 0, 10)
+    assert [(r.member_id, r.progress) for r in board] == [("m-1", 2)]
+
+
+def test_a_withdrawn_value_another_purchase_also_gave_stays(store: GameStore) -> None:
+    program = game(achievements=[{"id": "three-cats", "name": "Three categories", "distinct": "category",
+                                  "count": 3, "reward": {"points": 75}}])  # fmt: skip
+    a = fact(categories=("food", "toys"))
+    b = fact(categories=("books",))
+    c = fact(categories=("toys",))
+    d = fact(categories=("garden",))  # after completion: kept all the same
+    for f in (a, b, c, d):
+        store.apply_event(program, f)
+    assert store.states("test", "m-1")["three-cats"].completions == 1
+
+    assert store.withdraw_event(program, "w-a", "m-1", a.purchase_id) == []  # toys (c) and garden (d) remain
+    state = store.states("test", "m-1")["three-cats"]
+    assert (sorted(state.seen), state.completions) == (["books", "garden", "toys"], 1)
+    assert store.withdraw_event(program, "w-d", "m-1", d.purchase_id) != []
+    state = store.states("test", "m-1")["three-cats"]
+    assert (sorted(state.seen), state.completions) == (["books", "toys"], 0)
+
+
+def test_a_streak_whose_only_purchase_in_a_week_goes_back_is_revoked_and_one_that_kept_a_week_is_not(
+    store: GameStore,
+) -> None:
+    program = game(streaks=[{"id": "weekly-3", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])
+    week1, week2a, week2b, week3 = (fact(MONDAY), fact(MONDAY + timedelta(days=7)),
+                                    fact(MONDAY + timedelta(days=8)), fact(MONDAY + timedelta(days=14)))  # fmt: skip
+    for f in (week1, week2a, week2b, week3):
+        store.apply_event(program, f)
+    (key,) = statuses(store)
+
+    assert store.withdraw_event(program, "w-2a", "m-1", week2a.purchase_id) == []  # week 2 still has 2b
+    assert store.withdraw_event(program, "w-2b", "m-1", week2b.purchase_id) == [key]
+    state = store.states("test", "m-1")["weekly-3"]
+    assert (state.completions, state.paid, state.run) == (0, [], 1)
+
+
+def test_a_purchase_gamification_never_counted_changes_nothing(store: GameStore) -> None:
+    program = game(challenges=[TRIO])
+    counted = fact()
+    store.apply_event(program, counted)
+    before = store.states("test", "m-1")
+
+    assert store.withdraw_event(program, "w-x", "m-1", "p-unknown") == []
+    assert store.states("test", "m-1") == before
+    assert store.counted_receipt("test", "m-1", "p-unknown") is None
+    assert store.counted_receipt("test", "m-1", counted.purchase_id) == MONDAY
