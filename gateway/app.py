@@ -17,7 +17,6 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from redis.asyncio import Redis
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,7 +31,7 @@ from pointmesh import heap
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
-from pointmesh.events import open_bus
+from pointmesh.events import bus_redis, open_bus
 
 log = logging.getLogger(__name__)
 # Far above any request the API takes (a purchase of 500 lines is some 100 KB).
@@ -110,7 +109,7 @@ def key_store(settings: Settings) -> KeyStore:
 def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
     """Call on the event loop that will serve it (see `serve`)."""
     clock = clock or SystemClock()
-    redis = Redis.from_url(settings.redis_url)
+    redis = bus_redis(settings)
     gw = Gateway(
         settings=settings,
         ledger=ledger_stub(settings.ledger_addr, default_timeout_seconds=settings.gateway_deadline_seconds),

@@ -38,6 +38,10 @@ GAMIFICATION_FUNDING = "gamification"
 INGEST_PURCHASES = "pointmesh.ingest.purchases"
 TOPICS = (LEDGER_EVENTS, OPS_ALERTS, INGEST_PURCHASES)
 SCHEMA_MAJOR = 1
+MAX_BLOCK_MS = 1000  # the longest a read waits on Redis Streams for something new
+# A bus call that hears nothing for this long is on a dead connection (bus_redis). Well above
+# MAX_BLOCK_MS, and above what a publish of a full relay batch takes on a loaded box.
+BUS_SOCKET_TIMEOUT_S = 5.0
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -249,7 +253,7 @@ class RedisStreamBus:
         if position == "$":
             position = await self.latest_position(topic)
         while True:
-            batch: Any = await self.redis.xread({topic: position}, block=block_ms, count=100)
+            batch: Any = await self.redis.xread({topic: position}, block=min(block_ms, MAX_BLOCK_MS), count=100)
             for _name, messages in batch or []:
                 for pos, fields in messages:
                     msg = _message(pos, fields)
@@ -337,7 +341,8 @@ class RedisGroupConsumer:
             if messages:
                 return [_message(pos, fields) for pos, fields in messages]  # and claims again next poll
             self._claim_checked_at = time.monotonic()
-        batch = await redis.xreadgroup(group, self.consumer, {topic: ">"}, count=max_messages, block=block_ms)
+        batch = await redis.xreadgroup(group, self.consumer, {topic: ">"}, count=max_messages,
+                                       block=min(block_ms, MAX_BLOCK_MS))  # fmt: skip
         messages = [(pos, f) for _n, ms in batch or [] for pos, f in ms if f]
         self._caught_up = not messages
         return [_message(pos, fields) for pos, fields in messages]
@@ -350,13 +355,24 @@ class RedisGroupConsumer:
         """Unacknowledged messages stay pending; another consumer claims them when idle."""
 
 
+def bus_redis(settings: Any) -> Redis:
+    """The client a Redis Streams bus reads and writes with. A socket silent for BUS_SOCKET_TIMEOUT_S
+    is a dead peer (a Redis pod replaced behind its address, a dropped NAT entry): the call
+    fails, and every tail and consumer group reconnects and goes on from its position. Set here,
+    not left to redis-py's default (None before 6.0): with none, a read waited on a dead socket
+    for good and members' live updates stopped with no error (tests/events/test_dead_peer.py)."""
+    return Redis.from_url(settings.redis_url, socket_timeout=BUS_SOCKET_TIMEOUT_S,
+                          socket_connect_timeout=settings.redis_timeout_seconds, socket_keepalive=True)  # fmt: skip
+
+
 def open_bus(settings: Any, redis: Redis | None = None) -> EventBus:
-    """The bus POINTMESH_EVENT_BUS names; `redis` is the service's client when it has one."""
+    """The bus POINTMESH_EVENT_BUS names; `redis` is the service's client when it has one (made
+    by `bus_redis`, or one whose timeout allows MAX_BLOCK_MS)."""
     if settings.event_bus == "kafka":
         from pointmesh.kafka_bus import KafkaBus
 
         return KafkaBus(settings.kafka_bootstrap, partitions=settings.event_partitions,
                         replication=settings.event_replication)  # fmt: skip
     if redis is None:
-        return RedisStreamBus(Redis.from_url(settings.redis_url), maxlen=settings.event_stream_maxlen, owns_client=True)
+        return RedisStreamBus(bus_redis(settings), maxlen=settings.event_stream_maxlen, owns_client=True)
     return RedisStreamBus(redis, maxlen=settings.event_stream_maxlen)
