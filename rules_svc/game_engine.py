@@ -8,7 +8,7 @@ key can only ever be paid once, however often an event is delivered.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from fractions import Fraction
@@ -63,7 +63,10 @@ class Counted:
     value: str = ""
     period: str = ""
     counts: bool = False
-    purchase_id: str = ""  # filled in by the store, which keeps them per purchase
+    # Filled in by the store, which keeps them per purchase ('' for progress counted before it
+    # kept them: never withdrawn).
+    purchase_id: str = ""
+    receipt_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,10 @@ class Revoked:
     period: str = ""
     first_week: int = 0
     last_week: int = 0
+    # Streaks: how many of the range's awards go, and the runs still long enough (the awards
+    # whose runs began outside them go first).
+    count: int = 1
+    runs: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +208,10 @@ def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_
         overlapping = [p for p in state.paid if p[0] <= last and p[1] >= first]
         if overlapping:
             state.paid = [p for p in state.paid if p not in overlapping]
-            state.paid.append([min(first, *(p[0] for p in overlapping)), max(last, *(p[1] for p in overlapping))])
+            # One range now, holding every award its parts paid (a withdrawal weighs them all).
+            awards = sum(_awards_in(p) for p in overlapping)
+            merged = [min(first, *(p[0] for p in overlapping)), max(last, *(p[1] for p in overlapping))]
+            state.paid.append(merged + ([awards] if awards > 1 else []))
         else:
             state.paid.append([first, last])
             state.completions += 1
@@ -371,17 +381,19 @@ def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact
     return [a for a in awards if a is not None]
 
 
-def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted],
-             remaining: list[Counted]) -> tuple[list[Revoked], list[Counted]]:  # fmt: skip
+def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted], remaining: list[Counted],
+             history: ProgramHistory | None = None) -> tuple[list[Revoked], list[Counted]]:  # fmt: skip
     """Takes back what a withdrawn purchase gave (`gone`, as `apply` counted it), given what the
     member's other purchases still give the same items (`remaining`); `states` is updated in
-    place. Returns the awards no longer earned and the stand-ins promoted to counted.
+    place. `program` is the version in effect at the purchase's receipt, `history` what all
+    versions say. Returns the awards no longer earned and the stand-ins promoted to counted.
 
     A value or week another purchase also gave stays; a challenge's place passes to the first
     purchase that came after the target. An award is revoked only when what remains falls short
     of it; the item can then be completed again (the store keys the new award apart). Progress
-    under a challenge window the id has since left, or a streak week past the lateness horizon,
-    is history and left alone; so is an item no longer in the program."""
+    under a challenge window the id has since left is history and left alone; so is an item no
+    longer in the program."""
+    history = history or ProgramHistory.of([program])
     revoked: list[Revoked] = []
     promoted: list[Counted] = []
     g = program.gamification
@@ -398,40 +410,89 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
             revoked.append(Revoked(a.id, "once"))
     for s in g.streaks:
         state = states.get(s.id)
-        others_weeks = {c.value for c in remaining if c.item_id == s.id}
-        lost = {int(c.value) for c in gone if c.item_id == s.id and c.value not in others_weeks}
-        if state is None or not lost & set(state.weeks):
-            continue
-        state.weeks = [w for w in state.weeks if w not in lost]
-        weeks, kept_paid = set(state.weeks), []
-        for first, last in state.paid:
-            if any(first <= w <= last for w in lost) and _longest_run(weeks, first, last) < s.weeks:
-                state.completions = max(0, state.completions - 1)
-                revoked.append(Revoked(s.id, first_week=first, last_week=last))
-            else:
-                kept_paid.append([first, last])
-        state.paid = kept_paid
-        _newest_run(state)
+        if state is not None:
+            revoked.extend(_withdraw_weeks(s, state, gone, remaining))
     for c in g.challenges:
         state = states.get(c.id)
-        places = [x for x in gone if x.item_id == c.id and x.counts and x.period == state.period] if state else []
-        if state is None or not places:
-            continue
-        state.count = max(0, state.count - len(places))
-        for stand_in in [x for x in remaining if x.item_id == c.id and x.period == state.period and not x.counts]:
-            if state.count >= c.purchases:
-                break
-            state.count += 1
-            promoted.append(stand_in)
-        if state.completions and state.count < c.purchases:
-            state.completions, state.last_completed_us = 0, 0
-            revoked.append(Revoked(c.id, state.period))
+        if state is not None:
+            revoked.extend(_withdraw_place(c, state, gone, remaining, history, promoted))
     return revoked, promoted
 
 
-def _longest_run(weeks: set[int], first: int, last: int) -> int:
-    best = run = 0
-    for w in range(first, last + 1):
-        run = run + 1 if w in weeks else 0
-        best = max(best, run)
-    return best
+def _week(value: str) -> int | None:
+    """A streak's week as counted (None for a value the id counted as another kind of item)."""
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _awards_in(paid: list[int]) -> int:
+    return paid[2] if len(paid) > 2 else 1
+
+
+def _withdraw_weeks(item: Streak, state: ItemState, gone: list[Counted], remaining: list[Counted]) -> list[Revoked]:
+    """A week no other purchase gave goes; each paid range it was in keeps as many awards as
+    it still has runs of `item.weeks`. Weeks before the oldest kept were forgotten past the
+    lateness horizon while present (a paid range is a run): they count as there."""
+    others = {c.value for c in remaining if c.item_id == item.id}
+    lost = {_week(c.value) for c in gone if c.item_id == item.id and c.value not in others} & set(state.weeks)
+    if not lost:
+        return []
+    floor = min(state.weeks)
+    state.weeks = [w for w in state.weeks if w not in lost]
+    present = set(state.weeks)
+    revoked, kept = [], []
+    for paid in state.paid:
+        first, last, awards = paid[0], paid[1], _awards_in(paid)
+        if not any(first <= w <= last for w in lost if w is not None):
+            kept.append(paid)
+            continue
+        runs = _runs(lambda w: w in present or w < floor, first, last, item.weeks)
+        keep = min(awards, len(runs))
+        if keep < awards:
+            state.completions = max(0, state.completions - (awards - keep))
+            revoked.append(Revoked(item.id, first_week=first, last_week=last, count=awards - keep, runs=tuple(runs)))
+        if keep:
+            kept.append([first, last] + ([keep] if keep > 1 else []))
+    state.paid = kept
+    _newest_run(state)
+    return revoked
+
+
+def _runs(present: Callable[[int], bool], first: int, last: int, length: int) -> list[tuple[int, int]]:
+    """The runs of at least `length` consecutive present weeks within [first, last]."""
+    out, start = [], None
+    for w in range(first, last + 2):
+        if w <= last and present(w):
+            start = w if start is None else start
+        elif start is not None:
+            if w - start >= length:
+                out.append((start, w - 1))
+            start = None
+    return out
+
+
+def _withdraw_place(item: Challenge, state: ItemState, gone: list[Counted], remaining: list[Counted],
+                    history: ProgramHistory, promoted: list[Counted]) -> list[Revoked]:  # fmt: skip
+    """The purchase's place in the member's current window (with the windows of the id that
+    overlap it: its start was corrected) goes, and the first stand-in takes it."""
+    windows = set(overlapping_periods(item, history))
+    windows = windows | {state.period} if state.period in windows else {state.period}
+    places = [x for x in gone if x.item_id == item.id and x.counts and x.period in windows]
+    if not places:
+        return []
+    state.count = max(0, state.count - len(places))
+    mine = [x for x in remaining if x.item_id == item.id and x.period in windows]
+    for stand_in in [x for x in mine if not x.counts]:
+        if state.count >= item.purchases:
+            break
+        state.count += 1
+        promoted.append(stand_in)
+    if state.completions and state.count < item.purchases:
+        state.completions, state.last_completed_us = 0, 0
+        return [Revoked(item.id, state.period)]
+    counted = sorted([x for x in mine if x.counts] + promoted, key=lambda x: (x.receipt_us, x.purchase_id))
+    if state.completions and len(counted) == state.count >= item.purchases:  # no progress from before rows were kept
+        state.last_completed_us = counted[item.purchases - 1].receipt_us  # when the target is reached now
+    return []

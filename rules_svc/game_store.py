@@ -68,6 +68,12 @@ CREATE TABLE IF NOT EXISTS experiment_exposures (
 REVOKING = ("REVOKE", "REVOKED")
 
 
+def _week_of_run(period: str) -> int | None:
+    """The first week of a streak award's run (`run-<week>`), None for any other period."""
+    digits = period.removeprefix("run-")
+    return int(digits) if digits != period and digits.lstrip("-").isdigit() else None
+
+
 @dataclass(frozen=True, slots=True)
 class Reward:
     key: str
@@ -91,12 +97,35 @@ class GameStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        kept_before = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='game_counted'"
+        ).fetchone()
         self._db.executescript(SCHEMA)
+        if not kept_before:
+            self._keep_progress_of_before()
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(game_board)")}
         if "period" not in columns:  # a store written before challenge windows were told apart
             self._db.execute("ALTER TABLE game_board ADD COLUMN period TEXT NOT NULL DEFAULT ''")
         self._move_experiment_members()
         self._lock = threading.Lock()
+
+    def _keep_progress_of_before(self) -> None:
+        """A store written before purchases' progress was kept per purchase: the distinct values
+        and streak weeks counted so far are kept as given by no purchase (purchase id ''), which
+        no withdrawal takes back, so returning a later purchase that gave the same value or week
+        leaves them. Challenge counts need nothing: a withdrawal takes back only its own place."""
+        c = self._db
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for program, member_id, item_id, body in c.execute("SELECT * FROM game_state").fetchall():
+                state = json.loads(body)
+                values = [*state.get("seen", []), *(str(w) for w in state.get("weeks", []))]
+                c.executemany("INSERT OR IGNORE INTO game_counted VALUES (?,?,'',?,?,'',0,0)",
+                              [(program, member_id, item_id, v) for v in values])  # fmt: skip
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
 
     def _move_experiment_members(self) -> None:
         """A store written before exposures were kept per arm and salt: its rows (one per member,
@@ -192,7 +221,8 @@ class GameStore:
             ).fetchone()
         return None if row is None else datetime.fromtimestamp(row[0] / 1_000_000, UTC)
 
-    def withdraw_event(self, program: Program, event_id: str, member_id: str, purchase_id: str) -> list[str] | None:
+    def withdraw_event(self, program: Program, event_id: str, member_id: str, purchase_id: str,
+                       history: ProgramHistory | None = None) -> list[str] | None:  # fmt: skip
         """Takes back what the purchase gave, once per event id (game_engine.withdraw); returns
         the keys of the rewards it revoked, or None when the event was handled before."""
         name = program.program
@@ -209,7 +239,7 @@ class GameStore:
                 items = sorted({x.item_id for x in gone})
                 remaining = self._counted(f"item_id IN ({','.join('?' * len(items))})", (name, member_id, *items))
                 states = self._states(name, member_id)
-                revoked, promoted = withdraw(program, states, gone, remaining)
+                revoked, promoted = withdraw(program, states, gone, remaining, history)
                 self._save_states(program, member_id, states, withdrawn=items)
                 c.executemany(
                     "UPDATE game_counted SET counts=1 WHERE program=? AND member_id=? AND purchase_id=? AND item_id=?"
@@ -226,45 +256,54 @@ class GameStore:
 
     def _counted(self, where: str, args: tuple[str, ...]) -> list[Counted]:
         rows = self._db.execute(
-            "SELECT item_id, value, period, counts, purchase_id FROM game_counted WHERE program=? AND member_id=?"
+            "SELECT item_id, value, period, counts, purchase_id, receipt_us FROM game_counted"
+            " WHERE program=? AND member_id=?"
             f" AND {where} ORDER BY receipt_us, purchase_id",
             args,
         ).fetchall()
-        return [Counted(item, value, period, bool(counts), purchase) for item, value, period, counts, purchase in rows]
+        return [Counted(item, value, period, bool(counts), purchase, receipt_us)
+                for item, value, period, counts, purchase, receipt_us in rows]  # fmt: skip
 
     def _revoke(self, program: str, member_id: str, revoked: Revoked) -> list[str]:
         """Marks the award's live reward REVOKE (one the ledger refused for good: REVOKED, there
-        is nothing to take back)."""
+        is nothing to take back). A streak's range may hold several awards: `revoked.count` go,
+        those whose runs began outside the runs still long enough first, then the latest."""
         base = f"{program}:{revoked.item_id}:{member_id}:"
         rows = self._db.execute(
             "SELECT reward_key, status FROM game_rewards WHERE program=? AND member_id=? AND item_id=?"
             f" AND status NOT IN ({','.join('?' * len(REVOKING))})",
             (program, member_id, revoked.item_id, *REVOKING),
         ).fetchall()
-        keys = []
+        live: list[tuple[int, str, str]] = []  # (run start, key, status)
         for key, status in rows:
             period = key[len(base) :].split("#", 1)[0] if key.startswith(base) else None
             if period is None:
                 continue
             if revoked.period:
-                if period != revoked.period:
-                    continue
-            elif not (period.startswith("run-") and revoked.first_week <= int(period[4:]) <= revoked.last_week):
+                if period == revoked.period:
+                    live.append((0, key, status))
                 continue
+            start = _week_of_run(period)
+            if start is not None and revoked.first_week <= start <= revoked.last_week:
+                live.append((start, key, status))
+        if not revoked.period:
+            outside = [x for x in live if not any(a <= x[0] <= b for a, b in revoked.runs)]
+            inside = [x for x in live if x not in outside]
+            live = (sorted(outside, reverse=True) + sorted(inside, reverse=True))[: revoked.count]
+        for _start, key, status in live:
             final = status.startswith("REFUSED")
             self._db.execute("UPDATE game_rewards SET status=? WHERE reward_key=?",
                              ("REVOKED" if final else "REVOKE", key))  # fmt: skip
-            keys.append(key)
-        return keys
+        return [key for _start, key, _status in live]
 
-    def revoking(self, limit: int = 500, after: str = "") -> list[tuple[Reward, str]]:
+    def revoking(self, member_id: str = "", limit: int = 500, after: str = "") -> list[tuple[Reward, str]]:
         """REVOKE rewards in key order, each with the ledger transaction that paid it ('' when
         not known to be paid: the worker asks the ledger by posting its key again)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT reward_key, member_id, item_id, name, points, unit, transaction_id FROM game_rewards"
-                " WHERE status='REVOKE' AND reward_key > ? ORDER BY reward_key LIMIT ?",
-                (after, limit),
+                " WHERE status='REVOKE' AND (?='' OR member_id=?) AND reward_key > ? ORDER BY reward_key LIMIT ?",
+                (member_id, member_id, after, limit),
             ).fetchall()
         return [(Reward(*r[:6]), r[6]) for r in rows]
 

@@ -5,11 +5,11 @@ A purchase event is counted once (game_store.py records its id with the progress
 earned is stored as PENDING in the same transaction, then posted as an Earn whose idempotency
 key is the reward's deterministic key. A worker killed between the two, an event delivered
 twice, a ledger briefly down: the reward stays PENDING until the ledger says it is posted, and
-the ledger posts one key once.
+the ledger posts one key once (a key past the ledger's 128 characters goes as its digest).
 
 A purchase taken back (a full return, or its fraud review rejected) takes back the progress it
 gave; an award it no longer earns is REVOKE until the ledger has reversed its Earn (under the
-key `revoke:<reward key>`, so once). Whether a revoked award was ever posted is asked of the
+reward's key in namespace `gamification-revoke`, so once). Whether a revoked award was ever posted is asked of the
 ledger by posting its key again: that answers the transaction if it was (an Earn that timed out
 may still have landed), and if it was not posts it, so that the reversal nets it out; either
 way the member ends with the points the purchases they kept earn. Returning to buy points,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -53,6 +54,8 @@ EXPERIMENT_POINTS = Counter("pointmesh_experiment_points_total", "Points purchas
                             ["experiment", "arm"])  # fmt: skip
 GROUP = "rules-gamification"
 REWARD_NAMESPACE = "gamification"
+REVOKE_NAMESPACE = "gamification-revoke"  # the reversal of a revoked reward, under the reward's key
+LEDGER_KEY_MAX = 128  # the ledger's longest idempotency key
 REWARD_FUNDING = GAMIFICATION_FUNDING
 RETRY_SECONDS = 2.0
 LINGER_SECONDS = 0.1  # progress may trail a purchase by this much; polls stay few under load
@@ -86,6 +89,12 @@ def withdrawn_purchase(event: ledger_pb2.LedgerEvent) -> str:
         if r.kind == ledger_pb2.REVIEW_KIND_EARN and r.status == ledger_pb2.REVIEW_STATUS_REJECTED:
             return r.purchase_id
     return ""
+
+
+def ledger_key(key: str) -> str:
+    """The reward's key as the ledger takes it: as it is, or, past the ledger's 128 characters
+    (64-character program and item ids, a `#n` of an award earned again), a digest of it."""
+    return key if len(key) <= LEDGER_KEY_MAX else f"sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def _reason(error: grpc.aio.AioRpcError) -> str:
@@ -171,21 +180,22 @@ class GameWorker:
             program = self.program_at(self.program, receipt)
         except (NotFound, FailedPrecondition) as exc:
             raise Poison(f"no program {self.program} to withdraw purchase {purchase_id} under: {exc}") from exc
-        keys = await asyncio.to_thread(self.store.withdraw_event, program, event_id, member_id, purchase_id)
+        keys = await asyncio.to_thread(self.store.withdraw_event, program, event_id, member_id, purchase_id,
+                                       self._history())  # fmt: skip
         if keys is None:
             DUPLICATES.inc()
             return
         WITHDRAWN.inc()
         if keys:
             log.info("purchase %s of member %s taken back: revoking %s", purchase_id, member_id, ", ".join(keys))
-            await self.revoke()
+            await self.revoke(member_id)
 
-    async def revoke(self) -> int:
-        """Has the ledger take back the points of REVOKE rewards; stops at an outage (the retry
-        loop comes back), leaves any other refusal for the next pass."""
+    async def revoke(self, member_id: str = "") -> int:
+        """Has the ledger take back the points of REVOKE rewards (one member's, or all); stops at
+        an outage (the retry loop comes back), leaves any other refusal for the next pass."""
         done, after = 0, ""
         while True:
-            page = await asyncio.to_thread(self.store.revoking, PAGE, after)
+            page = await asyncio.to_thread(self.store.revoking, member_id, PAGE, after)
             for reward, paid_by in page:
                 try:
                     done += await self._revoke(reward, paid_by)
@@ -203,13 +213,15 @@ class GameWorker:
             try:
                 paid_by = (await self.ledger.Earn(self._earn(reward))).transaction.transaction_id
             except grpc.aio.AioRpcError as error:
-                if error.code() not in FINAL_REFUSALS:
+                # The ledger will never post it, so there is nothing to take back. A member no
+                # longer active (merged away, erased) is refused only for a key not posted
+                # before: the ledger answers a posted key from its record first.
+                if error.code() not in FINAL_REFUSALS and _reason(error) != "MEMBER_NOT_ACTIVE":
                     raise
-                # The ledger will never post it: there is nothing to take back.
                 return int(await asyncio.to_thread(self.store.revoked, reward.key, ""))
         try:
             response = await self.ledger.Reverse(ledger_pb2.ReverseRequest(
-                idempotency_key=common_pb2.IdempotencyKey(namespace=REWARD_NAMESPACE, key=f"revoke:{reward.key}"),
+                idempotency_key=common_pb2.IdempotencyKey(namespace=REVOKE_NAMESPACE, key=ledger_key(reward.key)),
                 transaction_id=paid_by, full=True,
                 reason=f"{reward.item_id}: {reward.name}: the purchase that earned it was taken back"[:200],
             ))  # fmt: skip
@@ -259,7 +271,7 @@ class GameWorker:
 
     def _earn(self, reward: Reward) -> ledger_pb2.EarnRequest:
         return ledger_pb2.EarnRequest(
-            idempotency_key=common_pb2.IdempotencyKey(namespace=REWARD_NAMESPACE, key=reward.key),
+            idempotency_key=common_pb2.IdempotencyKey(namespace=REWARD_NAMESPACE, key=ledger_key(reward.key)),
             member_id=reward.member_id, unit=reward.unit, points=reward.points, funding_source=REWARD_FUNDING,
             reference=f"{reward.item_id}: {reward.name}"[:200],
         )  # fmt: skip

@@ -157,3 +157,52 @@ async def test_a_rejected_fraud_review_revokes_the_reward_its_purchase_completed
     assert store.states(program.program, member)["trio"].count == 2
     entries = (await ledger.stub.ListEntries(ledger_pb2.ListEntriesRequest(member_id=member))).entries
     assert sorted(e.points for e in entries) == [-200, 200]
+
+
+async def test_rewards_with_ids_past_the_ledgers_key_length_are_paid_and_taken_back(
+    tmp_path: Path, ledger: LedgerUnderTest
+) -> None:
+    """A 60-character program id and a 60-character challenge id give a reward key past the
+    ledger's 128 characters: it goes to the ledger as its digest, paid, revoked and paid again."""
+    program = load_doc(program_doc(program="p" * 60, gamification={"challenges": [{
+        "id": "c" * 60, "name": "Three in January", "starts": "2026-01-01T00:00:00+00:00",
+        "ends": "2026-02-01T00:00:00+00:00", "purchases": 3, "reward": {"points": 200},
+    }]}))  # fmt: skip
+    store = GameStore(tmp_path / "game.sqlite")
+    member = (await create_member(ledger.stub)).member_id
+    for i in range(4):
+        store.apply_event(program, PurchaseFact(f"e{i}", member, f"p{i}", "pos", "HEL-01", 1000, "EUR",
+                                                AT + timedelta(hours=i)))  # fmt: skip
+    assert len(store.pending()[0].key) > 128
+    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
+                        ledger=ledger.stub, consumer="test")  # fmt: skip
+    assert await worker.pay() == 1
+
+    await worker.handle(_rejected("ev-r1", member, "p1"))  # the fourth stands in: kept
+    await worker.handle(_rejected("ev-r2", member, "p2"))  # two left: revoked
+    assert (await balance(ledger.stub, member)).balance_points == 0
+    assert store.revoking() == []
+    store.apply_event(program, PurchaseFact("e9", member, "p9", "pos", "HEL-01", 1000, "EUR", AT + timedelta(days=1)))
+    assert await worker.pay() == 1
+    assert (await balance(ledger.stub, member)).balance_points == 200
+
+
+async def test_an_unpaid_reward_of_a_member_merged_away_is_settled_not_retried_for_ever(
+    tmp_path: Path, ledger: LedgerUnderTest
+) -> None:
+    program = _trio_program()
+    store = GameStore(tmp_path / "game.sqlite")
+    source, target = [(await create_member(ledger.stub)).member_id for _ in range(2)]
+    for i in range(3):
+        store.apply_event(program, PurchaseFact(f"e{i}", source, f"p{i}", "pos", "HEL-01", 1000, "EUR",
+                                                AT + timedelta(hours=i)))  # fmt: skip
+    await ledger.stub.MergeMembers(ledger_pb2.MergeMembersRequest(
+        idempotency_key=key(), source_member_id=source, target_member_id=target))  # fmt: skip
+    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
+                        ledger=ledger.stub, consumer="test")  # fmt: skip
+    assert await worker.pay() == 0  # refused now: the member is merged away
+
+    await worker.handle(_rejected("ev-r", source, "p1"))
+
+    assert store.revoking() == []
+    assert (await balance(ledger.stub, target)).balance_points == 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from rules_svc.game_engine import PurchaseFact
+from rules_svc.game_engine import ProgramHistory, PurchaseFact
 from rules_svc.game_store import GameStore
 from rules_svc.program import Program
 from tests.rules import load_doc, program_doc
@@ -132,3 +132,94 @@ def test_a_purchase_gamification_never_counted_changes_nothing(store: GameStore)
     assert store.states("test", "m-1") == before
     assert store.counted_receipt("test", "m-1", "p-unknown") is None
     assert store.counted_receipt("test", "m-1", counted.purchase_id) == MONDAY
+
+
+def test_progress_counted_before_purchases_were_kept_stays_when_a_later_purchase_goes(tmp_path: Path) -> None:
+    """A store from before the upgrade: its values and weeks came from purchases no row names,
+    and returning a newer purchase that gave the same store and week must not take them."""
+    program = game(achievements=[{"id": "stores2", "name": "Two stores", "distinct": "store", "count": 2,
+                                  "reward": {"points": 50}}],
+                   streaks=[{"id": "w3", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])  # fmt: skip
+    old = GameStore(tmp_path / "game.sqlite")
+    for i, store_id in enumerate(("HEL-01", "LIS-01", "LIS-01")):
+        old.apply_event(program, PurchaseFact(f"old{i}", "m-1", f"old{i}", "pos", store_id, 1000, "EUR",
+                                              MONDAY + timedelta(weeks=i)))  # fmt: skip
+    old._db.execute("DROP TABLE game_counted")  # as the store was before
+    old.close()
+    store = GameStore(tmp_path / "game.sqlite")
+    assert sorted(statuses(store).values()) == ["PENDING", "PENDING"]
+    later = PurchaseFact("new", "m-1", "new", "pos", "LIS-01", 1000, "EUR", MONDAY + timedelta(weeks=2, days=1))
+    store.apply_event(program, later)
+
+    assert store.withdraw_event(program, "w-new", "m-1", "new") == []
+    states = store.states("test", "m-1")
+    assert (sorted(states["stores2"].seen), len(states["w3"].weeks)) == (["HEL-01", "LIS-01"], 3)
+
+
+def test_a_long_streak_keeps_its_award_for_weeks_forgotten_past_the_lateness_horizon(store: GameStore) -> None:
+    program = load_doc(program_doc(policy={"max_lateness_days": 0}, gamification={
+        "streaks": [{"id": "s5", "name": "Five weeks", "weeks": 5, "reward": {"points": 500}}]}))  # fmt: skip
+    weeks = [fact(MONDAY + timedelta(weeks=w)) for w in range(13)]
+    for f in weeks:
+        store.apply_event(program, f)
+    assert len(store.states("test", "m-1")["s5"].weeks) < 13  # the oldest are forgotten
+
+    assert store.withdraw_event(program, "w-9", "m-1", weeks[9].purchase_id) == []  # weeks 0..8 still a run
+    assert store.states("test", "m-1")["s5"].completions == 1
+
+
+def test_a_return_counts_against_a_challenge_whose_start_was_corrected(store: GameStore) -> None:
+    def trio(starts: str) -> Program:
+        return game(challenges=[{**TRIO, "starts": starts}])
+
+    later, earlier = trio("2026-01-10T00:00:00+00:00"), trio("2026-01-01T00:00:00+00:00")
+    history = ProgramHistory.of([later, earlier])
+    first, second, third = (fact(datetime(2026, 1, d, 12, tzinfo=UTC)) for d in (11, 12, 13))
+    store.apply_event(later, first, history)
+    store.apply_event(later, second, history)
+    assert store.apply_event(earlier, third, history)  # completes, under the corrected window
+
+    assert store.withdraw_event(later, "w-1", "m-1", first.purchase_id, history) != []
+    trio_state = store.states("test", "m-1")["trio"]
+    assert (trio_state.count, trio_state.completions) == (2, 0)
+
+
+def test_two_streak_awards_joined_by_a_late_week_go_one_by_one(store: GameStore) -> None:
+    program = game(streaks=[{"id": "w3", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])
+    week = {w: fact(MONDAY + timedelta(weeks=w)) for w in (1, 2, 3, 5, 6, 7, 4)}  # 4 arrives late, joins them
+    for f in week.values():
+        store.apply_event(program, f)
+    first_run, second_run = sorted(statuses(store))
+    assert store.states("test", "m-1")["w3"].completions == 2
+
+    # Weeks 3-7 still hold one run: the award whose run began at week 1 goes.
+    assert store.withdraw_event(program, "w-2", "m-1", week[2].purchase_id) == [first_run]
+    assert store.withdraw_event(program, "w-6", "m-1", week[6].purchase_id) == []  # 3-5 is still a run
+    assert store.states("test", "m-1")["w3"].completions == 1
+    assert store.withdraw_event(program, "w-4", "m-1", week[4].purchase_id) == [second_run]
+    assert store.states("test", "m-1")["w3"].completions == 0
+
+
+def test_the_leaderboard_shows_when_the_target_is_reached_now(store: GameStore) -> None:
+    program = game(challenges=[TRIO])
+    mine = [fact(MONDAY + timedelta(days=d)) for d in range(4)]
+    theirs = [fact(MONDAY + timedelta(days=d, hours=12), member="m-2") for d in range(3)]  # done half a day later
+    for f in mine + theirs:
+        store.apply_event(program, f)
+    assert [r.member_id for r in store.board("test", "trio", "from-1767225600", 0, 10)] == ["m-1", "m-2"]
+
+    store.withdraw_event(program, "w-3", "m-1", mine[2].purchase_id)  # the fourth (a day later) takes its place
+
+    board = store.board("test", "trio", "from-1767225600", 0, 10)
+    assert [(r.member_id, r.progress) for r in board] == [("m-2", 3), ("m-1", 3)]
+    assert board[1].completed_us == int(mine[3].receipt_time.timestamp()) * 1_000_000
+
+
+def test_an_item_id_counted_as_another_kind_of_item_then_is_left_alone(store: GameStore) -> None:
+    was = game(achievements=[{"id": "x", "name": "Two stores", "distinct": "store", "count": 2,
+                              "reward": {"points": 50}}])  # fmt: skip
+    now = game(streaks=[{"id": "x", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])
+    bought = fact()
+    store.apply_event(was, bought)
+
+    assert store.withdraw_event(now, "w", "m-1", bought.purchase_id) == []
