@@ -47,6 +47,15 @@ def balance(b: ledger_pb2.Balance) -> s.Balance:
     )  # fmt: skip
 
 
+def tier_status(member_id: str, t: rules_pb2.TierStatus) -> s.TierStatus:
+    return s.TierStatus(
+        member_id=member_id, program=t.program, version=t.version, tier=t.tier, metric_unit=t.metric_unit,
+        window=t.window, qualifying_points=t.qualifying_points, points_to_keep=t.points_to_keep,
+        next_tier=t.next_tier, next_threshold=t.next_threshold, points_to_next=t.points_to_next,
+        held_until=when(t, "held_until"), tier_after=t.tier_after,
+    )  # fmt: skip
+
+
 def entry(e: ledger_pb2.Entry) -> s.Entry:
     return s.Entry(
         entry_id=e.entry_id, transaction_id=e.transaction_id,

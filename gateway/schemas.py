@@ -101,6 +101,27 @@ class Balance(BaseModel):
     debt_points: int = Field(examples=[0])
 
 
+class TierStatus(BaseModel):
+    """Where the member stands in the program's tiers, as the member's app shows it."""
+
+    member_id: str
+    program: str
+    version: int
+    tier: str = Field(examples=["silver"], description="The tier the next purchase is priced at.")
+    metric_unit: str = Field(examples=["tier_credits"])
+    window: str = Field(examples=["calendar_year"], description="calendar_year or rolling_12_months")
+    qualifying_points: int = Field(examples=[1200], description="Credits the current window counts.")
+    points_to_keep: int = Field(examples=[0], description="Credits still to earn to keep the tier past held_until.")
+    next_tier: str = Field(examples=["gold"], description="Empty at the top tier.")
+    next_threshold: int = Field(examples=[5000])
+    points_to_next: int = Field(examples=[3800])
+    held_until: datetime | None = Field(
+        examples=["2028-01-30T22:00:00Z"],
+        description="With nothing more earned, the tier holds until then (grace included); null for the entry tier.",
+    )
+    tier_after: str = Field(examples=["blue"], description="The tier from held_until on, with nothing more earned.")
+
+
 class Entry(BaseModel):
     entry_id: int
     transaction_id: str

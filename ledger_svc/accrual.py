@@ -53,7 +53,7 @@ from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningContext, ScreeningRequest
 from ledger_svc.screening import event_id as screening_event_id
 from ledger_svc.store.base import IdemRecord, ShardTx
-from pointmesh.tiers import effective_tier
+from pointmesh.tiers import TierStanding, effective_tier
 from pointmesh.timestamps import utc_instant
 
 if TYPE_CHECKING:
@@ -116,6 +116,10 @@ class PointsEngine(Protocol):
         self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str]
     ) -> Quote: ...
 
+    async def tier_status(self, program: str, qualification: dict[str, int]) -> tuple[str, int, TierStanding]:
+        """(program, version, standing) now; EngineUnavailable, or the ledger's refusal."""
+        ...
+
     async def quote_many(
         self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
     ) -> list[Quote | LedgerError | EngineFailedOnBasket | None]: ...
@@ -134,6 +138,28 @@ class Accrual:
         self.engine = engine
         self.program = program
         self._down_until = 0.0
+
+    # Tiers --------------------------------------------------------------------------------
+
+    async def member_tier(self, member_id: str) -> tuple[str, int, TierStanding]:
+        """The member's standing: the credits by month kept here (a merged member's included),
+        tiered by rules_svc under the version in effect now."""
+        member = await self.svc.member(member_id)
+        if member.status is MemberStatus.MERGED:
+            raise FailedPrecondition(
+                f"member {member_id} was merged into {member.merged_into}; its tier is that member's",
+                field="member_id",
+            )
+        if self.engine is None:
+            raise FailedPrecondition("this ledger runs without rules_svc: it keeps no tiers", field="member_id")
+        now = self.svc.clock.now()
+        state = await self.svc.store.read(
+            self.svc.shard_of(member_id), lambda tx: load_state(ShardBook(tx, now, self.svc.policy), member_id)
+        )
+        try:
+            return await self.engine.tier_status(self.program, dict(state.qualification))
+        except EngineUnavailable as exc:
+            raise Unavailable(f"rules_svc did not answer: {exc}") from None
 
     # Purchases ----------------------------------------------------------------------------
 

@@ -25,7 +25,8 @@ from pointmesh.bounds import MAX_POINTS
 from pointmesh.clients import rules_stub
 from pointmesh.errors import status_details
 from pointmesh.guards import Guard
-from pointmesh.tiers import TierPolicy
+from pointmesh.tier_status import tier_standing_of
+from pointmesh.tiers import TierPolicy, TierStanding
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2
 
@@ -150,6 +151,18 @@ class RulesEngineClient:
                 return await self._quote_alone(program, cmd, state, profile, f"{code.name}: {error.details()}")
             raise EngineUnavailable(f"{code.name}: {error.details()}") from None
         return quote_of(response.evaluation)
+
+    async def tier_status(self, program: str, qualification: dict[str, int]) -> tuple[str, int, TierStanding]:
+        try:
+            response = await self.stub.GetTierStatus(
+                rules_pb2.GetTierStatusRequest(program=program, qualification=qualification)
+            )
+        except grpc.aio.AioRpcError as error:
+            refusal = _refusal(error.code().name, (error.details() or "").split(": ", 1)[-1], "")
+            if refusal is not None:
+                raise refusal from None
+            raise EngineUnavailable(f"{error.code().name}: {error.details()}") from None
+        return tier_standing_of(response.status)
 
     async def _quote_alone(
         self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str], failure: str

@@ -16,6 +16,7 @@ from ledger_svc.service import LedgerService
 from pointmesh.consumers import check_schema
 from pointmesh.errors import rich_status, translating
 from pointmesh.events import LEDGER_EVENTS, BusMessage, EventBus
+from pointmesh.tier_status import tier_status_pb
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.GetMemberRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.GetMemberResponse:
         return ledger_pb2.GetMemberResponse(member=cv.member_pb(await self.service.get_member(request.member_id)))
+
+    @translated
+    async def GetMemberTier(
+        self, request: ledger_pb2.GetMemberTierRequest, context: grpc.aio.ServicerContext
+    ) -> ledger_pb2.GetMemberTierResponse:
+        program, version, standing = await self.service.accrual.member_tier(request.member_id)
+        return ledger_pb2.GetMemberTierResponse(status=tier_status_pb(program, version, standing))
 
     @translated
     async def LookupMember(

@@ -97,3 +97,53 @@ def effective_level(policy: TierPolicy, buckets: Mapping[str, int], at: datetime
 
 def effective_tier(policy: TierPolicy, buckets: Mapping[str, int], at: datetime) -> str:
     return policy.levels[effective_level(policy, buckets, at)][0]
+
+
+@dataclass(frozen=True, slots=True)
+class TierStanding:
+    """Where a member stands, as a member's app shows it: the tier, the credits the current
+    qualification window counts, what the next tier needs, and how long the tier holds if
+    nothing more is earned (the downgrade date, grace included)."""
+
+    tier: str
+    metric_unit: str
+    window: str
+    qualifying: int
+    to_keep: int  # more credits in this window to hold the tier past `held_until` (0: earned here)
+    next_tier: str  # "" at the top level
+    next_threshold: int
+    to_next: int
+    held_until: datetime | None  # None: the entry level, nothing to lose
+    then: str  # the tier from `held_until` on, with nothing more earned
+
+
+HORIZON_MONTHS = 40  # a level holds at most the next full year and a grace of up to a year (366 days)
+
+
+def tier_standing(policy: TierPolicy, buckets: Mapping[str, int], at: datetime) -> TierStanding:
+    """Computed with `effective_level` itself at every instant the level can change (a month
+    start, and a month start plus the grace, in the program's zone), so the date shown is the
+    one the next purchase would be priced by, not a second reading of the policy."""
+    zone = _zone(policy.timezone)
+    local = at.astimezone(zone)
+    level = effective_level(policy, buckets, at)
+    if policy.window == ROLLING_12_MONTHS:
+        now = _month_number(local)
+        qualifying = sum(buckets.get(_bucket_name(n), 0) for n in range(now - ROLLING_BUCKETS + 1, now + 1))
+    else:
+        qualifying = _year_total(buckets, local.year, local.month)
+    next_tier, next_threshold = policy.levels[level + 1] if level + 1 < len(policy.levels) else ("", 0)
+    held_until, then = None, policy.levels[level][0]
+    if level:
+        grace = timedelta(days=policy.grace_days)
+        month = _month_number(local)
+        starts = [datetime(n // 12, n % 12 + 1, 1, tzinfo=zone) for n in range(month - 13, month + HORIZON_MONTHS)]
+        for when in sorted({t for s in starts for t in (s, s + grace)}):
+            if when > local and (after := effective_level(policy, buckets, when)) < level:
+                held_until, then = when, policy.levels[after][0]
+                break
+    return TierStanding(
+        policy.levels[level][0], policy.metric_unit, policy.window, qualifying,
+        max(0, policy.levels[level][1] - qualifying), next_tier, next_threshold,
+        max(0, next_threshold - qualifying) if next_tier else 0, held_until, then,
+    )  # fmt: skip

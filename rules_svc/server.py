@@ -7,6 +7,7 @@ import logging
 import grpc
 
 from pointmesh.errors import rich_status, translating
+from pointmesh.tier_status import tier_status_pb
 from pointmesh.timestamps import from_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2, rules_pb2_grpc
 from rules_svc import convert as cv
@@ -168,6 +169,19 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
             namespace, key, request.document, request.format, effective, request.published_by
         )
         return rules_pb2.PublishProgramResponse(version=cv.version_pb(info))
+
+    @translated
+    async def GetTierStatus(
+        self, request: rules_pb2.GetTierStatusRequest, context: grpc.aio.ServicerContext
+    ) -> rules_pb2.GetTierStatusResponse:
+        at = self.service.clock.now()
+        if request.HasField("at"):
+            try:
+                at = from_timestamp(request.at)
+            except ValueError as exc:
+                raise d.BadRequest(str(exc), field="at") from None
+        version, standing = self.service.tier_status(request.program, dict(request.qualification), at)
+        return rules_pb2.GetTierStatusResponse(status=tier_status_pb(request.program, version, standing))
 
     @translated
     async def GetProgram(

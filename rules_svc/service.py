@@ -11,10 +11,12 @@ import asyncio
 import bisect
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from pointmesh.clock import Clock
+from pointmesh.tiers import TierStanding, tier_standing
 from rules_svc.domain import (
     BadRequest,
     Basket,
@@ -172,12 +174,30 @@ class RulesService:
         compiled = self.compiled(program, 0, at)
         return compiled.version, quote_redemption(compiled.program, currency, total_minor, available, wanted)
 
+    def tier_status(self, program: str, qualification: Mapping[str, int], at: datetime) -> tuple[int, TierStanding]:
+        """The standing `qualification` (credits by month of the program's zone) gives under the
+        version in effect at `at`."""
+        for month in qualification:
+            if not _MONTH.fullmatch(month):
+                raise BadRequest(f"{month!r} is not a month (YYYY-MM)", field=f"qualification[{month!r}]")
+        try:
+            compiled = self.compiled(program, 0, at)
+        except FailedPrecondition as exc:
+            raise FailedPrecondition(exc.message, field="at") from None
+        policy = compiled.tier_policy
+        if policy is None:
+            raise FailedPrecondition(f"program {program} v{compiled.version} has no tiers", field="program")
+        return compiled.version, tier_standing(policy, qualification, at)
+
     @staticmethod
     def simulate(
         document: str, fmt: str, items: Sequence[tuple[Basket, MemberContext] | RulesError]
     ) -> list[Evaluation | RulesError]:
         draft, _canonical, _sha = _parse(document, fmt)
         return _each(items, draft.evaluate)
+
+
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 
 
 def _same_publish(namespace: str, key: str, used: PublishKey, fingerprint: str) -> None:

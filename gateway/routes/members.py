@@ -50,6 +50,14 @@ async def get_balance(member_id: IdPath, gw: GatewayDep, caller: Caller, unit: U
     return cv.balance(response.balance)
 
 
+@router.get("/{member_id}/tier", response_model=s.TierStatus,
+            summary="The member's tier, credits this window, the next tier, and until when the tier holds")  # fmt: skip
+async def get_tier(member_id: IdPath, gw: GatewayDep, caller: Caller) -> s.TierStatus:
+    caller.may_read_member(member_id)
+    response = await call(LEDGER, gw.ledger.GetMemberTier(ledger_pb2.GetMemberTierRequest(member_id=member_id)))
+    return cv.tier_status(member_id, response.status)
+
+
 @router.get("/{member_id}/history", response_model=s.History, summary="Entries on the member's account, newest first")
 async def get_history(
     member_id: IdPath, gw: GatewayDep, caller: Caller, unit: UnitQuery = "",

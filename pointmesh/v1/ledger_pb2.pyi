@@ -579,6 +579,45 @@ class GetMemberResponse(_message.Message):
 Global___GetMemberResponse: _TypeAlias = GetMemberResponse  # noqa: Y015
 
 @_typing.final
+class GetMemberTierRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemberTierRequest: _TypeAlias = GetMemberTierRequest  # noqa: Y015
+
+@_typing.final
+class GetMemberTierResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> _rules_pb2.TierStatus: ...
+    def __init__(
+        self,
+        *,
+        status: _rules_pb2.TierStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemberTierResponse: _TypeAlias = GetMemberTierResponse  # noqa: Y015
+
+@_typing.final
 class LookupMemberRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

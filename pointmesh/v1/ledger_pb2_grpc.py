@@ -47,6 +47,11 @@ class LedgerServiceStub:
                 request_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetMemberRequest.SerializeToString,
                 response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetMemberResponse.FromString,
                 _registered_method=True)
+        self.GetMemberTier = channel.unary_unary(
+                '/pointmesh.v1.LedgerService/GetMemberTier',
+                request_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetMemberTierRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetMemberTierResponse.FromString,
+                _registered_method=True)
         self.LookupMember = channel.unary_unary(
                 '/pointmesh.v1.LedgerService/LookupMember',
                 request_serializer=pointmesh_dot_v1_dot_ledger__pb2.LookupMemberRequest.SerializeToString,
@@ -199,6 +204,13 @@ class LedgerServiceServicer:
 
     def GetMember(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMemberTier(self, request, context):
+        """The member's tier standing: their qualifying credits, read here, as rules_svc tiers them.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -408,6 +420,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetMemberRequest.FromString,
                     response_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetMemberResponse.SerializeToString,
             ),
+            'GetMemberTier': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMemberTier,
+                    request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.GetMemberTierRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_ledger__pb2.GetMemberTierResponse.SerializeToString,
+            ),
             'LookupMember': grpc.unary_unary_rpc_method_handler(
                     servicer.LookupMember,
                     request_deserializer=pointmesh_dot_v1_dot_ledger__pb2.LookupMemberRequest.FromString,
@@ -601,6 +618,33 @@ class LedgerService:
             '/pointmesh.v1.LedgerService/GetMember',
             pointmesh_dot_v1_dot_ledger__pb2.GetMemberRequest.SerializeToString,
             pointmesh_dot_v1_dot_ledger__pb2.GetMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMemberTier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.LedgerService/GetMemberTier',
+            pointmesh_dot_v1_dot_ledger__pb2.GetMemberTierRequest.SerializeToString,
+            pointmesh_dot_v1_dot_ledger__pb2.GetMemberTierResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,8 @@ class LedgerServiceStub:
     CreateMember: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CreateMemberRequest, _ledger_pb2.CreateMemberResponse]
     """Members and their identifiers."""
     GetMember: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetMemberRequest, _ledger_pb2.GetMemberResponse]
+    GetMemberTier: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetMemberTierRequest, _ledger_pb2.GetMemberTierResponse]
+    """The member's tier standing: their qualifying credits, read here, as rules_svc tiers them."""
     LookupMember: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.LookupMemberRequest, _ledger_pb2.LookupMemberResponse]
     BlockMember: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.BlockMemberRequest, _ledger_pb2.BlockMemberResponse]
     UnblockMember: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.UnblockMemberRequest, _ledger_pb2.UnblockMemberResponse]
@@ -116,6 +118,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     CreateMember: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CreateMemberRequest, _ledger_pb2.CreateMemberResponse]  # type: ignore[assignment]
     """Members and their identifiers."""
     GetMember: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetMemberRequest, _ledger_pb2.GetMemberResponse]  # type: ignore[assignment]
+    GetMemberTier: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetMemberTierRequest, _ledger_pb2.GetMemberTierResponse]  # type: ignore[assignment]
+    """The member's tier standing: their qualifying credits, read here, as rules_svc tiers them."""
     LookupMember: _aio.UnaryUnaryMultiCallable[_ledger_pb2.LookupMemberRequest, _ledger_pb2.LookupMemberResponse]  # type: ignore[assignment]
     BlockMember: _aio.UnaryUnaryMultiCallable[_ledger_pb2.BlockMemberRequest, _ledger_pb2.BlockMemberResponse]  # type: ignore[assignment]
     UnblockMember: _aio.UnaryUnaryMultiCallable[_ledger_pb2.UnblockMemberRequest, _ledger_pb2.UnblockMemberResponse]  # type: ignore[assignment]
@@ -202,6 +206,14 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.GetMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetMemberResponse, _abc.Awaitable[_ledger_pb2.GetMemberResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetMemberTier(
+        self,
+        request: _ledger_pb2.GetMemberTierRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetMemberTierResponse, _abc.Awaitable[_ledger_pb2.GetMemberTierResponse]]:
+        """The member's tier standing: their qualifying credits, read here, as rules_svc tiers them."""
 
     @_abc_1.abstractmethod
     def LookupMember(

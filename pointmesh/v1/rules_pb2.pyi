@@ -969,6 +969,147 @@ class ListVersionsResponse(_message.Message):
 Global___ListVersionsResponse: _TypeAlias = ListVersionsResponse  # noqa: Y015
 
 @_typing.final
+class GetTierStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class QualificationEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    QUALIFICATION_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    program: _builtins.str
+    @_builtins.property
+    def qualification(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Tier-qualifying credits by calendar month of the program's zone ("2026-11" -> credits),
+        as the ledger keeps them for the member.
+        """
+
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When to stand; unset means now. Picks the program version in effect."""
+
+    def __init__(
+        self,
+        *,
+        program: _builtins.str = ...,
+        qualification: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "program", b"program", "qualification", b"qualification"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTierStatusRequest: _TypeAlias = GetTierStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetTierStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___TierStatus: ...
+    def __init__(
+        self,
+        *,
+        status: Global___TierStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTierStatusResponse: _TypeAlias = GetTierStatusResponse  # noqa: Y015
+
+@_typing.final
+class TierStatus(_message.Message):
+    """A member's standing in the program's tiers, as a member's app shows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    METRIC_UNIT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    QUALIFYING_POINTS_FIELD_NUMBER: _builtins.int
+    POINTS_TO_KEEP_FIELD_NUMBER: _builtins.int
+    NEXT_TIER_FIELD_NUMBER: _builtins.int
+    NEXT_THRESHOLD_FIELD_NUMBER: _builtins.int
+    POINTS_TO_NEXT_FIELD_NUMBER: _builtins.int
+    HELD_UNTIL_FIELD_NUMBER: _builtins.int
+    TIER_AFTER_FIELD_NUMBER: _builtins.int
+    program: _builtins.str
+    version: _builtins.int
+    tier: _builtins.str
+    """The tier the member has now (the one the next purchase is priced at)."""
+    metric_unit: _builtins.str
+    """The unit tiers qualify on (e.g. tier_credits) and the window: calendar_year or
+    rolling_12_months.
+    """
+    window: _builtins.str
+    qualifying_points: _builtins.int
+    """Credits the current window counts (calendar year: this year to date; rolling: this month
+    and the twelve before it).
+    """
+    points_to_keep: _builtins.int
+    """Credits still to earn in this window to keep the tier past held_until (0: earned already)."""
+    next_tier: _builtins.str
+    """The next tier up and its threshold ("" at the top), and the credits still to earn for it."""
+    next_threshold: _builtins.int
+    points_to_next: _builtins.int
+    tier_after: _builtins.str
+    @_builtins.property
+    def held_until(self) -> _timestamp_pb2.Timestamp:
+        """With nothing more earned, the tier holds until this instant (the downgrade, grace
+        included) and is tier_after from then on. Unset for the entry tier.
+        """
+
+    def __init__(
+        self,
+        *,
+        program: _builtins.str = ...,
+        version: _builtins.int = ...,
+        tier: _builtins.str = ...,
+        metric_unit: _builtins.str = ...,
+        window: _builtins.str = ...,
+        qualifying_points: _builtins.int = ...,
+        points_to_keep: _builtins.int = ...,
+        next_tier: _builtins.str = ...,
+        next_threshold: _builtins.int = ...,
+        points_to_next: _builtins.int = ...,
+        held_until: _timestamp_pb2.Timestamp | None = ...,
+        tier_after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["held_until", b"held_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_until", b"held_until", "metric_unit", b"metric_unit", "next_threshold", b"next_threshold", "next_tier", b"next_tier", "points_to_keep", b"points_to_keep", "points_to_next", b"points_to_next", "program", b"program", "qualifying_points", b"qualifying_points", "tier", b"tier", "tier_after", b"tier_after", "version", b"version", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierStatus: _TypeAlias = TierStatus  # noqa: Y015
+
+@_typing.final
 class QuoteRedemptionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

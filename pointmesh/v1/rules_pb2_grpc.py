@@ -72,6 +72,11 @@ class RulesServiceStub:
                 request_serializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionRequest.SerializeToString,
                 response_deserializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionResponse.FromString,
                 _registered_method=True)
+        self.GetTierStatus = channel.unary_unary(
+                '/pointmesh.v1.RulesService/GetTierStatus',
+                request_serializer=pointmesh_dot_v1_dot_rules__pb2.GetTierStatusRequest.SerializeToString,
+                response_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetTierStatusResponse.FromString,
+                _registered_method=True)
         self.GetMemberProgress = channel.unary_unary(
                 '/pointmesh.v1.RulesService/GetMemberProgress',
                 request_serializer=pointmesh_dot_v1_dot_rules__pb2.GetMemberProgressRequest.SerializeToString,
@@ -156,6 +161,14 @@ class RulesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTierStatus(self, request, context):
+        """Where a member stands in the program's tiers (tier, credits this window, what the next
+        tier needs, until when the tier holds), from their qualifying credits by month.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetMemberProgress(self, request, context):
         """Gamification (the program's `gamification` block): a member's achievements, streaks and
         challenge progress, driven by the ledger's events; rewards are posted through the ledger.
@@ -230,6 +243,11 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     servicer.QuoteRedemption,
                     request_deserializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionRequest.FromString,
                     response_serializer=pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionResponse.SerializeToString,
+            ),
+            'GetTierStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTierStatus,
+                    request_deserializer=pointmesh_dot_v1_dot_rules__pb2.GetTierStatusRequest.FromString,
+                    response_serializer=pointmesh_dot_v1_dot_rules__pb2.GetTierStatusResponse.SerializeToString,
             ),
             'GetMemberProgress': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMemberProgress,
@@ -449,6 +467,33 @@ class RulesService:
             '/pointmesh.v1.RulesService/QuoteRedemption',
             pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionRequest.SerializeToString,
             pointmesh_dot_v1_dot_rules__pb2.QuoteRedemptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTierStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pointmesh.v1.RulesService/GetTierStatus',
+            pointmesh_dot_v1_dot_rules__pb2.GetTierStatusRequest.SerializeToString,
+            pointmesh_dot_v1_dot_rules__pb2.GetTierStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

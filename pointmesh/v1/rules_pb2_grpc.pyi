@@ -54,6 +54,10 @@ class RulesServiceStub:
     """How many points may pay for a basket and what they are worth (partial pay with points),
     under the program's point value per currency, minimum redemption and maximum share.
     """
+    GetTierStatus: _grpc.UnaryUnaryMultiCallable[_rules_pb2.GetTierStatusRequest, _rules_pb2.GetTierStatusResponse]
+    """Where a member stands in the program's tiers (tier, credits this window, what the next
+    tier needs, until when the tier holds), from their qualifying credits by month.
+    """
     GetMemberProgress: _grpc.UnaryUnaryMultiCallable[_rules_pb2.GetMemberProgressRequest, _rules_pb2.GetMemberProgressResponse]
     """Gamification (the program's `gamification` block): a member's achievements, streaks and
     challenge progress, driven by the ledger's events; rewards are posted through the ledger.
@@ -94,6 +98,10 @@ class RulesServiceAsyncStub(RulesServiceStub):
     QuoteRedemption: _aio.UnaryUnaryMultiCallable[_rules_pb2.QuoteRedemptionRequest, _rules_pb2.QuoteRedemptionResponse]  # type: ignore[assignment]
     """How many points may pay for a basket and what they are worth (partial pay with points),
     under the program's point value per currency, minimum redemption and maximum share.
+    """
+    GetTierStatus: _aio.UnaryUnaryMultiCallable[_rules_pb2.GetTierStatusRequest, _rules_pb2.GetTierStatusResponse]  # type: ignore[assignment]
+    """Where a member stands in the program's tiers (tier, credits this window, what the next
+    tier needs, until when the tier holds), from their qualifying credits by month.
     """
     GetMemberProgress: _aio.UnaryUnaryMultiCallable[_rules_pb2.GetMemberProgressRequest, _rules_pb2.GetMemberProgressResponse]  # type: ignore[assignment]
     """Gamification (the program's `gamification` block): a member's achievements, streaks and
@@ -174,6 +182,16 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rules_pb2.QuoteRedemptionResponse, _abc.Awaitable[_rules_pb2.QuoteRedemptionResponse]]:
         """How many points may pay for a basket and what they are worth (partial pay with points),
         under the program's point value per currency, minimum redemption and maximum share.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTierStatus(
+        self,
+        request: _rules_pb2.GetTierStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_pb2.GetTierStatusResponse, _abc.Awaitable[_rules_pb2.GetTierStatusResponse]]:
+        """Where a member stands in the program's tiers (tier, credits this window, what the next
+        tier needs, until when the tier holds), from their qualifying credits by month.
         """
 
     @_abc_1.abstractmethod

@@ -3,9 +3,10 @@ period end plus grace, calendar and rolling windows."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
-from pointmesh.tiers import CALENDAR_YEAR, ROLLING_12_MONTHS, TierPolicy, bucket_of, effective_tier
+from pointmesh.tiers import CALENDAR_YEAR, ROLLING_12_MONTHS, TierPolicy, bucket_of, effective_tier, tier_standing
 
 LEVELS = (("blue", 0), ("silver", 1000), ("gold", 5000))
 CALENDAR = TierPolicy("tier_credits", CALENDAR_YEAR, 30, LEVELS)
@@ -78,3 +79,38 @@ def test_months_and_years_are_the_programs_not_utcs() -> None:
     assert effective_tier(CALENDAR, {"2027-01": 5000}, eve) == "gold"  # what UTC bucketing would say
     assert effective_tier(new_york, earned, datetime(2028, 1, 1, 4, 30, tzinfo=UTC)) == "gold"  # 2027's last day
     assert effective_tier(new_york, earned, datetime(2028, 1, 1, 5, 30, tzinfo=UTC)) == "blue"  # 2028 there
+
+
+def test_standing_says_the_tier_what_the_next_needs_and_the_downgrade_date_grace_included() -> None:
+    helsinki = TierPolicy("tier_credits", CALENDAR_YEAR, 30, LEVELS, "Europe/Helsinki")
+    standing = tier_standing(helsinki, {"2026-03": 1200}, at(2026, 6, 1))
+    assert (standing.tier, standing.qualifying, standing.next_tier, standing.to_next) == ("silver", 1200, "gold", 3800)
+    # Silver earned in 2026 holds through 2027 and 30 days of 2028, from midnight in Helsinki.
+    assert standing.held_until == datetime(2028, 1, 31, tzinfo=ZoneInfo("Europe/Helsinki"))
+    assert (standing.then, standing.to_keep) == ("blue", 0)
+
+
+def test_standing_of_a_tier_carried_from_last_year_says_what_keeping_it_takes() -> None:
+    standing = tier_standing(CALENDAR, {"2025-03": 6000, "2026-02": 1500}, at(2026, 6, 1))
+    assert (standing.tier, standing.qualifying, standing.next_tier) == ("gold", 1500, "")
+    assert standing.held_until == datetime(2027, 1, 31, tzinfo=UTC)
+    assert (standing.then, standing.to_keep) == ("silver", 3500)  # this year's 1500 keep silver
+
+
+def test_standings_downgrade_date_is_the_instant_the_tier_drops() -> None:
+    """Checked against effective_tier itself, just before and at the date, for both windows and
+    zones either side of UTC."""
+    for window in (CALENDAR_YEAR, ROLLING_12_MONTHS):
+        for zone in ("UTC", "Europe/Helsinki", "America/New_York"):
+            policy = TierPolicy("tier_credits", window, 45, LEVELS, zone)
+            credits = {"2026-03": 5200, "2026-05": 1100}
+            standing = tier_standing(policy, credits, at(2026, 6, 1))
+            assert standing.held_until is not None, (window, zone)
+            before = standing.held_until - timedelta(seconds=1)
+            assert effective_tier(policy, credits, before) == "gold", (window, zone)
+            assert effective_tier(policy, credits, standing.held_until) == standing.then != "gold", (window, zone)
+
+
+def test_the_entry_tier_has_nothing_to_lose() -> None:
+    standing = tier_standing(ROLLING, {}, at(2026, 6, 1))
+    assert (standing.tier, standing.held_until, standing.to_next) == ("blue", None, 1000)
