@@ -3,7 +3,8 @@
 No I/O here: the store (game_store.py) loads a member's progress, calls `apply`, and saves the
 result with the awards in one transaction, so a purchase event counts once. Award keys are
 deterministic (program, item, member, period), so the reward posted to the ledger under that
-key can only ever be paid once, however often an event is delivered.
+key can only ever be paid once, however often an event is delivered (one revoked and earned
+again is keyed apart: game_store.py). `withdraw` takes back what `apply` counted.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class ItemState:
     paid: list[list[int]] = field(default_factory=list)  # [first, last] week of each streak already paid
     period: str = ""  # the challenge window this progress belongs to (an id reused later starts afresh)
     period_ends_us: int = 0  # that window's end (0: stored before ends were kept)
+    kept_from: int = 0  # streaks: weeks before this one were forgotten (past the lateness horizon)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,18 +71,22 @@ class Counted:
     receipt_us: int = 0
 
 
+WEEK = "week"  # the period of a streak's Counted (a challenge's is its window, an achievement's '')
+
+
 @dataclass(frozen=True, slots=True)
 class Revoked:
-    """An award a withdrawn purchase no longer earns: the one named `period` (as Award.period),
-    or for a streak every run paid that began within [first_week, last_week]."""
+    """An award a withdrawn purchase no longer earns: the one named `period` (as Award.period;
+    a challenge's under any of `periods`, the windows of its id that overlap), or for a streak
+    the awards of runs that began within [first_week, last_week] beyond the `keep` that its
+    `runs` (still long enough) can hold; those whose runs began outside them go first."""
 
     item_id: str
     period: str = ""
+    periods: tuple[str, ...] = ()
     first_week: int = 0
     last_week: int = 0
-    # Streaks: how many of the range's awards go, and the runs still long enough (the awards
-    # whose runs began outside them go first).
-    count: int = 1
+    keep: int = 0
     runs: tuple[tuple[int, int], ...] = ()
 
 
@@ -194,7 +200,7 @@ def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_
     horizon = newest - late_weeks - item.weeks - 1
     if week < horizon:
         return None  # a receipt older than any run still open
-    counted.append(Counted(item.id, str(week)))
+    counted.append(Counted(item.id, str(week), WEEK))
     if week in weeks:
         return None  # this week already counted
     weeks.add(week)
@@ -208,10 +214,7 @@ def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_
         overlapping = [p for p in state.paid if p[0] <= last and p[1] >= first]
         if overlapping:
             state.paid = [p for p in state.paid if p not in overlapping]
-            # One range now, holding every award its parts paid (a withdrawal weighs them all).
-            awards = sum(_awards_in(p) for p in overlapping)
-            merged = [min(first, *(p[0] for p in overlapping)), max(last, *(p[1] for p in overlapping))]
-            state.paid.append(merged + ([awards] if awards > 1 else []))
+            state.paid.append([min(first, *(p[0] for p in overlapping)), max(last, *(p[1] for p in overlapping))])
         else:
             state.paid.append([first, last])
             state.completions += 1
@@ -221,6 +224,7 @@ def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_
     horizon = newest - late_weeks - item.weeks - 1
     state.weeks = sorted(w for w in weeks if w >= horizon)
     state.paid = sorted(p for p in state.paid if p[1] >= horizon)
+    state.kept_from = max(state.kept_from, horizon)
     _newest_run(state)
     return award
 
@@ -399,10 +403,10 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
     g = program.gamification
     for a in g.achievements:
         state = states.get(a.id)
-        mine = {c.value for c in gone if c.item_id == a.id}
+        mine = {c.value for c in gone if c.item_id == a.id and not c.period}
         if state is None or not mine:
             continue
-        others = list(dict.fromkeys(c.value for c in remaining if c.item_id == a.id))
+        others = list(dict.fromkeys(c.value for c in remaining if c.item_id == a.id and not c.period))
         kept = [v for v in state.seen if v not in mine or v in others]
         state.seen = kept + [v for v in others if v not in kept]
         if state.completions and len(state.seen) < a.count:
@@ -420,41 +424,34 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
 
 
 def _week(value: str) -> int | None:
-    """A streak's week as counted (None for a value the id counted as another kind of item)."""
     try:
         return int(value)
     except ValueError:
         return None
 
 
-def _awards_in(paid: list[int]) -> int:
-    return paid[2] if len(paid) > 2 else 1
-
-
 def _withdraw_weeks(item: Streak, state: ItemState, gone: list[Counted], remaining: list[Counted]) -> list[Revoked]:
-    """A week no other purchase gave goes; each paid range it was in keeps as many awards as
-    it still has runs of `item.weeks`. Weeks before the oldest kept were forgotten past the
-    lateness horizon while present (a paid range is a run): they count as there."""
-    others = {c.value for c in remaining if c.item_id == item.id}
-    lost = {_week(c.value) for c in gone if c.item_id == item.id and c.value not in others} & set(state.weeks)
+    """A week no other purchase gave goes; each paid range it was in may keep as many awards as
+    it still has runs of `item.weeks` (the store, which knows the awards, revokes the rest and
+    lowers `completions`). Weeks before `kept_from` were forgotten past the lateness horizon
+    while present (a paid range is a run): they count as there."""
+    others = {c.value for c in remaining if c.item_id == item.id and c.period == WEEK}
+    lost = {_week(c.value) for c in gone if c.item_id == item.id and c.period == WEEK and c.value not in others}
+    lost &= set(state.weeks)
     if not lost:
         return []
-    floor = min(state.weeks)
+    state.kept_from = state.kept_from or min(state.weeks)  # progress stored before it was kept
     state.weeks = [w for w in state.weeks if w not in lost]
-    present = set(state.weeks)
+    present, floor = set(state.weeks), state.kept_from
     revoked, kept = [], []
-    for paid in state.paid:
-        first, last, awards = paid[0], paid[1], _awards_in(paid)
+    for first, last in state.paid:
         if not any(first <= w <= last for w in lost if w is not None):
-            kept.append(paid)
+            kept.append([first, last])
             continue
         runs = _runs(lambda w: w in present or w < floor, first, last, item.weeks)
-        keep = min(awards, len(runs))
-        if keep < awards:
-            state.completions = max(0, state.completions - (awards - keep))
-            revoked.append(Revoked(item.id, first_week=first, last_week=last, count=awards - keep, runs=tuple(runs)))
-        if keep:
-            kept.append([first, last] + ([keep] if keep > 1 else []))
+        revoked.append(Revoked(item.id, first_week=first, last_week=last, keep=len(runs), runs=tuple(runs)))
+        if runs:
+            kept.append([first, last])
     state.paid = kept
     _newest_run(state)
     return revoked
@@ -491,7 +488,7 @@ def _withdraw_place(item: Challenge, state: ItemState, gone: list[Counted], rema
         promoted.append(stand_in)
     if state.completions and state.count < item.purchases:
         state.completions, state.last_completed_us = 0, 0
-        return [Revoked(item.id, state.period)]
+        return [Revoked(item.id, state.period, periods=tuple(sorted(windows)))]
     counted = sorted([x for x in mine if x.counts] + promoted, key=lambda x: (x.receipt_us, x.purchase_id))
     if state.completions and len(counted) == state.count >= item.purchases:  # no progress from before rows were kept
         state.last_completed_us = counted[item.purchases - 1].receipt_us  # when the target is reached now

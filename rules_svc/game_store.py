@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rules_svc.game_engine import (
+    WEEK,
     Award,
     Counted,
     ItemState,
@@ -66,6 +67,7 @@ CREATE TABLE IF NOT EXISTS experiment_exposures (
 
 
 REVOKING = ("REVOKE", "REVOKED")
+COUNTED_PER_PURCHASE = 1  # user_version from which progress before per-purchase rows is kept as rows
 
 
 def _week_of_run(period: str) -> int | None:
@@ -97,11 +99,8 @@ class GameStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        kept_before = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='game_counted'"
-        ).fetchone()
         self._db.executescript(SCHEMA)
-        if not kept_before:
+        if self._db.execute("PRAGMA user_version").fetchone()[0] < COUNTED_PER_PURCHASE:
             self._keep_progress_of_before()
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(game_board)")}
         if "period" not in columns:  # a store written before challenge windows were told apart
@@ -111,17 +110,29 @@ class GameStore:
 
     def _keep_progress_of_before(self) -> None:
         """A store written before purchases' progress was kept per purchase: the distinct values
-        and streak weeks counted so far are kept as given by no purchase (purchase id ''), which
-        no withdrawal takes back, so returning a later purchase that gave the same value or week
-        leaves them. Challenge counts need nothing: a withdrawal takes back only its own place."""
+        and streak weeks counted so far that no kept row gives are kept as given by no purchase
+        (purchase id ''), which no withdrawal takes back, so returning a later purchase that
+        gave the same value or week leaves them (a streak stored before its weeks were kept has
+        them from its run). Challenge counts need nothing: a withdrawal takes back only its own
+        place. Rewards the ledger refused for a key past its 128 characters go back to PENDING:
+        they are now sent as a digest. Done once (user_version), in one transaction."""
         c = self._db
         c.execute("BEGIN IMMEDIATE")
         try:
             for program, member_id, item_id, body in c.execute("SELECT * FROM game_state").fetchall():
                 state = json.loads(body)
-                values = [*state.get("seen", []), *(str(w) for w in state.get("weeks", []))]
-                c.executemany("INSERT OR IGNORE INTO game_counted VALUES (?,?,'',?,?,'',0,0)",
-                              [(program, member_id, item_id, v) for v in values])  # fmt: skip
+                weeks = state.get("weeks") or []
+                if not weeks and state.get("run", 0) > 0:
+                    weeks = list(range(state["last_week"] - state["run"] + 1, state["last_week"] + 1))
+                values = [(v, "") for v in state.get("seen", [])] + [(str(w), WEEK) for w in weeks]
+                c.executemany(
+                    "INSERT INTO game_counted SELECT ?,?,'',?,?,?,0,0 WHERE NOT EXISTS (SELECT 1 FROM game_counted"
+                    " WHERE program=? AND member_id=? AND item_id=? AND value=? AND period=?)",
+                    [(program, member_id, item_id, v, kind, program, member_id, item_id, v, kind) for v, kind in values],
+                )  # fmt: skip
+            c.execute("UPDATE game_rewards SET status='PENDING' WHERE status='REFUSED:INVALID_ARGUMENT'"
+                      " AND length(reward_key) > 128")  # fmt: skip
+            c.execute(f"PRAGMA user_version = {COUNTED_PER_PURCHASE}")
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -240,13 +251,18 @@ class GameStore:
                 remaining = self._counted(f"item_id IN ({','.join('?' * len(items))})", (name, member_id, *items))
                 states = self._states(name, member_id)
                 revoked, promoted = withdraw(program, states, gone, remaining, history)
+                keys = []
+                for r in revoked:
+                    went = self._revoke(name, member_id, r)
+                    if not (r.period or r.periods):  # a streak's range: the engine left its completions to us
+                        states[r.item_id].completions = max(0, states[r.item_id].completions - len(went))
+                    keys += went
                 self._save_states(program, member_id, states, withdrawn=items)
                 c.executemany(
                     "UPDATE game_counted SET counts=1 WHERE program=? AND member_id=? AND purchase_id=? AND item_id=?"
                     " AND value=?",
                     [(name, member_id, x.purchase_id, x.item_id, x.value) for x in promoted],
                 )  # fmt: skip
-                keys = [k for r in revoked for k in self._revoke(name, member_id, r)]
                 c.execute("INSERT INTO game_events VALUES (?,?)", (event_id, member_id))
                 c.execute("COMMIT")
             except BaseException:
@@ -265,31 +281,33 @@ class GameStore:
                 for item, value, period, counts, purchase, receipt_us in rows]  # fmt: skip
 
     def _revoke(self, program: str, member_id: str, revoked: Revoked) -> list[str]:
-        """Marks the award's live reward REVOKE (one the ledger refused for good: REVOKED, there
-        is nothing to take back). A streak's range may hold several awards: `revoked.count` go,
-        those whose runs began outside the runs still long enough first, then the latest."""
+        """Marks the award's live rewards REVOKE (one the ledger refused for good: REVOKED, there
+        is nothing to take back); returns their keys. A streak's range may hold several awards
+        (runs a late week joined): all but `revoked.keep` go, those whose runs began outside the
+        runs still long enough first, then the latest."""
         base = f"{program}:{revoked.item_id}:{member_id}:"
         rows = self._db.execute(
             "SELECT reward_key, status FROM game_rewards WHERE program=? AND member_id=? AND item_id=?"
             f" AND status NOT IN ({','.join('?' * len(REVOKING))})",
             (program, member_id, revoked.item_id, *REVOKING),
         ).fetchall()
+        periods = set(revoked.periods) | {revoked.period} - {""}
         live: list[tuple[int, str, str]] = []  # (run start, key, status)
         for key, status in rows:
             period = key[len(base) :].split("#", 1)[0] if key.startswith(base) else None
             if period is None:
                 continue
-            if revoked.period:
-                if period == revoked.period:
+            if periods:
+                if period in periods:
                     live.append((0, key, status))
                 continue
             start = _week_of_run(period)
             if start is not None and revoked.first_week <= start <= revoked.last_week:
                 live.append((start, key, status))
-        if not revoked.period:
+        if not periods:
             outside = [x for x in live if not any(a <= x[0] <= b for a, b in revoked.runs)]
             inside = [x for x in live if x not in outside]
-            live = (sorted(outside, reverse=True) + sorted(inside, reverse=True))[: revoked.count]
+            live = (sorted(outside, reverse=True) + sorted(inside, reverse=True))[: max(0, len(live) - revoked.keep)]
         for _start, key, status in live:
             final = status.startswith("REFUSED")
             self._db.execute("UPDATE game_rewards SET status=? WHERE reward_key=?",

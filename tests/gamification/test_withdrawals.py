@@ -7,6 +7,7 @@ posts one key once)."""
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from rules_svc.game_engine import ProgramHistory, PurchaseFact
-from rules_svc.game_store import GameStore
+from rules_svc.game_store import SCHEMA, GameStore
 from rules_svc.program import Program
 from tests.rules import load_doc, program_doc
 
@@ -26,14 +27,21 @@ def game(**items: list[dict[str, Any]]) -> Program:
     return load_doc(program_doc(gamification=items))
 
 
-def fact(at: datetime = MONDAY, *, categories: tuple[str, ...] = ("misc",), member: str = "m-1") -> PurchaseFact:
+def fact(at: datetime = MONDAY, *, categories: tuple[str, ...] = ("misc",), member: str = "m-1",
+         store: str = "HEL-01") -> PurchaseFact:  # fmt: skip
     n = next(_ids)
-    return PurchaseFact(f"e{n}", member, f"p{n}", "pos", "HEL-01", 1000, "EUR", at, categories)
+    return PurchaseFact(f"e{n}", member, f"p{n}", "pos", store, 1000, "EUR", at, categories)
 
 
 def statuses(store: GameStore, member: str = "m-1") -> dict[str, str]:
     rows = store._db.execute("SELECT reward_key, status FROM game_rewards WHERE member_id=?", (member,)).fetchall()
     return dict(rows)
+
+
+def as_before_returns(store: GameStore) -> None:
+    """Makes the store one written before purchases' progress was kept per purchase."""
+    store._db.execute("DROP TABLE game_counted")
+    store._db.execute("PRAGMA user_version = 0")
 
 
 @pytest.fixture
@@ -144,7 +152,7 @@ def test_progress_counted_before_purchases_were_kept_stays_when_a_later_purchase
     for i, store_id in enumerate(("HEL-01", "LIS-01", "LIS-01")):
         old.apply_event(program, PurchaseFact(f"old{i}", "m-1", f"old{i}", "pos", store_id, 1000, "EUR",
                                               MONDAY + timedelta(weeks=i)))  # fmt: skip
-    old._db.execute("DROP TABLE game_counted")  # as the store was before
+    as_before_returns(old)
     old.close()
     store = GameStore(tmp_path / "game.sqlite")
     assert sorted(statuses(store).values()) == ["PENDING", "PENDING"]
@@ -223,3 +231,81 @@ def test_an_item_id_counted_as_another_kind_of_item_then_is_left_alone(store: Ga
     store.apply_event(was, bought)
 
     assert store.withdraw_event(now, "w", "m-1", bought.purchase_id) == []
+
+
+def test_an_award_counted_under_a_window_later_corrected_is_revoked_under_its_own_key(store: GameStore) -> None:
+    """Completed under the window from 10 January; a correction to 1 January moves the member's
+    progress to the corrected window; returns must still find the award keyed by the first."""
+
+    def trio(starts: str) -> Program:
+        return game(challenges=[{**TRIO, "starts": starts}])
+
+    later, earlier = trio("2026-01-10T00:00:00+00:00"), trio("2026-01-01T00:00:00+00:00")
+    history = ProgramHistory.of([later, earlier])
+    bought = [fact(datetime(2026, 1, d, 12, tzinfo=UTC)) for d in (11, 12, 13)]
+    for f in bought:
+        store.apply_event(later, f, history)
+    (paid,) = statuses(store)
+    store.apply_event(earlier, fact(datetime(2026, 1, 20, 12, tzinfo=UTC)), history)  # a stand-in, corrected window
+
+    store.withdraw_event(later, "w-1", "m-1", bought[0].purchase_id, history)
+    assert store.withdraw_event(later, "w-2", "m-1", bought[1].purchase_id, history) == [paid]
+    again = store.apply_event(earlier, fact(datetime(2026, 1, 25, 12, tzinfo=UTC)), history)
+    assert again and [s for s in statuses(store).values()].count("PENDING") == 1  # one live award, not two
+
+
+def test_a_week_taken_back_earlier_is_not_counted_as_forgotten(store: GameStore) -> None:
+    program = game(streaks=[{"id": "w3", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])
+    week = {w: fact(MONDAY + timedelta(weeks=w)) for w in range(1, 7)}
+    for f in week.values():
+        store.apply_event(program, f)
+    (key,) = statuses(store)
+
+    assert store.withdraw_event(program, "w-1", "m-1", week[1].purchase_id) == []  # 2-6 still a run
+    assert store.withdraw_event(program, "w-4", "m-1", week[4].purchase_id) == [key]  # 2,3 and 5,6 are not
+
+
+def test_a_streak_stored_before_its_weeks_were_kept_keeps_them_through_the_upgrade(tmp_path: Path) -> None:
+    program = game(streaks=[{"id": "w3", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])
+    old = GameStore(tmp_path / "game.sqlite")
+    for w in range(3):
+        old.apply_event(program, fact(MONDAY + timedelta(weeks=w)))
+    as_before_returns(old)
+    body = json.loads(old._db.execute("SELECT state FROM game_state").fetchone()[0])
+    old._db.execute("UPDATE game_state SET state=?", (json.dumps({k: v for k, v in body.items() if k != "weeks"}),))
+    old.close()
+    store = GameStore(tmp_path / "game.sqlite")
+    late = fact(MONDAY + timedelta(weeks=2, days=1))  # another purchase in the run's last week
+    store.apply_event(program, late)
+
+    assert store.withdraw_event(program, "w", "m-1", late.purchase_id) == []
+    assert store.states("test", "m-1")["w3"].completions == 1
+
+
+def test_an_upgrade_interrupted_before_it_committed_is_done_on_the_next_open(tmp_path: Path) -> None:
+    program = game(achievements=[{"id": "stores2", "name": "Two stores", "distinct": "store", "count": 2,
+                                  "reward": {"points": 50}}])  # fmt: skip
+    old = GameStore(tmp_path / "game.sqlite")
+    old.apply_event(program, fact(store="HEL-01"))
+    old.apply_event(program, fact(store="LIS-01"))
+    as_before_returns(old)
+    old._db.executescript(SCHEMA)  # the new table made, the old progress not yet kept: then killed
+    old.close()
+    store = GameStore(tmp_path / "game.sqlite")
+    later = fact(store="LIS-01")
+    store.apply_event(program, later)
+
+    assert store.withdraw_event(program, "w", "m-1", later.purchase_id) == []
+    assert sorted(store.states("test", "m-1")["stores2"].seen) == ["HEL-01", "LIS-01"]
+
+
+def test_weeks_an_id_counted_as_a_streak_are_not_distinct_values_when_it_is_an_achievement(store: GameStore) -> None:
+    was = game(streaks=[{"id": "x", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])
+    now = game(achievements=[{"id": "x", "name": "Two stores", "distinct": "store", "count": 2,
+                              "reward": {"points": 50}}])  # fmt: skip
+    store.apply_event(was, fact(MONDAY - timedelta(weeks=1)))
+    first, second = fact(store="HEL-01"), fact(store="LIS-01")
+    store.apply_event(now, first)
+    (key,) = [a.key("test", "m-1") for a in store.apply_event(now, second) or []]
+
+    assert store.withdraw_event(now, "w", "m-1", second.purchase_id) == [key]
