@@ -56,6 +56,7 @@ GROUP = "rules-gamification"
 REWARD_NAMESPACE = "gamification"
 REVOKE_NAMESPACE = "gamification-revoke"  # the reversal of a revoked reward, under the reward's key
 LEDGER_KEY_MAX = 128  # the ledger's longest idempotency key
+MERGE_HOPS = 16  # merges followed to find where a merged-away member's points went
 REWARD_FUNDING = GAMIFICATION_FUNDING
 RETRY_SECONDS = 2.0
 LINGER_SECONDS = 0.1  # progress may trail a purchase by this much; polls stay few under load
@@ -211,7 +212,7 @@ class GameWorker:
     async def _revoke(self, reward: Reward, paid_by: str) -> int:
         if not paid_by:
             try:
-                paid_by = (await self.ledger.Earn(self._earn(reward))).transaction.transaction_id
+                paid_by = (await self._post(reward)).transaction.transaction_id
             except grpc.aio.AioRpcError as error:
                 # The ledger will never post it, so there is nothing to take back. A member no
                 # longer active (merged away, erased) is refused only for a key not posted
@@ -249,7 +250,7 @@ class GameWorker:
             page = await asyncio.to_thread(self.store.pending, member_id, PAGE, after)
             for reward in page:
                 try:
-                    response = await self.ledger.Earn(self._earn(reward))
+                    response = await self._post(reward)
                 except grpc.aio.AioRpcError as error:
                     if error.code() in FINAL_REFUSALS:
                         log.error("reward %s refused by the ledger: %s", reward.key, error.details())
@@ -269,10 +270,34 @@ class GameWorker:
                 return paid
             after = page[-1].key
 
-    def _earn(self, reward: Reward) -> ledger_pb2.EarnRequest:
+    async def _post(self, reward: Reward) -> ledger_pb2.EarnResponse:
+        """The reward's Earn. A member merged away since the reward was earned gets it on the
+        member it went to (the same key: a retry lands on the same posting)."""
+        response: ledger_pb2.EarnResponse
+        try:
+            response = await self.ledger.Earn(self._earn(reward))
+        except grpc.aio.AioRpcError as error:
+            heir = await self._heir(reward.member_id) if _reason(error) == "MEMBER_NOT_ACTIVE" else ""
+            if not heir:
+                raise
+            response = await self.ledger.Earn(self._earn(reward, heir))
+        return response
+
+    async def _heir(self, member_id: str) -> str:
+        """The member a merged-away member's points went to ('' when it was not merged)."""
+        found = member_id
+        for _ in range(MERGE_HOPS):
+            member = (await self.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=found))).member
+            if member.status != ledger_pb2.MEMBER_STATUS_MERGED or not member.merged_into_member_id:
+                return "" if found == member_id else found
+            found = member.merged_into_member_id
+        return ""
+
+    def _earn(self, reward: Reward, member_id: str = "") -> ledger_pb2.EarnRequest:
         return ledger_pb2.EarnRequest(
             idempotency_key=common_pb2.IdempotencyKey(namespace=REWARD_NAMESPACE, key=ledger_key(reward.key)),
-            member_id=reward.member_id, unit=reward.unit, points=reward.points, funding_source=REWARD_FUNDING,
+            member_id=member_id or reward.member_id, unit=reward.unit, points=reward.points,
+            funding_source=REWARD_FUNDING,
             reference=f"{reward.item_id}: {reward.name}"[:200],
         )  # fmt: skip
 

@@ -187,9 +187,10 @@ async def test_rewards_with_ids_past_the_ledgers_key_length_are_paid_and_taken_b
     assert (await balance(ledger.stub, member)).balance_points == 200
 
 
-async def test_an_unpaid_reward_of_a_member_merged_away_is_settled_not_retried_for_ever(
+async def test_a_reward_of_a_member_merged_away_before_it_was_paid_goes_to_the_member_it_went_to(
     tmp_path: Path, ledger: LedgerUnderTest
 ) -> None:
+    """And is taken back from there when the purchase that earned it is rejected."""
     program = _trio_program()
     store = GameStore(tmp_path / "game.sqlite")
     source, target = [(await create_member(ledger.stub)).member_id for _ in range(2)]
@@ -200,7 +201,10 @@ async def test_an_unpaid_reward_of_a_member_merged_away_is_settled_not_retried_f
         idempotency_key=key(), source_member_id=source, target_member_id=target))  # fmt: skip
     worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
                         ledger=ledger.stub, consumer="test")  # fmt: skip
-    assert await worker.pay() == 0  # refused now: the member is merged away
+
+    assert await worker.pay() == 1
+    assert store.pending() == []
+    assert (await balance(ledger.stub, target)).balance_points == 200
 
     await worker.handle(_rejected("ev-r", source, "p1"))
 
