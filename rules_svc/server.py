@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 import grpc
 
@@ -72,6 +73,15 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
     def __init__(self, service: RulesService, game: GameService) -> None:
         self.service = service
         self.game = game
+
+    def _at(self, request: rules_pb2.GetTierStatusRequest | rules_pb2.QuoteRedemptionRequest) -> datetime:
+        """The request's `at`, or now when it has none."""
+        if not request.HasField("at"):
+            return self.service.clock.now()
+        try:
+            return from_timestamp(request.at)
+        except ValueError as exc:
+            raise d.BadRequest(str(exc), field="at") from None
 
     @translated
     async def GetMemberProgress(
@@ -174,12 +184,7 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
     async def GetTierStatus(
         self, request: rules_pb2.GetTierStatusRequest, context: grpc.aio.ServicerContext
     ) -> rules_pb2.GetTierStatusResponse:
-        at = self.service.clock.now()
-        if request.HasField("at"):
-            try:
-                at = from_timestamp(request.at)
-            except ValueError as exc:
-                raise d.BadRequest(str(exc), field="at") from None
+        at = self._at(request)
         version, standing = self.service.tier_status(request.program, dict(request.qualification), at)
         return rules_pb2.GetTierStatusResponse(status=tier_status_pb(request.program, version, standing))
 
@@ -201,12 +206,7 @@ class RulesServicer(rules_pb2_grpc.RulesServiceServicer):
     async def QuoteRedemption(
         self, request: rules_pb2.QuoteRedemptionRequest, context: grpc.aio.ServicerContext
     ) -> rules_pb2.QuoteRedemptionResponse:
-        at = self.service.clock.now()
-        if request.HasField("at"):
-            try:
-                at = from_timestamp(request.at)
-            except ValueError as exc:
-                raise d.BadRequest(str(exc), field="at") from None
+        at = self._at(request)
         currency = request.basket_total.currency
         version, q = self.service.quote_redemption(
             request.program, at, currency, request.basket_total.amount_minor, request.points_available,
