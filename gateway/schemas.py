@@ -111,7 +111,11 @@ class TierStatus(BaseModel):
     metric_unit: str = Field(examples=["tier_credits"])
     window: str = Field(examples=["calendar_year"], description="calendar_year or rolling_12_months")
     qualifying_points: int = Field(examples=[1200], description="Credits the current window counts.")
-    points_to_keep: int = Field(examples=[0], description="Credits still to earn to keep the tier past held_until.")
+    points_to_keep: int = Field(
+        examples=[0],
+        description="The least credits that, earned now, still hold the tier at held_until (0: nothing earned now "
+        "holds it longer).",
+    )
     next_tier: str = Field(examples=["gold"], description="Empty at the top tier.")
     next_threshold: int = Field(examples=[5000])
     points_to_next: int = Field(examples=[3800])

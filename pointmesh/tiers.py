@@ -123,27 +123,60 @@ HORIZON_MONTHS = 40  # a level holds at most the next full year and a grace of u
 def tier_standing(policy: TierPolicy, buckets: Mapping[str, int], at: datetime) -> TierStanding:
     """Computed with `effective_level` itself at every instant the level can change (a month
     start, and a month start plus the grace, in the program's zone), so the date shown is the
-    one the next purchase would be priced by, not a second reading of the policy."""
+    one the next purchase would be priced by, not a second reading of the policy; and what
+    keeping the tier takes is the least that, earned now, still holds it at that date."""
     zone = _zone(policy.timezone)
     local = at.astimezone(zone)
     level = effective_level(policy, buckets, at)
+    month = _month_number(local)
     if policy.window == ROLLING_12_MONTHS:
-        now = _month_number(local)
-        qualifying = sum(buckets.get(_bucket_name(n), 0) for n in range(now - ROLLING_BUCKETS + 1, now + 1))
+        qualifying = sum(buckets.get(_bucket_name(n), 0) for n in range(month - ROLLING_BUCKETS + 1, month + 1))
     else:
         qualifying = _year_total(buckets, local.year, local.month)
     next_tier, next_threshold = policy.levels[level + 1] if level + 1 < len(policy.levels) else ("", 0)
     held_until, then = None, policy.levels[level][0]
     if level:
         grace = timedelta(days=policy.grace_days)
-        month = _month_number(local)
-        starts = [datetime(n // 12, n % 12 + 1, 1, tzinfo=zone) for n in range(month - 13, month + HORIZON_MONTHS)]
+        # Credits of months after `at` (asked about the past) count later: search past them too.
+        last = max([month, *(n for key in buckets if (n := _month_of_bucket(key)) is not None)]) + HORIZON_MONTHS
+        starts = [datetime(n // 12, n % 12 + 1, 1, tzinfo=zone) for n in range(month - 13, min(last, LAST_MONTH))]
         for when in sorted({t for s in starts for t in (s, s + grace)}):
             if when > local and (after := effective_level(policy, buckets, when)) < level:
                 held_until, then = when, policy.levels[after][0]
                 break
     return TierStanding(
         policy.levels[level][0], policy.metric_unit, policy.window, qualifying,
-        max(0, policy.levels[level][1] - qualifying), next_tier, next_threshold,
+        _to_keep(policy, buckets, month, level, held_until), next_tier, next_threshold,
         max(0, next_threshold - qualifying) if next_tier else 0, held_until, then,
     )  # fmt: skip
+
+
+LAST_MONTH = 9998 * 12  # month starts searched stay clear of datetime's year 9999
+
+
+def _month_of_bucket(key: str) -> int | None:
+    year, _, month = key.partition("-")
+    return int(year) * 12 + int(month) - 1 if year.isdigit() and month.isdigit() else None
+
+
+def _to_keep(
+    policy: TierPolicy, buckets: Mapping[str, int], month: int, level: int, held_until: datetime | None
+) -> int:
+    """The least credits that, earned this month, still hold `level` at `held_until`; 0 when
+    nothing is to be lost, or nothing earned now can hold it longer (a calendar year's tier
+    earned this year: only next year's credits extend it)."""
+    threshold = policy.levels[level][1]
+    if held_until is None:
+        return 0
+    now = _bucket_name(month)
+
+    def keeps(extra: int) -> bool:
+        return effective_level(policy, {**buckets, now: buckets.get(now, 0) + extra}, held_until) >= level
+
+    if not keeps(threshold):
+        return 0
+    low, high = 0, threshold  # keeps(high); not keeps(0), since the level drops at held_until
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if keeps(mid) else (mid, high)
+    return high

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
+from pointmesh.bounds import MAX_POINTS
 from pointmesh.clock import Clock
 from pointmesh.tiers import TierStanding, tier_standing
 from rules_svc.domain import (
@@ -177,13 +178,19 @@ class RulesService:
     def tier_status(self, program: str, qualification: Mapping[str, int], at: datetime) -> tuple[int, TierStanding]:
         """The standing `qualification` (credits by month of the program's zone) gives under the
         version in effect at `at`."""
-        for month in qualification:
+        for month, credits in qualification.items():
             if not _MONTH.fullmatch(month):
                 raise BadRequest(f"{month!r} is not a month (YYYY-MM)", field=f"qualification[{month!r}]")
+            if abs(credits) > MAX_POINTS:
+                raise BadRequest(f"{credits} is beyond {MAX_POINTS} in size", field=f"qualification[{month!r}]")
+        if at.year > LAST_YEAR:
+            raise BadRequest(f"must be before the year {LAST_YEAR + 1}", field="at")
         try:
             compiled = self.compiled(program, 0, at)
-        except FailedPrecondition as exc:
-            raise FailedPrecondition(exc.message, field="at") from None
+        except FailedPrecondition as exc:  # no version in effect then: the instant asked about is at fault
+            raise FailedPrecondition(
+                exc.message, field="at" if exc.field == "basket.receipt_time" else exc.field
+            ) from None
         policy = compiled.tier_policy
         if policy is None:
             raise FailedPrecondition(f"program {program} v{compiled.version} has no tiers", field="program")
@@ -198,6 +205,7 @@ class RulesService:
 
 
 _MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
+LAST_YEAR = 9990  # a standing looks up to a few years ahead of `at`
 
 
 def _same_publish(namespace: str, key: str, used: PublishKey, fingerprint: str) -> None:

@@ -1073,7 +1073,9 @@ class TierStatus(_message.Message):
     and the twelve before it).
     """
     points_to_keep: _builtins.int
-    """Credits still to earn in this window to keep the tier past held_until (0: earned already)."""
+    """The least credits that, earned now, still hold the tier at held_until (0 when nothing
+    earned now holds it longer, e.g. a calendar year's tier earned this year).
+    """
     next_tier: _builtins.str
     """The next tier up and its threshold ("" at the top), and the credits still to earn for it."""
     next_threshold: _builtins.int

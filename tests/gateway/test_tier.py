@@ -5,6 +5,8 @@ days' grace, in Helsinki's time; the mesh clock stands on Monday 5 January 2026.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import grpc
 
 from pointmesh.v1 import ledger_pb2, rules_pb2
@@ -65,3 +67,15 @@ async def test_with_rules_svc_away_the_ledger_answers_unavailable(ledger: Ledger
         ledger.stub.GetMemberTier(ledger_pb2.GetMemberTierRequest(member_id=member)), grpc.StatusCode.UNAVAILABLE
     )
     assert "rules_svc did not answer" in (error.details() or "")
+
+
+async def test_rules_svc_refuses_credits_and_instants_beyond_its_bounds_naming_them(gw: GatewayUnderTest) -> None:
+    """Refused as bad input, not failed as UNKNOWN (which the ledger would report as rules_svc
+    being down)."""
+    huge = rules_pb2.GetTierStatusRequest(program="meshmart", qualification={"2026-01": 2**63 - 1, "2026-02": 1})
+    error = await rpc_error(gw.mesh.rules.stub.GetTierStatus(huge), grpc.StatusCode.INVALID_ARGUMENT)
+    assert error_field(error) == "qualification['2026-01']"
+    late = rules_pb2.GetTierStatusRequest(program="meshmart", qualification={"2026-01": 500})
+    late.at.FromDatetime(datetime(9999, 6, 1))
+    error = await rpc_error(gw.mesh.rules.stub.GetTierStatus(late), grpc.StatusCode.INVALID_ARGUMENT)
+    assert error_field(error) == "at"

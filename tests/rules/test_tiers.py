@@ -3,12 +3,14 @@ period end plus grace, calendar and rolling windows."""
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from pointmesh.tiers import CALENDAR_YEAR, ROLLING_12_MONTHS, TierPolicy, bucket_of, effective_tier, tier_standing
 
 LEVELS = (("blue", 0), ("silver", 1000), ("gold", 5000))
+RANK = {code: i for i, (code, _threshold) in enumerate(LEVELS)}
 CALENDAR = TierPolicy("tier_credits", CALENDAR_YEAR, 30, LEVELS)
 ROLLING = TierPolicy("tier_credits", ROLLING_12_MONTHS, 30, LEVELS)
 
@@ -114,3 +116,48 @@ def test_standings_downgrade_date_is_the_instant_the_tier_drops() -> None:
 def test_the_entry_tier_has_nothing_to_lose() -> None:
     standing = tier_standing(ROLLING, {}, at(2026, 6, 1))
     assert (standing.tier, standing.held_until, standing.to_next) == ("blue", None, 1000)
+
+
+def test_keeping_a_rolling_tier_takes_what_still_counts_when_the_old_months_drop_off() -> None:
+    policy = TierPolicy("tier_credits", ROLLING_12_MONTHS, 45, LEVELS)
+    credits = {"2026-03": 5200, "2026-05": 1100}  # gold now; March's credits stop counting first
+    standing = tier_standing(policy, credits, at(2026, 6, 1))
+    assert (standing.tier, standing.then, standing.to_keep) == ("gold", "silver", 3900)
+    assert standing.held_until is not None
+    assert effective_tier(policy, {**credits, "2026-06": 3900}, standing.held_until) == "gold"
+    assert effective_tier(policy, {**credits, "2026-06": 3899}, standing.held_until) == "silver"
+
+
+def test_credits_of_months_after_the_instant_asked_about_are_searched_past() -> None:
+    """GetTierStatus may be asked about a past instant: later months' credits hold the tier longer."""
+    policy = TierPolicy("tier_credits", CALENDAR_YEAR, 366, LEVELS)
+    standing = tier_standing(policy, {"2026-03": 1200, "2028-05": 6000}, at(2026, 6, 1))
+    assert (standing.tier, standing.held_until) == ("silver", datetime(2031, 1, 1, tzinfo=UTC))
+
+
+def test_standing_agrees_with_the_tier_arithmetic_on_random_credit_histories() -> None:
+    """held_until is the instant the level drops, and to_keep the least that, earned now, still
+    holds it then; both checked against effective_tier on seeded random cases."""
+    rng = random.Random(2026)
+    for case in range(400):
+        window = rng.choice((CALENDAR_YEAR, ROLLING_12_MONTHS))
+        zone = rng.choice(("UTC", "Europe/Helsinki", "America/Santiago", "Asia/Tokyo"))
+        policy = TierPolicy("tier_credits", window, rng.choice((0, 1, 30, 45, 200, 366)), LEVELS, zone)
+        when = at(2026, rng.randint(1, 12), rng.randint(1, 28))
+        credits = {f"{y}-{m:02d}": rng.choice((300, 900, 2600, 5100)) for y in (2024, 2025, 2026, 2027)
+                   for m in range(1, 13) if rng.random() < 0.12}  # fmt: skip
+        s = tier_standing(policy, credits, when)
+        assert s.tier == effective_tier(policy, credits, when), case
+        if s.held_until is None:
+            assert s.tier == "blue", case
+            continue
+        # Up to then at least this tier (later months' credits may raise it first), then below.
+        assert RANK[effective_tier(policy, credits, s.held_until - timedelta(seconds=1))] >= RANK[s.tier], case
+        assert effective_tier(policy, credits, s.held_until) == s.then, case
+        assert RANK[s.then] < RANK[s.tier], case
+        if s.to_keep:
+            month = bucket_of(when, zone)
+            more = {**credits, month: credits.get(month, 0) + s.to_keep}
+            less = {**credits, month: credits.get(month, 0) + s.to_keep - 1}
+            assert RANK[effective_tier(policy, more, s.held_until)] >= RANK[s.tier], case
+            assert RANK[effective_tier(policy, less, s.held_until)] < RANK[s.tier], case
