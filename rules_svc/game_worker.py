@@ -271,27 +271,23 @@ class GameWorker:
             after = page[-1].key
 
     async def _post(self, reward: Reward) -> ledger_pb2.EarnResponse:
-        """The reward's Earn. A member merged away since the reward was earned gets it on the
-        member it went to (the same key: a retry lands on the same posting)."""
-        response: ledger_pb2.EarnResponse
-        try:
-            response = await self.ledger.Earn(self._earn(reward))
-        except grpc.aio.AioRpcError as error:
-            heir = await self._heir(reward.member_id) if _reason(error) == "MEMBER_NOT_ACTIVE" else ""
-            if not heir:
-                raise
-            response = await self.ledger.Earn(self._earn(reward, heir))
-        return response
-
-    async def _heir(self, member_id: str) -> str:
-        """The member a merged-away member's points went to ('' when it was not merged)."""
-        found = member_id
+        """The reward's Earn. A member merged away since the reward was earned (erased since,
+        too) gets it on the member it went to, hop by hop along the merges: the same key, so a
+        key already posted on a member along the way answers from its record (the member is in
+        its fingerprint: the one it was posted for conflicts elsewhere)."""
+        member_id = reward.member_id
         for _ in range(MERGE_HOPS):
-            member = (await self.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=found))).member
-            if member.status != ledger_pb2.MEMBER_STATUS_MERGED or not member.merged_into_member_id:
-                return "" if found == member_id else found
-            found = member.merged_into_member_id
-        return ""
+            try:
+                response: ledger_pb2.EarnResponse = await self.ledger.Earn(self._earn(reward, member_id))
+                return response
+            except grpc.aio.AioRpcError as error:
+                if _reason(error) not in ("MEMBER_NOT_ACTIVE", "IDEMPOTENCY_CONFLICT"):
+                    raise
+                member = (await self.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id))).member
+                if not member.merged_into_member_id:
+                    raise
+                member_id = member.merged_into_member_id
+        raise RuntimeError(f"reward {reward.key}: more than {MERGE_HOPS} merges from member {reward.member_id}")
 
     def _earn(self, reward: Reward, member_id: str = "") -> ledger_pb2.EarnRequest:
         return ledger_pb2.EarnRequest(

@@ -191,6 +191,20 @@ async def test_a_reward_of_a_member_merged_away_before_it_was_paid_goes_to_the_m
     tmp_path: Path, ledger: LedgerUnderTest
 ) -> None:
     """And is taken back from there when the purchase that earned it is rejected."""
+    store, worker, source, target = await _merged_away_reward(tmp_path, ledger)
+
+    assert await worker.pay() == 1
+    assert store.pending() == []
+    assert (await balance(ledger.stub, target)).balance_points == 200
+
+    await worker.handle(_rejected("ev-r", source, "p1"))
+
+    assert store.revoking() == []
+    assert (await balance(ledger.stub, target)).balance_points == 0
+
+
+async def _merged_away_reward(tmp_path: Path, ledger: LedgerUnderTest) -> tuple[GameStore, GameWorker, str, str]:
+    """A completed trio of a member then merged into another, its reward not yet paid."""
     program = _trio_program()
     store = GameStore(tmp_path / "game.sqlite")
     source, target = [(await create_member(ledger.stub)).member_id for _ in range(2)]
@@ -201,12 +215,31 @@ async def test_a_reward_of_a_member_merged_away_before_it_was_paid_goes_to_the_m
         idempotency_key=key(), source_member_id=source, target_member_id=target))  # fmt: skip
     worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
                         ledger=ledger.stub, consumer="test")  # fmt: skip
+    return store, worker, source, target
+
+
+@pytest.mark.parametrize("then", ["paid", "revoked"])
+async def test_a_reward_posted_to_the_heir_before_a_crash_is_settled_or_taken_back_after_it(
+    tmp_path: Path, ledger: LedgerUnderTest, then: str
+) -> None:
+    """The worker posted it to the member merged into and died before marking it: the next
+    attempt must find that posting (asked of the first member, its key conflicts), not give up."""
+    store, worker, source, target = await _merged_away_reward(tmp_path, ledger)
+    (reward,) = store.pending()
+    await worker._post(reward)  # then killed
+    if then == "paid":
+        assert await worker.pay() == 1
+        assert store.pending() == [] and (await balance(ledger.stub, target)).balance_points == 200
+    else:
+        await worker.handle(_rejected("ev-r", source, "p1"))
+        assert store.revoking() == [] and (await balance(ledger.stub, target)).balance_points == 0
+
+
+async def test_a_reward_of_a_member_merged_then_erased_goes_to_the_member_it_went_to(
+    tmp_path: Path, ledger: LedgerUnderTest
+) -> None:
+    _store, worker, source, target = await _merged_away_reward(tmp_path, ledger)
+    await ledger.stub.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=source))
 
     assert await worker.pay() == 1
-    assert store.pending() == []
     assert (await balance(ledger.stub, target)).balance_points == 200
-
-    await worker.handle(_rejected("ev-r", source, "p1"))
-
-    assert store.revoking() == []
-    assert (await balance(ledger.stub, target)).balance_points == 0

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from ledger_svc import commands as c
 from ledger_svc.domain import (
+    AlreadyReversed,
     Balance,
     FailedPrecondition,
     IdemKey,
@@ -476,16 +477,20 @@ class Scenario:
         if op.how == "points":
             points = max(1, earn.points * op.percent // 100)
             cmd = c.Reverse(key, earn.tx_id, points=points)
-            if earn.reversible <= 0 or points > earn.reversible:
+            if earn.reversible <= 0:
+                return AlreadyReversed, 0, cmd
+            if points > earn.reversible:
                 return FailedPrecondition, 0, cmd
             return None, points, cmd
         if op.how == "full":
             cmd = c.Reverse(key, earn.tx_id, full=True)
-            return (FailedPrecondition, 0, cmd) if earn.reversible <= 0 else (None, earn.reversible, cmd)
+            return (AlreadyReversed, 0, cmd) if earn.reversible <= 0 else (None, earn.reversible, cmd)
         refund_minor = max(1, (earn.purchase_minor or 10_000) * op.percent // 100)
         cmd = c.Reverse(key, earn.tx_id, refund=Money(refund_minor, op.currency))
         refunded = earn.refunded_minor + refund_minor
-        if earn.reversible <= 0 or earn.purchase_minor <= 0:
+        if earn.reversible <= 0:
+            return AlreadyReversed, 0, cmd
+        if earn.purchase_minor <= 0:
             return FailedPrecondition, 0, cmd
         if op.currency != "EUR" or refunded > earn.purchase_minor:
             return InvalidArgument, 0, cmd
