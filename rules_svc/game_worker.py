@@ -92,6 +92,10 @@ def withdrawn_purchase(event: ledger_pb2.LedgerEvent) -> str:
     return ""
 
 
+class ErasedMember(Exception):
+    """The reward's member was erased (and not merged into anyone): it can never be paid."""
+
+
 def ledger_key(key: str) -> str:
     """The reward's key as the ledger takes it: as it is, or, past the ledger's 128 characters
     (64-character program and item ids, a `#n` of an award earned again), a digest of it."""
@@ -213,6 +217,8 @@ class GameWorker:
         if not paid_by:
             try:
                 paid_by = (await self._post(reward)).transaction.transaction_id
+            except ErasedMember:  # refused only for a key not posted: nothing to take back
+                return int(await asyncio.to_thread(self.store.revoked, reward.key, ""))
             except grpc.aio.AioRpcError as error:
                 # The ledger will never post it, so there is nothing to take back. A member no
                 # longer active (merged away, erased) is refused only for a key not posted
@@ -251,6 +257,10 @@ class GameWorker:
             for reward in page:
                 try:
                     response = await self._post(reward)
+                except ErasedMember:
+                    log.warning("reward %s not paid: its member was erased", reward.key)
+                    await asyncio.to_thread(self.store.settle, reward.key, "REFUSED:ERASED")
+                    continue
                 except grpc.aio.AioRpcError as error:
                     if error.code() in FINAL_REFUSALS:
                         log.error("reward %s refused by the ledger: %s", reward.key, error.details())
@@ -285,6 +295,8 @@ class GameWorker:
                     raise
                 member = (await self.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id))).member
                 if not member.merged_into_member_id:
+                    if member.status == ledger_pb2.MEMBER_STATUS_ERASED:
+                        raise ErasedMember(member_id) from error
                     raise
                 member_id = member.merged_into_member_id
         raise RuntimeError(f"reward {reward.key}: more than {MERGE_HOPS} merges from member {reward.member_id}")

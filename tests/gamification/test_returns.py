@@ -243,3 +243,21 @@ async def test_a_reward_of_a_member_merged_then_erased_goes_to_the_member_it_wen
 
     assert await worker.pay() == 1
     assert (await balance(ledger.stub, target)).balance_points == 200
+
+
+async def test_a_reward_of_an_erased_member_is_refused_for_good_not_retried(
+    tmp_path: Path, ledger: LedgerUnderTest
+) -> None:
+    program = _trio_program()
+    store = GameStore(tmp_path / "game.sqlite")
+    member = (await create_member(ledger.stub)).member_id
+    for i in range(3):
+        store.apply_event(program, PurchaseFact(f"e{i}", member, f"p{i}", "pos", "HEL-01", 1000, "EUR",
+                                                AT + timedelta(hours=i)))  # fmt: skip
+    await ledger.stub.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=member))
+    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
+                        ledger=ledger.stub, consumer="test")  # fmt: skip
+
+    assert await worker.pay() == 0
+    assert store.pending() == []
+    assert store.reward_totals(program.program, member) == {"REFUSED:ERASED": 200}
