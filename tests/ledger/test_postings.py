@@ -719,7 +719,12 @@ async def test_a_retry_that_posts_after_its_refused_first_attempt_keeps_the_key(
     )  # fmt: skip
     posted = [o for o in outcomes[:2] if not isinstance(o, BaseException)]
     assert all(isinstance(o, LedgerError) for o in outcomes[:2] if isinstance(o, BaseException)), outcomes
-    assert len(posted) >= 1 and figures(await balance(ledger.stub, member))["balance"] == 0
+    if not posted:
+        # Both attempts came before the earn's points this time (a busy box): both were refused
+        # and gave the key back, so the till's next retry posts under it. Then the same checks.
+        assert figures(await balance(ledger.stub, member))["balance"] == 100
+        posted = [await svc.redeem(spend)]
+    assert figures(await balance(ledger.stub, member))["balance"] == 0
 
     with pytest.raises(IdempotencyConflict):
         await svc.earn(c.Earn(IdemKey("race", "spend-1"), elsewhere, "points", 5))
