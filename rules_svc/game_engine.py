@@ -76,13 +76,13 @@ WEEK = "week"  # the period of a streak's Counted (a challenge's is its window, 
 
 @dataclass(frozen=True, slots=True)
 class Revoked:
-    """An award a withdrawn purchase no longer earns: the one named `period` (as Award.period;
-    a challenge's under any of `periods`, the windows of its id that overlap), or for a streak
-    the awards of runs that began within [first_week, last_week] beyond the `keep` that its
-    `runs` (still long enough) can hold; those whose runs began outside them go first."""
+    """An award a withdrawn purchase no longer earns: the one keyed under any of `periods` (as
+    Award.period: an achievement's "once", a challenge's windows of its id that overlap), or,
+    with no periods, for a streak the awards of runs that began within [first_week, last_week]
+    beyond the `keep` that its `runs` (still long enough) can hold; those whose runs began
+    outside them go first."""
 
     item_id: str
-    period: str = ""
     periods: tuple[str, ...] = ()
     first_week: int = 0
     last_week: int = 0
@@ -411,7 +411,7 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
         state.seen = kept + [v for v in others if v not in kept]
         if state.completions and len(state.seen) < a.count:
             state.completions, state.last_completed_us = 0, 0
-            revoked.append(Revoked(a.id, "once"))
+            revoked.append(Revoked(a.id, ("once",)))
     for s in g.streaks:
         state = states.get(s.id)
         if state is not None:
@@ -423,21 +423,14 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
     return revoked, promoted
 
 
-def _week(value: str) -> int | None:
-    try:
-        return int(value)
-    except ValueError:
-        return None
-
-
 def _withdraw_weeks(item: Streak, state: ItemState, gone: list[Counted], remaining: list[Counted]) -> list[Revoked]:
     """A week no other purchase gave goes; each paid range it was in may keep as many awards as
     it still has runs of `item.weeks` (the store, which knows the awards, revokes the rest and
     lowers `completions`). Weeks before `kept_from` were forgotten past the lateness horizon
     while present (a paid range is a run): they count as there."""
     others = {c.value for c in remaining if c.item_id == item.id and c.period == WEEK}
-    lost = {_week(c.value) for c in gone if c.item_id == item.id and c.period == WEEK and c.value not in others}
-    lost &= set(state.weeks)
+    mine = {c.value for c in gone if c.item_id == item.id and c.period == WEEK}
+    lost = {w for w in state.weeks if str(w) not in others and str(w) in mine}
     if not lost:
         return []
     state.kept_from = state.kept_from or min(state.weeks)  # progress stored before it was kept
@@ -445,7 +438,7 @@ def _withdraw_weeks(item: Streak, state: ItemState, gone: list[Counted], remaini
     present, floor = set(state.weeks), state.kept_from
     revoked, kept = [], []
     for first, last in state.paid:
-        if not any(first <= w <= last for w in lost if w is not None):
+        if not any(first <= w <= last for w in lost):
             kept.append([first, last])
             continue
         runs = _runs(lambda w: w in present or w < floor, first, last, item.weeks)
@@ -474,8 +467,8 @@ def _withdraw_place(item: Challenge, state: ItemState, gone: list[Counted], rema
                     history: ProgramHistory, promoted: list[Counted]) -> list[Revoked]:  # fmt: skip
     """The purchase's place in the member's current window (with the windows of the id that
     overlap it: its start was corrected) goes, and the first stand-in takes it."""
-    windows = set(overlapping_periods(item, history))
-    windows = windows | {state.period} if state.period in windows else {state.period}
+    overlapping = set(overlapping_periods(item, history))
+    windows = overlapping if state.period in overlapping else {state.period}
     places = [x for x in gone if x.item_id == item.id and x.counts and x.period in windows]
     if not places:
         return []
@@ -488,7 +481,7 @@ def _withdraw_place(item: Challenge, state: ItemState, gone: list[Counted], rema
         promoted.append(stand_in)
     if state.completions and state.count < item.purchases:
         state.completions, state.last_completed_us = 0, 0
-        return [Revoked(item.id, state.period, periods=tuple(sorted(windows)))]
+        return [Revoked(item.id, tuple(sorted(windows)))]
     counted = sorted([x for x in mine if x.counts] + promoted, key=lambda x: (x.receipt_us, x.purchase_id))
     if state.completions and len(counted) == state.count >= item.purchases:  # no progress from before rows were kept
         state.last_completed_us = counted[item.purchases - 1].receipt_us  # when the target is reached now

@@ -16,10 +16,11 @@ REVOKED.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,9 +117,7 @@ class GameStore:
         them from its run). Challenge counts need nothing: a withdrawal takes back only its own
         place. Rewards the ledger refused for a key past its 128 characters go back to PENDING:
         they are now sent as a digest. Done once (user_version), in one transaction."""
-        c = self._db
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate() as c:
             for program, member_id, item_id, body in c.execute("SELECT * FROM game_state").fetchall():
                 state = json.loads(body)
                 weeks = state.get("weeks") or []
@@ -133,10 +132,6 @@ class GameStore:
             c.execute("UPDATE game_rewards SET status='PENDING' WHERE status='REFUSED:INVALID_ARGUMENT'"
                       " AND length(reward_key) > 128")  # fmt: skip
             c.execute(f"PRAGMA user_version = {COUNTED_PER_PURCHASE}")
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
 
     def _move_experiment_members(self) -> None:
         """A store written before exposures were kept per arm and salt: its rows (one per member,
@@ -144,18 +139,25 @@ class GameStore:
         c = self._db
         if not c.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='experiment_members'").fetchone():
             return
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate():
             c.execute("INSERT OR IGNORE INTO experiment_exposures SELECT program, experiment_id, '', member_id, arm,"
                       " purchases, points FROM experiment_members")  # fmt: skip
             c.execute("DROP TABLE experiment_members")
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         self._db.close()
+
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed when the block ends, rolled back if it raises."""
+        c = self._db
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
 
     def apply_event(self, program: Program, fact: PurchaseFact,
                     history: ProgramHistory | None = None) -> list[Award] | None:  # fmt: skip
@@ -163,37 +165,29 @@ class GameStore:
         receipt time, and `history`, what all versions say (game_engine.apply); returns the
         awards it earned (already stored), or None when the event was counted before."""
         name = program.program
-        with self._lock:
-            c = self._db
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (fact.event_id,)).fetchone():
-                    c.execute("ROLLBACK")
-                    return None
-                states = self._states(name, fact.member_id)
-                counted: list[Counted] = []
-                awards = apply(program, states, self._joined(name, fact.member_id), fact, history, counted)
-                self._save_states(program, fact.member_id, states)
-                receipt_us = epoch_us(fact.receipt_time)
-                c.executemany(
-                    "INSERT OR IGNORE INTO game_counted VALUES (?,?,?,?,?,?,?,?)",
-                    [(name, fact.member_id, fact.purchase_id, x.item_id, x.value, x.period, int(x.counts), receipt_us)
-                     for x in counted],
-                )  # fmt: skip
-                c.executemany(
-                    "INSERT OR IGNORE INTO game_rewards VALUES (?,?,?,?,?,?,?,'PENDING','')",
-                    [(self._fresh_key(a.key(name, fact.member_id)), name, fact.member_id, a.item_id, a.name,
-                      a.points, a.unit) for a in awards],
-                )  # fmt: skip
-                salts = {e.id: e.salt for e in program.experiments}
-                for experiment_id, arm in fact.experiment_arms:
-                    self._expose(name, experiment_id, salts.get(experiment_id, ""), fact.member_id, arm, 1,
-                                 fact.points(program.units[0]))  # fmt: skip
-                c.execute("INSERT INTO game_events VALUES (?,?)", (fact.event_id, fact.member_id))
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+        with self._lock, self._immediate() as c:
+            if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (fact.event_id,)).fetchone():
+                return None  # counted before: nothing written
+            states = self._states(name, fact.member_id)
+            counted: list[Counted] = []
+            awards = apply(program, states, self._joined(name, fact.member_id), fact, history, counted)
+            self._save_states(program, fact.member_id, states)
+            receipt_us = epoch_us(fact.receipt_time)
+            c.executemany(
+                "INSERT OR IGNORE INTO game_counted VALUES (?,?,?,?,?,?,?,?)",
+                [(name, fact.member_id, fact.purchase_id, x.item_id, x.value, x.period, int(x.counts), receipt_us)
+                 for x in counted],
+            )  # fmt: skip
+            c.executemany(
+                "INSERT OR IGNORE INTO game_rewards VALUES (?,?,?,?,?,?,?,'PENDING','')",
+                [(self._fresh_key(a.key(name, fact.member_id)), name, fact.member_id, a.item_id, a.name,
+                  a.points, a.unit) for a in awards],
+            )  # fmt: skip
+            salts = {e.id: e.salt for e in program.experiments}
+            for experiment_id, arm in fact.experiment_arms:
+                self._expose(name, experiment_id, salts.get(experiment_id, ""), fact.member_id, arm, 1,
+                             fact.points(program.units[0]))  # fmt: skip
+            c.execute("INSERT INTO game_events VALUES (?,?)", (fact.event_id, fact.member_id))
         return awards
 
     def _save_states(self, program: Program, member_id: str, states: dict[str, ItemState], *,
@@ -237,37 +231,29 @@ class GameStore:
         """Takes back what the purchase gave, once per event id (game_engine.withdraw); returns
         the keys of the rewards it revoked, or None when the event was handled before."""
         name = program.program
-        with self._lock:
-            c = self._db
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (event_id,)).fetchone():
-                    c.execute("ROLLBACK")
-                    return None
-                key = (name, member_id, purchase_id)
-                gone = self._counted("purchase_id=?", key)
-                c.execute("DELETE FROM game_counted WHERE program=? AND member_id=? AND purchase_id=?", key)
-                items = sorted({x.item_id for x in gone})
-                remaining = self._counted(f"item_id IN ({','.join('?' * len(items))})", (name, member_id, *items))
-                states = self._states(name, member_id)
-                revoked, promoted = withdraw(program, states, gone, remaining, history)
-                keys = []
-                for r in revoked:
-                    went = self._revoke(name, member_id, r)
-                    if not (r.period or r.periods):  # a streak's range: the engine left its completions to us
-                        states[r.item_id].completions = max(0, states[r.item_id].completions - len(went))
-                    keys += went
-                self._save_states(program, member_id, states, withdrawn=items)
-                c.executemany(
-                    "UPDATE game_counted SET counts=1 WHERE program=? AND member_id=? AND purchase_id=? AND item_id=?"
-                    " AND value=?",
-                    [(name, member_id, x.purchase_id, x.item_id, x.value) for x in promoted],
-                )  # fmt: skip
-                c.execute("INSERT INTO game_events VALUES (?,?)", (event_id, member_id))
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+        with self._lock, self._immediate() as c:
+            if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (event_id,)).fetchone():
+                return None  # handled before: nothing written
+            key = (name, member_id, purchase_id)
+            gone = self._counted("purchase_id=?", key)
+            c.execute("DELETE FROM game_counted WHERE program=? AND member_id=? AND purchase_id=?", key)
+            items = sorted({x.item_id for x in gone})
+            remaining = self._counted(f"item_id IN ({','.join('?' * len(items))})", (name, member_id, *items))
+            states = self._states(name, member_id)
+            revoked, promoted = withdraw(program, states, gone, remaining, history)
+            keys = []
+            for r in revoked:
+                went = self._revoke(name, member_id, r)
+                if not r.periods:  # a streak's range: the engine left its completions to us
+                    states[r.item_id].completions = max(0, states[r.item_id].completions - len(went))
+                keys += went
+            self._save_states(program, member_id, states, withdrawn=items)
+            c.executemany(
+                "UPDATE game_counted SET counts=1 WHERE program=? AND member_id=? AND purchase_id=? AND item_id=?"
+                " AND value=?",
+                [(name, member_id, x.purchase_id, x.item_id, x.value) for x in promoted],
+            )  # fmt: skip
+            c.execute("INSERT INTO game_events VALUES (?,?)", (event_id, member_id))
         return keys
 
     def _counted(self, where: str, args: tuple[str, ...]) -> list[Counted]:
@@ -291,7 +277,7 @@ class GameStore:
             f" AND status NOT IN ({','.join('?' * len(REVOKING))})",
             (program, member_id, revoked.item_id, *REVOKING),
         ).fetchall()
-        periods = set(revoked.periods) | {revoked.period} - {""}
+        periods = set(revoked.periods)
         live: list[tuple[int, str, str]] = []  # (run start, key, status)
         for key, status in rows:
             period = key[len(base) :].split("#", 1)[0] if key.startswith(base) else None
@@ -317,13 +303,7 @@ class GameStore:
     def revoking(self, member_id: str = "", limit: int = 500, after: str = "") -> list[tuple[Reward, str]]:
         """REVOKE rewards in key order, each with the ledger transaction that paid it ('' when
         not known to be paid: the worker asks the ledger by posting its key again)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT reward_key, member_id, item_id, name, points, unit, transaction_id FROM game_rewards"
-                " WHERE status='REVOKE' AND (?='' OR member_id=?) AND reward_key > ? ORDER BY reward_key LIMIT ?",
-                (member_id, member_id, after, limit),
-            ).fetchall()
-        return [(Reward(*r[:6]), r[6]) for r in rows]
+        return self._rewards("REVOKE", member_id, limit, after)
 
     def revoked(self, key: str, reversal_id: str) -> bool:
         """A REVOKE reward whose points the ledger took back; False when it was settled already."""
@@ -412,13 +392,18 @@ class GameStore:
 
     def pending(self, member_id: str = "", limit: int = 500, after: str = "") -> list[Reward]:
         """PENDING rewards in key order, those after the key `after` (for paging through them all)."""
+        return [reward for reward, _tx in self._rewards("PENDING", member_id, limit, after)]
+
+    def _rewards(self, status: str, member_id: str, limit: int, after: str) -> list[tuple[Reward, str]]:
+        """Rewards in `status` (of one member, or all) after the key `after`, in key order, each
+        with its ledger transaction."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT reward_key, member_id, item_id, name, points, unit FROM game_rewards WHERE status='PENDING'"
-                " AND (?='' OR member_id=?) AND reward_key > ? ORDER BY reward_key LIMIT ?",
-                (member_id, member_id, after, limit),
+                "SELECT reward_key, member_id, item_id, name, points, unit, transaction_id FROM game_rewards"
+                " WHERE status=? AND (?='' OR member_id=?) AND reward_key > ? ORDER BY reward_key LIMIT ?",
+                (status, member_id, member_id, after, limit),
             ).fetchall()
-        return [Reward(*r) for r in rows]
+        return [(Reward(*r[:6]), r[6]) for r in rows]
 
     def settle(self, key: str, status: str, transaction_id: str = "") -> bool:
         """Settles a PENDING reward; False when it was settled already (two payers raced)."""
