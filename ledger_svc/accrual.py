@@ -53,6 +53,7 @@ from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningContext, ScreeningRequest
 from ledger_svc.screening import event_id as screening_event_id
 from ledger_svc.store.base import IdemRecord, ShardTx
+from pointmesh.bounds import within_key_length
 from pointmesh.tiers import TierStanding, effective_tier
 from pointmesh.timestamps import utc_instant
 
@@ -126,10 +127,7 @@ class PointsEngine(Protocol):
 
 
 def natural_key(program: str, cmd: c.RecordPurchase) -> IdemKey:
-    raw = f"{cmd.channel}/{cmd.store_id}/{cmd.receipt_id}"
-    if len(raw) > 128:
-        raw = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
-    return IdemKey(f"purchase:{program}", raw)
+    return IdemKey(f"purchase:{program}", within_key_length(f"{cmd.channel}/{cmd.store_id}/{cmd.receipt_id}"))
 
 
 class Accrual:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 
 from ledger_svc.domain import IdemKey, InvalidArgument, Money, is_valid_id, is_valid_name
 from ledger_svc.screening import ScreeningContext
-from pointmesh.bounds import MAX_AMOUNT_MINOR, MAX_POINTS
+from pointmesh.bounds import KEY_PATTERN, MAX_AMOUNT_MINOR, MAX_POINTS
 from pointmesh.currencies import is_known
 
-_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 
@@ -18,7 +16,7 @@ DEFAULT_PAGE_SIZE = 50
 def idem_key(key: IdemKey | None, field: str = "idempotency_key") -> IdemKey:
     if key is None or not key.key:
         raise InvalidArgument("an idempotency key is required for every mutation", field=f"{field}.key")
-    if not _KEY_RE.match(key.key):
+    if not KEY_PATTERN.match(key.key):
         raise InvalidArgument("must be 1..128 printable ASCII characters without spaces", field=f"{field}.key")
     namespace = key.namespace or "default"
     if not is_valid_name(namespace):

@@ -7,5 +7,21 @@ summed on a shared funding account, overflow a 64-bit integer.
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 MAX_POINTS = 10**15
 MAX_AMOUNT_MINOR = 10**15
+MAX_KEY_LENGTH = 128  # the ledger's longest idempotency key
+KEY_PATTERN = re.compile(rf"^[\x21-\x7e]{{1,{MAX_KEY_LENGTH}}}$")  # an idempotency key: printable ASCII, no spaces
+
+
+def key_digest(raw: str) -> str:
+    """What stands for a key the ledger would not take: `sha256:<hex>`, the same every time."""
+    return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+
+
+def within_key_length(raw: str) -> str:
+    """A key made by joining ids, as the ledger takes it: as it is, or past MAX_KEY_LENGTH
+    characters its digest."""
+    return raw if len(raw) <= MAX_KEY_LENGTH else key_digest(raw)

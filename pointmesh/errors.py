@@ -86,6 +86,12 @@ Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
+def error_reason(error: grpc.aio.AioRpcError | grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed call (the callee's own code, e.g. MEMBER_NOT_ACTIVE,
+    finer than the gRPC status); '' when it sent none."""
+    return next((d.reason for d in status_details(error) if isinstance(d, error_details_pb2.ErrorInfo)), "")
+
+
 def translating(
     error_type: type[Exception], to_status: Callable[[Any], grpc.Status]
 ) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[Resp]]]:

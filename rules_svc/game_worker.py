@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2
 from prometheus_client import Counter
 
+from pointmesh.bounds import within_key_length
 from pointmesh.consumers import Poison, by_key, run_group
-from pointmesh.errors import status_details
+from pointmesh.errors import error_reason
 from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from rules_svc.domain import FailedPrecondition, NotFound
@@ -55,7 +54,6 @@ EXPERIMENT_POINTS = Counter("pointmesh_experiment_points_total", "Points purchas
 GROUP = "rules-gamification"
 REWARD_NAMESPACE = "gamification"
 REVOKE_NAMESPACE = "gamification-revoke"  # the reversal of a revoked reward, under the reward's key
-LEDGER_KEY_MAX = 128  # the ledger's longest idempotency key
 MERGE_HOPS = 16  # merges followed to find where a merged-away member's points went
 REWARD_FUNDING = GAMIFICATION_FUNDING
 RETRY_SECONDS = 2.0
@@ -94,16 +92,6 @@ def withdrawn_purchase(event: ledger_pb2.LedgerEvent) -> str:
 
 class ErasedMember(Exception):
     """The reward's member was erased (and not merged into anyone): it can never be paid."""
-
-
-def ledger_key(key: str) -> str:
-    """The reward's key as the ledger takes it: as it is, or, past the ledger's 128 characters
-    (64-character program and item ids, a `#n` of an award earned again), a digest of it."""
-    return key if len(key) <= LEDGER_KEY_MAX else f"sha256:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    return next((d.reason for d in status_details(error) if isinstance(d, error_details_pb2.ErrorInfo)), "")
 
 
 def purchase_fact(event: ledger_pb2.LedgerEvent) -> PurchaseFact | None:
@@ -223,18 +211,18 @@ class GameWorker:
                 # The ledger will never post it, so there is nothing to take back. A member no
                 # longer active (merged away, erased) is refused only for a key not posted
                 # before: the ledger answers a posted key from its record first.
-                if error.code() not in FINAL_REFUSALS and _reason(error) != "MEMBER_NOT_ACTIVE":
+                if error.code() not in FINAL_REFUSALS and error_reason(error) != "MEMBER_NOT_ACTIVE":
                     raise
                 return int(await asyncio.to_thread(self.store.revoked, reward.key, ""))
         try:
             response = await self.ledger.Reverse(ledger_pb2.ReverseRequest(
-                idempotency_key=common_pb2.IdempotencyKey(namespace=REVOKE_NAMESPACE, key=ledger_key(reward.key)),
+                idempotency_key=common_pb2.IdempotencyKey(namespace=REVOKE_NAMESPACE, key=within_key_length(reward.key)),
                 transaction_id=paid_by, full=True,
                 reason=f"{reward.item_id}: {reward.name}: the purchase that earned it was taken back"[:200],
             ))  # fmt: skip
             reversal, points = response.transaction.transaction_id, -response.transaction.points
         except grpc.aio.AioRpcError as error:
-            if _reason(error) != "ALREADY_REVERSED":
+            if error_reason(error) != "ALREADY_REVERSED":
                 raise
             reversal, points = "", 0  # taken back already (by ops, say): nothing left to take
         if not await asyncio.to_thread(self.store.revoked, reward.key, reversal):
@@ -291,7 +279,7 @@ class GameWorker:
                 response: ledger_pb2.EarnResponse = await self.ledger.Earn(self._earn(reward, member_id))
                 return response
             except grpc.aio.AioRpcError as error:
-                if _reason(error) not in ("MEMBER_NOT_ACTIVE", "IDEMPOTENCY_CONFLICT"):
+                if error_reason(error) not in ("MEMBER_NOT_ACTIVE", "IDEMPOTENCY_CONFLICT"):
                     raise
                 member = (await self.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id))).member
                 if not member.merged_into_member_id:
@@ -303,7 +291,7 @@ class GameWorker:
 
     def _earn(self, reward: Reward, member_id: str = "") -> ledger_pb2.EarnRequest:
         return ledger_pb2.EarnRequest(
-            idempotency_key=common_pb2.IdempotencyKey(namespace=REWARD_NAMESPACE, key=ledger_key(reward.key)),
+            idempotency_key=common_pb2.IdempotencyKey(namespace=REWARD_NAMESPACE, key=within_key_length(reward.key)),
             member_id=member_id or reward.member_id, unit=reward.unit, points=reward.points,
             funding_source=REWARD_FUNDING,
             reference=f"{reward.item_id}: {reward.name}"[:200],

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import json
 import os
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -31,6 +29,7 @@ from gateway.legacy.csv_drop import CsvDropAdapter
 from gateway.legacy.fixed_width import FixedWidthAdapter
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Member, Parsed, Quarantined, quarantine_all
 from gateway.legacy.webhook import WebhookAdapter
+from pointmesh.bounds import KEY_PATTERN, key_digest
 from pointmesh.clients import LEDGER_SERVICE, unary_methods
 from pointmesh.errors import status_details
 from pointmesh.rpc import client_channel
@@ -70,7 +69,6 @@ BATCH_TIMEOUT_SECONDS = 300
 # Seconds before each resend of a stream the ledger could not take (UNAVAILABLE: restarting,
 # unreachable). Not for a stream that ran out of time: a slow ledger gets no second load.
 STREAM_RETRY_DELAYS = (0.5, 2.0, 5.0)
-_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +278,7 @@ def return_key(r: LegacyReturn, channel: str) -> str:
             r.original_channel or channel, r.original_store_id, r.original_receipt_id,
         )
     )  # fmt: skip
-    return raw if _KEY_RE.match(raw) else "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+    return raw if KEY_PATTERN.match(raw) else key_digest(raw)
 
 
 def _refusal(error: grpc.aio.AioRpcError) -> _Refusal:
