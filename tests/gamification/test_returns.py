@@ -118,6 +118,19 @@ def _trio_program() -> Program:
     }]}))  # fmt: skip
 
 
+def _bought(store: GameStore, program: Program, member: str, purchases: int = 3) -> None:
+    """`purchases` of the member an hour apart from AT, counted (p0, p1, ...)."""
+    for i in range(purchases):
+        store.apply_event(program, PurchaseFact(f"e{i}", member, f"p{i}", "pos", "HEL-01", 1000, "EUR",
+                                                AT + timedelta(hours=i)))  # fmt: skip
+
+
+def _worker(store: GameStore, program: Program, ledger: LedgerUnderTest) -> GameWorker:
+    """The consumer's handler and payer over a real ledger, with `program` in effect always."""
+    return GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
+                      ledger=ledger.stub, consumer="test")  # fmt: skip
+
+
 def _rejected(event_id: str, member_id: str, purchase_id: str) -> BusMessage:
     event = ledger_pb2.LedgerEvent(event_id=event_id, member_id=member_id, review_decided=ledger_pb2.ReviewEvent(
         review_id="rv-1", kind=ledger_pb2.REVIEW_KIND_EARN, status=ledger_pb2.REVIEW_STATUS_REJECTED,
@@ -135,12 +148,8 @@ async def test_a_rejected_fraud_review_revokes_the_reward_its_purchase_completed
     program = _trio_program()
     store = GameStore(tmp_path / "game.sqlite")
     member = (await create_member(ledger.stub)).member_id
-    facts = [PurchaseFact(f"e{i}", member, f"p{i}", "pos", "HEL-01", 1000, "EUR", AT + timedelta(hours=i))
-             for i in range(3)]  # fmt: skip
-    for f in facts:
-        store.apply_event(program, f)
-    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
-                        ledger=ledger.stub, consumer="test")  # fmt: skip
+    _bought(store, program, member)
+    worker = _worker(store, program, ledger)
     assert await worker.pay() == 1
     paid = (await balance(ledger.stub, member)).balance_points
     assert paid == 200
@@ -170,12 +179,9 @@ async def test_rewards_with_ids_past_the_ledgers_key_length_are_paid_and_taken_b
     }]}))  # fmt: skip
     store = GameStore(tmp_path / "game.sqlite")
     member = (await create_member(ledger.stub)).member_id
-    for i in range(4):
-        store.apply_event(program, PurchaseFact(f"e{i}", member, f"p{i}", "pos", "HEL-01", 1000, "EUR",
-                                                AT + timedelta(hours=i)))  # fmt: skip
+    _bought(store, program, member, 4)
     assert len(store.pending()[0].key) > 128
-    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
-                        ledger=ledger.stub, consumer="test")  # fmt: skip
+    worker = _worker(store, program, ledger)
     assert await worker.pay() == 1
 
     await worker.handle(_rejected("ev-r1", member, "p1"))  # the fourth stands in: kept
@@ -208,14 +214,10 @@ async def _merged_away_reward(tmp_path: Path, ledger: LedgerUnderTest) -> tuple[
     program = _trio_program()
     store = GameStore(tmp_path / "game.sqlite")
     source, target = [(await create_member(ledger.stub)).member_id for _ in range(2)]
-    for i in range(3):
-        store.apply_event(program, PurchaseFact(f"e{i}", source, f"p{i}", "pos", "HEL-01", 1000, "EUR",
-                                                AT + timedelta(hours=i)))  # fmt: skip
+    _bought(store, program, source)
     await ledger.stub.MergeMembers(ledger_pb2.MergeMembersRequest(
         idempotency_key=key(), source_member_id=source, target_member_id=target))  # fmt: skip
-    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
-                        ledger=ledger.stub, consumer="test")  # fmt: skip
-    return store, worker, source, target
+    return store, _worker(store, program, ledger), source, target
 
 
 @pytest.mark.parametrize("then", ["paid", "revoked"])
@@ -251,12 +253,9 @@ async def test_a_reward_of_an_erased_member_is_refused_for_good_not_retried(
     program = _trio_program()
     store = GameStore(tmp_path / "game.sqlite")
     member = (await create_member(ledger.stub)).member_id
-    for i in range(3):
-        store.apply_event(program, PurchaseFact(f"e{i}", member, f"p{i}", "pos", "HEL-01", 1000, "EUR",
-                                                AT + timedelta(hours=i)))  # fmt: skip
+    _bought(store, program, member)
     await ledger.stub.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=member))
-    worker = GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
-                        ledger=ledger.stub, consumer="test")  # fmt: skip
+    worker = _worker(store, program, ledger)
 
     assert await worker.pay() == 0
     assert store.pending() == []
