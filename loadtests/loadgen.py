@@ -2,11 +2,10 @@
 member's points are exactly what the program says, computed here and not read back.
 
 The purchases are generated from a seed (members drawn Zipf-hot, 1-3 lines, receipt times
-over yesterday's UTC day at the hours tills and web shops are busy), streamed to ledger_svc's IngestBatch a few thousand at a time (each ledger
-chunk makes one EvaluateBatch call to rules_svc and one ScoreBatch call to fraud_svc when
-screening is configured; `--unary` sends RecordPurchase one by one instead, for comparison),
-and the expected points
-per member come from the program's base rates, floored per line, the rounding the program
+over yesterday's UTC day at the hours tills and web shops are busy), streamed to ledger_svc's
+IngestBatch a few thousand at a time (each ledger chunk makes one EvaluateBatch call to
+rules_svc and one ScoreBatch call to fraud_svc when screening is configured; `--unary` sends
+RecordPurchase one by one instead, for comparison), and the expected points per member come from the program's base rates, floored per line, the rounding the program
 declares. The program must be one the generator can model on its own: base rates and FLOOR
 rounding, no rules, tiers, FX or welcome bonuses (`loadtests/programs/loadgen.yaml` is one);
 anything else is refused up front. Every purchase sent must be answered exactly once (the

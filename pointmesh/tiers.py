@@ -109,7 +109,7 @@ class TierStanding:
     metric_unit: str
     window: str
     qualifying: int
-    to_keep: int  # more credits in this window to hold the tier past `held_until` (0: earned here)
+    to_keep: int  # the least that, earned now, still holds the tier at `held_until` (0: nothing now can)
     next_tier: str  # "" at the top level
     next_threshold: int
     to_next: int
