@@ -98,14 +98,13 @@ def check_activity(activity: MemberActivity, as_of: datetime) -> None:
     if abs(a.balance_points) > MAX_POINTS:
         raise BadRequest(f"must lie within -{MAX_POINTS}..{MAX_POINTS}, got {a.balance_points}",
                          field="activity.balance_points")  # fmt: skip
-    latest = as_of + FUTURE_SKEW
     for name in _MOMENTS:
         moment = getattr(a, name)
         if moment is None:
             continue
         if moment.tzinfo is None:
             raise BadRequest("needs a time zone", field=f"activity.{name}")
-        if not _EPOCH <= moment <= latest:
+        if not (moment >= _EPOCH and moment - FUTURE_SKEW <= as_of):  # as_of + skew may pass year 9999
             raise BadRequest(f"must lie between 1970-01-01 and {_SKEW_TEXT} after as_of ({as_of.isoformat()}), "
                              f"got {moment.isoformat()}", field=f"activity.{name}")  # fmt: skip
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from pointmesh.bounds import SCREENED_LATENESS
+
 # How far from fraud_svc's clock a scored event's time may lie. Velocity state trims every key
 # an event touches to what its windows still need at the event's time, so an event dated ahead
 # would wipe the history the next events are judged on (at a shared store, card, device or IP
@@ -14,7 +16,7 @@ from enum import StrEnum
 # clocks differing, the lateness for the default with some margin. A program accepting later
 # receipts gets them decided by the ledger's policy for a request fraud_svc refuses.
 FUTURE_SKEW = timedelta(minutes=10)
-MAX_LATENESS = timedelta(days=35)
+MAX_LATENESS = SCREENED_LATENESS
 # How late an event may come after newer ones of the same key and still find its windows
 # whole: tracks keep entries this long past their retention. Keeping them for MAX_LATENESS
 # would hold ~36 days of a store's receipts for its 24-hour window (5.4 MB a store at 1,000

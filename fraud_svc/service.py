@@ -184,10 +184,10 @@ def check_member(activity: MemberActivity, as_of: datetime, now: datetime) -> No
     every "days since" is measured to it."""
     if not activity.member_id or len(activity.member_id) > MAX_IDENTITY:
         raise BadRequest(f"1..{MAX_IDENTITY} characters required", field="activity.member_id")
-    check_activity(activity, as_of)
-    if as_of > now + FUTURE_SKEW:
+    if as_of > now + FUTURE_SKEW:  # first: the activity's times are checked against as_of
         raise BadRequest(f"{as_of.isoformat()} is more than {_SKEW_TEXT} ahead of fraud_svc's clock ({now.isoformat()})",
                          field="as_of")  # fmt: skip
+    check_activity(activity, as_of)
 
 
 def _decide_chunk(

@@ -547,6 +547,9 @@ class Accrual:
                 raise InvalidArgument(f"must be positive, got {line.quantity}", field=f"lines[{i}].quantity")
         if cmd.refund is not None:
             v.money(cmd.refund, "refund")
+        # The time fraud_svc counts the return at (its velocity windows run on event time).
+        if cmd.return_time is not None and cmd.return_time > self.svc.clock.now() + FUTURE_SKEW:
+            raise InvalidArgument(f"{cmd.return_time.isoformat()} is in the future", field="return_time")
 
         svc, fp = self.svc, c.fingerprint(cmd)
         shard = svc.shard_of_id(cmd.purchase_id)
@@ -575,7 +578,8 @@ class Accrual:
             await svc._observe(ScreenedKind.RETURN, screening_event_id("return", cmd.key.namespace, cmd.key.key),
                                result.purchase.member_id, sum(result.reversed.values()),
                                _refund_in_base(result.purchase, result.refunded_now),
-                               context=ScreeningContext(channel=cmd.channel, store_id=cmd.store_id))  # fmt: skip
+                               context=ScreeningContext(channel=cmd.channel, store_id=cmd.store_id),
+                               at=cmd.return_time)  # fmt: skip
         return result, replayed
 
     async def _merged_into(self, member_id: str) -> str:

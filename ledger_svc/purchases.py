@@ -373,6 +373,11 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
             f"purchase {record.purchase_id} is {record.status.value}; returns apply once it has earned",
             field="purchase_id",
         )
+    if cmd.return_time is not None and cmd.return_time < record.receipt_time:
+        raise InvalidArgument(
+            f"{cmd.return_time.isoformat()} is before the purchase's receipt time "
+            f"{record.receipt_time.isoformat()}", field="return_time",
+        )  # fmt: skip
     before = record
     mode = "lines" if cmd.lines else "amount"
     if record.return_mode and record.return_mode != mode:

@@ -233,14 +233,17 @@ class ObservationBacklog:
         self._take = redis.register_script(_TAKE)
         self._settle = redis.register_script(_SETTLE)
 
-    async def keep(self, request: ScreeningRequest) -> None:
+    async def keep(self, *requests: ScreeningRequest) -> None:
+        if not requests:
+            return
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(self.key, codec.dumps(BacklogEntry(request)))
+                pipe.rpush(self.key, *(codec.dumps(BacklogEntry(r)) for r in requests))
                 pipe.ltrim(self.key, -self.limit, -1)
                 await pipe.execute()
         except RedisError:
-            log.warning("fraud_svc and Redis both away: observation %s of %s is lost", request.event_id, request.kind)
+            log.warning("fraud_svc and Redis both away: %d observations (%s of %s first) are lost",
+                        len(requests), requests[0].event_id, requests[0].kind)  # fmt: skip
 
     async def take(self, count: int) -> BacklogLease:
         """Up to `count` entries, moved from the backlog to a lease atomically: the caller owns
@@ -291,7 +294,17 @@ class FraudScreen:
                 return self.unscored(request, "fraud_svc_refused")
             except ScreenerUnavailable as exc:
                 self._trip(f"{request.kind} {request.event_id}", exc)
+        await self._keep_unscored([request])
         return self.unscored(request)
+
+    async def _keep_unscored(self, requests: Sequence[ScreeningRequest]) -> None:
+        """Purchases and spends decided without fraud_svc go to the backlog, told by the
+        maintenance pass under their own event ids, so the velocity state the next decisions
+        read holds what an outage let through (a scored request is recorded as it is scored).
+        Transfers are told once they have moved (`observe`): one refused after this point never
+        happened."""
+        if self.backlog is not None:
+            await self.backlog.keep(*(r for r in requests if r.kind is not ScreenedKind.TRANSFER))
 
     async def observe(self, request: ScreeningRequest) -> None:
         """Tells fraud_svc about a transaction it does not decide (a transfer, a return), after
@@ -359,13 +372,18 @@ class FraudScreen:
                 self._trip(f"{len(requests)} transactions", exc)
             else:
                 out: list[Screening] = [Screening(Verdict.ALLOW, False)] * len(requests)
+                missed: list[ScreeningRequest] = []
                 for i, got in zip(order, scored, strict=True):
-                    if isinstance(got, ScreenerUnavailable):
-                        why = "fraud_svc_refused" if isinstance(got, ScreenerRefused) else "fraud_svc_unavailable"
-                        out[i] = self.unscored(requests[i], why)
+                    if isinstance(got, ScreenerRefused):
+                        out[i] = self.unscored(requests[i], "fraud_svc_refused")
+                    elif isinstance(got, ScreenerUnavailable):
+                        out[i] = self.unscored(requests[i])
+                        missed.append(requests[i])
                     else:
                         out[i] = got
+                await self._keep_unscored(missed)
                 return out
+        await self._keep_unscored(requests)
         return [self.unscored(r) for r in requests]
 
     def _up(self) -> bool:

@@ -83,6 +83,7 @@ from ledger_svc.screening import (
 )
 from ledger_svc.screening import event_id as screening_event_id
 from ledger_svc.store.base import PURGE_SLICE, DirectoryTx, IdemRecord, LedgerStore, ShardTx
+from pointmesh.bounds import SCREENED_LATENESS
 from pointmesh.clock import Clock
 from pointmesh.timestamps import utc_instant
 
@@ -565,13 +566,28 @@ class LedgerService:
         target = await self.member(cmd.target_member_id, "target_member_id")
         if source.member_id == target.member_id:
             raise InvalidArgument("a member cannot be merged into itself", field="target_member_id")
-        replay = await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
+        fp = c.fingerprint(cmd)
+        replay = await self._claim(key, type(cmd).__name__, fp)
         if replay and source.merged_into == target.member_id:
             # Answered as the first time, whatever became of the target since (each step of the
             # merge is idempotent, so a first call cut off half-way is finished here, to the end of
             # the chain if the target was merged on since).
             moved = await self.sagas.complete_merge(source.member_id, await self.sagas.heir_of(source.member_id))
             return MergeResult(await self.member(target.member_id), moved)
+        try:
+            await self._mark_merged(source, target)
+        except REFUSALS:
+            # Refused with nothing written: the key is given back, so the merge asked again once
+            # the holds are settled (or into another member) may use it, as every posting may.
+            # A copy that joined the claim leaves it to the first, which may be merging now.
+            if not replay:
+                await self.store.write_directory(lambda d: d.release_claim(key.namespace, key.key, fp))
+            raise
+        moved = await self.sagas.complete_merge(source.member_id, target.member_id)
+        return MergeResult(await self.member(target.member_id), moved)
+
+    async def _mark_merged(self, source: Member, target: Member) -> None:
+        """Checks that the source can go, then marks it merged: from then on nothing posts to it."""
         _require_mergeable(source, target)
         src_shard = self.shard_of(source.member_id)
 
@@ -608,8 +624,6 @@ class LedgerService:
 
         await self.store.write_directory(mark_merged)
         self._status_cache.put(source.member_id, MemberStatus.MERGED)
-        moved = await self.sagas.complete_merge(source.member_id, target.member_id)
-        return MergeResult(await self.member(target.member_id), moved)
 
     # Postings ----------------------------------------------------------------------------
 
@@ -660,8 +674,17 @@ class LedgerService:
         v.optional_text(cmd.reference, "reference")
         # A spend is screened at its business time: one dated ahead would have fraud_svc's
         # velocity state trimmed to it (every member's counts at that store and device gone).
-        if cmd.business_time is not None and cmd.business_time > self.clock.now() + FUTURE_SKEW:
-            raise InvalidArgument(f"{cmd.business_time.isoformat()} is in the future", field="business_time")
+        # One dated further back than fraud_svc scores would be refused there and decided by the
+        # unavailable policy, which lets small redemptions through unscored (a blocked device too).
+        if cmd.business_time is not None:
+            now = self.clock.now()
+            if cmd.business_time > now + FUTURE_SKEW:
+                raise InvalidArgument(f"{cmd.business_time.isoformat()} is in the future", field="business_time")
+            if cmd.business_time < now - SCREENED_LATENESS:
+                raise InvalidArgument(
+                    f"{cmd.business_time.isoformat()} is more than {SCREENED_LATENESS.days} days ago; a spend may"
+                    f" be dated at most {SCREENED_LATENESS.days} days back", field="business_time",
+                )  # fmt: skip
         return c.Redeem(v.idem_key(cmd.key), v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units),
                         cmd.points, cmd.business_time, cmd.reference, v.screening_context(cmd.context))  # fmt: skip
 

@@ -100,7 +100,7 @@ def page_size(value: int, field: str = "page.page_size") -> int:
 def hold_timeout(value: timedelta | None, default: timedelta, maximum: timedelta) -> timedelta:
     if value is None:
         return default
-    if value <= timedelta(0) or value > maximum:
+    if value < timedelta(seconds=1) or value > maximum:  # shorter: gone before the till could capture it
         raise InvalidArgument(f"must be between 1 second and {maximum}", field="timeout")
     return value
 

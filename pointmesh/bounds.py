@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from datetime import timedelta
 
 MAX_POINTS = 10**15
 MAX_AMOUNT_MINOR = 10**15
+# How late an event fraud_svc scores may be dated: no velocity window reaches further back, so an
+# older event could change no decision, and fraud_svc refuses it. The ledger refuses a spend dated
+# earlier than this rather than let it pass unscored (fraud_svc's refusal would send it to the
+# unavailable policy, which lets small redemptions through).
+SCREENED_LATENESS = timedelta(days=35)
 MAX_KEY_LENGTH = 128  # the ledger's longest idempotency key
 KEY_PATTERN = re.compile(rf"^[\x21-\x7e]{{1,{MAX_KEY_LENGTH}}}$")  # an idempotency key: printable ASCII, no spaces
 

@@ -979,7 +979,11 @@ class RedeemRequest(_message.Message):
     @_builtins.property
     def idempotency_key(self) -> _common_pb2.IdempotencyKey: ...
     @_builtins.property
-    def business_time(self) -> _timestamp_pb2.Timestamp: ...
+    def business_time(self) -> _timestamp_pb2.Timestamp:
+        """When the spend happened (unset: now); fraud_svc scores it at this time. At most 5 minutes
+        ahead of the ledger's clock and 35 days back (no velocity window reaches further).
+        """
+
     @_builtins.property
     def context(self) -> Global___ScreeningContext:
         """Where the redemption comes from, for fraud screening."""
@@ -2977,7 +2981,12 @@ class RecordReturnRequest(_message.Message):
     @_builtins.property
     def refund(self) -> _common_pb2.Money: ...
     @_builtins.property
-    def return_time(self) -> _timestamp_pb2.Timestamp: ...
+    def return_time(self) -> _timestamp_pb2.Timestamp:
+        """When the goods came back (unset: when the ledger records it). fraud_svc's velocity windows
+        count the return at this time. At most 5 minutes ahead of the ledger's clock, and not before
+        the purchase's receipt time.
+        """
+
     def __init__(
         self,
         *,

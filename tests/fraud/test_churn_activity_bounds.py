@@ -71,6 +71,8 @@ async def test_absurd_activity_is_refused_on_its_field(
 @pytest.mark.parametrize("rpc", ["ChurnScore", "Offers"])
 async def test_an_as_of_ahead_of_the_clock_is_refused(stub: fraud_pb2_grpc.FraudServiceStub, rpc: str) -> None:
     await refused_on(stub, rpc, "as_of", member(), YEAR_9999)
+    # The last second a Timestamp holds: as_of plus the skew is past what a datetime holds.
+    await refused_on(stub, rpc, "as_of", member(), Timestamp(seconds=253402300799))
     await refused_on(stub, rpc, "as_of", member(), to_timestamp(NOW + FUTURE_SKEW + timedelta(seconds=1)))
 
 

@@ -277,6 +277,12 @@ CASES: list[tuple[str, Call, grpc.StatusCode, str]] = [
     ("earn-reference-too-long", lambda x: earn_req(x, reference="r" * 201), INVALID, "reference"),
     ("hold-zero-timeout", lambda x: hold_req(x, timeout=Duration(seconds=0)), INVALID, "timeout"),
     (
+        "hold-sub-second-timeout",
+        lambda x: hold_req(x, timeout=Duration(seconds=0, nanos=999_999_000)),
+        INVALID,
+        "timeout",
+    ),
+    (
         "lookup-empty-value",
         lambda x: x.stub.LookupMember(ledger_pb2.LookupMemberRequest(external_id=common_pb2.ExternalId(kind="card"))),
         INVALID,

@@ -212,3 +212,22 @@ async def test_an_adjustment_replayed_through_ingest_after_a_merge_answers_as_th
     assert again == (first, True)
     [fresh] = await svc.ingest([c.Adjust(k(), source, "points", 5, "goodwill", "ops-anna")])
     assert isinstance(fresh, MemberNotActive)
+
+
+async def test_a_refused_merge_gives_its_key_back_for_the_corrected_request(ledger: LedgerUnderTest) -> None:
+    """Refused with nothing written (an open hold on the source), the merge frees its key, as a
+    refused posting does: asked again once the hold is settled, or into another member, the
+    key is the same request's, not a conflict."""
+    svc = ledger.app.service
+    source, first_target, other_target = await member(svc), await member(svc), await member(svc)
+    await svc.earn(c.Earn(k(), source, "points", 1000))
+    hold = await svc.place_hold(c.PlaceHold(k(), source, "points", 400))
+    key = k()
+    with pytest.raises(FailedPrecondition, match="open holds"):
+        await svc.merge_members(c.MergeMembers(key, source, first_target))
+    await svc.void_hold(c.VoidHold(k(), hold.hold.hold_id))
+
+    merged = await svc.merge_members(c.MergeMembers(key, source, other_target))
+    assert merged.target.member_id == other_target
+    assert (await svc.get_balance(other_target, "points")).balance_points == 1000
+    assert (await svc.member(source, "source_member_id")).merged_into == other_target
