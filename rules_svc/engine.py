@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from zoneinfo import ZoneInfo
 
@@ -114,6 +114,9 @@ class CompiledProgram:
         self.expiry = timedelta(days=policy.expiry_days) if policy.expiry_days else None
         self.release = timedelta(days=policy.release_after_days) if policy.release_after_days else None
         self.horizon = max(self.expiry or timedelta(0), self.release or timedelta(0), timedelta(days=1))
+        # How far before its instant a receipt is read: its local time (a zone is less than a day
+        # off UTC), the day before it (a night window's day cap) and the tier grace looked back over.
+        self.lookback = timedelta(days=2 + (program.tiers.downgrade_grace_days if program.tiers else 0))
         self._place_cache: dict[tuple[str, str, int], _Steps] = {}
         # Earn currency -> line amount -> the base components' details, one per base rate:
         # prices repeat, and formatting an amount costs more than the rest of a base component.
@@ -152,6 +155,14 @@ class CompiledProgram:
         except OverflowError:
             raise BadRequest(
                 f"{basket.receipt_time.isoformat()} is too late: its points would expire or release after year 9999",
+                field="basket.receipt_time",
+            ) from None
+        try:
+            basket.receipt_time.astimezone(UTC) - self.lookback
+        except OverflowError:
+            raise BadRequest(
+                f"{basket.receipt_time.isoformat()} is too early: its local time, or the days before it that "
+                "pricing reads, would be before year 1",
                 field="basket.receipt_time",
             ) from None
         if not basket.lines:

@@ -18,7 +18,16 @@ from typing import Annotated, Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pointmesh.currencies import is_known
 from pointmesh.strict_files import DuplicateKey, load_strict
@@ -38,49 +47,109 @@ class ProgramInvalid(Exception):
         super().__init__("; ".join(f"{path}: {message}" for path, message in errors[:5]))
 
 
-def _name(value: Any) -> Any:
-    if isinstance(value, str) and not NAME_RE.fullmatch(value):
-        raise ValueError(f"{value!r} must be 1..64 of letters, digits and _.:-")
+def _text(value: Any) -> str:
+    """Text only: YAML reads `!!binary` as bytes, checks that passed over anything but a str let
+    them by, and pydantic's lax mode then made them text no check had looked at."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be text, got {type(value).__name__}")
     return value
 
 
-def _decimal(value: Any) -> Any:
+def _stored(info: ValidationInfo) -> bool:
+    """Whether a version published before is being read back (`validate_program(stored=True)`)."""
+    return bool(info.context and info.context.get("stored"))
+
+
+def _as_served(value: str, info: ValidationInfo) -> str:
+    """Releases before 2026-12-05 matched names, times and decimals with `$`, which also takes a
+    final newline: a version they published ("2\n") is read as it was served ("2"). These fields
+    and attribute values only (_attribute_value): other text reads back exactly as published, as
+    the replica that published it holds it."""
+    return value[:-1] if value.endswith("\n") and _stored(info) else value
+
+
+def _name(value: Any, info: ValidationInfo) -> str:
+    text = _as_served(_text(value), info)
+    if not NAME_RE.fullmatch(text):
+        raise ValueError(f"{text!r} must be 1..64 of letters, digits and _.:-")
+    return text
+
+
+def _decimal(value: Any, info: ValidationInfo) -> str:
     """Accepts 2, '2', '1.5'; refuses floats so no binary rounding ever enters a rate."""
     if isinstance(value, (bool, float)):
         raise ValueError("write decimals as a quoted string, e.g. '1.5', so they stay exact")
     if isinstance(value, int):
         value = str(value)
-    if not isinstance(value, str) or not _DECIMAL_RE.fullmatch(value):
+    text = _as_served(value, info) if isinstance(value, str) else None
+    if text is None or not _DECIMAL_RE.fullmatch(text):
         raise ValueError(f"{value!r} is not a non-negative decimal like '1.5'")
-    return value
+    return text
 
 
-def _currency(value: Any) -> Any:
-    if isinstance(value, str) and not is_known(value):
-        raise ValueError(f"{value!r} is not an ISO 4217 currency code we know")
-    return value
+def _currency(value: Any) -> str:
+    text = _text(value)
+    if not is_known(text):
+        raise ValueError(f"{text!r} is not an ISO 4217 currency code we know")
+    return text
 
 
-def _hhmm(value: Any) -> Any:
-    if isinstance(value, str) and not _HHMM_RE.fullmatch(value):
-        raise ValueError(f"{value!r} is not a time of day HH:MM (00:00..23:59)")
-    return value
+def _hhmm(value: Any, info: ValidationInfo) -> str:
+    text = _as_served(_text(value), info)
+    if not _HHMM_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a time of day HH:MM (00:00..23:59)")
+    return text
 
 
 # Names the zone database carries that mean "whatever this host says": a program priced by
 # them would change with the machine it runs on.
 _HOST_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+# Copies of the database some hosts install beside it: `right/` counts leap seconds, so zoneinfo
+# moves its DST switches 27 s late; `posix/` duplicates the plain names. Refused at publish;
+# a version stored with one keeps loading where the host has it.
+_VARIANT_TREES = frozenset({"right", "posix"})
 
 
-def _timezone(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            if value in _HOST_ZONES:
-                raise ValueError(value)
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not an IANA time zone (e.g. Europe/Helsinki)") from None
-    return value
+def _timezone(value: Any, info: ValidationInfo) -> str:
+    text = _text(value)
+    tree, _, zone = text.partition("/")
+    if zone and tree.lower() in _VARIANT_TREES and not _stored(info):
+        raise ValueError(f"{text!r} is a copy of a zone only some hosts have; write {zone!r}")
+    try:
+        if text in _HOST_ZONES:
+            raise ValueError(text)
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{text!r} is not an IANA time zone (e.g. Europe/Helsinki)") from None
+    return text
+
+
+# C0 and C1 controls (line breaks, tabs, escapes) and the Unicode line and paragraph separators.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _label(value: Any, info: ValidationInfo) -> str:
+    """A one-line name people read (a store's, a rule's, a tier's): `name: |` in YAML adds a line
+    break no app shows. Refused at publish; a stored version keeps the text it was served with."""
+    text = _text(value)
+    if not _stored(info) and _CONTROL_RE.search(text):
+        raise ValueError(f"{text!r} holds a line break or other control character; write it on one line")
+    return text
+
+
+def _attribute_value(value: Any, info: ValidationInfo) -> str:
+    """A member attribute matches only when equal, and no retailer means "gold\n" (what `club: |`
+    in YAML gives) rather than "gold": refused at publish. A stored version is read without its
+    final newline, as every reload has read it since 2026-12-05, so its meaning does not move."""
+    text = _text(value)
+    if _stored(info):
+        return text.removesuffix("\n")
+    if _CONTROL_RE.search(text):
+        raise ValueError(
+            f"{text!r} holds a line break or other control character; a member attribute must equal "
+            "the value exactly, so write the value alone"
+        )
+    return text
 
 
 Name = Annotated[str, BeforeValidator(_name)]
@@ -88,6 +157,9 @@ DecimalText = Annotated[str, BeforeValidator(_decimal)]
 Currency = Annotated[str, BeforeValidator(_currency)]
 TimeOfDay = Annotated[str, BeforeValidator(_hhmm)]
 TimeZoneName = Annotated[str, BeforeValidator(_timezone)]
+Label = Annotated[str, BeforeValidator(_label)]
+AttributeValue = Annotated[str, BeforeValidator(_attribute_value)]
+Text = Annotated[str, BeforeValidator(_text)]
 
 
 def _not_bool(value: object) -> object:
@@ -117,7 +189,7 @@ class Store(_Strict):
     id: Name
     timezone: TimeZoneName
     region: Name | None = None
-    name: str = ""
+    name: Label = ""
 
 
 class TimeWindow(_Strict):
@@ -199,7 +271,7 @@ class When(_Strict):
     basket_total_at_least: MoneyAtLeast | None = None
     tiers: NonEmpty[Name] | None = None
     segments: NonEmpty[Name] | None = None
-    attributes: dict[Name, str] | None = None
+    attributes: dict[Name, AttributeValue] | None = None
     purchase_number: PurchaseNumber | None = None
     categories: NonEmpty[Name] | None = None
     skus: NonEmpty[Name] | None = None
@@ -249,7 +321,7 @@ class Caps(_Strict):
 
 class Rule(_Strict):
     id: Name
-    name: str = ""
+    name: Label = ""
     unit: Name = "points"
     priority: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=1_000_000)] = 100
     group: Name | None = None
@@ -305,7 +377,7 @@ class TierWindow(StrEnum):
 class TierLevel(_Strict):
     code: Name
     threshold: Points
-    name: str = ""
+    name: Label = ""
 
 
 class Tiers(_Strict):
@@ -377,7 +449,7 @@ class Achievement(_Strict):
     """Completed once, when `count` distinct things (purchases, stores, categories, ...) matched."""
 
     id: Name
-    name: str
+    name: Label
     match: GameMatch = GameMatch()
     count: PositiveInt = 1
     distinct: Distinct = Distinct.PURCHASE
@@ -389,7 +461,7 @@ class Streak(_Strict):
     week starts the count again, and a streak completed pays again only after it broke."""
 
     id: Name
-    name: str
+    name: Label
     match: GameMatch = GameMatch()
     weeks: PositiveInt
     reward: GameReward
@@ -399,7 +471,7 @@ class Challenge(_Strict):
     """`purchases` matching purchases with receipt times in [starts, ends); pays once."""
 
     id: Name
-    name: str
+    name: Label
     starts: datetime
     ends: datetime
     match: GameMatch = GameMatch()
@@ -430,7 +502,7 @@ class Experiment(_Strict):
     members while the experiment runs; every accrual is tagged with the member's arm."""
 
     id: Name
-    name: str = ""
+    name: Label = ""
     salt: Name
     starts: datetime
     ends: datetime
@@ -460,7 +532,7 @@ class Gamification(_Strict):
 
 class Program(_Strict):
     program: Name
-    description: str = ""
+    description: Text = ""
     default_timezone: TimeZoneName
     units: list[Name] = ["points"]
     channels: list[Name]
@@ -564,8 +636,19 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
                 f"{kind} pays one basket component, not one per line, so a per-line cap would never apply; "
                 "use per_receipt",
             ))  # fmt: skip
-        if rule.caps.per_member_per_campaign is not None and w.date_range is None:
-            errors.append((f"{at}.caps.per_member_per_campaign", "needs when.date_range to say what the campaign is"))
+        if rule.caps.per_member_per_campaign is not None:
+            if w.date_range is None:
+                errors.append(
+                    (f"{at}.caps.per_member_per_campaign", "needs when.date_range to say what the campaign is")
+                )
+            elif publishing and w.date_range.start is None:
+                # The start names the run in the cap's counter (rule_compiler._guard): without one,
+                # every run of the rule id would draw from one counter, and an end alone cannot
+                # tell a run again from the same run made longer.
+                errors.append((
+                    f"{at}.when.date_range.start",
+                    "per_member_per_campaign counts per campaign run, named by its start: give the start",
+                ))  # fmt: skip
     if p.tiers is not None:
         if p.tiers.metric_unit not in units:
             errors.append(("tiers.metric_unit", f"{p.tiers.metric_unit!r} is not one of units {sorted(units)}"))
@@ -684,29 +767,36 @@ def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
         raise ProgramInvalid([("", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")]) from None
     if not isinstance(data, dict):
         raise ProgramInvalid([("", "the document must be a mapping with program, channels, base_rates, ...")])
+    binary = _binary_scalars(data, "")
+    if binary:
+        raise ProgramInvalid(binary)
     return data
 
 
-def _without_final_newline(value: Any) -> Any:
-    """Releases before 2026-12-05 matched names, times and decimals with `$`, which also takes a
-    final newline: a version they published ("2\n") is read as it was served ("2")."""
-    if isinstance(value, str):
-        return value[:-1] if value.endswith("\n") else value
+def _binary_scalars(value: Any, path: str) -> list[tuple[str, str]]:
+    """YAML `!!binary` values, by path. A program holds none, and pydantic's lax mode would read
+    their bytes as the text, number, flag or date they spell, past the checks meant for those."""
+    if isinstance(value, bytes):
+        return [(path, "is a YAML !!binary value; write it as plain text")]
+    found: list[tuple[str, str]] = []
     if isinstance(value, dict):
-        return {_without_final_newline(k): _without_final_newline(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_final_newline(v) for v in value]
-    return value
+        for key, item in value.items():
+            if isinstance(key, bytes):
+                found.append((path, f"has a YAML !!binary key {key!r}; write it as plain text"))
+            else:
+                found += _binary_scalars(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += _binary_scalars(item, f"{path}[{i}]")
+    return found
 
 
 def validate_program(data: dict[str, Any], *, stored: bool = False) -> Program:
     """A mapping -> a Program, or ProgramInvalid with every problem found and its path.
-    `stored`: a version published before, read back (see _meaning_errors and
-    _without_final_newline): it keeps serving under checks added since."""
-    if stored:
-        data = _without_final_newline(data)
+    `stored`: a version published before, read back (see _meaning_errors and _as_served): it
+    keeps serving under checks added since."""
     try:
-        program = Program.model_validate(data)
+        program = Program.model_validate(data, context={"stored": stored})
     except ValidationError as exc:
         errors = []
         for err in exc.errors(include_url=False):

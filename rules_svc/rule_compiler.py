@@ -154,6 +154,8 @@ def _guard(rule: Rule) -> tuple[Guard | None, int | None]:
     if caps.per_member_per_campaign is not None:
         start = rule.when.date_range.start if rule.when.date_range else None
         # The campaign's start is part of the key: reusing a rule id for a later campaign starts afresh.
+        # Publishing requires the start; "always" is for versions stored before it did, whose
+        # members' counters keep the meaning they were counted with.
         since = start.isoformat() if start else "always"
         return Guard(f"{rule.id}:campaign:{since}", caps.per_member_per_campaign, eq, every), None
     if ordinal is not None:

@@ -138,6 +138,33 @@ async def test_simulating_a_multiplier_that_overflows_refuses_that_item_only(ser
     assert {t.unit: t.points for t in got.results[1].evaluation.totals} == {"points": 10}
 
 
+async def test_simulating_a_receipt_too_early_to_price_refuses_that_item_only(served: RulesUnderTest) -> None:
+    """0001-01-01T00:30Z is a valid Timestamp, but in New York it is still year 0: converting it
+    raised OverflowError, and the whole call failed as UNKNOWN."""
+    draft = PROGRAM.replace("stores: [", "stores: [{id: NYC-01, timezone: America/New_York}, ")
+    early = basket(1000, store_id="NYC-01", receipt_time=to_timestamp(datetime(1, 1, 1, 0, 30, tzinfo=UTC)))
+    got = await served.stub.Simulate(rules_pb2.SimulateRequest(
+        document=draft, format="yaml", items=[item(basket(1000, store_id="NYC-01")), item(early)],
+    ))  # fmt: skip
+
+    assert [r.WhichOneof("outcome") for r in got.results] == ["evaluation", "error"]
+    assert {t.unit: t.points for t in got.results[0].evaluation.totals} == {"points": 10}
+    assert (got.results[1].error.code, got.results[1].error.field) == ("INVALID_ARGUMENT", "basket.receipt_time")
+
+
+async def test_a_program_with_a_yaml_binary_value_is_refused_naming_its_field(served: RulesUnderTest) -> None:
+    """The bytes passed the time zone check, became text after it, and compiling them raised
+    ZoneInfoNotFoundError: UNKNOWN instead of the field to fix."""
+    draft = PROGRAM.replace("timezone: Europe/Helsinki}", "timezone: !!binary Tm93aGVyZS9DaXR5}")  # Nowhere/City
+    assert "!!binary" in draft
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.Simulate(rules_pb2.SimulateRequest(document=draft, format="yaml", items=[item(basket(1000))]))
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert violations(caught.value) == ["stores[0].timezone"]
+
+
 async def test_an_unexpected_failure_of_one_batch_item_is_reported_on_that_item(
     served: RulesUnderTest, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,6 +15,8 @@ import pytest
 
 from pointmesh.guards import Guard
 from rules_svc.domain import BadRequest, Basket, Evaluation, Excluded, Line, MemberContext
+from rules_svc.engine import CompiledProgram
+from rules_svc.program import validate_program
 from tests.rules import compile_doc, program_doc
 
 WEDNESDAY_NOON = datetime(2026, 1, 7, 12, 0, tzinfo=UTC)
@@ -361,6 +363,35 @@ def test_a_night_windows_day_cap_counts_the_night_as_the_day_it_opened() -> None
     assert keys == [{"night:day:2026-01-09"}, {"night:day:2026-01-09"}, {"night:day:2026-01-10"}]
 
 
+def campaign_capped(date_range: dict[str, str]) -> dict[str, Any]:
+    return rule("promo", {"bonus_points": 100}, when={"date_range": date_range}, caps={"per_member_per_campaign": 100})
+
+
+def test_a_campaign_run_again_with_a_new_start_counts_afresh_under_the_key_it_always_had() -> None:
+    """Counters already kept for campaigns with a start keep their exact key."""
+    spring = compile_doc(program_doc(campaign_capped({"start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"})))
+    autumn = compile_doc(program_doc(campaign_capped({"start": "2026-09-01T00:00:00"})))
+
+    in_spring = spring.evaluate(basket(at=datetime(2026, 3, 10, 12, tzinfo=UTC)), NOBODY)
+    in_autumn = autumn.evaluate(basket(at=datetime(2026, 9, 10, 12, tzinfo=UTC)), NOBODY)
+
+    assert {p.guard for p in in_spring.components if p.rule_id == "promo"} == {
+        Guard("promo:campaign:2026-03-01T00:00:00", 100)
+    }
+    assert {p.guard for p in in_autumn.components if p.rule_id == "promo"} == {
+        Guard("promo:campaign:2026-09-01T00:00:00", 100)
+    }
+
+
+def test_a_stored_campaign_without_a_start_keeps_counting_where_it_counted() -> None:
+    """Publishing now needs the start; a version stored before keeps its members' counter."""
+    program = validate_program(program_doc(campaign_capped({"end": "2026-04-01T00:00:00"})), stored=True)
+
+    evaluation = CompiledProgram(program, 1).evaluate(basket(at=datetime(2026, 3, 10, 12, tzinfo=UTC)), NOBODY)
+
+    assert {p.guard for p in evaluation.components if p.rule_id == "promo"} == {Guard("promo:campaign:always", 100)}
+
+
 @pytest.mark.parametrize(
     ("counters", "expected_boost", "expected_capped"),
     [
@@ -657,6 +688,57 @@ def test_bad_basket_is_refused_naming_the_field(bad: Basket, field: str) -> None
         engine.evaluate(bad, NOBODY)
 
     assert refused.value.field == field
+
+
+NEW_YORK = {"id": "NYC-01", "timezone": "America/New_York"}
+NIGHT_DAY_CAP = rule("night", {"multiplier": "3"}, when={"time_window": {"start": "22:00", "end": "02:00"}},
+                     caps={"per_member_per_day": 30})  # fmt: skip
+ROLLING_TIERS = {
+    "units": ["points", "tier_credits"],
+    "tiers": {"window": "rolling_12_months", "downgrade_grace_days": 30,
+              "levels": [{"code": "blue", "threshold": 0}, {"code": "gold", "threshold": 1000}]},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("doc", "store", "at"),
+    [
+        # Year 0 in New York: turning the instant into store-local time overflowed.
+        (program_doc(stores=[NEW_YORK]), "NYC-01", datetime(1, 1, 1, 0, 30, tzinfo=UTC)),
+        # 01:39 local in Helsinki (its zone's mean time then), inside a night window: its day cap
+        # counts the night as the day before, which is year 0.
+        (program_doc(NIGHT_DAY_CAP), "HEL-01", datetime(1, 1, 1, 0, 0, tzinfo=UTC)),
+        # The tier in effect looks back over the 30-day grace, to year 0.
+        (program_doc(**ROLLING_TIERS), "HEL-01", datetime(1, 1, 20, 12, 0, tzinfo=UTC)),
+    ],
+    ids=["local-time", "night-day-cap", "tier-grace"],
+)
+def test_a_receipt_too_early_to_price_is_refused_naming_the_receipt_time(
+    doc: dict[str, Any], store: str, at: datetime
+) -> None:
+    """Each raised OverflowError, which failed a whole Simulate or batch instead of one item."""
+    engine = compile_doc(doc)
+
+    with pytest.raises(BadRequest) as refused:
+        engine.evaluate(basket(store=store, at=at), NOBODY)
+
+    assert refused.value.field == "basket.receipt_time"
+    assert "too early" in refused.value.message
+
+
+def test_the_earliest_receipts_that_can_be_priced_still_are() -> None:
+    """The refusal is no wider than it needs to be: two days after the first instant, New York
+    (no tiers) and a Helsinki night window's day cap price as any other day."""
+    engine = compile_doc(program_doc(NIGHT_DAY_CAP, stores=[NEW_YORK, {"id": "HEL-01", "timezone": "Europe/Helsinki"}]))
+
+    new_york = engine.evaluate(basket(store="NYC-01", at=datetime(1, 1, 3, tzinfo=UTC)), NOBODY)
+    helsinki = engine.evaluate(basket(store="HEL-01", at=datetime(1, 1, 3, tzinfo=UTC)), NOBODY)
+
+    assert new_york.local_time.isoformat().startswith("0001-01-02T19:")  # the zone's mean time then, UTC-4:56
+    assert explain(new_york) == {"base": 35}
+    # 01:39 on 3 January in Helsinki is the night that opened on the 2nd: x3 adds 70.
+    assert explain(helsinki) == {"base": 35, "night": 70}
+    assert {p.guard.counter for p in helsinki.components if p.guard} == {"night:day:0001-01-02"}
 
 
 def test_basket_without_a_store_uses_the_program_default_time_zone() -> None:

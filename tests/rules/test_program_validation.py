@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pytest
 import yaml
 
+from rules_svc.domain import ProgramRejected
 from rules_svc.engine import CompiledProgram
-from rules_svc.program import ProgramInvalid, load_program
+from rules_svc.program import ProgramInvalid, load_program, validate_program
+from rules_svc.service import _parse
 from tests.rules import load_doc, program_doc
 
 AURORA = Path(__file__).resolve().parents[2] / "rules_svc" / "programs" / "aurora.yaml"
@@ -151,6 +155,101 @@ def test_zone_names_that_mean_the_hosts_own_zone_are_refused() -> None:
     assert paths_of(doc) == ["default_timezone", "stores[0].timezone"]
 
 
+def test_the_right_and_posix_copies_of_a_zone_are_refused_naming_the_zone_to_write() -> None:
+    """`right/` zones count leap seconds, so zoneinfo switches their DST 27 s after the real one;
+    `posix/` duplicates the plain names; and both trees exist on some hosts only."""
+    doc = program_doc(default_timezone="posix/Europe/Helsinki")
+    doc["stores"][1]["timezone"] = "right/Europe/Lisbon"
+
+    copy_of = "is a copy of a zone only some hosts have; write"
+    assert errors_of(doc) == [
+        ("default_timezone", f"'posix/Europe/Helsinki' {copy_of} 'Europe/Helsinki'"),
+        ("stores[1].timezone", f"'right/Europe/Lisbon' {copy_of} 'Europe/Lisbon'"),
+    ]
+
+
+def test_a_version_stored_with_a_right_zone_keeps_loading_where_the_host_has_it() -> None:
+    try:
+        ZoneInfo("right/Europe/Lisbon")
+    except (ZoneInfoNotFoundError, ValueError):
+        pytest.skip("this host has no right/ zones")
+    doc = program_doc()
+    doc["stores"][1]["timezone"] = "right/Europe/Lisbon"
+
+    assert validate_program(doc, stored=True).stores[1].timezone == "right/Europe/Lisbon"
+
+
+BINARY = "is a YAML !!binary value; write it as plain text"
+
+
+def with_binary(path: tuple[str | int, ...], value: bytes, *rules: dict[str, Any]) -> dict[str, Any]:
+    """program_doc() with `value` at `path`; yaml.safe_dump writes bytes as a `!!binary` scalar."""
+    doc = copy.deepcopy(program_doc(*rules))
+    at: Any = doc
+    for part in path[:-1]:
+        at = at[part]
+    at[path[-1]] = value
+    return doc
+
+
+WINDOW = bonus("r", when={"time_window": {"start": "09:00", "end": "10:00"}})
+CAMPAIGN = bonus("r", when={"date_range": {"start": "2026-03-01T00:00:00"}}, effect={"multiplier": "2"})
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "rules"),
+    [
+        (("stores", 1, "timezone"), b"Nowhere/City", ()),  # compiled, ZoneInfoNotFoundError
+        (("base_rates", 0, "currency"), b"XYZ", ()),  # compiled, KeyError
+        (("rules", 0, "when", "time_window", "start"), b"25:99", (WINDOW,)),  # compiled, ValueError
+        (("rules", 0, "id"), b"a b c", (WINDOW,)),
+        (("base_rates", 0, "points"), b"5", ()),
+        (("rules", 0, "when", "date_range", "start"), b"2026-03-01T00:00:00", (CAMPAIGN,)),
+        (("rules", 0, "effect", "compound"), b"true", (CAMPAIGN,)),
+    ],
+    ids=["timezone", "currency", "time-of-day", "name", "whole-number", "date", "flag"],
+)
+def test_a_yaml_binary_value_is_refused_at_its_path(
+    path: tuple[str | int, ...], value: bytes, rules: tuple[dict[str, Any], ...]
+) -> None:
+    """Lax pydantic decoded the bytes after the checks meant for text had let them by, and
+    publishing crashed compiling them (UNKNOWN) or took them as the text they spell."""
+    text = yaml.safe_dump(with_binary(path, value, *rules), sort_keys=False)
+    assert "!!binary" in text
+
+    with pytest.raises(ProgramRejected) as refused:
+        _parse(text, "yaml")
+
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    assert refused.value.violations == [(where, BINARY)]
+    assert refused.value.field == where
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "rules"),
+    [
+        (("stores", 1, "timezone"), b"Nowhere/City", ()),
+        (("default_timezone",), b"Europe/Helsinki", ()),
+        (("base_rates", 0, "currency"), b"EUR", ()),
+        (("rules", 0, "when", "time_window", "start"), b"09:00", (WINDOW,)),
+        (("rules", 0, "id"), b"r", (WINDOW,)),
+        (("stores", 1, "region"), b"PT", ()),
+        (("stores", 1, "name"), b"Lisboa", ()),
+        (("rules", 0, "when", "attributes", "club"), b"gold", (bonus("r", when={"attributes": {"club": "x"}}),)),
+    ],
+    ids=["timezone", "default-timezone", "currency", "time-of-day", "name", "optional-name", "label", "attribute"],
+)
+def test_a_field_checked_as_text_refuses_bytes_handed_to_validate_program(
+    path: tuple[str | int, ...], value: bytes, rules: tuple[dict[str, Any], ...]
+) -> None:
+    """The same guard in the fields themselves, for a mapping that never went through YAML."""
+    with pytest.raises(ProgramInvalid) as refused:
+        validate_program(with_binary(path, value, *rules))
+
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    assert refused.value.errors == [(where, "must be text, got bytes")]
+
+
 def test_tier_thresholds_that_do_not_increase_are_refused() -> None:
     levels = [
         {"code": "blue", "threshold": 0},
@@ -249,6 +348,14 @@ def test_campaign_cap_needs_a_date_range() -> None:
     doc = program_doc(bonus("a", caps={"per_member_per_campaign": 500}))
 
     assert paths_of(doc) == ["rules[0].caps.per_member_per_campaign"]
+
+
+def test_a_campaign_cap_without_a_start_is_refused_as_its_runs_could_not_be_told_apart() -> None:
+    """Its counter was `<id>:campaign:always`: a run again with new dates shared the last run's
+    cap. An end cannot name the run either (moving it would reset the cap mid-campaign)."""
+    rule = bonus("a", when={"date_range": {"end": "2026-04-01T00:00:00"}}, caps={"per_member_per_campaign": 100})
+
+    assert paths_of(program_doc(rule)) == ["rules[0].when.date_range.start"]
 
 
 def test_rule_with_both_a_day_and_a_campaign_member_cap_is_refused() -> None:

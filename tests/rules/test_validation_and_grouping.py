@@ -1,19 +1,23 @@
 """Best-of groups decided where their first-ranked member stands, basket-level rules refusing a
-per-line cap, redemption values per currency, units without a base rate, and names that
-must not end in a newline.
+per-line cap, redemption values per currency, units without a base rate, names that
+must not end in a newline, and a published version that reads back exactly as it was published.
 
 Baskets are two EUR lines of 10.00 and 25.00 (base 10 + 25 = 35 points) unless a test says so.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import yaml
 
 from rules_svc.domain import Basket, Evaluation, Line, MemberContext
+from rules_svc.engine import CompiledProgram
 from rules_svc.program import ProgramInvalid, validate_program
+from rules_svc.service import _parse
 from tests.rules import compile_doc, load_doc, program_doc
 
 WEDNESDAY_NOON = datetime(2026, 1, 7, 12, 0, tzinfo=UTC)
@@ -279,3 +283,63 @@ def test_a_stored_version_with_a_final_newline_in_a_value_still_loads_as_it_was_
     program = validate_program(doc, stored=True)
 
     assert program.rules[0].effect.multiplier == "2"
+
+
+# Attribute values and free text: what publish accepts, every replica reads back the same ---------
+
+
+def published_and_read_back(doc: dict[str, Any]) -> tuple[CompiledProgram, CompiledProgram]:
+    """The program the publishing leader caches, and the one a restart or a follower builds from
+    the stored document."""
+    leader, canonical, _sha = _parse(yaml.safe_dump(doc, sort_keys=False), "yaml")
+    return leader, CompiledProgram(validate_program(json.loads(canonical), stored=True), 1)
+
+
+def gold_club(value: str) -> dict[str, Any]:
+    return {"id": "vip", "when": {"attributes": {"club": value}}, "effect": {"bonus_points": 500}}
+
+
+@pytest.mark.parametrize(
+    "value", ["gold\n", "gold\r\n", "go\tld", "gold\x1b[0m", "gold\u2028"],
+    ids=["final-newline", "crlf", "tab", "escape", "line-separator"],
+)  # fmt: skip
+def test_an_attribute_value_with_a_line_break_or_control_character_is_refused_at_its_path(value: str) -> None:
+    """`club: |` in YAML gives "gold\\n": the leader paid it as written while a reload read "gold"."""
+    errors = errors_of(program_doc(gold_club(value)))
+
+    assert [p for p, _ in errors] == ["rules[0].when.attributes.club"]
+
+
+def test_a_one_line_name_with_a_line_break_is_refused_at_its_path() -> None:
+    doc = program_doc({"id": "r", "name": "Double points\n", "effect": {"multiplier": "2"}})
+
+    assert [p for p, _ in errors_of(doc)] == ["rules[0].name"]
+
+
+def test_a_published_version_reads_back_exactly_as_the_leader_holds_it() -> None:
+    """Free text may span lines (a description): reading back keeps its final newline, and the
+    member attribute pays on the leader's copy and the reloaded one alike."""
+    doc = program_doc(gold_club("gold"), description="Aurora loyalty.\nTerms at aurora.example.\n")
+
+    leader, reloaded = published_and_read_back(doc)
+
+    assert reloaded.program == leader.program
+    gold = MemberContext("m-1", attributes={"club": "gold"})
+    # 10.00 EUR at 1 point per euro is 10 base points, and the gold club's bonus adds 500.
+    assert leader.evaluate(basket(1000), gold).totals() == {"points": 510}
+    assert reloaded.evaluate(basket(1000), gold).totals() == {"points": 510}
+
+
+def test_a_stored_version_with_a_final_newline_in_an_attribute_value_still_loads_and_matches_without_it() -> None:
+    """Stored before publishing refused it: read as every reload has read it since 2026-12-05."""
+    program = validate_program(program_doc(gold_club("gold\n")), stored=True)
+
+    evaluation = CompiledProgram(program, 1).evaluate(basket(1000), MemberContext("m-1", attributes={"club": "gold"}))
+
+    assert evaluation.totals() == {"points": 510}
+
+
+def test_a_stored_version_keeps_a_name_with_a_line_break_as_it_was_published() -> None:
+    doc = program_doc({"id": "r", "name": "Double points\n", "effect": {"multiplier": "2"}})
+
+    assert validate_program(doc, stored=True).rules[0].name == "Double points\n"
