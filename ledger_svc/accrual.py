@@ -24,11 +24,13 @@ from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc import validation as v
 from ledger_svc.domain import (
+    REFUSALS,
     FailedPrecondition,
     IdemKey,
     IdempotencyConflict,
     InvalidArgument,
     LedgerError,
+    MemberNotActive,
     MemberStatus,
     Money,
     NotFound,
@@ -52,7 +54,7 @@ from ledger_svc.purchases import (
 from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningContext, ScreeningRequest
 from ledger_svc.screening import event_id as screening_event_id
-from ledger_svc.store.base import IdemRecord, ShardTx
+from ledger_svc.store.base import DirectoryTx, IdemRecord, ShardTx
 from pointmesh.bounds import within_key_length
 from pointmesh.tiers import TierStanding, effective_tier
 from pointmesh.timestamps import utc_instant
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FUTURE_SKEW = timedelta(minutes=5)
+KEY_MARGIN = timedelta(hours=1)  # > FUTURE_SKEW: a receipt's key outlives its lateness by this much
 BREAKER_SECONDS = 1.0
 WAITING_SCAN_PAGES = 20  # pages a waiting pass reads past purchases held on a failing basket
 MAX_LINES = 500
@@ -110,6 +113,27 @@ def _require_fresh(book: ShardBook, member_id: str, quote: Quote, assumed_count:
         raise StaleQuote(f"quoted as purchase {assumed_count + 1}, is purchase {state.purchase_count + 1}")
     if quote.tier_policy is not None and effective_tier(quote.tier_policy, state.qualification, at) != quote.tier:
         raise StaleQuote(f"quoted at tier {quote.tier!r}, which the member no longer has")
+
+
+def _require_unmerged(book: ShardBook, member_id: str) -> None:
+    """The member was active when checked, but a merge may have moved it out since: its count,
+    caps and points went to the target, so a purchase written here now would earn on a member
+    nothing reads and count towards no cap. Refused in the write, as if the merge came first."""
+    merged_into = load_state(book, member_id).merged_into
+    if merged_into:
+        raise MemberNotActive(f"member {member_id} was merged into {merged_into}", field="member_id")
+
+
+def _require_unrecorded(book: ShardBook, purchase_id: str, cmd: c.RecordPurchase) -> None:
+    """A purchase id is the receipt's, so a stored purchase under it is this receipt, arrived
+    again after its keys were purged (the lateness bound keeps that from happening): refused,
+    never written over, so it cannot earn twice."""
+    found = book.tx.get_purchase(purchase_id)
+    if found is not None:
+        raise FailedPrecondition(
+            f"receipt {cmd.receipt_id} was recorded as purchase {purchase_id} before; its replay record has expired",
+            field="receipt_id",
+        )
 
 
 class PointsEngine(Protocol):
@@ -224,13 +248,22 @@ class Accrual:
             return None
         return await self._quote(cmd, MemberState() if state is None else codec.loads(MemberState, state))
 
-    @staticmethod
-    def _late(cmd: c.RecordPurchase, quote: Quote, arrived: datetime) -> str:
-        limit = timedelta(days=quote.max_lateness_days)
-        if arrived - cmd.receipt_time > limit:
+    def _late(self, cmd: c.RecordPurchase, quote: Quote, arrived: datetime) -> str:
+        late = arrived - cmd.receipt_time
+        if late > timedelta(days=quote.max_lateness_days):
             return (
-                f"receipt from {cmd.receipt_time.isoformat()} arrived {(arrived - cmd.receipt_time).days} days later; "
+                f"receipt from {cmd.receipt_time.isoformat()} arrived {late.days} days later; "
                 f"program {quote.program} accepts receipts up to {quote.max_lateness_days} days late"
+            )
+        # Its natural key is kept this long from its first arrival, which was no earlier than its
+        # receipt time less the skew allowed: a receipt older than that could arrive again
+        # unrecognised and earn twice.
+        retention = self.svc.policy.key_retention
+        if late > retention - KEY_MARGIN:
+            return (
+                f"receipt from {cmd.receipt_time.isoformat()} arrived {late.days} days later; the ledger keeps"
+                f" receipts' keys {retention.days} days, so it takes receipts less late than that"
+                " (POINTMESH_IDEMPOTENCY_RETENTION_DAYS)"
             )
         return ""
 
@@ -269,20 +302,32 @@ class Accrual:
         pid = purchase_id_for(member_id, self.program, natural)
         screening = await self._screen(cmd, quote, pid) if quote is not None else None
         try:
-            await self._claim_keys(cmd, fp)
+            claimed = await self._claim_keys(cmd, fp)
         except IdempotencyConflict as conflict:
             earlier = await self.replay_of_merged(cmd, conflict)
             if earlier is None:
                 raise
             return earlier, True
+        try:
+            return await self._write_fresh(cmd, fp, pid, quote, screening, now)
+        except REFUSALS:  # refused in the write (the member merged meanwhile): nothing was written
+            await self.release_keys(claimed)
+            raise
+
+    async def _write_fresh(
+        self, cmd: c.RecordPurchase, fp: str, pid: str, quote: Quote | None, screening: Screening | None,
+        now: datetime,
+    ) -> tuple[PurchaseRecord, bool]:  # fmt: skip
+        member_id = cmd.member_id
         for _ in range(STALE_REQUOTES):
             written = await self.write_many([Priced(cmd, fp, pid, quote, screening)], now, fresh=True)
             if written:
                 return written[0]
             # Another purchase of the member changed its tier (or was parked) between the quote and
             # the write: the tier at the receipt is the one it meets, so it is quoted on that.
-            state, waiting = await svc.store.read(
-                shard, lambda tx: (tx.get_member_state(member_id), tx.member_waiting_purchases(member_id))
+            state, waiting = await self.svc.store.read(
+                self.svc.shard_of(member_id),
+                lambda tx: (tx.get_member_state(member_id), tx.member_waiting_purchases(member_id)),
             )
             quote = await self._quote_stored(cmd, state, waiting)
         log.warning("purchase %s: quoted %d times on a changing member; written on the last quote", pid,
@@ -325,6 +370,8 @@ class Accrual:
 
         def body(p: Priced, done: list[PurchaseRecord], book: ShardBook) -> str:
             cmd, quote = p.cmd, p.quote
+            _require_unmerged(book, member_id)
+            _require_unrecorded(book, p.pid, cmd)
             if quote is not None and (fresh or p.assumed_count is not None):
                 _require_fresh(book, member_id, quote, p.assumed_count, cmd.receipt_time)
             record = PurchaseRecord(
@@ -372,14 +419,27 @@ class Accrual:
             balance_points=balance.available_points, member_since=await svc.member_since(cmd.member_id),
         ))  # fmt: skip
 
-    async def _claim_keys(self, cmd: c.RecordPurchase, fp: str) -> None:
+    async def _claim_keys(self, cmd: c.RecordPurchase, fp: str) -> list[tuple[IdemKey, str]]:
         """The natural key decides; a transport key names at most one accepted receipt (a
-        refused receipt claims neither key)."""
+        refused receipt claims neither key). Returns the keys this call claimed (not a copy
+        of it before), with their fingerprints: the ones to give back if the write refuses."""
         claims = [(cmd.key, "RecordPurchase", fp)]
         if cmd.transport_key is not None:
             transport_fp = hashlib.sha256(f"{cmd.key.key}|{fp}".encode()).hexdigest()
             claims.insert(0, (cmd.transport_key, "RecordPurchase", transport_fp))
-        await self.svc._claim_all(claims)
+        before = await self.svc._claim_all(claims)
+        return [(key, key_fp) for (key, _, key_fp), seen in zip(claims, before, strict=True) if not seen]
+
+    async def release_keys(self, keys: Sequence[tuple[IdemKey, str]]) -> None:
+        """Gives back keys claimed for a receipt its write refused (nothing written), so the
+        receipt may come again corrected, or for the member a merge moved it to."""
+
+        def release(d: DirectoryTx) -> None:
+            for key, fp in keys:
+                d.release_claim(key.namespace, key.key, fp)
+
+        if keys:
+            await self.svc.store.write_directory(release)
 
     async def get_purchase(self, purchase_id: str) -> PurchaseRecord:
         v.object_id(purchase_id, "pu", "purchase_id")

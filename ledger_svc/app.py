@@ -20,7 +20,7 @@ from ledger_svc import codec, metrics
 from ledger_svc.cache import RedisBalanceCache
 from ledger_svc.fraud_client import FraudScreenerClient
 from ledger_svc.ingest_worker import IngestWorker
-from ledger_svc.outbox import OutboxRelay
+from ledger_svc.outbox import OutboxRelay, RelayLeases
 from ledger_svc.postings import Policy
 from ledger_svc.reconcile import reconcile
 from ledger_svc.rules_client import RulesEngineClient
@@ -75,6 +75,7 @@ def policy_from(settings: Settings) -> Policy:
         hold_timeout=timedelta(seconds=settings.hold_timeout_seconds),
         hold_max_timeout=timedelta(seconds=settings.hold_max_timeout_seconds),
         negative_limit_points=settings.negative_limit_points,
+        key_retention=timedelta(days=settings.idempotency_retention_days),
     )
 
 
@@ -245,8 +246,9 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     # Its own Redis client: blocking stream reads outlast the cache client's short timeouts.
     bus = open_bus(settings)
     relay = OutboxRelay(
-        store, bus, clock, service.outbox_wakeup, cache=cache, poll_seconds=settings.outbox_poll_seconds
-    )
+        store, bus, clock, service.outbox_wakeup, cache=cache, poll_seconds=settings.outbox_poll_seconds,
+        leases=RelayLeases(redis) if store.shared_by_replicas else None,
+    )  # fmt: skip
     server = GrpcServer("ledger", address or settings.ledger_addr, grace_seconds=settings.grace_seconds)
     servicer = LedgerServicer(service, bus)
     server.add_service(lambda s: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, s), SERVICE_NAME)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from ledger_svc import codec
 from ledger_svc import commands as c
 from ledger_svc.accrual import EngineFailedOnBasket, EngineUnavailable, Priced
-from ledger_svc.domain import FailedPrecondition, IdempotencyConflict, LedgerError
+from ledger_svc.domain import REFUSALS, FailedPrecondition, IdempotencyConflict, LedgerError
 from ledger_svc.ingest import WRITE_RUN, claim_many
 from ledger_svc.postings import ShardBook
 from ledger_svc.purchases import MemberState, PurchaseRecord, Quote, load_state, purchase_id_for, tender_points
@@ -58,6 +58,7 @@ class _Item:
     count: int = 0  # the purchase count its quote assumes
     quote: Quote | None = None
     screening: Screening | None = None
+    claimed: bool = False  # the batch claimed its natural key (given back if its write refuses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +244,9 @@ class BatchAccrual:
 
     async def _claim(self, items: list[_Item], now: datetime, results: list[Outcome | None]) -> None:
         claims = [(it.index, it.cmd.key, "RecordPurchase", it.fp) for it in items]
-        conflicts, _seen = await self.svc.store.write_directory(lambda d: claim_many(d, claims, now))
+        conflicts, seen = await self.svc.store.write_directory(lambda d: claim_many(d, claims, now))
         for it in items:
+            it.claimed = it.index not in conflicts and it.index not in seen
             if it.index in conflicts:
                 conflict = conflicts[it.index]
                 earlier = None
@@ -286,6 +288,8 @@ class BatchAccrual:
                 results[it.index] = await acc.record_purchase(it.cmd)
             except LedgerError as error:
                 results[it.index] = error
+                if isinstance(error, REFUSALS) and it.claimed:  # nothing written: the receipt may come again
+                    await acc.release_keys([(it.cmd.key, it.fp)])
 
 
 def _first_of_each_receipt(items: list[_Item]) -> tuple[list[_Item], list[_Item]]:

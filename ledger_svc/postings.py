@@ -51,6 +51,9 @@ class Policy:
     hold_timeout: timedelta
     hold_max_timeout: timedelta
     negative_limit_points: int
+    # How long idempotency keys (a receipt's natural key among them) are kept: a receipt older
+    # than this could no longer be told from one already earned, so none is taken that late.
+    key_retention: timedelta = timedelta(days=35)
 
 
 _MEMBER_KINDS = ("member", "pending", "debt")  # prefixes of member_account, pending_account, debt_account

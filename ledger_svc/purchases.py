@@ -83,6 +83,10 @@ class MemberState:
     qualification: dict[str, int] = field(default_factory=dict)
     tier: str = ""
     merged_from: tuple[str, ...] = ()  # members whose state was added in by a merge (once each)
+    # Set on a merged-away member's state when the merge moves it out: a purchase that passed the
+    # status check before the merge finds it in its own write and is refused, instead of earning
+    # on the member after its count and caps went to the target.
+    merged_into: str = ""
 
 
 def take_in_merged_state(book: ShardBook, target: str, source: str, moved: MemberState) -> None:

@@ -394,6 +394,8 @@ def _move_out(book: ShardBook, source: str, target: str, merge_id: str, state: M
     moved = {u: m for u in book.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
     if not moved and state is None:
         return None
+    if state is not None:
+        book.tx.put_member_state(source, codec.dumps(replace(state, merged_into=target)))
     payload = {"units": moved, "state": codec.to_plain(state) if state else None}
     saga = SagaRecord(
         merge_id, "merge", SagaState.HELD, source, target, "", 0, "", json.dumps(payload), book.now, book.now
