@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import uuid
 from datetime import datetime
+
+from redis.asyncio import Redis
 
 from ledger_svc import metrics
 from ledger_svc.cache import RedisBalanceCache
@@ -24,6 +27,37 @@ from pointmesh.v1 import common_pb2, ledger_pb2
 log = logging.getLogger(__name__)
 BATCH = 500
 BATCH_WINDOW_SECONDS = 0.01
+LEASE_SECONDS = 10.0
+
+# KEYS[1] = a shard's lease; ARGV = holder, ms. Taken when free, renewed by its holder.
+_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+class RelayLeases:
+    """Which replica relays which shard, when several serve one store (Cassandra).
+
+    Two relays reading the same rows before either marks them would publish a member's events
+    twice and out of order (the live feed showed an older balance after a newer one). Each
+    shard is relayed by the replica holding its lease in Redis, renewed every pass; a replica
+    that dies leaves it to run out, and another takes the shard within LEASE_SECONDS. A relay
+    stalled past its lease while holding rows may still publish them after the next holder did:
+    duplicates, which consumers drop by event id. Redis unreachable: no shard is relayed (the
+    rows wait), rather than every replica relaying all of them.
+    """
+
+    def __init__(self, redis: Redis, *, key: str = "pm:ledger:relay-lease", seconds: float = LEASE_SECONDS) -> None:
+        self.key = key
+        self.holder = uuid.uuid4().hex
+        self.ms = max(1, int(seconds * 1000))
+        self._lease = redis.register_script(_LEASE)
+
+    async def hold(self, shard: int) -> bool:
+        return bool(await self._lease(keys=[f"{self.key}:{shard}"], args=[self.holder, self.ms]))
 
 
 class OutboxRelay:
@@ -37,6 +71,7 @@ class OutboxRelay:
         cache: RedisBalanceCache | None = None,
         poll_seconds: float = 0.05,
         stream: str = LEDGER_EVENTS,
+        leases: RelayLeases | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -45,12 +80,15 @@ class OutboxRelay:
         self.cache = cache
         self.poll_seconds = poll_seconds
         self.stream = stream
+        self.leases = leases
         self._stopping = False
 
     async def relay_once(self) -> int:
         """One pass over every shard; returns how many events went out."""
         sent = 0
         for shard in range(self.store.shard_count):
+            if self.leases is not None and not await self.leases.hold(shard):
+                continue  # another replica relays it
             while True:
                 rows: list[OutboxRow] = await self.store.read(shard, lambda tx: tx.unrelayed_outbox(BATCH))
                 if not rows:

@@ -288,6 +288,9 @@ class LedgerStore(Protocol):
     # True when one unit of work may write several members atomically (SQLite: a shard is one
     # database). Cassandra commits per member, so transfers there always run as sagas.
     multi_member_units: bool
+    # True when several ledger processes serve one store (Cassandra replicas). An embedded
+    # SQLite directory belongs to one process (`pointmesh up` locks it).
+    shared_by_replicas: bool
 
     async def write(self, shard: int, work: Callable[[ShardTx], T]) -> T: ...
     async def read(self, shard: int, work: Callable[[ShardTx], T]) -> T: ...

@@ -2016,6 +2016,7 @@ class CassandraLedgerStore:
         return self._shards
 
     multi_member_units = False
+    shared_by_replicas = True
 
     @staticmethod
     def _retrying(attempt: Callable[[], T], what: str) -> T:

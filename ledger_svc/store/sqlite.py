@@ -1008,6 +1008,7 @@ class SqliteLedgerStore:
         return self._shards
 
     multi_member_units = True
+    shared_by_replicas = False
 
     async def write(self, shard: int, work: Callable[[SqliteShardTx], T]) -> T:
         return await self._writers[shard].submit(work)
