@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TypeVar
 
@@ -93,20 +93,39 @@ class CsvDropAdapter:
             return
         # Two passes over the rows: a row may put in doubt a receipt above it (one more of its
         # lines, mistyped or apart), and a receipt must not be sent before that is known.
-        doubts = _doubts(_groups(body, header, undecodable))
+        doubts = _doubts(source, _groups(body, header, undecodable))
         for index, group in enumerate(_groups(body, header, undecodable)):
-            doubted_by = set(doubts.by_group.get(index, []) + doubts.by_key.get(_key(group[0]), []))
-            yield from _emit(source, group, sorted(doubted_by - {r.line.number for r in group}))
+            yield from _emit(source, group, doubts.why_held(index, group))
 
 
 @dataclass
 class _Doubts:
-    """Receipts a row elsewhere puts in doubt, with that row's line number: the receipt just
-    above a row that cannot start one (by group index), and every part of a receipt whose rows
-    are apart in the file (by key)."""
+    """Receipts something elsewhere in the file puts in doubt, with the line numbers that do:
+    the receipt just above a row that cannot start one (by group index), every part of a
+    receipt that has a bad part anywhere in the file (by key: the bad parts' first lines), and
+    copies of a receipt in a row that differ (by group index: every copy's first line)."""
 
     by_group: dict[int, list[int]] = field(default_factory=dict)
     by_key: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
+    differing: dict[int, list[int]] = field(default_factory=dict)
+
+    def why_held(self, index: int, group: list[_Row]) -> str:
+        """Why the receipt of this group is held back although its own rows are fine; empty
+        when it is not."""
+        own = {row.line.number for row in group}
+        doubted_by = sorted(set(self.by_group.get(index, []) + self.by_key.get(_key(group[0]), [])) - own)
+        if doubted_by:
+            return f"line(s) {_listed(doubted_by)} may be more of its lines; see there"
+        if index in self.differing:
+            return (
+                f"line(s) {_listed(self.differing[index])} each start it (line_no 1) with other contents; "
+                "is a line_no mistyped, or are these two versions of it?"
+            )
+        return ""
+
+
+def _listed(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers))
 
 
 def _groups(body: list[SourceLine], header: list[str], undecodable: set[int]) -> Iterator[list[_Row]]:
@@ -118,7 +137,7 @@ def _groups(body: list[SourceLine], header: list[str], undecodable: set[int]) ->
         row = _split(ln, header)
         if ln.number in undecodable:
             row.errors.insert(0, "line is not valid UTF-8")
-        if row.errors and not (row.text("record_type") and row.text("receipt_id")):
+        if _names_no_receipt(row):
             # A row that cannot say which receipt it is may be a line of the one before:
             # that receipt is held back with it rather than imported without it.
             if group:
@@ -134,19 +153,65 @@ def _groups(body: list[SourceLine], header: list[str], undecodable: set[int]) ->
         yield group
 
 
-def _doubts(groups: Iterator[list[_Row]]) -> _Doubts:
-    """A group whose first row is not line 1 of a named receipt is not a receipt of its own: it
-    may be more lines of the receipt above (its receipt_id mistyped or left empty) or of one
-    earlier in the file (its rows apart). Both are held back, never sent without those lines."""
+def _doubts(source: str, groups: Iterator[list[_Row]]) -> _Doubts:
+    """Reads every receipt once to find the ones that must not be sent although their own rows
+    are fine. A group whose first row is not line 1 of a named receipt is not a receipt of its
+    own: it may be more lines of the receipt above (its receipt_id mistyped or left empty), so
+    that one is held back. A bad group holds back every group with its key: a row whose line_no
+    was mistyped as 1 starts its receipt again, and a receipt's rows may be apart, so the other
+    groups may be the rest of the same receipt. Copies of a receipt in a row (a receipt sent
+    twice) that differ are all held back: one is wrong, perhaps a mistyped line_no, and sending
+    the first would earn on it and refuse the corrected re-send (ALREADY_EXISTS)."""
     doubts = _Doubts()
+    run_key: tuple[str, str, str] = ("", "", "")
+    run: list[_Copy] = []
     for index, group in enumerate(groups):
-        first = group[0]
-        if index == 0 or (all(_key(first)) and _starts_receipt(first)):
-            continue
-        doubts.by_group.setdefault(index - 1, []).append(first.line.number)
-        if all(_key(first)):
-            doubts.by_key.setdefault(_key(first), []).append(first.line.number)
+        first, key = group[0], _key(group[0])
+        if index > 0 and not (all(key) and _starts_receipt(first)):
+            doubts.by_group.setdefault(index - 1, []).append(first.line.number)
+        built = _read(source, group)
+        bad = any(row.errors for row in group)
+        if bad and all(key):
+            doubts.by_key.setdefault(key, []).append(first.line.number)
+        copy = _Copy(index, first.line.number, None if bad else built)
+        if all(key) and key == run_key:
+            run.append(copy)
+        else:
+            _compare_copies(run, doubts)
+            run_key, run = key, [copy]
+    _compare_copies(run, doubts)
     return doubts
+
+
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    """One of the groups in a row that name the same receipt, with its records (None when it is
+    bad, which holds back every group of the receipt anyway)."""
+
+    index: int
+    first_line: int
+    built: list[LegacyPurchase | LegacyReturn] | None
+
+
+_NOWHERE = Origin("", ())
+
+
+def _contents(built: list[LegacyPurchase | LegacyReturn]) -> list[LegacyPurchase | LegacyReturn]:
+    """What the ledger would be sent, without where in the file it came from."""
+    return [replace(record, origin=_NOWHERE) for record in built]
+
+
+def _compare_copies(run: list[_Copy], doubts: _Doubts) -> None:
+    """Notes copies in a row that would not send the same thing (equal ones are a receipt sent
+    twice: the ledger counts the second as a duplicate)."""
+    contents = [_contents(copy.built) for copy in run if copy.built is not None]
+    if len(run) < 2 or len(contents) < len(run):
+        return
+    first, *others = contents
+    if any(other != first for other in others):
+        lines = [copy.first_line for copy in run]
+        for copy in run:
+            doubts.differing[copy.index] = lines
 
 
 def _starts_receipt(row: _Row) -> bool:
@@ -202,30 +267,38 @@ def _key(row: _Row) -> tuple[str, str, str]:
     return row.text("record_type"), row.text("store_id"), row.text("receipt_id")
 
 
-def _emit(source: str, group: list[_Row], doubted_by: list[int]) -> Iterator[Parsed]:
-    """One receipt: its record(s), or every one of its lines quarantined (when one of them is
-    bad, or rows at `doubted_by` may be more of its lines)."""
+def _names_no_receipt(row: _Row) -> bool:
+    return bool(row.errors) and not (row.text("record_type") and row.text("receipt_id"))
+
+
+def _read(source: str, group: list[_Row]) -> list[LegacyPurchase | LegacyReturn]:
+    """One receipt's record(s), noting what is wrong on its rows instead: none when a row is bad."""
     first = group[0]
-    if first.errors and not (first.text("record_type") and first.text("receipt_id")):
+    if _names_no_receipt(first):
+        return []
+    record_type = first.text("record_type")
+    if record_type not in ("P", "R"):
+        first.errors.append(f"column record_type: {record_type!r} is not P (purchase) or R (return)")
+        return []
+    _check_receipt(group)
+    return _purchase(source, group) if record_type == "P" else _returns(source, group)
+
+
+def _emit(source: str, group: list[_Row], held_because: str) -> Iterator[Parsed]:
+    """One receipt: its record(s), or every one of its lines quarantined (when one of them is
+    bad, or `held_because` says what elsewhere in the file puts it in doubt)."""
+    first = group[0]
+    if _names_no_receipt(first):
         for row in group:  # unreadable rows that name no receipt, quarantined as they are
             yield Quarantined(source, row.line.number, "; ".join(row.errors), row.line.raw)
         return
-    record_type = first.text("record_type")
-    built: list[LegacyPurchase | LegacyReturn] = []
-    if record_type not in ("P", "R"):
-        group[0].errors.append(f"column record_type: {record_type!r} is not P (purchase) or R (return)")
-    else:
-        _check_receipt(group)
-        built = _purchase(source, group) if record_type == "P" else _returns(source, group)
+    built = _read(source, group)
     bad = [r.line.number for r in group if r.errors]
-    if not bad and not doubted_by:
+    if not bad and not held_because:
         yield from built
         return
     store, receipt = first.text("store_id"), first.text("receipt_id")
-    why = (
-        f"see line(s) {', '.join(map(str, bad))}" if bad
-        else f"line(s) {', '.join(map(str, doubted_by))} may be more of its lines; see there"
-    )  # fmt: skip
+    why = f"see line(s) {_listed(bad)}" if bad else held_because
     for row in group:
         reason = "; ".join(row.errors) or f"held back with receipt {store}/{receipt}: {why}"
         yield Quarantined(source, row.line.number, reason, row.line.raw, field=_first_column(row.errors))

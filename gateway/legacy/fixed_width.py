@@ -4,8 +4,9 @@ The trailer's record count is the only proof that the transfer delivered the fil
 mainframe wrote. When it (or the header/trailer framing) is wrong the file is truncated or
 spliced, so nothing of it is imported: every line is quarantined with the reason, and ops
 asks for the file again. Within a well-framed file a bad record holds back only its own
-receipt, and a receipt is read whole (its P and every L after it) or not at all. Layout
-tables: LAYOUTS below, mirrored in docs/legacy.md (a test keeps them equal).
+receipt (and any other copy of it in the file), and a receipt is read whole (its P and every
+L after it) or not at all. Layout tables: LAYOUTS below, mirrored in docs/legacy.md (a test
+keeps them equal).
 """
 
 from __future__ import annotations
@@ -134,23 +135,77 @@ class FixedWidthAdapter:
                 why = reason if rec.line.number == at else f"file held back: {reason} (line {at})"
                 yield Quarantined(source, rec.line.number, why, rec.line.raw, field="record_count")
             return
-        body, i = records[1:-1], 0
-        while i < len(body):
-            rec = body[i]
-            i += 1
-            if rec.kind == "P":
-                # Every L up to the next other record is the receipt's, however many its P
-                # announces: a receipt with an L left over is held back, not posted without it.
-                group = [rec]
-                while i < len(body) and body[i].kind == "L":
-                    group.append(body[i])
-                    i += 1
-                yield from _purchase(source, group)
-            elif rec.kind == "R":
-                yield from _refund(source, rec)
-            else:
-                problem = rec.problem or "L record without a P record before it"
-                yield Quarantined(source, rec.line.number, problem, rec.line.raw, field=rec.field)
+        # Two passes: a file may carry a receipt (or a refund) twice, and a bad copy holds back
+        # the good one, which may be the wrong one and would make the corrected re-send conflict.
+        units = list(_units(records[1:-1]))
+        bad_copies = _bad_copies(source, units)
+        for unit in units:
+            yield from _unless_a_copy_is_bad(source, unit, bad_copies)
+
+
+def _units(body: list[_Record]) -> Iterator[list[_Record]]:
+    """Receipts (a P with every L up to the next other record, however many its P announces: a
+    receipt with an L left over is held back, not posted without it), refunds, and records
+    that are neither, in file order."""
+    i = 0
+    while i < len(body):
+        unit = [body[i]]
+        i += 1
+        if unit[0].kind == "P":
+            while i < len(body) and body[i].kind == "L":
+                unit.append(body[i])
+                i += 1
+        yield unit
+
+
+def _read(source: str, unit: list[_Record]) -> list[Parsed]:
+    head = unit[0]
+    if head.kind == "P":
+        return list(_purchase(source, unit))
+    if head.kind == "R":
+        return list(_refund(source, head))
+    problem = head.problem or "L record without a P record before it"
+    return [Quarantined(source, head.line.number, problem, head.line.raw, field=head.field)]
+
+
+def _identity(unit: list[_Record]) -> tuple[str, ...] | None:
+    """What the ledger knows a receipt or refund by (its natural or idempotency key, less the
+    channel every record of the file shares); None when the file does not say."""
+    head, get = unit[0], unit[0].fields
+    if head.problem or head.kind not in ("P", "R"):
+        return None
+    if head.kind == "P":
+        key: tuple[str, ...] = ("P", get["store_id"], get["receipt_id"])
+    else:
+        key = ("R", get["store_id"], get["refund_id"], get["original_store_id"], get["original_receipt_id"])
+    return key if all(key) else None
+
+
+def _bad_copies(source: str, units: list[list[_Record]]) -> dict[tuple[str, ...], list[int]]:
+    """The first lines of every receipt or refund that is held back, by what the ledger knows it by."""
+    bad: dict[tuple[str, ...], list[int]] = {}
+    for unit in units:
+        key = _identity(unit)
+        if key is not None and any(isinstance(item, Quarantined) for item in _read(source, unit)):
+            bad.setdefault(key, []).append(unit[0].line.number)
+    return bad
+
+
+def _unless_a_copy_is_bad(
+    source: str, unit: list[_Record], bad_copies: dict[tuple[str, ...], list[int]]
+) -> Iterator[Parsed]:
+    """The unit as read or, when another copy of it in the file is held back, held back too."""
+    parsed = _read(source, unit)
+    key = _identity(unit)
+    others = [line for line in bad_copies.get(key, []) if line != unit[0].line.number] if key else []
+    if not others or any(isinstance(item, Quarantined) for item in parsed):
+        yield from parsed
+        return
+    what = "receipt" if unit[0].kind == "P" else "refund"
+    reason = (
+        f"{what} held back: line(s) {', '.join(map(str, others))} hold another copy of it that is held back; see there"
+    )
+    yield from quarantine_all(Origin(source, tuple(rec.line for rec in unit)), reason)
 
 
 def _lines(data: bytes) -> list[tuple[SourceLine, bool]]:
