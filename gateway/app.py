@@ -53,7 +53,7 @@ def _log_if_failed(task: asyncio.Task[None]) -> None:
 
 def body_limit(path: str) -> tuple[int, problems.Problem]:
     """The most bytes a request to `path` may carry, and what a larger one is told: the legacy
-    upload's own bound (a multipart body, parsed to disk before the caller is authenticated),
+    upload's own bound (a multipart body, read to disk once the caller's key may upload),
     the webhook's (told as its route tells it, docs/legacy.md: 400, field `body`), else 1 MiB."""
     if path == "/v1/legacy/imports":
         return legacy.MAX_UPLOAD_BYTES, problems.too_large(legacy.MAX_UPLOAD_BYTES)

@@ -1,5 +1,5 @@
-"""What every route needs: the gateway's clients, the caller, a POST's scope and Idempotency-Key, and one
-wrapper that turns a failed gRPC call into the right problem."""
+"""What every route needs: the gateway's clients, the caller, a route's scope, a POST's Idempotency-Key,
+and one wrapper that turns a failed gRPC call into the right problem."""
 
 from __future__ import annotations
 
@@ -61,9 +61,39 @@ class Write(NamedTuple):
     key: common_pb2.IdempotencyKey
 
 
+# Every route checks its scope with one of these dependencies (or `reads_member` below), never in
+# its body: FastAPI solves dependencies before it validates the path, query, headers and body, so
+# a caller that may not do this hears 403 whatever it sent, not 400 for a field it got wrong.
+
+
+def scoped(scope: str) -> Any:
+    """The dependency of a route that needs an API key with `scope`; it gives that key."""
+
+    async def scope_checked(caller: Annotated[Principal, Depends(principal)]) -> ApiKey:
+        return caller.require(scope)
+
+    return Depends(scope_checked)
+
+
+def scoped_or_member(scope: str) -> Any:
+    """The dependency of a route an API key with `scope` may use, or a member token for its own
+    member (which member the request names is the route's to check); it gives the caller."""
+
+    async def scope_checked(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+        if caller.key is not None:
+            caller.require(scope)
+        return caller
+
+    return Depends(scope_checked)
+
+
 def writing(scope: str) -> Any:
-    """The dependency of a POST that needs `scope`. The scope is checked before the header, so a
-    caller that may not do this hears 403 whatever headers it sent, not 400 for a missing key."""
+    """The dependency of a POST that needs `scope` and an Idempotency-Key. The scope is checked
+    first, so a caller that may not do this hears 403 whatever headers it sent, not 400 for a
+    missing key."""
+
+    # A default, not in Annotated: FastAPI reads annotations in the module's namespace, without `scope`.
+    key_of_scope = scoped(scope)
 
     async def write(
         caller: Annotated[Principal, Depends(principal)],
@@ -71,8 +101,8 @@ def writing(scope: str) -> Any:
             str | None,
             Header(description="Required on every POST: retries with the same key and body get the original answer."),
         ] = None,
+        api_key: ApiKey = key_of_scope,
     ) -> Write:
-        api_key = caller.require(scope)
         if idempotency_key is None:
             raise bad_request("Idempotency-Key", "the header is required on every POST")
         if not _KEY_RE.match(idempotency_key):
@@ -95,4 +125,20 @@ IdPath = Annotated[str, Path(max_length=s.MAX_ID_LENGTH)]
 UnitQuery = Annotated[str, Query(max_length=64, description="Empty: the default unit (points).")]
 PageToken = Annotated[str, Query(max_length=s.MAX_PAGE_TOKEN_LENGTH)]
 Caller = Annotated[Principal, Depends(principal)]
-__all__ = ["Caller", "Gateway", "GatewayDep", "IdPath", "PageToken", "Problem", "UnitQuery", "Write", "call", "writing"]
+
+
+async def _reading_member(
+    caller: Annotated[Principal, scoped_or_member("members:read")], member_id: Annotated[str, Path()]
+) -> Principal:
+    # Only compared here: the route bounds it (IdPath), and one bad id is one error, not two.
+    caller.may_read_member(member_id)
+    return caller
+
+
+# The dependency of a route that reads the member in its path: an API key with members:read (a
+# key without it is refused before the path is validated), or that member's own token.
+reads_member = Depends(_reading_member)
+__all__ = [
+    "Caller", "Gateway", "GatewayDep", "IdPath", "PageToken", "Problem", "UnitQuery", "Write", "call",
+    "reads_member", "scoped", "scoped_or_member", "writing",
+]  # fmt: skip

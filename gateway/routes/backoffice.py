@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse
 from google.protobuf.json_format import MessageToDict
 
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, call
+from gateway.deps import GatewayDep, call, scoped
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
 router = APIRouter(tags=["ops"])
@@ -26,9 +26,9 @@ async def page() -> HTMLResponse:
     return HTMLResponse(PAGE)
 
 
-@router.get("/v1/ops/totals", response_model=s.OpsTotals, summary="The programme's books by account class")
-async def totals(gw: GatewayDep, caller: Caller) -> s.OpsTotals:
-    caller.require("ops:read")
+@router.get("/v1/ops/totals", response_model=s.OpsTotals, dependencies=[scoped("ops:read")],
+            summary="The programme's books by account class")  # fmt: skip
+async def totals(gw: GatewayDep) -> s.OpsTotals:
     found = await call("ledger_svc", gw.ledger.GetTotals(ledger_pb2.GetTotalsRequest()))
     return s.OpsTotals(
         as_of=found.as_of.ToDatetime(tzinfo=UTC),
@@ -39,13 +39,12 @@ async def totals(gw: GatewayDep, caller: Caller) -> s.OpsTotals:
 
 
 @router.get("/v1/ops/experiments/{experiment_id}", response_model=s.ExperimentReport,
+            dependencies=[scoped("ops:read")],
             summary="An A/B experiment's results per arm against control")  # fmt: skip
 async def experiment(
     gw: GatewayDep,
-    caller: Caller,
     experiment_id: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")],
 ) -> s.ExperimentReport:
-    caller.require("ops:read")
     found = await call("rules_svc", gw.rules.GetExperimentReport(
         rules_pb2.GetExperimentReportRequest(program=gw.settings.program, experiment_id=experiment_id)))  # fmt: skip
     return s.ExperimentReport.model_validate(

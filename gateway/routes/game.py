@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdPath, call
+from gateway.auth import Principal
+from gateway.deps import GatewayDep, IdPath, call, reads_member, scoped, scoped_or_member
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
 router = APIRouter(tags=["gamification"])
@@ -20,10 +21,9 @@ def _when(ts: Timestamp, present: bool) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC) if present else None
 
 
-@router.get("/v1/members/{member_id}/progress", response_model=s.Progress,
+@router.get("/v1/members/{member_id}/progress", response_model=s.Progress, dependencies=[reads_member],
             summary="Achievements, streaks and challenges of a member, with rewards paid")  # fmt: skip
-async def progress(member_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Progress:
-    caller.may_read_member(member_id)
+async def progress(member_id: IdPath, gw: GatewayDep) -> s.Progress:
     # rules_svc keeps progress for any id it is asked about: an unknown member is 404, as on every member route.
     await call(LEDGER, gw.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id)))
     found = await call(RULES, gw.rules.GetMemberProgress(
@@ -40,9 +40,9 @@ async def progress(member_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Progr
     )  # fmt: skip
 
 
-@router.get("/v1/challenges", response_model=s.Challenges, summary="Challenges running now")
-async def challenges(gw: GatewayDep, caller: Caller) -> s.Challenges:
-    caller.require("program:read")
+@router.get("/v1/challenges", response_model=s.Challenges, dependencies=[scoped("program:read")],
+            summary="Challenges running now")  # fmt: skip
+async def challenges(gw: GatewayDep) -> s.Challenges:
     found = await call(RULES, gw.rules.ListChallenges(rules_pb2.ListChallengesRequest(program=gw.settings.program)))
     return s.Challenges(challenges=[s.ChallengeOut(
         challenge_id=c.challenge_id, name=c.name, starts_at=c.starts_at.ToDatetime(tzinfo=UTC),
@@ -52,10 +52,12 @@ async def challenges(gw: GatewayDep, caller: Caller) -> s.Challenges:
 
 
 @router.post("/v1/challenges/{challenge_id}/join", summary="Opt a member in to a challenge (idempotent)")
-async def join(challenge_id: IdPath, body: s.JoinChallenge, gw: GatewayDep, caller: Caller) -> dict[str, bool]:
-    if caller.key is not None:
-        caller.require("members:write")  # a channel backend enrolling its member; reading is not needed
-    else:
+async def join(
+    challenge_id: IdPath, body: s.JoinChallenge, gw: GatewayDep,
+    # A channel backend enrolling its member needs members:write (reading is not needed).
+    caller: Annotated[Principal, scoped_or_member("members:write")],
+) -> dict[str, bool]:  # fmt: skip
+    if caller.key is None:
         caller.may_read_member(body.member_id)  # a member token joins its own member only
     found = await call(RULES, gw.rules.JoinChallenge(rules_pb2.JoinChallengeRequest(
         program=gw.settings.program, challenge_id=challenge_id, member_id=body.member_id)))  # fmt: skip
@@ -63,11 +65,11 @@ async def join(challenge_id: IdPath, body: s.JoinChallenge, gw: GatewayDep, call
 
 
 @router.get("/v1/challenges/{challenge_id}/leaderboard", response_model=s.Leaderboard,
+            dependencies=[scoped("program:read")],
             summary="Members ranked by progress (ties: who finished first)")  # fmt: skip
 async def leaderboard(
-    challenge_id: IdPath, gw: GatewayDep, caller: Caller, limit: Annotated[int, Query(ge=1, le=100)] = 10
+    challenge_id: IdPath, gw: GatewayDep, limit: Annotated[int, Query(ge=1, le=100)] = 10
 ) -> s.Leaderboard:
-    caller.require("program:read")
     found = await call(RULES, gw.rules.GetLeaderboard(rules_pb2.GetLeaderboardRequest(
         program=gw.settings.program, challenge_id=challenge_id, limit=limit)))  # fmt: skip
     return s.Leaderboard(challenge_id=challenge_id, entries=[s.LeaderboardEntry(

@@ -13,11 +13,13 @@ from dataclasses import replace
 from typing import Annotated, Any
 
 import grpc
-from fastapi import APIRouter, FastAPI, Header, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
 
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep
+from gateway.deps import GatewayDep, scoped
+from gateway.keys import ApiKey
 from gateway.legacy.importer import ADAPTERS, ImportInterrupted, ImportReport, import_records, write_quarantine
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Quarantined
 from gateway.legacy.webhook import SignatureError, WebhookAdapter, verify_signature
@@ -94,19 +96,33 @@ async def _run(gw: Any, records: Iterable[Parsed], adapter: str, channel: str, s
     return report
 
 
-@router.post("/imports", response_model=s.ImportReport, summary="Import a legacy file (CSV drop or fixed-width export)")
+# The upload's body is not a parameter: FastAPI reads a form parameter (here up to 50 MiB, to
+# disk) before it runs any dependency, so before the key's scope is known. The route reads it
+# after, and documents it here.
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "contentMediaType": "application/octet-stream",
+                            "description": "The CSV drop or fixed-width export"}},
+}}}}}  # fmt: skip
+
+
+@router.post("/imports", response_model=s.ImportReport, openapi_extra=_UPLOAD_BODY,
+             summary="Import a legacy file (CSV drop or fixed-width export)")  # fmt: skip
 async def import_upload(
-    file: UploadFile, gw: GatewayDep, caller: Caller,
+    request: Request, gw: GatewayDep, key: Annotated[ApiKey, scoped("legacy:write")],
     adapter: Annotated[str, Query(description="csv or fixed-width", examples=["csv"])] = "csv",
 ) -> dict[str, Any]:  # fmt: skip
-    key = caller.require("legacy:write")
     parser = ADAPTERS.get(adapter)
     if parser is None or adapter == "webhook":
         raise bad_request("adapter", f"must be one of csv, fixed-width; got {adapter!r}")
-    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    async with request.form() as form:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise bad_request("body.file", "a file is required (multipart/form-data, field file)")
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        source = file.filename or "upload"
     if len(data) > MAX_UPLOAD_BYTES:
         raise bad_request("file", f"larger than {MAX_UPLOAD_BYTES} bytes; split it")
-    source = file.filename or "upload"
     records = _within_stores(parser.parse(source, data), key.stores)
     return report_body(await _run(gw, records, adapter, key.channel, source))
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdPath, Write, call, writing
+from gateway.deps import GatewayDep, IdPath, Write, call, scoped, writing
 from pointmesh.v1 import ledger_pb2
 
 router = APIRouter(prefix="/v1/ops/reviews", tags=["ops"])
@@ -20,16 +20,15 @@ STATUSES = {"OPEN": ledger_pb2.REVIEW_STATUS_OPEN, "APPROVED": ledger_pb2.REVIEW
             "REJECTED": ledger_pb2.REVIEW_STATUS_REJECTED}  # fmt: skip
 
 
-@router.get("", response_model=s.ReviewPage, summary="Items under fraud review, oldest first")
+@router.get("", response_model=s.ReviewPage, dependencies=[scoped("ops:read")],
+            summary="Items under fraud review, oldest first")  # fmt: skip
 async def list_reviews(
     gw: GatewayDep,
-    caller: Caller,
     status: Annotated[str, Query(pattern="^(OPEN|APPROVED|REJECTED)$")] = "OPEN",
     member_id: Annotated[str, Query(max_length=s.MAX_ID_LENGTH)] = "",
     page_size: Annotated[int, Query(ge=1, le=500)] = 50,
     page_token: Annotated[str, Query(max_length=s.MAX_PAGE_TOKEN_LENGTH)] = "",
 ) -> s.ReviewPage:
-    caller.require("ops:read")
     result = await call(LEDGER, gw.ledger.ListReviews(ledger_pb2.ListReviewsRequest(
         status=STATUSES[status], member_id=member_id, page_size=page_size, page_token=page_token,
     )))  # fmt: skip

@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 from gateway import convert as cv
 from gateway import schemas as s
 from gateway.auth import Principal
-from gateway.deps import Caller, Gateway, GatewayDep, IdPath, Write, call, writing
+from gateway.deps import Caller, Gateway, GatewayDep, IdPath, Write, call, scoped, writing
 from gateway.keys import ApiKey
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
@@ -48,10 +48,9 @@ async def redeem(
     return result
 
 
-@router.post("/redemptions/quote", response_model=s.RedemptionQuote,
+@router.post("/redemptions/quote", response_model=s.RedemptionQuote, dependencies=[scoped("redemptions:write")],
              summary="How many of the member's points may pay for a basket, and what they are worth")  # fmt: skip
-async def quote(body: s.RedemptionQuoteRequest, gw: GatewayDep, caller: Caller) -> s.RedemptionQuote:
-    caller.require("redemptions:write")
+async def quote(body: s.RedemptionQuoteRequest, gw: GatewayDep) -> s.RedemptionQuote:
     balance = await call(LEDGER, gw.ledger.GetBalance(ledger_pb2.GetBalanceRequest(member_id=body.member_id)))
     q = await call(RULES, gw.rules.QuoteRedemption(rules_pb2.QuoteRedemptionRequest(
         program=gw.settings.program, basket_total=cv.money_pb(body.basket_total),
@@ -99,9 +98,9 @@ async def _own_hold(gw: Gateway, caller: Principal, hold_id: str) -> ledger_pb2.
     return hold
 
 
-@router.get("/holds/{hold_id}", response_model=s.Hold, summary="A hold (only to keys acting for its channel and store)")
+@router.get("/holds/{hold_id}", response_model=s.Hold, dependencies=[scoped("redemptions:write")],
+            summary="A hold (only to keys acting for its channel and store)")  # fmt: skip
 async def get_hold(hold_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Hold:
-    caller.require("redemptions:write")
     return cv.hold(await _own_hold(gw, caller, hold_id))
 
 

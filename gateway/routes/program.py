@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, call
+from gateway.deps import Caller, GatewayDep, call, scoped
+from gateway.keys import ApiKey
 from pointmesh.v1 import rules_pb2
 
 router = APIRouter(prefix="/v1/program", tags=["program"])
 RULES = "rules_svc"
 
 
-@router.get("", summary="The program version in effect now, as JSON")
-async def get_program(gw: GatewayDep, caller: Caller) -> dict[str, Any]:
-    caller.require("program:read")
+@router.get("", dependencies=[scoped("program:read")], summary="The program version in effect now, as JSON")
+async def get_program(gw: GatewayDep) -> dict[str, Any]:
     got = await call(RULES, gw.rules.GetProgram(rules_pb2.GetProgramRequest(program=gw.settings.program)))
     return {"program": got.version.program, "version": got.version.version, "document": json.loads(got.document_json)}
 
 
 @router.post("/explain", response_model=s.Explanation,
              summary="What a receipt would earn and why, rule by rule (writes nothing)")  # fmt: skip
-async def explain(body: s.Explain, gw: GatewayDep, caller: Caller) -> s.Explanation:
-    api_key = caller.require("program:read")
+async def explain(
+    body: s.Explain, gw: GatewayDep, caller: Caller, api_key: Annotated[ApiKey, scoped("program:read")]
+) -> s.Explanation:
     request = rules_pb2.EvaluateRequest(
         program=gw.settings.program,
         basket=cv.basket_pb(body, api_key.channel, caller.store_for(body.store_id, required=False)),

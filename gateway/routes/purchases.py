@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 
 from gateway import convert as cv
 from gateway import schemas as s
-from gateway.deps import Caller, GatewayDep, IdPath, Write, call, writing
+from gateway.deps import Caller, GatewayDep, IdPath, Write, call, scoped, writing
 from gateway.problems import forbidden
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2
@@ -45,9 +45,9 @@ async def record_purchase(
     return cv.purchase(result.purchase, result.replayed)
 
 
-@router.get("/{purchase_id}", response_model=s.Purchase, summary="A purchase with its explanation and returns")
-async def get_purchase(purchase_id: IdPath, gw: GatewayDep, caller: Caller) -> s.Purchase:
-    caller.require("members:read")
+@router.get("/{purchase_id}", response_model=s.Purchase, dependencies=[scoped("members:read")],
+            summary="A purchase with its explanation and returns")  # fmt: skip
+async def get_purchase(purchase_id: IdPath, gw: GatewayDep) -> s.Purchase:
     result = await call(LEDGER, gw.ledger.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=purchase_id)))
     return cv.purchase(result.purchase)
 

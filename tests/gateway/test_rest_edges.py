@@ -95,9 +95,10 @@ async def test_a_chunked_body_past_the_limit_is_413_as_it_arrives(gw: GatewayUnd
         assert got.status_code == 201, got.text
 
 
-async def test_an_anonymous_upload_past_its_limit_is_413_before_it_is_read(gw: GatewayUnderTest) -> None:
-    """The legacy upload is bounded by the middleware too, at its own 50 MiB: FastAPI would
-    otherwise parse the whole multipart body to disk before asking who sent it."""
+async def test_an_upload_past_its_limit_is_413_before_it_is_read(gw: GatewayUnderTest) -> None:
+    """The legacy upload is bounded by the middleware too, at its own 50 MiB: an announced length
+    is refused before the caller is known, and the body of a caller that may upload (the route
+    reads it once the key's scope is checked) is refused as it passes the limit."""
     boundary = "b0undary"
     head = (
         f"POST /v1/legacy/imports?adapter=csv HTTP/1.1\r\nHost: x\r\n"
@@ -113,9 +114,10 @@ async def test_an_anonymous_upload_past_its_limit_is_413_before_it_is_read(gw: G
         assert refused["errors"] == [{"field": "body", "detail": f"larger than {MAX_UPLOAD_BYTES} bytes"}]
     # Chunked, no length announced: refused once the limit is passed, while the sender still sends.
     chunks = [part] + [b"x" * CHUNK] * (MAX_UPLOAD_BYTES // CHUNK)
-    status, headers, body = await _exchange(gw, head + b"Transfer-Encoding: chunked\r\n\r\n", chunks)
+    franchise = f"Authorization: Bearer {gw.keys['franchise']}\r\n".encode()
+    status, headers, body = await _exchange(gw, head + franchise + b"Transfer-Encoding: chunked\r\n\r\n", chunks)
     _problem_of(status, headers, body, 413)
-    # Past the 1 MiB of other requests but within its own limit: read, and its sender refused.
+    # Past the 1 MiB of other requests but within its own limit: its anonymous sender refused.
     async with gw.client() as anonymous:
         data = b"x" * (2 * MAX_BODY_BYTES)
         got = await anonymous.post("/v1/legacy/imports", files={"file": ("x.csv", data, "text/csv")})
