@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -19,6 +20,10 @@ from google.protobuf.json_format import MessageToDict
 from pointmesh.consumers import check_schema
 from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, OPS_ALERTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2
+
+# Redis stamps stream ids with its own clock: a start pinned by this process's clock reaches
+# back this far, so a clock a little ahead of Redis's skips nothing.
+CLOCK_MARGIN = timedelta(seconds=2)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,7 @@ class LiveHub:
         self.ops: set[Subscription] = set()
         self.delivered = 0
         self.dropped = 0
+        self.started = datetime.now(UTC)
 
     @contextlib.contextmanager
     def member(self, member_id: str) -> Iterator[Subscription]:
@@ -144,6 +150,14 @@ class LiveHub:
             try:
                 if position == "$":
                     position = await self.bus.latest_position(stream)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Away when the hub started: what the relay publishes once it is back (its
+                # backlog first) must not fall before the position the retry would find.
+                position = self.bus.position_at(self.started - CLOCK_MARGIN)
+                log.warning("following %s: no position yet (%s); from %s on", stream, exc, position)
+            try:
                 async for message in self.bus.subscribe(stream, position, block_ms=500):
                     position = message.position
                     yield message

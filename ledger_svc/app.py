@@ -213,6 +213,9 @@ class LedgerApp:
         # A last relay pass so events committed during the drain are not left waiting.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.relay.relay_once(), timeout=2)
+        if self.relay.leases is not None:  # another replica relays those shards at once, not in 10 s
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.relay.leases.release_all(self.store.shard_count), timeout=2)
         await self.store.close()
         await self.bus.close()
         await self.redis.aclose()
@@ -247,7 +250,8 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     bus = open_bus(settings)
     relay = OutboxRelay(
         store, bus, clock, service.outbox_wakeup, cache=cache, poll_seconds=settings.outbox_poll_seconds,
-        leases=RelayLeases(redis) if store.shared_by_replicas else None,
+        leases=RelayLeases(redis, f"{settings.cassandra_keyspace}.{settings.cassandra_ledger}")
+        if store.shared_by_replicas else None,
     )  # fmt: skip
     server = GrpcServer("ledger", address or settings.ledger_addr, grace_seconds=settings.grace_seconds)
     servicer = LedgerServicer(service, bus)

@@ -29,11 +29,26 @@ BATCH = 500
 BATCH_WINDOW_SECONDS = 0.01
 LEASE_SECONDS = 10.0
 
-# KEYS[1] = a shard's lease; ARGV = holder, ms. Taken when free, renewed by its holder.
+# KEYS = the shards' leases; ARGV = holder, ms. Each is taken when free, renewed by its holder;
+# returns 1 or 0 per key: held by this holder now.
 _LEASE = """
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local held = {}
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  if cur and cur ~= ARGV[1] then
+    held[i] = 0
+  else
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    held[i] = 1
+  end
+end
+return held
+"""
+# KEYS = leases; ARGV[1] = holder. Deletes those it holds.
+_RELEASE = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
 return 1
 """
 
@@ -50,14 +65,21 @@ class RelayLeases:
     rows wait), rather than every replica relaying all of them.
     """
 
-    def __init__(self, redis: Redis, *, key: str = "pm:ledger:relay-lease", seconds: float = LEASE_SECONDS) -> None:
-        self.key = key
+    def __init__(self, redis: Redis, ledger: str, *, seconds: float = LEASE_SECONDS) -> None:
+        self.key = f"pm:ledger:relay-lease:{{{ledger}}}"  # one ledger's leases, in one cluster slot
         self.holder = uuid.uuid4().hex
         self.ms = max(1, int(seconds * 1000))
         self._lease = redis.register_script(_LEASE)
+        self._release = redis.register_script(_RELEASE)
 
-    async def hold(self, shard: int) -> bool:
-        return bool(await self._lease(keys=[f"{self.key}:{shard}"], args=[self.holder, self.ms]))
+    async def hold(self, shards: int) -> set[int]:
+        """The shards this replica relays this pass (their leases taken or renewed)."""
+        held = await self._lease(keys=[f"{self.key}:{shard}" for shard in range(shards)], args=[self.holder, self.ms])
+        return {shard for shard, mine in enumerate(held) if mine}
+
+    async def release_all(self, shards: int) -> None:
+        """On a clean stop: the leases this replica holds, given up."""
+        await self._release(keys=[f"{self.key}:{shard}" for shard in range(shards)], args=[self.holder])
 
 
 class OutboxRelay:
@@ -86,8 +108,10 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """One pass over every shard; returns how many events went out."""
         sent = 0
-        for shard in range(self.store.shard_count):
-            if self.leases is not None and not await self.leases.hold(shard):
+        shards = range(self.store.shard_count)
+        mine = set(shards) if self.leases is None else await self.leases.hold(len(shards))
+        for shard in shards:
+            if shard not in mine:
                 continue  # another replica relays it
             while True:
                 rows: list[OutboxRow] = await self.store.read(shard, lambda tx: tx.unrelayed_outbox(BATCH))
@@ -100,6 +124,8 @@ class OutboxRelay:
                 sent += len(rows)
                 if len(rows) < BATCH:
                     break
+                if self.leases is not None and shard not in await self.leases.hold(len(shards)):
+                    break  # a long backlog outlasted the lease (renewed each page) and another took it
         return sent
 
     async def _publish(self, rows: list[OutboxRow]) -> list[ledger_pb2.LedgerEvent]:

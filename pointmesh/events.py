@@ -101,6 +101,11 @@ class EventBus(Protocol):
         "$", stays put as events arrive; "$" itself where the bus cannot name one."""
         ...
 
+    def position_at(self, when: datetime) -> str:
+        """A position for `subscribe` that means "after what was added before `when`", named
+        without asking the bus (which may be away); "$" where the bus cannot name one."""
+        ...
+
     def group(self, topic: str, group: str, consumer: str) -> GroupConsumer: ...
     async def rewind(self, topic: str, group: str, when: datetime) -> None: ...
     async def ensure_topics(self, topics: Sequence[str]) -> None: ...
@@ -265,6 +270,11 @@ class RedisStreamBus:
         after it yields exactly what is added from now on, however late the read comes."""
         last: Any = await self.redis.xrevrange(topic, count=1)
         return last[0][0].decode() if last else "0-0"
+
+    def position_at(self, when: datetime) -> str:
+        """Stream ids begin with Redis's clock in milliseconds: entries added from `when` on
+        (by that clock) come after this one."""
+        return f"{max(0, int(when.timestamp() * 1000) - 1)}-{2**64 - 1}"
 
     def group(self, topic: str, group: str, consumer: str) -> RedisGroupConsumer:
         return RedisGroupConsumer(self, topic, group, consumer)

@@ -132,6 +132,10 @@ class KafkaBus:
         Kafka tail restarts at the end (a known limit, docs/events.md)."""
         return "$"
 
+    def position_at(self, when: datetime) -> str:
+        """Always "$", as latest_position."""
+        return "$"
+
     async def _assigned_consumer(self, group: str | None) -> AIOKafkaConsumer:
         """A started consumer that will be assigned partitions by hand (no group membership)."""
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=self.client_id, group_id=group,
