@@ -636,19 +636,8 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
                 f"{kind} pays one basket component, not one per line, so a per-line cap would never apply; "
                 "use per_receipt",
             ))  # fmt: skip
-        if rule.caps.per_member_per_campaign is not None:
-            if w.date_range is None:
-                errors.append(
-                    (f"{at}.caps.per_member_per_campaign", "needs when.date_range to say what the campaign is")
-                )
-            elif publishing and w.date_range.start is None:
-                # The start names the run in the cap's counter (rule_compiler._guard): without one,
-                # every run of the rule id would draw from one counter, and an end alone cannot
-                # tell a run again from the same run made longer.
-                errors.append((
-                    f"{at}.when.date_range.start",
-                    "per_member_per_campaign counts per campaign run, named by its start: give the start",
-                ))  # fmt: skip
+        if rule.caps.per_member_per_campaign is not None and w.date_range is None:
+            errors.append((f"{at}.caps.per_member_per_campaign", "needs when.date_range to say what the campaign is"))
     if p.tiers is not None:
         if p.tiers.metric_unit not in units:
             errors.append(("tiers.metric_unit", f"{p.tiers.metric_unit!r} is not one of units {sorted(units)}"))

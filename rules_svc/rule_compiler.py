@@ -154,8 +154,9 @@ def _guard(rule: Rule) -> tuple[Guard | None, int | None]:
     if caps.per_member_per_campaign is not None:
         start = rule.when.date_range.start if rule.when.date_range else None
         # The campaign's start is part of the key: reusing a rule id for a later campaign starts afresh.
-        # Publishing requires the start; "always" is for versions stored before it did, whose
-        # members' counters keep the meaning they were counted with.
+        # Without a start the counter is "always": every run of the rule id shares it, and a
+        # running campaign republished keeps what its members used (a start added later would
+        # name a new counter, resetting their caps mid-campaign).
         since = start.isoformat() if start else "always"
         return Guard(f"{rule.id}:campaign:{since}", caps.per_member_per_campaign, eq, every), None
     if ordinal is not None:

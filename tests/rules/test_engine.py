@@ -383,9 +383,10 @@ def test_a_campaign_run_again_with_a_new_start_counts_afresh_under_the_key_it_al
     }
 
 
-def test_a_stored_campaign_without_a_start_keeps_counting_where_it_counted() -> None:
-    """Publishing now needs the start; a version stored before keeps its members' counter."""
-    program = validate_program(program_doc(campaign_capped({"end": "2026-04-01T00:00:00"})), stored=True)
+@pytest.mark.parametrize("stored", [False, True], ids=["published", "read-back"])
+def test_a_campaign_without_a_start_keeps_counting_where_it_counted(stored: bool) -> None:
+    """Republished (another rule edited, say) or read back, it keeps its members' counter."""
+    program = validate_program(program_doc(campaign_capped({"end": "2026-04-01T00:00:00"})), stored=stored)
 
     evaluation = CompiledProgram(program, 1).evaluate(basket(at=datetime(2026, 3, 10, 12, tzinfo=UTC)), NOBODY)
 
