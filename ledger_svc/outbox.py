@@ -29,8 +29,8 @@ BATCH = 500
 BATCH_WINDOW_SECONDS = 0.01
 LEASE_SECONDS = 10.0
 
-# KEYS = the shards' leases; ARGV = holder, ms. Each is taken when free, renewed by its holder;
-# returns 1 or 0 per key: held by this holder now.
+# KEYS = leases; ARGV = holder, ms. Each is taken when free, renewed by its holder; returns 1 or
+# 0 per key: held by this holder now.
 _LEASE = """
 local held = {}
 for i, key in ipairs(KEYS) do
@@ -72,10 +72,12 @@ class RelayLeases:
         self._lease = redis.register_script(_LEASE)
         self._release = redis.register_script(_RELEASE)
 
-    async def hold(self, shards: int) -> set[int]:
-        """The shards this replica relays this pass (their leases taken or renewed)."""
-        held = await self._lease(keys=[f"{self.key}:{shard}" for shard in range(shards)], args=[self.holder, self.ms])
-        return {shard for shard, mine in enumerate(held) if mine}
+    async def hold(self, shard: int) -> bool:
+        """Whether this replica relays the shard now (its lease taken or renewed for LEASE_SECONDS):
+        asked right before each page, so a pass slowed past a lease never relays a shard that
+        another replica took meanwhile."""
+        (mine,) = await self._lease(keys=[f"{self.key}:{shard}"], args=[self.holder, self.ms])
+        return bool(mine)
 
     async def release_all(self, shards: int) -> None:
         """On a clean stop: the leases this replica holds, given up."""
@@ -108,12 +110,10 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """One pass over every shard; returns how many events went out."""
         sent = 0
-        shards = range(self.store.shard_count)
-        mine = set(shards) if self.leases is None else await self.leases.hold(len(shards))
-        for shard in shards:
-            if shard not in mine:
-                continue  # another replica relays it
+        for shard in range(self.store.shard_count):
             while True:
+                if self.leases is not None and not await self.leases.hold(shard):
+                    break  # another replica relays it
                 rows: list[OutboxRow] = await self.store.read(shard, lambda tx: tx.unrelayed_outbox(BATCH))
                 if not rows:
                     break
@@ -124,8 +124,6 @@ class OutboxRelay:
                 sent += len(rows)
                 if len(rows) < BATCH:
                     break
-                if self.leases is not None and shard not in await self.leases.hold(len(shards)):
-                    break  # a long backlog outlasted the lease (renewed each page) and another took it
         return sent
 
     async def _publish(self, rows: list[OutboxRow]) -> list[ledger_pb2.LedgerEvent]:
