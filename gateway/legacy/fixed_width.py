@@ -171,14 +171,29 @@ def _read(source: str, unit: list[_Record]) -> list[Parsed]:
 def _identity(unit: list[_Record]) -> tuple[str, ...] | None:
     """What the ledger knows a receipt or refund by (its natural or idempotency key, less the
     channel every record of the file shares); None when the file does not say."""
-    head, get = unit[0], unit[0].fields
-    if head.problem or head.kind not in ("P", "R"):
+    head = unit[0]
+    if head.kind not in ("P", "R"):
+        return None
+    get = head.fields if not head.problem else _readable_columns(head)
+    if not get:
         return None
     if head.kind == "P":
-        key: tuple[str, ...] = ("P", get["store_id"], get["receipt_id"])
+        key: tuple[str, ...] = ("P", get.get("store_id", ""), get.get("receipt_id", ""))
     else:
-        key = ("R", get["store_id"], get["refund_id"], get["original_store_id"], get["original_receipt_id"])
+        key = ("R", *(get.get(name, "") for name in ("store_id", "refund_id", "original_store_id",
+                                                    "original_receipt_id")))  # fmt: skip
     return key if all(key) else None
+
+
+def _readable_columns(head: _Record) -> dict[str, str]:
+    """The columns of a misshapen P or R record that lie whole in its line (a record cut short
+    or running long keeps its key where the layout puts it), so a broken copy of a receipt
+    still names it and holds back its other copies. Nothing for a line not in ASCII, whose
+    positions cannot be trusted."""
+    if not head.line.raw.isascii():
+        return {}
+    given = len(head.line.raw.rstrip())
+    return {c.name: c.cut(head.line.raw).strip() for c in LAYOUTS[head.kind] if c.end <= given}
 
 
 def _bad_copies(source: str, units: list[list[_Record]]) -> dict[tuple[str, ...], list[int]]:

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.legacy.fixed_width import FixedWidthAdapter
 from gateway.legacy.importer import ImportReport, import_records
-from gateway.legacy.records import LegacyReturn
+from gateway.legacy.records import LegacyPurchase, LegacyReturn
 from tests.gateway.test_legacy import fixed, member_with_card
 from tests.gateway.test_legacy_review import HEADER, T, csv_rows, held, imported, receipts
 from tests.mesh import conftest as mesh_fixtures
@@ -154,3 +154,14 @@ def test_a_fixed_width_refund_with_a_bad_copy_in_the_file_is_held_back_and_other
     assert [(r.original_receipt_id, r.refund_minor) for r in parsed if isinstance(r, LegacyReturn)] == [("R-2", 700)]
     assert held(parsed)[2] == "refund held back: line(s) 4 hold another copy of it that is held back; see there"
     assert held(parsed)[4].startswith("column refund_minor: ")
+
+
+def test_a_fixed_width_copy_whose_head_is_cut_short_still_holds_back_the_other_copy() -> None:
+    """Its P record lost its last characters in transfer (line_count cut): the record is bad,
+    but its store and receipt columns are whole, so it still names the receipt."""
+    good = receipt("9400-0100", 1000)
+    cut_head, *cut_lines = receipt("9400-0100", 1000, 2000)
+    parsed = list(FixedWidthAdapter().parse("export.txt", mainframe(*good, cut_head[:-2], *cut_lines).encode()))
+    assert [r for r in parsed if isinstance(r, LegacyPurchase)] == []
+    assert held(parsed)[2] == "receipt held back: line(s) 4 hold another copy of it that is held back; see there"
+    assert "column line_count is cut" in held(parsed)[4]
