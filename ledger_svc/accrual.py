@@ -103,25 +103,25 @@ class Priced:
 STALE_REQUOTES = 3
 
 
-def _require_fresh(book: ShardBook, member_id: str, quote: Quote, assumed_count: int | None, at: datetime) -> None:
+def _require_fresh(
+    book: ShardBook, member_id: str, state: MemberState, quote: Quote, assumed_count: int | None, at: datetime
+) -> None:
     """A quote depends on the member's state only through the purchase count and the tier; and
     a purchase parked meanwhile for rules_svc must earn first (receipt order)."""
     if book.tx.member_waiting_purchases(member_id):
         raise StaleQuote("a purchase of the member waits for rules_svc")
-    state = load_state(book, member_id)
     if assumed_count is not None and quote.counts_purchases and state.purchase_count != assumed_count:
         raise StaleQuote(f"quoted as purchase {assumed_count + 1}, is purchase {state.purchase_count + 1}")
     if quote.tier_policy is not None and effective_tier(quote.tier_policy, state.qualification, at) != quote.tier:
         raise StaleQuote(f"quoted at tier {quote.tier!r}, which the member no longer has")
 
 
-def _require_unmerged(book: ShardBook, member_id: str) -> None:
+def _require_unmerged(member_id: str, state: MemberState) -> None:
     """The member was active when checked, but a merge may have moved it out since: its count,
     caps and points went to the target, so a purchase written here now would earn on a member
     nothing reads and count towards no cap. Refused in the write, as if the merge came first."""
-    merged_into = load_state(book, member_id).merged_into
-    if merged_into:
-        raise MemberNotActive(f"member {member_id} was merged into {merged_into}", field="member_id")
+    if state.merged_into:
+        raise MemberNotActive(f"member {member_id} was merged into {state.merged_into}", field="member_id")
 
 
 def _require_unrecorded(book: ShardBook, purchase_id: str, cmd: c.RecordPurchase) -> None:
@@ -370,10 +370,11 @@ class Accrual:
 
         def body(p: Priced, done: list[PurchaseRecord], book: ShardBook) -> str:
             cmd, quote = p.cmd, p.quote
-            _require_unmerged(book, member_id)
+            state = load_state(book, member_id)  # read once: the checks and the earn use it
+            _require_unmerged(member_id, state)
             _require_unrecorded(book, p.pid, cmd)
             if quote is not None and (fresh or p.assumed_count is not None):
-                _require_fresh(book, member_id, quote, p.assumed_count, cmd.receipt_time)
+                _require_fresh(book, member_id, state, quote, p.assumed_count, cmd.receipt_time)
             record = PurchaseRecord(
                 p.pid, member_id, self.program, cmd.channel, cmd.store_id, cmd.receipt_id, cmd.total, cmd.lines,
                 cmd.receipt_time, now, PurchaseStatus.PENDING_ACCRUAL,
@@ -385,7 +386,7 @@ class Accrual:
                 record = replace(record, status_reason="waiting for rules_svc")
                 save_purchase(book, record)
             else:
-                record = accrue(book, record, quote, p.screening, new_review_id(member_id))
+                record = accrue(book, record, quote, p.screening, new_review_id(member_id), state)
             done.append(record)
             return p.pid
 

@@ -253,9 +253,15 @@ def tender_points(book: ShardBook, member_id: str, tx_id: str) -> int:
 
 
 def accrue(
-    book: ShardBook, record: PurchaseRecord, quote: Quote, screening: Screening | None = None, review_id: str = ""
+    book: ShardBook,
+    record: PurchaseRecord,
+    quote: Quote,
+    screening: Screening | None = None,
+    review_id: str = "",
+    state: MemberState | None = None,
 ) -> PurchaseRecord:
-    """Guards, earns, counters, tier and the stored purchase, all in this one shard write.
+    """Guards, earns, counters, tier and the stored purchase, all in this one shard write
+    (`state`: the member's, when the caller read it in this write already).
 
     A purchase fraud screening denied is stored as REFUSED and earns nothing; one it sent to
     review earns as pending credit with a review item (reviews.py) beside it.
@@ -268,7 +274,7 @@ def accrue(
         save_purchase(book, refused)
         return refused
     held = screening is not None and screening.verdict is Verdict.REVIEW
-    state = load_state(book, record.member_id)
+    state = state if state is not None else load_state(book, record.member_id)
     ordinal = state.purchase_count + 1
     granted, used = apply_guards([(p.guard, p.points) for p in quote.parts], state.counters, ordinal)
     parts = tuple(

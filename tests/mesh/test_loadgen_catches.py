@@ -107,14 +107,14 @@ async def test_a_refusal_without_a_fraud_deny_is_a_mismatch(
     original = accrual_mod.accrue
     bugged: list[str] = []
 
-    def refusing(book, record, quote, screening=None, review_id=""):  # type: ignore[no-untyped-def]
+    def refusing(book, record, quote, screening=None, review_id="", state=None):  # type: ignore[no-untyped-def]
         if screening is not None and screening.verdict is Verdict.ALLOW and len(bugged) < 7:
             bugged.append(record.receipt_id)
             kept = None if verdict is None else screening
             refused = replace(record, status=PurchaseStatus.REFUSED, status_reason="bug", screening=kept)
             accrual_mod.save_purchase(book, refused)
             return refused
-        return original(book, record, quote, screening, review_id)
+        return original(book, record, quote, screening, review_id, state)
 
     monkeypatch.setattr(accrual_mod, "accrue", refusing)
     report = await _run(ledger, rules, seed=4, unary=unary)
@@ -136,11 +136,11 @@ async def test_points_held_for_review_posted_as_spendable_are_a_mismatch(
     original = accrual_mod.accrue
     members: set[str] = set()
 
-    def spendable(book, record, quote, screening=None, review_id=""):  # type: ignore[no-untyped-def]
+    def spendable(book, record, quote, screening=None, review_id="", state=None):  # type: ignore[no-untyped-def]
         if screening is None or screening.verdict is not Verdict.REVIEW:
-            return original(book, record, quote, screening, review_id)
+            return original(book, record, quote, screening, review_id, state)
         members.add(record.member_id)
-        saved = replace(original(book, record, quote, None, review_id), screening=screening)
+        saved = replace(original(book, record, quote, None, review_id, state), screening=screening)
         accrual_mod.save_purchase(book, saved)
         return saved
 
@@ -162,11 +162,11 @@ async def test_an_allowed_purchase_left_pending_is_a_mismatch(
     original = accrual_mod.accrue
     members: set[str] = set()
 
-    def held(book, record, quote, screening=None, review_id=""):  # type: ignore[no-untyped-def]
+    def held(book, record, quote, screening=None, review_id="", state=None):  # type: ignore[no-untyped-def]
         if screening is None or screening.verdict is not Verdict.ALLOW:
-            return original(book, record, quote, screening, review_id)
+            return original(book, record, quote, screening, review_id, state)
         members.add(record.member_id)
-        saved = replace(original(book, record, quote, replace(screening, verdict=Verdict.REVIEW), review_id),
+        saved = replace(original(book, record, quote, replace(screening, verdict=Verdict.REVIEW), review_id, state),
                         screening=screening)  # fmt: skip
         accrual_mod.save_purchase(book, saved)
         return saved
