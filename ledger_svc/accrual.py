@@ -54,7 +54,7 @@ from ledger_svc.purchases import (
 from ledger_svc.reviews import new_review_id
 from ledger_svc.screening import ScreenedKind, Screening, ScreeningContext, ScreeningRequest
 from ledger_svc.screening import event_id as screening_event_id
-from ledger_svc.store.base import DirectoryTx, IdemRecord, ShardTx
+from ledger_svc.store.base import IdemRecord, ShardTx
 from pointmesh.bounds import within_key_length
 from pointmesh.tiers import TierStanding, effective_tier
 from pointmesh.timestamps import utc_instant
@@ -311,7 +311,7 @@ class Accrual:
         try:
             return await self._write_fresh(cmd, fp, pid, quote, screening, now)
         except REFUSALS:  # refused in the write (the member merged meanwhile): nothing was written
-            await self.release_keys(claimed)
+            await self.svc.release_claims(claimed)
             raise
 
     async def _write_fresh(
@@ -430,17 +430,6 @@ class Accrual:
             claims.insert(0, (cmd.transport_key, "RecordPurchase", transport_fp))
         before = await self.svc._claim_all(claims)
         return [(key, key_fp) for (key, _, key_fp), seen in zip(claims, before, strict=True) if not seen]
-
-    async def release_keys(self, keys: Sequence[tuple[IdemKey, str]]) -> None:
-        """Gives back keys claimed for a receipt its write refused (nothing written), so the
-        receipt may come again corrected, or for the member a merge moved it to."""
-
-        def release(d: DirectoryTx) -> None:
-            for key, fp in keys:
-                d.release_claim(key.namespace, key.key, fp)
-
-        if keys:
-            await self.svc.store.write_directory(release)
 
     async def get_purchase(self, purchase_id: str) -> PurchaseRecord:
         v.object_id(purchase_id, "pu", "purchase_id")

@@ -289,7 +289,7 @@ class BatchAccrual:
             except LedgerError as error:
                 results[it.index] = error
                 if isinstance(error, REFUSALS) and it.claimed:  # nothing written: the receipt may come again
-                    await acc.release_keys([(it.cmd.key, it.fp)])
+                    await self.svc.release_claims([(it.cmd.key, it.fp)])
 
 
 def _first_of_each_receipt(items: list[_Item]) -> tuple[list[_Item], list[_Item]]:

@@ -80,13 +80,7 @@ class BatchIngest:
             if p.index not in seen and isinstance(results[p.index], REFUSALS)
             and named[(p.command.key.namespace, p.command.key.key)] == 1
         ]  # fmt: skip
-        if refused:
-
-            def unit(d: DirectoryTx) -> None:
-                for key, fp in refused:
-                    d.release_claim(key.namespace, key.key, fp)
-
-            await self.service.store.write_directory(unit)
+        await self.service.release_claims(refused)
 
     async def _together(self, prepared: list[_Prepared]) -> list[tuple[int, Any]]:
         """First-time items in as few write units as the store allows: one per shard on

@@ -187,6 +187,18 @@ class LedgerService:
 
         return await self.store.write_directory(unit)
 
+    async def release_claims(self, keys: Sequence[tuple[IdemKey, str]]) -> None:
+        """Gives back keys (with the fingerprints they were claimed under) of requests refused
+        with nothing written, in one directory unit: the corrected request may use them. A key
+        another request holds, or whose result is stored, stays."""
+
+        def release(d: DirectoryTx) -> None:
+            for key, fp in keys:
+                d.release_claim(key.namespace, key.key, fp)
+
+        if keys:
+            await self.store.write_directory(release)
+
     async def _stored_result(self, key: IdemKey, fp: str, shard: int, result_type: type[R]) -> R | None:
         """The result `shard` stored for this key and payload (fingerprint), if any."""
         record = await self.store.read(shard, lambda tx: tx.get_idempotency(key.namespace, key.key))
@@ -252,7 +264,7 @@ class LedgerService:
                         return stored, True
             else:
                 key = command.key
-                await self.store.write_directory(lambda d: d.release_claim(key.namespace, key.key, fp))
+                await self.release_claims([(key, fp)])
                 stored = await self._stored_result(key, fp, shard, result_type)
                 if stored is not None:  # a copy that joined the claim posted meanwhile: its answer is this one's
                     await self._keep_claim(command, fp)
@@ -581,7 +593,7 @@ class LedgerService:
             # the holds are settled (or into another member) may use it, as every posting may.
             # A copy that joined the claim leaves it to the first, which may be merging now.
             if not replay:
-                await self.store.write_directory(lambda d: d.release_claim(key.namespace, key.key, fp))
+                await self.release_claims([(key, fp)])
             raise
         moved = await self.sagas.complete_merge(source.member_id, target.member_id)
         return MergeResult(await self.member(target.member_id), moved)
