@@ -29,20 +29,13 @@ BATCH = 500
 BATCH_WINDOW_SECONDS = 0.01
 LEASE_SECONDS = 10.0
 
-# KEYS = leases; ARGV = holder, ms. Each is taken when free, renewed by its holder; returns 1 or
-# 0 per key: held by this holder now.
+# KEYS[1] = a shard's lease; ARGV = holder, ms. Taken when free, renewed by its holder; 1 when
+# this holder has it now.
 _LEASE = """
-local held = {}
-for i, key in ipairs(KEYS) do
-  local cur = redis.call('GET', key)
-  if cur and cur ~= ARGV[1] then
-    held[i] = 0
-  else
-    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
-    held[i] = 1
-  end
-end
-return held
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 # KEYS = leases; ARGV[1] = holder. Deletes those it holds.
 _RELEASE = """
@@ -76,8 +69,7 @@ class RelayLeases:
         """Whether this replica relays the shard now (its lease taken or renewed for LEASE_SECONDS):
         asked right before each page, so a pass slowed past a lease never relays a shard that
         another replica took meanwhile."""
-        (mine,) = await self._lease(keys=[f"{self.key}:{shard}"], args=[self.holder, self.ms])
-        return bool(mine)
+        return bool(await self._lease(keys=[f"{self.key}:{shard}"], args=[self.holder, self.ms]))
 
     async def release_all(self, shards: int) -> None:
         """On a clean stop: the leases this replica holds, given up."""
