@@ -64,6 +64,10 @@ CREATE TABLE IF NOT EXISTS experiment_exposures (
   program TEXT NOT NULL, experiment_id TEXT NOT NULL, salt TEXT NOT NULL, member_id TEXT NOT NULL,
   arm TEXT NOT NULL, purchases INTEGER NOT NULL, points INTEGER NOT NULL,
   PRIMARY KEY (program, experiment_id, salt, member_id, arm)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS experiment_purchases (
+  program TEXT NOT NULL, member_id TEXT NOT NULL, purchase_id TEXT NOT NULL, experiment_id TEXT NOT NULL,
+  salt TEXT NOT NULL, arm TEXT NOT NULL, points INTEGER NOT NULL, receipt_us INTEGER NOT NULL,
+  PRIMARY KEY (program, member_id, purchase_id, experiment_id)) WITHOUT ROWID;
 """
 
 
@@ -184,9 +188,12 @@ class GameStore:
                   a.points, a.unit) for a in awards],
             )  # fmt: skip
             salts = {e.id: e.salt for e in program.experiments}
+            points = fact.points(program.units[0])
             for experiment_id, arm in fact.experiment_arms:
-                self._expose(name, experiment_id, salts.get(experiment_id, ""), fact.member_id, arm, 1,
-                             fact.points(program.units[0]))  # fmt: skip
+                salt = salts.get(experiment_id, "")
+                self._expose(name, experiment_id, salt, fact.member_id, arm, 1, points)
+                c.execute("INSERT OR IGNORE INTO experiment_purchases VALUES (?,?,?,?,?,?,?,?)",
+                          (name, fact.member_id, fact.purchase_id, experiment_id, salt, arm, points, receipt_us))  # fmt: skip
             c.execute("INSERT INTO game_events VALUES (?,?)", (fact.event_id, fact.member_id))
         return awards
 
@@ -217,11 +224,13 @@ class GameStore:
         return key
 
     def counted_receipt(self, program: str, member_id: str, purchase_id: str) -> datetime | None:
-        """When the purchase was made, if gamification counted it (the version in effect then
-        says what its items were)."""
+        """When the purchase was made, if gamification counted it towards an item or an
+        experiment arm (the version in effect then says what its items were)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT receipt_us FROM game_counted WHERE program=? AND member_id=? AND purchase_id=? LIMIT 1",
+                "SELECT receipt_us FROM game_counted WHERE program=?1 AND member_id=?2 AND purchase_id=?3"
+                " UNION ALL SELECT receipt_us FROM experiment_purchases"
+                " WHERE program=?1 AND member_id=?2 AND purchase_id=?3 LIMIT 1",
                 (program, member_id, purchase_id),
             ).fetchone()
         return None if row is None else datetime.fromtimestamp(row[0] / 1_000_000, UTC)
@@ -248,6 +257,7 @@ class GameStore:
                     states[r.item_id].completions = max(0, states[r.item_id].completions - len(went))
                 keys += went
             self._save_states(program, member_id, states, withdrawn=items)
+            self._unexpose(key)
             c.executemany(
                 "UPDATE game_counted SET counts=1 WHERE program=? AND member_id=? AND purchase_id=? AND item_id=?"
                 " AND value=?",
@@ -322,6 +332,19 @@ class GameStore:
             " DO UPDATE SET purchases = purchases + excluded.purchases, points = points + excluded.points",
             (program, experiment_id, salt, member_id, arm, purchases, points),
         )
+
+    def _unexpose(self, key: tuple[str, str, str]) -> None:
+        """A purchase taken back leaves its arm's figures: an arm whose offer drew purchases that
+        came back would otherwise look better than it did. The member stays exposed (assigned
+        and seen) with what they kept, which may be nothing."""
+        c = self._db
+        for experiment_id, salt, arm, points in c.execute(
+            "SELECT experiment_id, salt, arm, points FROM experiment_purchases"
+            " WHERE program=? AND member_id=? AND purchase_id=?",
+            key,
+        ).fetchall():
+            self._expose(key[0], experiment_id, salt, key[1], arm, -1, -points)
+        c.execute("DELETE FROM experiment_purchases WHERE program=? AND member_id=? AND purchase_id=?", key)
 
     def record_exposure(self, program: str, experiment_id: str, member_id: str, arm: str, purchases: int,
                         points: int, *, salt: str = "") -> None:  # fmt: skip
