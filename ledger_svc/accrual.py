@@ -401,7 +401,7 @@ class Accrual:
                 done.append((pid, None if replayed else made[0]))
             return done
 
-        written = await svc.store.write(svc.shard_of(member_id), svc._in_book(run))
+        written = await svc.write(svc.shard_of(member_id), svc._in_book(run))
         return [
             (record, False) if record is not None else (await self.get_purchase(pid), True) for pid, record in written
         ]
@@ -618,7 +618,7 @@ class Accrual:
             owner = await svc.store.read(shard, lambda tx: tx.get_purchase(cmd.purchase_id))
             if owner is not None:
                 merged_into = await self._merged_into(codec.loads(PurchaseRecord, owner[1]).member_id)
-            return await svc.store.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
+            return await svc.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
 
         # A refused return (more refunded than paid, an unknown line) gives its key back, so the
         # corrected return may use it.

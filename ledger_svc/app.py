@@ -234,7 +234,7 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         socket_connect_timeout=settings.redis_timeout_seconds,
         retry=Retry(NoBackoff(), 0),
     )
-    cache = RedisBalanceCache(redis, ttl_seconds=settings.cache_ttl_seconds)
+    cache = RedisBalanceCache(redis, ttl_seconds=settings.cache_ttl_seconds, shared=store.shared_by_replicas)
     service = LedgerService(
         store,
         clock,

@@ -7,6 +7,9 @@ slow reader can never put back a balance a writer already superseded.
 When Redis cannot be reached at write time the member/unit stays "dirty" in this process
 and reads bypass Redis until a tombstone lands. After a restart the cache stays off until
 the outbox relay has drained once, because the relay tombstones every event's balance.
+
+On a store several replicas serve (`shared`), the dirty set of the writer is not enough: the
+other replicas read Redis. There the writer tombstones before it answers (`settle`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ return 1
 """
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+SETTLE_SECONDS = 0.25  # past this a write answers anyway; its relay tombstones a moment later
 
 
 def cache_key(member_id: str, unit: str) -> str:
@@ -59,12 +63,15 @@ def cache_key(member_id: str, unit: str) -> str:
 
 
 class RedisBalanceCache:
-    def __init__(self, redis: Redis, *, ttl_seconds: int = 300) -> None:
+    def __init__(self, redis: Redis, *, ttl_seconds: int = 300, shared: bool = False) -> None:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
+        self.shared = shared
         self._fill = redis.register_script(_FILL)
         self._tomb = redis.register_script(_TOMBSTONE)
         self._dirty: dict[tuple[str, str], int] = {}
+        self._unsent: dict[tuple[str, str], int] = {}
+        self._sending: asyncio.Future[None] | None = None
         self._enabled = False
 
     def enable(self) -> None:
@@ -100,6 +107,29 @@ class RedisBalanceCache:
         """
         key = (member_id, unit)
         self._dirty[key] = max(version, self._dirty.get(key, version))
+        if self.shared:
+            self._unsent[key] = max(version, self._unsent.get(key, version))
+
+    async def settle(self) -> None:
+        """On a shared store, the tombstones of every write invalidated so far are in Redis when
+        this returns (or SETTLE_SECONDS passed, or Redis failed: those stay dirty here and the
+        relay tombstones them). A replica that did not write reads Redis, so without this it
+        would serve the balance from before a write that has already answered.
+
+        Sends are chained: a caller whose keys another caller took waits for that send too.
+        """
+        if self._unsent:
+            versions, self._unsent = self._unsent, {}
+            self._sending = asyncio.ensure_future(self._send(versions, self._sending))
+        if self._sending is not None:
+            await asyncio.shield(self._sending)
+
+    async def _send(self, versions: dict[tuple[str, str], int], before: asyncio.Future[None] | None) -> None:
+        if before is not None:
+            await before
+        with contextlib.suppress(*_ERRORS):
+            async with asyncio.timeout(SETTLE_SECONDS):
+                await self.tombstone(versions)
 
     async def tombstone(self, versions: dict[tuple[str, str], int]) -> None:
         """Raises if Redis is unreachable, so the caller (the relay) retries."""

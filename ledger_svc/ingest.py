@@ -126,7 +126,7 @@ class BatchIngest:
             failed: list[int] = []
             written: list[Any] | None = None
             with contextlib.suppress(LedgerError):
-                written = await svc.store.write(shard, self._unit(group, failed))
+                written = await svc.write(shard, self._unit(group, failed))
             if written is not None:
                 out.extend((p.index, outcome) for p, outcome in zip(group, written, strict=True))
                 break
@@ -167,7 +167,7 @@ class BatchIngest:
         if p.not_merged:
             await svc._require_not_merged(p.not_merged)
         unit = svc._idempotent_unit(p.command, p.fingerprint, p.result_type, p.body)
-        result: tuple[Any, bool] = await svc.store.write(p.shard, unit)
+        result: tuple[Any, bool] = await svc.write(p.shard, unit)
         return result
 
     async def _prepare(self, index: int, cmd: c.PostingCommand) -> _Prepared:

@@ -119,6 +119,7 @@ class BalanceCache(Protocol):
     async def fill(self, balance: Balance) -> None: ...
     def invalidate(self, member_id: str, unit: str, version: int) -> None: ...
     def usable_for(self, member_id: str, unit: str) -> bool: ...
+    async def settle(self) -> None: ...
 
 
 class LedgerService:
@@ -229,7 +230,7 @@ class LedgerService:
         async def run() -> tuple[R, bool]:
             if precheck is not None:
                 await precheck()
-            return await self.store.write(shard, self._idempotent_unit(command, fp, result_type, body))
+            return await self.write(shard, self._idempotent_unit(command, fp, result_type, body))
 
         return (await self.claimed_write(command, fp, shard, claimed_before, result_type, run))[0]
 
@@ -320,9 +321,19 @@ class LedgerService:
         )
         return result, False
 
+    async def write(self, shard: int, unit: Callable[[ShardTx], R]) -> R:
+        """Every ledger write goes through here: once the store has it, the balances it touched
+        are invalidated where other replicas will see it (BalanceCache.settle) before anyone
+        is answered. `_after_write` has run by then: the unit schedules it before it returns,
+        and the store's completion is scheduled after that."""
+        result = await self.store.write(shard, unit)
+        if self.cache is not None:
+            await self.cache.settle()
+        return result
+
     async def _book(self, shard: int, body: Callable[[ShardBook], R]) -> R:
         """Runs a non-idempotent-key unit (jobs, saga steps) and invalidates what it touched."""
-        return await self.store.write(shard, self._in_book(body))
+        return await self.write(shard, self._in_book(body))
 
     def _committed_later(self, touched: list[Balance]) -> None:
         """Called in the store thread; cache invalidation and the relay wake-up run on the loop.
