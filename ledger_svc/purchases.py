@@ -392,7 +392,8 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
     mode = "lines" if cmd.lines else "amount"
     if record.return_mode and record.return_mode != mode:
         raise FailedPrecondition(
-            f"earlier returns of this purchase were by {record.return_mode}; continue the same way", field="lines"
+            f"earlier returns of this purchase were by {record.return_mode}; continue the same way",
+            field="lines" if cmd.lines else "refund",
         )
     quantities = list(record.returned_quantities or [0] * len(record.lines))
     refunded = record.refunded_minor

@@ -558,7 +558,12 @@ class LedgerService:
                     raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
                 if existing.result_json:
                     return  # applied when the key was first used; a later unblock stands
-            d.set_status(cmd.member_id, status)
+            # Read again under the write: a merge or erasure that landed since the check above
+            # must not be undone (the member back to ACTIVE on unblock, its merge target lost).
+            now_member = d.get_member(cmd.member_id)
+            if now_member is not None and now_member.status in (MemberStatus.MERGED, MemberStatus.ERASED):
+                raise FailedPrecondition(f"member {cmd.member_id} is {now_member.status.value}", field="member_id")
+            d.set_blocked(cmd.member_id, cmd.blocked)
             d.complete_claim(key.namespace, key.key, status.value)
 
         await self.store.write_directory(unit)

@@ -1059,6 +1059,7 @@ class CassandraDirectoryTx:
         self.claims: dict[tuple[str, str], IdemRecord] = {}
         self.ext_claims: list[tuple[ExternalId, str, bool]] = []
         self.writes: list[tuple[str, tuple[Any, ...]]] = []
+        self.blocks: list[tuple[Any, ...]] = []  # conditional status changes (set_blocked)
         self.pending: list[Member] = []  # members this unit creates
         self.finishing: list[Member] = []  # pending rows of earlier releases this unit finishes
         self.results: dict[tuple[str, str], str] = {}  # claims naming a member this unit creates
@@ -1184,6 +1185,10 @@ class CassandraDirectoryTx:
         if status == MemberStatus.MERGED:
             self.writes.append(("merge_put", (self.ledger, member_id, merged_into)))
 
+    def set_blocked(self, member_id: str, blocked: bool) -> None:
+        status = MemberStatus.BLOCKED if blocked else MemberStatus.ACTIVE
+        self.blocks.append((status.value, self.ledger, member_id))
+
     def move_external_ids_as_aliases(self, source: str, target: str) -> None:
         for r in self.store.q("ext_of_member", (self.ledger, source)):
             self.writes.append(("ext_put", (self.ledger, r.kind, r.value, target, True)))
@@ -1266,6 +1271,10 @@ class CassandraDirectoryTx:
             for k, row in lost:
                 self.known[k] = IdemRecord(row.operation, row.fingerprint, row.result or "", from_us(row.created_us))
             raise Conflict(f"idempotency key {lost[0][0][1]!r} was claimed before")
+        # Before the claim's result: a member merged or erased since the unit read it keeps
+        # that status (the condition), and the unit runs again to find it so and refuse.
+        if not all(row.applied for row in s.run_many([("member_block", p) for p in self.blocks])):
+            raise Conflict("a member was merged or erased while its block or unblock ran")
         early, late = self._split_results(results, created)
         # External ids taken over from an abandoned member are freed (if it still has them)
         # before any is claimed.
@@ -1556,6 +1565,8 @@ class CassandraLedgerStore:
                              " created_us) VALUES (?,?,?,?,?,?)",
             "member_status": f"UPDATE {ks}.members SET status=?, merged_into=? WHERE ledger=? AND member_id=?",
             "member_erase": f"UPDATE {ks}.members SET profile='{{}}', status=? WHERE ledger=? AND member_id=?",
+            "member_block": f"UPDATE {ks}.members SET status=? WHERE ledger=? AND member_id=?"
+                            " IF status IN ('ACTIVE', 'BLOCKED')",
             "ext_get": f"SELECT member_id, writetime(member_id) AS wt FROM {ks}.external_ids WHERE ledger=?"
                        " AND kind=? AND value=?",
             "ext_free": f"DELETE FROM {ks}.external_ids WHERE ledger=? AND kind=? AND value=? IF member_id=?",

@@ -809,6 +809,13 @@ class SqliteDirectoryTx:
             (status.value, merged_into, member_id),
         )
 
+    def set_blocked(self, member_id: str, blocked: bool) -> None:
+        status = MemberStatus.BLOCKED if blocked else MemberStatus.ACTIVE
+        self.c.execute(
+            "UPDATE members SET status=? WHERE member_id=? AND status IN (?,?)",
+            (status.value, member_id, MemberStatus.ACTIVE.value, MemberStatus.BLOCKED.value),
+        )
+
     def move_external_ids_as_aliases(self, source: str, target: str) -> None:
         self.c.execute("UPDATE external_ids SET member_id=?, alias=1 WHERE member_id=?", (target, source))
 

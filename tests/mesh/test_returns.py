@@ -10,7 +10,7 @@ import pytest
 
 from ledger_svc.store.base import StoreClosed
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
-from tests.ledger.helpers import balance, key, redeem, rpc_error
+from tests.ledger.helpers import balance, error_field, key, redeem, rpc_error
 from tests.mesh.conftest import PROGRAM, Mesh
 from tests.mesh.helpers import buy, by_rule, exact, new_member, points, return_lines, reversed_points, welcomed_member
 
@@ -304,3 +304,29 @@ async def test_a_merged_away_members_tender_follows_the_merge_even_with_no_earn_
     assert (await points(mesh, target), await points(mesh, source)) == (merged + 30, 0)
     totals = await mesh.ledger.stub.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
     assert totals.differences == 0
+
+
+async def test_switching_return_mode_is_refused_on_the_field_the_request_used(mesh: Mesh) -> None:
+    """After a return by lines, a refund is refused naming `refund` (the field a till shows the
+    error on), and the other way round naming `lines`."""
+    member = await welcomed_member(mesh)
+    by_lines = (await buy(mesh, member, [("misc", 2000, 2)])).purchase.purchase_id
+    by_amount = (await buy(mesh, member, [("misc", 2000, 2)])).purchase.purchase_id
+    await return_lines(mesh, by_lines, [(0, 1)])
+    await mesh.ledger.stub.RecordReturn(_refund(by_amount, 500))
+    refund = await rpc_error(mesh.ledger.stub.RecordReturn(_refund(by_lines, 500)), grpc.StatusCode.FAILED_PRECONDITION)
+    lines = await rpc_error(
+        mesh.ledger.stub.RecordReturn(ledger_pb2.RecordReturnRequest(
+            idempotency_key=key(), purchase_id=by_amount, channel="pos", store_id="HEL-01",
+            lines=[ledger_pb2.ReturnLine(line_index=0, quantity=1)],
+        )),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )  # fmt: skip
+    assert (error_field(refund), error_field(lines)) == ("refund", "lines")
+
+
+def _refund(purchase_id: str, minor: int) -> ledger_pb2.RecordReturnRequest:
+    return ledger_pb2.RecordReturnRequest(
+        idempotency_key=key(), purchase_id=purchase_id, channel="pos", store_id="HEL-01",
+        refund=common_pb2.Money(amount_minor=minor, currency="EUR"),
+    )  # fmt: skip
