@@ -11,6 +11,7 @@ receipt order, so an outage leaves the same balances as a run without one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -82,6 +83,14 @@ class EngineFailedOnBasket(EngineUnavailable):
 
 class StaleQuote(Exception):
     """A quote was made for a member state the purchase did not meet (batch accrual)."""
+
+
+class MergedMeanwhile(Exception):
+    """A return found its member merged away in its write, after it had looked where the points
+    live and found them still with the member: it looks again."""
+
+
+RETURN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,14 +620,25 @@ class Accrual:
         merged_into = ""
 
         def body(book: ShardBook) -> ReturnResult:
-            return take_back(book, load_purchase(book, cmd.purchase_id), cmd, merged_into)
+            record = load_purchase(book, cmd.purchase_id)
+            # A merge that moved the points out after `run` looked would leave this return taking
+            # them from the emptied member, as debt, while the target kept them.
+            if not merged_into and load_state(book, record.member_id).merged_into:
+                raise MergedMeanwhile(record.member_id)
+            return take_back(book, record, cmd, merged_into)
 
         async def run() -> tuple[ReturnResult, bool]:
             nonlocal merged_into
-            owner = await svc.store.read(shard, lambda tx: tx.get_purchase(cmd.purchase_id))
-            if owner is not None:
-                merged_into = await self._merged_into(codec.loads(PurchaseRecord, owner[1]).member_id)
-            return await svc.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
+            for _ in range(RETURN_ATTEMPTS):
+                owner = await svc.store.read(shard, lambda tx: tx.get_purchase(cmd.purchase_id))
+                if owner is not None:
+                    merged_into = await self._merged_into(codec.loads(PurchaseRecord, owner[1]).member_id)
+                with contextlib.suppress(MergedMeanwhile):
+                    return await svc.write(shard, svc._idempotent_unit(cmd, fp, ReturnResult, body))
+            raise FailedPrecondition(  # merges of this member one after another: refused, nothing written
+                f"the member of purchase {cmd.purchase_id} was merged while this return ran; send it again",
+                field="purchase_id",
+            )
 
         # A refused return (more refunded than paid, an unknown line) gives its key back, so the
         # corrected return may use it.
