@@ -185,7 +185,12 @@ def store_settings(request: pytest.FixtureRequest, store: str) -> dict[str, obje
     ledger (its own rows) in the session's migrated Cassandra keyspace."""
     if store == "sqlite":
         return {"store": "sqlite"}
-    cassandra: CassandraSession = request.getfixturevalue("cassandra_session")
+    return fresh_cassandra_ledger(request.getfixturevalue("cassandra_session"))
+
+
+def fresh_cassandra_ledger(cassandra: CassandraSession) -> dict[str, object]:
+    """Settings overrides for a new ledger in the session's keyspace; replicas of one ledger
+    start with the same overrides."""
     return {
         "store": "cassandra",
         "cassandra_contact_points": cassandra.settings.cassandra_contact_points,

@@ -6,7 +6,6 @@ saw the old balance). Now the writer tombstones in Redis before it answers."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -14,7 +13,7 @@ from redis.asyncio import Redis
 from pointmesh.events import LEDGER_EVENTS
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
-from tests.conftest import CassandraSession, LedgerUnderTest, start_ledger, stop_ledger
+from tests.conftest import CassandraSession, LedgerUnderTest, fresh_cassandra_ledger, start_ledger, stop_ledger
 from tests.ledger.helpers import balance, key
 from tests.waiting import until
 
@@ -22,12 +21,7 @@ from tests.waiting import until
 async def test_a_balance_read_on_one_replica_right_after_a_write_on_another_sees_the_write(
     tmp_path: Path, redis_server: RedisServer, cassandra_session: CassandraSession
 ) -> None:
-    shared = {
-        "store": "cassandra",
-        "cassandra_contact_points": cassandra_session.settings.cassandra_contact_points,
-        "cassandra_keyspace": cassandra_session.settings.cassandra_keyspace,
-        "cassandra_ledger": "l" + uuid.uuid4().hex[:16],
-    }
+    shared = fresh_cassandra_ledger(cassandra_session)
     replicas: list[LedgerUnderTest] = []
     redis = Redis.from_url(redis_server.url)
     try:

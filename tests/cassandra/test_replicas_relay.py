@@ -7,7 +7,6 @@ time (a lease in Redis), and another takes it over when the holder stops."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -15,7 +14,7 @@ from redis.asyncio import Redis
 from pointmesh.events import LEDGER_EVENTS
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
-from tests.conftest import CassandraSession, LedgerUnderTest, start_ledger, stop_ledger
+from tests.conftest import CassandraSession, LedgerUnderTest, fresh_cassandra_ledger, start_ledger, stop_ledger
 from tests.ledger.helpers import key
 from tests.waiting import until
 
@@ -35,12 +34,7 @@ async def _count_at_least(redis: Redis, member: str, n: int) -> bool:
 async def test_two_replicas_publish_a_members_events_once_each_in_order_and_survive_one_stopping(
     tmp_path: Path, redis_server: RedisServer, cassandra_session: CassandraSession
 ) -> None:
-    shared = {
-        "store": "cassandra",
-        "cassandra_contact_points": cassandra_session.settings.cassandra_contact_points,
-        "cassandra_keyspace": cassandra_session.settings.cassandra_keyspace,
-        "cassandra_ledger": "l" + uuid.uuid4().hex[:16],
-    }
+    shared = fresh_cassandra_ledger(cassandra_session)
     replicas: list[LedgerUnderTest] = [
         await start_ledger(tmp_path / "a", redis_server.url, **shared),
         await start_ledger(tmp_path / "b", redis_server.url, **shared),
