@@ -85,13 +85,18 @@ def effective_level(policy: TierPolicy, buckets: Mapping[str, int], at: datetime
     # The current year counts through `at`'s month only: a receipt arriving late is priced at the
     # tier its member had then, not one reached by purchases after it (decision 0008). Within
     # that month the buckets cannot tell before from after.
+    # A year's level holds through the next year and the grace after it, so every past year
+    # whose hold still covers `at` counts: two years back within a grace, three with a grace of
+    # 366 days (2024's level holds until 2027-01-02 then, since 2026 has 365 days).
     year = at.year
     levels = [
         level_for(policy.levels, _year_total(buckets, year, at.month)),
         level_for(policy.levels, _year_total(buckets, year - 1)),
     ]
-    if at < datetime(year, 1, 1, tzinfo=zone) + grace:
-        levels.append(level_for(policy.levels, _year_total(buckets, year - 2)))
+    held = year - 2
+    while held + 2 >= 1 and at - grace < datetime(held + 2, 1, 1, tzinfo=zone):
+        levels.append(level_for(policy.levels, _year_total(buckets, held)))
+        held -= 1
     return max(levels)
 
 

@@ -41,7 +41,7 @@ class PurchaseFact:
 class ItemState:
     """A member's progress on one item (stored as JSON)."""
 
-    seen: list[str] = field(default_factory=list)  # distinct values counted (achievements)
+    seen: list[str] = field(default_factory=list)  # distinct values counted, up to the count (achievements)
     count: int = 0  # matching purchases (challenges)
     completions: int = 0
     last_completed_us: int = 0
@@ -173,11 +173,15 @@ def _achievement(item: Achievement, state: ItemState, fact: PurchaseFact, local_
                  counted: list[Counted]) -> Award | None:  # fmt: skip
     values = _distinct_values(item, fact, local_day)
     counted.extend(Counted(item.id, value) for value in dict.fromkeys(values))  # after completion too
+    # Beyond the count, values say nothing more (game_counted keeps them for `withdraw`); this also
+    # trims progress a withdrawal stored whole before it kept only the count.
+    del state.seen[item.count :]
     if state.completions:
         return None
     for value in values:
         if value not in state.seen:
             state.seen.append(value)
+    del state.seen[item.count :]
     if len(state.seen) < item.count:
         return None
     state.completions, state.last_completed_us = 1, epoch_us(fact.receipt_time)
@@ -408,7 +412,10 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
             continue
         others = list(dict.fromkeys(c.value for c in remaining if c.item_id == a.id and not c.period))
         kept = [v for v in state.seen if v not in mine or v in others]
-        state.seen = kept + [v for v in others if v not in kept]
+        # Up to the count only: what the remaining purchases give is in `remaining` (game_counted)
+        # whenever another withdrawal needs it, so a member with thousands of purchases does not
+        # carry every one of them in the progress rewritten on each event.
+        state.seen = (kept + [v for v in others if v not in kept])[: a.count]
         if state.completions and len(state.seen) < a.count:
             state.completions, state.last_completed_us = 0, 0
             revoked.append(Revoked(a.id, ("once",)))
@@ -426,8 +433,11 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
 def _withdraw_weeks(item: Streak, state: ItemState, gone: list[Counted], remaining: list[Counted]) -> list[Revoked]:
     """A week no other purchase gave goes; each paid range it was in may keep as many awards as
     it still has runs of `item.weeks` (the store, which knows the awards, revokes the rest and
-    lowers `completions`). Weeks before `kept_from` were forgotten past the lateness horizon
-    while present (a paid range is a run): they count as there."""
+    lowers `completions`, then settles the runs with `repay_runs`). The range is replaced by
+    those runs: two runs a returned week split are two streaks, as if the week had never been
+    bought, so buying on after the second does not join it to the first. Weeks before
+    `kept_from` were forgotten past the lateness horizon while present (a paid range is a run):
+    they count as there."""
     others = {c.value for c in remaining if c.item_id == item.id and c.period == WEEK}
     mine = {c.value for c in gone if c.item_id == item.id and c.period == WEEK}
     lost = {w for w in state.weeks if str(w) not in others and str(w) in mine}
@@ -443,11 +453,46 @@ def _withdraw_weeks(item: Streak, state: ItemState, gone: list[Counted], remaini
             continue
         runs = _runs(lambda w: w in present or w < floor, first, last, item.weeks)
         revoked.append(Revoked(item.id, first_week=first, last_week=last, keep=len(runs), runs=tuple(runs)))
-        if runs:
-            kept.append([first, last])
-    state.paid = kept
+        kept.extend([a, b] for a, b in runs)
+    state.paid = sorted(kept)
     _newest_run(state)
     return revoked
+
+
+def repay_runs(item: Streak, state: ItemState, revoked: Revoked, kept_starts: Iterable[int]) -> list[Award]:
+    """Settles the runs a withdrawal left of a paid range (`revoked.runs`, already the paid ranges
+    `_withdraw_weeks` put in its place), given the first weeks of the range's awards the store
+    kept. A run keeps the awards that began in it. One that began in none (its first week went
+    back, or is in a stretch now too short) stays with the first run after it that has no award
+    (else the last before it), and that run's paid range reaches back to the award's week, so
+    that a later withdrawal still finds the award among the range's (a range of runs joined that
+    way holds each run's award, like one a late week joined). A run left with no award is paid
+    under its own key (`run-<first week>`): returns those awards, counted in `completions`."""
+    runs = list(revoked.runs)
+    awards_in = dict.fromkeys(runs, 0)
+    homeless = []
+    for start in sorted(kept_starts):
+        home = next((r for r in runs if r[0] <= start <= r[1]), None)
+        if home is None:
+            homeless.append(start)
+        else:
+            awards_in[home] += 1
+    paid = [list(p) for p in state.paid]
+    for start in homeless:
+        free = [r for r in runs if not awards_in[r]] or runs
+        if not free:
+            continue  # no run left: the store revoked every award of the range
+        home = next((r for r in free if r[0] > start), free[-1])
+        awards_in[home] += 1
+        low, high = min(start, home[0]), max(start, home[1])
+        joined = [p for p in paid if p[0] <= high and p[1] >= low]
+        paid = [p for p in paid if p not in joined]
+        paid.append([min([low, *(p[0] for p in joined)]), max([high, *(p[1] for p in joined)])])
+    state.paid = sorted(paid)
+    fresh = [Award(item.id, item.name, f"run-{r[0]}", item.reward.points, item.reward.unit)
+             for r in runs if not awards_in[r]]  # fmt: skip
+    state.completions += len(fresh)
+    return fresh
 
 
 def _runs(present: Callable[[int], bool], first: int, last: int, length: int) -> list[tuple[int, int]]:

@@ -50,7 +50,7 @@ class ProgressItem:
 @dataclass(frozen=True, slots=True)
 class MemberProgress:
     items: list[ProgressItem]
-    paid_points: int
+    paid_points: int  # rewards in the program's first unit (its points) only, as are pending ones
     pending_points: int
 
 
@@ -116,7 +116,9 @@ class GameService:
             items.append(ProgressItem(c.id, c.name, ItemKind.CHALLENGE, st.count, c.purchases, st.completions,
                                       st.last_completed_us, c.reward.points, c.reward.unit,
                                       has_joined(joined, c, history)))  # fmt: skip
-        totals = await asyncio.to_thread(self.store.reward_totals, p.program, member_id)
+        # The response's reward points are the program's first unit (its points, what a member
+        # spends): a tier_credits reward is no point paid, so it is left out of both figures.
+        totals = await asyncio.to_thread(self.store.reward_totals, p.program, member_id, p.units[0])
         return MemberProgress(items, totals.get("PAID", 0), totals.get("PENDING", 0))
 
     def challenges(self, program: str, at: datetime | None) -> list[Challenge]:

@@ -8,7 +8,9 @@ What each purchase gave each item is kept (game_counted), so a purchase taken ba
 returned, or its fraud review rejected) takes back that progress, in one transaction with its
 event id too. An award it no longer earns goes REVOKE, then REVOKED once the ledger has taken
 its points back (the worker drives that); an award earned again afterwards gets a new key
-(`#2`, `#3`...), since the ledger posts one key once.
+(`#2`, `#3`...), since the ledger posts one key once. A withdrawal can also earn: a returned
+week that splits a paid streak in two runs pays the run left without an award (PENDING, posted
+by the worker's retry loop).
 
 Reward statuses: PENDING, PAID, REFUSED:<code> (the ledger will never post it), REVOKE,
 REVOKED.
@@ -35,6 +37,7 @@ from rules_svc.game_engine import (
     Revoked,
     apply,
     epoch_us,
+    repay_runs,
     withdraw,
 )
 from rules_svc.program import Program
@@ -250,12 +253,20 @@ class GameStore:
             remaining = self._counted(f"item_id IN ({','.join('?' * len(items))})", (name, member_id, *items))
             states = self._states(name, member_id)
             revoked, promoted = withdraw(program, states, gone, remaining, history)
-            keys = []
+            keys, repaid = [], []
+            streaks = {s.id: s for s in program.gamification.streaks}
             for r in revoked:
-                went = self._revoke(name, member_id, r)
+                went, kept_starts = self._revoke(name, member_id, r)
                 if not r.periods:  # a streak's range: the engine left its completions to us
-                    states[r.item_id].completions = max(0, states[r.item_id].completions - len(went))
+                    state = states[r.item_id]
+                    state.completions = max(0, state.completions - len(went))
+                    repaid += repay_runs(streaks[r.item_id], state, r, kept_starts)
                 keys += went
+            c.executemany(
+                "INSERT OR IGNORE INTO game_rewards VALUES (?,?,?,?,?,?,?,'PENDING','')",
+                [(self._fresh_key(a.key(name, member_id)), name, member_id, a.item_id, a.name, a.points, a.unit)
+                 for a in repaid],
+            )  # fmt: skip
             self._save_states(program, member_id, states, withdrawn=items)
             self._unexpose(key)
             c.executemany(
@@ -276,11 +287,12 @@ class GameStore:
         return [Counted(item, value, period, bool(counts), purchase, receipt_us)
                 for item, value, period, counts, purchase, receipt_us in rows]  # fmt: skip
 
-    def _revoke(self, program: str, member_id: str, revoked: Revoked) -> list[str]:
+    def _revoke(self, program: str, member_id: str, revoked: Revoked) -> tuple[list[str], list[int]]:
         """Marks the award's live rewards REVOKE (one the ledger refused for good: REVOKED, there
-        is nothing to take back); returns their keys. A streak's range may hold several awards
+        is nothing to take back); returns their keys, and for a streak the first weeks of the
+        range's awards that stay (for `repay_runs`). A streak's range may hold several awards
         (runs a late week joined): all but `revoked.keep` go, those whose runs began outside the
-        runs still long enough first, then the latest."""
+        runs still long enough first, then the latest of a run holding more than one."""
         base = f"{program}:{revoked.item_id}:{member_id}:"
         rows = self._db.execute(
             "SELECT reward_key, status FROM game_rewards WHERE program=? AND member_id=? AND item_id=?"
@@ -300,15 +312,21 @@ class GameStore:
             start = _week_of_run(period)
             if start is not None and revoked.first_week <= start <= revoked.last_week:
                 live.append((start, key, status))
+        kept_starts = []
         if not periods:
-            outside = [x for x in live if not any(a <= x[0] <= b for a, b in revoked.runs)]
-            inside = [x for x in live if x not in outside]
-            live = (sorted(outside, reverse=True) + sorted(inside, reverse=True))[: max(0, len(live) - revoked.keep)]
+            run_of = {x: next((r for r in revoked.runs if r[0] <= x[0] <= r[1]), None) for x in live}
+            outside = [x for x in live if run_of[x] is None]
+            firsts = {min(x for x in live if run_of[x] == r) for r in set(run_of.values()) - {None}}
+            surplus = [x for x in live if x not in outside and x not in firsts]
+            # A run's first award goes last: revoking it would leave the run to be paid again.
+            ordered = sorted(outside, reverse=True) + sorted(surplus, reverse=True) + sorted(firsts, reverse=True)
+            cut = max(0, len(live) - revoked.keep)
+            live, kept_starts = ordered[:cut], [start for start, _key, _status in ordered[cut:]]
         for _start, key, status in live:
             final = status.startswith("REFUSED")
             self._db.execute("UPDATE game_rewards SET status=? WHERE reward_key=?",
                              ("REVOKED" if final else "REVOKE", key))  # fmt: skip
-        return [key for _start, key, _status in live]
+        return [key for _start, key, _status in live], kept_starts
 
     def revoking(self, member_id: str = "", limit: int = 500, after: str = "") -> list[tuple[Reward, str]]:
         """REVOKE rewards in key order, each with the ledger transaction that paid it ('' when
@@ -437,10 +455,13 @@ class GameStore:
             )
         return cursor.rowcount == 1
 
-    def reward_totals(self, program: str, member_id: str) -> dict[str, int]:
+    def reward_totals(self, program: str, member_id: str, unit: str | None = None) -> dict[str, int]:
+        """Reward amounts by status, of one unit when `unit` is given: amounts of different units
+        (points and tier credits) do not add up to anything a member could spend."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT status, SUM(points) FROM game_rewards WHERE program=? AND member_id=? GROUP BY status",
-                (program, member_id),
+                "SELECT status, SUM(points) FROM game_rewards WHERE program=?1 AND member_id=?2"
+                " AND (?3 IS NULL OR unit=?3) GROUP BY status",
+                (program, member_id, unit),
             ).fetchall()
         return {status: int(total) for status, total in rows}

@@ -182,6 +182,7 @@ class GameWorker:
         if keys:
             log.info("purchase %s of member %s taken back: revoking %s", purchase_id, member_id, ", ".join(keys))
             await self.revoke(member_id)
+        await self.pay(member_id)  # a returned week that split a paid streak pays the run it left unpaid
 
     async def revoke(self, member_id: str = "") -> int:
         """Has the ledger take back the points of REVOKE rewards (one member's, or all); stops at

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rules_svc.game_engine import ProgramHistory, PurchaseFact
+from rules_svc.game_engine import ProgramHistory, PurchaseFact, week_of
 from rules_svc.game_store import SCHEMA, GameStore
 from rules_svc.program import Program
 from tests.rules import load_doc, program_doc
@@ -309,3 +310,117 @@ def test_weeks_an_id_counted_as_a_streak_are_not_distinct_values_when_it_is_an_a
     (key,) = [a.key("test", "m-1") for a in store.apply_event(now, second) or []]
 
     assert store.withdraw_event(now, "w", "m-1", second.purchase_id) == [key]
+
+
+def test_an_achievement_keeps_no_more_values_than_its_count_after_a_return_and_still_revokes_on_time(
+    store: GameStore,
+) -> None:
+    """A member with 60 purchases returns one: "five purchases" keeps five ids in its progress,
+    not 59 (rewritten on every event), and still takes its award back exactly when fewer than
+    five purchases remain, since what remains is read from the purchases kept, not the progress."""
+    program = game(achievements=[{"id": "five", "name": "Five purchases", "count": 5, "reward": {"points": 50}}])
+    bought = [fact(MONDAY + timedelta(hours=h)) for h in range(60)]
+    for f in bought:
+        store.apply_event(program, f)
+
+    assert store.withdraw_event(program, "w-0", "m-1", bought[1].purchase_id) == []
+    body = store._db.execute("SELECT state FROM game_state WHERE item_id='five'").fetchone()[0]
+    assert (len(json.loads(body)["seen"]), store.states("test", "m-1")["five"].completions) == (5, 1)
+
+    for n, f in enumerate(bought[2:56]):  # 55 returned in all: five remain, the award stays
+        assert store.withdraw_event(program, f"w-{n + 1}", "m-1", f.purchase_id) == []
+    state = store.states("test", "m-1")["five"]
+    remaining = [f.purchase_id for f in (bought[0], *bought[56:])]
+    assert (sorted(state.seen), state.completions) == (sorted(remaining), 1)
+    assert store.withdraw_event(program, "w-last", "m-1", bought[0].purchase_id) != []  # four left: revoked
+    assert store.states("test", "m-1")["five"].completions == 0
+
+
+def _live(store: GameStore, member: str = "m-1") -> list[str]:
+    """The member's award periods not taken back (`run-<week>` for a streak)."""
+    keys = [k for k, status in statuses(store, member).items() if status not in ("REVOKE", "REVOKED")]
+    return sorted(k.removeprefix(f"test:w3:{member}:") for k in keys)
+
+
+def test_a_week_returned_from_the_middle_of_a_paid_streak_leaves_two_streaks_paid_as_if_never_bought(
+    store: GameStore,
+) -> None:
+    """Weeks 1-7 are one streak of three weeks, paid once. Returning week 4 leaves 1-3 and 5-7:
+    two streaks, as m-2's weeks 1-3 and 5-8, never with a week 4, are. The first keeps its award,
+    the second is paid under its own key, and buying week 8 pays nothing more; returning week 6
+    then takes back the second streak's award only."""
+    program = game(streaks=[{"id": "w3", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])
+    when = {w: MONDAY + timedelta(weeks=w - 1) for w in range(1, 9)}
+    run = {w: f"run-{week_of(when[w].date())}" for w in when}
+    for w in (1, 2, 3, 5, 6, 7, 8):
+        store.apply_event(program, fact(when[w], member="m-2"))
+    assert _live(store, "m-2") == [run[1], run[5]]
+    bought = {w: fact(when[w]) for w in when}
+    for w in range(1, 8):
+        store.apply_event(program, bought[w])
+    assert _live(store) == [run[1]]
+
+    assert store.withdraw_event(program, "w-4", "m-1", bought[4].purchase_id) == []
+    assert store.apply_event(program, bought[8]) == []
+    assert _live(store) == _live(store, "m-2") == [run[1], run[5]]
+    assert store.states("test", "m-1")["w3"].completions == 2
+    assert {r.key.removeprefix("test:w3:m-1:") for r in store.pending("m-1")} == {run[1], run[5]}
+
+    assert store.withdraw_event(program, "w-6", "m-1", bought[6].purchase_id) == [f"test:w3:m-1:{run[5]}"]
+    assert _live(store) == [run[1]]
+    assert store.states("test", "m-1")["w3"].completions == 1
+
+
+def test_a_run_whose_first_week_went_back_keeps_its_award_and_a_later_return_still_finds_it(
+    store: GameStore,
+) -> None:
+    """Weeks 1-9 paid under run-1; week 1 goes back: 2-9 keep that award (nothing new is paid).
+    Week 5 going back then splits 2-4 and 6-9: the award stays with 2-4 and 6-9 is paid; week 3
+    going back after that takes the old award back, the one 6-9 earned stays."""
+    program = game(streaks=[{"id": "w3", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])
+    bought = {w: fact(MONDAY + timedelta(weeks=w - 1)) for w in range(1, 10)}
+    run = {w: f"run-{week_of(f.receipt_time.date())}" for w, f in bought.items()}
+    for f in bought.values():
+        store.apply_event(program, f)
+
+    assert store.withdraw_event(program, "w-1", "m-1", bought[1].purchase_id) == []
+    assert _live(store) == [run[1]]
+    assert store.withdraw_event(program, "w-5", "m-1", bought[5].purchase_id) == []
+    assert _live(store) == [run[1], run[6]]
+    assert store.withdraw_event(program, "w-3", "m-1", bought[3].purchase_id) == [f"test:w3:m-1:{run[1]}"]
+    assert _live(store) == [run[6]]
+    assert store.states("test", "m-1")["w3"].completions == 1
+
+
+def _runs_of(weeks: set[int], length: int) -> int:
+    """How many separate runs of at least `length` consecutive weeks `weeks` holds."""
+    return sum(1 for w in weeks if w - 1 not in weeks and all(w + i in weeks for i in range(length)))
+
+
+def test_a_streak_holds_one_award_per_run_the_remaining_purchases_make_on_seeded_random_returns(
+    tmp_path: Path,
+) -> None:
+    """Purchases week after week (none, one or two a week), some taken back at random in between:
+    after every step the live awards are as many as the runs of the weeks still bought (each
+    such run is paid once), and `completions` says the same; nothing is forgotten (the lateness
+    covers every week)."""
+    for seed in range(40):
+        rnd = random.Random(seed)
+        length = rnd.choice([2, 3, 4])
+        program = load_doc(program_doc(policy={"max_lateness_days": 400}, gamification={"streaks": [
+            {"id": "w3", "name": "A run", "weeks": length, "reward": {"points": 10}}]}))  # fmt: skip
+        store = GameStore(tmp_path / f"game-{seed}.sqlite")
+        week_of_purchase: dict[str, int] = {}
+        for w in range(20):
+            for _ in range(rnd.choice([0, 1, 1, 1, 2])):
+                bought = fact(MONDAY + timedelta(weeks=w, hours=rnd.randrange(100)))
+                store.apply_event(program, bought)
+                week_of_purchase[bought.purchase_id] = w
+            while week_of_purchase and rnd.random() < 0.4:
+                returned = rnd.choice(sorted(week_of_purchase))
+                store.withdraw_event(program, f"return-{returned}", "m-1", returned)
+                del week_of_purchase[returned]
+            runs = _runs_of(set(week_of_purchase.values()), length)
+            state = store.states("test", "m-1").get("w3")
+            assert (len(_live(store)), state.completions if state else 0) == (runs, runs), (seed, w)
+        store.close()

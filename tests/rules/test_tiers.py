@@ -132,7 +132,23 @@ def test_credits_of_months_after_the_instant_asked_about_are_searched_past() -> 
     """GetTierStatus may be asked about a past instant: later months' credits hold the tier longer."""
     policy = TierPolicy("tier_credits", CALENDAR_YEAR, 366, LEVELS)
     standing = tier_standing(policy, {"2026-03": 1200, "2028-05": 6000}, at(2026, 6, 1))
-    assert (standing.tier, standing.held_until) == ("silver", datetime(2031, 1, 1, tzinfo=UTC))
+    # Gold from 2028 holds through 2029 and 366 days of grace: 2030 has 365, so until 2 January 2031.
+    assert (standing.tier, standing.held_until) == ("silver", datetime(2031, 1, 2, tzinfo=UTC))
+
+
+def test_a_calendar_tier_with_a_366_day_grace_holds_through_the_last_day_of_it() -> None:
+    """Gold reached in 2024 holds through 2025 and 366 days after it; 2026 has 365, so the grace
+    runs into 2027 and the tier holds until 2 January 2027, three calendar years on, in the
+    program's zone (Helsinki here) and in UTC alike."""
+    for zone in ("UTC", "Europe/Helsinki", "America/New_York"):
+        policy = TierPolicy("tier_credits", CALENDAR_YEAR, 366, LEVELS, zone)
+        credits = {"2024-06": 5200}
+        drops = datetime(2027, 1, 2, tzinfo=ZoneInfo(zone))
+        assert effective_tier(policy, credits, drops - timedelta(hours=12)) == "gold", zone
+        assert effective_tier(policy, credits, drops - timedelta(seconds=1)) == "gold", zone
+        assert effective_tier(policy, credits, drops) == "blue", zone
+        standing = tier_standing(policy, credits, datetime(2026, 6, 1, tzinfo=ZoneInfo(zone)))
+        assert (standing.tier, standing.held_until, standing.then) == ("gold", drops, "blue"), zone
 
 
 def test_standing_agrees_with_the_tier_arithmetic_on_random_credit_histories() -> None:
