@@ -31,7 +31,6 @@ from ledger_svc.domain import (
     IdempotencyConflict,
     InvalidArgument,
     LedgerError,
-    MemberNotActive,
     MemberStatus,
     Money,
     NotFound,
@@ -48,6 +47,7 @@ from ledger_svc.purchases import (
     load_purchase,
     load_state,
     purchase_id_for,
+    require_unmerged,
     save_purchase,
     take_back,
     tender_points,
@@ -123,14 +123,6 @@ def _require_fresh(
         raise StaleQuote(f"quoted as purchase {assumed_count + 1}, is purchase {state.purchase_count + 1}")
     if quote.tier_policy is not None and effective_tier(quote.tier_policy, state.qualification, at) != quote.tier:
         raise StaleQuote(f"quoted at tier {quote.tier!r}, which the member no longer has")
-
-
-def _require_unmerged(member_id: str, state: MemberState) -> None:
-    """The member was active when checked, but a merge may have moved it out since: its count,
-    caps and points went to the target, so a purchase written here now would earn on a member
-    nothing reads and count towards no cap. Refused in the write, as if the merge came first."""
-    if state.merged_into:
-        raise MemberNotActive(f"member {member_id} was merged into {state.merged_into}", field="member_id")
 
 
 def _require_unrecorded(book: ShardBook, purchase_id: str, cmd: c.RecordPurchase) -> None:
@@ -380,7 +372,7 @@ class Accrual:
         def body(p: Priced, done: list[PurchaseRecord], book: ShardBook) -> str:
             cmd, quote = p.cmd, p.quote
             state = load_state(book, member_id)  # read once: the checks and the earn use it
-            _require_unmerged(member_id, state)
+            require_unmerged(member_id, state)
             _require_unrecorded(book, p.pid, cmd)
             if quote is not None and (fresh or p.assumed_count is not None):
                 _require_fresh(book, member_id, state, quote, p.assumed_count, cmd.receipt_time)

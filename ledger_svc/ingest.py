@@ -189,8 +189,7 @@ class BatchIngest:
             adj = svc._check_adjust(cmd)
             await svc._require_exists(adj.member_id)
             return _Prepared(index, adj, svc.shard_of(adj.member_id), c.fingerprint(adj), Transaction,
-                             lambda b: b.adjust(adj.member_id, adj.unit, adj.points, reason=adj.reason,
-                                                operator_id=adj.operator_id), owner=adj.member_id,
+                             lambda b: svc._adjust_body(b, adj), owner=adj.member_id,
                              not_merged=adj.member_id)  # fmt: skip
         rev = svc._check_reverse(cmd)
         if await svc._merged_owner(rev.transaction_id) is not None:

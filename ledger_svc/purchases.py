@@ -20,6 +20,7 @@ from ledger_svc.domain import (
     DEFAULT_FUNDING,
     FailedPrecondition,
     InvalidArgument,
+    MemberNotActive,
     Money,
     NotFound,
     TxKind,
@@ -87,6 +88,15 @@ class MemberState:
     # status check before the merge finds it in its own write and is refused, instead of earning
     # on the member after its count and caps went to the target.
     merged_into: str = ""
+
+
+def require_unmerged(member_id: str, state: MemberState) -> None:
+    """The member was active when checked, but a merge may have moved it out since (on another
+    replica, whose status cache this one's does not hear of): its count, caps and points went
+    to the target, so a purchase or an earn written here now would land on a member nothing
+    reads. Refused in the write, as if the merge came first."""
+    if state.merged_into:
+        raise MemberNotActive(f"member {member_id} was merged into {state.merged_into}", field="member_id")
 
 
 def take_in_merged_state(book: ShardBook, target: str, source: str, moved: MemberState) -> None:

@@ -59,7 +59,7 @@ from ledger_svc.domain import (
 )
 from ledger_svc.ingest import claim_many
 from ledger_svc.postings import Policy, ShardBook
-from ledger_svc.purchases import credit_still_here, untier
+from ledger_svc.purchases import credit_still_here, load_state, require_unmerged, untier
 from ledger_svc.reconcile import ReconcileReport, reconcile
 from ledger_svc.reviews import (
     PlacedHold,
@@ -691,6 +691,7 @@ class LedgerService:
 
     @staticmethod
     def _earn_body(book: ShardBook, cmd: c.Earn) -> EarnResult:
+        require_unmerged(cmd.member_id, load_state(book, cmd.member_id))
         return book.earn(
             cmd.member_id, cmd.unit, cmd.points, funding_source=cmd.funding_source,
             business_time=cmd.business_time, expires_at=cmd.expires_at, release_at=cmd.release_at,
@@ -850,9 +851,14 @@ class LedgerService:
         await self._require_exists(cmd.member_id)
         return await self._mutate(
             cmd, self.shard_of(cmd.member_id), Transaction,
-            lambda b: b.adjust(cmd.member_id, cmd.unit, cmd.points, reason=cmd.reason, operator_id=cmd.operator_id),
+            lambda b: self._adjust_body(b, cmd),
             lambda: self._require_not_merged(cmd.member_id),  # after the replay check: a replay answers
         )  # fmt: skip
+
+    @staticmethod
+    def _adjust_body(book: ShardBook, cmd: c.Adjust) -> Transaction:
+        require_unmerged(cmd.member_id, load_state(book, cmd.member_id))  # a merge since the check above
+        return book.adjust(cmd.member_id, cmd.unit, cmd.points, reason=cmd.reason, operator_id=cmd.operator_id)
 
     async def place_hold(self, cmd: c.PlaceHold) -> PlacedHold:
         key = v.idem_key(cmd.key)
