@@ -36,6 +36,9 @@ class IngestWorker:
         self.batch = batch
         self.stop = asyncio.Event()
         self._attempts = Attempts()  # deterministic failures of a purchase alone
+        # Positions that went through alone in an earlier round of a batch still failing: the
+        # proof a later failure of every purchase is in a step they share, not in them.
+        self._passed_alone: set[str] = set()
 
     async def _purchases(self, messages: list[BusMessage]) -> None:
         """A polled batch through batch accrual (one EvaluateBatch and one ScoreBatch for all);
@@ -73,8 +76,16 @@ class IngestWorker:
                 if isinstance(outcome, Unavailable):  # not the purchase's fault: deliver the batch again
                     raise outcome
             refused += [(m, _reason(o)) for m, o in zip(taken, outcomes, strict=True) if isinstance(o, LedgerError)]
+            self._forget(taken)
         for message, reason in refused:
             await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, reason)
+
+    def _forget(self, taken: list[BusMessage]) -> None:
+        """The batch is through: what earlier rounds counted for its purchases is of no more use
+        (kept, it would grow with every batch that once failed)."""
+        for message in taken:
+            self._attempts.clear(message.position)
+            self._passed_alone.discard(message.position)
 
     async def _one_at_a_time(
         self, taken: list[BusMessage], commands: list[c.RecordPurchase], batch_error: Exception
@@ -82,37 +93,48 @@ class IngestWorker:
         """The batch failed the same way it would every time (a bug some purchase trips): each
         purchase alone finds which. One that runs out of attempts alone (consumers.Attempts) is
         refused (dead-lettered with the rest once the round is through), so it cannot stop the
-        topic; the others post (or replay on their keys). When none succeeds alone the failure
-        is in a step they share, not in a purchase: the batch waits, nothing is dead-lettered."""
+        topic; the others post (or replay on their keys). When none succeeds alone though one
+        did in an earlier round, the failure is in a step they share, not in a purchase: the
+        batch waits, nothing is dead-lettered. Without that proof a batch of bad purchases alone
+        would wait for ever (on Redis a reopened consumer reads its own pending ones first)."""
         refused: list[tuple[BusMessage, str]] = []
-        failing: list[Exception] = []
-        succeeded = exhausted = 0
+        failed: list[tuple[BusMessage, Exception]] = []
         for message, command in zip(taken, commands, strict=True):
             try:
                 (outcome,) = await self.service.ingest([command])
             except Exception as exc:
                 if not deterministic(exc):
                     raise
-                failing.append(exc)
-                reason = self._attempts.failed(message.position, exc)
-                if reason is not None:
-                    refused.append((message, reason))
-                    exhausted += 1
+                failed.append((message, exc))
                 continue
-            succeeded += 1
             if isinstance(outcome, Unavailable):
                 raise outcome
+            self._passed_alone.add(message.position)  # a refusal too: the shared steps answered
             if isinstance(outcome, LedgerError):
                 refused.append((message, _reason(outcome)))
-        if failing and not succeeded and len(taken) > 1:
+        if not failed:
+            self._forget(taken)
+            return refused
+        if len(failed) == len(taken) and any(m.position in self._passed_alone for m in taken):
             for message in taken:
                 self._attempts.clear(message.position)
             raise batch_error
-        if len(failing) > exhausted:
-            raise failing[0]  # some purchase has attempts left: the batch comes again
-        for message in taken:
-            self._attempts.clear(message.position)
-        return refused
+        return refused + self._count_attempts(taken, failed)
+
+    def _count_attempts(
+        self, taken: list[BusMessage], failed: list[tuple[BusMessage, Exception]]
+    ) -> list[tuple[BusMessage, str]]:
+        """Refuses the purchases out of attempts; raises while one has attempts left, so the
+        batch comes again (those that went through replay on their keys)."""
+        exhausted: list[tuple[BusMessage, str]] = []
+        for message, exc in failed:
+            reason = self._attempts.failed(message.position, exc)
+            if reason is not None:
+                exhausted.append((message, reason))
+        if len(exhausted) < len(failed):
+            raise failed[0][1]
+        self._forget(taken)
+        return exhausted
 
     async def run(self) -> None:
         await run_group(self.bus, INGEST_PURCHASES, GROUP, self.consumer, self._purchases, stop=self.stop,

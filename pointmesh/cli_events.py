@@ -13,7 +13,15 @@ from google.protobuf import json_format
 
 from pointmesh.cassandra_server import CassandraServer
 from pointmesh.config import settings_or_exit
-from pointmesh.events import INGEST_PURCHASES, TOPICS, OutgoingEvent, dead_letter_topic, open_bus
+from pointmesh.events import (
+    INGEST_PURCHASES,
+    MAX_EVENT_BYTES,
+    TOPICS,
+    OutgoingEvent,
+    dead_letter_topic,
+    event_bytes,
+    open_bus,
+)
 from pointmesh.kafka_server import KafkaServer
 from pointmesh.redrive import Redriven, redrive
 from pointmesh.v1 import ledger_pb2
@@ -116,14 +124,46 @@ def cmd_redrive(args: argparse.Namespace) -> int:
 
     done = asyncio.run(run())
     print(f"{args.group}: {done.sent} dead letters sent back on {args.topic}"
-          + (f" ({done.other_groups} of other groups left for their own redrive)" if done.other_groups else ""))  # fmt: skip
+          + (f" ({done.other_groups} of other groups left for their own redrive)" if done.other_groups else "")
+          + _left_hint(done, args.limit))  # fmt: skip
     for reason, count in done.reasons.most_common():
         print(f"  {count:>6}  {reason}")
     return 0
 
 
+def _left_hint(done: Redriven, limit: int | None) -> str:
+    """Tells the operator a run did not empty the group's dead letters, so a count is not read
+    as all of them."""
+    if done.more_left:
+        return "; more are left (dead-lettered again or since the run started): run it again later"
+    if limit is not None and done.sent >= limit:
+        return f"; stopped at --limit {limit}, more may be left: run it again"
+    return ""
+
+
+def _purchase_event(raw: bytes) -> OutgoingEvent | str | None:
+    """One line of a purchases file as its event, why it is a bad line, or None for a blank one."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 (byte {exc.start + 1} of the line)"
+    if not line.strip():
+        return None
+    try:
+        request = json_format.Parse(line, ledger_pb2.RecordPurchaseRequest())
+    except json_format.ParseError as exc:
+        return f"not a purchase: {exc}"
+    natural = f"{request.channel}/{request.store_id}/{request.receipt_id}"
+    event = OutgoingEvent(request.member_id, natural, "record_purchase", request.SerializeToString())
+    if (size := event_bytes(event)) > MAX_EVENT_BYTES:
+        # The bus would refuse the whole batch of 1,000 it went in: one bad line instead.
+        return f"too large: {size} bytes as an event, over the bus's {MAX_EVENT_BYTES}"
+    return event
+
+
 def cmd_ingest_produce(args: argparse.Namespace) -> int:
-    """Each line is a RecordPurchaseRequest in protobuf JSON; bad lines are reported, not sent."""
+    """Each line is a RecordPurchaseRequest in protobuf JSON; bad lines (not UTF-8, not a
+    purchase, too large for the bus) are reported with their number, not sent."""
     settings = settings_or_exit()
     events: list[OutgoingEvent] = []
     bad = 0
@@ -136,22 +176,12 @@ def cmd_ingest_produce(args: argparse.Namespace) -> int:
         return 1
     with lines:
         for number, raw in enumerate(lines, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
+            read = _purchase_event(raw)
+            if isinstance(read, str):
                 bad += 1
-                print(f"{args.file}:{number}: not UTF-8 (byte {exc.start + 1} of the line)", file=sys.stderr)
-                continue
-            if not line.strip():
-                continue
-            try:
-                request = json_format.Parse(line, ledger_pb2.RecordPurchaseRequest())
-            except json_format.ParseError as exc:
-                bad += 1
-                print(f"{args.file}:{number}: not a purchase: {exc}", file=sys.stderr)
-                continue
-            natural = f"{request.channel}/{request.store_id}/{request.receipt_id}"
-            events.append(OutgoingEvent(request.member_id, natural, "record_purchase", request.SerializeToString()))
+                print(f"{args.file}:{number}: {read}", file=sys.stderr)
+            elif read is not None:
+                events.append(read)
 
     async def run() -> None:
         bus = open_bus(settings)

@@ -1,9 +1,9 @@
 """Running a consumer group on the event bus: schema check, dead-letter, commit after work.
 
 A handler gets each message in order and either returns (done), raises `Poison` (the message
-can never be processed: it goes to `<topic>.dlq` with the reason, and the group moves on), or
-raises anything else (a transient failure: nothing is committed, the consumer reopens after a
-pause and the uncommitted messages come again). Handlers make their effect idempotent by
+can never be processed: it goes to `<topic>.dlq` with the reason once its batch is through, and
+the group moves on), or raises anything else (a transient failure: nothing is committed, the
+consumer reopens after a pause and the uncommitted messages come again). Handlers make their effect idempotent by
 event id, so a redelivered message never pays twice.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import Gauge
 
-from pointmesh.events import SCHEMA_MAJOR, BusMessage, EventBus, OutgoingEvent, dead_letter_topic
+from pointmesh.events import SCHEMA_MAJOR, BusMessage, EventBus, GroupConsumer, OutgoingEvent, dead_letter_topic
 
 log = logging.getLogger(__name__)
 LAG = Gauge("pointmesh_event_lag_seconds", "Age of the last event a consumer group finished, by topic and group.",
@@ -110,56 +110,78 @@ class Attempts:
         self._failures.pop(position, None)
 
 
-def guarded(bus: EventBus, topic: str, group: str, handle: Handler) -> Handler:
-    """The handler behind the schema check, with poison sent to the dead-letter topic, and a
-    message that keeps failing with an error no retry cures sent there after a few attempts."""
-    attempts = Attempts()
+Refused = list[tuple[BusMessage, str]]  # messages given up on in a batch, with the reason
 
-    async def run(message: BusMessage) -> None:
+
+def guarded(handle: Handler, attempts: Attempts) -> Callable[[BusMessage, Refused], Awaitable[None]]:
+    """The handler behind the schema check: poison, and a message that keeps failing with an
+    error no retry cures (after a few attempts), is added to the batch's refused list instead
+    of raising. The list is dead-lettered only once the whole batch is through: a batch read
+    again after a later message failed would otherwise dead-letter the same message again."""
+
+    async def run(message: BusMessage, refused: Refused) -> None:
         try:
             check_schema(message)
             await handle(message)
         except Poison as poison:
-            await dead_letter(bus, topic, group, message, str(poison))
+            refused.append((message, str(poison)))
         except Exception as exc:
             if not deterministic(exc):
                 raise
             reason = attempts.failed(message.position, exc)
             if reason is None:
                 raise
-            await dead_letter(bus, topic, group, message, reason)
-            attempts.clear(message.position)
-        else:
-            attempts.clear(message.position)
+            refused.append((message, reason))
 
     return run
 
 
+async def _batch_through(bus: EventBus, topic: str, group: str, messages: list[BusMessage], refused: Refused,
+                         attempts: Attempts) -> None:  # fmt: skip
+    """The batch is done: its refused messages go to the dead-letter topic, once, and what was
+    counted for its messages is forgotten."""
+    for message, reason in refused:
+        await dead_letter(bus, topic, group, message, reason)
+    for message in messages:
+        attempts.clear(message.position)
+
+
 def in_order(bus: EventBus, topic: str, group: str, handle: Handler) -> BatchHandler:
     """Every message of a batch, one after another."""
-    one = guarded(bus, topic, group, handle)
+    attempts = Attempts()
+    one = guarded(handle, attempts)
 
     async def run(messages: list[BusMessage]) -> None:
+        refused: Refused = []
         for message in messages:
-            await one(message)
+            await one(message, refused)
+        await _batch_through(bus, topic, group, messages, refused, attempts)
 
     return run
 
 
 def by_key(bus: EventBus, topic: str, group: str, handle: Handler) -> BatchHandler:
     """Different keys (members) concurrently, each key's messages in order."""
-    key_in_order = in_order(bus, topic, group, handle)
+    attempts = Attempts()
+    one = guarded(handle, attempts)
+
+    async def key_in_order(messages: list[BusMessage], refused: Refused) -> None:
+        for message in messages:
+            await one(message, refused)
 
     async def run(messages: list[BusMessage]) -> None:
         keyed: dict[str, list[BusMessage]] = {}
         for m in messages:
             keyed.setdefault(m.key, []).append(m)
+        refused: Refused = []
         # Every key's chain ends before a failure is raised: the batch is then read again, and a
         # chain still running would handle the same key twice at once.
-        outcomes = await asyncio.gather(*(key_in_order(ms) for ms in keyed.values()), return_exceptions=True)
+        outcomes = await asyncio.gather(*(key_in_order(ms, refused) for ms in keyed.values()),
+                                        return_exceptions=True)  # fmt: skip
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        await _batch_through(bus, topic, group, messages, refused, attempts)
 
     return run
 
@@ -193,8 +215,17 @@ async def run_group(
             except Exception as exc:
                 log.warning("consumer %s of %s on %s failed (%s: %s); reopening after a pause",
                             consumer, group, topic, type(exc).__name__, exc)  # fmt: skip
-                await member.close()
+                await _close_quietly(member)
                 await asyncio.sleep(RETRY_PAUSE_SECONDS)
                 member = bus.group(topic, group, consumer)
     finally:
         await member.close()
+
+
+async def _close_quietly(member: GroupConsumer) -> None:
+    """Closing a consumer that just failed may fail too (its broker gone): the loop must go on
+    and reopen, not end the consumer task for good."""
+    try:
+        await member.close()
+    except Exception as exc:
+        log.warning("closing a failed consumer failed too (%s: %s)", type(exc).__name__, exc)

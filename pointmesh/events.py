@@ -48,6 +48,18 @@ def dead_letter_topic(topic: str) -> str:
     return f"{topic}.dlq"
 
 
+# The largest event either bus takes (key, id, type, schema, headers and payload). Kafka's
+# producer refuses a record over its max request size (1 MiB) only when that record's turn
+# comes, after the batch's earlier records were queued, and they went out: a publish must be
+# all or nothing, so every event is measured first. A little under 1 MiB leaves room for Kafka's
+# record framing; Redis takes the same limit so a topic's events do not depend on the bus.
+MAX_EVENT_BYTES = 1_000_000
+
+
+class EventTooLarge(ValueError):
+    """An event over MAX_EVENT_BYTES: no bus takes it, so nothing of its batch is sent."""
+
+
 @dataclass(frozen=True, slots=True)
 class OutgoingEvent:
     key: str  # partition key: the member id, so one member's events stay in order
@@ -57,6 +69,24 @@ class OutgoingEvent:
     schema: str = f"pointmesh.v1/{SCHEMA_MAJOR}"
     # Extra headers (the dead-letter topic records why a message landed there).
     headers: tuple[tuple[str, str], ...] = ()
+
+
+def event_bytes(event: OutgoingEvent) -> int:
+    """The event's size as the limit counts it: every field and header, as sent."""
+    texts = (event.key, event.event_id, event.event_type, event.schema, *(t for h in event.headers for t in h))
+    return len(event.payload) + sum(len(t.encode(errors="replace")) for t in texts)
+
+
+def refuse_oversize(topic: str, events: Sequence[OutgoingEvent]) -> None:
+    """Raises EventTooLarge, naming the first event over MAX_EVENT_BYTES, before anything is sent."""
+    for event in events:
+        size = event_bytes(event)
+        if size > MAX_EVENT_BYTES:
+            raise EventTooLarge(
+                f"event {event.event_id or '(no id)'} ({event.event_type or 'no type'}, key {event.key[:40]!r}) "
+                f"is {size} bytes, over the {MAX_EVENT_BYTES} an event on {topic} may be; none of its batch "
+                f"of {len(events)} was sent"
+            )
 
 
 # A major version of more digits (leading zeros aside) is no version any consumer knows, and
@@ -219,7 +249,9 @@ class RedisStreamBus:
     async def publish(self, topic: str, events: Sequence[OutgoingEvent]) -> None:
         """Appends events in order in one round trip; on a publisher's first batch to a topic
         and every `trim_every` events after, trims what nobody needs (a failed trim is logged:
-        the events are published all the same)."""
+        the events are published all the same). EventTooLarge, with nothing appended, for a
+        batch with an event over MAX_EVENT_BYTES."""
+        refuse_oversize(topic, events)
         async with self.redis.pipeline(transaction=False) as pipe:
             for ev in events:
                 fields: dict[Any, Any] = {"key": ev.key, "event_id": ev.event_id, "type": ev.event_type,

@@ -27,10 +27,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError, TopicAlreadyExistsError, for_code
 from aiokafka.structs import OffsetAndMetadata
 
-from pointmesh.events import BusMessage, OutgoingEvent
+from pointmesh.events import BusMessage, OutgoingEvent, refuse_oversize
 
 log = logging.getLogger(__name__)
 _STANDARD = {"event_id", "type", "schema"}
+# Said here, not left to aiokafka's default: MAX_EVENT_BYTES (events.py) must stay under it with
+# room for a record's framing, or an event that passed the check could be refused mid-batch.
+_MAX_REQUEST_BYTES = 1_048_576
 
 
 def _text(value: bytes | None) -> str:
@@ -74,7 +77,7 @@ class KafkaBus:
             if self._producer is None:
                 producer = AIOKafkaProducer(
                     bootstrap_servers=self.bootstrap, client_id=self.client_id, enable_idempotence=True, acks="all",
-                    linger_ms=2, request_timeout_ms=10_000,
+                    linger_ms=2, request_timeout_ms=10_000, max_request_size=_MAX_REQUEST_BYTES,
                 )  # fmt: skip
                 await producer.start()
                 self._producer = producer
@@ -84,10 +87,13 @@ class KafkaBus:
         """Sends in order and returns once the broker acknowledged every event (acks=all).
 
         The idempotent producer keeps its own retries from duplicating or reordering; a
-        failure raises, and the caller (the outbox relay) sends the batch again later.
+        failure raises, and the caller (the outbox relay) sends the batch again later. A batch
+        with an event over MAX_EVENT_BYTES is refused whole (EventTooLarge) before anything is
+        sent: the producer would refuse only that record, after queueing the ones before it.
         """
         if not events:
             return
+        refuse_oversize(topic, events)
         producer = await self._started_producer()
         try:
             futures = [
@@ -147,11 +153,14 @@ class KafkaBus:
         return KafkaGroupConsumer(self, topic, group, consumer)
 
     async def rewind(self, topic: str, group: str, when: datetime) -> None:
+        """The group's next message per partition is the first stamped at or after `when`. A time
+        before 1970 is the start, as on Redis (Kafka refuses a negative timestamp)."""
+        since_ms = max(0, int(when.timestamp() * 1000))
         consumer = await self._assigned_consumer(group)
         try:
             partitions = await _partitions(consumer, topic)
             consumer.assign(partitions)
-            found = await consumer.offsets_for_times({tp: int(when.timestamp() * 1000) for tp in partitions})
+            found = await consumer.offsets_for_times({tp: since_ms for tp in partitions})
             ends = await consumer.end_offsets(partitions)
             offsets = {tp: OffsetAndMetadata(found[tp].offset if found[tp] else ends[tp], "") for tp in partitions}
             await consumer.commit(offsets)

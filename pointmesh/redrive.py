@@ -28,6 +28,9 @@ class Redriven:
     sent: int = 0
     # Dead letters of other groups, passed over (each group's redrive has its own position).
     other_groups: int = 0
+    # The run stopped at a dead letter of the group's it must not send yet (one that failed
+    # again during the run, or came after it started): those are for the next run.
+    more_left: bool = False
     reasons: Counter[str] = field(default_factory=Counter)
 
 
@@ -41,15 +44,27 @@ def _sent_back(message: BusMessage) -> OutgoingEvent:
                          headers=(*kept, ("redriven_from", message.position)))  # fmt: skip
 
 
+def _mine(message: BusMessage, group: str) -> bool:
+    return header(message, "dlq_group") == group
+
+
+def _sent_again(message: BusMessage, group: str, sent_ids: set[str]) -> bool:
+    """One of the group's this run sent back already: it failed again. An empty event id is no
+    id (a message without one matches nothing), and other groups' copies are theirs."""
+    return bool(message.event_id) and message.event_id in sent_ids and _mine(message, group)
+
+
 async def redrive(
     bus: EventBus, topic: str, group: str, *, limit: int | None = None, idle_seconds: float = 5.0
 ) -> Redriven:
     """Sends `group`'s dead letters from `<topic>.dlq` back on `topic`, at most `limit`.
 
     It goes through what was dead-lettered before the run started and stops at the first
-    message stamped after that, or carrying an event id this run already sent back (one that
-    failed again, its cause not fixed yet): those stay uncommitted for the next run, instead of
-    going round in a loop. It also stops once the topic has been quiet for `idle_seconds` (a
+    message stamped after that, or at one of the group's carrying an event id this run already
+    sent back (one that failed again, its cause not fixed yet): those stay uncommitted for the
+    next run, instead of going round in a loop (`more_left` says so). Other groups' copies of
+    an event, and messages with no event id (a foreign producer's), never stop it: they are not
+    this group's repeats. It also stops once the topic has been quiet for `idle_seconds` (a
     Kafka group needs a few seconds to be given its partitions, so an empty first poll does
     not mean nothing is left). A batch is committed only after its messages were published, so
     a crash resends some (harmless: consumers dedupe by event id) and never drops one."""
@@ -67,10 +82,10 @@ async def redrive(
                     break
                 continue
             quiet_since = time.monotonic()
-            cut = next((i for i, m in enumerate(batch) if m.timestamp_ms > started_ms or m.event_id in sent_ids),
+            cut = next((i for i, m in enumerate(batch) if m.timestamp_ms > started_ms or _sent_again(m, group, sent_ids)),
                        len(batch))  # fmt: skip
             taken = batch[:cut]
-            mine = [m for m in taken if header(m, "dlq_group") == group]
+            mine = [m for m in taken if _mine(m, group)]
             if mine:
                 await bus.publish(topic, [_sent_back(m) for m in mine])
             if taken:
@@ -78,8 +93,9 @@ async def redrive(
             done.sent += len(mine)
             done.other_groups += len(taken) - len(mine)
             done.reasons.update(header(m, "dlq_reason") for m in mine)
-            sent_ids.update(m.event_id for m in mine)
+            sent_ids.update(m.event_id for m in mine if m.event_id)
             if cut < len(batch):
+                done.more_left = True
                 break
     finally:
         await reader.close()

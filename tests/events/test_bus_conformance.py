@@ -206,6 +206,15 @@ async def test_rewinding_a_group_to_a_time_replays_from_there(bus: EventBus) -> 
     assert [m.event_id for m in replayed] == [f"m_r-{i}" for i in range(10, 25)]
 
 
+async def test_rewinding_a_group_to_a_time_before_1970_replays_everything(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic])
+    await bus.publish(topic, [event("m_o", i) for i in range(3)])
+    assert len(await drain(bus, topic, "g", "c1", 3)) == 3
+    await bus.rewind(topic, "g", datetime(1969, 12, 31, tzinfo=UTC))
+    assert [m.event_id for m in await drain(bus, topic, "g", "c1", 3)] == [f"m_o-{i}" for i in range(3)]
+
+
 async def test_rewinding_a_group_to_a_future_time_delivers_what_comes_next(bus: EventBus) -> None:
     """A mistyped `--from` in the future must not skip (and, on Redis, let the trim delete)
     the events that follow."""

@@ -119,3 +119,50 @@ async def test_a_dead_letter_that_fails_again_goes_back_once_per_run_not_round_i
         await refuser
     assert (await redrive(bus, topic, "g", idle_seconds=QUIET)).sent == 1  # the new dead letter, next run
     assert handled == ["m_a-1"]
+
+
+async def test_another_groups_copies_of_the_same_events_do_not_stop_a_groups_redrive(bus: EventBus) -> None:
+    """Every group of a topic dead-letters an event of a schema none knows: the same event ids
+    from two groups, more than one poll's worth, are not the run's own repeats."""
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    names = [f"m_{i}" for i in range(120)]
+    await _dead_lettered(bus, topic, "g-rules", names, "schema major version 2 is unknown here")
+    await _dead_lettered(bus, topic, "g-gateway", names, "schema major version 2 is unknown here")
+    await _dead_lettered(bus, topic, "g-rules", ["m_late"], "failed 5 times: ValueError: x")
+
+    done = await redrive(bus, topic, "g-rules", idle_seconds=QUIET)
+
+    assert (done.sent, done.other_groups) == (121, 120)
+    assert not done.more_left
+
+
+async def test_dead_letters_without_an_event_id_all_go_back_in_one_run(bus: EventBus) -> None:
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    for n in range(150):  # a foreign producer's entries, with no readable schema and no event id
+        await dead_letter(bus, topic, "g", BusMessage(f"pos-{n}", "m_a", "", "", b"x", ""), "no readable schema header")
+
+    done = await redrive(bus, topic, "g", idle_seconds=QUIET)
+
+    assert done.sent == 150
+    assert not done.more_left
+
+
+async def test_the_cli_says_when_a_limit_left_dead_letters_for_another_run(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    made = RedisStreamBus(Redis.from_url(server.url), owns_client=True)
+    try:
+        await _dead_lettered(made, INGEST_PURCHASES, "ledger-ingest", ["m_1", "m_2"], "member_id: m_1 is BLOCKED")
+        env = {"POINTMESH_EVENT_BUS": "redis", "POINTMESH_REDIS_URL": server.url}
+        done = await asyncio.to_thread(pointmesh_cli, "events", "redrive", "--group", "ledger-ingest",
+                                       "--topic", INGEST_PURCHASES, "--limit", "1", env=env)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"ledger-ingest: 1 dead letters sent back on {INGEST_PURCHASES}; stopped at --limit 1" in done.stdout
+        rest = await asyncio.to_thread(pointmesh_cli, "events", "redrive", "--group", "ledger-ingest",
+                                       "--topic", INGEST_PURCHASES, env=env)  # fmt: skip
+        assert f"ledger-ingest: 1 dead letters sent back on {INGEST_PURCHASES}\n" in rest.stdout
+    finally:
+        await made.close()
+        server.stop()

@@ -1,12 +1,14 @@
 """The ingest topic's consumer when the batch path itself fails: purchases that break it the
 same way every time are found and dead-lettered once each, the rest of the topic keeps flowing,
-and a failure every purchase shares dead-letters nothing."""
+and a failure every purchase shares, once some went through alone, dead-letters nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,10 @@ import pytest
 from redis.asyncio import Redis
 
 from ledger_svc import commands as c
-from ledger_svc.ingest_worker import IngestWorker
+from ledger_svc.ingest_worker import GROUP, IngestWorker
 from ledger_svc.store.sqlite import SqliteLedgerStore
+from pointmesh import consumers
+from pointmesh.consumers import MAX_DETERMINISTIC_ATTEMPTS
 from pointmesh.events import INGEST_PURCHASES, OutgoingEvent, RedisStreamBus, dead_letter_topic
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import ledger_pb2
@@ -55,10 +59,7 @@ async def ingesting(mesh: Mesh, tmp_path: Path, feed: list[ledger_pb2.RecordPurc
     server = RedisServer(free_port(), tmp_path / "redis")
     server.start()
     bus = RedisStreamBus(Redis.from_url(server.url), owns_client=True)
-    await bus.publish(INGEST_PURCHASES, [
-        OutgoingEvent(r.member_id, f"{r.channel}/{r.store_id}/{r.receipt_id}", "record_purchase", r.SerializeToString())
-        for r in feed
-    ])  # fmt: skip
+    await bus.publish(INGEST_PURCHASES, [purchase_event(r) for r in feed])
     worker = IngestWorker(mesh.ledger.app.service, bus, "c1", batch=20)
     running = asyncio.create_task(worker.run())
     try:
@@ -100,16 +101,107 @@ async def test_purchases_that_break_the_batch_path_are_dead_lettered_once_and_th
     assert [await points(mesh, m) > 0 for m in members] == [True, False, False, True]
 
 
-async def test_a_failure_every_purchase_shares_dead_letters_nothing(
+async def test_a_shared_step_that_breaks_after_purchases_went_through_alone_dead_letters_nothing(
     mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sqlite_only(mesh)
-    calls = inject_bug(mesh, monkeypatch, lambda receipts: True)  # say, a shared step that always fails
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    seen = itertools.count(1)
+    # Round one: the batch and R-BUG alone fail, R-0 and R-1 go through alone. From the fifth
+    # call on every call fails, say a step they all share broke.
+    calls = inject_bug(mesh, monkeypatch, lambda receipts: bool(receipts) and (next(seen) > 4 or "R-BUG" in receipts))
     members = [await new_member(mesh) for _ in range(3)]
-    feed = [purchase_request(m, [("misc", 2_000, 1)], at=mesh.clock.now(), receipt=f"R-{i}")
-            for i, m in enumerate(members)]  # fmt: skip
+    feed = [purchase_request(m, [("misc", 2_000, 1)], at=mesh.clock.now(), receipt=receipt)
+            for m, receipt in zip(members, ("R-0", "R-1", "R-BUG"), strict=True)]  # fmt: skip
     async with ingesting(mesh, tmp_path, feed) as redis:
-        await until(lambda: len(calls) >= 6 * (1 + len(feed)), 60)  # six rounds: the batch, then each alone
+        await until(lambda: len(calls) >= 4 + 8 * (1 + len(feed)), 60)  # eight rounds more
         dead = await redis.xlen(dead_letter_topic(INGEST_PURCHASES))
 
     assert dead == 0
+
+
+async def test_purchases_that_break_the_batch_path_read_alone_are_dead_lettered_and_the_topic_moves_on(
+    mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Redis a reopened consumer reads its own pending purchases first: two bad ones read
+    together, with nothing that ever went through alone, came back for ever and stopped the topic."""
+    sqlite_only(mesh)
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    calls = inject_bug(mesh, monkeypatch, lambda receipts: bool(receipts & {"R-BUG", "R-BUG2"}))
+    members = [await new_member(mesh) for _ in range(3)]
+    bad = [purchase_request(member, [("misc", 2_000, 1)], at=mesh.clock.now(), receipt=receipt)
+           for member, receipt in ((members[0], "R-BUG"), (members[1], "R-BUG2"))]  # fmt: skip
+    good = purchase_request(members[2], [("misc", 2_000, 1)], at=mesh.clock.now(), receipt="R-GOOD")
+    dlq = dead_letter_topic(INGEST_PURCHASES)
+    async with ingesting(mesh, tmp_path, bad) as redis:
+        await until(lambda: len(calls) >= 3, 30)  # the pair failed together, then each alone
+        await RedisStreamBus(redis).publish(INGEST_PURCHASES, [purchase_event(good)])
+
+        async def settled() -> bool:
+            return await redis.xlen(dlq) >= 2 and await points(mesh, members[2]) > 0
+
+        await until(settled, 60)
+        dead = await redis.xrange(dlq)
+
+    reasons = {fields[b"event_id"].decode(): fields[b"dlq_reason"].decode() for _, fields in dead}
+    assert reasons == {
+        "pos/HEL-01/R-BUG": "failed 5 times: ValueError: a bug in the batch path",
+        "pos/HEL-01/R-BUG2": "failed 5 times: ValueError: a bug in the batch path",
+    }
+    assert len(dead) == 2
+
+
+async def test_a_purchase_read_again_after_its_batch_went_through_has_all_its_attempts_again(
+    mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failures counted in rounds before its batch went through are forgotten then (kept, they
+    grew with every batch that once failed, and a replay gave the purchase fewer attempts)."""
+    sqlite_only(mesh)
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    failures_left = [4]  # two rounds: the batch, then the purchase alone
+
+    def trips(receipts: set[str]) -> bool:
+        if not receipts:  # an empty poll
+            return False
+        failures_left[0] -= 1
+        return failures_left[0] >= 0
+
+    calls = inject_bug(mesh, monkeypatch, trips)
+    member = await new_member(mesh)
+    feed = [purchase_request(member, [("misc", 2_000, 1)], at=mesh.clock.now(), receipt="R-A")]
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    bus = RedisStreamBus(Redis.from_url(server.url), owns_client=True)
+    worker = IngestWorker(mesh.ledger.app.service, bus, "c1", batch=20)
+    try:
+        await bus.publish(INGEST_PURCHASES, [purchase_event(r) for r in feed])
+        async with consuming(worker):
+            await until(lambda: points(mesh, member), 30)  # the third round went through
+        failures_left[0] = 1_000_000  # now it fails every time
+        replayed_from = len([n for n in calls if n])
+        await bus.rewind(INGEST_PURCHASES, GROUP, datetime(1970, 1, 1, tzinfo=UTC))
+        async with consuming(worker):
+            await until(lambda: bus.redis.xlen(dead_letter_topic(INGEST_PURCHASES)), 30)
+    finally:
+        await bus.close()
+        server.stop()
+
+    assert (
+        len([n for n in calls if n]) - replayed_from == 2 * MAX_DETERMINISTIC_ATTEMPTS
+    )  # each round: the batch, then alone
+
+
+@asynccontextmanager
+async def consuming(worker: IngestWorker) -> AsyncIterator[None]:
+    worker.stop.clear()
+    running = asyncio.create_task(worker.run())
+    try:
+        yield
+    finally:
+        worker.stop.set()
+        await running
+
+
+def purchase_event(r: ledger_pb2.RecordPurchaseRequest) -> OutgoingEvent:
+    return OutgoingEvent(r.member_id, f"{r.channel}/{r.store_id}/{r.receipt_id}", "record_purchase",
+                         r.SerializeToString())  # fmt: skip
