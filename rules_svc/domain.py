@@ -31,6 +31,12 @@ class FailedPrecondition(RulesError):
     pass
 
 
+class VersionUnreadable(RulesError):
+    """A stored version this build cannot validate, most likely published by a newer release
+    during a rolling upgrade. Not the basket's fault: the caller should try again later (or
+    another replica), never refuse the purchase for good, so this is no FailedPrecondition."""
+
+
 class Conflict(RulesError):
     """An idempotency key reused with another payload."""
 

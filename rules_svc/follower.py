@@ -9,7 +9,8 @@ purchases would be counted by whichever pod's consumer got them. A follower
 
 * copies the leader's versions into its own store (ListVersions, then GetProgram for the ones
   it lacks) at start and on every reload, and evaluates, simulates, quotes and lists from that
-  copy, so the hot path never waits on the leader and keeps working while it is away;
+  copy, so the hot path never waits on the leader and keeps working while it is away; a version
+  it cannot compile (a newer leader's, mid-rollout) is not copied, and the ones held keep serving;
 * forwards what writes or reads the single state (PublishProgram and the gamification calls)
   to the leader with the caller's deadline and metadata, and relays the leader's status and
   error details unchanged; after a publish it copies at once, so the caller's next Evaluate on
@@ -29,9 +30,11 @@ from google.protobuf.message import Message
 
 from pointmesh.timestamps import from_timestamp
 from pointmesh.v1 import rules_pb2, rules_pb2_grpc
+from rules_svc.domain import VersionUnreadable
+from rules_svc.engine import CompiledProgram
 from rules_svc.game_service import GameService
 from rules_svc.server import RulesServicer
-from rules_svc.service import RulesService
+from rules_svc.service import RulesService, compile_stored
 from rules_svc.versions import VersionInfo, VersionStore
 
 log = logging.getLogger(__name__)
@@ -45,10 +48,15 @@ class LeaderMirror:
         self.leader = leader
         self.store = store
         self.service = service
+        self._skipped: set[tuple[str, int]] = set()  # versions left out, logged once each
 
     async def pull(self) -> int:
         """Copies every version this store lacks, then re-reads the index; returns how many.
-        ValueError if a version here differs from the leader's under the same number."""
+        ValueError if a version here differs from the leader's under the same number.
+
+        A version is compiled before it is stored: one this build cannot read (a newer leader's,
+        mid-rollout) or the leader cannot send is left out and asked for again on the next pull,
+        so the versions held keep serving instead of every basket under it failing here."""
         listing = await self.leader.ListVersions(rules_pb2.ListVersionsRequest())
         held = {(i.program, i.version): i.sha256 for i in await asyncio.to_thread(self.store.versions)}
         copied = 0
@@ -59,14 +67,35 @@ class LeaderMirror:
             if sha is not None:
                 raise ValueError(f"{pb.program} v{pb.version} here has sha256 {sha}, the leader's {pb.sha256}; "
                                  "this instance's rules directory has history of its own: empty it")  # fmt: skip
-            found = await self.leader.GetProgram(rules_pb2.GetProgramRequest(program=pb.program, version=pb.version))
+            compiled = await self._fetch(pb)
+            if compiled is None:
+                continue
             info = VersionInfo(pb.program, pb.version, from_timestamp(pb.published_at),
                                from_timestamp(pb.effective_from), pb.published_by, pb.sha256)  # fmt: skip
-            copied += await asyncio.to_thread(self.store.copy, info, found.document_json)
+            copied += await asyncio.to_thread(self.store.copy, info, compiled[1])
+            self.service.adopt(compiled[0])
         await self.service.refresh()
         if copied:
             log.info("copied %d program version(s) from the leader", copied)
         return copied
+
+    async def _fetch(self, pb: rules_pb2.ProgramVersion) -> tuple[CompiledProgram, str] | None:
+        """One leader version, compiled, with its document; None (logged once) if the leader
+        cannot send it (RESOURCE_EXHAUSTED: over the message limit) or this build cannot read it."""
+        request = rules_pb2.GetProgramRequest(program=pb.program, version=pb.version)
+        try:
+            found = await self.leader.GetProgram(request)
+            return compile_stored(pb.program, pb.version, found.document_json), found.document_json
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            why = f"the leader cannot send it: {exc.code().name} {exc.details()}"
+        except VersionUnreadable as exc:
+            why = exc.message
+        if (pb.program, pb.version) not in self._skipped:
+            self._skipped.add((pb.program, pb.version))
+            log.error("not copying %s v%d, serving the versions held before: %s", pb.program, pb.version, why)
+        return None
 
     async def pull_until_ready(self, retry_seconds: float = 2.0) -> None:
         """At start: a follower with no copy yet has nothing to evaluate with, so it waits for

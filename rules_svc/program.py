@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from pointmesh.currencies import is_known
-from pointmesh.strict_files import DuplicateKey, load_strict
+from pointmesh.strict_files import AmbiguousNumber, DuplicateKey, load_strict
 
 # \A..\Z, not ^..$: `$` also matches before a trailing newline, so "pos\n" would pass.
 NAME_RE = re.compile(r"\A[A-Za-z0-9_.:\-]{1,64}\Z")
@@ -128,12 +128,28 @@ def _timezone(value: Any, info: ValidationInfo) -> str:
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+# Free text is shown to people, and every YAML alias of it is stored again: a 900 kB name used
+# twenty times made an 18 MB version. Refused at publish; a stored version keeps its text.
+MAX_LABEL_CHARS = 200
+MAX_DESCRIPTION_CHARS = 10_000
+
+
 def _label(value: Any, info: ValidationInfo) -> str:
     """A one-line name people read (a store's, a rule's, a tier's): `name: |` in YAML adds a line
     break no app shows. Refused at publish; a stored version keeps the text it was served with."""
     text = _text(value)
+    if not _stored(info) and len(text) > MAX_LABEL_CHARS:
+        raise ValueError(f"is {len(text)} characters long; a name may have at most {MAX_LABEL_CHARS}")
     if not _stored(info) and _CONTROL_RE.search(text):
         raise ValueError(f"{text!r} holds a line break or other control character; write it on one line")
+    return text
+
+
+def _description(value: Any, info: ValidationInfo) -> str:
+    """The program's description, which may span lines but not books (see MAX_DESCRIPTION_CHARS)."""
+    text = _text(value)
+    if not _stored(info) and len(text) > MAX_DESCRIPTION_CHARS:
+        raise ValueError(f"is {len(text)} characters long; a description may have at most {MAX_DESCRIPTION_CHARS}")
     return text
 
 
@@ -159,7 +175,7 @@ TimeOfDay = Annotated[str, BeforeValidator(_hhmm)]
 TimeZoneName = Annotated[str, BeforeValidator(_timezone)]
 Label = Annotated[str, BeforeValidator(_label)]
 AttributeValue = Annotated[str, BeforeValidator(_attribute_value)]
-Text = Annotated[str, BeforeValidator(_text)]
+Description = Annotated[str, BeforeValidator(_description)]
 
 
 def _not_bool(value: object) -> object:
@@ -532,7 +548,7 @@ class Gamification(_Strict):
 
 class Program(_Strict):
     program: Name
-    description: Text = ""
+    description: Description = ""
     default_timezone: TimeZoneName
     units: list[Name] = ["points"]
     channels: list[Name]
@@ -585,6 +601,15 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
     errors += _duplicates("groups", [g.id for g in p.groups])
     errors += _duplicates("base_rates", [f"{b.currency}/{b.unit}" for b in p.base_rates])
     fx_currencies = {r.currency for r in p.fx.rates} if p.fx else set()
+
+    def convertible(currency: str) -> bool:
+        """Whether a basket total can be compared with an amount in `currency` (see FX)."""
+        return (
+            currency == (p.fx.base_currency if p.fx else None)
+            or currency in fx_currencies
+            or any(b.currency == currency for b in p.base_rates)
+        )
+
     for i, rate in enumerate(p.base_rates):
         if rate.unit not in units:
             errors.append((f"base_rates[{i}].unit", f"{rate.unit!r} is not one of units {sorted(units)}"))
@@ -613,11 +638,7 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
             ("basket_total_at_least", w.basket_total_at_least),
             ("line_amount_at_least", w.line_amount_at_least),
         ):
-            if money is not None and not (
-                money.currency == (p.fx.base_currency if p.fx else None)
-                or money.currency in fx_currencies
-                or any(b.currency == money.currency for b in p.base_rates)
-            ):
+            if money is not None and not convertible(money.currency):
                 errors.append(
                     (f"{at}.when.{field}.currency", f"{money.currency} has neither a base rate nor an FX rate")
                 )
@@ -685,6 +706,11 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
             for k, item in enumerate(listed):
                 if item not in known:
                     errors.append((f"{at}.match.{field}[{k}]", f"{item!r} is not declared in the program"))
+        # Publish only: a stored version with such an item keeps loading (it never completes, as before).
+        if publishing and match.min_total is not None and not convertible(match.min_total.currency):
+            errors.append(
+                (f"{at}.match.min_total.currency", f"{match.min_total.currency} has neither a base rate nor an FX rate")
+            )
     return errors
 
 
@@ -697,6 +723,10 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
 # stopping at the first level too deep, as its scanner slows with every open flow level).
 MAX_DOCUMENT_BYTES = 1_000_000
 MAX_YAML_ALIASES = 64
+# The validated program as stored and sent (GetProgram, a follower's copy): aliases and defaults
+# filled in make it larger than its source, and a version over the 16 MB gRPC message limit
+# could never reach a follower. Checked at publish (rules_svc/service.py), well under the limit.
+MAX_STORED_JSON_BYTES = 4_000_000
 MAX_NESTING = 32
 _JSON_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
@@ -746,6 +776,8 @@ def parse_document(text: str, *, fmt: str = "yaml") -> dict[str, Any]:
     except DuplicateKey as exc:
         where = "" if exc.line is None else f" at line {exc.line} column {exc.column}"
         raise ProgramInvalid([("", f"not valid {'JSON' if fmt == 'json' else 'YAML'}{where}: {exc.problem}")]) from None
+    except AmbiguousNumber as exc:  # `per_minor: 0100` is octal 64 to YAML: refused where it is written
+        raise ProgramInvalid(exc.found) from None
     except RecursionError:  # the checks above keep documents far from this; a last line of defence
         raise _too_deep() from None
     except json.JSONDecodeError as exc:

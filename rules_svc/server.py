@@ -25,6 +25,7 @@ ERROR_CODES: tuple[tuple[type[d.RulesError], grpc.StatusCode, str], ...] = (
     (d.NotFound, grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
     (d.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
     (d.Conflict, grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_CONFLICT"),
+    (d.VersionUnreadable, grpc.StatusCode.UNAVAILABLE, "VERSION_UNREADABLE"),
 )
 
 

@@ -28,9 +28,10 @@ from rules_svc.domain import (
     NotFound,
     ProgramRejected,
     RulesError,
+    VersionUnreadable,
 )
 from rules_svc.engine import CompiledProgram
-from rules_svc.program import ProgramInvalid, load_program, validate_program
+from rules_svc.program import MAX_STORED_JSON_BYTES, ProgramInvalid, load_program, validate_program
 from rules_svc.redemption import RedemptionQuote, quote_redemption
 from rules_svc.versions import PublishKey, VersionInfo, VersionStore
 
@@ -49,7 +50,28 @@ def _parse(document: str, fmt: str) -> tuple[CompiledProgram, str, str]:
     except ProgramInvalid as exc:
         raise ProgramRejected(exc.errors) from None
     canonical = json.dumps(program.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    size = len(canonical.encode())
+    if size > MAX_STORED_JSON_BYTES:
+        # YAML aliases and filled-in defaults make the stored JSON far larger than the source: a
+        # version over the gRPC message limit could never be sent to a follower (GetProgram).
+        raise ProgramRejected([(
+            "",
+            f"validated, the program is {size} bytes of JSON, over the {MAX_STORED_JSON_BYTES} bytes a "
+            "version may hold (YAML aliases and defaults count once per use); make it smaller",
+        )])  # fmt: skip
     return CompiledProgram(program, 0), canonical, hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def compile_stored(program: str, version: int, document_json: str) -> CompiledProgram:
+    """A stored version's document, compiled as it is served; VersionUnreadable if this build
+    cannot read it (a follower checks each version it copies with this before serving it)."""
+    try:
+        return CompiledProgram(validate_program(json.loads(document_json), stored=True), version)
+    except (ProgramInvalid, ValueError, TypeError) as exc:
+        raise VersionUnreadable(
+            f"program {program} v{version} cannot be read by this rules_svc ({exc}); it was likely "
+            "published by a newer release: retry once this replica runs it"
+        ) from None
 
 
 class RulesService:
@@ -115,8 +137,11 @@ class RulesService:
             raise NotFound(f"program {program!r} has no published version", field="program")
         return sorted(found, key=lambda i: i.version)
 
-    def version_info(self, program: str, version: int, at: datetime) -> VersionInfo:
-        """The named version, or (version 0) the one in effect at `at`."""
+    def version_info(
+        self, program: str, version: int, at: datetime, *, at_field: str = "basket.receipt_time"
+    ) -> VersionInfo:
+        """The named version, or (version 0) the one in effect at `at`; `at_field` is the request
+        field `at` came from, blamed when no version was in effect then."""
         infos = self.list_versions(program)
         if version < 0:
             raise BadRequest(f"must be 0 (in effect) or a version number, got {version}", field="version")
@@ -131,35 +156,36 @@ class RulesService:
             raise FailedPrecondition(
                 f"no version of program {program} was in effect at {at.isoformat()}; the first starts "
                 f"{in_order[0].effective_from.isoformat()}",
-                field="basket.receipt_time",
+                field=at_field,
             )
         return in_order[pos - 1]
 
     async def document(self, program: str, version: int) -> tuple[VersionInfo, str]:
-        info = self.version_info(program, version, self.clock.now())
+        info = self.version_info(program, version, self.clock.now(), at_field="version")
         text = await asyncio.to_thread(self.versions.document, info.program, info.version)
         if text is None:
             raise NotFound(f"program {program} v{info.version} has no stored document", field="version")
         return info, text
 
-    def compiled(self, program: str, version: int, at: datetime) -> CompiledProgram:
-        info = self.version_info(program, version, at)
+    def compiled(
+        self, program: str, version: int, at: datetime, *, at_field: str = "basket.receipt_time"
+    ) -> CompiledProgram:
+        """VersionUnreadable for a stored version this build cannot validate: versions published
+        under older, looser checks validate (`stored=True`), so it is one from a newer release."""
+        info = self.version_info(program, version, at, at_field=at_field)
         key = (info.program, info.version)
         found = self._compiled.get(key)
         if found is None:
             text = self.versions.document(info.program, info.version)
             if text is None:
                 raise NotFound(f"program {program} v{info.version} has no stored document", field="version")
-            try:
-                found = CompiledProgram(validate_program(json.loads(text), stored=True), info.version)
-            except ProgramInvalid as exc:
-                # A version published under older, looser validation: report it, do not crash.
-                raise FailedPrecondition(
-                    f"program {program} v{info.version} no longer validates: {exc}; publish a corrected version",
-                    field="version",
-                ) from None
+            found = compile_stored(info.program, info.version, text)
             self._compiled[key] = found
         return found
+
+    def adopt(self, compiled: CompiledProgram) -> None:
+        """Keeps a version compiled elsewhere (a follower's check of a copy) for serving."""
+        self._compiled[(compiled.program.program, compiled.version)] = compiled
 
     def evaluate(self, program: str, version: int, basket: Basket, member: MemberContext) -> Evaluation:
         return self.compiled(program, version, basket.receipt_time).evaluate(basket, member)
@@ -172,7 +198,7 @@ class RulesService:
     def quote_redemption(
         self, program: str, at: datetime, currency: str, total_minor: int, available: int, wanted: int
     ) -> tuple[int, RedemptionQuote]:
-        compiled = self.compiled(program, 0, at)
+        compiled = self.compiled(program, 0, at, at_field="at")
         return compiled.version, quote_redemption(compiled.program, currency, total_minor, available, wanted)
 
     def tier_status(self, program: str, qualification: Mapping[str, int], at: datetime) -> tuple[int, TierStanding]:
@@ -185,12 +211,7 @@ class RulesService:
                 raise BadRequest(f"{credits} is beyond {MAX_POINTS} in size", field=f"qualification[{month!r}]")
         if at.year > LAST_YEAR:
             raise BadRequest(f"must be before the year {LAST_YEAR + 1}", field="at")
-        try:
-            compiled = self.compiled(program, 0, at)
-        except FailedPrecondition as exc:  # no version in effect then: the instant asked about is at fault
-            raise FailedPrecondition(
-                exc.message, field="at" if exc.field == "basket.receipt_time" else exc.field
-            ) from None
+        compiled = self.compiled(program, 0, at, at_field="at")
         policy = compiled.tier_policy
         if policy is None:
             raise FailedPrecondition(f"program {program} v{compiled.version} has no tiers", field="program")

@@ -12,7 +12,7 @@ import pytest
 from fraud_svc.app import build
 from pointmesh.config import ConfigError, load_settings
 from pointmesh.redis_server import RedisServer
-from pointmesh.strict_files import DuplicateKey, load_strict
+from pointmesh.strict_files import AmbiguousNumber, DuplicateKey, load_strict
 
 DECISION_TWICE = """\
 blocked_devices: [dev-stolen-7]
@@ -72,3 +72,27 @@ def test_the_shared_loader_names_the_key_and_where_it_repeats() -> None:
     with pytest.raises(DuplicateKey, match="key 'c' appears twice in one object"):
         load_strict('{"a": {"c": 1, "c": 2}}', fmt="json")
     assert load_strict("base: &b {x: 1}\nown:\n  <<: *b\n  x: 2\n") == {"base": {"x": 1}, "own": {"x": 2}}
+
+
+async def test_a_number_yaml_reads_as_octal_stops_the_start_naming_the_file_and_the_field(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """YAML 1.1 reads `limit: 010` as 8: a velocity rule would have fired two purchases early."""
+    path = tmp_path / "decision.yaml"
+    path.write_text("rules:\n- {name: many-returns, feature: member_returns_7d, limit: 010}\n")
+    settings = load_settings(
+        {}, redis_url=redis_server.url, models_dir=str(tmp_path / "models"), fraud_decision_file=str(path)
+    )
+    with pytest.raises(ConfigError) as refused:
+        await build(settings)
+    message = str(refused.value)
+    assert message.startswith(f"fraud decision file {path}: ")
+    assert "rules[0].limit: 010 is read by YAML as the octal number 8, not 10" in message, message
+
+
+def test_the_shared_loader_refuses_numbers_yaml_reads_otherwise_than_written() -> None:
+    for text, path in (("a: 0100", "a"), ("a: [1, {b: 1:40}]", "a[1].b"), ("x: 1_000", "x"), ("y: 0x10", "y")):
+        with pytest.raises(AmbiguousNumber) as misread:
+            load_strict(text)
+        assert misread.value.path == path
+    assert load_strict('ok: [0, 100, -3, "0100", 0.5]') == {"ok": [0, 100, -3, "0100", 0.5]}
