@@ -134,7 +134,7 @@ async def bench_grpc(
 _RAW_STATEMENTS = (
     "INSERT INTO transactions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "INSERT INTO entries (tx_id, account, points, kind, recorded_at, business_time, reference) VALUES (?,?,?,?,?,?,?)",
-    "INSERT INTO lots VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+    "INSERT INTO lots VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
     "INSERT INTO accounts VALUES (?,?,0,0,1) ON CONFLICT(account) DO UPDATE SET"
     " balance=balance+excluded.balance, version=version+1",
     "INSERT INTO idempotency VALUES (?,?,?,?,?,?)",
@@ -149,7 +149,7 @@ def _raw_rows(i: int) -> list[list[tuple[object, ...]]]:
     return [
         [(tx, "EARN", member_id, "points", 5, now, now, "", "program", 0, "", 0, 0, f"lot{i}", 0, "", "{}")],
         [(tx, "funding:program:points", -5, "EARN", now, now, ""), (tx, member, 5, "EARN", now, now, "")],
-        [(f"lot{i}", member_id, "points", tx, 5, 5, now + 10**13, now, 0, None, 0)],
+        [(f"lot{i}", member_id, "points", tx, 5, 5, now + 10**13, now, 0, None, 0, 0)],
         [(member, 5), ("funding:program:points", -5)],
         [("bench", tx, "Earn", "f" * 64, "{}", now)],
         [(f"ev{i}", member_id, "{}", now)],
