@@ -54,9 +54,11 @@ class LeaderMirror:
         """Copies every version this store lacks, then re-reads the index; returns how many.
         ValueError if a version here differs from the leader's under the same number.
 
-        A version is compiled before it is stored: one this build cannot read (a newer leader's,
-        mid-rollout) or the leader cannot send is left out and asked for again on the next pull,
-        so the versions held keep serving instead of every basket under it failing here."""
+        A version is compiled before it is stored and kept compiled for serving. One this build
+        cannot read (a newer leader's, mid-rollout) is stored as the leader has it and answers
+        UNAVAILABLE for the receipts in its window, as the leader does, so the replica a ledger
+        reaches never decides what a receipt earns. One the leader cannot send (over the message
+        limit) is left out and asked for again on the next pull; the ones after it still come."""
         listing = await self.leader.ListVersions(rules_pb2.ListVersionsRequest())
         held = {(i.program, i.version): i.sha256 for i in await asyncio.to_thread(self.store.versions)}
         copied = 0
@@ -67,35 +69,41 @@ class LeaderMirror:
             if sha is not None:
                 raise ValueError(f"{pb.program} v{pb.version} here has sha256 {sha}, the leader's {pb.sha256}; "
                                  "this instance's rules directory has history of its own: empty it")  # fmt: skip
-            compiled = await self._fetch(pb)
-            if compiled is None:
+            fetched = await self._fetch(pb)
+            if fetched is None:
                 continue
+            compiled, document = fetched
             info = VersionInfo(pb.program, pb.version, from_timestamp(pb.published_at),
                                from_timestamp(pb.effective_from), pb.published_by, pb.sha256)  # fmt: skip
-            copied += await asyncio.to_thread(self.store.copy, info, compiled[1])
-            self.service.adopt(compiled[0])
+            copied += await asyncio.to_thread(self.store.copy, info, document)
+            if compiled is not None:
+                self.service.adopt(compiled)
         await self.service.refresh()
         if copied:
             log.info("copied %d program version(s) from the leader", copied)
         return copied
 
-    async def _fetch(self, pb: rules_pb2.ProgramVersion) -> tuple[CompiledProgram, str] | None:
-        """One leader version, compiled, with its document; None (logged once) if the leader
-        cannot send it (RESOURCE_EXHAUSTED: over the message limit) or this build cannot read it."""
+    async def _fetch(self, pb: rules_pb2.ProgramVersion) -> tuple[CompiledProgram | None, str] | None:
+        """One leader version, compiled (None if this build cannot read it, logged), with its
+        document; None (logged once) if the leader cannot send it (RESOURCE_EXHAUSTED: over the
+        message limit)."""
         request = rules_pb2.GetProgramRequest(program=pb.program, version=pb.version)
         try:
             found = await self.leader.GetProgram(request)
-            return compile_stored(pb.program, pb.version, found.document_json), found.document_json
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
-            why = f"the leader cannot send it: {exc.code().name} {exc.details()}"
+            if (pb.program, pb.version) not in self._skipped:
+                self._skipped.add((pb.program, pb.version))
+                log.error("not copying %s v%d: the leader cannot send it: %s %s", pb.program, pb.version,
+                          exc.code().name, exc.details())  # fmt: skip
+            return None
+        try:
+            return compile_stored(pb.program, pb.version, found.document_json), found.document_json
         except VersionUnreadable as exc:
-            why = exc.message
-        if (pb.program, pb.version) not in self._skipped:
-            self._skipped.add((pb.program, pb.version))
-            log.error("not copying %s v%d, serving the versions held before: %s", pb.program, pb.version, why)
-        return None
+            log.error("copied %s v%d, which this release cannot read: its receipts wait (UNAVAILABLE): %s",
+                      pb.program, pb.version, exc.message)  # fmt: skip
+            return None, found.document_json
 
     async def pull_until_ready(self, retry_seconds: float = 2.0) -> None:
         """At start: a follower with no copy yet has nothing to evaluate with, so it waits for

@@ -21,7 +21,7 @@ from ledger_svc.purchases import MemberState
 from ledger_svc.rules_client import RulesEngineClient
 from pointmesh.v1 import rules_pb2
 from tests.conftest import RulesUnderTest, start_rules, stop_rules
-from tests.rules.test_rules_grpc import BLACK_FRIDAY, MONDAY, WEEKEND, basket, doc, publish, totals
+from tests.rules.test_rules_grpc import BLACK_FRIDAY, MONDAY, WEEKEND, basket, doc, publish
 from tests.waiting import until
 
 
@@ -70,9 +70,11 @@ async def test_a_stored_version_this_build_cannot_read_keeps_the_purchase_waitin
     assert outcome is None or isinstance(outcome, EngineUnavailable)
 
 
-async def test_a_follower_serves_its_last_readable_version_when_the_leader_has_one_it_cannot_read(
+async def test_a_follower_answers_like_its_leader_for_a_version_it_cannot_read_and_copies_the_ones_after(
     tmp_path: Path,
 ) -> None:
+    """Skipping the version would price its receipts under the one before on the follower
+    while the leader keeps them waiting: the replica the ledger reached would decide the points."""
     leader = await start_rules(tmp_path / "leader")
     follower = None
     try:
@@ -90,12 +92,13 @@ async def test_a_follower_serves_its_last_readable_version_when_the_leader_has_o
 
         await until(has_v3, 10)
         listed = await follower.stub.ListVersions(rules_pb2.ListVersionsRequest(program="shop"))
-        assert [v.version for v in listed.versions] == [1, 3]
+        assert [v.version for v in listed.versions] == [1, 2, 3]
         leader.clock.advance(timedelta(seconds=2))
         saturday = MONDAY + timedelta(days=5)
-        served = await follower.stub.Evaluate(rules_pb2.EvaluateRequest(program="shop", basket=basket(saturday, 1000)))
-        assert served.evaluation.version == 1
-        assert totals(served.evaluation) == {"points": 20}  # v1's weekend x2 still applies
+        for replica in (leader, follower):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await replica.stub.Evaluate(rules_pb2.EvaluateRequest(program="shop", basket=basket(saturday, 1000)))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "shop v2" in (caught.value.details() or "")
         later = await follower.stub.Evaluate(
             rules_pb2.EvaluateRequest(program="shop", basket=basket(saturday + timedelta(days=40), 1000))
         )
