@@ -109,11 +109,12 @@ async def test_a_block_retried_after_its_status_write_was_refused_blocks_the_mem
     cassandra_session: CassandraSession,
 ) -> None:
     """The status write was refused while the claim's result, sent beside it, landed: the
-    retry answered "done" and the member stayed ACTIVE (free to earn and redeem)."""
+    retry answered "done" and the member stayed ACTIVE (free to earn and redeem). The block's
+    conditional status write now goes before the claim's result."""
     store, service = _directory_service(cassandra_session)
     try:
         member = await service.create_member(c.CreateMember(IdemKey("", "signup-b"), (), {}))
-        WatchedSession.on(store).refuse_next = "member_status"
+        WatchedSession.on(store).refuse_next = "member_block"
         block = c.SetMemberBlocked(IdemKey("", "block-b"), member.member_id, True, "card stolen")
         with pytest.raises(Unavailable):
             await service.set_blocked(block)
