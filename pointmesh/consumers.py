@@ -16,12 +16,22 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 from prometheus_client import Gauge
 
-from pointmesh.events import SCHEMA_MAJOR, BusMessage, EventBus, GroupConsumer, OutgoingEvent, dead_letter_topic
+from pointmesh.events import (
+    MAX_EVENT_BYTES,
+    SCHEMA_MAJOR,
+    BusMessage,
+    EventBus,
+    GroupConsumer,
+    OutgoingEvent,
+    dead_letter_topic,
+    event_bytes,
+)
 
 log = logging.getLogger(__name__)
 LAG = Gauge("pointmesh_event_lag_seconds", "Age of the last event a consumer group finished, by topic and group.",
@@ -56,15 +66,27 @@ def check_schema(message: BusMessage) -> None:
         raise Poison(f"schema major version {major} is unknown here (this consumer reads {SCHEMA_MAJOR})")
 
 
+DLQ_REASON_CHARS = 2_000  # an exception's text can be as long as the message it failed on
+
+
 async def dead_letter(bus: EventBus, topic: str, group: str, message: BusMessage, reason: str) -> None:
+    """Publishes the message's copy to the group's dead-letter topic. A copy that would not fit
+    the bus (a foreign producer's message over MAX_EVENT_BYTES: Redis has no cap of its own) goes
+    without its payload, its size said in `dlq_payload_dropped`: refused, it would leave its
+    group reading the same poison for ever."""
     log.error("dead-lettering %s %s from %s (group %s): %s", message.event_type or "message",
               message.event_id or message.position, topic, group, reason)  # fmt: skip
-    await bus.publish(dead_letter_topic(topic), [OutgoingEvent(
+    copy = OutgoingEvent(
         message.key, message.event_id, message.event_type, message.payload, message.schema,
         headers=(*((k, v) for k, v in message.headers if not k.startswith("dlq_")),
-                 ("dlq_reason", reason), ("dlq_source", topic), ("dlq_group", group),
+                 ("dlq_reason", reason[:DLQ_REASON_CHARS]), ("dlq_source", topic), ("dlq_group", group),
                  ("dlq_position", message.position), ("dlq_timestamp_ms", str(message.timestamp_ms))),
-    )])  # fmt: skip
+    )  # fmt: skip
+    if event_bytes(copy) > MAX_EVENT_BYTES:
+        log.error("the dead-letter copy of %s goes without its %d-byte payload, over the bus's limit",
+                  message.event_id or message.position, len(message.payload))  # fmt: skip
+        copy = replace(copy, payload=b"", headers=(*copy.headers, ("dlq_payload_dropped", str(len(message.payload)))))
+    await bus.publish(dead_letter_topic(topic), [copy])
 
 
 BatchHandler = Callable[[list[BusMessage]], Awaitable[None]]

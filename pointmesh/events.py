@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -53,7 +53,12 @@ def dead_letter_topic(topic: str) -> str:
 # comes, after the batch's earlier records were queued, and they went out: a publish must be
 # all or nothing, so every event is measured first. A little under 1 MiB leaves room for Kafka's
 # record framing; Redis takes the same limit so a topic's events do not depend on the bus.
-MAX_EVENT_BYTES = 1_000_000
+MAX_EVENT_BYTES = 1_000_000  # key, id, type, schema and payload
+# Headers are counted apart, against their own room, so the headers a dead-letter copy or a
+# redriven one adds (the reason, where it came from) never take an event that was published
+# over the limit: the copy could not be published, and its group would read the poison again
+# for ever. MAX_EVENT_BYTES + HEADER_ROOM stays under Kafka's 1 MiB request with its framing.
+HEADER_ROOM = 16_384
 
 
 class EventTooLarge(ValueError):
@@ -71,20 +76,26 @@ class OutgoingEvent:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+def _encoded(texts: Iterable[str]) -> int:
+    return sum(len(t.encode(errors="replace")) for t in texts)
+
+
 def event_bytes(event: OutgoingEvent) -> int:
-    """The event's size as the limit counts it: every field and header, as sent."""
-    texts = (event.key, event.event_id, event.event_type, event.schema, *(t for h in event.headers for t in h))
-    return len(event.payload) + sum(len(t.encode(errors="replace")) for t in texts)
+    """The event's size as MAX_EVENT_BYTES counts it: its fields and payload, as sent."""
+    return len(event.payload) + _encoded((event.key, event.event_id, event.event_type, event.schema))
 
 
 def refuse_oversize(topic: str, events: Sequence[OutgoingEvent]) -> None:
-    """Raises EventTooLarge, naming the first event over MAX_EVENT_BYTES, before anything is sent."""
+    """Raises EventTooLarge, naming the first event over MAX_EVENT_BYTES (or with headers over
+    HEADER_ROOM), before anything is sent."""
     for event in events:
-        size = event_bytes(event)
-        if size > MAX_EVENT_BYTES:
+        size, headers = event_bytes(event), _encoded(t for h in event.headers for t in h)
+        if size > MAX_EVENT_BYTES or headers > HEADER_ROOM:
+            what = f"is {size} bytes" if size > MAX_EVENT_BYTES else f"has {headers} bytes of headers"
+            limit = MAX_EVENT_BYTES if size > MAX_EVENT_BYTES else HEADER_ROOM
             raise EventTooLarge(
                 f"event {event.event_id or '(no id)'} ({event.event_type or 'no type'}, key {event.key[:40]!r}) "
-                f"is {size} bytes, over the {MAX_EVENT_BYTES} an event on {topic} may be; none of its batch "
+                f"{what}, over the {limit} an event on {topic} may have; none of its batch "
                 f"of {len(events)} was sent"
             )
 

@@ -10,10 +10,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
-from pointmesh.events import INGEST_PURCHASES, MAX_EVENT_BYTES, EventBus, EventTooLarge, event_bytes
+from pointmesh import consumers
+from pointmesh.consumers import Poison, in_order, run_group
+from pointmesh.events import (
+    INGEST_PURCHASES,
+    MAX_EVENT_BYTES,
+    BusMessage,
+    EventBus,
+    EventTooLarge,
+    RedisStreamBus,
+    dead_letter_topic,
+    event_bytes,
+)
+from pointmesh.redis_server import RedisServer
 from tests.conftest import pointmesh_cli
 from tests.events.test_bus_conformance import bus, drain, event, new_topic
+from tests.waiting import until
 
 __all__ = ["bus"]
 
@@ -55,3 +69,64 @@ async def test_ingest_produce_reports_a_line_too_large_for_the_bus_and_sends_the
     assert done.returncode == 1
     assert f"{feed}:2: too large: " in done.stderr
     assert f"2 purchases on {INGEST_PURCHASES}" in done.stdout and "1 bad lines not sent" in done.stdout
+
+
+async def _poison_first(bus: EventBus, topic: str) -> list[str]:
+    """Runs a group whose handler finds the topic's first message poison until it has handled
+    the second; returns the ids it handled, in order."""
+    handled: list[str] = []
+    first: list[str] = []
+
+    async def handle(message: BusMessage) -> None:
+        handled.append(message.event_id)
+        if not first or first[0] == message.event_id:
+            first[:] = [message.event_id]
+            raise Poison("cannot be decoded")
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_group(bus, topic, "g", "c1", in_order(bus, topic, "g", handle), stop=stop))
+    try:
+        await until(lambda: len(set(handled)) >= 2, 20)
+    finally:
+        stop.set()
+        await task
+    return handled
+
+
+async def test_a_poison_message_of_the_largest_size_is_dead_lettered_whole_and_its_group_moves_on(
+    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy's dlq_* headers used to count against the limit: a message the bus took could
+    not be dead-lettered, and its group read it again for ever."""
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    small = event("m_a", 1, payload=b"")
+    largest = replace(small, payload=b"x" * (MAX_EVENT_BYTES - event_bytes(small)))
+    await bus.publish(topic, [largest, event("m_a", 2)])
+
+    assert await _poison_first(bus, topic) == ["m_a-1", "m_a-2"]
+    (dead,) = await drain(bus, dead_letter_topic(topic), "ops", "o1", 1)
+    assert (dead.event_id, dead.payload, dict(dead.headers)["dlq_reason"]) == ("m_a-1", largest.payload,
+                                                                                "cannot be decoded")  # fmt: skip
+
+
+async def test_a_foreign_message_over_the_limit_is_dead_lettered_without_its_payload(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis has no cap of its own: a producer of someone else's may write more than our limit.
+    Its copy could never be published whole, so it goes without the payload, its size said."""
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    bus = RedisStreamBus(Redis.from_url(redis_server.url), owns_client=True)
+    try:
+        topic = new_topic()
+        await bus.redis.xadd(topic, {"key": "m_a", "event_id": "m_a-1", "type": "ops_alert",
+                                     "payload": b"x" * (MAX_EVENT_BYTES + 10), "schema": "pointmesh.v1/1"})  # fmt: skip
+        await bus.publish(topic, [event("m_a", 2)])
+
+        assert await _poison_first(bus, topic) == ["m_a-1", "m_a-2"]
+        (dead,) = await drain(bus, dead_letter_topic(topic), "ops", "o1", 1)
+        assert (dead.event_id, dead.payload) == ("m_a-1", b"")
+        assert dict(dead.headers)["dlq_payload_dropped"] == str(MAX_EVENT_BYTES + 10)
+    finally:
+        await bus.close()
