@@ -71,7 +71,7 @@ class RedisBalanceCache:
         self._tomb = redis.register_script(_TOMBSTONE)
         self._dirty: dict[tuple[str, str], int] = {}
         self._unsent: dict[tuple[str, str], int] = {}
-        self._sending: asyncio.Future[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
         self._enabled = False
 
     def enable(self) -> None:
@@ -116,17 +116,19 @@ class RedisBalanceCache:
         relay tombstones them). A replica that did not write reads Redis, so without this it
         would serve the balance from before a write that has already answered.
 
-        Sends are chained: a caller whose keys another caller took waits for that send too.
+        Sends run side by side (the tombstone script keeps the highest version whatever the
+        order), each bounded by SETTLE_SECONDS; a caller waits for every send in flight, since
+        its keys may have gone out with another caller's, and never longer than SETTLE_SECONDS.
         """
         if self._unsent:
             versions, self._unsent = self._unsent, {}
-            self._sending = asyncio.ensure_future(self._send(versions, self._sending))
-        if self._sending is not None:
-            await asyncio.shield(self._sending)
+            task = asyncio.ensure_future(self._send(versions))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=SETTLE_SECONDS)
 
-    async def _send(self, versions: dict[tuple[str, str], int], before: asyncio.Future[None] | None) -> None:
-        if before is not None:
-            await before
+    async def _send(self, versions: dict[tuple[str, str], int]) -> None:
         with contextlib.suppress(*_ERRORS):
             async with asyncio.timeout(SETTLE_SECONDS):
                 await self.tombstone(versions)
