@@ -14,6 +14,7 @@ accrual) leaves the batch uncommitted to come again.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from google.protobuf.message import DecodeError
 
@@ -25,6 +26,7 @@ from pointmesh.consumers import Attempts, Poison, check_schema, dead_letter, det
 from pointmesh.events import INGEST_PURCHASES, BusMessage, EventBus
 from pointmesh.v1 import ledger_pb2
 
+log = logging.getLogger(__name__)
 GROUP = "ledger-ingest"
 
 
@@ -39,6 +41,10 @@ class IngestWorker:
         # Positions that went through alone in an earlier round of a batch still failing: the
         # proof a later failure of every purchase is in a step they share, not in them.
         self._passed_alone: set[str] = set()
+        # Batches every purchase of which failed alone, since a purchase last went through: one
+        # is taken for bad purchases (they use up their attempts); a second one, for a step they
+        # all share that broke (they wait; nothing more goes to the dead-letter topic).
+        self._failing_batches: set[frozenset[str]] = set()
 
     async def _purchases(self, messages: list[BusMessage]) -> None:
         """A polled batch through batch accrual (one EvaluateBatch and one ScoreBatch for all);
@@ -77,6 +83,7 @@ class IngestWorker:
                     raise outcome
             refused += [(m, _reason(o)) for m, o in zip(taken, outcomes, strict=True) if isinstance(o, LedgerError)]
             self._forget(taken)
+            self._failing_batches.clear()
         for message, reason in refused:
             await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, reason)
 
@@ -93,10 +100,14 @@ class IngestWorker:
         """The batch failed the same way it would every time (a bug some purchase trips): each
         purchase alone finds which. One that runs out of attempts alone (consumers.Attempts) is
         refused (dead-lettered with the rest once the round is through), so it cannot stop the
-        topic; the others post (or replay on their keys). When none succeeds alone though one
-        did in an earlier round, the failure is in a step they share, not in a purchase: the
-        batch waits, nothing is dead-lettered. Without that proof a batch of bad purchases alone
-        would wait for ever (on Redis a reopened consumer reads its own pending ones first)."""
+        topic; the others post (or replay on their keys). When none succeeds alone, the batch
+        alone cannot tell bad purchases from a broken step they share. It is taken for bad
+        purchases (they use up their attempts: a batch of bad purchases alone must not stop the
+        topic, and on Redis a reopened consumer reads its own pending ones first) unless one of
+        them went through alone in an earlier round, or another batch failed the same way since
+        anything last went through: then the step is broken, the batch waits and nothing is
+        dead-lettered. A shared step that breaks sends at most one batch to the dead-letter
+        topic, to be redriven once it is mended."""
         refused: list[tuple[BusMessage, str]] = []
         failed: list[tuple[BusMessage, Exception]] = []
         for message, command in zip(taken, commands, strict=True):
@@ -110,15 +121,22 @@ class IngestWorker:
             if isinstance(outcome, Unavailable):
                 raise outcome
             self._passed_alone.add(message.position)  # a refusal too: the shared steps answered
+            self._failing_batches.clear()
             if isinstance(outcome, LedgerError):
                 refused.append((message, _reason(outcome)))
         if not failed:
             self._forget(taken)
             return refused
-        if len(failed) == len(taken) and any(m.position in self._passed_alone for m in taken):
-            for message in taken:
-                self._attempts.clear(message.position)
-            raise batch_error
+        if len(failed) == len(taken):
+            seen = len(self._failing_batches)
+            self._failing_batches.add(frozenset(m.position for m in taken))
+            if len(self._failing_batches) > 1 or any(m.position in self._passed_alone for m in taken):
+                if len(self._failing_batches) > seen:  # said once per batch, not every round
+                    log.error("every purchase of %d batches fails alone (%s: %s): a step they share is broken; "
+                              "they wait", len(self._failing_batches), type(batch_error).__name__, batch_error)  # fmt: skip
+                for message in taken:
+                    self._attempts.clear(message.position)
+                raise batch_error
         return refused + self._count_attempts(taken, failed)
 
     def _count_attempts(

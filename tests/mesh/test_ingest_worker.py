@@ -151,6 +151,41 @@ async def test_purchases_that_break_the_batch_path_read_alone_are_dead_lettered_
     assert len(dead) == 2
 
 
+async def test_a_shared_step_that_breaks_sends_at_most_one_batch_to_the_dead_letter_topic(
+    mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step every purchase shares breaks with the first batch it meets: that batch alone cannot
+    be told from a batch of bad purchases and goes to the dead-letter topic; the next batch that
+    fails whole the same way shows the step is broken, and it waits (nothing more dead-lettered)
+    until the step is mended, then earns. Taking every such batch for bad purchases drained the
+    whole topic into the dead-letter topic."""
+    sqlite_only(mesh)
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    broken = [True]
+    calls = inject_bug(mesh, monkeypatch, lambda receipts: bool(receipts) and broken[0])
+    members = [await new_member(mesh) for _ in range(4)]
+    first = [purchase_request(m, [("misc", 2_000, 1)], at=mesh.clock.now(), receipt=f"R-A{i}")
+             for i, m in enumerate(members[:2])]  # fmt: skip
+    second = [purchase_request(m, [("misc", 2_000, 1)], at=mesh.clock.now(), receipt=f"R-B{i}")
+              for i, m in enumerate(members[2:])]  # fmt: skip
+    dlq = dead_letter_topic(INGEST_PURCHASES)
+    async with ingesting(mesh, tmp_path, first) as redis:
+
+        async def first_dead() -> bool:
+            return await redis.xlen(dlq) >= 2  # the first batch, taken for bad purchases
+
+        await until(first_dead, 60)
+        await RedisStreamBus(redis).publish(INGEST_PURCHASES, [purchase_event(r) for r in second])
+        before = len(calls)
+        await until(lambda: len(calls) >= before + 8 * (1 + len(second)), 60)  # eight rounds of the second
+        assert await redis.xlen(dlq) == 2
+
+        broken[0] = False  # mended: the waiting batch earns
+        await until(lambda: points(mesh, members[3]), 60)
+        assert [await points(mesh, m) > 0 for m in members] == [False, False, True, True]
+        assert await redis.xlen(dlq) == 2
+
+
 async def test_a_purchase_read_again_after_its_batch_went_through_has_all_its_attempts_again(
     mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
