@@ -1563,8 +1563,13 @@ class CassandraLedgerStore:
                               " created_us) VALUES (?,?,?,'{{}}','',0) IF NOT EXISTS USING TTL ?",
             "member_finish": f"INSERT INTO {ks}.members (ledger, member_id, status, profile, merged_into,"
                              " created_us) VALUES (?,?,?,?,?,?)",
-            "member_status": f"UPDATE {ks}.members SET status=?, merged_into=? WHERE ledger=? AND member_id=?",
-            "member_erase": f"UPDATE {ks}.members SET profile='{{}}', status=? WHERE ledger=? AND member_id=?",
+            # Conditional (a Paxos write) like member_block, though the member is always there:
+            # a plain write carries this pod's clock and could lose to a block's ballot that
+            # came before it (an erased member found BLOCKED, then ACTIVE on unblock).
+            "member_status": f"UPDATE {ks}.members SET status=?, merged_into=? WHERE ledger=? AND member_id=?"
+                             " IF EXISTS",
+            "member_erase": f"UPDATE {ks}.members SET profile='{{}}', status=? WHERE ledger=? AND member_id=?"
+                            " IF EXISTS",
             "member_block": f"UPDATE {ks}.members SET status=? WHERE ledger=? AND member_id=?"
                             " IF status IN ('ACTIVE', 'BLOCKED')",
             "ext_get": f"SELECT member_id, writetime(member_id) AS wt FROM {ks}.external_ids WHERE ledger=?"
