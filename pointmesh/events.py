@@ -48,7 +48,7 @@ def dead_letter_topic(topic: str) -> str:
     return f"{topic}.dlq"
 
 
-# The largest event either bus takes (key, id, type, schema, headers and payload). Kafka's
+# The largest event either bus takes (key, id, type, schema and payload; headers below). Kafka's
 # producer refuses a record over its max request size (1 MiB) only when that record's turn
 # comes, after the batch's earlier records were queued, and they went out: a publish must be
 # all or nothing, so every event is measured first. A little under 1 MiB leaves room for Kafka's

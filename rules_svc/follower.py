@@ -10,7 +10,8 @@ purchases would be counted by whichever pod's consumer got them. A follower
 * copies the leader's versions into its own store (ListVersions, then GetProgram for the ones
   it lacks) at start and on every reload, and evaluates, simulates, quotes and lists from that
   copy, so the hot path never waits on the leader and keeps working while it is away; a version
-  it cannot compile (a newer leader's, mid-rollout) is not copied, and the ones held keep serving;
+  it cannot compile (a newer leader's, mid-rollout) is copied all the same and answers
+  UNAVAILABLE for the receipts in its window, as the leader does;
 * forwards what writes or reads the single state (PublishProgram and the gamification calls)
   to the leader with the caller's deadline and metadata, and relays the leader's status and
   error details unchanged; after a publish it copies at once, so the caller's next Evaluate on

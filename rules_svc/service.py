@@ -50,7 +50,8 @@ def _parse(document: str, fmt: str) -> tuple[CompiledProgram, str, str]:
     except ProgramInvalid as exc:
         raise ProgramRejected(exc.errors) from None
     canonical = json.dumps(program.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    size = len(canonical.encode())
+    encoded = canonical.encode()
+    size = len(encoded)
     if size > MAX_STORED_JSON_BYTES:
         # YAML aliases and filled-in defaults make the stored JSON far larger than the source: a
         # version over the gRPC message limit could never be sent to a follower (GetProgram).
@@ -59,7 +60,7 @@ def _parse(document: str, fmt: str) -> tuple[CompiledProgram, str, str]:
             f"validated, the program is {size} bytes of JSON, over the {MAX_STORED_JSON_BYTES} bytes a "
             "version may hold (YAML aliases and defaults count once per use); make it smaller",
         )])  # fmt: skip
-    return CompiledProgram(program, 0), canonical, hashlib.sha256(canonical.encode()).hexdigest()
+    return CompiledProgram(program, 0), canonical, hashlib.sha256(encoded).hexdigest()
 
 
 def compile_stored(program: str, version: int, document_json: str) -> CompiledProgram:
@@ -80,6 +81,9 @@ class RulesService:
         self.clock = clock
         self._index: dict[str, list[VersionInfo]] = {}
         self._compiled: dict[tuple[str, int], CompiledProgram] = {}
+        # Versions this build cannot read, with why: a version never changes and neither does the
+        # build while it runs, so every basket in its window is refused without parsing it again.
+        self._unreadable: dict[tuple[str, int], str] = {}
 
     async def refresh(self) -> None:
         """Re-reads the version list (other replicas may have published)."""
@@ -176,10 +180,16 @@ class RulesService:
         key = (info.program, info.version)
         found = self._compiled.get(key)
         if found is None:
+            if key in self._unreadable:  # a fresh error each time: one raised again keeps every traceback
+                raise VersionUnreadable(self._unreadable[key])
             text = self.versions.document(info.program, info.version)
             if text is None:
                 raise NotFound(f"program {program} v{info.version} has no stored document", field="version")
-            found = compile_stored(info.program, info.version, text)
+            try:
+                found = compile_stored(info.program, info.version, text)
+            except VersionUnreadable as unreadable:
+                self._unreadable[key] = unreadable.message
+                raise
             self._compiled[key] = found
         return found
 
