@@ -142,8 +142,11 @@ class PointsEngine(Protocol):
         self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str]
     ) -> Quote: ...
 
-    async def tier_status(self, program: str, qualification: dict[str, int]) -> tuple[str, int, TierStanding]:
-        """(program, version, standing) now; EngineUnavailable, or the ledger's refusal."""
+    async def tier_status(
+        self, program: str, qualification: dict[str, int], at: datetime | None = None
+    ) -> tuple[str, int, TierStanding]:
+        """(program, version, standing) at `at` (None: rules_svc's now); EngineUnavailable, or
+        the ledger's refusal."""
         ...
 
     async def quote_many(

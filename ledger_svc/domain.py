@@ -276,6 +276,7 @@ class MaintenanceReport:
     holds_voided: int = 0
     sagas_completed: int = 0
     purchases_settled: int = 0
+    tiers_changed: int = 0  # lapses and other changes no purchase made, announced
 
 
 @dataclass(frozen=True, slots=True)

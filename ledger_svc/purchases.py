@@ -32,7 +32,7 @@ from ledger_svc.reviews import ReviewKind, open_review
 from ledger_svc.screening import Screening, Verdict
 from ledger_svc.store.base import ShardTx, TxRecord
 from pointmesh.guards import Guard, apply_guards
-from pointmesh.tiers import TierPolicy, effective_tier
+from pointmesh.tiers import TierPolicy, effective_tier, lapse_of, same_standing
 from pointmesh.tiers import bucket_of as month_bucket
 
 CLAW_BACK = "claw_back"
@@ -88,6 +88,10 @@ class MemberState:
     # status check before the merge finds it in its own write and is refused, instead of earning
     # on the member after its count and caps went to the target.
     merged_into: str = ""
+    # The tier last told to the member (a purchase's, or the maintenance job's when it lapsed),
+    # and when to look at it again: the instant it drops with nothing more earned, or at once
+    # after a return, reversal or merge moved the credits (tier_watch.py). None: nothing to watch.
+    tier_due: datetime | None = None
 
 
 def require_unmerged(member_id: str, state: MemberState) -> None:
@@ -113,9 +117,17 @@ def take_in_merged_state(book: ShardBook, target: str, source: str, moved: Membe
         qualification[bucket] = qualification.get(bucket, 0) + n
     merged = replace(
         state, purchase_count=state.purchase_count + moved.purchase_count, counters=counters,
-        qualification=qualification, merged_from=(*state.merged_from, source),
+        qualification=qualification, merged_from=(*state.merged_from, source), tier_due=book.now,
     )  # fmt: skip
-    book.tx.put_member_state(target, codec.dumps(merged))
+    keep_state(book, target, state, merged)
+
+
+def keep_state(book: ShardBook, member_id: str, before: MemberState, after: MemberState) -> None:
+    """Writes a member's state, and its tier's due time where the maintenance job finds it
+    when that moved (most writes leave it: one row less for them)."""
+    book.tx.put_member_state(member_id, codec.dumps(after))
+    if after.tier_due != before.tier_due:
+        book.tx.set_tier_due(member_id, after.tier_due)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +227,8 @@ def take_off_qualification(book: ShardBook, member_id: str, bucket: str, points:
     state = load_state(book, member_id)
     qualification = dict(state.qualification)
     qualification[bucket] = qualification.get(bucket, 0) - points
-    book.tx.put_member_state(member_id, codec.dumps(replace(state, qualification=qualification)))
+    # The tier may drop with them: the maintenance job asks rules_svc on its next pass.
+    keep_state(book, member_id, state, replace(state, qualification=qualification, tier_due=book.now))
 
 
 def untier(book: ShardBook, earn_tx: str, points: int) -> None:
@@ -315,13 +328,24 @@ def accrue(
     for key, n in used.items():
         counters[key] = counters.get(key, 0) + n
     qualification, tier_after, bucket, metric = dict(state.qualification), quote.tier, "", ""
-    if quote.tier_policy is not None:
-        metric = quote.tier_policy.metric_unit
-        bucket = month_bucket(record.receipt_time, quote.tier_policy.timezone)
+    # The tier as of now, not the receipt's (a late receipt is priced at the tier of its own
+    # time): what the member was last told is compared with it, and its lapse watched.
+    told, tier_now, due = state.tier or quote.tier, quote.tier, state.tier_due
+    if (policy := quote.tier_policy) is not None:
+        metric = policy.metric_unit
+        bucket = month_bucket(record.receipt_time, policy.timezone)
         qualification[bucket] = qualification.get(bucket, 0) + record.earned().get(metric, 0)
-        tier_after = effective_tier(quote.tier_policy, qualification, record.receipt_time)
-    kept = replace(state, purchase_count=ordinal, counters=counters, qualification=qualification, tier=tier_after)
-    book.tx.put_member_state(record.member_id, codec.dumps(kept))  # `merged_from` stays: merges apply once
+        tier_after = effective_tier(policy, qualification, record.receipt_time)
+        at = max(book.now, record.receipt_time)
+        same = same_standing(policy, record.receipt_time, at)
+        tier_now = tier_after if same else effective_tier(policy, qualification, at)
+        if tier_now == policy.levels[0][0]:
+            due = None  # the entry level: nothing to lose
+        elif tier_now != state.tier or due is None:  # credits only ever push a known lapse later
+            due = lapse_of(policy, qualification, at)
+    kept = replace(state, purchase_count=ordinal, counters=counters, qualification=qualification, tier=tier_now,
+                   tier_due=due)  # fmt: skip
+    keep_state(book, record.member_id, state, kept)  # `merged_from` stays: merges apply once
     if held and screening is not None and txs:
         unit = book.policy.units[0] if book.policy.units[0] in txs else next(iter(txs))
         review = open_review(book, review_id, ReviewKind.EARN, record.member_id, unit, record.earned()[unit],
@@ -332,12 +356,13 @@ def accrue(
         screening=screening,
     )  # fmt: skip
     save_purchase(book, record)
-    _announce(book, record)
+    _announce(book, record, told, tier_now)
     return record
 
 
-def _announce(book: ShardBook, record: PurchaseRecord) -> None:
-    """Events for live channels and gamification: the purchase, and a tier change if any."""
+def _announce(book: ShardBook, record: PurchaseRecord, told: str, tier_now: str) -> None:
+    """Events for live channels and gamification: the purchase, and a tier change if any
+    since the tier the member was last told (one that lapsed unannounced included)."""
     balance = book.balance(record.member_id, book.policy.units[0])
     book.emit("purchase_recorded", balance, {
         "purchase_id": record.purchase_id, "channel": record.channel, "store_id": record.store_id,
@@ -347,9 +372,9 @@ def _announce(book: ShardBook, record: PurchaseRecord) -> None:
         "categories": sorted({line.category for line in record.lines if line.category}),
         "experiment_arms": record.experiment_arms,
     })  # fmt: skip
-    if record.tier_after and record.tier_before and record.tier_after != record.tier_before:
+    if told and tier_now and told != tier_now:
         book.emit("tier_changed", balance, {
-            "tier_before": record.tier_before, "tier_after": record.tier_after, "purchase_id": record.purchase_id,
+            "tier_before": told, "tier_after": tier_now, "purchase_id": record.purchase_id,
         })  # fmt: skip
 
 

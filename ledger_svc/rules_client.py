@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import datetime
 
 import grpc
 from google.rpc import error_details_pb2
@@ -152,11 +153,12 @@ class RulesEngineClient:
             raise EngineUnavailable(f"{code.name}: {error.details()}") from None
         return quote_of(response.evaluation)
 
-    async def tier_status(self, program: str, qualification: dict[str, int]) -> tuple[str, int, TierStanding]:
+    async def tier_status(
+        self, program: str, qualification: dict[str, int], at: datetime | None = None
+    ) -> tuple[str, int, TierStanding]:
+        request = rules_pb2.GetTierStatusRequest(program=program, qualification=qualification, at=to_timestamp(at))
         try:
-            response = await self.stub.GetTierStatus(
-                rules_pb2.GetTierStatusRequest(program=program, qualification=qualification)
-            )
+            response = await self.stub.GetTierStatus(request)
         except grpc.aio.AioRpcError as error:
             refusal = _refusal(error.code().name, (error.details() or "").split(": ", 1)[-1], "")
             if refusal is not None:

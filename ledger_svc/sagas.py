@@ -30,6 +30,7 @@ from ledger_svc.domain import (
 from ledger_svc.postings import Portion, ShardBook, to_transaction
 from ledger_svc.purchases import (
     MemberState,
+    keep_state,
     load_state,
     qualification_bucket_of,
     take_in_merged_state,
@@ -395,7 +396,8 @@ def _move_out(book: ShardBook, source: str, target: str, merge_id: str, state: M
     if not moved and state is None:
         return None
     if state is not None:
-        book.tx.put_member_state(source, codec.dumps(replace(state, merged_into=target)))
+        # Its tier is the target's from now on: nothing left here to watch.
+        keep_state(book, source, state, replace(state, merged_into=target, tier_due=None))
     payload = {"units": moved, "state": codec.to_plain(state) if state else None}
     saga = SagaRecord(
         merge_id, "merge", SagaState.HELD, source, target, "", 0, "", json.dumps(payload), book.now, book.now

@@ -267,7 +267,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         r = await self.service.run_maintenance()
         return ledger_pb2.RunExpiryResponse(
             expired_points=r.expired_points, lots_expired=r.lots_expired, pending_released=r.pending_released,
-            holds_voided=r.holds_voided, sagas_completed=r.sagas_completed,
+            holds_voided=r.holds_voided, sagas_completed=r.sagas_completed, tiers_changed=r.tiers_changed,
         )  # fmt: skip
 
     @translated

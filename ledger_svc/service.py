@@ -83,6 +83,7 @@ from ledger_svc.screening import (
 )
 from ledger_svc.screening import event_id as screening_event_id
 from ledger_svc.store.base import PURGE_SLICE, DirectoryTx, IdemRecord, LedgerStore, ShardTx
+from ledger_svc.tier_watch import look_at_due_tiers
 from pointmesh.bounds import SCREENED_LATENESS
 from pointmesh.clock import Clock
 from pointmesh.timestamps import utc_instant
@@ -1094,7 +1095,8 @@ class LedgerService:
         purchases = await self.accrual.process_waiting()
         if self.fraud is not None:
             await self.fraud.tell_backlog()  # what fraud_svc missed while it was away
-        return MaintenanceReport(expired, lots, released, voided, sagas, purchases)
+        tiers = await look_at_due_tiers(self.accrual)  # after the sagas: a merge's months are in
+        return MaintenanceReport(expired, lots, released, voided, sagas, purchases, tiers)
 
     async def _all_pages(self, shard: int, step: Callable[[ShardBook, int], int]) -> int:
         """Runs a job step page by page until a page comes back short, so one pass leaves no

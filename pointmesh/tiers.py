@@ -104,6 +104,17 @@ def effective_tier(policy: TierPolicy, buckets: Mapping[str, int], at: datetime)
     return policy.levels[effective_level(policy, buckets, at)][0]
 
 
+def same_standing(policy: TierPolicy, earlier: datetime, later: datetime) -> bool:
+    """Whether `effective_level` answers alike at both instants for any credits: no month
+    start, nor month start plus the grace, of the program's zone falls between them (the only
+    instants it can change at). Cheaper than asking it twice."""
+    zone, grace = _zone(policy.timezone), timedelta(days=policy.grace_days)
+    a, b = earlier.astimezone(zone), later.astimezone(zone)  # the grace counted on local clocks, as there
+    return _month_number(a) == _month_number(b) and _month_number((a - grace).astimezone(zone)) == _month_number(
+        (b - grace).astimezone(zone)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TierStanding:
     """Where a member stands, as a member's app shows it: the tier, the credits the current
@@ -139,16 +150,8 @@ def tier_standing(policy: TierPolicy, buckets: Mapping[str, int], at: datetime) 
     else:
         qualifying = _year_total(buckets, local.year, local.month)
     next_tier, next_threshold = policy.levels[level + 1] if level + 1 < len(policy.levels) else ("", 0)
-    held_until, then = None, policy.levels[level][0]
-    if level:
-        grace = timedelta(days=policy.grace_days)
-        # Credits of months after `at` (asked about the past) count later: search past them too.
-        last = max([month, *(n for key in buckets if (n := _month_of_bucket(key)) is not None)]) + HORIZON_MONTHS
-        starts = [datetime(n // 12, n % 12 + 1, 1, tzinfo=zone) for n in range(month - 13, min(last, LAST_MONTH))]
-        for when in sorted({t for s in starts for t in (s, s + grace)}):
-            if when > local and (after := effective_level(policy, buckets, when)) < level:
-                held_until, then = when, policy.levels[after][0]
-                break
+    held_until, after = _drop(policy, buckets, local, level)
+    then = policy.levels[after][0]
     return TierStanding(
         policy.levels[level][0], policy.metric_unit, policy.window, qualifying,
         _to_keep(policy, buckets, month, level, held_until), next_tier, next_threshold,
@@ -157,6 +160,28 @@ def tier_standing(policy: TierPolicy, buckets: Mapping[str, int], at: datetime) 
 
 
 LAST_MONTH = 9998 * 12  # month starts searched stay clear of datetime's year 9999
+
+
+def lapse_of(policy: TierPolicy, buckets: Mapping[str, int], at: datetime) -> datetime | None:
+    """When the tier held at `at` drops if nothing more is earned (None: the entry level);
+    `tier_standing`'s `held_until` without the rest of the standing."""
+    local = at.astimezone(_zone(policy.timezone))
+    return _drop(policy, buckets, local, effective_level(policy, buckets, at))[0]
+
+
+def _drop(policy: TierPolicy, buckets: Mapping[str, int], local: datetime, level: int) -> tuple[datetime | None, int]:
+    """The first instant after `local` at which `level` no longer holds, and the level then."""
+    if not level:
+        return None, level
+    zone, month = local.tzinfo, _month_number(local)
+    grace = timedelta(days=policy.grace_days)
+    # Credits of months after `local` (asked about the past) count later: search past them too.
+    last = max([month, *(n for key in buckets if (n := _month_of_bucket(key)) is not None)]) + HORIZON_MONTHS
+    starts = [datetime(n // 12, n % 12 + 1, 1, tzinfo=zone) for n in range(month - 13, min(last, LAST_MONTH))]
+    for when in sorted({t for s in starts for t in (s, s + grace)}):
+        if when > local and (after := effective_level(policy, buckets, when)) < level:
+            return when, after
+    return None, level
 
 
 def _month_of_bucket(key: str) -> int | None:

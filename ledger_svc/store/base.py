@@ -201,6 +201,13 @@ class ShardTx(Protocol):
     # Member-level accrual state (counters, purchase count, tier qualification) as JSON.
     def get_member_state(self, member_id: str) -> str | None: ...
     def put_member_state(self, member_id: str, state_json: str) -> None: ...
+    # When a member's tier is to be looked at again (it may lapse then, or a return, reversal
+    # or merge may have moved it); None: never. The maintenance job finds them by this.
+    def set_tier_due(self, member_id: str, due: datetime | None) -> None: ...
+    def tiers_due_by(self, when: datetime, limit: int) -> list[str]:
+        """Up to `limit` members whose tier is due to be looked at by `when`, earliest first."""
+        ...
+
     # Purchases with their explained breakdown; PENDING_ACCRUAL ones wait for rules_svc. A
     # purchase's channel, store and receipt time never change once recorded (its natural key),
     # which is what lets a store index them for listing once.

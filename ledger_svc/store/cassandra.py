@@ -120,7 +120,10 @@ ARCHIVE_BATCH = 200  # rows moved per conditional batch (Cassandra refuses very 
 # Row kinds that put a partition in the shard's 'due' index: rare open work.
 INDEXED = {"due": {"wait", "saga"}}
 # Queues of pointers (docs/cassandra.md), bucketed by time: bucket width in microseconds.
-QUEUE_BUCKET_US = {"outbox": 60_000_000, "hold": 3_600_000_000, "lot": 86_400_000_000, "release": 86_400_000_000}
+QUEUE_BUCKET_US = {
+    "outbox": 60_000_000, "hold": 3_600_000_000, "lot": 86_400_000_000, "release": 86_400_000_000,
+    "tier": 86_400_000_000,
+}  # fmt: skip
 # A pointer or bucket entry younger than this is never removed (its unit may still commit);
 # writers re-announce a bucket at most every BUCKET_ANNOUNCE_S.
 QUEUE_GRACE_US = 60_000_000
@@ -785,6 +788,25 @@ class CassandraShardTx:
     def put_member_state(self, member_id: str, state_json: str) -> None:
         self.member(member_id).put("state", "", state_json)
 
+    def set_tier_due(self, member_id: str, due: datetime | None) -> None:
+        part = self.member(member_id)
+        if due is None:
+            part.delete("tier_due", "")
+        else:
+            part.put("tier_due", "", str(to_us(due)))
+
+    def tiers_due_by(self, when: datetime, limit: int) -> list[str]:
+        """A pointer is due while its member's row still names its time; one the member's due
+        moved away from is stale (the move wrote a pointer of its own)."""
+        upto, due = to_us(when), []
+        for pointer in self.store.queue_due(self.shard, "tier", upto, limit * 2 + 10):
+            body = self.part(pointer.p, lock=False).get("tier_due", "")
+            if body is not None and int(body) == pointer.at:
+                due.append((pointer.at, pointer.p.split("/", 1)[1]))
+            else:
+                self.stale.append(("tier", pointer))
+        return [member_id for _, member_id in sorted(set(due))[:limit]]
+
     def put_purchase(
         self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str,
         channel: str, store_id: str,
@@ -991,6 +1013,8 @@ def _pointers(part: _Part) -> list[tuple[str, int, str]]:
             hold = _dec_hold(id_, body)
             if not hold.saga_id:
                 out.append(("hold", to_us(hold.expires_at), id_))
+        elif kind == "tier_due":
+            out.append(("tier", int(body), id_))
     return out
 
 

@@ -94,6 +94,8 @@ CREATE TABLE IF NOT EXISTS outbox (
   created_at INTEGER NOT NULL, relayed_at INTEGER);
 CREATE INDEX IF NOT EXISTS outbox_unrelayed ON outbox (seq) WHERE relayed_at IS NULL;
 CREATE TABLE IF NOT EXISTS member_state (member_id TEXT PRIMARY KEY, state TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tier_due (member_id TEXT PRIMARY KEY, due INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tier_due_by_time ON tier_due (due);
 CREATE TABLE IF NOT EXISTS purchases (
   purchase_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, status TEXT NOT NULL,
   receipt_time INTEGER NOT NULL, body TEXT NOT NULL, channel TEXT NOT NULL DEFAULT '',
@@ -596,6 +598,18 @@ class SqliteShardTx:
 
     def put_member_state(self, member_id: str, state_json: str) -> None:
         self.c.execute("INSERT OR REPLACE INTO member_state VALUES (?,?)", (member_id, state_json))
+
+    def set_tier_due(self, member_id: str, due: datetime | None) -> None:
+        if due is None:
+            self.c.execute("DELETE FROM tier_due WHERE member_id=?", (member_id,))
+        else:
+            self.c.execute("INSERT OR REPLACE INTO tier_due VALUES (?,?)", (member_id, to_us(due)))
+
+    def tiers_due_by(self, when: datetime, limit: int) -> list[str]:
+        rows = self.c.execute(
+            "SELECT member_id FROM tier_due WHERE due<=? ORDER BY due LIMIT ?", (to_us(when), limit)
+        ).fetchall()
+        return [str(r[0]) for r in rows]
 
     def put_purchase(
         self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str,

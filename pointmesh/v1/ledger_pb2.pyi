@@ -1621,11 +1621,16 @@ class RunExpiryResponse(_message.Message):
     PENDING_RELEASED_FIELD_NUMBER: _builtins.int
     HOLDS_VOIDED_FIELD_NUMBER: _builtins.int
     SAGAS_COMPLETED_FIELD_NUMBER: _builtins.int
+    TIERS_CHANGED_FIELD_NUMBER: _builtins.int
     expired_points: _builtins.int
     lots_expired: _builtins.int
     pending_released: _builtins.int
     holds_voided: _builtins.int
     sagas_completed: _builtins.int
+    tiers_changed: _builtins.int
+    """Tier changes no purchase made (a tier's hold ending, a return or merge moving the
+    credits), each announced as a tier_changed event.
+    """
     def __init__(
         self,
         *,
@@ -1634,10 +1639,11 @@ class RunExpiryResponse(_message.Message):
         pending_released: _builtins.int = ...,
         holds_voided: _builtins.int = ...,
         sagas_completed: _builtins.int = ...,
+        tiers_changed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired_points", b"expired_points", "holds_voided", b"holds_voided", "lots_expired", b"lots_expired", "pending_released", b"pending_released", "sagas_completed", b"sagas_completed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expired_points", b"expired_points", "holds_voided", b"holds_voided", "lots_expired", b"lots_expired", "pending_released", b"pending_released", "sagas_completed", b"sagas_completed", "tiers_changed", b"tiers_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -306,7 +306,8 @@ class LedgerServiceServicer:
 
     def RunExpiry(self, request, context):
         """Runs the time-driven jobs as of now: expire lots, release due pending credits,
-        void timed-out holds. ledger_svc also runs them in the background.
+        void timed-out holds, announce tiers that lapsed. ledger_svc also runs them in the
+        background.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

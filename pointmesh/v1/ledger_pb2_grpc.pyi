@@ -63,7 +63,8 @@ class LedgerServiceStub:
     """Makes a pending credit spendable now (e.g. a fraud review approved it)."""
     RunExpiry: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RunExpiryRequest, _ledger_pb2.RunExpiryResponse]
     """Runs the time-driven jobs as of now: expire lots, release due pending credits,
-    void timed-out holds. ledger_svc also runs them in the background.
+    void timed-out holds, announce tiers that lapsed. ledger_svc also runs them in the
+    background.
     """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
     """Reads."""
@@ -142,7 +143,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Makes a pending credit spendable now (e.g. a fraud review approved it)."""
     RunExpiry: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RunExpiryRequest, _ledger_pb2.RunExpiryResponse]  # type: ignore[assignment]
     """Runs the time-driven jobs as of now: expire lots, release due pending credits,
-    void timed-out holds. ledger_svc also runs them in the background.
+    void timed-out holds, announce tiers that lapsed. ledger_svc also runs them in the
+    background.
     """
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """Reads."""
@@ -326,7 +328,8 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.RunExpiryResponse, _abc.Awaitable[_ledger_pb2.RunExpiryResponse]]:
         """Runs the time-driven jobs as of now: expire lots, release due pending credits,
-        void timed-out holds. ledger_svc also runs them in the background.
+        void timed-out holds, announce tiers that lapsed. ledger_svc also runs them in the
+        background.
         """
 
     @_abc_1.abstractmethod

@@ -7,7 +7,16 @@ import random
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from pointmesh.tiers import CALENDAR_YEAR, ROLLING_12_MONTHS, TierPolicy, bucket_of, effective_tier, tier_standing
+from pointmesh.tiers import (
+    CALENDAR_YEAR,
+    ROLLING_12_MONTHS,
+    TierPolicy,
+    bucket_of,
+    effective_tier,
+    lapse_of,
+    same_standing,
+    tier_standing,
+)
 
 LEVELS = (("blue", 0), ("silver", 1000), ("gold", 5000))
 RANK = {code: i for i, (code, _threshold) in enumerate(LEVELS)}
@@ -177,3 +186,27 @@ def test_standing_agrees_with_the_tier_arithmetic_on_random_credit_histories() -
             less = {**credits, month: credits.get(month, 0) + s.to_keep - 1}
             assert RANK[effective_tier(policy, more, s.held_until)] >= RANK[s.tier], case
             assert RANK[effective_tier(policy, less, s.held_until)] < RANK[s.tier], case
+
+
+def test_instants_said_to_stand_alike_tier_alike_for_any_credits() -> None:
+    """The ledger tiers a purchase at its receipt's time and again as of now only when
+    same_standing says the two may differ: seeded pairs around month starts, grace ends and
+    DST changes, each pair it calls alike checked with effective_tier on random credits."""
+    rng = random.Random(1206)
+    alike = 0
+    for case in range(3000):
+        window = rng.choice((CALENDAR_YEAR, ROLLING_12_MONTHS))
+        zone = rng.choice(("UTC", "Europe/Helsinki", "America/Santiago", "Australia/Lord_Howe"))
+        policy = TierPolicy("tier_credits", window, rng.choice((0, 1, 30, 45, 366)), LEVELS, zone)
+        edge = datetime(2026, rng.randint(1, 12), 1, tzinfo=ZoneInfo(zone)) + timedelta(
+            days=rng.choice((0, policy.grace_days))
+        )
+        earlier = edge + timedelta(minutes=rng.randint(-180, 180))
+        later = earlier + timedelta(minutes=rng.choice((0, 1, 30, 90, 600)))
+        credits = {f"{y}-{m:02d}": rng.choice((300, 900, 2600, 5100)) for y in (2024, 2025, 2026)
+                   for m in range(1, 13) if rng.random() < 0.15}  # fmt: skip
+        if same_standing(policy, earlier, later):
+            alike += 1
+            assert effective_tier(policy, credits, earlier) == effective_tier(policy, credits, later), case
+        assert lapse_of(policy, credits, later) == tier_standing(policy, credits, later).held_until, case
+    assert 300 < alike < 2700  # both answers were exercised

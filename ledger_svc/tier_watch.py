@@ -1,0 +1,113 @@
+"""Tier changes no purchase makes: a tier lapsing when its hold ends (grace included), and one
+that a return, a reversal or a merge moved. A member watching the app hears of them as a
+`tier_changed` event (with no purchase id), as they hear of an upgrade at the till.
+
+Each member's state keeps the tier they were last told and when to look at it again
+(`MemberState.tier_due`, indexed by the store): the purchase that sets a tier computes the
+instant it drops with nothing more earned, and a return, reversal or merge makes it due at once.
+Credits only ever push a lapse later, so a due time found too early costs one look, never a
+missed change. The maintenance pass asks rules_svc for the standing under the version in
+effect now (the ledger holds no program of its own) and writes the answer in a shard write
+that first checks the state is still the one it asked about; one that moved meanwhile is left
+for the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from ledger_svc.accrual import EngineUnavailable
+from ledger_svc.domain import FailedPrecondition, LedgerError, MemberStatus
+from ledger_svc.postings import ShardBook
+from ledger_svc.purchases import MemberState, keep_state, load_state
+from pointmesh.tiers import TierStanding
+
+if TYPE_CHECKING:
+    from ledger_svc.accrual import Accrual
+
+log = logging.getLogger(__name__)
+
+PAGE = 200  # members a shard looked at per page
+PAGES_PER_PASS = 5  # a lapse date shared by many members is worked off over several passes
+AT_ONCE = 8  # rules_svc calls in flight
+RECHECK = timedelta(minutes=1)  # a due time rules_svc placed at or before the ledger's now
+
+
+async def look_at_due_tiers(accrual: Accrual) -> int:
+    """Looks at every member whose tier is due (a page at a time, bounded per pass); returns
+    how many tier changes it announced. Stops at the first sign rules_svc is away: the members
+    stay due for the next pass."""
+    if accrual.engine is None:
+        return 0
+    svc, changed = accrual.svc, 0
+    now = svc.clock.now()
+    gate = asyncio.Semaphore(AT_ONCE)
+
+    async def one(shard: int, member_id: str) -> int:
+        async with gate:
+            return await _look(accrual, shard, member_id, now)
+
+    for shard in range(svc.store.shard_count):
+        seen: set[str] = set()
+        for _ in range(PAGES_PER_PASS):
+            due = await svc.store.read(shard, lambda tx: tx.tiers_due_by(now, PAGE))
+            fresh = [m for m in due if m not in seen]  # one whose state moved meanwhile comes back
+            if not fresh:
+                break
+            seen.update(fresh)
+            results = await asyncio.gather(*(one(shard, m) for m in fresh), return_exceptions=True)
+            for member_id, result in zip(fresh, results, strict=True):
+                if isinstance(result, EngineUnavailable):
+                    log.warning("tier lapses wait: rules_svc did not answer (%s)", result)
+                    return changed
+                if isinstance(result, BaseException):
+                    log.error("tier of member %s not looked at", member_id, exc_info=result)
+                else:
+                    changed += result
+            if len(due) < PAGE:
+                break
+    return changed
+
+
+async def _look(accrual: Accrual, shard: int, member_id: str, now: datetime) -> int:
+    svc = accrual.svc
+    state = await svc.store.read(shard, lambda tx: load_state(ShardBook(tx, now, svc.policy), member_id))
+    standing = await _standing(accrual, member_id, state, now)
+
+    def write(book: ShardBook) -> int:
+        current = load_state(book, member_id)
+        if current != state:  # a purchase, return or merge since: due again if it still is
+            return 0
+        tier = current.tier if standing is None else standing.tier
+        due = None if standing is None else standing.held_until
+        if due is not None and due <= book.now:
+            due = book.now + RECHECK
+        keep_state(book, member_id, current, replace(current, tier=tier, tier_due=due))
+        if not current.tier or tier == current.tier:
+            return 0  # nothing told before (a merge's target that never bought) or nothing changed
+        balance = book.balance(member_id, book.policy.units[0])
+        book.emit("tier_changed", balance, {"tier_before": current.tier, "tier_after": tier, "purchase_id": ""})
+        return 1
+
+    return await svc._book(shard, write)
+
+
+async def _standing(accrual: Accrual, member_id: str, state: MemberState, now: datetime) -> TierStanding | None:
+    """rules_svc's standing for the member now; None when there is no tier to watch any more
+    (merged away or erased, or the program has no tiers now)."""
+    assert accrual.engine is not None
+    member = await accrual.svc.member(member_id)
+    if state.merged_into or member.status not in (MemberStatus.ACTIVE, MemberStatus.BLOCKED):
+        return None
+    try:
+        _program, _version, standing = await accrual.engine.tier_status(accrual.program, dict(state.qualification), now)
+    except FailedPrecondition:
+        return None  # the version in effect has no tiers: nothing lapses
+    except LedgerError as refused:
+        log.error("rules_svc refused the tier of member %s (%s); no longer watched", member_id, refused)
+        return None
+    return standing
