@@ -128,7 +128,29 @@ local function sums_and_distincts(out, rows, scores, sum_w, dist_w, widest)
   for i = 1, nd do out[#out + 1] = counts[i] end
 end
 
+-- A busy track with distinct windows (its widest window holds more than one read: a carrier's
+-- IP, a shop's device) keeps beside it each tag's newest time (key:g, the member '' at +inf
+-- marking it built), so an event at or after every entry counts distinct tags with ZCOUNT
+-- instead of reading the whole window in Lua. Built from the entries the first time the key
+-- is found busy, kept up by every recorded event while it exists (PEXPIRE answers whether it
+-- does: the one extra call a quiet key pays), and expired with the track.
+local function tags_of(key, ttl)
+  local tags = key .. ':g'
+  if not call('ZSCORE', tags, '') then
+    local all = call('ZRANGE', key, 0, -1, 'WITHSCORES')
+    for j = 1, #all, 2 do
+      local _, g = parse(all[j])
+      if g ~= '' then call('ZADD', tags, 'GT', all[j + 1], g) end
+    end
+    call('ZADD', tags, '+inf', '')
+    local left = call('PTTL', key)
+    if left > 0 then call('PEXPIRE', tags, left) else call('PEXPIRE', tags, ttl) end
+  end
+  return tags
+end
+
 local function track(out, key, spec, value, tag, record)
+  local count_w, sum_w, dist_w = spec[3], spec[4], spec[5]
   if record then
     local dup = false
     local same = call('ZRANGEBYSCORE', key, ts, ts)
@@ -138,8 +160,12 @@ local function track(out, key, spec, value, tag, record)
     if not dup then call('ZADD', key, ts, value .. '|' .. tag .. '|' .. eid) end
     call('ZREMRANGEBYSCORE', key, '-inf', through(spec[1]))
     call('PEXPIRE', key, spec[2])
+    local tags = key .. ':g'
+    if #dist_w > 0 and call('PEXPIRE', tags, spec[2]) == 1 then
+      if not dup and tag ~= '' then call('ZADD', tags, 'GT', ts, tag) end
+      call('ZREMRANGEBYSCORE', tags, '-inf', through(spec[1]))
+    end
   end
-  local count_w, sum_w, dist_w = spec[3], spec[4], spec[5]
   if not spec[8] then  -- counts alone: ZCOUNT is O(log n) however busy the key
     for i = 1, #count_w do out[#out + 1] = call('ZCOUNT', key, after(count_w[i]), ts) end
     return
@@ -161,7 +187,13 @@ local function track(out, key, spec, value, tag, record)
       out[#out + 1] = call('ZCOUNT', key, after(count_w[i]), ts)
     end
   end
-  local widest = spec[9]
+  local widest, tags = spec[9], nil
+  if #dist_w > 0 and t - widest < floor and call('ZCOUNT', key, '(' .. ts, '+inf') == 0 then
+    -- Busy, and nothing after this event: a tag was seen in (t - w, t] when its newest time
+    -- lies there.
+    tags, dist_w, widest = tags_of(key, spec[2]), {}, 0
+    for i = 1, #sum_w do if sum_w[i] > widest then widest = sum_w[i] end end
+  end
   if widest > 0 then
     if t - widest >= floor then
       sums_and_distincts(out, rows, scores, sum_w, dist_w, widest)
@@ -169,6 +201,9 @@ local function track(out, key, spec, value, tag, record)
       local all = call('ZREVRANGEBYSCORE', key, ts, after(widest), 'WITHSCORES')
       sums_and_distincts(out, all, scores_of(all), sum_w, dist_w, widest)
     end
+  end
+  if tags then
+    for i = 1, #spec[5] do out[#out + 1] = call('ZCOUNT', tags, after(spec[5][i]), ts) end
   end
   if spec[6] then
     local top = rows  -- the newest two entries at or before t, however old

@@ -60,6 +60,8 @@ STALE_WARNING_SECONDS = 30.0
 # Every key id is secrets.token_hex(6); anything else names no key and is refused unread.
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 _NAME_RULE = "1..64 letters, digits and _.:-, starting with a letter or digit"
+KEY_ID_BYTES = 6  # a key id is 12 hex digits
+MAX_CHANNEL = 64 - 1 - 2 * KEY_ID_BYTES  # "<channel>:<key id>" is a name of at most 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -257,10 +259,15 @@ class KeyStore:
         # The ledger's name rule: a key whose channel or stores break it signs nothing the ledger takes.
         if not is_valid_name(channel):
             raise KeyRequestError(f"channel {channel!r} is not a valid name ({_NAME_RULE})")
+        if len(channel) > MAX_CHANNEL:
+            raise KeyRequestError(
+                f"channel {channel!r} is {len(channel)} characters; at most {MAX_CHANNEL}, so that"
+                " '<channel>:<key id>', the namespace of the key's idempotency keys, is a valid name too"
+            )
         bad = [store for store in stores if not is_valid_name(store)]
         if bad:
             raise KeyRequestError(f"store ids {bad} are not valid names ({_NAME_RULE})")
-        key_id = secrets.token_hex(6)
+        key_id = secrets.token_hex(KEY_ID_BYTES)
         plaintext = f"pmk_{key_id}_{secrets.token_urlsafe(24)}"
         record = ApiKey(key_id, channel, tuple(stores), tuple(scopes), label, datetime.now(UTC), None)
         self._records.insert((key_id, channel, json.dumps(stores), json.dumps(scopes), label,

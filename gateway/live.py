@@ -40,10 +40,18 @@ class Subscription:
             self.overflowed.set()
 
 
+# What a member's stream shows of a fraud review: that one is open or decided, on what. The
+# reasons, the verdict, who decided and the desk's note are the fraud team's (REST keeps them
+# behind ops:read), and a member token or a call-centre key reads this stream too.
+_REVIEW_SHOWN = frozenset({"review_id", "kind", "status", "points", "subject_ids", "purchase_id"})
+
+
 def member_message(event: ledger_pb2.LedgerEvent) -> dict[str, Any]:
     """What a member's app needs: the kind of change, the balance after it, and its details."""
     kind: str = event.WhichOneof("payload") or "unknown"
     body = MessageToDict(getattr(event, kind), preserving_proto_field_name=True) if kind != "unknown" else {}
+    if kind in ("review_opened", "review_decided"):
+        body = {k: v for k, v in body.items() if k in _REVIEW_SHOWN}
     balance = event.balance_after
     if kind == "points_earned" and event.points_earned.funding_source == GAMIFICATION_FUNDING:
         item_id, _, name = event.points_earned.reference.partition(": ")

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from ledger_svc.service import LedgerService
 
 log = logging.getLogger(__name__)
-FUTURE_SKEW = timedelta(minutes=5)
+FUTURE_SKEW = v.FUTURE_SKEW
 KEY_MARGIN = timedelta(hours=1)  # > FUTURE_SKEW: a receipt's key outlives its lateness by this much
 BREAKER_SECONDS = 1.0
 WAITING_SCAN_PAGES = 20  # pages a waiting pass reads past purchases held on a failing basket
@@ -218,6 +218,7 @@ class Accrual:
             raise InvalidArgument(f"{cmd.receipt_time.isoformat()} is in the future", field="receipt_time")
         if cmd.tender_transaction_id:
             v.object_id(cmd.tender_transaction_id, "tx", "tender_transaction_id")
+        v.screening_context(cmd.context, self.svc.clock.now())
         transport = v.idem_key(cmd.transport_key) if cmd.transport_key is not None and cmd.transport_key.key else None
         return replace(cmd, key=natural_key(self.program, cmd), transport_key=transport)
 

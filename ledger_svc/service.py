@@ -716,7 +716,8 @@ class LedgerService:
                     f" be dated at most {SCREENED_LATENESS.days} days back", field="business_time",
                 )  # fmt: skip
         return c.Redeem(v.idem_key(cmd.key), v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units),
-                        cmd.points, cmd.business_time, cmd.reference, v.screening_context(cmd.context))  # fmt: skip
+                        cmd.points, cmd.business_time, cmd.reference,
+                        v.screening_context(cmd.context, self.clock.now()))  # fmt: skip
 
     async def redeem(self, cmd: c.Redeem) -> RedeemResult:
         """Screened by fraud_svc (after the replay check, so a retry never scores twice): allowed
@@ -752,13 +753,11 @@ class LedgerService:
             balance_points=balance.available_points, member_since=await self.member_since(member_id),
             counterparty_member_id=counterparty,
         )  # fmt: skip
-        if balance.available_points < points:
-            # Most likely refused for want of points, so not scored (a refused attempt retried
-            # would count in fraud_svc's velocity again and again); but an earn committing
-            # meanwhile can make it enough by the write, so the unscored policy decides it.
-            screening = self.fraud.unscored(request, "balance_short_when_screened")
-        else:
-            screening = await self.fraud.screen(request)
+        # Scored even when the balance looks short: points freed between this read and the
+        # write (an earn, or the caller voiding its own hold) would otherwise let an unscored
+        # spend through under the policy. A retry has the same event id, so fraud_svc counts
+        # one request once however often it is refused and sent again.
+        screening = await self.fraud.screen(request)
         if screening.verdict is Verdict.DENY:
             raise FraudDenied(screening, "source_member_id" if kind is ScreenedKind.TRANSFER else "member_id")
         return screening
@@ -867,7 +866,7 @@ class LedgerService:
         timeout = v.hold_timeout(cmd.timeout, self.policy.hold_timeout, self.policy.hold_max_timeout)
         cmd = c.PlaceHold(key, v.member_id(cmd.member_id), v.unit(cmd.unit, self.policy.units), cmd.points,
                           cmd.timeout, v.optional_text(cmd.reference, "reference"),
-                          v.screening_context(cmd.context))  # fmt: skip
+                          v.screening_context(cmd.context, self.clock.now()))  # fmt: skip
         await self._require_exists(cmd.member_id)
         screened: list[Screening | None] = [None]
 
@@ -977,7 +976,8 @@ class LedgerService:
         v.positive_points(cmd.points)
         cmd = replace(cmd, key=key, source_member_id=v.member_id(cmd.source_member_id, "source_member_id"),
                       destination_member_id=v.member_id(cmd.destination_member_id, "destination_member_id"),
-                      unit=v.unit(cmd.unit, self.policy.units), reason=v.optional_text(cmd.reason, "reason"))  # fmt: skip
+                      unit=v.unit(cmd.unit, self.policy.units), reason=v.optional_text(cmd.reason, "reason"),
+                      context=v.screening_context(cmd.context, self.clock.now()))  # fmt: skip
         if cmd.source_member_id == cmd.destination_member_id:
             raise InvalidArgument("source and destination are the same member", field="destination_member_id")
         await self._require_exists(cmd.source_member_id, "source_member_id")

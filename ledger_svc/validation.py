@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from ledger_svc.domain import IdemKey, InvalidArgument, Money, is_valid_id, is_valid_name
 from ledger_svc.screening import ScreeningContext
@@ -11,6 +11,10 @@ from pointmesh.currencies import is_known
 
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
+
+# How far ahead of the ledger's clock a caller's instant may be (clocks of tills and phones).
+FUTURE_SKEW = timedelta(minutes=5)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def idem_key(key: IdemKey | None, field: str = "idempotency_key") -> IdemKey:
@@ -105,7 +109,16 @@ def hold_timeout(value: timedelta | None, default: timedelta, maximum: timedelta
     return value
 
 
-def screening_context(ctx: ScreeningContext, field: str = "context") -> ScreeningContext:
+def screening_context(ctx: ScreeningContext, now: datetime, field: str = "context") -> ScreeningContext:
+    """Refused here what fraud_svc would refuse: its refusal is decided by the operation's
+    policy without a score, which lets a small spend through fail-open, so a caller able to
+    send a refused field could choose to go unscored (a blocked device included)."""
     for name in ("channel", "store_id", "device_id", "ip", "card_hash", "employee_card"):
         optional_text(getattr(ctx, name), f"{field}.{name}", max_len=128)
+    changed = ctx.contact_changed_at
+    if changed is not None and not EPOCH <= changed <= now + FUTURE_SKEW:
+        raise InvalidArgument(
+            f"must lie between 1970-01-01 and {FUTURE_SKEW} ahead of the ledger's clock ({now.isoformat()}),"
+            f" got {changed.isoformat()}", field=f"{field}.contact_changed_at",
+        )  # fmt: skip
     return ctx

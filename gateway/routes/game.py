@@ -59,6 +59,8 @@ async def join(
 ) -> dict[str, bool]:  # fmt: skip
     if caller.key is None:
         caller.may_read_member(body.member_id)  # a member token joins its own member only
+    # rules_svc would keep a row for any id: an unknown member is 404, as on every member route.
+    await call(LEDGER, gw.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=body.member_id)))
     found = await call(RULES, gw.rules.JoinChallenge(rules_pb2.JoinChallengeRequest(
         program=gw.settings.program, challenge_id=challenge_id, member_id=body.member_id)))  # fmt: skip
     return {"joined": found.joined}

@@ -216,3 +216,50 @@ async def test_a_chunk_that_fails_in_redis_fails_the_batch_and_leaves_the_client
         assert await velocity.observe_many(batch[:3]) == [(1, 1, 10, 0, -1), (2, 2, 20, 0, T0), (3, 3, 30, 0, T0 + MIN)]
     finally:
         await client.aclose()
+
+
+BUSY_SPEC = TrackSpec((60 * MIN, 24 * 60 * MIN), (60 * MIN,), (24 * 60 * MIN, 7 * 24 * 60 * MIN),
+                      retention_ms=7 * 24 * 60 * MIN)  # like an IP's: members seen in a day and a week  # fmt: skip
+
+
+def _busy_events(seed: int, n: int) -> list[tuple[str, int, int, str, bool]]:
+    """(event id, time, value, member tag, record) at one key over nine days: mostly in time
+    order, some late by up to two days, some replayed, a few without a tag, a few only read."""
+    rng = random.Random(seed)
+    out, at = [], T0
+    for i in range(n):
+        at += rng.randint(1, 600_000)
+        late = rng.random() < 0.05
+        when = at - rng.randint(1, 2 * 24 * 60 * MIN) if late else at
+        tag = "" if rng.random() < 0.03 else f"m{rng.randint(1, 400)}"
+        out.append((f"e{i}", when, rng.randint(1, 9_000), tag, rng.random() > 0.02))
+        if rng.random() < 0.02:
+            out.append(out[-1])
+    return out
+
+
+async def test_a_busy_keys_distinct_counts_come_from_its_tag_set_and_match_memory_velocity(
+    redis_velocity: RedisVelocity,
+) -> None:
+    """Distinct tags at a busy key (a carrier's IP, a shop's device) are counted from the tag set
+    beside it for an event at or after every entry, and from the entries for a late one; either
+    way the numbers are MemoryVelocity's. A key from before the tag set (its `:g` key gone) gets
+    one built from its entries, and counts on alike."""
+    memory = MemoryVelocity()
+    key = "i:busy"
+    events = _busy_events(seed=1206, n=3_000)
+    for n, (eid, at_ms, value, tag, record) in enumerate(events):
+        if n == 2_000:
+            await redis_velocity.redis.delete(f"{redis_velocity.prefix}{key}:g")
+        track = [Track(BUSY_SPEC, key, value, tag, record)]
+        got = await redis_velocity.observe(eid, at_ms, track, [])
+        assert got == await memory.observe(eid, at_ms, track, []), (n, eid)
+    tags = await redis_velocity.redis.zrange(f"{redis_velocity.prefix}{key}:g", 0, -1, withscores=True)
+    entries = await redis_velocity.redis.zrange(f"{redis_velocity.prefix}{key}", 0, -1, withscores=True)
+    newest: dict[str, float] = {}
+    for entry, at in entries:
+        tag = entry.decode().split("|")[1]
+        if tag:
+            newest[tag] = max(newest.get(tag, at), at)
+    assert {t.decode(): at for t, at in tags if t} == newest  # each tag's newest kept time
+    assert (b"", float("inf")) in tags and len(newest) > 300

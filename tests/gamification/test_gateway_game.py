@@ -12,6 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from gateway.app import key_store
+from pointmesh.v1 import rules_pb2
 from tests.gamification.conftest import Game
 from tests.gateway.conftest import GatewayUnderTest, start_gateway
 from tests.gateway.test_api import enrol, idem, problem, purchase_body
@@ -98,3 +99,16 @@ async def test_joining_needs_members_write_on_a_key_and_the_member_itself_on_a_t
     async with gw.client(token=token) as own:
         assert (await own.post("/v1/challenges/vip-sprint/join", json={"member_id": member})).status_code == 200
         problem(await own.post("/v1/challenges/vip-sprint/join", json={"member_id": other}), 403)
+
+
+async def test_joining_a_challenge_for_a_member_that_does_not_exist_is_404(game_gw: GatewayUnderTest) -> None:
+    """rules_svc keeps a row for any id it is asked about: the gateway asks the ledger first, as
+    the progress route does, so a mistyped id is not answered joined (nor stored)."""
+    async with game_gw.client("pos") as pos:
+        ghost = "m_" + "f" * 28  # the shape of a member id; no such member
+        missing = problem(await pos.post("/v1/challenges/vip-sprint/join", json={"member_id": ghost}), 404)
+        assert "member_id" in str(missing)
+        found = await game_gw.mesh.rules.stub.GetMemberProgress(
+            rules_pb2.GetMemberProgressRequest(program=game_gw.settings.program, member_id=ghost)
+        )
+        assert not [i for i in found.items if i.joined]

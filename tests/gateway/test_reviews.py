@@ -7,17 +7,20 @@ decides: redemptions of at least 2,000 points are held (fail closed), smaller on
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 
 from pointmesh.clock import ManualClock
 from pointmesh.redis_server import RedisServer, free_port
 from tests.conftest import start_ledger, start_rules, stop_ledger, stop_rules
 from tests.gateway.conftest import GatewayUnderTest, start_gateway
 from tests.gateway.test_api import enrol, idem, problem, purchase_body
+from tests.gateway.test_auth_and_live import member_token, next_message
 from tests.mesh.conftest import PROGRAM, START, Mesh
 
 
@@ -157,3 +160,33 @@ async def test_a_retried_transfer_that_review_rejected_says_so_and_nothing_moved
         retried = await pos.post("/v1/transfers", json=body, headers=key)
         assert retried.status_code == 200 and retried.json()["status"] == "REJECTED", retried.text
         assert retried.json()["hold"]["status"] == "VOIDED" and retried.json()["credit"] is None
+
+
+async def test_a_members_live_stream_shows_a_review_without_the_fraud_desks_reasons_or_note(
+    screened_gw: GatewayUnderTest,
+) -> None:
+    """REST keeps the review queue behind ops:read; the member's own stream (a member token, or a
+    call-centre key with members:read) says a review is open or decided on what, and nothing the
+    fraud team wrote or used to decide."""
+    gw = screened_gw
+    async with gw.client("pos") as pos, gw.client("fraud_desk") as desk:
+        member = await enrol(pos)
+        bought = await pos.post("/v1/purchases", json=purchase_body(gw, member, "R-1", 900_000), headers=idem())
+        assert bought.status_code == 201, bought.text
+        token = await member_token(gw, member)
+        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            held = await pos.post("/v1/redemptions", json={"member_id": member, "points": 3_000,
+                                                           "context": {"device_id": "new-phone"}}, headers=idem())  # fmt: skip
+            assert held.status_code == 202, held.text
+            review_id = held.json()["screening"]["review_id"]
+            note = "suspected account takeover: SIM swap reported by the carrier"
+            decided = await desk.post(f"/v1/ops/reviews/{review_id}/reject", json={"note": note}, headers=idem())
+            assert decided.status_code == 200, decided.text
+            opened = await next_message(ws, "review_opened", within=5)
+            closed = await next_message(ws, "review_decided", within=5)
+    for shown in (opened, closed):
+        assert shown["details"]["review_id"] == review_id and shown["details"]["points"] == "3000", shown
+        assert set(shown["details"]) <= {"review_id", "kind", "status", "points", "subject_ids", "purchase_id"}
+    assert closed["details"]["status"] == "REVIEW_STATUS_REJECTED"
+    assert note not in json.dumps([opened, closed])

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.keys import KeyRequestError, KeyStore
+from gateway.keys import MAX_CHANNEL, KeyRequestError, KeyStore
+from ledger_svc.domain import is_valid_name
 from ledger_svc.store.sqlite import SqliteLedgerStore
 from pointmesh.redis_server import RedisServer, free_port
 from tests.conftest import REPO, pointmesh_cli, wait_for_port
@@ -308,5 +309,21 @@ def test_key_verification_caches_only_keys_that_exist(tmp_path: Path) -> None:
         assert store.verify(plaintext) is None
         with pytest.raises(KeyRequestError, match="not valid names"):
             store.create("pos", ["members:read"], ["bad store"], "till 2")
+    finally:
+        store.close()
+
+
+def test_a_channel_too_long_to_name_its_keys_idempotency_namespace_is_refused(tmp_path: Path) -> None:
+    """A key's idempotency keys live in "<channel>:<key id>", which the ledger takes only as a
+    name of at most 64 characters: a channel leaving no room for it is refused at creation,
+    not accepted and then refused on every POST."""
+    store = KeyStore(tmp_path / "keys.db")
+    try:
+        longest = "c" * MAX_CHANNEL
+        _plaintext, key = store.create(longest, ["members:write"], [], "longest channel")
+        assert is_valid_name(f"{longest}:{key.key_id}")
+        with pytest.raises(KeyRequestError, match=f"at most {MAX_CHANNEL}"):
+            store.create(longest + "c", ["members:write"], [], "one too long")
+        assert [k.channel for k in store.list()] == [longest]
     finally:
         store.close()
