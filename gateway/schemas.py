@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
@@ -486,12 +486,24 @@ class QuarantinedLine(BaseModel):
 class ImportReport(BaseModel):
     """What a legacy import did with each record (docs/legacy.md)."""
 
+    # A file whose header is unusable quarantines every line: listing 250,000 of them was a 32 MB
+    # answer, built and validated on the gateway's event loop. The quarantine file has them all.
+    MAX_LISTED: ClassVar[int] = 1_000
+
     adapter: str = Field(examples=["csv"])
     channel: str = Field(examples=["pos"])
     accepted: int = Field(description="Receipts and returns recorded now.")
     duplicates: int = Field(description="Receipts and returns the ledger already had, from any transport.")
     pending_accrual: int = Field(description="Accepted purchases that earn once rules_svc answers.")
-    quarantined: list[QuarantinedLine]
+    quarantined: list[QuarantinedLine] = Field(
+        max_length=MAX_LISTED,
+        description=f"The quarantined lines in source order, the first {MAX_LISTED:,} of them at most; "
+        "`quarantine_file` holds every one.",
+    )
+    quarantined_total: int = Field(description="How many lines were quarantined, listed or not.", examples=[1])
+    quarantined_truncated: bool = Field(
+        description=f"True when there were more than {MAX_LISTED:,}, so `quarantined` lists only the first ones."
+    )
     quarantine_file: str | None = Field(
         description="The file the quarantined lines were appended to, by its name in the gateway's quarantine "
         "directory; null when nothing was quarantined."

@@ -4,6 +4,7 @@ purchase/return commands as every other channel, deduped by the receipt's natura
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -43,6 +44,7 @@ async def _warn_of_dev_secret(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(prefix="/v1/legacy", tags=["legacy"], lifespan=_warn_of_dev_secret)
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 MAX_WEBHOOK_BYTES = 256 * 1024
+MAX_LISTED = s.ImportReport.MAX_LISTED  # quarantined lines a report lists; it counts them all
 Parsed = LegacyPurchase | LegacyReturn | Quarantined
 
 
@@ -54,11 +56,15 @@ def _safe_name(source: str) -> str:
 
 
 def report_body(report: ImportReport) -> dict[str, Any]:
+    """The first MAX_LISTED quarantined lines and the count of all: the answer, and FastAPI's
+    check of it on the event loop, stay small however much of the file was quarantined."""
+    listed = report.quarantined[:MAX_LISTED]
     return {
         "adapter": report.adapter, "channel": report.channel, "accepted": report.accepted,
         "duplicates": report.duplicates, "pending_accrual": report.pending_accrual,
-        "quarantined": [{"source": q.source, "line": q.line, "reason": q.reason, "field": q.field}
-                        for q in report.quarantined],
+        "quarantined": [{"source": q.source, "line": q.line, "reason": q.reason, "field": q.field} for q in listed],
+        "quarantined_total": len(report.quarantined),
+        "quarantined_truncated": len(report.quarantined) > MAX_LISTED,
         # Its name in the gateway's quarantine directory: where the server keeps files is not the caller's.
         "quarantine_file": report.quarantine_file.name if report.quarantine_file else None,
     }  # fmt: skip
@@ -91,7 +97,8 @@ async def _run(gw: Any, records: Iterable[Parsed], adapter: str, channel: str, s
         raise unavailable(SERVICE_NAMES["ledger_svc"], late=late) from None
     if report.quarantined:
         path = gw.settings.data_dir / "quarantine" / f"{_safe_name(source)}.quarantine.jsonl"
-        write_quarantine(report.quarantined, path, adapter=adapter)
+        # Every line as JSON, then an fsync: seconds for a big file, which the loop must not wait out.
+        await asyncio.to_thread(write_quarantine, report.quarantined, path, adapter=adapter)
         report = replace(report, quarantine_file=path)
     return report
 

@@ -25,6 +25,9 @@ POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013
 _DENIAL = "websocket.http.response"  # the ASGI extension for answering a handshake with any HTTP response
 # How often a quiet socket re-checks its credential.
 RECHECK_SECONDS = 30.0
+# How long a close frame may wait to be written, and then for the connection to end, before
+# the socket is aborted (the client has not read what was ahead of the frame).
+CLOSE_SECONDS = 5.0
 
 
 def _credential(ws: WebSocket) -> str:
@@ -96,6 +99,83 @@ async def _until_closed(ws: WebSocket, sub: Subscription) -> None:
             sub.offer({"type": "pong"})
 
 
+def _abort(ws: WebSocket) -> None:
+    """Drops the connection without a close frame: one cannot pass a buffer the client does not
+    read, and a graceful close would wait on that buffer (and keep the socket) for as long as the
+    client stays silent. The transport is the ASGI server's (uvicorn's protocol object behind
+    `receive`); without one the server closes the socket when the route returns."""
+    for channel in (ws._receive, ws._send):
+        transport = getattr(getattr(channel, "__self__", None), "transport", None)
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+            return
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    """Closes with `code`, and aborts when the close frame cannot be written within CLOSE_SECONDS
+    (it waits, like any send, for the client to read what is already buffered) or the connection
+    is not over CLOSE_SECONDS after it was: a frame written behind data the client never reads
+    stays in the buffer, and the server's own close waits for that buffer to drain."""
+    try:
+        async with asyncio.timeout(CLOSE_SECONDS):
+            await ws.close(code=code, reason=reason)
+    except TimeoutError:
+        _abort(ws)
+    else:
+        asyncio.get_running_loop().call_later(CLOSE_SECONDS, _abort, ws)
+
+
+async def _credential_close(ws: WebSocket, problem: Problem) -> None:
+    code = _close_code(problem)
+    said = "cannot be checked now" if code == TRY_AGAIN_LATER else "expired or was revoked"
+    await _close(ws, code, f"the credential {said}; reconnect")
+
+
+async def _sent(
+    ws: WebSocket,
+    message: dict[str, Any],
+    overflow: asyncio.Future[Any],
+    leaving: asyncio.Future[None],
+    still_valid: Callable[[], Awaitable[None]],
+) -> bool:
+    """Sends one message; False when the socket was given up while the send waited. A send
+    waits as long as the client's socket buffer is full, so it is raced against what ends the
+    stream: the client leaving, its queue overflowing, its credential dying (re-checked every
+    RECHECK_SECONDS while it waits). A client that reads nothing would otherwise stay open and
+    subscribed for good. The overflow and the credential abort the socket: a close frame would
+    wait behind the same full buffer, and an abandoned send has written nothing."""
+    sending = asyncio.ensure_future(ws.send_json(message))
+    try:
+        while True:
+            done, _ = await asyncio.wait(
+                {sending, overflow, leaving}, timeout=RECHECK_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+            if sending in done:
+                sending.result()  # a disconnect raises here
+                return True
+            if leaving in done:
+                return False
+            if overflow in done or not await _valid(still_valid):
+                _abort(ws)
+                return False
+    finally:
+        await _cancelled(sending)
+
+
+async def _valid(still_valid: Callable[[], Awaitable[None]]) -> bool:
+    try:
+        await still_valid()
+    except Problem:
+        return False
+    return True
+
+
+async def _cancelled(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
 async def _pump(
     ws: WebSocket, sub: Subscription, hello: dict[str, Any], still_valid: Callable[[], Awaitable[None]]
 ) -> None:
@@ -115,25 +195,22 @@ async def _pump(
             if leaving in done:
                 return
             if overflow in done:
-                await ws.close(code=TRY_AGAIN_LATER, reason="too far behind; reconnect and read the balance")
+                await _close(ws, TRY_AGAIN_LATER, "too far behind; reconnect and read the balance")
                 return
             try:
                 await still_valid()
             except Problem as problem:
-                code = _close_code(problem)
-                said = "cannot be checked now" if code == TRY_AGAIN_LATER else "expired or was revoked"
-                await ws.close(code=code, reason=f"the credential {said}; reconnect")
+                await _credential_close(ws, problem)
                 return
             if nxt in done:
-                await ws.send_json(nxt.result())
+                if not await _sent(ws, nxt.result(), overflow, leaving, still_valid):
+                    return
                 nxt = asyncio.ensure_future(sub.queue.get())
     except WebSocketDisconnect:
         return
     finally:
         for task in (nxt, leaving, overflow):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _cancelled(task)
 
 
 @router.websocket("/v1/members/{member_id}/live")
