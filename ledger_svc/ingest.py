@@ -59,15 +59,30 @@ class BatchIngest:
         for i, error in conflicts.items():
             results[i] = error
         live = [p for p in prepared if p.index not in conflicts]
-        together = [p for p in live if p.via is None and p.index not in seen]
-        alone = [p for p in live if p.via is not None or p.index in seen]
+        # An item claimed before (a resent stream) or run by its own use case goes one at a
+        # time, and with it every item of its member, in stream order: a member's redemption
+        # must not be written before the earn ahead of it that this run writes for the first time.
+        one_by_one = {p.lane for p in live if (p.via is not None or p.index in seen) and p.lane}
+        together = [p for p in live if p.via is None and p.index not in seen and p.lane not in one_by_one]
+        lanes: dict[str, list[_Prepared]] = {}
+        for p in live:
+            if p.via is not None or p.index in seen or p.lane in one_by_one:
+                lanes.setdefault(p.lane or f"#{p.index}", []).append(p)
         for index, outcome in await self._together(together):
             results[index] = outcome
-        outcomes = await asyncio.gather(*(self._one(p, p.index in seen) for p in alone), return_exceptions=True)
-        for p, outcome in zip(alone, _settled(outcomes), strict=True):
-            results[p.index] = outcome
+        for lane in await asyncio.gather(*(self._in_order(lane, seen) for lane in lanes.values())):
+            for index, outcome in lane:
+                results[index] = outcome
         await self._give_back_refused(live, seen, results)
         return results
+
+    async def _in_order(self, lane: list[_Prepared], seen: set[int]) -> list[tuple[int, Any]]:
+        """One member's items one at a time, each as a single request would run."""
+        out = []
+        for p in lane:
+            outcome = await asyncio.gather(self._one(p, p.index in seen), return_exceptions=True)
+            out.append((p.index, _settled(outcome)[0]))
+        return out
 
     async def _give_back_refused(self, live: list[_Prepared], seen: set[int], results: list[Any]) -> None:
         """The keys this batch claimed for items then refused (nothing written), as a single
@@ -157,7 +172,9 @@ class BatchIngest:
     async def _one(self, p: _Prepared, maybe_replay: bool) -> tuple[Any, bool]:
         svc = self.service
         if p.via is not None:
-            return await p.via(p.command), False
+            # Its use case answers a replay as the first time: whether a result is stored tells.
+            stored = await svc._stored_result(p.command.key, p.fingerprint, p.shard, object) if maybe_replay else None
+            return await p.via(p.command), stored is not None
         if maybe_replay:
             stored = await svc._stored_result(p.command.key, p.fingerprint, p.shard, p.result_type)
             if stored is not None:
@@ -212,6 +229,11 @@ class _Prepared:
     owner: str = ""  # the member whose partition the item writes, when known before the write
     not_merged: str = ""  # a member who must not be merged away, checked after the replay (adjust)
     via: Callable[[Any], Awaitable[Any]] | None = None  # a use case that runs the item itself
+
+    @property
+    def lane(self) -> str:
+        """The member whose items must keep their stream order ("": not known before the write)."""
+        return self.owner or self.member_id
 
 
 async def _refusals(members: Sequence[str], check: Callable[[str], Awaitable[None]]) -> dict[str, LedgerError]:

@@ -22,6 +22,10 @@ from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2
 log = logging.getLogger(__name__)
 DOMAIN = "ledger.pointmesh.dev"
 INGEST_CHUNK = 500
+# Entries an IngestBatch answer lists at most (ledger.proto): the answer of a long stream must
+# fit in one gRPC message (16 MiB), and the server holds it until the stream ends.
+MAX_LISTED_FAILURES = 20_000
+MAX_LISTED_PURCHASES = 100_000
 
 # The one table from domain errors to gRPC codes; most specific class first.
 ERROR_CODES: tuple[tuple[type[d.LedgerError], grpc.StatusCode], ...] = (
@@ -314,6 +318,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 continue
             yield ledger_pb2.WatchEventsResponse(event=event, position=message.position)
 
+    @translated
     async def IngestBatch(
         self, request_iterator: AsyncIterator[ledger_pb2.IngestBatchRequest], context: grpc.aio.ServicerContext
     ) -> ledger_pb2.IngestBatchResponse:
@@ -339,16 +344,22 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         for i, outcome in enumerate(results):
             if isinstance(outcome, d.LedgerError):
                 summary.failed += 1
-                summary.failures.append(ledger_pb2.IngestFailure(
-                    index=offset + i, code=grpc_code(outcome).name, message=outcome.message, field=outcome.field,
-                ))  # fmt: skip
+                if len(summary.failures) < MAX_LISTED_FAILURES:
+                    summary.failures.append(ledger_pb2.IngestFailure(
+                        index=offset + i, code=grpc_code(outcome).name, message=outcome.message, field=outcome.field,
+                    ))  # fmt: skip
+                else:
+                    summary.truncated = True
                 continue
             if outcome[1]:
                 summary.replayed += 1
             else:
                 summary.posted += 1
             if isinstance(outcome[0], PurchaseRecord):
-                summary.purchases.append(cv.ingested_pb(offset + i, outcome[0], outcome[1]))
+                if len(summary.purchases) < MAX_LISTED_PURCHASES:
+                    summary.purchases.append(cv.ingested_pb(offset + i, outcome[0], outcome[1]))
+                else:
+                    summary.truncated = True
 
     @translated
     async def ListReviews(

@@ -1157,19 +1157,21 @@ class LedgerService:
         from ledger_svc.batch_accrual import BatchAccrual
         from ledger_svc.ingest import BatchIngest
 
-        if not items:
-            return []
-        purchases = [i for i, item in enumerate(items) if isinstance(item, c.RecordPurchase)]
-        if not purchases:
-            return await BatchIngest(self).run(items)  # type: ignore[arg-type]
-        others = [i for i, item in enumerate(items) if not isinstance(item, c.RecordPurchase)]
-        bought, posted = await asyncio.gather(
-            BatchAccrual(self.accrual).run([items[i] for i in purchases]),  # type: ignore[misc]
-            BatchIngest(self).run([items[i] for i in others]),  # type: ignore[misc]
-        )
-        results: list[Any] = [None] * len(items)
-        for i, outcome in [*zip(purchases, bought, strict=True), *zip(others, posted, strict=True)]:
-            results[i] = outcome
+        results: list[Any] = []
+        for segment in _in_member_order(items):
+            purchases = [i for i, item in enumerate(segment) if isinstance(item, c.RecordPurchase)]
+            if not purchases:
+                results += await BatchIngest(self).run(segment)  # type: ignore[arg-type]
+                continue
+            others = [i for i, item in enumerate(segment) if not isinstance(item, c.RecordPurchase)]
+            bought, posted = await asyncio.gather(
+                BatchAccrual(self.accrual).run([segment[i] for i in purchases]),  # type: ignore[misc]
+                BatchIngest(self).run([segment[i] for i in others]),  # type: ignore[misc]
+            )
+            done: list[Any] = [None] * len(segment)
+            for i, outcome in [*zip(purchases, bought, strict=True), *zip(others, posted, strict=True)]:
+                done[i] = outcome
+            results += done
         return results
 
 
@@ -1179,6 +1181,26 @@ MAINTENANCE_PAGES = 200
 # How long one replica trusts a member's status or profile it read (see _MemberCache).
 MEMBER_CACHE_SECONDS = 2.0
 V = TypeVar("V")
+
+
+def _in_member_order(items: Sequence[Any]) -> list[Sequence[Any]]:
+    """The batch cut where a member's items switch between purchases and other postings.
+    Purchases and postings run side by side (a purchase waits for rules_svc and fraud_svc, a
+    posting does not), so a redemption after the purchase that earns its points would otherwise
+    be written first and refused. Segments run one after another; a batch of one kind is one."""
+    segments: list[Sequence[Any]] = []
+    start = 0
+    kinds: dict[str, bool] = {}  # member -> whether its items in the current segment are purchases
+    for i, item in enumerate(items):
+        member = getattr(item, "member_id", "")  # a reversal names a transaction, not a member
+        if not member:
+            continue
+        buying = isinstance(item, c.RecordPurchase)
+        if kinds.setdefault(member, buying) != buying:
+            segments.append(items[start:i])
+            start, kinds = i, {member: buying}
+    segments.append(items[start:])
+    return [s for s in segments if s]
 
 
 def _purge_slice(cutoff: datetime, resume: str, tx: ShardTx) -> tuple[int, str]:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
@@ -147,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
     """Exit 0: zero differences; 1: differences left for a person; 75: ledger unavailable."""
-    from ledger_svc.reconcile import reconcile
+    from ledger_svc.reconcile import SAGA_GRACE, reconcile
 
     settings = _settings()
     _no_ledger_guard(settings, "nothing reconciled")
@@ -161,7 +161,8 @@ def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
     async def run() -> int:
         store = _open_store(settings)
         try:
-            report = await reconcile(store)
+            grace = SAGA_GRACE if args.saga_grace_seconds is None else timedelta(seconds=args.saga_grace_seconds)
+            report = await reconcile(store, saga_grace=grace)
         finally:
             await store.close()
         print(f"shards: {report.shards}  accounts: {report.accounts}")
@@ -644,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--adapter", default="csv", choices=["csv", "fixed-width", "webhook"])
     rec.add_argument("--channel", default=None, help="channel for receipts that name none (default: the adapter's)")
     rec.add_argument("--quarantine-dir", default="", help="where unreadable lines go (default: DATA_DIR/quarantine)")
+    rec.add_argument("--saga-grace-seconds", type=float, default=None,
+                     help="report sagas open longer than this (default 60; 0 with the ledger stopped: any open"
+                          " one is stuck)")  # fmt: skip
     rec.set_defaults(func=cmd_ledger_reconcile)
     ledger.add_parser("migrate", help="create or upgrade the Cassandra keyspace (POINTMESH_CASSANDRA_*)").set_defaults(
         func=cmd_ledger_migrate

@@ -1961,13 +1961,22 @@ class IngestBatchResponse(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
     PURCHASES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     posted: _builtins.int
     replayed: _builtins.int
     """Items whose idempotency key was already used with the same payload."""
     failed: _builtins.int
+    truncated: _builtins.bool
+    """Some failures or purchases were not listed (see above): send long streams in parts to
+    have every item's answer.
+    """
     @_builtins.property
-    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestFailure]: ...
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestFailure]:
+        """The first 20,000 failures and 100,000 purchases of the stream, so that the answer of a
+        long stream still fits in one message; the counts above are whole.
+        """
+
     @_builtins.property
     def purchases(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestedPurchase]: ...
     def __init__(
@@ -1979,10 +1988,11 @@ class IngestBatchResponse(_message.Message):
         failed: _builtins.int = ...,
         failures: _abc.Iterable[Global___IngestFailure] | None = ...,
         purchases: _abc.Iterable[Global___IngestedPurchase] | None = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failures", b"failures", "posted", b"posted", "purchases", b"purchases", "received", b"received", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failures", b"failures", "posted", b"posted", "purchases", b"purchases", "received", b"received", "replayed", b"replayed", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

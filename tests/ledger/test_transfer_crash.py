@@ -86,7 +86,7 @@ def test_cross_shard_transfer_killed_mid_saga_completes_exactly_once_after_resta
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
         assert doomed.wait(timeout=10) == -signal.SIGKILL, log_path.read_text()
 
-    down = pointmesh_cli("ledger", "reconcile", env=env)
+    down = pointmesh_cli("ledger", "reconcile", "--saga-grace-seconds", "0", env=env)  # the ledger is down
     assert down.returncode == 1, down.stdout + down.stderr
     assert "transfer saga left open" in down.stdout
     assert "reconcile: OK" not in down.stdout

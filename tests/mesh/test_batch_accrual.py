@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from pointmesh.v1 import ledger_pb2
-from tests.ledger.helpers import balance, figures
+from tests.ledger.helpers import balance, figures, key
 from tests.mesh.conftest import Mesh
 from tests.mesh.helpers import Line, by_rule, exact, new_member, purchase_request
 from tests.mesh.test_outage import settle_all
@@ -200,3 +200,22 @@ async def test_a_write_retried_after_a_lost_race_reports_only_what_committed(
     ]
     assert [dict(p.earned) for p in response.purchases] == [exact(p) for p in stored]
     assert (await balance(mesh.ledger.stub, member)).balance_points == 5 + 100 + 10 + 20
+
+
+async def test_a_redemption_after_the_purchase_that_earns_its_points_in_one_batch_posts(mesh: Mesh) -> None:
+    """Purchases and other postings of a batch run side by side; a member's redemption after
+    its purchase waits for it (the batch is cut there), as it would in two batches."""
+    member, other = await new_member(mesh), await new_member(mesh)
+    items = [
+        ledger_pb2.IngestBatchRequest(purchase=purchase_request(member, [("misc", 50, 1)], at=mesh.clock.now())),
+        ledger_pb2.IngestBatchRequest(purchase=purchase_request(other, [("misc", 50, 1)], at=mesh.clock.now())),
+        ledger_pb2.IngestBatchRequest(redeem=ledger_pb2.RedeemRequest(idempotency_key=key(), member_id=member,
+                                                                      points=60)),
+        ledger_pb2.IngestBatchRequest(redeem=ledger_pb2.RedeemRequest(idempotency_key=key(), member_id=other,
+                                                                      points=100)),
+    ]  # fmt: skip
+    response = await ingest(mesh, items)
+    assert [(f.index, f.code) for f in response.failures] == []
+    assert (response.posted, response.failed) == (4, 0)
+    assert (await balance(mesh.ledger.stub, member)).balance_points == 100 - 60  # the welcome bonus, less 60
+    assert (await balance(mesh.ledger.stub, other)).balance_points == 0
