@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from ledger_svc import codec
@@ -198,6 +198,9 @@ def load_state(book: ShardBook, member_id: str) -> MemberState:
     return MemberState() if raw is None else codec.loads(MemberState, raw)
 
 
+# A purchase this recent is priced under the version in effect now (one published to start in
+# between aside) and tells the member's tier itself; an older one leaves that to the pass.
+TOLD_BY_PURCHASE = timedelta(minutes=10)
 PURCHASE_REFERENCE = "purchase "  # an accrual earn's reference: "purchase <purchase id>"
 
 
@@ -329,13 +332,19 @@ def accrue(
         counters[key] = counters.get(key, 0) + n
     qualification, tier_after, bucket, metric = dict(state.qualification), quote.tier, "", ""
     # The tier as of now, not the receipt's (a late receipt is priced at the tier of its own
-    # time): what the member was last told is compared with it, and its lapse watched.
-    told, tier_now, due = state.tier or quote.tier, quote.tier, state.tier_due
+    # time): what the member was last told is compared with it, and its lapse watched. A version
+    # without tiers leaves the tier told as it was.
+    told, tier_now, due = state.tier or quote.tier, state.tier, state.tier_due
     if (policy := quote.tier_policy) is not None:
         metric = policy.metric_unit
         bucket = month_bucket(record.receipt_time, policy.timezone)
         qualification[bucket] = qualification.get(bucket, 0) + record.earned().get(metric, 0)
         tier_after = effective_tier(policy, qualification, record.receipt_time)
+    if policy is not None and book.now - record.receipt_time > TOLD_BY_PURCHASE:
+        # Priced under the version of its own time, which may not be the one in effect now
+        # (its thresholds, its tier codes): the maintenance pass asks rules_svc at once.
+        due = book.now
+    elif policy is not None:
         at = max(book.now, record.receipt_time)
         same = same_standing(policy, record.receipt_time, at)
         tier_now = tier_after if same else effective_tier(policy, qualification, at)

@@ -653,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_ledger_migrate
     )
     ledger.add_parser(
-        "backfill", help="once, after upgrading a Cassandra ledger from before 2026-12-05: listings and TTLs"
+        "backfill", help="once, after upgrading a Cassandra ledger from before 2026-12-06: tiers, listings and TTLs"
     ).set_defaults(func=cmd_ledger_backfill)
     gen = sub.add_parser("loadgen", help="purchases through the full accrual path, then exact reconciliation")
     gen.add_argument("--purchases", type=_positive, default=20_000)

@@ -1041,6 +1041,15 @@ def _open(kind: str, body: str) -> bool:
     return kind != "saga" or _dec_saga("", body).state == SagaState.HELD
 
 
+def _told_unwatched(state: Sequence[Any], watched: Sequence[Any]) -> bool:
+    """A member state (its one row, if any) naming a tier told, of an active member's, with no
+    tier_due row beside it: written before tiers were watched."""
+    if not state or watched:
+        return False
+    body = json.loads(state[0].body)
+    return bool(body.get("tier")) and not body.get("merged_into")
+
+
 def _bucket(kind: str, at: int) -> int:
     """Events are queued by sequence (microseconds x SEQ_TAGS), timers by due time."""
     return (at // SEQ_TAGS if kind == "outbox" else at) // QUEUE_BUCKET_US[kind]
@@ -1733,20 +1742,22 @@ class CassandraLedgerStore:
         return [list(f.result()) for f in futures]
 
     def backfill(self, shard: int, members_at_once: int = 32) -> dict[str, int]:
-        """One pass over a shard after upgrading from a release before 2026-12-05, run once no
-        process runs the older code (`pointmesh ledger backfill`): writes the purchase_days and
+        """One pass over a shard after upgrading from a release before 2026-12-06, run once no
+        process runs the older code (`pointmesh ledger backfill`): makes every tier told before
+        tiers were watched due now (`tiers`), writes the purchase_days and
         review_days rows of the purchases and reviews it stored (`listed` counts both), and gives
         the idempotency records, owner rows and sent events it wrote without a TTL the rest of
         their retention (deleting those already past it). Once through, the shard's review
         listings read review_days instead of every member. Every write is idempotent, so a pass
         can be run again; returns what it did."""
-        done = {"listed": 0, "expiring": 0, "deleted": 0}
+        done = {"listed": 0, "expiring": 0, "deleted": 0, "tiers": 0}
         now = time.time()
+        now_us = int(now * 1e6)
         parts = [p for p, _ in self.partitions(shard, "")]
         review_days: set[tuple[str, int]] = set()
         for start in range(0, len(parts), members_at_once):
             chunk = parts[start : start + members_at_once]
-            kinds = ("purchase", "months", "idem", "sent", "review")
+            kinds = ("purchase", "months", "idem", "sent", "review", "state", "tier_due")
             found = self.rows_many([("kind_ttl", (self.ledger, p, kind)) for p in chunk for kind in kinds])
             per = len(kinds)
             # Owner rows before their records: a run that fails between the two and runs again
@@ -1754,7 +1765,15 @@ class CassandraLedgerStore:
             calls: list[tuple[str, tuple[Any, ...]]] = []
             records: list[tuple[str, tuple[Any, ...]]] = []
             for n, p in enumerate(chunk):
-                purchases, months, idem, sent, reviews = found[n * per : (n + 1) * per]
+                purchases, months, idem, sent, reviews, state, watched = found[n * per : (n + 1) * per]
+                if _told_unwatched(state, watched):
+                    # A tier told before tiers were watched: due now, so the maintenance pass
+                    # looks at it under the version in effect and announces what lapsed.
+                    calls.append(("queue_put", (self.ledger, shard, "tier", _bucket("tier", now_us), now_us, p, "",
+                                                now_us, now_us)))  # fmt: skip
+                    calls.append(("buckets_put", (self.ledger, shard, "tier", _bucket("tier", now_us), now_us)))
+                    records.append(("put", (self.ledger, p, "tier_due", "", str(now_us))))
+                    done["tiers"] += 1
                 history = self.rows_many([("hist_kind", (self.ledger, p, month, kind))
                                           for row in months for month in json.loads(row.body)
                                           for kind in ("purchase", "review")])  # fmt: skip
@@ -1788,7 +1807,6 @@ class CassandraLedgerStore:
             for batch in (calls, records):  # at most BACKFILL_IN_FLIGHT writes at a time
                 for at in range(0, len(batch), BACKFILL_IN_FLIGHT):
                     self.run_many(batch[at : at + BACKFILL_IN_FLIGHT])
-        now_us = int(now * 1e6)
         days = [("review_bucket_put", (self.ledger, shard, status, bucket, now_us)) for status, bucket in review_days]
         for at in range(0, len(days), BACKFILL_IN_FLIGHT):
             self.run_many(days[at : at + BACKFILL_IN_FLIGHT])

@@ -11,7 +11,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -901,6 +901,27 @@ def _add_columns(conn: sqlite3.Connection, table: str, columns: dict[str, str], 
     _upgrade_once(conn, lambda: _lacks_column(conn, table, next(iter(columns))) or None, add)
 
 
+def _watch_told_tiers(conn: sqlite3.Connection) -> None:
+    """A shard written before tiers were watched (no tier_due table) gets one, with every member
+    it has told a tier due at once: the maintenance pass looks at each under the version in
+    effect and announces what lapsed meanwhile (members never looked at would not hear of it)."""
+
+    def pending() -> bool | None:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+        return True if "member_state" in tables and "tier_due" not in tables else None
+
+    def watch(_: bool) -> None:
+        log.warning("watching the tiers told before (a one-time upgrade): every told tier due now")
+        conn.execute("CREATE TABLE tier_due (member_id TEXT PRIMARY KEY, due INTEGER NOT NULL) WITHOUT ROWID")
+        conn.execute(
+            "INSERT INTO tier_due SELECT member_id, ? FROM member_state"
+            " WHERE coalesce(json_extract(state, '$.tier'), '') != '' AND coalesce(json_extract(state, '$.merged_into'), '') = ''",
+            (to_us(datetime.now(UTC)),),
+        )
+
+    _upgrade_once(conn, pending, watch)
+
+
 def _lacks_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
     """Whether the table exists without the column (a file from an earlier release)."""
     columns = {str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")}
@@ -1020,6 +1041,7 @@ class SqliteLedgerStore:
             # Lots that expired earlier did not count it: a return of their earn is taken from the
             # member, as before.
             _add_columns(conn, "lots", {"expired": "INTEGER NOT NULL DEFAULT 0"}, "the points of each lot that expired")
+            _watch_told_tiers(conn)
             conn.executescript(schema)
         finally:
             conn.close()

@@ -86,7 +86,7 @@ async def test_backfill_gives_earlier_retention_rows_a_ttl_or_deletes_them(cassa
             store.q("put", (store.ledger, "0/m1", "sent", f"ev_{id_}", json.dumps(["ev", "{}", at])))
         store.q("members_put", (store.ledger, 0, "0/m1"))
 
-        assert store.backfill(0) == {"listed": 0, "expiring": 2, "deleted": 2}
+        assert store.backfill(0) == {"listed": 0, "expiring": 2, "deleted": 2, "tiers": 0}
         idem = {r.id: r.ttl for r in store.q("kind_ttl", (store.ledger, "0/m1", "idem"))}
         sent = {r.id: r.ttl for r in store.q("kind_ttl", (store.ledger, "0/m1", "sent"))}
         assert list(idem) == ["recent"] and list(sent) == ["ev_recent"]
@@ -95,7 +95,7 @@ async def test_backfill_gives_earlier_retention_rows_a_ttl_or_deletes_them(cassa
         assert store.q("owner_get", (store.ledger, 0, "old")).one() is None
         assert store.q("owner_get", (store.ledger, 0, "recent")).one() is not None
         # Run again: nothing left without a TTL.
-        assert store.backfill(0) == {"listed": 0, "expiring": 0, "deleted": 0}
+        assert store.backfill(0) == {"listed": 0, "expiring": 0, "deleted": 0, "tiers": 0}
     finally:
         await store.close()
 
@@ -118,7 +118,7 @@ async def test_the_backfill_command_lists_earlier_purchases(cassandra_session: C
         }  # fmt: skip
         done = pointmesh_cli("ledger", "backfill", env=env, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert "backfill: shard 0: listed 1, expiring 0, deleted 0" in done.stdout
+        assert "backfill: shard 0: listed 1, expiring 0, deleted 0, tiers 0" in done.stdout
         assert await _listed(store, 0, "s1") == ["pu_1"]
     finally:
         await store.close()
@@ -146,5 +146,33 @@ async def test_a_quiet_channel_month_lists_in_order_across_hundreds_of_empty_buc
         assert await pages(1) == [["pu_a"], ["pu_b"], ["pu_c"], []]
         assert await pages(2) == [["pu_a", "pu_b"], ["pu_c"]]
         assert await pages(10) == [["pu_a", "pu_b", "pu_c"]]
+    finally:
+        await store.close()
+
+
+async def test_backfill_makes_the_tiers_told_before_tiers_were_watched_due(
+    cassandra_session: CassandraSession,
+) -> None:
+    """A member state an earlier release wrote names the tier it told and no due time: the pass
+    makes it due now (the maintenance job then looks at it), leaves a merged-away member's and
+    one already watched alone, and does nothing the second time."""
+    store = cassandra_session.open_store("bt" + uuid.uuid4().hex[:12], 1)
+    later = datetime.now(UTC) + timedelta(days=400)
+    try:
+        for member, state in (
+            ("told", {"tier": "gold"}),
+            ("entry", {"tier": ""}),
+            ("gone", {"tier": "gold", "merged_into": "told"}),
+            ("watched", {"tier": "gold"}),
+        ):
+            store.q("put", (store.ledger, f"0/{member}", "state", "", json.dumps(state)))
+            store.q("members_put", (store.ledger, 0, f"0/{member}"))
+        await store.write(0, lambda tx: tx.set_tier_due("watched", later))
+
+        assert store.backfill(0)["tiers"] == 1
+        due = await store.read(0, lambda tx: tx.tiers_due_by(datetime.now(UTC) + timedelta(seconds=1), 10))
+        assert due == ["told"]
+        assert store.backfill(0)["tiers"] == 0
+        assert await store.read(0, lambda tx: tx.tiers_due_by(later, 10)) == ["told", "watched"]
     finally:
         await store.close()

@@ -7,15 +7,21 @@ announce yet tells it itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
+from ledger_svc.store.sqlite import SqliteLedgerStore
 from pointmesh.events import LEDGER_EVENTS
 from pointmesh.redis_server import RedisServer
-from pointmesh.v1 import ledger_pb2
+from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
+from tests.conftest import start_ledger, stop_ledger
 from tests.ledger.helpers import key
-from tests.mesh.conftest import Mesh
+from tests.mesh.conftest import PROGRAM, Mesh
 from tests.mesh.helpers import buy, new_member, return_lines, welcomed_member
 
 # Silver earned in 2026 holds until midnight in Helsinki 30 days into 2028.
@@ -116,5 +122,115 @@ async def test_a_merge_lifting_the_target_to_a_tier_is_announced(mesh: Mesh, red
         assert await tier_events(redis, source, 0) == []
         assert await tier(mesh, target) == "silver"
         assert await maintenance(mesh) == 0
+    finally:
+        await redis.aclose()
+
+
+async def publish(mesh: Mesh, document: str, name: str) -> None:
+    assert document != PROGRAM.read_text()
+    await mesh.rules.stub.PublishProgram(
+        rules_pb2.PublishProgramRequest(idempotency_key=common_pb2.IdempotencyKey(key=name), document=document)
+    )
+
+
+SILVER_1000 = PROGRAM.read_text().replace("{code: silver, threshold: 300}", "{code: silver, threshold: 1000}")
+GOLD = PROGRAM.read_text().replace("silver", "gold")
+NO_TIERS = (
+    PROGRAM.read_text()
+    .replace('  - id: silver\n    priority: 10\n    when: {tiers: [silver]}\n    effect: {multiplier: "2"}\n', "")
+    .split("tiers:\n  metric_unit")[0]
+    + "policy:"
+    + PROGRAM.read_text().split("\npolicy:")[1]
+)
+
+
+async def test_a_late_receipt_priced_under_an_older_version_leaves_the_telling_to_the_pass(
+    mesh: Mesh, redis_server: RedisServer
+) -> None:
+    """v2, in effect now, wants 1000 credits for silver; a late receipt of v1's time brings the
+    member to 350, silver under v1. The member is blue under the version in effect, so nothing is
+    told: the purchase leaves it to the pass, which asks rules_svc now. And a version renaming
+    silver gold is not undone by a late receipt priced under the old names."""
+    redis = Redis.from_url(redis_server.url)
+    try:
+        member = await welcomed_member(mesh)
+        await buy(mesh, member, [("misc", 25_000, 1)])  # 250 credits: blue under both versions
+        paid_at = mesh.clock.now() + timedelta(hours=1)
+        mesh.clock.advance(timedelta(days=3))
+        await publish(mesh, SILVER_1000, "silver-1000")
+        late = await buy(mesh, member, [("misc", 10_000, 1)], at=paid_at)  # v1's time: 350 credits
+        assert late.purchase.program_version == 1 and late.purchase.tier_after == "silver"
+        assert await tier(mesh, member) == "blue"
+        assert await maintenance(mesh) == 0
+        await buy(mesh, member, [("misc", 100, 1)])
+        assert await tier_events(redis, member, 1) == []
+
+        renamed_member = await welcomed_member(mesh)
+        mesh.clock.advance(timedelta(days=1))
+        up = await buy(mesh, renamed_member, [("misc", 100_000, 1)])  # 1000 credits: silver under v2
+        paid_at = mesh.clock.now()
+        mesh.clock.advance(timedelta(days=1))
+        await publish(mesh, GOLD.replace("threshold: 300", "threshold: 1000"), "gold-1000")
+        assert await maintenance(mesh) == 0  # (a new version is looked at when a purchase is due)
+        renamed = await buy(mesh, renamed_member, [("misc", 100, 1)])  # now gold: the rename told
+        await buy(mesh, renamed_member, [("misc", 100, 1)], at=paid_at + timedelta(minutes=1))  # priced as silver
+        again = await buy(mesh, renamed_member, [("misc", 100, 1)])
+        assert await tier(mesh, renamed_member) == "gold"
+        events = await tier_events(redis, renamed_member, 3)
+        assert events == [("blue", "silver", up.purchase.purchase_id), ("silver", "gold", renamed.purchase.purchase_id)]
+        assert again.purchase.tier_before == "gold"
+    finally:
+        await redis.aclose()
+
+
+async def test_a_season_without_tiers_keeps_the_tier_told_and_its_lapse_is_announced(
+    mesh: Mesh, redis_server: RedisServer
+) -> None:
+    redis = Redis.from_url(redis_server.url)
+    try:
+        member = await welcomed_member(mesh)
+        await buy(mesh, member, [("misc", 35_000, 1)])  # told silver, due 2028-01-30
+        mesh.clock.advance(timedelta(days=3))
+        await publish(mesh, NO_TIERS, "no-tiers")
+        await buy(mesh, member, [("misc", 100, 1)])
+        mesh.clock.advance(timedelta(days=3))
+        await publish(mesh, PROGRAM.read_text().replace("expiry_days: 365", "expiry_days: 366"), "tiers-back")
+        assert await tier(mesh, member) == "silver"
+        mesh.clock.set(SILVER_2026_ENDS + timedelta(days=1))
+        assert await maintenance(mesh) == 1
+        assert [e[:2] for e in await tier_events(redis, member, 2)] == [("blue", "silver"), ("silver", "blue")]
+    finally:
+        await redis.aclose()
+
+
+async def test_tiers_told_before_tiers_were_watched_are_looked_at_after_the_upgrade(
+    mesh: Mesh, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A SQLite ledger written before the tier_due table existed: opening it makes every tier it
+    told due, so a lapse meanwhile is announced. (Cassandra: `pointmesh ledger backfill`,
+    tests/cassandra/test_purchase_listing.py.)"""
+    if not isinstance(mesh.ledger.app.store, SqliteLedgerStore):
+        pytest.skip("the SQLite upgrade; Cassandra's is the backfill command")
+    redis = Redis.from_url(redis_server.url)
+    try:
+        member = await welcomed_member(mesh)
+        await buy(mesh, member, [("misc", 35_000, 1)])
+        settings = mesh.ledger.app.settings
+        await stop_ledger(mesh.ledger)
+        shards = sorted((tmp_path / "ledger").rglob("ledger-shard-*.sqlite"))
+        assert shards
+        for shard in shards:
+            with contextlib.closing(sqlite3.connect(shard)) as conn, conn:
+                conn.execute("DROP TABLE tier_due")
+                conn.execute(
+                    "UPDATE member_state SET state = json_remove(state, '$.tier_due')"
+                )  # as an earlier release wrote it
+        mesh.ledger = await start_ledger(
+            tmp_path / "ledger", redis_server.url, mesh.clock, rules_addr=settings.rules_addr, program="meshmart",
+            rules_deadline_seconds=2.0,
+        )  # fmt: skip
+        mesh.clock.set(SILVER_2026_ENDS + timedelta(days=1))
+        assert await maintenance(mesh) == 1
+        assert [e[:2] for e in await tier_events(redis, member, 2)] == [("blue", "silver"), ("silver", "blue")]
     finally:
         await redis.aclose()
