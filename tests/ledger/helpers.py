@@ -64,6 +64,19 @@ async def place_hold(
     return await stub.PlaceHold(ledger_pb2.PlaceHoldRequest(member_id=member_id, points=points, **fields))
 
 
+def earn_item(name: str, member_id: str, points: int) -> ledger_pb2.IngestBatchRequest:
+    """An IngestBatch item earning `points` under the key `name`."""
+    return ledger_pb2.IngestBatchRequest(
+        earn=ledger_pb2.EarnRequest(idempotency_key=key(name), member_id=member_id, points=points)
+    )
+
+
+def redeem_item(name: str, member_id: str, points: int) -> ledger_pb2.IngestBatchRequest:
+    return ledger_pb2.IngestBatchRequest(
+        redeem=ledger_pb2.RedeemRequest(idempotency_key=key(name), member_id=member_id, points=points)
+    )
+
+
 async def balance(stub: ledger_pb2_grpc.LedgerServiceStub, member_id: str, unit: str = "") -> ledger_pb2.Balance:
     return (await stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member_id, unit=unit))).balance
 

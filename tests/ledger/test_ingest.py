@@ -15,8 +15,10 @@ from tests.ledger.helpers import (
     balance,
     create_member,
     earn,
+    earn_item,
     entries,
     key,
+    redeem_item,
 )
 
 BATCH_SIZE = 1000
@@ -77,16 +79,6 @@ async def test_batch_item_that_overdraws_fails_alone_while_the_others_post(ledge
     carol = (await create_member(ledger.stub)).member_id
     funded = await earn(ledger.stub, alice, 100)
     await earn(ledger.stub, carol, 20)
-
-    def earn_item(name: str, member_id: str, points: int) -> ledger_pb2.IngestBatchRequest:
-        return ledger_pb2.IngestBatchRequest(
-            earn=ledger_pb2.EarnRequest(idempotency_key=key(name), member_id=member_id, points=points)
-        )
-
-    def redeem_item(name: str, member_id: str, points: int) -> ledger_pb2.IngestBatchRequest:
-        return ledger_pb2.IngestBatchRequest(
-            redeem=ledger_pb2.RedeemRequest(idempotency_key=key(name), member_id=member_id, points=points)
-        )
 
     items = [
         earn_item("i0", bob, 50),

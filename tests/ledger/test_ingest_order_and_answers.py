@@ -5,25 +5,32 @@ made to raise StoreClosed, as a ledger shutting down does."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 
 from ledger_svc.server import MAX_LISTED_FAILURES
 from ledger_svc.store.base import StoreClosed
 from pointmesh.v1 import ledger_pb2
 from tests.conftest import LedgerUnderTest
-from tests.ledger.helpers import balance, create_member, key
+from tests.ledger.helpers import balance, create_member, earn_item, key, redeem_item
 
 
-def earn_item(name: str, member_id: str, points: int) -> ledger_pb2.IngestBatchRequest:
-    return ledger_pb2.IngestBatchRequest(
-        earn=ledger_pb2.EarnRequest(idempotency_key=key(name), member_id=member_id, points=points)
-    )
+@contextlib.contextmanager
+def writes_refused(ledger: LedgerUnderTest) -> Iterator[None]:
+    """The store's shard writes fail as a closing store's do, until the block ends."""
+    store = ledger.app.store
+    real_write = store.write
 
+    async def closed(shard: int, work: object) -> None:
+        raise StoreClosed("the store is closing")
 
-def redeem_item(name: str, member_id: str, points: int) -> ledger_pb2.IngestBatchRequest:
-    return ledger_pb2.IngestBatchRequest(
-        redeem=ledger_pb2.RedeemRequest(idempotency_key=key(name), member_id=member_id, points=points)
-    )
+    store.write = closed  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        store.write = real_write  # type: ignore[method-assign]
 
 
 async def test_retried_batch_after_store_outage_keeps_member_order(ledger: LedgerUnderTest) -> None:
@@ -31,17 +38,8 @@ async def test_retried_batch_after_store_outage_keeps_member_order(ledger: Ledge
     redeem after the earn it needs must post, as it does on a first attempt."""
     alice = (await create_member(ledger.stub)).member_id
     items = [earn_item("e1", alice, 100), redeem_item("r1", alice, 100)]
-    store = ledger.app.store
-    real_write = store.write
-
-    async def closed(shard, work):  # type: ignore[no-untyped-def]
-        raise StoreClosed("the store is closing")
-
-    store.write = closed  # type: ignore[method-assign]
-    try:
+    with writes_refused(ledger):
         first = await ledger.stub.IngestBatch(iter(items), timeout=30)
-    finally:
-        store.write = real_write  # type: ignore[method-assign]
     assert [f.code for f in first.failures] == ["UNAVAILABLE", "UNAVAILABLE"]
 
     again = await ledger.stub.IngestBatch(iter(items), timeout=30)
@@ -99,17 +97,8 @@ async def test_resumed_stream_keeps_member_order_across_an_item_claimed_before(l
     claimed, resent from the failed items on with the rest of the file: the earn claimed
     before must still post before the redemption that follows it (as on a first attempt)."""
     alice = (await create_member(ledger.stub)).member_id
-    store = ledger.app.store
-    real_write = store.write
-
-    async def closed(shard, work):  # type: ignore[no-untyped-def]
-        raise StoreClosed("shard")
-
-    store.write = closed  # type: ignore[method-assign]
-    try:
+    with writes_refused(ledger):
         first = await ledger.stub.IngestBatch(iter([earn_item("e9", alice, 100)]), timeout=30)
-    finally:
-        store.write = real_write  # type: ignore[method-assign]
     assert [f.code for f in first.failures] == ["UNAVAILABLE"]
 
     resumed = await ledger.stub.IngestBatch(

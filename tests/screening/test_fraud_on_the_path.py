@@ -56,9 +56,11 @@ class Screened:
         await self.fraud.stop(grace=0.5)
         self.fraud = None
 
-    async def start_fraud(self) -> None:
+    async def start_fraud(self, decision_file: Path | None = None) -> None:
+        """fraud_svc on its port, on the default decisions or those of `decision_file`."""
         settings = load_settings({}, redis_url=self.redis_url, models_dir=str(self.models),
-                                 fraud_addr=f"127.0.0.1:{self.fraud_port}", grace_seconds=0.5)  # fmt: skip
+                                 fraud_addr=f"127.0.0.1:{self.fraud_port}", grace_seconds=0.5,
+                                 **({"fraud_decision_file": str(decision_file)} if decision_file else {}))  # fmt: skip
         self.fraud = await build_fraud(settings, clock=self.clock)
         await self.fraud.start()
 

@@ -14,9 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fraud_svc.app import build as build_fraud
 from ledger_svc.domain import Balance
-from pointmesh.config import load_settings
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
 from tests.ledger.helpers import balance, error_field, key, rpc_error, ts
@@ -32,11 +30,7 @@ async def blocking(tmp_path: Path, redis_server: RedisServer, fraud_models: Path
         decision = tmp_path / "decision.json"
         decision.write_text(json.dumps({"blocked_devices": [BLOCKED]}))
         await env.stop_fraud()
-        settings = load_settings({}, redis_url=env.redis_url, models_dir=str(env.models),
-                                 fraud_addr=f"127.0.0.1:{env.fraud_port}", grace_seconds=0.5,
-                                 fraud_decision_file=str(decision))  # fmt: skip
-        env.fraud = await build_fraud(settings, clock=env.clock)
-        await env.fraud.start()
+        await env.start_fraud(decision)
         yield env
 
 

@@ -16,10 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fraud_svc.app import build as build_fraud
 from fraud_svc.domain import TxContext, TxKind
 from pointmesh.bounds import SCREENED_LATENESS
-from pointmesh.config import load_settings
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.ledger.helpers import balance, error_field, key, rpc_error, ts
@@ -46,11 +44,7 @@ async def test_a_redemption_dated_before_what_fraud_svc_scores_is_refused_not_pa
     decision.write_text(json.dumps({"blocked_devices": ["dev-stolen"]}))
     async with screened_mesh(tmp_path, redis_server, fraud_models) as env:
         await env.stop_fraud()
-        settings = load_settings({}, redis_url=env.redis_url, models_dir=str(env.models),
-                                 fraud_addr=f"127.0.0.1:{env.fraud_port}", grace_seconds=0.5,
-                                 fraud_decision_file=str(decision))  # fmt: skip
-        env.fraud = await build_fraud(settings, clock=env.clock)
-        await env.fraud.start()
+        await env.start_fraud(decision)
         member = await regular_member(env)
         before = await balance(env.ledger.stub, member)
         stolen = ledger_pb2.ScreeningContext(channel="app", device_id="dev-stolen", ip="203.0.113.9")
