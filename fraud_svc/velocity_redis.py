@@ -129,13 +129,20 @@ local function sums_and_distincts(out, rows, scores, sum_w, dist_w, widest)
 end
 
 -- A busy track with distinct windows (its widest window holds more than one read: a carrier's
--- IP, a shop's device) keeps beside it each tag's newest time (key:g, the member '' at +inf
--- marking it built), so an event at or after every entry counts distinct tags with ZCOUNT
--- instead of reading the whole window in Lua. Built from the entries the first time the key
--- is found busy, kept up by every recorded event while it exists (PEXPIRE answers whether it
--- does: the one extra call a quiet key pays), and expired with the track.
+-- IP, a shop's device) keeps beside it each tag's newest time (the member '' at +inf marking
+-- it built), so an event at or after every entry counts distinct tags with ZCOUNT instead of
+-- reading the whole window in Lua. Built from the entries the first time the key is found
+-- busy, kept up by every recorded event while it exists (PEXPIRE answers whether it does: the
+-- one extra call a quiet key pays), dropped when an entry moves (an event id seen again at
+-- another time: a tag's newest time may then be an entry's old one), and expired with the
+-- track. Its key lies under '#g:', where no track key can reach (a track key ends in text a
+-- caller chose: a device named 'kiosk:g' must not be the device 'kiosk's tag set).
+local function tags_key(key)
+  return prefix .. '#g:' .. sub(key, #prefix + 1)
+end
+
 local function tags_of(key, ttl)
-  local tags = key .. ':g'
+  local tags = tags_key(key)
   if not call('ZSCORE', tags, '') then
     local all = call('ZRANGE', key, 0, -1, 'WITHSCORES')
     for j = 1, #all, 2 do
@@ -157,11 +164,14 @@ local function track(out, key, spec, value, tag, record)
     for j = 1, #same do
       if eid_of(same[j]) == eid then dup = true; break end
     end
-    if not dup then call('ZADD', key, ts, value .. '|' .. tag .. '|' .. eid) end
+    local moved = false
+    if not dup then moved = call('ZADD', key, ts, value .. '|' .. tag .. '|' .. eid) == 0 end
     call('ZREMRANGEBYSCORE', key, '-inf', through(spec[1]))
     call('PEXPIRE', key, spec[2])
-    local tags = key .. ':g'
-    if #dist_w > 0 and call('PEXPIRE', tags, spec[2]) == 1 then
+    local tags = tags_key(key)
+    if #dist_w > 0 and moved then
+      call('DEL', tags)  -- rebuilt from the entries when next needed
+    elseif #dist_w > 0 and call('PEXPIRE', tags, spec[2]) == 1 then
       if not dup and tag ~= '' then call('ZADD', tags, 'GT', ts, tag) end
       call('ZREMRANGEBYSCORE', tags, '-inf', through(spec[1]))
     end

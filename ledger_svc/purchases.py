@@ -342,8 +342,9 @@ def accrue(
         tier_after = effective_tier(policy, qualification, record.receipt_time)
     if policy is not None and book.now - record.receipt_time > TOLD_BY_PURCHASE:
         # Priced under the version of its own time, which may not be the one in effect now
-        # (its thresholds, its tier codes): the maintenance pass asks rules_svc at once.
-        due = book.now
+        # (its thresholds, its tier codes): the maintenance pass asks rules_svc at once, and
+        # tells a change from the tier told, or from the one this purchase was priced at.
+        tier_now, due = told, book.now
     elif policy is not None:
         at = max(book.now, record.receipt_time)
         same = same_standing(policy, record.receipt_time, at)

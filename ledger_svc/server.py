@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
@@ -22,10 +23,11 @@ from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2
 log = logging.getLogger(__name__)
 DOMAIN = "ledger.pointmesh.dev"
 INGEST_CHUNK = 500
-# Entries an IngestBatch answer lists at most (ledger.proto): the answer of a long stream must
-# fit in one gRPC message (16 MiB), and the server holds it until the stream ends.
-MAX_LISTED_FAILURES = 20_000
-MAX_LISTED_PURCHASES = 100_000
+# What an IngestBatch answer lists at most (ledger.proto): the answer of a long stream must fit
+# in one gRPC message (16 MiB), and the server holds it until the stream ends. A failure's
+# message quotes the item (a whole row in a member id column), so it is cut too.
+MAX_LISTED_BYTES = 12 * 2**20
+MAX_FAILURE_MESSAGE = 1_000
 
 # The one table from domain errors to gRPC codes; most specific class first.
 ERROR_CODES: tuple[tuple[type[d.LedgerError], grpc.StatusCode], ...] = (
@@ -322,44 +324,40 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def IngestBatch(
         self, request_iterator: AsyncIterator[ledger_pb2.IngestBatchRequest], context: grpc.aio.ServicerContext
     ) -> ledger_pb2.IngestBatchResponse:
-        summary = ledger_pb2.IngestBatchResponse()
+        answer = _IngestAnswer()
         chunk: list[c.PostingCommand | c.RecordPurchase | d.LedgerError] = []
         async for message in request_iterator:
             paged = message.WhichOneof("operation") == "page"
             for item in message.page.items if paged else (message,):
                 chunk.append(_ingest_item(item))
                 if len(chunk) >= INGEST_CHUNK:
-                    await self._ingest_chunk(chunk, summary)
+                    await self._ingest_chunk(chunk, answer)
                     chunk = []
         if chunk:
-            await self._ingest_chunk(chunk, summary)
-        return summary
+            await self._ingest_chunk(chunk, answer)
+        return answer.summary
 
     async def _ingest_chunk(
-        self, chunk: list[c.PostingCommand | c.RecordPurchase | d.LedgerError], summary: ledger_pb2.IngestBatchResponse
+        self, chunk: list[c.PostingCommand | c.RecordPurchase | d.LedgerError], answer: _IngestAnswer
     ) -> None:
+        summary = answer.summary
         offset = summary.received
         results = await self.service.ingest(chunk)
         summary.received += len(chunk)
         for i, outcome in enumerate(results):
             if isinstance(outcome, d.LedgerError):
                 summary.failed += 1
-                if len(summary.failures) < MAX_LISTED_FAILURES:
-                    summary.failures.append(ledger_pb2.IngestFailure(
-                        index=offset + i, code=grpc_code(outcome).name, message=outcome.message, field=outcome.field,
-                    ))  # fmt: skip
-                else:
-                    summary.truncated = True
+                answer.add(summary.failures, ledger_pb2.IngestFailure(
+                    index=offset + i, code=grpc_code(outcome).name, message=outcome.message[:MAX_FAILURE_MESSAGE],
+                    field=outcome.field[:MAX_FAILURE_MESSAGE],
+                ))  # fmt: skip
                 continue
             if outcome[1]:
                 summary.replayed += 1
             else:
                 summary.posted += 1
             if isinstance(outcome[0], PurchaseRecord):
-                if len(summary.purchases) < MAX_LISTED_PURCHASES:
-                    summary.purchases.append(cv.ingested_pb(offset + i, outcome[0], outcome[1]))
-                else:
-                    summary.truncated = True
+                answer.add(summary.purchases, cv.ingested_pb(offset + i, outcome[0], outcome[1]))
 
     @translated
     async def ListReviews(
@@ -394,3 +392,20 @@ async def _chained(first: BusMessage, rest: AsyncIterator[BusMessage]) -> AsyncI
     yield first
     async for message in rest:
         yield message
+
+
+class _IngestAnswer:
+    """An IngestBatch answer being built: entries are listed while they fit in MAX_LISTED_BYTES,
+    the counts are kept whole."""
+
+    def __init__(self) -> None:
+        self.summary = ledger_pb2.IngestBatchResponse()
+        self.room = MAX_LISTED_BYTES
+
+    def add(self, entries: Any, entry: Message) -> None:
+        size = entry.ByteSize() + 8  # the entry's tag and length besides
+        if size > self.room:
+            self.summary.truncated = True
+            return
+        self.room -= size
+        entries.append(entry)

@@ -87,6 +87,9 @@ async def _look(accrual: Accrual, shard: int, member_id: str, now: datetime) -> 
         if due is not None and due <= book.now:
             due = book.now + RECHECK
         keep_state(book, member_id, current, replace(current, tier=tier, tier_due=due))
+        # The index too when the state's own field did not move: a member made due by an
+        # upgrade (SQLite opening an earlier shard, Cassandra's backfill) has the row only.
+        book.tx.set_tier_due(member_id, due)
         if not current.tier or tier == current.tier:
             return 0  # nothing told before (a merge's target that never bought) or nothing changed
         balance = book.balance(member_id, book.policy.units[0])

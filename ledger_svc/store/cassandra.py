@@ -1769,10 +1769,10 @@ class CassandraLedgerStore:
                 if _told_unwatched(state, watched):
                     # A tier told before tiers were watched: due now, so the maintenance pass
                     # looks at it under the version in effect and announces what lapsed.
-                    calls.append(("queue_put", (self.ledger, shard, "tier", _bucket("tier", now_us), now_us, p, "",
-                                                now_us, now_us)))  # fmt: skip
-                    calls.append(("buckets_put", (self.ledger, shard, "tier", _bucket("tier", now_us), now_us)))
-                    records.append(("put", (self.ledger, p, "tier_due", "", str(now_us))))
+                    # Due at 1970: at once, whatever the ledger's clock says.
+                    calls.append(("queue_put", (self.ledger, shard, "tier", 0, 0, p, "", now_us, now_us)))
+                    calls.append(("buckets_put", (self.ledger, shard, "tier", 0, now_us)))
+                    records.append(("put", (self.ledger, p, "tier_due", "", "0")))
                     done["tiers"] += 1
                 history = self.rows_many([("hist_kind", (self.ledger, p, month, kind))
                                           for row in months for month in json.loads(row.body)

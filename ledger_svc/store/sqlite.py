@@ -11,7 +11,7 @@ import logging
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -913,10 +913,9 @@ def _watch_told_tiers(conn: sqlite3.Connection) -> None:
     def watch(_: bool) -> None:
         log.warning("watching the tiers told before (a one-time upgrade): every told tier due now")
         conn.execute("CREATE TABLE tier_due (member_id TEXT PRIMARY KEY, due INTEGER NOT NULL) WITHOUT ROWID")
-        conn.execute(
-            "INSERT INTO tier_due SELECT member_id, ? FROM member_state"
-            " WHERE coalesce(json_extract(state, '$.tier'), '') != '' AND coalesce(json_extract(state, '$.merged_into'), '') = ''",
-            (to_us(datetime.now(UTC)),),
+        conn.execute(  # due at 1970: at once, whatever the ledger's clock says
+            "INSERT INTO tier_due SELECT member_id, 0 FROM member_state"
+            " WHERE coalesce(json_extract(state, '$.tier'), '') != '' AND coalesce(json_extract(state, '$.merged_into'), '') = ''"
         )
 
     _upgrade_once(conn, pending, watch)

@@ -1973,8 +1973,9 @@ class IngestBatchResponse(_message.Message):
     """
     @_builtins.property
     def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___IngestFailure]:
-        """The first 20,000 failures and 100,000 purchases of the stream, so that the answer of a
-        long stream still fits in one message; the counts above are whole.
+        """The stream's failures and purchases in order while they fit in 12 MiB (a failure's message
+        cut at 1,000 characters), so that the answer of a long stream still fits in one message;
+        the counts above are whole.
         """
 
     @_builtins.property

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from ledger_svc.server import MAX_LISTED_FAILURES
 from ledger_svc.store.base import StoreClosed
 from pointmesh.v1 import ledger_pb2
 from tests.conftest import LedgerUnderTest
@@ -88,8 +87,25 @@ async def test_a_long_stream_gets_its_per_item_answer(ledger: LedgerUnderTest) -
     ]
     response = await ledger.stub.IngestBatch(iter(pages), timeout=300)
     assert (response.received, response.failed) == (n, n)
-    assert response.truncated and len(response.failures) == MAX_LISTED_FAILURES
-    assert [f.index for f in response.failures[:3]] == [0, 1, 2]
+    assert response.truncated and 50_000 < len(response.failures) < n
+    assert [f.index for f in response.failures] == list(range(len(response.failures)))
+
+
+async def test_failures_quoting_whole_rows_still_get_an_answer(ledger: LedgerUnderTest) -> None:
+    """A feed with a whole row (900 characters) in its member id column: each failure's message
+    quotes it, so the answer is bounded by size, not by a count of entries."""
+    row = "m_" + "x" * 900
+    n, page = 20_000, 1_000
+    pages = [
+        ledger_pb2.IngestBatchRequest(page=ledger_pb2.IngestPage(items=[
+            ledger_pb2.IngestBatchRequest(earn=ledger_pb2.EarnRequest(
+                idempotency_key=key(f"k{p}-{i}"), member_id=row, points=5)) for i in range(page)
+        ]))
+        for p in range(n // page)
+    ]  # fmt: skip
+    response = await ledger.stub.IngestBatch(iter(pages), timeout=300)
+    assert (response.received, response.failed) == (n, n)
+    assert response.truncated and response.failures[0].field == "member_id"
 
 
 async def test_resumed_stream_keeps_member_order_across_an_item_claimed_before(ledger: LedgerUnderTest) -> None:

@@ -5,7 +5,10 @@ grace is still reported."""
 
 from __future__ import annotations
 
+import asyncio
+
 from ledger_svc.reconcile import SAGA_GRACE, reconcile
+from ledger_svc.sagas import transfer_tx_ids
 from pointmesh.v1 import ledger_pb2
 from tests.conftest import LedgerUnderTest
 from tests.ledger.helpers import create_member, earn, key
@@ -87,3 +90,43 @@ async def test_reconcile_does_not_report_a_transfer_still_on_its_way(ledger: Led
     assert (await reconcile(ledger.app.store, ledger.clock.now())).differences == []
     assert [d.describe() for d in during.differences] == []
     assert [d.kind for d in stuck.differences] == ["transfer saga left open in state HELD"]
+
+
+async def test_points_stuck_in_transit_are_reported_or_said_unchecked_while_a_saga_is_on_its_way(
+    ledger: LedgerUnderTest,
+) -> None:
+    """30 points debited to transit whose credit never came (no saga behind them): reported when
+    no saga is open; while a transfer is on its way through transit the pass cannot tell them
+    from its points, and says transit went unchecked instead of passing in silence."""
+    svc = ledger.app.service
+    alice, bob, carol = await _member_on(ledger, 0), await _member_on(ledger, 3), await _member_on(ledger, 1)
+    await earn(ledger.stub, alice, 100)
+    await earn(ledger.stub, carol, 100)
+    out_tx, _ = transfer_tx_ids("tr_lost", carol, bob)
+    await svc._book(svc.shard_of(carol), lambda b: b.debit_transfer(
+        carol, "points", 30, tx_id=out_tx, counterparty=bob, transfer_id="tr_lost"))  # fmt: skip
+    alone = await reconcile(ledger.app.store, ledger.clock.now())
+    assert ([d.kind for d in alone.differences], alone.unchecked) == (["transit account not empty"], [])
+    sagas = svc.sagas
+    real_drive = sagas.drive_transfer
+    go = asyncio.Event()
+
+    async def slow_drive(saga_id: str, saga: object = None) -> object:
+        await go.wait()
+        return await real_drive(saga_id, saga)  # type: ignore[arg-type]
+
+    sagas.drive_transfer = slow_drive  # type: ignore[method-assign,assignment]
+    try:
+        call = asyncio.ensure_future(ledger.stub.Transfer(ledger_pb2.TransferRequest(
+            idempotency_key=key(), source_member_id=alice, destination_member_id=bob, points=40)))  # fmt: skip
+        await asyncio.sleep(0.3)
+        during = await reconcile(ledger.app.store, ledger.clock.now())
+        go.set()
+        await call
+    finally:
+        sagas.drive_transfer = real_drive  # type: ignore[method-assign]
+    assert during.differences == [] and during.unchecked == [
+        "transit not checked: 1 sagas were on their way through it"
+    ]
+    after = await reconcile(ledger.app.store, ledger.clock.now())
+    assert [d.kind for d in after.differences] == ["transit account not empty"]

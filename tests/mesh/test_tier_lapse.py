@@ -213,7 +213,7 @@ async def test_tiers_told_before_tiers_were_watched_are_looked_at_after_the_upgr
         pytest.skip("the SQLite upgrade; Cassandra's is the backfill command")
     redis = Redis.from_url(redis_server.url)
     try:
-        member = await welcomed_member(mesh)
+        member, blue = await welcomed_member(mesh), await welcomed_member(mesh)
         await buy(mesh, member, [("misc", 35_000, 1)])
         settings = mesh.ledger.app.settings
         await stop_ledger(mesh.ledger)
@@ -229,8 +229,34 @@ async def test_tiers_told_before_tiers_were_watched_are_looked_at_after_the_upgr
             tmp_path / "ledger", redis_server.url, mesh.clock, rules_addr=settings.rules_addr, program="meshmart",
             rules_deadline_seconds=2.0,
         )  # fmt: skip
+        assert {member, blue} <= set(await due_members(mesh))  # every tier told, due at once
+        assert await maintenance(mesh) == 0
+        assert await due_members(mesh) == [member]  # looked at once: blue has nothing to lose
         mesh.clock.set(SILVER_2026_ENDS + timedelta(days=1))
         assert await maintenance(mesh) == 1
         assert [e[:2] for e in await tier_events(redis, member, 2)] == [("blue", "silver"), ("silver", "blue")]
+        assert await due_members(mesh) == []
+    finally:
+        await redis.aclose()
+
+
+async def due_members(mesh: Mesh) -> list[str]:
+    """Every member whose tier the pass will look at, whenever that is."""
+    store, until = mesh.ledger.app.store, mesh.clock.now() + timedelta(days=3650)
+    return [m for s in range(store.shard_count) for m in await store.read(s, lambda tx: tx.tiers_due_by(until, 100))]
+
+
+async def test_a_new_members_upgrade_by_a_late_receipt_is_announced_by_the_pass(
+    mesh: Mesh, redis_server: RedisServer
+) -> None:
+    """A member whose first receipts arrive late (a legacy file, a batch): the purchase tells
+    nothing, the pass tells the upgrade from the tier the purchase was priced at."""
+    redis = Redis.from_url(redis_server.url)
+    try:
+        member = await new_member(mesh)
+        await buy(mesh, member, [("misc", 35_000, 1)], at=mesh.clock.now() - timedelta(hours=1))
+        assert await maintenance(mesh) == 1
+        assert await tier(mesh, member) == "silver"
+        assert await tier_events(redis, member, 1) == [("blue", "silver", "")]
     finally:
         await redis.aclose()
