@@ -14,7 +14,9 @@ from fraud_svc.velocity import Link, Observation, Track, TrackSpec, clean
 # One call observes a chunk of events in order. ARGV[1] is JSON:
 #   [prefix, fetch rows, specs, events]
 #   spec:  [kept, ttl, [count windows], [sum windows], [distinct windows], want prev,
-#           widest window, fetch rows or not, widest sum/distinct window, retention]
+#           widest window, fetch rows or not, widest sum/distinct window, retention,
+#           tag set or not (a distinct window wider than every sum window: else the sums
+#           read that window anyway)]
 #   event: [event id, t, [spec number, key, value, tag, record, ...],
 #           [key, item, window, retention, ttl, record, ...]]
 # Times and TTLs come as text and each window's bound is formatted once per event: turning
@@ -169,9 +171,9 @@ local function track(out, key, spec, value, tag, record)
     call('ZREMRANGEBYSCORE', key, '-inf', through(spec[1]))
     call('PEXPIRE', key, spec[2])
     local tags = tags_key(key)
-    if #dist_w > 0 and moved then
+    if spec[11] and moved then
       call('DEL', tags)  -- rebuilt from the entries when next needed
-    elseif #dist_w > 0 and call('PEXPIRE', tags, spec[2]) == 1 then
+    elseif spec[11] and call('PEXPIRE', tags, spec[2]) == 1 then
       if not dup and tag ~= '' then call('ZADD', tags, 'GT', ts, tag) end
       call('ZREMRANGEBYSCORE', tags, '-inf', through(spec[1]))
     end
@@ -198,7 +200,7 @@ local function track(out, key, spec, value, tag, record)
     end
   end
   local widest, tags = spec[9], nil
-  if #dist_w > 0 and t - widest < floor and call('ZCOUNT', key, '(' .. ts, '+inf') == 0 then
+  if spec[11] and t - widest < floor and call('ZCOUNT', key, '(' .. ts, '+inf') == 0 then
     -- Busy, and nothing after this event: a tag was seen in (t - w, t] when its newest time
     -- lies there.
     tags, dist_w, widest = tags_of(key, spec[2]), {}, 0
@@ -340,9 +342,11 @@ class RedisVelocity:
 def _spec_args(spec: TrackSpec) -> tuple[object, ...]:
     """A spec as the script reads it (see the layout above _OBSERVE)."""
     sum_or_distinct = (*spec.sum_windows_ms, *spec.distinct_windows_ms)
+    tag_set = max(spec.distinct_windows_ms, default=0) > max(spec.sum_windows_ms, default=0)
     return (spec.kept_ms, str(spec.kept_ms + _GRACE_MS), spec.count_windows_ms, spec.sum_windows_ms,
             spec.distinct_windows_ms, spec.want_prev, max((*spec.count_windows_ms, *sum_or_distinct), default=0),
-            bool(sum_or_distinct or spec.want_prev), max(sum_or_distinct, default=0), spec.retention_ms)  # fmt: skip
+            bool(sum_or_distinct or spec.want_prev), max(sum_or_distinct, default=0), spec.retention_ms,
+            tag_set)  # fmt: skip
 
 
 def _answers(reply: bytes | str) -> list[tuple[int, ...]]:
