@@ -15,8 +15,8 @@ from fraud_svc.velocity import Link, Observation, Track, TrackSpec, clean
 #   [prefix, fetch rows, specs, events]
 #   spec:  [kept, ttl, [count windows], [sum windows], [distinct windows], want prev,
 #           widest window, fetch rows or not, widest sum/distinct window, retention,
-#           tag set or not (a distinct window wider than every sum window: else the sums
-#           read that window anyway)]
+#           counts distinct tags from the tag set or not (a distinct window wider than every
+#           sum window: else the sums read that window anyway)]
 #   event: [event id, t, [spec number, key, value, tag, record, ...],
 #           [key, item, window, retention, ttl, record, ...]]
 # Times and TTLs come as text and each window's bound is formatted once per event: turning
@@ -170,10 +170,12 @@ local function track(out, key, spec, value, tag, record)
     if not dup then moved = call('ZADD', key, ts, value .. '|' .. tag .. '|' .. eid) == 0 end
     call('ZREMRANGEBYSCORE', key, '-inf', through(spec[1]))
     call('PEXPIRE', key, spec[2])
+    -- Kept by every spec with distinct windows that records here, whether or not it counts from
+    -- the set itself (two specs may share a key).
     local tags = tags_key(key)
-    if spec[11] and moved then
+    if #dist_w > 0 and moved then
       call('DEL', tags)  -- rebuilt from the entries when next needed
-    elseif spec[11] and call('PEXPIRE', tags, spec[2]) == 1 then
+    elseif #dist_w > 0 and call('PEXPIRE', tags, spec[2]) == 1 then
       if not dup and tag ~= '' then call('ZADD', tags, 'GT', ts, tag) end
       call('ZREMRANGEBYSCORE', tags, '-inf', through(spec[1]))
     end

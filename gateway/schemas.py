@@ -392,6 +392,9 @@ class OpsTotals(BaseModel):
     totals: dict[str, int] = Field(description="points by account class, e.g. member:points, funding:program:points")
     differences: int = Field(description="reconciliation differences found (0: the books agree)")
     held_points: int = Field(description="points in open holds, fraud review holds included")
+    unchecked: list[str] = Field(
+        description="checks the pass could not make (transit while sagas were on their way through it)"
+    )
 
 
 class Interval(BaseModel):

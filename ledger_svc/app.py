@@ -200,6 +200,8 @@ class LedgerApp:
                     log.warning("reconcile: voided %d holds past their timeout the timers missed", voided)
                 for diff in report.differences:
                     log.warning("reconcile: %s", diff.describe())
+                for note in report.unchecked:
+                    log.info("reconcile: %s", note)
             except Exception:
                 log.exception("reconcile pass failed; retrying next interval")
 

@@ -225,6 +225,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             as_of=cv.ts(as_of), differences=len(found.differences), held_points=found.held_points,
             totals=[ledger_pb2.AccountClassTotal(account_class=k, points=v)
                     for k, v in found.totals_by_account_class.items()],
+            unchecked=found.unchecked,
         )  # fmt: skip
 
     @translated

@@ -170,7 +170,14 @@ def cmd_ledger_reconcile(args: argparse.Namespace) -> int:
             print(f"  {name:40s} {total:>16d}")
         for diff in report.differences:
             print("DIFFERENCE", diff.describe())
-        print("reconcile: OK, zero differences" if report.ok else f"reconcile: {len(report.differences)} differences")
+        for note in report.unchecked:
+            print("UNCHECKED", note)
+        if not report.ok:
+            print(f"reconcile: {len(report.differences)} differences")
+        elif report.unchecked:
+            print(f"reconcile: zero differences, {len(report.unchecked)} checks not made (UNCHECKED above)")
+        else:
+            print("reconcile: OK, zero differences")
         return 0 if report.ok and settled else 1
 
     try:

@@ -35,6 +35,7 @@ async def totals(gw: GatewayDep) -> s.OpsTotals:
         totals={t.account_class: t.points for t in found.totals},
         differences=found.differences,
         held_points=found.held_points,
+        unchecked=list(found.unchecked),
     )
 
 

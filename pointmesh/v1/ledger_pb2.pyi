@@ -3399,6 +3399,7 @@ class GetTotalsResponse(_message.Message):
     TOTALS_FIELD_NUMBER: _builtins.int
     DIFFERENCES_FIELD_NUMBER: _builtins.int
     HELD_POINTS_FIELD_NUMBER: _builtins.int
+    UNCHECKED_FIELD_NUMBER: _builtins.int
     differences: _builtins.int
     """Differences the pass found (0 when the books agree)."""
     held_points: _builtins.int
@@ -3407,6 +3408,12 @@ class GetTotalsResponse(_message.Message):
     def as_of(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def totals(self) -> _containers.RepeatedCompositeFieldContainer[Global___AccountClassTotal]: ...
+    @_builtins.property
+    def unchecked(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Checks the pass could not make, said so (transit while sagas were on their way through it;
+        on Cassandra, events lost before they were published).
+        """
+
     def __init__(
         self,
         *,
@@ -3414,10 +3421,11 @@ class GetTotalsResponse(_message.Message):
         totals: _abc.Iterable[Global___AccountClassTotal] | None = ...,
         differences: _builtins.int = ...,
         held_points: _builtins.int = ...,
+        unchecked: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "differences", b"differences", "held_points", b"held_points", "totals", b"totals"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "differences", b"differences", "held_points", b"held_points", "totals", b"totals", "unchecked", b"unchecked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

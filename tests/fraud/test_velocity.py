@@ -299,3 +299,21 @@ async def test_an_event_seen_again_earlier_at_a_busy_key_counts_its_tag_as_memor
             assert await velocity.observe(eid, at, track, []) == await memory.observe(eid, at, track, []), eid
     finally:
         await client.aclose()
+
+
+async def test_a_key_shared_by_two_specs_keeps_its_tag_set_whichever_records(redis_server: RedisServer) -> None:
+    """One spec counts distinct tags from the busy key's tag set; another, whose sums read the
+    same window anyway, records there too: the set still holds its tags. (A read of 2 rows
+    makes the key busy from its third entry.)"""
+    counted = TrackSpec((60 * MIN,), (), (24 * 60 * MIN,), retention_ms=24 * 60 * MIN)
+    summed = TrackSpec((60 * MIN,), (24 * 60 * MIN,), (24 * 60 * MIN,), retention_ms=24 * 60 * MIN)
+    client = Redis.from_url(redis_server.url)
+    velocity, memory = RedisVelocity(client, prefix=f"test:{uuid.uuid4().hex}:", fetch_rows=2), MemoryVelocity()
+    try:
+        for n in range(40):
+            spec = counted if n < 4 or n % 9 == 0 else summed
+            track = [Track(spec, "mi:shared", 100, f"m{n}", True)]
+            at = T0 + n * MIN
+            assert await velocity.observe(f"e{n}", at, track, []) == await memory.observe(f"e{n}", at, track, []), n
+    finally:
+        await client.aclose()

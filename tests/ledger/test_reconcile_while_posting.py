@@ -5,10 +5,15 @@ grace is still reported."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+from datetime import UTC, datetime
+
+import pytest
 
 from ledger_svc.reconcile import SAGA_GRACE, reconcile
 from ledger_svc.sagas import transfer_tx_ids
+from pointmesh import cli
 from pointmesh.v1 import ledger_pb2
 from tests.conftest import LedgerUnderTest
 from tests.ledger.helpers import create_member, earn, key
@@ -93,11 +98,12 @@ async def test_reconcile_does_not_report_a_transfer_still_on_its_way(ledger: Led
 
 
 async def test_points_stuck_in_transit_are_reported_or_said_unchecked_while_a_saga_is_on_its_way(
-    ledger: LedgerUnderTest,
+    ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """30 points debited to transit whose credit never came (no saga behind them): reported when
     no saga is open; while a transfer is on its way through transit the pass cannot tell them
     from its points, and says transit went unchecked instead of passing in silence."""
+    ledger.clock.set(datetime.now(UTC))  # the CLI reads the wall clock: the saga is as young there
     svc = ledger.app.service
     alice, bob, carol = await _member_on(ledger, 0), await _member_on(ledger, 3), await _member_on(ledger, 1)
     await earn(ledger.stub, alice, 100)
@@ -121,12 +127,19 @@ async def test_points_stuck_in_transit_are_reported_or_said_unchecked_while_a_sa
             idempotency_key=key(), source_member_id=alice, destination_member_id=bob, points=40)))  # fmt: skip
         await asyncio.sleep(0.3)
         during = await reconcile(ledger.app.store, ledger.clock.now())
+        totals = await ledger.stub.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
+        monkeypatch.setattr(cli, "_settings", lambda: ledger.app.settings)
+        told = await asyncio.to_thread(
+            cli.cmd_ledger_reconcile, argparse.Namespace(settlement="", saga_grace_seconds=None)
+        )
         go.set()
         await call
     finally:
         sagas.drive_transfer = real_drive  # type: ignore[method-assign]
-    assert during.differences == [] and during.unchecked == [
-        "transit not checked: 1 sagas were on their way through it"
-    ]
+    note = "transit not checked: 1 sagas were on their way through it"
+    assert during.differences == [] and during.unchecked == [note]
+    assert (totals.differences, list(totals.unchecked)) == (0, [note])  # GetTotals, /v1/ops/totals
+    printed = capsys.readouterr().out  # `pointmesh ledger reconcile` says so, and not OK
+    assert told == 0 and f"UNCHECKED {note}" in printed and "reconcile: OK" not in printed, printed
     after = await reconcile(ledger.app.store, ledger.clock.now())
     assert [d.kind for d in after.differences] == ["transit account not empty"]
