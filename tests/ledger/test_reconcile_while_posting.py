@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import pytest
@@ -112,7 +113,7 @@ async def test_points_stuck_in_transit_are_reported_or_said_unchecked_while_a_sa
     await svc._book(svc.shard_of(carol), lambda b: b.debit_transfer(
         carol, "points", 30, tx_id=out_tx, counterparty=bob, transfer_id="tr_lost"))  # fmt: skip
     alone = await reconcile(ledger.app.store, ledger.clock.now())
-    assert ([d.kind for d in alone.differences], alone.unchecked) == (["transit account not empty"], [])
+    assert ([d.kind for d in alone.differences], _transit_notes(alone.unchecked)) == (["transit account not empty"], [])
     sagas = svc.sagas
     real_drive = sagas.drive_transfer
     go = asyncio.Event()
@@ -137,9 +138,14 @@ async def test_points_stuck_in_transit_are_reported_or_said_unchecked_while_a_sa
     finally:
         sagas.drive_transfer = real_drive  # type: ignore[method-assign]
     note = "transit not checked: 1 sagas were on their way through it"
-    assert during.differences == [] and during.unchecked == [note]
-    assert (totals.differences, list(totals.unchecked)) == (0, [note])  # GetTotals, /v1/ops/totals
+    assert during.differences == [] and _transit_notes(during.unchecked) == [note]
+    assert (totals.differences, _transit_notes(totals.unchecked)) == (0, [note])  # GetTotals, /v1/ops/totals
     printed = capsys.readouterr().out  # `pointmesh ledger reconcile` says so, and not OK
     assert told == 0 and f"UNCHECKED {note}" in printed and "reconcile: OK" not in printed, printed
     after = await reconcile(ledger.app.store, ledger.clock.now())
     assert [d.kind for d in after.differences] == ["transit account not empty"]
+
+
+def _transit_notes(unchecked: Iterable[str]) -> list[str]:
+    """The pass's notes on transit (Cassandra adds one of its own on lost events, always)."""
+    return [note for note in unchecked if note.startswith("transit")]
