@@ -28,19 +28,33 @@ from tests.mesh.helpers import buy, new_member, return_lines, welcomed_member
 SILVER_2026_ENDS = datetime(2028, 1, 30, 22, 0, tzinfo=UTC)
 
 
+# Per client: the stream position read up to, and the tier events read so far. The session's
+# redis-server holds every test's events; each test reads from where the stream stood when it
+# began, and each call only what was added since.
+_READ: dict[int, tuple[str, list[tuple[str, ledger_pb2.TierChanged]]]] = {}
+
+
+async def events_client(url: str) -> Redis:
+    """A client whose tier_events start at the stream's end as of now."""
+    redis = Redis.from_url(url)
+    last = await redis.xrevrange(LEDGER_EVENTS, count=1)
+    _READ[id(redis)] = (f"({last[0][0].decode()}" if last else "-", [])
+    return redis
+
+
 async def tier_events(redis: Redis, member_id: str, expected: int) -> list[tuple[str, str, str]]:
     """(before, after, purchase id) of the member's tier_changed events once `expected` are
     relayed (or after 5 s, whatever arrived)."""
     found: list[tuple[str, str, str]] = []
     for _ in range(250):
-        found = []
-        for _pos, fields in await redis.xrange(LEDGER_EVENTS):
-            if fields.get(b"key", b"").decode() != member_id:
-                continue
+        start, seen = _READ[id(redis)]
+        for position, fields in await redis.xrange(LEDGER_EVENTS, min=start):
+            start = f"({position.decode()}"
             event = ledger_pb2.LedgerEvent.FromString(fields[b"payload"])
             if event.WhichOneof("payload") == "tier_changed":
-                t = event.tier_changed
-                found.append((t.tier_before, t.tier_after, t.purchase_id))
+                seen.append((event.member_id, event.tier_changed))
+        _READ[id(redis)] = (start, seen)
+        found = [(t.tier_before, t.tier_after, t.purchase_id) for member, t in seen if member == member_id]
         if len(found) >= expected:
             break
         await asyncio.sleep(0.02)
@@ -57,7 +71,7 @@ async def tier(mesh: Mesh, member_id: str) -> str:
 
 
 async def test_a_tier_whose_hold_ends_is_announced_once_when_it_lapses(mesh: Mesh, redis_server: RedisServer) -> None:
-    redis = Redis.from_url(redis_server.url)
+    redis = await events_client(redis_server.url)
     try:
         member = await new_member(mesh)
         up = await buy(mesh, member, [("misc", 35_000, 1)])
@@ -76,7 +90,7 @@ async def test_a_tier_whose_hold_ends_is_announced_once_when_it_lapses(mesh: Mes
 
 
 async def test_a_purchase_meeting_a_lapse_not_yet_announced_tells_it(mesh: Mesh, redis_server: RedisServer) -> None:
-    redis = Redis.from_url(redis_server.url)
+    redis = await events_client(redis_server.url)
     try:
         member = await welcomed_member(mesh)
         await buy(mesh, member, [("misc", 35_000, 1)])
@@ -95,7 +109,7 @@ async def test_a_purchase_meeting_a_lapse_not_yet_announced_tells_it(mesh: Mesh,
 async def test_a_return_taking_the_tier_away_is_announced_on_the_next_pass(
     mesh: Mesh, redis_server: RedisServer
 ) -> None:
-    redis = Redis.from_url(redis_server.url)
+    redis = await events_client(redis_server.url)
     try:
         member = await welcomed_member(mesh)
         bought = await buy(mesh, member, [("misc", 35_000, 1)])
@@ -109,7 +123,7 @@ async def test_a_return_taking_the_tier_away_is_announced_on_the_next_pass(
 
 
 async def test_a_merge_lifting_the_target_to_a_tier_is_announced(mesh: Mesh, redis_server: RedisServer) -> None:
-    redis = Redis.from_url(redis_server.url)
+    redis = await events_client(redis_server.url)
     try:
         source, target = await welcomed_member(mesh), await welcomed_member(mesh)
         await buy(mesh, source, [("misc", 20_000, 1)])
@@ -151,7 +165,7 @@ async def test_a_late_receipt_priced_under_an_older_version_leaves_the_telling_t
     member to 350, silver under v1. The member is blue under the version in effect, so nothing is
     told: the purchase leaves it to the pass, which asks rules_svc now. And a version renaming
     silver gold is not undone by a late receipt priced under the old names."""
-    redis = Redis.from_url(redis_server.url)
+    redis = await events_client(redis_server.url)
     try:
         member = await welcomed_member(mesh)
         await buy(mesh, member, [("misc", 25_000, 1)])  # 250 credits: blue under both versions
@@ -186,7 +200,7 @@ async def test_a_late_receipt_priced_under_an_older_version_leaves_the_telling_t
 async def test_a_season_without_tiers_keeps_the_tier_told_and_its_lapse_is_announced(
     mesh: Mesh, redis_server: RedisServer
 ) -> None:
-    redis = Redis.from_url(redis_server.url)
+    redis = await events_client(redis_server.url)
     try:
         member = await welcomed_member(mesh)
         await buy(mesh, member, [("misc", 35_000, 1)])  # told silver, due 2028-01-30
@@ -211,7 +225,7 @@ async def test_tiers_told_before_tiers_were_watched_are_looked_at_after_the_upgr
     tests/cassandra/test_purchase_listing.py.)"""
     if not isinstance(mesh.ledger.app.store, SqliteLedgerStore):
         pytest.skip("the SQLite upgrade; Cassandra's is the backfill command")
-    redis = Redis.from_url(redis_server.url)
+    redis = await events_client(redis_server.url)
     try:
         member, blue = await welcomed_member(mesh), await welcomed_member(mesh)
         await buy(mesh, member, [("misc", 35_000, 1)])
@@ -251,7 +265,7 @@ async def test_a_new_members_upgrade_by_a_late_receipt_is_announced_by_the_pass(
 ) -> None:
     """A member whose first receipts arrive late (a legacy file, a batch): the purchase tells
     nothing, the pass tells the upgrade from the tier the purchase was priced at."""
-    redis = Redis.from_url(redis_server.url)
+    redis = await events_client(redis_server.url)
     try:
         member = await new_member(mesh)
         await buy(mesh, member, [("misc", 35_000, 1)], at=mesh.clock.now() - timedelta(hours=1))
