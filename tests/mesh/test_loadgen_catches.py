@@ -58,8 +58,8 @@ async def test_a_purchase_the_ledger_drops_from_the_stream_is_a_mismatch(
     ledger, rules = plain_mesh
     original = LedgerServicer._ingest_chunk
 
-    async def lossy(self, chunk, summary):  # type: ignore[no-untyped-def]
-        await original(self, chunk[:-1], summary)
+    async def lossy(self, chunk, answer):  # type: ignore[no-untyped-def]
+        await original(self, chunk[:-1], answer)
 
     monkeypatch.setattr(LedgerServicer, "_ingest_chunk", lossy)
     report = await _run(ledger, rules, seed=3)
@@ -79,9 +79,9 @@ async def test_a_purchase_counted_as_received_but_never_answered_is_a_mismatch(
     ledger, rules = plain_mesh
     original = LedgerServicer._ingest_chunk
 
-    async def lossy(self, chunk, summary):  # type: ignore[no-untyped-def]
-        await original(self, chunk[:-1], summary)
-        summary.received += 1
+    async def lossy(self, chunk, answer):  # type: ignore[no-untyped-def]
+        await original(self, chunk[:-1], answer)
+        answer.summary.received += 1
 
     monkeypatch.setattr(LedgerServicer, "_ingest_chunk", lossy)
     report = await _run(ledger, rules, seed=3)
