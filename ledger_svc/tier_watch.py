@@ -20,10 +20,11 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from ledger_svc import codec
 from ledger_svc.accrual import EngineUnavailable
 from ledger_svc.domain import FailedPrecondition, LedgerError, MemberStatus
 from ledger_svc.postings import ShardBook
-from ledger_svc.purchases import MemberState, keep_state, load_state
+from ledger_svc.purchases import MemberState, load_state
 from pointmesh.tiers import TierStanding
 
 if TYPE_CHECKING:
@@ -86,9 +87,10 @@ async def _look(accrual: Accrual, shard: int, member_id: str, now: datetime) -> 
         due = None if standing is None else standing.held_until
         if due is not None and due <= book.now:
             due = book.now + RECHECK
-        keep_state(book, member_id, current, replace(current, tier=tier, tier_due=due))
-        # The index too when the state's own field did not move: a member made due by an
-        # upgrade (SQLite opening an earlier shard, Cassandra's backfill) has the row only.
+        # The state, and the due row once, always: a member made due by an upgrade (SQLite
+        # opening an earlier shard, Cassandra's backfill) has the row without the state's field,
+        # so keep_state's "only when it moved" would leave that row behind.
+        book.tx.put_member_state(member_id, codec.dumps(replace(current, tier=tier, tier_due=due)))
         book.tx.set_tier_due(member_id, due)
         if not current.tier or tier == current.tier:
             return 0  # nothing told before (a merge's target that never bought) or nothing changed

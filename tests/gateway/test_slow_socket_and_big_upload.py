@@ -99,13 +99,16 @@ async def _until_closed(reader: asyncio.StreamReader, seconds: float) -> bool:
     return True
 
 
+async def _new_member(gw: GatewayUnderTest) -> str:
+    async with gw.client("pos") as pos:
+        return await enrol(pos)
+
+
 async def test_a_client_that_stops_reading_is_dropped_once_its_queue_overflows(
     small_queue_gw: GatewayUnderTest, redis_server: RedisServer
 ) -> None:
     gw = small_queue_gw
-    hub = gw.uvicorn.config.app.state.gateway.hub
-    async with gw.client("pos") as pos:
-        member = await enrol(pos)
+    hub, member = gw.uvicorn.config.app.state.gateway.hub, await _new_member(gw)
     reader, writer = await _silent_subscriber(gw, member)
     try:
         assert await _eventually(lambda: member in hub.members, 5), "the socket never subscribed"
@@ -131,9 +134,7 @@ async def test_a_client_that_reads_still_gets_every_update_in_order(
 ) -> None:
     """The normal path: sends that go through are neither cut short nor reordered by the race."""
     gw = small_queue_gw
-    hub = gw.uvicorn.config.app.state.gateway.hub
-    async with gw.client("pos") as pos:
-        member = await enrol(pos)
+    hub, member = gw.uvicorn.config.app.state.gateway.hub, await _new_member(gw)
     token = await member_token(gw, member)
     async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}", max_size=None) as ws:
         assert json.loads(await ws.recv())["type"] == "subscribed"
