@@ -25,6 +25,7 @@ from fraud_svc.training import train_churn, train_fraud
 from fraud_svc.velocity_redis import RedisVelocity
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import ConfigError, Settings
+from pointmesh.redis_client import open_redis
 from pointmesh.rpc import GrpcServer
 from pointmesh.strict_files import DuplicateKey, load_strict
 from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc
@@ -146,7 +147,7 @@ class FraudApp:
 async def build(settings: Settings, *, clock: Clock | None = None, address: str | None = None) -> FraudApp:
     overrides, catalogue = decision_overrides(settings), offer_catalogue(settings)  # refused before serving
     clock = clock or SystemClock()
-    redis = Redis.from_url(settings.redis_url)
+    redis = open_redis(settings.redis_url)
     root = models_dir(settings)
     service = FraudService(RedisVelocity(redis), ModelSlot("fraud", root), ModelSlot("churn", root),
                            overrides=overrides, catalogue=catalogue, clock=clock)  # fmt: skip

@@ -40,6 +40,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
 from ledger_svc.domain import is_valid_name
+from pointmesh.redis_client import open_redis
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class RedisKeyRecords:
     async def lookup(self, key_id: str) -> Row | None:
         if self._async is None:
             timeout = self._timeout_seconds
-            self._async = AsyncRedis.from_url(self._url, socket_timeout=timeout, socket_connect_timeout=timeout)
+            self._async = open_redis(self._url, timeout=timeout, connect_timeout=timeout)
         try:
             raw = await self._async.hget(self._key, key_id)  # type: ignore[misc]
         except (RedisError, OSError) as exc:  # refused, reset, or no answer within the timeout

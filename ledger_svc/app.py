@@ -13,8 +13,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from ledger_svc import codec, metrics
 from ledger_svc.cache import RedisBalanceCache
@@ -33,6 +31,7 @@ from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
 from pointmesh.consumers import consumer_name
 from pointmesh.events import TOPICS, EventBus, dead_letter_topic, open_bus
+from pointmesh.redis_client import open_redis
 from pointmesh.rpc import GrpcServer
 from pointmesh.telemetry import RECONCILE_DIFFERENCES, RECONCILE_RUNS
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
@@ -230,12 +229,8 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     clock = clock or SystemClock()
     store = open_store(settings)
     # No client-side retries: the cache fails fast to the store and the relay has its own backoff.
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
-    )
+    timeout = settings.redis_timeout_seconds
+    redis = open_redis(settings.redis_url, timeout=timeout, connect_timeout=timeout, retry=False)
     cache = RedisBalanceCache(redis, ttl_seconds=settings.cache_ttl_seconds, shared=store.shared_by_replicas)
     service = LedgerService(
         store,

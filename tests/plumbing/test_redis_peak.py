@@ -1,0 +1,72 @@
+"""A peak with more Redis calls in flight than a service's connection pool holds: each call
+waits for a connection. Before, redis-py's pool refused every call past its 100th ("Too many
+connections"): fraud_svc failed those Score calls, and the ledger, told fraud_svc was away, lost
+the observations it meant to keep for later (gateway_bench at 250 purchases/s)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from fraud_svc.app import build as build_fraud
+from fraud_svc.server import context
+from ledger_svc.domain import Money
+from ledger_svc.screening import ObservationBacklog, ScreenedKind
+from pointmesh.clock import ManualClock
+from pointmesh.config import load_settings
+from pointmesh.redis_client import POOL_CONNECTIONS
+from pointmesh.redis_server import RedisServer, free_port
+from tests.conftest import start_ledger, stop_ledger
+from tests.fraud.test_service_grpc import NOW, tx
+from tests.screening.test_observation_backlog import _return
+
+PEAK = 300  # past redis-py's refusing pool (100) and well past ours
+assert PEAK > 2 * POOL_CONNECTIONS
+
+
+async def test_fraud_svc_scores_every_call_of_a_peak_larger_than_its_pool(
+    tmp_path: Path, fraud_models: Path, redis_server: RedisServer
+) -> None:
+    shutil.copytree(fraud_models, tmp_path / "models")
+    settings = load_settings({}, data_dir=tmp_path, redis_url=redis_server.url, models_dir=str(tmp_path / "models"),
+                             fraud_addr="127.0.0.1:0", grace_seconds=0.5)  # fmt: skip
+    app = await build_fraud(settings, clock=ManualClock(NOW))
+    await app.start()
+    try:
+        member = f"m_peak_{tmp_path.name[-8:]}"
+        calls = [context(tx(f"peak-{member}-{i}", member=f"{member}-{i % 10}")) for i in range(PEAK)]
+        results = await asyncio.gather(*(app.service.score(c) for c in calls), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{len(failed)} of {PEAK} calls failed, the first: {failed[0]!r}"
+        # Each member's ten purchases were all observed: the last one scored saw the nine others.
+        again = await app.service.score(context(tx(f"peak-{member}-after", member=f"{member}-0")))
+        assert again.features["member_purchases_1h"] == PEAK // 10 + 1  # type: ignore[attr-defined]
+    finally:
+        await app.stop(grace=0.5)
+
+
+async def test_the_ledger_keeps_every_observation_of_a_peak_fraud_svc_missed(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """fraud_svc away (nothing listens on its port): every screened purchase is decided by the
+    policy and kept for the maintenance pass, all of them."""
+    ledger = await start_ledger(tmp_path, redis_server.url, fraud_screening=True, fraud_addr=f"127.0.0.1:{free_port()}")
+    try:
+        screen = ledger.app.service.fraud
+        assert screen is not None and isinstance(screen.backlog, ObservationBacklog)
+        member = f"m_peak_{tmp_path.name[-8:]}"
+        requests = [replace(_return(member, i), event_id=f"purchase:{member}:{i}", kind=ScreenedKind.PURCHASE,
+                            amount=Money(2500, "EUR")) for i in range(PEAK)]  # fmt: skip
+        await asyncio.gather(*(screen.screen(r) for r in requests))
+        redis = Redis.from_url(redis_server.url)
+        try:
+            kept = [e for e in await redis.lrange(screen.backlog.key, 0, -1) if member.encode() in e]
+        finally:
+            await redis.aclose()
+        assert len(kept) == PEAK, f"{PEAK - len(kept)} of {PEAK} observations lost"
+    finally:
+        await stop_ledger(ledger)
