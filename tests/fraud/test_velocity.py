@@ -317,3 +317,45 @@ async def test_a_key_shared_by_two_specs_keeps_its_tag_set_whichever_records(red
             assert await velocity.observe(f"e{n}", at, track, []) == await memory.observe(f"e{n}", at, track, []), n
     finally:
         await client.aclose()
+
+
+async def test_events_piled_at_one_instant_count_once_each_as_memory_does(redis_server: RedisServer) -> None:
+    """Hundreds of events at one instant on one key (a file's receipts stamped by the day), some
+    sent again with the same or another payload, one moved to a piled instant from another, a
+    pile whose set went missing, and a day later the piles trimmed: every answer is
+    MemoryVelocity's. The duplicate check of a piled instant reads the set beside the track
+    (`#e:`), so a pile costs Redis linear time, not quadratic."""
+    spec = TrackSpec((60 * MIN, 24 * 60 * MIN), (60 * MIN,), (24 * 60 * MIN,), retention_ms=24 * 60 * MIN)
+    client = Redis.from_url(redis_server.url)
+    velocity, memory = RedisVelocity(client, prefix=f"test:{uuid.uuid4().hex}:"), MemoryVelocity()
+    rng = random.Random(1206)
+    day, noon = T0, T0 + 12 * 60 * MIN
+    events: list[tuple[str, int, int, str]] = []
+    for i in range(400):
+        events.append((f"d{i}", day if i % 3 else noon, rng.randint(1, 9_000), f"m{rng.randint(1, 50)}"))
+        if rng.random() < 0.1:  # sent again: the same payload, or another one (the first stands)
+            eid, at, value, tag = events[rng.randrange(len(events))]
+            events.append((eid, at, value if rng.random() < 0.5 else value + 1, tag if rng.random() < 0.5 else "mX"))
+    # Sent again at another time, Redis moves the entry where MemoryVelocity keeps two (a known
+    # difference, docs/fraud.md); from a day before, both are left with the one at `day`.
+    events.append(("moved", day - 25 * 60 * MIN, 5, "m1"))
+    events.append(("moved", day, 5, "m1"))  # the entry moves into the day's pile
+    events.append(("moved", day, 6, "m9"))  # and is found there, whatever the payload
+    events.append(("after-move", day, 7, "m2"))
+    events.append(("d5", day, 1, "m3"))  # piled, sent again after the pile's set was rebuilt
+    events += [(f"next{i}", day + 25 * 60 * MIN, 3, "m4") for i in range(20)]  # the day's piles trimmed
+    # Late events pile up at `day` again: its old pile left nothing behind to trust.
+    events += [(f"late{i}", day, 2, f"m{i}") for i in range(20)] + [("late3", day, 9, "m9")]
+    key = "s:HEL-01"
+    try:
+        for n, (eid, at, value, tag) in enumerate(events):
+            if eid == "d5" and n > 400:
+                assert await client.exists(f"{velocity.prefix}#e:{key}")
+                await client.delete(f"{velocity.prefix}#e:{key}")
+            track = [Track(spec, key, value, tag, True)]
+            got = await velocity.observe(eid, at, track, [])
+            assert got == await memory.observe(eid, at, track, []), (n, eid)
+        piles = {p.decode() for p in await client.zrange(f"{velocity.prefix}#e:{key}", 0, -1)}
+        assert piles == {f"{at}|{eid}" for eid, at, _, _ in events[-41:]} | {f"{day}|", f"{day + 25 * 60 * MIN}|"}
+    finally:
+        await client.aclose()
