@@ -224,6 +224,21 @@ async def test_default_deadline_applies_when_caller_gives_none(echo: tuple[GrpcS
         assert await sleep(b"0.3", timeout=2) == b"0.3", "an explicit timeout wins over the default"
 
 
+async def test_a_burst_of_calls_past_grpcs_pending_limit_is_served_not_cancelled(
+    echo: tuple[GrpcServer, EchoState],
+) -> None:
+    """3,000 calls at once on one channel, each held 0.3 s by the handler: every one answers.
+    With gRPC's own limit on calls waiting for the server to take them (1,000, all past 3,000),
+    some 700 ended CANCELLED before reaching a handler."""
+    server, _ = echo
+    async with client_channel(f"127.0.0.1:{server.port}", default_timeout_seconds=60) as channel:
+        sleep = channel.unary_unary(path("Sleep"))
+        assert await sleep(b"0") == b"0"  # connected: the burst goes on one open connection
+        answers = await asyncio.gather(*(sleep(b"0.3") for _ in range(3_000)), return_exceptions=True)
+    failed = [a for a in answers if isinstance(a, BaseException)]
+    assert not failed, f"{len(failed)} of 3000 failed, the first: {failed[0]!r}"
+
+
 async def test_retries_only_listed_idempotent_methods(echo: tuple[GrpcServer, EchoState]) -> None:
     server, state = echo
     channel = client_channel(f"127.0.0.1:{server.port}", idempotent_methods=[path("Flaky")])
