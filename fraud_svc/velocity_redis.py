@@ -165,8 +165,8 @@ end
 -- by time, the member 'time|' marking an instant's pile complete) instead of every entry at
 -- that instant, which made a pile of n events cost n * n / 2 entry reads, all inside Redis's
 -- one thread. The set loses what the track loses: trimmed when the track is, dropped when an
--- entry moves, and expiring with it (its expiry is refreshed only by events that refresh the
--- track's, with the same TTL). A key without piles pays nothing more than before.
+-- entry moves, and dropped when the track is found gone (expired before it: two specs with
+-- different TTLs may share a key). A key without piles pays nothing more than before.
 local PILE = 16
 
 local function piles_of(key)
@@ -194,6 +194,10 @@ end
 local function track(out, key, spec, value, tag, record)
   local count_w, sum_w, dist_w = spec[3], spec[4], spec[5]
   if record then
+    -- A track that is not there (new, or expired) has no sets beside it: one left behind (a spec
+    -- with a shorter TTL refreshed the track last) describes entries that are gone.
+    local fresh = call('PEXPIRE', key, spec[2]) == 0
+    if fresh then call('DEL', piles_of(key), tags_key(key)) end
     local dup, piles, mark = seen_at(key, spec[2])
     local moved = false
     if not dup then
@@ -207,7 +211,7 @@ local function track(out, key, spec, value, tag, record)
     if call('ZREMRANGEBYSCORE', key, '-inf', through(spec[1])) > 0 then
       call('ZREMRANGEBYSCORE', piles_of(key), '-inf', through(spec[1]))
     end
-    call('PEXPIRE', key, spec[2])
+    if fresh then call('PEXPIRE', key, spec[2]) end
     -- Kept by every spec with distinct windows that records here, whether or not it counts from
     -- the set itself (two specs may share a key).
     local tags = tags_key(key)

@@ -230,7 +230,7 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     store = open_store(settings)
     # No client-side retries: the cache fails fast to the store and the relay has its own backoff.
     timeout = settings.redis_timeout_seconds
-    redis = open_redis(settings.redis_url, timeout=timeout, connect_timeout=timeout, retry=False)
+    redis = open_redis(settings.redis_url, timeout=timeout, connect_timeout=timeout)
     cache = RedisBalanceCache(redis, ttl_seconds=settings.cache_ttl_seconds, shared=store.shared_by_replicas)
     service = LedgerService(
         store,

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from pointmesh.redis_client import open_redis
+from pointmesh.redis_client import BUS_CONNECTIONS, open_redis
 
 log = logging.getLogger(__name__)
 
@@ -416,8 +416,8 @@ def bus_redis(settings: Any) -> Redis:
     fails, and every tail and consumer group reconnects and goes on from its position. Set here,
     not left to redis-py's default (None before 6.0): with none, a read waited on a dead socket
     for good and members' live updates stopped with no error (tests/events/test_dead_peer.py)."""
-    return open_redis(settings.redis_url, timeout=BUS_SOCKET_TIMEOUT_S,
-                      connect_timeout=settings.redis_timeout_seconds, keepalive=True)  # fmt: skip
+    return open_redis(settings.redis_url, timeout=BUS_SOCKET_TIMEOUT_S, connect_timeout=settings.redis_timeout_seconds,
+                      keepalive=True, connections=BUS_CONNECTIONS)  # fmt: skip
 
 
 def open_bus(settings: Any, redis: Redis | None = None) -> EventBus:

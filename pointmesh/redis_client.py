@@ -5,36 +5,42 @@ connections") once 100 are in use. A service under a peak has more calls in flig
 fraud_svc then failed its Score calls, and the ledger, told fraud_svc was away, failed to keep
 the observations for later too and lost them (gateway_bench at 250 purchases/s, 2026-12-06).
 Here a command past the pool's size waits for a connection instead, for as long as the caller
-would wait on the socket: Redis runs one command at a time, so more connections than this
-would only queue inside Redis rather than here.
+would wait on the socket: Redis runs one command at a time, so more connections than
+POOL_CONNECTIONS would only queue inside Redis rather than here.
+
+A client whose connections block (stream tails: XREAD BLOCK holds its connection for up to a
+second, gives it back and takes one again at once) needs a pool larger than its tails: a waiting
+command is not served first, so with every connection held by a tail the others waited in vain
+(64 tails on a pool of 64 stopped the ledger's outbox relay). `bus_redis` opens one of
+BUS_CONNECTIONS.
+
+Everything else is redis-py's: its socket timeouts and keepalive unless the caller sets them,
+and no retry of a failed command (a caller that retries does it with its own backoff).
 """
 
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
 POOL_CONNECTIONS = 64
-# How long a command waits for a free connection when the client sets no socket timeout.
+BUS_CONNECTIONS = 4096
+# How long a command waits for a free connection when the caller sets no socket timeout.
 WAIT_SECONDS = 5.0
-# A command that failed on its connection (reset, timeout) is sent again this many times, the
-# waits growing from 10 ms to at most 1 s (redis-py's own default is 10 times: a Redis away for
-# good held every caller for seconds).
-RETRIES = 3
 
 
 def open_redis(
-    url: str, *, timeout: float | None = None, connect_timeout: float | None = None, keepalive: bool = False,
-    retry: bool = True, connections: int = POOL_CONNECTIONS,
+    url: str, *, timeout: float | None = None, connect_timeout: float | None = None, keepalive: bool | None = None,
+    connections: int = POOL_CONNECTIONS,
 ) -> Redis:  # fmt: skip
     """A client on a pool of at most `connections` that waits, never refuses, when all are busy.
 
     `timeout` bounds each socket read and write, and the wait for a connection too (else
-    WAIT_SECONDS); `retry=False` leaves a failed command to the caller at once."""
-    again = Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), RETRIES) if retry else Retry(NoBackoff(), 0)
-    options: dict[str, object] = {"socket_timeout": timeout, "socket_connect_timeout": connect_timeout,
-                                  "socket_keepalive": keepalive, "retry": again}  # fmt: skip
+    WAIT_SECONDS); left unset, redis-py's defaults apply to the sockets."""
+    options: dict[str, object] = {}
+    for name, value in (("socket_timeout", timeout), ("socket_connect_timeout", connect_timeout),
+                        ("socket_keepalive", keepalive)):  # fmt: skip
+        if value is not None:
+            options[name] = value
     pool = BlockingConnectionPool.from_url(
         url, max_connections=connections, timeout=timeout if timeout is not None else WAIT_SECONDS, **options
     )

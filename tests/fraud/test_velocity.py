@@ -359,3 +359,30 @@ async def test_events_piled_at_one_instant_count_once_each_as_memory_does(redis_
         assert piles == {f"{at}|{eid}" for eid, at, _, _ in events[-41:]} | {f"{day}|", f"{day + 25 * 60 * MIN}|"}
     finally:
         await client.aclose()
+
+
+async def test_a_pile_set_left_by_an_expired_track_is_not_trusted(redis_server: RedisServer) -> None:
+    """Two specs with different retention share a key: the longer one builds a pile's set, the
+    shorter one refreshes the track last, so the track expires first (here: deleted, as expiry
+    would). A new pile at the same instant is counted from scratch, as on a key never used:
+    the old set's "complete" mark once made a re-sent event count twice and a new one not at all."""
+    long_spec = TrackSpec((60 * MIN,), retention_ms=24 * 60 * MIN)
+    short_spec = TrackSpec((60 * MIN,), retention_ms=60 * MIN)
+    client = Redis.from_url(redis_server.url)
+    prefix = f"test:{uuid.uuid4().hex}:"
+    velocity, fresh = RedisVelocity(client, prefix=prefix), RedisVelocity(client, prefix=f"test:{uuid.uuid4().hex}:")
+    key = "s:HEL-02"
+    try:
+        for i in range(20):
+            await velocity.observe(f"old{i}", T0, [Track(long_spec, key, 1, "", True)], [])
+        await velocity.observe("short", T0 + MIN, [Track(short_spec, key, 1, "", True)], [])
+        assert await client.exists(f"{prefix}#e:{key}")
+        await client.delete(f"{prefix}{key}")  # the track expired; its pile set did not
+        later = [(f"new{i}", 1, "") for i in range(20)] + [("new0", 2, "other"), ("old3", 1, "")]
+        for eid, value, tag in later:
+            track = [Track(long_spec, key, value, tag, True)]
+            got = await velocity.observe(eid, T0, track, [])
+            assert got == await fresh.observe(eid, T0, track, []), eid
+        assert await client.zcount(f"{prefix}{key}", T0, T0) == 21
+    finally:
+        await client.aclose()

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 from redis.asyncio import Redis
 
@@ -18,11 +20,13 @@ from ledger_svc.domain import Money
 from ledger_svc.screening import ObservationBacklog, ScreenedKind
 from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
+from pointmesh.events import OutgoingEvent, RedisStreamBus, bus_redis
 from pointmesh.redis_client import POOL_CONNECTIONS
 from pointmesh.redis_server import RedisServer, free_port
 from tests.conftest import start_ledger, stop_ledger
 from tests.fraud.test_service_grpc import NOW, tx
 from tests.screening.test_observation_backlog import _return
+from tests.waiting import until
 
 PEAK = 300  # past redis-py's refusing pool (100) and well past ours
 assert PEAK > 2 * POOL_CONNECTIONS
@@ -70,3 +74,32 @@ async def test_the_ledger_keeps_every_observation_of_a_peak_fraud_svc_missed(
         assert len(kept) == PEAK, f"{PEAK - len(kept)} of {PEAK} observations lost"
     finally:
         await stop_ledger(ledger)
+
+
+async def test_a_bus_client_with_more_tails_than_a_pool_holds_still_publishes(redis_server: RedisServer) -> None:
+    """Tails hold their connection while Redis blocks their read, give it back and take one again
+    at once, so a command waiting for a connection was never served: on a pool of 64 the 64th
+    tail stopped every publish of the process (the ledger's outbox relay shares its bus client
+    with its WatchEvents streams). The bus client's pool is sized for tails."""
+    client = bus_redis(SimpleNamespace(redis_url=redis_server.url, redis_timeout_seconds=0.5))
+    bus = RedisStreamBus(client)
+    topic, tails = f"peak-{time.time_ns()}", 2 * POOL_CONNECTIONS
+    got = [0] * tails
+
+    async def tail(k: int) -> None:
+        async for _ in bus.subscribe(topic, "0"):
+            got[k] += 1
+
+    readers = [asyncio.create_task(tail(k)) for k in range(tails)]
+    try:
+        await asyncio.sleep(1.5)  # every tail blocked in Redis
+        async with asyncio.timeout(30):
+            for i in range(3):
+                await bus.publish(topic, [OutgoingEvent(key="m1", event_id=f"e{i}", event_type="t", payload=b"x")])
+        await until(lambda: min(got) >= 3, 30)
+        assert got == [3] * tails
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await client.aclose()
