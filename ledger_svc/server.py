@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -28,6 +29,11 @@ INGEST_CHUNK = 500
 # message quotes the item (a whole row in a member id column), so it is cut too.
 MAX_LISTED_BYTES = 12 * 2**20
 MAX_FAILURE_MESSAGE = 1_000
+# Event watches one ledger process serves at once. Each holds a connection of the process's one
+# bus client while Redis blocks its read, and the outbox relay publishes through that client:
+# past its pool (pointmesh/redis_client.py BUS_CONNECTIONS) a flood of watches would stall every
+# event the ledger publishes. Members watch through a gateway's live stream, which reads the bus.
+MAX_WATCHES = 1_024
 
 # The one table from domain errors to gRPC codes; most specific class first.
 ERROR_CODES: tuple[tuple[type[d.LedgerError], grpc.StatusCode], ...] = (
@@ -71,6 +77,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     def __init__(self, service: LedgerService, bus: EventBus | None) -> None:
         self.service = service
         self.bus = bus
+        self.watches = 0
 
     @translated
     async def CreateMember(
@@ -303,6 +310,22 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if self.bus is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the event bus is not configured")
             return
+        if self.watches >= MAX_WATCHES:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this ledger process serves {MAX_WATCHES} event "
+                                "watches already, the most it serves at once: retry later, or watch a member "
+                                "through the gateway's live stream")  # fmt: skip
+        self.watches += 1
+        try:
+            async with contextlib.aclosing(self._watch(request, context)) as watch:
+                async for response in watch:
+                    yield response
+        finally:
+            self.watches -= 1
+
+    async def _watch(
+        self, request: ledger_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[ledger_pb2.WatchEventsResponse, None]:
+        assert self.bus is not None
         messages = self.bus.subscribe(LEDGER_EVENTS, request.after_position or "$")
         try:
             first = await anext(messages)

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ledger_svc import server as ledger_server
 from ledger_svc.cache import cache_key
 from pointmesh.events import LEDGER_EVENTS, BusMessage, RedisStreamBus
 from pointmesh.redis_server import RedisServer, free_port
@@ -381,3 +382,39 @@ async def test_watch_events_skips_an_event_it_cannot_read_and_goes_on(
         call.cancel()
 
     assert got.event.WhichOneof("payload") == "points_earned" and got.event.points_earned.points == 9
+
+
+async def test_watches_past_the_most_a_process_serves_are_refused_until_one_ends(
+    bounded_ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each watch holds a connection of the ledger's one bus client, which the outbox relay
+    publishes through: a flood of watches must not take them all. Past the most (2 here), a
+    watch is refused RESOURCE_EXHAUSTED; once one ends, a new one is served."""
+    monkeypatch.setattr(ledger_server, "MAX_WATCHES", 2)
+    ledger = bounded_ledger
+    member_id = await _create_member(ledger, "watch-cap")
+    calls = [ledger.stub.WatchEvents(ledger_pb2.WatchEventsRequest(member_id=member_id)) for _ in range(2)]
+    try:
+        streams = [aiter(call) for call in calls]
+        reads = [asyncio.ensure_future(_next(stream)) for stream in streams]
+        await asyncio.sleep(0.5)  # both watches are waiting for the member's next event
+        await _earn(ledger, member_id, 3, "watch-cap-earn-1")
+        assert [(await read).event.points_earned.points for read in reads] == [3, 3]
+        refused = ledger.stub.WatchEvents(ledger_pb2.WatchEventsRequest(member_id=member_id))
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await _next(aiter(refused))
+        assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 event watches" in (failed.value.details() or "")
+        calls[0].cancel()
+        for _ in range(50):  # the ended watch is let go once its handler has seen the cancel
+            calls[0] = ledger.stub.WatchEvents(ledger_pb2.WatchEventsRequest(member_id=member_id))
+            read = asyncio.ensure_future(_next(aiter(calls[0])))
+            await asyncio.sleep(0.1)
+            if not read.done():
+                break  # accepted: waiting for the member's next event
+            assert isinstance(read.exception(), grpc.aio.AioRpcError)
+        await _earn(ledger, member_id, 4, "watch-cap-earn-2")
+        assert (await read).event.points_earned.points == 4
+    finally:
+        for call in calls:
+            call.cancel()
