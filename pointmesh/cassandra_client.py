@@ -1,7 +1,9 @@
 """The one way pointmesh connects to Cassandra: token-aware, DC-aware, consistency from settings.
 
-Retries are left to the driver's default policy, which never retries a write whose outcome
-is unknown (a timed-out conditional write is resolved by the store reading back at SERIAL).
+Retries are the driver's default policy, which never retries a write whose outcome is unknown
+(a timed-out conditional write is resolved by the store reading back at SERIAL), but for one
+case: a read that timed out with too few replicas answering is sent once more through another
+coordinator (`ReadRetry`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,27 @@ def contact_points(spec: str) -> tuple[list[str], int]:
     return hosts, ports.pop()
 
 
+def read_retry() -> Any:
+    """The driver's default policy, but a read timed out with too few replicas answering goes
+    once to the next coordinator. A replica killed a moment ago is still asked by coordinators
+    that have not seen it go down; their reads time out at LOCAL_QUORUM though two of three
+    replicas are up (the driver's default gives up at once: the ledger answered UNAVAILABLE
+    for a posting, tests/cluster/test_failures.py). A read changes nothing, so asking again is
+    safe; writes keep the default."""
+    from cassandra.policies import RetryPolicy
+
+    class ReadRetry(RetryPolicy):  # type: ignore[misc]
+        def on_read_timeout(self, query: Any, consistency: Any, required_responses: int, received_responses: int,
+                            data_retrieved: bool, retry_num: int) -> tuple[int, Any]:  # fmt: skip
+            if retry_num == 0 and received_responses < required_responses:
+                return self.RETRY_NEXT_HOST, None
+            return super().on_read_timeout(  # type: ignore[no-any-return]
+                query, consistency, required_responses, received_responses, data_retrieved, retry_num
+            )
+
+    return ReadRetry()
+
+
 def connect(settings: Settings) -> tuple[Any, Any]:
     """(cluster, session); the caller shuts the cluster down."""
     from cassandra import ConsistencyLevel
@@ -39,6 +62,7 @@ def connect(settings: Settings) -> tuple[Any, Any]:
         consistency_level=ConsistencyLevel.name_to_value[settings.cassandra_consistency],
         serial_consistency_level=ConsistencyLevel.name_to_value[settings.cassandra_serial_consistency],
         request_timeout=settings.cassandra_request_timeout_seconds,
+        retry_policy=read_retry(),
     )
     options: dict[str, Any] = {}
     if settings.cassandra_username:

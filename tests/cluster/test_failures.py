@@ -109,7 +109,11 @@ async def test_a_node_killed_mid_stream_loses_no_acknowledged_posting(
     finally:
         await stop_ledger(ledger)
         if not victim.running():
-            victim.start()
+            await asyncio.to_thread(victim.start)
+        # The next test needs all three up (a failure above left the node coming back: the next
+        # test's reads then timed out on it).
+        all_hosts = cluster.session.cluster.metadata.all_hosts()
+        await until(lambda: all(h.is_up for h in all_hosts), 120, pause=0.5)
 
 
 @pytest.mark.parametrize("processes", [3])
