@@ -159,7 +159,7 @@ local function tags_of(key, ttl)
 end
 
 -- Whether this event is at ts in the track already (then it is not recorded again), and, when
--- the instant holds a pile, the pile set's key and member prefix. A pile is PILE or more events
+-- the instant holds a pile, the pile set's member prefix. A pile is PILE or more events
 -- at one instant on one key (a store's receipts in a file stamped by the day, a benchmark's):
 -- their duplicate check reads the set beside the track ('#e:', members 'time|event id' scored
 -- by time, the member 'time|' marking an instant's pile complete) instead of every entry at
@@ -173,7 +173,7 @@ local function piles_of(key)
   return prefix .. '#e:' .. sub(key, #prefix + 1)
 end
 
-local function seen_at(key, ttl)
+local function seen_at(key, piles, ttl)
   local same = call('ZRANGEBYSCORE', key, ts, ts, 'LIMIT', 0, PILE)
   if #same < PILE then
     for j = 1, #same do
@@ -181,14 +181,14 @@ local function seen_at(key, ttl)
     end
     return false
   end
-  local piles, mark = piles_of(key), format('%.0f|', t)
+  local mark = format('%.0f|', t)
   if not call('ZSCORE', piles, mark) then
     local all = call('ZRANGEBYSCORE', key, ts, ts)
     for j = 1, #all do call('ZADD', piles, ts, mark .. eid_of(all[j])) end
     call('ZADD', piles, ts, mark)
   end
   call('PEXPIRE', piles, ttl)
-  return call('ZSCORE', piles, mark .. eid) ~= false, piles, mark
+  return call('ZSCORE', piles, mark .. eid) ~= false, mark
 end
 
 local function track(out, key, spec, value, tag, record)
@@ -196,20 +196,21 @@ local function track(out, key, spec, value, tag, record)
   if record then
     -- A track that is not there (new, or expired) has no sets beside it: one left behind (a spec
     -- with a shorter TTL refreshed the track last) describes entries that are gone.
+    local piles = piles_of(key)
     local fresh = call('PEXPIRE', key, spec[2]) == 0
-    if fresh then call('DEL', piles_of(key), tags_key(key)) end
-    local dup, piles, mark = seen_at(key, spec[2])
+    if fresh then call('DEL', piles, tags_key(key)) end
+    local dup, mark = seen_at(key, piles, spec[2])
     local moved = false
     if not dup then
       moved = call('ZADD', key, ts, value .. '|' .. tag .. '|' .. eid) == 0
       if moved then
-        call('DEL', piles_of(key))  -- an entry left another instant's pile: rebuilt when next needed
-      elseif piles then
+        call('DEL', piles)  -- an entry left another instant's pile: rebuilt when next needed
+      elseif mark then
         call('ZADD', piles, ts, mark .. eid)
       end
     end
     if call('ZREMRANGEBYSCORE', key, '-inf', through(spec[1])) > 0 then
-      call('ZREMRANGEBYSCORE', piles_of(key), '-inf', through(spec[1]))
+      call('ZREMRANGEBYSCORE', piles, '-inf', through(spec[1]))
     end
     if fresh then call('PEXPIRE', key, spec[2]) end
     -- Kept by every spec with distinct windows that records here, whether or not it counts from

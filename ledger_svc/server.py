@@ -316,17 +316,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                                 "through the gateway's live stream")  # fmt: skip
         self.watches += 1
         try:
-            async with contextlib.aclosing(self._watch(request, context)) as watch:
+            async with contextlib.aclosing(self._watch(self.bus, request, context)) as watch:
                 async for response in watch:
                     yield response
         finally:
             self.watches -= 1
 
     async def _watch(
-        self, request: ledger_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+        self, bus: EventBus, request: ledger_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[ledger_pb2.WatchEventsResponse, None]:
-        assert self.bus is not None
-        messages = self.bus.subscribe(LEDGER_EVENTS, request.after_position or "$")
+        messages = bus.subscribe(LEDGER_EVENTS, request.after_position or "$")
         try:
             first = await anext(messages)
         except ValueError as exc:  # a position this bus never gave

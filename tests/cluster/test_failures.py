@@ -46,6 +46,15 @@ async def _op(stub: ledger_pb2_grpc.LedgerServiceStub, run: str, i: int, members
     return str((await stub.Earn(earn, timeout=20)).transaction.transaction_id)
 
 
+async def _all_up(cluster: Cluster) -> None:
+    """Every node started again, and seen up by the driver."""
+    for node in cluster.nodes.nodes:
+        if not node.running():
+            await asyncio.to_thread(node.start)
+    hosts = cluster.session.cluster.metadata.all_hosts()
+    await until(lambda: all(h.is_up for h in hosts), 120, pause=0.5)
+
+
 async def test_a_node_killed_mid_stream_loses_no_acknowledged_posting(
     cluster: Cluster, tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -84,9 +93,7 @@ async def test_a_node_killed_mid_stream_loses_no_acknowledged_posting(
         # is not a reason to fail at LOCAL_QUORUM with two of three replicas up.
         assert set(refused.values()) <= {grpc.StatusCode.FAILED_PRECONDITION}, refused
 
-        await asyncio.to_thread(victim.start)
-        hosts = cluster.session.cluster.metadata.all_hosts()
-        await until(lambda: all(h.is_up for h in hosts), 120, pause=0.5)
+        await _all_up(cluster)
 
         # Every operation again, by key: acknowledged ones answer as before; the rest now decide.
         final: dict[int, str] = {}
@@ -108,12 +115,9 @@ async def test_a_node_killed_mid_stream_loses_no_acknowledged_posting(
         assert report.ok, [d.describe() for d in report.differences]
     finally:
         await stop_ledger(ledger)
-        if not victim.running():
-            await asyncio.to_thread(victim.start)
-        # The next test needs all three up (a failure above left the node coming back: the next
-        # test's reads then timed out on it).
-        all_hosts = cluster.session.cluster.metadata.all_hosts()
-        await until(lambda: all(h.is_up for h in all_hosts), 120, pause=0.5)
+        # The next test needs all three up too (after a failure above, the node was left coming
+        # back: the next test's reads then timed out on it).
+        await _all_up(cluster)
 
 
 @pytest.mark.parametrize("processes", [3])
