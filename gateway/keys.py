@@ -214,7 +214,7 @@ class RedisKeyRecords:
     async def lookup(self, key_id: str) -> Row | None:
         if self._async is None:
             timeout = self._timeout_seconds
-            self._async = open_redis(self._url, timeout=timeout, connect_timeout=timeout)
+            self._async = open_redis(self._url, timeout=timeout, connect_timeout=timeout, wait=timeout)
         try:
             raw = await self._async.hget(self._key, key_id)  # type: ignore[misc]
         except (RedisError, OSError) as exc:  # refused, reset, or no answer within the timeout

@@ -120,6 +120,7 @@ class LedgerApp:
     redis: Redis
     cache: RedisBalanceCache
     clock: Clock
+    backlog_redis: Redis | None = None  # the fraud observation backlog's own client
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -220,6 +221,8 @@ class LedgerApp:
         await self.store.close()
         await self.bus.close()
         await self.redis.aclose()
+        if self.backlog_redis is not None:
+            await self.backlog_redis.aclose()
 
     async def stop(self, grace: float | None = None) -> None:
         await self.server.stop(grace)
@@ -228,9 +231,15 @@ class LedgerApp:
 async def build(settings: Settings, *, clock: Clock | None = None, address: str | None = None) -> LedgerApp:
     clock = clock or SystemClock()
     store = open_store(settings)
-    # No client-side retries: the cache fails fast to the store and the relay has its own backoff.
+    # No client-side retries: the cache fails fast to the store (its wait for a free connection
+    # too) and the relay has its own backoff. Observations kept for a fraud_svc that is away have
+    # no fallback: they get a client of their own that waits for a connection, so a peak of
+    # balance reads cannot crowd them out (pointmesh/redis_client.py).
     timeout = settings.redis_timeout_seconds
-    redis = open_redis(settings.redis_url, timeout=timeout, connect_timeout=timeout)
+    redis = open_redis(settings.redis_url, timeout=timeout, connect_timeout=timeout, wait=timeout)
+    backlog = (
+        open_redis(settings.redis_url, timeout=timeout, connect_timeout=timeout) if settings.fraud_screening else None
+    )
     cache = RedisBalanceCache(redis, ttl_seconds=settings.cache_ttl_seconds, shared=store.shared_by_replicas)
     service = LedgerService(
         store,
@@ -241,7 +250,7 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         fault_point=settings.fault_point,
         engine=RulesEngineClient(settings.rules_addr, settings.rules_deadline_seconds, settings.batch_deadline_seconds),
         program=settings.program,
-        fraud=fraud_screen(settings, redis),
+        fraud=fraud_screen(settings, backlog),
     )
     # Its own Redis client: blocking stream reads outlast the cache client's short timeouts.
     bus = open_bus(settings)
@@ -253,7 +262,7 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     server = GrpcServer("ledger", address or settings.ledger_addr, grace_seconds=settings.grace_seconds)
     servicer = LedgerServicer(service, bus)
     server.add_service(lambda s: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, s), SERVICE_NAME)
-    app = LedgerApp(settings, store, service, server, relay, bus, redis, cache, clock)
+    app = LedgerApp(settings, store, service, server, relay, bus, redis, cache, clock, backlog)
     server.on_stop(app._cleanup)
     return app
 

@@ -1,4 +1,4 @@
-"""An asyncio.wait_for that never loses a cancel, installed over Python 3.11's own.
+"""An asyncio.wait_for that does not lose a cancel, installed over Python 3.11's own.
 
 Python 3.11's wait_for runs what it waits for in a task of its own. Cancelled in the instant
 that task finishes, it hands back the result and drops the cancel (CPython gh-86296; 3.12
@@ -10,8 +10,9 @@ A service stops its event followers and background loops the same way, and would
 them for ever.
 
 On 3.11, importing pointmesh replaces `asyncio.wait_for` with `wait_for` below. Like 3.12's, it
-awaits in the caller's own task under asyncio.timeout, where a cancel can only arrive as the
-CancelledError it is. It also spares a task per Redis command.
+awaits in the caller's own task under asyncio.timeout, where a cancel arrives as the
+CancelledError it is (code awaited that suppresses CancelledError still swallows it, as on
+3.12). It also spares a task per Redis command. docs/decisions/0009-cancel-safe-wait-for.md.
 """
 
 from __future__ import annotations
@@ -24,21 +25,20 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109 (asyncio.wait_for's own signature)
-    """`aw`'s result, or TimeoutError after `timeout` seconds (None: no limit), with `aw`
-    cancelled. A timeout of zero or less lets nothing run: only an already finished future
-    gives its result."""
+async def wait_for(fut: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109 (asyncio.wait_for's own signature)
+    """`fut`'s result, or TimeoutError after `timeout` seconds (None: no limit), with `fut`
+    cancelled. A timeout of zero or less cancels `fut` at once unless it has finished."""
     if timeout is not None and timeout <= 0:
-        fut = asyncio.ensure_future(aw)
-        if fut.done():
-            return fut.result()
-        fut.cancel()
-        await asyncio.wait([fut])
-        if fut.cancelled():
-            raise TimeoutError
-        return fut.result()  # it finished (or failed) rather than be cancelled
+        task = asyncio.ensure_future(fut)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+        try:
+            return task.result()  # finished, failed, or let the cancel pass
+        except asyncio.CancelledError as exc:
+            raise TimeoutError from exc
     async with asyncio.timeout(timeout):
-        return await aw
+        return await fut
 
 
 def install() -> None:

@@ -4,11 +4,13 @@ redis-py's asyncio pool refuses a command outright (MaxConnectionsError, "Too ma
 connections") once 100 are in use. A service under a peak has more calls in flight than that:
 fraud_svc then failed its Score calls, and the ledger, told fraud_svc was away, failed to keep
 the observations for later too and lost them (gateway_bench at 250 purchases/s, 2026-12-06).
-Here a command past the pool's size waits for a connection instead, up to WAIT_SECONDS: Redis
-runs one command at a time, so more connections than POOL_CONNECTIONS would only queue inside
-Redis rather than here. The wait is not the caller's socket timeout: a command queued behind 64
-busy ones is not talking to a dead peer, and the ledger's half-second socket timeout, used for
-it too, again lost kept observations in a peak (39 of 300 in one CI run).
+Here a command past the pool's size waits for a connection instead, up to WAIT_SECONDS unless
+the caller says otherwise: Redis runs one command at a time, so more connections than
+POOL_CONNECTIONS would only queue inside Redis rather than here. A command queued behind 64 busy
+ones is not talking to a dead peer: waiting only the ledger's half-second socket timeout for a
+connection still lost kept observations in a peak (39 of 300 in one CI run). A client whose
+every call has a fallback (the balance cache, the gateway's key lookup) waits no longer than
+its socket timeout and takes the fallback.
 
 A client whose connections block (stream tails: XREAD BLOCK holds its connection for up to a
 second, gives it back and takes one again at once) needs a pool larger than its tails: a waiting
@@ -26,15 +28,16 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 POOL_CONNECTIONS = 64
 BUS_CONNECTIONS = 4096
-# How long a command waits for a free connection, whatever its socket timeout.
+# How long a command waits for a free connection unless the caller sets `wait`.
 WAIT_SECONDS = 5.0
 
 
 def open_redis(
     url: str, *, timeout: float | None = None, connect_timeout: float | None = None, keepalive: bool | None = None,
-    connections: int = POOL_CONNECTIONS,
+    connections: int = POOL_CONNECTIONS, wait: float = WAIT_SECONDS,
 ) -> Redis:  # fmt: skip
-    """A client on a pool of at most `connections` that waits, never refuses, when all are busy.
+    """A client on a pool of at most `connections`: a command finding all busy waits up to
+    `wait` seconds for one, then fails with ConnectionError ("No connection available").
 
     `timeout` bounds each socket read and write; left unset, redis-py's defaults apply."""
     options: dict[str, object] = {}
@@ -42,5 +45,5 @@ def open_redis(
                         ("socket_keepalive", keepalive)):  # fmt: skip
         if value is not None:
             options[name] = value
-    pool = BlockingConnectionPool.from_url(url, max_connections=connections, timeout=WAIT_SECONDS, **options)
+    pool = BlockingConnectionPool.from_url(url, max_connections=connections, timeout=wait, **options)
     return Redis.from_pool(pool)

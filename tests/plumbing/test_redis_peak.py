@@ -12,7 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from fraud_svc.app import build as build_fraud
 from fraud_svc.server import context
@@ -21,8 +23,9 @@ from ledger_svc.screening import ObservationBacklog, ScreenedKind
 from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
 from pointmesh.events import OutgoingEvent, RedisStreamBus, bus_redis
-from pointmesh.redis_client import POOL_CONNECTIONS
+from pointmesh.redis_client import POOL_CONNECTIONS, open_redis
 from pointmesh.redis_server import RedisServer, free_port
+from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.conftest import start_ledger, stop_ledger
 from tests.fraud.test_service_grpc import NOW, tx
 from tests.screening.test_observation_backlog import _return
@@ -103,3 +106,64 @@ async def test_a_bus_client_with_more_tails_than_a_pool_holds_still_publishes(re
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         await client.aclose()
+
+
+async def test_a_client_waits_for_a_connection_only_as_long_as_it_says(redis_server: RedisServer) -> None:
+    """A command finding every connection busy waits `wait` seconds for one, then fails; one
+    released within the wait serves it."""
+    patient = open_redis(redis_server.url, timeout=0.5, connections=1)
+    hasty = open_redis(redis_server.url, timeout=0.5, connections=1, wait=0.1)
+    try:
+        for client in (patient, hasty):
+            await client.ping()  # its one connection is open
+        held = await hasty.connection_pool.get_connection()
+        try:
+            with pytest.raises(RedisConnectionError, match="No connection available"):
+                await hasty.get("k")
+        finally:
+            await hasty.connection_pool.release(held)
+        held = await patient.connection_pool.get_connection()
+        later = asyncio.get_running_loop().call_later(
+            0.3, lambda: asyncio.ensure_future(patient.connection_pool.release(held))
+        )
+        try:
+            assert await patient.set("k", "v") and await patient.get("k") == b"v"
+        finally:
+            later.cancel()
+    finally:
+        await patient.aclose()
+        await hasty.aclose()
+
+
+async def test_a_crowded_cache_client_costs_no_kept_observation(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Every connection of the ledger's cache client busy: a balance read does not wait for one
+    but answers from the store, and a purchase screened while fraud_svc is away is still kept,
+    since the backlog has a client of its own."""
+    ledger = await start_ledger(tmp_path, redis_server.url, fraud_screening=True, fraud_addr=f"127.0.0.1:{free_port()}")
+    pool = ledger.app.redis.connection_pool
+    held = []
+    try:
+        created = await ledger.stub.CreateMember(ledger_pb2.CreateMemberRequest(
+            idempotency_key=common_pb2.IdempotencyKey(namespace="peak", key=tmp_path.name)))  # fmt: skip
+        member = created.member.member_id
+        await ledger.stub.Earn(ledger_pb2.EarnRequest(
+            idempotency_key=common_pb2.IdempotencyKey(namespace="peak", key=f"earn-{member}"), member_id=member,
+            points=120))  # fmt: skip
+        held = [await pool.get_connection() for _ in range(POOL_CONNECTIONS)]
+        balance = await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member))
+        assert balance.balance.balance_points == 120
+        screen = ledger.app.service.fraud
+        assert screen is not None and isinstance(screen.backlog, ObservationBacklog)
+        request = replace(_return(member, 0), event_id=f"purchase:{member}:0", kind=ScreenedKind.PURCHASE,
+                          amount=Money(2500, "EUR"))  # fmt: skip
+        await screen.screen(request)
+        redis = Redis.from_url(redis_server.url)
+        try:
+            kept = [e for e in await redis.lrange(screen.backlog.key, 0, -1) if member.encode() in e]
+        finally:
+            await redis.aclose()
+        assert len(kept) == 1
+    finally:
+        for conn in held:
+            await pool.release(conn)
+        await stop_ledger(ledger)
