@@ -31,7 +31,7 @@ from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
 from pointmesh.consumers import consumer_name
 from pointmesh.events import TOPICS, EventBus, dead_letter_topic, open_bus
-from pointmesh.redis_client import open_redis
+from pointmesh.redis_client import WAIT_SECONDS, open_redis
 from pointmesh.rpc import GrpcServer
 from pointmesh.telemetry import RECONCILE_DIFFERENCES, RECONCILE_RUNS
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
@@ -233,12 +233,16 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     store = open_store(settings)
     # No client-side retries: the cache fails fast to the store (its wait for a free connection
     # too) and the relay has its own backoff. Observations kept for a fraud_svc that is away have
-    # no fallback: they get a client of their own that waits for a connection, so a peak of
-    # balance reads cannot crowd them out (pointmesh/redis_client.py).
+    # no fallback: they get a client of their own that waits for a connection, freed or being
+    # opened, so neither a peak of balance reads nor one of their own loses them (the pool:
+    # pointmesh/redis_client.py; opening: 300 screenings at once on a loaded box opened
+    # connections slower than the tests' 0.3 s connect timeout, and lost up to 64 observations).
     timeout = settings.redis_timeout_seconds
     redis = open_redis(settings.redis_url, timeout=timeout, connect_timeout=timeout, wait=timeout)
     backlog = (
-        open_redis(settings.redis_url, timeout=timeout, connect_timeout=timeout) if settings.fraud_screening else None
+        open_redis(settings.redis_url, timeout=timeout, connect_timeout=max(timeout, WAIT_SECONDS))
+        if settings.fraud_screening
+        else None
     )
     cache = RedisBalanceCache(redis, ttl_seconds=settings.cache_ttl_seconds, shared=store.shared_by_replicas)
     service = LedgerService(

@@ -36,6 +36,7 @@ from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
 from tests.ledger.helpers import balance, create_member, key, rpc_error, ts
 from tests.mesh.helpers import purchase_request
+from tests.waiting import until
 
 PROGRAM = Path(__file__).parent.parent / "mesh" / "program.yaml"
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -121,6 +122,26 @@ def takeover(member: str, points: int, device: str) -> ledger_pb2.RedeemRequest:
         context=ledger_pb2.ScreeningContext(channel="app", device_id=device, ip="203.0.113.7",
                                             contact_changed_at=ts(NOW - timedelta(hours=1))),
     )  # fmt: skip
+
+
+async def tell_until_told(env: Screened, *members: str) -> None:
+    """Runs the ledger's maintenance pass until nothing kept for `members` is left in the
+    backlog. fraud_svc restarted is not reached at once: the ledger's breaker waits a second
+    after a failure, and its channel retries on a backoff of its own (1 s, then 1.6 s)."""
+    screen = env.ledger.app.service.fraud
+    assert screen is not None and screen.backlog is not None
+    backlog = screen.backlog
+
+    async def told() -> bool:
+        await env.ledger.app.service.run_maintenance()
+        redis = Redis.from_url(env.redis_url)
+        try:
+            left = await redis.lrange(backlog.key, 0, -1)
+        finally:
+            await redis.aclose()
+        return not any(m.encode() in entry for entry in left for m in members)
+
+    await until(told, 30, pause=0.2)
 
 
 async def alerts_for(env: Screened, review_id: str) -> list[common_pb2.OpsAlert]:

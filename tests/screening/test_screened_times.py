@@ -7,7 +7,6 @@ maintenance pass after it is back (before, only transfers and returns did)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -28,6 +27,7 @@ from tests.screening.test_fraud_on_the_path import (
     _features,
     regular_member,
     screened_mesh,
+    tell_until_told,
 )
 
 
@@ -118,9 +118,7 @@ async def test_purchases_and_redemptions_let_through_while_fraud_svc_was_down_re
     ))  # fmt: skip
     assert not bought.purchase.screening.scored and not spent.screening.scored
     await screened.start_fraud()
-    await asyncio.sleep(1.2)  # the ledger's breaker gives fraud_svc a second after a failure
-
-    await screened.ledger.app.service.run_maintenance()
+    await tell_until_told(screened, member)
     await screened.ledger.app.service.run_maintenance()  # told once, however often the pass runs
 
     probe = await _features(screened, TxContext(f"probe-{member}", TxKind.REDEMPTION, member,
