@@ -7,10 +7,9 @@ the observations for later too and lost them (gateway_bench at 250 purchases/s, 
 Here a command past the pool's size waits for a connection instead, up to WAIT_SECONDS unless
 the caller says otherwise: Redis runs one command at a time, so more connections than
 POOL_CONNECTIONS would only queue inside Redis rather than here. A command queued behind 64 busy
-ones is not talking to a dead peer: waiting only the ledger's half-second socket timeout for a
-connection still lost kept observations in a peak (39 of 300 in one CI run). A client whose
-every call has a fallback (the balance cache, the gateway's key lookup) waits no longer than
-its socket timeout and takes the fallback.
+ones is not talking to a dead peer, so its wait is not the socket timeout. A client whose every
+call has a fallback (the balance cache, the gateway's key lookup) waits no longer than its
+socket timeout and takes the fallback.
 
 A client whose connections block (stream tails: XREAD BLOCK holds its connection for up to a
 second, gives it back and takes one again at once) needs a pool larger than its tails: a waiting
