@@ -31,7 +31,7 @@ from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
 from pointmesh.consumers import consumer_name
 from pointmesh.events import TOPICS, EventBus, dead_letter_topic, open_bus
-from pointmesh.redis_client import WAIT_SECONDS, open_redis
+from pointmesh.redis_client import open_redis
 from pointmesh.rpc import GrpcServer
 from pointmesh.telemetry import RECONCILE_DIFFERENCES, RECONCILE_RUNS
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
@@ -76,6 +76,10 @@ def policy_from(settings: Settings) -> Policy:
         negative_limit_points=settings.negative_limit_points,
         key_retention=timedelta(days=settings.idempotency_retention_days),
     )
+
+
+# How long a new connection of the fraud observation backlog's client may take to connect (build).
+BACKLOG_CONNECT_SECONDS = 2.0
 
 
 def fraud_screen(settings: Settings, redis: Redis | None = None) -> FraudScreen | None:
@@ -233,14 +237,15 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     store = open_store(settings)
     # No client-side retries: the cache fails fast to the store (its wait for a free connection
     # too) and the relay has its own backoff. Observations kept for a fraud_svc that is away have
-    # no fallback: they get a client of their own that waits for a connection, freed or being
-    # opened, so neither a peak of balance reads nor one of their own loses them (the pool:
-    # pointmesh/redis_client.py; opening: 300 screenings at once on a loaded box opened
-    # connections slower than the tests' 0.3 s connect timeout, and lost up to 64 observations).
+    # no fallback: they get a client of their own that waits for a free connection and gives a
+    # new one's TCP connect BACKLOG_CONNECT_SECONDS, so neither a peak of balance reads nor one
+    # of their own loses them (300 screenings at once on a loaded box connected slower than the
+    # tests' 0.3 s, and lost up to 64 observations). A Redis that drops packets while fraud_svc
+    # is away holds a screened request that long, not longer.
     timeout = settings.redis_timeout_seconds
     redis = open_redis(settings.redis_url, timeout=timeout, connect_timeout=timeout, wait=timeout)
     backlog = (
-        open_redis(settings.redis_url, timeout=timeout, connect_timeout=max(timeout, WAIT_SECONDS))
+        open_redis(settings.redis_url, timeout=timeout, connect_timeout=max(timeout, BACKLOG_CONNECT_SECONDS))
         if settings.fraud_screening
         else None
     )
