@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from fraud_svc.app import build as build_fraud
@@ -29,6 +28,7 @@ from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.conftest import start_ledger, stop_ledger
 from tests.fraud.test_service_grpc import NOW, tx
+from tests.screening.test_fraud_on_the_path import kept_for
 from tests.screening.test_observation_backlog import _return
 from tests.waiting import until
 
@@ -70,11 +70,7 @@ async def test_the_ledger_keeps_every_observation_of_a_peak_fraud_svc_missed(
         requests = [replace(_return(member, i), event_id=f"purchase:{member}:{i}", kind=ScreenedKind.PURCHASE,
                             amount=Money(2500, "EUR")) for i in range(PEAK)]  # fmt: skip
         await asyncio.gather(*(screen.screen(r) for r in requests))
-        redis = Redis.from_url(redis_server.url)
-        try:
-            kept = [e for e in await redis.lrange(screen.backlog.key, 0, -1) if member.encode() in e]
-        finally:
-            await redis.aclose()
+        kept = await kept_for(redis_server.url, screen.backlog, member)
         assert len(kept) == PEAK, f"{PEAK - len(kept)} of {PEAK} observations lost"
     finally:
         await stop_ledger(ledger)
@@ -163,12 +159,7 @@ async def test_a_crowded_cache_client_costs_no_kept_observation(tmp_path: Path, 
         request = replace(_return(member, 0), event_id=f"purchase:{member}:0", kind=ScreenedKind.PURCHASE,
                           amount=Money(2500, "EUR"))  # fmt: skip
         await screen.screen(request)
-        redis = Redis.from_url(redis_server.url)
-        try:
-            kept = [e for e in await redis.lrange(screen.backlog.key, 0, -1) if member.encode() in e]
-        finally:
-            await redis.aclose()
-        assert len(kept) == 1
+        assert len(await kept_for(redis_server.url, screen.backlog, member)) == 1
     finally:
         for conn in held:
             await pool.release(conn)

@@ -27,7 +27,7 @@ from fraud_svc.domain import TxContext, TxKind
 from fraud_svc.features import FeatureRow, featurize
 from fraud_svc.velocity_redis import RedisVelocity
 from ledger_svc.domain import FailedPrecondition
-from ledger_svc.screening import ScreeningRequest
+from ledger_svc.screening import ObservationBacklog, ScreeningRequest
 from pointmesh.clock import ManualClock
 from pointmesh.config import load_settings
 from pointmesh.events import OPS_ALERTS, RedisStreamBus
@@ -124,6 +124,17 @@ def takeover(member: str, points: int, device: str) -> ledger_pb2.RedeemRequest:
     )  # fmt: skip
 
 
+async def kept_for(redis_url: str, backlog: ObservationBacklog, *members: str) -> list[bytes]:
+    """The backlog's entries about any of `members`: kept, or taken by a pass that has not put
+    them back yet."""
+    redis = Redis.from_url(redis_url)
+    try:
+        entries = [*await redis.lrange(backlog.key, 0, -1), *await redis.hvals(f"{backlog.key}:leases")]
+    finally:
+        await redis.aclose()
+    return [entry for entry in entries if any(m.encode() in entry for m in members)]
+
+
 async def tell_until_told(env: Screened, *members: str) -> None:
     """Runs the ledger's maintenance pass until nothing kept for `members` is left in the
     backlog. fraud_svc restarted is not reached at once: the ledger's breaker waits a second
@@ -134,12 +145,7 @@ async def tell_until_told(env: Screened, *members: str) -> None:
 
     async def told() -> bool:
         await env.ledger.app.service.run_maintenance()
-        redis = Redis.from_url(env.redis_url)
-        try:  # kept, or taken by a pass that could not put them back yet
-            left = [*await redis.lrange(backlog.key, 0, -1), *await redis.hvals(f"{backlog.key}:leases")]
-        finally:
-            await redis.aclose()
-        return not any(m.encode() in entry for entry in left for m in members)
+        return not await kept_for(env.redis_url, backlog, *members)
 
     await until(told, 30, pause=0.2)
 
