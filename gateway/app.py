@@ -27,7 +27,7 @@ from gateway.instrument import instrument
 from gateway.keys import KeyStore, RedisKeyRecords
 from gateway.live import LiveHub
 from gateway.routes import backoffice, game, health, legacy, live, members, ops, points, program, purchases
-from pointmesh import heap
+from pointmesh import event_loop, heap
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
@@ -172,7 +172,7 @@ def serve(settings: Settings) -> None:
     async def main() -> None:
         await server(settings).serve()
 
-    asyncio.run(main())
+    event_loop.run(main(), settings.event_loop)
 
 
 def _own_tracing() -> dict[str, Any]:

@@ -20,11 +20,23 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any, TypeVar
 
+import orjson
+
 T = TypeVar("T")
 Convert = Callable[[Any], Any]
 
 _SCALARS = (str, int, float, bool, type(None))
-_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+# Records, results and events: orjson writes them ~4x faster than the json module (the records
+# are on every posting's path). Same JSON for the same value, save that text outside ASCII is
+# written as UTF-8 rather than \u escapes; either reads back to the same value.
+_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+# Fingerprints hash the text itself, so theirs stays the json module's (escaped) text: a retry
+# that crosses an upgrade must hash as it did when it was first recorded.
+_canonical = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
+def _dumps(plain: Any) -> str:
+    return orjson.dumps(plain, option=_OPTIONS).decode()
 
 
 def _same(value: Any) -> Any:
@@ -155,6 +167,11 @@ def dumps_plain(plain: Any) -> str:
     return _dumps(plain)
 
 
+def canonical(plain: Any) -> str:
+    """Text of a JSON-ready value that never changes across versions, for hashing."""
+    return _canonical(plain)
+
+
 def loads(cls: type[T], text: str) -> T:
     decode: Convert = _decode_as(typing.cast(Any, cls))
-    return typing.cast(T, decode(json.loads(text)))
+    return typing.cast(T, decode(orjson.loads(text)))

@@ -191,5 +191,5 @@ def fingerprint(command: object) -> str:
     # Session facts go to fraud screening only: the same receipt or redemption arriving with
     # other device details (or none, from a batch file) is still the same operation.
     plain.pop("context", None)
-    payload = f"{type(command).__name__}:{codec.dumps_plain(plain)}"
+    payload = f"{type(command).__name__}:{codec.canonical(plain)}"
     return hashlib.sha256(payload.encode()).hexdigest()

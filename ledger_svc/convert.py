@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -144,7 +144,7 @@ def _iso(value: str | None) -> Timestamp | None:
 
 def event_pb(payload_json: str) -> ledger_pb2.LedgerEvent:
     """Turns an outbox row (JSON written by the posting) into the published protobuf event."""
-    raw = json.loads(payload_json)
+    raw = orjson.loads(payload_json)
     data = raw["data"]
     balance = d.Balance(**raw["balance"])
     event = ledger_pb2.LedgerEvent(

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from pointmesh import cli_events, heap
+from pointmesh import cli_events, event_loop, heap
 from pointmesh.cassandra_server import CassandraServer
 from pointmesh.config import MIN_CHURN_TRAIN_MEMBERS, MIN_FRAUD_TRAIN_ROWS, Settings, settings_or_exit
 from pointmesh.logs import configure_logging
@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if name == "gateway":
         module.serve(settings)  # runs its own event loop (uvicorn)
     else:
-        asyncio.run(module.serve(settings))
+        event_loop.run(module.serve(settings), settings.event_loop)
     return 0
 
 
@@ -263,7 +263,7 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
     settings = _settings()
     return loadgen(settings.ledger_addr, settings.rules_addr, args.program or settings.program, args.purchases,
                    args.members or max(1_000, args.purchases // 4), args.seed, args.concurrency, args.batch,
-                   args.unary)  # fmt: skip
+                   args.unary, settings.event_loop)  # fmt: skip
 
 
 def cmd_ledger_migrate(_: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pointmesh.event_loop import LOOPS as EVENT_LOOPS
 from pointmesh.logs import FORMATS as LOG_FORMATS
 
 PREFIX = "POINTMESH_"
@@ -151,6 +152,8 @@ class Settings:
     grace_seconds: float = 10.0
     log_level: str = "INFO"
     log_format: str = "json"
+    # The loop service processes run on (pointmesh/event_loop.py): uvloop, or asyncio's own.
+    event_loop: str = "uvloop"
     fault_point: str = ""
 
 
@@ -303,3 +306,5 @@ def _validate_bounds(s: Settings) -> None:
         raise ConfigError(f"{_var('log_level')}={s.log_level!r}: expected one of {levels}")
     if s.log_format not in LOG_FORMATS:
         raise ConfigError(f"{_var('log_format')}={s.log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
+    if s.event_loop not in EVENT_LOOPS:
+        raise ConfigError(f"{_var('event_loop')}={s.event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")

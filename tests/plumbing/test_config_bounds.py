@@ -61,6 +61,7 @@ K8S = Path(__file__).resolve().parents[2] / "k8s"
         ("DEFAULT_MODEL_ROWS", "0"),
         ("LOG_LEVEL", "VERBOSE"),
         ("LOG_FORMAT", "xml"),
+        ("EVENT_LOOP", "trio"),
     ],
 )
 def test_a_harmful_value_is_refused_naming_its_variable(name: str, value: str) -> None:

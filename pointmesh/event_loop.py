@@ -1,0 +1,42 @@
+"""The event loop every service process runs on, chosen by one setting.
+
+uvloop (libuv underneath) runs the same asyncio code with less interpreter time per callback
+and per socket read; the services spend most of their time in exactly that (gRPC calls,
+Redis replies, many small tasks), so the ledger does the same purchases with less CPU
+(figures in docs/benchmarks.md). The standard loop stays one setting away
+(`POINTMESH_EVENT_LOOP=asyncio`): for a platform without uvloop's wheels, and to rule the loop
+out when a problem is being chased. Tests run services both ways: subprocess services on the
+default, in-process ones on pytest's standard loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+LOOPS = ("uvloop", "asyncio")
+
+
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """None is asyncio's own loop."""
+    if kind not in LOOPS:
+        raise ValueError(f"event loop {kind!r}: expected one of {', '.join(LOOPS)}")
+    if kind == "asyncio":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, T], kind: str) -> T:
+    """`asyncio.run` on the chosen loop (same shutdown: pending tasks cancelled, generators and
+    the default executor closed)."""
+    try:
+        factory = loop_factory(kind)
+    except ValueError:
+        main.close()  # never to run: closed, not left to warn that it was never awaited
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
