@@ -26,10 +26,12 @@ T = TypeVar("T")
 Convert = Callable[[Any], Any]
 
 _SCALARS = (str, int, float, bool, type(None))
-# Records, results and events: orjson writes them ~4x faster than the json module (the records
-# are on every posting's path). Same JSON for the same value, save that text outside ASCII is
-# written as UTF-8 rather than \u escapes; either reads back to the same value.
-_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+# Records, results and events: orjson writes them ~5x faster than the json module (the records
+# are on every posting's path). For the values records hold (str keys, int64 numbers, text,
+# finite floats) it writes the same JSON, save that text outside ASCII is UTF-8 rather than \u
+# escapes, and either text reads back to the same value. Unlike the json module it refuses ints
+# past 64 bits and writes NaN as null; the ledger's bounds and its fraud client keep both out.
+_OPTIONS = orjson.OPT_SORT_KEYS
 # Fingerprints hash the text itself, so theirs stays the json module's (escaped) text: a retry
 # that crosses an upgrade must hash as it did when it was first recorded.
 _canonical = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode

@@ -8,6 +8,7 @@ unscored; a customer's purchase never fails because scoring did.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import grpc
@@ -94,6 +95,8 @@ def _screening(response: fraud_pb2.ScoreResponse) -> Screening:
     verdict = _VERDICT.get(response.verdict)
     if verdict is None:
         raise ScreenerUnavailable(f"fraud_svc answered verdict {response.verdict}")
+    if not math.isfinite(response.score):  # kept in the purchase's JSON record, which has no NaN
+        raise ScreenerUnavailable(f"fraud_svc answered score {response.score}")
     return Screening(verdict, True, response.score, tuple(r.code for r in response.reasons), response.model_version)
 
 

@@ -33,7 +33,6 @@ from typing import TypeVar
 import grpc
 
 from fraud_svc.synth import POS_HOURS, WEB_HOURS
-from pointmesh import event_loop
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
@@ -347,10 +346,10 @@ async def _bounded(calls: list[Callable[[], Awaitable[T]]], limit: int) -> list[
 
 
 def main(ledger_addr: str, rules_addr: str, program: str, purchases: int, members: int, seed: int,
-         concurrency: int, batch: int, unary: bool, loop: str = "asyncio") -> int:  # fmt: skip
+         concurrency: int, batch: int, unary: bool) -> int:  # fmt: skip
     try:
-        report = event_loop.run(run(ledger_addr, rules_addr, program, purchases=purchases, members=members, seed=seed,
-                                    concurrency=concurrency, batch=batch, unary=unary), loop)  # fmt: skip
+        report = asyncio.run(run(ledger_addr, rules_addr, program, purchases=purchases, members=members, seed=seed,
+                                 concurrency=concurrency, batch=batch, unary=unary))  # fmt: skip
     except UnmodelledProgram as exc:
         print(f"loadgen: program {program}: {exc}")
         return 2

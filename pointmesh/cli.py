@@ -263,7 +263,7 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
     settings = _settings()
     return loadgen(settings.ledger_addr, settings.rules_addr, args.program or settings.program, args.purchases,
                    args.members or max(1_000, args.purchases // 4), args.seed, args.concurrency, args.batch,
-                   args.unary, settings.event_loop)  # fmt: skip
+                   args.unary)  # fmt: skip
 
 
 def cmd_ledger_migrate(_: argparse.Namespace) -> int:

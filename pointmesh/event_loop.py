@@ -5,8 +5,9 @@ and per socket read; the services spend most of their time in exactly that (gRPC
 Redis replies, many small tasks), so the ledger does the same purchases with less CPU
 (figures in docs/benchmarks.md). The standard loop stays one setting away
 (`POINTMESH_EVENT_LOOP=asyncio`): for a platform without uvloop's wheels, and to rule the loop
-out when a problem is being chased. Tests run services both ways: subprocess services on the
-default, in-process ones on pytest's standard loop.
+out when a problem is being chased. The tests follow the same setting, in-process services
+included (tests/conftest.py), so `POINTMESH_EVENT_LOOP=asyncio make test` runs the suite on
+Python's own loop; tests/plumbing/test_event_loop.py and the gateway's abort test run on both.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         raise ValueError(f"event loop {kind!r}: expected one of {', '.join(LOOPS)}")
     if kind == "asyncio":
         return None
-    import uvloop
-
+    try:
+        import uvloop
+    except ImportError:
+        raise ValueError("event loop 'uvloop' is not installed here: choose 'asyncio'") from None
     return uvloop.new_event_loop
 
 

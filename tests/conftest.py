@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -23,6 +24,7 @@ from pointmesh import cassandra_client
 from pointmesh.cassandra_server import CassandraServer
 from pointmesh.clock import ManualClock
 from pointmesh.config import Settings, load_settings
+from pointmesh.event_loop import loop_factory
 from pointmesh.kafka_server import KafkaServer
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.rpc import client_channel
@@ -31,6 +33,16 @@ from rules_svc.app import RulesApp
 from rules_svc.app import build as build_rules
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """In-process services and clients run on the loop service processes run on:
+    POINTMESH_EVENT_LOOP, uvloop unless set (`POINTMESH_EVENT_LOOP=asyncio make test` runs the
+    suite on Python's own loop)."""
+    kind = os.environ.get("POINTMESH_EVENT_LOOP") or Settings().event_loop
+    return {kind: loop_factory(kind) or asyncio.new_event_loop}
+
+
 # The three-node failure tests start their own cluster; only `make test-cluster` runs them.
 collect_ignore = [] if os.environ.get("POINTMESH_CLUSTER_TESTS") == "1" else ["cluster"]
 

@@ -106,8 +106,9 @@ def _abort(ws: WebSocket) -> None:
     `receive`); without one the server closes the socket when the route returns."""
     for channel in (ws._receive, ws._send):
         transport = getattr(getattr(channel, "__self__", None), "transport", None)
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.abort()
+        abort = getattr(transport, "abort", None)  # uvloop's transports are no asyncio.WriteTransport
+        if callable(abort):
+            abort()
             return
 
 

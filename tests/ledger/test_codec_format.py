@@ -5,12 +5,18 @@ that crosses an upgrade replays instead of conflicting."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
+
+import pytest
 
 from ledger_svc import codec
 from ledger_svc.commands import Redeem, fingerprint
 from ledger_svc.domain import IdemKey, Money
+from ledger_svc.fraud_client import _screening
 from ledger_svc.purchases import PurchaseRecord, PurchaseStatus
+from ledger_svc.screening import ScreenerUnavailable
+from pointmesh.v1 import fraud_pb2
 
 TEXT = "Geschenk für Müller ✓ 東京"
 
@@ -40,3 +46,12 @@ def test_records_written_by_either_encoder_read_back_the_same() -> None:
     before = json.dumps(codec.to_plain(record), separators=(",", ":"), sort_keys=True)  # what older versions wrote
     assert codec.loads(PurchaseRecord, before) == record
     assert json.loads(written) == json.loads(before)
+
+
+@pytest.mark.parametrize("score", [math.nan, math.inf, -math.inf])
+def test_a_score_that_is_no_finite_number_counts_as_fraud_svc_unavailable(score: float) -> None:
+    """orjson would write it into the purchase's record as null (the json module wrote NaN,
+    which is not JSON): the policy decides instead, as for any answer fraud_svc cannot give."""
+    assert _screening(fraud_pb2.ScoreResponse(verdict=fraud_pb2.VERDICT_REVIEW, score=0.75)).score == 0.75
+    with pytest.raises(ScreenerUnavailable, match="score"):
+        _screening(fraud_pb2.ScoreResponse(verdict=fraud_pb2.VERDICT_REVIEW, score=score))

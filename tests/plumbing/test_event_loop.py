@@ -5,6 +5,7 @@ bus tail cancelled as an event reaches it stops."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import uvloop
 from pointmesh import event_loop
 from pointmesh.config import load_settings
 from pointmesh.redis_server import RedisServer
+from tests.loops import run_on
 from tests.plumbing import test_cancellation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,8 +27,8 @@ async def _loop_type() -> type:
 
 
 def test_the_default_setting_runs_uvloop_and_asyncio_is_one_setting_away() -> None:
-    assert event_loop.run(_loop_type(), load_settings({}).event_loop) is uvloop.Loop
-    standard = event_loop.run(_loop_type(), load_settings({"POINTMESH_EVENT_LOOP": "asyncio"}).event_loop)
+    assert run_on(load_settings({}).event_loop, _loop_type()) is uvloop.Loop
+    standard = run_on(load_settings({"POINTMESH_EVENT_LOOP": "asyncio"}).event_loop, _loop_type())
     assert issubclass(standard, asyncio.BaseEventLoop) and not issubclass(standard, uvloop.Loop)
 
 
@@ -37,12 +39,12 @@ def test_an_unknown_loop_is_refused_by_name() -> None:
 
 @pytest.mark.parametrize("kind", event_loop.LOOPS)
 def test_a_cancel_racing_finished_work_is_kept_on_either_loop(kind: str) -> None:
-    event_loop.run(test_cancellation.test_a_cancel_in_the_instant_the_awaited_work_finishes_is_kept(), kind)
-    event_loop.run(test_cancellation.test_wait_for_times_out_cancelling_what_it_waited_for(), kind)
+    run_on(kind, test_cancellation.test_a_cancel_in_the_instant_the_awaited_work_finishes_is_kept())
+    run_on(kind, test_cancellation.test_wait_for_times_out_cancelling_what_it_waited_for())
 
 
 def test_bus_tails_cancelled_as_an_event_reaches_them_stop_on_uvloop(redis_server: RedisServer) -> None:
-    event_loop.run(test_cancellation.test_a_bus_tail_cancelled_as_an_event_reaches_it_stops(redis_server), "uvloop")
+    run_on("uvloop", test_cancellation.test_a_bus_tail_cancelled_as_an_event_reaches_it_stops(redis_server))
 
 
 def test_a_service_process_serves_on_the_loop_its_setting_names(tmp_path: Path) -> None:
@@ -65,3 +67,8 @@ def test_a_service_process_serves_on_the_loop_its_setting_names(tmp_path: Path) 
         assert done.returncode == 0, done.stderr
         seen[kind] = done.stdout.split()[-1]
     assert seen == {"uvloop": "uvloop", "asyncio": "asyncio.unix_events"}
+
+
+async def test_in_process_services_in_tests_run_on_the_loop_service_processes_run_on() -> None:
+    kind = os.environ.get("POINTMESH_EVENT_LOOP") or load_settings({}).event_loop
+    assert (type(asyncio.get_running_loop()) is uvloop.Loop) == (kind == "uvloop")

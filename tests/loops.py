@@ -1,0 +1,18 @@
+"""Runs a coroutine to completion on a named event loop, for tests that compare the loops."""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from pointmesh import event_loop
+
+T = TypeVar("T")
+
+
+def run_on(kind: str, main: Coroutine[Any, Any, T]) -> T:
+    """On a thread of its own: asyncio's runner leaves its thread with no current loop when it
+    is done (as `asyncio.run` does), and the main thread's tests still count on getting one."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(event_loop.run, main, kind).result()
