@@ -41,7 +41,7 @@ def test_json_line_carries_trace_ids_and_extra_fields(
         logging.getLogger("ledger_svc.service").info("earned %d", 40, extra={"account_id": "a-1"})
     logging.getLogger("ledger_svc.service").debug("outside any span")
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2, "configuring twice must not duplicate handlers"
+    assert len(lines) == 2, f"configuring twice must not duplicate handlers: {lines}"
     inside, outside = (json.loads(line) for line in lines)
     context = span.get_span_context()
     assert inside["msg"] == "earned 40"

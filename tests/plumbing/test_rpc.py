@@ -123,7 +123,11 @@ def spans() -> Iterator[InMemorySpanExporter]:
     processor = SimpleSpanProcessor(exporter)
     provider.add_span_processor(processor)
     yield exporter
-    processor.shutdown()
+    # The global provider keeps its processors for good: a processor shut down here would log
+    # "already shutdown" at every later span of the session (and into tests that read the log).
+    # A stopped exporter takes later spans silently instead.
+    exporter.clear()
+    exporter.shutdown()
 
 
 @pytest.fixture(scope="module")
