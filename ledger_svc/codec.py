@@ -31,6 +31,7 @@ _SCALARS = (str, int, float, bool, type(None))
 # finite floats) it writes the same JSON, save that text outside ASCII is UTF-8 rather than \u
 # escapes, and either text reads back to the same value. Unlike the json module it refuses ints
 # past 64 bits and writes NaN as null; the ledger's bounds and its fraud client keep both out.
+# It does not read the NaN and Infinity the json module wrote: `parse` reads those the old way.
 _OPTIONS = orjson.OPT_SORT_KEYS
 # Fingerprints hash the text itself, so theirs stays the json module's (escaped) text: a retry
 # that crosses an upgrade must hash as it did when it was first recorded.
@@ -174,6 +175,14 @@ def canonical(plain: Any) -> str:
     return _canonical(plain)
 
 
+def parse(text: str) -> Any:
+    """JSON text as plain values, whichever encoder wrote it."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)  # NaN or Infinity, written by the json module before orjson
+
+
 def loads(cls: type[T], text: str) -> T:
     decode: Convert = _decode_as(typing.cast(Any, cls))
-    return typing.cast(T, decode(orjson.loads(text)))
+    return typing.cast(T, decode(parse(text)))

@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-import orjson
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger_svc import commands as c
 from ledger_svc import domain as d
+from ledger_svc.codec import parse
 from ledger_svc.purchases import PurchaseRecord, PurchaseStatus
 from ledger_svc.reviews import RedeemResult, Review, ReviewStatus, TransferResult
 from ledger_svc.screening import Screening, ScreeningContext, Verdict
@@ -144,7 +144,7 @@ def _iso(value: str | None) -> Timestamp | None:
 
 def event_pb(payload_json: str) -> ledger_pb2.LedgerEvent:
     """Turns an outbox row (JSON written by the posting) into the published protobuf event."""
-    raw = orjson.loads(payload_json)
+    raw = parse(payload_json)
     data = raw["data"]
     balance = d.Balance(**raw["balance"])
     event = ledger_pb2.LedgerEvent(

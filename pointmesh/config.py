@@ -5,6 +5,7 @@ Defaults run everything on one laptop; docs/configuration.md lists every variabl
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -308,3 +309,5 @@ def _validate_bounds(s: Settings) -> None:
         raise ConfigError(f"{_var('log_format')}={s.log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
     if s.event_loop not in EVENT_LOOPS:
         raise ConfigError(f"{_var('event_loop')}={s.event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")
+    if s.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError(f"{_var('event_loop')}=uvloop, but uvloop is not installed here: set it to asyncio")

@@ -1,9 +1,8 @@
 """The event loop every service process runs on, chosen by one setting.
 
 uvloop (libuv underneath) runs the same asyncio code with less interpreter time per callback
-and per socket read; the services spend most of their time in exactly that (gRPC calls,
-Redis replies, many small tasks), so the ledger does the same purchases with less CPU
-(figures in docs/benchmarks.md). The standard loop stays one setting away
+and per socket read; the services spend much of their time there (gRPC calls, Redis replies,
+many small tasks), and the ledger did the same purchases with 11% less CPU (docs/benchmarks.md). The standard loop stays one setting away
 (`POINTMESH_EVENT_LOOP=asyncio`): for a platform without uvloop's wheels, and to rule the loop
 out when a problem is being chased. The tests follow the same setting, in-process services
 included (tests/conftest.py), so `POINTMESH_EVENT_LOOP=asyncio make test` runs the suite on

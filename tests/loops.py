@@ -13,6 +13,8 @@ T = TypeVar("T")
 
 def run_on(kind: str, main: Coroutine[Any, Any, T]) -> T:
     """On a thread of its own: asyncio's runner leaves its thread with no current loop when it
-    is done (as `asyncio.run` does), and the main thread's tests still count on getting one."""
+    is done (as `asyncio.run` does), and a sync test that opens a grpc.aio channel on the main
+    thread (test_logs builds the gateway's app) gets its loop from there: it failed once these
+    runs were on the main thread."""
     with ThreadPoolExecutor(1) as thread:
         return thread.submit(event_loop.run, main, kind).result()

@@ -1,6 +1,6 @@
 """The live route's abort ends a connection whose client has stopped reading, on asyncio's loop
 and on uvloop (what the gateway process runs on), whose transports are not asyncio classes.
-The in-process gateway tests run on pytest's own loop, so they cannot show the uvloop case."""
+The in-process gateway tests run on whichever loop the suite runs on; this runs on both."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from ledger_svc.commands import Redeem, fingerprint
 from ledger_svc.domain import IdemKey, Money
 from ledger_svc.fraud_client import _screening
 from ledger_svc.purchases import PurchaseRecord, PurchaseStatus
-from ledger_svc.screening import ScreenerUnavailable
+from ledger_svc.screening import ScreenerUnavailable, Screening, Verdict
 from pointmesh.v1 import fraud_pb2
 
 TEXT = "Geschenk für Müller ✓ 東京"
@@ -55,3 +55,10 @@ def test_a_score_that_is_no_finite_number_counts_as_fraud_svc_unavailable(score:
     assert _screening(fraud_pb2.ScoreResponse(verdict=fraud_pb2.VERDICT_REVIEW, score=0.75)).score == 0.75
     with pytest.raises(ScreenerUnavailable, match="score"):
         _screening(fraud_pb2.ScoreResponse(verdict=fraud_pb2.VERDICT_REVIEW, score=score))
+
+
+def test_a_non_finite_number_the_json_module_wrote_still_reads_back() -> None:
+    """Records stored before orjson may hold NaN (a fraud score): orjson alone refuses them."""
+    before = json.dumps({"verdict": "ALLOW", "scored": True, "score": math.nan}, separators=(",", ":"))
+    assert math.isnan(codec.loads(Screening, before).score)
+    assert codec.loads(Screening, codec.dumps(Screening(Verdict.ALLOW, True, 0.5))).score == 0.5

@@ -5,6 +5,7 @@ bus tail cancelled as an event reaches it stops."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import uvloop
 
 from pointmesh import event_loop
-from pointmesh.config import load_settings
+from pointmesh.config import ConfigError, load_settings
 from pointmesh.redis_server import RedisServer
 from tests.loops import run_on
 from tests.plumbing import test_cancellation
@@ -43,8 +44,10 @@ def test_a_cancel_racing_finished_work_is_kept_on_either_loop(kind: str) -> None
     run_on(kind, test_cancellation.test_wait_for_times_out_cancelling_what_it_waited_for())
 
 
-def test_bus_tails_cancelled_as_an_event_reaches_them_stop_on_uvloop(redis_server: RedisServer) -> None:
-    run_on("uvloop", test_cancellation.test_a_bus_tail_cancelled_as_an_event_reaches_it_stops(redis_server))
+@pytest.mark.parametrize("kind", event_loop.LOOPS)
+def test_bus_tails_cancelled_as_an_event_reaches_them_stop_on_either_loop(kind: str, redis_server: RedisServer) -> None:
+    """test_cancellation runs it on the suite's loop; this runs it on both, whichever that is."""
+    run_on(kind, test_cancellation.test_a_bus_tail_cancelled_as_an_event_reaches_it_stops(redis_server))
 
 
 def test_a_service_process_serves_on_the_loop_its_setting_names(tmp_path: Path) -> None:
@@ -72,3 +75,11 @@ def test_a_service_process_serves_on_the_loop_its_setting_names(tmp_path: Path) 
 async def test_in_process_services_in_tests_run_on_the_loop_service_processes_run_on() -> None:
     kind = os.environ.get("POINTMESH_EVENT_LOOP") or load_settings({}).event_loop
     assert (type(asyncio.get_running_loop()) is uvloop.Loop) == (kind == "uvloop")
+
+
+def test_a_machine_without_uvloop_is_told_to_choose_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    with pytest.raises(ConfigError, match="POINTMESH_EVENT_LOOP=uvloop, but uvloop is not installed"):
+        load_settings({})
+    assert load_settings({"POINTMESH_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
