@@ -229,7 +229,8 @@ class ObservationBacklog:
     ) -> None:  # fmt: skip
         self.redis, self.key, self.limit = redis, key, limit
         self.lease_ms = max(1, int(lease_seconds * 1000))
-        self._keys = [key, f"{key}:leases", f"{key}:lease-deadlines"]
+        self.leases_key = f"{key}:leases"  # entries a pass has taken and not yet settled
+        self._keys = [key, self.leases_key, f"{key}:lease-deadlines"]
         self._take = redis.register_script(_TAKE)
         self._settle = redis.register_script(_SETTLE)
 

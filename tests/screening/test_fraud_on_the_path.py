@@ -129,7 +129,7 @@ async def kept_for(redis_url: str, backlog: ObservationBacklog, *members: str) -
     them back yet."""
     redis = Redis.from_url(redis_url)
     try:
-        entries = [*await redis.lrange(backlog.key, 0, -1), *await redis.hvals(f"{backlog.key}:leases")]
+        entries = [*await redis.lrange(backlog.key, 0, -1), *await redis.hvals(backlog.leases_key)]
     finally:
         await redis.aclose()
     return [entry for entry in entries if any(m.encode() in entry for m in members)]
