@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pointmesh.clients import ledger_stub, rules_stub
@@ -131,7 +131,8 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         if settings.gamification_consumer:
             name = consumer_name("rules", settings.data_dir, address or settings.rules_addr)
             worker = GameWorker(game.store, game.program_at, settings.program, open_bus(settings),
-                                ledger_stub(settings.ledger_addr), name)  # fmt: skip
+                                ledger_stub(settings.ledger_addr), name,
+                                retention=timedelta(days=settings.idempotency_retention_days))  # fmt: skip
     server.add_service(lambda s: rules_pb2_grpc.add_RulesServiceServicer_to_server(servicer, s), SERVICE_NAME)
     app = RulesApp(settings, service, server, store, game, worker, mirror=mirror)
     server.on_stop(app._cleanup)

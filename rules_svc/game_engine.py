@@ -107,22 +107,52 @@ class ProgramHistory:
     """What all published versions of a program say together, for what the version in effect
     at one receipt cannot decide alone: how late any receipt may still arrive (so a streak
     forgets nothing a late receipt could still join), and where each challenge window ends as
-    last published (so a window cut short and its id reused is told from a correction)."""
+    last published (so a window cut short and its id reused is told from a correction), and
+    how long any version lets a purchase be taken back (so the store keeps its share that long)."""
 
     max_lateness_days: int
     # (challenge id, starts as Unix seconds) -> ends in Unix microseconds, as the latest version
     # (in the order versions take effect) that defines a window starting then has it
     window_ends_us: Mapping[tuple[str, int], int]
+    max_final_after_days: int = 0
+    # achievement id -> the most distinct values any version asks for
+    achievement_counts: Mapping[str, int] = field(default_factory=dict)
+    # as window_ends_us, the latest end any version gave the window (a receipt counted under a
+    # version in effect then may lie past where a later version cut it short)
+    window_max_ends_us: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, programs: Iterable[Program]) -> ProgramHistory:
         """`programs` in the order they take effect."""
-        lateness, ends = 0, dict[tuple[str, int], int]()
+        lateness, final, counts = 0, 0, dict[str, int]()
+        ends, max_ends = dict[tuple[str, int], int](), dict[tuple[str, int], int]()
         for p in programs:
             lateness = max(lateness, p.policy.max_lateness_days)
+            final = max(final, p.gamification.final_after_days)
             for c in p.gamification.challenges:
-                ends[(c.id, int(c.starts.timestamp()))] = epoch_us(c.ends)
-        return cls(lateness, ends)
+                window = (c.id, int(c.starts.timestamp()))
+                ends[window] = epoch_us(c.ends)
+                max_ends[window] = max(max_ends.get(window, 0), ends[window])
+            for a in p.gamification.achievements:
+                counts[a.id] = max(counts.get(a.id, 0), a.count)
+        return cls(lateness, ends, final, counts, max_ends)
+
+    def run_ends_us(self, challenge_id: str, period: str) -> int:
+        """Where the run of this id's windows that overlap one another (one challenge whose
+        dates were corrected, however often) around `period` ends, as far as any version took
+        them; 0 for a window no version publishes. A withdrawal under any window of the run may read places counted under
+        another (`overlapping_periods`), so a place is history only once the whole run is."""
+        start = _period_start(period)
+        windows = sorted((s * 1_000_000, e) for (c, s), e in self.window_max_ends_us.items() if c == challenge_id)
+        run_start = run_end = -1
+        for s, e in windows:
+            if s < run_end:  # overlaps the run so far
+                run_end = max(run_end, e)
+                continue
+            if run_start <= start * 1_000_000 < run_end:
+                return run_end
+            run_start, run_end = s, e
+        return run_end if run_start <= start * 1_000_000 < run_end else 0
 
     def ends_us(self, challenge_id: str, period: str, default_us: int) -> int:
         return self.window_ends_us.get((challenge_id, _period_start(period)), default_us)
@@ -387,6 +417,13 @@ def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact
             state = states.setdefault(c.id, ItemState())
             awards.append(_challenge(c, state, fact, has_joined(joined, c, history), history, counted))
     return [a for a in awards if a is not None]
+
+
+def is_final(program: Program, receipt_time: datetime, taken_back_at: datetime) -> bool:
+    """A purchase taken back later than `final_after_days` after its receipt keeps what it gave
+    (the version in effect at the receipt says how long). Both times come from the ledger's
+    events, so a replay decides the same."""
+    return taken_back_at - receipt_time > timedelta(days=program.gamification.final_after_days)
 
 
 def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted], remaining: list[Counted],

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from rules_svc.game_engine import (
@@ -38,12 +38,15 @@ from rules_svc.game_engine import (
     apply,
     epoch_us,
     repay_runs,
+    week_of,
     withdraw,
 )
 from rules_svc.program import Program
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS game_events (event_id TEXT PRIMARY KEY, member_id TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS game_events (
+  event_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, occurred_us INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS game_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS game_state (
   program TEXT NOT NULL, member_id TEXT NOT NULL, item_id TEXT NOT NULL, state TEXT NOT NULL,
   PRIMARY KEY (program, member_id, item_id)) WITHOUT ROWID;
@@ -72,6 +75,14 @@ CREATE TABLE IF NOT EXISTS experiment_purchases (
   salt TEXT NOT NULL, arm TEXT NOT NULL, points INTEGER NOT NULL, receipt_us INTEGER NOT NULL,
   PRIMARY KEY (program, member_id, purchase_id, experiment_id)) WITHOUT ROWID;
 """
+# After the columns they index exist (game_events.occurred_us came with retention).
+INDEXES = """
+CREATE INDEX IF NOT EXISTS game_events_age ON game_events (occurred_us);
+CREATE INDEX IF NOT EXISTS game_counted_age ON game_counted (program, receipt_us);
+CREATE INDEX IF NOT EXISTS experiment_purchases_age ON experiment_purchases (program, receipt_us);
+"""
+FORGOTTEN = "events_forgotten_before_us"  # game_meta: events that occurred before it may have been forgotten
+FORGET_SLICE = 2_000  # rows a retention transaction deletes, so counting waits on none for long
 
 
 REVOKING = ("REVOKE", "REVOKED")
@@ -84,6 +95,16 @@ def _week_of_run(period: str) -> int | None:
     return int(digits) if digits != period and digits.lstrip("-").isdigit() else None
 
 
+class PastRetention(Exception):
+    """An event that occurred before the time retention forgot events from: whether it was
+    handled then cannot be told, so it is not handled again."""
+
+    def __init__(self, event_id: str, occurred_us: int, forgotten_before_us: int) -> None:
+        super().__init__(f"event {event_id} occurred at {occurred_us} us, before {forgotten_before_us} us:"
+                         " retention has forgotten whether it was handled")  # fmt: skip
+        self.event_id = event_id
+
+
 @dataclass(frozen=True, slots=True)
 class Reward:
     key: str
@@ -92,6 +113,15 @@ class Reward:
     name: str
     points: int
     unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What one retention pass deleted (game_store.GameStore.forget)."""
+
+    events: int
+    counted: int
+    experiment_purchases: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +143,8 @@ class GameStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(game_board)")}
         if "period" not in columns:  # a store written before challenge windows were told apart
             self._db.execute("ALTER TABLE game_board ADD COLUMN period TEXT NOT NULL DEFAULT ''")
+        self._date_events_of_before()
+        self._db.executescript(INDEXES)
         self._move_experiment_members()
         self._lock = threading.Lock()
 
@@ -140,6 +172,16 @@ class GameStore:
                       " AND length(reward_key) > 128")  # fmt: skip
             c.execute(f"PRAGMA user_version = {COUNTED_PER_PURCHASE}")
 
+    def _date_events_of_before(self) -> None:
+        """A store written before retention kept no time with an event id: those events count as
+        handled now, so they are forgotten once retention has passed from the upgrade, and a
+        replay of one before then still finds it."""
+        if "occurred_us" in {row[1] for row in self._db.execute("PRAGMA table_info(game_events)")}:
+            return
+        with self._immediate() as c:
+            c.execute("ALTER TABLE game_events ADD COLUMN occurred_us INTEGER NOT NULL DEFAULT 0")
+            c.execute("UPDATE game_events SET occurred_us=?", (epoch_us(datetime.now(UTC)),))
+
     def _move_experiment_members(self) -> None:
         """A store written before exposures were kept per arm and salt: its rows (one per member,
         in the arm of its first purchase) move over with an unknown salt, which reports count."""
@@ -166,14 +208,16 @@ class GameStore:
             raise
         c.execute("COMMIT")
 
-    def apply_event(self, program: Program, fact: PurchaseFact,
-                    history: ProgramHistory | None = None) -> list[Award] | None:  # fmt: skip
+    def apply_event(self, program: Program, fact: PurchaseFact, history: ProgramHistory | None = None,
+                    occurred_at: datetime | None = None) -> list[Award] | None:  # fmt: skip
         """Counts the purchase once (by event id) under `program`, the version in effect at its
         receipt time, and `history`, what all versions say (game_engine.apply); returns the
-        awards it earned (already stored), or None when the event was counted before."""
+        awards it earned (already stored), or None when the event was counted before.
+        `occurred_at` is when the ledger wrote the event (now when not given); an event from
+        before what retention forgot is refused (PastRetention), as it may have been counted."""
         name = program.program
         with self._lock, self._immediate() as c:
-            if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (fact.event_id,)).fetchone():
+            if not self._new_event(fact.event_id, fact.member_id, occurred_at):
                 return None  # counted before: nothing written
             states = self._states(name, fact.member_id)
             counted: list[Counted] = []
@@ -197,8 +241,19 @@ class GameStore:
                 self._expose(name, experiment_id, salt, fact.member_id, arm, 1, points)
                 c.execute("INSERT OR IGNORE INTO experiment_purchases VALUES (?,?,?,?,?,?,?,?)",
                           (name, fact.member_id, fact.purchase_id, experiment_id, salt, arm, points, receipt_us))  # fmt: skip
-            c.execute("INSERT INTO game_events VALUES (?,?)", (fact.event_id, fact.member_id))
         return awards
+
+    def _new_event(self, event_id: str, member_id: str, occurred_at: datetime | None) -> bool:
+        """Records the event as handled, in the caller's transaction; False when it was before."""
+        c = self._db
+        if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (event_id,)).fetchone():
+            return False
+        occurred_us = epoch_us(occurred_at or datetime.now(UTC))
+        row = c.execute("SELECT value FROM game_meta WHERE key=?", (FORGOTTEN,)).fetchone()
+        if row is not None and occurred_us < row[0]:
+            raise PastRetention(event_id, occurred_us, row[0])
+        c.execute("INSERT INTO game_events VALUES (?,?,?)", (event_id, member_id, occurred_us))
+        return True
 
     def _save_states(self, program: Program, member_id: str, states: dict[str, ItemState], *,
                      withdrawn: Collection[str] = ()) -> None:  # fmt: skip
@@ -226,6 +281,98 @@ class GameStore:
             key = f"{base}#{n}"
         return key
 
+    def forget(self, program: str, history: ProgramHistory, retention: timedelta,
+               slice_rows: int = FORGET_SLICE) -> Forgotten:  # fmt: skip
+        """Retention, so the store does not grow with every purchase ever made. It runs on event
+        time (the newest event handled is now), as counting does, so what it keeps does not
+        depend on this process's clock agreeing with the ledger's.
+
+        Event ids are kept `retention` (the ledger's key retention: replays come from a stream
+        that keeps less), and events that occurred before then are refused from now on
+        (PastRetention), so forgetting one never counts it twice. What a purchase gave is kept
+        until it is final (`final_after_days`, the longest any version gives) and no event that
+        could take it back is still accepted (`retention` again); then an achievement's values
+        are kept as given by no purchase, up to the count any version asks for (more can never
+        be needed to refill it), and a streak's weeks until they are older than any purchase
+        that can still be taken back. A challenge's places go once every window of their run
+        (`ProgramHistory.run_ends_us`) ended before that, since a withdrawal reads the run's
+        places, stand-ins included. Experiment purchases go too (their arm keeps its figures).
+        Each slice is a transaction of its own: counting waits for one slice at most."""
+        with self._lock:
+            newest = self._db.execute("SELECT max(occurred_us) FROM game_events").fetchone()[0]
+        if not newest:
+            return Forgotten(0, 0, 0)
+        now = datetime.fromtimestamp(newest / 1_000_000, UTC)
+        events_before = epoch_us(now - retention)
+        final = now - retention - timedelta(days=history.max_final_after_days)
+        final_before = epoch_us(final)
+        # A week (as the program's zone has it) older than the UTC week of `final`, less one
+        oldest_week = week_of(final.astimezone(UTC).date()) - 1
+        with self._lock, self._immediate() as c:
+            c.execute("INSERT INTO game_meta VALUES (?,?) ON CONFLICT (key) DO UPDATE"
+                      " SET value=max(value, excluded.value)", (FORGOTTEN, events_before))  # fmt: skip
+        events = self._delete_slices("game_events", "event_id", "occurred_us < ?", (events_before,), slice_rows)
+        counted = self._forget_counted(program, history, final_before, oldest_week, slice_rows)
+        counted += self._delete_slices(
+            "game_counted", "program, member_id, purchase_id, item_id, value",
+            "program=? AND purchase_id='' AND period=? AND CAST(value AS INTEGER) < ?",
+            (program, WEEK, oldest_week), slice_rows,
+        )  # fmt: skip
+        experiments = self._delete_slices(
+            "experiment_purchases", "program, member_id, purchase_id, experiment_id",
+            "program=? AND receipt_us < ?", (program, final_before), slice_rows,
+        )  # fmt: skip
+        return Forgotten(events, counted, experiments)
+
+    def _delete_slices(self, table: str, key: str, where: str, args: tuple[object, ...], slice_rows: int) -> int:
+        total = 0
+        while True:
+            with self._lock, self._immediate() as c:
+                n = c.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE {where} LIMIT ?)",
+                              (*args, slice_rows)).rowcount  # fmt: skip
+            total += n
+            if n < slice_rows:
+                return total
+
+    def _forget_counted(self, program: str, history: ProgramHistory, final_before: int, oldest_week: int,
+                        slice_rows: int) -> int:  # fmt: skip
+        """game_counted rows of purchases made before `final_before` (forget's rules), a slice at
+        a time in (receipt, key) order: places a run still needs stay, and are passed over."""
+        after: tuple[object, ...] = (0, "", "", "", "")
+        forgotten = 0
+        while True:
+            with self._lock, self._immediate() as c:
+                rows = c.execute(
+                    "SELECT receipt_us, member_id, purchase_id, item_id, value, period FROM game_counted"
+                    " WHERE program=? AND receipt_us >= ? AND receipt_us < ?"
+                    " AND (receipt_us, member_id, purchase_id, item_id, value) > (?,?,?,?,?)"
+                    " ORDER BY receipt_us, member_id, purchase_id, item_id, value LIMIT ?",
+                    (program, after[0], final_before, *after, slice_rows),
+                ).fetchall()
+                gone = []
+                for _receipt_us, member_id, purchase_id, item_id, value, period in rows:
+                    if period not in ("", WEEK) and history.run_ends_us(item_id, period) >= final_before:
+                        continue  # a place in a run a withdrawal may still read
+                    gone.append((program, member_id, purchase_id, item_id, value))
+                    if period == WEEK:
+                        keep = value.lstrip("-").isdigit() and int(value) >= oldest_week
+                    elif period == "":
+                        keep = c.execute(
+                            "SELECT count(*) FROM game_counted WHERE program=? AND member_id=? AND purchase_id=''"
+                            " AND item_id=?", (program, member_id, item_id),
+                        ).fetchone()[0] < history.achievement_counts.get(item_id, 0)  # fmt: skip
+                    else:
+                        keep = False
+                    if keep:
+                        c.execute("INSERT OR IGNORE INTO game_counted VALUES (?,?,'',?,?,?,0,0)",
+                                  (program, member_id, item_id, value, period))  # fmt: skip
+                c.executemany("DELETE FROM game_counted WHERE program=? AND member_id=? AND purchase_id=?"
+                              " AND item_id=? AND value=?", gone)  # fmt: skip
+            forgotten += len(gone)
+            if len(rows) < slice_rows:
+                return forgotten
+            after = tuple(rows[-1][:5])
+
     def counted_receipt(self, program: str, member_id: str, purchase_id: str) -> datetime | None:
         """When the purchase was made, if gamification counted it towards an item or an
         experiment arm (the version in effect then says what its items were)."""
@@ -239,12 +386,14 @@ class GameStore:
         return None if row is None else datetime.fromtimestamp(row[0] / 1_000_000, UTC)
 
     def withdraw_event(self, program: Program, event_id: str, member_id: str, purchase_id: str,
-                       history: ProgramHistory | None = None) -> list[str] | None:  # fmt: skip
+                       history: ProgramHistory | None = None, occurred_at: datetime | None = None,
+                       ) -> list[str] | None:  # fmt: skip
         """Takes back what the purchase gave, once per event id (game_engine.withdraw); returns
-        the keys of the rewards it revoked, or None when the event was handled before."""
+        the keys of the rewards it revoked, or None when the event was handled before (an event
+        from before what retention forgot: PastRetention, as in `apply_event`)."""
         name = program.program
         with self._lock, self._immediate() as c:
-            if c.execute("SELECT 1 FROM game_events WHERE event_id=?", (event_id,)).fetchone():
+            if not self._new_event(event_id, member_id, occurred_at):
                 return None  # handled before: nothing written
             key = (name, member_id, purchase_id)
             gone = self._counted("purchase_id=?", key)
@@ -274,7 +423,6 @@ class GameStore:
                 " AND value=?",
                 [(name, member_id, x.purchase_id, x.item_id, x.value) for x in promoted],
             )  # fmt: skip
-            c.execute("INSERT INTO game_events VALUES (?,?)", (event_id, member_id))
         return keys
 
     def _counted(self, where: str, args: tuple[str, ...]) -> list[Counted]:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -34,9 +34,9 @@ from pointmesh.errors import error_reason
 from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, BusMessage, EventBus
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from rules_svc.domain import FailedPrecondition, NotFound
-from rules_svc.game_engine import ProgramHistory, PurchaseFact
+from rules_svc.game_engine import ProgramHistory, PurchaseFact, is_final
 from rules_svc.game_service import ProgramVersions
-from rules_svc.game_store import GameStore, Reward
+from rules_svc.game_store import Forgotten, GameStore, PastRetention, Reward
 from rules_svc.program import Program
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,11 @@ REWARD_POINTS = Counter("pointmesh_game_reward_points_paid_total", "Reward point
 WITHDRAWN = Counter("pointmesh_game_purchases_withdrawn_total", "Counted purchases taken back (returns, rejections).")
 REVOKED_POINTS = Counter("pointmesh_game_reward_points_revoked_total", "Reward points taken back by the ledger.",
                          ["unit"])  # fmt: skip
+FINAL = Counter("pointmesh_game_withdrawals_final_total",
+                "Purchases taken back after final_after_days: their progress stays.")  # fmt: skip
+PAST_RETENTION = Counter("pointmesh_game_events_past_retention_total",
+                         "Events older than what retention forgot, not handled (they may have been).")  # fmt: skip
+FORGOTTEN = Counter("pointmesh_game_rows_forgotten_total", "Rows retention deleted.", ["table"])
 EXPERIMENT_PURCHASES = Counter("pointmesh_experiment_purchases_total", "Purchases by experiment arm.",
                                ["experiment", "arm"])  # fmt: skip
 EXPERIMENT_POINTS = Counter("pointmesh_experiment_points_total", "Points purchases earned, by experiment arm.",
@@ -57,6 +62,7 @@ REVOKE_NAMESPACE = "gamification-revoke"  # the reversal of a revoked reward, un
 MERGE_HOPS = 16  # merges followed to find where a merged-away member's points went
 REWARD_FUNDING = GAMIFICATION_FUNDING
 RETRY_SECONDS = 2.0
+FORGET_SECONDS = 3600.0  # between retention passes (the first runs at start)
 LINGER_SECONDS = 0.1  # progress may trail a purchase by this much; polls stay few under load
 PAGE = 500  # pending rewards read at a time
 # The member is gone or can never earn: the reward is kept (status says why), not retried.
@@ -109,13 +115,17 @@ def purchase_fact(event: ledger_pb2.LedgerEvent) -> PurchaseFact | None:
 
 class GameWorker:
     def __init__(self, store: GameStore, program_at: ProgramAt, program: str, bus: EventBus,
-                 ledger: ledger_pb2_grpc.LedgerServiceStub, consumer: str) -> None:  # fmt: skip
+                 ledger: ledger_pb2_grpc.LedgerServiceStub, consumer: str, *,
+                 retention: timedelta | None = None) -> None:  # fmt: skip
+        """`retention`: how long event ids are kept (the ledger's key retention; None keeps
+        everything, for a handler driven alone)."""
         self.store = store
         self.program_at = program_at
         self.program = program
         self.bus = bus
         self.ledger = ledger
         self.consumer = consumer
+        self.retention = retention
 
     async def run(self, stop: asyncio.Event) -> None:
         per_member = by_key(self.bus, LEDGER_EVENTS, GROUP, self.handle)
@@ -129,6 +139,7 @@ class GameWorker:
         await asyncio.gather(
             run_group(self.bus, LEDGER_EVENTS, GROUP, self.consumer, purchases, stop=stop, linger_s=LINGER_SECONDS),
             self._retry(stop),
+            self._forget_every(stop),
         )
 
     async def handle(self, message: BusMessage) -> None:
@@ -137,11 +148,19 @@ class GameWorker:
         except DecodeError as exc:
             raise Poison(f"not a LedgerEvent: {exc}") from exc
         fact = purchase_fact(event)
-        if fact is None:
-            purchase_id = withdrawn_purchase(event)
-            if purchase_id:
-                await self.withdraw(event.event_id, event.member_id, purchase_id)
-            return
+        occurred_at = event.occurred_at.ToDatetime(tzinfo=UTC) if event.HasField("occurred_at") else None
+        try:
+            if fact is None:
+                purchase_id = withdrawn_purchase(event)
+                if purchase_id:
+                    await self.withdraw(event.event_id, event.member_id, purchase_id, occurred_at)
+                return
+            await self._count(fact, occurred_at)
+        except PastRetention as exc:
+            PAST_RETENTION.inc()
+            log.warning("%s", exc)
+
+    async def _count(self, fact: PurchaseFact, occurred_at: datetime | None) -> None:
         try:
             program = self.program_at(self.program, fact.receipt_time)
         except (NotFound, FailedPrecondition) as exc:  # no version in effect then: no retry changes that
@@ -150,7 +169,7 @@ class GameWorker:
         if not (game.achievements or game.streaks or game.challenges or fact.experiment_arms):
             return  # nothing under this version counts purchases; rewards still pending retry on their own
         history = self._history()
-        awards = await asyncio.to_thread(self.store.apply_event, program, fact, history)
+        awards = await asyncio.to_thread(self.store.apply_event, program, fact, history, occurred_at)
         if awards is None:
             DUPLICATES.inc()
         else:
@@ -164,17 +183,23 @@ class GameWorker:
                 log.info("member %s completed %s", fact.member_id, ", ".join(a.item_id for a in awards))
         await self.pay(fact.member_id)
 
-    async def withdraw(self, event_id: str, member_id: str, purchase_id: str) -> None:
-        """Takes back what the purchase gave, under the version in effect when it was made."""
+    async def withdraw(self, event_id: str, member_id: str, purchase_id: str, at: datetime | None = None) -> None:
+        """Takes back what the purchase gave, under the version in effect when it was made,
+        unless it was taken back (`at`, the event's time) after that version made it final."""
         receipt = await asyncio.to_thread(self.store.counted_receipt, self.program, member_id, purchase_id)
         if receipt is None:
-            return  # never counted (nothing matched, or counted before per-purchase progress was kept)
+            return  # never counted (nothing matched, counted before per-purchase progress was kept, or final)
         try:
             program = self.program_at(self.program, receipt)
         except (NotFound, FailedPrecondition) as exc:
             raise Poison(f"no program {self.program} to withdraw purchase {purchase_id} under: {exc}") from exc
+        if at is not None and is_final(program, receipt, at):
+            FINAL.inc()
+            log.info("purchase %s of member %s taken back %s after its receipt: its progress is final",
+                     purchase_id, member_id, at - receipt)  # fmt: skip
+            return
         keys = await asyncio.to_thread(self.store.withdraw_event, program, event_id, member_id, purchase_id,
-                                       self._history())  # fmt: skip
+                                       self._history(), at)  # fmt: skip
         if keys is None:
             DUPLICATES.inc()
             return
@@ -297,6 +322,29 @@ class GameWorker:
             funding_source=REWARD_FUNDING,
             reference=f"{reward.item_id}: {reward.name}"[:200],
         )  # fmt: skip
+
+    async def forget(self) -> Forgotten:
+        """One retention pass (GameStore.forget) under what every version of the program says."""
+        if self.retention is None:
+            raise RuntimeError("this worker keeps everything: it was given no retention")
+        history = self._history() or ProgramHistory.of([self.program_at(self.program, datetime.now(UTC))])
+        done = await asyncio.to_thread(self.store.forget, self.program, history, self.retention)
+        for table, rows in (("game_events", done.events), ("game_counted", done.counted),
+                            ("experiment_purchases", done.experiment_purchases)):  # fmt: skip
+            FORGOTTEN.labels(table).inc(rows)
+        if done.events or done.counted or done.experiment_purchases:
+            log.info("retention forgot %d event ids, %d purchases' progress rows, %d experiment purchases",
+                     done.events, done.counted, done.experiment_purchases)  # fmt: skip
+        return done
+
+    async def _forget_every(self, stop: asyncio.Event) -> None:
+        while self.retention is not None and not stop.is_set():
+            try:
+                await self.forget()
+            except Exception:
+                log.exception("gamification retention pass failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), FORGET_SECONDS)
 
     async def _retry(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -544,6 +544,10 @@ class Gamification(_Strict):
     achievements: list[Achievement] = []
     streaks: list[Streak] = []
     challenges: list[Challenge] = []
+    # Days after its receipt from which what a purchase gave is final: a return or a rejected
+    # review later than that takes back its points (the ledger's business) but not its progress,
+    # so the store need not keep each purchase's share for ever (docs/gamification.md, Retention).
+    final_after_days: Annotated[int, BeforeValidator(_not_bool), Field(ge=1, le=3660)] = 365
 
 
 class Program(_Strict):
