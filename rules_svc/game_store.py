@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -82,11 +84,20 @@ CREATE INDEX IF NOT EXISTS game_counted_age ON game_counted (program, receipt_us
 CREATE INDEX IF NOT EXISTS experiment_purchases_age ON experiment_purchases (program, receipt_us);
 """
 FORGOTTEN = "events_forgotten_before_us"  # game_meta: events that occurred before it may have been forgotten
+FUTURE_TOLERANCE = timedelta(days=1)  # how far past this clock an event may move retention's "now"
 FORGET_SLICE = 2_000  # rows a retention transaction deletes, so counting waits on none for long
 
 
+log = logging.getLogger(__name__)
 REVOKING = ("REVOKE", "REVOKED")
 COUNTED_PER_PURCHASE = 1  # user_version from which progress before per-purchase rows is kept as rows
+
+
+def _let_counting_in(since: float) -> None:
+    """Between retention slices, as long as the slice took: threading.Lock is not fair, so the
+    thread that just released it would take it straight back, and a count waiting on it would
+    wait for the whole pass. Counting keeps half the store's time while a pass runs."""
+    time.sleep(max(0.001, time.monotonic() - since))
 
 
 def _week_of_run(period: str) -> int | None:
@@ -297,12 +308,20 @@ class GameStore:
         that can still be taken back. A challenge's places go once every window of their run
         (`ProgramHistory.run_ends_us`) ended before that, since a withdrawal reads the run's
         places, stand-ins included. Experiment purchases go too (their arm keeps its figures).
-        Each slice is a transaction of its own: counting waits for one slice at most."""
+        Each slice is a transaction of its own: counting waits for one slice at most.
+
+        An event dated more than FUTURE_TOLERANCE past this process's clock does not move "now"
+        (one event from a clock gone wrong would otherwise have every later event refused). With
+        no version to say how long purchases stay open (`max_final_after_days` 0), only event ids
+        are forgotten."""
         with self._lock:
             newest = self._db.execute("SELECT max(occurred_us) FROM game_events").fetchone()[0]
         if not newest:
             return Forgotten(0, 0, 0)
         now = datetime.fromtimestamp(newest / 1_000_000, UTC)
+        if now > (latest := datetime.now(UTC) + FUTURE_TOLERANCE):
+            log.warning("the newest event counted is dated %s, past this clock: retention runs at %s", now, latest)
+            now = latest
         events_before = epoch_us(now - retention)
         final = now - retention - timedelta(days=history.max_final_after_days)
         final_before = epoch_us(final)
@@ -312,10 +331,12 @@ class GameStore:
             c.execute("INSERT INTO game_meta VALUES (?,?) ON CONFLICT (key) DO UPDATE"
                       " SET value=max(value, excluded.value)", (FORGOTTEN, events_before))  # fmt: skip
         events = self._delete_slices("game_events", "event_id", "occurred_us < ?", (events_before,), slice_rows)
+        if history.max_final_after_days < 1:
+            return Forgotten(events, 0, 0)
         counted = self._forget_counted(program, history, final_before, oldest_week, slice_rows)
-        counted += self._delete_slices(
+        counted += self._delete_slices(  # rows given by no purchase have receipt_us 0 (the index finds them)
             "game_counted", "program, member_id, purchase_id, item_id, value",
-            "program=? AND purchase_id='' AND period=? AND CAST(value AS INTEGER) < ?",
+            "program=? AND receipt_us=0 AND purchase_id='' AND period=? AND CAST(value AS INTEGER) < ?",
             (program, WEEK, oldest_week), slice_rows,
         )  # fmt: skip
         experiments = self._delete_slices(
@@ -327,39 +348,46 @@ class GameStore:
     def _delete_slices(self, table: str, key: str, where: str, args: tuple[object, ...], slice_rows: int) -> int:
         total = 0
         while True:
+            started = time.monotonic()
             with self._lock, self._immediate() as c:
                 n = c.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} WHERE {where} LIMIT ?)",
                               (*args, slice_rows)).rowcount  # fmt: skip
             total += n
             if n < slice_rows:
                 return total
+            _let_counting_in(started)
 
     def _forget_counted(self, program: str, history: ProgramHistory, final_before: int, oldest_week: int,
                         slice_rows: int) -> int:  # fmt: skip
         """game_counted rows of purchases made before `final_before` (forget's rules), a slice at
         a time in (receipt, key) order: places a run still needs stay, and are passed over."""
-        after: tuple[object, ...] = (0, "", "", "", "")
+        after: tuple[object, ...] = (1, "", "", "", "")
         forgotten = 0
+        run_ends: dict[tuple[str, str], int] = {}
         while True:
+            started = time.monotonic()
             with self._lock, self._immediate() as c:
-                rows = c.execute(
+                rows = c.execute(  # purchases' rows only: those given by no purchase stay (receipt 0)
                     "SELECT receipt_us, member_id, purchase_id, item_id, value, period FROM game_counted"
-                    " WHERE program=? AND receipt_us >= ? AND receipt_us < ?"
+                    " WHERE program=? AND receipt_us >= ? AND receipt_us < ? AND purchase_id!=''"
                     " AND (receipt_us, member_id, purchase_id, item_id, value) > (?,?,?,?,?)"
                     " ORDER BY receipt_us, member_id, purchase_id, item_id, value LIMIT ?",
                     (program, after[0], final_before, *after, slice_rows),
                 ).fetchall()
                 gone = []
                 for _receipt_us, member_id, purchase_id, item_id, value, period in rows:
-                    if period not in ("", WEEK) and history.run_ends_us(item_id, period) >= final_before:
-                        continue  # a place in a run a withdrawal may still read
+                    if period not in ("", WEEK):
+                        if (item_id, period) not in run_ends:
+                            run_ends[(item_id, period)] = history.run_ends_us(item_id, period)
+                        if run_ends[(item_id, period)] >= final_before:
+                            continue  # a place in a run a withdrawal may still read
                     gone.append((program, member_id, purchase_id, item_id, value))
                     if period == WEEK:
                         keep = value.lstrip("-").isdigit() and int(value) >= oldest_week
                     elif period == "":
                         keep = c.execute(
                             "SELECT count(*) FROM game_counted WHERE program=? AND member_id=? AND purchase_id=''"
-                            " AND item_id=?", (program, member_id, item_id),
+                            " AND item_id=? AND period=''", (program, member_id, item_id),
                         ).fetchone()[0] < history.achievement_counts.get(item_id, 0)  # fmt: skip
                     else:
                         keep = False
@@ -372,6 +400,7 @@ class GameStore:
             if len(rows) < slice_rows:
                 return forgotten
             after = tuple(rows[-1][:5])
+            _let_counting_in(started)
 
     def counted_receipt(self, program: str, member_id: str, purchase_id: str) -> datetime | None:
         """When the purchase was made, if gamification counted it towards an item or an

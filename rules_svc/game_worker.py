@@ -185,7 +185,8 @@ class GameWorker:
 
     async def withdraw(self, event_id: str, member_id: str, purchase_id: str, at: datetime | None = None) -> None:
         """Takes back what the purchase gave, under the version in effect when it was made,
-        unless it was taken back (`at`, the event's time) after that version made it final."""
+        unless it was taken back (`at`, the event's time) after that version made it final (an
+        event with no time, which the ledger never writes, is not checked)."""
         receipt = await asyncio.to_thread(self.store.counted_receipt, self.program, member_id, purchase_id)
         if receipt is None:
             return  # never counted (nothing matched, counted before per-purchase progress was kept, or final)

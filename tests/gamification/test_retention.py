@@ -20,7 +20,7 @@ import pytest
 from pointmesh.events import BusMessage
 from pointmesh.v1 import ledger_pb2
 from rules_svc.game_engine import ProgramHistory, PurchaseFact
-from rules_svc.game_store import GameStore, PastRetention
+from rules_svc.game_store import Forgotten, GameStore, PastRetention
 from rules_svc.game_worker import GameWorker
 from rules_svc.program import Program, ProgramInvalid
 from tests.conftest import LedgerUnderTest
@@ -126,8 +126,9 @@ def test_a_value_another_final_purchase_gave_still_stands_after_its_rows_are_for
         store.apply_event(program, f, occurred_at=f.receipt_time)
 
     forgotten = store.forget(program.program, ProgramHistory.of([program]), RETENTION)
+    again = store.forget(program.program, ProgramHistory.of([program]), RETENTION)  # the hour after
 
-    assert forgotten.counted == 1
+    assert (forgotten.counted, again.counted) == (1, 0)
     assert _rows(store, "game_counted", "purchase_id=?", (first.purchase_id,)) == []
     assert [r[2:5] for r in _rows(store, "game_counted", "purchase_id=''")] == [("", "stores2", "HEL-01")]
     assert store.withdraw_event(program, "w1", "m-1", third.purchase_id) == []
@@ -182,6 +183,29 @@ def test_a_streaks_final_weeks_are_kept_only_while_a_purchase_that_can_be_taken_
     kept = sorted(int(r[4]) for r in _rows(store, "game_counted", "purchase_id!=''"))
     assert len(kept) == 10
     assert folded == [kept[0] - 1]
+
+
+def test_an_event_dated_past_this_clock_does_not_have_every_later_event_refused(tmp_path: Path) -> None:
+    """A ledger clock gone wrong once (2099) must not make retention's "now" 2099; and with no
+    version to say how long purchases stay open, their rows stay."""
+    program = _program(30, achievements=[{"id": "stores2", "name": "Two stores", "distinct": "store", "count": 2,
+                                          "reward": {"points": 50}}])  # fmt: skip
+    store = GameStore(tmp_path / "game.sqlite")
+    today = datetime.now(UTC)
+    for days in (100, 10):
+        f = _fact("m-1", today - timedelta(days=days))
+        store.apply_event(program, f, occurred_at=f.receipt_time)
+    wrong = _fact("m-1", datetime(2099, 1, 1, tzinfo=UTC))
+    store.apply_event(program, wrong, occurred_at=wrong.receipt_time)
+
+    # The event 100 days old is forgotten (35 days' retention from this clock, plus a day's
+    # tolerance); no purchase's row goes without a version saying when purchases are final.
+    assert store.forget(program.program, ProgramHistory.of([]), RETENTION) == Forgotten(1, 0, 0)
+
+    later = _fact("m-1", today - timedelta(days=5))
+    assert store.apply_event(program, later, occurred_at=later.receipt_time) == []  # counted, not refused
+    assert len(_rows(store, "game_events")) == 3
+    assert len(_rows(store, "game_counted")) == 4
 
 
 def test_event_ids_of_a_store_from_before_retention_are_dated_at_the_upgrade(tmp_path: Path) -> None:
