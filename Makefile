@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/pointmesh/v1/*.proto)
 
-.PHONY: up test test-cluster load lint protos protos-check bench demo clean setup system-deps kafka cassandra
+.PHONY: up test test-asyncio-loop test-cluster load lint protos protos-check bench demo clean setup system-deps kafka cassandra
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
@@ -69,6 +69,15 @@ test: setup
 	t=$$(date +%s); $(MAKE) --no-print-directory lint; echo "stage lint: $$(( $$(date +%s) - t ))s"; \
 	t=$$(date +%s); rc=0; $(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
 	echo "stage pytest: $$(( $$(date +%s) - t ))s"; exit $$rc
+
+# The suite runs on uvloop (POINTMESH_EVENT_LOOP's default); these run again on Python's own loop,
+# which a deployment may choose: loop plumbing, cancellation, bus tails and the live websockets.
+LOOP_SENSITIVE = tests/plumbing tests/events tests/gateway/test_abort_on_either_loop.py \
+	tests/gateway/test_live_edges.py tests/gateway/test_live_resume.py \
+	tests/gateway/test_live_start_during_outage.py tests/gateway/test_slow_socket_and_big_upload.py
+test-asyncio-loop: setup
+	@t=$$(date +%s); rc=0; POINTMESH_EVENT_LOOP=asyncio $(BIN)/pytest -q -p no:cacheprovider $(LOOP_SENSITIVE) || rc=$$?; \
+	echo "stage test-asyncio-loop: $$(( $$(date +%s) - t ))s"; exit $$rc
 
 # The three-node Cassandra failure tests (127.0.0.1-3, replication factor 3); a few minutes.
 test-cluster: setup

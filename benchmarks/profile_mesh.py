@@ -55,7 +55,7 @@ def summarise(raw: str, top: int = 40) -> str:
 
 
 def _py_spy() -> str:
-    beside = Path(sys.executable).parent / "py-spy"  # installed into the venv by the dev extras
+    beside = Path(sys.executable).parent / "py-spy"  # not a dependency: `pip install py-spy` into the venv
     return str(beside) if beside.exists() else "py-spy"
 
 
