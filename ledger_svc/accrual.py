@@ -153,6 +153,11 @@ class PointsEngine(Protocol):
         self, program: str, items: Sequence[tuple[c.RecordPurchase, MemberState, dict[str, str]]]
     ) -> list[Quote | LedgerError | EngineFailedOnBasket | None]: ...
 
+    async def program_document(self, program: str, version: int) -> str:
+        """The version's validated document as canonical JSON; EngineUnavailable, or the
+        ledger's refusal."""
+        ...
+
 
 def natural_key(program: str, cmd: c.RecordPurchase) -> IdemKey:
     return IdemKey(f"purchase:{program}", within_key_length(f"{cmd.channel}/{cmd.store_id}/{cmd.receipt_id}"))
@@ -163,6 +168,9 @@ class Accrual:
         self.svc = service
         self.engine = engine
         self.program = program
+        # shard -> (tier policy digest, last member looked at): a walk after a tier policy
+        # change in progress (tier_watch.py)
+        self.tier_walks: dict[int, tuple[str, str]] = {}
         self._down_until = 0.0
 
     # Tiers --------------------------------------------------------------------------------

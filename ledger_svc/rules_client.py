@@ -113,6 +113,12 @@ def _unit_totals(parts: Sequence[Part]) -> dict[str, int]:
     return totals
 
 
+def _failure(error: grpc.aio.AioRpcError) -> LedgerError | EngineUnavailable:
+    """A failed call that is not about one basket: rules_svc's refusal, or rules_svc away."""
+    refusal = _refusal(error.code().name, (error.details() or "").split(": ", 1)[-1], "")
+    return refusal if refusal is not None else EngineUnavailable(f"{error.code().name}: {error.details()}")
+
+
 def _refusal(code: str, message: str, field: str) -> LedgerError | None:
     """rules_svc refusing a basket, as the ledger's own error; None when it is not a refusal."""
     if code == "INVALID_ARGUMENT":
@@ -160,11 +166,16 @@ class RulesEngineClient:
         try:
             response = await self.stub.GetTierStatus(request)
         except grpc.aio.AioRpcError as error:
-            refusal = _refusal(error.code().name, (error.details() or "").split(": ", 1)[-1], "")
-            if refusal is not None:
-                raise refusal from None
-            raise EngineUnavailable(f"{error.code().name}: {error.details()}") from None
+            raise _failure(error) from None
         return tier_standing_of(response.status)
+
+    async def program_document(self, program: str, version: int) -> str:
+        """The version's validated document as canonical JSON."""
+        try:
+            response = await self.stub.GetProgram(rules_pb2.GetProgramRequest(program=program, version=version))
+        except grpc.aio.AioRpcError as error:
+            raise _failure(error) from None
+        return str(response.document_json)
 
     async def _quote_alone(
         self, program: str, cmd: c.RecordPurchase, state: MemberState, profile: dict[str, str], failure: str

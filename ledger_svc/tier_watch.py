@@ -10,12 +10,22 @@ missed change. The maintenance pass asks rules_svc for the standing under the ve
 effect now (the ledger holds no program of its own) and writes the answer in a shard write
 that first checks the state is still the one it asked about; one that moved meanwhile is left
 for the next pass.
+
+A version that moves tiers by itself (a threshold lowered or raised, a level renamed, a window
+changed) moves no member's due time: each pass compares the tiers section of the version in
+effect with the one each shard last looked at its members under (a digest in the shard's meta),
+and on a difference walks every member of the shard who was told a tier, a few pages a pass,
+looking at each as above; the digest is stored once the walk is through. A shard that never
+stored one (a new ledger, an upgrade) stores the one in effect without a walk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -36,6 +46,8 @@ PAGE = 200  # members a shard looked at per page
 PAGES_PER_PASS = 5  # a lapse date shared by many members is worked off over several passes
 AT_ONCE = 8  # rules_svc calls in flight
 RECHECK = timedelta(minutes=1)  # a due time rules_svc placed at or before the ledger's now
+POLICY = "tier_policy"  # shard meta: digest of the tiers section its members were last looked at under
+NO_TIERS = "no-tiers"
 
 
 async def look_at_due_tiers(accrual: Accrual) -> int:
@@ -48,10 +60,15 @@ async def look_at_due_tiers(accrual: Accrual) -> int:
     now = svc.clock.now()
     gate = asyncio.Semaphore(AT_ONCE)
 
-    async def one(shard: int, member_id: str) -> int:
+    async def one(shard: int, member_id: str, told_only: bool = False) -> int:
         async with gate:
-            return await _look(accrual, shard, member_id, now)
+            return await _look(accrual, shard, member_id, now, told_only=told_only)
 
+    try:
+        changed += await _walk_if_policy_moved(accrual, now, one)
+    except EngineUnavailable as exc:
+        log.warning("tier lapses wait: rules_svc did not answer (%s)", exc)
+        return changed
     for shard in range(svc.store.shard_count):
         seen: set[str] = set()
         for _ in range(PAGES_PER_PASS):
@@ -74,9 +91,65 @@ async def look_at_due_tiers(accrual: Accrual) -> int:
     return changed
 
 
-async def _look(accrual: Accrual, shard: int, member_id: str, now: datetime) -> int:
+async def _walk_if_policy_moved(
+    accrual: Accrual, now: datetime, one: Callable[[int, str, bool], Awaitable[int]]
+) -> int:
+    """Looks at the members of each shard whose stored digest is not the version in effect's,
+    PAGES_PER_PASS pages of them a pass from where the last pass stopped (kept in memory: a
+    restart walks again from the start, which tells nothing twice); EngineUnavailable stops it."""
+    svc, changed = accrual.svc, 0
+    digest = await _policy_digest(accrual, now)
+    for shard in range(svc.store.shard_count):
+        seen = await svc.store.read(shard, lambda tx: tx.get_meta(POLICY))
+        walk = accrual.tier_walks.get(shard)
+        if seen == digest or seen is None:
+            if seen is None:  # members told under whatever came before: nothing to compare with
+                await svc.store.write(shard, lambda tx: tx.put_meta(POLICY, digest))
+            accrual.tier_walks.pop(shard, None)
+            continue
+        after = walk[1] if walk is not None and walk[0] == digest else ""  # a newer change starts over
+        for _ in range(PAGES_PER_PASS):
+            page = await svc.store.read(shard, lambda tx: tx.member_ids_after(after, PAGE))  # noqa: B023 (awaited here)
+            results = await asyncio.gather(*(one(shard, m, True) for m in page), return_exceptions=True)
+            for member_id, result in zip(page, results, strict=True):
+                if isinstance(result, EngineUnavailable):
+                    accrual.tier_walks[shard] = (digest, after)
+                    raise result
+                if isinstance(result, BaseException):
+                    log.error("tier of member %s not looked at after the tier policy changed", member_id,
+                              exc_info=result)  # fmt: skip
+                else:
+                    changed += result
+            if len(page) < PAGE:
+                await svc.store.write(shard, lambda tx: tx.put_meta(POLICY, digest))
+                accrual.tier_walks.pop(shard, None)
+                log.info("shard %d: every member's tier looked at under the tier policy in effect", shard)
+                break
+            after = page[-1]
+        else:
+            accrual.tier_walks[shard] = (digest, after)
+    return changed
+
+
+async def _policy_digest(accrual: Accrual, now: datetime) -> str:
+    """Digest of the tiers section of the version in effect at the ledger's now (NO_TIERS)."""
+    assert accrual.engine is not None
+    try:
+        _program, version, _standing = await accrual.engine.tier_status(accrual.program, {}, now)
+    except FailedPrecondition:
+        return NO_TIERS
+    document = json.loads(await accrual.engine.program_document(accrual.program, version))
+    tiers = json.dumps(document.get("tiers"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(tiers.encode()).hexdigest()
+
+
+async def _look(accrual: Accrual, shard: int, member_id: str, now: datetime, *, told_only: bool = False) -> int:
+    """`told_only`: a member told no tier yet (a walk meets every member) is left alone: their
+    first purchase tells it."""
     svc = accrual.svc
     state = await svc.store.read(shard, lambda tx: load_state(ShardBook(tx, now, svc.policy), member_id))
+    if told_only and not state.tier:
+        return 0
     standing = await _standing(accrual, member_id, state, now)
 
     def write(book: ShardBook) -> int:

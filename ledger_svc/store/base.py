@@ -208,6 +208,17 @@ class ShardTx(Protocol):
         """Up to `limit` members whose tier is due to be looked at by `when`, earliest first."""
         ...
 
+    def member_ids_after(self, after: str, limit: int) -> list[str]:
+        """Up to `limit` of the shard's members after `after` in id order ('' from the first):
+        a walk over every member, a page at a time (members the shard knows only by name may
+        be among them: a caller reads each one's state)."""
+        ...
+
+    # Small facts a shard keeps about its own jobs (tier_watch: the tier policy its members
+    # were last looked at under).
+    def get_meta(self, key: str) -> str | None: ...
+    def put_meta(self, key: str, value: str) -> None: ...
+
     # Purchases with their explained breakdown; PENDING_ACCRUAL ones wait for rules_svc. A
     # purchase's channel, store and receipt time never change once recorded (its natural key),
     # which is what lets a store index them for listing once.

@@ -795,6 +795,18 @@ class CassandraShardTx:
         else:
             part.put("tier_due", "", str(to_us(due)))
 
+    def member_ids_after(self, after: str, limit: int) -> list[str]:
+        rows = self.store.q("members_after", (self.store.ledger, self.shard, self.pkey(after) if after else "", limit))
+        return [m for r in rows if (m := r.p.split("/", 1)[1]) != NO_MEMBER]
+
+    def get_meta(self, key: str) -> str | None:
+        """Written at once, not staged with the unit: a job's own bookkeeping, idempotent."""
+        row = self.store.q("meta_get", (self.store.ledger, f"{key}:{self.shard}")).one()
+        return None if row is None else str(row.v)
+
+    def put_meta(self, key: str, value: str) -> None:
+        self.store.q("meta_put", (self.store.ledger, f"{key}:{self.shard}", value))
+
     def tiers_due_by(self, when: datetime, limit: int) -> list[str]:
         """A pointer is due while its member's row still names its time; one the member's due
         moved away from is stale (the move wrote a pointer of its own)."""
@@ -1530,6 +1542,7 @@ class CassandraLedgerStore:
             "owner_del": f"DELETE FROM {ks}.owners WHERE ledger=? AND shard=? AND id=?",
             "members_put": f"INSERT INTO {ks}.shard_members (ledger, shard, p) VALUES (?,?,?)",
             "members": f"SELECT p FROM {ks}.shard_members WHERE ledger=? AND shard=?",
+            "members_after": f"SELECT p FROM {ks}.shard_members WHERE ledger=? AND shard=? AND p>? LIMIT ?",
             "queue_put": f"INSERT INTO {ks}.queue (ledger, shard, kind, bucket, at, p, id, w) VALUES (?,?,?,?,?,?,?,?)"
                          " USING TIMESTAMP ?",
             "queue_read": f"SELECT at, p, id, writetime(w) AS wt FROM {ks}.queue WHERE ledger=? AND shard=? AND kind=?"

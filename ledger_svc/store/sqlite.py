@@ -605,6 +605,19 @@ class SqliteShardTx:
         else:
             self.c.execute("INSERT OR REPLACE INTO tier_due VALUES (?,?)", (member_id, to_us(due)))
 
+    def member_ids_after(self, after: str, limit: int) -> list[str]:
+        rows = self.c.execute(
+            "SELECT member_id FROM member_state WHERE member_id>? ORDER BY member_id LIMIT ?", (after, limit)
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.c.execute("SELECT v FROM meta WHERE k=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put_meta(self, key: str, value: str) -> None:
+        self.c.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+
     def tiers_due_by(self, when: datetime, limit: int) -> list[str]:
         rows = self.c.execute(
             "SELECT member_id FROM tier_due WHERE due<=? ORDER BY due LIMIT ?", (to_us(when), limit)

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from ledger_svc import tier_watch
 from ledger_svc.store.sqlite import SqliteLedgerStore
 from pointmesh.events import LEDGER_EVENTS
 from pointmesh.redis_server import RedisServer
+from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.conftest import start_ledger, stop_ledger
 from tests.ledger.helpers import key
@@ -167,14 +169,15 @@ async def test_a_late_receipt_priced_under_an_older_version_leaves_the_telling_t
     paid_at = mesh.clock.now()
     mesh.clock.advance(timedelta(days=1))
     await publish(mesh, GOLD.replace("threshold: 300", "threshold: 1000"), "gold-1000")
-    assert await maintenance(mesh) == 0  # (a new version is looked at when a purchase is due)
-    renamed = await buy(mesh, renamed_member, [("misc", 100, 1)])  # now gold: the rename told
+    assert await maintenance(mesh) == 1  # the rename, told by the pass (the tiers section moved)
+    assert await maintenance(mesh) == 0
+    renamed = await buy(mesh, renamed_member, [("misc", 100, 1)])
     await buy(mesh, renamed_member, [("misc", 100, 1)], at=paid_at + timedelta(minutes=1))  # priced as silver
     again = await buy(mesh, renamed_member, [("misc", 100, 1)])
     assert await tier(mesh, renamed_member) == "gold"
     events = await feed.of(renamed_member, 3)
-    assert events == [("blue", "silver", up.purchase.purchase_id), ("silver", "gold", renamed.purchase.purchase_id)]
-    assert again.purchase.tier_before == "gold"
+    assert events == [("blue", "silver", up.purchase.purchase_id), ("silver", "gold", "")]
+    assert renamed.purchase.tier_before == again.purchase.tier_before == "gold"
 
 
 async def test_a_season_without_tiers_keeps_the_tier_told_and_its_lapse_is_announced(
@@ -240,3 +243,64 @@ async def test_a_new_members_upgrade_by_a_late_receipt_is_announced_by_the_pass(
     assert await maintenance(mesh) == 1
     assert await tier(mesh, member) == "silver"
     assert await feed.of(member, 1) == [("blue", "silver", "")]
+
+
+SILVER_200 = PROGRAM.read_text().replace("{code: silver, threshold: 300}", "{code: silver, threshold: 200}")
+
+
+async def test_a_version_lowering_a_threshold_tells_the_members_it_lifts_without_a_purchase(
+    mesh: Mesh, feed: TierFeed
+) -> None:
+    """Marketing lowers silver from 300 to 200 credits: a member at 250 is told silver by the
+    pass once the version takes effect, with no purchase of theirs; one at 100 stays blue, one
+    who never bought is told nothing (their first purchase tells it)."""
+    lifted, stays, never = await welcomed_member(mesh), await welcomed_member(mesh), await new_member(mesh)
+    await buy(mesh, lifted, [("misc", 25_000, 1)])
+    await buy(mesh, stays, [("misc", 10_000, 1)])
+    assert await maintenance(mesh) == 0  # the tier policy in effect, noted
+    in_effect = mesh.clock.now() + timedelta(days=2)
+    await mesh.rules.stub.PublishProgram(rules_pb2.PublishProgramRequest(
+        idempotency_key=common_pb2.IdempotencyKey(key="silver-200"), document=SILVER_200,
+        effective_from=to_timestamp(in_effect),
+    ))  # fmt: skip
+    assert await maintenance(mesh) == 0  # published, not in effect yet
+
+    mesh.clock.set(in_effect + timedelta(seconds=1))
+    assert await maintenance(mesh) == 1
+    assert await maintenance(mesh) == 0  # told once
+    assert await feed.of(lifted, 1) == [("blue", "silver", "")]
+    assert await tier(mesh, lifted) == "silver"
+    assert await tier(mesh, stays) == "blue"
+    assert await feed.of(stays, 1) == [] and await feed.of(never, 1) == []
+    later = await buy(mesh, lifted, [("misc", 100, 1)])
+    assert later.purchase.tier_before == "silver"
+
+
+async def test_the_walk_after_a_tier_change_goes_a_page_at_a_time_and_waits_out_rules_svc(
+    mesh: Mesh, feed: TierFeed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One member a page, one page a shard a pass: the members are told over several passes,
+    each once; with rules_svc away the walk waits where it was, and the shard's digest is kept
+    only once every member was looked at (a pass after that walks no more)."""
+    monkeypatch.setattr(tier_watch, "PAGE", 1)
+    monkeypatch.setattr(tier_watch, "PAGES_PER_PASS", 1)
+    members = [await welcomed_member(mesh) for _ in range(4)]
+    for member in members:
+        await buy(mesh, member, [("misc", 25_000, 1)])
+    assert await maintenance(mesh) == 0
+    await publish(mesh, SILVER_200, "silver-200")
+
+    await mesh.stop_rules()
+    assert await maintenance(mesh) == 0  # rules_svc away: nothing looked at, nothing lost
+    await mesh.restart_rules()
+    told, passes = 0, 0
+    while told < len(members) and passes < 20:
+        told += await maintenance(mesh)
+        passes += 1
+    assert told == len(members) and passes > 1
+    assert await maintenance(mesh) == 0
+    for member in members:
+        assert await feed.of(member, 1) == [("blue", "silver", "")]
+    store = mesh.ledger.app.store
+    digests = {await store.read(s, lambda tx: tx.get_meta(tier_watch.POLICY)) for s in range(store.shard_count)}
+    assert len(digests) == 1 and mesh.ledger.app.service.accrual.tier_walks == {}
