@@ -35,6 +35,7 @@ from ledger_svc.accrual import EngineUnavailable
 from ledger_svc.domain import FailedPrecondition, LedgerError, MemberStatus
 from ledger_svc.postings import ShardBook
 from ledger_svc.purchases import MemberState, load_state
+from ledger_svc.store.base import ShardTx
 from pointmesh.tiers import TierStanding
 
 if TYPE_CHECKING:
@@ -64,11 +65,6 @@ async def look_at_due_tiers(accrual: Accrual) -> int:
         async with gate:
             return await _look(accrual, shard, member_id, now, told_only=told_only)
 
-    try:
-        changed += await _walk_if_policy_moved(accrual, now, one)
-    except EngineUnavailable as exc:
-        log.warning("tier lapses wait: rules_svc did not answer (%s)", exc)
-        return changed
     for shard in range(svc.store.shard_count):
         seen: set[str] = set()
         for _ in range(PAGES_PER_PASS):
@@ -88,6 +84,13 @@ async def look_at_due_tiers(accrual: Accrual) -> int:
                     changed += result
             if len(due) < PAGE:
                 break
+    # After the due members, and apart: a walk that fails leaves lapses to be told all the same.
+    try:
+        changed += await _walk_if_policy_moved(accrual, now, one)
+    except EngineUnavailable as exc:
+        log.warning("the walk after a tier policy change waits: rules_svc did not answer (%s)", exc)
+    except Exception:
+        log.exception("the walk after a tier policy change failed; the next pass tries again")
     return changed
 
 
@@ -99,6 +102,8 @@ async def _walk_if_policy_moved(
     restart walks again from the start, which tells nothing twice); EngineUnavailable stops it."""
     svc, changed = accrual.svc, 0
     digest = await _policy_digest(accrual, now)
+    if digest is None:
+        return 0
     for shard in range(svc.store.shard_count):
         seen = await svc.store.read(shard, lambda tx: tx.get_meta(POLICY))
         walk = accrual.tier_walks.get(shard)
@@ -111,36 +116,56 @@ async def _walk_if_policy_moved(
         for _ in range(PAGES_PER_PASS):
             page = await svc.store.read(shard, lambda tx: tx.member_ids_after(after, PAGE))  # noqa: B023 (awaited here)
             results = await asyncio.gather(*(one(shard, m, True) for m in page), return_exceptions=True)
+            failed = []
             for member_id, result in zip(page, results, strict=True):
                 if isinstance(result, EngineUnavailable):
                     accrual.tier_walks[shard] = (digest, after)
                     raise result
                 if isinstance(result, BaseException):
-                    log.error("tier of member %s not looked at after the tier policy changed", member_id,
+                    log.error("tier of member %s not looked at after the tier policy changed; due now", member_id,
                               exc_info=result)  # fmt: skip
+                    failed.append(member_id)
                 else:
                     changed += result
+            if failed:  # looked at by the due pass instead (should this write fail, the page comes again)
+
+                def due_now(tx: ShardTx, members: list[str] = failed) -> None:
+                    for member_id in members:
+                        tx.set_tier_due(member_id, now)
+
+                await svc.store.write(shard, due_now)
             if len(page) < PAGE:
                 await svc.store.write(shard, lambda tx: tx.put_meta(POLICY, digest))
                 accrual.tier_walks.pop(shard, None)
                 log.info("shard %d: every member's tier looked at under the tier policy in effect", shard)
                 break
             after = page[-1]
-        else:
             accrual.tier_walks[shard] = (digest, after)
     return changed
 
 
-async def _policy_digest(accrual: Accrual, now: datetime) -> str:
-    """Digest of the tiers section of the version in effect at the ledger's now (NO_TIERS)."""
+async def _policy_digest(accrual: Accrual, now: datetime) -> str | None:
+    """Digest of what places members in tiers under the version in effect at the ledger's now
+    (its `tiers` section and the zone its months are counted in; NO_TIERS); None when it cannot
+    be told this pass (logged). A version never changes once published, so each version's
+    document is read once."""
     assert accrual.engine is not None
     try:
         _program, version, _standing = await accrual.engine.tier_status(accrual.program, {}, now)
     except FailedPrecondition:
         return NO_TIERS
-    document = json.loads(await accrual.engine.program_document(accrual.program, version))
-    tiers = json.dumps(document.get("tiers"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(tiers.encode()).hexdigest()
+    if version in accrual.tier_policies:
+        return accrual.tier_policies[version]
+    try:
+        document = json.loads(await accrual.engine.program_document(accrual.program, version))
+        placing = {"tiers": document["tiers"], "default_timezone": document["default_timezone"]}
+    except (LedgerError, ValueError, KeyError, TypeError) as exc:
+        log.error("the tier policy of %s version %d could not be read (%s); no walk this pass",
+                  accrual.program, version, exc)  # fmt: skip
+        return None
+    digest = hashlib.sha256(json.dumps(placing, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    accrual.tier_policies[version] = digest
+    return digest
 
 
 async def _look(accrual: Accrual, shard: int, member_id: str, now: datetime, *, told_only: bool = False) -> int:
@@ -160,6 +185,8 @@ async def _look(accrual: Accrual, shard: int, member_id: str, now: datetime, *, 
         due = None if standing is None else standing.held_until
         if due is not None and due <= book.now:
             due = book.now + RECHECK
+        if told_only and tier == current.tier and due == current.tier_due:
+            return 0  # a walk's member with nothing new: no write (on Cassandra, a conditional batch)
         # The state, and the due row once, always: a member made due by an upgrade (SQLite
         # opening an earlier shard, Cassandra's backfill) has the row without the state's field,
         # so keep_state's "only when it moved" would leave that row behind.
