@@ -651,7 +651,10 @@ class LedgerService:
             _require_mergeable(now_source or source, now_target or target)
             d.set_status(source.member_id, MemberStatus.MERGED, target.member_id)
 
-        await self.store.write_directory(mark_merged)
+        # On Cassandra the write commits per member, so two merges in opposite directions (or a
+        # ring of three) could both read their target active: merges go one at a time.
+        async with self.store.one_at_a_time("merge"):
+            await self.store.write_directory(mark_merged)
         self._status_cache.put(source.member_id, MemberStatus.MERGED)
 
     # Postings ----------------------------------------------------------------------------

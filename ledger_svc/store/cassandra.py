@@ -16,6 +16,7 @@ the same member wait for each other (striped locks) instead of burning condition
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -24,7 +25,7 @@ import time
 import uuid
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -135,6 +136,10 @@ class Conflict(Exception):
 
     Not a LedgerError on purpose: units catch LedgerError per item, and this one must reach
     the retry loop. Once the loop gives up it becomes StoreBusy."""
+
+
+LEASE_SECONDS = 30  # how long a lease outlives a holder that died holding it
+LEASE_WAIT_SECONDS = 10.0  # how long a block waits for another's lease
 
 
 class StoreBusy(Unavailable):
@@ -1578,6 +1583,8 @@ class CassandraLedgerStore:
             "meta_get": f"SELECT v FROM {ks}.meta WHERE ledger=? AND k=?",
             "meta_claim": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?) IF NOT EXISTS",
             "meta_put": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?)",
+            "lease_take": f"INSERT INTO {ks}.meta (ledger, k, v) VALUES (?,?,?) IF NOT EXISTS USING TTL ?",
+            "lease_give": f"DELETE FROM {ks}.meta WHERE ledger=? AND k=? IF v=?",
             "claim_put": f"INSERT INTO {ks}.claims (ledger, namespace, key, operation, fingerprint, result,"
                          " created_us) VALUES (?,?,?,?,?,?,?) IF NOT EXISTS",
             "claim_result": f"UPDATE {ks}.claims SET result=? WHERE ledger=? AND namespace=? AND key=?",
@@ -2088,6 +2095,32 @@ class CassandraLedgerStore:
 
     multi_member_units = False
     shared_by_replicas = True
+
+    @contextlib.asynccontextmanager
+    async def one_at_a_time(self, name: str) -> AsyncIterator[None]:
+        """A lease: a `meta` row taken `IF NOT EXISTS` with a TTL (a holder that dies holds it
+        LEASE_SECONDS at most) and given back `IF` it still names this holder. Waits
+        LEASE_WAIT_SECONDS for it, then StoreBusy (UNAVAILABLE: the client retries its key)."""
+        key, holder = f"lease:{name}", uuid.uuid4().hex
+        deadline, pause = time.monotonic() + LEASE_WAIT_SECONDS, 0.005
+        while not await self._submit(self._take_lease, key, holder):
+            if time.monotonic() > deadline:
+                raise StoreBusy(f"cassandra: {name} held elsewhere for over {LEASE_WAIT_SECONDS} s")
+            await asyncio.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 0.2)
+        try:
+            yield
+        finally:
+            try:
+                await self._submit(self._give_lease, key, holder)
+            except Unavailable as exc:  # it runs out by itself
+                log.warning("lease %s not given back (%s); it lapses in %d s", key, exc, LEASE_SECONDS)
+
+    def _take_lease(self, key: str, holder: str) -> bool:
+        return bool(self.q("lease_take", (self.ledger, key, holder, LEASE_SECONDS)).one().applied)
+
+    def _give_lease(self, key: str, holder: str) -> None:
+        self.q("lease_give", (self.ledger, key, holder))
 
     @staticmethod
     def _retrying(attempt: Callable[[], T], what: str) -> T:

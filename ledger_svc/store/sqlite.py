@@ -6,6 +6,7 @@ Times are stored as integer microseconds since the epoch so they sort and compar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -1064,6 +1065,9 @@ class SqliteLedgerStore:
 
     multi_member_units = True
     shared_by_replicas = False
+
+    def one_at_a_time(self, name: str) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # one process, and its directory writes are serialised
 
     async def write(self, shard: int, work: Callable[[SqliteShardTx], T]) -> T:
         return await self._writers[shard].submit(work)

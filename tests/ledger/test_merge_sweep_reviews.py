@@ -231,9 +231,8 @@ async def test_two_members_merged_into_each_other_at_once_leave_one_of_them_acti
     marked its source MERGED, and both went through, leaving every point on two MERGED members.
     The write that marks the source reads the statuses again: one merge wins. On SQLite that
     write is serialised with every other directory write; Cassandra's lightweight transactions
-    cover one partition, not the source and the target together (docs/cassandra.md)."""
-    if ledger.app.settings.store == "cassandra":
-        pytest.skip("known limit on Cassandra: two merges into each other at once (docs/cassandra.md)")
+    cover one partition, not the source and the target together, so merges take a lease there
+    (LedgerStore.one_at_a_time)."""
     svc = ledger.app.service
     a = await member(svc)
     b = await member(svc, shard_of=a)
@@ -251,6 +250,28 @@ async def test_two_members_merged_into_each_other_at_once_leave_one_of_them_acti
     assert sorted(s.value for s in statuses.values()) == ["ACTIVE", "MERGED"]
     survivor = next(m for m, s in statuses.items() if s is MemberStatus.ACTIVE)
     assert await points(svc, survivor) == (150, 0, 0)
+    await assert_books_balance(ledger)
+
+
+async def test_three_members_merged_in_a_ring_at_once_leave_one_active_with_every_point(
+    ledger: LedgerUnderTest,
+) -> None:
+    """A into B, B into C and C into A, sent together: without merges one at a time on Cassandra,
+    each read its target active and all three went MERGED, every point on no active member."""
+    svc = ledger.app.service
+    ring = [await member(svc) for _ in range(3)]
+    for n, m in enumerate(ring):
+        await svc.earn(c.Earn(k(), m, "points", 10**n))
+
+    outcomes = await asyncio.gather(
+        *(svc.merge_members(c.MergeMembers(k(), ring[n], ring[(n + 1) % 3])) for n in range(3)),
+        return_exceptions=True,
+    )
+
+    assert all(isinstance(o, LedgerError) for o in outcomes if isinstance(o, BaseException)), outcomes
+    active = [m for m in ring if (await svc.member(m)).status is MemberStatus.ACTIVE]
+    assert len(active) == 1, outcomes
+    assert await points(svc, active[0]) == (111, 0, 0)
     await assert_books_balance(ledger)
 
 
