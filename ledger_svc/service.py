@@ -653,8 +653,7 @@ class LedgerService:
 
         # On Cassandra the write commits per member, so two merges in opposite directions (or a
         # ring of three) could both read their target active: merges go one at a time.
-        async with self.store.one_at_a_time("merge"):
-            await self.store.write_directory(mark_merged)
+        await self.store.write_directory_alone("merge", mark_merged)
         self._status_cache.put(source.member_id, MemberStatus.MERGED)
 
     # Postings ----------------------------------------------------------------------------

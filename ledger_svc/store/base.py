@@ -9,7 +9,6 @@ idempotency claims live in a small directory beside the shards.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
@@ -326,11 +325,11 @@ class LedgerStore(Protocol):
 
     async def write_directory(self, work: Callable[[DirectoryTx], T]) -> T: ...
     async def read_directory(self, work: Callable[[DirectoryTx], T]) -> T: ...
-    def one_at_a_time(self, name: str) -> AbstractAsyncContextManager[None]:
-        """A block no other block of that name runs beside, in any process serving this store:
-        for a write that checks one member and changes another, which a unit of work cannot
-        hold together where it commits per member (a merge: A into B and B into A at once).
-        SQLite's directory writes are one at a time already."""
+    async def write_directory_alone(self, name: str, work: Callable[[DirectoryTx], T]) -> T:
+        """A directory write no other `name` write runs beside, in any process serving this
+        store: for a write that checks one member and changes another, which a unit cannot hold
+        together where it commits per member (a merge: A into B and B into A at once). SQLite's
+        directory writes are one at a time already."""
         ...
 
     async def archive(self, before: datetime) -> int:

@@ -16,7 +16,6 @@ the same member wait for each other (striped locks) instead of burning condition
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -25,7 +24,7 @@ import time
 import uuid
 import zlib
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -1101,8 +1100,10 @@ class CassandraDirectoryTx:
     again (a claim) or fails (an external id that belongs to someone else).
     """
 
-    def __init__(self, store: CassandraLedgerStore, known: dict[tuple[str, str], IdemRecord]) -> None:
+    def __init__(self, store: CassandraLedgerStore, known: dict[tuple[str, str], IdemRecord], *,
+                 serial_reads: bool = False) -> None:  # fmt: skip
         self.store = store
+        self.serial_reads = serial_reads  # members read at serial consistency (write_directory_alone)
         self.ledger = store.ledger
         # Claims an earlier attempt of this unit found taken (their conditional insert said so).
         self.known = known
@@ -1163,7 +1164,7 @@ class CassandraDirectoryTx:
         """A pending member (written by releases before 2026-12-06, when an attempt stopped
         between its steps) is nobody's yet, except the result of a claim this unit holds: a
         retry with the same key gets it and finishes it."""
-        row = self.store.q("member_get", (self.ledger, member_id)).one()
+        row = self.store.q("member_get", (self.ledger, member_id), serial=self.serial_reads).one()
         if row is None:
             return None
         status = str(row.status)
@@ -1503,6 +1504,7 @@ class CassandraLedgerStore:
         self._indexed: dict[tuple[int, str, str], float] = {}
         self._reviews_indexed: set[int] = set()  # shards whose reviews are all in review_days
         self._closed = False
+        self._alone: dict[str, asyncio.Lock] = {}  # write_directory_alone: this process's queue per name
 
     # Statements ----------------------------------------------------------------------------
 
@@ -2096,31 +2098,48 @@ class CassandraLedgerStore:
     multi_member_units = False
     shared_by_replicas = True
 
-    @contextlib.asynccontextmanager
-    async def one_at_a_time(self, name: str) -> AsyncIterator[None]:
-        """A lease: a `meta` row taken `IF NOT EXISTS` with a TTL (a holder that dies holds it
-        LEASE_SECONDS at most) and given back `IF` it still names this holder. Waits
-        LEASE_WAIT_SECONDS for it, then StoreBusy (UNAVAILABLE: the client retries its key)."""
+    async def write_directory_alone(self, name: str, work: Callable[[CassandraDirectoryTx], T]) -> T:
+        """Under a lease, so no other process's `name` unit runs beside it: a `meta` row taken
+        `IF NOT EXISTS` with a TTL (a holder that dies holds it LEASE_SECONDS at most) and given
+        back `IF` it still names its holder. Take, unit and give are one job on the pool, so a
+        caller cancelled meanwhile cannot give the lease back under a unit still running. The
+        unit reads members at serial consistency, which finishes a status write an earlier
+        holder left in doubt (a timeout) before it is read. Waits LEASE_WAIT_SECONDS for the
+        lease, then StoreBusy (UNAVAILABLE: the client retries its key). This process's own
+        units of a name queue on the event loop first, so a burst of them holds one pool thread
+        waiting for the lease, not all of them."""
+        queue = self._alone.setdefault(name, asyncio.Lock())
+        async with queue:
+            return await self._submit(self._run_directory_alone, name, work)
+
+    def _run_directory_alone(self, name: str, work: Callable[[CassandraDirectoryTx], T]) -> T:
         key, holder = f"lease:{name}", uuid.uuid4().hex
-        deadline, pause = time.monotonic() + LEASE_WAIT_SECONDS, 0.005
-        while not await self._submit(self._take_lease, key, holder):
-            if time.monotonic() > deadline:
+        started = time.monotonic()
+        pause = 0.005
+        while not self._take_lease(key, holder):
+            if time.monotonic() - started > LEASE_WAIT_SECONDS:
                 raise StoreBusy(f"cassandra: {name} held elsewhere for over {LEASE_WAIT_SECONDS} s")
-            await asyncio.sleep(pause * (0.5 + random.random()))
+            time.sleep(pause * (0.5 + random.random()))  # a pool thread: merges are rare
             pause = min(pause * 2, 0.2)
         try:
-            yield
+            return self._run_directory(work, True, serial_reads=True)
         finally:
             try:
-                await self._submit(self._give_lease, key, holder)
-            except Unavailable as exc:  # it runs out by itself
+                if not self.q("lease_give", (self.ledger, key, holder)).one().applied:
+                    log.error("lease %s lapsed before %s finished (%.1f s): another may have run beside it",
+                              key, name, time.monotonic() - started)  # fmt: skip
+            except _driver_failures() as exc:  # it lapses by itself
                 log.warning("lease %s not given back (%s); it lapses in %d s", key, exc, LEASE_SECONDS)
 
     def _take_lease(self, key: str, holder: str) -> bool:
-        return bool(self.q("lease_take", (self.ledger, key, holder, LEASE_SECONDS)).one().applied)
-
-    def _give_lease(self, key: str, holder: str) -> None:
-        self.q("lease_give", (self.ledger, key, holder))
+        """A take that times out may still have applied: the row, read at serial consistency,
+        says whose it is."""
+        try:
+            return bool(self.q("lease_take", (self.ledger, key, holder, LEASE_SECONDS)).one().applied)
+        except _driver_failures() as exc:
+            log.warning("taking lease %s: %s; reading it back", key, exc)
+            row = self.q("meta_get", (self.ledger, key), serial=True).one()
+            return row is not None and row.v == holder
 
     @staticmethod
     def _retrying(attempt: Callable[[], T], what: str) -> T:
@@ -2161,11 +2180,12 @@ class CassandraLedgerStore:
             ):
                 self.q("index_del", (written, self.ledger, tx.shard, index, p))
 
-    def _run_directory(self, work: Callable[[CassandraDirectoryTx], T], commit: bool) -> T:
+    def _run_directory(self, work: Callable[[CassandraDirectoryTx], T], commit: bool, *,
+                       serial_reads: bool = False) -> T:  # fmt: skip
         known: dict[tuple[str, str], IdemRecord] = {}
 
         def attempt() -> T:
-            tx = CassandraDirectoryTx(self, known)
+            tx = CassandraDirectoryTx(self, known, serial_reads=serial_reads)
             result = work(tx)
             if commit:
                 tx.commit()

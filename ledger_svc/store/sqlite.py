@@ -6,7 +6,6 @@ Times are stored as integer microseconds since the epoch so they sort and compar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -1066,8 +1065,8 @@ class SqliteLedgerStore:
     multi_member_units = True
     shared_by_replicas = False
 
-    def one_at_a_time(self, name: str) -> contextlib.nullcontext[None]:
-        return contextlib.nullcontext()  # one process, and its directory writes are serialised
+    async def write_directory_alone(self, name: str, work: Callable[[SqliteDirectoryTx], T]) -> T:
+        return await self.write_directory(work)  # one process, whose directory writes are serialised
 
     async def write(self, shard: int, work: Callable[[SqliteShardTx], T]) -> T:
         return await self._writers[shard].submit(work)

@@ -7,10 +7,13 @@ state, which the merge marked in the same partition, and refuses."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 
+from ledger_svc.store import cassandra as cassandra_store
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
 from tests.conftest import CassandraSession, LedgerUnderTest, fresh_cassandra_ledger, start_ledger, stop_ledger
@@ -46,3 +49,73 @@ async def test_an_earn_on_another_replica_right_after_a_merge_is_refused_and_not
     finally:
         for replica in replicas:
             await stop_ledger(replica)
+
+
+def _merge(source: str, target: str) -> ledger_pb2.MergeMembersRequest:
+    return ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=target)
+
+
+async def test_merges_into_each_other_on_two_replicas_at_once_leave_one_member_active(
+    tmp_path: Path, redis_server: RedisServer, cassandra_session: CassandraSession
+) -> None:
+    """A into B on one replica, B into A on the other, sent together: each replica's status
+    write reads both members, but per partition; the merge lease keeps one from running beside
+    the other, so the second finds its target merged and is refused."""
+    shared = fresh_cassandra_ledger(cassandra_session)
+    replicas: list[LedgerUnderTest] = []
+    try:
+        for name in ("a", "b"):
+            replicas.append(await start_ledger(tmp_path / name, redis_server.url, **shared))
+        one, two = replicas
+        for _ in range(3):
+            a, b = (await create_member(one.stub)).member_id, (await create_member(one.stub)).member_id
+            await earn(one.stub, a, 100)
+            await earn(one.stub, b, 50)
+
+            outcomes = await asyncio.gather(one.stub.MergeMembers(_merge(a, b)), two.stub.MergeMembers(_merge(b, a)),
+                                            return_exceptions=True)  # fmt: skip
+
+            refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+            assert [e.code() for e in refused] == [grpc.StatusCode.FAILED_PRECONDITION], outcomes
+            statuses = {m: (await one.stub.GetMember(ledger_pb2.GetMemberRequest(member_id=m))).member.status
+                        for m in (a, b)}  # fmt: skip
+            assert sorted(statuses.values()) == sorted([ledger_pb2.MEMBER_STATUS_ACTIVE,
+                                                        ledger_pb2.MEMBER_STATUS_MERGED])  # fmt: skip
+            survivor = next(m for m, s in statuses.items() if s == ledger_pb2.MEMBER_STATUS_ACTIVE)
+            assert (await balance(two.stub, survivor)).balance_points == 150
+    finally:
+        for replica in replicas:
+            await stop_ledger(replica)
+
+
+async def test_a_merge_waits_for_a_lease_held_elsewhere_then_answers_unavailable(
+    tmp_path: Path, redis_server: RedisServer, cassandra_session: CassandraSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica holds the merge lease (its row, as that replica wrote it): the merge waits,
+    is refused UNAVAILABLE with nothing written, and the same call with the same key goes
+    through once the lease is given back."""
+    monkeypatch.setattr(cassandra_store, "LEASE_WAIT_SECONDS", 0.5)
+    shared = fresh_cassandra_ledger(cassandra_session)
+    ledger = await start_ledger(tmp_path / "a", redis_server.url, **shared)
+    try:
+        a, b = (await create_member(ledger.stub)).member_id, (await create_member(ledger.stub)).member_id
+        keyspace, name = shared["cassandra_keyspace"], shared["cassandra_ledger"]
+        cassandra_session.session.execute(
+            f"INSERT INTO {keyspace}.meta (ledger, k, v) VALUES (%s, 'lease:merge', 'elsewhere') USING TTL 60", (name,)
+        )
+        request = _merge(a, b)
+
+        await rpc_error(ledger.stub.MergeMembers(request), grpc.StatusCode.UNAVAILABLE)
+
+        member = (await ledger.stub.GetMember(ledger_pb2.GetMemberRequest(member_id=a))).member
+        assert member.status == ledger_pb2.MEMBER_STATUS_ACTIVE
+        cassandra_session.session.execute(f"DELETE FROM {keyspace}.meta WHERE ledger=%s AND k='lease:merge'", (name,))
+        await ledger.stub.MergeMembers(request)
+        member = (await ledger.stub.GetMember(ledger_pb2.GetMemberRequest(member_id=a))).member
+        assert member.status == ledger_pb2.MEMBER_STATUS_MERGED
+        row = cassandra_session.session.execute(
+            f"SELECT v FROM {keyspace}.meta WHERE ledger=%s AND k='lease:merge'", (name,)
+        ).one()
+        assert row is None  # given back
+    finally:
+        await stop_ledger(ledger)
