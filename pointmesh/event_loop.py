@@ -2,9 +2,9 @@
 
 uvloop (libuv underneath) runs the same asyncio code with less interpreter time per callback
 and per socket read; the services spend much of their time there (gRPC calls, Redis replies,
-many small tasks), and the ledger did the same purchases with 11% less CPU (docs/benchmarks.md). The standard loop stays one setting away
-(`POINTMESH_EVENT_LOOP=asyncio`): for a platform without uvloop's wheels, and to rule the loop
-out when a problem is being chased. The tests follow the same setting, in-process services
+many small tasks), and the ledger did the same purchases with 11% less CPU (docs/benchmarks.md).
+The standard loop stays one setting away (`POINTMESH_EVENT_LOOP=asyncio`): for a platform
+without uvloop's wheels, and to rule the loop out when a problem is being chased. The tests follow the same setting, in-process services
 included (tests/conftest.py), so `POINTMESH_EVENT_LOOP=asyncio make test` runs the suite on
 Python's own loop; tests/plumbing/test_event_loop.py and the gateway's abort test run on both.
 """

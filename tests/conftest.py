@@ -31,6 +31,7 @@ from pointmesh.rpc import client_channel
 from pointmesh.v1 import ledger_pb2_grpc, rules_pb2_grpc
 from rules_svc.app import RulesApp
 from rules_svc.app import build as build_rules
+from tests.loops import suite_loop
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,7 +40,7 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     """In-process services and clients run on the loop service processes run on:
     POINTMESH_EVENT_LOOP, uvloop unless set (`POINTMESH_EVENT_LOOP=asyncio make test` runs the
     suite on Python's own loop)."""
-    kind = os.environ.get("POINTMESH_EVENT_LOOP") or Settings().event_loop
+    kind = suite_loop()
     return {kind: loop_factory(kind) or asyncio.new_event_loop}
 
 

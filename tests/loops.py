@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pointmesh import event_loop
+from pointmesh.config import Settings
 
 T = TypeVar("T")
+
+
+def suite_loop() -> str:
+    """The loop the suite's in-process services run on: POINTMESH_EVENT_LOOP, else the default."""
+    return os.environ.get("POINTMESH_EVENT_LOOP") or Settings().event_loop
 
 
 def run_on(kind: str, main: Coroutine[Any, Any, T]) -> T:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import uvloop
 from pointmesh import event_loop
 from pointmesh.config import ConfigError, load_settings
 from pointmesh.redis_server import RedisServer
-from tests.loops import run_on
+from tests.loops import run_on, suite_loop
 from tests.plumbing import test_cancellation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +72,7 @@ def test_a_service_process_serves_on_the_loop_its_setting_names(tmp_path: Path) 
 
 
 async def test_in_process_services_in_tests_run_on_the_loop_service_processes_run_on() -> None:
-    kind = os.environ.get("POINTMESH_EVENT_LOOP") or load_settings({}).event_loop
+    kind = suite_loop()
     assert (type(asyncio.get_running_loop()) is uvloop.Loop) == (kind == "uvloop")
 
 
