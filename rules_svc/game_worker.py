@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -138,8 +138,8 @@ class GameWorker:
 
         await asyncio.gather(
             run_group(self.bus, LEDGER_EVENTS, GROUP, self.consumer, purchases, stop=stop, linger_s=LINGER_SECONDS),
-            self._retry(stop),
-            self._forget_every(stop),
+            _every(stop, RETRY_SECONDS, self._pay_and_revoke, "paying pending rewards"),
+            *([_every(stop, FORGET_SECONDS, self.forget, "gamification retention pass")] if self.retention else []),
         )
 
     async def handle(self, message: BusMessage) -> None:
@@ -338,21 +338,17 @@ class GameWorker:
                      done.events, done.counted, done.experiment_purchases)  # fmt: skip
         return done
 
-    async def _forget_every(self, stop: asyncio.Event) -> None:
-        while self.retention is not None and not stop.is_set():
-            try:
-                await self.forget()
-            except Exception:
-                log.exception("gamification retention pass failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), FORGET_SECONDS)
+    async def _pay_and_revoke(self) -> None:
+        await self.pay()
+        await self.revoke()
 
-    async def _retry(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.pay()
-                await self.revoke()
-            except Exception:
-                log.exception("paying pending rewards failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RETRY_SECONDS)
+
+async def _every(stop: asyncio.Event, seconds: float, work: Callable[[], Awaitable[object]], what: str) -> None:
+    """`work` now and every `seconds` until `stop`; a failure is logged and tried again then."""
+    while not stop.is_set():
+        try:
+            await work()
+        except Exception:
+            log.exception("%s failed; retrying", what)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pointmesh.clock import ManualClock
+from pointmesh.events import BusMessage
 from pointmesh.redis_server import RedisServer, free_port
-from pointmesh.v1 import rules_pb2
+from pointmesh.v1 import ledger_pb2, rules_pb2
+from rules_svc.game_store import GameStore
+from rules_svc.game_worker import GameWorker
+from rules_svc.program import Program
 from tests.conftest import LedgerUnderTest, RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
 
 MESH_PROGRAM = Path(__file__).resolve().parents[1] / "mesh" / "program.yaml"
@@ -106,3 +110,23 @@ async def game(tmp_path: Path) -> AsyncIterator[Game]:
     await stop_ledger(ledger)
     await stop_rules(rules)
     redis.stop()
+
+
+def handler(store: GameStore, program: Program, ledger: LedgerUnderTest | None = None,
+            retention: timedelta | None = None) -> GameWorker:  # fmt: skip
+    """The consumer's handler and payer (over a real ledger, when given), with `program` in
+    effect always; fed events by hand."""
+    return GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
+                      ledger=ledger.stub if ledger else None, consumer="test",  # type: ignore[arg-type]
+                      retention=retention)  # fmt: skip
+
+
+def rejected_review(event_id: str, member_id: str, purchase_id: str, at: datetime | None = None) -> BusMessage:
+    """The ledger's review_decided event rejecting the purchase's held earn (at `at`, if given)."""
+    event = ledger_pb2.LedgerEvent(event_id=event_id, member_id=member_id, review_decided=ledger_pb2.ReviewEvent(
+        review_id="rv-1", kind=ledger_pb2.REVIEW_KIND_EARN, status=ledger_pb2.REVIEW_STATUS_REJECTED,
+        purchase_id=purchase_id,
+    ))  # fmt: skip
+    if at is not None:
+        event.occurred_at.FromDatetime(at)
+    return BusMessage("1-0", member_id, event_id, "review_decided", event.SerializeToString())

@@ -24,6 +24,7 @@ from rules_svc.game_store import Forgotten, GameStore, PastRetention
 from rules_svc.game_worker import GameWorker
 from rules_svc.program import Program, ProgramInvalid
 from tests.conftest import LedgerUnderTest
+from tests.gamification.conftest import handler, rejected_review
 from tests.ledger.helpers import balance, create_member
 from tests.rules import load_doc, program_doc
 
@@ -45,19 +46,8 @@ def _fact(member: str, at: datetime, store: str = "HEL-01") -> PurchaseFact:
     return PurchaseFact(f"e{n}", member, f"p{n}", "pos", store, 1000, "EUR", at)
 
 
-def _rejected(event_id: str, member_id: str, purchase_id: str, at: datetime) -> BusMessage:
-    event = ledger_pb2.LedgerEvent(event_id=event_id, member_id=member_id, review_decided=ledger_pb2.ReviewEvent(
-        review_id="rv-1", kind=ledger_pb2.REVIEW_KIND_EARN, status=ledger_pb2.REVIEW_STATUS_REJECTED,
-        purchase_id=purchase_id,
-    ))  # fmt: skip
-    event.occurred_at.FromDatetime(at)
-    return BusMessage("1-0", member_id, event_id, "review_decided", event.SerializeToString())
-
-
 def _worker(store: GameStore, program: Program, ledger: LedgerUnderTest | None = None) -> GameWorker:
-    return GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
-                      ledger=ledger.stub if ledger else None, consumer="test",  # type: ignore[arg-type]
-                      retention=RETENTION)  # fmt: skip
+    return handler(store, program, ledger, RETENTION)
 
 
 def _rows(store: GameStore, table: str, where: str = "1", args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
@@ -79,7 +69,7 @@ async def test_a_purchase_taken_back_after_final_after_days_keeps_its_progress_a
     assert await worker.pay() == 1
 
     taken_back = bought[1].receipt_time + timedelta(days=days_later)
-    await worker.handle(_rejected("ev-r", member, bought[1].purchase_id, taken_back))
+    await worker.handle(rejected_review("ev-r", member, bought[1].purchase_id, taken_back))
 
     assert store.states(program.program, member)["trio"].count == (2 if revoked else 3)
     assert (await balance(ledger.stub, member)).balance_points == (0 if revoked else 200)

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pointmesh.events import BusMessage
 from pointmesh.v1 import ledger_pb2
 from rules_svc.game_engine import PurchaseFact
 from rules_svc.game_store import GameStore
 from rules_svc.game_worker import GameWorker
 from rules_svc.program import Program
 from tests.conftest import LedgerUnderTest
-from tests.gamification.conftest import Game
+from tests.gamification.conftest import Game, handler, rejected_review
 from tests.ledger.helpers import balance, create_member, key
 from tests.mesh.helpers import purchase_request
 from tests.rules import load_doc, program_doc
@@ -125,20 +124,6 @@ def _bought(store: GameStore, program: Program, member: str, purchases: int = 3)
                                                 AT + timedelta(hours=i)))  # fmt: skip
 
 
-def _worker(store: GameStore, program: Program, ledger: LedgerUnderTest) -> GameWorker:
-    """The consumer's handler and payer over a real ledger, with `program` in effect always."""
-    return GameWorker(store, lambda _p, _t: program, program.program, bus=None,  # type: ignore[arg-type]
-                      ledger=ledger.stub, consumer="test")  # fmt: skip
-
-
-def _rejected(event_id: str, member_id: str, purchase_id: str) -> BusMessage:
-    event = ledger_pb2.LedgerEvent(event_id=event_id, member_id=member_id, review_decided=ledger_pb2.ReviewEvent(
-        review_id="rv-1", kind=ledger_pb2.REVIEW_KIND_EARN, status=ledger_pb2.REVIEW_STATUS_REJECTED,
-        purchase_id=purchase_id,
-    ))  # fmt: skip
-    return BusMessage("1-0", member_id, event_id, "review_decided", event.SerializeToString())
-
-
 @pytest.mark.parametrize("ops_reversed_it_first", [False, True])
 async def test_a_rejected_fraud_review_revokes_the_reward_its_purchase_completed(
     tmp_path: Path, ledger: LedgerUnderTest, ops_reversed_it_first: bool
@@ -149,7 +134,7 @@ async def test_a_rejected_fraud_review_revokes_the_reward_its_purchase_completed
     store = GameStore(tmp_path / "game.sqlite")
     member = (await create_member(ledger.stub)).member_id
     _bought(store, program, member)
-    worker = _worker(store, program, ledger)
+    worker = handler(store, program, ledger)
     assert await worker.pay() == 1
     paid = (await balance(ledger.stub, member)).balance_points
     assert paid == 200
@@ -158,8 +143,8 @@ async def test_a_rejected_fraud_review_revokes_the_reward_its_purchase_completed
         await ledger.stub.Reverse(ledger_pb2.ReverseRequest(
             idempotency_key=key(), transaction_id=page.entries[0].transaction_id, full=True, reason="ops"))  # fmt: skip
 
-    await worker.handle(_rejected("ev-r", member, "p1"))
-    await worker.handle(_rejected("ev-r", member, "p1"))  # delivered twice: taken back once
+    await worker.handle(rejected_review("ev-r", member, "p1"))
+    await worker.handle(rejected_review("ev-r", member, "p1"))  # delivered twice: taken back once
 
     assert (await balance(ledger.stub, member)).balance_points == 0
     assert store.revoking() == []  # settled, not retried for ever
@@ -181,11 +166,11 @@ async def test_rewards_with_ids_past_the_ledgers_key_length_are_paid_and_taken_b
     member = (await create_member(ledger.stub)).member_id
     _bought(store, program, member, 4)
     assert len(store.pending()[0].key) > 128
-    worker = _worker(store, program, ledger)
+    worker = handler(store, program, ledger)
     assert await worker.pay() == 1
 
-    await worker.handle(_rejected("ev-r1", member, "p1"))  # the fourth stands in: kept
-    await worker.handle(_rejected("ev-r2", member, "p2"))  # two left: revoked
+    await worker.handle(rejected_review("ev-r1", member, "p1"))  # the fourth stands in: kept
+    await worker.handle(rejected_review("ev-r2", member, "p2"))  # two left: revoked
     assert (await balance(ledger.stub, member)).balance_points == 0
     assert store.revoking() == []
     store.apply_event(program, PurchaseFact("e9", member, "p9", "pos", "HEL-01", 1000, "EUR", AT + timedelta(days=1)))
@@ -203,7 +188,7 @@ async def test_a_reward_of_a_member_merged_away_before_it_was_paid_goes_to_the_m
     assert store.pending() == []
     assert (await balance(ledger.stub, target)).balance_points == 200
 
-    await worker.handle(_rejected("ev-r", source, "p1"))
+    await worker.handle(rejected_review("ev-r", source, "p1"))
 
     assert store.revoking() == []
     assert (await balance(ledger.stub, target)).balance_points == 0
@@ -217,7 +202,7 @@ async def _merged_away_reward(tmp_path: Path, ledger: LedgerUnderTest) -> tuple[
     _bought(store, program, source)
     await ledger.stub.MergeMembers(ledger_pb2.MergeMembersRequest(
         idempotency_key=key(), source_member_id=source, target_member_id=target))  # fmt: skip
-    return store, _worker(store, program, ledger), source, target
+    return store, handler(store, program, ledger), source, target
 
 
 @pytest.mark.parametrize("then", ["paid", "revoked"])
@@ -233,7 +218,7 @@ async def test_a_reward_posted_to_the_heir_before_a_crash_is_settled_or_taken_ba
         assert await worker.pay() == 1
         assert store.pending() == [] and (await balance(ledger.stub, target)).balance_points == 200
     else:
-        await worker.handle(_rejected("ev-r", source, "p1"))
+        await worker.handle(rejected_review("ev-r", source, "p1"))
         assert store.revoking() == [] and (await balance(ledger.stub, target)).balance_points == 0
 
 
@@ -255,7 +240,7 @@ async def test_a_reward_of_an_erased_member_is_refused_for_good_not_retried(
     member = (await create_member(ledger.stub)).member_id
     _bought(store, program, member)
     await ledger.stub.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=member))
-    worker = _worker(store, program, ledger)
+    worker = handler(store, program, ledger)
 
     assert await worker.pay() == 0
     assert store.pending() == []
