@@ -27,7 +27,7 @@ from gateway.instrument import instrument
 from gateway.keys import KeyStore, RedisKeyRecords
 from gateway.live import LiveHub
 from gateway.routes import backoffice, game, health, legacy, live, members, ops, points, program, purchases
-from pointmesh import event_loop, heap
+from pointmesh import clients, event_loop, heap
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
@@ -136,6 +136,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
                 await follower
             await redis.aclose()
             await gw.keys.aclose()
+            await clients.close(gw.ledger)
+            await clients.close(gw.rules)
 
     app = FastAPI(title="pointmesh gateway", version="1", description=DESCRIPTION, lifespan=lifespan, **_own_tracing())
     app.add_middleware(bounded_body)  # inside instrument's: a 413 is measured too

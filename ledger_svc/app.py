@@ -27,6 +27,7 @@ from ledger_svc.server import LedgerServicer
 from ledger_svc.service import LedgerService
 from ledger_svc.store.base import LedgerStore
 from ledger_svc.store.sqlite import SqliteLedgerStore
+from pointmesh import clients
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
 from pointmesh.consumers import consumer_name
@@ -82,16 +83,13 @@ def policy_from(settings: Settings) -> Policy:
 BACKLOG_CONNECT_SECONDS = 2.0
 
 
-def fraud_screen(settings: Settings, redis: Redis | None = None) -> FraudScreen | None:
-    if not settings.fraud_screening:
-        return None
+def fraud_screen(settings: Settings, client: FraudScreenerClient, redis: Redis | None = None) -> FraudScreen:
     policy = UnavailablePolicy(
         purchase=Verdict(settings.fraud_unavailable_purchase.upper()),
         redemption=Verdict(settings.fraud_unavailable_redemption.upper()),
         large_redemption=Verdict(settings.fraud_unavailable_large_redemption.upper()),
         large_redeem_points=settings.fraud_large_redemption_points,
     )
-    client = FraudScreenerClient(settings.fraud_addr, settings.fraud_deadline_seconds, settings.batch_deadline_seconds)
     return FraudScreen(client, policy, ObservationBacklog(redis) if redis is not None else None)
 
 
@@ -125,6 +123,7 @@ class LedgerApp:
     cache: RedisBalanceCache
     clock: Clock
     backlog_redis: Redis | None = None  # the fraud observation backlog's own client
+    stubs: tuple[object, ...] = ()  # clients of rules_svc and fraud_svc, whose channels close last
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -227,6 +226,8 @@ class LedgerApp:
         await self.redis.aclose()
         if self.backlog_redis is not None:
             await self.backlog_redis.aclose()
+        for stub in self.stubs:
+            await clients.close(stub)
 
     async def stop(self, grace: float | None = None) -> None:
         await self.server.stop(grace)
@@ -250,6 +251,12 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         else None
     )
     cache = RedisBalanceCache(redis, ttl_seconds=settings.cache_ttl_seconds, shared=store.shared_by_replicas)
+    engine = RulesEngineClient(settings.rules_addr, settings.rules_deadline_seconds, settings.batch_deadline_seconds)
+    fraud = (
+        FraudScreenerClient(settings.fraud_addr, settings.fraud_deadline_seconds, settings.batch_deadline_seconds)
+        if settings.fraud_screening
+        else None
+    )
     service = LedgerService(
         store,
         clock,
@@ -257,9 +264,9 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
         card_secret=settings.card_hmac_secret,
         cache=cache,
         fault_point=settings.fault_point,
-        engine=RulesEngineClient(settings.rules_addr, settings.rules_deadline_seconds, settings.batch_deadline_seconds),
+        engine=engine,
         program=settings.program,
-        fraud=fraud_screen(settings, backlog),
+        fraud=fraud_screen(settings, fraud, backlog) if fraud is not None else None,
     )
     # Its own Redis client: blocking stream reads outlast the cache client's short timeouts.
     bus = open_bus(settings)
@@ -271,7 +278,8 @@ async def build(settings: Settings, *, clock: Clock | None = None, address: str 
     server = GrpcServer("ledger", address or settings.ledger_addr, grace_seconds=settings.grace_seconds)
     servicer = LedgerServicer(service, bus)
     server.add_service(lambda s: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(servicer, s), SERVICE_NAME)
-    app = LedgerApp(settings, store, service, server, relay, bus, redis, cache, clock, backlog)
+    stubs = (engine.stub,) if fraud is None else (engine.stub, fraud.stub)
+    app = LedgerApp(settings, store, service, server, relay, bus, redis, cache, clock, backlog, stubs=stubs)
     server.on_stop(app._cleanup)
     return app
 

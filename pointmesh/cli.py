@@ -223,16 +223,16 @@ def cmd_experiments_report(args: argparse.Namespace) -> int:
     """An experiment's results from the running rules_svc, one line per arm."""
     import grpc
 
-    from pointmesh.clients import rules_stub
+    from pointmesh.clients import closing, rules_stub
     from pointmesh.v1 import rules_pb2
 
     settings = _settings()
 
     async def fetch() -> rules_pb2.GetExperimentReportResponse:
-        stub = rules_stub(settings.rules_addr, default_timeout_seconds=10.0)
-        found: rules_pb2.GetExperimentReportResponse = await stub.GetExperimentReport(
-            rules_pb2.GetExperimentReportRequest(program=args.program or settings.program, experiment_id=args.id)
-        )
+        async with closing(rules_stub(settings.rules_addr, default_timeout_seconds=10.0)) as stub:
+            found: rules_pb2.GetExperimentReportResponse = await stub.GetExperimentReport(
+                rules_pb2.GetExperimentReportRequest(program=args.program or settings.program, experiment_id=args.id)
+            )
         return found
 
     try:

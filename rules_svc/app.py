@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from pointmesh import clients
 from pointmesh.clients import ledger_stub, rules_stub
 from pointmesh.clock import Clock, SystemClock
 from pointmesh.config import Settings
@@ -107,6 +108,9 @@ class RulesApp:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.worker is not None:
             await self.worker.bus.close()
+            await clients.close(self.worker.ledger)
+        if self.mirror is not None:
+            await clients.close(self.mirror.leader)
         self.game.store.close()
         self.store.close()
 

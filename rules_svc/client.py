@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from pointmesh.clients import rules_stub
+from pointmesh.clients import closing, rules_stub
 from pointmesh.errors import status_details
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2
@@ -17,14 +17,14 @@ from pointmesh.v1 import common_pb2, rules_pb2
 
 async def publish_file(target: str, path: str, effective_from: datetime | None, key: str, by: str) -> int:
     text = Path(path).read_text()  # noqa: ASYNC240 - a one-shot CLI, nothing else runs on this loop
-    stub = rules_stub(target)
     request = rules_pb2.PublishProgramRequest(
         idempotency_key=common_pb2.IdempotencyKey(namespace="cli", key=key or hashlib.sha256(text.encode()).hexdigest()),
         document=text, format="json" if path.endswith(".json") else "yaml",
         effective_from=to_timestamp(effective_from), published_by=by,
     )  # fmt: skip
     try:
-        response = await stub.PublishProgram(request)
+        async with closing(rules_stub(target)) as stub:
+            response = await stub.PublishProgram(request)
     except grpc.aio.AioRpcError as error:
         print(f"{path}: {error.code().name}: {error.details()}", file=sys.stderr)
         for detail in status_details(error):

@@ -30,9 +30,8 @@ from gateway.legacy.fixed_width import FixedWidthAdapter
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Member, Parsed, Quarantined, quarantine_all
 from gateway.legacy.webhook import WebhookAdapter
 from pointmesh.bounds import KEY_PATTERN, key_digest
-from pointmesh.clients import LEDGER_SERVICE, unary_methods
+from pointmesh.clients import closing, ledger_stub
 from pointmesh.errors import status_details
-from pointmesh.rpc import client_channel
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 
@@ -438,16 +437,6 @@ async def read_source(path: Path | str, adapter_name: str) -> tuple[Adapter, Pat
         ) from error
 
 
-@contextlib.asynccontextmanager
-async def ledger_stub(target: str) -> AsyncIterator[ledger_pb2_grpc.LedgerServiceStub]:
-    """A ledger client whose unary calls are retried where idempotent, closed afterwards."""
-    grpc_channel = client_channel(target, idempotent_methods=unary_methods(LEDGER_SERVICE))
-    try:
-        yield ledger_pb2_grpc.LedgerServiceStub(grpc_channel)
-    finally:
-        await grpc_channel.close()
-
-
 async def import_file(
     path: Path | str,
     adapter_name: str,
@@ -458,7 +447,7 @@ async def import_file(
     """`pointmesh legacy import FILE --adapter NAME`: parse, send, and write the quarantine file
     (only when the import finished; an interrupted import writes nothing and is simply re-run)."""
     adapter, source, records = await read_source(path, adapter_name)
-    async with ledger_stub(ledger_target) as stub:
+    async with closing(ledger_stub(ledger_target)) as stub:
         report = await import_records(records, stub, adapter=adapter.name, channel=channel or adapter.default_channel)
     if not report.quarantined:
         return report

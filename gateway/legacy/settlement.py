@@ -28,13 +28,13 @@ from gateway.legacy.importer import (
     ImportInterrupted,
     ImportReport,
     import_records,
-    ledger_stub,
     quarantine_path,
     read_source,
     refused_lines,
     write_quarantine,
 )
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Parsed, Quarantined
+from pointmesh.clients import closing, ledger_stub
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -237,7 +237,7 @@ async def reconcile_file(
 ) -> SettlementReport:
     """`pointmesh ledger reconcile --settlement FILE --adapter NAME`."""
     adapter, source, records = await read_source(path, adapter_name)
-    async with ledger_stub(ledger_target) as stub:
+    async with closing(ledger_stub(ledger_target)) as stub:
         report = await reconcile_records(
             records, stub, adapter=adapter.name, channel=channel or adapter.default_channel
         )

@@ -22,11 +22,12 @@ import pytest
 from gateway.legacy import fields
 from gateway.legacy.csv_drop import CsvDropAdapter
 from gateway.legacy.fixed_width import LAYOUTS, FixedWidthAdapter
-from gateway.legacy.importer import ImportInterrupted, import_file, import_records, ledger_stub
+from gateway.legacy.importer import ImportInterrupted, import_file, import_records
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Origin, Quarantined, SourceLine
 from gateway.legacy.records import Member as LegacyMember
 from gateway.legacy.records import PurchaseLine as LegacyLine
 from gateway.legacy.webhook import SignatureError, WebhookAdapter, sign, verify_signature
+from pointmesh.clients import closing, ledger_stub
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.conftest import start_ledger, stop_ledger
@@ -501,7 +502,7 @@ async def test_a_stream_of_purchases_is_sent_again_when_the_ledger_comes_back(
         )
         for i in range(5)
     ]  # fmt: skip
-    async with ledger_stub(address) as stub:
+    async with closing(ledger_stub(address)) as stub:
         importing = asyncio.ensure_future(import_records(records, stub, adapter="webhook", channel="web"))
         await asyncio.sleep(0.2)  # the first attempt has failed by now
         assert not importing.done()
