@@ -168,9 +168,6 @@ class Accrual:
         self.svc = service
         self.engine = engine
         self.program = program
-        # shard -> (tier policy digest, last member looked at): a walk after a tier policy
-        # change in progress (tier_watch.py)
-        self.tier_walks: dict[int, tuple[str, str]] = {}
         self.tier_policies: dict[int, str] = {}  # program version -> digest of its tier policy
         self._down_until = 0.0
 

@@ -15,8 +15,11 @@ A version that moves tiers by itself (a threshold lowered or raised, a level ren
 changed) moves no member's due time: each pass compares the tiers section of the version in
 effect with the one each shard last looked at its members under (a digest in the shard's meta),
 and on a difference walks every member of the shard who was told a tier, a few pages a pass,
-looking at each as above; the digest is stored once the walk is through. A shard that never
-stored one (a new ledger, an upgrade) stores the one in effect without a walk.
+looking at each as above; the digest is stored once the walk is through. Where a walk stands
+is kept in the shard's meta too, page by page: a restarted ledger goes on from there, and
+replicas sharing a Cassandra ledger share one walk rather than each walking every member. A
+shard that never stored a digest (a new ledger, an upgrade) stores the one in effect without a
+walk.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ PAGES_PER_PASS = 5  # a lapse date shared by many members is worked off over sev
 AT_ONCE = 8  # rules_svc calls in flight
 RECHECK = timedelta(minutes=1)  # a due time rules_svc placed at or before the ledger's now
 POLICY = "tier_policy"  # shard meta: digest of the tiers section its members were last looked at under
+WALK = "tier_walk"  # shard meta: JSON [digest, last member looked at] of a walk under way
 NO_TIERS = "no-tiers"
 
 
@@ -98,50 +102,59 @@ async def _walk_if_policy_moved(
     accrual: Accrual, now: datetime, one: Callable[[int, str, bool], Awaitable[int]]
 ) -> int:
     """Looks at the members of each shard whose stored digest is not the version in effect's,
-    PAGES_PER_PASS pages of them a pass from where the last pass stopped (kept in memory: a
-    restart walks again from the start, which tells nothing twice); EngineUnavailable stops it."""
+    PAGES_PER_PASS pages of them a pass from where the walk stands (the shard's WALK meta: a
+    page looked at twice, by a replica alongside or after a crash, tells nothing twice);
+    EngineUnavailable stops it."""
     svc, changed = accrual.svc, 0
     digest = await _policy_digest(accrual, now)
     if digest is None:
         return 0
     for shard in range(svc.store.shard_count):
-        seen = await svc.store.read(shard, lambda tx: tx.get_meta(POLICY))
-        walk = accrual.tier_walks.get(shard)
+        seen, walk = await svc.store.read(shard, lambda tx: (tx.get_meta(POLICY), tx.get_meta(WALK)))
         if seen == digest or seen is None:
             if seen is None:  # members told under whatever came before: nothing to compare with
                 await svc.store.write(shard, lambda tx: tx.put_meta(POLICY, digest))
-            accrual.tier_walks.pop(shard, None)
             continue
-        after = walk[1] if walk is not None and walk[0] == digest else ""  # a newer change starts over
+        after = _walked_to(walk, digest)  # a newer change starts over
         for _ in range(PAGES_PER_PASS):
             page = await svc.store.read(shard, lambda tx: tx.member_ids_after(after, PAGE))  # noqa: B023 (awaited here)
             results = await asyncio.gather(*(one(shard, m, True) for m in page), return_exceptions=True)
             failed = []
             for member_id, result in zip(page, results, strict=True):
                 if isinstance(result, EngineUnavailable):
-                    accrual.tier_walks[shard] = (digest, after)
-                    raise result
+                    raise result  # the page comes again: the walk stands where it stood
                 if isinstance(result, BaseException):
                     log.error("tier of member %s not looked at after the tier policy changed; due now", member_id,
                               exc_info=result)  # fmt: skip
                     failed.append(member_id)
                 else:
                     changed += result
-            if failed:  # looked at by the due pass instead (should this write fail, the page comes again)
+            done = len(page) < PAGE
+            if page:
+                after = page[-1]
 
-                def due_now(tx: ShardTx, members: list[str] = failed) -> None:
-                    for member_id in members:
-                        tx.set_tier_due(member_id, now)
+            def step(tx: ShardTx, members: list[str] = failed, last: str = after, through: bool = done) -> None:
+                for member_id in members:  # looked at by the due pass instead
+                    tx.set_tier_due(member_id, now)
+                tx.put_meta(WALK, json.dumps([digest, "" if through else last]))
+                if through:
+                    tx.put_meta(POLICY, digest)
 
-                await svc.store.write(shard, due_now)
-            if len(page) < PAGE:
-                await svc.store.write(shard, lambda tx: tx.put_meta(POLICY, digest))
-                accrual.tier_walks.pop(shard, None)
+            await svc.store.write(shard, step)  # should it fail, the page comes again
+            if done:
                 log.info("shard %d: every member's tier looked at under the tier policy in effect", shard)
                 break
-            after = page[-1]
-            accrual.tier_walks[shard] = (digest, after)
     return changed
+
+
+def _walked_to(walk: str | None, digest: str) -> str:
+    """The last member a walk under `digest` looked at; '' to start (no walk, or one under an
+    earlier change, or a value this version cannot read)."""
+    try:
+        walked_digest, last = json.loads(walk or "null") or ("", "")
+    except (ValueError, TypeError):
+        return ""
+    return str(last) if walked_digest == digest else ""
 
 
 async def _policy_digest(accrual: Accrual, now: datetime) -> str | None:

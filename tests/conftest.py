@@ -181,8 +181,11 @@ class LedgerUnderTest:
 async def start_ledger(
     data_dir: Path, redis_url: str, clock: ManualClock | None = None, **overrides: object
 ) -> LedgerUnderTest:
-    clock = clock or ManualClock()
-    app = await build(ledger_settings(data_dir, redis_url, **overrides), clock=clock)
+    return await _started(ledger_settings(data_dir, redis_url, **overrides), clock or ManualClock())
+
+
+async def _started(settings: Settings, clock: ManualClock) -> LedgerUnderTest:
+    app = await build(settings, clock=clock)
     await app.start()
     channel = client_channel(f"127.0.0.1:{app.port}", default_timeout_seconds=10.0)
     return LedgerUnderTest(app, clock, ledger_pb2_grpc.LedgerServiceStub(channel), channel)
@@ -191,6 +194,13 @@ async def start_ledger(
 async def stop_ledger(ledger: LedgerUnderTest) -> None:
     await ledger.channel.close()
     await ledger.app.stop(grace=1.0)
+
+
+async def restart_ledger(ledger: LedgerUnderTest) -> LedgerUnderTest:
+    """The same ledger (settings, store, clock) stopped and started again, as after a crash or a
+    deploy: on Cassandra it comes back to its own rows, not a fresh ledger's."""
+    await stop_ledger(ledger)
+    return await _started(ledger.app.settings, ledger.clock)
 
 
 def store_settings(request: pytest.FixtureRequest, store: str) -> dict[str, object]:

@@ -17,12 +17,13 @@ import pytest
 from redis.asyncio import Redis
 
 from ledger_svc import tier_watch
+from ledger_svc.accrual import Accrual
 from ledger_svc.store.sqlite import SqliteLedgerStore
 from pointmesh.events import LEDGER_EVENTS
 from pointmesh.redis_server import RedisServer
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
-from tests.conftest import start_ledger, stop_ledger
+from tests.conftest import restart_ledger, start_ledger, stop_ledger
 from tests.ledger.helpers import key
 from tests.mesh.conftest import PROGRAM, Mesh
 from tests.mesh.helpers import buy, new_member, return_lines, welcomed_member
@@ -276,17 +277,33 @@ async def test_a_version_lowering_a_threshold_tells_the_members_it_lifts_without
     assert later.purchase.tier_before == "silver"
 
 
+async def walks(mesh: Mesh) -> list[str | None]:
+    """Where each shard's walk stands (its `tier_walk` meta)."""
+    store = mesh.ledger.app.store
+    return [await store.read(s, lambda tx: tx.get_meta(tier_watch.WALK)) for s in range(store.shard_count)]
+
+
 async def test_the_walk_after_a_tier_change_goes_a_page_at_a_time_and_waits_out_rules_svc(
     mesh: Mesh, feed: TierFeed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One member a page, one page a shard a pass: the members are told over several passes,
-    each once; with rules_svc away mid-walk the walk waits where it was, and each shard's digest
-    is kept only once every member was looked at (a pass after that walks no more)."""
+    each once; with rules_svc away mid-walk the walk waits where it was, a restarted ledger goes
+    on from there (it does not look at the first pages again), and each shard's digest is kept
+    only once every member was looked at (a pass after that walks no more)."""
     monkeypatch.setattr(tier_watch, "PAGE", 1)
     monkeypatch.setattr(tier_watch, "PAGES_PER_PASS", 1)
-    accrual = mesh.ledger.app.service.accrual
+    walked: list[str] = []  # members the walk looked at
+    look = tier_watch._look
+
+    async def counted(accrual: Accrual, shard: int, member_id: str, now: datetime, *, told_only: bool = False) -> int:
+        if told_only:
+            walked.append(member_id)
+        return await look(accrual, shard, member_id, now, told_only=told_only)
+
+    monkeypatch.setattr(tier_watch, "_look", counted)
+    svc = mesh.ledger.app.service
     members: list[str] = []
-    while len(members) < 3 or len({accrual.svc.shard_of(m) for m in members}) == len(members):
+    while len(members) < 3 or len({svc.shard_of(m) for m in members}) == len(members):
         members.append(await welcomed_member(mesh))  # until two share a shard: a walk of two pages there
     for member in members:
         await buy(mesh, member, [("misc", 25_000, 1)])
@@ -294,20 +311,25 @@ async def test_the_walk_after_a_tier_change_goes_a_page_at_a_time_and_waits_out_
     await publish(mesh, SILVER_200, "silver-200")
 
     told = await maintenance(mesh)  # one member a shard
-    assert 0 < told < len(members) and accrual.tier_walks
-    walks = dict(accrual.tier_walks)
+    assert 0 < told < len(members)
+    first_pages, started = set(walked), await walks(mesh)
+    assert len(first_pages) == told and any(started)
     await mesh.stop_rules()
     assert await maintenance(mesh) == 0  # rules_svc away: the walk waits where it was
-    assert accrual.tier_walks == walks
+    assert await walks(mesh) == started
     await mesh.restart_rules()
+    mesh.ledger = await restart_ledger(mesh.ledger)
+    walked.clear()
     passes = 0
     while told < len(members) and passes < 20:
         told += await maintenance(mesh)
         passes += 1
     assert told == len(members)
+    assert not first_pages & set(walked)  # the restarted ledger went on where the walk stood
+    assert first_pages | set(walked) == set(members)
     assert await maintenance(mesh) == 0
     for member in members:
         assert await feed.of(member, 1) == [("blue", "silver", "")]
     store = mesh.ledger.app.store
     digests = {await store.read(s, lambda tx: tx.get_meta(tier_watch.POLICY)) for s in range(store.shard_count)}
-    assert len(digests) == 1 and None not in digests and accrual.tier_walks == {}
+    assert len(digests) == 1 and None not in digests
