@@ -58,6 +58,8 @@ class Policy:
 
 _MEMBER_KINDS = ("member", "pending", "debt")  # prefixes of member_account, pending_account, debt_account
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 # A portion of points with the expiry it carries, so transfers and merges keep expiry dates.
 Portion = tuple[int, datetime | None]
 
@@ -89,6 +91,14 @@ class ShardBook:
         return row
 
     def _put(self, row: AccountRow) -> None:
+        """Refuses, before anything is written, a row that no longer fits the stores' int64
+        (~9,200 postings of MAX_POINTS on one account): the whole write is refused and its
+        idempotency key given back, rather than failing as an internal error at commit."""
+        for value in (row.balance, row.reserved, row.lifetime_earned):
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise FailedPrecondition(
+                    f"account {row.account} would pass the 64-bit limit of the ledger's balances", field="points"
+                )
         self._rows[row.account] = row
         self.tx.put_account(row)
 

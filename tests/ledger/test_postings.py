@@ -11,7 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from ledger_svc.domain import bucket_of
+from ledger_svc.domain import bucket_of, member_account
+from ledger_svc.store.base import AccountRow
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.conftest import LedgerUnderTest, start_ledger, stop_ledger
@@ -748,3 +749,21 @@ async def test_a_spend_refused_in_a_batch_leaves_its_key_free_for_a_corrected_re
     [(_result, replayed)] = await svc.ingest([c.Redeem(IdemKey("batch", "spend-1"), member, "points", 50)])
 
     assert not replayed and figures(await balance(ledger.stub, member))["balance"] == 50
+
+
+async def test_a_posting_past_int64_is_refused_and_leaves_its_key_free(ledger: LedgerUnderTest) -> None:
+    """An account ~9,200 maximal postings in (set here directly) cannot take one more: the earn
+    is refused naming `points`, nothing is written, and its key carries a corrected retry,
+    where the store's commit failed as an internal error and kept the key."""
+    s, svc = ledger.stub, ledger.app.service
+    member = (await create_member(s)).member_id
+    near = 2**63 - 10**15
+    row = AccountRow(member_account(member, "points"), balance=near, lifetime_earned=near)
+    await ledger.app.store.write(svc.shard_of(member), lambda tx: tx.put_account(row))
+    first = key()
+    error = await rpc_error(earn(s, member, 10**15, idempotency_key=first), grpc.StatusCode.FAILED_PRECONDITION)
+    assert error_field(error) == "points" and "64-bit" in (error.details() or "")
+    assert figures(await balance(s, member))["balance"] == near
+    retried = await earn(s, member, 1, idempotency_key=first)
+    assert retried.transaction.points == 1
+    assert figures(await balance(s, member))["balance"] == near + 1
