@@ -180,9 +180,13 @@ Description = Annotated[str, BeforeValidator(_description)]
 
 def _not_bool(value: object) -> object:
     # YAML reads yes/no/on/off as booleans and pydantic's lax mode turns them into 1 and 0:
-    # `bonus_points: yes` must be refused, not paid as one point.
+    # `bonus_points: yes` must be refused, not paid as one point. A float is refused even when
+    # whole: YAML and JSON parse `99.99999999999999999` (or `1e2`) to a binary float before
+    # anyone looks, and pydantic then takes 100.0 as 100, a rate nobody wrote.
     if isinstance(value, bool):
         raise ValueError(f"must be a whole number, got {value!r}")
+    if isinstance(value, float):
+        raise ValueError(f"must be a whole number written without a decimal point or exponent, got {value!r}")
     return value
 
 

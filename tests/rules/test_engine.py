@@ -491,6 +491,18 @@ def test_jpy_without_a_base_rate_is_converted_to_eur_with_exponent_0() -> None:
     assert evaluation.totals() == {"points": 6}
 
 
+@pytest.mark.parametrize("currency", ["UYU", "VED"])
+def test_the_uruguayan_peso_and_the_digital_bolivar_earn_in_their_own_cents(currency: str) -> None:
+    """Both are current ISO 4217 codes of exponent 2 (858 and 926); the table had only their
+    neighbours (UYI, UYW, VES), so a program or a basket in them was refused as unknown."""
+    engine = compile_doc(program_doc(base_rates=[{"currency": currency, "points": 1, "per_minor": 4000}]))
+
+    evaluation = engine.evaluate(basket(100_000, currency=currency), NOBODY)
+
+    assert evaluation.totals() == {"points": 25}  # 1,000.00 at a point per 40.00
+    assert evaluation.components[0].detail == f"1 points per 40.00 {currency} on 1000.00 {currency}"
+
+
 def test_half_up_policy_rounds_base_points_and_multiplier_extras_half_up() -> None:
     boost = rule("boost", {"multiplier": "1.5"})
     floor = compile_doc(program_doc(boost, base_rates=EUR_AND_JPY_RATES))

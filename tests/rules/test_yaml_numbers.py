@@ -70,3 +70,29 @@ async def test_publishing_a_leading_zero_rate_is_refused_and_nothing_earns_under
     await publish(rules, "plain", _program("100"), rules.clock.now())
     found = await rules.stub.Evaluate(rules_pb2.EvaluateRequest(program="shop", basket=basket(MONDAY, 1000)))
     assert totals(found.evaluation) == {"points": 10}
+
+
+@pytest.mark.parametrize(
+    ("per_minor", "field"),
+    [("99.99999999999999999", "base_rates[0].per_minor"),
+     ("100.0", "base_rates[0].per_minor")],
+)  # fmt: skip
+def test_a_float_is_refused_even_when_it_came_out_whole(per_minor: str, field: str) -> None:
+    """`99.99999999999999999` is not a whole number, yet YAML's binary float of it is exactly
+    100.0, which pydantic took as 100: a rate nobody wrote, published without a word."""
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program(_program(per_minor))
+    ((path, message),) = refused.value.errors
+    assert path == field
+    assert "without a decimal point" in message, message
+
+
+@pytest.mark.parametrize("points", ["1.00000000000000001", "1e0"])
+def test_a_float_in_a_json_program_is_refused_at_its_path(points: str) -> None:
+    document = (
+        '{"program": "shop", "default_timezone": "Europe/Helsinki", "channels": ["pos"],'
+        f' "base_rates": [{{"currency": "EUR", "points": {points}, "per_minor": 100}}]}}'
+    )
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program(document, fmt="json")
+    assert [path for path, _ in refused.value.errors] == ["base_rates[0].points"]
