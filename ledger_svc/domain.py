@@ -191,6 +191,14 @@ class Transaction:
 
 
 @dataclass(frozen=True, slots=True)
+class Reserved:
+    """Points a hold keeps of the member's lots of one expiry (None: lots that never expire)."""
+
+    points: int
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class Hold:
     hold_id: str
     member_id: str
@@ -207,6 +215,10 @@ class Hold:
     # that named none, and on holds placed before 2026-12-06.
     channel: str = ""
     store_id: str = ""
+    # The lots the hold keeps, earliest expiry first: the free points when it was placed. Its
+    # capture takes them, and expiry leaves them alone while it is open. Points it names no lot
+    # for (none on holds placed before 2026-12-07) keep the earliest-expiring points left.
+    reserves: tuple[Reserved, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,6 +29,7 @@ from ledger_svc.domain import (
     Lot,
     Money,
     NotFound,
+    Reserved,
     ReverseResult,
     SagaState,
     Transaction,
@@ -211,23 +212,37 @@ class ShardBook:
             first_lot = first_lot or lot.lot_id
         return legs, first_lot
 
+    def _held(self, member_id: str, unit: str) -> tuple[list[Reserved], int]:
+        """What open holds keep of the member's lots: the lots each named when placed, and the
+        points they name none for (holds placed before 2026-12-07), which keep the
+        earliest-expiring points."""
+        reserved = max(0, self._acct(member_account(member_id, unit)).reserved)
+        if reserved == 0:
+            return [], 0
+        named = [r for hold in self.tx.placed_holds_of(member_id) if hold.unit == unit for r in hold.reserves]
+        return named, max(0, reserved - sum(r.points for r in named))
+
+    def _free(self, member_id: str, unit: str, lots: list[Lot]) -> list[int]:
+        """Each lot's points (lots earliest expiry first) that no open hold keeps."""
+        named, pooled = self._held(member_id, unit)
+        return _free_of(lots, named, pooled)
+
     def _consume_lots(
         self, member_id: str, unit: str, points: int, prefer_lot: str = "", *, capture: bool = False
     ) -> list[Portion]:
         """Takes points from lots, earliest expiry first; returns what it took, with expiries.
 
-        The earliest-expiring points, as many as open holds reserve, are the holds': a capture
-        takes from them (`capture`), and expiry leaves them alone while the holds are open. Any
-        other debit takes the points after them, so it cannot spend what a hold keeps from
-        expiring (then a voided hold would leave nothing due to expire)."""
+        Open holds keep their lots (Hold.reserves): a capture takes from them, and expiry
+        leaves them alone while the holds are open. Any other debit takes the points no hold
+        keeps, so it cannot spend what a hold keeps from expiring (then a voided hold would
+        leave nothing due to expire). `capture` takes the earliest-expiring points whoever
+        keeps them: a hold that named too few lots (placed before lots were named)."""
         taken: list[Portion] = []
         lots = self.tx.spendable_lots(member_id, unit)
-        keep = 0
         if prefer_lot:
             lots.sort(key=lambda lot: lot.lot_id != prefer_lot)
-        elif not capture:
-            keep = max(0, self._acct(member_account(member_id, unit)).reserved)
-        for lot, free in _beyond(lots, keep):
+        frees = [lot.remaining_points for lot in lots] if prefer_lot or capture else self._free(member_id, unit, lots)
+        for lot, free in zip(lots, frees, strict=True):
             if points <= 0:
                 break
             take = min(points, free)
@@ -247,11 +262,12 @@ class ShardBook:
                 taken.append((take, lot.expires_at))
         return taken
 
-    def _consume_portions(self, member_id: str, unit: str, portions: Sequence[Portion]) -> None:
+    def _consume_portions(self, member_id: str, unit: str, portions: Sequence[Portion], more: int = 0) -> None:
         """Takes the points of each portion from lots of the same expiry; what no such lot still
-        holds (a portion with no lot, or lots spent since) is taken as a capture takes it."""
+        holds (a portion with no lot, or lots spent since), and `more` points, are taken as a
+        capture takes them."""
         lots = self.tx.spendable_lots(member_id, unit)
-        rest = 0
+        rest = more
         for points, expires in portions:
             for lot in lots:  # a portion that never expires comes from lots that never do
                 if points <= 0:
@@ -440,6 +456,7 @@ class ShardBook:
             hold_id=new_id("h", member_id), member_id=member_id, unit=unit, points=points,
             status=HoldStatus.PLACED, captured_points=0, created_at=self.now, expires_at=self.now + timeout,
             reference=reference, saga_id=saga_id, channel=channel, store_id=store_id,
+            reserves=tuple(self._free_reserves(member_id, unit, points)),
         )  # fmt: skip
         self.tx.add_hold(hold)
         balance = self._bump(member_id, unit, reserved_delta=points)
@@ -481,10 +498,9 @@ class ShardBook:
         self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
         record = self._record(kind, hold.member_id, hold.unit, -captured, reference=hold.reference, tx_id=tx_id or None)
         self._post(record, [(member_account(hold.member_id, hold.unit), -captured), (counter, captured)])
-        if portions:
-            self._consume_portions(hold.member_id, hold.unit, portions)
-        else:
-            self._consume_lots(hold.member_id, hold.unit, captured, capture=True)
+        if not portions:  # a transfer's capture takes the lots its recipient was credited with
+            portions = _first(hold.reserves, captured)
+        self._consume_portions(hold.member_id, hold.unit, portions, captured - sum(p for p, _ in portions))
         self.tx.set_hold_status(hold_id, HoldStatus.CAPTURED, captured)
         done = replace(hold, status=HoldStatus.CAPTURED, captured_points=captured)
         transaction = self._finish(
@@ -710,19 +726,26 @@ class ShardBook:
     # Transfers and merges move points through the transit account, one side per shard.
 
     def peek_portions(self, member_id: str, unit: str, points: int) -> list[Portion]:
-        """The lots a debit of `points` would consume (after the points holds already keep),
-        without consuming them."""
-        out: list[Portion] = []
-        keep = max(0, self._acct(member_account(member_id, unit)).reserved)
-        for lot, free in _beyond(self.tx.spendable_lots(member_id, unit), keep):
+        """The lots a debit of `points` would consume (the points no open hold keeps), without
+        consuming them; what they fall short by comes last, with no expiry."""
+        out = [(r.points, r.expires_at) for r in self._free_reserves(member_id, unit, points)]
+        short = points - sum(p for p, _ in out)
+        return [*out, (short, None)] if short > 0 else out
+
+    def _free_reserves(self, member_id: str, unit: str, points: int) -> list[Reserved]:
+        """Up to `points` of the points no open hold keeps, earliest expiry first, by expiry."""
+        out: list[Reserved] = []
+        lots = self.tx.spendable_lots(member_id, unit)
+        for lot, free in zip(lots, self._free(member_id, unit, lots), strict=True):
             if points <= 0:
                 break
             take = min(points, free)
             if take > 0:
-                out.append((take, lot.expires_at))
+                if out and out[-1].expires_at == lot.expires_at:
+                    out[-1] = Reserved(out[-1].points + take, lot.expires_at)
+                else:
+                    out.append(Reserved(take, lot.expires_at))
                 points -= take
-        if points > 0:
-            out.append((points, None))
         return out
 
     def credit_transfer(self, member_id: str, unit: str, portions: Sequence[Portion], *, tx_id: str, kind: TxKind,
@@ -872,13 +895,14 @@ class ShardBook:
         expired_points = touched = 0
         for member_id, unit in accounts:
             row = self._acct(member_account(member_id, unit))
-            due = [lot for lot in self.tx.spendable_lots(member_id, unit)
+            lots = self.tx.spendable_lots(member_id, unit)
+            due = [(lot, free) for lot, free in zip(lots, self._free(member_id, unit, lots), strict=True)
                    if lot.expires_at is not None and lot.expires_at <= self.now]  # fmt: skip
-            amount = max(0, min(sum(lot.remaining_points for lot in due) - row.reserved, row.balance - row.reserved))
+            amount = max(0, min(sum(free for _, free in due), row.balance - row.reserved))
             if amount == 0:
                 continue
             left = amount
-            for lot, free in _beyond(due, row.reserved):
+            for lot, free in due:
                 take = min(left, free)
                 if take > 0:
                     lot.remaining_points -= take
@@ -935,10 +959,37 @@ def _reversible(earn: TxRecord) -> int:
     return earn.points - earn.reversed_points
 
 
-def _beyond(lots: list[Lot], keep: int) -> Iterator[tuple[Lot, int]]:
-    """Each lot (earliest expiry first) with its points beyond the first `keep`: the ones
-    open holds reserve, which only their capture takes."""
+def _free_of(lots: list[Lot], named: Sequence[Reserved], pooled: int) -> list[int]:
+    """Each lot's points (lots earliest expiry first) beyond what open holds keep: the lots of
+    each expiry a hold named keep its points; what finds no such lot any more (spent by a
+    reversal of their earn) and the `pooled` points of holds that named none keep the
+    earliest-expiring points left."""
+    wanted: dict[datetime | None, int] = {}
+    for r in named:
+        wanted[r.expires_at] = wanted.get(r.expires_at, 0) + r.points
+    free = []
     for lot in lots:
-        kept = min(keep, lot.remaining_points)
+        kept = min(wanted.get(lot.expires_at, 0), lot.remaining_points)
+        if kept:
+            wanted[lot.expires_at] -= kept
+        free.append(lot.remaining_points - kept)
+    keep = pooled + sum(wanted.values())
+    for i, points in enumerate(free):
+        if keep <= 0:
+            break
+        kept = min(keep, points)
+        free[i] -= kept
         keep -= kept
-        yield lot, lot.remaining_points - kept
+    return free
+
+
+def _first(reserves: Sequence[Reserved], points: int) -> list[Portion]:
+    """The first `points` of a hold's lots (a partial capture takes the earliest-expiring)."""
+    out: list[Portion] = []
+    for r in reserves:
+        if points <= 0:
+            break
+        take = min(points, r.points)
+        out.append((take, r.expires_at))
+        points -= take
+    return out

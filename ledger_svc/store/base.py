@@ -8,6 +8,7 @@ idempotency claims live in a small directory beside the shards.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from ledger_svc.domain import (
     Lot,
     Member,
     MemberStatus,
+    Reserved,
     SagaState,
     TxKind,
     Unavailable,
@@ -58,6 +60,15 @@ def opt_us(when: datetime | None) -> int | None:
 
 def opt_dt(value: int | None) -> datetime | None:
     return None if value is None else from_us(value)
+
+
+def encode_reserves(reserves: Sequence[Reserved]) -> str:
+    """A hold's lots as both stores keep them: [[points, expiry µs or null], ...]; '' for none."""
+    return json.dumps([[r.points, opt_us(r.expires_at)] for r in reserves], separators=(",", ":")) if reserves else ""
+
+
+def decode_reserves(text: str) -> tuple[Reserved, ...]:
+    return tuple(Reserved(int(p), opt_dt(e)) for p, e in json.loads(text)) if text else ()
 
 
 @dataclass(slots=True)

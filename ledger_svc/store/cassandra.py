@@ -51,6 +51,8 @@ from ledger_svc.store.base import (
     SagaRecord,
     StoreClosed,
     TxRecord,
+    decode_reserves,
+    encode_reserves,
     from_us,
     to_us,
 )
@@ -211,14 +213,16 @@ def _dec_lot(lot_id: str, body: str) -> Lot:
 
 def _enc_hold(h: Hold) -> str:
     return _dumps([h.member_id, h.unit, h.points, h.status.value, h.captured_points, to_us(h.created_at),
-                   to_us(h.expires_at), h.reference, h.saga_id, h.channel, h.store_id])  # fmt: skip
+                   to_us(h.expires_at), h.reference, h.saga_id, h.channel, h.store_id,
+                   encode_reserves(h.reserves)])  # fmt: skip
 
 
 def _dec_hold(hold_id: str, body: str) -> Hold:
     r = json.loads(body)
-    placed_for = r[9:11] if len(r) > 9 else ["", ""]  # bodies written before 2026-12-06 have no channel/store
+    channel, store_id = r[9:11] if len(r) > 9 else ("", "")  # bodies written before 2026-12-06 have neither
+    reserves = decode_reserves(r[11]) if len(r) > 11 else ()  # nor their lots before 2026-12-07
     return Hold(hold_id, r[0], r[1], r[2], HoldStatus(r[3]), r[4], from_us(r[5]), from_us(r[6]), r[7], r[8],
-                *placed_for)  # fmt: skip
+                channel, store_id, reserves)  # fmt: skip
 
 
 def _enc_saga(s: SagaRecord) -> str:

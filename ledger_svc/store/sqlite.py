@@ -33,6 +33,8 @@ from ledger_svc.store.base import (
     OutboxRow,
     SagaRecord,
     TxRecord,
+    decode_reserves,
+    encode_reserves,
     from_us,
     to_us,
 )
@@ -83,7 +85,8 @@ CREATE TABLE IF NOT EXISTS holds (
   hold_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, unit TEXT NOT NULL, points INTEGER NOT NULL,
   status TEXT NOT NULL, captured INTEGER NOT NULL, created_at INTEGER NOT NULL,
   expires_at INTEGER NOT NULL, reference TEXT NOT NULL, saga_id TEXT NOT NULL,
-  channel TEXT NOT NULL DEFAULT '', store_id TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
+  channel TEXT NOT NULL DEFAULT '', store_id TEXT NOT NULL DEFAULT '', reserves TEXT NOT NULL DEFAULT '')
+  WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS holds_placed ON holds (expires_at) WHERE status = 'PLACED';
 CREATE INDEX IF NOT EXISTS holds_by_member ON holds (member_id) WHERE status = 'PLACED';
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -137,7 +140,8 @@ _LOT_COLS = (
     " expired"
 )
 _HOLD_COLS = (
-    "hold_id, member_id, unit, points, status, captured, created_at, expires_at, reference, saga_id, channel, store_id"
+    "hold_id, member_id, unit, points, status, captured, created_at, expires_at, reference, saga_id, channel, store_id,"
+    " reserves"
 )
 _TX_COLS = (
     "tx_id, kind, member_id, unit, points, recorded_at, business_time, reference, funding, purchase_minor,"
@@ -178,6 +182,7 @@ def _hold(r: tuple[object, ...]) -> Hold:
         saga_id=str(r[9]),
         channel=str(r[10]),
         store_id=str(r[11]),
+        reserves=decode_reserves(str(r[12])),
     )
 
 
@@ -509,11 +514,11 @@ class SqliteShardTx:
 
     def add_hold(self, hold: Hold) -> None:
         self.c.execute(
-            f"INSERT INTO holds ({_HOLD_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO holds ({_HOLD_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 hold.hold_id, hold.member_id, hold.unit, hold.points, hold.status.value, hold.captured_points,
                 to_us(hold.created_at), to_us(hold.expires_at), hold.reference, hold.saga_id, hold.channel,
-                hold.store_id,
+                hold.store_id, encode_reserves(hold.reserves),
             ),
         )  # fmt: skip
 
@@ -1053,6 +1058,8 @@ class SqliteLedgerStore:
             # Lots that expired earlier did not count it: a return of their earn is taken from the
             # member, as before.
             _add_columns(conn, "lots", {"expired": "INTEGER NOT NULL DEFAULT 0"}, "the points of each lot that expired")
+            # Holds placed earlier name no lots: they keep the earliest-expiring points, as before.
+            _add_columns(conn, "holds", {"reserves": "TEXT NOT NULL DEFAULT ''"}, "the lots each hold keeps")
             _watch_told_tiers(conn)
             conn.executescript(schema)
         finally:

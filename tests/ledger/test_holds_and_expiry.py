@@ -470,3 +470,47 @@ async def test_one_maintenance_pass_voids_every_due_hold_and_releases_every_due_
         "balance": 135, "reserved": 0, "available": 135, "pending": 0, "debt": 0,
     }  # fmt: skip
     await assert_books_balance(ledger)
+
+
+async def test_a_second_hold_does_not_take_over_the_due_points_a_voided_hold_kept(ledger: LedgerUnderTest) -> None:
+    """A hold keeps the lots that were free when it was placed. Placed while the due lot was the
+    first hold's, the second keeps the long-dated lot: voiding the first lets the due lot expire,
+    and capturing the second spends the long-dated one. When holds were one pool of the
+    earliest-expiring points, the second took the due lot over, nothing expired, and the member
+    kept 100 points past their date."""
+    member = (await create_member(ledger.stub)).member_id
+    now = ledger.clock.now()
+    await earn(ledger.stub, member, 100, expires_at=ts(now + timedelta(days=10)))
+    await earn(ledger.stub, member, 100, expires_at=ts(now + timedelta(days=100)))
+    ledger.clock.advance(timedelta(days=9))
+    week = Duration(seconds=7 * 86400)
+    first = (await place_hold(ledger.stub, member, 100, timeout=week)).hold
+    ledger.clock.advance(timedelta(days=2))  # the first lot is due, kept by the open hold
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)
+    second = (await place_hold(ledger.stub, member, 100, timeout=week)).hold
+    await ledger.stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=first.hold_id))
+
+    assert expiry_counts(await run_expiry(ledger)) == (100, 1, 0, 0)
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 100, "reserved": 100, "available": 0, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    await ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=second.hold_id))
+    assert figures(await balance(ledger.stub, member))["balance"] == 0
+    await assert_books_balance(ledger)
+
+
+async def test_a_partial_capture_takes_the_earliest_of_the_hold_s_lots(ledger: LedgerUnderTest) -> None:
+    """60 of a 100-point hold over a lot due in 10 days and one in 100: the capture takes 60 of
+    the first; voided on capture, the other 40 of it expire on their date, the later lot whole."""
+    member = (await create_member(ledger.stub)).member_id
+    now = ledger.clock.now()
+    await earn(ledger.stub, member, 50, expires_at=ts(now + timedelta(days=10)))
+    await earn(ledger.stub, member, 50, expires_at=ts(now + timedelta(days=100)))
+    hold = (await place_hold(ledger.stub, member, 100, timeout=Duration(seconds=86400))).hold
+    await ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=hold.hold_id, points=60))
+    ledger.clock.advance(timedelta(days=11))
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)  # the 10-day lot was spent first
+    assert figures(await balance(ledger.stub, member))["balance"] == 40
+    ledger.clock.advance(timedelta(days=90))
+    assert expiry_counts(await run_expiry(ledger)) == (40, 1, 0, 0)
+    await assert_books_balance(ledger)
