@@ -125,13 +125,18 @@ def _require_fresh(
         raise StaleQuote(f"quoted at tier {quote.tier!r}, which the member no longer has")
 
 
+class ReceiptRecorded(FailedPrecondition):
+    """The receipt's purchase is stored already (see _require_unrecorded)."""
+
+
 def _require_unrecorded(book: ShardBook, purchase_id: str, cmd: c.RecordPurchase) -> None:
-    """A purchase id is the receipt's, so a stored purchase under it is this receipt, arrived
-    again after its keys were purged (the lateness bound keeps that from happening): refused,
-    never written over, so it cannot earn twice."""
+    """A purchase id is the receipt's, so a stored purchase under it is this receipt: arrived
+    again after its keys were purged (the lateness bound keeps that from happening), or a copy
+    sent at the same moment whose write came first (record_purchase answers with its result).
+    Refused, never written over, so it cannot earn twice."""
     found = book.tx.get_purchase(purchase_id)
     if found is not None:
-        raise FailedPrecondition(
+        raise ReceiptRecorded(
             f"receipt {cmd.receipt_id} was recorded as purchase {purchase_id} before; its replay record has expired",
             field="receipt_id",
         )
@@ -321,8 +326,17 @@ class Accrual:
             return earlier, True
         try:
             return await self._write_fresh(cmd, fp, pid, quote, screening, now)
+        except ReceiptRecorded:
+            # A copy of this request sent at the same moment (a till's retry) wrote first; on
+            # Cassandra its purchase row can be read a moment before its idempotency record.
+            # Its answer is this one's, and the keys stay claimed: the receipt is recorded.
+            twin = await svc.twin_result(cmd.key, fp, shard, str)
+            if twin is not None:
+                return await self.get_purchase(twin), True
+            await svc.release_claims(claimed)
+            raise
         except REFUSALS:  # refused in the write (the member merged meanwhile): nothing was written
-            await self.svc.release_claims(claimed)
+            await svc.release_claims(claimed)
             raise
 
     async def _write_fresh(

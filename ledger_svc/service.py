@@ -103,6 +103,19 @@ def card_digits(value: str) -> str:
     return "".join(str(d) for ch in value if (d := unicodedata.decimal(ch, None)) is not None)
 
 
+def _merged_chain(d: DirectoryTx, member_id: str) -> list[str]:
+    """The members merged into `member_id`, directly or down a chain (A into B, B into C): a
+    lookup by target each (indexed on SQLite), not a read of every merge."""
+    found: list[str] = []
+    todo = [member_id]
+    while todo:
+        for source in d.merged_into(todo.pop()):
+            if source not in found and source != member_id:
+                found.append(source)
+                todo.append(source)
+    return found
+
+
 def _require_mergeable(source: Member, target: Member) -> None:
     """A merge goes into an active member, from one neither erased nor merged elsewhere."""
     if target.status != MemberStatus.ACTIVE:
@@ -208,6 +221,17 @@ class LedgerService:
             return None
         return codec.loads(result_type, record.result_json)
 
+    async def twin_result(self, key: IdemKey, fp: str, shard: int, result_type: type[R]) -> R | None:
+        """The result a twin of a refused request (the same key and payload, sent at the same
+        moment) stored. Cassandra makes a result findable by its key just after the write that
+        the refusal saw: a moment's wait covers that."""
+        for pause in TWIN_RESULT_WAITS:
+            await asyncio.sleep(pause)
+            stored = await self._stored_result(key, fp, shard, result_type)
+            if stored is not None:
+                return stored
+        return None
+
     async def _mutate(
         self,
         command: Any,
@@ -257,13 +281,9 @@ class LedgerService:
             done = await run()
         except REFUSALS:
             if claimed_before:
-                # Cassandra makes a result findable by its key (the owners row) just after the
-                # write that the refusal saw: a moment's wait covers that.
-                for pause in TWIN_RESULT_WAITS:
-                    await asyncio.sleep(pause)
-                    stored = await self._stored_result(command.key, fp, shard, result_type)
-                    if stored is not None:
-                        return stored, True
+                twin = await self.twin_result(command.key, fp, shard, result_type)
+                if twin is not None:
+                    return twin, True
             else:
                 key = command.key
                 await self.release_claims([(key, fp)])
@@ -438,20 +458,8 @@ class LedgerService:
         return heir
 
     async def merged_into_member(self, member_id: str) -> list[str]:
-        """The members merged into this one, directly or down a chain (A into B, B into C),
-        a lookup by target each (indexed on SQLite), not a read of every merge."""
-
-        def chain(d: DirectoryTx) -> list[str]:
-            found: list[str] = []
-            todo = [member_id]
-            while todo:
-                for source in d.merged_into(todo.pop()):
-                    if source not in found and source != member_id:
-                        found.append(source)
-                        todo.append(source)
-            return found
-
-        return await self.store.read_directory(chain)
+        """The members merged into this one, directly or down a chain (A into B, B into C)."""
+        return await self.store.read_directory(lambda d: _merged_chain(d, member_id))
 
     def _active(self, member_id: str, field: str = "member_id") -> Callable[[], Awaitable[None]]:
         """The member-status check, deferred so a replay can answer before it."""
@@ -575,15 +583,18 @@ class LedgerService:
         key = v.idem_key(cmd.key)
         await self.member(cmd.member_id)
         await self._claim(key, type(cmd).__name__, c.fingerprint(cmd))
-        # The person's other accounts merged into this one go too: their profiles would outlive
-        # the erasure (the merge keeps where their points went, never who they were).
-        erased = [cmd.member_id, *await self.merged_into_member(cmd.member_id)]
 
-        def unit(d: DirectoryTx) -> None:
+        # The person's other accounts merged into this one go too: their profiles would outlive
+        # the erasure (the merge keeps where their points went, never who they were). They are
+        # looked up in the write, which runs apart from merges (in any replica): a merge into
+        # this member that committed after a lookup made outside would keep its source's profile.
+        def unit(d: DirectoryTx) -> list[str]:
+            erased = [cmd.member_id, *_merged_chain(d, cmd.member_id)]
             for member_id in erased:
                 d.erase(member_id)
+            return erased
 
-        await self.store.write_directory(unit)
+        erased = await self.store.write_directory_alone("merge", unit)
         for member_id in erased:
             self._status_cache.put(member_id, MemberStatus.ERASED)
             self._profiles.pop(member_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 
@@ -193,6 +194,42 @@ async def test_erasing_a_member_erases_the_accounts_merged_into_it(ledger: Ledge
         found = await svc.member(erased)
         assert (found.status, found.profile) == (MemberStatus.ERASED, {}), erased
     assert (await svc.member(old.member_id)).merged_into == survivor  # where its points went stays
+
+
+async def test_an_erasure_racing_a_merge_into_the_member_erases_the_merged_account_too(
+    ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge commits while the erasure is on its way (here: once the erasure looked for the
+    accounts merged into the survivor, if it looks before its write). The erasure must still
+    take the merged account's profile, or refuse the merge; it looked them up before its write,
+    found none, and left Ann's profile on a member merged into an erased one."""
+    svc = ledger.app.service
+    old = await svc.create_member(c.CreateMember(k(), (), {"name": "Ann Example", "email": "ann@mail.test"}))
+    survivor = await member(svc)
+    merged = asyncio.Event()
+    lookup = svc.merged_into_member
+
+    async def looked_up_before_the_merge(member_id: str) -> list[str]:
+        found = await lookup(member_id)
+        await merged.wait()
+        return found
+
+    monkeypatch.setattr(svc, "merged_into_member", looked_up_before_the_merge)
+
+    async def merge() -> None:
+        try:
+            await svc.merge_members(c.MergeMembers(k(), old.member_id, survivor))
+        finally:
+            merged.set()
+
+    outcomes = await asyncio.gather(merge(), svc.erase_member(c.EraseMember(k(), survivor)), return_exceptions=True)
+    assert not isinstance(outcomes[1], BaseException), outcomes[1]
+    found = await svc.member(old.member_id)
+    if isinstance(outcomes[0], MemberNotActive):  # the erasure came first: nothing merged
+        assert found.status == MemberStatus.ACTIVE
+    else:
+        assert outcomes[0] is None, outcomes[0]
+        assert (found.status, found.profile, found.merged_into) == (MemberStatus.ERASED, {}, survivor)
 
 
 async def test_an_adjustment_replayed_through_ingest_after_a_merge_answers_as_the_first_time(

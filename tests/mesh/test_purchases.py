@@ -64,6 +64,21 @@ async def test_a_refused_receipt_leaves_its_transport_key_free(mesh: Mesh) -> No
     assert await points(mesh, member) == 140  # 10 + 100 welcome, then 30
 
 
+async def test_copies_of_one_receipt_sent_at_once_are_answered_as_replays_never_refused(mesh: Mesh) -> None:
+    """A till that timed out fires the same purchase again while the first is in flight: one
+    earns, the others answer with its purchase as replays. On Cassandra a copy whose write met
+    the purchase row before its idempotency record was readable was refused FAILED_PRECONDITION
+    ("recorded before; its replay record has expired"), telling the till a recorded receipt failed."""
+    member = await welcomed_member(mesh)
+    before = await points(mesh, member)
+    for _ in range(6):
+        request = purchase_request(member, [("misc", 2500, 1)], at=mesh.clock.now())
+        answers = await asyncio.gather(*(mesh.ledger.stub.RecordPurchase(request) for _ in range(6)))
+        assert sorted(a.replayed for a in answers) == [False] + [True] * 5
+        assert len({a.purchase.purchase_id for a in answers}) == 1
+    assert await points(mesh, member) == before + 6 * 25
+
+
 async def test_concurrent_purchases_racing_for_the_last_of_a_member_cap_pay_it_once(mesh: Mesh) -> None:
     member = await welcomed_member(mesh)
     # Each basket: 5 base + 20 boost wanted; the day cap of 50 boost points is shared.
