@@ -121,7 +121,7 @@ async def import_upload(
 ) -> dict[str, Any]:  # fmt: skip
     parser = ADAPTERS.get(adapter)
     if parser is None or adapter == "webhook":
-        raise bad_request("adapter", f"must be one of csv, fixed-width; got {adapter!r}")
+        raise bad_request("query.adapter", f"must be one of csv, fixed-width; got {adapter!r}")
     async with request.form() as form:
         file = form.get("file")
         if not isinstance(file, UploadFile):
@@ -129,7 +129,7 @@ async def import_upload(
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         source = file.filename or "upload"
     if len(data) > MAX_UPLOAD_BYTES:
-        raise bad_request("file", f"larger than {MAX_UPLOAD_BYTES} bytes; split it")
+        raise bad_request("body.file", f"larger than {MAX_UPLOAD_BYTES} bytes; split it")
     records = _within_stores(parser.parse(source, data), key.stores)
     return report_body(await _run(gw, records, adapter, key.channel, source))
 

@@ -155,3 +155,22 @@ async def test_an_import_stopped_by_a_failure_that_is_not_retryable_is_500_not_5
     finally:
         srv.should_exit = True
         await task
+
+
+async def test_an_upload_refused_by_the_gateway_names_the_query_parameter_or_the_body_field(
+    gw: GatewayUnderTest,
+) -> None:
+    """docs/gateway.md: the gateway's own checks name `query.<name>` and `body.<path>`; an
+    unknown adapter was reported on a bare `adapter`."""
+    data = b"record_type,store_id\n"
+    async with gw.client("franchise") as franchise:
+        for adapter in ("xml", "webhook"):
+            refused = problem(
+                await franchise.post(
+                    "/v1/legacy/imports", params={"adapter": adapter}, files={"file": ("drop.csv", data, "text/csv")}
+                ),
+                400,
+            )
+            assert [e["field"] for e in refused["errors"]] == ["query.adapter"], refused
+        missing = problem(await franchise.post("/v1/legacy/imports", params={"adapter": "csv"}, data={"x": "1"}), 400)
+        assert [e["field"] for e in missing["errors"]] == ["body.file"], missing
