@@ -128,7 +128,11 @@ def _check_tree(block: str, features: int) -> None:
     checks: a feature index past the row reads other memory, a child out of range or a cycle
     crashes or hangs the process. So every split must name a feature of the row, and the
     children must make one tree from node 0 that reaches every node and leaf exactly once.
-    fraud_svc trains neither categorical splits nor linear leaves, so those are refused too."""
+    fraud_svc trains neither categorical splits nor linear leaves, so those are refused too, and
+    so is a split marked categorical in its decision_type with no categories (explaining a row
+    over it crashed the process). Leaf values must be finite and thresholds numbers (LightGBM
+    writes an infinite one itself): a NaN leaf scores NaN, which reaches no decision threshold,
+    so every row it touched would be allowed."""
     fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
 
     def ints(name: str, count: int) -> list[int]:
@@ -142,15 +146,17 @@ def _check_tree(block: str, features: int) -> None:
         raise ValueError("num_leaves must be positive")
     if fields.get("num_cat", "0") != "0" or fields.get("is_linear", "0") != "0":
         raise ValueError("categorical splits and linear leaves are not something fraud_svc trains")
-    if len(fields.get("leaf_value", "").split()) != leaves:
+    if len(_numbers(fields, "leaf_value")) != leaves:
         raise ValueError(f"leaf_value does not hold {leaves} leaves")
     if leaves == 1:
         return
     nodes = leaves - 1
     if any(not 0 <= f < features for f in ints("split_feature", nodes)):
         raise ValueError(f"a split names a feature outside 0..{features - 1}")
-    ints("decision_type", nodes)
-    if len(fields.get("threshold", "").split()) != nodes:
+    # bit 0 categorical, bit 1 default left, bits 2-3 the missing-value kind (none, zero, NaN)
+    if any(d & 1 or not 0 <= d < 16 or (d >> 2) & 3 > 2 for d in ints("decision_type", nodes)):
+        raise ValueError("a split is categorical or has a decision_type LightGBM does not define")
+    if len(_numbers(fields, "threshold", allow_infinite=True)) != nodes:  # LightGBM writes inf itself
         raise ValueError(f"threshold does not hold {nodes} splits")
     left, right = ints("left_child", nodes), ints("right_child", nodes)
     seen_nodes, seen_leaves, todo = {0}, set(), [0]
@@ -169,6 +175,13 @@ def _check_tree(block: str, features: int) -> None:
                 seen_leaves.add(leaf)
     if len(seen_nodes) != nodes or len(seen_leaves) != leaves:
         raise ValueError("some nodes or leaves are not reached from the root")
+
+
+def _numbers(fields: dict[str, str], name: str, *, allow_infinite: bool = False) -> list[float]:
+    values = [float(x) for x in fields.get(name, "").split()]
+    if any(math.isnan(v) or (math.isinf(v) and not allow_infinite) for v in values):
+        raise ValueError(f"{name} holds a value that is not a {'number' if allow_infinite else 'finite number'}")
+    return values
 
 
 def data_hash(features: Matrix, labels: npt.NDArray[np.generic]) -> str:

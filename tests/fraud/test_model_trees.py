@@ -60,6 +60,14 @@ def good(fraud_models: Path) -> Path:
         pytest.param("left_child", "9999", id="child-node-out-of-range"),
         pytest.param("left_child", "0", id="child-is-the-root-a-cycle"),
         pytest.param("right_child", "-999", id="leaf-out-of-range"),
+        # A split marked categorical with no categories: predictions look right, but explaining a
+        # row over it (every review or deny does) killed fraud_svc with SIGSEGV.
+        pytest.param("decision_type", "1", id="split-marked-categorical"),
+        pytest.param("decision_type", "12", id="missing-kind-lightgbm-does-not-define"),
+        # A NaN leaf scores NaN, above no threshold: every row reaching it would be allowed.
+        pytest.param("leaf_value", "nan", id="leaf-value-nan"),
+        pytest.param("leaf_value", "inf", id="leaf-value-infinite"),
+        pytest.param("threshold", "nan", id="threshold-nan"),
     ],
 )
 def test_a_tree_pointing_outside_itself_is_refused_with_a_forged_checksum(
