@@ -94,13 +94,13 @@ class MemberState:
     tier_due: datetime | None = None
 
 
-def require_unmerged(member_id: str, state: MemberState) -> None:
+def require_unmerged(member_id: str, state: MemberState, field: str = "member_id") -> None:
     """The member was active when checked, but a merge may have moved it out since (on another
     replica, whose status cache this one's does not hear of): its count, caps and points went
     to the target, so a purchase or an earn written here now would land on a member nothing
     reads. Refused in the write, as if the merge came first."""
     if state.merged_into:
-        raise MemberNotActive(f"member {member_id} was merged into {state.merged_into}", field="member_id")
+        raise MemberNotActive(f"member {member_id} was merged into {state.merged_into}", field=field)
 
 
 def take_in_merged_state(book: ShardBook, target: str, source: str, moved: MemberState) -> None:

@@ -35,7 +35,7 @@ from ledger_svc import codec
 from ledger_svc.domain import Hold, SagaState, member_account, pending_account
 from ledger_svc.purchases import PURCHASE_REFERENCE
 from ledger_svc.reviews import Review, ReviewKind, ReviewStatus
-from ledger_svc.store.base import LedgerStore, ShardTx
+from ledger_svc.store.base import LedgerStore, SagaRecord, ShardTx
 
 REVIEW_PAGE = 500
 # A saga open longer than this is reported; a younger one is a transfer or merge on its way.
@@ -85,6 +85,7 @@ class _ShardFindings:
     held: int
     unchecked: list[str]
     open_sagas: int = 0
+    on_the_way: set[str] = field(default_factory=set)  # members an open saga moves points to or from
 
 
 def _check_shard(shard: int, now: datetime, saga_grace: timedelta, tx: ShardTx) -> _ShardFindings:
@@ -148,7 +149,12 @@ def _check_shard(shard: int, now: datetime, saga_grace: timedelta, tx: ShardTx) 
     diffs += _review_differences(shard, tx, placed)
     balances = {a: r.balance for a, r in accounts.items()}
     unchecked = ["outbox events lost before publishing (not told by this store)"] if unpublished is None else []
-    return _ShardFindings(diffs, balances, [h.hold_id for h in overdue], sum(holds.values()), unchecked, len(sagas))
+    return _ShardFindings(diffs, balances, [h.hold_id for h in overdue], sum(holds.values()), unchecked, len(sagas),
+                          _on_the_way(sagas))  # fmt: skip
+
+
+def _on_the_way(sagas: list[SagaRecord]) -> set[str]:
+    return {m for s in sagas for m in (s.source_member, s.dest_member)}
 
 
 def _open_reviews(tx: ShardTx) -> dict[str, Review]:
@@ -253,6 +259,28 @@ def _stranded_on_merged(merged: set[str], shard: int, balances: dict[str, int]) 
     ]
 
 
+async def _stranded(
+    store: LedgerStore, merged: set[str], balances: list[dict[str, int]], on_the_way: set[str]
+) -> list[Difference]:
+    """Points on members merged away, but not those of a merge or transfer on its way: a member
+    an open saga names (one open too long is reported as such), and points still there after
+    a moment's settling (a merge marked but not yet moved, a transfer credited to a member
+    merged meanwhile and not yet swept on), looked at again up to CUT_ATTEMPTS times."""
+    found = [d for shard, b in enumerate(balances) for d in _stranded_on_merged(merged - on_the_way, shard, b)]
+    for _ in range(CUT_ATTEMPTS - 1):
+        if not found:
+            break
+        await asyncio.sleep(SETTLE_SECONDS)
+        on_the_way = set().union(*[await store.read(s, lambda tx: _on_the_way(tx.open_sagas()))
+                                   for s in range(store.shard_count)])  # fmt: skip
+        again: list[Difference] = []
+        for shard in sorted({d.shard for d in found}):
+            read = functools.partial(_accounts, [d.subject for d in found if d.shard == shard])
+            again += _stranded_on_merged(merged - on_the_way, shard, await store.read(shard, read))
+        found = again
+    return found
+
+
 def account_class(account: str) -> str:
     """Groups accounts for totals: members' points together, system and funding ones by name."""
     parts = account.split(":")
@@ -269,16 +297,18 @@ async def reconcile(
     merged = {source for source, _target in await store.read_directory(lambda d: d.merged_members())}
     balances: list[dict[str, int]] = []
     open_sagas = 0
+    on_the_way: set[str] = set()
     for shard in range(store.shard_count):
         found = await store.scan(shard, functools.partial(_check_shard, shard, now, saga_grace))
         report.differences.extend(found.differences)
         report.overdue_holds += [(shard, hold_id) for hold_id in found.overdue]
         report.held_points += found.held
         report.unchecked += [u for u in found.unchecked if u not in report.unchecked]
-        report.differences.extend(_stranded_on_merged(merged, shard, found.balances))
         report.accounts += len(found.balances)
         balances.append(found.balances)
         open_sagas += found.open_sagas
+        on_the_way |= found.on_the_way
+    report.differences.extend(await _stranded(store, merged, balances, on_the_way))
     totals = _totals(balances)
     for attempt in range(CUT_ATTEMPTS):
         if not _across_shards(totals, strict=True):
@@ -293,6 +323,10 @@ async def reconcile(
     report.differences.extend(across)
     report.totals_by_account_class = dict(sorted(totals.items()))
     return report
+
+
+def _accounts(names: list[str], tx: ShardTx) -> dict[str, int]:
+    return {row.account: row.balance for row in tx.get_accounts(names)}
 
 
 def _balances_and_sagas(tx: ShardTx) -> tuple[dict[str, int], int]:

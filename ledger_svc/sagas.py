@@ -33,6 +33,7 @@ from ledger_svc.purchases import (
     keep_state,
     load_state,
     qualification_bucket_of,
+    require_unmerged,
     take_in_merged_state,
     take_off_qualification,
 )  # fmt: skip
@@ -116,6 +117,10 @@ class Sagas:
     def same_shard_transfer(self, book: ShardBook, cmd: c.Transfer, screening: Screening | None) -> TransferResult:
         if _under_review(screening):
             return self._reserve(book, cmd, screening)
+        # The destination was active when checked; a merge may have moved it out since (another
+        # replica's, or one that ran while fraud_svc screened): refused as if the merge came first.
+        require_unmerged(cmd.destination_member_id, load_state(book, cmd.destination_member_id),
+                         "destination_member_id")  # fmt: skip
         ids = self._transfer_ids(new_id("tr", cmd.source_member_id), cmd.source_member_id, cmd.destination_member_id)
         debit, portions = book.debit_transfer(
             cmd.source_member_id, cmd.unit, cmd.points, tx_id=ids.out_tx,
@@ -258,6 +263,8 @@ class Sagas:
         await self.svc._book(
             self.svc.shard_of_id(saga_id), lambda b: b.tx.set_saga_state(saga_id, SagaState.DONE, b.now)
         )
+        # The heir merged on meanwhile: the debit (debt, if its points had gone on) follows it.
+        await self._pass_on(saga.dest_member)
         return result
 
     async def recover(self, *, at_startup: bool = False) -> int:
