@@ -23,6 +23,7 @@ import grpc
 from prometheus_client import Gauge
 
 from pointmesh.events import (
+    HEADER_ROOM,
     MAX_EVENT_BYTES,
     SCHEMA_MAJOR,
     BusMessage,
@@ -31,6 +32,7 @@ from pointmesh.events import (
     OutgoingEvent,
     dead_letter_topic,
     event_bytes,
+    header_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -67,25 +69,37 @@ def check_schema(message: BusMessage) -> None:
 
 
 DLQ_REASON_CHARS = 2_000  # an exception's text can be as long as the message it failed on
+# Room a dead-letter copy keeps under HEADER_ROOM for the small headers added later: its own
+# payload or field notes, and the `redriven_from` a redrive adds.
+DLQ_SPARE_BYTES = 256
 
 
 async def dead_letter(bus: EventBus, topic: str, group: str, message: BusMessage, reason: str) -> None:
-    """Publishes the message's copy to the group's dead-letter topic. A copy that would not fit
-    the bus (a foreign producer's message over MAX_EVENT_BYTES: Redis has no cap of its own) goes
-    without its payload, its size said in `dlq_payload_dropped`: refused, it would leave its
-    group reading the same poison for ever."""
+    """Publishes the message's copy to the group's dead-letter topic. The copy always fits the
+    bus, or its group would read the same poison for ever: a message whose own headers leave no
+    room for the copy's `dlq_*` ones (ours, taken up to HEADER_ROOM; a foreign producer's, of any
+    size) goes without them, their size said in `dlq_headers_dropped`; one over MAX_EVENT_BYTES
+    (a foreign producer's: Redis has no cap of its own) without its payload
+    (`dlq_payload_dropped`), and, if its key, id or type alone are too large, with those cut."""
     log.error("dead-lettering %s %s from %s (group %s): %s", message.event_type or "message",
               message.event_id or message.position, topic, group, reason)  # fmt: skip
-    copy = OutgoingEvent(
-        message.key, message.event_id, message.event_type, message.payload, message.schema,
-        headers=(*((k, v) for k, v in message.headers if not k.startswith("dlq_")),
-                 ("dlq_reason", reason[:DLQ_REASON_CHARS]), ("dlq_source", topic), ("dlq_group", group),
-                 ("dlq_position", message.position), ("dlq_timestamp_ms", str(message.timestamp_ms))),
-    )  # fmt: skip
+    own = tuple((k, v) for k, v in message.headers if not k.startswith("dlq_"))
+    about = (("dlq_reason", reason[:DLQ_REASON_CHARS]), ("dlq_source", topic), ("dlq_group", group),
+             ("dlq_position", message.position[:DLQ_REASON_CHARS]), ("dlq_timestamp_ms", str(message.timestamp_ms)))  # fmt: skip
+    if header_bytes((*own, *about)) + DLQ_SPARE_BYTES > HEADER_ROOM:
+        log.error("the dead-letter copy of %s goes without its own %d bytes of headers, over the bus's room",
+                  message.event_id or message.position, header_bytes(own))  # fmt: skip
+        own = (("dlq_headers_dropped", str(header_bytes(own))),)
+    copy = OutgoingEvent(message.key, message.event_id, message.event_type, message.payload, message.schema,
+                         headers=(*own, *about))  # fmt: skip
     if event_bytes(copy) > MAX_EVENT_BYTES:
         log.error("the dead-letter copy of %s goes without its %d-byte payload, over the bus's limit",
                   message.event_id or message.position, len(message.payload))  # fmt: skip
         copy = replace(copy, payload=b"", headers=(*copy.headers, ("dlq_payload_dropped", str(len(message.payload)))))
+    if event_bytes(copy) > MAX_EVENT_BYTES:
+        cut = DLQ_REASON_CHARS
+        copy = replace(copy, key=copy.key[:cut], event_id=copy.event_id[:cut], event_type=copy.event_type[:cut],
+                       schema=copy.schema[:cut], headers=(*copy.headers, ("dlq_fields_cut", str(cut))))  # fmt: skip
     await bus.publish(dead_letter_topic(topic), [copy])
 
 

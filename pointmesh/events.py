@@ -82,6 +82,11 @@ def _encoded(texts: Iterable[str]) -> int:
     return sum(len(t.encode(errors="replace")) for t in texts)
 
 
+def header_bytes(headers: Iterable[tuple[str, str]]) -> int:
+    """Headers' size as HEADER_ROOM counts it: names and values, as sent."""
+    return _encoded(t for h in headers for t in h)
+
+
 def event_bytes(event: OutgoingEvent) -> int:
     """The event's size as MAX_EVENT_BYTES counts it: its fields and payload, as sent."""
     return len(event.payload) + _encoded((event.key, event.event_id, event.event_type, event.schema))
@@ -91,7 +96,7 @@ def refuse_oversize(topic: str, events: Sequence[OutgoingEvent]) -> None:
     """Raises EventTooLarge, naming the first event over MAX_EVENT_BYTES (or with headers over
     HEADER_ROOM), before anything is sent."""
     for event in events:
-        size, headers = event_bytes(event), _encoded(t for h in event.headers for t in h)
+        size, headers = event_bytes(event), header_bytes(event.headers)
         if size > MAX_EVENT_BYTES or headers > HEADER_ROOM:
             what = f"is {size} bytes" if size > MAX_EVENT_BYTES else f"has {headers} bytes of headers"
             limit = MAX_EVENT_BYTES if size > MAX_EVENT_BYTES else HEADER_ROOM

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from pointmesh import consumers
 from pointmesh.consumers import Poison, in_order, run_group
 from pointmesh.events import (
+    HEADER_ROOM,
     INGEST_PURCHASES,
     MAX_EVENT_BYTES,
     BusMessage,
@@ -128,5 +129,45 @@ async def test_a_foreign_message_over_the_limit_is_dead_lettered_without_its_pay
         (dead,) = await drain(bus, dead_letter_topic(topic), "ops", "o1", 1)
         assert (dead.event_id, dead.payload) == ("m_a-1", b"")
         assert dict(dead.headers)["dlq_payload_dropped"] == str(MAX_EVENT_BYTES + 10)
+    finally:
+        await bus.close()
+
+
+async def test_a_poison_message_with_headers_up_to_the_room_is_dead_lettered_and_its_group_moves_on(
+    bus: EventBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bus took the event (headers of exactly HEADER_ROOM bytes); its copy kept them and
+    added the dlq_* ones, was refused for its headers, and the group read the poison for ever."""
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    tagged = replace(event("m_a", 1), headers=(("trace", "t" * (HEADER_ROOM - len("trace"))),))
+    await bus.publish(topic, [tagged, event("m_a", 2)])
+
+    assert await _poison_first(bus, topic) == ["m_a-1", "m_a-2"]
+    (dead,) = await drain(bus, dead_letter_topic(topic), "ops", "o1", 1)
+    headers = dict(dead.headers)
+    assert (dead.event_id, dead.payload, headers["dlq_reason"]) == ("m_a-1", tagged.payload, "cannot be decoded")
+    assert headers["dlq_headers_dropped"] == str(HEADER_ROOM) and "trace" not in headers
+
+
+async def test_a_foreign_message_with_outsized_headers_and_fields_is_dead_lettered_and_its_group_moves_on(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone else's producer wrote a 20 kB extra field (a header to us) and a key alone over
+    the limit: the copy goes without the header and with the key cut, rather than never."""
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    bus = RedisStreamBus(Redis.from_url(redis_server.url), owns_client=True)
+    try:
+        topic = new_topic()
+        await bus.redis.xadd(topic, {"key": "k" * (MAX_EVENT_BYTES + 1), "event_id": "m_a-1", "type": "ops_alert",
+                                     "payload": b"x", "schema": "pointmesh.v1/1", "trace": "t" * 20_000})  # fmt: skip
+        await bus.publish(topic, [event("m_a", 2)])
+
+        assert await _poison_first(bus, topic) == ["m_a-1", "m_a-2"]
+        (dead,) = await drain(bus, dead_letter_topic(topic), "ops", "o1", 1)
+        headers = dict(dead.headers)
+        assert (dead.event_id, dead.key, dead.payload) == ("m_a-1", "k" * consumers.DLQ_REASON_CHARS, b"")
+        assert "trace" not in headers and int(headers["dlq_headers_dropped"]) >= 20_000
     finally:
         await bus.close()
