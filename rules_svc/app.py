@@ -19,7 +19,7 @@ from pointmesh.events import LEDGER_EVENTS, dead_letter_topic, open_bus
 from pointmesh.rpc import GrpcServer
 from pointmesh.v1 import rules_pb2, rules_pb2_grpc
 from rules_svc.domain import RulesError
-from rules_svc.follower import FollowerServicer, LeaderMirror
+from rules_svc.follower import DivergedFromLeader, FollowerServicer, LeaderMirror
 from rules_svc.game_service import GameService
 from rules_svc.game_store import GameStore
 from rules_svc.game_worker import GameWorker
@@ -52,6 +52,7 @@ class RulesApp:
     mirror: LeaderMirror | None = None  # set on a follower (rules_svc/follower.py)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    diverged: str = ""  # why a follower stopped serving: its versions contradict the leader's
 
     @property
     def port(self) -> int:
@@ -97,6 +98,13 @@ class RulesApp:
             await asyncio.sleep(self.settings.rules_reload_seconds)
             try:
                 await (self.service.refresh() if self.mirror is None else self.mirror.pull())
+            except DivergedFromLeader as exc:
+                # Serving on would price receipts under versions no other replica has (or never
+                # copy the leader's again): stop, as a start with this directory would.
+                log.critical("stopping: %s", exc)
+                self.diverged = str(exc)
+                await self.server.stop()
+                return
             except Exception:
                 log.exception("reloading program versions failed; retrying")
 
@@ -147,3 +155,5 @@ async def serve(settings: Settings) -> None:
     app = await build(settings)
     await app.start()
     await app.server.serve_until_signal()
+    if app.diverged:
+        raise DivergedFromLeader(app.diverged)

@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
 
 
+class DivergedFromLeader(ValueError):
+    """This instance's rules directory holds history of its own (it was once a leader, or its
+    leader lost its own): a version the leader does not have, or has otherwise."""
+
+
 class LeaderMirror:
     """Copies the leader's program versions into this instance's store."""
 
@@ -53,7 +58,9 @@ class LeaderMirror:
 
     async def pull(self) -> int:
         """Copies every version this store lacks, then re-reads the index; returns how many.
-        ValueError if a version here differs from the leader's under the same number.
+        DivergedFromLeader if a version here differs from the leader's under the same number, or
+        is one the leader does not list (the leader never deletes one, so it is history of this
+        directory's own, which would price receipts as no other replica does).
 
         A version is compiled before it is stored and kept compiled for serving. One this build
         cannot read (a newer leader's, mid-rollout) is stored as the leader has it and answers
@@ -62,14 +69,21 @@ class LeaderMirror:
         limit) is left out and asked for again on the next pull; the ones after it still come."""
         listing = await self.leader.ListVersions(rules_pb2.ListVersionsRequest())
         held = {(i.program, i.version): i.sha256 for i in await asyncio.to_thread(self.store.versions)}
+        foreign = sorted(set(held) - {(pb.program, pb.version) for pb in listing.versions})
+        if foreign:
+            program, version = foreign[0]
+            raise DivergedFromLeader(f"{program} v{version} here is a version the leader does not have "
+                                     f"({len(foreign)} such); this instance's rules directory has history of "
+                                     "its own: empty it")  # fmt: skip
         copied = 0
         for pb in listing.versions:
             sha = held.get((pb.program, pb.version))
             if sha == pb.sha256:
                 continue
             if sha is not None:
-                raise ValueError(f"{pb.program} v{pb.version} here has sha256 {sha}, the leader's {pb.sha256}; "
-                                 "this instance's rules directory has history of its own: empty it")  # fmt: skip
+                raise DivergedFromLeader(f"{pb.program} v{pb.version} here has sha256 {sha}, the leader's "
+                                         f"{pb.sha256}; this instance's rules directory has history of its own: "
+                                         "empty it")  # fmt: skip
             fetched = await self._fetch(pb)
             if fetched is None:
                 continue

@@ -6,6 +6,7 @@ their own "version 1", and a campaign reached only the pods it was published on.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,7 @@ from pointmesh.clock import ManualClock
 from pointmesh.errors import status_details
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import rules_pb2
+from rules_svc.follower import DivergedFromLeader
 from tests.conftest import RulesUnderTest, start_ledger, start_rules, stop_ledger, stop_rules
 from tests.gamification.conftest import START, write_program
 from tests.ledger.helpers import create_member
@@ -148,6 +150,51 @@ async def test_a_copy_that_disagrees_with_the_leader_is_not_mixed_in(tmp_path: P
         await publish(leader, "v2", doc(BLACK_FRIDAY), leader.clock.now())  # the leader is unaffected
         assert [v[1] for v in await _versions(leader)] == [1, 2]
     finally:
+        await stop_rules(leader)
+
+
+async def test_a_copy_with_versions_the_leader_never_published_is_not_served(tmp_path: Path) -> None:
+    """A pod that was a leader of its own holds v1 and v2; the leader it now follows has only v1
+    (the same). It started and priced a Monday basket under its own v2 (30 points, the leader's
+    10): which replica a ledger reached decided what the receipt earned."""
+    own = await start_rules(tmp_path / "pod")
+    await publish(own, "v1", doc(), own.clock.now())
+    await publish(own, "v2", doc(BLACK_FRIDAY), own.clock.now())
+    await stop_rules(own)
+    leader = await start_rules(tmp_path / "leader")
+    try:
+        await publish(leader, "v1", doc(), leader.clock.now())
+        try:
+            follower = await _follower(tmp_path / "pod", leader)
+        except DivergedFromLeader as refused:
+            assert "shop v2 here is a version the leader does not have" in str(refused)
+        else:
+            await stop_rules(follower)
+            pytest.fail("a follower holding a version its leader never published started")
+    finally:
+        await stop_rules(leader)
+
+
+async def test_a_follower_that_finds_its_copy_contradicts_the_leader_stops_serving(tmp_path: Path) -> None:
+    """The clash appears at a reload (the leader lost its directory and was published to
+    again): the follower stops, answering nothing more, rather than keep pricing under versions
+    the leader does not have and never copying the leader's again."""
+    leader = await start_rules(tmp_path / "leader")
+    follower = await _follower(tmp_path / "follower", leader)
+    try:
+        await publish(leader, "v1", doc(), leader.clock.now())
+        await publish(leader, "v2", doc(BLACK_FRIDAY), leader.clock.now())
+        await until(lambda: _has_versions(follower, 2), 10)
+        await stop_rules(leader)
+        leader = await start_rules(tmp_path / "leader-again", rules_addr=leader.address)
+        await publish(leader, "v1", doc(), leader.clock.now())
+        await publish(leader, "v2", doc(WEEKEND), leader.clock.now())  # another v2
+        await asyncio.wait_for(follower.app.server.wait_stopped(), 10)
+        assert "shop v2 here" in follower.app.diverged and "empty it" in follower.app.diverged
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _points(follower)
+    finally:
+        await stop_rules(follower)
         await stop_rules(leader)
 
 
