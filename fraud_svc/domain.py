@@ -53,6 +53,11 @@ class ModelUnavailable(FraudError):
     """No usable model artifact (missing or refused as corrupt)."""
 
 
+class RowFailed(FraudError):
+    """fraud_svc failed on one row of a batch (a fault of its own, logged): that row's answer,
+    so the others are still scored; the caller decides it as it would an unscored one."""
+
+
 @dataclass(frozen=True, slots=True)
 class TxContext:
     """One transaction as fraud_svc sees it; `occurred_at` is event time, which drives every

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import Counter
+from redis.exceptions import RedisError
 
 from fraud_svc.churn import check_activity, predict_churn
 from fraud_svc.decide import DecisionConfig, decide
@@ -29,6 +30,7 @@ from fraud_svc.domain import (
     FraudError,
     MemberActivity,
     ModelUnavailable,
+    RowFailed,
     TxContext,
     TxKind,
     Verdict,
@@ -190,6 +192,11 @@ def check_member(activity: MemberActivity, as_of: datetime, now: datetime) -> No
     check_activity(activity, as_of)
 
 
+def _row_failed(index: int, exc: Exception) -> RowFailed:
+    log.error("scoring transactions[%d] failed", index, exc_info=exc)
+    return RowFailed(f"fraud_svc failed on this transaction ({type(exc).__name__})", field=f"transactions[{index}]")
+
+
 def _decide_chunk(
     contexts: Sequence[TxContext], rows: list[FeatureRow], model: Model | None, config: DecisionConfig
 ) -> list[Decision]:
@@ -253,10 +260,31 @@ class FraudService:
                 valid.append((i, check(item, now, f"transactions[{i}]")))
             except FraudError as error:
                 out[i] = error
-        for i, decision in zip([i for i, _ in valid], await self._decide_many([c for _, c in valid]), strict=True):
-            DECISIONS.labels(decision.verdict.value, "batch").inc()
+            except Exception as exc:
+                out[i] = _row_failed(i, exc)
+        try:
+            decided: list[Decision | FraudError] = list(await self._decide_many([c for _, c in valid]))
+        except (FraudError, RedisError, OSError, TimeoutError):
+            raise  # fraud_svc's own state is away: every row would fail alike, slowly
+        except Exception as exc:
+            # A fault on one row must not leave the whole batch unscored: each row alone, so
+            # only the one it is on fails (velocity counts each event id once, so rows the batch
+            # counted already are not counted twice).
+            log.warning("scoring a batch of %d failed (%s); scoring its rows one by one", len(valid), exc)
+            decided = [await self._decide_alone(i, ctx) for i, ctx in valid]
+        for (i, _), decision in zip(valid, decided, strict=True):
+            if isinstance(decision, Decision):
+                DECISIONS.labels(decision.verdict.value, "batch").inc()
             out[i] = decision
         return [x for x in out if x is not None]
+
+    async def _decide_alone(self, index: int, ctx: TxContext) -> Decision | FraudError:
+        try:
+            return await self._decide(ctx)
+        except FraudError as error:
+            return error
+        except Exception as exc:
+            return _row_failed(index, exc)
 
     async def _decide_many(self, contexts: list[TxContext]) -> list[Decision]:
         """In order, chunk by chunk as the velocity store answers (so the model scores one chunk

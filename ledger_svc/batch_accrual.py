@@ -109,11 +109,9 @@ class BatchAccrual:
         await self._screen([it for it in quoted if it.quote is not None], found)
         await self._claim([it for it in quoted if it.quote is not None and not it.unary], now, results)
         await asyncio.gather(*(self._write(its, now, results) for its in plan.values()))
-        for it in again:  # after the first copy has its answer, as purchase by purchase
-            try:
-                results[it.index] = await self.accrual.record_purchase(it.cmd)
-            except LedgerError as error:
-                results[it.index] = error
+        if again:  # once the first copies have their answers
+            for it, outcome in zip(again, await self.run([it.cmd for it in again]), strict=True):
+                results[it.index] = outcome
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
@@ -293,16 +291,23 @@ class BatchAccrual:
 
 
 def _first_of_each_receipt(items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
-    """The first copy of each receipt (natural key) in the stream, and the later copies: those
-    go one by one after the batch, so whichever member's copy came first decides, as it would
-    purchase by purchase (the batch claims quoted receipts before the unary path claims its
-    own, so in one pass a later copy could win)."""
+    """The first copy of each receipt (natural key) in the stream, and what waits for its
+    answer: the later copies, and their member's purchases after them. Those go in a batch of
+    their own after this one, so whichever member's copy came first decides, as it would
+    purchase by purchase (the batch claims quoted receipts before it, so in one pass a later
+    copy could win); a first copy refused (a tender that is not one, too late) leaves its place
+    to the corrected copy, whose member's later purchases still come after it."""
     first: list[_Item] = []
     again: list[_Item] = []
     seen: set[tuple[str, str]] = set()
+    waiting: set[str] = set()  # members with a copy waiting
     for it in items:
         natural = (it.cmd.key.namespace, it.cmd.key.key)
-        (again if natural in seen else first).append(it)
+        if natural in seen or it.cmd.member_id in waiting:
+            again.append(it)
+            waiting.add(it.cmd.member_id)
+        else:
+            first.append(it)
         seen.add(natural)
     return first, again
 

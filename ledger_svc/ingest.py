@@ -37,8 +37,9 @@ WRITE_RUN = 8
 
 
 class BatchIngest:
-    def __init__(self, service: LedgerService) -> None:
+    def __init__(self, service: LedgerService, owners: dict[str, str] | None = None) -> None:
         self.service = service
+        self.owners = owners or {}  # a reversal's transaction id -> the member it takes back from
 
     async def run(self, items: Sequence[c.PostingCommand | LedgerError]) -> list[Any]:
         """Per item either (result, replayed) or the LedgerError it failed with."""
@@ -53,6 +54,7 @@ class BatchIngest:
                 prepared.append(await self._prepare(i, item))
             except LedgerError as exc:
                 results[i] = exc
+        prepared, later = _deferred(prepared)
         claims = [(p.index, p.command.key, type(p.command).__name__, p.fingerprint) for p in prepared]
         now = svc.clock.now()
         conflicts, seen = await svc.store.write_directory(lambda d: claim_many(d, claims, now))
@@ -68,12 +70,19 @@ class BatchIngest:
         for p in live:
             if p.via is not None or p.index in seen or p.lane in one_by_one:
                 lanes.setdefault(p.lane or f"#{p.index}", []).append(p)
-        for index, outcome in await self._together(together):
-            results[index] = outcome
-        for lane in await asyncio.gather(*(self._in_order(lane, seen) for lane in lanes.values())):
-            for index, outcome in lane:
+        try:
+            for index, outcome in await self._together(together):
                 results[index] = outcome
-        await self._give_back_refused(live, seen, results)
+            for lane in await asyncio.gather(*(self._in_order(lane, seen) for lane in lanes.values())):
+                for index, outcome in lane:
+                    results[index] = outcome
+        finally:
+            # Also when the stream is cancelled (the client went away): a resend would find the
+            # keys of items refused so far claimed before, and keep them for good.
+            await asyncio.shield(self._give_back_refused(live, seen, results))
+        if later:  # once the items ahead of them gave back what they were refused
+            for p, outcome in zip(later, await self.run([items[p.index] for p in later]), strict=True):  # type: ignore[misc]
+                results[p.index] = outcome
         return results
 
     async def _in_order(self, lane: list[_Prepared], seen: set[int]) -> list[tuple[int, Any]]:
@@ -116,7 +125,7 @@ class BatchIngest:
             elif svc.store.multi_member_units:
                 groups.setdefault((p.shard, ""), []).append(p)
             else:
-                # A reversal's member is known only in the write: it goes alone.
+                # A reversal whose member was not found goes alone.
                 groups.setdefault((p.shard, p.owner or f"#{p.index}"), []).append(p)
         done = await asyncio.gather(*(self._runs(shard, group) for (shard, _), group in groups.items()))
         for group_outcomes in done:
@@ -213,8 +222,31 @@ class BatchIngest:
             # Reversing an earn of a merged member is a two-shard saga; the unary path runs it.
             return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
                              lambda b: b, via=svc.reverse)  # fmt: skip
+        # Its member's, so it keeps its place among that member's items (a resent stream's
+        # redemption ahead of it is written first, as one by one).
         return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
-                         lambda b: svc.reverse_body(b, rev))  # fmt: skip
+                         lambda b: svc.reverse_body(b, rev), owner=self.owners.get(rev.transaction_id, ""))  # fmt: skip
+
+
+def _deferred(prepared: list[_Prepared]) -> tuple[list[_Prepared], list[_Prepared]]:
+    """(the items to run now, the ones to run after them, in a batch of their own). An item
+    whose key an earlier item of the batch names with another payload waits: the earlier one
+    may be refused and give the key back, and then this one (a corrected request under the
+    same key) posts, as one by one; if the earlier posted, the key's claim refuses it as a
+    conflict. Its member's items after it wait with it, so they keep their stream order."""
+    first: dict[tuple[str, str], str] = {}
+    waiting: set[str] = set()
+    now: list[_Prepared] = []
+    later: list[_Prepared] = []
+    for p in prepared:
+        other = first.setdefault((p.command.key.namespace, p.command.key.key), p.fingerprint) != p.fingerprint
+        if other or (p.lane and p.lane in waiting):
+            later.append(p)
+            if p.lane:
+                waiting.add(p.lane)
+        else:
+            now.append(p)
+    return now, later
 
 
 @dataclass(frozen=True, slots=True)

@@ -436,6 +436,21 @@ class LedgerService:
                 f"member {member_id} was merged; adjust the member it was merged into", field="member_id"
             )
 
+    async def _reversal_owners(self, items: Sequence[Any]) -> dict[str, str]:
+        """The member each batch reversal takes points back from, by transaction id (a reversal
+        names a transaction, not a member): so it keeps its place among that member's items.
+        One whose transaction is not there, or not well formed, has none: its write says why."""
+
+        async def owner(tx_id: str) -> tuple[str, str]:
+            try:
+                found = await self.store.read(self.shard_of_id(tx_id), lambda tx: tx.get_transaction(tx_id))
+            except LedgerError:
+                return tx_id, ""
+            return tx_id, "" if found is None else found.member_id
+
+        ids = dict.fromkeys(i.transaction_id for i in items if isinstance(i, c.Reverse))
+        return dict(await asyncio.gather(*(owner(tx_id) for tx_id in ids)))
+
     async def _merged_owner(self, tx_id: str) -> Member | None:
         """The member an earn belonged to, when that member has since been merged away (and
         maybe erased since: erasure wipes its profile, never where its points went)."""
@@ -1171,15 +1186,16 @@ class LedgerService:
         from ledger_svc.ingest import BatchIngest
 
         results: list[Any] = []
-        for segment in _in_member_order(items):
+        owners = await self._reversal_owners(items)
+        for segment in _in_member_order(items, owners):
             purchases = [i for i, item in enumerate(segment) if isinstance(item, c.RecordPurchase)]
             if not purchases:
-                results += await BatchIngest(self).run(segment)  # type: ignore[arg-type]
+                results += await BatchIngest(self, owners).run(segment)  # type: ignore[arg-type]
                 continue
             others = [i for i, item in enumerate(segment) if not isinstance(item, c.RecordPurchase)]
             bought, posted = await asyncio.gather(
                 BatchAccrual(self.accrual).run([segment[i] for i in purchases]),  # type: ignore[misc]
-                BatchIngest(self).run([segment[i] for i in others]),  # type: ignore[misc]
+                BatchIngest(self, owners).run([segment[i] for i in others]),  # type: ignore[misc]
             )
             done: list[Any] = [None] * len(segment)
             for i, outcome in [*zip(purchases, bought, strict=True), *zip(others, posted, strict=True)]:
@@ -1196,16 +1212,18 @@ MEMBER_CACHE_SECONDS = 2.0
 V = TypeVar("V")
 
 
-def _in_member_order(items: Sequence[Any]) -> list[Sequence[Any]]:
+def _in_member_order(items: Sequence[Any], owners: dict[str, str]) -> list[Sequence[Any]]:
     """The batch cut where a member's items switch between purchases and other postings.
     Purchases and postings run side by side (a purchase waits for rules_svc and fraud_svc, a
     posting does not), so a redemption after the purchase that earns its points would otherwise
-    be written first and refused. Segments run one after another; a batch of one kind is one."""
+    be written first and refused, and a reversal of a tier-credit earn would price the purchase
+    ahead of it at the lower tier. Segments run one after another; a batch of one kind is one.
+    `owners`: the member whose earn each reversal takes back (by transaction id)."""
     segments: list[Sequence[Any]] = []
     start = 0
     kinds: dict[str, bool] = {}  # member -> whether its items in the current segment are purchases
     for i, item in enumerate(items):
-        member = getattr(item, "member_id", "")  # a reversal names a transaction, not a member
+        member = getattr(item, "member_id", "") or owners.get(getattr(item, "transaction_id", ""), "")
         if not member:
             continue
         buying = isinstance(item, c.RecordPurchase)

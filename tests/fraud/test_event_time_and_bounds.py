@@ -11,14 +11,16 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis.asyncio import Redis
 
+from fraud_svc import service as fraud_service
 from fraud_svc.app import FraudApp, build
-from fraud_svc.domain import EXACT_LATENESS, FUTURE_SKEW, MAX_LATENESS, BadRequest, TxContext, TxKind
+from fraud_svc.domain import EXACT_LATENESS, FUTURE_SKEW, MAX_LATENESS, BadRequest, RowFailed, TxContext, TxKind
 from fraud_svc.features import featurize, featurize_matrix
 from fraud_svc.service import FraudService, ModelSlot
 from fraud_svc.synth import SynthConfig, generate
@@ -195,6 +197,28 @@ async def test_score_batch_in_process_names_the_item_too(fraud_models: Path) -> 
     fine = TxContext("ok", TxKind.PURCHASE, "m1", NOW)
     out = await service.score_batch([fine, TxContext("late", TxKind.PURCHASE, "m1", NOW - timedelta(days=90))])
     assert isinstance(out[1], BadRequest) and out[1].field == "transactions[1].occurred_at"
+
+
+@pytest.mark.parametrize("where", ["check", "decide"])
+async def test_a_fault_on_one_row_of_a_batch_fails_that_row_alone(
+    fraud_models: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A bug one row trips (in its checks, or in deciding it with the rest of its chunk) failed
+    the whole ScoreBatch, and the ledger then decided every row of it unscored by policy."""
+    service = FraudService(MemoryVelocity(), ModelSlot("fraud", fraud_models), ModelSlot("churn", fraud_models),
+                           clock=ManualClock(NOW))  # fmt: skip
+    real = getattr(fraud_service, where)
+
+    def trips(ctx: TxContext, *args: Any, **kwargs: Any) -> Any:
+        if ctx.device_id == "trips":
+            raise ZeroDivisionError("division by zero")
+        return real(ctx, *args, **kwargs)
+
+    monkeypatch.setattr(fraud_service, where, trips)
+    rows = [TxContext(f"r{i}", TxKind.PURCHASE, f"m{i}", NOW, device_id="trips" if i == 1 else "") for i in range(3)]
+    out = await service.score_batch(rows)
+    assert isinstance(out[1], RowFailed) and out[1].field == "transactions[1]"
+    assert [type(out[i]).__name__ for i in (0, 2)] == ["Decision", "Decision"]
 
 
 # 3. Amounts and points stay within what a Redis sum holds exactly.

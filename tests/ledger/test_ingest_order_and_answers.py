@@ -5,11 +5,15 @@ made to raise StoreClosed, as a ledger shutting down does."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
+import grpc
 import pytest
 
+from ledger_svc.ingest import BatchIngest
 from ledger_svc.store.base import StoreClosed
 from pointmesh.v1 import ledger_pb2
 from tests.conftest import LedgerUnderTest
@@ -151,3 +155,108 @@ async def test_replayed_batch_reports_a_merged_members_reversal_as_replayed(ledg
 
     assert (await balance(ledger.stub, target)).balance_points == 100 - 30 + 5  # posted once
     assert (again.posted, again.replayed, again.failed) == (0, 2, 0)
+
+
+@pytest.mark.parametrize("path", ["unary", "batch"])
+async def test_a_refused_redemption_corrected_under_its_key_later_in_the_stream_posts(
+    ledger: LedgerUnderTest, path: str
+) -> None:
+    """decisions/0004: a request refused before it wrote anything gives its key back, over a
+    single request or IngestBatch alike. The correction later in the same stream was answered
+    ALREADY_EXISTS: its key was judged taken before the first item's outcome was known."""
+    member = (await create_member(ledger.stub)).member_id
+    await ledger.stub.Earn(earn_item("float-1", member, 500).earn)
+    too_much, corrected = redeem_item("refund-77", member, 1000), redeem_item("refund-77", member, 100)
+    if path == "unary":
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ledger.stub.Redeem(too_much.redeem)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await ledger.stub.Redeem(corrected.redeem)
+    else:
+        response = await ledger.stub.IngestBatch(iter([too_much, corrected]), timeout=60)
+        assert [(f.index, f.code) for f in response.failures] == [(0, "FAILED_PRECONDITION")]
+        assert (response.posted, response.failed) == (1, 1)
+    assert (await balance(ledger.stub, member)).balance_points == 400
+
+
+async def test_a_correction_after_an_item_that_posted_under_its_key_is_a_conflict(ledger: LedgerUnderTest) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await ledger.stub.Earn(earn_item("float-2", member, 500).earn)
+    stream = [redeem_item("refund-78", member, 100), redeem_item("refund-78", member, 50)]
+    response = await ledger.stub.IngestBatch(iter(stream), timeout=60)
+    assert [(f.index, f.code) for f in response.failures] == [(1, "ALREADY_EXISTS")]
+    assert (await balance(ledger.stub, member)).balance_points == 400
+
+
+@pytest.mark.parametrize("path", ["unary", "batch"])
+async def test_a_resent_streams_redemption_is_written_before_the_reversal_behind_it(
+    ledger: LedgerUnderTest, path: str
+) -> None:
+    """A member with an item claimed before (a resent stream) has its items run in stream
+    order; a reversal names a transaction, not a member, so it ran with the first-time items
+    ahead of the member's redemption, which then lacked the points it has one by one."""
+    member = (await create_member(ledger.stub)).member_id
+    first = earn_item("shift-1", member, 100)
+    await ledger.stub.Earn(first.earn)  # the part of the stream that got through before the outage
+    later = await ledger.stub.Earn(earn_item("shift-0", member, 100).earn)
+    stream = [
+        first,
+        redeem_item("spend-1", member, 200),
+        ledger_pb2.IngestBatchRequest(reverse=ledger_pb2.ReverseRequest(
+            idempotency_key=key("void-shift-0"), transaction_id=later.transaction.transaction_id, full=True,
+            reason="voided shift",
+        )),
+    ]  # fmt: skip
+    if path == "unary":
+        await ledger.stub.Redeem(stream[1].redeem)
+        await ledger.stub.Reverse(stream[2].reverse)
+    else:
+        response = await ledger.stub.IngestBatch(iter(stream), timeout=60)
+        assert [(f.index, f.code, f.message) for f in response.failures] == []
+        assert (response.replayed, response.posted) == (1, 2)
+    after = await balance(ledger.stub, member)
+    assert (after.balance_points, after.debt_points) == (0, 100)  # spent, then the reversal's debt
+
+
+async def test_a_redemption_refused_in_a_cancelled_stream_leaves_its_key_free(
+    ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client gave up mid-chunk, answered nothing; the refused redemption's key stayed
+    claimed, so the resent stream found it claimed before and kept it: the corrected
+    redemption was ALREADY_EXISTS for the key's whole retention."""
+    alice = (await create_member(ledger.stub)).member_id
+    carol = (await create_member(ledger.stub)).member_id
+    await ledger.stub.Earn(earn_item("alice-float", alice, 500).earn)
+    resent = earn_item("carol-shift-1", carol, 10)
+    await ledger.stub.Earn(resent.earn)  # claimed before: the stream is a resend
+    stream = [redeem_item("alice-spend-1", alice, 1000), resent]
+    svc = ledger.app.service
+    reached = asyncio.Event()
+
+    async def stalls(*args: object, **kwargs: object) -> object:
+        reached.set()
+        await asyncio.sleep(3600)
+        raise AssertionError
+
+    settled = asyncio.Event()
+    give_back = BatchIngest._give_back_refused
+
+    async def settling(self: BatchIngest, *args: Any) -> None:
+        await give_back(self, *args)
+        settled.set()
+
+    original = svc._stored_result
+    monkeypatch.setattr(svc, "_stored_result", stalls)
+    monkeypatch.setattr(BatchIngest, "_give_back_refused", settling)
+    call = ledger.stub.IngestBatch(iter(stream), timeout=60)
+    await asyncio.wait_for(reached.wait(), 10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.wait_for(settled.wait(), 10)  # the server has seen the cancel
+    monkeypatch.setattr(svc, "_stored_result", original)
+
+    again = await ledger.stub.IngestBatch(iter(stream), timeout=60)
+    assert [(f.index, f.code) for f in again.failures] == [(0, "FAILED_PRECONDITION")]
+    await ledger.stub.Redeem(redeem_item("alice-spend-1", alice, 100).redeem)
+    assert (await balance(ledger.stub, alice)).balance_points == 400

@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from pointmesh.v1 import ledger_pb2
-from tests.ledger.helpers import balance, figures, key
+from tests.ledger.helpers import balance, earn, figures, key
 from tests.mesh.conftest import Mesh
-from tests.mesh.helpers import exact, new_member, purchase_request
+from tests.mesh.helpers import by_rule, exact, new_member, purchase_request
 from tests.mesh.test_batch_accrual import as_items, ingest
 
 
@@ -81,3 +81,62 @@ async def test_a_reversed_tier_credit_earn_takes_the_member_back_down(mesh: Mesh
     )).purchase  # fmt: skip
 
     assert (after.tier_before, exact(after)) == ("blue", {"points": 10, "tier_credits": 10})
+
+
+@pytest.mark.parametrize("path", ["unary", "batch"])
+async def test_a_purchase_ahead_of_a_reversal_in_the_stream_is_priced_before_it(mesh: Mesh, path: str) -> None:
+    """The reversal of the member's tier-credit earn comes after the purchase in the stream, so
+    the purchase meets silver (2x), as RecordPurchase then Reverse price it. A reversal names a
+    transaction, not a member: it ran beside the purchase, committed first, and the purchase was
+    priced at blue."""
+    member = await new_member(mesh)
+    at = mesh.clock.now() - timedelta(minutes=10)
+    crossed = (await mesh.ledger.stub.RecordPurchase(purchase_request(member, [("misc", 31000, 1)], at=at))).purchase
+    assert crossed.tier_after == "silver"
+    bought = purchase_request(member, [("misc", 1000, 1)], at=at + timedelta(minutes=1))
+    reverse = ledger_pb2.ReverseRequest(
+        idempotency_key=key(), transaction_id=crossed.earn_transactions["tier_credits"], full=True, reason="ops"
+    )
+    if path == "unary":
+        purchase = (await mesh.ledger.stub.RecordPurchase(bought)).purchase
+        await mesh.ledger.stub.Reverse(reverse)
+    else:
+        response = await ingest(mesh, [ledger_pb2.IngestBatchRequest(purchase=bought),
+                                       ledger_pb2.IngestBatchRequest(reverse=reverse)])  # fmt: skip
+        assert (response.posted, response.failed) == (2, 0), response.failures
+        purchase = (await mesh.ledger.stub.GetPurchase(
+            ledger_pb2.GetPurchaseRequest(purchase_id=response.purchases[0].purchase_id))).purchase  # fmt: skip
+    assert (purchase.tier_before, by_rule(purchase)) == ("silver", {"base": 10, "silver": 10})
+
+
+@pytest.mark.parametrize("path", ["unary", "batch"])
+async def test_a_receipt_corrected_later_in_the_stream_earns_in_its_place(mesh: Mesh, path: str) -> None:
+    """Refused for a tender that is not one and sent again corrected in the same stream, the
+    receipt is the member's first purchase (welcome bonus) and lifts them to silver for the
+    purchase after it, as one by one. The corrected copy waited for the whole batch, so the
+    purchase after it took the welcome bonus and was priced at blue."""
+    member, other = await new_member(mesh), await new_member(mesh)
+    not_a_tender = (await earn(mesh.ledger.stub, other, 10)).transaction.transaction_id
+    at = mesh.clock.now() - timedelta(minutes=10)
+    stream = [
+        purchase_request(member, [("misc", 31000, 1)], at=at, receipt="big", tender=not_a_tender),
+        purchase_request(member, [("misc", 31000, 1)], at=at, receipt="big"),  # corrected
+        purchase_request(member, [("misc", 1000, 1)], at=at + timedelta(minutes=1), receipt="small"),
+    ]
+
+    if path == "unary":
+        with pytest.raises(grpc.aio.AioRpcError):
+            await mesh.ledger.stub.RecordPurchase(stream[0])
+        got = [(await mesh.ledger.stub.RecordPurchase(r)).purchase for r in stream[1:]]
+    else:
+        response = await ingest(mesh, as_items(stream))
+        assert [(f.index, f.field) for f in response.failures] == [(0, "tender_transaction_id")]
+        got = [
+            (await mesh.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=p.purchase_id))).purchase
+            for p in response.purchases
+        ]
+
+    assert [(p.receipt_id, p.purchase_number, p.tier_before, by_rule(p)) for p in got] == [
+        ("big", 1, "blue", {"base": 310, "big-basket": 20, "welcome": 100}),
+        ("small", 2, "silver", {"base": 10, "silver": 10}),
+    ]

@@ -21,6 +21,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
+from fraud_svc import service as fraud_service
 from fraud_svc.app import FraudApp
 from fraud_svc.app import build as build_fraud
 from fraud_svc.domain import TxContext, TxKind
@@ -696,3 +697,49 @@ async def test_points_paid_for_a_refused_purchase_come_back_living_as_long_as_th
     # The member's visits, dated by the program in force when they were bought, have expired;
     # the 300 given back never do.
     assert (await balance(screened.ledger.stub, member)).balance_points == 300
+
+
+BAD_DEVICE = "device-fraud-svc-trips-on"
+
+
+@pytest.mark.parametrize("path", ["unary", "batch"])
+async def test_a_basket_fraud_svc_fails_on_leaves_the_others_scored(
+    screened: Screened, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """As one by one, only the basket fraud_svc fails on is left to the unavailable policy; the
+    batch's ScoreBatch failed whole, and every purchase of it went unscored."""
+    real_check = fraud_service.check
+
+    def trips(ctx: TxContext, now: datetime, path: str = "transaction") -> TxContext:
+        if ctx.device_id == BAD_DEVICE:  # a bug in fraud_svc that this one basket trips
+            raise ZeroDivisionError("division by zero")
+        return real_check(ctx, now, path)
+
+    monkeypatch.setattr(fraud_service, "check", trips)
+    assert screened.fraud is not None
+    screened.fraud.service.configure({"thresholds": {"purchase": {"review": 0.0, "deny": 1.0}}})  # review all scored
+    screened.clock.set(NOW - timedelta(days=100))
+    good_member = (await create_member(screened.ledger.stub)).member_id
+    bad_member = (await create_member(screened.ledger.stub)).member_id
+    screened.clock.set(NOW)
+    at = NOW - timedelta(hours=2)
+    good = purchase_request(good_member, [("grocery", 1_000, 1)], at=at, receipt=f"good-{path}", store="LIS-01")
+    bad = purchase_request(bad_member, [("grocery", 1_000, 1)], at=at, receipt=f"bad-{path}", store="LIS-01")
+    bad.context.device_id = BAD_DEVICE
+
+    if path == "unary":
+        got = [(await screened.ledger.stub.RecordPurchase(r)).purchase.screening for r in (good, bad)]
+        verdicts = [(s.verdict, s.scored) for s in got]
+    else:
+        response = await screened.ledger.stub.IngestBatch(
+            aiter_of(ledger_pb2.IngestBatchRequest(purchase=p) for p in (good, bad))
+        )
+        verdicts = []
+        for p in sorted(response.purchases, key=lambda p: p.index):
+            s = await screened.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=p.purchase_id))
+            verdicts.append((s.purchase.screening.verdict, s.purchase.screening.scored))
+
+    assert verdicts == [
+        (ledger_pb2.SCREENING_VERDICT_REVIEW, True),  # scored: fraud_svc answers for this basket
+        (ledger_pb2.SCREENING_VERDICT_ALLOW, False),  # the policy decides the one it fails on
+    ]
