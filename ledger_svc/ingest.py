@@ -70,12 +70,9 @@ class BatchIngest:
         for p in live:
             if p.via is not None or p.index in seen or p.lane in one_by_one:
                 lanes.setdefault(p.lane or f"#{p.index}", []).append(p)
-        try:
-            for index, outcome in await self._together(together):
-                results[index] = outcome
-            for lane in await asyncio.gather(*(self._in_order(lane, seen) for lane in lanes.values())):
-                for index, outcome in lane:
-                    results[index] = outcome
+        try:  # outcomes land in `results` as each write finishes, for the give-back below
+            await self._together(together, results)
+            await asyncio.gather(*(self._in_order(lane, seen, results) for lane in lanes.values()))
         finally:
             # Also when the stream is cancelled (the client went away): a resend would find the
             # keys of items refused so far claimed before, and keep them for good.
@@ -85,13 +82,11 @@ class BatchIngest:
                 results[p.index] = outcome
         return results
 
-    async def _in_order(self, lane: list[_Prepared], seen: set[int]) -> list[tuple[int, Any]]:
+    async def _in_order(self, lane: list[_Prepared], seen: set[int], results: list[Any]) -> None:
         """One member's items one at a time, each as a single request would run."""
-        out = []
         for p in lane:
             outcome = await asyncio.gather(self._one(p, p.index in seen), return_exceptions=True)
-            out.append((p.index, _settled(outcome)[0]))
-        return out
+            results[p.index] = _settled(outcome)[0]
 
     async def _give_back_refused(self, live: list[_Prepared], seen: set[int], results: list[Any]) -> None:
         """The keys this batch claimed for items then refused (nothing written), as a single
@@ -106,39 +101,34 @@ class BatchIngest:
         ]  # fmt: skip
         await self.service.release_claims(refused)
 
-    async def _together(self, prepared: list[_Prepared]) -> list[tuple[int, Any]]:
+    async def _together(self, prepared: list[_Prepared], results: list[Any]) -> None:
         """First-time items in as few write units as the store allows: one per shard on
         SQLite (the whole shard commits atomically), one per member and at most WRITE_RUN
         items on Cassandra (it commits per member partition, in batches of bounded size).
         A unit runs its items in one ShardBook, so accounts are read once and rows are written
         in bulk."""
         svc = self.service
-        outcomes: list[tuple[int, Any]] = []
         refused = await _refusals([p.member_id for p in prepared], svc._require_active)
         unmerged = await _refusals([p.not_merged for p in prepared], svc._require_not_merged)
         groups: dict[tuple[int, str], list[_Prepared]] = {}
         for p in prepared:
             if p.member_id in refused:
-                outcomes.append((p.index, refused[p.member_id]))
+                results[p.index] = refused[p.member_id]
             elif p.not_merged in unmerged:
-                outcomes.append((p.index, unmerged[p.not_merged]))
+                results[p.index] = unmerged[p.not_merged]
             elif svc.store.multi_member_units:
                 groups.setdefault((p.shard, ""), []).append(p)
             else:
                 # A reversal whose member was not found goes alone.
                 groups.setdefault((p.shard, p.owner or f"#{p.index}"), []).append(p)
-        done = await asyncio.gather(*(self._runs(shard, group) for (shard, _), group in groups.items()))
-        for group_outcomes in done:
-            outcomes.extend(group_outcomes)
-        return outcomes
+        await asyncio.gather(*(self._runs(shard, group, results) for (shard, _), group in groups.items()))
 
-    async def _runs(self, shard: int, group: list[_Prepared]) -> list[tuple[int, Any]]:
+    async def _runs(self, shard: int, group: list[_Prepared], results: list[Any]) -> None:
         """A group's items in order, in runs of at most WRITE_RUN where the store commits per member."""
         step = len(group) if self.service.store.multi_member_units else WRITE_RUN
-        out: list[tuple[int, Any]] = []
         for first in range(0, len(group), step):
-            out.extend(await self._group(shard, group[first : first + step]))
-        return out
+            for index, outcome in await self._group(shard, group[first : first + step]):
+                results[index] = outcome
 
     async def _group(self, shard: int, group: list[_Prepared]) -> list[tuple[int, Any]]:
         """The items in one unit, in order. One that fails rolls the unit back: the items

@@ -451,6 +451,10 @@ class ShardBook:
         self, member_id: str, unit: str, points: int, *, timeout: timedelta, reference: str, saga_id: str = "",
         channel: str = "", store_id: str = "",
     ) -> HoldResult:  # fmt: skip
+        """Points past their date that no hold keeps expire first, as the expiry job would: a
+        hold naming them would keep them (void it and place another before the job runs, and
+        they would never expire)."""
+        self._expire_account(member_id, unit)
         self._require_available(member_id, unit, points)
         hold = Hold(
             hold_id=new_id("h", member_id), member_id=member_id, unit=unit, points=points,
@@ -498,7 +502,7 @@ class ShardBook:
         self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
         record = self._record(kind, hold.member_id, hold.unit, -captured, reference=hold.reference, tx_id=tx_id or None)
         self._post(record, [(member_account(hold.member_id, hold.unit), -captured), (counter, captured)])
-        if not portions:  # a transfer's capture takes the lots its recipient was credited with
+        if not portions:  # the hold's own lots (a transfer's capture: those its recipient was credited with)
             portions = _first(hold.reserves, captured)
         self._consume_portions(hold.member_id, hold.unit, portions, captured - sum(p for p, _ in portions))
         self.tx.set_hold_status(hold_id, HoldStatus.CAPTURED, captured)
@@ -725,13 +729,6 @@ class ShardBook:
 
     # Transfers and merges move points through the transit account, one side per shard.
 
-    def peek_portions(self, member_id: str, unit: str, points: int) -> list[Portion]:
-        """The lots a debit of `points` would consume (the points no open hold keeps), without
-        consuming them; what they fall short by comes last, with no expiry."""
-        out = [(r.points, r.expires_at) for r in self._free_reserves(member_id, unit, points)]
-        short = points - sum(p for p, _ in out)
-        return [*out, (short, None)] if short > 0 else out
-
     def _free_reserves(self, member_id: str, unit: str, points: int) -> list[Reserved]:
         """Up to `points` of the points no open hold keeps, earliest expiry first, by expiry."""
         out: list[Reserved] = []
@@ -885,41 +882,44 @@ class ShardBook:
     # Time-driven jobs --------------------------------------------------------------------
 
     def expire_due(self, limit: int = 500, after: object = None) -> tuple[int, int, object]:
-        """Expires the due points of the accounts one page of due lots names, never the points
-        open holds reserve (the earliest-expiring ones, which a capture takes: see
-        _consume_lots); returns (points expired, lots expired in part or whole, the next
-        page's cursor or None). An account is settled whole from all its lots, so holds are
-        counted once however many pages its due lots fill."""
+        """Expires the due points of the accounts one page of due lots names, never the lots
+        open holds keep (Hold.reserves, which their capture takes); returns (points expired,
+        lots expired in part or whole, the next page's cursor or None). An account is settled
+        whole from all its lots, so holds are counted once however many pages its due lots fill."""
         lots, cursor = self.tx.lots_expired_by(self.now, limit, after)
         accounts = dict.fromkeys((lot.member_id, lot.unit) for lot in lots)
         expired_points = touched = 0
         for member_id, unit in accounts:
-            row = self._acct(member_account(member_id, unit))
-            lots = self.tx.spendable_lots(member_id, unit)
-            due = [(lot, free) for lot, free in zip(lots, self._free(member_id, unit, lots), strict=True)
-                   if lot.expires_at is not None and lot.expires_at <= self.now]  # fmt: skip
-            amount = max(0, min(sum(free for _, free in due), row.balance - row.reserved))
-            if amount == 0:
-                continue
-            left = amount
-            for lot, free in due:
-                take = min(left, free)
-                if take > 0:
-                    lot.remaining_points -= take
-                    lot.expired_points += take
-                    left -= take
-                    touched += 1
-                    self.tx.update_lot(lot)
-                if left == 0:
-                    break
-            record = self._record(TxKind.EXPIRY, member_id, unit, -amount)
-            self._post(
-                record,
-                [(member_account(member_id, unit), -amount), (system_account("expired", unit), amount)],
-            )
-            self._finish(record, "points_expired", {"transaction_id": record.tx_id, "points": amount})
-            expired_points += amount
+            points, lots_touched = self._expire_account(member_id, unit)
+            expired_points += points
+            touched += lots_touched
         return expired_points, touched, cursor
+
+    def _expire_account(self, member_id: str, unit: str) -> tuple[int, int]:
+        """Expires the account's due points that no open hold keeps (never taking the balance
+        below what holds reserve); returns (points expired, lots expired in part or whole)."""
+        row = self._acct(member_account(member_id, unit))
+        lots = self.tx.spendable_lots(member_id, unit)
+        due = [(lot, free) for lot, free in zip(lots, self._free(member_id, unit, lots), strict=True)
+               if lot.expires_at is not None and lot.expires_at <= self.now]  # fmt: skip
+        amount = max(0, min(sum(free for _, free in due), row.balance - row.reserved))
+        if amount == 0:
+            return 0, 0
+        left, touched = amount, 0
+        for lot, free in due:
+            take = min(left, free)
+            if take > 0:
+                lot.remaining_points -= take
+                lot.expired_points += take
+                left -= take
+                touched += 1
+                self.tx.update_lot(lot)
+            if left == 0:
+                break
+        record = self._record(TxKind.EXPIRY, member_id, unit, -amount)
+        self._post(record, [(member_account(member_id, unit), -amount), (system_account("expired", unit), amount)])
+        self._finish(record, "points_expired", {"transaction_id": record.tx_id, "points": amount})
+        return amount, touched
 
     def release_due(self, limit: int = 500) -> int:
         lots = self.tx.pending_due_by(self.now, limit)

@@ -140,11 +140,14 @@ class Sagas:
         """Reserves the points on the source in a hold the saga owns and records the saga;
         under review, also opens the review, and the saga waits for its decision."""
         saga_id = new_id("tr", cmd.source_member_id)
-        portions = book.peek_portions(cmd.source_member_id, cmd.unit, cmd.points)
         placed = book.place_hold(
             cmd.source_member_id, cmd.unit, cmd.points, timeout=self.svc.policy.hold_max_timeout,
             reference=saga_id, saga_id=saga_id,
         )  # fmt: skip
+        # The recipient is credited with the lots the hold keeps (what falls short, none: no expiry).
+        portions = [(r.points, r.expires_at) for r in placed.hold.reserves]
+        if short := cmd.points - sum(p for p, _ in portions):
+            portions.append((short, None))
         payload: dict[str, Any] = {
             "portions": [[p, e.isoformat() if e else None] for p, e in portions], "reason": cmd.reason,
         }  # fmt: skip

@@ -55,12 +55,15 @@ class LeaderMirror:
         self.store = store
         self.service = service
         self._skipped: set[tuple[str, int]] = set()  # versions left out, logged once each
+        # Versions held here that the leader's last listing lacked: foreign only if the next
+        # one lacks them too (a leader re-reading its index may list a moment-old one).
+        self._unlisted: set[tuple[str, int]] = set()
 
     async def pull(self) -> int:
         """Copies every version this store lacks, then re-reads the index; returns how many.
         DivergedFromLeader if a version here differs from the leader's under the same number, or
-        is one the leader does not list (the leader never deletes one, so it is history of this
-        directory's own, which would price receipts as no other replica does).
+        is one the leader did not list twice running (the leader never deletes one, so it is
+        history of this directory's own, which would price receipts as no other replica does).
 
         A version is compiled before it is stored and kept compiled for serving. One this build
         cannot read (a newer leader's, mid-rollout) is stored as the leader has it and answers
@@ -69,7 +72,8 @@ class LeaderMirror:
         limit) is left out and asked for again on the next pull; the ones after it still come."""
         listing = await self.leader.ListVersions(rules_pb2.ListVersionsRequest())
         held = {(i.program, i.version): i.sha256 for i in await asyncio.to_thread(self.store.versions)}
-        foreign = sorted(set(held) - {(pb.program, pb.version) for pb in listing.versions})
+        unlisted = set(held) - {(pb.program, pb.version) for pb in listing.versions}
+        foreign, self._unlisted = sorted(unlisted & self._unlisted), unlisted
         if foreign:
             program, version = foreign[0]
             raise DivergedFromLeader(f"{program} v{version} here is a version the leader does not have "
@@ -127,6 +131,9 @@ class LeaderMirror:
         while True:
             try:
                 await self.pull()
+                if self._unlisted:  # held here, not listed by the leader: foreign if the next listing agrees
+                    await asyncio.sleep(retry_seconds)
+                    await self.pull()
                 return
             except grpc.aio.AioRpcError as exc:
                 if await asyncio.to_thread(self.store.versions):

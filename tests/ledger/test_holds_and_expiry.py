@@ -499,6 +499,29 @@ async def test_a_second_hold_does_not_take_over_the_due_points_a_voided_hold_kep
     await assert_books_balance(ledger)
 
 
+async def test_a_hold_placed_after_points_fell_due_does_not_keep_them(ledger: LedgerUnderTest) -> None:
+    """Void, then place again before the expiry job runs: the new hold named the lot past its
+    date, the job left it alone, and rotating holds kept it for ever. Points past their date
+    that no hold keeps expire when the hold is placed, as the job would have expired them."""
+    member = (await create_member(ledger.stub)).member_id
+    now = ledger.clock.now()
+    await earn(ledger.stub, member, 100, expires_at=ts(now + timedelta(days=1)))
+    await earn(ledger.stub, member, 100, expires_at=ts(now + timedelta(days=100)))
+    week = Duration(seconds=7 * 86400)
+    hold = (await place_hold(ledger.stub, member, 100, timeout=week)).hold  # keeps the day-1 lot
+    ledger.clock.advance(timedelta(days=2))
+    for _ in range(3):  # void and place again, no expiry run between
+        await ledger.stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
+        hold = (await place_hold(ledger.stub, member, 100, timeout=week)).hold
+    assert figures(await balance(ledger.stub, member)) == {
+        "balance": 100, "reserved": 100, "available": 0, "pending": 0, "debt": 0,
+    }  # fmt: skip
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)  # expired already, when placed
+    await ledger.stub.CaptureHold(ledger_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
+    assert figures(await balance(ledger.stub, member))["balance"] == 0
+    await assert_books_balance(ledger)
+
+
 async def test_a_partial_capture_takes_the_earliest_of_the_hold_s_lots(ledger: LedgerUnderTest) -> None:
     """60 of a 100-point hold over a lot due in 10 days and one in 100: the capture takes 60 of
     the first; voided on capture, the other 40 of it expire on their date, the later lot whole."""

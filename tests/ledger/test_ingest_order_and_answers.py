@@ -260,3 +260,44 @@ async def test_a_redemption_refused_in_a_cancelled_stream_leaves_its_key_free(
     assert [(f.index, f.code) for f in again.failures] == [(0, "FAILED_PRECONDITION")]
     await ledger.stub.Redeem(redeem_item("alice-spend-1", alice, 100).redeem)
     assert (await balance(ledger.stub, alice)).balance_points == 400
+
+
+async def test_a_redemption_refused_while_another_write_of_the_stream_is_cut_off_leaves_its_key_free(
+    ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with the cancel arriving while first-time items are written: the outcomes of
+    the writes that finished were known only once all had, so none was given back."""
+    svc = ledger.app.service
+    alice = (await create_member(ledger.stub)).member_id
+    carol = (await create_member(ledger.stub)).member_id
+    while svc.shard_of(carol) == svc.shard_of(alice):
+        carol = (await create_member(ledger.stub)).member_id
+    await ledger.stub.Earn(earn_item("alice-float-2", alice, 500).earn)
+    stream = [redeem_item("alice-spend-2", alice, 1000), earn_item("carol-shift-2", carol, 10)]
+    reached, alice_written, settled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    group, give_back = BatchIngest._group, BatchIngest._give_back_refused
+
+    async def stalls_for_carol(self: BatchIngest, shard: int, items: list[Any]) -> list[tuple[int, Any]]:
+        if any(getattr(p.command, "member_id", "") == carol for p in items):
+            reached.set()
+            await asyncio.sleep(3600)
+        done = await group(self, shard, items)
+        alice_written.set()
+        return done
+
+    async def settling(self: BatchIngest, *args: Any) -> None:
+        await give_back(self, *args)
+        settled.set()
+
+    monkeypatch.setattr(BatchIngest, "_group", stalls_for_carol)
+    monkeypatch.setattr(BatchIngest, "_give_back_refused", settling)
+    call = ledger.stub.IngestBatch(iter(stream), timeout=60)
+    await asyncio.wait_for(asyncio.gather(reached.wait(), alice_written.wait()), 10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.wait_for(settled.wait(), 10)
+    monkeypatch.setattr(BatchIngest, "_group", group)
+
+    await ledger.stub.Redeem(redeem_item("alice-spend-2", alice, 100).redeem)
+    assert (await balance(ledger.stub, alice)).balance_points == 400

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -196,6 +197,40 @@ async def test_a_follower_that_finds_its_copy_contradicts_the_leader_stops_servi
     finally:
         await stop_rules(follower)
         await stop_rules(leader)
+
+
+async def test_a_listing_that_lacks_a_version_once_does_not_stop_a_follower(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader re-reading its index can list a moment-old one right after a publish: a version
+    missing from one listing only is no divergence, and the follower serves on."""
+    leader, follower = replicas.leader, replicas.a
+    await publish(leader, "v1", doc(), leader.clock.now())
+    await publish(leader, "v2", doc(BLACK_FRIDAY), leader.clock.now())
+    await until(lambda: _has_versions(follower, 2), 10)
+    assert follower.app.mirror is not None
+    listed = follower.app.mirror.leader.ListVersions
+    lacking: list[bool] = []
+
+    async def once_without_v2(request: rules_pb2.ListVersionsRequest, **kwargs: Any) -> Any:
+        found = await listed(request, **kwargs)
+        if not lacking:
+            lacking.append(True)
+            kept = [v for v in found.versions if v.version != 2]
+            return rules_pb2.ListVersionsResponse(versions=kept)
+        return found
+
+    monkeypatch.setattr(follower.app.mirror.leader, "ListVersions", once_without_v2)
+    await until(lambda: _pulled_after(lacking, follower), 10)
+    assert follower.app.diverged == "" and len(await _versions(follower)) == 2
+
+
+async def _pulled_after(lacking: list[bool], follower: RulesUnderTest) -> bool:
+    """Two reload intervals went by since the short listing."""
+    if not lacking:
+        return False
+    await asyncio.sleep(0.5)
+    return True
 
 
 async def test_gamification_runs_on_the_leader_and_answers_through_a_follower(tmp_path: Path) -> None:
