@@ -620,14 +620,33 @@ class CassandraShardTx:
     def _due_ids(self, queue: str, kind: str, when: datetime, limit: int,
                  still_due: Callable[[str], bool]) -> list[tuple[str, str]]:  # fmt: skip
         """(id, body) of `kind` rows the queue says are due by `when` and that still are."""
-        found: dict[str, str] = {}
-        for pointer in self.store.queue_due(self.shard, queue, to_us(when), limit * 2 + 10):
+
+        def due(pointer: Pointer) -> tuple[str, str] | None:
             body = self.part(pointer.p, lock=False).all(kind).get(pointer.id)
-            if body is not None and still_due(body):
-                found[pointer.id] = body
-            else:
-                self.stale.append((queue, pointer))
-        return list(found.items())
+            return (pointer.id, body) if body is not None and still_due(body) else None
+
+        return list(dict(self._walk_due(queue, when, limit, due)).items())
+
+    def _walk_due(self, queue: str, when: datetime, limit: int, due: Callable[[Pointer], T | None]) -> list[T]:
+        """What `due` makes of the queue's pointers due by `when`, page after page until `limit`
+        are found or the queue ends: pointers to rows settled since (a hold captured, a credit
+        released by hand) stay until pruned a minute later, and a page full of them must not
+        read as "nothing more due" (the maintenance pass stops at a short page). Those are
+        noted for pruning."""
+        found: list[T] = []
+        page, after = limit * 2 + 10, None
+        while len(found) < limit:
+            pointers = self.store.queue_after(self.shard, queue, to_us(when), page, after)
+            for pointer in pointers:
+                item = due(pointer)
+                if item is None:
+                    self.stale.append((queue, pointer))
+                else:
+                    found.append(item)
+            if len(pointers) < page:
+                break
+            after = (pointers[-1].at, pointers[-1].p, pointers[-1].id)
+        return found
 
     def lots_expired_by(self, when: datetime, limit: int, after: object = None) -> tuple[list[Lot], object]:
         """Pages in queue order, (due time, partition, lot id); the cursor is the last pointer read."""
@@ -818,14 +837,12 @@ class CassandraShardTx:
     def tiers_due_by(self, when: datetime, limit: int) -> list[str]:
         """A pointer is due while its member's row still names its time; one the member's due
         moved away from is stale (the move wrote a pointer of its own)."""
-        upto, due = to_us(when), []
-        for pointer in self.store.queue_due(self.shard, "tier", upto, limit * 2 + 10):
+
+        def due(pointer: Pointer) -> tuple[int, str] | None:
             body = self.part(pointer.p, lock=False).get("tier_due", "")
-            if body is not None and int(body) == pointer.at:
-                due.append((pointer.at, pointer.p.split("/", 1)[1]))
-            else:
-                self.stale.append(("tier", pointer))
-        return [member_id for _, member_id in sorted(set(due))[:limit]]
+            return (pointer.at, pointer.p.split("/", 1)[1]) if body is not None and int(body) == pointer.at else None
+
+        return [member_id for _, member_id in sorted(set(self._walk_due("tier", when, limit, due)))[:limit]]
 
     def put_purchase(
         self, purchase_id: str, member_id: str, status: str, receipt_time: datetime, body_json: str,
@@ -876,15 +893,17 @@ class CassandraShardTx:
             pages = self.store.rows_many([("listing", (self.store.ledger, self.shard, channel, store_id, b, *since, hi,
                                                        wanted)) for b in span])  # fmt: skip
             for b, rows in zip(span, pages, strict=True):
-                rows = rows[: limit - len(found)]
+                room = limit - len(found)
+                more = len(rows) == wanted or len(rows) > room  # rows left unread in this bucket
+                rows = rows[:room]
                 for r, body in zip(rows, self.store.bodies(self.shard, "purchase", rows), strict=True):
                     if body is not None:
                         found.append((from_us(r.at), r.id, str(json.loads(body)[1])))
                 if rows:
                     since = (rows[-1].at, rows[-1].id)
                 bucket = b
-                if len(rows) == wanted or len(found) >= limit:
-                    break  # this bucket may hold more: read on from its last row
+                if more or len(found) >= limit:
+                    break  # this bucket may hold more (a skipped row left room): read on from its last row
                 bucket = b + 1
             else:
                 ahead = min(ahead * 2, LISTING_AHEAD)

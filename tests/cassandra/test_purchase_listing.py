@@ -150,6 +150,28 @@ async def test_a_quiet_channel_month_lists_in_order_across_hundreds_of_empty_buc
         await store.close()
 
 
+async def test_a_listing_row_with_no_purchase_does_not_hide_the_rest_of_its_hour(
+    cassandra_session: CassandraSession,
+) -> None:
+    """A listing row goes in before its purchase's conditional batch; one that did not apply
+    leaves the row with no purchase. Read as the second of several buckets in one pass, the
+    row was skipped, the page came back short, and the purchases after it in its hour were
+    never listed: ListPurchases ended there and settlement missed them."""
+    store = cassandra_session.open_store("ghost" + uuid.uuid4().hex[:12], 1)
+    times = {"pu_a": NOON, "pu_b": NOON + timedelta(hours=1), "pu_c": NOON + timedelta(hours=2, minutes=10),
+             "pu_d": NOON + timedelta(hours=2, minutes=20)}  # fmt: skip
+    try:
+        await store.write(0, _record("EARNED", [(pid, f"m_{pid}", "s1", at) for pid, at in times.items()]))
+        at = to_us(NOON + timedelta(hours=2, minutes=5))  # ahead of pu_c in its hour
+        store.q("listing_put", (store.ledger, 0, "pos", "", listing_bucket("", at), at, "pu_ghost", "0/m_x"))
+        first = await store.scan(0, lambda tx: tx.list_purchases("pos", "", *DAY, None, 3))
+        assert [pid for _, pid, _ in first] == ["pu_a", "pu_b", "pu_c"]
+        rest = await store.scan(0, lambda tx: tx.list_purchases("pos", "", *DAY, first[-1][:2], 3))
+        assert [pid for _, pid, _ in rest] == ["pu_d"]
+    finally:
+        await store.close()
+
+
 async def test_backfill_makes_the_tiers_told_before_tiers_were_watched_due(
     cassandra_session: CassandraSession,
 ) -> None:
