@@ -100,7 +100,9 @@ class Principal:
         if not store_id and len(key.stores) == 1:
             return key.stores[0]
         if not store_id and key.stores and required:
-            raise bad_request(field, f"is required: API key {key.key_id} acts for stores {', '.join(key.stores)}")
+            raise bad_request(
+                f"body.{field}", f"is required: API key {key.key_id} acts for stores {', '.join(key.stores)}"
+            )
         return store_id
 
     def may_act_on_hold(self, hold_id: str, channel: str, store_id: str) -> None:

@@ -63,6 +63,7 @@ _KEY_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 _NAME_RULE = "1..64 letters, digits and _.:-, starting with a letter or digit"
 KEY_ID_BYTES = 6  # a key id is 12 hex digits
 MAX_CHANNEL = 64 - 1 - 2 * KEY_ID_BYTES  # "<channel>:<key id>" is a name of at most 64
+RESERVED_CHANNEL = "purchase"  # the prefix of the ledger's receipt-key namespace (gateway/problems.py)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -260,6 +261,10 @@ class KeyStore:
         # The ledger's name rule: a key whose channel or stores break it signs nothing the ledger takes.
         if not is_valid_name(channel):
             raise KeyRequestError(f"channel {channel!r} is not a valid name ({_NAME_RULE})")
+        if channel == RESERVED_CHANNEL:
+            # Its keys' namespace, 'purchase:<key id>', would read as the ledger's receipt keys
+            # ('purchase:<program>'): a reused Idempotency-Key would be answered as a receipt.
+            raise KeyRequestError(f"channel {channel!r} is reserved; name the channel another way")
         if len(channel) > MAX_CHANNEL:
             raise KeyRequestError(
                 f"channel {channel!r} is {len(channel)} characters; at most {MAX_CHANNEL}, so that"

@@ -111,21 +111,21 @@ def redeem_or_hold(
         posted = book.redeem(cmd.member_id, cmd.unit, cmd.points, business_time=cmd.business_time,
                              reference=cmd.reference)  # fmt: skip
         return RedeemResult(posted, None, screening)
-    held, review = _held_for_review(book, cmd.member_id, cmd.unit, cmd.points, cmd.reference, "redemption",
-                                    screening, hold_timeout)  # fmt: skip
+    held, review = _held_for_review(book, cmd, "redemption", screening, hold_timeout)
     return RedeemResult(None, held.hold, review.screening)
 
 
 def _held_for_review(
-    book: ShardBook, member_id: str, unit: str, points: int, reference: str, what: str, screening: Screening,
-    timeout: timedelta,
+    book: ShardBook, cmd: c.Redeem | c.PlaceHold, what: str, screening: Screening, timeout: timedelta
 ) -> tuple[HoldResult, Review]:  # fmt: skip
-    """The points reserved by a hold the review owns, and the review."""
-    review_id = new_review_id(member_id)
-    held = book.place_hold(member_id, unit, points, timeout=timeout,
-                           reference=reference or f"{what} under fraud review {review_id}", saga_id=review_id)  # fmt: skip
-    review = open_review(book, review_id, ReviewKind.REDEMPTION, member_id, unit, points, (held.hold.hold_id,),
-                         screening)  # fmt: skip
+    """The points reserved by a hold the review owns, and the review. The hold names the
+    channel and store it was asked for, as any hold does: only keys acting for them read it."""
+    review_id = new_review_id(cmd.member_id)
+    held = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=timeout,
+                           reference=cmd.reference or f"{what} under fraud review {review_id}", saga_id=review_id,
+                           channel=cmd.context.channel, store_id=cmd.context.store_id)  # fmt: skip
+    review = open_review(book, review_id, ReviewKind.REDEMPTION, cmd.member_id, cmd.unit, cmd.points,
+                         (held.hold.hold_id,), screening)  # fmt: skip
     return held, review
 
 
@@ -139,8 +139,7 @@ def hold_or_review(
         placed = book.place_hold(cmd.member_id, cmd.unit, cmd.points, timeout=timeout, reference=cmd.reference,
                                  channel=cmd.context.channel, store_id=cmd.context.store_id)  # fmt: skip
         return PlacedHold(placed.hold, placed.balance_after, screening)
-    held, review = _held_for_review(book, cmd.member_id, cmd.unit, cmd.points, cmd.reference, "hold", screening,
-                                    review_timeout)  # fmt: skip
+    held, review = _held_for_review(book, cmd, "hold", screening, review_timeout)
     return PlacedHold(held.hold, held.balance_after, review.screening)
 
 

@@ -142,7 +142,7 @@ class Sagas:
         saga_id = new_id("tr", cmd.source_member_id)
         placed = book.place_hold(
             cmd.source_member_id, cmd.unit, cmd.points, timeout=self.svc.policy.hold_max_timeout,
-            reference=saga_id, saga_id=saga_id,
+            reference=saga_id, saga_id=saga_id, channel=cmd.context.channel, store_id=cmd.context.store_id,
         )  # fmt: skip
         # The recipient is credited with the lots the hold keeps (what falls short, none: no expiry).
         portions = [(r.points, r.expires_at) for r in placed.hold.reserves]

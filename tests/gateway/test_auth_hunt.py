@@ -10,9 +10,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import jwt
+import pytest
 
 from gateway.app import key_store
 from gateway.auth import AUDIENCE, member_token_secret
+from gateway.keys import KeyRequestError
 from pointmesh.config import load_settings
 from tests.gateway.conftest import ALL_POS, GatewayUnderTest
 from tests.gateway.test_api import enrol, idem, problem, purchase_body
@@ -59,14 +61,15 @@ async def test_a_key_bound_to_several_stores_must_say_which_one_it_acts_for(gw: 
         member = await enrol(pos)
         unnamed = problem(await multi.post("/v1/purchases", json=purchase_body(gw, member, "MS-1", 1000),
                                            headers=idem()), 400)  # fmt: skip
-        assert unnamed["errors"][0]["field"] == "store_id" and "HEL-01, LIS-01" in unnamed["errors"][0]["detail"]
+        # Named as the client sent it (docs/gateway.md), as the length check names the same field.
+        assert unnamed["errors"][0]["field"] == "body.store_id" and "HEL-01, LIS-01" in unnamed["errors"][0]["detail"]
         named = await multi.post("/v1/purchases", json=purchase_body(gw, member, "MS-1", 1000, store_id="HEL-01"),
                                  headers=idem())  # fmt: skip
         assert named.status_code == 201, named.text
         earned, purchase_id = named.json()["earned"]["points"], named.json()["purchase_id"]
         spend = {"member_id": member, "points": 1}
         unnamed = problem(await multi.post("/v1/redemptions", json=spend, headers=idem()), 400)
-        assert unnamed["errors"][0]["field"] == "context.store_id"
+        assert unnamed["errors"][0]["field"] == "body.context.store_id"
         named = await multi.post("/v1/redemptions", json={**spend, "context": {"store_id": "LIS-01"}}, headers=idem())
         assert named.status_code == 201, named.text
         other = await multi.post("/v1/redemptions", json={**spend, "context": {"store_id": "OSL-01"}}, headers=idem())
@@ -98,3 +101,11 @@ async def test_a_caller_without_the_scope_hears_403_whatever_headers_it_sent(gw:
                                   headers={"Idempotency-Key": "bad key with spaces"}), 403)  # fmt: skip
         missing = problem(await pos.post("/v1/redemptions", json={"member_id": member, "points": 1}), 400)
         assert missing["errors"][0]["field"] == "Idempotency-Key"  # with the scope: the header is what is wrong
+
+
+def test_a_key_cannot_take_the_channel_name_the_ledger_keeps_receipts_under(gw: GatewayUnderTest) -> None:
+    """Its keys' namespace would be 'purchase:<key id>', which reads as the ledger's receipt
+    keys ('purchase:<program>'): a reused Idempotency-Key was answered as a receipt recorded
+    with another body, naming receipt_id."""
+    with pytest.raises(KeyRequestError, match="reserved"):
+        key_store(gw.settings).create("purchase", ALL_POS, [], "a channel named purchase")

@@ -190,3 +190,20 @@ async def test_a_members_live_stream_shows_a_review_without_the_fraud_desks_reas
         assert set(shown["details"]) <= {"review_id", "kind", "status", "points", "subject_ids", "purchase_id"}
     assert closed["details"]["status"] == "REVIEW_STATUS_REJECTED"
     assert note not in json.dumps([opened, closed])
+
+
+async def test_a_hold_held_for_review_belongs_to_the_till_that_placed_it(screened_gw: GatewayUnderTest) -> None:
+    """docs/gateway.md: a hold records the channel and store of the key that placed it, and
+    any other key gets 403. The hold a redemption sent to review got named none, so another
+    store's key read it."""
+    gw = screened_gw
+    async with gw.client("pos") as helsinki, gw.client("pos_lisbon") as lisbon:
+        member = await enrol(helsinki)
+        bought = await helsinki.post("/v1/purchases", json=purchase_body(gw, member, "RH-1", 900_000), headers=idem())
+        assert bought.status_code == 201, bought.text
+        held = await helsinki.post("/v1/redemptions", json={"member_id": member, "points": 3_000}, headers=idem())
+        assert held.status_code == 202, held.text
+        hold = held.json()["hold"]
+        assert (hold["channel"], hold["store_id"]) == ("pos", "HEL-01"), hold
+        problem(await lisbon.get(f"/v1/holds/{hold['hold_id']}"), 403)
+        assert (await helsinki.get(f"/v1/holds/{hold['hold_id']}")).status_code == 200
