@@ -19,8 +19,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.gateway.conftest import GatewayUnderTest
-from tests.gateway.test_api import enrol, idem, purchase_body
-from tests.gateway.test_reviews import screened_gw
+from tests.gateway.test_reviews import funded_member, held_redemption, screened_gw
 
 __all__ = ["screened_gw"]
 ARTIFACTS = REPO / "test-artifacts"
@@ -87,12 +86,8 @@ async def test_the_page_shows_the_ledgers_totals_and_approving_a_held_item_captu
     _browser_or_skip()
     gw = screened_gw
     async with gw.client("pos") as pos, gw.client("fraud_desk") as desk:
-        member = await enrol(pos)
-        bought = await pos.post("/v1/purchases", json=purchase_body(gw, member, "B-1", 900_000), headers=idem())
-        assert bought.status_code == 201, bought.text
-        held = await pos.post("/v1/redemptions", json={"member_id": member, "points": 3_000}, headers=idem())
-        assert held.status_code == 202, held.text
-        review_id = held.json()["screening"]["review_id"]
+        member = await funded_member(gw, pos, "B-1")
+        review_id = (await held_redemption(pos, member))["screening"]["review_id"]
         before = (await pos.get(f"/v1/members/{member}/balance")).json()
 
         seen = await asyncio.to_thread(_drive, f"{gw.url}/backoffice#key={gw.keys['fraud_desk']}", review_id)

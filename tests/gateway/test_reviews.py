@@ -11,7 +11,9 @@ import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 
@@ -40,6 +42,22 @@ async def screened_gw(tmp_path: Path, redis_server: RedisServer) -> AsyncIterato
     await running.task
     await stop_ledger(ledger)
     await stop_rules(rules)
+
+
+async def funded_member(gw: GatewayUnderTest, client: httpx.AsyncClient, receipt: str) -> str:
+    """A new member with the points of a 9,000.00 EUR purchase (enough for a held redemption)."""
+    member = await enrol(client)
+    bought = await client.post("/v1/purchases", json=purchase_body(gw, member, receipt, 900_000), headers=idem())
+    assert bought.status_code == 201, bought.text
+    return member
+
+
+async def held_redemption(client: httpx.AsyncClient, member: str, points: int = 3_000) -> dict[str, Any]:
+    """A redemption fraud screening holds for review (202), as answered."""
+    held = await client.post("/v1/redemptions", json={"member_id": member, "points": points}, headers=idem())
+    assert held.status_code == 202, held.text
+    answer: dict[str, Any] = held.json()
+    return answer
 
 
 async def test_held_redemptions_are_approved_or_rejected_by_the_fraud_desk(screened_gw: GatewayUnderTest) -> None:
@@ -198,12 +216,7 @@ async def test_a_hold_held_for_review_belongs_to_the_till_that_placed_it(screene
     store's key read it."""
     gw = screened_gw
     async with gw.client("pos") as helsinki, gw.client("pos_lisbon") as lisbon:
-        member = await enrol(helsinki)
-        bought = await helsinki.post("/v1/purchases", json=purchase_body(gw, member, "RH-1", 900_000), headers=idem())
-        assert bought.status_code == 201, bought.text
-        held = await helsinki.post("/v1/redemptions", json={"member_id": member, "points": 3_000}, headers=idem())
-        assert held.status_code == 202, held.text
-        hold = held.json()["hold"]
+        hold = (await held_redemption(helsinki, await funded_member(gw, helsinki, "RH-1")))["hold"]
         assert (hold["channel"], hold["store_id"]) == ("pos", "HEL-01"), hold
         problem(await lisbon.get(f"/v1/holds/{hold['hold_id']}"), 403)
         assert (await helsinki.get(f"/v1/holds/{hold['hold_id']}")).status_code == 200

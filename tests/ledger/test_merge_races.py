@@ -17,19 +17,13 @@ from ledger_svc.reconcile import Difference, reconcile
 from ledger_svc.screening import Screening
 from ledger_svc.service import LedgerService
 from tests.conftest import LedgerUnderTest
+from tests.ledger.test_merge_sweep_reviews import member
 
 _n = itertools.count()
 
 
 def k() -> IdemKey:
     return IdemKey("merge-races", f"k{next(_n)}")
-
-
-async def member(svc: LedgerService, *, shard_of: str = "", same_shard: bool = False) -> str:
-    while True:
-        m = (await svc.create_member(c.CreateMember(k()))).member_id
-        if not shard_of or (svc.shard_of(m) == svc.shard_of(shard_of)) == same_shard:
-            return m
 
 
 async def points(svc: LedgerService, member_id: str) -> tuple[int, int, int]:
