@@ -454,13 +454,15 @@ class ShardBook:
         """Points past their date that no hold keeps expire first, as the expiry job would: a
         hold naming them would keep them (void it and place another before the job runs, and
         they would never expire)."""
-        self._expire_account(member_id, unit)
+        lots = self.tx.spendable_lots(member_id, unit)
+        named, pooled = self._held(member_id, unit)
+        self._expire_account(member_id, unit, lots, _free_of(lots, named, pooled))
         self._require_available(member_id, unit, points)
         hold = Hold(
             hold_id=new_id("h", member_id), member_id=member_id, unit=unit, points=points,
             status=HoldStatus.PLACED, captured_points=0, created_at=self.now, expires_at=self.now + timeout,
             reference=reference, saga_id=saga_id, channel=channel, store_id=store_id,
-            reserves=tuple(self._free_reserves(member_id, unit, points)),
+            reserves=_reserves(lots, _free_of(lots, named, pooled), points),  # the lots as expiry left them
         )  # fmt: skip
         self.tx.add_hold(hold)
         balance = self._bump(member_id, unit, reserved_delta=points)
@@ -729,22 +731,6 @@ class ShardBook:
 
     # Transfers and merges move points through the transit account, one side per shard.
 
-    def _free_reserves(self, member_id: str, unit: str, points: int) -> list[Reserved]:
-        """Up to `points` of the points no open hold keeps, earliest expiry first, by expiry."""
-        out: list[Reserved] = []
-        lots = self.tx.spendable_lots(member_id, unit)
-        for lot, free in zip(lots, self._free(member_id, unit, lots), strict=True):
-            if points <= 0:
-                break
-            take = min(points, free)
-            if take > 0:
-                if out and out[-1].expires_at == lot.expires_at:
-                    out[-1] = Reserved(out[-1].points + take, lot.expires_at)
-                else:
-                    out.append(Reserved(take, lot.expires_at))
-                points -= take
-        return out
-
     def credit_transfer(self, member_id: str, unit: str, portions: Sequence[Portion], *, tx_id: str, kind: TxKind,
                         counterparty: str, transfer_id: str) -> Transaction:  # fmt: skip
         """Destination side of a transfer or merge; a second call with the same tx_id is a no-op."""
@@ -890,17 +876,20 @@ class ShardBook:
         accounts = dict.fromkeys((lot.member_id, lot.unit) for lot in lots)
         expired_points = touched = 0
         for member_id, unit in accounts:
-            points, lots_touched = self._expire_account(member_id, unit)
+            account_lots = self.tx.spendable_lots(member_id, unit)
+            points, lots_touched = self._expire_account(
+                member_id, unit, account_lots, self._free(member_id, unit, account_lots)
+            )
             expired_points += points
             touched += lots_touched
         return expired_points, touched, cursor
 
-    def _expire_account(self, member_id: str, unit: str) -> tuple[int, int]:
-        """Expires the account's due points that no open hold keeps (never taking the balance
-        below what holds reserve); returns (points expired, lots expired in part or whole)."""
+    def _expire_account(self, member_id: str, unit: str, lots: list[Lot], frees: list[int]) -> tuple[int, int]:
+        """Expires the account's due points that no open hold keeps (`lots` with their free
+        points, earliest expiry first; never taking the balance below what holds reserve);
+        returns (points expired, lots expired in part or whole). The lots are updated in place."""
         row = self._acct(member_account(member_id, unit))
-        lots = self.tx.spendable_lots(member_id, unit)
-        due = [(lot, free) for lot, free in zip(lots, self._free(member_id, unit, lots), strict=True)
+        due = [(lot, free) for lot, free in zip(lots, frees, strict=True)
                if lot.expires_at is not None and lot.expires_at <= self.now]  # fmt: skip
         amount = max(0, min(sum(free for _, free in due), row.balance - row.reserved))
         if amount == 0:
@@ -981,6 +970,22 @@ def _free_of(lots: list[Lot], named: Sequence[Reserved], pooled: int) -> list[in
         free[i] -= kept
         keep -= kept
     return free
+
+
+def _reserves(lots: list[Lot], frees: list[int], points: int) -> tuple[Reserved, ...]:
+    """Up to `points` of the lots' free points, earliest expiry first, by expiry: a new hold's."""
+    out: list[Reserved] = []
+    for lot, free in zip(lots, frees, strict=True):
+        if points <= 0:
+            break
+        take = min(points, free)
+        if take > 0:
+            if out and out[-1].expires_at == lot.expires_at:
+                out[-1] = Reserved(out[-1].points + take, lot.expires_at)
+            else:
+                out.append(Reserved(take, lot.expires_at))
+            points -= take
+    return tuple(out)
 
 
 def _first(reserves: Sequence[Reserved], points: int) -> list[Portion]:
