@@ -208,14 +208,15 @@ class BatchIngest:
                              lambda b: svc._adjust_body(b, adj), owner=adj.member_id,
                              not_merged=adj.member_id)  # fmt: skip
         rev = svc._check_reverse(cmd)
-        if await svc._merged_owner(rev.transaction_id) is not None:
+        owner = self.owners.get(rev.transaction_id, "")  # read by LedgerService.ingest
+        if await svc._merged_owner(rev.transaction_id, owner) is not None:
             # Reversing an earn of a merged member is a two-shard saga; the unary path runs it.
             return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
                              lambda b: b, via=svc.reverse)  # fmt: skip
         # Its member's, so it keeps its place among that member's items (a resent stream's
         # redemption ahead of it is written first, as one by one).
         return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
-                         lambda b: svc.reverse_body(b, rev), owner=self.owners.get(rev.transaction_id, ""))  # fmt: skip
+                         lambda b: svc.reverse_body(b, rev), owner=owner)  # fmt: skip
 
 
 def _deferred(prepared: list[_Prepared]) -> tuple[list[_Prepared], list[_Prepared]]:

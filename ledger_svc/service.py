@@ -451,13 +451,18 @@ class LedgerService:
         ids = dict.fromkeys(i.transaction_id for i in items if isinstance(i, c.Reverse))
         return dict(await asyncio.gather(*(owner(tx_id) for tx_id in ids)))
 
-    async def _merged_owner(self, tx_id: str) -> Member | None:
+    async def _merged_owner(self, tx_id: str, owner_id: str = "") -> Member | None:
         """The member an earn belonged to, when that member has since been merged away (and
-        maybe erased since: erasure wipes its profile, never where its points went)."""
-        original = await self.store.read(self.shard_of_id(tx_id), lambda tx: tx.get_transaction(tx_id))
-        if original is None or await self._status(original.member_id, "transaction_id") == MemberStatus.ACTIVE:
+        maybe erased since: erasure wipes its profile, never where its points went).
+        `owner_id`: that member, when the caller read the earn already (a batch reversal)."""
+        if not owner_id:
+            original = await self.store.read(self.shard_of_id(tx_id), lambda tx: tx.get_transaction(tx_id))
+            if original is None:
+                return None
+            owner_id = original.member_id
+        if await self._status(owner_id, "transaction_id") == MemberStatus.ACTIVE:
             return None
-        owner = await self.member(original.member_id, "transaction_id")
+        owner = await self.member(owner_id, "transaction_id")
         return owner if owner.merged_into else None
 
     async def merge_heir(self, member: Member, field: str = "member_id") -> str:
