@@ -294,11 +294,20 @@ class ShardBook:
         if excess > 0:
             self._consume_lots(member_id, unit, excess)
 
-    def _require_available(self, member_id: str, unit: str, points: int) -> Balance:
+    def _require_available(self, member_id: str, unit: str, points: int) -> list[Lot]:
+        """Points past their date that no hold keeps are expired first, as the expiry job would,
+        so every debit (a redemption, a hold, a transfer, an adjustment) sees the same balance
+        whenever the job last ran: the date is the promise made to the member, not the job's
+        schedule. A hold naming due points would also keep them from expiry (void it and place
+        another before the job runs, and they would never expire). Returns the member's lots
+        as expiry left them, earliest expiry first."""
+        lots = self.tx.spendable_lots(member_id, unit)
+        if any(lot.expires_at is not None and lot.expires_at <= self.now for lot in lots):
+            self._expire_account(member_id, unit, lots, self._free(member_id, unit, lots))
         balance = self.balance(member_id, unit)
         if balance.available_points < points:
             raise InsufficientPoints(member_id, unit, balance.available_points, points)
-        return balance
+        return lots
 
     # Operations --------------------------------------------------------------------------
 
@@ -451,18 +460,12 @@ class ShardBook:
         self, member_id: str, unit: str, points: int, *, timeout: timedelta, reference: str, saga_id: str = "",
         channel: str = "", store_id: str = "",
     ) -> HoldResult:  # fmt: skip
-        """Points past their date that no hold keeps expire first, as the expiry job would: a
-        hold naming them would keep them (void it and place another before the job runs, and
-        they would never expire)."""
-        lots = self.tx.spendable_lots(member_id, unit)
-        named, pooled = self._held(member_id, unit)
-        self._expire_account(member_id, unit, lots, _free_of(lots, named, pooled))
-        self._require_available(member_id, unit, points)
+        lots = self._require_available(member_id, unit, points)
         hold = Hold(
             hold_id=new_id("h", member_id), member_id=member_id, unit=unit, points=points,
             status=HoldStatus.PLACED, captured_points=0, created_at=self.now, expires_at=self.now + timeout,
             reference=reference, saga_id=saga_id, channel=channel, store_id=store_id,
-            reserves=_reserves(lots, _free_of(lots, named, pooled), points),  # the lots as expiry left them
+            reserves=_reserves(lots, self._free(member_id, unit, lots), points),
         )  # fmt: skip
         self.tx.add_hold(hold)
         balance = self._bump(member_id, unit, reserved_delta=points)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from ledger_svc import commands as c
+from ledger_svc.domain import Balance, IdemKey, InsufficientPoints
+from ledger_svc.service import LedgerService
 from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.conftest import LedgerUnderTest
 from tests.ledger.helpers import (
@@ -23,6 +28,16 @@ from tests.ledger.helpers import (
     rpc_error,
     ts,
 )
+
+_n = itertools.count()
+
+
+def k() -> IdemKey:
+    return IdemKey("expiry", f"k{next(_n)}")
+
+
+async def member(svc: LedgerService) -> str:
+    return (await svc.create_member(c.CreateMember(k()))).member_id
 
 
 def minutes(n: int) -> Duration:
@@ -567,3 +582,55 @@ async def test_one_pass_releases_a_due_credit_behind_credits_released_by_hand(le
     ledger.clock.advance(timedelta(hours=3))
     assert (await run_expiry(ledger)).pending_released == 1
     assert figures(await balance(ledger.stub, member))["pending"] == 0
+
+
+async def test_no_debit_spends_points_past_their_date_before_the_expiry_job_runs(ledger: LedgerUnderTest) -> None:
+    """Each member has 100 points due yesterday and 50 due in 100 days, and the expiry job has
+    not run: a redemption, a negative adjustment and a transfer to a member on the same shard
+    or another one all see 50 available, and are refused alike for more, writing nothing.
+    Holds expired due points first while the others spent them, so a transfer's outcome
+    depended on the shard its recipient lived on."""
+    svc = ledger.app.service
+    now = ledger.clock.now()
+    members = [await member(svc) for _ in range(8)]
+    by_shard: dict[int, list[str]] = {}
+    for m in members:
+        by_shard.setdefault(svc.shard_of(m), []).append(m)
+    source = next(ms[0] for ms in by_shard.values() if len(ms) > 1)
+    same = next(m for m in by_shard[svc.shard_of(source)] if m != source)
+    other = next(m for m in members if svc.shard_of(m) != svc.shard_of(source))
+    debits = {
+        "redeem": lambda m, p: svc.redeem(c.Redeem(k(), m, "points", p)),
+        "adjust": lambda m, p: svc.adjust(c.Adjust(k(), m, "points", -p, reason="correction")),
+        "hold": lambda m, p: svc.place_hold(c.PlaceHold(k(), m, "points", p)),
+        "cross-shard transfer": lambda m, p: svc.transfer(c.Transfer(k(), m, other, "points", p)),
+        "same-shard transfer": lambda m, p: svc.transfer(c.Transfer(k(), m, same, "points", p)),
+    }
+    spenders = {"redeem": await member(svc), "adjust": await member(svc), "hold": await member(svc),
+                "cross-shard transfer": same, "same-shard transfer": source}  # fmt: skip
+    for m in spenders.values():
+        await svc.earn(c.Earn(k(), m, "points", 100, expires_at=now + timedelta(days=1)))
+        await svc.earn(c.Earn(k(), m, "points", 50, expires_at=now + timedelta(days=100)))
+    ledger.clock.advance(timedelta(days=2))
+
+    for what, debit in debits.items():
+        m = spenders[what]
+        shown = await svc.get_balance(m, "points")
+        assert shown.available_points == 150, what  # the job has not run
+        with pytest.raises(InsufficientPoints) as refused:
+            await debit(m, 51)
+        assert (what, refused.value.available) == (what, 50)
+        assert await svc.get_balance(m, "points") == shown, what  # the refusal wrote nothing
+    for what, debit in debits.items():
+        await debit(spenders[what], 50)
+    assert expiry_counts(await run_expiry(ledger)) == (0, 0, 0, 0)  # expired when each debit ran
+    assert {what: figures_of(await svc.get_balance(m, "points")) for what, m in spenders.items()} == {
+        "redeem": (0, 0), "adjust": (0, 0), "hold": (50, 50), "cross-shard transfer": (50, 0),
+        "same-shard transfer": (0, 0),
+    }  # fmt: skip
+    assert (await svc.get_balance(other, "points")).balance_points == 50
+    await assert_books_balance(ledger)
+
+
+def figures_of(b: Balance) -> tuple[int, int]:
+    return b.balance_points, b.reserved_points

@@ -257,6 +257,9 @@ class Scenario:
         self.totals = {unit: UnitTotals() for unit in UNITS}
         self.reversed_accounts: set[Key] = set()
         self.expired_reported = 0
+        # The earliest expiry any lot of each account may carry: once the clock reaches it, a
+        # debit may expire due points first (how many is the ledger's to know, as for reversals).
+        self.soonest: dict[Key, datetime] = {}
         self.step = ""
         # Filled by each operation: the change in balance+pending-debt it must cause per member
         # (None: not predictable per member), and checks that need the balances after it.
@@ -315,6 +318,36 @@ class Scenario:
         self.done.append(Done(call, command, result))
         return result
 
+    def _credited(self, key: Key, expires_at: datetime | None) -> None:
+        if expires_at is not None:
+            self.soonest[key] = min(self.soonest.get(key, expires_at), expires_at)
+
+    async def _debit(self, expect: type[LedgerError] | None, key: Key, points: int, before: dict[Key, Balance],
+                     call: Callable[[Any], Awaitable[R]], command: Any) -> tuple[R | None, int]:  # fmt: skip
+        """Runs a debit of `points` from `key`; returns its result and the points it expired.
+
+        Points past their date expire before any debit, so once one of the account's lots may
+        be due the debit may expire some, and may then find too few points left: refused, with
+        fewer points available than the balance showed and nothing written."""
+        if expect is None and before[key].available_points < points:
+            expect = InsufficientPoints
+        soonest = self.soonest.get(key)
+        may_expire = expect is None and soonest is not None and soonest <= self.clock.now()
+        expired_before = await self._expired_totals()
+        if not may_expire:
+            result = await self._attempt(expect, call, command)
+        else:
+            try:
+                result = await call(command)
+            except InsufficientPoints as exc:
+                assert exc.available < min(points, before[key].available_points + 1), f"{self.step}: {exc!r}"
+                return None, 0
+            self.done.append(Done(call, command, result))
+        expired = (await self._expired_totals())[key[1]] - expired_before[key[1]]
+        assert expired == 0 or (may_expire and result is not None and expired > 0), f"{self.step}: expired {expired}"
+        self.expired_reported += expired
+        return result, expired
+
     async def _balances(self) -> dict[Key, Balance]:
         out: dict[Key, Balance] = {}
         for slot, member_id in enumerate(self.members):
@@ -349,6 +382,7 @@ class Scenario:
         pending = op.review or release_at is not None
         assert result.pending == pending, f"{self.step}: pending={result.pending}"
         key = (op.member, op.unit)
+        self._credited(key, cmd.expires_at or (business_time or now) + timedelta(days=self.policy.expiry_days))
         self.earns.append(EarnModel(result.transaction.transaction_id, key, op.points, op.purchase_minor or 0,
                                     pending, op.review, release_at))  # fmt: skip
         self.totals[op.unit].earned += op.points
@@ -360,16 +394,17 @@ class Scenario:
 
     async def _redeem(self, op: RedeemOp, before: dict[Key, Balance]) -> None:
         key = (op.member, op.unit)
-        expect = InsufficientPoints if before[key].available_points < op.points else None
         cmd = c.Redeem(self._key(), self.members[op.member], op.unit, op.points)
-        result = await self._attempt(expect, self.svc.redeem, cmd)
+        result, expired = await self._debit(None, key, op.points, before, self.svc.redeem, cmd)
         if result is None:
             return
         assert result.transaction is not None and result.hold is None  # unscreened: always paid out
         self.other_txs.append(result.transaction.transaction_id)
         self.totals[op.unit].redeemed += op.points
-        self.expect_net = {key: -op.points}
-        self._after(lambda b, a: self._eq(a[key].available_points - b[key].available_points, -op.points, "available"))
+        self.expect_net = {key: -op.points - expired}
+        self._after(
+            lambda b, a: self._eq(a[key].available_points - b[key].available_points, -op.points - expired, "available")
+        )
         self._after(lambda b, a: self._not_overdrawn(a[key]))
 
     async def _hold(self, op: HoldOp, before: dict[Key, Balance]) -> None:
@@ -377,16 +412,17 @@ class Scenario:
         expect: type[LedgerError] | None = None
         if op.timeout is not None and op.timeout > HOLD_MAX:
             expect = InvalidArgument
-        elif before[key].available_points < op.points:
-            expect = InsufficientPoints
         cmd = c.PlaceHold(self._key(), self.members[op.member], op.unit, op.points, timeout=op.timeout)
-        result = await self._attempt(expect, self.svc.place_hold, cmd)
+        result, expired = await self._debit(expect, key, op.points, before, self.svc.place_hold, cmd)
         if result is None:
             return
         expires_at = self.clock.now() + (op.timeout or HOLD_TIMEOUT)
         self._eq(result.hold.expires_at, expires_at, "hold expiry")
         self.holds.append(HoldModel(result.hold.hold_id, key, op.points, expires_at))
-        self._after(lambda b, a: self._eq(a[key].available_points - b[key].available_points, -op.points, "available"))
+        self.expect_net = {key: -expired}
+        self._after(
+            lambda b, a: self._eq(a[key].available_points - b[key].available_points, -op.points - expired, "available")
+        )
         self._after(lambda b, a: self._eq(a[key].reserved_points - b[key].reserved_points, op.points, "reserved"))
         self._after(lambda b, a: self._not_overdrawn(a[key]))
 
@@ -502,32 +538,39 @@ class Scenario:
         expect: type[LedgerError] | None = None
         if op.source == op.destination:
             expect = InvalidArgument
-        elif before[src].available_points < op.points:
-            expect = InsufficientPoints
         cmd = c.Transfer(self._key(), self.members[op.source], self.members[op.destination], op.unit, op.points)
-        result = await self._attempt(expect, self.svc.transfer, cmd)
+        result, expired = await self._debit(expect, src, op.points, before, self.svc.transfer, cmd)
         if result is None:
             return
         self._eq((result.debit.points, result.credit.points), (-op.points, op.points), "transfer legs")
-        self.expect_net = {src: -op.points, dst: op.points}
-        self._after(lambda b, a: self._eq(a[src].balance_points - b[src].balance_points, -op.points, "source"))
+        if src in self.soonest:
+            self._credited(dst, self.soonest[src])  # the points keep their expiry dates
+        self.expect_net = {src: -op.points - expired, dst: op.points}
+        self._after(
+            lambda b, a: self._eq(a[src].balance_points - b[src].balance_points, -op.points - expired, "source")
+        )
         self._after(lambda b, a: self._eq(a[src].reserved_points, b[src].reserved_points, "source reserved"))
         self._after(lambda b, a: self._not_overdrawn(a[src]))
         self._after(lambda b, a: self._eq(_spendable_delta(b[dst], a[dst]), op.points, "destination"))
 
     async def _adjust(self, op: AdjustOp, before: dict[Key, Balance]) -> None:
         key = (op.member, op.unit)
-        expect = InsufficientPoints if op.points < 0 and before[key].available_points < -op.points else None
         cmd = c.Adjust(self._key(), self.members[op.member], op.unit, op.points, reason="goodwill")
-        result = await self._attempt(expect, self.svc.adjust, cmd)
+        if op.points < 0:
+            result, expired = await self._debit(None, key, -op.points, before, self.svc.adjust, cmd)
+        else:
+            result, expired = await self._attempt(None, self.svc.adjust, cmd), 0
+            self._credited(key, self.clock.now() + timedelta(days=self.policy.expiry_days))
         if result is None:
             return
         self.other_txs.append(result.transaction_id)
         self.totals[op.unit].adjusted += op.points
-        self.expect_net = {key: op.points}
+        self.expect_net = {key: op.points - expired}
         if op.points < 0:
             self._after(
-                lambda b, a: self._eq(a[key].available_points - b[key].available_points, op.points, "available")
+                lambda b, a: self._eq(
+                    a[key].available_points - b[key].available_points, op.points - expired, "available"
+                )
             )
             self._after(lambda b, a: self._not_overdrawn(a[key]))
 
