@@ -84,10 +84,19 @@ class RulesService:
         # Versions this build cannot read, with why: a version never changes and neither does the
         # build while it runs, so every basket in its window is refused without parsing it again.
         self._unreadable: dict[tuple[str, int], str] = {}
+        self._listings_started = self._listing_installed = 0
 
     async def refresh(self) -> None:
-        """Re-reads the version list (other replicas may have published)."""
+        """Re-reads the version list (other replicas may have published). Versions are only
+        ever added, so a listing started later holds every version an earlier one does: one
+        that finishes after a later-started one (a periodic refresh overtaken by a publish's)
+        is dropped, or the version just published would vanish until the next refresh."""
+        self._listings_started += 1
+        started = self._listings_started
         infos = await asyncio.to_thread(self.versions.versions)
+        if started < self._listing_installed:
+            return
+        self._listing_installed = started
         index: dict[str, list[VersionInfo]] = {}
         for info in infos:
             index.setdefault(info.program, []).append(info)
