@@ -52,6 +52,10 @@ class ItemState:
     period: str = ""  # the challenge window this progress belongs to (an id reused later starts afresh)
     period_ends_us: int = 0  # that window's end (0: stored before ends were kept)
     kept_from: int = 0  # streaks: weeks before this one were forgotten (past the lateness horizon)
+    # What the item asked for when it was completed (0: completed before this was kept, or not
+    # completed): a withdrawal judges the award by it, whichever version counted the purchase
+    # taken back, so a later version's changed target neither revokes nor keeps it.
+    target: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +218,7 @@ def _achievement(item: Achievement, state: ItemState, fact: PurchaseFact, local_
     del state.seen[item.count :]
     if len(state.seen) < item.count:
         return None
-    state.completions, state.last_completed_us = 1, epoch_us(fact.receipt_time)
+    state.completions, state.last_completed_us, state.target = 1, epoch_us(fact.receipt_time), item.count
     return Award(item.id, item.name, "once", item.reward.points, item.reward.unit)
 
 
@@ -281,12 +285,26 @@ def join_key(item: Challenge) -> str:
     return f"{item.id}@{challenge_period(item)}"
 
 
-def has_joined(joined: set[str], item: Challenge, history: ProgramHistory | None = None) -> bool:
-    """Joined this challenge: under a bare id (joined before windows were kept), or under the key
-    of any window of its id that overlaps this one as `history` publishes it (`starts` corrected
-    either way: the same challenge, so the join stands; a reused id's older window ended before
-    this one began). A window no version publishes now counts if it started inside this one."""
-    if item.id in joined:
+# A till's clock may run behind the app's: a purchase rung up this long before the member joined
+# (by the till's receipt time) is taken for one made just after, as the member saw it.
+JOIN_CLOCK_SKEW = timedelta(minutes=5)
+
+
+def has_joined(joined: Mapping[str, int], item: Challenge, history: ProgramHistory | None = None,
+               at: datetime | None = None) -> bool:  # fmt: skip
+    """Joined this challenge (by `at`, when given: a purchase counts only if made after joining,
+    however late its receipt arrives). `joined` maps each join key to when it was recorded
+    (Unix microseconds; 0 for joins recorded before their time was kept). Joined under a bare id
+    (joined before windows were kept), or under the key of any window of its id that overlaps
+    this one as `history` publishes it (`starts` corrected either way: the same challenge, so
+    the join stands; a reused id's older window ended before this one began). A window no
+    version publishes now counts if it started inside this one."""
+    by_us = epoch_us(at + JOIN_CLOCK_SKEW) if at is not None else None
+
+    def in_time(key: str) -> bool:
+        return by_us is None or joined[key] <= by_us
+
+    if item.id in joined and in_time(item.id):
         return True
     history = history or ProgramHistory.of(())
     overlapping = set(overlapping_periods(item, history))
@@ -294,8 +312,8 @@ def has_joined(joined: set[str], item: Challenge, history: ProgramHistory | None
     ends_us = history.end_of(item)
     for key in joined:
         start = key.removeprefix(f"{item.id}@from-")
-        if start == key or not start.isdigit():
-            continue  # another challenge's join
+        if start == key or not start.isdigit() or not in_time(key):
+            continue  # another challenge's join, or one made after `at`
         if f"from-{start}" in overlapping:
             return True
         if (item.id, int(start)) not in history.window_ends_us and starts_us <= int(start) * 1_000_000 < ends_us:
@@ -379,11 +397,11 @@ def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bo
     state.count += 1
     if state.count < item.purchases:
         return None
-    state.completions, state.last_completed_us = 1, epoch_us(fact.receipt_time)
+    state.completions, state.last_completed_us, state.target = 1, epoch_us(fact.receipt_time), item.purchases
     return Award(item.id, item.name, state.period, item.reward.points, item.reward.unit)
 
 
-def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact: PurchaseFact,
+def apply(program: Program, states: dict[str, ItemState], joined: Mapping[str, int], fact: PurchaseFact,
           history: ProgramHistory | None = None, counted: list[Counted] | None = None) -> list[Award]:  # fmt: skip
     """Advances every item the purchase matches; `states` is updated in place, and `counted`
     (when given) receives what the purchase gave each item (for `withdraw`). `program` is the
@@ -415,7 +433,8 @@ def apply(program: Program, states: dict[str, ItemState], joined: set[str], fact
     for c in g.challenges:
         if matches(c.match, fact, fx):
             state = states.setdefault(c.id, ItemState())
-            awards.append(_challenge(c, state, fact, has_joined(joined, c, history), history, counted))
+            joined_then = has_joined(joined, c, history, fact.receipt_time)
+            awards.append(_challenge(c, state, fact, joined_then, history, counted))
     return [a for a in awards if a is not None]
 
 
@@ -449,12 +468,13 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
             continue
         others = list(dict.fromkeys(c.value for c in remaining if c.item_id == a.id and not c.period))
         kept = [v for v in state.seen if v not in mine or v in others]
+        need = _target(state, a.count)
         # Up to the count only: what the remaining purchases give is in `remaining` (game_counted)
         # whenever another withdrawal needs it, so a member with thousands of purchases does not
         # carry every one of them in the progress rewritten on each event.
-        state.seen = (kept + [v for v in others if v not in kept])[: a.count]
-        if state.completions and len(state.seen) < a.count:
-            state.completions, state.last_completed_us = 0, 0
+        state.seen = (kept + [v for v in others if v not in kept])[: max(a.count, need)]
+        if state.completions and len(state.seen) < need:
+            state.completions, state.last_completed_us, state.target = 0, 0, 0
             revoked.append(Revoked(a.id, ("once",)))
     for s in g.streaks:
         state = states.get(s.id)
@@ -465,6 +485,12 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
         if state is not None:
             revoked.extend(_withdraw_place(c, state, gone, remaining, history, promoted))
     return revoked, promoted
+
+
+def _target(state: ItemState, asked: int) -> int:
+    """What a withdrawal holds the item's progress to: the target its award was earned under,
+    else what the version at hand asks (`asked`)."""
+    return state.target if state.completions and state.target else asked
 
 
 def _withdraw_weeks(item: Streak, state: ItemState, gone: list[Counted], remaining: list[Counted]) -> list[Revoked]:
@@ -555,16 +581,17 @@ def _withdraw_place(item: Challenge, state: ItemState, gone: list[Counted], rema
     if not places:
         return []
     state.count = max(0, state.count - len(places))
+    need = _target(state, item.purchases)
     mine = [x for x in remaining if x.item_id == item.id and x.period in windows]
     for stand_in in [x for x in mine if not x.counts]:
-        if state.count >= item.purchases:
+        if state.count >= need:
             break
         state.count += 1
         promoted.append(stand_in)
-    if state.completions and state.count < item.purchases:
-        state.completions, state.last_completed_us = 0, 0
+    if state.completions and state.count < need:
+        state.completions, state.last_completed_us, state.target = 0, 0, 0
         return [Revoked(item.id, tuple(sorted(windows)))]
     counted = sorted([x for x in mine if x.counts] + promoted, key=lambda x: (x.receipt_us, x.purchase_id))
-    if state.completions and len(counted) == state.count >= item.purchases:  # no progress from before rows were kept
-        state.last_completed_us = counted[item.purchases - 1].receipt_us  # when the target is reached now
+    if state.completions and len(counted) == state.count >= need:  # no progress from before rows were kept
+        state.last_completed_us = counted[need - 1].receipt_us  # when the target is reached now
     return []

@@ -142,7 +142,7 @@ class GameService:
         if self.clock.now() >= challenge.ends:
             raise FailedPrecondition(f"challenge {challenge_id} ended at {challenge.ends.isoformat()}",
                                      field="challenge_id")  # fmt: skip
-        await asyncio.to_thread(self.store.join, p.program, join_key(challenge), member_id)
+        await asyncio.to_thread(self.store.join, p.program, join_key(challenge), member_id, self.clock.now())
         return True
 
     async def experiment_report(self, program: str, experiment_id: str) -> ExperimentReport:

@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS game_state (
   program TEXT NOT NULL, member_id TEXT NOT NULL, item_id TEXT NOT NULL, state TEXT NOT NULL,
   PRIMARY KEY (program, member_id, item_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS game_joins (
-  program TEXT NOT NULL, challenge_id TEXT NOT NULL, member_id TEXT NOT NULL,
+  program TEXT NOT NULL, challenge_id TEXT NOT NULL, member_id TEXT NOT NULL, joined_us INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (program, challenge_id, member_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS game_board (
   program TEXT NOT NULL, challenge_id TEXT NOT NULL, member_id TEXT NOT NULL, progress INTEGER NOT NULL,
@@ -154,6 +154,9 @@ class GameStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(game_board)")}
         if "period" not in columns:  # a store written before challenge windows were told apart
             self._db.execute("ALTER TABLE game_board ADD COLUMN period TEXT NOT NULL DEFAULT ''")
+        if "joined_us" not in {row[1] for row in self._db.execute("PRAGMA table_info(game_joins)")}:
+            # joins recorded before their time was kept count for every purchase, as they did
+            self._db.execute("ALTER TABLE game_joins ADD COLUMN joined_us INTEGER NOT NULL DEFAULT 0")
         self._date_events_of_before()
         self._db.executescript(INDEXES)
         self._move_experiment_members()
@@ -577,17 +580,20 @@ class GameStore:
         with self._lock:
             return self._states(program, member_id)
 
-    def join(self, program: str, challenge_id: str, member_id: str) -> None:
+    def join(self, program: str, challenge_id: str, member_id: str, at: datetime) -> None:
+        """Joining again keeps the first join's time."""
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO game_joins VALUES (?,?,?)", (program, challenge_id, member_id))
+            self._db.execute("INSERT OR IGNORE INTO game_joins VALUES (?,?,?,?)",
+                             (program, challenge_id, member_id, epoch_us(at)))  # fmt: skip
 
-    def _joined(self, program: str, member_id: str) -> set[str]:
+    def _joined(self, program: str, member_id: str) -> dict[str, int]:
+        """Join key -> when joined (Unix microseconds)."""
         rows = self._db.execute(
-            "SELECT challenge_id FROM game_joins WHERE program=? AND member_id=?", (program, member_id)
+            "SELECT challenge_id, joined_us FROM game_joins WHERE program=? AND member_id=?", (program, member_id)
         ).fetchall()
-        return {r[0] for r in rows}
+        return {r[0]: int(r[1]) for r in rows}
 
-    def joined(self, program: str, member_id: str) -> set[str]:
+    def joined(self, program: str, member_id: str) -> dict[str, int]:
         with self._lock:
             return self._joined(program, member_id)
 

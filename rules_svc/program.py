@@ -719,6 +719,30 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
             errors.append(
                 (f"{at}.match.min_total.currency", f"{match.min_total.currency} has neither a base rate nor an FX rate")
             )
+    if publishing:
+        errors += _unreachable_counts(p)
+    return errors
+
+
+def _unreachable_counts(p: Program) -> list[tuple[str, str]]:
+    """Achievements asking for more distinct channels, stores or categories than any purchase
+    can bring (the program's channels, or those their match names): no member could complete
+    one, and it would be marketed all the same. Publish only, as a stored version keeps loading."""
+    errors = []
+    for j, a in enumerate(p.gamification.achievements):
+        possible: tuple[int, str] | None = None
+        if a.distinct == Distinct.CHANNEL:
+            possible = (len(set(a.match.channels or p.channels)), "channels")
+        elif a.distinct == Distinct.STORE and a.match.stores:
+            possible = (len(set(a.match.stores)), "stores")
+        elif a.distinct == Distinct.CATEGORY and a.match.categories:
+            possible = (len(set(a.match.categories)), "categories")
+        if possible is not None and a.count > possible[0]:
+            errors.append((
+                f"gamification.achievements[{j}].count",
+                f"asks for {a.count} distinct {a.distinct.value} values, but purchases can bring only "
+                f"{possible[0]} {possible[1]}: no member could complete it",
+            ))  # fmt: skip
     return errors
 
 

@@ -182,7 +182,7 @@ def test_joining_an_opt_in_challenge_counts_for_its_window_only(tmp_path: Path) 
     january = opt_in("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
     february = opt_in("2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00+00:00")
     store = GameStore(tmp_path / "game.sqlite")
-    store.join("test", join_key(january.gamification.challenges[0]), "m-1")
+    store.join("test", join_key(january.gamification.challenges[0]), "m-1", datetime(2026, 1, 1, tzinfo=UTC))
 
     in_january = [store.apply_event(january, fact(datetime(2026, 1, d, 12, tzinfo=UTC))) for d in (10, 11)]
     in_february = [store.apply_event(february, fact(datetime(2026, 2, d, 12, tzinfo=UTC))) for d in (10, 11)]
@@ -220,7 +220,7 @@ def test_a_join_stands_when_the_challenge_start_is_corrected_earlier_but_not_for
     first = opt_in("2026-01-05T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
     corrected = opt_in("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00")
     february = opt_in("2026-02-01T00:00:00+00:00", "2026-03-01T00:00:00+00:00")
-    joined = {join_key(first.gamification.challenges[0])}
+    joined = {join_key(first.gamification.challenges[0]): 0}
 
     assert has_joined(joined, corrected.gamification.challenges[0])
     assert not has_joined(joined, february.gamification.challenges[0])

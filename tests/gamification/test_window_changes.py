@@ -205,3 +205,86 @@ async def test_a_join_made_before_a_start_was_corrected_later_still_counts(versi
 
     assert [(i.joined, i.progress, i.completions) for i in in_february.items] == [(False, 0, 0)]
     assert versions.rewards(member) == {"PAID": 200}
+
+
+def _challenge(purchases: int, **more: Any) -> dict[str, Any]:
+    return program_doc(channels=["pos", "app", "web"], gamification={"challenges": [{
+        "id": "monthly", "name": "Purchases this month", "starts": "2026-01-01T00:00:00+00:00",
+        "ends": "2026-02-01T00:00:00+00:00", "purchases": purchases, "reward": {"points": 200}, **more}]})  # fmt: skip
+
+
+async def _full_return(v: Versions, member_id: str, purchase_id: str, event_id: str, when: datetime) -> None:
+    event = ledger_pb2.LedgerEvent(event_id=event_id, member_id=member_id, purchase_returned=ledger_pb2.PurchaseReturned(
+        purchase_id=purchase_id, return_key=event_id, fully_returned=True))  # fmt: skip
+    event.occurred_at.FromDatetime(when)
+    await v.worker.handle(BusMessage("1-0", member_id, event_id, "purchase_returned", event.SerializeToString()))
+
+
+def _purchases(v: Versions, member_id: str) -> list[str]:
+    rows = v.game.store._db.execute(
+        "SELECT DISTINCT purchase_id FROM game_counted WHERE member_id=? ORDER BY receipt_us", (member_id,)
+    )
+    return [r[0] for r in rows]
+
+
+async def test_a_return_judges_the_award_by_the_target_it_was_earned_under(versions: Versions) -> None:
+    """v1 asks for three January purchases; v2 (effective 10 January) lowers it to two. Alice
+    and Bob buy on 5, 12 and 13 January: the 12th completes it under v2, the 13th stands in.
+    Alice returns the purchase of the 5th, Bob the one of the 12th: both keep two January
+    purchases, what the award was earned for. Alice's return was judged by v1's three (the
+    version at its receipt) and took her 200 points back."""
+    await versions.publish(_challenge(3), DECEMBER)
+    await versions.publish(_challenge(2), datetime(2026, 1, 10, tzinfo=UTC))
+    alice, bob = await versions.member(), await versions.member()
+    for member in (alice, bob):
+        for day in (5, 12, 13):
+            await versions.buy(member, at(1, day))
+        assert versions.rewards(member) == {"PAID": 200}
+
+    await _full_return(versions, alice, _purchases(versions, alice)[0], "ret-alice", at(1, 14))
+    await _full_return(versions, bob, _purchases(versions, bob)[1], "ret-bob", at(1, 14))
+
+    assert versions.rewards(bob) == {"PAID": 200}
+    assert versions.rewards(alice) == {"PAID": 200}
+    assert await versions.balance(alice) == 200
+
+
+async def test_a_return_still_revokes_an_award_what_remains_falls_short_of(versions: Versions) -> None:
+    """The same two versions; a member buys on the 12th and 13th only (completed under v2's two)
+    and returns one: one purchase is left, short of the two it was earned for."""
+    await versions.publish(_challenge(3), DECEMBER)
+    await versions.publish(_challenge(2), datetime(2026, 1, 10, tzinfo=UTC))
+    alice = await versions.member()
+    for day in (12, 13):
+        await versions.buy(alice, at(1, day))
+    assert versions.rewards(alice) == {"PAID": 200}
+    await _full_return(versions, alice, _purchases(versions, alice)[0], "ret-alice", at(1, 14))
+    assert versions.rewards(alice) == {"REVOKED": 200}
+    assert await versions.balance(alice) == 0
+
+
+async def test_an_opt_in_purchase_made_before_joining_does_not_count_when_its_receipt_arrives_late(
+    versions: Versions,
+) -> None:
+    """Alice and Bob both buy on 5 January, join on the 6th and buy on the 7th. Alice's till
+    sends the receipt of the 5th at once; Bob's is offline and sends it on the 8th (within the
+    lateness policy). Made before joining, it counts for neither: it counted for Bob, whose
+    join was looked at when the receipt arrived, and paid him 120 points."""
+    await versions.publish(_challenge(2, opt_in=True), DECEMBER)
+    alice, bob = await versions.member(), await versions.member()
+
+    versions.clock.set(at(1, 5))
+    await versions.buy(alice, at(1, 5))
+    versions.clock.set(at(1, 6))
+    await versions.game.join("test", "monthly", alice)
+    await versions.game.join("test", "monthly", bob)
+    versions.clock.set(at(1, 7))
+    await versions.buy(alice, at(1, 7))
+    await versions.buy(bob, at(1, 7))
+    versions.clock.set(at(1, 8))
+    await versions.buy(bob, at(1, 5))  # the purchase of the 5th, sent late
+
+    for member in (alice, bob):
+        item = (await versions.game.progress("test", member)).items[0]
+        assert (member, item.progress, item.completions, item.joined) == (member, 1, 0, True)
+        assert versions.rewards(member) == {}

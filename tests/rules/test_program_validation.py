@@ -421,3 +421,25 @@ rules:
 """
     program = load_program(reused)
     assert program.rules[0].when.channels == ["pos", "app"]
+
+
+@pytest.mark.parametrize(
+    ("achievement", "why"),
+    [
+        ({"id": "omni", "name": "Four channels", "distinct": "channel", "count": 4, "reward": {"points": 50}},
+         "3 channels"),
+        ({"id": "omni", "name": "Four of two", "distinct": "channel", "count": 3,
+          "match": {"channels": ["pos", "app"]}, "reward": {"points": 50}}, "2 channels"),
+        ({"id": "duo", "name": "Three of two", "distinct": "category", "count": 3,
+          "match": {"categories": ["shoes", "bags"]}, "reward": {"points": 50}}, "2 categories"),
+    ],
+)  # fmt: skip
+def test_an_achievement_no_member_can_complete_is_refused_naming_its_count(
+    achievement: dict[str, Any], why: str
+) -> None:
+    doc = program_doc(channels=["pos", "app", "web"], gamification={"achievements": [achievement]})
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program(yaml.safe_dump(doc))
+    found = dict(refused.value.errors)
+    assert "gamification.achievements[0].count" in found, found
+    assert why in found["gamification.achievements[0].count"]
