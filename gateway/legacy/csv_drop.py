@@ -81,7 +81,9 @@ class CsvDropAdapter:
     def parse(self, source: str, data: bytes) -> Iterator[Parsed]:
         lines, undecodable = _physical_lines(data)
         header_at = next((i for i, ln in enumerate(lines) if ln.raw.strip()), None)
-        if header_at is None:
+        if header_at is None:  # a day without sales still has its header line
+            yield Quarantined(source, 1, "the file has no header line (it is empty or blank); the drop may have"
+                              " delivered nothing of the export", "", field="header")  # fmt: skip
             return
         header_line, body = lines[header_at], [ln for ln in lines[header_at + 1 :] if ln.raw.strip()]
         header, problem = _header(header_line.raw)
@@ -299,9 +301,11 @@ def _emit(source: str, group: list[_Row], held_because: str) -> Iterator[Parsed]
         return
     store, receipt = first.text("store_id"), first.text("receipt_id")
     why = f"see line(s) {_listed(bad)}" if bad else held_because
+    named = (store, receipt) if store and receipt and first.text("record_type") == "P" else None
     for row in group:
         reason = "; ".join(row.errors) or f"held back with receipt {store}/{receipt}: {why}"
-        yield Quarantined(source, row.line.number, reason, row.line.raw, field=_first_column(row.errors))
+        yield Quarantined(source, row.line.number, reason, row.line.raw, field=_first_column(row.errors),
+                          receipt=named)  # fmt: skip
 
 
 def _first_column(errors: list[str]) -> str:

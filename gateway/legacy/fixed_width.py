@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -128,6 +128,10 @@ class FixedWidthAdapter:
 
     def parse(self, source: str, data: bytes) -> Iterator[Parsed]:
         records = [_record(line, ascii_ok) for line, ascii_ok in _lines(data)]
+        if not records:  # a night without sales is still H and T000000000
+            yield Quarantined(source, 1, "the file has no records (no header H, no trailer T); the transfer may"
+                              " have delivered nothing", "", field="record_count")  # fmt: skip
+            return
         framing = _framing(records)
         if framing is not None:
             at, reason = framing
@@ -212,15 +216,17 @@ def _unless_a_copy_is_bad(
     """The unit as read or, when another copy of it in the file is held back, held back too."""
     parsed = _read(source, unit)
     key = _identity(unit)
+    named = (key[1], key[2]) if key and key[0] == "P" else None
     others = [line for line in bad_copies.get(key, []) if line != unit[0].line.number] if key else []
     if not others or any(isinstance(item, Quarantined) for item in parsed):
-        yield from parsed
+        yield from (replace(item, receipt=named) if isinstance(item, Quarantined) else item for item in parsed)
         return
     what = "receipt" if unit[0].kind == "P" else "refund"
     reason = (
         f"{what} held back: line(s) {', '.join(map(str, others))} hold another copy of it that is held back; see there"
     )
-    yield from quarantine_all(Origin(source, tuple(rec.line for rec in unit)), reason)
+    held = quarantine_all(Origin(source, tuple(rec.line for rec in unit)), reason)
+    yield from (replace(item, receipt=named) for item in held)
 
 
 def _lines(data: bytes) -> list[tuple[SourceLine, bool]]:
@@ -256,9 +262,7 @@ def _record(line: SourceLine, ascii_ok: bool) -> _Record:
 
 
 def _framing(records: list[_Record]) -> tuple[int, str] | None:
-    """(line, reason) when the file is not exactly H, records, T with the right count."""
-    if not records:
-        return None
+    """(line, reason) when the file (with records) is not exactly H, records, T with the right count."""
     first, last = records[0], records[-1]
     if first.kind == "H" and first.problem:
         return first.line.number, f"the header is unreadable: {first.problem}"

@@ -110,6 +110,9 @@ class Quarantined:
     raw: str
     code: str = "PARSE"
     field: str = ""
+    # (store id, receipt id) of the purchase the line belongs to, when the file names it: a
+    # settlement run knows the receipt is in the file, however unreadable the line.
+    receipt: tuple[str, str] | None = None
 
 
 Record = LegacyPurchase | LegacyReturn

@@ -120,19 +120,26 @@ def _spans(days: list[datetime]) -> list[tuple[datetime, datetime]]:
     spans: list[tuple[datetime, datetime]] = []
     for day in days:
         if spans and day - spans[-1][1] <= LIST_WINDOW:
-            spans[-1] = (spans[-1][0], _next_day(day))
+            spans[-1] = (spans[-1][0], max(spans[-1][1], _next_day(day)))
         else:
             spans.append((day, _next_day(day)))
     return spans
 
 
 def _day(when: datetime) -> datetime:
-    return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    """The start (in UTC) of the receipt's business day: its local day, by the UTC offset the
+    file gives its time. A store open past midnight UTC (Helsinki at 00:30 is 22:30 UTC the
+    day before) or one east of UTC (Tokyo opens at 08:00, 23:00 UTC) would otherwise bring
+    the previous day's settled receipts into its listing, reported as the ledger's only."""
+    try:
+        return when.replace(hour=0, minute=0, second=0, microsecond=0).astimezone(UTC)
+    except OverflowError:  # a local day starting before year 1
+        return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def _next_day(day: datetime) -> datetime:
-    """The start of the next UTC day; for 9999-12-31 (no next day) its last instant."""
-    return day + timedelta(days=1) if day < _day(_LAST_INSTANT) else _LAST_INSTANT
+    """24 hours after a business day's start; for days ending past 9999-12-31 the last instant."""
+    return day + timedelta(days=1) if day < _LAST_INSTANT - timedelta(days=1) else _LAST_INSTANT
 
 
 async def _posted(
@@ -177,7 +184,8 @@ async def _store_posted(
 async def reconcile_records(
     records: list[Parsed], stub: ledger_pb2_grpc.LedgerServiceStub, *, adapter: str, channel: str
 ) -> SettlementReport:
-    """Compares the file's receipts with the ledger's for the same stores and UTC days."""
+    """Compares the file's receipts with the ledger's for the same stores and business days
+    (each receipt's local day, by its UTC offset)."""
     report = SettlementReport()
     receipts = [r for r in records if isinstance(r, LegacyPurchase)]
     report.quarantined = [r for r in records if isinstance(r, Quarantined)]
@@ -187,6 +195,8 @@ async def reconcile_records(
         return report
     key_of = {id(r): (r.channel or channel, r.store_id, r.receipt_id) for r in receipts}
     in_file: set[ReceiptKey] = set(key_of.values())
+    # A receipt whose lines are quarantined is in the file all the same (fix the line, not the ledger).
+    in_file |= {(channel, *q.receipt) for q in report.quarantined if q.receipt}
     in_ledger: dict[ReceiptKey, ledger_pb2.Purchase] = {}
     # Each store's days in the file and the days between them (a day missing from the file is a
     # day the ledger may have receipts for; a gap longer than a listing window is not one

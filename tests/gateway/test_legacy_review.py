@@ -28,7 +28,7 @@ from gateway.legacy.importer import ADAPTERS, ImportReport, import_file, import_
 from gateway.legacy.records import LegacyPurchase, Parsed, Quarantined
 from gateway.legacy.settlement import reconcile_file
 from gateway.legacy.webhook import SignatureError, WebhookAdapter, sign, verify_signature
-from pointmesh.redis_server import RedisServer
+from pointmesh.redis_server import RedisServer, free_port
 from tests.conftest import pointmesh_cli
 from tests.gateway.conftest import GatewayUnderTest, start_gateway
 from tests.gateway.test_legacy import fixed, member_with_card, rest_purchase
@@ -380,3 +380,22 @@ async def test_settlement_reports_a_ledger_only_receipt_on_a_day_the_file_lacks(
     ))  # fmt: skip
     report = await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "q")
     assert [o.receipt_id for o in report.ledger_only] == ["L-3"] and not report.resolved
+
+
+@pytest.mark.parametrize("data", [b"", b"\r\n\r\n  \n"], ids=["zero-bytes", "blank-lines"])
+@pytest.mark.parametrize(("adapter", "field"), [("fixed-width", "record_count"), ("csv", "header")])
+async def test_an_export_that_arrived_empty_is_held_back_not_imported_as_a_day_without_sales(
+    tmp_path: Path, data: bytes, adapter: str, field: str
+) -> None:
+    """A transfer that delivered nothing: a mainframe night has its H and T even without sales,
+    and a drop its header line. It was read as a clean import of nothing (exit 0, nothing
+    quarantined), so the night's receipts never earned and nobody was told."""
+    parsed = list(ADAPTERS[adapter].parse("night.txt", data))
+    assert [(type(p), p.field, p.line) for p in parsed] == [(Quarantined, field, 1)]
+    source = tmp_path / "night.txt"
+    source.write_bytes(data)
+    # No ledger listens there: nothing is sent.
+    env = {**os.environ, "POINTMESH_LEDGER_ADDR": f"127.0.0.1:{free_port()}", "POINTMESH_DATA_DIR": str(tmp_path)}
+    done = await asyncio.to_thread(pointmesh_cli, "legacy", "import", str(source), "--adapter", adapter, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "0 accepted" in done.stdout and "1 lines quarantined" in done.stdout

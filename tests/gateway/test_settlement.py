@@ -16,7 +16,7 @@ import pytest
 
 from gateway.legacy.settlement import reconcile_file
 from tests.conftest import pointmesh_cli
-from tests.gateway.test_legacy import member_with_card, rest_purchase
+from tests.gateway.test_legacy import fixed, member_with_card, rest_purchase
 from tests.mesh import conftest as mesh_fixtures
 from tests.mesh.conftest import Mesh
 from tests.mesh.helpers import points
@@ -87,3 +87,65 @@ async def test_the_cli_exits_nonzero_until_nothing_is_left_for_a_person(mesh: Me
     assert "3 receipts in file, 0 already posted, 3 posted now, 0 only in the ledger" in done.stdout
     assert "zero differences" in done.stdout
     assert await points(mesh, bruno) == 100 + 30 + 20
+
+
+async def test_a_store_open_past_midnight_utc_settles_by_its_own_business_day(mesh: Mesh, tmp_path: Path) -> None:
+    """Helsinki is UTC+2: today's file has a receipt at 00:30 local, 22:30 UTC yesterday.
+    The listing took UTC days, so yesterday's receipt, settled by yesterday's run, came back as
+    LEDGER ONLY and the run never came out resolved."""
+    member = await member_with_card(mesh, "7100-0002")
+    await mesh.ledger.stub.RecordPurchase(
+        rest_purchase(member, "Y-1", "SKU-TEA", 1, 3000, "EUR", datetime(2026, 1, 1, 13, tzinfo=UTC))
+    )
+    yesterday = tmp_path / "hel-01-2026-01-01.csv"
+    yesterday.write_text(HEADER + "P,HEL-01,Y-1,1,2026-01-01T15:00:00+02:00,7100-0002,EUR,SKU-TEA,misc,1,30.00\n")
+    assert (await reconcile_file(yesterday, "csv", mesh.ledger.address, tmp_path / "q")).resolved
+    today = tmp_path / "hel-01-2026-01-02.csv"
+    today.write_text(HEADER + (
+        "P,HEL-01,T-1,1,2026-01-02T00:30:00+02:00,7100-0002,EUR,SKU-TEA,misc,1,30.00\n"
+        "P,HEL-01,T-2,1,2026-01-02T12:00:00+02:00,7100-0002,EUR,SKU-TEA,misc,1,30.00\n"
+    ))  # fmt: skip
+    report = await reconcile_file(today, "csv", mesh.ledger.address, tmp_path / "q")
+    assert (report.posted.accepted, report.ledger_only) == (2, []), report.lines()
+    assert report.resolved
+    # A receipt of the same business day that only the ledger has is still found.
+    await mesh.ledger.stub.RecordPurchase(
+        rest_purchase(member, "T-9", "SKU-TEA", 1, 3000, "EUR", datetime(2026, 1, 2, 21, 30, tzinfo=UTC))
+    )  # 23:30 local
+    again = await reconcile_file(today, "csv", mesh.ledger.address, tmp_path / "q")
+    assert [o.receipt_id for o in again.ledger_only] == ["T-9"]
+
+
+@pytest.mark.parametrize("adapter", ["csv", "fixed-width"])
+async def test_a_receipt_whose_line_is_unreadable_is_in_the_file_not_the_ledger_s_only(
+    mesh: Mesh, tmp_path: Path, adapter: str
+) -> None:
+    """S-2 reached the ledger over REST; the store's file has it with a typo in the amount. The
+    line is quarantined, and the report also called S-2 LEDGER ONLY (a receipt the file lacks,
+    to look into in the ledger) when the fix is the typo."""
+    member = await member_with_card(mesh, "7100-0001")
+    await mesh.ledger.stub.RecordPurchase(
+        rest_purchase(member, "S-2", "SKU-BREAD", 1, 3000, "EUR", datetime(2026, 1, 2, 9, tzinfo=UTC))
+    )
+    source = tmp_path / "eod.txt"
+    if adapter == "csv":
+        source.write_text(HEADER + (
+            "P,HEL-01,S-1,1,2026-01-02T10:15:00+02:00,7100-0001,EUR,SKU-COFFEE,misc,1,12.50\n"
+            "P,HEL-01,S-2,1,2026-01-02T11:00:00+02:00,7100-0001,EUR,SKU-BREAD,misc,1,30.0O\n"
+        ))  # fmt: skip
+        bad_lines = [3]
+    else:
+        head = {"store_id": "HEL-01", "utc_offset": "+0200", "card_number": "7100-0001", "currency": "EUR",
+                "line_count": 1}  # fmt: skip
+        source.write_text("\n".join([
+            fixed("H", producer="MF", created_at="20260103060000", batch_id="1"),
+            fixed("P", receipt_id="S-1", receipt_time="20260102101500", **head),
+            fixed("L", sku="SKU-COFFEE", category="misc", quantity=1, amount_minor=1250),
+            fixed("P", receipt_id="S-2", receipt_time="20260102110000", **head),
+            fixed("L", sku="SKU-BREAD", category="misc", quantity=1, amount_minor=1250).replace("1250", "12X0"),
+            fixed("T", record_count=4),
+        ]) + "\n")  # fmt: skip
+        bad_lines = [4, 5]
+    report = await reconcile_file(source, adapter, mesh.ledger.address, tmp_path / "q")
+    assert [q.line for q in report.quarantined] == bad_lines, report.lines()
+    assert report.ledger_only == [], report.lines()
