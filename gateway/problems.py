@@ -113,6 +113,7 @@ REST_FIELDS = {
     "page.page_token": "page_token",
     "page.page_size": "page_size",
     "timeout": "timeout_seconds",
+    "member.tier": "body.tier",  # POST /v1/program/explain prices as a tier
 }
 # What a 503 says, by the name routes give `call`: the service's own words name its peers'
 # addresses and gRPC internals, so they are logged, not returned.

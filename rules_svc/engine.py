@@ -105,6 +105,7 @@ class CompiledProgram:
         self.counts_purchases = any(r.when.purchase_number is not None for r in program.rules)
         self._thresholds: dict[tuple[str, str, int], int] = {}
         tiers = program.tiers
+        self.tier_codes = tuple(t.code for t in tiers.levels) if tiers is not None else ()
         self.tier_policy = (
             TierPolicy(tiers.metric_unit, tiers.window.value, tiers.downgrade_grace_days,
                        tuple((t.code, t.threshold) for t in tiers.levels), program.default_timezone)
@@ -246,6 +247,12 @@ class CompiledProgram:
 
     def evaluate(self, basket: Basket, member: MemberContext) -> Evaluation:
         self.validate(basket)
+        if member.tier and member.tier not in self.tier_codes:
+            # priced as no tier, it would answer for the entry tier and say nothing (a typo in a
+            # preview: "Silver" for "silver")
+            declared = ", ".join(self.tier_codes) or "none"
+            raise BadRequest(f"{member.tier!r} is not a tier of program {self.program.program} (its tiers: "
+                             f"{declared})", field="member.tier")  # fmt: skip
         if not member.tier and self.tier_policy is not None:
             member = replace(member, tier=effective_tier(self.tier_policy, member.qualification, basket.receipt_time))
         place = self.place_of(basket)

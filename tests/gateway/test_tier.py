@@ -12,7 +12,7 @@ import grpc
 from pointmesh.v1 import ledger_pb2, rules_pb2
 from tests.conftest import LedgerUnderTest
 from tests.gateway.conftest import GatewayUnderTest
-from tests.gateway.test_api import enrol, idem, problem, purchase_body
+from tests.gateway.test_api import enrol, eur, idem, problem, purchase_body
 from tests.gateway.test_auth_and_live import member_token
 from tests.ledger.helpers import create_member, error_field, rpc_error
 
@@ -79,3 +79,18 @@ async def test_rules_svc_refuses_credits_and_instants_beyond_its_bounds_naming_t
     late.at.FromDatetime(datetime(9999, 6, 1))
     error = await rpc_error(gw.mesh.rules.stub.GetTierStatus(late), grpc.StatusCode.INVALID_ARGUMENT)
     assert error_field(error) == "at"
+
+
+async def test_explain_as_a_tier_the_program_does_not_declare_is_refused_naming_it(gw: GatewayUnderTest) -> None:
+    """meshmart declares blue and silver; silver doubles the base points. A preview typed as
+    "Silver" was priced as the entry tier, 200, with nothing saying the tier was unknown."""
+    body = {"total": eur(10_000), "receipt_time": gw.mesh.clock.now().isoformat(),
+            "lines": [{"sku": "a", "category": "misc", "quantity": 1, "amount": eur(10_000)}]}  # fmt: skip
+    async with gw.client("pos") as pos:
+        silver = await pos.post("/v1/program/explain", json={**body, "tier": "silver"})
+        assert silver.status_code == 200, silver.text
+        assert "silver" in {p["rule_id"] for p in silver.json()["parts"]}
+        for typo in ("Silver", "gold"):
+            refused = problem(await pos.post("/v1/program/explain", json={**body, "tier": typo}), 400)
+            assert [e["field"] for e in refused["errors"]] == ["body.tier"]
+            assert "its tiers: blue, silver" in refused["errors"][0]["detail"]
