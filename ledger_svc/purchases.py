@@ -92,6 +92,12 @@ class MemberState:
     # and when to look at it again: the instant it drops with nothing more earned, or at once
     # after a return, reversal or merge moved the credits (tier_watch.py). None: nothing to watch.
     tier_due: datetime | None = None
+    # Tier credits taken back (a return, a reversal) from this member after its merge moved its
+    # months on: owed to the months of the member it was merged into, where they count, and
+    # carried there by the next sweep of what reached this member (sagas._move_out).
+    owed_qualification: dict[str, int] = field(default_factory=dict)
+    # The sweeps whose owed credits this member took in (each once, however often its step runs).
+    owed_taken: tuple[str, ...] = ()
 
 
 def require_unmerged(member_id: str, state: MemberState, field: str = "member_id") -> None:
@@ -120,6 +126,23 @@ def take_in_merged_state(book: ShardBook, target: str, source: str, moved: Membe
         qualification=qualification, merged_from=(*state.merged_from, source), tier_due=book.now,
     )  # fmt: skip
     keep_state(book, target, state, merged)
+
+
+def take_in_owed(book: ShardBook, target: str, sweep_id: str, owed: dict[str, int]) -> None:
+    """The tier credits a sweep carries from a merged-away member (MemberState.owed_qualification)
+    added to the target's months, once per sweep; a target merged on in turn owes them further."""
+    state = load_state(book, target)
+    if sweep_id in state.owed_taken:
+        return
+    months = dict(state.owed_qualification if state.merged_into else state.qualification)
+    for bucket, n in owed.items():
+        months[bucket] = months.get(bucket, 0) + n
+    taken = (*state.owed_taken, sweep_id)
+    if state.merged_into:
+        after = replace(state, owed_qualification=months, owed_taken=taken)
+    else:  # the tier may drop: the maintenance job asks rules_svc on its next pass
+        after = replace(state, qualification=months, owed_taken=taken, tier_due=book.now)
+    keep_state(book, target, state, after)
 
 
 def keep_state(book: ShardBook, member_id: str, before: MemberState, after: MemberState) -> None:
@@ -228,6 +251,11 @@ def take_off_qualification(book: ShardBook, member_id: str, bucket: str, points:
     if not bucket or points <= 0:
         return
     state = load_state(book, member_id)
+    if state.merged_into:  # its months moved on (a merge that ran while the reversal did)
+        owed = dict(state.owed_qualification)
+        owed[bucket] = owed.get(bucket, 0) - points
+        keep_state(book, member_id, state, replace(state, owed_qualification=owed))
+        return
     qualification = dict(state.qualification)
     qualification[bucket] = qualification.get(bucket, 0) - points
     # The tier may drop with them: the maintenance job asks rules_svc on its next pass.

@@ -35,6 +35,7 @@ from ledger_svc.purchases import (
     qualification_bucket_of,
     require_unmerged,
     take_in_merged_state,
+    take_in_owed,
     take_off_qualification,
 )  # fmt: skip
 from ledger_svc.reviews import ReviewStatus, TransferResult
@@ -97,6 +98,7 @@ class Sagas:
             payload = {"units": payload, "state": None}
         moved: dict[str, dict[str, Any]] = payload["units"]
         state = codec.from_plain(MemberState, payload["state"]) if payload["state"] else None
+        owed: dict[str, int] = payload.get("owed_qualification") or {}
         if saga.state != SagaState.DONE:
 
             def move_in(book: ShardBook) -> None:
@@ -104,6 +106,8 @@ class Sagas:
                     book.move_in_all(target, u, m, source, merge_id)
                 if state is not None:
                     take_in_merged_state(book, target, source, state)
+                if owed:
+                    take_in_owed(book, target, merge_id, owed)
 
             await self.svc._book(self.svc.shard_of(target), move_in)
             await self.svc._book(
@@ -314,10 +318,13 @@ class Sagas:
         return await self.svc.merge_heir(await self.svc.member(source))
 
     async def _holds_points(self, member_id: str) -> bool:
+        """Points, pending or debt on any unit, or tier credits owed to its heir's months."""
+
         def any_left(tx: ShardTx) -> bool:
             book = ShardBook(tx, self.svc.clock.now(), self.svc.policy)
             figures = [book.balance(member_id, unit) for unit in self.svc.policy.units]
-            return any(b.balance_points or b.pending_points or b.debt_points for b in figures)
+            owed = load_state(book, member_id).owed_qualification
+            return any(b.balance_points or b.pending_points or b.debt_points for b in figures) or bool(owed)
 
         return await self.svc.store.read(self.svc.shard_of(member_id), any_left)
 
@@ -403,12 +410,18 @@ def _move_out(book: ShardBook, source: str, target: str, merge_id: str, state: M
     """Source side of a merge or a sweep: every unit into transit, and the saga that carries
     them to the target. A sweep (no member state) that finds nothing records no saga."""
     moved = {u: m for u in book.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
-    if not moved and state is None:
+    left = load_state(book, source) if state is None else None
+    owed = left.owed_qualification if left is not None else {}
+    if not moved and state is None and not owed:
         return None
     if state is not None:
         # Its tier is the target's from now on: nothing left here to watch.
         keep_state(book, source, state, replace(state, merged_into=target, tier_due=None))
-    payload = {"units": moved, "state": codec.to_plain(state) if state else None}
+    elif left is not None and owed:  # a sweep: tier credits taken back here since go with it
+        keep_state(book, source, left, replace(left, owed_qualification={}))
+    payload: dict[str, Any] = {"units": moved, "state": codec.to_plain(state) if state else None}
+    if owed:
+        payload["owed_qualification"] = owed
     saga = SagaRecord(
         merge_id, "merge", SagaState.HELD, source, target, "", 0, "", json.dumps(payload), book.now, book.now
     )
