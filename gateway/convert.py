@@ -147,9 +147,10 @@ def redemption(r: ledger_pb2.RedeemResponse) -> s.Redemption:
     if r.HasField("transaction"):
         return s.Redemption(**transaction(r.transaction).model_dump(), status="PAID", screening=shown)
     h = r.hold
+    status = "HELD_FOR_REVIEW" if h.status == ledger_pb2.HOLD_STATUS_PLACED else "REJECTED"
     return s.Redemption(
         transaction_id="", kind="HOLD", member_id=h.member_id, unit=h.unit, points=-h.points, reference=h.reference,
-        balance_after=None, status="HELD_FOR_REVIEW", hold=hold(h), screening=shown,
+        balance_after=None, status=status, hold=hold(h), screening=shown,
     )  # fmt: skip
 
 

@@ -262,7 +262,9 @@ class Redemption(Transaction):
     """Paid (201): the transaction. Held for fraud review (202): `hold` reserves the points
     until ops decides; transaction_id is empty until then."""
 
-    status: str = Field(examples=["PAID"], description="PAID or HELD_FOR_REVIEW")
+    status: str = Field(
+        examples=["PAID"], description="PAID, HELD_FOR_REVIEW, or (a retry after the review rejected it) REJECTED"
+    )
     hold: Hold | None = None
     screening: Screening | None = None
 

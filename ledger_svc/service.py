@@ -58,7 +58,7 @@ from ledger_svc.domain import (
     new_member_id,
 )
 from ledger_svc.ingest import claim_many
-from ledger_svc.postings import Policy, ShardBook
+from ledger_svc.postings import Policy, ShardBook, to_transaction
 from ledger_svc.purchases import credit_still_here, load_state, require_unmerged, untier
 from ledger_svc.reconcile import ReconcileReport, reconcile
 from ledger_svc.reviews import (
@@ -767,7 +767,29 @@ class LedgerService:
         def body(b: ShardBook) -> RedeemResult:
             return redeem_or_hold(b, cmd, screened[0], hold_timeout=self.policy.hold_max_timeout)
 
-        return await self._mutate(cmd, self.shard_of(cmd.member_id), RedeemResult, body, precheck)
+        result = await self._mutate(cmd, self.shard_of(cmd.member_id), RedeemResult, body, precheck)
+        if result.hold is None or (decided := await self._decided(result.hold)) is None:
+            return result
+        hold, paid = decided
+        return RedeemResult(paid, None, result.screening) if paid else RedeemResult(None, hold, result.screening)
+
+    async def _decided(self, held: Hold) -> tuple[Hold, Transaction | None] | None:
+        """A spend held for review and answered again (a till retrying with its key): where it
+        stands now, as a retried transfer says, not the hold as placed. None while the review is
+        open; else the hold as decided, with the capture's transaction when it was approved."""
+        if not held.saga_id.startswith("rv_"):
+            return None
+
+        def read(tx: ShardTx) -> tuple[Hold, Transaction | None] | None:
+            hold = tx.get_hold(held.hold_id)
+            if hold is None or hold.status is HoldStatus.PLACED:
+                return None
+            body = tx.get_review(held.saga_id)
+            made = codec.loads(Review, body).outcome_transaction_ids if body is not None else ()
+            record = tx.get_transaction(made[0]) if made and hold.status is HoldStatus.CAPTURED else None
+            return hold, to_transaction(record) if record is not None else None
+
+        return await self.store.read(self.shard_of_id(held.hold_id), read)
 
     async def _screen_spend(
         self, what: str, key: IdemKey, member_id: str, unit: str, points: int, at: datetime | None,
@@ -817,7 +839,7 @@ class LedgerService:
     async def decide_review(self, cmd: c.DecideReview) -> Review:
         v.object_id(cmd.review_id, "rv", "review_id")
         v.required_text(cmd.operator_id, "operator_id", max_len=128)
-        v.optional_text(cmd.note, "note")
+        v.optional_text(cmd.note, "note", max_len=500)
         cmd = replace(cmd, key=v.idem_key(cmd.key))
         shard = self.shard_of_id(cmd.review_id)
 
@@ -911,7 +933,9 @@ class LedgerService:
         def body(b: ShardBook) -> PlacedHold:
             return hold_or_review(b, cmd, screened[0], timeout=timeout, review_timeout=self.policy.hold_max_timeout)
 
-        return await self._mutate(cmd, self.shard_of(cmd.member_id), PlacedHold, body, precheck)
+        placed = await self._mutate(cmd, self.shard_of(cmd.member_id), PlacedHold, body, precheck)
+        decided = await self._decided(placed.hold)
+        return placed if decided is None else replace(placed, hold=decided[0])
 
     async def capture_hold(self, cmd: c.CaptureHold) -> HoldResult:
         v.idem_key(cmd.key)

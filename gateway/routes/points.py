@@ -28,6 +28,9 @@ def _screening(caller: Principal, api_key: ApiKey, context: s.ScreeningContext |
 
 @router.post("/redemptions", status_code=201, response_model=s.Redemption,
              responses={202: {"description": "Held for fraud review: the points are reserved until ops decides",
+                              "model": s.Redemption},
+                        200: {"description": "A retry of a redemption its fraud review rejected: REJECTED, the "
+                                             "hold VOIDED, nothing paid (one it approved answers 201 PAID)",
                               "model": s.Redemption}},
              summary="Spend points (fraud-screened)")  # fmt: skip
 async def redeem(
@@ -43,8 +46,8 @@ async def redeem(
         context=_screening(caller, api_key, body.context),
     )  # fmt: skip
     result = cv.redemption(await call(LEDGER, gw.ledger.Redeem(request)))
-    if result.hold is not None:
-        response.status_code = 202
+    if result.hold is not None:  # a retry says where it stands now, as a transfer's does
+        response.status_code = 202 if result.status == "HELD_FOR_REVIEW" else 200
     return result
 
 
@@ -63,7 +66,9 @@ async def quote(body: s.RedemptionQuoteRequest, gw: GatewayDep) -> s.RedemptionQ
 @router.post("/holds", status_code=201, response_model=s.Hold,
              responses={202: {"description": "Held for fraud review: the hold belongs to the review; approval "
                                              "captures it, and the caller cannot capture or void it",
-                              "model": s.Hold}},
+                              "model": s.Hold},
+                        200: {"description": "A retry once its fraud review decided: the hold as decided "
+                                             "(CAPTURED or VOIDED)", "model": s.Hold}},
              summary="Reserve points (place a hold; fraud-screened)")  # fmt: skip
 async def place_hold(
     body: s.PlaceHold,
@@ -83,8 +88,8 @@ async def place_hold(
     )  # fmt: skip
     result = await call(LEDGER, gw.ledger.PlaceHold(request))
     shown = cv.screening(result.screening) if result.HasField("screening") else None
-    if shown is not None and shown.review_id:
-        response.status_code = 202
+    if shown is not None and shown.review_id:  # a retry after the decision: the hold as decided
+        response.status_code = 202 if result.hold.status == ledger_pb2.HOLD_STATUS_PLACED else 200
     return cv.hold(result.hold, result.balance_after).model_copy(update={"screening": shown})
 
 

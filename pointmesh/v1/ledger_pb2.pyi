@@ -3309,6 +3309,7 @@ class DecideReviewRequest(_message.Message):
     """True: release the credit / capture the hold. False: cancel the credit / void the hold."""
     operator_id: _builtins.str
     note: _builtins.str
+    """At most 500 characters, kept with the decision."""
     @_builtins.property
     def idempotency_key(self) -> _common_pb2.IdempotencyKey: ...
     def __init__(

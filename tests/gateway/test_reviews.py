@@ -180,6 +180,59 @@ async def test_a_retried_transfer_that_review_rejected_says_so_and_nothing_moved
         assert retried.json()["hold"]["status"] == "VOIDED" and retried.json()["credit"] is None
 
 
+async def test_a_retried_redemption_or_hold_says_where_its_review_left_it(screened_gw: GatewayUnderTest) -> None:
+    """A till retries a redemption held for review after the fraud desk decided it (as after a
+    timeout). It was answered the redemption as first held (202, hold PLACED, no transaction)
+    when the hold was voided, or captured and the points spent; a retried hold likewise."""
+    gw = screened_gw
+    async with gw.client("pos") as pos, gw.client("fraud_desk") as desk:
+        member = await funded_member(gw, pos, "R-retry")
+        for approve, points in ((False, 3_000), (True, 2_500)):
+            body, key = {"member_id": member, "points": points}, idem()
+            held = await pos.post("/v1/redemptions", json=body, headers=key)
+            assert held.status_code == 202, held.text
+            review_id = held.json()["screening"]["review_id"]
+            assert (await pos.post("/v1/redemptions", json=body, headers=key)).status_code == 202  # still open
+            decision = "approve" if approve else "reject"
+            decided = await desk.post(f"/v1/ops/reviews/{review_id}/{decision}", headers=idem())
+            assert decided.status_code == 200, decided.text
+            again = await pos.post("/v1/redemptions", json=body, headers=key)
+            shown = again.json()
+            if approve:
+                assert (again.status_code, shown["status"], shown["hold"]) == (201, "PAID", None), again.text
+                assert [shown["transaction_id"]] == decided.json()["outcome_transaction_ids"]
+                assert shown["points"] == -points and shown["screening"]["review_id"] == review_id
+            else:
+                assert (again.status_code, shown["status"], shown["hold"]["status"]) == (200, "REJECTED", "VOIDED")
+                assert shown["transaction_id"] == ""
+
+        body, key = {"member_id": member, "points": 3_000}, idem()
+        placed = await pos.post("/v1/holds", json=body, headers=key)
+        assert placed.status_code == 202, placed.text
+        await desk.post(f"/v1/ops/reviews/{placed.json()['screening']['review_id']}/approve", headers=idem())
+        again = await pos.post("/v1/holds", json=body, headers=key)
+        assert (again.status_code, again.json()["status"]) == (200, "CAPTURED"), again.text
+
+
+async def test_a_review_note_as_long_as_the_api_documents_is_kept(screened_gw: GatewayUnderTest) -> None:
+    """The API documents a decision's note as up to 500 characters; the ledger refused more than 200."""
+    gw = screened_gw
+    async with gw.client("pos") as pos, gw.client("fraud_desk") as desk:
+        schema = (await pos.get("/openapi.json")).json()["components"]["schemas"]["ReviewDecision"]
+        assert schema["properties"]["note"]["maxLength"] == 500
+        member = await funded_member(gw, pos, "R-note")
+        review_id = (await held_redemption(pos, member))["screening"]["review_id"]
+        note = "member confirmed the new phone by call-back; " * 11
+        assert 480 < len(note) <= 500
+        got = await desk.post(f"/v1/ops/reviews/{review_id}/approve", json={"note": note}, headers=idem())
+        assert got.status_code == 200, got.text
+        assert got.json()["note"] == note
+        other = (await held_redemption(pos, member))["screening"]["review_id"]
+        too_long = problem(await desk.post(f"/v1/ops/reviews/{other}/reject", json={"note": note + "x" * 20},
+                                           headers=idem()), 400)  # fmt: skip
+        assert [e["field"] for e in too_long["errors"]] == ["body.note"]
+
+
 async def test_a_members_live_stream_shows_a_review_without_the_fraud_desks_reasons_or_note(
     screened_gw: GatewayUnderTest,
 ) -> None:
