@@ -4,7 +4,7 @@ and one wrapper that turns a failed gRPC call into the right problem."""
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, NamedTuple, TypeVar
 
@@ -112,11 +112,11 @@ def writing(scope: str) -> Any:
     return Depends(write)
 
 
-async def call(service: str, pending: Awaitable[T]) -> T:
+async def call(service: str, pending: Awaitable[T], rest_name: Callable[[str], str] | None = None) -> T:
     try:
         return await pending
     except grpc.aio.AioRpcError as error:
-        raise from_grpc(error, service) from None
+        raise from_grpc(error, service, rest_name) from None
 
 
 GatewayDep = Annotated[Gateway, Depends(gateway)]

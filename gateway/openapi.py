@@ -85,6 +85,11 @@ def install(app: FastAPI, body_limit: Callable[[str], tuple[int, Problem]]) -> N
                 for code, text in WHEN.items():
                     if code not in responses or _fastapis_validation_error(responses[code]):
                         responses[code] = problem_response(text)
+                for parameter in operation.get("parameters", []):
+                    # Optional to FastAPI so that its absence is refused by `writing` (naming the
+                    # header, after the scope check), but no write runs without it.
+                    if parameter.get("in") == "header" and parameter.get("name", "").lower() == "idempotency-key":
+                        parameter["required"] = True
                 limit, refusal = body_limit(path)
                 if method in _BODY_METHODS and refusal.status == 413:
                     responses["413"] = problem_response(f"The body is larger than {limit} bytes")

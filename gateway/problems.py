@@ -5,7 +5,7 @@ input, the field at fault; never a stack trace."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -113,7 +113,9 @@ REST_FIELDS = {
     "page.page_token": "page_token",
     "page.page_size": "page_size",
     "timeout": "timeout_seconds",
-    "member.tier": "body.tier",  # POST /v1/program/explain prices as a tier
+    "member.tier": "tier",  # POST /v1/program/explain prices as a tier
+    "external_id.kind": "kind",  # GET /v1/members/lookup?kind=&value=
+    "external_id.value": "value",
 }
 # What a 503 says, by the name routes give `call`: the service's own words name its peers'
 # addresses and gRPC internals, so they are logged, not returned.
@@ -124,9 +126,11 @@ RECEIPT_NAMESPACE = "purchase:"
 SAME_BODY = "An Idempotency-Key (or a receipt) can only be reused with the same request body."
 
 
-def _violation(field: str, description: str) -> dict[str, str]:
-    """A field violation by the REST name, its text without the service's "field: " in front."""
-    return {"field": REST_FIELDS.get(field, field), "detail": description.removeprefix(f"{field}: ")}
+def _violation(field: str, description: str, rest_name: Callable[[str], str] | None) -> dict[str, str]:
+    """A field violation by the REST name (the route's own naming first, when it has one), its
+    text without the service's "field: " in front."""
+    name = rest_name(field) if rest_name is not None else field
+    return {"field": REST_FIELDS.get(name, name), "detail": description.removeprefix(f"{field}: ")}
 
 
 def _conflict(conflict: common_pb2.IdempotencyConflict) -> tuple[str, str]:
@@ -136,12 +140,14 @@ def _conflict(conflict: common_pb2.IdempotencyConflict) -> tuple[str, str]:
     return "Idempotency-Key", f"{conflict.key!r} was already used for a different {conflict.original_operation} request"
 
 
-def from_grpc(error: grpc.aio.AioRpcError, service: str) -> Problem:
+def from_grpc(error: grpc.aio.AioRpcError, service: str, rest_name: Callable[[str], str] | None = None) -> Problem:
+    """`rest_name`: how the route names the service's fields, where the global REST_FIELDS do not
+    (explain sends the body as rules_svc's basket)."""
     code = error.code()
     status, slug, title = GRPC_TO_HTTP.get(code, (500, "internal", "Internal error"))
     details = status_details(error)
     violations = [v for d in details if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations]
-    errors = [_violation(v.field, v.description) for v in violations]
+    errors = [_violation(v.field, v.description, rest_name) for v in violations]
     extra: dict[str, Any] = {}
     detail = error.details() or title
     if violations and detail.startswith(f"{violations[0].field}: "):

@@ -244,7 +244,7 @@ class Redeem(Body):
     member_id: Id
     points: Points
     unit: str = Field(default="", max_length=64, description="Empty: the default unit (points).")
-    reference: str = Field(default="", max_length=256, examples=["reward:free-coffee"])
+    reference: str = Field(default="", max_length=200, examples=["reward:free-coffee"])
     context: ScreeningContext | None = None
 
 
@@ -288,8 +288,13 @@ class PlaceHold(Body):
     member_id: Id
     points: Points
     unit: str = Field(default="", max_length=64)
-    timeout_seconds: Annotated[StrictInt, Field(ge=1, le=30 * 86400)] | None = None
-    reference: str = Field(default="", max_length=256)
+    timeout_seconds: Annotated[StrictInt, Field(
+        ge=1, le=30 * 86400,
+        description="Default: the ledger's hold timeout (POINTMESH_HOLD_TIMEOUT_SECONDS, 15 minutes). At most "
+        "the ledger's POINTMESH_HOLD_MAX_TIMEOUT_SECONDS (7 days unless configured): above it, 400 naming "
+        "timeout_seconds.",
+    )] | None = None  # fmt: skip
+    reference: str = Field(default="", max_length=200)
     context: ScreeningContext | None = None
 
 
@@ -322,7 +327,7 @@ class Transfer(Body):
     destination_member_id: Id
     points: Points
     unit: str = Field(default="", max_length=64)
-    reason: str = Field(default="", max_length=256, examples=["household pooling"])
+    reason: str = Field(default="", max_length=200, examples=["household pooling"])
     context: ScreeningContext | None = None
 
 

@@ -11,7 +11,6 @@ apart; a unary Evaluate that fails that way is asked once more as a batch of one
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -24,25 +23,16 @@ from ledger_svc.domain import FailedPrecondition, InvalidArgument, LedgerError, 
 from ledger_svc.purchases import MemberState, Part, Quote
 from pointmesh.bounds import MAX_POINTS
 from pointmesh.clients import rules_stub
-from pointmesh.errors import status_details
+from pointmesh.errors import purchase_field, status_details
 from pointmesh.guards import Guard
 from pointmesh.tier_status import tier_standing_of
 from pointmesh.tiers import TierPolicy, TierStanding
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2
 
-# rules_svc's basket fields as the RecordPurchase fields they come from ("basket": the points it
-# would earn, which follow from the total).
-_FIELDS = {"total_minor": "total.amount_minor", "currency": "total.currency", "basket": "total"}
-_ITEM_PREFIX = re.compile(r"^items\[\d+\]\.")
 # Codes that say rules_svc (or the way to it) is down or overloaded, not that a basket is bad.
 OUTAGE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELLED", "ABORTED"})
 FAILED_ON_BASKET = frozenset({"UNKNOWN", "INTERNAL"})
-
-
-def _field(rules_field: str) -> str:
-    name = _ITEM_PREFIX.sub("", rules_field).removeprefix("basket.")
-    return _FIELDS.get(name, name)
 
 
 def evaluate_request(
@@ -150,7 +140,7 @@ class RulesEngineClient:
             field = ""
             for detail in status_details(error):
                 if isinstance(detail, error_details_pb2.BadRequest) and detail.field_violations:
-                    field = _field(detail.field_violations[0].field)
+                    field = purchase_field(detail.field_violations[0].field)
             refusal = _refusal(code.name, (error.details() or "").split(": ", 1)[-1], field)
             if refusal is not None:
                 raise refusal from None
@@ -216,7 +206,7 @@ class RulesEngineClient:
                 except LedgerError as error:
                     out.append(error)
                 continue
-            out.append(_item_outcome(result.error.code, result.error.message, _field(result.error.field)))
+            out.append(_item_outcome(result.error.code, result.error.message, purchase_field(result.error.field)))
         if len(out) != len(items):
             raise EngineUnavailable(f"rules_svc answered {len(out)} results for {len(items)} baskets")
         return out

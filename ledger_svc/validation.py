@@ -105,7 +105,8 @@ def hold_timeout(value: timedelta | None, default: timedelta, maximum: timedelta
     if value is None:
         return default
     if value < timedelta(seconds=1) or value > maximum:  # shorter: gone before the till could capture it
-        raise InvalidArgument(f"must be between 1 second and {maximum}", field="timeout")
+        raise InvalidArgument(f"must be between 1 and {int(maximum.total_seconds())} seconds (the ledger's hold maximum)",
+                              field="timeout")  # fmt: skip
     return value
 
 

@@ -8,6 +8,7 @@ such as InsufficientPoints. The gateway turns the same details into problem+json
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -16,6 +17,19 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+# rules_svc's basket fields as the purchase fields they come from, for the services that send a
+# purchase's basket on (the ledger's RecordPurchase, the gateway's explain): "basket" is the
+# points it would earn, which follow from the total.
+_PURCHASE_FIELDS = {"total_minor": "total.amount_minor", "currency": "total.currency", "basket": "total"}
+_ITEM_PREFIX = re.compile(r"^items\[\d+\]\.")
+
+
+def purchase_field(rules_field: str) -> str:
+    """The purchase field a rules_svc refusal of its basket names (`basket.total_minor` ->
+    `total.amount_minor`; an EvaluateBatch item's prefix dropped)."""
+    name = _ITEM_PREFIX.sub("", rules_field).removeprefix("basket.")
+    return _PURCHASE_FIELDS.get(name, name)
 
 
 def rich_status(

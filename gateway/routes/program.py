@@ -11,6 +11,7 @@ from gateway import convert as cv
 from gateway import schemas as s
 from gateway.deps import Caller, GatewayDep, call, scoped
 from gateway.keys import ApiKey
+from pointmesh.errors import purchase_field
 from pointmesh.v1 import rules_pb2
 
 router = APIRouter(prefix="/v1/program", tags=["program"])
@@ -33,4 +34,5 @@ async def explain(
         basket=cv.basket_pb(body, api_key.channel, caller.store_for(body.store_id, required=False)),
         member=rules_pb2.MemberContext(tier=body.tier),
     )
-    return cv.explanation((await call(RULES, gw.rules.Evaluate(request))).evaluation)
+    # The body is a purchase's: rules_svc's basket fields are named as recording it names them.
+    return cv.explanation((await call(RULES, gw.rules.Evaluate(request), purchase_field)).evaluation)

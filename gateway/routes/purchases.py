@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 from gateway import convert as cv
 from gateway import schemas as s
 from gateway.deps import Caller, GatewayDep, IdPath, Write, call, scoped, writing
-from gateway.problems import forbidden
+from gateway.problems import bad_request, forbidden
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2
 
@@ -32,6 +32,12 @@ async def record_purchase(
     if body.channel and body.channel != api_key.channel:
         raise forbidden(f"API key {api_key.key_id} acts for channel {api_key.channel}, not {body.channel}")
     store_id = caller.store_for(body.store_id)
+    screened_at = body.context.store_id if body.context is not None else ""
+    if screened_at:  # refused like a spend's context naming a store the key is not bound to
+        caller.store_for(screened_at, "context.store_id")
+        if screened_at != store_id:
+            raise bad_request("body.context.store_id", f"names store {screened_at}, but the receipt is store "
+                              f"{store_id}'s (body.store_id): a purchase is screened where it was made")  # fmt: skip
     request = ledger_pb2.RecordPurchaseRequest(
         idempotency_key=key, member_id=body.member_id, channel=api_key.channel, store_id=store_id,
         receipt_id=body.receipt_id, total=cv.money_pb(body.total), lines=cv.lines_pb(body.lines),

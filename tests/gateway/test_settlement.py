@@ -17,6 +17,7 @@ import pytest
 from gateway.legacy.settlement import reconcile_file
 from tests.conftest import pointmesh_cli
 from tests.gateway.test_legacy import fixed, member_with_card, rest_purchase
+from tests.ledger.helpers import redeem
 from tests.mesh import conftest as mesh_fixtures
 from tests.mesh.conftest import Mesh
 from tests.mesh.helpers import points
@@ -149,3 +150,26 @@ async def test_a_receipt_whose_line_is_unreadable_is_in_the_file_not_the_ledger_
     report = await reconcile_file(source, adapter, mesh.ledger.address, tmp_path / "q")
     assert [q.line for q in report.quarantined] == bad_lines, report.lines()
     assert report.ledger_only == [], report.lines()
+
+
+async def test_a_receipt_paid_partly_with_points_settles_as_the_same_receipt(mesh: Mesh, tmp_path: Path) -> None:
+    """The till redeemed points and named the redemption as the receipt's tender; the store's
+    file, which has no tender column, lists the same receipt. Its copy was refused as another
+    body (DIFFERS FROM THE LEDGER, the run never resolved) for every receipt paid with points."""
+    aino = await member_with_card(mesh, "5000-0001")
+    day = datetime(2026, 1, 2, 8, 0, tzinfo=UTC)
+    await mesh.ledger.stub.RecordPurchase(rest_purchase(aino, "S-0", "SKU-PEN", 1, 500, "EUR", day))
+    paid = (await redeem(mesh.ledger.stub, aino, 60)).transaction.transaction_id
+    live = rest_purchase(aino, "S-1", "SKU-COFFEE", 2, 1250, "EUR", day + timedelta(minutes=15))
+    live.tender_transaction_id = paid
+    await mesh.ledger.stub.RecordPurchase(live)
+    before = await points(mesh, aino)
+    source = tmp_path / "hel-01-2026-01-02.csv"
+    source.write_text(HEADER + (
+        "P,HEL-01,S-0,1,2026-01-02T10:00:00+02:00,5000-0001,EUR,SKU-PEN,misc,1,5.00\n"
+        "P,HEL-01,S-1,1,2026-01-02T10:15:00+02:00,5000-0001,EUR,SKU-COFFEE,misc,2,12.50\n"
+    ))  # fmt: skip
+    report = await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "quarantine")
+    assert (report.already_posted, report.compared.duplicates) == (2, 2), report.lines()
+    assert report.resolved, report.lines()
+    assert await points(mesh, aino) == before

@@ -92,5 +92,5 @@ async def test_explain_as_a_tier_the_program_does_not_declare_is_refused_naming_
         assert "silver" in {p["rule_id"] for p in silver.json()["parts"]}
         for typo in ("Silver", "gold"):
             refused = problem(await pos.post("/v1/program/explain", json={**body, "tier": typo}), 400)
-            assert [e["field"] for e in refused["errors"]] == ["body.tier"]
+            assert [e["field"] for e in refused["errors"]] == ["tier"]
             assert "its tiers: blue, silver" in refused["errors"][0]["detail"]

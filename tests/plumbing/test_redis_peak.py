@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from fraud_svc.app import build as build_fraud
 from fraud_svc.server import context
@@ -133,6 +134,17 @@ async def test_a_client_waits_for_a_connection_only_as_long_as_it_says(redis_ser
         await hasty.aclose()
 
 
+async def _connection(pool: Any) -> Any:
+    """One of the pool's connections, taken to crowd it: the cache client's connect timeout is
+    short, and opening 64 on a loaded machine may see one time out, which is not the test's."""
+    for _ in range(4):
+        try:
+            return await pool.get_connection()
+        except RedisTimeoutError:
+            continue
+    return await pool.get_connection()
+
+
 async def test_a_crowded_cache_client_costs_no_kept_observation(tmp_path: Path, redis_server: RedisServer) -> None:
     """Every connection of the ledger's cache client busy: a balance read does not wait for one
     but answers from the store, and a purchase screened while fraud_svc is away is still kept,
@@ -150,7 +162,7 @@ async def test_a_crowded_cache_client_costs_no_kept_observation(tmp_path: Path, 
         # Until the relay has tombstoned the earn, reads skip the cache: the GET must be tried.
         await until(lambda: ledger.app.cache.usable_for(member, "points"), 10)
         for _ in range(POOL_CONNECTIONS):
-            held.append(await pool.get_connection())
+            held.append(await _connection(pool))
         # Waiting 5 s for a connection, the cache read and its fill took 10 s between them.
         balance = await ledger.stub.GetBalance(ledger_pb2.GetBalanceRequest(member_id=member), timeout=4)
         assert balance.balance.balance_points == 120
