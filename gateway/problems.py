@@ -116,6 +116,7 @@ REST_FIELDS = {
     "member.tier": "tier",  # POST /v1/program/explain prices as a tier
     "external_id.kind": "kind",  # GET /v1/members/lookup?kind=&value=
     "external_id.value": "value",
+    "points_available": "member_id",  # a redemption quote: the member's balance fell short
 }
 # What a 503 says, by the name routes give `call`: the service's own words name its peers'
 # addresses and gRPC internals, so they are logged, not returned.

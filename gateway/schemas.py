@@ -320,6 +320,10 @@ class Hold(BaseModel):
     screening: Screening | None = Field(
         default=None, description="Placing a hold is fraud-screened; under review, review_id names the review"
     )
+    transaction_id: str = Field(
+        default="", description="A capture's answer: its transaction, the tender_transaction_id of the receipt "
+        "the points paid for (so a return gives them back); empty otherwise",
+    )  # fmt: skip
 
 
 class Transfer(Body):

@@ -51,8 +51,15 @@ def quote_redemption(program: Program, currency: str, total_minor: int, availabl
     if asked > by_cap:
         notes.append(f"capped at {rules.max_share_percent}% of the basket ({format_minor(cap_minor, currency)})")
     if points < rules.minimum_points:
+        # Named by what held the points down: the basket's cap (more points would not help),
+        # the member's points, or what the member asked for.
+        if asked > by_cap:
+            field, why = "basket_total.amount_minor", f" ({notes[-1]})"
+        elif wanted and available < wanted:
+            field, why = "points_available", f" (the member has {available} {rules.unit})"
+        else:
+            field, why = ("points_wanted", "") if wanted else ("points_available", "")
         raise FailedPrecondition(
-            f"{points} {rules.unit} is below the minimum redemption of {rules.minimum_points}",
-            field="points_wanted" if wanted else "points_available",
+            f"{points} {rules.unit} is below the minimum redemption of {rules.minimum_points}{why}", field=field
         )
     return RedemptionQuote(rules.unit, points, pays, total_minor - pays, "; ".join(notes))

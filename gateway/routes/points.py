@@ -117,7 +117,8 @@ async def capture_hold(
     await _own_hold(gw, caller, hold_id)
     request = ledger_pb2.CaptureHoldRequest(idempotency_key=write.key, hold_id=hold_id, points=body.points)
     result = await call(LEDGER, gw.ledger.CaptureHold(request))
-    return cv.hold(result.hold, result.transaction.balance_after)
+    captured = cv.hold(result.hold, result.transaction.balance_after)
+    return captured.model_copy(update={"transaction_id": result.transaction.transaction_id})
 
 
 @router.post("/holds/{hold_id}/void", response_model=s.Hold, summary="Release a hold")

@@ -130,3 +130,23 @@ async def test_a_purchase_is_screened_at_its_own_store_only(gw: GatewayUnderTest
         problem(await pos.post("/v1/purchases", json=elsewhere, headers=idem()), 403)
         here = purchase_body(gw, member, "CTX-3", 5000, context={"store_id": "HEL-01", "device_id": "till-7"})
         assert (await pos.post("/v1/purchases", json=here, headers=idem())).status_code == 201
+
+
+async def test_a_captured_hold_names_its_transaction_so_the_receipt_can_name_it_as_tender(gw: GatewayUnderTest) -> None:
+    """Paying with points through a hold: the capture's answer named no transaction, so a till
+    could not name it as the receipt's tender, and a return never gave the points back."""
+    async with gw.client("pos") as pos:
+        member = await enrol(pos)
+        await pos.post("/v1/purchases", json=purchase_body(gw, member, "T-0", 5000), headers=idem())
+        hold = (await pos.post("/v1/holds", json={"member_id": member, "points": 100}, headers=idem())).json()
+        captured = await pos.post(f"/v1/holds/{hold['hold_id']}/capture", json={"points": 0}, headers=idem())
+        assert captured.status_code == 200, captured.text
+        tender = captured.json()["transaction_id"]
+        assert tender.startswith("tx_"), captured.json()
+        bought = await pos.post(
+            "/v1/purchases", json=purchase_body(gw, member, "T-1", 4000, tender_transaction_id=tender), headers=idem()
+        )
+        assert bought.status_code == 201, bought.text
+        back = await pos.post(f"/v1/purchases/{bought.json()['purchase_id']}/returns",
+                              json={"lines": [{"line_index": 0, "quantity": 1}]}, headers=idem())  # fmt: skip
+        assert back.json()["tender_recredited_points"] == 100

@@ -71,3 +71,24 @@ def test_points_that_add_no_value_are_not_spent() -> None:
     assert (q.points, q.pays_minor) == (600, 6)
     with pytest.raises(FailedPrecondition):
         quote_redemption(program.model_copy(update={"redemption": None}), "JPY", 1000, 10, 0)
+
+
+@pytest.mark.parametrize(
+    ("total_minor", "available", "wanted", "field", "said"),
+    [
+        (4000, 300, 600, "points_available", "the member has 300 points"),  # asked enough, has too few
+        (600, 10_000, 0, "basket_total.amount_minor", "capped at 50%"),  # the basket's cap is under the minimum
+        (4000, 10_000, 300, "points_wanted", ""),  # asked for too few
+        (4000, 300, 0, "points_available", ""),  # all the member has is too few
+    ],
+)
+def test_a_quote_below_the_minimum_names_what_held_the_points_down(
+    total_minor: int, available: int, wanted: int, field: str, said: str
+) -> None:
+    """Aurora: 100 points = 1.00 EUR, at least 500, at most 50% of the basket. A member with
+    300 asking for 600 was told `points_wanted` was at fault; a 6.00 EUR basket (capped at 300
+    points) was blamed on `points_available`, as if more points would help."""
+    with pytest.raises(FailedPrecondition) as refused:
+        quote_redemption(load_program(seed_text("builtin:aurora")), "EUR", total_minor, available, wanted)
+    assert refused.value.field == field, refused.value.message
+    assert "below the minimum redemption of 500" in refused.value.message and said in refused.value.message
