@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.legacy.settlement import reconcile_file
+from gateway.legacy.settlement import SettlementReport, reconcile_file
 from tests.conftest import pointmesh_cli
 from tests.gateway.test_legacy import fixed, member_with_card, rest_purchase
 from tests.ledger.helpers import redeem
@@ -90,6 +90,13 @@ async def test_the_cli_exits_nonzero_until_nothing_is_left_for_a_person(mesh: Me
     assert await points(mesh, bruno) == 100 + 30 + 20
 
 
+async def settle(mesh: Mesh, tmp_path: Path, name: str, *rows: str) -> SettlementReport:
+    """A CSV end-of-day file of `rows` (each one line, without its newline), settled."""
+    source = tmp_path / name
+    source.write_text(HEADER + "".join(f"{row}\n" for row in rows))
+    return await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "q")
+
+
 async def test_a_store_open_past_midnight_utc_settles_by_its_own_business_day(mesh: Mesh, tmp_path: Path) -> None:
     """Helsinki is UTC+2: today's file has a receipt at 00:30 local, 22:30 UTC yesterday.
     The listing took UTC days, so yesterday's receipt, settled by yesterday's run, came back as
@@ -98,22 +105,20 @@ async def test_a_store_open_past_midnight_utc_settles_by_its_own_business_day(me
     await mesh.ledger.stub.RecordPurchase(
         rest_purchase(member, "Y-1", "SKU-TEA", 1, 3000, "EUR", datetime(2026, 1, 1, 13, tzinfo=UTC))
     )
-    yesterday = tmp_path / "hel-01-2026-01-01.csv"
-    yesterday.write_text(HEADER + "P,HEL-01,Y-1,1,2026-01-01T15:00:00+02:00,7100-0002,EUR,SKU-TEA,misc,1,30.00\n")
-    assert (await reconcile_file(yesterday, "csv", mesh.ledger.address, tmp_path / "q")).resolved
-    today = tmp_path / "hel-01-2026-01-02.csv"
-    today.write_text(HEADER + (
-        "P,HEL-01,T-1,1,2026-01-02T00:30:00+02:00,7100-0002,EUR,SKU-TEA,misc,1,30.00\n"
-        "P,HEL-01,T-2,1,2026-01-02T12:00:00+02:00,7100-0002,EUR,SKU-TEA,misc,1,30.00\n"
-    ))  # fmt: skip
-    report = await reconcile_file(today, "csv", mesh.ledger.address, tmp_path / "q")
+    yesterday = await settle(
+        mesh, tmp_path, "d1.csv", "P,HEL-01,Y-1,1,2026-01-01T15:00:00+02:00,7100-0002,EUR,SKU-TEA,misc,1,30.00"
+    )
+    assert yesterday.resolved
+    today = ("P,HEL-01,T-1,1,2026-01-02T00:30:00+02:00,7100-0002,EUR,SKU-TEA,misc,1,30.00",
+             "P,HEL-01,T-2,1,2026-01-02T12:00:00+02:00,7100-0002,EUR,SKU-TEA,misc,1,30.00")  # fmt: skip
+    report = await settle(mesh, tmp_path, "d2.csv", *today)
     assert (report.posted.accepted, report.ledger_only) == (2, []), report.lines()
     assert report.resolved
     # A receipt of the same business day that only the ledger has is still found.
     await mesh.ledger.stub.RecordPurchase(
         rest_purchase(member, "T-9", "SKU-TEA", 1, 3000, "EUR", datetime(2026, 1, 2, 21, 30, tzinfo=UTC))
     )  # 23:30 local
-    again = await reconcile_file(today, "csv", mesh.ledger.address, tmp_path / "q")
+    again = await settle(mesh, tmp_path, "d2.csv", *today)
     assert [o.receipt_id for o in again.ledger_only] == ["T-9"]
 
 
@@ -164,12 +169,9 @@ async def test_a_receipt_paid_partly_with_points_settles_as_the_same_receipt(mes
     live.tender_transaction_id = paid
     await mesh.ledger.stub.RecordPurchase(live)
     before = await points(mesh, aino)
-    source = tmp_path / "hel-01-2026-01-02.csv"
-    source.write_text(HEADER + (
-        "P,HEL-01,S-0,1,2026-01-02T10:00:00+02:00,5000-0001,EUR,SKU-PEN,misc,1,5.00\n"
-        "P,HEL-01,S-1,1,2026-01-02T10:15:00+02:00,5000-0001,EUR,SKU-COFFEE,misc,2,12.50\n"
-    ))  # fmt: skip
-    report = await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "quarantine")
+    report = await settle(mesh, tmp_path, "d.csv",
+                          "P,HEL-01,S-0,1,2026-01-02T10:00:00+02:00,5000-0001,EUR,SKU-PEN,misc,1,5.00",
+                          "P,HEL-01,S-1,1,2026-01-02T10:15:00+02:00,5000-0001,EUR,SKU-COFFEE,misc,2,12.50")  # fmt: skip
     assert (report.already_posted, report.compared.duplicates) == (2, 2), report.lines()
     assert report.resolved, report.lines()
     assert await points(mesh, aino) == before
