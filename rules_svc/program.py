@@ -720,7 +720,23 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
                 (f"{at}.match.min_total.currency", f"{match.min_total.currency} has neither a base rate nor an FX rate")
             )
     if publishing:
-        errors += _unreachable_counts(p)
+        errors += _unreachable_counts(p) + _mixed_best_of(p)
+    return errors
+
+
+def _mixed_best_of(p: Program) -> list[tuple[str, str]]:
+    """A best-of group picks the member paying the most, which has no meaning across units
+    (350 tier credits would beat 35 points): its rules earn one unit. Publish only."""
+    best_of = {g.id for g in p.groups if g.mode == GroupMode.BEST_OF}
+    first_unit: dict[str, tuple[int, str]] = {}
+    errors = []
+    for i, rule in enumerate(p.rules):
+        if rule.group not in best_of:
+            continue
+        j, unit = first_unit.setdefault(rule.group, (i, rule.unit))
+        if rule.unit != unit:
+            errors.append((f"rules[{i}].unit", f"group {rule.group!r} is best-of, which compares what its rules "
+                           f"pay in one unit: rules[{j}] earns {unit!r}, this rule {rule.unit!r}"))  # fmt: skip
     return errors
 
 

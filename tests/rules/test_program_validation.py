@@ -443,3 +443,25 @@ def test_an_achievement_no_member_can_complete_is_refused_naming_its_count(
     found = dict(refused.value.errors)
     assert "gamification.achievements[0].count" in found, found
     assert why in found["gamification.achievements[0].count"]
+
+
+def test_a_best_of_group_mixing_units_is_refused_naming_the_odd_rule() -> None:
+    """Best-of compares what its rules pay: double points against double tier credits (10 per
+    euro) was won by 350 tier credits over 35 points, a comparison with no meaning."""
+    doc = program_doc(
+        {"id": "double-points", "effect": {"multiplier": "2"}, "group": "promo", "priority": 10},
+        {"id": "double-credits", "effect": {"multiplier": "2"}, "group": "promo", "priority": 20,
+         "unit": "tier_credits"},
+        {"id": "outside", "effect": {"bonus_points": 5}, "unit": "tier_credits"},
+        units=["points", "tier_credits"],
+        base_rates=[{"currency": "EUR", "unit": "points", "points": 1, "per_minor": 100},
+                    {"currency": "EUR", "unit": "tier_credits", "points": 10, "per_minor": 100}],
+        groups=[{"id": "promo", "mode": "best_of"}],
+    )  # fmt: skip
+    with pytest.raises(ProgramInvalid) as refused:
+        load_program(yaml.safe_dump(doc))
+    found = dict(refused.value.errors)
+    assert list(found) == ["rules[1].unit"], found
+    assert "rules[0] earns 'points'" in found["rules[1].unit"]
+    doc["groups"] = [{"id": "promo", "mode": "additive"}]  # adding them up is meaningful per unit
+    load_program(yaml.safe_dump(doc))
