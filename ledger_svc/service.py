@@ -573,9 +573,14 @@ class LedgerService:
     async def set_blocked(self, cmd: c.SetMemberBlocked) -> Member:
         key = v.idem_key(cmd.key)
         current = await self.member(cmd.member_id)
-        if current.status in (MemberStatus.MERGED, MemberStatus.ERASED):
-            raise FailedPrecondition(f"member {cmd.member_id} is {current.status.value}", field="member_id")
         fp = c.fingerprint(cmd)
+        if current.status in (MemberStatus.MERGED, MemberStatus.ERASED):
+            # A block sent again (its answer lost) after the member was merged or erased answers
+            # as the first time did, with the member as it is; a new one is refused, its key given back.
+            if await self._claim(key, type(cmd).__name__, fp):
+                return current
+            await self.release_claims([(key, fp)])
+            raise FailedPrecondition(f"member {cmd.member_id} is {current.status.value}", field="member_id")
         status = MemberStatus.BLOCKED if cmd.blocked else MemberStatus.ACTIVE
         now = self.clock.now()
 

@@ -230,6 +230,31 @@ async def test_replayed_block_request_does_not_block_again_after_an_unblock(ledg
     await earn(ledger.stub, member, 10)
 
 
+async def test_a_block_sent_again_after_the_member_was_erased_or_merged_answers_as_the_first_time(
+    ledger: LedgerUnderTest,
+) -> None:
+    """The console's block, retried (its answer lost) after the member was erased or merged: it
+    failed FAILED_PRECONDITION, checked before the replay. A new block is still refused."""
+    s = ledger.stub
+    erased, merged, target = [(await create_member(s)).member_id for _ in range(3)]
+    blocks = {m: ledger_pb2.BlockMemberRequest(idempotency_key=key(f"block-{m}"), member_id=m, reason="takeover")
+              for m in (erased, merged)}  # fmt: skip
+    first = {m: await s.BlockMember(request) for m, request in blocks.items()}
+    await s.UnblockMember(ledger_pb2.UnblockMemberRequest(idempotency_key=key(), member_id=merged, reason="ok"))
+    await s.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=erased))
+    await s.MergeMembers(ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=merged,
+                                                        target_member_id=target))  # fmt: skip
+    for m, request in blocks.items():
+        again = await s.BlockMember(request)
+        assert again.member.member_id == first[m].member.member_id == m
+        refused = await rpc_error(
+            s.BlockMember(ledger_pb2.BlockMemberRequest(idempotency_key=key(), member_id=m, reason="again")),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert error_field(refused) == "member_id"
+    assert (await get_member(ledger, merged)).status == ledger_pb2.MEMBER_STATUS_MERGED
+
+
 # Erase ------------------------------------------------------------------------------------
 
 
