@@ -69,6 +69,7 @@ KEY_MARGIN = timedelta(hours=1)  # > FUTURE_SKEW: a receipt's key outlives its l
 BREAKER_SECONDS = 1.0
 WAITING_SCAN_PAGES = 20  # pages a waiting pass reads past purchases held on a failing basket
 MAX_LINES = 500
+MAX_LINE_TEXT = 64  # characters of a line's sku or category, as the gateway bounds them
 
 
 class EngineUnavailable(Exception):
@@ -212,6 +213,10 @@ class Accrual:
         if len(cmd.lines) > MAX_LINES:
             raise InvalidArgument(f"at most {MAX_LINES} lines", field="lines")
         for i, line in enumerate(cmd.lines):
+            for name, text in (("sku", line.sku), ("category", line.category)):
+                if len(text) > MAX_LINE_TEXT:  # the event carrying 500 of them must fit the bus
+                    raise InvalidArgument(f"at most {MAX_LINE_TEXT} characters, got {len(text)}",
+                                          field=f"lines[{i}].{name}")  # fmt: skip
             if line.quantity <= 0:
                 raise InvalidArgument(f"must be positive, got {line.quantity}", field=f"lines[{i}].quantity")
             if line.amount_minor < 0:

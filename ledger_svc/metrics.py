@@ -22,6 +22,10 @@ POINTS_REDEEMED = Counter(
 POINTS_EXPIRED = Counter("pointmesh_points_expired_total", "Points that expired, by unit.", ["unit"])
 REVIEWS_OPENED = Counter("pointmesh_fraud_reviews_opened_total", "Purchases and redemptions held for review.", ["kind"])
 EVENTS_PUBLISHED = Counter("pointmesh_ledger_events_published_total", "Ledger events the relay published.", ["type"])
+EVENTS_TOO_LARGE = Counter(
+    "pointmesh_ledger_events_too_large_total",
+    "Ledger events over the bus's size limit, logged and set aside rather than stalling the relay.", ["type"],
+)  # fmt: skip
 POINTS_OUTSTANDING = Gauge(
     "pointmesh_points_outstanding", "Members' posted balances (the programme's liability) at the last reconciliation.",
     ["unit"],

@@ -21,7 +21,7 @@ from ledger_svc.cache import RedisBalanceCache
 from ledger_svc.convert import event_pb
 from ledger_svc.store.base import LedgerStore, OutboxRow, ShardTx
 from pointmesh.clock import Clock
-from pointmesh.events import LEDGER_EVENTS, OPS_ALERTS, EventBus, OutgoingEvent
+from pointmesh.events import LEDGER_EVENTS, MAX_EVENT_BYTES, OPS_ALERTS, EventBus, OutgoingEvent, event_bytes
 from pointmesh.v1 import common_pb2, ledger_pb2
 
 log = logging.getLogger(__name__)
@@ -120,19 +120,27 @@ class OutboxRelay:
 
     async def _publish(self, rows: list[OutboxRow]) -> list[ledger_pb2.LedgerEvent]:
         events = [event_pb(r.payload_json) for r in rows]
-        if self.cache is not None:
+        outgoing = [
+            OutgoingEvent(e.member_id, e.event_id, e.WhichOneof("payload") or "", e.SerializeToString()) for e in events
+        ]
+        # An event no bus takes would stop the shard's relay (and every shard after it) for ever:
+        # it is logged and counted, and the rest go out. The ledger bounds what a posting carries,
+        # so this is a backstop, not a path.
+        fits = [event_bytes(o) <= MAX_EVENT_BYTES for o in outgoing]
+        for event, ok in zip(events, fits, strict=True):
+            if not ok:
+                kind = event.WhichOneof("payload") or ""
+                metrics.EVENTS_TOO_LARGE.labels(kind).inc()
+                log.error("ledger event %s (%s, member %s) is %d bytes, over the %d the bus takes: not published",
+                          event.event_id, kind, event.member_id, event.ByteSize(), MAX_EVENT_BYTES)  # fmt: skip
+        if self.cache is not None:  # every event's balance, published or not
             versions: dict[tuple[str, str], int] = {}
             for e in events:
                 key = (e.member_id, e.unit)
                 versions[key] = max(versions.get(key, 0), e.balance_after.version)
             await self.cache.tombstone(versions)
-        await self.bus.publish(
-            self.stream,
-            [
-                OutgoingEvent(e.member_id, e.event_id, e.WhichOneof("payload") or "", e.SerializeToString())
-                for e in events
-            ],
-        )
+        events = [e for e, ok in zip(events, fits, strict=True) if ok]
+        await self.bus.publish(self.stream, [o for o, ok in zip(outgoing, fits, strict=True) if ok])
         alerts = [alert_of(e) for e in events if e.WhichOneof("payload") == "review_opened"]
         if alerts:
             await self.bus.publish(

@@ -15,8 +15,14 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ledger_svc import codec
 from ledger_svc import server as ledger_server
 from ledger_svc.cache import cache_key
+from ledger_svc.domain import Balance
+from ledger_svc.outbox import OutboxRelay
+from ledger_svc.store.base import ShardTx
+from ledger_svc.store.sqlite import SqliteLedgerStore
+from pointmesh.clock import ManualClock
 from pointmesh.events import LEDGER_EVENTS, BusMessage, RedisStreamBus
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2
@@ -418,3 +424,53 @@ async def test_watches_past_the_most_a_process_serves_are_refused_until_one_ends
     finally:
         for call in calls:
             call.cancel()
+
+
+async def test_a_purchase_line_too_long_for_its_event_is_refused_naming_it(ledger: LedgerUnderTest) -> None:
+    """400 lines, each its own 3,000-character category (gRPC takes 16 MiB): recorded, its
+    purchase_recorded event was 1.2 MB, over what the bus takes, and the relay retried it for
+    ever, so no later event of its shard, nor of any shard after it, went out."""
+    member = (await ledger.stub.CreateMember(ledger_pb2.CreateMemberRequest(idempotency_key=_key("long")))).member
+    line = ledger_pb2.PurchaseLine(sku="s", category="c" * 65, quantity=1,
+                                   amount=common_pb2.Money(amount_minor=100, currency="EUR"))  # fmt: skip
+    request = ledger_pb2.RecordPurchaseRequest(
+        member_id=member.member_id, channel="pos", store_id="HEL-01", receipt_id="long-1",
+        total=common_pb2.Money(amount_minor=200, currency="EUR"),
+        lines=[ledger_pb2.PurchaseLine(sku="s", category="misc", quantity=1, amount=line.amount), line],
+    )  # fmt: skip
+    request.receipt_time.FromDatetime(ledger.clock.now())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await ledger.stub.RecordPurchase(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("lines[1].category: at most 64 characters, got 65")
+
+
+async def test_an_event_no_bus_takes_is_set_aside_and_the_relay_goes_on(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A row written before postings were bounded (or by a bug): its event is over the bus's
+    limit. The relay published none of its batch and retried for ever; now it is logged and
+    counted, and the events beside it go out."""
+    store = SqliteLedgerStore(tmp_path / "ledger", 1)
+    redis = Redis.from_url(redis_server.url)
+    clock = ManualClock()
+    try:
+
+        def rows(tx: ShardTx) -> None:
+            for n, reference in enumerate(("x" * 1_100_000, "fits", "fits too")):
+                payload = {"event_id": f"ev_big{n}", "type": "points_adjusted", "occurred_at": clock.now().isoformat(),
+                           "member_id": "m_1", "unit": "points",
+                           "balance": codec.to_plain(Balance("m_1", "points", 0, 0, 0, 0, 0, n + 1)),
+                           "data": {"transaction_id": f"tx_{n}", "points": 1, "reason": reference, "operator_id": "o"}}  # fmt: skip
+                tx.add_outbox(f"ev_big{n}", "m_1", codec.dumps_plain(payload), clock.now())
+
+        await store.write(0, rows)
+        stream = f"test.oversize.{tmp_path.name}"
+        relay = OutboxRelay(store, RedisStreamBus(redis), clock, asyncio.Event(), stream=stream)
+        assert await relay.relay_once() == 3
+        published = [fields[b"event_id"] for _id, fields in await redis.xrange(stream)]
+        assert published == [b"ev_big1", b"ev_big2"]
+        assert await store.read(0, lambda tx: tx.unrelayed_outbox(10)) == []
+    finally:
+        await redis.aclose()
+        await store.close()
