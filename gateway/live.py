@@ -60,7 +60,8 @@ def member_message(event: ledger_pb2.LedgerEvent) -> dict[str, Any]:
         "type": kind, "event_id": event.event_id, "member_id": event.member_id, "unit": event.unit,
         "occurred_at": event.occurred_at.ToJsonString(),
         "balance": {"balance_points": balance.balance_points, "available_points": balance.available_points,
-                    "reserved_points": balance.reserved_points, "pending_points": balance.pending_points},
+                    "reserved_points": balance.reserved_points, "pending_points": balance.pending_points,
+                    "version": balance.version},
         "details": body,
     }  # fmt: skip
 
@@ -93,6 +94,10 @@ class LiveHub:
         self.bus = bus
         self.limit = limit
         self.members: dict[str, set[Subscription]] = {}
+        # Per subscribed member and unit: the balance version last shown, with the events shown
+        # at it (one posting may announce several), so a copy (the relay publishes at least
+        # once) or an older event (a dead letter sent back) never shows a balance going back.
+        self.shown: dict[str, dict[str, tuple[int, set[str]]]] = {}
         self.ops: set[Subscription] = set()
         self.delivered = 0
         self.dropped = 0
@@ -110,6 +115,7 @@ class LiveHub:
                 subs.discard(sub)
                 if not subs:
                     del self.members[member_id]
+                    self.shown.pop(member_id, None)
 
     @contextlib.contextmanager
     def alerts(self) -> Iterator[Subscription]:
@@ -133,11 +139,21 @@ class LiveHub:
     async def _follow_ledger(self) -> None:
         async for message in self._tail(LEDGER_EVENTS):
             subs = self.members.get(message.key)
-            if not subs:
-                continue
+            if not subs or any(name == "redriven_from" for name, _ in message.headers):
+                continue  # a redriven dead letter is its group's; members were shown it when it was new
             update = _rendered(message, _member_update)
-            if update is not None:
+            if update is not None and self._new(message.key, update):
                 self._deliver(subs, update)
+
+    def _new(self, member_id: str, update: dict[str, Any]) -> bool:
+        """Not shown before, and not older than what was: the balance never goes back."""
+        version, event_id = update["balance"]["version"], update["event_id"]
+        shown = self.shown.setdefault(member_id, {})
+        last, ids = shown.get(update["unit"], (0, set()))
+        if version < last or (version == last and event_id in ids):
+            return False
+        shown[update["unit"]] = (version, {*ids, event_id} if version == last else {event_id})
+        return True
 
     async def _follow_alerts(self) -> None:
         async for message in self._tail(OPS_ALERTS):
