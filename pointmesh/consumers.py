@@ -133,6 +133,10 @@ class Attempts:
 
     def __init__(self) -> None:
         self._failures: dict[str, int] = {}
+        # Positions this process dead-lettered lately: a batch whose commit failed after its
+        # refused messages were dead-lettered is read again, and must not dead-letter them twice
+        # (a redrive would send each back twice). Insertion-ordered, the oldest forgotten first.
+        self.lettered: dict[str, None] = {}
 
     def failed(self, position: str, exc: BaseException) -> str | None:
         """Counts a failure; the dead-letter reason once the message is out of attempts, else None."""
@@ -147,6 +151,7 @@ class Attempts:
 
 
 Refused = list[tuple[BusMessage, str]]  # messages given up on in a batch, with the reason
+LETTERED_KEPT = 10_000  # dead-lettered positions remembered (a batch read again is at most 100)
 
 
 def guarded(handle: Handler, attempts: Attempts) -> Callable[[BusMessage, Refused], Awaitable[None]]:
@@ -177,7 +182,12 @@ async def _batch_through(bus: EventBus, topic: str, group: str, messages: list[B
     """The batch is done: its refused messages go to the dead-letter topic, once, and what was
     counted for its messages is forgotten."""
     for message, reason in refused:
+        if message.position in attempts.lettered:
+            continue
         await dead_letter(bus, topic, group, message, reason)
+        attempts.lettered[message.position] = None
+        if len(attempts.lettered) > LETTERED_KEPT:
+            del attempts.lettered[next(iter(attempts.lettered))]
     for message in messages:
         attempts.clear(message.position)
 

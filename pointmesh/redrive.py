@@ -48,6 +48,15 @@ def _mine(message: BusMessage, group: str) -> bool:
     return header(message, "dlq_group") == group
 
 
+def _copy_of_sent(message: BusMessage, sent_positions: set[str]) -> bool:
+    """A second dead-letter copy of a message this run sent back (the same position on the
+    topic: its group dead-lettered it twice, say a commit that failed after the first copy):
+    committed, not sent again. One that failed again after a redrive came from the redriven
+    copy's own position."""
+    position = header(message, "dlq_position")
+    return bool(position) and position in sent_positions
+
+
 def _sent_again(message: BusMessage, group: str, sent_ids: set[str]) -> bool:
     """One of the group's this run sent back already: it failed again. An empty event id is no
     id (a message without one matches nothing), and other groups' copies are theirs."""
@@ -71,6 +80,7 @@ async def redrive(
     done = Redriven()
     started_ms = int(time.time() * 1000)
     sent_ids: set[str] = set()
+    sent_positions: set[str] = set()
     reader = bus.group(dead_letter_topic(topic), f"redrive.{group}", REDRIVE_CONSUMER)
     quiet_since = time.monotonic()
     try:
@@ -82,16 +92,21 @@ async def redrive(
                     break
                 continue
             quiet_since = time.monotonic()
-            cut = next((i for i, m in enumerate(batch) if m.timestamp_ms > started_ms or _sent_again(m, group, sent_ids)),
+            cut = next((i for i, m in enumerate(batch) if m.timestamp_ms > started_ms or
+                        (_sent_again(m, group, sent_ids) and not _copy_of_sent(m, sent_positions))),
                        len(batch))  # fmt: skip
             taken = batch[:cut]
-            mine = [m for m in taken if _mine(m, group)]
+            mine = []
+            for m in taken:
+                if _mine(m, group) and not _copy_of_sent(m, sent_positions):
+                    mine.append(m)
+                    sent_positions.add(header(m, "dlq_position"))
             if mine:
                 await bus.publish(topic, [_sent_back(m) for m in mine])
             if taken:
                 await reader.commit(taken)
             done.sent += len(mine)
-            done.other_groups += len(taken) - len(mine)
+            done.other_groups += sum(1 for m in taken if not _mine(m, group))
             done.reasons.update(header(m, "dlq_reason") for m in mine)
             sent_ids.update(m.event_id for m in mine if m.event_id)
             if cut < len(batch):

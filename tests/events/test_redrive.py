@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
-from pointmesh.consumers import dead_letter
+from pointmesh import consumers
+from pointmesh.consumers import dead_letter, in_order, run_group
 from pointmesh.events import INGEST_PURCHASES, BusMessage, EventBus, RedisStreamBus, dead_letter_topic
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.redrive import header, redrive
@@ -166,3 +168,50 @@ async def test_the_cli_says_when_a_limit_left_dead_letters_for_another_run(tmp_p
     finally:
         await made.close()
         server.stop()
+
+
+async def test_a_message_dead_lettered_twice_goes_back_once(bus: EventBus) -> None:
+    """Two dead-letter copies of one message (from the same position: its group dead-lettered
+    it again when a failed commit made it read the batch again). The first run sent one and
+    stopped at the other, taking it for one that failed again; the next run sent it too."""
+    topic = new_topic()
+    await bus.ensure_topics([topic, dead_letter_topic(topic)])
+    await _dead_lettered(bus, topic, "g", ["m_a", "m_b"], "unknown schema")
+    await _dead_lettered(bus, topic, "g", ["m_a"], "unknown schema")
+    first = await redrive(bus, topic, "g", idle_seconds=QUIET)
+    assert (first.sent, first.more_left) == (2, False)
+    assert (await redrive(bus, topic, "g", idle_seconds=QUIET)).sent == 0
+    assert sorted(m.event_id for m in await drain(bus, topic, "reader", "c1", 2)) == ["m_a-1", "m_b-1"]
+
+
+async def test_a_batch_read_again_after_its_commit_failed_does_not_dead_letter_twice(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poison message and a good one in a batch; Redis refuses the XACK once (a failover),
+    the consumer reopens and reads both again: the poison went to the dead-letter topic twice."""
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    admin = Redis.from_url(redis_server.url)
+    redis_bus = RedisStreamBus(Redis.from_url(redis_server.url), owns_client=True)
+    topic = new_topic()
+    try:
+        await redis_bus.publish(topic, [event("m_a", 1, schema="pointmesh.v1/2"), event("m_b", 2)])
+        handled: list[str] = []
+
+        async def handle(message: BusMessage) -> None:
+            handled.append(message.event_id)
+            # The first batch's commit is refused; the batch read again commits.
+            await admin.execute_command("ACL", "SETUSER", "default", "-xack" if len(handled) == 1 else "+xack")
+
+        stop = asyncio.Event()
+        runner = asyncio.create_task(run_group(redis_bus, topic, "g", "c1", in_order(redis_bus, topic, "g", handle),
+                                               stop=stop, block_ms=200))  # fmt: skip
+        await until(lambda: len(handled) >= 2, 30)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        copies = [f for _id, f in await admin.xrange(dead_letter_topic(topic)) if f[b"event_id"] == b"m_a-1"]
+        assert len(copies) == 1
+    finally:
+        await admin.execute_command("ACL", "SETUSER", "default", "+xack")
+        await admin.aclose()
+        await redis_bus.close()
