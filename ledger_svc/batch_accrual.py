@@ -92,6 +92,11 @@ class BatchAccrual:
                 except LedgerError as error:
                     results[it.index] = error
                 continue
+            try:
+                self.accrual.check_new(it.cmd)
+            except LedgerError as error:
+                results[it.index] = error
+                continue
             if member in unusual or stored is not None or member in found.waiting or it.cmd.transport_key is not None:
                 unusual.add(member)
                 it.unary = True

@@ -128,6 +128,11 @@ def take_in_merged_state(book: ShardBook, target: str, source: str, moved: Membe
     keep_state(book, target, state, merged)
 
 
+# Sweep ids kept to apply each once: a sweep's step reruns only until its saga is done, long
+# before this many later sweeps of the same member's heir.
+OWED_SWEEPS_KEPT = 64
+
+
 def take_in_owed(book: ShardBook, target: str, sweep_id: str, owed: dict[str, int]) -> None:
     """The tier credits a sweep carries from a merged-away member (MemberState.owed_qualification)
     added to the target's months, once per sweep; a target merged on in turn owes them further."""
@@ -137,7 +142,7 @@ def take_in_owed(book: ShardBook, target: str, sweep_id: str, owed: dict[str, in
     months = dict(state.owed_qualification if state.merged_into else state.qualification)
     for bucket, n in owed.items():
         months[bucket] = months.get(bucket, 0) + n
-    taken = (*state.owed_taken, sweep_id)
+    taken = (*state.owed_taken, sweep_id)[-OWED_SWEEPS_KEPT:]
     if state.merged_into:
         after = replace(state, owed_qualification=months, owed_taken=taken)
     else:  # the tier may drop: the maintenance job asks rules_svc on its next pass

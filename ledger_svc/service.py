@@ -576,10 +576,16 @@ class LedgerService:
         fp = c.fingerprint(cmd)
         if current.status in (MemberStatus.MERGED, MemberStatus.ERASED):
             # A block sent again (its answer lost) after the member was merged or erased answers
-            # as the first time did, with the member as it is; a new one is refused, its key given back.
-            if await self._claim(key, type(cmd).__name__, fp):
+            # as the first time did, with the member as it is; a new one is refused, its key given
+            # back, and so is a copy of it sent at once (its claim holds no answer).
+            existing = await self.store.write_directory(lambda d: d.claim(key.namespace, key.key,
+                                                                          type(cmd).__name__, fp, self.clock.now()))  # fmt: skip
+            if existing is None:
+                await self.release_claims([(key, fp)])
+            elif existing.fingerprint != fp:
+                raise IdempotencyConflict(key.namespace, key.key, existing.operation, existing.created_at)
+            elif existing.result_json:
                 return current
-            await self.release_claims([(key, fp)])
             raise FailedPrecondition(f"member {cmd.member_id} is {current.status.value}", field="member_id")
         status = MemberStatus.BLOCKED if cmd.blocked else MemberStatus.ACTIVE
         now = self.clock.now()

@@ -255,6 +255,26 @@ async def test_a_block_sent_again_after_the_member_was_erased_or_merged_answers_
     assert (await get_member(ledger, merged)).status == ledger_pb2.MEMBER_STATUS_MERGED
 
 
+async def test_two_copies_of_a_new_block_of_a_merged_member_sent_at_once_are_both_refused(
+    ledger: LedgerUnderTest,
+) -> None:
+    """The second copy found the first's claim (no answer in it yet) and answered success for
+    a block never applied; the first was refused. Both are refused, and a later copy too."""
+    s = ledger.stub
+    merged, target = [(await create_member(s)).member_id for _ in range(2)]
+    await s.MergeMembers(ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=merged,
+                                                        target_member_id=target))  # fmt: skip
+    request = ledger_pb2.BlockMemberRequest(idempotency_key=key("twins"), member_id=merged, reason="x")
+    for _ in range(3):
+        answers = await asyncio.gather(s.BlockMember(request), s.BlockMember(request), return_exceptions=True)
+        assert [a.code() if isinstance(a, grpc.aio.AioRpcError) else a for a in answers] == [
+            grpc.StatusCode.FAILED_PRECONDITION
+        ] * 2
+    assert (
+        (await rpc_error(s.BlockMember(request), grpc.StatusCode.FAILED_PRECONDITION)).details().endswith("is MERGED")
+    )
+
+
 # Erase ------------------------------------------------------------------------------------
 
 

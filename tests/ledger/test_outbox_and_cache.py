@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ledger_svc import codec
+from ledger_svc import accrual, codec
 from ledger_svc import server as ledger_server
 from ledger_svc.cache import cache_key
 from ledger_svc.domain import Balance
@@ -443,6 +443,24 @@ async def test_a_purchase_line_too_long_for_its_event_is_refused_naming_it(ledge
         await ledger.stub.RecordPurchase(request)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.value.details().startswith("lines[1].category: at most 64 characters, got 65")
+
+
+async def test_a_receipt_recorded_before_lines_were_bounded_still_replays(
+    ledger: LedgerUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry answers as the first time: the bound holds new receipts only."""
+    member = (await ledger.stub.CreateMember(ledger_pb2.CreateMemberRequest(idempotency_key=_key("old")))).member
+    amount = common_pb2.Money(amount_minor=100, currency="EUR")
+    request = ledger_pb2.RecordPurchaseRequest(
+        member_id=member.member_id, channel="pos", store_id="HEL-01", receipt_id="old-1", total=amount,
+        lines=[ledger_pb2.PurchaseLine(sku="s" * 80, category="misc", quantity=1, amount=amount)],
+    )  # fmt: skip
+    request.receipt_time.FromDatetime(ledger.clock.now())
+    with monkeypatch.context() as before_the_bound:
+        before_the_bound.setattr(accrual, "MAX_LINE_TEXT", 10_000)
+        first = await ledger.stub.RecordPurchase(request)
+    again = await ledger.stub.RecordPurchase(request)
+    assert again.replayed and again.purchase.purchase_id == first.purchase.purchase_id
 
 
 async def test_an_event_no_bus_takes_is_set_aside_and_the_relay_goes_on(
