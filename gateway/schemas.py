@@ -321,8 +321,9 @@ class Hold(BaseModel):
         default=None, description="Placing a hold is fraud-screened; under review, review_id names the review"
     )
     transaction_id: str = Field(
-        default="", description="A capture's answer: its transaction, the tender_transaction_id of the receipt "
-        "the points paid for (so a return gives them back); empty otherwise",
+        default="", description="A capture's answer (or a retried placing once its review approved the hold): "
+        "the capture's transaction, the tender_transaction_id of the receipt the points paid for (so a return "
+        "gives them back); empty otherwise",
     )  # fmt: skip
 
 

@@ -93,6 +93,7 @@ class PlacedHold:
     hold: Hold
     balance_after: Balance
     screening: Screening | None = None
+    capture_transaction_id: str = ""  # a retry once its review approved it: the capture
 
 
 def new_review_id(member_id: str) -> str:

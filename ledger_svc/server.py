@@ -161,7 +161,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         result = await self.service.place_hold(cv.hold_cmd(request))
         return ledger_pb2.PlaceHoldResponse(
             hold=cv.hold_pb(result.hold), balance_after=cv.balance_pb(result.balance_after),
-            screening=cv.screening_pb(result.screening),
+            screening=cv.screening_pb(result.screening), capture_transaction_id=result.capture_transaction_id,
         )  # fmt: skip
 
     @translated

@@ -946,7 +946,10 @@ class LedgerService:
 
         placed = await self._mutate(cmd, self.shard_of(cmd.member_id), PlacedHold, body, precheck)
         decided = await self._decided(placed.hold)
-        return placed if decided is None else replace(placed, hold=decided[0])
+        if decided is None:
+            return placed
+        hold, captured = decided
+        return replace(placed, hold=hold, capture_transaction_id=captured.transaction_id if captured else "")
 
     async def capture_hold(self, cmd: c.CaptureHold) -> HoldResult:
         v.idem_key(cmd.key)

@@ -90,7 +90,8 @@ async def place_hold(
     shown = cv.screening(result.screening) if result.HasField("screening") else None
     if shown is not None and shown.review_id:  # a retry after the decision: the hold as decided
         response.status_code = 202 if result.hold.status == ledger_pb2.HOLD_STATUS_PLACED else 200
-    return cv.hold(result.hold, result.balance_after).model_copy(update={"screening": shown})
+    update = {"screening": shown, "transaction_id": result.capture_transaction_id}
+    return cv.hold(result.hold, result.balance_after).model_copy(update=update)
 
 
 async def _own_hold(gw: Gateway, caller: Principal, hold_id: str) -> ledger_pb2.Hold:

@@ -1181,6 +1181,11 @@ class PlaceHoldResponse(_message.Message):
     HOLD_FIELD_NUMBER: _builtins.int
     BALANCE_AFTER_FIELD_NUMBER: _builtins.int
     SCREENING_FIELD_NUMBER: _builtins.int
+    CAPTURE_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    capture_transaction_id: _builtins.str
+    """A retry once the review approved it: the capture's transaction (the tender a receipt the
+    points paid for names).
+    """
     @_builtins.property
     def hold(self) -> Global___Hold: ...
     @_builtins.property
@@ -1197,10 +1202,11 @@ class PlaceHoldResponse(_message.Message):
         hold: Global___Hold | None = ...,
         balance_after: Global___Balance | None = ...,
         screening: Global___Screening | None = ...,
+        capture_transaction_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold", b"hold", "screening", b"screening"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold", b"hold", "screening", b"screening"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "capture_transaction_id", b"capture_transaction_id", "hold", b"hold", "screening", b"screening"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

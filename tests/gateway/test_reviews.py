@@ -209,9 +209,12 @@ async def test_a_retried_redemption_or_hold_says_where_its_review_left_it(screen
         body, key = {"member_id": member, "points": 3_000}, idem()
         placed = await pos.post("/v1/holds", json=body, headers=key)
         assert placed.status_code == 202, placed.text
-        await desk.post(f"/v1/ops/reviews/{placed.json()['screening']['review_id']}/approve", headers=idem())
+        approved = await desk.post(f"/v1/ops/reviews/{placed.json()['screening']['review_id']}/approve",
+                                   headers=idem())  # fmt: skip
         again = await pos.post("/v1/holds", json=body, headers=key)
         assert (again.status_code, again.json()["status"]) == (200, "CAPTURED"), again.text
+        # the tender the receipt the points paid for names
+        assert [again.json()["transaction_id"]] == approved.json()["outcome_transaction_ids"]
 
 
 async def test_a_review_note_as_long_as_the_api_documents_is_kept(screened_gw: GatewayUnderTest) -> None:
