@@ -228,8 +228,9 @@ class ShardBook:
         return _free_of(lots, named, pooled)
 
     def _consume_lots(
-        self, member_id: str, unit: str, points: int, prefer_lot: str = "", *, capture: bool = False
-    ) -> list[Portion]:
+        self, member_id: str, unit: str, points: int, prefer_lot: str = "", *, capture: bool = False,
+        lots: list[Lot] | None = None,
+    ) -> list[Portion]:  # fmt: skip
         """Takes points from lots, earliest expiry first; returns what it took, with expiries.
 
         Open holds keep their lots (Hold.reserves): a capture takes from them, and expiry
@@ -238,7 +239,8 @@ class ShardBook:
         leave nothing due to expire). `capture` takes the earliest-expiring points whoever
         keeps them: a hold that named too few lots (placed before lots were named)."""
         taken: list[Portion] = []
-        lots = self.tx.spendable_lots(member_id, unit)
+        if lots is None:  # else the debit's own read (_require_available), as its expiry left them
+            lots = self.tx.spendable_lots(member_id, unit)
         if prefer_lot:
             lots.sort(key=lambda lot: lot.lot_id != prefer_lot)
         frees = [lot.remaining_points for lot in lots] if prefer_lot or capture else self._free(member_id, unit, lots)
@@ -427,10 +429,10 @@ class ShardBook:
     def redeem(
         self, member_id: str, unit: str, points: int, *, business_time: datetime | None, reference: str
     ) -> Transaction:
-        self._require_available(member_id, unit, points)
+        lots = self._require_available(member_id, unit, points)
         record = self._record(TxKind.REDEEM, member_id, unit, -points, business_time=business_time, reference=reference)
         self._post(record, [(member_account(member_id, unit), -points), (system_account("redeemed", unit), points)])
-        self._consume_lots(member_id, unit, points)
+        self._consume_lots(member_id, unit, points, lots=lots)
         return self._finish(
             record,
             "points_redeemed",
@@ -753,10 +755,10 @@ class ShardBook:
     def debit_transfer(self, member_id: str, unit: str, points: int, *, tx_id: str, counterparty: str,
                        transfer_id: str) -> tuple[Transaction, list[Portion]]:  # fmt: skip
         """Source side of a same-shard transfer: debit now, to the transit account."""
-        self._require_available(member_id, unit, points)
+        lots = self._require_available(member_id, unit, points)
         record = self._record(TxKind.TRANSFER_OUT, member_id, unit, -points, tx_id=tx_id, reference=transfer_id)
         self._post(record, [(member_account(member_id, unit), -points), (system_account("transit", unit), points)])
-        taken = self._consume_lots(member_id, unit, points)
+        taken = self._consume_lots(member_id, unit, points, lots=lots)
         transaction = self._finish(
             record, "points_transferred",
             {"transfer_id": transfer_id, "transaction_id": tx_id, "counterparty_member_id": counterparty, "points": -points},
