@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 
 from pointmesh.consumers import check_schema
 from pointmesh.events import GAMIFICATION_FUNDING, LEDGER_EVENTS, OPS_ALERTS, BusMessage, EventBus
+from pointmesh.redrive import header
 from pointmesh.v1 import common_pb2, ledger_pb2
 
 # Redis stamps stream ids with its own clock: a start pinned by this process's clock reaches
@@ -139,7 +140,7 @@ class LiveHub:
     async def _follow_ledger(self) -> None:
         async for message in self._tail(LEDGER_EVENTS):
             subs = self.members.get(message.key)
-            if not subs or any(name == "redriven_from" for name, _ in message.headers):
+            if not subs or header(message, "redriven_from"):
                 continue  # a redriven dead letter is its group's; members were shown it when it was new
             update = _rendered(message, _member_update)
             if update is not None and self._new(message.key, update):
