@@ -46,6 +46,7 @@ from ledger_svc.purchases import (
     accrue,
     load_purchase,
     load_state,
+    name_tender,
     purchase_id_for,
     require_unmerged,
     save_purchase,
@@ -303,22 +304,32 @@ class Accrual:
         await svc._require_exists(member_id)
 
         # One read answers three questions: a replay?, the member's counters, anything waiting?
-        def read(tx: ShardTx) -> tuple[IdemRecord | None, str | None, int]:
+        def read(tx: ShardTx) -> tuple[IdemRecord | None, PurchaseRecord | None, str | None, int]:
             # A tender that is not one refuses the receipt before its keys are claimed, so it
             # can come again corrected.
             if cmd.tender_transaction_id:
                 tender_points(ShardBook(tx, svc.clock.now(), svc.policy), member_id, cmd.tender_transaction_id)
+            stored = tx.get_idempotency(ns, natural)
+            other = stored is not None and stored.fingerprint != fp  # the same receipt but its tender?
+            found = tx.get_purchase(codec.loads(str, stored.result_json)) if stored and other else None
             return (
-                tx.get_idempotency(ns, natural),
+                stored,
+                None if found is None else codec.loads(PurchaseRecord, found[1]),
                 tx.get_member_state(member_id),
                 tx.member_waiting_purchases(member_id),
             )
 
-        stored, state, waiting = await svc.store.read(shard, read)
-        if stored is not None and stored.fingerprint == fp:
+        stored, recorded, state, waiting = await svc.store.read(shard, read)
+        same = stored is not None and (
+            stored.fingerprint == fp or self._same_but_tender(cmd, stored.fingerprint, recorded)
+        )
+        if stored is not None and same:
             if cmd.transport_key is not None:
-                await self._claim_keys(cmd, fp)
-            return await self.get_purchase(codec.loads(str, stored.result_json)), True
+                await self._claim_keys(cmd, stored.fingerprint)
+            purchase = await self.get_purchase(codec.loads(str, stored.result_json))
+            if cmd.tender_transaction_id and purchase.tender_transaction_id != cmd.tender_transaction_id:
+                purchase = await self._name_tender(purchase, cmd)
+            return purchase, True
         self.check_new(cmd)
         await svc._require_active(member_id)
         quote = await self._quote_stored(cmd, state, waiting)
@@ -351,6 +362,36 @@ class Accrual:
             await svc.release_claims(claimed)
             raise
 
+    @staticmethod
+    def _same_but_tender(cmd: c.RecordPurchase, stored_fp: str, recorded: PurchaseRecord | None) -> bool:
+        """The receipt first recorded, but for its tender: a file's copy of what the till sent
+        with one (no file carries it), or the till's copy, naming it, of what a file brought
+        first. Another tender than the one recorded is another payment, so a conflict."""
+        if recorded is None:
+            return False
+        for tender in {"", recorded.tender_transaction_id}:
+            if c.fingerprint(replace(cmd, tender_transaction_id=tender)) != stored_fp:
+                continue
+            if cmd.tender_transaction_id in ("", recorded.tender_transaction_id) or not recorded.tender_transaction_id:
+                return True
+            raise _another_tender(cmd, recorded)
+        return False
+
+    async def _name_tender(self, purchase: PurchaseRecord, cmd: c.RecordPurchase) -> PurchaseRecord:
+        """The till's tender for a receipt recorded without one; a copy that named it first
+        (the till's retry) leaves it as it is."""
+        tender = cmd.tender_transaction_id
+
+        def body(book: ShardBook) -> PurchaseRecord:
+            record = load_purchase(book, purchase.purchase_id)
+            if record.tender_transaction_id == tender:
+                return record
+            if record.tender_transaction_id:
+                raise _another_tender(cmd, record)
+            return name_tender(book, record, tender)
+
+        return await self.svc._book(self.svc.shard_of_id(purchase.purchase_id), body)
+
     async def _write_fresh(
         self, cmd: c.RecordPurchase, fp: str, pid: str, quote: Quote | None, screening: Screening | None,
         now: datetime,
@@ -374,15 +415,21 @@ class Accrual:
     async def replay_of_merged(self, cmd: c.RecordPurchase, conflict: IdempotencyConflict) -> PurchaseRecord | None:
         """The receipt recorded for a member since merged into this one, with the same body
         otherwise: the same purchase sent again (a legacy file re-run after the merge), answered
-        as a replay rather than a conflict. None when it is a real conflict."""
+        as a replay rather than a conflict. None when it is a real conflict. (A copy without the
+        tender the till named is the same receipt; one naming a tender cannot link it any more.)"""
         if conflict.namespace != cmd.key.namespace or conflict.key != cmd.key.key:
             return None  # the transport key, used for another request
         ns, natural = cmd.key.namespace, cmd.key.key
         for earlier in await self.svc.merged_into_member(cmd.member_id):
-            fp = c.fingerprint(replace(cmd, member_id=earlier, transport_key=None))
+            as_earlier = replace(cmd, member_id=earlier, transport_key=None)
             stored = await self.svc.store.read(self.svc.shard_of(earlier), lambda tx: tx.get_idempotency(ns, natural))
-            if stored is not None and stored.fingerprint == fp:
-                return await self.get_purchase(codec.loads(str, stored.result_json))
+            if stored is None:
+                continue
+            recorded = await self.get_purchase(codec.loads(str, stored.result_json))
+            if stored.fingerprint == c.fingerprint(as_earlier) or (
+                not cmd.tender_transaction_id and self._same_but_tender(as_earlier, stored.fingerprint, recorded)
+            ):
+                return recorded
         return None
 
     async def write(
@@ -723,3 +770,11 @@ def _purchase_cursor(token: str) -> tuple[datetime, str] | None:
 
 def _waiting(tx: ShardTx, size: int) -> list[tuple[str, str]]:
     return tx.waiting_purchases(size)
+
+
+def _another_tender(cmd: c.RecordPurchase, recorded: PurchaseRecord) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        cmd.key.namespace, cmd.key.key, "RecordPurchase", recorded.received_at, field="tender_transaction_id",
+        detail=f"receipt {cmd.receipt_id} was recorded with tender {recorded.tender_transaction_id}; this copy"
+        f" names {cmd.tender_transaction_id}",
+    )  # fmt: skip

@@ -120,11 +120,15 @@ REFUSALS: tuple[type[LedgerError], ...] = (InvalidArgument, NotFound, FailedPrec
 class IdempotencyConflict(LedgerError):
     code = "IDEMPOTENCY_CONFLICT"
 
-    def __init__(self, namespace: str, key: str, original_operation: str, first_seen_at: datetime) -> None:
+    def __init__(
+        self, namespace: str, key: str, original_operation: str, first_seen_at: datetime, *, detail: str = "",
+        field: str = "idempotency_key.key",
+    ) -> None:  # fmt: skip
         super().__init__(
-            f"idempotency key {key!r} in namespace {namespace!r} was already used for a different "
+            detail
+            or f"idempotency key {key!r} in namespace {namespace!r} was already used for a different "
             f"{original_operation} request",
-            field="idempotency_key.key",
+            field=field,
         )
         self.namespace = namespace
         self.key = key

@@ -450,6 +450,42 @@ def _return_targets(record: PurchaseRecord, quantities: tuple[int, ...], refunde
     return targets
 
 
+def _give_back_tender(
+    book: ShardBook, record: PurchaseRecord, quantities: tuple[int, ...], refunded: int, reason: str
+) -> int:
+    """Re-credits what is due of the points paid as tender once these quantities and this
+    refund are back (in proportion to the refund, all of it on a full return), less what came
+    back before; the points re-credited."""
+    if _fully_returned(record, quantities, refunded):
+        target = record.tender_points
+    elif record.total.amount_minor:
+        target = record.tender_points * refunded // record.total.amount_minor
+    else:  # a zero total returned by some of its lines: the tender comes back with the last one
+        target = 0
+    recredit = max(0, target - record.tender_recredited)
+    if recredit:
+        # A redemption named as tender by several purchases gives back at most what it took.
+        recredit = min(recredit, book.tender_left(record.tender_transaction_id))
+    if recredit:
+        book.recredit_tender(record.tender_transaction_id, recredit, reason=reason, lifetime_s=record.lot_lifetime_s)
+    return recredit
+
+
+def name_tender(book: ShardBook, record: PurchaseRecord, tx_id: str) -> PurchaseRecord:
+    """Links the redemption that paid part of a receipt first recorded without it (from a file,
+    the till's copy arriving later): a later return gives those points back, and what earlier
+    returns refunded gives back its share now."""
+    require_unmerged(record.member_id, load_state(book, record.member_id))
+    record = replace(record, tender_transaction_id=tx_id, tender_points=tender_points(book, record.member_id, tx_id))
+    quantities = record.returned_quantities or tuple(0 for _ in record.lines)
+    recredit = _give_back_tender(
+        book, record, quantities, record.refunded_minor, f"tender named for returned purchase {record.purchase_id}"
+    )
+    record = replace(record, tender_recredited=recredit)
+    save_purchase(book, record)
+    return record
+
+
 def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merged_into: str = "") -> ReturnResult:
     """The return in the purchase's shard. For a member merged into `merged_into`, whose points
     live there now, each reversal is started here and finished there (a saga the caller drives),
@@ -528,20 +564,7 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
             ))  # fmt: skip
         else:
             debt += book.reverse(record.earn_transactions[unit], points=points, refund=None, reason=reason).debt_points
-    if _fully_returned(record, tuple(quantities), refunded):
-        tender_target = record.tender_points
-    elif record.total.amount_minor:
-        tender_target = record.tender_points * refunded // record.total.amount_minor
-    else:  # a zero total returned by some of its lines: the tender comes back with the last one
-        tender_target = 0
-    recredit = max(0, tender_target - record.tender_recredited)
-    if recredit:
-        # A redemption named as tender by several purchases gives back at most what it took.
-        recredit = min(recredit, book.tender_left(record.tender_transaction_id))
-    if recredit:
-        book.recredit_tender(
-            record.tender_transaction_id, recredit, reason=f"return {cmd.key.key}", lifetime_s=record.lot_lifetime_s
-        )
+    recredit = _give_back_tender(book, record, tuple(quantities), refunded, f"return {cmd.key.key}")
     if record.metric_unit and here.get(record.metric_unit, True):  # else the reversal saga does it on the heir
         take_off_qualification(book, record.member_id, record.qualification_bucket, by_unit.get(record.metric_unit, 0))
     record = replace(

@@ -237,7 +237,7 @@ def _purchase_request(p: LegacyPurchase, member_id: str, channel: str) -> ledger
             )
             for ln in p.lines
         ],
-        receipt_time=to_timestamp(p.receipt_time), tender_transaction_id=p.tender_transaction_id,
+        receipt_time=to_timestamp(p.receipt_time),
     )  # fmt: skip
 
 

@@ -63,9 +63,6 @@ class LegacyPurchase:
     lines: tuple[PurchaseLine, ...]
     receipt_time: datetime  # aware
     origin: Origin
-    # No file carries one: settlement sets the tender the ledger recorded (a receipt paid partly
-    # with points at the till), so the file's copy is compared as the same receipt.
-    tender_transaction_id: str = ""
 
     @property
     def total_minor(self) -> int:

@@ -16,7 +16,7 @@ import would; the other stores go on.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -221,10 +221,9 @@ async def reconcile_records(
             report.quarantined += refused_lines(r, refusal)
     receipts = [r for r in receipts if key_of[id(r)][:2] not in refused]
     missing = [r for r in receipts if key_of[id(r)] not in in_ledger]
-    # The ledger's tender goes with the file's copy: a till paying partly with points names it,
-    # a file cannot, and the same receipt without it would be refused as another body.
-    posted_before = [replace(r, tender_transaction_id=in_ledger[key_of[id(r)]].tender_transaction_id)
-                     for r in receipts if key_of[id(r)] in in_ledger]  # fmt: skip
+    # (A file has no tender column: the ledger takes a copy without the tender the till named
+    # as the same receipt.)
+    posted_before = [r for r in receipts if key_of[id(r)] in in_ledger]
     report.already_posted = len(posted_before)
     report.posted = await import_records(missing, stub, adapter=adapter, channel=channel)
     # A key alone does not make them equal: the ledger compares the file's copy with its own.

@@ -31,7 +31,7 @@ from pointmesh.clients import closing, ledger_stub
 from pointmesh.redis_server import RedisServer, free_port
 from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.conftest import start_ledger, stop_ledger
-from tests.ledger.helpers import create_member, rpc_error, ts
+from tests.ledger.helpers import create_member, redeem, rpc_error, ts
 from tests.mesh import conftest as mesh_fixtures
 from tests.mesh.conftest import Mesh
 from tests.mesh.helpers import points
@@ -138,6 +138,29 @@ async def test_a_receipt_sent_over_rest_and_in_a_file_earns_once_with_exact_amou
         grpc.StatusCode.ALREADY_EXISTS,
     )
     assert await points(mesh, member) == earned
+
+
+async def test_a_file_listing_a_receipt_the_till_paid_partly_with_points_imports_it_as_a_duplicate(
+    mesh: Mesh,
+) -> None:
+    """The till named its redemption as the receipt's tender; the file has no tender column.
+    Its copy was quarantined as another body (ALREADY_EXISTS)."""
+    member = await member_with_card(mesh, "4000-0009")
+    at = datetime(2026, 1, 2, 8, 0, tzinfo=UTC)
+    await mesh.ledger.stub.RecordPurchase(rest_purchase(member, "T-0", "SKU-PEN", 1, 500, "EUR", at))
+    paid = (await redeem(mesh.ledger.stub, member, 60)).transaction.transaction_id
+    till = rest_purchase(member, "T-1", "SKU-COFFEE", 2, 1250, "EUR", at + timedelta(minutes=15))
+    till.tender_transaction_id = paid
+    await mesh.ledger.stub.RecordPurchase(till)
+    before = await points(mesh, member)
+
+    report = await import_records(
+        csv_of("P,HEL-01,T-1,1,2026-01-02T10:15:00+02:00,4000-0009,EUR,SKU-COFFEE,misc,2,12.50"),
+        mesh.ledger.stub, adapter="csv", channel="pos",
+    )  # fmt: skip
+
+    assert (report.accepted, report.duplicates, report.quarantined) == (0, 1, ()), report.quarantined
+    assert await points(mesh, member) == before
 
 
 async def test_a_fixed_width_file_with_a_wrong_trailer_count_imports_nothing(mesh: Mesh) -> None:
