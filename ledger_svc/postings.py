@@ -497,10 +497,12 @@ class ShardBook:
 
     def capture_hold(
         self, hold_id: str, points: int, *, kind: TxKind = TxKind.HOLD_CAPTURE, tx_id: str = "", owner: str = "",
-        portions: Sequence[Portion] = (),
+        portions: Sequence[Portion] = (), transfer: tuple[str, str] | None = None,
     ) -> HoldResult:  # fmt: skip
         """`portions`: the lots (by expiry) a transfer's recipient was credited with, which the
-        capture must take, so no point changes its expiry on the way."""
+        capture must take, so no point changes its expiry on the way. `transfer` (transfer id,
+        recipient): the capture is a transfer's sending side, and tells the sender so, as a
+        same-shard transfer does, not as points spent."""
         hold = self._open_hold(hold_id, saga=kind == TxKind.TRANSFER_OUT, owner=owner)
         captured = points or hold.points
         if captured > hold.points:
@@ -514,9 +516,15 @@ class ShardBook:
         self._consume_portions(hold.member_id, hold.unit, portions, captured - sum(p for p, _ in portions))
         self.tx.set_hold_status(hold_id, HoldStatus.CAPTURED, captured)
         done = replace(hold, status=HoldStatus.CAPTURED, captured_points=captured)
-        transaction = self._finish(
-            record, "hold_captured", {"hold_id": hold_id, "transaction_id": record.tx_id, "points": captured}
-        )
+        if transfer is None:
+            transaction = self._finish(
+                record, "hold_captured", {"hold_id": hold_id, "transaction_id": record.tx_id, "points": captured}
+            )
+        else:
+            transaction = self._finish(record, "points_transferred", {
+                "transfer_id": transfer[0], "transaction_id": record.tx_id, "counterparty_member_id": transfer[1],
+                "points": -captured,
+            })  # fmt: skip
         settled = self._settle_debt(hold.member_id, hold.unit) if captured < hold.points else None
         return HoldResult(done, settled.balance_after if settled else transaction.balance_after, transaction)
 

@@ -224,7 +224,7 @@ class Sagas:
                 if current is None or current.state != SagaState.HELD:
                     return
                 book.capture_hold(saga.hold_id, saga.points, kind=TxKind.TRANSFER_OUT, tx_id=ids.out_tx,
-                                  portions=portions)  # fmt: skip
+                                  portions=portions, transfer=(saga_id, saga.dest_member))  # fmt: skip
                 book.tx.set_saga_state(saga_id, SagaState.DONE, book.now)
 
             await self.svc._book(src_shard, finish)

@@ -326,22 +326,33 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, bus: EventBus, request: ledger_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[ledger_pb2.WatchEventsResponse, None]:
         messages = bus.subscribe(LEDGER_EVENTS, request.after_position or "$")
+        read = request.after_position  # the position to resume from: the last one read, shown or not
         try:
             first = await anext(messages)
         except ValueError as exc:  # a position this bus never gave
             await context.abort_with_status(error_status(d.InvalidArgument(str(exc), field="after_position")))
             return
-        async for message in _chained(first, messages):
-            if request.member_id and message.key != request.member_id:
-                continue
-            try:
-                check_schema(message)
-                event = ledger_pb2.LedgerEvent.FromString(message.payload)
-            except Exception as exc:  # one unreadable event must not end (and re-end) every watch
-                log.warning("WatchEvents skips %s event %s at %s: %s", message.event_type, message.event_id,
-                            message.position, exc)  # fmt: skip
-                continue
-            yield ledger_pb2.WatchEventsResponse(event=event, position=message.position)
+        except Exception as exc:  # the bus unreachable: a code clients retry, not UNKNOWN
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _bus_away(exc, read))
+            return
+        try:
+            async for message in _chained(first, messages):
+                read = message.position
+                if request.member_id and message.key != request.member_id:
+                    continue
+                try:
+                    check_schema(message)
+                    event = ledger_pb2.LedgerEvent.FromString(message.payload)
+                except Exception as exc:  # one unreadable event must not end (and re-end) every watch
+                    log.warning("WatchEvents skips %s event %s at %s: %s", message.event_type, message.event_id,
+                                message.position, exc)  # fmt: skip
+                    continue
+                yield ledger_pb2.WatchEventsResponse(event=event, position=message.position)
+        except Exception as exc:  # (a Redis restart): the client watches again from where it was
+            failed = exc
+        else:
+            return
+        await context.abort(grpc.StatusCode.UNAVAILABLE, _bus_away(failed, read))
 
     @translated
     async def IngestBatch(
@@ -409,6 +420,12 @@ def _ingest_item(item: ledger_pb2.IngestBatchRequest) -> c.PostingCommand | c.Re
     if cmd is None:
         return d.InvalidArgument("set one of earn, redeem, adjust, reverse, purchase, page", field="operation")
     return cmd
+
+
+def _bus_away(exc: Exception, read: str) -> str:
+    log.warning("WatchEvents: the event bus failed (%s: %s)", type(exc).__name__, exc)
+    resume = f"watch again with after_position={read}" if read else "watch again"
+    return f"the event bus is unreachable ({type(exc).__name__}); {resume}"
 
 
 async def _chained(first: BusMessage, rest: AsyncIterator[BusMessage]) -> AsyncIterator[BusMessage]:
