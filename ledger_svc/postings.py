@@ -237,13 +237,20 @@ class ShardBook:
         leaves them alone while the holds are open. Any other debit takes the points no hold
         keeps, so it cannot spend what a hold keeps from expiring (then a voided hold would
         leave nothing due to expire). `capture` takes the earliest-expiring points whoever
-        keeps them: a hold that named too few lots (placed before lots were named)."""
+        keeps them: a hold that named too few lots (placed before lots were named). A reversal
+        takes `prefer_lot` (its earn's own lot, held or not: a hold's points then keep the
+        earliest-expiring left) first, and the rest like any other debit."""
         taken: list[Portion] = []
         if lots is None:  # else the debit's own read (_require_available), as its expiry left them
             lots = self.tx.spendable_lots(member_id, unit)
-        if prefer_lot:
-            lots.sort(key=lambda lot: lot.lot_id != prefer_lot)
-        frees = [lot.remaining_points for lot in lots] if prefer_lot or capture else self._free(member_id, unit, lots)
+        for lot in lots:
+            if lot.lot_id == prefer_lot and points > 0 and lot.remaining_points > 0:
+                take = min(points, lot.remaining_points)
+                lot.remaining_points -= take
+                points -= take
+                self.tx.update_lot(lot)
+                taken.append((take, lot.expires_at))
+        frees = [lot.remaining_points for lot in lots] if capture else self._free(member_id, unit, lots)
         for lot, free in zip(lots, frees, strict=True):
             if points <= 0:
                 break

@@ -634,3 +634,50 @@ async def test_no_debit_spends_points_past_their_date_before_the_expiry_job_runs
 
 def figures_of(b: Balance) -> tuple[int, int]:
     return b.balance_points, b.reserved_points
+
+
+async def test_a_reversal_past_its_earns_lot_takes_the_rest_from_points_no_hold_keeps(ledger: LedgerUnderTest) -> None:
+    """The earn's own lot, mostly spent, gives what it has; the rest came from the earliest lot
+    whoever kept it, here the one a hold keeps: voided, the hold then left less due to expire."""
+    stub, now = ledger.stub, ledger.clock.now()
+    member = (await create_member(stub)).member_id
+    own = (await earn(stub, member, 100, expires_at=ts(now + timedelta(days=100)))).transaction.transaction_id
+    await redeem(stub, member, 80)  # from the day-100 lot: the only one yet
+    await earn(stub, member, 100, expires_at=ts(now + timedelta(days=1)))
+    await earn(stub, member, 100, expires_at=ts(now + timedelta(days=200)))
+    hold = (await place_hold(stub, member, 100, timeout=Duration(seconds=3600))).hold  # keeps the day-1 lot
+
+    back = await stub.Reverse(ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=own, full=True))
+    await stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
+    ledger.clock.advance(timedelta(days=2))
+    done = await stub.RunExpiry(ledger_pb2.RunExpiryRequest())
+
+    assert back.reversed_points == 100
+    assert done.expired_points == 100  # the day-1 lot, untouched by the reversal
+    assert figures(await balance(stub, member))["balance"] == 20
+
+
+async def test_a_reversal_of_a_merged_away_earn_leaves_the_heirs_held_points_to_expire(
+    ledger: LedgerUnderTest,
+) -> None:
+    """The earn's lot is the merged-away member's (SQLite found it, Cassandra did not): the
+    reversal then took the heir's points whoever kept them, on SQLite only."""
+    stub, svc, now = ledger.stub, ledger.app.service, ledger.clock.now()
+    heir = (await create_member(stub)).member_id
+    source = (await create_member(stub)).member_id
+    while svc.shard_of(source) != svc.shard_of(heir):  # a same-shard merge
+        source = (await create_member(stub)).member_id
+    await earn(stub, heir, 100, expires_at=ts(now + timedelta(days=1)))
+    gone = (await earn(stub, source, 100, expires_at=ts(now + timedelta(days=100)))).transaction.transaction_id
+    hold = (await place_hold(stub, heir, 100, timeout=Duration(seconds=3600))).hold  # keeps the day-1 lot
+    await stub.MergeMembers(ledger_pb2.MergeMembersRequest(
+        idempotency_key=key(), source_member_id=source, target_member_id=heir))  # fmt: skip
+
+    back = await stub.Reverse(ledger_pb2.ReverseRequest(idempotency_key=key(), transaction_id=gone, full=True))
+    await stub.VoidHold(ledger_pb2.VoidHoldRequest(idempotency_key=key(), hold_id=hold.hold_id))
+    ledger.clock.advance(timedelta(days=2))
+    done = await stub.RunExpiry(ledger_pb2.RunExpiryRequest())
+
+    assert back.reversed_points == 100
+    assert done.expired_points == 100  # the heir's own day-1 points; the merged ones were reversed
+    assert figures(await balance(stub, heir))["balance"] == 0
