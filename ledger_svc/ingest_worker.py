@@ -22,7 +22,7 @@ from ledger_svc import commands as c
 from ledger_svc import convert as cv
 from ledger_svc.domain import LedgerError, Unavailable
 from ledger_svc.service import LedgerService
-from pointmesh.consumers import Attempts, Poison, check_schema, dead_letter, deterministic, run_group
+from pointmesh.consumers import Attempts, Poison, check_schema, dead_letter_once, deterministic, run_group
 from pointmesh.events import INGEST_PURCHASES, BusMessage, EventBus
 from pointmesh.v1 import ledger_pb2
 
@@ -84,8 +84,7 @@ class IngestWorker:
             refused += [(m, _reason(o)) for m, o in zip(taken, outcomes, strict=True) if isinstance(o, LedgerError)]
             self._forget(taken)
             self._failing_batches.clear()
-        for message, reason in refused:
-            await dead_letter(self.bus, INGEST_PURCHASES, GROUP, message, reason)
+        await dead_letter_once(self.bus, INGEST_PURCHASES, GROUP, refused, self._attempts)
 
     def _forget(self, taken: list[BusMessage]) -> None:
         """The batch is through: what earlier rounds counted for its purchases is of no more use

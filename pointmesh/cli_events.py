@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from pointmesh.cassandra_server import CassandraServer
-from pointmesh.config import settings_or_exit
+from pointmesh.config import Settings, settings_or_exit
 from pointmesh.events import (
     INGEST_PURCHASES,
     MAX_EVENT_BYTES,
@@ -85,11 +85,15 @@ def cmd_topics_create(_: argparse.Namespace) -> int:
 
     unreachable = asyncio.run(run())
     if unreachable is not None:
-        where = settings.redis_url if settings.event_bus == "redis" else settings.kafka_bootstrap
-        print(f"{settings.event_bus}: cannot reach the event bus at {where}: {unreachable}", file=sys.stderr)
+        print(_unreachable(settings, unreachable), file=sys.stderr)
         return 1
     print(f"{settings.event_bus}: topics ready: {', '.join(topics)}")
     return 0
+
+
+def _unreachable(settings: Settings, why: str) -> str:
+    where = settings.redis_url if settings.event_bus == "redis" else settings.kafka_bootstrap
+    return f"{settings.event_bus}: cannot reach the event bus at {where}: {why}"
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -149,6 +153,8 @@ def _purchase_event(raw: bytes) -> OutgoingEvent | str | None:
         return f"not UTF-8 (byte {exc.start + 1} of the line)"
     if not line.strip():
         return None
+    if not line.lstrip().startswith("{"):  # json_format takes `[]` for an empty purchase
+        return "not a purchase: a JSON object is expected"
     try:
         request = json_format.Parse(line, ledger_pb2.RecordPurchaseRequest())
     except json_format.ParseError as exc:
@@ -183,17 +189,31 @@ def cmd_ingest_produce(args: argparse.Namespace) -> int:
             elif read is not None:
                 events.append(read)
 
-    async def run() -> None:
+    sent = 0
+
+    async def run() -> str | None:
+        """None once every event went, else why the bus failed (`sent` counts what went)."""
+        nonlocal sent
         bus = open_bus(settings)
         try:
+            await bus.ping()
             await bus.ensure_topics([INGEST_PURCHASES, dead_letter_topic(INGEST_PURCHASES)])
             for start in range(0, len(events), 1000):
-                await bus.publish(INGEST_PURCHASES, events[start : start + 1000])
+                batch = events[start : start + 1000]
+                await bus.publish(INGEST_PURCHASES, batch)
+                sent += len(batch)
+            return None
+        except Exception as exc:  # any failure of the bus is reported, not traced
+            return str(exc) or type(exc).__name__
         finally:
             await bus.close()
 
     started = time.monotonic()
-    asyncio.run(run())
+    failed = asyncio.run(run())
+    if failed is not None:
+        print(f"{_unreachable(settings, failed)}; {sent} of {len(events)} purchases sent (sending the file again"
+              " is safe: the ledger earns a receipt once)", file=sys.stderr)  # fmt: skip
+        return 1
     print(f"{settings.event_bus}: {len(events)} purchases on {INGEST_PURCHASES} in {time.monotonic() - started:.1f}s"
           + (f"; {bad} bad lines not sent" if bad else ""))  # fmt: skip
     return 1 if bad else 0

@@ -181,6 +181,14 @@ async def _batch_through(bus: EventBus, topic: str, group: str, messages: list[B
                          attempts: Attempts) -> None:  # fmt: skip
     """The batch is done: its refused messages go to the dead-letter topic, once, and what was
     counted for its messages is forgotten."""
+    await dead_letter_once(bus, topic, group, refused, attempts)
+    for message in messages:
+        attempts.clear(message.position)
+
+
+async def dead_letter_once(bus: EventBus, topic: str, group: str, refused: Refused, attempts: Attempts) -> None:
+    """Dead-letters each refused message unless this consumer did already: a batch delivered
+    again (its commit failed after the dead letters went) would send them a second time."""
     for message, reason in refused:
         if message.position in attempts.lettered:
             continue
@@ -188,8 +196,6 @@ async def _batch_through(bus: EventBus, topic: str, group: str, messages: list[B
         attempts.lettered[message.position] = None
         if len(attempts.lettered) > LETTERED_KEPT:
             del attempts.lettered[next(iter(attempts.lettered))]
-    for message in messages:
-        attempts.clear(message.position)
 
 
 def in_order(bus: EventBus, topic: str, group: str, handle: Handler) -> BatchHandler:

@@ -272,3 +272,37 @@ async def test_ingest_produce_reports_a_line_that_is_not_utf8_by_number_and_send
     assert f"{feed}:2: not UTF-8" in done.stderr
     assert "2 purchases on" in done.stdout and "1 bad lines not sent" in done.stdout
     assert [fields[b"event_id"] for _, fields in sent] == [b"pos/HEL-01/P-1", b"pos/HEL-01/P-2"]
+
+
+def _good_line(receipt: str) -> bytes:
+    request = purchase_request("m_" + "1" * 28, [("misc", 1_000, 1)], at=START, receipt=receipt)
+    return json_format.MessageToJson(request, indent=None).encode()
+
+
+async def test_ingest_produce_reports_a_line_that_is_a_json_array_and_sends_the_rest(tmp_path: Path) -> None:
+    """json_format reads `[]` as an empty purchase: it was sent, and dead-lettered by the ledger."""
+    feed = tmp_path / "purchases.jsonl"
+    feed.write_bytes(b"\n".join([_good_line("P-1"), b"[]", b"5", _good_line("P-2")]) + b"\n")
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    try:
+        env = {"POINTMESH_EVENT_BUS": "redis", "POINTMESH_REDIS_URL": server.url, "POINTMESH_DATA_DIR": str(tmp_path)}
+        done = await asyncio.to_thread(pointmesh_cli, "ingest", "produce", str(feed), env=env)
+        redis = Redis.from_url(server.url)
+        sent = await redis.xrange(INGEST_PURCHASES)
+        await redis.aclose()
+    finally:
+        server.stop()
+    assert f"{feed}:2: not a purchase" in done.stderr and f"{feed}:3: not a purchase" in done.stderr, done.stderr
+    assert [fields[b"event_id"] for _, fields in sent] == [b"pos/HEL-01/P-1", b"pos/HEL-01/P-2"]
+
+
+def test_ingest_produce_to_a_bus_it_cannot_reach_says_so_without_a_traceback(tmp_path: Path) -> None:
+    feed = tmp_path / "purchases.jsonl"
+    feed.write_bytes(_good_line("P-1") + b"\n")
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    done = pointmesh_cli("ingest", "produce", str(feed), env={"POINTMESH_DATA_DIR": str(tmp_path),
+                                                               "POINTMESH_REDIS_URL": url})  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-600:]
+    assert f"cannot reach the event bus at {url}" in done.stderr and "0 of 1 purchases sent" in done.stderr

@@ -240,3 +240,44 @@ async def consuming(worker: IngestWorker) -> AsyncIterator[None]:
 def purchase_event(r: ledger_pb2.RecordPurchaseRequest) -> OutgoingEvent:
     return OutgoingEvent(r.member_id, f"{r.channel}/{r.store_id}/{r.receipt_id}", "record_purchase",
                          r.SerializeToString())  # fmt: skip
+
+
+async def test_a_batch_read_again_after_its_commit_failed_does_not_dead_letter_its_refused_purchase_twice(
+    mesh: Mesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purchase of an unknown member and a good one in one batch; Redis refuses the XACK once
+    (a failover between the dead letter and the commit), and the consumer reads both again."""
+    sqlite_only(mesh)
+    monkeypatch.setattr(consumers, "RETRY_PAUSE_SECONDS", 0.05)
+    member = await new_member(mesh)
+    feed = [purchase_request(UNKNOWN, [("misc", 2_000, 1)], at=mesh.clock.now(), receipt="R-UNKNOWN"),
+            purchase_request(member, [("misc", 2_000, 1)], at=mesh.clock.now(), receipt="R-GOOD")]  # fmt: skip
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    admin = Redis.from_url(server.url)
+    bus = RedisStreamBus(Redis.from_url(server.url), owns_client=True)
+    dlq = dead_letter_topic(INGEST_PURCHASES)
+    worker = IngestWorker(mesh.ledger.app.service, bus, "c1", batch=20)
+    try:
+        await bus.publish(INGEST_PURCHASES, [purchase_event(r) for r in feed])
+        await admin.execute_command("ACL", "SETUSER", "default", "-xack")  # the first commit is refused
+        running = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: admin.xlen(dlq), 30)
+            await admin.execute_command("ACL", "SETUSER", "default", "+xack")
+
+            async def drained() -> bool:
+                return not (await admin.xpending(INGEST_PURCHASES, GROUP))["pending"]
+
+            await until(drained, 30)
+        finally:
+            worker.stop.set()
+            await running
+        copies = [fields for _id, fields in await admin.xrange(dlq)]
+    finally:
+        await admin.aclose()
+        await bus.close()
+        server.stop()
+
+    assert await points(mesh, member) > 0
+    assert [f[b"event_id"] for f in copies] == [b"pos/HEL-01/R-UNKNOWN"]
