@@ -117,6 +117,7 @@ REST_FIELDS = {
     "external_id.kind": "kind",  # GET /v1/members/lookup?kind=&value=
     "external_id.value": "value",
     "points_available": "member_id",  # a redemption quote: the member's balance fell short
+    "external_id": "value",  # the lookup found no member with it
 }
 # What a 503 says, by the name routes give `call`: the service's own words name its peers'
 # addresses and gRPC internals, so they are logged, not returned.
@@ -161,9 +162,13 @@ def from_grpc(error: grpc.aio.AioRpcError, service: str, rest_name: Callable[[st
             extra.update(available_points=d.available_points, requested_points=d.requested_points, unit=d.unit)
         if isinstance(d, common_pb2.IdempotencyConflict):
             extra.update(original_operation=d.original_operation, first_seen_at=d.first_seen_at.ToJsonString())
-            field, said = _conflict(d)
-            errors, detail = [{"field": field, "detail": said}], f"{field}: {said}"
-    name = SERVICE_NAMES.get(service, service)
+            if not errors or errors[0]["field"] == "Idempotency-Key":  # else the ledger named the field at odds
+                field, said = _conflict(d)
+                errors, detail = [{"field": field, "detail": said}], f"{field}: {said}"
+    # The ledger passes on a peer's outage naming it (ErrorInfo metadata "service"): a tier read
+    # with rules_svc down is the rules engine's 503, not the ledger's.
+    peer = next((d.metadata.get("service", "") for d in details if isinstance(d, error_details_pb2.ErrorInfo)), "")
+    name = SERVICE_NAMES.get(peer or service, peer or service)
     if status == 503:
         log.warning("%s is unavailable (%s): %s", service, code.name, error.details())
         return unavailable(name, late=code == grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -198,7 +198,7 @@ class Accrual:
         try:
             return await self.engine.tier_status(self.program, dict(state.qualification))
         except EngineUnavailable as exc:
-            raise Unavailable(f"rules_svc did not answer: {exc}") from None
+            raise Unavailable(f"rules_svc did not answer: {exc}", metadata={"service": "rules_svc"}) from None
 
     # Purchases ----------------------------------------------------------------------------
 

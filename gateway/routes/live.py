@@ -16,11 +16,13 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
 from gateway.auth import Principal, credential_of, resolve
-from gateway.deps import Gateway, IdPath
+from gateway.deps import Gateway, IdPath, call
 from gateway.live import Subscription
 from gateway.problems import MEDIA_TYPE, Problem
+from pointmesh.v1 import ledger_pb2
 
 router = APIRouter(tags=["live"])
+LEDGER = "ledger_svc"
 POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013
 _DENIAL = "websocket.http.response"  # the ASGI extension for answering a handshake with any HTTP response
 # How often a quiet socket re-checks its credential.
@@ -39,14 +41,18 @@ async def _authenticate(ws: WebSocket) -> Principal | None:
     try:
         return await resolve(_credential(ws), gw.keys, gw.tokens)
     except Problem as problem:
-        if problem.status == 503 and _DENIAL in ws.scope.get("extensions", {}):
-            # Not a refusal: the client hears the 503 and its Retry-After, as REST says it.
-            await ws.send_denial_response(
-                JSONResponse(problem.body(ws.url.path), problem.status, problem.headers, MEDIA_TYPE)
-            )
-        else:
-            await ws.close(code=_close_code(problem), reason=problem.detail[:120])
+        await _refuse(ws, problem, denied=problem.status == 503)
         return None
+
+
+async def _refuse(ws: WebSocket, problem: Problem, *, denied: bool = True) -> None:
+    """Answers the handshake with the problem as REST would (a 503 with its Retry-After, a
+    404), where the server can; else closes with the code closest to it."""
+    if denied and _DENIAL in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(JSONResponse(problem.body(ws.url.path), problem.status, problem.headers,
+                                                   MEDIA_TYPE))  # fmt: skip
+    else:
+        await ws.close(code=_close_code(problem), reason=problem.detail[:120])
 
 
 def _close_code(problem: Problem) -> int:
@@ -225,6 +231,12 @@ async def member_live(ws: WebSocket, member_id: IdPath) -> None:
         await ws.close(code=POLICY_VIOLATION, reason=problem.detail[:120])
         return
     gw: Gateway = ws.app.state.gateway
+    if caller.key is not None:  # (a member token names a member that was: its own)
+        try:  # the member routes' 400/404, not a stream that stays silent for good
+            await call(LEDGER, gw.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id)))
+        except Problem as problem:
+            await _refuse(ws, problem)
+            return
     with gw.hub.member(member_id) as sub:
         await _pump(ws, sub, {"type": "subscribed", "member_id": member_id}, _still_valid(ws))
 
