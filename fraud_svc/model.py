@@ -4,9 +4,9 @@ An artifact is a directory `<kind>-<UTC time>-<hash>/` holding `model.txt` (Ligh
 format) and `metadata.json` (format, kind, version, feature list, model checksum, training
 data hash, parameters, held-out metrics, proposed thresholds). Names sort by creation time,
 so the newest is the last. `load_artifact` refuses anything it cannot fully trust — missing
-or unreadable metadata, a feature list other than the code's, a checksum mismatch, a model
-that does not load or does not predict a probe row — with `ModelUnavailable`, so a bad file
-never replaces a serving model.
+or unreadable files (the file system's refusals included), a feature list other than the
+code's, a checksum mismatch, a model that does not load or does not predict a probe row — with
+`ModelUnavailable`, so a bad file never replaces a serving model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,6 +90,16 @@ class Model:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextmanager
+def _readable(root: Path) -> Iterator[None]:
+    """A path the file system refuses (a name too long, a file the service user may not read)
+    is a refused artifact like any other, so start-up falls back and a reload keeps serving."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelUnavailable(f"{root}: cannot read the artifact ({exc.strerror or exc})", field="path") from exc
 
 
 def _check_structure(text: str, trees: int, features: int) -> None:
@@ -251,8 +262,9 @@ def load_artifact(path: Path | str, *, kind: str | None = None) -> Model:
     """Loads and validates an artifact directory; raises ModelUnavailable saying why not."""
     root = Path(path)
     meta_path = root / METADATA_FILE
-    if not meta_path.is_file():
-        raise ModelUnavailable(f"{root}: no {METADATA_FILE}; not a model artifact", field="path")
+    with _readable(root):
+        if not meta_path.is_file():
+            raise ModelUnavailable(f"{root}: no {METADATA_FILE}; not a model artifact", field="path")
     try:
         metadata = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
@@ -269,10 +281,11 @@ def load_artifact(path: Path | str, *, kind: str | None = None) -> Model:
     if tuple(names) != expected:
         raise ModelUnavailable(f"{root}: feature list differs from this code's {len(expected)} {found_kind} features")
     model_path = root / str(metadata.get("model_file", MODEL_FILE))
-    if not model_path.is_file():
-        raise ModelUnavailable(f"{root}: model file {model_path.name} is missing")
-    if _sha256(model_path) != metadata.get("model_sha256"):
-        raise ModelUnavailable(f"{model_path}: checksum does not match metadata (truncated or replaced)")
+    with _readable(root):
+        if not model_path.is_file():
+            raise ModelUnavailable(f"{root}: model file {model_path.name} is missing")
+        if _sha256(model_path) != metadata.get("model_sha256"):
+            raise ModelUnavailable(f"{model_path}: checksum does not match metadata (truncated or replaced)")
     try:
         text = model_path.read_text()
         _check_structure(text, trees, len(expected))

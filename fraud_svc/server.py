@@ -129,7 +129,10 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         out = fraud_pb2.ScoreBatchResponse()
         for result in await self.service.score_batch(items):
             if isinstance(result, d.FraudError):
-                out.items.append(fraud_pb2.ScoreBatchItem(error=f"{result.field}: {result.message}"))
+                # a row fraud_svc itself failed on is its fault, not the caller's: flagged so the
+                # ledger does not take it for a refusal
+                internal = isinstance(result, d.RowFailed)
+                out.items.append(fraud_pb2.ScoreBatchItem(error=f"{result.field}: {result.message}", internal=internal))
             else:
                 out.items.append(fraud_pb2.ScoreBatchItem(result=decision_pb(result)))
         return out

@@ -70,7 +70,8 @@ class FraudScreenerClient:
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening | ScreenerUnavailable]:
         """One ScoreBatch, in the given (event-time) order; a row fraud_svc could not score
-        comes back as ScreenerUnavailable for the policy to decide."""
+        comes back as ScreenerUnavailable for the policy to decide: ScreenerRefused if it was
+        refused as invalid, a plain one (not an outage) if fraud_svc failed on it, as on Score."""
         batch = fraud_pb2.ScoreBatchRequest(transactions=[scored_transaction(r) for r in requests])
         try:
             response = await self.stub.ScoreBatch(batch, timeout=self.batch_deadline)
@@ -85,6 +86,9 @@ class FraudScreenerClient:
                     out.append(_screening(item.result))
                 except ScreenerUnavailable as exc:
                     out.append(exc)
+            elif item.internal:  # as Score answering INTERNAL for this one transaction
+                log.warning("fraud_svc failed on the ledger's score request %s: %s", request.event_id, item.error)
+                out.append(ScreenerUnavailable(f"INTERNAL: {item.error}", outage=False))
             else:
                 log.error("fraud_svc refused the ledger's score request %s: %s", request.event_id, item.error)
                 out.append(ScreenerRefused(item.error))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from urllib.parse import urlsplit
 
 from pointmesh import cli_events, event_loop, heap
 from pointmesh.cassandra_server import CassandraServer
@@ -395,8 +396,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{args.model} train: --rows must be at least {least} (got {args.rows}): fewer leave too little "
               "held-out data to evaluate the model on", file=sys.stderr)  # fmt: skip
         return 2
+    if args.seed < 0:  # numpy's generator would refuse it with a traceback
+        print(f"{args.model} train: --seed must be 0 or more (got {args.seed})", file=sys.stderr)
+        return 2
     settings = _settings()
     out = Path(args.out) if args.out else models_dir(settings)
+    try:  # now, not at the write after minutes of generating and training
+        out.mkdir(parents=True, exist_ok=True)
+        why = "" if os.access(out, os.W_OK | os.X_OK) else "Permission denied"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    if why:
+        print(f"{args.model} train: cannot write models to {out}: {why}", file=sys.stderr)
+        return 1
     if args.model == "fraud":
         path = train_fraud(out, rows=args.rows, seed=args.seed)
     else:
@@ -411,6 +423,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """API keys for channels: create (printed once), list, revoke; and member tokens."""
+    from redis.exceptions import RedisError
+
     from gateway.app import key_store
     from gateway.keys import KeyRequestError
 
@@ -442,6 +456,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     except KeyRequestError as exc:
         print(f"keys: {exc}", file=sys.stderr)
         return 2
+    except (RedisError, OSError) as exc:  # Redis refused the connection, reset it or did not answer
+        if settings.gateway_key_store != "redis":
+            raise
+        where = urlsplit(settings.redis_url).netloc.rpartition("@")[2]  # no password on the terminal
+        print(f"keys: the API key store (Redis at {where}) is unavailable: {exc}; run it again later", file=sys.stderr)
+        return UNAVAILABLE
     finally:
         store.close()
     return 0

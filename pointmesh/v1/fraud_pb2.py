@@ -26,17 +26,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from pointmesh.v1 import common_pb2 as pointmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pointmesh/v1/fraud.proto\x12\x0cpointmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointmesh/v1/common.proto\"\xd4\x03\n\x11ScoredTransaction\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.pointmesh.v1.ScoredKind\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63hannel\x18\x05 \x01(\t\x12\x10\n\x08store_id\x18\x06 \x01(\t\x12#\n\x06\x61mount\x18\x07 \x01(\x0b\x32\x13.pointmesh.v1.Money\x12\x0e\n\x06points\x18\x08 \x01(\x03\x12\x11\n\tdevice_id\x18\t \x01(\t\x12\n\n\x02ip\x18\n \x01(\t\x12\x11\n\tcard_hash\x18\x0b \x01(\t\x12\x15\n\remployee_card\x18\x0c \x01(\t\x12\x1e\n\x16\x63ounterparty_member_id\x18\r \x01(\t\x12\x36\n\x12\x63ontact_changed_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cmember_since\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x62\x61lance_points\x18\x10 \x01(\x03\"9\n\x0bScoreReason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"D\n\x0cScoreRequest\x12\x34\n\x0btransaction\x18\x01 \x01(\x0b\x32\x1f.pointmesh.v1.ScoredTransaction\"\x9b\x01\n\rScoreResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x07verdict\x18\x02 \x01(\x0e\x32\x15.pointmesh.v1.Verdict\x12\r\n\x05score\x18\x03 \x01(\x01\x12*\n\x07reasons\x18\x04 \x03(\x0b\x32\x19.pointmesh.v1.ScoreReason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"J\n\x11ScoreBatchRequest\x12\x35\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1f.pointmesh.v1.ScoredTransaction\"[\n\x0eScoreBatchItem\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1b.pointmesh.v1.ScoreResponseH\x00\x12\x0f\n\x05\x65rror\x18\x02 \x01(\tH\x00\x42\t\n\x07outcome\"A\n\x12ScoreBatchResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.pointmesh.v1.ScoreBatchItem\"\xd9\x02\n\x0eMemberActivity\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x30\n\x0cmember_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_purchase_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rpurchases_30d\x18\x04 \x01(\x03\x12\x15\n\rpurchases_90d\x18\x05 \x01(\x03\x12\x16\n\x0epurchases_365d\x18\x06 \x01(\x03\x12\x17\n\x0fspend_90d_minor\x18\x07 \x01(\x03\x12\x16\n\x0e\x62\x61lance_points\x18\x08 \x01(\x03\x12\x36\n\x12last_redemption_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07segment\x18\n \x01(\t\x12\x0c\n\x04tier\x18\x0b \x01(\t\"n\n\x11\x43hurnScoreRequest\x12.\n\x08\x61\x63tivity\x18\x01 \x01(\x0b\x32\x1c.pointmesh.v1.MemberActivity\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\x12\x43hurnScoreResponse\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\x12*\n\x07\x66\x61\x63tors\x18\x03 \x03(\x0b\x32\x19.pointmesh.v1.ScoreReason\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"j\n\rOffersRequest\x12.\n\x08\x61\x63tivity\x18\x01 \x01(\x0b\x32\x1c.pointmesh.v1.MemberActivity\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x05Offer\x12\x10\n\x08offer_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x14\n\x0c\x62onus_points\x18\x03 \x01(\x03\x12\x1d\n\x15\x65xpected_value_points\x18\x04 \x01(\x03\x12\x13\n\x0b\x65xplanation\x18\x05 \x01(\t\"c\n\x0eOffersResponse\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x19\n\x11\x63hurn_probability\x18\x02 \x01(\x01\x12#\n\x06offers\x18\x03 \x03(\x0b\x32\x13.pointmesh.v1.Offer\"1\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"O\n\x13ReloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t*\x91\x01\n\nScoredKind\x12\x1b\n\x17SCORED_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14SCORED_KIND_PURCHASE\x10\x01\x12\x1a\n\x16SCORED_KIND_REDEMPTION\x10\x02\x12\x18\n\x14SCORED_KIND_TRANSFER\x10\x03\x12\x16\n\x12SCORED_KIND_RETURN\x10\x04*[\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x12\n\x0eVERDICT_REVIEW\x10\x02\x12\x10\n\x0cVERDICT_DENY\x10\x03\x32\x8b\x03\n\x0c\x46raudService\x12@\n\x05Score\x12\x1a.pointmesh.v1.ScoreRequest\x1a\x1b.pointmesh.v1.ScoreResponse\x12O\n\nScoreBatch\x12\x1f.pointmesh.v1.ScoreBatchRequest\x1a .pointmesh.v1.ScoreBatchResponse\x12O\n\nChurnScore\x12\x1f.pointmesh.v1.ChurnScoreRequest\x1a .pointmesh.v1.ChurnScoreResponse\x12\x43\n\x06Offers\x12\x1b.pointmesh.v1.OffersRequest\x1a\x1c.pointmesh.v1.OffersResponse\x12R\n\x0bReloadModel\x12 .pointmesh.v1.ReloadModelRequest\x1a!.pointmesh.v1.ReloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pointmesh/v1/fraud.proto\x12\x0cpointmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19pointmesh/v1/common.proto\"\xd4\x03\n\x11ScoredTransaction\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.pointmesh.v1.ScoredKind\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63hannel\x18\x05 \x01(\t\x12\x10\n\x08store_id\x18\x06 \x01(\t\x12#\n\x06\x61mount\x18\x07 \x01(\x0b\x32\x13.pointmesh.v1.Money\x12\x0e\n\x06points\x18\x08 \x01(\x03\x12\x11\n\tdevice_id\x18\t \x01(\t\x12\n\n\x02ip\x18\n \x01(\t\x12\x11\n\tcard_hash\x18\x0b \x01(\t\x12\x15\n\remployee_card\x18\x0c \x01(\t\x12\x1e\n\x16\x63ounterparty_member_id\x18\r \x01(\t\x12\x36\n\x12\x63ontact_changed_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cmember_since\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x62\x61lance_points\x18\x10 \x01(\x03\"9\n\x0bScoreReason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"D\n\x0cScoreRequest\x12\x34\n\x0btransaction\x18\x01 \x01(\x0b\x32\x1f.pointmesh.v1.ScoredTransaction\"\x9b\x01\n\rScoreResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x07verdict\x18\x02 \x01(\x0e\x32\x15.pointmesh.v1.Verdict\x12\r\n\x05score\x18\x03 \x01(\x01\x12*\n\x07reasons\x18\x04 \x03(\x0b\x32\x19.pointmesh.v1.ScoreReason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"J\n\x11ScoreBatchRequest\x12\x35\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1f.pointmesh.v1.ScoredTransaction\"m\n\x0eScoreBatchItem\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1b.pointmesh.v1.ScoreResponseH\x00\x12\x0f\n\x05\x65rror\x18\x02 \x01(\tH\x00\x12\x10\n\x08internal\x18\x03 \x01(\x08\x42\t\n\x07outcome\"A\n\x12ScoreBatchResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.pointmesh.v1.ScoreBatchItem\"\xd9\x02\n\x0eMemberActivity\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x30\n\x0cmember_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_purchase_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rpurchases_30d\x18\x04 \x01(\x03\x12\x15\n\rpurchases_90d\x18\x05 \x01(\x03\x12\x16\n\x0epurchases_365d\x18\x06 \x01(\x03\x12\x17\n\x0fspend_90d_minor\x18\x07 \x01(\x03\x12\x16\n\x0e\x62\x61lance_points\x18\x08 \x01(\x03\x12\x36\n\x12last_redemption_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07segment\x18\n \x01(\t\x12\x0c\n\x04tier\x18\x0b \x01(\t\"n\n\x11\x43hurnScoreRequest\x12.\n\x08\x61\x63tivity\x18\x01 \x01(\x0b\x32\x1c.pointmesh.v1.MemberActivity\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\x12\x43hurnScoreResponse\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\x12*\n\x07\x66\x61\x63tors\x18\x03 \x03(\x0b\x32\x19.pointmesh.v1.ScoreReason\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"j\n\rOffersRequest\x12.\n\x08\x61\x63tivity\x18\x01 \x01(\x0b\x32\x1c.pointmesh.v1.MemberActivity\x12)\n\x05\x61s_of\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"r\n\x05Offer\x12\x10\n\x08offer_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x14\n\x0c\x62onus_points\x18\x03 \x01(\x03\x12\x1d\n\x15\x65xpected_value_points\x18\x04 \x01(\x03\x12\x13\n\x0b\x65xplanation\x18\x05 \x01(\t\"c\n\x0eOffersResponse\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x19\n\x11\x63hurn_probability\x18\x02 \x01(\x01\x12#\n\x06offers\x18\x03 \x03(\x0b\x32\x13.pointmesh.v1.Offer\"1\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"O\n\x13ReloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t*\x91\x01\n\nScoredKind\x12\x1b\n\x17SCORED_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14SCORED_KIND_PURCHASE\x10\x01\x12\x1a\n\x16SCORED_KIND_REDEMPTION\x10\x02\x12\x18\n\x14SCORED_KIND_TRANSFER\x10\x03\x12\x16\n\x12SCORED_KIND_RETURN\x10\x04*[\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x12\n\x0eVERDICT_REVIEW\x10\x02\x12\x10\n\x0cVERDICT_DENY\x10\x03\x32\x8b\x03\n\x0c\x46raudService\x12@\n\x05Score\x12\x1a.pointmesh.v1.ScoreRequest\x1a\x1b.pointmesh.v1.ScoreResponse\x12O\n\nScoreBatch\x12\x1f.pointmesh.v1.ScoreBatchRequest\x1a .pointmesh.v1.ScoreBatchResponse\x12O\n\nChurnScore\x12\x1f.pointmesh.v1.ChurnScoreRequest\x1a .pointmesh.v1.ChurnScoreResponse\x12\x43\n\x06Offers\x12\x1b.pointmesh.v1.OffersRequest\x1a\x1c.pointmesh.v1.OffersResponse\x12R\n\x0bReloadModel\x12 .pointmesh.v1.ReloadModelRequest\x1a!.pointmesh.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pointmesh.v1.fraud_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOREDKIND']._serialized_start=2143
-  _globals['_SCOREDKIND']._serialized_end=2288
-  _globals['_VERDICT']._serialized_start=2290
-  _globals['_VERDICT']._serialized_end=2381
+  _globals['_SCOREDKIND']._serialized_start=2161
+  _globals['_SCOREDKIND']._serialized_end=2306
+  _globals['_VERDICT']._serialized_start=2308
+  _globals['_VERDICT']._serialized_end=2399
   _globals['_SCOREDTRANSACTION']._serialized_start=103
   _globals['_SCOREDTRANSACTION']._serialized_end=571
   _globals['_SCOREREASON']._serialized_start=573
@@ -48,25 +48,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREBATCHREQUEST']._serialized_start=860
   _globals['_SCOREBATCHREQUEST']._serialized_end=934
   _globals['_SCOREBATCHITEM']._serialized_start=936
-  _globals['_SCOREBATCHITEM']._serialized_end=1027
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=1029
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=1094
-  _globals['_MEMBERACTIVITY']._serialized_start=1097
-  _globals['_MEMBERACTIVITY']._serialized_end=1442
-  _globals['_CHURNSCOREREQUEST']._serialized_start=1444
-  _globals['_CHURNSCOREREQUEST']._serialized_end=1554
-  _globals['_CHURNSCORERESPONSE']._serialized_start=1556
-  _globals['_CHURNSCORERESPONSE']._serialized_end=1683
-  _globals['_OFFERSREQUEST']._serialized_start=1685
-  _globals['_OFFERSREQUEST']._serialized_end=1791
-  _globals['_OFFER']._serialized_start=1793
-  _globals['_OFFER']._serialized_end=1907
-  _globals['_OFFERSRESPONSE']._serialized_start=1909
-  _globals['_OFFERSRESPONSE']._serialized_end=2008
-  _globals['_RELOADMODELREQUEST']._serialized_start=2010
-  _globals['_RELOADMODELREQUEST']._serialized_end=2059
-  _globals['_RELOADMODELRESPONSE']._serialized_start=2061
-  _globals['_RELOADMODELRESPONSE']._serialized_end=2140
-  _globals['_FRAUDSERVICE']._serialized_start=2384
-  _globals['_FRAUDSERVICE']._serialized_end=2779
+  _globals['_SCOREBATCHITEM']._serialized_end=1045
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=1047
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=1112
+  _globals['_MEMBERACTIVITY']._serialized_start=1115
+  _globals['_MEMBERACTIVITY']._serialized_end=1460
+  _globals['_CHURNSCOREREQUEST']._serialized_start=1462
+  _globals['_CHURNSCOREREQUEST']._serialized_end=1572
+  _globals['_CHURNSCORERESPONSE']._serialized_start=1574
+  _globals['_CHURNSCORERESPONSE']._serialized_end=1701
+  _globals['_OFFERSREQUEST']._serialized_start=1703
+  _globals['_OFFERSREQUEST']._serialized_end=1809
+  _globals['_OFFER']._serialized_start=1811
+  _globals['_OFFER']._serialized_end=1925
+  _globals['_OFFERSRESPONSE']._serialized_start=1927
+  _globals['_OFFERSRESPONSE']._serialized_end=2026
+  _globals['_RELOADMODELREQUEST']._serialized_start=2028
+  _globals['_RELOADMODELREQUEST']._serialized_end=2077
+  _globals['_RELOADMODELRESPONSE']._serialized_start=2079
+  _globals['_RELOADMODELRESPONSE']._serialized_end=2158
+  _globals['_FRAUDSERVICE']._serialized_start=2402
+  _globals['_FRAUDSERVICE']._serialized_end=2797
 # @@protoc_insertion_point(module_scope)

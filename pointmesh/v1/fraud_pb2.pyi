@@ -246,11 +246,20 @@ Global___ScoreBatchRequest: _TypeAlias = ScoreBatchRequest  # noqa: Y015
 
 @_typing.final
 class ScoreBatchItem(_message.Message):
+    """One row's answer, in the order of ScoreBatchRequest.transactions."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    INTERNAL_FIELD_NUMBER: _builtins.int
     error: _builtins.str
+    """Why this row was not scored, naming it: `transactions[i].<field>: <message>`."""
+    internal: _builtins.bool
+    """With `error`: fraud_svc failed on this row by a fault of its own (logged there), rather
+    than refusing the row as invalid; the caller treats it as it would an INTERNAL answer to
+    Score for this one transaction, not as a refusal.
+    """
     @_builtins.property
     def result(self) -> Global___ScoreResponse: ...
     def __init__(
@@ -258,10 +267,11 @@ class ScoreBatchItem(_message.Message):
         *,
         result: Global___ScoreResponse | None = ...,
         error: _builtins.str = ...,
+        internal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "internal", b"internal", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
