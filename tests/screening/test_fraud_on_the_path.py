@@ -729,17 +729,22 @@ async def test_a_basket_fraud_svc_fails_on_leaves_the_others_scored(
 
     if path == "unary":
         got = [(await screened.ledger.stub.RecordPurchase(r)).purchase.screening for r in (good, bad)]
-        verdicts = [(s.verdict, s.scored) for s in got]
     else:
         response = await screened.ledger.stub.IngestBatch(
             aiter_of(ledger_pb2.IngestBatchRequest(purchase=p) for p in (good, bad))
         )
-        verdicts = []
+        got = []
         for p in sorted(response.purchases, key=lambda p: p.index):
             s = await screened.ledger.stub.GetPurchase(ledger_pb2.GetPurchaseRequest(purchase_id=p.purchase_id))
-            verdicts.append((s.purchase.screening.verdict, s.purchase.screening.scored))
+            got.append(s.purchase.screening)
 
-    assert verdicts == [
+    assert [(s.verdict, s.scored) for s in got] == [
         (ledger_pb2.SCREENING_VERDICT_REVIEW, True),  # scored: fraud_svc answers for this basket
         (ledger_pb2.SCREENING_VERDICT_ALLOW, False),  # the policy decides the one it fails on
     ]
+    # Its fault, not a refusal of the request: the batch said "refused", and did not keep the
+    # purchase for the maintenance pass to tell fraud_svc later, as the unary path does.
+    screen = screened.ledger.app.service.fraud
+    assert screen is not None and screen.backlog is not None
+    kept = bool(await kept_for(screened.redis_url, screen.backlog, bad_member))
+    assert (list(got[1].reasons), kept) == (["unscored:fraud_svc_unavailable:allow"], True)
