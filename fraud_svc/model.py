@@ -280,7 +280,11 @@ def load_artifact(path: Path | str, *, kind: str | None = None) -> Model:
         raise ModelUnavailable(f"{meta_path}: feature_names must be a list and num_trees a whole number")
     if tuple(names) != expected:
         raise ModelUnavailable(f"{root}: feature list differs from this code's {len(expected)} {found_kind} features")
-    model_path = root / str(metadata.get("model_file", MODEL_FILE))
+    model_file = str(metadata.get("model_file", MODEL_FILE))
+    if Path(model_file).name != model_file or model_file in ("", ".", ".."):
+        # an artifact is its directory: metadata pointing elsewhere would load what was not checked in
+        raise ModelUnavailable(f"{root}: model_file {model_file[:80]!r} is not a file name in the artifact")
+    model_path = root / model_file
     with _readable(root):
         if not model_path.is_file():
             raise ModelUnavailable(f"{root}: model file {model_path.name} is missing")

@@ -184,7 +184,7 @@ class Accrual:
         """The member's standing: the credits by month kept here (a merged member's included),
         tiered by rules_svc under the version in effect now."""
         member = await self.svc.member(member_id)
-        if member.status is MemberStatus.MERGED:
+        if member.merged_into:  # MERGED, or erased since (erasure keeps the merge): its months moved on
             raise FailedPrecondition(
                 f"member {member_id} was merged into {member.merged_into}; its tier is that member's",
                 field="member_id",

@@ -50,3 +50,34 @@ async def test_a_newest_artifact_whose_model_file_cannot_be_looked_at_does_not_k
         assert app.service.serving.model is not None and app.service.serving.model.path.name == good
     finally:
         await app.stop(grace=0.5)
+
+
+def _pointing_out(fraud_models: Path, tmp_path: Path, model_file: str) -> Path:
+    """A copy of the serving artifact without its model, whose metadata names a copy of that
+    model (checksum and all) outside the artifact."""
+    good = max(p for p in fraud_models.iterdir() if p.name.startswith("fraud-"))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(good / "model.txt", outside / "model.txt")
+    artifact = tmp_path / "fraud-pointing-out"
+    shutil.copytree(good, artifact)
+    (artifact / "model.txt").unlink()
+    meta = json.loads((artifact / "metadata.json").read_text())
+    meta["model_file"] = str(outside / "model.txt") if model_file == "absolute" else model_file
+    (artifact / "metadata.json").write_text(json.dumps(meta))
+    return artifact
+
+
+@pytest.mark.parametrize("model_file", ["../elsewhere/model.txt", "absolute", ".."])
+async def test_an_artifact_whose_model_file_points_out_of_it_is_refused(
+    stub: fraud_pb2_grpc.FraudServiceStub, tmp_path: Path, fraud_models: Path, model_file: str
+) -> None:
+    """The checksum is the artifact's own: metadata naming a model elsewhere loaded a file that
+    was never part of the artifact."""
+    artifact = _pointing_out(fraud_models, tmp_path, model_file)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ReloadModel(fraud_pb2.ReloadModelRequest(model="fraud", path=str(artifact)))
+
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
+    assert "is not a file name in the artifact" in (caught.value.details() or "")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import grpc
+
 from ledger_svc.reconcile import reconcile
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
-from tests.ledger.helpers import balance, figures, key, redeem
+from tests.ledger.helpers import balance, error_field, figures, key, redeem, rpc_error
 from tests.mesh.conftest import PROGRAM, Mesh
 from tests.mesh.helpers import buy, exact, new_member, purchase_request, return_lines, welcomed_member
 from tests.mesh.test_batch_accrual import as_items, ingest
@@ -163,3 +165,19 @@ async def test_a_receipt_sent_again_for_the_member_it_was_merged_into_is_the_sam
     assert unary.replayed and unary.purchase.purchase_id == first.purchase_id
     assert (batch.replayed, batch.failed) == (1, 0), batch.failures
     assert figures(await balance(s, b))["balance"] == before
+
+
+async def test_an_erased_merged_away_member_has_no_tier_of_its_own(mesh: Mesh) -> None:
+    """Erasure wipes the profile, not the merge: the months the merge moved to the target
+    showed again as the erased member's own tier (silver, 300 credits counted on both)."""
+    s = mesh.ledger.stub
+    a, b = await welcomed_member(mesh), await new_member(mesh)
+    assert (await buy(mesh, a, [("misc", 30_000, 1)])).purchase.tier_after == "silver"
+    await merge(mesh, a, b)
+    await s.EraseMember(ledger_pb2.EraseMemberRequest(idempotency_key=key(), member_id=a))
+
+    refused = await rpc_error(s.GetMemberTier(ledger_pb2.GetMemberTierRequest(member_id=a)),
+                              grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+
+    assert error_field(refused) == "member_id" and b in refused.details()
+    assert (await s.GetMemberTier(ledger_pb2.GetMemberTierRequest(member_id=b))).status.tier == "silver"
