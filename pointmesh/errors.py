@@ -32,6 +32,37 @@ def purchase_field(rules_field: str) -> str:
     return _PURCHASE_FIELDS.get(name, name)
 
 
+# A status travels in the trailers (grpc-message, and grpc-status-details-bin in base64), which
+# a client refuses past 8 KiB (some of the time; always past 16 KiB): the call then arrives as
+# RESOURCE_EXHAUSTED with none of its fields. A program with hundreds of problems, or a long
+# value quoted back, must still arrive as itself.
+MAX_MESSAGE_BYTES = 700
+MAX_FIELD_BYTES = 200
+MAX_DESCRIPTION_BYTES = 300
+MAX_VIOLATION_BYTES = 2_500
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` bytes of UTF-8, an ellipsis where it was cut."""
+    if len(text.encode()) <= limit:
+        return text
+    return text.encode()[: limit - 3].decode(errors="ignore") + "…"
+
+
+def _fitting(violations: Sequence[tuple[str, str]]) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    out: list[error_details_pb2.BadRequest.FieldViolation] = []
+    used = 0
+    for i, (f, text) in enumerate(violations):
+        f, text = _cut(f, MAX_FIELD_BYTES), _cut(text, MAX_DESCRIPTION_BYTES)
+        used += len(f.encode()) + len(text.encode())
+        if used > MAX_VIOLATION_BYTES:
+            more = len(violations) - i
+            out.append(error_details_pb2.BadRequest.FieldViolation(field="", description=f"and {more} more"))
+            break
+        out.append(error_details_pb2.BadRequest.FieldViolation(field=f, description=text))
+    return out
+
+
 def rich_status(
     code: grpc.StatusCode,
     message: str,
@@ -43,21 +74,17 @@ def rich_status(
     details: Sequence[Message] = (),
     violations: Sequence[tuple[str, str]] = (),
 ) -> grpc.Status:
-    """`violations` lists every (field, description) when a request has several bad fields."""
+    """`violations` lists every (field, description) when a request has several bad fields;
+    the status keeps those that fit in MAX_VIOLATION_BYTES, and a last one says how many more."""
+    message = _cut(message, MAX_MESSAGE_BYTES)
     info = error_details_pb2.ErrorInfo(reason=reason, domain=domain, metadata=dict(metadata or {}))
     if field:
-        info.metadata["field"] = field
+        info.metadata["field"] = _cut(field, MAX_FIELD_BYTES)
     packed: list[Message] = [info]
     if field and not violations:
         violations = [(field, message)]
     if violations:
-        packed.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=text) for f, text in violations
-                ]
-            )
-        )
+        packed.append(error_details_pb2.BadRequest(field_violations=_fitting(violations)))
     packed.extend(details)
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     for detail in packed:
