@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
 
 import grpc
@@ -40,6 +40,7 @@ from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
 
 ReceiptKey = tuple[str, str, str]  # channel, store_id, receipt_id
 PAGE = 500
+ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS.name  # a receipt the ledger has with other contents
 _LAST_INSTANT = datetime.max.replace(tzinfo=UTC)
 
 
@@ -87,9 +88,19 @@ class SettlementReport:
         in the ledger, no return to check."""
         return not self.ledger_only and not self.quarantined and not self.returns
 
+    @property
+    def differing(self) -> list[Quarantined]:
+        """Lines of receipts the ledger has with other contents: compared and refused, or sent as
+        missing and refused because the ledger has them on another day than the file says."""
+        sent = [
+            *(self.posted.quarantined if self.posted else ()),
+            *(self.compared.quarantined if self.compared else ()),
+        ]
+        return sorted((q for q in sent if q.code == ALREADY_EXISTS), key=lambda q: q.line)
+
     def lines(self) -> list[str]:
         posted = self.posted.accepted if self.posted else 0
-        differing = self.compared.quarantined if self.compared else ()
+        differing = self.differing
         out = [
             f"settlement: {self.receipts_in_file} receipts in file, {self.already_posted} already posted,"
             f" {posted} posted now, {len(self.ledger_only)} only in the ledger,"
@@ -115,31 +126,40 @@ class SettlementReport:
 LIST_WINDOW = timedelta(days=31)
 
 
-def _spans(days: list[datetime]) -> list[tuple[datetime, datetime]]:
-    """Sorted days as [start, end) spans, joining days at most a listing window apart."""
+def _spans(days: list[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    """Sorted [start, end) days as spans, joining days at most a listing window apart."""
     spans: list[tuple[datetime, datetime]] = []
-    for day in days:
-        if spans and day - spans[-1][1] <= LIST_WINDOW:
-            spans[-1] = (spans[-1][0], max(spans[-1][1], _next_day(day)))
+    for start, end in days:
+        if spans and start - spans[-1][1] <= LIST_WINDOW:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
         else:
-            spans.append((day, _next_day(day)))
+            spans.append((start, end))
     return spans
 
 
-def _day(when: datetime) -> datetime:
-    """The start (in UTC) of the receipt's business day: its local day, by the UTC offset the
-    file gives its time. A store open past midnight UTC (Helsinki at 00:30 is 22:30 UTC the
-    day before) or one east of UTC (Tokyo opens at 08:00, 23:00 UTC) would otherwise bring
-    the previous day's settled receipts into its listing, reported as the ledger's only."""
+def _days(times: list[datetime]) -> list[tuple[datetime, datetime]]:
+    """The [start, end) instants of the receipts' business days: each receipt's local day, by the
+    UTC offset the file gives its time. A store open past midnight UTC (Helsinki at 00:30 is
+    22:30 UTC the day before) or one east of UTC (Tokyo opens at 08:00, 23:00 UTC) would
+    otherwise bring the previous day's settled receipts into its listing, reported as the
+    ledger's only. A day starts at midnight by its earliest receipt's offset and ends at the
+    next by its latest one's: the day summer time starts is 23 hours, the day it ends 25."""
+    by_date: dict[date, list[datetime]] = {}
+    for when in times:
+        by_date.setdefault(when.date(), []).append(when)
+    return sorted(
+        (_midnight(d, min(found).tzinfo), _midnight(d + timedelta(days=1), max(found).tzinfo))
+        for d, found in by_date.items()
+    )
+
+
+def _midnight(d: date, zone: tzinfo | None) -> datetime:
+    """Midnight starting `d` at the zone's offset, in UTC; before year 1 or after 9999 the first or
+    last instant there is."""
     try:
-        return when.replace(hour=0, minute=0, second=0, microsecond=0).astimezone(UTC)
-    except OverflowError:  # a local day starting before year 1
-        return when.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def _next_day(day: datetime) -> datetime:
-    """24 hours after a business day's start; for days ending past 9999-12-31 the last instant."""
-    return day + timedelta(days=1) if day < _LAST_INSTANT - timedelta(days=1) else _LAST_INSTANT
+        return datetime.combine(d, time(0), zone).astimezone(UTC)
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC) if d.year == 1 else _LAST_INSTANT
 
 
 async def _posted(
@@ -169,11 +189,11 @@ async def _posted(
 
 
 async def _store_posted(
-    stub: ledger_pb2_grpc.LedgerServiceStub, channel: str, store_id: str, days: set[datetime]
+    stub: ledger_pb2_grpc.LedgerServiceStub, channel: str, store_id: str, times: list[datetime]
 ) -> list[ledger_pb2.Purchase]:
     """The ledger's purchases of one store over its days in the file (see reconcile_records)."""
     found: list[ledger_pb2.Purchase] = []
-    for start, end in _spans(sorted(days)):
+    for start, end in _spans(_days(times)):
         while start < end:
             stop = start + LIST_WINDOW if end - start > LIST_WINDOW else end
             found += await _posted(stub, channel, store_id, start, stop)
@@ -202,16 +222,16 @@ async def reconcile_records(
     # day the ledger may have receipts for; a gap longer than a listing window is not one
     # period, so a stray far-off date does not make the run list years), a window of at most
     # 31 days at a time: the ledger lists no more at once.
-    days: dict[tuple[str, str], set[datetime]] = {}
+    times: dict[tuple[str, str], list[datetime]] = {}
     for r in receipts:
-        days.setdefault(key_of[id(r)][:2], set()).add(_day(r.receipt_time))
+        times.setdefault(key_of[id(r)][:2], []).append(r.receipt_time)
     # A store the ledger refuses to list (an id it does not take, such as "HEL 02") holds back
     # that store's receipts, quarantined with the ledger's reason as `legacy import` would; the
     # other stores go on.
     refused: dict[tuple[str, str], grpc.aio.AioRpcError] = {}
-    for (ch, store_id), store_days in sorted(days.items()):
+    for (ch, store_id), store_times in sorted(times.items()):
         try:
-            store_posted = await _store_posted(stub, ch, store_id, store_days)
+            store_posted = await _store_posted(stub, ch, store_id, store_times)
         except grpc.aio.AioRpcError as error:  # a refusal: _posted raises ImportInterrupted for the rest
             refused[(ch, store_id)] = error
             continue
@@ -228,6 +248,11 @@ async def reconcile_records(
     report.posted = await import_records(missing, stub, adapter=adapter, channel=channel)
     # A key alone does not make them equal: the ledger compares the file's copy with its own.
     report.compared = await import_records(posted_before, stub, adapter=adapter, channel=channel)
+    # Refused as already recorded: the ledger has it, under another day than the file gives it.
+    elsewhen = {(q.source, q.line) for q in report.posted.quarantined if q.code == ALREADY_EXISTS}
+    report.already_posted += sum(
+        any((r.origin.source, ln.number) in elsewhen for ln in r.origin.lines) for r in missing
+    )
     report.quarantined += report.posted.quarantined + report.compared.quarantined
     report.ledger_only = [
         LedgerOnly(k[0], k[1], k[2], p.purchase_id, p.member_id, p.total.amount_minor, p.total.currency)

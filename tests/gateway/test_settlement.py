@@ -175,3 +175,44 @@ async def test_a_receipt_paid_partly_with_points_settles_as_the_same_receipt(mes
     assert (report.already_posted, report.compared.duplicates) == (2, 2), report.lines()
     assert report.resolved, report.lines()
     assert await points(mesh, aino) == before
+
+
+async def test_a_receipt_the_file_dates_a_day_off_the_ledgers_is_listed_as_differing(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """The listing covers the file's days only, so the ledger's copy was not found: the receipt
+    was sent as missing, refused as recorded otherwise, and reported as neither posted nor
+    differing."""
+    member = await member_with_card(mesh, "9300-0001")
+    await mesh.ledger.stub.RecordPurchase(
+        rest_purchase(member, "D-1", "SKU", 1, 1000, "EUR", datetime(2026, 1, 1, 10, tzinfo=UTC))
+    )
+    before = await points(mesh, member)
+
+    report = await settle(
+        mesh, tmp_path, "eod.csv", "P,HEL-01,D-1,1,2026-01-02T10:00:00+00:00,9300-0001,EUR,SKU,misc,1,10.00"
+    )
+
+    text = "\n".join(report.lines())
+    assert await points(mesh, member) == before
+    assert [q.code for q in report.quarantined] == ["ALREADY_EXISTS"], text
+    assert report.already_posted == 1 and "DIFFERS FROM THE LEDGER" in text, text
+
+
+async def test_the_day_summer_time_starts_lists_neither_neighbouring_day(mesh: Mesh, tmp_path: Path) -> None:
+    """Helsinki goes from +02:00 to +03:00 at 03:00 on Sunday 2026-03-29, a day of 23 hours
+    (22:00Z to 21:00Z); each receipt's midnight at its own offset made it 25, one hour of
+    Saturday and one of Monday, whose receipts were listed as the ledger's only."""
+    mesh.clock.advance(timedelta(days=90))  # 2026-04-05: the receipts below are a week old
+    member = await member_with_card(mesh, "9300-0002")
+    saturday = datetime.fromisoformat("2026-03-28T23:30:00+02:00")
+    monday = datetime.fromisoformat("2026-03-30T00:30:00+03:00")
+    for receipt, at in (("SAT-9", saturday), ("MON-1", monday)):
+        await mesh.ledger.stub.RecordPurchase(rest_purchase(member, receipt, "SKU", 1, 1000, "EUR", at))
+
+    report = await settle(mesh, tmp_path, "hel-01-2026-03-29.csv",
+                          "P,HEL-01,SUN-1,1,2026-03-29T01:00:00+02:00,9300-0002,EUR,SKU,misc,1,10.00",
+                          "P,HEL-01,SUN-2,1,2026-03-29T10:00:00+03:00,9300-0002,EUR,SKU,misc,1,10.00")  # fmt: skip
+
+    assert report.posted is not None and report.posted.accepted == 2
+    assert report.ledger_only == [] and report.resolved, "\n".join(report.lines())
