@@ -222,12 +222,13 @@ class RulesService:
 
     def tier_status(self, program: str, qualification: Mapping[str, int], at: datetime) -> tuple[int, TierStanding]:
         """The standing `qualification` (credits by month of the program's zone) gives under the
-        version in effect at `at`."""
-        for month, credits in qualification.items():
+        version in effect at `at`. A month past ±MAX_POINTS counts as that: no threshold is
+        higher (at most 10^12), and a month of many purchases each within the bounds may pass it
+        (refused, the member's tier could no longer be read at all)."""
+        for month in qualification:
             if not _MONTH.fullmatch(month):
                 raise BadRequest(f"{month!r} is not a month (YYYY-MM)", field=f"qualification[{month!r}]")
-            if abs(credits) > MAX_POINTS:
-                raise BadRequest(f"{credits} is beyond {MAX_POINTS} in size", field=f"qualification[{month!r}]")
+        qualification = {m: max(-MAX_POINTS, min(MAX_POINTS, credits)) for m, credits in qualification.items()}
         if at.year > LAST_YEAR:
             raise BadRequest(f"must be before the year {LAST_YEAR + 1}", field="at")
         compiled = self.compiled(program, 0, at, at_field="at")

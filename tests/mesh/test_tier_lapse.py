@@ -26,7 +26,8 @@ from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.conftest import restart_ledger, start_ledger, stop_ledger
 from tests.ledger.helpers import key
 from tests.mesh.conftest import PROGRAM, Mesh
-from tests.mesh.helpers import buy, new_member, return_lines, welcomed_member
+from tests.mesh.helpers import buy, new_member, purchase_request, return_lines, welcomed_member
+from tests.mesh.test_batch_accrual import ingest
 
 # Silver earned in 2026 holds until midnight in Helsinki 30 days into 2028.
 SILVER_2026_ENDS = datetime(2028, 1, 30, 22, 0, tzinfo=UTC)
@@ -333,3 +334,24 @@ async def test_the_walk_after_a_tier_change_goes_a_page_at_a_time_and_waits_out_
     store = mesh.ledger.app.store
     digests = {await store.read(s, lambda tx: tx.get_meta(tier_watch.POLICY)) for s in range(store.shard_count)}
     assert len(digests) == 1 and None not in digests
+
+
+async def test_a_member_whose_month_passes_the_credit_bound_still_has_a_tier(mesh: Mesh) -> None:
+    """Each purchase within the bounds (10^15 minor units), the ledger took every one; their
+    month's sum passed what rules_svc read, and the member's tier became INVALID_ARGUMENT on a
+    field the caller never sent (and the lapse watch gave the member up)."""
+    if not isinstance(mesh.ledger.app.store, SqliteLedgerStore):
+        pytest.skip("rules_svc's reading: the SQLite run covers it (101 purchases of one member are slow there)")
+    member = await new_member(mesh)
+    requests = [
+        ledger_pb2.IngestBatchRequest(
+            purchase=purchase_request(member, [("misc", 10**15, 1)], at=mesh.clock.now(), receipt=f"big-{i}")
+        )
+        for i in range(101)
+    ]
+    answer = await ingest(mesh, requests)
+    assert (answer.posted, answer.failed) == (101, 0), list(answer.failures)[:3]
+
+    status = (await mesh.ledger.stub.GetMemberTier(ledger_pb2.GetMemberTierRequest(member_id=member))).status
+
+    assert status.tier == "silver"
