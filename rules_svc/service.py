@@ -31,7 +31,7 @@ from rules_svc.domain import (
     VersionUnreadable,
 )
 from rules_svc.engine import CompiledProgram
-from rules_svc.program import MAX_STORED_JSON_BYTES, ProgramInvalid, load_program, validate_program
+from rules_svc.program import MAX_STORED_JSON_BYTES, Program, ProgramInvalid, Rule, load_program, validate_program
 from rules_svc.redemption import RedemptionQuote, quote_redemption
 from rules_svc.versions import PublishKey, VersionInfo, VersionStore
 
@@ -49,6 +49,10 @@ def _parse(document: str, fmt: str) -> tuple[CompiledProgram, str, str]:
         program = load_program(document, fmt=fmt)
     except ProgramInvalid as exc:
         raise ProgramRejected(exc.errors) from None
+    return _canonical(program)
+
+
+def _canonical(program: Program) -> tuple[CompiledProgram, str, str]:
     canonical = json.dumps(program.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     encoded = canonical.encode()
     size = len(encoded)
@@ -114,6 +118,8 @@ class RulesService:
             raise BadRequest("an idempotency key of 1..128 characters is required", field="idempotency_key.key")
         now = self.clock.now()
         draft, canonical, sha = _parse(document, fmt)
+        if kept := self._campaign_starts_kept(draft.program):
+            draft, canonical, sha = _canonical(kept)
         existing = self._index.get(draft.program.program)
         if only_if_absent and existing:
             return max(existing, key=lambda i: i.version)
@@ -139,6 +145,33 @@ class RulesService:
         self._compiled[(info.program, info.version)] = CompiledProgram(draft.program, info.version)
         await self.refresh()
         return info
+
+    def _campaign_starts_kept(self, draft: Program) -> Program | None:
+        """The draft with each campaign-capped rule's start written as an earlier version wrote
+        the same instant, if any differs only in how (an offset of +02:00 or Z): the start's text
+        names the members' counters, and the same run made longer keeps counting (docs/rules.md,
+        Caps). None when nothing changes."""
+        earlier: dict[str, list[datetime]] = {}
+        for info in self._index.get(draft.program, []):
+            try:
+                rules = self.compiled(info.program, info.version, info.effective_from).program.rules
+            except VersionUnreadable:
+                continue
+            for rule in rules:
+                if (start := _campaign_start(rule)) is not None:
+                    earlier.setdefault(rule.id, []).append(start)
+        changed = False
+        rules_out = []
+        for rule in draft.rules:
+            start = _campaign_start(rule)
+            same = [s for s in earlier.get(rule.id, ()) if start is not None and s == start]
+            if start is not None and same and start.isoformat() not in {s.isoformat() for s in same}:
+                assert rule.when.date_range is not None
+                dates = rule.when.date_range.model_copy(update={"start": same[0]})
+                rule = rule.model_copy(update={"when": rule.when.model_copy(update={"date_range": dates})})
+                changed = True
+            rules_out.append(rule)
+        return draft.model_copy(update={"rules": rules_out}) if changed else None
 
     def all_versions(self) -> list[VersionInfo]:
         """Every program's versions, by program then version (what a follower copies)."""
@@ -272,3 +305,11 @@ def _each(
         except RulesError as error:
             out.append(error)
     return out
+
+
+def _campaign_start(rule: Rule) -> datetime | None:
+    """The start (an instant, with its offset) of a rule capped per member per campaign."""
+    dates = rule.when.date_range
+    if rule.caps.per_member_per_campaign is None or dates is None or dates.start is None:
+        return None
+    return dates.start if dates.start.tzinfo is not None else None

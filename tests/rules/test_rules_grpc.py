@@ -241,3 +241,26 @@ async def test_a_broken_seed_file_does_not_stop_a_service_that_has_published_ver
 
 async def _listed(rules: RulesUnderTest) -> list[rules_pb2.ProgramVersion]:
     return list((await rules.stub.ListVersions(rules_pb2.ListVersionsRequest(program="shop"))).versions)
+
+
+@pytest.mark.parametrize("again", ["2026-02-28T22:00:00Z", "2026-03-01T03:00:00+05:00"])
+async def test_a_campaign_made_longer_with_its_start_written_at_another_offset_keeps_its_counter(
+    rules: RulesUnderTest, again: str
+) -> None:
+    """docs/rules.md, Caps: the same run made longer (same start, later end) keeps counting. The
+    start, the same instant copied as UTC, named a new counter: every member's cap again."""
+
+    def promo(start: str, end: str) -> str:
+        return (f"  - {{id: promo, effect: {{bonus_points: 100}}, caps: {{per_member_per_campaign: 100}},"
+                f" when: {{date_range: {{start: '{start}', end: '{end}'}}}}}}")  # fmt: skip
+
+    at = datetime(2026, 3, 10, 12, tzinfo=UTC)
+    await publish(rules, "c1", doc(promo("2026-03-01T00:00:00+02:00", "2026-03-15T00:00:00+02:00")),
+                  datetime(2026, 1, 1, tzinfo=UTC))  # fmt: skip
+    first = await rules.stub.Evaluate(rules_pb2.EvaluateRequest(program="shop", basket=basket(at, 1000)))
+    await publish(rules, "c2", doc(promo(again, "2026-03-22T00:00:00+02:00")), datetime(2026, 2, 1, tzinfo=UTC))
+    later = await rules.stub.Evaluate(rules_pb2.EvaluateRequest(program="shop", basket=basket(at, 1000)))
+
+    counters = [[p.guard.counter for p in e.evaluation.parts if p.rule_id == "promo"] for e in (first, later)]
+    assert counters[0] == counters[1] == ["promo:campaign:2026-03-01T00:00:00+02:00"]
+    assert later.evaluation.version > first.evaluation.version
