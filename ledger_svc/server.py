@@ -171,8 +171,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         result = await self.service.capture_hold(c.CaptureHold(cv.key(request), request.hold_id, request.points))
         assert result.transaction is not None
         return ledger_pb2.CaptureHoldResponse(
-            hold=cv.hold_pb(result.hold), transaction=cv.transaction_pb(result.transaction)
-        )
+            hold=cv.hold_pb(result.hold), transaction=cv.transaction_pb(result.transaction),
+            balance_after=cv.balance_pb(result.balance_after),
+        )  # fmt: skip
 
     @translated
     async def VoidHold(

@@ -118,7 +118,7 @@ async def capture_hold(
     await _own_hold(gw, caller, hold_id)
     request = ledger_pb2.CaptureHoldRequest(idempotency_key=write.key, hold_id=hold_id, points=body.points)
     result = await call(LEDGER, gw.ledger.CaptureHold(request))
-    captured = cv.hold(result.hold, result.transaction.balance_after)
+    captured = cv.hold(result.hold, result.balance_after)
     return captured.model_copy(update={"transaction_id": result.transaction.transaction_id})
 
 

@@ -1245,19 +1245,27 @@ class CaptureHoldResponse(_message.Message):
 
     HOLD_FIELD_NUMBER: _builtins.int
     TRANSACTION_FIELD_NUMBER: _builtins.int
+    BALANCE_AFTER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hold(self) -> Global___Hold: ...
     @_builtins.property
     def transaction(self) -> Global___Transaction: ...
+    @_builtins.property
+    def balance_after(self) -> Global___Balance:
+        """The member's balance once the capture is done: a partial capture releases the rest of the
+        hold, and released points first pay any debt, after the transaction's own balance_after.
+        """
+
     def __init__(
         self,
         *,
         hold: Global___Hold | None = ...,
         transaction: Global___Transaction | None = ...,
+        balance_after: Global___Balance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "transaction", b"transaction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold", b"hold", "transaction", b"transaction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_after", b"balance_after", "hold", b"hold", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

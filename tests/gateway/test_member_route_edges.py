@@ -61,3 +61,22 @@ async def test_a_receipt_sent_again_naming_another_tender_is_a_409_on_the_tender
     body = problem(clash, 409)
     assert [e["field"] for e in body["errors"]] == ["tender_transaction_id"], body
     assert ids[0] in body["detail"] and ids[1] in body["detail"]
+
+
+async def test_a_partial_capture_answers_the_balance_after_the_released_points_paid_debt(gw: GatewayUnderTest) -> None:
+    """The capture releases the rest of the hold, whose points first pay the debt a return
+    recorded while they were reserved: the answer showed the balance from before that."""
+    async with gw.client("pos") as pos:
+        m = await enrol(pos)
+        bought = (await pos.post("/v1/purchases", json=purchase_body(gw, m, "D-1", 20000), headers=idem())).json()
+        hold = (await pos.post("/v1/holds", json={"member_id": m, "points": 300}, headers=idem())).json()
+        back = await pos.post(f"/v1/purchases/{bought['purchase_id']}/returns",
+                              json={"lines": [{"line_index": 0, "quantity": 1}]}, headers=idem())  # fmt: skip
+        assert back.status_code == 201, back.text
+        assert (await pos.get(f"/v1/members/{m}/balance")).json()["debt_points"] > 0  # the held points stayed
+
+        captured = await pos.post(f"/v1/holds/{hold['hold_id']}/capture", json={"points": 100}, headers=idem())
+        now = (await pos.get(f"/v1/members/{m}/balance")).json()
+
+    shown = captured.json()["balance_after"]
+    assert (shown["available_points"], shown["debt_points"]) == (now["available_points"], now["debt_points"])
