@@ -13,7 +13,7 @@ stay reserved or pending for ever, since only the decision settles them); and, o
 transaction recent enough that retention cannot have taken its event still has that event (one
 lost before it was published), looking only at the 24 hours up to the shard's newest event
 (store/sqlite.py EVENT_CHECK_WINDOW: a loss older than that is not reported, so an hourly pass
-reads a day of events, not the whole retention period). Across shards: all accounts together sum to zero, and transit is
+reads a day of events, not the whole retention period). Across shards: each unit's accounts together sum to zero, and transit is
 empty while no saga is open; the shards are read one after another, so when these disagree the
 balances are read again (a transfer completing between two shards' reads; half a second apart
 while sagas are on their way), and only a disagreement that stays is reported. Transit left
@@ -342,10 +342,16 @@ def _totals(balances: list[dict[str, int]]) -> dict[str, int]:
 
 
 def _across_shards(totals: dict[str, int], *, strict: bool) -> list[Difference]:
-    """Everything sums to zero, and (`strict`: no saga on its way) transit is empty."""
+    """Each unit's accounts sum to zero, and (`strict`: no saga on its way) transit is empty.
+    Per unit: the ledger never converts between units, and a leg posted in the wrong one
+    balances the other's in a grand total."""
     found = []
-    if grand_total := sum(totals.values()):
-        found.append(Difference(-1, "all accounts together do not sum to zero", "ledger", 0, grand_total))
+    by_unit: dict[str, int] = defaultdict(int)
+    for name, total in totals.items():
+        by_unit[name.rpartition(":")[2]] += total
+    for unit, total in sorted(by_unit.items()):
+        if total:
+            found.append(Difference(-1, f"the {unit} accounts together do not sum to zero", unit, 0, total))
     for name, total in sorted(totals.items()):
         if strict and name.startswith("system:transit:") and total != 0:
             found.append(Difference(-1, "transit account not empty", name, 0, total))

@@ -552,10 +552,11 @@ class CassandraShardTx:
         return [(a, k, s) for (a, k), s in sorted(sums.items())]
 
     def unbalanced_transactions(self) -> list[tuple[str, int]]:
-        sums: dict[str, int] = defaultdict(int)
-        for _, _, r in self._legs():
-            sums[r[0]] += r[1]
-        return sorted((t, s) for t, s in sums.items() if s != 0)
+        """Per transaction and unit, as on SQLite."""
+        sums: dict[tuple[str, str], int] = defaultdict(int)
+        for account, _, r in self._legs():
+            sums[(r[0], account.rpartition(":")[2])] += r[1]
+        return sorted((t, s) for (t, _), s in sums.items() if s != 0)
 
     def entries_without_transaction(self) -> list[tuple[str, int]]:
         """The legs' transaction ids against the ids (not bodies) of the shard's transaction

@@ -359,9 +359,13 @@ class SqliteShardTx:
         ).fetchall()
 
     def unbalanced_transactions(self) -> list[tuple[str, int]]:
+        """Per transaction and unit (an account name's last part: the ledger never converts
+        between units, so a leg in the wrong one must not balance another's)."""
         self.flush()
         return self.c.execute(
-            "SELECT tx_id, SUM(points) FROM entries GROUP BY tx_id HAVING SUM(points) != 0"
+            "SELECT tx_id, SUM(points) FROM entries"
+            " GROUP BY tx_id, substr(account, length(rtrim(account, replace(account, ':', ''))) + 1)"
+            " HAVING SUM(points) != 0"
         ).fetchall()
 
     def entries_without_transaction(self) -> list[tuple[str, int]]:

@@ -303,3 +303,28 @@ async def test_a_credit_pending_review_through_earn_alone_is_not_reported(sqlite
     assert await differences(ledger) == []
     code, out = cli_exit(ledger)
     assert code == 0, out
+
+
+async def test_an_earn_whose_member_leg_landed_in_another_unit(sqlite_ledger: LedgerUnderTest) -> None:
+    """The program's points funding debited 100 and the member credited 100 tier credits: every
+    account still equals its entries and every unit's lots its balance, and -100 points + 100
+    tier credits summed to zero, per transaction and across shards."""
+    m = (await create_member(sqlite_ledger.stub)).member_id
+    await earn(sqlite_ledger.stub, m, 5, unit="tier_credits")
+    got = await earn(sqlite_ledger.stub, m, 100)
+    tx, lot = got.transaction.transaction_id, got.lot_id
+    assert await differences(sqlite_ledger) == []
+    db = shard_db(sqlite_ledger, m)
+    db.execute("BEGIN")
+    db.execute("UPDATE entries SET account=? WHERE tx_id=? AND account=?",
+               (f"member:{m}:tier_credits", tx, f"member:{m}:points"))  # fmt: skip
+    db.execute("UPDATE accounts SET balance=balance-100 WHERE account=?", (f"member:{m}:points",))
+    db.execute("UPDATE accounts SET balance=balance+100 WHERE account=?", (f"member:{m}:tier_credits",))
+    db.execute("UPDATE lots SET unit='tier_credits' WHERE lot_id=?", (lot,))
+    db.execute("COMMIT")
+
+    found = await differences(sqlite_ledger)
+
+    assert any("transaction does not sum to zero" in d and tx in d for d in found), found
+    assert any("the points accounts together do not sum to zero" in d for d in found), found
+    assert any("the tier_credits accounts together do not sum to zero" in d for d in found), found
