@@ -7,8 +7,10 @@ IngestBatch a few thousand at a time (each ledger chunk makes one EvaluateBatch 
 rules_svc and one ScoreBatch call to fraud_svc when screening is configured; `--unary` sends
 RecordPurchase one by one instead, for comparison), and the expected points per member come from the program's base rates, floored per line, the rounding the program
 declares. The program must be one the generator can model on its own: base rates and FLOOR
-rounding, no rules, tiers, FX or welcome bonuses (`loadtests/programs/loadgen.yaml` is one);
-anything else is refused up front. Every purchase sent must be answered exactly once (the
+rounding, no rules, tiers, FX, welcome bonuses or gamification rewards, taking the pos, web and
+app receipts it sends, for listed stores, up to two days late (`loadtests/programs/loadgen.yaml`
+is one); anything else is refused up front. A seed runs once on a ledger: its members and
+receipts are named by it, so a second run would be answered with the first one's replays. Every purchase sent must be answered exactly once (the
 stream's `received` count and one purchase or failure per index). A purchase may be REFUSED
 only under a fraud DENY verdict, and then earns nothing; one held for review (REVIEW) earns
 pending points, the rest posted points, so each member's posted and pending balances must each
@@ -39,6 +41,8 @@ from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 
 T = TypeVar("T")
 CATEGORIES = ("apparel", "outdoor", "footwear", "misc")
+CHANNELS, CHANNEL_WEIGHTS = ("pos", "web", "app"), (70, 20, 10)
+LATEST_DAYS = 2  # the generated day's receipts are up to two days old when they arrive
 PAGE = 500  # purchases per IngestBatch stream message
 # How long purchases answered "waiting for the points engine" may take to earn (the ledger
 # retries them every maintenance interval) before the run counts them as a mismatch.
@@ -86,7 +90,20 @@ def model(document: dict[str, object], currency: str = "EUR") -> Rates:
     for name in ("rules", "groups", "tiers", "fx"):
         if document.get(name):
             raise UnmodelledProgram(f"the program has {name}; loadgen models base rates only")
+    game = document.get("gamification") or {}
+    if isinstance(game, dict) and any(game.get(kind) for kind in ("achievements", "streaks", "challenges")):
+        # their rewards reach balances later, through rules_svc's worker: not this run's to count
+        raise UnmodelledProgram("the program has gamification; loadgen models base rates only")
+    taken = document.get("channels") or []
+    if missing := [ch for ch in CHANNELS if ch not in taken]:  # type: ignore[operator]
+        raise UnmodelledProgram(
+            f"the program takes no {', '.join(missing)} receipts; loadgen sends {', '.join(CHANNELS)}"
+        )
+    if not document.get("stores"):
+        raise UnmodelledProgram("the program lists no stores for the POS receipts loadgen sends")
     policy = document.get("policy") or {}
+    if isinstance(policy, dict) and int(policy.get("max_lateness_days", LATEST_DAYS)) < LATEST_DAYS:
+        raise UnmodelledProgram(f"the program refuses receipts {LATEST_DAYS} days late; loadgen sends the last day's")
     if isinstance(policy, dict) and policy.get("rounding", "floor") != "floor":
         raise UnmodelledProgram("loadgen models FLOOR rounding only")
     if isinstance(policy, dict) and policy.get("release_after_days", 0):
@@ -104,9 +121,6 @@ MAX_PER_MEMBER = 12  # purchases one member makes in the generated day, hot or n
 def _enough(members: int, purchases: int) -> None:
     if purchases > members * MAX_PER_MEMBER:
         raise ValueError(f"{purchases} purchases need at least {-(-purchases // MAX_PER_MEMBER)} members")
-
-
-CHANNELS, CHANNEL_WEIGHTS = ("pos", "web", "app"), (70, 20, 10)
 
 
 def generate(
@@ -180,6 +194,11 @@ async def run(ledger_addr: str, rules_addr: str, program: str, *, purchases: int
         64,
     )  # fmt: skip
     member_ids = [r.member.member_id for r in ids]
+    used = await ledger.ListEntries(
+        ledger_pb2.ListEntriesRequest(member_id=member_ids[0], page=common_pb2.PageRequest(page_size=1))
+    )
+    if used.entries:  # its members, and receipts, are an earlier run's: they answer as replays
+        raise ValueError(f"--seed {seed} was run on this ledger before; use another seed")
     stores = [str(store["id"]) for store in doc.get("stores", [])]  # type: ignore[attr-defined,index]
     items = generate(seed, member_ids, purchases, datetime.now(UTC), stores)
     # Posted (spendable) and pending (held for review) points, kept apart: a review credited as

@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,3 +223,43 @@ async def test_purchases_that_waited_for_the_points_engine_are_settled_once_they
 
     assert report.ok, report.mismatches[:5]
     assert report.waited > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda d: d.update(channels=["pos", "web"]), "takes no app receipts"),
+        (lambda d: d.pop("stores"), "lists no stores"),
+        (lambda d: d["policy"].update(max_lateness_days=1), "refuses receipts 2 days late"),
+        (
+            lambda d: d.update(
+                gamification={"achievements": [{"id": "first", "name": "First purchase", "reward": {"points": 50}}]}
+            ),
+            "gamification",
+        ),
+    ],
+    ids=["no-app-channel", "no-stores", "same-day-receipts", "gamification"],
+)
+def test_a_program_whose_receipts_or_rewards_the_generator_cannot_send_or_count_is_refused(
+    change: Any, said: str
+) -> None:
+    """Each ran: the app receipts refused by channel, every POS receipt an IndexError, yesterday's
+    receipts refused as late, and rewards landing in balances after the run compared them, all
+    reported as a correct ledger's mismatches (or a traceback)."""
+    import yaml
+
+    document = yaml.safe_load(LOADGEN.read_text())
+    change(document)
+    with pytest.raises(UnmodelledProgram, match=said):
+        model(document)
+
+
+async def test_a_second_run_with_the_same_seed_is_refused_naming_the_seed(
+    plain_mesh: tuple[LedgerUnderTest, RulesUnderTest],
+) -> None:
+    """Its members and receipts are the first run's (the same keys), answered as replays: the books
+    did not grow, and the run reported a correct ledger as not exact."""
+    ledger, rules = plain_mesh
+    assert (await _run(ledger, rules, seed=8)).ok
+    with pytest.raises(ValueError, match="--seed 8 was run on this ledger before"):
+        await _run(ledger, rules, seed=8)
