@@ -148,18 +148,17 @@ def _days(times: list[datetime]) -> list[tuple[datetime, datetime]]:
     for when in times:
         by_date.setdefault(when.date(), []).append(when)
     return sorted(
-        (_midnight(d, min(found).tzinfo), _midnight(d + timedelta(days=1), max(found).tzinfo))
-        for d, found in by_date.items()
+        (_midnight(d, min(found).tzinfo), _midnight(d, max(found).tzinfo, after=True)) for d, found in by_date.items()
     )
 
 
-def _midnight(d: date, zone: tzinfo | None) -> datetime:
-    """Midnight starting `d` at the zone's offset, in UTC; before year 1 or after 9999 the first or
-    last instant there is."""
+def _midnight(d: date, zone: tzinfo | None, *, after: bool = False) -> datetime:
+    """Midnight starting `d` (`after`: the day after it) at the zone's offset, in UTC; before year
+    1 or after 9999 the first or last instant there is."""
     try:
-        return datetime.combine(d, time(0), zone).astimezone(UTC)
+        return datetime.combine(d + timedelta(days=after), time(0), zone).astimezone(UTC)
     except OverflowError:
-        return datetime.min.replace(tzinfo=UTC) if d.year == 1 else _LAST_INSTANT
+        return datetime.min.replace(tzinfo=UTC) if d.year == 1 and not after else _LAST_INSTANT
 
 
 async def _posted(
