@@ -69,12 +69,17 @@ async def test_with_rules_svc_away_the_ledger_answers_unavailable(ledger: Ledger
     assert "rules_svc did not answer" in (error.details() or "")
 
 
-async def test_rules_svc_refuses_credits_and_instants_beyond_its_bounds_naming_them(gw: GatewayUnderTest) -> None:
+async def test_rules_svc_reads_credits_beyond_its_bounds_as_the_bound_and_refuses_bad_months_and_instants(
+    gw: GatewayUnderTest,
+) -> None:
     """Refused as bad input, not failed as UNKNOWN (which the ledger would report as rules_svc
-    being down)."""
+    being down). Credits past 10^15 a month (a month of many bounded purchases can pass it) are
+    read as 10^15, past every threshold: the sum of int64 months never overflows the answer."""
     huge = rules_pb2.GetTierStatusRequest(program="meshmart", qualification={"2026-01": 2**63 - 1, "2026-02": 1})
-    error = await rpc_error(gw.mesh.rules.stub.GetTierStatus(huge), grpc.StatusCode.INVALID_ARGUMENT)
-    assert error_field(error) == "qualification['2026-01']"
+    assert (await gw.mesh.rules.stub.GetTierStatus(huge)).status.tier == "silver"
+    month = rules_pb2.GetTierStatusRequest(program="meshmart", qualification={"2026-13": 5})
+    error = await rpc_error(gw.mesh.rules.stub.GetTierStatus(month), grpc.StatusCode.INVALID_ARGUMENT)
+    assert error_field(error) == "qualification['2026-13']"
     late = rules_pb2.GetTierStatusRequest(program="meshmart", qualification={"2026-01": 500})
     late.at.FromDatetime(datetime(9999, 6, 1))
     error = await rpc_error(gw.mesh.rules.stub.GetTierStatus(late), grpc.StatusCode.INVALID_ARGUMENT)
