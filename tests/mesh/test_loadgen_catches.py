@@ -263,3 +263,8 @@ async def test_a_second_run_with_the_same_seed_is_refused_naming_the_seed(
     assert (await _run(ledger, rules, seed=8)).ok
     with pytest.raises(ValueError, match="--seed 8 was run on this ledger before"):
         await _run(ledger, rules, seed=8)
+    # Its first member bought nothing (3 purchases among 40 Zipf-drawn members): it still ran.
+    once = await run(ledger.address, rules.address, "loadgen", purchases=3, members=40, seed=5, concurrency=1)
+    assert once.ok
+    with pytest.raises(ValueError, match="--seed 5 was run on this ledger before"):
+        await run(ledger.address, rules.address, "loadgen", purchases=3, members=40, seed=5, concurrency=1)
