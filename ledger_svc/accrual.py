@@ -326,7 +326,8 @@ class Accrual:
         if stored is not None and same:
             if cmd.transport_key is not None:
                 await self._claim_keys(cmd, stored.fingerprint)
-            purchase = await self.get_purchase(codec.loads(str, stored.result_json))
+            # (Read already with the idempotency record when the fingerprints differ.)
+            purchase = recorded or await self.get_purchase(codec.loads(str, stored.result_json))
             if cmd.tender_transaction_id and purchase.tender_transaction_id != cmd.tender_transaction_id:
                 purchase = await self._name_tender(purchase, cmd)
             return purchase, True

@@ -120,27 +120,27 @@ class OutboxRelay:
 
     async def _publish(self, rows: list[OutboxRow]) -> list[ledger_pb2.LedgerEvent]:
         events = [event_pb(r.payload_json) for r in rows]
-        outgoing = [
-            OutgoingEvent(e.member_id, e.event_id, e.WhichOneof("payload") or "", e.SerializeToString()) for e in events
-        ]
         # An event no bus takes would stop the shard's relay (and every shard after it) for ever:
         # it is logged and counted, and the rest go out. The ledger bounds what a posting carries,
         # so this is a backstop, not a path.
-        fits = [event_bytes(o) <= MAX_EVENT_BYTES for o in outgoing]
-        for event, ok in zip(events, fits, strict=True):
-            if not ok:
-                kind = event.WhichOneof("payload") or ""
-                metrics.EVENTS_TOO_LARGE.labels(kind).inc()
-                log.error("ledger event %s (%s, member %s) is %d bytes, over the %d the bus takes: not published",
-                          event.event_id, kind, event.member_id, event.ByteSize(), MAX_EVENT_BYTES)  # fmt: skip
+        fitting: list[tuple[ledger_pb2.LedgerEvent, OutgoingEvent]] = []
+        for e in events:
+            kind = e.WhichOneof("payload") or ""
+            out = OutgoingEvent(e.member_id, e.event_id, kind, e.SerializeToString())
+            if event_bytes(out) <= MAX_EVENT_BYTES:
+                fitting.append((e, out))
+                continue
+            metrics.EVENTS_TOO_LARGE.labels(kind).inc()
+            log.error("ledger event %s (%s, member %s) is %d bytes, over the %d the bus takes: not published",
+                      e.event_id, kind, e.member_id, e.ByteSize(), MAX_EVENT_BYTES)  # fmt: skip
         if self.cache is not None:  # every event's balance, published or not
             versions: dict[tuple[str, str], int] = {}
             for e in events:
                 key = (e.member_id, e.unit)
                 versions[key] = max(versions.get(key, 0), e.balance_after.version)
             await self.cache.tombstone(versions)
-        events = [e for e, ok in zip(events, fits, strict=True) if ok]
-        await self.bus.publish(self.stream, [o for o, ok in zip(outgoing, fits, strict=True) if ok])
+        await self.bus.publish(self.stream, [out for _, out in fitting])
+        events = [e for e, _ in fitting]
         alerts = [alert_of(e) for e in events if e.WhichOneof("payload") == "review_opened"]
         if alerts:
             await self.bus.publish(

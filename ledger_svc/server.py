@@ -350,10 +350,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     continue
                 yield ledger_pb2.WatchEventsResponse(event=event, position=message.position)
         except Exception as exc:  # (a Redis restart): the client watches again from where it was
-            failed = exc
-        else:
-            return
-        await context.abort(grpc.StatusCode.UNAVAILABLE, _bus_away(failed, read))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _bus_away(exc, read))
 
     @translated
     async def IngestBatch(
