@@ -249,6 +249,22 @@ async def test_a_purchase_that_fails_to_decode_in_any_way_is_dead_lettered_not_t
 # `pointmesh ingest produce` -------------------------------------------------------------------
 
 
+async def _produced(tmp_path: Path, feed: Path) -> tuple[Any, list[Any]]:
+    """`pointmesh ingest produce FEED` to a Redis of its own: the CLI's outcome, and what reached
+    the ingest stream."""
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    try:
+        env = {"POINTMESH_EVENT_BUS": "redis", "POINTMESH_REDIS_URL": server.url, "POINTMESH_DATA_DIR": str(tmp_path)}
+        done = await asyncio.to_thread(pointmesh_cli, "ingest", "produce", str(feed), env=env)
+        redis = Redis.from_url(server.url)
+        sent = await redis.xrange(INGEST_PURCHASES)
+        await redis.aclose()
+    finally:
+        server.stop()
+    return done, sent
+
+
 async def test_ingest_produce_reports_a_line_that_is_not_utf8_by_number_and_sends_the_rest(tmp_path: Path) -> None:
     good = [purchase_request("m_" + "1" * 28, [("misc", 1_000, 1)], at=START, receipt=f"P-{i}") for i in (1, 2)]
     feed = tmp_path / "purchases.jsonl"
@@ -257,16 +273,7 @@ async def test_ingest_produce_reports_a_line_that_is_not_utf8_by_number_and_send
         + b'{"member_id": "m_\xff\xfe", "receipt_id": "P-X"}\n'
         + json_format.MessageToJson(good[1], indent=None).encode() + b"\n"
     )  # fmt: skip
-    server = RedisServer(free_port(), tmp_path / "redis")
-    server.start()
-    try:
-        env = {"POINTMESH_EVENT_BUS": "redis", "POINTMESH_REDIS_URL": server.url}
-        done = await asyncio.to_thread(pointmesh_cli, "ingest", "produce", str(feed), env=env)
-        redis = Redis.from_url(server.url)
-        sent = await redis.xrange(INGEST_PURCHASES)
-        await redis.aclose()
-    finally:
-        server.stop()
+    done, sent = await _produced(tmp_path, feed)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     assert f"{feed}:2: not UTF-8" in done.stderr
@@ -283,16 +290,7 @@ async def test_ingest_produce_reports_a_line_that_is_a_json_array_and_sends_the_
     """json_format reads `[]` as an empty purchase: it was sent, and dead-lettered by the ledger."""
     feed = tmp_path / "purchases.jsonl"
     feed.write_bytes(b"\n".join([_good_line("P-1"), b"[]", b"5", _good_line("P-2")]) + b"\n")
-    server = RedisServer(free_port(), tmp_path / "redis")
-    server.start()
-    try:
-        env = {"POINTMESH_EVENT_BUS": "redis", "POINTMESH_REDIS_URL": server.url, "POINTMESH_DATA_DIR": str(tmp_path)}
-        done = await asyncio.to_thread(pointmesh_cli, "ingest", "produce", str(feed), env=env)
-        redis = Redis.from_url(server.url)
-        sent = await redis.xrange(INGEST_PURCHASES)
-        await redis.aclose()
-    finally:
-        server.stop()
+    done, sent = await _produced(tmp_path, feed)
     assert f"{feed}:2: not a purchase" in done.stderr and f"{feed}:3: not a purchase" in done.stderr, done.stderr
     assert [fields[b"event_id"] for _, fields in sent] == [b"pos/HEL-01/P-1", b"pos/HEL-01/P-2"]
 

@@ -4,11 +4,13 @@ websockets fed by the event stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,16 @@ async def member_token(gw: GatewayUnderTest, member_id: str) -> str:
         response = await pos.post(f"/v1/members/{member_id}/tokens")
         assert response.status_code == 201, response.text
         return str(response.json()["token"])
+
+
+@contextlib.asynccontextmanager
+async def member_stream(gw: GatewayUnderTest, pos: Any) -> AsyncIterator[tuple[str, ClientConnection]]:
+    """A new member and their live socket, subscribed, on a member token."""
+    member = await enrol(pos)
+    token = await member_token(gw, member)
+    async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+        yield member, ws
 
 
 async def test_scope_channel_and_store_matrix(gw: GatewayUnderTest) -> None:
@@ -96,16 +108,12 @@ async def next_message(ws: ClientConnection, wanted: str, within: float = 1.0) -
 
 
 async def test_a_member_sees_their_purchase_live_within_a_second(gw: GatewayUnderTest) -> None:
-    async with gw.client("pos") as pos:
-        member = await enrol(pos)
-        token = await member_token(gw, member)
-        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
-            assert json.loads(await ws.recv())["type"] == "subscribed"
-            await pos.post("/v1/purchases", json=purchase_body(gw, member, "L-1", 4200), headers=idem())
-            earned = await next_message(ws, "purchase_recorded")
-            assert earned["member_id"] == member
-            assert earned["details"]["earned"]["points"] == "142"  # protobuf JSON writes int64 as text
-            assert earned["balance"]["balance_points"] == 142
+    async with gw.client("pos") as pos, member_stream(gw, pos) as (member, ws):
+        await pos.post("/v1/purchases", json=purchase_body(gw, member, "L-1", 4200), headers=idem())
+        earned = await next_message(ws, "purchase_recorded")
+        assert earned["member_id"] == member
+        assert earned["details"]["earned"]["points"] == "142"  # protobuf JSON writes int64 as text
+        assert earned["balance"]["balance_points"] == 142
 
 
 async def test_a_member_token_cannot_watch_another_member(gw: GatewayUnderTest) -> None:

@@ -140,18 +140,26 @@ async def test_a_receipt_sent_over_rest_and_in_a_file_earns_once_with_exact_amou
     assert await points(mesh, member) == earned
 
 
+async def paid_partly_at_the_till(mesh: Mesh, card: str, first: str, second: str) -> str:
+    """A member with `card` who bought a pen (receipt `first`, 2026-01-02 10:00 Helsinki), then two
+    coffees (`second`, 15 minutes later) paid partly with 60 points the till redeemed and named
+    as the receipt's tender; the member's id."""
+    member = await member_with_card(mesh, card)
+    at = datetime(2026, 1, 2, 8, 0, tzinfo=UTC)
+    await mesh.ledger.stub.RecordPurchase(rest_purchase(member, first, "SKU-PEN", 1, 500, "EUR", at))
+    paid = (await redeem(mesh.ledger.stub, member, 60)).transaction.transaction_id
+    till = rest_purchase(member, second, "SKU-COFFEE", 2, 1250, "EUR", at + timedelta(minutes=15))
+    till.tender_transaction_id = paid
+    await mesh.ledger.stub.RecordPurchase(till)
+    return member
+
+
 async def test_a_file_listing_a_receipt_the_till_paid_partly_with_points_imports_it_as_a_duplicate(
     mesh: Mesh,
 ) -> None:
     """The till named its redemption as the receipt's tender; the file has no tender column.
     Its copy was quarantined as another body (ALREADY_EXISTS)."""
-    member = await member_with_card(mesh, "4000-0009")
-    at = datetime(2026, 1, 2, 8, 0, tzinfo=UTC)
-    await mesh.ledger.stub.RecordPurchase(rest_purchase(member, "T-0", "SKU-PEN", 1, 500, "EUR", at))
-    paid = (await redeem(mesh.ledger.stub, member, 60)).transaction.transaction_id
-    till = rest_purchase(member, "T-1", "SKU-COFFEE", 2, 1250, "EUR", at + timedelta(minutes=15))
-    till.tender_transaction_id = paid
-    await mesh.ledger.stub.RecordPurchase(till)
+    member = await paid_partly_at_the_till(mesh, "4000-0009", "T-0", "T-1")
     before = await points(mesh, member)
 
     report = await import_records(

@@ -5,15 +5,12 @@ end of live updates for every member."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.routes import live as live_routes
@@ -24,17 +21,7 @@ from pointmesh.redrive import redrive
 from pointmesh.v1 import ledger_pb2
 from tests.gateway.conftest import GatewayUnderTest
 from tests.gateway.test_api import enrol, idem, purchase_body
-from tests.gateway.test_auth_and_live import member_token, next_message
-
-
-@contextlib.asynccontextmanager
-async def member_stream(gw: GatewayUnderTest, pos: Any) -> AsyncIterator[tuple[str, ClientConnection]]:
-    """A new member and their live socket, subscribed, on a member token."""
-    member = await enrol(pos)
-    token = await member_token(gw, member)
-    async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
-        assert json.loads(await ws.recv())["type"] == "subscribed"
-        yield member, ws
+from tests.gateway.test_auth_and_live import member_stream, member_token, next_message
 
 
 async def test_a_client_ping_is_answered_and_the_stream_goes_on(gw: GatewayUnderTest) -> None:
@@ -122,40 +109,36 @@ async def test_a_copy_or_a_redriven_dead_letter_never_shows_a_member_an_older_ba
     redis = Redis.from_url(redis_server.url)
     bus = RedisStreamBus(redis)
     try:
-        async with gw.client("pos") as pos:
-            member = await enrol(pos)
-            token = await member_token(gw, member)
-            async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
-                assert json.loads(await ws.recv())["type"] == "subscribed"
-                r = await pos.post("/v1/purchases", json=purchase_body(gw, member, "RD-1", 1000), headers=idem())
-                assert r.status_code == 201, r.text
-                first = await next_message(ws, "purchase_recorded", within=5.0)
-                async with asyncio.timeout(5.0):
-                    async for message in bus.subscribe(LEDGER_EVENTS, "0"):
-                        if message.event_id == first["event_id"]:
-                            break
-                await dead_letter(bus, LEDGER_EVENTS, "rules-gamification", message, "no program in effect")
-                r = await pos.post("/v1/purchases", json=purchase_body(gw, member, "RD-2", 5000), headers=idem())
-                assert r.status_code == 201, r.text
-                second = await next_message(ws, "purchase_recorded", within=5.0)
-                newest = second["balance"]
-                assert newest["version"] > first["balance"]["version"]
-                assert newest["balance_points"] > first["balance"]["balance_points"]
-                async with asyncio.timeout(5.0):
-                    async for latest in bus.subscribe(LEDGER_EVENTS, message.position):
-                        if latest.event_id == second["event_id"]:
-                            break
-                await bus.publish(LEDGER_EVENTS, [OutgoingEvent(latest.key, latest.event_id, latest.event_type,
-                                                                latest.payload)])  # fmt: skip
-                assert (await redrive(bus, LEDGER_EVENTS, "rules-gamification", idle_seconds=0.5)).sent == 1
-                await pos.post("/v1/purchases", json=purchase_body(gw, member, "RD-3", 100), headers=idem())
-                shown = []
-                async with asyncio.timeout(5.0):
-                    while not shown or shown[-1]["type"] != "purchase_recorded":
-                        m = json.loads(await ws.recv())
-                        if m["type"] != "pong":
-                            shown.append(m)
-                assert [m["event_id"] for m in shown if m["event_id"] in (first["event_id"], second["event_id"])] == []
-                assert all(m["balance"]["version"] > newest["version"] for m in shown), shown
+        async with gw.client("pos") as pos, member_stream(gw, pos) as (member, ws):
+            r = await pos.post("/v1/purchases", json=purchase_body(gw, member, "RD-1", 1000), headers=idem())
+            assert r.status_code == 201, r.text
+            first = await next_message(ws, "purchase_recorded", within=5.0)
+            async with asyncio.timeout(5.0):
+                async for message in bus.subscribe(LEDGER_EVENTS, "0"):
+                    if message.event_id == first["event_id"]:
+                        break
+            await dead_letter(bus, LEDGER_EVENTS, "rules-gamification", message, "no program in effect")
+            r = await pos.post("/v1/purchases", json=purchase_body(gw, member, "RD-2", 5000), headers=idem())
+            assert r.status_code == 201, r.text
+            second = await next_message(ws, "purchase_recorded", within=5.0)
+            newest = second["balance"]
+            assert newest["version"] > first["balance"]["version"]
+            assert newest["balance_points"] > first["balance"]["balance_points"]
+            async with asyncio.timeout(5.0):
+                async for latest in bus.subscribe(LEDGER_EVENTS, message.position):
+                    if latest.event_id == second["event_id"]:
+                        break
+            await bus.publish(LEDGER_EVENTS, [OutgoingEvent(latest.key, latest.event_id, latest.event_type,
+                                                            latest.payload)])  # fmt: skip
+            assert (await redrive(bus, LEDGER_EVENTS, "rules-gamification", idle_seconds=0.5)).sent == 1
+            await pos.post("/v1/purchases", json=purchase_body(gw, member, "RD-3", 100), headers=idem())
+            shown = []
+            async with asyncio.timeout(5.0):
+                while not shown or shown[-1]["type"] != "purchase_recorded":
+                    m = json.loads(await ws.recv())
+                    if m["type"] != "pong":
+                        shown.append(m)
+            assert [m["event_id"] for m in shown if m["event_id"] in (first["event_id"], second["event_id"])] == []
+            assert all(m["balance"]["version"] > newest["version"] for m in shown), shown
     finally:
         await redis.aclose()

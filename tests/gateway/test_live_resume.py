@@ -24,8 +24,8 @@ from pointmesh.redis_server import RedisServer
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import common_pb2
 from tests.gateway.conftest import GatewayUnderTest
-from tests.gateway.test_api import enrol, idem, purchase_body
-from tests.gateway.test_auth_and_live import member_token, next_message
+from tests.gateway.test_api import idem, purchase_body
+from tests.gateway.test_auth_and_live import member_stream, next_message
 
 
 class TailFailures:
@@ -95,20 +95,16 @@ async def test_a_purchase_recorded_while_the_tail_cannot_read_still_reaches_the_
     failures = TailFailures(caplog, LEDGER_EVENTS)
     redis = Redis.from_url(redis_server.url)
     try:
-        async with gw.client("pos") as pos:
-            member = await enrol(pos)
-            token = await member_token(gw, member)
-            async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
-                assert json.loads(await ws.recv())["type"] == "subscribed"
-                async with xread_refused(redis):
-                    seen = await failures.more_than(failures.count())
-                    response = await pos.post("/v1/purchases", json=purchase_body(gw, member, "RESUME-1", 1000),
-                                              headers=idem())  # fmt: skip
-                    assert response.status_code in (200, 201), response.text
-                    await published(redis, LEDGER_EVENTS, member)  # the ledger's relay sent it
-                    await failures.more_than(seen)
-                got = await next_message(ws, "purchase_recorded", within=5.0)
-                assert got["member_id"] == member
+        async with gw.client("pos") as pos, member_stream(gw, pos) as (member, ws):
+            async with xread_refused(redis):
+                seen = await failures.more_than(failures.count())
+                response = await pos.post("/v1/purchases", json=purchase_body(gw, member, "RESUME-1", 1000),
+                                          headers=idem())  # fmt: skip
+                assert response.status_code in (200, 201), response.text
+                await published(redis, LEDGER_EVENTS, member)  # the ledger's relay sent it
+                await failures.more_than(seen)
+            got = await next_message(ws, "purchase_recorded", within=5.0)
+            assert got["member_id"] == member
     finally:
         await redis.aclose()
 
@@ -116,14 +112,10 @@ async def test_a_purchase_recorded_while_the_tail_cannot_read_still_reaches_the_
 async def test_a_deeply_nested_frame_is_ignored_and_the_socket_still_answers_a_ping(gw: GatewayUnderTest) -> None:
     """json.loads recurses once per "[": this frame raised RecursionError, not ValueError, and the
     socket went down with no close frame."""
-    async with gw.client("pos") as pos:
-        member = await enrol(pos)
-        token = await member_token(gw, member)
-        async with connect(f"{gw.ws_url}/v1/members/{member}/live?token={token}") as ws:
-            assert json.loads(await ws.recv())["type"] == "subscribed"
-            await ws.send("[" * 100_000)
-            await ws.send(b"[" * 100_000)
-            await ws.send(json.dumps({"type": "ping"}))
-            await next_message(ws, "pong", within=3.0)
-            await pos.post("/v1/purchases", json=purchase_body(gw, member, "NEST-1", 1000), headers=idem())
-            assert (await next_message(ws, "purchase_recorded", within=3.0))["member_id"] == member
+    async with gw.client("pos") as pos, member_stream(gw, pos) as (member, ws):
+        await ws.send("[" * 100_000)
+        await ws.send(b"[" * 100_000)
+        await ws.send(json.dumps({"type": "ping"}))
+        await next_message(ws, "pong", within=3.0)
+        await pos.post("/v1/purchases", json=purchase_body(gw, member, "NEST-1", 1000), headers=idem())
+        assert (await next_message(ws, "purchase_recorded", within=3.0))["member_id"] == member

@@ -16,8 +16,7 @@ import pytest
 
 from gateway.legacy.settlement import SettlementReport, reconcile_file
 from tests.conftest import pointmesh_cli
-from tests.gateway.test_legacy import fixed, member_with_card, rest_purchase
-from tests.ledger.helpers import redeem
+from tests.gateway.test_legacy import fixed, member_with_card, paid_partly_at_the_till, rest_purchase
 from tests.mesh import conftest as mesh_fixtures
 from tests.mesh.conftest import Mesh
 from tests.mesh.helpers import points
@@ -161,13 +160,7 @@ async def test_a_receipt_paid_partly_with_points_settles_as_the_same_receipt(mes
     """The till redeemed points and named the redemption as the receipt's tender; the store's
     file, which has no tender column, lists the same receipt. Its copy was refused as another
     body (DIFFERS FROM THE LEDGER, the run never resolved) for every receipt paid with points."""
-    aino = await member_with_card(mesh, "5000-0001")
-    day = datetime(2026, 1, 2, 8, 0, tzinfo=UTC)
-    await mesh.ledger.stub.RecordPurchase(rest_purchase(aino, "S-0", "SKU-PEN", 1, 500, "EUR", day))
-    paid = (await redeem(mesh.ledger.stub, aino, 60)).transaction.transaction_id
-    live = rest_purchase(aino, "S-1", "SKU-COFFEE", 2, 1250, "EUR", day + timedelta(minutes=15))
-    live.tender_transaction_id = paid
-    await mesh.ledger.stub.RecordPurchase(live)
+    aino = await paid_partly_at_the_till(mesh, "5000-0001", "S-0", "S-1")
     before = await points(mesh, aino)
     report = await settle(mesh, tmp_path, "d.csv",
                           "P,HEL-01,S-0,1,2026-01-02T10:00:00+02:00,5000-0001,EUR,SKU-PEN,misc,1,5.00",
