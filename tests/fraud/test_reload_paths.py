@@ -1,18 +1,16 @@
-"""Artifacts the file system will not let fraud_svc read are refused like any other bad artifact."""
+"""Artifacts the file system will not let fraud_svc read, or whose model lies outside them, are refused
+like any other bad artifact (a newest one fraud_svc cannot read at start-up: test_service_grpc)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import grpc
 import pytest
 
-from fraud_svc.app import build
-from pointmesh.config import load_settings
-from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import fraud_pb2, fraud_pb2_grpc
+from tests.fraud.test_service_grpc import edited_copy
 
 
 async def test_a_reload_from_a_path_too_long_for_the_file_system_is_refused_on_path(
@@ -31,27 +29,6 @@ async def test_a_reload_from_a_path_too_long_for_the_file_system_is_refused_on_p
     assert after.previous_version == before.version
 
 
-async def test_a_newest_artifact_whose_model_file_cannot_be_looked_at_does_not_keep_fraud_svc_from_starting(
-    tmp_path: Path, fraud_models: Path, redis_server: RedisServer
-) -> None:
-    models = tmp_path / "models"
-    shutil.copytree(fraud_models, models)
-    good = max(p.name for p in models.iterdir() if p.name.startswith("fraud-"))
-    newest = models / f"{good}-zz-newer"  # sorts after the good one
-    shutil.copytree(models / good, newest)
-    meta = json.loads((newest / "metadata.json").read_text())
-    meta["model_file"] = "m" * 300
-    (newest / "metadata.json").write_text(json.dumps(meta))
-    settings = load_settings({}, data_dir=tmp_path, redis_url=redis_server.url, models_dir=str(models),
-                             fraud_addr="127.0.0.1:0", grace_seconds=1.0)  # fmt: skip
-    app = await build(settings)
-    await app.start()
-    try:
-        assert app.service.serving.model is not None and app.service.serving.model.path.name == good
-    finally:
-        await app.stop(grace=0.5)
-
-
 def _pointing_out(fraud_models: Path, tmp_path: Path, model_file: str) -> Path:
     """A copy of the serving artifact without its model, whose metadata names a copy of that
     model (checksum and all) outside the artifact."""
@@ -59,12 +36,9 @@ def _pointing_out(fraud_models: Path, tmp_path: Path, model_file: str) -> Path:
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     shutil.copy(good / "model.txt", outside / "model.txt")
-    artifact = tmp_path / "fraud-pointing-out"
-    shutil.copytree(good, artifact)
+    named = str(outside / "model.txt") if model_file == "absolute" else model_file
+    artifact = edited_copy(good, tmp_path / "fraud-pointing-out", model_file=named)
     (artifact / "model.txt").unlink()
-    meta = json.loads((artifact / "metadata.json").read_text())
-    meta["model_file"] = str(outside / "model.txt") if model_file == "absolute" else model_file
-    (artifact / "metadata.json").write_text(json.dumps(meta))
     return artifact
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -164,7 +164,7 @@ async def test_a_corrupt_model_is_refused_and_the_serving_one_keeps_serving(
     assert (fresh.version, fresh.previous_version) == (serving.version, serving.version)
 
 
-def _edited_copy(source: Path, target: Path, **metadata: object) -> Path:
+def edited_copy(source: Path, target: Path, **metadata: object) -> Path:
     """A copy of an artifact with metadata fields replaced (the checksum covers model.txt only)."""
     shutil.copytree(source, target)
     meta = json.loads((target / "metadata.json").read_text())
@@ -179,7 +179,7 @@ async def test_a_reload_refused_for_its_thresholds_leaves_model_and_thresholds_a
     app, stub = fraud
     serving = app.service.serving
     assert serving.model is not None
-    bad = _edited_copy(serving.model.path, tmp_path / "fraud-bad", version="fraud-bad",
+    bad = edited_copy(serving.model.path, tmp_path / "fraud-bad", version="fraud-bad",
                        thresholds={"purchase": {"review": 0.9, "deny": 0.1}})  # fmt: skip
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -198,7 +198,7 @@ async def test_a_reload_swaps_model_and_thresholds_together(
     before = app.service.serving
     assert before.model is not None
     strict = {**before.model.metadata["thresholds"], "purchase": {"review": 0.0, "deny": 1.0}}
-    fresh = _edited_copy(before.model.path, tmp_path / "fraud-strict", version="fraud-strict", thresholds=strict)
+    fresh = edited_copy(before.model.path, tmp_path / "fraud-strict", version="fraud-strict", thresholds=strict)
 
     await stub.ReloadModel(fraud_pb2.ReloadModelRequest(model="fraud", path=str(fresh)))
     after = await stub.Score(fraud_pb2.ScoreRequest(transaction=tx("after-strict")))
@@ -208,21 +208,32 @@ async def test_a_reload_swaps_model_and_thresholds_together(
     assert (after.model_version, after.verdict) == ("fraud-strict", fraud_pb2.VERDICT_REVIEW)
 
 
+def _half_copied(newest: Path) -> None:
+    (newest / "model.txt").write_text("tree\nversion=v4\n")
+
+
+def _unreadable_model_file(newest: Path) -> None:
+    """A model file the file system refuses to look at (a name too long; a file the service user
+    may not read is the same OSError): it crashed start-up."""
+    meta = json.loads((newest / "metadata.json").read_text())
+    (newest / "metadata.json").write_text(json.dumps({**meta, "model_file": "m" * 300}))
+
+
+@pytest.mark.parametrize(("broken", "refused"), [(_half_copied, "checksum"), (_unreadable_model_file, "cannot read")])
 async def test_a_broken_newest_artifact_does_not_keep_fraud_svc_from_starting(
-    tmp_path: Path, trained: Path, redis_server: RedisServer
+    tmp_path: Path, trained: Path, redis_server: RedisServer, broken: Callable[[Path], None], refused: str
 ) -> None:
     models = tmp_path / "models"
     shutil.copytree(trained, models)
     good = max(p.name for p in models.iterdir() if p.name.startswith("fraud-"))
-    newest = _edited_copy(models / good, models / f"{good}-zz-half-copied")  # sorts after the good one
-    (newest / "model.txt").write_text("tree\nversion=v4\n")
+    broken(edited_copy(models / good, models / f"{good}-zz-broken"))  # sorts after the good one
     settings = load_settings({}, data_dir=tmp_path, redis_url=redis_server.url, models_dir=str(models),
                              fraud_addr="127.0.0.1:0", grace_seconds=1.0)  # fmt: skip
     app = await build(settings)
     await app.start()
     try:
         assert app.service.serving.model is not None and app.service.serving.model.path.name == good
-        with pytest.raises(Exception, match="checksum"):
+        with pytest.raises(Exception, match=refused):
             await app.service.reload("fraud", "")  # a reload asks for the newest and refuses it
         assert app.service.serving.model.path.name == good
     finally:
