@@ -239,8 +239,9 @@ def _streak(item: Streak, state: ItemState, fact: PurchaseFact, week: int, late_
     if week < horizon:
         return None  # a receipt older than any run still open
     counted.append(Counted(item.id, str(week), WEEK))
-    if week in weeks:
-        return None  # this week already counted
+    # A week already counted goes on all the same: a version that asks for fewer weeks than the
+    # run already has pays it on the member's next purchase, even one in a week counted before
+    # (waiting for a new week would pay nothing if the member misses it).
     weeks.add(week)
     first = last = week
     while first - 1 in weeks:

@@ -137,6 +137,21 @@ def test_a_streak_stored_before_weeks_were_kept_carries_on() -> None:
     assert replay(program, fact(week(3)), fact(week(4)), fact(week(5)), states=states) != []  # broke, new run
 
 
+def test_a_streak_made_shorter_pays_a_run_already_long_enough_on_the_next_purchase_that_week() -> None:
+    four_weeks = game(streaks=[{**STREAK, "weeks": 4}])
+    three_weeks = game(streaks=[STREAK])
+    states: dict[str, ItemState] = {}
+
+    before = replay(four_weeks, fact(week(1)), fact(week(2)), fact(week(3)), states=states)
+    same_week = replay(three_weeks, fact(week(3) + timedelta(days=1)), states=states)
+    again = replay(three_weeks, fact(week(3) + timedelta(days=2)), fact(week(4)), states=states)
+
+    assert before == []
+    assert [(a.item_id, a.points) for a in same_week] == [("three", 300)]
+    assert again == []  # the run paid goes on
+    assert states["three"].completions == 1
+
+
 def challenge(starts: str, ends: str) -> Program:
     return game(challenges=[{"id": "monthly", "name": "Three this month", "starts": starts, "ends": ends,
                              "purchases": 3, "reward": {"points": 200}}])  # fmt: skip
