@@ -211,7 +211,8 @@ def _settle(args: argparse.Namespace, settings: Settings) -> int:
 
     report = _legacy_file(
         "settlement", args, settings,
-        lambda quarantine: reconcile_file(args.settlement, args.adapter, settings.ledger_addr, quarantine, args.channel),
+        lambda quarantine: reconcile_file(args.settlement, args.adapter, settings.ledger_addr, quarantine, args.channel,
+                                          rules_target=settings.rules_addr, program=settings.program),
     )  # fmt: skip
     if isinstance(report, int):
         return report

@@ -16,9 +16,11 @@ import would; the other stores go on.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
 
@@ -34,9 +36,9 @@ from gateway.legacy.importer import (
     write_quarantine,
 )
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Parsed, Quarantined
-from pointmesh.clients import closing, ledger_stub
+from pointmesh.clients import closing, ledger_stub, rules_stub
 from pointmesh.timestamps import to_timestamp
-from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc
+from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc, rules_pb2
 
 ReceiptKey = tuple[str, str, str]  # channel, store_id, receipt_id
 PAGE = 500
@@ -68,6 +70,36 @@ class UnsettledReturn:
     lines: tuple[int, ...]  # source line numbers
 
 
+@dataclass(frozen=True, slots=True)
+class StoreZones:
+    """Each store's time zone as the program publishes it: a business day starts at the store's
+    own midnight, which on the day summer time starts or ends no receipt's UTC offset gives for
+    the whole day. Stores the program does not list keep the file's offsets."""
+
+    by_store: dict[str, ZoneInfo] = field(default_factory=dict)
+    default: ZoneInfo | None = None  # channels without a store (web, app)
+
+    def of(self, store_id: str) -> ZoneInfo | None:
+        return self.by_store.get(store_id) if store_id else self.default
+
+
+async def read_store_zones(rules_target: str, program: str) -> tuple[StoreZones | None, str]:
+    """The program's store zones from rules_svc (the version in effect now), or None and why not:
+    settlement then takes each day from the file's UTC offsets, as it says in its report."""
+    async with closing(rules_stub(rules_target)) as stub:
+        try:
+            reply = await stub.GetProgram(rules_pb2.GetProgramRequest(program=program))
+        except grpc.aio.AioRpcError as error:
+            return None, f"rules_svc at {rules_target}: {error.code().name} {error.details() or ''}".rstrip()
+    try:
+        document = json.loads(reply.document_json)
+        default = ZoneInfo(document["default_timezone"])
+        by_store = {s["id"]: ZoneInfo(s["timezone"]) for s in document.get("stores", ())}
+    except (ValueError, KeyError, TypeError, ZoneInfoNotFoundError) as error:
+        return None, f"program {program!r} version {reply.version.version}: no store time zones ({error})"
+    return StoreZones(by_store, default), ""
+
+
 @dataclass(slots=True)
 class SettlementReport:
     receipts_in_file: int = 0
@@ -81,6 +113,9 @@ class SettlementReport:
     returns: list[UnsettledReturn] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
     quarantine_file: Path | None = None
+    # Why the stores' time zones were not known ('' when they were): days then start at the
+    # file's own UTC offsets, which misplace the hour a summer-time change moves.
+    zones_unknown: str = ""
 
     @property
     def resolved(self) -> bool:
@@ -108,6 +143,8 @@ class SettlementReport:
             + (f" -> {self.quarantine_file}" if self.quarantine_file else "")
             + (f", {len(self.returns)} returns not settled" if self.returns else "")
         ]
+        if self.zones_unknown:
+            out.append(f"STORE TIME ZONES UNKNOWN ({self.zones_unknown}): days taken from the file's UTC offsets")
         out += [f"DIFFERS FROM THE LEDGER {q.source}:{q.line}: {q.reason}" for q in differing]
         out += [
             f"LEDGER ONLY {o.channel}/{o.store_id}/{o.receipt_id} purchase {o.purchase_id} member {o.member_id}"
@@ -137,13 +174,18 @@ def _spans(days: list[tuple[datetime, datetime]]) -> list[tuple[datetime, dateti
     return spans
 
 
-def _days(times: list[datetime]) -> list[tuple[datetime, datetime]]:
-    """The [start, end) instants of the receipts' business days: each receipt's local day, by the
-    UTC offset the file gives its time. A store open past midnight UTC (Helsinki at 00:30 is
-    22:30 UTC the day before) or one east of UTC (Tokyo opens at 08:00, 23:00 UTC) would
-    otherwise bring the previous day's settled receipts into its listing, reported as the
-    ledger's only. A day starts at midnight by its earliest receipt's offset and ends at the
-    next by its latest one's: the day summer time starts is 23 hours, the day it ends 25."""
+def _days(times: list[datetime], zone: ZoneInfo | None = None) -> list[tuple[datetime, datetime]]:
+    """The [start, end) instants of the receipts' business days: each receipt's local day in the
+    store's zone (without one, by the UTC offset the file gives its time). A store open past
+    midnight UTC (Helsinki at 00:30 is 22:30 UTC the day before) or one east of UTC (Tokyo opens
+    at 08:00, 23:00 UTC) would otherwise bring the previous day's settled receipts into its
+    listing, reported as the ledger's only. In the zone a day runs from its midnight to the
+    next, 23 hours the day summer time starts and 25 the day it ends. By offsets alone a day
+    starts at midnight by its earliest receipt's offset and ends at the next by its latest
+    one's, which is right only if the file has receipts from both sides of the change."""
+    if zone is not None:
+        local_days = {when.astimezone(zone).date() for when in times}
+        return sorted((_midnight(d, zone), _midnight(d, zone, after=True)) for d in local_days)
     by_date: dict[date, list[datetime]] = {}
     for when in times:
         by_date.setdefault(when.date(), []).append(when)
@@ -188,11 +230,12 @@ async def _posted(
 
 
 async def _store_posted(
-    stub: ledger_pb2_grpc.LedgerServiceStub, channel: str, store_id: str, times: list[datetime]
-) -> list[ledger_pb2.Purchase]:
+    stub: ledger_pb2_grpc.LedgerServiceStub, channel: str, store_id: str, times: list[datetime],
+    zone: ZoneInfo | None,
+) -> list[ledger_pb2.Purchase]:  # fmt: skip
     """The ledger's purchases of one store over its days in the file (see reconcile_records)."""
     found: list[ledger_pb2.Purchase] = []
-    for start, end in _spans(_days(times)):
+    for start, end in _spans(_days(times, zone)):
         while start < end:
             stop = start + LIST_WINDOW if end - start > LIST_WINDOW else end
             found += await _posted(stub, channel, store_id, start, stop)
@@ -201,10 +244,11 @@ async def _store_posted(
 
 
 async def reconcile_records(
-    records: list[Parsed], stub: ledger_pb2_grpc.LedgerServiceStub, *, adapter: str, channel: str
-) -> SettlementReport:
+    records: list[Parsed], stub: ledger_pb2_grpc.LedgerServiceStub, *, adapter: str, channel: str,
+    zones: StoreZones | None = None,
+) -> SettlementReport:  # fmt: skip
     """Compares the file's receipts with the ledger's for the same stores and business days
-    (each receipt's local day, by its UTC offset)."""
+    (each receipt's local day in its store's zone, or by its UTC offset without `zones`)."""
     report = SettlementReport()
     receipts = [r for r in records if isinstance(r, LegacyPurchase)]
     report.quarantined = [r for r in records if isinstance(r, Quarantined)]
@@ -230,7 +274,10 @@ async def reconcile_records(
     refused: dict[tuple[str, str], grpc.aio.AioRpcError] = {}
     for (ch, store_id), store_times in sorted(times.items()):
         try:
-            store_posted = await _store_posted(stub, ch, store_id, store_times)
+            zone = zones.of(store_id) if zones else None
+            if zones and zone is None:
+                report.zones_unknown += f"{', ' if report.zones_unknown else ''}the program lists no store {store_id!r}"
+            store_posted = await _store_posted(stub, ch, store_id, store_times, zone)
         except grpc.aio.AioRpcError as error:  # a refusal: _posted raises ImportInterrupted for the rest
             refused[(ch, store_id)] = error
             continue
@@ -269,14 +316,18 @@ def _unsettled(r: LegacyReturn, channel: str) -> UnsettledReturn:
 
 
 async def reconcile_file(
-    path: Path | str, adapter_name: str, ledger_target: str, quarantine_dir: Path | str, channel: str | None = None
-) -> SettlementReport:
-    """`pointmesh ledger reconcile --settlement FILE --adapter NAME`."""
+    path: Path | str, adapter_name: str, ledger_target: str, quarantine_dir: Path | str, channel: str | None = None,
+    *, rules_target: str = "", program: str = "",
+) -> SettlementReport:  # fmt: skip
+    """`pointmesh ledger reconcile --settlement FILE --adapter NAME`. The stores' time zones come
+    from rules_svc at `rules_target` (the program `program`); without it, from the file."""
     adapter, source, records = await read_source(path, adapter_name)
+    zones, why_not = await read_store_zones(rules_target, program) if rules_target else (None, "no rules_svc given")
     async with closing(ledger_stub(ledger_target)) as stub:
         report = await reconcile_records(
-            records, stub, adapter=adapter.name, channel=channel or adapter.default_channel
+            records, stub, adapter=adapter.name, channel=channel or adapter.default_channel, zones=zones
         )
+    report.zones_unknown = why_not or report.zones_unknown
     if report.quarantined:
         report.quarantine_file = quarantine_path(Path(quarantine_dir), source)
         await asyncio.to_thread(write_quarantine, report.quarantined, report.quarantine_file, adapter=adapter.name)

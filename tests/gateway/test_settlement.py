@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.legacy.settlement import SettlementReport, reconcile_file
+from pointmesh.redis_server import free_port
 from tests.conftest import pointmesh_cli
 from tests.gateway.test_legacy import fixed, member_with_card, paid_partly_at_the_till, rest_purchase
 from tests.mesh import conftest as mesh_fixtures
@@ -74,6 +75,7 @@ async def test_the_cli_exits_nonzero_until_nothing_is_left_for_a_person(mesh: Me
     settings = mesh.ledger.app.settings
     env = {
         "POINTMESH_LEDGER_ADDR": mesh.ledger.address, "POINTMESH_DATA_DIR": str(settings.data_dir),
+        "POINTMESH_RULES_ADDR": mesh.rules.address, "POINTMESH_PROGRAM": settings.program,
         "POINTMESH_STORE": settings.store, "POINTMESH_CASSANDRA_CONTACT_POINTS": settings.cassandra_contact_points,
         "POINTMESH_CASSANDRA_KEYSPACE": settings.cassandra_keyspace,
         "POINTMESH_CASSANDRA_LEDGER": settings.cassandra_ledger,
@@ -93,7 +95,8 @@ async def settle(mesh: Mesh, tmp_path: Path, name: str, *rows: str) -> Settlemen
     """A CSV end-of-day file of `rows` (each one line, without its newline), settled."""
     source = tmp_path / name
     source.write_text(HEADER + "".join(f"{row}\n" for row in rows))
-    return await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "q")
+    return await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "q",
+                                rules_target=mesh.rules.address, program=mesh.ledger.app.settings.program)  # fmt: skip
 
 
 async def test_a_store_open_past_midnight_utc_settles_by_its_own_business_day(mesh: Mesh, tmp_path: Path) -> None:
@@ -209,3 +212,67 @@ async def test_the_day_summer_time_starts_lists_neither_neighbouring_day(mesh: M
 
     assert report.posted is not None and report.posted.accepted == 2
     assert report.ledger_only == [] and report.resolved, "\n".join(report.lines())
+
+
+async def test_a_file_of_the_hours_after_summer_time_starts_lists_the_store_s_own_day(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """A file from Sunday 2026-03-29 with receipts only after 03:00 (+03:00) started the day at
+    midnight by +03:00, 21:00Z, an hour of Saturday, whose receipt came back as the ledger's only.
+    The store's zone (from the program) starts it at 22:00Z; Sunday's 00:30 is still found."""
+    mesh.clock.advance(timedelta(days=90))
+    member = await member_with_card(mesh, "9300-0003")
+    saturday = datetime.fromisoformat("2026-03-28T23:30:00+02:00")
+    sunday_night = datetime.fromisoformat("2026-03-29T00:30:00+02:00")
+    for receipt, at in (("SAT-9", saturday), ("SUN-0", sunday_night)):
+        await mesh.ledger.stub.RecordPurchase(rest_purchase(member, receipt, "SKU", 1, 1000, "EUR", at))
+
+    report = await settle(mesh, tmp_path, "hel-01-2026-03-29.csv",
+                          "P,HEL-01,SUN-2,1,2026-03-29T10:00:00+03:00,9300-0003,EUR,SKU,misc,1,10.00")  # fmt: skip
+
+    assert report.zones_unknown == "", report.zones_unknown
+    assert [o.receipt_id for o in report.ledger_only] == ["SUN-0"], "\n".join(report.lines())
+
+
+async def test_a_file_of_the_hours_after_summer_time_ends_lists_the_hour_before_them(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """Helsinki goes from +03:00 back to +02:00 at 04:00 on Sunday 2026-10-25. A file with only
+    later receipts started the day at midnight by +02:00, 22:00Z: the ledger's receipt at 00:30
+    (+03:00, 21:30Z), missing from the file, went unreported."""
+    mesh.clock.advance(timedelta(days=300))
+    member = await member_with_card(mesh, "9300-0004")
+    await mesh.ledger.stub.RecordPurchase(
+        rest_purchase(member, "SUN-0", "SKU", 1, 1000, "EUR", datetime.fromisoformat("2026-10-25T00:30:00+03:00"))
+    )
+
+    report = await settle(mesh, tmp_path, "hel-01-2026-10-25.csv",
+                          "P,HEL-01,SUN-2,1,2026-10-25T10:00:00+02:00,9300-0004,EUR,SKU,misc,1,10.00")  # fmt: skip
+
+    assert [o.receipt_id for o in report.ledger_only] == ["SUN-0"], "\n".join(report.lines())
+    assert not report.resolved
+
+
+async def test_without_rules_svc_the_days_come_from_the_file_and_the_report_says_so(mesh: Mesh, tmp_path: Path) -> None:
+    await member_with_card(mesh, "9300-0005")
+    source = tmp_path / "hel-01.csv"
+    source.write_text(HEADER + "P,HEL-01,N-1,1,2026-01-02T10:00:00+02:00,9300-0005,EUR,SKU,misc,1,10.00\n")
+
+    report = await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "q",
+                                  rules_target=f"127.0.0.1:{free_port()}", program="aurora")  # fmt: skip
+
+    assert report.posted is not None and report.posted.accepted == 1
+    assert "UNAVAILABLE" in report.zones_unknown
+    assert any(line.startswith("STORE TIME ZONES UNKNOWN (rules_svc at 127.0.0.1:") for line in report.lines())
+
+
+async def test_a_store_the_program_does_not_list_settles_by_the_file_s_offsets_and_says_so(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    await member_with_card(mesh, "9300-0006")
+
+    report = await settle(mesh, tmp_path, "pop-up.csv",
+                          "P,POP-UP,N-1,1,2026-01-02T10:00:00+02:00,9300-0006,EUR,SKU,misc,1,10.00")  # fmt: skip
+
+    assert report.zones_unknown == "the program lists no store 'POP-UP'"
+    assert "STORE TIME ZONES UNKNOWN (the program lists no store 'POP-UP')" in "\n".join(report.lines())
