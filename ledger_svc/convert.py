@@ -92,6 +92,7 @@ def balance_pb(b: d.Balance) -> ledger_pb2.Balance:
         lifetime_earned_points=b.lifetime_earned_points,
         debt_points=b.debt_points,
         version=b.version,
+        expiring_points=b.expiring_points,
     )
 
 

@@ -175,10 +175,13 @@ class Balance:
     lifetime_earned_points: int
     debt_points: int
     version: int
+    # Past their date, not yet swept by the expiry job, kept by no hold: no debit spends them.
+    # Counted only for a read on behalf of spending (a cached balance cannot know the hour).
+    expiring_points: int = 0
 
     @property
     def available_points(self) -> int:
-        return max(0, self.balance_points - self.reserved_points)
+        return max(0, self.balance_points - self.reserved_points - self.expiring_points)
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,21 @@ class ShardBook:
             version=main.version,
         )
 
+    def spendable_balance(self, member_id: str, unit: str) -> Balance:
+        """The balance with the points a debit would expire first (`_require_available`) counted
+        as expiring, written nowhere."""
+        lots = self.tx.spendable_lots(member_id, unit)
+        _, expiring = self._due(member_id, unit, lots, self._free(member_id, unit, lots))
+        return replace(self.balance(member_id, unit), expiring_points=expiring)
+
+    def _due(self, member_id: str, unit: str, lots: list[Lot], frees: list[int]) -> tuple[list[tuple[Lot, int]], int]:
+        """The lots past their date with the points of each no open hold keeps, and how many of
+        those expire: never taking the balance below what holds reserve."""
+        row = self._acct(member_account(member_id, unit))
+        due = [(lot, free) for lot, free in zip(lots, frees, strict=True)
+               if lot.expires_at is not None and lot.expires_at <= self.now]  # fmt: skip
+        return due, max(0, min(sum(free for _, free in due), row.balance - row.reserved))
+
     def require_transaction(self, tx_id: str, field: str = "transaction_id") -> TxRecord:
         record = self.tx.get_transaction(tx_id)
         if record is None:
@@ -908,10 +923,7 @@ class ShardBook:
         """Expires the account's due points that no open hold keeps (`lots` with their free
         points, earliest expiry first; never taking the balance below what holds reserve);
         returns (points expired, lots expired in part or whole). The lots are updated in place."""
-        row = self._acct(member_account(member_id, unit))
-        due = [(lot, free) for lot, free in zip(lots, frees, strict=True)
-               if lot.expires_at is not None and lot.expires_at <= self.now]  # fmt: skip
-        amount = max(0, min(sum(free for _, free in due), row.balance - row.reserved))
+        due, amount = self._due(member_id, unit, lots, frees)
         if amount == 0:
             return 0, 0
         left, touched = amount, 0

@@ -289,7 +289,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetBalance(
         self, request: ledger_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
     ) -> ledger_pb2.GetBalanceResponse:
-        balance = await self.service.get_balance(request.member_id, request.unit)
+        read = self.service.spendable_balance if request.for_spending else self.service.get_balance
+        balance = await read(request.member_id, request.unit)
         return ledger_pb2.GetBalanceResponse(balance=cv.balance_pb(balance))
 
     @translated

@@ -1134,6 +1134,17 @@ class LedgerService:
             lambda tx: ShardBook(tx, self.clock.now(), self.policy).balance(member_id, unit),
         )
 
+    async def spendable_balance(self, member_id: str, unit: str) -> Balance:
+        """The balance a debit now would find (GetBalance for_spending): what a quote promises
+        is then what a redemption pays."""
+        v.member_id(member_id)
+        unit = v.unit(unit, self.policy.units)
+        await self._require_active(member_id)
+        return await self.store.read(
+            self.shard_of(member_id),
+            lambda tx: ShardBook(tx, self.clock.now(), self.policy).spendable_balance(member_id, unit),
+        )
+
     async def list_entries(self, member_id: str, unit: str, page_size: int, page_token: str) -> Page:
         v.member_id(member_id)
         unit = v.unit(unit, self.policy.units)

@@ -13,6 +13,8 @@ from gateway import schemas as s
 from gateway.auth import Principal
 from gateway.deps import Caller, Gateway, GatewayDep, IdPath, Write, call, scoped, writing
 from gateway.keys import ApiKey
+from pointmesh.bounds import MAX_POINTS
+from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
 router = APIRouter(prefix="/v1", tags=["points"])
@@ -54,11 +56,21 @@ async def redeem(
 @router.post("/redemptions/quote", response_model=s.RedemptionQuote, dependencies=[scoped("redemptions:write")],
              summary="How many of the member's points may pay for a basket, and what they are worth")  # fmt: skip
 async def quote(body: s.RedemptionQuoteRequest, gw: GatewayDep) -> s.RedemptionQuote:
-    balance = await call(LEDGER, gw.ledger.GetBalance(ledger_pb2.GetBalanceRequest(member_id=body.member_id)))
-    q = await call(RULES, gw.rules.QuoteRedemption(rules_pb2.QuoteRedemptionRequest(
-        program=gw.settings.program, basket_total=cv.money_pb(body.basket_total),
-        points_available=balance.balance.available_points, points_wanted=body.points_wanted,
-    )))  # fmt: skip
+    at = to_timestamp(gw.clock.now())  # one program version for both quotes below
+
+    def asked(available: int) -> rules_pb2.QuoteRedemptionRequest:
+        return rules_pb2.QuoteRedemptionRequest(
+            program=gw.settings.program, basket_total=cv.money_pb(body.basket_total),
+            points_available=available, points_wanted=body.points_wanted, at=at,
+        )  # fmt: skip
+
+    # The program names the unit that pays; the member's spendable balance of that unit (as a
+    # redemption would find it: an active member, points past their date left out) bounds it.
+    unit = (await call(RULES, gw.rules.QuoteRedemption(asked(MAX_POINTS)))).unit
+    balance = await call(LEDGER, gw.ledger.GetBalance(
+        ledger_pb2.GetBalanceRequest(member_id=body.member_id, unit=unit, for_spending=True)
+    ))  # fmt: skip
+    q = await call(RULES, gw.rules.QuoteRedemption(asked(balance.balance.available_points)))
     return s.RedemptionQuote(points=q.points, pays=cv.money(q.pays), remaining=cv.money(q.remaining), unit=q.unit,
                              explanation=q.explanation, program_version=q.version)  # fmt: skip
 

@@ -282,6 +282,7 @@ class Balance(_message.Message):
     LIFETIME_EARNED_POINTS_FIELD_NUMBER: _builtins.int
     DEBT_POINTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    EXPIRING_POINTS_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     unit: _builtins.str
     balance_points: _builtins.int
@@ -297,6 +298,10 @@ class Balance(_message.Message):
     """Points owed by the member after a reversal the policy could not take from the balance."""
     version: _builtins.int
     """Increases with every change to any figure above."""
+    expiring_points: _builtins.int
+    """Points past their date that the expiry job has not swept yet and no hold keeps: nothing
+    spends them. Only a for_spending read fills it (and leaves them out of available_points).
+    """
     def __init__(
         self,
         *,
@@ -309,10 +314,11 @@ class Balance(_message.Message):
         lifetime_earned_points: _builtins.int = ...,
         debt_points: _builtins.int = ...,
         version: _builtins.int = ...,
+        expiring_points: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_points", b"available_points", "balance_points", b"balance_points", "debt_points", b"debt_points", "lifetime_earned_points", b"lifetime_earned_points", "member_id", b"member_id", "pending_points", b"pending_points", "reserved_points", b"reserved_points", "unit", b"unit", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_points", b"available_points", "balance_points", b"balance_points", "debt_points", b"debt_points", "expiring_points", b"expiring_points", "lifetime_earned_points", b"lifetime_earned_points", "member_id", b"member_id", "pending_points", b"pending_points", "reserved_points", b"reserved_points", "unit", b"unit", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1669,17 +1675,25 @@ class GetBalanceRequest(_message.Message):
 
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     UNIT_FIELD_NUMBER: _builtins.int
+    FOR_SPENDING_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     unit: _builtins.str
+    for_spending: _builtins.bool
+    """Answer as a debit now would find the account (a redemption quote asks so): a member who
+    cannot spend (blocked, erased, merged away) is refused as a redemption is; the store is
+    read, never the cache; and points past their date that the expiry job has not swept yet,
+    which any debit expires first, are out of available_points (see expiring_points).
+    """
     def __init__(
         self,
         *,
         member_id: _builtins.str = ...,
         unit: _builtins.str = ...,
+        for_spending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["for_spending", b"for_spending", "member_id", b"member_id", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
