@@ -121,19 +121,27 @@ class ShardBook:
         )
 
     def spendable_balance(self, member_id: str, unit: str) -> Balance:
-        """The balance with the points a debit would expire first (`_require_available`) counted
-        as expiring, written nowhere."""
+        """The balance as a debit now would find it once `_sweep_due` ran, written nowhere:
+        holds past their timeout reserve nothing, and the points past their date that no live
+        hold keeps are counted as expiring."""
+        balance = self.balance(member_id, unit)
+        holds = self.tx.placed_holds_of(member_id) if balance.reserved_points > 0 else []
+        dead = [h for h in holds if h.unit == unit and self._timed_out(h)]
+        reserved = balance.reserved_points - sum(h.points for h in dead)
+        named = [r for h in holds if h.unit == unit and h not in dead for r in h.reserves]
         lots = self.tx.spendable_lots(member_id, unit)
-        _, expiring = self._due(member_id, unit, lots, self._free(member_id, unit, lots))
-        return replace(self.balance(member_id, unit), expiring_points=expiring)
+        frees = _free_of(lots, named, max(0, reserved - sum(r.points for r in named)))
+        due = sum(free for lot, free in zip(lots, frees, strict=True) if self._past_date(lot))
+        expiring = max(0, min(due, balance.balance_points - reserved))
+        return replace(balance, reserved_points=reserved, expiring_points=expiring)
 
-    def _due(self, member_id: str, unit: str, lots: list[Lot], frees: list[int]) -> tuple[list[tuple[Lot, int]], int]:
-        """The lots past their date with the points of each no open hold keeps, and how many of
-        those expire: never taking the balance below what holds reserve."""
-        row = self._acct(member_account(member_id, unit))
-        due = [(lot, free) for lot, free in zip(lots, frees, strict=True)
-               if lot.expires_at is not None and lot.expires_at <= self.now]  # fmt: skip
-        return due, max(0, min(sum(free for _, free in due), row.balance - row.reserved))
+    def _timed_out(self, hold: Hold) -> bool:
+        """Past its timeout and settled by no owner: the maintenance pass voids it (a transfer's
+        or a review's hold waits for its owner)."""
+        return not hold.saga_id and hold.expires_at <= self.now
+
+    def _past_date(self, lot: Lot) -> bool:
+        return lot.expires_at is not None and lot.expires_at <= self.now
 
     def require_transaction(self, tx_id: str, field: str = "transaction_id") -> TxRecord:
         record = self.tx.get_transaction(tx_id)
@@ -318,16 +326,27 @@ class ShardBook:
         if excess > 0:
             self._consume_lots(member_id, unit, excess)
 
-    def _require_available(self, member_id: str, unit: str, points: int) -> list[Lot]:
-        """Points past their date that no hold keeps are expired first, as the expiry job would,
-        so every debit (a redemption, a hold, a transfer, an adjustment) sees the same balance
-        whenever the job last ran: the date is the promise made to the member, not the job's
-        schedule. A hold naming due points would also keep them from expiry (void it and place
-        another before the job runs, and they would never expire). Returns the member's lots
-        as expiry left them, earliest expiry first."""
+    def _sweep_due(self, member_id: str, unit: str) -> tuple[list[Lot], int]:
+        """Does for the account what the maintenance pass would have done by now, so every debit
+        (a redemption, a hold, a transfer, an adjustment, a reversal, debt paid from released
+        points) sees the same balance whenever the pass last ran: a hold's timeout and a lot's
+        date are promises made to the member, not the job's schedule. Holds past their timeout
+        are voided as expired (not a transfer's or a review's: their owner settles them), then
+        points past their date that no hold keeps expire (a hold naming due points would keep
+        them: void it and place another before the job runs, and they would never expire).
+        Returns the member's lots as that left them, earliest expiry first, and the points expired."""
+        if self._acct(member_account(member_id, unit)).reserved > 0:
+            for hold in self.tx.placed_holds_of(member_id):
+                if hold.unit == unit and self._timed_out(hold):
+                    self._release(hold, expired=True)
         lots = self.tx.spendable_lots(member_id, unit)
-        if any(lot.expires_at is not None and lot.expires_at <= self.now for lot in lots):
-            self._expire_account(member_id, unit, lots, self._free(member_id, unit, lots))
+        if not any(self._past_date(lot) for lot in lots):
+            return lots, 0
+        return lots, self._expire_account(member_id, unit, lots, self._free(member_id, unit, lots))[0]
+
+    def _require_available(self, member_id: str, unit: str, points: int) -> list[Lot]:
+        """The member's lots once the account is swept (`_sweep_due`), if the points are there."""
+        lots, _ = self._sweep_due(member_id, unit)
         balance = self.balance(member_id, unit)
         if balance.available_points < points:
             raise InsufficientPoints(member_id, unit, balance.available_points, points)
@@ -547,24 +566,34 @@ class ShardBook:
                 "transfer_id": transfer[0], "transaction_id": record.tx_id, "counterparty_member_id": transfer[1],
                 "points": -captured,
             })  # fmt: skip
-        settled = self._settle_debt(hold.member_id, hold.unit) if captured < hold.points else None
-        return HoldResult(done, settled.balance_after if settled else transaction.balance_after, transaction)
+        if captured < hold.points:  # the rest released: it may pay debt (the account swept first)
+            self._settle_debt(hold.member_id, hold.unit)
+            return HoldResult(done, self.balance(hold.member_id, hold.unit), transaction)
+        return HoldResult(done, transaction.balance_after, transaction)
 
     def void_hold(self, hold_id: str, *, expired: bool = False, owner: str = "") -> HoldResult:
         hold = self.require_hold(hold_id)
         if hold.status != HoldStatus.PLACED:
             raise FailedPrecondition(f"hold {hold_id} is {hold.status.value}, not PLACED", field="hold_id")
         self._check_owner(hold, owner)
+        voided, _ = self._release(hold, expired=expired)
+        self._settle_debt(hold.member_id, hold.unit)
+        return HoldResult(voided, self.balance(hold.member_id, hold.unit))
+
+    def _release(self, hold: Hold, *, expired: bool) -> tuple[Hold, Balance]:
         status = HoldStatus.EXPIRED if expired else HoldStatus.VOIDED
-        self.tx.set_hold_status(hold_id, status, 0)
+        self.tx.set_hold_status(hold.hold_id, status, 0)
         balance = self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
-        self.emit("hold_voided", balance, {"hold_id": hold_id, "points": hold.points, "expired": expired})
-        settled = self._settle_debt(hold.member_id, hold.unit)
-        return HoldResult(replace(hold, status=status), settled.balance_after if settled else balance)
+        self.emit("hold_voided", balance, {"hold_id": hold.hold_id, "points": hold.points, "expired": expired})
+        return replace(hold, status=status), balance
 
     def _settle_debt(self, member_id: str, unit: str) -> Transaction | None:
-        """Released points first pay debt a reversal recorded while they were reserved."""
+        """Released points first pay debt a reversal recorded while they were reserved: those
+        still spendable once the account is swept, never points past their date."""
         owed = -self._acct(debt_account(member_id, unit)).balance
+        if owed <= 0:
+            return None
+        self._sweep_due(member_id, unit)
         row = self._acct(member_account(member_id, unit))
         pay = min(owed, row.balance - row.reserved)
         if pay <= 0:
@@ -646,6 +675,10 @@ class ShardBook:
             self.tx.update_lot(lot)
             self._post(record, [counter, (pending_account(member_id, unit), -amount)])
             return 0
+        # Points past their date pay nothing back either: they expire first (the earn's own lot
+        # among them goes to breakage, which the share below then takes back from).
+        if self._sweep_due(member_id, unit)[1]:
+            lot = self.tx.lot_of_transaction(earn_tx, member_id)
         legs = [counter]
         expired = self._expired_share(lot, member_id, amount, unreversed)
         if expired:
@@ -678,14 +711,19 @@ class ShardBook:
         self, tx_id: str, *, points: int | None, refund: Money | None, reason: str, target: str, saga_id: str
     ) -> str:
         """Source side of reversing an earn whose member was merged away: the funding gets its
-        points back through transit now; the target gives them up in the second step."""
+        points back now, the share of them that expired on the source before the merge from
+        breakage (recorded on the source's lot of the earn) and the rest through transit; the
+        target gives those up in the second step."""
         original, amount = self._reversal_of(tx_id, points, refund)
         unit, unreversed = original.unit, original.points - original.reversed_points
         record = self._record(TxKind.REVERSAL, original.member_id, unit, 0, reference=reason, original_tx=tx_id,
                               funding=original.funding, tx_id=f"{saga_id.replace('rv_', 'tx_', 1)}-out")  # fmt: skip
-        self._post(
-            record, [(funding_account(original.funding, unit), amount), (system_account("transit", unit), -amount)]
-        )
+        lot = self.tx.lot_of_transaction(tx_id, original.member_id)
+        expired = 0 if lot is None or lot.pending else self._expired_share(lot, original.member_id, amount, unreversed)
+        self._post(record, [
+            (funding_account(original.funding, unit), amount), (system_account("expired", unit), -expired),
+            (system_account("transit", unit), expired - amount),
+        ])  # fmt: skip
         original.reversed_points += amount
         if refund is not None:
             original.refunded_minor += refund.amount_minor
@@ -694,15 +732,18 @@ class ShardBook:
             record, "points_reversed",
             {"transaction_id": record.tx_id, "original_transaction_id": tx_id, "points": 0, "debt_points": 0},
         )  # fmt: skip
-        # The earn's points not reversed before this one: the target's share of expired points.
-        payload = {"original_tx": tx_id, "reason": reason, "unreversed": unreversed}
+        # The earn's points not reversed before this one: the target's share of expired points
+        # (of a credit still pending at the merge, whose lot moved there whole); and what the
+        # source took back from breakage, which the target does not give up.
+        payload = {"original_tx": tx_id, "reason": reason, "unreversed": unreversed, "expired": expired}
         self.tx.add_saga(SagaRecord(saga_id, "reversal", SagaState.HELD, original.member_id, target, unit, amount, "",
                                     json.dumps(payload), self.now, self.now))  # fmt: skip
         return saga_id
 
     def finish_merged_reversal(self, target: str, unit: str, amount: int, *, original_tx: str, tx_id: str,
-                               reason: str, unreversed: int = 0) -> ReverseResult:  # fmt: skip
-        """Target side; a second call with the same tx_id returns the first result."""
+                               reason: str, unreversed: int = 0, expired: int = 0) -> ReverseResult:  # fmt: skip
+        """Target side (`expired`: what the source took back from breakage instead); a second
+        call with the same tx_id returns the first result."""
         existing = self.tx.get_transaction(tx_id)
         if existing is None:
             record = self._record(
@@ -710,8 +751,8 @@ class ShardBook:
             )
             # On a reversal record, reversed_points keeps the part recorded as debt.
             record.reversed_points = self._take_back(
-                record, target, unit, amount, (system_account("transit", unit), amount), original_tx,
-                unreversed=unreversed,
+                record, target, unit, amount - expired, (system_account("transit", unit), amount - expired),
+                original_tx, unreversed=unreversed,
             )  # fmt: skip
             self._finish(
                 record, "points_reversed",
@@ -810,6 +851,9 @@ class ShardBook:
                     field="source_member_id",
                 )
             self.void_hold(hold.hold_id)
+        # Points past their date expire here, on the lots of the earns that gave them: a later
+        # reversal of such an earn takes them back from breakage, not from the heir's points.
+        self._sweep_due(member_id, unit)
         bal = self.balance(member_id, unit)
         if not (bal.balance_points or bal.pending_points or bal.debt_points):
             return None
@@ -923,7 +967,9 @@ class ShardBook:
         """Expires the account's due points that no open hold keeps (`lots` with their free
         points, earliest expiry first; never taking the balance below what holds reserve);
         returns (points expired, lots expired in part or whole). The lots are updated in place."""
-        due, amount = self._due(member_id, unit, lots, frees)
+        row = self._acct(member_account(member_id, unit))
+        due = [(lot, free) for lot, free in zip(lots, frees, strict=True) if self._past_date(lot)]
+        amount = max(0, min(sum(free for _, free in due), row.balance - row.reserved))
         if amount == 0:
             return 0, 0
         left, touched = amount, 0
@@ -951,7 +997,9 @@ class ShardBook:
     def void_due_holds(self, limit: int = 500) -> int:
         holds = self.tx.holds_due_by(self.now, limit)
         for hold in holds:
-            self.void_hold(hold.hold_id, expired=True)
+            # One voided before it may have swept the member's other timed-out holds already.
+            if self.require_hold(hold.hold_id).status == HoldStatus.PLACED:
+                self.void_hold(hold.hold_id, expired=True)
         return len(holds)
 
 

@@ -261,6 +261,7 @@ class Sagas:
             result = b.finish_merged_reversal(
                 saga.dest_member, saga.unit, saga.points, original_tx=payload["original_tx"], tx_id=tx_id,
                 reason=payload["reason"], unreversed=payload.get("unreversed", 0),  # none in sagas of before 2026-12-06
+                expired=payload.get("expired", 0),  # none in sagas of before 2026-12-07
             )  # fmt: skip
             if first_time:
                 take_off_qualification(b, saga.dest_member, month, result.reversed_points)

@@ -34,6 +34,7 @@ from ledger_svc.domain import (
     LedgerError,
     Money,
     NotFound,
+    TxKind,
 )
 from ledger_svc.postings import Policy
 from ledger_svc.reconcile import reconcile
@@ -438,6 +439,8 @@ class Scenario:
             expect = FailedPrecondition
         elif points > hold.points:
             expect = InvalidArgument
+        key = hold.key
+        expired_before = await self._expired_totals()
         result = await self._attempt(expect, self.svc.capture_hold, c.CaptureHold(self._key(), hold.hold_id, points))
         if result is None:
             return
@@ -445,12 +448,12 @@ class Scenario:
         self._eq(result.hold.captured_points, captured, "captured points")
         hold.placed = False
         self.totals[hold.key[1]].captured += captured
-        key = hold.key
-        settled = _settled_by_freeing(before[key], hold.points - captured)
-        self.expect_net = {key: -captured}
+        swept = await self._swept_since(expired_before, key)
+        settled = _settled_by_freeing(before[key], hold.points - captured - swept)
+        self.expect_net = {key: -captured - swept}
         self._after(lambda b, a: self._eq(a[key].reserved_points - b[key].reserved_points, -hold.points, "reserved"))
         self._after(
-            lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -captured - settled, "balance")
+            lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -captured - settled - swept, "balance")
         )
         self._after(lambda b, a: self._eq(a[key].debt_points - b[key].debt_points, -settled, "debt"))
 
@@ -460,13 +463,16 @@ class Scenario:
             await self._attempt(NotFound, self.svc.void_hold, c.VoidHold(self._key(), MISSING_HOLD))
             return
         expect = None if hold.placed else FailedPrecondition
+        key = hold.key
+        expired_before = await self._expired_totals()
         if await self._attempt(expect, self.svc.void_hold, c.VoidHold(self._key(), hold.hold_id)) is None:
             return
         hold.placed = False
-        key = hold.key
-        settled = _settled_by_freeing(before[key], hold.points)
+        swept = await self._swept_since(expired_before, key)
+        settled = _settled_by_freeing(before[key], hold.points - swept)
+        self.expect_net = {key: -swept}
         self._after(lambda b, a: self._eq(a[key].reserved_points - b[key].reserved_points, -hold.points, "reserved"))
-        self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -settled, "balance"))
+        self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -settled - swept, "balance"))
         self._after(lambda b, a: self._eq(a[key].debt_points - b[key].debt_points, -settled, "debt"))
 
     async def _reverse(self, op: ReverseOp, before: dict[Key, Balance]) -> None:
@@ -480,31 +486,35 @@ class Scenario:
             return
         expect, amount, cmd = self._plan_reversal(earn, op)
         expired_before = await self._expired_totals()
+        newest_before = await self._newest_entry(earn.key)
         result = await self._attempt(expect, self.svc.reverse, cmd)
         if result is None:
             return
         self._eq(result.reversed_points, amount, "reversed points")
-        # Points of the earn that expired unspent come back from breakage, not from the member
-        # (decision 0007); which lot expired how much is the ledger's to know, the share's
-        # bounds are the model's.
-        share = expired_before[earn.key[1]] - (await self._expired_totals())[earn.key[1]]
+        # Points past their date expire before the reversal takes any (as before any debit);
+        # points of the earn that expired unspent then come back from breakage, not from the
+        # member (decision 0007). Which lot expired how much is the ledger's to know, the
+        # share's bounds are the model's.
+        swept = await self._expired_entries_since(earn.key, newest_before)
+        assert swept == 0 or not earn.pending, f"{self.step}: a pending reversal expired {swept}"
+        share = expired_before[earn.key[1]] + swept - (await self._expired_totals())[earn.key[1]]
         assert 0 <= share <= amount and not (earn.pending and share), f"{self.step}: expired share {share} of {amount}"
-        self.expired_reported -= share
+        self.expired_reported += swept - share
         earn.reversed_points += amount
         earn.refunded_minor += cmd.refund.amount_minor if cmd.refund else 0
         self.totals[earn.key[1]].reversed += amount
         self.reversed_accounts.add(earn.key)
         key = earn.key
-        self.expect_net = {key: share - amount}
+        self.expect_net = {key: share - amount - swept}
         if earn.pending:
             self._eq(result.debt_points, 0, "debt of a pending reversal")
             self._after(lambda b, a: self._eq(a[key].pending_points - b[key].pending_points, -amount, "pending"))
             return
         row = before[key]
         floor = row.reserved_points if row.reserved_points > 0 else -self.limit
-        take = max(0, min(amount - share, row.balance_points - floor))
+        take = max(0, min(amount - share, row.balance_points - swept - floor))
         self._eq(result.debt_points, amount - share - take, "debt points")
-        self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -take, "balance"))
+        self._after(lambda b, a: self._eq(a[key].balance_points - b[key].balance_points, -take - swept, "balance"))
         self._after(lambda b, a: self._eq(a[key].debt_points - b[key].debt_points, amount - share - take, "debt"))
 
     def _plan_reversal(self, earn: EarnModel, op: ReverseOp) -> tuple[type[LedgerError] | None, int, c.Reverse]:
@@ -616,6 +626,23 @@ class Scenario:
                 self._eq(sum(drops), expired_after[unit] - expired_before[unit], f"expired {unit}")
 
         self._after(only_expiry_lowers_balances)
+
+    async def _swept_since(self, expired_before: dict[str, int], key: Key) -> int:
+        """Points an operation that releases a hold expired: debt is paid from what is left once
+        the account is swept, never with points past their date."""
+        swept = (await self._expired_totals())[key[1]] - expired_before[key[1]]
+        assert swept >= 0, f"{self.step}: expired {swept}"
+        self.expired_reported += swept
+        return swept
+
+    async def _newest_entry(self, key: Key) -> int:
+        page = await self.svc.list_entries(self.members[key[0]], key[1], 1, "")
+        return page.entries[0].entry_id if page.entries else 0
+
+    async def _expired_entries_since(self, key: Key, entry_id: int) -> int:
+        """Points the account's EXPIRY entries newer than `entry_id` took."""
+        page = await self.svc.list_entries(self.members[key[0]], key[1], 50, "")
+        return -sum(e.points for e in page.entries if e.entry_id > entry_id and e.kind == TxKind.EXPIRY)
 
     async def _expired_totals(self) -> dict[str, int]:
         totals = (await reconcile(self.store, self.clock.now())).totals_by_account_class

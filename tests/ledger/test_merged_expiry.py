@@ -1,0 +1,61 @@
+"""A reversal of an earn whose points expired on a member later merged away takes them back
+from breakage, as without the merge, not a second time from the heir's points."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+
+import pytest
+
+from ledger_svc import commands as c
+from ledger_svc.domain import IdemKey
+from ledger_svc.service import LedgerService
+from tests.conftest import LedgerUnderTest
+from tests.ledger.helpers import assert_books_balance
+
+_n = itertools.count()
+
+
+def k() -> IdemKey:
+    return IdemKey("merged-expiry", f"k{next(_n)}")
+
+
+async def member(svc: LedgerService, *, shard_of: str = "", same_shard: bool = False) -> str:
+    while True:
+        m = (await svc.create_member(c.CreateMember(k()))).member_id
+        if not shard_of or (svc.shard_of(m) == svc.shard_of(shard_of)) == same_shard:
+            return m
+
+
+async def points(svc: LedgerService, member_id: str) -> tuple[int, int, int]:
+    b = await svc.get_balance(member_id, "points")
+    return b.balance_points, b.pending_points, b.debt_points
+
+
+@pytest.mark.parametrize("same_shard", [True, False])
+@pytest.mark.parametrize("job_ran", [True, False])
+async def test_reversing_an_earn_that_expired_before_its_member_was_merged_takes_nothing_from_the_heir(
+    ledger: LedgerUnderTest, same_shard: bool, job_ran: bool
+) -> None:
+    """An earn's 100 points expired unspent on the source (breakage), or were past their date
+    when the source was merged into the heir. A return of that purchase takes them back from
+    breakage, as it does when no merge happened (test_reversing_an_earn_whose_points_expired_
+    takes_them_from_breakage_not_the_member), not a second time from the heir's points."""
+    svc = ledger.app.service
+    source = await member(svc)
+    heir = await member(svc, shard_of=source, same_shard=same_shard)
+    await svc.earn(c.Earn(k(), heir, "points", 500))
+    now = svc.clock.now()
+    old = await svc.earn(c.Earn(k(), source, "points", 100, expires_at=now + timedelta(days=1)))
+    await svc.earn(c.Earn(k(), source, "points", 50))
+    ledger.clock.advance(timedelta(days=2))
+    if job_ran:  # else the merge finds the 100 past their date and expires them on the source
+        assert (await svc.run_maintenance()).expired_points == 100
+    await svc.merge_members(c.MergeMembers(k(), source, heir))
+    assert await points(svc, heir) == (550, 0, 0)
+
+    back = await svc.reverse(c.Reverse(k(), old.transaction.transaction_id, full=True, reason="return"))
+    assert back.reversed_points == 100
+    assert await points(svc, heir) == (550, 0, 0)  # the 100 left the person at expiry already
+    assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0
