@@ -43,6 +43,7 @@ from ledger_svc.domain import (
     system_account,
 )
 from ledger_svc.store.base import AccountRow, SagaRecord, ShardTx, TxRecord
+from pointmesh.config import unit_tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -1016,11 +1017,6 @@ def to_transaction(record: TxRecord, balance_after: Balance | None = None) -> Tr
         reference=record.reference,
         balance_after=balance_after or codec.loads(Balance, record.balance_after_json),
     )
-
-
-def unit_tag(unit: str) -> str:
-    """Merge transaction ids need one suffix per unit; ids allow only lowercase letters there."""
-    return "".join(ch for ch in unit.lower() if ch.isalpha())
 
 
 def _reversible(earn: TxRecord) -> int:

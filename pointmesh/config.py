@@ -231,11 +231,41 @@ def _host_port(name: str, value: str, *, port_zero: bool) -> None:
         raise ConfigError(f"{_var(name)}={value!r}: expected host:port with a port in {lowest}..65535")
 
 
+_UNIT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def unit_tag(unit: str) -> str:
+    """The suffix that names a unit in merge transaction ids, where ids allow only lowercase
+    letters: units whose tags are equal cannot both be configured (`_check_units`)."""
+    return "".join(ch for ch in unit.lower() if ch.isalpha())
+
+
+def _check_units(units: tuple[str, ...]) -> None:
+    """Units name accounts (`member:<id>:<unit>`) and merge transactions (by `unit_tag`): a unit
+    with other characters would read as another account, and two units with one tag (`points`
+    and `points2`, `Points`) would give a merge's two moves one id, failing the merge half-way."""
+    tags: dict[str, str] = {}
+    for unit in units:
+        if not 1 <= len(unit) <= 64 or not set(unit) <= _UNIT_CHARS or not unit_tag(unit):
+            raise ConfigError(
+                f"{PREFIX}UNITS: {unit!r} is not a unit name (1-64 of letters, digits, '_', '.', '-', with a letter)"
+            )
+        other = tags.get(unit_tag(unit))
+        if other is not None:
+            raise ConfigError(
+                f"{PREFIX}UNITS lists {unit!r} twice" if other == unit else
+                f"{PREFIX}UNITS: {other!r} and {unit!r} differ only in case, digits or punctuation;"
+                " a merge names each unit by its letters alone"
+            )  # fmt: skip
+        tags[unit_tag(unit)] = unit
+
+
 def _validate(s: Settings) -> None:
     if s.ledger_shards < 1:
         raise ConfigError(f"{PREFIX}LEDGER_SHARDS must be >= 1, got {s.ledger_shards}")
     if not s.units:
         raise ConfigError(f"{PREFIX}UNITS must name at least one unit")
+    _check_units(s.units)
     if not 1 <= s.idempotency_retention_days <= 1000:
         # Cassandra writes the retention as a TTL and refuses expiry dates past 2038-01-19 in
         # its default storage compatibility mode; 1,000 days stays clear of that until 2035.

@@ -62,6 +62,12 @@ K8S = Path(__file__).resolve().parents[2] / "k8s"
         ("LOG_LEVEL", "VERBOSE"),
         ("LOG_FORMAT", "xml"),
         ("EVENT_LOOP", "trio"),
+        ("UNITS", "points,points2"),  # one merge transaction id for both units' moves
+        ("UNITS", "points,Points"),
+        ("UNITS", "stars_2025,stars_2026"),
+        ("UNITS", "points,points"),
+        ("UNITS", "points,tier:credits"),  # would read as another account
+        ("UNITS", "points,2025"),
     ],
 )
 def test_a_harmful_value_is_refused_naming_its_variable(name: str, value: str) -> None:
