@@ -486,6 +486,21 @@ def name_tender(book: ShardBook, record: PurchaseRecord, tx_id: str) -> Purchase
     return record
 
 
+def _explain_capped(record: PurchaseRecord, deltas: list[int], unit: str, taken: int) -> None:
+    """Trims the unit's parts' share of a return (last part first) to the `taken` points it
+    could still reverse (ops or a rejected review took the rest back first): a part's
+    returned_points says what returns took back, and a later return computes its share from
+    the part's target again, capped the same way, so no point goes twice."""
+    over = sum(d for part, d in zip(record.parts, deltas, strict=True) if part.unit == unit) - taken
+    for k in reversed(range(len(deltas))):
+        if over <= 0:
+            return
+        if record.parts[k].unit == unit:
+            cut = min(over, deltas[k])
+            deltas[k] -= cut
+            over -= cut
+
+
 def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merged_into: str = "") -> ReturnResult:
     """The return in the purchase's shard. For a member merged into `merged_into`, whose points
     live there now, each reversal is started here and finished there (a saga the caller drives),
@@ -538,10 +553,12 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
     targets = _return_targets(record, tuple(quantities), refunded)
     by_unit: dict[str, int] = {}
     returned = list(record.returned_points)
-    for k, (part, target) in enumerate(zip(record.parts, targets, strict=True)):
-        delta = max(0, target - returned[k])
-        returned[k] += delta
+    deltas = [max(0, target - returned[k]) for k, target in enumerate(targets)]
+    for part, delta in zip(record.parts, deltas, strict=True):
         by_unit[part.unit] = by_unit.get(part.unit, 0) + delta
+    # The points paid as tender come back first: a reversal then takes from them like any
+    # points the member has, and owes as debt only what is not there once they are back.
+    recredit = _give_back_tender(book, record, tuple(quantities), refunded, f"return {cmd.key.key}")
     # Where each unit's credit is taken back from: here, or (merged away) the member it went to.
     here = {
         u: not merged_into or credit_still_here(book.tx, tx, record.member_id)
@@ -554,6 +571,7 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
         # already, and the return must still go through (and give back the tender).
         if points > 0:
             points = by_unit[unit] = min(points, book.reversible_points(record.earn_transactions[unit]))
+            _explain_capped(record, deltas, unit, points)
         if points <= 0:
             continue
         reason = f"return {cmd.key.key} of purchase {record.purchase_id}"
@@ -564,7 +582,7 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
             ))  # fmt: skip
         else:
             debt += book.reverse(record.earn_transactions[unit], points=points, refund=None, reason=reason).debt_points
-    recredit = _give_back_tender(book, record, tuple(quantities), refunded, f"return {cmd.key.key}")
+    returned = [r + d for r, d in zip(returned, deltas, strict=True)]
     if record.metric_unit and here.get(record.metric_unit, True):  # else the reversal saga does it on the heir
         take_off_qualification(book, record.member_id, record.qualification_bucket, by_unit.get(record.metric_unit, 0))
     record = replace(
