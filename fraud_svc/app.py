@@ -91,7 +91,8 @@ def _check_shape(data: dict[str, object]) -> None:
     """Keys the service would ignore are refused (a typo must not leave a rule firing on every
     kind), and thresholds come in pairs: the file's review and deny for a kind then make a
     valid pair whatever model they are laid over."""
-    unknown = sorted(set(data) - DECISION_KEYS)
+    # By repr: YAML 1.1 reads `on:` as the key True, and True does not compare with a str.
+    unknown = sorted(set(data) - DECISION_KEYS, key=repr)
     if unknown:
         raise BadRequest(f"unknown keys {unknown}; known: {sorted(DECISION_KEYS)}", field="(top)")
     thresholds = data.get("thresholds", {})

@@ -51,7 +51,8 @@ def catalogue_of(items: object) -> tuple[CatalogueOffer, ...]:
             raise BadRequest("an offer is a mapping", field=f"[{i}]")
         unknown = set(item) - _OFFER_FIELDS
         if unknown:
-            raise BadRequest(f"unknown fields {sorted(unknown)}", field=f"[{i}]")
+            # YAML 1.1 reads `on:` as the key True: sort by repr, as keys of mixed types do not compare.
+            raise BadRequest(f"unknown fields {sorted(unknown, key=repr)}", field=f"[{i}]")
         offer_id, title = _text(item, "offer_id", i), _text(item, "title", i)
         if offer_id in seen:
             raise BadRequest(f"offer {offer_id!r} is listed twice", field=f"[{i}].offer_id")

@@ -11,7 +11,8 @@ upgrade happens on the purchase that crosses the threshold.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -36,8 +37,22 @@ def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
+# A month bucket's name: four-digit year, two-digit month ("2026-01"), as bucket_of writes it.
+MONTH_RE = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
+
+
 def bucket_of(at: datetime, timezone: str = "UTC") -> str:
-    return at.astimezone(_zone(timezone)).strftime("%Y-%m")
+    """The month bucket `at` counts in. The year is padded by hand: strftime's %Y writes year 999
+    as "999" here, a key that names no month (MONTH_RE) and that no lookup ever reads."""
+    local = at.astimezone(_zone(timezone))
+    return f"{local.year:04d}-{local.month:02d}"
+
+
+def first_non_month(buckets: Iterable[str]) -> str | None:
+    """The first key (in sorted order, so the same one each time) that is not a month bucket, or
+    None. The arithmetic here reads only "YYYY-MM" keys: "2026-1" would count as no credits at
+    all, so a caller refuses such a key (naming it) rather than tier the member silently low."""
+    return next((key for key in sorted(buckets) if not MONTH_RE.fullmatch(key)), None)
 
 
 def _month_number(at: datetime) -> int:

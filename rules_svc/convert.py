@@ -7,6 +7,7 @@ from typing import Any
 
 from pointmesh.bounds import MAX_AMOUNT_MINOR, MAX_POINTS
 from pointmesh.guards import Guard
+from pointmesh.tiers import first_non_month
 from pointmesh.timestamps import from_timestamp, to_timestamp
 from pointmesh.v1 import common_pb2, rules_pb2
 from rules_svc.domain import BadRequest, Basket, Evaluation, Line, MemberContext, RulesError
@@ -49,7 +50,12 @@ def basket(m: rules_pb2.Basket, path: str = "basket") -> Basket:
     return Basket(m.channel, m.store_id, m.receipt_id, currency, m.total.amount_minor, tuple(lines), when)
 
 
-def member(m: rules_pb2.MemberContext) -> MemberContext:
+def member(m: rules_pb2.MemberContext, path: str = "member") -> MemberContext:
+    """BadRequest for a qualification key that is no month, as GetTierStatus refuses it: the
+    tier arithmetic reads only "YYYY-MM" buckets, and would price the member as if the credits
+    were not there."""
+    if (month := first_non_month(m.qualification)) is not None:
+        raise BadRequest(f"{month!r} is not a month (YYYY-MM)", field=f"{path}.qualification[{month!r}]")
     return MemberContext(
         m.member_id, m.tier, tuple(m.segments), dict(m.attributes), m.purchase_count,
         dict(m.counters) if m.preview_counters else None, dict(m.qualification),
@@ -58,7 +64,7 @@ def member(m: rules_pb2.MemberContext) -> MemberContext:
 
 def item(m: rules_pb2.EvaluateItem, index: int) -> tuple[Basket, MemberContext] | RulesError:
     try:
-        return basket(m.basket, f"items[{index}].basket"), member(m.member)
+        return basket(m.basket, f"items[{index}].basket"), member(m.member, f"items[{index}].member")
     except RulesError as error:
         return error
 

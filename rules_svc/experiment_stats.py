@@ -52,13 +52,18 @@ def _mean_ci(values: Sequence[int]) -> tuple[float, tuple[float, float]]:
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson interval of the rate k/n. In exact arithmetic it lies within [0, 1] and reaches 0
+    when k == 0 and 1 when k == n; in floats centre -/+ half lands a hair outside (1.0000000000000002,
+    -1.4e-17), which a report must not show as a rate, so the ends are clamped and pinned."""
     if n == 0:
         return 0.0, 0.0
     p = k / n
     denom = 1 + Z * Z / n
     centre = (p + Z * Z / (2 * n)) / denom
     half = Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n)) / denom
-    return centre - half, centre + half
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
 
 
 def _two_proportions(k1: int, n1: int, k2: int, n2: int) -> float:

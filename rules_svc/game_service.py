@@ -62,8 +62,10 @@ class ProgramVersions:
         self.rules = rules
         self._history: dict[str, tuple[tuple[int, ...], ProgramHistory]] = {}
 
-    def __call__(self, program: str, at: datetime) -> Program:
-        return self.rules.compiled(program, 0, at).program
+    def __call__(self, program: str, at: datetime, *, at_field: str = "basket.receipt_time") -> Program:
+        """`at_field` is the request field blamed when no version was in effect at `at`: the worker's
+        receipt time by default; a read asked about now has no basket, so it names `program`."""
+        return self.rules.compiled(program, 0, at, at_field=at_field).program
 
     def history(self, program: str) -> ProgramHistory:
         """Built again only when a version was published (versions never change)."""
@@ -93,7 +95,7 @@ class GameService:
     async def progress(self, program: str, member_id: str) -> MemberProgress:
         _require(member_id, "member_id")
         now = self.clock.now()
-        p = self.program_at(program, now)
+        p = self.program_at(program, now, at_field="program")
         states = await asyncio.to_thread(self.store.states, p.program, member_id)
         joined = await asyncio.to_thread(self.store.joined, p.program, member_id)
         this_week = week_of(now.astimezone(ZoneInfo(p.default_timezone)).date())
@@ -123,11 +125,11 @@ class GameService:
 
     def challenges(self, program: str, at: datetime | None) -> list[Challenge]:
         when = at or self.clock.now()
-        p = self.program_at(program, when)
+        p = self.program_at(program, when, at_field="at" if at else "program")
         return [c for c in p.gamification.challenges if c.starts <= when < c.ends]
 
     def _challenge(self, program: str, challenge_id: str) -> tuple[Program, Challenge]:
-        p = self.program_at(program, self.clock.now())
+        p = self.program_at(program, self.clock.now(), at_field="program")
         for c in p.gamification.challenges:
             if c.id == challenge_id:
                 return p, c
@@ -146,7 +148,7 @@ class GameService:
         return True
 
     async def experiment_report(self, program: str, experiment_id: str) -> ExperimentReport:
-        p = self.program_at(program, self.clock.now())
+        p = self.program_at(program, self.clock.now(), at_field="program")
         found = next((e for e in p.experiments if e.id == experiment_id), None)
         if found is None:
             raise NotFound(f"program {program} has no experiment {experiment_id!r}", field="experiment_id")

@@ -11,13 +11,12 @@ import asyncio
 import bisect
 import hashlib
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from pointmesh.bounds import MAX_POINTS
 from pointmesh.clock import Clock
-from pointmesh.tiers import TierStanding, tier_standing
+from pointmesh.tiers import TierStanding, first_non_month, tier_standing
 from rules_svc.domain import (
     BadRequest,
     Basket,
@@ -258,9 +257,8 @@ class RulesService:
         version in effect at `at`. A month past ±MAX_POINTS counts as that: no threshold is
         higher (at most 10^12), and a month of many purchases each within the bounds may pass it
         (refused, the member's tier could no longer be read at all)."""
-        for month in qualification:
-            if not _MONTH.fullmatch(month):
-                raise BadRequest(f"{month!r} is not a month (YYYY-MM)", field=f"qualification[{month!r}]")
+        if (month := first_non_month(qualification)) is not None:
+            raise BadRequest(f"{month!r} is not a month (YYYY-MM)", field=f"qualification[{month!r}]")
         qualification = {m: max(-MAX_POINTS, min(MAX_POINTS, credits)) for m, credits in qualification.items()}
         if at.year > LAST_YEAR:
             raise BadRequest(f"must be before the year {LAST_YEAR + 1}", field="at")
@@ -278,7 +276,6 @@ class RulesService:
         return _each(items, draft.evaluate)
 
 
-_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 LAST_YEAR = 9990  # a standing looks up to a few years ahead of `at`
 
 
