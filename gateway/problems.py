@@ -22,27 +22,48 @@ log = logging.getLogger(__name__)
 TYPE_BASE = "https://pointmesh.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
 
-# gRPC code -> (HTTP status, problem type slug, title)
-GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid-request", "The request is invalid"),
-    grpc.StatusCode.NOT_FOUND: (404, "not-found", "Not found"),
-    grpc.StatusCode.ALREADY_EXISTS: (409, "idempotency-conflict", "Conflict with an earlier request"),
-    grpc.StatusCode.FAILED_PRECONDITION: (422, "not-possible-now", "The request cannot be carried out"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "forbidden", "Forbidden"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated", "Authentication required"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "too-many-requests", "Too many requests"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service-unavailable", "A service is unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (503, "service-unavailable", "A service did not answer in time"),
+# gRPC code -> (HTTP status, problem type slug)
+GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid-request"),
+    grpc.StatusCode.NOT_FOUND: (404, "not-found"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "idempotency-conflict"),
+    grpc.StatusCode.FAILED_PRECONDITION: (422, "not-possible-now"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "forbidden"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "too-many-requests"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service-unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (503, "service-unavailable"),
 }
+# One title per problem type (RFC 9457 3.1.3: it does not change from occurrence to
+# occurrence); a 422 whose type the ledger's ErrorInfo reason names takes its status's.
+TITLES: dict[str, str] = {
+    "invalid-request": "The request is invalid",
+    "not-found": "Not found",
+    "method-not-allowed": "Method not allowed",
+    "idempotency-conflict": "Conflict with an earlier request",
+    "not-possible-now": "The request cannot be carried out",
+    "insufficient-points": "Not enough points",
+    "forbidden": "Forbidden",
+    "unauthenticated": "Authentication required",
+    "too-many-requests": "Too many requests",
+    "service-unavailable": "A service is unavailable",
+    "request-too-large": "The request body is too large",
+    "internal": "Internal error",
+}
+STATUS_TITLES: dict[int, str] = {422: TITLES["not-possible-now"]}
+
+
+def title_of(slug: str, status: int) -> str:
+    return TITLES.get(slug) or STATUS_TITLES.get(status, "The request could not be served")
 
 
 class Problem(Exception):
     def __init__(
-        self, status: int, slug: str, title: str, detail: str, *, errors: list[dict[str, str]] | None = None,
+        self, status: int, slug: str, detail: str, *, errors: list[dict[str, str]] | None = None,
         headers: dict[str, str] | None = None, **extra: Any,
     ) -> None:  # fmt: skip
         super().__init__(detail)
-        self.status, self.slug, self.title, self.detail = status, slug, title, detail
+        self.status, self.slug, self.title, self.detail = status, slug, title_of(slug, status), detail
         self.errors = errors or []
         self.headers = headers or {}
         self.extra = extra
@@ -59,30 +80,29 @@ class Problem(Exception):
 
 
 def unauthorized(detail: str) -> Problem:
-    return Problem(401, "unauthenticated", "Authentication required", detail, headers={"WWW-Authenticate": "Bearer"})
+    return Problem(401, "unauthenticated", detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 def forbidden(detail: str) -> Problem:
-    return Problem(403, "forbidden", "Forbidden", detail)
+    return Problem(403, "forbidden", detail)
 
 
 def bad_request(field: str, detail: str) -> Problem:
-    return Problem(400, "invalid-request", "The request is invalid", f"{field}: {detail}",
+    return Problem(400, "invalid-request", f"{field}: {detail}",
                    errors=[{"field": field, "detail": detail}])  # fmt: skip
 
 
 def unavailable(name: str, *, late: bool = False) -> Problem:
     """A 503 naming the service only (`name`, e.g. "the points ledger"): what the call said,
     peer addresses included, is for the log."""
-    title = "A service did not answer in time" if late else "A service is unavailable"
     detail = f"{name} {'did not answer in time' if late else 'is unavailable'}; retry shortly"
-    return Problem(503, "service-unavailable", title, detail, headers={"Retry-After": "1"})
+    return Problem(503, "service-unavailable", detail, headers={"Retry-After": "1"})
 
 
 def too_large(limit: int) -> Problem:
     """Said without closing the connection: a client still sending would meet a reset before it
     read the 413. The server (uvicorn) drops the rest of the body as it arrives, holding none."""
-    return Problem(413, "request-too-large", "The request body is too large", f"body: larger than {limit} bytes",
+    return Problem(413, "request-too-large", f"body: larger than {limit} bytes",
                    errors=[{"field": "body", "detail": f"larger than {limit} bytes"}])  # fmt: skip
 
 
@@ -146,19 +166,19 @@ def from_grpc(error: grpc.aio.AioRpcError, service: str, rest_name: Callable[[st
     """`rest_name`: how the route names the service's fields, where the global REST_FIELDS do not
     (explain sends the body as rules_svc's basket)."""
     code = error.code()
-    status, slug, title = GRPC_TO_HTTP.get(code, (500, "internal", "Internal error"))
+    status, slug = GRPC_TO_HTTP.get(code, (500, "internal"))
     details = status_details(error)
     violations = [v for d in details if isinstance(d, error_details_pb2.BadRequest) for v in d.field_violations]
     errors = [_violation(v.field, v.description, rest_name) for v in violations]
     extra: dict[str, Any] = {}
-    detail = error.details() or title
+    detail = error.details() or title_of(slug, status)
     if violations and detail.startswith(f"{violations[0].field}: "):
         detail = f"{errors[0]['field']}: {detail.removeprefix(f'{violations[0].field}: ')}"
     for d in details:
         if isinstance(d, error_details_pb2.ErrorInfo) and d.reason and status == 422:
             slug = d.reason.lower().replace("_", "-")
         if isinstance(d, common_pb2.InsufficientPoints):
-            slug, title = "insufficient-points", "Not enough points"
+            slug = "insufficient-points"
             extra.update(available_points=d.available_points, requested_points=d.requested_points, unit=d.unit)
         if isinstance(d, common_pb2.IdempotencyConflict):
             extra.update(original_operation=d.original_operation, first_seen_at=d.first_seen_at.ToJsonString())
@@ -177,7 +197,7 @@ def from_grpc(error: grpc.aio.AioRpcError, service: str, rest_name: Callable[[st
         detail = f"{service} failed; the error is logged"
     if status == 409:
         detail = f"{detail}. {SAME_BODY}"
-    return Problem(status, slug, title, detail, errors=errors, **extra)
+    return Problem(status, slug, detail, errors=errors, **extra)
 
 
 def _response(problem: Problem, request: Request) -> JSONResponse:
@@ -219,7 +239,7 @@ def install(app: FastAPI) -> None:
             return _response(bad_request("body", f"not valid JSON: {reason} at character {position}"), request)
         errors = [{"field": _field_of(tuple(e["loc"])), "detail": _message(e)} for e in exc.errors()]
         first = errors[0] if errors else {"field": "", "detail": "invalid"}
-        problem = Problem(400, "invalid-request", "The request is invalid", f"{first['field']}: {first['detail']}",
+        problem = Problem(400, "invalid-request", f"{first['field']}: {first['detail']}",
                           errors=errors)  # fmt: skip
         return _response(problem, request)
 
@@ -231,9 +251,9 @@ def install(app: FastAPI) -> None:
             return _response(unparseable(exc), request)
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
         headers = dict(exc.headers or {})  # a 405's Allow
-        return _response(Problem(exc.status_code, slug, str(exc.detail), str(exc.detail), headers=headers), request)
+        return _response(Problem(exc.status_code, slug, str(exc.detail), headers=headers), request)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         # Logged (with its trace id) by the instrumentation middleware it passed through.
-        return _response(Problem(500, "internal", "Internal error", "an unexpected error; it is logged"), request)
+        return _response(Problem(500, "internal", "an unexpected error; it is logged"), request)

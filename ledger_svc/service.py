@@ -1149,11 +1149,11 @@ class LedgerService:
         v.member_id(member_id)
         unit = v.unit(unit, self.policy.units)
         size = v.page_size(page_size)
-        before = _decode_token(page_token)
-        await self._require_exists(member_id)
         account = member_account(member_id, unit)
+        before = _decode_token(page_token, account)
+        await self._require_exists(member_id)
         rows = await self.store.read(self.shard_of(member_id), lambda tx: tx.list_entries(account, before, size + 1))
-        token = f"e{rows[size - 1].entry_id}" if len(rows) > size else ""
+        token = f"e{rows[size - 1].entry_id}.{_token_tag(account)}" if len(rows) > size else ""
         return Page(rows[:size], token)
 
     # Time-driven jobs --------------------------------------------------------------------
@@ -1336,10 +1336,18 @@ def _review_cursor(token: str) -> tuple[datetime, str] | None:
         raise InvalidArgument("is not a token this API returned", field="page_token") from None
 
 
-def _decode_token(token: str) -> int:
+def _token_tag(account: str) -> str:
+    """Ties a history token to the listing that issued it: another member's or unit's token
+    would start that listing at a foreign entry id, skipping entries with no error."""
+    return hashlib.sha256(account.encode()).hexdigest()[:8]
+
+
+def _decode_token(token: str, account: str) -> int:
     if not token:
         return 2**62
-    digits = token[1:]
+    digits, dot, tag = token[1:].partition(".")  # tokens issued before 2026-12-07 carry no tag
     if not token.startswith("e") or not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
         raise InvalidArgument("is not a token this API returned", field="page.page_token")
-    return int(token[1:])
+    if dot and tag != _token_tag(account):
+        raise InvalidArgument("is a token of another member's or unit's history", field="page.page_token")
+    return int(digits)

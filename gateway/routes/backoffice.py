@@ -15,9 +15,10 @@ from google.protobuf.json_format import MessageToDict
 
 from gateway import schemas as s
 from gateway.deps import GatewayDep, call, scoped
+from gateway.strict_json import StrictJsonRoute
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
-router = APIRouter(tags=["ops"])
+router = APIRouter(tags=["ops"], route_class=StrictJsonRoute)
 PAGE = (Path(__file__).resolve().parent.parent / "static" / "backoffice.html").read_text()
 
 
@@ -44,7 +45,9 @@ async def totals(gw: GatewayDep) -> s.OpsTotals:
             summary="An A/B experiment's results per arm against control")  # fmt: skip
 async def experiment(
     gw: GatewayDep,
-    experiment_id: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")],
+    # Exactly the names a program may give an experiment (rules_svc/program.py NAME_RE, as
+    # schemas.Name): 1..64 of letters, digits and `_.:-` in any position, `_double-vs-base` too.
+    experiment_id: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$")],
 ) -> s.ExperimentReport:
     found = await call("rules_svc", gw.rules.GetExperimentReport(
         rules_pb2.GetExperimentReportRequest(program=gw.settings.program, experiment_id=experiment_id)))  # fmt: skip

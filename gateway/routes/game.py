@@ -11,9 +11,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gateway import schemas as s
 from gateway.auth import Principal
 from gateway.deps import GatewayDep, IdPath, call, reads_member, scoped, scoped_or_member
+from gateway.strict_json import StrictJsonRoute
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
-router = APIRouter(tags=["gamification"])
+router = APIRouter(tags=["gamification"], route_class=StrictJsonRoute)
 RULES, LEDGER = "rules_svc", "ledger_svc"
 
 

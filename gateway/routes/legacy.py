@@ -25,6 +25,7 @@ from gateway.legacy.importer import ADAPTERS, ImportInterrupted, ImportReport, i
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Quarantined
 from gateway.legacy.webhook import SignatureError, WebhookAdapter, verify_signature
 from gateway.problems import SERVICE_NAMES, Problem, bad_request, unauthorized, unavailable
+from gateway.strict_json import StrictJsonRoute
 from pointmesh.config import DEV_WEBHOOK_SECRET
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ async def _warn_of_dev_secret(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-router = APIRouter(prefix="/v1/legacy", tags=["legacy"], lifespan=_warn_of_dev_secret)
+router = APIRouter(prefix="/v1/legacy", tags=["legacy"], lifespan=_warn_of_dev_secret, route_class=StrictJsonRoute)
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 MAX_WEBHOOK_BYTES = 256 * 1024
 MAX_LISTED = s.ImportReport.MAX_LISTED  # quarantined lines a report lists; it counts them all
@@ -90,7 +91,7 @@ async def _run(gw: Any, records: Iterable[Parsed], adapter: str, channel: str, s
         # What the ledger said (its peer address included) is for the log, not the caller.
         if not exc.retryable:
             log.error("%s: %s", source, exc)
-            raise Problem(500, "internal", "Internal error", "the import stopped: the points ledger failed; "
+            raise Problem(500, "internal", "the import stopped: the points ledger failed; "
                           "the error is logged") from None  # fmt: skip
         log.warning("%s: %s", source, exc)
         late = exc.code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -19,9 +19,10 @@ from gateway.auth import Principal, credential_of, resolve
 from gateway.deps import Gateway, IdPath, call
 from gateway.live import Subscription
 from gateway.problems import MEDIA_TYPE, Problem
+from gateway.strict_json import StrictJsonRoute
 from pointmesh.v1 import ledger_pb2
 
-router = APIRouter(tags=["live"])
+router = APIRouter(tags=["live"], route_class=StrictJsonRoute)
 LEDGER = "ledger_svc"
 POLICY_VIOLATION, TRY_AGAIN_LATER = 1008, 1013
 _DENIAL = "websocket.http.response"  # the ASGI extension for answering a handshake with any HTTP response

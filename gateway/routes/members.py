@@ -9,9 +9,10 @@ from fastapi import APIRouter, Query
 from gateway import convert as cv
 from gateway import schemas as s
 from gateway.deps import GatewayDep, IdPath, PageToken, UnitQuery, Write, call, reads_member, scoped, writing
+from gateway.strict_json import StrictJsonRoute
 from pointmesh.v1 import common_pb2, ledger_pb2
 
-router = APIRouter(prefix="/v1/members", tags=["members"])
+router = APIRouter(prefix="/v1/members", tags=["members"], route_class=StrictJsonRoute)
 LEDGER = "ledger_svc"
 
 

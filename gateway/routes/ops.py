@@ -12,9 +12,10 @@ from fastapi import APIRouter, Query
 from gateway import convert as cv
 from gateway import schemas as s
 from gateway.deps import GatewayDep, IdPath, Write, call, scoped, writing
+from gateway.strict_json import StrictJsonRoute
 from pointmesh.v1 import ledger_pb2
 
-router = APIRouter(prefix="/v1/ops/reviews", tags=["ops"])
+router = APIRouter(prefix="/v1/ops/reviews", tags=["ops"], route_class=StrictJsonRoute)
 LEDGER = "ledger_svc"
 STATUSES = {"OPEN": ledger_pb2.REVIEW_STATUS_OPEN, "APPROVED": ledger_pb2.REVIEW_STATUS_APPROVED,
             "REJECTED": ledger_pb2.REVIEW_STATUS_REJECTED}  # fmt: skip

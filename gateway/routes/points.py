@@ -13,11 +13,12 @@ from gateway import schemas as s
 from gateway.auth import Principal
 from gateway.deps import Caller, Gateway, GatewayDep, IdPath, Write, call, scoped, writing
 from gateway.keys import ApiKey
+from gateway.strict_json import StrictJsonRoute
 from pointmesh.bounds import MAX_POINTS
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2, rules_pb2
 
-router = APIRouter(prefix="/v1", tags=["points"])
+router = APIRouter(prefix="/v1", tags=["points"], route_class=StrictJsonRoute)
 LEDGER, RULES = "ledger_svc", "rules_svc"
 
 

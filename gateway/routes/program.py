@@ -11,10 +11,11 @@ from gateway import convert as cv
 from gateway import schemas as s
 from gateway.deps import Caller, GatewayDep, call, scoped
 from gateway.keys import ApiKey
+from gateway.strict_json import StrictJsonRoute
 from pointmesh.errors import purchase_field
 from pointmesh.v1 import rules_pb2
 
-router = APIRouter(prefix="/v1/program", tags=["program"])
+router = APIRouter(prefix="/v1/program", tags=["program"], route_class=StrictJsonRoute)
 RULES = "rules_svc"
 
 

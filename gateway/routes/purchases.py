@@ -11,10 +11,11 @@ from gateway import convert as cv
 from gateway import schemas as s
 from gateway.deps import Caller, GatewayDep, IdPath, Write, call, scoped, writing
 from gateway.problems import bad_request, forbidden
+from gateway.strict_json import StrictJsonRoute
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2
 
-router = APIRouter(prefix="/v1/purchases", tags=["purchases"])
+router = APIRouter(prefix="/v1/purchases", tags=["purchases"], route_class=StrictJsonRoute)
 LEDGER = "ledger_svc"
 
 
