@@ -123,8 +123,8 @@ class ShardBook:
 
     def spendable_balance(self, member_id: str, unit: str) -> Balance:
         """The balance as a debit now would find it once `_sweep_due` ran, written nowhere:
-        holds past their timeout reserve nothing, and the points past their date that no live
-        hold keeps are counted as expiring."""
+        holds past their timeout reserve nothing, the points past their date that no live hold
+        keeps are counted as expiring, and what is left free pays recorded debt."""
         balance = self.balance(member_id, unit)
         holds = self.tx.placed_holds_of(member_id) if balance.reserved_points > 0 else []
         dead = [h for h in holds if h.unit == unit and self._timed_out(h)]
@@ -134,7 +134,10 @@ class ShardBook:
         frees = _free_of(lots, named, max(0, reserved - sum(r.points for r in named)))
         due = sum(free for lot, free in zip(lots, frees, strict=True) if self._past_date(lot))
         expiring = max(0, min(due, balance.balance_points - reserved))
-        return replace(balance, reserved_points=reserved, expiring_points=expiring)
+        # What is left free pays recorded debt first (points a timed-out hold released).
+        paid = max(0, min(balance.debt_points, balance.balance_points - reserved - expiring))
+        return replace(balance, balance_points=balance.balance_points - paid, debt_points=balance.debt_points - paid,
+                       reserved_points=reserved, expiring_points=expiring)  # fmt: skip
 
     def _timed_out(self, hold: Hold) -> bool:
         """Past its timeout and settled by no owner: the maintenance pass voids it (a transfer's
@@ -334,16 +337,20 @@ class ShardBook:
         date are promises made to the member, not the job's schedule. Holds past their timeout
         are voided as expired (not a transfer's or a review's: their owner settles them), then
         points past their date that no hold keeps expire (a hold naming due points would keep
-        them: void it and place another before the job runs, and they would never expire).
+        them: void it and place another before the job runs, and they would never expire); what
+        the released holds freed then pays recorded debt first, as the pass's void would.
         Returns the member's lots as that left them, earliest expiry first, and the points expired."""
         if self._acct(member_account(member_id, unit)).reserved > 0:
             for hold in self.tx.placed_holds_of(member_id):
                 if hold.unit == unit and self._timed_out(hold):
                     self._release(hold, expired=True)
         lots = self.tx.spendable_lots(member_id, unit)
-        if not any(self._past_date(lot) for lot in lots):
-            return lots, 0
-        return lots, self._expire_account(member_id, unit, lots, self._free(member_id, unit, lots))[0]
+        expired = 0
+        if any(self._past_date(lot) for lot in lots):
+            expired = self._expire_account(member_id, unit, lots, self._free(member_id, unit, lots))[0]
+        if self._pay_debt(member_id, unit):
+            lots = self.tx.spendable_lots(member_id, unit)  # as paying the debt left them
+        return lots, expired
 
     def _require_available(self, member_id: str, unit: str, points: int) -> list[Lot]:
         """The member's lots once the account is swept (`_sweep_due`), if the points are there."""
@@ -588,13 +595,17 @@ class ShardBook:
         self.emit("hold_voided", balance, {"hold_id": hold.hold_id, "points": hold.points, "expired": expired})
         return replace(hold, status=status), balance
 
-    def _settle_debt(self, member_id: str, unit: str) -> Transaction | None:
+    def _settle_debt(self, member_id: str, unit: str) -> None:
         """Released points first pay debt a reversal recorded while they were reserved: those
-        still spendable once the account is swept, never points past their date."""
+        still spendable once the account is swept (`_sweep_due` pays), never points past their date."""
+        if self._acct(debt_account(member_id, unit)).balance < 0:
+            self._sweep_due(member_id, unit)
+
+    def _pay_debt(self, member_id: str, unit: str) -> Transaction | None:
+        """Pays recorded debt from the points no hold reserves (call once due points expired)."""
         owed = -self._acct(debt_account(member_id, unit)).balance
         if owed <= 0:
             return None
-        self._sweep_due(member_id, unit)
         row = self._acct(member_account(member_id, unit))
         pay = min(owed, row.balance - row.reserved)
         if pay <= 0:
@@ -851,7 +862,8 @@ class ShardBook:
                     f"transfer {hold.saga_id} from member {member_id} is in flight; retry the merge",
                     field="source_member_id",
                 )
-            self.void_hold(hold.hold_id)
+            if self.require_hold(hold.hold_id).status == HoldStatus.PLACED:  # else an earlier void swept it
+                self.void_hold(hold.hold_id)
         # Points past their date expire here, on the lots of the earns that gave them: a later
         # reversal of such an earn takes them back from breakage, not from the heir's points.
         self._sweep_due(member_id, unit)

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from ledger_svc import commands as c
-from ledger_svc.domain import HoldStatus, IdemKey
+from ledger_svc.domain import HoldStatus, IdemKey, InsufficientPoints
 from ledger_svc.service import LedgerService
 from pointmesh.v1 import ledger_pb2
 from tests.conftest import LedgerUnderTest
@@ -123,3 +123,48 @@ async def test_releasing_a_hold_does_not_pay_debt_with_points_past_their_date(
     # The due 100 expire; the debt of 50 is paid from the 50 still valid.
     assert await points(svc, m) == (0, 0, 0)
     assert (await assert_books_balance(ledger))["system:expired:points"] == 100
+
+
+@pytest.mark.parametrize("job_first", [True, False])
+async def test_points_a_timed_out_hold_released_pay_debt_before_a_redemption(
+    ledger: LedgerUnderTest, job_first: bool
+) -> None:
+    """The pass's void pays the debt a return recorded while all was held; a redemption before
+    the pass must find the same: 100 left, not 150 spendable with the debt still owed."""
+    svc = ledger.app.service
+    m = await member(svc)
+    await svc.earn(c.Earn(k(), m, "points", 100))
+    other = await svc.earn(c.Earn(k(), m, "points", 50))
+    await svc.place_hold(c.PlaceHold(k(), m, "points", 150, timeout=timedelta(seconds=60)))
+    await svc.reverse(c.Reverse(k(), other.transaction.transaction_id, full=True, reason="return"))
+    ledger.clock.advance(timedelta(seconds=61))
+    if job_first:
+        await svc.run_maintenance()
+    spending = await svc.spendable_balance(m, "points")
+
+    with pytest.raises(InsufficientPoints):
+        await svc.redeem(c.Redeem(k(), m, "points", 150))
+
+    assert (spending.available_points, spending.debt_points) == (100, 0)
+    await svc.run_maintenance()  # a refused redemption writes nothing; the pass then does it
+    assert await points(svc, m) == (100, 0, 0)
+    paid = await svc.redeem(c.Redeem(k(), m, "points", 100))
+    assert paid.transaction.points == -100
+    await assert_books_balance(ledger)
+
+
+async def test_a_merge_voids_holds_placed_meanwhile_once_when_paying_debt_swept_a_timed_out_one(
+    ledger: LedgerUnderTest,
+) -> None:
+    svc = ledger.app.service
+    m, heir = await member(svc), await member(svc)
+    await svc.earn(c.Earn(k(), m, "points", 100))
+    other = await svc.earn(c.Earn(k(), m, "points", 50))
+    await svc.place_hold(c.PlaceHold(k(), m, "points", 100, timeout=timedelta(seconds=3600)))
+    await svc.place_hold(c.PlaceHold(k(), m, "points", 50, timeout=timedelta(seconds=60)))
+    await svc.reverse(c.Reverse(k(), other.transaction.transaction_id, full=True, reason="return"))
+    ledger.clock.advance(timedelta(seconds=61))
+
+    await svc._book(svc.shard_of(m), lambda b: b.move_out_all(m, "points", heir, "mg_x"))
+
+    assert await points(svc, m) == (0, 0, 0)
