@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -13,7 +13,10 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 
+from ledger_svc import commands as c
+from ledger_svc.domain import IdemKey
 from ledger_svc.reconcile import reconcile
+from ledger_svc.service import LedgerService
 from pointmesh.errors import status_details
 from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc
 from tests.conftest import LedgerUnderTest
@@ -41,6 +44,23 @@ def ts(when: datetime) -> Timestamp:
 async def create_member(stub: ledger_pb2_grpc.LedgerServiceStub, **fields: Any) -> ledger_pb2.Member:
     fields.setdefault("idempotency_key", key())
     return (await stub.CreateMember(ledger_pb2.CreateMemberRequest(**fields))).member
+
+
+async def new_member(
+    svc: LedgerService, key: Callable[[], IdemKey], *, shard_of: str = "", same_shard: bool = False
+) -> str:
+    """A member created through the service (no gRPC) under the caller's next key; given
+    `shard_of`, one on that member's shard or (same_shard False) on another."""
+    while True:
+        member_id = (await svc.create_member(c.CreateMember(key()))).member_id
+        if not shard_of or (svc.shard_of(member_id) == svc.shard_of(shard_of)) == same_shard:
+            return member_id
+
+
+async def points(svc: LedgerService, member_id: str) -> tuple[int, int, int]:
+    """The member's points as (balance, pending, debt), read through the service."""
+    b = await svc.get_balance(member_id, "points")
+    return b.balance_points, b.pending_points, b.debt_points
 
 
 async def earn(

@@ -12,25 +12,25 @@ from google.protobuf.duration_pb2 import Duration
 
 from ledger_svc import commands as c
 from ledger_svc.domain import HoldStatus, IdemKey, InsufficientPoints
-from ledger_svc.service import LedgerService
 from pointmesh.v1 import ledger_pb2
 from tests.conftest import LedgerUnderTest
-from tests.ledger.helpers import assert_books_balance, balance, create_member, earn, figures, place_hold, redeem
+from tests.ledger.helpers import (
+    assert_books_balance,
+    balance,
+    create_member,
+    earn,
+    figures,
+    new_member,
+    place_hold,
+    points,
+    redeem,
+)
 
 _n = itertools.count()
 
 
 def k() -> IdemKey:
     return IdemKey("sweep-first", f"k{next(_n)}")
-
-
-async def member(svc: LedgerService) -> str:
-    return (await svc.create_member(c.CreateMember(k()))).member_id
-
-
-async def points(svc: LedgerService, member_id: str) -> tuple[int, int, int]:
-    b = await svc.get_balance(member_id, "points")
-    return b.balance_points, b.pending_points, b.debt_points
 
 
 async def test_a_hold_past_its_timeout_no_longer_keeps_points_from_a_redemption(ledger: LedgerUnderTest) -> None:
@@ -58,7 +58,7 @@ async def test_the_pass_voids_each_timed_out_hold_once_when_paying_debt_swept_th
     """Two holds reserve everything, a return is owed as debt; both time out. Voiding the first
     pays the debt, sweeping the second first; the pass then finds it voided already."""
     svc = ledger.app.service
-    m = await member(svc)
+    m = await new_member(svc, k)
     bought = await svc.earn(c.Earn(k(), m, "points", 100))
     await svc.earn(c.Earn(k(), m, "points", 100))
     holds = [await svc.place_hold(c.PlaceHold(k(), m, "points", 100, timeout=timedelta(seconds=60))) for _ in "ab"]
@@ -83,7 +83,7 @@ async def test_a_reversal_does_not_spend_points_past_their_date_before_the_job_r
     svc = ledger.app.service
     results = []
     for job_first in (True, False):
-        m = await member(svc)
+        m = await new_member(svc, k)
         bought = await svc.earn(c.Earn(k(), m, "points", 100))  # never expires (default policy aside)
         await svc.redeem(c.Redeem(k(), m, "points", 100))
         await svc.earn(c.Earn(k(), m, "points", 100, expires_at=svc.clock.now() + timedelta(days=1)))
@@ -106,7 +106,7 @@ async def test_releasing_a_hold_does_not_pay_debt_with_points_past_their_date(
     ("void that one and they expire", docs/ledger.md Jobs): they must not pay the debt first,
     as no debit may spend points past their date."""
     svc = ledger.app.service
-    m = await member(svc)
+    m = await new_member(svc, k)
     now = svc.clock.now()
     await svc.earn(c.Earn(k(), m, "points", 100, expires_at=now + timedelta(days=1)))
     other = await svc.earn(c.Earn(k(), m, "points", 50, expires_at=now + timedelta(days=100)))
@@ -132,7 +132,7 @@ async def test_points_a_timed_out_hold_released_pay_debt_before_a_redemption(
     """The pass's void pays the debt a return recorded while all was held; a redemption before
     the pass must find the same: 100 left, not 150 spendable with the debt still owed."""
     svc = ledger.app.service
-    m = await member(svc)
+    m = await new_member(svc, k)
     await svc.earn(c.Earn(k(), m, "points", 100))
     other = await svc.earn(c.Earn(k(), m, "points", 50))
     await svc.place_hold(c.PlaceHold(k(), m, "points", 150, timeout=timedelta(seconds=60)))
@@ -157,7 +157,7 @@ async def test_a_merge_voids_holds_placed_meanwhile_once_when_paying_debt_swept_
     ledger: LedgerUnderTest,
 ) -> None:
     svc = ledger.app.service
-    m, heir = await member(svc), await member(svc)
+    m, heir = await new_member(svc, k), await new_member(svc, k)
     await svc.earn(c.Earn(k(), m, "points", 100))
     other = await svc.earn(c.Earn(k(), m, "points", 50))
     await svc.place_hold(c.PlaceHold(k(), m, "points", 100, timeout=timedelta(seconds=3600)))

@@ -11,7 +11,6 @@ from google.protobuf.duration_pb2 import Duration
 
 from ledger_svc import commands as c
 from ledger_svc.domain import Balance, IdemKey, InsufficientPoints
-from ledger_svc.service import LedgerService
 from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.conftest import LedgerUnderTest
 from tests.ledger.helpers import (
@@ -23,6 +22,7 @@ from tests.ledger.helpers import (
     error_field,
     figures,
     key,
+    new_member,
     place_hold,
     redeem,
     rpc_error,
@@ -34,10 +34,6 @@ _n = itertools.count()
 
 def k() -> IdemKey:
     return IdemKey("expiry", f"k{next(_n)}")
-
-
-async def member(svc: LedgerService) -> str:
-    return (await svc.create_member(c.CreateMember(k()))).member_id
 
 
 def minutes(n: int) -> Duration:
@@ -592,7 +588,7 @@ async def test_no_debit_spends_points_past_their_date_before_the_expiry_job_runs
     depended on the shard its recipient lived on."""
     svc = ledger.app.service
     now = ledger.clock.now()
-    members = [await member(svc) for _ in range(8)]
+    members = [await new_member(svc, k) for _ in range(8)]
     by_shard: dict[int, list[str]] = {}
     for m in members:
         by_shard.setdefault(svc.shard_of(m), []).append(m)
@@ -606,7 +602,7 @@ async def test_no_debit_spends_points_past_their_date_before_the_expiry_job_runs
         "cross-shard transfer": lambda m, p: svc.transfer(c.Transfer(k(), m, other, "points", p)),
         "same-shard transfer": lambda m, p: svc.transfer(c.Transfer(k(), m, same, "points", p)),
     }
-    spenders = {"redeem": await member(svc), "adjust": await member(svc), "hold": await member(svc),
+    spenders = {"redeem": await new_member(svc, k), "adjust": await new_member(svc, k), "hold": await new_member(svc, k),
                 "cross-shard transfer": same, "same-shard transfer": source}  # fmt: skip
     for m in spenders.values():
         await svc.earn(c.Earn(k(), m, "points", 100, expires_at=now + timedelta(days=1)))

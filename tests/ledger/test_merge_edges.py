@@ -14,6 +14,7 @@ from ledger_svc.reconcile import reconcile
 from ledger_svc.service import LedgerService
 from pointmesh.redis_server import RedisServer
 from tests.conftest import LedgerUnderTest, start_ledger, stop_ledger, store_settings
+from tests.ledger.helpers import new_member
 
 _n = itertools.count()
 
@@ -22,14 +23,10 @@ def k() -> IdemKey:
     return IdemKey("edges", f"k{next(_n)}")
 
 
-async def member(svc: LedgerService) -> str:
-    return (await svc.create_member(c.CreateMember(k()))).member_id
-
-
 async def members_on_same_shard(svc: LedgerService) -> tuple[str, str]:
     seen: dict[int, str] = {}
     while True:
-        m = await member(svc)
+        m = await new_member(svc, k)
         shard = svc.shard_of(m)
         if shard in seen:
             return seen[shard], m
@@ -38,7 +35,7 @@ async def members_on_same_shard(svc: LedgerService) -> tuple[str, str]:
 
 async def test_a_hold_caught_by_a_merge_is_voided_so_its_capture_cannot_overdraw(ledger: LedgerUnderTest) -> None:
     svc = ledger.app.service
-    source, target = await member(svc), await member(svc)
+    source, target = await new_member(svc, k), await new_member(svc, k)
     await svc.earn(c.Earn(k(), source, "points", 1000))
     hold = await svc.place_hold(c.PlaceHold(k(), source, "points", 1000))
     # The hold lands after the merge's own open-hold check: drive the merge's move directly.
@@ -53,7 +50,7 @@ async def test_a_hold_caught_by_a_merge_is_voided_so_its_capture_cannot_overdraw
 
 async def test_batch_reversal_of_a_pre_merge_earn_takes_points_from_the_target(ledger: LedgerUnderTest) -> None:
     svc = ledger.app.service
-    source, target = await member(svc), await member(svc)
+    source, target = await new_member(svc, k), await new_member(svc, k)
     earned = await svc.earn(c.Earn(k(), source, "points", 1000))
     await svc.merge_members(c.MergeMembers(k(), source, target))
     [outcome] = await svc.ingest([c.Reverse(k(), earned.transaction.transaction_id, full=True)])
@@ -68,7 +65,7 @@ async def test_batch_reversal_of_a_pre_merge_earn_takes_points_from_the_target(l
 
 async def test_replaying_a_reversal_after_the_member_was_merged_returns_the_original(ledger: LedgerUnderTest) -> None:
     svc = ledger.app.service
-    source, target = await member(svc), await member(svc)
+    source, target = await new_member(svc, k), await new_member(svc, k)
     earned = await svc.earn(c.Earn(k(), source, "points", 1000))
     reverse = c.Reverse(k(), earned.transaction.transaction_id, points=100)
     first = await svc.reverse(reverse)
@@ -94,7 +91,7 @@ async def test_points_that_landed_on_a_member_after_it_was_merged_are_flagged_th
     ledger: LedgerUnderTest,
 ) -> None:
     svc = ledger.app.service
-    source, target = await member(svc), await member(svc)
+    source, target = await new_member(svc, k), await new_member(svc, k)
     await svc.earn(c.Earn(k(), source, "points", 100))
     await svc.merge_members(c.MergeMembers(k(), source, target))
     assert (await reconcile(ledger.app.store, ledger.clock.now())).ok
@@ -115,10 +112,10 @@ async def test_points_that_landed_on_a_member_after_it_was_merged_are_flagged_th
 
 async def test_a_transfer_credited_after_its_destination_was_merged_follows_the_merge(ledger: LedgerUnderTest) -> None:
     svc = ledger.app.service
-    source, destination = await member(svc), await member(svc)
+    source, destination = await new_member(svc, k), await new_member(svc, k)
     while svc.shard_of(destination) == svc.shard_of(source):
-        destination = await member(svc)
-    target = await member(svc)
+        destination = await new_member(svc, k)
+    target = await new_member(svc, k)
     await svc.earn(c.Earn(k(), source, "points", 100))
     cmd = c.Transfer(k(), source, destination, "points", 60)
     # Step one (the source's hold) done, then the destination is merged before the credit.
@@ -144,13 +141,13 @@ async def test_members_at_the_negative_limit_merged_into_one_leave_it_at_the_lim
         svc = ledger.app.service
         sources = []
         for _ in range(2):
-            m = await member(svc)
+            m = await new_member(svc, k)
             earned = await svc.earn(c.Earn(k(), m, "points", 100))
             await svc.redeem(c.Redeem(k(), m, "points", 100))
             await svc.reverse(c.Reverse(k(), earned.transaction.transaction_id, full=True))
             assert (await svc.get_balance(m, "points")).balance_points == -100
             sources.append(m)
-        target = await member(svc)
+        target = await new_member(svc, k)
         await svc.earn(c.Earn(k(), target, "points", 60))
         hold = await svc.place_hold(c.PlaceHold(k(), target, "points", 60))
 
@@ -171,7 +168,7 @@ async def test_an_adjustment_never_reaches_a_merged_away_member_erased_since(led
     """Erasure replaces the MERGED status but not where the points went: an adjustment must go
     to the member it was merged into, before and after the erasure alike."""
     svc = ledger.app.service
-    source, target = await member(svc), await member(svc)
+    source, target = await new_member(svc, k), await new_member(svc, k)
     await svc.merge_members(c.MergeMembers(k(), source, target))
     await svc.erase_member(c.EraseMember(k(), source))
 
@@ -185,7 +182,7 @@ async def test_erasing_a_member_erases_the_accounts_merged_into_it(ledger: Ledge
     account's profile behind (the merge keeps where its points went, not who it was)."""
     svc = ledger.app.service
     old = await svc.create_member(c.CreateMember(k(), (), {"name": "Ann Example", "email": "ann@mail.test"}))
-    survivor = await member(svc)
+    survivor = await new_member(svc, k)
     await svc.merge_members(c.MergeMembers(k(), old.member_id, survivor))
 
     await svc.erase_member(c.EraseMember(k(), survivor))
@@ -205,7 +202,7 @@ async def test_an_erasure_racing_a_merge_into_the_member_erases_the_merged_accou
     found none, and left Ann's profile on a member merged into an erased one."""
     svc = ledger.app.service
     old = await svc.create_member(c.CreateMember(k(), (), {"name": "Ann Example", "email": "ann@mail.test"}))
-    survivor = await member(svc)
+    survivor = await new_member(svc, k)
     merged = asyncio.Event()
     lookup = svc.merged_into_member
 
@@ -238,7 +235,7 @@ async def test_an_adjustment_replayed_through_ingest_after_a_merge_answers_as_th
     """A back-office file sent again after the member was merged: the adjustment it already
     posted is answered as posted (unary Adjust did so; the batch refused it as merged)."""
     svc = ledger.app.service
-    source, target = await member(svc), await member(svc)
+    source, target = await new_member(svc, k), await new_member(svc, k)
     adjust = c.Adjust(k(), source, "points", 5, "goodwill", "ops-anna")
     [(first, replayed)] = await svc.ingest([adjust])
     assert not replayed
@@ -256,7 +253,7 @@ async def test_a_refused_merge_gives_its_key_back_for_the_corrected_request(ledg
     refused posting does: asked again once the hold is settled, or into another member, the
     key is the same request's, not a conflict."""
     svc = ledger.app.service
-    source, first_target, other_target = await member(svc), await member(svc), await member(svc)
+    source, first_target, other_target = await new_member(svc, k), await new_member(svc, k), await new_member(svc, k)
     await svc.earn(c.Earn(k(), source, "points", 1000))
     hold = await svc.place_hold(c.PlaceHold(k(), source, "points", 400))
     key = k()

@@ -15,20 +15,14 @@ from ledger_svc import reconcile as reconcile_module
 from ledger_svc.domain import IdemKey, LedgerError, ReverseResult
 from ledger_svc.reconcile import Difference, reconcile
 from ledger_svc.screening import Screening
-from ledger_svc.service import LedgerService
 from tests.conftest import LedgerUnderTest
-from tests.ledger.test_merge_sweep_reviews import member
+from tests.ledger.helpers import new_member, points
 
 _n = itertools.count()
 
 
 def k() -> IdemKey:
     return IdemKey("merge-races", f"k{next(_n)}")
-
-
-async def points(svc: LedgerService, member_id: str) -> tuple[int, int, int]:
-    b = await svc.get_balance(member_id, "points")
-    return b.balance_points, b.pending_points, b.debt_points
 
 
 async def differences(ledger: LedgerUnderTest) -> list[str]:
@@ -45,9 +39,9 @@ async def test_a_reversal_whose_heir_merges_on_while_it_is_on_its_way_lands_on_t
     maintenance pass). The points live with C: C must give them up. Instead B (holding nothing)
     gets 100 debt and C keeps the 100, even after a maintenance pass."""
     svc = ledger.app.service
-    a = await member(svc)
-    b = await member(svc, shard_of=a)
-    c_ = await member(svc, shard_of=b)
+    a = await new_member(svc, k)
+    b = await new_member(svc, k, shard_of=a)
+    c_ = await new_member(svc, k, shard_of=b)
     earned = await svc.earn(c.Earn(k(), a, "points", 100))
     await svc.merge_members(c.MergeMembers(k(), a, b))
     assert await points(svc, b) == (100, 0, 0)
@@ -79,9 +73,9 @@ async def test_a_same_shard_transfer_to_a_member_merged_meanwhile_follows_the_me
     svc = ledger.app.service
     if not svc.store.multi_member_units:
         pytest.skip("every transfer is a saga on this store")
-    sender = await member(svc)
-    destination = await member(svc, shard_of=sender, same_shard=True)
-    target = await member(svc, shard_of=sender)
+    sender = await new_member(svc, k)
+    destination = await new_member(svc, k, shard_of=sender, same_shard=True)
+    target = await new_member(svc, k, shard_of=sender)
     await svc.earn(c.Earn(k(), sender, "points", 100))
     screen = svc._screen_spend
 
@@ -116,8 +110,8 @@ async def test_reconcile_reports_nothing_for_a_merge_on_its_way(
     `pointmesh ledger reconcile` exited 1 for a healthy ledger. Now it looks again once the
     merge had a moment to move them."""
     svc = ledger.app.service
-    source = await member(svc)
-    target = await member(svc, shard_of=source)
+    source = await new_member(svc, k)
+    target = await new_member(svc, k, shard_of=source)
     await svc.earn(c.Earn(k(), source, "points", 100))
     monkeypatch.setattr(reconcile_module, "SETTLE_SECONDS", 1.0)  # room for a merge on a loaded box
     saw_stranded = asyncio.Event()
@@ -153,9 +147,9 @@ async def test_reconcile_reports_nothing_for_a_transfer_on_its_way_to_a_merged_d
     is open (young) and its points are about to be swept to the merge target (drive_transfer),
     yet a pass in between reports them as "points left on a merged member"."""
     svc = ledger.app.service
-    sender = await member(svc)
-    destination = await member(svc, shard_of=sender)
-    target = await member(svc)
+    sender = await new_member(svc, k)
+    destination = await new_member(svc, k, shard_of=sender)
+    target = await new_member(svc, k)
     await svc.earn(c.Earn(k(), sender, "points", 100))
     cmd = c.Transfer(k(), sender, destination, "points", 60)
     saga_id = await svc._book(svc.shard_of(sender), lambda b: svc.sagas.start_transfer(b, cmd))

@@ -21,21 +21,13 @@ from ledger_svc.reviews import ReviewStatus
 from ledger_svc.screening import Screening, Verdict
 from ledger_svc.service import LedgerService
 from tests.conftest import LedgerUnderTest
-from tests.ledger.helpers import assert_books_balance
+from tests.ledger.helpers import assert_books_balance, new_member, points
 
 _n = itertools.count()
 
 
 def k() -> IdemKey:
     return IdemKey("sweep-reviews", f"k{next(_n)}")
-
-
-async def member(svc: LedgerService, *, shard_of: str = "", same_shard: bool = False) -> str:
-    """A new member; given `shard_of`, one on that member's shard or (same_shard False) another."""
-    while True:
-        m = (await svc.create_member(c.CreateMember(k()))).member_id
-        if not shard_of or (svc.shard_of(m) == svc.shard_of(shard_of)) == same_shard:
-            return m
 
 
 def reviewed_earn(member_id: str, points: int) -> Callable[[ShardBook], str]:
@@ -57,12 +49,6 @@ def reviewed_earn(member_id: str, points: int) -> Callable[[ShardBook], str]:
     return write
 
 
-async def points(svc: LedgerService, member_id: str) -> tuple[int, int, int]:
-    """(balance, pending, debt)."""
-    b = await svc.get_balance(member_id, "points")
-    return b.balance_points, b.pending_points, b.debt_points
-
-
 async def decide(svc: LedgerService, review_id: str, approve: bool) -> reviews.Review:
     return await svc.decide_review(c.DecideReview(k(), review_id, approve, "ops-anna"))
 
@@ -70,8 +56,8 @@ async def decide(svc: LedgerService, review_id: str, approve: bool) -> reviews.R
 async def _transfer_on_its_way(svc: LedgerService) -> tuple[str, str, str]:
     """A member holding 100 with 60 on their way to it from a sender (a
     transfer saga started, not driven), and a member to merge it into: (source, heir, saga)."""
-    sender, source = await member(svc), await member(svc)
-    heir = await member(svc, shard_of=source)
+    sender, source = await new_member(svc, k), await new_member(svc, k)
+    heir = await new_member(svc, k, shard_of=source)
     await svc.earn(c.Earn(k(), sender, "points", 60))
     await svc.earn(c.Earn(k(), source, "points", 100))
     transfer = c.Transfer(k(), sender, source, "points", 60)
@@ -120,9 +106,9 @@ async def test_reviews_left_by_start_up_recovery_settle_down_a_merge_chain_after
     sweep leaves both, the first decision moves nothing yet (the other still holds its credit
     there), and the last sends everything decided to the end of the chain."""
     svc = ledger.app.service
-    source = await member(svc)
-    middle = await member(svc, shard_of=source, same_shard=True)
-    heir = await member(svc, shard_of=source)
+    source = await new_member(svc, k)
+    middle = await new_member(svc, k, shard_of=source, same_shard=True)
+    heir = await new_member(svc, k, shard_of=source)
     await svc.earn(c.Earn(k(), source, "points", 100))
     await svc.merge_members(c.MergeMembers(k(), source, middle))
     await svc.merge_members(c.MergeMembers(k(), middle, heir))
@@ -192,7 +178,7 @@ async def test_a_stopped_merge_of_a_member_with_no_points_completes_on_its_last_
     svc = ledger.app.service
     card = ExternalId("card", f"DUP-{next(_n)}")
     source = (await svc.create_member(c.CreateMember(k(), (card,)))).member_id
-    heir = await member(svc, shard_of=source)
+    heir = await new_member(svc, k, shard_of=source)
     review_id = await _merge_stopped_by_a_late_review(svc, monkeypatch, source, heir)
     assert (await svc.lookup_member(card)).member_id == source
 
@@ -212,7 +198,7 @@ async def test_a_stopped_merge_completes_to_the_end_of_the_chain_its_target_join
     svc = ledger.app.service
     card = ExternalId("card", f"CHAIN-{next(_n)}")
     a = (await svc.create_member(c.CreateMember(k(), (card,)))).member_id
-    b, c_ = await member(svc, shard_of=a), await member(svc, shard_of=a)
+    b, c_ = await new_member(svc, k, shard_of=a), await new_member(svc, k, shard_of=a)
     await svc.earn(c.Earn(k(), a, "points", 100))
     review_id = await _merge_stopped_by_a_late_review(svc, monkeypatch, a, b)
     await svc.merge_members(c.MergeMembers(k(), b, c_))
@@ -234,8 +220,8 @@ async def test_two_members_merged_into_each_other_at_once_leave_one_of_them_acti
     cover one partition, not the source and the target together, so merges take a lease there
     (LedgerStore.one_at_a_time)."""
     svc = ledger.app.service
-    a = await member(svc)
-    b = await member(svc, shard_of=a)
+    a = await new_member(svc, k)
+    b = await new_member(svc, k, shard_of=a)
     await svc.earn(c.Earn(k(), a, "points", 100))
     await svc.earn(c.Earn(k(), b, "points", 50))
 
@@ -259,7 +245,7 @@ async def test_three_members_merged_in_a_ring_at_once_leave_one_active_with_ever
     """A into B, B into C and C into A, sent together: without merges one at a time on Cassandra,
     each read its target active and all three went MERGED, every point on no active member."""
     svc = ledger.app.service
-    ring = [await member(svc) for _ in range(3)]
+    ring = [await new_member(svc, k) for _ in range(3)]
     for n, m in enumerate(ring):
         await svc.earn(c.Earn(k(), m, "points", 10**n))
 
@@ -288,8 +274,8 @@ async def test_a_merge_replayed_after_its_target_merged_on_credits_the_points_on
     transit went negative). Now a started saga's destination decides, and what reaches B goes
     on to C."""
     svc = ledger.app.service
-    a = await member(svc)
-    b, c_ = await member(svc, shard_of=a), await member(svc, shard_of=a)
+    a = await new_member(svc, k)
+    b, c_ = await new_member(svc, k, shard_of=a), await new_member(svc, k, shard_of=a)
     await svc.earn(c.Earn(k(), a, "points", 100))
     await svc.earn(c.Earn(k(), b, "points", 10))
     merge = c.MergeMembers(k(), a, b)
@@ -315,8 +301,8 @@ async def _late_review_beside_a_heir_holding_500(
 ) -> tuple[str, str, str, str]:
     """A source merged into a heir (another shard, 500 points of its own) with a 40-point credit
     under a late review left on the source: (source, heir, review id, the credit's earn)."""
-    source = await member(svc)
-    heir = await member(svc, shard_of=source, same_shard=False)
+    source = await new_member(svc, k)
+    heir = await new_member(svc, k, shard_of=source, same_shard=False)
     await svc.earn(c.Earn(k(), heir, "points", 500))
     review_id = await _merge_stopped_by_a_late_review(svc, monkeypatch, source, heir)
     review = await svc.store.read(
@@ -382,8 +368,8 @@ async def test_a_reversal_reaching_the_heir_takes_back_points_that_expired_there
     """A pending credit moved to the heir by the merge, released and then expired there: the
     heir lost those points at expiry, and the return must not take them a second time."""
     svc = ledger.app.service
-    source = await member(svc)
-    heir = await member(svc, shard_of=source, same_shard=False)
+    source = await new_member(svc, k)
+    heir = await new_member(svc, k, shard_of=source, same_shard=False)
     await svc.earn(c.Earn(k(), heir, "points", 500))
     now = svc.clock.now()
     earned = await svc.earn(c.Earn(k(), source, "points", 100, release_at=now + timedelta(days=1),

@@ -10,27 +10,14 @@ import pytest
 
 from ledger_svc import commands as c
 from ledger_svc.domain import IdemKey
-from ledger_svc.service import LedgerService
 from tests.conftest import LedgerUnderTest
-from tests.ledger.helpers import assert_books_balance
+from tests.ledger.helpers import assert_books_balance, new_member, points
 
 _n = itertools.count()
 
 
 def k() -> IdemKey:
     return IdemKey("merged-expiry", f"k{next(_n)}")
-
-
-async def member(svc: LedgerService, *, shard_of: str = "", same_shard: bool = False) -> str:
-    while True:
-        m = (await svc.create_member(c.CreateMember(k()))).member_id
-        if not shard_of or (svc.shard_of(m) == svc.shard_of(shard_of)) == same_shard:
-            return m
-
-
-async def points(svc: LedgerService, member_id: str) -> tuple[int, int, int]:
-    b = await svc.get_balance(member_id, "points")
-    return b.balance_points, b.pending_points, b.debt_points
 
 
 @pytest.mark.parametrize("same_shard", [True, False])
@@ -43,8 +30,8 @@ async def test_reversing_an_earn_that_expired_before_its_member_was_merged_takes
     breakage, as it does when no merge happened (test_reversing_an_earn_whose_points_expired_
     takes_them_from_breakage_not_the_member), not a second time from the heir's points."""
     svc = ledger.app.service
-    source = await member(svc)
-    heir = await member(svc, shard_of=source, same_shard=same_shard)
+    source = await new_member(svc, k)
+    heir = await new_member(svc, k, shard_of=source, same_shard=same_shard)
     await svc.earn(c.Earn(k(), heir, "points", 500))
     now = svc.clock.now()
     old = await svc.earn(c.Earn(k(), source, "points", 100, expires_at=now + timedelta(days=1)))
