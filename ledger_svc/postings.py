@@ -330,7 +330,7 @@ class ShardBook:
         if excess > 0:
             self._consume_lots(member_id, unit, excess)
 
-    def _sweep_due(self, member_id: str, unit: str) -> tuple[list[Lot], int]:
+    def _sweep_due(self, member_id: str, unit: str) -> list[Lot]:
         """Does for the account what the maintenance pass would have done by now, so every debit
         (a redemption, a hold, a transfer, an adjustment, a reversal, debt paid from released
         points) sees the same balance whenever the pass last ran: a hold's timeout and a lot's
@@ -339,22 +339,21 @@ class ShardBook:
         points past their date that no hold keeps expire (a hold naming due points would keep
         them: void it and place another before the job runs, and they would never expire); what
         the released holds freed then pays recorded debt first, as the pass's void would.
-        Returns the member's lots as that left them, earliest expiry first, and the points expired."""
+        Returns the member's lots as that left them, earliest expiry first."""
         if self._acct(member_account(member_id, unit)).reserved > 0:
             for hold in self.tx.placed_holds_of(member_id):
                 if hold.unit == unit and self._timed_out(hold):
                     self._release(hold, expired=True)
         lots = self.tx.spendable_lots(member_id, unit)
-        expired = 0
         if any(self._past_date(lot) for lot in lots):
-            expired = self._expire_account(member_id, unit, lots, self._free(member_id, unit, lots))[0]
+            self._expire_account(member_id, unit, lots, self._free(member_id, unit, lots))
         if self._pay_debt(member_id, unit):
             lots = self.tx.spendable_lots(member_id, unit)  # as paying the debt left them
-        return lots, expired
+        return lots
 
     def _require_available(self, member_id: str, unit: str, points: int) -> list[Lot]:
         """The member's lots once the account is swept (`_sweep_due`), if the points are there."""
-        lots, _ = self._sweep_due(member_id, unit)
+        lots = self._sweep_due(member_id, unit)
         balance = self.balance(member_id, unit)
         if balance.available_points < points:
             raise InsufficientPoints(member_id, unit, balance.available_points, points)
@@ -584,16 +583,16 @@ class ShardBook:
         if hold.status != HoldStatus.PLACED:
             raise FailedPrecondition(f"hold {hold_id} is {hold.status.value}, not PLACED", field="hold_id")
         self._check_owner(hold, owner)
-        voided, _ = self._release(hold, expired=expired)
+        voided = self._release(hold, expired=expired)
         self._settle_debt(hold.member_id, hold.unit)
         return HoldResult(voided, self.balance(hold.member_id, hold.unit))
 
-    def _release(self, hold: Hold, *, expired: bool) -> tuple[Hold, Balance]:
+    def _release(self, hold: Hold, *, expired: bool) -> Hold:
         status = HoldStatus.EXPIRED if expired else HoldStatus.VOIDED
         self.tx.set_hold_status(hold.hold_id, status, 0)
         balance = self._bump(hold.member_id, hold.unit, reserved_delta=-hold.points)
         self.emit("hold_voided", balance, {"hold_id": hold.hold_id, "points": hold.points, "expired": expired})
-        return replace(hold, status=status), balance
+        return replace(hold, status=status)
 
     def _settle_debt(self, member_id: str, unit: str) -> None:
         """Released points first pay debt a reversal recorded while they were reserved: those
@@ -688,9 +687,10 @@ class ShardBook:
             self._post(record, [counter, (pending_account(member_id, unit), -amount)])
             return 0
         # Points past their date pay nothing back either: they expire first (the earn's own lot
-        # among them goes to breakage, which the share below then takes back from).
-        if self._sweep_due(member_id, unit)[1]:
-            lot = self.tx.lot_of_transaction(earn_tx, member_id)
+        # among them goes to breakage, which the share below then takes back from). The lot is
+        # read again as the sweep left it (expired, or spent on debt the sweep paid).
+        self._sweep_due(member_id, unit)
+        lot = self.tx.lot_of_transaction(earn_tx, member_id)
         legs = [counter]
         expired = self._expired_share(lot, member_id, amount, unreversed)
         if expired:

@@ -552,8 +552,7 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
     record = replace(record, return_mode=mode)
     targets = _return_targets(record, tuple(quantities), refunded)
     by_unit: dict[str, int] = {}
-    returned = list(record.returned_points)
-    deltas = [max(0, target - returned[k]) for k, target in enumerate(targets)]
+    deltas = [max(0, target - done) for target, done in zip(targets, record.returned_points, strict=True)]
     for part, delta in zip(record.parts, deltas, strict=True):
         by_unit[part.unit] = by_unit.get(part.unit, 0) + delta
     # The points paid as tender come back first: a reversal then takes from them like any
@@ -582,7 +581,7 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
             ))  # fmt: skip
         else:
             debt += book.reverse(record.earn_transactions[unit], points=points, refund=None, reason=reason).debt_points
-    returned = [r + d for r, d in zip(returned, deltas, strict=True)]
+    returned = [done + d for done, d in zip(record.returned_points, deltas, strict=True)]
     if record.metric_unit and here.get(record.metric_unit, True):  # else the reversal saga does it on the heir
         take_off_qualification(book, record.member_id, record.qualification_bucket, by_unit.get(record.metric_unit, 0))
     record = replace(
