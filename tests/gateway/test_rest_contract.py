@@ -3,6 +3,13 @@ for the listing that returned it, and a JSON body naming a member twice is refus
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
+from fastapi.routing import APIRoute
+
+from gateway import routes
+from gateway.strict_json import StrictJsonRoute
 from tests.gateway.conftest import GatewayUnderTest
 from tests.gateway.test_api import enrol, idem, problem, purchase_body
 
@@ -55,3 +62,14 @@ async def test_a_body_naming_a_field_twice_is_refused_not_read_as_its_last_value
         assert refused["errors"][0]["field"] == "body"
         assert "'points' more than once" in refused["detail"], refused
         assert after == before
+
+
+def test_every_router_parses_bodies_refusing_repeated_members() -> None:
+    """The check lives in each router's route class; a router declared without it would read
+    repeated members as their last value again."""
+    modules = [importlib.import_module(f"gateway.routes.{m.name}") for m in pkgutil.iter_modules(routes.__path__)]
+    found = [
+        (m.__name__, r) for m in modules if hasattr(m, "router") for r in m.router.routes if isinstance(r, APIRoute)
+    ]
+    assert len({name for name, _ in found}) >= 9  # every router but the websockets one
+    assert [(name, r.path) for name, r in found if not isinstance(r, StrictJsonRoute)] == []
