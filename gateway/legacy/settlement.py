@@ -272,16 +272,18 @@ async def reconcile_records(
     # that store's receipts, quarantined with the ledger's reason as `legacy import` would; the
     # other stores go on.
     refused: dict[tuple[str, str], grpc.aio.AioRpcError] = {}
+    unlisted: list[str] = []  # stores the program gives no zone
     for (ch, store_id), store_times in sorted(times.items()):
         try:
             zone = zones.of(store_id) if zones else None
             if zones and zone is None:
-                report.zones_unknown += f"{', ' if report.zones_unknown else ''}the program lists no store {store_id!r}"
+                unlisted.append(f"the program lists no store {store_id!r}")
             store_posted = await _store_posted(stub, ch, store_id, store_times, zone)
         except grpc.aio.AioRpcError as error:  # a refusal: _posted raises ImportInterrupted for the rest
             refused[(ch, store_id)] = error
             continue
         in_ledger.update({(p.channel, p.store_id, p.receipt_id): p for p in store_posted})
+    report.zones_unknown = ", ".join(unlisted)
     for r in receipts:
         if (refusal := refused.get(key_of[id(r)][:2])) is not None:
             report.quarantined += refused_lines(r, refusal)
