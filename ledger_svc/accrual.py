@@ -196,7 +196,8 @@ class Accrual:
             self.svc.shard_of(member_id), lambda tx: load_state(ShardBook(tx, now, self.svc.policy), member_id)
         )
         try:
-            return await self.engine.tier_status(self.program, dict(state.qualification))
+            at = state.tier_clock(now)  # None: rules_svc's own now
+            return await self.engine.tier_status(self.program, dict(state.qualification), at if at > now else None)
         except EngineUnavailable as exc:
             raise Unavailable(f"rules_svc did not answer: {exc}", metadata={"service": "rules_svc"}) from None
 

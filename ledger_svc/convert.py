@@ -425,6 +425,7 @@ def purchase_pb(p: PurchaseRecord) -> ledger_pb2.Purchase:
                 rule_id=part.rule_id, unit=part.unit, points=part.points, line_index=part.line, detail=part.detail,
                 matched=part.matched, capped=part.capped, basket_threshold_minor=part.threshold_minor,
                 fixed_bonus=part.fixed,
+                multiplied_lines=[rules_pb2.LinePoints(line_index=i, points=b) for i, b in part.line_bases],
                 guard=rules_pb2.Guard(counter=g.counter, limit=g.limit, ordinal_equals=g.ordinal_equals,
                                       ordinal_every=g.ordinal_every) if g else None,
             ),

@@ -876,7 +876,10 @@ class ShardBook:
             "balance": bal.balance_points,
             "pending": bal.pending_points,
             "debt": bal.debt_points,
-            "lots": [[lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None] for lot in spendable],
+            "lots": [
+                [lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None, lot.earn_transaction_id]
+                for lot in spendable
+            ],
             "pending_lots": [
                 [lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None,
                  lot.release_at.isoformat() if lot.release_at else None, lot.pending_review, lot.earn_transaction_id]
@@ -917,9 +920,11 @@ class ShardBook:
             return
         balance, pending, debt = int(moved["balance"]), int(moved["pending"]), int(moved["debt"])
         record = self._record(TxKind.MERGE_IN, member_id, unit, balance, tx_id=tx_id, reference=merge_id)
-        for points, expires in moved["lots"]:
+        for points, expires, *earned in moved["lots"]:
+            # Keeps the earn that gave them (merges of before 2026-12-07 name none): points that
+            # expire here are that earn's, which its reversal takes back from breakage.
             self.tx.add_lot(Lot(
-                lot_id=new_lot_id(), member_id=member_id, unit=unit, earn_transaction_id=tx_id,
+                lot_id=new_lot_id(), member_id=member_id, unit=unit, earn_transaction_id=earned[0] if earned else tx_id,
                 original_points=points, remaining_points=points,
                 expires_at=datetime.fromisoformat(expires) if expires else None, created_at=self.now,
             ))  # fmt: skip

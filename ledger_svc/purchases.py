@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from fractions import Fraction
 
 from ledger_svc import codec
 from ledger_svc import commands as c
@@ -56,6 +57,10 @@ class Part:
     guard: Guard | None = None
     threshold_minor: int = 0
     fixed: bool = False
+    # A basket multiplier's (line, points multiplied there): a return by lines takes back the
+    # returned lines' share. Empty for other parts, and on purchases recorded before it was
+    # kept, whose basket multipliers come back in proportion to the refund as they always did.
+    line_bases: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,17 @@ class MemberState:
     owed_qualification: dict[str, int] = field(default_factory=dict)
     # The sweeps whose owed credits this member took in (each once, however often its step runs).
     owed_taken: tuple[str, ...] = ()
+    # The latest receipt time whose tier credits counted while still ahead of the ledger's clock
+    # (a till running a few minutes fast, within FUTURE_SKEW): see `tier_clock`.
+    counted_ahead: datetime | None = None
+
+    def tier_clock(self, now: datetime) -> datetime:
+        """The instant the member's tier is read at: now, or a receipt stamped ahead whose
+        credits count already. Its purchase told the member the tier it reached, maybe in a
+        month the ledger's clock has not reached yet; read at now, that tier would seem to drop
+        and the real one would never be told again."""
+        ahead = self.counted_ahead
+        return ahead if ahead is not None and ahead > now else now
 
 
 def require_unmerged(member_id: str, state: MemberState, field: str = "member_id") -> None:
@@ -121,9 +137,11 @@ def take_in_merged_state(book: ShardBook, target: str, source: str, moved: Membe
         counters[key] = counters.get(key, 0) + n
     for bucket, n in moved.qualification.items():
         qualification[bucket] = qualification.get(bucket, 0) + n
+    ahead = max(state.tier_clock(book.now), moved.tier_clock(book.now))
     merged = replace(
         state, purchase_count=state.purchase_count + moved.purchase_count, counters=counters,
         qualification=qualification, merged_from=(*state.merged_from, source), tier_due=book.now,
+        counted_ahead=ahead if ahead > book.now else None,
     )  # fmt: skip
     keep_state(book, target, state, merged)
 
@@ -368,6 +386,7 @@ def accrue(
     # time): what the member was last told is compared with it, and its lapse watched. A version
     # without tiers leaves the tier told as it was.
     told, tier_now, due = state.tier or quote.tier, state.tier, state.tier_due
+    at = state.tier_clock(book.now)
     if (policy := quote.tier_policy) is not None:
         metric = policy.metric_unit
         bucket = month_bucket(record.receipt_time, policy.timezone)
@@ -379,7 +398,7 @@ def accrue(
         # tells a change from the tier told, or from the one this purchase was priced at.
         tier_now, due = told, book.now
     elif policy is not None:
-        at = max(book.now, record.receipt_time)
+        at = max(at, record.receipt_time)
         same = same_standing(policy, record.receipt_time, at)
         tier_now = tier_after if same else effective_tier(policy, qualification, at)
         if tier_now == policy.levels[0][0]:
@@ -387,7 +406,7 @@ def accrue(
         elif tier_now != state.tier or due is None:  # credits only ever push a known lapse later
             due = lapse_of(policy, qualification, at)
     kept = replace(state, purchase_count=ordinal, counters=counters, qualification=qualification, tier=tier_now,
-                   tier_due=due)  # fmt: skip
+                   tier_due=due, counted_ahead=at if at > book.now else None)  # fmt: skip
     keep_state(book, record.member_id, state, kept)  # `merged_from` stays: merges apply once
     if held and screening is not None and txs:
         unit = book.policy.units[0] if book.policy.units[0] in txs else next(iter(txs))
@@ -442,12 +461,25 @@ def _return_targets(record: PurchaseRecord, quantities: tuple[int, ...], refunde
         elif record.return_mode == "lines" and part.line >= 0:
             line = record.lines[part.line]
             target = part.points * quantities[part.line] // line.quantity
+        elif record.return_mode == "lines" and part.line_bases:
+            target = _share_of_lines(part, record.lines, quantities)
         else:
             target = part.points * refunded // record.total.amount_minor if record.total.amount_minor else 0
         if part.threshold_minor and remaining < part.threshold_minor and record.basket_bonus_on_return == CLAW_BACK:
             target = part.points
         targets.append(target)
     return targets
+
+
+def _share_of_lines(part: Part, lines: tuple[c.PurchaseLine, ...], quantities: tuple[int, ...]) -> int:
+    """A basket multiplier's points due back once these quantities are returned: its points
+    times the returned share of the points it multiplied, floored (exact fractions, since a
+    line's returned share of its points need not be whole)."""
+    multiplied = sum(points for _, points in part.line_bases)
+    if not multiplied:
+        return 0
+    returned = sum(Fraction(points * quantities[i], lines[i].quantity) for i, points in part.line_bases)
+    return int(part.points * returned // multiplied)
 
 
 def _give_back_tender(

@@ -75,6 +75,7 @@ def quote_of(e: rules_pb2.Evaluation) -> Quote:
             else None,
             p.basket_threshold_minor,
             p.fixed_bonus,
+            tuple((m.line_index, m.points) for m in p.multiplied_lines),
         )
         for p in e.parts
     )

@@ -188,7 +188,7 @@ async def _look(accrual: Accrual, shard: int, member_id: str, now: datetime, *, 
     state = await svc.store.read(shard, lambda tx: load_state(ShardBook(tx, now, svc.policy), member_id))
     if told_only and not state.tier:
         return 0
-    standing = await _standing(accrual, member_id, state, now)
+    standing = await _standing(accrual, member_id, state, state.tier_clock(now))
 
     def write(book: ShardBook) -> int:
         current = load_state(book, member_id)

@@ -107,6 +107,7 @@ def _evaluation_pb(e: Evaluation) -> rules_pb2.Evaluation:
             rule_id=part.rule_id, unit=part.unit, points=part.points, line_index=part.line, detail=part.detail,
             matched=part.matched, capped=part.capped, guard=guard_pb(part.guard),
             basket_threshold_minor=part.threshold_minor, fixed_bonus=part.fixed,
+            multiplied_lines=[rules_pb2.LinePoints(line_index=i, points=b) for i, b in part.line_bases],
         ))  # fmt: skip
     for unit, points in totals.items():
         if abs(points) > MAX_POINTS:

@@ -101,6 +101,9 @@ class Component(NamedTuple):
     guard: Guard | None = None
     threshold_minor: int = 0
     fixed: bool = False
+    # A basket multiplier's lines and the points it multiplied on each: a return of some lines
+    # takes back their share, not a share of the whole receipt.
+    line_bases: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -330,7 +330,7 @@ class CompiledProgram:
                 per_line = [a * points // per_minor for a in amounts]
             base[unit] = per_line
             parts += [
-                _new(Component, ("base", unit, p, i, texts[i][k], (), "", None, 0, False))
+                _new(Component, ("base", unit, p, i, texts[i][k], (), "", None, 0, False, ()))
                 for i, p in enumerate(per_line)
             ]
         return base, parts
@@ -444,14 +444,16 @@ class CompiledProgram:
         parts: list[Component] = []
         if rule.kind == BONUS:
             parts.append(
-                _new(Component, (rid, unit, rule.bonus, -1, rule.bonus_detail, matched, "", guard, threshold, True))
+                _new(Component, (rid, unit, rule.bonus, -1, rule.bonus_detail, matched, "", guard, threshold, True, ()))
             )
         elif rule.kind == BONUS_PER_ITEM:
             bonus = rule.bonus
             for i in lines:
                 qty = basket.lines[i].quantity
                 detail = f"{bonus} {unit} x {qty} items"
-                parts.append(_new(Component, (rid, unit, bonus * qty, i, detail, matched, "", guard, threshold, False)))
+                parts.append(
+                    _new(Component, (rid, unit, bonus * qty, i, detail, matched, "", guard, threshold, False, ()))
+                )
         else:
             source = running if rule.compound and running is not None else base
             unit_base = source.get(unit)
@@ -459,17 +461,22 @@ class CompiledProgram:
                 return None  # a multiplier of a unit the earn currency has no base rate for
             num, den, half_up = rule.extra_num, rule.extra_den, self.half_up
             if rule.kind == MULTIPLY_BASKET:
-                total = sum(unit_base[i] for i in lines)
+                bases = tuple((i, unit_base[i]) for i in lines)
+                total = sum(b for _, b in bases)
                 points = (2 * total * num + den) // (2 * den) if half_up else total * num // den
                 detail = f"x{rule.multiplier_text} on {total} base {unit} of the qualifying lines"
-                parts.append(_new(Component, (rid, unit, points, -1, detail, matched, "", guard, threshold, False)))
+                parts.append(
+                    _new(Component, (rid, unit, points, -1, detail, matched, "", guard, threshold, False, bases))
+                )
             else:
                 text = rule.multiplier_text
                 for i in lines:
                     b = unit_base[i]
                     points = (2 * b * num + den) // (2 * den) if half_up else b * num // den
                     detail = f"x{text} on {b} {unit}"
-                    parts.append(_new(Component, (rid, unit, points, i, detail, matched, "", guard, threshold, False)))
+                    parts.append(
+                        _new(Component, (rid, unit, points, i, detail, matched, "", guard, threshold, False, ()))
+                    )
         if rule.per_line_cap is not None or rule.per_receipt_cap is not None:
             return self._cap(parts, rule)
         return parts

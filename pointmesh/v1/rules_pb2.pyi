@@ -281,6 +281,7 @@ class ExplainedPart(_message.Message):
     GUARD_FIELD_NUMBER: _builtins.int
     BASKET_THRESHOLD_MINOR_FIELD_NUMBER: _builtins.int
     FIXED_BONUS_FIELD_NUMBER: _builtins.int
+    MULTIPLIED_LINES_FIELD_NUMBER: _builtins.int
     rule_id: _builtins.str
     """"base" for the base earn rate, else the rule id."""
     unit: _builtins.str
@@ -306,6 +307,14 @@ class ExplainedPart(_message.Message):
 
     @_builtins.property
     def guard(self) -> Global___Guard: ...
+    @_builtins.property
+    def multiplied_lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinePoints]:
+        """For a basket multiplier (per: basket): each line it multiplied and the points it
+        multiplied there. A return by lines takes the part back in proportion to the returned
+        share of these points, so returning a line the multiplier did not pay on takes none of it.
+        Empty for every other part.
+        """
+
     def __init__(
         self,
         *,
@@ -319,14 +328,37 @@ class ExplainedPart(_message.Message):
         guard: Global___Guard | None = ...,
         basket_threshold_minor: _builtins.int = ...,
         fixed_bonus: _builtins.bool = ...,
+        multiplied_lines: _abc.Iterable[Global___LinePoints] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["guard", b"guard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_threshold_minor", b"basket_threshold_minor", "capped", b"capped", "detail", b"detail", "fixed_bonus", b"fixed_bonus", "guard", b"guard", "line_index", b"line_index", "matched", b"matched", "points", b"points", "rule_id", b"rule_id", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basket_threshold_minor", b"basket_threshold_minor", "capped", b"capped", "detail", b"detail", "fixed_bonus", b"fixed_bonus", "guard", b"guard", "line_index", b"line_index", "matched", b"matched", "multiplied_lines", b"multiplied_lines", "points", b"points", "rule_id", b"rule_id", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExplainedPart: _TypeAlias = ExplainedPart  # noqa: Y015
+
+@_typing.final
+class LinePoints(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_INDEX_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    line_index: _builtins.int
+    points: _builtins.int
+    def __init__(
+        self,
+        *,
+        line_index: _builtins.int = ...,
+        points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line_index", b"line_index", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinePoints: _TypeAlias = LinePoints  # noqa: Y015
 
 @_typing.final
 class ExcludedRule(_message.Message):

@@ -46,3 +46,30 @@ async def test_reversing_an_earn_that_expired_before_its_member_was_merged_takes
     assert back.reversed_points == 100
     assert await points(svc, heir) == (550, 0, 0)  # the 100 left the person at expiry already
     assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0
+
+
+@pytest.mark.parametrize("same_shard", [True, False])
+@pytest.mark.parametrize("job_ran", [True, False])
+async def test_reversing_an_earn_whose_points_expired_on_the_heir_takes_nothing_from_the_heirs_other_points(
+    ledger: LedgerUnderTest, same_shard: bool, job_ran: bool
+) -> None:
+    """The merge moves the earn's 100 points to the heir with their date; they expire there
+    unspent (the maintenance pass, or the reversal finding them past their date). The return
+    of that purchase takes them back from breakage, not from the heir's own 500."""
+    svc = ledger.app.service
+    source = await new_member(svc, k)
+    heir = await new_member(svc, k, shard_of=source, same_shard=same_shard)
+    await svc.earn(c.Earn(k(), heir, "points", 500))
+    now = svc.clock.now()
+    old = await svc.earn(c.Earn(k(), source, "points", 100, expires_at=now + timedelta(days=1)))
+    await svc.merge_members(c.MergeMembers(k(), source, heir))
+    assert await points(svc, heir) == (600, 0, 0)
+    ledger.clock.advance(timedelta(days=2))
+    if job_ran:
+        assert (await svc.run_maintenance()).expired_points == 100
+        assert await points(svc, heir) == (500, 0, 0)
+
+    back = await svc.reverse(c.Reverse(k(), old.transaction.transaction_id, full=True, reason="return"))
+    assert back.reversed_points == 100
+    assert await points(svc, heir) == (500, 0, 0)  # the 100 left the person at expiry already
+    assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0

@@ -330,3 +330,31 @@ def _refund(purchase_id: str, minor: int) -> ledger_pb2.RecordReturnRequest:
         idempotency_key=key(), purchase_id=purchase_id, channel="pos", store_id="HEL-01",
         refund=common_pb2.Money(amount_minor=minor, currency="EUR"),
     )  # fmt: skip
+
+
+async def test_a_basket_multiplier_comes_back_with_the_lines_it_paid_on(mesh: Mesh) -> None:
+    """A `per: basket` 3x on wine pays 60 on 30 base wine points. Returning the bread (which it
+    did not pay on) takes back the bread's 10 base points and none of the wine bonus; returning
+    one of the three bottles takes back its 10 base and a third of the bonus."""
+    wine = PROGRAM.read_text().replace(
+        "rules:\n",
+        'rules:\n  - {id: wine-x3, priority: 90, when: {categories: [wine]}, effect: {multiplier: "3", per: basket}}\n',
+    )
+    await mesh.rules.stub.PublishProgram(
+        rules_pb2.PublishProgramRequest(idempotency_key=common_pb2.IdempotencyKey(key="wine"), document=wine)
+    )
+    member = await welcomed_member(mesh)
+    bought = await buy(mesh, member, [("wine", 3000, 3), ("bread", 1000, 1)])
+    pid = bought.purchase.purchase_id
+    assert by_rule(bought.purchase) == {"base": 40, "wine-x3": 60}
+    (bonus,) = (p.part for p in bought.purchase.parts if p.part.rule_id == "wine-x3")
+    assert [(m.line_index, m.points) for m in bonus.multiplied_lines] == [(0, 30)]
+    bread = await return_lines(mesh, pid, [(1, 1)])
+    assert reversed_points(bread) == 10
+    bottle = await return_lines(mesh, pid, [(0, 1)])
+    assert reversed_points(bottle) == 10 + 20
+    returned = {p.part.rule_id: p.returned_points for p in bottle.purchase.parts if p.part.unit == "points"}
+    assert returned["wine-x3"] == 20
+    rest = await return_lines(mesh, pid, [(0, 2)])
+    assert reversed_points(rest) == 20 + 40
+    assert await points(mesh, member) == 100

@@ -355,3 +355,21 @@ async def test_a_member_whose_month_passes_the_credit_bound_still_has_a_tier(mes
     status = (await mesh.ledger.stub.GetMemberTier(ledger_pb2.GetMemberTierRequest(member_id=member))).status
 
     assert status.tier == "silver"
+
+
+async def test_a_receipt_stamped_ahead_into_next_month_keeps_its_tier_told(mesh: Mesh, feed: TierFeed) -> None:
+    """A till four minutes fast stamps a purchase at 00:01 on 1 June in Helsinki while the
+    ledger's clock still reads 23:57 on 31 May: it counts in June and makes the member silver.
+    A purchase stamped on time a minute later counts in May; the member must not hear of a drop
+    to blue (nor of silver a second time), and their tier reads silver all along."""
+    mesh.clock.set(datetime(2026, 5, 31, 20, 57, tzinfo=UTC))
+    member = await new_member(mesh)
+    up = await buy(mesh, member, [("misc", 35_000, 1)], at=datetime(2026, 5, 31, 21, 1, tzinfo=UTC))
+    assert (up.purchase.tier_before, up.purchase.tier_after) == ("blue", "silver")
+    mesh.clock.advance(timedelta(minutes=1))
+    await buy(mesh, member, [("misc", 1_000, 1)])
+    assert await tier(mesh, member) == "silver"
+    mesh.clock.set(datetime(2026, 5, 31, 21, 10, tzinfo=UTC))
+    await maintenance(mesh)
+    assert await tier(mesh, member) == "silver"
+    assert await feed.of(member, 2) == [("blue", "silver", up.purchase.purchase_id)]
