@@ -470,7 +470,7 @@ class ShardBook:
 
     def release_moved_pending(self, tx_id: str, member_id: str) -> Transaction:
         lot = self.tx.lot_of_transaction(tx_id, member_id)
-        if lot is None:
+        if lot is None or lot.member_id != member_id:  # a store may answer with another member's lot
             raise FailedPrecondition(f"transaction {tx_id} has no pending points", field="transaction_id")
         return self.release_pending_lot(lot)
 
@@ -720,8 +720,9 @@ class ShardBook:
         return share
 
     def start_merged_reversal(
-        self, tx_id: str, *, points: int | None, refund: Money | None, reason: str, target: str, saga_id: str
-    ) -> str:
+        self, tx_id: str, *, points: int | None, refund: Money | None, reason: str, target: str, saga_id: str,
+        caps: dict[str, int] | None = None,
+    ) -> str:  # fmt: skip
         """Source side of reversing an earn whose member was merged away: the funding gets its
         points back now, the share of them that expired on the source before the merge from
         breakage (recorded on the source's lot of the earn) and the rest through transit; the
@@ -747,7 +748,9 @@ class ShardBook:
         # The earn's points not reversed before this one: the target's share of expired points
         # (of a credit still pending at the merge, whose lot moved there whole); and what the
         # source took back from breakage, which the target does not give up.
-        payload = {"original_tx": tx_id, "reason": reason, "unreversed": unreversed, "expired": expired}
+        # `caps`: a return's capped points, given back to the member caps the target keeps now.
+        payload = {"original_tx": tx_id, "reason": reason, "unreversed": unreversed, "expired": expired,
+                   "caps": caps or {}}  # fmt: skip
         self.tx.add_saga(SagaRecord(saga_id, "reversal", SagaState.HELD, original.member_id, target, unit, amount, "",
                                     json.dumps(payload), self.now, self.now))  # fmt: skip
         return saga_id
@@ -868,7 +871,9 @@ class ShardBook:
         # reversal of such an earn takes them back from breakage, not from the heir's points.
         self._sweep_due(member_id, unit)
         bal = self.balance(member_id, unit)
-        if not (bal.balance_points or bal.pending_points or bal.debt_points):
+        # What the member earned goes with it too: the heir's lifetime_earned_points is the person's.
+        lifetime = bal.lifetime_earned_points
+        if not (bal.balance_points or bal.pending_points or bal.debt_points or lifetime):
             return None
         spendable = self.tx.spendable_lots(member_id, unit)
         pending = self.tx.pending_lots(member_id, unit)
@@ -876,6 +881,7 @@ class ShardBook:
             "balance": bal.balance_points,
             "pending": bal.pending_points,
             "debt": bal.debt_points,
+            "lifetime": lifetime,
             "lots": [
                 [lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None, lot.earn_transaction_id]
                 for lot in spendable
@@ -911,6 +917,7 @@ class ShardBook:
             record,
             "members_merged",
             {"source_member_id": member_id, "target_member_id": target, "points": -bal.balance_points},
+            earned_delta=-lifetime,
         )
         return moved
 
@@ -959,6 +966,7 @@ class ShardBook:
             record,
             "members_merged",
             {"source_member_id": source, "target_member_id": member_id, "points": balance},
+            earned_delta=int(moved.get("lifetime", 0)),  # none in merges of before 2026-12-07
         )
         self._settle_debt(member_id, unit)  # debt is paid first by any credit, a merge's too
 

@@ -268,6 +268,34 @@ def _qualifying_month(tx: ShardTx, earn: TxRecord | None) -> str:
     return record.qualification_bucket
 
 
+def give_back_caps(book: ShardBook, member_id: str, used: dict[str, int]) -> None:
+    """Capped points a return took back count against the member's caps no more: an exchange
+    the same day (return the shirt, buy the other size) earns the capped bonus again, as a
+    member would expect. The purchase's place in the member's count stays (a first purchase
+    returned was still the first). A member merged on meanwhile has its counters on its heir:
+    a saga carries them there (`drive_reversal`); a credit reversed here leaves them."""
+    state = load_state(book, member_id)
+    if not used or state.merged_into:
+        return
+    counters = dict(state.counters)
+    for key, points in used.items():
+        left = counters.get(key, 0) - points
+        if left > 0:
+            counters[key] = left
+        else:
+            counters.pop(key, None)
+    keep_state(book, member_id, state, replace(state, counters=counters))
+
+
+def _capped_points(record: PurchaseRecord, deltas: list[int], unit: str) -> dict[str, int]:
+    """The unit's points this return takes back from parts a member cap counted, by counter."""
+    used: dict[str, int] = {}
+    for part, delta in zip(record.parts, deltas, strict=True):
+        if delta and part.unit == unit and part.guard is not None and part.guard.counter:
+            used[part.guard.counter] = used.get(part.guard.counter, 0) + delta
+    return used
+
+
 def take_off_qualification(book: ShardBook, member_id: str, bucket: str, points: int) -> None:
     """Tier credits taken back come off the month they counted in, on the member whose tier they
     count for now (the member itself, or the one it was merged into, who has its months)."""
@@ -399,9 +427,12 @@ def accrue(
         tier_now, due = told, book.now
     elif policy is not None:
         at = max(at, record.receipt_time)
-        same = same_standing(policy, record.receipt_time, at)
-        tier_now = tier_after if same else effective_tier(policy, qualification, at)
-        if tier_now == policy.levels[0][0]:
+        if not same_standing(policy, record.receipt_time, at):
+            # The tier is read at another month (or grace end) than the receipt's: now, or a
+            # receipt stamped ahead that counted already. The version in effect then need not be
+            # this quote's (a new one starting at the month), so the pass asks rules_svc there.
+            tier_now, due = told, book.now
+        elif (tier_now := tier_after) == policy.levels[0][0]:
             due = None  # the entry level: nothing to lose
         elif tier_now != state.tier or due is None:  # credits only ever push a known lapse later
             due = lapse_of(policy, qualification, at)
@@ -597,6 +628,7 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
     }
     debt = 0
     sagas: list[str] = []
+    caps_here: dict[str, int] = {}
     for unit, points in by_unit.items():
         # What is still reversible: ops or a rejected fraud review may have taken the earn back
         # already, and the return must still go through (and give back the tender).
@@ -606,14 +638,18 @@ def take_back(book: ShardBook, record: PurchaseRecord, cmd: c.RecordReturn, merg
         if points <= 0:
             continue
         reason = f"return {cmd.key.key} of purchase {record.purchase_id}"
+        caps = _capped_points(record, deltas, unit)
         if not here[unit]:
             sagas.append(book.start_merged_reversal(
                 record.earn_transactions[unit], points=points, refund=None, reason=reason, target=merged_into,
-                saga_id=new_id("rv", record.member_id),
+                saga_id=new_id("rv", record.member_id), caps=caps,
             ))  # fmt: skip
         else:
+            for key, n in caps.items():
+                caps_here[key] = caps_here.get(key, 0) + n
             debt += book.reverse(record.earn_transactions[unit], points=points, refund=None, reason=reason).debt_points
     returned = [done + d for done, d in zip(record.returned_points, deltas, strict=True)]
+    give_back_caps(book, record.member_id, caps_here)
     if record.metric_unit and here.get(record.metric_unit, True):  # else the reversal saga does it on the heir
         take_off_qualification(book, record.member_id, record.qualification_bucket, by_unit.get(record.metric_unit, 0))
     record = replace(

@@ -30,6 +30,7 @@ from ledger_svc.domain import (
 from ledger_svc.postings import Portion, ShardBook, to_transaction
 from ledger_svc.purchases import (
     MemberState,
+    give_back_caps,
     keep_state,
     load_state,
     qualification_bucket_of,
@@ -265,6 +266,7 @@ class Sagas:
             )  # fmt: skip
             if first_time:
                 take_off_qualification(b, saga.dest_member, month, result.reversed_points)
+                give_back_caps(b, saga.dest_member, payload.get("caps", {}))  # none in sagas of before 2026-12-07
             return result
 
         result = await self.svc._book(self.svc.shard_of(saga.dest_member), finish)

@@ -1032,6 +1032,15 @@ class LedgerService:
             replayed = await self._stored_result(cmd.key, c.fingerprint(cmd), shard, Transaction)
             if replayed is not None:
                 return replayed
+            if await self.store.read(shard, lambda tx: credit_still_here(tx, cmd.transaction_id, owner.member_id)):
+                # A late review's credit waits on the merged-away member for the decision (Merge in
+                # docs/ledger.md): refused around an open review as for any member, and what a
+                # release frees goes on to the heir.
+                released = await self._mutate(
+                    cmd, shard, Transaction, lambda b: reviews.release_unreviewed(b, cmd.transaction_id)
+                )
+                await self.sagas.follow_merge(owner.member_id)
+                return released
             target = await self.merge_heir(owner, "transaction_id")
             return await self._mutate(
                 cmd, self.shard_of(target), Transaction, lambda b: b.release_moved_pending(cmd.transaction_id, target)

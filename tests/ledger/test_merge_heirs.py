@@ -170,3 +170,21 @@ async def test_a_cross_shard_transfer_beside_another_hold_keeps_never_expiring_p
         await assert_books_balance(ledger)
     finally:
         await stop_ledger(ledger)
+
+
+async def test_what_a_merged_away_member_earned_counts_in_the_heirs_lifetime_earned(ledger: LedgerUnderTest) -> None:
+    """Two cards of one person made one: lifetime_earned_points is what the person earned,
+    whatever they spent since, along the chain, and the spent-out card moves it too."""
+    s = ledger.stub
+    a, b, c = [(await create_member(s)).member_id for _ in range(3)]
+    await earn(s, a, 100)
+    await redeem(s, a, 100)  # a has nothing left to move but what it earned
+    await earn(s, b, 30)
+    await earn(s, c, 5)
+    await merge(s, a, b)
+    assert (await balance(s, b, "points")).lifetime_earned_points == 130
+    assert (await balance(s, a, "points")).lifetime_earned_points == 0  # counted once, on the heir
+    await merge(s, b, c)
+    after = await balance(s, c, "points")
+    assert (after.balance_points, after.lifetime_earned_points) == (35, 135)
+    await assert_books_balance(ledger)

@@ -385,3 +385,49 @@ async def test_a_reversal_reaching_the_heir_takes_back_points_that_expired_there
     assert (reversed_.reversed_points, reversed_.debt_points) == (100, 0)
     assert await points(svc, heir) == (500, 0, 0)
     assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0
+
+
+@pytest.mark.parametrize("same_shard", [True, False])
+async def test_release_pending_of_a_late_review_credit_is_refused_around_the_review_as_for_any_member(
+    ledger: LedgerUnderTest, same_shard: bool
+) -> None:
+    """The late review's credit waits on the merged-away source. ReleasePending of it is refused
+    with the review named, as for a member never merged, and nothing moves (before, SQLite
+    released it on the source around the review, and the other layouts said "no pending points")."""
+    svc = ledger.app.service
+    source = await new_member(svc, k)
+    heir = await new_member(svc, k, shard_of=source, same_shard=same_shard)
+    await svc.earn(c.Earn(k(), source, "points", 100))
+    await svc.merge_members(c.MergeMembers(k(), source, heir))
+    review_id = await svc._book(svc.shard_of(source), reviewed_earn(source, 40))
+    (earn_tx,) = (await svc.store.read(svc.shard_of(source), lambda tx: reviews.load(ShardBook(
+        tx, svc.clock.now(), svc.policy), review_id))).subject_ids  # fmt: skip
+    assert (await points(svc, source), await points(svc, heir)) == ((0, 40, 0), (100, 0, 0))
+
+    with pytest.raises(FailedPrecondition, match="held by fraud review"):
+        await svc.release_pending(c.ReleasePending(k(), earn_tx))
+    assert (await points(svc, source), await points(svc, heir)) == ((0, 40, 0), (100, 0, 0))
+
+
+async def test_release_pending_of_a_late_credit_without_a_review_item_releases_it_to_the_heir(
+    ledger: LedgerUnderTest,
+) -> None:
+    """A credit posted pending_review with no review item (an Earn of before review items) on
+    the merged-away source: ReleasePending releases it and the points go on to the heir."""
+    svc = ledger.app.service
+    source = await new_member(svc, k)
+    heir = await new_member(svc, k, shard_of=source, same_shard=False)
+    await svc.earn(c.Earn(k(), source, "points", 100))
+    await svc.merge_members(c.MergeMembers(k(), source, heir))
+
+    def write(book: ShardBook) -> str:
+        earned = book.earn(
+            source, "points", 40, funding_source="program", business_time=None, expires_at=None,
+            release_at=None, pending_review=True, purchase=None, reference="late purchase",
+        )  # fmt: skip
+        return earned.transaction.transaction_id
+
+    earn_tx = await svc._book(svc.shard_of(source), write)
+    await svc.release_pending(c.ReleasePending(k(), earn_tx))
+    assert (await points(svc, source), await points(svc, heir)) == ((0, 0, 0), (140, 0, 0))
+    await assert_books_balance(ledger)

@@ -358,3 +358,37 @@ async def test_a_basket_multiplier_comes_back_with_the_lines_it_paid_on(mesh: Me
     rest = await return_lines(mesh, pid, [(0, 2)])
     assert reversed_points(rest) == 20 + 40
     assert await points(mesh, member) == 100
+
+
+async def test_a_returned_boost_gives_its_day_cap_back(mesh: Mesh) -> None:
+    """boost is x5 with a day cap of 50: 20.00 EUR of boost earns 20 base + 50 boost (cut from
+    80). Returned and bought again the same day (an exchange), the member kept none of the first
+    50 boost points, so the second purchase earns the boost again; a return of half of it then
+    gives half back to the cap."""
+    member = await welcomed_member(mesh)
+    first = await buy(mesh, member, [("boost", 2000, 1)])
+    assert by_rule(first.purchase) == {"base": 20, "boost": 50}
+    back = await return_lines(mesh, first.purchase.purchase_id, [(0, 1)])
+    assert reversed_points(back) == 70
+    again = await buy(mesh, member, [("boost", 2000, 2)])
+    assert by_rule(again.purchase) == {"base": 20, "boost": 50}
+    await return_lines(mesh, again.purchase.purchase_id, [(0, 1)])  # 10 base + 25 boost back
+    third = await buy(mesh, member, [("boost", 400, 1)])
+    assert by_rule(third.purchase) == {"base": 4, "boost": 16}
+
+
+async def test_a_returned_boost_of_a_merged_away_member_gives_the_cap_back_on_the_heir(mesh: Mesh) -> None:
+    """The cap counters went to the heir with the merge: the return of the source's boosted
+    purchase gives the cap back there."""
+    source, heir = await welcomed_member(mesh), await welcomed_member(mesh)
+    first = await buy(mesh, source, [("boost", 2000, 1)])
+    assert by_rule(first.purchase) == {"base": 20, "boost": 50}
+    await mesh.ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=heir)
+    )
+    capped = await buy(mesh, heir, [("boost", 400, 1)])
+    assert by_rule(capped.purchase) == {"base": 4, "boost": 0}  # the person's day cap is used up
+    back = await return_lines(mesh, first.purchase.purchase_id, [(0, 1)])
+    assert reversed_points(back) == 70
+    again = await buy(mesh, heir, [("boost", 400, 1)])
+    assert by_rule(again.purchase) == {"base": 4, "boost": 16}

@@ -373,3 +373,63 @@ async def test_a_receipt_stamped_ahead_into_next_month_keeps_its_tier_told(mesh:
     await maintenance(mesh)
     assert await tier(mesh, member) == "silver"
     assert await feed.of(member, 2) == [("blue", "silver", up.purchase.purchase_id)]
+
+
+JUNE_START = datetime(2026, 5, 31, 21, 0, tzinfo=UTC)  # midnight in Helsinki, 1 June
+
+
+async def publish_from(mesh: Mesh, document: str, name: str, when: datetime) -> None:
+    await mesh.rules.stub.PublishProgram(rules_pb2.PublishProgramRequest(
+        idempotency_key=common_pb2.IdempotencyKey(key=name), document=document, effective_from=to_timestamp(when),
+    ))  # fmt: skip
+
+
+async def test_a_purchase_after_a_receipt_stamped_ahead_into_a_new_version_tells_no_drop(
+    mesh: Mesh, feed: TierFeed
+) -> None:
+    """Silver from 200 credits from 1 June (a version published to take effect then). A till
+    four minutes fast stamps 250 credits at 00:01 on 1 June: priced under the June version, the
+    member is told silver. A purchase stamped on time a minute later (31 May, the May version)
+    must not tell a drop to blue: the member is silver at the instant their tier is read (and
+    GetMemberTier says so), and nothing tells them silver again after the month starts."""
+    mesh.clock.set(JUNE_START - timedelta(hours=1))
+    await publish_from(mesh, SILVER_200, "silver-200-from-june", JUNE_START)
+    mesh.clock.set(JUNE_START - timedelta(minutes=3))
+    member = await new_member(mesh)
+    up = await buy(mesh, member, [("misc", 25_000, 1)], at=JUNE_START + timedelta(minutes=1))
+    assert (up.purchase.program_version, up.purchase.tier_after) == (2, "silver")
+    mesh.clock.advance(timedelta(minutes=1))
+    await buy(mesh, member, [("misc", 1_000, 1)])  # 31 May 23:58, priced under version 1
+    assert await tier(mesh, member) == "silver"
+    mesh.clock.set(JUNE_START + timedelta(minutes=5))
+    await maintenance(mesh)
+    await maintenance(mesh)
+    assert await tier(mesh, member) == "silver"
+    assert await feed.of(member, 3) == [("blue", "silver", up.purchase.purchase_id)]
+
+
+async def test_a_purchase_after_a_receipt_stamped_ahead_into_a_new_version_tells_no_rise(
+    mesh: Mesh, feed: TierFeed
+) -> None:
+    """Silver from 1000 credits from 1 June. A member silver at 350 credits under May's version
+    is told blue by a receipt stamped 00:01 on 1 June (priced under June's); a purchase stamped
+    on time a minute later must not tell them silver again (they are blue by the June version
+    their tier is read at), and nothing must then take it back once more."""
+    mesh.clock.set(JUNE_START - timedelta(hours=1))
+    member = await new_member(mesh)
+    first = await buy(mesh, member, [("misc", 35_000, 1)])  # silver under version 1
+    await publish_from(mesh, SILVER_1000, "silver-1000-from-june", JUNE_START)
+    mesh.clock.set(JUNE_START - timedelta(minutes=3))
+    await maintenance(mesh)
+    down = await buy(mesh, member, [("misc", 1_000, 1)], at=JUNE_START + timedelta(minutes=1))
+    assert (down.purchase.program_version, down.purchase.tier_after) == (2, "blue")
+    mesh.clock.advance(timedelta(minutes=1))
+    await buy(mesh, member, [("misc", 1_000, 1)])  # 31 May 23:58, priced under version 1
+    assert await tier(mesh, member) == "blue"
+    mesh.clock.set(JUNE_START + timedelta(minutes=5))
+    await maintenance(mesh)
+    await maintenance(mesh)
+    assert await feed.of(member, 4) == [
+        ("blue", "silver", first.purchase.purchase_id),
+        ("silver", "blue", down.purchase.purchase_id),
+    ]
