@@ -40,8 +40,8 @@ DESCRIPTION = """REST and websockets for every channel of a pointmesh loyalty pr
 
 Authenticate with `Authorization: Bearer <API key>` (a channel's key, with scopes, bound to its
 channel and stores) or a member token (reads only its own member). Every POST takes an
-`Idempotency-Key`: a retry with the same key and body gets the original answer, another body
-gets 409. Errors are RFC 9457 problem+json with the field at fault.
+`Idempotency-Key`: a retry with the same key and body gets the original answer (a purchase: the
+purchase as it stands now, returns since included), another body gets 409. Errors are RFC 9457 problem+json with the field at fault.
 """
 
 

@@ -45,7 +45,6 @@ WHEN = {
     "503": "A service is unavailable; retry after Retry-After seconds",
     "500": "Unexpected error (logged; no details leak)",
 }
-_BODY_METHODS = ("post", "put", "patch")
 
 
 def problem_response(text: str) -> dict[str, Any]:
@@ -80,7 +79,7 @@ def install(app: FastAPI, body_limit: Callable[[str], tuple[int, Problem]]) -> N
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         for path, item in doc.get("paths", {}).items():
-            for method, operation in item.items():
+            for operation in item.values():
                 responses = operation.setdefault("responses", {})
                 for code, text in WHEN.items():
                     if code not in responses or _fastapis_validation_error(responses[code]):
@@ -91,7 +90,7 @@ def install(app: FastAPI, body_limit: Callable[[str], tuple[int, Problem]]) -> N
                     if parameter.get("in") == "header" and parameter.get("name", "").lower() == "idempotency-key":
                         parameter["required"] = True
                 limit, refusal = body_limit(path)
-                if method in _BODY_METHODS and refusal.status == 413:
+                if refusal.status == 413:  # any method: a GET sent with a large body is refused too
                     responses["413"] = problem_response(f"The body is larger than {limit} bytes")
         app.openapi_schema = doc
         return doc

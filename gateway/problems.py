@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 from fastapi import FastAPI, Request
@@ -20,6 +21,8 @@ from pointmesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 TYPE_BASE = "https://pointmesh.dev/problems/"
+# RFC 3986 characters a path keeps as they are (pchar and "/"); anything else is percent-encoded.
+URI_PATH_SAFE = "/:@!$&'()*+,;=-._~"
 MEDIA_TYPE = "application/problem+json"
 
 # gRPC code -> (HTTP status, problem type slug)
@@ -69,9 +72,11 @@ class Problem(Exception):
         self.extra = extra
 
     def body(self, instance: str) -> dict[str, Any]:
+        """`instance`: the request's path, decoded; sent percent-encoded again, since RFC 9457
+        makes it a URI reference (a path id with a space or a quote would not be one)."""
         out: dict[str, Any] = {
             "type": TYPE_BASE + self.slug, "title": self.title, "status": self.status, "detail": self.detail,
-            "instance": instance,
+            "instance": quote(instance, safe=URI_PATH_SAFE),
         }  # fmt: skip
         if self.errors:
             out["errors"] = self.errors

@@ -877,14 +877,19 @@ class ShardBook:
             return None
         spendable = self.tx.spendable_lots(member_id, unit)
         pending = self.tx.pending_lots(member_id, unit)
+        # Each lot goes with its earn and the points of it that expired here, which the earn's
+        # reversal takes back from breakage wherever the lot ends up (a chain of merges too);
+        # lots all spent or expired go only for that claim.
+        spent = self.tx.spent_lots_with_expired(member_id, unit)
         moved = {
             "balance": bal.balance_points,
             "pending": bal.pending_points,
             "debt": bal.debt_points,
             "lifetime": lifetime,
             "lots": [
-                [lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None, lot.earn_transaction_id]
-                for lot in spendable
+                [lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None, lot.earn_transaction_id,
+                 lot.expired_points]
+                for lot in [*spendable, *spent]
             ],
             "pending_lots": [
                 [lot.remaining_points, lot.expires_at.isoformat() if lot.expires_at else None,
@@ -892,8 +897,8 @@ class ShardBook:
                 for lot in pending
             ],
         }  # fmt: skip
-        for lot in [*spendable, *pending]:
-            lot.remaining_points = 0
+        for lot in [*spendable, *pending, *spent]:
+            lot.remaining_points = lot.expired_points = 0
             self.tx.update_lot(lot)
         net = bal.balance_points + bal.pending_points - bal.debt_points
         record = self._record(
@@ -928,12 +933,13 @@ class ShardBook:
         balance, pending, debt = int(moved["balance"]), int(moved["pending"]), int(moved["debt"])
         record = self._record(TxKind.MERGE_IN, member_id, unit, balance, tx_id=tx_id, reference=merge_id)
         for points, expires, *earned in moved["lots"]:
-            # Keeps the earn that gave them (merges of before 2026-12-07 name none): points that
-            # expire here are that earn's, which its reversal takes back from breakage.
+            # Keeps the earn that gave them and the claim on what of it expired (merges of before
+            # 2026-12-07 name neither): its reversal takes those back from breakage.
             self.tx.add_lot(Lot(
                 lot_id=new_lot_id(), member_id=member_id, unit=unit, earn_transaction_id=earned[0] if earned else tx_id,
                 original_points=points, remaining_points=points,
                 expires_at=datetime.fromisoformat(expires) if expires else None, created_at=self.now,
+                expired_points=earned[1] if len(earned) > 1 else 0,
             ))  # fmt: skip
         for points, expires, release, review, earn_tx in moved["pending_lots"]:
             # Keeps the original earn id so ReleasePending of that earn still finds it.

@@ -26,6 +26,7 @@ from ledger_svc.domain import (
     NotFound,
     TxKind,
     bucket_of,
+    bucket_of_id,
     new_id,
 )
 from ledger_svc.postings import ShardBook
@@ -349,8 +350,11 @@ def save_purchase(book: ShardBook, record: PurchaseRecord) -> None:
 def tender_points(book: ShardBook, member_id: str, tx_id: str) -> int:
     if not tx_id:
         return 0
-    tender = book.require_transaction(tx_id, "tender_transaction_id")
-    if tender.member_id != member_id or tender.kind not in (TxKind.REDEEM, TxKind.HOLD_CAPTURE):
+    # An id routed to another member's bucket is not this member's redemption: said so whether
+    # it lives in this shard or another (which would have read as "does not exist").
+    ours = bucket_of_id(tx_id) == bucket_of(member_id)
+    tender = book.require_transaction(tx_id, "tender_transaction_id") if ours else None
+    if tender is None or tender.member_id != member_id or tender.kind not in (TxKind.REDEEM, TxKind.HOLD_CAPTURE):
         raise InvalidArgument(
             f"transaction {tx_id} is not a redemption of member {member_id}", field="tender_transaction_id"
         )

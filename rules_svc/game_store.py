@@ -12,6 +12,9 @@ its points back (the worker drives that); an award earned again afterwards gets 
 week that splits a paid streak in two runs pays the run left without an award (PENDING, posted
 by the worker's retry loop).
 
+A member merged into another hands its progress over once (`merge`, game_merge.py) and is
+kept as merged (game_merges), so its events handled later count for the member it went to.
+
 Reward statuses: PENDING, PAID, REFUSED:<code> (the ledger will never post it), REVOKE,
 REVOKED.
 """
@@ -25,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from rules_svc.game_engine import (
     week_of,
     withdraw,
 )
+from rules_svc.game_merge import merge_progress
 from rules_svc.program import Program
 
 SCHEMA = """
@@ -76,6 +80,10 @@ CREATE TABLE IF NOT EXISTS experiment_purchases (
   program TEXT NOT NULL, member_id TEXT NOT NULL, purchase_id TEXT NOT NULL, experiment_id TEXT NOT NULL,
   salt TEXT NOT NULL, arm TEXT NOT NULL, points INTEGER NOT NULL, receipt_us INTEGER NOT NULL,
   PRIMARY KEY (program, member_id, purchase_id, experiment_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS game_merges (
+  program TEXT NOT NULL, source_member_id TEXT NOT NULL, target_member_id TEXT NOT NULL, merged_us INTEGER NOT NULL,
+  PRIMARY KEY (source_member_id, program)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS game_merges_into ON game_merges (target_member_id);
 """
 # After the columns they index exist (game_events.occurred_us came with retention).
 INDEXES = """
@@ -90,6 +98,10 @@ FORGET_SLICE = 2_000  # rows a retention transaction deletes, so counting waits 
 
 log = logging.getLogger(__name__)
 REVOKING = ("REVOKE", "REVOKED")
+# The member and every member merged into it, however many merges back (a CTE named `family`).
+FAMILY = ("WITH RECURSIVE family(member_id) AS (SELECT ? UNION SELECT m.source_member_id FROM game_merges m"
+          " JOIN family f ON m.target_member_id = f.member_id)")  # fmt: skip
+MERGE_HOPS = 64  # merges followed from a member to the one its progress went to
 COUNTED_PER_PURCHASE = 1  # user_version from which progress before per-purchase rows is kept as rows
 
 
@@ -228,26 +240,27 @@ class GameStore:
         receipt time, and `history`, what all versions say (game_engine.apply); returns the
         awards it earned (already stored), or None when the event was counted before.
         `occurred_at` is when the ledger wrote the event (now when not given); an event from
-        before what retention forgot is refused (PastRetention), as it may have been counted."""
+        before what retention forgot is refused (PastRetention), as it may have been counted.
+        A purchase of a member merged away (handled after the merge: the two members' events
+        are not ordered) counts for the member its progress went to; its experiment arm's
+        figures stay with the member who made it."""
         name = program.program
         with self._lock, self._immediate() as c:
             if not self._new_event(fact.event_id, fact.member_id, occurred_at):
                 return None  # counted before: nothing written
-            states = self._states(name, fact.member_id)
+            member = self._heir(fact.member_id)
+            states = self._states(name, member)
             counted: list[Counted] = []
-            awards = apply(program, states, self._joined(name, fact.member_id), fact, history, counted)
-            self._save_states(program, fact.member_id, states)
+            awards = apply(program, states, self._joined(name, member), replace(fact, member_id=member), history,
+                           counted)  # fmt: skip
+            self._save_states(program, member, states)
             receipt_us = epoch_us(fact.receipt_time)
             c.executemany(
                 "INSERT OR IGNORE INTO game_counted VALUES (?,?,?,?,?,?,?,?)",
-                [(name, fact.member_id, fact.purchase_id, x.item_id, x.value, x.period, int(x.counts), receipt_us)
+                [(name, member, fact.purchase_id, x.item_id, x.value, x.period, int(x.counts), receipt_us)
                  for x in counted],
             )  # fmt: skip
-            c.executemany(
-                "INSERT OR IGNORE INTO game_rewards VALUES (?,?,?,?,?,?,?,'PENDING','')",
-                [(self._fresh_key(a.key(name, fact.member_id)), name, fact.member_id, a.item_id, a.name,
-                  a.points, a.unit) for a in awards],
-            )  # fmt: skip
+            self._add_rewards(name, member, awards)
             salts = {e.id: e.salt for e in program.experiments}
             points = fact.points(program.units[0])
             for experiment_id, arm in fact.experiment_arms:
@@ -255,6 +268,58 @@ class GameStore:
                 self._expose(name, experiment_id, salt, fact.member_id, arm, 1, points)
                 c.execute("INSERT OR IGNORE INTO experiment_purchases VALUES (?,?,?,?,?,?,?,?)",
                           (name, fact.member_id, fact.purchase_id, experiment_id, salt, arm, points, receipt_us))  # fmt: skip
+        return awards
+
+    def _add_rewards(self, program: str, member_id: str, awards: list[Award]) -> None:
+        self._db.executemany(
+            "INSERT OR IGNORE INTO game_rewards VALUES (?,?,?,?,?,?,?,'PENDING','')",
+            [(self._fresh_key(a.key(program, member_id)), program, member_id, a.item_id, a.name, a.points, a.unit)
+             for a in awards],
+        )  # fmt: skip
+
+    def _heir(self, member_id: str) -> str:
+        """The member whose progress is this member's: itself, or the one its merges lead to."""
+        for _ in range(MERGE_HOPS):
+            row = self._db.execute("SELECT target_member_id FROM game_merges WHERE source_member_id=? LIMIT 1",
+                                   (member_id,)).fetchone()  # fmt: skip
+            if row is None:
+                return member_id
+            member_id = row[0]
+        raise RuntimeError(f"more than {MERGE_HOPS} merges from member {member_id}")
+
+    def merge(self, program: Program, source: str, target: str, history: ProgramHistory | None = None,
+              at: datetime | None = None) -> list[Award] | None:  # fmt: skip
+        """Makes the source member's progress the target's (game_merge.merge_progress), once per
+        source: the ledger announces a merge on both members, once per unit, and a redelivery
+        or a later sweep of the source (a return's points passed on) names the same source.
+        Returns the awards the union earns (stored PENDING on the target), or None when the
+        merge was handled before. Counted purchases, joins (the earlier join's time) and
+        leaderboard rows go to the target; experiment exposures stay with the member who was
+        exposed. The merge is kept (game_merges, never forgotten: one row per merge), so an
+        event of the source handled later (a purchase, a return) finds the target, down a
+        chain of merges. `at`: when the ledger merged them (now when not given)."""
+        name = program.program
+        with self._lock, self._immediate() as c:
+            if c.execute("SELECT 1 FROM game_merges WHERE program=? AND source_member_id=?", (name, source)).fetchone():
+                return None
+            heir = self._heir(target)
+            if heir == source:
+                raise ValueError(f"member {source} cannot be merged into {target}: {target} was merged into it")
+            at_us = epoch_us(at or datetime.now(UTC))
+            c.execute("INSERT INTO game_merges VALUES (?,?,?,?)", (name, source, target, at_us))
+            states = self._states(name, heir)
+            awards = merge_progress(program, self._states(name, source), states, at_us, history)
+            moved = (heir, name, source)
+            c.execute("DELETE FROM game_state WHERE program=? AND member_id=?", (name, source))
+            for table in ("game_counted", "game_board"):  # the target's row wins a clash (a value both gave)
+                c.execute(f"UPDATE OR IGNORE {table} SET member_id=? WHERE program=? AND member_id=?", moved)
+                c.execute(f"DELETE FROM {table} WHERE program=? AND member_id=?", (name, source))
+            c.execute("INSERT INTO game_joins SELECT program, challenge_id, ?, joined_us FROM game_joins"
+                      " WHERE program=? AND member_id=? ON CONFLICT (program, challenge_id, member_id)"
+                      " DO UPDATE SET joined_us=min(joined_us, excluded.joined_us)", moved)  # fmt: skip
+            c.execute("DELETE FROM game_joins WHERE program=? AND member_id=?", (name, source))
+            self._save_states(program, heir, states)
+            self._add_rewards(name, heir, awards)
         return awards
 
     def _new_event(self, event_id: str, member_id: str, occurred_at: datetime | None) -> bool:
@@ -406,14 +471,15 @@ class GameStore:
             _let_counting_in(started)
 
     def counted_receipt(self, program: str, member_id: str, purchase_id: str) -> datetime | None:
-        """When the purchase was made, if gamification counted it towards an item or an
-        experiment arm (the version in effect then says what its items were)."""
+        """When the purchase was made, if gamification counted it towards an item (for the
+        member its progress went to, if it was merged) or an experiment arm (the version in
+        effect then says what its items were)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT receipt_us FROM game_counted WHERE program=?1 AND member_id=?2 AND purchase_id=?3"
+                "SELECT receipt_us FROM game_counted WHERE program=?1 AND member_id=?4 AND purchase_id=?3"
                 " UNION ALL SELECT receipt_us FROM experiment_purchases"
                 " WHERE program=?1 AND member_id=?2 AND purchase_id=?3 LIMIT 1",
-                (program, member_id, purchase_id),
+                (program, member_id, purchase_id, self._heir(member_id)),
             ).fetchone()
         return None if row is None else datetime.fromtimestamp(row[0] / 1_000_000, UTC)
 
@@ -422,11 +488,14 @@ class GameStore:
                        ) -> list[str] | None:  # fmt: skip
         """Takes back what the purchase gave, once per event id (game_engine.withdraw); returns
         the keys of the rewards it revoked, or None when the event was handled before (an event
-        from before what retention forgot: PastRetention, as in `apply_event`)."""
+        from before what retention forgot: PastRetention, as in `apply_event`). A purchase of a
+        member merged since takes back from the member its progress went to (`member_id` is
+        the one who made it, as the ledger's event names it)."""
         name = program.program
         with self._lock, self._immediate() as c:
             if not self._new_event(event_id, member_id, occurred_at):
                 return None  # handled before: nothing written
+            maker, member_id = member_id, self._heir(member_id)
             key = (name, member_id, purchase_id)
             gone = self._counted("purchase_id=?", key)
             c.execute("DELETE FROM game_counted WHERE program=? AND member_id=? AND purchase_id=?", key)
@@ -443,13 +512,9 @@ class GameStore:
                     state.completions = max(0, state.completions - len(went))
                     repaid += repay_runs(streaks[r.item_id], state, r, kept_starts)
                 keys += went
-            c.executemany(
-                "INSERT OR IGNORE INTO game_rewards VALUES (?,?,?,?,?,?,?,'PENDING','')",
-                [(self._fresh_key(a.key(name, member_id)), name, member_id, a.item_id, a.name, a.points, a.unit)
-                 for a in repaid],
-            )  # fmt: skip
+            self._add_rewards(name, member_id, repaid)
             self._save_states(program, member_id, states, withdrawn=items)
-            self._unexpose(key)
+            self._unexpose((name, maker, purchase_id))
             c.executemany(
                 "UPDATE game_counted SET counts=1 WHERE program=? AND member_id=? AND purchase_id=? AND item_id=?"
                 " AND value=?",
@@ -472,16 +537,17 @@ class GameStore:
         is nothing to take back); returns their keys, and for a streak the first weeks of the
         range's awards that stay (for `repay_runs`). A streak's range may hold several awards
         (runs a late week joined): all but `revoked.keep` go, those whose runs began outside the
-        runs still long enough first, then the latest of a run holding more than one."""
-        base = f"{program}:{revoked.item_id}:{member_id}:"
+        runs still long enough first, then the latest of a run holding more than one. The
+        awards of members merged into this one count as its own: the progress is one."""
         rows = self._db.execute(
-            "SELECT reward_key, status FROM game_rewards WHERE program=? AND member_id=? AND item_id=?"
-            f" AND status NOT IN ({','.join('?' * len(REVOKING))})",
-            (program, member_id, revoked.item_id, *REVOKING),
+            f"{FAMILY} SELECT reward_key, status, member_id FROM game_rewards WHERE program=? AND item_id=?"
+            f" AND member_id IN family AND status NOT IN ({','.join('?' * len(REVOKING))})",
+            (member_id, program, revoked.item_id, *REVOKING),
         ).fetchall()
         periods = set(revoked.periods)
         live: list[tuple[int, str, str]] = []  # (run start, key, status)
-        for key, status in rows:
+        for key, status, earner in rows:
+            base = f"{program}:{revoked.item_id}:{earner}:"
             period = key[len(base) :].split("#", 1)[0] if key.startswith(base) else None
             if period is None:
                 continue
@@ -581,10 +647,11 @@ class GameStore:
             return self._states(program, member_id)
 
     def join(self, program: str, challenge_id: str, member_id: str, at: datetime) -> None:
-        """Joining again keeps the first join's time."""
+        """Joining again keeps the first join's time (a member merged away joins for the
+        member its progress went to)."""
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO game_joins VALUES (?,?,?,?)",
-                             (program, challenge_id, member_id, epoch_us(at)))  # fmt: skip
+                             (program, challenge_id, self._heir(member_id), epoch_us(at)))  # fmt: skip
 
     def _joined(self, program: str, member_id: str) -> dict[str, int]:
         """Join key -> when joined (Unix microseconds)."""
@@ -619,13 +686,15 @@ class GameStore:
         return [reward for reward, _tx in self._rewards("PENDING", member_id, limit, after)]
 
     def _rewards(self, status: str, member_id: str, limit: int, after: str) -> list[tuple[Reward, str]]:
-        """Rewards in `status` (of one member, or all) after the key `after`, in key order, each
-        with its ledger transaction."""
+        """Rewards in `status` (of one person: the member, the one it was merged into and every
+        other merged into that; or all) after the key `after`, in key order, each with its
+        ledger transaction."""
         with self._lock:
+            heir = self._heir(member_id) if member_id else ""
             rows = self._db.execute(
-                "SELECT reward_key, member_id, item_id, name, points, unit, transaction_id FROM game_rewards"
-                " WHERE status=? AND (?='' OR member_id=?) AND reward_key > ? ORDER BY reward_key LIMIT ?",
-                (status, member_id, member_id, after, limit),
+                f"{FAMILY} SELECT reward_key, member_id, item_id, name, points, unit, transaction_id FROM game_rewards"
+                " WHERE status=?2 AND (?1='' OR member_id IN family) AND reward_key > ?3 ORDER BY reward_key LIMIT ?4",
+                (heir, status, after, limit),
             ).fetchall()
         return [(Reward(*r[:6]), r[6]) for r in rows]
 
@@ -640,11 +709,12 @@ class GameStore:
 
     def reward_totals(self, program: str, member_id: str, unit: str | None = None) -> dict[str, int]:
         """Reward amounts by status, of one unit when `unit` is given: amounts of different units
-        (points and tier credits) do not add up to anything a member could spend."""
+        (points and tier credits) do not add up to anything a member could spend. Those of
+        members merged into this one are its own: the ledger paid them to it."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT status, SUM(points) FROM game_rewards WHERE program=?1 AND member_id=?2"
+                f"{FAMILY} SELECT status, SUM(points) FROM game_rewards WHERE program=?2 AND member_id IN family"
                 " AND (?3 IS NULL OR unit=?3) GROUP BY status",
-                (program, member_id, unit),
+                (member_id, program, unit),
             ).fetchall()
         return {status: int(total) for status, total in rows}

@@ -14,6 +14,11 @@ ledger by posting its key again: that answers the transaction if it was (an Earn
 may still have landed), and if it was not posts it, so that the reversal nets it out; either
 way the member ends with the points the purchases they kept earn. Returning to buy points,
 finishing a challenge and returning the goods keeps nothing.
+
+A member merged into another (`members_merged`, announced on both members once per unit) is one
+person from then on, as in the ledger: its progress joins the other's, once (game_store.py
+keeps the merge, keyed by the member merged away), and whatever of it comes later (a purchase
+handled after the merge, a return of a purchase it made) counts for the member it went to.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ FINAL = Counter("pointmesh_game_withdrawals_final_total",
 PAST_RETENTION = Counter("pointmesh_game_events_past_retention_total",
                          "Events older than what retention forgot, not handled (they may have been).")  # fmt: skip
 FORGOTTEN = Counter("pointmesh_game_rows_forgotten_total", "Rows retention deleted.", ["table"])
+MERGES = Counter("pointmesh_game_merges_total", "Member merges whose progress was joined (once each).")
 EXPERIMENT_PURCHASES = Counter("pointmesh_experiment_purchases_total", "Purchases by experiment arm.",
                                ["experiment", "arm"])  # fmt: skip
 EXPERIMENT_POINTS = Counter("pointmesh_experiment_points_total", "Points purchases earned, by experiment arm.",
@@ -75,8 +81,8 @@ OUTAGES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEE
                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})  # fmt: skip
 
 
-# Event types gamification reads ("": unnamed): purchases, and what can take one back.
-COUNTED_KINDS = frozenset({"purchase_recorded", "purchase_returned", "review_decided", ""})
+# Event types gamification reads ("": unnamed): purchases, what can take one back, and merges.
+COUNTED_KINDS = frozenset({"purchase_recorded", "purchase_returned", "review_decided", "members_merged", ""})
 # The program version in effect at a time. GameService.program_at (a ProgramVersions) also tells
 # what all versions say; a bare function leaves the version in effect at each receipt to decide
 # alone (game_engine.apply).
@@ -150,6 +156,10 @@ class GameWorker:
         fact = purchase_fact(event)
         occurred_at = event.occurred_at.ToDatetime(tzinfo=UTC) if event.HasField("occurred_at") else None
         try:
+            if event.WhichOneof("payload") == "members_merged":
+                merged = event.members_merged
+                await self.merge(merged.source_member_id, merged.target_member_id, occurred_at)
+                return
             if fact is None:
                 purchase_id = withdrawn_purchase(event)
                 if purchase_id:
@@ -182,6 +192,27 @@ class GameWorker:
             if awards:
                 log.info("member %s completed %s", fact.member_id, ", ".join(a.item_id for a in awards))
         await self.pay(fact.member_id)
+
+    async def merge(self, source: str, target: str, at: datetime | None = None) -> None:
+        """Joins the source's progress to the target's under the version in effect at the merge
+        (`at`, the event's time; now when it has none), and pays what the union earns."""
+        when = at or datetime.now(UTC)
+        try:
+            program = self.program_at(self.program, when)
+        except (NotFound, FailedPrecondition) as exc:
+            raise Poison(f"no program {self.program} to merge member {source} into {target} under: {exc}") from exc
+        try:
+            awards = await asyncio.to_thread(self.store.merge, program, source, target, self._history(), at)
+        except ValueError as exc:  # a merge into a member merged into the source: the ledger refuses those
+            raise Poison(str(exc)) from exc
+        if awards is None:
+            return  # handled already: the other member's copy, another unit's, or a redelivery
+        MERGES.inc()
+        for award in awards:
+            COMPLETIONS.labels(award.item_id).inc()
+        log.info("member %s merged into %s%s", source, target,
+                 f": together they completed {', '.join(a.item_id for a in awards)}" if awards else "")  # fmt: skip
+        await self.pay(target)
 
     async def withdraw(self, event_id: str, member_id: str, purchase_id: str, at: datetime | None = None) -> None:
         """Takes back what the purchase gave, under the version in effect when it was made,

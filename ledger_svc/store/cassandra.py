@@ -113,7 +113,7 @@ LIVE_KINDS = ("acct", "hold", "lot", "months", "state", "wait")
 ARCHIVED: dict[str, tuple[int, Callable[[str, list[Any]], str], Callable[[list[Any]], bool]]] = {
     "tx": (4, lambda id_, r: id_, lambda r: True),
     "entry": (3, lambda id_, r: "", lambda r: True),
-    "lot_closed": (6, lambda id_, r: f"lot-of\x1f{r[2]}", lambda r: True),
+    "lot_closed": (6, lambda id_, r: _archived_lot_key(r[2], r[0]), lambda r: True),
     "hold_done": (5, lambda id_, r: id_, lambda r: True),
     "purchase": (2, lambda id_, r: id_, lambda r: r[0] != "PENDING_ACCRUAL"),  # waiting ones are live work
     "review": (2, lambda id_, r: id_, lambda r: r[1] != "OPEN"),
@@ -239,6 +239,13 @@ def _dec_saga(saga_id: str, body: str) -> SagaRecord:
 def _earned(tx_id: str) -> str:
     """Owner key of the lot an earn created (its partition, found without the member)."""
     return f"lot-of\x1f{tx_id}"
+
+
+def _archived_lot_key(tx_id: str, member_id: str) -> str:
+    """Owner-month key of a member's closed lot of an earn: a merge within the shard leaves one
+    lot of the earn on each member, archived in months of their own (archives of before
+    2026-12-07 kept one month under `_earned`, whichever member's was archived last)."""
+    return f"{_earned(tx_id)}\x1f{member_id}"
 
 
 def _idem_id(namespace: str, key: str) -> str:
@@ -604,6 +611,11 @@ class CassandraShardTx:
     def spendable_total(self, member_id: str, unit: str) -> int:
         return sum(lot.remaining_points for lot in self.spendable_lots(member_id, unit))
 
+    def spent_lots_with_expired(self, member_id: str, unit: str) -> list[Lot]:
+        closed = [_dec_lot(i, b) for i, b in self.member(member_id).all("lot_closed").items()]
+        lots = [lot for lot in closed if lot.unit == unit and not lot.pending and lot.expired_points > 0]
+        return sorted(lots, key=lambda lot: (lot.created_at, lot.lot_id))
+
     def lot_of_transaction(self, tx_id: str, member_id: str = "") -> Lot | None:
         p = self.pkey(member_id) if member_id else self.owner(_earned(tx_id))
         if p is None:
@@ -612,7 +624,10 @@ class CassandraShardTx:
         found = [_dec_lot(i, b) for kind in ("lot", "lot_closed") for i, b in part.all(kind).items()]
         found = [lot for lot in found if lot.earn_transaction_id == tx_id]
         if not found and part.months():
-            month = self.store.owner_month(self.shard, _earned(tx_id))
+            member = member_id or p.split("/", 1)[1]
+            month = self.store.owner_month(self.shard, _archived_lot_key(tx_id, member))
+            if month is None:
+                month = self.store.owner_month(self.shard, _earned(tx_id))
             rows = [] if month is None else self.store.q("hist_kind", (self.store.ledger, p, month, "lot_closed"))
             found = [lot for lot in (_dec_lot(r.id, r.body) for r in rows) if lot.earn_transaction_id == tx_id]
         found.sort(key=lambda lot: (lot.member_id != member_id, lot.remaining_points <= 0))

@@ -445,6 +445,15 @@ class SqliteShardTx:
         ).fetchall()
         return [_lot(r) for r in rows]
 
+    def spent_lots_with_expired(self, member_id: str, unit: str) -> list[Lot]:
+        self.flush()
+        rows = self.c.execute(
+            f"SELECT {_LOT_COLS} FROM lots WHERE member_id=? AND unit=? AND pending=0 AND remaining=0 AND expired>0"
+            " ORDER BY created_at, lot_id",
+            (member_id, unit),
+        ).fetchall()
+        return [_lot(r) for r in rows]
+
     def pending_lots(self, member_id: str, unit: str) -> list[Lot]:
         self.flush()
         rows = self.c.execute(

@@ -4,19 +4,37 @@ statement pages, an old hold, a late reversal of an archived earn, and reconcili
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from ledger_svc.domain import bucket_of
+from ledger_svc import commands as c
+from ledger_svc.domain import IdemKey, bucket_of
 from ledger_svc.reconcile import reconcile
 from ledger_svc.store.cassandra import CassandraLedgerStore
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.conftest import LedgerUnderTest, start_ledger, stop_ledger, store_settings
-from tests.ledger.helpers import balance, create_member, earn, key, place_hold, redeem
+from tests.ledger.helpers import (
+    assert_books_balance,
+    balance,
+    create_member,
+    earn,
+    key,
+    new_member,
+    place_hold,
+    points,
+    redeem,
+)  # fmt: skip
+
+_n = itertools.count()
+
+
+def k() -> IdemKey:
+    return IdemKey("history", f"k{next(_n)}")
 
 
 @pytest.fixture
@@ -83,3 +101,37 @@ async def test_archived_history_answers_exactly_as_live_rows_did(on_cassandra: L
     await store.archive(ledger.clock.now() + timedelta(days=1))
     assert (await reconcile(store, ledger.clock.now())).ok
     assert len(await _statement(ledger, member)) == 5
+
+
+async def test_reversing_an_archived_earn_that_expired_on_a_same_shard_heir_takes_it_from_breakage(
+    on_cassandra: LedgerUnderTest,
+) -> None:
+    """A merge within the shard leaves a closed lot of the earn on each member, created in
+    different months. Archived, each is found on its own member: the heir's expired points are
+    taken back from breakage, not from the heir's own 500 (before, both lots were archived under
+    one key, and the source's month, archived last, hid the heir's)."""
+    ledger = on_cassandra
+    store = ledger.app.store
+    assert isinstance(store, CassandraLedgerStore)
+    svc = ledger.app.service
+    one = await new_member(svc, k)
+    other = await new_member(svc, k, shard_of=one, same_shard=True)
+    # The archive walks a shard's partitions in member order: the source's closed lot of the
+    # earn (the earn's month) is archived after the heir's (the merge's month).
+    heir, source = sorted([one, other])
+    await svc.earn(c.Earn(k(), heir, "points", 500))
+    now = svc.clock.now()
+    old = await svc.earn(c.Earn(k(), source, "points", 100, expires_at=now + timedelta(days=60)))
+    ledger.clock.advance(timedelta(days=40))  # another month
+    await svc.merge_members(c.MergeMembers(k(), source, heir))
+    ledger.clock.advance(timedelta(days=30))
+    assert (await svc.run_maintenance()).expired_points == 100
+    assert await points(svc, heir) == (500, 0, 0)
+
+    ledger.clock.advance(timedelta(days=100))
+    assert await store.archive(ledger.clock.now() - timedelta(days=1)) > 0
+
+    back = await svc.reverse(c.Reverse(k(), old.transaction.transaction_id, full=True, reason="return"))
+    assert back.reversed_points == 100
+    assert await points(svc, heir) == (500, 0, 0)  # the 100 left the person at expiry already
+    assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0

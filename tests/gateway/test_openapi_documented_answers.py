@@ -76,7 +76,11 @@ async def test_413_is_documented_where_a_body_can_be_too_large_and_429_where_a_s
     assert "413" in paths["/v1/legacy/imports"]["post"]["responses"]
     # The webhook refuses a large body with 400 (field body), as docs/legacy.md says: never a 413.
     assert "413" not in paths["/v1/legacy/webhooks/{vendor}"]["post"]["responses"]
-    assert "413" not in paths["/v1/members/{member_id}"]["get"]["responses"]
+    # Any method's body is bounded, a GET's too: refused 413, which its operation lists.
+    async with gw.client("reader") as reader:
+        get_too_large = await reader.request("GET", "/v1/members/m_0a1b2c3d4e5f60718293a4b5c6d7",
+                                             content=b" " * (1024 * 1024 + 1))  # fmt: skip
+    assert_documented(doc, "/v1/members/{member_id}", "get", get_too_large)
     for path, method in [("/v1/members/{member_id}", "get"), ("/v1/purchases", "post"), ("/v1/challenges", "get"),
                          ("/v1/ops/reviews", "get"), ("/v1/program/explain", "post")]:  # fmt: skip
         assert paths[path][method]["responses"]["429"]["content"]["application/problem+json"]

@@ -73,3 +73,35 @@ async def test_reversing_an_earn_whose_points_expired_on_the_heir_takes_nothing_
     assert back.reversed_points == 100
     assert await points(svc, heir) == (500, 0, 0)  # the 100 left the person at expiry already
     assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0
+
+
+@pytest.mark.parametrize("same_shard", [True, False])
+@pytest.mark.parametrize("job_ran", [True, False])
+async def test_reversing_an_earn_whose_points_expired_on_a_middle_heir_takes_nothing_from_the_last_heir(
+    ledger: LedgerUnderTest, same_shard: bool, job_ran: bool
+) -> None:
+    """A into B, B into C. The earn's 100 moved from A to B with their date, expired there
+    unspent (the pass, or B's merge finding them past their date), then B was merged into C.
+    A return of that purchase takes them back from breakage, as when the points expire on A or
+    on C, not from C's own 500: the claim on them went on with B's lots."""
+    svc = ledger.app.service
+    a = await new_member(svc, k)
+    b = await new_member(svc, k, shard_of=a, same_shard=same_shard)
+    heir = await new_member(svc, k, shard_of=b, same_shard=same_shard)
+    await svc.earn(c.Earn(k(), heir, "points", 500))
+    await svc.earn(c.Earn(k(), b, "points", 20))
+    now = svc.clock.now()
+    old = await svc.earn(c.Earn(k(), a, "points", 100, expires_at=now + timedelta(days=1)))
+    await svc.merge_members(c.MergeMembers(k(), a, b))
+    assert await points(svc, b) == (120, 0, 0)
+    ledger.clock.advance(timedelta(days=2))
+    if job_ran:
+        assert (await svc.run_maintenance()).expired_points == 100
+        assert await points(svc, b) == (20, 0, 0)
+    await svc.merge_members(c.MergeMembers(k(), b, heir))
+    assert await points(svc, heir) == (520, 0, 0)
+
+    back = await svc.reverse(c.Reverse(k(), old.transaction.transaction_id, full=True, reason="return"))
+    assert back.reversed_points == 100
+    assert await points(svc, heir) == (520, 0, 0)  # the 100 left the person at expiry already
+    assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0

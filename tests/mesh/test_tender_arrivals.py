@@ -128,3 +128,16 @@ async def test_a_file_copy_without_the_tender_after_the_member_was_merged_is_the
 
     assert again.replayed and again.purchase.purchase_id == first.purchase.purchase_id
     assert await points(mesh, b) == before
+
+
+async def test_another_members_redemption_named_as_tender_is_refused_alike_on_any_shard(mesh: Mesh) -> None:
+    """Whether the other member's redemption lives in the buyer's shard or another, the till is
+    told the same: it is not a redemption of the buyer (before, another shard's read as "does
+    not exist", NOT_FOUND)."""
+    member = await welcomed_member(mesh)
+    for _ in range(6):  # members land on either shard
+        other = await welcomed_member(mesh)
+        named = purchase_request(member, [("misc", 4000, 1)], at=mesh.clock.now(), tender=await _paid(mesh, other, 10))
+        error = await rpc_error(mesh.ledger.stub.RecordPurchase(named), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "not a redemption of member" in error.details()
+    assert await points(mesh, member) == 100
