@@ -10,6 +10,7 @@ import pytest
 
 from ledger_svc import commands as c
 from ledger_svc.domain import IdemKey
+from ledger_svc.service import LedgerService
 from tests.conftest import LedgerUnderTest
 from tests.ledger.helpers import assert_books_balance, new_member, points
 
@@ -18,6 +19,23 @@ _n = itertools.count()
 
 def k() -> IdemKey:
     return IdemKey("merged-expiry", f"k{next(_n)}")
+
+
+async def _expiring(svc: LedgerService, member: str) -> str:
+    """An earn of 100 points for the member that expire in a day."""
+    now = svc.clock.now()
+    return (
+        await svc.earn(c.Earn(k(), member, "points", 100, expires_at=now + timedelta(days=1)))
+    ).transaction.transaction_id
+
+
+async def _returned_from_breakage(ledger: LedgerUnderTest, earn_tx: str, heir: str, heir_points: int) -> None:
+    """The purchase returned: its 100 come back from breakage, the heir keeps `heir_points`."""
+    svc = ledger.app.service
+    back = await svc.reverse(c.Reverse(k(), earn_tx, full=True, reason="return"))
+    assert back.reversed_points == 100
+    assert await points(svc, heir) == (heir_points, 0, 0)  # the 100 left the person at expiry already
+    assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0
 
 
 @pytest.mark.parametrize("same_shard", [True, False])
@@ -33,8 +51,7 @@ async def test_reversing_an_earn_that_expired_before_its_member_was_merged_takes
     source = await new_member(svc, k)
     heir = await new_member(svc, k, shard_of=source, same_shard=same_shard)
     await svc.earn(c.Earn(k(), heir, "points", 500))
-    now = svc.clock.now()
-    old = await svc.earn(c.Earn(k(), source, "points", 100, expires_at=now + timedelta(days=1)))
+    old = await _expiring(svc, source)
     await svc.earn(c.Earn(k(), source, "points", 50))
     ledger.clock.advance(timedelta(days=2))
     if job_ran:  # else the merge finds the 100 past their date and expires them on the source
@@ -42,10 +59,7 @@ async def test_reversing_an_earn_that_expired_before_its_member_was_merged_takes
     await svc.merge_members(c.MergeMembers(k(), source, heir))
     assert await points(svc, heir) == (550, 0, 0)
 
-    back = await svc.reverse(c.Reverse(k(), old.transaction.transaction_id, full=True, reason="return"))
-    assert back.reversed_points == 100
-    assert await points(svc, heir) == (550, 0, 0)  # the 100 left the person at expiry already
-    assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0
+    await _returned_from_breakage(ledger, old, heir, 550)
 
 
 @pytest.mark.parametrize("same_shard", [True, False])
@@ -60,8 +74,7 @@ async def test_reversing_an_earn_whose_points_expired_on_the_heir_takes_nothing_
     source = await new_member(svc, k)
     heir = await new_member(svc, k, shard_of=source, same_shard=same_shard)
     await svc.earn(c.Earn(k(), heir, "points", 500))
-    now = svc.clock.now()
-    old = await svc.earn(c.Earn(k(), source, "points", 100, expires_at=now + timedelta(days=1)))
+    old = await _expiring(svc, source)
     await svc.merge_members(c.MergeMembers(k(), source, heir))
     assert await points(svc, heir) == (600, 0, 0)
     ledger.clock.advance(timedelta(days=2))
@@ -69,10 +82,7 @@ async def test_reversing_an_earn_whose_points_expired_on_the_heir_takes_nothing_
         assert (await svc.run_maintenance()).expired_points == 100
         assert await points(svc, heir) == (500, 0, 0)
 
-    back = await svc.reverse(c.Reverse(k(), old.transaction.transaction_id, full=True, reason="return"))
-    assert back.reversed_points == 100
-    assert await points(svc, heir) == (500, 0, 0)  # the 100 left the person at expiry already
-    assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0
+    await _returned_from_breakage(ledger, old, heir, 500)
 
 
 @pytest.mark.parametrize("same_shard", [True, False])
@@ -90,8 +100,7 @@ async def test_reversing_an_earn_whose_points_expired_on_a_middle_heir_takes_not
     heir = await new_member(svc, k, shard_of=b, same_shard=same_shard)
     await svc.earn(c.Earn(k(), heir, "points", 500))
     await svc.earn(c.Earn(k(), b, "points", 20))
-    now = svc.clock.now()
-    old = await svc.earn(c.Earn(k(), a, "points", 100, expires_at=now + timedelta(days=1)))
+    old = await _expiring(svc, a)
     await svc.merge_members(c.MergeMembers(k(), a, b))
     assert await points(svc, b) == (120, 0, 0)
     ledger.clock.advance(timedelta(days=2))
@@ -101,7 +110,4 @@ async def test_reversing_an_earn_whose_points_expired_on_a_middle_heir_takes_not
     await svc.merge_members(c.MergeMembers(k(), b, heir))
     assert await points(svc, heir) == (520, 0, 0)
 
-    back = await svc.reverse(c.Reverse(k(), old.transaction.transaction_id, full=True, reason="return"))
-    assert back.reversed_points == 100
-    assert await points(svc, heir) == (520, 0, 0)  # the 100 left the person at expiry already
-    assert (await assert_books_balance(ledger)).get("system:expired:points", 0) == 0
+    await _returned_from_breakage(ledger, old, heir, 520)
