@@ -98,8 +98,10 @@ RETURN_ATTEMPTS = 3
 @dataclass(frozen=True, slots=True)
 class Priced:
     """A purchase ready for its shard write: keys claimed, quoted (None: it waits), screened.
-    `assumed_count` is the purchase count a batch quote was made for (None: a unary quote,
-    whose purchase-number rules the write's guards settle on the count it meets)."""
+    `assumed_count` is the purchase count the quote was made for, checked in the write: a
+    purchase-number rule the quote left out (the member's 2nd purchase, quoted as its 1st while
+    another purchase of the member was being written) cannot be added by the guards, only cut.
+    None: the write's guards settle on the count it meets (the last-resort write)."""
 
     cmd: c.RecordPurchase
     fp: str
@@ -109,8 +111,9 @@ class Priced:
     assumed_count: int | None = None
 
 
-# A unary purchase whose quote went stale in its write (another purchase of the member crossed a
-# tier meanwhile) is quoted again this many times; then it is written on its last quote.
+# A unary purchase whose quote went stale in its write (another purchase of the member was
+# written meanwhile: its count moved, or its tier) is quoted again this many times; then it is
+# written on its last quote.
 STALE_REQUOTES = 3
 
 
@@ -209,6 +212,10 @@ class Accrual:
         if cmd.store_id:
             v.name(cmd.store_id, "store_id")
         v.required_text(cmd.receipt_id, "receipt_id", max_len=128)
+        if cmd.receipt_id != cmd.receipt_id.strip():
+            # Files and webhooks strip their ids: " W-77" over REST and "W-77" in the vendor's
+            # feed would be two natural keys for one receipt, and it would earn twice.
+            raise InvalidArgument("must not start or end with blanks", field="receipt_id")
         v.money(cmd.total, "total", allow_zero=True)
         if not cmd.lines:
             raise InvalidArgument("a purchase needs at least one line", field="lines")
@@ -270,12 +277,14 @@ class Accrual:
             self.engine_down(f"purchase {cmd.receipt_id}", exc)
             return None
 
-    async def _quote_stored(self, cmd: c.RecordPurchase, state: str | None, waiting: int) -> Quote | None:
+    async def _quote_stored(self, cmd: c.RecordPurchase, state: str | None, waiting: int) -> tuple[Quote | None, int]:
         """The quote on the member's stored state (JSON, None: a first purchase), or None while a
-        purchase of the member waits for rules_svc: this one then waits behind it (receipt order)."""
+        purchase of the member waits for rules_svc: this one then waits behind it (receipt order);
+        and the purchase count it was quoted for."""
+        known = MemberState() if state is None else codec.loads(MemberState, state)
         if waiting:
-            return None
-        return await self._quote(cmd, MemberState() if state is None else codec.loads(MemberState, state))
+            return None, known.purchase_count
+        return await self._quote(cmd, known), known.purchase_count
 
     def _late(self, cmd: c.RecordPurchase, quote: Quote, arrived: datetime) -> str:
         late = arrived - cmd.receipt_time
@@ -334,7 +343,7 @@ class Accrual:
             return purchase, True
         self.check_new(cmd)
         await svc._require_active(member_id)
-        quote = await self._quote_stored(cmd, state, waiting)
+        quote, count = await self._quote_stored(cmd, state, waiting)
         now = svc.clock.now()
         if quote is not None:
             late = self._late(cmd, quote, now)
@@ -350,7 +359,7 @@ class Accrual:
                 raise
             return earlier, True
         try:
-            return await self._write_fresh(cmd, fp, pid, quote, screening, now)
+            return await self._write_fresh(cmd, fp, pid, quote, screening, now, count)
         except ReceiptRecorded:
             # A copy of this request sent at the same moment (a till's retry) wrote first; on
             # Cassandra its purchase row can be read a moment before its idempotency record.
@@ -396,20 +405,20 @@ class Accrual:
 
     async def _write_fresh(
         self, cmd: c.RecordPurchase, fp: str, pid: str, quote: Quote | None, screening: Screening | None,
-        now: datetime,
+        now: datetime, count: int,
     ) -> tuple[PurchaseRecord, bool]:  # fmt: skip
         member_id = cmd.member_id
         for _ in range(STALE_REQUOTES):
-            written = await self.write_many([Priced(cmd, fp, pid, quote, screening)], now, fresh=True)
+            written = await self.write_many([Priced(cmd, fp, pid, quote, screening, count)], now, fresh=True)
             if written:
                 return written[0]
-            # Another purchase of the member changed its tier (or was parked) between the quote and
-            # the write: the tier at the receipt is the one it meets, so it is quoted on that.
+            # Another purchase of the member changed its count or tier (or was parked) between the
+            # quote and the write: it is quoted again on the state it meets.
             state, waiting = await self.svc.store.read(
                 self.svc.shard_of(member_id),
                 lambda tx: (tx.get_member_state(member_id), tx.member_waiting_purchases(member_id)),
             )
-            quote = await self._quote_stored(cmd, state, waiting)
+            quote, count = await self._quote_stored(cmd, state, waiting)
         log.warning("purchase %s: quoted %d times on a changing member; written on the last quote", pid,
                     STALE_REQUOTES + 1)  # fmt: skip
         return await self.write(cmd, fp, pid, quote, screening, now)
@@ -448,7 +457,7 @@ class Accrual:
         """One member's purchases in one shard write, in order, each replayed or accrued with
         its idempotency record. Stops before the first whose quote is stale for the state it
         meets: the result is shorter than `priced` by that one and the ones after it. A quote
-        is checked when it assumed a purchase count (batch), or with `fresh` (unary: the tier).
+        is checked when it assumed a purchase count, and with `fresh` (unary) for the tier too.
         (A store may run the unit more than once, Cassandra after a lost race: only what the
         attempt that committed returns counts.)"""
         svc = self.svc

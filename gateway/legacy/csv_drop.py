@@ -414,12 +414,13 @@ def _returns(source: str, group: list[_Row]) -> list[LegacyPurchase | LegacyRetu
             continue
         if when is None or card is None or currency is None:
             continue
-        rows = [row for row, _ in items]
         out.append(
             LegacyReturn(
                 f"{store}/{slip}/{original_store}/{original_receipt}", Member(card_number=card), original_channel,
                 original_store, original_receipt, slip, "", store, lines, sum(refunds) if refunds else None, currency,
-                when, _origin(source, group if len(by_original) == 1 else rows),
+                # The whole slip: a refused return is fixed and re-imported as the slip it came
+                # in (its line numbers start at 1); the returns that went through replay.
+                when, _origin(source, group),
             )
         )  # fmt: skip
     return [] if any(r.errors for r in group) else out

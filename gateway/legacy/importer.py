@@ -395,6 +395,12 @@ def write_quarantine(entries: Iterable[Quarantined], path: Path, *, adapter: str
     """Appends one JSON line per entry and syncs it to disk; returns how many were written.
     Each run appends its own block, stamped with the time, so ops see every attempt."""
     at = datetime.now(UTC).isoformat(timespec="seconds")
+    # A line held back by two records (a return slip naming two refused receipts) is written
+    # once, with the first reason: the file is what ops re-import.
+    written: dict[tuple[str, int], Quarantined] = {}
+    for q in entries:
+        written.setdefault((q.source, q.line), q)
+    entries = written.values()
     lines = [
         json.dumps(
             {

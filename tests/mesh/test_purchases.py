@@ -228,3 +228,28 @@ async def test_tier_years_turn_at_the_programs_midnight_not_utcs(mesh: Mesh) -> 
     new_year = await buy(mesh, member, [("misc", 6000, 1)], at=datetime(2026, 12, 31, 22, 30, tzinfo=UTC))
     assert exact(eve.purchase)["tier_credits"] == 250 and exact(new_year.purchase)["tier_credits"] == 60
     assert (new_year.purchase.tier_before, new_year.purchase.tier_after) == ("blue", "blue")
+
+
+SECOND = "  - {id: second, priority: 55, when: {purchase_number: {equals: 2}}, effect: {bonus_points: 30}}\n"
+
+
+async def test_a_second_purchase_sent_alongside_the_first_still_earns_the_second_purchase_bonus(mesh: Mesh) -> None:
+    """A program pays 30 on the member's 2nd purchase. Two purchases of a new member sent at the
+    same moment (the app and the till) are both quoted as purchase 1; the ledger numbers them in
+    its write, and the one it numbers 2 is quoted again, so it earns the 2nd-purchase bonus as
+    it would have sent after the first (the guards can cut a bonus a quote holds, not add one
+    it left out)."""
+    doc = PROGRAM.read_text().replace("rules:\n", "rules:\n" + SECOND)
+    await mesh.rules.stub.PublishProgram(
+        rules_pb2.PublishProgramRequest(idempotency_key=common_pb2.IdempotencyKey(key="v2-second"), document=doc)
+    )
+    for _ in range(3):
+        member = await new_member(mesh)
+        answers = await asyncio.gather(
+            buy(mesh, member, [("misc", 1000, 1)], channel="pos"),
+            buy(mesh, member, [("misc", 1000, 1)], channel="app", store=""),
+        )
+        first, second = sorted((a.purchase for a in answers), key=lambda p: p.purchase_number)
+        assert (first.purchase_number, second.purchase_number) == (1, 2)
+        assert (by_rule(first), by_rule(second)) == ({"base": 10, "welcome": 100}, {"base": 10, "second": 30})
+        assert await points(mesh, member) == 150
