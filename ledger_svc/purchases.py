@@ -275,8 +275,10 @@ def give_back_caps(book: ShardBook, member_id: str, used: dict[str, int]) -> Non
     member would expect. The purchase's place in the member's count stays (a first purchase
     returned was still the first). A member merged on meanwhile has its counters on its heir:
     a saga carries them there (`drive_reversal`); a credit reversed here leaves them."""
+    if not used:  # most returns: nothing capped, so no state read
+        return
     state = load_state(book, member_id)
-    if not used or state.merged_into:
+    if state.merged_into:
         return
     counters = dict(state.counters)
     for key, points in used.items():

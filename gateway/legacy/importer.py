@@ -385,9 +385,14 @@ def _held_back(item: LegacyPurchase | LegacyReturn, refusal: _Refusal) -> list[Q
 
 
 def _report(session: _Session, adapter: str, channel: str, quarantined: list[Quarantined]) -> ImportReport:
+    # A line two records held back (a return slip naming two refused receipts) is listed once,
+    # with the first reason: the list is what the quarantine file holds and ops re-import.
+    once: dict[tuple[str, int], Quarantined] = {}
+    for q in quarantined:
+        once.setdefault((q.source, q.line), q)
     return ImportReport(
         adapter, channel, session.accepted, session.duplicates, session.pending,
-        tuple(sorted(quarantined, key=lambda q: (q.source, q.line))),
+        tuple(sorted(once.values(), key=lambda q: (q.source, q.line))),
     )  # fmt: skip
 
 
@@ -395,12 +400,6 @@ def write_quarantine(entries: Iterable[Quarantined], path: Path, *, adapter: str
     """Appends one JSON line per entry and syncs it to disk; returns how many were written.
     Each run appends its own block, stamped with the time, so ops see every attempt."""
     at = datetime.now(UTC).isoformat(timespec="seconds")
-    # A line held back by two records (a return slip naming two refused receipts) is written
-    # once, with the first reason: the file is what ops re-import.
-    written: dict[tuple[str, int], Quarantined] = {}
-    for q in entries:
-        written.setdefault((q.source, q.line), q)
-    entries = written.values()
     lines = [
         json.dumps(
             {

@@ -128,11 +128,13 @@ async def test_a_merge_lifting_the_target_to_a_tier_is_announced(mesh: Mesh, fee
     assert await maintenance(mesh) == 0
 
 
-async def publish(mesh: Mesh, document: str, name: str) -> None:
+async def publish(mesh: Mesh, document: str, name: str, effective_from: datetime | None = None) -> None:
+    """A new version, in effect at once or from `effective_from`."""
     assert document != PROGRAM.read_text()
-    await mesh.rules.stub.PublishProgram(
-        rules_pb2.PublishProgramRequest(idempotency_key=common_pb2.IdempotencyKey(key=name), document=document)
-    )
+    await mesh.rules.stub.PublishProgram(rules_pb2.PublishProgramRequest(
+        idempotency_key=common_pb2.IdempotencyKey(key=name), document=document,
+        effective_from=to_timestamp(effective_from) if effective_from else None,
+    ))  # fmt: skip
 
 
 SILVER_1000 = PROGRAM.read_text().replace("{code: silver, threshold: 300}", "{code: silver, threshold: 1000}")
@@ -378,10 +380,17 @@ async def test_a_receipt_stamped_ahead_into_next_month_keeps_its_tier_told(mesh:
 JUNE_START = datetime(2026, 5, 31, 21, 0, tzinfo=UTC)  # midnight in Helsinki, 1 June
 
 
-async def publish_from(mesh: Mesh, document: str, name: str, when: datetime) -> None:
-    await mesh.rules.stub.PublishProgram(rules_pb2.PublishProgramRequest(
-        idempotency_key=common_pb2.IdempotencyKey(key=name), document=document, effective_from=to_timestamp(when),
-    ))  # fmt: skip
+async def on_time_then_june(mesh: Mesh, member: str, tier_told: str) -> None:
+    """A purchase stamped on time a minute after the one stamped ahead (31 May 23:58, priced
+    under version 1), then two passes once June has begun: the tier reads `tier_told` before
+    and after."""
+    mesh.clock.advance(timedelta(minutes=1))
+    await buy(mesh, member, [("misc", 1_000, 1)])
+    assert await tier(mesh, member) == tier_told
+    mesh.clock.set(JUNE_START + timedelta(minutes=5))
+    await maintenance(mesh)
+    await maintenance(mesh)
+    assert await tier(mesh, member) == tier_told
 
 
 async def test_a_purchase_after_a_receipt_stamped_ahead_into_a_new_version_tells_no_drop(
@@ -393,18 +402,12 @@ async def test_a_purchase_after_a_receipt_stamped_ahead_into_a_new_version_tells
     must not tell a drop to blue: the member is silver at the instant their tier is read (and
     GetMemberTier says so), and nothing tells them silver again after the month starts."""
     mesh.clock.set(JUNE_START - timedelta(hours=1))
-    await publish_from(mesh, SILVER_200, "silver-200-from-june", JUNE_START)
+    await publish(mesh, SILVER_200, "silver-200-from-june", JUNE_START)
     mesh.clock.set(JUNE_START - timedelta(minutes=3))
     member = await new_member(mesh)
     up = await buy(mesh, member, [("misc", 25_000, 1)], at=JUNE_START + timedelta(minutes=1))
     assert (up.purchase.program_version, up.purchase.tier_after) == (2, "silver")
-    mesh.clock.advance(timedelta(minutes=1))
-    await buy(mesh, member, [("misc", 1_000, 1)])  # 31 May 23:58, priced under version 1
-    assert await tier(mesh, member) == "silver"
-    mesh.clock.set(JUNE_START + timedelta(minutes=5))
-    await maintenance(mesh)
-    await maintenance(mesh)
-    assert await tier(mesh, member) == "silver"
+    await on_time_then_june(mesh, member, "silver")
     assert await feed.of(member, 3) == [("blue", "silver", up.purchase.purchase_id)]
 
 
@@ -418,17 +421,12 @@ async def test_a_purchase_after_a_receipt_stamped_ahead_into_a_new_version_tells
     mesh.clock.set(JUNE_START - timedelta(hours=1))
     member = await new_member(mesh)
     first = await buy(mesh, member, [("misc", 35_000, 1)])  # silver under version 1
-    await publish_from(mesh, SILVER_1000, "silver-1000-from-june", JUNE_START)
+    await publish(mesh, SILVER_1000, "silver-1000-from-june", JUNE_START)
     mesh.clock.set(JUNE_START - timedelta(minutes=3))
     await maintenance(mesh)
     down = await buy(mesh, member, [("misc", 1_000, 1)], at=JUNE_START + timedelta(minutes=1))
     assert (down.purchase.program_version, down.purchase.tier_after) == (2, "blue")
-    mesh.clock.advance(timedelta(minutes=1))
-    await buy(mesh, member, [("misc", 1_000, 1)])  # 31 May 23:58, priced under version 1
-    assert await tier(mesh, member) == "blue"
-    mesh.clock.set(JUNE_START + timedelta(minutes=5))
-    await maintenance(mesh)
-    await maintenance(mesh)
+    await on_time_then_june(mesh, member, "blue")
     assert await feed.of(member, 4) == [
         ("blue", "silver", first.purchase.purchase_id),
         ("silver", "blue", down.purchase.purchase_id),
