@@ -744,15 +744,16 @@ class Accrual:
 
     async def _finish_return(self, result: ReturnResult, merged_into: str) -> ReturnResult:
         """A merged-away member's return: the reversals finish on the member it was merged into
-        (their debt is known only then), and a tender given back to the merged-away member
-        follows it there. A replay does both again: each step is idempotent, and a sweep a
+        (their debt is known only then), and a tender or cap use given back to the merged-away
+        member follows it there. A replay does both again: each step is idempotent, and a sweep a
         failure cut off the first time happens now."""
         if result.reversal_sagas:
             debt = 0
             for saga_id in result.reversal_sagas:
                 debt += (await self.svc.sagas.drive_reversal(saga_id)).debt_points
             result = replace(result, debt_points=debt)
-        if merged_into and result.tender_recredited:
+        if merged_into and (result.tender_recredited or result.reversed):
+            # A tender given back, or cap use given back to a credit still here (owed_caps).
             await self.svc.sagas.sweep_merged(result.purchase.member_id, merged_into)
         return result
 

@@ -104,6 +104,10 @@ class MemberState:
     owed_qualification: dict[str, int] = field(default_factory=dict)
     # The sweeps whose owed credits this member took in (each once, however often its step runs).
     owed_taken: tuple[str, ...] = ()
+    # Cap use given back (a return of capped points, by counter) on this member after its merge
+    # moved its counters on: owed to the counters of the member it was merged into, carried
+    # there by the next sweep like owed_qualification.
+    owed_caps: dict[str, int] = field(default_factory=dict)
     # The latest receipt time whose tier credits counted while still ahead of the ledger's clock
     # (a till running a few minutes fast, within FUTURE_SKEW): see `tier_clock`.
     counted_ahead: datetime | None = None
@@ -152,9 +156,10 @@ def take_in_merged_state(book: ShardBook, target: str, source: str, moved: Membe
 OWED_SWEEPS_KEPT = 64
 
 
-def take_in_owed(book: ShardBook, target: str, sweep_id: str, owed: dict[str, int]) -> None:
-    """The tier credits a sweep carries from a merged-away member (MemberState.owed_qualification)
-    added to the target's months, once per sweep; a target merged on in turn owes them further."""
+def take_in_owed(book: ShardBook, target: str, sweep_id: str, owed: dict[str, int], caps: dict[str, int]) -> None:
+    """What a sweep carries from a merged-away member, once per sweep: tier credits taken back
+    (MemberState.owed_qualification) added to the target's months, cap use given back
+    (owed_caps) taken off its counters; a target merged on in turn owes them further."""
     state = load_state(book, target)
     if sweep_id in state.owed_taken:
         return
@@ -163,10 +168,32 @@ def take_in_owed(book: ShardBook, target: str, sweep_id: str, owed: dict[str, in
         months[bucket] = months.get(bucket, 0) + n
     taken = (*state.owed_taken, sweep_id)[-OWED_SWEEPS_KEPT:]
     if state.merged_into:
-        after = replace(state, owed_qualification=months, owed_taken=taken)
+        after = replace(state, owed_qualification=months, owed_caps=_added(state.owed_caps, caps), owed_taken=taken)
     else:  # the tier may drop: the maintenance job asks rules_svc on its next pass
-        after = replace(state, qualification=months, owed_taken=taken, tier_due=book.now)
+        after = replace(
+            state, qualification=months, counters=_given_back(state.counters, caps), owed_taken=taken,
+            tier_due=book.now if owed else state.tier_due,
+        )  # fmt: skip
     keep_state(book, target, state, after)
+
+
+def _added(counts: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    total = dict(counts)
+    for key, n in more.items():
+        total[key] = total.get(key, 0) + n
+    return total
+
+
+def _given_back(counters: dict[str, int], used: dict[str, int]) -> dict[str, int]:
+    """Cap counters with the given use taken off (a counter at zero is dropped)."""
+    left = dict(counters)
+    for key, points in used.items():
+        n = left.get(key, 0) - points
+        if n > 0:
+            left[key] = n
+        else:
+            left.pop(key, None)
+    return left
 
 
 def keep_state(book: ShardBook, member_id: str, before: MemberState, after: MemberState) -> None:
@@ -273,21 +300,16 @@ def give_back_caps(book: ShardBook, member_id: str, used: dict[str, int]) -> Non
     """Capped points a return took back count against the member's caps no more: an exchange
     the same day (return the shirt, buy the other size) earns the capped bonus again, as a
     member would expect. The purchase's place in the member's count stays (a first purchase
-    returned was still the first). A member merged on meanwhile has its counters on its heir:
-    a saga carries them there (`drive_reversal`); a credit reversed here leaves them."""
+    returned was still the first). A member merged away has its counters on its heir: the use
+    given back is owed there (MemberState.owed_caps), and the next sweep carries it."""
     if not used:  # most returns: nothing capped, so no state read
         return
     state = load_state(book, member_id)
     if state.merged_into:
-        return
-    counters = dict(state.counters)
-    for key, points in used.items():
-        left = counters.get(key, 0) - points
-        if left > 0:
-            counters[key] = left
-        else:
-            counters.pop(key, None)
-    keep_state(book, member_id, state, replace(state, counters=counters))
+        after = replace(state, owed_caps=_added(state.owed_caps, used))
+    else:
+        after = replace(state, counters=_given_back(state.counters, used))
+    keep_state(book, member_id, state, after)
 
 
 def _capped_points(record: PurchaseRecord, deltas: list[int], unit: str) -> dict[str, int]:

@@ -100,6 +100,7 @@ class Sagas:
         moved: dict[str, dict[str, Any]] = payload["units"]
         state = codec.from_plain(MemberState, payload["state"]) if payload["state"] else None
         owed: dict[str, int] = payload.get("owed_qualification") or {}
+        owed_caps: dict[str, int] = payload.get("owed_caps") or {}
         if saga.state != SagaState.DONE:
 
             def move_in(book: ShardBook) -> None:
@@ -107,8 +108,8 @@ class Sagas:
                     book.move_in_all(target, u, m, source, merge_id)
                 if state is not None:
                     take_in_merged_state(book, target, source, state)
-                if owed:
-                    take_in_owed(book, target, merge_id, owed)
+                if owed or owed_caps:
+                    take_in_owed(book, target, merge_id, owed, owed_caps)
 
             await self.svc._book(self.svc.shard_of(target), move_in)
             await self.svc._book(
@@ -415,16 +416,23 @@ def _move_out(book: ShardBook, source: str, target: str, merge_id: str, state: M
     moved = {u: m for u in book.policy.units if (m := book.move_out_all(source, u, target, merge_id))}
     left = load_state(book, source) if state is None else None
     owed = left.owed_qualification if left is not None else {}
-    if not moved and state is None and not owed:
+    owed_caps = left.owed_caps if left is not None else {}
+    if not moved and state is None and not owed and not owed_caps:
         return None
     if state is not None:
         # Its tier is the target's from now on: nothing left here to watch.
         keep_state(book, source, state, replace(state, merged_into=target, tier_due=None))
-    elif left is not None and owed:  # a sweep: tier credits taken back here since go with it
-        keep_state(book, source, left, replace(left, owed_qualification={}))
+        if not moved:  # no unit announced it: consumers (gamification progress) still hear of it
+            unit = book.policy.units[0]
+            book.emit("members_merged", book.balance(source, unit),
+                      {"source_member_id": source, "target_member_id": target, "points": 0})  # fmt: skip
+    elif left is not None and (owed or owed_caps):  # a sweep: what was given back here since goes with it
+        keep_state(book, source, left, replace(left, owed_qualification={}, owed_caps={}))
     payload: dict[str, Any] = {"units": moved, "state": codec.to_plain(state) if state else None}
     if owed:
         payload["owed_qualification"] = owed
+    if owed_caps:
+        payload["owed_caps"] = owed_caps
     saga = SagaRecord(
         merge_id, "merge", SagaState.HELD, source, target, "", 0, "", json.dumps(payload), book.now, book.now
     )

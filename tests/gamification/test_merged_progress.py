@@ -7,13 +7,15 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import yaml
+
 from pointmesh.events import BusMessage
-from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc, rules_pb2
+from pointmesh.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, rules_pb2
 from rules_svc.game_engine import PurchaseFact, week_of
 from rules_svc.game_store import GameStore
 from rules_svc.program import Program
 from tests.conftest import LedgerUnderTest
-from tests.gamification.conftest import Game, handler
+from tests.gamification.conftest import Game, handler, write_program
 from tests.ledger.helpers import balance, create_member, key
 from tests.mesh.helpers import purchase_request
 from tests.rules import load_doc, program_doc
@@ -78,6 +80,29 @@ async def test_a_merged_persons_challenge_progress_carries_over(game: Game) -> N
     await _buy(game, old)
     await _buy(game, old)
     await _counted(game, old, "january-trio", 2)
+    await _merge(game.ledger.stub, old, new)
+    await _buy(game, new)
+    await _counted(game, new, "january-trio", 3)
+    trio = _item(await game.progress(new), "january-trio")
+    assert (trio.progress, trio.completions) == (3, 1), (trio.progress, trio.completions)
+
+
+async def test_progress_of_a_member_that_never_earned_a_point_joins_the_heir(game: Game, tmp_path: Path) -> None:
+    """Purchases too small to earn (no welcome bonus in this version) still count for the
+    challenge; merging that member, with nothing in any unit to move, still joins its progress."""
+    document = yaml.safe_load(write_program(tmp_path).read_text())
+    document["rules"] = [r for r in document["rules"] if r["id"] != "welcome"]
+    await game.rules.stub.PublishProgram(rules_pb2.PublishProgramRequest(
+        idempotency_key=common_pb2.IdempotencyKey(key="no-welcome"), document=yaml.safe_dump(document),
+        published_by="ops",
+    ))  # fmt: skip
+    old, new = [(await create_member(game.ledger.stub)).member_id for _ in range(2)]
+    for _ in range(2):
+        game.clock.advance(timedelta(hours=2))
+        small = purchase_request(old, [("misc", 50, 1)], at=game.clock.now())
+        assert not [u for u in (await game.ledger.stub.RecordPurchase(small)).purchase.earned if u.points]
+    await _counted(game, old, "january-trio", 2)
+    assert (await balance(game.ledger.stub, old, "points")).lifetime_earned_points == 0
     await _merge(game.ledger.stub, old, new)
     await _buy(game, new)
     await _counted(game, new, "january-trio", 3)

@@ -392,3 +392,34 @@ async def test_a_returned_boost_of_a_merged_away_member_gives_the_cap_back_on_th
     assert reversed_points(back) == 70
     again = await buy(mesh, heir, [("boost", 400, 1)])
     assert by_rule(again.purchase) == {"base": 4, "boost": 16}
+
+
+async def test_a_returned_boost_gives_the_cap_back_down_a_chain_merged_during_the_return(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A into B, then B into C while A's return runs (between the return's write and its
+    reversal on B): the cap use given back on B, merged away by then, reaches C with the next
+    sweep, where the person's counters are, so C's next boost earns again."""
+    svc = mesh.ledger.app.service
+    source, heir, last = await welcomed_member(mesh), await welcomed_member(mesh), await welcomed_member(mesh)
+    first = await buy(mesh, source, [("boost", 2000, 1)])
+    assert by_rule(first.purchase) == {"base": 20, "boost": 50}
+    await mesh.ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=heir)
+    )
+    real_drive = svc.sagas.drive_reversal
+
+    async def merge_heir_first(saga_id: str):  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(svc.sagas, "drive_reversal", real_drive)
+        await mesh.ledger.stub.MergeMembers(
+            ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=heir, target_member_id=last)
+        )
+        return await real_drive(saga_id)
+
+    monkeypatch.setattr(svc.sagas, "drive_reversal", merge_heir_first)
+    back = await return_lines(mesh, first.purchase.purchase_id, [(0, 1)])
+    assert reversed_points(back) == 70
+    again = await buy(mesh, last, [("boost", 400, 1)])
+    assert by_rule(again.purchase) == {"base": 4, "boost": 16}
+    totals = await mesh.ledger.stub.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
+    assert totals.differences == 0
