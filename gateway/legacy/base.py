@@ -12,6 +12,10 @@ from typing import Protocol
 
 from gateway.legacy.records import Parsed
 
+# What Windows tools put before the UTF-8 text they save (Notepad, Excel's "CSV UTF-8"): not
+# part of the first record, whatever the format.
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 class Adapter(Protocol):
     @property

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from gateway.legacy import fields as f
+from gateway.legacy.base import UTF8_BOM
 from gateway.legacy.records import (
     LegacyPurchase,
     LegacyReturn,
@@ -223,7 +224,7 @@ def _starts_receipt(row: _Row) -> bool:
 def _physical_lines(data: bytes) -> tuple[list[SourceLine], set[int]]:
     """Lines as the file has them, numbered from 1, and the numbers of lines that are not UTF-8
     (kept with the bad bytes escaped, so the quarantine shows them)."""
-    data = data.removeprefix(b"\xef\xbb\xbf")
+    data = data.removeprefix(UTF8_BOM)
     lines, undecodable = [], set()
     for number, raw in enumerate(data.split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")

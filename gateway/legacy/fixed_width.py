@@ -18,6 +18,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from gateway.legacy import fields as f
+from gateway.legacy.base import UTF8_BOM
 from gateway.legacy.records import (
     LegacyPurchase,
     LegacyReturn,
@@ -233,7 +234,7 @@ def _lines(data: bytes) -> list[tuple[SourceLine, bool]]:
     """Non-blank lines numbered as in the file, each with whether it is plain ASCII; blank lines
     are neither records nor counted."""
     out = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    for number, raw in enumerate(data.removeprefix(UTF8_BOM).split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
         if raw.strip():
             out.append((SourceLine(number, raw.decode("ascii", errors="backslashreplace")), raw.isascii()))

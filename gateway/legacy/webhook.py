@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.legacy import fields as f
+from gateway.legacy.base import UTF8_BOM
 from gateway.legacy.records import (
     LegacyPurchase,
     LegacyReturn,
@@ -109,6 +110,7 @@ class WebhookAdapter:
     default_channel: str = "web"
 
     def parse(self, source: str, data: bytes) -> Iterator[Parsed]:
+        data = data.removeprefix(UTF8_BOM)  # JSON parsers may ignore one (RFC 8259, 8.1)
         raw = data.decode("utf-8", errors="backslashreplace")
         origin = Origin(source, (SourceLine(1, raw),))
         try:

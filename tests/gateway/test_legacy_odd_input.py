@@ -1,10 +1,11 @@
 """Odd input to the legacy adapters, each held back alone instead of failing more than itself: a
 webhook card number no UTF-8 message can carry, a settlement file with a store id the ledger
-refuses, a CSV header that repeats a column the format ignores."""
+refuses, a CSV header that repeats a column the format ignores, a byte order mark."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,11 @@ from typing import Any
 import pytest
 
 from gateway.legacy.csv_drop import CsvDropAdapter
+from gateway.legacy.fixed_width import FixedWidthAdapter
 from gateway.legacy.importer import import_records
 from gateway.legacy.records import LegacyPurchase, Member, Origin, PurchaseLine, Quarantined, SourceLine
 from gateway.legacy.settlement import reconcile_file
-from gateway.legacy.webhook import sign
+from gateway.legacy.webhook import WebhookAdapter, sign
 from tests.gateway.conftest import GatewayUnderTest
 from tests.gateway.test_legacy import HEADER, member_with_card, webhook_body
 from tests.mesh.conftest import Mesh
@@ -137,3 +139,19 @@ def test_a_repeated_column_the_format_reads_still_refuses_the_file(column: str, 
 def test_the_odd_webhook_body_is_valid_json() -> None:
     """The bodies above are what a vendor's JSON encoder sends: plain ASCII escapes."""
     assert json.loads(webhook_body(card_number=f"4000-{LONE}"))["card_number"] == f"4000-{LONE}"
+
+
+BOM = b"\xef\xbb\xbf"  # what a Windows tool puts before UTF-8 text it saves
+
+
+def test_a_byte_order_mark_before_a_fixed_width_export_or_a_webhook_body_is_read_past() -> None:
+    """The CSV drop reads past one already; the other two formats read the same file, or the
+    same body, as without it (the webhook's signature still covers the bytes as sent)."""
+    export = (Path(__file__).parent / "legacy_files" / "mainframe_good.txt").read_bytes()
+    assert list(FixedWidthAdapter().parse("export.txt", BOM + export)) == list(
+        FixedWidthAdapter().parse("export.txt", export)
+    )
+    [plain] = WebhookAdapter().parse("acme", webhook_body())
+    [marked] = WebhookAdapter().parse("acme", BOM + webhook_body())
+    assert isinstance(marked, LegacyPurchase), marked
+    assert marked == replace(plain, origin=marked.origin)
