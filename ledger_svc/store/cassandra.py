@@ -516,15 +516,18 @@ class CassandraShardTx:
             return []  # system accounts have no single partition; their legs sit with members
         low, high = f"{account}|", f"{account}|{min(before_entry_id, 10**19 - 1):019d}"
         p = self.pkey(member)
-        rows = list(self.store.q("entries", (self.store.ledger, p, low, high, limit)))
+        rows = {row.id: row for row in self.store.q("entries", (self.store.ledger, p, low, high, limit))}
         if len(rows) < limit:
-            # Older pages continue in the member's monthly history, newest month first.
+            # Older pages continue in the member's monthly history, newest month first. An
+            # archive pass that lost its delete to a posting (or died before it) left copies of
+            # live rows there: the live row wins, and a copy does not count towards the page.
             for month in sorted(self.part(p, lock=False).months(), reverse=True):
-                rows += self.store.q("hist_entries", (self.store.ledger, p, month, low, high, limit - len(rows)))
+                for row in self.store.q("hist_entries", (self.store.ledger, p, month, low, high, limit)):
+                    rows.setdefault(row.id, row)
                 if len(rows) >= limit:
                     break
         out = []
-        for row in rows:
+        for row in sorted(rows.values(), key=lambda r: str(r.id), reverse=True)[:limit]:
             r = json.loads(row.body)
             out.append(Entry(int(row.id.rpartition("|")[2]), r[0], account, r[1], TxKind(r[2]), from_us(r[3]),
                              from_us(r[4]), r[5]))  # fmt: skip
