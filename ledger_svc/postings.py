@@ -748,7 +748,7 @@ class ShardBook:
         # The earn's points not reversed before this one: the target's share of expired points
         # (of a credit still pending at the merge, whose lot moved there whole); and what the
         # source took back from breakage, which the target does not give up.
-        # `caps`: a return's capped points, given back to the member caps the target keeps now.
+        # `caps`: the capped points a return, or a reversal of all the rest, gives back to the caps the target keeps now.
         payload = {"original_tx": tx_id, "reason": reason, "unreversed": unreversed, "expired": expired,
                    "caps": caps or {}}  # fmt: skip
         self.tx.add_saga(SagaRecord(saga_id, "reversal", SagaState.HELD, original.member_id, target, unit, amount, "",

@@ -343,10 +343,34 @@ def untier(book: ShardBook, earn_tx: str, points: int) -> None:
     tier credits it counted toward qualification come off its month too, as a return's do, so
     the member's tier follows what they keep. Each point is reversed once, whoever reverses it,
     so nothing comes off twice. (A merged-away member's reversal does this on the member it was
-    merged into: Sagas.drive_reversal.)"""
+    merged into: Sagas.drive_reversal.) Reversed whole, its capped points count against the
+    member's caps no more either (`capped_unreturned`)."""
     earn = book.tx.get_transaction(earn_tx)
     if earn is not None:
         take_off_qualification(book, earn.member_id, _qualifying_month(book.tx, earn), points)
+        if points > 0 and not book.reversible_points(earn_tx):
+            give_back_caps(book, earn.member_id, capped_unreturned(book.tx, earn_tx))
+
+
+def capped_unreturned(tx: ShardTx, earn_tx: str) -> dict[str, int]:
+    """The capped points of a purchase's earn that no return gave back to the member's caps, by
+    counter: what reversing the rest of it whole gives back (a rejected review, ops reversing it
+    in full). A partial reversal by ops gives none back: which of the purchase's points it took
+    is not known, and a later return still gives back its lines' share."""
+    earn = tx.get_transaction(earn_tx)
+    if earn is None or not earn.reference.startswith(PURCHASE_REFERENCE):
+        return {}
+    found = tx.get_purchase(earn.reference.removeprefix(PURCHASE_REFERENCE))
+    if found is None:
+        return {}
+    record = codec.loads(PurchaseRecord, found[1])
+    units = [u for u, t in record.earn_transactions.items() if t == earn_tx]
+    returned = record.returned_points or (0,) * len(record.parts)
+    used: dict[str, int] = {}
+    for part, done in zip(record.parts, returned, strict=True):
+        if part.unit in units and part.guard is not None and part.guard.counter and part.points > done:
+            used[part.guard.counter] = used.get(part.guard.counter, 0) + part.points - done
+    return used
 
 
 def credit_still_here(tx: ShardTx, earn_tx: str, member_id: str) -> bool:

@@ -238,11 +238,6 @@ def decide(book: ShardBook, review_id: str, approve: bool, operator_id: str, not
     )  # fmt: skip
     _save(book, decided)
     _announce(book, "review_decided", decided)
-    # A member merged away since the review opened: the outcome follows the merge (sagas
-    # imports this module, so it is imported here).
-    from ledger_svc.sagas import sweep_decided
-
-    sweep_decided(book, decided)
     return decided
 
 

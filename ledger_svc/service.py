@@ -59,7 +59,7 @@ from ledger_svc.domain import (
 )
 from ledger_svc.ingest import claim_many
 from ledger_svc.postings import Policy, ShardBook, to_transaction
-from ledger_svc.purchases import credit_still_here, load_state, require_unmerged, untier
+from ledger_svc.purchases import capped_unreturned, credit_still_here, load_state, require_unmerged, untier
 from ledger_svc.reconcile import ReconcileReport, reconcile
 from ledger_svc.reviews import (
     PlacedHold,
@@ -71,7 +71,7 @@ from ledger_svc.reviews import (
     hold_or_review,
     redeem_or_hold,
 )
-from ledger_svc.sagas import Sagas
+from ledger_svc.sagas import Sagas, sweep_decided
 from ledger_svc.screening import (
     FraudDenied,
     FraudScreen,
@@ -901,6 +901,9 @@ class LedgerService:
                 reversal = book.tx.get_transaction(tx_id)
                 if reversal is not None:
                     untier(book, reversal.original_tx, -reversal.points)
+        # A member merged away since the review opened: the outcome follows the merge, with the
+        # tier credits and cap use the rejection gave back (so after them).
+        sweep_decided(book, decided)
         return decided
 
     def _check_adjust(self, cmd: c.Adjust) -> c.Adjust:
@@ -999,6 +1002,8 @@ class LedgerService:
             points live with the target now, and a two-shard saga takes them, like a transfer."""
             if credit_still_here(b.tx, cmd.transaction_id, gone):
                 return self.reverse_body(b, cmd)
+            # Reversed whole, its capped points go back to the caps the target keeps (untier).
+            whole = cmd.full or (cmd.points is not None and cmd.points >= b.reversible_points(cmd.transaction_id))
             return b.start_merged_reversal(
                 cmd.transaction_id,
                 points=cmd.points,
@@ -1006,6 +1011,7 @@ class LedgerService:
                 reason=cmd.reason,
                 target=target,
                 saga_id=new_id("rv", gone),
+                caps=capped_unreturned(b.tx, cmd.transaction_id) if whole else None,
             )
 
         # A replay answers from what the first call stored, whichever path it took.

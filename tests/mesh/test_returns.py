@@ -423,3 +423,18 @@ async def test_a_returned_boost_gives_the_cap_back_down_a_chain_merged_during_th
     assert by_rule(again.purchase) == {"base": 4, "boost": 16}
     totals = await mesh.ledger.stub.GetTotals(ledger_pb2.GetTotalsRequest(fresh=True))
     assert totals.differences == 0
+
+
+async def test_an_ops_reversal_of_a_merged_away_members_boost_gives_the_cap_back_on_the_heir(mesh: Mesh) -> None:
+    """Ops reversing the source's boosted earn in full, after the merge: the heir, who has the
+    person's counters, earns the boost again the same day."""
+    source, heir = await welcomed_member(mesh), await welcomed_member(mesh)
+    first = await buy(mesh, source, [("boost", 2000, 1)])
+    await mesh.ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=heir)
+    )
+    assert by_rule((await buy(mesh, heir, [("boost", 400, 1)])).purchase) == {"base": 4, "boost": 0}
+    await mesh.ledger.stub.Reverse(ledger_pb2.ReverseRequest(
+        idempotency_key=key(), transaction_id=first.purchase.earn_transactions["points"], full=True,
+    ))  # fmt: skip
+    assert by_rule((await buy(mesh, heir, [("boost", 400, 1)])).purchase) == {"base": 4, "boost": 16}
