@@ -579,11 +579,16 @@ class ShardBook:
         return HoldResult(done, transaction.balance_after, transaction)
 
     def void_hold(self, hold_id: str, *, expired: bool = False, owner: str = "") -> HoldResult:
+        """A hold past its timeout is EXPIRED whether the maintenance pass released it yet or
+        not (its timeout is a promise to the member, not the job's schedule): a void of it
+        answers the hold as expired either way, its points free as the void wanted."""
         hold = self.require_hold(hold_id)
+        if hold.status is HoldStatus.EXPIRED and not expired:
+            return HoldResult(hold, self.balance(hold.member_id, hold.unit))
         if hold.status != HoldStatus.PLACED:
             raise FailedPrecondition(f"hold {hold_id} is {hold.status.value}, not PLACED", field="hold_id")
         self._check_owner(hold, owner)
-        voided = self._release(hold, expired=expired)
+        voided = self._release(hold, expired=expired or self._timed_out(hold))
         self._settle_debt(hold.member_id, hold.unit)
         return HoldResult(voided, self.balance(hold.member_id, hold.unit))
 

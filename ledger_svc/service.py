@@ -959,9 +959,17 @@ class LedgerService:
         v.object_id(cmd.hold_id, "h", "hold_id")
         if cmd.points < 0:
             raise InvalidArgument(f"must be zero (all) or positive, got {cmd.points}", field="points")
-        return await self._mutate(
-            cmd, self.shard_of_id(cmd.hold_id), HoldResult, lambda b: b.capture_hold(cmd.hold_id, cmd.points)
-        )
+        shard = self.shard_of_id(cmd.hold_id)
+
+        async def precheck() -> None:
+            """A capture spends, as a redemption does: not for a member blocked or erased since
+            the hold was placed (voiding it still gives the points back). A hold a review or a
+            transfer owns is its owner's to capture, which checks the member itself."""
+            hold = await self.store.read(shard, lambda tx: tx.get_hold(cmd.hold_id))
+            if hold is not None and hold.status is HoldStatus.PLACED and not hold.saga_id:
+                await self._require_active(hold.member_id, field="hold_id")
+
+        return await self._mutate(cmd, shard, HoldResult, lambda b: b.capture_hold(cmd.hold_id, cmd.points), precheck)
 
     async def void_hold(self, cmd: c.VoidHold) -> HoldResult:
         v.idem_key(cmd.key)
