@@ -9,6 +9,7 @@ held as exact fractions.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from datetime import datetime
@@ -573,15 +574,46 @@ class Program(_Strict):
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
+    out, previous = "", ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif part == "[key]":  # the key itself is bad (an attribute's name): `attributes['club level']`
+            out = out.removesuffix(f".{previous}") + f"[{previous!r}]"
         elif part.startswith("function-") or part in {"str", "int", "list", "dict"}:
             continue
         else:
             out += f".{part}" if out else part
+        previous = str(part)
     return out
+
+
+_PATH_STEP = re.compile(r"\[(\d+)\]|\[('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\]|\.?([^.\[]+)")
+
+
+def _in_document_order(errors: list[tuple[str, str]], data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Problems in the order the document is written (the schema's order is not the file's): by
+    where each path's steps sit in the mapping as read (keys keep the file's order), a field
+    the document lacks after those it has, at its level."""
+
+    def rank(path: str) -> tuple[int, ...]:
+        ranks: list[int] = []
+        node: Any = data
+        for index, quoted, name in _PATH_STEP.findall(path):
+            step: int | str = int(index) if index else ast.literal_eval(quoted) if quoted else name
+            if isinstance(node, dict) and isinstance(step, str):
+                keys = list(node)
+                ranks.append(keys.index(step) if step in keys else len(keys))
+                node = node.get(step)
+            elif isinstance(node, list) and isinstance(step, int):
+                ranks.append(step)
+                node = node[step] if step < len(node) else None
+            else:
+                ranks.append(1 << 30)
+                node = None
+        return tuple(ranks)
+
+    return sorted(errors, key=lambda e: rank(e[0]))
 
 
 def _duplicates(path: str, ids: list[str]) -> list[tuple[str, str]]:
@@ -608,6 +640,11 @@ def _meaning_errors(p: Program, *, publishing: bool = True) -> list[tuple[str, s
     errors += _duplicates("stores", [s.id for s in p.stores]) + _duplicates("rules", [r.id for r in p.rules])
     errors += _duplicates("groups", [g.id for g in p.groups])
     errors += _duplicates("base_rates", [f"{b.currency}/{b.unit}" for b in p.base_rates])
+    if publishing:  # a version that refuses every basket would displace the one that works
+        if not p.channels:
+            errors.append(("channels", "names no channel: every purchase would be refused"))
+        if not p.base_rates:
+            errors.append(("base_rates", "lists no base rate: no basket's currency could be priced"))
     fx_currencies = {r.currency for r in p.fx.rates} if p.fx else set()
 
     def convertible(currency: str) -> bool:
@@ -871,10 +908,10 @@ def validate_program(data: dict[str, Any], *, stored: bool = False) -> Program:
         for err in exc.errors(include_url=False):
             message = str(err["msg"]).removeprefix("Value error, ")
             errors.append((_path(tuple(err["loc"])), message))
-        raise ProgramInvalid(errors) from None
+        raise ProgramInvalid(_in_document_order(errors, data)) from None
     problems = _meaning_errors(program, publishing=not stored)
     if problems:
-        raise ProgramInvalid(problems)
+        raise ProgramInvalid(_in_document_order(problems, data))
     return program
 
 

@@ -116,9 +116,7 @@ class RulesService:
         if not key or len(key) > 128:
             raise BadRequest("an idempotency key of 1..128 characters is required", field="idempotency_key.key")
         now = self.clock.now()
-        draft, canonical, sha = _parse(document, fmt)
-        if kept := self._campaign_starts_kept(draft.program):
-            draft, canonical, sha = _canonical(kept)
+        draft, canonical, sha = self._draft(document, fmt)
         existing = self._index.get(draft.program.program)
         if only_if_absent and existing:
             return max(existing, key=lambda i: i.version)
@@ -144,6 +142,14 @@ class RulesService:
         self._compiled[(info.program, info.version)] = CompiledProgram(draft.program, info.version)
         await self.refresh()
         return info
+
+    def _draft(self, document: str, fmt: str) -> tuple[CompiledProgram, str, str]:
+        """A document as publishing it would store it: what Simulate previews too, so a draft
+        prices a basket there as Evaluate does once it is published."""
+        draft, canonical, sha = _parse(document, fmt)
+        if kept := self._campaign_starts_kept(draft.program):
+            return _canonical(kept)
+        return draft, canonical, sha
 
     def _campaign_starts_kept(self, draft: Program) -> Program | None:
         """The draft with each campaign-capped rule's start written as an earlier version wrote
@@ -268,11 +274,10 @@ class RulesService:
             raise FailedPrecondition(f"program {program} v{compiled.version} has no tiers", field="program")
         return compiled.version, tier_standing(policy, qualification, at)
 
-    @staticmethod
     def simulate(
-        document: str, fmt: str, items: Sequence[tuple[Basket, MemberContext] | RulesError]
+        self, document: str, fmt: str, items: Sequence[tuple[Basket, MemberContext] | RulesError]
     ) -> list[Evaluation | RulesError]:
-        draft, _canonical, _sha = _parse(document, fmt)
+        draft, _canonical, _sha = self._draft(document, fmt)
         return _each(items, draft.evaluate)
 
 

@@ -325,7 +325,7 @@ def test_document_that_is_not_a_mapping_is_refused() -> None:
 def test_every_problem_is_reported_at_once() -> None:
     doc = program_doc(bonus("a", unit="miles"), bonus("a", group="nope"))
 
-    assert paths_of(doc) == ["rules[1]", "rules[0].unit", "rules[1].group"]
+    assert paths_of(doc) == ["rules[0].unit", "rules[1]", "rules[1].group"]  # in document order
 
 
 def test_conditions_naming_undeclared_channels_stores_and_tiers_are_refused() -> None:
