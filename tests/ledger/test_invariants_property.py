@@ -27,6 +27,7 @@ from ledger_svc.domain import (
     AlreadyReversed,
     Balance,
     FailedPrecondition,
+    HoldStatus,
     IdemKey,
     IdempotencyConflict,
     InsufficientPoints,
@@ -208,6 +209,7 @@ class HoldModel:
     points: int
     expires_at: datetime
     placed: bool = True
+    expired: bool = False  # released by the maintenance pass at its timeout
 
 
 @dataclass
@@ -462,12 +464,19 @@ class Scenario:
         if hold is None:
             await self._attempt(NotFound, self.svc.void_hold, c.VoidHold(self._key(), MISSING_HOLD))
             return
-        expect = None if hold.placed else FailedPrecondition
+        # A hold past its timeout answers EXPIRED, whether the pass released it (nothing more
+        # moves) or not (this void releases it).
+        expect = None if hold.placed or hold.expired else FailedPrecondition
         key = hold.key
         expired_before = await self._expired_totals()
-        if await self._attempt(expect, self.svc.void_hold, c.VoidHold(self._key(), hold.hold_id)) is None:
+        result = await self._attempt(expect, self.svc.void_hold, c.VoidHold(self._key(), hold.hold_id))
+        if result is None:
             return
-        hold.placed = False
+        timed_out = hold.expires_at <= self.clock.now()
+        self._eq(result.hold.status, HoldStatus.EXPIRED if timed_out else HoldStatus.VOIDED, "hold status")
+        if not hold.placed:
+            return
+        hold.placed, hold.expired = False, timed_out
         swept = await self._swept_since(expired_before, key)
         settled = _settled_by_freeing(before[key], hold.points - swept)
         self.expect_net = {key: -swept}
@@ -612,7 +621,7 @@ class Scenario:
         self._eq(report.pending_released, len(due_earns), "pending released")
         self._eq(report.sagas_completed, 0, "sagas completed")
         for hold in due_holds:
-            hold.placed = False
+            hold.placed, hold.expired = False, True
         for earn in due_earns:
             earn.pending = False
         self.expired_reported += report.expired_points
