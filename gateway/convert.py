@@ -35,7 +35,7 @@ def member(m: ledger_pb2.Member) -> s.Member:
     return s.Member(
         member_id=m.member_id, status=_enum(m.status, ledger_pb2.MemberStatus, "MEMBER_STATUS_"),
         external_ids=[s.ExternalId(kind=e.kind, value=e.value) for e in m.external_ids],
-        merged_into=m.merged_into_member_id, created_at=when(m, "created_at"),
+        merged_into=m.merged_into_member_id, created_at=when(m, "created_at"), profile=dict(m.profile),
     )  # fmt: skip
 
 

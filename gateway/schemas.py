@@ -88,6 +88,8 @@ class Member(BaseModel):
     external_ids: list[ExternalId]
     merged_into: str = ""
     created_at: datetime | None = None
+    # What enrolment stored (empty once the member is erased); the member's own token reads it.
+    profile: dict[str, str] = Field(default_factory=dict, examples=[{"language": "fi"}])
 
 
 class Balance(BaseModel):

@@ -16,9 +16,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
 from gateway.auth import Principal, credential_of, resolve
-from gateway.deps import Gateway, IdPath, call
+from gateway.deps import Gateway, call
 from gateway.live import Subscription
-from gateway.problems import MEDIA_TYPE, Problem
+from gateway.problems import MEDIA_TYPE, Problem, bad_request
+from gateway.schemas import MAX_ID_LENGTH
 from gateway.strict_json import StrictJsonRoute
 from pointmesh.v1 import ledger_pb2
 
@@ -222,7 +223,9 @@ async def _pump(
 
 
 @router.websocket("/v1/members/{member_id}/live")
-async def member_live(ws: WebSocket, member_id: IdPath) -> None:
+async def member_live(ws: WebSocket, member_id: str) -> None:
+    # The id's length is checked here, not by the path's bound: FastAPI would refuse a bound
+    # broken on a websocket with a bare 403, which reads as "this key may not".
     caller = await _authenticate(ws)
     if caller is None:
         return
@@ -233,6 +236,9 @@ async def member_live(ws: WebSocket, member_id: IdPath) -> None:
         return
     gw: Gateway = ws.app.state.gateway
     if caller.key is not None:  # (a member token names a member that was: its own)
+        if len(member_id) > MAX_ID_LENGTH:  # as GET /v1/members/{id} answers it
+            await _refuse(ws, bad_request("path.member_id", f"String should have at most {MAX_ID_LENGTH} characters"))
+            return
         try:  # the member routes' 400/404, not a stream that stays silent for good
             await call(LEDGER, gw.ledger.GetMember(ledger_pb2.GetMemberRequest(member_id=member_id)))
         except Problem as problem:
