@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from redis.exceptions import RedisError
 
 from fraud_svc import domain as d
 from fraud_svc.service import FraudService
@@ -33,6 +34,17 @@ def error_status(error: d.FraudError) -> grpc.Status:
 
 
 translated = translating(d.FraudError, error_status)
+
+
+def _velocity_down(error: Exception) -> grpc.Status:
+    return rich_status(grpc.StatusCode.UNAVAILABLE, f"velocity state unavailable: {error}",
+                       reason="VelocityUnavailable", domain=DOMAIN)  # fmt: skip
+
+
+# The velocity Redis away fails every request alike: an outage (UNAVAILABLE), which the ledger
+# waits out under its policy, not a failure of the one request (UNKNOWN), which it counts
+# against that request and would drop a kept observation for.
+velocity_outage = translating((RedisError, OSError, TimeoutError), _velocity_down)
 
 
 def _time(message: Any, field: str, path: str, *, required: bool = False) -> Any:
@@ -110,12 +122,14 @@ class FraudServicer(fraud_pb2_grpc.FraudServiceServicer):
         self.service = service
         self.now = now
 
+    @velocity_outage
     @translated
     async def Score(
         self, request: fraud_pb2.ScoreRequest, context_: grpc.aio.ServicerContext
     ) -> fraud_pb2.ScoreResponse:
         return decision_pb(await self.service.score(context(request.transaction)))
 
+    @velocity_outage
     @translated
     async def ScoreBatch(
         self, request: fraud_pb2.ScoreBatchRequest, context_: grpc.aio.ServicerContext

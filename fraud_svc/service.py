@@ -147,9 +147,12 @@ def _check_times(ctx: TxContext, now: datetime, path: str) -> None:
     if at > now + FUTURE_SKEW:
         raise BadRequest(f"{at.isoformat()} is more than {_SKEW_TEXT} ahead of fraud_svc's clock ({now.isoformat()})",
                          field=f"{path}.occurred_at")  # fmt: skip
-    if at < now - MAX_LATENESS:
-        raise BadRequest(f"{at.isoformat()} is more than {MAX_LATENESS.days} days before fraud_svc's clock "
-                         f"({now.isoformat()})", field=f"{path}.occurred_at")  # fmt: skip
+    # The ledger refuses what is older than MAX_LATENESS by its own clock: past that bound by
+    # the skew two clocks may differ by (or the time the request took to get here), so whatever
+    # it accepted is scored, never left to its policy (a blocked device's spend paid unscored).
+    if at < now - MAX_LATENESS - FUTURE_SKEW:
+        raise BadRequest(f"{at.isoformat()} is more than {MAX_LATENESS.days} days (and {_SKEW_TEXT} of clock skew) "
+                         f"before fraud_svc's clock ({now.isoformat()})", field=f"{path}.occurred_at")  # fmt: skip
     # Both may come after the event: a late receipt of a member who joined, or changed their
     # phone number, since. Neither is recorded; they are bounded as moments that have happened.
     for name in ("contact_changed_at", "member_since"):

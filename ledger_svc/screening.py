@@ -332,16 +332,16 @@ class FraudScreen:
     async def tell_backlog(self, limit: int = 500) -> int:
         """The maintenance pass: up to `limit` observations kept while fraud_svc was away, taken
         from the backlog at once (so replicas running the pass together each tell their own),
-        told until one fails, the rest put back; returns how many were told. Order does not
-        matter (see ObservationBacklog). An entry fraud_svc answers with a failure (not a
-        refusal as invalid, which counts as told) costs every pass a breaker trip; after
-        MAX_TELL_ATTEMPTS such failures it is dropped, logged. A failure because fraud_svc was
+        told until fraud_svc is not there, the rest put back; returns how many were told. Order
+        does not matter (see ObservationBacklog). An entry fraud_svc answers with a failure (not
+        a refusal as invalid, which counts as told) goes back last, the others told past it;
+        after MAX_TELL_ATTEMPTS such failures it is dropped, logged. A failure because fraud_svc was
         not there (down, past the deadline) is the outage's and does not count against it."""
         if self.backlog is None:
             return 0
         lease = await self.backlog.take(limit)
         entries = lease.entries
-        told, back = 0, []
+        told, back, failed = 0, [], []
         for i, entry in enumerate(entries):
             outcome = await self._told(entry.request)
             if outcome is True:
@@ -349,16 +349,18 @@ class FraudScreen:
                 continue
             if isinstance(outcome, ScreenerUnavailable) and not outcome.outage:  # the entry's, not an outage's
                 entry = BacklogEntry(entry.request, entry.attempts + 1)
+                if entry.attempts >= MAX_TELL_ATTEMPTS:
+                    log.error(
+                        "dropping fraud observation %s of %s: fraud_svc failed on it %d times, last: %s",
+                        entry.request.event_id, entry.request.kind, entry.attempts, outcome,
+                    )  # fmt: skip
+                else:
+                    failed.append(entry)  # last, so the next pass tries the others first
+                continue  # the others are still told
             back.extend(entries[i + 1 :])  # untried (the breaker is open): as they were
-            if entry.attempts >= MAX_TELL_ATTEMPTS:
-                log.error(
-                    "dropping fraud observation %s of %s: fraud_svc failed on it %d times, last: %s",
-                    entry.request.event_id, entry.request.kind, entry.attempts, outcome,
-                )  # fmt: skip
-            else:
-                back.append(entry)  # last, so the next pass tries the others first
+            back.append(entry)
             break
-        await self.backlog.settle(lease, back)
+        await self.backlog.settle(lease, back + failed)
         return told
 
     async def screen_many(self, requests: Sequence[ScreeningRequest]) -> list[Screening]:
@@ -391,6 +393,12 @@ class FraudScreen:
         return time.monotonic() >= self._down_until
 
     def _trip(self, what: str, why: ScreenerUnavailable) -> None:
+        """Opens the breaker on an outage only: a failure of one request (an internal error on
+        that basket) leaves the next ones scored, a blocked device's spend included, instead of
+        handing a second of them to the policy."""
+        if not why.outage:
+            log.warning("fraud_svc failed on %s (not an outage); decided by policy: %s", what, why)
+            return
         log.warning("fraud_svc unavailable; %s decided by policy: %s", what, why)
         self._down_until = time.monotonic() + BREAKER_SECONDS
 

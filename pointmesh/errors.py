@@ -134,9 +134,9 @@ def error_reason(error: grpc.aio.AioRpcError | grpc.RpcError) -> str:
 
 
 def translating(
-    error_type: type[Exception], to_status: Callable[[Any], grpc.Status]
+    error_type: type[Exception] | tuple[type[Exception], ...], to_status: Callable[[Any], grpc.Status]
 ) -> Callable[[Handler[Req, Resp]], Callable[..., Awaitable[Resp]]]:
-    """A servicer-method decorator turning a service's domain error into a rich status."""
+    """A servicer-method decorator turning a service's domain error (or errors) into a rich status."""
 
     def decorate(method: Handler[Req, Resp]) -> Callable[..., Awaitable[Resp]]:
         @functools.wraps(method)
