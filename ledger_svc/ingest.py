@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -91,15 +90,18 @@ class BatchIngest:
     async def _give_back_refused(self, live: list[_Prepared], seen: set[int], results: list[Any]) -> None:
         """The keys this batch claimed for items then refused (nothing written), as a single
         request gives its key back: the corrected item may come again under it. A key named
-        twice in the batch stays, one of its items may have posted."""
-        named = Counter((p.command.key.namespace, p.command.key.key) for p in live)
-        refused = [
+        twice in the batch goes back only if every item under it was refused (one that posted
+        keeps it; the store keeps a key whose result is stored anyway)."""
+        by_key: dict[tuple[str, str], list[_Prepared]] = {}
+        for p in live:
+            by_key.setdefault((p.command.key.namespace, p.command.key.key), []).append(p)
+        refused = {  # claimed by this batch (a later copy finds the first's claim: seen), all refused
             (p.command.key, p.fingerprint)
-            for p in live
-            if p.index not in seen and isinstance(results[p.index], REFUSALS)
-            and named[(p.command.key.namespace, p.command.key.key)] == 1
-        ]  # fmt: skip
-        await self.service.release_claims(refused)
+            for named in by_key.values()
+            if named[0].index not in seen and all(isinstance(results[p.index], REFUSALS) for p in named)
+            for p in named
+        }
+        await self.service.release_claims(sorted(refused, key=lambda r: (r[0].namespace, r[0].key, r[1])))
 
     async def _together(self, prepared: list[_Prepared], results: list[Any]) -> None:
         """First-time items in as few write units as the store allows: one per shard on

@@ -301,3 +301,39 @@ async def test_a_redemption_refused_while_another_write_of_the_stream_is_cut_off
 
     await ledger.stub.Redeem(redeem_item("alice-spend-2", alice, 100).redeem)
     assert (await balance(ledger.stub, alice)).balance_points == 400
+
+
+@pytest.mark.parametrize("path", ["unary", "batch"])
+async def test_a_redemption_sent_twice_and_refused_both_times_gives_its_key_back(
+    ledger: LedgerUnderTest, path: str
+) -> None:
+    """decisions/0004: a request refused before it wrote anything gives its claim back, over a
+    single request or IngestBatch alike. A feed with the same redemption line twice (both refused
+    for too few points) gives the key back too: the corrected redemption, in the same stream or
+    sent later, posts under it."""
+    member = (await create_member(ledger.stub)).member_id
+    await ledger.stub.Earn(earn_item("float-9", member, 500).earn)
+    too_much, corrected = redeem_item("refund-99", member, 1000), redeem_item("refund-99", member, 100)
+    if path == "unary":
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await ledger.stub.Redeem(too_much.redeem)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await ledger.stub.Redeem(corrected.redeem)
+    else:
+        response = await ledger.stub.IngestBatch(iter([too_much, too_much, corrected]), timeout=60)
+        assert [(f.index, f.code) for f in response.failures] == [(0, "FAILED_PRECONDITION"),
+                                                                  (1, "FAILED_PRECONDITION")]  # fmt: skip
+    assert (await balance(ledger.stub, member)).balance_points == 400
+
+
+async def test_a_duplicated_refused_redemption_in_a_batch_leaves_its_key_for_the_correction(
+    ledger: LedgerUnderTest,
+) -> None:
+    member = (await create_member(ledger.stub)).member_id
+    await ledger.stub.Earn(earn_item("float-10", member, 500).earn)
+    too_much = redeem_item("refund-100", member, 1000)
+    response = await ledger.stub.IngestBatch(iter([too_much, too_much]), timeout=60)
+    assert [(f.index, f.code) for f in response.failures] == [(0, "FAILED_PRECONDITION"), (1, "FAILED_PRECONDITION")]
+    await ledger.stub.Redeem(redeem_item("refund-100", member, 100).redeem)
+    assert (await balance(ledger.stub, member)).balance_points == 400
