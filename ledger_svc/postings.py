@@ -782,6 +782,12 @@ class ShardBook:
             existing = record
         return ReverseResult(to_transaction(existing), amount, existing.reversed_points)
 
+    def reverses_whole(self, tx_id: str, points: int | None, refund: Money | None) -> bool:
+        """Whether a reversal of these points or this refund (None, None: in full) takes back all
+        that is still reversible of the earn."""
+        original, amount = self._reversal_of(tx_id, points, refund)
+        return amount >= _reversible(original)
+
     def _reversal_of(self, tx_id: str, points: int | None, refund: Money | None) -> tuple[TxRecord, int]:
         """The earn being reversed and how many points this reversal takes back."""
         original = self.require_transaction(tx_id)

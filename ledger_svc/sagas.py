@@ -322,13 +322,14 @@ class Sagas:
         return await self.svc.merge_heir(await self.svc.member(source))
 
     async def _holds_points(self, member_id: str) -> bool:
-        """Points, pending or debt on any unit, or tier credits owed to its heir's months."""
+        """Points, pending or debt on any unit, or tier credits or cap use owed to its heir."""
 
         def any_left(tx: ShardTx) -> bool:
             book = ShardBook(tx, self.svc.clock.now(), self.svc.policy)
             figures = [book.balance(member_id, unit) for unit in self.svc.policy.units]
-            owed = load_state(book, member_id).owed_qualification
-            return any(b.balance_points or b.pending_points or b.debt_points for b in figures) or bool(owed)
+            state = load_state(book, member_id)
+            owed = bool(state.owed_qualification or state.owed_caps)
+            return any(b.balance_points or b.pending_points or b.debt_points for b in figures) or owed
 
         return await self.svc.store.read(self.svc.shard_of(member_id), any_left)
 

@@ -317,7 +317,7 @@ class FraudScreen:
     async def _told(self, request: ScreeningRequest) -> bool | ScreenerUnavailable:
         """True once fraud_svc has the event (a refusal as invalid counts: telling it again
         would not change that); False if it was not asked (the breaker is open); else the
-        failure, which has tripped the breaker."""
+        failure (an outage's has tripped the breaker)."""
         if not self._up():
             return False
         try:

@@ -1011,7 +1011,7 @@ class LedgerService:
             if credit_still_here(b.tx, cmd.transaction_id, gone):
                 return self.reverse_body(b, cmd)
             # Reversed whole, its capped points go back to the caps the target keeps (untier).
-            whole = cmd.full or (cmd.points is not None and cmd.points >= b.reversible_points(cmd.transaction_id))
+            whole = b.reverses_whole(cmd.transaction_id, cmd.points, cmd.refund)
             return b.start_merged_reversal(
                 cmd.transaction_id,
                 points=cmd.points,

@@ -12,7 +12,17 @@ from ledger_svc.store.base import StoreClosed
 from pointmesh.v1 import common_pb2, ledger_pb2, rules_pb2
 from tests.ledger.helpers import balance, error_field, key, redeem, rpc_error
 from tests.mesh.conftest import PROGRAM, Mesh
-from tests.mesh.helpers import buy, by_rule, exact, new_member, points, return_lines, reversed_points, welcomed_member
+from tests.mesh.helpers import (
+    buy,
+    by_rule,
+    exact,
+    money,
+    new_member,
+    points,
+    return_lines,
+    reversed_points,
+    welcomed_member,
+)  # fmt: skip
 
 
 async def test_partial_returns_add_up_to_the_earn_and_never_more(mesh: Mesh) -> None:
@@ -438,3 +448,26 @@ async def test_an_ops_reversal_of_a_merged_away_members_boost_gives_the_cap_back
         idempotency_key=key(), transaction_id=first.purchase.earn_transactions["points"], full=True,
     ))  # fmt: skip
     assert by_rule((await buy(mesh, heir, [("boost", 400, 1)])).purchase) == {"base": 4, "boost": 16}
+
+
+@pytest.mark.parametrize("merged", [False, True])
+async def test_an_ops_refund_reversal_of_the_whole_boost_gives_the_cap_back(mesh: Mesh, merged: bool) -> None:
+    """Reversed whole by a refund of the whole purchase, as by `full`: the cap is given back,
+    on the member or (merged away) on its heir."""
+    """Ops reversing the boosted earn by a refund of the whole purchase reverses it whole, as
+    `full=True` does: the cap use comes back whether the member was merged away or not."""
+    source, heir = await welcomed_member(mesh), await welcomed_member(mesh)
+    first = await buy(mesh, source, [("boost", 2000, 1)])
+    assert by_rule(first.purchase) == {"base": 20, "boost": 50}
+    spender = source
+    if merged:
+        await mesh.ledger.stub.MergeMembers(
+            ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=source, target_member_id=heir)
+        )
+        spender = heir
+    assert by_rule((await buy(mesh, spender, [("boost", 400, 1)])).purchase) == {"base": 4, "boost": 0}
+    rev = await mesh.ledger.stub.Reverse(ledger_pb2.ReverseRequest(
+        idempotency_key=key(), transaction_id=first.purchase.earn_transactions["points"], refund_amount=money(2000),
+    ))  # fmt: skip
+    assert rev.reversed_points == 70
+    assert by_rule((await buy(mesh, spender, [("boost", 400, 1)])).purchase) == {"base": 4, "boost": 16}
