@@ -137,15 +137,11 @@ def take_in_merged_state(book: ShardBook, target: str, source: str, moved: Membe
     state = load_state(book, target)
     if source in state.merged_from:
         return
-    counters, qualification = dict(state.counters), dict(state.qualification)
-    for key, n in moved.counters.items():
-        counters[key] = counters.get(key, 0) + n
-    for bucket, n in moved.qualification.items():
-        qualification[bucket] = qualification.get(bucket, 0) + n
     ahead = max(state.tier_clock(book.now), moved.tier_clock(book.now))
     merged = replace(
-        state, purchase_count=state.purchase_count + moved.purchase_count, counters=counters,
-        qualification=qualification, merged_from=(*state.merged_from, source), tier_due=book.now,
+        state, purchase_count=state.purchase_count + moved.purchase_count,
+        counters=_added(state.counters, moved.counters), qualification=_added(state.qualification, moved.qualification),
+        merged_from=(*state.merged_from, source), tier_due=book.now,
         counted_ahead=ahead if ahead > book.now else None,
     )  # fmt: skip
     keep_state(book, target, state, merged)
@@ -163,9 +159,7 @@ def take_in_owed(book: ShardBook, target: str, sweep_id: str, owed: dict[str, in
     state = load_state(book, target)
     if sweep_id in state.owed_taken:
         return
-    months = dict(state.owed_qualification if state.merged_into else state.qualification)
-    for bucket, n in owed.items():
-        months[bucket] = months.get(bucket, 0) + n
+    months = _added(state.owed_qualification if state.merged_into else state.qualification, owed)
     taken = (*state.owed_taken, sweep_id)[-OWED_SWEEPS_KEPT:]
     if state.merged_into:
         after = replace(state, owed_qualification=months, owed_caps=_added(state.owed_caps, caps), owed_taken=taken)
@@ -285,15 +279,18 @@ def qualification_bucket_of(tx: ShardTx, earn_tx: str) -> str:
 
 
 def _qualifying_month(tx: ShardTx, earn: TxRecord | None) -> str:
-    if earn is None or not earn.reference.startswith(PURCHASE_REFERENCE):
-        return ""
-    found = tx.get_purchase(earn.reference.removeprefix(PURCHASE_REFERENCE))
-    if found is None:
-        return ""
-    record = codec.loads(PurchaseRecord, found[1])
-    if not record.qualification_bucket or record.earn_transactions.get(record.metric_unit) != earn.tx_id:
+    record = _purchase_of(tx, earn)
+    if earn is None or record is None or record.earn_transactions.get(record.metric_unit) != earn.tx_id:
         return ""
     return record.qualification_bucket
+
+
+def _purchase_of(tx: ShardTx, earn: TxRecord | None) -> PurchaseRecord | None:
+    """The purchase an accrual earn was made for (None: not a purchase's earn)."""
+    if earn is None or not earn.reference.startswith(PURCHASE_REFERENCE):
+        return None
+    found = tx.get_purchase(earn.reference.removeprefix(PURCHASE_REFERENCE))
+    return None if found is None else codec.loads(PurchaseRecord, found[1])
 
 
 def give_back_caps(book: ShardBook, member_id: str, used: dict[str, int]) -> None:
@@ -313,7 +310,8 @@ def give_back_caps(book: ShardBook, member_id: str, used: dict[str, int]) -> Non
 
 
 def _capped_points(record: PurchaseRecord, deltas: list[int], unit: str) -> dict[str, int]:
-    """The unit's points this return takes back from parts a member cap counted, by counter."""
+    """The unit's points taken back (`deltas`, part by part) from parts a member cap counted, by
+    counter."""
     used: dict[str, int] = {}
     for part, delta in zip(record.parts, deltas, strict=True):
         if delta and part.unit == unit and part.guard is not None and part.guard.counter:
@@ -357,20 +355,13 @@ def capped_unreturned(tx: ShardTx, earn_tx: str) -> dict[str, int]:
     counter: what reversing the rest of it whole gives back (a rejected review, ops reversing it
     in full). A partial reversal by ops gives none back: which of the purchase's points it took
     is not known, and a later return still gives back its lines' share."""
-    earn = tx.get_transaction(earn_tx)
-    if earn is None or not earn.reference.startswith(PURCHASE_REFERENCE):
+    record = _purchase_of(tx, tx.get_transaction(earn_tx))
+    unit = next((u for u, t in record.earn_transactions.items() if t == earn_tx), None) if record else None
+    if record is None or unit is None:
         return {}
-    found = tx.get_purchase(earn.reference.removeprefix(PURCHASE_REFERENCE))
-    if found is None:
-        return {}
-    record = codec.loads(PurchaseRecord, found[1])
-    units = [u for u, t in record.earn_transactions.items() if t == earn_tx]
     returned = record.returned_points or (0,) * len(record.parts)
-    used: dict[str, int] = {}
-    for part, done in zip(record.parts, returned, strict=True):
-        if part.unit in units and part.guard is not None and part.guard.counter and part.points > done:
-            used[part.guard.counter] = used.get(part.guard.counter, 0) + part.points - done
-    return used
+    left = [max(0, part.points - done) for part, done in zip(record.parts, returned, strict=True)]
+    return _capped_points(record, left, unit)
 
 
 def credit_still_here(tx: ShardTx, earn_tx: str, member_id: str) -> bool:

@@ -527,7 +527,7 @@ class CassandraShardTx:
                 if len(rows) >= limit:
                     break
         out = []
-        for row in sorted(rows.values(), key=lambda r: str(r.id), reverse=True)[:limit]:
+        for row in sorted(rows.values(), key=lambda r: r.id, reverse=True)[:limit]:
             r = json.loads(row.body)
             out.append(Entry(int(row.id.rpartition("|")[2]), r[0], account, r[1], TxKind(r[2]), from_us(r[3]),
                              from_us(r[4]), r[5]))  # fmt: skip
