@@ -49,16 +49,22 @@ async def on_cassandra(
     await stop_ledger(running)
 
 
-async def _statement(ledger: LedgerUnderTest, member: str) -> list[tuple[str, int, int]]:
-    """Every entry of the member's points account, two per page, newest first."""
-    out, token = [], ""
+async def entries_of(ledger: LedgerUnderTest, member: str, page_size: int) -> list[ledger_pb2.Entry]:
+    """Every entry of the member's points account, page by page, newest first."""
+    out: list[ledger_pb2.Entry] = []
+    token = ""
     while True:
         page = await ledger.stub.ListEntries(ledger_pb2.ListEntriesRequest(
-            member_id=member, page=common_pb2.PageRequest(page_size=2, page_token=token)))  # fmt: skip
-        out += [(e.transaction_id, e.points, e.kind) for e in page.entries]
+            member_id=member, page=common_pb2.PageRequest(page_size=page_size, page_token=token)))  # fmt: skip
+        out += page.entries
         token = page.next_page_token
         if not token:
             return out
+
+
+async def _statement(ledger: LedgerUnderTest, member: str) -> list[tuple[str, int, int]]:
+    """Every entry of the member's points account, two per page, newest first."""
+    return [(e.transaction_id, e.points, e.kind) for e in await entries_of(ledger, member, 2)]
 
 
 def _live_rows(store: CassandraLedgerStore, member: str, kind: str) -> int:

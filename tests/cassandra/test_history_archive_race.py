@@ -13,8 +13,8 @@ import pytest
 from ledger_svc.store.cassandra import CassandraLedgerStore
 from pointmesh.clock import ManualClock
 from pointmesh.redis_server import RedisServer
-from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.cassandra.faults import WatchedSession
+from tests.cassandra.test_history import entries_of
 from tests.conftest import LedgerUnderTest, start_ledger, stop_ledger, store_settings
 from tests.ledger.helpers import create_member, earn
 
@@ -34,14 +34,7 @@ async def replicas(
 
 
 async def _statement(ledger: LedgerUnderTest, member: str) -> list[tuple[int, str, int]]:
-    out, token = [], ""
-    while True:
-        page = await ledger.stub.ListEntries(ledger_pb2.ListEntriesRequest(
-            member_id=member, page=common_pb2.PageRequest(page_size=50, page_token=token)))  # fmt: skip
-        out += [(e.entry_id, e.transaction_id, e.points) for e in page.entries]
-        token = page.next_page_token
-        if not token:
-            return out
+    return [(e.entry_id, e.transaction_id, e.points) for e in await entries_of(ledger, member, 50)]
 
 
 async def test_an_archive_pass_that_loses_to_a_posting_shows_no_entry_twice(

@@ -10,6 +10,7 @@ from google.rpc import error_details_pb2
 from pointmesh.errors import status_details
 from pointmesh.v1 import common_pb2, rules_pb2
 from tests.conftest import RulesUnderTest
+from tests.rules.test_many_problems import HEAD
 
 
 def _fields(error: grpc.aio.AioRpcError) -> list[str]:
@@ -39,13 +40,6 @@ base_rates: [{currency: EUR, points: 1, per_minor: 0}]
 
 
 async def test_a_bad_attribute_name_is_refused_at_a_readable_path(rules: RulesUnderTest) -> None:
-    document = """
-program: shop
-default_timezone: Europe/Helsinki
-channels: [pos]
-base_rates: [{currency: EUR, points: 1, per_minor: 100}]
-rules:
-  - {id: a, when: {attributes: {"club level": gold}}, effect: {bonus_points: 5}}
-"""
+    document = HEAD + '  - {id: a, when: {attributes: {"club level": gold}}, effect: {bonus_points: 5}}\n'
     fields = await _refused(rules, document)
     assert fields == ["rules[0].when.attributes"] or fields == ["rules[0].when.attributes['club level']"], fields

@@ -4,29 +4,15 @@ without opening the breaker that would send everyone else's transactions through
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 
 import grpc
 import pytest
 
-from fraud_svc import service as fraud_service
-from fraud_svc.domain import TxContext
-from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
 from tests.ledger.helpers import create_member, key
 from tests.mesh.helpers import purchase_request
-from tests.screening.test_fraud_on_the_path import NOW, Screened, regular_member, screened_mesh
-
-BAD_DEVICE = "device-fraud-svc-trips-on"
-
-
-@pytest.fixture
-async def screened(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[Screened]:
-    async with screened_mesh(tmp_path, redis_server, fraud_models) as env:
-        yield env
-
+from tests.screening.test_fraud_on_the_path import BAD_DEVICE, NOW, Screened, fail_on_bad_device, regular_member
 
 BLOCKED = "dv-blocked-hunt"
 
@@ -35,14 +21,7 @@ async def test_one_request_fraud_svc_fails_on_does_not_let_a_blocked_device_rede
     screened: Screened,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_check = fraud_service.check
-
-    def trips(ctx: TxContext, now: datetime, path: str = "transaction") -> TxContext:
-        if ctx.device_id == BAD_DEVICE:  # a bug in fraud_svc that this one basket trips
-            raise ZeroDivisionError("division by zero")
-        return real_check(ctx, now, path)
-
-    monkeypatch.setattr(fraud_service, "check", trips)
+    fail_on_bad_device(monkeypatch)
     assert screened.fraud is not None
     screened.fraud.service.configure({"blocked_devices": [BLOCKED]})
     member = await regular_member(screened, visits=4)

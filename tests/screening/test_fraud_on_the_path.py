@@ -58,12 +58,13 @@ class Screened:
         await self.fraud.stop(grace=0.5)
         self.fraud = None
 
-    async def start_fraud(self, decision_file: Path | None = None) -> None:
-        """fraud_svc on its port, on the default decisions or those of `decision_file`."""
+    async def start_fraud(self, decision_file: Path | None = None, clock: ManualClock | None = None) -> None:
+        """fraud_svc on its port, on the default decisions or those of `decision_file`, on the
+        mesh's clock or (a host whose clock differs) `clock`."""
         settings = load_settings({}, redis_url=self.redis_url, models_dir=str(self.models),
                                  fraud_addr=f"127.0.0.1:{self.fraud_port}", grace_seconds=0.5,
                                  **({"fraud_decision_file": str(decision_file)} if decision_file else {}))  # fmt: skip
-        self.fraud = await build_fraud(settings, clock=self.clock)
+        self.fraud = await build_fraud(settings, clock=clock or self.clock)
         await self.fraud.start()
 
 
@@ -92,12 +93,6 @@ async def screened_mesh(
         if env.fraud is not None:
             await env.fraud.stop(grace=0.5)
         await stop_rules(rules)
-
-
-@pytest.fixture
-async def screened(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[Screened]:
-    async with screened_mesh(tmp_path, redis_server, fraud_models) as env:
-        yield env
 
 
 async def regular_member(env: Screened, visits: int = 12) -> str:
@@ -702,12 +697,8 @@ async def test_points_paid_for_a_refused_purchase_come_back_living_as_long_as_th
 BAD_DEVICE = "device-fraud-svc-trips-on"
 
 
-@pytest.mark.parametrize("path", ["unary", "batch"])
-async def test_a_basket_fraud_svc_fails_on_leaves_the_others_scored(
-    screened: Screened, monkeypatch: pytest.MonkeyPatch, path: str
-) -> None:
-    """As one by one, only the basket fraud_svc fails on is left to the unavailable policy; the
-    batch's ScoreBatch failed whole, and every purchase of it went unscored."""
+def fail_on_bad_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fraud_svc fails (an internal error) on a transaction from BAD_DEVICE alone."""
     real_check = fraud_service.check
 
     def trips(ctx: TxContext, now: datetime, path: str = "transaction") -> TxContext:
@@ -716,6 +707,15 @@ async def test_a_basket_fraud_svc_fails_on_leaves_the_others_scored(
         return real_check(ctx, now, path)
 
     monkeypatch.setattr(fraud_service, "check", trips)
+
+
+@pytest.mark.parametrize("path", ["unary", "batch"])
+async def test_a_basket_fraud_svc_fails_on_leaves_the_others_scored(
+    screened: Screened, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """As one by one, only the basket fraud_svc fails on is left to the unavailable policy; the
+    batch's ScoreBatch failed whole, and every purchase of it went unscored."""
+    fail_on_bad_device(monkeypatch)
     assert screened.fraud is not None
     screened.fraud.service.configure({"thresholds": {"purchase": {"review": 0.0, "deny": 1.0}}})  # review all scored
     screened.clock.set(NOW - timedelta(days=100))

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import grpc
 
-from fraud_svc.app import build as build_fraud
 from pointmesh.bounds import SCREENED_LATENESS
 from pointmesh.clock import ManualClock
-from pointmesh.config import load_settings
 from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
 from tests.ledger.helpers import balance, key, ts
@@ -33,11 +31,7 @@ async def test_a_redemption_dated_at_the_ledgers_lateness_edge_is_not_paid_unsco
         await env.stop_fraud()
         # fraud_svc's host clock 200 ms ahead of the ledger's (or, the same: the request reaches
         # fraud_svc 200 ms after the ledger checked it).
-        settings = load_settings({}, redis_url=env.redis_url, models_dir=str(env.models),
-                                 fraud_addr=f"127.0.0.1:{env.fraud_port}", grace_seconds=0.5,
-                                 fraud_decision_file=str(decision))  # fmt: skip
-        env.fraud = await build_fraud(settings, clock=ManualClock(NOW + timedelta(milliseconds=200)))
-        await env.fraud.start()
+        await env.start_fraud(decision, clock=ManualClock(NOW + timedelta(milliseconds=200)))
         for attempt in range(60):  # until the ledger reaches the restarted fraud_svc (channel backoff, breaker)
             probe = await env.ledger.stub.Redeem(ledger_pb2.RedeemRequest(
                 idempotency_key=key(f"probe-{attempt}-{member}"), member_id=member, unit="points", points=1,

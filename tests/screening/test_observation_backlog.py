@@ -5,6 +5,7 @@ fraud_svc keeps failing on is dropped after a bounded number of attempts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -54,18 +55,28 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-@pytest.fixture
-async def fraud(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[str]:
-    """A real fraud_svc (the session's trained models, velocity in the shared Redis); its address."""
+@contextlib.asynccontextmanager
+async def running_fraud(tmp_path: Path, fraud_models: Path, redis_url: str) -> AsyncIterator[str]:
+    """A real fraud_svc (a copy of the session's trained models, velocity at `redis_url`); its
+    address."""
     models = tmp_path / "models"
     shutil.copytree(fraud_models, models)
     address = f"127.0.0.1:{free_port()}"
-    settings = load_settings({}, redis_url=redis_server.url, models_dir=str(models), fraud_addr=address,
+    settings = load_settings({}, redis_url=redis_url, models_dir=str(models), fraud_addr=address,
                              grace_seconds=0.5)  # fmt: skip
     app: FraudApp = await build_fraud(settings)
     await app.start()
-    yield address
-    await app.stop(grace=0.5)
+    try:
+        yield address
+    finally:
+        await app.stop(grace=0.5)
+
+
+@pytest.fixture
+async def fraud(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[str]:
+    """A real fraud_svc with its velocity in the shared Redis; its address."""
+    async with running_fraud(tmp_path, fraud_models, redis_server.url) as address:
+        yield address
 
 
 async def test_two_replicas_draining_the_backlog_at_once_tell_every_observation(

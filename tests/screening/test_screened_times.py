@@ -8,12 +8,10 @@ maintenance pass after it is back (before, only transfers and returns did)."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import grpc
-import pytest
 
 from fraud_svc.domain import TxContext, TxKind
 from pointmesh.bounds import SCREENED_LATENESS
@@ -29,12 +27,6 @@ from tests.screening.test_fraud_on_the_path import (
     screened_mesh,
     tell_until_told,
 )
-
-
-@pytest.fixture
-async def screened(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[Screened]:
-    async with screened_mesh(tmp_path, redis_server, fraud_models) as env:
-        yield env
 
 
 async def test_a_redemption_dated_before_what_fraud_svc_scores_is_refused_not_paid_unscored(

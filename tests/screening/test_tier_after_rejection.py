@@ -4,23 +4,14 @@ fraudulent purchases cannot buy a tier the member keeps after the points are tak
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
-from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
 from tests.ledger.helpers import create_member, key
 from tests.mesh.helpers import purchase_request
-from tests.screening.test_fraud_on_the_path import NOW, Screened, _decide, screened_mesh
-
-
-@pytest.fixture
-async def screened(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[Screened]:
-    async with screened_mesh(tmp_path, redis_server, fraud_models) as env:
-        yield env
+from tests.screening.test_fraud_on_the_path import NOW, Screened, _decide
 
 
 async def _burst_ending_in_a_held_big_purchase(

@@ -6,7 +6,6 @@ it."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from fraud_svc.app import build as build_fraud
 from ledger_svc import screening
 from ledger_svc.fraud_client import FraudScreenerClient
 from ledger_svc.screening import (
@@ -26,8 +24,8 @@ from ledger_svc.screening import (
     ScreeningRequest,
     UnavailablePolicy,
 )
-from pointmesh.config import load_settings
 from pointmesh.redis_server import RedisServer, free_port
+from tests.screening.test_observation_backlog import running_fraud
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -35,15 +33,8 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 @pytest.fixture
 async def fraud_without_its_redis(tmp_path: Path, fraud_models: Path) -> AsyncIterator[str]:
     """A real fraud_svc whose velocity Redis is not there (a dedicated Redis down or restarting)."""
-    models = tmp_path / "models"
-    shutil.copytree(fraud_models, models)
-    address = f"127.0.0.1:{free_port()}"
-    settings = load_settings({}, redis_url=f"redis://127.0.0.1:{free_port()}/0", models_dir=str(models),
-                             fraud_addr=address, grace_seconds=0.5)  # fmt: skip
-    app = await build_fraud(settings)
-    await app.start()
-    yield address
-    await app.stop(grace=0.5)
+    async with running_fraud(tmp_path, fraud_models, f"redis://127.0.0.1:{free_port()}/0") as address:
+        yield address
 
 
 async def test_a_velocity_redis_outage_does_not_drop_kept_observations(
