@@ -36,9 +36,9 @@ WRITE_RUN = 8
 
 
 class BatchIngest:
-    def __init__(self, service: LedgerService, owners: dict[str, str] | None = None) -> None:
+    def __init__(self, service: LedgerService, owners: dict[str, ReversalOwner] | None = None) -> None:
         self.service = service
-        self.owners = owners or {}  # a reversal's transaction id -> the member it takes back from
+        self.owners = owners or {}  # a reversal's transaction id -> whose earn, whose points
 
     async def run(self, items: Sequence[c.PostingCommand | LedgerError]) -> list[Any]:
         """Per item either (result, replayed) or the LedgerError it failed with."""
@@ -210,15 +210,27 @@ class BatchIngest:
                              lambda b: svc._adjust_body(b, adj), owner=adj.member_id,
                              not_merged=adj.member_id)  # fmt: skip
         rev = svc._check_reverse(cmd)
-        owner = self.owners.get(rev.transaction_id, "")  # read by LedgerService.ingest
-        if await svc._merged_owner(rev.transaction_id, owner) is not None:
+        owner = self.owners.get(rev.transaction_id, NO_OWNER)  # read by LedgerService.ingest
+        # Its place is among the items of the member it takes points from (a resent stream's
+        # redemption ahead of it is written first, as one by one): the heir's, when the earner
+        # was merged away.
+        if await svc._merged_owner(rev.transaction_id, owner.earned_by) is not None:
             # Reversing an earn of a merged member is a two-shard saga; the unary path runs it.
             return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
-                             lambda b: b, via=svc.reverse)  # fmt: skip
-        # Its member's, so it keeps its place among that member's items (a resent stream's
-        # redemption ahead of it is written first, as one by one).
+                             lambda b: b, owner=owner.taken_from, via=svc.reverse)  # fmt: skip
         return _Prepared(index, rev, svc.shard_of_id(rev.transaction_id), c.fingerprint(rev), ReverseResult,
-                         lambda b: svc.reverse_body(b, rev), owner=owner)  # fmt: skip
+                         lambda b: svc.reverse_body(b, rev), owner=owner.taken_from)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ReversalOwner:
+    """Who a batch reversal concerns, read before the batch runs."""
+
+    earned_by: str  # the member whose earn it names
+    taken_from: str  # whose balance it takes back from: the merge heir if earned_by was merged away
+
+
+NO_OWNER = ReversalOwner("", "")
 
 
 def _deferred(prepared: list[_Prepared]) -> tuple[list[_Prepared], list[_Prepared]]:

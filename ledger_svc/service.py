@@ -57,7 +57,7 @@ from ledger_svc.domain import (
     new_id,
     new_member_id,
 )
-from ledger_svc.ingest import claim_many
+from ledger_svc.ingest import ReversalOwner, claim_many
 from ledger_svc.postings import Policy, ShardBook, to_transaction
 from ledger_svc.purchases import capped_unreturned, credit_still_here, load_state, require_unmerged, untier
 from ledger_svc.reconcile import ReconcileReport, reconcile
@@ -436,17 +436,22 @@ class LedgerService:
                 f"member {member_id} was merged; adjust the member it was merged into", field="member_id"
             )
 
-    async def _reversal_owners(self, items: Sequence[Any]) -> dict[str, str]:
-        """The member each batch reversal takes points back from, by transaction id (a reversal
-        names a transaction, not a member): so it keeps its place among that member's items.
-        One whose transaction is not there, or not well formed, has none: its write says why."""
+    async def _reversal_owners(self, items: Sequence[Any]) -> dict[str, ReversalOwner]:
+        """Whose earn each batch reversal names and whose points it takes back, by transaction
+        id (a reversal names a transaction, not a member): so it keeps its place among the items
+        of the member it takes from, the merge heir when the earner was merged away. One whose
+        transaction is not there, or not well formed, has none: its write says why."""
 
-        async def owner(tx_id: str) -> tuple[str, str]:
+        async def owner(tx_id: str) -> tuple[str, ReversalOwner]:
             try:
                 found = await self.store.read(self.shard_of_id(tx_id), lambda tx: tx.get_transaction(tx_id))
+                if found is None:
+                    return tx_id, ReversalOwner("", "")
+                merged = await self._merged_owner(tx_id, found.member_id)
+                heir = "" if merged is None else await self.merge_heir(merged, "transaction_id")
             except LedgerError:
-                return tx_id, ""
-            return tx_id, "" if found is None else found.member_id
+                return tx_id, ReversalOwner("", "")
+            return tx_id, ReversalOwner(found.member_id, heir or found.member_id)
 
         ids = dict.fromkeys(i.transaction_id for i in items if isinstance(i, c.Reverse))
         return dict(await asyncio.gather(*(owner(tx_id) for tx_id in ids)))
@@ -1289,18 +1294,19 @@ MEMBER_CACHE_SECONDS = 2.0
 V = TypeVar("V")
 
 
-def _in_member_order(items: Sequence[Any], owners: dict[str, str]) -> list[Sequence[Any]]:
+def _in_member_order(items: Sequence[Any], owners: dict[str, ReversalOwner]) -> list[Sequence[Any]]:
     """The batch cut where a member's items switch between purchases and other postings.
     Purchases and postings run side by side (a purchase waits for rules_svc and fraud_svc, a
     posting does not), so a redemption after the purchase that earns its points would otherwise
     be written first and refused, and a reversal of a tier-credit earn would price the purchase
     ahead of it at the lower tier. Segments run one after another; a batch of one kind is one.
-    `owners`: the member whose earn each reversal takes back (by transaction id)."""
+    `owners`: whose points each reversal takes back (by transaction id)."""
     segments: list[Sequence[Any]] = []
     start = 0
     kinds: dict[str, bool] = {}  # member -> whether its items in the current segment are purchases
     for i, item in enumerate(items):
-        member = getattr(item, "member_id", "") or owners.get(getattr(item, "transaction_id", ""), "")
+        taken = owners.get(getattr(item, "transaction_id", ""))
+        member = getattr(item, "member_id", "") or (taken.taken_from if taken else "")
         if not member:
             continue
         buying = isinstance(item, c.RecordPurchase)

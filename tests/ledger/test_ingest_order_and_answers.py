@@ -337,3 +337,36 @@ async def test_a_duplicated_refused_redemption_in_a_batch_leaves_its_key_for_the
     assert [(f.index, f.code) for f in response.failures] == [(0, "FAILED_PRECONDITION"), (1, "FAILED_PRECONDITION")]
     await ledger.stub.Redeem(redeem_item("refund-100", member, 100).redeem)
     assert (await balance(ledger.stub, member)).balance_points == 400
+
+
+@pytest.mark.parametrize("path", ["unary", "batch"])
+async def test_a_merged_members_reversal_ahead_of_the_heirs_redemption_is_written_first(
+    ledger: LedgerUnderTest, path: str
+) -> None:
+    """The points of the merged-away member's earn live with the heir now. Reversing that earn,
+    then the heir redeeming, one by one: the reversal takes the points, the redemption is refused.
+    In a batch the reversal keeps its place among the heir's items (the items of the member it
+    takes from), so the redemption behind it is refused there too, and no debt is left."""
+    gone = (await create_member(ledger.stub)).member_id
+    heir = (await create_member(ledger.stub)).member_id
+    funded = await ledger.stub.Earn(earn_item(f"gone-earn-{path}", gone, 100).earn)
+    await ledger.stub.MergeMembers(
+        ledger_pb2.MergeMembersRequest(idempotency_key=key(), source_member_id=gone, target_member_id=heir)
+    )
+    assert (await balance(ledger.stub, heir)).balance_points == 100
+    reverse = ledger_pb2.IngestBatchRequest(
+        reverse=ledger_pb2.ReverseRequest(
+            idempotency_key=key(), transaction_id=funded.transaction.transaction_id, full=True, reason="chargeback"
+        )
+    )
+    spend = redeem_item(f"heir-spend-{path}", heir, 100)
+    if path == "unary":
+        await ledger.stub.Reverse(reverse.reverse)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ledger.stub.Redeem(spend.redeem)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    else:
+        response = await ledger.stub.IngestBatch(iter([reverse, spend]), timeout=60)
+        assert [(f.index, f.code) for f in response.failures] == [(1, "FAILED_PRECONDITION")]
+    got = await balance(ledger.stub, heir)
+    assert (got.balance_points, got.debt_points) == (0, 0)
