@@ -46,6 +46,7 @@ from ledger_svc.purchases import (
     accrue,
     load_purchase,
     load_state,
+    lot_lifetime,
     name_tender,
     purchase_id_for,
     require_unmerged,
@@ -667,7 +668,11 @@ class Accrual:
             if current.status != PurchaseStatus.PENDING_ACCRUAL:
                 return 0
             if refusal or quote is None:
-                save_purchase(book, replace(current, status=PurchaseStatus.REFUSED, status_reason=refusal))
+                # Its tender, given back on a return, lives as long as the program gives points
+                # (the ledger's default only when rules_svc gave no quote).
+                life = -1 if quote is None else lot_lifetime(quote, current.receipt_time)
+                refused = replace(current, status=PurchaseStatus.REFUSED, status_reason=refusal, lot_lifetime_s=life)
+                save_purchase(book, refused)
             else:
                 accrue(book, current, quote, screening, review_id)
             return 1

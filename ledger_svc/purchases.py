@@ -400,6 +400,12 @@ def tender_points(book: ShardBook, member_id: str, tx_id: str) -> int:
     return -tender.points
 
 
+def lot_lifetime(quote: Quote, receipt_time: datetime) -> int:
+    """How long the purchase's points live, in seconds from the lot's start (0: never expire),
+    as its program gives them: also the life of its tender given back on a return."""
+    return 0 if quote.expires_at is None else int((quote.expires_at - receipt_time).total_seconds())
+
+
 def accrue(
     book: ShardBook,
     record: PurchaseRecord,
@@ -414,7 +420,7 @@ def accrue(
     A purchase fraud screening denied is stored as REFUSED and earns nothing; one it sent to
     review earns as pending credit with a review item (reviews.py) beside it.
     """
-    lifetime = 0 if quote.expires_at is None else int((quote.expires_at - record.receipt_time).total_seconds())
+    lifetime = lot_lifetime(quote, record.receipt_time)
     if screening is not None and screening.verdict is Verdict.DENY:
         # Its tender, given back on a return, lives as long as the program gives points.
         refused = replace(record, status=PurchaseStatus.REFUSED, screening=screening, lot_lifetime_s=lifetime,

@@ -3,10 +3,12 @@ test clock, the ledger calling rules_svc for every purchase."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,18 +48,27 @@ class Mesh:
 @pytest.fixture(params=["sqlite", "cassandra"])
 async def mesh(request: pytest.FixtureRequest, tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Mesh]:
     """Purchases, returns and outages are store behaviour too: each test runs on both stores."""
+    async with running_mesh(tmp_path, redis_server, PROGRAM, **store_settings(request, request.param)) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def running_mesh(tmp_path: Path, redis_server: RedisServer, seed: Path, **settings: Any) -> AsyncIterator[Mesh]:
+    """A mesh whose rules_svc starts on the program document `seed` (meshmart) at START."""
     clock = ManualClock(START)
     port = free_port()
-    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(PROGRAM))
+    rules = await start_rules(tmp_path / "rules", clock, rules_addr=f"127.0.0.1:{port}", rules_seed_file=str(seed))
     ledger = await start_ledger(
         tmp_path / "ledger", redis_server.url, clock, rules_addr=f"127.0.0.1:{port}", program="meshmart",
-        rules_deadline_seconds=2.0, **store_settings(request, request.param),
+        rules_deadline_seconds=2.0, **settings,
     )  # fmt: skip
     running = Mesh(rules, ledger, clock, port, tmp_path)
-    yield running
-    await stop_ledger(running.ledger)
-    if running.rules.app.server.port:
-        await stop_rules(running.rules)
+    try:
+        yield running
+    finally:
+        await stop_ledger(running.ledger)
+        if running.rules.app.server.port:
+            await stop_rules(running.rules)
 
 
 @pytest.fixture
