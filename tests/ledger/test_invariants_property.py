@@ -380,12 +380,16 @@ class Scenario:
             release_at=release_at, pending_review=op.review,
             purchase=Money(op.purchase_minor, "EUR") if op.purchase_minor else None,
         )  # fmt: skip
+        expiry = cmd.expires_at or (business_time or now) + timedelta(days=self.policy.expiry_days)
+        if release_at is not None and release_at >= expiry:  # could never be spent: refused
+            assert await self._attempt(InvalidArgument, self.svc.earn, cmd) is None
+            return
         result = await self._attempt(None, self.svc.earn, cmd)
         assert result is not None
         pending = op.review or release_at is not None
         assert result.pending == pending, f"{self.step}: pending={result.pending}"
         key = (op.member, op.unit)
-        self._credited(key, cmd.expires_at or (business_time or now) + timedelta(days=self.policy.expiry_days))
+        self._credited(key, expiry)
         self.earns.append(EarnModel(result.transaction.transaction_id, key, op.points, op.purchase_minor or 0,
                                     pending, op.review, release_at))  # fmt: skip
         self.totals[op.unit].earned += op.points
