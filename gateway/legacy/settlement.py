@@ -37,6 +37,7 @@ from gateway.legacy.importer import (
 )
 from gateway.legacy.records import LegacyPurchase, LegacyReturn, Parsed, Quarantined
 from pointmesh.clients import closing, ledger_stub, rules_stub
+from pointmesh.currencies import format_minor
 from pointmesh.timestamps import to_timestamp
 from pointmesh.v1 import ledger_pb2, ledger_pb2_grpc, rules_pb2
 
@@ -148,7 +149,7 @@ class SettlementReport:
         out += [f"DIFFERS FROM THE LEDGER {q.source}:{q.line}: {q.reason}" for q in differing]
         out += [
             f"LEDGER ONLY {o.channel}/{o.store_id}/{o.receipt_id} purchase {o.purchase_id} member {o.member_id}"
-            f" total {o.total_minor} {o.currency}"
+            f" total {format_minor(o.total_minor, o.currency)}"
             for o in self.ledger_only
         ]
         out += [

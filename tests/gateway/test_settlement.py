@@ -276,3 +276,19 @@ async def test_a_store_the_program_does_not_list_settles_by_the_file_s_offsets_a
 
     assert report.zones_unknown == "the program lists no store 'POP-UP'"
     assert "STORE TIME ZONES UNKNOWN (the program lists no store 'POP-UP')" in "\n".join(report.lines())
+
+
+async def test_a_ledger_only_receipt_is_reported_in_its_currency_not_in_minor_units(mesh: Mesh, tmp_path: Path) -> None:
+    """The report is read by a person: S-9 (5.00 EUR) and K-9 (1.250 KWD), live but not in the
+    store's file, are said at what they were worth, not as '500 EUR' and '1250 KWD'."""
+    member = await member_with_card(mesh, "7300-0001")
+    at = datetime(2026, 1, 2, 9, tzinfo=UTC)
+    await mesh.ledger.stub.RecordPurchase(rest_purchase(member, "S-9", "SKU-PEN", 1, 500, "EUR", at))
+    await mesh.ledger.stub.RecordPurchase(rest_purchase(member, "K-9", "SKU-DATES", 1, 1250, "KWD", at))
+    source = tmp_path / "hel-01-2026-01-02.csv"
+    source.write_text(HEADER + "P,HEL-01,S-1,1,2026-01-02T12:00:00+02:00,7300-0001,EUR,SKU-TEA,misc,1,3.00\n")
+
+    report = await reconcile_file(source, "csv", mesh.ledger.address, tmp_path / "q")
+
+    listed = sorted(line.split(" total ")[1] for line in report.lines() if line.startswith("LEDGER ONLY"))
+    assert listed == ["1.250 KWD", "5.00 EUR"], report.lines()
