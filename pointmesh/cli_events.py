@@ -7,7 +7,8 @@ import argparse
 import asyncio
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
@@ -17,6 +18,7 @@ from pointmesh.events import (
     INGEST_PURCHASES,
     MAX_EVENT_BYTES,
     TOPICS,
+    EventBus,
     OutgoingEvent,
     dead_letter_topic,
     event_bytes,
@@ -25,6 +27,8 @@ from pointmesh.events import (
 from pointmesh.kafka_server import KafkaServer
 from pointmesh.redrive import Redriven, redrive
 from pointmesh.v1 import ledger_pb2
+
+T = TypeVar("T")
 
 
 def _loopback_port(setting: str, value: str) -> int:
@@ -68,24 +72,13 @@ def cmd_topics_create(_: argparse.Namespace) -> int:
     settings = settings_or_exit()
     topics = [*TOPICS, *(dead_letter_topic(t) for t in TOPICS)]
 
-    async def run() -> str | None:
-        """None once the topics exist, else why the bus could not be reached."""
-        bus = open_bus(settings)
-        try:
-            # Redis makes a stream on first write, so ensure_topics there asks nothing of it:
-            # without this a bus nobody can reach would be reported ready.
-            try:
-                await bus.ping()
-            except Exception as exc:  # any failure to reach the bus is reported, not traced
-                return str(exc) or type(exc).__name__
-            await bus.ensure_topics(topics)
-            return None
-        finally:
-            await bus.close()
+    async def create(bus: EventBus) -> bool:
+        # Redis makes a stream on first write, so ensure_topics there asks nothing of it: the
+        # ping before it keeps a bus nobody can reach from being reported ready.
+        await bus.ensure_topics(topics)
+        return True
 
-    unreachable = asyncio.run(run())
-    if unreachable is not None:
-        print(_unreachable(settings, unreachable), file=sys.stderr)
+    if _on_bus(settings, "events topics create", create) is None:
         return 1
     print(f"{settings.event_bus}: topics ready: {', '.join(topics)}")
     return 0
@@ -96,17 +89,38 @@ def _unreachable(settings: Settings, why: str) -> str:
     return f"{settings.event_bus}: cannot reach the event bus at {where}: {why}"
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    settings = settings_or_exit()
+def _on_bus(settings: Settings, command: str, work: Callable[[EventBus], Awaitable[T]]) -> T | None:
+    """`work` on the configured bus; None once the reason it failed was told the operator (a bus
+    nobody can reach, a topic Kafka lacks, a group still consuming), never as a traceback."""
 
-    async def run() -> None:
+    async def run() -> T | str:
         bus = open_bus(settings)
         try:
-            await bus.rewind(args.topic, args.group, args.since)
+            try:
+                await bus.ping()
+            except Exception as exc:  # any failure to reach the bus is reported, not traced
+                return _unreachable(settings, str(exc) or type(exc).__name__)
+            try:
+                return await work(bus)
+            except Exception as exc:  # the bus's refusal, reported
+                return f"{command}: {settings.event_bus}: {exc or type(exc).__name__}"
         finally:
             await bus.close()
 
-    asyncio.run(run())
+    done = asyncio.run(run())
+    if isinstance(done, str):
+        print(done, file=sys.stderr)
+        return None
+    return done
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if not args.group.strip():
+        print("--group: must name a consumer group", file=sys.stderr)
+        return 2
+    settings = settings_or_exit()
+    if _on_bus(settings, "events replay", lambda bus: bus.rewind(args.topic, args.group, args.since)) is None:
+        return 1
     print(f"{args.group} on {args.topic} will read again from {args.since.isoformat()}; "
           "its handlers dedupe by event id, so nothing is paid twice")  # fmt: skip
     return 0
@@ -118,15 +132,9 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         print("--limit: must be at least 1", file=sys.stderr)
         return 2
     settings = settings_or_exit()
-
-    async def run() -> Redriven:
-        bus = open_bus(settings)
-        try:
-            return await redrive(bus, args.topic, args.group, limit=args.limit)
-        finally:
-            await bus.close()
-
-    done = asyncio.run(run())
+    done = _on_bus(settings, "events redrive", lambda bus: redrive(bus, args.topic, args.group, limit=args.limit))
+    if done is None:
+        return 1
     print(f"{args.group}: {done.sent} dead letters sent back on {args.topic}"
           + (f" ({done.other_groups} of other groups left for their own redrive)" if done.other_groups else "")
           + _left_hint(done, args.limit))  # fmt: skip
@@ -235,7 +243,7 @@ def add_commands(sub: Any, date_type: Any) -> None:
     replay = events.add_parser("replay", help="rewind a consumer group to a time (stop its consumers first)")
     replay.add_argument("--group", required=True)
     replay.add_argument("--from", dest="since", type=date_type, required=True, help="ISO date or datetime")
-    replay.add_argument("--topic", default=TOPICS[0])
+    replay.add_argument("--topic", default=TOPICS[0], choices=TOPICS)
     replay.set_defaults(func=cmd_replay)
     resend = events.add_parser("redrive", help="send a consumer group's dead letters back on their topic, each once")
     resend.add_argument("--group", required=True, help="the consumer group that dead-lettered them")

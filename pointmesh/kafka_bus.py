@@ -163,7 +163,12 @@ class KafkaBus:
             found = await consumer.offsets_for_times({tp: since_ms for tp in partitions})
             ends = await consumer.end_offsets(partitions)
             offsets = {tp: OffsetAndMetadata(found[tp].offset if found[tp] else ends[tp], "") for tp in partitions}
-            await consumer.commit(offsets)
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError):  # the group's members refuse an outsider
+                raise RuntimeError(
+                    f"group {group} has consumers running on {topic}: stop them first, then rewind"
+                ) from None
         finally:
             await consumer.stop()
 
