@@ -81,7 +81,8 @@ WEEK = "week"  # the period of a streak's Counted (a challenge's is its window, 
 @dataclass(frozen=True, slots=True)
 class Revoked:
     """An award a withdrawn purchase no longer earns: the one keyed under any of `periods` (as
-    Award.period: an achievement's "once", a challenge's windows of its id that overlap), or,
+    Award.period: an achievement's "once", a challenge's windows of its id that overlap; all
+    but `keep` of them where merged accounts each earned one), or,
     with no periods, for a streak the awards of runs that began within [first_week, last_week]
     beyond the `keep` that its `runs` (still long enough) can hold; those whose runs began
     outside them go first."""
@@ -585,13 +586,18 @@ def _withdraw_place(item: Challenge, state: ItemState, gone: list[Counted], rema
     need = _target(state, item.purchases)
     mine = [x for x in remaining if x.item_id == item.id and x.period in windows]
     for stand_in in [x for x in mine if not x.counts]:
-        if state.count >= need:
+        if state.count >= need * max(1, state.completions):
             break
         state.count += 1
         promoted.append(stand_in)
-    if state.completions and state.count < need:
-        state.completions, state.last_completed_us, state.target = 0, 0, 0
-        return [Revoked(item.id, tuple(sorted(windows)))]
+    # More than one award is live only where merged accounts each completed the window.
+    held = state.count // need if need else state.completions
+    if state.completions > held:
+        revoked = Revoked(item.id, tuple(sorted(windows)), keep=held)
+        state.completions = held
+        if not held:
+            state.last_completed_us, state.target = 0, 0
+        return [revoked]
     counted = sorted([x for x in mine if x.counts] + promoted, key=lambda x: (x.receipt_us, x.purchase_id))
     if state.completions and len(counted) == state.count >= need:  # no progress from before rows were kept
         state.last_completed_us = counted[need - 1].receipt_us  # when the target is reached now

@@ -82,7 +82,11 @@ def _challenge(item: Challenge | None, mine: ItemState, theirs: ItemState, at_us
         merged.period, merged.period_ends_us = theirs.period, theirs.period_ends_us
     first = _first_completed(mine, theirs)
     if first is not None:
-        merged.completions, merged.last_completed_us, merged.target = 1, first.last_completed_us, first.target
+        # Each account's award stays live, held by its own places in the sum: a return that
+        # leaves fewer than the places of both takes one back (game_engine._withdraw_place),
+        # as it would have before the merge.
+        merged.completions, merged.last_completed_us = mine.completions + theirs.completions, first.last_completed_us
+        merged.target = first.target
         return merged, []
     if item is None or not current or merged.count < item.purchases:
         return merged, []

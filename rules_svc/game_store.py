@@ -559,6 +559,8 @@ class GameStore:
             if start is not None and revoked.first_week <= start <= revoked.last_week:
                 live.append((start, key, status))
         kept_starts = []
+        if periods and revoked.keep:  # merged accounts each earned one: `keep` of them stay
+            live = sorted(live, key=lambda x: x[1], reverse=True)[: max(0, len(live) - revoked.keep)]
         if not periods:
             run_of = {x: next((r for r in revoked.runs if r[0] <= x[0] <= r[1]), None) for x in live}
             outside = [x for x in live if run_of[x] is None]

@@ -224,3 +224,34 @@ async def test_an_award_pending_when_its_member_is_merged_away_is_paid_once_to_t
 
     assert store.pending() == []
     assert (await balance(ledger.stub, target)).balance_points == 200
+
+
+def test_goods_returned_after_a_merge_take_back_what_they_would_have_before_it(tmp_path: Path) -> None:
+    """A person's accounts a and b each complete January's three-purchase challenge and are each
+    paid; b returns all three of its purchases. Returned before the merge, b's reward goes and
+    one stays. Returned after it, the same: a's purchases, which hold a's own reward, must not
+    hold b's too (both rewards stayed: 400 points kept for three purchases)."""
+    program = _program(challenges=[{
+        "id": "trio", "name": "Three in January", "starts": "2026-01-01T00:00:00+00:00",
+        "ends": "2026-02-01T00:00:00+00:00", "purchases": 3, "reward": {"points": 200}}])  # fmt: skip
+    kept = {}
+    for order in ("return, then merge", "merge, then return"):
+        store = GameStore(tmp_path / f"{order}.sqlite")
+        bought: dict[str, list[str]] = {"a": [], "b": []}
+        for member, hour in itertools.product(bought, (12, 13, 14)):
+            fact = _fact(member, datetime(2026, 1, 7, hour, tzinfo=UTC))
+            bought[member].append(fact.purchase_id)
+            store.apply_event(program, fact)
+        for reward in store.pending():
+            store.settle(reward.key, "PAID", f"tx-{reward.key}")
+        if order == "merge, then return":
+            assert store.merge(program, "a", "b", at=datetime(2026, 1, 20, tzinfo=UTC)) == []
+            assert store.states("test", "b")["trio"].completions == 2
+        for n, purchase_id in enumerate(bought["b"]):
+            store.withdraw_event(program, f"ret-{n}", "b", purchase_id)
+        if order == "return, then merge":
+            store.merge(program, "a", "b", at=datetime(2026, 1, 20, tzinfo=UTC))
+        kept[order] = (store.reward_totals("test", "b").get("PAID", 0), store.states("test", "b")["trio"].completions)
+        store.close()
+
+    assert kept == {"return, then merge": (200, 1), "merge, then return": (200, 1)}
