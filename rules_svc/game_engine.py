@@ -56,6 +56,9 @@ class ItemState:
     # completed): a withdrawal judges the award by it, whichever version counted the purchase
     # taken back, so a later version's changed target neither revokes nor keeps it.
     target: int = 0
+    # "achievement", "streak" or "challenge" ("": stored before this was kept): an id a later
+    # version gives another kind of item starts afresh, as a new item would.
+    kind: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,6 +406,26 @@ def _challenge(item: Challenge, state: ItemState, fact: PurchaseFact, joined: bo
     return Award(item.id, item.name, state.period, item.reward.points, item.reward.unit)
 
 
+def kind_of(item: Achievement | Streak | Challenge) -> str:
+    return "achievement" if isinstance(item, Achievement) else "streak" if isinstance(item, Streak) else "challenge"
+
+
+def stored_state(states: Mapping[str, ItemState], item: Achievement | Streak | Challenge) -> ItemState | None:
+    """The member's progress on `item`, None where there is none or the id held another kind."""
+    state = states.get(item.id)
+    return state if state is not None and state.kind in ("", kind_of(item)) else None
+
+
+def state_of(states: dict[str, ItemState], item: Achievement | Streak | Challenge) -> ItemState:
+    """The member's progress on `item` (stored in `states`): fresh where the id held another
+    kind of item (its completion is not this item's; its awards keep their own keys)."""
+    state = stored_state(states, item)
+    if state is None:
+        state = states[item.id] = ItemState()
+    state.kind = kind_of(item)
+    return state
+
+
 def apply(program: Program, states: dict[str, ItemState], joined: Mapping[str, int], fact: PurchaseFact,
           history: ProgramHistory | None = None, counted: list[Counted] | None = None) -> list[Award]:  # fmt: skip
     """Advances every item the purchase matches; `states` is updated in place, and `counted`
@@ -428,13 +451,13 @@ def apply(program: Program, states: dict[str, ItemState], joined: Mapping[str, i
     g = program.gamification
     for a in g.achievements:
         if matches(a.match, fact, fx):
-            awards.append(_achievement(a, states.setdefault(a.id, ItemState()), fact, store_day, counted))
+            awards.append(_achievement(a, state_of(states, a), fact, store_day, counted))
     for s in g.streaks:
         if matches(s.match, fact, fx):
-            awards.append(_streak(s, states.setdefault(s.id, ItemState()), fact, week, late_weeks, counted))
+            awards.append(_streak(s, state_of(states, s), fact, week, late_weeks, counted))
     for c in g.challenges:
         if matches(c.match, fact, fx):
-            state = states.setdefault(c.id, ItemState())
+            state = state_of(states, c)
             joined_then = has_joined(joined, c, history, fact.receipt_time)
             awards.append(_challenge(c, state, fact, joined_then, history, counted))
     return [a for a in awards if a is not None]
@@ -464,7 +487,7 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
     promoted: list[Counted] = []
     g = program.gamification
     for a in g.achievements:
-        state = states.get(a.id)
+        state = stored_state(states, a)
         mine = {c.value for c in gone if c.item_id == a.id and not c.period}
         if state is None or not mine:
             continue
@@ -479,11 +502,11 @@ def withdraw(program: Program, states: dict[str, ItemState], gone: list[Counted]
             state.completions, state.last_completed_us, state.target = 0, 0, 0
             revoked.append(Revoked(a.id, ("once",)))
     for s in g.streaks:
-        state = states.get(s.id)
+        state = stored_state(states, s)
         if state is not None:
             revoked.extend(_withdraw_weeks(s, state, gone, remaining))
     for c in g.challenges:
-        state = states.get(c.id)
+        state = stored_state(states, c)
         if state is not None:
             revoked.extend(_withdraw_place(c, state, gone, remaining, history, promoted))
     return revoked, promoted

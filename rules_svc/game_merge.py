@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from rules_svc.game_engine import Award, ItemState, ProgramHistory, in_window
+from rules_svc.game_engine import Award, ItemState, ProgramHistory, in_window, kind_of
 from rules_svc.program import Achievement, Challenge, Program, Streak
 
 Item = Achievement | Streak | Challenge
@@ -36,6 +36,15 @@ def merge_progress(program: Program, source: dict[str, ItemState], target: dict[
             target[item_id] = theirs
             continue
         item = items.get(item_id)
+        kind = kind_of(item) if item is not None else ""
+        mine_before, theirs_before = (bool(kind) and st.kind not in ("", kind) for st in (mine, theirs))
+        # Progress on another kind of item the id was before is history: the other's stays.
+        if mine_before != theirs_before:
+            if mine_before:
+                target[item_id] = theirs
+            continue
+        if mine_before:
+            item = None  # both on the earlier item: merged by what their progress holds
         if isinstance(item, Streak) or (item is None and (mine.weeks or theirs.weeks or mine.paid or theirs.paid)):
             target[item_id], earned = _streak(item, mine, theirs, at_us)
         elif isinstance(item, Challenge) or (item is None and (mine.period or theirs.period)):
@@ -116,7 +125,7 @@ def _streak(item: Streak | None, mine: ItemState, theirs: ItemState, at_us: int)
     merged = ItemState(
         weeks=weeks, paid=sorted(p for p in mine.paid + theirs.paid if p[1] >= kept_from),
         completions=mine.completions + theirs.completions,
-        last_completed_us=max(mine.last_completed_us, theirs.last_completed_us), kept_from=kept_from,
+        last_completed_us=max(mine.last_completed_us, theirs.last_completed_us), kept_from=kept_from, kind=mine.kind,
     )  # fmt: skip
     awards = []
     for first, last in _runs(weeks, item.weeks if item else 0):

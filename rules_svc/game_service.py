@@ -20,6 +20,7 @@ from rules_svc.game_engine import (
     in_window,
     join_key,
     overlapping_periods,
+    stored_state,
     week_of,
 )
 from rules_svc.game_store import BoardRow, GameStore
@@ -102,17 +103,17 @@ class GameService:
         items: list[ProgressItem] = []
         g = p.gamification
         for a in g.achievements:
-            st = states.get(a.id, ItemState())
+            st = stored_state(states, a) or ItemState()
             items.append(ProgressItem(a.id, a.name, ItemKind.ACHIEVEMENT, min(len(st.seen), a.count), a.count,
                                       st.completions, st.last_completed_us, a.reward.points, a.reward.unit))  # fmt: skip
         for s in g.streaks:
-            st = states.get(s.id, ItemState())
+            st = stored_state(states, s) or ItemState()
             alive = st.run if this_week <= st.last_week + 1 else 0  # a missed week broke it
             items.append(ProgressItem(s.id, s.name, ItemKind.STREAK, alive, s.weeks, st.completions,
                                       st.last_completed_us, s.reward.points, s.reward.unit))  # fmt: skip
         history = self.program_at.history(program)
         for c in g.challenges:
-            st = states.get(c.id, ItemState())
+            st = stored_state(states, c) or ItemState()
             if not in_window(st, c, history):
                 st = ItemState()  # progress of an earlier window of a reused id
             items.append(ProgressItem(c.id, c.name, ItemKind.CHALLENGE, st.count, c.purchases, st.completions,

@@ -424,3 +424,42 @@ def test_a_streak_holds_one_award_per_run_the_remaining_purchases_make_on_seeded
             state = store.states("test", "m-1").get("w3")
             assert (len(_live(store)), state.completions if state else 0) == (runs, runs), (seed, w)
         store.close()
+
+
+KIND_STREAK = {"streaks": [{"id": "x", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}]}
+KIND_ACHIEVEMENT = {"achievements": [{"id": "x", "name": "First purchase", "reward": {"points": 50}}]}
+KIND_CHALLENGE = {"challenges": [{"id": "x", "name": "Two in January", "starts": "2026-01-01T00:00:00+00:00",
+                             "ends": "2026-02-01T00:00:00+00:00", "purchases": 2, "reward": {"points": 200}}]}  # fmt: skip
+KIND_TWO_STORES = {"achievements": [{"id": "x", "name": "Two stores", "distinct": "store", "count": 2,
+                                "reward": {"points": 50}}]}  # fmt: skip
+# 2026-01-05 (MONDAY) and the days before it are inside CHALLENGE's January window.
+KIND_FIRST_WEEK = datetime(2026, 1, 2, 12, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("was", "was_purchases", "now", "now_purchases", "points"), [
+    # a streak completed under v1; v2 makes "x" an achievement: two stores
+    (KIND_STREAK, [MONDAY - timedelta(weeks=w) for w in (3, 2, 1)], KIND_TWO_STORES, 2, 50),
+    # an achievement completed on 2 January under v1; v2 makes "x" January's challenge of two
+    (KIND_ACHIEVEMENT, [KIND_FIRST_WEEK], KIND_CHALLENGE, 2, 200),
+    # January's challenge completed under v1; v2 makes "x" an achievement: two stores
+    (KIND_CHALLENGE, [KIND_FIRST_WEEK, KIND_FIRST_WEEK + timedelta(hours=1)], KIND_TWO_STORES, 2, 50),
+])  # fmt: skip
+def test_an_id_a_later_version_gives_another_kind_of_item_is_earned_like_a_new_item(
+    store: GameStore, was: dict[str, Any], was_purchases: list[datetime], now: dict[str, Any], now_purchases: int,
+    points: int,
+) -> None:  # fmt: skip
+    """m-1 completed "x" as v1 had it (and was paid); v2 makes "x" another kind of item. m-1 and
+    m-2 (who never bought under v1) then do the same: what v2's item asks. Both must be paid
+    v2's reward: what m-1 completed was another item (its withdrawals already treat it so:
+    test_withdrawals.py, "an item id counted as another kind of item")."""
+    v1, v2 = game(**was), game(**now)
+    for when in was_purchases:
+        store.apply_event(v1, fact(when))
+    assert store.states("test", "m-1")["x"].completions == 1  # v1's item done and paid
+    got: dict[str, list[int]] = {"m-1": [], "m-2": []}
+    for i in range(now_purchases):
+        for member in got:
+            bought = fact(MONDAY + timedelta(hours=i), member=member, store=("HEL-01", "LIS-01")[i % 2])
+            got[member] += [a.points for a in store.apply_event(v2, bought) or []]
+    assert got["m-2"] == [points]
+    assert got["m-1"] == [points]  # v1's completion was taken for v2's item's, which paid nothing
