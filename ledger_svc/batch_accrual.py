@@ -296,24 +296,29 @@ class BatchAccrual:
 
 
 def _first_of_each_receipt(items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
-    """The first copy of each receipt (natural key) in the stream, and what waits for its
-    answer: the later copies, and their member's purchases after them. Those go in a batch of
+    """The first copy of each receipt (natural key) or request (transport key) in the stream,
+    and what waits for its answer: the later copies, and their member's purchases after them. Those go in a batch of
     their own after this one, so whichever member's copy came first decides, as it would
     purchase by purchase (the batch claims quoted receipts before it, so in one pass a later
     copy could win); a first copy refused (a tender that is not one, too late) leaves its place
     to the corrected copy, whose member's later purchases still come after it."""
     first: list[_Item] = []
     again: list[_Item] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     waiting: set[str] = set()  # members with a copy waiting
     for it in items:
-        natural = (it.cmd.key.namespace, it.cmd.key.key)
-        if natural in seen or it.cmd.member_id in waiting:
+        # A transport key names one request too: a till that sent two receipts under one key
+        # gets the second refused as a conflict, whichever member it is for, as one by one.
+        transport = it.cmd.transport_key
+        keys = {("natural", it.cmd.key.namespace, it.cmd.key.key)}
+        if transport is not None:
+            keys.add(("transport", transport.namespace, transport.key))
+        if keys & seen or it.cmd.member_id in waiting:
             again.append(it)
             waiting.add(it.cmd.member_id)
         else:
             first.append(it)
-        seen.add(natural)
+        seen |= keys
     return first, again
 
 

@@ -1,15 +1,17 @@
-"""A reversal of a merged-away member's earn in a batch keeps its place among the items of the
-member its points live with now (the heir), as RecordPurchase then Reverse one by one."""
+"""Batch order as one by one: a reversal of a merged-away member's earn keeps its place among the
+items of the member its points live with now (the heir), and of two receipts a till sent under
+one transport key the first in the stream decides."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
 
+import grpc
 import pytest
 
 from pointmesh.v1 import ledger_pb2
-from tests.ledger.helpers import key
+from tests.ledger.helpers import balance, figures, key
 from tests.mesh.conftest import Mesh
 from tests.mesh.helpers import by_rule, new_member, purchase_request
 from tests.mesh.test_batch_accrual import ingest
@@ -71,3 +73,30 @@ async def test_a_merged_members_reversal_keeps_its_place_among_the_heirs_purchas
             ledger_pb2.GetPurchaseRequest(purchase_id=response.purchases[0].purchase_id))).purchase  # fmt: skip
     expected = ("silver", {"base": 10, "silver": 10}) if order == "purchase_first" else ("blue", {"base": 10})
     assert (purchase.tier_before, by_rule(purchase)) == expected
+
+
+@pytest.mark.parametrize("path", ["unary", "batch"])
+async def test_the_first_receipt_in_the_stream_under_a_transport_key_decides(mesh: Mesh, path: str) -> None:
+    """Two receipts (of two members) that a till sent under one transport key: purchase by
+    purchase the first earns and the second is the conflict. In a batch both take the unary
+    path side by side, and whichever claimed the key first won: here B, whose purchase waits
+    behind an earlier one for rules_svc and so skips the Evaluate call A's makes. The later
+    copy of a transport key now waits for the first's answer, as a natural key's does."""
+    a, b = await new_member(mesh), await new_member(mesh)
+    at = mesh.clock.now() - timedelta(minutes=5)
+    await mesh.stop_rules()
+    parked = await mesh.ledger.stub.RecordPurchase(purchase_request(b, [("misc", 500, 1)], at=at))
+    assert parked.purchase.status == ledger_pb2.PURCHASE_STATUS_PENDING_ACCRUAL
+    await mesh.restart_rules()
+    await asyncio.sleep(1.1)  # the breaker (BREAKER_SECONDS) closes again
+    first = purchase_request(a, [("misc", 1000, 1)], at=at, receipt="till-1", transport_key="tx-77")
+    second = purchase_request(b, [("misc", 2000, 1)], at=at, receipt="till-2", transport_key="tx-77")
+    if path == "unary":
+        await mesh.ledger.stub.RecordPurchase(first)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await mesh.ledger.stub.RecordPurchase(second)
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    else:
+        response = await ingest(mesh, [ledger_pb2.IngestBatchRequest(purchase=p) for p in (first, second)])
+        assert [(f.index, f.code) for f in response.failures] == [(1, "ALREADY_EXISTS")]
+    assert figures(await balance(mesh.ledger.stub, a))["balance"] == 110
