@@ -25,7 +25,6 @@ from pointmesh.config import Settings
 log = logging.getLogger(__name__)
 
 AUDIENCE = "pointmesh-member"
-LEEWAY_SECONDS = 5
 # HS256 keys shorter than the hash are open to offline guessing from one captured token.
 MIN_SECRET_CHARS = 32
 
@@ -135,9 +134,9 @@ class MemberTokens:
 
     def issue(self, member_id: str) -> tuple[str, datetime]:
         issued = self._now()
-        expires = issued + self._ttl
-        claims = {"sub": member_id, "aud": AUDIENCE, "iat": int(issued.timestamp()), "exp": int(expires.timestamp())}
-        return jwt.encode(claims, self._secret, algorithm="HS256"), expires
+        exp = int((issued + self._ttl).timestamp())  # whole seconds, and the expiry stated is the token's
+        claims = {"sub": member_id, "aud": AUDIENCE, "iat": int(issued.timestamp()), "exp": exp}
+        return jwt.encode(claims, self._secret, algorithm="HS256"), datetime.fromtimestamp(exp, UTC)
 
     def verify(self, token: str) -> str:
         return self.verify_until(token)[0]
@@ -145,15 +144,17 @@ class MemberTokens:
     def alive(self, expires_at: datetime | None) -> bool:
         """Whether a token verified earlier (with this expiry) would still pass now: a
         websocket outlives the handshake that checked it."""
-        return expires_at is None or expires_at.timestamp() + LEEWAY_SECONDS >= self._now().timestamp()
+        return expires_at is None or self._now() < expires_at
 
     def verify_until(self, token: str) -> tuple[str, datetime]:
         """The member a token names and when it expires."""
         try:
-            # Expiry is checked against the gateway's clock below, the same clock that issued it.
+            # Expiry is checked against the gateway's clock below, as stated when issued, with no
+            # leeway. `iat` is not checked: PyJWT reads it on the system clock, and a token a peer
+            # gateway (sharing the secret) issued a second ahead would be refused as not yet valid.
             claims = jwt.decode(
                 token, self._secret, algorithms=["HS256"], audience=AUDIENCE,
-                options={"require": ["exp", "sub"], "verify_exp": False},
+                options={"require": ["exp", "sub"], "verify_exp": False, "verify_iat": False},
             )  # fmt: skip
         except jwt.InvalidTokenError as exc:
             raise unauthorized(f"the member token is not valid: {exc}") from None

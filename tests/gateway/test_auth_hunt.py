@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import os
 import stat
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import jwt
 import pytest
 
 from gateway.app import key_store
-from gateway.auth import AUDIENCE, member_token_secret
+from gateway.auth import AUDIENCE, MemberTokens, member_token_secret
 from gateway.keys import KeyRequestError
+from pointmesh.clock import SystemClock
 from pointmesh.config import load_settings
 from tests.gateway.conftest import ALL_POS, GatewayUnderTest
 from tests.gateway.test_api import enrol, idem, problem, purchase_body
@@ -109,3 +110,26 @@ def test_a_key_cannot_take_the_channel_name_the_ledger_keeps_receipts_under(gw: 
     with another body, naming receipt_id."""
     with pytest.raises(KeyRequestError, match="reserved"):
         key_store(gw.settings).create("purchase", ALL_POS, [], "a channel named purchase")
+
+
+def test_a_token_from_a_gateway_a_second_ahead_is_not_refused_as_not_yet_valid() -> None:
+    """Gateways behind one address share the secret; one whose clock is two seconds ahead issues
+    a token the app uses at once through another: it was 401 "not yet valid (iat)"."""
+    secret = "s" * 40
+    ahead = MemberTokens(secret, timedelta(minutes=15), lambda: datetime.now(UTC) + timedelta(seconds=2))
+    behind = MemberTokens(secret, timedelta(minutes=15), SystemClock().now)
+    token, _ = ahead.issue("m_" + "0" * 28)
+    assert behind.verify(token) == "m_" + "0" * 28
+
+
+async def test_a_member_token_is_refused_once_its_stated_expiry_has_passed(gw: GatewayUnderTest) -> None:
+    """No leeway past the `expires_at` the answer stated (it was 5 s): 3 s after it, 401."""
+    async with gw.client("pos") as pos, gw.client("web") as web:
+        member = await enrol(pos)
+        issued = (await web.post(f"/v1/members/{member}/tokens")).json()
+    expires_at = datetime.fromisoformat(issued["expires_at"])
+    gw.mesh.clock.set(expires_at - timedelta(seconds=1))
+    async with gw.client(token=issued["token"]) as app:
+        assert (await app.get(f"/v1/members/{member}/balance")).status_code == 200
+        gw.mesh.clock.set(expires_at)
+        assert "expired" in problem(await app.get(f"/v1/members/{member}/balance"), 401)["detail"]
