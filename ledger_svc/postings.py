@@ -571,7 +571,7 @@ class ShardBook:
         else:
             transaction = self._finish(record, "points_transferred", {
                 "transfer_id": transfer[0], "transaction_id": record.tx_id, "counterparty_member_id": transfer[1],
-                "points": -captured,
+                "points": -captured, "hold_id": hold_id,
             })  # fmt: skip
         if captured < hold.points:  # the rest released: it may pay debt (the account swept first)
             self._settle_debt(hold.member_id, hold.unit)

@@ -2555,11 +2555,16 @@ class PointsTransferred(_message.Message):
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     COUNTERPARTY_MEMBER_ID_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
+    HOLD_ID_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     transaction_id: _builtins.str
     counterparty_member_id: _builtins.str
     points: _builtins.int
     """Negative on the sending side, positive on the receiving side."""
+    hold_id: _builtins.str
+    """Between shards, on the sending side: the hold that reserved the points (its hold_placed came
+    first), which this settles; no hold_captured follows. Empty otherwise.
+    """
     def __init__(
         self,
         *,
@@ -2567,10 +2572,11 @@ class PointsTransferred(_message.Message):
         transaction_id: _builtins.str = ...,
         counterparty_member_id: _builtins.str = ...,
         points: _builtins.int = ...,
+        hold_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counterparty_member_id", b"counterparty_member_id", "points", b"points", "transaction_id", b"transaction_id", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counterparty_member_id", b"counterparty_member_id", "hold_id", b"hold_id", "points", b"points", "transaction_id", b"transaction_id", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

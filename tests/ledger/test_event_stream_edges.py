@@ -39,7 +39,7 @@ async def test_a_transfer_tells_its_sender_points_transferred_between_shards_as_
 ) -> None:
     """Between shards (every transfer on Cassandra) the sender's points are reserved first, then
     taken: the taking said hold_captured, with no transfer id or recipient, and was counted as
-    points spent."""
+    points spent. It names the hold it settles, so a consumer watching holds sees it closed."""
     s, svc = ledger.stub, ledger.app.service
     a = (await create_member(s)).member_id
     b = (await create_member(s)).member_id
@@ -58,6 +58,11 @@ async def test_a_transfer_tells_its_sender_points_transferred_between_shards_as_
     assert (told.points, told.transfer_id, told.counterparty_member_id) == (-50, done.transfer_id, b)
     assert told.transaction_id == done.debit.transaction_id
     assert sender[-1].balance_after.balance_points == 50
+    # Between shards (on Cassandra, every transfer) it settles the hold_placed before it: it
+    # names that hold. Within one shard nothing was held.
+    placed = [e.hold_placed.hold_id for e in sender if e.WhichOneof("payload") == "hold_placed"]
+    assert told.hold_id == (placed[0] if placed else "") and len(placed) <= 1, (placed, told.hold_id)
+    assert placed or same_shard
 
 
 async def test_a_watch_opened_while_the_bus_is_away_is_refused_unavailable(tmp_path: Path) -> None:
