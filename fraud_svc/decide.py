@@ -139,6 +139,8 @@ def _number(value: object, field_name: str) -> float:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise BadRequest(f"{field_name}: {value!r} is not a number", field=field_name) from None
+    except OverflowError:  # a whole number too large for a float (a typo of digits)
+        raise BadRequest(f"{field_name}: {str(value)[:20]}... is not a finite number", field=field_name) from None
     if not math.isfinite(number):
         raise BadRequest(f"{field_name}: {value!r} is not a finite number", field=field_name)
     return number
