@@ -309,7 +309,10 @@ class Sagas:
         for source, target in merged:
             try:
                 if await self._saga(source, self.merge_id(source)) is None:
-                    await self.complete_merge(source, await self.heir_of(source))
+                    heir = await self.heir_of(source)
+                    if not heir:  # not merged after all (the store only said so): nothing to move
+                        continue
+                    await self.complete_merge(source, heir)
                     done += 1
                 elif await self.sweep_merged(source, target):
                     done += 1

@@ -72,13 +72,9 @@ def cmd_topics_create(_: argparse.Namespace) -> int:
     settings = settings_or_exit()
     topics = [*TOPICS, *(dead_letter_topic(t) for t in TOPICS)]
 
-    async def create(bus: EventBus) -> bool:
-        # Redis makes a stream on first write, so ensure_topics there asks nothing of it: the
-        # ping before it keeps a bus nobody can reach from being reported ready.
-        await bus.ensure_topics(topics)
-        return True
-
-    if _on_bus(settings, "events topics create", create) is None:
+    # Redis makes a stream on first write, so ensure_topics there asks nothing of it: the ping
+    # before it (_on_bus) keeps a bus nobody can reach from being reported ready.
+    if _on_bus(settings, "events topics create", lambda bus: bus.ensure_topics(topics)) is None:
         return 1
     print(f"{settings.event_bus}: topics ready: {', '.join(topics)}")
     return 0
@@ -89,11 +85,12 @@ def _unreachable(settings: Settings, why: str) -> str:
     return f"{settings.event_bus}: cannot reach the event bus at {where}: {why}"
 
 
-def _on_bus(settings: Settings, command: str, work: Callable[[EventBus], Awaitable[T]]) -> T | None:
-    """`work` on the configured bus; None once the reason it failed was told the operator (a bus
-    nobody can reach, a topic Kafka lacks, a group still consuming), never as a traceback."""
+def _on_bus(settings: Settings, command: str, work: Callable[[EventBus], Awaitable[T]]) -> tuple[T] | None:
+    """(what `work` on the configured bus returned,) or None once the reason it failed was told
+    the operator (a bus nobody can reach, a topic Kafka lacks, a group still consuming), never
+    as a traceback."""
 
-    async def run() -> T | str:
+    async def run() -> tuple[T] | str:
         bus = open_bus(settings)
         try:
             try:
@@ -101,7 +98,7 @@ def _on_bus(settings: Settings, command: str, work: Callable[[EventBus], Awaitab
             except Exception as exc:  # any failure to reach the bus is reported, not traced
                 return _unreachable(settings, str(exc) or type(exc).__name__)
             try:
-                return await work(bus)
+                return (await work(bus),)
             except Exception as exc:  # the bus's refusal, reported
                 return f"{command}: {settings.event_bus}: {exc or type(exc).__name__}"
         finally:
@@ -132,9 +129,10 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         print("--limit: must be at least 1", file=sys.stderr)
         return 2
     settings = settings_or_exit()
-    done = _on_bus(settings, "events redrive", lambda bus: redrive(bus, args.topic, args.group, limit=args.limit))
-    if done is None:
+    ran = _on_bus(settings, "events redrive", lambda bus: redrive(bus, args.topic, args.group, limit=args.limit))
+    if ran is None:
         return 1
+    done = ran[0]
     print(f"{args.group}: {done.sent} dead letters sent back on {args.topic}"
           + (f" ({done.other_groups} of other groups left for their own redrive)" if done.other_groups else "")
           + _left_hint(done, args.limit))  # fmt: skip

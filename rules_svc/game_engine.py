@@ -128,11 +128,13 @@ class ProgramHistory:
     # as window_ends_us, the latest end any version gave the window (a receipt counted under a
     # version in effect then may lie past where a later version cut it short)
     window_max_ends_us: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    # item id -> its kind in the latest version that has the id (an id reused for another kind)
+    kinds: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, programs: Iterable[Program]) -> ProgramHistory:
         """`programs` in the order they take effect."""
-        lateness, final, counts = 0, 0, dict[str, int]()
+        lateness, final, counts, kinds = 0, 0, dict[str, int](), dict[str, str]()
         ends, max_ends = dict[tuple[str, int], int](), dict[tuple[str, int], int]()
         for p in programs:
             lateness = max(lateness, p.policy.max_lateness_days)
@@ -143,7 +145,10 @@ class ProgramHistory:
                 max_ends[window] = max(max_ends.get(window, 0), ends[window])
             for a in p.gamification.achievements:
                 counts[a.id] = max(counts.get(a.id, 0), a.count)
-        return cls(lateness, ends, final, counts, max_ends)
+            g = p.gamification
+            kinds |= {a.id: "achievement" for a in g.achievements} | {x.id: "streak" for x in g.streaks}
+            kinds |= {c.id: "challenge" for c in g.challenges}
+        return cls(lateness, ends, final, counts, max_ends, kinds)
 
     def run_ends_us(self, challenge_id: str, period: str) -> int:
         """Where the run of this id's windows that overlap one another (one challenge whose
@@ -416,13 +421,19 @@ def stored_state(states: Mapping[str, ItemState], item: Achievement | Streak | C
     return state if state is not None and state.kind in ("", kind_of(item)) else None
 
 
-def state_of(states: dict[str, ItemState], item: Achievement | Streak | Challenge) -> ItemState:
+def state_of(states: dict[str, ItemState], item: Achievement | Streak | Challenge,
+             history: ProgramHistory) -> ItemState | None:  # fmt: skip
     """The member's progress on `item` (stored in `states`): fresh where the id held another
-    kind of item (its completion is not this item's; its awards keep their own keys)."""
+    kind of item (its completion is not this item's; its awards keep their own keys). None for
+    an item of a kind the id no longer has (a late receipt counted under an older version):
+    the id's progress is the current kind's, and that receipt counts for nothing else."""
+    kind = kind_of(item)
     state = stored_state(states, item)
+    if state is None and item.id in states and history.kinds.get(item.id, kind) != kind:
+        return None
     if state is None:
         state = states[item.id] = ItemState()
-    state.kind = kind_of(item)
+    state.kind = kind
     return state
 
 
@@ -450,14 +461,13 @@ def apply(program: Program, states: dict[str, ItemState], joined: Mapping[str, i
     counted = [] if counted is None else counted
     g = program.gamification
     for a in g.achievements:
-        if matches(a.match, fact, fx):
-            awards.append(_achievement(a, state_of(states, a), fact, store_day, counted))
+        if matches(a.match, fact, fx) and (found := state_of(states, a, history)) is not None:
+            awards.append(_achievement(a, found, fact, store_day, counted))
     for s in g.streaks:
-        if matches(s.match, fact, fx):
-            awards.append(_streak(s, state_of(states, s), fact, week, late_weeks, counted))
+        if matches(s.match, fact, fx) and (found := state_of(states, s, history)) is not None:
+            awards.append(_streak(s, found, fact, week, late_weeks, counted))
     for c in g.challenges:
-        if matches(c.match, fact, fx):
-            state = state_of(states, c)
+        if matches(c.match, fact, fx) and (state := state_of(states, c, history)) is not None:
             joined_then = has_joined(joined, c, history, fact.receipt_time)
             awards.append(_challenge(c, state, fact, joined_then, history, counted))
     return [a for a in awards if a is not None]

@@ -443,6 +443,16 @@ class Policy(_Strict):
     max_lateness_days: Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=3660)] = 30
     basket_bonus_on_return: ReturnBonusPolicy = ReturnBonusPolicy.CLAW_BACK
 
+    @field_validator("release_after_days")
+    @classmethod
+    def _released_before_expiry(cls, value: int, info: ValidationInfo) -> int:
+        """Points still pending when their lot expires could never be spent (the ledger refuses
+        such an Earn too)."""
+        expiry = info.data.get("expiry_days")
+        if isinstance(expiry, int) and value >= expiry:
+            raise ValueError(f"must be less than expiry_days ({expiry}): points would expire before they are released")
+        return value
+
 
 class GameReward(_Strict):
     points: PositiveInt

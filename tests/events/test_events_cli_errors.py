@@ -73,3 +73,16 @@ async def test_rewinding_a_kafka_group_with_a_running_consumer_says_to_stop_it(k
     finally:
         await member.close()
         await bus.close()
+
+
+async def test_a_replay_that_rewound_the_group_says_so_and_exits_0(tmp_path: Path) -> None:
+    server = RedisServer(free_port(), tmp_path / "redis")
+    server.start()
+    try:
+        env = {"POINTMESH_EVENT_BUS": "redis", "POINTMESH_REDIS_URL": server.url, "POINTMESH_DATA_DIR": str(tmp_path)}
+        done = await asyncio.to_thread(pointmesh_cli, "events", "replay", "--group", "rules-gamification",
+                                       "--from", "2026-11-20T00:00Z", env=env)  # fmt: skip
+        assert "will read again" in done.stdout, (done.stdout, done.stderr[-300:])
+        assert done.returncode == 0, done.stderr[-300:]
+    finally:
+        server.stop()

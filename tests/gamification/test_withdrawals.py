@@ -463,3 +463,24 @@ def test_an_id_a_later_version_gives_another_kind_of_item_is_earned_like_a_new_i
             got[member] += [a.points for a in store.apply_event(v2, bought) or []]
     assert got["m-2"] == [points]
     assert got["m-1"] == [points]  # v1's completion was taken for v2's item's, which paid nothing
+
+
+def test_a_late_receipt_under_the_version_where_the_id_was_another_kind_leaves_the_current_item_alone(
+    store: GameStore,
+) -> None:
+    """v1 (January) has "x" as an achievement, v2 (from February) as a three-week streak, paid.
+    A late January receipt is counted under v1: it must neither wipe the streak's progress (an
+    unbroken six-week run was then paid twice) nor pay the old item."""
+    v1 = game(achievements=[{"id": "x", "name": "First purchase", "reward": {"points": 50}}])
+    v2 = game(streaks=[{"id": "x", "name": "Three weeks", "weeks": 3, "reward": {"points": 300}}])
+    history = ProgramHistory.of([v1, v2])
+    feb2 = datetime(2026, 2, 2, 12, tzinfo=UTC)  # a Monday
+    paid: list[int] = []
+    for w in range(3):
+        paid += [a.points for a in store.apply_event(v2, fact(feb2 + timedelta(weeks=w)), history) or []]
+    assert paid == [300]
+    late = store.apply_event(v1, fact(datetime(2026, 1, 30, 12, tzinfo=UTC)), history)
+    assert late == []
+    for w in range(3, 6):
+        paid += [a.points for a in store.apply_event(v2, fact(feb2 + timedelta(weeks=w)), history) or []]
+    assert paid == [300]  # one unbroken run of six weeks: paid once

@@ -9,7 +9,9 @@ import grpc
 import pytest
 
 from pointmesh.v1 import rules_pb2
+from rules_svc.program import ProgramInvalid
 from tests.conftest import RulesUnderTest
+from tests.rules import load_doc, program_doc
 from tests.rules.test_rules_grpc import PROGRAM, basket, doc, publish, totals
 
 AT = datetime(2026, 3, 10, 12, tzinfo=UTC)
@@ -44,3 +46,18 @@ async def test_a_program_no_basket_can_earn_in_is_refused_at_its_path(
     assert path in refused.value.details()
     still = await rules.stub.Evaluate(rules_pb2.EvaluateRequest(program="shop", basket=basket(AT, 1000)))
     assert still.evaluation.version == 1
+
+
+@pytest.mark.parametrize(("release", "expiry", "refused"), [(60, 30, True), (30, 30, True), (29, 30, False)])
+def test_points_released_when_or_after_they_expire_are_refused_at_the_policy_path(
+    release: int, expiry: int, refused: bool
+) -> None:
+    """A purchase's credit pending past its lot's expiry expired unspent (the Earn RPC refuses
+    such a credit): the program is refused at `policy.release_after_days` instead."""
+    doc = program_doc(policy={"expiry_days": expiry, "release_after_days": release})
+    if not refused:
+        assert load_doc(doc).policy.release_after_days == release
+        return
+    with pytest.raises(ProgramInvalid) as caught:
+        load_doc(doc)
+    assert [path for path, _ in caught.value.errors] == ["policy.release_after_days"], caught.value.errors
