@@ -297,11 +297,11 @@ class BatchAccrual:
 
 def _first_of_each_receipt(items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
     """The first copy of each receipt (natural key) or request (transport key) in the stream,
-    and what waits for its answer: the later copies, and their member's purchases after them. Those go in a batch of
-    their own after this one, so whichever member's copy came first decides, as it would
-    purchase by purchase (the batch claims quoted receipts before it, so in one pass a later
-    copy could win); a first copy refused (a tender that is not one, too late) leaves its place
-    to the corrected copy, whose member's later purchases still come after it."""
+    and what waits for its answer: the later copies, and their member's purchases after them.
+    Those go in a batch of their own after this one, so whichever member's copy came first
+    decides, as it would purchase by purchase (the batch claims quoted receipts before it, so in
+    one pass a later copy could win); a first copy refused (a tender that is not one, too late)
+    leaves its place to the corrected copy, whose member's later purchases still come after it."""
     first: list[_Item] = []
     again: list[_Item] = []
     seen: set[tuple[str, str, str]] = set()

@@ -57,6 +57,10 @@ class Policy:
     # than this could no longer be told from one already earned, so none is taken that late.
     key_retention: timedelta = timedelta(days=35)
 
+    def default_expiry(self, business_time: datetime) -> datetime | None:
+        """When points earned at `business_time` expire unless told otherwise (None: never)."""
+        return None if self.expiry_days <= 0 else business_time + timedelta(days=self.expiry_days)
+
 
 _MEMBER_KINDS = ("member", "pending", "debt")  # prefixes of member_account, pending_account, debt_account
 
@@ -206,9 +210,6 @@ class ShardBook:
         business_time = extra.pop("business_time", None) or self.now
         tx_id = extra.pop("tx_id", None) or new_id("tx", member_id)
         return TxRecord(tx_id, kind, member_id, unit, points, self.now, business_time, **extra)
-
-    def default_expiry(self, business_time: datetime) -> datetime | None:
-        return None if self.policy.expiry_days <= 0 else business_time + timedelta(days=self.policy.expiry_days)
 
     def _credit_legs(
         self, member_id: str, unit: str, portions: Sequence[Portion], earn_tx: str
@@ -381,7 +382,7 @@ class ShardBook:
         biz = business_time or self.now
         if expires_at is not None and expires_at <= biz:
             raise InvalidArgument("must be later than the business time", field="expires_at")
-        expiry = None if never_expires else expires_at or self.default_expiry(biz)
+        expiry = None if never_expires else expires_at or self.policy.default_expiry(biz)
         pending = pending_review or (release_at is not None and release_at > self.now)
         record = self._record(
             TxKind.EARN, member_id, unit, points, business_time=biz, reference=reference,
@@ -494,7 +495,7 @@ class ShardBook:
         counter = (system_account("adjustments", unit), -points)
         if points > 0:
             legs, record.lot_id = self._credit_legs(
-                member_id, unit, [(points, self.default_expiry(self.now))], record.tx_id
+                member_id, unit, [(points, self.policy.default_expiry(self.now))], record.tx_id
             )
             self._post(record, [counter, *legs])
             self._normalise_lots(member_id, unit)
@@ -663,7 +664,7 @@ class ShardBook:
         member_id, unit = original.member_id, original.unit
         record = self._record(TxKind.REVERSAL, member_id, unit, points, reference=reason, original_tx=tx_id)
         if lifetime_s < 0:
-            expiry = self.default_expiry(self.now)
+            expiry = self.policy.default_expiry(self.now)
         else:
             expiry = self.now + timedelta(seconds=lifetime_s) if lifetime_s else None
         legs, record.lot_id = self._credit_legs(member_id, unit, [(points, expiry)], record.tx_id)

@@ -713,33 +713,26 @@ class LedgerService:
             v.money(cmd.purchase, "purchase_amount")
         if cmd.expires_at is not None and cmd.business_time is not None and cmd.expires_at <= cmd.business_time:
             raise InvalidArgument("must be later than the business time", field="expires_at")
-        if cmd.business_time is not None and cmd.expires_at is None and self.policy.expiry_days > 0:
+        expiry = cmd.expires_at
+        if expiry is None:
             try:
-                cmd.business_time + timedelta(days=self.policy.expiry_days)
+                expiry = self.policy.default_expiry(cmd.business_time or self.clock.now())
             except OverflowError:  # refused before the key is claimed: a corrected retry may use it
                 raise InvalidArgument(
                     f"is too late: points earned then would expire {self.policy.expiry_days} days later, after year 9999",
                     field="business_time",
                 ) from None
-        if cmd.release_at is not None:
-            self._check_release(cmd)
+        if cmd.release_at is not None and expiry is not None and cmd.release_at >= expiry:  # never spendable
+            raise InvalidArgument(
+                f"must be before the points expire ({expiry.isoformat()}): they could never be spent",
+                field="release_at",
+            )
         return c.Earn(
             key=v.idem_key(cmd.key), member_id=v.member_id(cmd.member_id), unit=v.unit(cmd.unit, self.policy.units),
             points=cmd.points, funding_source=v.name(cmd.funding_source or DEFAULT_FUNDING, "funding_source"),
             business_time=cmd.business_time, expires_at=cmd.expires_at, release_at=cmd.release_at,
             pending_review=cmd.pending_review, purchase=cmd.purchase, reference=cmd.reference,
         )  # fmt: skip
-
-    def _check_release(self, cmd: c.Earn) -> None:
-        """A credit released on or after its lot expires could never be spent."""
-        expiry = cmd.expires_at
-        if expiry is None and self.policy.expiry_days > 0:
-            expiry = (cmd.business_time or self.clock.now()) + timedelta(days=self.policy.expiry_days)
-        if expiry is not None and cmd.release_at is not None and cmd.release_at >= expiry:
-            raise InvalidArgument(
-                f"must be before the points expire ({expiry.isoformat()}): they could never be spent",
-                field="release_at",
-            )
 
     async def earn(self, cmd: c.Earn) -> EarnResult:
         cmd = self._check_earn(cmd)

@@ -146,8 +146,8 @@ class ProgramHistory:
             for a in p.gamification.achievements:
                 counts[a.id] = max(counts.get(a.id, 0), a.count)
             g = p.gamification
-            kinds |= {a.id: "achievement" for a in g.achievements} | {x.id: "streak" for x in g.streaks}
-            kinds |= {c.id: "challenge" for c in g.challenges}
+            kinds |= {a.id: kind_of(a) for a in g.achievements} | {x.id: kind_of(x) for x in g.streaks}
+            kinds |= {c.id: kind_of(c) for c in g.challenges}
         return cls(lateness, ends, final, counts, max_ends, kinds)
 
     def run_ends_us(self, challenge_id: str, period: str) -> int:

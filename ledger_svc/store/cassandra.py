@@ -1182,17 +1182,20 @@ class CassandraDirectoryTx:
         self.writes.append(("claim_release", (self.ledger, namespace, key, fingerprint, "")))
 
     def merged_members(self) -> list[tuple[str, str]]:
-        """From the ledger's `merges` partition (merges are few: one per two accounts of a person),
-        those its source's member row confirms. The row is written before the conditional status
-        write, so a merge refused there leaves one that never happened: taken for a merge, start-up
-        recovery swept an active member into no one, and erasing the target erased the source."""
-        pairs = [(r.source, r.target) for r in self.store.q("merges", (self.ledger,))]
-        members = {m: self.get_member(m) for m in dict.fromkeys(source for source, _ in pairs)}
-        return [(source, target) for source, target in pairs
-                if (found := members[source]) is not None and found.merged_into == target]  # fmt: skip
+        return self._confirmed([(r.source, r.target) for r in self.store.q("merges", (self.ledger,))])
 
     def merged_into(self, target: str) -> list[str]:
-        return [source for source, to in self.merged_members() if to == target]
+        pairs = [(r.source, r.target) for r in self.store.q("merges", (self.ledger,)) if r.target == target]
+        return [source for source, _ in self._confirmed(pairs)]
+
+    def _confirmed(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Of (source, target) rows of the ledger's `merges` partition (merges are few: one per
+        two accounts of a person), those its source's member row confirms. The row is written
+        before the conditional status write, so a merge refused there leaves one that never
+        happened: taken for a merge, start-up recovery swept an active member into no one, and
+        erasing the target erased the source."""
+        return [(source, target) for source, target in pairs
+                if (found := self.get_member(source)) is not None and found.merged_into == target]  # fmt: skip
 
     def add_member(self, member: Member) -> None:
         """Written at commit: its id in the claim completed with it (in the claim's own insert),

@@ -3,24 +3,13 @@ refused at its status write leaves behind must not change what later, unrelated 
 
 from __future__ import annotations
 
-import uuid
-from typing import Any
-
 import pytest
 
 from ledger_svc import commands as c
-from ledger_svc.app import policy_from
 from ledger_svc.domain import ExternalId, IdemKey, MemberNotActive, MemberStatus, Unavailable
-from ledger_svc.service import LedgerService
-from pointmesh.clock import ManualClock
-from pointmesh.config import load_settings
 from tests.cassandra.faults import WatchedSession
+from tests.cassandra.test_store_failures import directory_service
 from tests.conftest import CassandraSession
-
-
-def _service(cassandra_session: CassandraSession) -> tuple[Any, LedgerService]:
-    store = cassandra_session.open_store("h" + uuid.uuid4().hex[:12], 1)
-    return store, LedgerService(store, ManualClock(), policy_from(load_settings({})), card_secret="secret")
 
 
 async def test_erasing_a_member_never_erases_an_active_member_a_refused_merge_named(
@@ -30,7 +19,7 @@ async def test_erasing_a_member_never_erases_an_active_member_a_refused_merge_na
     A stays ACTIVE, not merged (get_member says so), and the merge retried is refused (B was
     blocked meanwhile). Erasing B later must erase B only; on Cassandra it erased A too (its
     profile, its card), because the erasure finds "the accounts merged into B" by that row."""
-    store, service = _service(cassandra_session)
+    store, service = directory_service(cassandra_session)
     card = ExternalId("email", "alice@example.com")
     try:
         a = await service.create_member(c.CreateMember(IdemKey("", "signup-a"), (card,), {"name": "Alice"}))
@@ -59,7 +48,7 @@ async def test_start_up_recovery_leaves_an_active_member_a_refused_merge_named_a
 ) -> None:
     """The same leftover `merges` row of a merge that never happened: the start-up pass that
     finishes "merges that died after marking the source MERGED" must not touch A (ACTIVE)."""
-    store, service = _service(cassandra_session)
+    store, service = directory_service(cassandra_session)
     try:
         a = await service.create_member(c.CreateMember(IdemKey("", "signup-a"), (), {"name": "Alice"}))
         b = await service.create_member(c.CreateMember(IdemKey("", "signup-b"), (), {"name": "Bob"}))

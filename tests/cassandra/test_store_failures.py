@@ -100,7 +100,8 @@ async def test_create_member_retried_after_a_timeout_creates_it_and_keeps_the_em
         await store.close()
 
 
-def _directory_service(cassandra_session: CassandraSession) -> tuple[Any, LedgerService]:
+def directory_service(cassandra_session: CassandraSession) -> tuple[Any, LedgerService]:
+    """A ledger on a fresh keyspace of one shard, for tests that refuse its directory writes."""
     store = cassandra_session.open_store("p" + uuid.uuid4().hex[:12], 1)
     return store, LedgerService(store, ManualClock(), policy_from(load_settings({})), card_secret="secret")
 
@@ -111,7 +112,7 @@ async def test_a_block_retried_after_its_status_write_was_refused_blocks_the_mem
     """The status write was refused while the claim's result, sent beside it, landed: the
     retry answered "done" and the member stayed ACTIVE (free to earn and redeem). The block's
     conditional status write now goes before the claim's result."""
-    store, service = _directory_service(cassandra_session)
+    store, service = directory_service(cassandra_session)
     try:
         member = await service.create_member(c.CreateMember(IdemKey("", "signup-b"), (), {}))
         WatchedSession.on(store).refuse_next = "member_block"
@@ -130,7 +131,7 @@ async def test_a_merge_retried_after_its_merges_row_was_refused_is_listed_as_a_m
     cassandra_session: CassandraSession,
 ) -> None:
     """Start-up recovery, the merged-member sweep and reconcile find merges by that row."""
-    store, service = _directory_service(cassandra_session)
+    store, service = directory_service(cassandra_session)
     try:
         source = await service.create_member(c.CreateMember(IdemKey("", "signup-s"), (), {}))
         target = await service.create_member(c.CreateMember(IdemKey("", "signup-t"), (), {}))
@@ -153,7 +154,7 @@ async def test_an_alias_a_refused_merge_write_left_half_moved_goes_with_the_targ
     """The target's alias row was refused while the source's was deleted beside it: the email
     pointed at the target without either member listing it, so erasing the target left that
     personal data claimed for good."""
-    store, service = _directory_service(cassandra_session)
+    store, service = directory_service(cassandra_session)
     email = ExternalId("email", "ada@example.com")
     try:
         source = await service.create_member(c.CreateMember(IdemKey("", "signup-s"), (email,), {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,3 +16,11 @@ from tests.screening.test_fraud_on_the_path import Screened, screened_mesh
 async def screened(tmp_path: Path, redis_server: RedisServer, fraud_models: Path) -> AsyncIterator[Screened]:
     async with screened_mesh(tmp_path, redis_server, fraud_models) as env:
         yield env
+
+
+@pytest.fixture
+def stolen_device(tmp_path: Path) -> Path:
+    """A decision file blocking device `dev-stolen`, for a fraud_svc (re)started with it."""
+    decision = tmp_path / "decision.json"
+    decision.write_text(json.dumps({"blocked_devices": ["dev-stolen"]}))
+    return decision

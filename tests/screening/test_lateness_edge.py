@@ -7,7 +7,6 @@ unavailable policy."""
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,47 +14,44 @@ import grpc
 
 from pointmesh.bounds import SCREENED_LATENESS
 from pointmesh.clock import ManualClock
-from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import ledger_pb2
 from tests.ledger.helpers import balance, key, ts
-from tests.screening.test_fraud_on_the_path import NOW, regular_member, screened_mesh
+from tests.screening.test_fraud_on_the_path import NOW, Screened, regular_member
 
 
 async def test_a_redemption_dated_at_the_ledgers_lateness_edge_is_not_paid_unscored(
-    tmp_path: Path, redis_server: RedisServer, fraud_models: Path
+    screened: Screened, stolen_device: Path
 ) -> None:
-    decision = tmp_path / "decision.json"
-    decision.write_text(json.dumps({"blocked_devices": ["dev-stolen"]}))
-    async with screened_mesh(tmp_path, redis_server, fraud_models) as env:
-        member = await regular_member(env)
-        await env.stop_fraud()
-        # fraud_svc's host clock 200 ms ahead of the ledger's (or, the same: the request reaches
-        # fraud_svc 200 ms after the ledger checked it).
-        await env.start_fraud(decision, clock=ManualClock(NOW + timedelta(milliseconds=200)))
-        for attempt in range(60):  # until the ledger reaches the restarted fraud_svc (channel backoff, breaker)
-            probe = await env.ledger.stub.Redeem(ledger_pb2.RedeemRequest(
-                idempotency_key=key(f"probe-{attempt}-{member}"), member_id=member, unit="points", points=1,
-                context=ledger_pb2.ScreeningContext(channel="pos", store_id="HEL-01"),
-            ))  # fmt: skip
-            if probe.screening.scored:
-                break
-            await asyncio.sleep(0.2)
-        else:
-            raise AssertionError("fraud_svc never answered again")
-        before = await balance(env.ledger.stub, member)
-        stolen = ledger_pb2.ScreeningContext(channel="app", device_id="dev-stolen", ip="203.0.113.9")
-        request = ledger_pb2.RedeemRequest(
-            idempotency_key=key(f"edge-{member}"), member_id=member, unit="points", points=1_500, context=stolen,
-            business_time=ts(NOW - SCREENED_LATENESS + timedelta(milliseconds=100)),
-        )  # fmt: skip
-        try:
-            got = await env.ledger.stub.Redeem(request)
-        except grpc.aio.AioRpcError as error:
-            # refused by the ledger on business_time, or denied by fraud_svc: either is fine
-            assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
-            assert (await balance(env.ledger.stub, member)).available_points == before.available_points
-            return
-        raise AssertionError(
-            f"a blocked device's redemption was paid: scored={got.screening.scored}, "
-            f"reasons={list(got.screening.reasons)}, posted={got.HasField('transaction')}"
-        )
+    env = screened
+    member = await regular_member(env)
+    await env.stop_fraud()
+    # fraud_svc's host clock 200 ms ahead of the ledger's (or, the same: the request reaches
+    # fraud_svc 200 ms after the ledger checked it).
+    await env.start_fraud(stolen_device, clock=ManualClock(NOW + timedelta(milliseconds=200)))
+    for attempt in range(60):  # until the ledger reaches the restarted fraud_svc (channel backoff, breaker)
+        probe = await env.ledger.stub.Redeem(ledger_pb2.RedeemRequest(
+            idempotency_key=key(f"probe-{attempt}-{member}"), member_id=member, unit="points", points=1,
+            context=ledger_pb2.ScreeningContext(channel="pos", store_id="HEL-01"),
+        ))  # fmt: skip
+        if probe.screening.scored:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("fraud_svc never answered again")
+    before = await balance(env.ledger.stub, member)
+    stolen = ledger_pb2.ScreeningContext(channel="app", device_id="dev-stolen", ip="203.0.113.9")
+    request = ledger_pb2.RedeemRequest(
+        idempotency_key=key(f"edge-{member}"), member_id=member, unit="points", points=1_500, context=stolen,
+        business_time=ts(NOW - SCREENED_LATENESS + timedelta(milliseconds=100)),
+    )  # fmt: skip
+    try:
+        got = await env.ledger.stub.Redeem(request)
+    except grpc.aio.AioRpcError as error:
+        # refused by the ledger on business_time, or denied by fraud_svc: either is fine
+        assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+        assert (await balance(env.ledger.stub, member)).available_points == before.available_points
+        return
+    raise AssertionError(
+        f"a blocked device's redemption was paid: scored={got.screening.scored}, "
+        f"reasons={list(got.screening.reasons)}, posted={got.HasField('transaction')}"
+    )

@@ -7,7 +7,6 @@ maintenance pass after it is back (before, only transfers and returns did)."""
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import grpc
 
 from fraud_svc.domain import TxContext, TxKind
 from pointmesh.bounds import SCREENED_LATENESS
-from pointmesh.redis_server import RedisServer
 from pointmesh.v1 import common_pb2, ledger_pb2
 from tests.ledger.helpers import balance, error_field, key, rpc_error, ts
 from tests.mesh.helpers import purchase_request
@@ -24,38 +22,35 @@ from tests.screening.test_fraud_on_the_path import (
     Screened,
     _features,
     regular_member,
-    screened_mesh,
     tell_until_told,
 )
 
 
 async def test_a_redemption_dated_before_what_fraud_svc_scores_is_refused_not_paid_unscored(
-    tmp_path: Path, redis_server: RedisServer, fraud_models: Path
+    screened: Screened, stolen_device: Path
 ) -> None:
-    decision = tmp_path / "decision.json"
-    decision.write_text(json.dumps({"blocked_devices": ["dev-stolen"]}))
-    async with screened_mesh(tmp_path, redis_server, fraud_models) as env:
-        await env.stop_fraud()
-        await env.start_fraud(decision)
-        member = await regular_member(env)
-        before = await balance(env.ledger.stub, member)
-        stolen = ledger_pb2.ScreeningContext(channel="app", device_id="dev-stolen", ip="203.0.113.9")
+    env = screened
+    await env.stop_fraud()
+    await env.start_fraud(stolen_device)
+    member = await regular_member(env)
+    before = await balance(env.ledger.stub, member)
+    stolen = ledger_pb2.ScreeningContext(channel="app", device_id="dev-stolen", ip="203.0.113.9")
 
-        def spend(name: str, days_back: timedelta) -> ledger_pb2.RedeemRequest:
-            return ledger_pb2.RedeemRequest(
-                idempotency_key=key(f"{name}-{member}"), member_id=member, unit="points", points=1_500,
-                context=stolen, business_time=ts(NOW - days_back),
-            )  # fmt: skip
+    def spend(name: str, days_back: timedelta) -> ledger_pb2.RedeemRequest:
+        return ledger_pb2.RedeemRequest(
+            idempotency_key=key(f"{name}-{member}"), member_id=member, unit="points", points=1_500,
+            context=stolen, business_time=ts(NOW - days_back),
+        )  # fmt: skip
 
-        late = await rpc_error(env.ledger.stub.Redeem(spend("late", SCREENED_LATENESS + timedelta(days=1))),
-                               grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
-        assert error_field(late) == "business_time"
-        assert f"at most {SCREENED_LATENESS.days} days back" in (late.details() or "")
-        # Within the bound it is scored at its date, and the blocked device is denied.
-        denied = await rpc_error(env.ledger.stub.Redeem(spend("recent", SCREENED_LATENESS - timedelta(days=1))),
-                                 grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
-        assert "blocked_device" in (denied.details() or "")
-        assert (await balance(env.ledger.stub, member)).available_points == before.available_points
+    late = await rpc_error(env.ledger.stub.Redeem(spend("late", SCREENED_LATENESS + timedelta(days=1))),
+                           grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
+    assert error_field(late) == "business_time"
+    assert f"at most {SCREENED_LATENESS.days} days back" in (late.details() or "")
+    # Within the bound it is scored at its date, and the blocked device is denied.
+    denied = await rpc_error(env.ledger.stub.Redeem(spend("recent", SCREENED_LATENESS - timedelta(days=1))),
+                             grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
+    assert "blocked_device" in (denied.details() or "")
+    assert (await balance(env.ledger.stub, member)).available_points == before.available_points
 
 
 async def test_a_return_counts_in_fraud_svcs_windows_at_its_return_time(screened: Screened) -> None:
